@@ -1,0 +1,3 @@
+"""mat_jax: multimodal adversarial training and robustness evaluation for vision-language models."""
+
+__version__ = "0.1.0"

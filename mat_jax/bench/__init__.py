@@ -1,0 +1,1 @@
+"""Benchmarks: each suite times mat_jax against a reference implementation in the same process."""

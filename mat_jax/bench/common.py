@@ -1,0 +1,97 @@
+"""Timing, FLOP counting and the machine's measured matmul peak, shared by the benchmark suites.
+
+Honest numbers: every figure is measured in the run that prints it; a ratio compares two
+implementations on the same weights and inputs, timed the same way (median of repeated calls after
+warm-up, with device work finished before the clock stops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def block(tree: Any) -> Any:
+  """Wait for device work: JAX arrays are asynchronous, the clock must not stop early."""
+  return jax.block_until_ready(tree)
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 2, min_seconds: float = 3.0, min_calls: int = 5,
+              max_calls: int = 1000, sync: Callable[[Any], Any] = block) -> float:
+  """Median seconds per call of `fn()`, after `warmup` calls (compilation happens there)."""
+  for _ in range(warmup):
+    sync(fn())
+  times: list[float] = []
+  start = time.perf_counter()
+  while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() - start < min_seconds):
+    t0 = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def compiled_flops(jitted: Callable, *args: Any, **kwargs: Any) -> float:
+  """FLOPs of one call, as XLA's cost analysis counts them for the compiled program."""
+  cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX returns one dict per device program
+    cost = cost[0]
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  """The best matmul rate measured on this machine, by either framework, in GFLOP/s."""
+  jax_gflops: float
+  torch_gflops: float | None
+  size: int
+  dtype: str
+
+  @property
+  def gflops(self) -> float:
+    return max(self.jax_gflops, self.torch_gflops or 0.0)
+
+
+def matmul_peak(size: int = 2048, dtype: str = "float32", min_seconds: float = 2.0) -> Peak:
+  """Measure a square matmul in JAX (and PyTorch, if installed) and keep the faster rate."""
+  flops = 2.0 * size**3
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
+  mm = jax.jit(lambda x, y: x @ y)
+  jax_rate = flops / time_call(lambda: mm(a, a), min_seconds=min_seconds) / 1e9
+  torch_rate = None
+  try:
+    import torch
+  except ImportError:
+    pass
+  else:
+    t = torch.from_numpy(np.asarray(a, np.float32)).to(getattr(torch, dtype))
+    with torch.no_grad():
+      torch_rate = flops / time_call(lambda: t @ t, min_seconds=min_seconds, sync=lambda x: x) / 1e9
+  return Peak(jax_rate, torch_rate, size, dtype)
+
+
+def device_summary() -> str:
+  dev = jax.devices()[0]
+  return f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}"
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+  """A plain aligned table on stdout."""
+  cells = [header] + [[_fmt(c) for c in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  print(f"\n{title}")
+  for i, row in enumerate(cells):
+    print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+    if i == 0:
+      print("  ".join("-" * w for w in widths))
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+  return str(value)

@@ -1,0 +1,248 @@
+"""CLIP dual encoder in Flax NNX: a ViT image tower and a causal text tower.
+
+Mirrors transformers' `CLIPModel` so that its safetensors load by a name table (`weights.py`) and the
+embeddings match to float32 round-off. Images enter in pixel space (float32 NHWC in [0, 1]); the
+mean/std normalisation is the first thing the image tower does, so attack budgets ε are in pixel units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mat_jax.models import layers
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  image_size: int = 224
+  patch_size: int = 32
+  width: int = 768                 # transformers: hidden_size
+  layers: int = 12                 # num_hidden_layers
+  heads: int = 12                  # num_attention_heads
+  mlp_dim: int = 3072              # intermediate_size
+  activation: str = "quick_gelu"   # hidden_act
+  layer_norm_eps: float = 1e-5
+  image_mean: tuple[float, float, float] = CLIP_MEAN
+  image_std: tuple[float, float, float] = CLIP_STD
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int = 49408
+  context_length: int = 77         # max_position_embeddings
+  width: int = 512
+  layers: int = 12
+  heads: int = 8
+  mlp_dim: int = 2048
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  # transformers pools at the first eos_token_id; the legacy value 2 means "at the largest token id".
+  eos_token_id: int = 49407
+  bos_token_id: int = 49406
+  pad_token_id: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Mirrors transformers' CLIPConfig; `dtype` is the compute dtype (parameters stay float32)."""
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  projection_dim: int = 512
+  logit_scale_init: float = 2.6592  # log(1 / 0.07)
+  dtype: str = "float32"
+
+  def replace(self, **changes: Any) -> "CLIPConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def _vit(image_size, patch, width, layers, heads, proj, text_width, text_layers, text_heads):
+  return CLIPConfig(
+      vision=VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
+                          heads=heads, mlp_dim=4 * width),
+      text=TextConfig(width=text_width, layers=text_layers, heads=text_heads, mlp_dim=4 * text_width),
+      projection_dim=proj,
+  )
+
+
+# The OpenAI checkpoints, as transformers' configs describe them.
+PRESETS: dict[str, CLIPConfig] = {
+    "vit-b-32": _vit(224, 32, 768, 12, 12, 512, 512, 12, 8),
+    "vit-b-16": _vit(224, 16, 768, 12, 12, 512, 512, 12, 8),
+    "vit-l-14": _vit(224, 14, 1024, 24, 16, 768, 768, 12, 12),
+    "vit-l-14-336": _vit(336, 14, 1024, 24, 16, 768, 768, 12, 12),
+    # The shapes world: 64x64 renders, a lexicon-sized vocabulary, short captions. The vocabulary
+    # matches `mat_jax.data.shapes` tokenizer's size; load_clip/configs override it when it differs.
+    "tiny": CLIPConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512),
+        text=TextConfig(vocab_size=128, context_length=24, width=128, layers=4, heads=4,
+                        mlp_dim=512, eos_token_id=2, bos_token_id=1, pad_token_id=0),
+        projection_dim=128,
+    ),
+}
+
+
+def clip_config(name: str, **overrides: Any) -> CLIPConfig:
+  """A preset by name (see PRESETS), with top-level fields replaced."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown CLIP preset {name!r}; available: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+  def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, *, dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.ln1 = layers.layer_norm(width, eps, **kw)
+    self.attn = layers.MultiHeadAttention(width, heads, **kw)
+    self.ln2 = layers.layer_norm(width, eps, **kw)
+    self.fc1 = layers.dense(width, mlp_dim, ("embed", "mlp"), **kw)
+    self.fc2 = layers.dense(mlp_dim, width, ("mlp", "embed"), **kw)
+    self.act = layers.activation(act)
+
+  def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    x = x + self.attn(self.ln1(x), bias)
+    return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class VisionTower(nnx.Module):
+  """ViT: patch embedding, class token, positions, pre-LN, blocks, post-LN on the class token."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    if cfg.image_size % cfg.patch_size:
+      raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    self.cfg = cfg
+    self.dtype = dtype
+    w, p = cfg.width, cfg.patch_size
+    init = nnx.initializers.normal(0.02)
+    # Stored as a conv kernel (HWIO); applied as one matmul over flattened patches (same numbers, and
+    # XLA fuses the patch extraction on every backend).
+    self.patch_kernel = nnx.Param(layers.sharded(init, None, None, None, "embed")(rngs.params(), (p, p, 3, w)))
+    self.class_embedding = nnx.Param(layers.sharded(init, "embed")(rngs.params(), (w,)))
+    self.position_embedding = nnx.Param(
+        layers.sharded(init, None, "embed")(rngs.params(), (cfg.num_patches + 1, w)))
+    self.pre_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([
+        EncoderBlock(w, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+        for _ in range(cfg.layers)])
+    self.post_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    """pixels: float32 (B, H, W, 3) in [0, 1] -> pooled class-token features (B, width)."""
+    cfg = self.cfg
+    mean = jnp.asarray(cfg.image_mean, jnp.float32)
+    std = jnp.asarray(cfg.image_std, jnp.float32)
+    x = ((pixels - mean) / std).astype(self.dtype)
+    b, h, w, c = x.shape
+    p = cfg.patch_size
+    patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
+    kernel = self.patch_kernel[...].reshape(p * p * c, cfg.width).astype(self.dtype)
+    tokens = patches @ kernel
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
+    x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
+    x = self.pre_ln(x)
+    for block in self.blocks:
+      x = block(x, None)
+    return self.post_ln(x[:, 0])
+
+
+class TextTower(nnx.Module):
+  """Causal transformer; pooled at the end-of-text token exactly as transformers does."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.token_embedding = nnx.Embed(
+        cfg.vocab_size, cfg.width, dtype=dtype,
+        embedding_init=layers.sharded(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs)
+    self.position_embedding = nnx.Param(
+        layers.sharded(nnx.initializers.normal(0.01), None, "embed")(
+            rngs.params(), (cfg.context_length, cfg.width)))
+    self.blocks = nnx.List([
+        EncoderBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps,
+                     dtype=dtype, rngs=rngs)
+        for _ in range(cfg.layers)])
+    self.final_ln = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """input_ids, attention_mask: int (B, L) with L <= context_length -> pooled features (B, width)."""
+    length = input_ids.shape[1]
+    x = self.token_embedding(input_ids) + self.position_embedding[:length].astype(self.dtype)
+    bias = layers.causal_bias(length) + layers.padding_bias(attention_mask)
+    for block in self.blocks:
+      x = block(x, bias)
+    x = self.final_ln(x)
+    if self.cfg.eos_token_id == 2:
+      # Legacy OpenAI configs: the end-of-text token has the largest id in the vocabulary.
+      eos_position = jnp.argmax(input_ids, axis=-1)
+    else:
+      eos_position = jnp.argmax(input_ids == self.cfg.eos_token_id, axis=-1)
+    return jnp.take_along_axis(x, eos_position[:, None, None], axis=1)[:, 0]
+
+
+class CLIP(nnx.Module):
+  """CLIP dual encoder. Features are projected but not normalised (as transformers returns them)."""
+
+  def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = jnp.dtype(config.dtype)
+    self.vision = VisionTower(config.vision, dtype=dtype, rngs=rngs)
+    self.text = TextTower(config.text, dtype=dtype, rngs=rngs)
+    kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
+    self.visual_projection = layers.dense(config.vision.width, config.projection_dim, ("embed", "proj"), **kw)
+    self.text_projection = layers.dense(config.text.width, config.projection_dim, ("embed", "proj"), **kw)
+    self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, jnp.float32))
+
+  def encode_image(self, pixels: jax.Array) -> jax.Array:
+    """float32 (B, H, W, 3) in [0, 1] -> float32 (B, projection_dim)."""
+    return self.visual_projection(self.vision(pixels)).astype(jnp.float32)
+
+  def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """int (B, L) ids and 0/1 mask -> float32 (B, projection_dim)."""
+    return self.text_projection(self.text(input_ids, attention_mask)).astype(jnp.float32)
+
+  def __call__(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array):
+    """Cosine-similarity logits (B_img, B_txt), scaled by exp(logit_scale)."""
+    img = l2_normalize(self.encode_image(pixels))
+    txt = l2_normalize(self.encode_text(input_ids, attention_mask))
+    return jnp.exp(self.logit_scale[...]) * img @ txt.T
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def check_pixels(pixels: Any, cfg: VisionConfig) -> None:
+  """Raise a clear error for images that the image tower cannot take (host-side, concrete arrays)."""
+  arr = pixels if isinstance(pixels, (np.ndarray, jax.Array)) else np.asarray(pixels)
+  want = (cfg.image_size, cfg.image_size, 3)
+  if arr.ndim != 4 or tuple(arr.shape[1:]) != want:
+    hint = ""
+    if arr.ndim == 4 and arr.shape[1] == 3:
+      hint = " The array looks channels-first (NCHW): transpose it with x.transpose(0, 2, 3, 1)."
+    raise ValueError(f"images must have shape (batch, {want[0]}, {want[1]}, 3) (NHWC), got "
+                     f"{tuple(arr.shape)}.{hint} Resize to the model's image_size {cfg.image_size}.")
+  if not jnp.issubdtype(arr.dtype, jnp.floating):
+    raise ValueError(f"images must be float pixels in [0, 1], got dtype {arr.dtype}; "
+                     "convert uint8 images with x.astype(np.float32) / 255.")
+  if isinstance(arr, jax.core.Tracer):
+    return
+  lo, hi = float(np.min(arr)), float(np.max(arr))
+  if lo < 0.0 or hi > 1.0:
+    raise ValueError(f"image values must lie in [0, 1] (pixel space), got range [{lo:.3g}, {hi:.3g}]; "
+                     "do not normalise with the CLIP mean/std yourself: the model does it.")

@@ -1,0 +1,55 @@
+"""The functional view of a dual encoder: a static graph definition plus a parameter pytree.
+
+Attacks, losses and train steps never hold an `nnx.Module`. They take `(encoder, params, ...)`, where
+`encoder` is a hashable `DualEncoder` (safe to close over or mark static under `jit`) and `params` is
+the `nnx.State` from one `nnx.split`. The module is rebuilt with `nnx.merge` inside the traced function,
+which costs nothing at run time and keeps every compiled boundary explicit.
+
+    encoder, params = split(model)
+    feats = jax.jit(encoder.image_features)(params, images)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from mat_jax.models.clip import CLIP, CLIPConfig, l2_normalize
+
+
+@dataclasses.dataclass(frozen=True)
+class DualEncoder:
+  graphdef: nnx.GraphDef
+  config: CLIPConfig
+
+  def merge(self, params: nnx.State) -> CLIP:
+    return nnx.merge(self.graphdef, params)
+
+  def image_features(self, params: nnx.State, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) pixels in [0, 1] -> unnormalised features (B, D)."""
+    return self.merge(params).encode_image(images)
+
+  def text_features(self, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """(..., L) token ids and mask -> unnormalised features (..., D); leading axes are flattened."""
+    lead = input_ids.shape[:-1]
+    flat = self.merge(params).encode_text(input_ids.reshape(-1, input_ids.shape[-1]),
+                                          attention_mask.reshape(-1, attention_mask.shape[-1]))
+    return flat.reshape(*lead, flat.shape[-1])
+
+  def image_embeddings(self, params: nnx.State, images: jax.Array) -> jax.Array:
+    """L2-normalised image features."""
+    return l2_normalize(self.image_features(params, images))
+
+  def text_embeddings(self, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """L2-normalised text features."""
+    return l2_normalize(self.text_features(params, input_ids, attention_mask))
+
+  def logit_scale(self, params: nnx.State) -> jax.Array:
+    return params["logit_scale"][...]
+
+
+def split(model: CLIP) -> tuple[DualEncoder, nnx.State]:
+  graphdef, params = nnx.split(model)
+  return DualEncoder(graphdef, model.config), params

@@ -1,0 +1,42 @@
+"""Where model files come from: a local transformers-layout directory, or a Hugging Face hub id.
+
+Nothing here downloads unless the hub is reachable and allowed (HF_HUB_OFFLINE unset); offline, a
+hub id that is not in the local cache is an error that names the id and the command that fetches it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+class ModelSourceError(FileNotFoundError):
+  """A model or tokenizer source that cannot be found or read."""
+
+
+def looks_like_hub_id(source: str) -> bool:
+  parts = source.split("/")
+  return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def resolve(source: str | os.PathLike, allow_patterns: Sequence[str]) -> Path:
+  """A local directory for `source`: the directory itself, or the hub snapshot of that id."""
+  path = Path(source).expanduser()
+  if path.is_dir():
+    return path
+  if path.exists():
+    raise ModelSourceError(f"{path} is a file; pass the directory that holds config.json and the "
+                           "*.safetensors files (the transformers layout).")
+  source = str(source)
+  if not looks_like_hub_id(source):
+    raise ModelSourceError(f"no directory {path}; pass a transformers-layout directory "
+                           "(config.json + *.safetensors) or a hub id such as openai/clip-vit-base-patch16.")
+  import huggingface_hub  # deferred: only hub ids need it
+  try:
+    return Path(huggingface_hub.snapshot_download(source, allow_patterns=list(allow_patterns)))
+  except Exception as err:  # offline, unknown id, no permission: one message with the fix
+    raise ModelSourceError(
+        f"cannot obtain {source!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+        f"On a machine with network access run\n  hf download {source} --local-dir ./{source.split('/')[-1]}\n"
+        "and pass that directory instead (or set HF_HOME to a cache that holds it).") from err

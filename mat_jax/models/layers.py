@@ -1,0 +1,101 @@
+"""Transformer building blocks shared by the CLIP and BERT ports.
+
+Parameter names follow Flax conventions (kernel, bias, scale, embedding); the map to transformers'
+names lives in `weights.py`. Every parameter carries logical axis names (embed, mlp, heads, vocab, ...)
+so `mat_jax.mesh` can shard it; without a mesh they are replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Activations by their transformers name (`hidden_act` in the configs).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def sharded(init: nnx.Initializer, *axes: str | None) -> nnx.Initializer:
+  """An initializer whose parameter carries logical axis names (no eager placement)."""
+  return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def dense(
+    in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+    use_bias: bool = True, init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=sharded(nnx.initializers.normal(init_std), *axes),
+      bias_init=sharded(nnx.initializers.zeros_init(), axes[1]),
+      precision=None, rngs=rngs,
+  )
+
+
+def layer_norm(features: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      scale_init=sharded(nnx.initializers.ones_init(), "embed"),
+      bias_init=sharded(nnx.initializers.zeros_init(), "embed"),
+      rngs=rngs,
+  )
+
+
+class MultiHeadAttention(nnx.Module):
+  """Self-attention with separate q/k/v/out projections (the CLIP and BERT layout)."""
+
+  def __init__(self, width: int, num_heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.head_dim = width // num_heads
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.query = dense(width, width, ("embed", "heads"), **kw)
+    self.key = dense(width, width, ("embed", "heads"), **kw)
+    self.value = dense(width, width, ("embed", "heads"), **kw)
+    self.out = dense(width, width, ("heads", "embed"), **kw)
+
+  def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x: (B, L, W). bias: additive logits bias broadcastable to (B, heads, L, L), or None."""
+    batch, length, _ = x.shape
+    split = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
+    q = split(self.query(x)) * (1.0 / math.sqrt(self.head_dim))
+    k = split(self.key(x))
+    v = split(self.value(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    if bias is not None:
+      logits = logits + bias.astype(logits.dtype)
+    # Softmax in float32 whatever the compute dtype: bf16 logits lose the small attention weights.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, -1)
+    return self.out(context)
+
+
+def padding_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """(B, L) 1/0 mask -> (B, 1, 1, L) additive bias that hides padded keys."""
+  return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def causal_bias(length: int, dtype=jnp.float32) -> jax.Array:
+  """(1, 1, L, L) additive bias that hides future positions."""
+  allowed = jnp.tril(jnp.ones((length, length), dtype=bool))
+  return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)[None, None]

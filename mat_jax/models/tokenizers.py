@@ -1,0 +1,113 @@
+"""Fixed-length tokenisation on the host, through transformers' tokenizer files.
+
+`load_tokenizer(source)` reads tokenizer.json / vocab files from a transformers-layout directory (CLIP's
+BPE, BERT's WordPiece, or the shapes world's word-level vocabulary) and returns a `Tokenizer`: a
+callable from a list of strings to numpy `input_ids` and `attention_mask` of shape (N, context_length),
+padded or truncated, with the end-of-text token kept on truncation.
+
+The text attacks also need the pieces of single words (`encode_words`): every tokenizer used here splits
+on whitespace first, so the pieces of a word do not depend on its neighbours and a caption's ids are the
+concatenation of its words' pieces between the special tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mat_jax.models import hub
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "vocab.txt", "merges.txt", "config.json")
+
+# Tokenizers report this when they have no limit of their own.
+_NO_LIMIT = 10**6
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+  input_ids: np.ndarray       # int32 (N, L)
+  attention_mask: np.ndarray  # int32 (N, L), 1 on real tokens
+
+
+class Tokenizer:
+  """A transformers fast tokenizer with a fixed context length."""
+
+  def __init__(self, hf_tokenizer, context_length: int):
+    self.hf = hf_tokenizer
+    self.context_length = int(context_length)
+    if self.context_length < 3:
+      raise ValueError(f"context_length must be at least 3 (start, one word, end), got {context_length}")
+    # A tokenizer whose pad token is unset (CLIP's original files) pads with end-of-text, as OpenAI did.
+    if self.hf.pad_token is None:
+      self.hf.pad_token = self.hf.eos_token or self.hf.sep_token
+    start, end = self._special_ids()
+    self.start_id, self.end_id = start, end
+    self.pad_id = int(self.hf.pad_token_id)
+
+  def _special_ids(self) -> tuple[int | None, int | None]:
+    """The ids the tokenizer puts before and after a text (CLS/SEP for BERT, BOS/EOS for CLIP)."""
+    framed = self.hf("a", add_special_tokens=True)["input_ids"]
+    bare = self.hf("a", add_special_tokens=False)["input_ids"]
+    at = next(i for i in range(len(framed)) if framed[i:i + len(bare)] == bare)
+    head, tail = framed[:at], framed[at + len(bare):]
+    return (head[0] if head else None), (tail[0] if tail else None)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.hf)
+
+  def __call__(self, texts: Sequence[str]) -> TokenBatch:
+    if isinstance(texts, str):
+      raise TypeError("pass a list of strings, not a single string")
+    enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                  return_attention_mask=True)
+    return TokenBatch(np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32))
+
+  def encode_words(self, words: Sequence[str]) -> list[list[int]]:
+    """The pieces of each word on its own, without special tokens."""
+    if not words:
+      return []
+    return [list(ids) for ids in self.hf(list(words), add_special_tokens=False)["input_ids"]]
+
+  def decode(self, input_ids: Sequence[int]) -> str:
+    return self.hf.decode([int(i) for i in input_ids], skip_special_tokens=True)
+
+
+def _context_length_from_config(directory: Path) -> int | None:
+  config = directory / "config.json"
+  if not config.exists():
+    return None
+  data = json.loads(config.read_text())
+  text = data.get("text_config", data)
+  value = text.get("max_position_embeddings")
+  return int(value) if value else None
+
+
+def load_tokenizer(source: str | os.PathLike, context_length: int | None = None) -> Tokenizer:
+  """A `Tokenizer` from a transformers-layout directory or hub id.
+
+  The context length is, in order: the argument, the model's `max_position_embeddings` in a
+  config.json beside the tokenizer files, the tokenizer's own `model_max_length`.
+  """
+  from transformers import AutoTokenizer  # deferred: importing transformers costs seconds
+
+  directory = hub.resolve(source, TOKENIZER_FILES)
+  if not any((directory / f).exists() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+    raise hub.ModelSourceError(
+        f"{directory} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt); "
+        "save the tokenizer with tokenizer.save_pretrained(directory) beside the weights.")
+  hf = AutoTokenizer.from_pretrained(str(directory))
+  if context_length is None:
+    context_length = _context_length_from_config(directory)
+  if context_length is None and hf.model_max_length < _NO_LIMIT:
+    context_length = hf.model_max_length
+  if context_length is None:
+    raise ValueError(f"the tokenizer in {directory} sets no length limit and there is no config.json "
+                     "with max_position_embeddings beside it; pass context_length=...")
+  return Tokenizer(hf, context_length)
