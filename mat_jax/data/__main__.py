@@ -1,0 +1,119 @@
+"""`python -m mat_jax.data COMMAND`: build datasets and the shapes tokenizer, inspect the shapes world.
+
+  build shapes    [--train N --val N --test N --image-size S --captions-per-image K --seed S]
+  build karpathy  --annotations F [--annotations F ...] --images DIR --name flickr30k
+                  [--format auto|karpathy|albef --image-size 224 --max-words 30 --no-cleaning --skip-bad]
+  tokenizer       [--dir D]               the shapes-world tokenizer (transformers layout)
+  ambiguity       [--split test]          how well captions identify their image in a built split
+
+Every command takes --data-dir (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets). A dataset that
+is already built is reused; --overwrite rebuilds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--data-dir", default=None,
+                      help="datasets root (default: $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
+  parser.add_argument("--overwrite", action="store_true", help="rebuild even if already built")
+
+
+def _add_shapes_options(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--train", type=int, default=20_000, help="training images (default 20000)")
+  parser.add_argument("--val", type=int, default=1_000, help="validation images (default 1000)")
+  parser.add_argument("--test", type=int, default=1_000, help="test images (default 1000)")
+  parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+  parser.add_argument("--captions-per-image", type=int, default=5, help="distinct captions per image")
+  parser.add_argument("--seed", type=int, default=0, help="world seed (same seed, same scenes)")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m mat_jax.data", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  build = commands.add_parser("build", help="build a dataset (tfds array_record)")
+  kinds = build.add_subparsers(dest="kind", required=True, metavar="DATASET")
+
+  shapes_parser = kinds.add_parser("shapes", help="the procedural shapes world")
+  _add_shapes_options(shapes_parser)
+  _add_common(shapes_parser)
+
+  corpus = kinds.add_parser("karpathy", help="a local corpus: annotation JSON (Karpathy or ALBEF/SGA) + images")
+  corpus.add_argument("--annotations", action="append", required=True, metavar="F",
+                      help="annotation file; ALBEF/SGA files as SPLIT=F unless the name holds the split "
+                           "(repeat for several files)")
+  corpus.add_argument("--images", required=True, metavar="DIR", help="image folder the annotations refer to")
+  corpus.add_argument("--name", required=True, help="dataset name, e.g. flickr30k, coco, rsicd")
+  corpus.add_argument("--format", default="auto", choices=("auto", "karpathy", "albef"))
+  corpus.add_argument("--image-size", type=int, default=224, help="stored resolution (default 224)")
+  corpus.add_argument("--max-words", type=int, default=30, help="caption word limit (0: none; default 30)")
+  corpus.add_argument("--no-cleaning", action="store_true",
+                      help="keep captions as written (default: the references' pre_caption cleaning)")
+  corpus.add_argument("--restval", default="train", help="split that Karpathy's 'restval' images join")
+  corpus.add_argument("--skip-bad", action="store_true",
+                      help="skip missing/corrupt images and entries without captions, and report them")
+  _add_common(corpus)
+
+  tok = commands.add_parser("tokenizer", help="write the shapes-world tokenizer")
+  tok.add_argument("--dir", default=None, help="output directory (default: DATA_DIR/tokenizers/shapes_world_v1)")
+  tok.add_argument("--data-dir", default=None)
+
+  amb = commands.add_parser("ambiguity", help="caption ambiguity of a built shapes-world split")
+  amb.add_argument("--split", default="test")
+  _add_shapes_options(amb)
+  amb.add_argument("--data-dir", default=None)
+  return parser
+
+
+def _shapes_config(args) -> dict:
+  return dict(train=args.train, val=args.val, test=args.test, image_size=args.image_size,
+              captions_per_image=args.captions_per_image, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from mat_jax.data import corpora, shapes
+
+  if args.command == "tokenizer":
+    path = shapes.build_tokenizer(args.dir or shapes.default_tokenizer_dir(args.data_dir))
+    print(f"shapes tokenizer at {path} (vocab size {len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())}, "
+          f"context length {shapes.DEFAULT_CONTEXT_LENGTH})")
+    return 0
+  try:
+    if args.command == "ambiguity":
+      from mat_jax.data import pipeline
+
+      builder = corpora.build_shapes(args.data_dir, **_shapes_config(args))
+      source = corpora.data_source(builder, args.split)
+      records = source.__getitems__(list(range(len(source))))
+      scenes = [shapes.Scene.from_record(r["scene"]) for r in records]
+      caps = [[pipeline.as_text(c) for c in r["captions"]] for r in records]
+      stats = shapes.ambiguity(scenes, caps)
+      print(f"{args.split}: {len(scenes)} images, {int(stats['captions'])} captions; images consistent with a "
+            f"caption: mean {stats['mean_matches']:.3f}; captions fitting more than one image: "
+            f"{100 * stats['ambiguous_fraction']:.1f}%; captions wrong for their image: "
+            f"{100 * stats['wrong_fraction']:.1f}%")
+      return 0
+    if args.kind == "shapes":
+      builder = corpora.build_shapes(args.data_dir, overwrite=args.overwrite, **_shapes_config(args))
+    else:
+      cleaning = corpora.NO_CLEANING if args.no_cleaning else corpora.CaptionCleaning(max_words=args.max_words)
+      builder = corpora.build_corpus(args.name, args.annotations, args.images, image_size=args.image_size,
+                                     fmt=args.format, restval=args.restval, cleaning=cleaning,
+                                     skip_bad=args.skip_bad, data_dir=args.data_dir, overwrite=args.overwrite)
+  except (corpora.CorpusError, ValueError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  splits = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
+  print(f"{builder.info.full_name} at {builder.data_path}: {splits}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

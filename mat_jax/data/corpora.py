@@ -1,0 +1,537 @@
+"""Datasets on disk: tensorflow-datasets builders in the array_record format, built without TensorFlow.
+
+Two builders, read back with `builder.as_data_source()` (random access, numpy records):
+
+- `ShapesWorld` (`shapes_world/<config>`): the procedural world of `mat_jax.data.shapes`, with splits
+  train/val/test (20k/1k/1k by default), each record holding `image` (uint8 PNG-coded), `captions` (the
+  scene's N distinct captions), `scene` (the structured scene, so augmentations can redraw or re-caption
+  it) and `image_id`.
+- `CaptionCorpus` (`caption_corpus/<name>_<size>px`): a local image-caption corpus from annotation files
+  in the ALBEF/SGA JSON format or Karpathy's `dataset_*.json` format (Flickr30k, COCO, RSICD) plus an
+  image folder. Captions are cleaned as the references' `pre_caption` does, images resized (shorter side,
+  bicubic) and centre-cropped, and stored as JPEG; records hold `image`, `captions`, `image_id` and
+  `filename`.
+
+Building is Python-only (tfds' generator builder; images are encoded with PIL, so no TensorFlow op runs).
+Datasets live under a data directory: the `data_dir` argument, else $MAT_JAX_DATA_DIR, else
+~/.cache/mat_jax/datasets. A dataset that is already built is reused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mat_jax.data import shapes
+
+DATA_DIR_ENV = "MAT_JAX_DATA_DIR"
+SPLITS = ("train", "val", "test")
+
+
+def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+  """The data directory: the argument, else $MAT_JAX_DATA_DIR, else ~/.cache/mat_jax/datasets."""
+  if data_dir:
+    return Path(data_dir).expanduser()
+  return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/mat_jax/datasets").expanduser()
+
+
+class CorpusError(ValueError):
+  """Bad corpus input (annotation file, entry or image); the message names the file or entry."""
+
+
+def _download_config(overwrite: bool = False) -> tfds.download.DownloadConfig:
+  # try_download_gcs=False: tfds would otherwise ask a Google bucket for a prebuilt copy (network).
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not overwrite
+          else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
+  return tfds.download.DownloadConfig(try_download_gcs=False, download_mode=mode)
+
+
+@tfds.core.utils.classproperty
+@classmethod
+def _no_code_path(cls) -> None:
+  """tfds looks for a checksums file beside a builder's code through the optional `importlib_resources`
+  package (absent here); these builders download nothing, so there is nothing to look for."""
+  return None
+
+
+def is_built(builder: tfds.core.DatasetBuilder) -> bool:
+  return (Path(os.fspath(builder.data_path)) / "dataset_info.json").exists()
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[tfds.core.DatasetBuilder, bool]:
+  """Build unless already built; returns the builder and whether it was reused."""
+  path = Path(os.fspath(builder.data_path))
+  if is_built(builder) and not overwrite:
+    log(f"reusing the dataset already built at {path}")
+    return builder, True
+  if overwrite and path.exists():
+    shutil.rmtree(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Nothing is downloaded, but tfds insists on a download directory: keep it out of the data dir.
+  with tempfile.TemporaryDirectory(prefix="mat_jax_tfds_") as downloads:
+    builder.download_and_prepare(download_dir=downloads, download_config=_download_config(overwrite))
+  return builder, False
+
+
+# --------------------------------------------------------------------------------------------------
+# The shapes world.
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class ShapesWorldConfig(tfds.core.BuilderConfig):
+  """Split sizes, resolution, captions per image and the world seed; the name encodes all of them."""
+  image_size: int = shapes.DEFAULT_IMAGE_SIZE
+  train: int = 20_000
+  val: int = 1_000
+  test: int = 1_000
+  captions_per_image: int = 5
+  seed: int = 0
+
+
+def shapes_config(image_size: int = shapes.DEFAULT_IMAGE_SIZE, train: int = 20_000, val: int = 1_000,
+                  test: int = 1_000, captions_per_image: int = 5, seed: int = 0) -> ShapesWorldConfig:
+  for what, n in (("train", train), ("val", val), ("test", test)):
+    if n < 0:
+      raise ValueError(f"the {what} split size must be >= 0, got {n}")
+  if train + val + test == 0:
+    raise ValueError("all splits are empty; ask for at least one image (e.g. train=20000)")
+  if captions_per_image < 1:
+    raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+  name = f"{image_size}px_{train}-{val}-{test}_k{captions_per_image}_seed{seed}"
+  return ShapesWorldConfig(name=name, description=f"shapes world {name}", image_size=image_size,
+                           train=train, val=val, test=test, captions_per_image=captions_per_image,
+                           seed=seed)
+
+
+def scene_features() -> tfds.features.FeaturesDict:
+  per_object = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
+  return tfds.features.FeaturesDict({
+      **{k: per_object(np.int32) for k in ("shape", "colour", "size", "row", "col")},
+      **{k: per_object(np.float32) for k in ("x", "y", "extent")},
+      "shade": tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
+      "background": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+  })
+
+
+class ShapesWorld(tfds.core.GeneratorBasedBuilder):
+  """The shapes world: rendered scenes, their captions and the scenes themselves."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [shapes_config()]
+  code_path = _no_code_path
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+            "captions": tfds.features.Sequence(tfds.features.Text()),
+            "scene": scene_features(),
+            "image_id": tfds.features.Scalar(dtype=np.int32),
+        }),
+        # Records stay in generation order, so record i is scene i of the split.
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    sizes = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
+    return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
+
+  def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    from PIL import Image
+
+    cfg = self.builder_config
+    for index in range(count):
+      scene = shapes.scene_for(cfg.seed, split, index)
+      # The captions' randomness is separate from the scene's: same scenes for any caption count.
+      rng = np.random.default_rng((cfg.seed, shapes.SPLIT_IDS[split], index, 1))
+      yield index, {
+          "image": Image.fromarray(shapes.render(scene, cfg.image_size)),
+          "captions": shapes.captions(scene, rng, cfg.captions_per_image),
+          "scene": scene.to_record(),
+          "image_id": index,
+      }
+
+
+def build_shapes(data_dir: str | os.PathLike | None = None, *, overwrite: bool = False, log=print,
+                 **config: Any) -> tfds.core.DatasetBuilder:
+  """Build (or reuse) the shapes world; `config` takes `shapes_config`'s arguments."""
+  cfg = shapes_config(**config)
+  # By name when it is the registered default (tfds warns about unregistered configs otherwise).
+  known = {c.name for c in ShapesWorld.BUILDER_CONFIGS}
+  builder = ShapesWorld(config=cfg.name if cfg.name in known else cfg,
+                        data_dir=str(default_data_dir(data_dir)), file_format="array_record")
+  return _prepare(builder, overwrite, log)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Local caption corpora: annotation formats and caption preprocessing.
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CaptionCleaning:
+  """The references' `pre_caption` (ALBEF, SGA, Co-Attack): lower-case; delete `strip`; `to_space` become
+  spaces; collapse whitespace; keep at most `max_words` words (0 = no limit)."""
+  lowercase: bool = True
+  strip: str = ",.'!?\"()*#:;~"
+  to_space: str = "-/"
+  max_words: int = 30
+
+  def __call__(self, caption: str) -> str:
+    text = caption.lower() if self.lowercase else caption
+    if self.strip:
+      text = text.translate({ord(c): None for c in self.strip})
+    if self.to_space:
+      text = text.translate({ord(c): " " for c in self.to_space})
+    words = text.split()
+    return " ".join(words[:self.max_words] if self.max_words else words)
+
+
+NO_CLEANING = CaptionCleaning(lowercase=False, strip="", to_space="", max_words=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One image of an annotation file: its path under the image folder and its raw captions."""
+  image: str
+  captions: tuple[str, ...]
+  where: str  # "entry 12 of /path/dataset_flickr30k.json", for error messages
+
+
+def _load_json(path: Path) -> Any:
+  if not path.is_file():
+    raise CorpusError(f"annotation file {path} does not exist")
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as err:
+    raise CorpusError(f"annotation file {path} is not valid JSON: {err.msg} at line {err.lineno}, "
+                      f"column {err.colno}") from err
+  except UnicodeDecodeError as err:
+    raise CorpusError(f"annotation file {path} is not UTF-8 text: {err}") from err
+
+
+def detect_format(data: Any, path: str | os.PathLike = "the annotations") -> str:
+  if isinstance(data, dict) and "images" in data:
+    return "karpathy"
+  if isinstance(data, list):
+    return "albef"
+  raise CorpusError(f"unknown annotation format in {path}: expected Karpathy's {{\"images\": [...]}} or the "
+                    "ALBEF/SGA list of {\"image\", \"caption\"} entries")
+
+
+def read_karpathy(path: str | os.PathLike, restval: str = "train", data: Any = None) -> dict[str, list[Entry]]:
+  """Karpathy `dataset_*.json`: entries by their `split`; `restval` images join the `restval` split."""
+  path = Path(path)
+  data = _load_json(path) if data is None else data
+  if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+    raise CorpusError(f"{path}: a Karpathy annotation file is an object with an \"images\" list")
+  splits: dict[str, list[Entry]] = {}
+  for i, item in enumerate(data["images"]):
+    where = f"entry {i} of {path}"
+    if not isinstance(item, dict) or "filename" not in item:
+      raise CorpusError(f"{where} has no \"filename\"")
+    where = f"entry {i} ({item['filename']}) of {path}"
+    sentences = item.get("sentences") or []
+    caps = tuple(s["raw"] if isinstance(s, dict) and "raw" in s else s for s in sentences)
+    if not all(isinstance(c, str) for c in caps):
+      raise CorpusError(f"{where}: every sentence needs a \"raw\" string")
+    image = os.path.join(item["filepath"], item["filename"]) if item.get("filepath") else item["filename"]
+    split = item.get("split", "train")
+    split = restval if split == "restval" else split
+    splits.setdefault(split, []).append(Entry(image, caps, where))
+  return splits
+
+
+def read_albef(path: str | os.PathLike, data: Any = None) -> list[Entry]:
+  """ALBEF/SGA list of {"image", "caption": str | [str]}; entries of one image (train files) merge."""
+  path = Path(path)
+  data = _load_json(path) if data is None else data
+  if not isinstance(data, list):
+    raise CorpusError(f"{path}: an ALBEF/SGA annotation file is a list of {{\"image\", \"caption\"}}")
+  by_image: dict[str, Entry] = {}
+  for i, item in enumerate(data):
+    if not isinstance(item, dict) or "image" not in item:
+      raise CorpusError(f"entry {i} of {path} has no \"image\"")
+    caption = item.get("caption", [])
+    caps = (caption,) if isinstance(caption, str) else tuple(caption)
+    if not all(isinstance(c, str) for c in caps):
+      raise CorpusError(f"entry {i} ({item['image']}) of {path}: \"caption\" must be a string or strings")
+    old = by_image.get(item["image"])
+    by_image[item["image"]] = Entry(item["image"], (old.captions if old else ()) + caps,
+                                    old.where if old else f"entry {i} ({item['image']}) of {path}")
+  return list(by_image.values())
+
+
+def split_from_filename(path: str | os.PathLike) -> str:
+  name = Path(path).stem.lower()
+  found = [s for s in SPLITS if re.search(rf"(^|[_\-.]){s}($|[_\-.])", name)]
+  if len(found) != 1:
+    raise CorpusError(f"cannot tell the split of {path} from its name; pass it as SPLIT=PATH "
+                      "(e.g. test=flickr30k_test.json)")
+  return found[0]
+
+
+def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+                     fmt: str = "auto", restval: str = "train") -> dict[str, list[Entry]]:
+  """Entries per split from annotation files.
+
+  `annotations`: a Karpathy file (its entries carry their split); or ALBEF/SGA files given as
+  {split: path}, as "split=path" strings, or as paths whose names contain the split (flickr30k_test.json).
+  """
+  if isinstance(annotations, Mapping):
+    items = [(str(k), Path(v)) for k, v in annotations.items()]
+  else:
+    items = []
+    for a in annotations:
+      text = str(a)
+      split, sep, rest = text.partition("=")
+      items.append((split, Path(rest)) if sep and split in SPLITS else (None, Path(text)))
+  if not items:
+    raise CorpusError("no annotation files given")
+  splits: dict[str, list[Entry]] = {}
+  if fmt not in ("auto", "karpathy", "albef"):
+    raise CorpusError(f"unknown annotation format {fmt!r}; use 'karpathy', 'albef' or 'auto'")
+  for split, path in items:
+    data = _load_json(path)  # parsed once: COCO's Karpathy file is 140 MB
+    kind = fmt if fmt != "auto" else detect_format(data, path)
+    if kind == "karpathy":
+      for name, entries in read_karpathy(path, restval, data).items():
+        if split is None or name == split:
+          splits.setdefault(name, []).extend(entries)
+    else:
+      splits.setdefault(split or split_from_filename(path), []).extend(read_albef(path, data))
+  return splits
+
+
+# --------------------------------------------------------------------------------------------------
+# Images.
+# --------------------------------------------------------------------------------------------------
+
+def resize_and_crop(image, size: int):
+  """CLIP's preprocessing: shorter side to `size` (bicubic), then the centre `size` x `size` crop."""
+  from PIL import Image
+
+  image = image.convert("RGB")
+  w, h = image.size
+  scale = size / min(w, h)
+  nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+  image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+  left, top = (nw - size) // 2, (nh - size) // 2
+  return image.crop((left, top, left + size, top + size))
+
+
+def load_image(path: Path, size: int, where: str, quality: int = 95) -> bytes:
+  """The resized, centre-cropped image as JPEG bytes; CorpusError names the file when it is bad."""
+  from PIL import Image, UnidentifiedImageError
+
+  if not path.is_file():
+    raise CorpusError(f"missing image file {path} ({where})")
+  try:
+    with Image.open(path) as image:
+      image.load()  # decode now: a truncated or corrupt file fails here, not later in training
+      out = resize_and_crop(image, size)
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    raise CorpusError(f"corrupt or unreadable image file {path} ({where}): {err}") from err
+  buffer = io.BytesIO()
+  out.save(buffer, format="JPEG", quality=quality)
+  return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# The corpus builder.
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class CaptionCorpusConfig(tfds.core.BuilderConfig):
+  """What a corpus build reads and how: only the builder that writes uses the paths."""
+  # repr=False: tfds logs the config, and COCO has 120k entries.
+  entries: Mapping[str, Sequence[Entry]] = dataclasses.field(default_factory=dict, repr=False)
+  images: str = ""
+  image_size: int = 224
+  cleaning: CaptionCleaning = CaptionCleaning()
+  skip_bad: bool = False
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+
+class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
+  """A local image–caption corpus (Flickr30k, COCO, RSICD, ...) from annotations and an image folder."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  code_path = _no_code_path
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.skipped: dict[str, list[str]] = {}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    size = cfg.image_size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"caption corpus {cfg.name}",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg"),
+            "captions": tfds.features.Sequence(tfds.features.Text()),
+            "image_id": tfds.features.Scalar(dtype=np.int32),
+            "filename": tfds.features.Text(),
+        }),
+        # Annotation order is kept: record i of the test split is the references' image i.
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(build_options=dict(cfg.options), skipped={}),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self.builder_config.entries}
+
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    cfg = self.builder_config
+    root = Path(cfg.images)
+    skipped = self.skipped.setdefault(split, [])
+    written = 0
+
+    def load(entry: Entry) -> bytes | CorpusError:
+      try:
+        return load_image(root / entry.image, cfg.image_size, entry.where)
+      except CorpusError as err:
+        return err
+
+    # Decoding and resizing dominate and PIL releases the GIL there: threads, in annotation order.
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+      for entry, image in zip(cfg.entries[split], pool.map(load, cfg.entries[split])):
+        if isinstance(image, CorpusError):
+          if not cfg.skip_bad:
+            raise image
+          skipped.append(str(image))
+          continue
+        yield written, {"image": image, "captions": [cfg.cleaning(c) for c in entry.captions],
+                        "image_id": written, "filename": entry.image}
+        written += 1
+    self.info.metadata["skipped"][split] = len(skipped)
+    if not written:
+      raise CorpusError(f"split {split!r} is empty: all {len(skipped)} of its images are missing or "
+                        f"corrupt (first: {skipped[0] if skipped else '-'})")
+
+
+def _validate(entries: dict[str, list[Entry]], cleaning: CaptionCleaning, skip_bad: bool,
+              skipped: dict[str, list[str]]) -> dict[str, list[Entry]]:
+  """Drop captions that clean to nothing; reject (or skip) entries left without captions; reject empty
+  splits."""
+  if not entries:
+    raise CorpusError("the annotation files hold no entries")
+  kept: dict[str, list[Entry]] = {}
+  for split, items in entries.items():
+    if not items:
+      raise CorpusError(f"split {split!r} has no entries")
+    good = []
+    for entry in items:
+      captions = tuple(c for c in entry.captions if cleaning(c))
+      if not captions:
+        message = f"{entry.where} has no captions"
+        if not skip_bad:
+          raise CorpusError(message + "; fix the entry or pass skip_bad=True (--skip-bad) to skip it")
+        skipped.setdefault(split, []).append(message)
+        continue
+      good.append(dataclasses.replace(entry, captions=captions))
+    if not good:
+      raise CorpusError(f"split {split!r} is empty after skipping {len(items)} entries without captions")
+    kept[split] = good
+  return kept
+
+
+def corpus_config_name(name: str, image_size: int) -> str:
+  if not re.fullmatch(r"[A-Za-z][\w\-.]*", name):
+    raise ValueError(f"dataset name {name!r} must start with a letter and use letters, digits, _ - .")
+  return f"{name}_{image_size}px"
+
+
+def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_size: int = 224,
+                 fmt: str = "auto", restval: str = "train", cleaning: CaptionCleaning = CaptionCleaning(),
+                 skip_bad: bool = False, data_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                 log=print) -> tfds.core.DatasetBuilder:
+  """Build (or reuse) `caption_corpus/<name>_<image_size>px` from annotation files and an image folder.
+
+  Bad input raises `CorpusError` naming the file or entry; with `skip_bad` bad records (missing or
+  corrupt images, entries without captions) are skipped and counted (`log` reports them, and the
+  dataset's metadata keeps the counts).
+  """
+  images = Path(images).expanduser()
+  config_name = corpus_config_name(name, image_size)
+  root = default_data_dir(data_dir)
+  existing = corpus_builder(name, image_size, root, missing_ok=True)
+  options = {"annotations": sorted(str(a) for a in (annotations.values() if isinstance(annotations, Mapping)
+                                                     else annotations)),
+             "images": str(images), "format": fmt, "restval": restval,
+             "cleaning": dataclasses.asdict(cleaning)}
+  if existing is not None and not overwrite:
+    built_with = dict(existing.info.metadata.get("build_options", {}))
+    if built_with and built_with != json.loads(json.dumps(options)):
+      raise CorpusError(f"{existing.data_path} was built with other options ({built_with}); pass "
+                        "overwrite=True (--overwrite) to rebuild it, or choose another name")
+    log(f"reusing the dataset already built at {existing.data_path}")
+    return existing
+  if not images.is_dir():
+    raise CorpusError(f"image folder {images} does not exist")
+  skipped: dict[str, list[str]] = {}
+  entries = _validate(read_annotations(annotations, fmt, restval), cleaning, skip_bad, skipped)
+  config = CaptionCorpusConfig(name=config_name, description=f"{name} at {image_size}px", entries=entries,
+                               images=str(images), image_size=image_size, cleaning=cleaning,
+                               skip_bad=skip_bad, options=options)
+  builder = CaptionCorpus(config=config, data_dir=str(root), file_format="array_record")
+  builder.skipped = skipped
+  try:
+    _prepare(builder, overwrite, log)
+  except CorpusError:
+    raise
+  except Exception as err:  # tfds wraps errors of the generator; unwrap ours so the message stays clear
+    cause = err
+    while cause is not None and not isinstance(cause, CorpusError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+      raise cause from err
+    raise
+  for split, messages in builder.skipped.items():
+    if messages:
+      log(f"skipped {len(messages)} bad record(s) of split {split!r}; first: {messages[0]}")
+  return corpus_builder(name, image_size, root)
+
+
+def corpus_builder(name: str, image_size: int = 224, data_dir: str | os.PathLike | None = None,
+                   missing_ok: bool = False) -> tfds.core.DatasetBuilder | None:
+  """The built corpus, read from its files (no annotations or images needed)."""
+  root = default_data_dir(data_dir)
+  config_dir = root / "caption_corpus" / corpus_config_name(name, image_size)
+  # Only finished builds: tfds writes dataset_info.json last (an interrupted build has none).
+  versions = sorted(p for p in config_dir.glob("*") if (p / "dataset_info.json").exists())
+  if versions:
+    return tfds.builder_from_directory(str(versions[-1]))
+  if missing_ok:
+    return None
+  raise CorpusError(f"no corpus {name!r} at {image_size}px under {root}; build it with\n  python -m "
+                    f"mat_jax.data build karpathy --annotations F --images DIR --name {name} "
+                    f"--image-size {image_size} --data-dir {root}")
+
+
+def data_source(builder: tfds.core.DatasetBuilder, split: str):
+  """Random-access records of one split (numpy arrays; text as bytes)."""
+  available = list(builder.info.splits.keys())
+  if split not in available:
+    raise ValueError(f"{builder.info.full_name} has no split {split!r}; it has {sorted(available)}")
+  return builder.as_data_source(split=split)

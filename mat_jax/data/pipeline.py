@@ -1,0 +1,303 @@
+"""Grain input pipelines: training batches and evaluation sets, as host-side numpy.
+
+Training (`training_pipeline`): the split's records are sliced per host (`process_index::process_count`),
+shuffled with a seed (a new order every epoch), repeated, decoded, augmented (optional, by name), given
+one or `k` sampled captions per image, batched to a fixed size (the remainder is dropped) and tokenised.
+Each batch is a dict:
+
+    images          float32 (B, H, W, 3) in [0, 1]
+    input_ids       int32 (B, L), or (B, K, L) when captions_per_image = K > 1
+    attention_mask  int32, like input_ids
+    captions        unicode (B,) or (B, K): the caption text (text attacks need words)
+    image_ids       int32 (B,): the record's index in its split
+
+The iterator's position is checkpointable: `it.get_state()` / `it.set_state(state)`, or with Orbax through
+Grain's handler (see `save_iterator` / `restore_iterator`). Placing batches on devices is the mesh code's job.
+
+Evaluation (`load_eval_set`): all images and all captions of a split, the captions tokenised, and the
+index maps `text_to_image` (T,) and `image_to_texts` (N, K_max) (-1 pads) that retrieval needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from mat_jax.data import shapes
+
+# name -> default probability. i2t / t2i / t2i_caption need the scene (shapes world records).
+AUGMENTATIONS: dict[str, float] = {
+    "i2t": 0.5,          # each sampled caption replaced by a freshly written one (image-to-text)
+    "t2i": 0.5,          # the image replaced by a new rendering of its scene (text-to-image, scene level)
+    "t2i_caption": 0.5,  # the image replaced by a rendering of the sampled caption alone (needs k = 1)
+    "hflip": 0.5,        # image mirrored, left/right swapped in its captions
+    "eda": 0.5,          # each caption edited EDA-style (synonyms, swap/deletion/insertion of fillers)
+    "image_jitter": 0.5,  # brightness, colour, noise, small shifts
+}
+NEEDS_SCENE = frozenset({"i2t", "t2i", "t2i_caption"})
+
+# Defaults measured on a 2-core host (`python -m mat_jax.bench data`): threads overlap PNG/JPEG decoding
+# (PIL releases the GIL) with the training step; worker processes pay off with more cores.
+DEFAULT_NUM_THREADS = 4
+DEFAULT_PREFETCH_BATCHES = 2
+
+
+def parse_augmentations(spec: str | Sequence[str] | Mapping[str, float] | None) -> dict[str, float]:
+  """{name: probability} from "hflip,eda:0.3", a list of names, or a mapping; checks the names."""
+  if not spec:
+    return {}
+  if isinstance(spec, str):
+    spec = [s.strip() for s in spec.split(",") if s.strip()]
+  items: list[tuple[str, float | None]] = []
+  if isinstance(spec, Mapping):
+    items = [(str(k), float(v)) for k, v in spec.items()]
+  else:
+    for s in spec:
+      name, _, prob = str(s).partition(":")
+      try:
+        items.append((name, float(prob) if prob else None))
+      except ValueError:
+        raise ValueError(f"augmentation {s!r}: write name or name:probability, e.g. 'eda:0.3'") from None
+  out = {}
+  for name, prob in items:
+    if name not in AUGMENTATIONS:
+      raise ValueError(f"unknown augmentation {name!r}; choose from {sorted(AUGMENTATIONS)} "
+                       "(optionally name:probability, e.g. 'hflip:0.5,eda')")
+    prob = AUGMENTATIONS[name] if prob is None else prob
+    if not 0.0 <= prob <= 1.0:
+      raise ValueError(f"augmentation {name!r}: probability {prob} is not in [0, 1]")
+    out[name] = prob
+  return out
+
+
+def as_text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareExample:
+  """Record -> training example: decode, sample captions, augment; a Grain random map (picklable)."""
+  captions_per_image: int
+  augmentations: Mapping[str, float]
+  eda_options: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    aug, k = self.augmentations, self.captions_per_image
+    image = np.asarray(record["image"])
+    pool = [as_text(c) for c in record["captions"]]
+    if not pool:
+      raise ValueError(f"record {int(record.get('image_id', -1))} has no captions")
+    # k distinct captions when the image has that many, else all of them and repeats.
+    order = rng.permutation(len(pool))
+    if k > len(pool):
+      order = np.concatenate([order, rng.integers(0, len(pool), k - len(pool))])
+    chosen = [pool[i] for i in order[:k]]
+    scene = shapes.Scene.from_record(record["scene"]) if NEEDS_SCENE & aug.keys() else None
+    if "i2t" in aug:
+      chosen = [shapes.describe(scene, rng) if rng.random() < aug["i2t"] else c for c in chosen]
+    if "t2i_caption" in aug and rng.random() < aug["t2i_caption"]:
+      image = shapes.t2i(chosen[0], rng, image.shape[0])
+    elif "t2i" in aug and rng.random() < aug["t2i"]:
+      image = shapes.rerender(scene, rng, image.shape[0])
+    if "hflip" in aug and rng.random() < aug["hflip"]:
+      image, chosen = shapes.hflip(image, chosen)
+    if "eda" in aug:
+      chosen = [shapes.eda(c, rng, **self.eda_options) if rng.random() < aug["eda"] else c for c in chosen]
+    if "image_jitter" in aug and rng.random() < aug["image_jitter"]:
+      pixels = shapes.image_jitter(image, rng)
+    else:
+      pixels = image.astype(np.float32) * np.float32(1 / 255) if image.dtype == np.uint8 else image
+    return {
+        "images": pixels.astype(np.float32, copy=False),
+        "captions": np.asarray(chosen[0] if k == 1 else chosen),
+        "image_ids": np.int32(record.get("image_id", -1)),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenize:
+  """Batch -> batch with `input_ids` / `attention_mask` of the captions (any leading shape)."""
+  tokenizer: Any
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    captions = batch["captions"]
+    tokens = self.tokenizer([str(c) for c in captions.reshape(-1)])
+    shape = captions.shape + (tokens.input_ids.shape[-1],)
+    return {**batch, "input_ids": tokens.input_ids.reshape(shape),
+            "attention_mask": tokens.attention_mask.reshape(shape)}
+
+
+def _check_source(source, augmentations: Mapping[str, float], captions_per_image: int) -> None:
+  if len(source) == 0:
+    raise ValueError("the data source is empty; build the dataset with `python -m mat_jax.data build ...`")
+  first = source[0]
+  missing = [k for k in ("image", "captions") if k not in first]
+  if missing:
+    raise ValueError(f"records need 'image' and 'captions' fields; this source's lack {missing}")
+  needs_scene = sorted(NEEDS_SCENE & augmentations.keys())
+  if needs_scene and "scene" not in first:
+    raise ValueError(f"augmentations {needs_scene} redraw or re-caption the scene, which only shapes-world "
+                     "records store; use hflip, eda or image_jitter for other corpora")
+  if "t2i_caption" in augmentations and captions_per_image != 1:
+    raise ValueError("t2i_caption draws the image from one caption, so it needs captions_per_image=1; "
+                     "use t2i (a new rendering true to all captions) with several captions per image")
+
+
+def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image: int = 1, seed: int = 0,
+                      augmentations: str | Sequence[str] | Mapping[str, float] | None = None,
+                      eda_options: Mapping[str, float] | None = None, num_epochs: int | None = None,
+                      process_index: int | None = None, process_count: int | None = None,
+                      num_threads: int = DEFAULT_NUM_THREADS,
+                      prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+                      num_workers: int = 0,
+                      batch_transforms: Sequence[Any] = ()) -> grain.IterDataset:
+  """The training input pipeline over a random-access `source` (e.g. `corpora.data_source(b, "train")`).
+
+  `batch_size` is per host. `num_epochs=None` repeats forever. `process_index` / `process_count`
+  default to `jax.process_index()` / `jax.process_count()`: each host reads a disjoint slice.
+  `augmentations` names entries of AUGMENTATIONS ("hflip,eda:0.3" or {"hflip": 0.5}). `num_threads`
+  threads read and transform records; `num_workers` > 0 moves the whole pipeline into that many
+  processes (worth it with spare cores). `batch_transforms` (callables batch dict -> batch dict, e.g.
+  text-attack candidates) run after tokenisation inside the prefetching stage, off the training loop.
+  Iterate with `iter(...)`; the iterator has get_state/set_state.
+  """
+  if batch_size < 1 or captions_per_image < 1:
+    raise ValueError(f"batch_size and captions_per_image must be >= 1, got {batch_size}, {captions_per_image}")
+  if process_index is None or process_count is None:
+    import jax  # deferred: only the defaults need it
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+  augmentations = parse_augmentations(augmentations)
+  _check_source(source, augmentations, captions_per_image)
+  per_host = len(source) // process_count + (process_index < len(source) % process_count)
+  if per_host < batch_size and num_epochs is not None:
+    raise ValueError(f"this host's share of the split has {per_host} records, fewer than one batch of "
+                     f"{batch_size}; lower batch_size or repeat (num_epochs=None)")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.seed(seed).shuffle().repeat(num_epochs)
+  ds = ds.random_map(PrepareExample(captions_per_image, augmentations, dict(eda_options or {})))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=max(1, prefetch_batches) * batch_size))
+  it = it.batch(batch_size, drop_remainder=True).map(Tokenize(tokenizer))
+  for transform in batch_transforms:
+    it = it.map(transform)
+  if num_workers > 0:
+    from absl import flags
+
+    # Grain's worker processes read absl flags; outside an absl app nothing has parsed them, so take
+    # their defaults (what absl.app would do with no command-line flags).
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                       per_worker_buffer_size=prefetch_batches))
+  # Batching and tokenising happen after the reader threads; a background thread keeps them off the
+  # training loop's critical path too.
+  return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
+
+
+# --------------------------------------------------------------------------------------------------
+# Iterator checkpoints with Orbax.
+# --------------------------------------------------------------------------------------------------
+
+def save_iterator(directory: str | os.PathLike, iterator: grain.DatasetIterator) -> None:
+  """Write the iterator's position with Grain's Orbax handler (one JSON file per process).
+
+  In a training checkpoint, save it as one item beside the parameters:
+
+      mngr = ocp.CheckpointManager(path, item_names=("params", "data"))
+      mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                              data=grain.checkpoint.CheckpointSave(iterator)))
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params),
+          data=grain.checkpoint.CheckpointRestore(iter(same_pipeline))))
+      iterator = restored["data"]
+  """
+  import orbax.checkpoint as ocp
+
+  with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckpt:
+    ckpt.save(os.fspath(os.path.abspath(directory)), args=grain.checkpoint.CheckpointSave(iterator))
+
+
+def restore_iterator(directory: str | os.PathLike, iterator: grain.DatasetIterator) -> grain.DatasetIterator:
+  """Move a fresh iterator of the same pipeline to the position saved by `save_iterator`."""
+  import orbax.checkpoint as ocp
+
+  with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckpt:
+    return ckpt.restore(os.fspath(os.path.abspath(directory)), args=grain.checkpoint.CheckpointRestore(iterator))
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation sets.
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EvalSet:
+  """A retrieval test set: all images, all captions and the maps between them."""
+  images: np.ndarray          # uint8 (N, H, W, 3); float32 views by `float_images`
+  captions: np.ndarray        # unicode (T,)
+  input_ids: np.ndarray       # int32 (T, L)
+  attention_mask: np.ndarray  # int32 (T, L)
+  text_to_image: np.ndarray   # int32 (T,): the image of each caption
+  image_to_texts: np.ndarray  # int32 (N, K_max): each image's captions, -1 pads
+  image_ids: np.ndarray       # int32 (N,)
+  scenes: list[shapes.Scene] | None = None  # shapes world only
+
+  @property
+  def num_images(self) -> int:
+    return len(self.images)
+
+  @property
+  def num_texts(self) -> int:
+    return len(self.captions)
+
+  def float_images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """float32 pixels in [0, 1] of images[start:stop] (the model's input)."""
+    return self.images[start:stop].astype(np.float32) * np.float32(1 / 255)
+
+  def image_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Fixed-size float32 batches (the last one zero-padded, so one compiled shape) and their real sizes."""
+    for start in range(0, self.num_images, batch_size):
+      batch = self.float_images(start, start + batch_size)
+      count = len(batch)
+      if count < batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:], np.float32)])
+      yield batch, count
+
+
+def load_eval_set(source, tokenizer, *, max_images: int | None = None,
+                  captions_per_image: int | None = None, chunk: int = 256) -> EvalSet:
+  """Read a split into an `EvalSet`, in record order; `captions_per_image` keeps the first K per image."""
+  n = len(source) if max_images is None else min(max_images, len(source))
+  if n == 0:
+    raise ValueError("the evaluation split is empty")
+  images, captions, owners, image_ids, scenes = [], [], [], [], []
+  for start in range(0, n, chunk):
+    for offset, record in enumerate(source.__getitems__(list(range(start, min(start + chunk, n))))):
+      i = start + offset
+      caps = [as_text(c) for c in record["captions"]][:captions_per_image]
+      if not caps:
+        raise ValueError(f"record {i} of the evaluation split has no captions")
+      images.append(np.asarray(record["image"], np.uint8))
+      captions += caps
+      owners += [i] * len(caps)
+      image_ids.append(int(record.get("image_id", i)))
+      if "scene" in record:
+        scenes.append(shapes.Scene.from_record(record["scene"]))
+  text_to_image = np.asarray(owners, np.int32)
+  counts = np.bincount(text_to_image, minlength=n)
+  image_to_texts = np.full((n, int(counts.max())), -1, np.int32)
+  slot = np.zeros(n, np.int64)
+  for t, i in enumerate(text_to_image):
+    image_to_texts[i, slot[i]] = t
+    slot[i] += 1
+  tokens = tokenizer(captions)
+  return EvalSet(np.stack(images), np.asarray(captions), tokens.input_ids, tokens.attention_mask,
+                 text_to_image, image_to_texts, np.asarray(image_ids, np.int32),
+                 scenes if len(scenes) == n else None)

@@ -1,0 +1,713 @@
+"""The shapes world: a procedural image–caption world that trains a tiny CLIP on a CPU in minutes.
+
+A scene holds 1–3 objects. Each object has categorical attributes (one of 7 shapes, 7 colours, 2 sizes
+and a cell of a 3x3 grid) and render-time jitter within those categories (position inside the cell,
+extent inside the size band, a slight shade of its colour); the background is a dark grey with a tint.
+Distinct objects of one scene never share a cell nor a (shape, colour) pair, so every caption that names
+all objects by colour and shape refers to them unambiguously.
+
+- `sample_scene(rng)` / `scene_for(seed, split, index)`: scenes, deterministic from a seed.
+- `render(scene, image_size)`: uint8 RGB, anti-aliased by 4x4 supersampling (numpy only).
+- `describe(scene, rng)` / `captions(scene, rng, n)`: captions from several templates and a synonym
+  lexicon; they always name every object (colour + shape) and vary in wording and in which sizes,
+  positions and relations they mention — the one-to-many relation of real captions.
+- `parse(caption)` -> `Meaning` and `consistent(meaning, scene)`: the describer's grammar read back, so
+  ambiguity can be measured on stored captions and augmentations can be checked to keep the meaning.
+- `substitution_table()`: the lexicon as a meaning-preserving word-substitution table for text attacks.
+- Augmentations (plain functions of numpy arrays, strings and a `np.random.Generator`, for Grain
+  transforms): `i2t` (fresh captions), `rerender` / `t2i` (a new rendering of the scene / of a caption's
+  meaning), `hflip` (image and left/right words together), `eda` (synonym replacement, swap, deletion and
+  insertion of non-critical words), `image_jitter` (colour, brightness, noise, small shifts).
+- `build_tokenizer(directory)`: a word-level tokenizer over the world's vocabulary, saved in the
+  transformers tokenizer-file layout for `mat_jax.models.tokenizers.load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------------
+# The world's categories and their surface forms (the lexicon).
+# --------------------------------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring")
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white")
+SIZES = ("small", "large")
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "centre", "right")
+RELATIONS = ("left", "right", "above", "below")  # subject relative to object: "A is left of B"
+
+# sRGB in [0, 1]. Hues far apart, so colour jitter and anti-aliasing never make one look like another.
+COLOUR_RGB = {
+    "red": (0.85, 0.17, 0.17),
+    "orange": (0.96, 0.57, 0.12),
+    "yellow": (0.92, 0.85, 0.18),
+    "green": (0.18, 0.69, 0.27),
+    "blue": (0.18, 0.37, 0.89),
+    "purple": (0.57, 0.25, 0.79),
+    "white": (0.93, 0.93, 0.93),
+}
+
+# Every surface form of a category means exactly that category; the first form is the canonical one.
+SHAPE_WORDS = {
+    "circle": ("circle", "disc", "disk"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle", "wedge"),
+    "diamond": ("diamond", "rhombus", "lozenge"),
+    "star": ("star", "pentagram"),
+    "cross": ("cross", "plus"),
+    "ring": ("ring", "hoop", "donut"),
+}
+COLOUR_WORDS = {
+    "red": ("red", "crimson", "scarlet"),
+    "orange": ("orange", "amber", "tangerine"),
+    "yellow": ("yellow", "golden", "lemon"),
+    "green": ("green", "emerald"),
+    "blue": ("blue", "azure", "cobalt"),
+    "purple": ("purple", "violet"),
+    "white": ("white", "ivory", "snowy"),
+}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+# Row and column words of position phrases ("in the top left corner", "in the middle right").
+ROW_WORDS = {0: ("top", "upper"), 1: ("middle", "centre", "center"), 2: ("bottom", "lower")}
+COL_WORDS = {0: ("left",), 1: ("middle", "centre", "center"), 2: ("right",)}
+CENTRE_WORDS = ("middle", "centre", "center")
+# Relation phrases; "left"/"right" are relations only when followed by "of".
+RELATION_PHRASES = {
+    "left": (("to", "the", "left", "of"), ("left", "of"), ("on", "the", "left", "of")),
+    "right": (("to", "the", "right", "of"), ("right", "of"), ("on", "the", "right", "of")),
+    "above": (("above",), ("over",)),
+    "below": (("below",), ("under",), ("beneath",), ("underneath",)),
+}
+PICTURE_WORDS = ("picture", "image", "photo")
+
+# Words an edit may delete, swap or insert without changing what a caption says about the scene.
+NON_CRITICAL = frozenset({"a", "an", "the", "there", "is", "and", "with", "together", "showing", "picture",
+                          "image", "photo", "just", "here", "visible", "clearly"})
+INSERTABLE = ("here", "visible", "clearly", "just")
+# Words whose left/right meaning a horizontal flip reverses.
+MIRROR_WORDS = {"left": "right", "right": "left"}
+
+MAX_OBJECTS = 3
+MAX_CAPTION_WORDS = 16
+DEFAULT_IMAGE_SIZE = 64
+DEFAULT_CONTEXT_LENGTH = 24
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+_SHAPE_OF = {w: s for s, forms in SHAPE_WORDS.items() for w in forms}
+_COLOUR_OF = {w: c for c, forms in COLOUR_WORDS.items() for w in forms}
+_SIZE_OF = {w: s for s, forms in SIZE_WORDS.items() for w in forms}
+_RELATION_OF = {"above": "above", "over": "above", "below": "below", "under": "below", "beneath": "below",
+                "underneath": "below"}
+_ROW_OF = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}
+_POSITION_WORDS = frozenset(_ROW_OF) | {"left", "right"} | set(CENTRE_WORDS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scenes.
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+  """One object: categories (indices into SHAPES, COLOURS, SIZES; grid row and column) and render jitter.
+
+  Geometry is in fractions of the image side, so a scene renders at any resolution.
+  """
+  shape: int
+  colour: int
+  size: int
+  row: int
+  col: int
+  x: float                            # centre, 0 = left edge
+  y: float                            # centre, 0 = top edge
+  extent: float                       # half-size of the shape's bounding box
+  shade: tuple[float, float, float]   # RGB offset added to the colour
+
+  @property
+  def key(self) -> tuple[int, int]:
+    return self.shape, self.colour
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  objects: tuple[SceneObject, ...]
+  background: tuple[float, float, float]  # RGB in [0, 1]
+
+  def to_record(self) -> dict[str, np.ndarray]:
+    """The scene as named numpy arrays (one entry per object), the layout stored in the datasets."""
+    objs = self.objects
+    ints = lambda f: np.asarray([getattr(o, f) for o in objs], np.int32)
+    floats = lambda f: np.asarray([getattr(o, f) for o in objs], np.float32)
+    return {
+        "shape": ints("shape"), "colour": ints("colour"), "size": ints("size"), "row": ints("row"),
+        "col": ints("col"), "x": floats("x"), "y": floats("y"), "extent": floats("extent"),
+        "shade": np.asarray([o.shade for o in objs], np.float32).reshape(len(objs), 3),
+        "background": np.asarray(self.background, np.float32),
+    }
+
+  @classmethod
+  def from_record(cls, record: Mapping[str, Any]) -> "Scene":
+    n = len(record["shape"])
+    objects = tuple(
+        SceneObject(int(record["shape"][i]), int(record["colour"][i]), int(record["size"][i]),
+                    int(record["row"][i]), int(record["col"][i]), float(record["x"][i]),
+                    float(record["y"][i]), float(record["extent"][i]),
+                    tuple(float(v) for v in np.asarray(record["shade"][i])))
+        for i in range(n))
+    return cls(objects, tuple(float(v) for v in np.asarray(record["background"])))
+
+
+# Extent bands of the two sizes (half-size, fraction of the image side): large is ~1.6x small, and a
+# large object still fits its grid cell (half-side 1/6) so objects never overlap.
+_EXTENT = {0: (0.075, 0.09), 1: (0.125, 0.145)}
+_CELL = 1.0 / 3.0
+_MARGIN = 0.01
+_SHADE = 0.06
+_COUNT_PROBS = (0.2, 0.4, 0.4)
+
+
+def _jitter(shape: int, colour: int, size: int, row: int, col: int, rng: np.random.Generator) -> SceneObject:
+  """Render-time attributes drawn within the categories: what a new rendering may change."""
+  extent = float(rng.uniform(*_EXTENT[size]))
+  slack = max(0.0, _CELL / 2 - extent - _MARGIN)
+  x = (col + 0.5) * _CELL + float(rng.uniform(-slack, slack))
+  y = (row + 0.5) * _CELL + float(rng.uniform(-slack, slack))
+  shade = tuple(float(v) for v in rng.uniform(-_SHADE, _SHADE, 3))
+  return SceneObject(shape, colour, size, row, col, x, y, extent, shade)
+
+
+def _background(rng: np.random.Generator) -> tuple[float, float, float]:
+  grey = rng.uniform(0.08, 0.22)
+  return tuple(float(v) for v in np.clip(grey + rng.uniform(-0.03, 0.03, 3), 0.0, 1.0))
+
+
+def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scene:
+  """A random scene: 1–3 objects with distinct (shape, colour) pairs in distinct grid cells."""
+  n = int(np.searchsorted(np.cumsum(_COUNT_PROBS), rng.random(), side="right")) + 1 \
+      if num_objects is None else num_objects
+  if not 1 <= n <= MAX_OBJECTS:
+    raise ValueError(f"num_objects must be in 1..{MAX_OBJECTS}, got {num_objects}")
+  kinds = rng.choice(len(SHAPES) * len(COLOURS), n, replace=False)
+  cells = rng.choice(9, n, replace=False)
+  sizes = rng.integers(0, len(SIZES), n)
+  objects = tuple(
+      _jitter(int(k) // len(COLOURS), int(k) % len(COLOURS), int(s), int(c) // 3, int(c) % 3, rng)
+      for k, c, s in zip(kinds, cells, sizes))
+  return Scene(objects, _background(rng))
+
+
+def scene_for(seed: int, split: str, index: int) -> Scene:
+  """The `index`-th scene of a split: the same for a given seed on every machine."""
+  if split not in SPLIT_IDS:
+    raise ValueError(f"unknown split {split!r}; the shapes world has {sorted(SPLIT_IDS)}")
+  return sample_scene(np.random.default_rng((seed, SPLIT_IDS[split], index)))
+
+
+def rerender_scene(scene: Scene, rng: np.random.Generator) -> Scene:
+  """The same categories with fresh jitter (position in cell, extent in size band, shade, background)."""
+  objects = tuple(_jitter(o.shape, o.colour, o.size, o.row, o.col, rng) for o in scene.objects)
+  return Scene(objects, _background(rng))
+
+
+def flip_scene(scene: Scene) -> Scene:
+  """The scene mirrored left-right (what `hflip` does to the image)."""
+  return Scene(tuple(dataclasses.replace(o, col=2 - o.col, x=1.0 - o.x) for o in scene.objects),
+               scene.background)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering.
+# --------------------------------------------------------------------------------------------------
+
+_STAR_INNER = 0.42
+
+
+def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """Five-pointed star, one point up: fold the angle into one half-spike and test against its edge."""
+  rho = np.hypot(u, v)
+  spike = 2 * np.pi / 5
+  phi = np.abs(np.mod(np.arctan2(u, -v) + spike / 2, spike) - spike / 2)  # 0 along a point
+  px, py = rho * np.cos(phi), rho * np.sin(phi)
+  bx, by = _STAR_INNER * np.cos(spike / 2), _STAR_INNER * np.sin(spike / 2)
+  # Inside when on the same side of the edge (1, 0) -> (bx, by) as the centre.
+  return (bx - 1.0) * py - by * (px - 1.0) >= 0
+
+
+# Unit shapes in local coordinates (u right, v down), extent 1.
+_MASKS = {
+    "circle": lambda u, v: u * u + v * v <= 1.0,
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.8,
+    "triangle": lambda u, v: (v <= 0.8) & (np.abs(u) <= (v + 1.0) / 1.8),
+    "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1.05,
+    "star": _star,
+    "cross": lambda u, v: ((np.abs(u) <= 0.3) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1.0)),
+    "ring": lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.55**2),
+}
+
+
+def render(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
+  """uint8 (S, S, 3) RGB; edges anti-aliased by averaging `supersample`² samples per pixel."""
+  if image_size < 16:
+    raise ValueError(f"image_size {image_size} is too small to tell shapes apart; use at least 16")
+  s, ss = image_size, supersample
+  image = np.empty((s, s, 3), np.float32)
+  image[:] = scene.background
+  offsets = (np.arange(ss, dtype=np.float32) + 0.5) / ss
+  for obj in scene.objects:
+    cx, cy, ext = obj.x * s, obj.y * s, obj.extent * s
+    x0, x1 = max(int(cx - ext) - 1, 0), min(int(np.ceil(cx + ext)) + 1, s)
+    y0, y1 = max(int(cy - ext) - 1, 0), min(int(np.ceil(cy + ext)) + 1, s)
+    xs = ((np.arange(x0, x1, dtype=np.float32)[:, None] + offsets).ravel() - cx) / ext
+    ys = ((np.arange(y0, y1, dtype=np.float32)[:, None] + offsets).ravel() - cy) / ext
+    inside = _MASKS[SHAPES[obj.shape]](xs[None, :], ys[:, None])
+    coverage = inside.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3), dtype=np.float32)[..., None]
+    colour = np.clip(np.asarray(COLOUR_RGB[COLOURS[obj.colour]], np.float32) + obj.shade, 0.0, 1.0)
+    patch = image[y0:y1, x0:x1]
+    image[y0:y1, x0:x1] = patch + (colour - patch) * coverage
+  return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions: meaning, describer, parser.
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Mention:
+  """What a caption says about one object; None = not mentioned."""
+  shape: int
+  colour: int
+  size: int | None = None
+  row: int | None = None
+  col: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Meaning:
+  """A caption's content: every object mentioned, plus relations (subject, relation, object)."""
+  mentions: tuple[Mention, ...]
+  relations: tuple[tuple[int, str, int], ...] = ()
+
+
+class CaptionParseError(ValueError):
+  """A caption the shapes-world grammar cannot read."""
+
+
+def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
+  # rng.random() is a few times cheaper than rng.integers(), and captions make dozens of picks.
+  return options[int(rng.random() * len(options))]
+
+
+def _article(next_word: str) -> str:
+  return "an" if next_word[0] in "aeiou" else "a"
+
+
+def _noun_phrase(m: Mention, rng: np.random.Generator, definite: bool = False) -> list[str]:
+  words = [] if m.size is None else [_pick(rng, SIZE_WORDS[SIZES[m.size]])]
+  words += [_pick(rng, COLOUR_WORDS[COLOURS[m.colour]]), _pick(rng, SHAPE_WORDS[SHAPES[m.shape]])]
+  return ["the" if definite else _article(words[0])] + words
+
+
+def _position_phrase(row: int | None, col: int | None, rng: np.random.Generator) -> list[str]:
+  if row is not None and col is not None:
+    if (row, col) == (1, 1):
+      return [_pick(rng, ("in", "at")), "the", _pick(rng, CENTRE_WORDS)]
+    words = ["in", "the", _pick(rng, ROW_WORDS[row]), _pick(rng, COL_WORDS[col])]
+    if row != 1 and col != 1 and rng.random() < 0.5:
+      words.append("corner")
+    return words
+  if row is not None:
+    word = _pick(rng, ROW_WORDS[row])
+    return _pick(rng, (["at", "the", word], ["near", "the", word], ["in", "the", word, "part"]))
+  word = COL_WORDS[col][0]
+  return _pick(rng, (["on", "the", word], ["on", "the", word, "side"], ["at", "the", word]))
+
+
+def _sample_position(obj: SceneObject, rng: np.random.Generator) -> tuple[int | None, int | None]:
+  """Full cell, or only the row / only the column when that part is informative (not the middle)."""
+  options = [(obj.row, obj.col)] * 3
+  if obj.row != 1:
+    options.append((obj.row, None))
+  if obj.col != 1:
+    options.append((None, obj.col))
+  return _pick(rng, options)
+
+
+def _true_relations(a: SceneObject, b: SceneObject) -> list[str]:
+  rels = []
+  if a.col != b.col:
+    rels.append("left" if a.col < b.col else "right")
+  if a.row != b.row:
+    rels.append("above" if a.row < b.row else "below")
+  return rels
+
+
+def _compose(scene: Scene, rng: np.random.Generator) -> tuple[list[str], Meaning]:
+  """One caption draft and its meaning (may exceed the word limit; the caller retries)."""
+  objs = [scene.objects[i] for i in rng.permutation(len(scene.objects))]
+  n = len(objs)
+  mode = _pick(rng, ("plain", "position", "position")) if n == 1 else \
+      _pick(rng, ("plain", "position", "relation", "relation"))
+  positions: list[tuple[int | None, int | None]] = [(None, None)] * n
+  if mode == "position":
+    # One or two objects placed: more would make captions long, and the rest follow from the others.
+    placed = rng.choice(n, min(n, 1 + int(rng.integers(2))), replace=False)
+    for i in placed:
+      positions[i] = _sample_position(objs[i], rng)
+  mentions = tuple(Mention(o.shape, o.colour, o.size if rng.random() < 0.4 else None, *positions[i])
+                   for i, o in enumerate(objs))
+
+  def np_(i: int, definite: bool = False) -> list[str]:
+    words = _noun_phrase(mentions[i], rng, definite)
+    if positions[i] != (None, None):
+      words += _position_phrase(*positions[i], rng)
+    return words
+
+  intro = _pick(rng, ([], [], ["there", "is"], ["a", "picture", "of"],
+                      ["an", "image", "of"], ["a", "photo", "of"], ["an", "image", "showing"]))
+  relations: tuple[tuple[int, str, int], ...] = ()
+  if mode == "relation":
+    rel = _pick(rng, _true_relations(objs[0], objs[1]))
+    relations = ((0, rel, 1),)
+    phrase = list(_pick(rng, RELATION_PHRASES[rel]))
+    if rng.random() < 0.35:
+      words = np_(0, definite=True) + ["is"] + phrase + np_(1, definite=True)
+    else:
+      words = intro + np_(0) + phrase + np_(1)
+    if n == 3:
+      words += [_pick(rng, ("and", "with"))] + np_(2)
+  elif n == 1:
+    if positions[0] != (None, None) and rng.random() < 0.3:
+      words = _position_phrase(*positions[0], rng) + ["there", "is"] + _noun_phrase(mentions[0], rng)
+    elif positions[0] != (None, None) and rng.random() < 0.3:
+      words = _noun_phrase(mentions[0], rng, definite=True) + ["is"] + _position_phrase(*positions[0], rng)
+    else:
+      words = intro + np_(0)
+  else:
+    joiner = _pick(rng, (["and"], ["with"], ["together", "with"])) if n == 2 else ["and"]
+    words = list(intro)
+    for i in range(n):
+      words += (joiner if i == n - 1 else []) + np_(i)
+  return words, Meaning(mentions, relations)
+
+
+def describe_with_meaning(scene: Scene, rng: np.random.Generator) -> tuple[str, Meaning]:
+  """A caption of at most MAX_CAPTION_WORDS words and the meaning it encodes."""
+  for _ in range(100):
+    words, meaning = _compose(scene, rng)
+    if len(words) <= MAX_CAPTION_WORDS:
+      return " ".join(words), meaning
+  raise RuntimeError("no caption within the word limit in 100 draws; the templates are inconsistent")
+
+
+def describe(scene: Scene, rng: np.random.Generator) -> str:
+  """One caption of the scene."""
+  return describe_with_meaning(scene, rng)[0]
+
+
+def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
+  """`n` distinct captions of the scene (the image's one-to-many text)."""
+  found: dict[str, None] = {}
+  for _ in range(50 * n):
+    found.setdefault(describe(scene, rng))
+    if len(found) == n:
+      return list(found)
+  raise RuntimeError(f"only {len(found)} distinct captions in {50 * n} draws; ask for fewer than {n}")
+
+
+def parse(caption: str) -> Meaning:
+  """Read a caption of the shapes-world grammar (also after `eda` / `hflip`) back into its meaning."""
+  words = caption.lower().split()
+  mentions: list[dict[str, int | None]] = []
+  relations: list[tuple[int, str, int]] = []
+  current: dict[str, int | None] = {}
+  pending_position: tuple[int | None, int | None] | None = None  # "in the top left there is ..."
+  pending_relation: tuple[int, str] | None = None
+  i = 0
+  while i < len(words):
+    w = words[i]
+    if w in _SIZE_OF:
+      current["size"] = SIZES.index(_SIZE_OF[w])
+    elif w in _COLOUR_OF:
+      current["colour"] = COLOURS.index(_COLOUR_OF[w])
+    elif w in _SHAPE_OF:
+      if "colour" not in current:
+        raise CaptionParseError(f"{caption!r}: the shape {w!r} has no colour")
+      current["shape"] = SHAPES.index(_SHAPE_OF[w])
+      current.setdefault("size", None)
+      current["row"] = current["col"] = None
+      if pending_position is not None:
+        current["row"], current["col"] = pending_position
+        pending_position = None
+      mentions.append(current)
+      current = {}
+      if pending_relation is not None:
+        relations.append((pending_relation[0], pending_relation[1], len(mentions) - 1))
+        pending_relation = None
+    elif w in _RELATION_OF or (w in ("left", "right") and i + 1 < len(words) and words[i + 1] == "of"):
+      if not mentions or current:
+        raise CaptionParseError(f"{caption!r}: the relation {w!r} does not follow an object")
+      pending_relation = (len(mentions) - 1, _RELATION_OF.get(w, w))
+      i += 1 if w in ("left", "right") else 0
+    elif w in _POSITION_WORDS:
+      run = [w]
+      while i + 1 < len(words) and words[i + 1] in _POSITION_WORDS and not (
+          words[i + 1] in ("left", "right") and i + 2 < len(words) and words[i + 2] == "of"):
+        i += 1
+        run.append(words[i])
+      position = _read_position(run, caption)
+      if mentions and not current and pending_relation is None:
+        mentions[-1]["row"], mentions[-1]["col"] = position
+      else:
+        pending_position = position
+    i += 1
+  if current or pending_relation is not None or pending_position is not None:
+    raise CaptionParseError(f"{caption!r}: it ends inside an object description or a relation")
+  if not mentions:
+    raise CaptionParseError(f"{caption!r} names no object (a colour and a shape)")
+  return Meaning(tuple(Mention(**{k: m[k] for k in ("shape", "colour", "size", "row", "col")}) for m in mentions),
+                 tuple(relations))
+
+
+def _read_position(run: list[str], caption: str) -> tuple[int | None, int | None]:
+  row = next((_ROW_OF[w] for w in run if w in _ROW_OF), None)
+  col = next(({"left": 0, "right": 2}[w] for w in run if w in ("left", "right")), None)
+  if any(w in CENTRE_WORDS for w in run):
+    if row is None and col is None:
+      row, col = 1, 1
+    elif row is None:
+      row = 1
+    elif col is None:
+      col = 1
+  if len(run) > 2:
+    raise CaptionParseError(f"{caption!r}: cannot read the position {' '.join(run)!r}")
+  return row, col
+
+
+def consistent(meaning: Meaning, scene: Scene) -> bool:
+  """Whether everything the caption says holds in the scene, and it names exactly the scene's objects."""
+  by_key = {o.key: o for o in scene.objects}
+  keys = [(m.shape, m.colour) for m in meaning.mentions]
+  if len(keys) != len(by_key) or set(keys) != set(by_key):
+    return False
+  objs = [by_key[k] for k in keys]
+  for m, o in zip(meaning.mentions, objs):
+    if (m.size is not None and m.size != o.size) or (m.row is not None and m.row != o.row) or (
+        m.col is not None and m.col != o.col):
+      return False
+  return all(rel in _true_relations(objs[a], objs[b]) for a, rel, b in meaning.relations)
+
+
+def ambiguity(scenes: Sequence[Scene], caption_lists: Sequence[Sequence[str]]) -> dict[str, float]:
+  """How well captions identify their image among `scenes` (e.g. a 1k test split).
+
+  For every caption: the number of scenes consistent with it (its own included). Returns the mean of
+  that number, the fraction of captions that fit more than one scene, the fraction of captions that do
+  not fit their own scene (must be 0), and the caption count.
+  """
+  index: dict[frozenset, list[int]] = collections.defaultdict(list)
+  for i, scene in enumerate(scenes):
+    index[frozenset(o.key for o in scene.objects)].append(i)
+  counts, wrong = [], 0
+  for i, caps in enumerate(caption_lists):
+    for cap in caps:
+      meaning = parse(cap)
+      candidates = index.get(frozenset((m.shape, m.colour) for m in meaning.mentions), [])
+      matches = [j for j in candidates if consistent(meaning, scenes[j])]
+      wrong += i not in matches
+      counts.append(len(matches))
+  counts_arr = np.asarray(counts, np.float64)
+  return {"mean_matches": float(counts_arr.mean()), "ambiguous_fraction": float((counts_arr > 1).mean()),
+          "wrong_fraction": wrong / len(counts), "captions": float(len(counts))}
+
+
+def scene_from_meaning(meaning: Meaning, rng: np.random.Generator) -> Scene:
+  """A random scene that satisfies a caption's meaning; unmentioned attributes are drawn at random."""
+  n = len(meaning.mentions)
+  if len({(m.shape, m.colour) for m in meaning.mentions}) != n:
+    raise ValueError("the caption names one (shape, colour) twice; shapes-world scenes never do")
+  sizes = [m.size if m.size is not None else int(rng.integers(len(SIZES))) for m in meaning.mentions]
+  allowed = [[c for c in range(9) if (m.row is None or c // 3 == m.row) and (m.col is None or c % 3 == m.col)]
+             for m in meaning.mentions]
+  layouts = [cells for cells in itertools.product(*allowed) if len(set(cells)) == n]
+
+  def satisfies(cells: tuple[int, ...]) -> bool:
+    rc = [(c // 3, c % 3) for c in cells]
+    rel = {"left": lambda a, b: a[1] < b[1], "right": lambda a, b: a[1] > b[1],
+           "above": lambda a, b: a[0] < b[0], "below": lambda a, b: a[0] > b[0]}
+    return all(rel[r](rc[a], rc[b]) for a, r, b in meaning.relations)
+
+  layouts = [cells for cells in layouts if satisfies(cells)]
+  if not layouts:
+    raise ValueError(f"no scene satisfies {meaning}: its positions and relations contradict each other")
+  cells = layouts[int(rng.integers(len(layouts)))]
+  objects = tuple(_jitter(m.shape, m.colour, s, c // 3, c % 3, rng)
+                  for m, s, c in zip(meaning.mentions, sizes, cells))
+  return Scene(objects, _background(rng))
+
+
+# --------------------------------------------------------------------------------------------------
+# Lexicon as a substitution table, and augmentations.
+# --------------------------------------------------------------------------------------------------
+
+def _synonym_groups() -> list[tuple[str, ...]]:
+  groups = [*SHAPE_WORDS.values(), *COLOUR_WORDS.values(), *SIZE_WORDS.values(), ROW_WORDS[0],
+            ROW_WORDS[2], CENTRE_WORDS, ("above", "over"), ("below", "under", "beneath", "underneath"),
+            PICTURE_WORDS]
+  return [g for g in groups if len(g) > 1]
+
+
+def substitution_table() -> dict[str, list[str]]:
+  """word -> the words that may replace it without changing the caption's meaning (not itself)."""
+  return {w: [s for s in group if s != w] for group in _synonym_groups() for w in group}
+
+
+def i2t(scene: Scene, rng: np.random.Generator, n: int = 1) -> list[str]:
+  """Image-to-text augmentation: fresh captions of the scene, as a captioner would write them."""
+  return captions(scene, rng, n)
+
+
+def rerender(scene: Scene, rng: np.random.Generator, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+  """Text-to-image augmentation at scene level: a new rendering true to every caption of the scene."""
+  return render(rerender_scene(scene, rng), image_size)
+
+
+def t2i(caption: str, rng: np.random.Generator, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+  """Text-to-image augmentation from one caption: an image of a scene that caption describes."""
+  return render(scene_from_meaning(parse(caption), rng), image_size)
+
+
+def mirror_caption(caption: str) -> str:
+  """Left and right words swapped: the caption of the horizontally flipped image."""
+  return " ".join(MIRROR_WORDS.get(w, w) for w in caption.split())
+
+
+def hflip(image: np.ndarray, caption_list: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+  """Horizontal flip of an (H, W, C) image with its captions kept true (left <-> right)."""
+  return np.ascontiguousarray(image[:, ::-1]), [mirror_caption(c) for c in caption_list]
+
+
+def eda(caption: str, rng: np.random.Generator, *, synonym_prob: float = 0.3, swap_prob: float = 0.1,
+        delete_prob: float = 0.1, insert_prob: float = 0.1) -> str:
+  """EDA-style text edits that keep the meaning (Wei & Zou 2019, restricted to this world's safe words).
+
+  Each word with synonyms is replaced by one with `synonym_prob`; with `swap_prob` two non-critical
+  words swap places; each non-critical word is deleted with `delete_prob` (one word always stays); with
+  `insert_prob` a filler word is inserted between phrases. Attribute, position and relation words are never moved or
+  removed, so `parse` reads the same meaning.
+  """
+  table = substitution_table()
+  words = [(_pick(rng, table[w]) if w in table and rng.random() < synonym_prob else w)
+           for w in caption.split()]
+  soft = [i for i, w in enumerate(words) if w in NON_CRITICAL]
+  if len(soft) >= 2 and rng.random() < swap_prob:
+    a, b = rng.choice(soft, 2, replace=False)
+    words[a], words[b] = words[b], words[a]
+  kept = [w for w in words if not (w in NON_CRITICAL and rng.random() < delete_prob)]
+  words = kept or words[:1]
+  if rng.random() < insert_prob:
+    # Between phrases only (start, end, before an article), never inside "left of" or "top left".
+    slots = [0, len(words)] + [i for i, w in enumerate(words) if w in ("a", "an", "the") and i]
+    words.insert(_pick(rng, slots), _pick(rng, INSERTABLE))
+  return " ".join(words)
+
+
+def image_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness: float = 0.1,
+                 colour: float = 0.03, noise: float = 0.01, max_shift: int = 2) -> np.ndarray:
+  """Intra-modal image augmentation: brightness scale, per-channel colour offset, pixel noise, shift.
+
+  Takes uint8 or float32 [0, 1] (H, W, 3) and returns float32 in [0, 1]. Shifts pad with edge pixels.
+  Magnitudes stay far below the gaps between the world's colours and its grid cells.
+  """
+  x = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+  x = x * np.float32(rng.uniform(1 - brightness, 1 + brightness))
+  x = x + rng.uniform(-colour, colour, 3).astype(np.float32)
+  if noise:
+    x = x + rng.normal(0.0, noise, x.shape).astype(np.float32)
+  if max_shift:
+    dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, 2))
+    h, w = x.shape[:2]
+    padded = np.pad(x, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+    x = padded[max_shift + dy:max_shift + dy + h, max_shift + dx:max_shift + dx + w]
+  return np.clip(x, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary and tokenizer.
+# --------------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ("[PAD]", "[START]", "[END]", "[UNK]")  # ids 0..3, the tiny CLIP preset's convention
+TOKENIZER_VERSION = 1
+_FRAME_WORDS = ("a", "an", "the", "there", "is", "of", "and", "with", "together", "showing", "in", "at",
+                "on", "near", "to", "part", "side", "corner")
+
+
+def vocabulary() -> list[str]:
+  """Every word the describer, `mirror_caption` and `eda` can write, in a fixed order (ids are stable)."""
+  words: list[str] = []
+  groups: Iterable[Iterable[str]] = (
+      _FRAME_WORDS, PICTURE_WORDS, INSERTABLE, *SIZE_WORDS.values(), *COLOUR_WORDS.values(),
+      *SHAPE_WORDS.values(), *ROW_WORDS.values(), *COL_WORDS.values(),
+      *(w for phrases in RELATION_PHRASES.values() for w in phrases))
+  for group in groups:
+    words.extend(w for w in group if w not in words)
+  return words
+
+
+def default_tokenizer_dir(data_dir: str | os.PathLike | None = None) -> Path:
+  """Where the shapes tokenizer is cached: <data dir>/tokenizers/shapes_world_v<version>."""
+  from mat_jax.data.corpora import default_data_dir  # deferred: corpora imports tensorflow_datasets
+
+  return default_data_dir(data_dir) / "tokenizers" / f"shapes_world_v{TOKENIZER_VERSION}"
+
+
+def build_tokenizer(directory: str | os.PathLike | None = None,
+                    context_length: int = DEFAULT_CONTEXT_LENGTH) -> Path:
+  """Write the word-level shapes tokenizer in the transformers layout and return its directory.
+
+  ids: [PAD]=0, [START]=1, [END]=2, [UNK]=3, then `vocabulary()`. A directory that already holds this
+  version is reused.
+  """
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast  # deferred: importing transformers costs seconds
+
+  directory = Path(directory) if directory is not None else default_tokenizer_dir()
+  vocab = {w: i for i, w in enumerate((*SPECIAL_TOKENS, *vocabulary()))}
+  marker = directory / "shapes_world.json"
+  if marker.exists() and json.loads(marker.read_text()).get("vocab") == vocab:
+    return directory
+  pad, start, end, unk = SPECIAL_TOKENS
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+  tok.normalizer = normalizers.Lowercase()
+  # Whitespace only: `Tokenizer.encode_words` relies on a word's pieces not depending on its neighbours.
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
+                                                     special_tokens=[(start, 1), (end, 2)])
+  tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=start, eos_token=end, pad_token=pad,
+                                 unk_token=unk, model_max_length=context_length)
+  directory.mkdir(parents=True, exist_ok=True)
+  fast.save_pretrained(str(directory))
+  # transformers 5 names its own backend class here; the generic fast class loads in 4.x and 5.x alike.
+  config_path = directory / "tokenizer_config.json"
+  config = json.loads(config_path.read_text())
+  config["tokenizer_class"] = "PreTrainedTokenizerFast"
+  config_path.write_text(json.dumps(config, indent=2))
+  # transformers 5 no longer writes this file; older readers of the layout expect it.
+  (directory / "special_tokens_map.json").write_text(json.dumps(
+      {"bos_token": start, "eos_token": end, "pad_token": pad, "unk_token": unk}, indent=2))
+  marker.write_text(json.dumps({"version": TOKENIZER_VERSION, "vocab": vocab}, indent=1))
+  return directory
+
+
+def tokenizer(directory: str | os.PathLike | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH):
+  """The shapes tokenizer as a `mat_jax.models.tokenizers.Tokenizer` (built on first use)."""
+  from mat_jax.models.tokenizers import load_tokenizer
+  return load_tokenizer(build_tokenizer(directory, context_length), context_length=context_length)

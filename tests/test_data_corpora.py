@@ -1,0 +1,233 @@
+"""Dataset builders without TensorFlow: the shapes world and local caption corpora, bad input, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mat_jax.data import corpora, shapes
+from mat_jax.data.__main__ import main as cli
+
+SHAPES = dict(train=6, val=2, test=4, image_size=32, captions_per_image=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+  return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture(scope="module")
+def shapes_builder(data_dir):
+  return corpora.build_shapes(data_dir, log=lambda message: None, **SHAPES)
+
+
+def test_shapes_world_round_trips_through_array_record(shapes_builder, data_dir):
+  cfg = corpora.shapes_config(**SHAPES)
+  # Readable by name from the files alone, as any tfds dataset.
+  again = tfds.builder(f"shapes_world/{cfg.name}", data_dir=str(data_dir))
+  assert {k: v.num_examples for k, v in again.info.splits.items()} == {"train": 6, "val": 2, "test": 4}
+  assert list(Path(str(shapes_builder.data_path)).glob("*.array_record-*"))
+  source = again.as_data_source(split="test")
+  for i in range(4):
+    record = source[i]
+    scene = shapes.scene_for(3, "test", i)
+    assert record["image_id"] == i
+    np.testing.assert_array_equal(record["image"], shapes.render(scene, 32))  # PNG is lossless
+    caps = [c.decode() for c in record["captions"]]
+    assert caps == shapes.captions(scene, np.random.default_rng((3, 2, i, 1)), 5)
+    stored = shapes.Scene.from_record(record["scene"])
+    assert [(o.key, o.size, o.row, o.col) for o in stored.objects] == \
+        [(o.key, o.size, o.row, o.col) for o in scene.objects]
+    np.testing.assert_allclose([o.x for o in stored.objects], [o.x for o in scene.objects], rtol=1e-6)
+
+
+def test_built_dataset_is_reused(shapes_builder, data_dir):
+  messages = []
+  corpora.build_shapes(data_dir, log=messages.append, **SHAPES)
+  assert messages and "reusing" in messages[0]
+
+
+def test_data_dir_comes_from_argument_then_environment(monkeypatch, tmp_path):
+  monkeypatch.setenv(corpora.DATA_DIR_ENV, str(tmp_path / "env"))
+  assert corpora.default_data_dir() == tmp_path / "env"
+  assert corpora.default_data_dir(tmp_path / "arg") == tmp_path / "arg"
+  monkeypatch.delenv(corpora.DATA_DIR_ENV)
+  assert corpora.default_data_dir() == Path("~/.cache/mat_jax/datasets").expanduser()
+
+
+def test_shapes_config_rejects_bad_sizes():
+  with pytest.raises(ValueError, match="train split size"):
+    corpora.shapes_config(train=-1)
+  with pytest.raises(ValueError, match="all splits are empty"):
+    corpora.shapes_config(train=0, val=0, test=0)
+
+
+def test_caption_cleaning_is_the_references_pre_caption():
+  clean = corpora.CaptionCleaning()
+  assert clean('A Dog-run, on/the "grass"!  (Really?)  ') == "a dog run on the grass really"
+  assert clean("x;y:z~w#*") == "xyzw"
+  assert clean(" ".join(str(i) for i in range(40))) == " ".join(str(i) for i in range(30))
+  assert corpora.CaptionCleaning(max_words=3, lowercase=False)("The Cat sat on") == "The Cat sat"
+  assert corpora.NO_CLEANING("Keep, This!") == "Keep, This!"
+
+
+# --------------------------------------------------------------------------------------------------
+# Local corpora.
+# --------------------------------------------------------------------------------------------------
+
+def _photo(path: Path, width: int, height: int, seed: int) -> None:
+  """A wide or tall image: red centre square, blue margins (to check the centre crop)."""
+  pixels = np.zeros((height, width, 3), np.uint8)
+  pixels[...] = (20, 40, 220)
+  side = min(width, height)
+  top, left = (height - side) // 2, (width - side) // 2
+  pixels[top:top + side, left:left + side] = (220, 30, 30)
+  pixels[top + side // 2, left + side // 2] = seed  # differs per image
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(pixels).save(path, quality=95)
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory) -> Path:
+  root = tmp_path_factory.mktemp("corpus")
+  sizes = [(96, 48), (40, 80), (64, 64), (120, 60), (50, 100), (70, 70)]
+  for i, (w, h) in enumerate(sizes):
+    _photo(root / "images" / "part" / f"{i}.jpg", w, h, i)
+  splits = ["train", "restval", "val", "test", "test", "test"]
+  karpathy = {"images": [
+      {"filepath": "part", "filename": f"{i}.jpg", "split": splits[i], "imgid": i,
+       "sentences": [{"raw": f"A Red-square, in/the middle #{i}!", "tokens": []}, {"raw": "Second one."}]}
+      for i in range(6)]}
+  (root / "dataset_toy.json").write_text(json.dumps(karpathy))
+  albef_test = [{"image": f"part/{i}.jpg", "caption": [f"Caption {i}.", "Another!"]} for i in (3, 4, 5)]
+  (root / "toy_test.json").write_text(json.dumps(albef_test))
+  albef_train = [{"image": "part/0.jpg", "caption": "first", "image_id": "0"},
+                 {"image": "part/0.jpg", "caption": "second", "image_id": "0"},
+                 {"image": "part/1.jpg", "caption": "third", "image_id": "1"}]
+  (root / "toy_train.json").write_text(json.dumps(albef_train))
+  return root
+
+
+def _quiet(message: str) -> None:
+  del message
+
+
+def test_karpathy_corpus_builds_with_splits_cleaning_and_centre_crop(corpus_files, data_dir):
+  builder = corpora.build_corpus("toykarpathy", [corpus_files / "dataset_toy.json"], corpus_files / "images",
+                                 image_size=32, data_dir=data_dir, log=_quiet)
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 2, "val": 1, "test": 3}
+  test = corpora.data_source(builder, "test")
+  assert [test[i]["filename"].decode() for i in range(3)] == ["part/3.jpg", "part/4.jpg", "part/5.jpg"]
+  record = test[0]
+  assert [c.decode() for c in record["captions"]] == ["a red square in the middle 3", "second one"]
+  image = record["image"]
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+  # The centre crop keeps the red square and drops the blue margins of the 120x60 image.
+  assert image[..., 0].mean() > 180 and image[..., 2].mean() < 60
+  assert dict(builder.info.metadata["skipped"]) == {"train": 0, "val": 0, "test": 0}
+  # Read back from its files alone (no annotations needed).
+  again = corpora.corpus_builder("toykarpathy", 32, data_dir)
+  assert again.info.splits["train"].num_examples == 2
+  with pytest.raises(ValueError, match="no split 'dev'"):
+    corpora.data_source(again, "dev")
+
+
+def test_albef_corpus_merges_captions_and_takes_split_from_name(corpus_files, data_dir):
+  builder = corpora.build_corpus(
+      "toyalbef", [corpus_files / "toy_test.json", f"train={corpus_files / 'toy_train.json'}"],
+      corpus_files / "images", image_size=24, data_dir=data_dir, log=_quiet)
+  train = corpora.data_source(builder, "train")
+  assert len(train) == 2 and [c.decode() for c in train[0]["captions"]] == ["first", "second"]
+  assert [c.decode() for c in corpora.data_source(builder, "test")[2]["captions"]] == ["caption 5", "another"]
+  with pytest.raises(corpora.CorpusError, match="cannot tell the split"):
+    corpora.read_annotations([corpus_files / "dataset_toy.json"], fmt="albef")
+
+
+def test_rebuilding_with_other_options_is_refused(corpus_files, data_dir):
+  corpora.build_corpus("toyopts", [corpus_files / "dataset_toy.json"], corpus_files / "images", image_size=16,
+                       data_dir=data_dir, log=_quiet)
+  with pytest.raises(corpora.CorpusError, match="built with other options"):
+    corpora.build_corpus("toyopts", [corpus_files / "dataset_toy.json"], corpus_files / "images",
+                         image_size=16, cleaning=corpora.NO_CLEANING, data_dir=data_dir, log=_quiet)
+
+
+@pytest.fixture()
+def bad_corpus(corpus_files, tmp_path) -> Path:
+  """The good images plus a corrupt JPEG, and annotations referring to it and to a missing file."""
+  images = tmp_path / "images"
+  images.mkdir()
+  for path in (corpus_files / "images" / "part").iterdir():
+    (images / path.name).write_bytes(path.read_bytes())
+  (images / "corrupt.jpg").write_bytes((images / "0.jpg").read_bytes()[:200])  # truncated JPEG
+  return tmp_path
+
+
+def _karpathy(root: Path, entries: list[dict]) -> Path:
+  path = root / "dataset_bad.json"
+  path.write_text(json.dumps({"images": entries}))
+  return path
+
+
+def _entry(name: str, split: str = "test", captions=("a caption",)) -> dict:
+  return {"filename": name, "split": split, "sentences": [{"raw": c} for c in captions]}
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([_entry("0.jpg"), _entry("missing.jpg")], r"missing image file .*missing\.jpg"),
+    ([_entry("0.jpg"), _entry("corrupt.jpg")], r"corrupt or unreadable image file .*corrupt\.jpg"),
+    ([_entry("0.jpg"), _entry("1.jpg", captions=())], r"entry 1 \(1\.jpg\) .* has no captions"),
+])
+def test_bad_records_raise_naming_them_or_are_skipped_and_counted(bad_corpus, data_dir, entries, message):
+  annotations = _karpathy(bad_corpus, entries)
+  with pytest.raises(corpora.CorpusError, match=message):
+    corpora.build_corpus("bad", [annotations], bad_corpus / "images", image_size=16,
+                         data_dir=bad_corpus / "data", log=_quiet)
+  logged = []
+  builder = corpora.build_corpus("bad", [annotations], bad_corpus / "images", image_size=16, skip_bad=True,
+                                 data_dir=bad_corpus / "data", log=logged.append)
+  assert builder.info.splits["test"].num_examples == 1
+  assert builder.info.metadata["skipped"]["test"] == 1
+  assert any("skipped 1 bad record" in m for m in logged), logged
+
+
+def test_malformed_json_empty_split_and_missing_folder_are_named(bad_corpus):
+  broken = bad_corpus / "broken.json"
+  broken.write_text('{"images": [ {"filename": "0.jpg",, } ]}')
+  with pytest.raises(corpora.CorpusError, match=r"broken\.json is not valid JSON.*line 1"):
+    corpora.read_annotations([broken])
+  with pytest.raises(corpora.CorpusError, match=r"does not exist"):
+    corpora.read_annotations([bad_corpus / "nope.json"])
+  empty = bad_corpus / "empty_test.json"
+  empty.write_text("[]")
+  with pytest.raises(corpora.CorpusError, match="no entries"):
+    corpora.build_corpus("empty", [empty], bad_corpus / "images", data_dir=bad_corpus / "data", log=_quiet)
+  all_bad = _karpathy(bad_corpus, [_entry("missing.jpg", "val"), _entry("0.jpg", "test")])
+  with pytest.raises(corpora.CorpusError, match="split 'val' is empty"):
+    corpora.build_corpus("allbad", [all_bad], bad_corpus / "images", skip_bad=True, image_size=16,
+                         data_dir=bad_corpus / "data", log=_quiet)
+  with pytest.raises(corpora.CorpusError, match="image folder .* does not exist"):
+    corpora.build_corpus("nofolder", [all_bad], bad_corpus / "nowhere", data_dir=bad_corpus / "data",
+                         log=_quiet)
+
+
+def test_cli_builds_reuses_and_reports(corpus_files, tmp_path, capsys):
+  data = str(tmp_path / "data")
+  args = ["build", "karpathy", "--annotations", str(corpus_files / "dataset_toy.json"), "--images",
+          str(corpus_files / "images"), "--name", "flickr_toy", "--image-size", "16", "--data-dir", data]
+  assert cli(args) == 0
+  assert "train 2, val 1, test 3" in capsys.readouterr().out
+  assert cli(args) == 0
+  assert "reusing the dataset already built" in capsys.readouterr().out
+  assert cli(["build", "shapes", "--train", "3", "--val", "1", "--test", "2", "--image-size", "24",
+              "--data-dir", data]) == 0
+  assert "train 3, val 1, test 2" in capsys.readouterr().out
+  bad = tmp_path / "bad.json"
+  bad.write_text("{not json")
+  assert cli(["build", "karpathy", "--annotations", str(bad), "--images", str(corpus_files / "images"),
+              "--name", "broken", "--data-dir", data]) == 2
+  assert "bad.json is not valid JSON" in capsys.readouterr().err

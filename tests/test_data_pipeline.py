@@ -1,0 +1,218 @@
+"""Grain pipelines: batch format, shuffling and epochs, host sharding, checkpointable state,
+augmentations, and evaluation sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mat_jax.data import corpora, pipeline, shapes
+
+TRAIN, TEST = 24, 10
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline")
+  builder = corpora.build_shapes(root / "data", train=TRAIN, val=0, test=TEST, seed=5, log=lambda m: None)
+  from mat_jax.models.tokenizers import load_tokenizer
+
+  tok = load_tokenizer(shapes.build_tokenizer(root / "tokenizer"), context_length=24)
+  return corpora.data_source(builder, "train"), corpora.data_source(builder, "test"), tok
+
+
+def _take(dataset, n: int) -> list[dict[str, np.ndarray]]:
+  it = iter(dataset)
+  try:
+    return [next(it) for _ in range(n)]
+  finally:
+    it.close()
+
+
+def _pipe(world, batch_size=4, **kwargs):
+  train, _, tok = world
+  kwargs.setdefault("process_index", 0)
+  kwargs.setdefault("process_count", 1)
+  return pipeline.training_pipeline(train, tok, batch_size, **kwargs)
+
+
+def test_batches_follow_the_shared_format(world):
+  train, _, tok = world
+  (batch,) = _take(_pipe(world, 4), 1)
+  assert set(batch) == {"images", "input_ids", "attention_mask", "captions", "image_ids"}
+  assert batch["images"].shape == (4, 64, 64, 3) and batch["images"].dtype == np.float32
+  assert 0.0 <= batch["images"].min() and batch["images"].max() <= 1.0
+  assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 24)
+  assert batch["input_ids"].dtype == batch["attention_mask"].dtype == np.int32
+  assert batch["captions"].shape == (4,) and batch["captions"].dtype.kind == "U"
+  assert batch["image_ids"].dtype == np.int32
+  for i in range(4):
+    record = train[int(batch["image_ids"][i])]
+    np.testing.assert_allclose(batch["images"][i], record["image"] / 255.0, atol=1e-6)
+    assert str(batch["captions"][i]) in [c.decode() for c in record["captions"]]
+  np.testing.assert_array_equal(batch["input_ids"], tok(list(batch["captions"])).input_ids)
+
+
+def test_batch_transforms_run_inside_the_pipeline(world):
+  def count_words(batch):
+    return {**batch, "words": np.asarray([len(str(c).split()) for c in batch["captions"]], np.int32)}
+
+  (batch,) = _take(_pipe(world, 4, batch_transforms=[count_words]), 1)
+  np.testing.assert_array_equal(batch["words"], batch["attention_mask"].sum(1) - 2)
+
+
+def test_k_captions_per_image_are_distinct_captions_of_that_image(world):
+  train, _, _ = world
+  (batch,) = _take(_pipe(world, 3, captions_per_image=4), 1)
+  assert batch["captions"].shape == (3, 4) and batch["input_ids"].shape == (3, 4, 24)
+  for row, image_id in zip(batch["captions"], batch["image_ids"]):
+    stored = [c.decode() for c in train[int(image_id)]["captions"]]
+    assert len(set(row)) == 4 and set(row) <= set(stored)
+
+
+def test_shuffle_is_seeded_epochs_cover_the_split_and_reshuffle(world):
+  def ids(**kwargs):
+    return np.concatenate([b["image_ids"] for b in _take(_pipe(world, 4, **kwargs), 12)])
+
+  two_epochs = ids(num_epochs=2, seed=1)
+  first, second = two_epochs[:TRAIN], two_epochs[TRAIN:]
+  assert sorted(first) == sorted(second) == list(range(TRAIN))
+  assert not np.array_equal(first, second)  # a new order every epoch
+  np.testing.assert_array_equal(two_epochs, ids(num_epochs=2, seed=1))
+  assert not np.array_equal(two_epochs, ids(num_epochs=2, seed=2))
+  finite = _pipe(world, 5, num_epochs=1)
+  assert sum(1 for _ in finite) == TRAIN // 5  # the remainder is dropped: every batch has 5
+
+
+def test_hosts_read_disjoint_slices(world):
+  seen = []
+  for index in range(3):
+    batches = list(_pipe(world, 2, num_epochs=1, process_index=index, process_count=3))
+    seen.append(np.concatenate([b["image_ids"] for b in batches]))
+  assert sorted(np.concatenate(seen)) == list(range(TRAIN))
+  with pytest.raises(ValueError, match="process_index 3"):
+    _pipe(world, 2, process_index=3, process_count=3)
+
+
+def test_iterator_state_resumes_exactly_also_through_orbax(world, tmp_path):
+  dataset = _pipe(world, 4, augmentations="hflip,eda,i2t,t2i")
+  it = iter(dataset)
+  next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  pipeline.save_iterator(tmp_path / "it", it)  # saved after 4 batches
+  after_save = next(it)
+  it.set_state(state)
+  for want in expected:
+    got = next(it)
+    np.testing.assert_array_equal(got["images"], want["images"])
+    np.testing.assert_array_equal(got["captions"], want["captions"])
+  it.close()
+  fresh = pipeline.restore_iterator(tmp_path / "it", iter(dataset))
+  got = next(fresh)
+  fresh.close()
+  np.testing.assert_array_equal(got["image_ids"], after_save["image_ids"])
+  np.testing.assert_array_equal(got["input_ids"], after_save["input_ids"])
+  assert list((tmp_path / "it").glob("process_0-of-1.json"))
+
+
+def test_augmentations_keep_image_and_text_aligned(world):
+  train, _, _ = world
+  (flipped,) = _take(_pipe(world, 6, augmentations={"hflip": 1.0}), 1)
+  (plain,) = _take(_pipe(world, 6), 1)
+  np.testing.assert_array_equal(flipped["image_ids"], plain["image_ids"])  # augmenting keeps the order
+  for i, image_id in enumerate(flipped["image_ids"]):
+    record = train[int(image_id)]
+    scene = shapes.Scene.from_record(record["scene"])
+    np.testing.assert_allclose(flipped["images"][i], record["image"][:, ::-1] / 255.0, atol=1e-6)
+    assert shapes.consistent(shapes.parse(str(flipped["captions"][i])), shapes.flip_scene(scene))
+
+  (mixed,) = _take(_pipe(world, 6, captions_per_image=2, augmentations="i2t:1,t2i:1,eda:1"), 1)
+  for i, image_id in enumerate(mixed["image_ids"]):
+    record = train[int(image_id)]
+    scene = shapes.Scene.from_record(record["scene"])
+    assert not np.allclose(mixed["images"][i], record["image"] / 255.0)  # a new rendering
+    for caption in mixed["captions"][i]:
+      assert shapes.consistent(shapes.parse(str(caption)), scene), caption
+
+  (drawn,) = _take(_pipe(world, 6, augmentations="t2i_caption:1,image_jitter:1"), 1)
+  for caption in drawn["captions"]:
+    shapes.parse(str(caption))  # still a caption of the world
+  assert 0.0 <= drawn["images"].min() and drawn["images"].max() <= 1.0
+
+
+def test_bad_pipeline_options_are_explained(world):
+  with pytest.raises(ValueError, match="unknown augmentation 'flip'.*hflip"):
+    _pipe(world, 4, augmentations="flip")
+  with pytest.raises(ValueError, match=r"probability 1\.5"):
+    _pipe(world, 4, augmentations="eda:1.5")
+  with pytest.raises(ValueError, match="t2i_caption .* captions_per_image=1"):
+    _pipe(world, 4, captions_per_image=2, augmentations="t2i_caption")
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    _pipe(world, 25, num_epochs=1)
+
+  class NoScenes:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      return {k: v for k, v in self.source[i].items() if k != "scene"}
+
+  _, _, tok = world
+  with pytest.raises(ValueError, match=r"\['i2t'\] .* only shapes-world records"):
+    pipeline.training_pipeline(NoScenes(world[0]), tok, 4, augmentations="i2t,hflip", process_index=0,
+                               process_count=1)
+
+
+def test_worker_processes_deliver_the_same_batches(world):
+  threads = _take(_pipe(world, 4, seed=3), 2)
+  processes = _take(_pipe(world, 4, seed=3, num_workers=1), 2)
+  for a, b in zip(threads, processes):
+    np.testing.assert_array_equal(a["image_ids"], b["image_ids"])
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_eval_set_holds_all_images_captions_and_index_maps(world):
+  _, test, tok = world
+  ev = pipeline.load_eval_set(test, tok)
+  assert ev.num_images == TEST and ev.num_texts == 5 * TEST
+  assert ev.images.dtype == np.uint8 and ev.images.shape == (TEST, 64, 64, 3)
+  assert ev.input_ids.shape == (5 * TEST, 24)
+  np.testing.assert_array_equal(ev.text_to_image, np.repeat(np.arange(TEST), 5))
+  assert ev.image_to_texts.shape == (TEST, 5)
+  for i in range(TEST):
+    assert [str(ev.captions[t]) for t in ev.image_to_texts[i]] == [c.decode() for c in test[i]["captions"]]
+    assert (ev.text_to_image[ev.image_to_texts[i]] == i).all()
+  assert len(ev.scenes) == TEST and shapes.ambiguity(ev.scenes, [list(ev.captions[r]) for r in ev.image_to_texts])[
+      "wrong_fraction"] == 0.0
+  batches = list(ev.image_batches(4))
+  assert [count for _, count in batches] == [4, 4, 2]
+  assert all(b.shape == (4, 64, 64, 3) and b.dtype == np.float32 for b, _ in batches)
+  np.testing.assert_allclose(batches[2][0][:2], ev.float_images(8, 10))
+  assert (batches[2][0][2:] == 0).all()
+  two = pipeline.load_eval_set(test, tok, max_images=3, captions_per_image=2)
+  assert two.num_texts == 6 and two.image_to_texts.tolist() == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_eval_set_pads_uneven_caption_counts():
+  class Uneven:
+    records = [{"image": np.zeros((8, 8, 3), np.uint8), "captions": [b"a"] * n, "image_id": i}
+               for i, n in enumerate((5, 6, 5))]
+
+    def __len__(self):
+      return 3
+
+    def __getitems__(self, keys):
+      return [self.records[k] for k in keys]
+
+  class Tok:
+    def __call__(self, texts):
+      n = len(texts)
+      return type("T", (), {"input_ids": np.ones((n, 4), np.int32), "attention_mask": np.ones((n, 4), np.int32)})
+
+  ev = pipeline.load_eval_set(Uneven(), Tok())
+  assert ev.num_texts == 16 and ev.image_to_texts.shape == (3, 6)
+  assert ev.image_to_texts[0, 5] == -1 and ev.image_to_texts[1, 5] == 10
