@@ -1,0 +1,562 @@
+"""Substitution candidates for the word-level text attack, prepared on the host.
+
+A candidate source turns the words of many captions into lists of substitute words, one list per word:
+`LexiconSource` (a meaning-preserving synonym table, e.g. the shapes world's), `CharEditSource`
+(deterministic typos) and `BertMLMSource` (BERT-Attack's masked-LM candidates). `prepare_candidates`
+filters the lists as the BERT-Attack references do (no '##' pieces, no stop words, not the word itself),
+tokenises everything with the *target* model's tokenizer and packs it into `TextCandidates`: fixed-shape
+integer arrays that the compiled attack (`mat_jax.attacks.text`) consumes without ever returning text to
+the host.
+
+Every tokenizer used here splits on whitespace first, so the pieces of a word do not depend on its
+neighbours and a caption's ids are start + concat(word pieces) + end + padding. Candidates depend only
+on the clean caption, so each source caches its output per caption.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import weakref
+import zlib
+from typing import Callable, Hashable, Iterable, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mat_jax.models.tokenizers import Tokenizer
+
+# The mask word of the importance step: the references replace a word by the string "[UNK]".
+MASK_WORD = "[UNK]"
+
+# Function words that carry little content, plus punctuation: never attacked, never used as a
+# substitute (the role of the references' `filter_words`; this list is written for mat_jax).
+STOP_WORDS: frozenset[str] = frozenset("""
+a an the this that these those some any each every either neither both all no none another other others
+such what which whatever whichever who whom whose whoever whomever
+i me my mine myself we us our ours ourselves you your yours yourself yourselves he him his himself she
+her hers herself it its itself they them their theirs themselves one ones oneself
+someone somebody something anyone anybody anything everyone everybody everything nobody noone nothing
+am is are was were be been being have has had having do does did doing done
+will would shall should can could may might must ought need dare used
+isn isn't aren aren't wasn wasn't weren weren't hasn hasn't haven haven't hadn hadn't doesn doesn't
+don don't didn didn't won won't wouldn wouldn't shan shan't shouldn shouldn't can't cannot couldn
+couldn't mightn mightn't mustn mustn't needn needn't it's that's there's here's what's who's let's
+i'm i've i'd i'll you're you've you'd you'll he's he'd he'll she's she'd she'll we're we've we'd we'll
+they're they've they'd they'll ain s t d ll m o re ve y
+about above across after against along alongside amid among amongst around as at atop before behind
+below beneath beside besides between beyond by despite down during except for from in inside into
+like near of off on onto opposite out outside over past per since than through throughout thru till
+to toward towards under underneath unlike until unto up upon via with within without
+and but or nor so yet if then else because although though while whereas whether unless once lest
+how when where why whence whither wherever whenever however whereby wherein hereby herein thereby
+therefore thus hence also too very just only even still already again ever never always often
+sometimes here there now almost quite rather somewhat perhaps maybe indeed namely etc
+not more most less least much many few several enough own same else instead anyway anyhow
+""".split()) | frozenset(".,;:!?'\"`-–—_/\\|()[]{}<>@#$%^&*+=~·…")
+
+
+class CandidateSource(Protocol):
+  """Words of many captions in, substitute words out (one list per word, best first)."""
+
+  def __call__(self, captions: Sequence[Sequence[str]]) -> list[list[list[str]]]: ...
+
+
+class _CachedSource:
+  """Caches a source's output per caption (candidates depend only on the clean text)."""
+
+  def __init__(self, cache_size: int = 100_000):
+    self._cache: collections.OrderedDict[tuple[str, ...], list[list[str]]] = collections.OrderedDict()
+    self.cache_size = int(cache_size)
+
+  def __call__(self, captions: Sequence[Sequence[str]]) -> list[list[list[str]]]:
+    keys = [tuple(words) for words in captions]
+    missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+    if missing:
+      for key, subs in zip(missing, self._generate(missing)):
+        if len(subs) != len(key):
+          raise RuntimeError(f"{type(self).__name__} returned {len(subs)} lists for {len(key)} words")
+        self._cache[key] = [list(s) for s in subs]
+    out = []
+    for key in keys:
+      self._cache.move_to_end(key)
+      out.append(self._cache[key])
+    while len(self._cache) > self.cache_size:
+      self._cache.popitem(last=False)
+    return out
+
+  def _generate(self, captions: Sequence[tuple[str, ...]]) -> list[list[list[str]]]:
+    raise NotImplementedError
+
+
+class LexiconSource(_CachedSource):
+  """Substitutes from a table word -> synonyms (context-free), e.g. `mat_jax.data.shapes.substitution_table()`.
+
+  With a meaning-preserving table this is the text analogue of the ε-ball: the attack may only change
+  the wording, never what the caption says.
+  """
+
+  def __init__(self, table: Mapping[str, Sequence[str]]):
+    super().__init__()
+    if not isinstance(table, Mapping):
+      raise TypeError(f"table must map each word to a list of substitutes, got {type(table).__name__}")
+    for word, subs in table.items():
+      if not isinstance(word, str) or isinstance(subs, str) or not all(isinstance(s, str) for s in subs):
+        raise TypeError(f"table entry {word!r}: {subs!r} must be a word mapped to a list of words, "
+                        "e.g. {'red': ['crimson', 'scarlet']}")
+    self.table = {word: list(subs) for word, subs in table.items()}
+
+  def _generate(self, captions):
+    return [[self.table.get(word, []) for word in words] for words in captions]
+
+
+# Neighbouring keys on a QWERTY keyboard, for the typo an attacker (or a human) makes most easily.
+_QWERTY_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+_KEY_NEIGHBOURS: dict[str, str] = {}
+for _r, _row in enumerate(_QWERTY_ROWS):
+  for _c, _ch in enumerate(_row):
+    _near = [_row[j] for j in (_c - 1, _c + 1) if 0 <= j < len(_row)]
+    for _other in (_r - 1, _r + 1):
+      if 0 <= _other < len(_QWERTY_ROWS):
+        _near += [_QWERTY_ROWS[_other][j] for j in (_c - 1, _c, _c + 1) if 0 <= j < len(_QWERTY_ROWS[_other])]
+    _KEY_NEIGHBOURS[_ch] = "".join(_near)
+
+CHAR_EDITS = ("swap", "delete", "insert", "keyboard")
+
+
+class CharEditSource(_CachedSource):
+  """Deterministic character edits (typos): adjacent swap, deletion, insertion, keyboard-neighbour substitution.
+
+  Each word's edits come from a generator seeded by the word and `seed` alone, so a word gets the same
+  candidates in every caption and every batch. Edit types take turns until `max_candidates` distinct
+  strings are found.
+  """
+
+  def __init__(self, edits: Sequence[str] = CHAR_EDITS, max_candidates: int = 10, seed: int = 0,
+               min_length: int = 3):
+    super().__init__()
+    unknown = set(edits) - set(CHAR_EDITS)
+    if unknown or not edits:
+      raise ValueError(f"unknown character edits {sorted(unknown)}; choose from {CHAR_EDITS}")
+    self.edits = tuple(edits)
+    self.max_candidates = int(max_candidates)
+    self.seed = int(seed)
+    self.min_length = int(min_length)
+
+  def word_edits(self, word: str) -> list[str]:
+    if len(word) < self.min_length:
+      return []
+    rng = np.random.default_rng([zlib.crc32(word.encode("utf-8")), self.seed])
+    found: list[str] = []
+    # Bounded attempts: short words have few distinct edits.
+    for attempt in range(8 * self.max_candidates):
+      if len(found) >= self.max_candidates:
+        break
+      edit = self.edits[attempt % len(self.edits)]
+      i = int(rng.integers(len(word)))
+      if edit == "swap":
+        i = min(i, len(word) - 2)
+        new = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+      elif edit == "delete":
+        new = word[:i] + word[i + 1:]
+      elif edit == "insert":
+        new = word[:i] + chr(ord("a") + int(rng.integers(26))) + word[i:]
+      else:
+        near = _KEY_NEIGHBOURS.get(word[i].lower())
+        if not near:
+          continue
+        new = word[:i] + near[int(rng.integers(len(near)))] + word[i + 1:]
+      if new != word and new not in found:
+        found.append(new)
+    return found
+
+  def _generate(self, captions):
+    return [[self.word_edits(word) for word in words] for words in captions]
+
+
+class BertMLMSource(_CachedSource):
+  """BERT-Attack's candidates from a masked language model, in batched jitted forwards.
+
+  For every word, the MLM logits of the clean caption at the word's own pieces give its substitutes:
+  one piece -> the `top_k` best tokens; several pieces -> all combinations of the first 12 pieces'
+  top-4 tokens, the first `max_combinations` of them (24, as BERT-Attack), ranked by the MLM's
+  perplexity of the combination.
+
+  Offset: the MLM input is [CLS] + pieces + [SEP], so the word whose pieces start at piece index s sits
+  at sequence position s + 1. The VLP references (Co-Attack, SGA, MMCoA) slice the logits at s, one
+  position too early (the logits of the previous piece, or of [CLS] for the first word); the original
+  BERT-Attack removes the offset, and so do we.
+
+  `model`: a `BertForMaskedLM`, or any callable `(input_ids, attention_mask) -> logits (B, L, vocab)`.
+  `tokenizer`: the MLM's own tokenizer (WordPiece). `min_logit`: the references stop a single-piece
+  word's list at the first logit below 0.3 (`threshold_pred_score`); None keeps all `top_k` (use None
+  for randomly initialised models, whose logits are all near 0).
+  """
+
+  def __init__(self, model, tokenizer: Tokenizer, top_k: int = 10, *, min_logit: float | None = 0.3,
+               max_combinations: int = 24, combination_top: int = 4, max_combination_pieces: int = 12,
+               batch_size: int = 64, max_length: int | None = None):
+    super().__init__()
+    if tokenizer.start_id is None or tokenizer.end_id is None:
+      raise ValueError("BertMLMSource needs a BERT-style tokenizer that frames text with [CLS] ... [SEP]")
+    self.tokenizer = tokenizer
+    self.top_k = int(top_k)
+    self.min_logit = min_logit
+    self.max_combinations = int(max_combinations)
+    self.combination_top = int(combination_top)
+    self.max_combination_pieces = int(max_combination_pieces)
+    self.batch_size = int(batch_size)
+    self.max_length = int(max_length or tokenizer.context_length)
+    self._k = max(self.top_k, self.combination_top)
+    if isinstance(model, nnx.Module):
+      graphdef, params = nnx.split(model)
+      forward = lambda p, ids, mask: nnx.merge(graphdef, p)(ids, mask)
+    else:
+      params, forward = None, (lambda p, ids, mask: model(ids, mask))
+    self._params = params
+    k = self._k
+
+    def top_tokens(p, ids, mask):
+      values, indices = jax.lax.top_k(forward(p, ids, mask), k)
+      return values, indices
+
+    def piece_losses(p, ids, mask):
+      # Cross-entropy of each piece under the MLM reading the combination itself (BERT-Attack's
+      # perplexity: no [CLS]/[SEP], every piece predicted at its own position).
+      logp = jax.nn.log_softmax(forward(p, ids, mask), axis=-1)
+      return -jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
+
+    self._top_tokens = jax.jit(top_tokens)
+    self._piece_losses = jax.jit(piece_losses)
+    hf = tokenizer.hf
+    self._special = frozenset(hf.all_special_tokens)
+    self._id_to_token = hf.convert_ids_to_tokens
+    self._tokens_to_string = hf.convert_tokens_to_string
+
+  def _batches(self, n: int):
+    for lo in range(0, n, self.batch_size):
+      yield lo, min(lo + self.batch_size, n)
+
+  def _generate(self, captions):
+    tok = self.tokenizer
+    capacity = self.max_length - 2
+    # Pieces of every word, and where each word starts in [CLS] + pieces + [SEP].
+    pieces = [_word_pieces(tok, words) for words in captions]
+    results: list[list[list[str]]] = [[[] for _ in words] for words in captions]
+    combos: list[tuple[int, int, list[tuple[int, ...]]]] = []
+    for lo, hi in self._batches(len(captions)):
+      lengths = [min(sum(len(p) for p in caption), capacity) for caption in pieces[lo:hi]]
+      # Bucketed length: few distinct compiled shapes; padding does not change BERT's outputs.
+      length = min(self.max_length, _round_up(max(lengths) + 2, 8))
+      ids = np.full((self.batch_size, length), tok.pad_id, np.int32)
+      mask = np.zeros((self.batch_size, length), np.int32)
+      for row, caption in enumerate(pieces[lo:hi]):
+        flat = [t for p in caption for t in p][:capacity]
+        ids[row, :len(flat) + 2] = [tok.start_id, *flat, tok.end_id]
+        mask[row, :len(flat) + 2] = 1
+      values, indices = (np.asarray(a) for a in self._top_tokens(self._params, ids, mask))
+      for row, caption in enumerate(pieces[lo:hi]):
+        n = lo + row
+        start = 0
+        for w, word_pieces in enumerate(caption):
+          first, count = start, len(word_pieces)
+          start += count
+          if count == 0 or first + count > capacity:
+            continue  # beyond BERT's context: no logits for this word
+          # +1: position 0 holds [CLS] (the references' off-by-one reads `first` here).
+          at = slice(first + 1, first + 1 + count)
+          if count == 1:
+            results[n][w] = self._single_piece(values[row, at][0], indices[row, at][0])
+          else:
+            top = indices[row, at][:self.max_combination_pieces, :self.combination_top]
+            combos.append((n, w, list(itertools.product(*top.tolist()))[:self.max_combinations]))
+    if combos:
+      self._rank_combinations(combos, results)
+    return results
+
+  def _single_piece(self, values: np.ndarray, indices: np.ndarray) -> list[str]:
+    words = []
+    for value, index in zip(values[:self.top_k], indices[:self.top_k]):
+      if self.min_logit is not None and value < self.min_logit:
+        break
+      token = self._id_to_token(int(index))
+      if token not in self._special:  # [SEP], [MASK], ... are not words
+        words.append(token)
+    return words
+
+  def _rank_combinations(self, combos, results) -> None:
+    """Rank each multi-piece word's combinations by MLM perplexity, all words in padded batches."""
+    flat = [(i, c) for i, (_, _, cands) in enumerate(combos) for c in cands]
+    width = max(len(c) for _, c in flat)
+    losses = np.zeros(len(flat), np.float64)
+    for lo, hi in self._batches(len(flat)):
+      ids = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+      mask = np.zeros((self.batch_size, width), np.int32)
+      for row, (_, c) in enumerate(flat[lo:hi]):
+        ids[row, :len(c)] = c
+        mask[row, :len(c)] = 1
+      piece = np.asarray(self._piece_losses(self._params, ids, mask))
+      losses[lo:hi] = (piece * mask).sum(-1)[:hi - lo] / mask.sum(-1)[:hi - lo]
+    start = 0
+    for n, w, cands in combos:
+      ppl = np.exp(losses[start:start + len(cands)])
+      start += len(cands)
+      order = np.argsort(ppl, kind="stable")
+      words = []
+      for j in order:
+        tokens = self._id_to_token([int(t) for t in cands[j]])
+        if not any(t in self._special for t in tokens):
+          words.append(self._tokens_to_string(tokens))
+      results[n][w] = words
+
+
+# -------------------------------------------------------------------------------------------------
+# Fixed-shape candidate arrays
+# -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TextCandidates:
+  """Everything the compiled attack needs about N captions, as fixed-shape arrays.
+
+  Shapes: W = max_words, P = max_pieces, A = max_targets (attackable words), K = top_k.
+    word_pieces   int32 (N, W, P)     pieces of each word (target tokenizer, no special tokens)
+    word_lengths  int32 (N, W)        number of pieces; 0 for padding words
+    target_words  int32 (N, A)        word index of each attackable word, in caption order
+    target_valid  bool  (N, A)        False for padding slots
+    sub_pieces    int32 (N, A, K, P)  pieces of each substitute of each attackable word
+    sub_lengths   int32 (N, A, K)     0 = no candidate
+    mask_pieces   int32 (P,)          pieces of the importance mask word ("[UNK]")
+    mask_length   int32 ()
+  Static (part of the compiled shape): the tokenizer's start/end/pad ids, `context_length` (L of the
+  output ids) and `text_length` (<= L: the padded length used while scoring, long enough for every text
+  the attack can build; trailing padding never changes an encoder's features, so it is not computed).
+
+  The host-side text (`captions`, `words`, `substitutes`) is dropped when the object crosses `jit` or
+  `jax.tree.map` (it comes back as None): keep the object `prepare_candidates` returned to turn attack
+  results back into strings (`mat_jax.attacks.text.adversarial_captions`).
+  """
+  word_pieces: jax.Array
+  word_lengths: jax.Array
+  target_words: jax.Array
+  target_valid: jax.Array
+  sub_pieces: jax.Array
+  sub_lengths: jax.Array
+  mask_pieces: jax.Array
+  mask_length: jax.Array
+  start_id: int | None = None
+  end_id: int | None = None
+  pad_id: int = 0
+  context_length: int = 0
+  text_length: int = 0
+  captions: tuple[str, ...] | None = None
+  words: tuple[tuple[str, ...], ...] | None = None              # all words of each caption
+  substitutes: tuple[tuple[tuple[str, ...], ...], ...] | None = None  # per caption, per word
+
+  @property
+  def num_captions(self) -> int:
+    return self.word_pieces.shape[0]
+
+  @property
+  def has_text(self) -> bool:
+    return self.words is not None
+
+  def replace(self, **changes) -> "TextCandidates":
+    return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(
+    TextCandidates,
+    data_fields=["word_pieces", "word_lengths", "target_words", "target_valid", "sub_pieces", "sub_lengths",
+                 "mask_pieces", "mask_length"],
+    meta_fields=["start_id", "end_id", "pad_id", "context_length", "text_length"],
+    drop_fields=["captions", "words", "substitutes"])
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+# Per-tokenizer memo of word pieces: captions repeat the same few thousand words.
+_PIECES_MEMO: weakref.WeakKeyDictionary[Tokenizer, dict[str, tuple[int, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _word_pieces(tokenizer: Tokenizer, words: Iterable[str]) -> list[tuple[int, ...]]:
+  memo = _PIECES_MEMO.setdefault(tokenizer, {})
+  words = list(words)
+  missing = list(dict.fromkeys(w for w in words if w not in memo))
+  if missing:
+    for word, pieces in zip(missing, tokenizer.encode_words(missing)):
+      memo[word] = tuple(int(p) for p in pieces)
+  return [memo[w] for w in words]
+
+
+def mask_word_pieces(tokenizer: Tokenizer) -> tuple[int, ...]:
+  """The pieces that replace a word when its importance is measured.
+
+  The references substitute the string "[UNK]". A tokenizer with an unknown token distinct from its
+  framing/padding tokens (BERT's WordPiece, the shapes world's word-level vocabulary) gets that single
+  token, which is what "[UNK]" becomes there. CLIP's BPE has no such token (its unk *is* end-of-text,
+  and inserting an end token would cut the text where the pooling reads it), so there the literal
+  string "[UNK]" is tokenised, exactly what the references feed CLIP.
+  """
+  unk = tokenizer.hf.unk_token_id
+  framing = {tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id}
+  if unk is not None and unk not in framing:
+    return (int(unk),)
+  pieces = tuple(tokenizer.encode_words([MASK_WORD])[0])
+  if not pieces:
+    raise ValueError(f"the tokenizer turns the mask word {MASK_WORD!r} into no tokens; the importance "
+                     "step cannot mask words with it")
+  return pieces
+
+
+def filter_substitutes(word: str, substitutes: Iterable[str], stop_words: frozenset[str]) -> list[str]:
+  """The references' filter: no sub-word ('##') pieces, no stop words, not the word itself; plus no empty
+  strings and no repeats (a repeat scores the same, and the attack keeps the first best anyway)."""
+  kept: list[str] = []
+  for s in substitutes:
+    if s and s != word and "##" not in s and s not in stop_words and s not in kept:
+      kept.append(s)
+  return kept
+
+
+def prepare_candidates(
+    captions: Sequence[str] | np.ndarray, tokenizer: Tokenizer, source: CandidateSource | Callable, *,
+    max_words: int | None = None, max_pieces: int | None = None, top_k: int | None = None,
+    max_targets: int | None = None, stop_words: Iterable[str] = STOP_WORDS, text_length: int | None = None,
+) -> TextCandidates:
+  """Candidates of N captions as fixed-shape arrays (host, numpy).
+
+  captions: N pre-processed captions (whitespace-separated words; flatten (B, K) caption arrays first).
+  tokenizer: the target model's tokenizer. source: a `CandidateSource` (lists of substitutes per word).
+  max_words (W), max_pieces (P), top_k (K), max_targets (A): the array sizes. Fix them for a training
+  loop, so that every batch has the same shapes and the attack compiles once; None takes the smallest
+  size that fits this batch. A word is attackable when it is not a stop word, its
+  first piece lies inside the context, and it has at least one candidate; the first A attackable words
+  of a caption (in caption order) are kept. Each word keeps its first K candidates (source order);
+  substitutes longer than max_pieces are dropped. top_k=None keeps all that the source gives (for
+  BertMLMSource: its top_k for one-piece words, 24 for multi-piece words, as BERT-Attack).
+  text_length: the padded length of the texts scored inside the attack (default: the smallest multiple
+  of 8 that holds any text the attack can build, at most the context length).
+  """
+  if isinstance(captions, np.ndarray):
+    if captions.ndim != 1:
+      raise ValueError(f"captions must be 1-D, got shape {captions.shape}; flatten (B, K) caption arrays "
+                       "with captions.reshape(-1) (and repeat the guides to match)")
+    captions = captions.tolist()
+  if isinstance(captions, str):
+    raise TypeError("pass a list of captions, not a single string")
+  captions = [str(c) for c in captions]
+  if not captions:
+    raise ValueError("no captions to prepare")
+  stop_words = frozenset(stop_words)
+  length = tokenizer.context_length
+  front = int(tokenizer.start_id is not None)
+  capacity = length - front - int(tokenizer.end_id is not None)
+
+  all_words = [tuple(c.split()) for c in captions]
+  # Every piece occupies a slot, so word i starts at content index >= i whatever is substituted: words
+  # from index `capacity` on can never reach the context and need no arrays.
+  kept_words = [words[:capacity] for words in all_words]
+  n_words = max(len(words) for words in kept_words)
+  if max_words is None:
+    max_words = max(n_words, 1)
+  elif n_words > max_words:
+    worst = max(range(len(captions)), key=lambda i: len(kept_words[i]))
+    raise ValueError(f"caption {worst} has {n_words} words within the context but max_words={max_words}: "
+                     f"{captions[worst]!r}; raise max_words (at most {capacity} words ever fit)")
+
+  raw = source([list(words) for words in kept_words])
+  word_pieces = [_word_pieces(tokenizer, words) for words in kept_words]
+  mask = mask_word_pieces(tokenizer)
+
+  # Filter and tokenise substitutes; locate attackable words.
+  per_word: list[list[list[str]]] = []
+  per_word_pieces: list[list[list[tuple[int, ...]]]] = []
+  targets: list[list[int]] = []
+  for n, words in enumerate(kept_words):
+    offset = 0
+    caption_subs, caption_pieces, caption_targets = [], [], []
+    for w, word in enumerate(words):
+      subs = filter_substitutes(word, raw[n][w], stop_words)
+      pieces = _word_pieces(tokenizer, subs)
+      kept, kept_pieces = [], []
+      for s, p in zip(subs, pieces):
+        # Same pieces as the word (a case variant, an unknown word that maps to the same [UNK]...) or as an
+        # earlier candidate: the same text, so the same score; keep the first.
+        if p and p != word_pieces[n][w] and p not in kept_pieces and (max_pieces is None or len(p) <= max_pieces):
+          kept.append(s)
+          kept_pieces.append(p)
+      if top_k is not None:
+        kept, kept_pieces = kept[:top_k], kept_pieces[:top_k]
+      in_context = offset < capacity and len(word_pieces[n][w]) > 0
+      if kept and in_context and word not in stop_words:
+        caption_targets.append(w)
+      else:
+        kept, kept_pieces = [], []
+      offset += len(word_pieces[n][w])
+      caption_subs.append(kept)
+      caption_pieces.append(kept_pieces)
+    per_word.append(caption_subs)
+    per_word_pieces.append(caption_pieces)
+    targets.append(caption_targets)
+
+  longest_word = max((len(p) for caption in word_pieces for p in caption), default=1)
+  longest_sub = max((len(p) for caption in per_word_pieces for word in caption for p in word), default=1)
+  if max_pieces is None:
+    max_pieces = max(longest_word, longest_sub, len(mask), 1)
+  elif longest_word > max_pieces or len(mask) > max_pieces:
+    raise ValueError(f"a word has {max(longest_word, len(mask))} pieces but max_pieces={max_pieces}; raise "
+                     "max_pieces")
+  if top_k is None:
+    top_k = max((len(word) for caption in per_word for word in caption), default=1) or 1
+  if max_targets is None:
+    max_targets = max(max(len(t) for t in targets), 1)
+  targets = [t[:max_targets] for t in targets]
+  for n, caption_targets in enumerate(targets):  # dropped targets keep no candidates
+    for w in range(len(per_word[n])):
+      if w not in caption_targets:
+        per_word[n][w], per_word_pieces[n][w] = [], []
+
+  N, W, P, K, A = len(captions), max_words, max_pieces, top_k, max_targets
+  pad = tokenizer.pad_id
+  wp = np.full((N, W, P), pad, np.int32)
+  wl = np.zeros((N, W), np.int32)
+  tw = np.zeros((N, A), np.int32)
+  tv = np.zeros((N, A), bool)
+  sp = np.full((N, A, K, P), pad, np.int32)
+  sl = np.zeros((N, A, K), np.int32)
+  longest_text = 0
+  for n in range(N):
+    grown = 0
+    for w, pieces in enumerate(word_pieces[n]):
+      wp[n, w, :len(pieces)] = pieces
+      wl[n, w] = len(pieces)
+      alternatives = [len(p) for p in per_word_pieces[n][w]] + ([len(mask)] if w in targets[n] else [])
+      grown += max([len(pieces), *alternatives])
+    longest_text = max(longest_text, grown)
+    for a, w in enumerate(targets[n]):
+      tw[n, a], tv[n, a] = w, True
+      for k, pieces in enumerate(per_word_pieces[n][w]):
+        sp[n, a, k, :len(pieces)] = pieces
+        sl[n, a, k] = len(pieces)
+  mp = np.full((P,), pad, np.int32)
+  mp[:len(mask)] = mask
+  # Content of any text the attack builds <= every word replaced by its longest alternative.
+  needed = min(longest_text, capacity) + length - capacity
+  if text_length is None:
+    text_length = min(length, _round_up(needed, 8))
+  elif not needed <= text_length <= length:
+    raise ValueError(f"text_length must be in [{needed}, context_length={length}] for these captions (the "
+                     f"longest text the attack can build), got {text_length}")
+
+  return TextCandidates(
+      word_pieces=wp, word_lengths=wl, target_words=tw, target_valid=tv, sub_pieces=sp, sub_lengths=sl,
+      mask_pieces=mp, mask_length=np.asarray(len(mask), np.int32),
+      start_id=tokenizer.start_id, end_id=tokenizer.end_id, pad_id=pad, context_length=length,
+      text_length=int(text_length), captions=tuple(captions), words=tuple(all_words),
+      substitutes=tuple(tuple(tuple(s) for s in caption) + ((),) * (len(all_words[n]) - len(caption))
+                        for n, caption in enumerate(per_word)))

@@ -1,0 +1,416 @@
+"""BERT-Attack as the VLP references use it, compiled: word importance and greedy substitution on device.
+
+Host prepares, device scores. `mat_jax.attacks.candidates.prepare_candidates` turns N captions into
+fixed-shape arrays (word pieces, substitutes' pieces); `text_attack` then runs entirely inside `jit`:
+
+1. Word importance: each attackable word is replaced by the mask word ("[UNK]") and scored by
+   KL(p_clean ‖ p_masked), p = softmax over the L2-normalised text embedding (the references' `text_feat`);
+   all masked texts of all captions go through the encoder in fixed-size chunks.
+2. Greedy substitution in order of importance, exactly the references' sequential loop: for the current
+   text, a word's candidates are scored with the objective next to the current text itself, and the
+   first word (in importance order) whose best candidate scores strictly higher than keeping the word is
+   changed (ties keep the word, as the references' argmax over [current, candidates...]). With
+   `max_changes` > 1 the loop goes on from the next word in importance order with the changed text.
+   Here each step of a `lax.while_loop` scores the next word(s) of every caption still being attacked
+   in batched encoder calls and takes, per caption, the first word that beats keeping; words after it
+   are re-scored against the changed text in the next step, so the result is the sequential one.
+
+Texts are built on device from word pieces (`assemble_pieces`), truncated as the tokenizer truncates, so
+no text returns to the host during the attack. `adversarial_captions` turns a result back into strings
+(for transfer to a model with another tokenizer).
+
+Where mat_jax differs from the references (on purpose):
+- `BertMLMSource` reads a word's substitutes at the word's own position (the references read one
+  position early, see `mat_jax.attacks.candidates`).
+- KLs are computed without cancellation (`softmax_kl`): for a one-word change the references' float32
+  KL of two near-uniform softmaxes is rounding noise (even negative), so their importance order is noise.
+- Importance is computed for attackable words only; the others are skipped by the references' loop
+  anyway, so the order among the words that matter is the same.
+
+Objectives (higher = better for the attacker), functions of candidate text features (M, C, D) and a
+guide: "image" (SGA, MAT: minus the cosine similarity to guiding image features (M, D), or the mean over
+several guiding images (M, G, D)), "kl" (Co-Attack: KL(softmax(g) ‖ softmax(f)) from the clean text
+features g, which is the default guide). Features are the encoder's unnormalised projected features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mat_jax.attacks.candidates import STOP_WORDS, CandidateSource, TextCandidates, prepare_candidates
+from mat_jax.models.clip import l2_normalize
+from mat_jax.models.dual_encoder import DualEncoder, split
+from mat_jax.models.tokenizers import Tokenizer
+
+Objective = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+# -------------------------------------------------------------------------------------------------
+# Objectives
+# -------------------------------------------------------------------------------------------------
+
+def image_objective(features: jax.Array, guide: jax.Array) -> jax.Array:
+  """Minus the cosine similarity of texts (M, C, D) to guiding images (M, D) or (M, G, D) (mean over G)."""
+  guide = l2_normalize(guide)
+  if guide.ndim == 2:
+    guide = guide[:, None, :]
+  return -jnp.einsum("mcd,mgd->mcg", l2_normalize(features), guide).mean(-1)
+
+
+def softmax_kl(x: jax.Array, y: jax.Array) -> jax.Array:
+  """KL(softmax(x) ‖ softmax(y)) over the last axis, without the cancellation of Σ p (log p − log q).
+
+  Text features differ little between captions that differ in one word, and a softmax over a
+  unit-norm embedding is close to uniform: the KL is ~1e-8 while log p and log q are ~ -6, so the
+  textbook formula returns float32 rounding noise (and an importance order made of noise). With
+  d = x − y and u = Σ p (e^(−d) − 1), KL = Σ p (d + expm1(−d)) + (log1p(u) − u): every term is computed
+  from the small differences themselves.
+  """
+  p = jax.nn.softmax(x, axis=-1)
+  d = x - y
+  e = jnp.expm1(-d)
+  u = jnp.sum(p * e, axis=-1)
+  return jnp.sum(p * (d + e), axis=-1) + (jnp.log1p(u) - u)
+
+
+def kl_objective(features: jax.Array, guide: jax.Array) -> jax.Array:
+  """KL(softmax(guide) ‖ softmax(features)) for texts (M, C, D) and clean text features (M, D)."""
+  return softmax_kl(guide[:, None, :], features)
+
+
+OBJECTIVES: dict[str, Objective] = {"image": image_objective, "kl": kl_objective}
+
+
+def _objective_fn(objective: str | Objective) -> Objective:
+  if callable(objective):
+    return objective
+  if objective not in OBJECTIVES:
+    raise ValueError(f"unknown text-attack objective {objective!r}; use one of {sorted(OBJECTIVES)} or a "
+                     "function (features (M, C, D), guide) -> scores (M, C), higher = better for the attacker")
+  return OBJECTIVES[objective]
+
+
+# -------------------------------------------------------------------------------------------------
+# Building token ids from word pieces
+# -------------------------------------------------------------------------------------------------
+
+def assemble_pieces(pieces: jax.Array, lengths: jax.Array, *, start_id: int | None, end_id: int | None,
+                    pad_id: int, context_length: int, length: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """(..., W, P) word pieces and (..., W) lengths -> ids, mask (..., length), as the tokenizer makes them.
+
+  start + concatenated pieces + end + padding; content beyond `context_length` (minus the special
+  tokens) is cut and the end token kept, like the tokenizer's truncation. `length` (default
+  `context_length`) may be shorter when the caller knows every text fits (the rest would be padding).
+  """
+  length = context_length if length is None else length
+  W, P = pieces.shape[-2:]
+  front, back = int(start_id is not None), int(end_id is not None)
+  ends = jnp.cumsum(lengths, axis=-1)
+  starts = ends - lengths
+  content = jnp.minimum(ends[..., -1:], context_length - front - back)  # (..., 1)
+  position = jnp.arange(length)
+  index = position - front                                                # content index of each slot
+  # Word holding content index i: the number of words that end at or before i (empty words skip).
+  word = jnp.minimum(jnp.sum(ends[..., None, :] <= index[:, None], axis=-1), W - 1)
+  piece = jnp.clip(index - jnp.take_along_axis(starts, word, axis=-1), 0, P - 1)
+  flat = pieces.reshape(*pieces.shape[:-2], W * P)
+  ids = jnp.take_along_axis(flat, word * P + piece, axis=-1)
+  ids = jnp.where((index >= 0) & (index < content), ids, pad_id)
+  if front:
+    ids = jnp.where(position == 0, start_id, ids)
+  if back:
+    ids = jnp.where(index == content, end_id, ids)
+  mask = position < content + front + back
+  return ids.astype(jnp.int32), mask.astype(jnp.int32)
+
+
+def _build(candidates: TextCandidates, pieces, lengths, length: int | None = None):
+  return assemble_pieces(pieces, lengths, start_id=candidates.start_id, end_id=candidates.end_id,
+                         pad_id=candidates.pad_id, context_length=candidates.context_length,
+                         length=candidates.text_length if length is None else length)
+
+
+def _replace_word(pieces, lengths, word, new_pieces, new_length):
+  """Rows (B, W, P), (B, W) with word `word` (B,) replaced by `new_pieces` (B, P), `new_length` (B,)."""
+  hit = jnp.arange(pieces.shape[-2]) == word[:, None]
+  return (jnp.where(hit[..., None], new_pieces[:, None, :], pieces),
+          jnp.where(hit, new_length[:, None], lengths))
+
+
+@jax.jit
+def assemble(candidates: TextCandidates, choice: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """ids, mask (N, context_length) of the captions with substitutions applied.
+
+  choice: int (N, A), per attackable word the candidate index to use, or -1 to keep the word; None keeps
+  every word (the clean captions, identical to `tokenizer(captions)`).
+  """
+  c = candidates
+  pieces, lengths = c.word_pieces, c.word_lengths
+  if choice is not None:
+    choice = choice.astype(jnp.int32)
+    safe = jnp.maximum(choice, 0)
+    new_pieces = jnp.take_along_axis(c.sub_pieces, safe[..., None, None], axis=2)[:, :, 0]
+    new_lengths = jnp.take_along_axis(c.sub_lengths, safe[..., None], axis=2)[..., 0]
+    use = (choice >= 0) & c.target_valid & (new_lengths > 0)
+    # One-hot (N, A, W): each word is at most one attackable slot.
+    onehot = (c.target_words[..., None] == jnp.arange(pieces.shape[1])) & use[..., None]
+    replaced = onehot.any(axis=1)
+    pieces = jnp.where(replaced[..., None], jnp.einsum("naw,nap->nwp", onehot.astype(jnp.int32), new_pieces),
+                       pieces)
+    lengths = jnp.where(replaced, jnp.einsum("naw,na->nw", onehot.astype(jnp.int32), new_lengths), lengths)
+  return _build(c, pieces, lengths, length=c.context_length)
+
+
+# -------------------------------------------------------------------------------------------------
+# The attack
+# -------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["input_ids", "attention_mask", "changed_words", "changed_candidates",
+                                "objective", "clean_objective", "importance"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TextAttackResult:
+  """Adversarial texts of N captions (M = max_changes).
+
+  input_ids, attention_mask  int32 (N, L): the adversarial captions, as the target tokenizer makes them
+  changed_words              int32 (N, M): index of each changed word in its caption, -1 = no change
+  changed_candidates         int32 (N, M): index into that word's candidate list (`substitutes[n][word]`)
+  objective, clean_objective float (N,): the objective of the adversarial and of the clean caption
+  importance                 float (N, A): importance of each attackable word (-inf for padding slots)
+  """
+  input_ids: jax.Array
+  attention_mask: jax.Array
+  changed_words: jax.Array
+  changed_candidates: jax.Array
+  objective: jax.Array
+  clean_objective: jax.Array
+  importance: jax.Array
+
+
+def _map_valid(fn: Callable[[jax.Array], Any], valid: jax.Array, chunk_size: int) -> Any:
+  """fn over the flat indices where `valid` (T,) is True, in chunks of `chunk_size`; zeros elsewhere.
+
+  The valid indices are packed to the front and a `while_loop` runs only the chunks that hold some, so
+  padding (missing words and candidates, captions already done) costs less than one chunk of encoder
+  work per call, and memory stays bounded by one chunk of texts.
+  """
+  total = valid.shape[0]
+  chunk = max(1, min(chunk_size, total))
+  n_chunks = -(-total // chunk)
+  count = jnp.sum(valid)
+  # Stable sort of "not valid": the valid indices first, in order (cheaper to compile than nonzero).
+  packed = jnp.argsort(~valid, stable=True)
+  packed = jnp.pad(packed, (0, n_chunks * chunk - total))
+  shapes = jax.eval_shape(fn, packed[:chunk])
+  buffer = jax.tree.map(lambda x: jnp.zeros((n_chunks * chunk, *x.shape[1:]), x.dtype), shapes)
+
+  def run(state):
+    i, buffer = state
+    out = fn(jax.lax.dynamic_slice_in_dim(packed, i * chunk, chunk))
+    return i + 1, jax.tree.map(lambda b, o: jax.lax.dynamic_update_slice_in_dim(b, o, i * chunk, 0), buffer, out)
+
+  _, buffer = jax.lax.while_loop(lambda state: state[0] * chunk < count, run, (0, buffer))
+  # Back to the original positions: the r-th valid index holds the r-th packed result.
+  rank = jnp.maximum(jnp.cumsum(valid) - 1, 0)
+  return jax.tree.map(lambda x: jnp.where(valid.reshape(-1, *([1] * (x.ndim - 1))), x[rank], 0), buffer)
+
+
+def text_attack(encoder: DualEncoder, params: nnx.State, candidates: TextCandidates, guide: jax.Array | None = None,
+                *, objective: str | Objective = "image", max_changes: int = 1,
+                chunk_size: int = 128) -> TextAttackResult:
+  """BERT-Attack on N captions with prepared candidates; one compiled computation, no host round trips.
+
+  guide: "image" objective -> guiding image features (N, D) or (N, G, D), one row per caption; "kl" ->
+  clean text features (N, D), default the encoder's features of the clean captions.
+  max_changes: words changed at most (1 in the references). chunk_size: texts per encoder call (the
+  memory bound; larger suits accelerators, ~128 a CPU).
+  Nothing here is differentiated: params and guide pass through stop_gradient, so the attack can sit
+  inside a differentiated training loss. Compiles once per (encoder, shapes, static arguments).
+  """
+  if max_changes < 1 or chunk_size < 1:
+    raise ValueError(f"max_changes and chunk_size must be >= 1, got {max_changes}, {chunk_size}")
+  _objective_fn(objective)  # unknown names fail here, before tracing
+  guide = None if guide is None else jnp.asarray(guide)
+  if guide is None and objective != "kl":
+    raise ValueError(f"objective {objective!r} needs a guide (e.g. image features (N, D), one row per "
+                     "caption); only 'kl' defaults to the clean text features")
+  if guide is not None and guide.shape[0] != candidates.word_pieces.shape[0]:
+    raise ValueError(f"guide has {guide.shape[0]} rows for {candidates.word_pieces.shape[0]} captions; give "
+                     "one row per caption (index image features with text_to_image)")
+  # Every static argument passed positionally: jit keys its cache on how they are passed.
+  return _compiled_text_attack(encoder, params, candidates, guide, objective, max_changes, chunk_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _compiled_text_attack(encoder, params, candidates, guide, objective, max_changes, chunk_size) -> TextAttackResult:
+  score_fn = _objective_fn(objective)
+  params = jax.lax.stop_gradient(params)
+  c = candidates
+  N, W, _ = c.word_pieces.shape
+  A, K = c.sub_lengths.shape[1:]
+  M = max_changes
+  features = lambda ids, mask: encoder.text_features(params, ids, mask)
+
+  # 1. Importance of every attackable word: KL(p_clean || p_masked) over normalised embeddings. The
+  # clean captions ride along as N extra texts with nothing replaced (word -1).
+  def clean_or_masked(flat):
+    masked = flat < N * A
+    n = jnp.where(masked, flat // A, flat - N * A)
+    word = jnp.where(masked, c.target_words[n, flat % A], -1)
+    rows = flat.shape[0]
+    pieces, lengths = _replace_word(c.word_pieces[n], c.word_lengths[n], word,
+                                    jnp.broadcast_to(c.mask_pieces, (rows, c.mask_pieces.shape[0])),
+                                    jnp.broadcast_to(c.mask_length, (rows,)))
+    return features(*_build(c, pieces, lengths))
+
+  valid = jnp.concatenate([c.target_valid.reshape(-1), jnp.ones((N,), bool)])
+  feats = _map_valid(clean_or_masked, valid, chunk_size)
+  clean, masked = feats[N * A:], feats[:N * A].reshape(N, A, -1)
+  importance = softmax_kl(l2_normalize(clean)[:, None], l2_normalize(masked))
+  importance = jnp.where(c.target_valid, importance, -jnp.inf)
+  # Stable: equal importance keeps caption order, like Python's sorted(..., reverse=True).
+  order = jnp.argsort(-importance, axis=-1, stable=True)
+  n_targets = c.target_valid.sum(-1)
+  guide = clean if guide is None else jax.lax.stop_gradient(jnp.asarray(guide))
+
+  # 2. Greedy substitution. State per caption: its current words, the next rank in importance order.
+  clean_score = score_fn(clean[:, None], guide)[:, 0]
+  # Candidates of the words up to each rank, in importance order: (N, A + 1).
+  n_candidates = jnp.take_along_axis((c.sub_lengths > 0).sum(-1), order, axis=1)
+  before_rank = jnp.concatenate([jnp.zeros((N, 1), jnp.int32), jnp.cumsum(n_candidates, axis=1)], axis=1)
+  upto = jnp.arange(1, A + 1)
+
+  def step(state):
+    pieces, lengths, next_rank, changes, keep, words_out, cands_out, active = state
+    # Each active caption's next word must be scored; the chunks that takes are filled with the words
+    # after it (speculation: they were scored against the current text, which stays current unless an
+    # earlier word changes, and then they are dropped). So a step costs what its first words cost, and
+    # captions whose first words fail take fewer steps.
+    end = jnp.minimum(next_rank[:, None] + upto, n_targets[:, None])                # (N, A)
+    texts = jnp.sum(jnp.where(active[:, None], jnp.take_along_axis(before_rank, end, axis=1)
+                              - jnp.take_along_axis(before_rank, next_rank[:, None], axis=1), 0), axis=0)
+    budget = -(-texts[0] // chunk_size) * chunk_size
+    words = jnp.maximum(jnp.sum(texts <= budget), 1)                                # words per caption now
+    ranks = next_rank[:, None] + jnp.arange(A)                                      # (N, A)
+    live = (jnp.arange(A) < words) & (ranks < n_targets[:, None]) & active[:, None]
+    slots = jnp.take_along_axis(order, jnp.minimum(ranks, A - 1), axis=1)
+    current_ids, _ = _build(c, pieces, lengths)
+
+    def candidate_scores(flat):
+      n, j, k = flat // (A * K), (flat // K) % A, flat % K
+      a = slots[n, j]
+      new_pieces, new_lengths = _replace_word(pieces[n], lengths[n], c.target_words[n, a],
+                                              c.sub_pieces[n, a, k], c.sub_lengths[n, a, k])
+      ids, mask = _build(c, new_pieces, new_lengths)
+      scores = score_fn(features(ids, mask)[:, None], guide[n])[:, 0]
+      # A candidate that rebuilds the current text (its change truncated away) is the current text:
+      # it ties with keeping, and ties keep.
+      return scores, jnp.any(ids != current_ids[n], axis=-1)
+
+    exists = live[..., None] & (jnp.take_along_axis(c.sub_lengths, slots[..., None], axis=1) > 0)
+    scores, differs = _map_valid(candidate_scores, exists.reshape(-1), chunk_size)
+    scores, differs = scores.reshape(N, A, K), differs.reshape(N, A, K)
+    scores = jnp.where(exists & differs, scores, -jnp.inf)
+    best_k = jnp.argmax(scores, axis=-1)                                # first best: argmax semantics
+    best = jnp.max(scores, axis=-1)
+    beats = best > keep[:, None]
+    changed = beats.any(axis=-1) & active
+    j = jnp.argmax(beats, axis=-1)                                      # first word that beats keeping
+    a = jnp.take_along_axis(slots, j[:, None], axis=1)[:, 0]
+    k = jnp.take_along_axis(best_k, j[:, None], axis=1)[:, 0]
+    word = jnp.take_along_axis(c.target_words, a[:, None], axis=1)[:, 0]
+    rows = jnp.arange(N)
+    new_pieces, new_lengths = _replace_word(pieces, lengths, word, c.sub_pieces[rows, a, k],
+                                            c.sub_lengths[rows, a, k])
+    pieces = jnp.where(changed[:, None, None], new_pieces, pieces)
+    lengths = jnp.where(changed[:, None], new_lengths, lengths)
+    record = changed[:, None] & (jnp.arange(M) == changes[:, None])
+    words_out = jnp.where(record, word[:, None], words_out)
+    cands_out = jnp.where(record, k[:, None], cands_out)
+    keep = jnp.where(changed, jnp.take_along_axis(best, j[:, None], axis=1)[:, 0], keep)
+    next_rank = jnp.where(changed, next_rank + j + 1, jnp.where(active, next_rank + words, next_rank))
+    changes = changes + changed
+    active = (changes < M) & (next_rank < n_targets)
+    return pieces, lengths, next_rank, changes, keep, words_out, cands_out, active
+
+  zeros = jnp.zeros((N,), jnp.int32)
+  none = jnp.full((N, M), -1, jnp.int32)
+  state = (c.word_pieces, c.word_lengths, zeros, zeros, clean_score, none, none, n_targets > 0)
+  pieces, lengths, _, _, score, words_out, cands_out, _ = jax.lax.while_loop(
+      lambda s: jnp.any(s[-1]), step, state)
+  ids, mask = _build(c, pieces, lengths, length=c.context_length)
+  return TextAttackResult(ids, mask, words_out, cands_out, score, clean_score, importance)
+
+
+# -------------------------------------------------------------------------------------------------
+# Host helpers
+# -------------------------------------------------------------------------------------------------
+
+def adversarial_captions(candidates: TextCandidates, result: TextAttackResult) -> list[str]:
+  """The adversarial captions as strings (words joined by single spaces), e.g. for a target model with
+  another tokenizer. `candidates` must be the object `prepare_candidates` returned (it holds the text)."""
+  if not candidates.has_text:
+    raise ValueError("these candidates carry no text: they went through jit or jax.tree.map, which drops "
+                     "the host-side strings; pass the object that prepare_candidates returned")
+  changed_words = np.asarray(result.changed_words)
+  changed_candidates = np.asarray(result.changed_candidates)
+  out = []
+  for n, words in enumerate(candidates.words):
+    words = list(words)
+    for w, k in zip(changed_words[n], changed_candidates[n]):
+      if w >= 0:
+        words[w] = candidates.substitutes[n][w][k]
+    out.append(" ".join(words))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackedText:
+  """What `attack_text` returns: the adversarial captions, their ids, and the attack's details."""
+  captions: list[str]
+  input_ids: np.ndarray       # int32 (N, L)
+  attention_mask: np.ndarray  # int32 (N, L)
+  result: TextAttackResult
+  candidates: TextCandidates
+
+
+def attack_text(model_or_encoder_params, tokenizer: Tokenizer, captions: Sequence[str] | np.ndarray,
+                source: CandidateSource, *, images: Any = None, text_to_image: Any = None,
+                guide: Any = None, objective: str | Objective = "image", max_changes: int = 1,
+                top_k: int | None = None, stop_words=STOP_WORDS, chunk_size: int = 128) -> AttackedText:
+  """One call: adversarial captions for a CLIP model (notebook API).
+
+  model_or_encoder_params: an NNX `CLIP`, or `(encoder, params)` from `mat_jax.models.split`.
+  captions: N pre-processed captions. source: e.g. `LexiconSource(shapes.substitution_table())` or
+  `BertMLMSource(load_bert_mlm(path), load_tokenizer(path))`.
+  objective "image" (SGA/MAT): pass `images` (float32 NHWC in [0, 1]; one per caption, or any number
+  with `text_to_image` (N,) naming each caption's image) or `guide` features directly.
+  objective "kl" (Co-Attack): no guide needed. top_k: candidates kept per word (None: all the source
+  gives, e.g. BertMLMSource's 10 for one-piece words and 24 for multi-piece words, as BERT-Attack).
+  """
+  if isinstance(model_or_encoder_params, tuple):
+    encoder, params = model_or_encoder_params
+  else:
+    encoder, params = split(model_or_encoder_params)
+  candidates = prepare_candidates(captions, tokenizer, source, top_k=top_k, stop_words=stop_words)
+  if guide is None and images is not None:
+    guide = jax.jit(encoder.image_features)(params, jnp.asarray(images, jnp.float32))
+    if text_to_image is not None:
+      guide = guide[jnp.asarray(text_to_image)]
+    elif guide.shape[0] != candidates.num_captions:
+      raise ValueError(f"{guide.shape[0]} images for {candidates.num_captions} captions; pass one image per "
+                       "caption or text_to_image (N,) mapping each caption to its image")
+  if guide is None and objective == "image":
+    raise ValueError("objective='image' needs images=... (or guide=image features); use objective='kl' "
+                     "for an attack that needs no image")
+  result = text_attack(encoder, params, candidates, guide, objective=objective, max_changes=max_changes,
+                       chunk_size=chunk_size)
+  return AttackedText(adversarial_captions(candidates, result), np.asarray(result.input_ids),
+                      np.asarray(result.attention_mask), result, candidates)
