@@ -20,12 +20,16 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m mat_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
-  modules = {}
+  # Only the chosen suite is imported: each pulls in heavy references (torch, transformers).
+  argv = sys.argv[1:] if argv is None else list(argv)
+  chosen = next((a for a in argv if not a.startswith("-")), None)
   for name, help_text in SUITES.items():
-    modules[name] = importlib.import_module(f"mat_jax.bench.{name}")
-    modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    suite_parser = sub.add_parser(name, help=help_text, description=help_text)
+    if name == chosen:
+      module = importlib.import_module(f"mat_jax.bench.{name}")
+      module.add_arguments(suite_parser)
   args = parser.parse_args(argv)
-  return modules[args.suite].run(args) or 0
+  return module.run(args) or 0
 
 
 if __name__ == "__main__":

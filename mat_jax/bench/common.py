@@ -69,7 +69,7 @@ def matmul_peak(size: int = 2048, dtype: str = "float32", min_seconds: float = 2
   except ImportError:
     pass
   else:
-    t = torch.from_numpy(np.asarray(a, np.float32)).to(getattr(torch, dtype))
+    t = torch.from_numpy(np.array(a, np.float32)).to(getattr(torch, dtype))  # a writable copy
     with torch.no_grad():
       torch_rate = flops / time_call(lambda: t @ t, min_seconds=min_seconds, sync=lambda x: x) / 1e9
   return Peak(jax_rate, torch_rate, size, dtype)

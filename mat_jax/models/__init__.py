@@ -1,4 +1,8 @@
 """Model ports: CLIP dual encoders and a BERT masked LM, in Flax NNX, with transformers-layout weights."""
 
-from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, clip_config, l2_normalize, PRESETS
+from mat_jax.models.bert import BERT_PRESETS, BertConfig, BertForMaskedLM, bert_config
+from mat_jax.models.clip import (CLIP, PRESETS, CLIPConfig, TextConfig, VisionConfig, check_pixels, check_text,
+                                 check_token_ids, clip_config, l2_normalize)
 from mat_jax.models.dual_encoder import DualEncoder, split
+from mat_jax.models.tokenizers import TokenBatch, Tokenizer, load_tokenizer
+from mat_jax.models.weights import load_bert_mlm, load_clip, save_clip

@@ -74,28 +74,33 @@ class MultiHeadAttention(nnx.Module):
     self.value = dense(width, width, ("embed", "heads"), **kw)
     self.out = dense(width, width, ("heads", "embed"), **kw)
 
-  def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """x: (B, L, W). bias: additive logits bias broadcastable to (B, heads, L, L), or None."""
-    batch, length, _ = x.shape
-    split = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
-    q = split(self.query(x)) * (1.0 / math.sqrt(self.head_dim))
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               queries: jax.Array | None = None) -> jax.Array:
+    """x: (B, L, W) keys and values (and queries unless `queries` (B, Q, W) is given) -> (B, Q, W).
+
+    mask: bool, True where a query may attend to a key, broadcastable to (B, heads, Q, L); None
+    attends everywhere.
+    """
+    queries = x if queries is None else queries
+    split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
+    q = split(self.query(queries)) * (1.0 / math.sqrt(self.head_dim))
     k = split(self.key(x))
     v = split(self.value(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-    if bias is not None:
-      logits = logits + bias.astype(logits.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+      # A boolean select, not an additive bias: two -max biases summed overflow to -inf.
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     # Softmax in float32 whatever the compute dtype: bf16 logits lose the small attention weights.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, -1)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*queries.shape[:2], -1)
     return self.out(context)
 
 
-def padding_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """(B, L) 1/0 mask -> (B, 1, 1, L) additive bias that hides padded keys."""
-  return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
+def padding_mask(attention_mask: jax.Array) -> jax.Array:
+  """(B, L) 1/0 mask -> (B, 1, 1, L) boolean attention mask that hides padded keys."""
+  return (attention_mask > 0)[:, None, None, :]
 
 
-def causal_bias(length: int, dtype=jnp.float32) -> jax.Array:
-  """(1, 1, L, L) additive bias that hides future positions."""
-  allowed = jnp.tril(jnp.ones((length, length), dtype=bool))
-  return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)[None, None]
+def causal_mask(length: int) -> jax.Array:
+  """(1, 1, L, L) boolean attention mask that hides future positions."""
+  return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]

@@ -89,6 +89,24 @@ def _context_length_from_config(directory: Path) -> int | None:
   return int(value) if value else None
 
 
+def _tokenizer_class_hint(directory: Path) -> dict[str, str]:
+  """Bare vocabulary files (no tokenizer.json, tokenizer_config.json or config.json) name no class, and
+  AutoTokenizer gives up; their contents do: vocab.txt is WordPiece (BERT), a BPE vocab.json holding
+  CLIP's start token is CLIP's."""
+  if any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "config.json")):
+    return {}
+  if (directory / "vocab.txt").exists():
+    return {"tokenizer_type": "bert"}
+  vocab = directory / "vocab.json"
+  has_merges = (directory / "merges.txt").exists()
+  if vocab.exists() and has_merges and "<|startoftext|>" in json.loads(vocab.read_text()):
+    return {"tokenizer_type": "clip"}
+  raise hub.ModelSourceError(
+      f"{directory} has vocabulary files but nothing that names the tokenizer class; add a "
+      'tokenizer_config.json such as {"tokenizer_class": "CLIPTokenizer"} (or save the tokenizer with '
+      "tokenizer.save_pretrained(directory)).")
+
+
 def load_tokenizer(source: str | os.PathLike, context_length: int | None = None) -> Tokenizer:
   """A `Tokenizer` from a transformers-layout directory or hub id.
 
@@ -102,7 +120,7 @@ def load_tokenizer(source: str | os.PathLike, context_length: int | None = None)
     raise hub.ModelSourceError(
         f"{directory} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt); "
         "save the tokenizer with tokenizer.save_pretrained(directory) beside the weights.")
-  hf = AutoTokenizer.from_pretrained(str(directory))
+  hf = AutoTokenizer.from_pretrained(str(directory), **_tokenizer_class_hint(directory))
   if context_length is None:
     context_length = _context_length_from_config(directory)
   if context_length is None and hf.model_max_length < _NO_LIMIT:

@@ -1,0 +1,481 @@
+"""Weights in the transformers layout (config.json + *.safetensors) <-> the NNX CLIP and BERT modules.
+
+Every tensor is mapped by an explicit table: our parameter path, transformers' tensor name, and the
+layout change between them (torch Linear weights are (out, in), Flax kernels (in, out); the patch
+convolution is OIHW in torch, HWIO here). Loading checks the whole checkpoint against the table and
+reports every missing, unexpected and mis-shaped tensor in one error. Only safetensors are read: pickle
+checkpoints (.bin/.pt/.pth/.ckpt) can run code when loaded, so they are refused with the conversion
+command, never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so bf16 safetensors can be read
+import numpy as np
+from flax import nnx
+from flax.nnx import traversals
+
+from mat_jax.models import hub, layers
+from mat_jax.models.bert import BertConfig, BertForMaskedLM
+from mat_jax.models.clip import POOLINGS, CLIP, CLIPConfig, TextConfig, VisionConfig
+from mat_jax.models.dual_encoder import DualEncoder
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+WEIGHT_PATTERNS = ("config.json", "model*.safetensors", SAFETENSORS_INDEX, PREPROCESSOR_FILE)
+# A config.json key of ours: how the text is pooled, when transformers' rule (eos_token_id == 2 means
+# "the largest id") would misread it. transformers keeps unknown keys and ignores them.
+POOLING_KEY = "mat_jax_pooling"
+_SHOWN_PER_KIND = 40  # an error lists this many names per kind; the exception keeps them all
+
+
+class ConfigError(ValueError):
+  """A config.json that this port cannot represent faithfully."""
+
+
+class WeightsError(ValueError):
+  """Checkpoint tensors that do not fit the model, all of them at once."""
+
+  def __init__(self, source: str, architecture: str, missing: list[str], unexpected: list[str],
+               mismatched: list[str]):
+    self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+    parts = [f"the checkpoint in {source} does not fit the model built from its config.json:"]
+    for title, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                         ("tensors whose shape does not match config.json", mismatched)):
+      if names:
+        shown = "\n    ".join(names[:_SHOWN_PER_KIND])
+        more = f"\n    ... and {len(names) - _SHOWN_PER_KIND} more" if len(names) > _SHOWN_PER_KIND else ""
+        parts.append(f"  {len(names)} {title}:\n    {shown}{more}")
+    parts.append(f"Check that config.json belongs to these weights and that they are a transformers "
+                 f"{architecture} checkpoint (not, e.g., open_clip or timm names).")
+    super().__init__("\n".join(parts))
+
+
+class UnsafeCheckpointError(ValueError):
+  """A pickle checkpoint: refused, because unpickling can run arbitrary code."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Name tables.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a transformers tensor becomes our parameter, and back."""
+  name: str
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_theirs: Callable[[np.ndarray], np.ndarray]
+
+
+SAME = Layout("same", lambda t: t, lambda t: t)
+LINEAR = Layout("linear", lambda w: w.T, lambda k: k.T)                         # (out, in) <-> (in, out)
+CONV = Layout("conv", lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  ours: tuple[str | int, ...]  # path in nnx.state(model)
+  theirs: str                  # transformers' tensor name
+  layout: Layout
+
+
+def _norm(ours: tuple, theirs: str) -> list[tuple[tuple, str, Layout]]:
+  return [((*ours, "scale"), f"{theirs}.weight", SAME), ((*ours, "bias"), f"{theirs}.bias", SAME)]
+
+
+def _linear(ours: tuple, theirs: str, bias: bool = True) -> list[tuple[tuple, str, Layout]]:
+  rows = [((*ours, "kernel"), f"{theirs}.weight", LINEAR)]
+  return rows + ([((*ours, "bias"), f"{theirs}.bias", SAME)] if bias else [])
+
+
+_CLIP_BLOCK = [
+    *_norm(("ln1",), "layer_norm1"),
+    *_linear(("attn", "query"), "self_attn.q_proj"),
+    *_linear(("attn", "key"), "self_attn.k_proj"),
+    *_linear(("attn", "value"), "self_attn.v_proj"),
+    *_linear(("attn", "out"), "self_attn.out_proj"),
+    *_norm(("ln2",), "layer_norm2"),
+    *_linear(("fc1",), "mlp.fc1"),
+    *_linear(("fc2",), "mlp.fc2"),
+]
+
+_CLIP_TOP = [
+    (("logit_scale",), "logit_scale", SAME),
+    (("visual_projection", "kernel"), "visual_projection.weight", LINEAR),
+    (("text_projection", "kernel"), "text_projection.weight", LINEAR),
+    (("vision", "patch_kernel"), "vision_model.embeddings.patch_embedding.weight", CONV),
+    (("vision", "class_embedding"), "vision_model.embeddings.class_embedding", SAME),
+    (("vision", "position_embedding"), "vision_model.embeddings.position_embedding.weight", SAME),
+    *_norm(("vision", "pre_ln"), "vision_model.pre_layrnorm"),  # sic: transformers' spelling
+    *_norm(("vision", "post_ln"), "vision_model.post_layernorm"),
+    (("text", "token_embedding", "embedding"), "text_model.embeddings.token_embedding.weight", SAME),
+    (("text", "position_embedding"), "text_model.embeddings.position_embedding.weight", SAME),
+    *_norm(("text", "final_ln"), "text_model.final_layer_norm"),
+]
+
+# Buffers, not parameters: older checkpoints saved them.
+CLIP_IGNORED = frozenset({"vision_model.embeddings.position_ids", "text_model.embeddings.position_ids"})
+
+
+def clip_table(cfg: CLIPConfig) -> list[Entry]:
+  """Every CLIP parameter: our path, transformers' name, layout."""
+  rows = list(_CLIP_TOP)
+  for tower, prefix, depth in (("vision", "vision_model", cfg.vision.layers),
+                               ("text", "text_model", cfg.text.layers)):
+    for i in range(depth):
+      rows += [((tower, "blocks", i, *ours), f"{prefix}.encoder.layers.{i}.{theirs}", layout)
+               for ours, theirs, layout in _CLIP_BLOCK]
+  return [Entry(*row) for row in rows]
+
+
+_BERT_BLOCK = [
+    *_linear(("attn", "query"), "attention.self.query"),
+    *_linear(("attn", "key"), "attention.self.key"),
+    *_linear(("attn", "value"), "attention.self.value"),
+    *_linear(("attn", "out"), "attention.output.dense"),
+    *_norm(("attn_ln",), "attention.output.LayerNorm"),
+    *_linear(("fc1",), "intermediate.dense"),
+    *_linear(("fc2",), "output.dense"),
+    *_norm(("mlp_ln",), "output.LayerNorm"),
+]
+
+_BERT_TOP = [
+    (("word_embeddings", "embedding"), "bert.embeddings.word_embeddings.weight", SAME),
+    (("position_embeddings", "embedding"), "bert.embeddings.position_embeddings.weight", SAME),
+    (("token_type_embeddings", "embedding"), "bert.embeddings.token_type_embeddings.weight", SAME),
+    *_norm(("embeddings_ln",), "bert.embeddings.LayerNorm"),
+    *_linear(("transform",), "cls.predictions.transform.dense"),
+    *_norm(("transform_ln",), "cls.predictions.transform.LayerNorm"),
+    (("output_bias",), "cls.predictions.bias", SAME),
+]
+
+BERT_IGNORED = frozenset({
+    "bert.embeddings.position_ids", "bert.embeddings.token_type_ids",  # buffers
+    "cls.predictions.decoder.weight",  # tied to the word embeddings (tie_word_embeddings is checked)
+    "cls.predictions.decoder.bias",    # tied to cls.predictions.bias
+    # The pooler and the next-sentence head: in bert-base-uncased, unused by the MLM.
+    "bert.pooler.dense.weight", "bert.pooler.dense.bias",
+    "cls.seq_relationship.weight", "cls.seq_relationship.bias",
+})
+# The original Google checkpoints (bert-base-uncased among them) name LayerNorm parameters gamma/beta.
+_BERT_RENAMES = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
+
+
+def bert_table(cfg: BertConfig) -> list[Entry]:
+  """Every BertForMaskedLM parameter: our path, transformers' name, layout."""
+  rows = list(_BERT_TOP)
+  for i in range(cfg.num_hidden_layers):
+    rows += [(("blocks", i, *ours), f"bert.encoder.layer.{i}.{theirs}", layout)
+             for ours, theirs, layout in _BERT_BLOCK]
+  return [Entry(*row) for row in rows]
+
+
+# ------------------------------------------------------------------------------------------------
+# Config conversion. Missing keys take transformers' defaults, which are our dataclass defaults.
+
+_VISION_KEYS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
+                "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+                "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps"}
+_TEXT_KEYS = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings", "width": "hidden_size",
+              "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+              "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps", "eos_token_id": "eos_token_id",
+              "bos_token_id": "bos_token_id", "pad_token_id": "pad_token_id"}
+_BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id")
+
+
+def _pick(cls, data: dict, keys: dict[str, str], **extra) -> Any:
+  defaults = cls()
+  values = {ours: data[theirs] if data.get(theirs) is not None else getattr(defaults, ours)
+            for ours, theirs in keys.items()}
+  return cls(**values, **extra)
+
+
+def _check_common(problems: list[str], where: str, act: str, width: int, heads: int) -> None:
+  if act not in layers.ACTIVATIONS:
+    problems.append(f"{where}.hidden_act={act!r} is not supported (supported: {sorted(layers.ACTIVATIONS)})")
+  if heads <= 0 or width % heads:
+    problems.append(f"{where}: hidden_size {width} is not divisible by num_attention_heads {heads}")
+
+
+def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: str = "float32") -> CLIPConfig:
+  """transformers' CLIPConfig dict (config.json) [+ preprocessor_config.json] -> CLIPConfig."""
+  problems = []
+  if data.get("model_type", "clip") != "clip":
+    raise ConfigError(f"config.json describes a {data['model_type']!r} model; load_clip reads transformers' "
+                      "CLIPModel checkpoints (model_type 'clip').")
+  # Older configs carry *_config_dict, which transformers lets override *_config.
+  vision_data = {**(data.get("vision_config") or {}), **(data.get("vision_config_dict") or {})}
+  text_data = {**(data.get("text_config") or {}), **(data.get("text_config_dict") or {})}
+  pre = preprocessor or {}
+  vision = _pick(VisionConfig, vision_data, _VISION_KEYS,
+                 image_mean=tuple(float(v) for v in pre.get("image_mean", VisionConfig.image_mean)),
+                 image_std=tuple(float(v) for v in pre.get("image_std", VisionConfig.image_std)))
+  text = _pick(TextConfig, text_data, _TEXT_KEYS)
+  pooling = text_data.get(POOLING_KEY) or ("argmax" if text.eos_token_id == 2 else "eos")
+  text = dataclasses.replace(text, pooling=pooling)
+  if pooling not in POOLINGS:
+    problems.append(f"text_config.{POOLING_KEY}={pooling!r} is not one of {POOLINGS}")
+  if vision_data.get("num_channels", 3) != 3:
+    problems.append(f"vision_config.num_channels={vision_data['num_channels']} (only RGB, 3, is supported)")
+  if vision.image_size % vision.patch_size:
+    problems.append(f"vision_config.image_size {vision.image_size} is not a multiple of patch_size "
+                    f"{vision.patch_size}")
+  if len(vision.image_mean) != 3 or len(vision.image_std) != 3:
+    problems.append(f"{PREPROCESSOR_FILE}: image_mean/image_std need 3 values (RGB)")
+  _check_common(problems, "vision_config", vision.activation, vision.width, vision.heads)
+  _check_common(problems, "text_config", text.activation, text.width, text.heads)
+  if problems:
+    raise ConfigError("unsupported CLIP config:\n  " + "\n  ".join(problems))
+  defaults = CLIPConfig()
+  return CLIPConfig(
+      vision=vision, text=text,
+      projection_dim=int(data.get("projection_dim") or defaults.projection_dim),
+      logit_scale_init=float(data.get("logit_scale_init_value", defaults.logit_scale_init)),
+      dtype=dtype)
+
+
+def clip_config_to_hf(cfg: CLIPConfig) -> dict:
+  """CLIPConfig -> a config.json that transformers' CLIPModel.from_pretrained reads."""
+  vision = {theirs: getattr(cfg.vision, ours) for ours, theirs in _VISION_KEYS.items()}
+  text = {theirs: getattr(cfg.text, ours) for ours, theirs in _TEXT_KEYS.items()}
+  text[POOLING_KEY] = cfg.text.pooling
+  return {
+      "architectures": ["CLIPModel"], "model_type": "clip", "dtype": "float32",
+      "projection_dim": cfg.projection_dim, "logit_scale_init_value": cfg.logit_scale_init,
+      "vision_config": {"model_type": "clip_vision_model", "num_channels": 3,
+                        "projection_dim": cfg.projection_dim, **vision},
+      "text_config": {"model_type": "clip_text_model", "projection_dim": cfg.projection_dim, **text},
+  }
+
+
+def clip_preprocessor_to_hf(cfg: CLIPConfig) -> dict:
+  """preprocessor_config.json for transformers' CLIPImageProcessor (resize, centre crop, normalise)."""
+  size = cfg.vision.image_size
+  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+          "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": list(cfg.vision.image_mean), "image_std": list(cfg.vision.image_std),
+          "do_convert_rgb": True}
+
+
+def bert_config_from_hf(data: dict, *, dtype: str = "float32") -> BertConfig:
+  """transformers' BertConfig dict (config.json) -> BertConfig."""
+  if data.get("model_type", "bert") != "bert":
+    raise ConfigError(f"config.json describes a {data['model_type']!r} model; load_bert_mlm reads "
+                      "transformers' BertForMaskedLM checkpoints (model_type 'bert').")
+  cfg = _pick(BertConfig, data, {k: k for k in _BERT_KEYS}, dtype=dtype)
+  problems = []
+  if data.get("position_embedding_type", "absolute") != "absolute":
+    problems.append(f"position_embedding_type={data['position_embedding_type']!r} (only 'absolute')")
+  if data.get("is_decoder") or data.get("add_cross_attention"):
+    problems.append("is_decoder/add_cross_attention (only the bidirectional encoder MLM)")
+  if data.get("tie_word_embeddings", True) is False:
+    problems.append("tie_word_embeddings=false (the MLM decoder must be tied to the word embeddings)")
+  _check_common(problems, "config", cfg.hidden_act, cfg.hidden_size, cfg.num_attention_heads)
+  if problems:
+    raise ConfigError("unsupported BERT config:\n  " + "\n  ".join(problems))
+  return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+def _pickle_error(path: Path) -> UnsafeCheckpointError:
+  return UnsafeCheckpointError(
+      f"{path} is a pickle checkpoint; mat_jax never unpickles weights (loading a pickle can run "
+      "arbitrary code). Convert it once, in an environment you trust, with transformers:\n"
+      "  python -c \"from transformers import CLIPModel as M; M.from_pretrained('DIR')"
+      ".save_pretrained('DIR-safetensors', safe_serialization=True)\"\n"
+      "(BertForMaskedLM instead of CLIPModel for a BERT masked LM) and pass DIR-safetensors; "
+      "on the hub, many repositories also offer model.safetensors.")
+
+
+def _resolve(source: str | os.PathLike) -> Path:
+  path = Path(source).expanduser()
+  if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+    raise _pickle_error(path)
+  directory = hub.resolve(source, WEIGHT_PATTERNS)
+  if not (directory / "config.json").exists():
+    raise hub.ModelSourceError(
+        f"{directory} has no config.json; a transformers-layout directory holds config.json and "
+        "model.safetensors (write both with model.save_pretrained(directory, safe_serialization=True)).")
+  return directory
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+  """Tensor name -> the safetensors file that holds it."""
+  from safetensors import safe_open
+
+  index = directory / SAFETENSORS_INDEX
+  if index.exists():
+    weight_map = json.loads(index.read_text()).get("weight_map") or {}
+    absent = sorted({f for f in weight_map.values() if not (directory / f).exists()})
+    if absent:
+      raise hub.ModelSourceError(f"{index} names shards that are not in {directory}: {absent}; "
+                                 "download every shard listed in the index.")
+    return {name: directory / f for name, f in weight_map.items()}
+  single = directory / SAFETENSORS_FILE
+  if single.exists():
+    with safe_open(single, "np") as handle:
+      return {name: single for name in handle.keys()}
+  pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+  if pickles:
+    raise _pickle_error(pickles[0])
+  others = sorted(p.name for p in directory.glob("*.safetensors"))
+  hint = f" (found {others}: not transformers' file names)" if others else ""
+  raise hub.ModelSourceError(
+      f"{directory} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}{hint}; write the weights "
+      "with model.save_pretrained(directory, safe_serialization=True).")
+
+
+def _read_tensors(files: dict[str, Path], names: Iterable[str]) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+
+  by_file: dict[Path, list[str]] = {}
+  for name in names:
+    by_file.setdefault(files[name], []).append(name)
+  out = {}
+  for path, wanted in by_file.items():
+    with safe_open(path, "np") as handle:
+      for name in wanted:
+        out[name] = handle.get_tensor(name)
+  return out
+
+
+def _load_json(path: Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained.") from err
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and saving.
+
+
+def _fill(abstract: nnx.Module, architecture: str, table: list[Entry], files: dict[str, Path],
+          ignored: frozenset[str], source: str, renames: tuple[tuple[str, str], ...] = ()) -> nnx.Module:
+  """The module `abstract` (from nnx.eval_shape) with every parameter read from `files` via `table`."""
+  graphdef, state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(state))
+  covered = {e.ours for e in table}
+  if covered != set(flat):  # the table and the module disagree: a bug here, not in the checkpoint
+    raise RuntimeError(f"name table out of date: unmapped {sorted(map(str, set(flat) - covered))}, "
+                       f"stale {sorted(map(str, covered - set(flat)))}")
+  # Canonical name -> the name in the file (legacy spellings renamed).
+  def canonical(name: str) -> str:
+    for old, new in renames:
+      if name.endswith(old):
+        return name[: -len(old)] + new
+    return name
+  in_file = {canonical(name): name for name in files}
+  missing, mismatched, values = [], [], {}
+  wanted = [e for e in table if e.theirs in in_file]
+  tensors = _read_tensors(files, [in_file[e.theirs] for e in wanted])
+  for entry in table:
+    if entry.theirs not in in_file:
+      missing.append(entry.theirs)
+      continue
+    expected = tuple(flat[entry.ours].get_value().shape)
+    tensor = tensors[in_file[entry.theirs]]
+    if tensor.ndim != len(expected) or tuple(entry.layout.to_ours(tensor).shape) != expected:
+      want = tuple(entry.layout.to_theirs(np.broadcast_to(np.float32(0), expected)).shape)
+      mismatched.append(f"{entry.theirs}: {tuple(tensor.shape)} in the file, {want} from config.json")
+      continue
+    values[entry.ours] = np.asarray(entry.layout.to_ours(tensor), np.float32)
+  used = {e.theirs for e in table}
+  unexpected = sorted(in_file[n] for n in in_file if n not in used and n not in ignored)
+  if missing or unexpected or mismatched:
+    raise WeightsError(source, architecture, missing, unexpected, mismatched)
+  # device_put, not jnp.asarray: in JAX 0.10 the latter compiles a small program per distinct shape.
+  nnx.replace_by_pure_dict(state, traversals.unflatten_mapping(
+      {path: jax.device_put(value) for path, value in values.items()}))
+  return nnx.merge(graphdef, state)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _compute_dtype(dtype: str | None) -> str:
+  if dtype is None:
+    return "float32"
+  if str(dtype) not in COMPUTE_DTYPES:
+    raise ValueError(f"compute dtype {dtype!r} is not one of {COMPUTE_DTYPES}")
+  return str(dtype)
+
+
+def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
+  """A CLIP from a transformers-layout directory or hub id (config.json + safetensors).
+
+  `dtype` is the compute dtype (default float32); parameters are always float32. Image mean/std come
+  from preprocessor_config.json when it is there, else CLIP's.
+  """
+  dtype = _compute_dtype(dtype)
+  directory = _resolve(source)
+  files = _weight_files(directory)
+  pre_path = directory / PREPROCESSOR_FILE
+  cfg = clip_config_from_hf(_load_json(directory / "config.json"),
+                            _load_json(pre_path) if pre_path.exists() else None, dtype=dtype)
+  abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
+  return _fill(abstract, "CLIPModel", clip_table(cfg), files, CLIP_IGNORED, str(directory))
+
+
+def load_bert_mlm(source: str | os.PathLike, *, dtype: str | None = None) -> BertForMaskedLM:
+  """A BertForMaskedLM from a transformers-layout directory or hub id (e.g. bert-base-uncased)."""
+  dtype = _compute_dtype(dtype)
+  directory = _resolve(source)
+  files = _weight_files(directory)
+  cfg = bert_config_from_hf(_load_json(directory / "config.json"), dtype=dtype)
+  abstract = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
+  return _fill(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory), _BERT_RENAMES)
+
+
+def clip_tensors(model: CLIP | tuple[DualEncoder, nnx.State]) -> dict[str, np.ndarray]:
+  """transformers-named float32 tensors of a CLIP (or of an (encoder, params) pair)."""
+  if isinstance(model, tuple):
+    encoder, params = model
+    cfg, state = encoder.config, params
+  else:
+    cfg, state = model.config, nnx.state(model, nnx.Param)
+  flat = {path: var for path, var in nnx.to_flat_state(state)}
+  return {e.theirs: np.array(e.layout.to_theirs(np.asarray(flat[e.ours].get_value(), np.float32)), order="C")
+          for e in clip_table(cfg)}
+
+
+def save_clip(model: CLIP | tuple[DualEncoder, nnx.State], directory: str | os.PathLike, *,
+              tokenizer: Any = None) -> Path:
+  """Write config.json, model.safetensors and preprocessor_config.json (and the tokenizer's files if
+  one is given: a mat_jax Tokenizer or a transformers tokenizer) in the layout that transformers'
+  `CLIPModel.from_pretrained` and `load_clip` read. Returns the directory."""
+  from safetensors.numpy import save_file
+
+  directory = Path(directory).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  if (directory / SAFETENSORS_INDEX).exists():
+    raise FileExistsError(f"{directory} holds a sharded checkpoint ({SAFETENSORS_INDEX}) that would shadow "
+                          f"the {SAFETENSORS_FILE} written now; save into an empty directory.")
+  cfg = model[0].config if isinstance(model, tuple) else model.config
+  if (cfg.text.pooling == "argmax") != (cfg.text.eos_token_id == 2):
+    warnings.warn(
+        f"this model pools text at {'the largest id' if cfg.text.pooling == 'argmax' else 'the first eos'} "
+        f"with eos_token_id={cfg.text.eos_token_id}; transformers' CLIPModel decides by its legacy rule "
+        "(eos_token_id == 2 means the largest id), so its text embeddings from this directory will differ. "
+        "load_clip reads it back exactly.", stacklevel=2)
+  save_file(clip_tensors(model), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+  (directory / "config.json").write_text(json.dumps(clip_config_to_hf(cfg), indent=2) + "\n")
+  (directory / PREPROCESSOR_FILE).write_text(json.dumps(clip_preprocessor_to_hf(cfg), indent=2) + "\n")
+  if tokenizer is not None:
+    getattr(tokenizer, "hf", tokenizer).save_pretrained(str(directory))
+  return directory

@@ -1,0 +1,30 @@
+"""`python -m mat_jax.models`: the demo saves, reloads and compares; inspect reads what the demo saved."""
+
+from __future__ import annotations
+
+from mat_jax.models import PRESETS, clip_config
+from mat_jax.models.__main__ import main
+from mat_jax.models.clip import TextConfig, VisionConfig
+
+# The demo's code path on a smaller model than the tiny preset (the suite's time is spent compiling).
+MINI = clip_config(
+    "tiny",
+    vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
+    text=TextConfig(vocab_size=50, context_length=8, width=16, layers=1, heads=2, mlp_dim=32,
+                    eos_token_id=2, bos_token_id=1, pad_token_id=0),
+    projection_dim=8)
+
+
+def test_demo_then_inspect(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(PRESETS, "mini", MINI)
+  assert main(["demo", "--preset", "mini", "--dir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "reload: parameters identical, embeddings max |diff| 0 -> OK" in out
+  assert "cosine similarity" in out and "white" in out
+  assert "note: this model pools text at the first eos" in out
+  assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+
+  assert main(["inspect", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"CLIP from {tmp_path}")
+  assert '"context_length": 8' in out and "total" in out

@@ -1,0 +1,232 @@
+"""Parity with transformers' PyTorch CLIPModel and BertForMaskedLM on tiny random checkpoints.
+
+Each case builds a transformers model in the test, saves it with safetensors, loads it with mat_jax and
+compares outputs in float32 at the highest matmul precision. Inputs are batched so that each case
+compiles each tower once.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from flax import nnx  # noqa: E402
+
+from mat_jax.models import load_bert_mlm, load_clip, save_clip, split  # noqa: E402
+
+TOL = 1e-5
+VOCAB = 99
+
+# Two CLIP cases: legacy eos_token_id 2 (pool at the largest id) with quick_gelu at 48 px / patch 8, and
+# a real eos id (pool at its first occurrence, padding with that same id as OpenAI's tokenizer does) with
+# gelu at 32 px / patch 16.
+CLIP_CASES = {
+    "legacy_eos_quick_gelu_48px": dict(act="quick_gelu", image=48, patch=8, bos=0, eos=2, pad=1),
+    "real_eos_gelu_32px": dict(act="gelu", image=32, patch=16, bos=3, eos=4, pad=4),
+}
+
+
+def _hf_clip(act: str, image: int, patch: int, bos: int, eos: int, pad: int):
+  torch.manual_seed(0)
+  common = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                hidden_act=act)
+  cfg = transformers.CLIPConfig(
+      text_config=dict(vocab_size=VOCAB, max_position_embeddings=12, bos_token_id=bos, eos_token_id=eos,
+                       pad_token_id=pad, **common),
+      vision_config=dict(image_size=image, patch_size=patch, **common),
+      projection_dim=24, logit_scale_init_value=2.0)
+  model = transformers.CLIPModel(cfg).eval()
+  with torch.no_grad():  # a non-trivial class embedding and LN parameters: the default init hides mistakes
+    for name, p in model.named_parameters():
+      if "layer_norm" in name or "layernorm" in name or "class_embedding" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def _texts(bos: int, eos: int, pad: int, length: int = 12) -> tuple[np.ndarray, np.ndarray]:
+  """Captions of different lengths (one fills the context), padded. Word ids avoid the specials; with a
+  real eos id the largest id is a word, so pooling at the wrong place changes the result."""
+  rng = np.random.default_rng(1)
+  lengths = [1, 4, 7, length - 2]
+  high = VOCAB - 1 if eos == VOCAB - 1 else VOCAB
+  ids = np.full((len(lengths), length), pad, np.int32)
+  mask = np.zeros_like(ids)
+  for row, n in enumerate(lengths):
+    ids[row, : n + 2] = [bos, *rng.integers(5, high, n), eos]
+    mask[row, : n + 2] = 1
+  return ids, mask
+
+
+def _legacy_texts() -> tuple[np.ndarray, np.ndarray]:
+  """As with CLIP's BPE under a legacy config (eos_token_id 2): the end token is the largest id."""
+  return _texts(bos=0, eos=VOCAB - 1, pad=1)
+
+
+def _images(size: int) -> np.ndarray:
+  return np.random.default_rng(2).random((3, size, size, 3), dtype=np.float32)
+
+
+def _torch_features(model, images: np.ndarray, ids: np.ndarray, mask: np.ndarray):
+  mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+  std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+  pixels = (torch.from_numpy(images.transpose(0, 3, 1, 2).copy()) - mean) / std
+  with torch.no_grad():
+    img = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
+    txt = model.get_text_features(input_ids=torch.from_numpy(ids).long(),
+                                  attention_mask=torch.from_numpy(mask).long()).pooler_output.numpy()
+  return img, txt
+
+
+def _our_features(model, images, ids, mask):
+  encoder, params = split(model)
+  with jax.default_matmul_precision("highest"):
+    img = jax.jit(encoder.image_features)(params, images)
+    txt = jax.jit(encoder.text_features)(params, ids, mask)
+  return np.asarray(img), np.asarray(txt)
+
+
+_BUILT: dict[str, dict] = {}
+
+
+def _clip_case(name: str, tmp_path_factory) -> dict:
+  """Built once per module run: the transformers model, its directory, our load and both outputs."""
+  if name not in _BUILT:
+    spec = CLIP_CASES[name]
+    hf = _hf_clip(**spec)
+    directory = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(directory, safe_serialization=True)
+    ids, mask = _legacy_texts() if spec["eos"] == 2 else _texts(spec["bos"], spec["eos"], spec["pad"])
+    images = _images(spec["image"])
+    ours = load_clip(directory)
+    _BUILT[name] = dict(spec=spec, hf=hf, dir=directory, ours=ours, images=images, ids=ids, mask=mask,
+                        reference=_torch_features(hf, images, ids, mask),
+                        features=_our_features(ours, images, ids, mask))
+  return _BUILT[name]
+
+
+@pytest.fixture(scope="module", params=list(CLIP_CASES))
+def clip_case(request, tmp_path_factory):
+  return _clip_case(request.param, tmp_path_factory)
+
+
+def test_clip_image_and_text_features_match_transformers(clip_case):
+  (ref_img, ref_txt), (img, txt) = clip_case["reference"], clip_case["features"]
+  assert img.shape == (3, 24) and txt.shape == (4, 24)
+  np.testing.assert_allclose(img, ref_img, atol=TOL, rtol=0)
+  np.testing.assert_allclose(txt, ref_txt, atol=TOL, rtol=0)
+  assert float(clip_case["ours"].logit_scale[...]) == pytest.approx(2.0)
+
+
+def test_clip_pooling_follows_the_config(clip_case):
+  text = clip_case["ours"].config.text
+  assert text.pooling == ("argmax" if clip_case["spec"]["eos"] == 2 else "eos")
+  # The inputs are built so that the other rule pools elsewhere, i.e. the parity above can fail.
+  ids, mask = clip_case["ids"], clip_case["mask"]
+  first_eos = np.argmax(ids == text.eos_token_id, axis=-1)
+  assert (first_eos != np.argmax(ids, axis=-1)).any()
+
+
+def test_save_clip_round_trips_through_transformers(clip_case, tmp_path):
+  save_clip(clip_case["ours"], tmp_path)
+  reloaded = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+  img, txt = _torch_features(reloaded, clip_case["images"], clip_case["ids"], clip_case["mask"])
+  ours_img, ours_txt = clip_case["features"]
+  np.testing.assert_allclose(img, ours_img, atol=TOL, rtol=0)
+  np.testing.assert_allclose(txt, ours_txt, atol=TOL, rtol=0)
+  saved_text_config = json.loads((tmp_path / "config.json").read_text())["text_config"]
+  assert saved_text_config["eos_token_id"] == clip_case["spec"]["eos"]
+
+
+def test_sharded_safetensors_index_loads(tmp_path_factory, tmp_path):
+  clip_case = _clip_case("real_eos_gelu_32px", tmp_path_factory)
+  clip_case["hf"].save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+  sharded = load_clip(tmp_path)
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), split(sharded)[1], split(clip_case["ours"])[1])
+  assert all(jax.tree.leaves(same))
+
+
+# ---------------------------------------------------------------------------------------------------
+# BERT masked LM
+
+
+@pytest.fixture(scope="module")
+def bert_case(tmp_path_factory):
+  torch.manual_seed(0)
+  cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=16, type_vocab_size=2)
+  hf = transformers.BertForMaskedLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if "LayerNorm" in name or name.endswith("predictions.bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  directory = tmp_path_factory.mktemp("bert")
+  hf.save_pretrained(directory, safe_serialization=True)
+  # [CLS]=2 words [SEP]=3 (segment 0) words [SEP] (segment 1), then padding 0.
+  ids = np.zeros((3, 10), np.int32)
+  types = np.zeros_like(ids)
+  rows = [[2, 7, 8, 3], [2, 9, 10, 11, 3, 12, 13, 3], [2, 14, 15, 16, 17, 3, 18, 19, 20, 3]]
+  for r, row in enumerate(rows):
+    ids[r, : len(row)] = row
+    first_sep = row.index(3)
+    types[r, first_sep + 1: len(row)] = 1
+  mask = (np.arange(10)[None] < np.array([len(r) for r in rows])[:, None]).astype(np.int32)
+  with torch.no_grad():
+    reference = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                   token_type_ids=torch.from_numpy(types).long()).logits.numpy()
+  return dict(hf=hf, dir=directory, ids=ids, mask=mask, types=types, reference=reference)
+
+
+def test_bert_mlm_logits_match_transformers(bert_case):
+  ours = load_bert_mlm(bert_case["dir"])
+  graphdef, state = nnx.split(ours)
+  logits_fn = jax.jit(lambda s, i, m, t: nnx.merge(graphdef, s)(i, m, t))
+  ids, mask, types = bert_case["ids"], bert_case["mask"], bert_case["types"]
+  with jax.default_matmul_precision("highest"):
+    logits = np.asarray(logits_fn(state, ids, mask, types))
+    no_types = np.asarray(logits_fn(state, ids, mask, np.zeros_like(types)))
+  assert logits.shape == (3, 10, VOCAB) and logits.dtype == np.float32
+  np.testing.assert_allclose(logits, bert_case["reference"], atol=TOL, rtol=0)
+  # token_type_ids matter (so the comparison above can fail), and None means segment 0 everywhere.
+  assert np.abs(no_types - logits).max() > 1e-3
+  default_types = np.asarray(jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, ids, mask))
+  np.testing.assert_allclose(default_types, no_types, atol=1e-6, rtol=0)
+
+
+def test_bert_reads_legacy_names_and_ignores_unused_heads(bert_case, tmp_path):
+  """bert-base-uncased style: LayerNorm gamma/beta, a pooler, the NSP head and an explicit decoder."""
+  tensors = load_file(bert_case["dir"] / "model.safetensors")
+  renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in tensors.items()}
+  renamed["bert.pooler.dense.weight"] = np.zeros((32, 32), np.float32)
+  renamed["bert.pooler.dense.bias"] = np.zeros((32,), np.float32)
+  renamed["cls.seq_relationship.weight"] = np.zeros((2, 32), np.float32)
+  renamed["cls.seq_relationship.bias"] = np.zeros((2,), np.float32)
+  renamed["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"]
+  save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+  (tmp_path / "config.json").write_text((bert_case["dir"] / "config.json").read_text())
+  legacy, plain = load_bert_mlm(tmp_path), load_bert_mlm(bert_case["dir"])
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.state(legacy), nnx.state(plain))
+  assert all(jax.tree.leaves(same))
+
+
+def test_transformers_default_configs_convert_to_our_defaults():
+  from mat_jax.models import BertConfig, CLIPConfig
+  from mat_jax.models.weights import bert_config_from_hf, clip_config_from_hf
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    clip_defaults = transformers.CLIPConfig().to_dict()
+  ours = clip_config_from_hf(clip_defaults)
+  # transformers' current defaults name a real eos id (49407), so text is pooled at its first occurrence.
+  assert ours == CLIPConfig()
+  assert bert_config_from_hf(transformers.BertConfig().to_dict()) == BertConfig()

@@ -1,0 +1,114 @@
+"""Bad input to the models fails early with a message that names the problem and the fix.
+
+The models here are abstract (`nnx.eval_shape`): the checks run before any computation, at trace time
+for shapes and dtypes and on the host for value ranges, so no parameters or compilations are needed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mat_jax.models import CLIP, BertForMaskedLM, bert_config, check_token_ids, clip_config
+from mat_jax.models.clip import TextConfig, VisionConfig
+
+CFG = clip_config(
+    "tiny",
+    vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
+    text=TextConfig(vocab_size=50, context_length=8, width=16, layers=1, heads=2, mlp_dim=32,
+                    eos_token_id=2, bos_token_id=1, pad_token_id=0),
+    projection_dim=8)
+BERT = bert_config("tiny", vocab_size=40, max_position_embeddings=12, num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def clip():
+  return nnx.eval_shape(lambda: CLIP(CFG, rngs=nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def bert():
+  return nnx.eval_shape(lambda: BertForMaskedLM(BERT, rngs=nnx.Rngs(0)))
+
+
+def _traced(model, method: str, *shapes_and_dtypes):
+  """Trace `model.method` as jit would, on abstract inputs: shape and dtype errors surface here."""
+  graphdef, state = nnx.split(model)
+  args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes_and_dtypes]
+  return jax.eval_shape(lambda s, *a: getattr(nnx.merge(graphdef, s), method)(*a), state, *args)
+
+
+def test_valid_inputs_trace(clip, bert):
+  assert _traced(clip, "encode_image", ((4, 16, 16, 3), jnp.float32)).shape == (4, 8)
+  assert _traced(clip, "encode_text", ((4, 8), jnp.int32), ((4, 8), jnp.int32)).shape == (4, 8)
+  assert _traced(clip, "encode_text", ((4, 5), jnp.int32), ((4, 5), jnp.int32)).shape == (4, 8)
+  assert _traced(bert, "__call__", ((2, 12), jnp.int32), ((2, 12), jnp.int32)).shape == (2, 12, 40)
+
+
+@pytest.mark.parametrize("shape,dtype,message", [
+    ((2, 3, 16, 16), jnp.float32, r"channels-first \(NCHW\): transpose it with x.transpose\(0, 2, 3, 1\)"),
+    ((2, 32, 32, 3), jnp.float32, r"got \(2, 32, 32, 3\). Resize to the model's image_size 16"),
+    ((16, 16, 3), jnp.float32, r"needs a batch axis: x\[None\]"),
+    ((2, 16, 16, 3), jnp.uint8, r"x.astype\(np.float32\) / 255"),
+])
+def test_bad_image_shape_or_dtype_fails_at_trace_time(clip, shape, dtype, message):
+  with pytest.raises(ValueError, match=message):
+    _traced(clip, "encode_image", (shape, dtype))
+
+
+@pytest.mark.parametrize("value", [1.5, -0.2, np.nan])
+def test_pixels_outside_unit_range_fail_on_concrete_input(clip, value):
+  images = np.full((1, 16, 16, 3), 0.5, np.float32)
+  images[0, 3, 4, 1] = value
+  with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*do not normalise with the CLIP mean/std"):
+    clip.encode_image(images)
+
+
+def test_ids_longer_than_the_context(clip):
+  with pytest.raises(ValueError, match=r"length 9 but the text tower's context length is 8.*context_length=8"):
+    _traced(clip, "encode_text", ((2, 9), jnp.int32), ((2, 9), jnp.int32))
+
+
+@pytest.mark.parametrize("ids,mask,message", [
+    (((2, 8), jnp.int32), ((2, 7), jnp.int32),
+     r"attention_mask shape \(2, 7\) differs from input_ids shape \(2, 8\)"),
+    (((8,), jnp.int32), ((8,), jnp.int32), r"shape \(batch, length\), got \(8,\)"),
+    (((2, 8), jnp.float32), ((2, 8), jnp.int32), r"must be integers, got dtype float32"),
+])
+def test_bad_token_shapes_fail_at_trace_time(clip, ids, mask, message):
+  with pytest.raises(ValueError, match=message):
+    _traced(clip, "encode_text", ids, mask)
+
+
+@pytest.mark.parametrize("bad_id", [50, 1000, -1])
+def test_token_ids_outside_the_vocabulary(clip, bad_id):
+  ids = np.array([[1, 5, bad_id, 2, 0, 0, 0, 0]], np.int32)
+  with pytest.raises(ValueError, match=r"token ids must lie in \[0, 50\).*tokenizer does not match the model"):
+    clip.encode_text(ids, np.ones_like(ids))
+
+
+def test_check_token_ids_accepts_the_vocabulary_range():
+  check_token_ids(np.array([[0, 49]]), 50)
+  check_token_ids(np.zeros((0, 8), np.int32), 50)
+
+
+def test_bert_input_errors(bert):
+  with pytest.raises(ValueError, match="max_position_embeddings 12"):
+    _traced(bert, "__call__", ((2, 13), jnp.int32), ((2, 13), jnp.int32))
+  with pytest.raises(ValueError, match=r"token_type_ids shape \(2, 5\) differs"):
+    _traced(bert, "__call__", ((2, 6), jnp.int32), ((2, 6), jnp.int32), ((2, 5), jnp.int32))
+  ids = np.array([[2, 5, 3]], np.int32)
+  with pytest.raises(ValueError, match=r"token_type_ids must lie in \[0, 2\)"):
+    bert(ids, np.ones_like(ids), np.full_like(ids, 2))
+  with pytest.raises(ValueError, match=r"token ids must lie in \[0, 40\)"):
+    bert(np.array([[2, 45, 3]], np.int32), np.ones_like(ids))
+
+
+def test_unknown_preset_and_pooling():
+  with pytest.raises(ValueError, match="available"):
+    clip_config("vit-h-14")
+  with pytest.raises(ValueError, match="unknown text pooling 'mean'"):
+    nnx.eval_shape(lambda: CLIP(CFG.replace(text=TextConfig(pooling="mean")), rngs=nnx.Rngs(0)))

@@ -1,0 +1,104 @@
+"""Fixed-length tokenisation on tiny tokenizer files written by the test: CLIP's BPE and BERT's WordPiece."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mat_jax.models import load_tokenizer
+from mat_jax.models.hub import ModelSourceError
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# BPE merges for a few whole words; anything else falls apart into letters.
+MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>", "o n</w>"]
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog", "on", "big", "##gest",
+              "mat", "##s"]
+
+
+def _clip_files(directory):
+  """vocab.json + merges.txt in CLIP's layout: byte symbols, word-final symbols, merges, then specials."""
+  tokens = list(LETTERS) + [c + "</w>" for c in LETTERS]
+  tokens += [m.replace(" ", "") for m in MERGES if m.replace(" ", "") not in tokens]
+  tokens += ["<|startoftext|>", "<|endoftext|>"]
+  (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+  (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+  return directory
+
+
+@pytest.fixture(scope="module")
+def clip_tok(tmp_path_factory):
+  return load_tokenizer(_clip_files(tmp_path_factory.mktemp("clip_tok")), context_length=8)
+
+
+@pytest.fixture(scope="module")
+def bert_tok(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("bert_tok")
+  (directory / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+  return load_tokenizer(directory, context_length=8)
+
+
+def _reassembled(tok, caption: str) -> list[int]:
+  """start + concatenated word pieces + end, padded: what the text attacks build on the device."""
+  pieces = [p for word in tok.encode_words(caption.split()) for p in word]
+  ids = [tok.start_id, *pieces, tok.end_id]
+  return ids + [tok.pad_id] * (tok.context_length - len(ids))
+
+
+def test_clip_special_ids_and_padding(clip_tok):
+  assert (clip_tok.start_id, clip_tok.end_id) == (clip_tok.vocab_size - 2, clip_tok.vocab_size - 1)
+  assert clip_tok.pad_id == clip_tok.end_id  # CLIP's files set no pad token: pad with end-of-text
+  batch = clip_tok(["a red cat", "Dog  on\tRED"])
+  assert batch.input_ids.shape == batch.attention_mask.shape == (2, 8)
+  assert batch.input_ids.dtype == batch.attention_mask.dtype == np.int32
+  assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
+  # Lower-cased, whitespace-normalised, whole-word merges; the same word gives the same id.
+  assert batch.input_ids[0, 2] == batch.input_ids[1, 3]
+  assert clip_tok.decode(batch.input_ids[0]) == "a red cat"
+
+
+def test_clip_truncation_keeps_the_end_token(clip_tok):
+  ids = clip_tok(["a red cat on a red dog on a mat"]).input_ids[0]
+  assert len(ids) == 8 and ids[0] == clip_tok.start_id and ids[-1] == clip_tok.end_id
+  assert (clip_tok(["a red cat on a red dog on a mat"]).attention_mask == 1).all()
+
+
+@pytest.mark.parametrize("caption", ["a red cat", "dog on red", "zebra", "a cat"])
+def test_clip_words_reassemble_to_the_full_tokenisation(clip_tok, caption):
+  assert clip_tok([caption]).input_ids[0].tolist() == _reassembled(clip_tok, caption)
+
+
+def test_bert_wordpiece(bert_tok):
+  assert (bert_tok.start_id, bert_tok.end_id, bert_tok.pad_id) == (2, 3, 0)
+  batch = bert_tok(["A biggest cat", "red mats on a big dog on a mat"])
+  assert batch.input_ids.tolist() == [[2, 5, 10, 11, 7, 3, 0, 0], [2, 6, 12, 13, 9, 5, 10, 3]]
+  assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8]
+  assert bert_tok.encode_words(["biggest", "zebra"]) == [[10, 11], [1]]
+
+
+@pytest.mark.parametrize("caption", ["a biggest cat", "red mats", "zebra on a mat"])
+def test_bert_words_reassemble_to_the_full_tokenisation(bert_tok, caption):
+  assert bert_tok([caption]).input_ids[0].tolist() == _reassembled(bert_tok, caption)
+
+
+def test_context_length_from_config_json(tmp_path):
+  _clip_files(tmp_path)
+  config = {"model_type": "clip", "text_config": {"max_position_embeddings": 6}}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  tok = load_tokenizer(tmp_path)
+  assert tok.context_length == 6 and tok(["a"]).input_ids.shape == (1, 6)
+
+
+def test_bad_sources(tmp_path):
+  with pytest.raises(ModelSourceError, match="no tokenizer files"):
+    load_tokenizer(tmp_path)
+  (tmp_path / "vocab.json").write_text(json.dumps({"a": 0}))
+  (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+  with pytest.raises(ModelSourceError, match="tokenizer_config.json"):
+    load_tokenizer(tmp_path, context_length=8)
+
+
+def test_single_string_is_refused(clip_tok):
+  with pytest.raises(TypeError, match="list of strings"):
+    clip_tok("a red cat")

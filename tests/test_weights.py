@@ -1,0 +1,247 @@
+"""Loading and saving in the transformers layout without PyTorch: round trips and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from mat_jax.models import CLIP, bert_config, clip_config, load_bert_mlm, load_clip, save_clip
+from mat_jax.models.clip import TextConfig, VisionConfig
+from mat_jax.models.hub import ModelSourceError
+from mat_jax.models.weights import ConfigError, UnsafeCheckpointError, WeightsError, bert_table, clip_table
+
+# Small enough to build in milliseconds; eos 2 with first-eos pooling, as the shapes world's tiny preset.
+CFG = clip_config(
+    "tiny",
+    vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
+    text=TextConfig(vocab_size=50, context_length=8, width=16, layers=1, heads=2, mlp_dim=32,
+                    eos_token_id=2, bos_token_id=1, pad_token_id=0),
+    projection_dim=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return CLIP(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+  directory = tmp_path_factory.mktemp("tiny_clip")
+  with pytest.warns(UserWarning, match="legacy rule"):  # transformers would pool this text elsewhere
+    save_clip(model, directory)
+  return directory
+
+
+def _copy(src, dst, config_edit=None, tensors_edit=None):
+  config = json.loads((src / "config.json").read_text())
+  if config_edit:
+    config_edit(config)
+  (dst / "config.json").write_text(json.dumps(config))
+  tensors = load_file(src / "model.safetensors")
+  if tensors_edit:
+    tensors_edit(tensors)
+  save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+  return dst
+
+
+def _params_equal(a, b) -> bool:
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+def test_save_load_round_trip_is_exact(model, saved):
+  assert {p.name for p in saved.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json"}
+  loaded = load_clip(saved)
+  assert loaded.config == CFG
+  assert loaded.config.text.pooling == "eos"  # kept through our config key, despite eos_token_id == 2
+  assert _params_equal(nnx.state(model, nnx.Param), nnx.state(loaded, nnx.Param))
+
+
+def test_loaded_parameters_keep_their_sharding_annotations(saved):
+  state = nnx.state(load_clip(saved), nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  kernel = flat[("vision", "blocks", 0, "fc1", "kernel")]
+  assert kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
+  assert all(v.get_value().dtype == jnp.float32 for v in flat.values())
+
+
+def test_save_clip_accepts_an_encoder_and_params_pair(model, saved, tmp_path):
+  from mat_jax.models import split
+
+  with pytest.warns(UserWarning, match="legacy rule"):
+    save_clip(split(model), tmp_path)
+  assert load_file(tmp_path / "model.safetensors").keys() == load_file(saved / "model.safetensors").keys()
+
+
+def test_compute_dtype_override(saved):
+  bf16 = load_clip(saved, dtype="bfloat16")
+  assert bf16.config.dtype == "bfloat16"
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+  with pytest.raises(ValueError, match="compute dtype 'int8' is not one of"):
+    load_clip(saved, dtype="int8")
+
+
+def test_name_table_covers_every_tensor_once():
+  table = clip_table(CFG)
+  assert len({e.theirs for e in table}) == len(table) == len({e.ours for e in table})
+
+
+def test_all_tensor_problems_are_reported_in_one_error(saved, tmp_path):
+  def edit(t):
+    del t["text_model.final_layer_norm.bias"]
+    del t["visual_projection.weight"]
+    t["text_model.extra.weight"] = np.zeros(3, np.float32)
+    t["vision_model.encoder.layers.0.mlp.fc1.weight"] = np.zeros((32, 8), np.float32)
+  _copy(saved, tmp_path, tensors_edit=edit)
+  with pytest.raises(WeightsError) as err:
+    load_clip(tmp_path)
+  assert err.value.missing == ["visual_projection.weight", "text_model.final_layer_norm.bias"]
+  assert err.value.unexpected == ["text_model.extra.weight"]
+  assert len(err.value.mismatched) == 1
+  message = str(err.value)
+  for name in ("visual_projection.weight", "text_model.final_layer_norm.bias", "text_model.extra.weight",
+               "vision_model.encoder.layers.0.mlp.fc1.weight: (32, 8) in the file, (32, 16) from config.json"):
+    assert name in message
+
+
+def test_config_that_does_not_match_the_tensors(saved, tmp_path):
+  _copy(saved, tmp_path, config_edit=lambda c: c["vision_config"].update(hidden_size=32))
+  with pytest.raises(WeightsError, match="shape does not match config.json") as err:
+    load_clip(tmp_path)
+  assert len(err.value.mismatched) > 10 and not err.value.missing
+
+
+def test_known_buffers_are_ignored(saved, tmp_path):
+  _copy(saved, tmp_path, tensors_edit=lambda t: t.update({
+      "text_model.embeddings.position_ids": np.arange(8)[None],
+      "vision_model.embeddings.position_ids": np.arange(5)[None]}))
+  load_clip(tmp_path)
+
+
+def test_directory_without_config_json(saved, tmp_path):
+  (tmp_path / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
+  with pytest.raises(ModelSourceError, match="no config.json"):
+    load_clip(tmp_path)
+
+
+def test_directory_without_safetensors(saved, tmp_path):
+  (tmp_path / "config.json").write_text((saved / "config.json").read_text())
+  with pytest.raises(ModelSourceError, match="save_pretrained"):
+    load_clip(tmp_path)
+
+
+def test_missing_shard_named(saved, tmp_path):
+  (tmp_path / "config.json").write_text((saved / "config.json").read_text())
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"logit_scale": "model-00001-of-00002.safetensors"}}))
+  with pytest.raises(ModelSourceError, match="model-00001-of-00002.safetensors"):
+    load_clip(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_pickle_checkpoints_are_refused_unread(saved, tmp_path, name):
+  (tmp_path / "config.json").write_text((saved / "config.json").read_text())
+  # Not even a valid pickle: an attempt to unpickle would fail differently.
+  (tmp_path / name).write_bytes(b"\x80\x04 not a pickle")
+  with pytest.raises(UnsafeCheckpointError, match="safe_serialization=True"):
+    load_clip(tmp_path)
+  with pytest.raises(UnsafeCheckpointError, match="never unpickles"):
+    load_bert_mlm(tmp_path / name)
+
+
+def test_unsupported_activation(saved, tmp_path):
+  _copy(saved, tmp_path, config_edit=lambda c: c["text_config"].update(hidden_act="swish"))
+  with pytest.raises(ConfigError, match="hidden_act='swish' is not supported"):
+    load_clip(tmp_path)
+
+
+def test_other_unsupported_config_values_are_listed_together(saved, tmp_path):
+  def edit(c):
+    c["vision_config"].update(num_channels=1, image_size=20)
+    c["text_config"]["num_attention_heads"] = 3
+  _copy(saved, tmp_path, config_edit=edit)
+  with pytest.raises(ConfigError) as err:
+    load_clip(tmp_path)
+  for part in ("num_channels=1", "not a multiple of patch_size", "not divisible by num_attention_heads 3"):
+    assert part in str(err.value)
+
+
+def test_wrong_model_type(saved, tmp_path):
+  _copy(saved, tmp_path, config_edit=lambda c: c.update(model_type="siglip"))
+  with pytest.raises(ConfigError, match="'siglip' model"):
+    load_clip(tmp_path)
+
+
+def test_invalid_json(saved, tmp_path):
+  _copy(saved, tmp_path)
+  (tmp_path / "config.json").write_text("{oops")
+  with pytest.raises(ConfigError, match="not valid JSON"):
+    load_clip(tmp_path)
+
+
+def test_unknown_path_and_hub_id_offline(tmp_path, monkeypatch):
+  with pytest.raises(ModelSourceError, match="no directory"):
+    load_clip(tmp_path / "nowhere" / "deeper")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(ModelSourceError, match="hf download some-org/some-model"):
+    load_clip("some-org/some-model")
+
+
+def test_legacy_eos_config_pools_at_the_largest_id(saved, tmp_path):
+  def edit(c):
+    del c["text_config"]["mat_jax_pooling"]
+  _copy(saved, tmp_path, config_edit=edit)
+  assert load_clip(tmp_path).config.text.pooling == "argmax"
+
+
+def test_bert_config_errors(tmp_path):
+  base = {"model_type": "bert", "vocab_size": 40, "hidden_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "intermediate_size": 128}
+  for extra, message in (({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+                         ({"tie_word_embeddings": False}, "tie_word_embeddings"),
+                         ({"hidden_act": "mish"}, "hidden_act='mish'"),
+                         ({"model_type": "roberta"}, "'roberta' model")):
+    (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+    save_file({"x": np.zeros(1, np.float32)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=message):
+      load_bert_mlm(tmp_path)
+
+
+def test_bert_missing_tensors_listed(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 40, "hidden_size": 64,
+                                                    "num_hidden_layers": 1, "num_attention_heads": 4,
+                                                    "intermediate_size": 128}))
+  save_file({"bert.embeddings.word_embeddings.weight": np.zeros((40, 64), np.float32)},
+            tmp_path / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(WeightsError) as err:
+    load_bert_mlm(tmp_path)
+  table = bert_table(bert_config("tiny", vocab_size=40, num_hidden_layers=1))
+  assert err.value.missing == [e.theirs for e in table][1:]  # all but the word embeddings, in table order
+  assert "cls.predictions.bias" in str(err.value)
+
+
+def test_save_clip_refuses_a_directory_with_a_sharded_index(model, tmp_path):
+  (tmp_path / "model.safetensors.index.json").write_text("{}")
+  with warnings.catch_warnings(), pytest.raises(FileExistsError, match="empty directory"):
+    warnings.simplefilter("ignore")
+    save_clip(model, tmp_path)
+
+
+def test_save_clip_writes_the_tokenizer_beside_the_weights(model, tmp_path):
+  from mat_jax.models import load_tokenizer
+
+  vocab_dir = tmp_path / "vocab"
+  vocab_dir.mkdir()
+  (vocab_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "cat"]))
+  tokenizer = load_tokenizer(vocab_dir, context_length=5)
+  with pytest.warns(UserWarning, match="legacy rule"):
+    save_clip(model, tmp_path / "model", tokenizer=tokenizer)
+  reloaded = load_tokenizer(tmp_path / "model")
+  assert reloaded.context_length == CFG.text.context_length  # from the saved config.json
+  assert reloaded(["red cat"]).input_ids.tolist() == [[2, 5, 6, 3, 0, 0, 0, 0]]
