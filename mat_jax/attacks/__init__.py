@@ -1,0 +1,153 @@
+"""Adversarial attacks on CLIP-style dual encoders: image (PGD, APGD), text (BERT-Attack) and multimodal
+(Sep-Attack, Co-Attack, SGA), compiled with JAX.
+
+Two levels:
+- one-call functions for notebooks, taking an NNX `CLIP`, pixel images and caption strings:
+  `image_attack`, `attack_text`, `sep_attack`, `co_attack`, `sga_attack`;
+- the composable, explicit-state parts that training steps and the evaluator use:
+  `mat_jax.attacks.image` (pgd, apgd, apgd_targeted, pgd_attack, apgd_attack), `.losses` (the losses
+  to maximise), `.text` / `.candidates` (BERT-Attack), `.multimodal` (the compiled multimodal attacks).
+
+Images are float32 NHWC in [0, 1] and eps is in pixel units (2/255, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mat_jax.attacks import candidates, image, losses, multimodal, text
+from mat_jax.attacks.candidates import (BertMLMSource, CandidateSource, CharEditSource, LexiconSource,
+                                        TextCandidates, prepare_candidates)
+from mat_jax.attacks.image import apgd, apgd_targeted, pgd
+from mat_jax.attacks.text import AttackedText, TextAttackResult, adversarial_captions, attack_text, text_attack
+from mat_jax.models.clip import CLIP, check_pixels, check_text
+from mat_jax.models.dual_encoder import split
+from mat_jax.models.tokenizers import Tokenizer
+
+__all__ = [
+    "image_attack", "attack_text", "sep_attack", "co_attack", "sga_attack", "MultimodalAttack",
+    "pgd", "apgd", "apgd_targeted", "text_attack", "adversarial_captions", "prepare_candidates",
+    "LexiconSource", "CharEditSource", "BertMLMSource", "CandidateSource", "TextCandidates",
+    "TextAttackResult", "AttackedText", "image", "losses", "text", "candidates", "multimodal",
+]
+
+
+def _key(key) -> jax.Array:
+  if key is None:
+    return jax.random.key(0)
+  if isinstance(key, int):
+    return jax.random.key(key)
+  return key
+
+
+def _check_model(model) -> None:
+  if not isinstance(model, CLIP):
+    raise TypeError(f"model must be a mat_jax CLIP (nnx.Module), got {type(model).__name__}; load one with "
+                    "mat_jax.models.load_clip(...) or use mat_jax.attacks.image.pgd_attack(encoder, params, ...)")
+
+
+def image_attack(model: CLIP, images, input_ids, attention_mask, *, eps: float, steps: int,
+                 step_size: float, norm: str = "linf", random_start: bool = True, key=None) -> jax.Array:
+  """Adversarial images that lower each image's cosine similarity to its paired caption(s) (PGD).
+
+  images: float32 (B, H, W, 3) in [0, 1]. input_ids, attention_mask: (B, L) one caption per image, or
+  (B, K, L) K captions per image (the loss sums over them, as SGA's image attack). eps and step_size in
+  pixel units (L-inf) or L2 norm; key: a PRNG key or an int seed (default 0).
+  """
+  _check_model(model)
+  cfg = model.config
+  check_pixels(images, cfg.vision)
+  ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+  if ids.ndim not in (2, 3) or ids.shape[0] != np.shape(images)[0]:
+    raise ValueError(f"input_ids must be (B, L) or (B, K, L) with B = {np.shape(images)[0]} images, got "
+                     f"{ids.shape}")
+  check_text(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), cfg.text)
+  if eps < 0 or step_size < 0 or steps < 0:
+    raise ValueError(f"eps, step_size and steps must be >= 0, got {eps}, {step_size}, {steps}")
+  encoder, params = split(model)
+  return image.pgd_attack(encoder, params, jnp.asarray(images, jnp.float32), jnp.asarray(ids),
+                          jnp.asarray(mask), _key(key), eps=eps, step_size=step_size, steps=steps,
+                          norm=norm, random_start=random_start)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalAttack:
+  """What the one-call multimodal attacks return."""
+  images: np.ndarray               # float32 (B, H, W, 3): the adversarial images
+  captions: list[list[str]]        # per image, its adversarial captions (same shape as the input)
+  input_ids: np.ndarray            # int32 (B, K, L), the adversarial captions tokenised (padding slots kept)
+  attention_mask: np.ndarray       # int32 (B, K, L)
+
+
+def _flatten_captions(images, captions) -> tuple[list[str], np.ndarray, list[int]]:
+  """Image-major caption list padded to K per image, the (B, K) weights, and each image's count."""
+  b = np.shape(images)[0]
+  if isinstance(captions, str):
+    raise TypeError("captions must be a list (one caption or one list of captions per image), not a string")
+  nested = [[c] if isinstance(c, str) else list(c) for c in captions]
+  if len(nested) != b:
+    raise ValueError(f"{len(nested)} caption entries for {b} images; give one caption (or a list) per image")
+  if any(not caps for caps in nested):
+    raise ValueError("every image needs at least one caption")
+  k = max(len(caps) for caps in nested)
+  flat = [caps[i] if i < len(caps) else caps[0] for caps in nested for i in range(k)]
+  weights = np.asarray([[1.0 if i < len(caps) else 0.0 for i in range(k)] for caps in nested], np.float32)
+  return flat, weights, [len(caps) for caps in nested]
+
+
+def _multimodal(attack, model: CLIP, tokenizer: Tokenizer, images, captions, source: CandidateSource,
+                key, **kwargs) -> MultimodalAttack:
+  _check_model(model)
+  check_pixels(images, model.config.vision)
+  flat, weights, counts = _flatten_captions(images, captions)
+  cands = multimodal.bucketed_candidates(flat, tokenizer, source)
+  encoder, params = split(model)
+  result = attack(encoder, params, jnp.asarray(images, jnp.float32), cands, _key(key),
+                  jnp.asarray(weights), **kwargs)
+  adv_captions = adversarial_captions(cands, result.text)
+  k = weights.shape[1]
+  b = len(counts)
+  return MultimodalAttack(
+      images=np.asarray(result.images),
+      captions=[adv_captions[i * k:i * k + counts[i]] for i in range(b)],
+      input_ids=np.asarray(result.text.input_ids).reshape(b, k, -1),
+      attention_mask=np.asarray(result.text.attention_mask).reshape(b, k, -1))
+
+
+def sep_attack(model: CLIP, tokenizer: Tokenizer, images, captions: Sequence, source: CandidateSource, *,
+               eps: float = 2 / 255, steps: int = 10, step_size: float | None = None, key=None,
+               max_changes: int = 1) -> MultimodalAttack:
+  """Sep-Attack: BERT-Attack (KL objective) and image PGD (step 2.5 eps / steps by default), independently.
+
+  captions: one string or one list of strings per image. source: where substitutes come from
+  (`LexiconSource(table)`, `CharEditSource()`, `BertMLMSource(bert, bert_tokenizer)`).
+  """
+  return _multimodal(multimodal.sep_attack, model, tokenizer, images, captions, source, key, eps=eps,
+                     steps=steps, step_size=_sga_step(eps, steps, step_size), max_changes=max_changes)
+
+
+def co_attack(model: CLIP, tokenizer: Tokenizer, images, captions: Sequence, source: CandidateSource, *,
+              eps: float = 2 / 255, steps: int = 10, step_size: float | None = None, alpha: float = 3.0,
+              key=None, max_changes: int = 1) -> MultimodalAttack:
+  """Co-Attack: BERT-Attack (KL objective), then image PGD on the Co-Attack loss (step eps/steps*1.25)."""
+  return _multimodal(multimodal.co_attack, model, tokenizer, images, captions, source, key, eps=eps,
+                     steps=steps, step_size=step_size, alpha=alpha, max_changes=max_changes)
+
+
+def sga_attack(model: CLIP, tokenizer: Tokenizer, images, captions: Sequence, source: CandidateSource, *,
+               eps: float = 2 / 255, steps: int = 10, step_size: float | None = None, key=None,
+               max_changes: int = 1) -> MultimodalAttack:
+  """SGA: image-guided text attack, multi-scale set-level image attack (step 2.5 eps / steps: 0.5/255 at
+  2/255 and 10 steps, the reference's), image-guided text attack again."""
+  return _multimodal(multimodal.sga_attack, model, tokenizer, images, captions, source, key, eps=eps,
+                     steps=steps, step_size=_sga_step(eps, steps, step_size), max_changes=max_changes)
+
+
+def _sga_step(eps: float, steps: int, step_size: float | None) -> float:
+  """SGA's step, 0.5/255 for eps 2/255 in 10 steps, scaled with the budget and the step count."""
+  return 2.5 * eps / max(steps, 1) if step_size is None else step_size

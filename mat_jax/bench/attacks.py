@@ -1,0 +1,238 @@
+"""`python -m mat_jax.bench attacks`: compiled attacks against their references, in one run.
+
+(a) PGD: 10 L-inf steps on a CLIP image tower (ViT-B/16, batch 8 by default) lowering the cosine
+    similarity to paired captions; mat_jax (one jitted `fori_loop`) vs the same attack written eagerly
+    in PyTorch on transformers' `CLIPModel`, with identical weights (a random `CLIPModel` saved with
+    `save_pretrained` and loaded by `mat_jax.models.load_clip`). Calls alternate round by round so load
+    changes hit both alike; reported: images/s, the ratio, achieved GFLOP/s and the fraction of the
+    machine's matmul peak measured in the same run.
+(b) BERT-Attack: the batched jitted text attack vs a per-caption loop (`mat_jax.bench.text_attack`).
+(c) SGA: the full attack (image-guided text attack, multi-scale image attack, text attack again) on N
+    images x 5 captions; wall time per image after compilation. A small CLIP on CPU by default,
+    ViT-B/16 when an accelerator is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mat_jax.bench import common
+from mat_jax.models.clip import PRESETS
+
+PARTS = ("pgd", "bert", "sga")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+  g = parser.add_argument_group("PGD (mat_jax vs eager PyTorch)")
+  g.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
+  g.add_argument("--quick", action="store_true", help="vit-b-32 at batch 2: a fast smoke run")
+  g.add_argument("--batch", type=int, default=8)
+  g.add_argument("--steps", type=int, default=10)
+  g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="mat_jax compute dtype (PyTorch runs float32)")
+  g.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up")
+  g.add_argument("--rounds", type=int, default=3, help="minimum timed calls per implementation")
+  from mat_jax.bench.text_attack import add_bert_attack_arguments
+  add_bert_attack_arguments(parser)
+  g = parser.add_argument_group("SGA (wall time per image)")
+  g.add_argument("--sga-images", type=int, default=200)
+  g.add_argument("--sga-batch", type=int, default=32)
+  g.add_argument("--sga-preset", default=None,
+                 help="CLIP architecture (default: tiny on CPU, vit-b-16 on an accelerator)")
+  g.add_argument("--sga-steps", type=int, default=10)
+
+
+def run(args: argparse.Namespace) -> int:
+  parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+  unknown = set(parts) - set(PARTS)
+  if unknown:
+    raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+  print(f"attacks benchmark on {common.device_summary()}")
+  if "pgd" in parts:
+    run_pgd(args)
+  if "bert" in parts:
+    from mat_jax.bench.text_attack import run_bert_attack_benchmark
+    run_bert_attack_benchmark(args)
+  if "sga" in parts:
+    run_sga(args)
+  return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# (a) PGD vs eager PyTorch
+# ----------------------------------------------------------------------------------------------------
+
+def _usable_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_pgd(args: argparse.Namespace) -> dict:
+  import torch
+  import transformers
+
+  from mat_jax.attacks import image as image_attacks
+  from mat_jax.attacks import losses
+  from mat_jax.models import split
+  from mat_jax.models.weights import clip_config_to_hf, load_clip
+
+  preset, batch = ("vit-b-32", 2) if args.quick else (args.preset, args.batch)
+  steps, eps = args.steps, 2 / 255
+  step_size = eps / 4
+  torch.set_num_threads(_usable_cores())
+  cfg = PRESETS[preset]
+  size = cfg.vision.image_size
+  print(f"\nPGD: CLIP {preset}, batch {batch}, {steps} L-inf steps (eps 2/255, step 0.5/255), cosine loss to "
+        f"the paired captions; mat_jax {args.dtype} jit vs PyTorch {torch.__version__} float32 eager; "
+        f"threads: PyTorch {torch.get_num_threads()}, JAX cores {_usable_cores()}")
+
+  torch.manual_seed(0)
+  hf = transformers.CLIPModel(transformers.CLIPConfig(**clip_config_to_hf(cfg))).eval().requires_grad_(False)
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp, safe_serialization=True)
+    encoder, params = split(load_clip(tmp, dtype=args.dtype))
+
+  rng = np.random.default_rng(0)
+  images = rng.random((batch, size, size, 3), dtype=np.float32)
+  ids = rng.integers(1, cfg.text.vocab_size - 1, (batch, 16)).astype(np.int64)
+  ids[:, -1] = cfg.text.eos_token_id
+  text = jax.jit(encoder.text_features)(params, jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32))
+  text = np.array(text)  # a writable copy: torch.from_numpy shares it
+
+  @jax.jit
+  def jax_pgd(params, x, text, key):
+    loss = losses.paired_cosine(encoder, params, text)
+    return image_attacks.pgd(loss, x, key, eps=eps, step_size=step_size, steps=steps)
+
+  @jax.jit
+  def jax_step(params, x, text):
+    """One step's gradient: what the loop body computes, for the FLOP count."""
+    return jax.grad(lambda z: jnp.sum(losses.paired_cosine(encoder, params, text)(z, None)))(x)
+
+  x = jnp.asarray(images)
+  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  text_torch = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1)
+  mean = torch.tensor(cfg.vision.image_mean).view(1, 3, 1, 1)
+  std = torch.tensor(cfg.vision.image_std).view(1, 3, 1, 1)
+
+  def torch_loss(pixels):
+    feats = hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output
+    return -(torch.nn.functional.normalize(feats, dim=-1) * text_torch).sum()
+
+  def torch_pgd():
+    # The references' loop (SGA's ImageAttacker): symmetric start, sign step, project, clip.
+    adv = (x_torch + torch.empty_like(x_torch).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+      adv.requires_grad_(True)
+      grad, = torch.autograd.grad(torch_loss(adv), adv)
+      adv = adv.detach() + step_size * grad.sign()
+      adv = torch.min(torch.max(adv, x_torch - eps), x_torch + eps).clamp(0, 1)
+    return adv
+
+  # Agreement: the two compute the same loss gradient (the attacks then differ only by random start).
+  grad_j = np.asarray(jax_step(params, x, text)).transpose(0, 3, 1, 2)
+  pixels = x_torch.clone().requires_grad_(True)
+  grad_t, = torch.autograd.grad(-torch_loss(pixels), pixels)  # jax_step differentiates the negated sum
+  grad_t = -grad_t.numpy()
+  rel = float(np.abs(grad_j - grad_t).max() / max(np.abs(grad_t).max(), 1e-30))
+  sign_agree = float(np.mean(np.sign(grad_j) == np.sign(grad_t)))
+  print(f"agreement: loss gradient max rel diff {rel:.2e}, sign agreement {100 * sign_agree:.2f}%")
+
+  key = jax.random.key(0)
+  programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block),
+              "pytorch": (torch_pgd, lambda t: t)}
+  for fn, sync in programs.values():
+    sync(fn())
+  times = {name: [] for name in programs}
+  start = time.perf_counter()
+  while min(map(len, times.values())) < args.rounds or time.perf_counter() - start < args.seconds:
+    for name, (fn, sync) in programs.items():
+      t0 = time.perf_counter()
+      sync(fn())
+      times[name].append(time.perf_counter() - t0)
+  median = {name: float(np.median(v)) for name, v in times.items()}
+  adv = np.asarray(jax_pgd(params, x, text, key))
+  assert np.abs(adv - images).max() <= eps + 1e-6
+
+  flops = steps * common.compiled_flops(jax_step, params, x, text)
+  peak = common.matmul_peak(dtype="float32")
+  rows = []
+  for name in ("mat_jax", "pytorch"):
+    gflops = flops / median[name] / 1e9
+    rows.append([name, batch / median[name], median[name], median["pytorch"] / median[name], gflops,
+                 f"{100 * gflops / peak.gflops:.0f}%", len(times[name])])
+  common.print_table(f"PGD {steps} steps, CLIP {preset}, batch {batch} (median of interleaved calls)",
+                     ["implementation", "img/s", "s/attack", "speed-up vs PyTorch", "GFLOP/s", "of peak", "calls"],
+                     rows)
+  torch_peak = f"{peak.torch_gflops:,.0f}" if peak.torch_gflops else "n/a"
+  print(f"FLOPs per attack: {flops / 1e9:,.0f} G ({steps} x forward+backward, XLA cost analysis); matmul "
+        f"peak now ({peak.size}^2 float32): JAX {peak.jax_gflops:,.0f}, PyTorch {torch_peak} GFLOP/s")
+  return {"preset": preset, "batch": batch, "steps": steps, "dtype": args.dtype,
+          "mat_jax_s": median["mat_jax"], "pytorch_s": median["pytorch"],
+          "speedup": median["pytorch"] / median["mat_jax"], "gflops_mat_jax": flops / median["mat_jax"] / 1e9,
+          "peak_gflops": peak.gflops}
+
+
+# ----------------------------------------------------------------------------------------------------
+# (c) SGA wall time
+# ----------------------------------------------------------------------------------------------------
+
+def run_sga(args: argparse.Namespace) -> dict:
+  import dataclasses
+
+  from mat_jax.attacks import multimodal
+  from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
+  from mat_jax.data import shapes
+  from mat_jax.models import CLIP, clip_config, split
+  from flax import nnx
+
+  on_cpu = jax.default_backend() == "cpu"
+  preset = args.sga_preset or ("tiny" if on_cpu else "vit-b-16")
+  n, b, k = args.sga_images, min(args.sga_batch, args.sga_images), 5
+  tokenizer = shapes.tokenizer()
+  cfg = clip_config(preset)
+  # The shapes world's vocabulary and context (random weights: the timing does not depend on them).
+  cfg = cfg.replace(text=dataclasses.replace(
+      cfg.text, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
+      eos_token_id=tokenizer.end_id, bos_token_id=tokenizer.start_id, pad_token_id=tokenizer.pad_id))
+  size = cfg.vision.image_size
+  encoder, params = split(CLIP(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  scenes = [shapes.sample_scene(rng) for _ in range(n)]
+  images = np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) / 255
+  captions = [c for s in scenes for c in shapes.captions(s, rng, k)]
+  t0 = time.perf_counter()
+  candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
+  prepare_s = time.perf_counter() - t0
+  print(f"\nSGA: CLIP {preset} ({size}px, random weights), {n} images x {k} captions, batches of {b}, "
+        f"{args.sga_steps} steps, scales {multimodal.L.SGA_SCALES}, lexicon candidates")
+
+  def attack(start: int):
+    idx = np.minimum(np.arange(start, start + b), n - 1)
+    rows = (idx[:, None] * k + np.arange(k)).reshape(-1)
+    return multimodal.sga_attack(encoder, params, jnp.asarray(images[idx]),
+                                 multimodal.select_candidates(candidates, rows), jax.random.key(start),
+                                 eps=2 / 255, step_size=0.5 / 255, steps=args.sga_steps)
+
+  t0 = time.perf_counter()
+  common.block(attack(0))
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for start in range(0, n, b):
+    common.block(attack(start))
+  total_s = time.perf_counter() - t0
+  batches = -(-n // b)
+  rows = [["SGA (mat_jax, compiled)", total_s / n * 1e3, n / total_s, total_s, first_s]]
+  common.print_table(f"SGA wall time, {n} images x {k} captions ({common.device_summary()})",
+                     ["implementation", "ms/image", "images/s", f"total s ({batches} batches)",
+                      "first batch s (compile)"], rows)
+  print(f"candidate preparation on the host (once, cached per caption): {prepare_s:.2f} s for {len(captions)} "
+        "captions")
+  return {"preset": preset, "images": n, "ms_per_image": total_s / n * 1e3, "compile_s": first_s}

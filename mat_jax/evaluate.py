@@ -1,0 +1,546 @@
+"""Robustness evaluation: image-text retrieval, clean and under attack, as the papers' tables report it.
+
+    python -m mat_jax.evaluate --model shapes --attacks pgd,bert,co,sga --eps 1,2,4
+    python -m mat_jax.evaluate --model ./clip-vit-b-16 --data flickr30k --text-source bert --bert ./bert-base-uncased
+
+For every attack and budget the adversarial images and captions of the whole test set are generated
+batch by batch (on a surrogate model when given: transfer), then the target model scores all images
+against all captions. Reported per attack and eps: TR@1/5/10 and IR@1/5/10, Co-Attack's recall drop
+(clean minus adversarial, percentage points) and SGA's attack success rate at rank 1 (the share of
+queries correct before the attack and wrong after it). Output: a table on stdout, results.json and a
+plot of R@1 against eps (recall_vs_eps.png).
+
+Attacks (`ATTACKS`): pgd (image PGD against the image's captions, SGA's image attack), apgd (APGD-CE
+over the whole test set's captions as classes), bert (BERT-Attack alone, Co-Attack's KL objective),
+sep (Sep-Attack), co (Co-Attack), sga (SGA). eps is given in 1/255 units; bert does not depend on it.
+
+`evaluate(...)` is the same thing as a Python function, for the training demo and notebooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mat_jax import metrics
+from mat_jax.attacks import candidates as candidates_lib
+from mat_jax.attacks import image as image_attacks
+from mat_jax.attacks import multimodal
+from mat_jax.attacks.text import adversarial_captions
+from mat_jax.models.clip import CLIP
+from mat_jax.models.dual_encoder import DualEncoder, split
+from mat_jax.models.tokenizers import Tokenizer
+
+ATTACKS = ("pgd", "apgd", "bert", "sep", "co", "sga")
+TEXT_ONLY = ("bert",)
+NEEDS_TEXT_SOURCE = ("bert", "sep", "co", "sga")
+TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
+SUMMARY_KEYS = ("tr@1", "ir@1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Victim:
+  """A model as the evaluator uses it: the functional view, its parameters and its tokenizer."""
+  encoder: DualEncoder
+  params: Any
+  tokenizer: Tokenizer
+  name: str = "model"
+
+  @classmethod
+  def of(cls, model, params=None, tokenizer=None, name: str = "model") -> "Victim":
+    if isinstance(model, Victim):
+      return model
+    if isinstance(model, CLIP):
+      encoder, params = split(model)
+    elif isinstance(model, DualEncoder):
+      encoder = model
+      if params is None:
+        raise ValueError("a DualEncoder needs its params: evaluate(encoder, params, tokenizer, ...)")
+    else:
+      raise TypeError(f"expected a mat_jax CLIP or a DualEncoder, got {type(model).__name__}")
+    if tokenizer is None:
+      raise ValueError(f"{name}: a tokenizer is needed (mat_jax.models.load_tokenizer)")
+    return cls(encoder, params, tokenizer, name)
+
+  @property
+  def image_size(self) -> int:
+    return self.encoder.config.vision.image_size
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSettings:
+  """Budgets and hyper-parameters of the attacks (defaults: the references' settings)."""
+  steps: int = 10                  # PGD steps of pgd, sep, co, sga
+  step_scale: float = 2.5          # pgd/sep/sga step = step_scale * eps / steps (0.5/255 at 2/255, 10 steps)
+  co_step_scale: float = 1.25      # Co-Attack's step = 1.25 * eps / steps
+  sep_image_loss: str = "cosine"   # Sep-Attack's image loss: "cosine" (SGA's PGD) or "kl" (Co-Attack's code)
+  alpha: float = 3.0               # Co-Attack's text-term weight
+  apgd_steps: int = 100            # APGD iterations (FARE's evaluation)
+  max_changes: int = 1             # words the text attack may change
+  top_k: int = 10                  # substitutes per word (the command line's text sources)
+  norm: str = "linf"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches of an evaluation set
+# ----------------------------------------------------------------------------------------------------
+
+def _image_to_texts(text_to_image: np.ndarray, n_images: int) -> np.ndarray:
+  counts = np.bincount(text_to_image, minlength=n_images)
+  if counts.min() == 0:
+    raise ValueError(f"image {int(np.argmin(counts))} has no caption; every test image needs one")
+  slots = np.full((n_images, int(counts.max())), -1, np.int64)
+  fill = np.zeros(n_images, np.int64)
+  for t, i in enumerate(text_to_image):
+    slots[i, fill[i]] = t
+    fill[i] += 1
+  return slots
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+  images: np.ndarray        # int (B,): image indices (the last batch repeats its last image)
+  count: int                # real images in the batch (the first `count` rows)
+  captions: np.ndarray      # int (B, K): caption indices; padding slots repeat the image's first caption
+  weights: np.ndarray       # float32 (B, K): 1 for the image's real caption slots, 0 for padding slots
+
+  def real_captions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in the flattened B*K batch, caption indices) of the real captions of real images."""
+    real = self.weights.copy()
+    real[self.count:] = 0.0
+    flat = np.flatnonzero(real.reshape(-1) > 0)
+    return flat, self.captions.reshape(-1)[flat]
+
+
+def _batches(image_to_texts: np.ndarray, batch_size: int) -> list[_Batch]:
+  n = len(image_to_texts)
+  out = []
+  for start in range(0, n, batch_size):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+    slots = image_to_texts[idx]
+    out.append(_Batch(idx, int(min(batch_size, n - start)), np.where(slots >= 0, slots, slots[:, :1]),
+                      (slots >= 0).astype(np.float32)))
+  return out
+
+
+def _float_images(eval_set, indices: np.ndarray) -> np.ndarray:
+  images = np.asarray(eval_set.images)[indices]
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) * np.float32(1 / 255)
+  return images.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------------
+
+def _eps_key(eps_255: float) -> str:
+  return f"{eps_255:g}"
+
+
+def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=None, *,
+             attacks: Sequence[str] = ATTACKS, eps_255: Sequence[float] = (2.0,),
+             text_source: candidates_lib.CandidateSource | None = None, surrogate=None,
+             settings: AttackSettings = AttackSettings(), batch_size: int = 32, seed: int = 0,
+             limit: int | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> dict:
+  """Retrieval recall of `model` clean and under each attack and budget; see the module docstring.
+
+  model: an NNX CLIP, or a DualEncoder with `params`; tokenizer: the model's. eval_set: anything with
+  `images` ((N, H, W, 3) uint8 or float32 in [0, 1]), `captions` ((T,) strings) and `text_to_image`
+  ((T,) ints), e.g. `mat_jax.data.load_eval_set(...)`. eps_255: budgets in 1/255 units.
+  text_source: substitutes for the text attacks (e.g. `LexiconSource(shapes.substitution_table())`),
+  needed by bert/sep/co/sga. surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
+  that generates the attacks instead of the target (transfer). limit: evaluate the first N images.
+  log: if given, receives one line per attack and budget (R@1 and the time taken).
+  Returns {"clean": recalls, "attacks": {attack: {eps_key: {"recall", "recall_drop", "asr", "seconds"}}},
+  ...}; text-only attacks use the eps key "text".
+  """
+  target = Victim.of(model, params, tokenizer, "target")
+  if surrogate is not None and not isinstance(surrogate, Victim):
+    surrogate = Victim.of(*surrogate, name="surrogate") if isinstance(surrogate, tuple) else \
+        Victim.of(surrogate, name="surrogate")
+  attacker = surrogate or target
+  unknown = [a for a in attacks if a not in ATTACKS]
+  if unknown:
+    raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+  if text_source is None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
+    raise ValueError(f"attacks {[a for a in attacks if a in NEEDS_TEXT_SOURCE]} perturb captions and need a "
+                     "text_source (LexiconSource, CharEditSource or BertMLMSource)")
+  if attacker.image_size != target.image_size:
+    raise ValueError(f"the surrogate takes {attacker.image_size}px images, the target {target.image_size}px; "
+                     "transfer needs one image size (evaluate the data at that size)")
+
+  captions = np.asarray(eval_set.captions)
+  text_to_image = np.asarray(eval_set.text_to_image, np.int64)
+  n_images = len(eval_set.images)
+  if limit is not None and limit < n_images:
+    n_images = int(limit)
+    keep = text_to_image < n_images
+    captions, text_to_image = captions[keep], text_to_image[keep]
+  if len(captions) != len(text_to_image):
+    raise ValueError(f"{len(captions)} captions but {len(text_to_image)} text_to_image entries")
+  image_to_texts = _image_to_texts(text_to_image, n_images)
+  batch_size = max(1, min(batch_size, n_images))
+  batches = _batches(image_to_texts, batch_size)
+  caption_list = [str(c) for c in captions]
+
+  # Clean scores, once.
+  target_tokens = target.tokenizer(caption_list)
+  clean_img = metrics.embed_images(target.encoder, target.params,
+                                   _float_images(eval_set, np.arange(n_images)), batch_size)
+  clean_txt = metrics.embed_texts(target.encoder, target.params, target_tokens.input_ids,
+                                  target_tokens.attention_mask)
+  clean_ranks = metrics.retrieval_ranks(clean_img @ clean_txt.T, text_to_image)
+  clean = metrics.recall_from_ranks(*clean_ranks)
+
+  # What the attacker needs: its tokenisation, its clean text features (APGD's classes), candidates.
+  attacker_tokens = target_tokens if attacker is target else attacker.tokenizer(caption_list)
+  cands = None
+  if text_source is not None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
+    cands = multimodal.bucketed_candidates(caption_list, attacker.tokenizer, text_source)
+  attacker_text_features = None
+  if "apgd" in attacks:
+    attacker_text_features = jnp.asarray(metrics.embed_texts(attacker.encoder, attacker.params,
+                                                              attacker_tokens.input_ids,
+                                                              attacker_tokens.attention_mask))
+
+  runs = [(a, None) if a in TEXT_ONLY else (a, e) for a in attacks for e in
+          ((None,) if a in TEXT_ONLY else tuple(eps_255))]
+  bar = _progress(len(runs) * len(batches), progress)
+  key = jax.random.key(seed)
+  results: dict[str, dict[str, Any]] = {}
+  for attack, eps in runs:
+    start = time.perf_counter()
+    adv_img = np.zeros_like(clean_img)
+    adv_ids = np.array(target_tokens.input_ids)
+    adv_mask = np.array(target_tokens.attention_mask)
+    adv_strings: list[str] | None = None if attacker is target else list(caption_list)
+    for batch_index, batch in enumerate(batches):
+      # Keys depend on the batch only, not on the attack or eps: every attack and budget starts from
+      # the same random direction (common random numbers: comparisons are not noisier than need be).
+      batch_key = jax.random.fold_in(key, batch_index)
+      images = _float_images(eval_set, batch.images)
+      adv_images, text_result, batch_cands = _attack_batch(
+          attack, attacker, images, batch, batch_key, eps, settings, attacker_tokens, attacker_text_features,
+          text_to_image, cands)
+      real = slice(0, batch.count)
+      if adv_images is not None:
+        # Straight from the device: the adversarial pixels never visit the host.
+        embedded = metrics.image_embeddings(target.encoder, target.params, adv_images)
+        adv_img[batch.images[real]] = np.asarray(embedded)[real]
+      else:
+        adv_img[batch.images[real]] = clean_img[batch.images[real]]
+      if text_result is not None:
+        flat, caption_ids = batch.real_captions()
+        if attacker is target:
+          adv_ids[caption_ids] = np.asarray(text_result.input_ids)[flat]
+          adv_mask[caption_ids] = np.asarray(text_result.attention_mask)[flat]
+        else:
+          strings = adversarial_captions(batch_cands, text_result)
+          for f, c in zip(flat, caption_ids):
+            adv_strings[c] = strings[f]
+      bar.update(1)
+    if adv_strings is not None:
+      tokens = target.tokenizer(adv_strings)
+      adv_ids, adv_mask = tokens.input_ids, tokens.attention_mask
+    adv_txt = metrics.embed_texts(target.encoder, target.params, adv_ids, adv_mask)
+    ranks = metrics.retrieval_ranks(adv_img @ adv_txt.T, text_to_image)
+    recall = metrics.recall_from_ranks(*ranks)
+    results.setdefault(attack, {})[TEXT_ONLY_KEY if eps is None else _eps_key(eps)] = {
+        "recall": recall,
+        "recall_drop": metrics.recall_drop(clean, recall),
+        "asr": metrics.attack_success_rate(clean_ranks, ranks),
+        "seconds": time.perf_counter() - start,
+    }
+    if log is not None:
+      where = "" if eps is None else f" eps {eps:g}/255"
+      log(f"{attack}{where}: TR@1 {recall['tr@1']:.1f} IR@1 {recall['ir@1']:.1f} "
+          f"({time.perf_counter() - start:.1f} s)")
+  bar.close()
+  return {
+      "target": target.name, "surrogate": None if surrogate is None else surrogate.name,
+      "num_images": n_images, "num_texts": int(len(caption_list)),
+      "eps_255": [float(e) for e in eps_255], "attacks_run": list(attacks),
+      "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed},
+      "clean": clean, "attacks": results,
+  }
+
+
+def _attack_batch(attack: str, v: Victim, images: np.ndarray, batch: _Batch, key, eps_255, s: AttackSettings,
+                  tokens, text_features, text_to_image, cands):
+  """One batch of one attack on the attacker model -> (adversarial images or None, text result or None,
+  the batch's candidates)."""
+  eps = None if eps_255 is None else float(eps_255) / 255.0
+  images = jnp.asarray(images)
+  weights = jnp.asarray(batch.weights)
+  if attack == "pgd":
+    ids = jnp.asarray(tokens.input_ids[batch.captions])
+    mask = jnp.asarray(tokens.attention_mask[batch.captions])
+    adv = image_attacks.pgd_attack(v.encoder, v.params, images, ids, mask, key, weights, eps=eps,
+                                   step_size=s.step_scale * eps / s.steps, steps=s.steps, norm=s.norm)
+    return adv, None, None
+  if attack == "apgd":
+    positives = jnp.asarray(text_to_image[None, :] == batch.images[:, None])
+    adv = image_attacks.apgd_attack(v.encoder, v.params, images, text_features, positives, key, eps=eps,
+                                    steps=s.apgd_steps, norm=s.norm)
+    return adv, None, None
+  batch_cands = multimodal.select_candidates(cands, batch.captions.reshape(-1))
+  text_kw = dict(max_changes=s.max_changes)
+  if attack == "bert":
+    return None, multimodal.bert_attack(v.encoder, v.params, batch_cands, **text_kw), batch_cands
+  common = dict(eps=eps, steps=s.steps, norm=s.norm, **text_kw)
+  if attack == "sep":
+    r = multimodal.sep_attack(v.encoder, v.params, images, batch_cands, key, weights,
+                              step_size=s.step_scale * eps / s.steps, image_loss=s.sep_image_loss, **common)
+  elif attack == "co":
+    r = multimodal.co_attack(v.encoder, v.params, images, batch_cands, key, weights,
+                             step_size=s.co_step_scale * eps / s.steps, alpha=s.alpha, **common)
+  else:
+    r = multimodal.sga_attack(v.encoder, v.params, images, batch_cands, key, weights,
+                              step_size=s.step_scale * eps / s.steps, **common)
+  return r.images, r.text, batch_cands
+
+
+class _NoBar:
+  def update(self, n: int = 1) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _progress(total: int, enabled: bool):
+  if not enabled:
+    return _NoBar()
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc="attacking", unit="batch", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reporting: table, JSON, plot
+# ----------------------------------------------------------------------------------------------------
+
+def table_rows(results: dict) -> tuple[list[str], list[list[Any]]]:
+  header = ["attack", "eps(/255)", *metrics.RECALL_KEYS, "drop tr@1", "drop ir@1", "ASR tr@1", "ASR ir@1"]
+  rows = [["clean", "-", *(results["clean"][k] for k in metrics.RECALL_KEYS), "-", "-", "-", "-"]]
+  for attack, per_eps in results["attacks"].items():
+    for eps, r in per_eps.items():
+      rows.append([attack, "-" if eps == TEXT_ONLY_KEY else eps, *(r["recall"][k] for k in metrics.RECALL_KEYS),
+                   *(r["recall_drop"][k] for k in SUMMARY_KEYS), *(r["asr"][k] for k in SUMMARY_KEYS)])
+  return header, rows
+
+
+def format_table(results: dict, title: str | None = None) -> str:
+  """The results as an aligned text table (recalls and drops in %, ASR in % of the clean hits)."""
+  header, rows = table_rows(results)
+  cells = [header] + [[c if isinstance(c, str) else f"{c:.1f}" for c in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = [title] if title else []
+  for i, row in enumerate(cells):
+    lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+    if i == 0:
+      lines.append("  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def write_json(results: dict, path: str | Path) -> Path:
+  """results.json; NaN (an ASR with no correct query before the attack) becomes null."""
+  def clean(value):
+    if isinstance(value, dict):
+      return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+      return [clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+      return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+      return int(value)
+    return value
+
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(clean(results), indent=1, allow_nan=False))
+  return path
+
+
+def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMARY_KEYS) -> Path:
+  """R@1 against eps, one line per image/multimodal attack; clean and text-only attacks as flat lines."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    ax.axhline(results["clean"][key], color="black", linestyle=":", label="clean")
+    for attack, per_eps in results["attacks"].items():
+      if TEXT_ONLY_KEY in per_eps:
+        ax.axhline(per_eps[TEXT_ONLY_KEY]["recall"][key], linestyle="--", color="grey", label=attack)
+        continue
+      eps = sorted(per_eps, key=float)
+      ax.plot([float(e) for e in eps], [per_eps[e]["recall"][key] for e in eps], marker="o", label=attack)
+    ax.set_xlabel("eps (x 1/255)")
+    ax.set_ylabel(f"{key.upper()} (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  title = f"{results['target']}" + (f" (attacks from {results['surrogate']})" if results.get("surrogate") else "")
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str], None] = print) -> Victim:
+  """A model by name: "shapes" (the demo's clean tiny CLIP, trained into the cache on first use),
+  "cache:NAME", a mat_jax training run directory, a transformers-layout directory or a hub id."""
+  from mat_jax.models import load_clip, load_tokenizer
+
+  model, tok = None, None
+  path = Path(source).expanduser()
+  if source == "shapes" or source.startswith("cache:"):
+    from mat_jax import checkpoint
+    from mat_jax.training import setup
+    run_dir = setup.ensure_cached_run("shapes_clip" if source == "shapes" else source.split(":", 1)[1], log=log)
+    model, tok = checkpoint.restore_model(run_dir)
+  elif path.is_dir() and _is_run_dir(path):
+    from mat_jax import checkpoint
+    model, tok = checkpoint.restore_model(path)
+  else:
+    model = load_clip(source)
+  if tokenizer is not None:
+    tok = load_tokenizer(tokenizer, context_length=model.config.text.context_length)
+  if tok is None:
+    if source == "shapes" or source.startswith("cache:"):
+      from mat_jax.data import shapes
+      tok = shapes.tokenizer(context_length=model.config.text.context_length)
+    else:
+      tok = load_tokenizer(source, context_length=model.config.text.context_length)
+  return Victim.of(model, tokenizer=tok, name=source)
+
+
+def _is_run_dir(path: Path) -> bool:
+  from mat_jax.training import setup
+  return setup.is_run_dir(path)
+
+
+def load_dataset(name: str, tokenizer: Tokenizer, image_size: int, *, split: str = "test",
+                 data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print):
+  """An EvalSet: the shapes world (built on first use at the model's image size) or a built corpus."""
+  from mat_jax.data import corpora, load_eval_set
+
+  if name == "shapes":
+    builder = corpora.build_shapes(data_dir, image_size=image_size, log=log)
+  else:
+    builder = corpora.corpus_builder(name, image_size, data_dir)
+  return load_eval_set(corpora.data_source(builder, split), tokenizer, max_images=limit)
+
+
+def _text_source(name: str, data: str, bert: str | None, top_k: int):
+  from mat_jax.attacks.candidates import BertMLMSource, CharEditSource, LexiconSource
+
+  if name == "auto":
+    name = "lexicon" if data == "shapes" else ("bert" if bert else "chars")
+  if name == "lexicon":
+    if data != "shapes":
+      raise ValueError("--text-source lexicon is the shapes world's synonym table; for other data use "
+                       "--text-source bert --bert DIR (or chars)")
+    from mat_jax.data import shapes
+    return LexiconSource(shapes.substitution_table())
+  if name == "chars":
+    return CharEditSource(max_candidates=top_k)
+  if name == "bert":
+    if not bert:
+      raise ValueError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
+                       "(e.g. bert-base-uncased in the transformers layout)")
+    from mat_jax.models import load_bert_mlm, load_tokenizer
+    return BertMLMSource(load_bert_mlm(bert), load_tokenizer(bert), top_k=top_k)
+  raise ValueError(f"unknown --text-source {name!r}; use auto, lexicon, chars or bert")
+
+
+def _floats(text: str) -> list[float]:
+  try:
+    return [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _attack_list(text: str) -> list[str]:
+  names = [x.strip() for x in text.split(",") if x.strip()]
+  unknown = [n for n in names if n not in ATTACKS]
+  if unknown:
+    raise argparse.ArgumentTypeError(f"unknown attacks {unknown}; choose from {','.join(ATTACKS)}")
+  return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True,
+                 help="shapes | cache:NAME | training run dir | transformers-layout dir | hub id")
+  p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
+  p.add_argument("--surrogate",
+                 help="generate the attacks on this model instead (transfer); same forms as --model")
+  p.add_argument("--surrogate-tokenizer")
+  p.add_argument("--data", default="shapes", help="shapes, or the name of a corpus built with mat_jax.data")
+  p.add_argument("--split", default="test")
+  p.add_argument("--data-dir", help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
+  p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
+  p.add_argument("--attacks", type=_attack_list, default=list(ATTACKS), help=",".join(ATTACKS))
+  p.add_argument("--eps", type=_floats, default=[2.0],
+                 help="budgets in 1/255 units, e.g. 1,2,4 (with --norm l2: the L2 radius, 127.5 = 0.5)")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--apgd-steps", type=int, default=100)
+  p.add_argument("--alpha", type=float, default=3.0, help="Co-Attack's text-term weight")
+  p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
+  p.add_argument("--text-source", default="auto", help="auto | lexicon | chars | bert")
+  p.add_argument("--bert", help="BERT masked-LM directory or hub id, for --text-source bert")
+  p.add_argument("--top-k", type=int, default=10)
+  p.add_argument("--max-changes", type=int, default=1)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="eval_results", help="directory for results.json and recall_vs_eps.png")
+  p.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  target = load_victim(args.model, args.tokenizer)
+  surrogate = load_victim(args.surrogate, args.surrogate_tokenizer) if args.surrogate else None
+  eval_set = load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
+                          data_dir=args.data_dir, limit=args.limit)
+  needs_text = any(a in NEEDS_TEXT_SOURCE for a in args.attacks)
+  source = _text_source(args.text_source, args.data, args.bert, args.top_k) if needs_text else None
+  settings = AttackSettings(steps=args.steps, alpha=args.alpha, apgd_steps=args.apgd_steps,
+                            max_changes=args.max_changes, top_k=args.top_k, norm=args.norm)
+  results = evaluate(target, eval_set=eval_set, attacks=args.attacks, eps_255=args.eps, text_source=source,
+                     surrogate=surrogate, settings=settings, batch_size=args.batch_size, seed=args.seed,
+                     limit=args.limit, progress=not args.no_progress)
+  results["data"] = {"name": args.data, "split": args.split}
+  print(format_table(results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
+                              f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"))
+  out = Path(args.out)
+  json_path = write_json(results, out / "results.json")
+  print(f"\nwrote {json_path} and {plot_recall(results, out / 'recall_vs_eps.png')}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

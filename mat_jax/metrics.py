@@ -1,0 +1,150 @@
+"""Image-text retrieval metrics and the two attack-success definitions of the literature.
+
+Scores are an (n_images, n_texts) similarity matrix; `text_to_image` (n_texts,) gives each text's
+image. Text retrieval (TR, image -> text): the rank of an image is the best rank among its texts.
+Image retrieval (IR, text -> image): the rank of a text is the rank of its image. R@K is the
+percentage of queries with rank < K. Ties are broken by index (a stable descending sort: of two equal
+scores the lower index ranks first), so results are deterministic.
+
+Attack success, labelled as the papers use them:
+- `recall_drop` (Co-Attack): clean recall minus adversarial recall, in percentage points;
+- `attack_success_rate` (SGA): of the queries retrieved correctly at rank 1 before the attack, the
+  percentage no longer retrieved correctly at rank 1 after it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mat_jax.models.dual_encoder import DualEncoder
+
+RECALL_KS = (1, 5, 10)
+RECALL_KEYS = tuple(f"{d}@{k}" for d in ("tr", "ir") for k in RECALL_KS)
+
+
+def _check_scores(scores, text_to_image) -> tuple[jax.Array, jax.Array]:
+  scores = jnp.asarray(scores, jnp.float32)
+  text_to_image = jnp.asarray(text_to_image, jnp.int32)
+  if scores.ndim != 2:
+    raise ValueError(f"scores must be a (n_images, n_texts) matrix, got shape {scores.shape}")
+  if text_to_image.shape != (scores.shape[1],):
+    raise ValueError(f"text_to_image must have one entry per text (scores column), shape "
+                     f"({scores.shape[1]},); got {text_to_image.shape}. Pass scores as images x texts.")
+  return scores, text_to_image
+
+
+@jax.jit
+def _ranks(scores: jax.Array, text_to_image: jax.Array) -> tuple[jax.Array, jax.Array]:
+  n_img, n_txt = scores.shape
+  text_ids = jnp.arange(n_txt)
+  image_ids = jnp.arange(n_img)
+  own = text_to_image[None, :] == image_ids[:, None]  # (n_img, n_txt): text j belongs to image i
+
+  # TR: among an image's texts the best ranked is the highest score, lowest index on ties; its rank
+  # is #(higher scores) + #(equal scores at lower indices).
+  best = jnp.max(jnp.where(own, scores, -jnp.inf), axis=1)
+  first_best = jnp.argmax(own & (scores == best[:, None]), axis=1)
+  tr = (jnp.sum(scores > best[:, None], axis=1)
+        + jnp.sum((scores == best[:, None]) & (text_ids[None, :] < first_best[:, None]), axis=1))
+  # Images without any text can never be retrieved: rank n_texts.
+  tr = jnp.where(jnp.any(own, axis=1), tr, n_txt)
+
+  # IR: the rank of the text's own image in its column.
+  gt = scores[text_to_image, text_ids]
+  ir = (jnp.sum(scores > gt[None, :], axis=0)
+        + jnp.sum((scores == gt[None, :]) & (image_ids[:, None] < text_to_image[None, :]), axis=0))
+  return tr, ir
+
+
+def retrieval_ranks(scores, text_to_image) -> tuple[np.ndarray, np.ndarray]:
+  """(TR rank of each image (n_images,), IR rank of each text (n_texts,)), 0 = retrieved first."""
+  tr, ir = _ranks(*_check_scores(scores, text_to_image))
+  return np.asarray(tr), np.asarray(ir)
+
+
+def recall_from_ranks(tr_ranks, ir_ranks, ks=RECALL_KS) -> dict[str, float]:
+  tr_ranks, ir_ranks = np.asarray(tr_ranks), np.asarray(ir_ranks)
+  out = {f"tr@{k}": 100.0 * float(np.mean(tr_ranks < k)) for k in ks}
+  out.update({f"ir@{k}": 100.0 * float(np.mean(ir_ranks < k)) for k in ks})
+  return out
+
+
+def retrieval_recall(scores, text_to_image, ks=RECALL_KS) -> dict[str, float]:
+  """Percentages under `tr@1 tr@5 tr@10 ir@1 ir@5 ir@10` from an (n_images, n_texts) score matrix."""
+  return recall_from_ranks(*retrieval_ranks(scores, text_to_image), ks=ks)
+
+
+def recall_drop(clean: Mapping[str, float], adversarial: Mapping[str, float]) -> dict[str, float]:
+  """Co-Attack's attack success: clean recall minus adversarial recall (percentage points), per key."""
+  return {k: float(clean[k]) - float(adversarial[k]) for k in clean if k in adversarial}
+
+
+def attack_success_rate(clean_ranks: tuple, adversarial_ranks: tuple) -> dict[str, float]:
+  """SGA's ASR at rank 1: |correct before \\ correct after| / |correct before|, in percent.
+
+  Arguments are `retrieval_ranks(...)` pairs (TR ranks, IR ranks) for the clean and attacked scores.
+  Returns keys `tr@1`, `ir@1`; NaN when nothing was correct before the attack.
+  """
+  out = {}
+  for name, before, after in zip(("tr@1", "ir@1"), clean_ranks, adversarial_ranks):
+    correct = np.asarray(before) < 1
+    fooled = correct & (np.asarray(after) >= 1)
+    out[name] = 100.0 * float(fooled.sum()) / float(correct.sum()) if correct.any() else float("nan")
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embeddings and the similarity matrix, in fixed-size batches
+# ----------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=0)
+def image_embeddings(encoder: DualEncoder, params, images):
+  """Jitted `encoder.image_embeddings` (one compilation per encoder and batch shape)."""
+  return encoder.image_embeddings(params, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def text_embeddings(encoder: DualEncoder, params, ids, mask):
+  """Jitted `encoder.text_embeddings` (one compilation per encoder and batch shape)."""
+  return encoder.text_embeddings(params, ids, mask)
+
+
+def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> np.ndarray:
+  """Apply `fn` over the leading axis in fixed-size batches; the last batch is padded by repeating
+  its first row so every call has the same shape (one compilation)."""
+  n = arrays[0].shape[0]
+  out = []
+  for start in range(0, n, batch_size):
+    chunk = [a[start:start + batch_size] for a in arrays]
+    short = batch_size - chunk[0].shape[0]
+    if short:
+      chunk = [np.concatenate([c, np.repeat(c[:1], short, axis=0)]) for c in chunk]
+    out.append(np.asarray(fn(*chunk))[:batch_size - short])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def embed_images(encoder: DualEncoder, params, images, batch_size: int = 256) -> np.ndarray:
+  """L2-normalised image embeddings (N, D), computed in fixed-size jitted batches."""
+  images = np.asarray(images)
+  batch_size = min(batch_size, len(images))
+  return _batched(lambda x: image_embeddings(encoder, params, x), (images,), batch_size)
+
+
+def embed_texts(encoder: DualEncoder, params, input_ids, attention_mask, batch_size: int = 1024) -> np.ndarray:
+  """L2-normalised text embeddings (N, D), computed in fixed-size jitted batches."""
+  ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+  batch_size = min(batch_size, len(ids))
+  return _batched(lambda i, m: text_embeddings(encoder, params, i, m), (ids, mask), batch_size)
+
+
+def similarity_matrix(encoder: DualEncoder, params, images, input_ids, attention_mask,
+                      batch_size: int = 256) -> np.ndarray:
+  """Cosine similarities (n_images, n_texts) of all images against all texts (CLIP's ITC scores)."""
+  img = embed_images(encoder, params, images, batch_size)
+  txt = embed_texts(encoder, params, input_ids, attention_mask, batch_size)
+  return img @ txt.T

@@ -1,0 +1,114 @@
+"""`python -m mat_jax.evaluate` end to end on a micro CLIP: table, results.json, the plot, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mat_jax import evaluate as ev
+from mat_jax.data import shapes
+from mat_jax.models import CLIP, save_clip
+from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
+
+SIZE = 16
+
+
+class _EvalSet:
+  def __init__(self, n: int):
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(rng) for _ in range(n)]
+    self.images = np.stack([shapes.render(s, SIZE, supersample=1) for s in scenes])
+    caps = [shapes.captions(s, rng, 1 + i % 3) for i, s in enumerate(scenes)]  # 1-3 captions per image
+    self.captions = np.asarray([c for cs in caps for c in cs])
+    self.text_to_image = np.repeat(np.arange(n), [len(c) for c in caps]).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  """A random micro CLIP saved in the transformers layout, with the shapes tokenizer beside it."""
+  directory = tmp_path_factory.mktemp("micro_clip")
+  tok_dir = shapes.build_tokenizer(directory)
+  vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
+  cfg = CLIPConfig(
+      vision=VisionConfig(image_size=SIZE, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
+      text=TextConfig(vocab_size=vocab, context_length=shapes.DEFAULT_CONTEXT_LENGTH, width=32, layers=1,
+                      heads=2, mlp_dim=64, eos_token_id=2, bos_token_id=1, pad_token_id=0),
+      projection_dim=16)
+  with warnings.catch_warnings():
+    # save_clip warns that transformers would pool this eos id differently; only mat_jax reads it here.
+    warnings.simplefilter("ignore", UserWarning)
+    save_clip(_init(cfg), directory)
+  return directory
+
+
+def _init(cfg: CLIPConfig) -> CLIP:
+  """Random parameters drawn with numpy (no compiled random kernel per parameter shape)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+
+  def init(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if name == "bias" or "logit_scale" in str(path):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    return jnp.asarray(rng.normal(0.0, 0.02, leaf.shape), leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatch, capsys):
+  eval_set = _EvalSet(7)
+  loaded = {}
+
+  def fake_load_dataset(name, tokenizer, image_size, **kwargs):
+    loaded.update(name=name, image_size=image_size, **kwargs)
+    return eval_set
+
+  # The TFDS build of the shapes world is the data module's business (and tested there); here the
+  # command runs on an in-memory set.
+  monkeypatch.setattr(ev, "load_dataset", fake_load_dataset)
+  out = tmp_path / "out"
+  assert ev.main(["--model", str(model_dir), "--attacks", "pgd,bert", "--eps", "0,2", "--steps", "2",
+                  "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+  assert loaded["name"] == "shapes" and loaded["image_size"] == SIZE
+  printed = capsys.readouterr().out
+  assert "clean" in printed and "pgd" in printed and "bert" in printed and "ASR tr@1" in printed
+
+  results = json.loads((out / "results.json").read_text())
+  assert results["num_images"] == 7 and results["num_texts"] == len(eval_set.captions)
+  assert set(results["attacks"]) == {"pgd", "bert"}
+  assert set(results["attacks"]["pgd"]) == {"0", "2"} and set(results["attacks"]["bert"]) == {"text"}
+  for per_eps in results["attacks"].values():
+    for r in per_eps.values():
+      assert set(r["recall"]) == set(ev.metrics.RECALL_KEYS)
+      assert set(r["asr"]) == {"tr@1", "ir@1"}
+      assert set(r["recall_drop"]) == set(ev.metrics.RECALL_KEYS)
+  # eps = 0: the images are untouched, so every recall is the clean one.
+  assert results["attacks"]["pgd"]["0"]["recall"] == results["clean"]
+  png = (out / "recall_vs_eps.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_errors_name_the_problem(model_dir):
+  victim = ev.load_victim(str(model_dir))
+  eval_set = _EvalSet(3)
+  with pytest.raises(ValueError, match="unknown attacks"):
+    ev.evaluate(victim, eval_set=eval_set, attacks=("fgsm",))
+  with pytest.raises(ValueError, match="need a text_source"):
+    ev.evaluate(victim, eval_set=eval_set, attacks=("sga",))
+  with pytest.raises(SystemExit):
+    ev.build_parser().parse_args(["--model", "x", "--attacks", "pgd,nope"])
+
+
+def test_json_turns_nan_into_null(tmp_path):
+  path = ev.write_json({"asr": {"tr@1": math.nan, "ir@1": np.float32(12.5)}, "n": np.int64(3)},
+                       tmp_path / "r.json")
+  assert json.loads(path.read_text()) == {"asr": {"tr@1": None, "ir@1": 12.5}, "n": 3}
