@@ -1,0 +1,272 @@
+"""`python -m mat_jax.bench train`: one MAT training step, mat_jax (one jitted step) vs eager PyTorch.
+
+A randomly initialised transformers `CLIPModel` (ViT-B/16 by default) is saved and loaded into mat_jax,
+so both sides train the same weights on the same batch (shapes-world images resized to the model's
+resolution, captions tokenised by the shapes tokenizer, text-attack candidates from the world's lexicon).
+The step is MAT's (mat_jax.objectives.mat):
+
+  1. 1-word text attack guided by the clean image: word importance by masking each word ([UNK]) and
+     KL of the softmaxed text embedding, then words in importance order, each word's candidates scored
+     by minus the cosine similarity to the image, first improvement taken;
+  2. 2-step L-inf PGD (eps 2/255, step 1/255) on the contrastive cross-entropy against the adversarial
+     captions;
+  3. contrastive loss on the adversarial pairs, gradients, AdamW update.
+
+PyTorch runs it as the reference implementations do: eager, the text attack caption by caption (one
+batch of masked texts per caption, one batch of candidates per word), PGD with autograd on the pixels,
+then `loss.backward()` and `optimizer.step()`. Both sides pad texts to the same length and see the same
+candidates. Printed: images/s of each, the ratio, mat_jax's achieved GFLOP/s (XLA's count of the
+step, in which a loop body counts once: a lower bound) as a fraction of the machine's measured matmul
+peak, and the number of compilations of the step in the run (one per batch shape). The batch is
+`--batch` images per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from mat_jax.bench import common
+from mat_jax.models.clip import PRESETS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
+  parser.add_argument("--batch", type=int, default=8, help="images per device")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps of each implementation (median)")
+  parser.add_argument("--top-k", type=int, default=10, help="candidates per word")
+  parser.add_argument("--max-targets", type=int, default=8, help="attackable words per caption")
+  parser.add_argument("--no-torch", action="store_true", help="time mat_jax only")
+
+
+def _usable_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _batch(size: int, batch: int, tokenizer, max_targets: int, top_k: int):
+  """Shapes-world images (resized) and captions with lexicon candidates, as the training pipeline gives."""
+  from PIL import Image
+
+  from mat_jax.data import shapes
+  from mat_jax.training import inputs
+
+  rng = np.random.default_rng(0)
+  scenes = [shapes.sample_scene(rng) for _ in range(batch)]
+  images = np.stack([np.asarray(Image.fromarray(shapes.render(s)).resize((size, size), Image.BICUBIC))
+                     for s in scenes]).astype(np.float32) / 255.0
+  captions = np.asarray([shapes.describe(s, rng) for s in scenes])
+  tokens = tokenizer(list(captions))
+  attach = inputs.AttachCandidates(
+      tokenizer, inputs.make_source("lexicon"), max_words=tokenizer.context_length - 2, max_pieces=4,
+      top_k=top_k, max_targets=max_targets)
+  out = attach({"images": images, "captions": captions, "input_ids": tokens.input_ids,
+                "attention_mask": tokens.attention_mask, "image_ids": np.arange(batch, dtype=np.int32)})
+  return out, attach.meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# The PyTorch reference step.
+
+
+class TorchMAT:
+  """MAT's step in eager PyTorch on a transformers CLIPModel, structured as the references run it."""
+
+  def __init__(self, model, batch: dict, meta, *, eps: float, step_size: float, steps: int, lr: float):
+    import torch
+
+    self.torch = torch
+    self.model = model
+    self.meta = meta
+    self.eps, self.step_size, self.steps = eps, step_size, steps
+    cfg = model.config.vision_config
+    self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    del cfg
+    self.images = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy())
+    self.batch = batch
+    self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+
+  # -- text helpers (host lists of word pieces -> padded id tensors)
+  def _ids(self, texts: list[list[list[int]]]):
+    torch, m = self.torch, self.meta
+    ids = np.full((len(texts), m.context_length), m.pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    for i, words in enumerate(texts):
+      seq = [m.start_id] + [p for w in words for p in w][: m.context_length - 2] + [m.end_id]
+      ids[i, : len(seq)] = seq
+      mask[i, : len(seq)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+  def _text_features(self, texts):
+    ids, mask = self._ids(texts)
+    return self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+
+  def _caption(self, n: int):
+    b = self.batch
+    lengths = b["cand_word_lengths"][n]
+    return [list(b["cand_word_pieces"][n, w, : lengths[w]]) for w in range(len(lengths)) if lengths[w] > 0]
+
+  def text_attack(self, guide):
+    """Per caption: importance of each attackable word, then greedy substitution (1 word)."""
+    torch, b = self.torch, self.batch
+    normalise = torch.nn.functional.normalize
+    mask_word = list(b["cand_mask_pieces"][0, : b["cand_mask_length"][0]])
+    adversarial = []
+    for n in range(len(b["captions"])):
+      words = self._caption(n)
+      targets = [int(w) for w, ok in zip(b["cand_target_words"][n], b["cand_target_valid"][n]) if ok]
+      clean = self._text_features([words])
+      log_p = torch.log_softmax(normalise(clean, dim=-1), dim=-1)
+      masked = [words[:w] + [mask_word] + words[w + 1:] for w in targets]
+      if masked:
+        log_q = torch.log_softmax(normalise(self._text_features(masked), dim=-1), dim=-1)
+        importance = (log_p.exp() * (log_p - log_q)).sum(-1)
+        order = [targets[i] for i in torch.argsort(-importance, stable=True).tolist()]
+      else:
+        order = []
+      score = lambda feats: -(normalise(feats, dim=-1) @ normalise(guide[n], dim=-1))
+      keep = score(clean)[0]
+      current = words
+      for w in order:
+        slot = targets.index(w)
+        subs = [list(b["cand_sub_pieces"][n, slot, k, : b["cand_sub_lengths"][n, slot, k]])
+                for k in range(b["cand_sub_lengths"].shape[2]) if b["cand_sub_lengths"][n, slot, k] > 0]
+        if not subs:
+          continue
+        variants = [current[:w] + [s] + current[w + 1:] for s in subs]
+        scores = score(self._text_features(variants))
+        best = int(torch.argmax(scores))
+        if scores[best] > keep:
+          current = variants[best]
+          break  # one word changed: the references stop here
+      adversarial.append(current)
+    return self._ids(adversarial)
+
+  def step(self) -> float:
+    torch = self.torch
+    normalise = torch.nn.functional.normalize
+    model = self.model
+    x = self.images
+    pixels = lambda img: (img - self.mean) / self.std
+    with torch.no_grad():
+      guide = model.get_image_features(pixel_values=pixels(x)).pooler_output
+      adv_ids, adv_mask = self.text_attack(guide)
+      text = normalise(model.get_text_features(input_ids=adv_ids, attention_mask=adv_mask).pooler_output, dim=-1)
+      scale = model.logit_scale.exp().clamp(max=100.0)
+    labels = torch.arange(len(x))
+    adv = (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(0, 1)
+    for _ in range(self.steps):
+      adv.requires_grad_(True)
+      image = normalise(model.get_image_features(pixel_values=pixels(adv)).pooler_output, dim=-1)
+      loss = torch.nn.functional.cross_entropy(scale * image @ text.T, labels, reduction="sum")
+      grad, = torch.autograd.grad(loss, adv)
+      adv = adv.detach() + self.step_size * grad.sign()
+      adv = torch.min(torch.max(adv, x - self.eps), x + self.eps).clamp(0, 1)
+    image = normalise(model.get_image_features(pixel_values=pixels(adv)).pooler_output, dim=-1)
+    text = normalise(model.get_text_features(input_ids=adv_ids, attention_mask=adv_mask).pooler_output, dim=-1)
+    logits = model.logit_scale.exp().clamp(max=100.0) * image @ text.T
+    ce = torch.nn.functional.cross_entropy
+    loss = 0.5 * (ce(logits, labels) + ce(logits.T, labels))
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    self.optimizer.step()
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+  import torch
+  import transformers
+
+  from mat_jax import config as config_lib
+  from mat_jax import mesh as mesh_lib
+  from mat_jax.data import shapes
+  from mat_jax.models import split
+  from mat_jax.models.weights import clip_config_to_hf, load_clip
+  from mat_jax.objectives.mat import MAT
+  from mat_jax.training import optim
+  from mat_jax.training import step as step_lib
+
+  cores = _usable_cores()
+  torch.set_num_threads(cores)
+  devices = jax.device_count()
+  global_batch = args.batch * devices
+  cfg = PRESETS[args.preset]
+  size = cfg.vision.image_size
+  tokenizer = shapes.tokenizer(context_length=cfg.text.context_length)
+  # The shapes tokenizer's special ids (pad 0, start 1, end 2) in the model's text config. transformers
+  # reads eos_token_id 2 as "pool at the largest id" (its legacy rule) and load_clip follows it, so
+  # both sides pool at the same position.
+  cfg = cfg.replace(text=dataclasses.replace(cfg.text, bos_token_id=tokenizer.start_id,
+                                             eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
+  print(f"train: one MAT step (1-word text attack, {2}-step PGD at 2/255, AdamW), CLIP {args.preset}, "
+        f"batch {args.batch} per device x {devices} device(s) on {common.device_summary()}, "
+        f"{size}x{size} images, texts of {cfg.text.context_length} tokens")
+  print(f"threads: PyTorch {torch.get_num_threads()}, JAX usable cores {cores}")
+
+  transformers.utils.logging.disable_progress_bar()
+  torch.manual_seed(0)
+  hf = transformers.CLIPModel(transformers.CLIPConfig(**clip_config_to_hf(cfg)))
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp, safe_serialization=True)
+    encoder, params = split(load_clip(tmp))
+  batch, meta = _batch(size, global_batch, tokenizer, args.max_targets, args.top_k)
+
+  # ---- mat_jax: the train step of `python -m mat_jax.train`
+  objective = MAT(eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1, candidate_meta=meta)
+  settings = config_lib.build({"optimizer": {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.1},
+                               "schedule": {"name": "constant"}})
+  schedule = optim.make_schedule(settings.schedule, 1e-5, 1000)
+  tx = optim.make_optimizer(settings.optimizer, schedule)
+  mesh = mesh_lib.make_mesh()
+  is_trainable = step_lib.trainable_filter("all")
+  shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
+  state = step_lib.create_state(params, tx, is_trainable, 0, shardings)
+  step = step_lib.jit_step(step_lib.make_step_fn(encoder, objective, tx, is_trainable, schedule), shardings, mesh)
+  device_batch = mesh_lib.global_batch(batch, mesh)
+
+  # FLOPs from the lowered program (no second compilation); the first call compiles.
+  cost = step.lower(state, device_batch, None).cost_analysis()
+  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost or {}).get("flops", 0.0))
+  holder = {"state": state}
+
+  def jax_step():
+    holder["state"], metrics = step(holder["state"], device_batch, None)
+    return metrics
+
+  start = time.perf_counter()
+  common.block(jax_step())
+  first_call = time.perf_counter() - start
+  jax_seconds = common.time_call(jax_step, warmup=0, min_seconds=0.0, min_calls=args.steps,
+                                 max_calls=args.steps)
+  metrics = jax.device_get(jax_step())
+  compile_seconds = first_call - jax_seconds
+  rows = [["mat_jax (jit)", global_batch / jax_seconds, jax_seconds, 1.0]]
+  print(f"mat_jax: compiled in {compile_seconds:.1f}s; loss {float(metrics['loss']):.3f}, "
+        f"captions changed {float(metrics['text_changed']):.2f}")
+
+  if not args.no_torch:
+    hf.train()
+    reference = TorchMAT(hf, batch, meta, eps=2 / 255, step_size=1 / 255, steps=2, lr=1e-5)
+    torch_seconds = common.time_call(reference.step, warmup=1, min_seconds=0.0, min_calls=args.steps,
+                                     max_calls=args.steps, sync=lambda x: x)
+    rows.append(["PyTorch eager", global_batch / torch_seconds, torch_seconds, jax_seconds / torch_seconds])
+    rows[0][3] = torch_seconds / jax_seconds
+
+  peak = common.matmul_peak()
+  achieved = flops / jax_seconds / 1e9
+  common.print_table("MAT train step", ["implementation", "images/s", "s/step", "speed-up vs other"], rows)
+  # XLA's cost analysis counts the body of a loop once (PGD steps, text-attack rounds): a lower bound.
+  print(f"\nmat_jax: >= {flops / 1e9:,.0f} GFLOP per step (XLA count, loop bodies once), {achieved:,.1f} GFLOP/s = "
+        f"{100 * achieved / peak.gflops:.1f}% of the measured matmul peak ({peak.gflops:,.1f} GFLOP/s, "
+        f"{peak.size}x{peak.size} {peak.dtype})")
+  print(f"compilations of the train step in this run: {step._cache_size()} (one batch shape)")
+  return 0

@@ -1,0 +1,389 @@
+"""Experiment files: loading, defaults, validation and `--config.key=value` overrides.
+
+An experiment is a Python file with `get_config(arg=None)` returning an `ml_collections.ConfigDict`
+(or a dict), as in big_vision: `python -m mat_jax.train --config experiments/shapes_mat.py:runlocal`
+passes "runlocal" as `arg`. A file sets only what differs from `defaults()`; loading fills in the rest,
+then checks every key and type:
+
+- a key that does not exist (in the file or in an override) is an error that lists the valid keys of
+  that section and the closest match;
+- a value of the wrong type is an error naming the key, the expected type and the value;
+- the objective's hyper-parameters (`config.objective.*`) are checked against the fields of the
+  objective named by `config.objective.name` (see `mat_jax.objectives`).
+
+Overrides are `key.path=value` strings; the value is parsed by the type of the existing field
+(`true/false`, ints, floats including fractions such as `2/255`, strings, tuples as `a,b` or `(1, 2)`).
+Overrides of `*.name` fields are applied first, so `--config.objective.name=tecoa` brings in TeCoA's
+defaults before its other keys are overridden.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import ml_collections
+
+ANY = object()  # schema marker: any value accepted
+
+
+class ConfigError(ValueError):
+  """An experiment file or override that does not fit the schema."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every key an experiment may set, with its default (and so its type)."""
+  c = ml_collections.ConfigDict()
+  c.name = ""                      # experiment name, used for logs and the default workdir
+  c.seed = 0                       # parameter init, data order and attack randomness all derive from it
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = "tiny"          # a preset (random init), a transformers dir / hub id, a mat_jax
+                                   # workdir, or "cache:shapes_clip" (the demo's clean tiny CLIP)
+  c.model.tokenizer = ""           # "" = beside the model; "shapes" = the shapes-world tokenizer
+  c.model.overrides = ""           # preset changes for random init: "vision.layers=2,text.width=64"
+  c.model.context_length = 0       # 0 = the model's
+  c.model.dtype = "float32"        # compute dtype (float32 | bfloat16); parameters stay float32
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "shapes"           # TFDS dataset name built by `python -m mat_jax.data build`
+  c.data.data_dir = ""             # "" = $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets
+  c.data.split = "train"
+  c.data.captions_per_image = 1    # k > 1: k captions per image (one-to-many objectives)
+  c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, flip, ...)
+  c.data.worker_count = 0          # Grain worker processes (0 = in the main process)
+  c.data.build_train = 20000       # sizes used when the shapes world must be built
+  c.data.build_val = 1000
+  c.data.build_test = 1000
+  c.data.image_size = 64
+
+  c.text_attack = ml_collections.ConfigDict()
+  c.text_attack.source = "lexicon"  # candidate source: lexicon (shapes world) | bert | charedit
+  c.text_attack.bert = "bert-base-uncased"  # BERT MLM for the bert source (dir or hub id)
+  c.text_attack.top_k = 10
+  c.text_attack.max_words = 0      # words of a caption considered (fixed shape); 0 = all that fit
+  c.text_attack.max_pieces = 4     # pieces per word / substitute (fixed shape)
+  c.text_attack.max_targets = 12   # attackable words per caption (fixed shape; the first ones kept)
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = "contrastive"  # + the fields of that objective (mat_jax.objectives)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64          # global batch (images), split over all devices
+  c.train.steps = 1000
+  c.train.towers = "all"           # which towers train: all | vision | text
+  c.train.train_logit_scale = True  # with towers=all only
+  c.train.log_every = 20           # host reads metrics (and checks for NaN) every N steps
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 3
+  c.train.eval_every = 0           # 0 = evaluate at the end only
+  c.train.export = True            # write the final model in the transformers layout (workdir/model)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"       # adamw | adam | sgd
+  c.optimizer.learning_rate = 1e-3  # peak learning rate of the schedule
+  c.optimizer.weight_decay = 0.0   # decoupled (adamw) or L2 added to the gradient (sgd, adam)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.momentum = 0.9       # sgd
+  c.optimizer.nesterov = False     # sgd
+  c.optimizer.grad_clip_norm = 0.0  # 0 = no clipping
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"       # constant | cosine | linear (decay), each after warmup_steps
+  c.schedule.warmup_steps = 0
+  c.schedule.end_factor = 0.0      # final learning rate / peak (cosine, linear)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "test"
+  c.eval.max_images = 200          # 0 = the whole split
+  c.eval.batch_size = 100
+  c.eval.attacks = ("pgd",)        # periodic evaluation: clean + these (cheap) attacks
+  c.eval.eps = 2 / 255
+  c.eval.steps = 10
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = ""                # "" = all devices on data; "8"; "data=4,fsdp=2" (--mesh overrides)
+  c.mesh.param_sharding = "replicated"  # replicated | fsdp | logical
+  c.mesh.logical_rules = "embed=fsdp"   # used by param_sharding=logical
+  return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load(path: str | os.PathLike, overrides: Sequence[str] = (), arg: str | None = None
+         ) -> ml_collections.ConfigDict:
+  """Load an experiment file (`path` or `path:arg`), fill defaults, apply overrides, validate."""
+  path, arg = _split_arg(str(path), arg)
+  raw = _call_get_config(Path(path), arg)
+  return build(raw, overrides, origin=str(path))
+
+
+def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequence[str] = (),
+          origin: str = "config") -> ml_collections.ConfigDict:
+  """Defaults + `raw` + overrides -> a validated, locked ConfigDict."""
+  raw = _to_dict(raw)
+  parsed = [_parse_override(o) for o in overrides]
+  # `*.name` first: the objective's name decides which of its keys are valid.
+  file_objective = dict(raw.get("objective", {}))
+  for key, value in parsed:
+    if key.endswith(".name"):
+      _set_raw(raw, key, value)
+  renamed = raw.get("objective", {}).get("name") != file_objective.get("name", "contrastive")
+  config = _merge(defaults().to_dict(), raw, origin)
+  # A file's hyper-parameters of another objective are dropped when the name is overridden (switching
+  # shapes_mat.py to tecoa keeps eps/steps/step_size, drops text_changes); typos elsewhere still fail.
+  config["objective"] = _objective_section(config["objective"], origin, keep_known_only=renamed)
+  for key, value in parsed:
+    if not key.endswith(".name"):
+      _override(config, key, value)
+  _check_values(config)
+  out = ml_collections.ConfigDict(config)
+  out.lock()
+  return out
+
+
+def _split_arg(path: str, arg: str | None) -> tuple[str, str | None]:
+  if arg is None and ":" in path and not Path(path).exists():
+    path, arg = path.rsplit(":", 1)
+  return path, arg
+
+
+def _call_get_config(path: Path, arg: str | None) -> Any:
+  if not path.exists():
+    here = Path(__file__).resolve().parents[1] / "experiments"
+    known = sorted(p.name for p in here.glob("*.py")) if here.exists() else []
+    raise ConfigError(f"experiment file {path} not found; experiments in {here}: {known}")
+  spec = importlib.util.spec_from_file_location(f"mat_jax_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(arg=None) function")
+  try:
+    return module.get_config(arg) if arg is not None else module.get_config()
+  except TypeError as e:
+    if arg is not None and "argument" in str(e):
+      raise ConfigError(f"{path}: get_config takes no argument, but {arg!r} was given after ':'") from e
+    raise
+
+
+def _to_dict(raw: Any) -> dict:
+  if isinstance(raw, ml_collections.ConfigDict):
+    return raw.to_dict()
+  if isinstance(raw, Mapping):
+    return {k: _to_dict(v) if isinstance(v, (Mapping, ml_collections.ConfigDict)) else v
+            for k, v in raw.items()}
+  raise ConfigError(f"get_config must return a ConfigDict or a dict, got {type(raw).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _unknown_key(key: str, section: str, valid: Iterable[str], origin: str) -> ConfigError:
+  valid = sorted(valid)
+  close = difflib.get_close_matches(key, valid, n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  where = f"{section}.{key}" if section else key
+  return ConfigError(f"{origin}: unknown config key {where!r}.{hint} Valid keys"
+                     f"{' of ' + section if section else ''}: {', '.join(valid)}")
+
+
+def _merge(schema: dict, raw: dict, origin: str, section: str = "") -> dict:
+  out = dict(schema)
+  for key, value in raw.items():
+    if section == "objective":  # validated against the objective's own fields later
+      out[key] = value
+      continue
+    if key not in schema:
+      raise _unknown_key(key, section, schema, origin)
+    name = f"{section}.{key}" if section else key
+    if isinstance(schema[key], dict):
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"{origin}: {name} must be a section (ConfigDict), got {value!r}")
+      out[key] = _merge(schema[key], dict(value), origin, name)
+    else:
+      out[key] = _coerce(name, schema[key], value, origin)
+  return out
+
+
+def _coerce(name: str, default: Any, value: Any, origin: str) -> Any:
+  """Check `value` against the type of `default`; ints are accepted for floats, lists for tuples."""
+  if default is ANY or default is None:
+    return value
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if ok else value
+  elif isinstance(default, tuple):
+    ok = isinstance(value, (tuple, list))
+    value = tuple(value) if ok else value
+  else:
+    ok = isinstance(value, type(default))
+  if not ok:
+    raise ConfigError(f"{origin}: {name} must be {type(default).__name__}, got {value!r} "
+                      f"({type(value).__name__})")
+  return value
+
+
+def _objective_section(section: dict, origin: str, keep_known_only: bool = False) -> dict:
+  from mat_jax import objectives  # deferred: objectives import jax and the attacks
+
+  name = section.get("name", "contrastive")
+  cls = objectives.get_class(name)
+  fields = objectives.hyperparameters(cls)
+  out = {"name": name}
+  out.update(fields)
+  for key, value in section.items():
+    if key == "name":
+      continue
+    if key not in fields:
+      if keep_known_only:
+        continue
+      raise _unknown_key(key, f"objective ({name})", ["name", *fields], origin)
+    out[key] = _coerce(f"objective.{key}", fields[key], value, origin)
+  return out
+
+
+_CHOICES = {
+    ("train", "towers"): ("all", "vision", "text"),
+    ("optimizer", "name"): ("adamw", "adam", "sgd"),
+    ("schedule", "name"): ("constant", "cosine", "linear"),
+    ("mesh", "param_sharding"): ("replicated", "fsdp", "logical"),
+    ("model", "dtype"): ("float32", "bfloat16"),
+    ("text_attack", "source"): ("lexicon", "bert", "charedit"),
+}
+
+
+def _check_values(config: dict) -> None:
+  for (section, key), choices in _CHOICES.items():
+    if config[section][key] not in choices:
+      raise ConfigError(f"{section}.{key}={config[section][key]!r} is not one of {choices}")
+  train = config["train"]
+  for key in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    if train[key] < 1:
+      raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
+  if config["data"]["captions_per_image"] < 1:
+    raise ConfigError("data.captions_per_image must be at least 1")
+  if config["schedule"]["warmup_steps"] > train["steps"]:
+    raise ConfigError(f"schedule.warmup_steps ({config['schedule']['warmup_steps']}) exceeds "
+                      f"train.steps ({train['steps']})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Overrides.
+
+
+def _parse_override(text: str) -> tuple[str, str]:
+  text = text[len("--config."):] if text.startswith("--config.") else text
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise ConfigError(f"cannot parse override {text!r}; write key.path=value (e.g. schedule.name=cosine)")
+  return key.strip(), value
+
+
+def _set_raw(raw: dict, key: str, value: str) -> None:
+  section, _, leaf = key.rpartition(".")
+  node = raw
+  for part in section.split(".") if section else []:
+    node = node.setdefault(part, {})
+  node[leaf] = _parse_value(value, "")
+
+
+def _override(config: dict, key: str, text: str) -> None:
+  parts = key.split(".")
+  node, section = config, ""
+  for part in parts[:-1]:
+    if part not in node or not isinstance(node[part], dict):
+      raise _unknown_key(part, section, [k for k, v in node.items() if isinstance(v, dict)], "override")
+    node, section = node[part], f"{section}.{part}" if section else part
+  leaf = parts[-1]
+  if leaf not in node or isinstance(node[leaf], dict):
+    raise _unknown_key(leaf, section, [k for k, v in node.items() if not isinstance(v, dict)], "override")
+  node[leaf] = _coerce(key, node[leaf], _parse_value(text, node[leaf]), "override")
+
+
+def _parse_value(text: str, default: Any) -> Any:
+  text = text.strip()
+  if isinstance(default, bool):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"cannot read {text!r} as a boolean (true/false)")
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"cannot read {text!r} as an integer") from None
+  if isinstance(default, float):
+    try:
+      return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+      raise ConfigError(f"cannot read {text!r} as a number (e.g. 0.01, 1e-5 or 2/255)") from None
+  if isinstance(default, tuple):
+    if text.startswith(("(", "[")):
+      return tuple(ast.literal_eval(text))
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+  if isinstance(default, str):
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprints.
+
+
+def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> dict[str, Any]:
+  """The parts of a config that a checkpoint's contents depend on (shapes and pytree structure)."""
+  import dataclasses
+
+  parts: dict[str, Any] = {
+      "train.towers": config.train.towers,
+      "train.train_logit_scale": config.train.train_logit_scale,
+      "train.batch_size": config.train.batch_size,
+      "optimizer.name": config.optimizer.name,
+      "optimizer.grad_clip": config.optimizer.grad_clip_norm > 0,
+      "data.name": config.data.name,
+      "data.captions_per_image": config.data.captions_per_image,
+  }
+  if model_config is not None:
+    flat = _flatten(dataclasses.asdict(model_config), "model")
+    parts.update({k: v for k, v in flat.items() if k != "model.dtype"})
+  return json.loads(json.dumps(parts, default=str))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}.{key}"
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, name))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def digest(parts: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)

@@ -1,0 +1,259 @@
+"""The device mesh: `--mesh` parsing, batch and parameter shardings, host batches as global arrays.
+
+Every mesh has the two axes `data` and `fsdp` (either may have size 1), so one set of sharding rules
+serves all layouts:
+
+- the batch is split over (data, fsdp) jointly: every device holds a distinct slice of the examples;
+- parameters are replicated by default; with FSDP they are split over `fsdp`, either by the largest
+  divisible axis of each parameter (`param_sharding="fsdp"`) or by their logical axis names
+  (`param_sharding="logical"` with rules such as `embed=fsdp`); a dimension that the axis does not
+  divide stays replicated.
+
+Under `jit`, computations on a sharded batch are written as if on one device: XLA inserts the
+collectives (the contrastive loss over the global batch all-gathers the embeddings by itself).
+
+Multi-host: `initialize_distributed` starts `jax.distributed` when the run is one of several processes;
+each process then feeds its own rows of the global batch (`global_batch`), which
+`jax.make_array_from_process_local_data` assembles without any cross-host copy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both axes jointly
+PARAM_SHARDING_MODES = ("replicated", "fsdp", "logical")
+
+# Environment variables read by `initialize_distributed` when no flag is given.
+ENV_COORDINATOR = "MAT_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "MAT_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "MAT_JAX_PROCESS_ID"
+
+
+class MeshError(ValueError):
+  """A mesh specification or a sharding request that the devices cannot satisfy."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mesh construction.
+
+
+def parse_mesh_spec(spec: str | int | None, device_count: int) -> dict[str, int]:
+  """`None`/"" -> all devices on data; "8" -> data=8; "data=4,fsdp=2" -> both. Returns sizes by axis."""
+  if spec is None or (isinstance(spec, str) and not spec.strip()):
+    sizes = {"data": device_count}
+  elif isinstance(spec, int) or spec.strip().isdigit():
+    sizes = {"data": int(spec)}
+  else:
+    sizes = {}
+    for part in spec.split(","):
+      name, sep, value = part.partition("=")
+      name = name.strip()
+      if not sep or not value.strip().lstrip("-").isdigit():
+        raise MeshError(f"cannot parse mesh {spec!r}: write a device count ('8') or axis sizes "
+                        f"('data=4,fsdp=2'); axes are {AXES}")
+      if name not in AXES:
+        raise MeshError(f"unknown mesh axis {name!r} in {spec!r}; valid axes: {AXES}")
+      if name in sizes:
+        raise MeshError(f"mesh axis {name!r} given twice in {spec!r}")
+      sizes[name] = int(value)
+  sizes = {axis: sizes.get(axis, 1) for axis in AXES}
+  if any(size < 1 for size in sizes.values()):
+    raise MeshError(f"mesh axis sizes must be positive, got {sizes}")
+  total = int(np.prod(list(sizes.values())))
+  if total > device_count:
+    raise MeshError(f"mesh {spec!r} needs {total} devices but only {device_count} are visible "
+                    f"({jax.devices()[0].platform}); pass a smaller --mesh. On CPU, simulate more with "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=N (set before importing jax).")
+  return sizes
+
+
+def make_mesh(spec: str | int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp) mesh over `devices` (default: every device of every process).
+
+  With fewer devices requested than visible, the first ones are used (only on a single process:
+  a multi-process mesh must span all devices so that every host takes part).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = parse_mesh_spec(spec, len(devices))
+  total = sizes["data"] * sizes["fsdp"]
+  if total < len(devices) and jax.process_count() > 1:
+    raise MeshError(f"a multi-process run must use all {len(devices)} devices, the mesh asks for "
+                    f"{total}; leave --mesh out or give sizes whose product is {len(devices)}")
+  grid = np.asarray(devices[:total], dtype=object).reshape(sizes["data"], sizes["fsdp"])
+  return Mesh(grid, AXES)
+
+
+def describe(mesh: Mesh) -> str:
+  return ", ".join(f"{name}={size}" for name, size in mesh.shape.items()) + \
+      f" ({mesh.devices.size} {mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es))"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches.
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Axis 0 split over (data, fsdp) jointly; all other axes whole."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_devices(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  n = batch_devices(mesh)
+  if global_batch_size % n:
+    raise MeshError(f"the global batch size {global_batch_size} is not divisible by the {n} devices "
+                    f"of the batch axes ({describe(mesh)}); use a multiple of {n}")
+  if global_batch_size % jax.process_count():
+    raise MeshError(f"the global batch size {global_batch_size} is not divisible by the "
+                    f"{jax.process_count()} processes")
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """Rows of the global batch that this process reads."""
+  return global_batch_size // jax.process_count()
+
+
+def device_arrays(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The numeric entries of a host batch (strings such as the raw captions stay on the host)."""
+  return {k: v for k, v in batch.items()
+          if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+
+
+def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a batch (numpy) -> global arrays sharded over the batch axes.
+
+  Non-numeric entries (caption strings) are dropped: they never go to the devices.
+  """
+  sharding = batch_sharding(mesh)
+  out = {}
+  for key, value in device_arrays(local).items():
+    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters.
+
+
+def parse_logical_rules(rules: str | Mapping[str, str | None] | None) -> dict[str, str | None]:
+  """'embed=fsdp,mlp=fsdp' (or a mapping) -> {logical name: mesh axis or None}."""
+  if not rules:
+    return {}
+  if isinstance(rules, Mapping):
+    parsed = dict(rules)
+  else:
+    parsed = {}
+    for part in str(rules).split(","):
+      name, sep, axis = part.partition("=")
+      if not sep:
+        raise MeshError(f"cannot parse logical sharding rule {part!r}; write 'embed=fsdp,mlp=fsdp'")
+      parsed[name.strip()] = axis.strip() or None
+  for name, axis in parsed.items():
+    if axis not in (None, "none", "None", *AXES):
+      raise MeshError(f"logical rule {name}={axis}: the mesh axis must be one of {AXES} (or none)")
+    if axis in ("none", "None"):
+      parsed[name] = None
+  return parsed
+
+
+def _largest_divisible_axis(shape: tuple[int, ...], size: int) -> int | None:
+  best = None
+  for axis, dim in enumerate(shape):
+    if dim % size == 0 and dim >= size and (best is None or dim >= shape[best]):
+      best = axis
+  return best
+
+
+def spec_for(shape: tuple[int, ...], logical: tuple[str | None, ...] | None, mesh: Mesh, mode: str,
+             rules: Mapping[str, str | None] | None = None) -> P:
+  """The PartitionSpec of one parameter (see the module docstring for the modes)."""
+  if mode not in PARAM_SHARDING_MODES:
+    raise MeshError(f"unknown param_sharding {mode!r}; choose one of {PARAM_SHARDING_MODES}")
+  fsdp = mesh.shape["fsdp"]
+  if mode == "replicated" or fsdp == 1 or not shape:
+    return P()
+  if mode == "fsdp":
+    axis = _largest_divisible_axis(shape, fsdp)
+    if axis is None:
+      return P()
+    return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+  # logical: map each named dimension through the rules; a mesh axis is used at most once.
+  names = tuple(logical or ()) + (None,) * (len(shape) - len(logical or ()))
+  used, entries = set(), []
+  for dim, name in zip(shape, names):
+    axis = (rules or {}).get(name) if name is not None else None
+    if axis is None or axis in used or dim % mesh.shape[axis]:
+      entries.append(None)
+    else:
+      used.add(axis)
+      entries.append(axis)
+  return P(*entries)
+
+
+def param_shardings(params: Any, mesh: Mesh, mode: str = "replicated",
+                    rules: str | Mapping[str, str | None] | None = None) -> Any:
+  """A pytree of NamedSharding matching `params` (an nnx.State or any pytree of arrays).
+
+  Logical axis names are read from the nnx variables' `out_sharding` metadata (set in clip.py).
+  """
+  from flax import nnx  # the mesh module stays importable without flax for the data side
+
+  parsed = parse_logical_rules(rules)
+  if isinstance(params, nnx.State):
+    logical = nnx.get_partition_spec(params)
+    return jax.tree.map(
+        lambda x, names: NamedSharding(mesh, spec_for(tuple(x.shape), tuple(names), mesh, mode, parsed)),
+        params, logical)
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec_for(tuple(np.shape(x)), None, mesh, mode, parsed)),
+                      params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-host start.
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Start `jax.distributed` when this is one process of several; return whether it did.
+
+  Arguments fall back to MAT_JAX_COORDINATOR / MAT_JAX_NUM_PROCESSES / MAT_JAX_PROCESS_ID. With none of
+  them set, nothing happens (single process), except on clusters that JAX detects by itself (TPU pods,
+  SLURM, ...), where `MAT_JAX_DISTRIBUTED=1` asks for auto-detection. Call before any other JAX work.
+  """
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and os.environ.get(ENV_PROCESS_ID):
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  if not explicit and os.environ.get("MAT_JAX_DISTRIBUTED") != "1":
+    return False
+  if explicit and (coordinator_address is None or num_processes is None or process_id is None):
+    raise MeshError("a multi-process run needs the coordinator address (host:port), the number of "
+                    "processes and this process's id: pass --coordinator, --num-processes and "
+                    f"--process-id (or set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})")
+  if explicit and not 0 <= process_id < num_processes:
+    raise MeshError(f"process id {process_id} is outside [0, {num_processes})")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  return True
+
+
+def is_main_process() -> bool:
+  """Only process 0 writes logs, metrics and exported models."""
+  return jax.process_index() == 0

@@ -1,0 +1,74 @@
+"""`python -m mat_jax.train`: adversarial training of CLIP models on a device mesh.
+
+    python -m mat_jax.train --config experiments/shapes_mat.py [--config.key=value ...]
+                            [--mesh 8 | --mesh data=4,fsdp=2] [--workdir DIR]
+
+Without --config it runs the shapes-world demo end to end (see mat_jax.training.demo). A run resumes
+from the newest checkpoint in its workdir. Multi-host: start one process per host with --coordinator
+HOST:PORT --num-processes N --process-id I (or the MAT_JAX_* environment variables); each host reads
+its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+  parser = argparse.ArgumentParser(prog="python -m mat_jax.train", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", help="experiment file, optionally with an argument: FILE.py[:ARG]")
+  parser.add_argument("--workdir", help="run directory (checkpoints, metrics, exported model); "
+                                        "default runs/<experiment name>")
+  parser.add_argument("--mesh", help="devices: '8' (data axis) or 'data=4,fsdp=2' (default: all devices "
+                                     "on data, or config.mesh.shape)")
+  parser.add_argument("--coordinator", help="multi-host: address HOST:PORT of process 0")
+  parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+  parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  parser.add_argument("--no-eval", action="store_true", help="skip the evaluations")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides, rest = [], []
+  for arg in argv:
+    (overrides if arg.startswith("--config.") else rest).append(arg)
+  args = parser.parse_args(rest)
+  return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+  args, overrides = parse_args(argv)
+  # jax.distributed must start before anything touches the devices.
+  from mat_jax import mesh as mesh_lib
+  mesh_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+  from mat_jax import config as config_lib
+  from mat_jax.training import loop
+
+  if args.config is None:
+    if overrides:
+      print("--config.* overrides need --config FILE", file=sys.stderr)
+      return 2
+    from mat_jax.training import demo
+    return demo.main(workdir=args.workdir, mesh_spec=args.mesh)
+  try:
+    config = config_lib.load(args.config, overrides)
+  except config_lib.ConfigError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
+  try:
+    result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
+                        evaluate=not args.no_eval)
+  except loop.NonFiniteLossError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+  if result.metrics and mesh_lib.is_main_process():
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+    print(f"done: step {result.step}: {shown}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,330 @@
+"""The training loop: build a run from its config, resume it, step, log, checkpoint, evaluate, export.
+
+    result = train(config, workdir, mesh_spec="data=4,fsdp=2")
+
+Host work per step: fetch this process's batch, place it as a global array, dispatch the compiled step.
+The host reads device values only every `train.log_every` steps and before every checkpoint (metrics
+and the non-finite flag), so the device runs ahead in between. Only process 0 writes logs, metrics
+(JSONL + TensorBoard), the run config and the exported model; every process takes part in checkpoints
+(each saves its own data-iterator position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mat_jax import checkpoint as checkpoint_lib
+from mat_jax import config as config_lib
+from mat_jax import mesh as mesh_lib
+from mat_jax import objectives
+from mat_jax.models import CLIP, DualEncoder, split
+from mat_jax.training import inputs, optim, setup
+from mat_jax.training import step as step_lib
+
+Log = Callable[[str], None]
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or a gradient became NaN/inf; the run stopped, its last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: Path
+  step: int
+  metrics: dict[str, float]          # the last logged averages
+  evaluation: dict[str, Any] | None  # the final evaluation, if any
+  model_dir: Path | None             # the exported model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metric writing (process 0 only).
+
+
+class MetricWriter:
+  """Appends {"step": s, ...} lines to metrics.jsonl and scalars to TensorBoard (workdir/tensorboard)."""
+
+  def __init__(self, workdir: Path, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.jsonl = None
+    self.tb = None
+    if not enabled:
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.jsonl = open(workdir / "metrics.jsonl", "a")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    scalars = {f"{prefix}{k}": float(v) for k, v in values.items() if np.ndim(v) == 0}
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for key, value in scalars.items():
+        self.tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self.jsonl is not None:
+      self.jsonl.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run: everything the loop needs, built from the config.
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  workdir: Path
+  mesh: Any
+  model: CLIP
+  encoder: DualEncoder
+  params: nnx.State
+  tokenizer: Any
+  objective: objectives.Objective
+  schedule: Any
+  tx: Any
+  is_trainable: Any
+  shardings: step_lib.TrainState
+  fingerprint: dict[str, Any]
+  batch_transforms: tuple = ()   # host-side additions to each batch (text-attack candidates)
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.config.train.batch_size
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: str | None = None,
+              model: CLIP | None = None, tokenizer: Any = None, log: Log = print) -> Run:
+  """Mesh, model, objective, optimizer and shardings of a run (no data, no state yet)."""
+  mesh = mesh_lib.make_mesh(mesh_spec if mesh_spec is not None else (config.mesh.shape or None))
+  mesh_lib.check_batch_size(config.train.batch_size, mesh)
+  if model is None:
+    model, tokenizer = setup.load_model(config, log=log)
+  encoder, params = split(model)
+  objective = objectives.make(config.objective)
+  transforms = ()
+  if objective.needs_text_candidates:
+    if tokenizer is None:
+      raise ValueError(f"objective {objective.name} attacks the text and needs a tokenizer; set model.tokenizer")
+    attach = candidate_transform(config, tokenizer)
+    objective = dataclasses.replace(objective, candidate_meta=attach.meta)
+    transforms = (attach,)
+  schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, config.train.steps)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  is_trainable = step_lib.trainable_filter(config.train.towers, config.train.train_logit_scale)
+  shardings = step_lib.state_shardings(params, tx, is_trainable, mesh, config.mesh.param_sharding,
+                                       config.mesh.logical_rules)
+  return Run(config, Path(workdir), mesh, model, encoder, params, tokenizer, objective, schedule, tx,
+             is_trainable, shardings, config_lib.fingerprint(config, model.config), transforms)
+
+
+def candidate_transform(config: ml_collections.ConfigDict, tokenizer: Any) -> inputs.AttachCandidates:
+  """The batch transform attaching text-attack candidates, sized by `config.text_attack`."""
+  ta = config.text_attack
+  source = inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k)
+  max_words = ta.max_words or tokenizer.context_length - 2
+  return inputs.AttachCandidates(tokenizer, source, max_words=max_words, max_pieces=ta.max_pieces,
+                                 top_k=ta.top_k, max_targets=ta.max_targets)
+
+
+def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[CLIP, Any]:
+  """The model of a run's newest checkpoint (on the current devices, replicated)."""
+  config = _unlocked_copy(config, {"mesh": {"shape": "1", "param_sharding": "replicated"}})
+  run = build_run(config, workdir, mesh_spec="1", log=lambda _: None)
+  with checkpoint_lib.Checkpointer(workdir, run.fingerprint) as ckpt:
+    state0 = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, config.seed),
+                            run.params)
+    state = ckpt.restore(checkpoint_lib.abstract_like(state0, run.shardings))
+  return run.encoder.merge(state.params), run.tokenizer
+
+
+def _unlocked_copy(config: ml_collections.ConfigDict, changes: dict) -> ml_collections.ConfigDict:
+  raw = config.to_dict()
+  for section, values in changes.items():
+    raw[section].update(values)
+  return config_lib.build(raw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: str | None = None,
+          log: Log = print, progress: bool = True, evaluate: bool = True,
+          data_iterator: Any = None, model: CLIP | None = None, tokenizer: Any = None) -> RunResult:
+  """Train (or resume) the run in `workdir` to `config.train.steps` steps.
+
+  `data_iterator` replaces the configured input pipeline (it must yield this process's batches and
+  have get_state/set_state); `model`/`tokenizer` replace `config.model.source`.
+  """
+  workdir = Path(workdir).expanduser().absolute()
+  main = mesh_lib.is_main_process()
+  say = log if main else (lambda _: None)
+  run = build_run(config, workdir, mesh_spec=mesh_spec, model=model, tokenizer=tokenizer, log=say)
+  cfg = run.config
+  say(f"run {cfg.name or '(unnamed)'}: objective {run.objective.name}, mesh {mesh_lib.describe(run.mesh)}, "
+      f"{cfg.train.steps} steps of {cfg.train.batch_size} images, towers {cfg.train.towers}, "
+      f"workdir {workdir}")
+  ckpt = checkpoint_lib.Checkpointer(workdir, run.fingerprint, max_to_keep=cfg.train.keep_checkpoints)
+  try:
+    ckpt.check_compatible()  # before any data work: a mismatch is reported at once
+  except checkpoint_lib.IncompatibleCheckpointError:
+    ckpt.close()
+    raise
+  if main:
+    checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
+  builder = None
+  if data_iterator is None or (evaluate and main):
+    builder = setup.data_builder(cfg, run.model.config.vision.image_size, log=say)
+  if data_iterator is None:
+    data_iterator = setup.train_iterator(
+        cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        extra_transforms=run.batch_transforms)
+
+  reference = (jax.device_put(run.params, run.shardings.params) if run.objective.needs_reference else None)
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
+    state = ckpt.restore(checkpoint_lib.abstract_like(abstract, run.shardings), data_iterator)
+    say(f"resumed from the checkpoint at step {start}")
+  else:
+    state = step_lib.create_state(run.params, run.tx, run.is_trainable, cfg.seed, run.shardings)
+    start = 0
+  step_fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable,
+                                                    run.schedule), run.shardings, run.mesh)
+
+  writer = MetricWriter(workdir, enabled=main)
+  evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
+  bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
+  last_metrics: dict[str, float] = {}
+  pending: list[dict[str, jax.Array]] = []
+  clock, clock_step = time.perf_counter(), start
+  last_saved = start if start else None
+  try:
+    for step in range(start, cfg.train.steps):
+      local = next(data_iterator)
+      state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
+      pending.append(metrics)
+      done = step + 1
+      final = done == cfg.train.steps
+      log_now = done % cfg.train.log_every == 0 or final
+      save_now = done % cfg.train.checkpoint_every == 0 or final
+      if log_now or save_now:
+        values = jax.device_get(pending)
+        pending = []
+        _check_finite(state, last_saved, workdir)
+        if log_now:
+          now = time.perf_counter()
+          rate = (done - clock_step) / max(now - clock, 1e-9)
+          clock, clock_step = now, done
+          last_metrics = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+          last_metrics.update(steps_per_s=rate, images_per_s=rate * cfg.train.batch_size)
+          writer.write(done, last_metrics, "train/")
+          bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", steps_s=f"{rate:.2f}",
+                          images_s=f"{rate * cfg.train.batch_size:.1f}", refresh=False)
+      if save_now:
+        ckpt.save(done, state, data_iterator)
+        last_saved = done
+      bar.update(1)
+      if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and not final:
+        gathered = host_params(state.params)  # every process: a collective when FSDP spans hosts
+        if evaluator:
+          writer.write(done, evaluator(gathered), "eval/")
+    ckpt.wait()
+  finally:
+    bar.close()
+    ckpt.close()
+
+  final_params = host_params(state.params)
+  evaluation = None
+  if evaluator:
+    evaluation = evaluator(final_params)
+    writer.write(cfg.train.steps, evaluation, "eval/")
+    if evaluation:
+      say("evaluation: " + ", ".join(f"{k} {v:.1f}" for k, v in evaluation.items()))
+  writer.close()
+  model_dir = None
+  if cfg.train.export and main:
+    model_dir = checkpoint_lib.export_model(run.encoder.merge(final_params), run.tokenizer, workdir)
+    say(f"exported the model to {model_dir}")
+  return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
+
+
+def _check_finite(state: step_lib.TrainState, last_saved: int | None, workdir: Path) -> None:
+  bad = int(jax.device_get(state.bad_step))
+  if bad < 0:
+    return
+  kept = (f"the last good checkpoint (step {last_saved}) is kept in {workdir / 'checkpoints'}"
+          if last_saved else "no checkpoint had been written yet")
+  raise NonFiniteLossError(
+      f"the loss or a gradient became NaN/inf at step {bad} (0-based); the run stopped and {kept}. "
+      "Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or check the inputs of that step; "
+      "rerunning in the same workdir resumes from the checkpoint.")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def host_params(params: nnx.State) -> nnx.State:
+  """The parameters as host numpy arrays, gathered across processes when they are sharded there."""
+  if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+    return jax.device_get(params)
+  from jax.experimental import multihost_utils
+  return jax.device_get(multihost_utils.process_allgather(params, tiled=True))
+
+
+class Evaluator:
+  """Periodic evaluation through `mat_jax.evaluate.evaluate`: retrieval recall on the eval split, clean
+  and under `config.eval.attacks` at `config.eval.eps`. Runs on process 0 only (no collectives)."""
+
+  def __init__(self, run: Run, builder, log: Log):
+    self.run, self.builder, self.log = run, builder, log
+    self._data = None
+    self._source = None
+
+  def __call__(self, params: nnx.State) -> dict[str, float]:
+    from mat_jax import evaluate as evaluate_lib
+
+    cfg = self.run.config
+    if self.run.tokenizer is None or self.builder is None:
+      return {}
+    if self._data is None:
+      self._data = setup.eval_set(cfg, self.builder, self.run.tokenizer)
+      if any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in cfg.eval.attacks):
+        self._source = inputs.make_source(cfg.text_attack.source, bert=cfg.text_attack.bert,
+                                          top_k=cfg.text_attack.top_k)
+    settings = evaluate_lib.AttackSettings(steps=cfg.eval.steps, top_k=cfg.text_attack.top_k)
+    results = evaluate_lib.evaluate(self.run.encoder, params, self.run.tokenizer, self._data,
+                                    attacks=tuple(cfg.eval.attacks), eps_255=(cfg.eval.eps * 255,),
+                                    text_source=self._source, settings=settings,
+                                    batch_size=cfg.eval.batch_size, seed=cfg.seed, progress=False,
+                                    log=self.log)
+    return flatten_results(results)
+
+
+def flatten_results(results: dict) -> dict[str, float]:
+  """{"clean/tr@1": ..., "pgd@2/tr@1": ..., "bert/ir@1": ...} from `evaluate`'s nested results."""
+  out = {f"clean/{k}": float(v) for k, v in results["clean"].items()}
+  for attack, budgets in results["attacks"].items():
+    for eps_key, entry in budgets.items():
+      name = attack if eps_key == "text" else f"{attack}@{eps_key}"
+      out.update({f"{name}/{k}": float(v) for k, v in entry["recall"].items()})
+  return out

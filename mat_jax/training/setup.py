@@ -1,0 +1,247 @@
+"""From an experiment config to the things a run needs: model, tokenizer, data.
+
+Model sources (`config.model.source`):
+- a preset name of `mat_jax.models.PRESETS` ("tiny", "vit-b-16", ...): random initialisation from
+  `config.seed`, with `config.model.overrides` ("vision.layers=2,text.width=64") applied and, for a
+  tokenizer given by `config.model.tokenizer`, the text vocabulary / context / special ids taken from it;
+- a transformers-layout directory or hub id: `load_clip` (+ its tokenizer files);
+- a mat_jax run directory (its exported model, else its newest checkpoint);
+- "cache:shapes_clip": the clean tiny CLIP of the shapes world, trained once with
+  experiments/shapes_clip.py into the cache ($MAT_JAX_CACHE_DIR or ~/.cache/mat_jax, under runs/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mat_jax.models import CLIP, PRESETS, CLIPConfig, clip_config
+from mat_jax.models.tokenizers import Tokenizer
+
+CACHE_PREFIX = "cache:"
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def cache_dir() -> Path:
+  return Path(os.environ.get("MAT_JAX_CACHE_DIR") or "~/.cache/mat_jax").expanduser()
+
+
+def cached_run_dir(name: str) -> Path:
+  return cache_dir() / "runs" / name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model and tokenizer.
+
+
+def parse_model_overrides(text: str, base: CLIPConfig) -> CLIPConfig:
+  """'vision.layers=2,text.width=64,projection_dim=64' applied to a CLIPConfig (types from the fields)."""
+  if not text.strip():
+    return base
+  changes: dict[str, dict[str, Any]] = {"": {}, "vision": {}, "text": {}}
+  for part in text.split(","):
+    key, sep, value = part.partition("=")
+    key = key.strip()
+    section, _, field = key.rpartition(".")
+    target = {"": base, "vision": base.vision, "text": base.text}.get(section)
+    names = {f.name: f for f in dataclasses.fields(target)} if target is not None else {}
+    if not sep or field not in names or field in ("vision", "text"):
+      valid = [f"vision.{f.name}" for f in dataclasses.fields(base.vision)] + \
+              [f"text.{f.name}" for f in dataclasses.fields(base.text)] + \
+              [f.name for f in dataclasses.fields(base) if f.name not in ("vision", "text")]
+      raise ValueError(f"model.overrides: cannot apply {part.strip()!r}; write field=value with fields "
+                       f"among: {', '.join(valid)}")
+    current = getattr(target, field)
+    value = value.strip()
+    if isinstance(current, bool):
+      parsed: Any = value.lower() in ("1", "true", "yes")
+    elif isinstance(current, int):
+      parsed = int(value)
+    elif isinstance(current, float):
+      parsed = float(value)
+    else:
+      parsed = value
+    changes[section][field] = parsed
+  vision = dataclasses.replace(base.vision, **changes["vision"])
+  text_cfg = dataclasses.replace(base.text, **changes["text"])
+  return dataclasses.replace(base, vision=vision, text=text_cfg, **changes[""])
+
+
+def load_tokenizer(source: str, context_length: int | None = None) -> Tokenizer:
+  """"shapes" (the shapes world's word-level tokenizer) or a transformers-layout dir / hub id."""
+  if source == "shapes":
+    from mat_jax.data import shapes
+    return shapes.tokenizer(context_length=context_length or shapes.DEFAULT_CONTEXT_LENGTH)
+  from mat_jax.models.tokenizers import load_tokenizer as load
+  return load(source, context_length=context_length)
+
+
+def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> CLIPConfig:
+  cfg = clip_config(config.model.source, dtype=config.model.dtype)
+  if tokenizer is not None:
+    # The model's text side follows the tokenizer it is trained with.
+    cfg = cfg.replace(text=dataclasses.replace(
+        cfg.text, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
+        bos_token_id=tokenizer.start_id, eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
+  return parse_model_overrides(config.model.overrides, cfg)
+
+
+def init_std(path: tuple, cfg: CLIPConfig) -> float | None:
+  """transformers' CLIP initialisation (`CLIPPreTrainedModel._init_weights`, factor 1): the normal
+  std of a weight, or None for biases / LayerNorms (0 / 1) and the temperature (its init value).
+
+  Training from scratch depends on it: attention and MLP weights scaled by the width and depth make
+  the tiny CLIP leave the initial plateau (all images embedded alike, loss ln B) within ~100 steps on
+  the shapes world, where a uniform std of 0.02 stays on it for hundreds.
+  """
+  root, name = path[0], path[-1]
+  if root == "visual_projection":
+    return cfg.vision.width ** -0.5
+  if root == "text_projection":
+    return cfg.text.width ** -0.5
+  if root == "logit_scale" or name in ("bias", "scale"):
+    return None
+  tower = cfg.vision if root == "vision" else cfg.text
+  width, depth = tower.width, tower.layers
+  if "class_embedding" in path:
+    return width ** -0.5
+  if "attn" in path:
+    return width ** -0.5 if "out" in path else width ** -0.5 * (2 * depth) ** -0.5
+  if "fc1" in path:
+    return (2 * width) ** -0.5
+  if "fc2" in path:
+    return width ** -0.5 * (2 * depth) ** -0.5
+  return 0.02  # patch kernel, token and position embeddings
+
+
+def init_model(cfg: CLIPConfig, seed: int) -> CLIP:
+  """A randomly initialised CLIP for training from scratch (transformers' initialisation, `init_std`),
+  drawn on the host from `seed`."""
+  from flax.nnx import traversals
+
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  values = {}
+  for path, variable in sorted(nnx.to_flat_state(state), key=lambda item: str(item[0])):
+    shape = tuple(variable.get_value().shape)
+    std = init_std(path, cfg)
+    if path == ("logit_scale",):
+      value = np.full(shape, cfg.logit_scale_init, np.float32)
+    elif std is None:
+      value = np.full(shape, 1.0 if path[-1] == "scale" else 0.0, np.float32)
+    else:
+      value = (std * rng.standard_normal(shape)).astype(np.float32)
+    values[path] = jax.device_put(value)
+  nnx.replace_by_pure_dict(state, traversals.unflatten_mapping(values))
+  return nnx.merge(graphdef, state)
+
+
+def is_run_dir(path: Path) -> bool:
+  from mat_jax import checkpoint
+  return (path / checkpoint.CONFIG_FILE).exists() and (
+      (path / checkpoint.MODEL_DIR / "config.json").exists() or (path / "checkpoints").is_dir())
+
+
+def load_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
+               ) -> tuple[CLIP, Tokenizer | None]:
+  """The model a run starts from, and its tokenizer (see the module docstring)."""
+  from mat_jax import checkpoint
+
+  source = config.model.source
+  context = config.model.context_length or None
+  if source.startswith(CACHE_PREFIX):
+    run_dir = ensure_cached_run(source[len(CACHE_PREFIX):], log=log)
+    model, tokenizer = checkpoint.restore_model(run_dir)
+  elif source in PRESETS:
+    tokenizer = load_tokenizer(config.model.tokenizer, context) if config.model.tokenizer else None
+    return init_model(preset_config(config, tokenizer), config.seed), tokenizer
+  elif is_run_dir(Path(source).expanduser()):
+    model, tokenizer = checkpoint.restore_model(Path(source).expanduser())
+  else:
+    from mat_jax.models import load_clip
+    model = load_clip(source, dtype=config.model.dtype)
+    tokenizer = load_tokenizer(config.model.tokenizer or source,
+                               context or model.config.text.context_length)
+  if tokenizer is None and config.model.tokenizer:
+    tokenizer = load_tokenizer(config.model.tokenizer, context)
+  if config.model.dtype != model.config.dtype:
+    model = _with_dtype(model, config.model.dtype)
+  return model, tokenizer
+
+
+def _with_dtype(model: CLIP, dtype: str) -> CLIP:
+  """The same parameters under another compute dtype."""
+  from mat_jax.models import split
+  encoder, params = split(model)
+  abstract = nnx.eval_shape(lambda: CLIP(model.config.replace(dtype=dtype), rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract)
+  return nnx.merge(graphdef, params)
+
+
+def ensure_cached_run(name: str, *, log: Callable[[str], None] = print) -> Path:
+  """The run directory of experiments/<name>.py in the cache, trained now if it is not there yet."""
+  from mat_jax import checkpoint, config as config_lib
+
+  run_dir = cached_run_dir(name)
+  if (run_dir / checkpoint.MODEL_DIR / "config.json").exists():
+    return run_dir
+  path = EXPERIMENTS_DIR / f"{name}.py"
+  if not path.exists():
+    raise ValueError(f"model source {CACHE_PREFIX}{name}: there is no experiment {path}")
+  log(f"{CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
+  from mat_jax.training import loop
+  loop.train(config_lib.load(path), run_dir, log=log)
+  return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data.
+
+
+def data_builder(config: ml_collections.ConfigDict, image_size: int, *, log: Callable[[str], None] = print):
+  """The TFDS builder of the configured dataset; the shapes world is built on first use."""
+  from mat_jax.data import corpora
+
+  data_dir = config.data.data_dir or None
+  if config.data.name == "shapes":
+    if image_size != config.data.image_size:
+      raise ValueError(f"the model takes {image_size}px images but data.image_size is "
+                       f"{config.data.image_size}; set data.image_size={image_size}")
+    return corpora.build_shapes(data_dir, train=config.data.build_train, val=config.data.build_val,
+                                test=config.data.build_test, image_size=image_size, log=log)
+  return corpora.corpus_builder(config.data.name, image_size, data_dir)
+
+
+def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer, local_batch_size: int,
+                   *, process_index: int, process_count: int, extra_transforms=()):
+  """This process's training batches (host numpy dicts), checkpointable (`get_state`/`set_state`)."""
+  from mat_jax.data import corpora, pipeline
+
+  source = corpora.data_source(builder, config.data.split)
+  dataset = pipeline.training_pipeline(
+      source, tokenizer, local_batch_size, captions_per_image=config.data.captions_per_image,
+      seed=config.seed, augmentations=tuple(config.data.augmentations),
+      process_index=process_index, process_count=process_count, num_workers=config.data.worker_count)
+  for transform in extra_transforms:
+    dataset = dataset.map(transform)
+  return iter(dataset)
+
+
+def eval_set(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer):
+  from mat_jax.data import corpora, pipeline
+
+  return pipeline.load_eval_set(corpora.data_source(builder, config.eval.split), tokenizer,
+                                max_images=config.eval.max_images or None)
+
+
+def model_from_checkpoint(config: ml_collections.ConfigDict, workdir: Path) -> tuple[CLIP, Tokenizer | None]:
+  """A run's model from its newest checkpoint (when it was not exported yet)."""
+  from mat_jax.training import loop
+  return loop.restore_checkpointed_model(config, workdir)

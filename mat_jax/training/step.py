@@ -1,0 +1,136 @@
+"""The train state and the one jitted train step that serves every objective.
+
+    step(state, batch, reference) -> (state, metrics)
+
+(inner attacks inside the objective) + loss + gradient with respect to the trainable towers + Optax
+update, compiled once per batch shape, data-parallel (and FSDP) through the shardings of its inputs and
+outputs, with the state's buffers donated. The per-step key is `fold_in(state.rng, state.step)`, so a
+resumed run draws exactly the numbers an uninterrupted run draws.
+
+Non-finite loss or gradients: the update is skipped (the parameters stay the last good ones) and
+`state.bad_step` records the first such step; the loop reads it when it reads the metrics, so there is
+no extra host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mat_jax import mesh as mesh_lib
+from mat_jax.models import DualEncoder
+from mat_jax.objectives import Objective
+
+TOWERS = {
+    "vision": ("vision", "visual_projection"),
+    "text": ("text", "text_projection"),
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar: updates applied so far
+  params: nnx.State      # the whole model (trainable and frozen parts)
+  opt_state: Any         # over the trainable part only
+  rng: jax.Array         # uint32 (2,) raw key; per-step keys are folded from it
+  bad_step: jax.Array    # int32 scalar: first step with a non-finite loss/gradient, -1 if none
+
+
+def trainable_filter(towers: str, train_logit_scale: bool = True) -> Callable[[tuple, Any], bool]:
+  """An nnx filter selecting the parameters that train: towers = all | vision | text."""
+  if towers == "all":
+    return lambda path, _: train_logit_scale or path[0] != "logit_scale"
+  if towers not in TOWERS:
+    raise ValueError(f"unknown towers {towers!r}; choose all, vision or text")
+  roots = TOWERS[towers]
+  return lambda path, _: path[0] in roots
+
+
+def split_params(params: nnx.State, is_trainable) -> tuple[nnx.State, nnx.State]:
+  trainable, frozen = params.split(is_trainable, ...)
+  if not jax.tree.leaves(trainable):
+    raise ValueError("no parameter is trainable with this train.towers setting")
+  return trainable, frozen
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation, is_trainable, seed: int) -> TrainState:
+  trainable, _ = split_params(params, is_trainable)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable),
+                    rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32),
+                    bad_step=jnp.full((), -1, jnp.int32))
+
+
+def state_shardings(params: nnx.State, tx: optax.GradientTransformation, is_trainable, mesh: Mesh,
+                    mode: str = "replicated", rules: Any = None) -> TrainState:
+  """Shardings of every leaf of the train state: parameters by the mesh rules, optimizer moments
+  like the parameter they belong to, counters replicated."""
+  replicated = NamedSharding(mesh, P())
+  param_sh = mesh_lib.param_shardings(params, mesh, mode, rules)
+  trainable_sh, _ = param_sh.split(is_trainable, ...)
+  trainable, _ = split_params(params, is_trainable)
+  abstract_opt = jax.eval_shape(tx.init, trainable)
+  opt_sh = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, trainable_sh,
+                                 transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
+                    bad_step=replicated)
+
+
+def create_state(params: nnx.State, tx: optax.GradientTransformation, is_trainable, seed: int,
+                 shardings: TrainState) -> TrainState:
+  """The initial state, built directly in its shardings (parameters copied, moments created)."""
+  params = jax.device_put(params, shardings.params)
+  make = jax.jit(lambda p: init_state(p, tx, is_trainable, seed), out_shardings=shardings)
+  return make(params)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientTransformation,
+                 is_trainable, schedule: optax.Schedule | None = None):
+  """The pure train step (not yet jitted)."""
+
+  def step_fn(state: TrainState, batch: dict[str, jax.Array], reference: nnx.State | None):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    trainable, frozen = state.params.split(is_trainable, ...)
+
+    def loss_fn(trainable_params):
+      params = nnx.merge_state(trainable_params, frozen)
+      return objective.loss(encoder, params, batch, key, reference)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    # A non-finite step changes nothing but the counters: the parameters stay the last good ones.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=nnx.merge_state(keep(new_trainable, trainable), frozen),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=state.rng,
+        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step),
+    )
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    if schedule is not None:
+      metrics["learning_rate"] = schedule(state.step)
+    return new_state, metrics
+
+  return step_fn
+
+
+def jit_step(step_fn, shardings: TrainState, mesh: Mesh, reference_shardings: Any = None):
+  """Compile boundary: state donated and kept in its shardings, batch split over the batch axes."""
+  batch_sh = mesh_lib.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step_fn, donate_argnums=(0,),
+                 in_shardings=(shardings, batch_sh, reference_shardings),
+                 out_shardings=(shardings, replicated))

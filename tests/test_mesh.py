@@ -1,0 +1,96 @@
+"""Mesh parsing, batch placement and parameter sharding rules (8 simulated CPU devices)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mat_jax import mesh as mesh_lib
+
+
+def test_mesh_specs(devices):
+  assert dict(mesh_lib.make_mesh().shape) == {"data": 8, "fsdp": 1}
+  assert dict(mesh_lib.make_mesh("8").shape) == {"data": 8, "fsdp": 1}
+  assert dict(mesh_lib.make_mesh("data=4,fsdp=2").shape) == {"data": 4, "fsdp": 2}
+  assert dict(mesh_lib.make_mesh("fsdp=8").shape) == {"data": 1, "fsdp": 8}
+  assert mesh_lib.make_mesh("2").devices.size == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data=4,fsdp=4", "needs 16 devices"),
+    ("model=2", "unknown mesh axis"),
+    ("data=two", "cannot parse mesh"),
+    ("data=2,data=2", "given twice"),
+])
+def test_bad_mesh_specs(devices, spec, message):
+  with pytest.raises(mesh_lib.MeshError, match=message):
+    mesh_lib.make_mesh(spec)
+
+
+def test_batch_size_must_divide_the_batch_devices(devices):
+  mesh = mesh_lib.make_mesh("data=4,fsdp=2")
+  mesh_lib.check_batch_size(16, mesh)
+  with pytest.raises(mesh_lib.MeshError, match="multiple of 8"):
+    mesh_lib.check_batch_size(12, mesh)
+
+
+def test_global_batch_is_split_over_data_and_fsdp(devices):
+  mesh = mesh_lib.make_mesh("data=4,fsdp=2")
+  local = {"images": np.arange(16 * 2, dtype=np.float32).reshape(16, 2),
+           "input_ids": np.zeros((16, 3, 5), np.int32),
+           "captions": np.asarray(["a caption"] * 16)}
+  batch = mesh_lib.global_batch(local, mesh)
+  assert set(batch) == {"images", "input_ids"}  # strings stay on the host
+  assert batch["input_ids"].shape == (16, 3, 5)
+  shards = batch["images"].addressable_shards
+  assert len(shards) == 8 and all(s.data.shape == (2, 2) for s in shards)
+  np.testing.assert_array_equal(np.asarray(batch["images"]), local["images"])
+
+
+def test_fsdp_shards_the_largest_divisible_axis(devices):
+  mesh = mesh_lib.make_mesh("data=2,fsdp=4")
+  assert mesh_lib.spec_for((6, 8), None, mesh, "fsdp") == P(None, "fsdp")
+  assert mesh_lib.spec_for((16, 8), None, mesh, "fsdp") == P("fsdp", None)
+  assert mesh_lib.spec_for((3, 5), None, mesh, "fsdp") == P()  # nothing divisible: replicated
+  assert mesh_lib.spec_for((), None, mesh, "fsdp") == P()
+  assert mesh_lib.spec_for((6, 8), None, mesh, "replicated") == P()
+
+
+def test_logical_rules(devices):
+  mesh = mesh_lib.make_mesh("data=2,fsdp=4")
+  rules = mesh_lib.parse_logical_rules("embed=fsdp,mlp=fsdp")
+  assert mesh_lib.spec_for((128, 512), ("embed", "mlp"), mesh, "logical", rules) == P("fsdp", None)
+  assert mesh_lib.spec_for((512, 128), ("mlp", "embed"), mesh, "logical", rules) == P("fsdp", None)
+  assert mesh_lib.spec_for((6, 128), ("embed", "mlp"), mesh, "logical", rules) == P(None, "fsdp")
+  assert mesh_lib.spec_for((6,), ("embed",), mesh, "logical", rules) == P(None)
+  with pytest.raises(mesh_lib.MeshError, match="mesh axis must be one of"):
+    mesh_lib.parse_logical_rules("embed=model")
+
+
+def test_param_shardings_read_logical_names(devices):
+  from flax import nnx
+  from mat_jax.models import CLIP, clip_config, split
+  from mat_jax.models.clip import TextConfig, VisionConfig
+
+  cfg = clip_config("tiny", vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                                                mlp_dim=64),
+                    text=TextConfig(vocab_size=64, context_length=8, width=32, layers=1, heads=2, mlp_dim=64,
+                                    eos_token_id=2, bos_token_id=1, pad_token_id=0), projection_dim=32)
+  _, params = split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
+  mesh = mesh_lib.make_mesh("data=4,fsdp=2")
+  logical = mesh_lib.param_shardings(params, mesh, "logical", "embed=fsdp")
+  fc1 = logical["vision"]["blocks"][0]["fc1"]["kernel"]
+  assert fc1.spec == P("fsdp", None)  # (embed, mlp)
+  fsdp = mesh_lib.param_shardings(params, mesh, "fsdp")
+  assert fsdp["vision"]["blocks"][0]["fc1"]["kernel"].spec == P(None, "fsdp")  # 64 > 32
+  assert fsdp["logit_scale"].spec == P()
+  replicated = mesh_lib.param_shardings(params, mesh)
+  assert all(s.spec == P() for s in jax.tree.leaves(replicated))
+
+
+def test_single_process_needs_no_distributed_start(monkeypatch):
+  for var in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
+    monkeypatch.delenv(var, raising=False)
+  assert mesh_lib.initialize_distributed() is False
+  with pytest.raises(mesh_lib.MeshError, match="--process-id"):
+    mesh_lib.initialize_distributed("localhost:1234", 2, None)

@@ -1,0 +1,114 @@
+"""Every defense as a train step: two steps on 8 simulated devices, a micro CLIP, a shapes-world batch
+with text-attack candidates. MAT also against one device, and its attacks must raise the loss."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mat_jax import config as config_lib
+from mat_jax import mesh as mesh_lib
+from mat_jax.training import inputs, loop, setup
+from mat_jax.training import step as step_lib
+
+MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
+         "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
+BATCH = 8
+# Cheap attacks: one PGD step (MAVA/FARE inner loops run on every call of the loss).
+OBJECTIVES = {
+    "tecoa": ({"name": "tecoa", "steps": 1}, "vision", 1),
+    "fare": ({"name": "fare", "steps": 1}, "vision", 1),
+    "mmcoa": ({"name": "mmcoa", "steps": 1}, "all", 1),
+    "mava": ({"name": "mava", "steps": 1, "neighbours": 2}, "vision", 2),
+}
+
+
+def _config(root, objective, towers="all", k=1):
+  return config_lib.build({
+      "model": {"source": "tiny", "tokenizer": "shapes", "overrides": MICRO},
+      "data": {"name": "shapes", "data_dir": str(root / "data"), "build_train": 32, "build_val": 8,
+               "build_test": 8, "image_size": 16, "captions_per_image": k},
+      "objective": objective,
+      "train": {"batch_size": BATCH, "steps": 2, "towers": towers},
+      "optimizer": {"name": "sgd", "momentum": 0.0, "learning_rate": 0.1},
+      "schedule": {"name": "constant"},
+      "text_attack": {"source": "lexicon", "top_k": 4, "max_targets": 4},
+  })
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("objectives")
+  old = os.environ.get("MAT_JAX_CACHE_DIR")
+  os.environ["MAT_JAX_CACHE_DIR"] = str(root / "cache")
+  config = _config(root, {"name": "matplus"}, k=2)
+  model, tokenizer = setup.load_model(config, log=lambda _: None)
+  builder = setup.data_builder(config, 16, log=lambda _: None)
+  attach = loop.candidate_transform(config, tokenizer)
+  two = attach(next(setup.train_iterator(config, builder, tokenizer, BATCH, process_index=0,
+                                         process_count=1)))
+  # The same batch with each image's first caption only (per-caption arrays have K on axis 1).
+  per_caption = {"captions", "input_ids", "attention_mask"} | {f"cand_{n}" for n in inputs.PER_CAPTION}
+  one = {k: v[:, 0] if k in per_caption else v for k, v in two.items()}
+  yield root, model, tokenizer, {1: one, 2: two}
+  if old is None:
+    os.environ.pop("MAT_JAX_CACHE_DIR", None)
+  else:
+    os.environ["MAT_JAX_CACHE_DIR"] = old
+
+
+def _steps(world, objective, towers, k, spec="8", count=2):
+  root, model, tokenizer, batches = world
+  run = loop.build_run(_config(root, objective, towers, k), root / "w", mesh_spec=spec, model=model,
+                       tokenizer=tokenizer, log=lambda _: None)
+  state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, run.shardings)
+  reference = jax.device_put(run.params, run.shardings.params) if run.objective.needs_reference else None
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable,
+                                               run.schedule), run.shardings, run.mesh)
+  history = []
+  for _ in range(count):
+    state, metrics = fn(state, mesh_lib.global_batch(batches[k], run.mesh), reference)
+    history.append(jax.device_get(metrics))
+  return run, fn, state, history
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_two_steps_on_8_devices(world, devices, name):
+  objective, towers, k = OBJECTIVES[name]
+  run, fn, state, history = _steps(world, objective, towers, k)
+  assert fn._cache_size() == 1
+  assert int(state.step) == 2 and int(state.bad_step) == -1
+  assert all(np.isfinite(h["loss"]) for h in history)
+  roots = {}
+  for (path, new), (_, old) in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
+                                   jax.tree_util.tree_flatten_with_path(run.params)[0]):
+    key = path[0].key
+    roots[key] = roots.get(key, False) or not np.array_equal(np.asarray(new), np.asarray(old))
+  if towers == "vision":
+    assert roots["vision"] and not roots["text"] and not roots["text_projection"]
+  else:
+    assert roots["vision"] and roots["text"]
+  if name == "mmcoa":
+    assert history[0]["text_changed"] > 0  # the lexicon attack found substitutions
+  if name == "mava":
+    assert {"cms", "vsse", "sca"} <= set(history[0])
+
+
+def test_matplus_on_8_devices_matches_one_device_and_its_attacks_raise_the_loss(world, devices):
+  # MAT+ : MAT on two captions per image (the multi-positive loss); MAT is the same code with one.
+  objective = {"name": "matplus", "steps": 2, "clean_weight": 1.0}
+  run, fn, state8, history8 = _steps(world, objective, "all", 2, "8")
+  _, _, state1, history1 = _steps(world, objective, "all", 2, "1")
+  assert fn._cache_size() == 1
+  for h in history8:
+    # The adversarial pairs (1-word text attack, then 2-step PGD guided by it) are harder than clean ones.
+    assert h["adv_i2t_loss"] + h["adv_t2i_loss"] > 2 * h["clean_loss"]
+    assert h["text_changed"] > 0
+  update8 = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                            zip(jax.tree.leaves(state8.params), jax.tree.leaves(run.params))])
+  update1 = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                            zip(jax.tree.leaves(state1.params), jax.tree.leaves(run.params))])
+  assert np.linalg.norm(update1) > 0
+  assert np.linalg.norm(update8 - update1) <= 1e-5 * np.linalg.norm(update1)
+  np.testing.assert_allclose([h["loss"] for h in history8], [h["loss"] for h in history1], rtol=1e-5)

@@ -1,0 +1,186 @@
+"""The generic train step and the training loop on a micro CLIP and a tiny shapes world.
+
+Data-parallel equivalence (1 device vs 8, replicated vs FSDP), one compilation per shape, a loss that
+falls, the run's outputs (metrics, checkpoints, exported model), and the NaN stop.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mat_jax import checkpoint as checkpoint_lib
+from mat_jax import config as config_lib
+from mat_jax import mesh as mesh_lib
+from mat_jax.training import loop, setup
+from mat_jax.training import step as step_lib
+
+# Learns quickly (16 patches of 4 px, width 64): the loss-falls test.
+LEARNER = ("vision.image_size=16,vision.patch_size=4,vision.layers=1,vision.width=64,vision.heads=4,"
+           "vision.mlp_dim=128,text.layers=1,text.width=64,text.heads=4,text.mlp_dim=128,projection_dim=64")
+MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
+         "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("train")
+  old = os.environ.get("MAT_JAX_CACHE_DIR")
+  os.environ["MAT_JAX_CACHE_DIR"] = str(root / "cache")  # the shapes tokenizer is cached there
+  yield root
+  if old is None:
+    os.environ.pop("MAT_JAX_CACHE_DIR", None)
+  else:
+    os.environ["MAT_JAX_CACHE_DIR"] = old
+
+
+def micro_config(root, overrides=(), **sections):
+  raw = {
+      "name": "micro",
+      "model": {"source": "tiny", "tokenizer": "shapes", "overrides": MICRO},
+      "data": {"name": "shapes", "data_dir": str(root / "data"), "build_train": 64, "build_val": 16,
+               "build_test": 16, "image_size": 16},
+      "train": {"batch_size": 16, "steps": 4, "log_every": 2, "checkpoint_every": 2},
+      "optimizer": {"name": "sgd", "momentum": 0.0, "learning_rate": 0.5},
+      "schedule": {"name": "constant"},
+  }
+  for section, values in sections.items():
+    raw.setdefault(section, {}).update(values)
+  return config_lib.build(raw, overrides)
+
+
+@pytest.fixture(scope="module")
+def case(root):
+  """A micro model, its SGD step pieces and one real batch of the shapes world."""
+  config = micro_config(root)
+  run = loop.build_run(config, root / "unused", mesh_spec="1", log=lambda _: None)
+  builder = setup.data_builder(config, 16, log=lambda _: None)
+  iterator = setup.train_iterator(config, builder, run.tokenizer, 16, process_index=0, process_count=1)
+  batch = next(iterator)
+  return run, batch
+
+
+def _two_steps(run, batch, spec, mode="replicated"):
+  mesh = mesh_lib.make_mesh(spec)
+  shardings = step_lib.state_shardings(run.params, run.tx, run.is_trainable, mesh, mode)
+  state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, shardings)
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable,
+                                               run.schedule), shardings, mesh)
+  losses = []
+  for _ in range(2):
+    state, metrics = fn(state, mesh_lib.global_batch(batch, mesh), None)
+    losses.append(float(metrics["loss"]))
+  return fn, state, losses
+
+
+def _update(params, before):
+  return np.concatenate([np.ravel(np.asarray(a) - np.asarray(b))
+                         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before))])
+
+
+@pytest.fixture(scope="module")
+def one_device(case):
+  run, batch = case
+  fn, state, losses = _two_steps(run, batch, "1")
+  return _update(state.params, run.params), losses
+
+
+def test_two_steps_on_8_devices_match_one_device(case, one_device, devices):
+  run, batch = case
+  fn, state, losses = _two_steps(run, batch, "8")
+  assert fn._cache_size() == 1  # compiled once for both steps
+  assert int(state.step) == 2 and int(state.bad_step) == -1
+  update = _update(state.params, run.params)
+  reference, reference_losses = one_device
+  assert np.linalg.norm(reference) > 0
+  assert np.linalg.norm(update - reference) <= 1e-5 * np.linalg.norm(reference)
+  np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+  # Parameters stay replicated, every device holds them whole.
+  kernel = state.params["vision"]["blocks"][0]["fc1"]["kernel"]
+  assert kernel.sharding.is_fully_replicated
+
+
+def test_fsdp_step_matches_one_device(case, one_device, devices):
+  run, batch = case
+  fn, state, _ = _two_steps(run, batch, "data=4,fsdp=2", "fsdp")
+  kernel = state.params["vision"]["blocks"][0]["fc1"]["kernel"]
+  assert not kernel.sharding.is_fully_replicated
+  assert kernel.addressable_shards[0].data.shape == (32, 32)  # (32, 64) split over fsdp=2
+  update = _update(state.params, run.params)
+  reference, _ = one_device
+  assert np.linalg.norm(update - reference) <= 1e-5 * np.linalg.norm(reference)
+
+
+def test_vision_tower_only_leaves_the_text_tower(case, devices):
+  run, batch = case
+  is_trainable = step_lib.trainable_filter("vision")
+  trainable, frozen = step_lib.split_params(run.params, is_trainable)
+  assert "vision" in trainable and "visual_projection" in trainable
+  assert "text" in frozen and "logit_scale" in frozen and "text" not in trainable
+
+
+class _NaNAt:
+  """Poisons the images of the n-th batch (0-based)."""
+
+  def __init__(self, n):
+    self.n, self.count = n, 0
+
+  def __call__(self, batch):
+    self.count += 1
+    if self.count - 1 == self.n:
+      batch = dict(batch, images=np.full_like(batch["images"], np.nan))
+    return batch
+
+
+def test_loss_falls_then_nan_stops_the_run_keeping_the_last_good_checkpoint(root, devices):
+  # 16 training images: every batch is the whole split (reshuffled), so 60 steps fit it well.
+  config = micro_config(root, train={"steps": 80, "log_every": 10, "checkpoint_every": 20, "eval_every": 40},
+                        optimizer={"name": "adam", "learning_rate": 1e-3}, data={"build_train": 16},
+                        model={"overrides": LEARNER},
+                        eval={"attacks": ("pgd",), "steps": 1, "max_images": 8, "batch_size": 8})
+  model, tokenizer = setup.load_model(config, log=lambda _: None)
+  builder = setup.data_builder(config, 16, log=lambda _: None)
+  from mat_jax.data import corpora, pipeline
+  dataset = pipeline.training_pipeline(corpora.data_source(builder, "train"), tokenizer, 16)
+  workdir = root / "falls"
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step 65 .*last good checkpoint \(step 60\)"):
+    loop.train(config, workdir, mesh_spec="8", log=lambda _: None, progress=False, evaluate=True,
+               data_iterator=iter(dataset.map(_NaNAt(65))), model=model, tokenizer=tokenizer)
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  lines = [r for r in records if "train/loss" in r]
+  evaluations = [r for r in records if "eval/clean/tr@1" in r]
+  # The periodic evaluation at step 40: clean retrieval and PGD on the 8 test images.
+  assert [r["step"] for r in evaluations] == [40]
+  assert evaluations[0]["eval/pgd@2/tr@1"] <= evaluations[0]["eval/clean/tr@1"] + 1e-6
+  losses = [l["train/loss"] for l in lines]
+  assert len(losses) == 6  # logged every 10 steps up to step 60; the NaN is found at step 70
+  assert losses[-1] < losses[0] - 1.0, losses  # from ln 16 = 2.77 at the start
+  accuracy = [l["train/i2t_acc"] for l in lines]
+  assert accuracy[-1] > 0.3 > accuracy[0]  # in-batch retrieval well above chance (1/16)
+  assert {"train/images_per_s", "train/steps_per_s", "train/learning_rate"} <= set(lines[0])
+  assert (workdir / "tensorboard").is_dir() and (workdir / "config.json").exists()
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 60  # the NaN step was never saved
+  # No exported model: restore_model reads the newest checkpoint, whose parameters are finite.
+  restored, restored_tokenizer = checkpoint_lib.restore_model(workdir)
+  from flax import nnx
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(restored)))
+  assert restored.config.vision.patch_size == 4 and restored_tokenizer.vocab_size == tokenizer.vocab_size
+
+
+def test_demo_table_puts_the_models_side_by_side():
+  from mat_jax.training import demo
+
+  def result(clean, pgd):
+    recall = lambda r: {"tr@1": r, "ir@1": r / 2}
+    return {"clean": recall(clean), "attacks": {"pgd": {"2": {"recall": recall(pgd)}},
+                                                "bert": {"text": {"recall": recall(pgd + 1)}}}}
+
+  table = demo.side_by_side({"clean CLIP": result(60.0, 40.0), "MAT": result(62.0, 55.0)}).splitlines()
+  assert table[0].split() == ["attack", "eps(/255)", "clean", "CLIP", "TR@1", "clean", "CLIP", "IR@1",
+                              "MAT", "TR@1", "MAT", "IR@1"]
+  assert table[2].split() == ["clean", "-", "60.0", "30.0", "62.0", "31.0"]
+  assert table[3].split() == ["pgd", "2", "40.0", "20.0", "55.0", "27.5"]
+  assert table[4].split() == ["bert", "text", "41.0", "20.5", "56.0", "28.0"]
