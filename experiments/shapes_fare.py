@@ -12,7 +12,7 @@ def get_config(arg=None):
   c.name = "shapes_fare"
   c.seed = 0
   c.model = dict(source="cache:shapes_clip")
-  c.data = dict(name="shapes", image_size=64, captions_per_image=1)
+  c.data = dict(name="shapes", image_size=48, captions_per_image=1)
   c.objective = dict(name="fare", eps=2 / 255, steps=10, step_size=1 / 255)
   c.train = dict(batch_size=32, steps=200, towers="vision", log_every=10, checkpoint_every=50)
   # The reference's lr 1e-5 is for ViT-B/16 from OpenAI weights; the tiny model takes a larger one.

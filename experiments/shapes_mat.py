@@ -12,11 +12,12 @@ def get_config(arg=None):
   c.name = "shapes_mat"
   c.seed = 0
   c.model = dict(source="cache:shapes_clip")  # trained first if it is not in the cache
-  c.data = dict(name="shapes", image_size=64, captions_per_image=1)
+  c.data = dict(name="shapes", image_size=48, captions_per_image=1)
   c.text_attack = dict(source="lexicon", top_k=10)
   c.objective = dict(name="mat", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1, clean_weight=0.0)
-  c.train = dict(batch_size=32, steps=200, towers="all", log_every=10, checkpoint_every=50)
-  c.optimizer = dict(name="adamw", learning_rate=2e-4, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6)
+  # ~2 CPU-minutes.
+  c.train = dict(batch_size=64, steps=200, towers="all", log_every=10, checkpoint_every=50)
+  c.optimizer = dict(name="adamw", learning_rate=5e-4, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6)
   c.schedule = dict(name="cosine", warmup_steps=20, end_factor=0.1)
   c.eval = dict(split="test", max_images=200, attacks=("pgd",), eps=2 / 255, steps=10)
   if arg == "runlocal":  # a smoke test: random tiny CLIP (no cached clean model needed), a few steps

@@ -12,7 +12,7 @@ def get_config(arg=None):
   c.name = "shapes_mava"
   c.seed = 0
   c.model = dict(source="cache:shapes_clip")
-  c.data = dict(name="shapes", image_size=64, captions_per_image=5)
+  c.data = dict(name="shapes", image_size=48, captions_per_image=5)
   c.objective = dict(name="mava", eps=2 / 255, steps=10, step_size=1 / 255, neighbours=3, beta=0.5,
                      a=0.002, b=0.4, c=0.6)
   c.train = dict(batch_size=32, steps=200, towers="vision", log_every=10, checkpoint_every=50)

@@ -12,7 +12,7 @@ def get_config(arg=None):
   c.name = "shapes_tecoa"
   c.seed = 0
   c.model = dict(source="cache:shapes_clip")
-  c.data = dict(name="shapes", image_size=64, captions_per_image=1)
+  c.data = dict(name="shapes", image_size=48, captions_per_image=1)
   c.objective = dict(name="tecoa", eps=2 / 255, steps=2, step_size=1 / 255)
   c.train = dict(batch_size=32, steps=200, towers="vision", log_every=10, checkpoint_every=50)
   c.optimizer = dict(name="sgd", learning_rate=1e-2, momentum=0.9, weight_decay=0.0)

@@ -57,12 +57,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.data_dir = ""             # "" = $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets
   c.data.split = "train"
   c.data.captions_per_image = 1    # k > 1: k captions per image (one-to-many objectives)
-  c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, flip, ...)
+  c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, hflip, ...)
   c.data.worker_count = 0          # Grain worker processes (0 = in the main process)
-  c.data.build_train = 20000       # sizes used when the shapes world must be built
+  c.data.build_train = 10000       # sizes used when the shapes world must be built
   c.data.build_val = 1000
   c.data.build_test = 1000
-  c.data.image_size = 64
+  c.data.image_size = 48           # the tiny preset's input size
 
   c.text_attack = ml_collections.ConfigDict()
   c.text_attack.source = "lexicon"  # candidate source: lexicon (shapes world) | bert | charedit

@@ -168,8 +168,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   """
   target = Victim.of(model, params, tokenizer, "target")
   if surrogate is not None and not isinstance(surrogate, Victim):
-    surrogate = Victim.of(*surrogate, name="surrogate") if isinstance(surrogate, tuple) else \
-        Victim.of(surrogate, name="surrogate")
+    surrogate = Victim.of(surrogate[0], tokenizer=surrogate[1], name="surrogate") \
+        if isinstance(surrogate, tuple) else Victim.of(surrogate, name="surrogate")
   attacker = surrogate or target
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
@@ -456,14 +456,14 @@ def _text_source(name: str, data: str, bert: str | None, top_k: int):
   from mat_jax.attacks.candidates import BertMLMSource, CharEditSource, LexiconSource
 
   if name == "auto":
-    name = "lexicon" if data == "shapes" else ("bert" if bert else "chars")
+    name = "lexicon" if data == "shapes" else ("bert" if bert else "charedit")
   if name == "lexicon":
     if data != "shapes":
       raise ValueError("--text-source lexicon is the shapes world's synonym table; for other data use "
-                       "--text-source bert --bert DIR (or chars)")
+                       "--text-source bert --bert DIR (or charedit)")
     from mat_jax.data import shapes
     return LexiconSource(shapes.substitution_table())
-  if name == "chars":
+  if name == "charedit":
     return CharEditSource(max_candidates=top_k)
   if name == "bert":
     if not bert:
@@ -471,7 +471,7 @@ def _text_source(name: str, data: str, bert: str | None, top_k: int):
                        "(e.g. bert-base-uncased in the transformers layout)")
     from mat_jax.models import load_bert_mlm, load_tokenizer
     return BertMLMSource(load_bert_mlm(bert), load_tokenizer(bert), top_k=top_k)
-  raise ValueError(f"unknown --text-source {name!r}; use auto, lexicon, chars or bert")
+  raise ValueError(f"unknown --text-source {name!r}; use auto, lexicon, charedit or bert")
 
 
 def _floats(text: str) -> list[float]:
@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--apgd-steps", type=int, default=100)
   p.add_argument("--alpha", type=float, default=3.0, help="Co-Attack's text-term weight")
   p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
-  p.add_argument("--text-source", default="auto", help="auto | lexicon | chars | bert")
+  p.add_argument("--text-source", default="auto", help="auto | lexicon | charedit | bert")
   p.add_argument("--bert", help="BERT masked-LM directory or hub id, for --text-source bert")
   p.add_argument("--top-k", type=int, default=10)
   p.add_argument("--max-changes", type=int, default=1)

@@ -9,6 +9,7 @@ import pytest
 from mat_jax.data import corpora, pipeline, shapes
 
 TRAIN, TEST = 24, 10
+SIZE = corpora.DEFAULT_SHAPES_IMAGE_SIZE  # the default build's resolution
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_batches_follow_the_shared_format(world):
   train, _, tok = world
   (batch,) = _take(_pipe(world, 4), 1)
   assert set(batch) == {"images", "input_ids", "attention_mask", "captions", "image_ids"}
-  assert batch["images"].shape == (4, 64, 64, 3) and batch["images"].dtype == np.float32
+  assert batch["images"].shape == (4, SIZE, SIZE, 3) and batch["images"].dtype == np.float32
   assert 0.0 <= batch["images"].min() and batch["images"].max() <= 1.0
   assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 24)
   assert batch["input_ids"].dtype == batch["attention_mask"].dtype == np.int32
@@ -179,7 +180,7 @@ def test_eval_set_holds_all_images_captions_and_index_maps(world):
   _, test, tok = world
   ev = pipeline.load_eval_set(test, tok)
   assert ev.num_images == TEST and ev.num_texts == 5 * TEST
-  assert ev.images.dtype == np.uint8 and ev.images.shape == (TEST, 64, 64, 3)
+  assert ev.images.dtype == np.uint8 and ev.images.shape == (TEST, SIZE, SIZE, 3)
   assert ev.input_ids.shape == (5 * TEST, 24)
   np.testing.assert_array_equal(ev.text_to_image, np.repeat(np.arange(TEST), 5))
   assert ev.image_to_texts.shape == (TEST, 5)
@@ -190,7 +191,7 @@ def test_eval_set_holds_all_images_captions_and_index_maps(world):
       "wrong_fraction"] == 0.0
   batches = list(ev.image_batches(4))
   assert [count for _, count in batches] == [4, 4, 2]
-  assert all(b.shape == (4, 64, 64, 3) and b.dtype == np.float32 for b, _ in batches)
+  assert all(b.shape == (4, SIZE, SIZE, 3) and b.dtype == np.float32 for b, _ in batches)
   np.testing.assert_allclose(batches[2][0][:2], ev.float_images(8, 10))
   assert (batches[2][0][2:] == 0).all()
   two = pipeline.load_eval_set(test, tok, max_images=3, captions_per_image=2)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mat_jax.data import shapes
+from mat_jax.models import clip_config
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,13 @@ def test_every_pair_of_shapes_is_distinguishable_at_64px():
       for b in range(a + 1, len(masks)):
         differing = int((masks[a] ^ masks[b]).sum())
         assert differing >= 8, (shapes.SHAPES[a], shapes.SHAPES[b], size, differing)
-  areas = [int((shapes.render(_solo(0, s)) > 40).any(-1).sum()) for s in (0, 1)]
-  assert areas[1] > 2.0 * areas[0]  # large circles have clearly more area than small ones
+  # Sizes never blur into each other: the largest small circle covers clearly less than the smallest
+  # large one.
+  biggest_small = dataclasses.replace(_solo(0, 0).objects[0], extent=shapes._EXTENT[0][1])
+  smallest_large = dataclasses.replace(_solo(0, 1).objects[0], extent=shapes._EXTENT[1][0])
+  areas = [int((shapes.render(shapes.Scene((o,), (0.1, 0.1, 0.1))) > 40).any(-1).sum())
+           for o in (biggest_small, smallest_large)]
+  assert areas[1] > 1.3 * areas[0], areas
 
 
 def test_render_anti_aliases_edges():
@@ -236,12 +242,30 @@ def test_tokenizer_files_and_special_ids(tokenizer):
   directory, tok = tokenizer
   for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     assert (directory / name).exists(), name
-  assert (tok.pad_id, tok.start_id, tok.end_id) == (0, 1, 2)
-  assert tok.hf.unk_token_id == 3
+  assert (tok.pad_id, tok.hf.unk_token_id, tok.start_id, tok.end_id) == (0, 1, 2, 3)
+  # The tiny CLIP preset's special ids are the tokenizer's, and its end id is not transformers' legacy 2.
+  text = clip_config("tiny").text
+  assert (text.pad_token_id, text.bos_token_id, text.eos_token_id) == (tok.pad_id, tok.start_id, tok.end_id)
+  assert text.text_pooling == "eos"
+  words = [piece for pieces in tok.encode_words(["a", "red", "circle"]) for piece in pieces]
+  assert tok(["a red circle"]).input_ids[0, :6].tolist() == [2, *words, 3, 0]
   assert tok.vocab_size == len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary()) < 128
   assert json.loads((directory / "special_tokens_map.json").read_text())["pad_token"] == "[PAD]"
   assert json.loads((directory / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
   assert shapes.build_tokenizer(directory) == directory  # reused
+
+
+def test_a_tokenizer_directory_with_other_ids_is_rebuilt(tmp_path):
+  """A directory written by an older version (v1: [START]=1, [END]=2) is not reused as it is."""
+  from mat_jax.models.tokenizers import load_tokenizer
+
+  old_specials = ("[PAD]", "[START]", "[END]", "[UNK]")
+  old_vocab = {w: i for i, w in enumerate((*old_specials, *shapes.vocabulary()))}
+  (tmp_path / "shapes_world.json").write_text(json.dumps({"version": 1, "vocab": old_vocab}))
+  tok = load_tokenizer(shapes.build_tokenizer(tmp_path), context_length=24)
+  assert (tok.start_id, tok.end_id) == (2, 3)
+  assert json.loads((tmp_path / "shapes_world.json").read_text())["version"] == shapes.TOKENIZER_VERSION
+  assert shapes.default_tokenizer_dir(tmp_path).name == f"shapes_world_v{shapes.TOKENIZER_VERSION}"
 
 
 def test_every_word_the_world_writes_is_in_the_vocabulary(tokenizer, test_split):
@@ -255,10 +279,10 @@ def test_every_word_the_world_writes_is_in_the_vocabulary(tokenizer, test_split)
   texts += [shapes.eda(c, rng, synonym_prob=0.5, swap_prob=0.5, insert_prob=1.0) for c in texts[:600]]
   texts += [shapes.mirror_caption(c) for c in texts[:300]]
   batch = tok(texts)
-  assert (batch.input_ids != 3).all()                          # no unknown words
+  assert (batch.input_ids != tok.hf.unk_token_id).all()       # no unknown words
   lengths = batch.attention_mask.sum(1)
   assert lengths.max() <= 24
-  assert (batch.input_ids[np.arange(len(texts)), lengths - 1] == 2).all()  # never truncated
+  assert (batch.input_ids[np.arange(len(texts)), lengths - 1] == tok.end_id).all()  # never truncated
   np.testing.assert_array_equal(lengths, [len(t.split()) + 2 for t in texts])
   assert tok.decode(batch.input_ids[0]) == texts[0]
-  assert tok(["a purple zebra"]).input_ids[0, 3] == 3          # unknown words map to [UNK]
+  assert tok(["a purple zebra"]).input_ids[0, 3] == 1          # unknown words map to [UNK]

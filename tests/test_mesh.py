@@ -75,7 +75,7 @@ def test_param_shardings_read_logical_names(devices):
   cfg = clip_config("tiny", vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2,
                                                 mlp_dim=64),
                     text=TextConfig(vocab_size=64, context_length=8, width=32, layers=1, heads=2, mlp_dim=64,
-                                    eos_token_id=2, bos_token_id=1, pad_token_id=0), projection_dim=32)
+                                    eos_token_id=3, bos_token_id=2, pad_token_id=0), projection_dim=32)
   _, params = split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
   mesh = mesh_lib.make_mesh("data=4,fsdp=2")
   logical = mesh_lib.param_shardings(params, mesh, "logical", "embed=fsdp")

@@ -127,7 +127,7 @@ def test_clip_image_and_text_features_match_transformers(clip_case):
 
 def test_clip_pooling_follows_the_config(clip_case):
   text = clip_case["ours"].config.text
-  assert text.pooling == ("argmax" if clip_case["spec"]["eos"] == 2 else "eos")
+  assert text.text_pooling == ("argmax" if clip_case["spec"]["eos"] == 2 else "eos")
   # The inputs are built so that the other rule pools elsewhere, i.e. the parity above can fail.
   ids, mask = clip_case["ids"], clip_case["mask"]
   first_eos = np.argmax(ids == text.eos_token_id, axis=-1)
@@ -143,6 +143,59 @@ def test_save_clip_round_trips_through_transformers(clip_case, tmp_path):
   np.testing.assert_allclose(txt, ours_txt, atol=TOL, rtol=0)
   saved_text_config = json.loads((tmp_path / "config.json").read_text())["text_config"]
   assert saved_text_config["eos_token_id"] == clip_case["spec"]["eos"]
+
+
+def _numpy_init_clip(cfg, seed: int = 0):
+  """Our CLIP with every parameter drawn by numpy (LayerNorm scales near 1): no compiled random kernel
+  per parameter shape (seconds on a busy CPU), and non-trivial LayerNorm parameters."""
+  from mat_jax.models import CLIP
+
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    centre = 1.0 if str(getattr(path[-1], "key", path[-1])) == "scale" else 0.0
+    return jax.numpy.asarray(centre + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+def test_shapes_world_clip_saved_by_mat_jax_pools_the_same_in_transformers(tmp_path_factory):
+  """A tiny CLIP on the shapes tokenizer (end id 3), saved with its tokenizer: transformers' CLIPModel and
+  tokenizer read the directory back and give our text embeddings. No config key of ours is involved."""
+  from mat_jax.data import shapes
+  from mat_jax.models import clip_config, load_tokenizer
+  from mat_jax.models.clip import TextConfig, VisionConfig
+
+  tok = load_tokenizer(shapes.build_tokenizer(tmp_path_factory.mktemp("shapes_tok")),
+                        context_length=shapes.DEFAULT_CONTEXT_LENGTH)
+  cfg = clip_config(
+      "tiny", vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
+      text=TextConfig(vocab_size=tok.vocab_size, context_length=tok.context_length, width=32, layers=2,
+                      heads=4, mlp_dim=37, eos_token_id=tok.end_id, bos_token_id=tok.start_id,
+                      pad_token_id=tok.pad_id),
+      projection_dim=24)
+  model = _numpy_init_clip(cfg)
+  directory = save_clip(model, tmp_path_factory.mktemp("shapes_clip"), tokenizer=tok)
+
+  rng = np.random.default_rng(0)
+  texts = [c for _ in range(2) for c in shapes.captions(shapes.sample_scene(rng), rng, 3)]
+  batch = tok(texts)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+  hf_batch = hf_tok(texts, padding="max_length", truncation=True, max_length=tok.context_length,
+                    return_tensors="np")
+  np.testing.assert_array_equal(hf_batch["input_ids"], batch.input_ids)
+  # Words have larger ids than the end token: pooling at the largest id would read a word instead.
+  assert (np.argmax(batch.input_ids, -1) != np.argmax(batch.input_ids == tok.end_id, -1)).all()
+
+  hf = transformers.CLIPModel.from_pretrained(directory).eval()
+  assert hf.config.text_config.eos_token_id == tok.end_id == 3
+  with torch.no_grad():
+    reference = hf.get_text_features(input_ids=torch.from_numpy(batch.input_ids).long(),
+                                     attention_mask=torch.from_numpy(batch.attention_mask).long())
+  encoder, params = split(model)
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(jax.jit(encoder.text_features)(params, batch.input_ids, batch.attention_mask))
+  np.testing.assert_allclose(ours, reference.pooler_output.numpy(), atol=TOL, rtol=0)
 
 
 def test_sharded_safetensors_index_loads(tmp_path_factory, tmp_path):

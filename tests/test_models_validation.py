@@ -19,7 +19,7 @@ CFG = clip_config(
     "tiny",
     vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
     text=TextConfig(vocab_size=50, context_length=8, width=16, layers=1, heads=2, mlp_dim=32,
-                    eos_token_id=2, bos_token_id=1, pad_token_id=0),
+                    eos_token_id=3, bos_token_id=2, pad_token_id=0),
     projection_dim=8)
 BERT = bert_config("tiny", vocab_size=40, max_position_embeddings=12, num_hidden_layers=1)
 
@@ -85,7 +85,7 @@ def test_bad_token_shapes_fail_at_trace_time(clip, ids, mask, message):
 
 @pytest.mark.parametrize("bad_id", [50, 1000, -1])
 def test_token_ids_outside_the_vocabulary(clip, bad_id):
-  ids = np.array([[1, 5, bad_id, 2, 0, 0, 0, 0]], np.int32)
+  ids = np.array([[2, 5, bad_id, 3, 0, 0, 0, 0]], np.int32)
   with pytest.raises(ValueError, match=r"token ids must lie in \[0, 50\).*tokenizer does not match the model"):
     clip.encode_text(ids, np.ones_like(ids))
 

@@ -37,7 +37,7 @@ def _config(vocab_size: int) -> CLIPConfig:
   return CLIPConfig(
       vision=VisionConfig(image_size=IMAGE_SIZE, patch_size=8, width=64, layers=1, heads=2, mlp_dim=128),
       text=TextConfig(vocab_size=vocab_size, context_length=shapes.DEFAULT_CONTEXT_LENGTH, width=64, layers=1,
-                      heads=2, mlp_dim=128, eos_token_id=2, bos_token_id=1, pad_token_id=0),
+                      heads=2, mlp_dim=128, eos_token_id=3, bos_token_id=2, pad_token_id=0),
       projection_dim=64)
 
 

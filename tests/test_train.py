@@ -182,5 +182,6 @@ def test_demo_table_puts_the_models_side_by_side():
   assert table[0].split() == ["attack", "eps(/255)", "clean", "CLIP", "TR@1", "clean", "CLIP", "IR@1",
                               "MAT", "TR@1", "MAT", "IR@1"]
   assert table[2].split() == ["clean", "-", "60.0", "30.0", "62.0", "31.0"]
-  assert table[3].split() == ["pgd", "2", "40.0", "20.0", "55.0", "27.5"]
-  assert table[4].split() == ["bert", "text", "41.0", "20.5", "56.0", "28.0"]
+  # Under attack each cell also shows the change from that model's clean recall.
+  assert table[3].split() == ["pgd", "2", "40.0", "(-20.0)", "20.0", "(-10.0)", "55.0", "(-7.0)", "27.5", "(-3.5)"]
+  assert table[4].split() == ["bert", "text", "41.0", "(-19.0)", "20.5", "(-9.5)", "56.0", "(-6.0)", "28.0", "(-3.0)"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +17,12 @@ from mat_jax.models.clip import TextConfig, VisionConfig
 from mat_jax.models.hub import ModelSourceError
 from mat_jax.models.weights import ConfigError, UnsafeCheckpointError, WeightsError, bert_table, clip_table
 
-# Small enough to build in milliseconds; eos 2 with first-eos pooling, as the shapes world's tiny preset.
+# Small enough to build in milliseconds; the shapes world's special ids (pad 0, start 2, end 3).
 CFG = clip_config(
     "tiny",
     vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
     text=TextConfig(vocab_size=50, context_length=8, width=16, layers=1, heads=2, mlp_dim=32,
-                    eos_token_id=2, bos_token_id=1, pad_token_id=0),
+                    eos_token_id=3, bos_token_id=2, pad_token_id=0),
     projection_dim=8)
 
 
@@ -34,8 +34,7 @@ def model():
 @pytest.fixture(scope="module")
 def saved(model, tmp_path_factory):
   directory = tmp_path_factory.mktemp("tiny_clip")
-  with pytest.warns(UserWarning, match="legacy rule"):  # transformers would pool this text elsewhere
-    save_clip(model, directory)
+  save_clip(model, directory)
   return directory
 
 
@@ -59,7 +58,10 @@ def test_save_load_round_trip_is_exact(model, saved):
   assert {p.name for p in saved.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json"}
   loaded = load_clip(saved)
   assert loaded.config == CFG
-  assert loaded.config.text.pooling == "eos"  # kept through our config key, despite eos_token_id == 2
+  assert loaded.config.text.text_pooling == "eos"
+  # Only transformers' own keys: pooling follows from eos_token_id there and here alike.
+  text_config = json.loads((saved / "config.json").read_text())["text_config"]
+  assert not [key for key in text_config if "pool" in key or "mat_jax" in key]
   assert _params_equal(nnx.state(model, nnx.Param), nnx.state(loaded, nnx.Param))
 
 
@@ -74,8 +76,7 @@ def test_loaded_parameters_keep_their_sharding_annotations(saved):
 def test_save_clip_accepts_an_encoder_and_params_pair(model, saved, tmp_path):
   from mat_jax.models import split
 
-  with pytest.warns(UserWarning, match="legacy rule"):
-    save_clip(split(model), tmp_path)
+  save_clip(split(model), tmp_path)
   assert load_file(tmp_path / "model.safetensors").keys() == load_file(saved / "model.safetensors").keys()
 
 
@@ -195,9 +196,40 @@ def test_unknown_path_and_hub_id_offline(tmp_path, monkeypatch):
 
 def test_legacy_eos_config_pools_at_the_largest_id(saved, tmp_path):
   def edit(c):
-    del c["text_config"]["mat_jax_pooling"]
+    c["text_config"]["eos_token_id"] = 2
   _copy(saved, tmp_path, config_edit=edit)
-  assert load_clip(tmp_path).config.text.pooling == "argmax"
+  assert load_clip(tmp_path).config.text.text_pooling == "argmax"
+
+
+def test_checkpoint_of_an_older_mat_jax_with_its_own_pooling_key(saved, tmp_path):
+  def edit(legacy_pooling, eos):
+    def apply(c):
+      c["text_config"].update(mat_jax_pooling=legacy_pooling, eos_token_id=eos)
+    return apply
+  _copy(saved, tmp_path, config_edit=edit("eos", 3))  # agrees with transformers' rule: nothing to refuse
+  assert load_clip(tmp_path).config.text.text_pooling == "eos"
+  _copy(saved, tmp_path, config_edit=edit("eos", 2))  # eos 2 pooled at the first eos: not reproducible
+  with pytest.raises(ConfigError, match="mat_jax_pooling='eos' .* older mat_jax.*retrain"):
+    load_clip(tmp_path)
+
+
+def test_pooling_is_derived_from_the_eos_id_as_transformers_does():
+  text = TextConfig(eos_token_id=3)
+  assert (text.pooling, text.text_pooling) == (None, "eos")
+  # Derived on read: replacing the eos id re-derives it (no stale value copied by dataclasses.replace).
+  assert dataclasses.replace(text, eos_token_id=2).text_pooling == "argmax"
+  assert TextConfig(eos_token_id=2, pooling="eos").text_pooling == "eos"
+  with pytest.raises(ValueError, match="unknown text pooling 'last'"):
+    TextConfig(pooling="last")
+
+
+@pytest.mark.parametrize("eos, pooling, fix", [(2, "eos", "id other than 2"), (3, "argmax", "leave pooling=None")])
+def test_save_clip_refuses_a_pooling_transformers_cannot_reproduce(eos, pooling, fix, tmp_path):
+  cfg = CFG.replace(text=dataclasses.replace(CFG.text, eos_token_id=eos, pooling=pooling))
+  model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))  # abstract: the check precedes any tensor
+  with pytest.raises(ConfigError, match=f"pooling='{pooling}' with eos_token_id={eos}.*{fix}"):
+    save_clip(model, tmp_path / "out")
+  assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
 def test_bert_config_errors(tmp_path):
@@ -228,8 +260,7 @@ def test_bert_missing_tensors_listed(tmp_path):
 
 def test_save_clip_refuses_a_directory_with_a_sharded_index(model, tmp_path):
   (tmp_path / "model.safetensors.index.json").write_text("{}")
-  with warnings.catch_warnings(), pytest.raises(FileExistsError, match="empty directory"):
-    warnings.simplefilter("ignore")
+  with pytest.raises(FileExistsError, match="empty directory"):
     save_clip(model, tmp_path)
 
 
@@ -240,8 +271,7 @@ def test_save_clip_writes_the_tokenizer_beside_the_weights(model, tmp_path):
   vocab_dir.mkdir()
   (vocab_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "cat"]))
   tokenizer = load_tokenizer(vocab_dir, context_length=5)
-  with pytest.warns(UserWarning, match="legacy rule"):
-    save_clip(model, tmp_path / "model", tokenizer=tokenizer)
+  save_clip(model, tmp_path / "model", tokenizer=tokenizer)
   reloaded = load_tokenizer(tmp_path / "model")
   assert reloaded.context_length == CFG.text.context_length  # from the saved config.json
   assert reloaded(["red cat"]).input_ids.tolist() == [[2, 5, 6, 3, 0, 0, 0, 0]]

@@ -1,42 +1,61 @@
-"""`python -m mat_jax.bench data`: images/s the training pipeline delivers vs images/s a train step consumes.
+"""`python -m mat_jax.bench data`: images/s the training pipeline delivers vs images/s the MAT step consumes.
 
-Producer side: the Grain training pipeline with its default worker settings over (a) a shapes-world
-split and (b) a JPEG corpus written to a temporary directory (random photos-like noise resized to the
-corpus resolution), both built through the tfds array_record builders. Consumer side: a tiny-CLIP
-contrastive forward + backward + AdamW update at the demo batch, jitted, on this machine's default
-device. It stands in for the MAT step (a MAT step does more work per image, so it consumes fewer
-images/s): a pipeline faster than this consumer is faster than MAT too.
+Consumer: the real train step of the demo, experiments/shapes_mat.py (MAT: 1-word lexicon text attack,
+2-step PGD at 2/255, contrastive loss, AdamW), with its batch size, image size and attack settings but a
+randomly initialised model of the demo's architecture (`model.source=tiny`, `model.tokenizer=shapes`, so
+the cached clean model is not needed; a step costs the same whatever the weights). The run is built by
+`loop.build_run`, one batch is drawn from the demo's own input iterator (`setup.train_iterator`, with the
+text-attack candidates attached as the loop attaches them), placed as the loop places it, and the jitted
+step (`loop.make_train_step`) is timed: median seconds per step after the compiling warm-up, device work
+finished; consumer images/s = global batch / seconds per step.
+
+Producers, with the default worker settings: that demo iterator (shapes world, text-attack candidates);
+the shapes world with augmentations (and candidates); a JPEG corpus written to a temporary directory
+(smooth random colour fields; no attack candidates: a real corpus takes BERT's, which need the model).
+Datasets are built through the tfds array_record builders in a temporary directory, nothing is written
+into the repository (the shapes tokenizer is cached in the user's data directory, as in training). Each side is timed alone: on a CPU-only machine the two
+share cores during training, so the ratio there is an upper bound.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import ml_collections
 import numpy as np
 
 from mat_jax.bench import common
 
+if TYPE_CHECKING:
+  from mat_jax.training.loop import Run
+
+DEMO_EXPERIMENT = "shapes_mat.py"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--batch-size", type=int, default=64, help="demo batch (images per step)")
-  parser.add_argument("--image-size", type=int, default=64, help="shapes-world and consumer resolution")
-  parser.add_argument("--shapes-images", type=int, default=2048, help="training images in the shapes split")
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help="global batch (default: the demo's train.batch_size)")
+  parser.add_argument("--image-size", type=int, default=None,
+                      help="shapes-world and model resolution (default: the demo's data.image_size, 48)")
+  parser.add_argument("--shapes-images", type=int, default=4096, help="training images in the shapes split")
   parser.add_argument("--jpeg-images", type=int, default=256, help="images in the temporary JPEG corpus")
   parser.add_argument("--jpeg-size", type=int, default=224, help="resolution of the JPEG corpus")
   parser.add_argument("--augmentations", default="hflip,eda,i2t,t2i",
                       help="pipeline augmentations for the shapes world ('' for none)")
-  parser.add_argument("--num-threads", type=int, default=None, help="pipeline threads (default: the pipeline's)")
+  parser.add_argument("--num-threads", type=int, default=None,
+                      help="pipeline threads (default: the pipeline's; the demo's iterator always uses it)")
   parser.add_argument("--num-workers", type=int, default=0, help="pipeline worker processes (default 0)")
   parser.add_argument("--min-seconds", type=float, default=3.0, help="minimum timing window per figure")
 
 
 def pipeline_images_per_second(dataset, batch_size: int, *, warmup_batches: int = 3,
                                min_seconds: float = 3.0, min_batches: int = 10) -> float:
-  """Images/s drawn from a pipeline (an IterDataset), after warm-up batches (thread start, caches)."""
+  """Images/s drawn from a pipeline (an IterDataset or its iterator), after warm-up batches (thread
+  start, caches); the iterator is closed afterwards."""
   it = iter(dataset)
   try:
     for _ in range(warmup_batches):
@@ -52,58 +71,40 @@ def pipeline_images_per_second(dataset, batch_size: int, *, warmup_batches: int 
       close()
 
 
-def consumer_images_per_second(batch_size: int = 64, image_size: int = 64, *, preset: str = "tiny",
-                               context_length: int | None = None, vocab_size: int | None = None,
-                               min_seconds: float = 3.0) -> float:
-  """Images/s consumed by a jitted tiny-CLIP contrastive step (forward, backward, AdamW) on the demo batch.
+def demo_config(data_dir: Path, args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """experiments/shapes_mat.py with a random tiny CLIP and the shapes tokenizer (the demo's architecture),
+  its data built in `data_dir`; batch and image size from the flags when given."""
+  from mat_jax import config as config_lib
+  from mat_jax.training import setup
 
-  A stand-in for the MAT step until the lead points this at it; the result is batch_size / seconds.
-  """
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
+  overrides = ["model.source=tiny", "model.tokenizer=shapes", f"data.data_dir={data_dir}",
+               f"data.build_train={args.shapes_images}", "data.build_val=0", "data.build_test=0",
+               f"data.worker_count={args.num_workers}"]
+  if args.batch_size is not None:
+    overrides.append(f"train.batch_size={args.batch_size}")
+  if args.image_size is not None:
+    overrides += [f"data.image_size={args.image_size}", f"model.overrides=vision.image_size={args.image_size}"]
+  return config_lib.load(setup.EXPERIMENTS_DIR / DEMO_EXPERIMENT, overrides)
 
-  from mat_jax.models import CLIP, clip_config, split
 
-  cfg = clip_config(preset)
-  text = cfg.text if vocab_size is None else dataclasses.replace(cfg.text, vocab_size=vocab_size)
-  if context_length is not None:
-    text = dataclasses.replace(text, context_length=context_length)
-  cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=image_size), text=text)
-  encoder, params = split(CLIP(cfg, rngs=nnx.Rngs(0)))
-  tx = optax.adamw(1e-4, weight_decay=1e-4)
-  opt_state = tx.init(params)
+def mat_step_images_per_second(run: Run, host_batch: dict, *, min_seconds: float = 3.0) -> tuple[float, float]:
+  """(images/s, seconds/step) of the run's jitted train step on `host_batch` (this process's rows),
+  placed as the loop places it; median after the compiling warm-up, device work finished."""
+  from mat_jax import mesh as mesh_lib
+  from mat_jax.training import loop
+  from mat_jax.training import step as step_lib
 
-  def loss_fn(p, images, ids, mask):
-    img = encoder.image_embeddings(p, images)
-    txt = encoder.text_embeddings(p, ids, mask)
-    logits = jnp.exp(encoder.logit_scale(p)) * img @ txt.T
-    labels = jnp.arange(len(images))
-    ce = optax.softmax_cross_entropy_with_integer_labels
-    return 0.5 * (ce(logits, labels).mean() + ce(logits.T, labels).mean())
-
-  @jax.jit
-  def step(p, o, images, ids, mask):
-    loss, grads = jax.value_and_grad(loss_fn)(p, images, ids, mask)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss
-
-  rng = np.random.default_rng(0)
-  length = cfg.text.context_length
-  images = jnp.asarray(rng.random((batch_size, image_size, image_size, 3), np.float32))
-  ids = rng.integers(4, cfg.text.vocab_size, (batch_size, length)).astype(np.int32)
-  ids[:, 0], ids[:, length // 2] = cfg.text.bos_token_id, cfg.text.eos_token_id
-  ids[:, length // 2 + 1:] = cfg.text.pad_token_id
-  mask = (np.arange(length) <= length // 2).astype(np.int32)[None].repeat(batch_size, 0)
-  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-  state = {"p": params, "o": opt_state}
+  state = step_lib.create_state(run.params, run.tx, run.is_trainable, run.config.seed, run.shardings)
+  step_fn, reference = loop.make_train_step(run)
+  batch = mesh_lib.global_batch(host_batch, run.mesh)
+  current = {"state": state}
 
   def one_step():
-    state["p"], state["o"], loss = step(state["p"], state["o"], images, ids, mask)
-    return loss
+    current["state"], metrics = step_fn(current["state"], batch, reference)  # the old state is donated
+    return current["state"], metrics
 
-  return batch_size / common.time_call(one_step, min_seconds=min_seconds)
+  seconds = common.time_call(one_step, min_seconds=min_seconds)
+  return run.global_batch_size / seconds, seconds
 
 
 def _write_jpeg_corpus(root: Path, count: int, size: int) -> Path:
@@ -127,47 +128,68 @@ def _write_jpeg_corpus(root: Path, count: int, size: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-  from mat_jax.data import corpora, pipeline, shapes
+  import jax
+
+  from mat_jax import mesh as mesh_lib
+  from mat_jax.data import corpora, pipeline
+  from mat_jax.training import loop, setup
 
   threads = pipeline.DEFAULT_NUM_THREADS if args.num_threads is None else args.num_threads
   settings = f"threads={threads}, workers={args.num_workers}"
-  kwargs = dict(num_threads=threads, num_workers=args.num_workers, process_index=0, process_count=1)
+  kwargs = dict(num_threads=threads, num_workers=args.num_workers, process_index=jax.process_index(),
+                process_count=jax.process_count())
   quiet = lambda message: None
-  print(f"device: {common.device_summary()}; batch {args.batch_size}; pipeline {settings}")
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
+    config = demo_config(tmp / "data", args)
+    mat_run = loop.build_run(config, tmp / "run", log=quiet)
+    size, batch = config.data.image_size, config.train.batch_size
+    local_batch = mesh_lib.local_batch_size(batch)
+    obj = config.objective
+    print(f"device: {common.device_summary()}; mesh {mesh_lib.describe(mat_run.mesh)}; pipeline {settings}")
+    print(f"consumer: the MAT step of {DEMO_EXPERIMENT} (random tiny CLIP), batch {batch} x {size}px, "
+          f"{obj.text_changes} word(s) changed from {config.text_attack.source} candidates "
+          f"(top {config.text_attack.top_k}), {obj.steps}-step PGD at {obj.eps * 255:g}/255")
+
     t0 = time.perf_counter()
-    world = corpora.build_shapes(tmp / "data", train=args.shapes_images, val=0, test=0,
-                                 image_size=args.image_size, log=quiet)
+    world = setup.data_builder(config, mat_run.model.config.vision.image_size, log=quiet)
     shapes_build = args.shapes_images / (time.perf_counter() - t0)
-    tok = shapes.tokenizer(tmp / "tokenizer")
-    train = corpora.data_source(world, "train")
-    rows = []
-    for augs in ("", args.augmentations) if args.augmentations else ("",):
-      ds = pipeline.training_pipeline(train, tok, args.batch_size, augmentations=augs, **kwargs)
-      rate = pipeline_images_per_second(ds, args.batch_size, min_seconds=args.min_seconds)
-      rows.append([f"pipeline: shapes world {args.image_size}px, augment: {augs or 'none'}", rate])
+    # The demo's input exactly as loop.train builds it; its first batch feeds the timed step.
+    demo_input = setup.train_iterator(config, world, mat_run.tokenizer, local_batch,
+                                      process_index=jax.process_index(), process_count=jax.process_count(),
+                                      extra_transforms=mat_run.batch_transforms)
+    host_batch = next(demo_input)
+    augs = ",".join(config.data.augmentations) or "none"
+    rows = [[f"shapes world {size}px, the demo's input: augment: {augs} (+ attack candidates)",
+             pipeline_images_per_second(demo_input, local_batch, min_seconds=args.min_seconds)]]
+    if args.augmentations:
+      # A fresh candidate transform: its caption cache starts empty, as in a new run.
+      ds = pipeline.training_pipeline(corpora.data_source(world, "train"), mat_run.tokenizer, local_batch,
+                                      augmentations=args.augmentations, seed=config.seed,
+                                      batch_transforms=(loop.candidate_transform(config, mat_run.tokenizer),),
+                                      **kwargs)
+      rows.append([f"shapes world {size}px, augment: {args.augmentations} (+ attack candidates)",
+                   pipeline_images_per_second(ds, local_batch, min_seconds=args.min_seconds)])
 
     annotations = _write_jpeg_corpus(tmp / "jpeg", args.jpeg_images, args.jpeg_size)
     t0 = time.perf_counter()
     corpus = corpora.build_corpus("bench", [annotations], tmp / "jpeg" / "images", image_size=args.jpeg_size,
                                   data_dir=tmp / "data", log=quiet)
     jpeg_build = args.jpeg_images / (time.perf_counter() - t0)
-    ds = pipeline.training_pipeline(corpora.data_source(corpus, "train"), tok, args.batch_size,
+    ds = pipeline.training_pipeline(corpora.data_source(corpus, "train"), mat_run.tokenizer, local_batch,
                                     augmentations="hflip", **kwargs)
-    rate = pipeline_images_per_second(ds, args.batch_size, min_seconds=args.min_seconds)
-    rows.append([f"pipeline: JPEG corpus {args.jpeg_size}px, augment: hflip", rate])
+    rows.append([f"JPEG corpus {args.jpeg_size}px, augment: hflip",
+                 pipeline_images_per_second(ds, local_batch, min_seconds=args.min_seconds)])
 
-  consumer = consumer_images_per_second(args.batch_size, args.image_size, vocab_size=tok.vocab_size,
-                                        context_length=tok.context_length, min_seconds=args.min_seconds)
+  consumer, seconds = mat_step_images_per_second(mat_run, host_batch, min_seconds=args.min_seconds)
   table = [[name, rate, consumer, rate / consumer] for name, rate in rows]
   common.print_table(
-      "Input pipeline vs consumer (images/s; consumer = tiny-CLIP contrastive train step at the demo "
-      f"batch {args.batch_size}x{args.image_size}px, standing in for the MAT step)",
-      ["producer", "pipeline img/s", "consumer img/s", "pipeline / consumer"], table)
+      f"Input pipeline vs the demo's MAT train step (images/s; MAT step: batch {batch} x {size}px, "
+      f"{seconds * 1e3:,.0f} ms/step, median after compilation)",
+      ["producer", "pipeline img/s", "MAT step img/s", "pipeline / MAT step"], table)
   print(f"\nbuild rates (one process): shapes world {shapes_build:,.0f} img/s, "
         f"JPEG corpus {jpeg_build:,.0f} img/s")
   slow = [name for name, rate, _, ratio in table if ratio < 1.0]
   if slow:
-    print(f"WARNING: the pipeline is the bottleneck for: {', '.join(slow)}; raise --num-threads/--num-workers")
+    print(f"WARNING: the pipeline is the bottleneck for: {'; '.join(slow)}; raise --num-threads/--num-workers")
   return 0

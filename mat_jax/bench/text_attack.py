@@ -149,7 +149,7 @@ def _shapes_setup(n_captions: int, model: str, seed: int):
   cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size,
                                              context_length=tokenizer.context_length,
                                              eos_token_id=tokenizer.end_id, bos_token_id=tokenizer.start_id,
-                                             pad_token_id=tokenizer.pad_id, pooling="eos"))
+                                             pad_token_id=tokenizer.pad_id))
   encoder, params = split(CLIP(cfg, rngs=nnx.Rngs(seed)))
   size = cfg.vision.image_size
   images = np.stack([shapes.render(scene, size) for scene in scenes]).astype(np.float32) / 255.0

@@ -202,9 +202,8 @@ def run(args: argparse.Namespace) -> int:
   cfg = PRESETS[args.preset]
   size = cfg.vision.image_size
   tokenizer = shapes.tokenizer(context_length=cfg.text.context_length)
-  # The shapes tokenizer's special ids (pad 0, start 1, end 2) in the model's text config. transformers
-  # reads eos_token_id 2 as "pool at the largest id" (its legacy rule) and load_clip follows it, so
-  # both sides pool at the same position.
+  # The shapes tokenizer's special ids (pad 0, start 2, end 3) in the model's text config: both sides
+  # pool at the first end token (transformers' legacy argmax rule applies only to eos_token_id 2).
   cfg = cfg.replace(text=dataclasses.replace(cfg.text, bos_token_id=tokenizer.start_id,
                                              eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
   print(f"train: one MAT step (1-word text attack, {2}-step PGD at 2/255, AdamW), CLIP {args.preset}, "

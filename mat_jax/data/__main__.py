@@ -24,10 +24,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_shapes_options(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--train", type=int, default=20_000, help="training images (default 20000)")
+  parser.add_argument("--train", type=int, default=None,
+                      help="training images (default: the demo's, 10000)")
   parser.add_argument("--val", type=int, default=1_000, help="validation images (default 1000)")
   parser.add_argument("--test", type=int, default=1_000, help="test images (default 1000)")
-  parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+  parser.add_argument("--image-size", type=int, default=None,
+                      help="image side in pixels (default: the tiny preset's, 48)")
   parser.add_argument("--captions-per-image", type=int, default=5, help="distinct captions per image")
   parser.add_argument("--seed", type=int, default=0, help="world seed (same seed, same scenes)")
 
@@ -60,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
   _add_common(corpus)
 
   tok = commands.add_parser("tokenizer", help="write the shapes-world tokenizer")
-  tok.add_argument("--dir", default=None, help="output directory (default: DATA_DIR/tokenizers/shapes_world_v1)")
+  tok.add_argument("--dir", default=None,
+                   help="output directory (default: DATA_DIR/tokenizers/shapes_world_v<version>)")
   tok.add_argument("--data-dir", default=None)
 
   amb = commands.add_parser("ambiguity", help="caption ambiguity of a built shapes-world split")
@@ -71,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _shapes_config(args) -> dict:
-  return dict(train=args.train, val=args.val, test=args.test, image_size=args.image_size,
-              captions_per_image=args.captions_per_image, seed=args.seed)
+  """The build options given; the rest keep `corpora.shapes_config`'s defaults (the demo's world)."""
+  given = dict(train=args.train, val=args.val, test=args.test, image_size=args.image_size,
+               captions_per_image=args.captions_per_image, seed=args.seed)
+  return {k: v for k, v in given.items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> int:

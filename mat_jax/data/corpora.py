@@ -88,24 +88,29 @@ def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[t
 # The shapes world.
 # --------------------------------------------------------------------------------------------------
 
+# The default build is the demo's: 48 px, the tiny CLIP preset's input (one 16-px patch per grid cell).
+DEFAULT_SHAPES_IMAGE_SIZE = 48
+DEFAULT_SHAPES_TRAIN = 10_000
+
+
 @dataclasses.dataclass(eq=False)
 class ShapesWorldConfig(tfds.core.BuilderConfig):
   """Split sizes, resolution, captions per image and the world seed; the name encodes all of them."""
-  image_size: int = shapes.DEFAULT_IMAGE_SIZE
-  train: int = 20_000
+  image_size: int = DEFAULT_SHAPES_IMAGE_SIZE
+  train: int = DEFAULT_SHAPES_TRAIN
   val: int = 1_000
   test: int = 1_000
   captions_per_image: int = 5
   seed: int = 0
 
 
-def shapes_config(image_size: int = shapes.DEFAULT_IMAGE_SIZE, train: int = 20_000, val: int = 1_000,
+def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFAULT_SHAPES_TRAIN, val: int = 1_000,
                   test: int = 1_000, captions_per_image: int = 5, seed: int = 0) -> ShapesWorldConfig:
   for what, n in (("train", train), ("val", val), ("test", test)):
     if n < 0:
       raise ValueError(f"the {what} split size must be >= 0, got {n}")
   if train + val + test == 0:
-    raise ValueError("all splits are empty; ask for at least one image (e.g. train=20000)")
+    raise ValueError("all splits are empty; ask for at least one image (e.g. train=10000)")
   if captions_per_image < 1:
     raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
   name = f"{image_size}px_{train}-{val}-{test}_k{captions_per_image}_seed{seed}"
@@ -127,8 +132,9 @@ def scene_features() -> tfds.features.FeaturesDict:
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
   """The shapes world: rendered scenes, their captions and the scenes themselves."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Larger small objects, position jitter capped at 3% of the side."}
   BUILDER_CONFIGS = [shapes_config()]
   code_path = _no_code_path
 

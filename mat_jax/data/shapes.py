@@ -165,11 +165,15 @@ class Scene:
     return cls(objects, tuple(float(v) for v in np.asarray(record["background"])))
 
 
-# Extent bands of the two sizes (half-size, fraction of the image side): large is ~1.6x small, and a
-# large object still fits its grid cell (half-side 1/6) so objects never overlap.
-_EXTENT = {0: (0.075, 0.09), 1: (0.125, 0.145)}
+# Extent bands of the two sizes (half-size, fraction of the image side): large is ~1.35x small, and a
+# large object still fits its grid cell (half-side 1/6) so objects never overlap. Small objects stay
+# large enough to show their shape at 48 px (~10 px across).
+_EXTENT = {0: (0.09, 0.105), 1: (0.125, 0.145)}
 _CELL = 1.0 / 3.0
 _MARGIN = 0.01
+# Position jitter inside the cell (fraction of the side). Kept small: a ViT with one patch per cell
+# must otherwise learn every shape at every offset, and shape recognition is what the world tests.
+_MAX_SHIFT = 0.03
 _SHADE = 0.06
 _COUNT_PROBS = (0.2, 0.4, 0.4)
 
@@ -177,7 +181,7 @@ _COUNT_PROBS = (0.2, 0.4, 0.4)
 def _jitter(shape: int, colour: int, size: int, row: int, col: int, rng: np.random.Generator) -> SceneObject:
   """Render-time attributes drawn within the categories: what a new rendering may change."""
   extent = float(rng.uniform(*_EXTENT[size]))
-  slack = max(0.0, _CELL / 2 - extent - _MARGIN)
+  slack = min(_MAX_SHIFT, max(0.0, _CELL / 2 - extent - _MARGIN))
   x = (col + 0.5) * _CELL + float(rng.uniform(-slack, slack))
   y = (row + 0.5) * _CELL + float(rng.uniform(-slack, slack))
   shade = tuple(float(v) for v in rng.uniform(-_SHADE, _SHADE, 3))
@@ -643,8 +647,11 @@ def image_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness: flo
 # Vocabulary and tokenizer.
 # --------------------------------------------------------------------------------------------------
 
-SPECIAL_TOKENS = ("[PAD]", "[START]", "[END]", "[UNK]")  # ids 0..3, the tiny CLIP preset's convention
-TOKENIZER_VERSION = 1
+# ids 0..3, as the tiny CLIP preset's config. The end id must not be 2: transformers' CLIPModel reads
+# eos_token_id == 2 as its legacy "pool at the largest id" rule.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[START]", "[END]")
+# Part of the cache directory's name: bump it whenever ids change (v2: [START]/[END] moved from 1/2 to 2/3).
+TOKENIZER_VERSION = 2
 _FRAME_WORDS = ("a", "an", "the", "there", "is", "of", "and", "with", "together", "showing", "in", "at",
                 "on", "near", "to", "part", "side", "corner")
 
@@ -672,8 +679,8 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
                     context_length: int = DEFAULT_CONTEXT_LENGTH) -> Path:
   """Write the word-level shapes tokenizer in the transformers layout and return its directory.
 
-  ids: [PAD]=0, [START]=1, [END]=2, [UNK]=3, then `vocabulary()`. A directory that already holds this
-  version is reused.
+  ids: [PAD]=0, [UNK]=1, [START]=2, [END]=3, then `vocabulary()`. A directory that already holds this
+  vocabulary is reused.
   """
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
   from transformers import PreTrainedTokenizerFast  # deferred: importing transformers costs seconds
@@ -683,13 +690,13 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   marker = directory / "shapes_world.json"
   if marker.exists() and json.loads(marker.read_text()).get("vocab") == vocab:
     return directory
-  pad, start, end, unk = SPECIAL_TOKENS
+  pad, unk, start, end = SPECIAL_TOKENS
   tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
   tok.normalizer = normalizers.Lowercase()
   # Whitespace only: `Tokenizer.encode_words` relies on a word's pieces not depending on its neighbours.
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
-                                                     special_tokens=[(start, 1), (end, 2)])
+                                                     special_tokens=[(start, vocab[start]), (end, vocab[end])])
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=start, eos_token=end, pad_token=pad,
                                  unk_token=unk, model_max_length=context_length)

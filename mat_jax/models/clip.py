@@ -53,11 +53,27 @@ class TextConfig:
   eos_token_id: int = 49407
   bos_token_id: int = 49406
   pad_token_id: int = 1
-  # Where the text is pooled: "eos" at the first eos_token_id, "argmax" at the largest token id (what
-  # transformers does when a config says eos_token_id == 2, the value of the OpenAI configs before
-  # transformers PR #24773; with CLIP's BPE the end token is the largest id, so both agree there).
-  # weights.py sets it from config.json; the shapes world's eos is 2 but it pools at "eos".
-  pooling: str = "eos"
+  # Where the text is pooled: "eos" at the first eos_token_id, "argmax" at the largest token id. None
+  # (the default) follows transformers' CLIPTextTransformer, see `text_pooling`. An explicit value that
+  # contradicts that rule cannot be written to a config.json transformers reads, so save_clip refuses it.
+  pooling: str | None = None
+
+  def __post_init__(self) -> None:
+    if self.pooling is not None and self.pooling not in POOLINGS:
+      raise ValueError(f"unknown text pooling {self.pooling!r}; supported: {POOLINGS}, or None for "
+                       "transformers' rule (argmax iff eos_token_id == 2)")
+
+  @property
+  def text_pooling(self) -> str:
+    """The pooling in effect: `pooling`, else transformers' rule.
+
+    transformers pools at the largest id when eos_token_id == 2 (the value in the OpenAI configs before
+    its PR #24773, whose BPE end token is the largest id) and at the first eos_token_id otherwise. Derived
+    on read rather than stored, so `dataclasses.replace(text, eos_token_id=...)` re-derives it.
+    """
+    if self.pooling is not None:
+      return self.pooling
+    return "argmax" if self.eos_token_id == 2 else "eos"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +104,16 @@ PRESETS: dict[str, CLIPConfig] = {
     "vit-b-16": _vit(224, 16, 768, 12, 12, 512, 512, 12, 8),
     "vit-l-14": _vit(224, 14, 1024, 24, 16, 768, 768, 12, 12),
     "vit-l-14-336": _vit(336, 14, 1024, 24, 16, 768, 768, 12, 12),
-    # The shapes world: 64x64 renders, a lexicon-sized vocabulary, short captions. The vocabulary
+    # The shapes world: 48x48 renders cut into one 16-px patch per cell of the world's 3x3 grid, two
+    # wide layers per tower (fewer, wider layers learn faster per CPU second than four narrow ones),
+    # a lexicon-sized vocabulary, short captions. The vocabulary
     # matches `mat_jax.data.shapes` tokenizer's size; load_clip/configs override it when it differs.
-    # Its end token is id 2 and the text is pooled there (pooling="eos"), not at the largest id.
+    # Special ids as that tokenizer's ([PAD]=0, [START]=2, [END]=3): an end id other than 2, so the text
+    # is pooled at the first end token here and in transformers alike.
     "tiny": CLIPConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512),
-        text=TextConfig(vocab_size=128, context_length=24, width=128, layers=4, heads=4,
-                        mlp_dim=512, eos_token_id=2, bos_token_id=1, pad_token_id=0),
+        vision=VisionConfig(image_size=48, patch_size=16, width=256, layers=2, heads=4, mlp_dim=1024),
+        text=TextConfig(vocab_size=128, context_length=24, width=256, layers=2, heads=4,
+                        mlp_dim=1024, eos_token_id=3, bos_token_id=2, pad_token_id=0),
         projection_dim=128,
     ),
 }
@@ -108,16 +127,23 @@ def clip_config(name: str, **overrides: Any) -> CLIPConfig:
 
 
 class EncoderBlock(nnx.Module):
-  """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+  """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x)).
 
-  def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, *, dtype,
-               rngs: nnx.Rngs):
+  Initialised as CLIP is (transformers' CLIPPreTrainedModel): the layers that write into the residual
+  stream are scaled down with the tower's depth, so a freshly initialised tower neither blows up nor
+  ignores its input. (A flat N(0, 0.02) leaves a narrow ViT's class token blind to the patches: the
+  image embeddings of different images start at cosine 0.9998 and contrastive training stalls.)
+  """
+
+  def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, *, depth: int,
+               dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, rngs=rngs)
+    residual_std = width ** -0.5 * (2 * depth) ** -0.5
     self.ln1 = layers.layer_norm(width, eps, **kw)
-    self.attn = layers.MultiHeadAttention(width, heads, **kw)
+    self.attn = layers.MultiHeadAttention(width, heads, qkv_std=residual_std, out_std=width ** -0.5, **kw)
     self.ln2 = layers.layer_norm(width, eps, **kw)
-    self.fc1 = layers.dense(width, mlp_dim, ("embed", "mlp"), **kw)
-    self.fc2 = layers.dense(mlp_dim, width, ("mlp", "embed"), **kw)
+    self.fc1 = layers.dense(width, mlp_dim, ("embed", "mlp"), init_std=(2 * width) ** -0.5, **kw)
+    self.fc2 = layers.dense(mlp_dim, width, ("mlp", "embed"), init_std=residual_std, **kw)
     self.act = layers.activation(act)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None,
@@ -150,12 +176,14 @@ class VisionTower(nnx.Module):
     # Stored as a conv kernel (HWIO); applied as one matmul over flattened patches (same numbers, and
     # XLA fuses the patch extraction on every backend).
     self.patch_kernel = nnx.Param(layers.sharded(init, None, None, None, "embed")(rngs.params(), (p, p, 3, w)))
-    self.class_embedding = nnx.Param(layers.sharded(init, "embed")(rngs.params(), (w,)))
+    self.class_embedding = nnx.Param(
+        layers.sharded(nnx.initializers.normal(w ** -0.5), "embed")(rngs.params(), (w,)))
     self.position_embedding = nnx.Param(
         layers.sharded(init, None, "embed")(rngs.params(), (cfg.num_patches + 1, w)))
     self.pre_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([
-        EncoderBlock(w, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+        EncoderBlock(w, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, depth=cfg.layers,
+                     dtype=dtype, rngs=rngs)
         for _ in range(cfg.layers)])
     self.post_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
@@ -186,19 +214,17 @@ class TextTower(nnx.Module):
   def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
     if cfg.layers < 1:
       raise ValueError(f"the text tower needs at least one layer, got layers={cfg.layers}")
-    if cfg.pooling not in POOLINGS:
-      raise ValueError(f"unknown text pooling {cfg.pooling!r}; supported: {POOLINGS}")
     self.cfg = cfg
     self.dtype = dtype
     self.token_embedding = nnx.Embed(
         cfg.vocab_size, cfg.width, dtype=dtype,
         embedding_init=layers.sharded(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs)
     self.position_embedding = nnx.Param(
-        layers.sharded(nnx.initializers.normal(0.01), None, "embed")(
+        layers.sharded(nnx.initializers.normal(0.02), None, "embed")(
             rngs.params(), (cfg.context_length, cfg.width)))
     self.blocks = nnx.List([
         EncoderBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps,
-                     dtype=dtype, rngs=rngs)
+                     depth=cfg.layers, dtype=dtype, rngs=rngs)
         for _ in range(cfg.layers)])
     self.final_ln = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
@@ -210,7 +236,7 @@ class TextTower(nnx.Module):
     mask = layers.causal_mask(length) & padding
     for block in self.blocks[:-1]:
       x = block(x, mask)
-    if self.cfg.pooling == "argmax":
+    if self.cfg.text_pooling == "argmax":
       eos_position = jnp.argmax(input_ids, axis=-1)
     else:
       # First occurrence: the pad id may equal the eos id (OpenAI's tokenizer pads with end-of-text).
@@ -231,8 +257,10 @@ class CLIP(nnx.Module):
     self.vision = VisionTower(config.vision, dtype=dtype, rngs=rngs)
     self.text = TextTower(config.text, dtype=dtype, rngs=rngs)
     kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
-    self.visual_projection = layers.dense(config.vision.width, config.projection_dim, ("embed", "proj"), **kw)
-    self.text_projection = layers.dense(config.text.width, config.projection_dim, ("embed", "proj"), **kw)
+    self.visual_projection = layers.dense(config.vision.width, config.projection_dim, ("embed", "proj"),
+                                          init_std=config.vision.width ** -0.5, **kw)
+    self.text_projection = layers.dense(config.text.width, config.projection_dim, ("embed", "proj"),
+                                        init_std=config.text.width ** -0.5, **kw)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, jnp.float32))
 
   def encode_image(self, pixels: jax.Array) -> jax.Array:

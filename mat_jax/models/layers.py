@@ -61,18 +61,18 @@ def layer_norm(features: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.
 class MultiHeadAttention(nnx.Module):
   """Self-attention with separate q/k/v/out projections (the CLIP and BERT layout)."""
 
-  def __init__(self, width: int, num_heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, *, qkv_std: float = 0.02, out_std: float = 0.02,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.head_dim = width // num_heads
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.query = dense(width, width, ("embed", "heads"), **kw)
-    self.key = dense(width, width, ("embed", "heads"), **kw)
-    self.value = dense(width, width, ("embed", "heads"), **kw)
-    self.out = dense(width, width, ("heads", "embed"), **kw)
+    self.query = dense(width, width, ("embed", "heads"), init_std=qkv_std, **kw)
+    self.key = dense(width, width, ("embed", "heads"), init_std=qkv_std, **kw)
+    self.value = dense(width, width, ("embed", "heads"), init_std=qkv_std, **kw)
+    self.out = dense(width, width, ("heads", "embed"), init_std=out_std, **kw)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                queries: jax.Array | None = None) -> jax.Array:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -25,7 +24,7 @@ from flax.nnx import traversals
 
 from mat_jax.models import hub, layers
 from mat_jax.models.bert import BertConfig, BertForMaskedLM
-from mat_jax.models.clip import POOLINGS, CLIP, CLIPConfig, TextConfig, VisionConfig
+from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from mat_jax.models.dual_encoder import DualEncoder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -33,14 +32,11 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHT_PATTERNS = ("config.json", "model*.safetensors", SAFETENSORS_INDEX, PREPROCESSOR_FILE)
-# A config.json key of ours: how the text is pooled, when transformers' rule (eos_token_id == 2 means
-# "the largest id") would misread it. transformers keeps unknown keys and ignores them.
-POOLING_KEY = "mat_jax_pooling"
 _SHOWN_PER_KIND = 40  # an error lists this many names per kind; the exception keeps them all
 
 
 class ConfigError(ValueError):
-  """A config.json that this port cannot represent faithfully."""
+  """A config.json that this port cannot represent faithfully, or a config that config.json cannot."""
 
 
 class WeightsError(ValueError):
@@ -221,11 +217,15 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   vision = _pick(VisionConfig, vision_data, _VISION_KEYS,
                  image_mean=tuple(float(v) for v in pre.get("image_mean", VisionConfig.image_mean)),
                  image_std=tuple(float(v) for v in pre.get("image_std", VisionConfig.image_std)))
+  # Pooling is left to TextConfig's default, which derives it from eos_token_id as transformers does.
   text = _pick(TextConfig, text_data, _TEXT_KEYS)
-  pooling = text_data.get(POOLING_KEY) or ("argmax" if text.eos_token_id == 2 else "eos")
-  text = dataclasses.replace(text, pooling=pooling)
-  if pooling not in POOLINGS:
-    problems.append(f"text_config.{POOLING_KEY}={pooling!r} is not one of {POOLINGS}")
+  # Older mat_jax wrote this key to pool where transformers' rule would not; such a checkpoint's text
+  # embeddings cannot be reproduced from standard keys, so it is refused rather than pooled elsewhere.
+  legacy_pooling = text_data.get("mat_jax_pooling")
+  if legacy_pooling is not None and legacy_pooling != text.text_pooling:
+    problems.append(f"text_config.mat_jax_pooling={legacy_pooling!r} (written by an older mat_jax) contradicts "
+                    f"transformers' pooling {text.text_pooling!r} for eos_token_id={text.eos_token_id}; "
+                    "retrain the model with the current tokenizer (the shapes world's end id is now 3)")
   if vision_data.get("num_channels", 3) != 3:
     problems.append(f"vision_config.num_channels={vision_data['num_channels']} (only RGB, 3, is supported)")
   if vision.image_size % vision.patch_size:
@@ -245,11 +245,28 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
       dtype=dtype)
 
 
+def _check_transformers_pooling(text: TextConfig) -> None:
+  """transformers has no pooling key: it pools at the largest id iff eos_token_id == 2, else at the first
+  eos. A config whose explicit `pooling` says otherwise would load there with other text embeddings."""
+  derived = dataclasses.replace(text, pooling=None).text_pooling
+  if text.text_pooling == derived:
+    return
+  if text.eos_token_id == 2:
+    fix = ("use an end-of-text id other than 2 (give the tokenizer's end token another id and set "
+           "eos_token_id to it): transformers reads eos_token_id == 2 as its legacy rule 'pool at the "
+           "largest id'")
+  else:
+    fix = "leave pooling=None: transformers pools at the first eos_token_id unless eos_token_id == 2"
+  raise ConfigError(f"text pooling={text.pooling!r} with eos_token_id={text.eos_token_id} cannot be written "
+                    f"to a config.json: transformers' CLIPModel would pool with {derived!r} and give other "
+                    f"text embeddings. Fix: {fix}.")
+
+
 def clip_config_to_hf(cfg: CLIPConfig) -> dict:
   """CLIPConfig -> a config.json that transformers' CLIPModel.from_pretrained reads."""
+  _check_transformers_pooling(cfg.text)
   vision = {theirs: getattr(cfg.vision, ours) for ours, theirs in _VISION_KEYS.items()}
   text = {theirs: getattr(cfg.text, ours) for ours, theirs in _TEXT_KEYS.items()}
-  text[POOLING_KEY] = cfg.text.pooling
   return {
       "architectures": ["CLIPModel"], "model_type": "clip", "dtype": "float32",
       "projection_dim": cfg.projection_dim, "logit_scale_init_value": cfg.logit_scale_init,
@@ -461,20 +478,15 @@ def save_clip(model: CLIP | tuple[DualEncoder, nnx.State], directory: str | os.P
   `CLIPModel.from_pretrained` and `load_clip` read. Returns the directory."""
   from safetensors.numpy import save_file
 
+  cfg = model[0].config if isinstance(model, tuple) else model.config
+  hf_config = clip_config_to_hf(cfg)  # first: a config transformers cannot express fails before any write
   directory = Path(directory).expanduser()
   directory.mkdir(parents=True, exist_ok=True)
   if (directory / SAFETENSORS_INDEX).exists():
     raise FileExistsError(f"{directory} holds a sharded checkpoint ({SAFETENSORS_INDEX}) that would shadow "
                           f"the {SAFETENSORS_FILE} written now; save into an empty directory.")
-  cfg = model[0].config if isinstance(model, tuple) else model.config
-  if (cfg.text.pooling == "argmax") != (cfg.text.eos_token_id == 2):
-    warnings.warn(
-        f"this model pools text at {'the largest id' if cfg.text.pooling == 'argmax' else 'the first eos'} "
-        f"with eos_token_id={cfg.text.eos_token_id}; transformers' CLIPModel decides by its legacy rule "
-        "(eos_token_id == 2 means the largest id), so its text embeddings from this directory will differ. "
-        "load_clip reads it back exactly.", stacklevel=2)
   save_file(clip_tensors(model), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
-  (directory / "config.json").write_text(json.dumps(clip_config_to_hf(cfg), indent=2) + "\n")
+  (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   (directory / PREPROCESSOR_FILE).write_text(json.dumps(clip_preprocessor_to_hf(cfg), indent=2) + "\n")
   if tokenizer is not None:
     getattr(tokenizer, "hf", tokenizer).save_pretrained(str(directory))

@@ -142,6 +142,15 @@ def candidate_transform(config: ml_collections.ConfigDict, tokenizer: Any) -> in
                                  top_k=ta.top_k, max_targets=ta.max_targets)
 
 
+def make_train_step(run: Run) -> tuple[Callable, nnx.State | None]:
+  """The run's jitted step `(state, device batch, reference) -> (state, metrics)` and the `reference`
+  it takes: the starting parameters, placed, for objectives that anchor to them; else None."""
+  reference = (jax.device_put(run.params, run.shardings.params) if run.objective.needs_reference else None)
+  step_fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable,
+                                                    run.schedule), run.shardings, run.mesh)
+  return step_fn, reference
+
+
 def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[CLIP, Any]:
   """The model of a run's newest checkpoint (on the current devices, replicated)."""
   config = _unlocked_copy(config, {"mesh": {"shape": "1", "param_sharding": "replicated"}})
@@ -197,7 +206,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
         process_index=jax.process_index(), process_count=jax.process_count(),
         extra_transforms=run.batch_transforms)
 
-  reference = (jax.device_put(run.params, run.shardings.params) if run.objective.needs_reference else None)
   start = ckpt.latest_step()
   if start is not None:
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
@@ -206,8 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
   else:
     state = step_lib.create_state(run.params, run.tx, run.is_trainable, cfg.seed, run.shardings)
     start = 0
-  step_fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable,
-                                                    run.schedule), run.shardings, run.mesh)
+  step_fn, reference = make_train_step(run)
 
   writer = MetricWriter(workdir, enabled=main)
   evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None

@@ -17,9 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from mat_jax.models import CLIP, PRESETS, CLIPConfig, clip_config
@@ -33,8 +31,17 @@ def cache_dir() -> Path:
   return Path(os.environ.get("MAT_JAX_CACHE_DIR") or "~/.cache/mat_jax").expanduser()
 
 
-def cached_run_dir(name: str) -> Path:
-  return cache_dir() / "runs" / name
+def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
+  """Where experiments/<name>.py's run is cached: keyed by everything its result depends on (the
+  config, the preset's architecture, the data version), so an edited experiment is trained afresh."""
+  from mat_jax import config as config_lib
+  parts: dict[str, Any] = {"config": config_lib.to_json(config)}
+  if config.model.source in PRESETS:
+    parts["preset"] = repr(PRESETS[config.model.source])
+  if config.data.name == "shapes":
+    from mat_jax.data import corpora
+    parts["data_version"] = str(corpora.ShapesWorld.VERSION)
+  return cache_dir() / "runs" / f"{name}-{config_lib.digest(parts)}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,54 +100,9 @@ def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None
   return parse_model_overrides(config.model.overrides, cfg)
 
 
-def init_std(path: tuple, cfg: CLIPConfig) -> float | None:
-  """transformers' CLIP initialisation (`CLIPPreTrainedModel._init_weights`, factor 1): the normal
-  std of a weight, or None for biases / LayerNorms (0 / 1) and the temperature (its init value).
-
-  Training from scratch depends on it: attention and MLP weights scaled by the width and depth make
-  the tiny CLIP leave the initial plateau (all images embedded alike, loss ln B) within ~100 steps on
-  the shapes world, where a uniform std of 0.02 stays on it for hundreds.
-  """
-  root, name = path[0], path[-1]
-  if root == "visual_projection":
-    return cfg.vision.width ** -0.5
-  if root == "text_projection":
-    return cfg.text.width ** -0.5
-  if root == "logit_scale" or name in ("bias", "scale"):
-    return None
-  tower = cfg.vision if root == "vision" else cfg.text
-  width, depth = tower.width, tower.layers
-  if "class_embedding" in path:
-    return width ** -0.5
-  if "attn" in path:
-    return width ** -0.5 if "out" in path else width ** -0.5 * (2 * depth) ** -0.5
-  if "fc1" in path:
-    return (2 * width) ** -0.5
-  if "fc2" in path:
-    return width ** -0.5 * (2 * depth) ** -0.5
-  return 0.02  # patch kernel, token and position embeddings
-
-
 def init_model(cfg: CLIPConfig, seed: int) -> CLIP:
-  """A randomly initialised CLIP for training from scratch (transformers' initialisation, `init_std`),
-  drawn on the host from `seed`."""
-  from flax.nnx import traversals
-
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-  values = {}
-  for path, variable in sorted(nnx.to_flat_state(state), key=lambda item: str(item[0])):
-    shape = tuple(variable.get_value().shape)
-    std = init_std(path, cfg)
-    if path == ("logit_scale",):
-      value = np.full(shape, cfg.logit_scale_init, np.float32)
-    elif std is None:
-      value = np.full(shape, 1.0 if path[-1] == "scale" else 0.0, np.float32)
-    else:
-      value = (std * rng.standard_normal(shape)).astype(np.float32)
-    values[path] = jax.device_put(value)
-  nnx.replace_by_pure_dict(state, traversals.unflatten_mapping(values))
-  return nnx.merge(graphdef, state)
+  """A randomly initialised CLIP for training from scratch (CLIP's own depth-scaled initialisation)."""
+  return CLIP(cfg, rngs=nnx.Rngs(seed))
 
 
 def is_run_dir(path: Path) -> bool:
@@ -189,15 +151,16 @@ def ensure_cached_run(name: str, *, log: Callable[[str], None] = print) -> Path:
   """The run directory of experiments/<name>.py in the cache, trained now if it is not there yet."""
   from mat_jax import checkpoint, config as config_lib
 
-  run_dir = cached_run_dir(name)
-  if (run_dir / checkpoint.MODEL_DIR / "config.json").exists():
-    return run_dir
   path = EXPERIMENTS_DIR / f"{name}.py"
   if not path.exists():
     raise ValueError(f"model source {CACHE_PREFIX}{name}: there is no experiment {path}")
+  config = config_lib.load(path)
+  run_dir = cached_run_dir(name, config)
+  if (run_dir / checkpoint.MODEL_DIR / "config.json").exists():
+    return run_dir
   log(f"{CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
   from mat_jax.training import loop
-  loop.train(config_lib.load(path), run_dir, log=log)
+  loop.train(config, run_dir, log=log)  # resumes a run that was interrupted
   return run_dir
 
 
