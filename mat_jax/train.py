@@ -58,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
+  from mat_jax import checkpoint
   try:
     result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
                         evaluate=not args.no_eval)
-  except loop.NonFiniteLossError as err:
+  except (loop.NonFiniteLossError, mesh_lib.MeshError, checkpoint.IncompatibleCheckpointError) as err:
+    # Problems with a message that names the fix: no traceback.
     print(f"error: {err}", file=sys.stderr)
     return 1
   if result.metrics and mesh_lib.is_main_process():
