@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mat_jax.attacks.candidates import MASK_WORD, CharEditSource, LexiconSource, TextCandidates, prepare_candidates
-from mat_jax.attacks.text import adversarial_captions, text_attack
+from mat_jax.attacks.text import adversarial_captions, default_chunk_size, text_attack
 from mat_jax.bench import common
 from mat_jax.models.dual_encoder import DualEncoder
 from mat_jax.models.tokenizers import Tokenizer
@@ -132,7 +132,8 @@ def add_bert_attack_arguments(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--text-objective", choices=("image", "kl"), default="image",
                  help="image: SGA/MAT (guided by the paired image); kl: Co-Attack")
   g.add_argument("--text-max-changes", type=int, default=1, help="words changed at most (references: 1)")
-  g.add_argument("--text-chunk-size", type=int, default=128, help="texts per encoder call (default 128)")
+  g.add_argument("--text-chunk-size", type=int, default=None,
+                 help="texts per encoder call (default: mat_jax.attacks.text.default_chunk_size)")
   g.add_argument("--text-seed", type=int, default=0)
 
 
@@ -171,10 +172,11 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
   if objective == "image":
     guide = jax.jit(encoder.image_features)(params, jnp.asarray(images))[jnp.asarray(text_to_image)]
   device_candidates = jax.device_put(candidates)
+  chunk_size = args.text_chunk_size or default_chunk_size(candidates.text_length or candidates.context_length)
 
   def batched():
     return text_attack(encoder, params, device_candidates, guide, objective=objective, max_changes=max_changes,
-                       chunk_size=args.text_chunk_size)
+                       chunk_size=chunk_size)
 
   features = jax.jit(encoder.text_features)
   guide_host = None if guide is None else np.asarray(guide)
@@ -204,7 +206,7 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
   batched_texts = n + int(np.sum(candidates.target_valid)) + stats["candidate_texts"] - stats["examined_words"]
   print(f"same adversarial captions: {same}/{n} (captions changed by the attack: {changed}/{n})")
   print(f"texts encoded per batch: per-caption loop {reference_texts} in {stats['encoder_calls']} encoder calls; "
-        f"batched {batched_texts} needed (+ padding and speculation within chunks of {args.text_chunk_size})")
+        f"batched {batched_texts} needed (+ padding and speculation within chunks of {chunk_size})")
   print(f"candidate preparation on the host (outside both timings, cached per caption): {prepare_s * 1e3:.0f} ms")
   return {"captions": n, "batched_captions_per_s": n / batched_s, "sequential_captions_per_s": n / sequential_s,
           "speedup": sequential_s / batched_s, "same_captions": same, "changed_captions": changed,
