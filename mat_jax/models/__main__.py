@@ -13,7 +13,6 @@ import dataclasses
 import json
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import jax
@@ -52,11 +51,7 @@ def demo(args: argparse.Namespace) -> int:
 
   with tempfile.TemporaryDirectory() as tmp:
     directory = Path(args.dir or tmp)
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      save_clip(model, directory)
-    for w in caught:
-      print(f"note: {w.message}")
+    save_clip(model, directory)
     files = sorted(p.name for p in directory.iterdir())
     print(f"saved the {args.preset} CLIP ({_param_count(nnx.state(model, nnx.Param)):,} parameters) to "
           f"{directory if args.dir else 'a temporary directory'}: {', '.join(files)}")

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -97,17 +96,7 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
     gains = {k: mat_r[k] - clean_r[k] for k in ("tr@1", "ir@1")}
     verdict.append(f"{attack}: MAT {gains['tr@1']:+.1f} TR@1, {gains['ir@1']:+.1f} IR@1 vs the clean model")
   print("\n" + "; ".join(verdict))
-  out = workdir / "results.json"
-  out.write_text(json.dumps({name: _plain(r) for name, r in results.items()}, indent=2))
+  out = evaluate_lib.write_json(results, workdir / "results.json")
   print(f"results in {out}; total {time.perf_counter() - start:.0f}s")
   return 0
 
-
-def _plain(value: Any) -> Any:
-  if isinstance(value, dict):
-    return {str(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if hasattr(value, "item"):
-    return value.item()
-  return value

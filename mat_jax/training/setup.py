@@ -100,11 +100,6 @@ def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None
   return parse_model_overrides(config.model.overrides, cfg)
 
 
-def init_model(cfg: CLIPConfig, seed: int) -> CLIP:
-  """A randomly initialised CLIP for training from scratch (CLIP's own depth-scaled initialisation)."""
-  return CLIP(cfg, rngs=nnx.Rngs(seed))
-
-
 def is_run_dir(path: Path) -> bool:
   from mat_jax import checkpoint
   return (path / checkpoint.CONFIG_FILE).exists() and (
@@ -123,7 +118,7 @@ def load_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
     model, tokenizer = checkpoint.restore_model(run_dir)
   elif source in PRESETS:
     tokenizer = load_tokenizer(config.model.tokenizer, context) if config.model.tokenizer else None
-    return init_model(preset_config(config, tokenizer), config.seed), tokenizer
+    return CLIP(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed)), tokenizer
   elif is_run_dir(Path(source).expanduser()):
     model, tokenizer = checkpoint.restore_model(Path(source).expanduser())
   else:
