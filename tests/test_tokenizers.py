@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,3 +105,20 @@ def test_bad_sources(tmp_path):
 def test_single_string_is_refused(clip_tok):
   with pytest.raises(TypeError, match="list of strings"):
     clip_tok("a red cat")
+
+
+_WITHOUT_TORCH = "import sys; sys.modules['torch'] = None  # find_spec('torch') is None: as if not installed\n"
+
+
+@pytest.mark.parametrize("through_mat_jax", [False, True])
+def test_transformers_without_torch_gives_no_models_advice_through_mat_jax(tmp_path, through_mat_jax):
+  # The default install has no PyTorch; transformers then advises on import that its models are
+  # unavailable, which mat_jax (tokenizers only) mutes. The bare import shows that the advice exists.
+  load = ("from mat_jax.models.tokenizers import import_transformers; import_transformers(); "
+          "import os; assert 'TRANSFORMERS_NO_ADVISORY_WARNINGS' not in os.environ"
+          if through_mat_jax else "import transformers")
+  env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+  run = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH + load], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+  assert run.returncode == 0, run.stderr
+  assert ("PyTorch was not found" in run.stderr + run.stdout) != through_mat_jax, run.stderr

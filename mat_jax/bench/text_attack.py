@@ -5,8 +5,9 @@ objective, and must produce the same adversarial captions (checked and printed).
 what a user of the PyTorch references gets with an efficient (jitted) encoder: per caption, the
 importance of every word from one batch of "[UNK]"-masked texts, then word by word in order of
 importance, one batch of [current text, substitutions...] scored with the objective, stopping after
-`max_changes` changes; texts are strings tokenised on the host at every step. Its encoder calls are
-padded to fixed row counts so they compile once (the references' varying batch sizes would recompile).
+`max_changes` changes; texts are strings tokenised on the host at every step. Its jitted encoder
+compiles once per distinct batch size, all in the untimed warm-up call (the timed calls attack the same
+captions), so no compilation is timed.
 
     python -m mat_jax.bench attacks            # the attacks suite runs this among others
     python -m mat_jax.bench.text_attack        # this benchmark alone

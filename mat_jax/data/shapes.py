@@ -683,7 +683,7 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   vocabulary is reused.
   """
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast  # deferred: importing transformers costs seconds
+  from mat_jax.models.tokenizers import import_transformers
 
   directory = Path(directory) if directory is not None else default_tokenizer_dir()
   vocab = {w: i for i, w in enumerate((*SPECIAL_TOKENS, *vocabulary()))}
@@ -698,8 +698,9 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
                                                      special_tokens=[(start, vocab[start]), (end, vocab[end])])
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=start, eos_token=end, pad_token=pad,
-                                 unk_token=unk, model_max_length=context_length)
+  fast = import_transformers().PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token=start, eos_token=end, pad_token=pad, unk_token=unk,
+      model_max_length=context_length)
   directory.mkdir(parents=True, exist_ok=True)
   fast.save_pretrained(str(directory))
   # transformers 5 names its own backend class here; the generic fast class loads in 4.x and 5.x alike.

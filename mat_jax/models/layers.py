@@ -35,12 +35,26 @@ def sharded(init: nnx.Initializer, *axes: str | None) -> nnx.Initializer:
   return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
 
 
+class Dense(nnx.Linear):
+  """nnx.Linear applied to the inputs flattened to (rows, features).
+
+  Same parameters and numbers. A (B, L, W) input makes the weight gradient a dot that contracts two
+  axes of a transposed cotangent, which XLA:CPU lays out with a copy and runs at ~60% of the speed of
+  the 2-D form (measured on ViT-B/16 shapes); flattened, both gradients are plain matrix products.
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    rows = inputs.shape[:-1]
+    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    return y.reshape(*rows, y.shape[-1])
+
+
 def dense(
     in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
     use_bias: bool = True, init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
     rngs: nnx.Rngs,
-) -> nnx.Linear:
-  return nnx.Linear(
+) -> Dense:
+  return Dense(
       in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
       kernel_init=sharded(nnx.initializers.normal(init_std), *axes),
       bias_init=sharded(nnx.initializers.zeros_init(), axes[1]),

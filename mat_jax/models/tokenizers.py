@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -107,20 +108,43 @@ def _tokenizer_class_hint(directory: Path) -> dict[str, str]:
       "tokenizer.save_pretrained(directory)).")
 
 
+# Set while transformers is imported: it then keeps its "PyTorch was not found" advice to itself.
+_NO_ADVICE = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+
+
+def import_transformers():
+  """The transformers package, imported on first use (importing it costs seconds).
+
+  mat_jax uses transformers for tokenizers and file layouts only. Without PyTorch installed (the
+  default install) transformers advises on import that its models are unavailable, which does not
+  concern mat_jax, so that advice is muted for the import; other warnings pass.
+  """
+  if "transformers" not in sys.modules:
+    previous = os.environ.get(_NO_ADVICE)
+    os.environ[_NO_ADVICE] = "1"
+    try:
+      import transformers  # noqa: F401
+    finally:
+      if previous is None:
+        del os.environ[_NO_ADVICE]
+      else:
+        os.environ[_NO_ADVICE] = previous
+  return sys.modules["transformers"]
+
+
 def load_tokenizer(source: str | os.PathLike, context_length: int | None = None) -> Tokenizer:
   """A `Tokenizer` from a transformers-layout directory or hub id.
 
   The context length is, in order: the argument, the model's `max_position_embeddings` in a
   config.json beside the tokenizer files, the tokenizer's own `model_max_length`.
   """
-  from transformers import AutoTokenizer  # deferred: importing transformers costs seconds
-
   directory = hub.resolve(source, TOKENIZER_FILES)
   if not any((directory / f).exists() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
     raise hub.ModelSourceError(
         f"{directory} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt); "
         "save the tokenizer with tokenizer.save_pretrained(directory) beside the weights.")
-  hf = AutoTokenizer.from_pretrained(str(directory), **_tokenizer_class_hint(directory))
+  auto = import_transformers().AutoTokenizer
+  hf = auto.from_pretrained(str(directory), **_tokenizer_class_hint(directory))
   if context_length is None:
     context_length = _context_length_from_config(directory)
   if context_length is None and hf.model_max_length < _NO_LIMIT:

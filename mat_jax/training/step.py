@@ -119,7 +119,7 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
         rng=state.rng,
         bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step),
     )
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
     return new_state, metrics
