@@ -13,8 +13,8 @@ from flax import nnx
 
 from mat_jax.attacks.candidates import (STOP_WORDS, BertMLMSource, CharEditSource, LexiconSource,
                                         prepare_candidates)
-from mat_jax.attacks.text import (_compiled_text_attack, adversarial_captions, assemble, attack_text, image_objective,
-                                  kl_objective, softmax_kl, text_attack)
+from mat_jax.attacks.text import (_compiled_text_attack, _map_valid, adversarial_captions, assemble, attack_text,
+                                  image_objective, kl_objective, length_buckets, softmax_kl, text_attack)
 from mat_jax.bench.text_attack import reference_text_attack
 from mat_jax.models import CLIP, BertForMaskedLM, DualEncoder, bert_config, clip_config
 from mat_jax.models.tokenizers import load_tokenizer
@@ -411,3 +411,29 @@ def test_bert_source_matches_a_direct_computation(bert_tok):
       assert s == expected, word
       at += len(p)
   assert source(captions) is not got and source(captions) == got  # cached, same answer
+
+
+def test_length_buckets():
+  assert length_buckets(24) == (8, 16, 24)
+  assert length_buckets(77) == (32, 56, 77)
+  assert length_buckets(20) == (8, 16, 20)
+  assert length_buckets(6) == (6,)
+
+
+def test_chunks_run_at_the_shortest_bucket_holding_their_longest_text():
+  rng = np.random.default_rng(0)
+  sizes = rng.integers(3, 25, 50)
+  valid = rng.random(50) < 0.7
+  buckets, chunk = (8, 16, 24), 4
+  # Each result says which index and which padded length the encoder saw.
+  out = jax.jit(lambda v, s: _map_valid(lambda flat, length: (flat, jnp.full(flat.shape, length)), v, chunk, s,
+                                        buckets))(jnp.asarray(valid), jnp.asarray(sizes))
+  index, length = map(np.asarray, out)
+  np.testing.assert_array_equal(index[valid], np.flatnonzero(valid))   # every valid index, in place
+  assert (index[~valid] == 0).all() and (length[~valid] == 0).all()
+  assert (length[valid] >= sizes[valid]).all()                          # nothing truncated
+  # Shortest first, in chunks of 4: each chunk's length is the smallest bucket >= its longest text.
+  packed = np.sort(sizes[valid], kind="stable")
+  expected = [min(b for b in buckets if b >= packed[i:i + chunk].max()) for i in range(0, len(packed), chunk)]
+  seen = np.sort(length[valid], kind="stable")
+  np.testing.assert_array_equal(seen, np.repeat(expected, chunk)[:len(packed)])

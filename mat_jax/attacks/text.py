@@ -194,31 +194,47 @@ class TextAttackResult:
   importance: jax.Array
 
 
-def _map_valid(fn: Callable[[jax.Array], Any], valid: jax.Array, chunk_size: int) -> Any:
-  """fn over the flat indices where `valid` (T,) is True, in chunks of `chunk_size`; zeros elsewhere.
+def length_buckets(text_length: int) -> tuple[int, ...]:
+  """The static lengths texts are padded to while scored: about a third, two thirds and all of
+  `text_length`, rounded up to multiples of 8 (e.g. 8/16/24 for 24, 32/56/77 for 77)."""
+  thirds = {min(text_length, 8 * -(-text_length * i // 24)) for i in (1, 2)}
+  return tuple(sorted(thirds | {text_length}))
 
-  The valid indices are packed to the front and a `while_loop` runs only the chunks that hold some, so
-  padding (missing words and candidates, captions already done) costs less than one chunk of encoder
-  work per call, and memory stays bounded by one chunk of texts.
+
+def _map_valid(fn: Callable[[jax.Array, int], Any], valid: jax.Array, chunk_size: int, sizes: jax.Array,
+               buckets: tuple[int, ...]) -> Any:
+  """fn(indices, length) over the flat indices where `valid` (T,) is True, in chunks of `chunk_size`;
+  zeros elsewhere. `sizes` (T,) is each text's token count; `buckets` the static lengths to pad to.
+
+  The valid indices are packed to the front, shortest text first, and a `while_loop` runs only the
+  chunks that hold some, so padding (missing words and candidates, captions already done) costs less than
+  one chunk of encoder work per call, and memory stays bounded by one chunk of texts. Each chunk is
+  scored at the shortest bucket that holds its longest text (`lax.switch` over one compiled encoder per
+  bucket): captions are mostly much shorter than the longest one, and padding costs full price.
   """
   total = valid.shape[0]
   chunk = max(1, min(chunk_size, total))
   n_chunks = -(-total // chunk)
   count = jnp.sum(valid)
-  # Stable sort of "not valid": the valid indices first, in order (cheaper to compile than nonzero).
-  packed = jnp.argsort(~valid, stable=True)
-  packed = jnp.pad(packed, (0, n_chunks * chunk - total))
-  shapes = jax.eval_shape(fn, packed[:chunk])
+  sizes = jnp.minimum(sizes, buckets[-1])
+  # Stable sort: the valid indices first, shortest first (cheaper to compile than nonzero + sort).
+  order = jnp.argsort(jnp.where(valid, sizes, buckets[-1] + 1), stable=True)
+  packed = jnp.pad(order, (0, n_chunks * chunk - total))
+  branches = [functools.partial(lambda length, flat: fn(flat, length), b) for b in buckets]
+  shapes = jax.eval_shape(branches[-1], packed[:chunk])
   buffer = jax.tree.map(lambda x: jnp.zeros((n_chunks * chunk, *x.shape[1:]), x.dtype), shapes)
 
   def run(state):
     i, buffer = state
-    out = fn(jax.lax.dynamic_slice_in_dim(packed, i * chunk, chunk))
+    flat = jax.lax.dynamic_slice_in_dim(packed, i * chunk, chunk)
+    used = i * chunk + jnp.arange(chunk) < count
+    longest = jnp.max(jnp.where(used, sizes[flat], 0))
+    out = jax.lax.switch(jnp.sum(jnp.asarray(buckets) < longest), branches, flat)
     return i + 1, jax.tree.map(lambda b, o: jax.lax.dynamic_update_slice_in_dim(b, o, i * chunk, 0), buffer, out)
 
   _, buffer = jax.lax.while_loop(lambda state: state[0] * chunk < count, run, (0, buffer))
-  # Back to the original positions: the r-th valid index holds the r-th packed result.
-  rank = jnp.maximum(jnp.cumsum(valid) - 1, 0)
+  # Back to the original positions: index order[r] holds the r-th packed result.
+  rank = jnp.argsort(order)
   return jax.tree.map(lambda x: jnp.where(valid.reshape(-1, *([1] * (x.ndim - 1))), x[rank], 0), buffer)
 
 
@@ -271,10 +287,11 @@ def _compiled_text_attack(encoder, params, candidates, guide, objective, max_cha
   A, K = c.sub_lengths.shape[1:]
   M = max_changes
   features = lambda ids, mask: encoder.text_features(params, ids, mask)
+  buckets = length_buckets(c.text_length or c.context_length)
 
   # 1. Importance of every attackable word: KL(p_clean || p_masked) over normalised embeddings. The
   # clean captions ride along as N extra texts with nothing replaced (word -1).
-  def clean_or_masked(flat):
+  def clean_or_masked(flat, length):
     masked = flat < N * A
     n = jnp.where(masked, flat // A, flat - N * A)
     word = jnp.where(masked, c.target_words[n, flat % A], -1)
@@ -282,10 +299,15 @@ def _compiled_text_attack(encoder, params, candidates, guide, objective, max_cha
     pieces, lengths = _replace_word(c.word_pieces[n], c.word_lengths[n], word,
                                     jnp.broadcast_to(c.mask_pieces, (rows, c.mask_pieces.shape[0])),
                                     jnp.broadcast_to(c.mask_length, (rows,)))
-    return features(*_build(c, pieces, lengths))
+    return features(*_build(c, pieces, lengths, length))
 
   valid = jnp.concatenate([c.target_valid.reshape(-1), jnp.ones((N,), bool)])
-  feats = _map_valid(clean_or_masked, valid, chunk_size)
+  clean_tokens = c.word_lengths.sum(-1)                                                  # (N,)
+  masked_tokens = (clean_tokens[:, None] - jnp.take_along_axis(c.word_lengths, c.target_words, axis=1)
+                   + c.mask_length)                                                      # (N, A)
+  special = int(c.start_id is not None) + int(c.end_id is not None)
+  sizes = jnp.concatenate([masked_tokens.reshape(-1), clean_tokens]) + special
+  feats = _map_valid(clean_or_masked, valid, chunk_size, sizes, buckets)
   clean, masked = feats[N * A:], feats[:N * A].reshape(N, A, -1)
   importance = softmax_kl(l2_normalize(clean)[:, None], l2_normalize(masked))
   importance = jnp.where(c.target_valid, importance, -jnp.inf)
@@ -317,19 +339,23 @@ def _compiled_text_attack(encoder, params, candidates, guide, objective, max_cha
     slots = jnp.take_along_axis(order, jnp.minimum(ranks, A - 1), axis=1)
     current_ids, _ = _build(c, pieces, lengths)
 
-    def candidate_scores(flat):
+    def candidate_scores(flat, length):
       n, j, k = flat // (A * K), (flat // K) % A, flat % K
       a = slots[n, j]
       new_pieces, new_lengths = _replace_word(pieces[n], lengths[n], c.target_words[n, a],
                                               c.sub_pieces[n, a, k], c.sub_lengths[n, a, k])
-      ids, mask = _build(c, new_pieces, new_lengths)
+      ids, mask = _build(c, new_pieces, new_lengths, length)
       scores = score_fn(features(ids, mask)[:, None], guide[n])[:, 0]
       # A candidate that rebuilds the current text (its change truncated away) is the current text:
       # it ties with keeping, and ties keep.
-      return scores, jnp.any(ids != current_ids[n], axis=-1)
+      return scores, jnp.any(ids != current_ids[n, :length], axis=-1)
 
     exists = live[..., None] & (jnp.take_along_axis(c.sub_lengths, slots[..., None], axis=1) > 0)
-    scores, differs = _map_valid(candidate_scores, exists.reshape(-1), chunk_size)
+    # Token count of each candidate text: the current caption with word `a` swapped for candidate k.
+    replaced = jnp.take_along_axis(lengths, jnp.take_along_axis(c.target_words, slots, axis=1), axis=1)
+    sizes = (lengths.sum(-1)[:, None, None] - replaced[..., None]
+             + jnp.take_along_axis(c.sub_lengths, slots[..., None], axis=1) + special)  # (N, A, K)
+    scores, differs = _map_valid(candidate_scores, exists.reshape(-1), chunk_size, sizes.reshape(-1), buckets)
     scores, differs = scores.reshape(N, A, K), differs.reshape(N, A, K)
     scores = jnp.where(exists & differs, scores, -jnp.inf)
     best_k = jnp.argmax(scores, axis=-1)                                # first best: argmax semantics
