@@ -40,6 +40,8 @@ class ConfigError(ValueError):
 
 def defaults() -> ml_collections.ConfigDict:
   """Every key an experiment may set, with its default (and so its type)."""
+  from mat_jax.data import corpora  # the shapes world's default build lives there (deferred: tfds is slow)
+
   c = ml_collections.ConfigDict()
   c.name = ""                      # experiment name, used for logs and the default workdir
   c.seed = 0                       # parameter init, data order and attack randomness all derive from it
@@ -59,10 +61,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.captions_per_image = 1    # k > 1: k captions per image (one-to-many objectives)
   c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, hflip, ...)
   c.data.worker_count = 0          # Grain worker processes (0 = in the main process)
-  c.data.build_train = 10000       # sizes used when the shapes world must be built
+  c.data.build_train = corpora.DEFAULT_SHAPES_TRAIN  # sizes used when the shapes world must be built
   c.data.build_val = 1000
   c.data.build_test = 1000
-  c.data.image_size = 48           # the tiny preset's input size
+  c.data.image_size = corpora.DEFAULT_SHAPES_IMAGE_SIZE  # the tiny preset's input size
 
   c.text_attack = ml_collections.ConfigDict()
   c.text_attack.source = "lexicon"  # candidate source: lexicon (shapes world) | bert | charedit
