@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -13,8 +14,10 @@ from flax import nnx
 
 from mat_jax.attacks.candidates import (STOP_WORDS, BertMLMSource, CharEditSource, LexiconSource,
                                         prepare_candidates)
-from mat_jax.attacks.text import (_compiled_text_attack, _map_valid, adversarial_captions, assemble, attack_text,
-                                  image_objective, kl_objective, length_buckets, softmax_kl, text_attack)
+from mat_jax.attacks import text as text_module
+from mat_jax.attacks.text import (_changed_span, _compiled_text_attack, _map_valid, _pools_last_token,
+                                  adversarial_captions, assemble, attack_text, image_objective, kl_objective,
+                                  length_buckets, softmax_kl, text_attack)
 from mat_jax.bench.text_attack import reference_text_attack
 from mat_jax.models import CLIP, BertForMaskedLM, DualEncoder, bert_config, clip_config
 from mat_jax.models.tokenizers import load_tokenizer
@@ -79,14 +82,18 @@ def tok(tmp_path_factory):
   return load_tokenizer(directory, context_length=CONTEXT)
 
 
-@pytest.fixture(scope="module")
-def model(tok):
+def model_config(tok, pooling="eos"):
   cfg = clip_config("tiny")
   small = dict(layers=1, width=32, heads=2, mlp_dim=64)
-  cfg = cfg.replace(
+  return cfg.replace(
       text=dataclasses.replace(cfg.text, vocab_size=tok.vocab_size, context_length=CONTEXT, eos_token_id=tok.end_id,
-                               bos_token_id=tok.start_id, pad_token_id=tok.pad_id, pooling="eos", **small),
+                               bos_token_id=tok.start_id, pad_token_id=tok.pad_id, pooling=pooling, **small),
       vision=dataclasses.replace(cfg.vision, image_size=16, patch_size=8, **small), projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+  cfg = model_config(tok)
   graphdef, params = _random_init(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
   return DualEncoder(graphdef, cfg), params
 
@@ -104,15 +111,15 @@ def guide(model):
 ROWS = 12  # every oracle encoder call padded to this many rows: one compilation for all of them
 
 
+def _padded_rows(jitted, params, ids, mask):
+  """Text features of ids (n <= ROWS, L) through one jitted shape."""
+  pad = ((0, ROWS - len(ids)), (0, 0))
+  return np.asarray(jitted(params, np.pad(np.asarray(ids), pad), np.pad(np.asarray(mask), pad)))[:len(ids)]
+
+
 @pytest.fixture(scope="module")
 def features(model):
-  """Text features of ids (n <= ROWS, L), through one jitted shape."""
-  jitted = jax.jit(model[0].text_features)
-
-  def padded(params, ids, mask):
-    pad = ((0, ROWS - len(ids)), (0, 0))
-    return np.asarray(jitted(params, np.pad(np.asarray(ids), pad), np.pad(np.asarray(mask), pad)))[:len(ids)]
-  return padded
+  return functools.partial(_padded_rows, jax.jit(model[0].text_features))
 
 
 def _oracle(model, tok, cands, guide, features, **kw):
@@ -437,3 +444,35 @@ def test_chunks_run_at_the_shortest_bucket_holding_their_longest_text():
   expected = [min(b for b in buckets if b >= packed[i:i + chunk].max()) for i in range(0, len(packed), chunk)]
   seen = np.sort(length[valid], kind="stable")
   np.testing.assert_array_equal(seen, np.repeat(expected, chunk)[:len(packed)])
+
+
+def test_changed_texts_are_encoded_from_the_changed_word(model, cands):
+  # The test tower pools at the end token, the last: a changed text's tokens before its changed word
+  # come from the cached text, and scoring covers the changed word to the end token.
+  assert _pools_last_token(model[0], cands)
+  capacity = CONTEXT - 2
+  before = jnp.array([0, 1, 4, 3, 12])          # content tokens before the changed word
+  total = jnp.array([8, 8, 8, 14, 14])          # content tokens of the changed text (14: cut to 10)
+  start, size = map(np.asarray, _changed_span(cands, before, total, True))
+  np.testing.assert_array_equal(start, [1, 2, 5, 4, capacity + 1])  # a change cut away: the end token only
+  np.testing.assert_array_equal(start + size, [10, 10, 10, capacity + 2, capacity + 2])  # through [END]
+  start, size = map(np.asarray, _changed_span(cands, before, total, False))
+  np.testing.assert_array_equal(start, 0)
+  np.testing.assert_array_equal(size, [10, 10, 10, capacity + 2, capacity + 2])
+
+
+def test_texts_are_encoded_whole_when_the_tower_pools_elsewhere(monkeypatch, model, tok, cands, guide, features):
+  encoder, params = model
+  text = encoder.config.text
+  with_text = lambda **changes: DualEncoder(encoder.graphdef,
+                                            encoder.config.replace(text=dataclasses.replace(text, **changes)))
+  # Pooled at the largest id: a word here, so a changed word may come after the pooled token.
+  assert not _pools_last_token(with_text(pooling="argmax"), cands)
+  # ... unless the end token is the largest id (OpenAI's vocabulary).
+  assert _pools_last_token(with_text(pooling="argmax", vocab_size=tok.end_id + 1), cands)
+  assert not _pools_last_token(with_text(eos_token_id=tok.start_id), cands)
+  # Encoded whole (from position 0, nothing taken from the cache), the attack is still the references'.
+  monkeypatch.setattr(text_module, "_pools_last_token", lambda *args: False)
+  result = text_attack(encoder, params, cands, guide, objective="image", max_changes=1, chunk_size=5)
+  assert adversarial_captions(cands, result) == _oracle(model, tok, cands, guide, features, objective="image",
+                                                        max_changes=1)

@@ -16,7 +16,10 @@ fixed-shape arrays (word pieces, substitutes' pieces); `text_attack` then runs e
    are re-scored against the changed text in the next step, so the result is the sequential one.
 
 Texts are built on device from word pieces (`assemble_pieces`), truncated as the tokenizer truncates, so
-no text returns to the host during the attack. `adversarial_captions` turns a result back into strings
+no text returns to the host during the attack. A masked or substituted text equals its base text (the
+clean caption, or the current one) up to the changed word, and CLIP's text tower is causal: the base
+texts are encoded once, keeping every block's keys and values, and each changed text is encoded from its
+changed word on (`DualEncoder.text_features_continued`), which is about half of its tokens. `adversarial_captions` turns a result back into strings
 (for transfer to a model with another tokenizer).
 
 Where mat_jax differs from the references (on purpose):
@@ -144,6 +147,33 @@ def _replace_word(pieces, lengths, word, new_pieces, new_length):
           jnp.where(hit, new_length[:, None], lengths))
 
 
+def _tokens_before(lengths: jax.Array, word: jax.Array) -> jax.Array:
+  """Content tokens before word `word` (...,) in texts of word lengths (..., W)."""
+  return jnp.sum(jnp.where(jnp.arange(lengths.shape[-1]) < word[..., None], lengths, 0), axis=-1)
+
+
+def _changed_span(c: TextCandidates, before: jax.Array, total: jax.Array, shares_prefix: bool):
+  """Where scoring a changed text starts and how many tokens it covers: from its changed word (`before`
+  content tokens precede it) to its last token (`total` content tokens, cut as the tokenizer cuts).
+  The tokens before the change are the base text's, already in the cache; with `shares_prefix` False
+  (the tower pools elsewhere than at the last token) every text is scored whole."""
+  front, back = int(c.start_id is not None), int(c.end_id is not None)
+  last = front + jnp.minimum(total, c.context_length - front - back) + back - 1
+  start = jnp.minimum(front + before, last) if shares_prefix else jnp.zeros_like(last)
+  return start, last + 1 - start
+
+
+def _pools_last_token(encoder: DualEncoder, c: TextCandidates) -> bool:
+  """Whether the text tower pools these texts at their end token, their last: then a text that differs
+  from a cached one from some word on is encoded from that word on (`DualEncoder.text_features_continued`)."""
+  text = encoder.config.text
+  if c.end_id is None:
+    return False
+  if text.text_pooling == "eos":
+    return c.end_id == text.eos_token_id
+  return c.end_id == text.vocab_size - 1  # "argmax": the largest id, OpenAI's end-of-text
+
+
 @jax.jit
 def assemble(candidates: TextCandidates, choice: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """ids, mask (N, context_length) of the captions with substitutions applied.
@@ -204,7 +234,8 @@ def length_buckets(text_length: int) -> tuple[int, ...]:
 def _map_valid(fn: Callable[[jax.Array, int], Any], valid: jax.Array, chunk_size: int, sizes: jax.Array,
                buckets: tuple[int, ...]) -> Any:
   """fn(indices, length) over the flat indices where `valid` (T,) is True, in chunks of `chunk_size`;
-  zeros elsewhere. `sizes` (T,) is each text's token count; `buckets` the static lengths to pad to.
+  zeros elsewhere. `sizes` (T,) is the number of tokens each text needs encoded; `buckets` the static
+  lengths to pad to.
 
   The valid indices are packed to the front, shortest text first, and a `while_loop` runs only the
   chunks that hold some, so padding (missing words and candidates, captions already done) costs less than
@@ -286,29 +317,38 @@ def _compiled_text_attack(encoder, params, candidates, guide, objective, max_cha
   N, W, _ = c.word_pieces.shape
   A, K = c.sub_lengths.shape[1:]
   M = max_changes
-  features = lambda ids, mask: encoder.text_features(params, ids, mask)
   buckets = length_buckets(c.text_length or c.context_length)
+  shares_prefix = _pools_last_token(encoder, c)
+  rows_of = lambda tree, n: jax.tree.map(lambda t: t[n], tree)
 
-  # 1. Importance of every attackable word: KL(p_clean || p_masked) over normalised embeddings. The
-  # clean captions ride along as N extra texts with nothing replaced (word -1).
-  def clean_or_masked(flat, length):
-    masked = flat < N * A
-    n = jnp.where(masked, flat // A, flat - N * A)
-    word = jnp.where(masked, c.target_words[n, flat % A], -1)
+  def continued(cache, n, pieces, lengths, word, length):
+    """Features of texts (rows) with words (pieces, lengths) that differ from caption n's cached text only
+    from word `word` on: the tokens before that word come from the cache, the rest (at most `length`
+    tokens) are encoded. Also returns the texts' ids."""
+    ids, _ = _build(c, pieces, lengths)
+    start, _ = _changed_span(c, _tokens_before(lengths, word), lengths.sum(-1), shares_prefix)
+    rest = jnp.take_along_axis(ids, start[:, None] + jnp.arange(length), axis=1, mode="fill", fill_value=c.pad_id)
+    return encoder.text_features_continued(params, rows_of(cache, n), start, rest), ids
+
+  # 1. Importance of every attackable word: KL(p_clean || p_masked) over normalised embeddings. The clean
+  # captions are encoded whole, keeping their keys and values: a masked text is encoded from its masked
+  # word on (a causal tower's tokens before it are the clean ones).
+  clean, clean_cache = encoder.text_features_and_cache(params, *_build(c, c.word_pieces, c.word_lengths))
+
+  def masked_features(flat, length):
+    n, a = flat // A, flat % A
+    word = c.target_words[n, a]
     rows = flat.shape[0]
     pieces, lengths = _replace_word(c.word_pieces[n], c.word_lengths[n], word,
                                     jnp.broadcast_to(c.mask_pieces, (rows, c.mask_pieces.shape[0])),
                                     jnp.broadcast_to(c.mask_length, (rows,)))
-    return features(*_build(c, pieces, lengths, length))
+    return continued(clean_cache, n, pieces, lengths, word, length)[0]
 
-  valid = jnp.concatenate([c.target_valid.reshape(-1), jnp.ones((N,), bool)])
-  clean_tokens = c.word_lengths.sum(-1)                                                  # (N,)
-  masked_tokens = (clean_tokens[:, None] - jnp.take_along_axis(c.word_lengths, c.target_words, axis=1)
+  masked_tokens = (c.word_lengths.sum(-1)[:, None] - jnp.take_along_axis(c.word_lengths, c.target_words, axis=1)
                    + c.mask_length)                                                      # (N, A)
-  special = int(c.start_id is not None) + int(c.end_id is not None)
-  sizes = jnp.concatenate([masked_tokens.reshape(-1), clean_tokens]) + special
-  feats = _map_valid(clean_or_masked, valid, chunk_size, sizes, buckets)
-  clean, masked = feats[N * A:], feats[:N * A].reshape(N, A, -1)
+  _, sizes = _changed_span(c, _tokens_before(c.word_lengths[:, None], c.target_words), masked_tokens, shares_prefix)
+  masked = _map_valid(masked_features, c.target_valid.reshape(-1), chunk_size, sizes.reshape(-1),
+                      buckets).reshape(N, A, -1)
   importance = softmax_kl(l2_normalize(clean)[:, None], l2_normalize(masked))
   importance = jnp.where(c.target_valid, importance, -jnp.inf)
   # Stable: equal importance keeps caption order, like Python's sorted(..., reverse=True).
@@ -337,24 +377,30 @@ def _compiled_text_attack(encoder, params, candidates, guide, objective, max_cha
     ranks = next_rank[:, None] + jnp.arange(A)                                      # (N, A)
     live = (jnp.arange(A) < words) & (ranks < n_targets[:, None]) & active[:, None]
     slots = jnp.take_along_axis(order, jnp.minimum(ranks, A - 1), axis=1)
-    current_ids, _ = _build(c, pieces, lengths)
+    current_ids, current_mask = _build(c, pieces, lengths)
+    # Candidates are encoded from their changed word on, after the current text's cached tokens. With one
+    # change the current text of an active caption is the clean one; with more it may have changed.
+    cache = clean_cache if M == 1 else encoder.text_features_and_cache(params, current_ids, current_mask)[1]
 
     def candidate_scores(flat, length):
       n, j, k = flat // (A * K), (flat // K) % A, flat % K
-      a = slots[n, j]
-      new_pieces, new_lengths = _replace_word(pieces[n], lengths[n], c.target_words[n, a],
-                                              c.sub_pieces[n, a, k], c.sub_lengths[n, a, k])
-      ids, mask = _build(c, new_pieces, new_lengths, length)
-      scores = score_fn(features(ids, mask)[:, None], guide[n])[:, 0]
+      word = c.target_words[n, slots[n, j]]
+      new_pieces, new_lengths = _replace_word(pieces[n], lengths[n], word, c.sub_pieces[n, slots[n, j], k],
+                                              c.sub_lengths[n, slots[n, j], k])
+      features, ids = continued(cache, n, new_pieces, new_lengths, word, length)
+      scores = score_fn(features[:, None], guide[n])[:, 0]
       # A candidate that rebuilds the current text (its change truncated away) is the current text:
       # it ties with keeping, and ties keep.
-      return scores, jnp.any(ids != current_ids[n, :length], axis=-1)
+      return scores, jnp.any(ids != current_ids[n], axis=-1)
 
     exists = live[..., None] & (jnp.take_along_axis(c.sub_lengths, slots[..., None], axis=1) > 0)
-    # Token count of each candidate text: the current caption with word `a` swapped for candidate k.
-    replaced = jnp.take_along_axis(lengths, jnp.take_along_axis(c.target_words, slots, axis=1), axis=1)
-    sizes = (lengths.sum(-1)[:, None, None] - replaced[..., None]
-             + jnp.take_along_axis(c.sub_lengths, slots[..., None], axis=1) + special)  # (N, A, K)
+    # Tokens to encode per candidate text: the current caption with word `a` swapped for candidate k,
+    # from that word on.
+    words_at = jnp.take_along_axis(c.target_words, slots, axis=1)                    # (N, A)
+    replaced = jnp.take_along_axis(lengths, words_at, axis=1)
+    totals = (lengths.sum(-1)[:, None, None] - replaced[..., None]
+              + jnp.take_along_axis(c.sub_lengths, slots[..., None], axis=1))       # (N, A, K)
+    _, sizes = _changed_span(c, _tokens_before(lengths[:, None], words_at)[..., None], totals, shares_prefix)
     scores, differs = _map_valid(candidate_scores, exists.reshape(-1), chunk_size, sizes.reshape(-1), buckets)
     scores, differs = scores.reshape(N, A, K), differs.reshape(N, A, K)
     scores = jnp.where(exists & differs, scores, -jnp.inf)

@@ -38,6 +38,16 @@ class DualEncoder:
                                           attention_mask.reshape(-1, attention_mask.shape[-1]))
     return flat.reshape(*lead, flat.shape[-1])
 
+  def text_features_and_cache(self, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array):
+    """(B, L) texts -> features (B, D) and the text tower's per-block keys and values, from which
+    `text_features_continued` encodes texts that begin like these (the tower is causal)."""
+    return self.merge(params).encode_text_with_cache(input_ids, attention_mask)
+
+  def text_features_continued(self, params: nnx.State, cache, start: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """Features (B, D) of texts made of the cached texts' first `start` (B,) tokens and then `input_ids`
+    (B, S); exact when `start` is at most the whole text's pooled (end-of-text) position."""
+    return self.merge(params).encode_text_continuation(cache, start, input_ids)
+
   def image_embeddings(self, params: nnx.State, images: jax.Array) -> jax.Array:
     """L2-normalised image features."""
     return l2_normalize(self.image_features(params, images))

@@ -95,19 +95,35 @@ class MultiHeadAttention(nnx.Module):
     mask: bool, True where a query may attend to a key, broadcastable to (B, heads, Q, L); None
     attends everywhere.
     """
-    queries = x if queries is None else queries
-    split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
-    q = split(self.query(queries)) * (1.0 / math.sqrt(self.head_dim))
-    k = split(self.key(x))
-    v = split(self.value(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    return self.attend(x if queries is None else queries, *self.keys_values(x), mask)
+
+  def keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: (B, L, W) -> keys (B, heads, head_dim, L) and values (B, heads, L, head_dim): what queries attend
+    to (a cache of earlier tokens keeps them), laid out as the two attention products read them, so that
+    XLA:CPU copies neither again (a cache joined to new keys in another layout was copied whole per use)."""
+    return self._heads(self.key(x)).transpose(0, 2, 3, 1), self._heads(self.value(x)).transpose(0, 2, 1, 3)
+
+  @staticmethod
+  def join(earlier: tuple[jax.Array, jax.Array], later: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of earlier tokens (a cache) followed by those of later ones (`keys_values` layout)."""
+    return (jnp.concatenate([earlier[0], later[0]], axis=-1), jnp.concatenate([earlier[1], later[1]], axis=-2))
+
+  def attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array,
+             mask: jax.Array | None = None) -> jax.Array:
+    """queries (B, Q, W) attend to keys and values in the `keys_values` layout -> (B, Q, W); mask as
+    __call__'s, over the keys' L."""
+    q = self._heads(self.query(queries)) * (1.0 / math.sqrt(self.head_dim))
+    logits = jnp.einsum("bqhd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
     if mask is not None:
       # A boolean select, not an additive bias: two -max biases summed overflow to -inf.
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     # Softmax in float32 whatever the compute dtype: bf16 logits lose the small attention weights.
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*queries.shape[:2], -1)
+    context = jnp.einsum("bhqk,bhkd->bqhd", weights, values).reshape(*queries.shape[:2], -1)
     return self.out(context)
+
+  def _heads(self, t: jax.Array) -> jax.Array:
+    return t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
 
 
 def padding_mask(attention_mask: jax.Array) -> jax.Array:
