@@ -19,8 +19,8 @@ Texts are built on device from word pieces (`assemble_pieces`), truncated as the
 no text returns to the host during the attack. A masked or substituted text equals its base text (the
 clean caption, or the current one) up to the changed word, and CLIP's text tower is causal: the base
 texts are encoded once, keeping every block's keys and values, and each changed text is encoded from its
-changed word on (`DualEncoder.text_features_continued`), which is about half of its tokens. `adversarial_captions` turns a result back into strings
-(for transfer to a model with another tokenizer).
+changed word on (`DualEncoder.text_features_continued`), which is about half of its tokens.
+`adversarial_captions` turns a result back into strings (for transfer to a model with another tokenizer).
 
 Where mat_jax differs from the references (on purpose):
 - `BertMLMSource` reads a word's substitutes at the word's own position (the references read one
