@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -122,3 +126,59 @@ def test_transformers_without_torch_gives_no_models_advice_through_mat_jax(tmp_p
                        cwd=tmp_path, timeout=300)
   assert run.returncode == 0, run.stderr
   assert ("PyTorch was not found" in run.stderr + run.stdout) != through_mat_jax, run.stderr
+
+
+class _OverlapProbe:
+  """Stands in for transformers' tokenizer and records whether two calls were ever inside it at once
+  (transformers sets padding on shared state before encoding, so overlapping calls corrupt batches)."""
+
+  def __init__(self, hf):
+    self.hf, self.inside, self.overlaps, self.lock = hf, 0, 0, threading.Lock()
+
+  def __call__(self, *args, **kwargs):
+    with self.lock:
+      self.inside += 1
+      self.overlaps += self.inside > 1
+    time.sleep(0.001)  # widen the window a race needs
+    try:
+      return self.hf(*args, **kwargs)
+    finally:
+      with self.lock:
+        self.inside -= 1
+
+  def __getattr__(self, name):
+    return getattr(self.hf, name)
+
+
+def test_calls_from_several_threads_never_overlap(clip_tok):
+  tok = copy.copy(clip_tok)
+  tok.hf = probe = _OverlapProbe(clip_tok.hf)
+  captions = ["a photo of a red square", "two dogs"] * 8
+
+  def batches():
+    for _ in range(40):
+      assert tok(captions).input_ids.shape == (16, tok.context_length)  # padded every time
+
+  def words():
+    for _ in range(40):
+      tok.encode_words(["a", "photo", "of", "dogs"])
+
+  errors = []
+
+  def recording(fn):
+    def run():
+      try:
+        fn()
+      except Exception as e:  # a thread's exception would not fail the test by itself
+        errors.append(e)
+    return run
+
+  threads = [threading.Thread(target=recording(f)) for f in (batches, words, batches)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and probe.overlaps == 0
+  # Pickled into worker processes: the copy works and has its own lock.
+  again = pickle.loads(pickle.dumps(clip_tok))
+  np.testing.assert_array_equal(again(captions).input_ids, clip_tok(captions).input_ids)

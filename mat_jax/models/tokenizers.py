@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -37,10 +38,17 @@ class TokenBatch:
 
 
 class Tokenizer:
-  """A transformers fast tokenizer with a fixed context length."""
+  """A transformers fast tokenizer with a fixed context length; safe to call from several threads.
+
+  transformers sets padding and truncation on its Rust tokenizer before each call, as shared state: a
+  call without padding (`encode_words`) in one thread between another thread's setting and encoding
+  left that thread's batch unpadded (seen in a training pipeline: batches are tokenised in Grain's
+  prefetch thread while the text-attack candidates tokenise words in the consumer's). Calls take a lock.
+  """
 
   def __init__(self, hf_tokenizer, context_length: int):
     self.hf = hf_tokenizer
+    self._lock = threading.Lock()
     self.context_length = int(context_length)
     if self.context_length < 3:
       raise ValueError(f"context_length must be at least 3 (start, one word, end), got {context_length}")
@@ -53,8 +61,9 @@ class Tokenizer:
 
   def _special_ids(self) -> tuple[int | None, int | None]:
     """The ids the tokenizer puts before and after a text (CLS/SEP for BERT, BOS/EOS for CLIP)."""
-    framed = self.hf("a", add_special_tokens=True)["input_ids"]
-    bare = self.hf("a", add_special_tokens=False)["input_ids"]
+    with self._lock:
+      framed = self.hf("a", add_special_tokens=True)["input_ids"]
+      bare = self.hf("a", add_special_tokens=False)["input_ids"]
     at = next(i for i in range(len(framed)) if framed[i:i + len(bare)] == bare)
     head, tail = framed[:at], framed[at + len(bare):]
     return (head[0] if head else None), (tail[0] if tail else None)
@@ -66,18 +75,30 @@ class Tokenizer:
   def __call__(self, texts: Sequence[str]) -> TokenBatch:
     if isinstance(texts, str):
       raise TypeError("pass a list of strings, not a single string")
-    enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
-                  return_attention_mask=True)
+    with self._lock:
+      enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                    return_attention_mask=True)
     return TokenBatch(np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32))
 
   def encode_words(self, words: Sequence[str]) -> list[list[int]]:
     """The pieces of each word on its own, without special tokens."""
     if not words:
       return []
-    return [list(ids) for ids in self.hf(list(words), add_special_tokens=False)["input_ids"]]
+    with self._lock:
+      pieces = self.hf(list(words), add_special_tokens=False)["input_ids"]
+    return [list(ids) for ids in pieces]
 
   def decode(self, input_ids: Sequence[int]) -> str:
-    return self.hf.decode([int(i) for i in input_ids], skip_special_tokens=True)
+    with self._lock:
+      return self.hf.decode([int(i) for i in input_ids], skip_special_tokens=True)
+
+  def __getstate__(self) -> dict:
+    # Pickled into Grain's worker processes with the pipeline; a lock does not pickle.
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
 
 def _context_length_from_config(directory: Path) -> int | None:
