@@ -68,3 +68,13 @@ def test_continuing_a_cached_text_equals_encoding_the_whole_text(pooling, end):
   np.testing.assert_allclose(continued_short, whole, rtol=0, atol=1e-5)
   # The comparison is not vacuous: the changed texts' features differ from their bases'.
   assert np.median(np.abs(np.asarray(whole) - np.asarray(base_whole)).max(-1)) > 1e-2
+
+
+def test_continuing_with_mismatched_rows_says_how_to_fix_it():
+  encoder, params = _encoder("eos", END)
+  ids, mask = map(np.stack, zip(*[_text(np.array([5, 6, 7]), END)] * 3))
+  _, cache = encoder.text_features_and_cache(params, ids, mask)
+  with pytest.raises(ValueError, match=r"cache of 3 texts; index the cache's rows"):
+    encoder.text_features_continued(params, cache, jnp.array([1, 1]), ids[:2, 1:])
+  with pytest.raises(ValueError, match=r"start \(B,\)"):
+    encoder.text_features_continued(params, cache, jnp.array(1), ids[:, 1:])

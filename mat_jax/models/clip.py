@@ -344,6 +344,13 @@ class CLIP(nnx.Module):
                                input_ids: jax.Array) -> jax.Array:
     """Features (B, projection_dim) of texts that share their first `start` tokens with the cached ones
     and go on with `input_ids`; see `TextTower.encode_continuation`."""
+    start = jnp.asarray(start)
+    rows = input_ids.shape[0]
+    if input_ids.ndim != 2 or start.shape != (rows,) or cache[0][0].shape[0] != rows:
+      raise ValueError(f"continuing texts needs input_ids (B, S), start (B,) and a cache of B texts, got "
+                       f"input_ids {tuple(input_ids.shape)}, start {tuple(start.shape)} and a cache of "
+                       f"{cache[0][0].shape[0]} texts; index the cache's rows for these texts first: "
+                       "jax.tree.map(lambda t: t[rows], cache)")
     return self.text_projection(self.text.encode_continuation(cache, start, input_ids)).astype(jnp.float32)
 
   def __call__(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array):
