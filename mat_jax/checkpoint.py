@@ -125,7 +125,7 @@ def export_model(model: Any, tokenizer: Any, workdir: str | os.PathLike) -> Path
   directory.mkdir(parents=True, exist_ok=True)
   save_clip(model, directory)
   if tokenizer is not None:
-    tokenizer.hf.save_pretrained(str(directory))
+    tokenizer.save_pretrained(directory)
   return directory
 
 

@@ -378,9 +378,14 @@ def _compiled_text_attack(encoder, params, candidates, guide, objective, max_cha
     live = (jnp.arange(A) < words) & (ranks < n_targets[:, None]) & active[:, None]
     slots = jnp.take_along_axis(order, jnp.minimum(ranks, A - 1), axis=1)
     current_ids, current_mask = _build(c, pieces, lengths)
-    # Candidates are encoded from their changed word on, after the current text's cached tokens. With one
-    # change the current text of an active caption is the clean one; with more it may have changed.
-    cache = clean_cache if M == 1 else encoder.text_features_and_cache(params, current_ids, current_mask)[1]
+    # Candidates are encoded from their changed word on, after the current text's cached tokens. The
+    # current texts are the clean ones until some caption changes (with one change, always: a changed
+    # caption is done), so they are re-encoded only after a change.
+    cache = clean_cache
+    if M > 1:
+      cache = jax.lax.cond(jnp.any(changes > 0),
+                           lambda: encoder.text_features_and_cache(params, current_ids, current_mask)[1],
+                           lambda: clean_cache)
 
     def candidate_scores(flat, length):
       n, j, k = flat // (A * K), (flat // K) % A, flat % K

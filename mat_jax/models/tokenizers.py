@@ -92,6 +92,11 @@ class Tokenizer:
     with self._lock:
       return self.hf.decode([int(i) for i in input_ids], skip_special_tokens=True)
 
+  def save_pretrained(self, directory: str | os.PathLike) -> None:
+    """Write the tokenizer files (transformers layout) into `directory`."""
+    with self._lock:  # the files include the padding state a concurrent call may be changing
+      self.hf.save_pretrained(str(directory))
+
   def __getstate__(self) -> dict:
     # Pickled into Grain's worker processes with the pipeline; a lock does not pickle.
     return {k: v for k, v in self.__dict__.items() if k != "_lock"}

@@ -489,5 +489,5 @@ def save_clip(model: CLIP | tuple[DualEncoder, nnx.State], directory: str | os.P
   (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   (directory / PREPROCESSOR_FILE).write_text(json.dumps(clip_preprocessor_to_hf(cfg), indent=2) + "\n")
   if tokenizer is not None:
-    getattr(tokenizer, "hf", tokenizer).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))  # a mat_jax Tokenizer or a transformers tokenizer
   return directory
