@@ -4,7 +4,7 @@ A run's workdir holds:
 
     checkpoints/<step>/state   params, optimizer state, step, RNG key, NaN flag (TrainState)
     checkpoints/<step>/data    the Grain iterator position, one JSON per process (Grain's handler)
-    checkpoints/<step>/meta    the config fingerprint (shapes-relevant settings) and the step
+    checkpoints/<step>/meta    the config fingerprint (see below) and the step
     config.json                the full experiment config of the run
     model/                     the final model in the transformers layout + tokenizer files
 
@@ -12,8 +12,11 @@ Saves are periodic (keep-N); restarting in the same workdir resumes from the new
 checkpoint. Because the per-step key is derived from (seed key, step) and the data position is
 restored, a run killed at any point (even SIGKILL in the middle of a save: Orbax writes to a temporary
 directory and renames it when complete) ends with the parameters of an uninterrupted run.
-A checkpoint written under a config whose fingerprint differs (another model size, towers, optimizer,
-batch size, dataset) is refused with the list of differing settings.
+A checkpoint written under a config whose fingerprint differs is refused with the list of differing
+settings (`mat_jax.config.fingerprint`: what fixes the shapes and the optimizer-state structure, i.e.
+model size, towers, optimizer, batch size, dataset, plus what the run trains for: the objective and its
+hyper-parameters, the seed, the augmentations). A train state that still does not fit the checkpoint
+on restore is refused the same way. Refused checkpoints are left as they are.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ CONFIG_FILE = "config.json"
 
 
 class IncompatibleCheckpointError(ValueError):
-  """The workdir's checkpoint was written by a run with different shapes-relevant settings."""
+  """The workdir's checkpoint belongs to another run: a different fingerprint, or a train state whose
+  structure or shapes do not fit it."""
 
 
 class Checkpointer:
@@ -86,12 +90,23 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     self.check_compatible(step)
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
+    except ValueError as err:
+      # A structure or shape mismatch the fingerprint did not catch. Orbax's own advice
+      # (partial_restore, strict=False) would resume a different run: name the real fix instead.
+      detail = str(err).split("If this mismatch")[0].split(" Truncating/padding")[0].strip()
+      detail = detail if len(detail) <= 600 else detail[:600] + " ..."  # Orbax may list every parameter
+      raise IncompatibleCheckpointError(
+          f"the checkpoint at step {step} in {self.directory} does not fit this run's train state "
+          f"(a setting that changes the parameters or the optimizer state differs):\n  "
+          + detail.replace("\n", "\n  ") + "\n"
+          "Use a fresh --workdir, or restore the original settings to resume.") from err
     if data_iterator is not None:
       import grain
-      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored[STATE]
+      self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+    return state
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -9,10 +9,18 @@ then checks every key and type:
   that section and the closest match;
 - a value of the wrong type is an error naming the key, the expected type and the value;
 - the objective's hyper-parameters (`config.objective.*`) are checked against the fields of the
-  objective named by `config.objective.name` (see `mat_jax.objectives`).
+  objective named by `config.objective.name` (see `mat_jax.objectives`), and their values against the
+  range where they can work (e.g. `neighbours >= 1`, `step_size > 0`);
+- `eval.attacks` and `data.augmentations` must name known attacks / augmentations, so that a typo fails
+  before training rather than at the first evaluation.
+
+`train.towers="default"` (the default) becomes the objective's published towers
+(`Objective.default_towers`: vision for tecoa, fare and mava, all for the others) at load time, so the
+resolved value is what the fingerprint, the log and the run's config.json show.
 
 Overrides are `key.path=value` strings; the value is parsed by the type of the existing field
-(`true/false`, ints, floats including fractions such as `2/255`, strings, tuples as `a,b` or `(1, 2)`).
+(`true/false`, ints, floats including fractions such as `2/255`, strings, tuples as `a,b`, `(a, b)`
+or `(1, 2)`: bare words are strings).
 Overrides of `*.name` fields are applied first, so `--config.objective.name=tecoa` brings in TeCoA's
 defaults before its other keys are overridden.
 """
@@ -25,6 +33,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -32,6 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 
 ANY = object()  # schema marker: any value accepted
+DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
 
 
 class ConfigError(ValueError):
@@ -80,7 +90,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64          # global batch (images), split over all devices
   c.train.steps = 1000
-  c.train.towers = "all"           # which towers train: all | vision | text
+  c.train.towers = DEFAULT_TOWERS  # which towers train: all | vision | text | default (the objective's)
   c.train.train_logit_scale = True  # with towers=all only
   c.train.log_every = 20           # host reads metrics (and checks for NaN) every N steps
   c.train.checkpoint_every = 200
@@ -149,6 +159,8 @@ def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequenc
   for key, value in parsed:
     if not key.endswith(".name"):
       _override(config, key, value)
+  if config["train"]["towers"] == DEFAULT_TOWERS:
+    config["train"]["towers"] = _objective_class(config["objective"]["name"], origin).default_towers
   _check_values(config)
   out = ml_collections.ConfigDict(config)
   out.lock()
@@ -241,11 +253,22 @@ def _coerce(name: str, default: Any, value: Any, origin: str) -> Any:
   return value
 
 
-def _objective_section(section: dict, origin: str, keep_known_only: bool = False) -> dict:
+def _objective_class(name: Any, origin: str) -> type:
   from mat_jax import objectives  # deferred: objectives import jax and the attacks
 
+  if name not in objectives.OBJECTIVES:
+    close = difflib.get_close_matches(str(name), list(objectives.OBJECTIVES), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{origin}: unknown objective.name {name!r}.{hint} Available: "
+                      f"{', '.join(sorted(objectives.OBJECTIVES))}")
+  return objectives.OBJECTIVES[name]
+
+
+def _objective_section(section: dict, origin: str, keep_known_only: bool = False) -> dict:
+  from mat_jax import objectives
+
   name = section.get("name", "contrastive")
-  cls = objectives.get_class(name)
+  cls = _objective_class(name, origin)
   fields = objectives.hyperparameters(cls)
   out = {"name": name}
   out.update(fields)
@@ -270,10 +293,50 @@ _CHOICES = {
 }
 
 
+# Where a value outside cannot work (no PGD step, a mean over zero neighbours, a loss weight that
+# rewards the attack): (allowed range, test). Objective fields by name, shared by the objectives having it.
+_OBJECTIVE_RANGES = {
+    "eps": ("in [0, 1] (pixels in [0, 1])", lambda v: 0 <= v <= 1),
+    "steps": (">= 1", lambda v: v >= 1),
+    "step_size": ("> 0", lambda v: v > 0),
+    "text_changes": (">= 1", lambda v: v >= 1),
+    "neighbours": (">= 1", lambda v: v >= 1),
+    "beta": (">= 0", lambda v: v >= 0),
+    **{weight: (">= 0 (a loss weight)", lambda v: v >= 0)
+       for weight in ("clean_weight", "text_weight", "image_weight", "a", "b", "c")},
+}
+_RANGES = {
+    ("eval", "max_images"): (">= 0 (0 = the whole split)", lambda v: v >= 0),
+    ("eval", "batch_size"): (">= 1", lambda v: v >= 1),
+    ("eval", "eps"): ("in [0, 1] (pixels in [0, 1])", lambda v: 0 <= v <= 1),
+    ("eval", "steps"): (">= 1", lambda v: v >= 1),
+}
+
+
 def _check_values(config: dict) -> None:
+  from mat_jax.data import pipeline  # already loaded with corpora by defaults()
+  from mat_jax.evaluate import ATTACKS  # deferred like the objectives; evaluation's names decide
+
   for (section, key), choices in _CHOICES.items():
     if config[section][key] not in choices:
-      raise ConfigError(f"{section}.{key}={config[section][key]!r} is not one of {choices}")
+      also = f" (or {DEFAULT_TOWERS!r}: the objective's)" if key == "towers" else ""
+      raise ConfigError(f"{section}.{key}={config[section][key]!r} is not one of {choices}{also}")
+  objective = config["objective"]
+  for key, value in objective.items():
+    if key in _OBJECTIVE_RANGES and not _OBJECTIVE_RANGES[key][1](value):
+      raise ConfigError(f"objective.{key}={value!r} ({objective['name']}) must be {_OBJECTIVE_RANGES[key][0]}")
+  for (section, key), (allowed, ok) in _RANGES.items():
+    if not ok(config[section][key]):
+      raise ConfigError(f"{section}.{key}={config[section][key]!r} must be {allowed}")
+  unknown = [a for a in config["eval"]["attacks"] if a not in ATTACKS]
+  if unknown:
+    close = {a: difflib.get_close_matches(str(a), ATTACKS, n=1) for a in unknown}
+    hints = "".join(f" ({a!r}: did you mean {c[0]!r}?)" for a, c in close.items() if c)
+    raise ConfigError(f"eval.attacks: unknown attack(s) {unknown}{hints}; choose from {', '.join(ATTACKS)}")
+  try:
+    pipeline.parse_augmentations(tuple(config["data"]["augmentations"]))
+  except ValueError as err:
+    raise ConfigError(f"data.augmentations: {err}") from None
   train = config["train"]
   for key in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     if train[key] < 1:
@@ -302,7 +365,7 @@ def _set_raw(raw: dict, key: str, value: str) -> None:
   node = raw
   for part in section.split(".") if section else []:
     node = node.setdefault(part, {})
-  node[leaf] = _parse_value(value, "")
+  node[leaf] = _parse_value(value, "", key)
 
 
 def _override(config: dict, key: str, text: str) -> None:
@@ -315,32 +378,31 @@ def _override(config: dict, key: str, text: str) -> None:
   leaf = parts[-1]
   if leaf not in node or isinstance(node[leaf], dict):
     raise _unknown_key(leaf, section, [k for k, v in node.items() if not isinstance(v, dict)], "override")
-  node[leaf] = _coerce(key, node[leaf], _parse_value(text, node[leaf]), "override")
+  node[leaf] = _coerce(key, node[leaf], _parse_value(text, node[leaf], key), "override")
 
 
-def _parse_value(text: str, default: Any) -> Any:
+def _parse_value(text: str, default: Any, key: str = "") -> Any:
   text = text.strip()
+  where = f"{key}: " if key else ""
   if isinstance(default, bool):
     lowered = text.lower()
     if lowered in ("true", "1", "yes"):
       return True
     if lowered in ("false", "0", "no"):
       return False
-    raise ConfigError(f"cannot read {text!r} as a boolean (true/false)")
+    raise ConfigError(f"{where}cannot read {text!r} as a boolean (true/false)")
   if isinstance(default, int):
     try:
       return int(text)
     except ValueError:
-      raise ConfigError(f"cannot read {text!r} as an integer") from None
+      raise ConfigError(f"{where}cannot read {text!r} as an integer") from None
   if isinstance(default, float):
     try:
       return float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
-      raise ConfigError(f"cannot read {text!r} as a number (e.g. 0.01, 1e-5 or 2/255)") from None
+      raise ConfigError(f"{where}cannot read {text!r} as a number (e.g. 0.01, 1e-5 or 2/255)") from None
   if isinstance(default, tuple):
-    if text.startswith(("(", "[")):
-      return tuple(ast.literal_eval(text))
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+    return _parse_tuple(text, key)
   if isinstance(default, str):
     return text
   try:
@@ -349,23 +411,68 @@ def _parse_value(text: str, default: Any) -> Any:
     return text
 
 
+_BARE_WORD = re.compile(r"[\w.:/+-]+")  # pgd, hflip, eda:0.3: no quotes needed
+
+
+def _parse_tuple(text: str, key: str) -> tuple:
+  """`a,b`, `(a, b)`, `[a, b]` (bare words are strings) or Python literals such as `(1, 2)` / `('a',)`."""
+  name = key or "key"
+  bad = ConfigError(f"{name}: cannot read {text!r} as a list; write a,b or (a, b), e.g. --config.{name}=x,y "
+                    f"or '--config.{name}=(x, y)' (quoted for the shell; () for none)")
+  if not text.startswith(("(", "[")):
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+  if not text.endswith(")" if text[0] == "(" else "]"):
+    raise bad
+  try:
+    value = ast.literal_eval(text)
+    # `(pgd)` / `(1)` are one element, not a string's letters or a TypeError.
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  except (ValueError, SyntaxError, TypeError):
+    pass
+  items = []
+  for part in (p.strip() for p in text[1:-1].split(",")):
+    if not part:
+      continue
+    try:
+      items.append(ast.literal_eval(part))
+    except (ValueError, SyntaxError, TypeError):
+      if not _BARE_WORD.fullmatch(part):
+        raise bad from None
+      items.append(part)
+  return tuple(items)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fingerprints.
 
 
 def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> dict[str, Any]:
-  """The parts of a config that a checkpoint's contents depend on (shapes and pytree structure)."""
+  """The settings a checkpoint belongs to: what fixes its shapes and optimizer-state structure (model,
+  towers, optimizer, batch size, dataset) and what the run trains for (the objective with all its
+  hyper-parameters, the seed, the data stream's augmentations). A resume under another fingerprint
+  would mix two runs, so the checkpointer refuses it; learning rate, schedule, logging and evaluation
+  settings may change between restarts."""
   import dataclasses
 
+  opt = config.optimizer
   parts: dict[str, Any] = {
       "train.towers": config.train.towers,
       "train.train_logit_scale": config.train.train_logit_scale,
       "train.batch_size": config.train.batch_size,
-      "optimizer.name": config.optimizer.name,
-      "optimizer.grad_clip": config.optimizer.grad_clip_norm > 0,
+      "optimizer.name": opt.name,
+      "optimizer.grad_clip": opt.grad_clip_norm > 0,
       "data.name": config.data.name,
       "data.captions_per_image": config.data.captions_per_image,
+      "data.augmentations": list(config.data.augmentations),
+      "seed": config.seed,
   }
+  parts.update({f"objective.{k}": v for k, v in config.objective.items()})
+  # Optimizer-state structure (mat_jax.training.optim): adamw always holds a decay state; adam and sgd
+  # only with weight decay, and sgd a momentum trace only with momentum.
+  if opt.name in ("adam", "sgd"):
+    parts["optimizer.weight_decay>0"] = opt.weight_decay > 0
+  if opt.name == "sgd":
+    parts["optimizer.momentum>0"] = opt.momentum > 0
   if model_config is not None:
     flat = _flatten(dataclasses.asdict(model_config), "model")
     parts.update({k: v for k, v in flat.items() if k != "model.dtype"})

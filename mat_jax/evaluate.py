@@ -37,7 +37,7 @@ from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
 from mat_jax.attacks.text import adversarial_captions
-from mat_jax.models.clip import CLIP
+from mat_jax.models.clip import CLIP, check_tokens_for
 from mat_jax.models.dual_encoder import DualEncoder, split
 from mat_jax.models.tokenizers import Tokenizer
 
@@ -75,6 +75,13 @@ class Victim:
   @property
   def image_size(self) -> int:
     return self.encoder.config.vision.image_size
+
+  def tokens(self, captions: list[str]):
+    """The tokenizer's batch of `captions`, checked against the text tower (ids, end token)."""
+    batch = self.tokenizer(captions)
+    check_tokens_for(batch.input_ids, batch.attention_mask, self.tokenizer.end_id, self.encoder.config.text,
+                     name=f"{self.name}'s tokenizer")
+    return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +178,12 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     surrogate = Victim.of(surrogate[0], tokenizer=surrogate[1], name="surrogate") \
         if isinstance(surrogate, tuple) else Victim.of(surrogate, name="surrogate")
   attacker = surrogate or target
+  if limit is not None and limit < 1:
+    raise ValueError(f"limit={limit}: evaluate at least 1 image (or None for all)")
+  if settings.steps < 1 or settings.apgd_steps < 1:
+    raise ValueError(f"attack steps must be at least 1, got steps={settings.steps}, apgd_steps={settings.apgd_steps}")
+  if any(e < 0 for e in eps_255):
+    raise ValueError(f"eps_255 must be >= 0 (budgets in 1/255 units), got {list(eps_255)}")
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
     raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
@@ -196,7 +209,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   caption_list = [str(c) for c in captions]
 
   # Clean scores, once.
-  target_tokens = target.tokenizer(caption_list)
+  target_tokens = target.tokens(caption_list)
   clean_img = metrics.embed_images(target.encoder, target.params,
                                    _float_images(eval_set, np.arange(n_images)), batch_size)
   clean_txt = metrics.embed_texts(target.encoder, target.params, target_tokens.input_ids,
@@ -205,7 +218,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   clean = metrics.recall_from_ranks(*clean_ranks)
 
   # What the attacker needs: its tokenisation, its clean text features (APGD's classes), candidates.
-  attacker_tokens = target_tokens if attacker is target else attacker.tokenizer(caption_list)
+  attacker_tokens = target_tokens if attacker is target else attacker.tokens(caption_list)
   cands = None
   if text_source is not None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
     cands = multimodal.bucketed_candidates(caption_list, attacker.tokenizer, text_source)
@@ -521,7 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.limit is not None and args.limit < 1:
+    parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
+  if args.steps < 1 or args.apgd_steps < 1:
+    parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
+  if any(e < 0 for e in args.eps):
+    parser.error(f"--eps budgets are in 1/255 units and must be >= 0, got {args.eps}")
   target = load_victim(args.model, args.tokenizer)
   surrogate = load_victim(args.surrogate, args.surrogate_tokenizer) if args.surrogate else None
   eval_set = load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,

@@ -35,6 +35,19 @@ def _check_scores(scores, text_to_image) -> tuple[jax.Array, jax.Array]:
   if text_to_image.shape != (scores.shape[1],):
     raise ValueError(f"text_to_image must have one entry per text (scores column), shape "
                      f"({scores.shape[1]},); got {text_to_image.shape}. Pass scores as images x texts.")
+  # Checked on the host: an index out of range would be clamped by JAX, and a NaN score would rank
+  # first (no score is greater than NaN), reporting a broken model as a perfectly robust one.
+  mapping = np.asarray(text_to_image)
+  if mapping.size and (mapping.min() < 0 or mapping.max() >= scores.shape[0]):
+    raise ValueError(f"text_to_image holds image indices from {mapping.min()} to {mapping.max()}, but scores has "
+                     f"{scores.shape[0]} images (rows); each entry must be in [0, {scores.shape[0]})")
+  finite = np.isfinite(np.asarray(scores))
+  if not finite.all():
+    rows, cols = np.flatnonzero(~finite.all(axis=1)), np.flatnonzero(~finite.all(axis=0))
+    raise ValueError(f"scores hold NaN/inf in {len(rows)} image rows (e.g. {rows[:5].tolist()}) and {len(cols)} text "
+                     f"columns (e.g. {cols[:5].tolist()}): the features are not finite. Usual causes: token ids "
+                     "outside the text model's vocabulary (a tokenizer that does not belong to the model), "
+                     "non-finite pixels, or NaN weights")
   return scores, text_to_image
 
 

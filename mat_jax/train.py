@@ -37,6 +37,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
   return args, overrides
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+  """Errors caused by the input (config, model files, data, workdir, devices) whose message names the
+  fix: reported as one `error:` line, without a traceback. Anything else is a bug and keeps its traceback."""
+  from mat_jax import checkpoint, config, mesh
+  from mat_jax.data import corpora, pipeline
+  from mat_jax.models import hub, weights
+  from mat_jax.training import loop
+
+  return (config.ConfigError, mesh.MeshError, checkpoint.IncompatibleCheckpointError, loop.NonFiniteLossError,
+          hub.ModelSourceError, weights.ConfigError, weights.WeightsError, weights.UnsafeCheckpointError,
+          corpora.CorpusError, pipeline.DataSourceError)
+
+
 def main(argv: list[str] | None = None) -> int:
   args, overrides = parse_args(argv)
   # jax.distributed must start before anything touches the devices.
@@ -58,14 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
-  from mat_jax import checkpoint
   try:
     result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
                         evaluate=not args.no_eval)
-  except (loop.NonFiniteLossError, mesh_lib.MeshError, checkpoint.IncompatibleCheckpointError) as err:
-    # Problems with a message that names the fix: no traceback.
+  except user_errors() as err:
     print(f"error: {err}", file=sys.stderr)
-    return 1
+    return 2 if isinstance(err, config_lib.ConfigError) else 1  # 2: fix the config, as at load time
   if result.metrics and mesh_lib.is_main_process():
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     print(f"done: step {result.step}: {shown}")

@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL, incompatible checkpoints, and the exported model (subprocess runs)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,9 @@ def test_sigkill_and_restart_end_with_the_same_parameters(setting, uninterrupted
   # keep-N: only the newest checkpoints remain.
   kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert kept == [STEPS - 10, STEPS]
+  # Steps logged after the last checkpoint of the killed run are logged once, by the resumed run.
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == list(range(10, STEPS + 1, 10))
 
 
 def test_incompatible_config_is_refused(setting, uninterrupted, monkeypatch):
@@ -105,6 +109,58 @@ def test_incompatible_config_is_refused(setting, uninterrupted, monkeypatch):
   message = str(err.value)
   assert "model.text.width: checkpoint 32, this run 64" in message
   assert "train.towers" in message and "fresh --workdir" in message
+
+
+def _tree_listing(directory):
+  return sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in directory.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("overrides, differing", [
+    (["objective.name=tecoa", "train.towers=all"], "objective.name: checkpoint 'contrastive', this run 'tecoa'"),
+    (["seed=1"], "seed: checkpoint 0, this run 1"),
+    (["data.augmentations=hflip"], "data.augmentations: checkpoint [], this run ['hflip']")],
+    ids=["objective", "seed", "augmentations"])
+def test_another_objective_seed_or_data_stream_is_refused(setting, uninterrupted, monkeypatch, overrides,
+                                                          differing):
+  # Once the default workdir holds a finished run, switching the objective must not "resume" it at its
+  # final step (zero steps) and re-export its model under the new name.
+  root, path, env = setting
+  monkeypatch.setenv("MAT_JAX_CACHE_DIR", env["MAT_JAX_CACHE_DIR"])
+  before = _tree_listing(uninterrupted)
+  config = config_lib.load(path, overrides)
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="fresh --workdir") as err:
+    loop.train(config, uninterrupted, mesh_spec="8", log=lambda _: None, progress=False, evaluate=False)
+  assert differing in str(err.value)
+  assert _tree_listing(uninterrupted) == before  # checkpoints, config.json and model untouched
+
+
+def test_state_that_does_not_fit_the_checkpoint_is_refused_clearly(tmp_path):
+  # A structural mismatch the fingerprint misses: Orbax's error (and its partial_restore advice) becomes
+  # the checkpointer's own, naming the step, the directory and the fix; the checkpoint stays as it was.
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    ckpt.save(5, {"params": params, "opt": optax.sgd(0.1).init(params)})
+  before = _tree_listing(tmp_path)
+  targets = {"structure": {"params": params, "opt": optax.sgd(0.1, momentum=0.9).init(params)},
+             "shape": {"params": {"w": jnp.ones((4, 4)), "b": jnp.zeros(3)}, "opt": optax.sgd(0.1).init(params)}}
+  for kind, target in targets.items():
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+      with pytest.raises(checkpoint_lib.IncompatibleCheckpointError) as err:
+        ckpt.restore(abstract)
+    message = str(err.value)
+    assert f"checkpoint at step 5 in {tmp_path / 'checkpoints'}" in message, kind
+    assert "fresh --workdir" in message and "partial_restore" not in message, kind
+  assert _tree_listing(tmp_path) == before
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:  # the right target still works
+    restored = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                         {"params": params, "opt": optax.sgd(0.1).init(params)}))
+  assert restored["params"]["w"].shape == (4, 3)
 
 
 def test_exported_model_and_tokenizer_reload(setting, uninterrupted, monkeypatch):

@@ -118,3 +118,151 @@ def test_cli_reports_config_errors(tmp_path, capsys):
   path = _write(tmp_path, "return dict()")
   assert train.main(["--config", str(path), "--config.train.stpes=3"]) == 2
   assert "Did you mean 'steps'" in capsys.readouterr().err
+
+
+def test_fingerprint_covers_what_the_run_trains_for(tmp_path):
+  # A resume with another objective, seed or data stream would silently mix two runs.
+  path = _write(tmp_path, "return dict(objective=dict(name='mat'))")
+  base = config_lib.fingerprint(config_lib.load(path))
+  assert base["objective.name"] == "mat" and base["objective.text_changes"] == 1
+  for override in ("objective.name=tecoa", "objective.eps=4/255", "objective.clean_weight=0.5", "seed=1",
+                   "data.augmentations=hflip"):
+    assert base != config_lib.fingerprint(config_lib.load(path, [override, "train.towers=all"])), override
+  # Settings that may change between restarts stay out.
+  for override in ("schedule.warmup_steps=10", "eval.attacks=co", "train.log_every=5", "train.steps=99"):
+    assert base == config_lib.fingerprint(config_lib.load(path, [override])), override
+
+
+@pytest.mark.parametrize("name, setting, structural", [
+    ("adam", "weight_decay", True), ("sgd", "weight_decay", True), ("sgd", "momentum", True),
+    ("adamw", "weight_decay", False), ("adam", "momentum", False)])
+def test_fingerprint_tracks_optimizer_state_structure(tmp_path, name, setting, structural):
+  import jax
+  import jax.numpy as jnp
+
+  path = _write(tmp_path, f"return dict(optimizer=dict(name={name!r}))")
+  zero, positive = (config_lib.load(path, [f"optimizer.{setting}={v}"]) for v in (0, 0.5))
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+  states = [optim.make_optimizer(c.optimizer, optim.make_schedule(c.schedule, 0.1, 10)).init(params)
+            for c in (zero, positive)]
+  assert (jax.tree.structure(states[0]) != jax.tree.structure(states[1])) == structural  # the premise
+  assert (config_lib.fingerprint(zero) != config_lib.fingerprint(positive)) == structural
+
+
+def test_unknown_objective_is_a_config_error(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match=r"unknown objective.name 'tceoa'. Did you mean 'tecoa'\? "
+                                                    r"Available: contrastive, fare, mat"):
+    config_lib.load(_write(tmp_path, "return dict(objective=dict(name='tceoa'))"))
+  with pytest.raises(config_lib.ConfigError, match="unknown objective.name 'nope'"):
+    config_lib.load(_write(tmp_path, "return dict()"), ["objective.name=nope"])
+
+
+def test_eval_attacks_are_checked_at_load(tmp_path):
+  from mat_jax import evaluate
+
+  path = _write(tmp_path, "return dict()")
+  config = config_lib.load(path, [f"eval.attacks={','.join(evaluate.ATTACKS)}"])
+  assert set(config.eval.attacks) == set(evaluate.ATTACKS)
+  with pytest.raises(config_lib.ConfigError, match=r"eval.attacks: unknown attack\(s\) \['pdg'\].*did you mean 'pgd'"):
+    config_lib.load(path, ["eval.attacks=pgd,pdg"])
+  with pytest.raises(config_lib.ConfigError, match="data.augmentations: unknown augmentation 'flip'"):
+    config_lib.load(path, ["data.augmentations=flip"])
+  with pytest.raises(config_lib.ConfigError, match=r"eval.attacks: unknown attack\(s\) \['coattack'\]"):
+    config_lib.load(_write(tmp_path, "return dict(eval=dict(attacks=('sga', 'coattack')))"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("(pgd, co)", ("pgd", "co")), ("[pgd,co]", ("pgd", "co")), ("pgd, co", ("pgd", "co")), ("(pgd)", ("pgd",)),
+    ("('pgd',)", ("pgd",)), ("()", ()), ("(hflip, eda:0.3)", ("hflip", "eda:0.3"))])
+def test_tuple_overrides_take_bare_words(tmp_path, text, expected):
+  path = _write(tmp_path, "return dict()")
+  key = "data.augmentations" if "hflip" in text else "eval.attacks"
+  assert tuple(config_lib.load(path, [f"{key}={text}"])[key.split(".")[0]][key.split(".")[1]]) == expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.augmentations=[hflip", r"data.augmentations: cannot read '\[hflip' as a list; write a,b or \(a, b\)"),
+    ("eval.attacks=(pgd co)", r"eval.attacks: cannot read '\(pgd co\)' as a list"),
+    ("eval.attacks=(1)", r"unknown attack\(s\) \[1\]"),
+    ("eval.attacks=(1, 2)", r"unknown attack\(s\) \[1, 2\]")])
+def test_bad_tuple_overrides_are_config_errors(tmp_path, override, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load(_write(tmp_path, "return dict()"), [override])
+
+
+@pytest.mark.parametrize("objective, key, value, allowed", [
+    ("mava", "neighbours", 0, ">= 1"), ("mava", "beta", -0.1, ">= 0"), ("mava", "a", -1.0, ">= 0"),
+    ("tecoa", "steps", 0, ">= 1"), ("fare", "step_size", 0.0, "> 0"), ("fare", "eps", -0.01, r"in \[0, 1\]"),
+    ("mat", "eps", 8.0, r"in \[0, 1\]"), ("mat", "text_changes", 0, ">= 1"), ("mat", "clean_weight", -0.5, ">= 0"),
+    ("mmcoa", "text_weight", -1.0, ">= 0"), ("mmcoa", "image_weight", -1.0, ">= 0")])
+def test_objective_values_out_of_range_are_refused(tmp_path, objective, key, value, allowed):
+  path = _write(tmp_path, f"return dict(objective=dict(name={objective!r}))")
+  config_lib.load(path)  # the defaults are in range
+  with pytest.raises(config_lib.ConfigError, match=rf"objective.{key}={value!r} \({objective}\) must be {allowed}"):
+    config_lib.load(path, [f"objective.{key}={value}"])
+
+
+def test_eval_values_out_of_range_are_refused(tmp_path):
+  path = _write(tmp_path, "return dict()")
+  assert config_lib.load(path, ["eval.max_images=0"]).eval.max_images == 0  # the whole split
+  for override, message in (("eval.max_images=-1", r"eval.max_images=-1 must be >= 0"),
+                            ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
+                            ("eval.eps=2", r"eval.eps=2.0 must be in \[0, 1\]")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.load(path, [override])
+
+
+@pytest.mark.parametrize("name", ["contrastive", "tecoa", "fare", "mmcoa", "mava", "mat", "matplus"])
+def test_towers_default_to_the_objectives(tmp_path, name):
+  from mat_jax import objectives
+
+  config = config_lib.load(_write(tmp_path, f"return dict(objective=dict(name={name!r}))"))
+  expected = objectives.get_class(name).default_towers
+  assert config.train.towers == expected
+  assert config_lib.fingerprint(config)["train.towers"] == expected
+  assert f'"towers": "{expected}"' in config_lib.to_json(config)  # the run's config.json
+
+
+def test_towers_set_by_the_file_or_an_override_win(tmp_path):
+  path = _write(tmp_path, "return dict(objective=dict(name='tecoa'), train=dict(towers='all'))")
+  assert config_lib.load(path).train.towers == "all"
+  assert config_lib.load(path, ["train.towers=text"]).train.towers == "text"
+  assert config_lib.load(path, ["train.towers=default"]).train.towers == "vision"
+  # Switching a file without towers to another objective brings that objective's towers.
+  plain = _write(tmp_path, "return dict(objective=dict(name='mat'))")
+  assert config_lib.load(plain, ["objective.name=fare"]).train.towers == "vision"
+  with pytest.raises(config_lib.ConfigError, match="'vsion' is not one of .*'default'"):
+    config_lib.load(plain, ["train.towers=vsion"])
+  # The shipped files set their towers explicitly: unchanged.
+  experiments = Path(__file__).resolve().parents[1] / "experiments"
+  assert config_lib.load(experiments / "shapes_tecoa.py").train.towers == "vision"
+  assert config_lib.load(experiments / "shapes_mat.py").train.towers == "all"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.objective.name=nope", "unknown objective.name 'nope'"),
+    ("--config.eval.attacks=(pgd, pdg)", "unknown attack"),
+    ("--config.data.augmentations=[hflip", "cannot read '\\[hflip' as a list"),
+    ("--config.objective.neighbours=0", "objective.neighbours=0 (mava) must be >= 1")])
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, override, message):
+  from mat_jax import train
+  path = _write(tmp_path, "return dict(objective=dict(name='mava'))")
+  assert train.main(["--config", str(path), "--workdir", str(tmp_path / "run"), override]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message.replace("\\", "") in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys):
+  from mat_jax import train
+  micro = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
+           "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
+  path = _write(tmp_path, f"return dict(train=dict(batch_size=8), model=dict(overrides={micro!r}), "
+                          f"data=dict(name='nosuch', data_dir={str(tmp_path / 'data')!r}))")
+  argv = ["--config", str(path), "--workdir", str(tmp_path / "run"), "--no-progress"]
+  assert train.main(argv + ["--config.model.source=/nope"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "/nope" in err and "Traceback" not in err
+  assert train.main(argv) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: no corpus 'nosuch'") and "python -m mat_jax.data build" in err

@@ -142,6 +142,19 @@ def test_augmentations_keep_image_and_text_aligned(world):
   assert 0.0 <= drawn["images"].min() and drawn["images"].max() <= 1.0
 
 
+class _Without:
+  """A source whose records lack one field."""
+
+  def __init__(self, source, field):
+    self.source, self.field = source, field
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return {k: v for k, v in self.source[i].items() if k != self.field}
+
+
 def test_bad_pipeline_options_are_explained(world):
   with pytest.raises(ValueError, match="unknown augmentation 'flip'.*hflip"):
     _pipe(world, 4, augmentations="flip")
@@ -152,20 +165,19 @@ def test_bad_pipeline_options_are_explained(world):
   with pytest.raises(ValueError, match="fewer than one batch"):
     _pipe(world, 25, num_epochs=1)
 
-  class NoScenes:
-    def __init__(self, source):
-      self.source = source
-
-    def __len__(self):
-      return len(self.source)
-
-    def __getitem__(self, i):
-      return {k: v for k, v in self.source[i].items() if k != "scene"}
-
   _, _, tok = world
   with pytest.raises(ValueError, match=r"\['i2t'\] .* only shapes-world records"):
-    pipeline.training_pipeline(NoScenes(world[0]), tok, 4, augmentations="i2t,hflip", process_index=0,
+    pipeline.training_pipeline(_Without(world[0], "scene"), tok, 4, augmentations="i2t,hflip", process_index=0,
                                process_count=1)
+
+
+def test_records_without_image_id_are_refused(world):
+  # Without ids every image of a batch would be a positive of every caption: a contrastive loss of 0.
+  _, _, tok = world
+  with pytest.raises(pipeline.DataSourceError, match=r"lack \['image_id'\]\. Rebuild the dataset"):
+    pipeline.training_pipeline(_Without(world[0], "image_id"), tok, 4, process_index=0, process_count=1)
+  with pytest.raises(pipeline.DataSourceError, match="the data source is empty"):
+    pipeline.training_pipeline([], tok, 4, process_index=0, process_count=1)
 
 
 def test_worker_processes_deliver_the_same_batches(world):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -102,6 +103,52 @@ def test_errors_name_the_problem(model_dir):
     ev.evaluate(victim, eval_set=eval_set, attacks=("sga",))
   with pytest.raises(SystemExit):
     ev.build_parser().parse_args(["--model", "x", "--attacks", "pgd,nope"])
+
+
+class _ShiftedTokenizer:
+  """The model's tokenizer with one id moved past the vocabulary, or reporting another end token."""
+
+  def __init__(self, tokenizer, *, shift_id: int | None = None, end_id: int | None = None):
+    self.inner, self.shift_id = tokenizer, shift_id
+    self.end_id = tokenizer.end_id if end_id is None else end_id
+
+  def __call__(self, texts):
+    batch = self.inner(texts)
+    ids = np.asarray(batch.input_ids).copy()
+    if self.shift_id is not None:
+      ids[ids == self.shift_id] += 10_000
+    return type("Batch", (), {"input_ids": ids, "attention_mask": np.asarray(batch.attention_mask)})()
+
+
+def test_a_tokenizer_that_does_not_match_the_model_is_refused(model_dir):
+  # Without the check, ids past the table are silently clamped or read as NaN under jit, and a wrong
+  # end token pools every text at its first token: numbers instead of an error.
+  victim = ev.load_victim(str(model_dir))
+  eval_set = _EvalSet(3)
+  word_id = int(np.asarray(victim.tokenizer([str(eval_set.captions[0])]).input_ids)[0, 1])
+  for bad, message in [(_ShiftedTokenizer(victim.tokenizer, shift_id=word_id), "does not match the model"),
+                       (_ShiftedTokenizer(victim.tokenizer, end_id=victim.tokenizer.end_id + 1), "pools at its eos")]:
+    wrong = ev.Victim(victim.encoder, victim.params, bad, "target")
+    with pytest.raises(ValueError, match=message):
+      ev.evaluate(wrong, eval_set=eval_set, attacks=("pgd",))
+    with pytest.raises(ValueError, match=message):  # as the surrogate of a transfer evaluation
+      ev.evaluate(victim, eval_set=eval_set, attacks=("pgd",), surrogate=dataclasses.replace(wrong, name="surrogate"))
+
+
+def test_budgets_steps_and_limits_are_checked(model_dir, capsys):
+  victim = ev.load_victim(str(model_dir))
+  eval_set = _EvalSet(3)
+  with pytest.raises(ValueError, match="at least 1 image"):
+    ev.evaluate(victim, eval_set=eval_set, attacks=("pgd",), limit=0)
+  with pytest.raises(ValueError, match="steps must be at least 1"):
+    ev.evaluate(victim, eval_set=eval_set, attacks=("pgd",), settings=ev.AttackSettings(steps=0))
+  with pytest.raises(ValueError, match="must be >= 0"):
+    ev.evaluate(victim, eval_set=eval_set, attacks=("pgd",), eps_255=(2.0, -1.0))
+  for flags, message in [(["--limit", "0"], "at least 1 image"), (["--steps", "0"], "at least 1"),
+                         (["--eps", "-2"], "must be >= 0")]:
+    with pytest.raises(SystemExit):
+      ev.main(["--model", str(model_dir), *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_json_turns_nan_into_null(tmp_path):

@@ -206,7 +206,7 @@ def test_co_attack_and_other_losses_match_their_formulas(setup):
   got = {k: np.asarray(v) for k, v in _all_losses(params, adv, f_clean, texts, weights).items()}
   f_adv = got["f_adv"]
 
-  image_term = _np_kl(_np_softmax(f_clean), _np_softmax(f_adv))
+  image_term = _np_kl(_np_softmax(_unit(f_clean)), _np_softmax(_unit(f_adv)))
   text_terms = _np_kl(_np_softmax(_unit(t)), _np_softmax(_unit(f_adv))[:, None, :])
   want = image_term + 3.0 * (text_terms * weights).sum(1) / weights.sum(1)
   np.testing.assert_allclose(got["co"], want, rtol=1e-4, atol=1e-6)

@@ -71,6 +71,21 @@ def test_bad_shapes_are_explained():
     metrics.retrieval_recall(np.zeros(4), np.zeros(4, np.int32))
 
 
+def test_out_of_range_images_and_non_finite_scores_are_refused():
+  text_to_image = np.array([0, 0, 1, 1, 2, 2], np.int32)
+  scores = (text_to_image[None, :] == np.arange(3)[:, None]).astype(np.float32)
+  with pytest.raises(ValueError, match=r"from 0 to 7, but scores has 3 images"):
+    metrics.retrieval_recall(scores, np.array([0, 0, 1, 1, 2, 7], np.int32))
+  with pytest.raises(ValueError, match="in \\[0, 3\\)"):
+    metrics.retrieval_recall(scores, np.array([-1, 0, 1, 1, 2, 2], np.int32))
+  # A NaN column (a text whose features are NaN) would otherwise rank first everywhere.
+  broken = scores.copy()
+  broken[:, 4] = np.nan
+  with pytest.raises(ValueError, match=r"NaN/inf in 3 image rows .* and 1 text columns \(e\.g\. \[4\]\)"):
+    metrics.retrieval_recall(broken, text_to_image)
+  assert metrics.retrieval_recall(scores, text_to_image)["tr@1"] == 100.0
+
+
 def test_success_rates():
   text_to_image = np.array([0, 1, 2, 3], np.int32)
   clean = np.eye(4, dtype=np.float32) + 0.01 * np.arange(4)[None, :]

@@ -153,6 +153,18 @@ def test_candidates_follow_the_references_filter(cands, tok):
   assert cands.mask_pieces[:int(cands.mask_length)].tolist() == [tok.hf.unk_token_id]
 
 
+def test_bucketed_sizes_only_grow_and_keep_the_callers_limits(tok, cands):
+  from mat_jax.attacks.multimodal import bucketed_candidates
+  rounded = bucketed_candidates(CAPTIONS, tok, LexiconSource(TABLE))
+  assert rounded.sub_lengths.shape[2] == 4  # the most substitutes of a word, a power of two
+  assert rounded.word_pieces.shape[1] >= cands.word_pieces.shape[1]
+  assert rounded.substitutes == cands.substitutes
+  # top_k is also a limit on the substitutes kept: a caller's value is not rounded up to a bucket.
+  limited = bucketed_candidates(CAPTIONS, tok, LexiconSource(TABLE), top_k=3)
+  assert limited.sub_lengths.shape[2] == 3
+  assert all(len(s) <= 3 for words in limited.substitutes for s in words)
+
+
 def test_fixed_shapes_and_size_errors(tok):
   source = LexiconSource(TABLE)
   c = prepare_candidates(CAPTIONS[:2], tok, source, max_words=10, max_pieces=4, top_k=5, max_targets=6)
@@ -222,6 +234,21 @@ def test_batched_attack_equals_sequential_reference(which, request, model, tok, 
   np.testing.assert_array_equal(result.attention_mask, tok(ours).attention_mask)
 
 
+def test_reference_loop_counts_its_work(model, tok, features):
+  # The benchmark's work ratio: the loop encodes whole padded texts; a continuing encoder needs the
+  # clean text whole, then each text from its changed word on, and neither the current text again nor
+  # the masked texts of words that cannot be attacked ("a" is a stop word).
+  one = prepare_candidates(["a red"], tok, LexiconSource(TABLE))
+  substitutes = one.substitutes[0][1]
+  assert len(substitutes) >= 2
+  stats = {}
+  _oracle(model, tok, one, None, features, objective="kl", stats=stats)
+  pieces = lambda word: len(tok.encode_words([word])[0])
+  # "[START] a red [END]" whole; then from position 2 (after "[START] a") to the end token.
+  assert stats["needed_positions"] == 4 + (pieces("[UNK]") + 1) + sum(pieces(s) + 1 for s in substitutes)
+  assert stats["positions"] == (1 + 2 + 1 + len(substitutes)) * CONTEXT  # clean, masked, current + substitutes
+
+
 @pytest.mark.parametrize("which,max_changes", [("image_attack_1", 1), ("kl_attack_2", 2)])
 def test_changes_are_few_attackable_and_from_the_source(which, max_changes, request, cands):
   result = request.getfixturevalue(which)
@@ -271,8 +298,10 @@ def test_objectives(kl_attack_2):
   np.testing.assert_allclose(several, -cos.mean(-1), rtol=1e-5, atol=1e-6)  # several guides: mean cosine
   np.testing.assert_allclose(one, -cos[..., 0], rtol=1e-5, atol=1e-6)
   softmax = lambda x: np.exp(x) / np.exp(x).sum(-1, keepdims=True)
-  p, q = softmax(guides[:, :1, :].astype(np.float64)), softmax(feats.astype(np.float64))
-  np.testing.assert_allclose(kl, (p * (np.log(p) - np.log(q))).sum(-1), rtol=1e-4, atol=1e-6)
+  # Co-Attack's KL is over L2-normalised embeddings, like the word importance.
+  p, q = softmax(unit(guides[:, :1, :].astype(np.float64))), softmax(unit(feats.astype(np.float64)))
+  np.testing.assert_allclose(kl, (p * (np.log(p) - np.log(q))).sum(-1), rtol=1e-4, atol=1e-9)
+  assert np.all(np.asarray(kl) > 1e-6)  # not vacuous at that tolerance
   # Nearly equal unit embeddings (a one-word change): KL ~1e-9, still accurate in float32.
   x = unit(rng.normal(size=(4, 512)))
   y = unit(x + 3e-4 * rng.normal(size=(4, 512)))
@@ -422,7 +451,8 @@ def test_bert_source_matches_a_direct_computation(bert_tok):
 
 def test_length_buckets():
   assert length_buckets(24) == (8, 16, 24)
-  assert length_buckets(77) == (32, 56, 77)
+  assert length_buckets(77) == (8, 16, 32, 77)
+  assert length_buckets(32) == (8, 16, 32)
   assert length_buckets(20) == (8, 16, 20)
   assert length_buckets(6) == (6,)
 

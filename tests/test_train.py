@@ -170,6 +170,51 @@ def test_loss_falls_then_nan_stops_the_run_keeping_the_last_good_checkpoint(root
   assert restored.config.vision.patch_size == 4 and restored_tokenizer.vocab_size == tokenizer.vocab_size
 
 
+def test_a_failing_final_evaluation_keeps_the_exported_model(root, devices, monkeypatch):
+  def broken(self, params):
+    raise RuntimeError("evaluation broke")
+
+  monkeypatch.setattr(loop.Evaluator, "__call__", broken)
+  workdir = root / "export_first"
+  with pytest.raises(RuntimeError, match="evaluation broke"):
+    loop.train(micro_config(root, train={"steps": 2}), workdir, mesh_spec="1", log=lambda _: None,
+               progress=False, evaluate=True)
+  assert (workdir / "model" / "config.json").exists() and (workdir / "model" / "model.safetensors").exists()
+
+
+def test_resume_logs_each_step_once(root, devices):
+  config = micro_config(root, train={"steps": 4, "log_every": 1, "checkpoint_every": 2})
+  workdir = root / "relog"
+  loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  # As if killed after logging steps 3 and 4 but before checkpoint 4 was complete.
+  import shutil
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "train/lo')  # a torn last line
+  loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_truncate_metrics_keeps_lines_up_to_the_resume_step(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 10, "a": 1}\n{"step": 20, "a": 2}\n{"step": 20, "eval/b": 3}\n{"step": 30, "a": 4}\n'
+                  '{"step": 40, "a"')
+  loop.truncate_metrics(path, 20)
+  assert path.read_text() == '{"step": 10, "a": 1}\n{"step": 20, "a": 2}\n{"step": 20, "eval/b": 3}\n'
+  assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+  loop.truncate_metrics(tmp_path / "absent.jsonl", 5)  # a fresh workdir: nothing to do
+
+
+def test_missing_split_is_a_config_error(root):
+  config = micro_config(root, data={"split": "training"}, eval={"split": "tset"})
+  builder = setup.data_builder(config, 16, log=lambda _: None)
+  with pytest.raises(config_lib.ConfigError, match=r"data.split='training': .* it has \['test', 'train', 'val'\]"):
+    setup.train_iterator(config, builder, None, 16, process_index=0, process_count=1)
+  with pytest.raises(config_lib.ConfigError, match="eval.split='tset'"):
+    setup.eval_set(config, builder, None)
+
+
 def test_demo_table_puts_the_models_side_by_side():
   from mat_jax.training import demo
 

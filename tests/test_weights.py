@@ -192,6 +192,9 @@ def test_unknown_path_and_hub_id_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(ModelSourceError, match="hf download some-org/some-model"):
     load_clip("some-org/some-model")
+  # A bare legacy id (config.py's default BERT, bert-base-uncased) is a hub id too, not only a path.
+  with pytest.raises(ModelSourceError, match="no local directory bert-base-uncased, and cannot obtain"):
+    load_bert_mlm("bert-base-uncased")
 
 
 def test_legacy_eos_config_pools_at_the_largest_id(saved, tmp_path):

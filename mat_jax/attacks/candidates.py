@@ -272,7 +272,8 @@ class BertMLMSource(_CachedSource):
             results[n][w] = self._single_piece(values[row, at][0], indices[row, at][0])
           else:
             top = indices[row, at][:self.max_combination_pieces, :self.combination_top]
-            combos.append((n, w, list(itertools.product(*top.tolist()))[:self.max_combinations]))
+            # islice: the product of many pieces' top lists is exponential; only its first ones are kept.
+            combos.append((n, w, list(itertools.islice(itertools.product(*top.tolist()), self.max_combinations))))
     if combos:
       self._rank_combinations(combos, results)
     return results

@@ -73,16 +73,23 @@ def paired_cosine(encoder: DualEncoder, params, text_features: jax.Array,
   return loss_fn
 
 
+def _log_softmax_unit(features: jax.Array) -> jax.Array:
+  """log s(n(f)): Co-Attack's softmax over L2-normalised embeddings (its CLIP wrapper's
+  `inference_image` / `inference_text` return normalised features, so every KL it takes for CLIP is over
+  unit vectors)."""
+  return jax.nn.log_softmax(l2_normalize(features), axis=-1)
+
+
 def image_kl(encoder: DualEncoder, params, clean_image_features: jax.Array) -> LossFn:
-  """Co-Attack's image-only loss: KL(s(e_I(x)) || s(e_I(x'))), s = softmax over the raw features.
+  """Co-Attack's image-only loss: KL(s(n(e_I(x))) || s(n(e_I(x')))), s = softmax, n = L2 normalisation.
 
   This is the reference's unimodal image attack (`run_trades`), the image half of Sep-Attack there.
   """
-  clean_log = jax.nn.log_softmax(clean_image_features, axis=-1)
+  clean_log = _log_softmax_unit(clean_image_features)
 
   def loss_fn(images: jax.Array, key: jax.Array) -> jax.Array:
     del key
-    return _kl(clean_log, jax.nn.log_softmax(encoder.image_features(params, images), axis=-1))
+    return _kl(clean_log, _log_softmax_unit(encoder.image_features(params, images)))
 
   return loss_fn
 
@@ -92,24 +99,25 @@ def co_attack(encoder: DualEncoder, params, clean_image_features: jax.Array,
               text_weights: jax.Array | None = None) -> LossFn:
   """Co-Attack's image loss for dual encoders (embeddings before fusion):
 
-      KL(s(e_I(x)) || s(e_I(x'))) + alpha * KL(s(n(e_T(t'))) || s(n(e_I(x'))))
+      KL(s(n(e_I(x))) || s(n(e_I(x')))) + alpha * KL(s(n(e_T(t'))) || s(n(e_I(x'))))
 
-  s = softmax over features, n = L2 normalisation, t' the adversarial caption(s). With K captions per
+  s = softmax over features, n = L2 normalisation, t' the adversarial caption(s). The reference writes
+  the first term without n, but for CLIP its embeddings are normalised already (see `_log_softmax_unit`):
+  on raw features, whose norms are ~10-20, the softmax is far sharper and outweighs the text term. With K captions per
   image the text term is averaged over the real captions. (The reference attacks each image-caption
   pair separately and keeps, per image, the adversarial image of its last pair; one image attacked
   against all of its captions is the consistent set-level version.)
   """
-  clean_log = jax.nn.log_softmax(clean_image_features, axis=-1)
+  clean_log = _log_softmax_unit(clean_image_features)
   texts = _per_image_texts(adv_text_features)
-  text_log = jax.nn.log_softmax(l2_normalize(texts), axis=-1)
+  text_log = _log_softmax_unit(texts)
   weights = _weights(texts, text_weights)
   weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
 
   def loss_fn(images: jax.Array, key: jax.Array) -> jax.Array:
     del key
-    feats = encoder.image_features(params, images)
-    image_term = _kl(clean_log, jax.nn.log_softmax(feats, axis=-1))
-    adv_log = jax.nn.log_softmax(l2_normalize(feats), axis=-1)
+    adv_log = _log_softmax_unit(encoder.image_features(params, images))
+    image_term = _kl(clean_log, adv_log)
     text_term = jnp.sum(_kl(text_log, adv_log[:, None, :]) * weights, axis=-1)
     return image_term + alpha * text_term
 

@@ -191,7 +191,9 @@ def _next_power_of_two(n: int) -> int:
 def bucketed_candidates(captions, tokenizer, source, **kwargs) -> TextCandidates:
   """`prepare_candidates` with array sizes rounded up to a few buckets (words and targets to multiples
   of 8, pieces, candidates and the scored text length to powers of two), so that different batches of
-  captions usually share one compiled text attack. Nothing is cut: every size only grows."""
+  captions usually share one compiled text attack. Nothing is cut: every size only grows. Sizes the
+  caller gives (e.g. top_k, max_targets, which also limit how many candidates and words are kept) stay
+  as given."""
   from mat_jax.attacks.candidates import prepare_candidates
 
   c = prepare_candidates(captions, tokenizer, source, **kwargs)
@@ -202,8 +204,9 @@ def bucketed_candidates(captions, tokenizer, source, **kwargs) -> TextCandidates
   sizes = dict(max_words=max_words, max_pieces=_next_power_of_two(pieces), top_k=_next_power_of_two(top_k),
                max_targets=max(targets, min(-(-targets // 8) * 8, max_words)),
                text_length=min(tokenizer.context_length, _next_power_of_two(c.text_length)))
+  sizes = {k: v for k, v in sizes.items() if kwargs.get(k) is None}
   current = dict(max_words=words, max_pieces=pieces, top_k=top_k, max_targets=targets, text_length=c.text_length)
-  if sizes == current:
+  if all(current[k] == v for k, v in sizes.items()):
     return c
   # The source caches its substitutes per caption: the second pass only re-packs the arrays.
   return prepare_candidates(captions, tokenizer, source, **(kwargs | sizes))

@@ -32,8 +32,9 @@ Where mat_jax differs from the references (on purpose):
 
 Objectives (higher = better for the attacker), functions of candidate text features (M, C, D) and a
 guide: "image" (SGA, MAT: minus the cosine similarity to guiding image features (M, D), or the mean over
-several guiding images (M, G, D)), "kl" (Co-Attack: KL(softmax(g) ‖ softmax(f)) from the clean text
-features g, which is the default guide). Features are the encoder's unnormalised projected features.
+several guiding images (M, G, D)), "kl" (Co-Attack: KL(softmax(n(g)) ‖ softmax(n(f))) from the clean text
+features g, which is the default guide; n = L2 normalisation). Objectives receive the encoder's
+unnormalised projected features.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def softmax_kl(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def kl_objective(features: jax.Array, guide: jax.Array) -> jax.Array:
-  """KL(softmax(guide) ‖ softmax(features)) for texts (M, C, D) and clean text features (M, D)."""
-  return softmax_kl(guide[:, None, :], features)
+  """KL(softmax(n(guide)) ‖ softmax(n(features))) for texts (M, C, D) and clean text features (M, D),
+  n = L2 normalisation: the references score candidates on the same normalised embedding as the word
+  importance (Co-Attack's CLIP wrapper normalises `text_embed`)."""
+  return softmax_kl(l2_normalize(guide)[:, None, :], l2_normalize(features))
 
 
 OBJECTIVES: dict[str, Objective] = {"image": image_objective, "kl": kl_objective}
@@ -225,10 +228,10 @@ class TextAttackResult:
 
 
 def length_buckets(text_length: int) -> tuple[int, ...]:
-  """The static lengths texts are padded to while scored: about a third, two thirds and all of
-  `text_length`, rounded up to multiples of 8 (e.g. 8/16/24 for 24, 32/56/77 for 77)."""
-  thirds = {min(text_length, 8 * -(-text_length * i // 24)) for i in (1, 2)}
-  return tuple(sorted(thirds | {text_length}))
+  """The static lengths texts are padded to while scored: 8, 16 and 32 tokens (those below
+  `text_length`) and `text_length` itself, e.g. 8/16/24 for 24, 8/16/32/77 for 77. Short lengths matter
+  most: a changed text is scored from its changed word on, typically a handful of tokens."""
+  return tuple(sorted({b for b in (8, 16, 32) if b < text_length} | {text_length}))
 
 
 def _map_valid(fn: Callable[[jax.Array, int], Any], valid: jax.Array, chunk_size: int, sizes: jax.Array,

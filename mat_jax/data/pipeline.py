@@ -46,6 +46,11 @@ DEFAULT_NUM_THREADS = 4
 DEFAULT_PREFETCH_BATCHES = 2
 
 
+class DataSourceError(ValueError):
+  """A training source that cannot feed the pipeline (empty, or records lacking a field); the message
+  names the fix."""
+
+
 def parse_augmentations(spec: str | Sequence[str] | Mapping[str, float] | None) -> dict[str, float]:
   """{name: probability} from "hflip,eda:0.3", a list of names, or a mapping; checks the names."""
   if not spec:
@@ -114,7 +119,7 @@ class PrepareExample:
     return {
         "images": pixels.astype(np.float32, copy=False),
         "captions": np.asarray(chosen[0] if k == 1 else chosen),
-        "image_ids": np.int32(record.get("image_id", -1)),
+        "image_ids": np.int32(record["image_id"]),
     }
 
 
@@ -133,18 +138,22 @@ class Tokenize:
 
 def _check_source(source, augmentations: Mapping[str, float], captions_per_image: int) -> None:
   if len(source) == 0:
-    raise ValueError("the data source is empty; build the dataset with `python -m mat_jax.data build ...`")
+    raise DataSourceError("the data source is empty; build the dataset with `python -m mat_jax.data build ...`")
   first = source[0]
-  missing = [k for k in ("image", "captions") if k not in first]
+  # image_id decides the contrastive positives: without it every image of a batch would share one id,
+  # be a positive of every caption, and the loss would be 0.
+  missing = [k for k in ("image", "captions", "image_id") if k not in first]
   if missing:
-    raise ValueError(f"records need 'image' and 'captions' fields; this source's lack {missing}")
+    raise DataSourceError(f"records need 'image', 'captions' and 'image_id' (a distinct int per image) "
+                          f"fields; this source's records lack {missing}. Rebuild the dataset with `python -m "
+                          "mat_jax.data build ...`, or add the field to the records of a custom source")
   needs_scene = sorted(NEEDS_SCENE & augmentations.keys())
   if needs_scene and "scene" not in first:
-    raise ValueError(f"augmentations {needs_scene} redraw or re-caption the scene, which only shapes-world "
-                     "records store; use hflip, eda or image_jitter for other corpora")
+    raise DataSourceError(f"augmentations {needs_scene} redraw or re-caption the scene, which only shapes-world "
+                          "records store; use hflip, eda or image_jitter for other corpora")
   if "t2i_caption" in augmentations and captions_per_image != 1:
-    raise ValueError("t2i_caption draws the image from one caption, so it needs captions_per_image=1; "
-                     "use t2i (a new rendering true to all captions) with several captions per image")
+    raise DataSourceError("t2i_caption draws the image from one caption, so it needs captions_per_image=1; use "
+                          "t2i (a new rendering true to all captions) with several captions per image")
 
 
 def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image: int = 1, seed: int = 0,

@@ -419,6 +419,27 @@ def check_text(input_ids: Any, attention_mask: Any, cfg: TextConfig) -> None:
     check_token_ids(ids, cfg.vocab_size)
 
 
+def check_tokens_for(input_ids: Any, attention_mask: Any, end_id: int | None, cfg: TextConfig, *,
+                     name: str = "tokenizer") -> None:
+  """Host-side, before a model encodes a tokenizer's batch: `check_text` with the id range, and the
+  tokenizer's end token agreeing with where the tower pools. Under `jit` ids are traced and an id
+  outside the table is silently clamped (a wrong but finite feature) or read as NaN, and a text
+  without the model's eos id is pooled at its first token: a mismatched tokenizer gives numbers, not an
+  error, unless it is caught here."""
+  check_text(np.asarray(input_ids), np.asarray(attention_mask), cfg)
+  if end_id is None:
+    return
+  pooling = cfg.text_pooling
+  if pooling == "eos" and end_id != cfg.eos_token_id:
+    raise ValueError(f"the {name}'s end token id is {end_id} but the text tower pools at its eos_token_id "
+                     f"{cfg.eos_token_id}: every text would be pooled at the wrong position; use the tokenizer "
+                     "saved with these weights")
+  if pooling == "argmax" and np.any(np.asarray(input_ids) > end_id):
+    raise ValueError(f"the text tower pools at the largest token id (OpenAI's end-of-text, transformers' rule "
+                     f"for eos_token_id == 2), but the {name}'s ids exceed its end token id {end_id}: texts would "
+                     "be pooled at the wrong position; use the tokenizer saved with these weights")
+
+
 def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "token ids") -> None:
   """Host-side: every id must index its embedding table (JAX would silently clamp it)."""
   ids = np.asarray(input_ids)

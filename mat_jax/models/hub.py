@@ -16,8 +16,9 @@ class ModelSourceError(FileNotFoundError):
 
 
 def looks_like_hub_id(source: str) -> bool:
+  """owner/name, or a bare legacy name the hub still redirects (bert-base-uncased, gpt2)."""
   parts = source.split("/")
-  return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+  return len(parts) in (1, 2) and all(parts) and not source.startswith((".", "/", "~")) and "\\" not in source
 
 
 def resolve(source: str | os.PathLike, allow_patterns: Sequence[str]) -> Path:
@@ -37,6 +38,7 @@ def resolve(source: str | os.PathLike, allow_patterns: Sequence[str]) -> Path:
     return Path(huggingface_hub.snapshot_download(source, allow_patterns=list(allow_patterns)))
   except Exception as err:  # offline, unknown id, no permission: one message with the fix
     raise ModelSourceError(
-        f"cannot obtain {source!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+        f"no local directory {path}, and cannot obtain {source!r} from the Hugging Face hub "
+        f"({type(err).__name__}: {err}). "
         f"On a machine with network access run\n  hf download {source} --local-dir ./{source.split('/')[-1]}\n"
         "and pass that directory instead (or set HF_HOME to a cache that holds it).") from err

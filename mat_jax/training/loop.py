@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -51,16 +52,24 @@ class RunResult:
 
 
 class MetricWriter:
-  """Appends {"step": s, ...} lines to metrics.jsonl and scalars to TensorBoard (workdir/tensorboard)."""
+  """Appends {"step": s, ...} lines to metrics.jsonl and scalars to TensorBoard (workdir/tensorboard).
 
-  def __init__(self, workdir: Path, enabled: bool = True, tensorboard: bool = True):
+  `resume_step`: the step the run (re)starts from. Lines of later steps were logged by a run that died
+  after its last checkpoint; the resumed run logs those steps again, so they are dropped first.
+  """
+
+  def __init__(self, workdir: Path, enabled: bool = True, tensorboard: bool = True,
+               resume_step: int | None = None):
     self.enabled = enabled
     self.jsonl = None
     self.tb = None
     if not enabled:
       return
     workdir.mkdir(parents=True, exist_ok=True)
-    self.jsonl = open(workdir / "metrics.jsonl", "a")
+    path = workdir / "metrics.jsonl"
+    if resume_step is not None:
+      truncate_metrics(path, resume_step)
+    self.jsonl = open(path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -80,6 +89,27 @@ class MetricWriter:
       self.jsonl.close()
     if self.tb is not None:
       self.tb.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+  """Keep the lines of `path` up to `step`; a torn last line (a kill mid-write) goes too. Atomic: the
+  kept lines go to a temporary file that replaces the original."""
+  if not path.exists():
+    return
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      record_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      record_step = None
+    if isinstance(record_step, int) and record_step <= step:
+      kept.append(line + "\n")
+    else:
+      dropped += 1
+  if dropped:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,7 +150,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_sp
   transforms = ()
   if objective.needs_text_candidates:
     if tokenizer is None:
-      raise ValueError(f"objective {objective.name} attacks the text and needs a tokenizer; set model.tokenizer")
+      raise config_lib.ConfigError(f"objective {objective.name} attacks the text and needs a tokenizer; "
+                                   "set model.tokenizer")
     attach = candidate_transform(config, tokenizer)
     objective = dataclasses.replace(objective, candidate_meta=attach.meta)
     transforms = (attach,)
@@ -216,7 +247,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
     start = 0
   step_fn, reference = make_train_step(run)
 
-  writer = MetricWriter(workdir, enabled=main)
+  writer = MetricWriter(workdir, enabled=main, resume_step=start)
   evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
   bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
   last_metrics: dict[str, float] = {}
@@ -259,17 +290,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
     ckpt.close()
 
   final_params = host_params(state.params)
-  evaluation = None
-  if evaluator:
-    evaluation = evaluator(final_params)
-    writer.write(cfg.train.steps, evaluation, "eval/")
-    if evaluation:
-      say("evaluation: " + ", ".join(f"{k} {v:.1f}" for k, v in evaluation.items()))
-  writer.close()
+  # Export first: a failing final evaluation must not lose the trained model.
   model_dir = None
   if cfg.train.export and main:
     model_dir = checkpoint_lib.export_model(run.encoder.merge(final_params), run.tokenizer, workdir)
     say(f"exported the model to {model_dir}")
+  evaluation = None
+  try:
+    if evaluator:
+      evaluation = evaluator(final_params)
+      writer.write(cfg.train.steps, evaluation, "eval/")
+      if evaluation:
+        say("evaluation: " + ", ".join(f"{k} {v:.1f}" for k, v in evaluation.items()))
+  finally:
+    writer.close()
   return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
 
 

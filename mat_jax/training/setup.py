@@ -20,6 +20,7 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
+from mat_jax.config import ConfigError
 from mat_jax.models import CLIP, PRESETS, CLIPConfig, clip_config
 from mat_jax.models.tokenizers import Tokenizer
 
@@ -63,18 +64,21 @@ def parse_model_overrides(text: str, base: CLIPConfig) -> CLIPConfig:
       valid = [f"vision.{f.name}" for f in dataclasses.fields(base.vision)] + \
               [f"text.{f.name}" for f in dataclasses.fields(base.text)] + \
               [f.name for f in dataclasses.fields(base) if f.name not in ("vision", "text")]
-      raise ValueError(f"model.overrides: cannot apply {part.strip()!r}; write field=value with fields "
-                       f"among: {', '.join(valid)}")
+      raise ConfigError(f"model.overrides: cannot apply {part.strip()!r}; write field=value with fields "
+                        f"among: {', '.join(valid)}")
     current = getattr(target, field)
     value = value.strip()
-    if isinstance(current, bool):
-      parsed: Any = value.lower() in ("1", "true", "yes")
-    elif isinstance(current, int):
-      parsed = int(value)
-    elif isinstance(current, float):
-      parsed = float(value)
-    else:
-      parsed = value
+    try:
+      if isinstance(current, bool):
+        parsed: Any = value.lower() in ("1", "true", "yes")
+      elif isinstance(current, int):
+        parsed = int(value)
+      elif isinstance(current, float):
+        parsed = float(value)
+      else:
+        parsed = value
+    except ValueError:
+      raise ConfigError(f"model.overrides: {key}={value!r} is not a {type(current).__name__}") from None
     changes[section][field] = parsed
   vision = dataclasses.replace(base.vision, **changes["vision"])
   text_cfg = dataclasses.replace(base.text, **changes["text"])
@@ -148,7 +152,7 @@ def ensure_cached_run(name: str, *, log: Callable[[str], None] = print) -> Path:
 
   path = EXPERIMENTS_DIR / f"{name}.py"
   if not path.exists():
-    raise ValueError(f"model source {CACHE_PREFIX}{name}: there is no experiment {path}")
+    raise ConfigError(f"model.source {CACHE_PREFIX}{name}: there is no experiment {path}")
   config = config_lib.load(path)
   run_dir = cached_run_dir(name, config)
   if (run_dir / checkpoint.MODEL_DIR / "config.json").exists():
@@ -170,8 +174,8 @@ def data_builder(config: ml_collections.ConfigDict, image_size: int, *, log: Cal
   data_dir = config.data.data_dir or None
   if config.data.name == "shapes":
     if image_size != config.data.image_size:
-      raise ValueError(f"the model takes {image_size}px images but data.image_size is "
-                       f"{config.data.image_size}; set data.image_size={image_size}")
+      raise ConfigError(f"the model takes {image_size}px images but data.image_size is "
+                        f"{config.data.image_size}; set data.image_size={image_size}")
     return corpora.build_shapes(data_dir, train=config.data.build_train, val=config.data.build_val,
                                 test=config.data.build_test, image_size=image_size, log=log)
   return corpora.corpus_builder(config.data.name, image_size, data_dir)
@@ -180,9 +184,9 @@ def data_builder(config: ml_collections.ConfigDict, image_size: int, *, log: Cal
 def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer, local_batch_size: int,
                    *, process_index: int, process_count: int, extra_transforms=()):
   """This process's training batches (host numpy dicts), checkpointable (`get_state`/`set_state`)."""
-  from mat_jax.data import corpora, pipeline
+  from mat_jax.data import pipeline
 
-  source = corpora.data_source(builder, config.data.split)
+  source = _split_source(builder, config.data.split, "data.split")
   dataset = pipeline.training_pipeline(
       source, tokenizer, local_batch_size, captions_per_image=config.data.captions_per_image,
       seed=config.seed, augmentations=tuple(config.data.augmentations),
@@ -193,10 +197,20 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
 
 
 def eval_set(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer):
-  from mat_jax.data import corpora, pipeline
+  from mat_jax.data import pipeline
 
-  return pipeline.load_eval_set(corpora.data_source(builder, config.eval.split), tokenizer,
+  return pipeline.load_eval_set(_split_source(builder, config.eval.split, "eval.split"), tokenizer,
                                 max_images=config.eval.max_images or None)
+
+
+def _split_source(builder, split: str, key: str):
+  """corpora.data_source, with a config error naming the key when the dataset lacks the split."""
+  from mat_jax.data import corpora
+
+  available = sorted(builder.info.splits.keys())
+  if split not in available:
+    raise ConfigError(f"{key}={split!r}: {builder.info.full_name} has no such split; it has {available}")
+  return corpora.data_source(builder, split)
 
 
 def model_from_checkpoint(config: ml_collections.ConfigDict, workdir: Path) -> tuple[CLIP, Tokenizer | None]:
