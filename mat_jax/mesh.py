@@ -236,10 +236,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   SLURM, ...), where `MAT_JAX_DISTRIBUTED=1` asks for auto-detection. Call before any other JAX work.
   """
   coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
-  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
-    num_processes = int(os.environ[ENV_NUM_PROCESSES])
-  if process_id is None and os.environ.get(ENV_PROCESS_ID):
-    process_id = int(os.environ[ENV_PROCESS_ID])
+  if num_processes is None:
+    num_processes = _int_from_env(ENV_NUM_PROCESSES)
+  if process_id is None:
+    process_id = _int_from_env(ENV_PROCESS_ID)
   explicit = coordinator_address is not None or (num_processes or 1) > 1
   if not explicit and os.environ.get("MAT_JAX_DISTRIBUTED") != "1":
     return False
@@ -252,6 +252,16 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
   return True
+
+
+def _int_from_env(name: str) -> int | None:
+  value = os.environ.get(name)
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise MeshError(f"{name}={value!r} is not an integer; set it to a whole number (or unset it)") from None
 
 
 def is_main_process() -> bool:

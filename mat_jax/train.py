@@ -52,31 +52,26 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
   args, overrides = parse_args(argv)
-  # jax.distributed must start before anything touches the devices.
-  from mat_jax import mesh as mesh_lib
-  mesh_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-
   from mat_jax import config as config_lib
-  from mat_jax.training import loop
+  from mat_jax import mesh as mesh_lib
 
-  if args.config is None:
-    if overrides:
-      print("--config.* overrides need --config FILE", file=sys.stderr)
-      return 2
-    from mat_jax.training import demo
-    return demo.main(workdir=args.workdir, mesh_spec=args.mesh)
-  try:
-    config = config_lib.load(args.config, overrides)
-  except config_lib.ConfigError as err:
-    print(f"error: {err}", file=sys.stderr)
+  if args.config is None and overrides:
+    print("--config.* overrides need --config FILE", file=sys.stderr)
     return 2
-  workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   try:
+    # jax.distributed must start before anything touches the devices.
+    mesh_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.config is None:
+      from mat_jax.training import demo
+      return demo.main(workdir=args.workdir, mesh_spec=args.mesh)
+    from mat_jax.training import loop
+    config = config_lib.load(args.config, overrides)
+    workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
     result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
                         evaluate=not args.no_eval)
   except user_errors() as err:
     print(f"error: {err}", file=sys.stderr)
-    return 2 if isinstance(err, config_lib.ConfigError) else 1  # 2: fix the config, as at load time
+    return 2 if isinstance(err, config_lib.ConfigError) else 1  # 2: fix the config
   if result.metrics and mesh_lib.is_main_process():
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     print(f"done: step {result.step}: {shown}")

@@ -130,6 +130,7 @@ def test_karpathy_corpus_builds_with_splits_cleaning_and_centre_crop(corpus_file
   # The centre crop keeps the red square and drops the blue margins of the 120x60 image.
   assert image[..., 0].mean() > 180 and image[..., 2].mean() < 60
   assert dict(builder.info.metadata["skipped"]) == {"train": 0, "val": 0, "test": 0}
+  assert dict(builder.info.metadata["dropped_captions"]) == {"train": 0, "val": 0, "test": 0}
   # Read back from its files alone (no annotations needed).
   again = corpora.corpus_builder("toykarpathy", 32, data_dir)
   assert again.info.splits["train"].num_examples == 2
@@ -148,12 +149,22 @@ def test_albef_corpus_merges_captions_and_takes_split_from_name(corpus_files, da
     corpora.read_annotations([corpus_files / "dataset_toy.json"], fmt="albef")
 
 
-def test_rebuilding_with_other_options_is_refused(corpus_files, data_dir):
+def test_rebuilding_with_other_options_is_refused(corpus_files, data_dir, monkeypatch):
   corpora.build_corpus("toyopts", [corpus_files / "dataset_toy.json"], corpus_files / "images", image_size=16,
                        data_dir=data_dir, log=_quiet)
   with pytest.raises(corpora.CorpusError, match="built with other options"):
     corpora.build_corpus("toyopts", [corpus_files / "dataset_toy.json"], corpus_files / "images",
                          image_size=16, cleaning=corpora.NO_CLEANING, data_dir=data_dir, log=_quiet)
+  # skip_bad decides which records and captions a corpus holds.
+  with pytest.raises(corpora.CorpusError, match="other options .*skip_bad: built with False, now True"):
+    corpora.build_corpus("toyopts", [corpus_files / "dataset_toy.json"], corpus_files / "images",
+                         image_size=16, skip_bad=True, data_dir=data_dir, log=_quiet)
+  # The same files named by relative paths from another directory are the same options.
+  monkeypatch.chdir(corpus_files / "images")
+  messages = []
+  corpora.build_corpus("toyopts", ["../dataset_toy.json"], ".", image_size=16, data_dir=data_dir,
+                       log=messages.append)
+  assert messages and "reusing" in messages[0]
 
 
 @pytest.fixture()
@@ -193,6 +204,26 @@ def test_bad_records_raise_naming_them_or_are_skipped_and_counted(bad_corpus, da
   assert builder.info.splits["test"].num_examples == 1
   assert builder.info.metadata["skipped"]["test"] == 1
   assert any("skipped 1 bad record" in m for m in logged), logged
+
+
+def test_captions_that_clean_to_nothing_raise_or_are_dropped_and_counted(bad_corpus):
+  annotations = _karpathy(bad_corpus, [_entry("0.jpg", captions=("A caption.", "?!")),
+                                       _entry("1.jpg", captions=("(...)", "Another one", "...")),
+                                       _entry("2.jpg", captions=("#",))])
+  with pytest.raises(corpora.CorpusError, match=r"entry 0 \(0\.jpg\) .*: caption '\?!' cleans to nothing; fix "
+                     r"the annotation or pass skip_bad=True \(--skip-bad\)"):
+    corpora.build_corpus("empty_caps", [annotations], bad_corpus / "images", image_size=16,
+                         data_dir=bad_corpus / "data", log=_quiet)
+  logged = []
+  builder = corpora.build_corpus("empty_caps", [annotations], bad_corpus / "images", image_size=16,
+                                 skip_bad=True, data_dir=bad_corpus / "data", log=logged.append)
+  test = corpora.data_source(builder, "test")
+  assert [[c.decode() for c in test[i]["captions"]] for i in range(len(test))] == [["a caption"], ["another one"]]
+  # 2.jpg lost its only caption: one dropped caption and one skipped entry.
+  assert builder.info.metadata["dropped_captions"]["test"] == 4
+  assert builder.info.metadata["skipped"]["test"] == 1
+  assert any(m.startswith("dropped 4 caption(s) that clean to nothing from split 'test'; first: entry 0 (0.jpg)")
+             for m in logged), logged
 
 
 def test_malformed_json_empty_split_and_missing_folder_are_named(bad_corpus):

@@ -95,6 +95,48 @@ def test_hosts_read_disjoint_slices(world):
     _pipe(world, 2, process_index=3, process_count=3)
 
 
+def _examples(dataset) -> dict[str, np.ndarray]:
+  batches = list(dataset)
+  return {k: np.concatenate([b[k] for b in batches]) for k in ("image_ids", "captions", "images")}
+
+
+def test_hosts_are_not_in_lockstep(world):
+  # Slicing before shuffling gave each host the same permutation of its slice (host 1 read host 0's
+  # record + 1 everywhere) and the same random draws at each position.
+  train, _, _ = world
+  hosts = [_examples(_pipe(world, 2, num_epochs=1, seed=1, augmentations={"hflip": 0.5}, process_index=i,
+                           process_count=2)) for i in range(2)]
+  ids = [h["image_ids"] for h in hosts]
+  assert len(ids[0]) == len(ids[1]) == TRAIN // 2
+  assert sorted(np.concatenate(ids)) == list(range(TRAIN))  # disjoint, every record exactly once
+  assert len(set((ids[1] - ids[0]).tolist())) > 1
+
+  def draws(host):  # per position: the caption picked (its index in the record) and whether it was flipped
+    picks, flips = [], []
+    for image_id, caption, image in zip(host["image_ids"], host["captions"], host["images"]):
+      record = train[int(image_id)]
+      flipped = not np.allclose(image, record["image"] / 255.0, atol=1e-6)
+      stored = [c.decode() for c in record["captions"]]
+      picks.append(stored.index(shapes.hflip(record["image"], [str(caption)])[1][0] if flipped else str(caption)))
+      flips.append(flipped)
+    return np.asarray(picks), np.asarray(flips)
+
+  (picks0, flips0), (picks1, flips1) = draws(hosts[0]), draws(hosts[1])
+  assert 0 < flips0.sum() < len(flips0)  # the augmentation is on, and random
+  assert not np.array_equal(flips0, flips1) and not np.array_equal(picks0, picks1)
+
+
+def test_hosts_together_read_the_one_host_stream(world):
+  # Host h's i-th example is example P*i + h of one host: same records, same captions, same augmentations,
+  # so the number of hosts does not change what a run trains on (up to the order of a global batch).
+  options = dict(num_epochs=2, seed=4, augmentations="hflip,eda,image_jitter")
+  single = _examples(_pipe(world, 4, **options))
+  hosts = [_examples(_pipe(world, 2, process_index=i, process_count=2, **options)) for i in range(2)]
+  for key in single:
+    for i, host in enumerate(hosts):
+      np.testing.assert_array_equal(host[key], single[key][i::2])
+
+
 def test_iterator_state_resumes_exactly_also_through_orbax(world, tmp_path):
   dataset = _pipe(world, 4, augmentations="hflip,eda,i2t,t2i")
   it = iter(dataset)

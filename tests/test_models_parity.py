@@ -43,7 +43,10 @@ def _hf_clip(act: str, image: int, patch: int, bos: int, eos: int, pad: int):
                        pad_token_id=pad, **common),
       vision_config=dict(image_size=image, patch_size=patch, **common),
       projection_dim=24, logit_scale_init_value=2.0)
-  model = transformers.CLIPModel(cfg).eval()
+  return _perturbed(transformers.CLIPModel(cfg).eval())
+
+
+def _perturbed(model):
   with torch.no_grad():  # a non-trivial class embedding and LN parameters: the default init hides mistakes
     for name, p in model.named_parameters():
       if "layer_norm" in name or "layernorm" in name or "class_embedding" in name:
@@ -143,6 +146,64 @@ def test_save_clip_round_trips_through_transformers(clip_case, tmp_path):
   np.testing.assert_allclose(txt, ours_txt, atol=TOL, rtol=0)
   saved_text_config = json.loads((tmp_path / "config.json").read_text())["text_config"]
   assert saved_text_config["eos_token_id"] == clip_case["spec"]["eos"]
+
+
+def test_older_config_dicts_load_as_in_transformers(tmp_path):
+  """openai/clip-vit-large-patch14 style: *_config_dict beside *_config. transformers fills the dict with
+  every CLIPTextConfig / CLIPVisionConfig default and overwrites *_config with all of it, so the keys the
+  dict lacks (text eos_token_id 2, both towers' gelu) give way to the defaults (49407, quick_gelu)."""
+  sizes = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+  vocab = 49416  # above the default eos id 49407: words with larger ids make the two pooling rules differ
+  text_dict = dict(vocab_size=vocab, max_position_embeddings=12, **sizes)
+  vision_dict = dict(image_size=32, patch_size=16, **sizes)
+  config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 24,
+            "logit_scale_init_value": 2.0,
+            "text_config": {**text_dict, "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "gelu"},
+            "text_config_dict": text_dict,
+            "vision_config": {**vision_dict, "hidden_act": "gelu"}, "vision_config_dict": vision_dict}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  torch.manual_seed(0)
+  hf_config = transformers.CLIPConfig.from_pretrained(tmp_path)
+  _perturbed(transformers.CLIPModel(hf_config).eval()).save_pretrained(tmp_path, safe_serialization=True)
+  (tmp_path / "config.json").write_text(json.dumps(config))  # save_pretrained wrote the merged config
+  hf = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+  hf_text, hf_vision = hf.config.text_config, hf.config.vision_config
+  assert (hf_text.eos_token_id, hf_text.bos_token_id, hf_text.hidden_act, hf_vision.hidden_act) == \
+      (49407, 49406, "quick_gelu", "quick_gelu")
+
+  ours = load_clip(tmp_path)
+  text, vision = ours.config.text, ours.config.vision
+  assert (text.eos_token_id, text.bos_token_id, text.activation, vision.activation) == \
+      (hf_text.eos_token_id, hf_text.bos_token_id, hf_text.hidden_act, hf_vision.hidden_act)
+  assert text.text_pooling == "eos"  # transformers' rule: the first eos unless eos_token_id == 2
+
+  rng = np.random.default_rng(3)
+  ids = np.full((4, 12), hf_text.pad_token_id, np.int32)
+  mask = np.zeros_like(ids)
+  for row, n in enumerate([1, 3, 6, 10]):
+    ids[row, : n + 2] = [49406, *rng.integers(49408, vocab, 1), *rng.integers(5, 49406, n - 1), 49407]
+    mask[row, : n + 2] = 1
+  assert (np.argmax(ids == 49407, -1) != np.argmax(ids, -1)).all()  # pooling elsewhere would show
+  images = _images(32)
+  (ref_img, ref_txt), (img, txt) = _torch_features(hf, images, ids, mask), _our_features(ours, images, ids, mask)
+  np.testing.assert_allclose(img, ref_img, atol=TOL, rtol=0)
+  np.testing.assert_allclose(txt, ref_txt, atol=TOL, rtol=0)
+
+
+def test_config_dict_defaults_are_transformers_defaults():
+  """The defaults that fill an older config's *_config_dict (our dataclass defaults under transformers'
+  names) are those of the installed transformers' CLIPTextConfig / CLIPVisionConfig."""
+  from mat_jax.models.clip import TextConfig, VisionConfig
+  from mat_jax.models.weights import _TEXT_KEYS, _VISION_EXTRA_DEFAULTS, _VISION_KEYS, _hf_defaults
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs_text = transformers.CLIPTextConfig().to_dict()
+    theirs_vision = transformers.CLIPVisionConfig().to_dict()
+  text = _hf_defaults(TextConfig, _TEXT_KEYS)
+  vision = _hf_defaults(VisionConfig, _VISION_KEYS, **_VISION_EXTRA_DEFAULTS)
+  assert text == {key: theirs_text[key] for key in text}
+  assert vision == {key: theirs_vision[key] for key in vision}
 
 
 def _numpy_init_clip(cfg, seed: int = 0):

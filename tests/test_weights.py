@@ -204,6 +204,30 @@ def test_legacy_eos_config_pools_at_the_largest_id(saved, tmp_path):
   assert load_clip(tmp_path).config.text.text_pooling == "argmax"
 
 
+def test_older_config_dicts_fill_missing_keys_with_defaults_as_transformers_does():
+  """transformers builds a full sub-config from *_config_dict (missing keys at its defaults) and overwrites
+  *_config with all of it; the parity tests check the same against transformers itself."""
+  from mat_jax.models.weights import clip_config_from_hf
+
+  sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+  data = {"model_type": "clip", "projection_dim": 8,
+          "text_config": {**sizes, "vocab_size": 50, "eos_token_id": 2, "bos_token_id": 0, "hidden_act": "gelu",
+                          "layer_norm_eps": 1e-7},
+          "text_config_dict": {**sizes, "vocab_size": 50, "layer_norm_eps": 1e-6},
+          "vision_config": {**sizes, "image_size": 16, "patch_size": 8, "hidden_act": "gelu", "num_channels": 1},
+          "vision_config_dict": {**sizes, "image_size": 16, "patch_size": 8}}
+  cfg = clip_config_from_hf(data)  # num_channels 1 gives way to the default 3: no ConfigError
+  defaults = TextConfig()
+  assert (cfg.text.eos_token_id, cfg.text.bos_token_id, cfg.text.activation, cfg.vision.activation) == \
+      (defaults.eos_token_id, defaults.bos_token_id, "quick_gelu", "quick_gelu")
+  assert cfg.text.text_pooling == "eos"
+  assert (cfg.text.layer_norm_eps, cfg.text.vocab_size, cfg.vision.image_size) == (1e-6, 50, 16)  # the dict's own
+  # Without a *_config_dict, *_config is read as it is.
+  plain = clip_config_from_hf({**data, "text_config_dict": None, "vision_config": data["vision_config_dict"],
+                               "vision_config_dict": None})
+  assert (plain.text.eos_token_id, plain.text.activation, plain.text.text_pooling) == (2, "gelu", "argmax")
+
+
 def test_checkpoint_of_an_older_mat_jax_with_its_own_pooling_key(saved, tmp_path):
   def edit(legacy_pooling, eos):
     def apply(c):

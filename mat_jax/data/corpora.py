@@ -293,6 +293,19 @@ def split_from_filename(path: str | os.PathLike) -> str:
   return found[0]
 
 
+def _annotation_files(annotations: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
+                      ) -> list[tuple[str | None, Path]]:
+  """(split or None, path) of each annotation argument: {split: path}, "split=path" or a bare path."""
+  if isinstance(annotations, Mapping):
+    return [(str(k), Path(v)) for k, v in annotations.items()]
+  items = []
+  for a in annotations:
+    text = str(a)
+    split, sep, rest = text.partition("=")
+    items.append((split, Path(rest)) if sep and split in SPLITS else (None, Path(text)))
+  return items
+
+
 def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
                      fmt: str = "auto", restval: str = "train") -> dict[str, list[Entry]]:
   """Entries per split from annotation files.
@@ -300,14 +313,7 @@ def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str
   `annotations`: a Karpathy file (its entries carry their split); or ALBEF/SGA files given as
   {split: path}, as "split=path" strings, or as paths whose names contain the split (flickr30k_test.json).
   """
-  if isinstance(annotations, Mapping):
-    items = [(str(k), Path(v)) for k, v in annotations.items()]
-  else:
-    items = []
-    for a in annotations:
-      text = str(a)
-      split, sep, rest = text.partition("=")
-      items.append((split, Path(rest)) if sep and split in SPLITS else (None, Path(text)))
+  items = _annotation_files(annotations)
   if not items:
     raise CorpusError("no annotation files given")
   splits: dict[str, list[Entry]] = {}
@@ -385,6 +391,7 @@ class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self.skipped: dict[str, list[str]] = {}
+    self.dropped: dict[str, list[str]] = {}  # captions that clean to nothing (skip_bad), per split
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -400,7 +407,7 @@ class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
         }),
         # Annotation order is kept: record i of the test split is the references' image i.
         disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(build_options=dict(cfg.options), skipped={}),
+        metadata=tfds.core.MetadataDict(build_options=dict(cfg.options), skipped={}, dropped_captions={}),
     )
 
   def _split_generators(self, dl_manager):
@@ -431,15 +438,16 @@ class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
                         "image_id": written, "filename": entry.image}
         written += 1
     self.info.metadata["skipped"][split] = len(skipped)
+    self.info.metadata["dropped_captions"][split] = len(self.dropped.get(split, []))
     if not written:
       raise CorpusError(f"split {split!r} is empty: all {len(skipped)} of its images are missing or "
                         f"corrupt (first: {skipped[0] if skipped else '-'})")
 
 
 def _validate(entries: dict[str, list[Entry]], cleaning: CaptionCleaning, skip_bad: bool,
-              skipped: dict[str, list[str]]) -> dict[str, list[Entry]]:
-  """Drop captions that clean to nothing; reject (or skip) entries left without captions; reject empty
-  splits."""
+              skipped: dict[str, list[str]], dropped: dict[str, list[str]]) -> dict[str, list[Entry]]:
+  """Reject (or, with skip_bad, drop and note in `dropped`) captions that clean to nothing; reject (or skip)
+  entries left without captions; reject empty splits."""
   if not entries:
     raise CorpusError("the annotation files hold no entries")
   kept: dict[str, list[Entry]] = {}
@@ -448,14 +456,23 @@ def _validate(entries: dict[str, list[Entry]], cleaning: CaptionCleaning, skip_b
       raise CorpusError(f"split {split!r} has no entries")
     good = []
     for entry in items:
-      captions = tuple(c for c in entry.captions if cleaning(c))
+      captions = []
+      for caption in entry.captions:
+        if cleaning(caption):
+          captions.append(caption)
+          continue
+        # Dropping it silently would change the caption counts and the image-to-text maps.
+        message = f"{entry.where}: caption {caption!r} cleans to nothing"
+        if not skip_bad:
+          raise CorpusError(message + "; fix the annotation or pass skip_bad=True (--skip-bad) to drop it")
+        dropped.setdefault(split, []).append(message)
       if not captions:
         message = f"{entry.where} has no captions"
         if not skip_bad:
           raise CorpusError(message + "; fix the entry or pass skip_bad=True (--skip-bad) to skip it")
         skipped.setdefault(split, []).append(message)
         continue
-      good.append(dataclasses.replace(entry, captions=captions))
+      good.append(dataclasses.replace(entry, captions=tuple(captions)))
     if not good:
       raise CorpusError(f"split {split!r} is empty after skipping {len(items)} entries without captions")
     kept[split] = good
@@ -475,33 +492,41 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
   """Build (or reuse) `caption_corpus/<name>_<image_size>px` from annotation files and an image folder.
 
   Bad input raises `CorpusError` naming the file or entry; with `skip_bad` bad records (missing or
-  corrupt images, entries without captions) are skipped and counted (`log` reports them, and the
-  dataset's metadata keeps the counts).
+  corrupt images, entries without captions) are skipped and captions that clean to nothing dropped, and
+  both are counted (`log` reports them, and the dataset's metadata keeps the counts: `skipped` and
+  `dropped_captions`, per split).
   """
   images = Path(images).expanduser()
   config_name = corpus_config_name(name, image_size)
   root = default_data_dir(data_dir)
   existing = corpus_builder(name, image_size, root, missing_ok=True)
-  options = {"annotations": sorted(str(a) for a in (annotations.values() if isinstance(annotations, Mapping)
-                                                     else annotations)),
-             "images": str(images), "format": fmt, "restval": restval,
-             "cleaning": dataclasses.asdict(cleaning)}
+  # Resolved paths, so that a relative path given from another directory matches; skip_bad is an option
+  # because it changes which records and captions the corpus holds.
+  files = sorted(f"{split}={path.resolve()}" if split else str(path.resolve())
+                 for split, path in _annotation_files(annotations))
+  options = {"annotations": files, "images": str(images.resolve()), "format": fmt, "restval": restval,
+             "cleaning": dataclasses.asdict(cleaning), "skip_bad": skip_bad}
   if existing is not None and not overwrite:
     built_with = dict(existing.info.metadata.get("build_options", {}))
-    if built_with and built_with != json.loads(json.dumps(options)):
-      raise CorpusError(f"{existing.data_path} was built with other options ({built_with}); pass "
+    wanted = json.loads(json.dumps(options))
+    if built_with and built_with != wanted:
+      changed = "; ".join(f"{key}: built with {built_with.get(key)!r}, now {wanted.get(key)!r}"
+                          for key in sorted(built_with.keys() | wanted.keys())
+                          if built_with.get(key) != wanted.get(key))
+      raise CorpusError(f"{existing.data_path} was built with other options ({changed}); pass "
                         "overwrite=True (--overwrite) to rebuild it, or choose another name")
     log(f"reusing the dataset already built at {existing.data_path}")
     return existing
   if not images.is_dir():
     raise CorpusError(f"image folder {images} does not exist")
   skipped: dict[str, list[str]] = {}
-  entries = _validate(read_annotations(annotations, fmt, restval), cleaning, skip_bad, skipped)
+  dropped: dict[str, list[str]] = {}
+  entries = _validate(read_annotations(annotations, fmt, restval), cleaning, skip_bad, skipped, dropped)
   config = CaptionCorpusConfig(name=config_name, description=f"{name} at {image_size}px", entries=entries,
                                images=str(images), image_size=image_size, cleaning=cleaning,
                                skip_bad=skip_bad, options=options)
   builder = CaptionCorpus(config=config, data_dir=str(root), file_format="array_record")
-  builder.skipped = skipped
+  builder.skipped, builder.dropped = skipped, dropped
   try:
     _prepare(builder, overwrite, log)
   except CorpusError:
@@ -516,6 +541,9 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
   for split, messages in builder.skipped.items():
     if messages:
       log(f"skipped {len(messages)} bad record(s) of split {split!r}; first: {messages[0]}")
+  for split, messages in builder.dropped.items():
+    if messages:
+      log(f"dropped {len(messages)} caption(s) that clean to nothing from split {split!r}; first: {messages[0]}")
   return corpus_builder(name, image_size, root)
 
 

@@ -1,8 +1,10 @@
 """Grain input pipelines: training batches and evaluation sets, as host-side numpy.
 
-Training (`training_pipeline`): the split's records are sliced per host (`process_index::process_count`),
-shuffled with a seed (a new order every epoch), repeated, decoded, augmented (optional, by name), given
-one or `k` sampled captions per image, batched to a fixed size (the remainder is dropped) and tokenised.
+Training (`training_pipeline`): the split's records are shuffled with a seed (a new order every epoch),
+repeated, decoded, augmented (optional, by name) and given one or `k` sampled captions per image, all over
+the global index space, then sliced per host (`process_index::process_count`: host h reads examples h,
+h + P, ... of the one-host stream, so hosts differ in order and random draws), batched to a fixed size (the
+remainder is dropped) and tokenised.
 Each batch is a dict:
 
     images          float32 (B, H, W, 3) in [0, 1]
@@ -167,11 +169,13 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   """The training input pipeline over a random-access `source` (e.g. `corpora.data_source(b, "train")`).
 
   `batch_size` is per host. `num_epochs=None` repeats forever. `process_index` / `process_count`
-  default to `jax.process_index()` / `jax.process_count()`: each host reads a disjoint slice.
+  default to `jax.process_index()` / `jax.process_count()`: each host reads a disjoint slice of the
+  shuffled stream.
   `augmentations` names entries of AUGMENTATIONS ("hflip,eda:0.3" or {"hflip": 0.5}). `num_threads`
   threads read and transform records; `num_workers` > 0 moves the whole pipeline into that many
   processes (worth it with spare cores). `batch_transforms` (callables batch dict -> batch dict, e.g.
-  text-attack candidates) run after tokenisation inside the prefetching stage, off the training loop.
+  text-attack candidates) run after tokenisation inside the prefetching thread, off the training loop
+  (with worker processes: in this process, after them).
   Iterate with `iter(...)`; the iterator has get_state/set_state.
   """
   if batch_size < 1 or captions_per_image < 1:
@@ -189,14 +193,15 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   if per_host < batch_size and num_epochs is not None:
     raise ValueError(f"this host's share of the split has {per_host} records, fewer than one batch of "
                      f"{batch_size}; lower batch_size or repeat (num_epochs=None)")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.seed(seed).shuffle().repeat(num_epochs)
+  # Shuffle and draw randomness over global indices, then slice: slicing first gives every host the same
+  # permutation of its slice and the same draws at each position (Grain keys an example's rng on its
+  # index), i.e. hosts in lockstep. Each host still reads only its own records.
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
   ds = ds.random_map(PrepareExample(captions_per_image, augmentations, dict(eda_options or {})))
+  ds = ds[process_index::process_count]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=max(1, prefetch_batches) * batch_size))
   it = it.batch(batch_size, drop_remainder=True).map(Tokenize(tokenizer))
-  for transform in batch_transforms:
-    it = it.map(transform)
   if num_workers > 0:
     from absl import flags
 
@@ -204,10 +209,17 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
     # their defaults (what absl.app would do with no command-line flags).
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                       per_worker_buffer_size=prefetch_batches))
-  # Batching and tokenising happen after the reader threads; a background thread keeps them off the
-  # training loop's critical path too.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=prefetch_batches))
+    # Batch transforms stay in this process: they may hold a JAX model (BERT candidates), which
+    # worker processes should not each load.
+    for transform in batch_transforms:
+      it = it.map(transform)
+    return it
+  for transform in batch_transforms:
+    it = it.map(transform)
+  # Batching, tokenising and the batch transforms happen after the reader threads; a background
+  # thread keeps them off the training loop's critical path too.
   return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
 
 

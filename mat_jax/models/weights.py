@@ -190,6 +190,25 @@ _BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_h
               "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id")
 
 
+# transformers' CLIPVisionConfig has num_channels, which we do not store (only 3, RGB, is supported).
+_VISION_EXTRA_DEFAULTS = {"num_channels": 3}
+
+
+def _hf_defaults(cls, keys: dict[str, str], **extra) -> dict[str, Any]:
+  """transformers' defaults under transformers' names, from the table above: our dataclass defaults."""
+  defaults = cls()
+  return {**{theirs: getattr(defaults, ours) for ours, theirs in keys.items()}, **extra}
+
+
+def _merge_config_dict(config: dict | None, config_dict: dict | None, defaults: dict[str, Any]) -> dict:
+  """An older config's *_config_dict onto its *_config, as transformers' CLIPConfig does: it fills the dict
+  with every default of its sub-config class and overwrites *_config with all of it, so a key missing from
+  the dict takes the default even where *_config has another value (e.g. eos_token_id 2, hidden_act)."""
+  if config_dict is None:
+    return dict(config or {})
+  return {**(config or {}), **defaults, **config_dict}
+
+
 def _pick(cls, data: dict, keys: dict[str, str], **extra) -> Any:
   defaults = cls()
   values = {ours: data[theirs] if data.get(theirs) is not None else getattr(defaults, ours)
@@ -210,9 +229,11 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   if data.get("model_type", "clip") != "clip":
     raise ConfigError(f"config.json describes a {data['model_type']!r} model; load_clip reads transformers' "
                       "CLIPModel checkpoints (model_type 'clip').")
-  # Older configs carry *_config_dict, which transformers lets override *_config.
-  vision_data = {**(data.get("vision_config") or {}), **(data.get("vision_config_dict") or {})}
-  text_data = {**(data.get("text_config") or {}), **(data.get("text_config_dict") or {})}
+  # Older configs (openai/clip-vit-large-patch14 among them) also carry *_config_dict.
+  vision_data = _merge_config_dict(data.get("vision_config"), data.get("vision_config_dict"),
+                                   _hf_defaults(VisionConfig, _VISION_KEYS, **_VISION_EXTRA_DEFAULTS))
+  text_data = _merge_config_dict(data.get("text_config"), data.get("text_config_dict"),
+                                 _hf_defaults(TextConfig, _TEXT_KEYS))
   pre = preprocessor or {}
   vision = _pick(VisionConfig, vision_data, _VISION_KEYS,
                  image_mean=tuple(float(v) for v in pre.get("image_mean", VisionConfig.image_mean)),

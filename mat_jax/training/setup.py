@@ -190,9 +190,8 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
   dataset = pipeline.training_pipeline(
       source, tokenizer, local_batch_size, captions_per_image=config.data.captions_per_image,
       seed=config.seed, augmentations=tuple(config.data.augmentations),
-      process_index=process_index, process_count=process_count, num_workers=config.data.worker_count)
-  for transform in extra_transforms:
-    dataset = dataset.map(transform)
+      process_index=process_index, process_count=process_count, num_workers=config.data.worker_count,
+      batch_transforms=tuple(extra_transforms))  # before the prefetch: off the training loop's thread
   return iter(dataset)
 
 
