@@ -211,13 +211,12 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=prefetch_batches))
-    # Batch transforms stay in this process: they may hold a JAX model (BERT candidates), which
-    # worker processes should not each load.
-    for transform in batch_transforms:
-      it = it.map(transform)
-    return it
+  # Batch transforms run in this process even with workers: they may hold a JAX model (BERT candidates),
+  # which worker processes should not each load.
   for transform in batch_transforms:
     it = it.map(transform)
+  if num_workers > 0:
+    return it
   # Batching, tokenising and the batch transforms happen after the reader threads; a background
   # thread keeps them off the training loop's critical path too.
   return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)

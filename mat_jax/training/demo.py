@@ -51,7 +51,6 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   from mat_jax import checkpoint
   from mat_jax import config as config_lib
   from mat_jax import evaluate as evaluate_lib
-  from mat_jax import mesh as mesh_lib
   from mat_jax.attacks.candidates import LexiconSource
   from mat_jax.data import corpora, load_eval_set, shapes
   from mat_jax.training import loop, setup
@@ -62,8 +61,7 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
 
   mat_config = config_lib.load(setup.EXPERIMENTS_DIR / "shapes_mat.py")
   # A bad --mesh fails now, not after minutes of building the world and training the clean model.
-  mesh_lib.check_batch_size(mat_config.train.batch_size,
-                            mesh_lib.make_mesh(mesh_spec if mesh_spec is not None else (mat_config.mesh.shape or None)))
+  loop.run_mesh(mat_config, mesh_spec)
   log(f"{clock()} 1/4 the shapes world")
   builder = corpora.build_shapes(mat_config.data.data_dir or None, train=mat_config.data.build_train,
                                  val=mat_config.data.build_val, test=mat_config.data.build_test,

@@ -138,11 +138,18 @@ class Run:
     return self.config.train.batch_size
 
 
+def run_mesh(config: ml_collections.ConfigDict, mesh_spec: str | None = None):
+  """The run's device mesh (`--mesh`, else config.mesh.shape, else all devices on `data`), checked
+  against the global batch size."""
+  mesh = mesh_lib.make_mesh(mesh_spec if mesh_spec is not None else (config.mesh.shape or None))
+  mesh_lib.check_batch_size(config.train.batch_size, mesh)
+  return mesh
+
+
 def build_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: str | None = None,
               model: CLIP | None = None, tokenizer: Any = None, log: Log = print) -> Run:
   """Mesh, model, objective, optimizer and shardings of a run (no data, no state yet)."""
-  mesh = mesh_lib.make_mesh(mesh_spec if mesh_spec is not None else (config.mesh.shape or None))
-  mesh_lib.check_batch_size(config.train.batch_size, mesh)
+  mesh = run_mesh(config, mesh_spec)
   if model is None:
     model, tokenizer = setup.load_model(config, log=log)
   encoder, params = split(model)
