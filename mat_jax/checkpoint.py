@@ -29,12 +29,14 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from mat_jax.errors import MatJaxError
+
 STATE, DATA, META = "state", "data", "meta"
 MODEL_DIR = "model"
 CONFIG_FILE = "config.json"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(MatJaxError, ValueError):
   """The workdir's checkpoint belongs to another run: a different fingerprint, or a train state whose
   structure or shapes do not fit it."""
 

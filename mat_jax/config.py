@@ -40,11 +40,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
+from mat_jax.errors import MatJaxError
+
 ANY = object()  # schema marker: any value accepted
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
 
 
-class ConfigError(ValueError):
+class ConfigError(MatJaxError, ValueError):
   """An experiment file or override that does not fit the schema."""
 
 

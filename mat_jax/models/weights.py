@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
+from mat_jax import config as config_lib
+from mat_jax.errors import MatJaxError
 from mat_jax.models import hub, layers
 from mat_jax.models.bert import BertConfig, BertForMaskedLM
 from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
@@ -35,11 +37,12 @@ WEIGHT_PATTERNS = ("config.json", "model*.safetensors", SAFETENSORS_INDEX, PREPR
 _SHOWN_PER_KIND = 40  # an error lists this many names per kind; the exception keeps them all
 
 
-class ConfigError(ValueError):
-  """A config.json that this port cannot represent faithfully, or a config that config.json cannot."""
+# A config.json that this port cannot represent faithfully, or a config that config.json cannot: the same
+# class as an experiment config's error, so one `except ConfigError` covers both.
+ConfigError = config_lib.ConfigError
 
 
-class WeightsError(ValueError):
+class WeightsError(MatJaxError, ValueError):
   """Checkpoint tensors that do not fit the model, all of them at once."""
 
   def __init__(self, source: str, architecture: str, missing: list[str], unexpected: list[str],
@@ -57,7 +60,7 @@ class WeightsError(ValueError):
     super().__init__("\n".join(parts))
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(MatJaxError, ValueError):
   """A pickle checkpoint: refused, because unpickling can run arbitrary code."""
 
 

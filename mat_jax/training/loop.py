@@ -25,6 +25,7 @@ from flax import nnx
 
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
+from mat_jax import errors
 from mat_jax import mesh as mesh_lib
 from mat_jax import objectives
 from mat_jax.models import CLIP, DualEncoder, split
@@ -34,7 +35,7 @@ from mat_jax.training import step as step_lib
 Log = Callable[[str], None]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.MatJaxError, RuntimeError):
   """The loss or a gradient became NaN/inf; the run stopped, its last good checkpoint is kept."""
 
 
