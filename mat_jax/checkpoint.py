@@ -54,6 +54,10 @@ class DamagedCheckpointError(MatJaxError):
     self.reason = reason or message
 
 
+class NotARunError(MatJaxError, FileNotFoundError):
+  """A directory given as a training run that is not one."""
+
+
 CHECKSUM_DIR = "checksums"
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -370,10 +374,16 @@ def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
       tokenizer = load_tokenizer(exported, context_length=model.config.text.context_length)
     return model, tokenizer
   if not (workdir / CONFIG_FILE).exists():
-    raise FileNotFoundError(f"{workdir} is not a mat_jax run directory: it has neither {MODEL_DIR}/ "
+    raise NotARunError(f"{workdir} is not a mat_jax run directory: it has neither {MODEL_DIR}/ "
                             f"(the exported model) nor {CONFIG_FILE}; pass the --workdir of a training run")
   from mat_jax import config as config_lib
   from mat_jax.training import setup
 
-  config = config_lib.build(json.loads((workdir / CONFIG_FILE).read_text()), origin=str(workdir / CONFIG_FILE))
+  path = workdir / CONFIG_FILE
+  try:
+    raw = json.loads(path.read_text())
+  except ValueError as err:
+    raise config_lib.ConfigError(f"{path} is not valid JSON ({err}); it is the run's config, written by "
+                                 "mat_jax.train: restore it from the run's experiment file") from None
+  config = config_lib.build(raw, origin=str(path))
   return setup.model_from_checkpoint(config, workdir)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import checks, metrics
+from mat_jax import checks, errors, metrics
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
@@ -490,7 +490,7 @@ def _text_source(name: str, data: str, bert: str | None, top_k: int):
     name = "lexicon" if data == "shapes" else ("bert" if bert else "charedit")
   if name == "lexicon":
     if data != "shapes":
-      raise ValueError("--text-source lexicon is the shapes world's synonym table; for other data use "
+      raise InputError("--text-source lexicon is the shapes world's synonym table; for other data use "
                        "--text-source bert --bert DIR (or charedit)")
     from mat_jax.data import shapes
     return LexiconSource(shapes.substitution_table())
@@ -498,11 +498,11 @@ def _text_source(name: str, data: str, bert: str | None, top_k: int):
     return CharEditSource(max_candidates=top_k)
   if name == "bert":
     if not bert:
-      raise ValueError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
+      raise InputError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
                        "(e.g. bert-base-uncased in the transformers layout)")
     from mat_jax.models import load_bert_mlm, load_tokenizer
     return BertMLMSource(load_bert_mlm(bert), load_tokenizer(bert), top_k=top_k)
-  raise ValueError(f"unknown --text-source {name!r}; use auto, lexicon, charedit or bert")
+  raise InputError(f"unknown --text-source {name!r}; use auto, lexicon, charedit or bert")
 
 
 def _floats(text: str) -> list[float]:
@@ -552,14 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
+
+
+_out_dir: str | None = None  # the --out of the running command, named by a disk-full report
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  global _out_dir
   parser = build_parser()
   args = parser.parse_args(argv)
+  _out_dir = args.out
   if args.limit is not None and args.limit < 1:
     parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
   if args.steps < 1 or args.apgd_steps < 1:
     parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
-  if any(e < 0 for e in args.eps):
-    parser.error(f"--eps budgets are in 1/255 units and must be >= 0, got {args.eps}")
+  if any(not math.isfinite(e) or e < 0 for e in args.eps):
+    parser.error(f"--eps budgets are in 1/255 units and must be finite and >= 0, got {args.eps}")
+  # Before the work: an --out that cannot be written would lose the results after the whole evaluation.
+  out = errors.check_writable_dir(args.out, "--out")
   target = load_victim(args.model, args.tokenizer)
   surrogate = load_victim(args.surrogate, args.surrogate_tokenizer) if args.surrogate else None
   eval_set = load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
@@ -574,7 +585,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   results["data"] = {"name": args.data, "split": args.split}
   print(format_table(results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
                               f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"))
-  out = Path(args.out)
   json_path = write_json(results, out / "results.json")
   print(f"\nwrote {json_path} and {plot_recall(results, out / 'recall_vs_eps.png')}")
   return 0

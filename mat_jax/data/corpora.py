@@ -568,5 +568,5 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
   """Random-access records of one split (numpy arrays; text as bytes)."""
   available = list(builder.info.splits.keys())
   if split not in available:
-    raise ValueError(f"{builder.info.full_name} has no split {split!r}; it has {sorted(available)}")
+    raise CorpusError(f"{builder.info.full_name} has no split {split!r}; it has {sorted(available)}")
   return builder.as_data_source(split=split)

@@ -60,6 +60,10 @@ class WeightsError(MatJaxError, ValueError):
     super().__init__("\n".join(parts))
 
 
+class CorruptWeightsError(MatJaxError, ValueError):
+  """A safetensors file that cannot be read (truncated, damaged)."""
+
+
 class UnsafeCheckpointError(MatJaxError, ValueError):
   """A pickle checkpoint: refused, because unpickling can run arbitrary code."""
 
@@ -357,11 +361,9 @@ def _resolve(source: str | os.PathLike) -> Path:
 
 def _weight_files(directory: Path) -> dict[str, Path]:
   """Tensor name -> the safetensors file that holds it."""
-  from safetensors import safe_open
-
   index = directory / SAFETENSORS_INDEX
   if index.exists():
-    weight_map = json.loads(index.read_text()).get("weight_map") or {}
+    weight_map = _load_json(index).get("weight_map") or {}
     absent = sorted({f for f in weight_map.values() if not (directory / f).exists()})
     if absent:
       raise hub.ModelSourceError(f"{index} names shards that are not in {directory}: {absent}; "
@@ -369,7 +371,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     return {name: directory / f for name, f in weight_map.items()}
   single = directory / SAFETENSORS_FILE
   if single.exists():
-    with safe_open(single, "np") as handle:
+    with _open_safetensors(single) as handle:
       return {name: single for name in handle.keys()}
   pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
   if pickles:
@@ -382,24 +384,36 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 
 
 def _read_tensors(files: dict[str, Path], names: Iterable[str]) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-
   by_file: dict[Path, list[str]] = {}
   for name in names:
     by_file.setdefault(files[name], []).append(name)
   out = {}
   for path, wanted in by_file.items():
-    with safe_open(path, "np") as handle:
+    with _open_safetensors(path) as handle:
       for name in wanted:
-        out[name] = handle.get_tensor(name)
+        try:
+          out[name] = handle.get_tensor(name)
+        except Exception as err:  # noqa: BLE001  safetensors' errors do not name the file
+          raise CorruptWeightsError(f"{path}: cannot read tensor {name!r} ({err}); the file is damaged or "
+                                    "truncated: download or save it again") from None
   return out
+
+
+def _open_safetensors(path: Path):
+  """safe_open(path), with an error that names the file when its header cannot be read."""
+  from safetensors import safe_open
+  try:
+    return safe_open(path, "np")
+  except Exception as err:  # noqa: BLE001  SafetensorError("incomplete metadata") names nothing
+    raise CorruptWeightsError(f"{path} is not a readable safetensors file ({err}); it is damaged or truncated "
+                              "(an interrupted download or save): download or save it again") from None
 
 
 def _load_json(path: Path) -> dict:
   try:
     return json.loads(path.read_text())
-  except json.JSONDecodeError as err:
-    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained.") from err
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained.") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -208,7 +208,8 @@ def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path)
     state, step = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(state0, run.shardings), set_aside=False,
                                              log=lambda line: print(line, file=sys.stderr))
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    raise checkpoint_lib.NotARunError(f"{workdir} holds a run config but no readable checkpoint and no exported "
+                                      "model; train it first (python -m mat_jax.train) or pass another run")
   return run.encoder.merge(state.params), run.tokenizer
 
 
