@@ -130,6 +130,10 @@ def load_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
     model = load_clip(source, dtype=config.model.dtype)
     tokenizer = load_tokenizer(config.model.tokenizer or source,
                                context or model.config.text.context_length)
+  if context and context > model.config.text.context_length:
+    raise ConfigError(f"model.context_length={context} but the text model of {source} has "
+                      f"{model.config.text.context_length} positions; set model.context_length="
+                      f"{model.config.text.context_length} or less (0 = the model's)")
   if tokenizer is None and config.model.tokenizer:
     tokenizer = load_tokenizer(config.model.tokenizer, context)
   if config.model.dtype != model.config.dtype:
