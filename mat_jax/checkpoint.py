@@ -21,39 +21,69 @@ on restore is refused the same way. Refused checkpoints are left as they are.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from mat_jax.errors import MatJaxError
 
 STATE, DATA, META = "state", "data", "meta"
 MODEL_DIR = "model"
 CONFIG_FILE = "config.json"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(MatJaxError, ValueError):
   """The workdir's checkpoint belongs to another run: a different fingerprint, or a train state whose
   structure or shapes do not fit it."""
+
+
+class DamagedCheckpointError(MatJaxError):
+  """A checkpoint whose files cannot be read back (or no intact checkpoint left in the workdir)."""
+
+  def __init__(self, message: str, reason: str | None = None):
+    super().__init__(message)
+    self.reason = reason or message
+
+
+class NotARunError(MatJaxError, FileNotFoundError):
+  """A directory given as a training run that is not one."""
+
+
+CHECKSUM_DIR = "checksums"
+DAMAGED_DIR = "damaged_checkpoints"
 
 
 class Checkpointer:
   """Periodic Orbax saves of (train state, data iterator, fingerprint), keep-N, resume."""
 
   def __init__(self, workdir: str | os.PathLike, fingerprint: Mapping[str, Any], *, max_to_keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, reader: bool = False):
     self.workdir = Path(workdir).absolute()
     self.directory = self.workdir / "checkpoints"
     self.fingerprint = dict(fingerprint)
+    self._unsealed: list[int] = []  # steps saved by this process whose checksums are not written yet
+    # A reader (the evaluator reading a run's model) must not remove the temporary directory of a save
+    # that a live run is writing.
+    self._options = dict(max_to_keep=max_to_keep, async_save=async_save, cleanup=not reader)
+    self.manager = self._open_manager()
+
+  def _open_manager(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=self._options["max_to_keep"], create=True, cleanup_tmp_directories=self._options["cleanup"],
+        enable_async_checkpointing=self._options["async_save"])
     handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
     import grain  # deferred: only runs with a data iterator need it
     handlers[DATA] = grain.checkpoint.CheckpointHandler()
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -77,23 +107,127 @@ class Checkpointer:
           + "\n".join(diffs) + "\nUse a fresh --workdir, or restore the original settings to resume.")
 
   def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False) -> bool:
+    self.seal()  # the previous save is complete: checksum it before this one starts
     items = {STATE: ocp.args.StandardSave(state),
              META: ocp.args.JsonSave({"fingerprint": self.fingerprint, "step": int(step)})}
     if data_iterator is not None:
       import grain
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._unsealed.append(int(step))
+    return saved
+
+  # --------------------------------------------------------------------------------------------------
+  # Integrity: a checksum beside each checkpoint, and a restore that falls back past damaged ones.
+
+  def step_dir(self, step: int) -> Path:
+    return self.directory / str(step)
+
+  def _checksum_path(self, step: int) -> Path:
+    return self.workdir / CHECKSUM_DIR / f"{step}.json"
+
+  def seal(self) -> None:
+    """Wait for pending saves, then write the SHA-256 of every file of the checkpoints this process saved
+    (workdir/checksums/<step>.json, process 0), so that flipped or truncated bytes are found on restore.
+    Orbax keeps no checksum of its own. Checksums of checkpoints removed by keep-N go too."""
+    if not self._unsealed:
+      return
+    self.manager.wait_until_finished()
+    steps, self._unsealed = self._unsealed, []
+    if jax.process_index() != 0:
+      return
+    present = set(self.all_steps())
+    for step in steps:
+      if step in present:
+        path = self._checksum_path(step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_file_digests(self.step_dir(step)), indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    for stale in (self.workdir / CHECKSUM_DIR).glob("*.json"):
+      if stale.stem.isdigit() and int(stale.stem) not in present:
+        stale.unlink(missing_ok=True)
+
+  def verify(self, step: int) -> str | None:
+    """None if checkpoint `step` matches its checksums (or has none: a run killed between the save and
+    the checksum), else what differs."""
+    path = self._checksum_path(step)
+    if not path.exists():
+      return None
+    try:
+      expected = json.loads(path.read_text())
+    except (OSError, ValueError):
+      return None  # a torn checksum file says nothing about the checkpoint
+    actual = _file_digests(self.step_dir(step))
+    bad = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
+    if not bad:
+      return None
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return f"{len(bad)} file(s) differ from the checksums written at save time ({shown})"
+
+  def restore_newest_intact(self, abstract_state: Any, data_iterator: Any = None, *,
+                            log: Callable[[str], None] = print, set_aside: bool = True
+                            ) -> tuple[Any, int | None]:
+    """(train state, step) of the newest checkpoint that reads back intact, or (None, None) when there is
+    no checkpoint. A checkpoint that cannot be read, does not match its checksums or holds non-finite
+    values is moved to workdir/damaged_checkpoints/ (kept for inspection, out of Orbax's way so the step
+    can be saved again), with one line saying so, and the next older one is tried. A checkpoint of an
+    incompatible config is refused (IncompatibleCheckpointError), not skipped. `set_aside=False` (a
+    reader such as the evaluator, which must not change a run it does not own) skips damaged ones only."""
+    damaged: list[str] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        problem = self.verify(step)
+        if problem is None:
+          state = self.restore(abstract_state, data_iterator, step)
+          problem = non_finite(state)
+      except IncompatibleCheckpointError:
+        raise
+      except DamagedCheckpointError as err:
+        problem = err.reason
+      except Exception as err:  # noqa: BLE001  any read failure of this step: try the previous one
+        problem = _one_line(err)
+      if problem is None:
+        if damaged:
+          log(f"resuming from the intact checkpoint at step {step} instead")
+        return state, step
+      where = f"moved to {self._set_aside(step)}" if set_aside else "skipped"
+      line = f"checkpoint {self.step_dir(step)} is damaged: {problem}; {where}"
+      log(line)
+      damaged.append(line)
+    if damaged:
+      raise DamagedCheckpointError(
+          f"no intact checkpoint in {self.directory}: " + "; ".join(damaged) + ". Rerunning the same command "
+          "starts the run from step 0; to keep anything, restore the checkpoint files from a backup first")
+    return None, None
+
+  def _set_aside(self, step: int) -> Path:
+    target = self.workdir / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      os.replace(self.step_dir(step), target)
+      self._checksum_path(step).unlink(missing_ok=True)
+    # Orbax caches the steps it found when the manager opened: reopen it on what is left.
+    self.manager.close()
+    self.manager = self._open_manager()
+    return target
 
   def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> Any:
     """The train state (in the shardings of `abstract_state`) and, in place, the iterator position."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    _quiet_late_read_errors()
     self.check_compatible(step)
     try:
       state = self.manager.restore(step, args=ocp.args.Composite(
           **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
     except ValueError as err:
+      if self._shapes_fit(step, abstract_state):
+        # The stored arrays have this state's shapes: the files themselves are unreadable.
+        reason = f"its files cannot be read ({_one_line(err)})"
+        raise DamagedCheckpointError(f"checkpoint {self.step_dir(step)}: {reason}", reason) from err
       # A structure or shape mismatch the fingerprint did not catch. Orbax's own advice
       # (partial_restore, strict=False) would resume a different run: name the real fix instead.
       detail = str(err).split("If this mismatch")[0].split(" Truncating/padding")[0].strip()
@@ -108,11 +242,23 @@ class Checkpointer:
       self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
     return state
 
+  def _shapes_fit(self, step: int, abstract_state: Any) -> bool:
+    """Whether the stored arrays' (shape, dtype) multiset is the target's; True too when the metadata
+    itself cannot be read (then the checkpoint is damaged, not of another run)."""
+    try:
+      stored = self.manager.item_metadata(step)[STATE]
+      have = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(stored))
+    except Exception:  # noqa: BLE001  unreadable metadata: damage
+      return True
+    want = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(abstract_state))
+    return have == want
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    self.seal()
     self.manager.close()
 
   def __enter__(self) -> "Checkpointer":
@@ -120,6 +266,67 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _drop_closed_loop_errors(unraisable: Any) -> None:
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    return
+  _previous_unraisablehook(unraisable)
+
+
+class _NoUnretrievedTaskErrors(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Task exception was never retrieved" not in record.getMessage()
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _quiet_late_read_errors() -> None:
+  """When Orbax fails to read a damaged checkpoint, TensorStore's remaining reads complete on an event
+  loop Orbax has already closed, and each prints a traceback ("Event loop is closed", "Task exception
+  was never retrieved"): dozens of them around the one error that matters, which the restore reports
+  itself. Drop exactly those two (installed once)."""
+  global _previous_unraisablehook
+  if sys.unraisablehook is _drop_closed_loop_errors:
+    return
+  _previous_unraisablehook = sys.unraisablehook
+  sys.unraisablehook = _drop_closed_loop_errors
+  logging.getLogger("asyncio").addFilter(_NoUnretrievedTaskErrors())
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+  """{relative path: sha256} of every file under `directory`."""
+  out = {}
+  for path in sorted(directory.rglob("*")):
+    if path.is_file():
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      out[str(path.relative_to(directory))] = digest.hexdigest()
+  return out
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def non_finite(state: Any) -> str | None:
+  """None if every float array of `state` is finite, else a phrase naming how many are not."""
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not leaves or bool(_all_finite(leaves)):
+    return None
+  bad = sum(not bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+  return f"{bad} of its {len(leaves)} parameter/optimizer arrays hold NaN or inf"
+
+
+def _one_line(err: BaseException) -> str:
+  """An exception as one short line (Orbax and TensorStore errors run over many lines)."""
+  text = " ".join(str(err).split()) or type(err).__name__
+  text = text if len(text) <= 300 else text[:300] + " ..."
+  return f"{type(err).__name__}: {text}"
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -167,10 +374,16 @@ def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
       tokenizer = load_tokenizer(exported, context_length=model.config.text.context_length)
     return model, tokenizer
   if not (workdir / CONFIG_FILE).exists():
-    raise FileNotFoundError(f"{workdir} is not a mat_jax run directory: it has neither {MODEL_DIR}/ "
+    raise NotARunError(f"{workdir} is not a mat_jax run directory: it has neither {MODEL_DIR}/ "
                             f"(the exported model) nor {CONFIG_FILE}; pass the --workdir of a training run")
   from mat_jax import config as config_lib
   from mat_jax.training import setup
 
-  config = config_lib.build(json.loads((workdir / CONFIG_FILE).read_text()), origin=str(workdir / CONFIG_FILE))
+  path = workdir / CONFIG_FILE
+  try:
+    raw = json.loads(path.read_text())
+  except ValueError as err:
+    raise config_lib.ConfigError(f"{path} is not valid JSON ({err}); it is the run's config, written by "
+                                 "mat_jax.train: restore it from the run's experiment file") from None
+  config = config_lib.build(raw, origin=str(path))
   return setup.model_from_checkpoint(config, workdir)

@@ -40,11 +40,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
+from mat_jax.errors import MatJaxError
+
 ANY = object()  # schema marker: any value accepted
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
 
 
-class ConfigError(ValueError):
+class ConfigError(MatJaxError, ValueError):
   """An experiment file or override that does not fit the schema."""
 
 
@@ -180,15 +182,58 @@ def _call_get_config(path: Path, arg: str | None) -> Any:
     raise ConfigError(f"experiment file {path} not found; experiments in {here}: {known}")
   spec = importlib.util.spec_from_file_location(f"mat_jax_experiment_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{e.filename or path}:{e.lineno}: syntax error in the experiment file: {e.msg}") from None
+  except Exception as e:  # the experiment file's own code failed on import: name where
+    raise ConfigError(f"{_where(e, path)}: the experiment file failed to load: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config(arg=None) function")
+  config = _run_get_config(module, path, arg)
+  if arg is not None and _to_dict(config) == _to_dict(_run_get_config(module, path, None)):
+    # get_config ignored the argument (a typo such as runlcal would otherwise start the full run).
+    known = _compared_strings(path)
+    close = difflib.get_close_matches(arg, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    listed = f" Arguments the file tests for: {', '.join(known)}." if known else ""
+    raise ConfigError(f"{path}:{arg}: the argument {arg!r} changes nothing (get_config ignores it).{hint}{listed}")
+  return config
+
+
+def _run_get_config(module: Any, path: Path, arg: str | None) -> Any:
   try:
     return module.get_config(arg) if arg is not None else module.get_config()
   except TypeError as e:
     if arg is not None and "argument" in str(e):
       raise ConfigError(f"{path}: get_config takes no argument, but {arg!r} was given after ':'") from e
-    raise
+    raise ConfigError(f"{_where(e, path)}: get_config({'' if arg is None else repr(arg)}) failed: "
+                      f"{type(e).__name__}: {e}") from None
+  except Exception as e:  # e.g. a ValueError for an unknown defense: the file's message, one line
+    raise ConfigError(f"{_where(e, path)}: get_config({'' if arg is None else repr(arg)}) failed: "
+                      f"{type(e).__name__}: {e}") from None
+
+
+def _where(err: BaseException, path: Path) -> str:
+  """file:line of the innermost frame of `err` in the experiment file (or a file it imports)."""
+  import traceback
+  frames = traceback.extract_tb(err.__traceback__)
+  resolved = str(path.resolve())
+  mine = [f for f in frames if str(Path(f.filename).resolve()) == resolved] or frames[-1:]
+  return f"{mine[-1].filename}:{mine[-1].lineno}" if mine else str(path)
+
+
+def _compared_strings(path: Path) -> list[str]:
+  """String constants the experiment file compares with (`arg == "runlocal"`, `"x" in parts`): the
+  arguments it understands, for a did-you-mean hint."""
+  try:
+    tree = ast.parse(path.read_text())
+  except (OSError, SyntaxError):
+    return []
+  found = {node.value for compare in ast.walk(tree) if isinstance(compare, ast.Compare)
+           for node in [compare.left, *compare.comparators]
+           if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+  return sorted(found)
 
 
 def _to_dict(raw: Any) -> dict:

@@ -32,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import metrics
+from mat_jax import checks, errors, metrics
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
 from mat_jax.attacks.text import adversarial_captions
+from mat_jax.errors import InputError
 from mat_jax.models.clip import CLIP, check_tokens_for
 from mat_jax.models.dual_encoder import DualEncoder, split
 from mat_jax.models.tokenizers import Tokenizer
@@ -151,6 +152,19 @@ def _float_images(eval_set, indices: np.ndarray) -> np.ndarray:
 # The evaluation
 # ----------------------------------------------------------------------------------------------------
 
+def check_eps_255(eps_255: Sequence[float], norm: str = "linf", *, name: str = "eps_255") -> None:
+  """Budgets in 1/255 units: finite, >= 0 and, for L-inf, at most 255 (the whole pixel range)."""
+  if len(eps_255) == 0:
+    raise InputError(f"{name} is empty; give at least one budget in 1/255 units, e.g. (2.0,)")
+  for e in eps_255:
+    if not math.isfinite(float(e)) or e < 0:
+      raise InputError(f"{name} must be finite and >= 0 (budgets in 1/255 units, e.g. 2 for 2/255), "
+                       f"got {list(eps_255)}")
+    if norm == "linf" and e > 255:
+      raise InputError(f"{name}={e:g} is more than the whole pixel range: budgets are in 1/255 units "
+                       "(2 means 2/255)")
+
+
 def _eps_key(eps_255: float) -> str:
   return f"{eps_255:g}"
 
@@ -179,20 +193,24 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         if isinstance(surrogate, tuple) else Victim.of(surrogate, name="surrogate")
   attacker = surrogate or target
   if limit is not None and limit < 1:
-    raise ValueError(f"limit={limit}: evaluate at least 1 image (or None for all)")
+    raise InputError(f"limit={limit}: evaluate at least 1 image (or None for all)")
   if settings.steps < 1 or settings.apgd_steps < 1:
-    raise ValueError(f"attack steps must be at least 1, got steps={settings.steps}, apgd_steps={settings.apgd_steps}")
-  if any(e < 0 for e in eps_255):
-    raise ValueError(f"eps_255 must be >= 0 (budgets in 1/255 units), got {list(eps_255)}")
+    raise InputError(f"attack steps must be at least 1, got steps={settings.steps}, apgd_steps={settings.apgd_steps}")
+  check_eps_255(eps_255, settings.norm)
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
-    raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+    raise InputError(f"unknown attacks {unknown}; choose from {ATTACKS}")
   if text_source is None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
-    raise ValueError(f"attacks {[a for a in attacks if a in NEEDS_TEXT_SOURCE]} perturb captions and need a "
+    raise InputError(f"attacks {[a for a in attacks if a in NEEDS_TEXT_SOURCE]} perturb captions and need a "
                      "text_source (LexiconSource, CharEditSource or BertMLMSource)")
   if attacker.image_size != target.image_size:
-    raise ValueError(f"the surrogate takes {attacker.image_size}px images, the target {target.image_size}px; "
+    raise InputError(f"the surrogate takes {attacker.image_size}px images, the target {target.image_size}px; "
                      "transfer needs one image size (evaluate the data at that size)")
+  # Values on the host before anything is compiled: inside jit an image in [0, 255] or a NaN pixel is
+  # scored without an error, and an index past the images is clamped.
+  checks.check_images(eval_set.images, target.image_size, name="eval_set.images", allow_uint8=True)
+  checks.check_text_to_image(eval_set.text_to_image, len(eval_set.images), len(eval_set.captions),
+                             name="eval_set.text_to_image")
 
   captions = np.asarray(eval_set.captions)
   text_to_image = np.asarray(eval_set.text_to_image, np.int64)
@@ -472,7 +490,7 @@ def _text_source(name: str, data: str, bert: str | None, top_k: int):
     name = "lexicon" if data == "shapes" else ("bert" if bert else "charedit")
   if name == "lexicon":
     if data != "shapes":
-      raise ValueError("--text-source lexicon is the shapes world's synonym table; for other data use "
+      raise InputError("--text-source lexicon is the shapes world's synonym table; for other data use "
                        "--text-source bert --bert DIR (or charedit)")
     from mat_jax.data import shapes
     return LexiconSource(shapes.substitution_table())
@@ -480,11 +498,11 @@ def _text_source(name: str, data: str, bert: str | None, top_k: int):
     return CharEditSource(max_candidates=top_k)
   if name == "bert":
     if not bert:
-      raise ValueError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
+      raise InputError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
                        "(e.g. bert-base-uncased in the transformers layout)")
     from mat_jax.models import load_bert_mlm, load_tokenizer
     return BertMLMSource(load_bert_mlm(bert), load_tokenizer(bert), top_k=top_k)
-  raise ValueError(f"unknown --text-source {name!r}; use auto, lexicon, charedit or bert")
+  raise InputError(f"unknown --text-source {name!r}; use auto, lexicon, charedit or bert")
 
 
 def _floats(text: str) -> list[float]:
@@ -534,14 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
+
+
+_out_dir: str | None = None  # the --out of the running command, named by a disk-full report
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  global _out_dir
   parser = build_parser()
   args = parser.parse_args(argv)
+  _out_dir = args.out
   if args.limit is not None and args.limit < 1:
     parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
   if args.steps < 1 or args.apgd_steps < 1:
     parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
-  if any(e < 0 for e in args.eps):
-    parser.error(f"--eps budgets are in 1/255 units and must be >= 0, got {args.eps}")
+  if any(not math.isfinite(e) or e < 0 for e in args.eps):
+    parser.error(f"--eps budgets are in 1/255 units and must be finite and >= 0, got {args.eps}")
+  # Before the work: an --out that cannot be written would lose the results after the whole evaluation.
+  out = errors.check_writable_dir(args.out, "--out")
   target = load_victim(args.model, args.tokenizer)
   surrogate = load_victim(args.surrogate, args.surrogate_tokenizer) if args.surrogate else None
   eval_set = load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
@@ -556,7 +585,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   results["data"] = {"name": args.data, "split": args.split}
   print(format_table(results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
                               f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"))
-  out = Path(args.out)
   json_path = write_json(results, out / "results.json")
   print(f"\nwrote {json_path} and {plot_recall(results, out / 'recall_vs_eps.png')}")
   return 0

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mat_jax.errors import MatJaxError
+
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both axes jointly
 PARAM_SHARDING_MODES = ("replicated", "fsdp", "logical")
@@ -36,7 +38,7 @@ ENV_NUM_PROCESSES = "MAT_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "MAT_JAX_PROCESS_ID"
 
 
-class MeshError(ValueError):
+class MeshError(MatJaxError, ValueError):
   """A mesh specification or a sharding request that the devices cannot satisfy."""
 
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax import checks
+from mat_jax.errors import InputError
 from mat_jax.models.dual_encoder import DualEncoder
 
 RECALL_KS = (1, 5, 10)
@@ -31,20 +33,20 @@ def _check_scores(scores, text_to_image) -> tuple[jax.Array, jax.Array]:
   scores = jnp.asarray(scores, jnp.float32)
   text_to_image = jnp.asarray(text_to_image, jnp.int32)
   if scores.ndim != 2:
-    raise ValueError(f"scores must be a (n_images, n_texts) matrix, got shape {scores.shape}")
+    raise InputError(f"scores must be a (n_images, n_texts) matrix, got shape {scores.shape}")
   if text_to_image.shape != (scores.shape[1],):
-    raise ValueError(f"text_to_image must have one entry per text (scores column), shape "
+    raise InputError(f"text_to_image must have one entry per text (scores column), shape "
                      f"({scores.shape[1]},); got {text_to_image.shape}. Pass scores as images x texts.")
   # Checked on the host: an index out of range would be clamped by JAX, and a NaN score would rank
   # first (no score is greater than NaN), reporting a broken model as a perfectly robust one.
   mapping = np.asarray(text_to_image)
   if mapping.size and (mapping.min() < 0 or mapping.max() >= scores.shape[0]):
-    raise ValueError(f"text_to_image holds image indices from {mapping.min()} to {mapping.max()}, but scores has "
+    raise InputError(f"text_to_image holds image indices from {mapping.min()} to {mapping.max()}, but scores has "
                      f"{scores.shape[0]} images (rows); each entry must be in [0, {scores.shape[0]})")
   finite = np.isfinite(np.asarray(scores))
   if not finite.all():
     rows, cols = np.flatnonzero(~finite.all(axis=1)), np.flatnonzero(~finite.all(axis=0))
-    raise ValueError(f"scores hold NaN/inf in {len(rows)} image rows (e.g. {rows[:5].tolist()}) and {len(cols)} text "
+    raise InputError(f"scores hold NaN/inf in {len(rows)} image rows (e.g. {rows[:5].tolist()}) and {len(cols)} text "
                      f"columns (e.g. {cols[:5].tolist()}): the features are not finite. Usual causes: token ids "
                      "outside the text model's vocabulary (a tokenizer that does not belong to the model), "
                      "non-finite pixels, or NaN weights")
@@ -143,6 +145,7 @@ def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> np.ndarray:
 
 def embed_images(encoder: DualEncoder, params, images, batch_size: int = 256) -> np.ndarray:
   """L2-normalised image embeddings (N, D), computed in fixed-size jitted batches."""
+  checks.check_images(images, encoder.config.vision.image_size)
   images = np.asarray(images)
   batch_size = min(batch_size, len(images))
   return _batched(lambda x: image_embeddings(encoder, params, x), (images,), batch_size)
@@ -150,6 +153,8 @@ def embed_images(encoder: DualEncoder, params, images, batch_size: int = 256) ->
 
 def embed_texts(encoder: DualEncoder, params, input_ids, attention_mask, batch_size: int = 1024) -> np.ndarray:
   """L2-normalised text embeddings (N, D), computed in fixed-size jitted batches."""
+  text = encoder.config.text
+  checks.check_token_ids(input_ids, attention_mask, text.context_length, text.vocab_size)
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
   batch_size = min(batch_size, len(ids))
   return _batched(lambda i, m: text_embeddings(encoder, params, i, m), (ids, mask), batch_size)

@@ -39,39 +39,39 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def user_errors() -> tuple[type[Exception], ...]:
   """Errors caused by the input (config, model files, data, workdir, devices) whose message names the
-  fix: reported as one `error:` line, without a traceback. Anything else is a bug and keeps its traceback."""
-  from mat_jax import checkpoint, config, mesh
-  from mat_jax.data import corpora, pipeline
-  from mat_jax.models import hub, weights
-  from mat_jax.training import loop
-
-  return (config.ConfigError, mesh.MeshError, checkpoint.IncompatibleCheckpointError, loop.NonFiniteLossError,
-          hub.ModelSourceError, weights.ConfigError, weights.WeightsError, weights.UnsafeCheckpointError,
-          corpora.CorpusError, pipeline.DataSourceError)
+  fix: every one is a `mat_jax.errors.MatJaxError`, reported as one `error:` line without a traceback.
+  Anything else is a bug and keeps its traceback."""
+  from mat_jax.errors import MatJaxError
+  return (MatJaxError,)
 
 
 def main(argv: list[str] | None = None) -> int:
+  from mat_jax import errors
+  return errors.cli_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
   args, overrides = parse_args(argv)
   from mat_jax import config as config_lib
+  from mat_jax import errors
   from mat_jax import mesh as mesh_lib
 
   if args.config is None and overrides:
-    print("--config.* overrides need --config FILE", file=sys.stderr)
-    return 2
-  try:
-    # jax.distributed must start before anything touches the devices.
-    mesh_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    if args.config is None:
-      from mat_jax.training import demo
-      return demo.main(workdir=args.workdir, mesh_spec=args.mesh)
-    from mat_jax.training import loop
-    config = config_lib.load(args.config, overrides)
-    workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
-    result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
-                        evaluate=not args.no_eval)
-  except user_errors() as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2 if isinstance(err, config_lib.ConfigError) else 1  # 2: fix the config
+    print("error: --config.* overrides need --config FILE", file=sys.stderr)
+    return errors.EXIT_USER_ERROR
+  # jax.distributed must start before anything touches the devices.
+  mesh_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  if args.config is None:
+    from mat_jax.training import demo
+    if args.workdir:
+      errors.check_writable_dir(args.workdir, "--workdir")
+    return demo.main(workdir=args.workdir, mesh_spec=args.mesh)
+  from mat_jax.training import loop
+  config = config_lib.load(args.config, overrides)
+  workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
+  errors.check_writable_dir(workdir, "--workdir")
+  result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
+                      evaluate=not args.no_eval)
   if result.metrics and mesh_lib.is_main_process():
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     print(f"done: step {result.step}: {shown}")

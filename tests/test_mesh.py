@@ -103,11 +103,11 @@ def test_cli_mesh_errors_are_one_line_and_come_first(monkeypatch, tmp_path, caps
   from mat_jax.data import corpora
   monkeypatch.setattr(corpora, "build_shapes", lambda *a, **k: pytest.fail("the world was built before the mesh check"))
   for argv, message in [(["--mesh", "data=4,fdsp=2"], "fdsp"), (["--mesh", "3"], "batch")]:
-    assert train.main([*argv, "--workdir", str(tmp_path / "demo")]) == 1
+    assert train.main([*argv, "--workdir", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
   for var in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_PROCESS_ID):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv(mesh_lib.ENV_NUM_PROCESSES, "two")
-  assert train.main(["--workdir", str(tmp_path / "demo")]) == 1
+  assert train.main(["--workdir", str(tmp_path / "demo")]) == 2
   assert f"{mesh_lib.ENV_NUM_PROCESSES}='two' is not an integer" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def test_valid_inputs_trace(clip, bert):
 
 @pytest.mark.parametrize("shape,dtype,message", [
     ((2, 3, 16, 16), jnp.float32, r"channels-first \(NCHW\): transpose it with x.transpose\(0, 2, 3, 1\)"),
-    ((2, 32, 32, 3), jnp.float32, r"got \(2, 32, 32, 3\). Resize to the model's image_size 16"),
+    ((2, 32, 32, 3), jnp.float32, r"got \(2, 32, 32, 3\): resize them to the model's image_size 16"),
     ((16, 16, 3), jnp.float32, r"needs a batch axis: x\[None\]"),
     ((2, 16, 16, 3), jnp.uint8, r"x.astype\(np.float32\) / 255"),
 ])
@@ -59,16 +59,18 @@ def test_bad_image_shape_or_dtype_fails_at_trace_time(clip, shape, dtype, messag
     _traced(clip, "encode_image", (shape, dtype))
 
 
-@pytest.mark.parametrize("value", [1.5, -0.2, np.nan])
-def test_pixels_outside_unit_range_fail_on_concrete_input(clip, value):
+@pytest.mark.parametrize("value,advice", [
+    (1.5, "divide by 255"), (-0.2, r"\(x \+ 1\) / 2"), (-3.0, "the model applies the CLIP mean/std itself"),
+    (np.nan, "1 NaN value"), (np.inf, "1 inf value")])
+def test_pixels_outside_unit_range_fail_on_concrete_input(clip, value, advice):
   images = np.full((1, 16, 16, 3), 0.5, np.float32)
   images[0, 3, 4, 1] = value
-  with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*do not normalise with the CLIP mean/std"):
+  with pytest.raises(ValueError, match=advice):
     clip.encode_image(images)
 
 
 def test_ids_longer_than_the_context(clip):
-  with pytest.raises(ValueError, match=r"length 9 but the text tower's context length is 8.*context_length=8"):
+  with pytest.raises(ValueError, match=r"length 9 but the text model has 8 positions.*context_length=8"):
     _traced(clip, "encode_text", ((2, 9), jnp.int32), ((2, 9), jnp.int32))
 
 

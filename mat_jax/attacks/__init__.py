@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax import checks
 from mat_jax.attacks import candidates, image, losses, multimodal, text
 from mat_jax.attacks.candidates import (BertMLMSource, CandidateSource, CharEditSource, LexiconSource,
                                         TextCandidates, prepare_candidates)
@@ -67,8 +68,7 @@ def image_attack(model: CLIP, images, input_ids, attention_mask, *, eps: float, 
     raise ValueError(f"input_ids must be (B, L) or (B, K, L) with B = {np.shape(images)[0]} images, got "
                      f"{ids.shape}")
   check_text(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), cfg.text)
-  if eps < 0 or step_size < 0 or steps < 0:
-    raise ValueError(f"eps, step_size and steps must be >= 0, got {eps}, {step_size}, {steps}")
+  _check_budget(eps, steps, step_size, norm)
   encoder, params = split(model)
   return image.pgd_attack(encoder, params, jnp.asarray(images, jnp.float32), jnp.asarray(ids),
                           jnp.asarray(mask), _key(key), eps=eps, step_size=step_size, steps=steps,
@@ -100,10 +100,20 @@ def _flatten_captions(images, captions) -> tuple[list[str], np.ndarray, list[int
   return flat, weights, [len(caps) for caps in nested]
 
 
+def _check_budget(eps, steps, step_size, norm: str = "linf") -> None:
+  """The budget on the host, before the attack compiles: a NaN eps gives NaN images and an eps in 1/255
+  units (2 for 2/255) an unbounded perturbation, without an error, once inside `jit`."""
+  checks.check_eps(eps, norm=norm)
+  checks.check_steps(steps, minimum=0)
+  if step_size is not None:
+    checks.check_step_size(step_size)
+
+
 def _multimodal(attack, model: CLIP, tokenizer: Tokenizer, images, captions, source: CandidateSource,
                 key, **kwargs) -> MultimodalAttack:
   _check_model(model)
   check_pixels(images, model.config.vision)
+  _check_budget(kwargs["eps"], kwargs["steps"], kwargs.get("step_size"), kwargs.get("norm", "linf"))
   flat, weights, counts = _flatten_captions(images, captions)
   cands = multimodal.bucketed_candidates(flat, tokenizer, source)
   encoder, params = split(model)

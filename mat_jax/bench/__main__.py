@@ -17,6 +17,11 @@ SUITES = {
 
 
 def main(argv=None) -> int:
+  from mat_jax import errors
+  return errors.cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m mat_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")

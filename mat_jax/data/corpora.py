@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mat_jax.data import shapes
+from mat_jax.errors import MatJaxError
 
 DATA_DIR_ENV = "MAT_JAX_DATA_DIR"
 SPLITS = ("train", "val", "test")
@@ -46,7 +47,7 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
   return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/mat_jax/datasets").expanduser()
 
 
-class CorpusError(ValueError):
+class CorpusError(MatJaxError, ValueError):
   """Bad corpus input (annotation file, entry or image); the message names the file or entry."""
 
 
@@ -567,5 +568,5 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
   """Random-access records of one split (numpy arrays; text as bytes)."""
   available = list(builder.info.splits.keys())
   if split not in available:
-    raise ValueError(f"{builder.info.full_name} has no split {split!r}; it has {sorted(available)}")
+    raise CorpusError(f"{builder.info.full_name} has no split {split!r}; it has {sorted(available)}")
   return builder.as_data_source(split=split)

@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from mat_jax.data import shapes
+from mat_jax.errors import MatJaxError
 
 # name -> default probability. i2t / t2i / t2i_caption need the scene (shapes world records).
 AUGMENTATIONS: dict[str, float] = {
@@ -48,7 +49,7 @@ DEFAULT_NUM_THREADS = 4
 DEFAULT_PREFETCH_BATCHES = 2
 
 
-class DataSourceError(ValueError):
+class DataSourceError(MatJaxError, ValueError):
   """A training source that cannot feed the pipeline (empty, or records lacking a field); the message
   names the fix."""
 

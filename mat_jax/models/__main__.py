@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mat_jax import errors
+
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
 
@@ -49,6 +51,8 @@ def demo(args: argparse.Namespace) -> int:
   images = np.stack([np.broadcast_to(np.float32(c), (size, size, 3)) for c in COLOURS.values()])
   ids, mask = _token_sequences(cfg, len(COLOURS), np.random.default_rng(args.seed))
 
+  if args.dir:
+    errors.check_writable_dir(args.dir, "--dir")
   with tempfile.TemporaryDirectory() as tmp:
     directory = Path(args.dir or tmp)
     save_clip(model, directory)
@@ -75,13 +79,21 @@ def demo(args: argparse.Namespace) -> int:
   return 0 if same else 1
 
 
+def _load_json(path: Path) -> dict:
+  from mat_jax.models.weights import ConfigError
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained") from None
+
+
 def inspect(args: argparse.Namespace) -> int:
   from mat_jax.models import hub, load_bert_mlm, load_clip
   from mat_jax.models.weights import WEIGHT_PATTERNS
 
   directory = hub.resolve(args.source, WEIGHT_PATTERNS)
   config_path = directory / "config.json"
-  model_type = json.loads(config_path.read_text()).get("model_type", "clip") if config_path.exists() else "clip"
+  model_type = _load_json(config_path).get("model_type", "clip") if config_path.exists() else "clip"
   model = load_bert_mlm(directory) if model_type == "bert" else load_clip(directory)
   print(f"{type(model).__name__} from {directory}")
   print(json.dumps(dataclasses.asdict(model.config), indent=2))
@@ -93,7 +105,7 @@ def inspect(args: argparse.Namespace) -> int:
   return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
   parser = argparse.ArgumentParser(prog="python -m mat_jax.models", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
   p.set_defaults(fn=inspect)
   args = parser.parse_args(argv)
   return args.fn(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+  return errors.cli_main(_main, argv)
 
 
 if __name__ == "__main__":

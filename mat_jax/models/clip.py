@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mat_jax import checks
+from mat_jax.errors import InputError
 from mat_jax.models import layers
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -364,59 +366,21 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def check_pixels(pixels: Any, cfg: VisionConfig) -> None:
-  """Raise a clear error for images the image tower cannot take.
+  """Raise a clear error for images the image tower cannot take (`mat_jax.checks.check_images`).
 
-  Shape and dtype are checked always (they are static under `jit`); the [0, 1] range only for
-  concrete arrays, which costs one host transfer: call it on the host before entering `jit`.
+  Shape and dtype are checked always (they are static under `jit`); values (finite, in [0, 1]) only for
+  concrete arrays: call it on the host before entering `jit`.
   """
-  arr = pixels if isinstance(pixels, (np.ndarray, jax.Array)) else np.asarray(pixels)
-  want = (cfg.image_size, cfg.image_size, 3)
-  if arr.ndim != 4 or tuple(arr.shape[1:]) != want:
-    hint = f" Resize to the model's image_size {cfg.image_size}."
-    if arr.ndim == 4 and arr.shape[1] == 3 and arr.shape[-1] != 3:
-      hint = " The array looks channels-first (NCHW): transpose it with x.transpose(0, 2, 3, 1)."
-    elif arr.ndim == 3:
-      hint = " A single image needs a batch axis: x[None]."
-    raise ValueError(f"images must have shape (batch, {want[0]}, {want[1]}, 3) (NHWC), got "
-                     f"{tuple(arr.shape)}.{hint}")
-  if not jnp.issubdtype(arr.dtype, jnp.floating):
-    raise ValueError(f"images must be float pixels in [0, 1], got dtype {arr.dtype}; "
-                     "convert uint8 images with x.astype(np.float32) / 255.")
-  if not _is_concrete(arr):
-    return
-  lo, hi = float(np.min(arr)), float(np.max(arr))
-  if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
-    raise ValueError(f"image values must lie in [0, 1] (pixel space), got range [{lo:.3g}, {hi:.3g}]; "
-                     "do not normalise with the CLIP mean/std yourself: the model does it.")
+  checks.check_images(pixels, cfg.image_size)
 
 
 def check_text(input_ids: Any, attention_mask: Any, cfg: TextConfig) -> None:
-  """Raise a clear error for token batches the text tower cannot take.
+  """Raise a clear error for token batches the text tower cannot take (`mat_jax.checks.check_token_ids`).
 
   Shapes and dtypes are checked always (static under `jit`); the id range only for concrete arrays.
   """
-  ids = input_ids if isinstance(input_ids, (np.ndarray, jax.Array)) else np.asarray(input_ids)
-  mask = attention_mask if isinstance(attention_mask, (np.ndarray, jax.Array)) else np.asarray(attention_mask)
-  if ids.ndim != 2:
-    raise ValueError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}; "
-                     "flatten extra axes (DualEncoder.text_features does) or add a batch axis.")
-  if tuple(mask.shape) != tuple(ids.shape):
-    raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids shape "
-                     f"{tuple(ids.shape)}; pass the mask the tokenizer returned with these ids.")
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}; tokenize the text with "
-                     "mat_jax.models.load_tokenizer.")
-  if ids.shape[1] > cfg.context_length:
-    raise ValueError(f"input_ids have length {ids.shape[1]} but the text tower's context length is "
-                     f"{cfg.context_length}; tokenize with context_length={cfg.context_length} "
-                     "(load_tokenizer(..., context_length=...)), which truncates and keeps the end token.")
-  if _is_concrete(ids):
-    check_token_ids(ids, cfg.vocab_size)
+  checks.check_token_ids(input_ids, attention_mask, cfg.context_length, cfg.vocab_size)
 
 
 def check_tokens_for(input_ids: Any, attention_mask: Any, end_id: int | None, cfg: TextConfig, *,
@@ -431,11 +395,11 @@ def check_tokens_for(input_ids: Any, attention_mask: Any, end_id: int | None, cf
     return
   pooling = cfg.text_pooling
   if pooling == "eos" and end_id != cfg.eos_token_id:
-    raise ValueError(f"the {name}'s end token id is {end_id} but the text tower pools at its eos_token_id "
+    raise InputError(f"the {name}'s end token id is {end_id} but the text tower pools at its eos_token_id "
                      f"{cfg.eos_token_id}: every text would be pooled at the wrong position; use the tokenizer "
                      "saved with these weights")
   if pooling == "argmax" and np.any(np.asarray(input_ids) > end_id):
-    raise ValueError(f"the text tower pools at the largest token id (OpenAI's end-of-text, transformers' rule "
+    raise InputError(f"the text tower pools at the largest token id (OpenAI's end-of-text, transformers' rule "
                      f"for eos_token_id == 2), but the {name}'s ids exceed its end token id {end_id}: texts would "
                      "be pooled at the wrong position; use the tokenizer saved with these weights")
 
@@ -447,6 +411,6 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "token ids")
     return
   lo, hi = int(ids.min()), int(ids.max())
   if lo < 0 or hi >= vocab_size:
-    raise ValueError(f"{name} must lie in [0, {vocab_size}) (the model's table size), got range "
+    raise InputError(f"{name} must lie in [0, {vocab_size}) (the model's table size), got range "
                      f"[{lo}, {hi}]; the tokenizer does not match the model: load the tokenizer saved "
                      "with these weights, or build the model with the tokenizer's vocab_size.")

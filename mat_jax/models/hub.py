@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from mat_jax.errors import MatJaxError
 
-class ModelSourceError(FileNotFoundError):
+
+class ModelSourceError(MatJaxError, FileNotFoundError):
   """A model or tokenizer source that cannot be found or read."""
 
 

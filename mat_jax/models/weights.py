@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
+from mat_jax import config as config_lib
+from mat_jax.errors import MatJaxError
 from mat_jax.models import hub, layers
 from mat_jax.models.bert import BertConfig, BertForMaskedLM
 from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
@@ -35,11 +37,12 @@ WEIGHT_PATTERNS = ("config.json", "model*.safetensors", SAFETENSORS_INDEX, PREPR
 _SHOWN_PER_KIND = 40  # an error lists this many names per kind; the exception keeps them all
 
 
-class ConfigError(ValueError):
-  """A config.json that this port cannot represent faithfully, or a config that config.json cannot."""
+# A config.json that this port cannot represent faithfully, or a config that config.json cannot: the same
+# class as an experiment config's error, so one `except ConfigError` covers both.
+ConfigError = config_lib.ConfigError
 
 
-class WeightsError(ValueError):
+class WeightsError(MatJaxError, ValueError):
   """Checkpoint tensors that do not fit the model, all of them at once."""
 
   def __init__(self, source: str, architecture: str, missing: list[str], unexpected: list[str],
@@ -57,7 +60,11 @@ class WeightsError(ValueError):
     super().__init__("\n".join(parts))
 
 
-class UnsafeCheckpointError(ValueError):
+class CorruptWeightsError(MatJaxError, ValueError):
+  """A safetensors file that cannot be read (truncated, damaged)."""
+
+
+class UnsafeCheckpointError(MatJaxError, ValueError):
   """A pickle checkpoint: refused, because unpickling can run arbitrary code."""
 
 
@@ -354,11 +361,9 @@ def _resolve(source: str | os.PathLike) -> Path:
 
 def _weight_files(directory: Path) -> dict[str, Path]:
   """Tensor name -> the safetensors file that holds it."""
-  from safetensors import safe_open
-
   index = directory / SAFETENSORS_INDEX
   if index.exists():
-    weight_map = json.loads(index.read_text()).get("weight_map") or {}
+    weight_map = _load_json(index).get("weight_map") or {}
     absent = sorted({f for f in weight_map.values() if not (directory / f).exists()})
     if absent:
       raise hub.ModelSourceError(f"{index} names shards that are not in {directory}: {absent}; "
@@ -366,7 +371,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     return {name: directory / f for name, f in weight_map.items()}
   single = directory / SAFETENSORS_FILE
   if single.exists():
-    with safe_open(single, "np") as handle:
+    with _open_safetensors(single) as handle:
       return {name: single for name in handle.keys()}
   pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
   if pickles:
@@ -379,24 +384,36 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 
 
 def _read_tensors(files: dict[str, Path], names: Iterable[str]) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-
   by_file: dict[Path, list[str]] = {}
   for name in names:
     by_file.setdefault(files[name], []).append(name)
   out = {}
   for path, wanted in by_file.items():
-    with safe_open(path, "np") as handle:
+    with _open_safetensors(path) as handle:
       for name in wanted:
-        out[name] = handle.get_tensor(name)
+        try:
+          out[name] = handle.get_tensor(name)
+        except Exception as err:  # noqa: BLE001  safetensors' errors do not name the file
+          raise CorruptWeightsError(f"{path}: cannot read tensor {name!r} ({err}); the file is damaged or "
+                                    "truncated: download or save it again") from None
   return out
+
+
+def _open_safetensors(path: Path):
+  """safe_open(path), with an error that names the file when its header cannot be read."""
+  from safetensors import safe_open
+  try:
+    return safe_open(path, "np")
+  except Exception as err:  # noqa: BLE001  SafetensorError("incomplete metadata") names nothing
+    raise CorruptWeightsError(f"{path} is not a readable safetensors file ({err}); it is damaged or truncated "
+                              "(an interrupted download or save): download or save it again") from None
 
 
 def _load_json(path: Path) -> dict:
   try:
     return json.loads(path.read_text())
-  except json.JSONDecodeError as err:
-    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained.") from err
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained.") from None
 
 
 # ------------------------------------------------------------------------------------------------

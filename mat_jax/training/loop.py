@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,17 +27,23 @@ from flax import nnx
 
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
+from mat_jax import errors
 from mat_jax import mesh as mesh_lib
 from mat_jax import objectives
 from mat_jax.models import CLIP, DualEncoder, split
 from mat_jax.training import inputs, optim, setup
 from mat_jax.training import step as step_lib
+from mat_jax.workdir import WorkdirLock
 
 Log = Callable[[str], None]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.MatJaxError, RuntimeError):
   """The loss or a gradient became NaN/inf; the run stopped, its last good checkpoint is kept."""
+
+
+class NonFiniteWeightsError(errors.MatJaxError, ValueError):
+  """The model a run starts from holds NaN/inf parameters."""
 
 
 @dataclasses.dataclass
@@ -193,10 +201,15 @@ def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path)
   """The model of a run's newest checkpoint (on the current devices, replicated)."""
   config = _unlocked_copy(config, {"mesh": {"shape": "1", "param_sharding": "replicated"}})
   run = build_run(config, workdir, mesh_spec="1", log=lambda _: None)
-  with checkpoint_lib.Checkpointer(workdir, run.fingerprint) as ckpt:
+  with checkpoint_lib.Checkpointer(workdir, run.fingerprint, reader=True) as ckpt:
     state0 = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, config.seed),
                             run.params)
-    state = ckpt.restore(checkpoint_lib.abstract_like(state0, run.shardings))
+    # A damaged newest checkpoint is skipped (said on stderr), not moved: the run is not this reader's.
+    state, step = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(state0, run.shardings), set_aside=False,
+                                             log=lambda line: print(line, file=sys.stderr))
+  if state is None:
+    raise checkpoint_lib.NotARunError(f"{workdir} holds a run config but no readable checkpoint and no exported "
+                                      "model; train it first (python -m mat_jax.train) or pass another run")
   return run.encoder.merge(state.params), run.tokenizer
 
 
@@ -213,13 +226,31 @@ def _unlocked_copy(config: ml_collections.ConfigDict, changes: dict) -> ml_colle
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: str | None = None,
           log: Log = print, progress: bool = True, evaluate: bool = True,
-          data_iterator: Any = None, model: CLIP | None = None, tokenizer: Any = None) -> RunResult:
+          data_iterator: Any = None, model: CLIP | None = None, tokenizer: Any = None,
+          lock: bool = True) -> RunResult:
   """Train (or resume) the run in `workdir` to `config.train.steps` steps.
 
   `data_iterator` replaces the configured input pipeline (it must yield this process's batches and
-  have get_state/set_state); `model`/`tokenizer` replace `config.model.source`.
+  have get_state/set_state); `model`/`tokenizer` replace `config.model.source`. The workdir is locked
+  for the whole run (`mat_jax.workdir.WorkdirLock`; `lock=False` when the caller holds it already).
+  SIGINT/SIGTERM stop the run at the end of the current step, after a checkpoint of that step
+  (`errors.Interrupted`: "interrupted at step N; last checkpoint M; rerun the same command to resume").
   """
   workdir = Path(workdir).expanduser().absolute()
+  main = mesh_lib.is_main_process()
+  held = WorkdirLock(workdir) if lock and main else None
+  if held is not None:
+    held.acquire()  # before anything is written: a second run in this workdir is refused here
+  try:
+    return _train(config, workdir, mesh_spec=mesh_spec, log=log, progress=progress, evaluate=evaluate,
+                  data_iterator=data_iterator, model=model, tokenizer=tokenizer)
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str | None, log: Log, progress: bool,
+           evaluate: bool, data_iterator: Any, model: CLIP | None, tokenizer: Any) -> RunResult:
   main = mesh_lib.is_main_process()
   say = log if main else (lambda _: None)
   run = build_run(config, workdir, mesh_spec=mesh_spec, model=model, tokenizer=tokenizer, log=say)
@@ -244,12 +275,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
         process_index=jax.process_index(), process_count=jax.process_count(),
         extra_transforms=run.batch_transforms)
 
-  start = ckpt.latest_step()
-  if start is not None:
+  _check_steps_cover(ckpt, cfg.train.steps, workdir)
+  state, start = None, None
+  if ckpt.latest_step() is not None:
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
-    state = ckpt.restore(checkpoint_lib.abstract_like(abstract, run.shardings), data_iterator)
+    try:
+      state, start = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(abstract, run.shardings),
+                                                data_iterator, log=say)
+    except BaseException:
+      ckpt.close()
+      raise
+  resumed = start is not None
+  if resumed:
     say(f"resumed from the checkpoint at step {start}")
   else:
+    _check_starting_params(run.params, cfg.model.source)
     state = step_lib.create_state(run.params, run.tx, run.is_trainable, cfg.seed, run.shardings)
     start = 0
   step_fn, reference = make_train_step(run)
@@ -261,6 +301,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
   pending: list[dict[str, jax.Array]] = []
   clock, clock_step = time.perf_counter(), start
   last_saved = start if start else None
+  stop = _StopSignals()
   try:
     for step in range(start, cfg.train.steps):
       local = next(data_iterator)
@@ -269,11 +310,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
       done = step + 1
       final = done == cfg.train.steps
       log_now = done % cfg.train.log_every == 0 or final
-      save_now = done % cfg.train.checkpoint_every == 0 or final
+      save_now = done % cfg.train.checkpoint_every == 0 or final or stop.signum is not None
       if log_now or save_now:
         values = jax.device_get(pending)
         pending = []
-        _check_finite(state, last_saved, workdir)
+        _check_finite(state, last_saved, workdir, resumed_at=start if resumed else None)
         if log_now:
           now = time.perf_counter()
           rate = (done - clock_step) / max(now - clock, 1e-9)
@@ -286,13 +327,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
       if save_now:
         ckpt.save(done, state, data_iterator)
         last_saved = done
+      _inject_fault(done)
       bar.update(1)
+      if stop.signum is not None and not final:
+        ckpt.wait()
+        raise errors.Interrupted(f"interrupted at step {done}; last checkpoint {last_saved} in "
+                                 f"{workdir / 'checkpoints'}; rerun the same command to resume", stop.signum)
       if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and not final:
         gathered = host_params(state.params)  # every process: a collective when FSDP spans hosts
         if evaluator:
           writer.write(done, evaluator(gathered), "eval/")
     ckpt.wait()
   finally:
+    stop.restore()
     bar.close()
     ckpt.close()
 
@@ -314,16 +361,88 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
   return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
 
 
-def _check_finite(state: step_lib.TrainState, last_saved: int | None, workdir: Path) -> None:
+def _check_finite(state: step_lib.TrainState, last_saved: int | None, workdir: Path, *,
+                  resumed_at: int | None = None) -> None:
   bad = int(jax.device_get(state.bad_step))
   if bad < 0:
     return
-  kept = (f"the last good checkpoint (step {last_saved}) is kept in {workdir / 'checkpoints'}"
+  checkpoints = workdir / "checkpoints"
+  if resumed_at is not None and bad == resumed_at:
+    # The first step after a restore: the restored values, not the learning rate, are the suspects.
+    raise NonFiniteLossError(
+        f"the loss or a gradient became NaN/inf at step {bad}, the first step after restoring the checkpoint "
+        f"{checkpoints / str(resumed_at)}: that checkpoint is probably damaged. Move it out of {checkpoints} "
+        f"(e.g. into {workdir / checkpoint_lib.DAMAGED_DIR}) and rerun the same command to resume from the "
+        "previous one, or use a fresh --workdir.")
+  kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
           if last_saved else "no checkpoint had been written yet")
+  if bad == 0:
+    raise NonFiniteLossError(
+        f"the loss or a gradient became NaN/inf at the very first step (step 0); {kept}. The starting "
+        "parameters are finite, so check the inputs (images, captions) and the objective's settings; the "
+        "learning rate has not acted yet.")
   raise NonFiniteLossError(
       f"the loss or a gradient became NaN/inf at step {bad} (0-based); the run stopped and {kept}. "
       "Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or check the inputs of that step; "
       "rerunning in the same workdir resumes from the checkpoint.")
+
+
+def _check_starting_params(params: nnx.State, source: str) -> None:
+  """NaN/inf in the parameters a run starts from are the model's fault, not the learning rate's."""
+  if checkpoint_lib.non_finite(params) is None:  # one compiled reduction; the names only when needed
+    return
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  bad = [jax.tree_util.keystr(path) for path, x in leaves
+         if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(np.asarray(x)).all()]
+  if bad:
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise NonFiniteWeightsError(
+        f"the starting model (model.source={source!r}) has NaN/inf in {len(bad)} parameter arrays ({shown}); "
+        "training cannot start from it: re-export or re-download the weights, or start from a preset")
+
+
+def _check_steps_cover(ckpt: checkpoint_lib.Checkpointer, steps: int, workdir: Path) -> None:
+  """A workdir already past `train.steps` would export its later model under a config that says fewer
+  steps: refuse, naming both and the two ways out."""
+  latest = ckpt.latest_step()
+  if latest is not None and latest > steps:
+    ckpt.close()
+    raise config_lib.ConfigError(
+        f"train.steps={steps} but {workdir} already holds a checkpoint at step {latest}; to continue or export "
+        f"that run pass --config.train.steps={latest} (or more), or pass a fresh --workdir to train {steps} steps")
+
+
+class _StopSignals:
+  """SIGINT/SIGTERM while training: remember the signal, so the loop stops after the current step with a
+  checkpoint of it. A second signal acts at once (the previous handlers are back in place)."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+    try:
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    except ValueError:  # not the main thread: signals keep their handlers
+      self.restore()
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    self.signum = signum
+    self.restore()
+
+  def restore(self) -> None:
+    previous, self._previous = self._previous, {}
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
+FAULT_SIGKILL_ENV = "MAT_JAX_FAULT_SIGKILL_AFTER_STEP"
+
+
+def _inject_fault(step: int) -> None:
+  """Fault injection for the resume tests: SIGKILL this process right after `step` (its checkpoint save,
+  if any, has been dispatched and is still being written)."""
+  if os.environ.get(FAULT_SIGKILL_ENV) == str(step):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -130,6 +130,10 @@ def load_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
     model = load_clip(source, dtype=config.model.dtype)
     tokenizer = load_tokenizer(config.model.tokenizer or source,
                                context or model.config.text.context_length)
+  if context and context > model.config.text.context_length:
+    raise ConfigError(f"model.context_length={context} but the text model of {source} has "
+                      f"{model.config.text.context_length} positions; set model.context_length="
+                      f"{model.config.text.context_length} or less (0 = the model's)")
   if tokenizer is None and config.model.tokenizer:
     tokenizer = load_tokenizer(config.model.tokenizer, context)
   if config.model.dtype != model.config.dtype:
@@ -157,9 +161,14 @@ def ensure_cached_run(name: str, *, log: Callable[[str], None] = print) -> Path:
   run_dir = cached_run_dir(name, config)
   if (run_dir / checkpoint.MODEL_DIR / "config.json").exists():
     return run_dir
-  log(f"{CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
   from mat_jax.training import loop
-  loop.train(config, run_dir, log=log)  # resumes a run that was interrupted
+  from mat_jax.workdir import WorkdirLock
+  # Two commands needing the same cached model: the second waits for the first's training, then uses it.
+  with WorkdirLock(run_dir, wait=True, on_wait=log):
+    if (run_dir / checkpoint.MODEL_DIR / "config.json").exists():
+      return run_dir
+    log(f"{CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
+    loop.train(config, run_dir, log=log, lock=False)  # resumes a run that was interrupted
   return run_dir
 
 

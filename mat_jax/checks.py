@@ -1,0 +1,219 @@
+"""Checks of host values before anything is compiled: pixels, budgets, step counts, token ids, indices.
+
+Under `jit` values are traced: a NaN pixel, an image in [0, 255], an eps of 2 or a token id past the
+embedding table would run without an error and give wrong numbers (JAX clamps out-of-range indices).
+Every public entry point (the one-call attacks, `evaluate.evaluate`, the metrics' embedding helpers, the
+models' `encode_*` on concrete arrays, the command lines) calls these on the host first, so the user
+gets one `InputError` (a `MatJaxError` and a `ValueError`) that names the problem and the fix.
+
+Arrays that are already traced (a call from inside the user's own `jit`) get the static checks only
+(shape, dtype); their values cannot be read without leaving the compiled program.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mat_jax.errors import InputError
+
+
+def is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+@jax.jit
+def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  finite = jnp.isfinite(x)
+  safe = jnp.where(finite, x, 0)
+  return (jnp.sum(jnp.isnan(x)), jnp.sum(jnp.isinf(x)), jnp.min(safe), jnp.max(safe))
+
+
+def _value_stats(x: Any) -> tuple[int, int, float, float]:
+  """(NaN count, inf count, min and max of the finite values): on the device for device arrays (one
+  small transfer), on the host for numpy."""
+  if isinstance(x, jax.Array):
+    nans, infs, lo, hi = jax.device_get(_stats(x))
+    return int(nans), int(infs), float(lo), float(hi)
+  x = np.asarray(x)
+  finite = np.isfinite(x)
+  values = x[finite]
+  lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+  return int(np.isnan(x).sum()), int(np.isinf(x).sum()), lo, hi
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pixels.
+
+
+def check_images(images: Any, image_size: int | None = None, *, name: str = "images",
+                 allow_uint8: bool = False) -> None:
+  """Images as the models take them: a non-empty (B, H, W, 3) batch of float pixels in [0, 1].
+
+  `image_size`: the model's input size (H = W), or None to accept any. `allow_uint8`: also accept
+  uint8 pixels in [0, 255] (evaluation sets store them so; the evaluator scales them).
+  """
+  arr = images if isinstance(images, (np.ndarray, jax.Array)) else np.asarray(images)
+  shape = tuple(arr.shape)
+  size = image_size if image_size is not None else "H"
+  want = f"(batch, {size}, {size}, 3) (NHWC)"
+  if arr.ndim == 3 and shape[-1] in (1, 3, 4):
+    raise InputError(f"{name} must have shape {want}, got {shape}: a single image needs a batch axis: x[None]")
+  if arr.ndim != 4:
+    raise InputError(f"{name} must have shape {want}, got {shape}")
+  if shape[0] == 0:
+    raise InputError(f"{name} is an empty batch (shape {shape}); pass at least one image")
+  channels = shape[-1]
+  if channels != 3:
+    if shape[1] in (1, 3, 4) and shape[1] != channels:
+      hint = "the array looks channels-first (NCHW): transpose it with x.transpose(0, 2, 3, 1)"
+    elif channels == 1:
+      hint = ("the images are grayscale (1 channel): convert them to RGB, e.g. np.repeat(x, 3, axis=-1) "
+              "or PIL's image.convert('RGB')")
+    elif channels == 4:
+      hint = ("the images are RGBA (4 channels): convert them to RGB, e.g. x[..., :3] or PIL's "
+              "image.convert('RGB')")
+    else:
+      hint = f"{channels} channels is not an image format the model reads; convert the images to RGB"
+    raise InputError(f"{name} must have shape {want}, got {shape}: {hint}")
+  if image_size is not None and shape[1:3] != (image_size, image_size):
+    raise InputError(f"{name} must have shape {want}, got {shape}: resize them to the model's image_size "
+                     f"{image_size} (shorter side, then centre crop)")
+  integer = jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == np.bool_
+  if integer and not (allow_uint8 and arr.dtype == np.uint8):
+    raise InputError(f"{name} must be float pixels in [0, 1], got dtype {arr.dtype}; convert uint8 images with "
+                     "x.astype(np.float32) / 255")
+  if not integer and not jnp.issubdtype(arr.dtype, jnp.floating):
+    raise InputError(f"{name} must be float pixels in [0, 1], got dtype {arr.dtype}")
+  if is_traced(arr) or integer:
+    return
+  nans, infs, lo, hi = _value_stats(arr)
+  if nans or infs:
+    what = " and ".join(p for p in (f"{nans} NaN" if nans else "", f"{infs} inf" if infs else "") if p)
+    raise InputError(f"{name} hold {what} value(s) (of {arr.size}); every pixel must be a finite number in "
+                     "[0, 1]: check the decoding or preprocessing that produced them")
+  if lo < 0.0 or hi > 1.0:
+    if hi > 1.0 and lo >= 0.0 and hi <= 255.0:
+      hint = "they look like 0-255 pixel values: divide by 255"
+    elif lo < 0.0 and lo >= -1.0 - 1e-6 and hi <= 1.0 + 1e-6:
+      hint = "they look like pixels in [-1, 1]: map them with (x + 1) / 2"
+    else:
+      hint = "they look normalised: pass raw pixels, the model applies the CLIP mean/std itself"
+    raise InputError(f"{name} must lie in [0, 1] (pixel space), got values in [{lo:.4g}, {hi:.4g}]; {hint}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Budgets and step counts.
+
+
+def check_eps(eps: Any, *, norm: str = "linf", name: str = "eps") -> float:
+  """An attack budget in pixel units: finite, >= 0, and (L-inf) at most 1. Returns it as a float."""
+  value = _number(eps, name)
+  if not math.isfinite(value):
+    raise InputError(f"{name}={value} is not a finite number; give the budget in pixel units, e.g. 2/255")
+  if value < 0:
+    raise InputError(f"{name}={value:g} must be >= 0 (a budget in pixel units, e.g. 2/255)")
+  if norm == "linf" and value > 1:
+    raise InputError(f"{name}={value:g} is outside [0, 1]: eps is in pixel units [0, 1]; "
+                     f"{value:g}/255 ≈ {value / 255:.4f}")
+  return value
+
+
+def check_step_size(step_size: Any, *, name: str = "step_size") -> float:
+  value = _number(step_size, name)
+  if not math.isfinite(value) or value < 0:
+    raise InputError(f"{name}={value} must be a finite number >= 0 (pixel units, e.g. 0.5/255)")
+  return value
+
+
+def check_steps(steps: Any, *, name: str = "steps", minimum: int = 1) -> int:
+  """An iteration count: an integer >= `minimum`."""
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+    raise InputError(f"{name} must be an integer, got {steps!r} ({type(steps).__name__})")
+  if steps < minimum:
+    raise InputError(f"{name}={steps} must be at least {minimum}")
+  return int(steps)
+
+
+def _number(value: Any, name: str) -> float:
+  if is_traced(value):
+    raise InputError(f"{name} must be a Python number, not a traced array: it fixes the compiled program; "
+                     "pass it as a static value")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise InputError(f"{name} must be a number, got {value!r} ({type(value).__name__})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text.
+
+
+def check_context_length(length: int, model_length: int, *, what: str = "the tokenizer") -> None:
+  """`what` produces sequences of `length` positions for a text tower of `model_length` positions."""
+  if length > model_length:
+    raise InputError(f"{what} makes sequences of {length} tokens but the text model has {model_length} "
+                     f"positions; use context_length={model_length} (or less)")
+
+
+def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vocab_size: int, *,
+                    name: str = "input_ids") -> None:
+  """A non-empty (B, L) batch of integer ids, L within the context, ids within the vocabulary, a 0/1 mask
+  of the same shape. Values are read only for concrete arrays."""
+  ids = input_ids if isinstance(input_ids, (np.ndarray, jax.Array)) else np.asarray(input_ids)
+  mask = attention_mask if isinstance(attention_mask, (np.ndarray, jax.Array)) else np.asarray(attention_mask)
+  if ids.ndim != 2:
+    raise InputError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}; flatten extra axes "
+                     "or add a batch axis")
+  if ids.shape[0] == 0:
+    raise InputError(f"{name} is an empty batch (shape {tuple(ids.shape)}); pass at least one text")
+  if tuple(mask.shape) != tuple(ids.shape):
+    raise InputError(f"attention_mask shape {tuple(mask.shape)} differs from {name} shape {tuple(ids.shape)}; "
+                     "pass the mask the tokenizer returned with these ids")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise InputError(f"{name} must be integers, got dtype {ids.dtype}; tokenize the text with "
+                     "mat_jax.models.load_tokenizer")
+  if ids.shape[1] > context_length:
+    raise InputError(f"{name} have length {ids.shape[1]} but the text model has {context_length} positions (its "
+                     f"context length); tokenize with context_length={context_length} (load_tokenizer(..., "
+                     f"context_length={context_length})), which truncates and keeps the end token")
+  if is_traced(ids):
+    return
+  host = np.asarray(ids)
+  lo, hi = int(host.min()), int(host.max())
+  if lo < 0 or hi >= vocab_size:
+    raise InputError(f"{name}: token ids must lie in [0, {vocab_size}) (the model's table size), got range [{lo}, {hi}]; "
+                     "the tokenizer does not match the model: load the tokenizer saved with these weights, "
+                     "or build the model with the tokenizer's vocab_size")
+
+
+def check_text_to_image(text_to_image: Any, n_images: int, n_texts: int | None = None, *,
+                        name: str = "text_to_image", every_image: bool = True) -> np.ndarray:
+  """Each text's image index: integers in [0, n_images), one per text, and (every_image) each image
+  described by at least one text. Returns the indices as int64."""
+  mapping = np.asarray(text_to_image)
+  if n_images < 1:
+    raise InputError(f"there are no images ({n_images}); pass at least one image")
+  if mapping.ndim != 1 or (n_texts is not None and mapping.shape[0] != n_texts):
+    expected = f"({n_texts},)" if n_texts is not None else "(n_texts,)"
+    raise InputError(f"{name} must have one entry per text, shape {expected}, got {tuple(mapping.shape)}")
+  if mapping.size == 0:
+    raise InputError(f"{name} is empty: there are no texts; pass at least one caption")
+  if not np.issubdtype(mapping.dtype, np.integer):
+    raise InputError(f"{name} must hold integer image indices, got dtype {mapping.dtype}")
+  bad = np.flatnonzero((mapping < 0) | (mapping >= n_images))
+  if bad.size:
+    t = int(bad[0])
+    raise InputError(f"{name}[{t}] = {int(mapping[t])} is not an image index: there are {n_images} images, "
+                     f"so each entry must be in [0, {n_images}) ({bad.size} entries are outside)")
+  if every_image:
+    counts = np.bincount(mapping, minlength=n_images)
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+      raise InputError(f"image {int(missing[0])} has no caption ({missing.size} of {n_images} images have none); "
+                       f"every image needs at least one text in {name}")
+  return mapping.astype(np.int64)

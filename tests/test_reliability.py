@@ -1,0 +1,501 @@
+"""Bad inputs and faults: one `error:` line per user error, host checks before jit, the workdir lock,
+damaged checkpoints, interrupts, and settings that used to be ignored (docs/reliability.md's table)."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mat_jax import attacks, checks, errors, evaluate, metrics, train
+from mat_jax import checkpoint as checkpoint_lib
+from mat_jax import config as config_lib
+from mat_jax.models import CLIP, clip_config, split
+from mat_jax.training import loop, setup
+from mat_jax.workdir import LOCK_FILE, WorkdirLock, WorkdirLockedError
+
+from test_train import micro_config
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("reliability")
+  old = os.environ.get("MAT_JAX_CACHE_DIR")
+  os.environ["MAT_JAX_CACHE_DIR"] = str(root / "cache")
+  yield root
+  if old is None:
+    os.environ.pop("MAT_JAX_CACHE_DIR", None)
+  else:
+    os.environ["MAT_JAX_CACHE_DIR"] = old
+
+
+def _quiet(_):
+  pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command-line wrapper.
+
+
+def _fails_with(exc):
+  def fn(argv):
+    raise exc
+  return fn
+
+
+def test_a_user_error_is_one_line_and_exit_2(capsys):
+  assert errors.cli_main(_fails_with(config_lib.ConfigError("train.steps must be int"))) == 2
+  err = capsys.readouterr().err
+  assert err == "error: train.steps must be int\n"
+
+
+def test_a_bug_keeps_its_traceback():
+  with pytest.raises(ZeroDivisionError):
+    errors.cli_main(_fails_with(ZeroDivisionError("bug")))
+
+
+@pytest.mark.parametrize("exc", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    # How Orbax/TensorStore report it from a background write.
+    ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")],
+    ids=["oserror", "orbax"])
+def test_a_full_disk_is_one_line_naming_the_directory_and_free_space(tmp_path, capsys, exc):
+  assert errors.cli_main(_fails_with(exc), output_dir=lambda: tmp_path) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: no space left on the device holding ")
+  assert str(tmp_path) in err and " free)" in err and "rerun the same command" in err
+
+
+def test_ctrl_c_and_sigterm_report_an_interrupt(capsys):
+  assert errors.cli_main(_fails_with(KeyboardInterrupt())) == 130
+  assert capsys.readouterr().err == "interrupted\n"
+  message = "interrupted at step 3; last checkpoint 3 in /w/checkpoints; rerun the same command to resume"
+  assert errors.cli_main(_fails_with(errors.Interrupted(message, signal.SIGTERM))) == 143
+  assert capsys.readouterr().err == message + "\n"
+
+
+def test_out_under_a_regular_file_is_refused_before_the_evaluation(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  # --model does not exist either: the --out check comes first, before any model is loaded.
+  assert evaluate.main(["--model", str(tmp_path / "nope"), "--out", str(blocker / "results")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: --out {blocker / 'results'}: {blocker} is a file") and "Traceback" not in err
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path, capsys):
+  path = tmp_path / "exp.py"
+  path.write_text("def get_config(arg=None):\n  return {'train': {'steps': 2}}\n")
+  workdir = tmp_path / "run"
+  workdir.write_text("not a directory")
+  assert train.main(["--config", str(path), "--workdir", str(workdir)]) == 2
+  assert f"{workdir} is a file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_an_unwritable_workdir_is_refused(tmp_path):
+  locked = tmp_path / "ro"
+  locked.mkdir()
+  locked.chmod(0o500)
+  with pytest.raises(errors.WorkdirError, match="is not writable"):
+    errors.check_writable_dir(locked / "run", "--workdir")
+
+
+def test_evaluate_reports_a_missing_model_config_in_one_line(tmp_path, capsys):
+  (tmp_path / "model").mkdir()
+  assert evaluate.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "config.json" in err and "Traceback" not in err
+
+
+def test_models_inspect_reports_invalid_json_in_one_line(tmp_path, capsys):
+  from mat_jax.models import __main__ as models_cli
+  (tmp_path / "config.json").write_text("{not json")
+  assert models_cli.main(["inspect", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {tmp_path / 'config.json'} is not valid JSON")
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+  from mat_jax.models import load_clip, save_clip
+  model = CLIP(clip_config("tiny"), rngs=nnx.Rngs(0))
+  save_clip(model, tmp_path)
+  weights = tmp_path / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:40])
+  with pytest.raises(errors.MatJaxError, match=f"{weights} is not a readable safetensors file"):
+    load_clip(tmp_path)
+
+
+def test_data_cli_refuses_a_negative_image_size(capsys):
+  from mat_jax.data import __main__ as data_cli
+  with pytest.raises(SystemExit) as exit_:
+    data_cli.main(["build", "shapes", "--image-size", "-5"])
+  assert exit_.value.code == 2
+  assert "must be at least 1 pixel, got -5" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Experiment files.
+
+
+def _experiment(tmp_path, body):
+  path = tmp_path / "exp.py"
+  path.write_text(body)
+  return path
+
+
+def test_a_syntax_error_in_an_experiment_file_names_file_and_line(tmp_path, capsys):
+  path = _experiment(tmp_path, "def get_config(arg=None):\n  c = dict(\n  return c\n")
+  assert train.main(["--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {path}:") and "syntax error" in err and "Traceback" not in err
+
+
+def test_an_ignored_experiment_argument_is_refused(tmp_path, capsys):
+  path = _experiment(tmp_path, "def get_config(arg=None):\n  c = {'train': {'steps': 100}}\n"
+                               "  if arg == 'runlocal':\n    c['train']['steps'] = 5\n  return c\n")
+  assert config_lib.load(f"{path}:runlocal").train.steps == 5
+  assert train.main(["--config", f"{path}:runlcal", "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert "'runlcal' changes nothing" in err and "Did you mean 'runlocal'?" in err
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_get_config_raising_is_one_line_naming_the_line(tmp_path):
+  path = _experiment(tmp_path, "def get_config(arg=None):\n  if arg not in (None, 'mat'):\n"
+                               "    raise ValueError(f'unknown defense {arg!r}')\n  return {}\n")
+  with pytest.raises(config_lib.ConfigError, match=rf"{path}:3: get_config\('matt'\) failed: ValueError: "
+                                                    "unknown defense 'matt'"):
+    config_lib.load(f"{path}:matt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks of host values before jit.
+
+
+@pytest.fixture(scope="module")
+def micro_clip():
+  cfg = clip_config("tiny")
+  cfg = setup.parse_model_overrides(
+      "vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,text.layers=1,"
+      "text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32,text.context_length=24", cfg)
+  return CLIP(cfg, rngs=nnx.Rngs(0))
+
+
+def _images(value=0.5, shape=(2, 16, 16, 3)):
+  return np.full(shape, value, np.float32)
+
+
+@pytest.mark.parametrize("images,message", [
+    (_images(shape=(2, 16, 16, 4)), r"RGBA \(4 channels\): convert them to RGB"),
+    (_images(shape=(2, 16, 16, 1)), r"grayscale \(1 channel\): convert them to RGB"),
+    (_images(shape=(0, 16, 16, 3)), "empty batch"),
+    (_images(np.nan), "hold 1536 NaN value"),
+    (_images(200.0), "0-255 pixel values: divide by 255"),
+    (_images(-0.5), r"\[-1, 1\]: map them with \(x \+ 1\) / 2"),
+], ids=["rgba", "gray", "empty", "nan", "0-255", "-1..1"])
+def test_bad_pixels_get_the_right_advice(micro_clip, images, message):
+  with pytest.raises(errors.InputError, match=message):
+    checks.check_images(images, 16)
+  encoder, params = split(micro_clip)
+  with pytest.raises(errors.InputError, match=message):  # the metrics' jitted embedding is guarded too
+    metrics.embed_images(encoder, params, images)
+
+
+def _eval_set(images, text_to_image):
+  return types.SimpleNamespace(images=images, captions=[f"a red square {i}" for i in range(len(text_to_image))],
+                               text_to_image=np.asarray(text_to_image))
+
+
+@pytest.fixture(scope="module")
+def shapes_tokenizer(root):
+  from mat_jax.data import shapes
+  return shapes.tokenizer(context_length=24)
+
+
+@pytest.mark.parametrize("images,text_to_image,message", [
+    (_images(255.0), [0, 1], "0-255 pixel values"),
+    (_images(-1.0), [0, 1], r"\[-1, 1\]"),
+    (_images(), [0, -1], r"text_to_image\[1\] = -1 is not an image index: there are 2 images"),
+    (_images(), [0, 4], r"text_to_image\[1\] = 4 is not an image index"),
+    (_images(), [0, 0], "image 1 has no caption"),
+], ids=["0-255", "-1..1", "negative", "past", "uncaptioned"])
+def test_evaluate_checks_its_inputs_before_jit(micro_clip, shapes_tokenizer, images, text_to_image, message):
+  with pytest.raises(errors.InputError, match=message):
+    evaluate.evaluate(micro_clip, tokenizer=shapes_tokenizer, eval_set=_eval_set(images, text_to_image),
+                      attacks=("pgd",), progress=False)
+
+
+def test_evaluate_refuses_budgets_that_are_not_finite(micro_clip, shapes_tokenizer):
+  with pytest.raises(errors.InputError, match="finite and >= 0"):
+    evaluate.evaluate(micro_clip, tokenizer=shapes_tokenizer, eval_set=_eval_set(_images(), [0, 1]),
+                      attacks=("pgd",), eps_255=(float("nan"),), progress=False)
+
+
+@pytest.mark.parametrize("eps,message", [
+    (float("nan"), "eps=nan is not a finite number"),
+    (2.0, r"eps is in pixel units \[0, 1\]; 2/255 ≈ 0.0078"),
+    (-0.1, "must be >= 0")])
+def test_attack_budgets_are_checked(micro_clip, eps, message):
+  ids = np.array([[1, 5, 2] + [0] * 21] * 2, np.int32)
+  mask = (ids > 0).astype(np.int32) | (np.arange(24) < 3)
+  with pytest.raises(errors.InputError, match=message):
+    attacks.image_attack(micro_clip, _images(), ids, mask, eps=eps, steps=2, step_size=0.01)
+  with pytest.raises(errors.InputError, match=message):
+    attacks.co_attack(micro_clip, None, _images(), ["a", "b"], None, eps=eps)
+
+
+def test_ids_longer_than_the_model_name_both_lengths(micro_clip):
+  ids = np.ones((2, 100), np.int32)
+  encoder, params = split(micro_clip)
+  with pytest.raises(errors.InputError, match="length 100 but the text model has 24 positions.*context_length=24"):
+    metrics.embed_texts(encoder, params, ids, ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The workdir lock.
+
+
+def test_a_second_run_in_a_locked_workdir_is_refused_naming_the_holder(tmp_path):
+  with WorkdirLock(tmp_path):
+    with pytest.raises(WorkdirLockedError, match=rf"in use by another run \(PID {os.getpid()} on host "
+                                                  rf"{socket.gethostname()} since"):
+      WorkdirLock(tmp_path).acquire()
+  with WorkdirLock(tmp_path) as lock:  # released: free again
+    assert lock.held
+
+
+def test_train_refuses_a_locked_workdir_in_one_line(tmp_path, capsys):
+  path = _experiment(tmp_path, "def get_config(arg=None):\n  return {'train': {'steps': 2}}\n")
+  with WorkdirLock(tmp_path / "run"):
+    assert train.main(["--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: --workdir {tmp_path / 'run'} is in use by another run (PID {os.getpid()}")
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_the_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
+  code = ("import os, signal, sys; from mat_jax.workdir import WorkdirLock; "
+          f"WorkdirLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+  done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+  assert done.returncode == -signal.SIGKILL
+  assert (tmp_path / LOCK_FILE).read_text().startswith("PID ")  # the dead holder's record stays behind
+  with WorkdirLock(tmp_path):
+    assert (tmp_path / LOCK_FILE).read_text().startswith(f"PID {os.getpid()} ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damaged checkpoints (a small state: the Checkpointer alone).
+
+
+def _state(value=1.0):
+  params = {"w": jnp.full((4, 3), value), "b": jnp.zeros(3)}
+  return {"params": params, "opt": optax.adam(0.1).init(params)}
+
+
+def _abstract():
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state())
+
+
+def _two_checkpoints(workdir, newest=None):
+  with checkpoint_lib.Checkpointer(workdir, {"x": 1}, async_save=False) as ckpt:
+    ckpt.save(1, _state(1.0))
+    ckpt.save(2, newest if newest is not None else _state(2.0))
+
+
+def _data_file(step_dir):
+  return next((step_dir / "state" / "d").iterdir())
+
+
+def _truncate(step_dir):
+  f = _data_file(step_dir)
+  f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+
+
+def _flip(step_dir):
+  f = _data_file(step_dir)
+  data = bytearray(f.read_bytes())
+  for i in range(0, min(len(data), 64 * 7), 7):
+    data[i] ^= 0xFF
+  f.write_bytes(bytes(data))
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+
+
+DAMAGE = {
+    "truncated": _truncate,
+    "flipped": _flip,
+    "no-manifest": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+    "garbage-metadata": lambda d: (d / "meta" / "metadata").write_text("{garbage"),
+    "empty": _empty,
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, how):
+  _two_checkpoints(tmp_path)
+  DAMAGE[how](tmp_path / "checkpoints" / "2")
+  lines = []
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    state, step = ckpt.restore_newest_intact(_abstract(), log=lines.append)
+    assert step == 1 and float(state["params"]["w"][0, 0]) == 1.0
+    assert ckpt.all_steps() == [1]
+    ckpt.save(2, _state(3.0))  # the step can be written again: the damaged one is out of the way
+  assert len(lines) == 2 and lines[0].startswith(f"checkpoint {tmp_path / 'checkpoints' / '2'} is damaged: ")
+  assert lines[1] == "resuming from the intact checkpoint at step 1 instead"
+  if how in ("truncated", "flipped"):  # found by the checksum before Orbax reads a byte
+    assert "differ from the checksums written at save time" in lines[0]
+  assert len(list((tmp_path / checkpoint_lib.DAMAGED_DIR).iterdir())) == 1  # kept for inspection
+
+
+def test_non_finite_restored_values_are_damage(tmp_path):
+  _two_checkpoints(tmp_path, newest=_state(float("nan")))
+  lines = []
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    _, step = ckpt.restore_newest_intact(_abstract(), log=lines.append)
+  assert step == 1 and "arrays hold NaN or inf" in lines[0]
+
+
+def test_no_intact_checkpoint_is_one_error(tmp_path):
+  _two_checkpoints(tmp_path)
+  for step in ("1", "2"):
+    _flip(tmp_path / "checkpoints" / step)
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    with pytest.raises(checkpoint_lib.DamagedCheckpointError, match="no intact checkpoint in .*starts the run"):
+      ckpt.restore_newest_intact(_abstract(), log=_quiet)
+
+
+def test_a_reader_skips_damage_without_moving_it(tmp_path):
+  _two_checkpoints(tmp_path)
+  _flip(tmp_path / "checkpoints" / "2")
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, reader=True) as ckpt:
+    _, step = ckpt.restore_newest_intact(_abstract(), log=_quiet, set_aside=False)
+  assert step == 1 and (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_an_incompatible_checkpoint_is_refused_not_skipped(tmp_path):
+  _two_checkpoints(tmp_path)
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 2}, async_save=False) as ckpt:
+    with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="x: checkpoint 1, this run 2"):
+      ckpt.restore_newest_intact(_abstract(), log=_quiet)
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training runs (micro CLIP, tiny shapes world).
+
+
+@pytest.fixture(scope="module")
+def trained(root):
+  """A finished 4-step run with checkpoints at 2 and 4."""
+  config = micro_config(root, train={"steps": 4, "log_every": 2, "checkpoint_every": 2})
+  workdir = root / "trained"
+  loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False)
+  return config, workdir
+
+
+def test_fewer_steps_than_the_checkpoint_are_refused(root, trained):
+  config, workdir = trained
+  before = (workdir / "model" / "model.safetensors").stat().st_mtime_ns
+  with pytest.raises(config_lib.ConfigError, match=r"train.steps=2 but .* checkpoint at step 4; .*"
+                                                   r"--config.train.steps=4 .* fresh --workdir"):
+    loop.train(micro_config(root, train={"steps": 2}), workdir, mesh_spec="1", log=_quiet, progress=False,
+               evaluate=False)
+  assert (workdir / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_run_resumes_past_a_damaged_checkpoint(root, trained):
+  config, source = trained
+  workdir = root / "damaged_run"
+  shutil.copytree(source, workdir)
+  shutil.rmtree(workdir / "model")
+  _flip(workdir / "checkpoints" / "4")
+  lines = []
+  loop.train(config, workdir, mesh_spec="1", log=lines.append, progress=False, evaluate=False)
+  assert any("checkpoints/4 is damaged" in line for line in lines)
+  assert "resumed from the checkpoint at step 2" in lines
+  assert (workdir / "model" / "model.safetensors").exists()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+
+
+def test_nan_right_after_a_restore_is_reported_as_a_damaged_checkpoint(root, trained):
+  config, source = trained
+  workdir = root / "nan_after_restore"
+  shutil.copytree(source, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  model, tokenizer = setup.load_model(config, log=_quiet)
+  builder = setup.data_builder(config, 16, log=_quiet)
+  from mat_jax.data import corpora, pipeline
+  dataset = pipeline.training_pipeline(corpora.data_source(builder, "train"), tokenizer, 16)
+  poisoned = iter(dataset.map(lambda b: dict(b, images=np.full_like(b["images"], np.nan))))
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step 2, the first step after restoring the checkpoint "
+                                                    r".*checkpoints/2: that checkpoint is probably damaged"):
+    loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False,
+               data_iterator=poisoned, model=model, tokenizer=tokenizer)
+
+
+def test_nan_starting_weights_are_not_blamed_on_the_learning_rate(root):
+  config = micro_config(root)
+  model, tokenizer = setup.load_model(config, log=_quiet)
+  model.visual_projection.kernel.value = model.visual_projection.kernel.value.at[0, 0].set(jnp.nan)
+  with pytest.raises(loop.NonFiniteWeightsError, match=r"starting model .* NaN/inf in 1 parameter arrays") as err:
+    loop.train(config, root / "nan_weights", mesh_spec="1", log=_quiet, progress=False, evaluate=False,
+               model=model, tokenizer=tokenizer)
+  assert "learning_rate" not in str(err.value)
+
+
+class _InterruptAt:
+  """Sends this process SIGINT when the n-th batch (1-based) is fetched: a Ctrl-C during step n."""
+
+  def __init__(self, iterator, n):
+    self.iterator, self.n, self.count = iterator, n, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.n:
+      os.kill(os.getpid(), signal.SIGINT)
+    return next(self.iterator)
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
+
+
+def test_ctrl_c_saves_the_step_and_says_how_to_resume(root):
+  config = micro_config(root, train={"steps": 6, "log_every": 2, "checkpoint_every": 4})
+  workdir = root / "interrupted"
+  model, tokenizer = setup.load_model(config, log=_quiet)
+  builder = setup.data_builder(config, 16, log=_quiet)
+  iterator = setup.train_iterator(config, builder, tokenizer, 16, process_index=0, process_count=1)
+  with pytest.raises(errors.Interrupted, match=r"interrupted at step 3; last checkpoint 3 in .*; rerun the same "
+                                               "command to resume") as err:
+    loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False,
+               data_iterator=_InterruptAt(iterator, 3), model=model, tokenizer=tokenizer)
+  assert err.value.exit_code == 130
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3]
+  assert not (workdir / LOCK_FILE).read_text()  # released
+  lines = []
+  loop.train(config, workdir, mesh_spec="1", log=lines.append, progress=False, evaluate=False)
+  assert "resumed from the checkpoint at step 3" in lines
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [2, 4, 6]
