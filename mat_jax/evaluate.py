@@ -46,6 +46,7 @@ TEXT_ONLY = ("bert",)
 NEEDS_TEXT_SOURCE = ("bert", "sep", "co", "sga")
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
+TASKS = ("retrieval", "zeroshot")  # --task; zeroshot is mat_jax.zeroshot's command line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,6 +506,9 @@ def _attack_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--task", choices=TASKS, default="retrieval",
+                 help="retrieval (this command's flags) or zeroshot: classification accuracy under attack, "
+                      "with its own flags (python -m mat_jax.evaluate --task zeroshot --help)")
   p.add_argument("--model", required=True,
                  help="shapes | cache:NAME | training run dir | transformers-layout dir | hub id")
   p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
@@ -533,7 +537,17 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _task(argv: Sequence[str] | None) -> str:
+  """The --task of a command line, read before the task's own parser sees the rest."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--task", choices=TASKS, default="retrieval")
+  return pre.parse_known_args(argv)[0].task
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  if _task(argv) == "zeroshot":
+    from mat_jax import zeroshot
+    return zeroshot.main(argv)
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.limit is not None and args.limit < 1:
