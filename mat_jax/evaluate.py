@@ -15,6 +15,7 @@ over the whole test set's captions as classes), bert (BERT-Attack alone, Co-Atta
 sep (Sep-Attack), co (Co-Attack), sga (SGA). eps is given in 1/255 units; bert does not depend on it.
 
 `evaluate(...)` is the same thing as a Python function, for the training demo and notebooks.
+`--task zeroshot` runs zero-shot classification under attack instead, with its own flags (`mat_jax.zeroshot`).
 """
 
 from __future__ import annotations

@@ -95,16 +95,21 @@ def test_accuracy_arithmetic_on_a_hand_built_case():
   assert zs.accuracy(robust) == 25.0 and zs.accuracy(a & clean) == 50.0
   with pytest.raises(zs.ZeroShotError, match="no images"):
     zs.accuracy(np.zeros(0, bool))
+  # apgd-t's targeted DLR reads the 4 largest logits: by default it runs from 4 classes on.
+  assert zs.default_attacks(3) == ["apgd-ce", "pgd"] and zs.default_attacks(4) == list(zs.ATTACKS)
 
 
 def test_class_embedding_is_the_normalised_mean_of_normalised_prompt_embeddings(victim):
   prompts = [["a red circle", "there is a red circle", "a photo of a red circle"], ["a blue square"],
              ["a green star", "an image of a green star"]]
   got = zs.class_embeddings(victim.encoder, victim.params, victim.tokenizer, prompts)
+  flat = [p for ps in prompts for p in ps]
+  tok = victim.tokenizer(flat)
+  emb = metrics.embed_texts(victim.encoder, victim.params, tok.input_ids, tok.attention_mask)
+  start = 0
   for c, ps in enumerate(prompts):
-    tok = victim.tokenizer(ps)
-    emb = metrics.embed_texts(victim.encoder, victim.params, tok.input_ids, tok.attention_mask)
-    mean = emb.mean(axis=0)
+    mean = emb[start:start + len(ps)].mean(axis=0)
+    start += len(ps)
     np.testing.assert_allclose(got[c], mean / np.linalg.norm(mean), atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
@@ -193,14 +198,15 @@ def test_image_folder_builds_once_with_sorted_labels_and_clip_preprocessing(tmp_
   assert any("reusing" in line for line in logs)
   # A changed folder is another dataset (its fingerprint changes), built afresh.
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "red_circle" / "2.png")
-  again = imagefolder.load_classification_set(imagefolder.build_image_folder(root, image_size=SIZE,
-                                                                            data_dir=tmp_path / "data", log=logs.append))
+  rebuilt = imagefolder.build_image_folder(root, image_size=SIZE, data_dir=tmp_path / "data", log=logs.append)
+  again = imagefolder.load_classification_set(rebuilt)
   assert len(again) == 7
 
   split_root = tmp_path / "split"
   _write_folder(split_root / "train", classes=("red_circle", "blue_square"))
   _write_folder(split_root / "test", classes=("red_circle", "blue_square"), per_class=1)
-  split_builder = imagefolder.build_image_folder(split_root, image_size=SIZE, data_dir=tmp_path / "data", log=logs.append)
+  split_builder = imagefolder.build_image_folder(split_root, image_size=SIZE, data_dir=tmp_path / "data",
+                                                 log=logs.append)
   assert sorted(split_builder.info.splits.keys()) == ["test", "train"]
   assert len(imagefolder.load_classification_set(split_builder, "test")) == 2
   assert len(imagefolder.load_classification_set(split_builder, "train", limit=3)) == 3
@@ -273,16 +279,21 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
     assert results["robust"]["4"]["accuracy"] <= per_eps["4"]["accuracy"]
   assert results["robust"]["0"]["accuracy"] == clean
 
-  # A 3-class shapes set: apgd-t does not apply and is left out, saying so.
-  assert ev.main([*common, "--data", "shapes-count", "--num-images", "5", "--out", str(tmp_path / "count")]) == 0
-  assert "apgd-t left out" in capsys.readouterr().out
+  # A 3-class shapes set, rendered at the model's size (PGD only: each attack compiles per class count).
+  assert ev.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "pgd",
+                  "--out", str(tmp_path / "count")]) == 0
   results = json.loads((tmp_path / "count" / "results.json").read_text())
-  assert results["attacks_run"] == ["apgd-ce", "pgd"] and results["num_classes"] == 3
+  assert results["attacks_run"] == ["pgd"] and results["num_classes"] == 3
   assert results["dataset"] == "shapes-count" and results["num_images"] == 5
+  assert results["prompts_per_class"] == [64] * 3 and results["templates"] is None
 
-  for flags, message in [(["--data", "shapes-count", "--attacks", "apgd-t"], "at least 4 classes"),
-                         (["--data", str(tmp_path / "nowhere")], "neither"),
-                         (["--data", "shapes-count", "--template", "{}"], "--template applies")]:
-    with pytest.raises((SystemExit, zs.ZeroShotError), match=message if "--template" not in flags else None):
-      ev.main([*common, *flags, "--out", str(tmp_path / "x")])
-  assert "--template applies" in capsys.readouterr().err
+  with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
+    ev.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "apgd-t"])
+  with pytest.raises(zs.ZeroShotError, match="neither"):
+    ev.main([*common, "--data", str(tmp_path / "nowhere")])
+  for flags, message in [(["--data", "shapes-count", "--template", "{}"], "--template applies"),
+                         (["--attacks", "apgd-ce,fgsm"], "unknown zero-shot attacks"),
+                         (["--limit", "0"], "at least 1")]:
+    with pytest.raises(SystemExit):
+      ev.main([*common, *flags])
+    assert message in capsys.readouterr().err

@@ -179,8 +179,10 @@ def load_classification_set(builder: tfds.core.DatasetBuilder, split: str = SING
   """The split's images (uint8) and labels in memory, with the class names prompts read."""
   source = corpora.data_source(builder, split)
   n = len(source) if limit is None else min(limit, len(source))
+  if n == 0:
+    raise CorpusError(f"split {split!r} of {builder.data_path} holds no images")
   records = [source[i] for i in range(n)]
-  images = np.stack([np.asarray(r["image"], np.uint8) for r in records]) if records else np.zeros((0, 1, 1, 3), np.uint8)
+  images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
   labels = np.asarray([int(r["label"]) for r in records], np.int32)
   folders = builder.info.features["label"].names
   return ClassificationSet(images, labels, tuple(class_display_name(f) for f in folders), None,
