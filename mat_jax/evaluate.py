@@ -15,6 +15,7 @@ over the whole test set's captions as classes), bert (BERT-Attack alone, Co-Atta
 sep (Sep-Attack), co (Co-Attack), sga (SGA). eps is given in 1/255 units; bert does not depend on it.
 
 `evaluate(...)` is the same thing as a Python function, for the training demo and notebooks.
+`--task zeroshot` runs zero-shot classification under attack instead, with its own flags (`mat_jax.zeroshot`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ TEXT_ONLY = ("bert",)
 NEEDS_TEXT_SOURCE = ("bert", "sep", "co", "sga")
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
+TASKS = ("retrieval", "zeroshot")  # --task; zeroshot is mat_jax.zeroshot's command line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,6 +525,9 @@ def _attack_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--task", choices=TASKS, default="retrieval",
+                 help="retrieval (this command's flags) or zeroshot: classification accuracy under attack, "
+                      "with its own flags (python -m mat_jax.evaluate --task zeroshot --help)")
   p.add_argument("--model", required=True,
                  help="shapes | cache:NAME | training run dir | transformers-layout dir | hub id")
   p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
@@ -551,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _task(argv: Sequence[str] | None) -> str:
+  """The --task of a command line, read before the task's own parser sees the rest."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--task", choices=TASKS, default="retrieval")
+  return pre.parse_known_args(argv)[0].task
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
 
@@ -560,6 +572,9 @@ _out_dir: str | None = None  # the --out of the running command, named by a disk
 
 def _main(argv: Sequence[str] | None) -> int:
   global _out_dir
+  if _task(argv) == "zeroshot":
+    from mat_jax import zeroshot  # zeroshot's CLI reuses this module's model loading
+    return zeroshot.main(argv)
   parser = build_parser()
   args = parser.parse_args(argv)
   _out_dir = args.out

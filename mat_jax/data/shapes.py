@@ -719,3 +719,16 @@ def tokenizer(directory: str | os.PathLike | None = None, context_length: int = 
   """The shapes tokenizer as a `mat_jax.models.tokenizers.Tokenizer` (built on first use)."""
   from mat_jax.models.tokenizers import load_tokenizer
   return load_tokenizer(build_tokenizer(directory, context_length), context_length=context_length)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single-object scenes (the zero-shot colour x shape classification split).
+# --------------------------------------------------------------------------------------------------
+
+def single_object_scene(shape: int, colour: int, rng: np.random.Generator) -> Scene:
+  """A scene of one object of the given shape and colour (indices into SHAPES, COLOURS); its size and
+  grid cell are drawn from `rng`, as in `sample_scene`."""
+  if not (0 <= shape < len(SHAPES) and 0 <= colour < len(COLOURS)):
+    raise ValueError(f"shape must be in [0, {len(SHAPES)}) and colour in [0, {len(COLOURS)}), got {shape}, {colour}")
+  cell, size = int(rng.integers(9)), int(rng.integers(len(SIZES)))
+  return Scene((_jitter(shape, colour, size, cell // 3, cell % 3, rng),), _background(rng))

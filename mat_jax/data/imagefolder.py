@@ -1,0 +1,189 @@
+"""Any folder of class-named image directories (the ImageFolder layout) as a TFDS array_record dataset.
+
+    ROOT/CLASS_A/x.jpg  ROOT/CLASS_B/y.png ...                     one split, "test"
+    ROOT/train/CLASS_A/x.jpg ... ROOT/test/CLASS_A/z.jpg ...       one split per train/val/test folder
+
+Classes are the sorted directory names (label i = the i-th name, as torchvision's ImageFolder), the same
+in every split; a name's underscores read as spaces when it fills a prompt ("golden_retriever" ->
+"golden retriever"). Images are preprocessed as CLIP's are (shorter side resized bicubic to
+`image_size`, centre crop) and stored as JPEG. The build is Python-only, like `mat_jax.data.corpora`
+(tfds' generator builder, PIL encoding, no TensorFlow op). The dataset's name carries a fingerprint of
+the folder (every file's path, size and modification time), so an unchanged folder is built once and
+reused, and a changed one is built afresh.
+
+Bad input is a `CorpusError` naming the folder or file: a missing root, no class folders, a class folder
+without images (an empty class has no accuracy and would shift every later label), class sets that
+differ between splits, a corrupt image.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mat_jax.data import corpora
+from mat_jax.data.classification import ClassificationSet
+from mat_jax.data.corpora import CorpusError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+SPLITS = corpora.SPLITS
+SINGLE_SPLIT = "test"
+
+
+def _visible_dirs(path: Path) -> list[Path]:
+  return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_in(class_dir: Path) -> list[Path]:
+  return sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
+
+
+def scan(root: str | os.PathLike) -> dict[str, dict[str, list[Path]]]:
+  """{split: {class name: image paths}} of an ImageFolder root; see the module docstring."""
+  root = Path(root).expanduser()
+  if not root.is_dir():
+    raise CorpusError(f"image folder {root} does not exist (or is not a directory)")
+  top = _visible_dirs(root)
+  if top and all(d.name in SPLITS for d in top):
+    split_dirs = {d.name: d for d in top}
+  else:
+    split_dirs = {SINGLE_SPLIT: root}
+  layout: dict[str, dict[str, list[Path]]] = {}
+  for split, split_dir in split_dirs.items():
+    class_dirs = _visible_dirs(split_dir)
+    if not class_dirs:
+      raise CorpusError(f"{split_dir} has no class folders: the ImageFolder layout is ROOT/CLASS/IMAGE "
+                        "(or ROOT/SPLIT/CLASS/IMAGE with SPLIT in train/val/test)")
+    classes = {}
+    for d in class_dirs:
+      files = _images_in(d)
+      if not files:
+        raise CorpusError(f"class folder {d} holds no images (files ending in {', '.join(IMAGE_EXTENSIONS)}); "
+                          "add its images or remove the folder")
+      classes[d.name] = files
+    layout[split] = classes
+  names = {split: sorted(classes) for split, classes in layout.items()}
+  first = next(iter(names))
+  for split, these in names.items():
+    if these != names[first]:
+      only_first, only_here = sorted(set(names[first]) - set(these)), sorted(set(these) - set(names[first]))
+      raise CorpusError(f"the splits of {root} have different classes: only in {first!r}: {only_first}, only in "
+                        f"{split!r}: {only_here}; every split needs the same class folders (labels must agree)")
+  return layout
+
+
+def fingerprint(layout: Mapping[str, Mapping[str, Sequence[Path]]]) -> str:
+  """A short hash of every file's split, class, name, size and modification time."""
+  digest = hashlib.sha256()
+  for split, classes in sorted(layout.items()):
+    for name, files in sorted(classes.items()):
+      for path in files:
+        stat = path.stat()
+        digest.update(json.dumps([split, name, path.name, str(path.parent), stat.st_size,
+                                  stat.st_mtime_ns]).encode())
+  return digest.hexdigest()[:12]
+
+
+def class_display_name(folder: str) -> str:
+  """The class name a prompt reads: underscores as spaces, whitespace collapsed."""
+  return " ".join(folder.replace("_", " ").split())
+
+
+@dataclasses.dataclass(eq=False)
+class ImageFolderConfig(tfds.core.BuilderConfig):
+  """The scanned layout and the resolution; only the builder that writes uses the paths."""
+  layout: Mapping[str, Mapping[str, Sequence[Path]]] = dataclasses.field(default_factory=dict, repr=False)
+  classes: tuple[str, ...] = ()
+  image_size: int = 224
+  root: str = ""
+
+
+class ImageFolder(tfds.core.GeneratorBasedBuilder):
+  """Images of class-named folders, CLIP-preprocessed, with their labels and file names."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  code_path = corpora._no_code_path
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"image folder {cfg.root}",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(cfg.image_size, cfg.image_size, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(names=list(cfg.classes)),
+            "filename": tfds.features.Text(),
+        }),
+        disable_shuffling=True,  # record order: classes in label order, files sorted
+        metadata=tfds.core.MetadataDict(root=cfg.root, folders=list(cfg.classes)),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self.builder_config.layout}
+
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    cfg = self.builder_config
+    items = [(label, path) for label, name in enumerate(cfg.classes) for path in cfg.layout[split][name]]
+    load = lambda item: corpora.load_image(item[1], cfg.image_size, f"class {cfg.classes[item[0]]!r}, split {split!r}")
+    # Decoding dominates and PIL releases the GIL there: threads, in order.
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+      for index, ((label, path), image) in enumerate(zip(items, pool.map(load, items), strict=True)):
+        yield index, {"image": image, "label": label, "filename": str(path.relative_to(cfg.root))}
+
+
+def _slug(name: str) -> str:
+  slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+  return slug if slug[:1].isalpha() else f"d_{slug}"
+
+
+def build_image_folder(root: str | os.PathLike, *, image_size: int = 224, data_dir: str | os.PathLike | None = None,
+                       overwrite: bool = False, log=print) -> tfds.core.DatasetBuilder:
+  """Build (or reuse) `image_folder/<folder name>_<size>px_<fingerprint>` under the data directory."""
+  if image_size < 1:
+    raise ValueError(f"image_size must be positive, got {image_size}")
+  root = Path(root).expanduser().resolve()
+  layout = scan(root)
+  classes = tuple(sorted(next(iter(layout.values()))))
+  name = f"{_slug(root.name)}_{image_size}px_{fingerprint(layout)}"
+  config = ImageFolderConfig(name=name, description=f"{root} at {image_size}px", layout=layout, classes=classes,
+                             image_size=image_size, root=str(root))
+  builder = ImageFolder(config=config, data_dir=str(corpora.default_data_dir(data_dir)), file_format="array_record")
+  try:
+    corpora._prepare(builder, overwrite, log)
+  except CorpusError:
+    raise
+  except Exception as err:  # tfds wraps the generator's errors; surface ours with its message intact
+    cause = err
+    while cause is not None and not isinstance(cause, CorpusError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+      raise cause from err
+    raise
+  return builder
+
+
+def load_classification_set(builder: tfds.core.DatasetBuilder, split: str = SINGLE_SPLIT,
+                            limit: int | None = None) -> ClassificationSet:
+  """The split's images (uint8) and labels in memory, with the class names prompts read."""
+  source = corpora.data_source(builder, split)
+  n = len(source) if limit is None else min(limit, len(source))
+  if n == 0:
+    raise CorpusError(f"split {split!r} of {builder.data_path} holds no images")
+  records = [source[i] for i in range(n)]
+  images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+  labels = np.asarray([int(r["label"]) for r in records], np.int32)
+  folders = builder.info.features["label"].names
+  return ClassificationSet(images, labels, tuple(class_display_name(f) for f in folders), None,
+                           f"imagefolder:{builder.info.metadata.get('root', builder.builder_config.name)}")

@@ -1,0 +1,448 @@
+"""Zero-shot classification, clean and under attack: TeCoA's and FARE's headline robustness metric.
+
+    python -m mat_jax.evaluate --task zeroshot --model shapes --data shapes-colour-shape --eps 1,2,4
+    python -m mat_jax.evaluate --task zeroshot --model ./clip-vit-b-16 --data ./imagenet_val --limit 1000
+
+A class is the average of its prompts' L2-normalised text embeddings, normalised again (CLIP's prompt
+ensembling; TeCoA and FARE evaluate this way). An image's logits are logit_scale x the cosines to the
+classes; its prediction is the top class. The attacks maximise a classification loss on these logits
+inside the eps-ball (L-inf by default, eps in 1/255 units), with the step rules of
+`mat_jax.attacks.image`:
+
+- `apgd-ce`: APGD on the cross-entropy (AutoAttack's first attack);
+- `apgd-t`: APGD-T, one APGD run on the targeted DLR loss per target class, the targets being each
+  image's `n_targets` (9) highest-scoring wrong classes at the clean image (AutoAttack's second attack;
+  the pair is what RobustBench runs and what FARE reports). It needs at least 4 classes (the loss's
+  denominator uses the 4th largest logit), so on 3-class sets it is left out of the default list;
+- `pgd`: PGD on the cross-entropy, step 2.5 eps / steps, symmetric random start.
+
+Accuracy is reported clean, per attack and budget, and robust: an image counts as robustly classified at
+a budget when it is classified correctly clean and after every attack run at that budget (the worst
+case per image, as AutoAttack's ensemble). Every attack batch is one jitted call that returns only the
+per-image correctness; eps and the step size are traced, so each attack compiles once per batch shape.
+
+Data (`--data`): `shapes-colour-shape` and `shapes-count` (`mat_jax.data.classification`, rendered at the
+model's resolution) or a path to an ImageFolder directory (`mat_jax.data.imagefolder`, built once into
+the data directory). The model is any `DualEncoder`-style encoder: `image_embeddings`, `text_embeddings`
+and `logit_scale` of explicit parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mat_jax import errors, metrics
+from mat_jax.attacks import image as image_attacks
+from mat_jax.attacks import losses as L
+from mat_jax.data.classification import SHAPES_TASKS, ClassificationSet
+from mat_jax.models.clip import check_tokens_for
+from mat_jax.models.tokenizers import Tokenizer
+
+ATTACKS = ("apgd-ce", "apgd-t", "pgd")
+DATASETS = tuple(f"shapes-{t}" for t in SHAPES_TASKS)
+# Prompts for photographs of a class, CLIP-style (`{}` is the class name).
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
+                     "a bright photo of a {}.", "a cropped photo of the {}.", "a photo of the small {}.",
+                     "a photo of the large {}.")
+TARGETED_MIN_CLASSES = 4  # the targeted DLR loss reads the 4 largest logits
+
+
+class ZeroShotError(ValueError):
+  """Bad zero-shot input (class names, prompts, attack settings); the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Attack hyper-parameters; the defaults are the references' (AutoAttack's APGD, Madry's PGD step)."""
+  apgd_steps: int = 100       # APGD-CE and each APGD-T run (FARE's evaluation)
+  n_targets: int = 9          # APGD-T targets (AutoAttack), at most classes - 1
+  restarts: int = 1           # APGD-CE restarts
+  pgd_steps: int = 10
+  pgd_step_scale: float = 2.5  # PGD step = pgd_step_scale * eps / pgd_steps
+  norm: str = "linf"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classes from prompts
+# ----------------------------------------------------------------------------------------------------
+
+def prompts_from_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
+  """Each class's prompts: every template with `{}` replaced by the class name."""
+  if not templates:
+    raise ZeroShotError("no prompt templates given; pass at least one, e.g. 'a photo of a {}.'")
+  missing = [t for t in templates if "{}" not in t]
+  if missing:
+    raise ZeroShotError(f"prompt templates {missing} have no '{{}}' where the class name goes")
+  return [[t.format(name) for t in templates] for name in class_names]
+
+
+def _meaningful_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
+  """The ids of `text`'s words that are neither special nor unknown tokens."""
+  unknown = getattr(tokenizer.hf, "unk_token_id", None)
+  special = {tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id, unknown}
+  return [i for piece in tokenizer.encode_words(text.split()) for i in piece if i not in special]
+
+
+def check_classes(tokenizer: Tokenizer, class_names: Sequence[str], prompts: Sequence[Sequence[str]],
+                  names_in_prompts: bool) -> None:
+  """Raise a ZeroShotError naming every class whose name (when prompts are made from it) or prompts
+  tokenise to nothing the model knows, every duplicate, and every prompt the context cannot hold."""
+  if len(class_names) < 2:
+    raise ZeroShotError(f"zero-shot classification needs at least 2 classes, got {list(class_names)}")
+  duplicates = sorted({n for n in class_names if list(class_names).count(n) > 1})
+  if duplicates:
+    raise ZeroShotError(f"class names {duplicates} occur more than once: their prompts, and so their "
+                        "classes, would be identical; rename the classes (folders)")
+  if names_in_prompts:
+    empty = [n for n in class_names if not _meaningful_tokens(tokenizer, n)]
+    if empty:
+      raise ZeroShotError(f"class names {empty} tokenise to nothing the model knows (no token, or only unknown "
+                          "tokens): their class embedding would not depend on the class. Rename them with words "
+                          "in the tokenizer's vocabulary")
+  empty_prompts = [name for name, ps in zip(class_names, prompts, strict=True)
+                   if not ps or not any(_meaningful_tokens(tokenizer, p) for p in ps)]
+  if empty_prompts:
+    raise ZeroShotError(f"the prompts of classes {empty_prompts} tokenise to nothing the model knows; give "
+                        "prompts in the tokenizer's vocabulary")
+  frame = int(tokenizer.start_id is not None) + int(tokenizer.end_id is not None)
+  flat = [p for ps in prompts for p in ps]
+  long = [p for p, pieces in zip(flat, tokenizer.encode_words(flat), strict=True)
+          if len(pieces) + frame > tokenizer.context_length]
+  if long:
+    raise ZeroShotError(f"{len(long)} prompt(s) exceed the model's context of {tokenizer.context_length} tokens "
+                        f"and would be cut (e.g. {long[0]!r}); use shorter class names or templates")
+
+
+def class_embeddings(encoder, params, tokenizer: Tokenizer, prompts: Sequence[Sequence[str]],
+                     batch_size: int = 1024) -> np.ndarray:
+  """(C, D) class embeddings: each class's prompt embeddings (L2-normalised) averaged, then normalised."""
+  flat = [p for ps in prompts for p in ps]
+  owner = np.repeat(np.arange(len(prompts)), [len(ps) for ps in prompts])
+  tokens = tokenizer(flat)
+  text_cfg = getattr(getattr(encoder, "config", None), "text", None)
+  if text_cfg is not None:
+    check_tokens_for(tokens.input_ids, tokens.attention_mask, tokenizer.end_id, text_cfg, name="tokenizer")
+  emb = metrics.embed_texts(encoder, params, tokens.input_ids, tokens.attention_mask, batch_size)
+  sums = np.zeros((len(prompts), emb.shape[1]), np.float64)
+  np.add.at(sums, owner, emb.astype(np.float64))
+  mean = sums / np.bincount(owner, minlength=len(prompts))[:, None]
+  return (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accuracy arithmetic
+# ----------------------------------------------------------------------------------------------------
+
+def correct_predictions(logits, labels) -> np.ndarray:
+  """(N,) bool: the top class (lowest index on ties) is the label."""
+  return np.argmax(np.asarray(logits), axis=-1) == np.asarray(labels)
+
+
+def accuracy(correct) -> float:
+  """Percentage of True entries."""
+  correct = np.asarray(correct, bool)
+  if correct.size == 0:
+    raise ZeroShotError("accuracy of no images: evaluate at least one")
+  return 100.0 * float(np.mean(correct))
+
+
+def robust_correct(clean: np.ndarray, per_attack: Sequence[np.ndarray]) -> np.ndarray:
+  """Correct clean and under every attack: the worst case per image."""
+  out = np.asarray(clean, bool).copy()
+  for c in per_attack:
+    out &= np.asarray(c, bool)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiled batches
+# ----------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=0)
+def _clean_logits(encoder, params, classes, images):
+  return L.retrieval_logits(encoder, params, classes)(images)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11, 12))
+def _attack_correct(encoder, params, classes, images, labels, key, eps, step_size, attack, steps, norm,
+                    n_targets, restarts):
+  """One batch under one attack -> (B,) bool, correct at the adversarial point. Only this vector
+  leaves the device."""
+  logits_fn = L.retrieval_logits(encoder, params, classes)
+  positives = jax.nn.one_hot(labels, classes.shape[0], dtype=jnp.bool_)
+  if attack == "apgd-ce":
+    adv = image_attacks.apgd(L.logit_loss(logits_fn, positives), images, key, eps=eps, steps=steps, norm=norm,
+                             restarts=restarts)
+  elif attack == "apgd-t":
+    adv = image_attacks.apgd_targeted(logits_fn, positives, images, key, eps=eps, steps=steps,
+                                      n_targets=n_targets, norm=norm)
+  elif attack == "pgd":
+    adv = image_attacks.pgd(L.logit_loss(logits_fn, positives), images, key, eps=eps, step_size=step_size,
+                            steps=steps, norm=norm)
+  else:
+    raise ValueError(f"unknown attack {attack!r}; choose from {ATTACKS}")
+  return jnp.argmax(logits_fn(adv), axis=-1) == labels
+
+
+def attack_correct(encoder, params, classes, images, labels, key, *, attack: str, eps: float,
+                   settings: Settings = Settings()) -> jax.Array:
+  """Correctness (B,) of a batch after `attack` at `eps` (pixel units); compiled once per attack and shape."""
+  if attack not in ATTACKS:
+    raise ZeroShotError(f"unknown attack {attack!r}; choose from {ATTACKS}")
+  image_attacks._check_norm(settings.norm)
+  n_classes = int(np.shape(classes)[0])
+  if attack == "apgd-t" and n_classes < TARGETED_MIN_CLASSES:
+    raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes, this set has "
+                        f"{n_classes}; use apgd-ce and pgd")
+  steps = settings.pgd_steps if attack == "pgd" else settings.apgd_steps
+  step_size = settings.pgd_step_scale * eps / settings.pgd_steps
+  return _attack_correct(encoder, params, jnp.asarray(classes), images, jnp.asarray(labels, jnp.int32), key,
+                         jnp.float32(eps), jnp.float32(step_size), attack, int(steps), settings.norm,
+                         min(int(settings.n_targets), n_classes - 1), int(settings.restarts))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------------
+
+def _float_images(images: np.ndarray) -> np.ndarray:
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) * np.float32(1 / 255)
+  return images.astype(np.float32)
+
+
+def default_attacks(num_classes: int) -> list[str]:
+  """Every attack that applies to a set of this many classes (apgd-t needs 4)."""
+  return [a for a in ATTACKS if a != "apgd-t" or num_classes >= TARGETED_MIN_CLASSES]
+
+
+def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: ClassificationSet, *,
+                      attacks: Sequence[str] | None = None, eps_255: Sequence[float] = (1.0, 2.0, 4.0),
+                      templates: Sequence[str] | None = None, settings: Settings = Settings(),
+                      batch_size: int = 64, seed: int = 0, limit: int | None = None, progress: bool = False,
+                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Clean, per-attack and robust zero-shot accuracy of `(encoder, params)` on `data`.
+
+  Prompts: the set's own (the shapes world's), else `templates` (default `DEFAULT_TEMPLATES`) filled with
+  the class names. attacks: default every one that applies (`default_attacks`). eps_255: budgets in 1/255
+  units. Batches have a fixed size (the last is padded by repeating its last image), and every attack
+  and budget of a batch starts from the same key (common random numbers).
+  Returns {"clean": {"accuracy"}, "attacks": {attack: {eps: {"accuracy", "seconds"}}},
+  "robust": {eps: {"accuracy"}}, "per_class_clean", ...}.
+  """
+  if limit is not None and limit < 1:
+    raise ZeroShotError(f"limit={limit}: evaluate at least 1 image (or None for all)")
+  data = data.take(limit)
+  if len(data) == 0:
+    raise ZeroShotError(f"{data.name} holds no images")
+  if settings.apgd_steps < 1 or settings.pgd_steps < 1 or settings.n_targets < 1 or settings.restarts < 1:
+    raise ZeroShotError(f"apgd_steps, pgd_steps, n_targets and restarts must be >= 1, got {settings}")
+  if any(e < 0 for e in eps_255):
+    raise ZeroShotError(f"eps_255 must be >= 0 (budgets in 1/255 units), got {list(eps_255)}")
+  n_classes = len(data.class_names)
+  attacks = default_attacks(n_classes) if attacks is None else list(attacks)
+  unknown = [a for a in attacks if a not in ATTACKS]
+  if unknown:
+    raise ZeroShotError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+  if "apgd-t" in attacks and n_classes < TARGETED_MIN_CLASSES:
+    raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes; {data.name} has "
+                        f"{n_classes}. Leave apgd-t out (--attacks apgd-ce,pgd)")
+  names_in_prompts = data.prompts is None
+  prompts = prompts_from_templates(data.class_names, templates or DEFAULT_TEMPLATES) if names_in_prompts \
+      else [list(p) for p in data.prompts]
+  check_classes(tokenizer, data.class_names, prompts, names_in_prompts)
+  classes = jnp.asarray(class_embeddings(encoder, params, tokenizer, prompts))
+
+  n = len(data)
+  batch_size = max(1, min(batch_size, n))
+  # (indices, real count): the last batch repeats its last image up to the fixed size.
+  batches = [(np.minimum(np.arange(s, s + batch_size), n - 1), min(batch_size, n - s)) for s in range(0, n, batch_size)]
+  labels = np.asarray(data.labels, np.int32)
+  clean_logits = np.concatenate([np.asarray(_clean_logits(encoder, params, classes,
+                                                          _float_images(data.images[idx])))[:real]
+                                 for idx, real in batches])
+  clean = correct_predictions(clean_logits, labels)
+  per_class = {name: (accuracy(clean[labels == c]) if np.any(labels == c) else None)
+               for c, name in enumerate(data.class_names)}
+  if log:
+    log(f"{data.name}: {n} images, {n_classes} classes; clean accuracy {accuracy(clean):.1f}%")
+
+  bar = _progress(len(attacks) * len(eps_255) * len(batches), progress)
+  key = jax.random.key(seed)
+  results: dict[str, dict[str, Any]] = {}
+  robust: dict[str, dict[str, float]] = {}
+  for eps in eps_255:
+    eps_key = f"{eps:g}"
+    under_attack = []
+    for attack in attacks:
+      start = time.perf_counter()
+      correct = np.zeros(n, bool)
+      for b, (idx, real) in enumerate(batches):
+        # The key depends on the batch only: every attack and budget starts from the same draw.
+        out = attack_correct(encoder, params, classes, jnp.asarray(_float_images(data.images[idx])), labels[idx],
+                             jax.random.fold_in(key, b), attack=attack, eps=eps / 255.0, settings=settings)
+        correct[idx[:real]] = np.asarray(out)[:real]
+        bar.update(1)
+      # An image misclassified clean is not robust, whatever the attack returned.
+      correct &= clean
+      under_attack.append(correct)
+      seconds = time.perf_counter() - start
+      results.setdefault(attack, {})[eps_key] = {"accuracy": accuracy(correct), "seconds": seconds}
+      if log:
+        log(f"{attack} eps {eps:g}/255: accuracy {accuracy(correct):.1f}% ({seconds:.1f} s)")
+    robust[eps_key] = {"accuracy": accuracy(robust_correct(clean, under_attack))}
+  bar.close()
+  return {
+      "dataset": data.name, "num_images": n, "num_classes": n_classes, "class_names": list(data.class_names),
+      "prompts_per_class": [len(p) for p in prompts], "templates": None if not names_in_prompts else
+      list(templates or DEFAULT_TEMPLATES), "eps_255": [float(e) for e in eps_255], "attacks_run": attacks,
+      "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed},
+      "clean": {"accuracy": accuracy(clean)}, "per_class_clean": per_class, "attacks": results, "robust": robust,
+  }
+
+
+def _progress(total: int, enabled: bool):
+  from mat_jax.evaluate import _progress as progress_bar
+  return progress_bar(total, enabled)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------
+
+def format_table(results: dict, title: str | None = None) -> str:
+  """Accuracy (%) per budget: one column per attack, then the worst case over them."""
+  attacks = list(results["attacks"])
+  header = ["eps(/255)", *attacks, "robust"]
+  rows = [["0 (clean)", *(f"{results['clean']['accuracy']:.1f}" for _ in attacks),
+           f"{results['clean']['accuracy']:.1f}"]]
+  for eps in (f"{e:g}" for e in results["eps_255"]):
+    rows.append([eps, *(f"{results['attacks'][a][eps]['accuracy']:.1f}" for a in attacks),
+                 f"{results['robust'][eps]['accuracy']:.1f}"])
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+  lines = [title] if title else []
+  for i, row in enumerate([header, *rows]):
+    lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths,
+                                                                                                  strict=True))))
+    if i == 0:
+      lines.append("  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line (`python -m mat_jax.evaluate --task zeroshot ...`)
+# ----------------------------------------------------------------------------------------------------
+
+def load_data(name: str, image_size: int, *, split: str = "test", num_images: int = 980, seed: int = 0,
+              data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print
+              ) -> ClassificationSet:
+  """`shapes-colour-shape`, `shapes-count` (rendered at `image_size`) or an ImageFolder directory."""
+  from mat_jax.data import classification
+
+  if name in DATASETS:
+    count = num_images if limit is None else min(num_images, limit)
+    return classification.shapes_set(name.removeprefix("shapes-"), num_images=count, image_size=image_size,
+                                     seed=seed, split=split)
+  path = Path(name).expanduser()
+  if not path.is_dir():
+    raise ZeroShotError(f"--data {name!r} is neither {' nor '.join(DATASETS)} nor an image folder (a directory "
+                        "of class-named folders of images)")
+  from mat_jax.data import imagefolder
+  builder = imagefolder.build_image_folder(path, image_size=image_size, data_dir=data_dir, log=log)
+  return imagefolder.load_classification_set(builder, split, limit)
+
+
+def _floats(text: str) -> list[float]:
+  try:
+    return [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _attack_list(text: str) -> list[str]:
+  names = [x.strip() for x in text.split(",") if x.strip()]
+  unknown = [n for n in names if n not in ATTACKS]
+  if unknown:
+    raise argparse.ArgumentTypeError(f"unknown zero-shot attacks {unknown}; choose from {','.join(ATTACKS)}")
+  return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate --task zeroshot", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--task", choices=("zeroshot",), default="zeroshot")
+  p.add_argument("--model", required=True,
+                 help="shapes | cache:NAME | training run dir | transformers-layout dir | hub id")
+  p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
+  p.add_argument("--data", default="shapes-colour-shape", help=f"{' | '.join(DATASETS)} | an ImageFolder directory")
+  p.add_argument("--split", default="test", help="shapes-world split, or the ImageFolder's split (train/val/test)")
+  p.add_argument("--data-dir", help="where an ImageFolder is built (default $MAT_JAX_DATA_DIR or "
+                                    "~/.cache/mat_jax/datasets)")
+  p.add_argument("--num-images", type=int, default=980, help="shapes-world sets: images to render")
+  p.add_argument("--limit", type=int, help="evaluate the first N images only")
+  p.add_argument("--attacks", type=_attack_list, help=f"{','.join(ATTACKS)} (default: all that apply)")
+  p.add_argument("--eps", type=_floats, default=[1.0, 2.0, 4.0], help="budgets in 1/255 units, e.g. 1,2,4")
+  p.add_argument("--apgd-steps", type=int, default=100)
+  p.add_argument("--n-targets", type=int, default=9, help="APGD-T target classes (at most classes - 1)")
+  p.add_argument("--restarts", type=int, default=1, help="APGD-CE restarts")
+  p.add_argument("--steps", type=int, default=10, help="PGD steps (step 2.5 eps / steps)")
+  p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
+  p.add_argument("--template", action="append", dest="templates",
+                 help="prompt template with {} for the class name (repeat for several; ImageFolder data only; "
+                      "default: a CLIP-style photo ensemble)")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="zeroshot_results", help="directory for results.json")
+  p.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from mat_jax import evaluate as ev
+
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.limit is not None and args.limit < 1:
+    parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
+  if min(args.apgd_steps, args.steps, args.n_targets, args.restarts, args.num_images, args.batch_size) < 1:
+    parser.error("--apgd-steps, --steps, --n-targets, --restarts, --num-images and --batch-size must be >= 1")
+  if any(e < 0 for e in args.eps):
+    parser.error(f"--eps budgets are in 1/255 units and must be >= 0, got {args.eps}")
+  if args.templates and args.data in DATASETS:
+    parser.error("--template applies to ImageFolder data; the shapes-world sets bring their own prompts")
+  errors.check_writable_dir(args.out, "--out")  # before the work, not after it
+  victim = ev.load_victim(args.model, args.tokenizer)
+  data = load_data(args.data, victim.image_size, split=args.split, num_images=args.num_images, seed=args.seed,
+                   data_dir=args.data_dir, limit=args.limit)
+  attacks = args.attacks
+  if attacks is None:
+    attacks = default_attacks(len(data.class_names))
+    if "apgd-t" not in attacks:
+      print(f"apgd-t left out: {data.name} has {len(data.class_names)} classes and the targeted DLR loss needs "
+            f"{TARGETED_MIN_CLASSES}")
+  settings = Settings(apgd_steps=args.apgd_steps, n_targets=args.n_targets, restarts=args.restarts,
+                      pgd_steps=args.steps, norm=args.norm)
+  results = evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, data, attacks=attacks,
+                              eps_255=args.eps, templates=args.templates, settings=settings,
+                              batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, log=print)
+  results["model"] = args.model
+  results["data"] = {"name": args.data, "split": args.split}
+  print(format_table(results, f"\n{args.model} on {data.name}: {results['num_images']} images, "
+                              f"{results['num_classes']} classes (zero-shot top-1 accuracy %, {args.norm})"))
+  path = ev.write_json(results, Path(args.out) / "results.json")
+  print(f"\nwrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

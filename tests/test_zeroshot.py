@@ -1,0 +1,299 @@
+"""Zero-shot classification: accuracy arithmetic, class embeddings, attacks, the ImageFolder builder, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from mat_jax import evaluate as ev
+from mat_jax import metrics
+from mat_jax import zeroshot as zs
+from mat_jax.data import classification, imagefolder, shapes
+from mat_jax.data.corpora import CorpusError
+from mat_jax.models import CLIP, l2_normalize, save_clip
+from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
+
+SIZE = 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fixtures: a micro CLIP on the shapes tokenizer, an MLP stand-in encoder
+# ----------------------------------------------------------------------------------------------------
+
+def _init(cfg: CLIPConfig) -> CLIP:
+  """Random parameters drawn with numpy (no compiled random kernel per parameter shape)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+
+  def init(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if name == "bias" or "logit_scale" in str(path):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    return jnp.asarray(rng.normal(0.0, 0.05, leaf.shape), leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  """A random micro CLIP (16 px) saved in the transformers layout, with the shapes tokenizer beside it."""
+  directory = tmp_path_factory.mktemp("micro_clip")
+  tok_dir = shapes.build_tokenizer(directory)
+  vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
+  cfg = CLIPConfig(
+      vision=VisionConfig(image_size=SIZE, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
+      text=TextConfig(vocab_size=vocab, context_length=shapes.DEFAULT_CONTEXT_LENGTH, width=32, layers=1,
+                      heads=2, mlp_dim=64, eos_token_id=3, bos_token_id=2, pad_token_id=0),
+      projection_dim=16)
+  save_clip(_init(cfg), directory)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def victim(model_dir):
+  return ev.load_victim(str(model_dir))
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPEncoder:
+  """image -> tanh(x W1) W2: the image side of a DualEncoder, small enough to attack in milliseconds."""
+
+  def image_embeddings(self, params, images):
+    hidden = jnp.tanh(images.reshape(images.shape[0], -1) @ params["w1"])
+    return l2_normalize(hidden @ params["w2"])
+
+  def logit_scale(self, params):
+    return params["logit_scale"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arithmetic and class embeddings
+# ----------------------------------------------------------------------------------------------------
+
+def test_accuracy_arithmetic_on_a_hand_built_case():
+  logits = np.array([[3.0, 1.0, 0.0],   # predicts 0, label 0: right
+                     [0.0, 2.0, 2.0],   # tie between 1 and 2: the lower index, 1, is the prediction
+                     [1.0, 0.0, 5.0],   # predicts 2, label 1: wrong
+                     [0.0, 4.0, 1.0]])  # predicts 1, label 1: right
+  labels = np.array([0, 1, 1, 1])
+  clean = zs.correct_predictions(logits, labels)
+  np.testing.assert_array_equal(clean, [True, True, False, True])
+  assert zs.accuracy(clean) == 75.0
+  # Image 0 falls to attack a, image 3 to attack b, image 2 is wrong clean: only image 1 is robust.
+  a, b = np.array([False, True, True, True]), np.array([True, True, True, False])
+  robust = zs.robust_correct(clean, [a, b])
+  np.testing.assert_array_equal(robust, [False, True, False, False])
+  assert zs.accuracy(robust) == 25.0 and zs.accuracy(a & clean) == 50.0
+  with pytest.raises(zs.ZeroShotError, match="no images"):
+    zs.accuracy(np.zeros(0, bool))
+  # apgd-t's targeted DLR reads the 4 largest logits: by default it runs from 4 classes on.
+  assert zs.default_attacks(3) == ["apgd-ce", "pgd"] and zs.default_attacks(4) == list(zs.ATTACKS)
+
+
+def test_class_embedding_is_the_normalised_mean_of_normalised_prompt_embeddings(victim):
+  prompts = [["a red circle", "there is a red circle", "a photo of a red circle"], ["a blue square"],
+             ["a green star", "an image of a green star"]]
+  got = zs.class_embeddings(victim.encoder, victim.params, victim.tokenizer, prompts)
+  flat = [p for ps in prompts for p in ps]
+  tok = victim.tokenizer(flat)
+  emb = metrics.embed_texts(victim.encoder, victim.params, tok.input_ids, tok.attention_mask)
+  start = 0
+  for c, ps in enumerate(prompts):
+    mean = emb[start:start + len(ps)].mean(axis=0)
+    start += len(ps)
+    np.testing.assert_allclose(got[c], mean / np.linalg.norm(mean), atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_shapes_sets_are_deterministic_and_labelled():
+  a = classification.shapes_colour_shape(num_images=60, image_size=SIZE, seed=3)
+  b = classification.shapes_colour_shape(num_images=60, image_size=SIZE, seed=3)
+  np.testing.assert_array_equal(a.images, b.images)
+  assert len(a.class_names) == 49 and a.class_names[0] == "red circle" and a.class_names[-1] == "white ring"
+  np.testing.assert_array_equal(a.labels, np.arange(60) % 49)
+  assert a.prompts[1][0] == "a red square" and a.prompts[7][0] == "an orange circle"
+  # The image of label 8 (orange square) is one orange object: its brightest pixels are orange.
+  img = a.images[8].reshape(-1, 3).astype(float)
+  top = img[np.argsort(img.sum(1))[-4:]].mean(0) / 255
+  assert np.abs(top - np.asarray(shapes.COLOUR_RGB["orange"])).max() < 0.15
+  count = classification.shapes_count(num_images=30, image_size=SIZE, seed=0, prompts_per_class=4)
+  want = [len(shapes.scene_for(0, "test", i).objects) - 1 for i in range(30)]
+  np.testing.assert_array_equal(count.labels, want)
+  assert [len(p) for p in count.prompts] == [4, 4, 4]
+  assert all(len(shapes.parse(p).mentions) == c + 1 for c, ps in enumerate(count.prompts) for p in ps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attacks
+# ----------------------------------------------------------------------------------------------------
+
+def test_attacks_lower_accuracy_and_compile_once_per_shape():
+  rng = np.random.default_rng(0)
+  enc = MLPEncoder()
+  params = {"w1": jnp.asarray(rng.normal(size=(8 * 8 * 3, 32)) / 8, jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32),
+            "logit_scale": jnp.asarray(np.log(50.0), jnp.float32)}
+  classes = np.asarray(l2_normalize(jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)))
+  images = jnp.asarray(rng.uniform(size=(8, 8, 8, 3)), jnp.float32)
+  # Labels = the clean predictions: 100% clean accuracy, so every loss of accuracy is the attack's.
+  labels = np.asarray(jnp.argmax(zs._clean_logits(enc, params, jnp.asarray(classes), images), axis=-1))
+  settings = zs.Settings(apgd_steps=10, pgd_steps=10, n_targets=3)
+  key = jax.random.key(0)
+  for attack in zs.ATTACKS:
+    untouched = zs.attack_correct(enc, params, classes, images, labels, key, attack=attack, eps=0.0, settings=settings)
+    assert bool(jnp.all(untouched)), attack  # eps = 0: the image cannot move
+    compiled = zs._attack_correct._cache_size()
+    attacked = zs.attack_correct(enc, params, classes, images, labels, jax.random.key(1), attack=attack,
+                                 eps=8 / 255, settings=settings)
+    assert zs._attack_correct._cache_size() == compiled, f"{attack} recompiled for a new eps"
+    assert zs.accuracy(attacked) <= 50.0, (attack, np.asarray(attacked))
+  with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
+    zs.attack_correct(enc, params, classes[:3], images, labels % 3, key, attack="apgd-t", eps=0.01)
+  with pytest.raises(zs.ZeroShotError, match="unknown attack"):
+    zs.attack_correct(enc, params, classes, images, labels, key, attack="fgsm", eps=0.01)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ImageFolder
+# ----------------------------------------------------------------------------------------------------
+
+def _write_folder(root, classes=("red_circle", "blue_square", "green_star", "white_ring"), per_class=2,
+                  sizes=((24, 18), (18, 30))):
+  """Class folders of rendered shapes-world objects, PNG and JPEG, in non-square sizes."""
+  rng = np.random.default_rng(0)
+  for name in classes:
+    colour, shape = name.split("_")
+    (root / name).mkdir(parents=True)
+    for i in range(per_class):
+      scene = shapes.single_object_scene(shapes.SHAPES.index(shape), shapes.COLOURS.index(colour), rng)
+      w, h = sizes[i % len(sizes)]
+      image = Image.fromarray(shapes.render(scene, max(w, h))).resize((w, h))
+      image.save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+  return root
+
+
+def test_image_folder_builds_once_with_sorted_labels_and_clip_preprocessing(tmp_path):
+  root = _write_folder(tmp_path / "shapes folder", classes=("red_circle", "blue_square", "green_star"))
+  (root / "notes.txt").write_text("not an image")  # loose files beside the class folders are ignored
+  logs = []
+  builder = imagefolder.build_image_folder(root, image_size=SIZE, data_dir=tmp_path / "data", log=logs.append)
+  data = imagefolder.load_classification_set(builder)
+  assert data.class_names == ("blue square", "green star", "red circle")  # sorted folder names
+  np.testing.assert_array_equal(data.labels, [0, 0, 1, 1, 2, 2])
+  assert data.images.shape == (6, SIZE, SIZE, 3) and data.images.dtype == np.uint8
+  # Shorter side to 16 (bicubic), then the centre crop: the same as the caption corpora's preprocessing.
+  from mat_jax.data.corpora import resize_and_crop
+  want = np.asarray(resize_and_crop(Image.open(root / "red_circle" / "1.png"), SIZE), np.float32)
+  assert np.abs(data.images[5].astype(np.float32) - want).mean() < 4.0  # JPEG round trip
+  imagefolder.build_image_folder(root, image_size=SIZE, data_dir=tmp_path / "data", log=logs.append)
+  assert any("reusing" in line for line in logs)
+  # A changed folder is another dataset (its fingerprint changes), built afresh.
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "red_circle" / "2.png")
+  rebuilt = imagefolder.build_image_folder(root, image_size=SIZE, data_dir=tmp_path / "data", log=logs.append)
+  again = imagefolder.load_classification_set(rebuilt)
+  assert len(again) == 7
+
+  split_root = tmp_path / "split"
+  _write_folder(split_root / "train", classes=("red_circle", "blue_square"))
+  _write_folder(split_root / "test", classes=("red_circle", "blue_square"), per_class=1)
+  split_builder = imagefolder.build_image_folder(split_root, image_size=SIZE, data_dir=tmp_path / "data",
+                                                 log=logs.append)
+  assert sorted(split_builder.info.splits.keys()) == ["test", "train"]
+  assert len(imagefolder.load_classification_set(split_builder, "test")) == 2
+  assert len(imagefolder.load_classification_set(split_builder, "train", limit=3)) == 3
+
+
+def test_image_folder_bad_input_names_the_problem(tmp_path):
+  with pytest.raises(CorpusError, match="does not exist"):
+    imagefolder.scan(tmp_path / "missing")
+  (tmp_path / "flat").mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat" / "x.png")
+  with pytest.raises(CorpusError, match="no class folders"):
+    imagefolder.scan(tmp_path / "flat")
+  empty = _write_folder(tmp_path / "empty", classes=("red_circle", "blue_square"))
+  (empty / "green_star").mkdir()
+  (empty / "green_star" / "readme.txt").write_text("no images here")
+  with pytest.raises(CorpusError, match="green_star holds no images"):
+    imagefolder.scan(empty)
+  split = tmp_path / "split"
+  _write_folder(split / "train", classes=("red_circle", "blue_square"))
+  _write_folder(split / "test", classes=("red_circle",))
+  with pytest.raises(CorpusError, match="different classes.*blue_square"):
+    imagefolder.scan(split)
+  corrupt = _write_folder(tmp_path / "corrupt", classes=("red_circle", "blue_square"))
+  (corrupt / "blue_square" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+  with pytest.raises(CorpusError, match="corrupt or unreadable image file .*broken.jpg"):
+    imagefolder.build_image_folder(corrupt, image_size=SIZE, data_dir=tmp_path / "data", log=lambda m: None)
+
+
+def test_class_names_that_tokenise_to_nothing_are_refused(victim):
+  images = np.zeros((3, SIZE, SIZE, 3), np.uint8)
+  data = classification.ClassificationSet(images, np.array([0, 1, 2]), ("red circle", "zebra crossing", "  "),
+                                          name="bad")
+  with pytest.raises(zs.ZeroShotError, match=r"\['zebra crossing', '  '\] tokenise to nothing"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, data, templates=("a picture of {}",))
+  twice = dataclasses.replace(data, class_names=("red circle", "blue square", "red circle"))
+  with pytest.raises(zs.ZeroShotError, match="more than once"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, twice, templates=("{}",))
+  fine = dataclasses.replace(data, class_names=("red circle", "blue square", "green star"))
+  with pytest.raises(zs.ZeroShotError, match="no '\\{\\}'"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, fine, templates=("a picture",))
+  with pytest.raises(zs.ZeroShotError, match="exceed the model's context"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, fine, templates=("a " * 30 + "{}",))
+  with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, fine, attacks=("apgd-t",),
+                         templates=("{}",))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------
+
+def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, capsys):
+  root = _write_folder(tmp_path / "folder")
+  out = tmp_path / "out"
+  common = ["--task", "zeroshot", "--model", str(model_dir), "--eps", "0,4", "--apgd-steps", "3", "--steps", "2",
+            "--batch-size", "4", "--no-progress", "--data-dir", str(tmp_path / "data")]
+  assert ev.main([*common, "--data", str(root), "--n-targets", "2", "--template", "{}", "--template",
+                  "a picture of a {}", "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "apgd-ce" in printed and "apgd-t" in printed and "robust" in printed
+  results = json.loads((out / "results.json").read_text())
+  assert results["num_images"] == 8 and results["num_classes"] == 4
+  assert results["class_names"] == ["blue square", "green star", "red circle", "white ring"]
+  assert results["templates"] == ["{}", "a picture of a {}"] and results["prompts_per_class"] == [2] * 4
+  assert set(results["attacks"]) == {"apgd-ce", "apgd-t", "pgd"}
+  clean = results["clean"]["accuracy"]
+  for attack, per_eps in results["attacks"].items():
+    assert per_eps["0"]["accuracy"] == clean, attack  # eps = 0 changes nothing
+    assert per_eps["4"]["accuracy"] <= clean
+    assert results["robust"]["4"]["accuracy"] <= per_eps["4"]["accuracy"]
+  assert results["robust"]["0"]["accuracy"] == clean
+
+  # A 3-class shapes set, rendered at the model's size (PGD only: each attack compiles per class count).
+  assert ev.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "pgd",
+                  "--out", str(tmp_path / "count")]) == 0
+  results = json.loads((tmp_path / "count" / "results.json").read_text())
+  assert results["attacks_run"] == ["pgd"] and results["num_classes"] == 3
+  assert results["dataset"] == "shapes-count" and results["num_images"] == 5
+  assert results["prompts_per_class"] == [64] * 3 and results["templates"] is None
+
+  with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
+    ev.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "apgd-t"])
+  with pytest.raises(zs.ZeroShotError, match="neither"):
+    ev.main([*common, "--data", str(tmp_path / "nowhere")])
+  for flags, message in [(["--data", "shapes-count", "--template", "{}"], "--template applies"),
+                         (["--attacks", "apgd-ce,fgsm"], "unknown zero-shot attacks"),
+                         (["--limit", "0"], "at least 1")]:
+    with pytest.raises(SystemExit):
+      ev.main([*common, *flags])
+    assert message in capsys.readouterr().err
