@@ -589,8 +589,8 @@ def save_blip(model: BLIP | tuple[Any, nnx.State], directory: str | os.PathLike,
   return directory
 
 
-def is_blip_dir(source: str | os.PathLike) -> bool:
-  """Whether a local directory's config.json describes a BLIP (model_type 'blip'); False for hub ids."""
-  path = Path(source).expanduser() / "config.json"
+def is_blip(source: str | os.PathLike) -> bool:
+  """Whether a transformers-layout directory or hub id holds a BLIP (config.json's model_type 'blip')."""
+  directory = hub.resolve(source, ("config.json",))
+  path = directory / "config.json"
   return path.exists() and json.loads(path.read_text()).get("model_type") == "blip"
-
