@@ -340,12 +340,15 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 def export_model(model: Any, tokenizer: Any, workdir: str | os.PathLike) -> Path:
   """Write the model in the transformers layout (config.json + model.safetensors) and the tokenizer
-  files beside it, so that `load_clip` / transformers' `CLIPModel.from_pretrained` read it."""
-  from mat_jax.models import save_clip
+  files beside it, so that `load_clip` / transformers' `CLIPModel.from_pretrained` read it (`load_blip` /
+  `BlipForImageTextRetrieval` for a BLIP)."""
+  from mat_jax.models import save_blip, save_clip
+  from mat_jax.models.blip import BlipConfig
 
   directory = Path(workdir) / MODEL_DIR
   directory.mkdir(parents=True, exist_ok=True)
-  save_clip(model, directory)
+  config = model[0].config if isinstance(model, tuple) else model.config
+  (save_blip if isinstance(config, BlipConfig) else save_clip)(model, directory)
   if tokenizer is not None:
     tokenizer.save_pretrained(directory)
   return directory
@@ -362,13 +365,14 @@ def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
 
   The tokenizer is None for runs without one (synthetic data).
   """
-  from mat_jax.models import load_clip
+  from mat_jax.models import load_blip, load_clip
+  from mat_jax.models.blip import is_blip
   from mat_jax.models.tokenizers import load_tokenizer
 
   workdir = Path(workdir)
   exported = workdir / MODEL_DIR
   if (exported / "config.json").exists():
-    model = load_clip(exported)
+    model = (load_blip if is_blip(exported) else load_clip)(exported)
     tokenizer = None
     if (exported / "tokenizer.json").exists() or (exported / "vocab.json").exists():
       tokenizer = load_tokenizer(exported, context_length=model.config.text.context_length)

@@ -33,12 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import checks, errors, metrics
+from mat_jax import checks, errors, metrics, rerank
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
 from mat_jax.attacks.text import adversarial_captions
 from mat_jax.errors import InputError
+from mat_jax.models.blip import BLIP
 from mat_jax.models.clip import CLIP, check_tokens_for
 from mat_jax.models.dual_encoder import DualEncoder, split
 from mat_jax.models.tokenizers import Tokenizer
@@ -63,14 +64,14 @@ class Victim:
   def of(cls, model, params=None, tokenizer=None, name: str = "model") -> "Victim":
     if isinstance(model, Victim):
       return model
-    if isinstance(model, CLIP):
+    if isinstance(model, (CLIP, BLIP)):
       encoder, params = split(model)
     elif isinstance(model, DualEncoder):
       encoder = model
       if params is None:
         raise ValueError("a DualEncoder needs its params: evaluate(encoder, params, tokenizer, ...)")
     else:
-      raise TypeError(f"expected a mat_jax CLIP or a DualEncoder, got {type(model).__name__}")
+      raise TypeError(f"expected a mat_jax CLIP, BLIP or a DualEncoder, got {type(model).__name__}")
     if tokenizer is None:
       raise ValueError(f"{name}: a tokenizer is needed (mat_jax.models.load_tokenizer)")
     return cls(encoder, params, tokenizer, name)
@@ -176,7 +177,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
              text_source: candidates_lib.CandidateSource | None = None, surrogate=None,
              settings: AttackSettings = AttackSettings(), batch_size: int = 32, seed: int = 0,
              limit: int | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None, itm_k: int | None = None) -> dict:
   """Retrieval recall of `model` clean and under each attack and budget; see the module docstring.
 
   model: an NNX CLIP, or a DualEncoder with `params`; tokenizer: the model's. eval_set: anything with
@@ -186,6 +187,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   needed by bert/sep/co/sga. surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
   that generates the attacks instead of the target (transfer). limit: evaluate the first N images.
   log: if given, receives one line per attack and budget (R@1 and the time taken).
+  itm_k: for a target with an ITM head (BLIP), rank by ITC and re-rank each query's top itm_k by ITM
+  (`mat_jax.rerank`, BLIP's evaluation); None ranks by ITC similarity alone.
   Returns {"clean": recalls, "attacks": {attack: {eps_key: {"recall", "recall_drop", "asr", "seconds"}}},
   ...}; text-only attacks use the eps key "text".
   """
@@ -234,7 +237,19 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
                                    _float_images(eval_set, np.arange(n_images)), batch_size)
   clean_txt = metrics.embed_texts(target.encoder, target.params, target_tokens.input_ids,
                                   target_tokens.attention_mask)
-  clean_ranks = metrics.retrieval_ranks(clean_img @ clean_txt.T, text_to_image)
+  if itm_k is not None and not rerank.supports_itm(target.encoder):
+    raise ValueError(f"itm_k={itm_k}: ITM re-ranking needs a target with an ITM head (BLIP); leave it unset for "
+                     f"{type(target.encoder.config).__name__} models")
+
+  def ranks_of(img, txt, ids, mask, pixels):
+    """Ranks by ITC similarity, or re-ranked by ITM (pixels: the N images the img features are of)."""
+    if itm_k is None:
+      return metrics.retrieval_ranks(img @ txt.T, text_to_image)
+    i2t, t2i = rerank.itm_rerank(target.encoder, target.params, pixels, ids, mask, img @ txt.T, k=itm_k)
+    return rerank.reranked_ranks(i2t, t2i, text_to_image)
+
+  clean_pixels = _float_images(eval_set, np.arange(n_images)) if itm_k is not None else None
+  clean_ranks = ranks_of(clean_img, clean_txt, target_tokens.input_ids, target_tokens.attention_mask, clean_pixels)
   clean = metrics.recall_from_ranks(*clean_ranks)
 
   # What the attacker needs: its tokenisation, its clean text features (APGD's classes), candidates.
@@ -256,6 +271,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   for attack, eps in runs:
     start = time.perf_counter()
     adv_img = np.zeros_like(clean_img)
+    adv_pixels = None if itm_k is None else np.array(clean_pixels)  # ITM re-ranking reads the images again
     adv_ids = np.array(target_tokens.input_ids)
     adv_mask = np.array(target_tokens.attention_mask)
     adv_strings: list[str] | None = None if attacker is target else list(caption_list)
@@ -272,6 +288,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         # Straight from the device: the adversarial pixels never visit the host.
         embedded = metrics.image_embeddings(target.encoder, target.params, adv_images)
         adv_img[batch.images[real]] = np.asarray(embedded)[real]
+        if adv_pixels is not None:
+          adv_pixels[batch.images[real]] = np.asarray(adv_images)[real]
       else:
         adv_img[batch.images[real]] = clean_img[batch.images[real]]
       if text_result is not None:
@@ -288,7 +306,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
       tokens = target.tokenizer(adv_strings)
       adv_ids, adv_mask = tokens.input_ids, tokens.attention_mask
     adv_txt = metrics.embed_texts(target.encoder, target.params, adv_ids, adv_mask)
-    ranks = metrics.retrieval_ranks(adv_img @ adv_txt.T, text_to_image)
+    ranks = ranks_of(adv_img, adv_txt, adv_ids, adv_mask, adv_pixels)
     recall = metrics.recall_from_ranks(*ranks)
     results.setdefault(attack, {})[TEXT_ONLY_KEY if eps is None else _eps_key(eps)] = {
         "recall": recall,
@@ -305,7 +323,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
       "target": target.name, "surrogate": None if surrogate is None else surrogate.name,
       "num_images": n_images, "num_texts": int(len(caption_list)),
       "eps_255": [float(e) for e in eps_255], "attacks_run": list(attacks),
-      "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed},
+      "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed, "itm_k": itm_k},
       "clean": clean, "attacks": results,
   }
 
@@ -443,7 +461,8 @@ def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMAR
 def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str], None] = print) -> Victim:
   """A model by name: "shapes" (the demo's clean tiny CLIP, trained into the cache on first use),
   "cache:NAME", a mat_jax training run directory, a transformers-layout directory or a hub id."""
-  from mat_jax.models import load_clip, load_tokenizer
+  from mat_jax.models import load_blip, load_clip, load_tokenizer
+  from mat_jax.models.blip import is_blip
 
   model, tok = None, None
   path = Path(source).expanduser()
@@ -456,7 +475,7 @@ def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str
     from mat_jax import checkpoint
     model, tok = checkpoint.restore_model(path)
   else:
-    model = load_clip(source)
+    model = load_blip(source) if is_blip(source) else load_clip(source)
   if tokenizer is not None:
     tok = load_tokenizer(tokenizer, context_length=model.config.text.context_length)
   if tok is None:
@@ -553,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="eval_results", help="directory for results.json and recall_vs_eps.png")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--itm-k", type=int, help="BLIP targets: re-rank each query's top K by ITM (BLIP's evaluation; "
+                 f"the references use 128 or 256; default {rerank.DEFAULT_K} for BLIP, 0 ranks by ITC alone)")
   return p
 
 
@@ -584,9 +605,15 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
   if any(not math.isfinite(e) or e < 0 for e in args.eps):
     parser.error(f"--eps budgets are in 1/255 units and must be finite and >= 0, got {args.eps}")
+  if args.itm_k is not None and args.itm_k < 0:
+    parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
   # Before the work: an --out that cannot be written would lose the results after the whole evaluation.
   out = errors.check_writable_dir(args.out, "--out")
   target = load_victim(args.model, args.tokenizer)
+  has_itm = rerank.supports_itm(target.encoder)
+  if args.itm_k and not has_itm:
+    parser.error(f"--itm-k needs a target with an ITM head (BLIP); {args.model} is a dual encoder")
+  itm_k = (rerank.DEFAULT_K if args.itm_k is None else args.itm_k or None) if has_itm else None
   surrogate = load_victim(args.surrogate, args.surrogate_tokenizer) if args.surrogate else None
   eval_set = load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
                           data_dir=args.data_dir, limit=args.limit)
@@ -596,7 +623,7 @@ def _main(argv: Sequence[str] | None) -> int:
                             max_changes=args.max_changes, top_k=args.top_k, norm=args.norm)
   results = evaluate(target, eval_set=eval_set, attacks=args.attacks, eps_255=args.eps, text_source=source,
                      surrogate=surrogate, settings=settings, batch_size=args.batch_size, seed=args.seed,
-                     limit=args.limit, progress=not args.no_progress)
+                     limit=args.limit, progress=not args.no_progress, itm_k=itm_k)
   results["data"] = {"name": args.data, "split": args.split}
   print(format_table(results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
                               f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"))

@@ -137,7 +137,7 @@ def _check_quickstart(notebook, root: Path) -> None:
   assert any((root / "data").rglob("dataset_info.json"))  # the world was built in tmp, not in ~
 
   linf = [float(v) for v in re.findall(rf"max \|delta\| = ({NUMBER})/255", text)]
-  assert len(linf) == 2 and all(0 < v <= 2 + 1e-3 for v in linf)  # PGD and Co-Attack within eps = 2/255
+  assert len(linf) == 3 and all(0 < v <= 2 + 1e-3 for v in linf)  # PGD, Co-Attack, BLIP Co-Attack within 2/255
   clean, adversarial = map(float, re.search(rf"clean ({NUMBER}), PGD ({NUMBER})", text).groups())
   assert adversarial < clean  # PGD lowered the similarity of each image to its captions
 
@@ -149,6 +149,16 @@ def _check_quickstart(notebook, root: Path) -> None:
     assert all(0 <= v <= 100 for v in values)
     assert values[0] <= values[1] <= values[2] and values[3] <= values[4] <= values[5]  # R@1 <= R@5 <= R@10
   assert _images(notebook) == 2  # the world's scenes, then clean vs adversarial
+  # BLIP: trained into the workdir, exported in its own layout, attacked, ranked by ITC and re-ranked by ITM.
+  assert "trained a BLIP 4 steps" in text
+  blip_config = json.loads((root / "runs" / "blip" / "model" / "config.json").read_text())
+  assert blip_config["architectures"] == ["BlipForImageTextRetrieval"]
+  blip_rows = re.findall(rf"^BLIP (clean|Co-Attack), (ITC|ITM top-16)\s+((?:{NUMBER}\s+){{5}}{NUMBER})$", text, re.M)
+  assert sorted((a, b) for a, b, _ in blip_rows) == [("Co-Attack", "ITC"), ("Co-Attack", "ITM top-16"),
+                                                    ("clean", "ITC"), ("clean", "ITM top-16")]
+  for *_, numbers in blip_rows:
+    values = [float(v) for v in numbers.split()]
+    assert all(0 <= v <= 100 for v in values) and values[0] <= values[1] <= values[2]
 
 
 def _check_robustness_report(notebook, root: Path) -> None:

@@ -26,6 +26,7 @@ from mat_jax.attacks.candidates import (BertMLMSource, CandidateSource, CharEdit
                                         TextCandidates, prepare_candidates)
 from mat_jax.attacks.image import apgd, apgd_targeted, pgd
 from mat_jax.attacks.text import AttackedText, TextAttackResult, adversarial_captions, attack_text, text_attack
+from mat_jax.models.blip import BLIP
 from mat_jax.models.clip import CLIP, check_pixels, check_text
 from mat_jax.models.dual_encoder import split
 from mat_jax.models.tokenizers import Tokenizer
@@ -47,9 +48,10 @@ def _key(key) -> jax.Array:
 
 
 def _check_model(model) -> None:
-  if not isinstance(model, CLIP):
-    raise TypeError(f"model must be a mat_jax CLIP (nnx.Module), got {type(model).__name__}; load one with "
-                    "mat_jax.models.load_clip(...) or use mat_jax.attacks.image.pgd_attack(encoder, params, ...)")
+  if not isinstance(model, (CLIP, BLIP)):
+    raise TypeError(f"model must be a mat_jax CLIP or BLIP (nnx.Module), got {type(model).__name__}; load one "
+                    "with mat_jax.models.load_clip(...) / load_blip(...) or use "
+                    "mat_jax.attacks.image.pgd_attack(encoder, params, ...)")
 
 
 def image_attack(model: CLIP, images, input_ids, attention_mask, *, eps: float, steps: int,

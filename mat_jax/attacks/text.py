@@ -170,7 +170,8 @@ def _pools_last_token(encoder: DualEncoder, c: TextCandidates) -> bool:
   """Whether the text tower pools these texts at their end token, their last: then a text that differs
   from a cached one from some word on is encoded from that word on (`DualEncoder.text_features_continued`)."""
   text = encoder.config.text
-  if c.end_id is None:
+  # A bidirectional tower (BLIP's BERT, pooled at [CLS]) changes every state with any token: scored whole.
+  if c.end_id is None or text.text_pooling not in ("eos", "argmax"):
     return False
   if text.text_pooling == "eos":
     return c.end_id == text.eos_token_id

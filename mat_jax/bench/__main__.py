@@ -1,7 +1,8 @@
 """`python -m mat_jax.bench SUITE [options]`: measured speed next to its reference, in one run.
 
 Suites: encode (CLIP image encoding vs transformers/PyTorch), attacks (PGD, BERT-Attack, SGA),
-data (input pipeline throughput), train (MAT step vs an eager PyTorch MAT step).
+data (input pipeline throughput), train (MAT step vs an eager PyTorch MAT step), blip (BLIP's PGD step vs
+transformers' PyTorch BLIP).
 """
 
 import argparse
@@ -13,6 +14,7 @@ SUITES = {
     "attacks": "10-step PGD vs eager PyTorch; batched BERT-Attack vs a per-caption loop; SGA wall time",
     "data": "images/s from the training pipeline vs images/s a MAT step consumes",
     "train": "MAT train step vs an eager PyTorch MAT step on transformers' CLIPModel",
+    "blip": "BLIP PGD attack step (ITC features) vs eager PyTorch on transformers' BlipForImageTextRetrieval",
 }
 
 

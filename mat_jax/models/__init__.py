@@ -1,6 +1,7 @@
-"""Model ports: CLIP dual encoders and a BERT masked LM, in Flax NNX, with transformers-layout weights."""
+"""Model ports: CLIP dual encoders, BLIP retrieval and a BERT masked LM, in Flax NNX, with transformers-layout weights."""
 
 from mat_jax.models.bert import BERT_PRESETS, BertConfig, BertForMaskedLM, bert_config
+from mat_jax.models.blip import BLIP, BLIP_PRESETS, BlipConfig, blip_config, load_blip, save_blip
 from mat_jax.models.clip import (CLIP, PRESETS, CLIPConfig, TextConfig, VisionConfig, check_pixels, check_text,
                                  check_token_ids, clip_config, l2_normalize)
 from mat_jax.models.dual_encoder import DualEncoder, split

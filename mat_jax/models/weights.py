@@ -234,8 +234,10 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   """transformers' CLIPConfig dict (config.json) [+ preprocessor_config.json] -> CLIPConfig."""
   problems = []
   if data.get("model_type", "clip") != "clip":
-    raise ConfigError(f"config.json describes a {data['model_type']!r} model; load_clip reads transformers' "
-                      "CLIPModel checkpoints (model_type 'clip').")
+    hint = " (a BLIP checkpoint: load it with mat_jax.models.load_blip)" if data["model_type"] == "blip" else ""
+    raise ConfigError(f"config.json describes a {data['model_type']!r} model (architectures "
+                      f"{data.get('architectures')}){hint}; load_clip reads transformers' CLIPModel checkpoints "
+                      "(model_type 'clip').")
   # Older configs (openai/clip-vit-large-patch14 among them) also carry *_config_dict.
   vision_data = _merge_config_dict(data.get("vision_config"), data.get("vision_config_dict"),
                                    _hf_defaults(VisionConfig, _VISION_KEYS, **_VISION_EXTRA_DEFAULTS))

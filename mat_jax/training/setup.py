@@ -1,10 +1,11 @@
 """From an experiment config to the things a run needs: model, tokenizer, data.
 
 Model sources (`config.model.source`):
-- a preset name of `mat_jax.models.PRESETS` ("tiny", "vit-b-16", ...): random initialisation from
+- a preset name of `mat_jax.models.PRESETS` ("tiny", "vit-b-16", ...) or `BLIP_PRESETS` ("blip-tiny",
+  "blip-base", ...): random initialisation from
   `config.seed`, with `config.model.overrides` ("vision.layers=2,text.width=64") applied and, for a
   tokenizer given by `config.model.tokenizer`, the text vocabulary / context / special ids taken from it;
-- a transformers-layout directory or hub id: `load_clip` (+ its tokenizer files);
+- a transformers-layout directory or hub id: `load_clip`, or `load_blip` for a BLIP (+ its tokenizer files);
 - a mat_jax run directory (its exported model, else its newest checkpoint);
 - "cache:shapes_clip": the clean tiny CLIP of the shapes world, trained once with
   experiments/shapes_clip.py into the cache ($MAT_JAX_CACHE_DIR or ~/.cache/mat_jax, under runs/).
@@ -21,7 +22,7 @@ import ml_collections
 from flax import nnx
 
 from mat_jax.config import ConfigError
-from mat_jax.models import CLIP, PRESETS, CLIPConfig, clip_config
+from mat_jax.models import BLIP, BLIP_PRESETS, CLIP, PRESETS, CLIPConfig, blip_config, clip_config
 from mat_jax.models.tokenizers import Tokenizer
 
 CACHE_PREFIX = "cache:"
@@ -37,8 +38,8 @@ def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
   config, the preset's architecture, the data version), so an edited experiment is trained afresh."""
   from mat_jax import config as config_lib
   parts: dict[str, Any] = {"config": config_lib.to_json(config)}
-  if config.model.source in PRESETS:
-    parts["preset"] = repr(PRESETS[config.model.source])
+  if config.model.source in PRESETS or config.model.source in BLIP_PRESETS:
+    parts["preset"] = repr({**PRESETS, **BLIP_PRESETS}[config.model.source])
   if config.data.name == "shapes":
     from mat_jax.data import corpora
     parts["data_version"] = str(corpora.ShapesWorld.VERSION)
@@ -95,12 +96,16 @@ def load_tokenizer(source: str, context_length: int | None = None) -> Tokenizer:
 
 
 def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> CLIPConfig:
-  cfg = clip_config(config.model.source, dtype=config.model.dtype)
+  source = config.model.source
+  cfg = (blip_config if source in BLIP_PRESETS else clip_config)(source, dtype=config.model.dtype)
   if tokenizer is not None:
     # The model's text side follows the tokenizer it is trained with.
-    cfg = cfg.replace(text=dataclasses.replace(
-        cfg.text, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
-        bos_token_id=tokenizer.start_id, eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
+    text = dict(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
+                bos_token_id=tokenizer.start_id, eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id)
+    if source in BLIP_PRESETS:  # BLIP's positions are a table of their own; its [SEP] is the end token
+      text.update(max_position_embeddings=max(cfg.text.max_position_embeddings, tokenizer.context_length),
+                  sep_token_id=tokenizer.end_id)
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text))
   return parse_model_overrides(config.model.overrides, cfg)
 
 
@@ -120,14 +125,16 @@ def load_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
   if source.startswith(CACHE_PREFIX):
     run_dir = ensure_cached_run(source[len(CACHE_PREFIX):], log=log)
     model, tokenizer = checkpoint.restore_model(run_dir)
-  elif source in PRESETS:
+  elif source in PRESETS or source in BLIP_PRESETS:
     tokenizer = load_tokenizer(config.model.tokenizer, context) if config.model.tokenizer else None
-    return CLIP(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed)), tokenizer
+    cls = BLIP if source in BLIP_PRESETS else CLIP
+    return cls(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed)), tokenizer
   elif is_run_dir(Path(source).expanduser()):
     model, tokenizer = checkpoint.restore_model(Path(source).expanduser())
   else:
-    from mat_jax.models import load_clip
-    model = load_clip(source, dtype=config.model.dtype)
+    from mat_jax.models import load_blip, load_clip
+    from mat_jax.models.blip import is_blip
+    model = (load_blip if is_blip(source) else load_clip)(source, dtype=config.model.dtype)
     tokenizer = load_tokenizer(config.model.tokenizer or source,
                                context or model.config.text.context_length)
   if context and context > model.config.text.context_length:
@@ -145,7 +152,7 @@ def _with_dtype(model: CLIP, dtype: str) -> CLIP:
   """The same parameters under another compute dtype."""
   from mat_jax.models import split
   encoder, params = split(model)
-  abstract = nnx.eval_shape(lambda: CLIP(model.config.replace(dtype=dtype), rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: type(model)(model.config.replace(dtype=dtype), rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
   return nnx.merge(graphdef, params)
 

@@ -27,9 +27,10 @@ from mat_jax import mesh as mesh_lib
 from mat_jax.models import DualEncoder
 from mat_jax.objectives import Objective
 
+# Top-level parameter names per tower: CLIP's, then BLIP's (whose text tower holds the ITM cross-attention).
 TOWERS = {
-    "vision": ("vision", "visual_projection"),
-    "text": ("text", "text_projection"),
+    "vision": ("vision", "visual_projection", "vision_proj"),
+    "text": ("text", "text_projection", "text_proj"),
 }
 
 

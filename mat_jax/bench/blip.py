@@ -1,0 +1,122 @@
+"""`python -m mat_jax.bench blip`: the BLIP image attack step against transformers' PyTorch BLIP, in one run.
+
+PGD (10 L-inf steps at 2/255 by default) on BLIP's ITC image features, lowering the cosine similarity to
+the paired captions' ITC features, the loss SGA's image attack uses. mat_jax (one jitted `fori_loop`)
+vs the same attack written eagerly in PyTorch on transformers' `BlipForImageTextRetrieval`, with
+identical weights (a random model saved with `save_pretrained` and loaded by `load_blip`). Calls
+alternate round by round so load changes hit both alike; reported: images/s, seconds per attack, the
+ratio, and the agreement of the two loss gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mat_jax.bench import common
+from mat_jax.models.blip import BLIP_PRESETS, blip_config_to_hf
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--preset", default="blip-base", choices=sorted(BLIP_PRESETS), help="BLIP architecture")
+  parser.add_argument("--quick", action="store_true", help="blip-tiny at batch 2: a fast smoke run")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="mat_jax compute dtype (PyTorch runs float32)")
+  parser.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up")
+  parser.add_argument("--rounds", type=int, default=3, help="minimum timed calls per implementation")
+
+
+def run(args: argparse.Namespace) -> int:
+  import torch
+  import transformers
+
+  from mat_jax.attacks import image as image_attacks
+  from mat_jax.attacks import losses
+  from mat_jax.models import split
+  from mat_jax.models.blip import load_blip
+
+  preset, batch = ("blip-tiny", 2) if args.quick else (args.preset, args.batch)
+  steps, eps = args.steps, 2 / 255
+  step_size = eps / 4
+  cfg = BLIP_PRESETS[preset]
+  size = cfg.vision.image_size
+  print(f"BLIP attack benchmark on {common.device_summary()}")
+  print(f"\nPGD: BLIP {preset}, batch {batch}, {steps} L-inf steps (eps 2/255, step 0.5/255), cosine loss of the "
+        f"ITC image features to the paired captions'; mat_jax {args.dtype} jit vs PyTorch {torch.__version__} "
+        f"float32 eager ({torch.get_num_threads()} threads)")
+  torch.manual_seed(0)
+  hf_cfg = transformers.BlipConfig.from_dict(blip_config_to_hf(cfg))
+  hf = transformers.BlipForImageTextRetrieval(hf_cfg).eval().requires_grad_(False)
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp, safe_serialization=True)
+    encoder, params = split(load_blip(tmp, dtype=args.dtype, context_length=cfg.text.context_length))
+
+  rng = np.random.default_rng(0)
+  images = rng.random((batch, size, size, 3), dtype=np.float32)
+  ids = rng.integers(5, cfg.text.vocab_size - 1, (batch, 16)).astype(np.int64)
+  ids[:, 0] = cfg.text.bos_token_id
+  mask = np.ones_like(ids)
+  text = np.array(jax.jit(encoder.text_features)(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
+
+  @jax.jit
+  def jax_pgd(params, x, text, key):
+    return image_attacks.pgd(losses.paired_cosine(encoder, params, text), x, key, eps=eps, step_size=step_size,
+                             steps=steps)
+
+  @jax.jit
+  def jax_grad(params, x, text):
+    return jax.grad(lambda z: jnp.sum(losses.paired_cosine(encoder, params, text)(z, None)))(x)
+
+  x = jnp.asarray(images)
+  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  text_torch = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1)
+  mean = torch.tensor(cfg.vision.image_mean).view(1, 3, 1, 1)
+  std = torch.tensor(cfg.vision.image_std).view(1, 3, 1, 1)
+
+  def torch_loss(pixels):
+    cls = hf.vision_model(pixel_values=(pixels - mean) / std).last_hidden_state[:, 0]
+    return -(torch.nn.functional.normalize(hf.vision_proj(cls), dim=-1) * text_torch).sum()
+
+  def torch_pgd():
+    adv = (x_torch + torch.empty_like(x_torch).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+      adv.requires_grad_(True)
+      grad, = torch.autograd.grad(torch_loss(adv), adv)
+      adv = adv.detach() + step_size * grad.sign()
+      adv = torch.min(torch.max(adv, x_torch - eps), x_torch + eps).clamp(0, 1)
+    return adv
+
+  # Agreement: both differentiate the same loss (jax_grad's sum is of the negated cosine, as torch_loss).
+  grad_j = np.asarray(jax_grad(params, x, text)).transpose(0, 3, 1, 2)
+  pixels = x_torch.clone().requires_grad_(True)
+  grad_t, = torch.autograd.grad(torch_loss(pixels), pixels)
+  grad_t = grad_t.numpy()
+  rel = float(np.abs(grad_j - grad_t).max() / max(np.abs(grad_t).max(), 1e-30))
+  print(f"agreement: loss gradient max rel diff {rel:.2e}, sign agreement "
+        f"{100 * float(np.mean(np.sign(grad_j) == np.sign(grad_t))):.2f}%")
+
+  key = jax.random.key(0)
+  programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block), "pytorch": (torch_pgd, lambda t: t)}
+  for fn, sync in programs.values():
+    sync(fn())
+  times: dict[str, list[float]] = {name: [] for name in programs}
+  start = time.perf_counter()
+  while min(map(len, times.values())) < args.rounds or time.perf_counter() - start < args.seconds:
+    for name, (fn, sync) in programs.items():
+      t0 = time.perf_counter()
+      sync(fn())
+      times[name].append(time.perf_counter() - t0)
+  median = {name: float(np.median(v)) for name, v in times.items()}
+  rows = [[name, batch / median[name], median[name], median["pytorch"] / median[name], len(times[name])]
+          for name in programs]
+  common.print_table(f"PGD {steps} steps, BLIP {preset}, batch {batch} (median of interleaved calls)",
+                     ["implementation", "img/s", "s/attack", "speed-up vs PyTorch", "calls"], rows)
+  print(f"ratio (PyTorch time / mat_jax time): {median['pytorch'] / median['mat_jax']:.2f}x")
+  return 0

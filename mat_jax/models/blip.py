@@ -1,0 +1,596 @@
+"""BLIP image–text retrieval in Flax NNX: a ViT image encoder, a BERT text encoder with cross-attention to
+the image tokens, the ITC projections and the ITM head.
+
+Mirrors transformers' `BlipForImageTextRetrieval`, so that its safetensors load by the name table below and
+the features and ITM logits match to float32 round-off. Images enter in pixel space (float32 NHWC in
+[0, 1]) and are normalised inside, as CLIP's are, so attack budgets ε are in pixel units.
+
+The module offers the same encoder methods as `CLIP` (`encode_image`, `encode_text`, the cache pair the
+text attack calls, `logit_scale`), so `DualEncoder` and everything built on it (attacks, metrics, train
+steps) run BLIP unchanged; the ITM head is the extra a retrieval re-ranker uses (`itm_logits`).
+
+Differences from CLIP that matter downstream:
+- the text encoder is bidirectional and pools at [CLS] (position 0): a caption cannot be continued from a
+  cached prefix, so `encode_text_continuation` encodes the given tokens whole and the text attack scores
+  every candidate text whole (see `attacks.text._pools_last_token`);
+- BLIP learns its ITC temperature (`temp`, 0.07 at the start) but transformers' retrieval class keeps
+  none; here it is the parameter `logit_scale` (log 1/temp, as CLIP's), read from and written to
+  config.json's `logit_scale_init_value`, so a fine-tuned temperature survives save and load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mat_jax.models import hub, layers, weights
+from mat_jax.models.clip import CLIP_MEAN, CLIP_STD, check_pixels, check_token_ids, l2_normalize
+
+# ------------------------------------------------------------------------------------------------
+# Configs: our names where they match CLIP's (so code that reads `config.vision.image_size` or
+# `config.text.context_length` serves both), transformers' defaults.
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipVisionConfig:
+  image_size: int = 384
+  patch_size: int = 16
+  width: int = 768                # transformers: hidden_size
+  layers: int = 12                # num_hidden_layers
+  heads: int = 12                 # num_attention_heads
+  mlp_dim: int = 3072             # intermediate_size
+  activation: str = "gelu"        # hidden_act
+  layer_norm_eps: float = 1e-5
+  image_mean: tuple[float, float, float] = CLIP_MEAN  # BlipImageProcessor's defaults are OpenAI CLIP's
+  image_std: tuple[float, float, float] = CLIP_STD
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipTextConfig:
+  vocab_size: int = 30524
+  max_position_embeddings: int = 512
+  width: int = 768                # hidden_size
+  layers: int = 12                # num_hidden_layers
+  heads: int = 8                  # num_attention_heads (transformers' default; the checkpoints use 12)
+  mlp_dim: int = 3072             # intermediate_size
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  bos_token_id: int = 30522
+  eos_token_id: int = 2
+  pad_token_id: int = 0
+  sep_token_id: int = 102
+  # Tokens per caption when tokenizing for this model: BLIP's retrieval code pads/truncates to 35. Not a
+  # transformers field (the tokenizer's choice, like CLIP's 77), so not written to config.json.
+  context_length: int = 35
+
+  def __post_init__(self) -> None:
+    if not 1 <= self.context_length <= self.max_position_embeddings:
+      raise ValueError(f"context_length {self.context_length} must lie in [1, max_position_embeddings "
+                       f"{self.max_position_embeddings}]")
+
+  @property
+  def text_pooling(self) -> str:
+    """Where the text is pooled: "cls", the first token (BERT's [CLS]), whatever the end token."""
+    return "cls"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipConfig:
+  """Mirrors transformers' BlipConfig (retrieval fields); `dtype` is the compute dtype (parameters float32)."""
+  vision: BlipVisionConfig = BlipVisionConfig()
+  text: BlipTextConfig = BlipTextConfig()
+  embed_dim: int = 256            # image_text_hidden_size: the ITC feature size
+  logit_scale_init: float = math.log(1 / 0.07)  # BLIP's temp 0.07; config.json's logit_scale_init_value
+  dtype: str = "float32"
+
+  def replace(self, **changes: Any) -> "BlipConfig":
+    return dataclasses.replace(self, **changes)
+
+
+BLIP_PRESETS: dict[str, BlipConfig] = {
+    # Salesforce/blip-itm-{base,large}-{coco,flickr}: ViT-B/16 or ViT-L/16 at 384 px, BERT-base text.
+    "blip-base": BlipConfig(text=BlipTextConfig(heads=12)),
+    "blip-large": BlipConfig(vision=BlipVisionConfig(width=1024, layers=24, heads=16, mlp_dim=4096),
+                             text=BlipTextConfig(heads=12)),
+    # The shapes world (as CLIP's "tiny" preset: 48 px renders, one 16-px patch per grid cell, the world's
+    # tokenizer: [PAD]=0, [START]=2, [END]=3, 128 ids, 24 tokens). One text layer is cross-attending.
+    "blip-tiny": BlipConfig(
+        vision=BlipVisionConfig(image_size=48, patch_size=16, width=192, layers=2, heads=4, mlp_dim=768),
+        text=BlipTextConfig(vocab_size=128, max_position_embeddings=24, context_length=24, width=192, layers=2,
+                            heads=4, mlp_dim=768, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                            sep_token_id=3),
+        embed_dim=128),
+}
+
+
+def blip_config(name: str, **overrides: Any) -> BlipConfig:
+  """A preset by name (see BLIP_PRESETS), with top-level fields replaced."""
+  if name not in BLIP_PRESETS:
+    raise ValueError(f"unknown BLIP preset {name!r}; available: {sorted(BLIP_PRESETS)}")
+  return BLIP_PRESETS[name].replace(**overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules.
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
+  """q (B, Q, H, D), k and v (B, L, H, D) -> context (B, Q, H * D); mask as `layers.MultiHeadAttention`'s."""
+  q = q * (1.0 / math.sqrt(q.shape[-1]))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights_ = jax.nn.softmax(logits, axis=-1).astype(dtype)  # float32 softmax whatever the compute dtype
+  context = jnp.einsum("bhqk,bkhd->bqhd", weights_, v)
+  return context.reshape(*context.shape[:2], -1)
+
+
+class FusedAttention(nnx.Module):
+  """The ViT's self-attention: one (width -> 3 * width) qkv projection, then `projection`."""
+
+  def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f"width {width} is not divisible by heads {heads}")
+    self.heads, self.dtype = heads, dtype
+    self.qkv = layers.dense(width, 3 * width, ("embed", "heads"), dtype=dtype, rngs=rngs)
+    self.projection = layers.dense(width, width, ("heads", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, w = x.shape
+    # transformers splits the fused output as (3, heads, head_dim): q, k, v are consecutive width blocks.
+    q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads), 3, axis=2)
+    return self.projection(_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], None, self.dtype))
+
+
+class VisionBlock(nnx.Module):
+  """Pre-LN ViT block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+  def __init__(self, cfg: BlipVisionConfig, *, dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.ln1 = layers.layer_norm(cfg.width, cfg.layer_norm_eps, **kw)
+    self.attn = FusedAttention(cfg.width, cfg.heads, **kw)
+    self.ln2 = layers.layer_norm(cfg.width, cfg.layer_norm_eps, **kw)
+    self.fc1 = layers.dense(cfg.width, cfg.mlp_dim, ("embed", "mlp"), **kw)
+    self.fc2 = layers.dense(cfg.mlp_dim, cfg.width, ("mlp", "embed"), **kw)
+    self.act = layers.activation(cfg.activation)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln1(x))
+    return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class VisionEncoder(nnx.Module):
+  """ViT: patch convolution (with bias), class token, positions, blocks, post-LN on every token."""
+
+  def __init__(self, cfg: BlipVisionConfig, *, dtype, rngs: nnx.Rngs):
+    if cfg.layers < 1:
+      raise ValueError(f"the image encoder needs at least one layer, got layers={cfg.layers}")
+    if cfg.image_size % cfg.patch_size:
+      raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    self.cfg, self.dtype = cfg, dtype
+    w, p = cfg.width, cfg.patch_size
+    init = nnx.initializers.normal(0.02)
+    self.patch_kernel = nnx.Param(layers.sharded(init, None, None, None, "embed")(rngs.params(), (p, p, 3, w)))
+    self.patch_bias = nnx.Param(layers.sharded(nnx.initializers.zeros_init(), "embed")(rngs.params(), (w,)))
+    # Stored in transformers' shapes, (1, 1, W) and (1, N + 1, W), so the name table maps them unchanged.
+    self.class_embedding = nnx.Param(layers.sharded(init, None, None, "embed")(rngs.params(), (1, 1, w)))
+    self.position_embedding = nnx.Param(
+        layers.sharded(init, None, None, "embed")(rngs.params(), (1, cfg.num_patches + 1, w)))
+    self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.layers)])
+    self.post_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    """float32 (B, H, W, 3) in [0, 1] -> post-LN token states (B, 1 + patches, width), [CLS] first."""
+    cfg = self.cfg
+    x = ((pixels - jnp.asarray(cfg.image_mean, jnp.float32)) / jnp.asarray(cfg.image_std, jnp.float32))
+    x = x.astype(self.dtype)
+    b, h, w, c = x.shape
+    p = cfg.patch_size
+    patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+    kernel = self.patch_kernel[...].reshape(p * p * c, cfg.width).astype(self.dtype)
+    tokens = patches @ kernel + self.patch_bias[...].astype(self.dtype)
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
+    x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
+    for block in self.blocks:
+      x = block(x)
+    return self.post_ln(x)
+
+
+class CrossAttention(nnx.Module):
+  """Text queries attend to image tokens; keys and values project from the image width."""
+
+  def __init__(self, width: int, kv_width: int, heads: int, *, dtype, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f"width {width} is not divisible by heads {heads}")
+    self.heads, self.dtype = heads, dtype
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.query = layers.dense(width, width, ("embed", "heads"), **kw)
+    self.key = layers.dense(kv_width, width, ("embed", "heads"), **kw)
+    self.value = layers.dense(kv_width, width, ("embed", "heads"), **kw)
+    self.out = layers.dense(width, width, ("heads", "embed"), **kw)
+
+  def __call__(self, x: jax.Array, image: jax.Array) -> jax.Array:
+    heads = lambda t: t.reshape(*t.shape[:2], self.heads, -1)
+    # Every image token is attended to (transformers' retrieval passes an all-ones image mask).
+    return self.out(_attend(heads(self.query(x)), heads(self.key(image)), heads(self.value(image)), None,
+                            self.dtype))
+
+
+class TextBlock(nnx.Module):
+  """Post-LN BERT layer: self-attention, [cross-attention to the image], MLP; each ln(x + sublayer(x))."""
+
+  def __init__(self, cfg: BlipTextConfig, image_width: int, *, dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, rngs=rngs)
+    w = cfg.width
+    self.attn = layers.MultiHeadAttention(w, cfg.heads, **kw)
+    self.attn_ln = layers.layer_norm(w, cfg.layer_norm_eps, **kw)
+    self.cross = CrossAttention(w, image_width, cfg.heads, **kw)
+    self.cross_ln = layers.layer_norm(w, cfg.layer_norm_eps, **kw)
+    self.fc1 = layers.dense(w, cfg.mlp_dim, ("embed", "mlp"), **kw)
+    self.fc2 = layers.dense(cfg.mlp_dim, w, ("mlp", "embed"), **kw)
+    self.mlp_ln = layers.layer_norm(w, cfg.layer_norm_eps, **kw)
+    self.act = layers.activation(cfg.activation)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, image: jax.Array | None) -> jax.Array:
+    x = self.attn_ln(x + self.attn(x, mask))
+    if image is not None:
+      x = self.cross_ln(x + self.cross(x, image))
+    return self.mlp_ln(x + self.fc2(self.act(self.fc1(x))))
+
+
+class TextEncoder(nnx.Module):
+  """BERT without token types: word + position embeddings, LN, blocks. Unimodal (ITC) without `image`,
+  image-grounded (ITM) with it."""
+
+  def __init__(self, cfg: BlipTextConfig, image_width: int, *, dtype, rngs: nnx.Rngs):
+    if cfg.layers < 1:
+      raise ValueError(f"the text encoder needs at least one layer, got layers={cfg.layers}")
+    self.cfg, self.dtype = cfg, dtype
+    embed = lambda n, axis: nnx.Embed(n, cfg.width, dtype=dtype, rngs=rngs,
+                                      embedding_init=layers.sharded(nnx.initializers.normal(0.02), axis, "embed"))
+    self.word_embeddings = embed(cfg.vocab_size, "vocab")
+    self.position_embeddings = embed(cfg.max_position_embeddings, None)
+    self.embeddings_ln = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([TextBlock(cfg, image_width, dtype=dtype, rngs=rngs) for _ in range(cfg.layers)])
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, image: jax.Array | None = None) -> jax.Array:
+    """int (B, L) ids and 0/1 mask [, image tokens (B, N, W_img)] -> the [CLS] state (B, width)."""
+    length = input_ids.shape[1]
+    x = self.word_embeddings(input_ids) + self.position_embeddings.embedding[:length].astype(self.dtype)
+    x = self.embeddings_ln(x)
+    mask = layers.padding_mask(attention_mask)
+    for block in self.blocks:
+      x = block(x, mask, image)
+    return x[:, 0]
+
+
+class BLIP(nnx.Module):
+  """BLIP for retrieval. `encode_*` return projected, unnormalised features (the `DualEncoder` contract);
+  `image_features` / `text_features` are their L2-normalised forms (BLIP's ITC features)."""
+
+  def __init__(self, config: BlipConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = jnp.dtype(config.dtype)
+    self.vision = VisionEncoder(config.vision, dtype=dtype, rngs=rngs)
+    self.text = TextEncoder(config.text, config.vision.width, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.vision_proj = layers.dense(config.vision.width, config.embed_dim, ("embed", "proj"), **kw)
+    self.text_proj = layers.dense(config.text.width, config.embed_dim, ("embed", "proj"), **kw)
+    self.itm_head = layers.dense(config.text.width, 2, ("embed", None), **kw)
+    self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, jnp.float32))
+
+  # The DualEncoder contract (as CLIP's).
+  def encode_image(self, pixels: jax.Array) -> jax.Array:
+    """float32 (B, H, W, 3) in [0, 1] -> float32 (B, embed_dim): vision_proj of the [CLS] token."""
+    check_pixels(pixels, self.config.vision)
+    return self.vision_proj(self.vision(pixels)[:, 0]).astype(jnp.float32)
+
+  def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """int (B, L) ids and 0/1 mask -> float32 (B, embed_dim): text_proj of the unimodal [CLS] state."""
+    check_blip_text(input_ids, attention_mask, self.config.text)
+    return self.text_proj(self.text(input_ids, attention_mask)).astype(jnp.float32)
+
+  def encode_text_with_cache(self, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, tuple]:
+    """`encode_text`'s features and an empty cache: a bidirectional encoder's states depend on every token,
+    so nothing of a text can be reused for another (see `encode_text_continuation`)."""
+    return self.encode_text(input_ids, attention_mask), ()
+
+  def encode_text_continuation(self, cache: tuple, start: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """Features of the texts `input_ids` (B, S), encoded whole: `start` must be 0 (the text attack passes 0
+    for towers that do not pool at the last token). Tokens equal to pad_token_id are masked, which is the
+    tokenizer's mask: a caption holds no padding before its end."""
+    del cache, start
+    return self.encode_text(input_ids, (input_ids != self.config.text.pad_token_id).astype(jnp.int32))
+
+  # BLIP's own outputs.
+  def image_features(self, pixels: jax.Array) -> jax.Array:
+    """L2-normalised ITC image features (B, embed_dim)."""
+    return l2_normalize(self.encode_image(pixels))
+
+  def text_features(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """L2-normalised ITC text features (B, embed_dim)."""
+    return l2_normalize(self.encode_text(input_ids, attention_mask))
+
+  def image_tokens(self, pixels: jax.Array) -> jax.Array:
+    """Post-LN image token states (B, 1 + patches, width), the ITM's cross-attention memory."""
+    check_pixels(pixels, self.config.vision)
+    return self.vision(pixels)
+
+  def itm_logits_from_tokens(self, image_tokens: jax.Array, input_ids: jax.Array,
+                             attention_mask: jax.Array) -> jax.Array:
+    """ITM logits (B, 2) [no match, match] of texts against precomputed `image_tokens`, row for row."""
+    check_blip_text(input_ids, attention_mask, self.config.text)
+    cls = self.text(input_ids, attention_mask, image_tokens.astype(self.text.dtype))
+    return self.itm_head(cls).astype(jnp.float32)
+
+  def itm_logits(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """ITM logits (B, 2) of image i with text i: transformers' `itm_score` with use_itm_head=True."""
+    return self.itm_logits_from_tokens(self.image_tokens(pixels), input_ids, attention_mask)
+
+  def __call__(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """ITC logits (B_img, B_txt), scaled by exp(logit_scale)."""
+    return jnp.exp(self.logit_scale[...]) * self.image_features(pixels) @ self.text_features(
+        input_ids, attention_mask).T
+
+
+def check_blip_text(input_ids: Any, attention_mask: Any, cfg: BlipTextConfig) -> None:
+  """Shapes and dtypes always (static under `jit`); the id range only on concrete (eager) arrays."""
+  as_array = lambda x: x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
+  ids, mask = as_array(input_ids), as_array(attention_mask)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}; "
+                     "flatten extra axes (DualEncoder.text_features does) or add a batch axis.")
+  if tuple(mask.shape) != tuple(ids.shape):
+    raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids shape "
+                     f"{tuple(ids.shape)}; pass the mask the tokenizer returned with these ids.")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}; tokenize the text with "
+                     "mat_jax.models.load_tokenizer.")
+  if ids.shape[1] > cfg.max_position_embeddings:
+    raise ValueError(f"input_ids have length {ids.shape[1]} > max_position_embeddings "
+                     f"{cfg.max_position_embeddings}; tokenize with load_tokenizer(..., "
+                     f"context_length={cfg.context_length}).")
+  if not isinstance(ids, jax.core.Tracer):
+    check_token_ids(ids, cfg.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Name table: our parameter path, transformers' tensor name, layout (weights.Layout).
+
+_L, _N, SAME, CONV = weights._linear, weights._norm, weights.SAME, weights.CONV
+
+_VISION_BLOCK = [
+    *_N(("ln1",), "layer_norm1"),
+    *_L(("attn", "qkv"), "self_attn.qkv"),
+    *_L(("attn", "projection"), "self_attn.projection"),
+    *_N(("ln2",), "layer_norm2"),
+    *_L(("fc1",), "mlp.fc1"),
+    *_L(("fc2",), "mlp.fc2"),
+]
+
+_TEXT_BLOCK = [
+    *_L(("attn", "query"), "attention.self.query"),
+    *_L(("attn", "key"), "attention.self.key"),
+    *_L(("attn", "value"), "attention.self.value"),
+    *_L(("attn", "out"), "attention.output.dense"),
+    *_N(("attn_ln",), "attention.output.LayerNorm"),
+    *_L(("cross", "query"), "crossattention.self.query"),
+    *_L(("cross", "key"), "crossattention.self.key"),
+    *_L(("cross", "value"), "crossattention.self.value"),
+    *_L(("cross", "out"), "crossattention.output.dense"),
+    *_N(("cross_ln",), "crossattention.output.LayerNorm"),
+    *_L(("fc1",), "intermediate.dense"),
+    *_L(("fc2",), "output.dense"),
+    *_N(("mlp_ln",), "output.LayerNorm"),
+]
+
+_TOP = [
+    (("vision", "patch_kernel"), "vision_model.embeddings.patch_embedding.weight", CONV),
+    (("vision", "patch_bias"), "vision_model.embeddings.patch_embedding.bias", SAME),
+    (("vision", "class_embedding"), "vision_model.embeddings.class_embedding", SAME),
+    (("vision", "position_embedding"), "vision_model.embeddings.position_embedding", SAME),
+    *_N(("vision", "post_ln"), "vision_model.post_layernorm"),
+    (("text", "word_embeddings", "embedding"), "text_encoder.embeddings.word_embeddings.weight", SAME),
+    (("text", "position_embeddings", "embedding"), "text_encoder.embeddings.position_embeddings.weight", SAME),
+    *_N(("text", "embeddings_ln"), "text_encoder.embeddings.LayerNorm"),
+    *_L(("vision_proj",), "vision_proj"),
+    *_L(("text_proj",), "text_proj"),
+    *_L(("itm_head",), "itm_head"),
+]
+
+# Buffers, not parameters (older checkpoints saved them); `logit_scale` travels in config.json.
+BLIP_IGNORED = frozenset({"text_encoder.embeddings.position_ids"})
+BLIP_ARCHITECTURE = "BlipForImageTextRetrieval"
+
+
+def blip_table(cfg: BlipConfig) -> list[weights.Entry]:
+  """Every BLIP parameter but `logit_scale`: our path, transformers' name, layout."""
+  rows = list(_TOP)
+  for i in range(cfg.vision.layers):
+    rows += [(("vision", "blocks", i, *o), f"vision_model.encoder.layers.{i}.{t}", lay) for o, t, lay in _VISION_BLOCK]
+  for i in range(cfg.text.layers):
+    rows += [(("text", "blocks", i, *o), f"text_encoder.encoder.layer.{i}.{t}", lay) for o, t, lay in _TEXT_BLOCK]
+  return [weights.Entry(*row) for row in rows]
+
+
+# ------------------------------------------------------------------------------------------------
+# Config conversion. Missing keys take transformers' defaults, which are our dataclass defaults.
+
+_VISION_KEYS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
+                "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+                "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps"}
+_TEXT_KEYS = {"vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings",
+              "width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+              "mlp_dim": "intermediate_size", "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps",
+              "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+              "sep_token_id": "sep_token_id"}
+
+
+def _architectures(data: dict) -> str:
+  return f"{data.get('architectures') or '(no architectures)'}, model_type {data.get('model_type')!r}"
+
+
+def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: str = "float32",
+                        context_length: int | None = None) -> BlipConfig:
+  """transformers' BlipConfig dict (config.json) [+ preprocessor_config.json] -> BlipConfig."""
+  if data.get("model_type") != "blip":
+    hint = " (a CLIP checkpoint: load it with mat_jax.models.load_clip)" if data.get("model_type") == "clip" else ""
+    raise weights.ConfigError(f"config.json describes {_architectures(data)}{hint}; load_blip reads transformers' "
+                              f"{BLIP_ARCHITECTURE} checkpoints (model_type 'blip').")
+  archs = data.get("architectures") or [BLIP_ARCHITECTURE]
+  if BLIP_ARCHITECTURE not in archs:
+    raise weights.ConfigError(f"config.json describes {_architectures(data)}; load_blip reads the retrieval model "
+                              f"{BLIP_ARCHITECTURE} (ITC projections and ITM head), e.g. Salesforce/blip-itm-base-coco.")
+  pick = lambda cls, sub, keys, **extra: cls(**{o: sub[t] for o, t in keys.items() if sub.get(t) is not None},
+                                            **extra)
+  pre = preprocessor or {}
+  problems = []
+  vision_data, text_data = data.get("vision_config") or {}, data.get("text_config") or {}
+  for name, value in (("image_size", vision_data.get("image_size")), ("patch_size", vision_data.get("patch_size"))):
+    if isinstance(value, (list, tuple)):
+      problems.append(f"vision_config.{name}={value} (only square sizes)")
+  if problems:
+    raise weights.ConfigError("unsupported BLIP config:\n  " + "\n  ".join(problems))
+  vision = pick(BlipVisionConfig, vision_data, _VISION_KEYS,
+                image_mean=tuple(float(v) for v in pre.get("image_mean", CLIP_MEAN)),
+                image_std=tuple(float(v) for v in pre.get("image_std", CLIP_STD)))
+  positions = int(text_data.get("max_position_embeddings") or BlipTextConfig.max_position_embeddings)
+  length = context_length or min(BlipTextConfig.context_length, positions)
+  if length > positions:
+    problems.append(f"context_length {length} > text_config.max_position_embeddings {positions}")
+    length = positions
+  text = pick(BlipTextConfig, text_data, _TEXT_KEYS, context_length=length)
+  if text_data.get("encoder_hidden_size") not in (None, vision.width):
+    problems.append(f"text_config.encoder_hidden_size {text_data['encoder_hidden_size']} differs from "
+                    f"vision_config.hidden_size {vision.width}")
+  if vision.image_size % vision.patch_size:
+    problems.append(f"vision_config.image_size {vision.image_size} is not a multiple of patch_size "
+                    f"{vision.patch_size}")
+  if len(vision.image_mean) != 3 or len(vision.image_std) != 3:
+    problems.append(f"{weights.PREPROCESSOR_FILE}: image_mean/image_std need 3 values (RGB)")
+  weights._check_common(problems, "vision_config", vision.activation, vision.width, vision.heads)
+  weights._check_common(problems, "text_config", text.activation, text.width, text.heads)
+  if problems:
+    raise weights.ConfigError("unsupported BLIP config:\n  " + "\n  ".join(problems))
+  return BlipConfig(vision=vision, text=text, embed_dim=int(data.get("image_text_hidden_size") or 256),
+                    logit_scale_init=float(data.get("logit_scale_init_value", BlipConfig.logit_scale_init)),
+                    dtype=dtype)
+
+
+def blip_config_to_hf(cfg: BlipConfig, logit_scale: float | None = None) -> dict:
+  """BlipConfig -> a config.json that transformers' BlipForImageTextRetrieval.from_pretrained reads.
+  `logit_scale`: the learnt value, stored as logit_scale_init_value (default the config's)."""
+  vision = {theirs: getattr(cfg.vision, ours) for ours, theirs in _VISION_KEYS.items()}
+  text = {theirs: getattr(cfg.text, ours) for ours, theirs in _TEXT_KEYS.items()}
+  return {
+      "architectures": [BLIP_ARCHITECTURE], "model_type": "blip", "dtype": "float32",
+      "image_text_hidden_size": cfg.embed_dim,
+      "logit_scale_init_value": float(cfg.logit_scale_init if logit_scale is None else logit_scale),
+      "vision_config": {"model_type": "blip_vision_model", **vision},
+      "text_config": {"model_type": "blip_text_model", "encoder_hidden_size": cfg.vision.width, **text},
+  }
+
+
+def blip_preprocessor_to_hf(cfg: BlipConfig) -> dict:
+  """preprocessor_config.json for transformers' BlipImageProcessor (square bicubic resize, normalise)."""
+  size = cfg.vision.image_size
+  return {"image_processor_type": "BlipImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+          "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": list(cfg.vision.image_mean), "image_std": list(cfg.vision.image_std),
+          "do_convert_rgb": True}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and saving.
+
+
+def _pickle_error(source: Any) -> weights.UnsafeCheckpointError:
+  return weights.UnsafeCheckpointError(
+      f"{source} holds a pickle checkpoint; mat_jax never unpickles weights (loading a pickle can run "
+      "arbitrary code). Convert it once, in an environment you trust, with transformers:\n"
+      "  python -c \"from transformers import BlipForImageTextRetrieval as M; M.from_pretrained('DIR')"
+      ".save_pretrained('DIR-safetensors', safe_serialization=True)\"\n"
+      "and pass DIR-safetensors; Salesforce/blip-itm-* on the hub also offer model.safetensors.")
+
+
+def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_length: int | None = None) -> BLIP:
+  """A BLIP from a transformers-layout directory or hub id (e.g. Salesforce/blip-itm-base-coco).
+
+  `dtype` is the compute dtype (default float32); parameters are always float32. Image mean/std come from
+  preprocessor_config.json when it is there, else BLIP's (OpenAI CLIP's). `context_length`: tokens per
+  caption (default 35, BLIP's retrieval setting, at most max_position_embeddings).
+  """
+  dtype = weights._compute_dtype(dtype)
+  try:
+    directory = weights._resolve(source)
+    files = weights._weight_files(directory)
+  except weights.UnsafeCheckpointError as err:
+    raise _pickle_error(source) from err
+  pre_path = directory / weights.PREPROCESSOR_FILE
+  cfg = blip_config_from_hf(weights._load_json(directory / "config.json"),
+                            weights._load_json(pre_path) if pre_path.exists() else None, dtype=dtype,
+                            context_length=context_length)
+  abstract = nnx.eval_shape(lambda: BLIP(cfg, rngs=nnx.Rngs(0)))
+  # logit_scale is no tensor of transformers' retrieval class: fill the others, then set it from config.json.
+  graphdef, state = nnx.split(abstract)
+  scale_free = _without_logit_scale(graphdef, state)
+  loaded = weights._fill(scale_free, BLIP_ARCHITECTURE, blip_table(cfg), files, BLIP_IGNORED, str(directory))
+  loaded.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
+  return loaded
+
+
+def _without_logit_scale(graphdef: nnx.GraphDef, state: nnx.State) -> BLIP:
+  """The abstract model with `logit_scale` removed, so `weights._fill`'s table covers every parameter."""
+  model = nnx.merge(graphdef, state)
+  del model.logit_scale
+  return model
+
+
+def blip_tensors(model: BLIP | tuple[Any, nnx.State]) -> dict[str, np.ndarray]:
+  """transformers-named float32 tensors of a BLIP (or of an (encoder, params) pair)."""
+  cfg, state = (model[0].config, model[1]) if isinstance(model, tuple) else (model.config, nnx.state(model, nnx.Param))
+  flat = dict(nnx.to_flat_state(state))
+  return {e.theirs: np.array(e.layout.to_theirs(np.asarray(flat[e.ours].get_value(), np.float32)), order="C")
+          for e in blip_table(cfg)}
+
+
+def save_blip(model: BLIP | tuple[Any, nnx.State], directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+  """Write config.json, model.safetensors and preprocessor_config.json (and the tokenizer's files if one is
+  given) in the layout that transformers' `BlipForImageTextRetrieval.from_pretrained` and `load_blip` read."""
+  from safetensors.numpy import save_file
+
+  cfg, state = (model[0].config, model[1]) if isinstance(model, tuple) else (model.config, nnx.state(model, nnx.Param))
+  scale = np.float32(np.asarray(state["logit_scale"].get_value()))
+  # An untrained scale is the config's value rounded to float32: write the config's, so the config round-trips.
+  scale = cfg.logit_scale_init if scale == np.float32(cfg.logit_scale_init) else float(scale)
+  directory = Path(directory).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  if (directory / weights.SAFETENSORS_INDEX).exists():
+    raise FileExistsError(f"{directory} holds a sharded checkpoint ({weights.SAFETENSORS_INDEX}) that would shadow "
+                          f"the {weights.SAFETENSORS_FILE} written now; save into an empty directory.")
+  save_file(blip_tensors(model), str(directory / weights.SAFETENSORS_FILE), metadata={"format": "pt"})
+  (directory / "config.json").write_text(json.dumps(blip_config_to_hf(cfg, scale), indent=2) + "\n")
+  (directory / weights.PREPROCESSOR_FILE).write_text(json.dumps(blip_preprocessor_to_hf(cfg), indent=2) + "\n")
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(directory))
+  return directory
+
+
+def is_blip(source: str | os.PathLike) -> bool:
+  """Whether a transformers-layout directory or hub id holds a BLIP (config.json's model_type 'blip')."""
+  directory = hub.resolve(source, ("config.json",))
+  path = directory / "config.json"
+  return path.exists() and json.loads(path.read_text()).get("model_type") == "blip"

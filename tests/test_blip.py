@@ -1,0 +1,218 @@
+"""BLIP retrieval: parity with transformers' PyTorch BlipForImageTextRetrieval on tiny random checkpoints,
+the save/load round trip, and the loaders' errors.
+
+Odd sizes throughout (5 heads of 8 in the image encoder, 36-wide text with 4 heads, a 20-wide ITC space,
+image and text widths that differ so that the cross-attention's key/value shapes are exercised), texts
+of different lengths padded. Float32 at the highest matmul precision.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from flax import nnx  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from mat_jax.models import BLIP, blip_config, load_blip, load_clip, save_blip, split  # noqa: E402
+from mat_jax.models.weights import ConfigError, UnsafeCheckpointError, WeightsError  # noqa: E402
+
+TOL = 1e-5
+VOCAB = 99
+CLS, SEP, PAD = 5, 6, 0
+
+
+def _hf_blip():
+  torch.manual_seed(0)
+  cfg = transformers.BlipConfig(
+      text_config=dict(vocab_size=VOCAB, hidden_size=36, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=14, bos_token_id=CLS, sep_token_id=SEP,
+                       pad_token_id=PAD),
+      vision_config=dict(hidden_size=40, intermediate_size=43, num_hidden_layers=2, num_attention_heads=5,
+                         image_size=30, patch_size=10),
+      image_text_hidden_size=20, logit_scale_init_value=2.5)
+  model = transformers.BlipForImageTextRetrieval(cfg).eval()
+  with torch.no_grad():  # every bias, LN and embedding off its init: a zero or unit init hides mapping mistakes
+    for name, p in model.named_parameters():
+      if p.ndim == 1 or "embedding" in name or "LayerNorm" in name or "layer_norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def _texts(length: int = 14) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(1)
+  ids = np.full((4, length), PAD, np.int32)
+  mask = np.zeros_like(ids)
+  for row, n in enumerate([1, 4, 7, length - 2]):
+    ids[row, : n + 2] = [CLS, *rng.integers(10, VOCAB, n), SEP]
+    mask[row, : n + 2] = 1
+  return ids, mask
+
+
+def _images(n: int = 4, size: int = 30) -> np.ndarray:
+  return np.random.default_rng(2).random((n, size, size, 3), dtype=np.float32)
+
+
+def _torch_outputs(model, images, ids, mask):
+  mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+  std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+  pixels = (torch.from_numpy(images.transpose(0, 3, 1, 2).copy()) - mean) / std
+  ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+  with torch.no_grad():
+    image_cls = model.vision_model(pixel_values=pixels).last_hidden_state[:, 0]
+    text_cls = model.text_encoder(input_ids=ids_t, attention_mask=mask_t).last_hidden_state[:, 0]
+    img = torch.nn.functional.normalize(model.vision_proj(image_cls), dim=-1).numpy()
+    txt = torch.nn.functional.normalize(model.text_proj(text_cls), dim=-1).numpy()
+    itm = model(input_ids=ids_t, pixel_values=pixels, attention_mask=mask_t, use_itm_head=True).itm_score.numpy()
+    itc = model(input_ids=ids_t, pixel_values=pixels, attention_mask=mask_t, use_itm_head=False).itm_score.numpy()
+  return img, txt, itm, itc
+
+
+def _our_outputs(model: BLIP, images, ids, mask):
+  with jax.default_matmul_precision("highest"):
+    img = jax.jit(lambda m, x: m.image_features(x))(model, images)
+    txt = jax.jit(lambda m, i, k: m.text_features(i, k))(model, ids, mask)
+    itm = jax.jit(lambda m, x, i, k: m.itm_logits(x, i, k))(model, images, ids, mask)
+  return np.asarray(img), np.asarray(txt), np.asarray(itm)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+  hf = _hf_blip()
+  directory = tmp_path_factory.mktemp("blip")
+  hf.save_pretrained(directory, safe_serialization=True)
+  ids, mask = _texts()
+  images = _images()
+  ours = load_blip(directory)
+  return dict(hf=hf, dir=directory, ours=ours, images=images, ids=ids, mask=mask,
+              reference=_torch_outputs(hf, images, ids, mask), outputs=_our_outputs(ours, images, ids, mask))
+
+
+def test_features_and_itm_match_transformers(case):
+  ref_img, ref_txt, ref_itm, ref_itc = case["reference"]
+  img, txt, itm = case["outputs"]
+  assert img.shape == (4, 20) and txt.shape == (4, 20) and itm.shape == (4, 2)
+  np.testing.assert_allclose(img, ref_img, atol=TOL, rtol=0)
+  np.testing.assert_allclose(txt, ref_txt, atol=TOL, rtol=0)
+  np.testing.assert_allclose(itm, ref_itm, atol=TOL, rtol=0)
+  np.testing.assert_allclose(img @ txt.T, ref_itc, atol=TOL, rtol=0)
+  # The padded rows must matter: without the mask the features would differ.
+  with jax.default_matmul_precision("highest"):
+    unmasked = np.asarray(case["ours"].text_features(case["ids"], np.ones_like(case["mask"])))
+  assert np.abs(unmasked[:3] - txt[:3]).max() > 1e-3
+
+
+def test_logit_scale_comes_from_config(case):
+  assert float(case["ours"].logit_scale[...]) == pytest.approx(2.5)
+
+
+def test_dual_encoder_view_matches_the_module(case):
+  encoder, params = split(case["ours"])
+  with jax.default_matmul_precision("highest"):
+    img = jax.jit(encoder.image_embeddings)(params, case["images"])
+    txt = jax.jit(encoder.text_embeddings)(params, case["ids"][None], case["mask"][None])[0]
+    # The text attack's whole-text continuation: ids alone, padding masked by the pad id.
+    cont = np.asarray(jax.jit(encoder.text_features_continued)(params, (), np.zeros(4, np.int32), case["ids"]))
+  np.testing.assert_allclose(img, case["outputs"][0], atol=TOL, rtol=0)
+  np.testing.assert_allclose(txt, case["outputs"][1], atol=TOL, rtol=0)
+  np.testing.assert_allclose(cont / np.linalg.norm(cont, axis=-1, keepdims=True), case["outputs"][1], atol=TOL,
+                             rtol=0)
+  assert float(encoder.logit_scale(params)) == pytest.approx(2.5)
+
+
+def test_save_blip_round_trips_through_transformers(case, tmp_path):
+  model = case["ours"]
+  model.logit_scale[...] = 3.25  # a trained temperature travels in config.json
+  try:
+    save_blip(split(model), tmp_path)
+  finally:
+    model.logit_scale[...] = 2.5
+  reloaded = transformers.BlipForImageTextRetrieval.from_pretrained(tmp_path).eval()
+  img, txt, itm, _ = _torch_outputs(reloaded, case["images"], case["ids"], case["mask"])
+  ours_img, ours_txt, ours_itm = case["outputs"]
+  np.testing.assert_allclose(img, ours_img, atol=TOL, rtol=0)
+  np.testing.assert_allclose(txt, ours_txt, atol=TOL, rtol=0)
+  np.testing.assert_allclose(itm, ours_itm, atol=TOL, rtol=0)
+  again = load_blip(tmp_path)
+  assert float(again.logit_scale[...]) == pytest.approx(3.25)
+  assert again.config == model.config.replace(logit_scale_init=3.25)
+
+
+def test_fresh_model_saves_and_loads(case, tmp_path):
+  model = BLIP(case["ours"].config.replace(logit_scale_init=blip_config("blip-tiny").logit_scale_init),
+               rngs=nnx.Rngs(0))
+  save_blip(model, tmp_path)
+  loaded = load_blip(tmp_path, context_length=model.config.text.context_length)
+  assert loaded.config == model.config
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                               nnx.to_flat_state(nnx.state(loaded, nnx.Param)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+
+
+def _copy(case, tmp_path, *, tensors=None, config=None):
+  for f in case["dir"].iterdir():
+    shutil.copy(f, tmp_path / f.name)
+  if tensors is not None:
+    save_file(tensors(load_file(str(tmp_path / "model.safetensors"))), str(tmp_path / "model.safetensors"))
+  if config is not None:
+    data = json.loads((tmp_path / "config.json").read_text())
+    config(data)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+  return tmp_path
+
+
+def test_bad_tensors_are_all_listed(case, tmp_path):
+  def edit(t):
+    del t["itm_head.weight"]
+    del t["text_encoder.encoder.layer.1.crossattention.self.key.bias"]
+    t["vision_proj.weight"] = np.zeros((21, 40), np.float32)
+    t["extra.weight"] = np.zeros(3, np.float32)
+    return t
+  with pytest.raises(WeightsError) as err:
+    load_blip(_copy(case, tmp_path, tensors=edit))
+  assert sorted(err.value.missing) == ["itm_head.weight", "text_encoder.encoder.layer.1.crossattention.self.key.bias"]
+  assert err.value.unexpected == ["extra.weight"]
+  assert len(err.value.mismatched) == 1 and "vision_proj.weight: (21, 40)" in err.value.mismatched[0]
+  assert "BlipForImageTextRetrieval" in str(err.value)
+
+
+def test_blip_dir_to_load_clip_and_the_reverse(case, tmp_path_factory):
+  with pytest.raises(ConfigError, match=r"BlipForImageTextRetrieval.*load_blip"):
+    load_clip(case["dir"])
+  clip_dir = tmp_path_factory.mktemp("clip")
+  torch.manual_seed(0)
+  transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                       vocab_size=VOCAB, max_position_embeddings=12),
+      vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                         image_size=32, patch_size=16))).save_pretrained(clip_dir, safe_serialization=True)
+  with pytest.raises(ConfigError, match=r"CLIPModel.*load_clip"):
+    load_blip(clip_dir)
+
+
+def test_other_blip_heads_are_refused(case, tmp_path):
+  directory = _copy(case, tmp_path, config=lambda c: c.update(architectures=["BlipForConditionalGeneration"]))
+  with pytest.raises(ConfigError, match=r"BlipForConditionalGeneration.*BlipForImageTextRetrieval"):
+    load_blip(directory)
+
+
+def test_pickles_are_refused(case, tmp_path):
+  (tmp_path / "config.json").write_text((case["dir"] / "config.json").read_text())
+  (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+  with pytest.raises(UnsafeCheckpointError, match="BlipForImageTextRetrieval"):
+    load_blip(tmp_path)
+  with pytest.raises(UnsafeCheckpointError, match="never unpickles"):
+    load_blip(tmp_path / "pytorch_model.bin")
+
+
+def test_offline_hub_id_names_the_fix(monkeypatch, tmp_path):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="hf download Salesforce/blip-itm-base-coco"):
+    load_blip("Salesforce/blip-itm-base-coco")

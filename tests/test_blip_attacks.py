@@ -1,0 +1,171 @@
+"""BLIP under attack: ITM re-ranking against brute force, `evaluate` with PGD, BERT-Attack, Co-Attack and SGA
+on a micro BLIP with re-ranking, and transfer from a CLIP surrogate."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mat_jax import evaluate as ev
+from mat_jax import rerank
+from mat_jax.data import shapes
+from mat_jax.models import BLIP, CLIP, save_blip, save_clip, split
+from mat_jax.models.blip import BlipConfig, BlipTextConfig, BlipVisionConfig
+from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
+
+SIZE = 16
+
+
+class _EvalSet:
+  def __init__(self, n: int):
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(rng) for _ in range(n)]
+    self.images = np.stack([shapes.render(s, SIZE, supersample=1) for s in scenes])
+    caps = [shapes.captions(s, rng, 1 + i % 2) for i, s in enumerate(scenes)]
+    self.captions = np.asarray([c for cs in caps for c in cs])
+    self.text_to_image = np.repeat(np.arange(n), [len(c) for c in caps]).astype(np.int32)
+
+
+def _init(cls, cfg, seed: int = 0):
+  """Random parameters drawn with numpy (no compiled random kernel per parameter shape); biases and LN
+  off their init so every part of the model matters."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def init(path, leaf):
+    if "logit_scale" in str(path):
+      return jnp.asarray(np.log(1 / 0.07), leaf.dtype)
+    name = str(getattr(path[-1], "key", path[-1]))
+    base = 1.0 if name == "scale" else 0.0
+    std = 0.05 if name in ("scale", "bias") else 0.2
+    return jnp.asarray(base + rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  """A random micro BLIP and a micro CLIP saved in the transformers layout, with the shapes tokenizer."""
+  blip_dir, clip_dir = tmp_path_factory.mktemp("micro_blip"), tmp_path_factory.mktemp("micro_clip")
+  vocab = 0
+  for d in (blip_dir, clip_dir):
+    tok_dir = shapes.build_tokenizer(d)
+    vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
+  length = shapes.DEFAULT_CONTEXT_LENGTH
+  blip = BlipConfig(
+      vision=BlipVisionConfig(image_size=SIZE, patch_size=8, width=24, layers=1, heads=2, mlp_dim=40),
+      text=BlipTextConfig(vocab_size=vocab, max_position_embeddings=length, context_length=length, width=32,
+                          layers=1, heads=2, mlp_dim=48, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                          sep_token_id=3),
+      embed_dim=16)
+  save_blip(_init(BLIP, blip), blip_dir)
+  clip = CLIPConfig(
+      vision=VisionConfig(image_size=SIZE, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
+      text=TextConfig(vocab_size=vocab, context_length=length, width=32, layers=1, heads=2, mlp_dim=64,
+                      eos_token_id=3, bos_token_id=2, pad_token_id=0),
+      projection_dim=16)
+  save_clip(_init(CLIP, clip, 1), clip_dir)
+  return {"blip": blip_dir, "clip": clip_dir}
+
+
+def test_rerank_scores_the_top_k_by_itm_plus_itc(dirs):
+  victim = ev.load_victim(str(dirs["blip"]))
+  assert isinstance(victim.encoder.merge(victim.params), BLIP)
+  data = _EvalSet(5)
+  images = data.images.astype(np.float32) / 255
+  tokens = victim.tokens([str(c) for c in data.captions])
+  ids, mask = np.asarray(tokens.input_ids), np.asarray(tokens.attention_mask)
+  encoder, params = victim.encoder, victim.params
+  sim = np.asarray(encoder.image_embeddings(params, images) @ encoder.text_embeddings(params, ids, mask).T)
+  n, t = sim.shape
+  model = encoder.merge(params)
+  brute = np.stack([np.asarray(model.itm_logits(np.repeat(images[i:i + 1], t, 0), ids, mask))[:, 1]
+                    for i in range(n)]) + sim
+  i2t, t2i = rerank.itm_rerank(encoder, params, images, ids, mask, sim, k=max(n, t), chunk=4)
+  np.testing.assert_allclose(i2t, brute, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(t2i, brute, atol=1e-5, rtol=0)
+  assert np.abs(np.argsort(-brute, 1) - np.argsort(-sim, 1)).max() > 0  # ITM changes the order
+  # k = 2: each image's 2 most similar texts (each text's 2 most similar images) hold their ITM + ITC
+  # score, everything else ranks below them.
+  i2t, t2i = rerank.itm_rerank(encoder, params, images, ids, mask, sim, k=2, chunk=4)
+  for scores, top, axis in ((i2t, np.argsort(-sim, 1, kind="stable")[:, :2], 1),
+                            (t2i.T, np.argsort(-sim.T, 1, kind="stable")[:, :2], 1)):
+    ref = brute if scores is i2t else brute.T
+    kept = np.take_along_axis(scores, top, axis)
+    np.testing.assert_allclose(kept, np.take_along_axis(ref, top, axis), atol=1e-5, rtol=0)
+    others = np.ones_like(scores, bool)
+    np.put_along_axis(others, top, False, axis)
+    assert scores[others].max() < kept.min()
+  ranks = rerank.reranked_ranks(i2t, t2i, data.text_to_image)
+  assert ranks[0].shape == (n,) and ranks[1].shape == (t,)
+
+
+def test_evaluate_attacks_blip_with_itm_reranking(dirs, tmp_path, monkeypatch):
+  eval_set = _EvalSet(6)
+  monkeypatch.setattr(ev, "load_dataset", lambda *a, **k: eval_set)
+  out = tmp_path / "out"
+  assert ev.main(["--model", str(dirs["blip"]), "--attacks", "pgd,bert,co,sga", "--eps", "0,2", "--steps", "2",
+                  "--itm-k", "4", "--batch-size", "3", "--out", str(out), "--no-progress"]) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert results["settings"]["itm_k"] == 4
+  assert set(results["attacks"]) == {"pgd", "bert", "co", "sga"}
+  # eps 0 leaves the images as they are: the re-ranked recall is the clean one.
+  assert results["attacks"]["pgd"]["0"]["recall"] == results["clean"]
+  for per_eps in results["attacks"].values():
+    for r in per_eps.values():
+      assert all(0.0 <= v <= 100.0 for v in r["recall"].values())
+
+
+def test_text_attack_scores_blip_captions_whole(dirs):
+  """The bidirectional tower has no cached-prefix continuation: every candidate text is encoded whole, so
+  the attack's objective is that of its adversarial ids encoded from scratch."""
+  from mat_jax.attacks import multimodal, text
+
+  victim = ev.load_victim(str(dirs["blip"]))
+  captions = [str(c) for c in _EvalSet(4).captions]
+  cands = multimodal.bucketed_candidates(captions, victim.tokenizer, _lexicon())
+  encoder, params = victim.encoder, victim.params
+  assert not text._pools_last_token(encoder, cands)
+  result = multimodal.bert_attack(encoder, params, cands)
+  ids, mask = np.asarray(result.input_ids), np.asarray(result.attention_mask)
+  clean = victim.tokens(captions)
+  changed = (ids != np.asarray(clean.input_ids)).any(-1)
+  assert changed.any()
+  clean_features = encoder.text_features(params, np.asarray(clean.input_ids), np.asarray(clean.attention_mask))
+  adv_features = encoder.text_features(params, ids, mask)
+  recomputed = text._objective_fn("kl")(adv_features[:, None], clean_features)[:, 0]
+  np.testing.assert_allclose(np.asarray(result.objective), np.asarray(recomputed), atol=1e-5, rtol=1e-4)
+  assert (np.asarray(result.objective)[changed] > np.asarray(result.clean_objective)[changed]).all()
+
+
+def test_transfer_between_clip_and_blip(dirs):
+  eval_set = _EvalSet(4)
+  blip, clip = ev.load_victim(str(dirs["blip"])), ev.load_victim(str(dirs["clip"]))
+  for target, surrogate, itm_k in ((blip, clip, 3), (clip, blip, None)):
+    results = ev.evaluate(target, eval_set=eval_set, attacks=("pgd", "sga"), eps_255=(4.0,),
+                          text_source=_lexicon(), surrogate=surrogate, settings=ev.AttackSettings(steps=2),
+                          batch_size=4, progress=False, itm_k=itm_k)
+    assert results["surrogate"] == surrogate.name and set(results["attacks"]) == {"pgd", "sga"}
+
+
+def _lexicon():
+  from mat_jax.attacks.candidates import LexiconSource
+  return LexiconSource(shapes.substitution_table())
+
+
+def test_itm_k_needs_an_itm_head(dirs, capsys):
+  clip = ev.load_victim(str(dirs["clip"]))
+  with pytest.raises(ValueError, match="ITM head"):
+    ev.evaluate(clip, eval_set=_EvalSet(3), attacks=("pgd",), itm_k=4)
+  with pytest.raises(SystemExit):
+    ev.main(["--model", str(dirs["clip"]), "--itm-k", "4"])
+  assert "ITM head" in capsys.readouterr().err
+  encoder, params = split(clip.encoder.merge(clip.params))
+  with pytest.raises(ValueError, match="image-text matching head"):
+    rerank.itm_rerank(encoder, params, np.zeros((1, SIZE, SIZE, 3), np.float32), np.zeros((1, 4), np.int32),
+                      np.ones((1, 4), np.int32), np.zeros((1, 1)))
