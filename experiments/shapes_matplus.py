@@ -15,7 +15,7 @@ def get_config(arg=None):
   c.seed = 0
   c.model = dict(source="cache:shapes_clip")
   c.data = dict(name="shapes", image_size=48, captions_per_image=3, augmentations=("i2t:0.3", "t2i:0.3", "eda:0.2"))
-  c.text_attack = dict(source="lexicon", top_k=10)
+  c.text_attack = dict(source="bert", bert="shapes-mlm", top_k=10)  # BERT-Attack with the world's MLM
   c.objective = dict(name="matplus", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1, clean_weight=0.0)
   c.train = dict(batch_size=32, steps=200, towers="all", log_every=10, checkpoint_every=50)
   c.optimizer = dict(name="adamw", learning_rate=2e-4, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6)

@@ -13,7 +13,7 @@ def get_config(arg=None):
   c.seed = 0
   c.model = dict(source="cache:shapes_clip")
   c.data = dict(name="shapes", image_size=48, captions_per_image=1)
-  c.text_attack = dict(source="lexicon", top_k=10)
+  c.text_attack = dict(source="bert", bert="shapes-mlm", top_k=10)  # BERT-Attack with the world's MLM
   c.objective = dict(name="mmcoa", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1,
                      text_weight=0.5, image_weight=0.5)
   c.train = dict(batch_size=32, steps=200, towers="all", log_every=10, checkpoint_every=50)
