@@ -252,6 +252,11 @@ def test_class_names_that_tokenise_to_nothing_are_refused(victim):
   with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
     zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, fine, attacks=("apgd-t",),
                          templates=("{}",))
+  own = dataclasses.replace(fine, prompts=(("a red circle",), ("a blue square",), ("zebra",)))
+  with pytest.raises(zs.ZeroShotError, match="own prompts"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, own, templates=("{}",))
+  with pytest.raises(zs.ZeroShotError, match=r"prompts of classes \['green star'\] tokenise to nothing"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, own)
 
 
 # ----------------------------------------------------------------------------------------------------
