@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mat_jax import errors, metrics
+from mat_jax import evaluate as ev
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses as L
 from mat_jax.data.classification import SHAPES_TASKS, ClassificationSet
@@ -258,6 +259,9 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
     raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes; {data.name} has "
                         f"{n_classes}. Leave apgd-t out (--attacks apgd-ce,pgd)")
   names_in_prompts = data.prompts is None
+  if templates and not names_in_prompts:
+    raise ZeroShotError(f"{data.name} brings its own prompts per class; templates apply to sets without them "
+                        "(e.g. an ImageFolder)")
   prompts = prompts_from_templates(data.class_names, templates or DEFAULT_TEMPLATES) if names_in_prompts \
       else [list(p) for p in data.prompts]
   check_classes(tokenizer, data.class_names, prompts, names_in_prompts)
@@ -277,7 +281,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   if log:
     log(f"{data.name}: {n} images, {n_classes} classes; clean accuracy {accuracy(clean):.1f}%")
 
-  bar = _progress(len(attacks) * len(eps_255) * len(batches), progress)
+  bar = ev._progress(len(attacks) * len(eps_255) * len(batches), progress)
   key = jax.random.key(seed)
   results: dict[str, dict[str, Any]] = {}
   robust: dict[str, dict[str, float]] = {}
@@ -309,11 +313,6 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
       "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed},
       "clean": {"accuracy": accuracy(clean)}, "per_class_clean": per_class, "attacks": results, "robust": robust,
   }
-
-
-def _progress(total: int, enabled: bool):
-  from mat_jax.evaluate import _progress as progress_bar
-  return progress_bar(total, enabled)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,8 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from mat_jax import evaluate as ev
-
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.limit is not None and args.limit < 1:

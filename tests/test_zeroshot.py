@@ -252,6 +252,11 @@ def test_class_names_that_tokenise_to_nothing_are_refused(victim):
   with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
     zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, fine, attacks=("apgd-t",),
                          templates=("{}",))
+  own = dataclasses.replace(fine, prompts=(("a red circle",), ("a blue square",), ("zebra",)))
+  with pytest.raises(zs.ZeroShotError, match="own prompts"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, own, templates=("{}",))
+  with pytest.raises(zs.ZeroShotError, match=r"prompts of classes \['green star'\] tokenise to nothing"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, own)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,16 +267,18 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
   root = _write_folder(tmp_path / "folder")
   out = tmp_path / "out"
   common = ["--task", "zeroshot", "--model", str(model_dir), "--eps", "0,4", "--apgd-steps", "3", "--steps", "2",
-            "--batch-size", "4", "--no-progress", "--data-dir", str(tmp_path / "data")]
-  assert ev.main([*common, "--data", str(root), "--n-targets", "2", "--template", "{}", "--template",
+            "--batch-size", "3", "--no-progress", "--data-dir", str(tmp_path / "data")]
+  # PGD only: each attack's first compilation on a CLIP takes a minute on a loaded 2-core CPU, and the
+  # attacks themselves are tested above on the stand-in encoder.
+  assert ev.main([*common, "--data", str(root), "--attacks", "pgd", "--template", "{}", "--template",
                   "a picture of a {}", "--out", str(out)]) == 0
   printed = capsys.readouterr().out
-  assert "apgd-ce" in printed and "apgd-t" in printed and "robust" in printed
+  assert "pgd" in printed and "robust" in printed and "0 (clean)" in printed
   results = json.loads((out / "results.json").read_text())
   assert results["num_images"] == 8 and results["num_classes"] == 4
   assert results["class_names"] == ["blue square", "green star", "red circle", "white ring"]
   assert results["templates"] == ["{}", "a picture of a {}"] and results["prompts_per_class"] == [2] * 4
-  assert set(results["attacks"]) == {"apgd-ce", "apgd-t", "pgd"}
+  assert set(results["attacks"]) == {"pgd"} and set(results["robust"]) == {"0", "4"}
   clean = results["clean"]["accuracy"]
   for attack, per_eps in results["attacks"].items():
     assert per_eps["0"]["accuracy"] == clean, attack  # eps = 0 changes nothing
@@ -279,13 +286,10 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
     assert results["robust"]["4"]["accuracy"] <= per_eps["4"]["accuracy"]
   assert results["robust"]["0"]["accuracy"] == clean
 
-  # A 3-class shapes set, rendered at the model's size (PGD only: each attack compiles per class count).
-  assert ev.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "pgd",
-                  "--out", str(tmp_path / "count")]) == 0
-  results = json.loads((tmp_path / "count" / "results.json").read_text())
-  assert results["attacks_run"] == ["pgd"] and results["num_classes"] == 3
-  assert results["dataset"] == "shapes-count" and results["num_images"] == 5
-  assert results["prompts_per_class"] == [64] * 3 and results["templates"] is None
+  # A 3-class shapes set is rendered at the model's size (attacking it would compile every attack again
+  # for 3 classes; the attacks' behaviour is covered above).
+  count = zs.load_data("shapes-count", SIZE, num_images=5)
+  assert count.images.shape == (5, SIZE, SIZE, 3) and count.class_names == classification.COUNT_NAMES
 
   with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
     ev.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "apgd-t"])

@@ -20,7 +20,6 @@ Folders of class-named image directories are read by `mat_jax.data.imagefolder`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 
@@ -125,6 +124,3 @@ def _check_request(num_images: int, split: str) -> None:
   if split not in shapes.SPLIT_IDS:
     raise ValueError(f"unknown split {split!r}; the shapes world has {sorted(shapes.SPLIT_IDS)}")
 
-
-def class_counts(labels: Sequence[int], num_classes: int) -> np.ndarray:
-  return np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
