@@ -146,11 +146,13 @@ def test_text_attack_scores_blip_captions_whole(dirs):
 def test_transfer_between_clip_and_blip(dirs):
   eval_set = _EvalSet(4)
   blip, clip = ev.load_victim(str(dirs["blip"])), ev.load_victim(str(dirs["clip"]))
-  for target, surrogate, itm_k in ((blip, clip, 3), (clip, blip, None)):
-    results = ev.evaluate(target, eval_set=eval_set, attacks=("pgd", "sga"), eps_255=(4.0,),
-                          text_source=_lexicon(), surrogate=surrogate, settings=ev.AttackSettings(steps=2),
-                          batch_size=4, progress=False, itm_k=itm_k)
-    assert results["surrogate"] == surrogate.name and set(results["attacks"]) == {"pgd", "sga"}
+  # CLIP's adversarial images against BLIP (re-ranked); BLIP's adversarial captions, as strings, against CLIP.
+  for target, surrogate, attack, itm_k in ((blip, clip, "pgd", 3), (clip, blip, "bert", None)):
+    results = ev.evaluate(target, eval_set=eval_set, attacks=(attack,), eps_255=(4.0,), text_source=_lexicon(),
+                          surrogate=surrogate, settings=ev.AttackSettings(steps=2), batch_size=4, progress=False,
+                          itm_k=itm_k)
+    assert results["surrogate"] == surrogate.name and set(results["attacks"]) == {attack}
+    assert results["settings"]["itm_k"] == itm_k
 
 
 def _lexicon():

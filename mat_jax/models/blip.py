@@ -453,7 +453,8 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   archs = data.get("architectures") or [BLIP_ARCHITECTURE]
   if BLIP_ARCHITECTURE not in archs:
     raise weights.ConfigError(f"config.json describes {_architectures(data)}; load_blip reads the retrieval model "
-                              f"{BLIP_ARCHITECTURE} (ITC projections and ITM head), e.g. Salesforce/blip-itm-base-coco.")
+                              f"{BLIP_ARCHITECTURE} (ITC projections and ITM head), e.g. "
+                              "Salesforce/blip-itm-base-coco.")
   pick = lambda cls, sub, keys, **extra: cls(**{o: sub[t] for o, t in keys.items() if sub.get(t) is not None},
                                             **extra)
   pre = preprocessor or {}
