@@ -185,7 +185,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   `images` ((N, H, W, 3) uint8 or float32 in [0, 1]), `captions` ((T,) strings) and `text_to_image`
   ((T,) ints), e.g. `mat_jax.data.load_eval_set(...)`. eps_255: budgets in 1/255 units.
   text_source: substitutes for the text attacks (e.g. `mat_jax.training.inputs.make_source("bert",
-  bert="shapes-mlm")`: BERT-Attack's masked-LM candidates), needed by bert/sep/co/sga. surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
+  bert="shapes-mlm")`: BERT-Attack's masked-LM candidates), needed by bert/sep/co/sga.
+  surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
   that generates the attacks instead of the target (transfer). limit: evaluate the first N images.
   log: if given, receives one line per attack and budget (R@1 and the time taken).
   itm_k: for a target with an ITM head (BLIP), rank by ITC and re-rank each query's top itm_k by ITM
