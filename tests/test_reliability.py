@@ -458,44 +458,61 @@ def test_nan_starting_weights_are_not_blamed_on_the_learning_rate(root):
   assert "learning_rate" not in str(err.value)
 
 
-class _InterruptAt:
-  """Sends this process SIGINT when the n-th batch (1-based) is fetched: a Ctrl-C during step n."""
+class _SigintAt:
+  """Sends this process SIGINT while the n-th batch (1-based) is fetched: a Ctrl-C during step n."""
 
-  def __init__(self, iterator, n):
-    self.iterator, self.n, self.count = iterator, n, 0
+  def __init__(self, n):
+    self.n, self.count = n, 0
 
-  def __iter__(self):
-    return self
-
-  def __next__(self):
+  def __call__(self, batch):
     self.count += 1
     if self.count == self.n:
       os.kill(os.getpid(), signal.SIGINT)
-    return next(self.iterator)
+    return batch
 
-  def get_state(self):
-    return self.iterator.get_state()
 
-  def set_state(self, state):
-    self.iterator.set_state(state)
+def _batches(config, tokenizer, interrupt_at=None):
+  from mat_jax.data import corpora, pipeline
+  builder = setup.data_builder(config, 16, log=_quiet)
+  dataset = pipeline.training_pipeline(corpora.data_source(builder, "train"), tokenizer, 16)
+  return iter(dataset.map(_SigintAt(interrupt_at)))
 
 
 def test_ctrl_c_saves_the_step_and_says_how_to_resume(root):
   config = micro_config(root, train={"steps": 6, "log_every": 2, "checkpoint_every": 4})
   workdir = root / "interrupted"
   model, tokenizer = setup.load_model(config, log=_quiet)
-  builder = setup.data_builder(config, 16, log=_quiet)
-  iterator = setup.train_iterator(config, builder, tokenizer, 16, process_index=0, process_count=1)
   with pytest.raises(errors.Interrupted, match=r"interrupted at step 3; last checkpoint 3 in .*; rerun the same "
                                                "command to resume") as err:
     loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False,
-               data_iterator=_InterruptAt(iterator, 3), model=model, tokenizer=tokenizer)
+               data_iterator=_batches(config, tokenizer, interrupt_at=3), model=model, tokenizer=tokenizer)
   assert err.value.exit_code == 130
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3]
   assert not (workdir / LOCK_FILE).read_text()  # released
   lines = []
-  loop.train(config, workdir, mesh_spec="1", log=lines.append, progress=False, evaluate=False)
+  loop.train(config, workdir, mesh_spec="1", log=lines.append, progress=False, evaluate=False,
+             data_iterator=_batches(config, tokenizer), model=model, tokenizer=tokenizer)
   assert "resumed from the checkpoint at step 3" in lines
   steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert steps == [2, 4, 6]
+
+
+def test_an_unknown_dataset_or_split_is_a_user_error(root, trained):
+  config, _ = trained
+  with pytest.raises(errors.MatJaxError, match="no corpus 'flikr30k'"):
+    evaluate.load_dataset("flikr30k", None, 16, data_dir=str(root / "data"))
+  from mat_jax.data import corpora
+  builder = setup.data_builder(config, 16, log=_quiet)
+  with pytest.raises(errors.MatJaxError, match=r"has no split 'tset'; it has \["):
+    corpora.data_source(builder, "tset")
+
+
+def test_a_context_longer_than_the_model_names_both(root, tmp_path):
+  from mat_jax.models import save_clip
+  save_clip(CLIP(setup.parse_model_overrides("text.context_length=24", clip_config("tiny")), rngs=nnx.Rngs(0)),
+            tmp_path)
+  config = config_lib.build({"model": {"source": str(tmp_path), "tokenizer": "shapes", "context_length": 100}})
+  with pytest.raises(config_lib.ConfigError, match=r"model.context_length=100 but the text model of .* has 24 "
+                                                   r"positions; set model.context_length=24"):
+    setup.load_model(config, log=_quiet)
