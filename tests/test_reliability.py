@@ -418,18 +418,31 @@ def test_fewer_steps_than_the_checkpoint_are_refused(root, trained):
   assert (workdir / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_a_run_resumes_past_a_damaged_checkpoint(root, trained):
+@pytest.mark.parametrize("how", ["flipped", "garbage-metadata"])
+def test_a_run_resumes_past_a_damaged_checkpoint(root, trained, how):
   config, source = trained
-  workdir = root / "damaged_run"
+  workdir = root / f"damaged_run_{how}"
   shutil.copytree(source, workdir)
   shutil.rmtree(workdir / "model")
-  _flip(workdir / "checkpoints" / "4")
+  DAMAGE[how](workdir / "checkpoints" / "4")
   lines = []
   loop.train(config, workdir, mesh_spec="1", log=lines.append, progress=False, evaluate=False)
   assert any("checkpoints/4 is damaged" in line for line in lines)
   assert "resumed from the checkpoint at step 2" in lines
   assert (workdir / "model" / "model.safetensors").exists()
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+
+
+def test_evaluating_a_run_skips_its_damaged_checkpoint_without_moving_it(root, trained, capsys):
+  config, source = trained
+  workdir = root / "damaged_read"
+  shutil.copytree(source, workdir)
+  shutil.rmtree(workdir / "model")
+  _flip(workdir / "checkpoints" / "4")
+  model, _ = checkpoint_lib.restore_model(workdir)
+  assert f"checkpoint {workdir / 'checkpoints' / '4'} is damaged" in capsys.readouterr().err
+  assert (workdir / "checkpoints" / "4").is_dir() and not (workdir / checkpoint_lib.DAMAGED_DIR).exists()
+  assert model.config.vision.image_size == 16
 
 
 def test_nan_right_after_a_restore_is_reported_as_a_damaged_checkpoint(root, trained):

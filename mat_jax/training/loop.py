@@ -264,6 +264,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   except checkpoint_lib.IncompatibleCheckpointError:
     ckpt.close()
     raise
+  except Exception:  # noqa: BLE001  unreadable metadata: a damaged checkpoint, handled by the restore below
+    pass
   if main:
     checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
   builder = None
