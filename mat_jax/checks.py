@@ -186,9 +186,9 @@ def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vo
   host = np.asarray(ids)
   lo, hi = int(host.min()), int(host.max())
   if lo < 0 or hi >= vocab_size:
-    raise InputError(f"{name}: token ids must lie in [0, {vocab_size}) (the model's table size), got range [{lo}, {hi}]; "
-                     "the tokenizer does not match the model: load the tokenizer saved with these weights, "
-                     "or build the model with the tokenizer's vocab_size")
+    raise InputError(f"{name}: token ids must lie in [0, {vocab_size}) (the model's table size), got range "
+                     f"[{lo}, {hi}]; the tokenizer does not match the model: load the tokenizer saved with these "
+                     "weights, or build the model with the tokenizer's vocab_size")
 
 
 def check_text_to_image(text_to_image: Any, n_images: int, n_texts: int | None = None, *,

@@ -288,7 +288,7 @@ def test_train_refuses_a_locked_workdir_in_one_line(tmp_path, capsys):
 def test_the_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
   code = ("import os, signal, sys; from mat_jax.workdir import WorkdirLock; "
           f"WorkdirLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
-  done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+  done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()), check=False)
   assert done.returncode == -signal.SIGKILL
   assert (tmp_path / LOCK_FILE).read_text().startswith("PID ")  # the dead holder's record stays behind
   with WorkdirLock(tmp_path):
@@ -409,7 +409,7 @@ def trained(root):
 
 
 def test_fewer_steps_than_the_checkpoint_are_refused(root, trained):
-  config, workdir = trained
+  _, workdir = trained
   before = (workdir / "model" / "model.safetensors").stat().st_mtime_ns
   with pytest.raises(config_lib.ConfigError, match=r"train.steps=2 but .* checkpoint at step 4; .*"
                                                    r"--config.train.steps=4 .* fresh --workdir"):
@@ -434,7 +434,7 @@ def test_a_run_resumes_past_a_damaged_checkpoint(root, trained, how):
 
 
 def test_evaluating_a_run_skips_its_damaged_checkpoint_without_moving_it(root, trained, capsys):
-  config, source = trained
+  _, source = trained
   workdir = root / "damaged_read"
   shutil.copytree(source, workdir)
   shutil.rmtree(workdir / "model")
