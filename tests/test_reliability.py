@@ -238,7 +238,7 @@ def test_evaluate_checks_its_inputs_before_jit(micro_clip, shapes_tokenizer, ima
 
 
 def test_evaluate_refuses_budgets_that_are_not_finite(micro_clip, shapes_tokenizer):
-  with pytest.raises(errors.InputError, match="finite and >= 0"):
+  with pytest.raises(errors.InputError, match=">= 0 and finite"):
     evaluate.evaluate(micro_clip, tokenizer=shapes_tokenizer, eval_set=_eval_set(_images(), [0, 1]),
                       attacks=("pgd",), eps_255=(float("nan"),), progress=False)
 
