@@ -127,10 +127,9 @@ def test_models_inspect_reports_invalid_json_in_one_line(tmp_path, capsys):
   assert err.startswith(f"error: {tmp_path / 'config.json'} is not valid JSON")
 
 
-def test_a_truncated_safetensors_file_is_named(tmp_path):
+def test_a_truncated_safetensors_file_is_named(micro_clip, tmp_path):
   from mat_jax.models import load_clip, save_clip
-  model = CLIP(clip_config("tiny"), rngs=nnx.Rngs(0))
-  save_clip(model, tmp_path)
+  save_clip(micro_clip, tmp_path)
   weights = tmp_path / "model.safetensors"
   weights.write_bytes(weights.read_bytes()[:40])
   with pytest.raises(errors.MatJaxError, match=f"{weights} is not a readable safetensors file"):
