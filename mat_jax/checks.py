@@ -34,16 +34,16 @@ def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
 
 
 def _value_stats(x: Any) -> tuple[int, int, float, float]:
-  """(NaN count, inf count, min and max of the finite values): on the device for device arrays (one
-  small transfer), on the host for numpy."""
+  """(NaN count, inf count, min, max); min and max only when every value is finite. On the device for
+  device arrays (one small transfer), on the host for numpy."""
   if isinstance(x, jax.Array):
     nans, infs, lo, hi = jax.device_get(_stats(x))
     return int(nans), int(infs), float(lo), float(hi)
   x = np.asarray(x)
-  finite = np.isfinite(x)
-  values = x[finite]
-  lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-  return int(np.isnan(x).sum()), int(np.isinf(x).sum()), lo, hi
+  nans, infs = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+  if nans or infs:  # the range is not reported then: no copy of the finite values needed
+    return nans, infs, 0.0, 0.0
+  return 0, 0, float(x.min()), float(x.max())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,9 +186,9 @@ def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vo
   host = np.asarray(ids)
   lo, hi = int(host.min()), int(host.max())
   if lo < 0 or hi >= vocab_size:
-    raise InputError(f"{name}: token ids must lie in [0, {vocab_size}) (the model's table size), got range [{lo}, {hi}]; "
-                     "the tokenizer does not match the model: load the tokenizer saved with these weights, "
-                     "or build the model with the tokenizer's vocab_size")
+    raise InputError(f"{name}: token ids must lie in [0, {vocab_size}) (the model's table size), got range "
+                     f"[{lo}, {hi}]; the tokenizer does not match the model: load the tokenizer saved with these "
+                     "weights, or build the model with the tokenizer's vocab_size")
 
 
 def check_text_to_image(text_to_image: Any, n_images: int, n_texts: int | None = None, *,

@@ -187,7 +187,7 @@ def _call_get_config(path: Path, arg: str | None) -> Any:
     spec.loader.exec_module(module)
   except SyntaxError as e:
     raise ConfigError(f"{e.filename or path}:{e.lineno}: syntax error in the experiment file: {e.msg}") from None
-  except Exception as e:  # the experiment file's own code failed on import: name where
+  except Exception as e:  # noqa: BLE001  the experiment file's own code failed on import: name where
     raise ConfigError(f"{_where(e, path)}: the experiment file failed to load: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config(arg=None) function")
@@ -210,7 +210,7 @@ def _run_get_config(module: Any, path: Path, arg: str | None) -> Any:
       raise ConfigError(f"{path}: get_config takes no argument, but {arg!r} was given after ':'") from e
     raise ConfigError(f"{_where(e, path)}: get_config({'' if arg is None else repr(arg)}) failed: "
                       f"{type(e).__name__}: {e}") from None
-  except Exception as e:  # e.g. a ValueError for an unknown defense: the file's message, one line
+  except Exception as e:  # noqa: BLE001  e.g. a ValueError for an unknown defense: the file's message
     raise ConfigError(f"{_where(e, path)}: get_config({'' if arg is None else repr(arg)}) failed: "
                       f"{type(e).__name__}: {e}") from None
 

@@ -161,7 +161,7 @@ def check_eps_255(eps_255: Sequence[float], norm: str = "linf", *, name: str = "
     raise InputError(f"{name} is empty; give at least one budget in 1/255 units, e.g. (2.0,)")
   for e in eps_255:
     if not math.isfinite(float(e)) or e < 0:
-      raise InputError(f"{name} must be finite and >= 0 (budgets in 1/255 units, e.g. 2 for 2/255), "
+      raise InputError(f"{name} must be >= 0 and finite (budgets in 1/255 units, e.g. 2 for 2/255), "
                        f"got {list(eps_255)}")
     if norm == "linf" and e > 255:
       raise InputError(f"{name}={e:g} is more than the whole pixel range: budgets are in 1/255 units "
@@ -677,7 +677,7 @@ def _main(argv: Sequence[str] | None) -> int:
   if args.steps < 1 or args.apgd_steps < 1:
     parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
   if any(not math.isfinite(e) or e < 0 for e in args.eps):
-    parser.error(f"--eps budgets are in 1/255 units and must be finite and >= 0, got {args.eps}")
+    parser.error(f"--eps budgets are in 1/255 units and must be >= 0 and finite, got {args.eps}")
   if args.itm_k is not None and args.itm_k < 0:
     parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
   # Before the work: an --out that cannot be written would lose the results after the whole evaluation.

@@ -145,7 +145,8 @@ def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> np.ndarray:
 
 def embed_images(encoder: DualEncoder, params, images, batch_size: int = 256) -> np.ndarray:
   """L2-normalised image embeddings (N, D), computed in fixed-size jitted batches."""
-  checks.check_images(images, encoder.config.vision.image_size)
+  config = getattr(encoder, "config", None)  # any encoder with image_embeddings works; CLIP's has a config
+  checks.check_images(images, config.vision.image_size if config is not None else None)
   images = np.asarray(images)
   batch_size = min(batch_size, len(images))
   return _batched(lambda x: image_embeddings(encoder, params, x), (images,), batch_size)
@@ -153,8 +154,9 @@ def embed_images(encoder: DualEncoder, params, images, batch_size: int = 256) ->
 
 def embed_texts(encoder: DualEncoder, params, input_ids, attention_mask, batch_size: int = 1024) -> np.ndarray:
   """L2-normalised text embeddings (N, D), computed in fixed-size jitted batches."""
-  text = encoder.config.text
-  checks.check_token_ids(input_ids, attention_mask, text.context_length, text.vocab_size)
+  config = getattr(encoder, "config", None)
+  if config is not None:
+    checks.check_token_ids(input_ids, attention_mask, config.text.context_length, config.text.vocab_size)
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
   batch_size = min(batch_size, len(ids))
   return _batched(lambda i, m: text_embeddings(encoder, params, i, m), (ids, mask), batch_size)

@@ -260,9 +260,9 @@ def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys
   path = _write(tmp_path, f"return dict(train=dict(batch_size=8), model=dict(overrides={micro!r}), "
                           f"data=dict(name='nosuch', data_dir={str(tmp_path / 'data')!r}))")
   argv = ["--config", str(path), "--workdir", str(tmp_path / "run"), "--no-progress"]
-  assert train.main(argv + ["--config.model.source=/nope"]) == 1
+  assert train.main(argv + ["--config.model.source=/nope"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "/nope" in err and "Traceback" not in err
-  assert train.main(argv) == 1
+  assert train.main(argv) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: no corpus 'nosuch'") and "python -m mat_jax.data build" in err

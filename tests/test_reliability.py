@@ -127,10 +127,9 @@ def test_models_inspect_reports_invalid_json_in_one_line(tmp_path, capsys):
   assert err.startswith(f"error: {tmp_path / 'config.json'} is not valid JSON")
 
 
-def test_a_truncated_safetensors_file_is_named(tmp_path):
+def test_a_truncated_safetensors_file_is_named(micro_clip, tmp_path):
   from mat_jax.models import load_clip, save_clip
-  model = CLIP(clip_config("tiny"), rngs=nnx.Rngs(0))
-  save_clip(model, tmp_path)
+  save_clip(micro_clip, tmp_path)
   weights = tmp_path / "model.safetensors"
   weights.write_bytes(weights.read_bytes()[:40])
   with pytest.raises(errors.MatJaxError, match=f"{weights} is not a readable safetensors file"):
@@ -238,7 +237,7 @@ def test_evaluate_checks_its_inputs_before_jit(micro_clip, shapes_tokenizer, ima
 
 
 def test_evaluate_refuses_budgets_that_are_not_finite(micro_clip, shapes_tokenizer):
-  with pytest.raises(errors.InputError, match="finite and >= 0"):
+  with pytest.raises(errors.InputError, match=">= 0 and finite"):
     evaluate.evaluate(micro_clip, tokenizer=shapes_tokenizer, eval_set=_eval_set(_images(), [0, 1]),
                       attacks=("pgd",), eps_255=(float("nan"),), progress=False)
 
@@ -288,7 +287,7 @@ def test_train_refuses_a_locked_workdir_in_one_line(tmp_path, capsys):
 def test_the_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
   code = ("import os, signal, sys; from mat_jax.workdir import WorkdirLock; "
           f"WorkdirLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
-  done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+  done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()), check=False)
   assert done.returncode == -signal.SIGKILL
   assert (tmp_path / LOCK_FILE).read_text().startswith("PID ")  # the dead holder's record stays behind
   with WorkdirLock(tmp_path):
@@ -409,7 +408,7 @@ def trained(root):
 
 
 def test_fewer_steps_than_the_checkpoint_are_refused(root, trained):
-  config, workdir = trained
+  _, workdir = trained
   before = (workdir / "model" / "model.safetensors").stat().st_mtime_ns
   with pytest.raises(config_lib.ConfigError, match=r"train.steps=2 but .* checkpoint at step 4; .*"
                                                    r"--config.train.steps=4 .* fresh --workdir"):
@@ -418,18 +417,31 @@ def test_fewer_steps_than_the_checkpoint_are_refused(root, trained):
   assert (workdir / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_a_run_resumes_past_a_damaged_checkpoint(root, trained):
+@pytest.mark.parametrize("how", ["flipped", "garbage-metadata"])
+def test_a_run_resumes_past_a_damaged_checkpoint(root, trained, how):
   config, source = trained
-  workdir = root / "damaged_run"
+  workdir = root / f"damaged_run_{how}"
   shutil.copytree(source, workdir)
   shutil.rmtree(workdir / "model")
-  _flip(workdir / "checkpoints" / "4")
+  DAMAGE[how](workdir / "checkpoints" / "4")
   lines = []
   loop.train(config, workdir, mesh_spec="1", log=lines.append, progress=False, evaluate=False)
   assert any("checkpoints/4 is damaged" in line for line in lines)
   assert "resumed from the checkpoint at step 2" in lines
   assert (workdir / "model" / "model.safetensors").exists()
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+
+
+def test_evaluating_a_run_skips_its_damaged_checkpoint_without_moving_it(root, trained, capsys):
+  _, source = trained
+  workdir = root / "damaged_read"
+  shutil.copytree(source, workdir)
+  shutil.rmtree(workdir / "model")
+  _flip(workdir / "checkpoints" / "4")
+  model, _ = checkpoint_lib.restore_model(workdir)
+  assert f"checkpoint {workdir / 'checkpoints' / '4'} is damaged" in capsys.readouterr().err
+  assert (workdir / "checkpoints" / "4").is_dir() and not (workdir / checkpoint_lib.DAMAGED_DIR).exists()
+  assert model.config.vision.image_size == 16
 
 
 def test_nan_right_after_a_restore_is_reported_as_a_damaged_checkpoint(root, trained):
@@ -458,44 +470,61 @@ def test_nan_starting_weights_are_not_blamed_on_the_learning_rate(root):
   assert "learning_rate" not in str(err.value)
 
 
-class _InterruptAt:
-  """Sends this process SIGINT when the n-th batch (1-based) is fetched: a Ctrl-C during step n."""
+class _SigintAt:
+  """Sends this process SIGINT while the n-th batch (1-based) is fetched: a Ctrl-C during step n."""
 
-  def __init__(self, iterator, n):
-    self.iterator, self.n, self.count = iterator, n, 0
+  def __init__(self, n):
+    self.n, self.count = n, 0
 
-  def __iter__(self):
-    return self
-
-  def __next__(self):
+  def __call__(self, batch):
     self.count += 1
     if self.count == self.n:
       os.kill(os.getpid(), signal.SIGINT)
-    return next(self.iterator)
+    return batch
 
-  def get_state(self):
-    return self.iterator.get_state()
 
-  def set_state(self, state):
-    self.iterator.set_state(state)
+def _batches(config, tokenizer, interrupt_at=None):
+  from mat_jax.data import corpora, pipeline
+  builder = setup.data_builder(config, 16, log=_quiet)
+  dataset = pipeline.training_pipeline(corpora.data_source(builder, "train"), tokenizer, 16)
+  return iter(dataset.map(_SigintAt(interrupt_at)))
 
 
 def test_ctrl_c_saves_the_step_and_says_how_to_resume(root):
   config = micro_config(root, train={"steps": 6, "log_every": 2, "checkpoint_every": 4})
   workdir = root / "interrupted"
   model, tokenizer = setup.load_model(config, log=_quiet)
-  builder = setup.data_builder(config, 16, log=_quiet)
-  iterator = setup.train_iterator(config, builder, tokenizer, 16, process_index=0, process_count=1)
   with pytest.raises(errors.Interrupted, match=r"interrupted at step 3; last checkpoint 3 in .*; rerun the same "
                                                "command to resume") as err:
     loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False,
-               data_iterator=_InterruptAt(iterator, 3), model=model, tokenizer=tokenizer)
+               data_iterator=_batches(config, tokenizer, interrupt_at=3), model=model, tokenizer=tokenizer)
   assert err.value.exit_code == 130
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3]
   assert not (workdir / LOCK_FILE).read_text()  # released
   lines = []
-  loop.train(config, workdir, mesh_spec="1", log=lines.append, progress=False, evaluate=False)
+  loop.train(config, workdir, mesh_spec="1", log=lines.append, progress=False, evaluate=False,
+             data_iterator=_batches(config, tokenizer), model=model, tokenizer=tokenizer)
   assert "resumed from the checkpoint at step 3" in lines
   steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert steps == [2, 4, 6]
+
+
+def test_an_unknown_dataset_or_split_is_a_user_error(root, trained):
+  config, _ = trained
+  with pytest.raises(errors.MatJaxError, match="no corpus 'flikr30k'"):
+    evaluate.load_dataset("flikr30k", None, 16, data_dir=str(root / "data"))
+  from mat_jax.data import corpora
+  builder = setup.data_builder(config, 16, log=_quiet)
+  with pytest.raises(errors.MatJaxError, match=r"has no split 'tset'; it has \["):
+    corpora.data_source(builder, "tset")
+
+
+def test_a_context_longer_than_the_model_names_both(root, tmp_path):
+  from mat_jax.models import save_clip
+  save_clip(CLIP(setup.parse_model_overrides("text.context_length=24", clip_config("tiny")), rngs=nnx.Rngs(0)),
+            tmp_path)
+  config = config_lib.build({"model": {"source": str(tmp_path), "tokenizer": "shapes", "context_length": 100}})
+  with pytest.raises(config_lib.ConfigError, match=r"model.context_length=100 but the text model of .* has 24 "
+                                                   r"positions; set model.context_length=24"):
+    setup.load_model(config, log=_quiet)

@@ -27,9 +27,8 @@ from flax import nnx
 
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
-from mat_jax import errors
+from mat_jax import errors, objectives
 from mat_jax import mesh as mesh_lib
-from mat_jax import objectives
 from mat_jax.models import CLIP, DualEncoder, split
 from mat_jax.training import inputs, optim, setup
 from mat_jax.training import step as step_lib
@@ -208,8 +207,8 @@ def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path)
     state0 = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, config.seed),
                             run.params)
     # A damaged newest checkpoint is skipped (said on stderr), not moved: the run is not this reader's.
-    state, step = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(state0, run.shardings), set_aside=False,
-                                             log=lambda line: print(line, file=sys.stderr))
+    state, _ = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(state0, run.shardings), set_aside=False,
+                                          log=lambda line: print(line, file=sys.stderr))
   if state is None:
     raise checkpoint_lib.NotARunError(f"{workdir} holds a run config but no readable checkpoint and no exported "
                                       "model; train it first (python -m mat_jax.train) or pass another run")
@@ -267,6 +266,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   except checkpoint_lib.IncompatibleCheckpointError:
     ckpt.close()
     raise
+  except Exception:  # noqa: BLE001, S110  unreadable metadata: a damaged checkpoint, handled by the restore below
+    pass
   if main:
     checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
   builder = None
