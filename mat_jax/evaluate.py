@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import metrics
+from mat_jax import metrics, runtime
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
@@ -536,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
+  runtime.enable_compilation_cache()
   if args.limit is not None and args.limit < 1:
     parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
   if args.steps < 1 or args.apgd_steps < 1:

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
   args, overrides = parse_args(argv)
   from mat_jax import config as config_lib
   from mat_jax import mesh as mesh_lib
+  from mat_jax import runtime
+
+  runtime.enable_compilation_cache()
 
   if args.config is None and overrides:
     print("--config.* overrides need --config FILE", file=sys.stderr)

@@ -1,18 +1,22 @@
 """`python -m mat_jax.bench SUITE [options]`: measured speed next to its reference, in one run.
 
 Suites: encode (CLIP image encoding vs transformers/PyTorch), attacks (PGD, BERT-Attack, SGA),
-data (input pipeline throughput), train (MAT step vs an eager PyTorch MAT step).
+data (input pipeline throughput), train (MAT step vs an eager PyTorch MAT step), compile (compile seconds,
+cold and from the persistent compilation cache).
 """
 
 import argparse
 import importlib
 import sys
 
+from mat_jax import runtime
+
 SUITES = {
     "encode": "CLIP image encoding, forward and forward+backward to pixels, vs transformers (PyTorch)",
     "attacks": "10-step PGD vs eager PyTorch; batched BERT-Attack vs a per-caption loop; SGA wall time",
     "data": "images/s from the training pipeline vs images/s a MAT step consumes",
     "train": "MAT train step vs an eager PyTorch MAT step on transformers' CLIPModel",
+    "compile": "compile seconds of the MAT step, PGD and SGA, cold and with a warm persistent cache",
 }
 
 
@@ -29,6 +33,7 @@ def main(argv=None) -> int:
       module = importlib.import_module(f"mat_jax.bench.{name}")
       module.add_arguments(suite_parser)
   args = parser.parse_args(argv)
+  runtime.enable_compilation_cache()
   return module.run(args) or 0
 
 

@@ -83,6 +83,9 @@ def _shapes_config(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from mat_jax import runtime
+
+  runtime.enable_compilation_cache()
   from mat_jax.data import corpora, shapes
 
   if args.command == "tokenizer":

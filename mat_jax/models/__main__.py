@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mat_jax import runtime
+
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
 
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("source", help="transformers-layout directory or hub id")
   p.set_defaults(fn=inspect)
   args = parser.parse_args(argv)
+  runtime.enable_compilation_cache()
   return args.fn(args)
 
 

@@ -13,13 +13,13 @@ Model sources (`config.model.source`):
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import ml_collections
 from flax import nnx
 
+from mat_jax import runtime
 from mat_jax.config import ConfigError
 from mat_jax.models import CLIP, PRESETS, CLIPConfig, clip_config
 from mat_jax.models.tokenizers import Tokenizer
@@ -29,7 +29,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def cache_dir() -> Path:
-  return Path(os.environ.get("MAT_JAX_CACHE_DIR") or "~/.cache/mat_jax").expanduser()
+  return runtime.cache_root()
 
 
 def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
