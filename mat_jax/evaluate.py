@@ -420,9 +420,11 @@ def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMAR
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
-def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str], None] = print) -> Victim:
+def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str], None] = print,
+                **options: Any) -> Victim:
   """A model by name: "shapes" (the demo's clean tiny CLIP, trained into the cache on first use),
-  "cache:NAME", a mat_jax training run directory, a transformers-layout directory or a hub id."""
+  "cache:NAME", a mat_jax training run directory, a transformers-layout directory or a hub id.
+  `options`: execution options of the model (dtype, scan_layers, attention; see CLIPConfig)."""
   from mat_jax.models import load_clip, load_tokenizer
 
   model, tok = None, None
@@ -437,6 +439,9 @@ def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str
     model, tok = checkpoint.restore_model(path)
   else:
     model = load_clip(source)
+  if options:
+    from mat_jax.training import setup
+    model = setup.with_options(model, **options)
   if tokenizer is not None:
     tok = load_tokenizer(tokenizer, context_length=model.config.text.context_length)
   if tok is None:
@@ -528,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-changes", type=int, default=1)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype of the models (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")
+  p.add_argument("--attention", default="auto", choices=("auto", "einsum", "xla", "cudnn"),
+                 help="attention path (auto: einsum on CPU, cuDNN flash attention on GPU in bf16, else XLA)")
   p.add_argument("--out", default="eval_results", help="directory for results.json and recall_vs_eps.png")
   p.add_argument("--no-progress", action="store_true")
   return p
@@ -543,8 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
   if any(e < 0 for e in args.eps):
     parser.error(f"--eps budgets are in 1/255 units and must be >= 0, got {args.eps}")
-  target = load_victim(args.model, args.tokenizer)
-  surrogate = load_victim(args.surrogate, args.surrogate_tokenizer) if args.surrogate else None
+  from mat_jax.models.clip import resolve_dtype
+  options = {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention}
+  target = load_victim(args.model, args.tokenizer, **options)
+  surrogate = load_victim(args.surrogate, args.surrogate_tokenizer, **options) if args.surrogate else None
   eval_set = load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
                           data_dir=args.data_dir, limit=args.limit)
   needs_text = any(a in NEEDS_TEXT_SOURCE for a in args.attacks)

@@ -72,3 +72,16 @@ def test_explicit_directory_wins(monkeypatch, tmp_path, restore_jax_cache):
   assert path == tmp_path / "explicit"
   assert jax.config.jax_compilation_cache_dir == str(path)
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+
+
+def test_known_peaks_by_device_kind():
+  from mat_jax.bench import common
+
+  assert common.known_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  assert common.known_peak_tflops("NVIDIA H200", "float32") == 494.5
+  assert common.known_peak_tflops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312.0
+  assert common.known_peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+  assert common.known_peak_tflops("TPU v5", "bfloat16") == 459.0
+  assert common.known_peak_tflops("TPU v6 lite", "bfloat16") == 918.0
+  assert common.known_peak_tflops("TPU v4", "float32") is None
+  assert common.known_peak_tflops("cpu", "float32") is None

@@ -22,6 +22,7 @@ from flax import nnx
 from mat_jax import runtime
 from mat_jax.config import ConfigError
 from mat_jax.models import CLIP, PRESETS, CLIPConfig, clip_config
+from mat_jax.models.clip import resolve_dtype
 from mat_jax.models.tokenizers import Tokenizer
 
 CACHE_PREFIX = "cache:"
@@ -95,7 +96,7 @@ def load_tokenizer(source: str, context_length: int | None = None) -> Tokenizer:
 
 
 def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> CLIPConfig:
-  cfg = clip_config(config.model.source, dtype=config.model.dtype)
+  cfg = clip_config(config.model.source, **execution_options(config))
   if tokenizer is not None:
     # The model's text side follows the tokenizer it is trained with.
     cfg = cfg.replace(text=dataclasses.replace(
@@ -127,21 +128,27 @@ def load_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
     model, tokenizer = checkpoint.restore_model(Path(source).expanduser())
   else:
     from mat_jax.models import load_clip
-    model = load_clip(source, dtype=config.model.dtype)
+    model = load_clip(source, dtype=resolve_dtype(config.model.dtype))
     tokenizer = load_tokenizer(config.model.tokenizer or source,
                                context or model.config.text.context_length)
   if tokenizer is None and config.model.tokenizer:
     tokenizer = load_tokenizer(config.model.tokenizer, context)
-  if config.model.dtype != model.config.dtype:
-    model = _with_dtype(model, config.model.dtype)
-  return model, tokenizer
+  return with_options(model, **execution_options(config)), tokenizer
 
 
-def _with_dtype(model: CLIP, dtype: str) -> CLIP:
-  """The same parameters under another compute dtype."""
+def execution_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The CLIPConfig fields that say how a model is computed (not what it computes), from a run config."""
+  return {"dtype": resolve_dtype(config.model.dtype), "scan_layers": bool(config.model.scan_layers),
+          "attention": config.model.attention}
+
+
+def with_options(model: CLIP, **changes: Any) -> CLIP:
+  """The same parameters under other execution options (compute dtype, scan_layers, attention)."""
+  if all(getattr(model.config, name) == value for name, value in changes.items()):
+    return model
   from mat_jax.models import split
-  encoder, params = split(model)
-  abstract = nnx.eval_shape(lambda: CLIP(model.config.replace(dtype=dtype), rngs=nnx.Rngs(0)))
+  _, params = split(model)
+  abstract = nnx.eval_shape(lambda: CLIP(model.config.replace(**changes), rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
   return nnx.merge(graphdef, params)
 
