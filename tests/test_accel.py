@@ -100,7 +100,7 @@ def test_cudnn_padding_and_masks_keep_the_numbers(q_len, k_len):
   causal_padding = (jnp.arange(k_len)[None, None, None, :] <= (jnp.arange(q_len)[:, None] + k_len - q_len)) & (
       jnp.arange(k_len) < jnp.array([k_len, k_len - 3])[:, None, None, None])
   for mask in (None, causal_padding):
-    def loss(q, k, v, pad):
+    def loss(q, k, v, pad, mask=mask):
       out = layers.dot_product_attention(q, k, v, mask, implementation="xla", pad_multiple=pad)
       return jnp.sum(jnp.sin(out)), out
     (_, want), grads_want = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 1)
