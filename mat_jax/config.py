@@ -64,7 +64,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.tokenizer = ""           # "" = beside the model; "shapes" = the shapes-world tokenizer
   c.model.overrides = ""           # preset changes for random init: "vision.layers=2,text.width=64"
   c.model.context_length = 0       # 0 = the model's
-  c.model.dtype = "float32"        # compute dtype (float32 | bfloat16); parameters stay float32
+  c.model.dtype = "auto"           # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 |
+                                   # bfloat16; parameters, optimizer state and losses stay float32
+  c.model.scan_layers = False      # encoder blocks as one lax.scan: faster compiles, same numbers
+  c.model.attention = "auto"       # auto | einsum | xla | cudnn (mat_jax.models.layers.ATTENTION_PATHS)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "shapes"           # TFDS dataset name built by `python -m mat_jax.data build`
@@ -339,7 +342,8 @@ _CHOICES = {
     ("optimizer", "name"): ("adamw", "adam", "sgd"),
     ("schedule", "name"): ("constant", "cosine", "linear"),
     ("mesh", "param_sharding"): ("replicated", "fsdp", "logical"),
-    ("model", "dtype"): ("float32", "bfloat16"),
+    ("model", "dtype"): ("auto", "float32", "bfloat16"),
+    ("model", "attention"): ("auto", "einsum", "xla", "cudnn"),
     ("text_attack", "source"): ("bert", "paraphrase", "charedit"),
 }
 
@@ -528,7 +532,8 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
     parts["optimizer.momentum>0"] = opt.momentum > 0
   if model_config is not None:
     flat = _flatten(dataclasses.asdict(model_config), "model")
-    parts.update({k: v for k, v in flat.items() if k != "model.dtype"})
+    # How the model is computed, not what it is: a checkpoint resumes under any of these.
+    parts.update({k: v for k, v in flat.items() if k not in ("model.dtype", "model.scan_layers", "model.attention")})
   return json.loads(json.dumps(parts, default=str))
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import checks, errors, metrics, rerank
+from mat_jax import checks, errors, metrics, rerank, runtime
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
@@ -531,9 +531,11 @@ def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMAR
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
-def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str], None] = print) -> Victim:
+def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str], None] = print,
+                **options: Any) -> Victim:
   """A model by name: "shapes" (the demo's clean tiny CLIP, trained into the cache on first use),
-  "cache:NAME", a mat_jax training run directory, a transformers-layout directory or a hub id."""
+  "cache:NAME", a mat_jax training run directory, a transformers-layout directory or a hub id.
+  `options`: execution options of the model (dtype, scan_layers, attention; see CLIPConfig)."""
   from mat_jax.models import load_blip, load_clip, load_tokenizer
   from mat_jax.models.blip import is_blip
 
@@ -549,6 +551,9 @@ def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str
     model, tok = checkpoint.restore_model(path)
   else:
     model = load_blip(source) if is_blip(source) else load_clip(source)
+  if options:
+    from mat_jax.training import setup
+    model = setup.with_options(model, **options)
   if tokenizer is not None:
     tok = load_tokenizer(tokenizer, context_length=model.config.text.context_length)
   if tok is None:
@@ -643,6 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-changes", type=int, default=1)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype of the models (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")
+  p.add_argument("--attention", default="auto", choices=("auto", "einsum", "xla", "cudnn"),
+                 help="attention path (auto: einsum on CPU, cuDNN flash attention on GPU in bf16, else XLA)")
   p.add_argument("--out", default="eval_results", help="directory for results.json and recall_vs_eps.png")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--itm-k", type=int, help="BLIP targets: re-rank each query's top K by ITM (BLIP's evaluation; "
@@ -666,6 +676,7 @@ _out_dir: str | None = None  # the --out of the running command, named by a disk
 
 def _main(argv: Sequence[str] | None) -> int:
   global _out_dir
+  runtime.enable_compilation_cache()
   if _task(argv) == "zeroshot":
     from mat_jax import zeroshot  # zeroshot's CLI reuses this module's model loading
     return zeroshot.main(argv)
@@ -682,12 +693,14 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
   # Before the work: an --out that cannot be written would lose the results after the whole evaluation.
   out = errors.check_writable_dir(args.out, "--out")
-  target = load_victim(args.model, args.tokenizer)
+  from mat_jax.models.clip import resolve_dtype
+  options = {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention}
+  target = load_victim(args.model, args.tokenizer, **options)
   has_itm = rerank.supports_itm(target.encoder)
   if args.itm_k and not has_itm:
     parser.error(f"--itm-k needs a target with an ITM head (BLIP); {args.model} is a dual encoder")
   itm_k = (rerank.DEFAULT_K if args.itm_k is None else args.itm_k or None) if has_itm else None
-  surrogate = load_victim(args.surrogate, args.surrogate_tokenizer) if args.surrogate else None
+  surrogate = load_victim(args.surrogate, args.surrogate_tokenizer, **options) if args.surrogate else None
   eval_set = load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
                           data_dir=args.data_dir, limit=args.limit)
   needs_text = any(a in NEEDS_TEXT_SOURCE for a in args.attacks)

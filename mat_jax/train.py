@@ -55,6 +55,9 @@ def _main(argv: list[str] | None) -> int:
   from mat_jax import config as config_lib
   from mat_jax import errors
   from mat_jax import mesh as mesh_lib
+  from mat_jax import runtime
+
+  runtime.enable_compilation_cache()
 
   if args.config is None and overrides:
     print("error: --config.* overrides need --config FILE", file=sys.stderr)

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("PGD (mat_jax vs eager PyTorch)")
   g.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
   g.add_argument("--quick", action="store_true", help="vit-b-32 at batch 2: a fast smoke run")
-  g.add_argument("--batch", type=int, default=8)
+  g.add_argument("--batch", type=int, default=None, help="images per attack (default: 8 on CPU, 256 on an "
+                 "accelerator, a size that fills one)")
   g.add_argument("--steps", type=int, default=10)
   g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="mat_jax compute dtype (PyTorch runs float32)")
@@ -83,7 +84,8 @@ def run_pgd(args: argparse.Namespace) -> dict:
   from mat_jax.models import split
   from mat_jax.models.weights import clip_config_to_hf, load_clip
 
-  preset, batch = ("vit-b-32", 2) if args.quick else (args.preset, args.batch)
+  default_batch = 8 if jax.default_backend() == "cpu" else 256
+  preset, batch = ("vit-b-32", 2) if args.quick else (args.preset, args.batch or default_batch)
   steps, eps = args.steps, 2 / 255
   step_size = eps / 4
   torch.set_num_threads(_usable_cores())
@@ -174,6 +176,10 @@ def run_pgd(args: argparse.Namespace) -> dict:
   torch_peak = f"{peak.torch_gflops:,.0f}" if peak.torch_gflops else "n/a"
   print(f"FLOPs per attack: {flops / 1e9:,.0f} G ({steps} x forward+backward, XLA cost analysis); matmul "
         f"peak now ({peak.size}^2 float32): JAX {peak.jax_gflops:,.0f}, PyTorch {torch_peak} GFLOP/s")
+  if jax.default_backend() != "cpu":
+    device_peak, source = common.peak_gflops(args.dtype)
+    print(f"mat_jax MFU: {100 * flops / median['mat_jax'] / 1e9 / device_peak:.1f}% of {device_peak / 1e3:,.0f} "
+          f"TFLOP/s ({source}); on GPUs XLA's count misses cuBLAS calls, so the FLOPs may be undercounted")
   return {"preset": preset, "batch": batch, "steps": steps, "dtype": args.dtype,
           "mat_jax_s": median["mat_jax"], "pytorch_s": median["pytorch"],
           "speedup": median["pytorch"] / median["mat_jax"], "gflops_mat_jax": flops / median["mat_jax"] / 1e9,

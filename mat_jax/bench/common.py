@@ -75,6 +75,43 @@ def matmul_peak(size: int = 2048, dtype: str = "float32", min_seconds: float = 2
   return Peak(jax_rate, torch_rate, size, dtype)
 
 
+# Dense matmul peaks in TFLOP/s per device from the vendors' data sheets (SXM parts for NVIDIA), by
+# compute dtype: float32 on NVIDIA means TF32 tensor cores (what XLA and PyTorch's "high" precision use).
+# Keys are matched against `jax.Device.device_kind`, first match wins (more specific names first).
+KNOWN_PEAKS_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("TPU v6 lite", {"bfloat16": 918.0}),   # v6e (Trillium)
+    ("TPU v6e", {"bfloat16": 918.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),   # v5e
+    ("TPU v5e", {"bfloat16": 197.0}),
+    ("TPU v5p", {"bfloat16": 459.0}),
+    ("TPU v5", {"bfloat16": 459.0}),        # v5p reports itself as "TPU v5"
+    ("TPU v4", {"bfloat16": 275.0}),
+)
+
+
+def known_peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The data-sheet peak of a device kind for a compute dtype, or None when the table lacks it (a TPU's
+  float32 matmuls run as bf16 passes, so only its bf16 peak is listed)."""
+  for name, peaks in KNOWN_PEAKS_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return peaks.get(dtype)
+  return None
+
+
+def peak_gflops(dtype: str = "float32") -> tuple[float, str]:
+  """The peak to report utilisation against, in GFLOP/s, and where it comes from: the data sheet of a
+  known accelerator, else a matmul measured now on this machine (CPUs, unknown devices)."""
+  kind = getattr(jax.devices()[0], "device_kind", "")
+  known = known_peak_tflops(kind, dtype)
+  if known is not None and jax.default_backend() != "cpu":
+    return known * 1e3, f"{kind} data sheet, {dtype}"
+  peak = matmul_peak(dtype=dtype)
+  return peak.gflops, f"measured {peak.size}x{peak.size} {peak.dtype} matmul"
+
+
 def device_summary() -> str:
   dev = jax.devices()[0]
   return f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}"

@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
   args = _parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from mat_jax import runtime
+
+  runtime.enable_compilation_cache()
   from mat_jax.data import corpora, shapes
 
   from mat_jax import errors

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mat_jax import errors
+from mat_jax import errors, runtime
 
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
@@ -118,6 +118,7 @@ def _main(argv: list[str] | None) -> int:
   p.add_argument("source", help="transformers-layout directory or hub id")
   p.set_defaults(fn=inspect)
   args = parser.parse_args(argv)
+  runtime.enable_compilation_cache()
   return args.fn(args)
 
 

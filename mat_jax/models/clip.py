@@ -8,7 +8,7 @@ mean/std normalisation is the first thing the image tower does, so attack budget
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,9 +89,38 @@ class CLIPConfig:
   projection_dim: int = 512
   logit_scale_init: float = 2.6592  # log(1 / 0.07)
   dtype: str = "float32"
+  # Run the blocks before each tower's last one as one `lax.scan` over their parameters stacked at trace
+  # time (the parameter tree keeps one entry per block): XLA compiles one block instead of `layers - 1`.
+  # Same numbers (the test suite checks it); see docs/performance.md for what it costs and saves.
+  scan_layers: bool = False
+  # How attention is computed: "auto" (einsum on CPU, cuDNN flash attention on GPU in bf16, XLA's fused
+  # attention otherwise), "einsum", "xla" or "cudnn"; see mat_jax.models.layers.ATTENTION_PATHS.
+  attention: str = "auto"
+
+  def __post_init__(self) -> None:
+    if self.attention not in layers.ATTENTION_PATHS:
+      raise ValueError(f"unknown attention {self.attention!r}; choose from {layers.ATTENTION_PATHS}")
 
   def replace(self, **changes: Any) -> "CLIPConfig":
     return dataclasses.replace(self, **changes)
+
+
+# Compute dtypes by name; "auto" is the mixed-precision default of `resolve_dtype`.
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str | None) -> str:
+  """A compute dtype name; "auto" (or None) is bfloat16 on GPU and TPU, float32 on CPU.
+
+  Only the compute dtype: parameters, optimizer state, softmax, LayerNorm statistics, losses and the
+  images stay float32 whatever it is (see docs/performance.md).
+  """
+  name = "auto" if dtype is None else str(dtype)
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute dtype {dtype!r} is not one of {COMPUTE_DTYPES}")
+  if name != "auto":
+    return name
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _vit(image_size, patch, width, layers, heads, proj, text_width, text_layers, text_heads):
@@ -141,11 +170,12 @@ class EncoderBlock(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, *, depth: int,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, attention: str = "auto"):
     kw = dict(dtype=dtype, rngs=rngs)
     residual_std = width ** -0.5 * (2 * depth) ** -0.5
     self.ln1 = layers.layer_norm(width, eps, **kw)
-    self.attn = layers.MultiHeadAttention(width, heads, qkv_std=residual_std, out_std=width ** -0.5, **kw)
+    self.attn = layers.MultiHeadAttention(width, heads, qkv_std=residual_std, out_std=width ** -0.5,
+                                          attention=attention, **kw)
     self.ln2 = layers.layer_norm(width, eps, **kw)
     self.fc1 = layers.dense(width, mlp_dim, ("embed", "mlp"), init_std=(2 * width) ** -0.5, **kw)
     self.fc2 = layers.dense(mlp_dim, width, ("mlp", "embed"), init_std=residual_std, **kw)
@@ -178,16 +208,37 @@ class EncoderBlock(nnx.Module):
     return x + self.fc2(self.act(self.fc1(self.ln2(x)))), own
 
 
+def scan_blocks(blocks: Sequence[EncoderBlock], x: jax.Array,
+                body: Callable[[EncoderBlock, jax.Array, Any], tuple[jax.Array, Any]], xs: Any = None
+                ) -> tuple[jax.Array, Any]:
+  """Apply structurally identical blocks in order through one `lax.scan`: `body(block, x, xs_i)` returns
+  the next x and a per-block output, stacked along a new leading axis like `xs` (per-block inputs).
+
+  The blocks' parameters are stacked here, inside the traced function, so the model's parameter tree
+  (checkpoints, the transformers name table, shardings) keeps one entry per block; the stack is a copy
+  of those parameters per call, and the scan's gradient is unstacked back onto each block's entry.
+  """
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(nnx.state(b) for b in blocks))
+
+  def step(carry, inputs):
+    state, extra = inputs
+    return body(nnx.merge(graphdef, state), carry, extra)
+
+  return jax.lax.scan(step, x, (stacked, xs))
+
+
 class VisionTower(nnx.Module):
   """ViT: patch embedding, class token, positions, pre-LN, blocks, post-LN on the class token."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, scan: bool = False, attention: str = "auto"):
     if cfg.layers < 1:
       raise ValueError(f"the image tower needs at least one layer, got layers={cfg.layers}")
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     self.cfg = cfg
     self.dtype = dtype
+    self.scan = scan
     w, p = cfg.width, cfg.patch_size
     init = nnx.initializers.normal(0.02)
     # Stored as a conv kernel (HWIO); applied as one matmul over flattened patches (same numbers, and
@@ -200,7 +251,7 @@ class VisionTower(nnx.Module):
     self.pre_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([
         EncoderBlock(w, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, depth=cfg.layers,
-                     dtype=dtype, rngs=rngs)
+                     dtype=dtype, rngs=rngs, attention=attention)
         for _ in range(cfg.layers)])
     self.post_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
@@ -219,8 +270,11 @@ class VisionTower(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
     x = self.pre_ln(x)
-    for block in self.blocks[:-1]:
-      x = block(x, None)
+    if self.scan and len(self.blocks) > 2:
+      x, _ = scan_blocks(self.blocks[:-1], x, lambda block, x, _: (block(x, None), None))
+    else:
+      for block in self.blocks[:-1]:
+        x = block(x, None)
     x = self.blocks[-1](x, None, rows=lambda t: t[:, :1])  # only the class token is pooled
     return self.post_ln(x[:, 0])
 
@@ -228,11 +282,12 @@ class VisionTower(nnx.Module):
 class TextTower(nnx.Module):
   """Causal transformer; pooled at the end-of-text token exactly as transformers does."""
 
-  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, scan: bool = False, attention: str = "auto"):
     if cfg.layers < 1:
       raise ValueError(f"the text tower needs at least one layer, got layers={cfg.layers}")
     self.cfg = cfg
     self.dtype = dtype
+    self.scan = scan
     self.token_embedding = nnx.Embed(
         cfg.vocab_size, cfg.width, dtype=dtype,
         embedding_init=layers.sharded(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs)
@@ -241,7 +296,7 @@ class TextTower(nnx.Module):
             rngs.params(), (cfg.context_length, cfg.width)))
     self.blocks = nnx.List([
         EncoderBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps,
-                     depth=cfg.layers, dtype=dtype, rngs=rngs)
+                     depth=cfg.layers, dtype=dtype, rngs=rngs, attention=attention)
         for _ in range(cfg.layers)])
     self.final_ln = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
@@ -291,9 +346,14 @@ class TextTower(nnx.Module):
     """Blocks over embedded tokens x (B, L, W) with a boolean mask (B, 1, L, keys) -> pooled features and the
     blocks' keys and values of x. `cache`: keys and values of earlier tokens per block (see `EncoderBlock.run`)."""
     out = []
-    for i, block in enumerate(self.blocks[:-1]):
-      x, keys_values = block.run(x, mask, cache=None if cache is None else cache[i])
-      out.append(keys_values)
+    if self.scan and len(self.blocks) > 2:
+      earlier = None if cache is None else jax.tree.map(lambda *t: jnp.stack(t), *cache[:-1])
+      x, stacked = scan_blocks(self.blocks[:-1], x, lambda block, x, c: block.run(x, mask, cache=c), earlier)
+      out = [jax.tree.map(lambda t, i=i: t[i], stacked) for i in range(len(self.blocks) - 1)]
+    else:
+      for i, block in enumerate(self.blocks[:-1]):
+        x, keys_values = block.run(x, mask, cache=None if cache is None else cache[i])
+        out.append(keys_values)
     # The last block computes the pooled row only, with that row's mask (the keys up to itself).
     mask = jnp.broadcast_to(mask, (x.shape[0], 1, x.shape[1], mask.shape[-1]))
     pooled_mask = jnp.take_along_axis(mask, pooled[:, None, None, None], axis=2)
@@ -310,8 +370,9 @@ class CLIP(nnx.Module):
   def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
-    self.vision = VisionTower(config.vision, dtype=dtype, rngs=rngs)
-    self.text = TextTower(config.text, dtype=dtype, rngs=rngs)
+    towers = dict(dtype=dtype, rngs=rngs, scan=config.scan_layers, attention=config.attention)
+    self.vision = VisionTower(config.vision, **towers)
+    self.text = TextTower(config.text, **towers)
     kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
     self.visual_projection = layers.dense(config.vision.width, config.projection_dim, ("embed", "proj"),
                                           init_std=config.vision.width ** -0.5, **kw)

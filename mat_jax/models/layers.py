@@ -72,16 +72,81 @@ def layer_norm(features: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.
   )
 
 
+# How attention is computed (`MultiHeadAttention(attention=...)`, `CLIPConfig.attention`):
+#   "auto"   the einsum path on CPU; on GPU cuDNN flash attention in bf16/fp16 and XLA's fused attention in
+#            float32; XLA's elsewhere (TPU);
+#   "einsum" two einsums around a float32 softmax, keys and values laid out for XLA:CPU (see keys_values);
+#   "xla"    jax.nn.dot_product_attention(implementation="xla");
+#   "cudnn"  jax.nn.dot_product_attention(implementation="cudnn"), lengths padded to what cuDNN takes.
+ATTENTION_PATHS = ("auto", "einsum", "xla", "cudnn")
+# cuDNN's flash attention refuses some sequence lengths (ViT-B/16's 197 tokens for training shapes);
+# multiples of 64 are accepted, so queries and keys are padded up to one and the padding masked off.
+CUDNN_LENGTH_MULTIPLE = 64
+
+
+def attention_path(attention: str, dtype) -> str:
+  """The path "auto" (or an explicit choice) resolves to on the default backend, for this compute dtype."""
+  if attention not in ATTENTION_PATHS:
+    raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION_PATHS}")
+  if attention != "auto":
+    return attention
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "einsum"
+  if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+                          implementation: str | None, pad_multiple: int = 1) -> jax.Array:
+  """Fused attention through `jax.nn.dot_product_attention`: q (B, Q, heads, d), k and v (B, K, heads, d),
+  mask bool broadcastable to (B, heads, Q, K) or None -> (B, Q, heads, d) in q's dtype.
+
+  pad_multiple > 1 pads Q and K up to a multiple of it (what cuDNN accepts) and passes the true lengths
+  (`query_seq_lengths` / `key_value_seq_lengths`), so padded keys get no weight and padded query rows
+  are dropped: the numbers are those of the unpadded call. Called with implementation "xla" (or None) and
+  pad_multiple 64, it runs the cuDNN path's padding and masking anywhere, which is how CPU tests check it.
+  """
+  b, q_len, heads, _ = q.shape
+  k_len = k.shape[1]
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  if pad_multiple <= 1:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+  q_pad = -q_len % pad_multiple
+  k_pad = -k_len % pad_multiple
+  q = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, 0)))
+  k, v = (jnp.pad(t, ((0, 0), (0, k_pad), (0, 0), (0, 0))) for t in (k, v))
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], q_len, k_len))
+    # Padded keys stay hidden (also by the lengths); padded query rows see the real keys, so no row is
+    # empty (an all-masked row is a NaN risk in the backward pass even though the row is dropped).
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, k_pad)), constant_values=False)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, 0)), constant_values=True)
+    mask = mask & (jnp.arange(k_len + k_pad) < k_len)
+  lengths = lambda n: jnp.full((b,), n, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, query_seq_lengths=lengths(q_len),
+                                     key_value_seq_lengths=lengths(k_len), implementation=implementation)
+  return out[:, :q_len]
+
+
 class MultiHeadAttention(nnx.Module):
-  """Self-attention with separate q/k/v/out projections (the CLIP and BERT layout)."""
+  """Self-attention with separate q/k/v/out projections (the CLIP and BERT layout).
+
+  `attention` picks how the attention product is computed (ATTENTION_PATHS); every path gives the same
+  numbers up to float round-off, and the keys/values layout (`keys_values`, `join`) is the same on all.
+  """
 
   def __init__(self, width: int, num_heads: int, *, qkv_std: float = 0.02, out_std: float = 0.02,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, attention: str = "auto"):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    if attention not in ATTENTION_PATHS:
+      raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION_PATHS}")
     self.num_heads = num_heads
     self.head_dim = width // num_heads
     self.dtype = dtype
+    self.attention = attention
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query = dense(width, width, ("embed", "heads"), init_std=qkv_std, **kw)
     self.key = dense(width, width, ("embed", "heads"), init_std=qkv_std, **kw)
@@ -112,6 +177,17 @@ class MultiHeadAttention(nnx.Module):
              mask: jax.Array | None = None) -> jax.Array:
     """queries (B, Q, W) attend to keys and values in the `keys_values` layout -> (B, Q, W); mask as
     __call__'s, over the keys' L."""
+    path = attention_path(self.attention, self.dtype)
+    if path != "einsum":
+      q = self._heads(self.query(queries))
+      # (B, heads, d, L) and (B, heads, L, d) -> (B, L, heads, d): on accelerators these transposes are
+      # layout changes XLA folds into the fused kernel's operands.
+      context = dot_product_attention(
+          q, keys.transpose(0, 3, 1, 2).astype(q.dtype), values.transpose(0, 2, 1, 3).astype(q.dtype),
+          None if mask is None else jnp.asarray(mask, bool),
+          implementation="cudnn" if path == "cudnn" else "xla",
+          pad_multiple=CUDNN_LENGTH_MULTIPLE if path == "cudnn" else 1)
+      return self.out(context.reshape(*queries.shape[:2], -1))
     q = self._heads(self.query(queries)) * (1.0 / math.sqrt(self.head_dim))
     logits = jnp.einsum("bqhd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
     if mask is not None:

@@ -26,7 +26,7 @@ from mat_jax import config as config_lib
 from mat_jax.errors import MatJaxError
 from mat_jax.models import hub, layers
 from mat_jax.models.bert import BertConfig, BertForMaskedLM
-from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, resolve_dtype
 from mat_jax.models.dual_encoder import DualEncoder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -466,18 +466,15 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _compute_dtype(dtype: str | None) -> str:
-  if dtype is None:
-    return "float32"
-  if str(dtype) not in COMPUTE_DTYPES:
-    raise ValueError(f"compute dtype {dtype!r} is not one of {COMPUTE_DTYPES}")
-  return str(dtype)
+  """None is float32 (a library call gets the checkpoint's numbers); "auto" follows the platform."""
+  return "float32" if dtype is None else resolve_dtype(dtype)
 
 
 def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
   """A CLIP from a transformers-layout directory or hub id (config.json + safetensors).
 
-  `dtype` is the compute dtype (default float32); parameters are always float32. Image mean/std come
-  from preprocessor_config.json when it is there, else CLIP's.
+  `dtype` is the compute dtype (default float32; "auto": bfloat16 on GPU/TPU); parameters are always
+  float32. Image mean/std come from preprocessor_config.json when it is there, else CLIP's.
   """
   dtype = _compute_dtype(dtype)
   directory = _resolve(source)

@@ -14,15 +14,16 @@ Model sources (`config.model.source`):
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import ml_collections
 from flax import nnx
 
+from mat_jax import runtime
 from mat_jax.config import ConfigError
-from mat_jax.models import BLIP, BLIP_PRESETS, CLIP, PRESETS, CLIPConfig, blip_config, clip_config
+from mat_jax.models import BLIP, BLIP_PRESETS, CLIP, PRESETS, BlipConfig, CLIPConfig, blip_config, clip_config
+from mat_jax.models.clip import resolve_dtype
 from mat_jax.models.tokenizers import Tokenizer
 
 CACHE_PREFIX = "cache:"
@@ -30,7 +31,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def cache_dir() -> Path:
-  return Path(os.environ.get("MAT_JAX_CACHE_DIR") or "~/.cache/mat_jax").expanduser()
+  return runtime.cache_root()
 
 
 def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
@@ -97,7 +98,10 @@ def load_tokenizer(source: str, context_length: int | None = None) -> Tokenizer:
 
 def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> CLIPConfig:
   source = config.model.source
-  cfg = (blip_config if source in BLIP_PRESETS else clip_config)(source, dtype=config.model.dtype)
+  if source in BLIP_PRESETS:
+    cfg = blip_config(source, **supported_options(BlipConfig, execution_options(config)))
+  else:
+    cfg = clip_config(source, **execution_options(config))
   if tokenizer is not None:
     # The model's text side follows the tokenizer it is trained with.
     text = dict(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
@@ -134,7 +138,7 @@ def load_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
   else:
     from mat_jax.models import load_blip, load_clip
     from mat_jax.models.blip import is_blip
-    model = (load_blip if is_blip(source) else load_clip)(source, dtype=config.model.dtype)
+    model = (load_blip if is_blip(source) else load_clip)(source, dtype=resolve_dtype(config.model.dtype))
     tokenizer = load_tokenizer(config.model.tokenizer or source,
                                context or model.config.text.context_length)
   if context and context > model.config.text.context_length:
@@ -143,16 +147,34 @@ def load_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
                       f"{model.config.text.context_length} or less (0 = the model's)")
   if tokenizer is None and config.model.tokenizer:
     tokenizer = load_tokenizer(config.model.tokenizer, context)
-  if config.model.dtype != model.config.dtype:
-    model = _with_dtype(model, config.model.dtype)
-  return model, tokenizer
+  return with_options(model, **execution_options(config)), tokenizer
 
 
-def _with_dtype(model: CLIP, dtype: str) -> CLIP:
-  """The same parameters under another compute dtype."""
+def execution_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The CLIPConfig fields that say how a model is computed (not what it computes), from a run config."""
+  return {"dtype": resolve_dtype(config.model.dtype), "scan_layers": bool(config.model.scan_layers),
+          "attention": config.model.attention}
+
+
+def supported_options(config_type: type, options: dict[str, Any]) -> dict[str, Any]:
+  """The execution options a model's config type has (BLIP has a dtype but no scan_layers or attention
+  choice); asking for a non-default option the model lacks is an error, not silently ignored."""
+  fields = {f.name for f in dataclasses.fields(config_type)}
+  missing = sorted(k for k, v in options.items() if k not in fields and v not in (False, "auto", None))
+  if missing:
+    raise ConfigError(f"{config_type.__name__} models have no {', '.join(missing)} option; leave "
+                      f"{', '.join('model.' + k for k in missing)} at its default for this model")
+  return {k: v for k, v in options.items() if k in fields}
+
+
+def with_options(model: CLIP | BLIP, **changes: Any) -> CLIP | BLIP:
+  """The same parameters under other execution options (compute dtype, scan_layers, attention)."""
+  changes = supported_options(type(model.config), changes)
+  if all(getattr(model.config, name) == value for name, value in changes.items()):
+    return model
   from mat_jax.models import split
-  encoder, params = split(model)
-  abstract = nnx.eval_shape(lambda: type(model)(model.config.replace(dtype=dtype), rngs=nnx.Rngs(0)))
+  _, params = split(model)
+  abstract = nnx.eval_shape(lambda: type(model)(model.config.replace(**changes), rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
   return nnx.merge(graphdef, params)
 

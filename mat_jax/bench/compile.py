@@ -1,0 +1,198 @@
+"""`python -m mat_jax.bench compile`: compile seconds of the MAT step, PGD and SGA, cold and warm.
+
+Each measurement runs in a fresh Python process (JAX keeps compiled programs in memory, so only a new
+process shows what the persistent cache saves): the cold process gets an empty temporary cache directory,
+the warm one the same directory, now filled by the cold run. A program's compile seconds are its first
+call minus a second, steady call: tracing, lowering and XLA compilation (or the cache lookup), as a user
+waits for them. The last line is `compile: cold X s, warm Y s` (the sums over the three programs).
+
+Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
+with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
+cosine (`attacks.image.pgd_attack`), and SGA (`attacks.multimodal.sga_attack`) on shapes-world images
+and captions with lexicon candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from mat_jax.bench import common
+from mat_jax.models.clip import PRESETS
+
+PROGRAMS = ("mat_step", "pgd", "sga")
+# The line a worker process prints its measurements on, for the parent to find among other output.
+_RESULT_PREFIX = "compile-result: "
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                      help="CLIP architecture (default: tiny on CPU, vit-b-16 on an accelerator)")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="images per program (default: 8 on CPU, 64 on an accelerator)")
+  parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {PROGRAMS}")
+  parser.add_argument("--dtype", default=None, help="compute dtype (default: the model's, see docs/performance.md)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="run the encoder blocks as one lax.scan (CLIPConfig.scan_layers)")
+  parser.add_argument("--cache-dir", default=None,
+                      help="persistent cache directory to measure in (default: a fresh temporary one)")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def _defaults(args: argparse.Namespace) -> tuple[str, int]:
+  on_cpu = jax.default_backend() == "cpu"
+  preset = args.preset or ("tiny" if on_cpu else "vit-b-16")
+  batch = args.batch or (8 if on_cpu else 64)
+  return preset, batch
+
+
+def _programs(args: argparse.Namespace) -> list[str]:
+  chosen = [p.strip() for p in args.programs.split(",") if p.strip()]
+  unknown = sorted(set(chosen) - set(PROGRAMS))
+  if unknown or not chosen:
+    raise SystemExit(f"--programs {args.programs!r}: choose one or more of {','.join(PROGRAMS)}")
+  return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+  programs = _programs(args)
+  if args.worker:
+    print(_RESULT_PREFIX + json.dumps(measure(args, programs)), flush=True)
+    return 0
+  preset, batch = _defaults(args)
+  print(f"compile: CLIP {preset}, batch {batch}, programs {','.join(programs)} on {common.device_summary()}; "
+        "each run in a fresh process")
+  with tempfile.TemporaryDirectory(prefix="mat_jax_compile_") as tmp:
+    cache = args.cache_dir or tmp
+    runs = {}
+    for label in ("cold", "warm"):
+      runs[label] = _worker(args, preset, batch, programs, cache)
+      files = sum(len(f) for _, _, f in os.walk(cache))
+      print(f"{label}: " + ", ".join(f"{p} {runs[label][p]:.2f} s ({runs[label][p + '_cpu']:.2f} CPU s)"
+                                     for p in programs)
+            + f" (cache: {files} files)", flush=True)
+  rows = [[p, runs["cold"][p], runs["warm"][p], runs["cold"][p] / max(runs["warm"][p], 1e-9)] for p in programs]
+  common.print_table("compile seconds (first call minus a steady call)", ["program", "cold s", "warm s", "ratio"],
+                     rows)
+  cold, warm = (sum(runs[label][p] for p in programs) for label in ("cold", "warm"))
+  print(f"compile: cold {cold:.1f} s, warm {warm:.1f} s")
+  return 0
+
+
+def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[str], cache: str) -> dict:
+  """Run the measurement in a new process with `cache` as its persistent compilation cache."""
+  command = [sys.executable, "-m", "mat_jax.bench", "compile", "--worker", "--preset", preset,
+             "--batch", str(batch), "--programs", ",".join(programs)]
+  if args.dtype:
+    command += ["--dtype", args.dtype]
+  if args.scan_layers:
+    command.append("--scan-layers")
+  env = dict(os.environ, MAT_JAX_COMPILATION_CACHE=cache)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # it would win over the directory under test
+  proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
+  if proc.returncode or not lines:
+    raise SystemExit(f"the measuring process failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                     f"{proc.stderr[-4000:]}")
+  return json.loads(lines[-1][len(_RESULT_PREFIX):])
+
+
+# ----------------------------------------------------------------------------------------------------
+# In the worker process: build and time each program.
+
+
+def _first_minus_steady(fn, cpu: dict[str, float], name: str) -> float:
+  """Wall seconds of the first call beyond a steady one; the same in this process's CPU seconds goes to
+  cpu[name] (compilation is mostly one thread, so CPU seconds show it without other jobs' contention)."""
+  start, start_cpu = time.perf_counter(), time.process_time()
+  common.block(fn())
+  first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+  start, start_cpu = time.perf_counter(), time.process_time()
+  common.block(fn())
+  cpu[name] = max(first_cpu - (time.process_time() - start_cpu), 0.0)
+  return max(first - (time.perf_counter() - start), 0.0)
+
+
+def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from mat_jax.data import shapes
+  from mat_jax.models import CLIP, split
+
+  preset, batch = _defaults(args)
+  tokenizer = shapes.tokenizer(context_length=PRESETS[preset].text.context_length)
+  cfg = PRESETS[preset]
+  # The shapes tokenizer's vocabulary and special ids, so its captions and lexicon candidates fit the model.
+  cfg = cfg.replace(text=dataclasses.replace(
+      cfg.text, vocab_size=max(cfg.text.vocab_size, tokenizer.vocab_size), bos_token_id=tokenizer.start_id,
+      eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
+  if args.dtype:
+    cfg = cfg.replace(dtype=args.dtype)
+  cfg = cfg.replace(scan_layers=bool(args.scan_layers))
+  encoder, params = split(CLIP(cfg, rngs=nnx.Rngs(0)))
+  size = cfg.vision.image_size
+  rng = np.random.default_rng(0)
+  scenes = [shapes.sample_scene(rng) for _ in range(batch)]
+  images = jnp.asarray(np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) / 255)
+  out: dict[str, float] = {}
+  cpu: dict[str, float] = {}
+  if "mat_step" in programs:
+    out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), cpu, "mat_step")
+  if "pgd" in programs:
+    from mat_jax.attacks import image as image_attacks
+
+    tokens = tokenizer([shapes.describe(s, rng) for s in scenes])
+    ids, mask = jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask)
+    out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
+        encoder, params, images, ids, mask, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10), cpu, "pgd")
+  if "sga" in programs:
+    from mat_jax.attacks import multimodal
+    from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
+
+    k = 5
+    captions = [c for s in scenes for c in shapes.captions(s, rng, k)]
+    candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
+    out["sga"] = _first_minus_steady(lambda: multimodal.sga_attack(
+        encoder, params, images, candidates, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10),
+        cpu, "sga")
+  out.update({f"{name}_cpu": seconds for name, seconds in cpu.items()})
+  return out
+
+
+def _mat_step(encoder, params, tokenizer, size: int, batch: int):
+  """The MAT train step of `python -m mat_jax.train` on one batch, as a zero-argument call."""
+  from mat_jax import config as config_lib
+  from mat_jax import mesh as mesh_lib
+  from mat_jax.bench.train import _batch
+  from mat_jax.objectives.mat import MAT
+  from mat_jax.training import optim
+  from mat_jax.training import step as step_lib
+
+  host_batch, meta = _batch(size, batch, tokenizer, max_targets=8, top_k=10)
+  objective = MAT(eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1, candidate_meta=meta)
+  settings = config_lib.build({"optimizer": {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.1},
+                               "schedule": {"name": "constant"}})
+  schedule = optim.make_schedule(settings.schedule, 1e-5, 1000)
+  tx = optim.make_optimizer(settings.optimizer, schedule)
+  mesh = mesh_lib.make_mesh(1)
+  is_trainable = step_lib.trainable_filter("all")
+  shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
+  holder = {"state": step_lib.create_state(params, tx, is_trainable, 0, shardings)}
+  step = step_lib.jit_step(step_lib.make_step_fn(encoder, objective, tx, is_trainable, schedule), shardings, mesh)
+  device_batch = mesh_lib.global_batch(host_batch, mesh)
+
+  def call():
+    holder["state"], metrics = step(holder["state"], device_batch, None)
+    return metrics
+
+  return call

@@ -1,0 +1,77 @@
+"""Process-wide JAX settings every entry point applies first: the persistent compilation cache.
+
+XLA compiles each jitted program once per shape per process; the persistent cache stores the compiled
+executables on disk, so a second run of anything (a training run resumed, the evaluation after it, a
+benchmark repeated) loads them instead of compiling again. It is on by default:
+
+- directory: `$MAT_JAX_COMPILATION_CACHE` when it names a path, else `$MAT_JAX_CACHE_DIR/jax`, else
+  `~/.cache/mat_jax/jax`; JAX's own `JAX_COMPILATION_CACHE_DIR` (or `jax_compilation_cache_dir` set in
+  code) wins over both, so a user's explicit choice is kept;
+- off: `MAT_JAX_COMPILATION_CACHE=0` (or `off`, `false`, `no`): mat_jax then leaves JAX's settings alone.
+
+Every program is cached, however small or fast to compile: JAX by default skips programs that compile in
+under a second and entries smaller than a file-system-dependent size, which leaves most CPU programs (and
+the tiny shapes-world models' programs) out, yet those add up to most of a CPU run's compile time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+# Values of MAT_JAX_COMPILATION_CACHE that switch the cache off.
+_OFF = ("0", "off", "false", "no")
+
+
+def cache_root() -> Path:
+  """mat_jax's cache directory: `$MAT_JAX_CACHE_DIR`, else `~/.cache/mat_jax`."""
+  return Path(os.environ.get("MAT_JAX_CACHE_DIR") or "~/.cache/mat_jax").expanduser()
+
+
+def compilation_cache_dir() -> Path | None:
+  """Where compiled programs are cached, from the environment (see the module docstring); None when off."""
+  setting = os.environ.get("MAT_JAX_COMPILATION_CACHE", "").strip()
+  if setting.lower() in _OFF:
+    return None
+  if setting and setting.lower() not in ("1", "on", "true", "yes"):
+    return Path(setting).expanduser()
+  return cache_root() / "jax"
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
+  """Turn on JAX's persistent compilation cache for this process; returns its directory, or None when the
+  environment switches it off (`MAT_JAX_COMPILATION_CACHE=0`).
+
+  `directory` overrides the environment. Call it at the start of an entry point, before the first
+  compilation: JAX decides once per process whether the cache is used. A directory already set through
+  JAX's own option (`JAX_COMPILATION_CACHE_DIR`) is kept, unless `directory` is given.
+  """
+  if directory is None:
+    path = compilation_cache_dir()
+    if path is None:
+      return None
+    existing = jax.config.jax_compilation_cache_dir
+    if existing:
+      path = Path(existing)
+  else:
+    path = Path(directory).expanduser()
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_enable_compilation_cache", True)
+  # Cache everything: -1 also stops JAX from raising the size threshold for the file system.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  _restart_cache_if_checked()
+  return path
+
+
+def _restart_cache_if_checked() -> None:
+  """JAX settles whether the cache is used at the first compilation and keeps that answer; when something
+  compiled before the cache was configured (an import that ran a jitted function), start over so the
+  setting takes effect."""
+  from jax._src import compilation_cache as cc  # private: the only handle on the settled state
+
+  if getattr(cc, "_cache_checked", False) or getattr(cc, "_cache_initialized", False):
+    cc.reset_cache()

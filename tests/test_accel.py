@@ -1,0 +1,150 @@
+"""Accelerator paths checked on CPU: fused attention (XLA, and the cuDNN path's padding and masks run
+through XLA), layers scanned with `lax.scan`, bf16 compute: each gives the einsum/unrolled float32 numbers."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mat_jax.models import CLIP, clip_config, layers, split
+
+
+@pytest.fixture(autouse=True)
+def highest_precision():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def _config(**changes):
+  cfg = clip_config("tiny")
+  # Three text and four image blocks: a scan runs over two or three of them.
+  return cfg.replace(vision=dataclasses.replace(cfg.vision, layers=4),
+                     text=dataclasses.replace(cfg.text, layers=3), **changes)
+
+
+def _texts():
+  ids = np.zeros((3, 11), np.int32)
+  mask = np.zeros_like(ids)
+  for row, n in enumerate((4, 9, 6)):
+    ids[row, :n] = [2, *range(10 + row, 8 + row + n), 3]
+    mask[row, :n] = 1
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _outputs(encoder, params):
+  """Image features and their pixel gradient; text features, cache and a cached continuation; the
+  gradient of the text features with respect to the parameters."""
+  images = jax.random.uniform(jax.random.key(1), (2, 48, 48, 3))
+  ids, mask = _texts()
+  feats = jax.jit(encoder.image_features)(params, images)
+  pixel_grad = jax.jit(jax.grad(lambda x: jnp.sum(encoder.image_features(params, x) ** 2)))(images)
+  text, cache = jax.jit(encoder.text_features_and_cache)(params, ids, mask)
+  start = jnp.array([1, 3, 2])
+  continued = jax.jit(encoder.text_features_continued)(params, cache, start, ids[:, 3:])
+  param_grad = jax.jit(jax.grad(lambda p: jnp.sum(encoder.text_features(p, ids, mask) ** 2)))(params)
+  return feats, pixel_grad, text, cache, continued, param_grad
+
+
+def _max_diff(a, b) -> float:
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _assert_same(got, want) -> None:
+  """Features and caches to 1e-5 (the parity bound); parameter gradients, whose entries reach the hundreds,
+  to the same 1e-5 relative to each tensor's largest magnitude when that exceeds 1 (float32 round-off of
+  differently ordered sums grows with the values)."""
+  *values, param_grad = got
+  *want_values, want_grad = want
+  assert _max_diff(values, want_values) <= 1e-5
+  for x, y in zip(jax.tree.leaves(param_grad), jax.tree.leaves(want_grad), strict=True):
+    assert float(jnp.max(jnp.abs(x - y))) <= 1e-5 * max(float(jnp.max(jnp.abs(y))), 1.0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  encoder, params = split(CLIP(_config(attention="einsum"), rngs=nnx.Rngs(0)))
+  return params, _outputs(encoder, params)
+
+
+@pytest.mark.parametrize("changes", [dict(attention="xla"), dict(scan_layers=True),
+                                     dict(scan_layers=True, attention="xla")], ids=str)
+def test_paths_match_the_einsum_unrolled_model(reference, changes):
+  params, expected = reference
+  encoder, own = split(CLIP(_config(**changes), rngs=nnx.Rngs(0)))
+  assert jax.tree.structure(own) == jax.tree.structure(params)  # same parameter tree: checkpoints load
+  _assert_same(_outputs(encoder, params), expected)
+
+
+def test_continuation_matches_whole_text_with_scan_and_fused_attention():
+  encoder, params = split(CLIP(_config(scan_layers=True, attention="xla"), rngs=nnx.Rngs(0)))
+  ids, mask = _texts()
+  whole, cache = encoder.text_features_and_cache(params, ids, mask)
+  start = jnp.array([2, 5, 1])  # at most each text's end-token position
+  # Each text from `start` on, padded back to the full length (positions after the end token are not read).
+  tail = jnp.stack([jnp.pad(ids[i, int(s):], (0, int(s))) for i, s in enumerate(start)])
+  continued = encoder.text_features_continued(params, cache, start, tail)
+  assert float(jnp.max(jnp.abs(continued - whole))) <= 1e-5
+
+
+@pytest.mark.parametrize("q_len,k_len", [(197, 197), (1, 77), (9, 20)])
+def test_cudnn_padding_and_masks_keep_the_numbers(q_len, k_len):
+  """The cuDNN path pads queries and keys to a multiple of 64 and passes the true lengths; run through
+  XLA here, it must equal the unpadded attention, masks included, values and gradients."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (2, q_len, 4, 16))
+  k = jax.random.normal(keys[1], (2, k_len, 4, 16))
+  v = jax.random.normal(keys[2], (2, k_len, 4, 16))
+  causal_padding = (jnp.arange(k_len)[None, None, None, :] <= (jnp.arange(q_len)[:, None] + k_len - q_len)) & (
+      jnp.arange(k_len) < jnp.array([k_len, k_len - 3])[:, None, None, None])
+  for mask in (None, causal_padding):
+    def loss(q, k, v, pad, mask=mask):
+      out = layers.dot_product_attention(q, k, v, mask, implementation="xla", pad_multiple=pad)
+      return jnp.sum(jnp.sin(out)), out
+    (_, want), grads_want = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 1)
+    (_, got), grads_got = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 64)
+    assert got.shape == want.shape
+    assert _max_diff(got, want) <= 1e-5
+    assert _max_diff(grads_got, grads_want) <= 1e-5
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads_got)
+
+
+def test_attention_paths_resolve_by_platform():
+  assert layers.attention_path("auto", jnp.float32) == "einsum"  # the tests run on CPU
+  assert layers.attention_path("auto", jnp.bfloat16) == "einsum"
+  assert layers.attention_path("cudnn", jnp.float32) == "cudnn"
+  with pytest.raises(ValueError, match="unknown attention 'flash'"):
+    layers.attention_path("flash", jnp.float32)
+  with pytest.raises(ValueError, match="unknown attention"):
+    clip_config("tiny", attention="flash")
+
+
+def test_bf16_compute_keeps_pgd_as_strong():
+  """PGD run with bfloat16 compute (float32 parameters, images and loss) lowers the float32 model's
+  image-caption cosine by at least 90% as much as PGD run in float32: the attack stays as strong."""
+  from mat_jax.attacks import image as image_attacks
+  from mat_jax.training import setup
+
+  model = CLIP(clip_config("tiny"), rngs=nnx.Rngs(0))
+  f32, params = split(model)
+  bf16, bf16_params = split(setup.with_options(model, dtype="bfloat16"))
+  assert bf16.config.dtype == "bfloat16"
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_params))  # parameters stay float32
+  images = jax.random.uniform(jax.random.key(2), (8, 48, 48, 3))
+  ids = jnp.asarray(np.array([[2, 5 + i, 9 + i, 3] + [0] * 20 for i in range(8)], np.int32))
+  mask = (ids > 0).astype(jnp.int32).at[:, 0].set(1)
+
+  def cosine(x):  # the float32 model's paired cosine, whatever computed the attack
+    return jnp.mean(jnp.sum(f32.image_embeddings(params, x) * f32.text_embeddings(params, ids, mask), -1))
+
+  kw = dict(eps=4 / 255, step_size=1 / 255, steps=10)
+  clean = float(cosine(images))
+  drops = {}
+  for name, encoder in (("float32", f32), ("bfloat16", bf16)):
+    adv = image_attacks.pgd_attack(encoder, params, images, ids, mask, jax.random.key(0), **kw)
+    assert adv.dtype == jnp.float32
+    drops[name] = clean - float(cosine(adv))
+  assert drops["float32"] > 0.01, drops  # the attack does something at this budget
+  assert drops["bfloat16"] >= 0.9 * drops["float32"], drops
