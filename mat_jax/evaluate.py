@@ -46,6 +46,7 @@ TEXT_ONLY = ("bert",)
 NEEDS_TEXT_SOURCE = ("bert", "sep", "co", "sga")
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
+RANK_KEYS = ("ranks", "clean_ranks", "text_to_image")  # per-query arrays of keep_ranks, not written to JSON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +161,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
              text_source: candidates_lib.CandidateSource | None = None, surrogate=None,
              settings: AttackSettings = AttackSettings(), batch_size: int = 32, seed: int = 0,
              limit: int | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None, keep_ranks: bool = False) -> dict:
   """Retrieval recall of `model` clean and under each attack and budget; see the module docstring.
 
   model: an NNX CLIP, or a DualEncoder with `params`; tokenizer: the model's. eval_set: anything with
@@ -171,7 +172,9 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   that generates the attacks instead of the target (transfer). limit: evaluate the first N images.
   log: if given, receives one line per attack and budget (R@1 and the time taken).
   Returns {"clean": recalls, "attacks": {attack: {eps_key: {"recall", "recall_drop", "asr", "seconds"}}},
-  ...}; text-only attacks use the eps key "text".
+  ...}; text-only attacks use the eps key "text". keep_ranks: also return every query's rank
+  ("clean_ranks" and each entry's "ranks": (TR ranks (N,), IR ranks (T,)) numpy arrays), for intervals
+  over test images (paired bootstrap); `write_json` leaves them out.
   """
   target = Victim.of(model, params, tokenizer, "target")
   if surrogate is not None and not isinstance(surrogate, Victim):
@@ -276,18 +279,24 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         "asr": metrics.attack_success_rate(clean_ranks, ranks),
         "seconds": time.perf_counter() - start,
     }
+    if keep_ranks:
+      results[attack][TEXT_ONLY_KEY if eps is None else _eps_key(eps)]["ranks"] = ranks
     if log is not None:
       where = "" if eps is None else f" eps {eps:g}/255"
       log(f"{attack}{where}: TR@1 {recall['tr@1']:.1f} IR@1 {recall['ir@1']:.1f} "
           f"({time.perf_counter() - start:.1f} s)")
   bar.close()
-  return {
+  out = {
       "target": target.name, "surrogate": None if surrogate is None else surrogate.name,
       "num_images": n_images, "num_texts": int(len(caption_list)),
       "eps_255": [float(e) for e in eps_255], "attacks_run": list(attacks),
       "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed},
       "clean": clean, "attacks": results,
   }
+  if keep_ranks:
+    out["clean_ranks"] = clean_ranks
+    out["text_to_image"] = text_to_image
+  return out
 
 
 def _attack_batch(attack: str, v: Victim, images: np.ndarray, batch: _Batch, key, eps_255, s: AttackSettings,
@@ -371,7 +380,7 @@ def write_json(results: dict, path: str | Path) -> Path:
   """results.json; NaN (an ASR with no correct query before the attack) becomes null."""
   def clean(value):
     if isinstance(value, dict):
-      return {k: clean(v) for k, v in value.items()}
+      return {k: clean(v) for k, v in value.items() if k not in RANK_KEYS}
     if isinstance(value, (list, tuple)):
       return [clean(v) for v in value]
     if isinstance(value, (float, np.floating)):

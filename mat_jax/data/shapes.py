@@ -719,3 +719,28 @@ def tokenizer(directory: str | os.PathLike | None = None, context_length: int = 
   """The shapes tokenizer as a `mat_jax.models.tokenizers.Tokenizer` (built on first use)."""
   from mat_jax.models.tokenizers import load_tokenizer
   return load_tokenizer(build_tokenizer(directory, context_length), context_length=context_length)
+
+
+# --------------------------------------------------------------------------------------------------
+# Misaligned augmentation: the alignment knob of the augmentation study.
+# --------------------------------------------------------------------------------------------------
+
+_ATTRIBUTE_WORDS = {"colour": (COLOUR_WORDS, _COLOUR_OF, COLOURS), "shape": (SHAPE_WORDS, _SHAPE_OF, SHAPES),
+                    "size": (SIZE_WORDS, _SIZE_OF, SIZES)}
+
+
+def misalign(caption: str, rng: np.random.Generator) -> str:
+  """A noisy captioner's caption: one attribute word (a colour, shape or size) replaced by a word of
+  another value, so the caption no longer describes its image (a misaligned augmented pair).
+
+  A caption without attribute words is returned unchanged (every caption of the grammar has some).
+  """
+  words = caption.split()
+  slots = [(i, kind) for i, w in enumerate(words) for kind, (_, of, _) in _ATTRIBUTE_WORDS.items() if w in of]
+  if not slots:
+    return caption
+  i, kind = slots[int(rng.random() * len(slots))]
+  forms, of, values = _ATTRIBUTE_WORDS[kind]
+  others = [v for v in values if v != of[words[i]]]
+  words[i] = _pick(rng, forms[_pick(rng, others)])
+  return " ".join(words)
