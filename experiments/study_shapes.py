@@ -61,7 +61,7 @@ def get_config(arg=None):
     c.eval_batch = 12
     c.bootstrap = 200
     c.model_source = "tiny"
-    c.text_source = "lexicon"  # no MLM to train; "bert" then runs the paraphrase source too
+    c.text_source = "paraphrase"  # no MLM to train; "bert" then runs the paraphrase source too
     c.budget = dict(train=dict(steps=2, batch_size=24, log_every=1, checkpoint_every=2),
                     schedule=dict(warmup_steps=1))
     c.data = dict(build_train=48, build_val=8, build_test=24)

@@ -78,8 +78,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.image_size = corpora.DEFAULT_SHAPES_IMAGE_SIZE  # the tiny preset's input size
 
   c.text_attack = ml_collections.ConfigDict()
-  c.text_attack.source = "lexicon"  # candidate source: lexicon (shapes world) | bert | charedit
-  c.text_attack.bert = "bert-base-uncased"  # BERT MLM for the bert source (dir or hub id)
+  c.text_attack.source = "bert"    # bert (BERT-Attack: MLM proposals) | paraphrase (shapes synonyms) | charedit
+  c.text_attack.bert = "shapes-mlm"  # MLM of the bert source: "shapes-mlm" (the shapes world's, cached) or a
+                                     # transformers-layout dir / hub id such as bert-base-uncased
   c.text_attack.top_k = 10
   c.text_attack.max_words = 0      # words of a caption considered (fixed shape); 0 = all that fit
   c.text_attack.max_pieces = 4     # pieces per word / substitute (fixed shape)
@@ -284,13 +285,18 @@ def _objective_section(section: dict, origin: str, keep_known_only: bool = False
   return out
 
 
+# The shapes world's synonym source was called "lexicon"; the name hid that it never changes meaning.
+RENAMED_LEXICON = ("text_attack.source='lexicon' was renamed: use 'paraphrase' for the shapes world's synonym "
+                   "substitutions (a meaning-preserving control), or 'bert' with text_attack.bert='shapes-mlm' "
+                   "for BERT-Attack's masked-LM threat (the default)")
+
 _CHOICES = {
     ("train", "towers"): ("all", "vision", "text"),
     ("optimizer", "name"): ("adamw", "adam", "sgd"),
     ("schedule", "name"): ("constant", "cosine", "linear"),
     ("mesh", "param_sharding"): ("replicated", "fsdp", "logical"),
     ("model", "dtype"): ("float32", "bfloat16"),
-    ("text_attack", "source"): ("lexicon", "bert", "charedit"),
+    ("text_attack", "source"): ("bert", "paraphrase", "charedit"),
 }
 
 
@@ -318,6 +324,8 @@ def _check_values(config: dict) -> None:
   from mat_jax.data import pipeline  # already loaded with corpora by defaults()
   from mat_jax.evaluate import ATTACKS  # deferred like the objectives; evaluation's names decide
 
+  if config["text_attack"]["source"] == "lexicon":
+    raise ConfigError(RENAMED_LEXICON)
   for (section, key), choices in _CHOICES.items():
     if config[section][key] not in choices:
       also = f" (or {DEFAULT_TOWERS!r}: the objective's)" if key == "towers" else ""

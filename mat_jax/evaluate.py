@@ -161,20 +161,30 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
              text_source: candidates_lib.CandidateSource | None = None, surrogate=None,
              settings: AttackSettings = AttackSettings(), batch_size: int = 32, seed: int = 0,
              limit: int | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None, keep_ranks: bool = False) -> dict:
+             log: Callable[[str], None] | None = None,
+             judge: Callable[[int, str], bool] | None = None, keep_ranks: bool = False) -> dict:
   """Retrieval recall of `model` clean and under each attack and budget; see the module docstring.
 
   model: an NNX CLIP, or a DualEncoder with `params`; tokenizer: the model's. eval_set: anything with
   `images` ((N, H, W, 3) uint8 or float32 in [0, 1]), `captions` ((T,) strings) and `text_to_image`
   ((T,) ints), e.g. `mat_jax.data.load_eval_set(...)`. eps_255: budgets in 1/255 units.
-  text_source: substitutes for the text attacks (e.g. `LexiconSource(shapes.substitution_table())`),
-  needed by bert/sep/co/sga. surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
+  text_source: substitutes for the text attacks (e.g. `mat_jax.training.inputs.make_source("bert",
+  bert="shapes-mlm")`: BERT-Attack's masked-LM candidates), needed by bert/sep/co/sga. surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
   that generates the attacks instead of the target (transfer). limit: evaluate the first N images.
   log: if given, receives one line per attack and budget (R@1 and the time taken).
+  judge: meaning-aware scoring. `judge(i, caption)` is True when `caption` still describes the image of
+  caption i (an index into eval_set.captions); for the shapes world, `shapes_judge(eval_set)`.
   Returns {"clean": recalls, "attacks": {attack: {eps_key: {"recall", "recall_drop", "asr", "seconds"}}},
-  ...}; text-only attacks use the eps key "text". keep_ranks: also return every query's rank
-  ("clean_ranks" and each entry's "ranks": (TR ranks (N,), IR ranks (T,)) numpy arrays), for intervals
-  over test images (paired bootstrap); `write_json` leaves them out.
+  ...}; text-only attacks use the eps key "text". Every attack that perturbs text (bert, sep, co, sga)
+  also reports "captions_changed" (captions the attack changed) and, with a judge:
+    "label_flip_share": the share of changed captions that no longer describe their image (NaN when none
+        changed) -- label flips, not adversarial examples;
+    "recall_meaning_preserving", "asr_meaning_preserving": recall and ASR of the *meaning-preserving
+        attack*: the same adversarial images and captions, except that every label-flipped caption is
+        restored to its clean text (what an attacker with a perfect meaning filter achieves at least; the
+        images stay as the attack made them, also where a flipped caption guided them).
+  keep_ranks: also return every query's rank ("clean_ranks" and each entry's "ranks": (TR ranks (N,),
+  IR ranks (T,)) numpy arrays), for intervals over test images (paired bootstrap); `write_json` leaves them out.
   """
   target = Victim.of(model, params, tokenizer, "target")
   if surrogate is not None and not isinstance(surrogate, Victim):
@@ -192,7 +202,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
   if text_source is None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
     raise ValueError(f"attacks {[a for a in attacks if a in NEEDS_TEXT_SOURCE]} perturb captions and need a "
-                     "text_source (LexiconSource, CharEditSource or BertMLMSource)")
+                     "text_source (BertMLMSource, LexiconSource or CharEditSource)")
   if attacker.image_size != target.image_size:
     raise ValueError(f"the surrogate takes {attacker.image_size}px images, the target {target.image_size}px; "
                      "transfer needs one image size (evaluate the data at that size)")
@@ -242,6 +252,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     adv_ids = np.array(target_tokens.input_ids)
     adv_mask = np.array(target_tokens.attention_mask)
     adv_strings: list[str] | None = None if attacker is target else list(caption_list)
+    changed = np.zeros(len(caption_list), bool)  # captions the text attack changed
+    flipped = np.zeros(len(caption_list), bool)  # ... that no longer describe their image (judge)
     for batch_index, batch in enumerate(batches):
       # Keys depend on the batch only, not on the attack or eps: every attack and budget starts from
       # the same random direction (common random numbers: comparisons are not noisier than need be).
@@ -259,13 +271,17 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         adv_img[batch.images[real]] = clean_img[batch.images[real]]
       if text_result is not None:
         flat, caption_ids = batch.real_captions()
+        changed[caption_ids] = (np.asarray(text_result.changed_words)[flat] >= 0).any(-1)
         if attacker is target:
           adv_ids[caption_ids] = np.asarray(text_result.input_ids)[flat]
           adv_mask[caption_ids] = np.asarray(text_result.attention_mask)[flat]
-        else:
-          strings = adversarial_captions(batch_cands, text_result)
-          for f, c in zip(flat, caption_ids):
+        strings = adversarial_captions(batch_cands, text_result) \
+            if attacker is not target or judge is not None else None
+        for f, c in zip(flat, caption_ids, strict=True):
+          if attacker is not target:
             adv_strings[c] = strings[f]
+          if judge is not None and changed[c]:
+            flipped[c] = not judge(int(c), strings[f])
       bar.update(1)
     if adv_strings is not None:
       tokens = target.tokenizer(adv_strings)
@@ -273,14 +289,20 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     adv_txt = metrics.embed_texts(target.encoder, target.params, adv_ids, adv_mask)
     ranks = metrics.retrieval_ranks(adv_img @ adv_txt.T, text_to_image)
     recall = metrics.recall_from_ranks(*ranks)
-    results.setdefault(attack, {})[TEXT_ONLY_KEY if eps is None else _eps_key(eps)] = {
+    entry = {
         "recall": recall,
         "recall_drop": metrics.recall_drop(clean, recall),
         "asr": metrics.attack_success_rate(clean_ranks, ranks),
-        "seconds": time.perf_counter() - start,
     }
+    if attack in NEEDS_TEXT_SOURCE:
+      entry["captions_changed"] = int(changed.sum())
+      if judge is not None:
+        entry.update(meaning_preserving_scores(adv_img, adv_txt, clean_txt, changed, flipped, text_to_image,
+                                               clean_ranks))
+    entry["seconds"] = time.perf_counter() - start
     if keep_ranks:
-      results[attack][TEXT_ONLY_KEY if eps is None else _eps_key(eps)]["ranks"] = ranks
+      entry["ranks"] = ranks
+    results.setdefault(attack, {})[TEXT_ONLY_KEY if eps is None else _eps_key(eps)] = entry
     if log is not None:
       where = "" if eps is None else f" eps {eps:g}/255"
       log(f"{attack}{where}: TR@1 {recall['tr@1']:.1f} IR@1 {recall['ir@1']:.1f} "
@@ -297,6 +319,44 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     out["clean_ranks"] = clean_ranks
     out["text_to_image"] = text_to_image
   return out
+
+
+def meaning_preserving_scores(adv_img: np.ndarray, adv_txt: np.ndarray, clean_txt: np.ndarray, changed: np.ndarray,
+                              flipped: np.ndarray, text_to_image: np.ndarray, clean_ranks) -> dict[str, Any]:
+  """Meaning-aware scores of one text-perturbing attack (see `evaluate`'s docstring).
+
+  adv_img (N, D), adv_txt (T, D), clean_txt (T, D): the target's embeddings of the adversarial images,
+  adversarial captions and clean captions; changed / flipped (T,) bool: captions the attack changed /
+  changed captions that no longer describe their image. A caption's embedding depends on that caption
+  alone, so restoring a flipped caption restores its clean embedding row.
+  """
+  if (flipped & ~changed).any():
+    raise ValueError("a caption counts as label-flipped but the attack did not change it")
+  n_changed = int(changed.sum())
+  kept = np.where(flipped[:, None], clean_txt, adv_txt)
+  ranks = metrics.retrieval_ranks(adv_img @ kept.T, text_to_image)
+  return {
+      "label_flip_share": float(flipped.sum()) / n_changed if n_changed else float("nan"),
+      "recall_meaning_preserving": metrics.recall_from_ranks(*ranks),
+      "asr_meaning_preserving": metrics.attack_success_rate(clean_ranks, ranks),
+  }
+
+
+def shapes_judge(eval_set) -> Callable[[int, str], bool]:
+  """The shapes world's judge for `evaluate(judge=...)`: caption i describes its image when it parses to
+  a meaning `shapes.consistent` with the image's scene (a caption that does not parse is a label flip)."""
+  from mat_jax.data import shapes
+
+  scenes = getattr(eval_set, "scenes", None)
+  if scenes is None:
+    raise ValueError("this evaluation set has no scenes; meaning-aware scoring needs the shapes world "
+                     "(mat_jax.data.load_eval_set on a built shapes dataset)")
+  owners = np.asarray(eval_set.text_to_image)
+
+  def judge(caption_index: int, caption: str) -> bool:
+    return shapes.describes(caption, scenes[int(owners[caption_index])])
+
+  return judge
 
 
 def _attack_batch(attack: str, v: Victim, images: np.ndarray, batch: _Batch, key, eps_255, s: AttackSettings,
@@ -354,17 +414,29 @@ def _progress(total: int, enabled: bool):
 # ----------------------------------------------------------------------------------------------------
 
 def table_rows(results: dict) -> tuple[list[str], list[list[Any]]]:
+  """Header and rows; with meaning-aware scores, also the label-flip share and the ASR of the
+  meaning-preserving attack ("-" where an attack changes no text)."""
+  entries = [r for per_eps in results["attacks"].values() for r in per_eps.values()]
+  meaning = any("label_flip_share" in r for r in entries)
   header = ["attack", "eps(/255)", *metrics.RECALL_KEYS, "drop tr@1", "drop ir@1", "ASR tr@1", "ASR ir@1"]
-  rows = [["clean", "-", *(results["clean"][k] for k in metrics.RECALL_KEYS), "-", "-", "-", "-"]]
+  if meaning:
+    header += ["flips %", "ASR-mp tr@1", "ASR-mp ir@1"]
+  rows = [["clean", "-", *(results["clean"][k] for k in metrics.RECALL_KEYS), "-", "-", "-", "-"]
+          + ["-"] * (3 * meaning)]
   for attack, per_eps in results["attacks"].items():
     for eps, r in per_eps.items():
-      rows.append([attack, "-" if eps == TEXT_ONLY_KEY else eps, *(r["recall"][k] for k in metrics.RECALL_KEYS),
-                   *(r["recall_drop"][k] for k in SUMMARY_KEYS), *(r["asr"][k] for k in SUMMARY_KEYS)])
+      row = [attack, "-" if eps == TEXT_ONLY_KEY else eps, *(r["recall"][k] for k in metrics.RECALL_KEYS),
+             *(r["recall_drop"][k] for k in SUMMARY_KEYS), *(r["asr"][k] for k in SUMMARY_KEYS)]
+      if meaning:
+        row += ([100 * r["label_flip_share"], *(r["asr_meaning_preserving"][k] for k in SUMMARY_KEYS)]
+                if "label_flip_share" in r else ["-"] * 3)
+      rows.append(row)
   return header, rows
 
 
 def format_table(results: dict, title: str | None = None) -> str:
-  """The results as an aligned text table (recalls and drops in %, ASR in % of the clean hits)."""
+  """The results as an aligned text table (recalls and drops in %, ASR in % of the clean hits; flips in %
+  of the changed captions; ASR-mp: the meaning-preserving attack's ASR)."""
   header, rows = table_rows(results)
   cells = [header] + [[c if isinstance(c, str) else f"{c:.1f}" for c in row] for row in rows]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -475,25 +547,23 @@ def load_dataset(name: str, tokenizer: Tokenizer, image_size: int, *, split: str
 
 
 def _text_source(name: str, data: str, bert: str | None, top_k: int):
-  from mat_jax.attacks.candidates import BertMLMSource, CharEditSource, LexiconSource
+  """--text-source: auto = BERT-Attack with the shapes world's MLM ("shapes-mlm") on shapes data, with
+  --bert elsewhere when given, else character edits."""
+  from mat_jax.training import inputs
 
   if name == "auto":
-    name = "lexicon" if data == "shapes" else ("bert" if bert else "charedit")
-  if name == "lexicon":
+    name = "bert" if data == "shapes" or bert else "charedit"
+  if name == "paraphrase" and data != "shapes":
+    raise ValueError("--text-source paraphrase is the shapes world's synonym table; for other data use "
+                     "--text-source bert --bert DIR (or charedit)")
+  if name == "bert" and not bert:
     if data != "shapes":
-      raise ValueError("--text-source lexicon is the shapes world's synonym table; for other data use "
-                       "--text-source bert --bert DIR (or charedit)")
-    from mat_jax.data import shapes
-    return LexiconSource(shapes.substitution_table())
-  if name == "charedit":
-    return CharEditSource(max_candidates=top_k)
-  if name == "bert":
-    if not bert:
       raise ValueError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
                        "(e.g. bert-base-uncased in the transformers layout)")
-    from mat_jax.models import load_bert_mlm, load_tokenizer
-    return BertMLMSource(load_bert_mlm(bert), load_tokenizer(bert), top_k=top_k)
-  raise ValueError(f"unknown --text-source {name!r}; use auto, lexicon, charedit or bert")
+    bert = "shapes-mlm"
+  if name not in ("bert", "paraphrase", "charedit", "lexicon"):
+    raise ValueError(f"unknown --text-source {name!r}; use auto, bert, paraphrase or charedit")
+  return inputs.make_source(name, bert=bert or "", top_k=top_k)
 
 
 def _floats(text: str) -> list[float]:
@@ -531,8 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--apgd-steps", type=int, default=100)
   p.add_argument("--alpha", type=float, default=3.0, help="Co-Attack's text-term weight")
   p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
-  p.add_argument("--text-source", default="auto", help="auto | lexicon | charedit | bert")
-  p.add_argument("--bert", help="BERT masked-LM directory or hub id, for --text-source bert")
+  p.add_argument("--text-source", default="auto",
+                 help="auto | bert | paraphrase | charedit (auto: bert on shapes data, with the shapes-mlm)")
+  p.add_argument("--bert", help="BERT masked LM for --text-source bert: shapes-mlm (the shapes world's, "
+                                "the default on shapes data), a transformers-layout directory or hub id")
   p.add_argument("--top-k", type=int, default=10)
   p.add_argument("--max-changes", type=int, default=1)
   p.add_argument("--batch-size", type=int, default=32)
@@ -559,9 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   source = _text_source(args.text_source, args.data, args.bert, args.top_k) if needs_text else None
   settings = AttackSettings(steps=args.steps, alpha=args.alpha, apgd_steps=args.apgd_steps,
                             max_changes=args.max_changes, top_k=args.top_k, norm=args.norm)
+  # Meaning-aware scoring wherever captions can be checked against their scenes (the shapes world).
+  judge = shapes_judge(eval_set) if needs_text and getattr(eval_set, "scenes", None) is not None else None
   results = evaluate(target, eval_set=eval_set, attacks=args.attacks, eps_255=args.eps, text_source=source,
                      surrogate=surrogate, settings=settings, batch_size=args.batch_size, seed=args.seed,
-                     limit=args.limit, progress=not args.no_progress)
+                     limit=args.limit, progress=not args.no_progress, judge=judge)
   results["data"] = {"name": args.data, "split": args.split}
   print(format_table(results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
                               f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"))

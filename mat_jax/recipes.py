@@ -29,7 +29,7 @@ INNER_STEP_SIZE = 1 / 255
 TEXT_CHANGES = 1      # words the training text attack changes (BERT-Attack as MAT uses it)
 
 # The text threat: the shapes-world BERT MLM (top-k 10, no meaning filter), in training and evaluation.
-TEXT_ATTACK = dict(source="lexicon", top_k=10)
+TEXT_ATTACK = dict(source="bert", bert="shapes-mlm", top_k=10)
 
 # The fine-tuning budget shared by every method.
 FINETUNE_STEPS = 150
@@ -105,11 +105,11 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A smoke test of any experiment: a random tiny CLIP (no cached clean model), a few small steps, and
-  the lexicon text source (no MLM to train)."""
+  the paraphrase text source (no MLM to train)."""
   c.model = dict(source="tiny", tokenizer="shapes")
   c.train.update(batch_size=16, steps=10, log_every=2, checkpoint_every=5, eval_every=0)
   c.schedule.warmup_steps = 2
   c.eval.max_images = 50
   if "text_attack" in c:
-    c.text_attack = dict(source="lexicon", top_k=10)
+    c.text_attack = dict(source="paraphrase", top_k=10)
   return c

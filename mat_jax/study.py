@@ -174,27 +174,29 @@ def text_sources(study: Mapping[str, Any], tokenizer) -> dict[str, Any]:
   if study["text_source"]:
     spec = {"source": study["text_source"], "top_k": spec.get("top_k", 10)}
   paraphrase = LexiconSource(shapes.substitution_table())
-  if spec["source"] == "lexicon":
+  if spec["source"] == "paraphrase":
     return {"bert": paraphrase, "paraphrase": paraphrase}
   try:
+    if spec["source"] == "bert":
+      from mat_jax.models.tokenizers import load_tokenizer
+      from mat_jax.training import mlm
+
+      directory = Path(mlm.resolve_bert(spec.get("bert", ""), log=lambda _: None))
+      if (directory / "config.json").exists():
+        vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
+        check_mlm(vocab, load_tokenizer(directory).vocab_size, directory)
     threat = inputs.make_source(spec["source"], bert=spec.get("bert", ""), top_k=spec.get("top_k", 10))
   except (ValueError, OSError) as err:
     raise StudyError(f"text threat {spec}: {err}") from None
-  check_mlm(threat)
   return {"bert": threat, "paraphrase": paraphrase}
 
 
-def check_mlm(source) -> None:
+def check_mlm(model_vocab: int | None, tokenizer_vocab: int, where: Any) -> None:
   """The MLM's output vocabulary must be its tokenizer's: else every proposal is a wrong word."""
-  model = getattr(source, "model", None)
-  tokenizer = getattr(source, "tokenizer", None)
-  if model is None or tokenizer is None:
-    return
-  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-  if vocab is not None and vocab != tokenizer.vocab_size:
-    raise StudyError(f"the text threat's MLM predicts {vocab} tokens but its tokenizer has {tokenizer.vocab_size}: "
-                     "they are not a pair; point text_attack.bert at a directory holding both (an MLM trained "
-                     "with that tokenizer)")
+  if model_vocab is not None and model_vocab != tokenizer_vocab:
+    raise StudyError(f"the text threat's MLM in {where} predicts {model_vocab} tokens but its tokenizer has "
+                     f"{tokenizer_vocab}: they are not a pair; point text_attack.bert at a directory holding an "
+                     "MLM and the tokenizer it was trained with")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,13 +274,15 @@ def run(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> dict[
 
 
 def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir: Path) -> None:
+  """One attack on one run, written to run_dir/eval/ATTACK.{json,npz} (meaning-aware: the shapes judge)."""
   name = "bert" if attack in TEXT_ONLY else attack
   attacks = () if attack == "clean" else (name,)
   source = sources["paraphrase" if attack == "paraphrase" else "bert"] if attack != "clean" else None
   t0 = time.perf_counter()
   result = evaluate_lib.evaluate(model, tokenizer=tokenizer, eval_set=eval_set, attacks=attacks,
                                  eps_255=(study["eps_255"],), text_source=source, batch_size=study["eval_batch"],
-                                 seed=seed, progress=False, keep_ranks=True)
+                                 seed=seed, progress=False, keep_ranks=True,
+                                 judge=evaluate_lib.shapes_judge(eval_set))
   if attack == "clean":
     entry = {"recall": result["clean"], "asr": None}
     ranks = result["clean_ranks"]

@@ -33,7 +33,7 @@ def _config(root, objective, towers="all", k=1):
       "train": {"batch_size": BATCH, "steps": 2, "towers": towers},
       "optimizer": {"name": "sgd", "momentum": 0.0, "learning_rate": 0.1},
       "schedule": {"name": "constant"},
-      "text_attack": {"source": "lexicon", "top_k": 4, "max_targets": 4},
+      "text_attack": {"source": "paraphrase", "top_k": 4, "max_targets": 4},
   })
 
 

@@ -33,7 +33,10 @@ from mat_jax.models.tokenizers import Tokenizer
 MASK_WORD = "[UNK]"
 
 # Function words that carry little content, plus punctuation: never attacked, never used as a
-# substitute (the role of the references' `filter_words`; this list is written for mat_jax).
+# substitute (the role of the references' `filter_words`; this list is written for mat_jax). On the shapes
+# world's words it agrees with the references' list: "above", "below", "over", "under" are in both, while
+# "beneath", "underneath", "near" and the position words (left, right, top, bottom, ...) are in neither, so
+# the attack may change them (docs/text_threat.md lists every word).
 STOP_WORDS: frozenset[str] = frozenset("""
 a an the this that these those some any each every either neither both all no none another other others
 such what which whatever whichever who whom whose whoever whomever
@@ -48,9 +51,9 @@ couldn't mightn mightn't mustn mustn't needn needn't it's that's there's here's 
 i'm i've i'd i'll you're you've you'd you'll he's he'd he'll she's she'd she'll we're we've we'd we'll
 they're they've they'd they'll ain s t d ll m o re ve y
 about above across after against along alongside amid among amongst around as at atop before behind
-below beneath beside besides between beyond by despite down during except for from in inside into
-like near of off on onto opposite out outside over past per since than through throughout thru till
-to toward towards under underneath unlike until unto up upon via with within without
+below beside besides between beyond by despite down during except for from in inside into
+like of off on onto opposite out outside over past per since than through throughout thru till
+to toward towards under unlike until unto up upon via with within without
 and but or nor so yet if then else because although though while whereas whether unless once lest
 how when where why whence whither wherever whenever however whereby wherein hereby herein thereby
 therefore thus hence also too very just only even still already again ever never always often

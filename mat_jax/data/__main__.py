@@ -4,6 +4,9 @@
   build karpathy  --annotations F [--annotations F ...] --images DIR --name flickr30k
                   [--format auto|karpathy|albef --image-size 224 --max-words 30 --no-cleaning --skip-bad]
   tokenizer       [--dir D]               the shapes-world tokenizer (transformers layout)
+  mlm             [--dir D --steps N]     the shapes-world BERT masked LM (the text attack's "shapes-mlm"):
+                                          trained into $MAT_JAX_CACHE_DIR/mlm once; prints its masked-word
+                                          accuracy and the share of its proposals that change meaning
   ambiguity       [--split test]          how well captions identify their image in a built split
 
 Every command takes --data-dir (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets). A dataset that
@@ -66,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="output directory (default: DATA_DIR/tokenizers/shapes_world_v<version>)")
   tok.add_argument("--data-dir", default=None)
 
+  mlm = commands.add_parser("mlm", help="train (or reuse) the shapes-world BERT masked LM and report it")
+  mlm.add_argument("--dir", default=None, help="output directory (default: the cache, as text_attack.bert="
+                                               "'shapes-mlm' finds it)")
+  mlm.add_argument("--steps", type=int, default=None, help="training steps (default: the cached model's)")
+  mlm.add_argument("--overwrite", action="store_true", help="retrain even if already built")
+
   amb = commands.add_parser("ambiguity", help="caption ambiguity of a built shapes-world split")
   amb.add_argument("--split", default="test")
   _add_shapes_options(amb)
@@ -80,6 +89,34 @@ def _shapes_config(args) -> dict:
   return {k: v for k, v in given.items() if v is not None}
 
 
+def _mlm(args) -> int:
+  import dataclasses
+
+  from mat_jax.training import mlm
+
+  settings = mlm.MLMSettings()
+  if args.steps is not None:
+    if args.steps < 1:
+      print(f"error: --steps must be at least 1, got {args.steps}", file=sys.stderr)
+      return 2
+    settings = dataclasses.replace(settings, steps=args.steps)
+  directory = mlm.build(settings, args.dir, overwrite=args.overwrite)
+  info = mlm.load_info(directory)
+  acc, train = info["masked_accuracy"], info["train"]
+  print(f"{mlm.MLM_NAME} at {directory}")
+  print(f"  trained {settings.steps} steps x {settings.batch_size} on {train['train_captions']} train captions "
+        f"in {train['seconds']:.1f} s wall, {train.get('cpu_seconds', float('nan')):.1f} s CPU "
+        f"(final loss {train['final_loss']:.3f})")
+  print(f"  masked-word accuracy over {int(acc['words'])} test words: exact {100 * acc['word']:.1f}%, "
+        f"right category {100 * acc['category']:.1f}%")
+  print(f"  top-{settings.top_k} proposals (BertMLMSource, stop words filtered) on {settings.eval_images} test "
+        "images whose caption no longer describes the image:")
+  report = {c: {k: (float("nan") if v is None else v) for k, v in r.items()}
+            for c, r in info["meaning_change"].items()}
+  print(mlm.format_meaning_report(report))
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -90,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shapes tokenizer at {path} (vocab size {len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())}, "
           f"context length {shapes.DEFAULT_CONTEXT_LENGTH})")
     return 0
+  if args.command == "mlm":
+    return _mlm(args)
   try:
     if args.command == "ambiguity":
       from mat_jax.data import pipeline

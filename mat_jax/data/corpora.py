@@ -164,15 +164,23 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
     cfg = self.builder_config
     for index in range(count):
-      scene = shapes.scene_for(cfg.seed, split, index)
-      # The captions' randomness is separate from the scene's: same scenes for any caption count.
-      rng = np.random.default_rng((cfg.seed, shapes.SPLIT_IDS[split], index, 1))
+      scene, caps = shapes_record_text(cfg.seed, split, index, cfg.captions_per_image)
       yield index, {
           "image": Image.fromarray(shapes.render(scene, cfg.image_size)),
-          "captions": shapes.captions(scene, rng, cfg.captions_per_image),
+          "captions": caps,
           "scene": scene.to_record(),
           "image_id": index,
       }
+
+
+def shapes_record_text(seed: int, split: str, index: int, captions_per_image: int
+                       ) -> tuple[shapes.Scene, list[str]]:
+  """The scene and captions of record `index` of a shapes-world split, without rendering its image
+  (what the built dataset stores; the masked LM trains on these captions)."""
+  scene = shapes.scene_for(seed, split, index)
+  # The captions' randomness is separate from the scene's: same scenes for any caption count.
+  rng = np.random.default_rng((seed, shapes.SPLIT_IDS[split], index, 1))
+  return scene, shapes.captions(scene, rng, captions_per_image)
 
 
 def build_shapes(data_dir: str | os.PathLike | None = None, *, overwrite: bool = False, log=print,

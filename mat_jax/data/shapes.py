@@ -509,6 +509,35 @@ def consistent(meaning: Meaning, scene: Scene) -> bool:
   return all(rel in _true_relations(objs[a], objs[b]) for a, rel, b in meaning.relations)
 
 
+def describes(caption: str, scene: Scene) -> bool:
+  """Whether `caption` is a true description of `scene`; a caption the grammar cannot read is not."""
+  try:
+    meaning = parse(caption)
+  except CaptionParseError:
+    return False
+  return consistent(meaning, scene)
+
+
+WORD_CATEGORIES = ("colour", "shape", "size", "position", "relation", "other")
+
+
+def word_category(words: Sequence[str], index: int) -> str:
+  """What the word at `index` of a caption names: a colour, shape, size, position (a row/column word),
+  relation ("above", "left" in "left of", ...) or "other" (articles, "picture", "there", ...)."""
+  w = words[index]
+  if w in _COLOUR_OF:
+    return "colour"
+  if w in _SHAPE_OF:
+    return "shape"
+  if w in _SIZE_OF:
+    return "size"
+  if w in _RELATION_OF or (w in ("left", "right") and index + 1 < len(words) and words[index + 1] == "of"):
+    return "relation"
+  if w in _POSITION_WORDS:
+    return "position"
+  return "other"
+
+
 def ambiguity(scenes: Sequence[Scene], caption_lists: Sequence[Sequence[str]]) -> dict[str, float]:
   """How well captions identify their image among `scenes` (e.g. a 1k test split).
 

@@ -5,4 +5,4 @@ from mat_jax.models.clip import (CLIP, PRESETS, CLIPConfig, TextConfig, VisionCo
                                  check_token_ids, clip_config, l2_normalize)
 from mat_jax.models.dual_encoder import DualEncoder, split
 from mat_jax.models.tokenizers import TokenBatch, Tokenizer, load_tokenizer
-from mat_jax.models.weights import load_bert_mlm, load_clip, save_clip
+from mat_jax.models.weights import load_bert_mlm, load_clip, save_bert_mlm, save_clip

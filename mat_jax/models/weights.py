@@ -512,3 +512,32 @@ def save_clip(model: CLIP | tuple[DualEncoder, nnx.State], directory: str | os.P
   if tokenizer is not None:
     tokenizer.save_pretrained(str(directory))  # a mat_jax Tokenizer or a transformers tokenizer
   return directory
+
+
+def bert_config_to_hf(cfg: BertConfig) -> dict:
+  """BertConfig -> a config.json that transformers' BertForMaskedLM.from_pretrained reads."""
+  return {"architectures": ["BertForMaskedLM"], "model_type": "bert", "dtype": "float32",
+          "position_embedding_type": "absolute", "tie_word_embeddings": True,
+          "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+          **{key: getattr(cfg, key) for key in _BERT_KEYS}}
+
+
+def save_bert_mlm(model: BertForMaskedLM, directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+  """Write config.json and model.safetensors (and the tokenizer's files if one is given) in the layout
+  that transformers' `BertForMaskedLM.from_pretrained` and `load_bert_mlm` read. The MLM decoder is
+  tied to the word embeddings, so only its bias (`cls.predictions.bias`) is stored. Returns the directory."""
+  from safetensors.numpy import save_file
+
+  directory = Path(directory).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  if (directory / SAFETENSORS_INDEX).exists():
+    raise FileExistsError(f"{directory} holds a sharded checkpoint ({SAFETENSORS_INDEX}) that would shadow "
+                          f"the {SAFETENSORS_FILE} written now; save into an empty directory.")
+  flat = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  tensors = {e.theirs: np.array(e.layout.to_theirs(np.asarray(flat[e.ours].get_value(), np.float32)), order="C")
+             for e in bert_table(model.config)}
+  save_file(tensors, str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+  (directory / "config.json").write_text(json.dumps(bert_config_to_hf(model.config), indent=2) + "\n")
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(directory))  # a mat_jax Tokenizer or a transformers tokenizer
+  return directory

@@ -138,7 +138,8 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   for name, (model, model_tokenizer) in models.items():
     results[name] = evaluate_lib.evaluate(model, tokenizer=model_tokenizer, eval_set=eval_set,
                                           attacks=DEMO_ATTACKS, eps_255=(DEMO_EPS_255,), text_source=source,
-                                          batch_size=100, seed=0, progress=True, log=log, keep_ranks=True)
+                                          batch_size=100, seed=0, progress=True, log=log, keep_ranks=True,
+                                          judge=evaluate_lib.shapes_judge(eval_set))
     log(f"{clock()} evaluated {name}")
 
   print(f"\nImage-text retrieval on {eval_images} shapes-world test images (recall@1 in %; in brackets the "

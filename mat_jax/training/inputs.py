@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -37,11 +37,17 @@ class CandidateMeta:
   text_length: int
 
 
-def make_source(name: str, *, bert: str = "", top_k: int = 10):
-  """The candidate source named in `config.text_attack.source`."""
+def make_source(name: str, *, bert: str = "", top_k: int = 10, log: Callable[[str], None] = print):
+  """The candidate source named in `config.text_attack.source` (the same for training and evaluation).
+
+  bert: BERT-Attack's candidates, the top-k proposals of the masked LM `bert` ("shapes-mlm": the shapes
+  world's, trained into the cache on first use; or a transformers-layout directory / hub id), with no
+  meaning filter. paraphrase: the shapes world's synonym table (meaning-preserving by construction, a
+  control). charedit: character edits (typos).
+  """
   from mat_jax.attacks import candidates
 
-  if name == "lexicon":
+  if name == "paraphrase":
     from mat_jax.data import shapes
     return candidates.LexiconSource(shapes.substitution_table())
   if name == "charedit":
@@ -49,9 +55,13 @@ def make_source(name: str, *, bert: str = "", top_k: int = 10):
   if name == "bert":
     from mat_jax.models import load_bert_mlm
     from mat_jax.models.tokenizers import load_tokenizer
-    model = load_bert_mlm(bert)
-    return candidates.BertMLMSource(model, load_tokenizer(bert), top_k=top_k)
-  raise ValueError(f"unknown text_attack.source {name!r}; choose lexicon, bert or charedit")
+    from mat_jax.training import mlm
+    directory = mlm.resolve_bert(bert, log=log)
+    return candidates.BertMLMSource(load_bert_mlm(directory), load_tokenizer(directory), top_k=top_k)
+  if name == "lexicon":
+    from mat_jax.config import RENAMED_LEXICON
+    raise ValueError(RENAMED_LEXICON)
+  raise ValueError(f"unknown text_attack.source {name!r}; choose bert, paraphrase or charedit")
 
 
 class AttachCandidates:

@@ -159,7 +159,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_sp
     if tokenizer is None:
       raise config_lib.ConfigError(f"objective {objective.name} attacks the text and needs a tokenizer; "
                                    "set model.tokenizer")
-    attach = candidate_transform(config, tokenizer)
+    attach = candidate_transform(config, tokenizer, log=log)
     objective = dataclasses.replace(objective, candidate_meta=attach.meta)
     transforms = (attach,)
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, config.train.steps)
@@ -171,10 +171,13 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_sp
              is_trainable, shardings, config_lib.fingerprint(config, model.config), transforms)
 
 
-def candidate_transform(config: ml_collections.ConfigDict, tokenizer: Any) -> inputs.AttachCandidates:
-  """The batch transform attaching text-attack candidates, sized by `config.text_attack`."""
+def candidate_transform(config: ml_collections.ConfigDict, tokenizer: Any, *, log: Log = print
+                        ) -> inputs.AttachCandidates:
+  """The batch transform attaching text-attack candidates, sized by `config.text_attack`: the same
+  source as the evaluation's (`inputs.make_source`), so a defense trains against the attack it is
+  evaluated with unless the config says otherwise."""
   ta = config.text_attack
-  source = inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k)
+  source = inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k, log=log)
   max_words = ta.max_words or tokenizer.context_length - 2
   return inputs.AttachCandidates(tokenizer, source, max_words=max_words, max_pieces=ta.max_pieces,
                                  top_k=ta.top_k, max_targets=ta.max_targets)
@@ -347,6 +350,7 @@ class Evaluator:
     self.run, self.builder, self.log = run, builder, log
     self._data = None
     self._source = None
+    self._judge = None
 
   def __call__(self, params: nnx.State) -> dict[str, float]:
     from mat_jax import evaluate as evaluate_lib
@@ -358,13 +362,15 @@ class Evaluator:
       self._data = setup.eval_set(cfg, self.builder, self.run.tokenizer)
       if any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in cfg.eval.attacks):
         self._source = inputs.make_source(cfg.text_attack.source, bert=cfg.text_attack.bert,
-                                          top_k=cfg.text_attack.top_k)
+                                          top_k=cfg.text_attack.top_k, log=self.log)
+        if self._data.scenes is not None:  # the shapes world: meaning-aware scoring
+          self._judge = evaluate_lib.shapes_judge(self._data)
     settings = evaluate_lib.AttackSettings(steps=cfg.eval.steps, top_k=cfg.text_attack.top_k)
     results = evaluate_lib.evaluate(self.run.encoder, params, self.run.tokenizer, self._data,
                                     attacks=tuple(cfg.eval.attacks), eps_255=(cfg.eval.eps * 255,),
                                     text_source=self._source, settings=settings,
                                     batch_size=cfg.eval.batch_size, seed=cfg.seed, progress=False,
-                                    log=self.log)
+                                    log=self.log, judge=self._judge)
     return flatten_results(results)
 
 
@@ -375,4 +381,7 @@ def flatten_results(results: dict) -> dict[str, float]:
     for eps_key, entry in budgets.items():
       name = attack if eps_key == "text" else f"{attack}@{eps_key}"
       out.update({f"{name}/{k}": float(v) for k, v in entry["recall"].items()})
+      if "label_flip_share" in entry:
+        out[f"{name}/label_flip_share"] = float(entry["label_flip_share"])
+        out.update({f"{name}/mp_{k}": float(v) for k, v in entry["recall_meaning_preserving"].items()})
   return out

@@ -1,0 +1,169 @@
+"""The shapes world's text threat: the BERT masked LM (training, transformers layout, meaning changes), the
+paraphrase control, the source names in configs, and meaning-aware scoring in `evaluate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from mat_jax import config as config_lib
+from mat_jax import evaluate as evaluate_lib
+from mat_jax import metrics
+from mat_jax.attacks.candidates import STOP_WORDS, BertMLMSource, LexiconSource
+from mat_jax.data import shapes
+from mat_jax.models import load_bert_mlm, load_tokenizer
+from mat_jax.training import inputs, mlm
+
+# A budget that trains in seconds: enough to learn which category of word fits where.
+TINY = mlm.MLMSettings(hidden_size=32, layers=1, heads=2, intermediate_size=64, steps=150, batch_size=64,
+                       learning_rate=3e-3, warmup_steps=10, train_images=300, eval_images=20)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("mlm") / "shapes-mlm"
+  logs: list[str] = []
+  mlm.build(TINY, directory, log=logs.append)
+  return directory, mlm.load_info(directory), logs
+
+
+def test_mlm_trains_and_proposes_meaning_changing_words(tiny_mlm):
+  directory, info, logs = tiny_mlm
+  losses = [float(line.rsplit("loss", 1)[1]) for line in logs if "mlm step" in line]
+  assert losses[-1] < 0.6 * losses[0]
+  # Without the image no MLM can know which colour a caption names, but the category is learnable.
+  assert info["masked_accuracy"]["category"] > 0.6
+  report = info["meaning_change"]
+  for category in ("colour", "shape"):
+    assert report[category]["proposals"] > 0 and report[category]["share"] > 0.5
+  assert 0.3 < report["all"]["share"] < 1.0
+  # Proposals come from context: for a colour word, mostly other colours (a real MLM's co-hyponyms).
+  source = BertMLMSource(load_bert_mlm(directory), load_tokenizer(directory), top_k=10)
+  words = "a red square and a blue circle".split()
+  proposals = source([words])[0]
+  colours = [w for w in proposals[1] if shapes.word_category(words[:1] + [w] + words[2:], 1) == "colour"]
+  assert len(colours) >= 5, proposals[1]
+
+
+def test_saved_mlm_matches_transformers(tiny_mlm):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  directory, _, _ = tiny_mlm
+  hf = transformers.BertForMaskedLM.from_pretrained(str(directory)).eval()
+  tokenizer = load_tokenizer(directory)
+  assert tokenizer.context_length == shapes.DEFAULT_CONTEXT_LENGTH
+  batch = tokenizer(["a red square in the top left", "the small blue star is above the white ring"])
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.from_numpy(batch.input_ids).long(),
+                attention_mask=torch.from_numpy(batch.attention_mask).long()).logits.numpy()
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(load_bert_mlm(directory)(batch.input_ids, batch.attention_mask))
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+  # The tokenizer is a BERT one over the world's words: [CLS] words [SEP], a [MASK] token, no [UNK] here.
+  assert tokenizer.hf.mask_token == "[MASK]" and tokenizer.hf.unk_token_id not in batch.input_ids
+
+
+def test_paraphrase_source_keeps_meaning():
+  scenes, caption_lists = mlm.test_scenes(TINY, 20)
+  source = inputs.make_source("paraphrase")
+  assert isinstance(source, LexiconSource)
+  report = mlm.meaning_change_report(source, scenes, caption_lists)
+  assert report["all"]["proposals"] > 100 and report["all"]["changed"] == 0
+
+
+def test_spatial_words_attackable_as_in_the_references():
+  # BERT-Attack's filter list (used by Co-Attack and SGA) holds above/below/over/under but not the
+  # position words nor beneath/underneath/near.
+  for word in ("left", "right", "top", "bottom", "upper", "lower", "middle", "centre", "beneath", "underneath",
+               "near"):
+    assert word not in STOP_WORDS
+  for word in ("above", "below", "over", "under", "the", "of"):
+    assert word in STOP_WORDS
+
+
+def test_source_names_in_configs_and_cli():
+  assert config_lib.build({}).text_attack.source == "bert"
+  assert config_lib.build({}).text_attack.bert == mlm.MLM_NAME
+  with pytest.raises(config_lib.ConfigError, match="renamed.*paraphrase.*shapes-mlm"):
+    config_lib.build({"text_attack": {"source": "lexicon"}})
+  with pytest.raises(ValueError, match="renamed"):
+    inputs.make_source("lexicon")
+  with pytest.raises(ValueError, match="unknown text_attack.source 'synonyms'"):
+    inputs.make_source("synonyms")
+  with pytest.raises(ValueError, match="shapes world's synonym table"):
+    evaluate_lib._text_source("paraphrase", "flickr30k", None, 10)
+  for name in ("shapes_mat", "shapes_matplus", "shapes_mmcoa"):
+    ta = config_lib.load(f"experiments/{name}.py").text_attack
+    assert (ta.source, ta.bert, ta.top_k) == ("bert", "shapes-mlm", 10)
+
+
+def test_resolve_bert_builds_into_the_cache_once(tmp_path, monkeypatch):
+  monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(tmp_path))
+  built = []
+  monkeypatch.setattr(mlm, "build", lambda settings, directory, log: built.append(directory) or
+                      (directory.mkdir(parents=True), (directory / mlm.INFO_FILE).write_text("{}"),
+                       (directory / "model.safetensors").write_text("")))
+  lines: list[str] = []
+  path = mlm.resolve_bert("shapes-mlm", log=lines.append)
+  assert path.startswith(str(tmp_path / "mlm" / "shapes-mlm-")) and len(built) == 1
+  assert "training the shapes-world masked LM" in lines[0]
+  assert mlm.resolve_bert("shapes-mlm", log=lines.append) == path and len(built) == 1
+  assert mlm.resolve_bert("./some/bert") == "./some/bert"
+  # Another setting is another model: another directory.
+  assert mlm.cached_dir(dataclasses.replace(mlm.MLMSettings(), steps=7)) != mlm.cached_dir()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Meaning-aware scoring.
+
+
+def test_meaning_preserving_scores_by_hand():
+  # 3 images, 2 captions each (caption c belongs to image c // 2); orthonormal-ish embeddings.
+  text_to_image = np.repeat(np.arange(3), 2)
+  eye = np.eye(3, dtype=np.float32)
+  images = eye
+  clean_txt = eye[text_to_image]
+  # The attack turned caption 0 into image 1's and caption 2 into image 2's (both changed); caption 0's
+  # change is a label flip, caption 2's kept its meaning.
+  adv_txt = clean_txt.copy()
+  adv_txt[0], adv_txt[2] = eye[1], np.array([0.0, 0.5, 0.9], np.float32)  # no ties in any ranking
+  changed = np.zeros(6, bool)
+  changed[[0, 2]] = True
+  flipped = np.zeros(6, bool)
+  flipped[0] = True
+  clean_ranks = metrics.retrieval_ranks(images @ clean_txt.T, text_to_image)
+  scores = evaluate_lib.meaning_preserving_scores(images, adv_txt, clean_txt, changed, flipped, text_to_image,
+                                                  clean_ranks)
+  assert scores["label_flip_share"] == 0.5
+  # Caption 0 restored: only caption 2 is wrong (it points at image 2). IR@1: 5 of 6 captions right.
+  assert math.isclose(scores["recall_meaning_preserving"]["ir@1"], 100 * 5 / 6)
+  assert math.isclose(scores["asr_meaning_preserving"]["ir@1"], 100 / 6)
+  # TR: each image's best caption still ranks first (image 1 keeps caption 3; image 2's own captions score
+  # 1 > 0.9) -> no TR loss.
+  assert scores["recall_meaning_preserving"]["tr@1"] == 100.0
+  none = evaluate_lib.meaning_preserving_scores(images, clean_txt, clean_txt, np.zeros(6, bool),
+                                                np.zeros(6, bool), text_to_image, clean_ranks)
+  assert math.isnan(none["label_flip_share"]) and none["recall_meaning_preserving"]["ir@1"] == 100.0
+  with pytest.raises(ValueError, match="did not change"):
+    evaluate_lib.meaning_preserving_scores(images, adv_txt, clean_txt, flipped & False, flipped, text_to_image,
+                                           clean_ranks)
+
+
+def test_shapes_judge():
+  scenes, caption_lists = mlm.test_scenes(TINY, 3)
+
+  @dataclasses.dataclass
+  class Set:
+    scenes: list
+    text_to_image: np.ndarray
+
+  judge = evaluate_lib.shapes_judge(Set(scenes, np.repeat(np.arange(3), 5)))
+  assert all(judge(5 * i + j, caption_lists[i][j]) for i in range(3) for j in range(5))
+  assert not judge(0, caption_lists[1][0]) or shapes.describes(caption_lists[1][0], scenes[0])
+  assert not judge(0, "red red red")  # does not parse: a label flip
+  with pytest.raises(ValueError, match="no scenes"):
+    evaluate_lib.shapes_judge(Set(None, np.zeros(1)))
