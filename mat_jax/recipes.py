@@ -70,7 +70,7 @@ def pretrain(seed: int = 0) -> ml_collections.ConfigDict:
   c = _base("shapes_clip", seed)
   c.model = dict(source="tiny", tokenizer="shapes")
   c.objective = dict(name="contrastive")
-  c.train = dict(batch_size=128, steps=1600, log_every=50, checkpoint_every=200, eval_every=200)
+  c.train = dict(batch_size=128, steps=1000, log_every=50, checkpoint_every=100, eval_every=100)
   c.optimizer = dict(name="adamw", learning_rate=1e-3, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6)
   c.schedule = dict(name="cosine", warmup_steps=50, end_factor=0.05)
   c.eval = dict(split="test", max_images=1000, attacks=(), eps=EPS, steps=10)  # the clean-recall curve
