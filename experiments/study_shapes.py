@@ -40,12 +40,12 @@ def get_config(arg=None):
       "matplus": _arm("matplus"),
       # Claim 3: the same augmented pairs modelled 1:1 (an image's other captions are negatives).
       "matplus_1to1": _arm("matplus", ABLATION_ATTACKS, objective={"one_to_one": True}),
-      # Claim 4: text augmentation only (3 captions, I2T, EDA) vs image augmentation only (3 renderings
+      # Claim 4: text augmentation only (2 captions, I2T, EDA) vs image augmentation only (2 renderings
       # of each scene in a batch: image-side N:1, T2I, jitter); the same number of positives per scene.
       "matplus_text": _arm("matplus", ABLATION_ATTACKS,
-                           data={"captions_per_image": 3, "augmentations": ("i2t:0.3", "eda:0.2")}),
+                           data={"captions_per_image": 2, "augmentations": ("i2t:0.3", "eda:0.2")}),
       "matplus_image": _arm("matplus", ABLATION_ATTACKS,
-                            data={"captions_per_image": 1, "renderings_per_scene": 3,
+                            data={"captions_per_image": 1, "renderings_per_scene": 2,
                                   "augmentations": ("t2i:0.3", "image_jitter:0.3")}),
       # Claim 5: alignment (a noisy captioner writes a wrong attribute in 30% of captions) and
       # diversity (5 captions per image and twice the I2T rate instead of 3 and 0.3).

@@ -208,3 +208,38 @@ def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
   second = capsys.readouterr().out
   assert "trained" not in second and second.count("reused") >= len(quick["arms"])
   assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+
+
+def test_demo_headline_differences_come_with_paired_intervals():
+  from mat_jax.training import demo
+
+  n, k = 300, 2
+  rng = np.random.default_rng(0)
+  t2i = np.repeat(np.arange(n), k)
+
+  def ranks(p_tr, p_ir):
+    return (np.where(rng.random(n) < p_tr, 0, 5), np.where(rng.random(n * k) < p_ir, 0, 5))
+
+  def model(clean, attacked):
+    return {"num_images": n, "text_to_image": t2i, "clean_ranks": ranks(clean, clean),
+            "attacks": {a: {"2": {"ranks": ranks(p, p)}} for a, p in attacked.items()}}
+
+  results = {"clean fine-tuned": model(0.8, {"pgd": 0.5, "bert": 0.6, "co": 0.3, "sga": 0.2}),
+             "TeCoA": model(0.7, {"pgd": 0.6, "bert": 0.6, "co": 0.4, "sga": 0.35}),
+             "MAT": model(0.7, {"pgd": 0.6, "bert": 0.7, "co": 0.6, "sga": 0.55})}
+  rows = {(what, metric): (d, ci) for what, metric, d, ci in demo.headline(results)}
+  d, (lo, hi) = rows[("MAT - TeCoA under sga", "tr@1")]
+  assert lo <= d <= hi and lo > 0  # a 20-point gain on 300 images is far outside the noise
+  d, (lo, hi) = rows[("sga on the clean fine-tuned model", "ir@1")]
+  assert hi < 0 and 3 < hi - lo < 16
+  assert ("SGA - PGD on the clean fine-tuned model", "tr@1") in rows
+
+
+def test_the_full_study_file_is_valid_and_covers_the_claims():
+  full = study.load(EXPERIMENTS / "study_shapes.py")
+  assert full["seeds"] >= 3 and full["eval_images"] == 0  # the whole test split
+  assert set(recipes.METHODS) <= set(full["arms"])
+  assert set(full["arms"]["mat"]["attacks"]) == set(study.STUDY_ATTACKS)
+  for _, better, other, attacks in study.CLAIMS:
+    assert better in full["arms"] and other in full["arms"]
+    assert all(a in full["arms"][better]["attacks"] and a in full["arms"][other]["attacks"] for a in attacks)
