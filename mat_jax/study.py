@@ -436,8 +436,9 @@ def plot(study: Mapping[str, Any], table: Mapping, path: Path, arms: Sequence[st
           mean, (a, b) = table[(arm, attack)][metric]
           xs.append(j + i * width)
           ys.append(mean)
-          lo.append(mean - a)
-          hi.append(b - mean)
+          # The seed mean can sit just outside a percentile interval of few seeds: no negative bars.
+          lo.append(max(0.0, mean - a))
+          hi.append(max(0.0, b - mean))
       ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=arm)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(attacks))], attacks)
     ax.set_ylabel(f"{metric.upper()} (%)")
