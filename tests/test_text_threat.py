@@ -18,9 +18,10 @@ from mat_jax.data import shapes
 from mat_jax.models import load_bert_mlm, load_tokenizer
 from mat_jax.training import inputs, mlm
 
-# A budget that trains in seconds: enough to learn which category of word fits where.
-TINY = mlm.MLMSettings(hidden_size=32, layers=1, heads=2, intermediate_size=64, steps=150, batch_size=64,
-                       learning_rate=3e-3, warmup_steps=10, train_images=300, eval_images=20)
+# A budget that trains in ~25 CPU-seconds: enough to learn which category of word fits where (a higher
+# masking rate than BERT's 15% gives more signal per step).
+TINY = mlm.MLMSettings(hidden_size=32, layers=1, heads=2, intermediate_size=64, steps=300, batch_size=64,
+                       learning_rate=1e-2, warmup_steps=10, mask_prob=0.3, train_images=300, eval_images=20)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,11 @@ def tiny_mlm(tmp_path_factory):
 
 def test_mlm_trains_and_proposes_meaning_changing_words(tiny_mlm):
   directory, info, logs = tiny_mlm
-  losses = [float(line.rsplit("loss", 1)[1]) for line in logs if "mlm step" in line]
-  assert losses[-1] < 0.6 * losses[0]
+  # Well below chance (the uniform distribution's cross-entropy, log V).
+  assert info["train"]["final_loss"] < 0.6 * math.log(len(mlm.mlm_vocabulary()))
+  assert any("mlm step 300/300" in line for line in logs)
   # Without the image no MLM can know which colour a caption names, but the category is learnable.
-  assert info["masked_accuracy"]["category"] > 0.6
+  assert info["masked_accuracy"]["category"] > 0.8
   report = info["meaning_change"]
   for category in ("colour", "shape"):
     assert report[category]["proposals"] > 0 and report[category]["share"] > 0.5

@@ -1,6 +1,6 @@
 """`python -m mat_jax.bench data`: images/s the training pipeline delivers vs images/s the MAT step consumes.
 
-Consumer: the real train step of the demo, experiments/shapes_mat.py (MAT: 1-word lexicon text attack,
+Consumer: the real train step of the demo, experiments/shapes_mat.py (MAT: 1-word BERT-Attack with the shapes-world MLM,
 2-step PGD at 2/255, contrastive loss, AdamW), with its batch size, image size and attack settings but a
 randomly initialised model of the demo's architecture (`model.source=tiny`, `model.tokenizer=shapes`, so
 the cached clean model is not needed; a step costs the same whatever the weights). The run is built by

@@ -147,8 +147,8 @@ def add_bert_attack_arguments(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--text-captions", type=int, default=256, help="captions attacked (default 256)")
   g.add_argument("--text-model", default="tiny",
                  help="CLIP preset whose towers are used (random init, shapes-world vocabulary); default tiny")
-  g.add_argument("--text-source", choices=("lexicon", "charedit"), default="lexicon",
-                 help="candidate source: the shapes-world synonym lexicon or character edits")
+  g.add_argument("--text-source", choices=("paraphrase", "charedit"), default="paraphrase",
+                 help="candidate source: the shapes-world synonym table (paraphrase) or character edits")
   g.add_argument("--text-objective", choices=("image", "kl"), default="image",
                  help="image: SGA/MAT (guided by the paired image); kl: Co-Attack")
   g.add_argument("--text-max-changes", type=int, default=1, help="words changed at most (references: 1)")
@@ -183,7 +183,7 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
   n = args.text_captions
   tokenizer, captions, encoder, params, images, text_to_image, table = _shapes_setup(
       n, args.text_model, args.text_seed)
-  source = LexiconSource(table) if args.text_source == "lexicon" else CharEditSource(seed=args.text_seed)
+  source = LexiconSource(table) if args.text_source == "paraphrase" else CharEditSource(seed=args.text_seed)
   t0 = time.perf_counter()
   candidates = prepare_candidates(captions, tokenizer, source)
   prepare_s = time.perf_counter() - t0

@@ -50,7 +50,7 @@ def _usable_cores() -> int:
 
 
 def _batch(size: int, batch: int, tokenizer, max_targets: int, top_k: int):
-  """Shapes-world images (resized) and captions with lexicon candidates, as the training pipeline gives."""
+  """Shapes-world images (resized) and captions with paraphrase candidates (the synonym table), as the training pipeline gives."""
   from PIL import Image
 
   from mat_jax.data import shapes
@@ -63,7 +63,7 @@ def _batch(size: int, batch: int, tokenizer, max_targets: int, top_k: int):
   captions = np.asarray([shapes.describe(s, rng) for s in scenes])
   tokens = tokenizer(list(captions))
   attach = inputs.AttachCandidates(
-      tokenizer, inputs.make_source("lexicon"), max_words=tokenizer.context_length - 2, max_pieces=4,
+      tokenizer, inputs.make_source("paraphrase"), max_words=tokenizer.context_length - 2, max_pieces=4,
       top_k=top_k, max_targets=max_targets)
   out = attach({"images": images, "captions": captions, "input_ids": tokens.input_ids,
                 "attention_mask": tokens.attention_mask, "image_ids": np.arange(batch, dtype=np.int32)})
