@@ -250,6 +250,7 @@ def run(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> dict[
       if not trained:
         loop.train(cfg, run_dir, log=lambda _: None, progress=False, evaluate=False)
       t_train = time.perf_counter() - t0
+      t_eval = time.perf_counter()
       missing = [a for a in arm.attacks if not (run_dir / "eval" / f"{a}.npz").exists()]
       model = tokenizer = None
       if missing:
@@ -263,9 +264,10 @@ def run(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> dict[
       collected[(arm.name, seed)] = {a: _read_eval(run_dir, a) for a in arm.attacks}
       summary = " ".join(f"{a} {collected[(arm.name, seed)][a]['recall']['tr@1']:.1f}/"
                          f"{collected[(arm.name, seed)][a]['recall']['ir@1']:.1f}" for a in arm.attacks)
-      log(f"[{done}/{total}] {arm.name} seed {seed}: {'reused' if trained else f'trained {t_train:.0f}s'}, "
-          f"{f'evaluated {len(missing)} attack(s)' if missing else 'evaluations reused'} "
-          f"({time.perf_counter() - t0:.0f}s) | TR@1/IR@1 {summary}")
+      evaluated = f"evaluated {len(missing)} attack(s) in {time.perf_counter() - t_eval:.0f}s" if missing \
+          else "evaluations reused"
+      log(f"[{done}/{total}] {arm.name} seed {seed}: {'reused' if trained else f'trained in {t_train:.0f}s'}, "
+          f"{evaluated} | TR@1/IR@1 {summary}")
   wall = time.perf_counter() - start
   log(f"study {study['name']}: {total} runs in {wall:.0f}s, {counter.compiles} XLA compilations "
       f"({counter.cache_hits} persistent-cache hits)")
