@@ -75,6 +75,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.split = "train"
   c.data.captions_per_image = 1    # k > 1: k captions per image (one-to-many objectives)
   c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, hflip, ...)
+  c.data.renderings_per_scene = 1  # R > 1: R renderings of each scene in a batch, positives of its captions
   c.data.worker_count = 0          # Grain worker processes (0 = in the main process)
   c.data.build_train = corpora.DEFAULT_SHAPES_TRAIN  # sizes used when the shapes world must be built
   c.data.build_val = 1000
@@ -400,6 +401,10 @@ def _check_values(config: dict) -> None:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
   if config["data"]["captions_per_image"] < 1:
     raise ConfigError("data.captions_per_image must be at least 1")
+  renderings = config["data"]["renderings_per_scene"]
+  if renderings < 1 or train["batch_size"] % renderings:
+    raise ConfigError(f"data.renderings_per_scene={renderings} must be at least 1 and divide train.batch_size "
+                      f"({train['batch_size']}): a batch holds whole scenes")
   if config["schedule"]["warmup_steps"] > train["steps"]:
     raise ConfigError(f"schedule.warmup_steps ({config['schedule']['warmup_steps']}) exceeds "
                       f"train.steps ({train['steps']})")
@@ -521,6 +526,7 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
       "data.name": config.data.name,
       "data.captions_per_image": config.data.captions_per_image,
       "data.augmentations": list(config.data.augmentations),
+      "data.renderings_per_scene": config.data.renderings_per_scene,
       "seed": config.seed,
   }
   parts.update({f"objective.{k}": v for k, v in config.objective.items()})

@@ -50,6 +50,7 @@ NEEDS_TEXT_SOURCE = ("bert", "sep", "co", "sga")
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
 TASKS = ("retrieval", "zeroshot")  # --task; zeroshot is mat_jax.zeroshot's command line
+RANK_KEYS = ("ranks", "clean_ranks", "text_to_image")  # per-query arrays of keep_ranks, not written to JSON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
              settings: AttackSettings = AttackSettings(), batch_size: int = 32, seed: int = 0,
              limit: int | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None, itm_k: int | None = None,
-             judge: Callable[[int, str], bool] | None = None) -> dict:
+             judge: Callable[[int, str], bool] | None = None, keep_ranks: bool = False) -> dict:
   """Retrieval recall of `model` clean and under each attack and budget; see the module docstring.
 
   model: an NNX CLIP, or a DualEncoder with `params`; tokenizer: the model's. eval_set: anything with
@@ -202,6 +203,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         attack*: the same adversarial images and captions, except that every label-flipped caption is
         restored to its clean text (what an attacker with a perfect meaning filter achieves at least; the
         images stay as the attack made them, also where a flipped caption guided them).
+  keep_ranks: also return every query's rank ("clean_ranks" and each entry's "ranks": (TR ranks (N,),
+  IR ranks (T,)) numpy arrays), for intervals over test images (paired bootstrap); `write_json` leaves them out.
   """
   target = Victim.of(model, params, tokenizer, "target")
   if surrogate is not None and not isinstance(surrogate, Victim):
@@ -336,19 +339,25 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         entry.update(meaning_preserving_scores(adv_img, adv_txt, clean_txt, changed, flipped, text_to_image,
                                                clean_ranks))
     entry["seconds"] = time.perf_counter() - start
+    if keep_ranks:
+      entry["ranks"] = ranks
     results.setdefault(attack, {})[TEXT_ONLY_KEY if eps is None else _eps_key(eps)] = entry
     if log is not None:
       where = "" if eps is None else f" eps {eps:g}/255"
       log(f"{attack}{where}: TR@1 {recall['tr@1']:.1f} IR@1 {recall['ir@1']:.1f} "
           f"({time.perf_counter() - start:.1f} s)")
   bar.close()
-  return {
+  out = {
       "target": target.name, "surrogate": None if surrogate is None else surrogate.name,
       "num_images": n_images, "num_texts": int(len(caption_list)),
       "eps_255": [float(e) for e in eps_255], "attacks_run": list(attacks),
       "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed, "itm_k": itm_k},
       "clean": clean, "attacks": results,
   }
+  if keep_ranks:
+    out["clean_ranks"] = clean_ranks
+    out["text_to_image"] = text_to_image
+  return out
 
 
 def meaning_preserving_scores(adv_img: np.ndarray, adv_txt: np.ndarray, clean_txt: np.ndarray, changed: np.ndarray,
@@ -482,7 +491,7 @@ def write_json(results: dict, path: str | Path) -> Path:
   """results.json; NaN (an ASR with no correct query before the attack) becomes null."""
   def clean(value):
     if isinstance(value, dict):
-      return {k: clean(v) for k, v in value.items()}
+      return {k: clean(v) for k, v in value.items() if k not in RANK_KEYS}
     if isinstance(value, (list, tuple)):
       return [clean(v) for v in value]
     if isinstance(value, (float, np.floating)):

@@ -7,7 +7,9 @@ import pytest
 from mat_jax import config as config_lib
 from mat_jax.training import optim
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.py"))
+# Training experiments (study files, experiments/study_*.py, are `mat_jax.study`'s and tested there).
+EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.py")
+                     if not p.name.startswith("study_"))
 
 
 def _write(tmp_path, body):
@@ -233,9 +235,10 @@ def test_towers_set_by_the_file_or_an_override_win(tmp_path):
   assert config_lib.load(plain, ["objective.name=fare"]).train.towers == "vision"
   with pytest.raises(config_lib.ConfigError, match="'vsion' is not one of .*'default'"):
     config_lib.load(plain, ["train.towers=vsion"])
-  # The shipped files set their towers explicitly: unchanged.
+  # The shipped files set their towers explicitly (TeCoA-ITR of the shared budget: all towers).
   experiments = Path(__file__).resolve().parents[1] / "experiments"
-  assert config_lib.load(experiments / "shapes_tecoa.py").train.towers == "vision"
+  assert config_lib.load(experiments / "shapes_tecoa.py").train.towers == "all"
+  assert config_lib.load(experiments / "shapes_fare.py").train.towers == "vision"
   assert config_lib.load(experiments / "shapes_mat.py").train.towers == "all"
 
 

@@ -40,6 +40,7 @@ AUGMENTATIONS: dict[str, float] = {
     "hflip": 0.5,        # image mirrored, left/right swapped in its captions
     "eda": 0.5,          # each caption edited EDA-style (synonyms, swap/deletion/insertion of fillers)
     "image_jitter": 0.5,  # brightness, colour, noise, small shifts
+    "misalign": 0.3,     # each caption given a wrong attribute (a noisy captioner): the alignment knob
 }
 NEEDS_SCENE = frozenset({"i2t", "t2i", "t2i_caption"})
 
@@ -88,14 +89,29 @@ def as_text(value: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PrepareExample:
-  """Record -> training example: decode, sample captions, augment; a Grain random map (picklable)."""
+  """Record -> training example: decode, sample captions, augment; a Grain random map (picklable).
+
+  `renderings` R > 1 (shapes world): the example holds R images of the record's scene (the stored one
+  and R - 1 new renderings), each with its own captions and augmentations and all with the record's
+  image id, so that in a batch every rendering is a positive of every caption of its scene (N:1 on the
+  image side). Arrays then carry a leading R axis, which `FlattenRenderings` folds into the batch.
+  """
   captions_per_image: int
   augmentations: Mapping[str, float]
   eda_options: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  renderings: int = 1
 
   def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    aug, k = self.augmentations, self.captions_per_image
     image = np.asarray(record["image"])
+    if self.renderings == 1:
+      return self._example(record, image, rng)
+    scene = shapes.Scene.from_record(record["scene"])
+    images = [image] + [shapes.rerender(scene, rng, image.shape[0]) for _ in range(self.renderings - 1)]
+    examples = [self._example(record, img, rng) for img in images]
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+  def _example(self, record: Mapping[str, Any], image: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    aug, k = self.augmentations, self.captions_per_image
     pool = [as_text(c) for c in record["captions"]]
     if not pool:
       raise ValueError(f"record {int(record.get('image_id', -1))} has no captions")
@@ -115,6 +131,8 @@ class PrepareExample:
       image, chosen = shapes.hflip(image, chosen)
     if "eda" in aug:
       chosen = [shapes.eda(c, rng, **self.eda_options) if rng.random() < aug["eda"] else c for c in chosen]
+    if "misalign" in aug:
+      chosen = [shapes.misalign(c, rng) if rng.random() < aug["misalign"] else c for c in chosen]
     if "image_jitter" in aug and rng.random() < aug["image_jitter"]:
       pixels = shapes.image_jitter(image, rng)
     else:
@@ -124,6 +142,11 @@ class PrepareExample:
         "captions": np.asarray(chosen[0] if k == 1 else chosen),
         "image_ids": np.int32(record["image_id"]),
     }
+
+
+def flatten_renderings(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """(S, R, ...) arrays of S scenes x R renderings -> (S·R, ...): a batch of images again."""
+  return {key: value.reshape((-1,) + value.shape[2:]) for key, value in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +189,8 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
                       num_threads: int = DEFAULT_NUM_THREADS,
                       prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
                       num_workers: int = 0,
-                      batch_transforms: Sequence[Any] = ()) -> grain.IterDataset:
+                      batch_transforms: Sequence[Any] = (),
+                      renderings_per_scene: int = 1) -> grain.IterDataset:
   """The training input pipeline over a random-access `source` (e.g. `corpora.data_source(b, "train")`).
 
   `batch_size` is per host. `num_epochs=None` repeats forever. `process_index` / `process_count`
@@ -177,10 +201,15 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   processes (worth it with spare cores). `batch_transforms` (callables batch dict -> batch dict, e.g.
   text-attack candidates) run after tokenisation inside the prefetching thread, off the training loop
   (with worker processes: in this process, after them).
+  `renderings_per_scene` R > 1: each batch holds batch_size / R scenes, each rendered R times (the
+  image-side N:1 positives of `PrepareExample`); batch_size stays the number of images.
   Iterate with `iter(...)`; the iterator has get_state/set_state.
   """
   if batch_size < 1 or captions_per_image < 1:
     raise ValueError(f"batch_size and captions_per_image must be >= 1, got {batch_size}, {captions_per_image}")
+  if renderings_per_scene < 1 or batch_size % renderings_per_scene:
+    raise ValueError(f"renderings_per_scene={renderings_per_scene} must be >= 1 and divide the batch size "
+                     f"{batch_size} (a batch holds whole scenes)")
   if process_index is None or process_count is None:
     import jax  # deferred: only the defaults need it
 
@@ -190,6 +219,8 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
     raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
   augmentations = parse_augmentations(augmentations)
   _check_source(source, augmentations, captions_per_image)
+  if renderings_per_scene > 1 and "scene" not in source[0]:
+    raise DataSourceError("renderings_per_scene > 1 re-renders each scene, which only shapes-world records store")
   per_host = len(source) // process_count + (process_index < len(source) % process_count)
   if per_host < batch_size and num_epochs is not None:
     raise ValueError(f"this host's share of the split has {per_host} records, fewer than one batch of "
@@ -198,11 +229,15 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   # permutation of its slice and the same draws at each position (Grain keys an example's rng on its
   # index), i.e. hosts in lockstep. Each host still reads only its own records.
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
-  ds = ds.random_map(PrepareExample(captions_per_image, augmentations, dict(eda_options or {})))
+  ds = ds.random_map(PrepareExample(captions_per_image, augmentations, dict(eda_options or {}),
+                                    renderings_per_scene))
   ds = ds[process_index::process_count]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=max(1, prefetch_batches) * batch_size))
-  it = it.batch(batch_size, drop_remainder=True).map(Tokenize(tokenizer))
+  it = it.batch(batch_size // renderings_per_scene, drop_remainder=True)
+  if renderings_per_scene > 1:
+    it = it.map(flatten_renderings)
+  it = it.map(Tokenize(tokenizer))
   if num_workers > 0:
     from absl import flags
 

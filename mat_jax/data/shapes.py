@@ -761,3 +761,28 @@ def single_object_scene(shape: int, colour: int, rng: np.random.Generator) -> Sc
     raise ValueError(f"shape must be in [0, {len(SHAPES)}) and colour in [0, {len(COLOURS)}), got {shape}, {colour}")
   cell, size = int(rng.integers(9)), int(rng.integers(len(SIZES)))
   return Scene((_jitter(shape, colour, size, cell // 3, cell % 3, rng),), _background(rng))
+
+
+# --------------------------------------------------------------------------------------------------
+# Misaligned augmentation: the alignment knob of the augmentation study.
+# --------------------------------------------------------------------------------------------------
+
+_ATTRIBUTE_WORDS = {"colour": (COLOUR_WORDS, _COLOUR_OF, COLOURS), "shape": (SHAPE_WORDS, _SHAPE_OF, SHAPES),
+                    "size": (SIZE_WORDS, _SIZE_OF, SIZES)}
+
+
+def misalign(caption: str, rng: np.random.Generator) -> str:
+  """A noisy captioner's caption: one attribute word (a colour, shape or size) replaced by a word of
+  another value, so the caption no longer describes its image (a misaligned augmented pair).
+
+  A caption without attribute words is returned unchanged (every caption of the grammar has some).
+  """
+  words = caption.split()
+  slots = [(i, kind) for i, w in enumerate(words) for kind, (_, of, _) in _ATTRIBUTE_WORDS.items() if w in of]
+  if not slots:
+    return caption
+  i, kind = slots[int(rng.random() * len(slots))]
+  forms, of, values = _ATTRIBUTE_WORDS[kind]
+  others = [v for v in values if v != of[words[i]]]
+  words[i] = _pick(rng, forms[_pick(rng, others)])
+  return " ".join(words)

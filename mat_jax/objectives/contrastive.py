@@ -62,13 +62,24 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
 
 
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
-              image_ids: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+              image_ids: jax.Array | None = None, one_to_one: bool = False) -> tuple[jax.Array, Metrics]:
   """Images (B, D) against texts (B, D) or (B, K, D) (K captions of image b at row b).
 
   Without `image_ids` every image is its own group; with them, images sharing an id (and all their
-  captions) are positives of each other.
+  captions) are positives of each other (1:N modelling). `one_to_one`: the same pairs modelled 1:1 (the
+  MAT paper's Fig. 4(b) arm): each (image, caption k) is a pair of its own, the image repeated K times,
+  so an image's other captions (and other images of its scene) are negatives.
   """
   batch = image_emb.shape[0]
+  if one_to_one and text_emb.ndim == 3:
+    k = text_emb.shape[1]
+    image_emb = jnp.repeat(image_emb, k, axis=0)
+    text_emb = text_emb.reshape(-1, text_emb.shape[-1])
+    groups = jnp.arange(batch * k)
+    return contrastive_loss(image_emb, text_emb, logit_scale, groups, groups)
+  if one_to_one:
+    groups = jnp.arange(batch)
+    return contrastive_loss(image_emb, text_emb, logit_scale, groups, groups)
   groups = jnp.arange(batch) if image_ids is None else image_ids
   if text_emb.ndim == 3:
     text_groups = jnp.repeat(groups, text_emb.shape[1])
@@ -79,12 +90,12 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
 
 
 def batch_clip_loss(encoder: DualEncoder, params: nnx.State, images: jax.Array, input_ids: jax.Array,
-                    attention_mask: jax.Array, image_ids: jax.Array | None = None
+                    attention_mask: jax.Array, image_ids: jax.Array | None = None, one_to_one: bool = False
                     ) -> tuple[jax.Array, Metrics]:
   """`clip_loss` from raw inputs: encodes both modalities with `params`."""
   image_emb = encoder.image_embeddings(params, images)
   text_emb = encoder.text_embeddings(params, input_ids, attention_mask)
-  return clip_loss(image_emb, text_emb, encoder.logit_scale(params), image_ids)
+  return clip_loss(image_emb, text_emb, encoder.logit_scale(params), image_ids, one_to_one)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ Both attacks run on the parameters as constants (the outer gradient is taken at 
 MAT+ is the same objective fed one-to-many data: K captions per image (`data.captions_per_image`) and
 cross-modal / intra-modal augmentations chosen in `data.augmentations` (i2t, t2i, hflip, eda,
 image_jitter); the contrastive losses then treat every caption of an image (and every image sharing an
-id) as positives, never as negatives.
+id) as positives, never as negatives (1:N), unless `one_to_one` asks for the 1:1 modelling of the same pairs.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class MAT(base.Objective):
   step_size: float = 1 / 255
   text_changes: int = 1       # words the text attack may change per caption
   clean_weight: float = 0.0   # weight of the clean pairs' contrastive loss
+  # 1:1 modelling of one-to-many data: each (image, caption) its own pair, an image's other captions
+  # negatives (the paper's Fig. 4(b) arm); False: all of an image's captions are positives (1:N).
+  one_to_one: bool = False
   candidate_meta: object = base.internal()
 
   def loss(self, encoder, params, batch, key, reference=None):
@@ -79,11 +82,11 @@ class MAT(base.Objective):
     adv_text = encoder.text_features(attack_params, adv_ids, adv_mask)
     adv_images = guided_pgd(encoder, attack_params, images, adv_text, image_ids, key, eps=self.eps,
                             step_size=self.step_size, steps=self.steps)
-    loss, metrics = batch_clip_loss(encoder, params, adv_images, adv_ids, adv_mask, image_ids)
+    loss, metrics = batch_clip_loss(encoder, params, adv_images, adv_ids, adv_mask, image_ids, self.one_to_one)
     metrics = {f"adv_{k}": v for k, v in metrics.items()}
     if self.clean_weight:
       clean_loss, _ = batch_clip_loss(encoder, params, images, batch["input_ids"], batch["attention_mask"],
-                                      image_ids)
+                                      image_ids, self.one_to_one)
       metrics["clean_loss"] = clean_loss
       loss = loss + self.clean_weight * clean_loss
     metrics["text_changed"] = changed

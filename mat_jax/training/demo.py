@@ -2,10 +2,13 @@
 
 1. build the shapes world (10k/1k/1k scenes at 48 px) if it is not in the data directory yet;
 2. obtain the clean tiny CLIP: experiments/shapes_clip.py, trained once into the cache;
-3. fine-tune it with MAT (experiments/shapes_mat.py) into <workdir>/mat (resumed if interrupted);
-4. evaluate the clean model and the MAT model on test images under image PGD, BERT-Attack (the
-   world's synonym lexicon as the substitution source), Co-Attack and SGA at ε = 2/255, 1 word, and
-   print the recalls side by side (results.json in the workdir).
+3. fine-tune it under ONE budget (mat_jax/recipes.py) three ways, each into <workdir>/<name> (resumed if
+   interrupted): the clean fine-tuning control (experiments/shapes_clean_ft.py), TeCoA-ITR
+   (experiments/shapes_tecoa.py) and MAT (experiments/shapes_mat.py), so that any difference between them
+   is the objective's, not extra training's;
+4. evaluate the three on DEMO_IMAGES test images under image PGD, BERT-Attack with the study's text threat
+   (key "bert"), Co-Attack and SGA at ε = 2/255, 1 word, print the recalls side by side and the headline
+   differences with 95% paired-bootstrap intervals over the test images (results.json in the workdir).
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 DEMO_ATTACKS = ("pgd", "bert", "co", "sga")
 MULTIMODAL = ("co", "sga")
-DEMO_IMAGES = 150        # test images evaluated (750 captions): enough to separate the models
+DEMO_IMAGES = 500        # test images evaluated (2,500 captions): intervals of about ±3-4 points on R@1
 DEMO_EPS_255 = 2.0
+# Model name in results.json -> experiment file fine-tuned from the clean model under the shared budget.
+DEMO_MODELS = {"clean fine-tuned": "shapes_clean_ft", "TeCoA": "shapes_tecoa", "MAT": "shapes_mat"}
+BOOTSTRAP = 2000
 
 
 def side_by_side(results: dict[str, dict]) -> str:
@@ -46,20 +54,63 @@ def side_by_side(results: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
+def paired_interval(a: tuple, b: tuple, metric: str, n_images: int, text_to_image: np.ndarray,
+                    replicates: int = BOOTSTRAP, seed: int = 0) -> tuple[float, list[float]]:
+  """Difference a - b of a recall@1 (points) and its 95% paired-bootstrap interval over test images.
+
+  `a`, `b`: (TR ranks (N,), IR ranks (T,)) of two evaluations on the same images; an image is resampled
+  with all its captions.
+  """
+  from mat_jax.study import Bootstrap, hits, interval
+
+  boot = Bootstrap(n_images, 1, replicates, seed)
+  per = []
+  for tr, ir in (a, b):
+    per.append(boot.replicates([hits({"tr_rank": tr, "ir_rank": ir, "text_to_image": text_to_image}, n_images)],
+                               metric))
+  diff = per[0] - per[1]
+  point = float(np.mean(a[0] < 1) - np.mean(b[0] < 1)) * 100 if metric == "tr@1" else \
+      float(np.mean(a[1] < 1) - np.mean(b[1] < 1)) * 100
+  return point, interval(diff)
+
+
+def headline(results: dict[str, dict]) -> list[tuple[str, str, float, list[float]]]:
+  """(what, metric, difference, interval): the attacks' damage to the clean fine-tuned model, and MAT
+  against TeCoA and the control under each multimodal attack."""
+  n = results["MAT"]["num_images"]
+  t2i = results["MAT"]["text_to_image"]
+  ranks = lambda name, attack: results[name]["attacks"][attack][next(iter(results[name]["attacks"][attack]))]["ranks"]
+  rows = []
+  control = results["clean fine-tuned"]
+  for attack in DEMO_ATTACKS:
+    for metric in ("tr@1", "ir@1"):
+      d, ci = paired_interval(ranks("clean fine-tuned", attack), control["clean_ranks"], metric, n, t2i)
+      rows.append((f"{attack} on the clean fine-tuned model", metric, d, ci))
+  for metric in ("tr@1", "ir@1"):
+    d, ci = paired_interval(ranks("clean fine-tuned", "sga"), ranks("clean fine-tuned", "pgd"), metric, n, t2i)
+    rows.append(("SGA - PGD on the clean fine-tuned model", metric, d, ci))
+  for other in ("TeCoA", "clean fine-tuned"):
+    for attack in MULTIMODAL:
+      for metric in ("tr@1", "ir@1"):
+        d, ci = paired_interval(ranks("MAT", attack), ranks(other, attack), metric, n, t2i)
+        rows.append((f"MAT - {other} under {attack}", metric, d, ci))
+  return rows
+
+
 def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
          log: Callable[[str], None] = print, eval_images: int = DEMO_IMAGES) -> int:
   from mat_jax import checkpoint
   from mat_jax import config as config_lib
   from mat_jax import evaluate as evaluate_lib
-  from mat_jax.attacks.candidates import LexiconSource
-  from mat_jax.data import corpora, load_eval_set, shapes
-  from mat_jax.training import loop, setup
+  from mat_jax.data import corpora, load_eval_set
+  from mat_jax.training import inputs, loop, setup
 
   start = time.perf_counter()
   workdir = Path(workdir or Path("runs") / "shapes_demo").absolute()
   clock = lambda: f"[{time.perf_counter() - start:5.0f}s]"
 
-  mat_config = config_lib.load(setup.EXPERIMENTS_DIR / "shapes_mat.py")
+  configs = {name: config_lib.load(setup.EXPERIMENTS_DIR / f"{file}.py") for name, file in DEMO_MODELS.items()}
+  mat_config = configs["MAT"]
   # A bad --mesh fails now, not after minutes of building the world and training the clean model.
   loop.run_mesh(mat_config, mesh_spec)
   log(f"{clock()} 1/4 the shapes world")
@@ -68,37 +119,36 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
                                  image_size=mat_config.data.image_size, log=log)
 
   log(f"{clock()} 2/4 the clean tiny CLIP (experiments/shapes_clip.py, cached)")
-  clean_dir = setup.ensure_cached_run("shapes_clip", log=log)
+  setup.ensure_cached_run("shapes_clip", log=log)
 
-  log(f"{clock()} 3/4 MAT fine-tuning (experiments/shapes_mat.py) into {workdir / 'mat'}")
-  loop.train(mat_config, workdir / "mat", mesh_spec=mesh_spec, log=log, evaluate=False)
+  models: dict[str, Any] = {}
+  for i, (name, config) in enumerate(configs.items()):
+    run_dir = workdir / DEMO_MODELS[name]
+    log(f"{clock()} 3/4 ({i + 1}/{len(configs)}) {name}: experiments/{DEMO_MODELS[name]}.py into {run_dir}")
+    loop.train(config, run_dir, mesh_spec=mesh_spec, log=log, evaluate=False)
+    models[name] = checkpoint.restore_model(run_dir)
 
   log(f"{clock()} 4/4 evaluation on {eval_images} test images: clean, " + ", ".join(DEMO_ATTACKS) +
-      f" at eps {DEMO_EPS_255:g}/255, 1 word")
-  models: dict[str, Any] = {"clean CLIP": checkpoint.restore_model(clean_dir),
-                            "MAT": checkpoint.restore_model(workdir / "mat")}
-  tokenizer = models["clean CLIP"][1]
+      f" at eps {DEMO_EPS_255:g}/255, 1 word, text threat {dict(mat_config.text_attack)}")
+  tokenizer = models["MAT"][1]
   eval_set = load_eval_set(corpora.data_source(builder, "test"), tokenizer, max_images=eval_images)
-  source = LexiconSource(shapes.substitution_table())
+  ta = mat_config.text_attack
+  source = inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k)
   results = {}
   for name, (model, model_tokenizer) in models.items():
     results[name] = evaluate_lib.evaluate(model, tokenizer=model_tokenizer, eval_set=eval_set,
                                           attacks=DEMO_ATTACKS, eps_255=(DEMO_EPS_255,), text_source=source,
-                                          batch_size=100, seed=0, progress=True, log=log)
+                                          batch_size=100, seed=0, progress=True, log=log, keep_ranks=True,
+                                          judge=evaluate_lib.shapes_judge(eval_set))
     log(f"{clock()} evaluated {name}")
 
   print(f"\nImage-text retrieval on {eval_images} shapes-world test images (recall@1 in %; in brackets the "
-        "change from the model's own clean recall)")
+        "change from the model's own clean recall); all three fine-tuned from one clean model under one budget")
   print(side_by_side(results))
-  eps_key = next(iter(results["MAT"]["attacks"]["co"]))
-  verdict = []
-  for attack in MULTIMODAL:
-    clean_r = results["clean CLIP"]["attacks"][attack][eps_key]["recall"]
-    mat_r = results["MAT"]["attacks"][attack][eps_key]["recall"]
-    gains = {k: mat_r[k] - clean_r[k] for k in ("tr@1", "ir@1")}
-    verdict.append(f"{attack}: MAT {gains['tr@1']:+.1f} TR@1, {gains['ir@1']:+.1f} IR@1 vs the clean model")
-  print("\n" + "; ".join(verdict))
+  print("\nHeadline differences (points of recall@1) with 95% paired-bootstrap intervals over the test images:")
+  for what, metric, diff, (lo, hi) in headline(results):
+    sign = "outside" if lo > 0 or hi < 0 else "INSIDE"
+    print(f"  {what:45s} {metric.upper()}  {diff:+6.1f}  [{lo:+6.1f}, {hi:+6.1f}]  (0 {sign} the interval)")
   out = evaluate_lib.write_json(results, workdir / "results.json")
   print(f"results in {out}; total {time.perf_counter() - start:.0f}s")
   return 0
-

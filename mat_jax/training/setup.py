@@ -229,7 +229,8 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
       source, tokenizer, local_batch_size, captions_per_image=config.data.captions_per_image,
       seed=config.seed, augmentations=tuple(config.data.augmentations),
       process_index=process_index, process_count=process_count, num_workers=config.data.worker_count,
-      batch_transforms=tuple(extra_transforms))  # before the prefetch: off the training loop's thread
+      batch_transforms=tuple(extra_transforms),  # before the prefetch: off the training loop's thread
+      renderings_per_scene=config.data.renderings_per_scene)
   return iter(dataset)
 
 

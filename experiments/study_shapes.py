@@ -1,0 +1,72 @@
+"""The shapes-world study: every method under one budget (mat_jax/recipes.py), several seeds, every attack.
+
+    python -m mat_jax.study                      # this file, the full study (see docs/study.md)
+    python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
+
+An arm is a method of `recipes.METHODS` with an optional `variant` (changes of its method-defining
+objective/data keys) and the attacks it is evaluated under. The main arms are evaluated under every
+attack; the MAT+ ablation arms under clean and the multimodal attacks their claims are about.
+"""
+
+import ml_collections
+
+ALL_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
+ABLATION_ATTACKS = ("clean", "co", "sga")
+
+
+def _arm(method, attacks=ALL_ATTACKS, **variant):
+  return dict(method=method, variant=variant, attacks=tuple(attacks))
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.name = "shapes_study"
+  c.seeds = 3                 # seed s: data order, fine-tuning randomness and attack randomness
+  c.eps_255 = 2.0
+  c.eval_images = 0           # 0 = the whole test split (1,000 images, 5,000 captions)
+  c.eval_batch = 100
+  c.bootstrap = 2000          # replicates of the paired bootstrap over test images and seeds
+  c.budget = {}               # shrinks of the shared budget ({"train": {...}, "schedule": {...}}), quick only
+  c.data = {}                 # overrides of data.* (world size), quick mode only
+  c.model_source = ""         # "" = the shared clean checkpoint (cache:shapes_clip)
+  c.text_source = ""          # "" = the shared text threat (recipes.TEXT_ATTACK) in training and "bert"
+  c.arms = {
+      "clean_ft": _arm("clean_ft"),
+      "tecoa": _arm("tecoa"),
+      "fare": _arm("fare"),
+      "mmcoa": _arm("mmcoa"),
+      "mava": _arm("mava"),
+      "mat": _arm("mat"),
+      "matplus": _arm("matplus"),
+      # Claim 3: the same augmented pairs modelled 1:1 (an image's other captions are negatives).
+      "matplus_1to1": _arm("matplus", ABLATION_ATTACKS, objective={"one_to_one": True}),
+      # Claim 4: text augmentation only (2 captions, I2T, EDA) vs image augmentation only (2 renderings
+      # of each scene in a batch: image-side N:1, T2I, jitter); the same number of positives per scene.
+      "matplus_text": _arm("matplus", ABLATION_ATTACKS,
+                           data={"captions_per_image": 2, "augmentations": ("i2t:0.3", "eda:0.2")}),
+      "matplus_image": _arm("matplus", ABLATION_ATTACKS,
+                            data={"captions_per_image": 1, "renderings_per_scene": 2,
+                                  "augmentations": ("t2i:0.3", "image_jitter:0.3")}),
+      # Claim 5: alignment (a noisy captioner writes a wrong attribute in 30% of captions) and
+      # diversity (5 captions per image and twice the I2T rate instead of 3 and 0.3).
+      "matplus_misaligned": _arm("matplus", ABLATION_ATTACKS,
+                                 data={"augmentations": ("i2t:0.3", "t2i:0.3", "eda:0.2", "misalign:0.3")}),
+      "matplus_diverse": _arm("matplus", ABLATION_ATTACKS,
+                              data={"captions_per_image": 5, "augmentations": ("i2t:0.6", "t2i:0.3", "eda:0.2")}),
+  }
+  if arg == "quick":  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
+    c.name = "shapes_study_quick"
+    c.seeds = 1
+    c.eval_images = 24
+    c.eval_batch = 12
+    c.bootstrap = 200
+    c.model_source = "tiny"
+    c.text_source = "paraphrase"  # no MLM to train; "bert" then runs the paraphrase source too
+    c.budget = dict(train=dict(steps=2, batch_size=24, log_every=1, checkpoint_every=2),
+                    schedule=dict(warmup_steps=1))
+    c.data = dict(build_train=48, build_val=8, build_test=24)
+    c.arms = {"clean_ft": c.arms["clean_ft"], "mat": c.arms["mat"],
+              "matplus": _arm("matplus", ABLATION_ATTACKS)}
+  elif arg is not None:
+    raise ValueError(f"study_shapes.py takes no argument or 'quick', got {arg!r}")
+  return c

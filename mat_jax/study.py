@@ -1,0 +1,529 @@
+"""`python -m mat_jax.study`: methods x seeds x attacks under one training budget, with intervals and claims.
+
+    python -m mat_jax.study [--config experiments/study_shapes.py] [--quick] [--study-dir DIR] [--out DIR]
+
+A study file (experiments/study_shapes.py) names arms (a method of `mat_jax.recipes.METHODS`, an optional
+variant of its method-defining keys, the attacks it is evaluated under), the seeds and the evaluation.
+Every arm is fine-tuned with `recipes.finetune` (the shared budget) from the same clean checkpoint, once per
+seed; seed s fixes the data order, the fine-tuning randomness and the attack randomness.
+
+Resumable: each run trains in its own workdir (STUDY_DIR/runs/ARM-sSEED, resumed from its checkpoints),
+each evaluation is written to STUDY_DIR/runs/ARM-sSEED/eval/ATTACK.{json,npz} as it finishes, and a rerun
+reuses everything finished. A study directory remembers its study file's settings (study.json) and refuses
+another study's settings, naming the difference. One progress line per run.
+
+Outputs (OUT, default docs/results, or the study dir with --quick): shapes_study.json
+({"runs": [...], "claims": [...], ...}), shapes_study_table.md and two PNG plots. Intervals: 95% percentile
+intervals of a paired bootstrap over test images and seeds (each replicate resamples the seeds and the
+test images, the same draws for every arm, so differences between arms are paired); an image is resampled
+with all its captions (IR).
+
+Attacks: clean, pgd, bert (BERT-Attack with the study's text threat, the shapes-world MLM), sep, co, sga
+(at eps_255), and paraphrase (BERT-Attack with the meaning-preserving synonym lexicon: a control).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from mat_jax.errors import MatJaxError
+
+STUDY_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
+TEXT_ONLY = ("bert", "paraphrase")
+METRICS = ("tr@1", "ir@1")
+STUDY_FILE = "study.json"
+DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "study_shapes.py"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
+_KEYS = ("name", "seeds", "eps_255", "eval_images", "eval_batch", "bootstrap", "budget", "data", "model_source",
+         "text_source", "arms")
+
+Log = Callable[[str], None]
+
+
+class StudyError(MatJaxError, ValueError):
+  """A study file, study directory or threat that cannot run; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  name: str
+  method: str
+  variant: Mapping[str, Any]
+  attacks: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study file.
+
+
+def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any]:
+  """The study file's settings as plain data, checked (unknown method or attack, seeds < 1 -> StudyError)."""
+  from mat_jax import config as config_lib
+  from mat_jax import recipes
+
+  try:
+    raw = config_lib._call_get_config(Path(path), "quick" if quick else None)
+  except config_lib.ConfigError as err:
+    raise StudyError(str(err)) from None
+  raw = config_lib._to_dict(raw)
+  unknown = sorted(set(raw) - set(_KEYS))
+  if unknown:
+    raise StudyError(f"{path}: unknown study key(s) {unknown}; valid keys: {', '.join(_KEYS)}")
+  study = {k: raw.get(k) for k in _KEYS}
+  if not isinstance(study["seeds"], int) or study["seeds"] < 1:
+    raise StudyError(f"{path}: seeds={study['seeds']!r} must be an integer >= 1")
+  if not study["arms"]:
+    raise StudyError(f"{path}: the study names no arms")
+  for name, arm in study["arms"].items():
+    if arm.get("method") not in recipes.METHODS:
+      close = difflib.get_close_matches(str(arm.get("method")), list(recipes.METHODS), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise StudyError(f"{path}: arm {name!r} names unknown method {arm.get('method')!r}{hint}; methods: "
+                       f"{', '.join(recipes.METHODS)}")
+    bad = [a for a in arm.get("attacks", ()) if a not in STUDY_ATTACKS]
+    if bad:
+      raise StudyError(f"{path}: arm {name!r} names unknown attack(s) {bad}; attacks: {', '.join(STUDY_ATTACKS)}")
+    if "clean" not in arm.get("attacks", ()):
+      raise StudyError(f"{path}: arm {name!r} must be evaluated clean too (add 'clean' to its attacks)")
+  for name in study["arms"]:
+    run_config(study, arm_of(study, name), 0)  # every arm's training config is valid before anything runs
+  return json.loads(json.dumps(study, default=list))
+
+
+def arm_of(study: Mapping[str, Any], name: str) -> Arm:
+  spec = study["arms"][name]
+  return Arm(name, spec["method"], spec.get("variant", {}), tuple(spec["attacks"]))
+
+
+def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
+  """The training config of `arm` at `seed`: the shared budget (recipes.finetune) + the study's changes."""
+  from mat_jax import config as config_lib
+  from mat_jax import recipes
+
+  try:
+    c = recipes.finetune(arm.method, seed, arm.variant, name=f"{study['name']}_{arm.name}")
+  except ValueError as err:
+    raise StudyError(f"arm {arm.name!r}: {err}") from None
+  c = c.to_dict()
+  if study["model_source"]:
+    c["model"] = {"source": study["model_source"], "tokenizer": "shapes"}
+  for section, values in (study["budget"] or {}).items():
+    if section not in ("train", "schedule"):
+      raise StudyError(f"budget.{section}: a study may shrink only the shared train and schedule sections")
+    c[section].update(values)
+  c["data"].update(study["data"] or {})
+  if study["text_source"] and "text_attack" in c:
+    c["text_attack"] = {"source": study["text_source"], "top_k": c["text_attack"].get("top_k", 10)}
+  c["train"]["export"] = True
+  try:
+    return config_lib.build(c, origin=f"study arm {arm.name!r}")
+  except config_lib.ConfigError as err:
+    raise StudyError(str(err)) from None
+
+
+def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
+  """Write the study's settings into a new study dir; refuse a dir made by other settings."""
+  path = study_dir / STUDY_FILE
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old != study:
+      diff = _differences(old, study)
+      raise StudyError(f"{study_dir} holds another study ({old.get('name')!r}); it differs in "
+                       f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. Use another --study-dir, or "
+                       "delete that directory to start over")
+    return
+  study_dir.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(study, indent=1, sort_keys=True))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new)):
+      where = f"{prefix}.{key}" if prefix else key
+      if key not in old:
+        out.append(f"{where} is new")
+      elif key not in new:
+        out.append(f"{where} is gone")
+      else:
+        out += _differences(old[key], new[key], where)
+    return out
+  return [] if old == new else [f"{prefix}: {old!r} there, {new!r} here"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text sources.
+
+
+def text_sources(study: Mapping[str, Any], tokenizer) -> dict[str, Any]:
+  """{"bert": the threat, "paraphrase": the synonym lexicon}; an MLM whose vocabulary does not fit its
+  tokenizer is refused in one line."""
+  from mat_jax import recipes
+  from mat_jax.attacks.candidates import LexiconSource
+  from mat_jax.data import shapes
+  from mat_jax.training import inputs
+
+  spec = dict(recipes.TEXT_ATTACK)
+  if study["text_source"]:
+    spec = {"source": study["text_source"], "top_k": spec.get("top_k", 10)}
+  paraphrase = LexiconSource(shapes.substitution_table())
+  if spec["source"] == "paraphrase":
+    return {"bert": paraphrase, "paraphrase": paraphrase}
+  try:
+    if spec["source"] == "bert":
+      from mat_jax.models.tokenizers import load_tokenizer
+      from mat_jax.training import mlm
+
+      directory = Path(mlm.resolve_bert(spec.get("bert", ""), log=lambda _: None))
+      if (directory / "config.json").exists():
+        vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
+        check_mlm(vocab, load_tokenizer(directory).vocab_size, directory)
+    threat = inputs.make_source(spec["source"], bert=spec.get("bert", ""), top_k=spec.get("top_k", 10))
+  except (ValueError, OSError) as err:
+    raise StudyError(f"text threat {spec}: {err}") from None
+  return {"bert": threat, "paraphrase": paraphrase}
+
+
+def check_mlm(model_vocab: int | None, tokenizer_vocab: int, where: Any) -> None:
+  """The MLM's output vocabulary must be its tokenizer's: else every proposal is a wrong word."""
+  if model_vocab is not None and model_vocab != tokenizer_vocab:
+    raise StudyError(f"the text threat's MLM in {where} predicts {model_vocab} tokens but its tokenizer has "
+                     f"{tokenizer_vocab}: they are not a pair; point text_attack.bert at a directory holding an "
+                     "MLM and the tokenizer it was trained with")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running.
+
+
+class CompileCounter:
+  """Counts XLA compilations (and persistent-cache hits) through jax.monitoring."""
+
+  def __init__(self):
+    import jax
+    self.compiles = 0
+    self.cache_hits = 0
+    jax.monitoring.register_event_duration_secs_listener(self._duration)
+    jax.monitoring.register_event_listener(self._event)
+
+  def _duration(self, event: str, duration: float, **_: Any) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.compiles += 1
+
+  def _event(self, event: str, **_: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+      self.cache_hits += 1
+
+
+def run(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> dict[str, Any]:
+  """Train and evaluate every arm x seed (reusing what is finished); returns the collected results."""
+  from mat_jax import checkpoint
+  from mat_jax import evaluate as evaluate_lib
+  from mat_jax.data import corpora, pipeline
+  from mat_jax.training import loop, setup
+
+  study_dir = Path(study_dir).absolute()
+  check_study_dir(study_dir, study)
+  counter = CompileCounter()
+  start = time.perf_counter()
+  arms = [arm_of(study, name) for name in study["arms"]]
+  first = run_config(study, arms[0], 0)
+  builder = setup.data_builder(first, first.data.image_size, log=lambda _: None)
+  collected: dict[tuple[str, int], dict[str, Any]] = {}
+  eval_set = sources = None
+  total = len(arms) * study["seeds"]
+  done = 0
+  for arm in arms:
+    for seed in range(study["seeds"]):
+      done += 1
+      t0 = time.perf_counter()
+      run_dir = study_dir / "runs" / f"{arm.name}-s{seed}"
+      cfg = run_config(study, arm, seed)
+      trained = (run_dir / checkpoint.MODEL_DIR / "config.json").exists()
+      if not trained:
+        loop.train(cfg, run_dir, log=lambda _: None, progress=False, evaluate=False)
+      t_train = time.perf_counter() - t0
+      t_eval = time.perf_counter()
+      missing = [a for a in arm.attacks if not (run_dir / "eval" / f"{a}.npz").exists()]
+      model = tokenizer = None
+      if missing:
+        model, tokenizer = checkpoint.restore_model(run_dir)
+        if eval_set is None:
+          eval_set = pipeline.load_eval_set(corpora.data_source(builder, "test"), tokenizer,
+                                            max_images=study["eval_images"] or None)
+          sources = text_sources(study, tokenizer)
+      for attack in missing:
+        _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir)
+      collected[(arm.name, seed)] = {a: _read_eval(run_dir, a) for a in arm.attacks}
+      summary = " ".join(f"{a} {collected[(arm.name, seed)][a]['recall']['tr@1']:.1f}/"
+                         f"{collected[(arm.name, seed)][a]['recall']['ir@1']:.1f}" for a in arm.attacks)
+      evaluated = f"evaluated {len(missing)} attack(s) in {time.perf_counter() - t_eval:.0f}s" if missing \
+          else "evaluations reused"
+      log(f"[{done}/{total}] {arm.name} seed {seed}: {'reused' if trained else f'trained in {t_train:.0f}s'}, "
+          f"{evaluated} | TR@1/IR@1 {summary}")
+  wall = time.perf_counter() - start
+  log(f"study {study['name']}: {total} runs in {wall:.0f}s, {counter.compiles} XLA compilations "
+      f"({counter.cache_hits} persistent-cache hits)")
+  return {"collected": collected, "wall_seconds": wall, "compilations": counter.compiles,
+          "cache_hits": counter.cache_hits}
+
+
+def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir: Path) -> None:
+  """One attack on one run, written to run_dir/eval/ATTACK.{json,npz} (meaning-aware: the shapes judge)."""
+  name = "bert" if attack in TEXT_ONLY else attack
+  attacks = () if attack == "clean" else (name,)
+  source = sources["paraphrase" if attack == "paraphrase" else "bert"] if attack != "clean" else None
+  t0 = time.perf_counter()
+  result = evaluate_lib.evaluate(model, tokenizer=tokenizer, eval_set=eval_set, attacks=attacks,
+                                 eps_255=(study["eps_255"],), text_source=source, batch_size=study["eval_batch"],
+                                 seed=seed, progress=False, keep_ranks=True,
+                                 judge=evaluate_lib.shapes_judge(eval_set))
+  if attack == "clean":
+    entry = {"recall": result["clean"], "asr": None}
+    ranks = result["clean_ranks"]
+  else:
+    entry = next(iter(result["attacks"][name].values()))
+    ranks = entry.pop("ranks")
+  entry = {k: v for k, v in entry.items() if k not in evaluate_lib.RANK_KEYS}
+  entry.update(attack=attack, n_images=int(result["num_images"]), seconds=time.perf_counter() - t0,
+               eps_255=0.0 if attack == "clean" or attack in TEXT_ONLY else float(study["eps_255"]))
+  out = run_dir / "eval"
+  out.mkdir(parents=True, exist_ok=True)
+  # The ranks last: the .npz marks the evaluation finished.
+  evaluate_lib.write_json(entry, out / f"{attack}.json")
+  tmp = out / f"{attack}.tmp.npz"
+  np.savez(tmp, tr=np.asarray(ranks[0]), ir=np.asarray(ranks[1]), text_to_image=np.asarray(result["text_to_image"]))
+  tmp.replace(out / f"{attack}.npz")
+
+
+def _read_eval(run_dir: Path, attack: str) -> dict[str, Any]:
+  entry = json.loads((run_dir / "eval" / f"{attack}.json").read_text())
+  arrays = np.load(run_dir / "eval" / f"{attack}.npz")
+  entry["tr_rank"], entry["ir_rank"], entry["text_to_image"] = arrays["tr"], arrays["ir"], arrays["text_to_image"]
+  return entry
+
+
+# ----------------------------------------------------------------------------------------------------
+# Intervals and claims.
+
+
+def hits(entry: Mapping[str, Any], n_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per test image: TR@1 hit (N,), IR@1 hits among its captions (N,), its caption count (N,)."""
+  tr = (np.asarray(entry["tr_rank"]) < 1).astype(np.float64)
+  owners = np.asarray(entry["text_to_image"])
+  ir = np.bincount(owners, weights=(np.asarray(entry["ir_rank"]) < 1).astype(np.float64), minlength=n_images)
+  return tr, ir, np.bincount(owners, minlength=n_images).astype(np.float64)
+
+
+class Bootstrap:
+  """Paired bootstrap over test images and seeds: the same resampled images and seeds for every arm."""
+
+  def __init__(self, n_images: int, seeds: int, replicates: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    self.image_weights = np.stack([np.bincount(rng.integers(0, n_images, n_images), minlength=n_images)
+                                   for _ in range(replicates)]).astype(np.float64)      # (B, N)
+    self.seed_weights = np.stack([np.bincount(rng.integers(0, seeds, seeds), minlength=seeds)
+                                  for _ in range(replicates)]).astype(np.float64) / seeds  # (B, S)
+
+  def replicates(self, per_seed: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], metric: str) -> np.ndarray:
+    """(B,) recall (%) of a metric averaged over seeds, per replicate; `per_seed`: `hits` of each seed."""
+    w = self.image_weights
+    if metric == "tr@1":
+      per = np.stack([w @ tr / w.sum(1) for tr, _, _ in per_seed], axis=1)
+    else:
+      per = np.stack([(w @ ir) / (w @ count) for _, ir, count in per_seed], axis=1)
+    return 100.0 * np.sum(per * self.seed_weights, axis=1)
+
+
+def interval(values: np.ndarray) -> list[float]:
+  lo, hi = np.percentile(values, [2.5, 97.5])
+  return [float(lo), float(hi)]
+
+
+# (claim, better arm, other arm, attacks). A claim holds on a metric when its interval lies above 0.
+CLAIMS = (
+    ("1: MAT > TeCoA (unimodal AT) under multimodal attacks", "mat", "tecoa", ("co", "sga")),
+    ("1: MAT > FARE (unimodal AT) under multimodal attacks", "mat", "fare", ("co", "sga")),
+    ("2: MAT+ > MAT", "matplus", "mat", ("clean", "co", "sga")),
+    ("3: 1:N > the same augmented pairs as 1:1", "matplus", "matplus_1to1", ("clean", "co", "sga")),
+    ("4: text augmentation > image augmentation", "matplus_text", "matplus_image", ("clean", "co", "sga")),
+    ("5: aligned > misaligned augmentations", "matplus", "matplus_misaligned", ("clean", "co", "sga")),
+    ("5: more diverse augmentations (5 captions, i2t 0.6) > MAT+ (3 captions, i2t 0.3)", "matplus_diverse",
+     "matplus", ("clean", "co", "sga")),
+    ("defenses > the clean fine-tuned control: MAT", "mat", "clean_ft", ("pgd", "bert", "co", "sga")),
+)
+
+
+def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]]
+              ) -> tuple[list[dict], list[dict], dict]:
+  """runs[] rows, claims[] rows, and {(arm, attack): {metric: (mean, [lo, hi])}} for the table."""
+  seeds = study["seeds"]
+  any_entry = next(iter(next(iter(collected.values())).values()))
+  n_images = len(any_entry["tr_rank"])
+  boot = Bootstrap(n_images, seeds, study["bootstrap"])
+  runs, table, reps = [], {}, {}
+  for (arm, seed), per_attack in collected.items():
+    for attack, e in per_attack.items():
+      runs.append({"method": arm, "seed": seed, "attack": attack, "eps_255": e["eps_255"], "n_images": e["n_images"],
+                   "recall": e["recall"], "asr": e.get("asr"),
+                   "asr_meaning_preserving": e.get("asr_meaning_preserving"),
+                   "label_flip_share": e.get("label_flip_share")})
+  for name in study["arms"]:
+    for attack in study["arms"][name]["attacks"]:
+      per_seed = [hits(collected[(name, s)][attack], n_images) for s in range(seeds)]
+      table[(name, attack)] = {}
+      for metric in METRICS:
+        r = reps[(name, attack, metric)] = boot.replicates(per_seed, metric)
+        mean = float(np.mean([collected[(name, s)][attack]["recall"][metric] for s in range(seeds)]))
+        table[(name, attack)][metric] = (mean, interval(r))
+  claims = []
+  for claim, better, other, attacks in CLAIMS:
+    for attack in attacks:
+      for metric in METRICS:
+        if (better, attack, metric) not in reps or (other, attack, metric) not in reps:
+          continue
+        diff = reps[(better, attack, metric)] - reps[(other, attack, metric)]
+        point = table[(better, attack)][metric][0] - table[(other, attack)][metric][0]
+        ci = interval(diff)
+        claims.append({"claim": claim, "metric": f"{attack} {metric}", "difference": point, "ci95": ci,
+                       "holds": bool(ci[0] > 0)})
+  return runs, claims, table
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports.
+
+
+def markdown_table(study: Mapping[str, Any], table: Mapping, claims: Sequence[Mapping]) -> str:
+  attacks = [a for a in STUDY_ATTACKS if any(a in arm["attacks"] for arm in study["arms"].values())]
+  lines = [f"Recall@1 (%) TR / IR, mean over {study['seeds']} seed(s) and [95% paired-bootstrap interval]; "
+           f"eps {study['eps_255']:g}/255.", "",
+           "| arm | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+  for name in study["arms"]:
+    cells = []
+    for attack in attacks:
+      if (name, attack) not in table:
+        cells.append("")
+        continue
+      t = table[(name, attack)]
+      cells.append(" / ".join(f"{t[m][0]:.1f} [{t[m][1][0]:.1f}, {t[m][1][1]:.1f}]" for m in METRICS))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", "| claim | metric | difference (points) | 95% interval | holds |", "|---|---|---|---|---|"]
+  for c in claims:
+    lines.append(f"| {c['claim']} | {c['metric']} | {c['difference']:+.1f} | [{c['ci95'][0]:+.1f}, "
+                 f"{c['ci95'][1]:+.1f}] | {'yes' if c['holds'] else 'no'} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(study: Mapping[str, Any], table: Mapping, path: Path, arms: Sequence[str], attacks: Sequence[str],
+         title: str) -> Path:
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(6 * len(METRICS), 4), squeeze=False)
+  width = 0.8 / max(1, len(arms))
+  for ax, metric in zip(axes[0], METRICS, strict=True):
+    for i, arm in enumerate(arms):
+      xs, ys, lo, hi = [], [], [], []
+      for j, attack in enumerate(attacks):
+        if (arm, attack) in table:
+          mean, (a, b) = table[(arm, attack)][metric]
+          xs.append(j + i * width)
+          ys.append(mean)
+          # The seed mean can sit just outside a percentile interval of few seeds: no negative bars.
+          lo.append(max(0.0, mean - a))
+          hi.append(max(0.0, b - mean))
+      ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=arm)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(attacks))], attacks)
+    ax.set_ylabel(f"{metric.upper()} (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, log: Log = print) -> dict[str, Path]:
+  from mat_jax import evaluate as evaluate_lib
+
+  runs, claims, table = summarise(study, result["collected"])
+  doc = {"study": study["name"], "seeds": study["seeds"], "eps_255": study["eps_255"],
+         "interval": "95% percentile interval, paired bootstrap over test images and seeds "
+                     f"({study['bootstrap']} replicates)",
+         "cpu_wall_seconds": result["wall_seconds"], "xla_compilations": result["compilations"],
+         "runs": runs, "claims": claims}
+  out = Path(out)
+  paths = {"json": evaluate_lib.write_json(doc, out / "shapes_study.json")}
+  paths["table"] = out / "shapes_study_table.md"
+  paths["table"].write_text(markdown_table(study, table, claims))
+  main_arms = [a for a in study["arms"] if not a.startswith("matplus_")]
+  ablations = [a for a in study["arms"] if a.startswith("matplus")]
+  attacks = [a for a in STUDY_ATTACKS if any((arm, a) in table for arm in main_arms)]
+  paths["main_plot"] = plot(study, table, out / "shapes_study_methods.png", main_arms, attacks,
+                            "methods under one budget")
+  if len(ablations) > 1:
+    abl_attacks = [a for a in STUDY_ATTACKS if all((arm, a) in table for arm in ablations)]
+    paths["ablation_plot"] = plot(study, table, out / "shapes_study_ablations.png", ablations, abl_attacks,
+                                  "MAT+ ablations")
+  for c in claims:
+    log(f"claim {c['claim']} [{c['metric']}]: {c['difference']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] "
+        f"-> {'holds' if c['holds'] else 'does not hold'}")
+  return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from mat_jax import errors
+  return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
+
+
+_out_dir: str | None = None  # the results directory of the running command, named by a disk-full report
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  global _out_dir
+  parser = argparse.ArgumentParser(prog="python -m mat_jax.study", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default=str(DEFAULT_STUDY), help="study file (default experiments/study_shapes.py)")
+  parser.add_argument("--quick", action="store_true", help="the study file's quick variant (tests, CI)")
+  parser.add_argument("--study-dir", help="where runs and evaluations go (default: $MAT_JAX_CACHE_DIR/studies/NAME)")
+  parser.add_argument("--out", help="results directory (default docs/results; with --quick the study dir)")
+  args = parser.parse_args(argv)
+  from mat_jax import errors, runtime
+  from mat_jax.training import setup
+
+  # Compiled programs on disk: the runs of one arm differ only in their seed (a runtime value), so every
+  # run after the first of its shape loads its train step instead of compiling it.
+  runtime.enable_compilation_cache()
+  study = load(args.config, quick=args.quick)
+  study_dir = Path(args.study_dir) if args.study_dir else setup.cache_dir() / "studies" / study["name"]
+  out = Path(args.out) if args.out else (study_dir if args.quick else DEFAULT_OUT)
+  _out_dir = str(out)
+  # Before hours of training: directories that cannot be written would lose the results at the end.
+  errors.check_writable_dir(study_dir, "--study-dir")
+  errors.check_writable_dir(out, "--out")
+  result = run(study, study_dir)
+  paths = report(study, result, out)
+  print("wrote " + ", ".join(str(p) for p in paths.values()))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,245 @@
+"""The shared budget (recipes), the ablation switches (1:1 modelling, N:1 renderings, misaligned captions)
+and the study runner: bad input, resumption, the paired bootstrap, and the --quick study end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mat_jax import config as config_lib
+from mat_jax import recipes, study
+from mat_jax.data import corpora, pipeline, shapes
+from mat_jax.objectives.contrastive import clip_loss, contrastive_loss
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SHARED = ("model", "optimizer", "schedule")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One budget.
+
+
+def test_every_method_shares_one_budget():
+  configs = {m: config_lib.load(EXPERIMENTS / f"shapes_{m}.py") for m in recipes.METHODS}
+  base = configs["mat"]
+  for method, c in configs.items():
+    for section in SHARED:
+      assert c[section].to_dict() == base[section].to_dict(), (method, section)
+    assert (c.train.steps, c.train.batch_size, c.data.image_size, c.seed) == (
+        base.train.steps, base.train.batch_size, base.data.image_size, base.seed), method
+    inner = {k: c.objective[k] for k in ("eps", "steps", "step_size") if k in c.objective}
+    assert inner in ({}, {"eps": recipes.EPS, "steps": recipes.INNER_STEPS, "step_size": recipes.INNER_STEP_SIZE})
+  assert configs["tecoa"].train.towers == "all"  # TeCoA-ITR
+  assert configs["fare"].train.towers == configs["mava"].train.towers == "vision"
+  assert configs["clean_ft"].objective.name == "contrastive"
+
+
+def test_a_variant_may_change_only_method_defining_sections():
+  c = recipes.finetune("matplus", 1, {"objective": {"one_to_one": True}, "data": {"captions_per_image": 5}})
+  assert c.objective.one_to_one and c.data.captions_per_image == 5 and c.seed == 1
+  with pytest.raises(ValueError, match="only the method-defining sections"):
+    recipes.finetune("mat", variant={"optimizer": {"learning_rate": 1.0}})
+  with pytest.raises(ValueError, match="unknown method 'matt'"):
+    recipes.finetune("matt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Switches.
+
+
+def test_one_to_one_treats_an_images_other_captions_as_negatives():
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  images = jnp.asarray(unit(rng.normal(size=(3, 8))), jnp.float32)
+  texts = jnp.asarray(unit(rng.normal(size=(3, 2, 8))), jnp.float32)
+  scale = jnp.asarray(np.log(10.0), jnp.float32)
+  one_to_n, _ = clip_loss(images, texts, scale)
+  one_to_one, _ = clip_loss(images, texts, scale, one_to_one=True)
+  # 1:1 is plain CLIP over the 6 pairs (image repeated per caption), every other pair a negative.
+  pairs = jnp.arange(6)
+  expected, _ = contrastive_loss(jnp.repeat(images, 2, axis=0), texts.reshape(6, 8), scale, pairs, pairs)
+  np.testing.assert_allclose(one_to_one, expected, rtol=1e-6)
+  assert abs(float(one_to_one) - float(one_to_n)) > 1e-3
+  # With one caption per image and distinct images the two modellings coincide.
+  a, _ = clip_loss(images, texts[:, 0], scale)
+  b, _ = clip_loss(images, texts[:, 0], scale, one_to_one=True)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_misalign_writes_a_caption_that_no_longer_fits_its_scene():
+  rng = np.random.default_rng(0)
+  for i in range(40):
+    scene = shapes.scene_for(0, "test", i)
+    caption = shapes.describe(scene, rng)
+    wrong = shapes.misalign(caption, rng)
+    assert len(wrong.split()) == len(caption.split())
+    assert not shapes.consistent(shapes.parse(wrong), scene), (caption, wrong)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("study_world")
+  builder = corpora.build_shapes(root / "data", train=12, val=0, test=4, seed=3, log=lambda m: None)
+  from mat_jax.models.tokenizers import load_tokenizer
+
+  return corpora.data_source(builder, "train"), load_tokenizer(shapes.build_tokenizer(root / "tok"), context_length=24)
+
+
+def test_renderings_of_one_scene_share_its_id_and_its_captions(world):
+  source, tok = world
+  it = iter(pipeline.training_pipeline(source, tok, 6, captions_per_image=2, renderings_per_scene=3, seed=1,
+                                       process_index=0, process_count=1))
+  batch = next(it)
+  assert batch["images"].shape[0] == 6 and batch["input_ids"].shape[:2] == (6, 2)
+  ids = batch["image_ids"]
+  assert (ids[0] == ids[:3]).all() and (ids[3] == ids[3:]).all() and ids[0] != ids[3]
+  # Three different renderings of one scene, each captioned truly.
+  assert not np.allclose(batch["images"][0], batch["images"][1])
+  for i in range(6):
+    scene = shapes.Scene.from_record(source[int(ids[i])]["scene"])
+    assert all(shapes.consistent(shapes.parse(str(c)), scene) for c in batch["captions"][i])
+  with pytest.raises(ValueError, match="must be >= 1 and divide the batch size"):
+    pipeline.training_pipeline(source, tok, 4, renderings_per_scene=3, process_index=0, process_count=1)
+
+
+def test_renderings_must_divide_the_batch_in_the_config():
+  raw = recipes.finetune("matplus", variant={"data": {"renderings_per_scene": 5}})
+  with pytest.raises(config_lib.ConfigError, match=r"renderings_per_scene=5 must .* divide train.batch_size \(64\)"):
+    config_lib.build(raw)
+  assert config_lib.build(recipes.finetune("matplus", variant={"data": {"augmentations": ("misalign:0.3",)}}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study: bad input.
+
+
+def _study_file(tmp_path, body: str) -> Path:
+  path = tmp_path / "s.py"
+  path.write_text("import sys\nsys.path.insert(0, %r)\nfrom study_shapes import get_config as base\n\n"
+                  "def get_config(arg=None):\n  c = base('quick')\n%s  return c\n" % (str(EXPERIMENTS), body))
+  return path
+
+
+@pytest.mark.parametrize("body, message", [
+    ("  c.arms['x'] = dict(method='tecoaa', variant={}, attacks=('clean',))\n",
+     "arm 'x' names unknown method 'tecoaa' \\(did you mean 'tecoa'\\?\\)"),
+    ("  c.arms['x'] = dict(method='mat', variant={}, attacks=('clean', 'sgaa'))\n",
+     "arm 'x' names unknown attack\\(s\\) \\['sgaa'\\]"),
+    ("  c.seeds = 0\n", "seeds=0 must be an integer >= 1"),
+    ("  c.arms['x'] = dict(method='mat', variant={'optimizer': {}}, attacks=('clean',))\n",
+     "only the method-defining sections"),
+])
+def test_bad_study_files_fail_in_one_line(tmp_path, body, message):
+  with pytest.raises(study.StudyError, match=message):
+    study.load(_study_file(tmp_path, body))
+
+
+def test_a_study_dir_refuses_another_studys_settings(tmp_path):
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  study.check_study_dir(tmp_path, quick)
+  study.check_study_dir(tmp_path, quick)  # the same study: accepted (resume)
+  other = json.loads(json.dumps(quick))
+  other["seeds"] = 2
+  other["arms"]["mat"]["attacks"] = ["clean"]
+  with pytest.raises(study.StudyError, match=r"differs in arms.mat.attacks: .*; seeds: 1 there, 2 here"):
+    study.check_study_dir(tmp_path, other)
+
+
+def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused():
+  with pytest.raises(study.StudyError, match=r"MLM in d predicts 30522 tokens but its tokenizer has 90: they are "
+                                             "not a pair"):
+    study.check_mlm(30522, 90, "d")
+  study.check_mlm(90, 90, "d")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Intervals.
+
+
+def test_paired_bootstrap_intervals():
+  n = 400
+  rng = np.random.default_rng(0)
+  tr = (rng.random(n) < 0.6).astype(float)
+  ir = rng.integers(0, 3, n).astype(float)
+  count = np.full(n, 2.0)
+  boot = study.Bootstrap(n, 3, 500, seed=1)
+  same = boot.replicates([(tr, ir / 2 * 2, count)] * 3, "tr@1")
+  assert abs(np.mean(same) - 100 * tr.mean()) < 1.0
+  lo, hi = study.interval(same)
+  assert lo < 100 * tr.mean() < hi and 5 < hi - lo < 15  # about ±2 × 100·sqrt(.24/400) = ±4.9
+  # Paired: an arm compared with itself differs by exactly 0 in every replicate.
+  assert study.interval(same - boot.replicates([(tr, ir, count)] * 3, "tr@1")) == [0.0, 0.0]
+  ir_rec = boot.replicates([(tr, np.minimum(ir, 2), count)] * 3, "ir@1")
+  assert abs(np.mean(ir_rec) - 100 * np.minimum(ir, 2).sum() / count.sum()) < 1.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# The quick study, end to end, and its resumption.
+
+
+@pytest.mark.slow
+def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("MAT_JAX_DATA_DIR", str(tmp_path / "data"))
+  args = ["--quick", "--study-dir", str(tmp_path / "study"), "--out", str(tmp_path / "out")]
+  assert study.main(args) == 0
+  first = capsys.readouterr().out
+  doc = json.loads((tmp_path / "out" / "shapes_study.json").read_text())
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  expected = sum(len(a["attacks"]) for a in quick["arms"].values())
+  assert len(doc["runs"]) == expected
+  row = doc["runs"][0]
+  assert set(row) == {"method", "seed", "attack", "eps_255", "n_images", "recall", "asr", "asr_meaning_preserving",
+                      "label_flip_share"}
+  assert row["n_images"] == 24 and set(row["recall"]) >= {"tr@1", "tr@5", "tr@10", "ir@1", "ir@5", "ir@10"}
+  claim = doc["claims"][0]
+  assert set(claim) == {"claim", "metric", "difference", "ci95", "holds"}
+  assert claim["ci95"][0] <= claim["difference"] <= claim["ci95"][1]
+  assert (tmp_path / "out" / "shapes_study_table.md").read_text().startswith("Recall@1")
+  assert (tmp_path / "out" / "shapes_study_methods.png").stat().st_size > 0
+  assert first.count("trained") == len(quick["arms"])
+  # A rerun reuses every run and evaluation.
+  mtimes = {p: p.stat().st_mtime for p in (tmp_path / "study").rglob("eval/*.npz")}
+  assert study.main(args) == 0
+  second = capsys.readouterr().out
+  assert "trained" not in second and second.count("reused") >= len(quick["arms"])
+  assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+
+
+def test_demo_headline_differences_come_with_paired_intervals():
+  from mat_jax.training import demo
+
+  n, k = 300, 2
+  rng = np.random.default_rng(0)
+  t2i = np.repeat(np.arange(n), k)
+
+  def ranks(p_tr, p_ir):
+    return (np.where(rng.random(n) < p_tr, 0, 5), np.where(rng.random(n * k) < p_ir, 0, 5))
+
+  def model(clean, attacked):
+    return {"num_images": n, "text_to_image": t2i, "clean_ranks": ranks(clean, clean),
+            "attacks": {a: {"2": {"ranks": ranks(p, p)}} for a, p in attacked.items()}}
+
+  results = {"clean fine-tuned": model(0.8, {"pgd": 0.5, "bert": 0.6, "co": 0.3, "sga": 0.2}),
+             "TeCoA": model(0.7, {"pgd": 0.6, "bert": 0.6, "co": 0.4, "sga": 0.35}),
+             "MAT": model(0.7, {"pgd": 0.6, "bert": 0.7, "co": 0.6, "sga": 0.55})}
+  rows = {(what, metric): (d, ci) for what, metric, d, ci in demo.headline(results)}
+  d, (lo, hi) = rows[("MAT - TeCoA under sga", "tr@1")]
+  assert lo <= d <= hi and lo > 0  # a 20-point gain on 300 images is far outside the noise
+  d, (lo, hi) = rows[("sga on the clean fine-tuned model", "ir@1")]
+  assert hi < 0 and 3 < hi - lo < 16
+  assert ("SGA - PGD on the clean fine-tuned model", "tr@1") in rows
+
+
+def test_the_full_study_file_is_valid_and_covers_the_claims():
+  full = study.load(EXPERIMENTS / "study_shapes.py")
+  assert full["seeds"] >= 3 and full["eval_images"] == 0  # the whole test split
+  assert set(recipes.METHODS) <= set(full["arms"])
+  assert set(full["arms"]["mat"]["attacks"]) == set(study.STUDY_ATTACKS)
+  for _, better, other, attacks in study.CLAIMS:
+    assert better in full["arms"] and other in full["arms"]
+    assert all(a in full["arms"][better]["attacks"] and a in full["arms"][other]["attacks"] for a in attacks)
