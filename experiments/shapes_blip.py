@@ -13,6 +13,8 @@ re-ranked evaluation (--itm-k) of a model trained here reflects a random ITM hea
 
 import ml_collections
 
+from mat_jax import recipes
+
 OBJECTIVES = ("clean", "tecoa", "mat", "matplus")
 
 
@@ -39,7 +41,7 @@ def get_config(arg=None):
     c.eval.attacks = ()
   else:
     c.model = dict(source="cache:shapes_blip")
-    c.text_attack = dict(source="lexicon", top_k=10)
+    c.text_attack = dict(recipes.TEXT_ATTACK)  # the shapes-world MLM threat, as for the CLIP defenses
     c.train = dict(batch_size=64, steps=200, log_every=10, checkpoint_every=50)
     c.optimizer = dict(name="adamw", learning_rate=5e-4, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6)
     if objective == "tecoa":
@@ -55,4 +57,6 @@ def get_config(arg=None):
     c.train.update(batch_size=16, steps=10, log_every=2, checkpoint_every=5)
     c.schedule.warmup_steps = 2
     c.eval.max_images = 50
+    if "text_attack" in c:
+      c.text_attack = dict(source="paraphrase", top_k=10)  # no MLM to train for a smoke test
   return c

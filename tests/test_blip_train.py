@@ -73,7 +73,7 @@ def test_blip_trains_exports_and_resumes_exactly(root):
 ])
 def test_adversarial_objectives_train_blip(root, objective):
   config = micro_config(root, objective=objective, train={"steps": 2, "checkpoint_every": 2},
-                        text_attack={"source": "lexicon", "top_k": 4})
+                        text_attack={"source": "paraphrase", "top_k": 4})
   workdir = root / objective["name"]
   loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
   model, _ = checkpoint_lib.restore_model(workdir)

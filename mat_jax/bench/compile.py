@@ -9,7 +9,7 @@ waits for them. The last line is `compile: cold X s, warm Y s` (the sums over th
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
 cosine (`attacks.image.pgd_attack`), and SGA (`attacks.multimodal.sga_attack`) on shapes-world images
-and captions with lexicon candidates.
+and captions with paraphrase (synonym-table) candidates.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
   preset, batch = _defaults(args)
   tokenizer = shapes.tokenizer(context_length=PRESETS[preset].text.context_length)
   cfg = PRESETS[preset]
-  # The shapes tokenizer's vocabulary and special ids, so its captions and lexicon candidates fit the model.
+  # The shapes tokenizer's vocabulary and special ids, so its captions and paraphrase candidates fit the model.
   cfg = cfg.replace(text=dataclasses.replace(
       cfg.text, vocab_size=max(cfg.text.vocab_size, tokenizer.vocab_size), bos_token_id=tokenizer.start_id,
       eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))

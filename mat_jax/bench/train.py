@@ -2,7 +2,7 @@
 
 A randomly initialised transformers `CLIPModel` (ViT-B/16 by default) is saved and loaded into mat_jax,
 so both sides train the same weights on the same batch (shapes-world images resized to the model's
-resolution, captions tokenised by the shapes tokenizer, text-attack candidates from the world's lexicon).
+resolution, captions tokenised by the shapes tokenizer, text-attack candidates from the world's synonym table (the paraphrase source)).
 The step is MAT's (mat_jax.objectives.mat):
 
   1. 1-word text attack guided by the clean image: word importance by masking each word ([UNK]) and
