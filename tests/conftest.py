@@ -1,6 +1,9 @@
 """Test harness: 8 simulated CPU devices, so mesh and data-parallel code runs as on a TPU host."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere in the test session.
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -9,6 +12,12 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Hermetic caches: nothing a test builds (the shapes tokenizer, datasets, cached models, the MLM, compiled
+# programs) lands in the user's ~/.cache/mat_jax, and no earlier run's cache changes what a test sees.
+_scratch = tempfile.mkdtemp(prefix="mat_jax_tests_")
+atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
+os.environ["MAT_JAX_CACHE_DIR"] = os.path.join(_scratch, "cache")
+os.environ["MAT_JAX_DATA_DIR"] = os.path.join(_scratch, "datasets")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
