@@ -73,8 +73,9 @@ def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatc
   # command runs on an in-memory set.
   monkeypatch.setattr(ev, "load_dataset", fake_load_dataset)
   out = tmp_path / "out"
+  # The paraphrase source: building the shapes MLM (the default text threat) is tested in test_text_threat.
   assert ev.main(["--model", str(model_dir), "--attacks", "pgd,bert", "--eps", "0,2", "--steps", "2",
-                  "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+                  "--batch-size", "4", "--text-source", "paraphrase", "--out", str(out), "--no-progress"]) == 0
   assert loaded["name"] == "shapes" and loaded["image_size"] == SIZE
   printed = capsys.readouterr().out
   assert "clean" in printed and "pgd" in printed and "bert" in printed and "ASR tr@1" in printed
