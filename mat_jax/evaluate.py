@@ -611,19 +611,23 @@ def _text_source(name: str, data: str, bert: str | None, top_k: int):
   return inputs.make_source(name, bert=bert or "", top_k=top_k)
 
 
-def _floats(text: str) -> list[float]:
+def comma_floats(text: str) -> list[float]:
+  """An argparse type: "1,2,4" -> [1.0, 2.0, 4.0]."""
   try:
     return [float(x) for x in text.split(",") if x.strip()]
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _attack_list(text: str) -> list[str]:
-  names = [x.strip() for x in text.split(",") if x.strip()]
-  unknown = [n for n in names if n not in ATTACKS]
-  if unknown:
-    raise argparse.ArgumentTypeError(f"unknown attacks {unknown}; choose from {','.join(ATTACKS)}")
-  return names
+def comma_names(choices: Sequence[str], what: str = "attacks") -> Callable[[str], list[str]]:
+  """An argparse type: a comma list of names, each one of `choices`."""
+  def parse(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+      raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {','.join(choices)}")
+    return names
+  return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -642,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--split", default="test")
   p.add_argument("--data-dir", help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
   p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
-  p.add_argument("--attacks", type=_attack_list, default=list(ATTACKS), help=",".join(ATTACKS))
-  p.add_argument("--eps", type=_floats, default=[2.0],
+  p.add_argument("--attacks", type=comma_names(ATTACKS), default=list(ATTACKS), help=",".join(ATTACKS))
+  p.add_argument("--eps", type=comma_floats, default=[2.0],
                  help="budgets in 1/255 units, e.g. 1,2,4 (with --norm l2: the L2 radius, 127.5 = 0.5)")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--apgd-steps", type=int, default=100)

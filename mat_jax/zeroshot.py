@@ -361,21 +361,6 @@ def load_data(name: str, image_size: int, *, split: str = "test", num_images: in
   return imagefolder.load_classification_set(builder, split, limit)
 
 
-def _floats(text: str) -> list[float]:
-  try:
-    return [float(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _attack_list(text: str) -> list[str]:
-  names = [x.strip() for x in text.split(",") if x.strip()]
-  unknown = [n for n in names if n not in ATTACKS]
-  if unknown:
-    raise argparse.ArgumentTypeError(f"unknown zero-shot attacks {unknown}; choose from {','.join(ATTACKS)}")
-  return names
-
-
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate --task zeroshot", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -389,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "~/.cache/mat_jax/datasets)")
   p.add_argument("--num-images", type=int, default=980, help="shapes-world sets: images to render")
   p.add_argument("--limit", type=int, help="evaluate the first N images only")
-  p.add_argument("--attacks", type=_attack_list, help=f"{','.join(ATTACKS)} (default: all that apply)")
-  p.add_argument("--eps", type=_floats, default=[1.0, 2.0, 4.0], help="budgets in 1/255 units, e.g. 1,2,4")
+  p.add_argument("--attacks", type=ev.comma_names(ATTACKS, "zero-shot attacks"), help=f"{','.join(ATTACKS)} (default: all that apply)")
+  p.add_argument("--eps", type=ev.comma_floats, default=[1.0, 2.0, 4.0], help="budgets in 1/255 units, e.g. 1,2,4")
   p.add_argument("--apgd-steps", type=int, default=100)
   p.add_argument("--n-targets", type=int, default=9, help="APGD-T target classes (at most classes - 1)")
   p.add_argument("--restarts", type=int, default=1, help="APGD-CE restarts")

@@ -1,7 +1,6 @@
 """BLIP through the generic train step, loop, mesh and checkpoints: a few steps, then an exact resume,
 and the adversarial objectives (TeCoA, MAT) on a micro BLIP of the shapes world."""
 
-import os
 
 import jax
 import numpy as np
@@ -20,13 +19,9 @@ MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vi
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   root = tmp_path_factory.mktemp("blip_train")
-  old = os.environ.get("MAT_JAX_CACHE_DIR")
-  os.environ["MAT_JAX_CACHE_DIR"] = str(root / "cache")
-  yield root
-  if old is None:
-    os.environ.pop("MAT_JAX_CACHE_DIR", None)
-  else:
-    os.environ["MAT_JAX_CACHE_DIR"] = old
+  with pytest.MonkeyPatch.context() as patch:  # module-scoped: the function-level fixture cannot serve
+    patch.setenv("MAT_JAX_CACHE_DIR", str(root / "cache"))
+    yield root
 
 
 def micro_config(root, **sections):

@@ -31,13 +31,9 @@ from test_train import micro_config
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   root = tmp_path_factory.mktemp("reliability")
-  old = os.environ.get("MAT_JAX_CACHE_DIR")
-  os.environ["MAT_JAX_CACHE_DIR"] = str(root / "cache")
-  yield root
-  if old is None:
-    os.environ.pop("MAT_JAX_CACHE_DIR", None)
-  else:
-    os.environ["MAT_JAX_CACHE_DIR"] = old
+  with pytest.MonkeyPatch.context() as patch:  # module-scoped: the function-level fixture cannot serve
+    patch.setenv("MAT_JAX_CACHE_DIR", str(root / "cache"))
+    yield root
 
 
 def _quiet(_):

@@ -81,7 +81,17 @@ def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[t
   path.parent.mkdir(parents=True, exist_ok=True)
   # Nothing is downloaded, but tfds insists on a download directory: keep it out of the data dir.
   with tempfile.TemporaryDirectory(prefix="mat_jax_tfds_") as downloads:
-    builder.download_and_prepare(download_dir=downloads, download_config=_download_config(overwrite))
+    try:
+      builder.download_and_prepare(download_dir=downloads, download_config=_download_config(overwrite))
+    except CorpusError:
+      raise
+    except Exception as err:  # tfds wraps errors of the generator; unwrap ours so the message stays clear
+      cause = err
+      while cause is not None and not isinstance(cause, CorpusError):
+        cause = cause.__cause__ or cause.__context__
+      if cause is not None:
+        raise cause from err
+      raise
   return builder, False
 
 
@@ -536,17 +546,7 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
                                skip_bad=skip_bad, options=options)
   builder = CaptionCorpus(config=config, data_dir=str(root), file_format="array_record")
   builder.skipped, builder.dropped = skipped, dropped
-  try:
-    _prepare(builder, overwrite, log)
-  except CorpusError:
-    raise
-  except Exception as err:  # tfds wraps errors of the generator; unwrap ours so the message stays clear
-    cause = err
-    while cause is not None and not isinstance(cause, CorpusError):
-      cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-      raise cause from err
-    raise
+  _prepare(builder, overwrite, log)
   for split, messages in builder.skipped.items():
     if messages:
       log(f"skipped {len(messages)} bad record(s) of split {split!r}; first: {messages[0]}")

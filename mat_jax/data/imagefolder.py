@@ -160,17 +160,7 @@ def build_image_folder(root: str | os.PathLike, *, image_size: int = 224, data_d
   config = ImageFolderConfig(name=name, description=f"{root} at {image_size}px", layout=layout, classes=classes,
                              image_size=image_size, root=str(root))
   builder = ImageFolder(config=config, data_dir=str(corpora.default_data_dir(data_dir)), file_format="array_record")
-  try:
-    corpora._prepare(builder, overwrite, log)
-  except CorpusError:
-    raise
-  except Exception as err:  # tfds wraps the generator's errors; surface ours with its message intact
-    cause = err
-    while cause is not None and not isinstance(cause, CorpusError):
-      cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-      raise cause from err
-    raise
+  corpora._prepare(builder, overwrite, log)  # unwraps our CorpusError from tfds's wrapping
   return builder
 
 
