@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.name = "shapes_study"
   c.seeds = 3                 # seed s: data order, fine-tuning randomness and attack randomness
   c.eps_255 = 2.0
-  c.eval_images = 0           # 0 = the whole test split (1,000 images, 5,000 captions)
+  c.eval_images = 500         # of the test split's 1,000 (0 = all): 3 seeds x 500 images per arm
   c.eval_batch = 100
   c.bootstrap = 2000          # replicates of the paired bootstrap over test images and seeds
   c.budget = {}               # shrinks of the shared budget ({"train": {...}, "schedule": {...}}), quick only

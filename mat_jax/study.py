@@ -224,8 +224,12 @@ class CompileCounter:
       self.cache_hits += 1
 
 
-def run(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> dict[str, Any]:
-  """Train and evaluate every arm x seed (reusing what is finished); returns the collected results."""
+def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (0, 1),
+        log: Log = print) -> dict[str, Any]:
+  """Train and evaluate every arm x seed (reusing what is finished); returns the collected results.
+
+  `shard=(i, n)` runs only the runs whose index is i modulo n, so n processes (or machines sharing the
+  study dir) split a study; a last run without a shard collects everything and writes the report."""
   from mat_jax import checkpoint
   from mat_jax import evaluate as evaluate_lib
   from mat_jax.data import corpora, pipeline
@@ -242,9 +246,12 @@ def run(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> dict[
   eval_set = sources = None
   total = len(arms) * study["seeds"]
   done = 0
+  index, shards = shard
   for arm in arms:
     for seed in range(study["seeds"]):
       done += 1
+      if (done - 1) % shards != index:
+        continue
       t0 = time.perf_counter()
       run_dir = study_dir / "runs" / f"{arm.name}-s{seed}"
       cfg = run_config(study, arm, seed)
@@ -505,7 +512,10 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--quick", action="store_true", help="the study file's quick variant (tests, CI)")
   parser.add_argument("--study-dir", help="where runs and evaluations go (default: $MAT_JAX_CACHE_DIR/studies/NAME)")
   parser.add_argument("--out", help="results directory (default docs/results; with --quick the study dir)")
+  parser.add_argument("--shard", default="0/1", help="I/N: run only every N-th run starting at I, to split a "
+                      "study over N processes sharing --study-dir; then rerun without --shard for the report")
   args = parser.parse_args(argv)
+  shard = _parse_shard(args.shard)
   from mat_jax import errors, runtime
   from mat_jax.training import setup
 
@@ -519,10 +529,25 @@ def _main(argv: Sequence[str] | None) -> int:
   # Before hours of training: directories that cannot be written would lose the results at the end.
   errors.check_writable_dir(study_dir, "--study-dir")
   errors.check_writable_dir(out, "--out")
-  result = run(study, study_dir)
+  result = run(study, study_dir, shard=shard)
+  if shard[1] > 1:
+    print(f"shard {shard[0]}/{shard[1]} done; when every shard is done, rerun without --shard to write the "
+          "report (it reuses every finished run)")
+    return 0
   paths = report(study, result, out)
   print("wrote " + ", ".join(str(p) for p in paths.values()))
   return 0
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+  index, sep, count = text.partition("/")
+  try:
+    shard = (int(index), int(count))
+  except ValueError:
+    shard = (-1, 0)
+  if not sep or not 0 <= shard[0] < shard[1]:
+    raise StudyError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2")
+  return shard
 
 
 if __name__ == "__main__":
