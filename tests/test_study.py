@@ -237,9 +237,17 @@ def test_demo_headline_differences_come_with_paired_intervals():
 
 def test_the_full_study_file_is_valid_and_covers_the_claims():
   full = study.load(EXPERIMENTS / "study_shapes.py")
-  assert full["seeds"] >= 3 and full["eval_images"] == 0  # the whole test split
+  assert full["seeds"] >= 3 and full["eval_images"] >= 500  # half of the 1,000 test images or more
   assert set(recipes.METHODS) <= set(full["arms"])
-  assert set(full["arms"]["mat"]["attacks"]) == set(study.STUDY_ATTACKS)
+  assert set(full["arms"]["clean_ft"]["attacks"]) == set(study.STUDY_ATTACKS)
   for _, better, other, attacks in study.CLAIMS:
     assert better in full["arms"] and other in full["arms"]
     assert all(a in full["arms"][better]["attacks"] and a in full["arms"][other]["attacks"] for a in attacks)
+
+
+def test_shard_names_a_slice_of_the_runs_and_bad_ones_are_refused():
+  assert study._parse_shard("0/1") == (0, 1)
+  assert study._parse_shard("1/2") == (1, 2)
+  for bad in ("2/2", "1", "-1/2", "a/b", "0/0"):
+    with pytest.raises(study.StudyError, match="--shard"):
+      study._parse_shard(bad)
