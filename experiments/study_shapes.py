@@ -10,6 +10,8 @@ attack; the MAT+ ablation arms under clean and the multimodal attacks their clai
 
 import ml_collections
 
+from mat_jax import recipes
+
 ALL_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
 ABLATION_ATTACKS = ("clean", "co", "sga")
 
@@ -19,6 +21,7 @@ def _arm(method, attacks=ALL_ATTACKS, **variant):
 
 
 def get_config(arg=None):
+  args = recipes.parse_arg(arg, quick=False)
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
   c.seeds = 3                 # seed s: data order, fine-tuning randomness and attack randomness
@@ -54,7 +57,7 @@ def get_config(arg=None):
       "matplus_diverse": _arm("matplus", ABLATION_ATTACKS,
                               data={"captions_per_image": 5, "augmentations": ("i2t:0.6", "t2i:0.3", "eda:0.2")}),
   }
-  if arg == "quick":  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
+  if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1
     c.eval_images = 24
@@ -67,6 +70,4 @@ def get_config(arg=None):
     c.data = dict(build_train=48, build_val=8, build_test=24)
     c.arms = {"clean_ft": c.arms["clean_ft"], "mat": c.arms["mat"],
               "matplus": _arm("matplus", ABLATION_ATTACKS)}
-  elif arg is not None:
-    raise ValueError(f"study_shapes.py takes no argument or 'quick', got {arg!r}")
   return c
