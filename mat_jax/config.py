@@ -225,7 +225,7 @@ def _takes_one_argument(fn: Any) -> bool:
   except TypeError:
     return False
   except ValueError:  # no signature to read (a builtin): let the call decide
-    return True
+    pass
   return True
 
 
