@@ -1,24 +1,18 @@
 """CLIP ViT-B/16 fine-tuned on COCO (Karpathy train split, 113k images): the settings of
-experiments/flickr30k.py (same argument: mat, matplus, tecoa, fare, mmcoa, mava, clean; runlocal).
+experiments/flickr30k.py (mat_jax/recipes.py: `clip_vitb16`) with the same argument: mat, matplus, tecoa,
+fare, mmcoa, mava or clean; runlocal.
 
     python -m mat_jax.data build karpathy --annotations dataset_coco.json --images coco --name coco \
         --image-size 224
     python -m mat_jax.train --config experiments/coco.py:mat --mesh 8
 """
 
-import importlib.util
-from pathlib import Path
+from mat_jax import recipes
 
-TRAIN_IMAGES = 113_287
-
-
-def _flickr():
-  spec = importlib.util.spec_from_file_location("mat_jax_experiment_flickr30k",
-                                                Path(__file__).with_name("flickr30k.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+TRAIN_IMAGES = 113_287  # Karpathy train split
 
 
 def get_config(arg=None):
-  return _flickr().vitb16_config("coco", TRAIN_IMAGES, arg)
+  args = recipes.parse_arg(arg, defense=("mat", tuple(recipes.DEFENSES)), runlocal=False)
+  c = recipes.clip_vitb16("coco", TRAIN_IMAGES, args.defense)
+  return recipes.runlocal_corpus(c) if args.runlocal else c

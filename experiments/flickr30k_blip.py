@@ -24,7 +24,7 @@ Prepare the data and weights first (no network access is needed by mat_jax itsel
   bert-base-uncased (dirs or hub ids).
 """
 
-import ml_collections
+from mat_jax import recipes
 
 TRAIN_IMAGES = 29_000   # Karpathy train split
 EPOCHS = 6              # BLIP retrieval_flickr.yaml max_epoch
@@ -33,35 +33,11 @@ DEFENSES = ("clean", "mat", "matplus", "tecoa")
 
 
 def get_config(arg=None):
-  parts = [p for p in (arg or "mat").split(",") if p]
-  runlocal = "runlocal" in parts
-  parts = [p for p in parts if p != "runlocal"] or ["mat"]
-  defense = parts[0]
-  if defense not in DEFENSES:
-    raise ValueError(f"unknown defense {defense!r}; choose one of {DEFENSES}")
-  steps = EPOCHS * TRAIN_IMAGES // BATCH
-
-  c = ml_collections.ConfigDict()
-  c.name = f"flickr30k_blip_{defense}"
-  c.seed = 0
+  args = recipes.parse_arg(arg, defense=("mat", DEFENSES), runlocal=False)
+  c = recipes.corpus_base(f"flickr30k_blip_{args.defense}", "flickr30k", image_size=384)
   c.model = dict(source="Salesforce/blip-itm-base-flickr", tokenizer="", context_length=35)  # BLIP max_length 35
-  c.data = dict(name="flickr30k", image_size=384, captions_per_image=1)
-  c.text_attack = dict(source="bert", bert="bert-base-uncased", top_k=10, max_pieces=16, max_targets=16)
-  c.train = dict(batch_size=BATCH, steps=steps, towers="all", log_every=50, checkpoint_every=500)
-  c.eval = dict(split="test", max_images=1000, attacks=("pgd",), eps=2 / 255, steps=10, batch_size=64)
-  c.mesh = dict(param_sharding="replicated")
+  c.train = dict(batch_size=BATCH, steps=EPOCHS * TRAIN_IMAGES // BATCH, log_every=50, checkpoint_every=500)
   c.optimizer = dict(name="adamw", learning_rate=1e-5, weight_decay=0.05)
   c.schedule = dict(name="cosine", warmup_steps=0, end_factor=0.0)
-  if defense in ("mat", "matplus"):
-    c.objective = dict(name=defense, eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1)
-    if defense == "matplus":
-      c.data.captions_per_image = 5
-  elif defense == "tecoa":
-    c.objective = dict(name="tecoa", eps=1 / 255, steps=2, step_size=1 / 255)
-    c.train.towers = "vision"
-  else:
-    c.objective = dict(name="contrastive")
-  if runlocal:
-    c.train.update(batch_size=8, steps=4, log_every=1, checkpoint_every=2)
-    c.eval.max_images = 16
-  return c
+  recipes.published_defense(c, args.defense)  # the objective, towers and captions of the MAT/TeCoA papers
+  return recipes.runlocal_corpus(c) if args.runlocal else c

@@ -11,27 +11,18 @@ is trained by none of these objectives (the references' robust fine-tuning is co
 re-ranked evaluation (--itm-k) of a model trained here reflects a random ITM head: evaluate it by ITC.
 """
 
-import ml_collections
-
 from mat_jax import recipes
 
 OBJECTIVES = ("clean", "tecoa", "mat", "matplus")
 
 
 def get_config(arg=None):
-  parts = [p for p in (arg or "").split(",") if p]
-  runlocal = "runlocal" in parts
-  parts = [p for p in parts if p != "runlocal"] or ["clean"]
-  objective = parts[0]
-  if objective not in OBJECTIVES:
-    raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-  c = ml_collections.ConfigDict()
-  c.name = "shapes_blip" if objective == "clean" else f"shapes_blip_{objective}"
-  c.seed = 0
-  c.data = dict(name="shapes", image_size=48, captions_per_image=1)
-  c.eval = dict(split="test", max_images=200, attacks=("pgd",), eps=2 / 255, steps=10)
+  args = recipes.parse_arg(arg, objective=("clean", OBJECTIVES), runlocal=False)
+  clean = args.objective == "clean"
+  c = recipes.shapes_base("shapes_blip" if clean else f"shapes_blip_{args.objective}")
+  c.eval = dict(recipes.SHAPES_EVAL)
   c.schedule = dict(name="cosine", warmup_steps=20, end_factor=0.1)
-  if objective == "clean":
+  if clean:
     c.model = dict(source="blip-tiny", tokenizer="shapes")
     c.objective = dict(name="contrastive")
     # As experiments/shapes_clip.py (assumed to suit BLIP too: same world, similar size).
@@ -40,23 +31,15 @@ def get_config(arg=None):
     c.schedule.warmup_steps = 30
     c.eval.attacks = ()
   else:
+    # The CLIP defenses' objective and data (recipes.METHODS); the towers are the objective's default.
+    method = recipes.METHODS[args.objective]
     c.model = dict(source="cache:shapes_blip")
+    c.objective = dict(method["objective"])
+    c.data.update(method.get("data", {}))
     c.text_attack = dict(recipes.TEXT_ATTACK)  # the shapes-world MLM threat, as for the CLIP defenses
     c.train = dict(batch_size=64, steps=200, log_every=10, checkpoint_every=50)
     c.optimizer = dict(name="adamw", learning_rate=5e-4, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6)
-    if objective == "tecoa":
-      c.objective = dict(name="tecoa", eps=2 / 255, steps=2, step_size=1 / 255)
-    else:
-      c.objective = dict(name=objective, eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1)
-      if objective == "matplus":  # as experiments/shapes_matplus.py
-        c.data.update(captions_per_image=3, augmentations=("i2t:0.3", "t2i:0.3", "eda:0.2"))
-        c.train.batch_size = 32
-        c.optimizer.learning_rate = 2e-4
-  if runlocal:  # random tiny BLIP (no cached clean model needed), a few steps
-    c.model = dict(source="blip-tiny", tokenizer="shapes")
-    c.train.update(batch_size=16, steps=10, log_every=2, checkpoint_every=5)
-    c.schedule.warmup_steps = 2
-    c.eval.max_images = 50
-    if "text_attack" in c:
-      c.text_attack = dict(source="paraphrase", top_k=10)  # no MLM to train for a smoke test
-  return c
+    if args.objective == "matplus":  # 3 captions per image: a smaller batch and rate
+      c.train.batch_size = 32
+      c.optimizer.learning_rate = 2e-4
+  return recipes.runlocal(c, preset="blip-tiny") if args.runlocal else c

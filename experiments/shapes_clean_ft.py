@@ -10,5 +10,6 @@ from mat_jax import recipes
 
 
 def get_config(arg=None):
+  args = recipes.parse_arg(arg, runlocal=False)
   c = recipes.finetune("clean_ft")
-  return recipes.runlocal(c) if arg == "runlocal" else c
+  return recipes.runlocal(c) if args.runlocal else c

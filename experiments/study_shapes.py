@@ -11,6 +11,8 @@ under clean and the multimodal attacks their claims are about.
 
 import ml_collections
 
+from mat_jax import recipes
+
 ALL_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
 # The defenses under the unimodal and multimodal attacks; Sep-Attack and the paraphrase control are
 # measured on the clean fine-tuned control, where they answer "does the threat hurt at all".
@@ -23,6 +25,7 @@ def _arm(method, attacks=METHOD_ATTACKS, **variant):
 
 
 def get_config(arg=None):
+  args = recipes.parse_arg(arg, quick=False)
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
   c.seeds = 3                 # seed s: data order, fine-tuning randomness and attack randomness
@@ -58,7 +61,7 @@ def get_config(arg=None):
       "matplus_diverse": _arm("matplus", ABLATION_ATTACKS,
                               data={"captions_per_image": 5, "augmentations": ("i2t:0.6", "t2i:0.3", "eda:0.2")}),
   }
-  if arg == "quick":  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
+  if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1
     c.eval_images = 24
@@ -71,6 +74,4 @@ def get_config(arg=None):
     c.data = dict(build_train=48, build_val=8, build_test=24)
     c.arms = {"clean_ft": c.arms["clean_ft"], "mat": c.arms["mat"],
               "matplus": _arm("matplus", ABLATION_ATTACKS)}
-  elif arg is not None:
-    raise ValueError(f"study_shapes.py takes no argument or 'quick', got {arg!r}")
   return c

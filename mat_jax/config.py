@@ -2,8 +2,9 @@
 
 An experiment is a Python file with `get_config(arg=None)` returning an `ml_collections.ConfigDict`
 (or a dict), as in big_vision: `python -m mat_jax.train --config experiments/shapes_mat.py:runlocal`
-passes "runlocal" as `arg`. A file sets only what differs from `defaults()`; loading fills in the rest,
-then checks every key and type:
+passes "runlocal" as `arg`. The file reads it with `mat_jax.recipes.parse_arg` (typed keys, unknown ones
+refused); an argument that a file comparing `arg` by hand ignores is refused as a typo. A file sets only
+what differs from `defaults()`; loading fills in the rest, then checks every key and type:
 
 - a key that does not exist (in the file or in an override) is an error that lists the valid keys of
   that section and the closest match;
@@ -31,6 +32,7 @@ import ast
 import difflib
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -40,14 +42,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
-from mat_jax.errors import MatJaxError
+from mat_jax.errors import ConfigError
 
 ANY = object()  # schema marker: any value accepted
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
-
-
-class ConfigError(MatJaxError, ValueError):
-  """An experiment file or override that does not fit the schema."""
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -196,8 +194,11 @@ def _call_get_config(path: Path, arg: str | None) -> Any:
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config(arg=None) function")
   config = _run_get_config(module, path, arg)
-  if arg is not None and _to_dict(config) == _to_dict(_run_get_config(module, path, None)):
-    # get_config ignored the argument (a typo such as runlcal would otherwise start the full run).
+  if (arg is not None and not _parses_its_argument(path)
+      and _to_dict(config) == _to_dict(_run_get_config(module, path, None))):
+    # get_config ignored the argument (a typo such as runlcal would otherwise start the full run). A file
+    # reading its argument with recipes.parse_arg refuses unknown ones itself, and `:mat` naming the
+    # default is no typo.
     known = _compared_strings(path)
     close = difflib.get_close_matches(arg, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -207,16 +208,36 @@ def _call_get_config(path: Path, arg: str | None) -> Any:
 
 
 def _run_get_config(module: Any, path: Path, arg: str | None) -> Any:
+  if arg is not None and not _takes_one_argument(module.get_config):
+    raise ConfigError(f"{path}: get_config takes no argument, but {arg!r} was given after ':'")
+  call = f"get_config({'' if arg is None else repr(arg)})"
   try:
     return module.get_config(arg) if arg is not None else module.get_config()
-  except TypeError as e:
-    if arg is not None and "argument" in str(e):
-      raise ConfigError(f"{path}: get_config takes no argument, but {arg!r} was given after ':'") from e
-    raise ConfigError(f"{_where(e, path)}: get_config({'' if arg is None else repr(arg)}) failed: "
-                      f"{type(e).__name__}: {e}") from None
+  except ConfigError as e:  # recipes.parse_arg or a recipe refused a value: its message names the fix
+    raise ConfigError(f"{_where(e, path)}: {call}: {e}") from None
   except Exception as e:  # noqa: BLE001  e.g. a ValueError for an unknown defense: the file's message
-    raise ConfigError(f"{_where(e, path)}: get_config({'' if arg is None else repr(arg)}) failed: "
-                      f"{type(e).__name__}: {e}") from None
+    raise ConfigError(f"{_where(e, path)}: {call} failed: {type(e).__name__}: {e}") from None
+
+
+def _takes_one_argument(fn: Any) -> bool:
+  try:
+    inspect.signature(fn).bind("arg")
+  except TypeError:
+    return False
+  except ValueError:  # no signature to read (a builtin): let the call decide
+    pass
+  return True
+
+
+def _parses_its_argument(path: Path) -> bool:
+  """Whether the experiment file calls `parse_arg` (mat_jax.recipes), which refuses unknown arguments."""
+  try:
+    tree = ast.parse(path.read_text())
+  except (OSError, SyntaxError):
+    return False
+  return any(isinstance(node, ast.Call) and (getattr(node.func, "id", None) == "parse_arg"
+                                             or getattr(node.func, "attr", None) == "parse_arg")
+             for node in ast.walk(tree))
 
 
 def _where(err: BaseException, path: Path) -> str:

@@ -29,6 +29,11 @@ class MatJaxError(Exception):
   """An error in what the user gave (input, files, settings); its message says what to do."""
 
 
+class ConfigError(MatJaxError, ValueError):
+  """A setting that does not fit: an experiment file or its argument, a `--config.key=value` override, or a
+  model's config.json that the port cannot represent; the message names the key and the valid values."""
+
+
 class InputError(MatJaxError, ValueError):
   """A value passed to a public function or command (pixels, eps, steps, token ids, indices) that the
   computation cannot take; checked on the host before anything is compiled."""

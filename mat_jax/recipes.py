@@ -1,6 +1,16 @@
-"""The shapes world's shared budgets, imported by the experiment files (big_vision's `configs/common.py`).
+"""Recipes for experiment files: the settings experiments share, and the parsing of their argument.
 
-Two budgets:
+This is the module to read (and extend) when writing an experiment file (big_vision's `configs/common.py`).
+An experiment file in experiments/ is data: `get_config(arg)` reads its argument with `parse_arg`, calls
+the recipe of its setting and shrinks it with a `runlocal` function when asked. What two files share is a
+function here, never an import of one experiment file by another. docs/training.md shows how to write one.
+
+Arguments (`FILE.py:ARG`):
+
+- `parse_arg(arg, **defaults)`: "mat,runlocal" or "runlocal,steps=10" -> typed values; an unknown key, a
+  value outside its choices or of the wrong type is a `ConfigError` listing what the file understands.
+
+The shapes world (tiny CLIP and BLIP on a procedural world; the demo and the study):
 
 - `pretrain()`: clean contrastive pretraining of the tiny CLIP from random weights, long enough that
   more steps no longer move its clean recall much (docs/results/shapes_study.md shows the curve). Every
@@ -10,17 +20,148 @@ Two budgets:
   and text threat. Only what defines a method varies: its objective and hyper-parameters, the towers it
   trains (the published choice: vision for FARE and MAVA, all for the cross-modal objectives, TeCoA-ITR
   included), and for the one-to-many methods the captions per image and augmentations.
+- `shapes_base(name)`: name, seed and data of any shapes-world experiment (experiments/shapes_blip.py).
+- `runlocal(config)`: shrinks any of them to a smoke test (a random tiny model, a few steps) in one place.
 
-`runlocal(config)` shrinks any of them to a smoke test (a random tiny CLIP, a few steps) in one place.
 Experiment files return `finetune("mat")` etc.; the study (`mat_jax.study`) builds its arms from the
 same function with `variant` changes, so an experiment file and a study arm of one method are the same run.
+
+Real corpora (Flickr30k, COCO) with the published models and each paper's settings:
+
+- `corpus_base(name, dataset, image_size)`: the text threat (BERT-Attack with bert-base-uncased), the
+  evaluation and the mesh every such run shares;
+- `published_defense(config, defense)`: a defense's objective, towers and data as its paper trains it;
+- `clip_vitb16(dataset, train_images, defense)`: CLIP ViT-B/16 fine-tuned on a corpus
+  (experiments/flickr30k.py and coco.py);
+- `runlocal_corpus(config)`: a smoke test of such a run (the same model and corpus, 4 steps of 8 images).
 """
 
 from __future__ import annotations
 
+import difflib
+from fractions import Fraction
 from typing import Any, Mapping
 
 import ml_collections
+
+from mat_jax.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------------
+# The argument of an experiment file.
+
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.FrozenConfigDict:
+  """An experiment file's argument (the text after `FILE.py:`) as typed values, one per key of `defaults`.
+
+  `arg` is a comma-separated list of `key=value` items and bare words. Each default fixes its key's type:
+  bool (`true/false/yes/no/1/0`), int, float (`1e-5`, `2/255`) or str; a `(default, choices)` pair is a
+  str key whose value must be one of `choices`. A bare word that names a bool key sets it (`runlocal` is
+  `runlocal=true`); any other bare word is the value of the FIRST key when that key is a str or a choice
+  (`mat,runlocal` with `defense=("mat", DEFENSES), runlocal=False`). A key that is not in `defaults`, a
+  value that does not read as its type or is not among its choices, and a key given twice are each a
+  `ConfigError` listing the arguments the file understands. `None` or "" gives the defaults.
+
+      args = parse_arg("runlocal,steps=10,dataset=coco", runlocal=False, steps=100, dataset="flickr30k")
+      args.runlocal, args.steps, args.dataset   # True, 10, "coco"
+  """
+  choices = {key: _choices_of(key, spec) for key, spec in defaults.items()}
+  values = {key: spec[0] if isinstance(spec, tuple) else spec for key, spec in defaults.items()}
+  first = next(iter(defaults), None)
+  positional = first if first is not None and isinstance(values[first], str) else None
+  given: dict[str, str] = {}
+  for item in (part.strip() for part in (arg or "").split(",")):
+    if not item:
+      continue
+    key, sep, text = (part.strip() for part in item.partition("="))
+    if not sep:
+      if isinstance(values.get(key), bool):
+        text = "true"
+      elif positional is not None and key not in values and (choices[positional] is None
+                                                              or item in choices[positional]):
+        key, text = positional, item
+      elif key in values:
+        raise ConfigError(f"argument {item!r} needs a value: write {key}=<{type(values[key]).__name__}>")
+      else:
+        raise _unknown_argument(item, defaults)
+    if key not in values:
+      raise _unknown_argument(key, defaults)
+    if key in given:
+      raise ConfigError(f"argument {key} is given twice ({given[key]!r} and {item!r})")
+    given[key] = item
+    values[key] = _read(key, text, values[key], choices[key], defaults)
+  return ml_collections.FrozenConfigDict(values)
+
+
+def _choices_of(key: str, spec: Any) -> tuple[str, ...] | None:
+  """The allowed values of a `(default, choices)` key (None for a free one); a bad spec is the file's bug."""
+  if isinstance(spec, tuple):
+    if len(spec) != 2 or not isinstance(spec[1], (tuple, list)) or spec[0] not in spec[1]:
+      raise TypeError(f"parse_arg: {key}={spec!r}: a key with choices is (default, choices) with the default "
+                      "among the choices")
+    return tuple(spec[1])
+  if not isinstance(spec, (bool, int, float, str)):
+    # A comma separates the arguments, so a list cannot be one.
+    raise TypeError(f"parse_arg: the default of {key!r} is a {type(spec).__name__}; an argument is a bool, "
+                    "int, float or str, or (default, choices)")
+  return None
+
+
+def _read(key: str, text: str, default: Any, choices: tuple[str, ...] | None,
+          defaults: Mapping[str, Any]) -> Any:
+  if choices is not None:
+    if text not in choices:
+      close = difflib.get_close_matches(text, choices, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"{key}={text!r} is not one of {', '.join(choices)}.{hint} {_understood(defaults)}")
+    return text
+  if isinstance(default, bool):
+    if text.lower() in _TRUE + _FALSE:
+      return text.lower() in _TRUE
+    raise ConfigError(f"argument {key}={text!r}: write {key}=true or {key}=false (or {key} alone for true)")
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"argument {key}={text!r} is not an integer") from None
+  if isinstance(default, float):
+    try:
+      return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+      raise ConfigError(f"argument {key}={text!r} is not a number (e.g. 0.01, 1e-5 or 2/255)") from None
+  return text
+
+
+def _unknown_argument(item: str, defaults: Mapping[str, Any]) -> ConfigError:
+  words = [w for key, spec in defaults.items()
+           for w in ([key, *spec[1]] if isinstance(spec, tuple) else [key])]
+  close = difflib.get_close_matches(item, words, n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  return ConfigError(f"unknown argument {item!r}.{hint} {_understood(defaults)}")
+
+
+def _understood(defaults: Mapping[str, Any]) -> str:
+  """What a file's `parse_arg` call accepts, for an error message."""
+  if not defaults:
+    return "The file takes no argument."
+  parts = []
+  for i, (key, spec) in enumerate(defaults.items()):
+    if isinstance(spec, tuple):
+      part = f"{key}={'|'.join(spec[1])}"
+    elif isinstance(spec, bool):
+      part = key
+    else:
+      part = f"{key}=<{type(spec).__name__}>"
+    if i == 0 and isinstance(spec, (tuple, str)):
+      part += " (or the value alone)"
+    parts.append(part)
+  return f"Arguments: {', '.join(parts)} (comma-separated)."
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shapes world.
 
 IMAGE_SIZE = 48
 EPS = 2 / 255         # every method's training ε and the evaluation ε (the papers' 2/255)
@@ -57,7 +198,12 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def _base(name: str, seed: int) -> ml_collections.ConfigDict:
+# The periodic evaluation of a fine-tuned shapes-world model.
+SHAPES_EVAL = dict(split="test", max_images=200, attacks=("pgd",), eps=EPS, steps=10)
+
+
+def shapes_base(name: str, seed: int = 0) -> ml_collections.ConfigDict:
+  """Name, seed and data of a shapes-world experiment (48 px images, one caption per image)."""
   c = ml_collections.ConfigDict()
   c.name = name
   c.seed = seed
@@ -67,7 +213,7 @@ def _base(name: str, seed: int) -> ml_collections.ConfigDict:
 
 def pretrain(seed: int = 0) -> ml_collections.ConfigDict:
   """Clean contrastive pretraining of the tiny CLIP (the starting model of every method)."""
-  c = _base("shapes_clip", seed)
+  c = shapes_base("shapes_clip", seed)
   c.model = dict(source="tiny", tokenizer="shapes")
   c.objective = dict(name="contrastive")
   c.train = dict(batch_size=128, steps=1000, log_every=50, checkpoint_every=100, eval_every=100)
@@ -82,9 +228,9 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
   """`method` under the shared fine-tuning budget; `variant` changes the method-defining parts only
   (`objective`, `data` keys: e.g. {"data": {"augmentations": ("eda",)}}, {"objective": {"one_to_one": True}})."""
   if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
   spec = METHODS[method]
-  c = _base(name or f"shapes_{method}", seed)
+  c = shapes_base(name or f"shapes_{method}", seed)
   c.model = dict(source="cache:shapes_clip")
   c.data.update(spec.get("data", {}))
   c.objective = dict(spec["objective"])
@@ -94,22 +240,115 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
                  checkpoint_every=50)
   c.optimizer = dict(FINETUNE_OPTIMIZER)
   c.schedule = dict(FINETUNE_SCHEDULE)
-  c.eval = dict(split="test", max_images=200, attacks=("pgd",), eps=EPS, steps=10)
+  c.eval = dict(SHAPES_EVAL)
   for section, values in (variant or {}).items():
     if section not in ("objective", "data"):
-      raise ValueError(f"variant section {section!r}: only the method-defining sections objective and data "
-                       "may vary under the shared budget")
+      raise ConfigError(f"variant section {section!r}: only the method-defining sections objective and data "
+                        "may vary under the shared budget")
     c[section].update(dict(values))
   return c
 
 
-def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A smoke test of any experiment: a random tiny CLIP (no cached clean model), a few small steps, and
-  the paraphrase text source (no MLM to train)."""
-  c.model = dict(source="tiny", tokenizer="shapes")
+def runlocal(c: ml_collections.ConfigDict, preset: str = "tiny") -> ml_collections.ConfigDict:
+  """A smoke test of any shapes-world experiment: a random model of `preset` (tiny CLIP, or "blip-tiny";
+  no cached clean model needed), a few small steps, and the paraphrase text source (no MLM to train)."""
+  c.model = dict(source=preset, tokenizer="shapes")
   c.train.update(batch_size=16, steps=10, log_every=2, checkpoint_every=5, eval_every=0)
   c.schedule.warmup_steps = 2
   c.eval.max_images = 50
   if "text_attack" in c:
     c.text_attack = dict(source="paraphrase", top_k=10)
+  return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real corpora: published models with each paper's settings (REFERENCE.md; a value a paper leaves out
+# is marked "assumed").
+
+# BERT-Attack as the multimodal attacks use it: bert-base-uncased proposals, top-k 10; wide enough
+# fixed shapes for real captions' words.
+BERT_ATTACK = dict(source="bert", bert="bert-base-uncased", top_k=10, max_pieces=16, max_targets=16)
+CORPUS_EVAL = dict(split="test", max_images=1000, attacks=("pgd",), eps=2 / 255, steps=10, batch_size=64)
+
+# What each defense's paper trains: objective (+ hyper-parameters), towers and data.
+DEFENSES: dict[str, dict[str, Any]] = {
+    # MAT (WACV 2026): 2-step PGD at 2/255 guided by a 1-word BERT-Attack text; all parameters.
+    "mat": dict(objective=dict(name="mat", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1),
+                towers="all"),
+    # MAT+: MAT with the 5 human captions per image (I2T(Human)) and the multi-positive loss.
+    "matplus": dict(objective=dict(name="matplus", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1),
+                    towers="all", data=dict(captions_per_image=5)),
+    # TeCoA: PGD on the contrastive loss, eps 1/255, 2 steps of 1/255; vision tower.
+    "tecoa": dict(objective=dict(name="tecoa", eps=1 / 255, steps=2, step_size=1 / 255), towers="vision"),
+    # FARE: ||f(x') - f_orig(x)||^2, eps 2/255, 10 steps of 1/255; vision tower.
+    "fare": dict(objective=dict(name="fare", eps=2 / 255, steps=10, step_size=1 / 255), towers="vision"),
+    # MMCoA: 0.5 CLIPLoss(x, t') + 0.5 CLIPLoss(x', t); all parameters.
+    "mmcoa": dict(objective=dict(name="mmcoa", eps=1 / 255, steps=2, step_size=1 / 255, text_changes=1,
+                                 text_weight=0.5, image_weight=0.5), towers="all"),
+    # MAVA: CMS + VSSE inside, 0.002 CMS + 0.4 VSSE + 0.6 SCA outside, N = 3, 5 captions; vision tower.
+    "mava": dict(objective=dict(name="mava", eps=2 / 255, steps=10, step_size=1 / 255, neighbours=3, beta=0.5,
+                                a=0.002, b=0.4, c=0.6), towers="vision", data=dict(captions_per_image=5)),
+    # Contrastive fine-tuning without attacks (the baseline).
+    "clean": dict(objective=dict(name="contrastive"), towers="all"),
+}
+
+CLIP_VITB16 = "openai/clip-vit-base-patch16"
+CLIP_EPOCHS = 10
+CLIP_BATCH = 128  # assumed (global batch; the papers train on 1-4 GPUs)
+# Each defense's optimizer for CLIP ViT-B/16.
+CLIP_OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "mat": dict(name="adamw", learning_rate=1e-5, weight_decay=0.2),  # assumed (CLIP fine-tuning)
+    "matplus": dict(name="adamw", learning_rate=1e-5, weight_decay=0.2),  # assumed, as mat
+    "tecoa": dict(name="sgd", learning_rate=1e-5, momentum=0.9),  # lr assumed for fine-tuning
+    "fare": dict(name="adamw", learning_rate=1e-5, weight_decay=1e-4),
+    "mmcoa": dict(name="adam", learning_rate=1e-6, weight_decay=0.2),
+    "mava": dict(name="adamw", learning_rate=1e-4, weight_decay=1e-4),
+    "clean": dict(name="adamw", learning_rate=1e-5, weight_decay=0.2),  # assumed, as mat
+}
+
+
+def corpus_base(name: str, dataset: str, image_size: int) -> ml_collections.ConfigDict:
+  """Name, seed, data, text threat, evaluation and mesh of a run on a real corpus built by
+  `python -m mat_jax.data build` (`dataset` is its name)."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.seed = 0
+  c.data = dict(name=dataset, image_size=image_size, captions_per_image=1)
+  c.text_attack = dict(BERT_ATTACK)
+  c.eval = dict(CORPUS_EVAL)
+  c.mesh = dict(param_sharding="replicated")
+  return c
+
+
+def published_defense(c: ml_collections.ConfigDict, defense: str) -> ml_collections.ConfigDict:
+  """Set `c.objective`, `c.train.towers` and the data `defense` needs, as its paper trains it."""
+  if defense not in DEFENSES:
+    raise ConfigError(f"unknown defense {defense!r}; choose from {', '.join(DEFENSES)}")
+  spec = DEFENSES[defense]
+  c.objective = dict(spec["objective"])
+  c.train.towers = spec["towers"]
+  c.data.update(spec.get("data", {}))
+  return c
+
+
+def clip_vitb16(dataset: str, train_images: int, defense: str) -> ml_collections.ConfigDict:
+  """CLIP ViT-B/16 (OpenAI weights, transformers layout) fine-tuned with `defense` on the corpus `dataset`
+  of `train_images` training images: CLIP_EPOCHS epochs of CLIP_BATCH images, cosine schedule."""
+  if defense not in CLIP_OPTIMIZERS:
+    raise ConfigError(f"unknown defense {defense!r}; choose from {', '.join(CLIP_OPTIMIZERS)}")
+  steps = CLIP_EPOCHS * train_images // CLIP_BATCH
+  c = corpus_base(f"{dataset}_{defense}", dataset, image_size=224)
+  c.model = dict(source=CLIP_VITB16, tokenizer="")
+  c.train = dict(batch_size=CLIP_BATCH, steps=steps, towers="all", log_every=50, checkpoint_every=1000)
+  c.schedule = dict(name="cosine", warmup_steps=min(500, steps // 10), end_factor=0.0)
+  c.optimizer = dict(CLIP_OPTIMIZERS[defense])
+  return published_defense(c, defense)
+
+
+def runlocal_corpus(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A smoke test of a run on a real corpus: the same model and data, 4 steps of 8 images, a checkpoint
+  every 2 steps, 16 evaluation images."""
+  c.train.update(batch_size=8, steps=4, log_every=1, checkpoint_every=2)
+  c.schedule.warmup_steps = min(c.schedule.warmup_steps, 1)
+  c.eval.max_images = 16
   return c
