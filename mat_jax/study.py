@@ -66,12 +66,16 @@ class Arm:
 
 
 def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any]:
-  """The study file's settings as plain data, checked (unknown method or attack, seeds < 1 -> StudyError)."""
+  """The study file's settings as plain data, checked (unknown method or attack, seeds < 1 -> StudyError).
+  `path` may name an argument of the file's get_config: "experiments/study_shapes.py:alignment"."""
   from mat_jax import config as config_lib
   from mat_jax import recipes
 
+  path, _, arg = str(path).partition(":")
+  if quick and arg:
+    raise StudyError(f"--quick and the study-file argument {arg!r} exclude each other; give one")
   try:
-    raw = config_lib._call_get_config(Path(path), "quick" if quick else None)
+    raw = config_lib._call_get_config(Path(path), "quick" if quick else (arg or None))
   except config_lib.ConfigError as err:
     raise StudyError(str(err)) from None
   raw = config_lib._to_dict(raw)
@@ -131,12 +135,21 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
 
 
 def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
-  """Write the study's settings into a new study dir; refuse a dir made by other settings."""
+  """Write the study's settings into a new study dir; refuse a dir made by other settings. A study may add
+  arms to (or leave out arms of) the study in the dir: the arms both name, and every other setting, must
+  agree; the dir then remembers every arm it has held."""
   path = study_dir / STUDY_FILE
   if path.exists():
     old = json.loads(path.read_text())
+    shared = set(old["arms"]) & set(study["arms"])
+    comparable_old = {**old, "arms": {a: old["arms"][a] for a in shared}}
+    comparable_new = {**study, "arms": {a: study["arms"][a] for a in shared}}
+    if comparable_old == comparable_new:
+      if set(study["arms"]) - set(old["arms"]):
+        path.write_text(json.dumps({**old, "arms": {**old["arms"], **study["arms"]}}, indent=1, sort_keys=True))
+      return
     if old != study:
-      diff = _differences(old, study)
+      diff = _differences(comparable_old, comparable_new)
       raise StudyError(f"{study_dir} holds another study ({old.get('name')!r}); it differs in "
                        f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. Use another --study-dir, or "
                        "delete that directory to start over")

@@ -149,6 +149,32 @@ def test_a_study_dir_refuses_another_studys_settings(tmp_path):
     study.check_study_dir(tmp_path, other)
 
 
+def test_a_study_dir_takes_added_or_left_out_arms_but_not_a_changed_one(tmp_path):
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  study.check_study_dir(tmp_path, quick)
+  grown = json.loads(json.dumps(quick))
+  grown["arms"]["tecoa"] = {"method": "tecoa", "variant": {}, "attacks": ["clean"]}
+  study.check_study_dir(tmp_path, grown)  # an added arm: its runs join the dir's
+  assert set(json.loads((tmp_path / study.STUDY_FILE).read_text())["arms"]) == set(grown["arms"])
+  fewer = json.loads(json.dumps(quick))
+  del fewer["arms"]["matplus"]
+  study.check_study_dir(tmp_path, fewer)  # a left-out arm: its runs stay in the dir
+  assert set(json.loads((tmp_path / study.STUDY_FILE).read_text())["arms"]) == set(grown["arms"])
+  changed = json.loads(json.dumps(grown))
+  changed["arms"]["tecoa"]["attacks"] = ["clean", "pgd"]
+  with pytest.raises(study.StudyError, match=r"differs in arms.tecoa.attacks"):
+    study.check_study_dir(tmp_path, changed)
+
+
+def test_the_study_file_argument_names_a_variant():
+  full = study.load(EXPERIMENTS / "study_shapes.py")
+  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:alignment")
+  assert set(alignment["arms"]) - set(full["arms"]) == {"matplus_misaligned", "matplus_diverse"}
+  assert {**alignment, "arms": None} == {**full, "arms": None}
+  with pytest.raises(study.StudyError, match="exclude each other"):
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:alignment", quick=True)
+
+
 def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused():
   with pytest.raises(study.StudyError, match=r"MLM in d predicts 30522 tokens but its tokenizer has 90: they are "
                                              "not a pair"):
@@ -240,9 +266,11 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
   assert full["seeds"] >= 3 and full["eval_images"] >= 500  # half of the 1,000 test images or more
   assert set(recipes.METHODS) <= set(full["arms"])
   assert set(full["arms"]["clean_ft"]["attacks"]) == set(study.STUDY_ATTACKS)
-  for _, better, other, attacks in study.CLAIMS:
-    assert better in full["arms"] and other in full["arms"]
-    assert all(a in full["arms"][better]["attacks"] and a in full["arms"][other]["attacks"] for a in attacks)
+  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:alignment")  # claim 5's arms
+  for claim, better, other, attacks in study.CLAIMS:
+    arms = alignment["arms"] if claim.startswith("5:") else full["arms"]
+    assert better in arms and other in arms
+    assert all(a in arms[better]["attacks"] and a in arms[other]["attacks"] for a in attacks)
 
 
 def test_shard_names_a_slice_of_the_runs_and_bad_ones_are_refused():
