@@ -74,7 +74,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.captions_per_image = 1    # k > 1: k captions per image (one-to-many objectives)
   c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, hflip, ...)
   c.data.renderings_per_scene = 1  # R > 1: R renderings of each scene in a batch, positives of its captions
-  c.data.worker_count = 0          # Grain worker processes (0 = in the main process)
+  c.data.worker_count = -1         # Grain worker processes: -1 = auto (0 on a CPU backend), 0 = main process
   c.data.build_train = corpora.DEFAULT_SHAPES_TRAIN  # sizes used when the shapes world must be built
   c.data.build_val = 1000
   c.data.build_test = 1000
@@ -422,6 +422,9 @@ def _check_values(config: dict) -> None:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
   if config["data"]["captions_per_image"] < 1:
     raise ConfigError("data.captions_per_image must be at least 1")
+  if config["data"]["worker_count"] < -1:
+    raise ConfigError(f"data.worker_count={config['data']['worker_count']}: use -1 (auto), 0 (the main process) "
+                      "or a number of Grain worker processes")
   renderings = config["data"]["renderings_per_scene"]
   if renderings < 1 or train["batch_size"] % renderings:
     raise ConfigError(f"data.renderings_per_scene={renderings} must be at least 1 and divide train.batch_size "

@@ -271,3 +271,12 @@ def test_eval_set_pads_uneven_caption_counts():
   ev = pipeline.load_eval_set(Uneven(), Tok())
   assert ev.num_texts == 16 and ev.image_to_texts.shape == (3, 6)
   assert ev.image_to_texts[0, 5] == -1 and ev.image_to_texts[1, 5] == 10
+
+
+def test_auto_workers_stay_in_process_on_a_cpu_backend_and_scale_with_an_accelerator_hosts_cores():
+  assert pipeline.auto_worker_count("cpu", 64) == 0  # the step itself uses the cores
+  assert pipeline.auto_worker_count("gpu", 4) == 0
+  assert pipeline.auto_worker_count("gpu", 16) == 8
+  assert pipeline.auto_worker_count("tpu", 240) == 8
+  assert pipeline.auto_worker_count("gpu", None) == 0
+  assert pipeline.DEFAULT_NUM_THREADS >= 4

@@ -229,3 +229,37 @@ def test_demo_table_puts_the_models_side_by_side():
   # Under attack each cell also shows the change from that model's clean recall.
   assert table[3].split() == ["pgd", "2", "40.0", "(-20.0)", "20.0", "(-10.0)", "55.0", "(-7.0)", "27.5", "(-3.5)"]
   assert table[4].split() == ["bert", "text", "41.0", "(-19.0)", "20.5", "(-9.5)", "56.0", "(-6.0)", "28.0", "(-3.0)"]
+
+
+def test_logged_metrics_are_fetched_after_the_next_step_is_dispatched(root, devices, monkeypatch):
+  """A log step's metrics are read one step late (the device keeps a step queued); a checkpoint step's
+  at once (its state must be known finite before the save)."""
+  events = []
+  make_train_step = loop.make_train_step
+
+  def recording_make_train_step(run):
+    step_fn, reference = make_train_step(run)
+
+    def step(state, batch, ref):
+      events.append("step")
+      return step_fn(state, batch, ref)
+    return step, reference
+
+  device_get = jax.device_get
+
+  def recording_device_get(x):
+    events.append("fetch")
+    return device_get(x)
+
+  monkeypatch.setattr(loop, "make_train_step", recording_make_train_step)
+  monkeypatch.setattr(loop.jax, "device_get", recording_device_get)
+  config = micro_config(root, train={"steps": 5, "log_every": 2, "checkpoint_every": 5})
+  workdir = root / "overlap"
+  loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  monkeypatch.undo()
+  # Steps 1, 2 (logged: deferred), 3, the fetch of 2, 4 (deferred), 5, the fetch of 4, then step 5's own
+  # fetch (metrics and the finite flag together) before its checkpoint.
+  train_loop = events[events.index("step"):][:8]
+  assert train_loop == ["step", "step", "step", "fetch", "step", "step", "fetch", "fetch"], events
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged] == [2, 4, 5]

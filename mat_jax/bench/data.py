@@ -20,6 +20,7 @@ share cores during training, so the ratio there is an upper bound.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="pipeline augmentations for the shapes world ('' for none)")
   parser.add_argument("--num-threads", type=int, default=None,
                       help="pipeline threads (default: the pipeline's; the demo's iterator always uses it)")
-  parser.add_argument("--num-workers", type=int, default=0, help="pipeline worker processes (default 0)")
+  parser.add_argument("--num-workers", type=int, default=-1,
+                      help="pipeline worker processes (default -1: auto, as data.worker_count; 0 on a CPU backend)")
   parser.add_argument("--min-seconds", type=float, default=3.0, help="minimum timing window per figure")
 
 
@@ -135,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
   from mat_jax.training import loop, setup
 
   threads = pipeline.DEFAULT_NUM_THREADS if args.num_threads is None else args.num_threads
+  if args.num_workers == pipeline.AUTO_WORKERS:
+    args.num_workers = pipeline.auto_worker_count(jax.default_backend(), os.cpu_count())
   settings = f"threads={threads}, workers={args.num_workers}"
   kwargs = dict(num_threads=threads, num_workers=args.num_workers, process_index=jax.process_index(),
                 process_count=jax.process_count())

@@ -44,10 +44,21 @@ AUGMENTATIONS: dict[str, float] = {
 }
 NEEDS_SCENE = frozenset({"i2t", "t2i", "t2i_caption"})
 
-# Defaults measured on a 2-core host (`python -m mat_jax.bench data`): threads overlap PNG/JPEG decoding
-# (PIL releases the GIL) with the training step; worker processes pay off with more cores.
-DEFAULT_NUM_THREADS = 4
+# Threads overlap PNG/JPEG decoding (PIL releases the GIL) with the training step: 4 was the best of
+# `python -m mat_jax.bench data` on a 2-core host, and the count scales with the host's cores.
+DEFAULT_NUM_THREADS = min(16, max(4, 2 * (os.cpu_count() or 1)))
 DEFAULT_PREFETCH_BATCHES = 2
+AUTO_WORKERS = -1  # data.worker_count: choose from the backend and the host's cores
+
+
+def auto_worker_count(backend: str, cpu_count: int | None) -> int:
+  """Grain worker processes for `data.worker_count = -1`. On a CPU backend the training step itself uses
+  every core, so the pipeline stays in the main process (threads); on an accelerator host the cores are
+  otherwise idle, and with 8 or more of them half (at most 8) become workers."""
+  cores = cpu_count or 1
+  if backend == "cpu" or cores < 8:
+    return 0
+  return min(8, cores // 2)
 
 
 class DataSourceError(MatJaxError, ValueError):

@@ -3,10 +3,10 @@
     result = train(config, workdir, mesh_spec="data=4,fsdp=2")
 
 Host work per step: fetch this process's batch, place it as a global array, dispatch the compiled step.
-The host reads device values only every `train.log_every` steps and before every checkpoint (metrics
-and the non-finite flag), so the device runs ahead in between. Only process 0 writes logs, metrics
-(JSONL + TensorBoard), the run config and the exported model; every process takes part in checkpoints
-(each saves its own data-iterator position).
+The host reads device values (metrics and the non-finite flag) only every `train.log_every` steps, one
+step late (after the next step is dispatched), and before every checkpoint, so the device runs ahead.
+Only process 0 writes logs, metrics (JSONL + TensorBoard), the run config and the exported model; every
+process takes part in checkpoints (each saves its own data-iterator position).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -303,31 +304,47 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
   last_metrics: dict[str, float] = {}
   pending: list[dict[str, jax.Array]] = []
+  # A logged step's metrics are fetched after the next step is dispatched: reading them waits for that
+  # step to finish, and with the next one already queued the device does not idle while the host logs.
+  deferred: tuple[int, list[dict[str, jax.Array]], jax.Array] | None = None
   clock, clock_step = time.perf_counter(), start
   last_saved = start if start else None
   stop = _StopSignals()
+
+  def write_train_metrics(done: int, values: list[dict[str, Any]]) -> None:
+    nonlocal clock, clock_step, last_metrics
+    now = time.perf_counter()
+    rate = (done - clock_step) / max(now - clock, 1e-9)
+    clock, clock_step = now, done
+    last_metrics = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    last_metrics.update(steps_per_s=rate, images_per_s=rate * cfg.train.batch_size)
+    writer.write(done, last_metrics, "train/")
+    bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", steps_s=f"{rate:.2f}",
+                    images_s=f"{rate * cfg.train.batch_size:.1f}", refresh=False)
+
   try:
     for step in range(start, cfg.train.steps):
       local = next(data_iterator)
       state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
       pending.append(metrics)
+      if deferred is not None:
+        logged_step, values, bad = jax.device_get(deferred)
+        deferred = None
+        _check_finite(int(bad), last_saved, workdir, resumed_at=start if resumed else None)
+        write_train_metrics(logged_step, values)
       done = step + 1
       final = done == cfg.train.steps
       log_now = done % cfg.train.log_every == 0 or final
       save_now = done % cfg.train.checkpoint_every == 0 or final or stop.signum is not None
-      if log_now or save_now:
-        values = jax.device_get(pending)
+      if save_now:  # a checkpoint is written only after its state is known to be finite
+        values, bad = jax.device_get((pending, state.bad_step))
         pending = []
-        _check_finite(state, last_saved, workdir, resumed_at=start if resumed else None)
+        _check_finite(int(bad), last_saved, workdir, resumed_at=start if resumed else None)
         if log_now:
-          now = time.perf_counter()
-          rate = (done - clock_step) / max(now - clock, 1e-9)
-          clock, clock_step = now, done
-          last_metrics = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-          last_metrics.update(steps_per_s=rate, images_per_s=rate * cfg.train.batch_size)
-          writer.write(done, last_metrics, "train/")
-          bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", steps_s=f"{rate:.2f}",
-                          images_s=f"{rate * cfg.train.batch_size:.1f}", refresh=False)
+          write_train_metrics(done, values)
+      elif log_now:
+        # A copy: the next step donates the state's buffers, bad_step's included.
+        deferred, pending = (done, pending, jnp.copy(state.bad_step)), []
       if save_now:
         ckpt.save(done, state, data_iterator)
         last_saved = done
@@ -365,9 +382,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
 
 
-def _check_finite(state: step_lib.TrainState, last_saved: int | None, workdir: Path, *,
-                  resumed_at: int | None = None) -> None:
-  bad = int(jax.device_get(state.bad_step))
+def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at: int | None = None) -> None:
+  """Raise NonFiniteLossError naming the first non-finite step `bad` (the state's sticky `bad_step`, read
+  on the host; -1 if none)."""
   if bad < 0:
     return
   checkpoints = workdir / "checkpoints"

@@ -14,9 +14,11 @@ Model sources (`config.model.source`):
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import ml_collections
 from flax import nnx
 
@@ -225,10 +227,13 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
   from mat_jax.data import pipeline
 
   source = _split_source(builder, config.data.split, "data.split")
+  workers = config.data.worker_count
+  if workers == pipeline.AUTO_WORKERS:
+    workers = pipeline.auto_worker_count(jax.default_backend(), os.cpu_count())
   dataset = pipeline.training_pipeline(
       source, tokenizer, local_batch_size, captions_per_image=config.data.captions_per_image,
       seed=config.seed, augmentations=tuple(config.data.augmentations),
-      process_index=process_index, process_count=process_count, num_workers=config.data.worker_count,
+      process_index=process_index, process_count=process_count, num_workers=workers,
       batch_transforms=tuple(extra_transforms),  # before the prefetch: off the training loop's thread
       renderings_per_scene=config.data.renderings_per_scene)
   return iter(dataset)
