@@ -396,7 +396,8 @@ def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapp
       runs.append({"method": arm, "seed": seed, "attack": attack, "eps_255": e["eps_255"], "n_images": e["n_images"],
                    "recall": e["recall"], "asr": e.get("asr"),
                    "asr_meaning_preserving": e.get("asr_meaning_preserving"),
-                   "label_flip_share": e.get("label_flip_share")})
+                   "label_flip_share": e.get("label_flip_share"),
+                   "recall_meaning_preserving": e.get("recall_meaning_preserving")})
   for name in study["arms"]:
     for attack in study["arms"][name]["attacks"]:
       per_seed = [hits(collected[(name, s)][attack], n_images) for s in range(seeds)]
@@ -441,6 +442,34 @@ def markdown_table(study: Mapping[str, Any], table: Mapping, claims: Sequence[Ma
   for c in claims:
     lines.append(f"| {c['claim']} | {c['metric']} | {c['difference']:+.1f} | [{c['ci95'][0]:+.1f}, "
                  f"{c['ci95'][1]:+.1f}] | {'yes' if c['holds'] else 'no'} |")
+  return "\n".join(lines) + "\n"
+
+
+def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]]) -> str:
+  """The text attacks judged by meaning: per arm and attack, the share of changed captions that are label
+  flips, and the recall with every label-flipped caption restored (the attack's true adversarial
+  examples only), mean over seeds with the seeds' range."""
+  attacks = [a for a in STUDY_ATTACKS if a != "clean" and a != "pgd"
+             and any(a in arm["attacks"] for arm in study["arms"].values())]
+  lines = ["Text attacks judged by meaning (`shapes.consistent`): label flips (changed captions that no longer "
+           "describe their image, %) | TR@1 / IR@1 with the flipped captions restored; mean over seeds "
+           "[min, max].", "", "| arm | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+
+  def spread(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
+
+  for name, arm in study["arms"].items():
+    cells = []
+    for attack in attacks:
+      entries = [collected[(name, s)][attack] for s in range(study["seeds"])
+                 if attack in arm["attacks"] and (name, s) in collected]
+      if not entries or any(e.get("recall_meaning_preserving") is None for e in entries):
+        cells.append("")
+        continue
+      flips = spread([100 * e["label_flip_share"] for e in entries])
+      kept = " / ".join(spread([e["recall_meaning_preserving"][m] for e in entries]) for m in METRICS)
+      cells.append(f"{flips} \\| {kept}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -489,7 +518,7 @@ def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, lo
   out = Path(out)
   paths = {"json": evaluate_lib.write_json(doc, out / "shapes_study.json")}
   paths["table"] = out / "shapes_study_table.md"
-  paths["table"].write_text(markdown_table(study, table, claims))
+  paths["table"].write_text(markdown_table(study, table, claims) + "\n" + meaning_table(study, result["collected"]))
   main_arms = [a for a in study["arms"] if not a.startswith("matplus_")]
   ablations = [a for a in study["arms"] if a.startswith("matplus")]
   attacks = [a for a in STUDY_ATTACKS if any((arm, a) in table for arm in main_arms)]

@@ -279,3 +279,16 @@ def test_shard_names_a_slice_of_the_runs_and_bad_ones_are_refused():
   for bad in ("2/2", "1", "-1/2", "a/b", "0/0"):
     with pytest.raises(study.StudyError, match="--shard"):
       study._parse_shard(bad)
+
+
+def test_the_meaning_table_shows_label_flips_and_the_recall_with_flips_restored():
+  spec = {"name": "t", "seeds": 2, "arms": {"a": {"method": "mat", "variant": {}, "attacks": ["clean", "bert"]}}}
+
+  def bert(flips, tr, ir):
+    return {"label_flip_share": flips, "recall_meaning_preserving": {"tr@1": tr, "ir@1": ir}}
+
+  collected = {("a", 0): {"clean": {}, "bert": bert(1.0, 80.0, 70.0)},
+               ("a", 1): {"clean": {}, "bert": bert(0.5, 90.0, 72.0)}}
+  table = study.meaning_table(spec, collected)
+  assert "| arm | bert |" in table
+  assert "| a | 75.0 [50.0, 100.0] \\| 85.0 [80.0, 90.0] / 71.0 [70.0, 72.0] |" in table
