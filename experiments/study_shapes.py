@@ -1,7 +1,7 @@
 """The shapes-world study: every method under one budget (mat_jax/recipes.py), several seeds, every attack.
 
-    python -m mat_jax.study                      # this file: claims 1-4 (see docs/study.md)
-    python -m mat_jax.study --config experiments/study_shapes.py:alignment   # + claim 5's two arms
+    python -m mat_jax.study                      # this file: claims 1-3 (see docs/study.md)
+    python -m mat_jax.study --config experiments/study_shapes.py:augmentation   # + claims 4-5 (4 arms)
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
 
 An arm is a method of `recipes.METHODS` with an optional `variant` (changes of its method-defining
@@ -26,7 +26,7 @@ def _arm(method, attacks=METHOD_ATTACKS, **variant):
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, quick=False, alignment=False)
+  args = recipes.parse_arg(arg, quick=False, augmentation=False)
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
   c.seeds = 3                 # seed s: data order, fine-tuning randomness and attack randomness
@@ -48,15 +48,15 @@ def get_config(arg=None):
       "matplus": _arm("matplus"),
       # Claim 3: the same augmented pairs modelled 1:1 (an image's other captions are negatives).
       "matplus_1to1": _arm("matplus", ABLATION_ATTACKS, objective={"one_to_one": True}),
-      # Claim 4: text augmentation only (2 captions, I2T, EDA) vs image augmentation only (2 renderings
-      # of each scene in a batch: image-side N:1, T2I, jitter); the same number of positives per scene.
-      "matplus_text": _arm("matplus", ABLATION_ATTACKS,
-                           data={"captions_per_image": 2, "augmentations": ("i2t:0.3", "eda:0.2")}),
-      "matplus_image": _arm("matplus", ABLATION_ATTACKS,
-                            data={"captions_per_image": 1, "renderings_per_scene": 2,
-                                  "augmentations": ("t2i:0.3", "image_jitter:0.3")}),
   }
-  if args.alignment:
+  if args.augmentation:
+    # Claim 4: text augmentation only (2 captions, I2T, EDA) vs image augmentation only (2 renderings
+    # of each scene in a batch: image-side N:1, T2I, jitter); the same number of positives per scene.
+    c.arms["matplus_text"] = _arm(
+        "matplus", ABLATION_ATTACKS, data={"captions_per_image": 2, "augmentations": ("i2t:0.3", "eda:0.2")})
+    c.arms["matplus_image"] = _arm(
+        "matplus", ABLATION_ATTACKS, data={"captions_per_image": 1, "renderings_per_scene": 2,
+                                           "augmentations": ("t2i:0.3", "image_jitter:0.3")})
     # Claim 5: alignment (a noisy captioner writes a wrong attribute in 30% of captions) and
     # diversity (5 captions per image and twice the I2T rate instead of 3 and 0.3). The same study name:
     # its other arms are the default study's runs, reused from the same study dir.

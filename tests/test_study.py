@@ -168,11 +168,11 @@ def test_a_study_dir_takes_added_or_left_out_arms_but_not_a_changed_one(tmp_path
 
 def test_the_study_file_argument_names_a_variant():
   full = study.load(EXPERIMENTS / "study_shapes.py")
-  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:alignment")
-  assert set(alignment["arms"]) - set(full["arms"]) == {"matplus_misaligned", "matplus_diverse"}
+  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation")
+  assert set(alignment["arms"]) - set(full["arms"]) == {"matplus_text", "matplus_image", "matplus_misaligned", "matplus_diverse"}
   assert {**alignment, "arms": None} == {**full, "arms": None}
   with pytest.raises(study.StudyError, match="exclude each other"):
-    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:alignment", quick=True)
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation", quick=True)
 
 
 def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused():
@@ -266,9 +266,9 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
   assert full["seeds"] >= 3 and full["eval_images"] >= 500  # half of the 1,000 test images or more
   assert set(recipes.METHODS) <= set(full["arms"])
   assert set(full["arms"]["clean_ft"]["attacks"]) == set(study.STUDY_ATTACKS)
-  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:alignment")  # claim 5's arms
+  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation")  # claims 4 and 5
   for claim, better, other, attacks in study.CLAIMS:
-    arms = alignment["arms"] if claim.startswith("5:") else full["arms"]
+    arms = alignment["arms"] if claim[:2] in ("4:", "5:") else full["arms"]
     assert better in arms and other in arms
     assert all(a in arms[better]["attacks"] and a in arms[other]["attacks"] for a in attacks)
 
