@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
-from mat_jax.errors import MatJaxError
+from mat_jax.errors import InputError, MatJaxError
 
 ANY = object()  # schema marker: any value accepted
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
@@ -370,8 +370,9 @@ _RANGES = {
 
 
 def _check_values(config: dict) -> None:
+  from mat_jax import objectives as objectives_lib
+  from mat_jax.attacks import spec as attack_specs  # the attack registry: training's and evaluation's names
   from mat_jax.data import pipeline  # already loaded with corpora by defaults()
-  from mat_jax.evaluate import ATTACKS  # deferred like the objectives; evaluation's names decide
 
   if config["text_attack"]["source"] == "lexicon":
     raise ConfigError(RENAMED_LEXICON)
@@ -386,11 +387,14 @@ def _check_values(config: dict) -> None:
   for (section, key), (allowed, ok) in _RANGES.items():
     if not ok(config[section][key]):
       raise ConfigError(f"{section}.{key}={config[section][key]!r} must be {allowed}")
-  unknown = [a for a in config["eval"]["attacks"] if a not in ATTACKS]
-  if unknown:
-    close = {a: difflib.get_close_matches(str(a), ATTACKS, n=1) for a in unknown}
-    hints = "".join(f" ({a!r}: did you mean {c[0]!r}?)" for a, c in close.items() if c)
-    raise ConfigError(f"eval.attacks: unknown attack(s) {unknown}{hints}; choose from {', '.join(ATTACKS)}")
+  try:
+    attack_specs.check_names(config["eval"]["attacks"], "eval.attacks")
+    if "attack" in objective:
+      attack_specs.check_names([objective["attack"]], f"objective.attack ({objective['name']})")
+      # The objective's budget on its attack: a range error names the objective's keys, not the spec's.
+      objectives_lib.make(objective).inner_attack()
+  except InputError as err:  # an unknown name (listing the registry) or a budget the attack cannot take
+    raise ConfigError(str(err)) from None
   try:
     pipeline.parse_augmentations(tuple(config["data"]["augmentations"]))
   except ValueError as err:
@@ -529,7 +533,11 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
       "data.renderings_per_scene": config.data.renderings_per_scene,
       "seed": config.seed,
   }
-  parts.update({f"objective.{k}": v for k, v in config.objective.items()})
+  # The inner attack only when it is not the objective's published one: a checkpoint written before
+  # objectives named their attack trained against that one, and resumes.
+  from mat_jax import objectives
+  published = objectives.hyperparameters(_objective_class(config.objective.name, "config")).get("attack")
+  parts.update({f"objective.{k}": v for k, v in config.objective.items() if not (k == "attack" and v == published)})
   # Optimizer-state structure (mat_jax.training.optim): adamw always holds a decay state; adam and sgd
   # only with weight decay, and sgd a momentum trace only with momentum.
   if opt.name in ("adam", "sgd"):
