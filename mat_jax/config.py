@@ -533,8 +533,8 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
       "data.renderings_per_scene": config.data.renderings_per_scene,
       "seed": config.seed,
   }
-  # The inner attack only when it is not the objective's published one: a checkpoint written before
-  # objectives named their attack trained against that one, and resumes.
+  # The inner attack only when it is not the objective's published one, which the objective's name
+  # already implies (so a checkpoint of the published recipe has the same fingerprint with or without the key).
   from mat_jax import objectives
   published = objectives.hyperparameters(_objective_class(config.objective.name, "config")).get("attack")
   parts.update({f"objective.{k}": v for k, v in config.objective.items() if not (k == "attack" and v == published)})
