@@ -11,8 +11,9 @@ then checks every key and type:
 - the objective's hyper-parameters (`config.objective.*`) are checked against the fields of the
   objective named by `config.objective.name` (see `mat_jax.objectives`), and their values against the
   range where they can work (e.g. `neighbours >= 1`, `step_size > 0`);
-- `eval.attacks` and `data.augmentations` must name known attacks / augmentations, so that a typo fails
-  before training rather than at the first evaluation.
+- `eval.attacks` and an adversarial objective's `objective.attack` (its inner attack) must name attacks
+  of the registry `mat_jax.attacks.spec.ATTACKS` (the same names for both), and `data.augmentations`
+  known augmentations, so that a typo fails before training rather than at the first evaluation.
 
 `train.towers="default"` (the default) becomes the objective's published towers
 (`Objective.default_towers`: vision for tecoa, fare and mava, all for the others) at load time, so the

@@ -193,7 +193,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   `images` ((N, H, W, 3) uint8 or float32 in [0, 1]), `captions` ((T,) strings) and `text_to_image`
   ((T,) ints), e.g. `mat_jax.data.load_eval_set(...)`. eps_255: budgets in 1/255 units.
   text_source: substitutes for the text attacks (e.g. `mat_jax.training.inputs.make_source("bert",
-  bert="shapes-mlm")`: BERT-Attack's masked-LM candidates), needed by bert/sep/co/sga.
+  bert="shapes-mlm")`: BERT-Attack's masked-LM candidates), needed by the attacks that change captions
+  (`NEEDS_TEXT_SOURCE`: bert, sep, co, sga, mat, mmcoa).
   surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
   that generates the attacks instead of the target (transfer). limit: evaluate the first N images.
   log: if given, receives one line per attack and budget (R@1 and the time taken).
@@ -202,7 +203,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   judge: meaning-aware scoring. `judge(i, caption)` is True when `caption` still describes the image of
   caption i (an index into eval_set.captions); for the shapes world, `shapes_judge(eval_set)`.
   Returns {"clean": recalls, "attacks": {attack: {eps_key: {"recall", "recall_drop", "asr", "seconds"}}},
-  ...}; text-only attacks use the eps key "text". Every attack that perturbs text (bert, sep, co, sga)
+  ...}; text-only attacks use the eps key "text". Every attack that perturbs text (`NEEDS_TEXT_SOURCE`)
   also reports "captions_changed" (captions the attack changed) and, with a judge:
     "label_flip_share": the share of changed captions that no longer describe their image (NaN when none
         changed) -- label flips, not adversarial examples;
