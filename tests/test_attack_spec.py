@@ -159,31 +159,31 @@ def test_evaluate_and_an_objective_make_the_same_adversarial_batch(scene_batch, 
 # ----------------------------------------------------------------------------------------------------
 # Training against an evaluation attack.
 
-def test_mat_trains_against_sga_and_tecoa_against_bert(tmp_path):
+@pytest.mark.parametrize("objective,attack", [("mat", "sga"), pytest.param("tecoa", "bert", marks=pytest.mark.slow)])
+def test_an_objective_trains_against_an_evaluation_attack(tmp_path, objective, attack):
   # SGA as MAT's inner attack; BERT-Attack (text only) as TeCoA's, which then needs candidates too.
-  for objective, attack in (("mat", "sga"), ("tecoa", "bert")):
-    config = config_lib.build({
-        "model": {"source": "tiny", "tokenizer": "shapes", "overrides": MICRO},
-        "data": {"name": "shapes", "data_dir": str(tmp_path / "data"), "build_train": 16, "build_val": 8,
-                 "build_test": 8, "image_size": 16},
-        "objective": {"name": objective, "attack": attack, "steps": 1},
-        "train": {"batch_size": 8, "steps": 1},
-        "text_attack": {"source": "paraphrase", "top_k": 4, "max_targets": 4},
-    })
-    run = loop.build_run(config, tmp_path / objective, mesh_spec="1", log=lambda _: None)
-    assert run.objective.inner_attack().name == attack and run.objective.needs_text_candidates
-    assert config_lib.fingerprint(config)["objective.attack"] == attack  # not the published one: recorded
-    builder = setup.data_builder(config, 16, log=lambda _: None)
-    batch = next(setup.train_iterator(config, builder, run.tokenizer, 8, process_index=0, process_count=1))
-    for transform in run.batch_transforms:
-      batch = transform(batch)
-    state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, run.shardings)
-    fn, reference = loop.make_train_step(run)
-    state, metrics = fn(state, mesh_lib.global_batch(batch, run.mesh), reference)
-    metrics = jax.device_get(metrics)
-    assert int(state.step) == 1 and np.isfinite(metrics["loss"])
-    if objective == "mat":
-      assert metrics["text_changed"] > 0  # SGA's text attack changed captions the outer loss trained on
+  config = config_lib.build({
+      "model": {"source": "tiny", "tokenizer": "shapes", "overrides": MICRO},
+      "data": {"name": "shapes", "data_dir": str(tmp_path / "data"), "build_train": 16, "build_val": 8,
+               "build_test": 8, "image_size": 16},
+      "objective": {"name": objective, "attack": attack, "steps": 1},
+      "train": {"batch_size": 8, "steps": 1},
+      "text_attack": {"source": "paraphrase", "top_k": 4, "max_targets": 4},
+  })
+  run = loop.build_run(config, tmp_path / objective, mesh_spec="1", log=lambda _: None)
+  assert run.objective.inner_attack().name == attack and run.objective.needs_text_candidates
+  assert config_lib.fingerprint(config)["objective.attack"] == attack  # not the published one: recorded
+  builder = setup.data_builder(config, 16, log=lambda _: None)
+  batch = next(setup.train_iterator(config, builder, run.tokenizer, 8, process_index=0, process_count=1))
+  for transform in run.batch_transforms:
+    batch = transform(batch)
+  state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, run.shardings)
+  fn, reference = loop.make_train_step(run)
+  state, metrics = fn(state, mesh_lib.global_batch(batch, run.mesh), reference)
+  metrics = jax.device_get(metrics)
+  assert int(state.step) == 1 and np.isfinite(metrics["loss"])
+  if objective == "mat":
+    assert metrics["text_changed"] > 0  # SGA's text attack changed captions the outer loss trained on
 
 
 def test_the_published_attack_keeps_the_fingerprint():
