@@ -12,8 +12,9 @@ what differs from `defaults()`; loading fills in the rest, then checks every key
 - the objective's hyper-parameters (`config.objective.*`) are checked against the fields of the
   objective named by `config.objective.name` (see `mat_jax.objectives`), and their values against the
   range where they can work (e.g. `neighbours >= 1`, `step_size > 0`);
-- `eval.attacks` and `data.augmentations` must name known attacks / augmentations, so that a typo fails
-  before training rather than at the first evaluation.
+- `eval.attacks` and an adversarial objective's `objective.attack` (its inner attack) must name attacks
+  of the registry `mat_jax.attacks.spec.ATTACKS` (the same names for both), and `data.augmentations`
+  known augmentations, so that a typo fails before training rather than at the first evaluation.
 
 `train.towers="default"` (the default) becomes the objective's published towers
 (`Objective.default_towers`: vision for tecoa, fare and mava, all for the others) at load time, so the
@@ -42,7 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
-from mat_jax.errors import ConfigError
+from mat_jax.errors import ConfigError, InputError
 
 ANY = object()  # schema marker: any value accepted
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
@@ -391,8 +392,9 @@ _RANGES = {
 
 
 def _check_values(config: dict) -> None:
+  from mat_jax import objectives as objectives_lib
+  from mat_jax.attacks import spec as attack_specs  # the attack registry: training's and evaluation's names
   from mat_jax.data import pipeline  # already loaded with corpora by defaults()
-  from mat_jax.evaluate import ATTACKS  # deferred like the objectives; evaluation's names decide
 
   if config["text_attack"]["source"] == "lexicon":
     raise ConfigError(RENAMED_LEXICON)
@@ -407,11 +409,14 @@ def _check_values(config: dict) -> None:
   for (section, key), (allowed, ok) in _RANGES.items():
     if not ok(config[section][key]):
       raise ConfigError(f"{section}.{key}={config[section][key]!r} must be {allowed}")
-  unknown = [a for a in config["eval"]["attacks"] if a not in ATTACKS]
-  if unknown:
-    close = {a: difflib.get_close_matches(str(a), ATTACKS, n=1) for a in unknown}
-    hints = "".join(f" ({a!r}: did you mean {c[0]!r}?)" for a, c in close.items() if c)
-    raise ConfigError(f"eval.attacks: unknown attack(s) {unknown}{hints}; choose from {', '.join(ATTACKS)}")
+  try:
+    attack_specs.check_names(config["eval"]["attacks"], "eval.attacks")
+    if "attack" in objective:
+      attack_specs.check_names([objective["attack"]], f"objective.attack ({objective['name']})")
+      # The objective's budget on its attack: a range error names the objective's keys, not the spec's.
+      objectives_lib.make(objective).inner_attack()
+  except InputError as err:  # an unknown name (listing the registry) or a budget the attack cannot take
+    raise ConfigError(str(err)) from None
   try:
     pipeline.parse_augmentations(tuple(config["data"]["augmentations"]))
   except ValueError as err:
@@ -553,7 +558,11 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
       "data.renderings_per_scene": config.data.renderings_per_scene,
       "seed": config.seed,
   }
-  parts.update({f"objective.{k}": v for k, v in config.objective.items()})
+  # The inner attack only when it is not the objective's published one, which the objective's name
+  # already implies (so a checkpoint of the published recipe has the same fingerprint with or without the key).
+  from mat_jax import objectives
+  published = objectives.hyperparameters(_objective_class(config.objective.name, "config")).get("attack")
+  parts.update({f"objective.{k}": v for k, v in config.objective.items() if not (k == "attack" and v == published)})
   # Optimizer-state structure (mat_jax.training.optim): adamw always holds a decay state; adam and sgd
   # only with weight decay, and sgd a momentum trace only with momentum.
   if opt.name in ("adam", "sgd"):

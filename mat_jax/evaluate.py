@@ -10,9 +10,13 @@ against all captions. Reported per attack and eps: TR@1/5/10 and IR@1/5/10, Co-A
 queries correct before the attack and wrong after it). Output: a table on stdout, results.json and a
 plot of R@1 against eps (recall_vs_eps.png).
 
-Attacks (`ATTACKS`): pgd (image PGD against the image's captions, SGA's image attack), apgd (APGD-CE
-over the whole test set's captions as classes), bert (BERT-Attack alone, Co-Attack's KL objective),
-sep (Sep-Attack), co (Co-Attack), sga (SGA). eps is given in 1/255 units; bert does not depend on it.
+Attacks (`ATTACKS`, the attack registry `mat_jax.attacks.spec.ATTACKS`, the names training uses too):
+pgd (image PGD against the image's captions, SGA's image attack), apgd (APGD-CE over the whole test
+set's captions as classes), bert (BERT-Attack alone, Co-Attack's KL objective), sep (Sep-Attack), co
+(Co-Attack), sga (SGA), and the defenses' inner attacks: mat (the image-guided text attack, then
+contrastive PGD against the adversarial captions), tecoa, mmcoa, fare and mava (against the attacked
+model's own clean features). Every attack runs at the evaluation's budget (`AttackSettings`: steps, step
+rule, norm, words changed) at each eps; eps is given in 1/255 units; bert does not depend on it.
 
 `evaluate(...)` is the same thing as a Python function, for the training demo and notebooks.
 `--task zeroshot` runs zero-shot classification under attack instead, with its own flags (`mat_jax.zeroshot`).
@@ -37,6 +41,8 @@ from mat_jax import checks, errors, metrics, rerank, runtime
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
+from mat_jax.attacks import spec as attack_specs
+from mat_jax.attacks.runner import AttackInputs, run_attack
 from mat_jax.attacks.text import adversarial_captions
 from mat_jax.errors import InputError
 from mat_jax.models.blip import BLIP
@@ -44,9 +50,10 @@ from mat_jax.models.clip import CLIP, check_tokens_for
 from mat_jax.models.dual_encoder import DualEncoder, split
 from mat_jax.models.tokenizers import Tokenizer
 
-ATTACKS = ("pgd", "apgd", "bert", "sep", "co", "sga")
-TEXT_ONLY = ("bert",)
-NEEDS_TEXT_SOURCE = ("bert", "sep", "co", "sga")
+ATTACKS = attack_specs.NAMES  # every attack of the registry
+DEFAULT_ATTACKS = ("pgd", "apgd", "bert", "sep", "co", "sga")  # the references' evaluation attacks
+TEXT_ONLY = tuple(n for n, s in attack_specs.ATTACKS.items() if not s.attacks_image)
+NEEDS_TEXT_SOURCE = tuple(n for n, s in attack_specs.ATTACKS.items() if s.attacks_text)
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
 TASKS = ("retrieval", "zeroshot")  # --task; zeroshot is mat_jax.zeroshot's command line
@@ -174,7 +181,7 @@ def _eps_key(eps_255: float) -> str:
 
 
 def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=None, *,
-             attacks: Sequence[str] = ATTACKS, eps_255: Sequence[float] = (2.0,),
+             attacks: Sequence[str] = DEFAULT_ATTACKS, eps_255: Sequence[float] = (2.0,),
              text_source: candidates_lib.CandidateSource | None = None, surrogate=None,
              settings: AttackSettings = AttackSettings(), batch_size: int = 32, seed: int = 0,
              limit: int | None = None, progress: bool = True,
@@ -186,7 +193,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   `images` ((N, H, W, 3) uint8 or float32 in [0, 1]), `captions` ((T,) strings) and `text_to_image`
   ((T,) ints), e.g. `mat_jax.data.load_eval_set(...)`. eps_255: budgets in 1/255 units.
   text_source: substitutes for the text attacks (e.g. `mat_jax.training.inputs.make_source("bert",
-  bert="shapes-mlm")`: BERT-Attack's masked-LM candidates), needed by bert/sep/co/sga.
+  bert="shapes-mlm")`: BERT-Attack's masked-LM candidates), needed by the attacks that change captions
+  (`NEEDS_TEXT_SOURCE`: bert, sep, co, sga, mat, mmcoa).
   surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
   that generates the attacks instead of the target (transfer). limit: evaluate the first N images.
   log: if given, receives one line per attack and budget (R@1 and the time taken).
@@ -195,7 +203,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   judge: meaning-aware scoring. `judge(i, caption)` is True when `caption` still describes the image of
   caption i (an index into eval_set.captions); for the shapes world, `shapes_judge(eval_set)`.
   Returns {"clean": recalls, "attacks": {attack: {eps_key: {"recall", "recall_drop", "asr", "seconds"}}},
-  ...}; text-only attacks use the eps key "text". Every attack that perturbs text (bert, sep, co, sga)
+  ...}; text-only attacks use the eps key "text". Every attack that perturbs text (`NEEDS_TEXT_SOURCE`)
   also reports "captions_changed" (captions the attack changed) and, with a judge:
     "label_flip_share": the share of changed captions that no longer describe their image (NaN when none
         changed) -- label flips, not adversarial examples;
@@ -218,7 +226,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   check_eps_255(eps_255, settings.norm)
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
-    raise InputError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+    raise attack_specs.UnknownAttackError(f"unknown attacks {unknown}; choose from {ATTACKS}")
   if text_source is None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
     raise InputError(f"attacks {[a for a in attacks if a in NEEDS_TEXT_SOURCE]} perturb captions and need a "
                      "text_source (BertMLMSource, LexiconSource or CharEditSource)")
@@ -398,39 +406,34 @@ def shapes_judge(eval_set) -> Callable[[int, str], bool]:
   return judge
 
 
+def attack_spec(attack: str, s: AttackSettings, eps: float | None) -> attack_specs.AttackSpec:
+  """The registry's `attack` at the evaluation's budget: eps (pixel units; None for text-only attacks),
+  the settings' steps (APGD: apgd_steps), the step rule (scale * eps / steps; Co-Attack's scale for its
+  loss), norm, words changed, Co-Attack's alpha and Sep-Attack's image loss."""
+  spec = attack_specs.get(attack)
+  changes: dict[str, Any] = dict(norm=s.norm, max_changes=s.max_changes, alpha=s.alpha)
+  if spec.attacks_image:
+    changes.update(eps=eps, steps=s.apgd_steps if spec.loss == "apgd_ce" else s.steps, step_size=None,
+                   step_scale=s.co_step_scale if spec.loss == "co" else s.step_scale)
+  if attack == "sep":
+    changes["loss"] = s.sep_image_loss
+  return spec.replace(**changes)
+
+
 def _attack_batch(attack: str, v: Victim, images: np.ndarray, batch: _Batch, key, eps_255, s: AttackSettings,
                   tokens, text_features, text_to_image, cands):
   """One batch of one attack on the attacker model -> (adversarial images or None, text result or None,
   the batch's candidates)."""
-  eps = None if eps_255 is None else float(eps_255) / 255.0
-  images = jnp.asarray(images)
-  weights = jnp.asarray(batch.weights)
-  if attack == "pgd":
-    ids = jnp.asarray(tokens.input_ids[batch.captions])
-    mask = jnp.asarray(tokens.attention_mask[batch.captions])
-    adv = image_attacks.pgd_attack(v.encoder, v.params, images, ids, mask, key, weights, eps=eps,
-                                   step_size=s.step_scale * eps / s.steps, steps=s.steps, norm=s.norm)
-    return adv, None, None
-  if attack == "apgd":
+  spec = attack_spec(attack, s, None if eps_255 is None else float(eps_255) / 255.0)
+  batch_cands = multimodal.select_candidates(cands, batch.captions.reshape(-1)) if spec.attacks_text else None
+  positives = None
+  if text_features is not None:
     positives = jnp.asarray(text_to_image[None, :] == batch.images[:, None])
-    adv = image_attacks.apgd_attack(v.encoder, v.params, images, text_features, positives, key, eps=eps,
-                                    steps=s.apgd_steps, norm=s.norm)
-    return adv, None, None
-  batch_cands = multimodal.select_candidates(cands, batch.captions.reshape(-1))
-  text_kw = dict(max_changes=s.max_changes)
-  if attack == "bert":
-    return None, multimodal.bert_attack(v.encoder, v.params, batch_cands, **text_kw), batch_cands
-  common = dict(eps=eps, steps=s.steps, norm=s.norm, **text_kw)
-  if attack == "sep":
-    r = multimodal.sep_attack(v.encoder, v.params, images, batch_cands, key, weights,
-                              step_size=s.step_scale * eps / s.steps, image_loss=s.sep_image_loss, **common)
-  elif attack == "co":
-    r = multimodal.co_attack(v.encoder, v.params, images, batch_cands, key, weights,
-                             step_size=s.co_step_scale * eps / s.steps, alpha=s.alpha, **common)
-  else:
-    r = multimodal.sga_attack(v.encoder, v.params, images, batch_cands, key, weights,
-                              step_size=s.step_scale * eps / s.steps, **common)
-  return r.images, r.text, batch_cands
+  inputs = AttackInputs(jnp.asarray(images), jnp.asarray(tokens.input_ids[batch.captions]),
+                        jnp.asarray(tokens.attention_mask[batch.captions]), jnp.asarray(batch.weights),
+                        jnp.asarray(batch.images), batch_cands, text_features, positives)
+  result = run_attack(spec, v.encoder, v.params, inputs, key)
+  return result.images, result.text, batch_cands
 
 
 class _NoBar:
@@ -646,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--split", default="test")
   p.add_argument("--data-dir", help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
   p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
-  p.add_argument("--attacks", type=comma_names(ATTACKS), default=list(ATTACKS), help=",".join(ATTACKS))
+  p.add_argument("--attacks", type=comma_names(ATTACKS), default=list(DEFAULT_ATTACKS),
+                 help=f"comma list of {','.join(ATTACKS)} (default {','.join(DEFAULT_ATTACKS)})")
   p.add_argument("--eps", type=comma_floats, default=[2.0],
                  help="budgets in 1/255 units, e.g. 1,2,4 (with --norm l2: the L2 radius, 127.5 = 0.5)")
   p.add_argument("--steps", type=int, default=10)

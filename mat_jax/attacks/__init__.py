@@ -6,7 +6,11 @@ Two levels:
   `image_attack`, `attack_text`, `sep_attack`, `co_attack`, `sga_attack`;
 - the composable, explicit-state parts that training steps and the evaluator use:
   `mat_jax.attacks.image` (pgd, apgd, apgd_targeted, pgd_attack, apgd_attack), `.losses` (the losses
-  to maximise), `.text` / `.candidates` (BERT-Attack), `.multimodal` (the compiled multimodal attacks).
+  to maximise), `.text` / `.candidates` (BERT-Attack), `.multimodal` (the compiled multimodal attacks:
+  separate_attack, collaborative_attack, set_guidance_attack, bert_attack);
+- one description of an attack for both: `.spec` (`AttackSpec`, the step-size rule and the registry
+  `spec.ATTACKS` of every attack evaluation runs and every defense's inner attack) and `.runner`
+  (`run_attack`: a spec on a batch, through the compiled parts above).
 
 Images are float32 NHWC in [0, 1] and eps is in pixel units (2/255, ...).
 """
@@ -21,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mat_jax import checks
-from mat_jax.attacks import candidates, image, losses, multimodal, text
+from mat_jax.attacks import candidates, image, losses, multimodal, runner, spec, text
 from mat_jax.attacks.candidates import (BertMLMSource, CandidateSource, CharEditSource, LexiconSource,
                                         TextCandidates, prepare_candidates)
 from mat_jax.attacks.image import apgd, apgd_targeted, pgd
+from mat_jax.attacks.runner import AttackInputs, AttackResult, run_attack
+from mat_jax.attacks.spec import AttackSpec, UnknownAttackError
 from mat_jax.attacks.text import AttackedText, TextAttackResult, adversarial_captions, attack_text, text_attack
 from mat_jax.models.blip import BLIP
 from mat_jax.models.clip import CLIP, check_pixels, check_text
@@ -36,6 +42,7 @@ __all__ = [
     "pgd", "apgd", "apgd_targeted", "text_attack", "adversarial_captions", "prepare_candidates",
     "LexiconSource", "CharEditSource", "BertMLMSource", "CandidateSource", "TextCandidates",
     "TextAttackResult", "AttackedText", "image", "losses", "text", "candidates", "multimodal",
+    "AttackSpec", "AttackInputs", "AttackResult", "UnknownAttackError", "run_attack", "runner", "spec",
 ]
 
 
@@ -139,7 +146,7 @@ def sep_attack(model: CLIP, tokenizer: Tokenizer, images, captions: Sequence, so
   captions: one string or one list of strings per image. source: where substitutes come from
   (`LexiconSource(table)`, `CharEditSource()`, `BertMLMSource(bert, bert_tokenizer)`).
   """
-  return _multimodal(multimodal.sep_attack, model, tokenizer, images, captions, source, key, eps=eps,
+  return _multimodal(multimodal.separate_attack, model, tokenizer, images, captions, source, key, eps=eps,
                      steps=steps, step_size=_sga_step(eps, steps, step_size), max_changes=max_changes)
 
 
@@ -147,7 +154,7 @@ def co_attack(model: CLIP, tokenizer: Tokenizer, images, captions: Sequence, sou
               eps: float = 2 / 255, steps: int = 10, step_size: float | None = None, alpha: float = 3.0,
               key=None, max_changes: int = 1) -> MultimodalAttack:
   """Co-Attack: BERT-Attack (KL objective), then image PGD on the Co-Attack loss (step eps/steps*1.25)."""
-  return _multimodal(multimodal.co_attack, model, tokenizer, images, captions, source, key, eps=eps,
+  return _multimodal(multimodal.collaborative_attack, model, tokenizer, images, captions, source, key, eps=eps,
                      steps=steps, step_size=step_size, alpha=alpha, max_changes=max_changes)
 
 
@@ -156,10 +163,10 @@ def sga_attack(model: CLIP, tokenizer: Tokenizer, images, captions: Sequence, so
                max_changes: int = 1) -> MultimodalAttack:
   """SGA: image-guided text attack, multi-scale set-level image attack (step 2.5 eps / steps: 0.5/255 at
   2/255 and 10 steps, the reference's), image-guided text attack again."""
-  return _multimodal(multimodal.sga_attack, model, tokenizer, images, captions, source, key, eps=eps,
+  return _multimodal(multimodal.set_guidance_attack, model, tokenizer, images, captions, source, key, eps=eps,
                      steps=steps, step_size=_sga_step(eps, steps, step_size), max_changes=max_changes)
 
 
 def _sga_step(eps: float, steps: int, step_size: float | None) -> float:
   """SGA's step, 0.5/255 for eps 2/255 in 10 steps, scaled with the budget and the step count."""
-  return 2.5 * eps / max(steps, 1) if step_size is None else step_size
+  return spec.step_size_for(eps, steps, step_size, spec.SGA_STEP_SCALE)

@@ -13,6 +13,7 @@ attack (the training step or an evaluation batch), never cached across calls.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -24,6 +25,8 @@ from mat_jax.models.dual_encoder import DualEncoder
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 LogitsFn = Callable[[jax.Array], jax.Array]
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100
 
 # SGA's set of image scales (Lu et al. 2023): each step sees the image at these sizes as well.
 SGA_SCALES = (0.5, 0.75, 1.25, 1.5)
@@ -216,15 +219,76 @@ def logit_loss(logits_fn: LogitsFn, positives: jax.Array,
   return loss_fn
 
 
+def temperature(logit_scale: jax.Array) -> jax.Array:
+  """The contrastive loss's logit multiplier: exp(logit_scale), clamped at 100 as CLIP trains it."""
+  return jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
+
+
+def positives(image_ids: jax.Array | None, batch: int, k: int) -> jax.Array:
+  """(B, B·K) bool: image b's positives among the flattened texts (its K captions, and those of any
+  image sharing its id)."""
+  groups = jnp.arange(batch) if image_ids is None else image_ids
+  return groups[:, None] == jnp.repeat(groups, k)[None, :]
+
+
 def contrastive(encoder: DualEncoder, params, text_features: jax.Array,
-                positives: jax.Array | None = None, logit_scale=None) -> LossFn:
+                positives: jax.Array | None = None, logit_scale=None,
+                text_weights: jax.Array | None = None) -> LossFn:
   """TeCoA's attack loss: cross-entropy of the image->text logits against the batch's texts.
 
   text_features (M, D); positives (B, M) bool, default the identity (image i with text i).
+  text_weights: optional (M,) 0/1 mask of real texts; the others (padding slots) are left out of the
+  loss, as positives and as negatives.
   """
   if positives is None:
     positives = identity_positives(text_features.shape[0])
-  return logit_loss(retrieval_logits(encoder, params, text_features, logit_scale), positives)
+  logits_fn = retrieval_logits(encoder, params, text_features, logit_scale)
+  if text_weights is not None:
+    real = text_weights.reshape(-1) > 0
+    positives = positives & real[None, :]
+    scores = logits_fn
+
+    def logits_fn(images: jax.Array) -> jax.Array:
+      logits = scores(images)
+      return jnp.where(real[None, :], logits, jnp.finfo(logits.dtype).min)
+
+  return logit_loss(logits_fn, positives)
+
+
+def mava_terms(encoder: DualEncoder, params, images: jax.Array, key: jax.Array, clean_reference: jax.Array,
+               captions: jax.Array, *, neighbours: int, radius,
+               caption_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """MAVA's (CMS, VSSE) per image at `images`, over `neighbours` noisy neighbours images + U(-radius,
+  radius) (radius = beta * eps) drawn with `key` (`mat_jax.objectives.mava` gives the equations).
+
+  clean_reference (B, D): the reference model's clean image features; captions (B, K, D) L2-normalised
+  caption features; caption_weights (B, K): 0 for padding caption slots (default: all real).
+  """
+  noise = jax.random.uniform(key, (neighbours,) + images.shape, minval=-radius, maxval=radius)
+  views = jnp.clip(images[None] + noise, 0.0, 1.0)
+  feats = encoder.image_features(params, views.reshape((-1,) + images.shape[1:]))
+  feats = feats.reshape(neighbours, images.shape[0], -1)                        # (N, B, D)
+  vsse = jnp.mean(jnp.sum(jnp.square(feats - clean_reference[None]), axis=-1), axis=0)
+  mean_feat = l2_normalize(jnp.mean(feats, axis=0))                             # (B, D)
+  cos = jnp.einsum("bd,bkd->bk", mean_feat, captions)
+  if caption_weights is None:
+    cms = 1.0 - jnp.mean(cos, axis=-1)
+  else:
+    w = caption_weights.astype(jnp.float32)
+    cms = 1.0 - jnp.sum(cos * w, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)
+  return cms, vsse
+
+
+def mava(encoder: DualEncoder, params, clean_reference: jax.Array, captions: jax.Array, *, neighbours: int,
+         radius, caption_weights: jax.Array | None = None) -> LossFn:
+  """MAVA's inner loss CMS + VSSE (`mava_terms`); the loss's key draws the neighbours of each step."""
+
+  def loss_fn(images: jax.Array, key: jax.Array) -> jax.Array:
+    cms, vsse = mava_terms(encoder, params, images, key, clean_reference, captions, neighbours=neighbours,
+                           radius=radius, caption_weights=caption_weights)
+    return cms + vsse
+
+  return loss_fn
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,7 +337,7 @@ def scaled_views(images: jax.Array, key: jax.Array, scales: Sequence[float] = SG
   # One draw for all scales: a single random-number kernel (they are slow to compile on CPU).
   noise = noise_std * jax.random.normal(key, (len(scales),) + images.shape, images.dtype)
   views = [images]
-  for s, n in zip(scales, noise):
+  for s, n in zip(scales, noise, strict=True):
     small = resize_bicubic(images + n, int(s * h), int(s * w))
     views.append(resize_bicubic(jnp.clip(small, 0.0, 1.0), h, w))
   return views

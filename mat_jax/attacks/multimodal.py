@@ -38,6 +38,7 @@ from flax import nnx
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses as L
 from mat_jax.attacks.candidates import TextCandidates
+from mat_jax.attacks.spec import CO_STEP_SCALE, step_size_for
 from mat_jax.attacks.text import TextAttackResult, assemble, text_attack
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -117,8 +118,10 @@ def _sga_images(encoder, params, images, adv_ids, adv_mask, weights, key, eps, s
 
 
 # The attacks. Traceable (usable inside an outer jit, e.g. a training step), and without host syncs.
+# Named apart from the one-call wrappers of `mat_jax.attacks` (sep_attack, co_attack, sga_attack), which
+# take a model and strings: these take the explicit (encoder, params) and prepared candidates.
 
-def sep_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
+def separate_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
                key: jax.Array, caption_weights: jax.Array | None = None, *, eps, step_size, steps,
                norm: str = "linf", image_loss: str = "cosine", max_changes: int = 1,
                chunk_size: int | None = None) -> MultimodalResult:
@@ -134,7 +137,7 @@ def sep_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candi
   return MultimodalResult(adv, text)
 
 
-def co_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
+def collaborative_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
               key: jax.Array, caption_weights: jax.Array | None = None, *, eps, steps, step_size=None,
               alpha: float = 3.0, norm: str = "linf", max_changes: int = 1,
               chunk_size: int | None = None) -> MultimodalResult:
@@ -144,8 +147,7 @@ def co_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candid
   """
   b, k = images.shape[0], _captions_per_image(images, candidates)
   weights = _weights(caption_weights, b, k)
-  if step_size is None:
-    step_size = eps / steps * 1.25
+  step_size = step_size_for(eps, steps, step_size, CO_STEP_SCALE)
   text = text_attack(encoder, params, candidates, None, objective="kl",
                      **_text_kw(max_changes, chunk_size))
   adv = _co_images(encoder, params, images, text.input_ids, text.attention_mask, weights, key, eps, step_size,
@@ -153,7 +155,7 @@ def co_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candid
   return MultimodalResult(adv, text)
 
 
-def sga_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
+def set_guidance_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
                key: jax.Array, caption_weights: jax.Array | None = None, *, eps, step_size, steps,
                scales: Sequence[float] = L.SGA_SCALES, noise_std: float = 0.05, norm: str = "linf",
                max_changes: int = 1, chunk_size: int | None = None) -> MultimodalResult:

@@ -223,9 +223,9 @@ def run_sga(args: argparse.Namespace) -> dict:
   def attack(start: int):
     idx = np.minimum(np.arange(start, start + b), n - 1)
     rows = (idx[:, None] * k + np.arange(k)).reshape(-1)
-    return multimodal.sga_attack(encoder, params, jnp.asarray(images[idx]),
-                                 multimodal.select_candidates(candidates, rows), jax.random.key(start),
-                                 eps=2 / 255, step_size=0.5 / 255, steps=args.sga_steps)
+    return multimodal.set_guidance_attack(encoder, params, jnp.asarray(images[idx]),
+                                          multimodal.select_candidates(candidates, rows), jax.random.key(start),
+                                          eps=2 / 255, step_size=0.5 / 255, steps=args.sga_steps)
 
   t0 = time.perf_counter()
   common.block(attack(0))

@@ -8,7 +8,7 @@ waits for them. The last line is `compile: cold X s, warm Y s` (the sums over th
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
-cosine (`attacks.image.pgd_attack`), and SGA (`attacks.multimodal.sga_attack`) on shapes-world images
+cosine (`attacks.image.pgd_attack`), and SGA (`attacks.multimodal.set_guidance_attack`) on shapes-world images
 and captions with paraphrase (synonym-table) candidates.
 """
 
@@ -162,7 +162,7 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
     k = 5
     captions = [c for s in scenes for c in shapes.captions(s, rng, k)]
     candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
-    out["sga"] = _first_minus_steady(lambda: multimodal.sga_attack(
+    out["sga"] = _first_minus_steady(lambda: multimodal.set_guidance_attack(
         encoder, params, images, candidates, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10),
         cpu, "sga")
   out.update({f"{name}_cpu": seconds for name, seconds in cpu.items()})

@@ -14,6 +14,13 @@ the parameters (as in every reference implementation).
 `batch` is the device batch: `images` (B, H, W, 3) in [0, 1], `input_ids`/`attention_mask` (B, L) or
 (B, K, L), `image_ids` (B,), and for objectives with a text attack (`needs_text_candidates`) the
 candidate arrays the input pipeline attached (see `mat_jax.training.inputs`).
+
+An adversarial objective names its inner attack in its `attack` field: a name of the attack registry
+(`mat_jax.attacks.spec.ATTACKS`, the names `mat_jax.evaluate` runs), by default the published one
+(mat for MAT and MAT+, tecoa, mmcoa, fare, mava), at the objective's own budget (eps, steps, step_size,
+text_changes). `attack_batch` runs it (`mat_jax.attacks.runner.run_attack`) and the objective takes from
+the adversarial batch what its formula uses: MAT the adversarial pairs (x', t'), MMCoA (x, t') and
+(x', t), TeCoA, FARE and MAVA the adversarial images x' only.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mat_jax.attacks import spec as attack_specs
+from mat_jax.attacks.losses import positives as positives  # the objectives' name for it
+from mat_jax.attacks.runner import AttackInputs, AttackResult, run_attack
+from mat_jax.attacks.spec import AttackSpec
 from mat_jax.models import DualEncoder
 
 Metrics = dict[str, jax.Array]
@@ -35,10 +46,20 @@ class Objective:
   name: ClassVar[str] = ""
   # The frozen original parameters are passed as `reference` (FARE, MAVA).
   needs_reference: ClassVar[bool] = False
-  # The batch carries text-attack candidates (MAT, MAT+, MMCoA).
-  needs_text_candidates: ClassVar[bool] = False
   # The published recipe's towers; the config's train.towers decides.
   default_towers: ClassVar[str] = "all"
+
+  def inner_attack(self) -> AttackSpec | None:
+    """The attack the objective trains against (None: clean training). Adversarial objectives name it in
+    their `attack` field (a `mat_jax.attacks.spec.ATTACKS` name, by default the published one) and set
+    its budget from their own fields."""
+    return None
+
+  @property
+  def needs_text_candidates(self) -> bool:
+    """The batch must carry text-attack candidates: the inner attack changes captions."""
+    spec = self.inner_attack()
+    return spec is not None and spec.attacks_text
 
   def loss(self, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array],
            key: jax.Array, reference: nnx.State | None = None) -> tuple[jax.Array, Metrics]:
@@ -65,8 +86,30 @@ def texts_per_image(input_ids: jax.Array) -> int:
   return input_ids.shape[1] if input_ids.ndim == 3 else 1
 
 
-def positives(image_ids: jax.Array | None, batch: int, k: int) -> jax.Array:
-  """(B, B·K) bool: image b's positives among the flattened texts (its K captions, and those of any
-  image sharing its id)."""
-  groups = jnp.arange(batch) if image_ids is None else image_ids
-  return groups[:, None] == jnp.repeat(groups, k)[None, :]
+def inner_attack(name: str, **budget: Any) -> AttackSpec:
+  """The registry's attack `name` at the objective's budget (eps, steps, step_size, max_changes, ...)."""
+  return attack_specs.get(name).replace(**budget)
+
+
+def attack_batch(objective: Objective, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array],
+                 key: jax.Array, reference: nnx.State | None = None) -> tuple[AttackResult, dict[str, jax.Array]]:
+  """Run the objective's inner attack on the batch (params are the attack's constants, see `frozen`).
+
+  Returns the attack's result and the adversarial batch shaped like the clean one: images, input_ids,
+  attention_mask (clean where the attack leaves a modality alone) and text_changed (the fraction of
+  captions the text attack changed; 0 without one).
+  """
+  from mat_jax.training.inputs import candidates_from_batch  # the batch layout of the input pipeline
+
+  spec = objective.inner_attack()
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  candidates = candidates_from_batch(batch, objective.candidate_meta) if spec.attacks_text else None
+  inputs = AttackInputs(batch["images"], ids, mask, image_ids=batch.get("image_ids"), candidates=candidates)
+  result = run_attack(spec, encoder, params, inputs, key, reference)
+  adv = {"images": batch["images"] if result.images is None else result.images, "input_ids": ids,
+         "attention_mask": mask, "text_changed": jnp.zeros((), jnp.float32)}
+  if result.text is not None:
+    adv["input_ids"] = result.text.input_ids.reshape(ids.shape)
+    adv["attention_mask"] = result.text.attention_mask.reshape(ids.shape)
+    adv["text_changed"] = jnp.mean((result.text.changed_words[:, 0] >= 0).astype(jnp.float32))
+  return result, adv

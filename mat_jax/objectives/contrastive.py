@@ -19,21 +19,15 @@ image and distinct ids this is exactly CLIP's loss (mean cross-entropy over rows
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# The temperature (CLIP's clamp at 100) is shared with the attacks' contrastive loss: one definition.
+from mat_jax.attacks.losses import temperature
 from mat_jax.models import DualEncoder
 from mat_jax.objectives.base import Metrics, Objective
-
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100
-
-
-def temperature(logit_scale: jax.Array) -> jax.Array:
-  return jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
                      image_groups: jax.Array, text_groups: jax.Array) -> tuple[jax.Array, Metrics]:

@@ -9,7 +9,9 @@ Every step makes multimodal adversarial examples, text first, then the image:
 3. the outer loss is the symmetric contrastive loss on the adversarial pairs (x', t'), plus
    `clean_weight` times the clean pairs' loss.
 
-Both attacks run on the parameters as constants (the outer gradient is taken at the adversarial point).
+Steps 1-2 are the registry's "mat" attack (`mat_jax.attacks.spec`), which evaluation runs too; `attack`
+names another (e.g. "sga") to train against it. Both attacks run on the parameters as constants (the
+outer gradient is taken at the adversarial point).
 MAT+ is the same objective fed one-to-many data: K captions per image (`data.captions_per_image`) and
 cross-modal / intra-modal augmentations chosen in `data.augmentations` (i2t, t2i, hflip, eda,
 image_jitter); the contrastive losses then treat every caption of an image (and every image sharing an
@@ -20,48 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
-from mat_jax.attacks import losses as attack_losses
-from mat_jax.attacks.image import pgd
-from mat_jax.attacks.text import text_attack
 from mat_jax.objectives import base
 from mat_jax.objectives.contrastive import batch_clip_loss, temperature
-
-
-def adversarial_texts(encoder, attack_params, batch, meta, guide_features, max_changes: int):
-  """Text attack on the batch's captions guided by one image feature per image (B, D).
-
-  Returns adversarial (ids, mask) shaped like the batch's and the fraction of captions changed.
-  """
-  from mat_jax.training.inputs import candidates_from_batch
-
-  ids = batch["input_ids"]
-  k = base.texts_per_image(ids)
-  guide = jnp.repeat(guide_features, k, axis=0)  # one row per flattened caption
-  result = text_attack(encoder, attack_params, candidates_from_batch(batch, meta), guide,
-                       objective="image", max_changes=max_changes)
-  changed = jnp.mean((result.changed_words[:, 0] >= 0).astype(jnp.float32))
-  return result.input_ids.reshape(ids.shape), result.attention_mask.reshape(ids.shape), changed
-
-
-def guided_pgd(encoder, attack_params, images, text_features, image_ids, key, *, eps, step_size, steps):
-  """PGD on each image's contrastive cross-entropy against the given (adversarial) texts."""
-  batch = images.shape[0]
-  k = text_features.shape[1] if text_features.ndim == 3 else 1
-  flat = text_features.reshape(batch * k, -1)
-  loss_fn = attack_losses.contrastive(
-      encoder, attack_params, flat, base.positives(image_ids, batch, k),
-      logit_scale=temperature(encoder.logit_scale(attack_params)))
-  return pgd(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps)
 
 
 @dataclasses.dataclass(frozen=True)
 class MAT(base.Objective):
   """Multimodal adversarial training (module docstring)."""
   name = "mat"
-  needs_text_candidates = True
 
+  attack: str = "mat"         # the inner attack (mat_jax.attacks.spec.ATTACKS)
   eps: float = 2 / 255        # image budget (L∞, pixel units)
   steps: int = 2              # PGD steps in training
   step_size: float = 1 / 255
@@ -72,24 +42,23 @@ class MAT(base.Objective):
   one_to_one: bool = False
   candidate_meta: object = base.internal()
 
+  def inner_attack(self):
+    return base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size,
+                             max_changes=self.text_changes)
+
   def loss(self, encoder, params, batch, key, reference=None):
     del reference
-    attack_params = base.frozen(params)
-    images, image_ids = batch["images"], batch.get("image_ids")
-    clean_images = encoder.image_features(attack_params, images)
-    adv_ids, adv_mask, changed = adversarial_texts(encoder, attack_params, batch, self.candidate_meta,
-                                                   clean_images, self.text_changes)
-    adv_text = encoder.text_features(attack_params, adv_ids, adv_mask)
-    adv_images = guided_pgd(encoder, attack_params, images, adv_text, image_ids, key, eps=self.eps,
-                            step_size=self.step_size, steps=self.steps)
-    loss, metrics = batch_clip_loss(encoder, params, adv_images, adv_ids, adv_mask, image_ids, self.one_to_one)
+    image_ids = batch.get("image_ids")
+    _, adv = base.attack_batch(self, encoder, base.frozen(params), batch, key)
+    loss, metrics = batch_clip_loss(encoder, params, adv["images"], adv["input_ids"], adv["attention_mask"],
+                                    image_ids, self.one_to_one)
     metrics = {f"adv_{k}": v for k, v in metrics.items()}
     if self.clean_weight:
-      clean_loss, _ = batch_clip_loss(encoder, params, images, batch["input_ids"], batch["attention_mask"],
+      clean_loss, _ = batch_clip_loss(encoder, params, batch["images"], batch["input_ids"], batch["attention_mask"],
                                       image_ids, self.one_to_one)
       metrics["clean_loss"] = clean_loss
       loss = loss + self.clean_weight * clean_loss
-    metrics["text_changed"] = changed
+    metrics["text_changed"] = adv["text_changed"]
     metrics["temperature"] = temperature(encoder.logit_scale(params))
     return loss, metrics
 

@@ -15,7 +15,8 @@ text (appendix B.3.3: "maximizing cosine similarity ... preserves semantic align
 is an alignment term, so here CMS is the dissimilarity 1 − cos: the attack lowers the alignment, the
 defence restores it. The neighbours are clipped to [0, 1] like any image. The paper does not give β;
 the default 0.5 keeps the neighbours inside half the attack budget. Vision tower only (text frozen),
-a, b, c = 0.002, 0.4, 0.6, N = 3, 10 PGD steps.
+a, b, c = 0.002, 0.4, 0.6, N = 3, 10 PGD steps. The inner attack is the registry's "mava"
+(`mat_jax.attacks.losses.mava`); another `attack` changes how v' is made, the outer loss stays.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mat_jax.attacks.image import pgd
+from mat_jax.attacks.losses import mava_terms
 from mat_jax.models.clip import l2_normalize
 from mat_jax.objectives import base
 
@@ -36,6 +37,7 @@ class MAVA(base.Objective):
   needs_reference = True
   default_towers = "vision"
 
+  attack: str = "mava"        # the inner attack (mat_jax.attacks.spec.ATTACKS)
   eps: float = 2 / 255
   steps: int = 10
   step_size: float = 1 / 255
@@ -44,18 +46,11 @@ class MAVA(base.Objective):
   a: float = 0.002            # CMS weight (outer)
   b: float = 0.4              # VSSE weight
   c: float = 0.6              # SCA weight
+  candidate_meta: object = base.internal()
 
-  def _terms(self, encoder, params, images, key, clean_original, captions):
-    """(CMS, VSSE) per image at `images` (the adversarial point), N noisy neighbours drawn with `key`."""
-    noise = jax.random.uniform(key, (self.neighbours,) + images.shape, minval=-self.beta * self.eps,
-                               maxval=self.beta * self.eps)
-    neighbours = jnp.clip(images[None] + noise, 0.0, 1.0)
-    feats = encoder.image_features(params, neighbours.reshape((-1,) + images.shape[1:]))
-    feats = feats.reshape(self.neighbours, images.shape[0], -1)                   # (N, B, D)
-    vsse = jnp.mean(jnp.sum(jnp.square(feats - clean_original[None]), axis=-1), axis=0)
-    mean_feat = l2_normalize(jnp.mean(feats, axis=0))                              # (B, D)
-    cms = 1.0 - jnp.mean(jnp.einsum("bd,bkd->bk", mean_feat, captions), axis=-1)
-    return cms, vsse
+  def inner_attack(self):
+    return base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size,
+                             neighbours=self.neighbours, beta=self.beta)
 
   def loss(self, encoder, params, batch, key, reference=None):
     if reference is None:
@@ -67,13 +62,9 @@ class MAVA(base.Objective):
     if captions.ndim == 2:
       captions = captions[:, None, :]
     attack_key, outer_key = jax.random.split(key)
-
-    def inner(x, step_key):
-      cms, vsse = self._terms(encoder, attack_params, x, step_key, clean_original, captions)
-      return cms + vsse
-
-    adv_images = pgd(inner, images, attack_key, eps=self.eps, step_size=self.step_size, steps=self.steps)
-    cms, vsse = self._terms(encoder, params, adv_images, outer_key, clean_original, captions)
+    _, adv = base.attack_batch(self, encoder, attack_params, batch, attack_key, base.frozen(reference))
+    cms, vsse = mava_terms(encoder, params, adv["images"], outer_key, clean_original, captions,
+                           neighbours=self.neighbours, radius=self.beta * self.eps)
     sca = 0.5 * jnp.sum(jnp.square(encoder.image_features(params, images) - clean_original), axis=-1)
     cms, vsse, sca = jnp.mean(cms), jnp.mean(vsse), jnp.mean(sca)
     loss = self.a * cms + self.b * vsse + self.c * sca
