@@ -67,14 +67,15 @@ def get_config(arg=None):
   if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1
-    c.eval_images = 24
+    c.eval_images = 12
     c.eval_batch = 12
     c.bootstrap = 200
     c.model_source = "tiny"
     c.text_source = "paraphrase"  # no MLM to train; "bert" then runs the paraphrase source too
-    c.budget = dict(train=dict(steps=2, batch_size=24, log_every=1, checkpoint_every=2),
+    c.budget = dict(train=dict(steps=2, batch_size=16, log_every=1, checkpoint_every=2),
                     schedule=dict(warmup_steps=1))
-    c.data = dict(build_train=48, build_val=8, build_test=24)
-    c.arms = {"clean_ft": c.arms["clean_ft"], "mat": c.arms["mat"],
-              "matplus": _arm("matplus", ABLATION_ATTACKS)}
+    c.data = dict(build_train=32, build_val=8, build_test=12)
+    # The control and one defense under one attack of each kind (none, text, multimodal): a claim to
+    # compute, and every step of a study (train, evaluate, resume, report) run once.
+    c.arms = {"clean_ft": _arm("clean_ft", ("clean", "bert", "co")), "mat": _arm("mat", ("clean", "bert", "co"))}
   return c

@@ -28,3 +28,19 @@ def devices():
   devs = jax.devices()
   assert len(devs) == 8, f"expected 8 simulated devices, got {devs}"
   return devs
+
+
+# The files that take longest, longest first (see docs/testing.md). Under `pytest -n 2` (`--dist loadfile`
+# in pyproject.toml: a file's module fixtures are built once, by one worker) the workers take files in
+# collection order, so these go first and the many short files fill in at the end: the two workers then
+# finish within a short file of each other.
+LONGEST_FIRST = ("test_accel.py", "test_study.py", "test_multimodal.py", "test_blip_attacks.py", "test_objectives.py",
+                 "test_checkpoint.py", "test_notebooks.py", "test_train.py", "test_train_multiprocess.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+  items.sort(key=rank)  # stable: each file keeps its own order

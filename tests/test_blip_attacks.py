@@ -109,8 +109,11 @@ def test_evaluate_attacks_blip_with_itm_reranking(dirs, tmp_path, monkeypatch):
   eval_set = _EvalSet(6)
   monkeypatch.setattr(ev, "load_dataset", lambda *a, **k: eval_set)
   out = tmp_path / "out"
+  # The paraphrase source: the default (the shapes MLM, trained on first use) is resolved and tested in
+  # test_text_threat; BLIP's side of the text attack is the same for every source.
   assert ev.main(["--model", str(dirs["blip"]), "--attacks", "pgd,bert,co,sga", "--eps", "0,2", "--steps", "2",
-                  "--itm-k", "4", "--batch-size", "3", "--out", str(out), "--no-progress"]) == 0
+                  "--itm-k", "4", "--batch-size", "3", "--text-source", "paraphrase", "--out", str(out),
+                  "--no-progress"]) == 0
   results = json.loads((out / "results.json").read_text())
   assert results["settings"]["itm_k"] == 4
   assert set(results["attacks"]) == {"pgd", "bert", "co", "sga"}

@@ -12,8 +12,7 @@ from mat_jax import config as config_lib
 from mat_jax.models import BLIP, load_blip
 from mat_jax.training import loop
 
-MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
-         "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,embed_dim=32")
+from helpers import MICRO_BLIP as MICRO
 
 
 @pytest.fixture(scope="module")

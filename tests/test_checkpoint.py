@@ -15,9 +15,9 @@ from mat_jax import config as config_lib
 from mat_jax.training import loop
 from mat_jax.workdir import LOCK_FILE
 
-MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
-         "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
-STEPS = 80
+from helpers import MICRO
+
+STEPS = 30  # checkpoints at 10, 20 (where the run is killed) and 30: keep-2 must drop one
 
 EXPERIMENT = f'''
 import ml_collections

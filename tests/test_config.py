@@ -7,6 +7,8 @@ import pytest
 from mat_jax import config as config_lib
 from mat_jax.training import optim
 
+from helpers import MICRO
+
 # Training experiments (study files, experiments/study_*.py, are `mat_jax.study`'s and tested there).
 EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.py")
                      if not p.name.startswith("study_"))
@@ -258,9 +260,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, override, m
 
 def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys):
   from mat_jax import train
-  micro = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
-           "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
-  path = _write(tmp_path, f"return dict(train=dict(batch_size=8), model=dict(overrides={micro!r}), "
+  path = _write(tmp_path, f"return dict(train=dict(batch_size=8), model=dict(overrides={MICRO!r}), "
                           f"data=dict(name='nosuch', data_dir={str(tmp_path / 'data')!r}))")
   argv = ["--config", str(path), "--workdir", str(tmp_path / "run"), "--no-progress"]
   assert train.main(argv + ["--config.model.source=/nope"]) == 2

@@ -225,7 +225,7 @@ def test_records_without_image_id_are_refused(world):
 def test_worker_processes_deliver_the_same_batches(world):
   threads = _take(_pipe(world, 4, seed=3), 2)
   processes = _take(_pipe(world, 4, seed=3, num_workers=1), 2)
-  for a, b in zip(threads, processes):
+  for a, b in zip(threads, processes, strict=True):
     np.testing.assert_array_equal(a["image_ids"], b["image_ids"])
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
 

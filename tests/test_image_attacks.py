@@ -121,7 +121,7 @@ def test_vmap_over_eps(setup):
   eps_values = jnp.asarray([0.0, 2 / 255, 8 / 255])
   batched = jax.jit(jax.vmap(lambda e: pgd_linf(params, images, texts, jax.random.key(5), e, e / 4, 6)))
   stacked = batched(eps_values)
-  for e, adv in zip(eps_values, stacked):
+  for e, adv in zip(eps_values, stacked, strict=True):
     single = pgd_linf(params, images, texts, jax.random.key(5), e, e / 4, 6)
     np.testing.assert_allclose(np.asarray(adv), np.asarray(single), atol=1e-6)
     assert float(jnp.max(jnp.abs(adv - images))) <= float(e) + 1e-6

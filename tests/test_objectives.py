@@ -1,8 +1,6 @@
 """Every defense as a train step: two steps on 8 simulated devices, a micro CLIP, a shapes-world batch
 with text-attack candidates. MAT also against one device, and its attacks must raise the loss."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -12,8 +10,8 @@ from mat_jax import mesh as mesh_lib
 from mat_jax.training import inputs, loop, setup
 from mat_jax.training import step as step_lib
 
-MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
-         "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
+from helpers import MICRO
+
 BATCH = 8
 # Cheap attacks: one PGD step (MAVA/FARE inner loops run on every call of the loss).
 OBJECTIVES = {
@@ -40,22 +38,18 @@ def _config(root, objective, towers="all", k=1):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   root = tmp_path_factory.mktemp("objectives")
-  old = os.environ.get("MAT_JAX_CACHE_DIR")
-  os.environ["MAT_JAX_CACHE_DIR"] = str(root / "cache")
-  config = _config(root, {"name": "matplus"}, k=2)
-  model, tokenizer = setup.load_model(config, log=lambda _: None)
-  builder = setup.data_builder(config, 16, log=lambda _: None)
-  attach = loop.candidate_transform(config, tokenizer)
-  two = attach(next(setup.train_iterator(config, builder, tokenizer, BATCH, process_index=0,
-                                         process_count=1)))
-  # The same batch with each image's first caption only (per-caption arrays have K on axis 1).
-  per_caption = {"captions", "input_ids", "attention_mask"} | {f"cand_{n}" for n in inputs.PER_CAPTION}
-  one = {k: v[:, 0] if k in per_caption else v for k, v in two.items()}
-  yield root, model, tokenizer, {1: one, 2: two}
-  if old is None:
-    os.environ.pop("MAT_JAX_CACHE_DIR", None)
-  else:
-    os.environ["MAT_JAX_CACHE_DIR"] = old
+  with pytest.MonkeyPatch.context() as patch:  # the module's cache (the shapes tokenizer), restored after it
+    patch.setenv("MAT_JAX_CACHE_DIR", str(root / "cache"))
+    config = _config(root, {"name": "matplus"}, k=2)
+    model, tokenizer = setup.load_model(config, log=lambda _: None)
+    builder = setup.data_builder(config, 16, log=lambda _: None)
+    attach = loop.candidate_transform(config, tokenizer)
+    two = attach(next(setup.train_iterator(config, builder, tokenizer, BATCH, process_index=0,
+                                           process_count=1)))
+    # The same batch with each image's first caption only (per-caption arrays have K on axis 1).
+    per_caption = {"captions", "input_ids", "attention_mask"} | {f"cand_{n}" for n in inputs.PER_CAPTION}
+    one = {k: v[:, 0] if k in per_caption else v for k, v in two.items()}
+    yield root, model, tokenizer, {1: one, 2: two}
 
 
 def _steps(world, objective, towers, k, spec="8", count=2):
@@ -81,8 +75,9 @@ def test_two_steps_on_8_devices(world, devices, name):
   assert int(state.step) == 2 and int(state.bad_step) == -1
   assert all(np.isfinite(h["loss"]) for h in history)
   roots = {}
-  for (path, new), (_, old) in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
-                                   jax.tree_util.tree_flatten_with_path(run.params)[0]):
+  for (path, new), (old_path, old) in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
+                                          jax.tree_util.tree_flatten_with_path(run.params)[0], strict=True):
+    assert path == old_path
     key = path[0].key
     roots[key] = roots.get(key, False) or not np.array_equal(np.asarray(new), np.asarray(old))
   if towers == "vision":
@@ -107,9 +102,9 @@ def test_matplus_on_8_devices_matches_one_device_and_its_attacks_raise_the_loss(
     assert h["adv_i2t_loss"] + h["adv_t2i_loss"] > 2 * h["clean_loss"]
     assert h["text_changed"] > 0
   update8 = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
-                            zip(jax.tree.leaves(state8.params), jax.tree.leaves(run.params))])
+                            zip(jax.tree.leaves(state8.params), jax.tree.leaves(run.params), strict=True)])
   update1 = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
-                            zip(jax.tree.leaves(state1.params), jax.tree.leaves(run.params))])
+                            zip(jax.tree.leaves(state1.params), jax.tree.leaves(run.params), strict=True)])
   assert np.linalg.norm(update1) > 0
   assert np.linalg.norm(update8 - update1) <= 1e-5 * np.linalg.norm(update1)
   np.testing.assert_allclose([h["loss"] for h in history8], [h["loss"] for h in history1], rtol=1e-5)

@@ -25,6 +25,7 @@ from mat_jax.models import CLIP, clip_config, split
 from mat_jax.training import loop, setup
 from mat_jax.workdir import LOCK_FILE, WorkdirLock, WorkdirLockedError
 
+from helpers import MICRO
 from test_train import micro_config
 
 
@@ -183,9 +184,7 @@ def test_get_config_raising_is_one_line_naming_the_line(tmp_path):
 @pytest.fixture(scope="module")
 def micro_clip():
   cfg = clip_config("tiny")
-  cfg = setup.parse_model_overrides(
-      "vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,text.layers=1,"
-      "text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32,text.context_length=24", cfg)
+  cfg = setup.parse_model_overrides(f"{MICRO},text.context_length=24", cfg)
   return CLIP(cfg, rngs=nnx.Rngs(0))
 
 

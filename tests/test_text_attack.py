@@ -313,7 +313,8 @@ def test_objectives(kl_attack_2):
 def test_deterministic_compiles_once_and_differentiable_context(model, tok, cands, guide, image_attack_1):
   encoder, params = model
   again = text_attack(encoder, params, cands, guide, objective="image", max_changes=1)
-  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(image_attack_1)):
+  assert jax.tree.structure(again) == jax.tree.structure(image_attack_1)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(image_attack_1), strict=True):
     np.testing.assert_array_equal(a, b)
   before = _compiled_text_attack._cache_size()
   # Other captions with the same fixed shapes: no new compilation.

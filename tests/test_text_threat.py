@@ -103,6 +103,18 @@ def test_source_names_in_configs_and_cli():
     assert (ta.source, ta.bert, ta.top_k) == ("bert", "shapes-mlm", 10)
 
 
+
+def test_cli_text_source_auto_is_the_shapes_mlm_on_shapes_data(monkeypatch):
+  # What `python -m mat_jax.evaluate` attacks captions with when --text-source is not given (the end-to-end
+  # command-line tests name a cheaper source; building the MLM is tested above).
+  made = []
+  monkeypatch.setattr(inputs, "make_source", lambda name, *, bert, top_k: made.append((name, bert, top_k)))
+  evaluate_lib._text_source("auto", "shapes", None, 10)
+  evaluate_lib._text_source("auto", "flickr30k", "./my-bert", 5)
+  evaluate_lib._text_source("auto", "flickr30k", None, 7)
+  assert made == [("bert", "shapes-mlm", 10), ("bert", "./my-bert", 5), ("charedit", "", 7)]
+  assert evaluate_lib.build_parser().parse_args(["--model", "x"]).text_source == "auto"
+
 def test_resolve_bert_builds_into_the_cache_once(tmp_path, monkeypatch):
   monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(tmp_path))
   built = []

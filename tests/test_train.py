@@ -5,7 +5,6 @@ falls, the run's outputs (metrics, checkpoints, exported model), and the NaN sto
 """
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -17,23 +16,19 @@ from mat_jax import mesh as mesh_lib
 from mat_jax.training import loop, setup
 from mat_jax.training import step as step_lib
 
+from helpers import MICRO
+
 # Learns quickly (16 patches of 4 px, width 64): the loss-falls test.
 LEARNER = ("vision.image_size=16,vision.patch_size=4,vision.layers=1,vision.width=64,vision.heads=4,"
            "vision.mlp_dim=128,text.layers=1,text.width=64,text.heads=4,text.mlp_dim=128,projection_dim=64")
-MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
-         "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   root = tmp_path_factory.mktemp("train")
-  old = os.environ.get("MAT_JAX_CACHE_DIR")
-  os.environ["MAT_JAX_CACHE_DIR"] = str(root / "cache")  # the shapes tokenizer is cached there
-  yield root
-  if old is None:
-    os.environ.pop("MAT_JAX_CACHE_DIR", None)
-  else:
-    os.environ["MAT_JAX_CACHE_DIR"] = old
+  with pytest.MonkeyPatch.context() as patch:  # restored after the module
+    patch.setenv("MAT_JAX_CACHE_DIR", str(root / "cache"))  # the shapes tokenizer is cached there
+    yield root
 
 
 def micro_config(root, overrides=(), **sections):
@@ -77,7 +72,7 @@ def _two_steps(run, batch, spec, mode="replicated"):
 
 def _update(params, before):
   return np.concatenate([np.ravel(np.asarray(a) - np.asarray(b))
-                         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before))])
+                         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before), strict=True)])
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
-         "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
+from helpers import MICRO
+
 BATCH = 16
 
 
