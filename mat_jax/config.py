@@ -28,32 +28,32 @@ defaults before its other keys are overridden.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import traceback
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
-from mat_jax.errors import MatJaxError
+from mat_jax import objectives
+from mat_jax.attacks import ATTACK_NAMES
+from mat_jax.attacks.candidates import SOURCES
+from mat_jax.data import pipeline, shapes
+from mat_jax.errors import ConfigError
 
 ANY = object()  # schema marker: any value accepted
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
 
 
-class ConfigError(MatJaxError, ValueError):
-  """An experiment file or override that does not fit the schema."""
-
-
 def defaults() -> ml_collections.ConfigDict:
   """Every key an experiment may set, with its default (and so its type)."""
-  from mat_jax.data import corpora  # the shapes world's default build lives there (deferred: tfds is slow)
-
   c = ml_collections.ConfigDict()
   c.name = ""                      # experiment name, used for logs and the default workdir
   c.seed = 0                       # parameter init, data order and attack randomness all derive from it
@@ -77,10 +77,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, hflip, ...)
   c.data.renderings_per_scene = 1  # R > 1: R renderings of each scene in a batch, positives of its captions
   c.data.worker_count = 0          # Grain worker processes (0 = in the main process)
-  c.data.build_train = corpora.DEFAULT_SHAPES_TRAIN  # sizes used when the shapes world must be built
+  c.data.build_train = shapes.BUILD_TRAIN  # sizes used when the shapes world must be built
   c.data.build_val = 1000
   c.data.build_test = 1000
-  c.data.image_size = corpora.DEFAULT_SHAPES_IMAGE_SIZE  # the tiny preset's input size
+  c.data.image_size = shapes.BUILD_IMAGE_SIZE  # the tiny preset's input size
 
   c.text_attack = ml_collections.ConfigDict()
   c.text_attack.source = "bert"    # bert (BERT-Attack: MLM proposals) | paraphrase (shapes synonyms) | charedit
@@ -221,7 +221,6 @@ def _run_get_config(module: Any, path: Path, arg: str | None) -> Any:
 
 def _where(err: BaseException, path: Path) -> str:
   """file:line of the innermost frame of `err` in the experiment file (or a file it imports)."""
-  import traceback
   frames = traceback.extract_tb(err.__traceback__)
   resolved = str(path.resolve())
   mine = [f for f in frames if str(Path(f.filename).resolve()) == resolved] or frames[-1:]
@@ -304,7 +303,6 @@ def _coerce(name: str, default: Any, value: Any, origin: str) -> Any:
 
 
 def _objective_class(name: Any, origin: str) -> type:
-  from mat_jax import objectives  # deferred: objectives import jax and the attacks
 
   if name not in objectives.OBJECTIVES:
     close = difflib.get_close_matches(str(name), list(objectives.OBJECTIVES), n=1)
@@ -315,7 +313,6 @@ def _objective_class(name: Any, origin: str) -> type:
 
 
 def _objective_section(section: dict, origin: str, keep_known_only: bool = False) -> dict:
-  from mat_jax import objectives
 
   name = section.get("name", "contrastive")
   cls = _objective_class(name, origin)
@@ -345,7 +342,7 @@ _CHOICES = {
     ("mesh", "param_sharding"): ("replicated", "fsdp", "logical"),
     ("model", "dtype"): ("auto", "float32", "bfloat16"),
     ("model", "attention"): ("auto", "einsum", "xla", "cudnn"),
-    ("text_attack", "source"): ("bert", "paraphrase", "charedit"),
+    ("text_attack", "source"): SOURCES,
 }
 
 
@@ -370,9 +367,6 @@ _RANGES = {
 
 
 def _check_values(config: dict) -> None:
-  from mat_jax.data import pipeline  # already loaded with corpora by defaults()
-  from mat_jax.evaluate import ATTACKS  # deferred like the objectives; evaluation's names decide
-
   if config["text_attack"]["source"] == "lexicon":
     raise ConfigError(RENAMED_LEXICON)
   for (section, key), choices in _CHOICES.items():
@@ -386,11 +380,11 @@ def _check_values(config: dict) -> None:
   for (section, key), (allowed, ok) in _RANGES.items():
     if not ok(config[section][key]):
       raise ConfigError(f"{section}.{key}={config[section][key]!r} must be {allowed}")
-  unknown = [a for a in config["eval"]["attacks"] if a not in ATTACKS]
+  unknown = [a for a in config["eval"]["attacks"] if a not in ATTACK_NAMES]
   if unknown:
-    close = {a: difflib.get_close_matches(str(a), ATTACKS, n=1) for a in unknown}
+    close = {a: difflib.get_close_matches(str(a), ATTACK_NAMES, n=1) for a in unknown}
     hints = "".join(f" ({a!r}: did you mean {c[0]!r}?)" for a, c in close.items() if c)
-    raise ConfigError(f"eval.attacks: unknown attack(s) {unknown}{hints}; choose from {', '.join(ATTACKS)}")
+    raise ConfigError(f"eval.attacks: unknown attack(s) {unknown}{hints}; choose from {', '.join(ATTACK_NAMES)}")
   try:
     pipeline.parse_augmentations(tuple(config["data"]["augmentations"]))
   except ValueError as err:
@@ -514,7 +508,6 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
   hyper-parameters, the seed, the data stream's augmentations). A resume under another fingerprint
   would mix two runs, so the checkpointer refuses it; learning rate, schedule, logging and evaluation
   settings may change between restarts."""
-  import dataclasses
 
   opt = config.optimizer
   parts: dict[str, Any] = {

@@ -29,6 +29,11 @@ class MatJaxError(Exception):
   """An error in what the user gave (input, files, settings); its message says what to do."""
 
 
+class ConfigError(MatJaxError, ValueError):
+  """An experiment file or override that does not fit the schema, or a model config (config.json) that a
+  port cannot represent faithfully: one class, so one `except ConfigError` covers both."""
+
+
 class InputError(MatJaxError, ValueError):
   """A value passed to a public function or command (pixels, eps, steps, token ids, indices) that the
   computation cannot take; checked on the host before anything is compiled."""

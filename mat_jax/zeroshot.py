@@ -45,6 +45,7 @@ from mat_jax import errors, metrics
 from mat_jax import evaluate as ev
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses as L
+from mat_jax.data import classification, imagefolder
 from mat_jax.data.classification import SHAPES_TASKS, ClassificationSet
 from mat_jax.models.clip import check_tokens_for
 from mat_jax.models.tokenizers import Tokenizer
@@ -346,7 +347,6 @@ def load_data(name: str, image_size: int, *, split: str = "test", num_images: in
               data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print
               ) -> ClassificationSet:
   """`shapes-colour-shape`, `shapes-count` (rendered at `image_size`) or an ImageFolder directory."""
-  from mat_jax.data import classification
 
   if name in DATASETS:
     count = num_images if limit is None else min(num_images, limit)
@@ -356,7 +356,6 @@ def load_data(name: str, image_size: int, *, split: str = "test", num_images: in
   if not path.is_dir():
     raise ZeroShotError(f"--data {name!r} is neither {' nor '.join(DATASETS)} nor an image folder (a directory "
                         "of class-named folders of images)")
-  from mat_jax.data import imagefolder
   builder = imagefolder.build_image_folder(path, image_size=image_size, data_dir=data_dir, log=log)
   return imagefolder.load_classification_set(builder, split, limit)
 

@@ -31,6 +31,9 @@ from mat_jax.models.clip import CLIP, check_pixels, check_text
 from mat_jax.models.dual_encoder import split
 from mat_jax.models.tokenizers import Tokenizer
 
+# The attacks `mat_jax.evaluate` runs, by name: experiment configs name them in eval.attacks.
+ATTACK_NAMES = ("pgd", "apgd", "bert", "sep", "co", "sga")
+
 __all__ = [
     "image_attack", "attack_text", "sep_attack", "co_attack", "sga_attack", "MultimodalAttack",
     "pgd", "apgd", "apgd_targeted", "text_attack", "adversarial_captions", "prepare_candidates",

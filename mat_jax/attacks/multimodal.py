@@ -37,7 +37,7 @@ from flax import nnx
 
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses as L
-from mat_jax.attacks.candidates import TextCandidates
+from mat_jax.attacks.candidates import TextCandidates, prepare_candidates
 from mat_jax.attacks.text import TextAttackResult, assemble, text_attack
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -194,7 +194,6 @@ def bucketed_candidates(captions, tokenizer, source, **kwargs) -> TextCandidates
   captions usually share one compiled text attack. Nothing is cut: every size only grows. Sizes the
   caller gives (e.g. top_k, max_targets, which also limit how many candidates and words are kept) stay
   as given."""
-  from mat_jax.attacks.candidates import prepare_candidates
 
   c = prepare_candidates(captions, tokenizer, source, **kwargs)
   words, pieces = c.word_pieces.shape[1:]

@@ -22,8 +22,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
-from mat_jax import config as config_lib
-from mat_jax.errors import MatJaxError
+from mat_jax.errors import ConfigError, MatJaxError
 from mat_jax.models import hub, layers
 from mat_jax.models.bert import BertConfig, BertForMaskedLM
 from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, resolve_dtype
@@ -35,11 +34,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHT_PATTERNS = ("config.json", "model*.safetensors", SAFETENSORS_INDEX, PREPROCESSOR_FILE)
 _SHOWN_PER_KIND = 40  # an error lists this many names per kind; the exception keeps them all
-
-
-# A config.json that this port cannot represent faithfully, or a config that config.json cannot: the same
-# class as an experiment config's error, so one `except ConfigError` covers both.
-ConfigError = config_lib.ConfigError
 
 
 class WeightsError(MatJaxError, ValueError):

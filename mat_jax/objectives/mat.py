@@ -23,6 +23,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from mat_jax.attacks import losses as attack_losses
+from mat_jax.attacks.candidates import candidates_from_batch
 from mat_jax.attacks.image import pgd
 from mat_jax.attacks.text import text_attack
 from mat_jax.objectives import base
@@ -34,8 +35,6 @@ def adversarial_texts(encoder, attack_params, batch, meta, guide_features, max_c
 
   Returns adversarial (ids, mask) shaped like the batch's and the fraction of captions changed.
   """
-  from mat_jax.training.inputs import candidates_from_batch
-
   ids = batch["input_ids"]
   k = base.texts_per_image(ids)
   guide = jnp.repeat(guide_features, k, axis=0)  # one row per flattened caption
