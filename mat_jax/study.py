@@ -35,7 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mat_jax import checkpoint, errors, paths, recipes, runs, runtime
+from mat_jax import errors, recipes, runs, runtime
+from mat_jax import paths as paths_lib
 from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.attacks.candidates import LexiconSource
@@ -248,7 +249,8 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
       t0 = time.perf_counter()
       run_dir = study_dir / "runs" / f"{arm.name}-s{seed}"
       cfg = run_config(study, arm, seed)
-      if not runs.is_trained(run_dir):
+      trained = runs.is_trained(run_dir)
+      if not trained:
         loop.ensure_cached_source(cfg.model.source, log=lambda _: None)  # the shared clean model, once
         loop.train(cfg, run_dir, log=lambda _: None, progress=False, evaluate=False)
       t_train = time.perf_counter() - t0
@@ -512,7 +514,7 @@ def _main(argv: Sequence[str] | None) -> int:
   # run after the first of its shape loads its train step instead of compiling it.
   runtime.enable_compilation_cache()
   study = load(args.config, quick=args.quick)
-  study_dir = Path(args.study_dir) if args.study_dir else paths.cache_root() / "studies" / study["name"]
+  study_dir = Path(args.study_dir) if args.study_dir else paths_lib.cache_root() / "studies" / study["name"]
   out = Path(args.out) if args.out else (study_dir if args.quick else DEFAULT_OUT)
   _out_dir = str(out)
   # Before hours of training: directories that cannot be written would lose the results at the end.

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mat_jax import checkpoint, runs
+from mat_jax import runs
 from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.data import corpora, pipeline
