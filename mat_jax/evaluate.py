@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mat_jax import checks, metrics, rerank, runs
+from mat_jax import checks, metrics, rerank
+from mat_jax import runs as runs_lib
 from mat_jax.attacks import ATTACK_NAMES, multimodal
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
@@ -545,14 +546,15 @@ def load_victim(source: str, tokenizer: str | None = None, **options: Any) -> Vi
   the one stored with the model, else the one beside it (the shapes world's for cached runs).
   `options`: execution options of the model (dtype, scan_layers, attention; see CLIPConfig). A cached run
   must be trained already (`mat_jax.training.loop.ensure_cached_run`; the command line does it)."""
-  model, tok = runs.load_model(source)
+  model, tok = runs_lib.load_model(source)
   if options:
-    model = runs.with_options(model, **options)
+    model = runs_lib.with_options(model, **options)
   context = model.config.text.context_length
   if tokenizer is not None:
-    tok = runs.resolve_tokenizer(tokenizer, context)
+    tok = runs_lib.resolve_tokenizer(tokenizer, context)
   if tok is None:
-    tok = runs.resolve_tokenizer(runs.SHAPES_SOURCE if runs.cached_name(source) else source, context)
+    # The tokenizer beside the weights; a cached run without one is a shapes-world model.
+    tok = runs_lib.resolve_tokenizer(runs_lib.SHAPES_SOURCE if runs_lib.cached_name(source) else source, context)
   return Victim.of(model, tokenizer=tok, name=source)
 
 

@@ -71,7 +71,7 @@ def _main(argv: list[str] | None) -> int:
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   errors.check_writable_dir(workdir, "--workdir")
   # A "cache:NAME" starting model is trained into the cache first, if it is not there yet.
-  loop.ensure_cached_source(config.model.source)
+  loop.ensure_cached_source(config.model.source, log=print if mesh_lib.is_main_process() else lambda _: None)
   result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
                       evaluate=not args.no_eval)
   if result.metrics and mesh_lib.is_main_process():

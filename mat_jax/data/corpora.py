@@ -37,7 +37,6 @@ from mat_jax import paths
 from mat_jax.data import shapes
 from mat_jax.errors import MatJaxError
 
-DATA_DIR_ENV = paths.DATA_DIR_ENV
 SPLITS = ("train", "val", "test")
 
 

@@ -243,6 +243,7 @@ def ensure_cached_run(name: str, *, log: Log = print) -> Path:
     if runs.is_trained(run_dir):
       return run_dir
     log(f"{runs.CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
+    ensure_cached_source(config.model.source, log=log)  # a cached run may start from another
     train(config, run_dir, log=log, lock=False)  # resumes a run that was interrupted
   return run_dir
 
