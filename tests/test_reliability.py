@@ -435,7 +435,7 @@ def test_evaluating_a_run_skips_its_damaged_checkpoint_without_moving_it(root, t
   shutil.copytree(source, workdir)
   shutil.rmtree(workdir / "model")
   _flip(workdir / "checkpoints" / "4")
-  model, _ = checkpoint_lib.restore_model(workdir)
+  model, _ = runs.restore_model(workdir)
   assert f"checkpoint {workdir / 'checkpoints' / '4'} is damaged" in capsys.readouterr().err
   assert (workdir / "checkpoints" / "4").is_dir() and not (workdir / checkpoint_lib.DAMAGED_DIR).exists()
   assert model.config.vision.image_size == 16

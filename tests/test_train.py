@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax import runs
@@ -165,7 +164,7 @@ def test_loss_falls_then_nan_stops_the_run_keeping_the_last_good_checkpoint(root
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 60  # the NaN step was never saved
   # No exported model: restore_model reads the newest checkpoint, whose parameters are finite.
-  restored, restored_tokenizer = checkpoint_lib.restore_model(workdir)
+  restored, restored_tokenizer = runs.restore_model(workdir)
   from flax import nnx
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(restored)))
   assert restored.config.vision.patch_size == 4 and restored_tokenizer.vocab_size == tokenizer.vocab_size
