@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from mat_jax import evaluate as ev
+from mat_jax import evaluate_cli
 from mat_jax import rerank
 from mat_jax.data import shapes
 from mat_jax.models import BLIP, CLIP, save_blip, save_clip, split
@@ -109,7 +110,7 @@ def test_evaluate_attacks_blip_with_itm_reranking(dirs, tmp_path, monkeypatch):
   eval_set = _EvalSet(6)
   monkeypatch.setattr(ev, "load_dataset", lambda *a, **k: eval_set)
   out = tmp_path / "out"
-  assert ev.main(["--model", str(dirs["blip"]), "--attacks", "pgd,bert,co,sga", "--eps", "0,2", "--steps", "2",
+  assert evaluate_cli.main(["--model", str(dirs["blip"]), "--attacks", "pgd,bert,co,sga", "--eps", "0,2", "--steps", "2",
                   "--itm-k", "4", "--batch-size", "3", "--out", str(out), "--no-progress"]) == 0
   results = json.loads((out / "results.json").read_text())
   assert results["settings"]["itm_k"] == 4
@@ -165,7 +166,7 @@ def test_itm_k_needs_an_itm_head(dirs, capsys):
   with pytest.raises(ValueError, match="ITM head"):
     ev.evaluate(clip, eval_set=_EvalSet(3), attacks=("pgd",), itm_k=4)
   with pytest.raises(SystemExit):
-    ev.main(["--model", str(dirs["clip"]), "--itm-k", "4"])
+    evaluate_cli.main(["--model", str(dirs["clip"]), "--itm-k", "4"])
   assert "ITM head" in capsys.readouterr().err
   encoder, params = split(clip.encoder.merge(clip.params))
   with pytest.raises(ValueError, match="image-text matching head"):
