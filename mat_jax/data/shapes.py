@@ -716,6 +716,7 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   ids: [PAD]=0, [UNK]=1, [START]=2, [END]=3, then `vocabulary()`. A directory that already holds this
   vocabulary is reused.
   """
+  # deferred: the tokenizers library is needed only to write the files, once
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
   directory = Path(directory) if directory is not None else default_tokenizer_dir()
