@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, exact resume, and the exported model.
+"""Orbax checkpoints of a training run, exact resume, and the files of a run's workdir.
 
 A run's workdir holds:
 
@@ -7,6 +7,7 @@ A run's workdir holds:
     checkpoints/<step>/meta    the config fingerprint (see below) and the step
     config.json                the full experiment config of the run
     model/                     the final model in the transformers layout + tokenizer files
+                               (written and read by `mat_jax.runs`)
 
 Saves are periodic (keep-N); restarting in the same workdir resumes from the newest complete
 checkpoint. Because the per-step key is derived from (seed key, step) and the data position is
@@ -335,59 +336,10 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The exported model.
-
-
-def export_model(model: Any, tokenizer: Any, workdir: str | os.PathLike) -> Path:
-  """Write the model in the transformers layout (config.json + model.safetensors) and the tokenizer
-  files beside it, so that `load_clip` / transformers' `CLIPModel.from_pretrained` read it (`load_blip` /
-  `BlipForImageTextRetrieval` for a BLIP)."""
-  from mat_jax.models import save_blip, save_clip
-  from mat_jax.models.blip import BlipConfig
-
-  directory = Path(workdir) / MODEL_DIR
-  directory.mkdir(parents=True, exist_ok=True)
-  config = model[0].config if isinstance(model, tuple) else model.config
-  (save_blip if isinstance(config, BlipConfig) else save_clip)(model, directory)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(directory)
-  return directory
+# The run's config.
 
 
 def write_run_config(workdir: str | os.PathLike, config_json: str) -> None:
   path = Path(workdir) / CONFIG_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(config_json)
-
-
-def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
-  """(CLIP model, tokenizer) of a run: its exported model, else its newest checkpoint.
-
-  The tokenizer is None for runs without one (synthetic data).
-  """
-  from mat_jax.models import load_blip, load_clip
-  from mat_jax.models.blip import is_blip
-  from mat_jax.models.tokenizers import load_tokenizer
-
-  workdir = Path(workdir)
-  exported = workdir / MODEL_DIR
-  if (exported / "config.json").exists():
-    model = (load_blip if is_blip(exported) else load_clip)(exported)
-    tokenizer = None
-    if (exported / "tokenizer.json").exists() or (exported / "vocab.json").exists():
-      tokenizer = load_tokenizer(exported, context_length=model.config.text.context_length)
-    return model, tokenizer
-  if not (workdir / CONFIG_FILE).exists():
-    raise NotARunError(f"{workdir} is not a mat_jax run directory: it has neither {MODEL_DIR}/ "
-                            f"(the exported model) nor {CONFIG_FILE}; pass the --workdir of a training run")
-  from mat_jax import config as config_lib
-  from mat_jax.training import setup
-
-  path = workdir / CONFIG_FILE
-  try:
-    raw = json.loads(path.read_text())
-  except ValueError as err:
-    raise config_lib.ConfigError(f"{path} is not valid JSON ({err}); it is the run's config, written by "
-                                 "mat_jax.train: restore it from the run's experiment file") from None
-  config = config_lib.build(raw, origin=str(path))
-  return setup.model_from_checkpoint(config, workdir)

@@ -30,6 +30,7 @@ defaults before its other keys are overridden.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import hashlib
 import importlib.util
@@ -37,12 +38,17 @@ import inspect
 import json
 import os
 import re
+import traceback
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
+from mat_jax import objectives
+from mat_jax.attacks import spec as attack_specs  # the attack registry: training's and evaluation's names
+from mat_jax.attacks.candidates import SOURCES
+from mat_jax.data import pipeline, shapes
 from mat_jax.errors import ConfigError, InputError
 
 ANY = object()  # schema marker: any value accepted
@@ -51,8 +57,6 @@ DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, re
 
 def defaults() -> ml_collections.ConfigDict:
   """Every key an experiment may set, with its default (and so its type)."""
-  from mat_jax.data import corpora  # the shapes world's default build lives there (deferred: tfds is slow)
-
   c = ml_collections.ConfigDict()
   c.name = ""                      # experiment name, used for logs and the default workdir
   c.seed = 0                       # parameter init, data order and attack randomness all derive from it
@@ -76,10 +80,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, hflip, ...)
   c.data.renderings_per_scene = 1  # R > 1: R renderings of each scene in a batch, positives of its captions
   c.data.worker_count = -1         # Grain worker processes: -1 = auto (0 on a CPU backend), 0 = main process
-  c.data.build_train = corpora.DEFAULT_SHAPES_TRAIN  # sizes used when the shapes world must be built
+  c.data.build_train = shapes.BUILD_TRAIN  # sizes used when the shapes world must be built
   c.data.build_val = 1000
   c.data.build_test = 1000
-  c.data.image_size = corpora.DEFAULT_SHAPES_IMAGE_SIZE  # the tiny preset's input size
+  c.data.image_size = shapes.BUILD_IMAGE_SIZE  # the tiny preset's input size
 
   c.text_attack = ml_collections.ConfigDict()
   c.text_attack.source = "bert"    # bert (BERT-Attack: MLM proposals) | paraphrase (shapes synonyms) | charedit
@@ -243,7 +247,6 @@ def _parses_its_argument(path: Path) -> bool:
 
 def _where(err: BaseException, path: Path) -> str:
   """file:line of the innermost frame of `err` in the experiment file (or a file it imports)."""
-  import traceback
   frames = traceback.extract_tb(err.__traceback__)
   resolved = str(path.resolve())
   mine = [f for f in frames if str(Path(f.filename).resolve()) == resolved] or frames[-1:]
@@ -326,7 +329,6 @@ def _coerce(name: str, default: Any, value: Any, origin: str) -> Any:
 
 
 def _objective_class(name: Any, origin: str) -> type:
-  from mat_jax import objectives  # deferred: objectives import jax and the attacks
 
   if name not in objectives.OBJECTIVES:
     close = difflib.get_close_matches(str(name), list(objectives.OBJECTIVES), n=1)
@@ -337,7 +339,6 @@ def _objective_class(name: Any, origin: str) -> type:
 
 
 def _objective_section(section: dict, origin: str, keep_known_only: bool = False) -> dict:
-  from mat_jax import objectives
 
   name = section.get("name", "contrastive")
   cls = _objective_class(name, origin)
@@ -367,7 +368,7 @@ _CHOICES = {
     ("mesh", "param_sharding"): ("replicated", "fsdp", "logical"),
     ("model", "dtype"): ("auto", "float32", "bfloat16"),
     ("model", "attention"): ("auto", "einsum", "xla", "cudnn"),
-    ("text_attack", "source"): ("bert", "paraphrase", "charedit"),
+    ("text_attack", "source"): SOURCES,
 }
 
 
@@ -392,10 +393,6 @@ _RANGES = {
 
 
 def _check_values(config: dict) -> None:
-  from mat_jax import objectives as objectives_lib
-  from mat_jax.attacks import spec as attack_specs  # the attack registry: training's and evaluation's names
-  from mat_jax.data import pipeline  # already loaded with corpora by defaults()
-
   if config["text_attack"]["source"] == "lexicon":
     raise ConfigError(RENAMED_LEXICON)
   for (section, key), choices in _CHOICES.items():
@@ -414,7 +411,7 @@ def _check_values(config: dict) -> None:
     if "attack" in objective:
       attack_specs.check_names([objective["attack"]], f"objective.attack ({objective['name']})")
       # The objective's budget on its attack: a range error names the objective's keys, not the spec's.
-      objectives_lib.make(objective).inner_attack()
+      objectives.make(objective).inner_attack()
   except InputError as err:  # an unknown name (listing the registry) or a budget the attack cannot take
     raise ConfigError(str(err)) from None
   try:
@@ -543,7 +540,6 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
   hyper-parameters, the seed, the data stream's augmentations). A resume under another fingerprint
   would mix two runs, so the checkpointer refuses it; learning rate, schedule, logging and evaluation
   settings may change between restarts."""
-  import dataclasses
 
   opt = config.optimizer
   parts: dict[str, Any] = {

@@ -18,8 +18,9 @@ contrastive PGD against the adversarial captions), tecoa, mmcoa, fare and mava (
 model's own clean features). Every attack runs at the evaluation's budget (`AttackSettings`: steps, step
 rule, norm, words changed) at each eps; eps is given in 1/255 units; bert does not depend on it.
 
-`evaluate(...)` is the same thing as a Python function, for the training demo and notebooks.
-`--task zeroshot` runs zero-shot classification under attack instead, with its own flags (`mat_jax.zeroshot`).
+`evaluate(...)` is the same thing as a Python function, for the training demo and notebooks; the
+command line is `mat_jax.evaluate_cli`, run as `python -m mat_jax.evaluate`. `--task zeroshot` runs
+zero-shot classification under attack instead, with its own flags (`mat_jax.zeroshot`).
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from mat_jax import checks, errors, metrics, rerank, runtime
+from mat_jax import checks, metrics, rerank
+from mat_jax import runs as runs_lib
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
 from mat_jax.attacks import spec as attack_specs
 from mat_jax.attacks.runner import AttackInputs, run_attack
 from mat_jax.attacks.text import adversarial_captions
+from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import InputError
 from mat_jax.models.blip import BLIP
 from mat_jax.models.clip import CLIP, check_tokens_for
@@ -56,7 +60,6 @@ TEXT_ONLY = tuple(n for n, s in attack_specs.ATTACKS.items() if not s.attacks_im
 NEEDS_TEXT_SOURCE = tuple(n for n, s in attack_specs.ATTACKS.items() if s.attacks_text)
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
-TASKS = ("retrieval", "zeroshot")  # --task; zeroshot is mat_jax.zeroshot's command line
 RANK_KEYS = ("ranks", "clean_ranks", "text_to_image")  # per-query arrays of keep_ranks, not written to JSON
 
 
@@ -191,7 +194,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
 
   model: an NNX CLIP, or a DualEncoder with `params`; tokenizer: the model's. eval_set: anything with
   `images` ((N, H, W, 3) uint8 or float32 in [0, 1]), `captions` ((T,) strings) and `text_to_image`
-  ((T,) ints), e.g. `mat_jax.data.load_eval_set(...)`. eps_255: budgets in 1/255 units.
+  ((T,) ints), e.g. `mat_jax.data.pipeline.load_eval_set(...)`. eps_255: budgets in 1/255 units.
   text_source: substitutes for the text attacks (e.g. `mat_jax.training.inputs.make_source("bert",
   bert="shapes-mlm")`: BERT-Attack's masked-LM candidates), needed by the attacks that change captions
   (`NEEDS_TEXT_SOURCE`: bert, sep, co, sga, mat, mmcoa).
@@ -392,12 +395,10 @@ def meaning_preserving_scores(adv_img: np.ndarray, adv_txt: np.ndarray, clean_tx
 def shapes_judge(eval_set) -> Callable[[int, str], bool]:
   """The shapes world's judge for `evaluate(judge=...)`: caption i describes its image when it parses to
   a meaning `shapes.consistent` with the image's scene (a caption that does not parse is a label flip)."""
-  from mat_jax.data import shapes
-
   scenes = getattr(eval_set, "scenes", None)
   if scenes is None:
     raise ValueError("this evaluation set has no scenes; meaning-aware scoring needs the shapes world "
-                     "(mat_jax.data.load_eval_set on a built shapes dataset)")
+                     "(mat_jax.data.pipeline.load_eval_set on a built shapes dataset)")
   owners = np.asarray(eval_set.text_to_image)
 
   def judge(caption_index: int, caption: str) -> bool:
@@ -447,7 +448,6 @@ class _NoBar:
 def _progress(total: int, enabled: bool):
   if not enabled:
     return _NoBar()
-  from tqdm.auto import tqdm
   return tqdm(total=total, desc="attacking", unit="batch", file=sys.stderr)
 
 
@@ -511,7 +511,7 @@ def write_json(results: dict, path: str | Path) -> Path:
 
 def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMARY_KEYS) -> Path:
   """R@1 against eps, one line per image/multimodal attack; clean and text-only attacks as flat lines."""
-  import matplotlib
+  import matplotlib  # deferred: a heavy import that only plotting needs
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
@@ -543,75 +543,29 @@ def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMAR
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
-def load_victim(source: str, tokenizer: str | None = None, *, log: Callable[[str], None] = print,
-                **options: Any) -> Victim:
-  """A model by name: "shapes" (the demo's clean tiny CLIP, trained into the cache on first use),
-  "cache:NAME", a mat_jax training run directory, a transformers-layout directory or a hub id.
-  `options`: execution options of the model (dtype, scan_layers, attention; see CLIPConfig)."""
-  from mat_jax.models import load_blip, load_clip, load_tokenizer
-  from mat_jax.models.blip import is_blip
-
-  model, tok = None, None
-  path = Path(source).expanduser()
-  if source == "shapes" or source.startswith("cache:"):
-    from mat_jax import checkpoint
-    from mat_jax.training import setup
-    run_dir = setup.ensure_cached_run("shapes_clip" if source == "shapes" else source.split(":", 1)[1], log=log)
-    model, tok = checkpoint.restore_model(run_dir)
-  elif path.is_dir() and _is_run_dir(path):
-    from mat_jax import checkpoint
-    model, tok = checkpoint.restore_model(path)
-  else:
-    model = load_blip(source) if is_blip(source) else load_clip(source)
+def load_victim(source: str, tokenizer: str | None = None, **options: Any) -> Victim:
+  """A model by source (`mat_jax.runs.load_model`: "shapes", "cache:NAME", a mat_jax training run
+  directory, a transformers-layout directory or a hub id) with its tokenizer: `tokenizer` when given, else
+  the one stored with the model, else the one beside it (the shapes world's for cached runs).
+  `options`: execution options of the model (dtype, scan_layers, attention; see CLIPConfig). A cached run
+  must be trained already (`mat_jax.training.loop.ensure_cached_run`; the command line does it)."""
+  model, tok = runs_lib.load_model(source)
   if options:
-    from mat_jax.training import setup
-    model = setup.with_options(model, **options)
+    model = runs_lib.with_options(model, **options)
+  context = model.config.text.context_length
   if tokenizer is not None:
-    tok = load_tokenizer(tokenizer, context_length=model.config.text.context_length)
+    tok = runs_lib.resolve_tokenizer(tokenizer, context)
   if tok is None:
-    if source == "shapes" or source.startswith("cache:"):
-      from mat_jax.data import shapes
-      tok = shapes.tokenizer(context_length=model.config.text.context_length)
-    else:
-      tok = load_tokenizer(source, context_length=model.config.text.context_length)
+    # The tokenizer beside the weights; a cached run without one is a shapes-world model.
+    tok = runs_lib.resolve_tokenizer(runs_lib.SHAPES_SOURCE if runs_lib.cached_name(source) else source, context)
   return Victim.of(model, tokenizer=tok, name=source)
-
-
-def _is_run_dir(path: Path) -> bool:
-  from mat_jax.training import setup
-  return setup.is_run_dir(path)
 
 
 def load_dataset(name: str, tokenizer: Tokenizer, image_size: int, *, split: str = "test",
                  data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print):
   """An EvalSet: the shapes world (built on first use at the model's image size) or a built corpus."""
-  from mat_jax.data import corpora, load_eval_set
-
-  if name == "shapes":
-    builder = corpora.build_shapes(data_dir, image_size=image_size, log=log)
-  else:
-    builder = corpora.corpus_builder(name, image_size, data_dir)
-  return load_eval_set(corpora.data_source(builder, split), tokenizer, max_images=limit)
-
-
-def _text_source(name: str, data: str, bert: str | None, top_k: int):
-  """--text-source: auto = BERT-Attack with the shapes world's MLM ("shapes-mlm") on shapes data, with
-  --bert elsewhere when given, else character edits."""
-  from mat_jax.training import inputs
-
-  if name == "auto":
-    name = "bert" if data == "shapes" or bert else "charedit"
-  if name == "paraphrase" and data != "shapes":
-    raise InputError("--text-source paraphrase is the shapes world's synonym table; for other data use "
-                     "--text-source bert --bert DIR (or charedit)")
-  if name == "bert" and not bert:
-    if data != "shapes":
-      raise InputError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
-                       "(e.g. bert-base-uncased in the transformers layout)")
-    bert = "shapes-mlm"
-  if name not in ("bert", "paraphrase", "charedit", "lexicon"):
-    raise InputError(f"unknown --text-source {name!r}; use auto, bert, paraphrase or charedit")
-  return inputs.make_source(name, bert=bert or "", top_k=top_k)
+  builder = corpora.dataset_builder(name, image_size, data_dir, log=log)
+  return pipeline.load_eval_set(corpora.data_source(builder, split), tokenizer, max_images=limit)
 
 
 def comma_floats(text: str) -> list[float]:
@@ -633,109 +587,8 @@ def comma_names(choices: Sequence[str], what: str = "attacks") -> Callable[[str]
   return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--task", choices=TASKS, default="retrieval",
-                 help="retrieval (this command's flags) or zeroshot: classification accuracy under attack, "
-                      "with its own flags (python -m mat_jax.evaluate --task zeroshot --help)")
-  p.add_argument("--model", required=True,
-                 help="shapes | cache:NAME | training run dir | transformers-layout dir | hub id")
-  p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
-  p.add_argument("--surrogate",
-                 help="generate the attacks on this model instead (transfer); same forms as --model")
-  p.add_argument("--surrogate-tokenizer")
-  p.add_argument("--data", default="shapes", help="shapes, or the name of a corpus built with mat_jax.data")
-  p.add_argument("--split", default="test")
-  p.add_argument("--data-dir", help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
-  p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
-  p.add_argument("--attacks", type=comma_names(ATTACKS), default=list(DEFAULT_ATTACKS),
-                 help=f"comma list of {','.join(ATTACKS)} (default {','.join(DEFAULT_ATTACKS)})")
-  p.add_argument("--eps", type=comma_floats, default=[2.0],
-                 help="budgets in 1/255 units, e.g. 1,2,4 (with --norm l2: the L2 radius, 127.5 = 0.5)")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--apgd-steps", type=int, default=100)
-  p.add_argument("--alpha", type=float, default=3.0, help="Co-Attack's text-term weight")
-  p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
-  p.add_argument("--text-source", default="auto",
-                 help="auto | bert | paraphrase | charedit (auto: bert on shapes data, with the shapes-mlm)")
-  p.add_argument("--bert", help="BERT masked LM for --text-source bert: shapes-mlm (the shapes world's, "
-                                "the default on shapes data), a transformers-layout directory or hub id")
-  p.add_argument("--top-k", type=int, default=10)
-  p.add_argument("--max-changes", type=int, default=1)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                 help="compute dtype of the models (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-  p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")
-  p.add_argument("--attention", default="auto", choices=("auto", "einsum", "xla", "cudnn"),
-                 help="attention path (auto: einsum on CPU, cuDNN flash attention on GPU in bf16, else XLA)")
-  p.add_argument("--out", default="eval_results", help="directory for results.json and recall_vs_eps.png")
-  p.add_argument("--no-progress", action="store_true")
-  p.add_argument("--itm-k", type=int, help="BLIP targets: re-rank each query's top K by ITM (BLIP's evaluation; "
-                 f"the references use 128 or 256; default {rerank.DEFAULT_K} for BLIP, 0 ranks by ITC alone)")
-  return p
-
-
-def _task(argv: Sequence[str] | None) -> str:
-  """The --task of a command line, read before the task's own parser sees the rest."""
-  pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--task", choices=TASKS, default="retrieval")
-  return pre.parse_known_args(argv)[0].task
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
-
-
-_out_dir: str | None = None  # the --out of the running command, named by a disk-full report
-
-
-def _main(argv: Sequence[str] | None) -> int:
-  global _out_dir
-  runtime.enable_compilation_cache()
-  if _task(argv) == "zeroshot":
-    from mat_jax import zeroshot  # zeroshot's CLI reuses this module's model loading
-    return zeroshot.main(argv)
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  _out_dir = args.out
-  if args.limit is not None and args.limit < 1:
-    parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
-  if args.steps < 1 or args.apgd_steps < 1:
-    parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
-  if any(not math.isfinite(e) or e < 0 for e in args.eps):
-    parser.error(f"--eps budgets are in 1/255 units and must be >= 0 and finite, got {args.eps}")
-  if args.itm_k is not None and args.itm_k < 0:
-    parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
-  # Before the work: an --out that cannot be written would lose the results after the whole evaluation.
-  out = errors.check_writable_dir(args.out, "--out")
-  from mat_jax.models.clip import resolve_dtype
-  options = {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention}
-  target = load_victim(args.model, args.tokenizer, **options)
-  has_itm = rerank.supports_itm(target.encoder)
-  if args.itm_k and not has_itm:
-    parser.error(f"--itm-k needs a target with an ITM head (BLIP); {args.model} is a dual encoder")
-  itm_k = (rerank.DEFAULT_K if args.itm_k is None else args.itm_k or None) if has_itm else None
-  surrogate = load_victim(args.surrogate, args.surrogate_tokenizer, **options) if args.surrogate else None
-  eval_set = load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
-                          data_dir=args.data_dir, limit=args.limit)
-  needs_text = any(a in NEEDS_TEXT_SOURCE for a in args.attacks)
-  source = _text_source(args.text_source, args.data, args.bert, args.top_k) if needs_text else None
-  settings = AttackSettings(steps=args.steps, alpha=args.alpha, apgd_steps=args.apgd_steps,
-                            max_changes=args.max_changes, top_k=args.top_k, norm=args.norm)
-  # Meaning-aware scoring wherever captions can be checked against their scenes (the shapes world).
-  judge = shapes_judge(eval_set) if needs_text and getattr(eval_set, "scenes", None) is not None else None
-  results = evaluate(target, eval_set=eval_set, attacks=args.attacks, eps_255=args.eps, text_source=source,
-                     surrogate=surrogate, settings=settings, batch_size=args.batch_size, seed=args.seed,
-                     limit=args.limit, progress=not args.no_progress, itm_k=itm_k, judge=judge)
-  results["data"] = {"name": args.data, "split": args.split}
-  print(format_table(results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
-                              f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"))
-  json_path = write_json(results, out / "results.json")
-  print(f"\nwrote {json_path} and {plot_recall(results, out / 'recall_vs_eps.png')}")
-  return 0
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  # `python -m mat_jax.evaluate`: the command line sits above the training layer (it trains a cached model
+  # when asked for one), so it lives in its own module, imported only here.
+  from mat_jax import evaluate_cli
+  sys.exit(evaluate_cli.main())

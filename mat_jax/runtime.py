@@ -20,14 +20,12 @@ import os
 from pathlib import Path
 
 import jax
+from jax._src import compilation_cache as cc  # private: the only handle on the settled state
+
+from mat_jax.paths import cache_root
 
 # Values of MAT_JAX_COMPILATION_CACHE that switch the cache off.
 _OFF = ("0", "off", "false", "no")
-
-
-def cache_root() -> Path:
-  """mat_jax's cache directory: `$MAT_JAX_CACHE_DIR`, else `~/.cache/mat_jax`."""
-  return Path(os.environ.get("MAT_JAX_CACHE_DIR") or "~/.cache/mat_jax").expanduser()
 
 
 def compilation_cache_dir() -> Path | None:
@@ -71,7 +69,5 @@ def _restart_cache_if_checked() -> None:
   """JAX settles whether the cache is used at the first compilation and keeps that answer; when something
   compiled before the cache was configured (an import that ran a jitted function), start over so the
   setting takes effect."""
-  from jax._src import compilation_cache as cc  # private: the only handle on the settled state
-
   if getattr(cc, "_cache_checked", False) or getattr(cc, "_cache_initialized", False):
     cc.reset_cache()

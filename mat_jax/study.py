@@ -35,7 +35,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mat_jax import errors, recipes, runs, runtime
+from mat_jax import paths as paths_lib
+from mat_jax import config as config_lib
+from mat_jax import evaluate as evaluate_lib
+from mat_jax.attacks.candidates import LexiconSource
+from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import MatJaxError
+from mat_jax.models.tokenizers import load_tokenizer
+from mat_jax.training import inputs, loop, mlm, setup
 
 STUDY_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
 TEXT_ONLY = ("bert", "paraphrase")
@@ -67,9 +75,7 @@ class Arm:
 
 def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any]:
   """The study file's settings as plain data, checked (unknown method or attack, seeds < 1 -> StudyError).
-  `path` may name an argument of the file's get_config: "experiments/study_shapes.py:alignment"."""
-  from mat_jax import config as config_lib
-  from mat_jax import recipes
+  `path` may name an argument of the file's get_config: "experiments/study_shapes.py:augmentation"."""
 
   path, _, arg = str(path).partition(":")
   if quick and arg:
@@ -110,8 +116,6 @@ def arm_of(study: Mapping[str, Any], name: str) -> Arm:
 
 def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
   """The training config of `arm` at `seed`: the shared budget (recipes.finetune) + the study's changes."""
-  from mat_jax import config as config_lib
-  from mat_jax import recipes
 
   try:
     c = recipes.finetune(arm.method, seed, arm.variant, name=f"{study['name']}_{arm.name}")
@@ -180,10 +184,6 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 def text_sources(study: Mapping[str, Any], tokenizer) -> dict[str, Any]:
   """{"bert": the threat, "paraphrase": the synonym lexicon}; an MLM whose vocabulary does not fit its
   tokenizer is refused in one line."""
-  from mat_jax import recipes
-  from mat_jax.attacks.candidates import LexiconSource
-  from mat_jax.data import shapes
-  from mat_jax.training import inputs
 
   spec = dict(recipes.TEXT_ATTACK)
   if study["text_source"]:
@@ -193,8 +193,6 @@ def text_sources(study: Mapping[str, Any], tokenizer) -> dict[str, Any]:
     return {"bert": paraphrase, "paraphrase": paraphrase}
   try:
     if spec["source"] == "bert":
-      from mat_jax.models.tokenizers import load_tokenizer
-      from mat_jax.training import mlm
 
       directory = Path(mlm.resolve_bert(spec.get("bert", ""), log=lambda _: None))
       if (directory / "config.json").exists():
@@ -243,10 +241,6 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
 
   `shard=(i, n)` runs only the runs whose index is i modulo n, so n processes (or machines sharing the
   study dir) split a study; a last run without a shard collects everything and writes the report."""
-  from mat_jax import checkpoint
-  from mat_jax import evaluate as evaluate_lib
-  from mat_jax.data import corpora, pipeline
-  from mat_jax.training import loop, setup
 
   study_dir = Path(study_dir).absolute()
   check_study_dir(study_dir, study)
@@ -268,15 +262,16 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
       t0 = time.perf_counter()
       run_dir = study_dir / "runs" / f"{arm.name}-s{seed}"
       cfg = run_config(study, arm, seed)
-      trained = (run_dir / checkpoint.MODEL_DIR / "config.json").exists()
+      trained = runs.is_trained(run_dir)
       if not trained:
+        loop.ensure_cached_source(cfg.model.source, log=lambda _: None)  # the shared clean model, once
         loop.train(cfg, run_dir, log=lambda _: None, progress=False, evaluate=False)
       t_train = time.perf_counter() - t0
       t_eval = time.perf_counter()
       missing = [a for a in arm.attacks if not (run_dir / "eval" / f"{a}.npz").exists()]
       model = tokenizer = None
       if missing:
-        model, tokenizer = checkpoint.restore_model(run_dir)
+        model, tokenizer = runs.restore_model(run_dir)
         if eval_set is None:
           eval_set = pipeline.load_eval_set(corpora.data_source(builder, "test"), tokenizer,
                                             max_images=study["eval_images"] or None)
@@ -507,7 +502,6 @@ def plot(study: Mapping[str, Any], table: Mapping, path: Path, arms: Sequence[st
 
 
 def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, log: Log = print) -> dict[str, Path]:
-  from mat_jax import evaluate as evaluate_lib
 
   runs, claims, table = summarise(study, result["collected"])
   doc = {"study": study["name"], "seeds": study["seeds"], "eps_255": study["eps_255"],
@@ -539,7 +533,6 @@ def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, lo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from mat_jax import errors
   return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
 
 
@@ -558,14 +551,12 @@ def _main(argv: Sequence[str] | None) -> int:
                       "study over N processes sharing --study-dir; then rerun without --shard for the report")
   args = parser.parse_args(argv)
   shard = _parse_shard(args.shard)
-  from mat_jax import errors, runtime
-  from mat_jax.training import setup
 
   # Compiled programs on disk: the runs of one arm differ only in their seed (a runtime value), so every
   # run after the first of its shape loads its train step instead of compiling it.
   runtime.enable_compilation_cache()
   study = load(args.config, quick=args.quick)
-  study_dir = Path(args.study_dir) if args.study_dir else setup.cache_dir() / "studies" / study["name"]
+  study_dir = Path(args.study_dir) if args.study_dir else paths_lib.cache_root() / "studies" / study["name"]
   out = Path(args.out) if args.out else (study_dir if args.quick else DEFAULT_OUT)
   _out_dir = str(out)
   # Before hours of training: directories that cannot be written would lose the results at the end.

@@ -15,6 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from mat_jax import config as config_lib
+from mat_jax import errors, runtime
+from mat_jax import mesh as mesh_lib
+from mat_jax.errors import MatJaxError
+from mat_jax.training import demo, loop
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(prog="python -m mat_jax.train", description=__doc__,
@@ -41,22 +47,15 @@ def user_errors() -> tuple[type[Exception], ...]:
   """Errors caused by the input (config, model files, data, workdir, devices) whose message names the
   fix: every one is a `mat_jax.errors.MatJaxError`, reported as one `error:` line without a traceback.
   Anything else is a bug and keeps its traceback."""
-  from mat_jax.errors import MatJaxError
   return (MatJaxError,)
 
 
 def main(argv: list[str] | None = None) -> int:
-  from mat_jax import errors
   return errors.cli_main(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
   args, overrides = parse_args(argv)
-  from mat_jax import config as config_lib
-  from mat_jax import errors
-  from mat_jax import mesh as mesh_lib
-  from mat_jax import runtime
-
   runtime.enable_compilation_cache()
 
   if args.config is None and overrides:
@@ -65,14 +64,14 @@ def _main(argv: list[str] | None) -> int:
   # jax.distributed must start before anything touches the devices.
   mesh_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   if args.config is None:
-    from mat_jax.training import demo
     if args.workdir:
       errors.check_writable_dir(args.workdir, "--workdir")
     return demo.main(workdir=args.workdir, mesh_spec=args.mesh)
-  from mat_jax.training import loop
   config = config_lib.load(args.config, overrides)
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   errors.check_writable_dir(workdir, "--workdir")
+  # A "cache:NAME" starting model is trained into the cache first, if it is not there yet.
+  loop.ensure_cached_source(config.model.source, log=print if mesh_lib.is_main_process() else lambda _: None)
   result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
                       evaluate=not args.no_eval)
   if result.metrics and mesh_lib.is_main_process():

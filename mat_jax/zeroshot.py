@@ -44,7 +44,8 @@ import numpy as np
 from mat_jax import errors, metrics
 from mat_jax import evaluate as ev
 from mat_jax.attacks import image as image_attacks
-from mat_jax.attacks import losses as L
+from mat_jax.attacks import losses
+from mat_jax.data import classification, imagefolder
 from mat_jax.data.classification import SHAPES_TASKS, ClassificationSet
 from mat_jax.models.clip import check_tokens_for
 from mat_jax.models.tokenizers import Tokenizer
@@ -171,7 +172,7 @@ def robust_correct(clean: np.ndarray, per_attack: Sequence[np.ndarray]) -> np.nd
 
 @functools.partial(jax.jit, static_argnums=0)
 def _clean_logits(encoder, params, classes, images):
-  return L.retrieval_logits(encoder, params, classes)(images)
+  return losses.retrieval_logits(encoder, params, classes)(images)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11, 12))
@@ -179,16 +180,16 @@ def _attack_correct(encoder, params, classes, images, labels, key, eps, step_siz
                     n_targets, restarts):
   """One batch under one attack -> (B,) bool, correct at the adversarial point. Only this vector
   leaves the device."""
-  logits_fn = L.retrieval_logits(encoder, params, classes)
+  logits_fn = losses.retrieval_logits(encoder, params, classes)
   positives = jax.nn.one_hot(labels, classes.shape[0], dtype=jnp.bool_)
   if attack == "apgd-ce":
-    adv = image_attacks.apgd(L.logit_loss(logits_fn, positives), images, key, eps=eps, steps=steps, norm=norm,
+    adv = image_attacks.apgd(losses.logit_loss(logits_fn, positives), images, key, eps=eps, steps=steps, norm=norm,
                              restarts=restarts)
   elif attack == "apgd-t":
     adv = image_attacks.apgd_targeted(logits_fn, positives, images, key, eps=eps, steps=steps,
                                       n_targets=n_targets, norm=norm)
   elif attack == "pgd":
-    adv = image_attacks.pgd(L.logit_loss(logits_fn, positives), images, key, eps=eps, step_size=step_size,
+    adv = image_attacks.pgd(losses.logit_loss(logits_fn, positives), images, key, eps=eps, step_size=step_size,
                             steps=steps, norm=norm)
   else:
     raise ValueError(f"unknown attack {attack!r}; choose from {ATTACKS}")
@@ -346,7 +347,6 @@ def load_data(name: str, image_size: int, *, split: str = "test", num_images: in
               data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print
               ) -> ClassificationSet:
   """`shapes-colour-shape`, `shapes-count` (rendered at `image_size`) or an ImageFolder directory."""
-  from mat_jax.data import classification
 
   if name in DATASETS:
     count = num_images if limit is None else min(num_images, limit)
@@ -356,7 +356,6 @@ def load_data(name: str, image_size: int, *, split: str = "test", num_images: in
   if not path.is_dir():
     raise ZeroShotError(f"--data {name!r} is neither {' nor '.join(DATASETS)} nor an image folder (a directory "
                         "of class-named folders of images)")
-  from mat_jax.data import imagefolder
   builder = imagefolder.build_image_folder(path, image_size=image_size, data_dir=data_dir, log=log)
   return imagefolder.load_classification_set(builder, split, limit)
 
@@ -427,4 +426,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.cli_main(main))

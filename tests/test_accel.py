@@ -135,11 +135,11 @@ def test_bf16_compute_keeps_pgd_as_strong():
   """PGD run with bfloat16 compute (float32 parameters, images and loss) lowers the float32 model's
   image-caption cosine by at least 90% as much as PGD run in float32: the attack stays as strong."""
   from mat_jax.attacks import image as image_attacks
-  from mat_jax.training import setup
+  from mat_jax import runs
 
   model = CLIP(clip_config("tiny"), rngs=nnx.Rngs(0))
   f32, params = split(model)
-  bf16, bf16_params = split(setup.with_options(model, dtype="bfloat16"))
+  bf16, bf16_params = split(runs.with_options(model, dtype="bfloat16"))
   assert bf16.config.dtype == "bfloat16"
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_params))  # parameters stay float32
   images = jax.random.uniform(jax.random.key(2), (8, 48, 48, 3))

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from mat_jax import evaluate as ev
+from mat_jax import evaluate_cli
 from mat_jax import rerank
 from mat_jax.data import shapes
 from mat_jax.models import BLIP, CLIP, save_blip, save_clip, split
@@ -111,9 +112,9 @@ def test_evaluate_attacks_blip_with_itm_reranking(dirs, tmp_path, monkeypatch):
   out = tmp_path / "out"
   # The paraphrase source: the default (the shapes MLM, trained on first use) is resolved and tested in
   # test_text_threat; BLIP's side of the text attack is the same for every source.
-  assert ev.main(["--model", str(dirs["blip"]), "--attacks", "pgd,bert,co,sga", "--eps", "0,2", "--steps", "2",
-                  "--itm-k", "4", "--batch-size", "3", "--text-source", "paraphrase", "--out", str(out),
-                  "--no-progress"]) == 0
+  assert evaluate_cli.main(["--model", str(dirs["blip"]), "--attacks", "pgd,bert,co,sga", "--eps", "0,2",
+                            "--steps", "2", "--itm-k", "4", "--batch-size", "3", "--text-source", "paraphrase",
+                            "--out", str(out), "--no-progress"]) == 0
   results = json.loads((out / "results.json").read_text())
   assert results["settings"]["itm_k"] == 4
   assert set(results["attacks"]) == {"pgd", "bert", "co", "sga"}
@@ -168,7 +169,7 @@ def test_itm_k_needs_an_itm_head(dirs, capsys):
   with pytest.raises(ValueError, match="ITM head"):
     ev.evaluate(clip, eval_set=_EvalSet(3), attacks=("pgd",), itm_k=4)
   with pytest.raises(SystemExit):
-    ev.main(["--model", str(dirs["clip"]), "--itm-k", "4"])
+    evaluate_cli.main(["--model", str(dirs["clip"]), "--itm-k", "4"])
   assert "ITM head" in capsys.readouterr().err
   encoder, params = split(clip.encoder.merge(clip.params))
   with pytest.raises(ValueError, match="image-text matching head"):

@@ -9,6 +9,7 @@ from flax import nnx
 
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
+from mat_jax import runs
 from mat_jax.models import BLIP, load_blip
 from mat_jax.training import loop
 
@@ -49,8 +50,8 @@ def test_blip_trains_exports_and_resumes_exactly(root):
   resumed = root / "resumed"
   loop.train(micro_config(root, train={"steps": 2}), resumed, mesh_spec="1", **quiet)
   loop.train(micro_config(root), resumed, mesh_spec="1", **quiet)  # steps 3 and 4 from checkpoint 2
-  a, _ = checkpoint_lib.restore_model(straight)
-  b, tokenizer = checkpoint_lib.restore_model(resumed)
+  a, _ = runs.restore_model(straight)
+  b, tokenizer = runs.restore_model(resumed)
   assert isinstance(a, BLIP) and isinstance(load_blip(straight / checkpoint_lib.MODEL_DIR), BLIP)
   assert tokenizer is not None and a.config.text.context_length == tokenizer.context_length
   pa, pb = _params(a), _params(b)
@@ -70,6 +71,6 @@ def test_adversarial_objectives_train_blip(root, objective):
                         text_attack={"source": "paraphrase", "top_k": 4})
   workdir = root / objective["name"]
   loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
-  model, _ = checkpoint_lib.restore_model(workdir)
+  model, _ = runs.restore_model(workdir)
   assert isinstance(model, BLIP)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))

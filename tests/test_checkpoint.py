@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
+from mat_jax import runs
 from mat_jax.training import loop
 from mat_jax.workdir import LOCK_FILE
 
@@ -163,7 +164,7 @@ def test_state_that_does_not_fit_the_checkpoint_is_refused_clearly(tmp_path):
 
 def test_exported_model_and_tokenizer_reload(setting, uninterrupted, monkeypatch):
   monkeypatch.setenv("MAT_JAX_CACHE_DIR", setting[2]["MAT_JAX_CACHE_DIR"])
-  model, tokenizer = checkpoint_lib.restore_model(uninterrupted)
+  model, tokenizer = runs.restore_model(uninterrupted)
   assert model.config.text.width == 32
   ids = tokenizer(["a red circle"]).input_ids
   assert ids.shape == (1, model.config.text.context_length)

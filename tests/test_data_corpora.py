@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mat_jax import paths
 from mat_jax.data import corpora, shapes
 from mat_jax.data.__main__ import main as cli
 
@@ -53,11 +54,11 @@ def test_built_dataset_is_reused(shapes_builder, data_dir):
 
 
 def test_data_dir_comes_from_argument_then_environment(monkeypatch, tmp_path):
-  monkeypatch.setenv(corpora.DATA_DIR_ENV, str(tmp_path / "env"))
-  assert corpora.default_data_dir() == tmp_path / "env"
-  assert corpora.default_data_dir(tmp_path / "arg") == tmp_path / "arg"
-  monkeypatch.delenv(corpora.DATA_DIR_ENV)
-  assert corpora.default_data_dir() == Path("~/.cache/mat_jax/datasets").expanduser()
+  monkeypatch.setenv(paths.DATA_DIR_ENV, str(tmp_path / "env"))
+  assert paths.default_data_dir() == tmp_path / "env"
+  assert paths.default_data_dir(tmp_path / "arg") == tmp_path / "arg"
+  monkeypatch.delenv(paths.DATA_DIR_ENV)
+  assert paths.default_data_dir() == Path("~/.cache/mat_jax/datasets").expanduser()
 
 
 def test_shapes_config_rejects_bad_sizes():

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from mat_jax import evaluate as ev
+from mat_jax import evaluate_cli
 from mat_jax.data import shapes
 from mat_jax.models import CLIP, save_clip
 from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
@@ -74,7 +75,7 @@ def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatc
   monkeypatch.setattr(ev, "load_dataset", fake_load_dataset)
   out = tmp_path / "out"
   # The paraphrase source: building the shapes MLM (the default text threat) is tested in test_text_threat.
-  assert ev.main(["--model", str(model_dir), "--attacks", "pgd,bert", "--eps", "0,2", "--steps", "2",
+  assert evaluate_cli.main(["--model", str(model_dir), "--attacks", "pgd,bert", "--eps", "0,2", "--steps", "2",
                   "--batch-size", "4", "--text-source", "paraphrase", "--out", str(out), "--no-progress"]) == 0
   assert loaded["name"] == "shapes" and loaded["image_size"] == SIZE
   printed = capsys.readouterr().out
@@ -103,7 +104,7 @@ def test_errors_name_the_problem(model_dir):
   with pytest.raises(ValueError, match="need a text_source"):
     ev.evaluate(victim, eval_set=eval_set, attacks=("sga",))
   with pytest.raises(SystemExit):
-    ev.build_parser().parse_args(["--model", "x", "--attacks", "pgd,nope"])
+    evaluate_cli.build_parser().parse_args(["--model", "x", "--attacks", "pgd,nope"])
 
 
 class _ShiftedTokenizer:
@@ -148,7 +149,7 @@ def test_budgets_steps_and_limits_are_checked(model_dir, capsys):
   for flags, message in [(["--limit", "0"], "at least 1 image"), (["--steps", "0"], "at least 1"),
                          (["--eps", "-2"], "must be >= 0")]:
     with pytest.raises(SystemExit):
-      ev.main(["--model", str(model_dir), *flags])
+      evaluate_cli.main(["--model", str(model_dir), *flags])
     assert message in capsys.readouterr().err
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mat_jax import config as config_lib
+from mat_jax import runs
 from mat_jax import mesh as mesh_lib
 from mat_jax.training import inputs, loop, setup
 from mat_jax.training import step as step_lib
@@ -41,7 +42,7 @@ def world(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:  # the module's cache (the shapes tokenizer), restored after it
     patch.setenv("MAT_JAX_CACHE_DIR", str(root / "cache"))
     config = _config(root, {"name": "matplus"}, k=2)
-    model, tokenizer = setup.load_model(config, log=lambda _: None)
+    model, tokenizer = runs.model_from_config(config)
     builder = setup.data_builder(config, 16, log=lambda _: None)
     attach = loop.candidate_transform(config, tokenizer)
     two = attach(next(setup.train_iterator(config, builder, tokenizer, BATCH, process_index=0,

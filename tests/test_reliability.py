@@ -18,7 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mat_jax import attacks, checks, errors, evaluate, metrics, train
+from mat_jax import attacks, checks, errors, evaluate, evaluate_cli, metrics, runs, train
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
 from mat_jax.models import CLIP, clip_config, split
@@ -86,7 +86,7 @@ def test_out_under_a_regular_file_is_refused_before_the_evaluation(tmp_path, cap
   blocker = tmp_path / "file"
   blocker.write_text("x")
   # --model does not exist either: the --out check comes first, before any model is loaded.
-  assert evaluate.main(["--model", str(tmp_path / "nope"), "--out", str(blocker / "results")]) == 2
+  assert evaluate_cli.main(["--model", str(tmp_path / "nope"), "--out", str(blocker / "results")]) == 2
   err = capsys.readouterr().err
   assert err.startswith(f"error: --out {blocker / 'results'}: {blocker} is a file") and "Traceback" not in err
 
@@ -112,7 +112,7 @@ def test_an_unwritable_workdir_is_refused(tmp_path, monkeypatch):
 
 def test_evaluate_reports_a_missing_model_config_in_one_line(tmp_path, capsys):
   (tmp_path / "model").mkdir()
-  assert evaluate.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]) == 2
+  assert evaluate_cli.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "config.json" in err and "Traceback" not in err
 
@@ -184,7 +184,7 @@ def test_get_config_raising_is_one_line_naming_the_line(tmp_path):
 @pytest.fixture(scope="module")
 def micro_clip():
   cfg = clip_config("tiny")
-  cfg = setup.parse_model_overrides(f"{MICRO},text.context_length=24", cfg)
+  cfg = runs.parse_model_overrides(f"{MICRO},text.context_length=24", cfg)
   return CLIP(cfg, rngs=nnx.Rngs(0))
 
 
@@ -434,7 +434,7 @@ def test_evaluating_a_run_skips_its_damaged_checkpoint_without_moving_it(root, t
   shutil.copytree(source, workdir)
   shutil.rmtree(workdir / "model")
   _flip(workdir / "checkpoints" / "4")
-  model, _ = checkpoint_lib.restore_model(workdir)
+  model, _ = runs.restore_model(workdir)
   assert f"checkpoint {workdir / 'checkpoints' / '4'} is damaged" in capsys.readouterr().err
   assert (workdir / "checkpoints" / "4").is_dir() and not (workdir / checkpoint_lib.DAMAGED_DIR).exists()
   assert model.config.vision.image_size == 16
@@ -445,7 +445,7 @@ def test_nan_right_after_a_restore_is_reported_as_a_damaged_checkpoint(root, tra
   workdir = root / "nan_after_restore"
   shutil.copytree(source, workdir)
   shutil.rmtree(workdir / "checkpoints" / "4")
-  model, tokenizer = setup.load_model(config, log=_quiet)
+  model, tokenizer = runs.model_from_config(config)
   builder = setup.data_builder(config, 16, log=_quiet)
   from mat_jax.data import corpora, pipeline
   dataset = pipeline.training_pipeline(corpora.data_source(builder, "train"), tokenizer, 16)
@@ -458,7 +458,7 @@ def test_nan_right_after_a_restore_is_reported_as_a_damaged_checkpoint(root, tra
 
 def test_nan_starting_weights_are_not_blamed_on_the_learning_rate(root):
   config = micro_config(root)
-  model, tokenizer = setup.load_model(config, log=_quiet)
+  model, tokenizer = runs.model_from_config(config)
   model.visual_projection.kernel.value = model.visual_projection.kernel.value.at[0, 0].set(jnp.nan)
   with pytest.raises(loop.NonFiniteWeightsError, match=r"starting model .* NaN/inf in 1 parameter arrays") as err:
     loop.train(config, root / "nan_weights", mesh_spec="1", log=_quiet, progress=False, evaluate=False,
@@ -489,7 +489,7 @@ def _batches(config, tokenizer, interrupt_at=None):
 def test_ctrl_c_saves_the_step_and_says_how_to_resume(root):
   config = micro_config(root, train={"steps": 6, "log_every": 2, "checkpoint_every": 4})
   workdir = root / "interrupted"
-  model, tokenizer = setup.load_model(config, log=_quiet)
+  model, tokenizer = runs.model_from_config(config)
   with pytest.raises(errors.Interrupted, match=r"interrupted at step 3; last checkpoint 3 in .*; rerun the same "
                                                "command to resume") as err:
     loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False,
@@ -518,9 +518,9 @@ def test_an_unknown_dataset_or_split_is_a_user_error(root, trained):
 
 def test_a_context_longer_than_the_model_names_both(root, tmp_path):
   from mat_jax.models import save_clip
-  save_clip(CLIP(setup.parse_model_overrides("text.context_length=24", clip_config("tiny")), rngs=nnx.Rngs(0)),
+  save_clip(CLIP(runs.parse_model_overrides("text.context_length=24", clip_config("tiny")), rngs=nnx.Rngs(0)),
             tmp_path)
   config = config_lib.build({"model": {"source": str(tmp_path), "tokenizer": "shapes", "context_length": 100}})
   with pytest.raises(config_lib.ConfigError, match=r"model.context_length=100 but the text model of .* has 24 "
                                                    r"positions; set model.context_length=24"):
-    setup.load_model(config, log=_quiet)
+    runs.model_from_config(config)

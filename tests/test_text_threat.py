@@ -12,6 +12,7 @@ import pytest
 
 from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
+from mat_jax import evaluate_cli
 from mat_jax import metrics
 from mat_jax.attacks.candidates import STOP_WORDS, BertMLMSource, LexiconSource
 from mat_jax.data import shapes
@@ -97,7 +98,7 @@ def test_source_names_in_configs_and_cli():
   with pytest.raises(ValueError, match="unknown text_attack.source 'synonyms'"):
     inputs.make_source("synonyms")
   with pytest.raises(ValueError, match="shapes world's synonym table"):
-    evaluate_lib._text_source("paraphrase", "flickr30k", None, 10)
+    evaluate_cli._text_source("paraphrase", "flickr30k", None, 10)
   for name in ("shapes_mat", "shapes_matplus", "shapes_mmcoa"):
     ta = config_lib.load(f"experiments/{name}.py").text_attack
     assert (ta.source, ta.bert, ta.top_k) == ("bert", "shapes-mlm", 10)

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
+from mat_jax import runs
 from mat_jax.training import loop, setup
 from mat_jax.training import step as step_lib
 
@@ -135,7 +135,7 @@ def test_loss_falls_then_nan_stops_the_run_keeping_the_last_good_checkpoint(root
                         optimizer={"name": "adam", "learning_rate": 1e-3}, data={"build_train": 16},
                         model={"overrides": LEARNER},
                         eval={"attacks": ("pgd",), "steps": 1, "max_images": 8, "batch_size": 8})
-  model, tokenizer = setup.load_model(config, log=lambda _: None)
+  model, tokenizer = runs.model_from_config(config)
   builder = setup.data_builder(config, 16, log=lambda _: None)
   from mat_jax.data import corpora, pipeline
   dataset = pipeline.training_pipeline(corpora.data_source(builder, "train"), tokenizer, 16)
@@ -159,7 +159,7 @@ def test_loss_falls_then_nan_stops_the_run_keeping_the_last_good_checkpoint(root
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 60  # the NaN step was never saved
   # No exported model: restore_model reads the newest checkpoint, whose parameters are finite.
-  restored, restored_tokenizer = checkpoint_lib.restore_model(workdir)
+  restored, restored_tokenizer = runs.restore_model(workdir)
   from flax import nnx
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(restored)))
   assert restored.config.vision.patch_size == 4 and restored_tokenizer.vocab_size == tokenizer.vocab_size

@@ -41,9 +41,10 @@ def _repeating(batch):
 
 
 def _train(root, workdir, rows, mesh_spec):
-  from mat_jax.training import loop, setup
+  from mat_jax import runs
+  from mat_jax.training import loop
   config = _config(root)
-  model, tokenizer = setup.load_model(config, log=lambda _: None)
+  model, tokenizer = runs.model_from_config(config)
   batch = {k: v[rows] for k, v in _global_batch(config, tokenizer).items()}
   return loop.train(config, workdir, mesh_spec=mesh_spec, log=print, progress=False, evaluate=False,
                     data_iterator=_repeating(batch), model=model, tokenizer=tokenizer)
@@ -68,12 +69,12 @@ def _free_port():
 def test_two_processes_make_the_update_of_one_process_with_8_devices(tmp_path, devices, monkeypatch):
   import numpy as np
   from safetensors.numpy import load_file
+  from mat_jax import runs
   from mat_jax.models import save_clip
-  from mat_jax.training import setup
 
   monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(tmp_path / "cache"))
   config = _config(tmp_path)
-  model, tokenizer = setup.load_model(config, log=lambda _: None)  # builds the tokenizer once, for all
+  model, tokenizer = runs.model_from_config(config)  # builds the tokenizer once, for all
   _global_batch(config, tokenizer)                                  # and the dataset
   save_clip(model, tmp_path / "initial")
 

@@ -13,6 +13,7 @@ from flax import nnx
 from PIL import Image
 
 from mat_jax import evaluate as ev
+from mat_jax import evaluate_cli
 from mat_jax import metrics
 from mat_jax import zeroshot as zs
 from mat_jax.data import classification, imagefolder, shapes
@@ -270,7 +271,7 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
             "--batch-size", "3", "--no-progress", "--data-dir", str(tmp_path / "data")]
   # PGD only: each attack's first compilation on a CLIP takes a minute on a loaded 2-core CPU, and the
   # attacks themselves are tested above on the stand-in encoder.
-  assert ev.main([*common, "--data", str(root), "--attacks", "pgd", "--template", "{}", "--template",
+  assert evaluate_cli.main([*common, "--data", str(root), "--attacks", "pgd", "--template", "{}", "--template",
                   "a picture of a {}", "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert "pgd" in printed and "robust" in printed and "0 (clean)" in printed
@@ -292,12 +293,12 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
   assert count.images.shape == (5, SIZE, SIZE, 3) and count.class_names == classification.COUNT_NAMES
 
   with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
-    ev.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "apgd-t"])
+    evaluate_cli.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "apgd-t"])
   with pytest.raises(zs.ZeroShotError, match="neither"):
-    ev.main([*common, "--data", str(tmp_path / "nowhere")])
+    evaluate_cli.main([*common, "--data", str(tmp_path / "nowhere")])
   for flags, message in [(["--data", "shapes-count", "--template", "{}"], "--template applies"),
                          (["--attacks", "apgd-ce,fgsm"], "unknown zero-shot attacks"),
                          (["--limit", "0"], "at least 1")]:
     with pytest.raises(SystemExit):
-      ev.main([*common, *flags])
+      evaluate_cli.main([*common, *flags])
     assert message in capsys.readouterr().err

@@ -31,6 +31,8 @@ from mat_jax.models.tokenizers import Tokenizer
 
 # The mask word of the importance step: the references replace a word by the string "[UNK]".
 MASK_WORD = "[UNK]"
+# The candidate sources by name (`mat_jax.training.inputs.make_source`, config.text_attack.source).
+SOURCES = ("bert", "paraphrase", "charedit")
 
 # Function words that carry little content, plus punctuation: never attacked, never used as a
 # substitute (the role of the references' `filter_words`; this list is written for mat_jax). On the shapes
@@ -564,3 +566,33 @@ def prepare_candidates(
       text_length=int(text_length), captions=tuple(captions), words=tuple(all_words),
       substitutes=tuple(tuple(tuple(s) for s in caption) + ((),) * (len(all_words[n]) - len(caption))
                         for n, caption in enumerate(per_word)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Candidates in a batch: the host's `mat_jax.training.inputs.AttachCandidates` adds them as `cand_*`
+# arrays per caption; the objectives' text attacks rebuild `TextCandidates` from them inside the step.
+
+PREFIX = "cand_"
+PER_CAPTION = ("word_pieces", "word_lengths", "target_words", "target_valid", "sub_pieces", "sub_lengths")
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateMeta:
+  """The static fields of `TextCandidates` (hashable: part of the compiled step)."""
+  start_id: int | None
+  end_id: int | None
+  pad_id: int
+  context_length: int
+  text_length: int
+
+
+def candidates_from_batch(batch: Mapping[str, jax.Array], meta: CandidateMeta):
+  """The flat `TextCandidates` of the batch's B·K captions (inside jit)."""
+  lead = batch["input_ids"].ndim - 1  # 1: one caption per image; 2: K captions per image
+  missing = [PREFIX + n for n in PER_CAPTION if PREFIX + n not in batch]
+  if missing:
+    raise ValueError(f"the batch lacks the text-attack candidates {missing}: objectives with a text attack "
+                     "need the input pipeline's AttachCandidates transform (mat_jax.training.inputs.AttachCandidates)")
+  flat = {n: batch[PREFIX + n].reshape((-1,) + batch[PREFIX + n].shape[lead:]) for n in PER_CAPTION}
+  return TextCandidates(**flat, mask_pieces=batch[PREFIX + "mask_pieces"][0],
+                        mask_length=batch[PREFIX + "mask_length"][0], **dataclasses.asdict(meta))

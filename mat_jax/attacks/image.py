@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mat_jax.attacks import losses as L
+from mat_jax.attacks import losses
 from mat_jax.attacks.losses import LossFn
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -261,7 +261,7 @@ def apgd(loss_fn: LossFn, images: jax.Array, key: jax.Array, *, eps, steps: int 
   return jax.lax.stop_gradient(best_x)
 
 
-def apgd_targeted(logits_fn: L.LogitsFn, positives: jax.Array, images: jax.Array, key: jax.Array, *,
+def apgd_targeted(logits_fn: losses.LogitsFn, positives: jax.Array, images: jax.Array, key: jax.Array, *,
                   eps, steps: int = 100, n_targets: int = 9, norm: str = "linf", rho: float = 0.75,
                   alpha: float = 0.75, random_start: bool = True) -> jax.Array:
   """APGD-T: one APGD run on the targeted DLR loss per target, the targets being each image's
@@ -279,14 +279,14 @@ def apgd_targeted(logits_fn: L.LogitsFn, positives: jax.Array, images: jax.Array
   def one_target(carry, inputs):
     best_x, best_margin = carry
     target, k = inputs
-    loss_fn = L.logit_loss(logits_fn, positives, lambda z, p: L.targeted_dlr(z, p, target))
+    loss_fn = losses.logit_loss(logits_fn, positives, lambda z, p: losses.targeted_dlr(z, p, target))
     x, _ = _apgd_run(loss_fn, images, k, eps=eps, steps=steps, norm=norm, rho=rho, alpha=alpha,
                      random_start=random_start)
-    m = L.margin(logits_fn(x), positives)
+    m = losses.margin(logits_fn(x), positives)
     better = m > best_margin
     return (jnp.where(_per_example(images, better), x, best_x), jnp.where(better, m, best_margin)), None
 
-  init = (images, L.margin(clean, positives))
+  init = (images, losses.margin(clean, positives))
   (best_x, _), _ = jax.lax.scan(one_target, init, (targets.T, jax.random.split(key, n_targets)))
   return jax.lax.stop_gradient(best_x)
 
@@ -318,7 +318,7 @@ def pgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, input
 def _pgd_attack(encoder, params, images, input_ids, attention_mask, key, caption_weights, eps, step_size, steps,
                 norm, random_start, momentum, keep_best):
   texts = encoder.text_features(params, input_ids, attention_mask)
-  loss = L.paired_cosine(encoder, params, texts, caption_weights)
+  loss = losses.paired_cosine(encoder, params, texts, caption_weights)
   return pgd(loss, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
              random_start=random_start, momentum=momentum, keep_best=keep_best)
 
@@ -340,9 +340,9 @@ def apgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, text
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
 def _apgd_attack(encoder, params, images, text_features, positives, key, eps, steps, norm, restarts, n_targets):
-  logits_fn = L.retrieval_logits(encoder, params, text_features)
+  logits_fn = losses.retrieval_logits(encoder, params, text_features)
   if n_targets:
     return apgd_targeted(logits_fn, positives, images, key, eps=eps, steps=steps, n_targets=n_targets,
                          norm=norm)
-  return apgd(L.logit_loss(logits_fn, positives), images, key, eps=eps, steps=steps, norm=norm,
+  return apgd(losses.logit_loss(logits_fn, positives), images, key, eps=eps, steps=steps, norm=norm,
               restarts=restarts)

@@ -36,8 +36,8 @@ import numpy as np
 from flax import nnx
 
 from mat_jax.attacks import image as image_attacks
-from mat_jax.attacks import losses as L
-from mat_jax.attacks.candidates import TextCandidates
+from mat_jax.attacks import losses
+from mat_jax.attacks.candidates import TextCandidates, prepare_candidates
 from mat_jax.attacks.spec import CO_STEP_SCALE, step_size_for
 from mat_jax.attacks.text import TextAttackResult, assemble, text_attack
 from mat_jax.models.dual_encoder import DualEncoder
@@ -92,10 +92,10 @@ def _sep_images(encoder, params, images, candidates, weights, key, eps, step_siz
   b, k = weights.shape
   if image_loss == "cosine":
     clean_ids, clean_mask = assemble(candidates)
-    loss = L.paired_cosine(encoder, params, encoder.text_features(params, clean_ids, clean_mask).reshape(b, k, -1),
+    loss = losses.paired_cosine(encoder, params, encoder.text_features(params, clean_ids, clean_mask).reshape(b, k, -1),
                            weights)
   else:
-    loss = L.image_kl(encoder, params, encoder.image_features(params, images))
+    loss = losses.image_kl(encoder, params, encoder.image_features(params, images))
   return image_attacks.pgd(loss, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm)
 
 
@@ -103,7 +103,7 @@ def _sep_images(encoder, params, images, candidates, weights, key, eps, step_siz
 def _co_images(encoder, params, images, adv_ids, adv_mask, weights, key, eps, step_size, steps, alpha, *, norm):
   b, k = weights.shape
   adv_text = encoder.text_features(params, adv_ids, adv_mask).reshape(b, k, -1)
-  loss = L.co_attack(encoder, params, encoder.image_features(params, images), adv_text, alpha=alpha,
+  loss = losses.co_attack(encoder, params, encoder.image_features(params, images), adv_text, alpha=alpha,
                      text_weights=weights)
   return image_attacks.pgd(loss, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm)
 
@@ -113,7 +113,7 @@ def _sga_images(encoder, params, images, adv_ids, adv_mask, weights, key, eps, s
                 norm, scales):
   b, k = weights.shape
   adv_text = encoder.text_features(params, adv_ids, adv_mask).reshape(b, k, -1)
-  loss = L.multi_scale(L.paired_cosine(encoder, params, adv_text, weights), scales, noise_std)
+  loss = losses.multi_scale(losses.paired_cosine(encoder, params, adv_text, weights), scales, noise_std)
   return image_attacks.pgd(loss, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm)
 
 
@@ -157,7 +157,7 @@ def collaborative_attack(encoder: DualEncoder, params: nnx.State, images: jax.Ar
 
 def set_guidance_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
                key: jax.Array, caption_weights: jax.Array | None = None, *, eps, step_size, steps,
-               scales: Sequence[float] = L.SGA_SCALES, noise_std: float = 0.05, norm: str = "linf",
+               scales: Sequence[float] = losses.SGA_SCALES, noise_std: float = 0.05, norm: str = "linf",
                max_changes: int = 1, chunk_size: int | None = None) -> MultimodalResult:
   """SGA: image-guided text attack, set-level multi-scale image attack, image-guided text attack again."""
   b, k = images.shape[0], _captions_per_image(images, candidates)
@@ -196,7 +196,6 @@ def bucketed_candidates(captions, tokenizer, source, **kwargs) -> TextCandidates
   captions usually share one compiled text attack. Nothing is cut: every size only grows. Sizes the
   caller gives (e.g. top_k, max_targets, which also limit how many candidates and words are kept) stay
   as given."""
-  from mat_jax.attacks.candidates import prepare_candidates
 
   c = prepare_candidates(captions, tokenizer, source, **kwargs)
   words, pieces = c.word_pieces.shape[1:]

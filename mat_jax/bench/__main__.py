@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from mat_jax import runtime
+from mat_jax import errors, runtime
 
 SUITES = {
     "encode": "CLIP image encoding, forward and forward+backward to pixels, vs transformers (PyTorch)",
@@ -22,7 +22,6 @@ SUITES = {
 
 
 def main(argv=None) -> int:
-  from mat_jax import errors
   return errors.cli_main(_main, argv)
 
 

@@ -23,8 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax.attacks import image as image_attacks
+from mat_jax.attacks import losses, multimodal
+from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
 from mat_jax.bench import common
+from mat_jax.bench.text_attack import add_bert_attack_arguments, run_bert_attack_benchmark
+from mat_jax.data import shapes
+from mat_jax.models import CLIP, clip_config, split
 from mat_jax.models.clip import PRESETS
+from mat_jax.models.weights import clip_config_to_hf, load_clip
 
 PARTS = ("pgd", "bert", "sga")
 
@@ -41,7 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help="mat_jax compute dtype (PyTorch runs float32)")
   g.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up")
   g.add_argument("--rounds", type=int, default=3, help="minimum timed calls per implementation")
-  from mat_jax.bench.text_attack import add_bert_attack_arguments
   add_bert_attack_arguments(parser)
   g = parser.add_argument_group("SGA (wall time per image)")
   g.add_argument("--sga-images", type=int, default=200)
@@ -60,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
   if "pgd" in parts:
     run_pgd(args)
   if "bert" in parts:
-    from mat_jax.bench.text_attack import run_bert_attack_benchmark
     run_bert_attack_benchmark(args)
   if "sga" in parts:
     run_sga(args)
@@ -79,10 +84,6 @@ def run_pgd(args: argparse.Namespace) -> dict:
   import torch
   import transformers
 
-  from mat_jax.attacks import image as image_attacks
-  from mat_jax.attacks import losses
-  from mat_jax.models import split
-  from mat_jax.models.weights import clip_config_to_hf, load_clip
 
   default_batch = 8 if jax.default_backend() == "cpu" else 256
   preset, batch = ("vit-b-32", 2) if args.quick else (args.preset, args.batch or default_batch)
@@ -193,10 +194,6 @@ def run_pgd(args: argparse.Namespace) -> dict:
 def run_sga(args: argparse.Namespace) -> dict:
   import dataclasses
 
-  from mat_jax.attacks import multimodal
-  from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
-  from mat_jax.data import shapes
-  from mat_jax.models import CLIP, clip_config, split
   from flax import nnx
 
   on_cpu = jax.default_backend() == "cpu"

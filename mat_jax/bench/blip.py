@@ -18,8 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax.attacks import image as image_attacks
+from mat_jax.attacks import losses
 from mat_jax.bench import common
-from mat_jax.models.blip import BLIP_PRESETS, blip_config_to_hf
+from mat_jax.models import split
+from mat_jax.models.blip import BLIP_PRESETS, blip_config_to_hf, load_blip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +40,6 @@ def run(args: argparse.Namespace) -> int:
   import torch
   import transformers
 
-  from mat_jax.attacks import image as image_attacks
-  from mat_jax.attacks import losses
-  from mat_jax.models import split
-  from mat_jax.models.blip import load_blip
 
   preset, batch = ("blip-tiny", 2) if args.quick else (args.preset, args.batch)
   steps, eps = args.steps, 2 / 255

@@ -26,8 +26,19 @@ import time
 import jax
 import numpy as np
 
+from mat_jax import config as config_lib
+from mat_jax import mesh as mesh_lib
+from mat_jax.attacks import image as image_attacks
+from mat_jax.attacks import multimodal
+from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
 from mat_jax.bench import common
+from mat_jax.bench.train import _batch
+from mat_jax.data import shapes
+from mat_jax.models import CLIP, split
 from mat_jax.models.clip import PRESETS
+from mat_jax.objectives.mat import MAT
+from mat_jax.training import optim
+from mat_jax.training import step as step_lib
 
 PROGRAMS = ("mat_step", "pgd", "sga")
 # The line a worker process prints its measurements on, for the parent to find among other output.
@@ -126,8 +137,6 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
   import jax.numpy as jnp
   from flax import nnx
 
-  from mat_jax.data import shapes
-  from mat_jax.models import CLIP, split
 
   preset, batch = _defaults(args)
   tokenizer = shapes.tokenizer(context_length=PRESETS[preset].text.context_length)
@@ -149,15 +158,12 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
   if "mat_step" in programs:
     out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), cpu, "mat_step")
   if "pgd" in programs:
-    from mat_jax.attacks import image as image_attacks
 
     tokens = tokenizer([shapes.describe(s, rng) for s in scenes])
     ids, mask = jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask)
     out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
         encoder, params, images, ids, mask, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10), cpu, "pgd")
   if "sga" in programs:
-    from mat_jax.attacks import multimodal
-    from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
 
     k = 5
     captions = [c for s in scenes for c in shapes.captions(s, rng, k)]
@@ -171,12 +177,6 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
 
 def _mat_step(encoder, params, tokenizer, size: int, batch: int):
   """The MAT train step of `python -m mat_jax.train` on one batch, as a zero-argument call."""
-  from mat_jax import config as config_lib
-  from mat_jax import mesh as mesh_lib
-  from mat_jax.bench.train import _batch
-  from mat_jax.objectives.mat import MAT
-  from mat_jax.training import optim
-  from mat_jax.training import step as step_lib
 
   host_batch, meta = _batch(size, batch, tokenizer, max_targets=8, top_k=10)
   objective = MAT(eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1, candidate_meta=meta)

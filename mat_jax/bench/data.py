@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING
 import ml_collections
 import numpy as np
 
+from mat_jax import config as config_lib
+from mat_jax import mesh as mesh_lib
+from mat_jax import runs
 from mat_jax.bench import common
+from mat_jax.data import corpora, pipeline
+from mat_jax.training import loop, setup
+from mat_jax.training import step as step_lib
 
 if TYPE_CHECKING:
   from mat_jax.training.loop import Run
@@ -76,8 +82,6 @@ def pipeline_images_per_second(dataset, batch_size: int, *, warmup_batches: int 
 def demo_config(data_dir: Path, args: argparse.Namespace) -> ml_collections.ConfigDict:
   """experiments/shapes_mat.py with a random tiny CLIP and the shapes tokenizer (the demo's architecture),
   its data built in `data_dir`; batch and image size from the flags when given."""
-  from mat_jax import config as config_lib
-  from mat_jax.training import setup
 
   overrides = ["model.source=tiny", "model.tokenizer=shapes", f"data.data_dir={data_dir}",
                f"data.build_train={args.shapes_images}", "data.build_val=0", "data.build_test=0",
@@ -86,15 +90,12 @@ def demo_config(data_dir: Path, args: argparse.Namespace) -> ml_collections.Conf
     overrides.append(f"train.batch_size={args.batch_size}")
   if args.image_size is not None:
     overrides += [f"data.image_size={args.image_size}", f"model.overrides=vision.image_size={args.image_size}"]
-  return config_lib.load(setup.EXPERIMENTS_DIR / DEMO_EXPERIMENT, overrides)
+  return config_lib.load(runs.EXPERIMENTS_DIR / DEMO_EXPERIMENT, overrides)
 
 
 def mat_step_images_per_second(run: Run, host_batch: dict, *, min_seconds: float = 3.0) -> tuple[float, float]:
   """(images/s, seconds/step) of the run's jitted train step on `host_batch` (this process's rows),
   placed as the loop places it; median after the compiling warm-up, device work finished."""
-  from mat_jax import mesh as mesh_lib
-  from mat_jax.training import loop
-  from mat_jax.training import step as step_lib
 
   state = step_lib.create_state(run.params, run.tx, run.is_trainable, run.config.seed, run.shardings)
   step_fn, reference = loop.make_train_step(run)
@@ -132,9 +133,6 @@ def _write_jpeg_corpus(root: Path, count: int, size: int) -> Path:
 def run(args: argparse.Namespace) -> int:
   import jax
 
-  from mat_jax import mesh as mesh_lib
-  from mat_jax.data import corpora, pipeline
-  from mat_jax.training import loop, setup
 
   threads = pipeline.DEFAULT_NUM_THREADS if args.num_threads is None else args.num_threads
   if args.num_workers == pipeline.AUTO_WORKERS:

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mat_jax.bench import common
+from mat_jax.models import split
 from mat_jax.models.clip import PRESETS
+from mat_jax.models.weights import clip_config_to_hf, load_clip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
   import torch
   import transformers
 
-  from mat_jax.models import split
-  from mat_jax.models.weights import clip_config_to_hf, load_clip
 
   # Fairness: both frameworks get every core this process may use (XLA's CPU client takes them all).
   cores = _usable_cores()

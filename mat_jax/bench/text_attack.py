@@ -29,9 +29,10 @@ import numpy as np
 from mat_jax.attacks.candidates import MASK_WORD, CharEditSource, LexiconSource, TextCandidates, prepare_candidates
 from mat_jax.attacks.text import adversarial_captions, default_chunk_size, text_attack
 from mat_jax.bench import common
+from mat_jax.data import shapes
+from mat_jax.models import CLIP, clip_config, split
 from mat_jax.models.dual_encoder import DualEncoder
 from mat_jax.models.tokenizers import Tokenizer
-
 
 # -------------------------------------------------------------------------------------------------
 # The references' sequential structure (also the oracle of tests/test_text_attack.py)
@@ -159,8 +160,6 @@ def add_bert_attack_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _shapes_setup(n_captions: int, model: str, seed: int):
   from flax import nnx
-  from mat_jax.data import shapes
-  from mat_jax.models import CLIP, clip_config, split
 
   tokenizer = shapes.tokenizer()
   rng = np.random.default_rng(seed)

@@ -32,8 +32,16 @@ import time
 import jax
 import numpy as np
 
+from mat_jax import config as config_lib
+from mat_jax import mesh as mesh_lib
 from mat_jax.bench import common
+from mat_jax.data import shapes
+from mat_jax.models import split
 from mat_jax.models.clip import PRESETS
+from mat_jax.models.weights import clip_config_to_hf, load_clip
+from mat_jax.objectives.mat import MAT
+from mat_jax.training import inputs, optim
+from mat_jax.training import step as step_lib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +61,6 @@ def _batch(size: int, batch: int, tokenizer, max_targets: int, top_k: int):
   """Shapes-world images (resized) and captions with paraphrase candidates (the synonym table), as the training pipeline gives."""
   from PIL import Image
 
-  from mat_jax.data import shapes
-  from mat_jax.training import inputs
 
   rng = np.random.default_rng(0)
   scenes = [shapes.sample_scene(rng) for _ in range(batch)]
@@ -186,14 +192,6 @@ def run(args: argparse.Namespace) -> int:
   import torch
   import transformers
 
-  from mat_jax import config as config_lib
-  from mat_jax import mesh as mesh_lib
-  from mat_jax.data import shapes
-  from mat_jax.models import split
-  from mat_jax.models.weights import clip_config_to_hf, load_clip
-  from mat_jax.objectives.mat import MAT
-  from mat_jax.training import optim
-  from mat_jax.training import step as step_lib
 
   cores = _usable_cores()
   torch.set_num_threads(cores)

@@ -8,9 +8,7 @@
     test = pipeline.load_eval_set(corpora.data_source(builder, "test"), tok)
 
 The command line builds datasets: `python -m mat_jax.data build shapes` / `build karpathy ...`.
-"""
 
-from mat_jax.data import corpora, pipeline, shapes
-from mat_jax.data.corpora import (CaptionCleaning, CorpusError, build_corpus, build_shapes, corpus_builder,
-                                  data_source, default_data_dir)
-from mat_jax.data.pipeline import EvalSet, load_eval_set, training_pipeline
+The package imports none of its modules: `mat_jax.data.shapes` is numpy only, and importing it must not
+load tensorflow-datasets (which `corpora` needs) or Grain (`pipeline`). Import the module you use.
+"""

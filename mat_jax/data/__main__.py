@@ -19,6 +19,10 @@ import argparse
 import os
 import sys
 
+from mat_jax import errors, runtime
+from mat_jax.data import corpora, pipeline, shapes
+from mat_jax.training import mlm
+
 
 def _positive(text: str) -> int:
   """An image side: checked here, or a bad size reaches the first image decode and blames that file."""
@@ -103,7 +107,6 @@ def _shapes_config(args) -> dict:
 def _mlm(args) -> int:
   import dataclasses
 
-  from mat_jax.training import mlm
 
   settings = mlm.MLMSettings()
   if args.steps is not None:
@@ -129,19 +132,15 @@ def _mlm(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from mat_jax import errors
   return errors.cli_main(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
   args = _parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from mat_jax import runtime
 
   runtime.enable_compilation_cache()
-  from mat_jax.data import corpora, shapes
 
-  from mat_jax import errors
   for flag, value in (("--data-dir", args.data_dir), ("--dir", getattr(args, "dir", None))):
     if value:  # before any work: a build that cannot be written fails at once, not at its end
       errors.check_writable_dir(value, flag)
@@ -154,7 +153,6 @@ def _main(argv: list[str] | None) -> int:
     return _mlm(args)
   try:
     if args.command == "ambiguity":
-      from mat_jax.data import pipeline
 
       builder = corpora.build_shapes(args.data_dir, **_shapes_config(args))
       source = corpora.data_source(builder, args.split)

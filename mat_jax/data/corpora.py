@@ -33,18 +33,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mat_jax import paths
 from mat_jax.data import shapes
 from mat_jax.errors import MatJaxError
 
-DATA_DIR_ENV = "MAT_JAX_DATA_DIR"
 SPLITS = ("train", "val", "test")
-
-
-def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-  """The data directory: the argument, else $MAT_JAX_DATA_DIR, else ~/.cache/mat_jax/datasets."""
-  if data_dir:
-    return Path(data_dir).expanduser()
-  return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/mat_jax/datasets").expanduser()
 
 
 class CorpusError(MatJaxError, ValueError):
@@ -99,9 +92,8 @@ def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[t
 # The shapes world.
 # --------------------------------------------------------------------------------------------------
 
-# The default build is the demo's: 48 px, the tiny CLIP preset's input (one 16-px patch per grid cell).
-DEFAULT_SHAPES_IMAGE_SIZE = 48
-DEFAULT_SHAPES_TRAIN = 10_000
+DEFAULT_SHAPES_IMAGE_SIZE = shapes.BUILD_IMAGE_SIZE
+DEFAULT_SHAPES_TRAIN = shapes.BUILD_TRAIN
 
 
 @dataclasses.dataclass(eq=False)
@@ -201,8 +193,17 @@ def build_shapes(data_dir: str | os.PathLike | None = None, *, overwrite: bool =
   # By name when it is the registered default (tfds warns about unregistered configs otherwise).
   known = {c.name for c in ShapesWorld.BUILDER_CONFIGS}
   builder = ShapesWorld(config=cfg.name if cfg.name in known else cfg,
-                        data_dir=str(default_data_dir(data_dir)), file_format="array_record")
+                        data_dir=str(paths.default_data_dir(data_dir)), file_format="array_record")
   return _prepare(builder, overwrite, log)[0]
+
+
+def dataset_builder(name: str, image_size: int, data_dir: str | os.PathLike | None = None, *, log=print,
+                    **shapes_sizes: Any) -> tfds.core.DatasetBuilder:
+  """A caption dataset by name: "shapes" (the shapes world, built on first use at `image_size`;
+  `shapes_sizes` takes `shapes_config`'s split sizes) or a corpus built with `python -m mat_jax.data`."""
+  if name == "shapes":
+    return build_shapes(data_dir, image_size=image_size, log=log, **shapes_sizes)
+  return corpus_builder(name, image_size, data_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -517,7 +518,7 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
   """
   images = Path(images).expanduser()
   config_name = corpus_config_name(name, image_size)
-  root = default_data_dir(data_dir)
+  root = paths.default_data_dir(data_dir)
   existing = corpus_builder(name, image_size, root, missing_ok=True)
   # Resolved paths, so that a relative path given from another directory matches; skip_bad is an option
   # because it changes which records and captions the corpus holds.
@@ -559,7 +560,7 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
 def corpus_builder(name: str, image_size: int = 224, data_dir: str | os.PathLike | None = None,
                    missing_ok: bool = False) -> tfds.core.DatasetBuilder | None:
   """The built corpus, read from its files (no annotations or images needed)."""
-  root = default_data_dir(data_dir)
+  root = paths.default_data_dir(data_dir)
   config_dir = root / "caption_corpus" / corpus_config_name(name, image_size)
   # Only finished builds: tfds writes dataset_info.json last (an interrupted build has none).
   versions = sorted(p for p in config_dir.glob("*") if (p / "dataset_info.json").exists())

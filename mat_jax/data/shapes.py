@@ -34,6 +34,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mat_jax import paths
+from mat_jax.models import tokenizers as tokenizers_lib
+
 # --------------------------------------------------------------------------------------------------
 # The world's categories and their surface forms (the lexicon).
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +102,10 @@ MIRROR_WORDS = {"left": "right", "right": "left"}
 MAX_OBJECTS = 3
 MAX_CAPTION_WORDS = 16
 DEFAULT_IMAGE_SIZE = 64
+# The default dataset build is the demo's: 48 px, the tiny CLIP preset's input (one 16-px patch per grid
+# cell), 10k training scenes (mat_jax.data.corpora builds it; experiment configs default to it).
+BUILD_IMAGE_SIZE = 48
+BUILD_TRAIN = 10_000
 DEFAULT_CONTEXT_LENGTH = 24
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
@@ -699,9 +706,7 @@ def vocabulary() -> list[str]:
 
 def default_tokenizer_dir(data_dir: str | os.PathLike | None = None) -> Path:
   """Where the shapes tokenizer is cached: <data dir>/tokenizers/shapes_world_v<version>."""
-  from mat_jax.data.corpora import default_data_dir  # deferred: corpora imports tensorflow_datasets
-
-  return default_data_dir(data_dir) / "tokenizers" / f"shapes_world_v{TOKENIZER_VERSION}"
+  return paths.default_data_dir(data_dir) / "tokenizers" / f"shapes_world_v{TOKENIZER_VERSION}"
 
 
 def build_tokenizer(directory: str | os.PathLike | None = None,
@@ -711,8 +716,8 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   ids: [PAD]=0, [UNK]=1, [START]=2, [END]=3, then `vocabulary()`. A directory that already holds this
   vocabulary is reused.
   """
+  # deferred: the tokenizers library is needed only to write the files, once
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-  from mat_jax.models.tokenizers import import_transformers
 
   directory = Path(directory) if directory is not None else default_tokenizer_dir()
   vocab = {w: i for i, w in enumerate((*SPECIAL_TOKENS, *vocabulary()))}
@@ -727,7 +732,7 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
                                                      special_tokens=[(start, vocab[start]), (end, vocab[end])])
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-  fast = import_transformers().PreTrainedTokenizerFast(
+  fast = tokenizers_lib.import_transformers().PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token=start, eos_token=end, pad_token=pad, unk_token=unk,
       model_max_length=context_length)
   directory.mkdir(parents=True, exist_ok=True)
@@ -746,8 +751,7 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
 
 def tokenizer(directory: str | os.PathLike | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH):
   """The shapes tokenizer as a `mat_jax.models.tokenizers.Tokenizer` (built on first use)."""
-  from mat_jax.models.tokenizers import load_tokenizer
-  return load_tokenizer(build_tokenizer(directory, context_length), context_length=context_length)
+  return tokenizers_lib.load_tokenizer(build_tokenizer(directory, context_length), context_length=context_length)
 
 
 # --------------------------------------------------------------------------------------------------

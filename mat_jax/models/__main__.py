@@ -20,6 +20,9 @@ import numpy as np
 from flax import nnx
 
 from mat_jax import errors, runtime
+from mat_jax.models import CLIP, clip_config, hub, l2_normalize, load_bert_mlm, load_clip, save_clip
+from mat_jax.errors import ConfigError
+from mat_jax.models.weights import WEIGHT_PATTERNS
 
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
@@ -43,7 +46,6 @@ def _token_sequences(cfg, count: int, rng: np.random.Generator) -> tuple[np.ndar
 
 
 def demo(args: argparse.Namespace) -> int:
-  from mat_jax.models import CLIP, clip_config, l2_normalize, load_clip, save_clip
 
   cfg = clip_config(args.preset)
   model = CLIP(cfg, rngs=nnx.Rngs(args.seed))
@@ -80,7 +82,6 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _load_json(path: Path) -> dict:
-  from mat_jax.models.weights import ConfigError
   try:
     return json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError) as err:
@@ -88,8 +89,6 @@ def _load_json(path: Path) -> dict:
 
 
 def inspect(args: argparse.Namespace) -> int:
-  from mat_jax.models import hub, load_bert_mlm, load_clip
-  from mat_jax.models.weights import WEIGHT_PATTERNS
 
   directory = hub.resolve(args.source, WEIGHT_PATTERNS)
   config_path = directory / "config.json"

@@ -19,6 +19,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mat_jax import runs
+from mat_jax import config as config_lib
+from mat_jax import evaluate as evaluate_lib
+from mat_jax.data import corpora, pipeline
+from mat_jax.study import Bootstrap, hits, interval
+from mat_jax.training import inputs, loop, setup
+
 DEMO_ATTACKS = ("pgd", "bert", "co", "sga")
 MULTIMODAL = ("co", "sga")
 DEMO_IMAGES = 500        # test images evaluated (2,500 captions): intervals of about ±3-4 points on R@1
@@ -61,7 +68,6 @@ def paired_interval(a: tuple, b: tuple, metric: str, n_images: int, text_to_imag
   `a`, `b`: (TR ranks (N,), IR ranks (T,)) of two evaluations on the same images; an image is resampled
   with all its captions.
   """
-  from mat_jax.study import Bootstrap, hits, interval
 
   boot = Bootstrap(n_images, 1, replicates, seed)
   per = []
@@ -99,39 +105,32 @@ def headline(results: dict[str, dict]) -> list[tuple[str, str, float, list[float
 
 def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
          log: Callable[[str], None] = print, eval_images: int = DEMO_IMAGES) -> int:
-  from mat_jax import checkpoint
-  from mat_jax import config as config_lib
-  from mat_jax import evaluate as evaluate_lib
-  from mat_jax.data import corpora, load_eval_set
-  from mat_jax.training import inputs, loop, setup
 
   start = time.perf_counter()
   workdir = Path(workdir or Path("runs") / "shapes_demo").absolute()
   clock = lambda: f"[{time.perf_counter() - start:5.0f}s]"
 
-  configs = {name: config_lib.load(setup.EXPERIMENTS_DIR / f"{file}.py") for name, file in DEMO_MODELS.items()}
+  configs = {name: config_lib.load(runs.EXPERIMENTS_DIR / f"{file}.py") for name, file in DEMO_MODELS.items()}
   mat_config = configs["MAT"]
   # A bad --mesh fails now, not after minutes of building the world and training the clean model.
   loop.run_mesh(mat_config, mesh_spec)
   log(f"{clock()} 1/4 the shapes world")
-  builder = corpora.build_shapes(mat_config.data.data_dir or None, train=mat_config.data.build_train,
-                                 val=mat_config.data.build_val, test=mat_config.data.build_test,
-                                 image_size=mat_config.data.image_size, log=log)
+  builder = setup.data_builder(mat_config, mat_config.data.image_size, log=log)
 
   log(f"{clock()} 2/4 the clean tiny CLIP (experiments/shapes_clip.py, cached)")
-  setup.ensure_cached_run("shapes_clip", log=log)
+  loop.ensure_cached_run("shapes_clip", log=log)
 
   models: dict[str, Any] = {}
   for i, (name, config) in enumerate(configs.items()):
     run_dir = workdir / DEMO_MODELS[name]
     log(f"{clock()} 3/4 ({i + 1}/{len(configs)}) {name}: experiments/{DEMO_MODELS[name]}.py into {run_dir}")
     loop.train(config, run_dir, mesh_spec=mesh_spec, log=log, evaluate=False)
-    models[name] = checkpoint.restore_model(run_dir)
+    models[name] = runs.restore_model(run_dir)
 
   log(f"{clock()} 4/4 evaluation on {eval_images} test images: clean, " + ", ".join(DEMO_ATTACKS) +
       f" at eps {DEMO_EPS_255:g}/255, 1 word, text threat {dict(mat_config.text_attack)}")
   tokenizer = models["MAT"][1]
-  eval_set = load_eval_set(corpora.data_source(builder, "test"), tokenizer, max_images=eval_images)
+  eval_set = pipeline.load_eval_set(corpora.data_source(builder, "test"), tokenizer, max_images=eval_images)
   ta = mat_config.text_attack
   source = inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k)
   results = {}

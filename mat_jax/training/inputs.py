@@ -17,24 +17,18 @@ and the static part (special ids, lengths) is a `CandidateMeta` the objective ho
 from __future__ import annotations
 
 import collections
-import dataclasses
 from typing import Callable, Mapping
 
-import jax
 import numpy as np
 
-PREFIX = "cand_"
-PER_CAPTION = ("word_pieces", "word_lengths", "target_words", "target_valid", "sub_pieces", "sub_lengths")
-
-
-@dataclasses.dataclass(frozen=True)
-class CandidateMeta:
-  """The static fields of `TextCandidates` (hashable: part of the compiled step)."""
-  start_id: int | None
-  end_id: int | None
-  pad_id: int
-  context_length: int
-  text_length: int
+from mat_jax.attacks import candidates
+from mat_jax.attacks.candidates import PER_CAPTION, PREFIX, CandidateMeta
+from mat_jax.config import RENAMED_LEXICON
+from mat_jax.data import shapes
+from mat_jax.errors import InputError
+from mat_jax.models import load_bert_mlm
+from mat_jax.models.tokenizers import load_tokenizer
+from mat_jax.training import mlm
 
 
 def make_source(name: str, *, bert: str = "", top_k: int = 10, log: Callable[[str], None] = print):
@@ -45,23 +39,16 @@ def make_source(name: str, *, bert: str = "", top_k: int = 10, log: Callable[[st
   meaning filter. paraphrase: the shapes world's synonym table (meaning-preserving by construction, a
   control). charedit: character edits (typos).
   """
-  from mat_jax.attacks import candidates
-
   if name == "paraphrase":
-    from mat_jax.data import shapes
     return candidates.LexiconSource(shapes.substitution_table())
   if name == "charedit":
     return candidates.CharEditSource(max_candidates=top_k)
   if name == "bert":
-    from mat_jax.models import load_bert_mlm
-    from mat_jax.models.tokenizers import load_tokenizer
-    from mat_jax.training import mlm
     directory = mlm.resolve_bert(bert, log=log)
     return candidates.BertMLMSource(load_bert_mlm(directory), load_tokenizer(directory), top_k=top_k)
   if name == "lexicon":
-    from mat_jax.config import RENAMED_LEXICON
-    raise ValueError(RENAMED_LEXICON)
-  raise ValueError(f"unknown text_attack.source {name!r}; choose bert, paraphrase or charedit")
+    raise InputError(RENAMED_LEXICON)
+  raise InputError(f"unknown text_attack.source {name!r} (--text-source); choose {', '.join(candidates.SOURCES)}")
 
 
 class AttachCandidates:
@@ -80,9 +67,7 @@ class AttachCandidates:
                               tokenizer.context_length, tokenizer.context_length)
 
   def _prepare(self, captions: list[str]) -> None:
-    from mat_jax.attacks.candidates import prepare_candidates
-
-    prepared = prepare_candidates(captions, self.tokenizer, self.source, **self.sizes)
+    prepared = candidates.prepare_candidates(captions, self.tokenizer, self.source, **self.sizes)
     arrays = [np.asarray(getattr(prepared, name)) for name in PER_CAPTION]
     for i, caption in enumerate(captions):
       self._cache[caption] = tuple(a[i] for a in arrays)
@@ -109,17 +94,3 @@ class AttachCandidates:
     out[PREFIX + "mask_pieces"] = np.broadcast_to(mask_pieces, (batch_size,) + mask_pieces.shape).copy()
     out[PREFIX + "mask_length"] = np.full((batch_size,), int(mask_length), np.int32)
     return out
-
-
-def candidates_from_batch(batch: Mapping[str, jax.Array], meta: CandidateMeta):
-  """The flat `TextCandidates` of the batch's B·K captions (inside jit)."""
-  from mat_jax.attacks.candidates import TextCandidates
-
-  lead = batch["input_ids"].ndim - 1  # 1: one caption per image; 2: K captions per image
-  missing = [PREFIX + n for n in PER_CAPTION if PREFIX + n not in batch]
-  if missing:
-    raise ValueError(f"the batch lacks the text-attack candidates {missing}: objectives with a text attack "
-                     "need the input pipeline's AttachCandidates transform (mat_jax.training.inputs)")
-  flat = {n: batch[PREFIX + n].reshape((-1,) + batch[PREFIX + n].shape[lead:]) for n in PER_CAPTION}
-  return TextCandidates(**flat, mask_pieces=batch[PREFIX + "mask_pieces"][0],
-                        mask_length=batch[PREFIX + "mask_length"][0], **dataclasses.asdict(meta))

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,10 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
-from mat_jax import errors, objectives
+from mat_jax import errors, objectives, runs
+from mat_jax import evaluate as evaluate_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax.models import CLIP, DualEncoder, split
 from mat_jax.training import inputs, optim, setup
@@ -79,7 +82,6 @@ class MetricWriter:
       truncate_metrics(path, resume_step)
     self.jsonl = open(path, "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
@@ -159,7 +161,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_sp
   """Mesh, model, objective, optimizer and shardings of a run (no data, no state yet)."""
   mesh = run_mesh(config, mesh_spec)
   if model is None:
-    model, tokenizer = setup.load_model(config, log=log)
+    model, tokenizer = runs.model_from_config(config)
   encoder, params = split(model)
   objective = objectives.make(config.objective)
   transforms = ()
@@ -200,29 +202,6 @@ def make_train_step(run: Run) -> tuple[Callable, nnx.State | None]:
   return step_fn, reference
 
 
-def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[CLIP, Any]:
-  """The model of a run's newest checkpoint (on the current devices, replicated)."""
-  config = _unlocked_copy(config, {"mesh": {"shape": "1", "param_sharding": "replicated"}})
-  run = build_run(config, workdir, mesh_spec="1", log=lambda _: None)
-  with checkpoint_lib.Checkpointer(workdir, run.fingerprint, reader=True) as ckpt:
-    state0 = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, config.seed),
-                            run.params)
-    # A damaged newest checkpoint is skipped (said on stderr), not moved: the run is not this reader's.
-    state, _ = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(state0, run.shardings), set_aside=False,
-                                          log=lambda line: print(line, file=sys.stderr))
-  if state is None:
-    raise checkpoint_lib.NotARunError(f"{workdir} holds a run config but no readable checkpoint and no exported "
-                                      "model; train it first (python -m mat_jax.train) or pass another run")
-  return run.encoder.merge(state.params), run.tokenizer
-
-
-def _unlocked_copy(config: ml_collections.ConfigDict, changes: dict) -> ml_collections.ConfigDict:
-  raw = config.to_dict()
-  for section, values in changes.items():
-    raw[section].update(values)
-  return config_lib.build(raw)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -250,6 +229,31 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
   finally:
     if held is not None:
       held.release()
+
+
+def ensure_cached_run(name: str, *, log: Log = print) -> Path:
+  """The run directory of experiments/<name>.py in the cache (`mat_jax.runs.cached_run`), trained now if
+  it is not there yet: the explicit step that fills the cache, which the command lines take for the
+  "cache:NAME" / "shapes" model sources they are given (loading a model never trains one)."""
+  path, config = runs.cached_experiment(name)
+  run_dir = runs.cached_run_dir(name, config)
+  if runs.is_trained(run_dir):
+    return run_dir
+  # Two commands needing the same cached model: the second waits for the first's training, then uses it.
+  with WorkdirLock(run_dir, wait=True, on_wait=log):
+    if runs.is_trained(run_dir):
+      return run_dir
+    log(f"{runs.CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
+    ensure_cached_source(config.model.source, log=log)  # a cached run may start from another
+    train(config, run_dir, log=log, lock=False)  # resumes a run that was interrupted
+  return run_dir
+
+
+def ensure_cached_source(source: str, *, log: Log = print) -> None:
+  """Train the cached run a model source names ("shapes", "cache:NAME"), if any and not there yet."""
+  name = runs.cached_name(source)
+  if name is not None:
+    ensure_cached_run(name, log=log)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str | None, log: Log, progress: bool,
@@ -368,7 +372,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   # Export first: a failing final evaluation must not lose the trained model.
   model_dir = None
   if cfg.train.export and main:
-    model_dir = checkpoint_lib.export_model(run.encoder.merge(final_params), run.tokenizer, workdir)
+    model_dir = runs.export_model(run.encoder.merge(final_params), run.tokenizer, workdir)
     say(f"exported the model to {model_dir}")
   evaluation = None
   try:
@@ -467,7 +471,6 @@ def _inject_fault(step: int) -> None:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-  from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
 
 
@@ -475,7 +478,6 @@ def host_params(params: nnx.State) -> nnx.State:
   """The parameters as host numpy arrays, gathered across processes when they are sharded there."""
   if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
     return jax.device_get(params)
-  from jax.experimental import multihost_utils
   return jax.device_get(multihost_utils.process_allgather(params, tiled=True))
 
 
@@ -490,8 +492,6 @@ class Evaluator:
     self._judge = None
 
   def __call__(self, params: nnx.State) -> dict[str, float]:
-    from mat_jax import evaluate as evaluate_lib
-
     cfg = self.run.config
     if self.run.tokenizer is None or self.builder is None:
       return {}

@@ -8,7 +8,7 @@ the "paraphrase" control. This module trains a small BERT MLM (`mat_jax.models.B
 world's *train-split* captions with BERT's recipe (15% of the words chosen; of those 80% [MASK], 10% a
 random word, 10% kept), saves it in the transformers layout (config.json + model.safetensors + a BERT
 word-level tokenizer over the world's vocabulary) and caches it under $MAT_JAX_CACHE_DIR/mlm, keyed by
-its settings and the data version, like the clean CLIP (`mat_jax.training.setup.ensure_cached_run`).
+its settings and the data version, like the clean CLIP (`mat_jax.training.loop.ensure_cached_run`).
 
     python -m mat_jax.data mlm            # build (or reuse) it, print masked accuracy and meaning-change shares
 
@@ -35,7 +35,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mat_jax.data import shapes
+from mat_jax import config as config_lib
+from mat_jax import paths
+from mat_jax.attacks.candidates import STOP_WORDS, BertMLMSource, filter_substitutes
+from mat_jax.data import corpora, shapes
+from mat_jax.models import BertForMaskedLM, bert_config, save_bert_mlm
+from mat_jax.models.tokenizers import import_transformers, load_tokenizer
 
 MLM_NAME = "shapes-mlm"
 # Bump when the training recipe changes in a way the settings do not show (part of the cache key).
@@ -77,7 +82,6 @@ def save_tokenizer(directory: str | os.PathLike, context_length: int = shapes.DE
   keeps its own tokenizer as bert-base-uncased does, and the attack re-tokenises the chosen words with
   the target model's tokenizer.
   """
-  from mat_jax.models.tokenizers import import_transformers
 
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -96,7 +100,6 @@ def save_tokenizer(directory: str | os.PathLike, context_length: int = shapes.DE
 
 def train_captions(settings: MLMSettings, split: str = "train", count: int | None = None) -> list[str]:
   """The captions a built shapes world stores for `split` (no rendering needed)."""
-  from mat_jax.data import corpora
 
   count = settings.train_images if count is None else count
   out: list[str] = []
@@ -128,8 +131,6 @@ def train_mlm(settings: MLMSettings = MLMSettings(), *, captions: Sequence[str] 
 
   captions: the training text (default: the shapes world's train split, `train_captions(settings)`).
   """
-  from mat_jax.models import BertForMaskedLM, bert_config
-  from mat_jax.models.tokenizers import load_tokenizer
 
   start, cpu_start = time.perf_counter(), time.process_time()
   with tempfile.TemporaryDirectory() as tmp:
@@ -247,7 +248,6 @@ def meaning_change_report(source, scenes: Sequence[shapes.Scene], caption_lists:
   word category (`shapes.WORD_CATEGORIES`) and "all": {"proposals", "changed", "share"} (share = changed /
   proposals; NaN without proposals) and "words" (targetable words with at least one proposal).
   """
-  from mat_jax.attacks.candidates import STOP_WORDS, filter_substitutes
 
   stop_words = STOP_WORDS if stop_words is None else frozenset(stop_words)
   flat = [(scene, caption) for scene, caps in zip(scenes, caption_lists, strict=True) for caption in caps]
@@ -287,7 +287,6 @@ def format_meaning_report(report: dict[str, dict[str, float]]) -> str:
 
 def test_scenes(settings: MLMSettings, count: int | None = None, split: str = "test"):
   """(scenes, caption lists) of the first `count` images of a split, as the built dataset stores them."""
-  from mat_jax.data import corpora
 
   records = [corpora.shapes_record_text(settings.world_seed, split, i, settings.captions_per_image)
              for i in range(settings.eval_images if count is None else count)]
@@ -299,16 +298,13 @@ def test_scenes(settings: MLMSettings, count: int | None = None, split: str = "t
 
 
 def cache_key(settings: MLMSettings) -> str:
-  from mat_jax import config as config_lib
-  from mat_jax.data import corpora
 
   return config_lib.digest({"settings": dataclasses.asdict(settings), "version": MLM_VERSION,
                             "data_version": str(corpora.ShapesWorld.VERSION), "vocab": mlm_vocabulary()})
 
 
 def cached_dir(settings: MLMSettings = MLMSettings()) -> Path:
-  from mat_jax.training import setup
-  return setup.cache_dir() / "mlm" / f"{MLM_NAME}-{cache_key(settings)}"
+  return paths.cache_root() / "mlm" / f"{MLM_NAME}-{cache_key(settings)}"
 
 
 def is_built(directory: Path) -> bool:
@@ -319,8 +315,6 @@ def build(settings: MLMSettings = MLMSettings(), directory: str | os.PathLike | 
           overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
   """Train, evaluate and save the MLM into `directory` (default: its cache directory); a finished
   directory is reused unless `overwrite`. The directory appears complete or not at all."""
-  from mat_jax.attacks.candidates import BertMLMSource
-  from mat_jax.models import save_bert_mlm
 
   directory = Path(directory) if directory is not None else cached_dir(settings)
   if is_built(directory) and not overwrite:

@@ -1,0 +1,162 @@
+"""The command line of `python -m mat_jax.evaluate` (the evaluation itself is `mat_jax.evaluate`).
+
+    python -m mat_jax.evaluate --model shapes --attacks pgd,bert,co,sga --eps 1,2,4
+    python -m mat_jax.evaluate --task zeroshot --model shapes
+
+A "shapes" or "cache:NAME" model is trained into the cache first if it is not there yet
+(`mat_jax.training.loop.ensure_cached_run`); `--task zeroshot` hands over to `mat_jax.zeroshot.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Sequence
+
+from mat_jax import errors, rerank, runtime, zeroshot
+from mat_jax import evaluate as evaluate_lib
+from mat_jax.attacks import image as image_attacks
+from mat_jax.errors import InputError
+from mat_jax.evaluate import ATTACKS
+from mat_jax.models.clip import resolve_dtype
+from mat_jax.training import inputs, loop
+
+TASKS = ("retrieval", "zeroshot")  # --task; zeroshot is mat_jax.zeroshot's command line
+
+
+def _text_source(name: str, data: str, bert: str | None, top_k: int):
+  """--text-source: auto = BERT-Attack with the shapes world's MLM ("shapes-mlm") on shapes data, with
+  --bert elsewhere when given, else character edits."""
+  if name == "auto":
+    name = "bert" if data == "shapes" or bert else "charedit"
+  if name == "paraphrase" and data != "shapes":
+    raise InputError("--text-source paraphrase is the shapes world's synonym table; for other data use "
+                     "--text-source bert --bert DIR (or charedit)")
+  if name == "bert" and not bert:
+    if data != "shapes":
+      raise InputError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
+                       "(e.g. bert-base-uncased in the transformers layout)")
+    bert = "shapes-mlm"
+  return inputs.make_source(name, bert=bert or "", top_k=top_k)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate", description=evaluate_lib.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--task", choices=TASKS, default="retrieval",
+                 help="retrieval (this command's flags) or zeroshot: classification accuracy under attack, "
+                      "with its own flags (python -m mat_jax.evaluate --task zeroshot --help)")
+  p.add_argument("--model", required=True,
+                 help="shapes | cache:NAME | training run dir | transformers-layout dir | hub id")
+  p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
+  p.add_argument("--surrogate",
+                 help="generate the attacks on this model instead (transfer); same forms as --model")
+  p.add_argument("--surrogate-tokenizer")
+  p.add_argument("--data", default="shapes", help="shapes, or the name of a corpus built with mat_jax.data")
+  p.add_argument("--split", default="test")
+  p.add_argument("--data-dir", help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
+  p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
+  p.add_argument("--attacks", type=evaluate_lib.comma_names(ATTACKS), default=list(evaluate_lib.DEFAULT_ATTACKS),
+                 help=f"comma list of {','.join(ATTACKS)} (default {','.join(evaluate_lib.DEFAULT_ATTACKS)})")
+  p.add_argument("--eps", type=evaluate_lib.comma_floats, default=[2.0],
+                 help="budgets in 1/255 units, e.g. 1,2,4 (with --norm l2: the L2 radius, 127.5 = 0.5)")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--apgd-steps", type=int, default=100)
+  p.add_argument("--alpha", type=float, default=3.0, help="Co-Attack's text-term weight")
+  p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
+  p.add_argument("--text-source", default="auto",
+                 help="auto | bert | paraphrase | charedit (auto: bert on shapes data, with the shapes-mlm)")
+  p.add_argument("--bert", help="BERT masked LM for --text-source bert: shapes-mlm (the shapes world's, "
+                                "the default on shapes data), a transformers-layout directory or hub id")
+  p.add_argument("--top-k", type=int, default=10)
+  p.add_argument("--max-changes", type=int, default=1)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype of the models (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")
+  p.add_argument("--attention", default="auto", choices=("auto", "einsum", "xla", "cudnn"),
+                 help="attention path (auto: einsum on CPU, cuDNN flash attention on GPU in bf16, else XLA)")
+  p.add_argument("--out", default="eval_results", help="directory for results.json and recall_vs_eps.png")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--itm-k", type=int, help="BLIP targets: re-rank each query's top K by ITM (BLIP's evaluation; "
+                 f"the references use 128 or 256; default {rerank.DEFAULT_K} for BLIP, 0 ranks by ITC alone)")
+  return p
+
+
+def _model(argv: Sequence[str] | None) -> str | None:
+  """The --model of a command line (the zero-shot task's parser reads the rest)."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--model")
+  return pre.parse_known_args(argv)[0].model or ""
+
+
+def _task(argv: Sequence[str] | None) -> str:
+  """The --task of a command line, read before the task's own parser sees the rest."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--task", choices=TASKS, default="retrieval")
+  return pre.parse_known_args(argv)[0].task
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
+
+
+_out_dir: str | None = None  # the --out of the running command, named by a disk-full report
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  global _out_dir
+  runtime.enable_compilation_cache()
+  if _task(argv) == "zeroshot":
+    loop.ensure_cached_source(_model(argv))
+    return zeroshot.main(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  _out_dir = args.out
+  if args.limit is not None and args.limit < 1:
+    parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
+  if args.steps < 1 or args.apgd_steps < 1:
+    parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
+  if any(not math.isfinite(e) or e < 0 for e in args.eps):
+    parser.error(f"--eps budgets are in 1/255 units and must be >= 0 and finite, got {args.eps}")
+  if args.itm_k is not None and args.itm_k < 0:
+    parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
+  # Before the work: an --out that cannot be written would lose the results after the whole evaluation.
+  out = errors.check_writable_dir(args.out, "--out")
+  options = {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention}
+  for source in (args.model, args.surrogate):
+    if source:
+      loop.ensure_cached_source(source)  # "shapes" / "cache:NAME": trained into the cache on first use
+  target = evaluate_lib.load_victim(args.model, args.tokenizer, **options)
+  has_itm = rerank.supports_itm(target.encoder)
+  if args.itm_k and not has_itm:
+    parser.error(f"--itm-k needs a target with an ITM head (BLIP); {args.model} is a dual encoder")
+  itm_k = (rerank.DEFAULT_K if args.itm_k is None else args.itm_k or None) if has_itm else None
+  surrogate = (evaluate_lib.load_victim(args.surrogate, args.surrogate_tokenizer, **options)
+               if args.surrogate else None)
+  eval_set = evaluate_lib.load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
+                                       data_dir=args.data_dir, limit=args.limit)
+  needs_text = any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in args.attacks)
+  source = _text_source(args.text_source, args.data, args.bert, args.top_k) if needs_text else None
+  settings = evaluate_lib.AttackSettings(steps=args.steps, alpha=args.alpha, apgd_steps=args.apgd_steps,
+                                         max_changes=args.max_changes, top_k=args.top_k, norm=args.norm)
+  # Meaning-aware scoring wherever captions can be checked against their scenes (the shapes world).
+  judge = (evaluate_lib.shapes_judge(eval_set) if needs_text and getattr(eval_set, "scenes", None) is not None
+           else None)
+  results = evaluate_lib.evaluate(target, eval_set=eval_set, attacks=args.attacks, eps_255=args.eps,
+                                  text_source=source, surrogate=surrogate, settings=settings,
+                                  batch_size=args.batch_size, seed=args.seed, limit=args.limit,
+                                  progress=not args.no_progress, itm_k=itm_k, judge=judge)
+  results["data"] = {"name": args.data, "split": args.split}
+  print(evaluate_lib.format_table(
+      results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
+               f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"))
+  json_path = evaluate_lib.write_json(results, out / "results.json")
+  print(f"\nwrote {json_path} and {evaluate_lib.plot_recall(results, out / 'recall_vs_eps.png')}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

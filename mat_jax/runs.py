@@ -1,0 +1,335 @@
+"""Model sources and run directories: the one place a model is found by name, restored or exported.
+
+Model sources (`config.model.source`, `--model`), resolved by `load_model` (a source string) and
+`model_from_config` (a run config, which adds the presets):
+- a preset name of `mat_jax.models.PRESETS` ("tiny", "vit-b-16", ...) or `BLIP_PRESETS` ("blip-tiny",
+  "blip-base", ...): random initialisation from `config.seed`, with `config.model.overrides`
+  ("vision.layers=2,text.width=64") applied and, for a tokenizer given by `config.model.tokenizer`, the
+  text vocabulary / context / special ids taken from it (configs only);
+- a transformers-layout directory or hub id: `load_clip`, or `load_blip` for a BLIP (+ its tokenizer files);
+- a mat_jax run directory: its exported model, else the parameters of its newest checkpoint;
+- "cache:NAME": the run of experiments/NAME.py in the cache ($MAT_JAX_CACHE_DIR or ~/.cache/mat_jax,
+  under runs/, keyed by the experiment's content); "shapes" is "cache:shapes_clip", the demo's clean
+  tiny CLIP. Loading never trains: a cached run that is not there yet is a `MissingCachedRunError` naming
+  the command that trains it (`mat_jax.training.loop.ensure_cached_run` is that step, which the command
+  lines call for the sources they are given).
+
+Tokenizer sources (`resolve_tokenizer`): "shapes" (the shapes world's word-level tokenizer) or a
+transformers-layout directory / hub id.
+
+A run directory (`mat_jax.checkpoint` documents its files) is exported by `export_model` and read back by
+`restore_model`; restoring a checkpoint reads the parameters into the model's structure, on the current
+devices, without touching the run (a damaged newest checkpoint is skipped, not moved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from flax import nnx
+
+from mat_jax import checkpoint, paths
+from mat_jax import config as config_lib
+from mat_jax import mesh as mesh_lib
+from mat_jax.data import corpora, shapes
+from mat_jax.errors import ConfigError
+from mat_jax.models import (
+  BLIP,
+  BLIP_PRESETS,
+  CLIP,
+  PRESETS,
+  BlipConfig,
+  CLIPConfig,
+  blip_config,
+  clip_config,
+  load_blip,
+  load_clip,
+  save_blip,
+  save_clip,
+  split,
+)
+from mat_jax.models.blip import is_blip
+from mat_jax.models.clip import resolve_dtype
+from mat_jax.models.tokenizers import Tokenizer, load_tokenizer
+from mat_jax.training import optim
+from mat_jax.training import step as step_lib
+
+CACHE_PREFIX = "cache:"
+SHAPES_SOURCE = "shapes"            # the command lines' name of cache:shapes_clip
+SHAPES_EXPERIMENT = "shapes_clip"
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+
+Log = Callable[[str], None]
+
+
+class MissingCachedRunError(ConfigError):
+  """A "cache:NAME" model source whose run is not trained yet (loading a model never trains one)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cache of trained runs.
+
+
+def cache_dir() -> Path:
+  return paths.cache_root()
+
+
+def cached_name(source: str) -> str | None:
+  """The experiment name of a cached-run source ("shapes" or "cache:NAME"), else None."""
+  if source == SHAPES_SOURCE:
+    return SHAPES_EXPERIMENT
+  if source.startswith(CACHE_PREFIX):
+    return source[len(CACHE_PREFIX):]
+  return None
+
+
+def cached_experiment(name: str) -> tuple[Path, ml_collections.ConfigDict]:
+  """experiments/<name>.py and its config."""
+  path = EXPERIMENTS_DIR / f"{name}.py"
+  if not path.exists():
+    raise ConfigError(f"model.source {CACHE_PREFIX}{name}: there is no experiment {path}")
+  return path, config_lib.load(path)
+
+
+def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
+  """Where experiments/<name>.py's run is cached: keyed by everything its result depends on (the
+  config, the preset's architecture, the data version), so an edited experiment is trained afresh."""
+  parts: dict[str, Any] = {"config": config_lib.to_json(config)}
+  if config.model.source in PRESETS or config.model.source in BLIP_PRESETS:
+    parts["preset"] = repr({**PRESETS, **BLIP_PRESETS}[config.model.source])
+  if config.data.name == "shapes":
+    parts["data_version"] = str(corpora.ShapesWorld.VERSION)
+  return cache_dir() / "runs" / f"{name}-{config_lib.digest(parts)}"
+
+
+def is_trained(run_dir: Path) -> bool:
+  """Whether a run directory holds its exported (final) model."""
+  return (run_dir / checkpoint.MODEL_DIR / "config.json").exists()
+
+
+def cached_run(name: str) -> Path:
+  """The run directory of experiments/<name>.py in the cache; `MissingCachedRunError` when it is not
+  trained yet (this function never trains)."""
+  path, config = cached_experiment(name)
+  run_dir = cached_run_dir(name, config)
+  if not is_trained(run_dir):
+    raise MissingCachedRunError(
+        f"model.source {CACHE_PREFIX}{name}: the cached model is not trained yet ({run_dir} holds no exported "
+        f"model). Train it once with `python -m mat_jax.train --config {path} --workdir {run_dir}`, or "
+        f"from Python with mat_jax.training.loop.ensure_cached_run({name!r}); the command lines "
+        "(train, evaluate, study, the demo) do this on their own")
+  return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers and models.
+
+
+def resolve_tokenizer(source: str, context_length: int | None = None) -> Tokenizer:
+  """A tokenizer by source: "shapes" (the shapes world's word-level tokenizer) or a transformers-layout
+  directory / hub id."""
+  if source == SHAPES_SOURCE:
+    return shapes.tokenizer(context_length=context_length or shapes.DEFAULT_CONTEXT_LENGTH)
+  return load_tokenizer(source, context_length=context_length)
+
+
+def is_run_dir(path: Path) -> bool:
+  return (path / checkpoint.CONFIG_FILE).exists() and (
+      (path / checkpoint.MODEL_DIR / "config.json").exists() or (path / "checkpoints").is_dir())
+
+
+def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenizer | None]:
+  """The model of a source that names trained weights (a cached run, a run directory, a transformers
+  directory or hub id; see the module docstring), and the tokenizer stored with it, if any."""
+  name = cached_name(source)
+  if name is not None:
+    return restore_model(cached_run(name))
+  path = Path(source).expanduser()
+  if path.is_dir() and is_run_dir(path):
+    return restore_model(path)
+  return (load_blip if is_blip(source) else load_clip)(source, dtype=dtype), None
+
+
+def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, Tokenizer | None]:
+  """The model a run starts from (`config.model.source`, see the module docstring), with the config's
+  execution options, and its tokenizer (`config.model.tokenizer` when the source brings none)."""
+  source = config.model.source
+  context = config.model.context_length or None
+  if source in PRESETS or source in BLIP_PRESETS:
+    tokenizer = resolve_tokenizer(config.model.tokenizer, context) if config.model.tokenizer else None
+    cls = BLIP if source in BLIP_PRESETS else CLIP
+    return cls(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed)), tokenizer
+  model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype))
+  if tokenizer is None and cached_name(source) is None and not is_run_dir(Path(source).expanduser()):
+    # Transformers weights: the tokenizer files are beside them unless the config names others.
+    tokenizer = resolve_tokenizer(config.model.tokenizer or source, context or model.config.text.context_length)
+  if context and context > model.config.text.context_length:
+    raise ConfigError(f"model.context_length={context} but the text model of {source} has "
+                      f"{model.config.text.context_length} positions; set model.context_length="
+                      f"{model.config.text.context_length} or less (0 = the model's)")
+  if tokenizer is None and config.model.tokenizer:
+    tokenizer = resolve_tokenizer(config.model.tokenizer, context)
+  return with_options(model, **execution_options(config)), tokenizer
+
+
+def parse_model_overrides(text: str, base: CLIPConfig) -> CLIPConfig:
+  """'vision.layers=2,text.width=64,projection_dim=64' applied to a CLIPConfig (types from the fields)."""
+  if not text.strip():
+    return base
+  changes: dict[str, dict[str, Any]] = {"": {}, "vision": {}, "text": {}}
+  for part in text.split(","):
+    key, sep, value = part.partition("=")
+    key = key.strip()
+    section, _, field = key.rpartition(".")
+    target = {"": base, "vision": base.vision, "text": base.text}.get(section)
+    names = {f.name: f for f in dataclasses.fields(target)} if target is not None else {}
+    if not sep or field not in names or field in ("vision", "text"):
+      valid = [f"vision.{f.name}" for f in dataclasses.fields(base.vision)] + \
+              [f"text.{f.name}" for f in dataclasses.fields(base.text)] + \
+              [f.name for f in dataclasses.fields(base) if f.name not in ("vision", "text")]
+      raise ConfigError(f"model.overrides: cannot apply {part.strip()!r}; write field=value with fields "
+                        f"among: {', '.join(valid)}")
+    current = getattr(target, field)
+    value = value.strip()
+    try:
+      if isinstance(current, bool):
+        parsed: Any = value.lower() in ("1", "true", "yes")
+      elif isinstance(current, int):
+        parsed = int(value)
+      elif isinstance(current, float):
+        parsed = float(value)
+      else:
+        parsed = value
+    except ValueError:
+      raise ConfigError(f"model.overrides: {key}={value!r} is not a {type(current).__name__}") from None
+    changes[section][field] = parsed
+  vision = dataclasses.replace(base.vision, **changes["vision"])
+  text_cfg = dataclasses.replace(base.text, **changes["text"])
+  return dataclasses.replace(base, vision=vision, text=text_cfg, **changes[""])
+
+
+def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> CLIPConfig:
+  source = config.model.source
+  if source in BLIP_PRESETS:
+    cfg = blip_config(source, **supported_options(BlipConfig, execution_options(config)))
+  else:
+    cfg = clip_config(source, **execution_options(config))
+  if tokenizer is not None:
+    # The model's text side follows the tokenizer it is trained with.
+    text = dict(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
+                bos_token_id=tokenizer.start_id, eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id)
+    if source in BLIP_PRESETS:  # BLIP's positions are a table of their own; its [SEP] is the end token
+      text.update(max_position_embeddings=max(cfg.text.max_position_embeddings, tokenizer.context_length),
+                  sep_token_id=tokenizer.end_id)
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text))
+  return parse_model_overrides(config.model.overrides, cfg)
+
+
+def execution_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The CLIPConfig fields that say how a model is computed (not what it computes), from a run config."""
+  return {"dtype": resolve_dtype(config.model.dtype), "scan_layers": bool(config.model.scan_layers),
+          "attention": config.model.attention}
+
+
+def supported_options(config_type: type, options: dict[str, Any]) -> dict[str, Any]:
+  """The execution options a model's config type has (BLIP has a dtype but no scan_layers or attention
+  choice); asking for a non-default option the model lacks is an error, not silently ignored."""
+  fields = {f.name for f in dataclasses.fields(config_type)}
+  missing = sorted(k for k, v in options.items() if k not in fields and v not in (False, "auto", None))
+  if missing:
+    raise ConfigError(f"{config_type.__name__} models have no {', '.join(missing)} option; leave "
+                      f"{', '.join('model.' + k for k in missing)} at its default for this model")
+  return {k: v for k, v in options.items() if k in fields}
+
+
+def with_options(model: CLIP | BLIP, **changes: Any) -> CLIP | BLIP:
+  """The same parameters under other execution options (compute dtype, scan_layers, attention)."""
+  changes = supported_options(type(model.config), changes)
+  if all(getattr(model.config, name) == value for name, value in changes.items()):
+    return model
+  _, params = split(model)
+  abstract = nnx.eval_shape(lambda: type(model)(model.config.replace(**changes), rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract)
+  return nnx.merge(graphdef, params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run directories: export and restore.
+
+
+def export_model(model: Any, tokenizer: Any, workdir: str | os.PathLike) -> Path:
+  """Write the model in the transformers layout (config.json + model.safetensors) and the tokenizer
+  files beside it, so that `load_clip` / transformers' `CLIPModel.from_pretrained` read it (`load_blip` /
+  `BlipForImageTextRetrieval` for a BLIP)."""
+  directory = Path(workdir) / checkpoint.MODEL_DIR
+  directory.mkdir(parents=True, exist_ok=True)
+  config = model[0].config if isinstance(model, tuple) else model.config
+  (save_blip if isinstance(config, BlipConfig) else save_clip)(model, directory)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(directory)
+  return directory
+
+
+def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
+  """(model, tokenizer) of a run: its exported model, else the parameters of its newest checkpoint.
+
+  The tokenizer is None for runs without one (synthetic data).
+  """
+  workdir = Path(workdir)
+  exported = workdir / checkpoint.MODEL_DIR
+  if (exported / "config.json").exists():
+    model = (load_blip if is_blip(exported) else load_clip)(exported)
+    tokenizer = None
+    if (exported / "tokenizer.json").exists() or (exported / "vocab.json").exists():
+      tokenizer = load_tokenizer(exported, context_length=model.config.text.context_length)
+    return model, tokenizer
+  path = workdir / checkpoint.CONFIG_FILE
+  if not path.exists():
+    raise checkpoint.NotARunError(f"{workdir} is not a mat_jax run directory: it has neither "
+                                  f"{checkpoint.MODEL_DIR}/ (the exported model) nor {checkpoint.CONFIG_FILE}; "
+                                  "pass the --workdir of a training run")
+  try:
+    raw = json.loads(path.read_text())
+  except ValueError as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}); it is the run's config, written by "
+                      "mat_jax.train: restore it from the run's experiment file") from None
+  return restore_checkpointed_model(config_lib.build(raw, origin=str(path)), workdir)
+
+
+def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[CLIP | BLIP, Any]:
+  """The model of a run's newest intact checkpoint (on the current devices, replicated).
+
+  The restore target is the train state's abstract structure (shapes only: no optimizer state is
+  allocated); only its parameters are kept."""
+  config = _with_changes(config, {"mesh": {"shape": "1", "param_sharding": "replicated"}})
+  model, tokenizer = model_from_config(config)
+  encoder, params = split(model)
+  mesh = mesh_lib.make_mesh("1")
+  tx = optim.make_optimizer(config.optimizer, optim.make_schedule(config.schedule, config.optimizer.learning_rate,
+                                                                   config.train.steps))
+  is_trainable = step_lib.trainable_filter(config.train.towers, config.train.train_logit_scale)
+  shardings = step_lib.state_shardings(params, tx, is_trainable, mesh, "replicated", config.mesh.logical_rules)
+  fingerprint = config_lib.fingerprint(config, model.config)
+  with checkpoint.Checkpointer(workdir, fingerprint, reader=True) as ckpt:
+    state0 = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, config.seed), params)
+    # A damaged newest checkpoint is skipped (said on stderr), not moved: the run is not this reader's.
+    state, _ = ckpt.restore_newest_intact(checkpoint.abstract_like(state0, shardings), set_aside=False,
+                                          log=lambda line: print(line, file=sys.stderr))
+  if state is None:
+    raise checkpoint.NotARunError(f"{workdir} holds a run config but no readable checkpoint and no exported "
+                                  "model; train it first (python -m mat_jax.train) or pass another run")
+  return encoder.merge(state.params), tokenizer
+
+
+def _with_changes(config: ml_collections.ConfigDict, changes: dict) -> ml_collections.ConfigDict:
+  raw = config.to_dict()
+  for section, values in changes.items():
+    raw[section].update(values)
+  return config_lib.build(raw)
