@@ -556,7 +556,6 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
   }
   # The inner attack only when it is not the objective's published one, which the objective's name
   # already implies (so a checkpoint of the published recipe has the same fingerprint with or without the key).
-  from mat_jax import objectives
   published = objectives.hyperparameters(_objective_class(config.objective.name, "config")).get("attack")
   parts.update({f"objective.{k}": v for k, v in config.objective.items() if not (k == "attack" and v == published)})
   # Optimizer-state structure (mat_jax.training.optim): adamw always holds a decay state; adam and sgd

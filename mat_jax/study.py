@@ -385,10 +385,10 @@ def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapp
   any_entry = next(iter(next(iter(collected.values())).values()))
   n_images = len(any_entry["tr_rank"])
   boot = Bootstrap(n_images, seeds, study["bootstrap"])
-  runs, table, reps = [], {}, {}
+  rows, table, reps = [], {}, {}
   for (arm, seed), per_attack in collected.items():
     for attack, e in per_attack.items():
-      runs.append({"method": arm, "seed": seed, "attack": attack, "eps_255": e["eps_255"], "n_images": e["n_images"],
+      rows.append({"method": arm, "seed": seed, "attack": attack, "eps_255": e["eps_255"], "n_images": e["n_images"],
                    "recall": e["recall"], "asr": e.get("asr"),
                    "asr_meaning_preserving": e.get("asr_meaning_preserving"),
                    "label_flip_share": e.get("label_flip_share"),
@@ -412,7 +412,7 @@ def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapp
         ci = interval(diff)
         claims.append({"claim": claim, "metric": f"{attack} {metric}", "difference": point, "ci95": ci,
                        "holds": bool(ci[0] > 0)})
-  return runs, claims, table
+  return rows, claims, table
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -503,12 +503,12 @@ def plot(study: Mapping[str, Any], table: Mapping, path: Path, arms: Sequence[st
 
 def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, log: Log = print) -> dict[str, Path]:
 
-  runs, claims, table = summarise(study, result["collected"])
+  rows, claims, table = summarise(study, result["collected"])
   doc = {"study": study["name"], "seeds": study["seeds"], "eps_255": study["eps_255"],
          "interval": "95% percentile interval, paired bootstrap over test images and seeds "
                      f"({study['bootstrap']} replicates)",
          "cpu_wall_seconds": result["wall_seconds"], "xla_compilations": result["compilations"],
-         "runs": runs, "claims": claims}
+         "runs": rows, "claims": claims}
   out = Path(out)
   paths = {"json": evaluate_lib.write_json(doc, out / "shapes_study.json")}
   paths["table"] = out / "shapes_study_table.md"

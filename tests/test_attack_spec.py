@@ -15,7 +15,7 @@ import pytest
 from mat_jax import config as config_lib
 from mat_jax import evaluate as ev
 from mat_jax import mesh as mesh_lib
-from mat_jax import objectives
+from mat_jax import objectives, runs
 from flax import nnx
 
 from mat_jax.attacks import LexiconSource, multimodal
@@ -88,7 +88,7 @@ MICRO = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.heads=2,vi
 
 def _micro():
   """A random micro CLIP, its params and the shapes tokenizer."""
-  model = CLIP(setup.parse_model_overrides(MICRO, clip_config("tiny")), rngs=nnx.Rngs(0))
+  model = CLIP(runs.parse_model_overrides(MICRO, clip_config("tiny")), rngs=nnx.Rngs(0))
   return model, None, shapes.tokenizer(context_length=24)
 
 

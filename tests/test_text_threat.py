@@ -110,11 +110,11 @@ def test_cli_text_source_auto_is_the_shapes_mlm_on_shapes_data(monkeypatch):
   # command-line tests name a cheaper source; building the MLM is tested above).
   made = []
   monkeypatch.setattr(inputs, "make_source", lambda name, *, bert, top_k: made.append((name, bert, top_k)))
-  evaluate_lib._text_source("auto", "shapes", None, 10)
-  evaluate_lib._text_source("auto", "flickr30k", "./my-bert", 5)
-  evaluate_lib._text_source("auto", "flickr30k", None, 7)
+  evaluate_cli._text_source("auto", "shapes", None, 10)
+  evaluate_cli._text_source("auto", "flickr30k", "./my-bert", 5)
+  evaluate_cli._text_source("auto", "flickr30k", None, 7)
   assert made == [("bert", "shapes-mlm", 10), ("bert", "./my-bert", 5), ("charedit", "", 7)]
-  assert evaluate_lib.build_parser().parse_args(["--model", "x"]).text_source == "auto"
+  assert evaluate_cli.build_parser().parse_args(["--model", "x"]).text_source == "auto"
 
 def test_resolve_bert_builds_into_the_cache_once(tmp_path, monkeypatch):
   monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(tmp_path))

@@ -215,7 +215,7 @@ def run_sga(args: argparse.Namespace) -> dict:
   candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
   prepare_s = time.perf_counter() - t0
   print(f"\nSGA: CLIP {preset} ({size}px, random weights), {n} images x {k} captions, batches of {b}, "
-        f"{args.sga_steps} steps, scales {multimodal.L.SGA_SCALES}, paraphrase candidates")
+        f"{args.sga_steps} steps, scales {losses.SGA_SCALES}, paraphrase candidates")
 
   def attack(start: int):
     idx = np.minimum(np.arange(start, start + b), n - 1)

@@ -84,11 +84,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="output directory (default: DATA_DIR/tokenizers/shapes_world_v<version>)")
   tok.add_argument("--data-dir", default=None)
 
-  mlm = commands.add_parser("mlm", help="train (or reuse) the shapes-world BERT masked LM and report it")
-  mlm.add_argument("--dir", default=None, help="output directory (default: the cache, as text_attack.bert="
+  mlm_cmd = commands.add_parser("mlm", help="train (or reuse) the shapes-world BERT masked LM and report it")
+  mlm_cmd.add_argument("--dir", default=None, help="output directory (default: the cache, as text_attack.bert="
                                                "'shapes-mlm' finds it)")
-  mlm.add_argument("--steps", type=int, default=None, help="training steps (default: the cached model's)")
-  mlm.add_argument("--overwrite", action="store_true", help="retrain even if already built")
+  mlm_cmd.add_argument("--steps", type=int, default=None, help="training steps (default: the cached model's)")
+  mlm_cmd.add_argument("--overwrite", action="store_true", help="retrain even if already built")
 
   amb = commands.add_parser("ambiguity", help="caption ambiguity of a built shapes-world split")
   amb.add_argument("--split", default="test")

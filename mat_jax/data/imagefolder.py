@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mat_jax import paths
 from mat_jax.data import corpora
 from mat_jax.data.classification import ClassificationSet
 from mat_jax.data.corpora import CorpusError
@@ -159,7 +160,7 @@ def build_image_folder(root: str | os.PathLike, *, image_size: int = 224, data_d
   name = f"{_slug(root.name)}_{image_size}px_{fingerprint(layout)}"
   config = ImageFolderConfig(name=name, description=f"{root} at {image_size}px", layout=layout, classes=classes,
                              image_size=image_size, root=str(root))
-  builder = ImageFolder(config=config, data_dir=str(corpora.default_data_dir(data_dir)), file_format="array_record")
+  builder = ImageFolder(config=config, data_dir=str(paths.default_data_dir(data_dir)), file_format="array_record")
   corpora._prepare(builder, overwrite, log)  # unwraps our CorpusError from tfds's wrapping
   return builder
 

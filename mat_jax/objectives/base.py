@@ -34,6 +34,7 @@ from flax import nnx
 
 from mat_jax.attacks import spec as attack_specs
 from mat_jax.attacks.losses import positives as positives  # the objectives' name for it
+from mat_jax.attacks.candidates import candidates_from_batch
 from mat_jax.attacks.runner import AttackInputs, AttackResult, run_attack
 from mat_jax.attacks.spec import AttackSpec
 from mat_jax.models import DualEncoder
@@ -99,8 +100,6 @@ def attack_batch(objective: Objective, encoder: DualEncoder, params: nnx.State, 
   attention_mask (clean where the attack leaves a modality alone) and text_changed (the fraction of
   captions the text attack changed; 0 without one).
   """
-  from mat_jax.training.inputs import candidates_from_batch  # the batch layout of the input pipeline
-
   spec = objective.inner_attack()
   ids, mask = batch["input_ids"], batch["attention_mask"]
   candidates = candidates_from_batch(batch, objective.candidate_meta) if spec.attacks_text else None
