@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from mat_jax import checks, metrics, rerank
 from mat_jax import runs as runs_lib
 from mat_jax.attacks import candidates as candidates_lib
-from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
 from mat_jax.attacks import spec as attack_specs
 from mat_jax.attacks.runner import AttackInputs, run_attack
@@ -484,7 +483,8 @@ def format_table(results: dict, title: str | None = None) -> str:
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
   lines = [title] if title else []
   for i, row in enumerate(cells):
-    lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+    lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                           for j, (c, w) in enumerate(zip(row, widths, strict=True))))
     if i == 0:
       lines.append("  ".join("-" * w for w in widths))
   return "\n".join(lines)
@@ -518,7 +518,7 @@ def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMAR
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-  for ax, key in zip(axes[0], keys):
+  for ax, key in zip(axes[0], keys, strict=True):
     ax.axhline(results["clean"][key], color="black", linestyle=":", label="clean")
     for attack, per_eps in results["attacks"].items():
       if TEXT_ONLY_KEY in per_eps:

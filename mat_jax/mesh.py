@@ -197,7 +197,7 @@ def spec_for(shape: tuple[int, ...], logical: tuple[str | None, ...] | None, mes
   # logical: map each named dimension through the rules; a mesh axis is used at most once.
   names = tuple(logical or ()) + (None,) * (len(shape) - len(logical or ()))
   used, entries = set(), []
-  for dim, name in zip(shape, names):
+  for dim, name in zip(shape, names, strict=True):
     axis = (rules or {}).get(name) if name is not None else None
     if axis is None or axis in used or dim % mesh.shape[axis]:
       entries.append(None)

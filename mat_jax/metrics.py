@@ -106,7 +106,7 @@ def attack_success_rate(clean_ranks: tuple, adversarial_ranks: tuple) -> dict[st
   Returns keys `tr@1`, `ir@1`; NaN when nothing was correct before the attack.
   """
   out = {}
-  for name, before, after in zip(("tr@1", "ir@1"), clean_ranks, adversarial_ranks):
+  for name, before, after in zip(("tr@1", "ir@1"), clean_ranks, adversarial_ranks, strict=True):
     correct = np.asarray(before) < 1
     fooled = correct & (np.asarray(after) >= 1)
     out[name] = 100.0 * float(fooled.sum()) / float(correct.sum()) if correct.any() else float("nan")

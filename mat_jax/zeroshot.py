@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "~/.cache/mat_jax/datasets)")
   p.add_argument("--num-images", type=int, default=980, help="shapes-world sets: images to render")
   p.add_argument("--limit", type=int, help="evaluate the first N images only")
-  p.add_argument("--attacks", type=ev.comma_names(ATTACKS, "zero-shot attacks"), help=f"{','.join(ATTACKS)} (default: all that apply)")
+  p.add_argument("--attacks", type=ev.comma_names(ATTACKS, "zero-shot attacks"),
+                 help=f"{','.join(ATTACKS)} (default: all that apply)")
   p.add_argument("--eps", type=ev.comma_floats, default=[1.0, 2.0, 4.0], help="budgets in 1/255 units, e.g. 1,2,4")
   p.add_argument("--apgd-steps", type=int, default=100)
   p.add_argument("--n-targets", type=int, default=9, help="APGD-T target classes (at most classes - 1)")

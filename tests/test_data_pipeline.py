@@ -66,7 +66,7 @@ def test_k_captions_per_image_are_distinct_captions_of_that_image(world):
   train, _, _ = world
   (batch,) = _take(_pipe(world, 3, captions_per_image=4), 1)
   assert batch["captions"].shape == (3, 4) and batch["input_ids"].shape == (3, 4, 24)
-  for row, image_id in zip(batch["captions"], batch["image_ids"]):
+  for row, image_id in zip(batch["captions"], batch["image_ids"], strict=True):
     stored = [c.decode() for c in train[int(image_id)]["captions"]]
     assert len(set(row)) == 4 and set(row) <= set(stored)
 
@@ -113,7 +113,7 @@ def test_hosts_are_not_in_lockstep(world):
 
   def draws(host):  # per position: the caption picked (its index in the record) and whether it was flipped
     picks, flips = [], []
-    for image_id, caption, image in zip(host["image_ids"], host["captions"], host["images"]):
+    for image_id, caption, image in zip(host["image_ids"], host["captions"], host["images"], strict=True):
       record = train[int(image_id)]
       flipped = not np.allclose(image, record["image"] / 255.0, atol=1e-6)
       stored = [c.decode() for c in record["captions"]]

@@ -85,7 +85,7 @@ def test_render_anti_aliases_edges():
 def test_captions_are_distinct_short_true_and_read_back(test_split):
   scenes, caps = test_split
   rng = np.random.default_rng(0)
-  for scene, five in zip(scenes[:300], caps[:300]):
+  for scene, five in zip(scenes[:300], caps[:300], strict=True):
     assert len(set(five)) == 5
     for text in five:
       assert len(text.split()) <= shapes.MAX_CAPTION_WORDS
@@ -159,7 +159,7 @@ def test_substitution_table_keeps_the_meaning(test_split):
   groups = [set(forms) for forms in (*shapes.COLOUR_WORDS.values(), *shapes.SHAPE_WORDS.values(),
                                      *shapes.SIZE_WORDS.values())]
   assert all(2 <= len(g) <= 4 for g in groups)
-  for scene, five in zip(scenes[:60], caps[:60]):
+  for _scene, five in zip(scenes[:60], caps[:60], strict=True):
     for text in five:
       words = text.split()
       for i, w in enumerate(words):
@@ -172,7 +172,7 @@ def test_eda_changes_words_but_not_meaning(test_split):
   scenes, caps = test_split
   rng = np.random.default_rng(1)
   changed = 0
-  for scene, five in zip(scenes[:200], caps[:200]):
+  for scene, five in zip(scenes[:200], caps[:200], strict=True):
     for text in five:
       edited = shapes.eda(text, rng, synonym_prob=0.5, swap_prob=0.5, delete_prob=0.3, insert_prob=0.5)
       assert shapes.consistent(shapes.parse(edited), scene), (text, edited)
@@ -182,7 +182,7 @@ def test_eda_changes_words_but_not_meaning(test_split):
 
 def test_hflip_mirrors_image_and_captions(test_split):
   scenes, caps = test_split
-  for scene, five in zip(scenes[:40], caps[:40]):
+  for scene, five in zip(scenes[:40], caps[:40], strict=True):
     image, flipped = shapes.hflip(shapes.render(scene), five)
     mirror = shapes.flip_scene(scene)
     assert np.abs(image.astype(int) - shapes.render(mirror).astype(int)).max() <= 2
@@ -190,7 +190,8 @@ def test_hflip_mirrors_image_and_captions(test_split):
       assert shapes.consistent(shapes.parse(text), mirror), text
   assert shapes.mirror_caption("a red box to the left of a blue disc") == "a red box to the right of a blue disc"
   # The swap matters: a mirrored caption that speaks of left or right is false for the unflipped scene.
-  sided = [(s, c) for s, five in zip(scenes[:200], caps[:200]) for c in five if {"left", "right"} & set(c.split())]
+  sided = [(s, c) for s, five in zip(scenes[:200], caps[:200], strict=True)
+           for c in five if {"left", "right"} & set(c.split())]
   assert len(sided) > 50
   assert not any(shapes.consistent(shapes.parse(shapes.mirror_caption(c)), s) for s, c in sided)
 
@@ -198,7 +199,7 @@ def test_hflip_mirrors_image_and_captions(test_split):
 def test_rerender_and_t2i_stay_true_to_the_text(test_split):
   scenes, caps = test_split
   rng = np.random.default_rng(2)
-  for scene, five in zip(scenes[:50], caps[:50]):
+  for scene, five in zip(scenes[:50], caps[:50], strict=True):
     again = shapes.rerender_scene(scene, rng)
     assert [(o.key, o.size, o.row, o.col) for o in again.objects] == \
         [(o.key, o.size, o.row, o.col) for o in scene.objects]

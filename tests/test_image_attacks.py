@@ -104,7 +104,7 @@ def test_best_iterate_loss_never_decreases_with_steps(setup):
   key = jax.random.key(7)
   losses = [np.asarray(cosine_loss(params, pgd_linf(params, images, texts, key, 8 / 255, 3 / 255, k), texts))
             for k in range(6)]
-  for before, after in zip(losses, losses[1:]):
+  for before, after in zip(losses, losses[1:], strict=False):
     assert np.all(after >= before)
   assert np.all(losses[-1] > losses[0])
 

@@ -132,7 +132,7 @@ def test_clip_pooling_follows_the_config(clip_case):
   text = clip_case["ours"].config.text
   assert text.text_pooling == ("argmax" if clip_case["spec"]["eos"] == 2 else "eos")
   # The inputs are built so that the other rule pools elsewhere, i.e. the parity above can fail.
-  ids, mask = clip_case["ids"], clip_case["mask"]
+  ids, _mask = clip_case["ids"], clip_case["mask"]
   first_eos = np.argmax(ids == text.eos_token_id, axis=-1)
   assert (first_eos != np.argmax(ids, axis=-1)).any()
 

@@ -171,7 +171,7 @@ def test_eps0_reproduces_clean_recall_and_recall_falls_with_eps(pgd_results):
   # factor 2 apart and common random starts recall falls monotonically on this model.
   for key in ev.metrics.RECALL_KEYS:
     curve = [pgd[ev._eps_key(e)]["recall"][key] for e in EPS]
-    assert all(b <= a for a, b in zip(curve, curve[1:])), (key, curve)
+    assert all(b <= a for a, b in zip(curve, curve[1:], strict=False)), (key, curve)
   assert _mean_recall(pgd["4"]["recall"]) < 0.5 * _mean_recall(pgd_results["clean"])
 
 
@@ -199,7 +199,8 @@ def test_sga_and_co_attack_lower_recall_at_least_as_much_as_pgd(multimodal_resul
   # Each multimodal attack against the image attack of its own paper, at eps = 1/255 where that attack
   # alone leaves recall above the floor. Measured on this model, not guaranteed.
   attacks = multimodal_results["attacks"]
-  r_at_1 = lambda r: (r["tr@1"] + r["ir@1"]) / 2
+  def r_at_1(r):
+    return (r["tr@1"] + r["ir@1"]) / 2
   # SGA vs PGD as SGA runs it (cosine loss to the clean captions, step 2.5 eps / steps).
   pgd = attacks["pgd"]["1"]["recall"]
   sga = attacks["sga"]["1"]["recall"]
@@ -279,9 +280,9 @@ def test_notebook_api(multimodal_results, trained_shapes_model, tokenizer, eval_
   assert [len(c) for c in out.captions] == [len(c) for c in captions]
   assert float(np.max(np.abs(out.images - images))) <= 2 / 255 + 1e-6
   changed = 0
-  for clean_caps, adv_caps in zip(captions, out.captions):
-    for clean, adv_caption in zip(clean_caps, adv_caps):
-      edits = [(a, b) for a, b in zip(clean.split(), adv_caption.split()) if a != b]
+  for clean_caps, adv_caps in zip(captions, out.captions, strict=True):
+    for clean, adv_caption in zip(clean_caps, adv_caps, strict=True):
+      edits = [(a, b) for a, b in zip(clean.split(), adv_caption.split(), strict=False) if a != b]
       assert len(edits) <= 1 and all(b in source.word_edits(a) for a, b in edits)
       changed += len(edits)
   assert changed > 0

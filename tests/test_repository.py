@@ -20,5 +20,5 @@ def test_quickstart_has_exactly_two_commands():
 
 def test_ci_runs_the_readme_test_command_verbatim():
   test_command = _readme_commands()[1]
-  ci_lines = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
+  ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
   assert test_command in ci_lines, f"{test_command!r} is not a line of .ci/run"

@@ -55,7 +55,8 @@ def test_small_programs_are_written_and_read_back(monkeypatch, tmp_path, restore
   entries = sorted(p.name for p in path.iterdir())
   assert entries, "the compiled program was not written to the cache"
   hits = []
-  listener = lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None
+  def listener(event, **kw):
+    return hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None
   jax.monitoring.register_event_listener(listener)
   jax.clear_caches()  # forget the in-memory executable, as a new process would
   try:

@@ -54,7 +54,8 @@ def test_a_variant_may_change_only_method_defining_sections():
 
 def test_one_to_one_treats_an_images_other_captions_as_negatives():
   rng = np.random.default_rng(0)
-  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
   images = jnp.asarray(unit(rng.normal(size=(3, 8))), jnp.float32)
   texts = jnp.asarray(unit(rng.normal(size=(3, 2, 8))), jnp.float32)
   scale = jnp.asarray(np.log(10.0), jnp.float32)
@@ -172,7 +173,8 @@ def test_a_study_dir_takes_added_or_left_out_arms_but_not_a_changed_one(tmp_path
 def test_the_study_file_argument_names_a_variant():
   full = study.load(EXPERIMENTS / "study_shapes.py")
   alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation")
-  assert set(alignment["arms"]) - set(full["arms"]) == {"matplus_text", "matplus_image", "matplus_misaligned", "matplus_diverse"}
+  assert set(alignment["arms"]) - set(full["arms"]) == {"matplus_text", "matplus_image", "matplus_misaligned",
+                                                         "matplus_diverse"}
   assert {**alignment, "arms": None} == {**full, "arms": None}
   with pytest.raises(study.StudyError, match="exclude each other"):
     study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation", quick=True)

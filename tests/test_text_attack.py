@@ -228,7 +228,7 @@ def test_batched_attack_equals_sequential_reference(which, request, model, tok, 
   theirs = _oracle(model, tok, cands, guide if objective == "image" else None, features, objective=objective,
                    max_changes=max_changes)
   assert ours == theirs
-  assert sum(a != b for a, b in zip(ours, CAPTIONS)) >= 3  # the comparison is not vacuous
+  assert sum(a != b for a, b in zip(ours, CAPTIONS, strict=True)) >= 3  # the comparison is not vacuous
   # The ids built on device are the target tokenizer's ids of the adversarial strings.
   np.testing.assert_array_equal(result.input_ids, tok(ours).input_ids)
   np.testing.assert_array_equal(result.attention_mask, tok(ours).attention_mask)
@@ -243,7 +243,8 @@ def test_reference_loop_counts_its_work(model, tok, features):
   assert len(substitutes) >= 2
   stats = {}
   _oracle(model, tok, one, None, features, objective="kl", stats=stats)
-  pieces = lambda word: len(tok.encode_words([word])[0])
+  def pieces(word):
+    return len(tok.encode_words([word])[0])
   # "[START] a red [END]" whole; then from position 2 (after "[START] a") to the end token.
   assert stats["needed_positions"] == 4 + (pieces("[UNK]") + 1) + sum(pieces(s) + 1 for s in substitutes)
   assert stats["positions"] == (1 + 2 + 1 + len(substitutes)) * CONTEXT  # clean, masked, current + substitutes
@@ -254,10 +255,10 @@ def test_changes_are_few_attackable_and_from_the_source(which, max_changes, requ
   result = request.getfixturevalue(which)
   adversarial = adversarial_captions(cands, result)
   changed_words = np.asarray(result.changed_words)
-  for n, (clean, adv) in enumerate(zip(CAPTIONS, adversarial)):
+  for n, (clean, adv) in enumerate(zip(CAPTIONS, adversarial, strict=True)):
     before, after = clean.split(), adv.split()
     assert len(before) == len(after)
-    diff = [w for w, (x, y) in enumerate(zip(before, after)) if x != y]
+    diff = [w for w, (x, y) in enumerate(zip(before, after, strict=False)) if x != y]
     assert len(diff) <= max_changes
     assert sorted(diff) == sorted(w for w in changed_words[n] if w >= 0)
     for w in diff:
@@ -269,10 +270,11 @@ def test_attack_never_picks_worse_than_keeping(model, tok, cands, guide, feature
   encoder, params = model
   result = image_attack_1
   adversarial = adversarial_captions(cands, result)
-  score = lambda texts, n: np.asarray(image_objective(
-      features(params, *dataclasses.astuple(tok(texts)))[None], guide[n:n + 1]))[0]
+  def score(texts, n):
+    return np.asarray(image_objective(
+        features(params, *dataclasses.astuple(tok(texts)))[None], guide[n:n + 1]))[0]
   assert np.all(np.asarray(result.objective) >= np.asarray(result.clean_objective))
-  for n, (clean, adv) in enumerate(zip(CAPTIONS, adversarial)):
+  for n, (clean, adv) in enumerate(zip(CAPTIONS, adversarial, strict=True)):
     np.testing.assert_allclose(score([adv], n)[0], result.objective[n], rtol=1e-4, atol=1e-5)
     w = int(result.changed_words[n, 0])
     if w < 0:
@@ -293,11 +295,13 @@ def test_objectives(kl_attack_2):
   guides, feats = rng.normal(size=(3, 2, 16)).astype(np.float32), rng.normal(size=(3, 4, 16)).astype(np.float32)
   several, one, kl = jax.jit(lambda f, g: (image_objective(f, g), image_objective(f, g[:, 0]),
                                            kl_objective(f, g[:, 0])))(feats, guides)
-  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
   cos = np.einsum("ncd,ngd->ncg", unit(feats), unit(guides))
   np.testing.assert_allclose(several, -cos.mean(-1), rtol=1e-5, atol=1e-6)  # several guides: mean cosine
   np.testing.assert_allclose(one, -cos[..., 0], rtol=1e-5, atol=1e-6)
-  softmax = lambda x: np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+  def softmax(x):
+    return np.exp(x) / np.exp(x).sum(-1, keepdims=True)
   # Co-Attack's KL is over L2-normalised embeddings, like the word importance.
   p, q = softmax(unit(guides[:, :1, :].astype(np.float64))), softmax(unit(feats.astype(np.float64)))
   np.testing.assert_allclose(kl, (p * (np.log(p) - np.log(q))).sum(-1), rtol=1e-4, atol=1e-9)
@@ -372,12 +376,12 @@ def test_char_edit_source_is_deterministic_typos():
   assert first == CharEditSource(max_candidates=6, seed=3)(words[::-1])[::-1]
   assert first != CharEditSource(max_candidates=6, seed=4)(words)
   assert first[0][0] == []                               # shorter than min_length
-  for caption, edits in zip(words, first):
-    for word, subs in zip(caption, edits):
+  for caption, edits in zip(words, first, strict=True):
+    for word, subs in zip(caption, edits, strict=True):
       for s in subs:
         assert s != word and abs(len(s) - len(word)) <= 1
         if len(s) == len(word):  # a swap or a substitution: one or two positions differ
-          assert 1 <= sum(x != y for x, y in zip(s, word)) <= 2
+          assert 1 <= sum(x != y for x, y in zip(s, word, strict=False)) <= 2
   assert max(len(e) for caption in first for e in caption) == 6
 
 
@@ -427,12 +431,12 @@ def test_bert_source_matches_a_direct_computation(bert_tok):
   source = BertMLMSource(bert, bert_tok, top_k=5, min_logit=None, batch_size=4)
   got = source(captions)
   hf = bert_tok.hf
-  for words, subs in zip(captions, got):
+  for words, subs in zip(captions, got, strict=True):
     pieces = bert_tok.encode_words(words)
     ids = np.array([[bert_tok.start_id, *itertools.chain(*pieces), bert_tok.end_id]], np.int32)
     logits = np.asarray(mlm(ids))[0]
     at = 1
-    for word, p, s in zip(words, pieces, subs):
+    for word, p, s in zip(words, pieces, subs, strict=True):
       top = np.argsort(-logits[at:at + len(p)], axis=-1, kind="stable")
       if len(p) == 1:
         expected = [t for t in hf.convert_ids_to_tokens(top[0, :5].tolist()) if t not in hf.all_special_tokens]
@@ -495,8 +499,9 @@ def test_changed_texts_are_encoded_from_the_changed_word(model, cands):
 def test_texts_are_encoded_whole_when_the_tower_pools_elsewhere(monkeypatch, model, tok, cands, guide, features):
   encoder, params = model
   text = encoder.config.text
-  with_text = lambda **changes: DualEncoder(encoder.graphdef,
-                                            encoder.config.replace(text=dataclasses.replace(text, **changes)))
+  def with_text(**changes):
+    return DualEncoder(encoder.graphdef,
+                                              encoder.config.replace(text=dataclasses.replace(text, **changes)))
   # Pooled at the largest id: a word here, so a changed word may come after the pooled token.
   assert not _pools_last_token(with_text(pooling="argmax"), cands)
   # ... unless the end token is the largest id (OpenAI's vocabulary).

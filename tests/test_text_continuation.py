@@ -38,7 +38,8 @@ def _text(content: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
 def test_continuing_a_cached_text_equals_encoding_the_whole_text(pooling, end):
   encoder, params = _encoder(pooling, end)
   rng = np.random.default_rng(0)
-  words = lambda n: rng.integers(4, END + 30, n)  # ordinary tokens, below the end id in both cases
+  def words(n):
+    return rng.integers(4, END + 30, n)  # ordinary tokens, below the end id in both cases
   base, changed, starts = [], [], []
   for i in range(16):
     content = words(rng.integers(1, CONTEXT))       # some texts fill the context, one token is the least
@@ -47,8 +48,8 @@ def test_continuing_a_cached_text_equals_encoding_the_whole_text(pooling, end):
     # The changed text keeps a beginning and goes on with other tokens, shorter or longer than the base.
     changed.append(_text(np.concatenate([content[:shared], words(rng.integers(0, 8))]), end))
     starts.append(0 if i == 0 else 1 + shared)      # 0: nothing shared
-  base_ids, base_mask = map(np.stack, zip(*base))
-  ids, mask = map(np.stack, zip(*changed))
+  base_ids, base_mask = map(np.stack, zip(*base, strict=True))
+  ids, mask = map(np.stack, zip(*changed, strict=True))
   starts = np.minimum(starts, mask.sum(-1) - 1)     # at most the pooled (last) token
   rest = CONTEXT  # enough for every continuation; positions after the end token are padding
   following = np.take_along_axis(np.pad(ids, ((0, 0), (0, rest))), starts[:, None] + np.arange(rest), axis=1)
@@ -72,7 +73,7 @@ def test_continuing_a_cached_text_equals_encoding_the_whole_text(pooling, end):
 
 def test_continuing_with_mismatched_rows_says_how_to_fix_it():
   encoder, params = _encoder("eos", END)
-  ids, mask = map(np.stack, zip(*[_text(np.array([5, 6, 7]), END)] * 3))
+  ids, mask = map(np.stack, zip(*[_text(np.array([5, 6, 7]), END)] * 3, strict=True))
   _, cache = encoder.text_features_and_cache(params, ids, mask)
   with pytest.raises(ValueError, match=r"cache of 3 texts; index the cache's rows"):
     encoder.text_features_continued(params, cache, jnp.array([1, 1]), ids[:2, 1:])

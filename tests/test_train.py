@@ -143,16 +143,16 @@ def test_loss_falls_then_nan_stops_the_run_keeping_the_last_good_checkpoint(root
   with pytest.raises(loop.NonFiniteLossError, match=r"at step 65 .*last good checkpoint \(step 60\)"):
     loop.train(config, workdir, mesh_spec="8", log=lambda _: None, progress=False, evaluate=True,
                data_iterator=iter(dataset.map(_NaNAt(65))), model=model, tokenizer=tokenizer)
-  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   lines = [r for r in records if "train/loss" in r]
   evaluations = [r for r in records if "eval/clean/tr@1" in r]
   # The periodic evaluation at step 40: clean retrieval and PGD on the 8 test images.
   assert [r["step"] for r in evaluations] == [40]
   assert evaluations[0]["eval/pgd@2/tr@1"] <= evaluations[0]["eval/clean/tr@1"] + 1e-6
-  losses = [l["train/loss"] for l in lines]
+  losses = [r["train/loss"] for r in lines]
   assert len(losses) == 6  # logged every 10 steps up to step 60; the NaN is found at step 70
   assert losses[-1] < losses[0] - 1.0, losses  # from ln 16 = 2.77 at the start
-  accuracy = [l["train/i2t_acc"] for l in lines]
+  accuracy = [r["train/i2t_acc"] for r in lines]
   assert accuracy[-1] > 0.3 > accuracy[0]  # in-batch retrieval well above chance (1/16)
   assert {"train/images_per_s", "train/steps_per_s", "train/learning_rate"} <= set(lines[0])
   assert (workdir / "tensorboard").is_dir() and (workdir / "config.json").exists()
@@ -214,7 +214,8 @@ def test_demo_table_puts_the_models_side_by_side():
   from mat_jax.training import demo
 
   def result(clean, pgd):
-    recall = lambda r: {"tr@1": r, "ir@1": r / 2}
+    def recall(r):
+      return {"tr@1": r, "ir@1": r / 2}
     return {"clean": recall(clean), "attacks": {"pgd": {"2": {"recall": recall(pgd)}},
                                                 "bert": {"text": {"recall": recall(pgd + 1)}}}}
 

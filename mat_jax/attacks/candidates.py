@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import weakref
 import zlib
-from typing import Callable, Hashable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +81,7 @@ class _CachedSource:
     keys = [tuple(words) for words in captions]
     missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
     if missing:
-      for key, subs in zip(missing, self._generate(missing)):
+      for key, subs in zip(missing, self._generate(missing), strict=True):
         if len(subs) != len(key):
           raise RuntimeError(f"{type(self).__name__} returned {len(subs)} lists for {len(key)} words")
         self._cache[key] = [list(s) for s in subs]
@@ -218,7 +218,8 @@ class BertMLMSource(_CachedSource):
     self._k = max(self.top_k, self.combination_top)
     if isinstance(model, nnx.Module):
       graphdef, params = nnx.split(model)
-      forward = lambda p, ids, mask: nnx.merge(graphdef, p)(ids, mask)
+      def forward(p, ids, mask):
+        return nnx.merge(graphdef, p)(ids, mask)
     else:
       params, forward = None, (lambda p, ids, mask: model(ids, mask))
     self._params = params
@@ -285,7 +286,7 @@ class BertMLMSource(_CachedSource):
 
   def _single_piece(self, values: np.ndarray, indices: np.ndarray) -> list[str]:
     words = []
-    for value, index in zip(values[:self.top_k], indices[:self.top_k]):
+    for value, index in zip(values[:self.top_k], indices[:self.top_k], strict=True):
       if self.min_logit is not None and value < self.min_logit:
         break
       token = self._id_to_token(int(index))
@@ -394,7 +395,7 @@ def _word_pieces(tokenizer: Tokenizer, words: Iterable[str]) -> list[tuple[int, 
   words = list(words)
   missing = list(dict.fromkeys(w for w in words if w not in memo))
   if missing:
-    for word, pieces in zip(missing, tokenizer.encode_words(missing)):
+    for word, pieces in zip(missing, tokenizer.encode_words(missing), strict=True):
       memo[word] = tuple(int(p) for p in pieces)
   return [memo[w] for w in words]
 
@@ -490,7 +491,7 @@ def prepare_candidates(
       subs = filter_substitutes(word, raw[n][w], stop_words)
       pieces = _word_pieces(tokenizer, subs)
       kept, kept_pieces = [], []
-      for s, p in zip(subs, pieces):
+      for s, p in zip(subs, pieces, strict=True):
         # Same pieces as the word (a case variant, an unknown word that maps to the same [UNK]...) or as an
         # earlier candidate: the same text, so the same score; keep the first.
         if p and p != word_pieces[n][w] and p not in kept_pieces and (max_pieces is None or len(p) <= max_pieces):

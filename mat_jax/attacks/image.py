@@ -246,8 +246,9 @@ def apgd(loss_fn: LossFn, images: jax.Array, key: jax.Array, *, eps, steps: int 
   if restarts < 1:
     raise ValueError(f"restarts must be >= 1, got {restarts}")
   images = jax.lax.stop_gradient(images)
-  run = lambda k: _apgd_run(loss_fn, images, k, eps=eps, steps=steps, norm=norm, rho=rho, alpha=alpha,
-                            random_start=random_start)
+  def run(k):
+    return _apgd_run(loss_fn, images, k, eps=eps, steps=steps, norm=norm, rho=rho, alpha=alpha,
+                              random_start=random_start)
 
   def restart(carry, k):
     best_x, best_loss = carry

@@ -323,7 +323,8 @@ def _compiled_text_attack(encoder, params, candidates, guide, objective, max_cha
   M = max_changes
   buckets = length_buckets(c.text_length or c.context_length)
   shares_prefix = _pools_last_token(encoder, c)
-  rows_of = lambda tree, n: jax.tree.map(lambda t: t[n], tree)
+  def rows_of(tree, n):
+    return jax.tree.map(lambda t: t[n], tree)
 
   def continued(cache, n, pieces, lengths, word, length):
     """Features of texts (rows) with words (pieces, lengths) that differ from caption n's cached text only
@@ -459,7 +460,7 @@ def adversarial_captions(candidates: TextCandidates, result: TextAttackResult) -
   out = []
   for n, words in enumerate(candidates.words):
     words = list(words)
-    for w, k in zip(changed_words[n], changed_candidates[n]):
+    for w, k in zip(changed_words[n], changed_candidates[n], strict=True):
       if w >= 0:
         words[w] = candidates.substitutes[n][w][k]
     out.append(" ".join(words))

@@ -13,8 +13,8 @@ Producers, with the default worker settings: that demo iterator (shapes world, t
 the shapes world with augmentations (and candidates); a JPEG corpus written to a temporary directory
 (smooth random colour fields; no attack candidates: a real corpus takes BERT's, which need the model).
 Datasets are built through the tfds array_record builders in a temporary directory, nothing is written
-into the repository (the shapes tokenizer is cached in the user's data directory, as in training). Each side is timed alone: on a CPU-only machine the two
-share cores during training, so the ratio there is an upper bound.
+into the repository (the shapes tokenizer is cached in the user's data directory, as in training). Each
+side is timed alone: on a CPU-only machine the two share cores during training, so the ratio there is an upper bound.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
   settings = f"threads={threads}, workers={args.num_workers}"
   kwargs = dict(num_threads=threads, num_workers=args.num_workers, process_index=jax.process_index(),
                 process_count=jax.process_count())
-  quiet = lambda message: None
+  def quiet(message):
+    return None
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     config = demo_config(tmp / "data", args)

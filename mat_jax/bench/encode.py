@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
   feats_j, feats_t = np.asarray(jax_forward(params, x)), torch_forward().numpy()
   grad_j = np.asarray(jax_backward(params, x)).transpose(0, 3, 1, 2)
   grad_t = torch_backward().numpy()
-  rel = lambda a, b: float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+  def rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
   print(f"agreement: features max rel diff {rel(feats_j, feats_t):.2e}, "
         f"pixel gradients max rel diff {rel(grad_j, grad_t):.2e}")
 

@@ -210,8 +210,8 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
   stats: dict = {}
   theirs = reference_text_attack(encoder, params, tokenizer, candidates, guide_host, objective=objective,
                                  max_changes=max_changes, text_features=features, stats=stats)
-  same = sum(a == b for a, b in zip(ours, theirs))
-  changed = sum(a != b for a, b in zip(ours, captions))
+  same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+  changed = sum(a != b for a, b in zip(ours, captions, strict=True))
   rows = [["batched, jitted (mat_jax)", n / batched_s, batched_s * 1e3, sequential_s / batched_s],
           ["per-caption loop (references' structure)", n / sequential_s, sequential_s * 1e3, 1.0]]
   common.print_table(

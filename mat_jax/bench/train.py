@@ -2,7 +2,8 @@
 
 A randomly initialised transformers `CLIPModel` (ViT-B/16 by default) is saved and loaded into mat_jax,
 so both sides train the same weights on the same batch (shapes-world images resized to the model's
-resolution, captions tokenised by the shapes tokenizer, text-attack candidates from the world's synonym table (the paraphrase source)).
+resolution, captions tokenised by the shapes tokenizer, text-attack candidates from the world's synonym
+table (the paraphrase source)).
 The step is MAT's (mat_jax.objectives.mat):
 
   1. 1-word text attack guided by the clean image: word importance by masking each word ([UNK]) and
@@ -58,7 +59,8 @@ def _usable_cores() -> int:
 
 
 def _batch(size: int, batch: int, tokenizer, max_targets: int, top_k: int):
-  """Shapes-world images (resized) and captions with paraphrase candidates (the synonym table), as the training pipeline gives."""
+  """Shapes-world images (resized) and captions with paraphrase candidates (the synonym table), as the
+  training pipeline gives."""
   from PIL import Image
 
 
@@ -126,7 +128,7 @@ class TorchMAT:
     adversarial = []
     for n in range(len(b["captions"])):
       words = self._caption(n)
-      targets = [int(w) for w, ok in zip(b["cand_target_words"][n], b["cand_target_valid"][n]) if ok]
+      targets = [int(w) for w, ok in zip(b["cand_target_words"][n], b["cand_target_valid"][n], strict=True) if ok]
       clean = self._text_features([words])
       log_p = torch.log_softmax(normalise(clean, dim=-1), dim=-1)
       masked = [words[:w] + [mask_word] + words[w + 1:] for w in targets]
@@ -136,7 +138,8 @@ class TorchMAT:
         order = [targets[i] for i in torch.argsort(-importance, stable=True).tolist()]
       else:
         order = []
-      score = lambda feats: -(normalise(feats, dim=-1) @ normalise(guide[n], dim=-1))
+      def score(feats, n=n):  # bound now: the loop moves on
+        return -(normalise(feats, dim=-1) @ normalise(guide[n], dim=-1))
       keep = score(clean)[0]
       current = words
       for w in order:
@@ -159,7 +162,8 @@ class TorchMAT:
     normalise = torch.nn.functional.normalize
     model = self.model
     x = self.images
-    pixels = lambda img: (img - self.mean) / self.std
+    def pixels(img):
+      return (img - self.mean) / self.std
     with torch.no_grad():
       guide = model.get_image_features(pixel_values=pixels(x)).pooler_output
       adv_ids, adv_mask = self.text_attack(guide)

@@ -123,7 +123,8 @@ def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFA
 
 
 def scene_features() -> tfds.features.FeaturesDict:
-  per_object = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
+  def per_object(dtype):
+    return tfds.features.Tensor(shape=(None,), dtype=dtype)
   return tfds.features.FeaturesDict({
       **{k: per_object(np.int32) for k in ("shape", "colour", "size", "row", "col")},
       **{k: per_object(np.float32) for k in ("x", "y", "extent")},
@@ -448,7 +449,7 @@ class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
 
     # Decoding and resizing dominate and PIL releases the GIL there: threads, in annotation order.
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-      for entry, image in zip(cfg.entries[split], pool.map(load, cfg.entries[split])):
+      for entry, image in zip(cfg.entries[split], pool.map(load, cfg.entries[split]), strict=True):
         if isinstance(image, CorpusError):
           if not cfg.skip_bad:
             raise image

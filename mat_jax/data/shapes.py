@@ -151,8 +151,10 @@ class Scene:
   def to_record(self) -> dict[str, np.ndarray]:
     """The scene as named numpy arrays (one entry per object), the layout stored in the datasets."""
     objs = self.objects
-    ints = lambda f: np.asarray([getattr(o, f) for o in objs], np.int32)
-    floats = lambda f: np.asarray([getattr(o, f) for o in objs], np.float32)
+    def ints(f):
+      return np.asarray([getattr(o, f) for o in objs], np.int32)
+    def floats(f):
+      return np.asarray([getattr(o, f) for o in objs], np.float32)
     return {
         "shape": ints("shape"), "colour": ints("colour"), "size": ints("size"), "row": ints("row"),
         "col": ints("col"), "x": floats("x"), "y": floats("y"), "extent": floats("extent"),
@@ -211,7 +213,7 @@ def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Sc
   sizes = rng.integers(0, len(SIZES), n)
   objects = tuple(
       _jitter(int(k) // len(COLOURS), int(k) % len(COLOURS), int(s), int(c) // 3, int(c) % 3, rng)
-      for k, c, s in zip(kinds, cells, sizes))
+      for k, c, s in zip(kinds, cells, sizes, strict=True))
   return Scene(objects, _background(rng))
 
 
@@ -509,7 +511,7 @@ def consistent(meaning: Meaning, scene: Scene) -> bool:
   if len(keys) != len(by_key) or set(keys) != set(by_key):
     return False
   objs = [by_key[k] for k in keys]
-  for m, o in zip(meaning.mentions, objs):
+  for m, o in zip(meaning.mentions, objs, strict=True):
     if (m.size is not None and m.size != o.size) or (m.row is not None and m.row != o.row) or (
         m.col is not None and m.col != o.col):
       return False
@@ -589,7 +591,7 @@ def scene_from_meaning(meaning: Meaning, rng: np.random.Generator) -> Scene:
     raise ValueError(f"no scene satisfies {meaning}: its positions and relations contradict each other")
   cells = layouts[int(rng.integers(len(layouts)))]
   objects = tuple(_jitter(m.shape, m.colour, s, c // 3, c % 3, rng)
-                  for m, s, c in zip(meaning.mentions, sizes, cells))
+                  for m, s, c in zip(meaning.mentions, sizes, cells, strict=True))
   return Scene(objects, _background(rng))
 
 

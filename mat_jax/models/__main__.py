@@ -69,7 +69,7 @@ def demo(args: argparse.Namespace) -> int:
   sims = img @ txt.T
   print("\ncosine similarity, images (rows) x token sequences (columns):")
   print(" " * 8 + "".join(f"{f'text {j}':>9}" for j in range(sims.shape[1])))
-  for name, row in zip(COLOURS, sims):
+  for name, row in zip(COLOURS, sims, strict=True):
     print(f"{name:<8}" + "".join(f"{v:9.4f}" for v in row))
   # Compared on the host: eager jnp comparisons would compile one small program per parameter shape.
   params_equal = jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),

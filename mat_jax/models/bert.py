@@ -85,9 +85,9 @@ class BertForMaskedLM(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     self.dtype = dtype
     width = config.hidden_size
-    embed = lambda n, axis: nnx.Embed(
-        n, width, dtype=dtype, rngs=rngs,
-        embedding_init=layers.sharded(nnx.initializers.normal(0.02), axis, "embed"))
+    def embed(n, axis):
+      return nnx.Embed(n, width, dtype=dtype, rngs=rngs,
+                       embedding_init=layers.sharded(nnx.initializers.normal(0.02), axis, "embed"))
     self.word_embeddings = embed(config.vocab_size, "vocab")
     self.position_embeddings = embed(config.max_position_embeddings, None)
     self.token_type_embeddings = embed(config.type_vocab_size, None)
@@ -120,7 +120,8 @@ class BertForMaskedLM(nnx.Module):
 
 def check_bert_inputs(input_ids: Any, attention_mask: Any, token_type_ids: Any, cfg: BertConfig) -> None:
   """Shapes and dtypes always (static under `jit`); id ranges only on concrete (eager) arrays."""
-  as_array = lambda x: x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
+  def as_array(x):
+    return x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
   ids, mask = as_array(input_ids), as_array(attention_mask)
   if ids.ndim != 2:
     raise ValueError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}")

@@ -223,7 +223,8 @@ class CrossAttention(nnx.Module):
     self.out = layers.dense(width, width, ("heads", "embed"), **kw)
 
   def __call__(self, x: jax.Array, image: jax.Array) -> jax.Array:
-    heads = lambda t: t.reshape(*t.shape[:2], self.heads, -1)
+    def heads(t):
+      return t.reshape(*t.shape[:2], self.heads, -1)
     # Every image token is attended to (transformers' retrieval passes an all-ones image mask).
     return self.out(_attend(heads(self.query(x)), heads(self.key(image)), heads(self.value(image)), None,
                             self.dtype))
@@ -259,8 +260,9 @@ class TextEncoder(nnx.Module):
     if cfg.layers < 1:
       raise ValueError(f"the text encoder needs at least one layer, got layers={cfg.layers}")
     self.cfg, self.dtype = cfg, dtype
-    embed = lambda n, axis: nnx.Embed(n, cfg.width, dtype=dtype, rngs=rngs,
-                                      embedding_init=layers.sharded(nnx.initializers.normal(0.02), axis, "embed"))
+    def embed(n, axis):
+      return nnx.Embed(n, cfg.width, dtype=dtype, rngs=rngs,
+                                          embedding_init=layers.sharded(nnx.initializers.normal(0.02), axis, "embed"))
     self.word_embeddings = embed(cfg.vocab_size, "vocab")
     self.position_embeddings = embed(cfg.max_position_embeddings, None)
     self.embeddings_ln = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
@@ -348,7 +350,8 @@ class BLIP(nnx.Module):
 
 def check_blip_text(input_ids: Any, attention_mask: Any, cfg: BlipTextConfig) -> None:
   """Shapes and dtypes always (static under `jit`); the id range only on concrete (eager) arrays."""
-  as_array = lambda x: x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
+  def as_array(x):
+    return x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
   ids, mask = as_array(input_ids), as_array(attention_mask)
   if ids.ndim != 2:
     raise ValueError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}; "
@@ -455,8 +458,9 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
     raise weights.ConfigError(f"config.json describes {_architectures(data)}; load_blip reads the retrieval model "
                               f"{BLIP_ARCHITECTURE} (ITC projections and ITM head), e.g. "
                               "Salesforce/blip-itm-base-coco.")
-  pick = lambda cls, sub, keys, **extra: cls(**{o: sub[t] for o, t in keys.items() if sub.get(t) is not None},
-                                            **extra)
+  def pick(cls, sub, keys, **extra):
+    return cls(**{o: sub[t] for o, t in keys.items() if sub.get(t) is not None},
+                                              **extra)
   pre = preprocessor or {}
   problems = []
   vision_data, text_data = data.get("vision_config") or {}, data.get("text_config") or {}

@@ -357,7 +357,8 @@ class TextTower(nnx.Module):
     # The last block computes the pooled row only, with that row's mask (the keys up to itself).
     mask = jnp.broadcast_to(mask, (x.shape[0], 1, x.shape[1], mask.shape[-1]))
     pooled_mask = jnp.take_along_axis(mask, pooled[:, None, None, None], axis=2)
-    pooled_row = lambda t: jnp.take_along_axis(t, pooled[:, None, None], axis=1)
+    def pooled_row(t):
+      return jnp.take_along_axis(t, pooled[:, None, None], axis=1)
     x, keys_values = self.blocks[-1].run(x, pooled_mask, rows=pooled_row,
                                          cache=None if cache is None else cache[-1])
     out.append(keys_values)

@@ -124,7 +124,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, k_pad)), constant_values=False)
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, 0)), constant_values=True)
     mask = mask & (jnp.arange(k_len + k_pad) < k_len)
-  lengths = lambda n: jnp.full((b,), n, jnp.int32)
+  def lengths(n):
+    return jnp.full((b,), n, jnp.int32)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, query_seq_lengths=lengths(q_len),
                                      key_value_seq_lengths=lengths(k_len), implementation=implementation)
   return out[:, :q_len]

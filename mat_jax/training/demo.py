@@ -55,7 +55,8 @@ def side_by_side(results: dict[str, dict]) -> str:
   widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
   lines = []
   for i, row in enumerate(cells):
-    lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+    lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+                           for j, (c, w) in enumerate(zip(row, widths, strict=True))))
     if i == 0:
       lines.append("  ".join("-" * w for w in widths))
   return "\n".join(lines)
@@ -85,7 +86,8 @@ def headline(results: dict[str, dict]) -> list[tuple[str, str, float, list[float
   against TeCoA and the control under each multimodal attack."""
   n = results["MAT"]["num_images"]
   t2i = results["MAT"]["text_to_image"]
-  ranks = lambda name, attack: results[name]["attacks"][attack][next(iter(results[name]["attacks"][attack]))]["ranks"]
+  def ranks(name, attack):
+    return results[name]["attacks"][attack][next(iter(results[name]["attacks"][attack]))]["ranks"]
   rows = []
   control = results["clean fine-tuned"]
   for attack in DEMO_ATTACKS:
@@ -108,7 +110,8 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
 
   start = time.perf_counter()
   workdir = Path(workdir or Path("runs") / "shapes_demo").absolute()
-  clock = lambda: f"[{time.perf_counter() - start:5.0f}s]"
+  def clock():
+    return f"[{time.perf_counter() - start:5.0f}s]"
 
   configs = {name: config_lib.load(runs.EXPERIMENTS_DIR / f"{file}.py") for name, file in DEMO_MODELS.items()}
   mat_config = configs["MAT"]

@@ -112,7 +112,8 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
     new_trainable = optax.apply_updates(trainable, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     # A non-finite step changes nothing but the counters: the parameters stay the last good ones.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def keep(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
         step=state.step + 1,
         params=nnx.merge_state(keep(new_trainable, trainable), frozen),
