@@ -1,7 +1,7 @@
 """The shapes-world study: every method under one budget (mat_jax/recipes.py), several seeds, every attack.
 
-    python -m mat_jax.study                      # this file: claims 1-3 (see docs/study.md)
-    python -m mat_jax.study --config experiments/study_shapes.py:augmentation   # + claims 4-5 (4 arms)
+    python -m mat_jax.study                      # this file: claims 1-3, six arms (see docs/study.md)
+    python -m mat_jax.study --config experiments/study_shapes.py:full   # + MMCoA, MAVA, claims 4-5: 12 arms
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
 
 An arm is a method of `recipes.METHODS` with an optional `variant` (changes of its method-defining
@@ -26,7 +26,7 @@ def _arm(method, attacks=METHOD_ATTACKS, **variant):
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, quick=False, augmentation=False)
+  args = recipes.parse_arg(arg, quick=False, full=False)
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
   c.seeds = 2                 # seed s: data order, fine-tuning randomness and attack randomness
@@ -42,14 +42,15 @@ def get_config(arg=None):
       "clean_ft": _arm("clean_ft", ALL_ATTACKS),
       "tecoa": _arm("tecoa"),
       "fare": _arm("fare"),
-      "mmcoa": _arm("mmcoa"),
-      "mava": _arm("mava"),
       "mat": _arm("mat"),
       "matplus": _arm("matplus"),
       # Claim 3: the same augmented pairs modelled 1:1 (an image's other captions are negatives).
       "matplus_1to1": _arm("matplus", ABLATION_ATTACKS, objective={"one_to_one": True}),
   }
-  if args.augmentation:
+  if args.full:
+    # The other two multimodal/one-to-many baselines of the shared budget.
+    c.arms["mmcoa"] = _arm("mmcoa")
+    c.arms["mava"] = _arm("mava")
     # Claim 4: text augmentation only (2 captions, I2T, EDA) vs image augmentation only (2 renderings
     # of each scene in a batch: image-side N:1, T2I, jitter); the same number of positives per scene.
     c.arms["matplus_text"] = _arm(

@@ -172,12 +172,12 @@ def test_a_study_dir_takes_added_or_left_out_arms_but_not_a_changed_one(tmp_path
 
 def test_the_study_file_argument_names_a_variant():
   full = study.load(EXPERIMENTS / "study_shapes.py")
-  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation")
-  assert set(alignment["arms"]) - set(full["arms"]) == {"matplus_text", "matplus_image", "matplus_misaligned",
-                                                         "matplus_diverse"}
+  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")
+  assert set(alignment["arms"]) - set(full["arms"]) == {"mmcoa", "mava", "matplus_text", "matplus_image",
+                                                         "matplus_misaligned", "matplus_diverse"}
   assert {**alignment, "arms": None} == {**full, "arms": None}
   with pytest.raises(study.StudyError, match="exclude each other"):
-    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation", quick=True)
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full", quick=True)
 
 
 def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused():
@@ -269,9 +269,9 @@ def test_demo_headline_differences_come_with_paired_intervals():
 def test_the_full_study_file_is_valid_and_covers_the_claims():
   full = study.load(EXPERIMENTS / "study_shapes.py")
   assert full["seeds"] >= 2 and full["eval_images"] >= 500  # half of the 1,000 test images or more
-  assert set(recipes.METHODS) <= set(full["arms"])
+  assert set(recipes.METHODS) <= set(study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")["arms"])
   assert set(full["arms"]["clean_ft"]["attacks"]) == set(study.STUDY_ATTACKS)
-  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation")  # claims 4 and 5
+  alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")  # claims 4 and 5
   for claim, better, other, attacks in study.CLAIMS:
     arms = alignment["arms"] if claim[:2] in ("4:", "5:") else full["arms"]
     assert better in arms and other in arms
