@@ -225,7 +225,8 @@ def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
   assert len(doc["runs"]) == expected
   row = doc["runs"][0]
   assert set(row) == {"method", "seed", "attack", "eps_255", "n_images", "recall", "asr", "asr_meaning_preserving",
-                      "label_flip_share"}
+                      "label_flip_share", "recall_meaning_preserving"}
+  assert (tmp_path / "out" / "shapes_study_table.md").read_text().count("Text attacks judged by meaning") == 1
   assert row["n_images"] == 12 and set(row["recall"]) >= {"tr@1", "tr@5", "tr@10", "ir@1", "ir@5", "ir@10"}
   claim = doc["claims"][0]
   assert set(claim) == {"claim", "metric", "difference", "ci95", "holds"}
