@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax.attacks import losses
 from mat_jax.objectives import base
-from mat_jax.objectives.mava import MAVA
 
 
 class _MeanColour:
@@ -21,8 +21,8 @@ def test_mava_terms_follow_equations_2_and_3():
   captions = jnp.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
                         [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]])  # unit vectors, M = 2 per image
   # beta = 0: the N neighbours coincide with the adversarial image, so the terms are exact.
-  cms, vsse = MAVA(beta=0.0, neighbours=3)._terms(_MeanColour(), jnp.asarray(1.0), images,
-                                                   jax.random.key(0), original, captions)
+  cms, vsse = losses.mava_terms(_MeanColour(), jnp.asarray(1.0), images, jax.random.key(0), original, captions,
+                                neighbours=3, radius=0.0)
   feats = np.array([[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]])
   np.testing.assert_allclose(vsse, ((feats - np.asarray(original)) ** 2).sum(-1), rtol=1e-6)
   unit = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
@@ -32,11 +32,11 @@ def test_mava_terms_follow_equations_2_and_3():
 
 def test_mava_neighbours_stay_within_beta_eps():
   images = jnp.full((1, 4, 4, 3), 0.5)
-  mava = MAVA(beta=0.5, eps=8 / 255, neighbours=64)
   # With identity-like features the VSSE term is the mean squared shift of the mean colour: bounded
-  # by (beta * eps)^2 per channel.
-  _, vsse = mava._terms(_MeanColour(), jnp.asarray(1.0), images, jax.random.key(1),
-                        jnp.full((1, 3), 0.5), jnp.ones((1, 1, 3)) / np.sqrt(3))
+  # by (beta * eps)^2 per channel (beta = 0.5, eps = 8/255).
+  _, vsse = losses.mava_terms(_MeanColour(), jnp.asarray(1.0), images, jax.random.key(1),
+                              jnp.full((1, 3), 0.5), jnp.ones((1, 1, 3)) / np.sqrt(3), neighbours=64,
+                              radius=0.5 * 8 / 255)
   assert 0 < float(vsse[0]) <= 3 * (0.5 * 8 / 255) ** 2
 
 
