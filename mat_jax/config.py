@@ -469,26 +469,35 @@ def _override(config: dict, key: str, text: str) -> None:
   node[leaf] = _coerce(key, node[leaf], _parse_value(text, node[leaf], key), "override")
 
 
-def _parse_value(text: str, default: Any, key: str = "") -> Any:
-  text = text.strip()
-  where = f"{key}: " if key else ""
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
+
+
+def parse_scalar(text: str, default: Any, where: str, bool_hint: str = "") -> Any:
+  """`text` read as the type of `default`: a bool (TRUE_WORDS / FALSE_WORDS), an int, a float (also a
+  fraction such as 2/255), else the text itself. A text that is not such a value is a ConfigError
+  beginning with `where` (e.g. "train.steps='ten'"); one place for overrides and experiment-file arguments."""
   if isinstance(default, bool):
-    lowered = text.lower()
-    if lowered in ("true", "1", "yes"):
-      return True
-    if lowered in ("false", "0", "no"):
-      return False
-    raise ConfigError(f"{where}cannot read {text!r} as a boolean (true/false)")
+    if text.lower() in TRUE_WORDS + FALSE_WORDS:
+      return text.lower() in TRUE_WORDS
+    raise ConfigError(f"{where} is not true or false{bool_hint or ' (or yes/no, 1/0)'}")
   if isinstance(default, int):
     try:
       return int(text)
     except ValueError:
-      raise ConfigError(f"{where}cannot read {text!r} as an integer") from None
+      raise ConfigError(f"{where} is not an integer") from None
   if isinstance(default, float):
     try:
       return float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
-      raise ConfigError(f"{where}cannot read {text!r} as a number (e.g. 0.01, 1e-5 or 2/255)") from None
+      raise ConfigError(f"{where} is not a number (e.g. 0.01, 1e-5 or 2/255)") from None
+  return text
+
+
+def _parse_value(text: str, default: Any, key: str = "") -> Any:
+  text = text.strip()
+  if isinstance(default, (bool, int, float)):
+    return parse_scalar(text, default, f"{key}={text!r}" if key else repr(text))
   if isinstance(default, tuple):
     return _parse_tuple(text, key)
   if isinstance(default, str):

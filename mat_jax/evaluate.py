@@ -59,7 +59,8 @@ TEXT_ONLY = tuple(n for n, s in attack_specs.ATTACKS.items() if not s.attacks_im
 NEEDS_TEXT_SOURCE = tuple(n for n, s in attack_specs.ATTACKS.items() if s.attacks_text)
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
-RANK_KEYS = ("ranks", "clean_ranks", "text_to_image")  # per-query arrays of keep_ranks, not written to JSON
+# Per-query arrays of keep_ranks, not written to JSON.
+RANK_KEYS = ("ranks", "clean_ranks", "text_to_image", "ranks_meaning_preserving")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +215,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         restored to its clean text (what an attacker with a perfect meaning filter achieves at least; the
         images stay as the attack made them, also where a flipped caption guided them).
   keep_ranks: also return every query's rank ("clean_ranks" and each entry's "ranks": (TR ranks (N,),
-  IR ranks (T,)) numpy arrays), for intervals over test images (paired bootstrap); `write_json` leaves them out.
+  IR ranks (T,)) numpy arrays; with a judge also "ranks_meaning_preserving"), for intervals over test
+  images (paired bootstrap); `write_json` leaves them out.
   """
   target = Victim.of(model, params, tokenizer, "target")
   if surrogate is not None and not isinstance(surrogate, Victim):
@@ -348,6 +350,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
       if judge is not None:
         entry.update(meaning_preserving_scores(adv_img, adv_txt, clean_txt, changed, flipped, text_to_image,
                                                clean_ranks))
+        if not keep_ranks:
+          del entry["ranks_meaning_preserving"]
     entry["seconds"] = time.perf_counter() - start
     if keep_ranks:
       entry["ranks"] = ranks
@@ -388,6 +392,7 @@ def meaning_preserving_scores(adv_img: np.ndarray, adv_txt: np.ndarray, clean_tx
       "label_flip_share": float(flipped.sum()) / n_changed if n_changed else float("nan"),
       "recall_meaning_preserving": metrics.recall_from_ranks(*ranks),
       "asr_meaning_preserving": metrics.attack_success_rate(clean_ranks, ranks),
+      "ranks_meaning_preserving": ranks,
   }
 
 

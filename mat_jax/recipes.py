@@ -39,19 +39,15 @@ Real corpora (Flickr30k, COCO) with the published models and each paper's settin
 from __future__ import annotations
 
 import difflib
-from fractions import Fraction
 from typing import Any, Mapping
 
 import ml_collections
 
+from mat_jax import config
 from mat_jax.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------
 # The argument of an experiment file.
-
-_TRUE = ("true", "yes", "1")
-_FALSE = ("false", "no", "0")
-
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.FrozenConfigDict:
   """An experiment file's argument (the text after `FILE.py:`) as typed values, one per key of `defaults`.
@@ -117,21 +113,8 @@ def _read(key: str, text: str, default: Any, choices: tuple[str, ...] | None,
       hint = f" Did you mean {close[0]!r}?" if close else ""
       raise ConfigError(f"{key}={text!r} is not one of {', '.join(choices)}.{hint} {_understood(defaults)}")
     return text
-  if isinstance(default, bool):
-    if text.lower() in _TRUE + _FALSE:
-      return text.lower() in _TRUE
-    raise ConfigError(f"argument {key}={text!r}: write {key}=true or {key}=false (or {key} alone for true)")
-  if isinstance(default, int):
-    try:
-      return int(text)
-    except ValueError:
-      raise ConfigError(f"argument {key}={text!r} is not an integer") from None
-  if isinstance(default, float):
-    try:
-      return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-      raise ConfigError(f"argument {key}={text!r} is not a number (e.g. 0.01, 1e-5 or 2/255)") from None
-  return text
+  return config.parse_scalar(text, default, f"argument {key}={text!r}",
+                             bool_hint=f"; write {key}=true or {key}=false (or {key} alone for true)")
 
 
 def _unknown_argument(item: str, defaults: Mapping[str, Any]) -> ConfigError:

@@ -251,40 +251,41 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
   builder = setup.data_builder(first, first.data.image_size, log=lambda _: None)
   collected: dict[tuple[str, int], dict[str, Any]] = {}
   eval_set = sources = None
-  total = len(arms) * study["seeds"]
-  done = 0
   index, shards = shard
-  for arm in arms:
-    for seed in range(study["seeds"]):
-      done += 1
-      if (done - 1) % shards != index:
-        continue
-      t0 = time.perf_counter()
-      run_dir = study_dir / "runs" / f"{arm.name}-s{seed}"
-      cfg = run_config(study, arm, seed)
-      trained = runs.is_trained(run_dir)
-      if not trained:
-        loop.ensure_cached_source(cfg.model.source, log=lambda _: None)  # the shared clean model, once
-        loop.train(cfg, run_dir, log=lambda _: None, progress=False, evaluate=False)
-      t_train = time.perf_counter() - t0
-      t_eval = time.perf_counter()
-      missing = [a for a in arm.attacks if not (run_dir / "eval" / f"{a}.npz").exists()]
-      model = tokenizer = None
-      if missing:
-        model, tokenizer = runs.restore_model(run_dir)
-        if eval_set is None:
-          eval_set = pipeline.load_eval_set(corpora.data_source(builder, "test"), tokenizer,
-                                            max_images=study["eval_images"] or None)
-          sources = text_sources(study, tokenizer)
-      for attack in missing:
-        _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir)
-      collected[(arm.name, seed)] = {a: _read_eval(run_dir, a) for a in arm.attacks}
-      summary = " ".join(f"{a} {collected[(arm.name, seed)][a]['recall']['tr@1']:.1f}/"
-                         f"{collected[(arm.name, seed)][a]['recall']['ir@1']:.1f}" for a in arm.attacks)
-      evaluated = f"evaluated {len(missing)} attack(s) in {time.perf_counter() - t_eval:.0f}s" if missing \
-          else "evaluations reused"
-      log(f"[{done}/{total}] {arm.name} seed {seed}: {'reused' if trained else f'trained in {t_train:.0f}s'}, "
-          f"{evaluated} | TR@1/IR@1 {summary}")
+  planned = [(arm, seed, number) for number, (arm, seed) in
+             enumerate(((arm, seed) for arm in arms for seed in range(study["seeds"])), start=1)
+             if (number - 1) % shards == index]
+  # Runs still to train first, so a study cut short has trained every arm before it refreshes the
+  # evaluations of finished runs (`_is_current`); the order changes no result.
+  planned.sort(key=lambda job: runs.is_trained(study_dir / "runs" / f"{job[0].name}-s{job[1]}"))
+  total = len(arms) * study["seeds"]
+  for arm, seed, number in planned:
+    t0 = time.perf_counter()
+    run_dir = study_dir / "runs" / f"{arm.name}-s{seed}"
+    cfg = run_config(study, arm, seed)
+    trained = runs.is_trained(run_dir)
+    if not trained:
+      loop.ensure_cached_source(cfg.model.source, log=lambda _: None)  # the shared clean model, once
+      loop.train(cfg, run_dir, log=lambda _: None, progress=False, evaluate=False)
+    t_train = time.perf_counter() - t0
+    t_eval = time.perf_counter()
+    missing = [a for a in arm.attacks if not _is_current(run_dir, a)]
+    model = tokenizer = None
+    if missing:
+      model, tokenizer = runs.restore_model(run_dir)
+      if eval_set is None:
+        eval_set = pipeline.load_eval_set(corpora.data_source(builder, "test"), tokenizer,
+                                          max_images=study["eval_images"] or None)
+        sources = text_sources(study, tokenizer)
+    for attack in missing:
+      _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir)
+    collected[(arm.name, seed)] = {a: _read_eval(run_dir, a) for a in arm.attacks}
+    summary = " ".join(f"{a} {collected[(arm.name, seed)][a]['recall']['tr@1']:.1f}/"
+                       f"{collected[(arm.name, seed)][a]['recall']['ir@1']:.1f}" for a in arm.attacks)
+    evaluated = f"evaluated {len(missing)} attack(s) in {time.perf_counter() - t_eval:.0f}s" if missing \
+        else "evaluations reused"
+    log(f"[{number}/{total}] {arm.name} seed {seed}: {'reused' if trained else f'trained in {t_train:.0f}s'}, "
+        f"{evaluated} | TR@1/IR@1 {summary}")
   wall = time.perf_counter() - start
   log(f"study {study['name']}: {total} runs in {wall:.0f}s, {counter.compiles} XLA compilations "
       f"({counter.cache_hits} persistent-cache hits)")
@@ -308,6 +309,9 @@ def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, stu
   else:
     entry = next(iter(result["attacks"][name].values()))
     ranks = entry.pop("ranks")
+  arrays = {"tr": ranks[0], "ir": ranks[1], "text_to_image": result["text_to_image"]}
+  if "ranks_meaning_preserving" in entry:
+    arrays["tr_mp"], arrays["ir_mp"] = entry.pop("ranks_meaning_preserving")
   entry = {k: v for k, v in entry.items() if k not in evaluate_lib.RANK_KEYS}
   entry.update(attack=attack, n_images=int(result["num_images"]), seconds=time.perf_counter() - t0,
                eps_255=0.0 if attack == "clean" or attack in TEXT_ONLY else float(study["eps_255"]))
@@ -316,14 +320,28 @@ def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, stu
   # The ranks last: the .npz marks the evaluation finished.
   evaluate_lib.write_json(entry, out / f"{attack}.json")
   tmp = out / f"{attack}.tmp.npz"
-  np.savez(tmp, tr=np.asarray(ranks[0]), ir=np.asarray(ranks[1]), text_to_image=np.asarray(result["text_to_image"]))
+  np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
   tmp.replace(out / f"{attack}.npz")
+
+
+def _is_current(run_dir: Path, attack: str) -> bool:
+  """A finished evaluation with every per-query array the report needs: a text attack's evaluation
+  written without the meaning-preserving ranks (the bootstrap of the meaning table needs them) is re-run."""
+  path = run_dir / "eval" / f"{attack}.npz"
+  if not path.exists():
+    return False
+  if ("bert" if attack in TEXT_ONLY else attack) not in evaluate_lib.NEEDS_TEXT_SOURCE:
+    return True
+  with np.load(path) as arrays:
+    return "tr_mp" in arrays.files
 
 
 def _read_eval(run_dir: Path, attack: str) -> dict[str, Any]:
   entry = json.loads((run_dir / "eval" / f"{attack}.json").read_text())
-  arrays = np.load(run_dir / "eval" / f"{attack}.npz")
-  entry["tr_rank"], entry["ir_rank"], entry["text_to_image"] = arrays["tr"], arrays["ir"], arrays["text_to_image"]
+  with np.load(run_dir / "eval" / f"{attack}.npz") as arrays:
+    entry["tr_rank"], entry["ir_rank"], entry["text_to_image"] = arrays["tr"], arrays["ir"], arrays["text_to_image"]
+    if "tr_mp" in arrays.files:
+      entry["tr_rank_mp"], entry["ir_rank_mp"] = arrays["tr_mp"], arrays["ir_mp"]
   return entry
 
 
@@ -331,11 +349,16 @@ def _read_eval(run_dir: Path, attack: str) -> dict[str, Any]:
 # Intervals and claims.
 
 
-def hits(entry: Mapping[str, Any], n_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per test image: TR@1 hit (N,), IR@1 hits among its captions (N,), its caption count (N,)."""
-  tr = (np.asarray(entry["tr_rank"]) < 1).astype(np.float64)
+def hits(entry: Mapping[str, Any], n_images: int, meaning_preserving: bool = False
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per test image: TR@1 hit (N,), IR@1 hits among its captions (N,), its caption count (N,).
+
+  meaning_preserving: from the ranks with every label-flipped caption restored (a text attack's entry)."""
+  suffix = "_mp" if meaning_preserving else ""
+  tr = (np.asarray(entry["tr_rank" + suffix]) < 1).astype(np.float64)
   owners = np.asarray(entry["text_to_image"])
-  ir = np.bincount(owners, weights=(np.asarray(entry["ir_rank"]) < 1).astype(np.float64), minlength=n_images)
+  ir = np.bincount(owners, weights=(np.asarray(entry["ir_rank" + suffix]) < 1).astype(np.float64),
+                   minlength=n_images)
   return tr, ir, np.bincount(owners, minlength=n_images).astype(np.float64)
 
 
@@ -378,9 +401,15 @@ CLAIMS = (
 )
 
 
+MEANING_PRESERVING = " (meaning-preserving)"  # the suffix of a claim's metric judged with flips restored
+
+
 def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]]
               ) -> tuple[list[dict], list[dict], dict]:
-  """runs[] rows, claims[] rows, and {(arm, attack): {metric: (mean, [lo, hi])}} for the table."""
+  """runs[] rows, claims[] rows, and {(arm, attack): {metric: (mean, [lo, hi])}} for the table.
+
+  The table also holds {(arm, attack + MEANING_PRESERVING): ...}, the recall with every label-flipped
+  caption restored, for each text attack whose every seed kept those ranks; the claims are tested on it too."""
   seeds = study["seeds"]
   any_entry = next(iter(next(iter(collected.values())).values()))
   n_images = len(any_entry["tr_rank"])
@@ -395,23 +424,29 @@ def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapp
                    "recall_meaning_preserving": e.get("recall_meaning_preserving")})
   for name in study["arms"]:
     for attack in study["arms"][name]["attacks"]:
-      per_seed = [hits(collected[(name, s)][attack], n_images) for s in range(seeds)]
-      table[(name, attack)] = {}
-      for metric in METRICS:
-        r = reps[(name, attack, metric)] = boot.replicates(per_seed, metric)
-        mean = float(np.mean([collected[(name, s)][attack]["recall"][metric] for s in range(seeds)]))
-        table[(name, attack)][metric] = (mean, interval(r))
+      entries = [collected[(name, s)][attack] for s in range(seeds)]
+      views = [(attack, False, "recall")]
+      if all("tr_rank_mp" in e for e in entries):
+        views.append((attack + MEANING_PRESERVING, True, "recall_meaning_preserving"))
+      for key, meaning_preserving, recall in views:
+        per_seed = [hits(e, n_images, meaning_preserving) for e in entries]
+        table[(name, key)] = {}
+        for metric in METRICS:
+          r = reps[(name, key, metric)] = boot.replicates(per_seed, metric)
+          mean = float(np.mean([e[recall][metric] for e in entries]))
+          table[(name, key)][metric] = (mean, interval(r))
   claims = []
   for claim, better, other, attacks in CLAIMS:
     for attack in attacks:
-      for metric in METRICS:
-        if (better, attack, metric) not in reps or (other, attack, metric) not in reps:
-          continue
-        diff = reps[(better, attack, metric)] - reps[(other, attack, metric)]
-        point = table[(better, attack)][metric][0] - table[(other, attack)][metric][0]
-        ci = interval(diff)
-        claims.append({"claim": claim, "metric": f"{attack} {metric}", "difference": point, "ci95": ci,
-                       "holds": bool(ci[0] > 0)})
+      for key in (attack, attack + MEANING_PRESERVING):
+        for metric in METRICS:
+          if (better, key, metric) not in reps or (other, key, metric) not in reps:
+            continue
+          diff = reps[(better, key, metric)] - reps[(other, key, metric)]
+          point = table[(better, key)][metric][0] - table[(other, key)][metric][0]
+          ci = interval(diff)
+          claims.append({"claim": claim, "metric": f"{attack} {metric}{key[len(attack):]}", "difference": point,
+                         "ci95": ci, "holds": bool(ci[0] > 0)})
   return rows, claims, table
 
 
@@ -440,18 +475,22 @@ def markdown_table(study: Mapping[str, Any], table: Mapping, claims: Sequence[Ma
   return "\n".join(lines) + "\n"
 
 
-def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]]) -> str:
+def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]],
+                  table: Mapping | None = None) -> str:
   """The text attacks judged by meaning: per arm and attack, the share of changed captions that are label
-  flips, and the recall with every label-flipped caption restored (the attack's true adversarial
-  examples only), mean over seeds with the seeds' range."""
+  flips (mean over seeds {min, max}), and the recall with every label-flipped caption restored (the
+  attack's true adversarial examples only): mean over seeds with the paired-bootstrap interval from
+  `summarise`'s `table`, or {min, max} over seeds where the per-query ranks were not kept."""
   attacks = [a for a in STUDY_ATTACKS if a != "clean" and a != "pgd"
              and any(a in arm["attacks"] for arm in study["arms"].values())]
   lines = ["Text attacks judged by meaning (`shapes.consistent`): label flips (changed captions that no longer "
-           "describe their image, %) | TR@1 / IR@1 with the flipped captions restored; mean over seeds "
-           "[min, max].", "", "| arm | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+           "describe their image, %) | TR@1 / IR@1 with the flipped captions restored; mean over seeds and "
+           "[95% paired-bootstrap interval] or {min, max} over seeds.", "",
+           "| arm | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+  table = table or {}
 
   def spread(values: Sequence[float]) -> str:
-    return f"{np.mean(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
+    return f"{np.mean(values):.1f} {{{min(values):.1f}, {max(values):.1f}}}"
 
   for name, arm in study["arms"].items():
     cells = []
@@ -462,7 +501,12 @@ def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], 
         cells.append("")
         continue
       flips = spread([100 * e["label_flip_share"] for e in entries])
-      kept = " / ".join(spread([e["recall_meaning_preserving"][m] for e in entries]) for m in METRICS)
+      bootstrapped = table.get((name, attack + MEANING_PRESERVING))
+      if bootstrapped:
+        kept = " / ".join(f"{bootstrapped[m][0]:.1f} [{bootstrapped[m][1][0]:.1f}, {bootstrapped[m][1][1]:.1f}]"
+                          for m in METRICS)
+      else:
+        kept = " / ".join(spread([e["recall_meaning_preserving"][m] for e in entries]) for m in METRICS)
       cells.append(f"{flips} \\| {kept}")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
@@ -512,7 +556,8 @@ def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, lo
   out = Path(out)
   paths = {"json": evaluate_lib.write_json(doc, out / "shapes_study.json")}
   paths["table"] = out / "shapes_study_table.md"
-  paths["table"].write_text(markdown_table(study, table, claims) + "\n" + meaning_table(study, result["collected"]))
+  paths["table"].write_text(markdown_table(study, table, claims) + "\n"
+                            + meaning_table(study, result["collected"], table))
   main_arms = [a for a in study["arms"] if not a.startswith("matplus_")]
   ablations = [a for a in study["arms"] if a.startswith("matplus")]
   attacks = [a for a in STUDY_ATTACKS if any((arm, a) in table for arm in main_arms)]

@@ -61,7 +61,7 @@ def test_types_are_checked(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="train.steps must be int"):
     config_lib.load(_write(tmp_path, "return dict(train=dict(steps='10'))"))
   path = _write(tmp_path, "return dict()")
-  with pytest.raises(config_lib.ConfigError, match="as an integer"):
+  with pytest.raises(config_lib.ConfigError, match="train.steps=.ten. is not an integer"):
     config_lib.load(path, ["train.steps=ten"])
   with pytest.raises(config_lib.ConfigError, match="not one of"):
     config_lib.load(path, ["schedule.name=exponential"])

@@ -297,4 +297,53 @@ def test_the_meaning_table_shows_label_flips_and_the_recall_with_flips_restored(
                ("a", 1): {"clean": {}, "bert": bert(0.5, 90.0, 72.0)}}
   table = study.meaning_table(spec, collected)
   assert "| arm | bert |" in table
-  assert "| a | 75.0 [50.0, 100.0] \\| 85.0 [80.0, 90.0] / 71.0 [70.0, 72.0] |" in table
+  assert "| a | 75.0 {50.0, 100.0} \\| 85.0 {80.0, 90.0} / 71.0 {70.0, 72.0} |" in table
+  # With the per-query ranks kept, the restored recall comes with its bootstrap interval instead.
+  bootstrapped = {("a", "bert" + study.MEANING_PRESERVING): {"tr@1": (85.0, [81.5, 88.25]),
+                                                              "ir@1": (71.0, [69.0, 73.0])}}
+  assert "| a | 75.0 {50.0, 100.0} \\| 85.0 [81.5, 88.2] / 71.0 [69.0, 73.0] |" in study.meaning_table(
+      spec, collected, bootstrapped)
+
+
+def _entry(tr_hit, ir_hit, tr_hit_mp=None, ir_hit_mp=None):
+  """A study evaluation of 200 images x 2 captions from per-query hit indicators (rank 0 or 9)."""
+  t2i = np.repeat(np.arange(len(tr_hit)), 2)
+  rank = lambda hit: np.where(hit, 0, 9)  # noqa: E731
+  entry = {"tr_rank": rank(tr_hit), "ir_rank": rank(ir_hit), "text_to_image": t2i, "eps_255": 2.0, "n_images": 200,
+           "recall": {"tr@1": 100 * np.mean(tr_hit), "ir@1": 100 * np.mean(ir_hit)}}
+  if tr_hit_mp is not None:
+    entry.update(tr_rank_mp=rank(tr_hit_mp), ir_rank_mp=rank(ir_hit_mp),
+                 recall_meaning_preserving={"tr@1": 100 * np.mean(tr_hit_mp), "ir@1": 100 * np.mean(ir_hit_mp)})
+  return entry
+
+
+def test_claims_are_also_tested_on_the_recall_with_flipped_captions_restored():
+  rng = np.random.default_rng(0)
+  arms = {"mat": {"attacks": ["co"]}, "tecoa": {"attacks": ["co"]}}
+  spec = {"seeds": 2, "bootstrap": 300, "arms": arms}
+  hit = lambda p, n: rng.random(n) < p  # noqa: E731
+  # MAT beats TeCoA by recall, but loses once the label flips are restored.
+  collected = {(arm, s): {"co": _entry(hit(p, 200), hit(p, 400), hit(q, 200), hit(q, 400))}
+               for arm, p, q in (("mat", 0.5, 0.6), ("tecoa", 0.2, 0.9)) for s in range(2)}
+  _, claims, table = study.summarise(spec, collected)
+  by_metric = {c["metric"]: c for c in claims if c["claim"].startswith("1: MAT > TeCoA")}
+  assert by_metric["co tr@1"]["holds"] and by_metric["co tr@1"]["ci95"][0] > 5
+  restored = by_metric["co tr@1" + study.MEANING_PRESERVING]
+  assert not restored["holds"] and restored["ci95"][1] < -5
+  assert ("mat", "co" + study.MEANING_PRESERVING) in table
+  # One seed without the restored ranks: no interval for them, and no claim on them.
+  del collected[("tecoa", 1)]["co"]["tr_rank_mp"]
+  _, claims, table = study.summarise(spec, collected)
+  assert ("tecoa", "co" + study.MEANING_PRESERVING) not in table
+  assert not any(c["metric"].endswith(study.MEANING_PRESERVING) for c in claims)
+
+
+def test_a_text_attacks_evaluation_without_the_restored_ranks_is_rerun(tmp_path):
+  (tmp_path / "eval").mkdir()
+  np.savez(tmp_path / "eval" / "co.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2)
+  np.savez(tmp_path / "eval" / "pgd.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2)
+  assert not study._is_current(tmp_path, "co") and study._is_current(tmp_path, "pgd")
+  assert not study._is_current(tmp_path, "sga")  # never evaluated
+  np.savez(tmp_path / "eval" / "co.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2,
+           tr_mp=np.zeros(2), ir_mp=np.zeros(4))
+  assert study._is_current(tmp_path, "co")
