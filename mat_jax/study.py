@@ -293,6 +293,27 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
           "cache_hits": counter.cache_hits}
 
 
+def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
+  """The finished evaluations of every arm x seed, without training or evaluating anything (`--report-only`:
+  a report while shards still refresh evaluations). An evaluation written before the meaning-preserving
+  ranks were kept is used as it is (its restored recall then has a seed range, not an interval)."""
+  study_dir = Path(study_dir).absolute()
+  check_study_dir(study_dir, study)
+  collected, missing = {}, []
+  for name, arm in study["arms"].items():
+    for seed in range(study["seeds"]):
+      run_dir = study_dir / "runs" / f"{name}-s{seed}"
+      absent = [a for a in arm["attacks"] if not (run_dir / "eval" / f"{a}.npz").exists()]
+      missing += [f"{name}-s{seed}/{a}" for a in absent]
+      if not absent:
+        collected[(name, seed)] = {a: _read_eval(run_dir, a) for a in arm["attacks"]}
+  if missing:
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    raise StudyError(f"--report-only: {len(missing)} evaluation(s) not finished in {study_dir} ({shown}); "
+                     "run the study (or its shards) first")
+  return {"collected": collected, "wall_seconds": None, "compilations": None, "cache_hits": None}
+
+
 def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir: Path) -> None:
   """One attack on one run, written to run_dir/eval/ATTACK.{json,npz} (meaning-aware: the shapes judge)."""
   name = "bert" if attack in TEXT_ONLY else attack
@@ -551,7 +572,9 @@ def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, lo
   doc = {"study": study["name"], "seeds": study["seeds"], "eps_255": study["eps_255"],
          "interval": "95% percentile interval, paired bootstrap over test images and seeds "
                      f"({study['bootstrap']} replicates)",
+         # This command's wall time and compilations (None with --report-only); a rerun reuses finished runs.
          "cpu_wall_seconds": result["wall_seconds"], "xla_compilations": result["compilations"],
+         "evaluation_seconds": sum(e["seconds"] for per in result["collected"].values() for e in per.values()),
          "runs": rows, "claims": claims}
   out = Path(out)
   paths = {"json": evaluate_lib.write_json(doc, out / "shapes_study.json")}
@@ -594,6 +617,8 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--out", help="results directory (default docs/results; with --quick the study dir)")
   parser.add_argument("--shard", default="0/1", help="I/N: run only every N-th run starting at I, to split a "
                       "study over N processes sharing --study-dir; then rerun without --shard for the report")
+  parser.add_argument("--report-only", action="store_true", help="write the report from the finished "
+                      "evaluations in the study dir; train and evaluate nothing")
   args = parser.parse_args(argv)
   shard = _parse_shard(args.shard)
 
@@ -607,7 +632,7 @@ def _main(argv: Sequence[str] | None) -> int:
   # Before hours of training: directories that cannot be written would lose the results at the end.
   errors.check_writable_dir(study_dir, "--study-dir")
   errors.check_writable_dir(out, "--out")
-  result = run(study, study_dir, shard=shard)
+  result = collect(study, study_dir) if args.report_only else run(study, study_dir, shard=shard)
   if shard[1] > 1:
     print(f"shard {shard[0]}/{shard[1]} done; when every shard is done, rerun without --shard to write the "
           "report (it reuses every finished run)")

@@ -240,6 +240,18 @@ def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
   second = capsys.readouterr().out
   assert "trained" not in second and second.count("reused") >= len(quick["arms"])
   assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+  # The report alone, from the finished evaluations: the same claims.
+  (tmp_path / "out" / "shapes_study.json").unlink()
+  assert study.main([*args, "--report-only"]) == 0
+  assert "reused" not in capsys.readouterr().out
+  again = json.loads((tmp_path / "out" / "shapes_study.json").read_text())
+  assert again["claims"] == doc["claims"] and again["cpu_wall_seconds"] is None
+
+
+def test_report_only_names_the_evaluations_that_are_not_finished(tmp_path):
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  with pytest.raises(study.StudyError, match=r"--report-only: \d+ evaluation\(s\) not finished .*clean_ft-s0/clean"):
+    study.collect(quick, tmp_path)
 
 
 def test_demo_headline_differences_come_with_paired_intervals():
