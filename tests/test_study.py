@@ -277,6 +277,16 @@ def test_demo_headline_differences_come_with_paired_intervals():
   d, (lo, hi) = rows[("sga on the clean fine-tuned model", "ir@1")]
   assert hi < 0 and 3 < hi - lo < 16
   assert ("SGA - PGD on the clean fine-tuned model", "tr@1") in rows
+  assert not any("flips restored" in what for what, _ in rows)  # evaluated without a judge
+  # With a judge: the same comparison with the label flips restored, where MAT's advantage reverses.
+  for name, p in (("TeCoA", 0.9), ("clean fine-tuned", 0.85), ("MAT", 0.6)):
+    for attack in demo.MULTIMODAL:
+      results[name]["attacks"][attack]["2"].update(ranks_meaning_preserving=ranks(p, p), label_flip_share=1.0)
+  rows = {(what, metric): (d, ci) for what, metric, d, ci in demo.headline(results)}
+  d, (lo, hi) = rows[("MAT - TeCoA under co, flips restored", "ir@1")]
+  assert lo <= d <= hi and hi < 0
+  assert rows[("MAT - TeCoA under co", "ir@1")][0] > 0
+  assert demo.label_flip_line(results).startswith("clean fine-tuned: co 100%, sga 100%; TeCoA: co 100%")
 
 
 def test_the_full_study_file_is_valid_and_covers_the_claims():

@@ -83,26 +83,44 @@ def paired_interval(a: tuple, b: tuple, metric: str, n_images: int, text_to_imag
 
 def headline(results: dict[str, dict]) -> list[tuple[str, str, float, list[float]]]:
   """(what, metric, difference, interval): the attacks' damage to the clean fine-tuned model, and MAT
-  against TeCoA and the control under each multimodal attack."""
+  against TeCoA and the control under each multimodal attack, as the literature scores it and, where the
+  evaluation kept them (a judge), with every label-flipped caption restored to its clean text."""
   n = results["MAT"]["num_images"]
   t2i = results["MAT"]["text_to_image"]
-  def ranks(name, attack):
-    return results[name]["attacks"][attack][next(iter(results[name]["attacks"][attack]))]["ranks"]
+
+  def entry(name, attack):
+    return results[name]["attacks"][attack][next(iter(results[name]["attacks"][attack]))]
+
   rows = []
   control = results["clean fine-tuned"]
   for attack in DEMO_ATTACKS:
     for metric in ("tr@1", "ir@1"):
-      d, ci = paired_interval(ranks("clean fine-tuned", attack), control["clean_ranks"], metric, n, t2i)
+      d, ci = paired_interval(entry("clean fine-tuned", attack)["ranks"], control["clean_ranks"], metric, n, t2i)
       rows.append((f"{attack} on the clean fine-tuned model", metric, d, ci))
   for metric in ("tr@1", "ir@1"):
-    d, ci = paired_interval(ranks("clean fine-tuned", "sga"), ranks("clean fine-tuned", "pgd"), metric, n, t2i)
+    d, ci = paired_interval(entry("clean fine-tuned", "sga")["ranks"], entry("clean fine-tuned", "pgd")["ranks"],
+                            metric, n, t2i)
     rows.append(("SGA - PGD on the clean fine-tuned model", metric, d, ci))
   for other in ("TeCoA", "clean fine-tuned"):
     for attack in MULTIMODAL:
-      for metric in ("tr@1", "ir@1"):
-        d, ci = paired_interval(ranks("MAT", attack), ranks(other, attack), metric, n, t2i)
-        rows.append((f"MAT - {other} under {attack}", metric, d, ci))
+      for key, judged in (("ranks", ""), ("ranks_meaning_preserving", ", flips restored")):
+        if key not in entry("MAT", attack) or key not in entry(other, attack):
+          continue
+        for metric in ("tr@1", "ir@1"):
+          d, ci = paired_interval(entry("MAT", attack)[key], entry(other, attack)[key], metric, n, t2i)
+          rows.append((f"MAT - {other} under {attack}{judged}", metric, d, ci))
   return rows
+
+
+def label_flip_line(results: dict[str, dict]) -> str:
+  """The share of the captions each text-changing attack changed that no longer describe their image."""
+  parts = []
+  for name, result in results.items():
+    shares = [f"{attack} {100 * entry['label_flip_share']:.0f}%" for attack, budgets in result["attacks"].items()
+              for entry in budgets.values() if entry.get("label_flip_share") is not None]
+    if shares:
+      parts.append(f"{name}: " + ", ".join(shares))
+  return "; ".join(parts)
 
 
 def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
@@ -150,7 +168,12 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   print("\nHeadline differences (points of recall@1) with 95% paired-bootstrap intervals over the test images:")
   for what, metric, diff, (lo, hi) in headline(results):
     sign = "outside" if lo > 0 or hi < 0 else "INSIDE"
-    print(f"  {what:45s} {metric.upper()}  {diff:+6.1f}  [{lo:+6.1f}, {hi:+6.1f}]  (0 {sign} the interval)")
+    print(f"  {what:60s} {metric.upper()}  {diff:+6.1f}  [{lo:+6.1f}, {hi:+6.1f}]  (0 {sign} the interval)")
+  flips = label_flip_line(results)
+  if flips:
+    # Why the two scorings differ: a changed caption that names another colour or shape is a label flip.
+    print(f"\nLabel flips among the changed captions (shapes.consistent): {flips}. \"flips restored\": those "
+          "captions back to their clean text, the attack's true adversarial examples only.")
   out = evaluate_lib.write_json(results, workdir / "results.json")
   print(f"results in {out}; total {time.perf_counter() - start:.0f}s")
   return 0
