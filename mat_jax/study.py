@@ -257,11 +257,11 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
              if (number - 1) % shards == index]
   # Runs still to train first, so a study cut short has trained every arm before it refreshes the
   # evaluations of finished runs (`_is_current`); the order changes no result.
-  planned.sort(key=lambda job: runs.is_trained(study_dir / "runs" / f"{job[0].name}-s{job[1]}"))
+  planned.sort(key=lambda job: runs.is_trained(_run_dir(study_dir, job[0].name, job[1])))
   total = len(arms) * study["seeds"]
   for arm, seed, number in planned:
     t0 = time.perf_counter()
-    run_dir = study_dir / "runs" / f"{arm.name}-s{seed}"
+    run_dir = _run_dir(study_dir, arm.name, seed)
     cfg = run_config(study, arm, seed)
     trained = runs.is_trained(run_dir)
     if not trained:
@@ -293,6 +293,15 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
           "cache_hits": counter.cache_hits}
 
 
+def _run_dir(study_dir: Path, arm: str, seed: int) -> Path:
+  return study_dir / "runs" / f"{arm}-s{seed}"
+
+
+def _evaluated_as(attack: str) -> str:
+  """The `evaluate` attack a study attack runs: the text-only ones (bert, paraphrase) are BERT-Attack."""
+  return "bert" if attack in TEXT_ONLY else attack
+
+
 def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
   """The finished evaluations of every arm x seed, without training or evaluating anything (`--report-only`:
   a report while shards still refresh evaluations). An evaluation written before the meaning-preserving
@@ -302,7 +311,7 @@ def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
   collected, missing = {}, []
   for name, arm in study["arms"].items():
     for seed in range(study["seeds"]):
-      run_dir = study_dir / "runs" / f"{name}-s{seed}"
+      run_dir = _run_dir(study_dir, name, seed)
       absent = [a for a in arm["attacks"] if not (run_dir / "eval" / f"{a}.npz").exists()]
       missing += [f"{name}-s{seed}/{a}" for a in absent]
       if not absent:
@@ -316,7 +325,7 @@ def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
 
 def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir: Path) -> None:
   """One attack on one run, written to run_dir/eval/ATTACK.{json,npz} (meaning-aware: the shapes judge)."""
-  name = "bert" if attack in TEXT_ONLY else attack
+  name = _evaluated_as(attack)
   attacks = () if attack == "clean" else (name,)
   source = sources["paraphrase" if attack == "paraphrase" else "bert"] if attack != "clean" else None
   t0 = time.perf_counter()
@@ -351,7 +360,7 @@ def _is_current(run_dir: Path, attack: str) -> bool:
   path = run_dir / "eval" / f"{attack}.npz"
   if not path.exists():
     return False
-  if ("bert" if attack in TEXT_ONLY else attack) not in evaluate_lib.NEEDS_TEXT_SOURCE:
+  if _evaluated_as(attack) not in evaluate_lib.NEEDS_TEXT_SOURCE:
     return True
   with np.load(path) as arrays:
     return "tr_mp" in arrays.files
@@ -621,6 +630,8 @@ def _main(argv: Sequence[str] | None) -> int:
                       "evaluations in the study dir; train and evaluate nothing")
   args = parser.parse_args(argv)
   shard = _parse_shard(args.shard)
+  if args.report_only and shard[1] > 1:
+    raise StudyError("--report-only writes the whole study's report; leave out --shard")
 
   # Compiled programs on disk: the runs of one arm differ only in their seed (a runtime value), so every
   # run after the first of its shape loads its train step instead of compiling it.

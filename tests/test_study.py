@@ -301,12 +301,14 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
     assert all(a in arms[better]["attacks"] and a in arms[other]["attacks"] for a in attacks)
 
 
-def test_shard_names_a_slice_of_the_runs_and_bad_ones_are_refused():
+def test_shard_names_a_slice_of_the_runs_and_bad_ones_are_refused(capsys):
   assert study._parse_shard("0/1") == (0, 1)
   assert study._parse_shard("1/2") == (1, 2)
   for bad in ("2/2", "1", "-1/2", "a/b", "0/0"):
     with pytest.raises(study.StudyError, match="--shard"):
       study._parse_shard(bad)
+  assert study.main(["--quick", "--report-only", "--shard", "0/2"]) != 0
+  assert "--report-only writes the whole study's report; leave out --shard" in capsys.readouterr().err
 
 
 def test_the_meaning_table_shows_label_flips_and_the_recall_with_flips_restored():
