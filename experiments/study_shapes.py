@@ -3,6 +3,9 @@
     python -m mat_jax.study                      # this file: claims 1-3, six arms (see docs/study.md)
     python -m mat_jax.study --config experiments/study_shapes.py:full   # + MMCoA, MAVA, claims 4-5: 12 arms
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
+    python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=2,eval_images=500  # cheaper
+
+More seeds or another test subset reuse the trained runs of the same study dir (mat_jax/study.py).
 
 An arm is a method of `recipes.METHODS` with an optional `variant` (changes of its method-defining
 objective/data keys) and the attacks it is evaluated under. The main arms are evaluated under every
@@ -26,12 +29,12 @@ def _arm(method, attacks=METHOD_ATTACKS, **variant):
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, quick=False, full=False)
+  args = recipes.parse_arg(arg, quick=False, full=False, seeds=3, eval_images=0)
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
-  c.seeds = 2                 # seed s: data order, fine-tuning randomness and attack randomness
+  c.seeds = args.seeds        # seed s: data order, fine-tuning randomness and attack randomness
   c.eps_255 = 2.0
-  c.eval_images = 500         # of the test split's 1,000 (0 = all): 2 seeds x 500 images per arm
+  c.eval_images = args.eval_images  # of the test split's 1,000 (0 = all)
   c.eval_batch = 100
   c.bootstrap = 2000          # replicates of the paired bootstrap over test images and seeds
   c.budget = {}               # shrinks of the shared budget ({"train": {...}, "schedule": {...}}), quick only

@@ -8,9 +8,11 @@ Every arm is fine-tuned with `recipes.finetune` (the shared budget) from the sam
 seed; seed s fixes the data order, the fine-tuning randomness and the attack randomness.
 
 Resumable: each run trains in its own workdir (STUDY_DIR/runs/ARM-sSEED, resumed from its checkpoints),
-each evaluation is written to STUDY_DIR/runs/ARM-sSEED/eval/ATTACK.{json,npz} as it finishes, and a rerun
-reuses everything finished. A study directory remembers its study file's settings (study.json) and refuses
-another study's settings, naming the difference. One progress line per run.
+each evaluation is written to STUDY_DIR/runs/ARM-sSEED/eval/test-N/ATTACK.{json,npz} as it finishes (N: the
+test images evaluated, or "all"), and a rerun reuses everything finished. A study directory remembers its
+study file's settings (study.json) and refuses other training settings, naming the difference; more seeds,
+more arms, other attacks or another test subset join the dir and reuse its trained runs. One progress
+line per run.
 
 Outputs (OUT, default docs/results, or the study dir with --quick): shapes_study.json
 ({"runs": [...], "claims": [...], ...}), shapes_study_table.md and two PNG plots. Intervals: 95% percentile
@@ -138,25 +140,40 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
     raise StudyError(str(err)) from None
 
 
+# What a study may change in a study dir without touching a trained run: more seeds add runs, another
+# evaluation subset is evaluated beside the old one (runs/ARM-sSEED/eval/test-N/), an arm's attacks and
+# the bootstrap only choose what is evaluated and reported.
+EVALUATION_KEYS = ("seeds", "eval_images", "bootstrap")
+
+
+def _training_settings(study: Mapping[str, Any]) -> dict[str, Any]:
+  """The settings a trained run depends on (and eps_255, eval_batch: an evaluation's file does not name
+  them); every arm's method and variant."""
+  kept = {k: v for k, v in study.items() if k not in EVALUATION_KEYS and k != "arms"}
+  return {**kept, "arms": {name: {k: v for k, v in arm.items() if k != "attacks"}
+                           for name, arm in study["arms"].items()}}
+
+
 def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
-  """Write the study's settings into a new study dir; refuse a dir made by other settings. A study may add
-  arms to (or leave out arms of) the study in the dir: the arms both name, and every other setting, must
-  agree; the dir then remembers every arm it has held."""
+  """Write the study's settings into a new study dir; refuse a dir made by other training settings.
+
+  A study may add arms to (or leave out arms of) the study in the dir, add seeds, evaluate another test
+  subset or other attacks (EVALUATION_KEYS, an arm's attacks): the arms both name, and every other
+  setting, must agree. The dir then remembers every arm it has held and the latest evaluation settings."""
   path = study_dir / STUDY_FILE
   if path.exists():
     old = json.loads(path.read_text())
     shared = set(old["arms"]) & set(study["arms"])
-    comparable_old = {**old, "arms": {a: old["arms"][a] for a in shared}}
-    comparable_new = {**study, "arms": {a: study["arms"][a] for a in shared}}
-    if comparable_old == comparable_new:
-      if set(study["arms"]) - set(old["arms"]):
-        path.write_text(json.dumps({**old, "arms": {**old["arms"], **study["arms"]}}, indent=1, sort_keys=True))
-      return
-    if old != study:
+    comparable_old = _training_settings({**old, "arms": {a: old["arms"][a] for a in shared}})
+    comparable_new = _training_settings({**study, "arms": {a: study["arms"][a] for a in shared}})
+    if comparable_old != comparable_new:
       diff = _differences(comparable_old, comparable_new)
       raise StudyError(f"{study_dir} holds another study ({old.get('name')!r}); it differs in "
                        f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. Use another --study-dir, or "
                        "delete that directory to start over")
+    merged = {**study, "arms": {**old["arms"], **study["arms"]}}
+    if merged != old:
+      path.write_text(json.dumps(merged, indent=1, sort_keys=True))
     return
   study_dir.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(study, indent=1, sort_keys=True))
@@ -269,7 +286,8 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
       loop.train(cfg, run_dir, log=lambda _: None, progress=False, evaluate=False)
     t_train = time.perf_counter() - t0
     t_eval = time.perf_counter()
-    missing = [a for a in arm.attacks if not _is_current(run_dir, a)]
+    eval_dir = _eval_dir(run_dir, study)
+    missing = [a for a in arm.attacks if not _is_current(eval_dir, a)]
     model = tokenizer = None
     if missing:
       model, tokenizer = runs.restore_model(run_dir)
@@ -278,8 +296,8 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
                                           max_images=study["eval_images"] or None)
         sources = text_sources(study, tokenizer)
     for attack in missing:
-      _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir)
-    collected[(arm.name, seed)] = {a: _read_eval(run_dir, a) for a in arm.attacks}
+      _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, eval_dir)
+    collected[(arm.name, seed)] = {a: _read_eval(eval_dir, a) for a in arm.attacks}
     summary = " ".join(f"{a} {collected[(arm.name, seed)][a]['recall']['tr@1']:.1f}/"
                        f"{collected[(arm.name, seed)][a]['recall']['ir@1']:.1f}" for a in arm.attacks)
     evaluated = f"evaluated {len(missing)} attack(s) in {time.perf_counter() - t_eval:.0f}s" if missing \
@@ -297,6 +315,12 @@ def _run_dir(study_dir: Path, arm: str, seed: int) -> Path:
   return study_dir / "runs" / f"{arm}-s{seed}"
 
 
+def _eval_dir(run_dir: Path, study: Mapping[str, Any]) -> Path:
+  """Where a run's evaluations on the study's test subset go: eval/test-all (the whole split) or
+  eval/test-N (its first N images), so evaluations on another subset are kept beside them."""
+  return run_dir / "eval" / f"test-{study['eval_images'] or 'all'}"
+
+
 def _evaluated_as(attack: str) -> str:
   """The `evaluate` attack a study attack runs: the text-only ones (bert, paraphrase) are BERT-Attack."""
   return "bert" if attack in TEXT_ONLY else attack
@@ -312,10 +336,10 @@ def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
   for name, arm in study["arms"].items():
     for seed in range(study["seeds"]):
       run_dir = _run_dir(study_dir, name, seed)
-      absent = [a for a in arm["attacks"] if not (run_dir / "eval" / f"{a}.npz").exists()]
+      absent = [a for a in arm["attacks"] if not (_eval_dir(run_dir, study) / f"{a}.npz").exists()]
       missing += [f"{name}-s{seed}/{a}" for a in absent]
       if not absent:
-        collected[(name, seed)] = {a: _read_eval(run_dir, a) for a in arm["attacks"]}
+        collected[(name, seed)] = {a: _read_eval(_eval_dir(run_dir, study), a) for a in arm["attacks"]}
   if missing:
     shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
     raise StudyError(f"--report-only: {len(missing)} evaluation(s) not finished in {study_dir} ({shown}); "
@@ -323,8 +347,8 @@ def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
   return {"collected": collected, "wall_seconds": None, "compilations": None, "cache_hits": None}
 
 
-def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, run_dir: Path) -> None:
-  """One attack on one run, written to run_dir/eval/ATTACK.{json,npz} (meaning-aware: the shapes judge)."""
+def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, out: Path) -> None:
+  """One attack on one run, written to out/ATTACK.{json,npz} (meaning-aware: the shapes judge)."""
   name = _evaluated_as(attack)
   attacks = () if attack == "clean" else (name,)
   source = sources["paraphrase" if attack == "paraphrase" else "bert"] if attack != "clean" else None
@@ -345,7 +369,6 @@ def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, stu
   entry = {k: v for k, v in entry.items() if k not in evaluate_lib.RANK_KEYS}
   entry.update(attack=attack, n_images=int(result["num_images"]), seconds=time.perf_counter() - t0,
                eps_255=0.0 if attack == "clean" or attack in TEXT_ONLY else float(study["eps_255"]))
-  out = run_dir / "eval"
   out.mkdir(parents=True, exist_ok=True)
   # The ranks last: the .npz marks the evaluation finished.
   evaluate_lib.write_json(entry, out / f"{attack}.json")
@@ -354,10 +377,10 @@ def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, stu
   tmp.replace(out / f"{attack}.npz")
 
 
-def _is_current(run_dir: Path, attack: str) -> bool:
+def _is_current(eval_dir: Path, attack: str) -> bool:
   """A finished evaluation with every per-query array the report needs: a text attack's evaluation
   written without the meaning-preserving ranks (the bootstrap of the meaning table needs them) is re-run."""
-  path = run_dir / "eval" / f"{attack}.npz"
+  path = eval_dir / f"{attack}.npz"
   if not path.exists():
     return False
   if _evaluated_as(attack) not in evaluate_lib.NEEDS_TEXT_SOURCE:
@@ -366,9 +389,9 @@ def _is_current(run_dir: Path, attack: str) -> bool:
     return "tr_mp" in arrays.files
 
 
-def _read_eval(run_dir: Path, attack: str) -> dict[str, Any]:
-  entry = json.loads((run_dir / "eval" / f"{attack}.json").read_text())
-  with np.load(run_dir / "eval" / f"{attack}.npz") as arrays:
+def _read_eval(eval_dir: Path, attack: str) -> dict[str, Any]:
+  entry = json.loads((eval_dir / f"{attack}.json").read_text())
+  with np.load(eval_dir / f"{attack}.npz") as arrays:
     entry["tr_rank"], entry["ir_rank"], entry["text_to_image"] = arrays["tr"], arrays["ir"], arrays["text_to_image"]
     if "tr_mp" in arrays.files:
       entry["tr_rank_mp"], entry["ir_rank_mp"] = arrays["tr_mp"], arrays["ir_mp"]

@@ -142,18 +142,19 @@ def test_bad_study_files_fail_in_one_line(tmp_path, body, message):
     study.load(_study_file(tmp_path, body))
 
 
-def test_a_study_dir_refuses_another_studys_settings(tmp_path):
+def test_a_study_dir_refuses_another_studys_training_settings(tmp_path):
   quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
   study.check_study_dir(tmp_path, quick)
   study.check_study_dir(tmp_path, quick)  # the same study: accepted (resume)
   other = json.loads(json.dumps(quick))
-  other["seeds"] = 2
-  other["arms"]["mat"]["attacks"] = ["clean"]
-  with pytest.raises(study.StudyError, match=r"differs in arms.mat.attacks: .*; seeds: 1 there, 2 here"):
+  other["eps_255"] = 4.0
+  other["arms"]["mat"]["variant"] = {"objective": {"one_to_one": True}}
+  with pytest.raises(study.StudyError,
+                     match=r"differs in arms.mat.variant.objective is new; eps_255: 2.0 there, 4.0 here"):
     study.check_study_dir(tmp_path, other)
 
 
-def test_a_study_dir_takes_added_or_left_out_arms_but_not_a_changed_one(tmp_path):
+def test_a_study_dir_takes_more_arms_seeds_attacks_and_test_images_but_not_a_changed_arm(tmp_path):
   quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
   study.check_study_dir(tmp_path, quick)
   grown = json.loads(json.dumps(quick))
@@ -164,9 +165,18 @@ def test_a_study_dir_takes_added_or_left_out_arms_but_not_a_changed_one(tmp_path
   del fewer["arms"]["mat"]
   study.check_study_dir(tmp_path, fewer)  # a left-out arm: its runs stay in the dir
   assert set(json.loads((tmp_path / study.STUDY_FILE).read_text())["arms"]) == set(grown["arms"])
+  # More seeds, other attacks, another test subset: the trained runs are reused, the evaluations on
+  # each subset kept apart.
+  evaluated = json.loads(json.dumps(grown))
+  evaluated.update(seeds=3, eval_images=0, bootstrap=50)
+  evaluated["arms"]["tecoa"]["attacks"] = ["clean", "pgd"]
+  study.check_study_dir(tmp_path, evaluated)
+  assert json.loads((tmp_path / study.STUDY_FILE).read_text())["seeds"] == 3
+  assert study._eval_dir(tmp_path / "r", evaluated) == tmp_path / "r" / "eval" / "test-all"
+  assert study._eval_dir(tmp_path / "r", grown) == tmp_path / "r" / "eval" / "test-12"
   changed = json.loads(json.dumps(grown))
-  changed["arms"]["tecoa"]["attacks"] = ["clean", "pgd"]
-  with pytest.raises(study.StudyError, match=r"differs in arms.tecoa.attacks"):
+  changed["arms"]["tecoa"]["method"] = "fare"
+  with pytest.raises(study.StudyError, match=r"differs in arms.tecoa.method"):
     study.check_study_dir(tmp_path, changed)
 
 
@@ -235,7 +245,8 @@ def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
   assert (tmp_path / "out" / "shapes_study_methods.png").stat().st_size > 0
   assert first.count("trained") == len(quick["arms"])
   # A rerun reuses every run and evaluation.
-  mtimes = {p: p.stat().st_mtime for p in (tmp_path / "study").rglob("eval/*.npz")}
+  mtimes = {p: p.stat().st_mtime for p in (tmp_path / "study").rglob("eval/test-12/*.npz")}
+  assert len(mtimes) == 6  # two arms x (clean, bert, co)
   assert study.main(args) == 0
   second = capsys.readouterr().out
   assert "trained" not in second and second.count("reused") >= len(quick["arms"])
@@ -291,7 +302,9 @@ def test_demo_headline_differences_come_with_paired_intervals():
 
 def test_the_full_study_file_is_valid_and_covers_the_claims():
   full = study.load(EXPERIMENTS / "study_shapes.py")
-  assert full["seeds"] >= 2 and full["eval_images"] >= 500  # half of the 1,000 test images or more
+  assert full["seeds"] >= 3 and full["eval_images"] == 0  # the numbers: 3 seeds, the whole test split
+  cheaper = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,seeds=2,eval_images=500")
+  assert (cheaper["seeds"], cheaper["eval_images"]) == (2, 500)
   assert set(recipes.METHODS) <= set(study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")["arms"])
   assert set(full["arms"]["clean_ft"]["attacks"]) == set(study.STUDY_ATTACKS)
   alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")  # claims 4 and 5
@@ -363,11 +376,10 @@ def test_claims_are_also_tested_on_the_recall_with_flipped_captions_restored():
 
 
 def test_a_text_attacks_evaluation_without_the_restored_ranks_is_rerun(tmp_path):
-  (tmp_path / "eval").mkdir()
-  np.savez(tmp_path / "eval" / "co.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2)
-  np.savez(tmp_path / "eval" / "pgd.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2)
+  np.savez(tmp_path / "co.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2)
+  np.savez(tmp_path / "pgd.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2)
   assert not study._is_current(tmp_path, "co") and study._is_current(tmp_path, "pgd")
   assert not study._is_current(tmp_path, "sga")  # never evaluated
-  np.savez(tmp_path / "eval" / "co.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2,
+  np.savez(tmp_path / "co.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2,
            tr_mp=np.zeros(2), ir_mp=np.zeros(4))
   assert study._is_current(tmp_path, "co")
