@@ -8,7 +8,12 @@ import tempfile
 # Must happen before jax is imported anywhere in the test session.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+  _flags = f"{_flags} --xla_force_host_platform_device_count=8"
+# The tests' programs are tiny: most of the suite's time is XLA compiling them, and LLVM at -O0 compiles
+# about twice as fast, while the programs, which run for milliseconds, barely slow down (docs/testing.md).
+if "xla_backend_optimization_level" not in _flags:
+  _flags = f"{_flags} --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,9 +23,19 @@ _scratch = tempfile.mkdtemp(prefix="mat_jax_tests_")
 atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
 os.environ["MAT_JAX_CACHE_DIR"] = os.path.join(_scratch, "cache")
 os.environ["MAT_JAX_DATA_DIR"] = os.path.join(_scratch, "datasets")
+# One persistent compilation cache for the whole session, shared by the pytest-xdist workers (they inherit
+# the controller's environment, so the controller's scratch holds it): the many tests that build models
+# of the same shapes (tests/helpers.py MICRO) compile each program once, in whichever test comes first.
+# An entry is keyed by the program's fingerprint, so a hit gives the same executable a compilation would.
+_shared = os.environ.setdefault("MAT_JAX_TESTS_SESSION_SCRATCH", _scratch)
+os.environ["MAT_JAX_COMPILATION_CACHE"] = os.path.join(_shared, "xla")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from mat_jax import runtime  # noqa: E402
+
+runtime.enable_compilation_cache()  # in-process tests too, not only the command lines they run
 
 
 @pytest.fixture(scope="session")
