@@ -2,6 +2,7 @@
 
     python -m mat_jax.study                      # this file: claims 1-3, six arms (see docs/study.md)
     python -m mat_jax.study --config experiments/study_shapes.py:full   # + MMCoA, MAVA, claims 4-5: 12 arms
+    python -m mat_jax.study --config experiments/study_shapes.py:full,paraphrase  # + claim 6: MAT vs paraphrases
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=2,eval_images=500  # cheaper
 
@@ -29,7 +30,7 @@ def _arm(method, attacks=METHOD_ATTACKS, **variant):
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, quick=False, full=False, seeds=3, eval_images=0)
+  args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, seeds=3, eval_images=0)
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
   c.seeds = args.seeds        # seed s: data order, fine-tuning randomness and attack randomness
@@ -68,6 +69,11 @@ def get_config(arg=None):
         "matplus", ABLATION_ATTACKS, data={"augmentations": ("i2t:0.3", "t2i:0.3", "eda:0.2", "misalign:0.3")})
     c.arms["matplus_diverse"] = _arm(
         "matplus", ABLATION_ATTACKS, data={"captions_per_image": 5, "augmentations": ("i2t:0.6", "t2i:0.3", "eda:0.2")})
+
+  if args.paraphrase:
+    # Claim 6 (beyond the papers): MAT trained against the meaning-preserving paraphrase source instead of
+    # the MLM's label flips, evaluated under the MLM threat like every arm.
+    c.arms["mat_paraphrase"] = _arm("mat", text_attack={"source": "paraphrase"})
   if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1

@@ -206,10 +206,16 @@ def pretrain(seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
+# What a variant of a method may change: its objective, its data (captions, augmentations) and the text
+# attack it trains against (e.g. {"source": "paraphrase"}: meaning-preserving substitutions only).
+VARIANT_SECTIONS = ("objective", "data", "text_attack")
+
+
 def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = None,
              name: str | None = None) -> ml_collections.ConfigDict:
   """`method` under the shared fine-tuning budget; `variant` changes the method-defining parts only
-  (`objective`, `data` keys: e.g. {"data": {"augmentations": ("eda",)}}, {"objective": {"one_to_one": True}})."""
+  (VARIANT_SECTIONS: e.g. {"data": {"augmentations": ("eda",)}}, {"objective": {"one_to_one": True}},
+  {"text_attack": {"source": "paraphrase"}})."""
   if method not in METHODS:
     raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
   spec = METHODS[method]
@@ -225,9 +231,12 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
   c.schedule = dict(FINETUNE_SCHEDULE)
   c.eval = dict(SHAPES_EVAL)
   for section, values in (variant or {}).items():
-    if section not in ("objective", "data"):
-      raise ConfigError(f"variant section {section!r}: only the method-defining sections objective and data "
-                        "may vary under the shared budget")
+    if section not in VARIANT_SECTIONS:
+      raise ConfigError(f"variant section {section!r}: only the method-defining sections "
+                        f"{', '.join(VARIANT_SECTIONS)} may vary under the shared budget")
+    if section not in c:
+      raise ConfigError(f"variant section {section!r}: {method} trains against no text attack; only mat, "
+                        "matplus and mmcoa have one to change")
     c[section].update(dict(values))
   return c
 

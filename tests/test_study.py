@@ -46,6 +46,12 @@ def test_a_variant_may_change_only_method_defining_sections():
     recipes.finetune("mat", variant={"optimizer": {"learning_rate": 1.0}})
   with pytest.raises(ValueError, match="unknown method 'matt'"):
     recipes.finetune("matt")
+  # The text attack a method trains against is method-defining too, where the method has one.
+  c = recipes.finetune("mat", variant={"text_attack": {"source": "paraphrase"}})
+  assert c.text_attack.source == "paraphrase" and c.text_attack.top_k == recipes.TEXT_ATTACK["top_k"]
+  assert recipes.finetune("mat").text_attack.source == recipes.TEXT_ATTACK["source"] == "bert"
+  with pytest.raises(ValueError, match="tecoa trains against no text attack"):
+    recipes.finetune("tecoa", variant={"text_attack": {"source": "paraphrase"}})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,6 +194,15 @@ def test_the_study_file_argument_names_a_variant():
   assert {**alignment, "arms": None} == {**full, "arms": None}
   with pytest.raises(study.StudyError, match="exclude each other"):
     study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full", quick=True)
+  # Claim 6's arm: MAT whose training text attack is the paraphrase source, evaluated like MAT.
+  paraphrase = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,paraphrase")
+  assert set(paraphrase["arms"]) - set(alignment["arms"]) == {"mat_paraphrase"}
+  arm = study.arm_of(paraphrase, "mat_paraphrase")
+  assert arm.attacks == tuple(paraphrase["arms"]["mat"]["attacks"])
+  assert study.run_config(paraphrase, arm, 0).text_attack.source == "paraphrase"
+  assert study.run_config(paraphrase, study.arm_of(paraphrase, "mat"), 0).text_attack.source == "bert"
+  claimed = {(better, other) for _, better, other, _ in study.CLAIMS}
+  assert {("mat_paraphrase", "mat"), ("mat_paraphrase", "tecoa")} <= claimed
 
 
 def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused():
@@ -308,8 +323,9 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
   assert set(recipes.METHODS) <= set(study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")["arms"])
   assert set(full["arms"]["clean_ft"]["attacks"]) == set(study.STUDY_ATTACKS)
   alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")  # claims 4 and 5
+  paraphrase = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,paraphrase")  # claim 6
   for claim, better, other, attacks in study.CLAIMS:
-    arms = alignment["arms"] if claim[:2] in ("4:", "5:") else full["arms"]
+    arms = {"4:": alignment, "5:": alignment, "6:": paraphrase}.get(claim[:2], full)["arms"]
     assert better in arms and other in arms
     assert all(a in arms[better]["attacks"] and a in arms[other]["attacks"] for a in attacks)
 
