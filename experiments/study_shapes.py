@@ -41,6 +41,7 @@ def get_config(arg=None):
   c.budget = {}               # shrinks of the shared budget ({"train": {...}, "schedule": {...}}), quick only
   c.data = {}                 # overrides of data.* (world size), quick mode only
   c.model_source = ""         # "" = the shared clean checkpoint (cache:shapes_clip)
+  c.model_overrides = ""      # with a model_source preset: its changes ("vision.layers=1,...")
   c.text_source = ""          # "" = the shared text threat (recipes.TEXT_ATTACK) in training and "bert"
   c.arms = {
       "clean_ft": _arm("clean_ft", ALL_ATTACKS),
@@ -81,6 +82,9 @@ def get_config(arg=None):
     c.eval_batch = 12
     c.bootstrap = 200
     c.model_source = "tiny"
+    # One block of width 32 per tower: the quick study checks the machinery, and compiling it is its cost.
+    c.model_overrides = ("vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"
+                         "text.layers=1,text.width=32,text.heads=2,text.mlp_dim=64,projection_dim=32")
     c.text_source = "paraphrase"  # no MLM to train; "bert" then runs the paraphrase source too
     c.budget = dict(train=dict(steps=2, batch_size=16, log_every=1, checkpoint_every=2),
                     schedule=dict(warmup_steps=1))

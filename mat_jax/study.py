@@ -54,7 +54,7 @@ STUDY_FILE = "study.json"
 DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "study_shapes.py"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 _KEYS = ("name", "seeds", "eps_255", "eval_images", "eval_batch", "bootstrap", "budget", "data", "model_source",
-         "text_source", "arms")
+         "model_overrides", "text_source", "arms")
 
 Log = Callable[[str], None]
 
@@ -125,7 +125,8 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
     raise StudyError(f"arm {arm.name!r}: {err}") from None
   c = c.to_dict()
   if study["model_source"]:
-    c["model"] = {"source": study["model_source"], "tokenizer": "shapes"}
+    c["model"] = {"source": study["model_source"], "tokenizer": "shapes",
+                  "overrides": study["model_overrides"] or ""}
   for section, values in (study["budget"] or {}).items():
     if section not in ("train", "schedule"):
       raise StudyError(f"budget.{section}: a study may shrink only the shared train and schedule sections")
@@ -149,7 +150,8 @@ EVALUATION_KEYS = ("seeds", "eval_images", "bootstrap")
 def _training_settings(study: Mapping[str, Any]) -> dict[str, Any]:
   """The settings a trained run depends on (and eps_255, eval_batch: an evaluation's file does not name
   them); every arm's method and variant."""
-  kept = {k: v for k, v in study.items() if k not in EVALUATION_KEYS and k != "arms"}
+  # An empty setting ("", {}) is no setting: the same as a key the file omits.
+  kept = {k: v if v not in ("", {}) else None for k, v in study.items() if k not in EVALUATION_KEYS and k != "arms"}
   return {**kept, "arms": {name: {k: v for k, v in arm.items() if k != "attacks"}
                            for name, arm in study["arms"].items()}}
 
@@ -162,7 +164,8 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
   setting, must agree. The dir then remembers every arm it has held and the latest evaluation settings."""
   path = study_dir / STUDY_FILE
   if path.exists():
-    old = json.loads(path.read_text())
+    # A key the dir's file lacks (written before the key existed) reads as a study file omitting it.
+    old = {k: None for k in _KEYS} | json.loads(path.read_text())
     shared = set(old["arms"]) & set(study["arms"])
     comparable_old = _training_settings({**old, "arms": {a: old["arms"][a] for a in shared}})
     comparable_new = _training_settings({**study, "arms": {a: study["arms"][a] for a in shared}})

@@ -180,6 +180,13 @@ def test_a_study_dir_takes_more_arms_seeds_attacks_and_test_images_but_not_a_cha
   assert json.loads((tmp_path / study.STUDY_FILE).read_text())["seeds"] == 3
   assert study._eval_dir(tmp_path / "r", evaluated) == tmp_path / "r" / "eval" / "test-all"
   assert study._eval_dir(tmp_path / "r", grown) == tmp_path / "r" / "eval" / "test-12"
+  # A dir whose file predates a key (here model_overrides) holds the study that omits it.
+  plain = {**json.loads(json.dumps(grown)), "model_overrides": None}
+  (tmp_path / study.STUDY_FILE).write_text(json.dumps({k: v for k, v in plain.items() if k != "model_overrides"}))
+  study.check_study_dir(tmp_path, plain)
+  study.check_study_dir(tmp_path, {**plain, "model_overrides": ""})  # empty: no setting either
+  with pytest.raises(study.StudyError, match="model_overrides: None there, 'text.layers=3' here"):
+    study.check_study_dir(tmp_path, {**plain, "model_overrides": "text.layers=3"})
   changed = json.loads(json.dumps(grown))
   changed["arms"]["tecoa"]["method"] = "fare"
   with pytest.raises(study.StudyError, match=r"differs in arms.tecoa.method"):
