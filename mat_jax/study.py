@@ -174,12 +174,25 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
       raise StudyError(f"{study_dir} holds another study ({old.get('name')!r}); it differs in "
                        f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. Use another --study-dir, or "
                        "delete that directory to start over")
+    _file_flat_evaluations(study_dir, old)
     merged = {**study, "arms": {**old["arms"], **study["arms"]}}
     if merged != old:
       path.write_text(json.dumps(merged, indent=1, sort_keys=True))
     return
   study_dir.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(study, indent=1, sort_keys=True))
+
+
+def _file_flat_evaluations(study_dir: Path, settings: Mapping[str, Any]) -> None:
+  """Evaluations written straight into runs/ARM-sSEED/eval/ (before they were kept per test subset) move
+  to the subset the dir's settings evaluated, so they are reused, not recomputed."""
+  for flat in study_dir.glob("runs/*/eval"):
+    files = [f for f in flat.iterdir() if f.is_file() and f.suffix in (".json", ".npz")]
+    if files:
+      subset = _eval_dir(flat.parent, settings)
+      subset.mkdir(exist_ok=True)
+      for f in files:
+        f.replace(subset / f.name)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

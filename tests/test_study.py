@@ -193,6 +193,18 @@ def test_a_study_dir_takes_more_arms_seeds_attacks_and_test_images_but_not_a_cha
     study.check_study_dir(tmp_path, changed)
 
 
+def test_evaluations_of_a_dir_without_subsets_are_filed_under_its_subset(tmp_path):
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  study.check_study_dir(tmp_path, quick)
+  flat = tmp_path / "runs" / "mat-s0" / "eval"
+  flat.mkdir(parents=True)
+  for name in ("co.json", "co.npz"):
+    (flat / name).write_text(name)
+  study.check_study_dir(tmp_path, {**quick, "eval_images": 0})  # the dir's file says 12 images
+  assert sorted(p.name for p in (flat / "test-12").iterdir()) == ["co.json", "co.npz"]
+  assert not (flat / "co.npz").exists() and not (flat / "test-all").exists()
+
+
 def test_the_study_file_argument_names_a_variant():
   full = study.load(EXPERIMENTS / "study_shapes.py")
   alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")
