@@ -154,6 +154,8 @@ TEXT_CHANGES = 1      # words the training text attack changes (BERT-Attack as M
 
 # The text threat: the shapes-world BERT MLM (top-k 10, no meaning filter), in training and evaluation.
 TEXT_ATTACK = dict(source="bert", bert="shapes-mlm", top_k=10)
+# The objectives that train against it (their `needs_text_candidates`).
+TEXT_ATTACK_OBJECTIVES = ("mat", "matplus", "mmcoa")
 
 # The fine-tuning budget shared by every method.
 FINETUNE_STEPS = 150
@@ -223,7 +225,7 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
   c.model = dict(source="cache:shapes_clip")
   c.data.update(spec.get("data", {}))
   c.objective = dict(spec["objective"])
-  if c.objective["name"] in ("mat", "matplus", "mmcoa"):
+  if c.objective["name"] in TEXT_ATTACK_OBJECTIVES:
     c.text_attack = dict(TEXT_ATTACK)
   c.train = dict(batch_size=FINETUNE_BATCH, steps=FINETUNE_STEPS, towers=spec["towers"], log_every=10,
                  checkpoint_every=50)
@@ -235,8 +237,8 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
       raise ConfigError(f"variant section {section!r}: only the method-defining sections "
                         f"{', '.join(VARIANT_SECTIONS)} may vary under the shared budget")
     if section not in c:
-      raise ConfigError(f"variant section {section!r}: {method} trains against no text attack; only mat, "
-                        "matplus and mmcoa have one to change")
+      raise ConfigError(f"variant section {section!r}: {method} trains against no text attack; only "
+                        f"{', '.join(TEXT_ATTACK_OBJECTIVES)} have one to change")
     c[section].update(dict(values))
   return c
 

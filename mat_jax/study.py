@@ -148,10 +148,11 @@ EVALUATION_KEYS = ("seeds", "eval_images", "bootstrap")
 
 
 def _training_settings(study: Mapping[str, Any]) -> dict[str, Any]:
-  """The settings a trained run depends on (and eps_255, eval_batch: an evaluation's file does not name
-  them); every arm's method and variant."""
-  # An empty setting ("", {}) is no setting: the same as a key the file omits.
-  kept = {k: v if v not in ("", {}) else None for k, v in study.items() if k not in EVALUATION_KEYS and k != "arms"}
+  """What must agree for a study dir to be reused: every key but EVALUATION_KEYS (eps_255 and eval_batch
+  stay, since an evaluation's file does not name them), and every arm's method and variant. A key the
+  settings lack (a dir's file written before the key existed) and an empty value ("", {}) read as None."""
+  kept = {k: None if study.get(k) in ("", {}) else study.get(k) for k in _KEYS
+          if k not in EVALUATION_KEYS and k != "arms"}
   return {**kept, "arms": {name: {k: v for k, v in arm.items() if k != "attacks"}
                            for name, arm in study["arms"].items()}}
 
@@ -164,8 +165,7 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
   setting, must agree. The dir then remembers every arm it has held and the latest evaluation settings."""
   path = study_dir / STUDY_FILE
   if path.exists():
-    # A key the dir's file lacks (written before the key existed) reads as a study file omitting it.
-    old = {k: None for k in _KEYS} | json.loads(path.read_text())
+    old = json.loads(path.read_text())
     shared = set(old["arms"]) & set(study["arms"])
     comparable_old = _training_settings({**old, "arms": {a: old["arms"][a] for a in shared}})
     comparable_new = _training_settings({**study, "arms": {a: study["arms"][a] for a in shared}})
@@ -184,8 +184,8 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
 
 
 def _file_flat_evaluations(study_dir: Path, settings: Mapping[str, Any]) -> None:
-  """Evaluations written straight into runs/ARM-sSEED/eval/ (before they were kept per test subset) move
-  to the subset the dir's settings evaluated, so they are reused, not recomputed."""
+  """Evaluations in the older layout, straight in runs/ARM-sSEED/eval/, move to the test subset the dir's
+  settings name, so they are reused, not recomputed."""
   for flat in study_dir.glob("runs/*/eval"):
     files = [f for f in flat.iterdir() if f.is_file() and f.suffix in (".json", ".npz")]
     if files:
@@ -351,11 +351,11 @@ def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
   collected, missing = {}, []
   for name, arm in study["arms"].items():
     for seed in range(study["seeds"]):
-      run_dir = _run_dir(study_dir, name, seed)
-      absent = [a for a in arm["attacks"] if not (_eval_dir(run_dir, study) / f"{a}.npz").exists()]
+      eval_dir = _eval_dir(_run_dir(study_dir, name, seed), study)
+      absent = [a for a in arm["attacks"] if not (eval_dir / f"{a}.npz").exists()]
       missing += [f"{name}-s{seed}/{a}" for a in absent]
       if not absent:
-        collected[(name, seed)] = {a: _read_eval(_eval_dir(run_dir, study), a) for a in arm["attacks"]}
+        collected[(name, seed)] = {a: _read_eval(eval_dir, a) for a in arm["attacks"]}
   if missing:
     shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
     raise StudyError(f"--report-only: {len(missing)} evaluation(s) not finished in {study_dir} ({shown}); "
