@@ -1,4 +1,5 @@
-"""Process-wide JAX settings every entry point applies first: the persistent compilation cache.
+"""Process-wide JAX settings every entry point applies first: the persistent compilation cache, and XLA:CPU
+options that make its entries fast to load.
 
 XLA compiles each jitted program once per shape per process; the persistent cache stores the compiled
 executables on disk, so a second run of anything (a training run resumed, the evaluation after it, a
@@ -12,6 +13,13 @@ benchmark repeated) loads them instead of compiling again. It is on by default:
 Every program is cached, however small or fast to compile: JAX by default skips programs that compile in
 under a second and entries smaller than a file-system-dependent size, which leaves most CPU programs (and
 the tiny shapes-world models' programs) out, yet those add up to most of a CPU run's compile time.
+
+On CPU, XLA's YNNPACK fusions make a cached executable slow to load: restoring one fusion looks up its
+instructions by a linear search, so loading the tiny MAT step took 8.5 s of a 14 s warm start (3.6 s
+without them). Without them XLA:CPU runs the same dots through its other kernels at the same speed
+(ViT-B/16 encoding, docs/performance.md), so entry points turn them off, unless `XLA_FLAGS` already
+names `--xla_cpu_experimental_ynn_fusion_type`. XLA reads its flags once, when the first backend starts;
+after that the setting is left alone.
 """
 
 from __future__ import annotations
@@ -21,11 +29,14 @@ from pathlib import Path
 
 import jax
 from jax._src import compilation_cache as cc  # private: the only handle on the settled state
+from jax._src import xla_bridge  # private: whether a backend has read XLA_FLAGS yet
 
 from mat_jax.paths import cache_root
 
 # Values of MAT_JAX_COMPILATION_CACHE that switch the cache off.
 _OFF = ("0", "off", "false", "no")
+# XLA flags every entry point adds unless `XLA_FLAGS` sets them (see the module docstring).
+_DEFAULT_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def compilation_cache_dir() -> Path | None:
@@ -40,12 +51,14 @@ def compilation_cache_dir() -> Path | None:
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
   """Turn on JAX's persistent compilation cache for this process; returns its directory, or None when the
-  environment switches it off (`MAT_JAX_COMPILATION_CACHE=0`).
+  environment switches it off (`MAT_JAX_COMPILATION_CACHE=0`). Also adds the XLA flags of
+  `_DEFAULT_XLA_FLAGS` while no backend has started.
 
   `directory` overrides the environment. Call it at the start of an entry point, before the first
   compilation: JAX decides once per process whether the cache is used. A directory already set through
   JAX's own option (`JAX_COMPILATION_CACHE_DIR`) is kept, unless `directory` is given.
   """
+  _add_default_xla_flags()
   if directory is None:
     path = compilation_cache_dir()
     if path is None:
@@ -63,6 +76,16 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   _restart_cache_if_checked()
   return path
+
+
+def _add_default_xla_flags() -> None:
+  """Append `_DEFAULT_XLA_FLAGS` missing from `XLA_FLAGS`, before XLA reads it (the first backend's start)."""
+  if xla_bridge.backends_are_initialized():
+    return
+  flags = os.environ.get("XLA_FLAGS", "")
+  missing = [f"--{name}={value}" for name, value in _DEFAULT_XLA_FLAGS.items() if name not in flags]
+  if missing:
+    os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
 
 
 def _restart_cache_if_checked() -> None:

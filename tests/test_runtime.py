@@ -1,4 +1,8 @@
-"""The persistent compilation cache every entry point turns on (mat_jax.runtime)."""
+"""The persistent compilation cache every entry point turns on, and its XLA flags (mat_jax.runtime)."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +90,30 @@ def test_known_peaks_by_device_kind():
   assert common.known_peak_tflops("TPU v6 lite", "bfloat16") == 918.0
   assert common.known_peak_tflops("TPU v4", "float32") is None
   assert common.known_peak_tflops("cpu", "float32") is None
+
+
+def _xla_flags_after_entry_point(tmp_path, flags: str | None) -> str:
+  """XLA_FLAGS as a fresh process sees it after an entry point's first call (enable_compilation_cache)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if flags is not None:
+    env["XLA_FLAGS"] = flags
+  env["MAT_JAX_COMPILATION_CACHE"] = str(tmp_path / "xla")
+  code = ("import os; from mat_jax import runtime; runtime.enable_compilation_cache(); "
+          "import jax; jax.devices(); print(os.environ.get('XLA_FLAGS', ''))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+  return out.stdout.strip().splitlines()[-1]
+
+
+def test_entry_points_turn_off_cpu_ynn_fusions_unless_the_user_chose(tmp_path):
+  assert _xla_flags_after_entry_point(tmp_path, None) == "--xla_cpu_experimental_ynn_fusion_type="
+  assert _xla_flags_after_entry_point(tmp_path, "--xla_backend_optimization_level=0") == (
+      "--xla_backend_optimization_level=0 --xla_cpu_experimental_ynn_fusion_type=")
+  chosen = "--xla_cpu_experimental_ynn_fusion_type=dot"
+  assert _xla_flags_after_entry_point(tmp_path, chosen) == chosen
+
+
+def test_xla_flags_untouched_once_a_backend_started(monkeypatch, tmp_path, restore_jax_cache):
+  jax.devices()  # this process's backend has read XLA_FLAGS already
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  runtime.enable_compilation_cache(tmp_path / "xla")
+  assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
