@@ -79,19 +79,6 @@ def test_explicit_directory_wins(monkeypatch, tmp_path, restore_jax_cache):
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
 
 
-def test_known_peaks_by_device_kind():
-  from mat_jax.bench import common
-
-  assert common.known_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
-  assert common.known_peak_tflops("NVIDIA H200", "float32") == 494.5
-  assert common.known_peak_tflops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312.0
-  assert common.known_peak_tflops("TPU v5 lite", "bfloat16") == 197.0
-  assert common.known_peak_tflops("TPU v5", "bfloat16") == 459.0
-  assert common.known_peak_tflops("TPU v6 lite", "bfloat16") == 918.0
-  assert common.known_peak_tflops("TPU v4", "float32") is None
-  assert common.known_peak_tflops("cpu", "float32") is None
-
-
 def _xla_flags_after_entry_point(tmp_path, flags: str | None) -> str:
   """XLA_FLAGS as a fresh process sees it after an entry point's first call (enable_compilation_cache)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -1,11 +1,13 @@
 """`python -m mat_jax.bench attacks`: compiled attacks against their references, in one run.
 
-(a) PGD: 10 L-inf steps on a CLIP image tower (ViT-B/16, batch 8 by default) lowering the cosine
-    similarity to paired captions; mat_jax (one jitted `fori_loop`) vs the same attack written eagerly
-    in PyTorch on transformers' `CLIPModel`, with identical weights (a random `CLIPModel` saved with
-    `save_pretrained` and loaded by `mat_jax.models.load_clip`). Calls alternate round by round so load
-    changes hit both alike; reported: images/s, the ratio, achieved GFLOP/s and the fraction of the
-    machine's matmul peak measured in the same run.
+(a) PGD: 10 L-inf steps on a CLIP image tower (ViT-B/16; batch 8 on CPU, 256 on an accelerator)
+    lowering the cosine similarity to paired captions; mat_jax (one jitted `fori_loop`) vs the same
+    attack written in PyTorch on transformers' `CLIPModel` on the same device, with identical weights (a
+    random `CLIPModel` saved with `save_pretrained` and loaded by `mat_jax.models.load_clip`), in the
+    variants of `--torch` (eager or torch.compile of the whole attack, float32 or bf16 autocast;
+    `mat_jax.bench.torch_reference`). Calls alternate round by round so load changes hit all alike;
+    reported: images/s, the ratios, achieved GFLOP/s and the fraction of the peak (the data sheet's on a
+    known accelerator, else a matmul measured in the same run).
 (b) BERT-Attack: the batched jitted text attack vs a per-caption loop (`mat_jax.bench.text_attack`).
 (c) SGA: the full attack (image-guided text attack, multi-scale image attack, text attack again) on N
     images x 5 captions; wall time per image after compilation. A small CLIP on CPU by default,
@@ -27,6 +29,7 @@ from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses, multimodal
 from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
 from mat_jax.bench import common
+from mat_jax.bench import torch_reference
 from mat_jax.bench.text_attack import add_bert_attack_arguments, run_bert_attack_benchmark
 from mat_jax.data import shapes
 from mat_jax.models import CLIP, clip_config, split
@@ -45,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "accelerator, a size that fills one)")
   g.add_argument("--steps", type=int, default=10)
   g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="mat_jax compute dtype (PyTorch runs float32)")
+                 help="mat_jax compute dtype")
+  g.add_argument("--torch", default=None, metavar="VARIANTS",
+                 help="PyTorch variants: eager, compile, eager-bf16, compile-bf16 or all (default: eager on CPU, "
+                      "all on an accelerator)")
   g.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up")
   g.add_argument("--rounds", type=int, default=3, help="minimum timed calls per implementation")
   add_bert_attack_arguments(parser)
@@ -85,6 +91,9 @@ def run_pgd(args: argparse.Namespace) -> dict:
   import transformers
 
 
+  variants = torch_reference.parse_variants(args.torch)
+  device = torch_reference.device()
+  torch_sync = torch_reference.synchronizer(device)
   default_batch = 8 if jax.default_backend() == "cpu" else 256
   preset, batch = ("vit-b-32", 2) if args.quick else (args.preset, args.batch or default_batch)
   steps, eps = args.steps, 2 / 255
@@ -93,7 +102,7 @@ def run_pgd(args: argparse.Namespace) -> dict:
   cfg = PRESETS[preset]
   size = cfg.vision.image_size
   print(f"\nPGD: CLIP {preset}, batch {batch}, {steps} L-inf steps (eps 2/255, step 0.5/255), cosine loss to "
-        f"the paired captions; mat_jax {args.dtype} jit vs PyTorch {torch.__version__} float32 eager; "
+        f"the paired captions; mat_jax {args.dtype} jit vs {torch_reference.describe(variants, device)}; "
         f"threads: PyTorch {torch.get_num_threads()}, JAX cores {_usable_cores()}")
 
   torch.manual_seed(0)
@@ -101,6 +110,7 @@ def run_pgd(args: argparse.Namespace) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
     encoder, params = split(load_clip(tmp, dtype=args.dtype))
+  hf = hf.to(device)
 
   rng = np.random.default_rng(0)
   images = rng.random((batch, size, size, 3), dtype=np.float32)
@@ -120,71 +130,64 @@ def run_pgd(args: argparse.Namespace) -> dict:
     return jax.grad(lambda z: jnp.sum(losses.paired_cosine(encoder, params, text)(z, None)))(x)
 
   x = jnp.asarray(images)
-  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-  text_torch = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1)
-  mean = torch.tensor(cfg.vision.image_mean).view(1, 3, 1, 1)
-  std = torch.tensor(cfg.vision.image_std).view(1, 3, 1, 1)
+  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  text_torch = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1).to(device)
+  mean = torch.tensor(cfg.vision.image_mean, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(cfg.vision.image_std, device=device).view(1, 3, 1, 1)
 
   def torch_loss(pixels):
-    feats = hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output
+    feats = hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output.float()
     return -(torch.nn.functional.normalize(feats, dim=-1) * text_torch).sum()
 
-  def torch_pgd():
+  def torch_pgd(x0):
     # The references' loop (SGA's ImageAttacker): symmetric start, sign step, project, clip.
-    adv = (x_torch + torch.empty_like(x_torch).uniform_(-eps, eps)).clamp(0, 1)
+    adv = (x0 + torch.empty_like(x0).uniform_(-eps, eps)).clamp(0, 1)
     for _ in range(steps):
       adv.requires_grad_(True)
       grad, = torch.autograd.grad(torch_loss(adv), adv)
       adv = adv.detach() + step_size * grad.sign()
-      adv = torch.min(torch.max(adv, x_torch - eps), x_torch + eps).clamp(0, 1)
+      adv = torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(0, 1)
     return adv
 
   # Agreement: the two compute the same loss gradient (the attacks then differ only by random start).
   grad_j = np.asarray(jax_step(params, x, text)).transpose(0, 3, 1, 2)
   pixels = x_torch.clone().requires_grad_(True)
   grad_t, = torch.autograd.grad(-torch_loss(pixels), pixels)  # jax_step differentiates the negated sum
-  grad_t = -grad_t.numpy()
+  grad_t = -grad_t.cpu().numpy()
   rel = float(np.abs(grad_j - grad_t).max() / max(np.abs(grad_t).max(), 1e-30))
   sign_agree = float(np.mean(np.sign(grad_j) == np.sign(grad_t)))
-  print(f"agreement: loss gradient max rel diff {rel:.2e}, sign agreement {100 * sign_agree:.2f}%")
+  print(f"agreement with PyTorch float32 eager: loss gradient max rel diff {rel:.2e}, sign agreement "
+        f"{100 * sign_agree:.2f}%")
 
   key = jax.random.key(0)
-  programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block),
-              "pytorch": (torch_pgd, lambda t: t)}
-  for fn, sync in programs.values():
-    sync(fn())
-  times = {name: [] for name in programs}
-  start = time.perf_counter()
-  while min(map(len, times.values())) < args.rounds or time.perf_counter() - start < args.seconds:
-    for name, (fn, sync) in programs.items():
-      t0 = time.perf_counter()
-      sync(fn())
-      times[name].append(time.perf_counter() - t0)
-  median = {name: float(np.median(v)) for name, v in times.items()}
+  programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block)}
+  for variant in variants:
+    attack = variant.wrap(torch_pgd, device)
+    programs[variant.name] = (lambda attack=attack: attack(x_torch), torch_sync)
+  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
   adv = np.asarray(jax_pgd(params, x, text, key))
   assert np.abs(adv - images).max() <= eps + 1e-6
 
-  flops = steps * common.compiled_flops(jax_step, params, x, text)
-  peak = common.matmul_peak(dtype="float32")
+  if jax.default_backend() == "cpu":
+    flops = steps * common.compiled_flops(jax_step, params, x, text)
+    flop_source = "XLA cost analysis"
+  else:  # XLA's count misses the cuBLAS/cuDNN calls there
+    flops = steps * common.image_tower_flops(cfg, batch, backward=True)
+    flop_source = "counted from the model's shapes"
+  peak_gflops, peak_source = common.peak_gflops(args.dtype if args.dtype == "bfloat16" else "float32")
   rows = []
-  for name in ("mat_jax", "pytorch"):
+  for name in programs:
     gflops = flops / median[name] / 1e9
-    rows.append([name, batch / median[name], median[name], median["pytorch"] / median[name], gflops,
-                 f"{100 * gflops / peak.gflops:.0f}%", len(times[name])])
+    rows.append([name, batch / median[name], median[name], f"{median[name] / median['mat_jax']:.2f}x", gflops,
+                 f"{100 * gflops / peak_gflops:.1f}%", calls[name]])
   common.print_table(f"PGD {steps} steps, CLIP {preset}, batch {batch} (median of interleaved calls)",
-                     ["implementation", "img/s", "s/attack", "speed-up vs PyTorch", "GFLOP/s", "of peak", "calls"],
+                     ["implementation", "img/s", "s/attack", "mat_jax speed-up", "GFLOP/s", "of peak", "calls"],
                      rows)
-  torch_peak = f"{peak.torch_gflops:,.0f}" if peak.torch_gflops else "n/a"
-  print(f"FLOPs per attack: {flops / 1e9:,.0f} G ({steps} x forward+backward, XLA cost analysis); matmul "
-        f"peak now ({peak.size}^2 float32): JAX {peak.jax_gflops:,.0f}, PyTorch {torch_peak} GFLOP/s")
-  if jax.default_backend() != "cpu":
-    device_peak, source = common.peak_gflops(args.dtype)
-    print(f"mat_jax MFU: {100 * flops / median['mat_jax'] / 1e9 / device_peak:.1f}% of {device_peak / 1e3:,.0f} "
-          f"TFLOP/s ({source}); on GPUs XLA's count misses cuBLAS calls, so the FLOPs may be undercounted")
-  return {"preset": preset, "batch": batch, "steps": steps, "dtype": args.dtype,
-          "mat_jax_s": median["mat_jax"], "pytorch_s": median["pytorch"],
-          "speedup": median["pytorch"] / median["mat_jax"], "gflops_mat_jax": flops / median["mat_jax"] / 1e9,
-          "peak_gflops": peak.gflops}
+  print(f"FLOPs per attack: {flops / 1e9:,.4g} G ({steps} x forward+backward to the pixels, {flop_source}); "
+        f"peak {peak_gflops:,.0f} GFLOP/s ({peak_source})")
+  return {"preset": preset, "batch": batch, "steps": steps, "dtype": args.dtype, "mat_jax_s": median["mat_jax"],
+          **{f"{name}_s": median[name] for name in programs if name != "mat_jax"},
+          "gflops_mat_jax": flops / median["mat_jax"] / 1e9, "peak_gflops": peak_gflops}
 
 
 # ----------------------------------------------------------------------------------------------------

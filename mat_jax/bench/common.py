@@ -36,12 +36,56 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, min_seconds: float = 3.
   return statistics.median(times)
 
 
+def interleaved_medians(programs: dict[Any, tuple[Callable[[], Any], Callable[[Any], Any]]], *, rounds: int,
+                        seconds: float) -> tuple[dict[Any, float], dict[Any, int]]:
+  """Median seconds per call of each `programs[key] = (fn, sync)`, timed round by round (one call of each
+  per round) so that a change in the machine's load hits every program alike; the first call of each is a
+  warm-up (compilation). Runs at least `rounds` rounds and for at least `seconds`; returns the medians and
+  the number of timed calls."""
+  for fn, sync in programs.values():
+    sync(fn())
+  times: dict[Any, list[float]] = {key: [] for key in programs}
+  start = time.perf_counter()
+  while min(map(len, times.values())) < rounds or time.perf_counter() - start < seconds:
+    for key, (fn, sync) in programs.items():
+      t0 = time.perf_counter()
+      sync(fn())
+      times[key].append(time.perf_counter() - t0)
+  return {key: statistics.median(v) for key, v in times.items()}, {key: len(v) for key, v in times.items()}
+
+
 def compiled_flops(jitted: Callable, *args: Any, **kwargs: Any) -> float:
   """FLOPs of one call, as XLA's cost analysis counts them for the compiled program."""
   cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per device program
     cost = cost[0]
   return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def image_tower_flops(cfg: Any, batch: int, *, backward: bool = False) -> float:
+  """Matmul FLOPs of the CLIP image tower's features of `batch` images, counted from its shapes: the
+  forward, or with `backward` the forward plus the gradient to the pixels (weights frozen, as in an
+  attack step).
+
+  On GPUs XLA's cost analysis misses the cuBLAS and cuDNN custom calls, so the accelerator figures use this
+  count; on CPU it matches XLA's (tests/test_runtime.py). It counts what the compiled program computes:
+  only the pooled (class) row leaves the last layer, so XLA computes that layer's queries, output
+  projection and MLP for that row alone (its keys and values for every token). Backward, a product with a
+  frozen weight costs its forward once more; a product of two activations (attention) twice more.
+  """
+  v = cfg.vision
+  tokens, width = v.num_patches + 1, v.width
+
+  def layer(rows: int) -> tuple[int, int]:  # (linear, attention) FLOPs of a layer whose output keeps `rows`
+    linear = 2 * tokens * width * 2 * width + 2 * rows * width * 2 * width + 2 * 2 * rows * width * v.mlp_dim
+    return linear, 2 * 2 * rows * tokens * width
+
+  full, last = layer(tokens), layer(1)
+  linear = (2 * v.num_patches * 3 * v.patch_size**2 * width           # patch embedding
+            + (v.layers - 1) * full[0] + last[0]
+            + 2 * width * cfg.projection_dim)                           # pooled row to the shared space
+  attention = (v.layers - 1) * full[1] + last[1]
+  return float(batch * ((2 * linear + 3 * attention) if backward else (linear + attention)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,14 @@
-"""`python -m mat_jax.bench encode`: CLIP image encoding, mat_jax (jit) vs transformers (PyTorch eager).
+"""`python -m mat_jax.bench encode`: CLIP image encoding, mat_jax (jit) vs transformers (PyTorch).
 
 One randomly initialised transformers `CLIPModel` (ViT-B/16 by default) is saved with `save_pretrained`
-and loaded into mat_jax with `load_clip`, so both sides run the same weights on the same images. Two
-passes are timed: the forward (features of a batch), and forward+backward to the pixels (the gradient
-of the summed features with respect to the input, what every attack step computes; the weights are
-frozen on both sides). Calls of the four programs are interleaved round by round, so a change in the
-machine's load hits both frameworks alike; each figure is the median over rounds.
+and loaded into mat_jax with `load_clip`, so both sides run the same weights on the same images, on the
+same device. Two passes are timed: the forward (features of a batch), and forward+backward to the pixels
+(the gradient of the summed features with respect to the input, what every attack step computes; the
+weights are frozen on both sides). PyTorch runs in the variants of `--torch` (eager or torch.compile,
+float32 or bf16 autocast; `mat_jax.bench.torch_reference`). Calls of all programs are interleaved round
+by round, so a change in the machine's load hits every implementation alike; each figure is the median
+over rounds. Utilisation is against the device's data-sheet peak on a known accelerator, else against a
+matmul measured in the run.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mat_jax.bench import common
+from mat_jax.bench import torch_reference
 from mat_jax.models import split
 from mat_jax.models.clip import PRESETS
 from mat_jax.models.weights import clip_config_to_hf, load_clip
@@ -27,9 +30,13 @@ from mat_jax.models.weights import clip_config_to_hf, load_clip
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
-  parser.add_argument("--batch", type=int, default=8, help="images per call")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="images per call (default: 8 on CPU, 256 on an accelerator, a size that fills one)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="mat_jax compute dtype (PyTorch always runs float32)")
+                      help="mat_jax compute dtype")
+  parser.add_argument("--torch", default=None, metavar="VARIANTS",
+                      help="PyTorch variants: eager, compile, eager-bf16, compile-bf16 or all (default: eager on "
+                           "CPU, all on an accelerator)")
   parser.add_argument("--seconds", type=float, default=30.0,
                       help="timing budget after warm-up; at least --rounds rounds are timed")
   parser.add_argument("--rounds", type=int, default=3, help="minimum timed calls of each program")
@@ -44,13 +51,17 @@ def run(args: argparse.Namespace) -> int:
   import transformers
 
 
+  variants = torch_reference.parse_variants(args.torch)
+  device = torch_reference.device()
+  torch_sync = torch_reference.synchronizer(device)
+  batch = args.batch or (8 if jax.default_backend() == "cpu" else 256)
   # Fairness: both frameworks get every core this process may use (XLA's CPU client takes them all).
   cores = _usable_cores()
   torch.set_num_threads(cores)
   cfg = PRESETS[args.preset]
   size = cfg.vision.image_size
-  print(f"encode: CLIP {args.preset} image tower, batch {args.batch}, {size}x{size}; mat_jax {args.dtype} "
-        f"on {common.device_summary()}; PyTorch {torch.__version__} float32 eager")
+  print(f"encode: CLIP {args.preset} image tower, batch {batch}, {size}x{size}; mat_jax {args.dtype} "
+        f"on {common.device_summary()}; {torch_reference.describe(variants, device)}")
   print(f"threads: PyTorch {torch.get_num_threads()}, JAX usable cores {cores}")
 
   # ---- same weights on both sides
@@ -61,70 +72,68 @@ def run(args: argparse.Namespace) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
     encoder, params = split(load_clip(tmp, dtype=args.dtype))
+  hf = hf.to(device)
 
-  images = np.random.default_rng(0).random((args.batch, size, size, 3), dtype=np.float32)
+  images = np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32)
   x = jnp.asarray(images)
-  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())  # PyTorch's native NCHW layout
-  mean = torch.tensor(cfg.vision.image_mean).view(1, 3, 1, 1)
-  std = torch.tensor(cfg.vision.image_std).view(1, 3, 1, 1)
+  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)  # PyTorch's NCHW layout
+  mean = torch.tensor(cfg.vision.image_mean, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(cfg.vision.image_std, device=device).view(1, 3, 1, 1)
 
-  # ---- the four programs
+  # ---- the programs
   jax_forward = jax.jit(encoder.image_features)
   jax_backward = jax.jit(jax.grad(lambda p, pixels: encoder.image_features(p, pixels).sum(), argnums=1))
 
-  def torch_forward():
+  def torch_forward(pixels):
     with torch.no_grad():
-      return hf.get_image_features(pixel_values=(x_torch - mean) / std).pooler_output
+      return hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output
 
-  def torch_backward():
-    pixels = x_torch.clone().requires_grad_(True)
-    hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output.sum().backward()
+  def torch_backward(pixels):
+    pixels = pixels.clone().requires_grad_(True)
+    hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output.float().sum().backward()
     return pixels.grad
 
-  flops = {"forward": common.compiled_flops(jax_forward, params, x),
-           "forward+backward": common.compiled_flops(jax_backward, params, x)}
+  if jax.default_backend() == "cpu":
+    flops = {"forward": common.compiled_flops(jax_forward, params, x),
+             "forward+backward": common.compiled_flops(jax_backward, params, x)}
+    flop_source = "XLA cost analysis of the mat_jax program"
+  else:  # XLA's count misses the cuBLAS/cuDNN calls there
+    flops = {"forward": common.image_tower_flops(cfg, batch),
+             "forward+backward": common.image_tower_flops(cfg, batch, backward=True)}
+    flop_source = "counted from the model's shapes"
   programs = {
       ("forward", "mat_jax"): (lambda: jax_forward(params, x), common.block),
-      ("forward", "pytorch"): (torch_forward, lambda t: t),
       ("forward+backward", "mat_jax"): (lambda: jax_backward(params, x), common.block),
-      ("forward+backward", "pytorch"): (torch_backward, lambda t: t),
   }
+  for variant in variants:
+    forward, backward = variant.wrap(torch_forward, device), variant.wrap(torch_backward, device)
+    programs[("forward", variant.name)] = (lambda f=forward: f(x_torch), torch_sync)
+    programs[("forward+backward", variant.name)] = (lambda f=backward: f(x_torch), torch_sync)
 
   # ---- agreement (the comparison is void if the two compute different things)
-  feats_j, feats_t = np.asarray(jax_forward(params, x)), torch_forward().numpy()
+  feats_j, feats_t = np.asarray(jax_forward(params, x)), torch_forward(x_torch).cpu().numpy()
   grad_j = np.asarray(jax_backward(params, x)).transpose(0, 3, 1, 2)
-  grad_t = torch_backward().numpy()
+  grad_t = torch_backward(x_torch).cpu().numpy()
   def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-  print(f"agreement: features max rel diff {rel(feats_j, feats_t):.2e}, "
+  print(f"agreement with PyTorch float32 eager: features max rel diff {rel(feats_j, feats_t):.2e}, "
         f"pixel gradients max rel diff {rel(grad_j, grad_t):.2e}")
 
-  # ---- timing: warm-up, then interleaved rounds
-  for fn, sync in programs.values():
-    sync(fn())
-  times: dict[tuple[str, str], list[float]] = {key: [] for key in programs}
-  start = time.perf_counter()
-  while min(map(len, times.values())) < args.rounds or time.perf_counter() - start < args.seconds:
-    for key, (fn, sync) in programs.items():
-      t0 = time.perf_counter()
-      sync(fn())
-      times[key].append(time.perf_counter() - t0)
-  median = {key: float(np.median(v)) for key, v in times.items()}
+  # ---- timing: warm-up (torch.compile and XLA compile there), then interleaved rounds
+  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
 
-  peak = common.matmul_peak(dtype="float32")
+  peak_gflops, peak_source = common.peak_gflops(args.dtype if args.dtype == "bfloat16" else "float32")
   rows = []
   for name in ("forward", "forward+backward"):
-    t_jax, t_torch = median[(name, "mat_jax")], median[(name, "pytorch")]
-    gflops = flops[name] / t_jax / 1e9
-    rows.append([name, args.batch / t_jax, args.batch / t_torch, f"{t_torch / t_jax:.2f}x", gflops,
-                 f"{100 * gflops / peak.gflops:.0f}%", len(times[(name, "mat_jax")])])
+    t_jax = median[(name, "mat_jax")]
+    for impl in ["mat_jax", *(v.name for v in variants)]:
+      seconds = median[(name, impl)]
+      gflops = flops[name] / seconds / 1e9
+      rows.append([name, impl, batch / seconds, f"{seconds / t_jax:.2f}x", gflops,
+                   f"{100 * gflops / peak_gflops:.1f}%", calls[(name, impl)]])
   common.print_table(
-      f"CLIP {args.preset} image encoding, batch {args.batch} (median of interleaved calls)",
-      ["pass", "mat_jax img/s", "PyTorch img/s", "mat_jax/PyTorch", "mat_jax GFLOP/s", "of peak", "calls"],
-      rows)
-  torch_peak = f"{peak.torch_gflops:,.0f}" if peak.torch_gflops else "n/a"
-  print(f"\nFLOPs per call (XLA cost analysis of the mat_jax program): "
-        f"forward {flops['forward'] / 1e9:,.0f} G, forward+backward {flops['forward+backward'] / 1e9:,.0f} G")
-  print(f"matmul peak measured now ({peak.size}x{peak.size} float32): JAX {peak.jax_gflops:,.0f} GFLOP/s, "
-        f"PyTorch {torch_peak} GFLOP/s; 'of peak' is relative to the faster")
+      f"CLIP {args.preset} image encoding, batch {batch} (median of interleaved calls)",
+      ["pass", "implementation", "img/s", "mat_jax speed-up", "GFLOP/s", "of peak", "calls"], rows)
+  print(f"\nFLOPs per call ({flop_source}): forward {flops['forward'] / 1e9:.4g} G, forward+backward "
+        f"{flops['forward+backward'] / 1e9:.4g} G; peak {peak_gflops:,.0f} GFLOP/s ({peak_source})")
   return 0

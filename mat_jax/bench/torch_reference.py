@@ -1,0 +1,107 @@
+"""How the PyTorch references of the benchmarks run: on which device, in which precision, eager or compiled.
+
+A reference is timed in one or more variants, `--torch eager,compile,eager-bf16,compile-bf16` (or `all`):
+
+- device: CUDA when JAX runs on a GPU and this PyTorch build sees one, else the CPU, so a ratio always
+  compares two frameworks on the same device;
+- precision: `float32` (on CUDA with TF32 matmuls and convolutions, PyTorch's "high" precision, which is
+  what XLA uses for float32 on NVIDIA GPUs by default) or `bf16` (`torch.autocast` to bfloat16: the
+  parameters stay float32, matmuls and convolutions run in bfloat16, like mat_jax's bf16 compute policy);
+- mode: `eager`, or `compile`: `torch.compile` of a function that calls the model. Compiling the model
+  object would not do: `model.get_image_features` bypasses the compiled `forward`.
+
+The default is `eager` on a CPU (torch.compile's C++ code generation takes minutes there) and all four
+on an accelerator, where the compiled bf16 variant is the strongest reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+MODES = ("eager", "compile")
+PRECISIONS = ("float32", "bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  mode: str = "eager"
+  precision: str = "float32"
+  backend: str = "inductor"  # torch.compile's backend; tests use a cheap one
+
+  def __post_init__(self):
+    if self.mode not in MODES or self.precision not in PRECISIONS:
+      raise ValueError(f"unknown PyTorch variant {self.mode}/{self.precision}; modes {MODES}, precisions "
+                       f"{PRECISIONS}")
+
+  @property
+  def name(self) -> str:
+    return "PyTorch " + self.mode + ("" if self.precision == "float32" else " bf16")
+
+  def wrap(self, fn: Callable[..., Any], device: Any) -> Callable[..., Any]:
+    """`fn` run in this variant's precision (an autocast context on `device`) and mode (compiled once,
+    at its first call)."""
+    import torch
+
+    def in_precision(*args, **kwargs):
+      context = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16"
+                 else contextlib.nullcontext())
+      with context:
+        return fn(*args, **kwargs)
+
+    if self.mode == "compile":
+      return torch.compile(in_precision, backend=self.backend)
+    return in_precision
+
+
+def parse_variants(text: str | None) -> list[Variant]:
+  """`--torch`: comma-separated names among eager, compile, eager-bf16, compile-bf16, or `all`; None or ""
+  gives the default of the device JAX runs on (module docstring)."""
+  if not text:
+    text = "eager" if jax.default_backend() == "cpu" else "all"
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  if names == ["all"]:
+    names = [f"{mode}{suffix}" for suffix in ("", "-bf16") for mode in MODES]
+  variants = []
+  for name in names:
+    mode, _, precision = name.partition("-")
+    if mode not in MODES or precision not in ("", "bf16"):
+      raise SystemExit(f"--torch {name!r}: expected eager, compile, eager-bf16, compile-bf16 or all")
+    variants.append(Variant(mode, precision or "float32"))
+  return variants
+
+
+def device() -> Any:
+  """The PyTorch device on JAX's: CUDA when JAX runs on a GPU and PyTorch sees one, else the CPU. On CUDA,
+  float32 matmuls and convolutions use TF32 (see the module docstring)."""
+  import torch
+
+  if jax.default_backend() == "gpu" and torch.cuda.is_available():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda")
+  return torch.device("cpu")
+
+
+def synchronizer(device: Any) -> Callable[[Any], Any]:
+  """A `sync` for timing: waits for the device's queued work (CUDA is asynchronous), returns its input."""
+  import torch
+
+  if device.type == "cuda":
+    def sync(value):
+      torch.cuda.synchronize(device)
+      return value
+    return sync
+  return lambda value: value
+
+
+def describe(variants: list[Variant], device: Any) -> str:
+  import torch
+
+  precisions = {"float32": "float32 (TF32 matmuls)" if device.type == "cuda" else "float32",
+                "bf16": "bf16 autocast"}
+  return (f"PyTorch {torch.__version__} on {device.type}: "
+          + ", ".join(f"{v.mode} {precisions[v.precision]}" for v in variants))
