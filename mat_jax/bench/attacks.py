@@ -4,7 +4,7 @@
     lowering the cosine similarity to paired captions; mat_jax (one jitted `fori_loop`) vs the same
     attack written in PyTorch on transformers' `CLIPModel` on the same device, with identical weights (a
     random `CLIPModel` saved with `save_pretrained` and loaded by `mat_jax.models.load_clip`), in the
-    variants of `--torch` (eager or torch.compile of the whole attack, float32 or bf16 autocast;
+    variants of `--torch` (eager or torch.compile of the loss, float32 or bf16 autocast;
     `mat_jax.bench.torch_reference`). Calls alternate round by round so load changes hit all alike;
     reported: images/s, the ratios, achieved GFLOP/s and the fraction of the peak (the data sheet's on a
     known accelerator, else a matmul measured in the same run).
@@ -139,12 +139,12 @@ def run_pgd(args: argparse.Namespace) -> dict:
     feats = hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output.float()
     return -(torch.nn.functional.normalize(feats, dim=-1) * text_torch).sum()
 
-  def torch_pgd(x0):
+  def torch_pgd(loss, x0):
     # The references' loop (SGA's ImageAttacker): symmetric start, sign step, project, clip.
     adv = (x0 + torch.empty_like(x0).uniform_(-eps, eps)).clamp(0, 1)
     for _ in range(steps):
       adv.requires_grad_(True)
-      grad, = torch.autograd.grad(torch_loss(adv), adv)
+      grad, = torch.autograd.grad(loss(adv), adv)
       adv = adv.detach() + step_size * grad.sign()
       adv = torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(0, 1)
     return adv
@@ -161,9 +161,9 @@ def run_pgd(args: argparse.Namespace) -> dict:
 
   key = jax.random.key(0)
   programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block)}
-  for variant in variants:
-    attack = variant.wrap(torch_pgd, device)
-    programs[variant.name] = (lambda attack=attack: attack(x_torch), torch_sync)
+  for variant in variants:  # the loss is what torch.compile sees; the loop and autograd.grad stay eager
+    loss = variant.wrap(torch_loss, device)
+    programs[variant.name] = (lambda loss=loss: torch_pgd(loss, x_torch), torch_sync)
   median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
   adv = np.asarray(jax_pgd(params, x, text, key))
   assert np.abs(adv - images).max() <= eps + 1e-6

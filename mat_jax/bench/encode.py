@@ -84,13 +84,16 @@ def run(args: argparse.Namespace) -> int:
   jax_forward = jax.jit(encoder.image_features)
   jax_backward = jax.jit(jax.grad(lambda p, pixels: encoder.image_features(p, pixels).sum(), argnums=1))
 
-  def torch_forward(pixels):
-    with torch.no_grad():
-      return hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output
+  def torch_features(pixels):
+    return hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output
 
-  def torch_backward(pixels):
-    pixels = pixels.clone().requires_grad_(True)
-    hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output.float().sum().backward()
+  def torch_forward(features):
+    with torch.no_grad():
+      return features(x_torch)
+
+  def torch_backward(features):
+    pixels = x_torch.clone().requires_grad_(True)
+    features(pixels).float().sum().backward()
     return pixels.grad
 
   if jax.default_backend() == "cpu":
@@ -106,14 +109,14 @@ def run(args: argparse.Namespace) -> int:
       ("forward+backward", "mat_jax"): (lambda: jax_backward(params, x), common.block),
   }
   for variant in variants:
-    forward, backward = variant.wrap(torch_forward, device), variant.wrap(torch_backward, device)
-    programs[("forward", variant.name)] = (lambda f=forward: f(x_torch), torch_sync)
-    programs[("forward+backward", variant.name)] = (lambda f=backward: f(x_torch), torch_sync)
+    features = variant.wrap(torch_features, device)
+    programs[("forward", variant.name)] = (lambda f=features: torch_forward(f), torch_sync)
+    programs[("forward+backward", variant.name)] = (lambda f=features: torch_backward(f), torch_sync)
 
   # ---- agreement (the comparison is void if the two compute different things)
-  feats_j, feats_t = np.asarray(jax_forward(params, x)), torch_forward(x_torch).cpu().numpy()
+  feats_j, feats_t = np.asarray(jax_forward(params, x)), torch_forward(torch_features).cpu().numpy()
   grad_j = np.asarray(jax_backward(params, x)).transpose(0, 3, 1, 2)
-  grad_t = torch_backward(x_torch).cpu().numpy()
+  grad_t = torch_backward(torch_features).cpu().numpy()
   def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
   print(f"agreement with PyTorch float32 eager: features max rel diff {rel(feats_j, feats_t):.2e}, "

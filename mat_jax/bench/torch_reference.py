@@ -7,8 +7,11 @@ A reference is timed in one or more variants, `--torch eager,compile,eager-bf16,
 - precision: `float32` (on CUDA with TF32 matmuls and convolutions, PyTorch's "high" precision, which is
   what XLA uses for float32 on NVIDIA GPUs by default) or `bf16` (`torch.autocast` to bfloat16: the
   parameters stay float32, matmuls and convolutions run in bfloat16, like mat_jax's bf16 compute policy);
-- mode: `eager`, or `compile`: `torch.compile` of a function that calls the model. Compiling the model
-  object would not do: `model.get_image_features` bypasses the compiled `forward`.
+- mode: `eager`, or `compile`: `torch.compile` of the functions that call the model (features, a loss).
+  Compiling the model object would not do: `model.get_image_features` bypasses the compiled `forward`.
+  Loops, `autograd.grad`, `backward()` and the optimizer stay outside the compiled functions: inside one
+  they break the graph, and Dynamo compiles each resumed piece again (the backward through a compiled
+  function is compiled by AOTAutograd).
 
 The default is `eager` on a CPU (torch.compile's C++ code generation takes minutes there) and all four
 on an accelerator, where the compiled bf16 variant is the strongest reference.
@@ -42,8 +45,9 @@ class Variant:
     return "PyTorch " + self.mode + ("" if self.precision == "float32" else " bf16")
 
   def wrap(self, fn: Callable[..., Any], device: Any) -> Callable[..., Any]:
-    """`fn` run in this variant's precision (an autocast context on `device`) and mode (compiled once,
-    at its first call)."""
+    """`fn`, a function that calls the model, run in this variant's precision (an autocast context on
+    `device`; its backward then runs in the same dtypes) and mode (compiled at its first call per input
+    shape)."""
     import torch
 
     def in_precision(*args, **kwargs):

@@ -106,6 +106,11 @@ class TorchMAT:
     self.images = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy()).to(self.device)
     self.batch = batch
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1)
+    # What calls the model (the batched subclass compiles these): normalised pixels -> image features,
+    # (ids, mask) -> text features.
+    self.image_features = lambda pixels: self.model.get_image_features(pixel_values=pixels).pooler_output
+    self.text_features = lambda ids, mask: self.model.get_text_features(input_ids=ids,
+                                                                        attention_mask=mask).pooler_output
 
   # -- text helpers (host lists of word pieces -> padded id tensors)
   def _ids(self, texts: list[list[list[int]]]):
@@ -119,8 +124,7 @@ class TorchMAT:
     return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
   def _text_features(self, texts):
-    ids, mask = self._ids(texts)
-    return self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    return self.text_features(*self._ids(texts))
 
   def _caption(self, n: int):
     b = self.batch
@@ -167,7 +171,7 @@ class TorchMAT:
   def step(self) -> float:
     torch = self.torch
     with torch.no_grad():
-      guide = self.model.get_image_features(pixel_values=self._pixels(self.images)).pooler_output
+      guide = self.image_features(self._pixels(self.images))
       adv_ids, adv_mask = self.text_attack(guide)
     return self.update(adv_ids, adv_mask)
 
@@ -180,20 +184,19 @@ class TorchMAT:
     normalise = torch.nn.functional.normalize
     model, x, pixels = self.model, self.images, self._pixels
     with torch.no_grad():
-      text = normalise(model.get_text_features(input_ids=adv_ids, attention_mask=adv_mask).pooler_output, dim=-1)
+      text = normalise(self.text_features(adv_ids, adv_mask), dim=-1)
       scale = model.logit_scale.exp().clamp(max=100.0)
     labels = torch.arange(len(x), device=self.device)
     adv = (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(0, 1)
     for _ in range(self.steps):
       adv.requires_grad_(True)
-      image = normalise(model.get_image_features(pixel_values=pixels(adv)).pooler_output.float(), dim=-1)
+      image = normalise(self.image_features(pixels(adv)).float(), dim=-1)
       loss = torch.nn.functional.cross_entropy(scale * image @ text.float().T, labels, reduction="sum")
       grad, = torch.autograd.grad(loss, adv)
       adv = adv.detach() + self.step_size * grad.sign()
       adv = torch.min(torch.max(adv, x - self.eps), x + self.eps).clamp(0, 1)
-    image = normalise(model.get_image_features(pixel_values=pixels(adv)).pooler_output.float(), dim=-1)
-    text = normalise(model.get_text_features(input_ids=adv_ids, attention_mask=adv_mask).pooler_output.float(),
-                     dim=-1)
+    image = normalise(self.image_features(pixels(adv)).float(), dim=-1)
+    text = normalise(self.text_features(adv_ids, adv_mask).float(), dim=-1)
     logits = model.logit_scale.exp().clamp(max=100.0) * image @ text.T
     ce = torch.nn.functional.cross_entropy
     loss = 0.5 * (ce(logits, labels) + ce(logits.T, labels))
@@ -210,7 +213,8 @@ class BatchedTorchMAT(TorchMAT):
   encoded in three calls (clean, masked, substituted texts); each caption takes, among its words in
   importance order, the first whose best candidate lowers the similarity to its image, and that candidate:
   the per-caption loop's choice, without the loop (the speculative scoring mat_jax's attack also does).
-  No host round trip inside the step, so `torch.compile` sees the whole of it (`variant`).
+  No host round trip inside the step. `variant` runs the feature functions compiled and/or in bf16
+  autocast; PGD's loop, the backward and AdamW stay eager around them (`torch_reference`).
   """
 
   def __init__(self, model, batch: dict, meta, *, variant: Any = None, **kwargs):
@@ -236,15 +240,16 @@ class BatchedTorchMAT(TorchMAT):
     self.sub_valid = torch.from_numpy(np.asarray(batch["cand_sub_lengths"]) > 0).to(self.device) & \
         self.target_valid[..., None]
     self.shape = (n, a, k)
-    wrap = variant.wrap if variant is not None else (lambda fn, device: fn)
-    self._step = wrap(self._batched_step, self.device)
+    if variant is not None:
+      self.image_features = variant.wrap(self.image_features, self.device)
+      self.text_features = variant.wrap(self.text_features, self.device)
 
   def text_attack(self, guide):
     torch = self.torch
     normalise = torch.nn.functional.normalize
     n, a, k = self.shape
     def features(ids, mask):
-      return self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output.float()
+      return self.text_features(ids, mask).float()
     clean = features(self.clean_ids, self.clean_mask)
     log_p = torch.log_softmax(normalise(clean, dim=-1), dim=-1)
     log_q = torch.log_softmax(normalise(features(self.masked_ids, self.masked_mask), dim=-1), dim=-1)
@@ -262,15 +267,6 @@ class BatchedTorchMAT(TorchMAT):
     changed = improves.any(-1)[:, None]
     return (torch.where(changed, self.sub_ids[chosen], self.clean_ids),
             torch.where(changed, self.sub_mask[chosen], self.clean_mask))
-
-  def _batched_step(self):
-    with self.torch.no_grad():
-      guide = self.model.get_image_features(pixel_values=self._pixels(self.images)).pooler_output
-      adv_ids, adv_mask = self.text_attack(guide)
-    return self.update(adv_ids, adv_mask)
-
-  def step(self):
-    return self._step()
 
 
 # ----------------------------------------------------------------------------------------------------
