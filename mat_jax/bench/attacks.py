@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -82,10 +81,6 @@ def run(args: argparse.Namespace) -> int:
 # (a) PGD vs eager PyTorch
 # ----------------------------------------------------------------------------------------------------
 
-def _usable_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def run_pgd(args: argparse.Namespace) -> dict:
   import torch
   import transformers
@@ -98,12 +93,12 @@ def run_pgd(args: argparse.Namespace) -> dict:
   preset, batch = ("vit-b-32", 2) if args.quick else (args.preset, args.batch or default_batch)
   steps, eps = args.steps, 2 / 255
   step_size = eps / 4
-  torch.set_num_threads(_usable_cores())
+  torch.set_num_threads(common.usable_cores())
   cfg = PRESETS[preset]
   size = cfg.vision.image_size
   print(f"\nPGD: CLIP {preset}, batch {batch}, {steps} L-inf steps (eps 2/255, step 0.5/255), cosine loss to "
         f"the paired captions; mat_jax {args.dtype} jit vs {torch_reference.describe(variants, device)}; "
-        f"threads: PyTorch {torch.get_num_threads()}, JAX cores {_usable_cores()}")
+        f"threads: PyTorch {torch.get_num_threads()}, JAX cores {common.usable_cores()}")
 
   torch.manual_seed(0)
   hf = transformers.CLIPModel(transformers.CLIPConfig(**clip_config_to_hf(cfg))).eval().requires_grad_(False)
@@ -174,7 +169,7 @@ def run_pgd(args: argparse.Namespace) -> dict:
   else:  # XLA's count misses the cuBLAS/cuDNN calls there
     flops = steps * common.image_tower_flops(cfg, batch, backward=True)
     flop_source = "counted from the model's shapes"
-  peak_gflops, peak_source = common.peak_gflops(args.dtype if args.dtype == "bfloat16" else "float32")
+  peak_gflops, peak_source = common.peak_gflops(args.dtype)
   rows = []
   for name in programs:
     gflops = flops / median[name] / 1e9

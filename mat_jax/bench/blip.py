@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -103,17 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
   key = jax.random.key(0)
   programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block), "pytorch": (torch_pgd, lambda t: t)}
-  for fn, sync in programs.values():
-    sync(fn())
-  times: dict[str, list[float]] = {name: [] for name in programs}
-  start = time.perf_counter()
-  while min(map(len, times.values())) < args.rounds or time.perf_counter() - start < args.seconds:
-    for name, (fn, sync) in programs.items():
-      t0 = time.perf_counter()
-      sync(fn())
-      times[name].append(time.perf_counter() - t0)
-  median = {name: float(np.median(v)) for name, v in times.items()}
-  rows = [[name, batch / median[name], median[name], median["pytorch"] / median[name], len(times[name])]
+  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
+  rows = [[name, batch / median[name], median[name], median["pytorch"] / median[name], calls[name]]
           for name in programs]
   common.print_table(f"PGD {steps} steps, BLIP {preset}, batch {batch} (median of interleaved calls)",
                      ["implementation", "img/s", "s/attack", "speed-up vs PyTorch", "calls"], rows)

@@ -8,6 +8,7 @@ warm-up, with device work finished before the clock stops).
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -15,6 +16,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def usable_cores() -> int:
+  """Cores this process may run on; PyTorch gets as many threads (XLA's CPU client takes them all)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def block(tree: Any) -> Any:

@@ -14,7 +14,6 @@ matmul measured in the run.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 
 import jax
@@ -42,10 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--rounds", type=int, default=3, help="minimum timed calls of each program")
 
 
-def _usable_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def run(args: argparse.Namespace) -> int:
   import torch
   import transformers
@@ -56,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
   torch_sync = torch_reference.synchronizer(device)
   batch = args.batch or (8 if jax.default_backend() == "cpu" else 256)
   # Fairness: both frameworks get every core this process may use (XLA's CPU client takes them all).
-  cores = _usable_cores()
+  cores = common.usable_cores()
   torch.set_num_threads(cores)
   cfg = PRESETS[args.preset]
   size = cfg.vision.image_size
@@ -125,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
   # ---- timing: warm-up (torch.compile and XLA compile there), then interleaved rounds
   median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
 
-  peak_gflops, peak_source = common.peak_gflops(args.dtype if args.dtype == "bfloat16" else "float32")
+  peak_gflops, peak_source = common.peak_gflops(args.dtype)
   rows = []
   for name in ("forward", "forward+backward"):
     t_jax = median[(name, "mat_jax")]

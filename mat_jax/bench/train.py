@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import tempfile
 import time
 from typing import Any
@@ -59,10 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--torch", default=None, metavar="VARIANTS",
                       help="variants of the batched PyTorch step: eager, compile, eager-bf16, compile-bf16 or all "
                            "(default: eager on CPU, all on an accelerator)")
-
-
-def _usable_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _batch(size: int, batch: int, tokenizer, max_targets: int, top_k: int):
@@ -277,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
   import transformers
 
 
-  cores = _usable_cores()
+  cores = common.usable_cores()
   torch.set_num_threads(cores)
   devices = jax.device_count()
   global_batch = args.batch * devices
@@ -338,15 +333,16 @@ def run(args: argparse.Namespace) -> int:
     hf.train()
     device = torch_reference.device()
     sync = torch_reference.synchronizer(device)
+    variants = torch_reference.parse_variants(args.torch)
     settings = dict(eps=2 / 255, step_size=1 / 255, steps=2, lr=1e-5, device=device)
     references = {"PyTorch eager, per-caption loop": TorchMAT(hf, batch, meta, **settings)}
-    for variant in torch_reference.parse_variants(args.torch):
+    for variant in variants:
       references[f"{variant.name}, batched"] = BatchedTorchMAT(hf, batch, meta, variant=variant, **settings)
     for name, reference in references.items():
       seconds = common.time_call(reference.step, warmup=1, min_seconds=0.0, min_calls=args.steps,
                                  max_calls=args.steps, sync=sync)
       rows.append([name, global_batch / seconds, seconds, seconds / jax_seconds])
-    print(f"PyTorch: {torch_reference.describe(torch_reference.parse_variants(args.torch), device)} "
+    print(f"PyTorch: {torch_reference.describe(variants, device)} "
           "(the batched step's variants)")
 
   peak = common.matmul_peak()
