@@ -73,8 +73,11 @@ def _assert_same(got, want) -> None:
 
 @pytest.fixture(scope="module")
 def reference():
-  encoder, params = split(CLIP(_config(attention="einsum"), rngs=nnx.Rngs(0)))
-  return params, _outputs(encoder, params)
+  # A module fixture is set up before the function-scoped precision fixture: set it here too (on a GPU the
+  # default float32 matmul is TF32, 1e-3 off).
+  with jax.default_matmul_precision("highest"):
+    encoder, params = split(CLIP(_config(attention="einsum"), rngs=nnx.Rngs(0)))
+    return params, _outputs(encoder, params)
 
 
 @pytest.mark.parametrize("changes", [dict(attention="xla"), dict(scan_layers=True),
@@ -122,13 +125,63 @@ def test_cudnn_padding_and_masks_keep_the_numbers(q_len, k_len):
 
 
 def test_attention_paths_resolve_by_platform():
-  assert layers.attention_path("auto", jnp.float32) == "einsum"  # the tests run on CPU
-  assert layers.attention_path("auto", jnp.bfloat16) == "einsum"
+  # CI runs on CPU; `JAX_PLATFORMS=cuda pytest tests/test_accel.py` checks a GPU.
+  want = {"cpu": ("einsum", "einsum"), "gpu": ("xla", "cudnn")}.get(jax.default_backend(), ("xla", "xla"))
+  assert (layers.attention_path("auto", jnp.float32), layers.attention_path("auto", jnp.bfloat16)) == want
   assert layers.attention_path("cudnn", jnp.float32) == "cudnn"
   with pytest.raises(ValueError, match="unknown attention 'flash'"):
     layers.attention_path("flash", jnp.float32)
   with pytest.raises(ValueError, match="unknown attention"):
     clip_config("tiny", attention="flash")
+
+
+def _relative(got, want) -> float:
+  """‖got − want‖ / ‖want‖ over all the leaves of a tree together, in float32."""
+  def flat(tree):
+    return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)])
+  return float(np.linalg.norm(flat(got) - flat(want)) / np.linalg.norm(flat(want)))
+
+
+gpu_only = pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="cuDNN attention needs an NVIDIA GPU: JAX_PLATFORMS=cuda pytest tests/test_accel.py")
+
+
+@gpu_only
+@pytest.mark.parametrize("q_len,k_len", [(197, 197), (1, 77), (9, 20)])
+def test_cudnn_attention_matches_xla_on_gpu(q_len, k_len):
+  """The real cuDNN kernel (bf16, padded to 64 with sequence lengths) against XLA's attention in float32 on
+  the same bf16 inputs: values and gradients within bf16 round-off, masks included."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (2, n, 12, 64)).astype(jnp.bfloat16)
+             for key, n in zip(keys, (q_len, k_len, k_len), strict=True))
+  causal_padding = (jnp.arange(k_len)[None, None, None, :] <= (jnp.arange(q_len)[:, None] + k_len - q_len)) & (
+      jnp.arange(k_len) < jnp.array([k_len, k_len - 3])[:, None, None, None])
+  for mask in (None, causal_padding):
+    def loss(q, k, v, implementation, pad, mask=mask):
+      out = layers.dot_product_attention(q, k, v, mask, implementation=implementation, pad_multiple=pad)
+      return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, got), grads_got = jax.jit(grad, static_argnums=(3, 4))(q, k, v, "cudnn", layers.CUDNN_LENGTH_MULTIPLE)
+    f32 = [t.astype(jnp.float32) for t in (q, k, v)]
+    (_, want), grads_want = jax.jit(grad, static_argnums=(3, 4))(*f32, "xla", 1)
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+    assert _relative(got, want) <= 1e-2
+    assert _relative(grads_got, grads_want) <= 2e-2
+
+
+@gpu_only
+def test_bf16_model_on_cudnn_matches_xla_on_gpu():
+  """The whole model in bf16 on the "auto" path (cuDNN attention on a GPU) against the same parameters with
+  XLA's attention in float32: features, pixel gradients, the text cache and its cached continuation, and
+  parameter gradients within bf16 round-off."""
+  encoder, params = split(CLIP(_config(attention="auto", dtype="bfloat16"), rngs=nnx.Rngs(0)))
+  reference, _ = split(nnx.eval_shape(lambda: CLIP(_config(attention="xla"), rngs=nnx.Rngs(0))))
+  assert layers.attention_path("auto", jnp.bfloat16) == "cudnn"
+  got, want = _outputs(encoder, params), _outputs(reference, params)
+  for name, x, y in zip(("features", "pixel grad", "text", "cache", "continued", "param grad"), got, want,
+                        strict=True):
+    assert _relative(x, y) <= 3e-2, name
 
 
 def test_bf16_compute_keeps_pgd_as_strong():

@@ -20,9 +20,11 @@ the text attack's texts built once on the host, then encoded in three calls, no 
 step) in the variants of `--torch` (eager or torch.compile, float32 or bf16 autocast, on JAX's device;
 `mat_jax.bench.torch_reference`), the strongest reference. All pad texts to the same length and see
 the same candidates. Printed: images/s of each, the ratio, mat_jax's achieved GFLOP/s (XLA's count of the
-step, in which a loop body counts once: a lower bound) as a fraction of the machine's measured matmul
-peak, and the number of compilations of the step in the run (one per batch shape). The batch is
-`--batch` images per device.
+step, in which a loop body counts once: a lower bound) as a fraction of the device's peak (a known
+accelerator's data sheet, else a matmul measured in the run), and the number of compilations of the step in
+the run (one per batch shape). The batch is `--batch` images per device (8 on CPU, 64 on an accelerator);
+mat_jax computes in `--dtype` (auto: bfloat16 on GPU/TPU, the mixed-precision policy of `python -m
+mat_jax.train`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from mat_jax import mesh as mesh_lib
 from mat_jax.bench import common, torch_reference
 from mat_jax.data import shapes
 from mat_jax.models import split
-from mat_jax.models.clip import CLIP_MEAN, CLIP_STD, PRESETS
+from mat_jax.models.clip import CLIP_MEAN, CLIP_STD, PRESETS, resolve_dtype
 from mat_jax.models.weights import clip_config_to_hf, load_clip
 from mat_jax.objectives.mat import MAT
 from mat_jax.training import inputs, optim
@@ -50,7 +52,10 @@ from mat_jax.training import step as step_lib
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
-  parser.add_argument("--batch", type=int, default=8, help="images per device")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="images per device (default: 8 on CPU, 64 on an accelerator)")
+  parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                      help="mat_jax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
   parser.add_argument("--steps", type=int, default=3, help="timed steps of each implementation (median)")
   parser.add_argument("--top-k", type=int, default=10, help="candidates per word")
   parser.add_argument("--max-targets", type=int, default=8, help="attackable words per caption")
@@ -275,7 +280,10 @@ def run(args: argparse.Namespace) -> int:
   cores = common.usable_cores()
   torch.set_num_threads(cores)
   devices = jax.device_count()
-  global_batch = args.batch * devices
+  on_cpu = jax.default_backend() == "cpu"
+  per_device = args.batch or (8 if on_cpu else 64)
+  global_batch = per_device * devices
+  dtype = resolve_dtype(args.dtype)
   cfg = PRESETS[args.preset]
   size = cfg.vision.image_size
   tokenizer = shapes.tokenizer(context_length=cfg.text.context_length)
@@ -284,8 +292,8 @@ def run(args: argparse.Namespace) -> int:
   cfg = cfg.replace(text=dataclasses.replace(cfg.text, bos_token_id=tokenizer.start_id,
                                              eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
   print(f"train: one MAT step (1-word text attack, {2}-step PGD at 2/255, AdamW), CLIP {args.preset}, "
-        f"batch {args.batch} per device x {devices} device(s) on {common.device_summary()}, "
-        f"{size}x{size} images, texts of {cfg.text.context_length} tokens")
+        f"batch {per_device} per device x {devices} device(s) on {common.device_summary()}, "
+        f"{size}x{size} images, texts of {cfg.text.context_length} tokens, mat_jax {dtype}")
   print(f"threads: PyTorch {torch.get_num_threads()}, JAX usable cores {cores}")
 
   transformers.utils.logging.disable_progress_bar()
@@ -293,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
   hf = transformers.CLIPModel(transformers.CLIPConfig(**clip_config_to_hf(cfg)))
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
-    encoder, params = split(load_clip(tmp))
+    encoder, params = split(load_clip(tmp, dtype=dtype))
   batch, meta = _batch(size, global_batch, tokenizer, args.max_targets, args.top_k)
 
   # ---- mat_jax: the train step of `python -m mat_jax.train`
@@ -326,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
   metrics = jax.device_get(jax_step())
   compile_seconds = first_call - jax_seconds
   rows = [["mat_jax (jit)", global_batch / jax_seconds, jax_seconds, 1.0]]  # speed-up: its time / mat_jax's
-  print(f"mat_jax: compiled in {compile_seconds:.1f}s; loss {float(metrics['loss']):.3f}, "
+  print(f"mat_jax: {jax_seconds:.3f} s/step; compiled in {compile_seconds:.1f}s; loss {float(metrics['loss']):.3f}, "
         f"captions changed {float(metrics['text_changed']):.2f}")
 
   if not args.no_torch:
@@ -342,15 +350,19 @@ def run(args: argparse.Namespace) -> int:
       seconds = common.time_call(reference.step, warmup=1, min_seconds=0.0, min_calls=args.steps,
                                  max_calls=args.steps, sync=sync)
       rows.append([name, global_batch / seconds, seconds, seconds / jax_seconds])
+      # Each figure as it is measured: a run cut short (a slow torch.compile) keeps what it measured.
+      print(f"{name}: {seconds:.3f} s/step (mat_jax {seconds / jax_seconds:.2f}x)", flush=True)
     print(f"PyTorch: {torch_reference.describe(variants, device)} "
           "(the batched step's variants)")
 
-  peak = common.matmul_peak()
-  achieved = flops / jax_seconds / 1e9
   common.print_table("MAT train step", ["implementation", "images/s", "s/step", "mat_jax speed-up"], rows)
-  # XLA's cost analysis counts the body of a loop once (PGD steps, text-attack rounds): a lower bound.
-  print(f"\nmat_jax: >= {flops / 1e9:,.0f} GFLOP per step (XLA count, loop bodies once), {achieved:,.1f} GFLOP/s = "
-        f"{100 * achieved / peak.gflops:.1f}% of the measured matmul peak ({peak.gflops:,.1f} GFLOP/s, "
-        f"{peak.size}x{peak.size} {peak.dtype})")
+  if flops > 0:
+    # XLA's cost analysis counts the body of a loop once (PGD steps, text-attack rounds): a lower bound.
+    peak, peak_source = common.peak_gflops(dtype)
+    achieved = flops / jax_seconds / 1e9
+    print(f"\nmat_jax: >= {flops / 1e9:,.0f} GFLOP per step (XLA count, loop bodies once), {achieved:,.1f} "
+          f"GFLOP/s = {100 * achieved / peak:.1f}% of the peak ({peak:,.0f} GFLOP/s, {peak_source})")
+  else:
+    print("\nmat_jax: FLOPs not counted (this backend's cost analysis returns none for the lowered step)")
   print(f"compilations of the train step in this run: {step._cache_size()} (one batch shape)")
   return 0
