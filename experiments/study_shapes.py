@@ -3,7 +3,7 @@
     python -m mat_jax.study                      # this file: claims 1-3, six arms (see docs/study.md)
     python -m mat_jax.study --config experiments/study_shapes.py:full   # + MMCoA, MAVA, claims 4-5: 12 arms
     python -m mat_jax.study --config experiments/study_shapes.py:paraphrase  # + claim 6: MAT vs paraphrases
-    python -m mat_jax.study --config experiments/study_shapes.py:full,paraphrase  # all thirteen arms
+    python -m mat_jax.study --config experiments/study_shapes.py:full,paraphrase  # all 13 arms: docs/results
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=2,eval_images=500  # cheaper
 
