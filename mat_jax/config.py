@@ -80,6 +80,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.augmentations = ()        # names understood by mat_jax.data.pipeline (i2t, t2i, eda, hflip, ...)
   c.data.renderings_per_scene = 1  # R > 1: R renderings of each scene in a batch, positives of its captions
   c.data.worker_count = -1         # Grain worker processes: -1 = auto (0 on a CPU backend), 0 = main process
+  c.data.decoded_cache_mb = 1024   # decoded training records kept per process after their first read; 0 = none
   c.data.build_train = shapes.BUILD_TRAIN  # sizes used when the shapes world must be built
   c.data.build_val = 1000
   c.data.build_test = 1000
@@ -427,6 +428,9 @@ def _check_values(config: dict) -> None:
   if config["data"]["worker_count"] < -1:
     raise ConfigError(f"data.worker_count={config['data']['worker_count']}: use -1 (auto), 0 (the main process) "
                       "or a number of Grain worker processes")
+  if config["data"]["decoded_cache_mb"] < 0:
+    raise ConfigError(f"data.decoded_cache_mb={config['data']['decoded_cache_mb']}: use 0 (no cache) or the "
+                      "megabytes of decoded training records each pipeline process may keep")
   renderings = config["data"]["renderings_per_scene"]
   if renderings < 1 or train["batch_size"] % renderings:
     raise ConfigError(f"data.renderings_per_scene={renderings} must be at least 1 and divide train.batch_size "
@@ -597,3 +601,16 @@ def digest(parts: Mapping[str, Any]) -> str:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+# How the input pipeline runs, not what it delivers: the same batches whatever their values.
+RUNTIME_ONLY_KEYS = ("data.worker_count", "data.decoded_cache_mb")
+
+
+def result_json(config: ml_collections.ConfigDict) -> str:
+  """`to_json` without RUNTIME_ONLY_KEYS: what a run's result depends on (the key of a cached run)."""
+  tree = config.to_dict()
+  for key in RUNTIME_ONLY_KEYS:
+    section, _, name = key.partition(".")
+    tree.get(section, {}).pop(name, None)
+  return json.dumps(tree, indent=2, sort_keys=True, default=list)

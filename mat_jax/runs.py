@@ -100,8 +100,9 @@ def cached_experiment(name: str) -> tuple[Path, ml_collections.ConfigDict]:
 
 def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
   """Where experiments/<name>.py's run is cached: keyed by everything its result depends on (the
-  config, the preset's architecture, the data version), so an edited experiment is trained afresh."""
-  parts: dict[str, Any] = {"config": config_lib.to_json(config)}
+  config without its runtime-only keys, the preset's architecture, the data version), so an edited
+  experiment is trained afresh."""
+  parts: dict[str, Any] = {"config": config_lib.result_json(config)}
   if config.model.source in PRESETS or config.model.source in BLIP_PRESETS:
     parts["preset"] = repr({**PRESETS, **BLIP_PRESETS}[config.model.source])
   if config.data.name == "shapes":

@@ -269,3 +269,14 @@ def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys
   assert train.main(argv) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: no corpus 'nosuch'") and "python -m mat_jax.data build" in err
+
+
+def test_a_cached_run_is_keyed_by_what_its_result_depends_on():
+  from mat_jax import runs
+
+  path, config = runs.cached_experiment("shapes_clip")
+  key = runs.cached_run_dir("shapes_clip", config)
+  for runtime_only in ("data.worker_count=3", "data.decoded_cache_mb=0"):
+    assert runs.cached_run_dir("shapes_clip", config_lib.load(path, [runtime_only])) == key, runtime_only
+  for result in ("train.steps=999", "data.augmentations=hflip", "seed=1"):
+    assert runs.cached_run_dir("shapes_clip", config_lib.load(path, [result])) != key, result

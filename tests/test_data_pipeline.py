@@ -280,3 +280,61 @@ def test_auto_workers_stay_in_process_on_a_cpu_backend_and_scale_with_an_acceler
   assert pipeline.auto_worker_count("tpu", 240) == 8
   assert pipeline.auto_worker_count("gpu", None) == 0
   assert pipeline.DEFAULT_NUM_THREADS >= 4
+  # Worker processes share the host's cores as reader threads instead of taking all of them each.
+  assert pipeline.threads_per_process(16, 0, 16) == 16
+  assert pipeline.threads_per_process(16, 8, 16) == 2
+  assert pipeline.threads_per_process(16, 4, 64) == 16
+  assert pipeline.threads_per_process(4, 8, 4) == 2
+
+
+class CountingSource:
+  """A source that counts how often each record is read."""
+
+  def __init__(self, source):
+    self.source, self.reads = source, np.zeros(len(source), int)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    self.reads[index] += 1
+    return self.source[index]
+
+
+def test_decoded_cache_reads_each_record_once_and_changes_no_batch(world):
+  train, _, tok = world
+  epochs = 3 * TRAIN // 4  # three epochs of batches of 4
+  counted = CountingSource(train)
+  cached = _take(pipeline.training_pipeline(counted, tok, 4, process_index=0, process_count=1), epochs)
+  # Once for the pipeline's check of the first record, once for the cache: later epochs read memory
+  # (two reader threads may both miss a record read at the end of one epoch and the start of the next).
+  assert counted.reads[0] <= 2 and (counted.reads[1:] >= 1).all() and counted.reads[1:].sum() <= TRAIN + 1
+  uncounted = CountingSource(train)
+  plain = _take(pipeline.training_pipeline(uncounted, tok, 4, process_index=0, process_count=1,
+                                           decoded_cache_bytes=0), epochs)
+  assert uncounted.reads[1:].min() >= 3
+  for a, b in zip(cached, plain, strict=True):
+    assert set(a) == set(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_decoded_cache_keeps_records_read_only_within_its_budget_and_pickles_empty(world):
+  import pickle
+
+  train, _, _ = world
+  one = pipeline.DecodedCache(train)[0]
+  with pytest.raises(ValueError, match="read-only"):
+    one["image"][0, 0, 0] = 0
+  record_bytes = pipeline._nbytes(train[0])
+  counted = CountingSource(train)
+  small = pipeline.DecodedCache(counted, max_bytes=3 * record_bytes)
+  for _ in range(2):
+    for i in range(TRAIN):
+      small[i]
+  assert 0 < small.cached_bytes <= 3 * record_bytes
+  kept = int((counted.reads == 1).sum())
+  assert 1 <= kept <= 3 and (counted.reads[counted.reads != 1] == 2).all()
+  copy = pickle.loads(pickle.dumps(small))
+  assert copy.cached_bytes == 0 and len(copy) == TRAIN
+  np.testing.assert_array_equal(copy[5]["image"], train[5]["image"])

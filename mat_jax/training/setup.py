@@ -39,7 +39,8 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
       seed=config.seed, augmentations=tuple(config.data.augmentations),
       process_index=process_index, process_count=process_count, num_workers=workers,
       batch_transforms=tuple(extra_transforms),  # before the prefetch: off the training loop's thread
-      renderings_per_scene=config.data.renderings_per_scene)
+      renderings_per_scene=config.data.renderings_per_scene,
+      decoded_cache_bytes=config.data.decoded_cache_mb << 20)
   return iter(dataset)
 
 
