@@ -5,14 +5,23 @@ import os
 import shutil
 import tempfile
 
+# XLA options for the tests' compilations; tests that start processes of their own pass them on.
+TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false",
+                  "xla_cpu_parallel_codegen_split_count": "1"}
+
 # Must happen before jax is imported anywhere in the test session.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags = f"{_flags} --xla_force_host_platform_device_count=8"
-# The tests' programs are tiny: most of the suite's time is XLA compiling them, and LLVM at -O0 compiles
-# about twice as fast, while the programs, which run for milliseconds, barely slow down (docs/testing.md).
-if "xla_backend_optimization_level" not in _flags:
-  _flags = f"{_flags} --xla_backend_optimization_level=0"
+# The tests' programs are tiny: most of the suite's time is XLA compiling them. LLVM at -O0 compiles
+# about twice as fast; at -O0 XLA:CPU's older elemental emitters generate the fusions' code in about half
+# the time of its MLIR fusion emitters; and one LLVM module per program instead of several saves the
+# splitting when the two workers keep both cores busy anyway. The programs, which run for milliseconds,
+# barely slow down (docs/testing.md). Entry points keep XLA's defaults: at -O2 the emitters' choice
+# saves no compile time and the older ones run slower (docs/performance.md).
+for _name, _value in TEST_XLA_FLAGS.items():
+  if _name not in _flags:
+    _flags = f"{_flags} --{_name}={_value}"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub

@@ -7,3 +7,14 @@ MICRO_TOWERS = ("vision.image_size=16,vision.layers=1,vision.width=32,vision.hea
 # As `model.overrides` of a CLIP ("tiny") and of a BLIP ("blip-tiny") run.
 MICRO = f"{MICRO_TOWERS},projection_dim=32"
 MICRO_BLIP = f"{MICRO_TOWERS},embed_dim=32"
+
+
+def xla_flags(device_count: int | None = None) -> str:
+  """The session's XLA_FLAGS (conftest.py: its compile-time options) for a process a test starts, with
+  `device_count` simulated CPU devices instead of the session's eight (None: XLA's one)."""
+  import os
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if device_count is not None:
+    flags.append(f"--xla_force_host_platform_device_count={device_count}")
+  return " ".join(flags)

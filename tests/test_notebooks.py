@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import xla_flags
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -55,9 +57,9 @@ def kernel_env(tmp_path, monkeypatch):
       "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter_runtime"),   # the connection files
       "JUPYTER_PATH": str(_kernel_spec(tmp_path / "jupyter")),
       "JAX_PLATFORMS": "cpu",
-      # One device (the session's 8 simulated ones would only cost time) and cheap CPU code generation:
-      # the kernels spend most of their time compiling tiny programs that then run for milliseconds.
-      "XLA_FLAGS": "--xla_backend_optimization_level=0",
+      # One device (the session's 8 simulated ones would only cost time) and the session's cheap CPU code
+      # generation: the kernels spend most of their time compiling tiny programs that run for milliseconds.
+      "XLA_FLAGS": xla_flags(),
       # The second notebook reuses what the first compiled (same tiny model, same shapes).
       "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MICRO
+from helpers import MICRO, xla_flags
 
 BATCH = 16
 
@@ -78,7 +78,7 @@ def test_two_processes_make_the_update_of_one_process_with_8_devices(tmp_path, d
   _global_batch(config, tokenizer)                                  # and the dataset
   save_clip(model, tmp_path / "initial")
 
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(device_count=4), JAX_PLATFORMS="cpu")
   port = _free_port()
   workers = [subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
