@@ -3,6 +3,8 @@ augmentations, and evaluation sets."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -137,8 +139,9 @@ def test_hosts_together_read_the_one_host_stream(world):
       np.testing.assert_array_equal(host[key], single[key][i::2])
 
 
-def test_iterator_state_resumes_exactly_also_through_orbax(world, tmp_path):
-  dataset = _pipe(world, 4, augmentations="hflip,eda,i2t,t2i")
+@pytest.mark.parametrize("num_workers", [0, 1])  # accelerator hosts read through worker processes
+def test_iterator_state_resumes_exactly_also_through_orbax(world, tmp_path, num_workers):
+  dataset = _pipe(world, 4, augmentations="hflip,eda,i2t,t2i", num_workers=num_workers)
   it = iter(dataset)
   next(it)
   state = it.get_state()
@@ -222,12 +225,27 @@ def test_records_without_image_id_are_refused(world):
     pipeline.training_pipeline([], tok, 4, process_index=0, process_count=1)
 
 
-def test_worker_processes_deliver_the_same_batches(world):
+class RecordingTransform:
+  """A batch transform that notes the thread it runs on and marks the batch."""
+
+  def __init__(self):
+    self.threads = set()
+
+  def __call__(self, batch):
+    self.threads.add(threading.get_ident())
+    return {**batch, "transformed": np.ones(len(batch["image_ids"]))}
+
+
+def test_worker_processes_deliver_the_same_batches_and_transform_them_off_the_loop(world):
   threads = _take(_pipe(world, 4, seed=3), 2)
-  processes = _take(_pipe(world, 4, seed=3, num_workers=1), 2)
+  transform = RecordingTransform()
+  processes = _take(_pipe(world, 4, seed=3, num_workers=1, batch_transforms=[transform]), 2)
   for a, b in zip(threads, processes, strict=True):
     np.testing.assert_array_equal(a["image_ids"], b["image_ids"])
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    assert "transformed" in b
+  # The candidates of a text attack are prepared beside the training loop, not on its thread.
+  assert transform.threads and threading.get_ident() not in transform.threads
 
 
 def test_eval_set_holds_all_images_captions_and_index_maps(world):

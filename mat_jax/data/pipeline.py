@@ -352,10 +352,9 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   # which worker processes should not each load.
   for transform in batch_transforms:
     it = it.map(transform)
-  if num_workers > 0:
-    return it
-  # Batching, tokenising and the batch transforms happen after the reader threads; a background
-  # thread keeps them off the training loop's critical path too.
+  # What runs in this process after the reader threads or the workers (batching and tokenising without
+  # workers, the batch transforms either way) runs in a background thread, off the training loop's
+  # critical path.
   return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
 
 
