@@ -7,6 +7,7 @@ falls, the run's outputs (metrics, checkpoints, exported model), and the NaN sto
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -106,6 +107,33 @@ def test_fsdp_step_matches_one_device(case, one_device, devices):
   update = _update(state.params, run.params)
   reference, _ = one_device
   assert np.linalg.norm(update - reference) <= 1e-5 * np.linalg.norm(reference)
+
+
+class _UnusableGradient:
+  """An objective whose loss is 0 and whose gradient is infinite ("inf": the square root at 0) or finite
+  with a square that overflows float32 ("overflow": 1e20 times a parameter)."""
+
+  def __init__(self, kind):
+    self.kind = kind
+
+  def loss(self, encoder, params, batch, key, reference=None):
+    scale = encoder.logit_scale(params)
+    zero = scale - jax.lax.stop_gradient(scale)
+    return (jnp.sqrt(zero) if self.kind == "inf" else 1e20 * zero), {}
+
+
+@pytest.mark.parametrize("kind", ["inf", "overflow"])
+def test_a_step_with_an_unusable_gradient_changes_no_parameter(case, kind):
+  run, batch = case
+  mesh = mesh_lib.make_mesh("1")
+  shardings = step_lib.state_shardings(run.params, run.tx, run.is_trainable, mesh)
+  state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, shardings)
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, _UnusableGradient(kind), run.tx, run.is_trainable),
+                         shardings, mesh)
+  after, metrics = fn(state, mesh_lib.global_batch(batch, mesh), None)
+  assert float(metrics["loss"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
+  assert int(after.step) == 1 and int(after.bad_step) == 0
+  assert not np.any(_update(after.params, run.params))
 
 
 def test_vision_tower_only_leaves_the_text_tower(case, devices):
