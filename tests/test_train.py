@@ -287,3 +287,33 @@ def test_logged_metrics_are_fetched_after_the_next_step_is_dispatched(root, devi
   assert train_loop == ["step", "step", "step", "fetch", "step", "step", "fetch", "fetch"], events
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in logged] == [2, 4, 5]
+
+
+def test_the_host_runs_at_most_two_steps_ahead_of_the_device(root, devices, monkeypatch):
+  """Between metric fetches the loop waits for the step before last after each dispatch, so queued
+  steps (and their batches in device memory) stay bounded however long `log_every` is."""
+  events, outputs = [], []
+  make_train_step = loop.make_train_step
+
+  def recording_make_train_step(run):
+    step_fn, reference = make_train_step(run)
+
+    def step(state, batch, ref):
+      state, metrics = step_fn(state, batch, ref)
+      outputs.append(metrics)
+      events.append(f"step {len(outputs)}")
+      return state, metrics
+    return step, reference
+
+  block_until_ready = jax.block_until_ready
+
+  def recording_block_until_ready(x):
+    events.extend(f"wait {i + 1}" for i, out in enumerate(outputs) if out is x)
+    return block_until_ready(x)
+
+  monkeypatch.setattr(loop, "make_train_step", recording_make_train_step)
+  monkeypatch.setattr(loop.jax, "block_until_ready", recording_block_until_ready)
+  config = micro_config(root, train={"steps": 5, "log_every": 100, "checkpoint_every": 100})
+  loop.train(config, root / "in_flight", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  monkeypatch.undo()
+  assert events == ["step 1", "step 2", "step 3", "wait 1", "step 4", "wait 2", "step 5", "wait 3"], events

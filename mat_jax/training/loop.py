@@ -11,6 +11,7 @@ process takes part in checkpoints (each saves its own data-iterator position).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -39,6 +40,11 @@ from mat_jax.training import step as step_lib
 from mat_jax.workdir import WorkdirLock
 
 Log = Callable[[str], None]
+
+# Steps the host may dispatch ahead of the device. Unbounded, the loop would run up to `log_every` steps
+# ahead between two metric fetches, each queued step holding its batch (and its buffers) in device
+# memory, and the input pipeline would race the device for the host's cores; two keep the device fed.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLossError(errors.MatJaxError, RuntimeError):
@@ -308,6 +314,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
   last_metrics: dict[str, float] = {}
   pending: list[dict[str, jax.Array]] = []
+  in_flight: collections.deque[dict[str, jax.Array]] = collections.deque()
   # A logged step's metrics are fetched after the next step is dispatched: reading them waits for that
   # step to finish, and with the next one already queued the device does not idle while the host logs.
   deferred: tuple[int, list[dict[str, jax.Array]], jax.Array] | None = None
@@ -331,6 +338,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       local = next(data_iterator)
       state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
       pending.append(metrics)
+      in_flight.append(metrics)
+      if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
       if deferred is not None:
         logged_step, values, bad = jax.device_get(deferred)
         deferred = None
