@@ -9,6 +9,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mat_jax import config as config_lib
@@ -122,18 +123,27 @@ class _UnusableGradient:
     return (jnp.sqrt(zero) if self.kind == "inf" else 1e20 * zero), {}
 
 
+@pytest.mark.parametrize("skip", ["conditional", "select"])
 @pytest.mark.parametrize("kind", ["inf", "overflow"])
-def test_a_step_with_an_unusable_gradient_changes_no_parameter(case, kind):
+def test_a_step_with_an_unusable_gradient_changes_no_parameter(case, kind, skip, monkeypatch):
+  # Both ways of skipping the update: a conditional (XLA:CPU) and a select (accelerators).
+  monkeypatch.setattr(step_lib, "_skip_with_conditional", lambda: skip == "conditional")
   run, batch = case
+  tx = optax.adam(1e-2)  # a state that a skipped step must leave alone (the case's SGD has none)
   mesh = mesh_lib.make_mesh("1")
-  shardings = step_lib.state_shardings(run.params, run.tx, run.is_trainable, mesh)
-  state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, shardings)
-  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, _UnusableGradient(kind), run.tx, run.is_trainable),
+  shardings = step_lib.state_shardings(run.params, tx, run.is_trainable, mesh)
+  state = step_lib.create_state(run.params, tx, run.is_trainable, 0, shardings)
+  # One good step first, so the optimizer state is not all zeros; the state is donated: keep copies.
+  good = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, tx, run.is_trainable), shardings, mesh)
+  state, _ = good(state, mesh_lib.global_batch(batch, mesh), None)
+  params, opt_state = (jax.tree.map(np.array, tree) for tree in (state.params, state.opt_state))
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, _UnusableGradient(kind), tx, run.is_trainable),
                          shardings, mesh)
   after, metrics = fn(state, mesh_lib.global_batch(batch, mesh), None)
   assert float(metrics["loss"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
-  assert int(after.step) == 1 and int(after.bad_step) == 0
-  assert not np.any(_update(after.params, run.params))
+  assert int(after.step) == 2 and int(after.bad_step) == 1
+  assert not np.any(_update(after.params, params))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after.opt_state), opt_state)
 
 
 def test_vision_tower_only_leaves_the_text_tower(case, devices):
