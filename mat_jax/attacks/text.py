@@ -16,8 +16,8 @@ fixed-shape arrays (word pieces, substitutes' pieces); `text_attack` then runs e
    are re-scored against the changed text in the next step, so the result is the sequential one.
 
 Both passes are iterations of one `lax.while_loop` (the first is the importance pass), so the program holds
-one compiled encoder per length bucket instead of one per bucket and pass: that halves the attack's
-compile time (a ViT-B/16 MAT step compiles in about half the time), at the same run time.
+one compiled encoder per length bucket instead of one per bucket and pass: a ViT-B/16 MAT step compiles
+in about half the time, and runs no slower (docs/performance.md).
 
 Texts are built on device from word pieces (`assemble_pieces`), truncated as the tokenizer truncates, so
 no text returns to the host during the attack. A masked or substituted text equals its base text (the
