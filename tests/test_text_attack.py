@@ -468,8 +468,9 @@ def test_chunks_run_at_the_shortest_bucket_holding_their_longest_text():
   valid = rng.random(50) < 0.7
   buckets, chunk = (8, 16, 24), 4
   # Each result says which index and which padded length the encoder saw.
-  out = jax.jit(lambda v, s: _map_valid(lambda flat, length: (flat, jnp.full(flat.shape, length)), v, chunk, s,
-                                        buckets))(jnp.asarray(valid), jnp.asarray(sizes))
+  out = jax.jit(lambda v, s: _map_valid(lambda flat, length: (flat, jnp.full(flat.shape, length, jnp.int32)), v,
+                                        chunk, s, buckets, (jnp.int32, jnp.int32)))(jnp.asarray(valid),
+                                                                                   jnp.asarray(sizes))
   index, length = map(np.asarray, out)
   np.testing.assert_array_equal(index[valid], np.flatnonzero(valid))   # every valid index, in place
   assert (index[~valid] == 0).all() and (length[~valid] == 0).all()

@@ -240,10 +240,11 @@ def length_buckets(text_length: int) -> tuple[int, ...]:
 
 
 def _map_valid(fn: Callable[[jax.Array, int], Any], valid: jax.Array, chunk_size: int, sizes: jax.Array,
-               buckets: tuple[int, ...]) -> Any:
+               buckets: tuple[int, ...], dtypes: Any) -> Any:
   """fn(indices, length) over the flat indices where `valid` (T,) is True, in chunks of `chunk_size`;
   zeros elsewhere. `sizes` (T,) is the number of tokens each text needs encoded; `buckets` the static
-  lengths to pad to.
+  lengths to pad to; `dtypes` the pytree of dtypes of fn's outputs, one value per text each (given, not
+  found by tracing fn once more: each trace of fn is a trace of the text encoder).
 
   The valid indices are packed to the front, shortest text first, and a `while_loop` runs only the
   chunks that hold some, so padding (missing words and candidates, captions already done) costs less than
@@ -260,8 +261,7 @@ def _map_valid(fn: Callable[[jax.Array, int], Any], valid: jax.Array, chunk_size
   order = jnp.argsort(jnp.where(valid, sizes, buckets[-1] + 1), stable=True)
   packed = jnp.pad(order, (0, n_chunks * chunk - total))
   branches = [functools.partial(lambda length, flat: fn(flat, length), b) for b in buckets]
-  shapes = jax.eval_shape(branches[-1], packed[:chunk])
-  buffer = jax.tree.map(lambda x: jnp.zeros((n_chunks * chunk, *x.shape[1:]), x.dtype), shapes)
+  buffer = jax.tree.map(lambda dtype: jnp.zeros((n_chunks * chunk,), dtype), dtypes)
 
   def run(state):
     i, buffer = state
@@ -400,7 +400,8 @@ def _compiled_text_attack(encoder, params, candidates, guide, objective, max_cha
               + jnp.take_along_axis(c.sub_lengths, slots[..., None], axis=1))       # (N, A, K)
     _, sizes = _changed_span(c, _tokens_before(lengths[:, None], words_at)[..., None], totals, shares_prefix)
     values, differs = _map_valid(scored, jnp.where(ranked, exists.reshape(-1), importance_valid), chunk_size,
-                                 jnp.where(ranked, sizes.reshape(-1), importance_sizes), buckets)
+                                 jnp.where(ranked, sizes.reshape(-1), importance_sizes), buckets,
+                                 (jnp.float32, jnp.bool_))
 
     def rank_words(_):
       importance = jnp.where(c.target_valid, values[:N * A].reshape(N, A), -jnp.inf)
