@@ -459,7 +459,7 @@ def test_nan_right_after_a_restore_is_reported_as_a_damaged_checkpoint(root, tra
 def test_nan_starting_weights_are_not_blamed_on_the_learning_rate(root):
   config = micro_config(root)
   model, tokenizer = runs.model_from_config(config)
-  model.visual_projection.kernel.value = model.visual_projection.kernel.value.at[0, 0].set(jnp.nan)
+  model.visual_projection.kernel[...] = model.visual_projection.kernel[...].at[0, 0].set(jnp.nan)
   with pytest.raises(loop.NonFiniteWeightsError, match=r"starting model .* NaN/inf in 1 parameter arrays") as err:
     loop.train(config, root / "nan_weights", mesh_spec="1", log=_quiet, progress=False, evaluate=False,
                model=model, tokenizer=tokenizer)

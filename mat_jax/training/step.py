@@ -54,7 +54,7 @@ def trainable_filter(towers: str, train_logit_scale: bool = True) -> Callable[[t
 
 
 def split_params(params: nnx.State, is_trainable) -> tuple[nnx.State, nnx.State]:
-  trainable, frozen = params.split(is_trainable, ...)
+  trainable, frozen = nnx.split_state(params, is_trainable, ...)
   if not jax.tree.leaves(trainable):
     raise ValueError("no parameter is trainable with this train.towers setting")
   return trainable, frozen
@@ -73,7 +73,7 @@ def state_shardings(params: nnx.State, tx: optax.GradientTransformation, is_trai
   like the parameter they belong to, counters replicated."""
   replicated = NamedSharding(mesh, P())
   param_sh = mesh_lib.param_shardings(params, mesh, mode, rules)
-  trainable_sh, _ = param_sh.split(is_trainable, ...)
+  trainable_sh, _ = nnx.split_state(param_sh, is_trainable, ...)
   trainable, _ = split_params(params, is_trainable)
   abstract_opt = jax.eval_shape(tx.init, trainable)
   opt_sh = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, trainable_sh,
@@ -96,7 +96,7 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array], reference: nnx.State | None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    trainable, frozen = state.params.split(is_trainable, ...)
+    trainable, frozen = nnx.split_state(state.params, is_trainable, ...)
 
     def loss_fn(trainable_params):
       params = nnx.merge_state(trainable_params, frozen)
