@@ -18,9 +18,8 @@ On CPU, XLA's YNNPACK fusions make a cached executable slow to load: restoring o
 instructions by a linear search, so loading the tiny MAT step took 8.5 s of a 14 s warm start (3.6 s
 without them). Without them XLA:CPU runs the same dots through its other kernels at about the same speed
 (ViT-B/16 encoding as fast, the tiny pretraining step 4% slower; docs/performance.md), so entry points
-turn them off, unless `XLA_FLAGS` already
-names `--xla_cpu_experimental_ynn_fusion_type`. XLA reads its flags once, when the first backend starts;
-after that the setting is left alone.
+turn them off, unless `XLA_FLAGS` already names `--xla_cpu_experimental_ynn_fusion_type`. XLA reads its
+flags once, when the first backend starts; after that the setting is left alone.
 """
 
 from __future__ import annotations
