@@ -157,3 +157,43 @@ def test_json_turns_nan_into_null(tmp_path):
   path = ev.write_json({"asr": {"tr@1": math.nan, "ir@1": np.float32(12.5)}, "n": np.int64(3)},
                        tmp_path / "r.json")
   assert json.loads(path.read_text()) == {"asr": {"tr@1": None, "ir@1": 12.5}, "n": 3}
+
+
+def test_attacks_that_start_with_one_text_attack_run_it_once_per_batch(model_dir, monkeypatch):
+  # BERT-, Sep- and Co-Attack all begin with the KL BERT-Attack: one evaluation runs it once per batch
+  # and scores each attack exactly as an evaluation of that attack alone does.
+  from mat_jax.attacks import candidates as candidates_lib
+  from mat_jax.attacks import multimodal
+
+  victim = ev.load_victim(str(model_dir))
+  eval_set = _EvalSet(6)
+  calls = []
+  real = multimodal.bert_attack
+  monkeypatch.setattr(multimodal, "bert_attack", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  kw = dict(eval_set=eval_set, eps_255=(2.0,), batch_size=4, progress=False, settings=ev.AttackSettings(steps=2),
+            text_source=candidates_lib.LexiconSource(shapes.substitution_table()), keep_ranks=True)
+  together = ev.evaluate(victim, attacks=("bert", "sep", "co", "pgd"), **kw)
+  assert len(calls) == 2  # two batches, one text attack each
+  for attack, entry in together["attacks"].items():
+    alone = ev.evaluate(victim, attacks=(attack,), **kw)["attacks"][attack]
+    (eps_key, shared), = entry.items()
+    assert shared["recall"] == alone[eps_key]["recall"], attack
+    assert shared.get("captions_changed") == alone[eps_key].get("captions_changed"), attack
+    for ours, theirs in zip(shared["ranks"], alone[eps_key]["ranks"], strict=True):
+      np.testing.assert_array_equal(ours, theirs)
+  assert together["attacks"]["bert"]["text"]["captions_changed"] > 0  # the shared stage changed captions
+  assert len(calls) == 2 + 3 * 2  # alone, each text-changing attack ran its own
+
+
+def test_a_shared_text_stage_is_refused_where_the_attack_has_none(model_dir):
+  from mat_jax.attacks import runner, spec
+
+  victim = ev.load_victim(str(model_dir))
+  assert spec.get("sga").text_stage is None and spec.get("pgd").text_stage is None
+  assert spec.get("bert").text_stage == spec.get("co").text_stage == spec.get("sep").text_stage == ("kl", 1)
+  assert spec.get("mat").text_stage == spec.get("mmcoa").text_stage == ("image", 1)
+  images = jnp.zeros((1, SIZE, SIZE, 3))
+  ids = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="no shareable text stage"):
+    runner.run_attack(spec.get("pgd"), victim.encoder, victim.params, runner.AttackInputs(images, ids, ids),
+                      jax.random.key(0), text=object())

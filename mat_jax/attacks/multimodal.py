@@ -124,14 +124,17 @@ def _sga_images(encoder, params, images, adv_ids, adv_mask, weights, key, eps, s
 def separate_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
                key: jax.Array, caption_weights: jax.Array | None = None, *, eps, step_size, steps,
                norm: str = "linf", image_loss: str = "cosine", max_changes: int = 1,
-               chunk_size: int | None = None) -> MultimodalResult:
-  """Sep-Attack: independent BERT-Attack (KL objective) and image PGD (against the clean captions)."""
+               chunk_size: int | None = None, text: TextAttackResult | None = None) -> MultimodalResult:
+  """Sep-Attack: independent BERT-Attack (KL objective) and image PGD (against the clean captions).
+
+  text: the BERT-Attack result on these candidates, if already computed (`bert_attack`); None: run it.
+  """
   if image_loss not in IMAGE_LOSSES:
     raise ValueError(f"unknown image_loss {image_loss!r}; use one of {IMAGE_LOSSES}")
   b, k = images.shape[0], _captions_per_image(images, candidates)
   weights = _weights(caption_weights, b, k)
-  text = text_attack(encoder, params, candidates, None, objective="kl",
-                     **_text_kw(max_changes, chunk_size))
+  if text is None:
+    text = bert_attack(encoder, params, candidates, max_changes=max_changes, chunk_size=chunk_size)
   adv = _sep_images(encoder, params, images, candidates, weights, key, eps, step_size, steps, norm=norm,
                     image_loss=image_loss)
   return MultimodalResult(adv, text)
@@ -140,16 +143,17 @@ def separate_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, 
 def collaborative_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
               key: jax.Array, caption_weights: jax.Array | None = None, *, eps, steps, step_size=None,
               alpha: float = 3.0, norm: str = "linf", max_changes: int = 1,
-              chunk_size: int | None = None) -> MultimodalResult:
+              chunk_size: int | None = None, text: TextAttackResult | None = None) -> MultimodalResult:
   """Co-Attack: BERT-Attack (KL objective), then image PGD on the Co-Attack loss against its result.
 
   step_size: default eps / steps * 1.25, the reference's.
+  text: the BERT-Attack result on these candidates, if already computed (`bert_attack`); None: run it.
   """
   b, k = images.shape[0], _captions_per_image(images, candidates)
   weights = _weights(caption_weights, b, k)
   step_size = step_size_for(eps, steps, step_size, CO_STEP_SCALE)
-  text = text_attack(encoder, params, candidates, None, objective="kl",
-                     **_text_kw(max_changes, chunk_size))
+  if text is None:
+    text = bert_attack(encoder, params, candidates, max_changes=max_changes, chunk_size=chunk_size)
   adv = _co_images(encoder, params, images, text.input_ids, text.attention_mask, weights, key, eps, step_size,
                    steps, alpha, norm=norm)
   return MultimodalResult(adv, text)

@@ -60,17 +60,23 @@ class AttackResult:
 
 
 def run_attack(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs: AttackInputs, key: jax.Array,
-               reference: nnx.State | None = None, *, chunk_size: int | None = None) -> AttackResult:
+               reference: nnx.State | None = None, *, chunk_size: int | None = None,
+               text: TextAttackResult | None = None) -> AttackResult:
   """The adversarial batch of `spec` on `inputs` against `params`.
 
   reference: the parameters whose clean image features anchor the "feature" and "mava" losses (a
   defense's frozen original model); None: `params` themselves (the attacked model's own features).
   chunk_size: texts per encoder call in the text attack (None: its default).
+  text: the result of the spec's text stage (`AttackSpec.text_stage`) on these inputs, model and chunk
+  size, from an attack with the same stage (it is used as it is); None: the text attack runs here.
   """
   if spec.attacks_text and inputs.candidates is None:
     raise ValueError(f"attack {spec.name!r} changes captions and needs their candidates (inputs.candidates): "
                      "prepare them with mat_jax.attacks.multimodal.bucketed_candidates, or in training with "
                      "the input pipeline's AttachCandidates")
+  if text is not None and spec.text_stage is None:
+    raise ValueError(f"attack {spec.name!r} has no shareable text stage (AttackSpec.text_stage is None); "
+                     "pass text=None")
   images, cands, weights = inputs.images, inputs.candidates, inputs.caption_weights
   k = inputs.captions_per_image
   text_kw = dict(max_changes=spec.max_changes, chunk_size=chunk_size)
@@ -82,11 +88,11 @@ def run_attack(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs
     return AttackResult(r.images, r.text)
   if spec.kind == "text_then_image" and spec.loss == "co":
     r = multimodal.collaborative_attack(encoder, params, images, cands, key, weights, alpha=spec.alpha, **pgd_kw,
-                                        **text_kw)
+                                        **text_kw, text=text)
     return AttackResult(r.images, r.text)
   if spec.kind == "separate" and spec.loss in ("cosine", "kl"):
     r = multimodal.separate_attack(encoder, params, images, cands, key, weights, image_loss=spec.loss, **pgd_kw,
-                                   **text_kw)
+                                   **text_kw, text=text)
     return AttackResult(r.images, r.text)
   if spec.kind == "image" and spec.loss == "cosine":
     ids, mask = _per_image(inputs.input_ids), _per_image(inputs.attention_mask)
@@ -101,8 +107,7 @@ def run_attack(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs
 
   # The defenses' attacks: an optional text attack, then PGD on the defense's loss, guided by the
   # clean captions ("image", "separate") or by the adversarial ones ("text_then_image").
-  text = None
-  if spec.attacks_text:
+  if spec.attacks_text and text is None:
     text = _text(spec, encoder, params, images, cands, k, text_kw)
   if spec.kind == "text":
     return AttackResult(None, text)

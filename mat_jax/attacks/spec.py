@@ -125,6 +125,18 @@ class AttackSpec:
     return self.text_objective is not None
 
   @property
+  def text_stage(self) -> tuple[str, int] | None:
+    """What the text attack that starts this attack computes, for attacks that return its captions as
+    their own: (text objective, words changed). On one batch, with one model, candidates and chunk
+    size, attacks with equal stages change the captions identically (the text attack draws no random
+    numbers; its guide is the clean captions or the clean image), so an evaluation runs it once for
+    all of them: BERT-Attack, Sep-Attack and Co-Attack share ("kl", 1). None: no text attack, or SGA,
+    whose captions come from a second text attack guided by its adversarial image."""
+    if not self.attacks_text or self.kind == "sga":
+      return None
+    return self.text_objective, self.max_changes
+
+  @property
   def pgd_step(self) -> float:
     """The step of its PGD (`step_size_for`); APGD adapts its own."""
     return step_size_for(self.eps, self.steps, self.step_size, self.step_scale)
