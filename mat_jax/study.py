@@ -311,8 +311,8 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
         eval_set = pipeline.load_eval_set(corpora.data_source(builder, "test"), tokenizer,
                                           max_images=study["eval_images"] or None)
         sources = text_sources(study, tokenizer)
-    for attack in missing:
-      _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, eval_dir)
+    for group in evaluation_groups(missing, study["eps_255"]):
+      _evaluate_group(model, tokenizer, eval_set, sources, group, study, seed, eval_dir)
     collected[(arm.name, seed)] = {a: _read_eval(eval_dir, a) for a in arm.attacks}
     summary = " ".join(f"{a} {collected[(arm.name, seed)][a]['recall']['tr@1']:.1f}/"
                        f"{collected[(arm.name, seed)][a]['recall']['ir@1']:.1f}" for a in arm.attacks)
@@ -363,34 +363,59 @@ def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
   return {"collected": collected, "wall_seconds": None, "compilations": None, "cache_hits": None}
 
 
-def _evaluate_one(evaluate_lib, model, tokenizer, eval_set, sources, attack, study, seed, out: Path) -> None:
-  """One attack on one run, written to out/ATTACK.{json,npz} (meaning-aware: the shapes judge)."""
-  name = _evaluated_as(attack)
-  attacks = () if attack == "clean" else (name,)
-  source = sources["paraphrase" if attack == "paraphrase" else "bert"] if attack != "clean" else None
+def _source_name(attack: str) -> str | None:
+  """The candidate source an attack's text attack draws from (None: it changes no caption)."""
+  if attack == "clean" or _evaluated_as(attack) not in evaluate_lib.NEEDS_TEXT_SOURCE:
+    return None
+  return "paraphrase" if attack == "paraphrase" else "bert"
+
+
+def evaluation_groups(attacks: Sequence[str], eps_255: float) -> list[tuple[str, ...]]:
+  """A run's attacks as `evaluate` calls: the ones that begin with the same text attack on the same
+  candidate source together (one call runs that stage once per batch, `AttackSpec.text_stage`: bert,
+  sep and co), every other alone; in the order given."""
+  groups: dict[Any, list[str]] = {}
+  for attack in attacks:
+    name = _evaluated_as(attack)
+    stage = None if attack == "clean" else evaluate_lib.attack_spec(
+        name, evaluate_lib.AttackSettings(), None if name in TEXT_ONLY else eps_255 / 255).text_stage
+    groups.setdefault(attack if stage is None else (_source_name(attack), stage), []).append(attack)
+  return [tuple(group) for group in groups.values()]
+
+
+def _evaluate_group(model, tokenizer, eval_set, sources, attacks: Sequence[str], study, seed, out: Path) -> None:
+  """Attacks of one run in one `evaluate` call (`evaluation_groups`), each written to
+  out/ATTACK.{json,npz} (meaning-aware: the shapes judge). An attack's seconds: its own, plus an equal
+  share of what the call spent on all of them (clean features, candidates)."""
+  names = tuple(_evaluated_as(a) for a in attacks if a != "clean")
+  source = sources[_source_name(attacks[0])] if _source_name(attacks[0]) else None
   t0 = time.perf_counter()
-  result = evaluate_lib.evaluate(model, tokenizer=tokenizer, eval_set=eval_set, attacks=attacks,
+  result = evaluate_lib.evaluate(model, tokenizer=tokenizer, eval_set=eval_set, attacks=names,
                                  eps_255=(study["eps_255"],), text_source=source, batch_size=study["eval_batch"],
                                  seed=seed, progress=False, keep_ranks=True,
                                  judge=evaluate_lib.shapes_judge(eval_set))
-  if attack == "clean":
-    entry = {"recall": result["clean"], "asr": None}
-    ranks = result["clean_ranks"]
-  else:
-    entry = next(iter(result["attacks"][name].values()))
-    ranks = entry.pop("ranks")
-  arrays = {"tr": ranks[0], "ir": ranks[1], "text_to_image": result["text_to_image"]}
-  if "ranks_meaning_preserving" in entry:
-    arrays["tr_mp"], arrays["ir_mp"] = entry.pop("ranks_meaning_preserving")
-  entry = {k: v for k, v in entry.items() if k not in evaluate_lib.RANK_KEYS}
-  entry.update(attack=attack, n_images=int(result["num_images"]), seconds=time.perf_counter() - t0,
-               eps_255=0.0 if attack == "clean" or attack in TEXT_ONLY else float(study["eps_255"]))
+  entries = {a: None if a == "clean" else next(iter(result["attacks"][_evaluated_as(a)].values()))
+             for a in attacks}
+  own = {a: 0.0 if e is None else e["seconds"] for a, e in entries.items()}
+  shared = max(time.perf_counter() - t0 - sum(own.values()), 0.0) / len(attacks)
   out.mkdir(parents=True, exist_ok=True)
-  # The ranks last: the .npz marks the evaluation finished.
-  evaluate_lib.write_json(entry, out / f"{attack}.json")
-  tmp = out / f"{attack}.tmp.npz"
-  np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-  tmp.replace(out / f"{attack}.npz")
+  for attack, entry in entries.items():
+    if entry is None:
+      entry, ranks = {"recall": result["clean"], "asr": None}, result["clean_ranks"]
+    else:
+      entry = dict(entry)
+      ranks = entry.pop("ranks")
+    arrays = {"tr": ranks[0], "ir": ranks[1], "text_to_image": result["text_to_image"]}
+    if "ranks_meaning_preserving" in entry:
+      arrays["tr_mp"], arrays["ir_mp"] = entry.pop("ranks_meaning_preserving")
+    entry = {k: v for k, v in entry.items() if k not in evaluate_lib.RANK_KEYS}
+    entry.update(attack=attack, n_images=int(result["num_images"]), seconds=own[attack] + shared,
+                 eps_255=0.0 if attack == "clean" or attack in TEXT_ONLY else float(study["eps_255"]))
+    # The ranks last: the .npz marks the evaluation finished.
+    evaluate_lib.write_json(entry, out / f"{attack}.json")
+    tmp = out / f"{attack}.tmp.npz"
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    tmp.replace(out / f"{attack}.npz")
 
 
 def _is_current(eval_dir: Path, attack: str) -> bool:

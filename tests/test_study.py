@@ -418,3 +418,12 @@ def test_a_text_attacks_evaluation_without_the_restored_ranks_is_rerun(tmp_path)
   np.savez(tmp_path / "co.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2,
            tr_mp=np.zeros(2), ir_mp=np.zeros(4))
   assert study._is_current(tmp_path, "co")
+
+
+def test_attacks_that_begin_with_one_text_attack_are_evaluated_together():
+  # bert, sep and co start with the same KL BERT-Attack on the MLM's candidates: one evaluate call runs
+  # it once per batch. The paraphrase control is BERT-Attack on other candidates: its own call.
+  attacks = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
+  assert study.evaluation_groups(attacks, 2.0) == [("clean",), ("pgd",), ("bert", "sep", "co"), ("sga",),
+                                                   ("paraphrase",)]
+  assert study.evaluation_groups(("co", "clean", "bert"), 2.0) == [("co", "bert"), ("clean",)]
