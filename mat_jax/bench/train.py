@@ -19,7 +19,8 @@ autograd on the pixels, then `loss.backward()` and `optimizer.step()`), and batc
 the text attack's texts built once on the host, then encoded in three calls, no host round trip in the
 step) in the variants of `--torch` (eager or torch.compile, float32 or bf16 autocast, on JAX's device;
 `mat_jax.bench.torch_reference`), the strongest reference. All pad texts to the same length and see
-the same candidates. Printed: images/s of each, the ratio, mat_jax's achieved GFLOP/s (XLA's count of the
+the same candidates. The implementations are timed round by round, one step of each per round, so a
+change in the machine's speed hits them alike. Printed: images/s of each, the ratio, mat_jax's achieved GFLOP/s (XLA's count of the
 step, in which a loop body counts once: a lower bound) as a fraction of the device's peak (a known
 accelerator's data sheet, else a matmul measured in the run), and the number of compilations of the step in
 the run (one per batch shape). The batch is `--batch` images per device (8 on CPU, 64 on an accelerator);
@@ -56,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="images per device (default: 8 on CPU, 64 on an accelerator)")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="mat_jax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps of each implementation (median)")
+  parser.add_argument("--steps", type=int, default=3,
+                      help="timed steps of each implementation (median), one of each per round")
   parser.add_argument("--top-k", type=int, default=10, help="candidates per word")
   parser.add_argument("--max-targets", type=int, default=8, help="attackable words per caption")
   parser.add_argument("--no-torch", action="store_true", help="time mat_jax only")
@@ -329,31 +331,28 @@ def run(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   common.block(jax_step())
   first_call = time.perf_counter() - start
-  jax_seconds = common.time_call(jax_step, warmup=0, min_seconds=0.0, min_calls=args.steps,
-                                 max_calls=args.steps)
-  metrics = jax.device_get(jax_step())
-  compile_seconds = first_call - jax_seconds
-  rows = [["mat_jax (jit)", global_batch / jax_seconds, jax_seconds, 1.0]]  # speed-up: its time / mat_jax's
-  print(f"mat_jax: {jax_seconds:.3f} s/step; compiled in {compile_seconds:.1f}s; loss {float(metrics['loss']):.3f}, "
-        f"captions changed {float(metrics['text_changed']):.2f}")
-
+  programs = {"mat_jax (jit)": (jax_step, common.block)}
   if not args.no_torch:
     hf.train()
     device = torch_reference.device()
     sync = torch_reference.synchronizer(device)
     variants = torch_reference.parse_variants(args.torch)
     settings = dict(eps=2 / 255, step_size=1 / 255, steps=2, lr=1e-5, device=device)
-    references = {"PyTorch eager, per-caption loop": TorchMAT(hf, batch, meta, **settings)}
+    programs["PyTorch eager, per-caption loop"] = (TorchMAT(hf, batch, meta, **settings).step, sync)
     for variant in variants:
-      references[f"{variant.name}, batched"] = BatchedTorchMAT(hf, batch, meta, variant=variant, **settings)
-    for name, reference in references.items():
-      seconds = common.time_call(reference.step, warmup=1, min_seconds=0.0, min_calls=args.steps,
-                                 max_calls=args.steps, sync=sync)
-      rows.append([name, global_batch / seconds, seconds, seconds / jax_seconds])
-      # Each figure as it is measured: a run cut short (a slow torch.compile) keeps what it measured.
-      print(f"{name}: {seconds:.3f} s/step (mat_jax {seconds / jax_seconds:.2f}x)", flush=True)
-    print(f"PyTorch: {torch_reference.describe(variants, device)} "
-          "(the batched step's variants)")
+      programs[f"{variant.name}, batched"] = (BatchedTorchMAT(hf, batch, meta, variant=variant, **settings).step, sync)
+  # One step of each implementation per round, so the machine's drift hits them alike (the ratio is
+  # taken under the same conditions); each first call is a warm-up.
+  seconds, _ = common.interleaved_medians(programs, rounds=args.steps, seconds=0.0)
+  jax_seconds = seconds["mat_jax (jit)"]
+  metrics = jax.device_get(jax_step())
+  compile_seconds = first_call - jax_seconds
+  print(f"mat_jax: {jax_seconds:.3f} s/step; compiled in {compile_seconds:.1f}s; loss {float(metrics['loss']):.3f}, "
+        f"captions changed {float(metrics['text_changed']):.2f}")
+  # Speed-up: the implementation's time / mat_jax's.
+  rows = [[name, global_batch / t, t, t / jax_seconds] for name, t in seconds.items()]
+  if not args.no_torch:
+    print(f"PyTorch: {torch_reference.describe(variants, device)} (the batched step's variants)")
 
   common.print_table("MAT train step", ["implementation", "images/s", "s/step", "mat_jax speed-up"], rows)
   if flops > 0:
