@@ -20,12 +20,12 @@ the text attack's texts built once on the host, then encoded in three calls, no 
 step) in the variants of `--torch` (eager or torch.compile, float32 or bf16 autocast, on JAX's device;
 `mat_jax.bench.torch_reference`), the strongest reference. All pad texts to the same length and see
 the same candidates. The implementations are timed round by round, one step of each per round, so a
-change in the machine's speed hits them alike. Printed: images/s of each, the ratio, mat_jax's achieved GFLOP/s (XLA's count of the
-step, in which a loop body counts once: a lower bound) as a fraction of the device's peak (a known
-accelerator's data sheet, else a matmul measured in the run), and the number of compilations of the step in
-the run (one per batch shape). The batch is `--batch` images per device (8 on CPU, 64 on an accelerator);
-mat_jax computes in `--dtype` (auto: bfloat16 on GPU/TPU, the mixed-precision policy of `python -m
-mat_jax.train`).
+change in the machine's speed hits them alike. Printed: images/s of each, the ratio, mat_jax's achieved
+GFLOP/s (XLA's count of the step, in which a loop body counts once: a lower bound) as a fraction of the
+device's peak (a known accelerator's data sheet, else a matmul measured in the run), and the number of
+compilations of the step in the run (one per batch shape). The batch is `--batch` images per device (8
+on CPU, 64 on an accelerator); mat_jax computes in `--dtype` (auto: bfloat16 on GPU/TPU, the
+mixed-precision policy of `python -m mat_jax.train`).
 """
 
 from __future__ import annotations
