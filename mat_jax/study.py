@@ -388,7 +388,8 @@ def _evaluate_group(model, tokenizer, eval_set, sources, attacks: Sequence[str],
   out/ATTACK.{json,npz} (meaning-aware: the shapes judge). An attack's seconds: its own, plus an equal
   share of what the call spent on all of them (clean features, candidates)."""
   names = tuple(_evaluated_as(a) for a in attacks if a != "clean")
-  source = sources[_source_name(attacks[0])] if _source_name(attacks[0]) else None
+  source_name = _source_name(attacks[0])  # one per group
+  source = sources[source_name] if source_name else None
   t0 = time.perf_counter()
   result = evaluate_lib.evaluate(model, tokenizer=tokenizer, eval_set=eval_set, attacks=names,
                                  eps_255=(study["eps_255"],), text_source=source, batch_size=study["eval_batch"],
