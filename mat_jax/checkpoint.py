@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -221,38 +222,42 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     _quiet_late_read_errors()
     self.check_compatible(step)
+    stored = self._stored_metadata(step)
+    if stored is not None and _array_shapes(stored) != _array_shapes(abstract_state):
+      # Refused from the metadata, before any array is read: a restore Orbax aborts part-way leaves
+      # TensorStore reads running on a closed event loop.
+      raise self._misfit(step, _shape_difference(_array_shapes(stored), _array_shapes(abstract_state)))
     try:
       state = self.manager.restore(step, args=ocp.args.Composite(
           **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
     except ValueError as err:
-      if self._shapes_fit(step, abstract_state):
-        # The stored arrays have this state's shapes: the files themselves are unreadable.
+      if stored is None or _arrays(stored) == _arrays(abstract_state):
+        # The stored arrays are this state's (or their metadata is unreadable): the files are damaged.
         reason = f"its files cannot be read ({_one_line(err)})"
         raise DamagedCheckpointError(f"checkpoint {self.step_dir(step)}: {reason}", reason) from err
-      # A structure or shape mismatch the fingerprint did not catch. Orbax's own advice
+      # A mismatch the fingerprint and the shapes did not catch (dtypes). Orbax's own advice
       # (partial_restore, strict=False) would resume a different run: name the real fix instead.
       detail = str(err).split("If this mismatch")[0].split(" Truncating/padding")[0].strip()
-      detail = detail if len(detail) <= 600 else detail[:600] + " ..."  # Orbax may list every parameter
-      raise IncompatibleCheckpointError(
-          f"the checkpoint at step {step} in {self.directory} does not fit this run's train state "
-          f"(a setting that changes the parameters or the optimizer state differs):\n  "
-          + detail.replace("\n", "\n  ") + "\n"
-          "Use a fresh --workdir, or restore the original settings to resume.") from err
+      raise self._misfit(step, detail if len(detail) <= 600 else detail[:600] + " ...") from err
     if data_iterator is not None:
       import grain
       self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
     return state
 
-  def _shapes_fit(self, step: int, abstract_state: Any) -> bool:
-    """Whether the stored arrays' (shape, dtype) multiset is the target's; True too when the metadata
-    itself cannot be read (then the checkpoint is damaged, not of another run)."""
+  def _misfit(self, step: int, detail: str) -> IncompatibleCheckpointError:
+    return IncompatibleCheckpointError(
+        f"the checkpoint at step {step} in {self.directory} does not fit this run's train state "
+        f"(a setting that changes the parameters or the optimizer state differs):\n  "
+        + detail.replace("\n", "\n  ") + "\n"
+        "Use a fresh --workdir, or restore the original settings to resume.")
+
+  def _stored_metadata(self, step: int) -> Any:
+    """The stored train state's array metadata, or None when it cannot be read (damage, which the
+    restore then reports)."""
     try:
-      stored = self.manager.item_metadata(step)[STATE]
-      have = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(stored))
+      return self.manager.item_metadata(step)[STATE]
     except Exception:  # noqa: BLE001  unreadable metadata: damage
-      return True
-    want = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(abstract_state))
-    return have == want
+      return None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -281,6 +286,34 @@ class _NoUnretrievedTaskErrors(logging.Filter):
 
 
 _previous_unraisablehook = sys.unraisablehook
+
+
+def _array_shapes(tree: Any) -> list[tuple[int, ...]]:
+  """The sorted shapes of a tree's arrays: what a checkpoint and a train state must share, whatever
+  their containers (Orbax's metadata is plain dicts, the state dataclasses and optimizer tuples)."""
+  return sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _arrays(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  """The sorted (shape, dtype) of a tree's arrays."""
+  return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+
+
+def _shape_difference(stored: list[tuple[int, ...]], wanted: list[tuple[int, ...]]) -> str:
+  """E.g. `the checkpoint holds 4 arrays, this run's state 6; only in this run's state: 2 of shape (4, 3)`."""
+  have, want = Counter(stored), Counter(wanted)
+
+  def listing(counts: Counter) -> str:
+    items = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{n} of shape {shape}" for shape, n in items[:6])
+    return shown + (f" and {len(items) - 6} more shapes" if len(items) > 6 else "")
+
+  parts = [f"the checkpoint holds {len(stored)} arrays, this run's state {len(wanted)}"]
+  if have - want:
+    parts.append("only in the checkpoint: " + listing(have - want))
+  if want - have:
+    parts.append("only in this run's state: " + listing(want - have))
+  return "; ".join(parts)
 
 
 def _quiet_late_read_errors() -> None:

@@ -147,6 +147,11 @@ def test_state_that_does_not_fit_the_checkpoint_is_refused_clearly(tmp_path):
   before = _tree_listing(tmp_path)
   targets = {"structure": {"params": params, "opt": optax.sgd(0.1, momentum=0.9).init(params)},
              "shape": {"params": {"w": jnp.ones((4, 4)), "b": jnp.zeros(3)}, "opt": optax.sgd(0.1).init(params)}}
+  differences = {
+      "structure": "the checkpoint holds 2 arrays, this run's state 4; only in this run's state: 1 of shape (3,), "
+                   "1 of shape (4, 3)",
+      "shape": "the checkpoint holds 2 arrays, this run's state 2; only in the checkpoint: 1 of shape (4, 3); "
+               "only in this run's state: 1 of shape (4, 4)"}
   for kind, target in targets.items():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
@@ -155,6 +160,8 @@ def test_state_that_does_not_fit_the_checkpoint_is_refused_clearly(tmp_path):
     message = str(err.value)
     assert f"checkpoint at step 5 in {tmp_path / 'checkpoints'}" in message, kind
     assert "fresh --workdir" in message and "partial_restore" not in message, kind
+    # Refused from the stored metadata, before Orbax reads any array.
+    assert differences[kind] in message, (kind, message)
   assert _tree_listing(tmp_path) == before
   with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:  # the right target still works
     restored = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
