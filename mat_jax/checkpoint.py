@@ -222,16 +222,17 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     _quiet_late_read_errors()
     self.check_compatible(step)
-    stored = self._stored_metadata(step)
-    if stored is not None and _array_shapes(stored) != _array_shapes(abstract_state):
+    stored, wanted = self._stored_arrays(step), _arrays(abstract_state)
+    stored_shapes, wanted_shapes = [shape for shape, _ in stored or ()], [shape for shape, _ in wanted]
+    if stored is not None and stored_shapes != wanted_shapes:
       # Refused from the metadata, before any array is read: a restore Orbax aborts part-way leaves
       # TensorStore reads running on a closed event loop.
-      raise self._misfit(step, _shape_difference(_array_shapes(stored), _array_shapes(abstract_state)))
+      raise self._misfit(step, _shape_difference(stored_shapes, wanted_shapes))
     try:
       state = self.manager.restore(step, args=ocp.args.Composite(
           **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
     except ValueError as err:
-      if stored is None or _arrays(stored) == _arrays(abstract_state):
+      if stored is None or stored == wanted:
         # The stored arrays are this state's (or their metadata is unreadable): the files are damaged.
         reason = f"its files cannot be read ({_one_line(err)})"
         raise DamagedCheckpointError(f"checkpoint {self.step_dir(step)}: {reason}", reason) from err
@@ -251,11 +252,11 @@ class Checkpointer:
         + detail.replace("\n", "\n  ") + "\n"
         "Use a fresh --workdir, or restore the original settings to resume.")
 
-  def _stored_metadata(self, step: int) -> Any:
-    """The stored train state's array metadata, or None when it cannot be read (damage, which the
-    restore then reports)."""
+  def _stored_arrays(self, step: int) -> list[tuple[tuple[int, ...], str]] | None:
+    """The stored train state's sorted (shape, dtype) per array, from Orbax's metadata; None when that
+    cannot be read (damage, which the restore then reports)."""
     try:
-      return self.manager.item_metadata(step)[STATE]
+      return _arrays(self.manager.item_metadata(step)[STATE])
     except Exception:  # noqa: BLE001  unreadable metadata: damage
       return None
 
@@ -288,14 +289,9 @@ class _NoUnretrievedTaskErrors(logging.Filter):
 _previous_unraisablehook = sys.unraisablehook
 
 
-def _array_shapes(tree: Any) -> list[tuple[int, ...]]:
-  """The sorted shapes of a tree's arrays: what a checkpoint and a train state must share, whatever
-  their containers (Orbax's metadata is plain dicts, the state dataclasses and optimizer tuples)."""
-  return sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
-
-
 def _arrays(tree: Any) -> list[tuple[tuple[int, ...], str]]:
-  """The sorted (shape, dtype) of a tree's arrays."""
+  """The sorted (shape, dtype) of a tree's arrays: what a checkpoint and a train state must share,
+  whatever their containers (Orbax's metadata is plain dicts, the state dataclasses and optimizer tuples)."""
   return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
 
 
