@@ -421,6 +421,23 @@ def test_bert_source_reads_each_word_at_its_own_position(bert_tok):
   assert c.substitutes[0][:3] == (("crimson",), ("box",), ())
 
 
+def test_bert_source_skips_special_and_unknown_tokens(bert_tok):
+  """A one-piece word's list leaves out special tokens and ids beyond the tokenizer's vocabulary (an MLM
+  with a padded output layer) without ending there; the logit threshold still ends it."""
+  index = {t: i for i, t in enumerate(BERT_VOCAB)}
+  width = len(BERT_VOCAB) + 3  # ids the tokenizer does not have
+  table = np.zeros((len(BERT_VOCAB), width), np.float32)
+  table[index["red"], [index["[SEP]"], width - 1, index["crimson"], index["[MASK]"], index["red"]]] = [
+      9.5, 9.2, 9.0, 8.0, 5.0]
+
+  def mlm(ids, mask):
+    return jnp.asarray(table)[ids]
+
+  assert BertMLMSource(mlm, bert_tok, top_k=5, min_logit=None)([["red"]])[0][0] == ["crimson", "red"]
+  assert BertMLMSource(mlm, bert_tok, top_k=5, min_logit=6.0)([["red"]])[0][0] == ["crimson"]
+  assert BertMLMSource(mlm, bert_tok, top_k=2, min_logit=None)([["red"]])[0][0] == []
+
+
 def test_bert_source_matches_a_direct_computation(bert_tok):
   """Batched, bucketed BERT forwards == one caption at a time, straight from the MLM; multi-piece words
   rank combinations of their pieces' top-4 tokens by perplexity."""

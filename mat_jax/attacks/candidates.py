@@ -241,6 +241,7 @@ class BertMLMSource(_CachedSource):
     self._special = frozenset(hf.all_special_tokens)
     self._id_to_token = hf.convert_ids_to_tokens
     self._tokens_to_string = hf.convert_tokens_to_string
+    self._vocabulary: tuple[np.ndarray, np.ndarray] | None = None  # (token of each id, id is special)
 
   def _batches(self, n: int):
     for lo in range(0, n, self.batch_size):
@@ -264,6 +265,7 @@ class BertMLMSource(_CachedSource):
         ids[row, :len(flat) + 2] = [tok.start_id, *flat, tok.end_id]
         mask[row, :len(flat) + 2] = 1
       values, indices = (np.asarray(a) for a in self._top_tokens(self._params, ids, mask))
+      single: list[tuple[int, int, int, int]] = []  # (caption, word, row, position) of one-piece words
       for row, caption in enumerate(pieces[lo:hi]):
         n = lo + row
         start = 0
@@ -275,24 +277,43 @@ class BertMLMSource(_CachedSource):
           # +1: position 0 holds [CLS] (the references' off-by-one reads `first` here).
           at = slice(first + 1, first + 1 + count)
           if count == 1:
-            results[n][w] = self._single_piece(values[row, at][0], indices[row, at][0])
+            single.append((n, w, row, first + 1))
           else:
             top = indices[row, at][:self.max_combination_pieces, :self.combination_top]
             # islice: the product of many pieces' top lists is exponential; only its first ones are kept.
             combos.append((n, w, list(itertools.islice(itertools.product(*top.tolist()), self.max_combinations))))
+      if single:
+        _, _, rows, positions = zip(*single, strict=True)
+        for (n, w, _, _), words in zip(single, self._single_piece_words(values[rows, positions],
+                                                                         indices[rows, positions]), strict=True):
+          results[n][w] = words
     if combos:
       self._rank_combinations(combos, results)
     return results
 
-  def _single_piece(self, values: np.ndarray, indices: np.ndarray) -> list[str]:
-    words = []
-    for value, index in zip(values[:self.top_k], indices[:self.top_k], strict=True):
-      if self.min_logit is not None and value < self.min_logit:
-        break
-      token = self._id_to_token(int(index))
-      if token not in self._special:  # [SEP], [MASK], ... are not words
-        words.append(token)
-    return words
+  def _single_piece_words(self, values: np.ndarray, indices: np.ndarray) -> list[list[str]]:
+    """The substitutes of one-piece words from their MLM top tokens (M, k): each word's `top_k` tokens,
+    cut at the first logit under `min_logit` (the references' threshold), without special tokens
+    ([SEP], [MASK], ... are not words). One vocabulary lookup for all of them instead of a tokenizer
+    call per token: this runs for every caption the training pipeline has not seen yet."""
+    values, indices = values[:, :self.top_k], indices[:, :self.top_k]
+    tokens, special = self._vocabulary_lookup(indices)
+    keep = ~special
+    if self.min_logit is not None:
+      keep &= np.cumprod(~(values < self.min_logit), axis=-1, dtype=bool)  # stop at the first one below
+    return [[t for t, k in zip(word_tokens, word_keep, strict=True) if k]
+            for word_tokens, word_keep in zip(tokens.tolist(), keep.tolist(), strict=True)]
+
+  def _vocabulary_lookup(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(token string, not a word) of each id in `indices`: special tokens are not words, nor are ids
+    beyond the tokenizer's vocabulary (a model whose output layer is padded), which have no token."""
+    if self._vocabulary is None:
+      tokens = self._id_to_token(list(range(len(self.tokenizer.hf))))
+      self._vocabulary = (np.asarray(tokens + [None], dtype=object),
+                          np.asarray([t in self._special for t in tokens] + [True], bool))
+    tokens, special = self._vocabulary
+    looked_up = np.minimum(indices, len(tokens) - 1)  # the last entry stands for every id beyond
+    return tokens[looked_up], special[looked_up]
 
   def _rank_combinations(self, combos, results) -> None:
     """Rank each multi-piece word's combinations by MLM perplexity, all words in padded batches."""
@@ -390,13 +411,19 @@ def _round_up(x: int, multiple: int) -> int:
 _PIECES_MEMO: weakref.WeakKeyDictionary[Tokenizer, dict[str, tuple[int, ...]]] = weakref.WeakKeyDictionary()
 
 
-def _word_pieces(tokenizer: Tokenizer, words: Iterable[str]) -> list[tuple[int, ...]]:
+def _pieces_memo(tokenizer: Tokenizer, words: Iterable[str]) -> dict[str, tuple[int, ...]]:
+  """The tokenizer's memo of word pieces, holding every word of `words` (the new ones encoded in one call)."""
   memo = _PIECES_MEMO.setdefault(tokenizer, {})
-  words = list(words)
   missing = list(dict.fromkeys(w for w in words if w not in memo))
   if missing:
     for word, pieces in zip(missing, tokenizer.encode_words(missing), strict=True):
       memo[word] = tuple(int(p) for p in pieces)
+  return memo
+
+
+def _word_pieces(tokenizer: Tokenizer, words: Iterable[str]) -> list[tuple[int, ...]]:
+  words = list(words)
+  memo = _pieces_memo(tokenizer, words)
   return [memo[w] for w in words]
 
 
@@ -477,10 +504,15 @@ def prepare_candidates(
                      f"{captions[worst]!r}; raise max_words (at most {capacity} words ever fit)")
 
   raw = source([list(words) for words in kept_words])
-  word_pieces = [_word_pieces(tokenizer, words) for words in kept_words]
+  filtered = [[filter_substitutes(word, subs, stop_words) for word, subs in zip(words, raw[n], strict=True)]
+              for n, words in enumerate(kept_words)]
+  # Every word and substitute tokenised at once (the memo holds those seen in earlier batches).
+  memo = _pieces_memo(tokenizer, itertools.chain((w for words in kept_words for w in words),
+                                                 (s for caption in filtered for subs in caption for s in subs)))
+  word_pieces = [[memo[w] for w in words] for words in kept_words]
   mask = mask_word_pieces(tokenizer)
 
-  # Filter and tokenise substitutes; locate attackable words.
+  # Tokenised substitutes; locate attackable words.
   per_word: list[list[list[str]]] = []
   per_word_pieces: list[list[list[tuple[int, ...]]]] = []
   targets: list[list[int]] = []
@@ -488,23 +520,23 @@ def prepare_candidates(
     offset = 0
     caption_subs, caption_pieces, caption_targets = [], [], []
     for w, word in enumerate(words):
-      subs = filter_substitutes(word, raw[n][w], stop_words)
-      pieces = _word_pieces(tokenizer, subs)
+      own = word_pieces[n][w]
       kept, kept_pieces = [], []
-      for s, p in zip(subs, pieces, strict=True):
+      for sub in filtered[n][w]:
+        pieces = memo[sub]
         # Same pieces as the word (a case variant, an unknown word that maps to the same [UNK]...) or as an
         # earlier candidate: the same text, so the same score; keep the first.
-        if p and p != word_pieces[n][w] and p not in kept_pieces and (max_pieces is None or len(p) <= max_pieces):
-          kept.append(s)
-          kept_pieces.append(p)
+        if pieces and pieces != own and pieces not in kept_pieces and (max_pieces is None or len(pieces) <= max_pieces):
+          kept.append(sub)
+          kept_pieces.append(pieces)
       if top_k is not None:
         kept, kept_pieces = kept[:top_k], kept_pieces[:top_k]
-      in_context = offset < capacity and len(word_pieces[n][w]) > 0
+      in_context = offset < capacity and len(own) > 0
       if kept and in_context and word not in stop_words:
         caption_targets.append(w)
       else:
         kept, kept_pieces = [], []
-      offset += len(word_pieces[n][w])
+      offset += len(own)
       caption_subs.append(kept)
       caption_pieces.append(kept_pieces)
     per_word.append(caption_subs)
