@@ -237,11 +237,8 @@ class BertMLMSource(_CachedSource):
 
     self._top_tokens = jax.jit(top_tokens)
     self._piece_losses = jax.jit(piece_losses)
-    hf = tokenizer.hf
-    self._special = frozenset(hf.all_special_tokens)
-    self._id_to_token = hf.convert_ids_to_tokens
-    self._tokens_to_string = hf.convert_tokens_to_string
-    self._vocabulary: tuple[np.ndarray, np.ndarray] | None = None  # (token of each id, id is special)
+    self._tokens_to_string = tokenizer.hf.convert_tokens_to_string
+    self._vocabulary: tuple[np.ndarray, np.ndarray] | None = None  # (token of each id, id is not a word)
 
   def _batches(self, n: int):
     for lo in range(0, n, self.batch_size):
@@ -251,7 +248,8 @@ class BertMLMSource(_CachedSource):
     tok = self.tokenizer
     capacity = self.max_length - 2
     # Pieces of every word, and where each word starts in [CLS] + pieces + [SEP].
-    pieces = [_word_pieces(tok, words) for words in captions]
+    memo = _pieces_memo(tok, (w for words in captions for w in words))
+    pieces = [[memo[w] for w in words] for words in captions]
     results: list[list[list[str]]] = [[[] for _ in words] for words in captions]
     combos: list[tuple[int, int, list[tuple[int, ...]]]] = []
     for lo, hi in self._batches(len(captions)):
@@ -297,8 +295,8 @@ class BertMLMSource(_CachedSource):
     ([SEP], [MASK], ... are not words). One vocabulary lookup for all of them instead of a tokenizer
     call per token: this runs for every caption the training pipeline has not seen yet."""
     values, indices = values[:, :self.top_k], indices[:, :self.top_k]
-    tokens, special = self._vocabulary_lookup(indices)
-    keep = ~special
+    tokens, not_words = self._vocabulary_lookup(indices)
+    keep = ~not_words
     if self.min_logit is not None:
       keep &= np.cumprod(~(values < self.min_logit), axis=-1, dtype=bool)  # stop at the first one below
     return [[t for t, k in zip(word_tokens, word_keep, strict=True) if k]
@@ -308,12 +306,13 @@ class BertMLMSource(_CachedSource):
     """(token string, not a word) of each id in `indices`: special tokens are not words, nor are ids
     beyond the tokenizer's vocabulary (a model whose output layer is padded), which have no token."""
     if self._vocabulary is None:
-      tokens = self._id_to_token(list(range(len(self.tokenizer.hf))))
+      hf = self.tokenizer.hf
+      tokens, special = hf.convert_ids_to_tokens(list(range(len(hf)))), frozenset(hf.all_special_tokens)
       self._vocabulary = (np.asarray(tokens + [None], dtype=object),
-                          np.asarray([t in self._special for t in tokens] + [True], bool))
-    tokens, special = self._vocabulary
+                          np.asarray([t in special for t in tokens] + [True], bool))
+    tokens, not_words = self._vocabulary
     looked_up = np.minimum(indices, len(tokens) - 1)  # the last entry stands for every id beyond
-    return tokens[looked_up], special[looked_up]
+    return tokens[looked_up], not_words[looked_up]
 
   def _rank_combinations(self, combos, results) -> None:
     """Rank each multi-piece word's combinations by MLM perplexity, all words in padded batches."""
@@ -334,10 +333,10 @@ class BertMLMSource(_CachedSource):
       start += len(cands)
       order = np.argsort(ppl, kind="stable")
       words = []
+      tokens, not_words = self._vocabulary_lookup(np.asarray(cands, np.intp))
       for j in order:
-        tokens = self._id_to_token([int(t) for t in cands[j]])
-        if not any(t in self._special for t in tokens):
-          words.append(self._tokens_to_string(tokens))
+        if not not_words[j].any():
+          words.append(self._tokens_to_string(tokens[j].tolist()))
       results[n][w] = words
 
 
@@ -419,12 +418,6 @@ def _pieces_memo(tokenizer: Tokenizer, words: Iterable[str]) -> dict[str, tuple[
     for word, pieces in zip(missing, tokenizer.encode_words(missing), strict=True):
       memo[word] = tuple(int(p) for p in pieces)
   return memo
-
-
-def _word_pieces(tokenizer: Tokenizer, words: Iterable[str]) -> list[tuple[int, ...]]:
-  words = list(words)
-  memo = _pieces_memo(tokenizer, words)
-  return [memo[w] for w in words]
 
 
 def mask_word_pieces(tokenizer: Tokenizer) -> tuple[int, ...]:
