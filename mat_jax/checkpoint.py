@@ -223,11 +223,12 @@ class Checkpointer:
     _quiet_late_read_errors()
     self.check_compatible(step)
     stored, wanted = self._stored_arrays(step), _arrays(abstract_state)
-    stored_shapes, wanted_shapes = [shape for shape, _ in stored or ()], [shape for shape, _ in wanted]
-    if stored is not None and stored_shapes != wanted_shapes:
-      # Refused from the metadata, before any array is read: a restore Orbax aborts part-way leaves
-      # TensorStore reads running on a closed event loop.
-      raise self._misfit(step, _shape_difference(stored_shapes, wanted_shapes))
+    if stored is not None:
+      stored_shapes, wanted_shapes = [shape for shape, _ in stored], [shape for shape, _ in wanted]
+      if stored_shapes != wanted_shapes:
+        # Refused from the metadata, before any array is read: a restore Orbax aborts part-way leaves
+        # TensorStore reads running on a closed event loop.
+        raise self._misfit(step, _shape_difference(stored_shapes, wanted_shapes))
     try:
       state = self.manager.restore(step, args=ocp.args.Composite(
           **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
