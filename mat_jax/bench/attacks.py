@@ -134,31 +134,18 @@ def run_pgd(args: argparse.Namespace) -> dict:
     feats = hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output.float()
     return -(torch.nn.functional.normalize(feats, dim=-1) * text_torch).sum()
 
-  def torch_pgd(loss, x0):
-    # The references' loop (SGA's ImageAttacker): symmetric start, sign step, project, clip.
-    adv = (x0 + torch.empty_like(x0).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-      adv.requires_grad_(True)
-      grad, = torch.autograd.grad(loss(adv), adv)
-      adv = adv.detach() + step_size * grad.sign()
-      adv = torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(0, 1)
-    return adv
-
   # Agreement: the two compute the same loss gradient (the attacks then differ only by random start).
-  grad_j = np.asarray(jax_step(params, x, text)).transpose(0, 3, 1, 2)
   pixels = x_torch.clone().requires_grad_(True)
   grad_t, = torch.autograd.grad(-torch_loss(pixels), pixels)  # jax_step differentiates the negated sum
-  grad_t = -grad_t.cpu().numpy()
-  rel = float(np.abs(grad_j - grad_t).max() / max(np.abs(grad_t).max(), 1e-30))
-  sign_agree = float(np.mean(np.sign(grad_j) == np.sign(grad_t)))
-  print(f"agreement with PyTorch float32 eager: loss gradient max rel diff {rel:.2e}, sign agreement "
-        f"{100 * sign_agree:.2f}%")
+  agreement = torch_reference.gradient_agreement(jax_step(params, x, text), -grad_t.cpu().numpy())
+  print(f"agreement with PyTorch float32 eager: {agreement}")
 
   key = jax.random.key(0)
   programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block)}
   for variant in variants:  # the loss is what torch.compile sees; the loop and autograd.grad stay eager
     loss = variant.wrap(torch_loss, device)
-    programs[variant.name] = (lambda loss=loss: torch_pgd(loss, x_torch), torch_sync)
+    programs[variant.name] = (lambda loss=loss: torch_reference.linf_pgd(
+        loss, x_torch, eps=eps, step_size=step_size, steps=steps), torch_sync)
   median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
   adv = np.asarray(jax_pgd(params, x, text, key))
   assert np.abs(adv - images).max() <= eps + 1e-6

@@ -19,7 +19,7 @@ import numpy as np
 
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
-from mat_jax.bench import common
+from mat_jax.bench import common, torch_reference
 from mat_jax.models import split
 from mat_jax.models.blip import BLIP_PRESETS, blip_config_to_hf, load_blip
 
@@ -82,26 +82,14 @@ def run(args: argparse.Namespace) -> int:
     cls = hf.vision_model(pixel_values=(pixels - mean) / std).last_hidden_state[:, 0]
     return -(torch.nn.functional.normalize(hf.vision_proj(cls), dim=-1) * text_torch).sum()
 
-  def torch_pgd():
-    adv = (x_torch + torch.empty_like(x_torch).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-      adv.requires_grad_(True)
-      grad, = torch.autograd.grad(torch_loss(adv), adv)
-      adv = adv.detach() + step_size * grad.sign()
-      adv = torch.min(torch.max(adv, x_torch - eps), x_torch + eps).clamp(0, 1)
-    return adv
-
   # Agreement: both differentiate the same loss (jax_grad's sum is of the negated cosine, as torch_loss).
-  grad_j = np.asarray(jax_grad(params, x, text)).transpose(0, 3, 1, 2)
   pixels = x_torch.clone().requires_grad_(True)
   grad_t, = torch.autograd.grad(torch_loss(pixels), pixels)
-  grad_t = grad_t.numpy()
-  rel = float(np.abs(grad_j - grad_t).max() / max(np.abs(grad_t).max(), 1e-30))
-  print(f"agreement: loss gradient max rel diff {rel:.2e}, sign agreement "
-        f"{100 * float(np.mean(np.sign(grad_j) == np.sign(grad_t))):.2f}%")
+  print(f"agreement: {torch_reference.gradient_agreement(jax_grad(params, x, text), grad_t.numpy())}")
 
   key = jax.random.key(0)
-  programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block), "pytorch": (torch_pgd, lambda t: t)}
+  programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block), "pytorch": (
+      lambda: torch_reference.linf_pgd(torch_loss, x_torch, eps=eps, step_size=step_size, steps=steps), lambda t: t)}
   median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
   rows = [[name, batch / median[name], median[name], median["pytorch"] / median[name], calls[name]]
           for name in programs]

@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 MODES = ("eager", "compile")
 PRECISIONS = ("float32", "bf16")
@@ -109,3 +110,28 @@ def describe(variants: list[Variant], device: Any) -> str:
                 "bf16": "bf16 autocast"}
   return (f"PyTorch {torch.__version__} on {device.type}: "
           + ", ".join(f"{v.mode} {precisions[v.precision]}" for v in variants))
+
+
+def linf_pgd(loss: Callable[[Any], Any], x0: Any, *, eps: float, step_size: float, steps: int) -> Any:
+  """The references' L∞ PGD loop (SGA's ImageAttacker) on NCHW pixels in [0, 1]: a uniform start in the
+  ball, `steps` sign-gradient ascent steps on `loss` (a scalar), each projected onto the ball and clipped."""
+  import torch
+
+  adv = (x0 + torch.empty_like(x0).uniform_(-eps, eps)).clamp(0, 1)
+  for _ in range(steps):
+    adv.requires_grad_(True)
+    grad, = torch.autograd.grad(loss(adv), adv)
+    adv = adv.detach() + step_size * grad.sign()
+    adv = torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(0, 1)
+  return adv
+
+
+def gradient_agreement(grad_jax: Any, grad_torch: Any) -> str:
+  """How closely a JAX pixel gradient (NHWC) matches PyTorch's (NCHW) of the same loss: the largest
+  difference relative to PyTorch's largest entry, and the share of entries whose signs agree (what a
+  sign-gradient attack steps on)."""
+  grad_jax = np.asarray(grad_jax).transpose(0, 3, 1, 2)
+  grad_torch = np.asarray(grad_torch)
+  rel = float(np.abs(grad_jax - grad_torch).max() / max(np.abs(grad_torch).max(), 1e-30))
+  signs = float(np.mean(np.sign(grad_jax) == np.sign(grad_torch)))
+  return f"loss gradient max rel diff {rel:.2e}, sign agreement {100 * signs:.2f}%"
