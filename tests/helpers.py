@@ -18,3 +18,46 @@ def xla_flags(device_count: int | None = None) -> str:
   if device_count is not None:
     flags.append(f"--xla_force_host_platform_device_count={device_count}")
   return " ".join(flags)
+
+
+def numpy_initialised(cls, cfg, draw, seed: int = 0):
+  """`cls(cfg, ...)` with every parameter from `draw(path, leaf, rng)`, drawn with numpy: no compiled random
+  kernel per parameter shape, which would cost a test file seconds of compilation."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(lambda path, leaf: draw(path, leaf, rng), state))
+
+
+def save_micro_clip(directory, *, image_size: int = 16, std: float = 0.02):
+  """A random one-block CLIP on the shapes tokenizer, saved with the tokenizer in the transformers layout
+  under `directory` (LayerNorm scales one, biases and the logit scale zero, weights normal(0, std))."""
+  import json
+
+  import jax.numpy as jnp
+
+  from mat_jax.data import shapes
+  from mat_jax.models import CLIP, save_clip
+  from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
+
+  tok_dir = shapes.build_tokenizer(directory)
+  vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
+  cfg = CLIPConfig(
+      vision=VisionConfig(image_size=image_size, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
+      text=TextConfig(vocab_size=vocab, context_length=shapes.DEFAULT_CONTEXT_LENGTH, width=32, layers=1,
+                      heads=2, mlp_dim=64, eos_token_id=3, bos_token_id=2, pad_token_id=0),
+      projection_dim=16)
+
+  def draw(path, leaf, rng):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if name == "bias" or "logit_scale" in str(path):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+  save_clip(numpy_initialised(CLIP, cfg, draw), directory)
+  return directory

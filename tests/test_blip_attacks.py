@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from mat_jax import evaluate as ev
 from mat_jax import evaluate_cli
@@ -18,6 +16,8 @@ from mat_jax.data import shapes
 from mat_jax.models import BLIP, CLIP, save_blip, save_clip, split
 from mat_jax.models.blip import BlipConfig, BlipTextConfig, BlipVisionConfig
 from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
+
+import helpers
 
 SIZE = 16
 
@@ -33,12 +33,9 @@ class _EvalSet:
 
 
 def _init(cls, cfg, seed: int = 0):
-  """Random parameters drawn with numpy (no compiled random kernel per parameter shape); biases and LN
-  off their init so every part of the model matters."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
+  """Random parameters with biases and LayerNorms off their init, so every part of the model matters."""
 
-  def init(path, leaf):
+  def draw(path, leaf, rng):
     if "logit_scale" in str(path):
       return jnp.asarray(np.log(1 / 0.07), leaf.dtype)
     name = str(getattr(path[-1], "key", path[-1]))
@@ -46,7 +43,7 @@ def _init(cls, cfg, seed: int = 0):
     std = 0.05 if name in ("scale", "bias") else 0.2
     return jnp.asarray(base + rng.normal(0.0, std, leaf.shape), leaf.dtype)
 
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+  return helpers.numpy_initialised(cls, cfg, draw, seed)
 
 
 @pytest.fixture(scope="module")

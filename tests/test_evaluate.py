@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from mat_jax import evaluate as ev
 from mat_jax import evaluate_cli
 from mat_jax.data import shapes
-from mat_jax.models import CLIP, save_clip
-from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
+
+import helpers
 
 SIZE = 16
 
@@ -34,32 +33,7 @@ class _EvalSet:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   """A random micro CLIP saved in the transformers layout, with the shapes tokenizer beside it."""
-  directory = tmp_path_factory.mktemp("micro_clip")
-  tok_dir = shapes.build_tokenizer(directory)
-  vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
-  cfg = CLIPConfig(
-      vision=VisionConfig(image_size=SIZE, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
-      text=TextConfig(vocab_size=vocab, context_length=shapes.DEFAULT_CONTEXT_LENGTH, width=32, layers=1,
-                      heads=2, mlp_dim=64, eos_token_id=3, bos_token_id=2, pad_token_id=0),
-      projection_dim=16)
-  save_clip(_init(cfg), directory)
-  return directory
-
-
-def _init(cfg: CLIPConfig) -> CLIP:
-  """Random parameters drawn with numpy (no compiled random kernel per parameter shape)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(0)
-
-  def init(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "scale":
-      return jnp.ones(leaf.shape, leaf.dtype)
-    if name == "bias" or "logit_scale" in str(path):
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    return jnp.asarray(rng.normal(0.0, 0.02, leaf.shape), leaf.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+  return helpers.save_micro_clip(tmp_path_factory.mktemp("micro_clip"), image_size=SIZE, std=0.02)
 
 
 def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatch, capsys):
