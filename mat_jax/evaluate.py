@@ -359,8 +359,14 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     if attack in NEEDS_TEXT_SOURCE:
       entry["captions_changed"] = int(changed.sum())
       if judge is not None:
-        entry.update(meaning_preserving_scores(adv_img, adv_txt, clean_txt, changed, flipped, text_to_image,
-                                               clean_ranks))
+        # The same adversarial set with every label-flipped caption back to its clean text, ranked as the
+        # clean and attacked sets are (ITM re-ranking included). A caption's embedding depends on that
+        # caption alone, so restoring its tokens restores its clean embedding row.
+        flip = flipped[:, None]
+        restored_ranks = ranks_of(adv_img, np.where(flip, clean_txt, adv_txt),
+                                  np.where(flip, target_tokens.input_ids, adv_ids),
+                                  np.where(flip, target_tokens.attention_mask, adv_mask), adv_pixels)
+        entry.update(meaning_preserving_scores(changed, flipped, clean_ranks, restored_ranks))
         if not keep_ranks:
           del entry["ranks_meaning_preserving"]
     entry["seconds"] = time.perf_counter() - start
@@ -385,25 +391,21 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   return out
 
 
-def meaning_preserving_scores(adv_img: np.ndarray, adv_txt: np.ndarray, clean_txt: np.ndarray, changed: np.ndarray,
-                              flipped: np.ndarray, text_to_image: np.ndarray, clean_ranks) -> dict[str, Any]:
+def meaning_preserving_scores(changed: np.ndarray, flipped: np.ndarray, clean_ranks, restored_ranks) -> dict[str, Any]:
   """Meaning-aware scores of one text-perturbing attack (see `evaluate`'s docstring).
 
-  adv_img (N, D), adv_txt (T, D), clean_txt (T, D): the target's embeddings of the adversarial images,
-  adversarial captions and clean captions; changed / flipped (T,) bool: captions the attack changed /
-  changed captions that no longer describe their image. A caption's embedding depends on that caption
-  alone, so restoring a flipped caption restores its clean embedding row.
+  changed / flipped (T,) bool: captions the attack changed / changed captions that no longer describe
+  their image; restored_ranks: the ranks of the adversarial set with every flipped caption restored,
+  computed as the clean ranks were (`clean_ranks`).
   """
   if (flipped & ~changed).any():
     raise ValueError("a caption counts as label-flipped but the attack did not change it")
   n_changed = int(changed.sum())
-  kept = np.where(flipped[:, None], clean_txt, adv_txt)
-  ranks = metrics.retrieval_ranks(adv_img @ kept.T, text_to_image)
   return {
       "label_flip_share": float(flipped.sum()) / n_changed if n_changed else float("nan"),
-      "recall_meaning_preserving": metrics.recall_from_ranks(*ranks),
-      "asr_meaning_preserving": metrics.attack_success_rate(clean_ranks, ranks),
-      "ranks_meaning_preserving": ranks,
+      "recall_meaning_preserving": metrics.recall_from_ranks(*restored_ranks),
+      "asr_meaning_preserving": metrics.attack_success_rate(clean_ranks, restored_ranks),
+      "ranks_meaning_preserving": restored_ranks,
   }
 
 

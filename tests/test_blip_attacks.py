@@ -144,6 +144,19 @@ def test_text_attack_scores_blip_captions_whole(dirs):
   assert (np.asarray(result.objective)[changed] > np.asarray(result.clean_objective)[changed]).all()
 
 
+def test_meaning_preserving_scores_are_reranked_like_the_rest(dirs):
+  """With every changed caption judged a label flip, the restored set of a text-only attack is the clean
+  set: its recall is the clean recall and its ASR zero, under ITM re-ranking as under ITC alone."""
+  victim = ev.load_victim(str(dirs["blip"]))
+  for itm_k in (None, 4):
+    results = ev.evaluate(victim, eval_set=_EvalSet(12), attacks=("bert",), text_source=_lexicon(),
+                          batch_size=4, progress=False, itm_k=itm_k, judge=lambda caption, text: False)
+    entry = results["attacks"]["bert"]["text"]
+    assert entry["captions_changed"] > 0 and entry["label_flip_share"] == 1.0
+    assert entry["recall_meaning_preserving"] == results["clean"]
+    assert all(v == 0.0 for v in entry["asr_meaning_preserving"].values() if v is not None)
+
+
 def test_transfer_between_clip_and_blip(dirs):
   eval_set = _EvalSet(4)
   blip, clip = ev.load_victim(str(dirs["blip"])), ev.load_victim(str(dirs["clip"]))

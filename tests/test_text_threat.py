@@ -151,8 +151,9 @@ def test_meaning_preserving_scores_by_hand():
   flipped = np.zeros(6, bool)
   flipped[0] = True
   clean_ranks = metrics.retrieval_ranks(images @ clean_txt.T, text_to_image)
-  scores = evaluate_lib.meaning_preserving_scores(images, adv_txt, clean_txt, changed, flipped, text_to_image,
-                                                  clean_ranks)
+  restored_txt = np.where(flipped[:, None], clean_txt, adv_txt)  # what `evaluate` ranks for these scores
+  scores = evaluate_lib.meaning_preserving_scores(changed, flipped, clean_ranks,
+                                                  metrics.retrieval_ranks(images @ restored_txt.T, text_to_image))
   assert scores["label_flip_share"] == 0.5
   # Caption 0 restored: only caption 2 is wrong (it points at image 2). IR@1: 5 of 6 captions right.
   assert math.isclose(scores["recall_meaning_preserving"]["ir@1"], 100 * 5 / 6)
@@ -160,12 +161,10 @@ def test_meaning_preserving_scores_by_hand():
   # TR: each image's best caption still ranks first (image 1 keeps caption 3; image 2's own captions score
   # 1 > 0.9) -> no TR loss.
   assert scores["recall_meaning_preserving"]["tr@1"] == 100.0
-  none = evaluate_lib.meaning_preserving_scores(images, clean_txt, clean_txt, np.zeros(6, bool),
-                                                np.zeros(6, bool), text_to_image, clean_ranks)
+  none = evaluate_lib.meaning_preserving_scores(np.zeros(6, bool), np.zeros(6, bool), clean_ranks, clean_ranks)
   assert math.isnan(none["label_flip_share"]) and none["recall_meaning_preserving"]["ir@1"] == 100.0
   with pytest.raises(ValueError, match="did not change"):
-    evaluate_lib.meaning_preserving_scores(images, adv_txt, clean_txt, flipped & False, flipped, text_to_image,
-                                           clean_ranks)
+    evaluate_lib.meaning_preserving_scores(flipped & False, flipped, clean_ranks, clean_ranks)
 
 
 def test_shapes_judge():
