@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir", help="where an ImageFolder is built (default $MAT_JAX_DATA_DIR or "
                                     "~/.cache/mat_jax/datasets)")
   p.add_argument("--num-images", type=int, default=980, help="shapes-world sets: images to render")
-  p.add_argument("--limit", type=int, help="evaluate the first N images only")
+  p.add_argument("--limit", type=int, help="evaluate N images only, taken from the classes in turn")
   p.add_argument("--attacks", type=ev.comma_names(ATTACKS, "zero-shot attacks"),
                  help=f"{','.join(ATTACKS)} (default: all that apply)")
   p.add_argument("--eps", type=ev.comma_floats, default=[1.0, 2.0, 4.0], help="budgets in 1/255 units, e.g. 1,2,4")

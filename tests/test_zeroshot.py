@@ -186,6 +186,21 @@ def test_image_folder_builds_once_with_sorted_labels_and_clip_preprocessing(tmp_
   assert sorted(split_builder.info.splits.keys()) == ["test", "train"]
   assert len(imagefolder.load_classification_set(split_builder, "test")) == 2
   assert len(imagefolder.load_classification_set(split_builder, "train", limit=3)) == 3
+  # A limit samples the classes in turn, not the first class's images (records are stored class by class).
+  limited = imagefolder.load_classification_set(rebuilt, limit=4)
+  np.testing.assert_array_equal(limited.labels, [0, 0, 1, 2])  # each class's first image, then blue's second
+  np.testing.assert_array_equal(limited.images, again.images[[0, 1, 2, 4]])
+
+
+def test_classes_in_turn():
+  labels = np.array([2, 2, 0, 0, 0, 1, 2, 1])
+  np.testing.assert_array_equal(classification.classes_in_turn(labels, 3), [0, 2, 5])  # first of 0, 1, 2
+  np.testing.assert_array_equal(classification.classes_in_turn(labels, 5), [0, 2, 3, 5, 7])  # then the second of 0, 1
+  np.testing.assert_array_equal(classification.classes_in_turn(labels, 8), np.arange(8))
+  cyclic = np.arange(20) % 7  # a set already in turn (the shapes sets) keeps its first images
+  np.testing.assert_array_equal(classification.classes_in_turn(cyclic, 9), np.arange(9))
+  data = classification.ClassificationSet(np.zeros((8, 2, 2, 3), np.uint8), labels, ("a", "b", "c"))
+  np.testing.assert_array_equal(data.take(3).labels, [2, 0, 1])
 
 
 def test_image_folder_bad_input_names_the_problem(tmp_path):

@@ -60,10 +60,24 @@ class ClassificationSet:
     return len(self.images)
 
   def take(self, limit: int | None) -> "ClassificationSet":
-    """The first `limit` images (all when None)."""
+    """`limit` images, the classes in turn (`classes_in_turn`; all when None)."""
     if limit is None or limit >= len(self):
       return self
-    return dataclasses.replace(self, images=self.images[:limit], labels=self.labels[:limit])
+    keep = classes_in_turn(self.labels, limit)
+    return dataclasses.replace(self, images=self.images[keep], labels=self.labels[keep])
+
+
+def classes_in_turn(labels: np.ndarray, limit: int) -> np.ndarray:
+  """Indices (in set order) of `limit` images taken class by class in turn: every class's k-th image,
+  in set order, before any class's (k+1)-th. A set stored class after class (an ImageFolder) is then
+  limited to an even sample of its classes, not to its first few; a set whose labels already cycle
+  through the classes in label order keeps its first `limit` images."""
+  labels = np.asarray(labels)
+  by_class = np.argsort(labels, kind="stable")
+  sorted_labels = labels[by_class]
+  turn = np.empty(len(labels), np.int64)
+  turn[by_class] = np.arange(len(labels)) - np.searchsorted(sorted_labels, sorted_labels)  # k within the class
+  return np.sort(np.lexsort((labels, turn))[:limit])
 
 
 def _with_article(phrase: str) -> str:

@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 
 from mat_jax import paths
 from mat_jax.data import corpora
-from mat_jax.data.classification import ClassificationSet
+from mat_jax.data.classification import ClassificationSet, classes_in_turn
 from mat_jax.data.corpora import CorpusError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -168,12 +168,19 @@ def build_image_folder(root: str | os.PathLike, *, image_size: int = 224, data_d
 
 def load_classification_set(builder: tfds.core.DatasetBuilder, split: str = SINGLE_SPLIT,
                             limit: int | None = None) -> ClassificationSet:
-  """The split's images (uint8) and labels in memory, with the class names prompts read."""
+  """The split's images (uint8) and labels in memory, with the class names prompts read.
+
+  limit: at most this many images, the classes in turn (`classification.classes_in_turn`): the records
+  are stored class after class, so their first `limit` would cover only the first few classes."""
   source = corpora.data_source(builder, split)
-  n = len(source) if limit is None else min(limit, len(source))
-  if n == 0:
+  if len(source) == 0:
     raise CorpusError(f"split {split!r} of {builder.data_path} holds no images")
-  records = [source[i] for i in range(n)]
+  rows = range(len(source))
+  if limit is not None and limit < len(source):
+    # The labels alone, read without decoding a single image.
+    labels_only = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    rows = classes_in_turn(np.asarray([int(labels_only[i]["label"]) for i in rows]), limit)
+  records = [source[int(i)] for i in rows]
   images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
   labels = np.asarray([int(r["label"]) for r in records], np.int32)
   folders = builder.info.features["label"].names
