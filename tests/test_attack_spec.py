@@ -70,6 +70,8 @@ def test_specs_are_checked_and_share_one_step_rule():
     attack_specs.get("mat").replace(text_objective=None)
   with pytest.raises(ValueError, match="outside"):
     attack_specs.get("pgd").replace(eps=2.0)
+  with pytest.raises(ValueError, match="L-inf budgets only"):
+    attack_specs.get("mava").replace(norm="l2", eps=0.5)
   settings = ev.AttackSettings(steps=5, norm="l2", max_changes=2)
   spec = ev.attack_spec("mat", settings, 0.5)
   assert (spec.eps, spec.steps, spec.norm, spec.max_changes) == (0.5, 5, "l2", 2)

@@ -108,6 +108,9 @@ class AttackSpec:
                        f"its text attack with {fixed!r}, not {self.text_objective!r}")
     if self.norm not in NORMS:
       raise InputError(f"attack {self.name!r}: unknown norm {self.norm!r}; use one of {NORMS}")
+    if self.loss == "mava" and self.norm != "linf":
+      raise InputError(f"attack {self.name!r}: MAVA's noisy neighbours are drawn per pixel in U(-beta eps, "
+                       f"beta eps), which is defined for L-inf budgets only; use norm 'linf', not {self.norm!r}")
     checks.check_eps(self.eps, norm=self.norm, name=f"{self.name}: eps")
     checks.check_steps(self.steps, name=f"{self.name}: steps", minimum=0)
     if self.step_size is not None:
