@@ -249,10 +249,11 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   captions = np.asarray(eval_set.captions)
   text_to_image = np.asarray(eval_set.text_to_image, np.int64)
   n_images = len(eval_set.images)
+  caption_index = np.arange(len(captions))  # each evaluated caption's index in eval_set (what a judge is given)
   if limit is not None and limit < n_images:
     n_images = int(limit)
     keep = text_to_image < n_images
-    captions, text_to_image = captions[keep], text_to_image[keep]
+    captions, text_to_image, caption_index = captions[keep], text_to_image[keep], caption_index[keep]
   if len(captions) != len(text_to_image):
     raise ValueError(f"{len(captions)} captions but {len(text_to_image)} text_to_image entries")
   image_to_texts = _image_to_texts(text_to_image, n_images)
@@ -343,7 +344,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
           if attacker is not target:
             adv_strings[c] = strings[f]
           if judge is not None and changed[c]:
-            flipped[c] = not judge(int(c), strings[f])
+            flipped[c] = not judge(int(caption_index[c]), strings[f])
       bar.update(1)
     if adv_strings is not None:
       tokens = target.tokenizer(adv_strings)

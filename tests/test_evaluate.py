@@ -171,3 +171,24 @@ def test_a_shared_text_stage_is_refused_where_the_attack_has_none(model_dir):
   with pytest.raises(ValueError, match="no shareable text stage"):
     runner.run_attack(spec.get("pgd"), victim.encoder, victim.params, runner.AttackInputs(images, ids, ids),
                       jax.random.key(0), text=object())
+
+
+def test_a_judge_gets_indices_into_the_evaluation_set(model_dir):
+  """With a limit, the evaluated captions are a subset; the judge still gets each one's index in the set,
+  also where the captions are not stored image by image."""
+  from mat_jax.attacks import candidates as candidates_lib
+
+  data = _EvalSet(4)
+  order = np.argsort(np.arange(len(data.captions)) % 2, kind="stable")  # even positions first, then odd
+  data.captions, data.text_to_image = data.captions[order], data.text_to_image[order]
+  seen = []
+
+  def judge(index, caption):
+    seen.append(index)
+    return True
+
+  results = ev.evaluate(ev.load_victim(str(model_dir)), eval_set=data, attacks=("bert",), limit=2,
+                        text_source=candidates_lib.LexiconSource(shapes.substitution_table()), progress=False,
+                        judge=judge)
+  assert results["attacks"]["bert"]["text"]["captions_changed"] == len(seen) > 0
+  assert all(data.text_to_image[i] < 2 for i in seen)
