@@ -68,10 +68,13 @@ class Checkpointer:
   """Periodic Orbax saves of (train state, data iterator, fingerprint), keep-N, resume."""
 
   def __init__(self, workdir: str | os.PathLike, fingerprint: Mapping[str, Any], *, max_to_keep: int = 3,
-               async_save: bool = True, reader: bool = False):
+               async_save: bool = True, reader: bool = False, pipeline: Mapping[str, Any] | None = None):
+    """pipeline: how the input pipeline is laid out (worker processes, hosts), saved beside its position:
+    Grain stores one position per worker and host, which only a pipeline of the same layout can resume."""
     self.workdir = Path(workdir).absolute()
     self.directory = self.workdir / "checkpoints"
     self.fingerprint = dict(fingerprint)
+    self.pipeline = None if pipeline is None else dict(pipeline)
     self._unsealed: list[int] = []  # steps saved by this process whose checksums are not written yet
     # A reader (the evaluator reading a run's model) must not remove the temporary directory of a save
     # that a live run is writing.
@@ -98,8 +101,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return
-    stored = self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    saved = stored.get("fingerprint", {})
+    saved = self._meta(step).get("fingerprint", {})
     keys = sorted(set(saved) | set(self.fingerprint))
     diffs = [f"  {k}: checkpoint {saved.get(k, '<absent>')!r}, this run {self.fingerprint.get(k, '<absent>')!r}"
              for k in keys if saved.get(k) != self.fingerprint.get(k)]
@@ -108,10 +110,15 @@ class Checkpointer:
           f"the checkpoint at step {step} in {self.directory} was written by an incompatible config:\n"
           + "\n".join(diffs) + "\nUse a fresh --workdir, or restore the original settings to resume.")
 
+  def _meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
   def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False) -> bool:
     self.seal()  # the previous save is complete: checksum it before this one starts
-    items = {STATE: ocp.args.StandardSave(state),
-             META: ocp.args.JsonSave({"fingerprint": self.fingerprint, "step": int(step)})}
+    meta = {"fingerprint": self.fingerprint, "step": int(step)}
+    if data_iterator is not None and self.pipeline is not None:
+      meta["pipeline"] = self.pipeline
+    items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       import grain
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -242,9 +249,31 @@ class Checkpointer:
       detail = str(err).split("If this mismatch")[0].split(" Truncating/padding")[0].strip()
       raise self._misfit(step, detail if len(detail) <= 600 else detail[:600] + " ...") from err
     if data_iterator is not None:
-      import grain
-      self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+      self._restore_iterator(step, data_iterator)
     return state
+
+  def _restore_iterator(self, step: int, data_iterator: Any) -> None:
+    """The input pipeline's position, in place. A position that does not fit this run's pipeline (another
+    number of worker processes or hosts) is an incompatibility to name, not damage: the checkpoint read
+    back intact, and moving it aside would throw away a run that resumes with the original layout."""
+    import grain
+
+    saved = self._meta(step).get("pipeline")
+    if saved is not None and self.pipeline is not None and saved != self.pipeline:
+      diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {self.pipeline.get(k)!r}"
+                        for k in sorted(set(saved) | set(self.pipeline)) if saved.get(k) != self.pipeline.get(k))
+      raise self._other_pipeline(step, diffs)
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+    except Exception as err:  # noqa: BLE001  Grain reports a misfit as KeyError, FileNotFoundError, ...
+      raise self._other_pipeline(step, f"Grain could not read it into this pipeline: {_one_line(err)}") from err
+
+  def _other_pipeline(self, step: int, detail: str) -> IncompatibleCheckpointError:
+    return IncompatibleCheckpointError(
+        f"the input pipeline's position in the checkpoint at step {step} in {self.directory} was saved by a "
+        f"pipeline of another layout ({detail}). Grain keeps one position per worker process and per host: "
+        "resume with the data.worker_count (-1 resolves to 0 on a CPU backend, up to 8 on an accelerator "
+        "host) and the number of processes it was saved with, or use a fresh --workdir.")
 
   def _misfit(self, step: int, detail: str) -> IncompatibleCheckpointError:
     return IncompatibleCheckpointError(

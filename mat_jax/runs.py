@@ -38,7 +38,7 @@ from flax import nnx
 from mat_jax import checkpoint, paths
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
-from mat_jax.data import corpora, shapes
+from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import ConfigError
 from mat_jax.models import (
   BLIP,
@@ -103,6 +103,9 @@ def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
   config without its runtime-only keys, the preset's architecture, the data version), so an edited
   experiment is trained afresh."""
   parts: dict[str, Any] = {"config": config_lib.result_json(config)}
+  workers = pipeline.resolve_worker_count(config.data.worker_count)
+  if workers > 0:  # Grain's workers each take a share of the stream: the batches are composed differently
+    parts["data_workers"] = workers
   if config.model.source in PRESETS or config.model.source in BLIP_PRESETS:
     parts["preset"] = repr({**PRESETS, **BLIP_PRESETS}[config.model.source])
   if config.data.name == "shapes":

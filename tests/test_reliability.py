@@ -390,6 +390,45 @@ def test_an_incompatible_checkpoint_is_refused_not_skipped(tmp_path):
   assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
+class _Position:
+  """A stand-in for a Grain iterator (the bytes protocol of Grain's checkpoint handler); `fits` says
+  whether a stored position restores into it."""
+
+  def __init__(self, fits=True):
+    self.fits, self.state = fits, None
+
+  def get_state(self):
+    return b'{"next_index": 3}'
+
+  def set_state(self, state):
+    if not self.fits:
+      raise KeyError("exhausted")  # what a multi-worker Grain iterator raises on a one-process position
+    self.state = state
+
+  def start_prefetch(self):
+    pass
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_pipeline_of_another_layout_is_refused_not_set_aside(tmp_path, recorded):
+  """The input position of another worker count or number of hosts is named as such; the checkpoint, intact,
+  stays where it is. With the layout recorded the refusal names it before Grain reads anything; a
+  checkpoint without it (or a caller's own iterator) is refused on Grain's error."""
+  saved = {"data.worker_count": 0, "processes": 1} if recorded else None
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False, pipeline=saved) as ckpt:
+    ckpt.save(1, _state(1.0), _Position())
+  layout = {"data.worker_count": 2, "processes": 1}
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False, pipeline=layout) as ckpt:
+    want = "data.worker_count: checkpoint 0, this run 2" if recorded else "could not read it.*exhausted"
+    with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match=want):
+      ckpt.restore_newest_intact(_abstract(), _Position(fits=recorded), log=_quiet)
+  assert (tmp_path / "checkpoints" / "1").is_dir() and not (tmp_path / checkpoint_lib.DAMAGED_DIR).exists()
+  position = _Position()
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False, pipeline=saved) as ckpt:
+    _, step = ckpt.restore_newest_intact(_abstract(), position, log=_quiet)
+  assert step == 1 and position.state == b'{"next_index": 3}'  # the original layout resumes
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training runs (micro CLIP, tiny shapes world).
 

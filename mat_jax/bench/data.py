@@ -20,7 +20,6 @@ side is timed alone: on a CPU-only machine the two share cores during training, 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -144,8 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
 
   threads = pipeline.DEFAULT_NUM_THREADS if args.num_threads is None else args.num_threads
-  if args.num_workers == pipeline.AUTO_WORKERS:
-    args.num_workers = pipeline.auto_worker_count(jax.default_backend(), os.cpu_count())
+  args.num_workers = pipeline.resolve_worker_count(args.num_workers)
   settings = f"threads={threads}, workers={args.num_workers}"
   kwargs = dict(num_threads=threads, num_workers=args.num_workers, process_index=jax.process_index(),
                 process_count=jax.process_count())

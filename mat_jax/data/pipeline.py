@@ -65,6 +65,16 @@ def auto_worker_count(backend: str, cpu_count: int | None) -> int:
   return min(8, cores // 2)
 
 
+def resolve_worker_count(requested: int) -> int:
+  """`data.worker_count` as it runs on this host: -1 (auto) chosen by `auto_worker_count` for JAX's
+  backend and this host's cores, any other count as given."""
+  if requested != AUTO_WORKERS:
+    return requested
+  import jax  # deferred: only the automatic choice needs the backend
+
+  return auto_worker_count(jax.default_backend(), os.cpu_count())
+
+
 def threads_per_process(num_threads: int, num_workers: int, cpu_count: int | None) -> int:
   """Reader threads in each pipeline process: `num_threads` in the main process; with worker processes,
   the host's cores shared among them (at least 2 each), not `num_threads` per worker."""

@@ -34,6 +34,7 @@ from mat_jax import config as config_lib
 from mat_jax import errors, objectives, runs
 from mat_jax import evaluate as evaluate_lib
 from mat_jax import mesh as mesh_lib
+from mat_jax.data import pipeline
 from mat_jax.models import CLIP, DualEncoder, split
 from mat_jax.training import inputs, optim, setup
 from mat_jax.training import step as step_lib
@@ -271,7 +272,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   say(f"run {cfg.name or '(unnamed)'}: objective {run.objective.name}, mesh {mesh_lib.describe(run.mesh)}, "
       f"{cfg.train.steps} steps of {cfg.train.batch_size} images, towers {cfg.train.towers}, "
       f"workdir {workdir}")
-  ckpt = checkpoint_lib.Checkpointer(workdir, run.fingerprint, max_to_keep=cfg.train.keep_checkpoints)
+  # The layout of the pipeline this run builds (a caller's own iterator has one this run cannot know).
+  layout = None if data_iterator is not None else {
+      "data.worker_count": pipeline.resolve_worker_count(cfg.data.worker_count), "processes": jax.process_count()}
+  ckpt = checkpoint_lib.Checkpointer(workdir, run.fingerprint, max_to_keep=cfg.train.keep_checkpoints,
+                                     pipeline=layout)
   try:
     ckpt.check_compatible()  # before any data work: a mismatch is reported at once
   except checkpoint_lib.IncompatibleCheckpointError:

@@ -5,10 +5,8 @@ The model and tokenizer a run starts from come from `mat_jax.runs.model_from_con
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
-import jax
 import ml_collections
 
 from mat_jax.data import corpora, pipeline
@@ -31,13 +29,11 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
                    *, process_index: int, process_count: int, extra_transforms=()):
   """This process's training batches (host numpy dicts), checkpointable (`get_state`/`set_state`)."""
   source = _split_source(builder, config.data.split, "data.split")
-  workers = config.data.worker_count
-  if workers == pipeline.AUTO_WORKERS:
-    workers = pipeline.auto_worker_count(jax.default_backend(), os.cpu_count())
   dataset = pipeline.training_pipeline(
       source, tokenizer, local_batch_size, captions_per_image=config.data.captions_per_image,
       seed=config.seed, augmentations=tuple(config.data.augmentations),
-      process_index=process_index, process_count=process_count, num_workers=workers,
+      process_index=process_index, process_count=process_count,
+      num_workers=pipeline.resolve_worker_count(config.data.worker_count),
       batch_transforms=tuple(extra_transforms),  # before the prefetch: off the training loop's thread
       renderings_per_scene=config.data.renderings_per_scene,
       decoded_cache_bytes=config.data.decoded_cache_mb << 20)
