@@ -229,6 +229,66 @@ def test_resume_logs_each_step_once(root, devices):
   assert steps == [1, 2, 3, 4]
 
 
+def _logged_losses(workdir):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def test_a_logged_line_averages_every_step_since_the_last_one(root, devices):
+  """Also across a checkpoint inside the interval: a save reads the state's finite flag, not the metrics."""
+  each = root / "log_each"
+  loop.train(micro_config(root, train={"steps": 4, "log_every": 1, "checkpoint_every": 4}), each, mesh_spec="1",
+             log=lambda _: None, progress=False, evaluate=False)
+  every_four = root / "log_every_four"
+  loop.train(micro_config(root, train={"steps": 4, "log_every": 4, "checkpoint_every": 3}), every_four,
+             mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  per_step = _logged_losses(each)
+  assert _logged_losses(every_four) == {4: pytest.approx(np.mean([per_step[s] for s in (1, 2, 3, 4)]), rel=1e-6)}
+
+
+def test_a_refused_run_leaves_the_workdir_config_alone(root, devices):
+  workdir = root / "refused"
+  loop.train(micro_config(root, train={"steps": 2, "checkpoint_every": 2}), workdir, mesh_spec="1",
+             log=lambda _: None, progress=False, evaluate=False)
+  before = (workdir / "config.json").read_text()
+  with pytest.raises(config_lib.ConfigError, match="already holds a checkpoint at step 2"):
+    loop.train(micro_config(root, train={"steps": 1, "checkpoint_every": 1}), workdir, mesh_spec="1",
+               log=lambda _: None, progress=False, evaluate=False)
+  assert (workdir / "config.json").read_text() == before  # what restores the run's model reads
+
+
+def test_a_signal_during_the_last_step_stops_the_run_after_its_checkpoint(root, devices, monkeypatch):
+  import signal
+
+  from mat_jax import errors
+
+  stops, make_train_step, calls = [], loop.make_train_step, []
+
+  class RecordedStop(loop._StopSignals):
+    def __init__(self):
+      super().__init__()
+      stops.append(self)
+
+  def signalled_make_train_step(run):
+    step_fn, reference = make_train_step(run)
+
+    def step(state, batch, ref):
+      calls.append(1)
+      if len(calls) == 3:  # SIGTERM arrives while the last step runs (delivered as the handler sees it)
+        stops[0]._handle(signal.SIGTERM, None)
+      return step_fn(state, batch, ref)
+    return step, reference
+
+  monkeypatch.setattr(loop, "_StopSignals", RecordedStop)
+  monkeypatch.setattr(loop, "make_train_step", signalled_make_train_step)
+  workdir = root / "signal_last_step"
+  with pytest.raises(errors.Interrupted, match="interrupted at step 3; last checkpoint 3") as stopped:
+    loop.train(micro_config(root, train={"steps": 3, "checkpoint_every": 10}), workdir, mesh_spec="1",
+               log=lambda _: None, progress=False, evaluate=False)
+  assert stopped.value.signum == signal.SIGTERM
+  assert (workdir / "checkpoints" / "3").is_dir() and not (workdir / "model").exists()
+
+
 def test_truncate_metrics_keeps_lines_up_to_the_resume_step(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 10, "a": 1}\n{"step": 20, "a": 2}\n{"step": 20, "eval/b": 3}\n{"step": 30, "a": 4}\n'

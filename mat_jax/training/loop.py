@@ -284,8 +284,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     raise
   except Exception:  # noqa: BLE001, S110  unreadable metadata: a damaged checkpoint, handled by the restore below
     pass
-  if main:
-    checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
   builder = None
   if data_iterator is None or (evaluate and main):
     builder = setup.data_builder(cfg, run.model.config.vision.image_size, log=say)
@@ -312,6 +310,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     _check_starting_params(run.params, cfg.model.source)
     state = step_lib.create_state(run.params, run.tx, run.is_trainable, cfg.seed, run.shardings)
     start = 0
+  if main:  # only once the workdir's checkpoints are known to fit: a refused run leaves config.json alone
+    checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
   step_fn, reference = make_train_step(run)
 
   writer = MetricWriter(workdir, enabled=main, resume_step=start)
@@ -353,11 +353,15 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         write_train_metrics(logged_step, values)
       done = step + 1
       final = done == cfg.train.steps
+      stopping = stop.signum is not None  # read once: a signal arriving later in the step waits for the next
       log_now = done % cfg.train.log_every == 0 or final
-      save_now = done % cfg.train.checkpoint_every == 0 or final or stop.signum is not None
+      save_now = done % cfg.train.checkpoint_every == 0 or final or stopping
       if save_now:  # a checkpoint is written only after its state is known to be finite
-        values, bad = jax.device_get((pending, state.bad_step))
-        pending = []
+        if log_now:
+          values, bad = jax.device_get((pending, state.bad_step))
+          pending = []
+        else:  # the steps since the last log stay pending: the next logged line averages all of them
+          bad = jax.device_get(state.bad_step)
         _check_finite(int(bad), last_saved, workdir, resumed_at=start if resumed else None)
         if log_now:
           write_train_metrics(done, values)
@@ -369,7 +373,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         last_saved = done
       _inject_fault(done)
       bar.update(1)
-      if stop.signum is not None and not final:
+      if stopping:  # also at the last step: the run stops as asked; rerunning it exports and evaluates
         ckpt.wait()
         raise errors.Interrupted(f"interrupted at step {done}; last checkpoint {last_saved} in "
                                  f"{workdir / 'checkpoints'}; rerun the same command to resume", stop.signum)
