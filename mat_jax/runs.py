@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -273,11 +274,20 @@ def export_model(model: Any, tokenizer: Any, workdir: str | os.PathLike) -> Path
   files beside it, so that `load_clip` / transformers' `CLIPModel.from_pretrained` read it (`load_blip` /
   `BlipForImageTextRetrieval` for a BLIP)."""
   directory = Path(workdir) / checkpoint.MODEL_DIR
-  directory.mkdir(parents=True, exist_ok=True)
+  # Written beside, then renamed into place: `model/config.json` is what marks a run as trained
+  # (`is_trained`), so a kill part-way must not leave a model without its weights or its tokenizer.
+  partial, replaced = directory.with_name(directory.name + ".partial"), directory.with_name(directory.name + ".old")
+  shutil.rmtree(partial, ignore_errors=True)
+  partial.mkdir(parents=True)
   config = model[0].config if isinstance(model, tuple) else model.config
-  (save_blip if isinstance(config, BlipConfig) else save_clip)(model, directory)
+  (save_blip if isinstance(config, BlipConfig) else save_clip)(model, partial)
   if tokenizer is not None:
-    tokenizer.save_pretrained(directory)
+    tokenizer.save_pretrained(partial)
+  if directory.exists():
+    shutil.rmtree(replaced, ignore_errors=True)
+    os.replace(directory, replaced)
+  os.replace(partial, directory)
+  shutil.rmtree(replaced, ignore_errors=True)
   return directory
 
 

@@ -177,3 +177,28 @@ def test_exported_model_and_tokenizer_reload(setting, uninterrupted, monkeypatch
   assert ids.shape == (1, model.config.text.context_length)
   config = (uninterrupted / "config.json").read_text()
   assert f'"steps": {STEPS}' in config
+
+
+def test_an_export_cut_short_leaves_no_model_or_the_previous_one(tmp_path):
+  """`model/config.json` marks a run as trained: an export that fails part-way (here in the tokenizer's
+  files) must not leave a model without them, and a failed re-export keeps the model exported before."""
+  from flax import nnx
+
+  from mat_jax.data import shapes
+  from mat_jax.models import CLIP
+
+  model = CLIP(runs.parse_model_overrides(MICRO, runs.clip_config("tiny")), rngs=nnx.Rngs(0))
+
+  class Unwritable:
+    def save_pretrained(self, directory):
+      raise OSError("disk full")
+
+  with pytest.raises(OSError, match="disk full"):
+    runs.export_model(model, Unwritable(), tmp_path)
+  assert not (tmp_path / checkpoint_lib.MODEL_DIR).exists() and not runs.is_trained(tmp_path)
+  runs.export_model(model, shapes.tokenizer(), tmp_path)
+  exported = sorted(p.name for p in (tmp_path / checkpoint_lib.MODEL_DIR).iterdir())
+  assert runs.is_trained(tmp_path) and "tokenizer.json" in exported
+  with pytest.raises(OSError, match="disk full"):
+    runs.export_model(model, Unwritable(), tmp_path)
+  assert sorted(p.name for p in (tmp_path / checkpoint_lib.MODEL_DIR).iterdir()) == exported
