@@ -297,6 +297,9 @@ def test_truncate_metrics_keeps_lines_up_to_the_resume_step(tmp_path):
   assert path.read_text() == '{"step": 10, "a": 1}\n{"step": 20, "a": 2}\n{"step": 20, "eval/b": 3}\n'
   assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
   loop.truncate_metrics(tmp_path / "absent.jsonl", 5)  # a fresh workdir: nothing to do
+  # A finished run evaluated again: its evaluation lines at the final step go, its train line stays.
+  loop.truncate_metrics(path, 20, drop_evaluation_at_step=True)
+  assert path.read_text() == '{"step": 10, "a": 1}\n{"step": 20, "a": 2}\n'
 
 
 def test_missing_split_is_a_config_error(root):

@@ -74,10 +74,12 @@ class MetricWriter:
 
   `resume_step`: the step the run (re)starts from. Lines of later steps were logged by a run that died
   after its last checkpoint; the resumed run logs those steps again, so they are dropped first.
+  `reevaluated`: the resumed run is a finished one that evaluates its final model again: the evaluation
+  lines at `resume_step` go too, so each evaluation is logged once.
   """
 
   def __init__(self, workdir: Path, enabled: bool = True, tensorboard: bool = True,
-               resume_step: int | None = None):
+               resume_step: int | None = None, reevaluated: bool = False):
     self.enabled = enabled
     self.jsonl = None
     self.tb = None
@@ -86,7 +88,7 @@ class MetricWriter:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "metrics.jsonl"
     if resume_step is not None:
-      truncate_metrics(path, resume_step)
+      truncate_metrics(path, resume_step, drop_evaluation_at_step=reevaluated)
     self.jsonl = open(path, "a")
     if tensorboard:
       self.tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -108,18 +110,23 @@ class MetricWriter:
       self.tb.close()
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-  """Keep the lines of `path` up to `step`; a torn last line (a kill mid-write) goes too. Atomic: the
-  kept lines go to a temporary file that replaces the original."""
+def truncate_metrics(path: Path, step: int, *, drop_evaluation_at_step: bool = False) -> None:
+  """Keep the lines of `path` up to `step` (without the evaluation lines at `step` itself when
+  `drop_evaluation_at_step`); a torn last line (a kill mid-write) goes too. Atomic: the kept lines go to
+  a temporary file that replaces the original."""
   if not path.exists():
     return
   kept, dropped = [], 0
   for line in path.read_text().splitlines():
     try:
-      record_step = json.loads(line)["step"]
+      record = json.loads(line)
+      record_step = record["step"]
     except (ValueError, KeyError, TypeError):
-      record_step = None
-    if isinstance(record_step, int) and record_step <= step:
+      record, record_step = {}, None
+    evaluation = any(key.startswith("eval/") for key in record)
+    if drop_evaluation_at_step and record_step == step and evaluation:
+      dropped += 1
+    elif isinstance(record_step, int) and record_step <= step:
       kept.append(line + "\n")
     else:
       dropped += 1
@@ -314,8 +321,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
   step_fn, reference = make_train_step(run)
 
-  writer = MetricWriter(workdir, enabled=main, resume_step=start)
   evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
+  # Rerunning a finished run (how one re-exports it) evaluates its final model again.
+  writer = MetricWriter(workdir, enabled=main, resume_step=start,
+                        reevaluated=evaluator is not None and start == cfg.train.steps)
   bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
   last_metrics: dict[str, float] = {}
   pending: list[dict[str, jax.Array]] = []
