@@ -158,15 +158,18 @@ def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequenc
   raw = _to_dict(raw)
   parsed = [_parse_override(o) for o in overrides]
   # `*.name` first: the objective's name decides which of its keys are valid.
+  base = defaults().to_dict()
   file_objective = dict(raw.get("objective", {}))
   for key, value in parsed:
     if key.endswith(".name"):
+      _override_target(base, key)  # a typo in the key is the override's, not the file's
       _set_raw(raw, key, value)
   renamed = raw.get("objective", {}).get("name") != file_objective.get("name", "contrastive")
-  config = _merge(defaults().to_dict(), raw, origin)
+  config = _merge(base, raw, origin)
   # A file's hyper-parameters of another objective are dropped when the name is overridden (switching
   # shapes_mat.py to tecoa keeps eps/steps/step_size, drops text_changes); typos elsewhere still fail.
-  config["objective"] = _objective_section(config["objective"], origin, keep_known_only=renamed)
+  config["objective"] = _objective_section(config["objective"], "override" if renamed else origin,
+                                           keep_known_only=renamed)
   for key, value in parsed:
     if not key.endswith(".name"):
       _override(config, key, value)
@@ -460,7 +463,8 @@ def _set_raw(raw: dict, key: str, value: str) -> None:
   node[leaf] = _parse_value(value, "", key)
 
 
-def _override(config: dict, key: str, text: str) -> None:
+def _override_target(config: dict, key: str) -> tuple[dict, str]:
+  """The section an override `key` (a.b.leaf) sets and its leaf; an unknown key is an error of the override."""
   parts = key.split(".")
   node, section = config, ""
   for part in parts[:-1]:
@@ -470,6 +474,11 @@ def _override(config: dict, key: str, text: str) -> None:
   leaf = parts[-1]
   if leaf not in node or isinstance(node[leaf], dict):
     raise _unknown_key(leaf, section, [k for k, v in node.items() if not isinstance(v, dict)], "override")
+  return node, leaf
+
+
+def _override(config: dict, key: str, text: str) -> None:
+  node, leaf = _override_target(config, key)
   node[leaf] = _coerce(key, node[leaf], _parse_value(text, node[leaf], key), "override")
 
 

@@ -55,6 +55,13 @@ def test_unknown_override_key_fails(tmp_path):
     config_lib.load(path, ["--config.train.stpes=3"])
   with pytest.raises(config_lib.ConfigError, match="unknown config key 'trian'"):
     config_lib.load(path, ["trian.steps=3"])
+  # A `*.name` override is applied before the file's keys are checked; its typos are still its own.
+  mat = _write(tmp_path, "return dict(objective=dict(name='mat'))")
+  for override, message in (("objectiv.name=tecoa", "unknown config key 'objectiv'"),
+                            ("objective.name=tecoaa", "unknown objective")):
+    with pytest.raises(config_lib.ConfigError, match=message) as err:
+      config_lib.load(mat, [override])
+    assert str(err.value).startswith("override") and str(mat) not in str(err.value)
 
 
 def test_types_are_checked(tmp_path):
