@@ -393,6 +393,16 @@ _RANGES = {
     ("eval", "batch_size"): (">= 1", lambda v: v >= 1),
     ("eval", "eps"): ("in [0, 1] (pixels in [0, 1])", lambda v: 0 <= v <= 1),
     ("eval", "steps"): (">= 1", lambda v: v >= 1),
+    ("optimizer", "learning_rate"): (">= 0", lambda v: v >= 0),
+    ("optimizer", "weight_decay"): (">= 0", lambda v: v >= 0),
+    ("optimizer", "b1"): ("in [0, 1)", lambda v: 0 <= v < 1),
+    ("optimizer", "b2"): ("in [0, 1)", lambda v: 0 <= v < 1),
+    # Adam divides by sqrt(v) + eps: with eps 0 a parameter whose gradients are all zero gets 0/0 = NaN.
+    ("optimizer", "eps"): ("> 0", lambda v: v > 0),
+    ("optimizer", "momentum"): ("in [0, 1)", lambda v: 0 <= v < 1),
+    ("optimizer", "grad_clip_norm"): (">= 0 (0 = no clipping)", lambda v: v >= 0),
+    ("schedule", "warmup_steps"): (">= 0", lambda v: v >= 0),
+    ("schedule", "end_factor"): (">= 0", lambda v: v >= 0),
 }
 
 

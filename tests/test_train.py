@@ -279,14 +279,22 @@ def test_a_signal_during_the_last_step_stops_the_run_after_its_checkpoint(root, 
       return step_fn(state, batch, ref)
     return step, reference
 
+  closed, close = [], loop.MetricWriter.close
+
+  def recorded_close(writer):
+    closed.append(writer)
+    close(writer)
+
   monkeypatch.setattr(loop, "_StopSignals", RecordedStop)
   monkeypatch.setattr(loop, "make_train_step", signalled_make_train_step)
+  monkeypatch.setattr(loop.MetricWriter, "close", recorded_close)
   workdir = root / "signal_last_step"
   with pytest.raises(errors.Interrupted, match="interrupted at step 3; last checkpoint 3") as stopped:
     loop.train(micro_config(root, train={"steps": 3, "checkpoint_every": 10}), workdir, mesh_spec="1",
                log=lambda _: None, progress=False, evaluate=False)
   assert stopped.value.signum == signal.SIGTERM
   assert (workdir / "checkpoints" / "3").is_dir() and not (workdir / "model").exists()
+  assert closed and closed[0].jsonl.closed  # metrics.jsonl and TensorBoard are not left open
 
 
 def test_truncate_metrics_keeps_lines_up_to_the_resume_step(tmp_path):

@@ -391,19 +391,21 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         if evaluator:
           writer.write(done, evaluator(gathered), "eval/")
     ckpt.wait()
+  except BaseException:
+    writer.close()  # an in-process caller (the study) goes on: no file handles or writer threads left behind
+    raise
   finally:
     stop.restore()
     bar.close()
     ckpt.close()
 
-  final_params = host_params(state.params)
-  # Export first: a failing final evaluation must not lose the trained model.
-  model_dir = None
-  if cfg.train.export and main:
-    model_dir = runs.export_model(run.encoder.merge(final_params), run.tokenizer, workdir)
-    say(f"exported the model to {model_dir}")
-  evaluation = None
+  model_dir, evaluation = None, None
   try:
+    final_params = host_params(state.params)
+    # Export first: a failing final evaluation must not lose the trained model.
+    if cfg.train.export and main:
+      model_dir = runs.export_model(run.encoder.merge(final_params), run.tokenizer, workdir)
+      say(f"exported the model to {model_dir}")
     if evaluator:
       evaluation = evaluator(final_params)
       writer.write(cfg.train.steps, evaluation, "eval/")
