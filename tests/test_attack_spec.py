@@ -19,6 +19,7 @@ from mat_jax import objectives, runs
 from flax import nnx
 
 from mat_jax.attacks import LexiconSource, multimodal
+from mat_jax.attacks import runner
 from mat_jax.attacks import spec as attack_specs
 from mat_jax.data import shapes
 from mat_jax.models import CLIP, clip_config
@@ -159,6 +160,28 @@ def test_evaluate_and_an_objective_make_the_same_adversarial_batch(scene_batch, 
     assert float(adv["text_changed"]) > 0
   else:
     assert text is None and float(adv["text_changed"]) == 0
+
+
+def test_apgd_on_the_batch_captions_leaves_padding_slots_out(scene_batch):
+  # Without whole-set classes APGD ranks the batch's captions: a padding slot (weight 0) is neither a
+  # positive nor a negative, so what the slot holds cannot move the adversarial images.
+  model, tokenizer, images, captions, _ = scene_batch
+  victim = ev.Victim.of(model, tokenizer=tokenizer)
+  ids = np.asarray(victim.tokens(captions).input_ids).reshape(B, K, -1)
+  mask = np.asarray(victim.tokens(captions).attention_mask).reshape(B, K, -1)
+  weights = np.ones((B, K), np.float32)
+  weights[0, 1] = 0.0
+  spec = attack_specs.get("apgd").replace(eps=4 / 255, steps=4)
+
+  def attacked(slot_caption: int) -> np.ndarray:
+    slot_ids, slot_mask = ids.copy(), mask.copy()
+    slot_ids[0, 1], slot_mask[0, 1] = ids.reshape(B * K, -1)[slot_caption], mask.reshape(B * K, -1)[slot_caption]
+    batch = runner.AttackInputs(jnp.asarray(images), jnp.asarray(slot_ids), jnp.asarray(slot_mask),
+                                jnp.asarray(weights))
+    return np.asarray(runner.run_attack(spec, victim.encoder, victim.params, batch, jax.random.key(3)).images)
+
+  # The padding slot repeats the image's first caption (evaluation's padding), or holds another image's.
+  np.testing.assert_array_equal(attacked(0), attacked(2 * K + 1))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -326,22 +326,25 @@ def _pgd_attack(encoder, params, images, input_ids, attention_mask, key, caption
 
 def apgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, text_features: jax.Array,
                 positives: jax.Array, key: jax.Array, *, eps, steps: int = 100, norm: str = "linf",
-                restarts: int = 1, n_targets: int = 0) -> jax.Array:
+                restarts: int = 1, n_targets: int = 0, text_weights: jax.Array | None = None) -> jax.Array:
   """APGD-CE (n_targets = 0) or APGD-T with the targeted DLR loss (n_targets > 0) on retrieval logits.
 
   The classes are M texts (e.g. every caption of the evaluation set): text_features (M, D), and
   positives (B, M) bool marks each image's own captions. Logits use the model's logit scale. `steps`
   fixes APGD's checkpoint schedule and is static; eps is traced. APGD-T runs one APGD per target and
-  ignores `restarts`.
+  ignores `restarts`. text_weights: 0 for padding texts (e.g. a batch's padding caption slots, (B, K)),
+  which are then neither positives nor negatives; None: all M are real.
   """
   _check_norm(norm)
-  return _apgd_attack(encoder, params, images, text_features, positives, key, eps, int(steps), norm,
+  return _apgd_attack(encoder, params, images, text_features, positives, text_weights, key, eps, int(steps), norm,
                       int(restarts), int(n_targets))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _apgd_attack(encoder, params, images, text_features, positives, key, eps, steps, norm, restarts, n_targets):
-  logits_fn = losses.retrieval_logits(encoder, params, text_features)
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11))
+def _apgd_attack(encoder, params, images, text_features, positives, text_weights, key, eps, steps, norm, restarts,
+                 n_targets):
+  logits_fn, positives = losses.without_padding(losses.retrieval_logits(encoder, params, text_features), positives,
+                                                text_weights)
   if n_targets:
     return apgd_targeted(logits_fn, positives, images, key, eps=eps, steps=steps, n_targets=n_targets,
                          norm=norm)

@@ -243,16 +243,22 @@ def contrastive(encoder: DualEncoder, params, text_features: jax.Array,
   if positives is None:
     positives = identity_positives(text_features.shape[0])
   logits_fn = retrieval_logits(encoder, params, text_features, logit_scale)
-  if text_weights is not None:
-    real = text_weights.reshape(-1) > 0
-    positives = positives & real[None, :]
-    scores = logits_fn
+  return logit_loss(*without_padding(logits_fn, positives, text_weights))
 
-    def logits_fn(images: jax.Array) -> jax.Array:
-      logits = scores(images)
-      return jnp.where(real[None, :], logits, jnp.finfo(logits.dtype).min)
 
-  return logit_loss(logits_fn, positives)
+def without_padding(logits_fn: LogitsFn, positives: jax.Array,
+                    text_weights: jax.Array | None) -> tuple[LogitsFn, jax.Array]:
+  """Leave padding texts (text_weights 0; (M,) or (B, K) flattening to M) out of a logit loss: never a
+  positive, and a logit no softmax, margin or top-k can pick. None: every text is real."""
+  if text_weights is None:
+    return logits_fn, positives
+  real = text_weights.reshape(-1) > 0
+
+  def real_logits(images: jax.Array) -> jax.Array:
+    logits = logits_fn(images)
+    return jnp.where(real[None, :], logits, jnp.finfo(logits.dtype).min)
+
+  return real_logits, positives & real[None, :]
 
 
 def mava_terms(encoder: DualEncoder, params, images: jax.Array, key: jax.Array, clean_reference: jax.Array,

@@ -98,12 +98,15 @@ def run_attack(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs
     ids, mask = _per_image(inputs.input_ids), _per_image(inputs.attention_mask)
     return AttackResult(image_attacks.pgd_attack(encoder, params, images, ids, mask, key, weights, **pgd_kw), None)
   if spec.kind == "image" and spec.loss == "apgd_ce":
-    features, positives = inputs.class_features, inputs.class_positives
+    # The classes: given ones (e.g. a whole eval set's captions), or else the batch's real captions.
+    features, positives, class_weights = inputs.class_features, inputs.class_positives, None
     if features is None:
       features = encoder.text_features(params, *inputs.flat_captions())
       positives = losses.positives(inputs.image_ids, images.shape[0], k)
+      class_weights = weights
     return AttackResult(image_attacks.apgd_attack(encoder, params, images, features, positives, key, eps=spec.eps,
-                                                  steps=spec.steps, norm=spec.norm), None)
+                                                  steps=spec.steps, norm=spec.norm, text_weights=class_weights),
+                        None)
 
   # The defenses' attacks: an optional text attack, then PGD on the defense's loss, guided by the
   # clean captions ("image", "separate") or by the adversarial ones ("text_then_image").
