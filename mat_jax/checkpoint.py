@@ -16,7 +16,8 @@ directory and renames it when complete) ends with the parameters of an uninterru
 A checkpoint written under a config whose fingerprint differs is refused with the list of differing
 settings (`mat_jax.config.fingerprint`: what fixes the shapes and the optimizer-state structure, i.e.
 model size, towers, optimizer, batch size, dataset, plus what the run trains for: the objective and its
-hyper-parameters, the seed, the augmentations). A train state that still does not fit the checkpoint
+hyper-parameters, the seed, the augmentations, the text threat and the frozen reference it trains with).
+A train state that still does not fit the checkpoint
 on restore is refused the same way. Refused checkpoints are left as they are.
 """
 
@@ -30,7 +31,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +69,16 @@ class Checkpointer:
   """Periodic Orbax saves of (train state, data iterator, fingerprint), keep-N, resume."""
 
   def __init__(self, workdir: str | os.PathLike, fingerprint: Mapping[str, Any], *, max_to_keep: int = 3,
-               async_save: bool = True, reader: bool = False, pipeline: Mapping[str, Any] | None = None):
+               async_save: bool = True, reader: bool = False, pipeline: Mapping[str, Any] | None = None,
+               added_keys: Iterable[str] = ()):
     """pipeline: how the input pipeline is laid out (worker processes, hosts), saved beside its position:
-    Grain stores one position per worker and host, which only a pipeline of the same layout can resume."""
+    Grain stores one position per worker and host, which only a pipeline of the same layout can resume.
+    added_keys: fingerprint keys that older checkpoints do not record; they are compared only where the
+    checkpoint has them."""
     self.workdir = Path(workdir).absolute()
     self.directory = self.workdir / "checkpoints"
     self.fingerprint = dict(fingerprint)
+    self.added_keys = frozenset(added_keys)
     self.pipeline = None if pipeline is None else dict(pipeline)
     self._unsealed: list[int] = []  # steps saved by this process whose checksums are not written yet
     # A reader (the evaluator reading a run's model) must not remove the temporary directory of a save
@@ -102,7 +107,7 @@ class Checkpointer:
     if step is None:
       return
     saved = self._meta(step).get("fingerprint", {})
-    keys = sorted(set(saved) | set(self.fingerprint))
+    keys = sorted((set(saved) | set(self.fingerprint)) - (self.added_keys - set(saved)))
     diffs = [f"  {k}: checkpoint {saved.get(k, '<absent>')!r}, this run {self.fingerprint.get(k, '<absent>')!r}"
              for k in keys if saved.get(k) != self.fingerprint.get(k)]
     if diffs:

@@ -569,7 +569,8 @@ def _parse_tuple(text: str, key: str) -> tuple:
 def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> dict[str, Any]:
   """The settings a checkpoint belongs to: what fixes its shapes and optimizer-state structure (model,
   towers, optimizer, batch size, dataset) and what the run trains for (the objective with all its
-  hyper-parameters, the seed, the data stream's augmentations). A resume under another fingerprint
+  hyper-parameters, the seed, the data stream's augmentations, the text threat of an objective that
+  attacks captions, the source of a frozen reference). A resume under another fingerprint
   would mix two runs, so the checkpointer refuses it; learning rate, schedule, logging and evaluation
   settings may change between restarts."""
 
@@ -596,11 +597,24 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
     parts["optimizer.weight_decay>0"] = opt.weight_decay > 0
   if opt.name == "sgd":
     parts["optimizer.momentum>0"] = opt.momentum > 0
+  # What the run trains against and from: the text threat of an objective that attacks captions, the
+  # frozen original model of one anchored to it (FARE, MAVA).
+  objective = objectives.make(config.objective)
+  if objective.needs_text_candidates:
+    parts.update({f"text_attack.{k}": v for k, v in config.text_attack.items()})
+  if objective.needs_reference:
+    parts["model.source"] = config.model.source
   if model_config is not None:
     flat = _flatten(dataclasses.asdict(model_config), "model")
     # How the model is computed, not what it is: a checkpoint resumes under any of these.
     parts.update({k: v for k, v in flat.items() if k not in ("model.dtype", "model.scan_layers", "model.attention")})
   return json.loads(json.dumps(parts, default=str))
+
+
+# Fingerprint keys that checkpoints written before they were recorded lack: compared only where the
+# checkpoint records them, so those checkpoints still resume.
+ADDED_FINGERPRINT_KEYS = ("model.source", "text_attack.source", "text_attack.bert", "text_attack.top_k",
+                          "text_attack.max_words", "text_attack.max_pieces", "text_attack.max_targets")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -331,7 +331,7 @@ def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path)
   is_trainable = step_lib.trainable_filter(config.train.towers, config.train.train_logit_scale)
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh, "replicated", config.mesh.logical_rules)
   fingerprint = config_lib.fingerprint(config, model.config)
-  with checkpoint.Checkpointer(workdir, fingerprint, reader=True) as ckpt:
+  with checkpoint.Checkpointer(workdir, fingerprint, reader=True, added_keys=config_lib.ADDED_FINGERPRINT_KEYS) as ckpt:
     state0 = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, config.seed), params)
     # A damaged newest checkpoint is skipped (said on stderr), not moved: the run is not this reader's.
     state, _ = ckpt.restore_newest_intact(checkpoint.abstract_like(state0, shardings), set_aside=False,

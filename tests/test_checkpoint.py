@@ -169,6 +169,30 @@ def test_state_that_does_not_fit_the_checkpoint_is_refused_clearly(tmp_path):
   assert restored["params"]["w"].shape == (4, 3)
 
 
+def test_a_fingerprint_key_added_later_is_compared_only_where_recorded(tmp_path):
+  # Checkpoints written before a key joined the fingerprint resume; one that records it is held to it.
+  import jax.numpy as jnp
+
+  added = ("text_attack.top_k",)
+  older, newer = tmp_path / "older", tmp_path / "newer"
+  with checkpoint_lib.Checkpointer(older, {"x": 1}, async_save=False) as ckpt:
+    ckpt.save(1, {"w": jnp.ones(2)})
+  with checkpoint_lib.Checkpointer(newer, {"x": 1, "text_attack.top_k": 10}, async_save=False) as ckpt:
+    ckpt.save(1, {"w": jnp.ones(2)})
+  for top_k in (10, 5):
+    with checkpoint_lib.Checkpointer(older, {"x": 1, "text_attack.top_k": top_k}, added_keys=added) as ckpt:
+      ckpt.check_compatible()
+  with checkpoint_lib.Checkpointer(newer, {"x": 1, "text_attack.top_k": 10}, added_keys=added) as ckpt:
+    ckpt.check_compatible()
+  with checkpoint_lib.Checkpointer(newer, {"x": 1, "text_attack.top_k": 5}, added_keys=added) as ckpt:
+    with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="top_k: checkpoint 10, this run 5"):
+      ckpt.check_compatible()
+  # Any other key a checkpoint lacks is a difference, as before (e.g. a non-published inner attack).
+  with checkpoint_lib.Checkpointer(older, {"x": 1, "objective.attack": "sga"}, added_keys=added) as ckpt:
+    with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="objective.attack: checkpoint '<absent>'"):
+      ckpt.check_compatible()
+
+
 def test_exported_model_and_tokenizer_reload(setting, uninterrupted, monkeypatch):
   monkeypatch.setenv("MAT_JAX_CACHE_DIR", setting[2]["MAT_JAX_CACHE_DIR"])
   model, tokenizer = runs.restore_model(uninterrupted)

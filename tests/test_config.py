@@ -148,6 +148,27 @@ def test_fingerprint_covers_what_the_run_trains_for(tmp_path):
     assert base == config_lib.fingerprint(config_lib.load(path, [override])), override
 
 
+def test_fingerprint_covers_the_text_threat_and_the_reference_a_run_trains_with(tmp_path):
+  # MAT trains against the text attack's candidates: another MLM, source or top-k is another run. FARE's
+  # frozen reference is the source model. Objectives without them keep both out (and resume under any).
+  def fingerprint(objective, *overrides):
+    return config_lib.fingerprint(config_lib.load(_write(tmp_path, f"return dict(objective=dict(name={objective!r}))"),
+                                                  list(overrides)))
+
+  assert fingerprint("mat")["text_attack.top_k"] == 10 and "model.source" not in fingerprint("mat")
+  for override in ("text_attack.top_k=5", "text_attack.source=paraphrase", "text_attack.max_targets=4"):
+    assert fingerprint("mat") != fingerprint("mat", override), override
+  assert fingerprint("fare")["model.source"] == "tiny"
+  assert not any(k.startswith("text_attack.") for k in fingerprint("fare"))
+  assert fingerprint("fare") != fingerprint("fare", "model.source=vit-b-16")
+  for objective in ("tecoa", "contrastive"):
+    assert fingerprint(objective) == fingerprint(objective, "text_attack.top_k=5", "model.source=vit-b-16"), objective
+  # Checkpoints from before these keys were recorded still resume (the checkpointer's added_keys).
+  both = {**fingerprint("mat"), **fingerprint("fare")}
+  recorded = {k for k in both if k.startswith(("text_attack.", "model.source"))}
+  assert recorded == set(config_lib.ADDED_FINGERPRINT_KEYS)
+
+
 @pytest.mark.parametrize("name, setting, structural", [
     ("adam", "weight_decay", True), ("sgd", "weight_decay", True), ("sgd", "momentum", True),
     ("adamw", "weight_decay", False), ("adam", "momentum", False)])

@@ -283,7 +283,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   layout = None if data_iterator is not None else {
       "data.worker_count": pipeline.resolve_worker_count(cfg.data.worker_count), "processes": jax.process_count()}
   ckpt = checkpoint_lib.Checkpointer(workdir, run.fingerprint, max_to_keep=cfg.train.keep_checkpoints,
-                                     pipeline=layout)
+                                     pipeline=layout, added_keys=config_lib.ADDED_FINGERPRINT_KEYS)
   try:
     ckpt.check_compatible()  # before any data work: a mismatch is reported at once
   except checkpoint_lib.IncompatibleCheckpointError:
