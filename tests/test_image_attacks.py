@@ -220,6 +220,17 @@ def test_co_attack_and_other_losses_match_their_formulas(setup):
   np.testing.assert_allclose(got["contrastive"], want, rtol=1e-4, atol=1e-5)
 
 
+def test_retrieval_logits_use_the_clamped_temperature_of_the_contrastive_loss(setup):
+  # A logit scale trained past log(100) is used at 100, as CLIP's contrastive loss uses it; below, as it is.
+  params, images, texts = setup
+  classes = texts[:, 0]
+  cosines = np.asarray(ENC.image_embeddings(params, images) @ l2_normalize(classes).T)
+  for log_scale, multiplier in ((np.log(20.0), 20.0), (np.log(100.0) + 1.0, 100.0)):
+    scaled = {**params, "logit_scale": jnp.asarray(log_scale, jnp.float32)}
+    np.testing.assert_allclose(np.asarray(L.retrieval_logits(ENC, scaled, classes)(images)), multiplier * cosines,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_dlr_losses():
   logits = jnp.asarray([[5.0, 3.0, 1.0, 0.0, -1.0], [0.0, 4.0, 2.0, 1.0, 3.0]])
   positives = jnp.asarray([[True, False, False, False, False], [True, False, False, False, False]])

@@ -146,10 +146,11 @@ def retrieval_logits(encoder: DualEncoder, params, text_features: jax.Array,
                      logit_scale: jax.Array | float | None = None) -> LogitsFn:
   """images -> (B, M) scaled cosine logits against M fixed texts (the batch's, or a whole eval set's).
 
-  logit_scale: the multiplier (not its log); default exp(model's logit_scale), as the contrastive loss.
+  logit_scale: the multiplier (not its log); default the model's, clamped at 100 as the contrastive loss
+  uses it (`temperature`).
   """
   texts = l2_normalize(text_features)
-  scale = jnp.exp(encoder.logit_scale(params)) if logit_scale is None else jnp.asarray(logit_scale)
+  scale = temperature(encoder.logit_scale(params)) if logit_scale is None else jnp.asarray(logit_scale)
 
   def logits_fn(images: jax.Array) -> jax.Array:
     return scale * encoder.image_embeddings(params, images) @ texts.T
