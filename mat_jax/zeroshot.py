@@ -67,7 +67,7 @@ class ZeroShotError(ValueError):
 class Settings:
   """Attack hyper-parameters; the defaults are the references' (AutoAttack's APGD, Madry's PGD step)."""
   apgd_steps: int = 100       # APGD-CE and each APGD-T run (FARE's evaluation)
-  n_targets: int = 9          # APGD-T targets (AutoAttack), at most classes - 1
+  n_targets: int = 9          # APGD-T targets (AutoAttack), capped at classes - 1 (`targets_per_image`)
   restarts: int = 1           # APGD-CE restarts
   pgd_steps: int = 10
   pgd_step_scale: float = 2.5  # PGD step = pgd_step_scale * eps / pgd_steps
@@ -166,6 +166,11 @@ def robust_correct(clean: np.ndarray, per_attack: Sequence[np.ndarray]) -> np.nd
   return out
 
 
+def targets_per_image(n_targets: int, num_classes: int) -> int:
+  """The target classes APGD-T runs per image: `n_targets`, at most every wrong class."""
+  return min(int(n_targets), num_classes - 1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Compiled batches
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +215,7 @@ def attack_correct(encoder, params, classes, images, labels, key, *, attack: str
   step_size = settings.pgd_step_scale * eps / settings.pgd_steps
   return _attack_correct(encoder, params, jnp.asarray(classes), images, jnp.asarray(labels, jnp.int32), key,
                          jnp.float32(eps), jnp.float32(step_size), attack, int(steps), settings.norm,
-                         min(int(settings.n_targets), n_classes - 1), int(settings.restarts))
+                         targets_per_image(settings.n_targets, n_classes), int(settings.restarts))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,7 +245,8 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   units. Batches have a fixed size (the last is padded by repeating its last image), and every attack
   and budget of a batch starts from the same key (common random numbers).
   Returns {"clean": {"accuracy"}, "attacks": {attack: {eps: {"accuracy", "seconds"}}},
-  "robust": {eps: {"accuracy"}}, "per_class_clean", ...}.
+  "robust": {eps: {"accuracy"}}, "per_class_clean", "settings", ...}; settings["n_targets"] is the targets
+  APGD-T ran (`targets_per_image`), None when it did not run.
   """
   if limit is not None and limit < 1:
     raise ZeroShotError(f"limit={limit}: evaluate at least 1 image (or None for all)")
@@ -307,11 +313,13 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
         log(f"{attack} eps {eps:g}/255: accuracy {accuracy(correct):.1f}% ({seconds:.1f} s)")
     robust[eps_key] = {"accuracy": accuracy(robust_correct(clean, under_attack))}
   bar.close()
+  # The targets APGD-T ran (the request capped by the classes), not the request; None when it did not run.
+  targets_run = targets_per_image(settings.n_targets, n_classes) if "apgd-t" in attacks else None
   return {
       "dataset": data.name, "num_images": n, "num_classes": n_classes, "class_names": list(data.class_names),
       "prompts_per_class": [len(p) for p in prompts], "templates": None if not names_in_prompts else
       list(templates or DEFAULT_TEMPLATES), "eps_255": [float(e) for e in eps_255], "attacks_run": attacks,
-      "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed},
+      "settings": dataclasses.asdict(settings) | {"n_targets": targets_run, "batch_size": batch_size, "seed": seed},
       "clean": {"accuracy": accuracy(clean)}, "per_class_clean": per_class, "attacks": results, "robust": robust,
   }
 
@@ -346,12 +354,13 @@ def format_table(results: dict, title: str | None = None) -> str:
 def load_data(name: str, image_size: int, *, split: str = "test", num_images: int = 980, seed: int = 0,
               data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print
               ) -> ClassificationSet:
-  """`shapes-colour-shape`, `shapes-count` (rendered at `image_size`) or an ImageFolder directory."""
-
+  """`shapes-colour-shape`, `shapes-count` (`num_images` rendered at `image_size`) or an ImageFolder
+  directory; `limit` then keeps that many images, the classes in turn (`classification.classes_in_turn`)."""
   if name in DATASETS:
-    count = num_images if limit is None else min(num_images, limit)
-    return classification.shapes_set(name.removeprefix("shapes-"), num_images=count, image_size=image_size,
-                                     seed=seed, split=split)
+    # All `num_images` are rendered first: the first `limit` scenes would follow shapes-count's 20/40/40 mix.
+    rendered = classification.shapes_set(name.removeprefix("shapes-"), num_images=num_images, image_size=image_size,
+                                         seed=seed, split=split)
+    return rendered.take(limit)
   path = Path(name).expanduser()
   if not path.is_dir():
     raise ZeroShotError(f"--data {name!r} is neither {' nor '.join(DATASETS)} nor an image folder (a directory "
@@ -371,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--split", default="test", help="shapes-world split, or the ImageFolder's split (train/val/test)")
   p.add_argument("--data-dir", help="where an ImageFolder is built (default $MAT_JAX_DATA_DIR or "
                                     "~/.cache/mat_jax/datasets)")
-  p.add_argument("--num-images", type=int, default=980, help="shapes-world sets: images to render")
+  p.add_argument("--num-images", type=int, default=980,
+                 help="shapes-world sets: images to render (--limit then samples them)")
   p.add_argument("--limit", type=int, help="evaluate N images only, taken from the classes in turn")
   p.add_argument("--attacks", type=ev.comma_names(ATTACKS, "zero-shot attacks"),
                  help=f"{','.join(ATTACKS)} (default: all that apply)")

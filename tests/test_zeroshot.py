@@ -15,6 +15,7 @@ from mat_jax import evaluate as ev
 from mat_jax import evaluate_cli
 from mat_jax import metrics
 from mat_jax import zeroshot as zs
+from mat_jax.attacks import image as image_attacks
 from mat_jax.data import classification, imagefolder, shapes
 from mat_jax.data.corpora import CorpusError
 from mat_jax.models import l2_normalize
@@ -49,6 +50,16 @@ class MLPEncoder:
 
   def logit_scale(self, params):
     return params["logit_scale"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPDualEncoder(MLPEncoder):
+  """The MLP image side with a text side (the mean of the text's token embeddings): enough for
+  `evaluate_zeroshot` without a CLIP's minute-long compilations."""
+
+  def text_embeddings(self, params, input_ids, attention_mask):
+    mask = attention_mask[..., None].astype(jnp.float32)
+    return l2_normalize((params["tokens"][input_ids] * mask).sum(1) / mask.sum(1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,6 +147,51 @@ def test_attacks_lower_accuracy_and_compile_once_per_shape():
     zs.attack_correct(enc, params, classes[:3], images, labels % 3, key, attack="apgd-t", eps=0.01)
   with pytest.raises(zs.ZeroShotError, match="unknown attack"):
     zs.attack_correct(enc, params, classes, images, labels, key, attack="fgsm", eps=0.01)
+
+
+def test_results_record_the_apgd_t_targets_that_ran(monkeypatch):
+  tokenizer = shapes.tokenizer()
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(8 * 8 * 3, 32)) / 8, jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32),
+            "tokens": jnp.asarray(rng.normal(size=(tokenizer.vocab_size, 16)), jnp.float32),
+            "logit_scale": jnp.asarray(np.log(50.0), jnp.float32)}
+  names = ("red circle", "blue square", "green triangle", "white ring")
+  data = classification.ClassificationSet(rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
+                                          np.arange(4, dtype=np.int32), names, tuple((f"a {n}",) for n in names))
+  targets_traced = []
+  real_apgd_targeted = image_attacks.apgd_targeted
+
+  def spy(*args, n_targets, **kwargs):
+    targets_traced.append(n_targets)
+    return real_apgd_targeted(*args, n_targets=n_targets, **kwargs)
+
+  monkeypatch.setattr(image_attacks, "apgd_targeted", spy)
+  for requested, ran in [(9, 3), (2, 2)]:  # 4 classes: at most 3 wrong ones to target
+    results = zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["apgd-t"], eps_255=(1,),
+                                   settings=zs.Settings(apgd_steps=1, n_targets=requested), batch_size=4)
+    assert targets_traced[-1] == ran and results["settings"]["n_targets"] == ran, requested
+  without_apgd_t = zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], eps_255=(1,),
+                                        settings=zs.Settings(pgd_steps=1), batch_size=4)
+  assert without_apgd_t["settings"]["n_targets"] is None
+
+
+def test_limit_on_a_shapes_set_samples_the_rendered_images_class_by_class():
+  # shapes-count's scenes hold 1-3 objects in proportions 20/40/40: its first 30 have 8, 11 and 11.
+  rendered = zs.load_data("shapes-count", SIZE, num_images=60)
+  limited = zs.load_data("shapes-count", SIZE, num_images=60, limit=30)
+  np.testing.assert_array_equal(np.bincount(limited.labels, minlength=3), [10, 10, 10])
+  keep = classification.classes_in_turn(rendered.labels, 30)  # as an ImageFolder's --limit
+  np.testing.assert_array_equal(limited.images, rendered.images[keep])
+  np.testing.assert_array_equal(limited.labels, rendered.labels[keep])
+  # Without a limit every rendered scene stays, in order.
+  whole = classification.shapes_count(num_images=60, image_size=SIZE)
+  np.testing.assert_array_equal(rendered.images, whole.images)
+  np.testing.assert_array_equal(rendered.labels, whole.labels)
+  # colour-shape already cycles through its classes: a limit keeps its first images.
+  colour_shape = zs.load_data("shapes-colour-shape", SIZE, num_images=60, limit=10)
+  np.testing.assert_array_equal(colour_shape.images,
+                                classification.shapes_colour_shape(num_images=60, image_size=SIZE).images[:10])
 
 
 # ----------------------------------------------------------------------------------------------------
