@@ -613,8 +613,9 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
 
 # Fingerprint keys that checkpoints written before they were recorded lack: compared only where the
 # checkpoint records them, so those checkpoints still resume.
-ADDED_FINGERPRINT_KEYS = ("model.source", "text_attack.source", "text_attack.bert", "text_attack.top_k",
-                          "text_attack.max_words", "text_attack.max_pieces", "text_attack.max_targets")
+ADDED_FINGERPRINT_KEYS = ("model.source", "model.source_run", "text_attack.source", "text_attack.bert",
+                          "text_attack.top_k", "text_attack.max_words", "text_attack.max_pieces",
+                          "text_attack.max_targets")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:

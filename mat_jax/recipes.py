@@ -208,16 +208,22 @@ def pretrain(seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-# What a variant of a method may change: its objective, its data (captions, augmentations) and the text
-# attack it trains against (e.g. {"source": "paraphrase"}: meaning-preserving substitutions only).
+# What a variant of a method may change: its objective's own hyper-parameters, its data's captions and
+# augmentations, and which text attack it trains against (e.g. {"source": "paraphrase"}: meaning-preserving
+# substitutions only). Never the shared budget: the inner attack's strength (ε, steps, step size, words
+# changed), the images, the text threat's strength.
 VARIANT_SECTIONS = ("objective", "data", "text_attack")
+VARIANT_DATA_KEYS = ("captions_per_image", "augmentations", "renderings_per_scene")
+VARIANT_TEXT_ATTACK_KEYS = ("source", "bert")
+BUDGET_OBJECTIVE_KEYS = ("name", "eps", "steps", "step_size", "text_changes")
 
 
 def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = None,
-             name: str | None = None) -> ml_collections.ConfigDict:
+             name: str | None = None, text_attack: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """`method` under the shared fine-tuning budget; `variant` changes the method-defining parts only
   (VARIANT_SECTIONS: e.g. {"data": {"augmentations": ("eda",)}}, {"objective": {"one_to_one": True}},
-  {"text_attack": {"source": "paraphrase"}})."""
+  {"text_attack": {"source": "paraphrase"}}). text_attack: the shared text threat of the methods that
+  train against one (default TEXT_ATTACK), before the variant's changes."""
   if method not in METHODS:
     raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
   spec = METHODS[method]
@@ -226,7 +232,7 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
   c.data.update(spec.get("data", {}))
   c.objective = dict(spec["objective"])
   if c.objective["name"] in TEXT_ATTACK_OBJECTIVES:
-    c.text_attack = dict(TEXT_ATTACK)
+    c.text_attack = dict(TEXT_ATTACK if text_attack is None else text_attack)
   c.train = dict(batch_size=FINETUNE_BATCH, steps=FINETUNE_STEPS, towers=spec["towers"], log_every=10,
                  checkpoint_every=50)
   c.optimizer = dict(FINETUNE_OPTIMIZER)
@@ -239,6 +245,14 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
     if section not in c:
       raise ConfigError(f"variant section {section!r}: {method} trains against no text attack; only "
                         f"{', '.join(TEXT_ATTACK_OBJECTIVES)} have one to change")
+    budget = {"objective": [k for k in values if k in BUDGET_OBJECTIVE_KEYS],
+              "data": [k for k in values if k not in VARIANT_DATA_KEYS],
+              "text_attack": [k for k in values if k not in VARIANT_TEXT_ATTACK_KEYS]}[section]
+    if budget:
+      may = {"objective": "its hyper-parameters but " + ", ".join(BUDGET_OBJECTIVE_KEYS),
+             "data": ", ".join(VARIANT_DATA_KEYS), "text_attack": ", ".join(VARIANT_TEXT_ATTACK_KEYS)}[section]
+      raise ConfigError(f"variant {section}.{', '.join(budget)}: part of the budget every method shares; a variant "
+                        f"may change {section}: {may}")
     c[section].update(dict(values))
   return c
 

@@ -99,19 +99,39 @@ def cached_experiment(name: str) -> tuple[Path, ml_collections.ConfigDict]:
   return path, config_lib.load(path)
 
 
-def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
-  """Where experiments/<name>.py's run is cached: keyed by everything its result depends on (the
-  config without its runtime-only keys, the preset's architecture, the data version), so an edited
-  experiment is trained afresh."""
+def result_parts(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Everything a run's result depends on but the host's pipeline layout: the config without its
+  runtime-only keys, the preset's architecture, the data version, and the cached run it starts from
+  (whose name changes whenever that experiment, or one it starts from, changes)."""
   parts: dict[str, Any] = {"config": config_lib.result_json(config)}
-  workers = pipeline.resolve_worker_count(config.data.worker_count)
-  if workers > 0:  # Grain's workers each take a share of the stream: the batches are composed differently
-    parts["data_workers"] = workers
   if config.model.source in PRESETS or config.model.source in BLIP_PRESETS:
     parts["preset"] = repr({**PRESETS, **BLIP_PRESETS}[config.model.source])
   if config.data.name == "shapes":
     parts["data_version"] = str(corpora.ShapesWorld.VERSION)
+  upstream = source_run(config.model.source)
+  if upstream is not None:
+    parts["source_run"] = upstream
+  return parts
+
+
+def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
+  """Where experiments/<name>.py's run is cached: keyed by `result_parts` and the resolved number of
+  Grain workers, so an edited experiment, or one whose starting run was edited, is trained afresh."""
+  parts = result_parts(config)
+  workers = pipeline.resolve_worker_count(config.data.worker_count)
+  if workers > 0:  # Grain's workers each take a share of the stream: the batches are composed differently
+    parts["data_workers"] = workers
   return cache_dir() / "runs" / f"{name}-{config_lib.digest(parts)}"
+
+
+def source_run(source: str) -> str | None:
+  """The name of the cached run directory a "cache:NAME" / "shapes" source stands for (trained or not);
+  None for any other source."""
+  name = cached_name(source)
+  if name is None:
+    return None
+  _, config = cached_experiment(name)
+  return cached_run_dir(name, config).name
 
 
 def is_trained(run_dir: Path) -> bool:

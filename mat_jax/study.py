@@ -93,6 +93,9 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
   study = {k: raw.get(k) for k in _KEYS}
   if not isinstance(study["seeds"], int) or study["seeds"] < 1:
     raise StudyError(f"{path}: seeds={study['seeds']!r} must be an integer >= 1")
+  for key, least in (("bootstrap", 1), ("eval_batch", 1), ("eval_images", 0), ("eps_255", 0)):
+    if not isinstance(study[key], (int, float)) or isinstance(study[key], bool) or study[key] < least:
+      raise StudyError(f"{path}: {key}={study[key]!r} must be a number >= {least}")
   if not study["arms"]:
     raise StudyError(f"{path}: the study names no arms")
   for name, arm in study["arms"].items():
@@ -106,6 +109,7 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
       raise StudyError(f"{path}: arm {name!r} names unknown attack(s) {bad}; attacks: {', '.join(STUDY_ATTACKS)}")
     if "clean" not in arm.get("attacks", ()):
       raise StudyError(f"{path}: arm {name!r} must be evaluated clean too (add 'clean' to its attacks)")
+    arm.setdefault("variant", {})  # as arm_of reads it, so a study dir compares like with like
   for name in study["arms"]:
     run_config(study, arm_of(study, name), 0)  # every arm's training config is valid before anything runs
   return json.loads(json.dumps(study, default=list))
@@ -120,7 +124,8 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
   """The training config of `arm` at `seed`: the shared budget (recipes.finetune) + the study's changes."""
 
   try:
-    c = recipes.finetune(arm.method, seed, arm.variant, name=f"{study['name']}_{arm.name}")
+    c = recipes.finetune(arm.method, seed, arm.variant, name=f"{study['name']}_{arm.name}",
+                         text_attack=text_threat(study))
   except ValueError as err:
     raise StudyError(f"arm {arm.name!r}: {err}") from None
   c = c.to_dict()
@@ -132,8 +137,6 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
       raise StudyError(f"budget.{section}: a study may shrink only the shared train and schedule sections")
     c[section].update(values)
   c["data"].update(study["data"] or {})
-  if study["text_source"] and "text_attack" in c:
-    c["text_attack"] = {"source": study["text_source"], "top_k": c["text_attack"].get("top_k", 10)}
   c["train"]["export"] = True
   try:
     return config_lib.build(c, origin=f"study arm {arm.name!r}")
@@ -157,6 +160,19 @@ def _training_settings(study: Mapping[str, Any]) -> dict[str, Any]:
                            for name, arm in study["arms"].items()}}
 
 
+# study.json's record of what each arm's runs were trained under (see `trained_as`).
+TRAINED_AS = "trained_as"
+
+
+def trained_as(study: Mapping[str, Any]) -> dict[str, str]:
+  """Per arm, a digest of what its runs' results depend on as this code resolves them
+  (`runs.result_parts` of its training config): the shared budget of mat_jax/recipes.py, the cached
+  clean model it starts from, the shapes world's version. The study file's settings alone do not show
+  a change there."""
+  return {name: config_lib.digest(runs.result_parts(run_config(study, arm_of(study, name), 0)))
+          for name in study["arms"]}
+
+
 def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
   """Write the study's settings into a new study dir; refuse a dir made by other training settings.
 
@@ -164,8 +180,11 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
   subset or other attacks (EVALUATION_KEYS, an arm's attacks): the arms both name, and every other
   setting, must agree. The dir then remembers every arm it has held and the latest evaluation settings."""
   path = study_dir / STUDY_FILE
+  resolved = trained_as(study)
   if path.exists():
     old = json.loads(path.read_text())
+    for arm in old["arms"].values():
+      arm.setdefault("variant", {})
     shared = set(old["arms"]) & set(study["arms"])
     comparable_old = _training_settings({**old, "arms": {a: old["arms"][a] for a in shared}})
     comparable_new = _training_settings({**study, "arms": {a: study["arms"][a] for a in shared}})
@@ -174,13 +193,21 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
       raise StudyError(f"{study_dir} holds another study ({old.get('name')!r}); it differs in "
                        f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. Use another --study-dir, or "
                        "delete that directory to start over")
+    # A dir written before the record existed is compared on its settings only.
+    recorded = old.get(TRAINED_AS, {})
+    stale = sorted(a for a in shared if a in recorded and recorded[a] != resolved[a])
+    if stale:
+      raise StudyError(f"{study_dir}: the runs of arm(s) {', '.join(stale)} were trained under settings this code "
+                       "no longer resolves them to (the shared budget in mat_jax/recipes.py, the cached clean model "
+                       "they start from, or the shapes world changed). Use another --study-dir, or delete that "
+                       "directory to start over")
     _file_flat_evaluations(study_dir, old)
-    merged = {**study, "arms": {**old["arms"], **study["arms"]}}
+    merged = {**study, "arms": {**old["arms"], **study["arms"]}, TRAINED_AS: {**recorded, **resolved}}
     if merged != old:
       path.write_text(json.dumps(merged, indent=1, sort_keys=True))
     return
   study_dir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(study, indent=1, sort_keys=True))
+  path.write_text(json.dumps({**study, TRAINED_AS: resolved}, indent=1, sort_keys=True))
 
 
 def _file_flat_evaluations(study_dir: Path, settings: Mapping[str, Any]) -> None:
@@ -214,13 +241,20 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 # Text sources.
 
 
+def text_threat(study: Mapping[str, Any]) -> dict[str, Any]:
+  """The study's text threat, in training (an arm's variant may change it) and in evaluation: the shared
+  one (recipes.TEXT_ATTACK) with the study's `text_source`, if any."""
+  threat = dict(recipes.TEXT_ATTACK)
+  if study["text_source"]:
+    threat["source"] = study["text_source"]
+  return threat
+
+
 def text_sources(study: Mapping[str, Any], tokenizer) -> dict[str, Any]:
   """{"bert": the threat, "paraphrase": the synonym lexicon}; an MLM whose vocabulary does not fit its
   tokenizer is refused in one line."""
 
-  spec = dict(recipes.TEXT_ATTACK)
-  if study["text_source"]:
-    spec = {"source": study["text_source"], "top_k": spec.get("top_k", 10)}
+  spec = text_threat(study)
   paraphrase = LexiconSource(shapes.substitution_table())
   if spec["source"] == "paraphrase":
     return {"bert": paraphrase, "paraphrase": paraphrase}

@@ -166,7 +166,8 @@ def test_fingerprint_covers_the_text_threat_and_the_reference_a_run_trains_with(
   # Checkpoints from before these keys were recorded still resume (the checkpointer's added_keys).
   both = {**fingerprint("mat"), **fingerprint("fare")}
   recorded = {k for k in both if k.startswith(("text_attack.", "model.source"))}
-  assert recorded == set(config_lib.ADDED_FINGERPRINT_KEYS)
+  # (model.source_run, the cached run a "cache:" source stands for, is the training loop's addition.)
+  assert recorded | {"model.source_run"} == set(config_lib.ADDED_FINGERPRINT_KEYS)
 
 
 @pytest.mark.parametrize("name, setting, structural", [
@@ -314,3 +315,28 @@ def test_a_cached_run_is_keyed_by_what_its_result_depends_on():
   # Worker processes each take a share of the stream, so their batches are composed differently.
   for result in ("train.steps=999", "data.augmentations=hflip", "seed=1", "data.worker_count=3"):
     assert runs.cached_run_dir("shapes_clip", config_lib.load(path, [result])) != key, result
+
+
+def test_a_cached_run_that_starts_from_another_is_keyed_by_it_too(monkeypatch):
+  # shapes_mat fine-tunes cache:shapes_clip: an edited clean pretraining is another starting model, so
+  # the fine-tuning's cached run (and the fingerprint of its checkpoints) changes with it.
+  from mat_jax import runs
+  from mat_jax.training import loop
+
+  _, mat = runs.cached_experiment("shapes_mat")
+  assert mat.model.source == "cache:shapes_clip"
+  key, upstream = runs.cached_run_dir("shapes_mat", mat), runs.source_run(mat.model.source)
+  assert upstream == runs.cached_run_dir("shapes_clip", runs.cached_experiment("shapes_clip")[1]).name
+  assert loop.run_fingerprint(mat, None)["model.source_run"] == upstream
+  assert "model.source_run" not in loop.run_fingerprint(runs.cached_experiment("shapes_clip")[1], None)
+  original = runs.cached_experiment
+
+  def edited(name):
+    path, config = original(name)
+    if name == "shapes_clip":
+      config.train.steps = 999
+    return path, config
+
+  monkeypatch.setattr(runs, "cached_experiment", edited)
+  assert runs.source_run(mat.model.source) != upstream
+  assert runs.cached_run_dir("shapes_mat", mat) != key

@@ -52,6 +52,11 @@ def test_a_variant_may_change_only_method_defining_sections():
   assert recipes.finetune("mat").text_attack.source == recipes.TEXT_ATTACK["source"] == "bert"
   with pytest.raises(ValueError, match="tecoa trains against no text attack"):
     recipes.finetune("tecoa", variant={"text_attack": {"source": "paraphrase"}})
+  # Never the budget every method shares: the inner attack's strength, the images, the threat's strength.
+  for section, values in (("objective", {"eps": 8 / 255, "steps": 10}), ("objective", {"text_changes": 3}),
+                          ("data", {"image_size": 64}), ("text_attack", {"top_k": 50})):
+    with pytest.raises(ValueError, match=f"variant {section}.* part of the budget every method shares"):
+      recipes.finetune("mat", variant={section: values})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,6 +147,11 @@ def _study_file(tmp_path, body: str) -> Path:
     ("  c.seeds = 0\n", "seeds=0 must be an integer >= 1"),
     ("  c.arms['x'] = dict(method='mat', variant={'optimizer': {}}, attacks=('clean',))\n",
      "only the method-defining sections"),
+    ("  c.arms['x'] = dict(method='mat', variant={'objective': {'eps': 8/255}}, attacks=('clean',))\n",
+     "arm 'x': variant objective.eps: part of the budget"),
+    ("  c.bootstrap = 0\n", "bootstrap=0 must be a number >= 1"),
+    ("  c.eval_images = -5\n", "eval_images=-5 must be a number >= 0"),
+    ("  c.eval_batch = 0\n", "eval_batch=0 must be a number >= 1"),
 ])
 def test_bad_study_files_fail_in_one_line(tmp_path, body, message):
   with pytest.raises(study.StudyError, match=message):
@@ -203,6 +213,38 @@ def test_evaluations_of_a_dir_without_subsets_are_filed_under_its_subset(tmp_pat
   study.check_study_dir(tmp_path, {**quick, "eval_images": 0})  # the dir's file says 12 images
   assert sorted(p.name for p in (flat / "test-12").iterdir()) == ["co.json", "co.npz"]
   assert not (flat / "co.npz").exists() and not (flat / "test-all").exists()
+
+
+def test_a_study_dir_refuses_runs_the_code_now_resolves_otherwise(tmp_path, monkeypatch):
+  # The study file unchanged, but the shared budget in recipes.py changed: the dir's finished runs were
+  # trained under the old one and must not sit in a table beside runs of the new one.
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  study.check_study_dir(tmp_path, quick)
+  assert set(json.loads((tmp_path / study.STUDY_FILE).read_text())[study.TRAINED_AS]) == set(quick["arms"])
+  monkeypatch.setattr(recipes, "FINETUNE_OPTIMIZER", {**recipes.FINETUNE_OPTIMIZER, "learning_rate": 1e-4})
+  with pytest.raises(study.StudyError, match=r"the runs of arm\(s\) .*mat.* were trained under settings"):
+    study.check_study_dir(tmp_path, quick)
+  monkeypatch.undo()
+  # A dir written before the record existed (no trained_as; arms saved without a variant key) is
+  # compared on its settings only.
+  saved = json.loads((tmp_path / study.STUDY_FILE).read_text())
+  del saved[study.TRAINED_AS]
+  for arm in saved["arms"].values():
+    arm.pop("variant")
+  (tmp_path / study.STUDY_FILE).write_text(json.dumps(saved))
+  study.check_study_dir(tmp_path, quick)
+  assert study.TRAINED_AS in json.loads((tmp_path / study.STUDY_FILE).read_text())
+
+
+def test_the_studys_text_source_keeps_an_arms_own_and_the_threats_mlm():
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  arm = study.Arm("mat_chars", "mat", {"text_attack": {"source": "charedit"}}, ("clean",))
+  for text_source in ("paraphrase", "bert"):
+    settings = {**quick, "text_source": text_source}
+    assert study.run_config(settings, arm, 0).text_attack.source == "charedit"
+    plain = study.run_config(settings, study.arm_of(settings, "mat"), 0).text_attack
+    assert (plain.source, plain.bert) == (text_source, recipes.TEXT_ATTACK["bert"])
+    assert study.text_threat(settings) == {**recipes.TEXT_ATTACK, "source": text_source}
 
 
 def test_the_study_file_argument_names_a_variant():
