@@ -51,6 +51,12 @@ def _perturbed(model):
     for name, p in model.named_parameters():
       if "layer_norm" in name or "layernorm" in name or "class_embedding" in name:
         p.add_(0.1 * torch.randn_like(p))
+      # Token states whose channels share an offset large next to their spread, as trained checkpoints'
+      # residual streams have: a LayerNorm variance taken as E[x²] - E[x]² loses digits to cancellation
+      # (measured: image features off by 2-8e-5, text features by 1e-4). The text tower's states spread
+      # less, so a smaller offset keeps the problem well conditioned for the exact formula.
+      if "position_embedding" in name:
+        p.add_(3.0 if "vision" in name else 0.5)
   return model
 
 

@@ -64,8 +64,10 @@ def dense(
 
 def layer_norm(features: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # The variance from the centred values, as PyTorch takes it: E[x²] - E[x]² (flax's default) cancels
+  # digits away when a token's channels share a large offset, as trained residual streams do.
   return nnx.LayerNorm(
-      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
       scale_init=sharded(nnx.initializers.ones_init(), "embed"),
       bias_init=sharded(nnx.initializers.zeros_init(), "embed"),
       rngs=rngs,
