@@ -222,19 +222,11 @@ def parse_model_overrides(text: str, base: CLIPConfig) -> CLIPConfig:
       raise ConfigError(f"model.overrides: cannot apply {part.strip()!r}; write field=value with fields "
                         f"among: {', '.join(valid)}")
     current = getattr(target, field)
+    if isinstance(current, (tuple, list)):  # a comma separates overrides, so a sequence cannot be one
+      raise ConfigError(f"model.overrides: {key} is a sequence ({current!r}) and cannot be overridden here; "
+                        "change it in the model's config.json")
     value = value.strip()
-    try:
-      if isinstance(current, bool):
-        parsed: Any = value.lower() in ("1", "true", "yes")
-      elif isinstance(current, int):
-        parsed = int(value)
-      elif isinstance(current, float):
-        parsed = float(value)
-      else:
-        parsed = value
-    except ValueError:
-      raise ConfigError(f"model.overrides: {key}={value!r} is not a {type(current).__name__}") from None
-    changes[section][field] = parsed
+    changes[section][field] = config_lib.parse_scalar(value, current, f"model.overrides: {key}={value!r}")
   vision = dataclasses.replace(base.vision, **changes["vision"])
   text_cfg = dataclasses.replace(base.text, **changes["text"])
   return dataclasses.replace(base, vision=vision, text=text_cfg, **changes[""])

@@ -340,3 +340,17 @@ def test_a_cached_run_that_starts_from_another_is_keyed_by_it_too(monkeypatch):
   monkeypatch.setattr(runs, "cached_experiment", edited)
   assert runs.source_run(mat.model.source) != upstream
   assert runs.cached_run_dir("shapes_mat", mat) != key
+
+
+def test_model_overrides_parse_their_fields_strictly():
+  from mat_jax import runs
+
+  base = runs.clip_config("tiny")
+  changed = runs.parse_model_overrides("scan_layers=yes,vision.layers=1,vision.layer_norm_eps=1/1000", base)
+  assert changed.scan_layers is True and changed.vision.layers == 1 and changed.vision.layer_norm_eps == 1e-3
+  # A misspelt bool is refused, not read as false; a sequence field cannot be written between commas.
+  for override, message in (("scan_layers=ture", "scan_layers='ture' is not true or false"),
+                            ("vision.layers=2.5", "vision.layers='2.5' is not an integer"),
+                            ("vision.image_mean=0.5", "vision.image_mean is a sequence")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      runs.parse_model_overrides(override, base)
