@@ -196,6 +196,13 @@ def test_blip_dir_to_load_clip_and_the_reverse(case, tmp_path_factory):
     load_blip(clip_dir)
 
 
+def test_encoder_hidden_size_is_the_vision_width_as_in_transformers(case, tmp_path):
+  # transformers' BlipConfig overwrites text_config.encoder_hidden_size with vision_config.hidden_size.
+  directory = _copy(case, tmp_path, config=lambda c: c["text_config"].update(encoder_hidden_size=768))
+  assert transformers.BlipConfig.from_pretrained(directory).text_config.encoder_hidden_size == 40
+  assert load_blip(directory).config == case["ours"].config
+
+
 def test_other_blip_heads_are_refused(case, tmp_path):
   directory = _copy(case, tmp_path, config=lambda c: c.update(architectures=["BlipForConditionalGeneration"]))
   with pytest.raises(ConfigError, match=r"BlipForConditionalGeneration.*BlipForImageTextRetrieval"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from mat_jax.models import PRESETS, clip_config
+from flax import nnx
+
+from mat_jax.models import BLIP, PRESETS, blip_config, clip_config, save_blip
 from mat_jax.models.__main__ import main
 from mat_jax.models.clip import TextConfig, VisionConfig
 
@@ -27,3 +29,11 @@ def test_demo_then_inspect(tmp_path, capsys, monkeypatch):
   out = capsys.readouterr().out
   assert out.startswith(f"CLIP from {tmp_path}")
   assert '"context_length": 8' in out and "total" in out
+
+
+def test_inspect_a_blip_directory(tmp_path, capsys):
+  save_blip(BLIP(blip_config("blip-tiny"), rngs=nnx.Rngs(0)), tmp_path)
+  assert main(["inspect", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"BLIP from {tmp_path}")
+  assert '"embed_dim": 128' in out and "itm_head" in out and "total" in out

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mat_jax.models import CLIP, BertForMaskedLM, bert_config, check_token_ids, clip_config
+from mat_jax.errors import InputError
+from mat_jax.models import BLIP, CLIP, BertForMaskedLM, bert_config, blip_config, check_token_ids, clip_config
 from mat_jax.models.clip import TextConfig, VisionConfig
 
 CFG = clip_config(
@@ -107,6 +108,26 @@ def test_bert_input_errors(bert):
     bert(ids, np.ones_like(ids), np.full_like(ids, 2))
   with pytest.raises(ValueError, match=r"token ids must lie in \[0, 40\)"):
     bert(np.array([[2, 45, 3]], np.int32), np.ones_like(ids))
+
+
+@pytest.fixture(scope="module")
+def blip():
+  return nnx.eval_shape(lambda: BLIP(blip_config("blip-tiny"), rngs=nnx.Rngs(0)))
+
+
+def test_blip_empty_text_batch_fails_as_clip_does(blip, clip):
+  message = r"input_ids is an empty batch \(shape \(0, 3\)\); pass at least one text"
+  for model in (blip, clip):
+    with pytest.raises(InputError, match=message):
+      _traced(model, "encode_text", ((0, 3), jnp.int32), ((0, 3), jnp.int32))
+
+
+def test_blip_itm_needs_one_text_per_image(blip):
+  # The ITM scores image i with text i.
+  with pytest.raises(InputError, match="there are 2 images and 3 texts; pass as many texts as images"):
+    _traced(blip, "itm_logits", ((2, 48, 48, 3), jnp.float32), ((3, 5), jnp.int32), ((3, 5), jnp.int32))
+  assert _traced(blip, "itm_logits", ((2, 48, 48, 3), jnp.float32), ((2, 5), jnp.int32),
+                 ((2, 5), jnp.int32)).shape == (2, 2)
 
 
 def test_unknown_preset_and_pooling():

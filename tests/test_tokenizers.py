@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from mat_jax.errors import ConfigError
 from mat_jax.models import load_tokenizer
 from mat_jax.models.hub import ModelSourceError
 
@@ -104,6 +105,33 @@ def test_bad_sources(tmp_path):
   (tmp_path / "merges.txt").write_text("#version: 0.2\n")
   with pytest.raises(ModelSourceError, match="tokenizer_config.json"):
     load_tokenizer(tmp_path, context_length=8)
+
+
+def test_tokenizer_config_cannot_pad_or_truncate_on_the_left(tmp_path, clip_tok):
+  # CLIP pools at the first end token (the pad token here) and truncation must keep the start token.
+  _clip_files(tmp_path)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "CLIPTokenizer", "padding_side": "left", "truncation_side": "left"}))
+  tok = load_tokenizer(tmp_path, context_length=8)
+  captions = ["a cat", "a red cat on a red dog on a mat"]
+  batch, expected = tok(captions), clip_tok(captions)
+  np.testing.assert_array_equal(batch.input_ids, expected.input_ids)
+  np.testing.assert_array_equal(batch.attention_mask, expected.attention_mask)
+  assert batch.input_ids[0, 0] == tok.start_id and batch.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_empty_batch_gives_empty_arrays(clip_tok):
+  batch = clip_tok([])
+  assert batch.input_ids.shape == batch.attention_mask.shape == (0, 8)
+  assert batch.input_ids.dtype == batch.attention_mask.dtype == np.int32
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+  _clip_files(tmp_path)
+  for text in ("[]", "{oops"):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"config.json is not a JSON object.*save_pretrained"):
+      load_tokenizer(tmp_path, context_length=8)
 
 
 def test_single_string_is_refused(clip_tok):

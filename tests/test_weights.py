@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,46 @@ def test_missing_shard_named(saved, tmp_path):
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
       {"weight_map": {"logit_scale": "model-00001-of-00002.safetensors"}}))
   with pytest.raises(ModelSourceError, match="model-00001-of-00002.safetensors"):
+    load_clip(tmp_path)
+
+
+def _shards(saved, directory, count=2):
+  """The saved tensors split over transformers' shard names; returns {name: shard file}."""
+  (directory / "config.json").write_text((saved / "config.json").read_text())
+  tensors = load_file(saved / "model.safetensors")
+  names = sorted(tensors)
+  weight_map = {}
+  for i in range(count):
+    shard = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+    part = names[i::count]
+    save_file({n: tensors[n] for n in part}, directory / shard, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(part, shard))
+  return weight_map
+
+
+def test_shards_without_their_index(saved, tmp_path):
+  _shards(saved, tmp_path)
+  with pytest.raises(ModelSourceError, match=r"not their index model.safetensors.index.json.*copy"):
+    load_clip(tmp_path)
+
+
+def test_index_that_places_a_tensor_in_the_wrong_shard(saved, tmp_path):
+  weight_map = _shards(saved, tmp_path)
+  name = next(n for n, f in weight_map.items() if f.startswith("model-00001"))
+  weight_map[name] = "model-00002-of-00002.safetensors"  # a stale index: every file intact
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  with pytest.raises(ModelSourceError, match=rf"in model-00002-of-00002.safetensors, which does not hold them: "
+                                             rf"{re.escape(name)}\. The index and the shards disagree"):
+    load_clip(tmp_path)
+  weight_map[name] = "model-00001-of-00002.safetensors"
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  assert load_clip(tmp_path).config == CFG
+
+
+def test_config_json_that_is_not_an_object(saved, tmp_path):
+  _copy(saved, tmp_path)
+  (tmp_path / "config.json").write_text("[]")
+  with pytest.raises(ConfigError, match=r"config.json is valid JSON but not an object"):
     load_clip(tmp_path)
 
 

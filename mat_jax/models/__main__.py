@@ -2,7 +2,7 @@
 
 demo      build the tiny CLIP, save it in the transformers layout, load it back, print the cosine
           similarity of a few solid-colour images and token sequences, and check the reload is exact.
-inspect   load a transformers-layout directory or hub id (CLIP or BERT MLM) and print its config and
+inspect   load a transformers-layout directory or hub id (CLIP, BLIP or BERT MLM) and print its config and
           parameter counts.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from mat_jax import errors, runtime
-from mat_jax.models import CLIP, clip_config, hub, l2_normalize, load_bert_mlm, load_clip, save_clip
-from mat_jax.errors import ConfigError
+from mat_jax.models import CLIP, clip_config, hub, l2_normalize, load_bert_mlm, load_blip, load_clip, save_clip, weights
+from mat_jax.models.blip import is_blip
 from mat_jax.models.weights import WEIGHT_PATTERNS
 
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0)}
@@ -81,19 +81,16 @@ def demo(args: argparse.Namespace) -> int:
   return 0 if same else 1
 
 
-def _load_json(path: Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as err:
-    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained") from None
-
-
 def inspect(args: argparse.Namespace) -> int:
 
   directory = hub.resolve(args.source, WEIGHT_PATTERNS)
   config_path = directory / "config.json"
-  model_type = _load_json(config_path).get("model_type", "clip") if config_path.exists() else "clip"
-  model = load_bert_mlm(directory) if model_type == "bert" else load_clip(directory)
+  model_type = weights.read_json_object(config_path).get("model_type", "clip") if config_path.exists() else "clip"
+  # BLIP as runs.load_model tells it (is_blip); anything else not BERT goes to load_clip, which names the fix.
+  if model_type == "bert":
+    model = load_bert_mlm(directory)
+  else:
+    model = (load_blip if is_blip(directory) else load_clip)(directory)
   print(f"{type(model).__name__} from {directory}")
   print(json.dumps(dataclasses.asdict(model.config), indent=2))
   params = nnx.state(model, nnx.Param)

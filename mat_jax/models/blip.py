@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mat_jax import checks
+from mat_jax.errors import InputError
 from mat_jax.models import hub, layers, weights
-from mat_jax.models.clip import CLIP_MEAN, CLIP_STD, check_pixels, check_token_ids, l2_normalize
+from mat_jax.models.clip import CLIP_MEAN, CLIP_STD, check_pixels, l2_normalize
 
 # ------------------------------------------------------------------------------------------------
 # Configs: our names where they match CLIP's (so code that reads `config.vision.image_size` or
@@ -335,6 +337,10 @@ class BLIP(nnx.Module):
                              attention_mask: jax.Array) -> jax.Array:
     """ITM logits (B, 2) [no match, match] of texts against precomputed `image_tokens`, row for row."""
     check_blip_text(input_ids, attention_mask, self.config.text)
+    if image_tokens.shape[0] != input_ids.shape[0]:
+      raise InputError(f"the ITM pairs image i with text i, but there are {image_tokens.shape[0]} images and "
+                       f"{input_ids.shape[0]} texts; pass as many texts as images (repeat the images or texts to "
+                       "score every pair)")
     cls = self.text(input_ids, attention_mask, image_tokens.astype(self.text.dtype))
     return self.itm_head(cls).astype(jnp.float32)
 
@@ -349,25 +355,9 @@ class BLIP(nnx.Module):
 
 
 def check_blip_text(input_ids: Any, attention_mask: Any, cfg: BlipTextConfig) -> None:
-  """Shapes and dtypes always (static under `jit`); the id range only on concrete (eager) arrays."""
-  def as_array(x):
-    return x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
-  ids, mask = as_array(input_ids), as_array(attention_mask)
-  if ids.ndim != 2:
-    raise ValueError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}; "
-                     "flatten extra axes (DualEncoder.text_features does) or add a batch axis.")
-  if tuple(mask.shape) != tuple(ids.shape):
-    raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids shape "
-                     f"{tuple(ids.shape)}; pass the mask the tokenizer returned with these ids.")
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}; tokenize the text with "
-                     "mat_jax.models.load_tokenizer.")
-  if ids.shape[1] > cfg.max_position_embeddings:
-    raise ValueError(f"input_ids have length {ids.shape[1]} > max_position_embeddings "
-                     f"{cfg.max_position_embeddings}; tokenize with load_tokenizer(..., "
-                     f"context_length={cfg.context_length}).")
-  if not isinstance(ids, jax.core.Tracer):
-    check_token_ids(ids, cfg.vocab_size)
+  """CLIP's checks (`checks.check_token_ids`) against BLIP's positions: shapes and dtypes always (static under
+  `jit`), the id range only on concrete (eager) arrays."""
+  checks.check_token_ids(input_ids, attention_mask, cfg.max_position_embeddings, cfg.vocab_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -478,9 +468,8 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
     problems.append(f"context_length {length} > text_config.max_position_embeddings {positions}")
     length = positions
   text = pick(BlipTextConfig, text_data, _TEXT_KEYS, context_length=length)
-  if text_data.get("encoder_hidden_size") not in (None, vision.width):
-    problems.append(f"text_config.encoder_hidden_size {text_data['encoder_hidden_size']} differs from "
-                    f"vision_config.hidden_size {vision.width}")
+  # text_config.encoder_hidden_size is not read: transformers' BlipConfig overwrites it with the vision
+  # hidden size, and a cross-attention that does not fit is caught by the tensor shapes.
   if vision.image_size % vision.patch_size:
     problems.append(f"vision_config.image_size {vision.image_size} is not a multiple of patch_size "
                     f"{vision.patch_size}")
@@ -545,8 +534,8 @@ def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_le
   except weights.UnsafeCheckpointError as err:
     raise _pickle_error(source) from err
   pre_path = directory / weights.PREPROCESSOR_FILE
-  cfg = blip_config_from_hf(weights._load_json(directory / "config.json"),
-                            weights._load_json(pre_path) if pre_path.exists() else None, dtype=dtype,
+  cfg = blip_config_from_hf(weights.read_json_object(directory / "config.json"),
+                            weights.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype,
                             context_length=context_length)
   abstract = nnx.eval_shape(lambda: BLIP(cfg, rngs=nnx.Rngs(0)))
   # logit_scale is no tensor of transformers' retrieval class: fill the others, then set it from config.json.
@@ -598,4 +587,4 @@ def is_blip(source: str | os.PathLike) -> bool:
   """Whether a transformers-layout directory or hub id holds a BLIP (config.json's model_type 'blip')."""
   directory = hub.resolve(source, ("config.json",))
   path = directory / "config.json"
-  return path.exists() and json.loads(path.read_text()).get("model_type") == "blip"
+  return path.exists() and weights.read_json_object(path).get("model_type") == "blip"

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mat_jax.errors import ConfigError
 from mat_jax.models import hub
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -55,6 +56,11 @@ class Tokenizer:
     # A tokenizer whose pad token is unset (CLIP's original files) pads with end-of-text, as OpenAI did.
     if self.hf.pad_token is None:
       self.hf.pad_token = self.hf.eos_token or self.hf.sep_token
+    # Whatever tokenizer_config.json says: CLIP pools at the first end token (OpenAI-style files pad with
+    # it, so a left pad would be pooled), truncation must keep the start token, and the text attacks and
+    # the cached text continuation build captions as start, words, end, then padding.
+    self.hf.padding_side = "right"
+    self.hf.truncation_side = "right"
     start, end = self._special_ids()
     self.start_id, self.end_id = start, end
     self.pad_id = int(self.hf.pad_token_id)
@@ -75,8 +81,12 @@ class Tokenizer:
   def __call__(self, texts: Sequence[str]) -> TokenBatch:
     if isinstance(texts, str):
       raise TypeError("pass a list of strings, not a single string")
+    texts = list(texts)
+    if not texts:  # transformers fails on an empty batch; an empty batch has empty arrays
+      empty = np.zeros((0, self.context_length), np.int32)
+      return TokenBatch(empty, empty.copy())
     with self._lock:
-      enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+      enc = self.hf(texts, padding="max_length", truncation=True, max_length=self.context_length,
                     return_attention_mask=True)
     return TokenBatch(np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32))
 
@@ -110,8 +120,14 @@ def _context_length_from_config(directory: Path) -> int | None:
   config = directory / "config.json"
   if not config.exists():
     return None
-  data = json.loads(config.read_text())
-  text = data.get("text_config", data)
+  try:
+    data = json.loads(config.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    data = None
+  text = (data.get("text_config") or data) if isinstance(data, dict) else None
+  if not isinstance(text, dict):
+    raise ConfigError(f"{config} is not a JSON object with the model's settings; re-save it with save_pretrained "
+                      "(or remove it and pass context_length=...)")
   value = text.get("max_position_embeddings")
   return int(value) if value else None
 
@@ -169,10 +185,12 @@ def load_tokenizer(source: str | os.PathLike, context_length: int | None = None)
     raise hub.ModelSourceError(
         f"{directory} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt); "
         "save the tokenizer with tokenizer.save_pretrained(directory) beside the weights.")
+  # Read first: transformers reads config.json too, and reports a damaged one without naming the file.
+  from_config = _context_length_from_config(directory)
   auto = import_transformers().AutoTokenizer
   hf = auto.from_pretrained(str(directory), **_tokenizer_class_hint(directory))
   if context_length is None:
-    context_length = _context_length_from_config(directory)
+    context_length = from_config
   if context_length is None and hf.model_max_length < _NO_LIMIT:
     context_length = hf.model_max_length
   if context_length is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,6 +34,8 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHT_PATTERNS = ("config.json", "model*.safetensors", SAFETENSORS_INDEX, PREPROCESSOR_FILE)
+# transformers' shard names (save_pretrained with max_shard_size), listed by SAFETENSORS_INDEX.
+_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 _SHOWN_PER_KIND = 40  # an error lists this many names per kind; the exception keeps them all
 
 
@@ -359,7 +362,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
   """Tensor name -> the safetensors file that holds it."""
   index = directory / SAFETENSORS_INDEX
   if index.exists():
-    weight_map = _load_json(index).get("weight_map") or {}
+    weight_map = read_json_object(index).get("weight_map") or {}
     absent = sorted({f for f in weight_map.values() if not (directory / f).exists()})
     if absent:
       raise hub.ModelSourceError(f"{index} names shards that are not in {directory}: {absent}; "
@@ -373,6 +376,11 @@ def _weight_files(directory: Path) -> dict[str, Path]:
   if pickles:
     raise _pickle_error(pickles[0])
   others = sorted(p.name for p in directory.glob("*.safetensors"))
+  if others and all(_SHARD_NAME.fullmatch(name) for name in others):
+    # transformers' own shard names: only the index that lists which shard holds which tensor is missing.
+    raise hub.ModelSourceError(
+        f"{directory} holds the shards {others} but not their index {SAFETENSORS_INDEX}, which says which shard "
+        f"holds which tensor; download or copy {SAFETENSORS_INDEX} together with the shards.")
   hint = f" (found {others}: not transformers' file names)" if others else ""
   raise hub.ModelSourceError(
       f"{directory} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}{hint}; write the weights "
@@ -386,6 +394,14 @@ def _read_tensors(files: dict[str, Path], names: Iterable[str]) -> dict[str, np.
   out = {}
   for path, wanted in by_file.items():
     with _open_safetensors(path) as handle:
+      # Names come from the index when there is one: a name its shard lacks is a stale index, not a damaged file.
+      absent = sorted(set(wanted) - set(handle.keys()))
+      if absent:
+        shown = ", ".join(absent[:_SHOWN_PER_KIND]) + (" ..." if len(absent) > _SHOWN_PER_KIND else "")
+        raise hub.ModelSourceError(
+            f"{path.parent / SAFETENSORS_INDEX} places {len(absent)} tensor(s) in {path.name}, which does not hold "
+            f"them: {shown}. The index and the shards disagree (an index from another save); copy the "
+            f"{SAFETENSORS_INDEX} that came with these shards, or download the checkpoint again.")
       for name in wanted:
         try:
           out[name] = handle.get_tensor(name)
@@ -405,11 +421,15 @@ def _open_safetensors(path: Path):
                               "(an interrupted download or save): download or save it again") from None
 
 
-def _load_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
   try:
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
     raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained.") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path} is valid JSON but not an object of settings {{...}} (it holds a Python "
+                      f"{type(data).__name__}); re-save it with save_pretrained.")
+  return data
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,8 +494,8 @@ def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
   directory = _resolve(source)
   files = _weight_files(directory)
   pre_path = directory / PREPROCESSOR_FILE
-  cfg = clip_config_from_hf(_load_json(directory / "config.json"),
-                            _load_json(pre_path) if pre_path.exists() else None, dtype=dtype)
+  cfg = clip_config_from_hf(read_json_object(directory / "config.json"),
+                            read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype)
   abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
   return _fill(abstract, "CLIPModel", clip_table(cfg), files, CLIP_IGNORED, str(directory))
 
@@ -485,7 +505,7 @@ def load_bert_mlm(source: str | os.PathLike, *, dtype: str | None = None) -> Ber
   dtype = _compute_dtype(dtype)
   directory = _resolve(source)
   files = _weight_files(directory)
-  cfg = bert_config_from_hf(_load_json(directory / "config.json"), dtype=dtype)
+  cfg = bert_config_from_hf(read_json_object(directory / "config.json"), dtype=dtype)
   abstract = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
   return _fill(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory), _BERT_RENAMES)
 
