@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mat_jax import errors, runtime
-from mat_jax.models import CLIP, clip_config, hub, l2_normalize, load_bert_mlm, load_blip, load_clip, save_clip, weights
+from mat_jax.models import CLIP, clip_config, hub, l2_normalize, load_bert_mlm, load_blip, load_clip, save_clip
 from mat_jax.models.blip import is_blip
 from mat_jax.models.weights import WEIGHT_PATTERNS
 
@@ -85,7 +85,7 @@ def inspect(args: argparse.Namespace) -> int:
 
   directory = hub.resolve(args.source, WEIGHT_PATTERNS)
   config_path = directory / "config.json"
-  model_type = weights.read_json_object(config_path).get("model_type", "clip") if config_path.exists() else "clip"
+  model_type = hub.read_json_object(config_path).get("model_type", "clip") if config_path.exists() else "clip"
   # BLIP as runs.load_model tells it (is_blip); anything else not BERT goes to load_clip, which names the fix.
   if model_type == "bert":
     model = load_bert_mlm(directory)

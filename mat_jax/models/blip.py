@@ -534,8 +534,8 @@ def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_le
   except weights.UnsafeCheckpointError as err:
     raise _pickle_error(source) from err
   pre_path = directory / weights.PREPROCESSOR_FILE
-  cfg = blip_config_from_hf(weights.read_json_object(directory / "config.json"),
-                            weights.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype,
+  cfg = blip_config_from_hf(hub.read_json_object(directory / "config.json"),
+                            hub.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype,
                             context_length=context_length)
   abstract = nnx.eval_shape(lambda: BLIP(cfg, rngs=nnx.Rngs(0)))
   # logit_scale is no tensor of transformers' retrieval class: fill the others, then set it from config.json.
@@ -587,4 +587,4 @@ def is_blip(source: str | os.PathLike) -> bool:
   """Whether a transformers-layout directory or hub id holds a BLIP (config.json's model_type 'blip')."""
   directory = hub.resolve(source, ("config.json",))
   path = directory / "config.json"
-  return path.exists() and weights.read_json_object(path).get("model_type") == "blip"
+  return path.exists() and hub.read_json_object(path).get("model_type") == "blip"

@@ -6,11 +6,12 @@ hub id that is not in the local cache is an error that names the id and the comm
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
 
-from mat_jax.errors import MatJaxError
+from mat_jax.errors import ConfigError, MatJaxError
 
 
 class ModelSourceError(MatJaxError, FileNotFoundError):
@@ -44,3 +45,15 @@ def resolve(source: str | os.PathLike, allow_patterns: Sequence[str]) -> Path:
         f"({type(err).__name__}: {err}). "
         f"On a machine with network access run\n  hf download {source} --local-dir ./{source.split('/')[-1]}\n"
         "and pass that directory instead (or set HF_HOME to a cache that holds it).") from err
+
+
+def read_json_object(path: Path) -> dict:
+  """A config file of a model directory (config.json, preprocessor_config.json, the index): a JSON object."""
+  try:
+    data = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained.") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path} is valid JSON but not an object of settings {{...}} (it holds a Python "
+                      f"{type(data).__name__}); re-save it with save_pretrained.")
+  return data

@@ -22,7 +22,6 @@ from typing import Sequence
 
 import numpy as np
 
-from mat_jax.errors import ConfigError
 from mat_jax.models import hub
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -120,14 +119,8 @@ def _context_length_from_config(directory: Path) -> int | None:
   config = directory / "config.json"
   if not config.exists():
     return None
-  try:
-    data = json.loads(config.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    data = None
-  text = (data.get("text_config") or data) if isinstance(data, dict) else None
-  if not isinstance(text, dict):
-    raise ConfigError(f"{config} is not a JSON object with the model's settings; re-save it with save_pretrained "
-                      "(or remove it and pass context_length=...)")
+  data = hub.read_json_object(config)
+  text = data.get("text_config") or data
   value = text.get("max_position_embeddings")
   return int(value) if value else None
 

@@ -362,7 +362,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
   """Tensor name -> the safetensors file that holds it."""
   index = directory / SAFETENSORS_INDEX
   if index.exists():
-    weight_map = read_json_object(index).get("weight_map") or {}
+    weight_map = hub.read_json_object(index).get("weight_map") or {}
     absent = sorted({f for f in weight_map.values() if not (directory / f).exists()})
     if absent:
       raise hub.ModelSourceError(f"{index} names shards that are not in {directory}: {absent}; "
@@ -419,17 +419,6 @@ def _open_safetensors(path: Path):
   except Exception as err:  # noqa: BLE001  SafetensorError("incomplete metadata") names nothing
     raise CorruptWeightsError(f"{path} is not a readable safetensors file ({err}); it is damaged or truncated "
                               "(an interrupted download or save): download or save it again") from None
-
-
-def read_json_object(path: Path) -> dict:
-  try:
-    data = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ConfigError(f"{path} is not valid JSON ({err}); re-save it with save_pretrained.") from None
-  if not isinstance(data, dict):
-    raise ConfigError(f"{path} is valid JSON but not an object of settings {{...}} (it holds a Python "
-                      f"{type(data).__name__}); re-save it with save_pretrained.")
-  return data
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,8 +483,8 @@ def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
   directory = _resolve(source)
   files = _weight_files(directory)
   pre_path = directory / PREPROCESSOR_FILE
-  cfg = clip_config_from_hf(read_json_object(directory / "config.json"),
-                            read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype)
+  cfg = clip_config_from_hf(hub.read_json_object(directory / "config.json"),
+                            hub.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype)
   abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
   return _fill(abstract, "CLIPModel", clip_table(cfg), files, CLIP_IGNORED, str(directory))
 
@@ -505,7 +494,7 @@ def load_bert_mlm(source: str | os.PathLike, *, dtype: str | None = None) -> Ber
   dtype = _compute_dtype(dtype)
   directory = _resolve(source)
   files = _weight_files(directory)
-  cfg = bert_config_from_hf(read_json_object(directory / "config.json"), dtype=dtype)
+  cfg = bert_config_from_hf(hub.read_json_object(directory / "config.json"), dtype=dtype)
   abstract = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
   return _fill(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory), _BERT_RENAMES)
 
