@@ -130,7 +130,8 @@ def test_config_json_that_is_not_an_object(tmp_path):
   _clip_files(tmp_path)
   for text in ("[]", "{oops"):
     (tmp_path / "config.json").write_text(text)
-    with pytest.raises(ConfigError, match=r"config.json is (not valid JSON|valid JSON but not an object).*save_pretrained"):
+    named = r"config.json is (not valid JSON|valid JSON but not an object).*save_pretrained"
+    with pytest.raises(ConfigError, match=named):
       load_tokenizer(tmp_path, context_length=8)
 
 
