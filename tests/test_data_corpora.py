@@ -66,6 +66,8 @@ def test_shapes_config_rejects_bad_sizes():
     corpora.shapes_config(train=-1)
   with pytest.raises(ValueError, match="all splits are empty"):
     corpora.shapes_config(train=0, val=0, test=0)
+  with pytest.raises(ValueError, match="world seed must be >= 0, got -1"):
+    corpora.shapes_config(seed=-1)
 
 
 def test_caption_cleaning_is_the_references_pre_caption():
@@ -75,6 +77,9 @@ def test_caption_cleaning_is_the_references_pre_caption():
   assert clean(" ".join(str(i) for i in range(40))) == " ".join(str(i) for i in range(30))
   assert corpora.CaptionCleaning(max_words=3, lowercase=False)("The Cat sat on") == "The Cat sat"
   assert corpora.NO_CLEANING("Keep, This!") == "Keep, This!"
+  # -1 is not "no limit" (that is 0): it would silently drop every caption's last word.
+  with pytest.raises(ValueError, match=r"max_words must be >= 0 \(0 keeps every word\), got -1"):
+    corpora.CaptionCleaning(max_words=-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +239,14 @@ def test_malformed_json_empty_split_and_missing_folder_are_named(bad_corpus):
     corpora.read_annotations([broken])
   with pytest.raises(corpora.CorpusError, match=r"does not exist"):
     corpora.read_annotations([bad_corpus / "nope.json"])
+  with pytest.raises(corpora.CorpusError, match=r"'validation' is not a split; write split=path with split one of "
+                                                r"train, val, test"):
+    corpora.read_annotations([f"validation={broken}"])
+  # A string "sentences" would be read one character per caption.
+  stringy = bad_corpus / "stringy.json"
+  stringy.write_text('{"images": [{"filename": "0.jpg", "split": "test", "sentences": "a red car"}]}')
+  with pytest.raises(corpora.CorpusError, match=r"entry 0 \(0\.jpg\) .*\"sentences\" must be a list .* not str"):
+    corpora.read_annotations([stringy])
   empty = bad_corpus / "empty_test.json"
   empty.write_text("[]")
   with pytest.raises(corpora.CorpusError, match="no entries"):

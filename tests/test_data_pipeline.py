@@ -97,6 +97,14 @@ def test_hosts_read_disjoint_slices(world):
     _pipe(world, 2, process_index=3, process_count=3)
 
 
+def test_hosts_of_a_finite_stream_yield_the_same_number_of_batches(world):
+  # 24 records, 5 hosts, batches of 2: slicing alone gives hosts 5, 5, 5, 5 and 4 records (2, 2, 2, 2, 2
+  # batches, but 3 epochs give 15, 15, 14, 14, 14 records: 7 or 8 batches); a host with one batch more
+  # than the others would wait for them in the step's collectives forever.
+  counts = [sum(1 for _ in _pipe(world, 2, num_epochs=3, process_index=i, process_count=5)) for i in range(5)]
+  assert counts == [3 * TRAIN // (5 * 2)] * 5
+
+
 def _examples(dataset) -> dict[str, np.ndarray]:
   batches = list(dataset)
   return {k: np.concatenate([b[k] for b in batches]) for k in ("image_ids", "captions", "images")}
@@ -207,12 +215,16 @@ def test_bad_pipeline_options_are_explained(world):
     _pipe(world, 4, augmentations="eda:1.5")
   with pytest.raises(ValueError, match="t2i_caption .* captions_per_image=1"):
     _pipe(world, 4, captions_per_image=2, augmentations="t2i_caption")
-  with pytest.raises(ValueError, match="fewer than one batch"):
+  with pytest.raises(ValueError, match="records make no batch of 25 examples on each of 1 host"):
     _pipe(world, 25, num_epochs=1)
 
   _, _, tok = world
   with pytest.raises(ValueError, match=r"\['i2t'\] .* only shapes-world records"):
     pipeline.training_pipeline(_Without(world[0], "scene"), tok, 4, augmentations="i2t,hflip", process_index=0,
+                               process_count=1)
+  # eda's synonyms are the shapes world's: on another corpus they change meanings (star -> pentagram).
+  with pytest.raises(ValueError, match=r"\['eda'\] edit captions through the shapes world's lexicon"):
+    pipeline.training_pipeline(_Without(world[0], "scene"), tok, 4, augmentations="eda,hflip", process_index=0,
                                process_count=1)
 
 

@@ -3,7 +3,7 @@
 Two builders, read back with `builder.as_data_source()` (random access, numpy records):
 
 - `ShapesWorld` (`shapes_world/<config>`): the procedural world of `mat_jax.data.shapes`, with splits
-  train/val/test (20k/1k/1k by default), each record holding `image` (uint8 PNG-coded), `captions` (the
+  train/val/test (10k/1k/1k by default), each record holding `image` (uint8 PNG-coded), `captions` (the
   scene's N distinct captions), `scene` (the structured scene, so augmentations can redraw or re-caption
   it) and `image_id`.
 - `CaptionCorpus` (`caption_corpus/<name>_<size>px`): a local image-caption corpus from annotation files
@@ -116,6 +116,8 @@ def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFA
     raise ValueError("all splits are empty; ask for at least one image (e.g. train=10000)")
   if captions_per_image < 1:
     raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+  if seed < 0:
+    raise ValueError(f"the world seed must be >= 0, got {seed}")
   name = f"{image_size}px_{train}-{val}-{test}_k{captions_per_image}_seed{seed}"
   return ShapesWorldConfig(name=name, description=f"shapes world {name}", image_size=image_size,
                            train=train, val=val, test=test, captions_per_image=captions_per_image,
@@ -220,6 +222,10 @@ class CaptionCleaning:
   to_space: str = "-/"
   max_words: int = 30
 
+  def __post_init__(self):
+    if self.max_words < 0:
+      raise ValueError(f"max_words must be >= 0 (0 keeps every word), got {self.max_words}")
+
   def __call__(self, caption: str) -> str:
     text = caption.lower() if self.lowercase else caption
     if self.strip:
@@ -275,6 +281,9 @@ def read_karpathy(path: str | os.PathLike, restval: str = "train", data: Any = N
       raise CorpusError(f"{where} has no \"filename\"")
     where = f"entry {i} ({item['filename']}) of {path}"
     sentences = item.get("sentences") or []
+    if not isinstance(sentences, list):
+      raise CorpusError(f"{where}: \"sentences\" must be a list of {{\"raw\": caption}} objects, "
+                        f"not {type(sentences).__name__}")
     caps = tuple(s["raw"] if isinstance(s, dict) and "raw" in s else s for s in sentences)
     if not all(isinstance(c, str) for c in caps):
       raise CorpusError(f"{where}: every sentence needs a \"raw\" string")
@@ -323,6 +332,9 @@ def _annotation_files(annotations: Sequence[str | os.PathLike] | Mapping[str, st
   for a in annotations:
     text = str(a)
     split, sep, rest = text.partition("=")
+    if sep and split not in SPLITS and not Path(text).exists():
+      raise CorpusError(f"annotation argument {text!r}: {split!r} is not a split; write split=path with split "
+                        f"one of {', '.join(SPLITS)}, or a bare path")
     items.append((split, Path(rest)) if sep and split in SPLITS else (None, Path(text)))
   return items
 

@@ -44,6 +44,9 @@ AUGMENTATIONS: dict[str, float] = {
     "misalign": 0.3,     # each caption given a wrong attribute (a noisy captioner): the alignment knob
 }
 NEEDS_SCENE = frozenset({"i2t", "t2i", "t2i_caption"})
+# Text edits through the shapes world's own lexicon: on another corpus its synonyms change meanings
+# (star -> pentagram, ring -> donut), so they run on shapes-world records only.
+NEEDS_SHAPES_LEXICON = frozenset({"eda", "misalign"})
 
 # Threads overlap PNG/JPEG decoding (PIL releases the GIL) with the training step: 4 was the best of
 # `python -m mat_jax.bench data` on a 2-core host, and the count scales with the host's cores.
@@ -281,7 +284,12 @@ def _check_source(source, augmentations: Mapping[str, float], captions_per_image
   needs_scene = sorted(NEEDS_SCENE & augmentations.keys())
   if needs_scene and "scene" not in first:
     raise DataSourceError(f"augmentations {needs_scene} redraw or re-caption the scene, which only shapes-world "
-                          "records store; use hflip, eda or image_jitter for other corpora")
+                          "records store; use hflip or image_jitter for other corpora")
+  needs_lexicon = sorted(NEEDS_SHAPES_LEXICON & augmentations.keys())
+  if needs_lexicon and "scene" not in first:
+    raise DataSourceError(f"augmentations {needs_lexicon} edit captions through the shapes world's lexicon, whose "
+                          "synonyms change the meaning of other corpora's words (star -> pentagram); use hflip or "
+                          "image_jitter for other corpora")
   if "t2i_caption" in augmentations and captions_per_image != 1:
     raise DataSourceError("t2i_caption draws the image from one caption, so it needs captions_per_image=1; use "
                           "t2i (a new rendering true to all captions) with several captions per image")
@@ -329,23 +337,30 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   _check_source(source, augmentations, captions_per_image)
   if renderings_per_scene > 1 and "scene" not in source[0]:
     raise DataSourceError("renderings_per_scene > 1 re-renders each scene, which only shapes-world records store")
-  per_host = len(source) // process_count + (process_index < len(source) % process_count)
-  if per_host < batch_size and num_epochs is not None:
-    raise ValueError(f"this host's share of the split has {per_host} records, fewer than one batch of "
-                     f"{batch_size}; lower batch_size or repeat (num_epochs=None)")
+  examples_per_batch = batch_size // renderings_per_scene
+  if num_epochs is not None:
+    # A finite stream is cut to whole global batches, so every host yields the same number of batches:
+    # a host with one more would wait for the others in the step's collectives forever.
+    batches_per_host = len(source) * num_epochs // (process_count * examples_per_batch)
+    if batches_per_host == 0:
+      raise ValueError(f"{num_epochs} epoch(s) of the split's {len(source)} records make no batch of "
+                       f"{examples_per_batch} examples on each of {process_count} host(s); lower batch_size or "
+                       "repeat (num_epochs=None)")
   # Shuffle and draw randomness over global indices, then slice: slicing first gives every host the same
   # permutation of its slice and the same draws at each position (Grain keys an example's rng on its
   # index), i.e. hosts in lockstep. Each host still reads only its own records.
   if decoded_cache_bytes > 0:
     source = DecodedCache(source, decoded_cache_bytes)
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+  if num_epochs is not None:
+    ds = ds[:batches_per_host * process_count * examples_per_batch]
   ds = ds.random_map(PrepareExample(captions_per_image, augmentations, dict(eda_options or {}),
                                     renderings_per_scene))
   ds = ds[process_index::process_count]
   num_threads = threads_per_process(num_threads, num_workers, os.cpu_count())
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=max(1, prefetch_batches) * batch_size))
-  it = it.batch(batch_size // renderings_per_scene, drop_remainder=True)
+  it = it.batch(examples_per_batch, drop_remainder=True)
   if renderings_per_scene > 1:
     it = it.map(flatten_renderings)
   it = it.map(Tokenize(tokenizer))
