@@ -39,6 +39,7 @@ from flax import nnx
 from mat_jax import checkpoint, paths
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
+from mat_jax import objectives
 from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import ConfigError
 from mat_jax.models import (
@@ -101,9 +102,13 @@ def cached_experiment(name: str) -> tuple[Path, ml_collections.ConfigDict]:
 
 def result_parts(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Everything a run's result depends on but the host's pipeline layout: the config without its
-  runtime-only keys, the preset's architecture, the data version, and the cached run it starts from
-  (whose name changes whenever that experiment, or one it starts from, changes)."""
+  runtime-only keys, the objective's inner attack as the registry resolves it, the preset's
+  architecture, the data version, and the cached run it starts from (whose name changes whenever that
+  experiment, or one it starts from, changes)."""
   parts: dict[str, Any] = {"config": config_lib.result_json(config)}
+  inner = objectives.make(config.objective).inner_attack()
+  if inner is not None:  # the attack registry, not the config, fixes its losses and text scoring
+    parts["inner_attack"] = dataclasses.asdict(inner)
   if config.model.source in PRESETS or config.model.source in BLIP_PRESETS:
     parts["preset"] = repr({**PRESETS, **BLIP_PRESETS}[config.model.source])
   if config.data.name == "shapes":

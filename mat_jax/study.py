@@ -198,9 +198,9 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
     stale = sorted(a for a in shared if a in recorded and recorded[a] != resolved[a])
     if stale:
       raise StudyError(f"{study_dir}: the runs of arm(s) {', '.join(stale)} were trained under settings this code "
-                       "no longer resolves them to (the shared budget in mat_jax/recipes.py, the cached clean model "
-                       "they start from, or the shapes world changed). Use another --study-dir, or delete that "
-                       "directory to start over")
+                       "no longer resolves them to (the shared budget in mat_jax/recipes.py, the inner attack of the "
+                       "registry, the cached clean model they start from, or the shapes world changed). Use another "
+                       "--study-dir, or delete that directory to start over")
     _file_flat_evaluations(study_dir, old)
     merged = {**study, "arms": {**old["arms"], **study["arms"]}, TRAINED_AS: {**recorded, **resolved}}
     if merged != old:

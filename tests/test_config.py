@@ -342,6 +342,20 @@ def test_a_cached_run_that_starts_from_another_is_keyed_by_it_too(monkeypatch):
   assert runs.cached_run_dir("shapes_mat", mat) != key
 
 
+def test_a_cached_runs_key_follows_its_inner_attack_in_the_registry(monkeypatch):
+  # The registry, not the config, fixes an inner attack's losses and text scoring: a run trained against
+  # another version of "mmcoa" must not be reused.
+  from mat_jax import runs
+  from mat_jax.attacks import spec
+
+  _, mmcoa = runs.cached_experiment("shapes_mmcoa")
+  key = runs.cached_run_dir("shapes_mmcoa", mmcoa)
+  assert runs.result_parts(mmcoa)["inner_attack"]["text_objective"] == "kl"
+  assert "inner_attack" not in runs.result_parts(runs.cached_experiment("shapes_clip")[1])  # clean training
+  monkeypatch.setitem(spec.ATTACKS, "mmcoa", spec.ATTACKS["mmcoa"].replace(text_objective="image"))
+  assert runs.cached_run_dir("shapes_mmcoa", mmcoa) != key
+
+
 def test_model_overrides_parse_their_fields_strictly():
   from mat_jax import runs
 

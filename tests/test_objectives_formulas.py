@@ -6,6 +6,7 @@ import numpy as np
 
 from mat_jax.attacks import losses
 from mat_jax.objectives import base
+from mat_jax.objectives.mmcoa import MMCoA
 
 
 class _MeanColour:
@@ -45,3 +46,49 @@ def test_positives_cover_an_images_captions_and_shared_ids():
   expected = np.array([[1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1]], bool)
   np.testing.assert_array_equal(mask, expected)
   np.testing.assert_array_equal(np.asarray(base.positives(None, 2, 1)), np.eye(2, dtype=bool))
+
+
+class _UnitFeatures:
+  """A dual encoder whose embeddings are given: image i -> images[i, 0, 0], caption j -> input_ids[j]."""
+
+  def image_embeddings(self, params, images):
+    feats = images[:, 0, 0]
+    return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+
+  def text_embeddings(self, params, input_ids, attention_mask):
+    feats = input_ids.astype(jnp.float32)
+    return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+
+  def logit_scale(self, params):
+    return jnp.log(jnp.asarray(10.0))
+
+
+def _cross_entropy(logits):
+  shifted = logits - logits.max(1, keepdims=True)
+  return float(-np.mean(np.diag(shifted) - np.log(np.exp(shifted).sum(1))))
+
+
+def test_mmcoa_adds_the_two_directions_cross_entropies_as_its_reference(monkeypatch):
+  # MMCoA.py: λ_t·(CE(x, t') + CE(t', x)) + λ_i·(CE(x', t) + CE(t, x')), each CE a mean over the batch:
+  # the sum of the two directions, where clip_loss takes their mean.
+  rng = np.random.default_rng(0)
+  images, adv_images = (jnp.asarray(rng.normal(size=(3, 1, 1, 4)), jnp.float32) for _ in range(2))
+  ids, adv_ids = (jnp.asarray(rng.integers(1, 9, size=(3, 4)), jnp.int32) for _ in range(2))
+  adversarial = {"images": adv_images, "input_ids": adv_ids, "attention_mask": jnp.ones((3, 4), jnp.int32),
+                 "text_changed": jnp.asarray(1.0)}
+  monkeypatch.setattr(base, "attack_batch", lambda *args: (None, adversarial))
+  batch = {"images": images, "input_ids": ids, "attention_mask": jnp.ones((3, 4), jnp.int32)}
+  loss, metrics = MMCoA(text_weight=0.3, image_weight=0.7).loss(_UnitFeatures(), None, batch, jax.random.key(0))
+
+  def unit(x):
+    x = np.asarray(x, np.float64).reshape(3, -1)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  def clip_loss(image, text):  # the reference's CLIPLoss: both directions summed
+    logits = 10.0 * unit(image) @ unit(text).T
+    return _cross_entropy(logits) + _cross_entropy(logits.T)
+
+  text_term, image_term = clip_loss(images, adv_ids), clip_loss(adv_images, ids)
+  np.testing.assert_allclose(float(metrics["adv_text_loss"]), text_term, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["adv_image_loss"]), image_term, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), 0.3 * text_term + 0.7 * image_term, rtol=1e-5)

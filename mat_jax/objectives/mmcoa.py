@@ -1,11 +1,16 @@
 """MMCoA (Zhou et al., 2024): multimodal contrastive adversarial training.
 
 L = λ_t · CLIPLoss(x, t') + λ_i · CLIPLoss(x', t): the clean images aligned with adversarial texts and
-the adversarial images with the clean texts. x' by PGD on the contrastive cross-entropy against the
-clean texts; t' by the BERT-Attack greedy substitution (`text_changes` words) minimising each caption's
-similarity to its clean image (the text attack the VLP references run for retrieval). The two attacks
-are independent (unlike MAT, the image attack does not see t'): the registry's "mmcoa". The reference
-trains all parameters (Adam lr 1e-6, wd 0.2), λ_t = λ_i = 0.5.
+the adversarial images with the clean texts, where CLIPLoss is the *sum* of the image->text and
+text->image cross-entropies, as the reference (MMCoA.py) adds them: twice the mean `clip_loss` returns.
+The scale matters with the reference's optimizer, Adam whose weight decay is an L2 term added to the
+gradient: half the loss would double the decay's relative weight. x' by PGD on the contrastive
+cross-entropy against the clean texts; t' by BERT-Attack with Co-Attack's scoring (the reference builds
+its text attacker as `BertAttack` with the "kl" objective: each word and substitute chosen by how far it
+moves the caption's embedding from the clean caption's, no image involved), `text_changes` words. The
+two attacks are independent (unlike MAT, whose image attack sees t' and whose text attack is guided by
+the image): the registry's "mmcoa". The reference trains all parameters (Adam lr 1e-6, wd 0.2),
+λ_t = λ_i = 0.5.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class MMCoA(base.Objective):
     text_loss, text_metrics = batch_clip_loss(encoder, params, images, adv["input_ids"], adv["attention_mask"],
                                               image_ids)
     image_loss, image_metrics = batch_clip_loss(encoder, params, adv["images"], ids, mask, image_ids)
+    # clip_loss is the mean of the two directions; the reference's CLIPLoss is their sum.
+    text_loss, image_loss = 2 * text_loss, 2 * image_loss
     loss = self.text_weight * text_loss + self.image_weight * image_loss
     return loss, {"adv_text_loss": text_loss, "adv_image_loss": image_loss,
                   "adv_text_i2t_acc": text_metrics["i2t_acc"], "adv_image_i2t_acc": image_metrics["i2t_acc"],
