@@ -58,7 +58,9 @@ class MAVA(base.Objective):
     images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
     attack_params = base.frozen(params)
     clean_original = encoder.image_features(base.frozen(reference), images)
-    captions = l2_normalize(encoder.text_features(attack_params, ids, mask))
+    # The outer loss's caption features from `params`: with the published vision-only training the text
+    # tower is frozen and they are constants; with train.towers=all CMS trains the text tower too.
+    captions = l2_normalize(encoder.text_features(params, ids, mask))
     if captions.ndim == 2:
       captions = captions[:, None, :]
     attack_key, outer_key = jax.random.split(key)
