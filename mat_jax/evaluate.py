@@ -137,24 +137,26 @@ class _Batch:
   images: np.ndarray        # int (B,): image indices (the last batch repeats its last image)
   count: int                # real images in the batch (the first `count` rows)
   captions: np.ndarray      # int (B, K): caption indices; padding slots repeat the image's first caption
-  weights: np.ndarray       # float32 (B, K): 1 for the image's real caption slots, 0 for padding slots
+  weights: np.ndarray       # float32 (B, K): 1 for real images' real caption slots, 0 for padding slots and rows
 
   def real_captions(self) -> tuple[np.ndarray, np.ndarray]:
     """(positions in the flattened B*K batch, caption indices) of the real captions of real images."""
-    real = self.weights.copy()
-    real[self.count:] = 0.0
-    flat = np.flatnonzero(real.reshape(-1) > 0)
+    flat = np.flatnonzero(self.weights.reshape(-1) > 0)
     return flat, self.captions.reshape(-1)[flat]
 
 
 def _batches(image_to_texts: np.ndarray, batch_size: int) -> list[_Batch]:
+  """Fixed-size batches; the last repeats its last image, and those rows' captions weigh 0, so a loss
+  over the batch's captions (the contrastive attacks' negatives) sees the real captions only."""
   n = len(image_to_texts)
   out = []
   for start in range(0, n, batch_size):
     idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+    count = int(min(batch_size, n - start))
     slots = image_to_texts[idx]
-    out.append(_Batch(idx, int(min(batch_size, n - start)), np.where(slots >= 0, slots, slots[:, :1]),
-                      (slots >= 0).astype(np.float32)))
+    weights = (slots >= 0).astype(np.float32)
+    weights[count:] = 0.0
+    out.append(_Batch(idx, count, np.where(slots >= 0, slots, slots[:, :1]), weights))
   return out
 
 

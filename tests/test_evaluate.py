@@ -192,3 +192,29 @@ def test_a_judge_gets_indices_into_the_evaluation_set(model_dir):
                         judge=judge)
   assert results["attacks"]["bert"]["text"]["captions_changed"] == len(seen) > 0
   assert all(data.text_to_image[i] < 2 for i in seen)
+
+
+@pytest.mark.parametrize("attack", ["tecoa", "apgd"])
+def test_the_last_batchs_padding_rows_do_not_change_its_real_images_attack(model_dir, attack):
+  # The last batch repeats its last image; with its captions counted, they were extra negatives of
+  # every real image's loss, so the real images' adversarial versions depended on the padding.
+  from mat_jax.attacks.runner import AttackInputs, run_attack
+
+  victim = ev.load_victim(str(model_dir))
+  data = _EvalSet(6)
+  tokens = victim.tokenizer(list(data.captions))
+  last = ev._batches(ev._image_to_texts(data.text_to_image, 6), 4)[-1]
+  assert last.count == 2 and not last.weights[last.count:].any()
+  spec = ev.attack_spec(attack, ev.AttackSettings(steps=5), 8 / 255)
+
+  def attacked(rows, captions):
+    inputs = AttackInputs(jnp.asarray(data.images[rows].astype(np.float32) / 255),
+                          jnp.asarray(tokens.input_ids[captions]), jnp.asarray(tokens.attention_mask[captions]),
+                          jnp.asarray(last.weights), jnp.asarray(rows))
+    return np.asarray(run_attack(spec, victim.encoder, victim.params, inputs, jax.random.key(3)).images)
+
+  as_evaluated = attacked(last.images, last.captions)
+  # Other padding: image 0 and its captions in the padding rows.
+  rows, captions = last.images.copy(), last.captions.copy()
+  rows[last.count:], captions[last.count:] = 0, ev._batches(ev._image_to_texts(data.text_to_image, 6), 4)[0].captions[0]
+  np.testing.assert_array_equal(attacked(rows, captions)[:last.count], as_evaluated[:last.count])
