@@ -362,6 +362,10 @@ def test_attack_text_one_call(model, tok, image_attack_1, cands, guide):
   assert adversarial_captions(out.candidates, direct) == out.captions
   with pytest.raises(ValueError, match="needs images"):
     attack_text((encoder, params), tok, CAPTIONS, LexiconSource(TABLE))
+  # Co-Attack's KL is taken from the clean caption: images would silently become its reference.
+  with pytest.raises(ValueError, match="objective='kl' .* takes no images"):
+    attack_text((encoder, params), tok, CAPTIONS, LexiconSource(TABLE), images=images, text_to_image=text_to_image,
+                objective="kl")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,3 +534,27 @@ def test_texts_are_encoded_whole_when_the_tower_pools_elsewhere(monkeypatch, mod
   result = text_attack(encoder, params, cands, guide, objective="image", max_changes=1, chunk_size=5)
   assert adversarial_captions(cands, result) == _oracle(model, tok, cands, guide, features, objective="image",
                                                         max_changes=1)
+
+
+def test_training_candidates_keep_every_combination_of_a_multi_piece_word(bert_tok, tok, monkeypatch):
+  # BERT-Attack gives a word of several pieces up to 24 combinations, more than the one-piece words'
+  # top_k (10): the training arrays hold them all, as the evaluation's do, so a defense trains against
+  # the attack it is evaluated with.
+  from mat_jax import config as config_lib
+  from mat_jax.training import inputs, loop
+
+  index = {t: i for i, t in enumerate(BERT_VOCAB)}
+  table = np.zeros((len(BERT_VOCAB),) * 2, np.float32)
+  for piece in ("sq", "##uar", "##ish"):  # "squarish": 4 x 4 x 4 combinations of the pieces' top-4
+    top = ["red", "blue", "green", "navy"] if piece == "sq" else ["##d", "##dish", "##uar", "##ish"]
+    table[index[piece], [index[t] for t in top]] = [9.0, 8.0, 7.0, 6.0]
+  source = BertMLMSource(lambda ids, mask: jnp.asarray(table)[ids], bert_tok, top_k=10, min_logit=None)
+  assert source.max_substitutes == 24
+  given = len(source([["a", "squarish", "box"]])[0][1])
+  assert given > 10
+  monkeypatch.setattr(inputs, "make_source", lambda *args, **kwargs: source)
+  config = config_lib.build({"text_attack": {"source": "bert", "top_k": 10, "max_pieces": 16}})
+  attach = loop.candidate_transform(config, tok, log=lambda _: None)
+  batch = attach({"captions": np.array(["a squarish box"])})
+  evaluated = prepare_candidates(["a squarish box"], tok, source)
+  assert int((batch["cand_sub_lengths"][0, 0] > 0).sum()) == len(evaluated.substitutes[0][1]) == given

@@ -65,7 +65,9 @@ not more most less least much many few several enough own same else instead anyw
 
 
 class CandidateSource(Protocol):
-  """Words of many captions in, substitute words out (one list per word, best first)."""
+  """Words of many captions in, substitute words out (one list per word, best first). The sources here
+  also say the most substitutes they give one word (`max_substitutes`), which fixed-shape training
+  arrays hold."""
 
   def __call__(self, captions: Sequence[Sequence[str]]) -> list[list[list[str]]]: ...
 
@@ -114,6 +116,11 @@ class LexiconSource(_CachedSource):
                         "e.g. {'red': ['crimson', 'scarlet']}")
     self.table = {word: list(subs) for word, subs in table.items()}
 
+  @property
+  def max_substitutes(self) -> int:
+    """The most substitutes this source gives one word (the width of fixed-shape candidate arrays)."""
+    return max((len(subs) for subs in self.table.values()), default=0)
+
   def _generate(self, captions):
     return [[self.table.get(word, []) for word in words] for words in captions]
 
@@ -148,6 +155,7 @@ class CharEditSource(_CachedSource):
       raise ValueError(f"unknown character edits {sorted(unknown)}; choose from {CHAR_EDITS}")
     self.edits = tuple(edits)
     self.max_candidates = int(max_candidates)
+    self.max_substitutes = self.max_candidates
     self.seed = int(seed)
     self.min_length = int(min_length)
 
@@ -211,6 +219,10 @@ class BertMLMSource(_CachedSource):
     self.top_k = int(top_k)
     self.min_logit = min_logit
     self.max_combinations = int(max_combinations)
+    # One-piece words get top_k substitutes; with a WordPiece vocabulary ("##" continuation pieces) a
+    # word of several pieces gets up to max_combinations (24 > 10, as BERT-Attack).
+    splits_words = any(token.startswith("##") for token in tokenizer.hf.get_vocab())
+    self.max_substitutes = max(self.top_k, self.max_combinations) if splits_words else self.top_k
     self.combination_top = int(combination_top)
     self.max_combination_pieces = int(max_combination_pieces)
     self.batch_size = int(batch_size)

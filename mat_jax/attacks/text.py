@@ -498,6 +498,10 @@ def attack_text(model_or_encoder_params, tokenizer: Tokenizer, captions: Sequenc
     encoder, params = model_or_encoder_params
   else:
     encoder, params = split(model_or_encoder_params)
+  if objective == "kl" and (images is not None or guide is not None or text_to_image is not None):
+    # The KL is taken from the clean caption's own embedding; a guide would silently replace it.
+    raise ValueError("objective='kl' (Co-Attack) compares each caption with its clean self and takes no "
+                     "images, text_to_image or guide; drop them, or use objective='image' to be guided by images")
   candidates = prepare_candidates(captions, tokenizer, source, top_k=top_k, stop_words=stop_words)
   if guide is None and images is not None:
     guide = jax.jit(encoder.image_features)(params, jnp.asarray(images, jnp.float32))

@@ -214,8 +214,11 @@ def candidate_transform(config: ml_collections.ConfigDict, tokenizer: Any, *, lo
   ta = config.text_attack
   source = inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k, log=log)
   max_words = ta.max_words or tokenizer.context_length - 2
+  # The arrays hold every substitute the source gives a word, as the evaluation's do: the BERT source's
+  # multi-piece words get up to 24 combinations, more than its top_k of one-piece words.
+  width = max(ta.top_k, source.max_substitutes)
   return inputs.AttachCandidates(tokenizer, source, max_words=max_words, max_pieces=ta.max_pieces,
-                                 top_k=ta.top_k, max_targets=ta.max_targets)
+                                 top_k=width, max_targets=ta.max_targets)
 
 
 def make_train_step(run: Run) -> tuple[Callable, nnx.State | None]:
