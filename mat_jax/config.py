@@ -568,9 +568,10 @@ def _parse_tuple(text: str, key: str) -> tuple:
 
 def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> dict[str, Any]:
   """The settings a checkpoint belongs to: what fixes its shapes and optimizer-state structure (model,
-  towers, optimizer, batch size, dataset) and what the run trains for (the objective with all its
-  hyper-parameters, the seed, the data stream's augmentations, the text threat of an objective that
-  attacks captions, the source of a frozen reference). A resume under another fingerprint
+  towers, optimizer, batch size) and what the run trains on and for (the dataset, its split and image
+  size and the shapes world's build sizes, the objective with all its hyper-parameters, the seed, the
+  data stream's augmentations, the text threat of an objective that attacks captions, the source of a
+  frozen reference). A resume under another fingerprint
   would mix two runs, so the checkpointer refuses it; learning rate, schedule, logging and evaluation
   settings may change between restarts."""
 
@@ -582,11 +583,17 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
       "optimizer.name": opt.name,
       "optimizer.grad_clip": opt.grad_clip_norm > 0,
       "data.name": config.data.name,
+      "data.split": config.data.split,
+      "data.image_size": config.data.image_size,
       "data.captions_per_image": config.data.captions_per_image,
       "data.augmentations": list(config.data.augmentations),
       "data.renderings_per_scene": config.data.renderings_per_scene,
       "seed": config.seed,
   }
+  # Which build of the shapes world (a corpus is one build per name and image size). Not data_dir: a
+  # dataset moved to another directory is the same data.
+  if config.data.name == "shapes":
+    parts.update({f"data.build_{split}": config.data[f"build_{split}"] for split in ("train", "val", "test")})
   # The inner attack only when it is not the objective's published one, which the objective's name
   # already implies (so a checkpoint of the published recipe has the same fingerprint with or without the key).
   published = objectives.hyperparameters(_objective_class(config.objective.name, "config")).get("attack")
@@ -615,7 +622,8 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
 # checkpoint records them, so those checkpoints still resume.
 ADDED_FINGERPRINT_KEYS = ("model.source", "model.source_run", "text_attack.source", "text_attack.bert",
                           "text_attack.top_k", "text_attack.max_words", "text_attack.max_pieces",
-                          "text_attack.max_targets")
+                          "text_attack.max_targets", "data.split", "data.image_size", "data.build_train",
+                          "data.build_val", "data.build_test")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mat_jax.errors import MatJaxError
@@ -269,3 +270,11 @@ def _int_from_env(name: str) -> int | None:
 def is_main_process() -> bool:
   """Only process 0 writes logs, metrics and exported models."""
   return jax.process_index() == 0
+
+
+def main_process_says(value: bool) -> bool:
+  """The main process's `value`, on every process: a collective that all processes call, so they take
+  the same branch after it (one process deciding alone would leave the others in a collective)."""
+  if jax.process_count() == 1:
+    return bool(value)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(value))))

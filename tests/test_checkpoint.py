@@ -118,8 +118,10 @@ def _tree_listing(directory):
 @pytest.mark.parametrize("overrides, differing", [
     (["objective.name=tecoa", "train.towers=all"], "objective.name: checkpoint 'contrastive', this run 'tecoa'"),
     (["seed=1"], "seed: checkpoint 0, this run 1"),
-    (["data.augmentations=hflip"], "data.augmentations: checkpoint [], this run ['hflip']")],
-    ids=["objective", "seed", "augmentations"])
+    (["data.augmentations=hflip"], "data.augmentations: checkpoint [], this run ['hflip']"),
+    (["data.split=val"], "data.split: checkpoint 'train', this run 'val'"),
+    (["data.build_train=40"], "data.build_train: checkpoint 64, this run 40")],
+    ids=["objective", "seed", "augmentations", "split", "world_build"])
 def test_another_objective_seed_or_data_stream_is_refused(setting, uninterrupted, monkeypatch, overrides,
                                                           differing):
   # Once the default workdir holds a finished run, switching the objective must not "resume" it at its

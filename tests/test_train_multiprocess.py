@@ -1,6 +1,7 @@
 """A 2-process run (jax.distributed on localhost, 4 CPU devices each) makes the same update as one
 process with 8 devices. The worker is this file run as a script (imports come after XLA_FLAGS is set)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from helpers import MICRO, xla_flags
 
 BATCH = 16
+CACHED = "cached_multiprocess"  # an experiment both processes need from the cache
 
 
 def _config(root):
@@ -57,6 +59,12 @@ def _worker(port, process_id, root):
   assert jax.device_count() == 8 and jax.local_device_count() == 4
   half = BATCH // 2
   _train(root, Path(root) / "two_processes", slice(process_id * half, (process_id + 1) * half), None)
+  # Both processes need a "cache:NAME" model that is not trained yet: they train it together (one
+  # process holding the lock and the others waiting for it would leave it alone in Orbax's collectives).
+  from mat_jax import runs
+  from mat_jax.training import loop
+  runs.EXPERIMENTS_DIR = Path(root) / "experiments"
+  loop.ensure_cached_run(CACHED, log=print)
 
 
 def _free_port():
@@ -78,6 +86,13 @@ def test_two_processes_make_the_update_of_one_process_with_8_devices(tmp_path, d
   _global_batch(config, tokenizer)                                  # and the dataset
   save_clip(model, tmp_path / "initial")
 
+  experiments = tmp_path / "experiments"
+  experiments.mkdir()
+  cached = {**config.to_dict(), "name": CACHED}
+  cached["train"].update(steps=1, checkpoint_every=1, export=True)
+  (experiments / f"{CACHED}.py").write_text(f"def get_config(arg=None):\n  return {cached!r}\n")
+  monkeypatch.setattr(runs, "EXPERIMENTS_DIR", experiments)
+  cached_dir = runs.cached_run_dir(CACHED, runs.cached_experiment(CACHED)[1])
   env = dict(os.environ, XLA_FLAGS=xla_flags(device_count=4), JAX_PLATFORMS="cpu")
   port = _free_port()
   workers = [subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path)], env=env,
@@ -99,6 +114,9 @@ def test_two_processes_make_the_update_of_one_process_with_8_devices(tmp_path, d
   difference = np.concatenate([(distributed[k] - reference[k]).ravel() for k in sorted(initial)])
   assert np.linalg.norm(update) > 0
   assert np.linalg.norm(difference) <= 1e-5 * np.linalg.norm(update)
+  assert runs.is_trained(cached_dir)
+  logged = [json.loads(line) for line in (cached_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in logged if "train/loss" in line] == [1]  # trained once, by both processes
 
 
 if __name__ == "__main__":

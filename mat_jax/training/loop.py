@@ -12,6 +12,7 @@ process takes part in checkpoints (each saves its own data-iterator position).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -265,13 +266,19 @@ def ensure_cached_run(name: str, *, log: Log = print) -> Path:
   "cache:NAME" / "shapes" model sources they are given (loading a model never trains one)."""
   path, config = runs.cached_experiment(name)
   run_dir = runs.cached_run_dir(name, config)
-  if runs.is_trained(run_dir):
+  # The processes of a multi-host run train the missing run together, so they decide together, as the
+  # main process sees the cache.
+  if mesh_lib.main_process_says(runs.is_trained(run_dir)):
     return run_dir
+  main = mesh_lib.is_main_process()
   # Two commands needing the same cached model: the second waits for the first's training, then uses it.
-  with WorkdirLock(run_dir, wait=True, on_wait=log):
-    if runs.is_trained(run_dir):
+  # The main process holds the lock for all processes, as in `train`.
+  lock = WorkdirLock(run_dir, wait=True, on_wait=log) if main else contextlib.nullcontext()
+  with lock:
+    if mesh_lib.main_process_says(runs.is_trained(run_dir)):
       return run_dir
-    log(f"{runs.CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
+    if main:
+      log(f"{runs.CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
     ensure_cached_source(config.model.source, log=log)  # a cached run may start from another
     train(config, run_dir, log=log, lock=False)  # resumes a run that was interrupted
   return run_dir
@@ -380,13 +387,15 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       log_now = done % cfg.train.log_every == 0 or final
       save_now = done % cfg.train.checkpoint_every == 0 or final or stopping
       if save_now:  # a checkpoint is written only after its state is known to be finite
-        if log_now:
+        # A stop logs the steps since the last line with its checkpoint: they are only in memory, and the
+        # resumed run's first line would average its own steps only.
+        if log_now or stopping:
           values, bad = jax.device_get((pending, state.bad_step))
           pending = []
         else:  # the steps since the last log stay pending: the next logged line averages all of them
           bad = jax.device_get(state.bad_step)
         _check_finite(int(bad), last_saved, workdir, resumed_at=start if resumed else None)
-        if log_now:
+        if log_now or stopping:
           write_train_metrics(done, values)
       elif log_now:
         # A copy: the next step donates the state's buffers, bad_step's included.
@@ -437,12 +446,15 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
     return
   checkpoints = workdir / "checkpoints"
   if resumed_at is not None and bad == resumed_at:
-    # The first step after a restore: the restored values, not the learning rate, are the suspects.
+    # The restore checked the checkpoint (its checksums, finite values), so the step's own inputs and
+    # settings are the suspects: a NaN from the data repeats at this step on every rerun, and moving the
+    # checkpoint away would only retrain up to it.
     raise NonFiniteLossError(
         f"the loss or a gradient became NaN/inf at step {bad}, the first step after restoring the checkpoint "
-        f"{checkpoints / str(resumed_at)}: that checkpoint is probably damaged. Move it out of {checkpoints} "
-        f"(e.g. into {workdir / checkpoint_lib.DAMAGED_DIR}) and rerun the same command to resume from the "
-        "previous one, or use a fresh --workdir.")
+        f"{checkpoints / str(resumed_at)}, which was checked on restore (its checksums and finite values) and "
+        "is kept. A rerun meets this step's batch again from it: check that batch's inputs (images, "
+        "captions), lower optimizer.learning_rate or set optimizer.grad_clip_norm, then rerun the same "
+        "command to resume from that checkpoint.")
   kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
           if last_saved else "no checkpoint had been written yet")
   if bad == 0:
