@@ -102,6 +102,18 @@ class Victim:
     return batch
 
 
+def describe_source(source) -> dict[str, Any] | None:
+  """What results.json records of the text attacks' candidate source: its kind and its own settings
+  (the substitutes per word are the source's, whatever its caller was asked for)."""
+  if source is None:
+    return None
+  described: dict[str, Any] = {"kind": type(source).__name__}
+  for name in ("top_k", "max_substitutes", "min_logit", "max_candidates"):
+    if hasattr(source, name):
+      described[name] = getattr(source, name)
+  return described
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackSettings:
   """Budgets and hyper-parameters of the attacks (defaults: the references' settings)."""
@@ -112,7 +124,6 @@ class AttackSettings:
   alpha: float = 3.0               # Co-Attack's text-term weight
   apgd_steps: int = 100            # APGD iterations (FARE's evaluation)
   max_changes: int = 1             # words the text attack may change
-  top_k: int = 10                  # substitutes per word (the command line's text sources)
   norm: str = "linf"
 
 
@@ -385,7 +396,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
       "target": target.name, "surrogate": None if surrogate is None else surrogate.name,
       "num_images": n_images, "num_texts": int(len(caption_list)),
       "eps_255": [float(e) for e in eps_255], "attacks_run": list(attacks),
-      "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed, "itm_k": itm_k},
+      "settings": dataclasses.asdict(settings) | {"batch_size": batch_size, "seed": seed, "itm_k": itm_k,
+                                                  "text_source": describe_source(text_source)},
       "clean": clean, "attacks": results,
   }
   if keep_ranks:

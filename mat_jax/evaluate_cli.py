@@ -141,7 +141,7 @@ def _main(argv: Sequence[str] | None) -> int:
   needs_text = any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in args.attacks)
   source = _text_source(args.text_source, args.data, args.bert, args.top_k) if needs_text else None
   settings = evaluate_lib.AttackSettings(steps=args.steps, alpha=args.alpha, apgd_steps=args.apgd_steps,
-                                         max_changes=args.max_changes, top_k=args.top_k, norm=args.norm)
+                                         max_changes=args.max_changes, norm=args.norm)
   # Meaning-aware scoring wherever captions can be checked against their scenes (the shapes world).
   judge = (evaluate_lib.shapes_judge(eval_set) if needs_text and getattr(eval_set, "scenes", None) is not None
            else None)

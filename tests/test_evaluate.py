@@ -59,6 +59,8 @@ def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatc
   assert results["num_images"] == 7 and results["num_texts"] == len(eval_set.captions)
   assert set(results["attacks"]) == {"pgd", "bert"}
   assert set(results["attacks"]["pgd"]) == {"0", "2"} and set(results["attacks"]["bert"]) == {"text"}
+  # The candidate source's own settings, not a number the caller was asked for.
+  assert results["settings"]["text_source"]["kind"] == "LexiconSource" and "top_k" not in results["settings"]
   for per_eps in results["attacks"].values():
     for r in per_eps.values():
       assert set(r["recall"]) == set(ev.metrics.RECALL_KEYS)

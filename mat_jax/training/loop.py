@@ -558,7 +558,7 @@ class Evaluator:
                                           top_k=cfg.text_attack.top_k, log=self.log)
         if self._data.scenes is not None:  # the shapes world: meaning-aware scoring
           self._judge = evaluate_lib.shapes_judge(self._data)
-    settings = evaluate_lib.AttackSettings(steps=cfg.eval.steps, top_k=cfg.text_attack.top_k)
+    settings = evaluate_lib.AttackSettings(steps=cfg.eval.steps)
     results = evaluate_lib.evaluate(self.run.encoder, params, self.run.tokenizer, self._data,
                                     attacks=tuple(cfg.eval.attacks), eps_255=(cfg.eval.eps * 255,),
                                     text_source=self._source, settings=settings,
