@@ -398,3 +398,34 @@ def test_the_host_runs_at_most_two_steps_ahead_of_the_device(root, devices, monk
   loop.train(config, root / "in_flight", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
   monkeypatch.undo()
   assert events == ["step 1", "step 2", "step 3", "wait 1", "step 4", "wait 2", "step 5", "wait 3"], events
+
+
+def _tensorboard_events(directory):
+  """Every Event of the TFRecord event files in `directory` (length, crc, record, crc)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  events = []
+  for path in sorted(directory.iterdir()):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[at + 12:at + 12 + length])
+      events.append(event)
+      at += 12 + length + 4
+  return events
+
+
+def test_a_resumed_run_hides_tensorboards_points_after_its_checkpoint(tmp_path):
+  # The jsonl drops the lines a dead run logged after its last checkpoint; TensorBoard must hide them too,
+  # or it shows those steps twice.
+  loop.MetricWriter(tmp_path, resume_step=None).close()
+  writer = loop.MetricWriter(tmp_path, resume_step=40)
+  writer.write(41, {"loss": 1.0}, "train/")
+  writer.close()
+  starts = [e.step for e in _tensorboard_events(tmp_path / "tensorboard") if e.HasField("session_log")
+            and e.session_log.status == e.session_log.START]
+  assert starts == [41]  # points at steps >= 41 of earlier files are purged; the checkpoint's own stay

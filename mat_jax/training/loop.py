@@ -92,7 +92,9 @@ class MetricWriter:
       truncate_metrics(path, resume_step, drop_evaluation_at_step=reevaluated)
     self.jsonl = open(path, "a")
     if tensorboard:
-      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+      # TensorBoard hides the earlier event files' points after the resume step, as the jsonl drops them.
+      purge = None if resume_step is None else resume_step + 1
+      self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
 
   def write(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
     if not self.enabled:
