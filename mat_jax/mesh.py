@@ -219,6 +219,14 @@ def param_shardings(params: Any, mesh: Mesh, mode: str = "replicated",
   parsed = parse_logical_rules(rules)
   if isinstance(params, nnx.State):
     logical = nnx.get_partition_spec(params)
+    if mode == "logical":
+      # A misspelt name would shard nothing, silently: every rule must name one of the model's axes.
+      known = {name for spec in jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P)) for name in spec
+               if isinstance(name, str)}
+      unknown = sorted(set(parsed) - known)
+      if unknown:
+        raise MeshError(f"logical sharding rules name {unknown}, which no parameter has; the model's logical "
+                        f"axes are {sorted(known)}")
     return jax.tree.map(
         lambda x, names: NamedSharding(mesh, spec_for(tuple(x.shape), tuple(names), mesh, mode, parsed)),
         params, logical)

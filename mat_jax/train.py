@@ -70,8 +70,10 @@ def _main(argv: list[str] | None) -> int:
   config = config_lib.load(args.config, overrides)
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   errors.check_writable_dir(workdir, "--workdir")
-  # A "cache:NAME" starting model is trained into the cache first, if it is not there yet.
-  loop.ensure_cached_source(config.model.source, log=print if mesh_lib.is_main_process() else lambda _: None)
+  loop.run_mesh(config, args.mesh)  # a bad --mesh fails now, not after training the starting model
+  # A "cache:NAME" starting model is trained into the cache first, on the same mesh, if it is not there yet.
+  loop.ensure_cached_source(config.model.source, log=print if mesh_lib.is_main_process() else lambda _: None,
+                            mesh_spec=args.mesh)
   result = loop.train(config, workdir, mesh_spec=args.mesh, progress=not args.no_progress,
                       evaluate=not args.no_eval)
   if result.metrics and mesh_lib.is_main_process():

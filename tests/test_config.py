@@ -166,8 +166,11 @@ def test_fingerprint_covers_the_text_threat_and_the_reference_a_run_trains_with(
   # Checkpoints from before these keys were recorded still resume (the checkpointer's added_keys).
   both = {**fingerprint("mat"), **fingerprint("fare")}
   recorded = {k for k in both if k.startswith(("text_attack.", "model.source"))}
+  # The data keys recorded later: the split, the image size and the shapes world's build.
+  data = {"data.split", "data.image_size", "data.build_train", "data.build_val", "data.build_test"}
+  assert data <= set(both)
   # (model.source_run, the cached run a "cache:" source stands for, is the training loop's addition.)
-  assert recorded | {"model.source_run"} == set(config_lib.ADDED_FINGERPRINT_KEYS)
+  assert recorded | data | {"model.source_run"} == set(config_lib.ADDED_FINGERPRINT_KEYS)
 
 
 @pytest.mark.parametrize("name, setting, structural", [

@@ -81,6 +81,10 @@ def test_param_shardings_read_logical_names(devices):
   logical = mesh_lib.param_shardings(params, mesh, "logical", "embed=fsdp")
   fc1 = logical["vision"]["blocks"][0]["fc1"]["kernel"]
   assert fc1.spec == P("fsdp", None)  # (embed, mlp)
+  # A misspelt name sharded nothing, silently: FSDP without its memory saving.
+  with pytest.raises(mesh_lib.MeshError, match=r"rules name \['embd'\], which no parameter has; the model's logical "
+                                               r"axes are \[.*'embed'.*'mlp'"):
+    mesh_lib.param_shardings(params, mesh, "logical", "embd=fsdp,mlp=fsdp")
   fsdp = mesh_lib.param_shardings(params, mesh, "fsdp")
   assert fsdp["vision"]["blocks"][0]["fc1"]["kernel"].spec == P(None, "fsdp")  # 64 > 32
   assert fsdp["logit_scale"].spec == P()

@@ -429,3 +429,21 @@ def test_a_resumed_run_hides_tensorboards_points_after_its_checkpoint(tmp_path):
   starts = [e.step for e in _tensorboard_events(tmp_path / "tensorboard") if e.HasField("session_log")
             and e.session_log.status == e.session_log.START]
   assert starts == [41]  # points at steps >= 41 of earlier files are purged; the checkpoint's own stay
+
+
+def test_a_missing_cached_run_trains_on_the_commands_mesh(root, monkeypatch, devices):
+  # `--mesh` applies to the cached starting model too, and one that does not fit its batch fails before
+  # anything trains, naming that run.
+  experiments = root / "cached_experiments"
+  experiments.mkdir()
+  raw = micro_config(root, train={"steps": 1, "checkpoint_every": 1}).to_dict()
+  (experiments / "cached_micro.py").write_text(f"def get_config(arg=None):\n  return {raw!r}\n")
+  monkeypatch.setattr(runs, "EXPERIMENTS_DIR", experiments)
+  run_dir = runs.cached_run_dir("cached_micro", runs.cached_experiment("cached_micro")[1])
+  with pytest.raises(mesh_lib.MeshError, match=r"cache:cached_micro is not in the cache yet and trains on the same "
+                                               r"mesh first .*: the global batch size 16 is not divisible"):
+    loop.ensure_cached_run("cached_micro", log=lambda _: None, mesh_spec="3")
+  assert not run_dir.exists()
+  lines = []
+  loop.ensure_cached_run("cached_micro", log=lines.append, mesh_spec="2")
+  assert any("mesh data=2, fsdp=1" in line for line in lines) and runs.is_trained(run_dir)

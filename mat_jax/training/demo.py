@@ -133,13 +133,15 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
 
   configs = {name: config_lib.load(runs.EXPERIMENTS_DIR / f"{file}.py") for name, file in DEMO_MODELS.items()}
   mat_config = configs["MAT"]
-  # A bad --mesh fails now, not after minutes of building the world and training the clean model.
-  loop.run_mesh(mat_config, mesh_spec)
+  # A bad --mesh fails now, not after minutes of building the world and training the clean model (which
+  # trains on the same mesh).
+  for config in [*configs.values(), runs.cached_experiment("shapes_clip")[1]]:
+    loop.run_mesh(config, mesh_spec)
   log(f"{clock()} 1/4 the shapes world")
   builder = setup.data_builder(mat_config, mat_config.data.image_size, log=log)
 
   log(f"{clock()} 2/4 the clean tiny CLIP (experiments/shapes_clip.py, cached)")
-  loop.ensure_cached_run("shapes_clip", log=log)
+  loop.ensure_cached_run("shapes_clip", log=log, mesh_spec=mesh_spec)
 
   models: dict[str, Any] = {}
   for i, (name, config) in enumerate(configs.items()):

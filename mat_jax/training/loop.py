@@ -262,16 +262,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
       held.release()
 
 
-def ensure_cached_run(name: str, *, log: Log = print) -> Path:
+def ensure_cached_run(name: str, *, log: Log = print, mesh_spec: str | None = None) -> Path:
   """The run directory of experiments/<name>.py in the cache (`mat_jax.runs.cached_run`), trained now if
-  it is not there yet: the explicit step that fills the cache, which the command lines take for the
-  "cache:NAME" / "shapes" model sources they are given (loading a model never trains one)."""
+  it is not there yet, on `mesh_spec` (the command's --mesh): the explicit step that fills the cache,
+  which the command lines take for the "cache:NAME" / "shapes" model sources they are given (loading a
+  model never trains one)."""
   path, config = runs.cached_experiment(name)
   run_dir = runs.cached_run_dir(name, config)
   # The processes of a multi-host run train the missing run together, so they decide together, as the
   # main process sees the cache.
   if mesh_lib.main_process_says(runs.is_trained(run_dir)):
     return run_dir
+  try:  # before any training: a mesh that does not fit this run's batch fails now, naming this run
+    run_mesh(config, mesh_spec)
+  except mesh_lib.MeshError as err:
+    raise mesh_lib.MeshError(f"{runs.CACHE_PREFIX}{name} is not in the cache yet and trains on the same mesh "
+                             f"first ({path}): {err}") from None
   main = mesh_lib.is_main_process()
   # Two commands needing the same cached model: the second waits for the first's training, then uses it.
   # The main process holds the lock for all processes, as in `train`.
@@ -281,16 +287,16 @@ def ensure_cached_run(name: str, *, log: Log = print) -> Path:
       return run_dir
     if main:
       log(f"{runs.CACHE_PREFIX}{name} is not in the cache yet: training it now with {path} into {run_dir}")
-    ensure_cached_source(config.model.source, log=log)  # a cached run may start from another
-    train(config, run_dir, log=log, lock=False)  # resumes a run that was interrupted
+    ensure_cached_source(config.model.source, log=log, mesh_spec=mesh_spec)  # a cached run may start from another
+    train(config, run_dir, mesh_spec=mesh_spec, log=log, lock=False)  # resumes a run that was interrupted
   return run_dir
 
 
-def ensure_cached_source(source: str, *, log: Log = print) -> None:
+def ensure_cached_source(source: str, *, log: Log = print, mesh_spec: str | None = None) -> None:
   """Train the cached run a model source names ("shapes", "cache:NAME"), if any and not there yet."""
   name = runs.cached_name(source)
   if name is not None:
-    ensure_cached_run(name, log=log)
+    ensure_cached_run(name, log=log, mesh_spec=mesh_spec)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str | None, log: Log, progress: bool,

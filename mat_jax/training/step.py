@@ -43,14 +43,24 @@ class TrainState:
   bad_step: jax.Array    # int32 scalar: first step with a non-finite loss/gradient, -1 if none
 
 
+# BLIP's parameters that only image-text matching uses: the ITM head and the text encoder's
+# cross-attention. No objective here has an ITM loss, so they never train: with no gradient, weight
+# decay alone would move them (AdamW shrinks every trainable matrix) and the ITM re-ranking would drift.
+ITM_ONLY = ("itm_head", "cross", "cross_ln")
+
+
+def _itm_only(path: tuple) -> bool:
+  return path[0] == "itm_head" or any(key in ITM_ONLY for key in path)
+
+
 def trainable_filter(towers: str, train_logit_scale: bool = True) -> Callable[[tuple, Any], bool]:
-  """An nnx filter selecting the parameters that train: towers = all | vision | text."""
+  """An nnx filter selecting the parameters that train: towers = all | vision | text (never ITM_ONLY)."""
   if towers == "all":
-    return lambda path, _: train_logit_scale or path[0] != "logit_scale"
+    return lambda path, _: (train_logit_scale or path[0] != "logit_scale") and not _itm_only(path)
   if towers not in TOWERS:
     raise ValueError(f"unknown towers {towers!r}; choose all, vision or text")
   roots = TOWERS[towers]
-  return lambda path, _: path[0] in roots
+  return lambda path, _: path[0] in roots and not _itm_only(path)
 
 
 def split_params(params: nnx.State, is_trainable) -> tuple[nnx.State, nnx.State]:
