@@ -45,16 +45,20 @@ def run(args: argparse.Namespace) -> int:
   step_size = eps / 4
   cfg = BLIP_PRESETS[preset]
   size = cfg.vision.image_size
+  # PyTorch on the device JAX runs on (CUDA beside a GPU), so the ratio compares two frameworks, not two devices.
+  device = torch_reference.device()
+  torch_sync = torch_reference.synchronizer(device)
   print(f"BLIP attack benchmark on {common.device_summary()}")
   print(f"\nPGD: BLIP {preset}, batch {batch}, {steps} L-inf steps (eps 2/255, step 0.5/255), cosine loss of the "
         f"ITC image features to the paired captions'; mat_jax {args.dtype} jit vs PyTorch {torch.__version__} "
-        f"float32 eager ({torch.get_num_threads()} threads)")
+        f"float32 eager on {device} ({torch.get_num_threads()} threads)")
   torch.manual_seed(0)
   hf_cfg = transformers.BlipConfig.from_dict(blip_config_to_hf(cfg))
   hf = transformers.BlipForImageTextRetrieval(hf_cfg).eval().requires_grad_(False)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
     encoder, params = split(load_blip(tmp, dtype=args.dtype, context_length=cfg.text.context_length))
+  hf = hf.to(device)
 
   rng = np.random.default_rng(0)
   images = rng.random((batch, size, size, 3), dtype=np.float32)
@@ -73,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
     return jax.grad(lambda z: jnp.sum(losses.paired_cosine(encoder, params, text)(z, None)))(x)
 
   x = jnp.asarray(images)
-  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-  text_torch = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1)
-  mean = torch.tensor(cfg.vision.image_mean).view(1, 3, 1, 1)
-  std = torch.tensor(cfg.vision.image_std).view(1, 3, 1, 1)
+  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  text_torch = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1).to(device)
+  mean = torch.tensor(cfg.vision.image_mean, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(cfg.vision.image_std, device=device).view(1, 3, 1, 1)
 
   def torch_loss(pixels):
     cls = hf.vision_model(pixel_values=(pixels - mean) / std).last_hidden_state[:, 0]
@@ -85,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
   # Agreement: both differentiate the same loss (jax_grad's sum is of the negated cosine, as torch_loss).
   pixels = x_torch.clone().requires_grad_(True)
   grad_t, = torch.autograd.grad(torch_loss(pixels), pixels)
-  print(f"agreement: {torch_reference.gradient_agreement(jax_grad(params, x, text), grad_t.numpy())}")
+  print(f"agreement: {torch_reference.gradient_agreement(jax_grad(params, x, text), grad_t.cpu().numpy())}")
 
   key = jax.random.key(0)
   programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block), "pytorch": (
-      lambda: torch_reference.linf_pgd(torch_loss, x_torch, eps=eps, step_size=step_size, steps=steps), lambda t: t)}
+      lambda: torch_reference.linf_pgd(torch_loss, x_torch, eps=eps, step_size=step_size, steps=steps), torch_sync)}
   median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
   rows = [[name, batch / median[name], median[name], median["pytorch"] / median[name], calls[name]]
           for name in programs]

@@ -35,7 +35,7 @@ from mat_jax.bench import common
 from mat_jax.bench.train import _batch
 from mat_jax.data import shapes
 from mat_jax.models import CLIP, split
-from mat_jax.models.clip import PRESETS
+from mat_jax.models.clip import COMPUTE_DTYPES, PRESETS, resolve_dtype
 from mat_jax.objectives.mat import MAT
 from mat_jax.training import optim
 from mat_jax.training import step as step_lib
@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch", type=int, default=None,
                       help="images per program (default: 8 on CPU, 64 on an accelerator)")
   parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {PROGRAMS}")
-  parser.add_argument("--dtype", default=None, help="compute dtype (default: the model's, see docs/performance.md)")
+  parser.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES,
+                      help="compute dtype (default auto, as `python -m mat_jax.train`: bfloat16 on an accelerator, "
+                           "float32 on CPU; docs/performance.md)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="run the encoder blocks as one lax.scan (CLIPConfig.scan_layers)")
   parser.add_argument("--cache-dir", default=None,
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     print(_RESULT_PREFIX + json.dumps(measure(args, programs)), flush=True)
     return 0
   preset, batch = _defaults(args)
-  print(f"compile: CLIP {preset}, batch {batch}, programs {','.join(programs)} on {common.device_summary()}; "
+  print(f"compile: CLIP {preset}, batch {batch}, {resolve_dtype(args.dtype)}, programs {','.join(programs)} on "
+        f"{common.device_summary()}; "
         "each run in a fresh process")
   with tempfile.TemporaryDirectory(prefix="mat_jax_compile_") as tmp:
     cache = args.cache_dir or tmp
@@ -103,8 +106,7 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
   """Run the measurement in a new process with `cache` as its persistent compilation cache."""
   command = [sys.executable, "-m", "mat_jax.bench", "compile", "--worker", "--preset", preset,
              "--batch", str(batch), "--programs", ",".join(programs)]
-  if args.dtype:
-    command += ["--dtype", args.dtype]
+  command += ["--dtype", args.dtype]
   if args.scan_layers:
     command.append("--scan-layers")
   env = dict(os.environ, MAT_JAX_COMPILATION_CACHE=cache)
@@ -145,8 +147,7 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
   cfg = cfg.replace(text=dataclasses.replace(
       cfg.text, vocab_size=max(cfg.text.vocab_size, tokenizer.vocab_size), bos_token_id=tokenizer.start_id,
       eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
-  if args.dtype:
-    cfg = cfg.replace(dtype=args.dtype)
+  cfg = cfg.replace(dtype=resolve_dtype(args.dtype))
   cfg = cfg.replace(scan_layers=bool(args.scan_layers))
   encoder, params = split(CLIP(cfg, rngs=nnx.Rngs(0)))
   size = cfg.vision.image_size
