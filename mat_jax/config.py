@@ -182,8 +182,11 @@ def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequenc
 
 
 def _split_arg(path: str, arg: str | None) -> tuple[str, str | None]:
+  """"FILE.py:ARG" -> (FILE.py, ARG), split after the ".py" (an argument may hold colons itself:
+  source=cache:shapes_clip)."""
   if arg is None and ":" in path and not Path(path).exists():
-    path, arg = path.rsplit(":", 1)
+    at = path.find(".py:")
+    path, arg = (path[:at + 3], path[at + 4:]) if at >= 0 else path.rsplit(":", 1)
   return path, arg
 
 
@@ -193,6 +196,9 @@ def _call_get_config(path: Path, arg: str | None) -> Any:
     known = sorted(p.name for p in here.glob("*.py")) if here.exists() else []
     raise ConfigError(f"experiment file {path} not found; experiments in {here}: {known}")
   spec = importlib.util.spec_from_file_location(f"mat_jax_experiment_{path.stem}", path)
+  if spec is None or path.is_dir():  # e.g. a run's config.json
+    raise ConfigError(f"{path} is not an experiment file: --config takes a Python file with a "
+                      "get_config(arg=None) function, e.g. experiments/shapes_mat.py")
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
@@ -403,6 +409,11 @@ _RANGES = {
     ("optimizer", "grad_clip_norm"): (">= 0 (0 = no clipping)", lambda v: v >= 0),
     ("schedule", "warmup_steps"): (">= 0", lambda v: v >= 0),
     ("schedule", "end_factor"): (">= 0", lambda v: v >= 0),
+    ("model", "context_length"): ("0 (the model's) or >= 3 (start, one word, end)", lambda v: v == 0 or v >= 3),
+    ("text_attack", "top_k"): (">= 1", lambda v: v >= 1),
+    ("text_attack", "max_pieces"): (">= 1", lambda v: v >= 1),
+    ("text_attack", "max_targets"): (">= 1", lambda v: v >= 1),
+    ("text_attack", "max_words"): (">= 0 (0 = all that fit)", lambda v: v >= 0),
 }
 
 

@@ -196,6 +196,11 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
     tokenizer = resolve_tokenizer(config.model.tokenizer, context) if config.model.tokenizer else None
     cls = BLIP if source in BLIP_PRESETS else CLIP
     return cls(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed)), tokenizer
+  if config.model.overrides.strip():
+    # Loaded weights fix the architecture: an override could only be ignored.
+    raise ConfigError(f"model.overrides={config.model.overrides!r} changes a preset's architecture, but "
+                      f"model.source={source!r} loads trained weights whose architecture is fixed; drop the "
+                      f"overrides, or start from a preset ({', '.join(sorted({**PRESETS, **BLIP_PRESETS}))})")
   model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype))
   if tokenizer is None and cached_name(source) is None and not is_run_dir(Path(source).expanduser()):
     # Transformers weights: the tokenizer files are beside them unless the config names others.

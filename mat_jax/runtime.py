@@ -25,6 +25,7 @@ flags once, when the first backend starts; after that the setting is left alone.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -51,7 +52,8 @@ def compilation_cache_dir() -> Path | None:
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
   """Turn on JAX's persistent compilation cache for this process; returns its directory, or None when the
-  environment switches it off (`MAT_JAX_COMPILATION_CACHE=0`). Also adds the XLA flags of
+  environment switches it off (`MAT_JAX_COMPILATION_CACHE=0`) or the directory cannot be created (a
+  warning says so; the command runs without the cache). Also adds the XLA flags of
   `_DEFAULT_XLA_FLAGS` while no backend has started.
 
   `directory` overrides the environment. Call it at the start of an entry point, before the first
@@ -68,7 +70,14 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
       path = Path(existing)
   else:
     path = Path(directory).expanduser()
-  path.mkdir(parents=True, exist_ok=True)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as err:
+    # The cache only saves compile time: without a usable directory the command still runs, slower.
+    print(f"warning: the compilation cache directory {path} cannot be created ({err.strerror}); compiling "
+          "without it. Point MAT_JAX_CACHE_DIR (or MAT_JAX_COMPILATION_CACHE) at a writable directory, or set "
+          "MAT_JAX_COMPILATION_CACHE=0 to switch the cache off", file=sys.stderr)
+    return None
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_enable_compilation_cache", True)
   # Cache everything: -1 also stops JAX from raising the size threshold for the file system.

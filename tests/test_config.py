@@ -247,7 +247,13 @@ def test_eval_values_out_of_range_are_refused(tmp_path):
   assert config_lib.load(path, ["eval.max_images=0"]).eval.max_images == 0  # the whole split
   for override, message in (("eval.max_images=-1", r"eval.max_images=-1 must be >= 0"),
                             ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
-                            ("eval.eps=2", r"eval.eps=2.0 must be in \[0, 1\]")):
+                            ("eval.eps=2", r"eval.eps=2.0 must be in \[0, 1\]"),
+                            # Caught at load, not as a traceback mid-run from the tokenizer or the pipeline.
+                            ("model.context_length=2", r"model.context_length=2 must be 0 \(the model's\) or >= 3"),
+                            ("text_attack.max_pieces=0", "text_attack.max_pieces=0 must be >= 1"),
+                            ("text_attack.top_k=0", "text_attack.top_k=0 must be >= 1"),
+                            ("text_attack.max_targets=0", "text_attack.max_targets=0 must be >= 1"),
+                            ("text_attack.max_words=-1", r"text_attack.max_words=-1 must be >= 0")):
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.load(path, [override])
 
@@ -294,8 +300,16 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, override, m
   assert not (tmp_path / "run").exists()
 
 
-def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys):
+def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys, monkeypatch):
+  from mat_jax import checkpoint as checkpoint_lib
   from mat_jax import train
+
+  # A checkpointer left open by the failed data setup printed Orbax's thread tracebacks at exit.
+  opened, closed = [], []
+  init, close = checkpoint_lib.Checkpointer.__init__, checkpoint_lib.Checkpointer.close
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "__init__",
+                      lambda self, *a, **k: (opened.append(self), init(self, *a, **k))[1])
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "close", lambda self: (closed.append(self), close(self))[1])
   path = _write(tmp_path, f"return dict(train=dict(batch_size=8), model=dict(overrides={MICRO!r}), "
                           f"data=dict(name='nosuch', data_dir={str(tmp_path / 'data')!r}))")
   argv = ["--config", str(path), "--workdir", str(tmp_path / "run"), "--no-progress"]
@@ -305,6 +319,7 @@ def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys
   assert train.main(argv) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: no corpus 'nosuch'") and "python -m mat_jax.data build" in err
+  assert opened and all(c in closed for c in opened)
 
 
 def test_a_cached_run_is_keyed_by_what_its_result_depends_on():
@@ -357,6 +372,18 @@ def test_a_cached_runs_key_follows_its_inner_attack_in_the_registry(monkeypatch)
   assert "inner_attack" not in runs.result_parts(runs.cached_experiment("shapes_clip")[1])  # clean training
   monkeypatch.setitem(spec.ATTACKS, "mmcoa", spec.ATTACKS["mmcoa"].replace(text_objective="image"))
   assert runs.cached_run_dir("shapes_mmcoa", mmcoa) != key
+
+
+def test_model_overrides_on_loaded_weights_are_refused(tmp_path):
+  # Only a preset's architecture can change; on loaded weights an override was silently ignored.
+  import helpers
+  from mat_jax import runs
+
+  model_dir = helpers.save_micro_clip(tmp_path / "clip")
+  config = config_lib.build({"model": {"source": str(model_dir), "overrides": "vision.layers=3"}})
+  with pytest.raises(config_lib.ConfigError, match=r"model.overrides='vision.layers=3' changes a preset's "
+                                                   r"architecture, but model.source=.* loads trained weights"):
+    runs.model_from_config(config)
 
 
 def test_model_overrides_parse_their_fields_strictly():

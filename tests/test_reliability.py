@@ -159,6 +159,22 @@ def test_a_syntax_error_in_an_experiment_file_names_file_and_line(tmp_path, caps
   assert err.startswith(f"error: {path}:") and "syntax error" in err and "Traceback" not in err
 
 
+def test_a_config_that_is_not_a_python_file_is_named(tmp_path, capsys):
+  run_config = tmp_path / "config.json"  # a run's config.json handed back to --config
+  run_config.write_text("{}")
+  for path in (run_config, tmp_path):
+    assert train.main(["--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not an experiment file: --config takes a Python file") and \
+        "Traceback" not in err
+
+
+def test_an_experiment_argument_may_hold_colons(tmp_path):
+  path = _experiment(tmp_path, "def get_config(arg=None):\n"
+                               "  return {'model': {'source': arg.split('=', 1)[1] if arg else 'tiny'}}\n")
+  assert config_lib.load(f"{path}:source=cache:shapes_clip").model.source == "cache:shapes_clip"
+
+
 def test_an_ignored_experiment_argument_is_refused(tmp_path, capsys):
   path = _experiment(tmp_path, "def get_config(arg=None):\n  c = {'train': {'steps': 100}}\n"
                                "  if arg == 'runlocal':\n    c['train']['steps'] = 5\n  return c\n")

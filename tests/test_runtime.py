@@ -36,6 +36,20 @@ def test_directory_from_environment(monkeypatch, tmp_path):
     assert runtime.compilation_cache_dir() is None
 
 
+def test_an_unusable_cache_directory_warns_and_runs_without_the_cache(monkeypatch, tmp_path, capsys,
+                                                                       restore_jax_cache):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(blocker))  # ~/.cache shadowed by a file, or read-only
+  monkeypatch.delenv("MAT_JAX_COMPILATION_CACHE", raising=False)
+  jax.config.update("jax_compilation_cache_dir", None)  # the suite's own cache (conftest) would be kept
+  assert runtime.enable_compilation_cache() is None
+  assert jax.config.jax_compilation_cache_dir is None
+  err = capsys.readouterr().err
+  assert f"warning: the compilation cache directory {blocker / 'jax'} cannot be created" in err
+  assert "MAT_JAX_COMPILATION_CACHE=0" in err
+
+
 def test_off_leaves_jax_alone(monkeypatch, restore_jax_cache):
   monkeypatch.setenv("MAT_JAX_COMPILATION_CACHE", "0")
   before = jax.config.jax_compilation_cache_dir

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mat_jax.errors import InputError
 from mat_jax.models.tokenizers import Tokenizer
 
 # The mask word of the importance step: the references replace a word by the string "[UNK]".
@@ -553,8 +554,8 @@ def prepare_candidates(
   if max_pieces is None:
     max_pieces = max(longest_word, longest_sub, len(mask), 1)
   elif longest_word > max_pieces or len(mask) > max_pieces:
-    raise ValueError(f"a word has {max(longest_word, len(mask))} pieces but max_pieces={max_pieces}; raise "
-                     "max_pieces")
+    raise InputError(f"a word has {max(longest_word, len(mask))} pieces but max_pieces={max_pieces}; raise "
+                     "max_pieces (text_attack.max_pieces in a training config)")
   if top_k is None:
     top_k = max((len(word) for caption in per_word for word in caption), default=1) or 1
   if max_targets is None:

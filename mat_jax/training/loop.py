@@ -320,37 +320,39 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     raise
   except Exception:  # noqa: BLE001, S110  unreadable metadata: a damaged checkpoint, handled by the restore below
     pass
-  builder = None
-  if data_iterator is None or (evaluate and main):
-    builder = setup.data_builder(cfg, run.model.config.vision.image_size, log=say)
-  if data_iterator is None:
-    data_iterator = setup.train_iterator(
-        cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        extra_transforms=run.batch_transforms)
+  # Until the loop's own try: a failure in the data setup, the restore or the step's construction closes
+  # the checkpointer (left open, Orbax's threads outlive the error and print tracebacks at exit).
+  try:
+    builder = None
+    if data_iterator is None or (evaluate and main):
+      builder = setup.data_builder(cfg, run.model.config.vision.image_size, log=say)
+    if data_iterator is None:
+      data_iterator = setup.train_iterator(
+          cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          extra_transforms=run.batch_transforms)
 
-  _check_steps_cover(ckpt, cfg.train.steps, workdir)
-  state, start = None, None
-  if ckpt.latest_step() is not None:
-    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
-    try:
+    _check_steps_cover(ckpt, cfg.train.steps, workdir)
+    state, start = None, None
+    if ckpt.latest_step() is not None:
+      abstract = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
       state, start = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(abstract, run.shardings),
                                                 data_iterator, log=say)
-    except BaseException:
-      ckpt.close()
-      raise
-  resumed = start is not None
-  if resumed:
-    say(f"resumed from the checkpoint at step {start}")
-  else:
-    _check_starting_params(run.params, cfg.model.source)
-    state = step_lib.create_state(run.params, run.tx, run.is_trainable, cfg.seed, run.shardings)
-    start = 0
-  if main:  # only once the workdir's checkpoints are known to fit: a refused run leaves config.json alone
-    checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
-  step_fn, reference = make_train_step(run)
+    resumed = start is not None
+    if resumed:
+      say(f"resumed from the checkpoint at step {start}")
+    else:
+      _check_starting_params(run.params, cfg.model.source)
+      state = step_lib.create_state(run.params, run.tx, run.is_trainable, cfg.seed, run.shardings)
+      start = 0
+    if main:  # only once the workdir's checkpoints are known to fit: a refused run leaves config.json alone
+      checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
+    step_fn, reference = make_train_step(run)
 
-  evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
+    evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
+  except BaseException:
+    ckpt.close()
+    raise
   # Rerunning a finished run (how one re-exports it) evaluates its final model again.
   writer = MetricWriter(workdir, enabled=main, resume_step=start,
                         reevaluated=evaluator is not None and start == cfg.train.steps)
