@@ -36,6 +36,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import traceback
@@ -399,8 +400,8 @@ _RANGES = {
     ("eval", "batch_size"): (">= 1", lambda v: v >= 1),
     ("eval", "eps"): ("in [0, 1] (pixels in [0, 1])", lambda v: 0 <= v <= 1),
     ("eval", "steps"): (">= 1", lambda v: v >= 1),
-    ("optimizer", "learning_rate"): (">= 0", lambda v: v >= 0),
-    ("optimizer", "weight_decay"): (">= 0", lambda v: v >= 0),
+    ("optimizer", "learning_rate"): (">= 0 and finite", lambda v: 0 <= v < math.inf),
+    ("optimizer", "weight_decay"): (">= 0 and finite", lambda v: 0 <= v < math.inf),
     ("optimizer", "b1"): ("in [0, 1)", lambda v: 0 <= v < 1),
     ("optimizer", "b2"): ("in [0, 1)", lambda v: 0 <= v < 1),
     # Adam divides by sqrt(v) + eps: with eps 0 a parameter whose gradients are all zero gets 0/0 = NaN.
@@ -408,7 +409,7 @@ _RANGES = {
     ("optimizer", "momentum"): ("in [0, 1)", lambda v: 0 <= v < 1),
     ("optimizer", "grad_clip_norm"): (">= 0 (0 = no clipping)", lambda v: v >= 0),
     ("schedule", "warmup_steps"): (">= 0", lambda v: v >= 0),
-    ("schedule", "end_factor"): (">= 0", lambda v: v >= 0),
+    ("schedule", "end_factor"): (">= 0 and finite", lambda v: 0 <= v < math.inf),
     ("model", "context_length"): ("0 (the model's) or >= 3 (start, one word, end)", lambda v: v == 0 or v >= 3),
     ("text_attack", "top_k"): (">= 1", lambda v: v >= 1),
     ("text_attack", "max_pieces"): (">= 1", lambda v: v >= 1),

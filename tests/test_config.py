@@ -73,7 +73,9 @@ def test_types_are_checked(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="not one of"):
     config_lib.load(path, ["schedule.name=exponential"])
   for override, allowed in (("optimizer.eps=0", "> 0"), ("optimizer.b2=1", r"in \[0, 1\)"),
-                            ("optimizer.learning_rate=-1e-3", ">= 0"), ("schedule.warmup_steps=-5", ">= 0")):
+                            ("optimizer.learning_rate=-1e-3", ">= 0"), ("schedule.warmup_steps=-5", ">= 0"),
+                            ("optimizer.learning_rate=inf", ">= 0 and finite"),
+                            ("schedule.end_factor=inf", ">= 0 and finite")):
     with pytest.raises(config_lib.ConfigError, match=f"{override.split('=')[0]}=.* must be {allowed}"):
       config_lib.load(path, [override])
 
