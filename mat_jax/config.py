@@ -23,8 +23,9 @@ resolved value is what the fingerprint, the log and the run's config.json show.
 Overrides are `key.path=value` strings; the value is parsed by the type of the existing field
 (`true/false`, ints, floats including fractions such as `2/255`, strings, tuples as `a,b`, `(a, b)`
 or `(1, 2)`: bare words are strings).
-Overrides of `*.name` fields are applied first, so `--config.objective.name=tecoa` brings in TeCoA's
-defaults before its other keys are overridden.
+Overrides of `*.name` fields are applied first, so `--config.objective.name=tecoa` switches the objective
+before its other keys are overridden: the file's values of the keys both objectives have (eps, steps,
+step_size) are kept, those TeCoA lacks are dropped, and its other keys take TeCoA's defaults.
 """
 
 from __future__ import annotations

@@ -84,17 +84,20 @@ def test_errors_name_the_problem(model_dir):
 
 
 class _ShiftedTokenizer:
-  """The model's tokenizer with one id moved past the vocabulary, or reporting another end token."""
+  """The model's tokenizer with one id moved past the vocabulary, reporting another end token, or adding
+  none (its end tokens padding)."""
 
-  def __init__(self, tokenizer, *, shift_id: int | None = None, end_id: int | None = None):
-    self.inner, self.shift_id = tokenizer, shift_id
-    self.end_id = tokenizer.end_id if end_id is None else end_id
+  def __init__(self, tokenizer, *, shift_id: int | None = None, end_id: int | None = None, no_end: bool = False):
+    self.inner, self.shift_id, self.no_end = tokenizer, shift_id, no_end
+    self.end_id = None if no_end else tokenizer.end_id if end_id is None else end_id
 
   def __call__(self, texts):
     batch = self.inner(texts)
     ids = np.asarray(batch.input_ids).copy()
     if self.shift_id is not None:
       ids[ids == self.shift_id] += 10_000
+    if self.no_end:
+      ids[ids == self.inner.end_id] = self.inner.pad_id
     return type("Batch", (), {"input_ids": ids, "attention_mask": np.asarray(batch.attention_mask)})()
 
 
@@ -105,7 +108,8 @@ def test_a_tokenizer_that_does_not_match_the_model_is_refused(model_dir):
   eval_set = _EvalSet(3)
   word_id = int(np.asarray(victim.tokenizer([str(eval_set.captions[0])]).input_ids)[0, 1])
   for bad, message in [(_ShiftedTokenizer(victim.tokenizer, shift_id=word_id), "does not match the model"),
-                       (_ShiftedTokenizer(victim.tokenizer, end_id=victim.tokenizer.end_id + 1), "pools at its eos")]:
+                       (_ShiftedTokenizer(victim.tokenizer, end_id=victim.tokenizer.end_id + 1), "pools at its eos"),
+                       (_ShiftedTokenizer(victim.tokenizer, no_end=True), "adds no end token")]:
     wrong = ev.Victim(victim.encoder, victim.params, bad, "target")
     with pytest.raises(ValueError, match=message):
       ev.evaluate(wrong, eval_set=eval_set, attacks=("pgd",))

@@ -211,3 +211,44 @@ def test_calls_from_several_threads_never_overlap(clip_tok):
   # Pickled into worker processes: the copy works and has its own lock.
   again = pickle.loads(pickle.dumps(clip_tok))
   np.testing.assert_array_equal(again(captions).input_ids, clip_tok(captions).input_ids)
+
+
+def _word_level_files(directory, **specials):
+  """A word-level tokenizer.json whose tokenizer_config.json names only the given special tokens."""
+  from tokenizers import Tokenizer as RustTokenizer
+  from tokenizers import models, pre_tokenizers
+
+  rust = RustTokenizer(models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[UNK]", "a", "red", "cat"])},
+                                        unk_token="[UNK]"))
+  rust.pre_tokenizer = pre_tokenizers.Whitespace()
+  rust.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                               **specials}))
+  return directory
+
+
+def test_damaged_or_incomplete_tokenizer_files_name_the_file_and_the_fix(tmp_path):
+  (tmp_path / "bpe").mkdir()
+  bpe = _clip_files(tmp_path / "bpe")
+  (bpe / "merges.txt").unlink()
+  (bpe / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
+  with pytest.raises(ModelSourceError, match="vocab.json.*without its merges.txt"):
+    load_tokenizer(bpe, context_length=8)
+  for damaged in ("tokenizer.json", "tokenizer_config.json"):
+    directory = tmp_path / damaged
+    directory.mkdir()
+    _word_level_files(directory, pad_token="[PAD]")
+    text = (directory / damaged).read_text()
+    (directory / damaged).write_text(text[:len(text) // 2])  # a truncated download
+    with pytest.raises(ConfigError, match=f"{damaged} is not valid JSON.*save_pretrained"):
+      load_tokenizer(directory, context_length=8)
+  empty = tmp_path / "empty_vocab"
+  empty.mkdir()
+  (empty / "vocab.txt").write_text("")
+  with pytest.raises(ConfigError, match="cannot encode a word.*save_pretrained"):
+    load_tokenizer(empty, context_length=8)
+
+
+def test_a_tokenizer_without_pad_eos_or_sep_is_refused(tmp_path):
+  with pytest.raises(ConfigError, match="no pad, eos or sep token"):
+    load_tokenizer(_word_level_files(tmp_path, unk_token="[UNK]"), context_length=8)

@@ -16,7 +16,8 @@ from safetensors.numpy import load_file, save_file
 from mat_jax.models import CLIP, bert_config, clip_config, load_bert_mlm, load_clip, save_clip
 from mat_jax.models.clip import TextConfig, VisionConfig
 from mat_jax.models.hub import ModelSourceError
-from mat_jax.models.weights import ConfigError, UnsafeCheckpointError, WeightsError, bert_table, clip_table
+from mat_jax.models.weights import (ConfigError, SaveDirectoryError, UnsafeCheckpointError, WeightsError, bert_table,
+                                    clip_table)
 
 # Small enough to build in milliseconds; the shapes world's special ids (pad 0, start 2, end 3).
 CFG = clip_config(
@@ -179,6 +180,49 @@ def test_index_that_places_a_tensor_in_the_wrong_shard(saved, tmp_path):
   assert load_clip(tmp_path).config == CFG
 
 
+def test_an_index_left_beside_model_safetensors(model, saved, tmp_path):
+  """save_pretrained over an earlier save of the other layout leaves its files: transformers then reads
+  model.safetensors. A stale index (its shards gone) is ignored as there; with its shards present too,
+  which save is current cannot be told, so loading is refused instead of reading either."""
+  weight_map = _shards(saved, tmp_path)
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  for shard in set(weight_map.values()):
+    (tmp_path / shard).unlink()
+  _copy(saved, tmp_path)  # the newer single-file save
+  assert _params_equal(nnx.state(model, nnx.Param), nnx.state(load_clip(tmp_path), nnx.Param))
+  _shards(saved, tmp_path)  # the shards back: two complete checkpoints
+  with pytest.raises(ModelSourceError, match=r"two checkpoints.*delete the stale one"):
+    load_clip(tmp_path)
+
+
+def test_one_number_for_every_channel_in_the_preprocessor_config(saved, tmp_path):
+  _copy(saved, tmp_path)
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": [0.5, 0.25, 1]}))
+  vision = load_clip(tmp_path).config.vision
+  assert vision.image_mean == (0.5, 0.5, 0.5) and vision.image_std == (0.5, 0.25, 1.0)
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5]}))
+  with pytest.raises(ConfigError, match=r"image_mean must be one number or three"):
+    load_clip(tmp_path)
+
+
+def test_a_pickle_only_hub_repository_gets_the_conversion_advice(saved, tmp_path, monkeypatch):
+  """A hub snapshot holds only the files load_clip asks for, never a pickle: the repository's file list
+  tells a pickle-only repository from one that holds no weights at all."""
+  import huggingface_hub
+
+  snapshot = tmp_path / "snapshot"
+  snapshot.mkdir()
+  (snapshot / "config.json").write_text((saved / "config.json").read_text())
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(snapshot))
+  monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: ["config.json", "pytorch_model.bin"])
+  with pytest.raises(UnsafeCheckpointError, match=r"(?s)pytorch_model.bin of the hub repository someone/clip is a "
+                                                  r"pickle checkpoint.*safetensors"):
+    load_clip("someone/clip")
+  monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: ["config.json"])
+  with pytest.raises(ModelSourceError, match="has neither model.safetensors"):
+    load_clip("someone/clip")
+
+
 def test_config_json_that_is_not_an_object(saved, tmp_path):
   _copy(saved, tmp_path)
   (tmp_path / "config.json").write_text("[]")
@@ -328,7 +372,8 @@ def test_bert_missing_tensors_listed(tmp_path):
 
 def test_save_clip_refuses_a_directory_with_a_sharded_index(model, tmp_path):
   (tmp_path / "model.safetensors.index.json").write_text("{}")
-  with pytest.raises(FileExistsError, match="empty directory"):
+  # A MatJaxError: the command lines report it in one line (exit 2); still a FileExistsError for callers.
+  with pytest.raises(SaveDirectoryError, match="empty directory"):
     save_clip(model, tmp_path)
 
 

@@ -460,8 +460,8 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   if problems:
     raise weights.ConfigError("unsupported BLIP config:\n  " + "\n  ".join(problems))
   vision = pick(BlipVisionConfig, vision_data, _VISION_KEYS,
-                image_mean=tuple(float(v) for v in pre.get("image_mean", CLIP_MEAN)),
-                image_std=tuple(float(v) for v in pre.get("image_std", CLIP_STD)))
+                image_mean=weights.preprocessor_channels(pre, "image_mean", CLIP_MEAN),
+                image_std=weights.preprocessor_channels(pre, "image_std", CLIP_STD))
   positions = int(text_data.get("max_position_embeddings") or BlipTextConfig.max_position_embeddings)
   length = context_length or min(BlipTextConfig.context_length, positions)
   if length > positions:
@@ -473,8 +473,6 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   if vision.image_size % vision.patch_size:
     problems.append(f"vision_config.image_size {vision.image_size} is not a multiple of patch_size "
                     f"{vision.patch_size}")
-  if len(vision.image_mean) != 3 or len(vision.image_std) != 3:
-    problems.append(f"{weights.PREPROCESSOR_FILE}: image_mean/image_std need 3 values (RGB)")
   weights._check_common(problems, "vision_config", vision.activation, vision.width, vision.heads)
   weights._check_common(problems, "text_config", text.activation, text.width, text.heads)
   if problems:
@@ -570,11 +568,7 @@ def save_blip(model: BLIP | tuple[Any, nnx.State], directory: str | os.PathLike,
   scale = np.float32(np.asarray(state["logit_scale"].get_value()))
   # An untrained scale is the config's value rounded to float32: write the config's, so the config round-trips.
   scale = cfg.logit_scale_init if scale == np.float32(cfg.logit_scale_init) else float(scale)
-  directory = Path(directory).expanduser()
-  directory.mkdir(parents=True, exist_ok=True)
-  if (directory / weights.SAFETENSORS_INDEX).exists():
-    raise FileExistsError(f"{directory} holds a sharded checkpoint ({weights.SAFETENSORS_INDEX}) that would shadow "
-                          f"the {weights.SAFETENSORS_FILE} written now; save into an empty directory.")
+  directory = weights.save_directory(directory)
   save_file(blip_tensors(model), str(directory / weights.SAFETENSORS_FILE), metadata={"format": "pt"})
   (directory / "config.json").write_text(json.dumps(blip_config_to_hf(cfg, scale), indent=2) + "\n")
   (directory / weights.PREPROCESSOR_FILE).write_text(json.dumps(blip_preprocessor_to_hf(cfg), indent=2) + "\n")

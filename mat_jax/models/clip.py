@@ -453,9 +453,11 @@ def check_tokens_for(input_ids: Any, attention_mask: Any, end_id: int | None, cf
   without the model's eos id is pooled at its first token: a mismatched tokenizer gives numbers, not an
   error, unless it is caught here."""
   check_text(np.asarray(input_ids), np.asarray(attention_mask), cfg)
-  if end_id is None:
-    return
   pooling = cfg.text_pooling
+  if end_id is None and pooling in POOLINGS:  # the towers that pool at the end token (not BLIP's "cls")
+    raise InputError(f"the {name} adds no end token after a text, but the text tower pools at its end token "
+                     f"({pooling} pooling): every text would be pooled at the wrong position; use the tokenizer "
+                     "saved with these weights")
   if pooling == "eos" and end_id != cfg.eos_token_id:
     raise InputError(f"the {name}'s end token id is {end_id} but the text tower pools at its eos_token_id "
                      f"{cfg.eos_token_id}: every text would be pooled at the wrong position; use the tokenizer "

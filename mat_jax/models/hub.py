@@ -47,6 +47,15 @@ def resolve(source: str | os.PathLike, allow_patterns: Sequence[str]) -> Path:
         "and pass that directory instead (or set HF_HOME to a cache that holds it).") from err
 
 
+def repo_files(repo_id: str) -> list[str]:
+  """The file names of a hub repository, or [] when the hub cannot be asked (offline, unknown id)."""
+  import huggingface_hub  # deferred: only hub ids need it
+  try:
+    return list(huggingface_hub.list_repo_files(repo_id))
+  except Exception:  # the caller's own error stands when the hub cannot tell more
+    return []
+
+
 def read_json_object(path: Path) -> dict:
   """A config file of a model directory (config.json, preprocessor_config.json, the index): a JSON object."""
   try:

@@ -13,7 +13,6 @@ concatenation of its words' pieces between the special tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import threading
@@ -22,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mat_jax.errors import ConfigError
 from mat_jax.models import hub
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -55,12 +55,21 @@ class Tokenizer:
     # A tokenizer whose pad token is unset (CLIP's original files) pads with end-of-text, as OpenAI did.
     if self.hf.pad_token is None:
       self.hf.pad_token = self.hf.eos_token or self.hf.sep_token
+    if self.hf.pad_token is None:
+      raise ConfigError(f"the tokenizer ({type(self.hf).__name__}) defines no pad, eos or sep token, so its "
+                        "batches cannot be padded to a fixed length; load a tokenizer that defines them (the one "
+                        "saved with the model's weights), or set one in its tokenizer_config.json")
     # Whatever tokenizer_config.json says: CLIP pools at the first end token (OpenAI-style files pad with
     # it, so a left pad would be pooled), truncation must keep the start token, and the text attacks and
     # the cached text continuation build captions as start, words, end, then padding.
     self.hf.padding_side = "right"
     self.hf.truncation_side = "right"
-    start, end = self._special_ids()
+    try:
+      start, end = self._special_ids()
+    except Exception as err:  # e.g. a WordPiece vocabulary without its [UNK] token: raised at the first text
+      raise ConfigError(f"the tokenizer ({type(self.hf).__name__}) cannot encode a word ({type(err).__name__}: "
+                        f"{err}); its files are incomplete: save the tokenizer again with "
+                        "tokenizer.save_pretrained(directory)") from err
     self.start_id, self.end_id = start, end
     self.pad_id = int(self.hf.pad_token_id)
 
@@ -115,6 +124,22 @@ class Tokenizer:
     self._lock = threading.Lock()
 
 
+def _check_tokenizer_files(directory: Path) -> None:
+  """The files one of the supported layouts needs, and its JSON files readable, before transformers reads them."""
+  has = {f: (directory / f).exists() for f in TOKENIZER_FILES}
+  if not (has["tokenizer.json"] or has["vocab.json"] or has["vocab.txt"]):
+    raise hub.ModelSourceError(
+        f"{directory} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt); "
+        "save the tokenizer with tokenizer.save_pretrained(directory) beside the weights.")
+  if not has["tokenizer.json"] and has["vocab.json"] and not has["merges.txt"]:
+    raise hub.ModelSourceError(
+        f"{directory} has a BPE vocabulary (vocab.json) without its merges.txt (and no tokenizer.json); copy "
+        "merges.txt with it, or save the tokenizer with tokenizer.save_pretrained(directory).")
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json"):
+    if has[name]:
+      hub.read_json_object(directory / name)
+
+
 def _context_length_from_config(directory: Path) -> int | None:
   config = directory / "config.json"
   if not config.exists():
@@ -135,7 +160,7 @@ def _tokenizer_class_hint(directory: Path) -> dict[str, str]:
     return {"tokenizer_type": "bert"}
   vocab = directory / "vocab.json"
   has_merges = (directory / "merges.txt").exists()
-  if vocab.exists() and has_merges and "<|startoftext|>" in json.loads(vocab.read_text()):
+  if vocab.exists() and has_merges and "<|startoftext|>" in hub.read_json_object(vocab):
     return {"tokenizer_type": "clip"}
   raise hub.ModelSourceError(
       f"{directory} has vocabulary files but nothing that names the tokenizer class; add a "
@@ -174,14 +199,17 @@ def load_tokenizer(source: str | os.PathLike, context_length: int | None = None)
   config.json beside the tokenizer files, the tokenizer's own `model_max_length`.
   """
   directory = hub.resolve(source, TOKENIZER_FILES)
-  if not any((directory / f).exists() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
-    raise hub.ModelSourceError(
-        f"{directory} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt); "
-        "save the tokenizer with tokenizer.save_pretrained(directory) beside the weights.")
+  _check_tokenizer_files(directory)
   # Read first: transformers reads config.json too, and reports a damaged one without naming the file.
   from_config = _context_length_from_config(directory)
   auto = import_transformers().AutoTokenizer
-  hf = auto.from_pretrained(str(directory), **_tokenizer_class_hint(directory))
+  hint = _tokenizer_class_hint(directory)
+  try:
+    hf = auto.from_pretrained(str(directory), **hint)
+  except Exception as err:  # transformers' and the Rust tokenizers' errors name no file and no fix
+    raise hub.ModelSourceError(
+        f"the tokenizer files in {directory} cannot be read ({type(err).__name__}: {err}); save the tokenizer "
+        "again with tokenizer.save_pretrained(directory).") from err
   if context_length is None:
     context_length = from_config
   if context_length is None and hf.model_max_length < _NO_LIMIT:

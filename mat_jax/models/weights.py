@@ -61,6 +61,10 @@ class CorruptWeightsError(MatJaxError, ValueError):
   """A safetensors file that cannot be read (truncated, damaged)."""
 
 
+class SaveDirectoryError(MatJaxError, FileExistsError):
+  """A directory a save_* function would write into holds a checkpoint that the new one cannot replace."""
+
+
 class UnsafeCheckpointError(MatJaxError, ValueError):
   """A pickle checkpoint: refused, because unpickling can run arbitrary code."""
 
@@ -227,6 +231,19 @@ def _check_common(problems: list[str], where: str, act: str, width: int, heads: 
     problems.append(f"{where}: hidden_size {width} is not divisible by num_attention_heads {heads}")
 
 
+def preprocessor_channels(preprocessor: dict, key: str, default: tuple[float, ...]) -> tuple[float, ...]:
+  """preprocessor_config.json's image_mean / image_std: three values, or one for every channel (as
+  transformers' image processors accept)."""
+  value = preprocessor.get(key, default)
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return (float(value),) * 3
+  if isinstance(value, (list, tuple)) and len(value) == 3 and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    return tuple(float(v) for v in value)
+  raise ConfigError(f"{PREPROCESSOR_FILE}: {key} must be one number or three (one per RGB channel), got "
+                    f"{value!r}; re-save it with the image processor's save_pretrained.")
+
+
 def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: str = "float32") -> CLIPConfig:
   """transformers' CLIPConfig dict (config.json) [+ preprocessor_config.json] -> CLIPConfig."""
   problems = []
@@ -242,8 +259,8 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
                                  _hf_defaults(TextConfig, _TEXT_KEYS))
   pre = preprocessor or {}
   vision = _pick(VisionConfig, vision_data, _VISION_KEYS,
-                 image_mean=tuple(float(v) for v in pre.get("image_mean", VisionConfig.image_mean)),
-                 image_std=tuple(float(v) for v in pre.get("image_std", VisionConfig.image_std)))
+                 image_mean=preprocessor_channels(pre, "image_mean", VisionConfig.image_mean),
+                 image_std=preprocessor_channels(pre, "image_std", VisionConfig.image_std))
   # Pooling is left to TextConfig's default, which derives it from eos_token_id as transformers does.
   text = _pick(TextConfig, text_data, _TEXT_KEYS)
   # Older mat_jax wrote this key to pool where transformers' rule would not; such a checkpoint's text
@@ -258,8 +275,6 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   if vision.image_size % vision.patch_size:
     problems.append(f"vision_config.image_size {vision.image_size} is not a multiple of patch_size "
                     f"{vision.patch_size}")
-  if len(vision.image_mean) != 3 or len(vision.image_std) != 3:
-    problems.append(f"{PREPROCESSOR_FILE}: image_mean/image_std need 3 values (RGB)")
   _check_common(problems, "vision_config", vision.activation, vision.width, vision.heads)
   _check_common(problems, "text_config", text.activation, text.width, text.heads)
   if problems:
@@ -336,7 +351,7 @@ def bert_config_from_hf(data: dict, *, dtype: str = "float32") -> BertConfig:
 # Files.
 
 
-def _pickle_error(path: Path) -> UnsafeCheckpointError:
+def _pickle_error(path: Path | str) -> UnsafeCheckpointError:
   return UnsafeCheckpointError(
       f"{path} is a pickle checkpoint; mat_jax never unpickles weights (loading a pickle can run "
       "arbitrary code). Convert it once, in an environment you trust, with transformers:\n"
@@ -351,6 +366,12 @@ def _resolve(source: str | os.PathLike) -> Path:
   if path.is_file() and path.suffix in PICKLE_SUFFIXES:
     raise _pickle_error(path)
   directory = hub.resolve(source, WEIGHT_PATTERNS)
+  if not path.is_dir() and not any((directory / f).exists() for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX)):
+    # A hub snapshot holds only the files WEIGHT_PATTERNS let through, never a pickle: ask the hub what the
+    # repository has, so a pickle-only one gets the conversion advice rather than "save_pretrained".
+    pickles = [name for name in hub.repo_files(str(source)) if Path(name).suffix in PICKLE_SUFFIXES]
+    if pickles:
+      raise _pickle_error(f"{pickles[0]} of the hub repository {source}")
   if not (directory / "config.json").exists():
     raise hub.ModelSourceError(
         f"{directory} has no config.json; a transformers-layout directory holds config.json and "
@@ -361,14 +382,23 @@ def _resolve(source: str | os.PathLike) -> Path:
 def _weight_files(directory: Path) -> dict[str, Path]:
   """Tensor name -> the safetensors file that holds it."""
   index = directory / SAFETENSORS_INDEX
+  single = directory / SAFETENSORS_FILE
   if index.exists():
     weight_map = hub.read_json_object(index).get("weight_map") or {}
     absent = sorted({f for f in weight_map.values() if not (directory / f).exists()})
-    if absent:
-      raise hub.ModelSourceError(f"{index} names shards that are not in {directory}: {absent}; "
-                                 "download every shard listed in the index.")
-    return {name: directory / f for name, f in weight_map.items()}
-  single = directory / SAFETENSORS_FILE
+    if not single.exists():
+      if absent:
+        raise hub.ModelSourceError(f"{index} names shards that are not in {directory}: {absent}; "
+                                   "download every shard listed in the index.")
+      return {name: directory / f for name, f in weight_map.items()}
+    # save_pretrained over an earlier save leaves the other layout's files behind. transformers reads the
+    # single file, so a stale index is ignored as there; with every shard present too, which save is
+    # current cannot be told.
+    if weight_map and not absent:
+      raise hub.ModelSourceError(
+          f"{directory} holds two checkpoints: {SAFETENSORS_FILE} and the shards listed in {SAFETENSORS_INDEX}, "
+          f"one of them left by an earlier save (transformers would read {SAFETENSORS_FILE}); delete the stale "
+          f"one: the index with its shards, or {SAFETENSORS_FILE}.")
   if single.exists():
     with _open_safetensors(single) as handle:
       return {name: single for name in handle.keys()}
@@ -499,6 +529,17 @@ def load_bert_mlm(source: str | os.PathLike, *, dtype: str | None = None) -> Ber
   return _fill(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory), _BERT_RENAMES)
 
 
+def save_directory(directory: str | os.PathLike) -> Path:
+  """The directory a save_* function writes config.json and model.safetensors into, created if need be.
+  One holding a sharded checkpoint is refused: loading would then find two checkpoints (see `_weight_files`)."""
+  directory = Path(directory).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  if (directory / SAFETENSORS_INDEX).exists():
+    raise SaveDirectoryError(f"{directory} holds a sharded checkpoint ({SAFETENSORS_INDEX}) that a "
+                             f"{SAFETENSORS_FILE} written beside it would contradict; save into an empty directory.")
+  return directory
+
+
 def clip_tensors(model: CLIP | tuple[DualEncoder, nnx.State]) -> dict[str, np.ndarray]:
   """transformers-named float32 tensors of a CLIP (or of an (encoder, params) pair)."""
   if isinstance(model, tuple):
@@ -520,11 +561,7 @@ def save_clip(model: CLIP | tuple[DualEncoder, nnx.State], directory: str | os.P
 
   cfg = model[0].config if isinstance(model, tuple) else model.config
   hf_config = clip_config_to_hf(cfg)  # first: a config transformers cannot express fails before any write
-  directory = Path(directory).expanduser()
-  directory.mkdir(parents=True, exist_ok=True)
-  if (directory / SAFETENSORS_INDEX).exists():
-    raise FileExistsError(f"{directory} holds a sharded checkpoint ({SAFETENSORS_INDEX}) that would shadow "
-                          f"the {SAFETENSORS_FILE} written now; save into an empty directory.")
+  directory = save_directory(directory)
   save_file(clip_tensors(model), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
   (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   (directory / PREPROCESSOR_FILE).write_text(json.dumps(clip_preprocessor_to_hf(cfg), indent=2) + "\n")
@@ -547,11 +584,7 @@ def save_bert_mlm(model: BertForMaskedLM, directory: str | os.PathLike, *, token
   tied to the word embeddings, so only its bias (`cls.predictions.bias`) is stored. Returns the directory."""
   from safetensors.numpy import save_file
 
-  directory = Path(directory).expanduser()
-  directory.mkdir(parents=True, exist_ok=True)
-  if (directory / SAFETENSORS_INDEX).exists():
-    raise FileExistsError(f"{directory} holds a sharded checkpoint ({SAFETENSORS_INDEX}) that would shadow "
-                          f"the {SAFETENSORS_FILE} written now; save into an empty directory.")
+  directory = save_directory(directory)
   flat = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   tensors = {e.theirs: np.array(e.layout.to_theirs(np.asarray(flat[e.ours].get_value(), np.float32)), order="C")
              for e in bert_table(model.config)}
