@@ -31,6 +31,9 @@ RECALL_KEYS = tuple(f"{d}@{k}" for d in ("tr", "ir") for k in RECALL_KS)
 
 def _check_scores(scores, text_to_image) -> tuple[jax.Array, jax.Array]:
   scores = jnp.asarray(scores, jnp.float32)
+  if not np.issubdtype(np.asarray(text_to_image).dtype, np.integer) and np.size(text_to_image):
+    # Cast to int, 1.9 would silently be image 1.
+    raise InputError(f"text_to_image must hold integer image indices, got dtype {np.asarray(text_to_image).dtype}")
   text_to_image = jnp.asarray(text_to_image, jnp.int32)
   if scores.ndim != 2:
     raise InputError(f"scores must be a (n_images, n_texts) matrix, got shape {scores.shape}")

@@ -4,8 +4,9 @@ For every image the k texts with the highest ITC similarity, and for every text 
 are scored by the image-text matching head (text cross-attending to the image's tokens); each pair's
 score is its ITM "match" logit plus its ITC similarity (BLIP's evaluation adds the two; ALBEF's uses
 the ITM logit alone: `add_similarity=False`). Candidates outside the top-k rank below every re-ranked
-one, so R@K is exact for K <= k. The references use k = 256 (BLIP on COCO and Flickr30k, ALBEF) and 128
-(BLIP's Flickr30k config); the default here is 128.
+one, so R@K is exact for K <= k, and among themselves in their ITC order (the references give them all
+one score, which leaves their order, and R@K for K > k, to their indices). The references use k = 256
+(BLIP on COCO and Flickr30k, ALBEF) and 128 (BLIP's Flickr30k config); the default here is 128.
 
 The pairs of both directions are scored once each (a pair in both top-k lists is not scored twice), in
 fixed-size chunks, by one compiled function that gathers each pair's image tokens on the device. The
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mat_jax import metrics
+from mat_jax import checks, metrics
 from mat_jax.models.blip import BlipConfig
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -50,6 +51,7 @@ def _pair_scores(encoder: DualEncoder, params: nnx.State, tokens: jax.Array, inp
 
 def image_tokens(encoder: DualEncoder, params: nnx.State, images, batch_size: int = 64) -> jax.Array:
   """Post-LN image tokens (N, 1 + patches, width) of float32 images in [0, 1], in fixed-size batches."""
+  checks.check_images(images, encoder.config.vision.image_size)  # the model's own check sees traced arrays only
   images = np.asarray(images, np.float32)
   n = len(images)
   size = max(1, min(batch_size, n))
@@ -91,9 +93,10 @@ def itm_rerank(encoder: DualEncoder, params: nnx.State, images, input_ids, atten
     raise ValueError(f"k must be >= 1 (candidates re-ranked per query), got {k}")
   sim = np.asarray(similarity, np.float32)
   n, t = sim.shape
-  if np.shape(input_ids)[0] != t or (tokens is None and len(images) != n):
-    raise ValueError(f"similarity is {sim.shape} (images, texts) but there are "
-                     f"{len(images) if tokens is None else tokens.shape[0]} images and {np.shape(input_ids)[0]} texts")
+  n_images = len(images) if tokens is None else tokens.shape[0]
+  if np.shape(input_ids)[0] != t or n_images != n:
+    raise ValueError(f"similarity is {sim.shape} (images, texts) but there are {n_images} images"
+                     f"{'' if tokens is None else ' (tokens)'} and {np.shape(input_ids)[0]} texts")
   k_text, k_image = min(k, t), min(k, n)
   # Stable sorts: equal similarities keep index order, as metrics' ranks break ties.
   top_text = np.argsort(-sim, axis=1, kind="stable")[:, :k_text]             # (N, k): texts per image
@@ -108,10 +111,11 @@ def itm_rerank(encoder: DualEncoder, params: nnx.State, images, input_ids, atten
   if add_similarity:
     scores = scores + sim[unique[:, 0], unique[:, 1]]
   scores = scores[inverse.reshape(-1)]
-  # Outside the top-k: below every re-ranked score (finite, as the rank computation requires).
-  floor = float(scores.min()) - 1.0
-  i2t = np.full((n, t), floor, np.float32)
-  t2i = np.full((n, t), floor, np.float32)
+  # Outside the top-k: below every re-ranked score, in ITC order (finite, as the rank computation requires).
+  # One score for all of them would leave their order to indices: R@5 and R@10 then followed the captions'
+  # order whenever k < 10.
+  below = (float(scores.min()) - 1.0) - (sim.max() - sim)
+  i2t, t2i = below.copy(), below.copy()
   split = n * k_text
   i2t[pairs[:split, 0], pairs[:split, 1]] = scores[:split]
   t2i[pairs[split:, 0], pairs[split:, 1]] = scores[split:]

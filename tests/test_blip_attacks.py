@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from mat_jax import evaluate as ev
+from mat_jax import metrics
 from mat_jax import evaluate_cli
 from mat_jax import rerank
 from mat_jax.data import shapes
+from mat_jax.errors import InputError
 from mat_jax.models import BLIP, CLIP, save_blip, save_clip, split
 from mat_jax.models.blip import BlipConfig, BlipTextConfig, BlipVisionConfig
 from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
@@ -99,8 +101,26 @@ def test_rerank_scores_the_top_k_by_itm_plus_itc(dirs):
     others = np.ones_like(scores, bool)
     np.put_along_axis(others, top, False, axis)
     assert scores[others].max() < kept.min()
+    # ... and among themselves in their ITC order, not their indices' (R@5 and R@10 when k < 10).
+    itc = sim if scores is i2t else sim.T
+    for row in range(len(scores)):
+      rest = np.flatnonzero(others[row])
+      assert (np.argsort(-scores[row, rest], kind="stable") == np.argsort(-itc[row, rest], kind="stable")).all()
   ranks = rerank.reranked_ranks(i2t, t2i, data.text_to_image)
   assert ranks[0].shape == (n,) and ranks[1].shape == (t,)
+  # k = 1 re-scores only each query's first candidate, which stays first: every rank is ITC's.
+  itc_ranks = metrics.retrieval_ranks(sim, data.text_to_image)
+  ranks = rerank.reranked_ranks(*rerank.itm_rerank(encoder, params, images, ids, mask, sim, k=1, chunk=4),
+                                data.text_to_image)
+  np.testing.assert_array_equal(ranks[0], np.asarray(itc_ranks[0]))
+  np.testing.assert_array_equal(ranks[1], np.asarray(itc_ranks[1]))
+  # Tokens of fewer images than the similarity's rows would be gathered clamped (the last image's).
+  tokens_of_4 = rerank.image_tokens(encoder, params, images[:4])
+  with pytest.raises(ValueError, match=r"there are 4 images \(tokens\)"):
+    rerank.itm_rerank(encoder, params, None, ids, mask, sim, k=2, tokens=tokens_of_4)
+  # Evaluation sets store uint8; the ITM head takes pixels in [0, 1] (its own check sees traced arrays only).
+  with pytest.raises(InputError, match="uint8"):
+    rerank.itm_rerank(encoder, params, data.images, ids, mask, sim, k=2)
 
 
 def test_evaluate_attacks_blip_with_itm_reranking(dirs, tmp_path, monkeypatch):

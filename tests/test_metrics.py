@@ -78,6 +78,9 @@ def test_out_of_range_images_and_non_finite_scores_are_refused():
     metrics.retrieval_recall(scores, np.array([0, 0, 1, 1, 2, 7], np.int32))
   with pytest.raises(ValueError, match="in \\[0, 3\\)"):
     metrics.retrieval_recall(scores, np.array([-1, 0, 1, 1, 2, 2], np.int32))
+  # Floats would be truncated: 1.9 read as image 1.
+  with pytest.raises(ValueError, match="integer image indices, got dtype float64"):
+    metrics.retrieval_recall(scores, np.array([0, 0.7, 1, 1.9, 2, 2]))
   # A NaN column (a text whose features are NaN) would otherwise rank first everywhere.
   broken = scores.copy()
   broken[:, 4] = np.nan
