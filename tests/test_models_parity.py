@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mat_jax.models import load_bert_mlm, load_clip, save_clip, split  # noqa: E402
+from mat_jax.models.weights import CorruptWeightsError  # noqa: E402
 
 TOL = 1e-5
 VOCAB = 99
@@ -337,6 +338,12 @@ def test_bert_reads_legacy_names_and_ignores_unused_heads(bert_case, tmp_path):
   legacy, plain = load_bert_mlm(tmp_path), load_bert_mlm(bert_case["dir"])
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.state(legacy), nnx.state(plain))
   assert all(jax.tree.leaves(same))
+  # Both spellings of one tensor: one of them would be read and the other silently ignored.
+  both = {**renamed, "bert.embeddings.LayerNorm.weight": tensors["bert.embeddings.LayerNorm.weight"]}
+  save_file(both, tmp_path / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(CorruptWeightsError, match=r"holds both bert.embeddings.LayerNorm.(gamma|weight) and "
+                                                 r"bert.embeddings.LayerNorm.(weight|gamma), two spellings"):
+    load_bert_mlm(tmp_path)
 
 
 def test_transformers_default_configs_convert_to_our_defaults():

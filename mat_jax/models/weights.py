@@ -470,7 +470,12 @@ def _fill(abstract: nnx.Module, architecture: str, table: list[Entry], files: di
       if name.endswith(old):
         return name[: -len(old)] + new
     return name
-  in_file = {canonical(name): name for name in files}
+  in_file: dict[str, str] = {}
+  for name in files:
+    other = in_file.setdefault(canonical(name), name)
+    if other != name:  # e.g. LayerNorm.gamma and LayerNorm.weight: which one is meant cannot be told
+      raise CorruptWeightsError(f"{source} holds both {other} and {name}, two spellings of one tensor; keep one "
+                                "(re-save the model with save_pretrained)")
   missing, mismatched, values = [], [], {}
   wanted = [e for e in table if e.theirs in in_file]
   tensors = _read_tensors(files, [in_file[e.theirs] for e in wanted])
