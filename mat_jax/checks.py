@@ -171,6 +171,9 @@ def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vo
                      "or add a batch axis")
   if ids.shape[0] == 0:
     raise InputError(f"{name} is an empty batch (shape {tuple(ids.shape)}); pass at least one text")
+  if ids.shape[1] == 0:
+    raise InputError(f"{name} have length 0 (shape {tuple(ids.shape)}): no tokens at all; tokenize the texts "
+                     "with mat_jax.models.load_tokenizer, which frames every text with its special tokens")
   if tuple(mask.shape) != tuple(ids.shape):
     raise InputError(f"attention_mask shape {tuple(mask.shape)} differs from {name} shape {tuple(ids.shape)}; "
                      "pass the mask the tokenizer returned with these ids")

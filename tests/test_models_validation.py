@@ -80,6 +80,7 @@ def test_ids_longer_than_the_context(clip):
      r"attention_mask shape \(2, 7\) differs from input_ids shape \(2, 8\)"),
     (((8,), jnp.int32), ((8,), jnp.int32), r"shape \(batch, length\), got \(8,\)"),
     (((2, 8), jnp.float32), ((2, 8), jnp.int32), r"must be integers, got dtype float32"),
+    (((2, 0), jnp.int32), ((2, 0), jnp.int32), r"have length 0 \(shape \(2, 0\)\): no tokens at all"),
 ])
 def test_bad_token_shapes_fail_at_trace_time(clip, ids, mask, message):
   with pytest.raises(ValueError, match=message):
