@@ -4,6 +4,7 @@
     python -m mat_jax.study --config experiments/study_shapes.py:full   # + MMCoA, MAVA, claims 4-5: 12 arms
     python -m mat_jax.study --config experiments/study_shapes.py:paraphrase  # + claim 6: MAT vs paraphrases
     python -m mat_jax.study --config experiments/study_shapes.py:full,paraphrase  # all 13 arms: docs/results
+    python -m mat_jax.study --config experiments/study_shapes.py:mmcoa   # MMCoA (as MMCoA.py) and the control
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=2,eval_images=500  # cheaper
 
@@ -18,6 +19,7 @@ under clean and the multimodal attacks their claims are about.
 import ml_collections
 
 from mat_jax import recipes
+from mat_jax.errors import ConfigError
 
 ALL_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
 # The defenses under the unimodal and multimodal attacks; Sep-Attack and the paraphrase control are
@@ -31,7 +33,10 @@ def _arm(method, attacks=METHOD_ATTACKS, **variant):
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, seeds=3, eval_images=0)
+  args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, mmcoa=False, seeds=3, eval_images=0)
+  if args.mmcoa and (args.full or args.paraphrase or args.quick):
+    raise ConfigError("the study-file argument mmcoa is a study of its own (MMCoA and the control); give it "
+                      "without full, paraphrase or quick")
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
   c.seeds = args.seeds        # seed s: data order, fine-tuning randomness and attack randomness
@@ -76,6 +81,12 @@ def get_config(arg=None):
     # Claim 6 (beyond the papers): MAT trained against the meaning-preserving paraphrase source instead of
     # the MLM's label flips, evaluated under the MLM threat like every arm.
     c.arms["mat_paraphrase"] = _arm("mat", text_attack={"source": "paraphrase"})
+  if args.mmcoa:
+    # MMCoA as MMCoA.py trains it (Co-Attack's KL text scoring, the summed CLIPLoss) beside the clean
+    # fine-tuned control, in a study directory of its own: the committed `full` run's MMCoA arm is an
+    # earlier variant (docs/results/shapes_study.md).
+    c.name = "shapes_study_mmcoa"
+    c.arms = {"clean_ft": _arm("clean_ft"), "mmcoa": _arm("mmcoa")}
   if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1

@@ -527,6 +527,7 @@ CLAIMS = (
     ("5: more diverse augmentations (5 captions, i2t 0.6) > MAT+ (3 captions, i2t 0.3)", "matplus_diverse",
      "matplus", ("clean", "co", "sga")),
     ("defenses > the clean fine-tuned control: MAT", "mat", "clean_ft", ("pgd", "bert", "co", "sga")),
+    ("defenses > the clean fine-tuned control: MMCoA", "mmcoa", "clean_ft", ("pgd", "bert", "co", "sga")),
     # MAT trained against meaning-preserving substitutions only (the paraphrase source), evaluated under
     # the MLM threat: does a training attack that never flips a label keep MAT's gain, or its cost?
     ("6: MAT trained on paraphrases > MAT trained on the MLM threat", "mat_paraphrase", "mat",

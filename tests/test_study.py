@@ -385,8 +385,13 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
   assert set(full["arms"]["clean_ft"]["attacks"]) == set(study.STUDY_ATTACKS)
   alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")  # claims 4 and 5
   paraphrase = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,paraphrase")  # claim 6
+  mmcoa = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:mmcoa")  # MMCoA as MMCoA.py, beside the control
+  assert mmcoa["name"] != full["name"] and set(mmcoa["arms"]) == {"clean_ft", "mmcoa"}
+  with pytest.raises(study.StudyError, match="mmcoa is a study of its own"):
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,mmcoa")
   for claim, better, other, attacks in study.CLAIMS:
-    arms = {"4:": alignment, "5:": alignment, "6:": paraphrase}.get(claim[:2], full)["arms"]
+    variant = {"4:": alignment, "5:": alignment, "6:": paraphrase}.get(claim[:2], full)
+    arms = (mmcoa if claim.endswith("MMCoA") else variant)["arms"]
     assert better in arms and other in arms
     assert all(a in arms[better]["attacks"] and a in arms[other]["attacks"] for a in attacks)
 
