@@ -426,15 +426,17 @@ def meaning_preserving_scores(changed: np.ndarray, flipped: np.ndarray, clean_ra
 
 def shapes_judge(eval_set) -> Callable[[int, str], bool]:
   """The shapes world's judge for `evaluate(judge=...)`: caption i describes its image when it parses to
-  a meaning `shapes.consistent` with the image's scene (a caption that does not parse is a label flip)."""
+  a meaning `shapes.consistent` with the image's scene and states as many relations as the set's caption
+  i (`shapes.describes`; a caption that does not parse is a label flip)."""
   scenes = getattr(eval_set, "scenes", None)
   if scenes is None:
     raise ValueError("this evaluation set has no scenes; meaning-aware scoring needs the shapes world "
                      "(mat_jax.data.pipeline.load_eval_set on a built shapes dataset)")
   owners = np.asarray(eval_set.text_to_image)
+  originals = eval_set.captions
 
   def judge(caption_index: int, caption: str) -> bool:
-    return shapes.describes(caption, scenes[int(owners[caption_index])])
+    return shapes.describes(caption, scenes[int(owners[caption_index])], original=str(originals[caption_index]))
 
   return judge
 

@@ -174,10 +174,34 @@ def test_shapes_judge():
   class Set:
     scenes: list
     text_to_image: np.ndarray
+    captions: np.ndarray
 
-  judge = evaluate_lib.shapes_judge(Set(scenes, np.repeat(np.arange(3), 5)))
+  captions = np.array([c for five in caption_lists for c in five])
+  judge = evaluate_lib.shapes_judge(Set(scenes, np.repeat(np.arange(3), 5), captions))
   assert all(judge(5 * i + j, caption_lists[i][j]) for i in range(3) for j in range(5))
   assert not judge(0, caption_lists[1][0]) or shapes.describes(caption_lists[1][0], scenes[0])
   assert not judge(0, "red red red")  # does not parse: a label flip
   with pytest.raises(ValueError, match="no scenes"):
-    evaluate_lib.shapes_judge(Set(None, np.zeros(1)))
+    evaluate_lib.shapes_judge(Set(None, np.zeros(1), captions))
+
+
+def test_the_judge_refuses_captions_that_contradict_themselves_or_lose_a_relation():
+  """One substituted word can leave every object true while the caption contradicts itself (two colours
+  of one object, two rows of one position, "of" inside an object) or no longer states its relation."""
+  rng = np.random.default_rng(0)
+  square, circle = shapes.SHAPES.index("square"), shapes.SHAPES.index("circle")
+  scene = shapes.Scene((shapes._jitter(square, shapes.COLOURS.index("red"), 0, 0, 0, rng),  # small, top left
+                        shapes._jitter(circle, shapes.COLOURS.index("blue"), 1, 2, 2, rng)),  # large, bottom right
+                       (0.5, 0.5, 0.5))
+  true = ("a small red square and a large blue circle", "a red square in the upper left and a blue circle",
+          "the red square is above the blue circle", "a picture of a red square and a blue circle")
+  assert all(shapes.describes(c, scene) for c in true)
+  for contradictory in ("a green red square and a large blue circle", "a small red square and a purple blue circle",
+                        "an orange of a small red square and a large blue circle", "a small large red square and a "
+                        "blue circle", "a red square on the left right and a blue circle",
+                        "a red square at the top bottom and a blue circle"):
+    assert not shapes.describes(contradictory, scene), contradictory
+  original = "the red square is above the blue circle"
+  assert shapes.describes("the red square is over the blue circle", scene, original=original)  # a synonym
+  assert shapes.describes("the red square is together of the blue circle", scene)  # the objects alone hold
+  assert not shapes.describes("the red square is together of the blue circle", scene, original=original)

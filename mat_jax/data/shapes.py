@@ -446,10 +446,15 @@ def parse(caption: str) -> Meaning:
   i = 0
   while i < len(words):
     w = words[i]
-    if w in _SIZE_OF:
-      current["size"] = SIZES.index(_SIZE_OF[w])
-    elif w in _COLOUR_OF:
-      current["colour"] = COLOURS.index(_COLOUR_OF[w])
+    if w in _SIZE_OF or w in _COLOUR_OF:
+      # One object, one colour and one size: a second, different one ("a green red square", what a
+      # substituted article or intro word can give) makes the caption contradict itself.
+      key, value = ("size", SIZES.index(_SIZE_OF[w])) if w in _SIZE_OF else ("colour", COLOURS.index(_COLOUR_OF[w]))
+      if current.get(key, value) != value:
+        raise CaptionParseError(f"{caption!r}: one object with two {key}s")
+      current[key] = value
+    elif w == "of" and current:  # "an orange of a red square": "of" inside an object description
+      raise CaptionParseError(f"{caption!r}: 'of' inside the description of an object")
     elif w in _SHAPE_OF:
       if "colour" not in current:
         raise CaptionParseError(f"{caption!r}: the shape {w!r} has no colour")
@@ -490,8 +495,11 @@ def parse(caption: str) -> Meaning:
 
 
 def _read_position(run: list[str], caption: str) -> tuple[int | None, int | None]:
-  row = next((_ROW_OF[w] for w in run if w in _ROW_OF), None)
-  col = next(({"left": 0, "right": 2}[w] for w in run if w in ("left", "right")), None)
+  rows = {_ROW_OF[w] for w in run if w in _ROW_OF}
+  cols = {{"left": 0, "right": 2}[w] for w in run if w in ("left", "right")}
+  if len(rows) > 1 or len(cols) > 1:  # "in the lower upper", "on the left right"
+    raise CaptionParseError(f"{caption!r}: the position {' '.join(run)!r} names two rows or two columns")
+  row, col = next(iter(rows), None), next(iter(cols), None)
   if any(w in CENTRE_WORDS for w in run):
     if row is None and col is None:
       row, col = 1, 1
@@ -518,11 +526,17 @@ def consistent(meaning: Meaning, scene: Scene) -> bool:
   return all(rel in _true_relations(objs[a], objs[b]) for a, rel, b in meaning.relations)
 
 
-def describes(caption: str, scene: Scene) -> bool:
-  """Whether `caption` is a true description of `scene`; a caption the grammar cannot read is not."""
+def describes(caption: str, scene: Scene, original: str | None = None) -> bool:
+  """Whether `caption` is a true description of `scene`; a caption the grammar cannot read is not.
+
+  `original`: the caption `caption` was changed from. A change that leaves a relation unreadable ("the
+  red square is together of the blue circle") parses to the objects alone, which may all be true; with
+  the original given, the caption must still state as many relations."""
   try:
     meaning = parse(caption)
   except CaptionParseError:
+    return False
+  if original is not None and len(meaning.relations) != len(parse(original).relations):
     return False
   return consistent(meaning, scene)
 

@@ -265,7 +265,7 @@ def meaning_change_report(source, scenes: Sequence[shapes.Scene], caption_lists:
       for c in (category, "all"):
         counts[c]["words"] += 1
       for s in subs:
-        changed = not shapes.describes(" ".join(words[:w] + [s] + words[w + 1:]), scene)
+        changed = not shapes.describes(" ".join(words[:w] + [s] + words[w + 1:]), scene, original=caption)
         for c in (category, "all"):
           counts[c]["proposals"] += 1
           counts[c]["changed"] += int(changed)
