@@ -116,6 +116,27 @@ def test_cli_text_source_auto_is_the_shapes_mlm_on_shapes_data(monkeypatch):
   assert made == [("bert", "shapes-mlm", 10), ("bert", "./my-bert", 5), ("charedit", "", 7)]
   assert evaluate_cli.build_parser().parse_args(["--model", "x"]).text_source == "auto"
 
+def test_a_build_finished_meanwhile_by_another_process_is_kept(tiny_mlm, tmp_path, monkeypatch):
+  """Two shards of a study on fresh caches both build the MLM: the second to finish must not delete the
+  first one's directory under its readers (the same settings train the same model)."""
+  import shutil
+
+  from mat_jax.models import load_bert_mlm, load_tokenizer
+
+  built, info, _ = tiny_mlm
+  directory = tmp_path / "shapes-mlm"
+
+  def train_while_another_finishes(settings, log):
+    shutil.copytree(built, directory)
+    (directory / "other-builder").write_text("")
+    return load_bert_mlm(built), load_tokenizer(built), info["train"]
+
+  monkeypatch.setattr(mlm, "train_mlm", train_while_another_finishes)
+  assert mlm.build(TINY, directory, log=lambda line: None) == directory
+  assert (directory / "other-builder").exists() and mlm.is_built(directory)
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith("shapes-mlm.")]  # no staging left behind
+
+
 def test_resolve_bert_builds_into_the_cache_once(tmp_path, monkeypatch):
   monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(tmp_path))
   built = []

@@ -334,9 +334,17 @@ def build(settings: MLMSettings = MLMSettings(), directory: str | os.PathLike | 
     save_bert_mlm(model, staging, tokenizer=tokenizer)
     (staging / "vocab.txt").write_text("".join(f"{w}\n" for w in mlm_vocabulary()))
     (staging / INFO_FILE).write_text(json.dumps(_no_nan(info), indent=1, allow_nan=False))
+    # Another process (a study's other shard, another host on a shared cache) may have built it meanwhile:
+    # the same settings train the same model, so its copy is kept rather than deleted under its readers.
+    if is_built(directory) and not overwrite:
+      return directory
     if directory.exists():
       shutil.rmtree(directory)
-    staging.rename(directory)
+    try:
+      staging.rename(directory)
+    except OSError:
+      if not is_built(directory):  # not a finished copy of another builder: a real failure
+        raise
   finally:
     if staging.exists():
       shutil.rmtree(staging)
