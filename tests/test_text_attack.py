@@ -171,8 +171,8 @@ def test_fixed_shapes_and_size_errors(tok):
   assert c.word_pieces.shape == (2, 10, 4) and c.sub_pieces.shape == (2, 6, 5, 4)
   with pytest.raises(ValueError, match="max_words"):
     prepare_candidates(CAPTIONS[:1], tok, source, max_words=3)
-  with pytest.raises(ValueError, match="max_pieces"):
-    prepare_candidates(["a squarish box"], tok, source, max_pieces=2)
+  with pytest.raises(ValueError, match="max_words"):  # a long word's slots count towards max_words
+    prepare_candidates(["a squarish box"], tok, source, max_pieces=2, max_words=3)
   with pytest.raises(ValueError, match="flatten"):
     prepare_candidates(np.array([CAPTIONS[:2]]), tok, source)
   with pytest.raises(TypeError, match="list of words"):
@@ -203,6 +203,25 @@ def test_assemble_reproduces_the_tokenizer(cands, tok):
     expected = tok(texts)
     np.testing.assert_array_equal(ids, expected.input_ids)
     np.testing.assert_array_equal(mask, expected.attention_mask)
+
+
+def test_a_word_longer_than_a_fixed_max_pieces_is_kept_whole_and_not_attacked(tok, model, guide):
+  # A training run fixes max_pieces; a caption word with more pieces (here "squarish": sq ##uar ##ish) must
+  # neither stop the run nor change the caption: it fills consecutive slots and is not a target.
+  captions = ["a squarish box above a red circle", "the big squarish ball", "a small squarish square"]
+  c = prepare_candidates(captions, tok, LexiconSource(TABLE), max_words=10, max_pieces=2, top_k=4, max_targets=4)
+  assert c.word_pieces.shape == (3, 10, 2)
+  np.testing.assert_array_equal(assemble(c)[0], tok(captions).input_ids)
+  assert c.words[0][:3] == ("a", "squarish", "") and c.words[2] == ("a", "small", "squarish", "", "square")
+  targets = [[c.words[n][w] for w, valid in zip(c.target_words[n], c.target_valid[n], strict=True) if valid]
+             for n in range(3)]
+  assert targets == [["red", "circle"], ["big"], ["small", "square"]]
+  result = text_attack(*model, c, guide[:3], objective="image", max_changes=2)
+  adversarial = adversarial_captions(c, result)
+  assert adversarial != captions and all("squarish" in a for a in adversarial)
+  expected = tok(adversarial)
+  np.testing.assert_array_equal(result.input_ids, expected.input_ids)
+  np.testing.assert_array_equal(result.attention_mask, expected.attention_mask)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -361,8 +361,8 @@ class BertMLMSource(_CachedSource):
 class TextCandidates:
   """Everything the compiled attack needs about N captions, as fixed-shape arrays.
 
-  Shapes: W = max_words, P = max_pieces, A = max_targets (attackable words), K = top_k.
-    word_pieces   int32 (N, W, P)     pieces of each word (target tokenizer, no special tokens)
+  Shapes: W = max_words (word slots), P = max_pieces, A = max_targets (attackable words), K = top_k.
+    word_pieces   int32 (N, W, P)     pieces of each word* (target tokenizer, no special tokens)
     word_lengths  int32 (N, W)        number of pieces; 0 for padding words
     target_words  int32 (N, A)        word index of each attackable word, in caption order
     target_valid  bool  (N, A)        False for padding slots
@@ -374,6 +374,7 @@ class TextCandidates:
   output ids) and `text_length` (<= L: the padded length used while scoring, long enough for every text
   the attack can build; trailing padding never changes an encoder's features, so it is not computed).
 
+  *A word longer than a fixed max_pieces fills several slots: its first holds the word, the others "".
   The host-side text (`captions`, `words`, `substitutes`) is dropped when the object crosses `jit` or
   `jax.tree.map` (it comes back as None): keep the object `prepare_candidates` returned to turn attack
   results back into strings (`mat_jax.attacks.text.adversarial_captions`).
@@ -392,7 +393,7 @@ class TextCandidates:
   context_length: int = 0
   text_length: int = 0
   captions: tuple[str, ...] | None = None
-  words: tuple[tuple[str, ...], ...] | None = None              # all words of each caption
+  words: tuple[tuple[str, ...], ...] | None = None              # all words of each caption, one per slot*
   substitutes: tuple[tuple[tuple[str, ...], ...], ...] | None = None  # per caption, per word
 
   @property
@@ -477,8 +478,10 @@ def prepare_candidates(
   size that fits this batch. A word is attackable when it is not a stop word, its
   first piece lies inside the context, and it has at least one candidate; the first A attackable words
   of a caption (in caption order) are kept. Each word keeps its first K candidates (source order);
-  substitutes longer than max_pieces are dropped. top_k=None keeps all that the source gives (for
-  BertMLMSource: its top_k for one-piece words, 24 for multi-piece words, as BERT-Attack).
+  substitutes longer than max_pieces are dropped, and a word longer than max_pieces (rare: a long word
+  under a BPE or WordPiece tokenizer) is kept whole in the text, over consecutive word slots, and not
+  attacked, so that a fixed size never stops a training run. top_k=None keeps all that the source gives
+  (for BertMLMSource: its top_k for one-piece words, 24 for multi-piece words, as BERT-Attack).
   text_length: the padded length of the texts scored inside the attack (default: the smallest multiple
   of 8 that holds any text the attack can build, at most the context length).
   """
@@ -538,7 +541,8 @@ def prepare_candidates(
       if top_k is not None:
         kept, kept_pieces = kept[:top_k], kept_pieces[:top_k]
       in_context = offset < capacity and len(own) > 0
-      if kept and in_context and word not in stop_words:
+      fits = max_pieces is None or len(own) <= max_pieces
+      if kept and in_context and fits and word not in stop_words:
         caption_targets.append(w)
       else:
         kept, kept_pieces = [], []
@@ -553,8 +557,8 @@ def prepare_candidates(
   longest_sub = max((len(p) for caption in per_word_pieces for word in caption for p in word), default=1)
   if max_pieces is None:
     max_pieces = max(longest_word, longest_sub, len(mask), 1)
-  elif longest_word > max_pieces or len(mask) > max_pieces:
-    raise InputError(f"a word has {max(longest_word, len(mask))} pieces but max_pieces={max_pieces}; raise "
+  elif len(mask) > max_pieces:
+    raise InputError(f"the importance mask word has {len(mask)} pieces but max_pieces={max_pieces}; raise "
                      "max_pieces (text_attack.max_pieces in a training config)")
   if top_k is None:
     top_k = max((len(word) for caption in per_word for word in caption), default=1) or 1
@@ -565,6 +569,27 @@ def prepare_candidates(
     for w in range(len(per_word[n])):
       if w not in caption_targets:
         per_word[n][w], per_word_pieces[n][w] = [], []
+
+  # Word slots of at most max_pieces pieces: a longer word (never a target) fills consecutive slots, which
+  # concatenate to its pieces, so every text the attack builds is unchanged. Slot s starts at content
+  # index >= s, so slots from `capacity` on are dropped as words are above.
+  slot_pieces, slot_words, slot_of_word = [], [], []
+  for n, words in enumerate(kept_words):
+    pieces_n, words_n, first = [], [], []
+    for w, pieces in enumerate(word_pieces[n]):
+      first.append(len(pieces_n))
+      chunks = [pieces[i:i + max_pieces] for i in range(0, len(pieces), max_pieces)] or [pieces]
+      pieces_n.extend(chunks)
+      words_n.extend([words[w]] + [""] * (len(chunks) - 1))
+    slot_pieces.append(pieces_n[:capacity])
+    slot_words.append(words_n + list(all_words[n][len(words):]))  # the host text keeps every word
+    slot_of_word.append(first)
+  n_slots = max(len(p) for p in slot_pieces)
+  if n_slots > max_words:
+    worst = max(range(len(captions)), key=lambda i: len(slot_pieces[i]))
+    raise ValueError(f"caption {worst} needs {n_slots} word slots (words longer than max_pieces={max_pieces} "
+                     f"take several) but max_words={max_words}: {captions[worst]!r}; raise max_words (at "
+                     f"most {capacity} slots ever fit)")
 
   N, W, P, K, A = len(captions), max_words, max_pieces, top_k, max_targets
   pad = tokenizer.pad_id
@@ -577,14 +602,15 @@ def prepare_candidates(
   longest_text = 0
   for n in range(N):
     grown = 0
+    for s, pieces in enumerate(slot_pieces[n]):
+      wp[n, s, :len(pieces)] = pieces
+      wl[n, s] = len(pieces)
     for w, pieces in enumerate(word_pieces[n]):
-      wp[n, w, :len(pieces)] = pieces
-      wl[n, w] = len(pieces)
       alternatives = [len(p) for p in per_word_pieces[n][w]] + ([len(mask)] if w in targets[n] else [])
       grown += max([len(pieces), *alternatives])
     longest_text = max(longest_text, grown)
     for a, w in enumerate(targets[n]):
-      tw[n, a], tv[n, a] = w, True
+      tw[n, a], tv[n, a] = slot_of_word[n][w], True
       for k, pieces in enumerate(per_word_pieces[n][w]):
         sp[n, a, k, :len(pieces)] = pieces
         sl[n, a, k] = len(pieces)
@@ -602,9 +628,18 @@ def prepare_candidates(
       word_pieces=wp, word_lengths=wl, target_words=tw, target_valid=tv, sub_pieces=sp, sub_lengths=sl,
       mask_pieces=mp, mask_length=np.asarray(len(mask), np.int32),
       start_id=tokenizer.start_id, end_id=tokenizer.end_id, pad_id=pad, context_length=length,
-      text_length=int(text_length), captions=tuple(captions), words=tuple(all_words),
-      substitutes=tuple(tuple(tuple(s) for s in caption) + ((),) * (len(all_words[n]) - len(caption))
-                        for n, caption in enumerate(per_word)))
+      text_length=int(text_length), captions=tuple(captions), words=tuple(tuple(w) for w in slot_words),
+      substitutes=tuple(_per_slot(per_word[n], slot_of_word[n], len(slot_words[n]))
+                        for n in range(N)))
+
+
+def _per_slot(per_word: list[list[str]], slot_of_word: list[int], n_slots: int) -> tuple[tuple[str, ...], ...]:
+  """Each word's substitutes at its first slot; () elsewhere (continuation slots, words past the context)."""
+  out = [()] * n_slots
+  for w, subs in enumerate(per_word):
+    if slot_of_word[w] < n_slots:
+      out[slot_of_word[w]] = tuple(subs)
+  return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------------

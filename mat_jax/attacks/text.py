@@ -218,7 +218,8 @@ class TextAttackResult:
   """Adversarial texts of N captions (M = max_changes).
 
   input_ids, attention_mask  int32 (N, L): the adversarial captions, as the target tokenizer makes them
-  changed_words              int32 (N, M): index of each changed word in its caption, -1 = no change
+  changed_words              int32 (N, M): index of each changed word (its slot in `candidates.words[n]`),
+                             -1 = no change
   changed_candidates         int32 (N, M): index into that word's candidate list (`substitutes[n][word]`)
   objective, clean_objective float (N,): the objective of the adversarial and of the clean caption
   importance                 float (N, A): importance of each attackable word (-inf for padding slots)
@@ -466,7 +467,7 @@ def adversarial_captions(candidates: TextCandidates, result: TextAttackResult) -
     for w, k in zip(changed_words[n], changed_candidates[n], strict=True):
       if w >= 0:
         words[w] = candidates.substitutes[n][w][k]
-    out.append(" ".join(words))
+    out.append(" ".join(w for w in words if w))  # "" marks a long word's continuation slots
   return out
 
 

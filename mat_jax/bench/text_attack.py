@@ -77,7 +77,7 @@ def reference_text_attack(encoder: DualEncoder, params, tokenizer: Tokenizer, ca
   if not candidates.has_text:
     raise ValueError("pass the TextCandidates that prepare_candidates returned (with its host text)")
   feats = text_features or jax.jit(encoder.text_features)
-  words_per_caption = [list(w) for w in candidates.words]
+  words_per_caption = [list(w) for w in candidates.words]  # per slot: "" continues a long word
   subs = candidates.substitutes
   capacity = tokenizer.context_length - int(tokenizer.start_id is not None) - int(tokenizer.end_id is not None)
 
