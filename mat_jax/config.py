@@ -635,8 +635,8 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
 # checkpoint records them, so those checkpoints still resume.
 ADDED_FINGERPRINT_KEYS = ("model.source", "model.source_run", "text_attack.source", "text_attack.bert",
                           "text_attack.top_k", "text_attack.max_words", "text_attack.max_pieces",
-                          "text_attack.max_targets", "data.split", "data.image_size", "data.build_train",
-                          "data.build_val", "data.build_test")
+                          "text_attack.max_targets", "text_attack.mlm", "data.split", "data.image_size",
+                          "data.build_train", "data.build_val", "data.build_test")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -60,7 +60,7 @@ from mat_jax.models import (
 from mat_jax.models.blip import is_blip
 from mat_jax.models.clip import resolve_dtype
 from mat_jax.models.tokenizers import Tokenizer, load_tokenizer
-from mat_jax.training import optim
+from mat_jax.training import mlm, optim
 from mat_jax.training import step as step_lib
 
 CACHE_PREFIX = "cache:"
@@ -137,6 +137,23 @@ def source_run(source: str) -> str | None:
     return None
   _, config = cached_experiment(name)
   return cached_run_dir(name, config).name
+
+
+def run_fingerprint(config: ml_collections.ConfigDict, model_config: Any) -> dict[str, Any]:
+  """The fingerprint of a run's checkpoints: `mat_jax.config.fingerprint`, plus what the config names but
+  does not pin: for a run that starts from a cached one, that run's directory name (resumed from another
+  starting model, an edited experiment, it is another run); for a run that trains against the shapes
+  world's MLM, that MLM's cache directory (its settings and recipe version)."""
+  fingerprint = config_lib.fingerprint(config, model_config)
+  upstream = source_run(config.model.source)
+  if upstream is not None:
+    fingerprint["model.source_run"] = upstream
+  ta = config.text_attack
+  if ta.source == "bert" and objectives.make(config.objective).needs_text_candidates:
+    name = mlm.resolved_name(ta.bert)
+    if name is not None:
+      fingerprint["text_attack.mlm"] = name
+  return fingerprint
 
 
 def is_trained(run_dir: Path) -> bool:
@@ -352,7 +369,7 @@ def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path)
                                                                    config.train.steps))
   is_trainable = step_lib.trainable_filter(config.train.towers, config.train.train_logit_scale)
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh, "replicated", config.mesh.logical_rules)
-  fingerprint = config_lib.fingerprint(config, model.config)
+  fingerprint = run_fingerprint(config, model.config)
   with checkpoint.Checkpointer(workdir, fingerprint, reader=True, added_keys=config_lib.ADDED_FINGERPRINT_KEYS) as ckpt:
     state0 = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, config.seed), params)
     # A damaged newest checkpoint is skipped (said on stderr), not moved: the run is not this reader's.

@@ -171,8 +171,9 @@ def test_fingerprint_covers_the_text_threat_and_the_reference_a_run_trains_with(
   # The data keys recorded later: the split, the image size and the shapes world's build.
   data = {"data.split", "data.image_size", "data.build_train", "data.build_val", "data.build_test"}
   assert data <= set(both)
-  # (model.source_run, the cached run a "cache:" source stands for, is the training loop's addition.)
-  assert recorded | data | {"model.source_run"} == set(config_lib.ADDED_FINGERPRINT_KEYS)
+  # (model.source_run, the cached run a "cache:" source stands for, and text_attack.mlm, the cached MLM
+  # "shapes-mlm" stands for, are `runs.run_fingerprint`'s additions.)
+  assert recorded | data | {"model.source_run", "text_attack.mlm"} == set(config_lib.ADDED_FINGERPRINT_KEYS)
 
 
 @pytest.mark.parametrize("name, setting, structural", [
@@ -341,14 +342,24 @@ def test_a_cached_run_that_starts_from_another_is_keyed_by_it_too(monkeypatch):
   # shapes_mat fine-tunes cache:shapes_clip: an edited clean pretraining is another starting model, so
   # the fine-tuning's cached run (and the fingerprint of its checkpoints) changes with it.
   from mat_jax import runs
-  from mat_jax.training import loop
+  from mat_jax.training import mlm
 
   _, mat = runs.cached_experiment("shapes_mat")
   assert mat.model.source == "cache:shapes_clip"
   key, upstream = runs.cached_run_dir("shapes_mat", mat), runs.source_run(mat.model.source)
   assert upstream == runs.cached_run_dir("shapes_clip", runs.cached_experiment("shapes_clip")[1]).name
-  assert loop.run_fingerprint(mat, None)["model.source_run"] == upstream
-  assert "model.source_run" not in loop.run_fingerprint(runs.cached_experiment("shapes_clip")[1], None)
+  assert runs.run_fingerprint(mat, None)["model.source_run"] == upstream
+  clean = runs.run_fingerprint(runs.cached_experiment("shapes_clip")[1], None)
+  assert "model.source_run" not in clean
+  # The text threat's MLM as its cache directory: "shapes-mlm" alone does not change with its recipe.
+  assert runs.run_fingerprint(mat, None)["text_attack.mlm"] == mlm.cached_dir().name
+  assert "text_attack.mlm" not in clean  # no text attack in clean pretraining
+  mat.text_attack.source = "paraphrase"
+  assert "text_attack.mlm" not in runs.run_fingerprint(mat, None)
+  mat.text_attack.source = "bert"
+  before = runs.run_fingerprint(mat, None)["text_attack.mlm"]
+  monkeypatch.setattr(mlm, "MLM_VERSION", mlm.MLM_VERSION + 1)  # a changed recipe: another threat
+  assert runs.run_fingerprint(mat, None)["text_attack.mlm"] != before
   original = runs.cached_experiment
 
   def edited(name):

@@ -431,6 +431,25 @@ def test_a_resumed_run_hides_tensorboards_points_after_its_checkpoint(tmp_path):
   assert starts == [41]  # points at steps >= 41 of earlier files are purged; the checkpoint's own stay
 
 
+def test_an_unfinished_run_from_a_cached_model_is_read_back(root, monkeypatch, devices):
+  # Evaluating a run that is still training (no exported model) reads its newest checkpoint under the
+  # fingerprint the training wrote, which names the cached starting run; the reader once left that out
+  # and refused the checkpoint as another run's.
+  experiments = root / "cached_for_reading"
+  experiments.mkdir()
+  raw = micro_config(root, train={"steps": 1, "checkpoint_every": 1}).to_dict()
+  (experiments / "cached_start.py").write_text(f"def get_config(arg=None):\n  return {raw!r}\n")
+  monkeypatch.setattr(runs, "EXPERIMENTS_DIR", experiments)
+  loop.ensure_cached_run("cached_start", log=lambda _: None, mesh_spec="1")
+  config = micro_config(root, model={"source": "cache:cached_start", "overrides": ""},
+                        train={"steps": 2, "checkpoint_every": 2, "export": False})
+  workdir = root / "from_cached_start"
+  loop.train(config, workdir, mesh_spec="1", log=lambda _: None, evaluate=False, progress=False)
+  assert not runs.is_trained(workdir)
+  model, _ = runs.restore_model(workdir)
+  assert model.config.vision.image_size == 16
+
+
 def test_a_missing_cached_run_trains_on_the_commands_mesh(root, monkeypatch, devices):
   # `--mesh` applies to the cached starting model too, and one that does not fit its batch fails before
   # anything trains, naming that run.

@@ -195,18 +195,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_sp
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh, config.mesh.param_sharding,
                                        config.mesh.logical_rules)
   return Run(config, Path(workdir), mesh, model, encoder, params, tokenizer, objective, schedule, tx,
-             is_trainable, shardings, run_fingerprint(config, model.config), transforms)
-
-
-def run_fingerprint(config: ml_collections.ConfigDict, model_config: Any) -> dict[str, Any]:
-  """The checkpoints' fingerprint (`mat_jax.config.fingerprint`) and, for a run that starts from a cached
-  one, that run's directory name: resumed from another starting model (an edited experiment), it is
-  another run."""
-  fingerprint = config_lib.fingerprint(config, model_config)
-  upstream = runs.source_run(config.model.source)
-  if upstream is not None:
-    fingerprint["model.source_run"] = upstream
-  return fingerprint
+             is_trainable, shardings, runs.run_fingerprint(config, model.config), transforms)
 
 
 def candidate_transform(config: ml_collections.ConfigDict, tokenizer: Any, *, log: Log = print

@@ -307,6 +307,13 @@ def cached_dir(settings: MLMSettings = MLMSettings()) -> Path:
   return paths.cache_root() / "mlm" / f"{MLM_NAME}-{cache_key(settings)}"
 
 
+def resolved_name(bert: str) -> str | None:
+  """The cache directory `text_attack.bert` = "shapes-mlm" stands for (its name holds the MLM's settings,
+  recipe version and data version), without building it; None for any other MLM. Records of what a run
+  trained against, or a study evaluated with, name it: "shapes-mlm" alone does not change with the recipe."""
+  return cached_dir().name if bert == MLM_NAME else None
+
+
 def is_built(directory: Path) -> bool:
   return (directory / INFO_FILE).exists() and (directory / "model.safetensors").exists()
 
