@@ -173,14 +173,35 @@ def trained_as(study: Mapping[str, Any]) -> dict[str, str]:
           for name in study["arms"]}
 
 
-def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
+# study.json's record of what its evaluations were made with beyond the study file (see `evaluated_with`).
+EVALUATED_WITH = "evaluated_with"
+
+
+def evaluated_with(study: Mapping[str, Any]) -> dict[str, Any]:
+  """What every evaluation in a study dir, and every run trained against the text threat, depends on
+  beyond the study file: the text threat as this code resolves it (recipes.TEXT_ATTACK, and for the
+  shapes world's MLM its cache directory, whose name changes with the MLM's settings and recipe version)
+  and the attacks' settings (`evaluate.AttackSettings`)."""
+  threat = text_threat(study)
+  return {"text_threat": threat,
+          "text_mlm": mlm.resolved_name(threat.get("bert", "")) if threat["source"] == "bert" else None,
+          "attack_settings": dataclasses.asdict(evaluate_lib.AttackSettings())}
+
+
+def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool = False, log: Log = print) -> None:
   """Write the study's settings into a new study dir; refuse a dir made by other training settings.
 
   A study may add arms to (or leave out arms of) the study in the dir, add seeds, evaluate another test
   subset or other attacks (EVALUATION_KEYS, an arm's attacks): the arms both name, and every other
-  setting, must agree. The dir then remembers every arm it has held and the latest evaluation settings."""
+  setting, must agree. The dir then remembers every arm it has held and the latest evaluation settings.
+  The dir also records what this code resolved its runs (`trained_as`) and evaluations (`evaluated_with`)
+  to; a run or evaluation made under another resolution is refused, not mixed into one table with new
+  ones. `reading` (--report-only: nothing is trained, evaluated or written) only says such differences:
+  the report shows what the dir holds, on whatever host or code reads it."""
   path = study_dir / STUDY_FILE
-  resolved = trained_as(study)
+  resolved, evaluation = trained_as(study), evaluated_with(study)
+  if reading and not path.exists():
+    raise StudyError(f"--report-only: {study_dir} holds no study ({STUDY_FILE} is missing); run the study first")
   if path.exists():
     old = json.loads(path.read_text())
     for arm in old["arms"].values():
@@ -193,21 +214,38 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any]) -> None:
       raise StudyError(f"{study_dir} holds another study ({old.get('name')!r}); it differs in "
                        f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. Use another --study-dir, or "
                        "delete that directory to start over")
-    # A dir written before the record existed is compared on its settings only.
+    # A dir written before a record existed is compared on what it records.
     recorded = old.get(TRAINED_AS, {})
     stale = sorted(a for a in shared if a in recorded and recorded[a] != resolved[a])
+    problems = []
     if stale:
-      raise StudyError(f"{study_dir}: the runs of arm(s) {', '.join(stale)} were trained under settings this code "
-                       "no longer resolves them to (the shared budget in mat_jax/recipes.py, the inner attack of the "
-                       "registry, the cached clean model they start from, or the shapes world changed). Use another "
-                       "--study-dir, or delete that directory to start over")
+      problems.append(f"the runs of arm(s) {', '.join(stale)} were trained under settings this code no longer "
+                      "resolves them to (the shared budget in mat_jax/recipes.py, the inner attack of the registry, "
+                      "the cached clean model they start from, or the shapes world changed; a cached model trained "
+                      "on a host with another number of Grain data workers, data.worker_count, is another model)")
+    old_evaluation = old.get(EVALUATED_WITH, evaluation)
+    if old_evaluation != evaluation:
+      diff = "; ".join(_differences(old_evaluation, evaluation)[:4])
+      threat_changed = {k: v for k, v in old_evaluation.items() if k != "attack_settings"} != {
+          k: v for k, v in evaluation.items() if k != "attack_settings"}
+      problems.append(f"its evaluations were made with another {'text threat' if threat_changed else 'attack setting'}"
+                      f" ({diff})" + (", which the runs of arms with a text attack also trained against"
+                                      if threat_changed else
+                                      "; delete its runs/*/eval directories to evaluate again (the trained runs "
+                                      "stay valid)"))
+    if problems and reading:
+      log(f"note: {study_dir}: " + "; ".join(problems) + ". The report shows the runs and evaluations it holds")
+    elif problems:
+      raise StudyError(f"{study_dir}: " + "; ".join(problems) + ". Use another --study-dir, or delete that "
+                       "directory to start over")
     _file_flat_evaluations(study_dir, old)
-    merged = {**study, "arms": {**old["arms"], **study["arms"]}, TRAINED_AS: {**recorded, **resolved}}
-    if merged != old:
+    merged = {**study, "arms": {**old["arms"], **study["arms"]}, TRAINED_AS: {**recorded, **resolved},
+              EVALUATED_WITH: evaluation}
+    if merged != old and not reading:
       path.write_text(json.dumps(merged, indent=1, sort_keys=True))
     return
   study_dir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({**study, TRAINED_AS: resolved}, indent=1, sort_keys=True))
+  path.write_text(json.dumps({**study, TRAINED_AS: resolved, EVALUATED_WITH: evaluation}, indent=1, sort_keys=True))
 
 
 def _file_flat_evaluations(study_dir: Path, settings: Mapping[str, Any]) -> None:
@@ -376,12 +414,12 @@ def _evaluated_as(attack: str) -> str:
   return "bert" if attack in TEXT_ONLY else attack
 
 
-def collect(study: Mapping[str, Any], study_dir: Path) -> dict[str, Any]:
+def collect(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> dict[str, Any]:
   """The finished evaluations of every arm x seed, without training or evaluating anything (`--report-only`:
   a report while shards still refresh evaluations). An evaluation written before the meaning-preserving
   ranks were kept is used as it is (its restored recall then has a seed range, not an interval)."""
   study_dir = Path(study_dir).absolute()
-  check_study_dir(study_dir, study)
+  check_study_dir(study_dir, study, reading=True, log=log)
   collected, missing = {}, []
   for name, arm in study["arms"].items():
     for seed in range(study["seeds"]):

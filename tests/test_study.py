@@ -3,6 +3,7 @@ and the study runner: bad input, resumption, the paired bootstrap, and the --qui
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -236,6 +237,38 @@ def test_a_study_dir_refuses_runs_the_code_now_resolves_otherwise(tmp_path, monk
   assert study.TRAINED_AS in json.loads((tmp_path / study.STUDY_FILE).read_text())
 
 
+def test_a_study_dir_refuses_evaluations_under_another_text_threat_or_attack_settings(tmp_path, monkeypatch):
+  # "shapes-mlm" names the threat in the study file whatever the MLM's recipe: the dir records the MLM's
+  # cache directory and the attack settings, so a changed recipe cannot mix two threats in one table.
+  from mat_jax import evaluate as evaluate_lib
+  from mat_jax.training import mlm
+
+  full = study.load(EXPERIMENTS / "study_shapes.py")  # the quick study's threat is the paraphrase lexicon
+  study.check_study_dir(tmp_path, full)
+  record = json.loads((tmp_path / study.STUDY_FILE).read_text())[study.EVALUATED_WITH]
+  assert record["text_mlm"] == mlm.cached_dir().name and record["attack_settings"]["steps"] == 10
+  with monkeypatch.context() as patch:
+    patch.setattr(mlm, "MLM_VERSION", mlm.MLM_VERSION + 1)
+    with pytest.raises(study.StudyError, match=r"another text threat \(text_mlm: .*also trained against"):
+      study.check_study_dir(tmp_path, full)
+  with monkeypatch.context() as patch:
+    patch.setattr(evaluate_lib, "AttackSettings", functools.partial(evaluate_lib.AttackSettings, steps=20))
+    with pytest.raises(study.StudyError, match=r"another attack setting \(attack_settings.steps: 10 there, 20 here\)"
+                                               r"; delete its runs/\*/eval"):
+      study.check_study_dir(tmp_path, full)
+    # --report-only reads what the dir holds: it says the difference and writes nothing.
+    lines, before = [], (tmp_path / study.STUDY_FILE).read_text()
+    study.check_study_dir(tmp_path, full, reading=True, log=lines.append)
+    assert len(lines) == 1 and "attack_settings.steps" in lines[0]
+    assert (tmp_path / study.STUDY_FILE).read_text() == before
+  # A dir written before the record existed takes the current one.
+  saved = json.loads((tmp_path / study.STUDY_FILE).read_text())
+  del saved[study.EVALUATED_WITH]
+  (tmp_path / study.STUDY_FILE).write_text(json.dumps(saved))
+  study.check_study_dir(tmp_path, full)
+  assert json.loads((tmp_path / study.STUDY_FILE).read_text())[study.EVALUATED_WITH] == record
+
+
 def test_the_studys_text_source_keeps_an_arms_own_and_the_threats_mlm():
   quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
   arm = study.Arm("mat_chars", "mat", {"text_attack": {"source": "charedit"}}, ("clean",))
@@ -337,6 +370,9 @@ def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
 
 def test_report_only_names_the_evaluations_that_are_not_finished(tmp_path):
   quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  with pytest.raises(study.StudyError, match=r"--report-only: .* holds no study \(study.json is missing\)"):
+    study.collect(quick, tmp_path)
+  study.check_study_dir(tmp_path, quick)
   with pytest.raises(study.StudyError, match=r"--report-only: \d+ evaluation\(s\) not finished .*clean_ft-s0/clean"):
     study.collect(quick, tmp_path)
 
