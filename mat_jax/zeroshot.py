@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up 
 TARGETED_MIN_CLASSES = 4  # the targeted DLR loss reads the 4 largest logits
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(errors.InputError):
   """Bad zero-shot input (class names, prompts, attack settings); the message names the fix."""
 
 
@@ -116,10 +117,21 @@ def check_classes(tokenizer: Tokenizer, class_names: Sequence[str], prompts: Seq
   if empty_prompts:
     raise ZeroShotError(f"the prompts of classes {empty_prompts} tokenise to nothing the model knows; give "
                         "prompts in the tokenizer's vocabulary")
-  frame = int(tokenizer.start_id is not None) + int(tokenizer.end_id is not None)
+  # Names that differ only where the tokenizer does not look (case, under a lowercasing tokenizer) give
+  # identical prompts too: the later class could never be predicted, ties going to the lower index.
   flat = [p for ps in prompts for p in ps]
-  long = [p for p, pieces in zip(flat, tokenizer.encode_words(flat), strict=True)
-          if len(pieces) + frame > tokenizer.context_length]
+  encoded = [tuple(p) for p in tokenizer.encode_words(flat)]
+  pieces = iter(encoded)
+  classes: dict[tuple, list[str]] = {}
+  for name, ps in zip(class_names, prompts, strict=True):
+    classes.setdefault(tuple(next(pieces) for _ in ps), []).append(name)
+  same = [names for names in classes.values() if len(names) > 1]
+  if same:
+    raise ZeroShotError(f"classes {same[0]} have prompts that tokenise identically (the tokenizer "
+                        f"{'lowercases' if same[0][0].lower() == same[0][1].lower() else 'does not tell them apart'}"
+                        "): their class embeddings would be the same; rename or merge the classes (folders)")
+  frame = int(tokenizer.start_id is not None) + int(tokenizer.end_id is not None)
+  long = [p for p, ids in zip(flat, encoded, strict=True) if len(ids) + frame > tokenizer.context_length]
   if long:
     raise ZeroShotError(f"{len(long)} prompt(s) exceed the model's context of {tokenizer.context_length} tokens "
                         f"and would be cut (e.g. {long[0]!r}); use shorter class names or templates")
@@ -255,8 +267,8 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
     raise ZeroShotError(f"{data.name} holds no images")
   if settings.apgd_steps < 1 or settings.pgd_steps < 1 or settings.n_targets < 1 or settings.restarts < 1:
     raise ZeroShotError(f"apgd_steps, pgd_steps, n_targets and restarts must be >= 1, got {settings}")
-  if any(e < 0 for e in eps_255):
-    raise ZeroShotError(f"eps_255 must be >= 0 (budgets in 1/255 units), got {list(eps_255)}")
+  if not all(math.isfinite(e) and e >= 0 for e in eps_255):
+    raise ZeroShotError(f"eps_255 must be finite and >= 0 (budgets in 1/255 units), got {list(eps_255)}")
   n_classes = len(data.class_names)
   attacks = default_attacks(n_classes) if attacks is None else list(attacks)
   unknown = [a for a in attacks if a not in ATTACKS]
@@ -408,8 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
   if min(args.apgd_steps, args.steps, args.n_targets, args.restarts, args.num_images, args.batch_size) < 1:
     parser.error("--apgd-steps, --steps, --n-targets, --restarts, --num-images and --batch-size must be >= 1")
-  if any(e < 0 for e in args.eps):
-    parser.error(f"--eps budgets are in 1/255 units and must be >= 0, got {args.eps}")
+  if not all(math.isfinite(e) and e >= 0 for e in args.eps):  # checked now: a NaN or inf budget would be
+    # reported as 0% accuracy, or fail writing results.json after the whole evaluation
+    parser.error(f"--eps budgets are in 1/255 units and must be finite and >= 0, got {args.eps}")
   if args.templates and args.data in DATASETS:
     parser.error("--template applies to ImageFolder data; the shapes-world sets bring their own prompts")
   errors.check_writable_dir(args.out, "--out")  # before the work, not after it

@@ -291,6 +291,12 @@ def test_class_names_that_tokenise_to_nothing_are_refused(victim):
   twice = dataclasses.replace(data, class_names=("red circle", "blue square", "red circle"))
   with pytest.raises(zs.ZeroShotError, match="more than once"):
     zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, twice, templates=("{}",))
+  # Folders Red_Circle and red_circle: the tokenizer lowercases, so the two classes would be one embedding
+  # and the second could never be predicted.
+  cased = dataclasses.replace(data, class_names=("Red circle", "blue square", "red circle"))
+  with pytest.raises(zs.ZeroShotError, match=r"classes \['Red circle', 'red circle'\] have prompts that tokenise "
+                                             r"identically \(the tokenizer lowercases\)"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, cased, templates=("{}",))
   fine = dataclasses.replace(data, class_names=("red circle", "blue square", "green star"))
   with pytest.raises(zs.ZeroShotError, match="no '\\{\\}'"):
     zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, fine, templates=("a picture",))
@@ -338,13 +344,16 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
   count = zs.load_data("shapes-count", SIZE, num_images=5)
   assert count.images.shape == (5, SIZE, SIZE, 3) and count.class_names == classification.COUNT_NAMES
 
-  with pytest.raises(zs.ZeroShotError, match="at least 4 classes"):
-    evaluate_cli.main([*common, "--data", "shapes-count", "--num-images", "5", "--attacks", "apgd-t"])
-  with pytest.raises(zs.ZeroShotError, match="neither"):
-    evaluate_cli.main([*common, "--data", str(tmp_path / "nowhere")])
+  # Bad input is one `error:` line and exit status 2, as in every command.
+  for flags, message in [(["--data", "shapes-count", "--num-images", "5", "--attacks", "apgd-t"], "at least 4 classes"),
+                         (["--data", str(tmp_path / "nowhere")], "neither"),
+                         (["--data", "shapes-count", "--split", "dev"], "unknown split 'dev'")]:
+    assert evaluate_cli.main([*common, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
   for flags, message in [(["--data", "shapes-count", "--template", "{}"], "--template applies"),
                          (["--attacks", "apgd-ce,fgsm"], "unknown zero-shot attacks"),
-                         (["--limit", "0"], "at least 1")]:
+                         (["--limit", "0"], "at least 1"), (["--eps", "nan"], "finite"), (["--eps", "inf"], "finite")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main([*common, *flags])
     assert message in capsys.readouterr().err

@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 
 from mat_jax.data import shapes
+from mat_jax.errors import InputError
 
 SHAPES_TASKS = ("colour-shape", "count")
 # The world's caption openings (`shapes._compose`'s intros) around a noun phrase with its article.
@@ -47,14 +48,14 @@ class ClassificationSet:
   def __post_init__(self):
     n = len(self.images)
     if self.images.ndim != 4 or self.images.shape[-1] != 3:
-      raise ValueError(f"{self.name}: images must be (N, H, W, 3), got shape {self.images.shape}")
+      raise InputError(f"{self.name}: images must be (N, H, W, 3), got shape {self.images.shape}")
     if np.shape(self.labels) != (n,):
-      raise ValueError(f"{self.name}: {n} images but labels of shape {np.shape(self.labels)}")
+      raise InputError(f"{self.name}: {n} images but labels of shape {np.shape(self.labels)}")
     if n and (int(np.min(self.labels)) < 0 or int(np.max(self.labels)) >= len(self.class_names)):
-      raise ValueError(f"{self.name}: labels must lie in [0, {len(self.class_names)}), got "
+      raise InputError(f"{self.name}: labels must lie in [0, {len(self.class_names)}), got "
                        f"[{int(np.min(self.labels))}, {int(np.max(self.labels))}]")
     if self.prompts is not None and len(self.prompts) != len(self.class_names):
-      raise ValueError(f"{self.name}: {len(self.class_names)} classes but prompts for {len(self.prompts)}")
+      raise InputError(f"{self.name}: {len(self.class_names)} classes but prompts for {len(self.prompts)}")
 
   def __len__(self) -> int:
     return len(self.images)
@@ -109,7 +110,7 @@ def shapes_count(num_images: int = 1000, image_size: int = shapes.DEFAULT_IMAGE_
   """The world's scenes of `split` labelled by object count (label = count - 1); see the module docstring."""
   _check_request(num_images, split)
   if prompts_per_class < 1:
-    raise ValueError(f"prompts_per_class must be >= 1, got {prompts_per_class}")
+    raise InputError(f"prompts_per_class must be >= 1, got {prompts_per_class}")
   images = np.empty((num_images, image_size, image_size, 3), np.uint8)
   labels = np.empty((num_images,), np.int32)
   for i in range(num_images):
@@ -129,12 +130,12 @@ def shapes_set(task: str, **kwargs) -> ClassificationSet:
     return shapes_colour_shape(**kwargs)
   if task == "count":
     return shapes_count(**kwargs)
-  raise ValueError(f"unknown shapes-world class set {task!r}; use one of {SHAPES_TASKS}")
+  raise InputError(f"unknown shapes-world class set {task!r}; use one of {SHAPES_TASKS}")
 
 
 def _check_request(num_images: int, split: str) -> None:
   if num_images < 1:
-    raise ValueError(f"num_images must be >= 1, got {num_images}")
+    raise InputError(f"num_images must be >= 1, got {num_images}")
   if split not in shapes.SPLIT_IDS:
-    raise ValueError(f"unknown split {split!r}; the shapes world has {sorted(shapes.SPLIT_IDS)}")
+    raise InputError(f"unknown split {split!r}; the shapes world has {sorted(shapes.SPLIT_IDS)}")
 
