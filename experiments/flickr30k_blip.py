@@ -12,10 +12,13 @@
 
 Published settings followed (BLIP's configs/retrieval_flickr.yaml): image size 384, AdamW with lr 1e-5 and
 weight decay 0.05, cosine decay to 0, 6 epochs, batch 32 per GPU on 8 GPUs (256), k_test 128 for the
-ITM re-ranking. Values marked "assumed" are not in a reference. BLIP's own fine-tuning adds the ITM loss
-with hard negatives and momentum distillation (queue 57,600, alpha 0.4); the objectives here train the
-ITC features that the attacks use (the MAT paper's objective is contrastive), so the ITM head keeps its
-pretrained weights (assumed: the MAT paper does not say how BLIP's ITM head is treated).
+ITM re-ranking. BLIP's epoch is one pass over its annotation list, one entry per (image, caption) pair:
+145,000 pairs, so 6 epochs are 3,398 steps of 256; each step here draws one caption per image (matplus
+all five of them, with the same steps). Values marked "assumed" are not in a reference. BLIP's own
+fine-tuning adds the ITM loss with hard negatives and momentum distillation (queue 57,600, alpha 0.4);
+the objectives here train the ITC features that the attacks use (the MAT paper's objective is
+contrastive), so the ITM head keeps its pretrained weights (assumed: the MAT paper does not say how
+BLIP's ITM head is treated).
 
 Prepare the data and weights first (no network access is needed by mat_jax itself):
   python -m mat_jax.data build karpathy --annotations dataset_flickr30k.json --images flickr30k-images \\
@@ -26,9 +29,9 @@ Prepare the data and weights first (no network access is needed by mat_jax itsel
 
 from mat_jax import recipes
 
-TRAIN_IMAGES = 29_000   # Karpathy train split
-EPOCHS = 6              # BLIP retrieval_flickr.yaml max_epoch
-BATCH = 256             # 32 per GPU x 8 GPUs (BLIP)
+TRAIN_PAIRS = 29_000 * 5  # Karpathy train split: 29,000 images x 5 captions, BLIP's epoch
+EPOCHS = 6                # BLIP retrieval_flickr.yaml max_epoch
+BATCH = 256               # 32 per GPU x 8 GPUs (BLIP)
 DEFENSES = ("clean", "mat", "matplus", "tecoa")
 
 
@@ -36,7 +39,7 @@ def get_config(arg=None):
   args = recipes.parse_arg(arg, defense=("mat", DEFENSES), runlocal=False)
   c = recipes.corpus_base(f"flickr30k_blip_{args.defense}", "flickr30k", image_size=384)
   c.model = dict(source="Salesforce/blip-itm-base-flickr", tokenizer="", context_length=35)  # BLIP max_length 35
-  c.train = dict(batch_size=BATCH, steps=EPOCHS * TRAIN_IMAGES // BATCH, log_every=50, checkpoint_every=500)
+  c.train = dict(batch_size=BATCH, steps=EPOCHS * TRAIN_PAIRS // BATCH, log_every=50, checkpoint_every=500)
   c.optimizer = dict(name="adamw", learning_rate=1e-5, weight_decay=0.05)
   c.schedule = dict(name="cosine", warmup_steps=0, end_factor=0.0)
   recipes.published_defense(c, args.defense)  # the objective, towers and captions of the MAT/TeCoA papers

@@ -8,6 +8,8 @@ of different lengths padded. Float32 at the highest matmul precision.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 
@@ -124,6 +126,23 @@ def test_dual_encoder_view_matches_the_module(case):
   np.testing.assert_allclose(cont / np.linalg.norm(cont, axis=-1, keepdims=True), case["outputs"][1], atol=TOL,
                              rtol=0)
   assert float(encoder.logit_scale(params)) == pytest.approx(2.5)
+
+
+def test_the_continuation_masks_as_the_tokenizer_when_padding_is_the_end_token(case):
+  # A tokenizer that pads with its end token (as CLIP's do): the text attack's whole-text continuation must
+  # keep the end token and mask only what follows it, as the tokenizer's mask does.
+  ours = case["ours"]
+  text = ours.config.text
+  padded_with_end = BLIP(ours.config.replace(text=dataclasses.replace(text, pad_token_id=text.sep_token_id)),
+                         rngs=nnx.Rngs(0))
+  nnx.update(padded_with_end, nnx.state(ours))
+  encoder, params = split(padded_with_end)
+  ids, mask = case["ids"].copy(), case["mask"]
+  ids[ids == text.pad_token_id] = text.sep_token_id
+  with jax.default_matmul_precision("highest"):
+    cont = np.asarray(encoder.text_features_continued(params, (), np.zeros(4, np.int32), ids))
+    whole = np.asarray(encoder.text_features(params, ids, mask))
+  np.testing.assert_allclose(cont, whole, atol=TOL, rtol=0)
 
 
 def test_save_blip_round_trips_through_transformers(case, tmp_path):

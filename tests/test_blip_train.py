@@ -91,3 +91,26 @@ def test_blips_itm_only_parameters_keep_their_weights(root):
     np.testing.assert_array_equal(trained[name], initial[name], err_msg=name)
   assert any(np.abs(trained[n] - initial[n]).max() > 1e-4 for n in initial
              if n.startswith("('text'") and n not in itm_only)
+
+
+def test_weight_decay_takes_the_same_parameters_of_blip_and_clip():
+  # Matrices only, whatever their storage: BLIP keeps its class token as (1, 1, W), CLIP as (W,); both are
+  # vectors, and both towers' position tables and kernels are matrices.
+  from mat_jax.models import CLIP, blip_config, clip_config
+  from mat_jax.training import optim
+
+  def decayed(model):
+    mask = optim._decay_mask(nnx.state(nnx.eval_shape(model), nnx.Param))
+    def name(path):
+      return ".".join(n for n in (str(getattr(k, "key", "")) for k in path) if n not in ("", "value"))
+    return {name(path): bool(flag) for path, flag in jax.tree_util.tree_leaves_with_path(mask)}
+
+  blip = decayed(lambda: BLIP(blip_config("blip-tiny"), rngs=nnx.Rngs(0)))
+  clip = decayed(lambda: CLIP(clip_config("tiny"), rngs=nnx.Rngs(0)))
+  for flags in (blip, clip):
+    cls = [k for k in flags if k.startswith("vision.") and "class_embedding" in k]
+    position = [k for k in flags if k.startswith("vision.") and "position" in k]
+    assert cls and position, sorted(flags)[:20]
+    assert not any(flags[k] for k in cls) and all(flags[k] for k in position)
+    assert not any(v for k, v in flags.items() if k.endswith(("bias", "scale")))
+

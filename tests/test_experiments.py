@@ -126,6 +126,7 @@ def test_the_argument_picks_the_published_settings():
   assert coco.train.steps == recipes.CLIP_EPOCHS * 113_287 // recipes.CLIP_BATCH
   blip = config_lib.load(f"{EXPERIMENTS / 'flickr30k_blip.py'}:matplus")
   assert (blip.data.image_size, blip.data.captions_per_image, blip.optimizer.weight_decay) == (384, 5, 0.05)
+  assert blip.train.steps == 3_398  # BLIP's 6 epochs over its 145,000 image-caption pairs, batch 256
   # The shapes BLIP defenses train the CLIP methods' objective and data.
   shapes_matplus = config_lib.load(EXPERIMENTS / "shapes_matplus.py")
   blip_matplus = config_lib.load(f"{EXPERIMENTS / 'shapes_blip.py'}:matplus")

@@ -314,10 +314,17 @@ class BLIP(nnx.Module):
 
   def encode_text_continuation(self, cache: tuple, start: jax.Array, input_ids: jax.Array) -> jax.Array:
     """Features of the texts `input_ids` (B, S), encoded whole: `start` must be 0 (the text attack passes 0
-    for towers that do not pool at the last token). Tokens equal to pad_token_id are masked, which is the
-    tokenizer's mask: a caption holds no padding before its end."""
+    for towers that do not pool at the last token). The mask is the tokenizer's: every token up to the
+    text's end token (sep_token_id), which for a tokenizer padding with another token is every token but
+    the padding (a caption holds no padding before its end)."""
     del cache, start
-    return self.encode_text(input_ids, (input_ids != self.config.text.pad_token_id).astype(jnp.int32))
+    text = self.config.text
+    if text.pad_token_id != text.sep_token_id:
+      mask = input_ids != text.pad_token_id
+    else:  # padded with the end token itself: the mask ends at the first one
+      ends = (input_ids == text.sep_token_id).astype(jnp.int32)
+      mask = jnp.cumsum(ends, axis=1) - ends == 0
+    return self.encode_text(input_ids, mask.astype(jnp.int32))
 
   # BLIP's own outputs.
   def image_features(self, pixels: jax.Array) -> jax.Array:

@@ -28,8 +28,10 @@ def make_schedule(schedule: Any, peak: float, total_steps: int) -> optax.Schedul
 
 
 def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only: biases, LayerNorm scales, the temperature are not decayed."""
-  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+  """Weight decay on matrices only: biases, LayerNorm scales, the temperature and the class tokens are not
+  decayed. A matrix has two axes longer than 1, so a vector stored with singleton axes (BLIP's class token,
+  (1, 1, W)) is a vector, as CLIP's (W,) is."""
+  return jax.tree.map(lambda p: sum(d > 1 for d in jnp.shape(p)) >= 2, params)
 
 
 def make_optimizer(optimizer: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
