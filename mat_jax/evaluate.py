@@ -451,11 +451,14 @@ def attack_spec(attack: str, s: AttackSettings, eps: float | None) -> attack_spe
   loss), norm, words changed, Co-Attack's alpha and Sep-Attack's image loss."""
   spec = attack_specs.get(attack)
   changes: dict[str, Any] = dict(norm=s.norm, max_changes=s.max_changes, alpha=s.alpha)
+  loss = s.sep_image_loss if attack == "sep" else spec.loss
   if spec.attacks_image:
-    changes.update(eps=eps, steps=s.apgd_steps if spec.loss == "apgd_ce" else s.steps, step_size=None,
-                   step_scale=s.co_step_scale if spec.loss == "co" else s.step_scale)
+    # Co-Attack's step rule goes with its losses: its own attack, and its code's Sep-Attack (image KL).
+    co_step = loss == "co" or (attack == "sep" and loss == "kl")
+    changes.update(eps=eps, steps=s.apgd_steps if loss == "apgd_ce" else s.steps, step_size=None,
+                   step_scale=s.co_step_scale if co_step else s.step_scale)
   if attack == "sep":
-    changes["loss"] = s.sep_image_loss
+    changes["loss"] = loss
   return spec.replace(**changes)
 
 

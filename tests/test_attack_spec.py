@@ -78,7 +78,11 @@ def test_specs_are_checked_and_share_one_step_rule():
   assert (spec.eps, spec.steps, spec.norm, spec.max_changes) == (0.5, 5, "l2", 2)
   assert spec.pgd_step == pytest.approx(2.5 * 0.5 / 5)  # evaluation's step rule, not training's 1/255
   assert ev.attack_spec("apgd", settings, 0.5).steps == settings.apgd_steps
-  assert ev.attack_spec("sep", dataclasses.replace(settings, sep_image_loss="kl"), 0.5).loss == "kl"
+  # Sep-Attack as Co-Attack's code: its image KL with Co-Attack's step (1.25 eps / steps), not SGA's.
+  sep_kl = ev.attack_spec("sep", dataclasses.replace(settings, norm="linf", sep_image_loss="kl"), 2 / 255)
+  assert sep_kl.loss == "kl" and sep_kl.pgd_step == pytest.approx(attack_specs.get("co").pgd_step * 10 / 5)
+  assert ev.attack_spec("sep", dataclasses.replace(settings, norm="linf"), 2 / 255).pgd_step == pytest.approx(
+      2.5 * 2 / 255 / 5)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def test_eps0_reproduces_clean_recall_and_recall_falls_with_eps(pgd_results):
 
 
 def _co_attack_image_part_alone(model: CLIP, tokenizer, eval_set, eps: float) -> dict:
-  """Recall under Co-Attack's own image attack without its text parts: PGD on KL(s(e_I(x)) || s(e_I(x')))
+  """Recall under Co-Attack's own image attack without its text parts: PGD on KL(s(n(e_I(x))) || s(n(e_I(x'))))
   with Co-Attack's step rule (1.25 eps / steps), the "PGD alone" of the Co-Attack paper."""
   encoder, params = split(model)
   images = jnp.asarray(eval_set.images, jnp.float32) / 255

@@ -13,7 +13,7 @@ What each attack does (Co-Attack: Zhang et al. 2022; SGA: Lu et al. 2023; REFERE
   the KL objective (independent of the image) and image PGD against the clean captions (SGA's cosine
   loss; Co-Attack's code uses its image-only KL, `image_loss="kl"`).
 - Co-Attack: BERT-Attack with the KL objective first; then PGD on
-  KL(s(e_I(x)) || s(e_I(x'))) + alpha KL(s(n(e_T(t'))) || s(n(e_I(x')))), alpha = 3, step eps/steps*1.25,
+  KL(s(n(e_I(x))) || s(n(e_I(x')))) + alpha KL(s(n(e_T(t'))) || s(n(e_I(x')))), alpha = 3, step eps/steps*1.25,
   the text term averaged over an image's K captions.
   The reference starts from a one-sided U(0, eps) perturbation, a quirk; the start here is symmetric.
 - SGA: (1) text attack guided by the clean image, (2) image PGD against all of the image's adversarial
