@@ -431,15 +431,20 @@ def test_a_resumed_run_hides_tensorboards_points_after_its_checkpoint(tmp_path):
   assert starts == [41]  # points at steps >= 41 of earlier files are purged; the checkpoint's own stay
 
 
+def _micro_experiment(root, monkeypatch, directory: str, name: str) -> None:
+  """experiments/<name>.py in a fresh experiments directory: a 1-step micro run, for "cache:<name>"."""
+  experiments = root / directory
+  experiments.mkdir()
+  raw = micro_config(root, train={"steps": 1, "checkpoint_every": 1}).to_dict()
+  (experiments / f"{name}.py").write_text(f"def get_config(arg=None):\n  return {raw!r}\n")
+  monkeypatch.setattr(runs, "EXPERIMENTS_DIR", experiments)
+
+
 def test_an_unfinished_run_from_a_cached_model_is_read_back(root, monkeypatch, devices):
   # Evaluating a run that is still training (no exported model) reads its newest checkpoint under the
   # fingerprint the training wrote, which names the cached starting run; the reader once left that out
   # and refused the checkpoint as another run's.
-  experiments = root / "cached_for_reading"
-  experiments.mkdir()
-  raw = micro_config(root, train={"steps": 1, "checkpoint_every": 1}).to_dict()
-  (experiments / "cached_start.py").write_text(f"def get_config(arg=None):\n  return {raw!r}\n")
-  monkeypatch.setattr(runs, "EXPERIMENTS_DIR", experiments)
+  _micro_experiment(root, monkeypatch, "cached_for_reading", "cached_start")
   loop.ensure_cached_run("cached_start", log=lambda _: None, mesh_spec="1")
   config = micro_config(root, model={"source": "cache:cached_start", "overrides": ""},
                         train={"steps": 2, "checkpoint_every": 2, "export": False})
@@ -453,11 +458,7 @@ def test_an_unfinished_run_from_a_cached_model_is_read_back(root, monkeypatch, d
 def test_a_missing_cached_run_trains_on_the_commands_mesh(root, monkeypatch, devices):
   # `--mesh` applies to the cached starting model too, and one that does not fit its batch fails before
   # anything trains, naming that run.
-  experiments = root / "cached_experiments"
-  experiments.mkdir()
-  raw = micro_config(root, train={"steps": 1, "checkpoint_every": 1}).to_dict()
-  (experiments / "cached_micro.py").write_text(f"def get_config(arg=None):\n  return {raw!r}\n")
-  monkeypatch.setattr(runs, "EXPERIMENTS_DIR", experiments)
+  _micro_experiment(root, monkeypatch, "cached_experiments", "cached_micro")
   run_dir = runs.cached_run_dir("cached_micro", runs.cached_experiment("cached_micro")[1])
   with pytest.raises(mesh_lib.MeshError, match=r"cache:cached_micro is not in the cache yet and trains on the same "
                                                r"mesh first .*: the global batch size 16 is not divisible"):
