@@ -173,6 +173,7 @@ def test_fixed_shapes_and_size_errors(tok):
     prepare_candidates(CAPTIONS[:1], tok, source, max_words=3)
   with pytest.raises(ValueError, match="max_words"):  # a long word's slots count towards max_words
     prepare_candidates(["a squarish box"], tok, source, max_pieces=2, max_words=3)
+  assert prepare_candidates(["a squarish box"], tok, source, max_pieces=2).word_pieces.shape[1:] == (4, 2)
   with pytest.raises(ValueError, match="flatten"):
     prepare_candidates(np.array([CAPTIONS[:2]]), tok, source)
   with pytest.raises(TypeError, match="list of words"):

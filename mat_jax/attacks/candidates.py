@@ -505,9 +505,7 @@ def prepare_candidates(
   # from index `capacity` on can never reach the context and need no arrays.
   kept_words = [words[:capacity] for words in all_words]
   n_words = max(len(words) for words in kept_words)
-  if max_words is None:
-    max_words = max(n_words, 1)
-  elif n_words > max_words:
+  if max_words is not None and n_words > max_words:  # before the source's work (the slots below check again)
     worst = max(range(len(captions)), key=lambda i: len(kept_words[i]))
     raise ValueError(f"caption {worst} has {n_words} words within the context but max_words={max_words}: "
                      f"{captions[worst]!r}; raise max_words (at most {capacity} words ever fit)")
@@ -585,7 +583,9 @@ def prepare_candidates(
     slot_words.append(words_n + list(all_words[n][len(words):]))  # the host text keeps every word
     slot_of_word.append(first)
   n_slots = max(len(p) for p in slot_pieces)
-  if n_slots > max_words:
+  if max_words is None:
+    max_words = max(n_slots, 1)
+  elif n_slots > max_words:
     worst = max(range(len(captions)), key=lambda i: len(slot_pieces[i]))
     raise ValueError(f"caption {worst} needs {n_slots} word slots (words longer than max_pieces={max_pieces} "
                      f"take several) but max_words={max_words}: {captions[worst]!r}; raise max_words (at "
