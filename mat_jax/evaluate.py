@@ -453,10 +453,10 @@ def attack_spec(attack: str, s: AttackSettings, eps: float | None) -> attack_spe
   changes: dict[str, Any] = dict(norm=s.norm, max_changes=s.max_changes, alpha=s.alpha)
   loss = s.sep_image_loss if attack == "sep" else spec.loss
   if spec.attacks_image:
-    # Co-Attack's step rule goes with its losses: its own attack, and its code's Sep-Attack (image KL).
-    co_step = loss == "co" or (attack == "sep" and loss == "kl")
+    # Co-Attack's step rule goes with Co-Attack's image losses: its own, and the image-only KL of its code's
+    # Sep-Attack.
     changes.update(eps=eps, steps=s.apgd_steps if loss == "apgd_ce" else s.steps, step_size=None,
-                   step_scale=s.co_step_scale if co_step else s.step_scale)
+                   step_scale=s.co_step_scale if loss in ("co", "kl") else s.step_scale)
   if attack == "sep":
     changes["loss"] = loss
   return spec.replace(**changes)

@@ -148,11 +148,9 @@ def run_fingerprint(config: ml_collections.ConfigDict, model_config: Any) -> dic
   upstream = source_run(config.model.source)
   if upstream is not None:
     fingerprint["model.source_run"] = upstream
-  ta = config.text_attack
-  if ta.source == "bert" and objectives.make(config.objective).needs_text_candidates:
-    name = mlm.resolved_name(ta.bert)
-    if name is not None:
-      fingerprint["text_attack.mlm"] = name
+  name = mlm.resolved_name(config.text_attack)
+  if name is not None and objectives.make(config.objective).needs_text_candidates:
+    fingerprint["text_attack.mlm"] = name
   return fingerprint
 
 

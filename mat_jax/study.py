@@ -183,8 +183,7 @@ def evaluated_with(study: Mapping[str, Any]) -> dict[str, Any]:
   shapes world's MLM its cache directory, whose name changes with the MLM's settings and recipe version)
   and the attacks' settings (`evaluate.AttackSettings`)."""
   threat = text_threat(study)
-  return {"text_threat": threat,
-          "text_mlm": mlm.resolved_name(threat.get("bert", "")) if threat["source"] == "bert" else None,
+  return {"text_threat": threat, "text_mlm": mlm.resolved_name(threat),
           "attack_settings": dataclasses.asdict(evaluate_lib.AttackSettings())}
 
 
@@ -226,8 +225,7 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool 
     old_evaluation = old.get(EVALUATED_WITH, evaluation)
     if old_evaluation != evaluation:
       diff = "; ".join(_differences(old_evaluation, evaluation)[:4])
-      threat_changed = {k: v for k, v in old_evaluation.items() if k != "attack_settings"} != {
-          k: v for k, v in evaluation.items() if k != "attack_settings"}
+      threat_changed = any(old_evaluation.get(k) != evaluation[k] for k in ("text_threat", "text_mlm"))
       problems.append(f"its evaluations were made with another {'text threat' if threat_changed else 'attack setting'}"
                       f" ({diff})" + (", which the runs of arms with a text attack also trained against"
                                       if threat_changed else

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -307,11 +307,14 @@ def cached_dir(settings: MLMSettings = MLMSettings()) -> Path:
   return paths.cache_root() / "mlm" / f"{MLM_NAME}-{cache_key(settings)}"
 
 
-def resolved_name(bert: str) -> str | None:
-  """The cache directory `text_attack.bert` = "shapes-mlm" stands for (its name holds the MLM's settings,
-  recipe version and data version), without building it; None for any other MLM. Records of what a run
-  trained against, or a study evaluated with, name it: "shapes-mlm" alone does not change with the recipe."""
-  return cached_dir().name if bert == MLM_NAME else None
+def resolved_name(text_attack: Mapping[str, Any]) -> str | None:
+  """The cache directory a text threat (`text_attack`: source, bert) draws from when it is the shapes
+  world's MLM (its name holds the MLM's settings, recipe version and data version), without building it;
+  None for any other threat. Records of what a run trained against, or a study evaluated with, name it:
+  "shapes-mlm" alone does not change with the recipe."""
+  if text_attack["source"] != "bert" or text_attack.get("bert") != MLM_NAME:
+    return None
+  return cached_dir().name
 
 
 def is_built(directory: Path) -> bool:
