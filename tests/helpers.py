@@ -1,4 +1,10 @@
-"""Constants shared by the test files (imported as `helpers`: pytest puts tests/ on sys.path)."""
+"""Constants and small stand-ins shared by the test files (imported as `helpers`: pytest puts tests/ on sys.path)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from mat_jax.models import CLIPConfig, l2_normalize
 
 # The micro model of the training tests: one block of width 32 per tower, 16 px images. Training, resume
 # and objective tests share it, so its programs have the same shapes wherever it runs.
@@ -61,3 +67,20 @@ def save_micro_clip(directory, *, image_size: int = 16, std: float = 0.02):
 
   save_clip(numpy_initialised(CLIP, cfg, draw), directory)
   return directory
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPEncoder:
+  """image -> tanh(x W1) W2: the image side of a DualEncoder (features, embeddings, and the temperature
+  clamped as CLIP's), small enough to attack in milliseconds. params: w1, w2, logit_scale. It has no
+  `config`: code that checks a tokenizer against the model's config skips it."""
+
+  def temperature(self, params):
+    return jnp.exp(jnp.clip(params["logit_scale"], *CLIPConfig.logit_scale_range))
+
+  def image_features(self, params, images):
+    hidden = jnp.tanh(images.reshape(images.shape[0], -1) @ params["w1"])
+    return hidden @ params["w2"]
+
+  def image_embeddings(self, params, images):
+    return l2_normalize(self.image_features(params, images))

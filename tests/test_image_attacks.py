@@ -7,7 +7,6 @@ fast. The CLIP path is exercised end to end in test_multimodal.py and test_evalu
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -19,25 +18,10 @@ from mat_jax.attacks import image as I
 from mat_jax.attacks import losses as L
 from mat_jax.models import l2_normalize
 
+import helpers
+
 B, H, D, K = 6, 8, 16, 3
-
-
-@dataclasses.dataclass(frozen=True)
-class MLPEncoder:
-  """image -> tanh(x W1) W2; the `image_features` / `image_embeddings` / `logit_scale` of a DualEncoder."""
-
-  def image_features(self, params, images):
-    hidden = jnp.tanh(images.reshape(images.shape[0], -1) @ params["w1"])
-    return hidden @ params["w2"]
-
-  def image_embeddings(self, params, images):
-    return l2_normalize(self.image_features(params, images))
-
-  def logit_scale(self, params):
-    return params["logit_scale"]
-
-
-ENC = MLPEncoder()
+ENC = helpers.MLPEncoder()
 
 
 @pytest.fixture(scope="module")

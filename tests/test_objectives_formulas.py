@@ -59,8 +59,8 @@ class _UnitFeatures:
     feats = input_ids.astype(jnp.float32)
     return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
 
-  def logit_scale(self, params):
-    return jnp.log(jnp.asarray(10.0))
+  def temperature(self, params):
+    return jnp.asarray(10.0)
 
 
 def _cross_entropy(logits):

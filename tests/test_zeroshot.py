@@ -41,19 +41,7 @@ def victim(model_dir):
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPEncoder:
-  """image -> tanh(x W1) W2: the image side of a DualEncoder, small enough to attack in milliseconds."""
-
-  def image_embeddings(self, params, images):
-    hidden = jnp.tanh(images.reshape(images.shape[0], -1) @ params["w1"])
-    return l2_normalize(hidden @ params["w2"])
-
-  def logit_scale(self, params):
-    return params["logit_scale"]
-
-
-@dataclasses.dataclass(frozen=True)
-class MLPDualEncoder(MLPEncoder):
+class MLPDualEncoder(helpers.MLPEncoder):
   """The MLP image side with a text side (the mean of the text's token embeddings): enough for
   `evaluate_zeroshot` without a CLIP's minute-long compilations."""
 
@@ -125,7 +113,7 @@ def test_shapes_sets_are_deterministic_and_labelled():
 
 def test_attacks_lower_accuracy_and_compile_once_per_shape():
   rng = np.random.default_rng(0)
-  enc = MLPEncoder()
+  enc = helpers.MLPEncoder()
   params = {"w1": jnp.asarray(rng.normal(size=(8 * 8 * 3, 32)) / 8, jnp.float32),
             "w2": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32),
             "logit_scale": jnp.asarray(np.log(50.0), jnp.float32)}

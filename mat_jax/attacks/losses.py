@@ -13,7 +13,6 @@ attack (the training step or an evaluation batch), never cached across calls.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -25,8 +24,6 @@ from mat_jax.models.dual_encoder import DualEncoder
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 LogitsFn = Callable[[jax.Array], jax.Array]
-
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100
 
 # SGA's set of image scales (Lu et al. 2023): each step sees the image at these sizes as well.
 SGA_SCALES = (0.5, 0.75, 1.25, 1.5)
@@ -146,11 +143,11 @@ def retrieval_logits(encoder: DualEncoder, params, text_features: jax.Array,
                      logit_scale: jax.Array | float | None = None) -> LogitsFn:
   """images -> (B, M) scaled cosine logits against M fixed texts (the batch's, or a whole eval set's).
 
-  logit_scale: the multiplier (not its log); default the model's, clamped at 100 as the contrastive loss
-  uses it (`temperature`).
+  logit_scale: the multiplier (not its log); default the model's, clamped as the contrastive loss uses it
+  (`DualEncoder.temperature`).
   """
   texts = l2_normalize(text_features)
-  scale = temperature(encoder.logit_scale(params)) if logit_scale is None else jnp.asarray(logit_scale)
+  scale = encoder.temperature(params) if logit_scale is None else jnp.asarray(logit_scale)
 
   def logits_fn(images: jax.Array) -> jax.Array:
     return scale * encoder.image_embeddings(params, images) @ texts.T
@@ -218,11 +215,6 @@ def logit_loss(logits_fn: LogitsFn, positives: jax.Array,
     return loss(logits_fn(images), positives)
 
   return loss_fn
-
-
-def temperature(logit_scale: jax.Array) -> jax.Array:
-  """The contrastive loss's logit multiplier: exp(logit_scale), clamped at 100 as CLIP trains it."""
-  return jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
 
 
 def positives(image_ids: jax.Array | None, batch: int, k: int) -> jax.Array:

@@ -145,7 +145,7 @@ def _defense_images(encoder, params, reference, images, guide_ids, guide_mask, w
     # Each image against all of the batch's guiding captions, its own (and its id's) as positives.
     texts = encoder.text_features(params, guide_ids, guide_mask)
     loss_fn = losses.contrastive(encoder, params, texts, losses.positives(image_ids, b, k),
-                                 logit_scale=losses.temperature(encoder.logit_scale(params)),
+                                 logit_scale=encoder.temperature(params),
                                  text_weights=weights)
   elif loss == "feature":
     loss_fn = losses.feature_distance(encoder, params, encoder.image_features(reference, images))

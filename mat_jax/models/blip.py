@@ -25,7 +25,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,8 @@ class BlipConfig:
   embed_dim: int = 256            # image_text_hidden_size: the ITC feature size
   logit_scale_init: float = math.log(1 / 0.07)  # BLIP's temp 0.07; config.json's logit_scale_init_value
   dtype: str = "float32"
+  # BLIP clamps its temperature to [0.001, 0.5] after every step: a logit multiplier from 2 to 1000.
+  logit_scale_range: ClassVar[tuple[float, float]] = (math.log(2.0), math.log(1000.0))
 
   def replace(self, **changes: Any) -> "BlipConfig":
     return dataclasses.replace(self, **changes)

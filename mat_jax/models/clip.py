@@ -8,7 +8,8 @@ mean/std normalisation is the first thing the image tower does, so attack budget
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+import math
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,9 @@ class CLIPConfig:
   projection_dim: int = 512
   logit_scale_init: float = 2.6592  # log(1 / 0.07)
   dtype: str = "float32"
+  # Where the contrastive loss clamps logit_scale (log of the logit multiplier): CLIP trains with the
+  # multiplier at most 100. A class constant, not read from or written to config.json.
+  logit_scale_range: ClassVar[tuple[float, float]] = (-math.inf, math.log(100.0))
   # Run the blocks before each tower's last one as one `lax.scan` over their parameters stacked at trace
   # time (the parameter tree keeps one entry per block): XLA compiles one block instead of `layers - 1`.
   # Same numbers (the test suite checks it); see docs/performance.md for what it costs and saves.

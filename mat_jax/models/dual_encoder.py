@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mat_jax.models.clip import CLIP, CLIPConfig, l2_normalize
@@ -57,7 +58,14 @@ class DualEncoder:
     return l2_normalize(self.text_features(params, input_ids, attention_mask))
 
   def logit_scale(self, params: nnx.State) -> jax.Array:
+    """The learned log of the logit multiplier, as stored (unclamped)."""
     return params["logit_scale"][...]
+
+  def temperature(self, params: nnx.State) -> jax.Array:
+    """The multiplier of the cosine logits that losses use: exp(logit_scale) clamped to the range the
+    model trains in (CLIP: at most 100; BLIP: 2 to 1000)."""
+    low, high = self.config.logit_scale_range
+    return jnp.exp(jnp.clip(self.logit_scale(params), low, high))
 
 
 def split(model: CLIP) -> tuple[DualEncoder, nnx.State]:

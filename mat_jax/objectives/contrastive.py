@@ -5,7 +5,8 @@ The loss is computed over the GLOBAL batch: under `jit` with the batch sharded o
 
 Several positives (MAT+: k captions per image; also repeated or augmented images sharing an id).
 Images and texts carry group ids; an image and a text are a positive pair iff their groups match.
-For every positive pair (i, j) with similarity logits s = exp(t)·cos:
+For every positive pair (i, j) with similarity logits s = τ·cos (τ = exp(logit_scale), clamped to the
+model's range, `DualEncoder.temperature`):
 
     image->text  l_ij = -log( e^{s_ij} / (e^{s_ij} + Σ_{j' ∉ group(i)} e^{s_ij'}) )
     text->image  m_ij = -log( e^{s_ij} / (e^{s_ij} + Σ_{i' ∉ group(j)} e^{s_i'j}) )
@@ -24,15 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# The temperature (CLIP's clamp at 100) is shared with the attacks' contrastive loss: one definition.
-from mat_jax.attacks.losses import temperature
 from mat_jax.models import DualEncoder
 from mat_jax.objectives.base import Metrics, Objective
 
-def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array,
                      image_groups: jax.Array, text_groups: jax.Array) -> tuple[jax.Array, Metrics]:
-  """Multi-positive symmetric InfoNCE (module docstring). Embeddings are L2-normalised (B, D), (T, D)."""
-  logits = temperature(logit_scale) * image_emb @ text_emb.T            # (B, T)
+  """Multi-positive symmetric InfoNCE (module docstring). Embeddings are L2-normalised (B, D), (T, D);
+  `scale` multiplies the cosines (the model's clamped temperature, `DualEncoder.temperature`)."""
+  logits = scale * image_emb @ text_emb.T            # (B, T)
   positive = image_groups[:, None] == text_groups[None, :]
   neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
   negatives = jnp.where(positive, neg_inf, logits)
@@ -55,7 +55,7 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
   return 0.5 * (i2t_loss + t2i_loss), metrics
 
 
-def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+def clip_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array,
               image_ids: jax.Array | None = None, one_to_one: bool = False) -> tuple[jax.Array, Metrics]:
   """Images (B, D) against texts (B, D) or (B, K, D) (K captions of image b at row b).
 
@@ -70,17 +70,17 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
     image_emb = jnp.repeat(image_emb, k, axis=0)
     text_emb = text_emb.reshape(-1, text_emb.shape[-1])
     groups = jnp.arange(batch * k)
-    return contrastive_loss(image_emb, text_emb, logit_scale, groups, groups)
+    return contrastive_loss(image_emb, text_emb, scale, groups, groups)
   if one_to_one:
     groups = jnp.arange(batch)
-    return contrastive_loss(image_emb, text_emb, logit_scale, groups, groups)
+    return contrastive_loss(image_emb, text_emb, scale, groups, groups)
   groups = jnp.arange(batch) if image_ids is None else image_ids
   if text_emb.ndim == 3:
     text_groups = jnp.repeat(groups, text_emb.shape[1])
     text_emb = text_emb.reshape(-1, text_emb.shape[-1])
   else:
     text_groups = groups
-  return contrastive_loss(image_emb, text_emb, logit_scale, groups, text_groups)
+  return contrastive_loss(image_emb, text_emb, scale, groups, text_groups)
 
 
 def batch_clip_loss(encoder: DualEncoder, params: nnx.State, images: jax.Array, input_ids: jax.Array,
@@ -89,7 +89,7 @@ def batch_clip_loss(encoder: DualEncoder, params: nnx.State, images: jax.Array, 
   """`clip_loss` from raw inputs: encodes both modalities with `params`."""
   image_emb = encoder.image_embeddings(params, images)
   text_emb = encoder.text_embeddings(params, input_ids, attention_mask)
-  return clip_loss(image_emb, text_emb, encoder.logit_scale(params), image_ids, one_to_one)
+  return clip_loss(image_emb, text_emb, encoder.temperature(params), image_ids, one_to_one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,5 +101,5 @@ class Contrastive(Objective):
     del key, reference
     loss, metrics = batch_clip_loss(encoder, params, batch["images"], batch["input_ids"],
                                     batch["attention_mask"], batch.get("image_ids"))
-    metrics["temperature"] = temperature(encoder.logit_scale(params))
+    metrics["temperature"] = encoder.temperature(params)
     return loss, metrics

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 from mat_jax.objectives import base
-from mat_jax.objectives.contrastive import batch_clip_loss, temperature
+from mat_jax.objectives.contrastive import batch_clip_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class MAT(base.Objective):
       metrics["clean_loss"] = clean_loss
       loss = loss + self.clean_weight * clean_loss
     metrics["text_changed"] = adv["text_changed"]
-    metrics["temperature"] = temperature(encoder.logit_scale(params))
+    metrics["temperature"] = encoder.temperature(params)
     return loss, metrics
 
 

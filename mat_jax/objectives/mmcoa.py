@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from mat_jax.objectives import base
-from mat_jax.objectives.contrastive import batch_clip_loss, temperature
+from mat_jax.objectives.contrastive import batch_clip_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,4 +51,4 @@ class MMCoA(base.Objective):
     loss = self.text_weight * text_loss + self.image_weight * image_loss
     return loss, {"adv_text_loss": text_loss, "adv_image_loss": image_loss,
                   "adv_text_i2t_acc": text_metrics["i2t_acc"], "adv_image_i2t_acc": image_metrics["i2t_acc"],
-                  "text_changed": adv["text_changed"], "temperature": temperature(encoder.logit_scale(params))}
+                  "text_changed": adv["text_changed"], "temperature": encoder.temperature(params)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from mat_jax.objectives import base
-from mat_jax.objectives.contrastive import batch_clip_loss, temperature
+from mat_jax.objectives.contrastive import batch_clip_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,5 +35,5 @@ class TeCoA(base.Objective):
     loss, metrics = batch_clip_loss(encoder, params, adv["images"], batch["input_ids"], batch["attention_mask"],
                                     batch.get("image_ids"))
     metrics = {f"adv_{k}": v for k, v in metrics.items()}
-    metrics["temperature"] = temperature(encoder.logit_scale(params))
+    metrics["temperature"] = encoder.temperature(params)
     return loss, metrics
