@@ -10,7 +10,8 @@ with experiments/coco.py; where a paper leaves a value out, the choice is marked
   matplus  MAT with the 5 human captions per image (I2T(Human)) and the multi-positive loss
   tecoa    PGD on the contrastive loss, eps 1/255, 2 steps of 1/255, SGD; vision tower
   fare     ||f(x') - f_orig(x)||^2, eps 2/255, 10 steps of 1/255, AdamW lr 1e-5, wd 1e-4; vision tower
-  mmcoa    0.5 CLIPLoss(x, t') + 0.5 CLIPLoss(x', t), Adam lr 1e-6, wd 0.2; all parameters
+  mmcoa    0.5 CLIPLoss(x, t') + 0.5 CLIPLoss(x', t), PGD eps 1/255, 10 steps of 1/255, Adam lr 1e-6,
+           wd 0.2; all parameters
   mava     CMS + VSSE inner, 0.002 CMS + 0.4 VSSE + 0.6 SCA outer, N=3, 5 captions, lr 1e-4, wd 1e-4;
            vision tower
   clean    contrastive fine-tuning without attacks (the baseline)

@@ -280,20 +280,24 @@ CORPUS_EVAL = dict(split="test", max_images=1000, attacks=("pgd",), eps=2 / 255,
 
 # What each defense's paper trains: objective (+ hyper-parameters), towers and data.
 DEFENSES: dict[str, dict[str, Any]] = {
-    # MAT (WACV 2026): 2-step PGD at 2/255 guided by a 1-word BERT-Attack text; all parameters.
+    # MAT (WACV 2026): 2-step PGD at 2/255 guided by a 1-word BERT-Attack text; all parameters. The
+    # step size is not published: 1/255 assumed (two steps can reach the budget's corners).
     "mat": dict(objective=dict(name="mat", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1),
                 towers="all"),
-    # MAT+: MAT with the 5 human captions per image (I2T(Human)) and the multi-positive loss.
+    # MAT+: MAT with the 5 human captions per image (I2T(Human)) and the multi-positive loss; step as MAT.
     "matplus": dict(objective=dict(name="matplus", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1),
                     towers="all", data=dict(captions_per_image=5)),
     # TeCoA: PGD on the contrastive loss, eps 1/255, 2 steps of 1/255; vision tower.
     "tecoa": dict(objective=dict(name="tecoa", eps=1 / 255, steps=2, step_size=1 / 255), towers="vision"),
     # FARE: ||f(x') - f_orig(x)||^2, eps 2/255, 10 steps of 1/255; vision tower.
     "fare": dict(objective=dict(name="fare", eps=2 / 255, steps=10, step_size=1 / 255), towers="vision"),
-    # MMCoA: 0.5 CLIPLoss(x, t') + 0.5 CLIPLoss(x', t); all parameters.
-    "mmcoa": dict(objective=dict(name="mmcoa", eps=1 / 255, steps=2, step_size=1 / 255, text_changes=1,
+    # MMCoA: 0.5 CLIPLoss(x, t') + 0.5 CLIPLoss(x', t), PGD eps 1/255, 10 steps of 1/255 (MMCoA.py's
+    # config); all parameters.
+    "mmcoa": dict(objective=dict(name="mmcoa", eps=1 / 255, steps=10, step_size=1 / 255, text_changes=1,
                                  text_weight=0.5, image_weight=0.5), towers="all"),
     # MAVA: CMS + VSSE inside, 0.002 CMS + 0.4 VSSE + 0.6 SCA outside, N = 3, 5 captions; vision tower.
+    # MAVA fine-tunes on the COCO test split (5k images) and evaluates on Flickr30k; these recipes train
+    # every defense on the corpus's train split (docs/differences.md).
     "mava": dict(objective=dict(name="mava", eps=2 / 255, steps=10, step_size=1 / 255, neighbours=3, beta=0.5,
                                 a=0.002, b=0.4, c=0.6), towers="vision", data=dict(captions_per_image=5)),
     # Contrastive fine-tuning without attacks (the baseline).
@@ -301,7 +305,11 @@ DEFENSES: dict[str, dict[str, Any]] = {
 }
 
 CLIP_VITB16 = "openai/clip-vit-base-patch16"
-CLIP_EPOCHS = 10
+# An epoch here is one pass over the training IMAGES (one caption drawn per image per visit, or K for
+# MAT+ and MAVA); BLIP's recipe (experiments/flickr30k_blip.py) counts its (image, caption) pairs, as
+# BLIP's code does.
+CLIP_EPOCHS = 10  # MAVA's (10, "as TeCoA"); assumed for the others (MAT and MAT+ publish none; MMCoA's 30
+                  # are over CIFAR-100, a classification set)
 CLIP_BATCH = 128  # assumed (global batch; the papers train on 1-4 GPUs)
 # Each defense's optimizer for CLIP ViT-B/16.
 CLIP_OPTIMIZERS: dict[str, dict[str, Any]] = {
@@ -348,7 +356,7 @@ def clip_vitb16(dataset: str, train_images: int, defense: str) -> ml_collections
   c = corpus_base(f"{dataset}_{defense}", dataset, image_size=224)
   c.model = dict(source=CLIP_VITB16, tokenizer="")
   c.train = dict(batch_size=CLIP_BATCH, steps=steps, towers="all", log_every=50, checkpoint_every=1000)
-  c.schedule = dict(name="cosine", warmup_steps=min(500, steps // 10), end_factor=0.0)
+  c.schedule = dict(name="cosine", warmup_steps=min(500, steps // 10), end_factor=0.0)  # assumed
   c.optimizer = dict(CLIP_OPTIMIZERS[defense])
   return published_defense(c, defense)
 

@@ -124,6 +124,12 @@ def test_the_argument_picks_the_published_settings():
   assert (coco.name, coco.data.name, coco.optimizer.name, coco.train.towers) == ("coco_tecoa", "coco", "sgd",
                                                                                "vision")
   assert coco.train.steps == recipes.CLIP_EPOCHS * 113_287 // recipes.CLIP_BATCH
+  # Each defense's inner image attack as its reference trains it: (eps, steps, step size) in 1/255.
+  published = {"mat": (2, 2, 1), "matplus": (2, 2, 1), "tecoa": (1, 2, 1), "fare": (2, 10, 1),
+               "mmcoa": (1, 10, 1), "mava": (2, 10, 1)}  # MMCoA.py's config: epsilon 1, num_iters 10
+  for defense, budget in published.items():
+    objective = config_lib.load(f"{EXPERIMENTS / 'flickr30k.py'}:{defense}").objective
+    assert (round(objective.eps * 255, 6), objective.steps, round(objective.step_size * 255, 6)) == budget
   blip = config_lib.load(f"{EXPERIMENTS / 'flickr30k_blip.py'}:matplus")
   assert (blip.data.image_size, blip.data.captions_per_image, blip.optimizer.weight_decay) == (384, 5, 0.05)
   assert blip.train.steps == 3_398  # BLIP's 6 epochs over its 145,000 image-caption pairs, batch 256

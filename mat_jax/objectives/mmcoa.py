@@ -9,8 +9,9 @@ cross-entropy against the clean texts; t' by BERT-Attack with Co-Attack's scorin
 its text attacker as `BertAttack` with the "kl" objective: each word and substitute chosen by how far it
 moves the caption's embedding from the clean caption's, no image involved), `text_changes` words. The
 two attacks are independent (unlike MAT, whose image attack sees t' and whose text attack is guided by
-the image): the registry's "mmcoa". The reference trains all parameters (Adam lr 1e-6, wd 0.2),
-λ_t = λ_i = 0.5.
+the image): the registry's "mmcoa". The reference's PGD takes 10 steps of 1/255 within ε = 1/255
+(`num_iters`, `step_size`, `epsilon` of its configs/Ad_cifar100_PGD.yaml); it trains all parameters
+(Adam lr 1e-6, wd 0.2), λ_t = λ_i = 0.5.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class MMCoA(base.Objective):
 
   attack: str = "mmcoa"       # the inner attack (mat_jax.attacks.spec.ATTACKS)
   eps: float = 1 / 255
-  steps: int = 2
+  steps: int = 10
   step_size: float = 1 / 255
   text_changes: int = 1
   text_weight: float = 0.5    # λ_t
