@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
   p.add_argument("--surrogate",
                  help="generate the attacks on this model instead (transfer); same forms as --model")
-  p.add_argument("--surrogate-tokenizer")
+  p.add_argument("--surrogate-tokenizer", help="the surrogate's tokenizer source if not beside it")
   p.add_argument("--data", default="shapes", help="shapes, or the name of a corpus built with mat_jax.data")
   p.add_argument("--split", default="test")
   p.add_argument("--data-dir", help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
@@ -119,8 +119,12 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
   if args.steps < 1 or args.apgd_steps < 1:
     parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
+  if not args.eps:
+    parser.error("--eps is empty: give at least one budget in 1/255 units, e.g. --eps 2 or --eps 1,2,4")
   if any(not math.isfinite(e) or e < 0 for e in args.eps):
     parser.error(f"--eps budgets are in 1/255 units and must be >= 0 and finite, got {args.eps}")
+  if args.surrogate_tokenizer and not args.surrogate:
+    parser.error("--surrogate-tokenizer needs --surrogate (the model the attacks are made on)")
   if args.itm_k is not None and args.itm_k < 0:
     parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
   # Before the work: an --out that cannot be written would lose the results after the whole evaluation.
@@ -152,7 +156,8 @@ def _main(argv: Sequence[str] | None) -> int:
   results["data"] = {"name": args.data, "split": args.split}
   print(evaluate_lib.format_table(
       results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
-               f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"))
+               f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"
+               + (f"; attacks made on {args.surrogate}" if args.surrogate else "")))
   json_path = evaluate_lib.write_json(results, out / "results.json")
   print(f"\nwrote {json_path} and {evaluate_lib.plot_recall(results, out / 'recall_vs_eps.png')}")
   return 0

@@ -371,11 +371,15 @@ def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path)
   with checkpoint.Checkpointer(workdir, fingerprint, reader=True, added_keys=config_lib.ADDED_FINGERPRINT_KEYS) as ckpt:
     state0 = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, config.seed), params)
     # A damaged newest checkpoint is skipped (said on stderr), not moved: the run is not this reader's.
-    state, _ = ckpt.restore_newest_intact(checkpoint.abstract_like(state0, shardings), set_aside=False,
-                                          log=lambda line: print(line, file=sys.stderr))
+    state, step = ckpt.restore_newest_intact(checkpoint.abstract_like(state0, shardings), set_aside=False,
+                                             log=lambda line: print(line, file=sys.stderr))
   if state is None:
     raise checkpoint.NotARunError(f"{workdir} holds a run config but no readable checkpoint and no exported "
                                   "model; train it first (python -m mat_jax.train) or pass another run")
+  # A finished run exports its model: what is read here is an intermediate model, and results of it
+  # must not pass for the run's.
+  print(f"note: {workdir} has no exported model (unfinished, or stopped before its export): using its "
+        f"checkpoint at step {step} of {config.train.steps}", file=sys.stderr)
   return encoder.merge(state.params), tokenizer
 
 

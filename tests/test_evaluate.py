@@ -68,6 +68,12 @@ def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatc
       assert set(r["recall_drop"]) == set(ev.metrics.RECALL_KEYS)
   # eps = 0: the images are untouched, so every recall is the clean one.
   assert results["attacks"]["pgd"]["0"]["recall"] == results["clean"]
+  # A transfer evaluation says on which model the attacks were made, in the table and in the JSON.
+  assert evaluate_cli.main(["--model", str(model_dir), "--surrogate", str(model_dir), "--attacks", "pgd",
+                            "--eps", "2", "--steps", "2", "--batch-size", "4", "--out", str(out),
+                            "--no-progress"]) == 0
+  assert f"; attacks made on {model_dir}" in capsys.readouterr().out
+  assert json.loads((out / "results.json").read_text())["surrogate"] == str(model_dir)
   png = (out / "recall_vs_eps.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
@@ -127,7 +133,8 @@ def test_budgets_steps_and_limits_are_checked(model_dir, capsys):
   with pytest.raises(ValueError, match="must be >= 0"):
     ev.evaluate(victim, eval_set=eval_set, attacks=("pgd",), eps_255=(2.0, -1.0))
   for flags, message in [(["--limit", "0"], "at least 1 image"), (["--steps", "0"], "at least 1"),
-                         (["--eps", "-2"], "must be >= 0")]:
+                         (["--eps", "-2"], "must be >= 0"), (["--eps", ","], "--eps is empty"),
+                         (["--surrogate-tokenizer", str(model_dir)], "--surrogate-tokenizer needs --surrogate")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main(["--model", str(model_dir), *flags])
     assert message in capsys.readouterr().err

@@ -440,7 +440,7 @@ def _micro_experiment(root, monkeypatch, directory: str, name: str) -> None:
   monkeypatch.setattr(runs, "EXPERIMENTS_DIR", experiments)
 
 
-def test_an_unfinished_run_from_a_cached_model_is_read_back(root, monkeypatch, devices):
+def test_an_unfinished_run_from_a_cached_model_is_read_back(root, monkeypatch, devices, capsys):
   # Evaluating a run that is still training (no exported model) reads its newest checkpoint under the
   # fingerprint the training wrote, which names the cached starting run; the reader once left that out
   # and refused the checkpoint as another run's.
@@ -451,8 +451,11 @@ def test_an_unfinished_run_from_a_cached_model_is_read_back(root, monkeypatch, d
   workdir = root / "from_cached_start"
   loop.train(config, workdir, mesh_spec="1", log=lambda _: None, evaluate=False, progress=False)
   assert not runs.is_trained(workdir)
+  capsys.readouterr()
   model, _ = runs.restore_model(workdir)
   assert model.config.vision.image_size == 16
+  # The intermediate model is named as such: its numbers must not pass for the run's.
+  assert f"note: {workdir} has no exported model" in capsys.readouterr().err
 
 
 def test_a_missing_cached_run_trains_on_the_commands_mesh(root, monkeypatch, devices):
