@@ -52,6 +52,26 @@ def test_mlm_trains_and_proposes_meaning_changing_words(tiny_mlm):
   assert len(colours) >= 5, proposals[1]
 
 
+def test_data_mlm_command_reports_the_mlm(tiny_mlm, tmp_path, monkeypatch, capsys):
+  # `python -m mat_jax.data mlm` (the documented way to build and inspect the text threat), with the build
+  # replaced by the tiny MLM: the command's own flags and report.
+  from mat_jax.data import __main__ as data_cli
+  directory, _, _ = tiny_mlm
+  asked = {}
+
+  def build(settings, out, overwrite=False):
+    asked.update(steps=settings.steps, out=out, overwrite=overwrite)
+    return directory
+
+  monkeypatch.setattr(data_cli.mlm, "build", build)
+  assert data_cli.main(["mlm", "--dir", str(tmp_path / "out"), "--steps", "7", "--overwrite"]) == 0
+  assert asked == {"steps": 7, "out": str(tmp_path / "out"), "overwrite": True}
+  printed = capsys.readouterr().out
+  assert f"shapes-mlm at {directory}" in printed and "masked-word accuracy" in printed and "all" in printed
+  assert data_cli.main(["mlm", "--steps", "0"]) == 2
+  assert "--steps must be at least 1" in capsys.readouterr().err
+
+
 def test_saved_mlm_matches_transformers(tiny_mlm):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

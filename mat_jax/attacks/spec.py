@@ -169,8 +169,8 @@ ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in (
     # TeCoA: PGD on the contrastive loss against the clean captions.
     AttackSpec("tecoa", "image", "contrastive", eps=1 / 255, steps=2, step_size=1 / 255),
     # MMCoA: BERT-Attack with Co-Attack's KL scoring (the reference's `BertAttack`) and contrastive PGD
-    # against the clean captions, independently.
-    AttackSpec("mmcoa", "separate", "contrastive", "kl", eps=1 / 255, steps=2, step_size=1 / 255),
+    # against the clean captions, independently; 10 steps as MMCoA.py's config.
+    AttackSpec("mmcoa", "separate", "contrastive", "kl", eps=1 / 255, steps=10, step_size=1 / 255),
     # FARE: PGD on ||f(x') - f_ref(x)||^2 (f_ref: the frozen original model, or the attacked one).
     AttackSpec("fare", "image", "feature", eps=2 / 255, steps=10, step_size=1 / 255),
     # MAVA: PGD on CMS + VSSE over N = 3 noisy neighbours of the adversarial image.

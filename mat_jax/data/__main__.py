@@ -9,8 +9,9 @@
                                           accuracy and the share of its proposals that change meaning
   ambiguity       [--split test]          how well captions identify their image in a built split
 
-Every command takes --data-dir (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets). A dataset that
-is already built is reused; --overwrite rebuilds it.
+Every command but mlm (which writes under $MAT_JAX_CACHE_DIR) takes --data-dir (default
+$MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets). A dataset that is already built is reused; --overwrite
+rebuilds it.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def _main(argv: list[str] | None) -> int:
 
   runtime.enable_compilation_cache()
 
-  for flag, value in (("--data-dir", args.data_dir), ("--dir", getattr(args, "dir", None))):
+  for flag, value in (("--data-dir", getattr(args, "data_dir", None)), ("--dir", getattr(args, "dir", None))):
     if value:  # before any work: a build that cannot be written fails at once, not at its end
       errors.check_writable_dir(value, flag)
   if args.command == "tokenizer":
