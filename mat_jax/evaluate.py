@@ -611,9 +611,10 @@ def load_dataset(name: str, tokenizer: Tokenizer, image_size: int, *, split: str
 
 
 def comma_floats(text: str) -> list[float]:
-  """An argparse type: "1,2,4" -> [1.0, 2.0, 4.0]."""
+  """An argparse type: "1,2,4" -> [1.0, 2.0, 4.0]; a repeated value counts once (it would be attacked twice
+  for one result)."""
   try:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return list(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
@@ -621,7 +622,7 @@ def comma_floats(text: str) -> list[float]:
 def comma_names(choices: Sequence[str], what: str = "attacks") -> Callable[[str], list[str]]:
   """An argparse type: a comma list of names, each one of `choices`."""
   def parse(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))  # a repeat counts once
     unknown = [n for n in names if n not in choices]
     if unknown:
       raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {','.join(choices)}")

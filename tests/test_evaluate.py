@@ -87,6 +87,9 @@ def test_errors_name_the_problem(model_dir):
     ev.evaluate(victim, eval_set=eval_set, attacks=("sga",))
   with pytest.raises(SystemExit):
     evaluate_cli.build_parser().parse_args(["--model", "x", "--attacks", "pgd,nope"])
+  # A repeated budget or attack is run once (it would be attacked twice for one result).
+  args = evaluate_cli.build_parser().parse_args(["--model", "x", "--attacks", "co,pgd,co", "--eps", "2,1,2.0"])
+  assert (args.attacks, args.eps) == (["co", "pgd"], [2.0, 1.0])
 
 
 class _ShiftedTokenizer:
