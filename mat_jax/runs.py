@@ -376,10 +376,10 @@ def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path)
   if state is None:
     raise checkpoint.NotARunError(f"{workdir} holds a run config but no readable checkpoint and no exported "
                                   "model; train it first (python -m mat_jax.train) or pass another run")
-  # A finished run exports its model: what is read here is an intermediate model, and results of it
-  # must not pass for the run's.
-  print(f"note: {workdir} has no exported model (unfinished, or stopped before its export): using its "
-        f"checkpoint at step {step} of {config.train.steps}", file=sys.stderr)
+  # A finished run exports its model (unless train.export is off): what is read here may be an
+  # intermediate model, whose results must not pass for the run's.
+  print(f"note: {workdir} has no exported model (unfinished, stopped before its export, or trained with "
+        f"train.export=false): using its checkpoint at step {step} of {config.train.steps}", file=sys.stderr)
   return encoder.merge(state.params), tokenizer
 
 

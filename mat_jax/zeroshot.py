@@ -4,10 +4,10 @@
     python -m mat_jax.evaluate --task zeroshot --model ./clip-vit-b-16 --data ./imagenet_val --limit 1000
 
 A class is the average of its prompts' L2-normalised text embeddings, normalised again (CLIP's prompt
-ensembling; TeCoA and FARE evaluate this way). An image's logits are logit_scale x the cosines to the
-classes; its prediction is the top class. The attacks maximise a classification loss on these logits
-inside the eps-ball (L-inf by default, eps in 1/255 units), with the step rules of
-`mat_jax.attacks.image`:
+ensembling; TeCoA and FARE evaluate this way). An image's logits are the model's temperature (its
+clamped exp(logit_scale)) x the cosines to the classes; its prediction is the top class. The attacks
+maximise a classification loss on these logits inside the eps-ball (L-inf by default, eps in 1/255
+units), with the step rules of `mat_jax.attacks.image`:
 
 - `apgd-ce`: APGD on the cross-entropy (AutoAttack's first attack);
 - `apgd-t`: APGD-T, one APGD run on the targeted DLR loss per target class, the targets being each
@@ -24,7 +24,7 @@ per-image correctness; eps and the step size are traced, so each attack compiles
 Data (`--data`): `shapes-colour-shape` and `shapes-count` (`mat_jax.data.classification`, rendered at the
 model's resolution) or a path to an ImageFolder directory (`mat_jax.data.imagefolder`, built once into
 the data directory). The model is any `DualEncoder`-style encoder: `image_embeddings`, `text_embeddings`
-and `logit_scale` of explicit parameters.
+and `temperature` of explicit parameters.
 """
 
 from __future__ import annotations
@@ -420,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
   if min(args.apgd_steps, args.steps, args.n_targets, args.restarts, args.num_images, args.batch_size) < 1:
     parser.error("--apgd-steps, --steps, --n-targets, --restarts, --num-images and --batch-size must be >= 1")
+  if not args.eps:
+    parser.error("--eps is empty: give at least one budget in 1/255 units, e.g. --eps 2 or --eps 1,2,4")
   if not all(math.isfinite(e) and e >= 0 for e in args.eps):  # checked now: a NaN or inf budget would be
     # reported as 0% accuracy, or fail writing results.json after the whole evaluation
     parser.error(f"--eps budgets are in 1/255 units and must be finite and >= 0, got {args.eps}")

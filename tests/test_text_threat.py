@@ -68,6 +68,9 @@ def test_data_mlm_command_reports_the_mlm(tiny_mlm, tmp_path, monkeypatch, capsy
   assert asked == {"steps": 7, "out": str(tmp_path / "out"), "overwrite": True}
   printed = capsys.readouterr().out
   assert f"shapes-mlm at {directory}" in printed and "masked-word accuracy" in printed and "all" in printed
+  # The report describes the MLM the directory holds (built with TINY's steps), not the steps asked for.
+  assert f"trained {TINY.steps} steps x {TINY.batch_size}" in printed and "trained 7 steps" not in printed
+  assert f"already built with {TINY.steps} steps, reused" in printed
   assert data_cli.main(["mlm", "--steps", "0"]) == 2
   assert "--steps must be at least 1" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ falls, the run's outputs (metrics, checkpoints, exported model), and the NaN sto
 """
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,29 @@ def test_a_step_with_an_unusable_gradient_changes_no_parameter(case, kind, skip,
   assert int(after.step) == 2 and int(after.bad_step) == 1
   assert not np.any(_update(after.params, params))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after.opt_state), opt_state)
+
+
+def test_a_temperature_past_its_bound_still_trains_and_is_projected_back(case):
+  # OpenAI's CLIP stores logit_scale 4.6052, just above log(100): the losses read 100, but the gradient
+  # must reach the parameter (CLIP's and BLIP's trainers clamp the parameter, not its gradient), and the
+  # update is projected back into the range. A plain clip's zero gradient froze it for good.
+  run, batch = case
+  bound = math.log(100.0)
+  temperature_grad = jax.grad(lambda s: run.encoder.temperature({"logit_scale": s}))
+  assert float(temperature_grad(jnp.asarray(5.0))) == pytest.approx(100.0, rel=1e-5)
+  assert float(temperature_grad(jnp.asarray(2.0))) == pytest.approx(math.exp(2.0), rel=1e-5)
+  params = jax.tree.map(lambda x: x, run.params)
+  params["logit_scale"] = params["logit_scale"].replace(jnp.asarray(5.0, jnp.float32))
+  mesh = mesh_lib.make_mesh("1")
+  shardings = step_lib.state_shardings(params, run.tx, run.is_trainable, mesh)
+  state = step_lib.create_state(params, run.tx, run.is_trainable, 0, shardings)
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable), shardings, mesh)
+  state, metrics = fn(state, mesh_lib.global_batch(batch, mesh), None)
+  assert float(metrics["temperature"]) == pytest.approx(100.0, rel=1e-5)
+  after = float(state.params["logit_scale"][...])
+  assert after <= bound + 1e-6
+  state, _ = fn(state, mesh_lib.global_batch(batch, mesh), None)
+  assert float(state.params["logit_scale"][...]) <= bound + 1e-6
 
 
 def test_vision_tower_only_leaves_the_text_tower(case, devices):

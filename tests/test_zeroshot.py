@@ -341,7 +341,8 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
     assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
   for flags, message in [(["--data", "shapes-count", "--template", "{}"], "--template applies"),
                          (["--attacks", "apgd-ce,fgsm"], "unknown zero-shot attacks"),
-                         (["--limit", "0"], "at least 1"), (["--eps", "nan"], "finite"), (["--eps", "inf"], "finite")]:
+                         (["--limit", "0"], "at least 1"), (["--eps", "nan"], "finite"), (["--eps", "inf"], "finite"),
+                         (["--eps", ","], "--eps is empty")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main([*common, *flags])
     assert message in capsys.readouterr().err

@@ -108,7 +108,6 @@ def _shapes_config(args) -> dict:
 def _mlm(args) -> int:
   import dataclasses
 
-
   settings = mlm.MLMSettings()
   if args.steps is not None:
     if args.steps < 1:
@@ -117,14 +116,17 @@ def _mlm(args) -> int:
     settings = dataclasses.replace(settings, steps=args.steps)
   directory = mlm.build(settings, args.dir, overwrite=args.overwrite)
   info = mlm.load_info(directory)
-  acc, train = info["masked_accuracy"], info["train"]
+  # What the directory holds: a built MLM is reused (not retrained) unless --overwrite.
+  acc, train, built = info["masked_accuracy"], info["train"], info["settings"]
   print(f"{mlm.MLM_NAME} at {directory}")
-  print(f"  trained {settings.steps} steps x {settings.batch_size} on {train['train_captions']} train captions "
+  if built["steps"] != settings.steps:
+    print(f"  (already built with {built['steps']} steps, reused: pass --overwrite to train {settings.steps})")
+  print(f"  trained {built['steps']} steps x {built['batch_size']} on {train['train_captions']} train captions "
         f"in {train['seconds']:.1f} s wall, {train.get('cpu_seconds', float('nan')):.1f} s CPU "
         f"(final loss {train['final_loss']:.3f})")
   print(f"  masked-word accuracy over {int(acc['words'])} test words: exact {100 * acc['word']:.1f}%, "
         f"right category {100 * acc['category']:.1f}%")
-  print(f"  top-{settings.top_k} proposals (BertMLMSource, stop words filtered) on {settings.eval_images} test "
+  print(f"  top-{built['top_k']} proposals (BertMLMSource, stop words filtered) on {built['eval_images']} test "
         "images whose caption no longer describes the image:")
   report = {c: {k: (float("nan") if v is None else v) for k, v in r.items()}
             for c, r in info["meaning_change"].items()}

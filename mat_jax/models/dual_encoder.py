@@ -63,9 +63,26 @@ class DualEncoder:
 
   def temperature(self, params: nnx.State) -> jax.Array:
     """The multiplier of the cosine logits that losses use: exp(logit_scale) clamped to the range the
-    model trains in (CLIP: at most 100; BLIP: 2 to 1000)."""
-    low, high = self.config.logit_scale_range
-    return jnp.exp(jnp.clip(self.logit_scale(params), low, high))
+    model trains in (CLIP: at most 100; BLIP: 2 to 1000).
+
+    The gradient passes the clamp straight through, as in CLIP's and BLIP's trainers, which clamp the
+    parameter itself and use it unclamped: a temperature at its bound can still move back inside (the
+    train step projects it back after each update, `clamp_logit_scale`). OpenAI's CLIP stores 4.6052,
+    just above log(100), where a plain clip's zero gradient would freeze it for the whole fine-tuning.
+    """
+    log_scale = self.logit_scale(params)
+    clamped = log_scale + jax.lax.stop_gradient(jnp.clip(log_scale, *self.config.logit_scale_range) - log_scale)
+    return jnp.exp(clamped)
+
+  def clamp_logit_scale(self, params: nnx.State) -> nnx.State:
+    """`params` with `logit_scale` (when present: it may be frozen or outside a split) clipped into the
+    model's range: the projection after each optimizer update."""
+    if "logit_scale" not in params:
+      return params
+    clamped = jax.tree.map(lambda x: x, params)
+    variable = params["logit_scale"]
+    clamped["logit_scale"] = variable.replace(jnp.clip(variable[...], *self.config.logit_scale_range))
+    return clamped
 
 
 def split(model: CLIP) -> tuple[DualEncoder, nnx.State]:

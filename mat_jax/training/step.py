@@ -122,7 +122,8 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
 
     def update(trainable, opt_state):
       updates, opt_state = tx.update(grads, opt_state, trainable)
-      return optax.apply_updates(trainable, updates), opt_state
+      # The learned temperature stays in its model's range, as CLIP's and BLIP's trainers keep it.
+      return encoder.clamp_logit_scale(optax.apply_updates(trainable, updates)), opt_state
 
     # A non-finite step changes nothing but the counters: the parameters stay the last good ones.
     if _skip_with_conditional():
