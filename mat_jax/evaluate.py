@@ -610,13 +610,19 @@ def load_dataset(name: str, tokenizer: Tokenizer, image_size: int, *, split: str
   return pipeline.load_eval_set(corpora.data_source(builder, split), tokenizer, max_images=limit)
 
 
-def comma_floats(text: str) -> list[float]:
-  """An argparse type: "1,2,4" -> [1.0, 2.0, 4.0]; a repeated value counts once (it would be attacked twice
-  for one result)."""
+def eps_budgets(text: str) -> list[float]:
+  """The argparse type of --eps: "1,2,4" -> [1.0, 2.0, 4.0], budgets in 1/255 units, checked before any work
+  (a NaN or infinite budget would be reported as 0% accuracy, or fail writing the results after the whole
+  evaluation). A repeated value counts once (it would be attacked twice for one result)."""
   try:
-    return list(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
+    budgets = list(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+  if not budgets:
+    raise argparse.ArgumentTypeError("no budget given: write at least one in 1/255 units, e.g. 2 or 1,2,4")
+  if not all(math.isfinite(e) and e >= 0 for e in budgets):
+    raise argparse.ArgumentTypeError(f"budgets are in 1/255 units and must be finite and >= 0, got {budgets}")
+  return budgets
 
 
 def comma_names(choices: Sequence[str], what: str = "attacks") -> Callable[[str], list[str]]:

@@ -10,7 +10,6 @@ A "shapes" or "cache:NAME" model is trained into the cache first if it is not th
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Sequence
 
@@ -59,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
   p.add_argument("--attacks", type=evaluate_lib.comma_names(ATTACKS), default=list(evaluate_lib.DEFAULT_ATTACKS),
                  help=f"comma list of {','.join(ATTACKS)} (default {','.join(evaluate_lib.DEFAULT_ATTACKS)})")
-  p.add_argument("--eps", type=evaluate_lib.comma_floats, default=[2.0],
+  p.add_argument("--eps", type=evaluate_lib.eps_budgets, default=[2.0],
                  help="budgets in 1/255 units, e.g. 1,2,4 (with --norm l2: the L2 radius, 127.5 = 0.5)")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--apgd-steps", type=int, default=100)
@@ -119,10 +118,6 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
   if args.steps < 1 or args.apgd_steps < 1:
     parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
-  if not args.eps:
-    parser.error("--eps is empty: give at least one budget in 1/255 units, e.g. --eps 2 or --eps 1,2,4")
-  if any(not math.isfinite(e) or e < 0 for e in args.eps):
-    parser.error(f"--eps budgets are in 1/255 units and must be >= 0 and finite, got {args.eps}")
   if args.surrogate_tokenizer and not args.surrogate:
     parser.error("--surrogate-tokenizer needs --surrogate (the model the attacks are made on)")
   if args.itm_k is not None and args.itm_k < 0:

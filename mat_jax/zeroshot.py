@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--limit", type=int, help="evaluate N images only, taken from the classes in turn")
   p.add_argument("--attacks", type=ev.comma_names(ATTACKS, "zero-shot attacks"),
                  help=f"{','.join(ATTACKS)} (default: all that apply)")
-  p.add_argument("--eps", type=ev.comma_floats, default=[1.0, 2.0, 4.0], help="budgets in 1/255 units, e.g. 1,2,4")
+  p.add_argument("--eps", type=ev.eps_budgets, default=[1.0, 2.0, 4.0], help="budgets in 1/255 units, e.g. 1,2,4")
   p.add_argument("--apgd-steps", type=int, default=100)
   p.add_argument("--n-targets", type=int, default=9, help="APGD-T target classes (at most classes - 1)")
   p.add_argument("--restarts", type=int, default=1, help="APGD-CE restarts")
@@ -420,11 +420,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
   if min(args.apgd_steps, args.steps, args.n_targets, args.restarts, args.num_images, args.batch_size) < 1:
     parser.error("--apgd-steps, --steps, --n-targets, --restarts, --num-images and --batch-size must be >= 1")
-  if not args.eps:
-    parser.error("--eps is empty: give at least one budget in 1/255 units, e.g. --eps 2 or --eps 1,2,4")
-  if not all(math.isfinite(e) and e >= 0 for e in args.eps):  # checked now: a NaN or inf budget would be
-    # reported as 0% accuracy, or fail writing results.json after the whole evaluation
-    parser.error(f"--eps budgets are in 1/255 units and must be finite and >= 0, got {args.eps}")
   if args.templates and args.data in DATASETS:
     parser.error("--template applies to ImageFolder data; the shapes-world sets bring their own prompts")
   errors.check_writable_dir(args.out, "--out")  # before the work, not after it

@@ -136,7 +136,8 @@ def test_budgets_steps_and_limits_are_checked(model_dir, capsys):
   with pytest.raises(ValueError, match="must be >= 0"):
     ev.evaluate(victim, eval_set=eval_set, attacks=("pgd",), eps_255=(2.0, -1.0))
   for flags, message in [(["--limit", "0"], "at least 1 image"), (["--steps", "0"], "at least 1"),
-                         (["--eps", "-2"], "must be >= 0"), (["--eps", ","], "--eps is empty"),
+                         (["--eps", "-2"], "argument --eps: budgets are in 1/255 units and must be finite and >= 0"),
+                         (["--eps", ","], "argument --eps: no budget given"), (["--eps", "nan"], "finite"),
                          (["--surrogate-tokenizer", str(model_dir)], "--surrogate-tokenizer needs --surrogate")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main(["--model", str(model_dir), *flags])

@@ -342,7 +342,7 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
   for flags, message in [(["--data", "shapes-count", "--template", "{}"], "--template applies"),
                          (["--attacks", "apgd-ce,fgsm"], "unknown zero-shot attacks"),
                          (["--limit", "0"], "at least 1"), (["--eps", "nan"], "finite"), (["--eps", "inf"], "finite"),
-                         (["--eps", ","], "--eps is empty")]:
+                         (["--eps", ","], "argument --eps: no budget given")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main([*common, *flags])
     assert message in capsys.readouterr().err
