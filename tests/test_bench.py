@@ -90,7 +90,7 @@ def test_batched_torch_mat_step_makes_the_per_caption_loops_captions():
       eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
   torch.manual_seed(0)
   hf = transformers.CLIPModel(transformers.CLIPConfig(**clip_config_to_hf(cfg)))
-  batch, meta = bench_train._batch(cfg.vision.image_size, 4, tokenizer, max_targets=6, top_k=10)
+  batch, meta = bench_train.mat_batch(cfg.vision.image_size, 4, tokenizer, max_targets=6, top_k=10)
   settings = dict(eps=2 / 255, step_size=1 / 255, steps=2, lr=1e-5)
   loop = bench_train.TorchMAT(hf, batch, meta, **settings)
   batched = bench_train.BatchedTorchMAT(hf, batch, meta, variant=torch_reference.Variant("eager", "bf16"),
@@ -105,3 +105,17 @@ def test_batched_torch_mat_step_makes_the_per_caption_loops_captions():
   before = hf.visual_projection.weight.detach().clone()
   assert np.isfinite(float(batched.step()))
   assert not torch.equal(before, hf.visual_projection.weight)
+
+
+def test_the_candidate_rate_is_measured_on_captions_the_transform_has_not_seen():
+  from mat_jax.bench.data import candidates_images_per_second
+  batches = []
+
+  def transform(batch):
+    batches.append(batch["captions"].tolist())
+    return batch
+
+  rate = candidates_images_per_second(transform, 8, min_seconds=0.0, min_batches=3)
+  assert rate > 0 and len(batches) == 4 and all(len(b) == 8 for b in batches)  # a warm-up and 3 timed
+  captions = [c for b in batches for c in b]
+  assert len(set(captions)) == len(captions)  # every batch misses the transform's caption cache

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import weakref
 import zlib
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
@@ -312,8 +313,11 @@ class BertMLMSource(_CachedSource):
     keep = ~not_words
     if self.min_logit is not None:
       keep &= np.cumprod(~(values < self.min_logit), axis=-1, dtype=bool)  # stop at the first one below
-    return [[t for t, k in zip(word_tokens, word_keep, strict=True) if k]
-            for word_tokens, word_keep in zip(tokens.tolist(), keep.tolist(), strict=True)]
+    # The kept tokens of all words in one selection (row-major, so each word's stay in order), then cut
+    # into words: one list slice per word rather than a Python test per token.
+    kept = tokens[keep].tolist()
+    ends = np.cumsum(keep.sum(axis=1)).tolist()
+    return [kept[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
   def _vocabulary_lookup(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(token string, not a word) of each id in `indices`: special tokens are not words, nor are ids
@@ -457,11 +461,7 @@ def mask_word_pieces(tokenizer: Tokenizer) -> tuple[int, ...]:
 def filter_substitutes(word: str, substitutes: Iterable[str], stop_words: frozenset[str]) -> list[str]:
   """The references' filter: no sub-word ('##') pieces, no stop words, not the word itself; plus no empty
   strings and no repeats (a repeat scores the same, and the attack keeps the first best anyway)."""
-  kept: list[str] = []
-  for s in substitutes:
-    if s and s != word and "##" not in s and s not in stop_words and s not in kept:
-      kept.append(s)
-  return kept
+  return [s for s in dict.fromkeys(substitutes) if s and s != word and "##" not in s and s not in stop_words]
 
 
 def prepare_candidates(
@@ -519,13 +519,18 @@ def prepare_candidates(
   word_pieces = [[memo[w] for w in words] for words in kept_words]
   mask = mask_word_pieces(tokenizer)
 
-  # Tokenised substitutes; locate attackable words.
+  # Tokenised substitutes; locate attackable words. longest_alternative[n][w]: the most pieces any of a
+  # target word's substitutes has (what the word can grow to).
   per_word: list[list[list[str]]] = []
   per_word_pieces: list[list[list[tuple[int, ...]]]] = []
   targets: list[list[int]] = []
+  longest_alternative: list[list[int]] = []
+  longest_sub = 1
+  most_pieces = math.inf if max_pieces is None else max_pieces
+  most_kept = math.inf if top_k is None else top_k
   for n, words in enumerate(kept_words):
     offset = 0
-    caption_subs, caption_pieces, caption_targets = [], [], []
+    caption_subs, caption_pieces, caption_targets, caption_longest = [], [], [], []
     for w, word in enumerate(words):
       own = word_pieces[n][w]
       kept, kept_pieces = [], []
@@ -533,26 +538,30 @@ def prepare_candidates(
         pieces = memo[sub]
         # Same pieces as the word (a case variant, an unknown word that maps to the same [UNK]...) or as an
         # earlier candidate: the same text, so the same score; keep the first.
-        if pieces and pieces != own and pieces not in kept_pieces and (max_pieces is None or len(pieces) <= max_pieces):
+        if pieces and len(pieces) <= most_pieces and pieces != own and pieces not in kept_pieces:
           kept.append(sub)
           kept_pieces.append(pieces)
-      if top_k is not None:
-        kept, kept_pieces = kept[:top_k], kept_pieces[:top_k]
+          if len(kept) == most_kept:
+            break
       in_context = offset < capacity and len(own) > 0
       fits = max_pieces is None or len(own) <= max_pieces
+      longest = 0
       if kept and in_context and fits and word not in stop_words:
         caption_targets.append(w)
+        longest = max(map(len, kept_pieces))
+        longest_sub = max(longest_sub, longest)
       else:
         kept, kept_pieces = [], []
       offset += len(own)
       caption_subs.append(kept)
       caption_pieces.append(kept_pieces)
+      caption_longest.append(longest)
     per_word.append(caption_subs)
     per_word_pieces.append(caption_pieces)
     targets.append(caption_targets)
+    longest_alternative.append(caption_longest)
 
   longest_word = max((len(p) for caption in word_pieces for p in caption), default=1)
-  longest_sub = max((len(p) for caption in per_word_pieces for word in caption for p in word), default=1)
   if max_pieces is None:
     max_pieces = max(longest_word, longest_sub, len(mask), 1)
   elif len(mask) > max_pieces:
@@ -562,11 +571,10 @@ def prepare_candidates(
     top_k = max((len(word) for caption in per_word for word in caption), default=1) or 1
   if max_targets is None:
     max_targets = max(max(len(t) for t in targets), 1)
-  targets = [t[:max_targets] for t in targets]
   for n, caption_targets in enumerate(targets):  # dropped targets keep no candidates
-    for w in range(len(per_word[n])):
-      if w not in caption_targets:
-        per_word[n][w], per_word_pieces[n][w] = [], []
+    for w in caption_targets[max_targets:]:
+      per_word[n][w], per_word_pieces[n][w] = [], []
+  targets = [t[:max_targets] for t in targets]
 
   # Word slots of at most max_pieces pieces: a longer word (never a target) fills consecutive slots, which
   # concatenate to its pieces, so every text the attack builds is unchanged. Slot s starts at content
@@ -576,9 +584,13 @@ def prepare_candidates(
     pieces_n, words_n, first = [], [], []
     for w, pieces in enumerate(word_pieces[n]):
       first.append(len(pieces_n))
-      chunks = [pieces[i:i + max_pieces] for i in range(0, len(pieces), max_pieces)] or [pieces]
-      pieces_n.extend(chunks)
-      words_n.extend([words[w]] + [""] * (len(chunks) - 1))
+      if len(pieces) <= max_pieces:
+        pieces_n.append(pieces)
+        words_n.append(words[w])
+      else:
+        chunks = [pieces[i:i + max_pieces] for i in range(0, len(pieces), max_pieces)]
+        pieces_n.extend(chunks)
+        words_n.extend([words[w]] + [""] * (len(chunks) - 1))
     slot_pieces.append(pieces_n[:capacity])
     slot_words.append(words_n + list(all_words[n][len(words):]))  # the host text keeps every word
     slot_of_word.append(first)
@@ -593,30 +605,27 @@ def prepare_candidates(
 
   N, W, P, K, A = len(captions), max_words, max_pieces, top_k, max_targets
   pad = tokenizer.pad_id
-  wp = np.full((N, W, P), pad, np.int32)
-  wl = np.zeros((N, W), np.int32)
-  tw = np.zeros((N, A), np.int32)
-  tv = np.zeros((N, A), bool)
-  sp = np.full((N, A, K, P), pad, np.int32)
-  sl = np.zeros((N, A, K), np.int32)
+  # Content of any text the attack builds <= every word replaced by its longest alternative (a target's
+  # longest substitute, or the mask word that measures its importance).
   longest_text = 0
   for n in range(N):
-    grown = 0
-    for s, pieces in enumerate(slot_pieces[n]):
-      wp[n, s, :len(pieces)] = pieces
-      wl[n, s] = len(pieces)
-    for w, pieces in enumerate(word_pieces[n]):
-      alternatives = [len(p) for p in per_word_pieces[n][w]] + ([len(mask)] if w in targets[n] else [])
-      grown += max([len(pieces), *alternatives])
+    grown = sum(map(len, word_pieces[n]))
+    for w in targets[n]:
+      grown += max(0, longest_alternative[n][w] - len(word_pieces[n][w]), len(mask) - len(word_pieces[n][w]))
     longest_text = max(longest_text, grown)
-    for a, w in enumerate(targets[n]):
-      tw[n, a], tv[n, a] = slot_of_word[n][w], True
-      for k, pieces in enumerate(per_word_pieces[n][w]):
-        sp[n, a, k, :len(pieces)] = pieces
-        sl[n, a, k] = len(pieces)
+  # The arrays, each filled by one scatter: slot s of caption n, and substitute k of target a of caption n.
+  caption_of_slot, slot = _ragged([len(p) for p in slot_pieces])
+  wp, wl = _scatter_pieces([p for caption in slot_pieces for p in caption], (caption_of_slot, slot), (N, W), P, pad)
+  caption_of_target, target = _ragged([len(t) for t in targets])
+  tw = np.zeros((N, A), np.int32)
+  tv = np.zeros((N, A), bool)
+  tw[caption_of_target, target] = [slot_of_word[n][w] for n in range(N) for w in targets[n]]
+  tv[caption_of_target, target] = True
+  target_of_sub, sub = _ragged([len(per_word_pieces[n][w]) for n in range(N) for w in targets[n]])
+  sp, sl = _scatter_pieces([p for n in range(N) for w in targets[n] for p in per_word_pieces[n][w]],
+                           (caption_of_target[target_of_sub], target[target_of_sub], sub), (N, A, K), P, pad)
   mp = np.full((P,), pad, np.int32)
   mp[:len(mask)] = mask
-  # Content of any text the attack builds <= every word replaced by its longest alternative.
   needed = min(longest_text, capacity) + length - capacity
   if text_length is None:
     text_length = min(length, _round_up(needed, 8))
@@ -631,6 +640,26 @@ def prepare_candidates(
       text_length=int(text_length), captions=tuple(captions), words=tuple(tuple(w) for w in slot_words),
       substitutes=tuple(_per_slot(per_word[n], slot_of_word[n], len(slot_words[n]))
                         for n in range(N)))
+
+
+def _ragged(counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Groups of counts[i] items laid end to end: each item's group, and its position within the group."""
+  counts = np.asarray(counts, np.intp)
+  group = np.repeat(np.arange(counts.size), counts)
+  return group, np.arange(group.size) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _scatter_pieces(pieces: Sequence[tuple[int, ...]], index: tuple[np.ndarray, ...], shape: tuple[int, ...],
+                    width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """Arrays (*shape, width) of token pieces (left-aligned, `pad` after) and (*shape) of their counts, with
+  pieces[i] at (index[0][i], index[1][i], ...) and nothing elsewhere."""
+  out = np.full((*shape, width), pad, np.int32)
+  counts = np.zeros(shape, np.int32)
+  lengths = [len(p) for p in pieces]
+  counts[index] = lengths
+  item, column = _ragged(lengths)
+  out[(*(i[item] for i in index), column)] = np.fromiter(itertools.chain.from_iterable(pieces), np.int32, item.size)
+  return out, counts
 
 
 def _per_slot(per_word: list[list[str]], slot_of_word: list[int], n_slots: int) -> tuple[tuple[str, ...], ...]:

@@ -26,19 +26,15 @@ import time
 import jax
 import numpy as np
 
-from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
 from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
 from mat_jax.bench import common
-from mat_jax.bench.train import _batch
+from mat_jax.bench.train import mat_batch, mat_train_step
 from mat_jax.data import shapes
 from mat_jax.models import CLIP, split
 from mat_jax.models.clip import COMPUTE_DTYPES, PRESETS, resolve_dtype
-from mat_jax.objectives.mat import MAT
-from mat_jax.training import optim
-from mat_jax.training import step as step_lib
 
 PROGRAMS = ("mat_step", "pgd", "sga")
 # The line a worker process prints its measurements on, for the parent to find among other output.
@@ -179,17 +175,9 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
 def _mat_step(encoder, params, tokenizer, size: int, batch: int):
   """The MAT train step of `python -m mat_jax.train` on one batch, as a zero-argument call."""
 
-  host_batch, meta = _batch(size, batch, tokenizer, max_targets=8, top_k=10)
-  objective = MAT(eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1, candidate_meta=meta)
-  settings = config_lib.build({"optimizer": {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.1},
-                               "schedule": {"name": "constant"}})
-  schedule = optim.make_schedule(settings.schedule, 1e-5, 1000)
-  tx = optim.make_optimizer(settings.optimizer, schedule)
-  mesh = mesh_lib.make_mesh(1)
-  is_trainable = step_lib.trainable_filter("all")
-  shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
-  holder = {"state": step_lib.create_state(params, tx, is_trainable, 0, shardings)}
-  step = step_lib.jit_step(step_lib.make_step_fn(encoder, objective, tx, is_trainable, schedule), shardings, mesh)
+  host_batch, meta = mat_batch(size, batch, tokenizer, max_targets=8, top_k=10)
+  step, state, mesh = mat_train_step(encoder, params, meta)
+  holder = {"state": state}
   device_batch = mesh_lib.global_batch(host_batch, mesh)
 
   def call():

@@ -10,6 +10,8 @@ step (`loop.make_train_step`) is timed: median seconds per step after the compil
 finished; consumer images/s = global batch / seconds per step.
 
 Producers, with the default worker settings: that demo iterator (shapes world, text-attack candidates);
+the candidate transform alone on captions it has not seen (it runs in the main process, so with worker
+processes it bounds the pipeline of any run that attacks text in training);
 the shapes world with augmentations (and candidates); a JPEG corpus written to a temporary directory
 (smooth random colour fields; no attack candidates: a real corpus takes BERT's, which need the model).
 Datasets are built through the tfds array_record builders in a temporary directory, nothing is written
@@ -32,7 +34,7 @@ from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax import runs
 from mat_jax.bench import common
-from mat_jax.data import corpora, pipeline
+from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.training import loop, setup
 from mat_jax.training import step as step_lib
 
@@ -85,6 +87,34 @@ def epoch_images_per_second(iterator, batch_size: int, epoch_images: int) -> flo
   for _ in range(batches):
     next(iterator)
   return batches * batch_size / (time.perf_counter() - start)
+
+
+def candidates_images_per_second(transform, batch_size: int, *, seed: int = 0, min_seconds: float = 3.0,
+                                 min_batches: int = 10) -> float:
+  """Images/s (one caption each) the text-attack candidate transform alone delivers on captions it has not
+  seen (its cache misses, as in a first epoch): the part of the pipeline that stays in the main process
+  with worker processes. Captions are drawn fresh from the shapes world; their drawing is not timed."""
+  rng = np.random.default_rng(seed)
+  seen: set[str] = set()
+
+  def fresh_batch() -> dict[str, np.ndarray]:
+    captions: list[str] = []
+    while len(captions) < batch_size:
+      caption = shapes.describe(shapes.sample_scene(rng), rng)
+      if caption not in seen:
+        seen.add(caption)
+        captions.append(caption)
+    return {"captions": np.asarray(captions)}
+
+  transform(fresh_batch())  # warm-up: the MLM's first shapes compile here
+  elapsed, count = 0.0, 0
+  while count < min_batches or elapsed < min_seconds:
+    batch = fresh_batch()
+    start = time.perf_counter()
+    transform(batch)
+    elapsed += time.perf_counter() - start
+    count += 1
+  return count * batch_size / elapsed
 
 
 def demo_config(data_dir: Path, args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -177,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
              pipeline_images_per_second(demo_input, local_batch, min_seconds=args.min_seconds, close=False)]]
     if getattr(demo_input, "close", None) is not None:
       demo_input.close()
+    rows.append(["text-attack candidates alone, new captions (main process, also with workers)",
+                 candidates_images_per_second(loop.candidate_transform(config, mat_run.tokenizer, log=quiet),
+                                              local_batch, seed=config.seed, min_seconds=args.min_seconds)])
     if args.augmentations:
       # A fresh candidate transform: its caption cache starts empty, as in a new run.
       ds = pipeline.training_pipeline(corpora.data_source(world, "train"), mat_run.tokenizer, local_batch,

@@ -68,7 +68,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(default: eager on CPU, all on an accelerator)")
 
 
-def _batch(size: int, batch: int, tokenizer, max_targets: int, top_k: int):
+def mat_train_step(encoder, params, meta):
+  """The train step of `python -m mat_jax.train` with MAT's objective (1-word text attack, 2-step PGD at
+  2/255, AdamW) on a one-device mesh: (the jitted step, its initial state, the mesh)."""
+  objective = MAT(eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1, candidate_meta=meta)
+  settings = config_lib.build({"optimizer": {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.1},
+                               "schedule": {"name": "constant"}})
+  schedule = optim.make_schedule(settings.schedule, 1e-5, 1000)
+  tx = optim.make_optimizer(settings.optimizer, schedule)
+  mesh = mesh_lib.make_mesh(1)
+  is_trainable = step_lib.trainable_filter("all")
+  shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
+  state = step_lib.create_state(params, tx, is_trainable, 0, shardings)
+  step = step_lib.jit_step(step_lib.make_step_fn(encoder, objective, tx, is_trainable, schedule), shardings, mesh)
+  return step, state, mesh
+
+
+def mat_batch(size: int, batch: int, tokenizer, max_targets: int, top_k: int):
   """Shapes-world images (resized) and captions with paraphrase candidates (the synonym table), as the
   training pipeline gives."""
   from PIL import Image
@@ -305,19 +321,10 @@ def run(args: argparse.Namespace) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
     encoder, params = split(load_clip(tmp, dtype=dtype))
-  batch, meta = _batch(size, global_batch, tokenizer, args.max_targets, args.top_k)
+  batch, meta = mat_batch(size, global_batch, tokenizer, args.max_targets, args.top_k)
 
   # ---- mat_jax: the train step of `python -m mat_jax.train`
-  objective = MAT(eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1, candidate_meta=meta)
-  settings = config_lib.build({"optimizer": {"name": "adamw", "learning_rate": 1e-5, "weight_decay": 0.1},
-                               "schedule": {"name": "constant"}})
-  schedule = optim.make_schedule(settings.schedule, 1e-5, 1000)
-  tx = optim.make_optimizer(settings.optimizer, schedule)
-  mesh = mesh_lib.make_mesh(1)
-  is_trainable = step_lib.trainable_filter("all")
-  shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
-  state = step_lib.create_state(params, tx, is_trainable, 0, shardings)
-  step = step_lib.jit_step(step_lib.make_step_fn(encoder, objective, tx, is_trainable, schedule), shardings, mesh)
+  step, state, mesh = mat_train_step(encoder, params, meta)
   device_batch = mesh_lib.global_batch(batch, mesh)
 
   holder = {"state": state}
