@@ -511,8 +511,9 @@ def prepare_candidates(
                      f"{captions[worst]!r}; raise max_words (at most {capacity} words ever fit)")
 
   raw = source([list(words) for words in kept_words])
-  filtered = [[filter_substitutes(word, subs, stop_words) for word, subs in zip(words, raw[n], strict=True)]
-              for n, words in enumerate(kept_words)]
+  # A stop word is never attacked, so its substitutes are not even filtered.
+  filtered = [[[] if word in stop_words else filter_substitutes(word, subs, stop_words)
+               for word, subs in zip(words, raw[n], strict=True)] for n, words in enumerate(kept_words)]
   # Every word and substitute tokenised at once (the memo holds those seen in earlier batches).
   memo = _pieces_memo(tokenizer, itertools.chain((w for words in kept_words for w in words),
                                                  (s for caption in filtered for subs in caption for s in subs)))
@@ -528,30 +529,27 @@ def prepare_candidates(
   longest_sub = 1
   most_pieces = math.inf if max_pieces is None else max_pieces
   most_kept = math.inf if top_k is None else top_k
-  for n, words in enumerate(kept_words):
+  for n in range(len(kept_words)):
     offset = 0
     caption_subs, caption_pieces, caption_targets, caption_longest = [], [], [], []
-    for w, word in enumerate(words):
-      own = word_pieces[n][w]
+    for w, own in enumerate(word_pieces[n]):
       kept, kept_pieces = [], []
-      for sub in filtered[n][w]:
-        pieces = memo[sub]
-        # Same pieces as the word (a case variant, an unknown word that maps to the same [UNK]...) or as an
-        # earlier candidate: the same text, so the same score; keep the first.
-        if pieces and len(pieces) <= most_pieces and pieces != own and pieces not in kept_pieces:
-          kept.append(sub)
-          kept_pieces.append(pieces)
-          if len(kept) == most_kept:
-            break
-      in_context = offset < capacity and len(own) > 0
-      fits = max_pieces is None or len(own) <= max_pieces
-      longest = 0
-      if kept and in_context and fits and word not in stop_words:
+      # Attackable: not a stop word (those have no substitutes here), the first piece inside the
+      # context, the word within max_pieces, and at least one substitute.
+      if offset < capacity and 0 < len(own) <= most_pieces:
+        for sub in filtered[n][w]:
+          pieces = memo[sub]
+          # Same pieces as the word (a case variant, an unknown word that maps to the same [UNK]...) or as
+          # an earlier candidate: the same text, so the same score; keep the first.
+          if pieces and len(pieces) <= most_pieces and pieces != own and pieces not in kept_pieces:
+            kept.append(sub)
+            kept_pieces.append(pieces)
+            if len(kept) == most_kept:
+              break
+      longest = max(map(len, kept_pieces), default=0)
+      if kept:
         caption_targets.append(w)
-        longest = max(map(len, kept_pieces))
         longest_sub = max(longest_sub, longest)
-      else:
-        kept, kept_pieces = [], []
       offset += len(own)
       caption_subs.append(kept)
       caption_pieces.append(kept_pieces)
