@@ -520,18 +520,16 @@ def prepare_candidates(
   word_pieces = [[memo[w] for w in words] for words in kept_words]
   mask = mask_word_pieces(tokenizer)
 
-  # Tokenised substitutes; locate attackable words. longest_alternative[n][w]: the most pieces any of a
-  # target word's substitutes has (what the word can grow to).
+  # Tokenised substitutes; locate attackable words.
   per_word: list[list[list[str]]] = []
   per_word_pieces: list[list[list[tuple[int, ...]]]] = []
   targets: list[list[int]] = []
-  longest_alternative: list[list[int]] = []
   longest_sub = 1
   most_pieces = math.inf if max_pieces is None else max_pieces
   most_kept = math.inf if top_k is None else top_k
   for n in range(len(kept_words)):
     offset = 0
-    caption_subs, caption_pieces, caption_targets, caption_longest = [], [], [], []
+    caption_subs, caption_pieces, caption_targets = [], [], []
     for w, own in enumerate(word_pieces[n]):
       kept, kept_pieces = [], []
       # Attackable: not a stop word (those have no substitutes here), the first piece inside the
@@ -546,18 +544,15 @@ def prepare_candidates(
             kept_pieces.append(pieces)
             if len(kept) == most_kept:
               break
-      longest = max(map(len, kept_pieces), default=0)
       if kept:
         caption_targets.append(w)
-        longest_sub = max(longest_sub, longest)
+        longest_sub = max(longest_sub, *map(len, kept_pieces))
       offset += len(own)
       caption_subs.append(kept)
       caption_pieces.append(kept_pieces)
-      caption_longest.append(longest)
     per_word.append(caption_subs)
     per_word_pieces.append(caption_pieces)
     targets.append(caption_targets)
-    longest_alternative.append(caption_longest)
 
   longest_word = max((len(p) for caption in word_pieces for p in caption), default=1)
   if max_pieces is None:
@@ -609,7 +604,7 @@ def prepare_candidates(
   for n in range(N):
     grown = sum(map(len, word_pieces[n]))
     for w in targets[n]:
-      grown += max(0, longest_alternative[n][w] - len(word_pieces[n][w]), len(mask) - len(word_pieces[n][w]))
+      grown += max(0, max(len(mask), *map(len, per_word_pieces[n][w])) - len(word_pieces[n][w]))
     longest_text = max(longest_text, grown)
   # The arrays, each filled by one scatter: slot s of caption n, and substitute k of target a of caption n.
   caption_of_slot, slot = _ragged([len(p) for p in slot_pieces])
