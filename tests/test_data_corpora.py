@@ -144,6 +144,20 @@ def test_karpathy_corpus_builds_with_splits_cleaning_and_centre_crop(corpus_file
     corpora.data_source(again, "dev")
 
 
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (640, 427), (600, 300), (333, 500), (224, 224)])
+def test_resize_and_crop_gives_clips_preprocessed_pixels(width, height):
+  # transformers' CLIP image processor (PIL backend, no rescaling or normalisation) is the reference:
+  # the same bicubic resize of the shorter side and centre crop, so the same pixels.
+  from transformers import CLIPImageProcessorPil
+
+  processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                    do_rescale=False, do_normalize=False)
+  pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  image = Image.fromarray(pixels)
+  want = processor(image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  np.testing.assert_array_equal(np.asarray(corpora.resize_and_crop(image, 224), np.float32), want)
+
+
 def test_albef_corpus_merges_captions_and_takes_split_from_name(corpus_files, data_dir):
   builder = corpora.build_corpus(
       "toyalbef", [corpus_files / "toy_test.json", f"train={corpus_files / 'toy_train.json'}"],

@@ -374,8 +374,10 @@ def resize_and_crop(image, size: int):
 
   image = image.convert("RGB")
   w, h = image.size
-  scale = size / min(w, h)
-  nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+  # The longer side truncated, computed in this order, as torchvision's Resize and transformers'
+  # CLIPImageProcessor do: rounding instead shifts the crop's sampling grid on most photo sizes.
+  longer = int(size * max(w, h) / min(w, h))
+  nw, nh = (longer, size) if w >= h else (size, longer)
   image = image.resize((nw, nh), Image.Resampling.BICUBIC)
   left, top = (nw - size) // 2, (nh - size) // 2
   return image.crop((left, top, left + size, top + size))
@@ -417,8 +419,9 @@ class CaptionCorpusConfig(tfds.core.BuilderConfig):
 class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
   """A local image–caption corpus (Flickr30k, COCO, RSICD, ...) from annotations and an image folder."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Resized as CLIP's processor: the longer side truncated, not rounded."}
   code_path = _no_code_path
 
   def __init__(self, *args, **kwargs):

@@ -112,8 +112,9 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Images of class-named folders, CLIP-preprocessed, with their labels and file names."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Resized as CLIP's processor: the longer side truncated, not rounded."}
   code_path = corpora._no_code_path
 
   def _info(self) -> tfds.core.DatasetInfo:
