@@ -39,9 +39,9 @@ from mat_jax.models.tokenizers import Tokenizer
 # -------------------------------------------------------------------------------------------------
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-  # float64: the KLs of nearly equal texts are ~1e-8, below float32's resolution of log-probabilities
-  # (the references' float32 KLDivLoss orders words by rounding noise there; mat_jax computes the KL
-  # without cancellation, see mat_jax.attacks.text.softmax_kl).
+  # float64: on random-weight towers the KLs of nearly equal texts are ~1e-8, below float32's resolution
+  # of log-probabilities (the references' float32 KLDivLoss orders words by rounding noise there; mat_jax
+  # computes the KL without cancellation, see mat_jax.attacks.text.softmax_kl).
   x = np.asarray(x, np.float64)
   e = np.exp(x - x.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
