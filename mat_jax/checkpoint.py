@@ -260,7 +260,8 @@ class Checkpointer:
   def _restore_iterator(self, step: int, data_iterator: Any) -> None:
     """The input pipeline's position, in place. A position that does not fit this run's pipeline (another
     number of worker processes or hosts) is an incompatibility to name, not damage: the checkpoint read
-    back intact, and moving it aside would throw away a run that resumes with the original layout."""
+    back intact, and moving it aside would throw away a run that resumes with the original layout. A
+    position saved by this very layout that Grain cannot read is damage (the older checkpoints are tried)."""
     import grain
 
     saved = self._meta(step).get("pipeline")
@@ -271,6 +272,9 @@ class Checkpointer:
     try:
       self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
     except Exception as err:  # noqa: BLE001  Grain reports a misfit as KeyError, FileNotFoundError, ...
+      if saved is not None and saved == self.pipeline:
+        reason = f"its input-pipeline position cannot be read ({_one_line(err)})"
+        raise DamagedCheckpointError(f"checkpoint {self.step_dir(step)}: {reason}", reason) from err
       raise self._other_pipeline(step, f"Grain could not read it into this pipeline: {_one_line(err)}") from err
 
   def _other_pipeline(self, step: int, detail: str) -> IncompatibleCheckpointError:
@@ -310,15 +314,24 @@ class Checkpointer:
     self.close()
 
 
-def _drop_closed_loop_errors(unraisable: Any) -> None:
+def _drop_late_read_errors(unraisable: Any) -> None:
   if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    return
+  # The array reads abandoned with the failed restore each raise their own copy of its error when their
+  # coroutine is collected.
+  if getattr(getattr(unraisable.object, "cr_code", None), "co_name", None) in _ABANDONED_READS:
     return
   _previous_unraisablehook(unraisable)
 
 
-class _NoUnretrievedTaskErrors(logging.Filter):
+# Orbax's per-array read coroutines (orbax.checkpoint serialization).
+_ABANDONED_READS = frozenset({"_read_array_index_and_device_put"})
+
+
+class _NoUnretrievedExceptions(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
-    return "Task exception was never retrieved" not in record.getMessage()
+    # asyncio's words for a task's or a gathering future's: "... exception was never retrieved".
+    return "exception was never retrieved" not in record.getMessage()
 
 
 _previous_unraisablehook = sys.unraisablehook
@@ -350,14 +363,15 @@ def _shape_difference(stored: list[tuple[int, ...]], wanted: list[tuple[int, ...
 def _quiet_late_read_errors() -> None:
   """When Orbax fails to read a damaged checkpoint, TensorStore's remaining reads complete on an event
   loop Orbax has already closed, and each prints a traceback ("Event loop is closed", "Task exception
-  was never retrieved"): dozens of them around the one error that matters, which the restore reports
-  itself. Drop exactly those two (installed once)."""
+  was never retrieved", or the read error again from an abandoned read coroutine): dozens to thousands
+  of lines around the one error that matters, which the restore reports itself. Drop exactly those
+  (installed once)."""
   global _previous_unraisablehook
-  if sys.unraisablehook is _drop_closed_loop_errors:
+  if sys.unraisablehook is _drop_late_read_errors:
     return
   _previous_unraisablehook = sys.unraisablehook
-  sys.unraisablehook = _drop_closed_loop_errors
-  logging.getLogger("asyncio").addFilter(_NoUnretrievedTaskErrors())
+  sys.unraisablehook = _drop_late_read_errors
+  logging.getLogger("asyncio").addFilter(_NoUnretrievedExceptions())
 
 
 def _file_digests(directory: Path) -> dict[str, str]:

@@ -51,10 +51,15 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  return errors.cli_main(_main, argv)
+  return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
+
+
+# The workdir of the running command, named by a disk-full report (Orbax's report carries no file name).
+_out_dir: Path | None = None
 
 
 def _main(argv: list[str] | None) -> int:
+  global _out_dir
   args, overrides = parse_args(argv)
   runtime.enable_compilation_cache()
 
@@ -66,10 +71,12 @@ def _main(argv: list[str] | None) -> int:
   if args.config is None:
     if args.workdir:
       errors.check_writable_dir(args.workdir, "--workdir")
+    _out_dir = Path(args.workdir or demo.DEFAULT_WORKDIR)
     return demo.main(workdir=args.workdir, mesh_spec=args.mesh)
   config = config_lib.load(args.config, overrides)
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   errors.check_writable_dir(workdir, "--workdir")
+  _out_dir = workdir
   loop.run_mesh(config, args.mesh)  # a bad --mesh fails now, not after training the starting model
   # A "cache:NAME" starting model is trained into the cache first, on the same mesh, if it is not there yet.
   loop.ensure_cached_source(config.model.source, log=print if mesh_lib.is_main_process() else lambda _: None,

@@ -3,6 +3,7 @@ damaged checkpoints, interrupts, and settings that used to be ignored (docs/reli
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -72,6 +73,19 @@ def test_a_full_disk_is_one_line_naming_the_directory_and_free_space(tmp_path, c
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("error: no space left on the device holding ")
   assert str(tmp_path) in err and " free)" in err and "rerun the same command" in err
+
+
+def test_train_names_its_workdir_when_the_disk_fills(tmp_path, capsys, monkeypatch):
+  """Orbax reports a full disk without a file name: the line names the run's workdir, not the current
+  directory."""
+  def fill(*args, **kwargs):
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+
+  monkeypatch.setattr(loop, "train", fill)
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda *args, **kwargs: None)
+  workdir = tmp_path / "run"
+  assert train.main(["--config", str(runs.EXPERIMENTS_DIR / "shapes_clip.py"), "--workdir", str(workdir)]) == 2
+  assert f"error: no space left on the device holding {workdir} (" in capsys.readouterr().err
 
 
 def test_ctrl_c_and_sigterm_report_an_interrupt(capsys):
@@ -406,6 +420,29 @@ def test_an_incompatible_checkpoint_is_refused_not_skipped(tmp_path):
   assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
+def test_the_late_read_errors_of_a_failed_restore_are_dropped(monkeypatch):
+  """What Orbax's abandoned reads print after a failed restore (which reports the error itself): the read
+  coroutines' own copies of it and asyncio's unretrieved-exception lines. Anything else still prints."""
+  passed_on = []
+  monkeypatch.setattr(checkpoint_lib, "_previous_unraisablehook", passed_on.append)
+
+  async def _read_array_index_and_device_put():
+    pass
+
+  async def another_coroutine():
+    pass
+
+  late, other = _read_array_index_and_device_put(), another_coroutine()
+  for coroutine in (late, other):
+    checkpoint_lib._drop_late_read_errors(types.SimpleNamespace(object=coroutine, exc_value=Exception("read")))
+    coroutine.close()
+  assert [u.object for u in passed_on] == [other]
+  keep = checkpoint_lib._NoUnretrievedExceptions().filter
+  for message, kept in [("Task exception was never retrieved", False),
+                        ("_GatheringFuture exception was never retrieved", False), ("something else", True)]:
+    assert keep(logging.LogRecord("asyncio", logging.ERROR, __file__, 0, message, None, None)) is kept
+
+
 class _Position:
   """A stand-in for a Grain iterator (the bytes protocol of Grain's checkpoint handler); `fits` says
   whether a stored position restores into it."""
@@ -419,6 +456,7 @@ class _Position:
   def set_state(self, state):
     if not self.fits:
       raise KeyError("exhausted")  # what a multi-worker Grain iterator raises on a one-process position
+    json.loads(state)  # Grain parses the position as JSON
     self.state = state
 
   def start_prefetch(self):
@@ -443,6 +481,30 @@ def test_a_pipeline_of_another_layout_is_refused_not_set_aside(tmp_path, recorde
   with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False, pipeline=saved) as ckpt:
     _, step = ckpt.restore_newest_intact(_abstract(), position, log=_quiet)
   assert step == 1 and position.state == b'{"next_index": 3}'  # the original layout resumes
+
+
+@pytest.mark.parametrize("how", ["garbage", "missing"])
+def test_an_unreadable_position_of_this_layout_is_damage(tmp_path, how):
+  """A run killed before it sealed its newest checkpoint (no checksum to catch the damage) whose input
+  position then cannot be read: the layout is this run's, so the files are damaged, and the run resumes
+  from the checkpoint before."""
+  layout = {"data.worker_count": 0, "processes": 1}
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False, pipeline=layout) as ckpt:
+    ckpt.save(1, _state(1.0), _Position())
+    ckpt.save(2, _state(2.0), _Position())
+  (tmp_path / checkpoint_lib.CHECKSUM_DIR / "2.json").unlink()
+  data = tmp_path / "checkpoints" / "2" / checkpoint_lib.DATA
+  if how == "garbage":
+    for f in data.iterdir():
+      f.write_text("garbage")
+  else:
+    shutil.rmtree(data)
+  lines, position = [], _Position()
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False, pipeline=layout) as ckpt:
+    state, step = ckpt.restore_newest_intact(_abstract(), position, log=lines.append)
+  assert step == 1 and float(state["params"]["w"][0, 0]) == 1.0 and position.state == b'{"next_index": 3}'
+  assert "input-pipeline position cannot be read" in lines[0] and lines[1].endswith("at step 1 instead")
+  assert len(list((tmp_path / checkpoint_lib.DAMAGED_DIR).iterdir())) == 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -513,6 +575,12 @@ def test_nan_right_after_a_restore_keeps_the_checked_checkpoint(root, trained):
     loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False,
                data_iterator=poisoned, model=model, tokenizer=tokenizer)
   assert "damaged" not in str(err.value) and (workdir / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.parametrize("last_saved, advice", [(None, "starts from step 0"), (4, "resumes from that checkpoint")])
+def test_a_non_finite_step_says_what_a_rerun_does(tmp_path, last_saved, advice):
+  with pytest.raises(loop.NonFiniteLossError, match=f"at step 7 .*; rerunning in the same workdir {advice}"):
+    loop._check_finite(7, last_saved, tmp_path)
 
 
 def test_nan_starting_weights_are_not_blamed_on_the_learning_rate(root):

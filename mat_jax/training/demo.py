@@ -33,6 +33,7 @@ DEMO_EPS_255 = 2.0
 # Model name in results.json -> experiment file fine-tuned from the clean model under the shared budget.
 DEMO_MODELS = {"clean fine-tuned": "shapes_clean_ft", "TeCoA": "shapes_tecoa", "MAT": "shapes_mat"}
 BOOTSTRAP = 2000
+DEFAULT_WORKDIR = Path("runs") / "shapes_demo"  # results.json and one run directory per fine-tuning
 
 
 def side_by_side(results: dict[str, dict]) -> str:
@@ -127,7 +128,7 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
          log: Callable[[str], None] = print, eval_images: int = DEMO_IMAGES) -> int:
 
   start = time.perf_counter()
-  workdir = Path(workdir or Path("runs") / "shapes_demo").absolute()
+  workdir = Path(workdir or DEFAULT_WORKDIR).absolute()
   def clock():
     return f"[{time.perf_counter() - start:5.0f}s]"
 

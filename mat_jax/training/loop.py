@@ -461,10 +461,11 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
         f"the loss or a gradient became NaN/inf at the very first step (step 0); {kept}. The starting "
         "parameters are finite, so check the inputs (images, captions) and the objective's settings; the "
         "learning rate has not acted yet.")
+  rerun = ("rerunning in the same workdir resumes from that checkpoint" if last_saved
+           else "rerunning in the same workdir starts from step 0")
   raise NonFiniteLossError(
       f"the loss or a gradient became NaN/inf at step {bad} (0-based); the run stopped and {kept}. "
-      "Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or check the inputs of that step; "
-      "rerunning in the same workdir resumes from the checkpoint.")
+      f"Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or check the inputs of that step; {rerun}.")
 
 
 def _check_starting_params(params: nnx.State, source: str) -> None:
