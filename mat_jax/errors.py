@@ -13,6 +13,7 @@ in one line naming the directory and its free space, and an interrupt (Ctrl-C, S
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -57,6 +58,16 @@ class Interrupted(MatJaxError):
   @property
   def exit_code(self) -> int:
     return EXIT_INTERRUPTED.get(self.signum, 130)
+
+
+def shown_json(value: Any, limit: int = 80) -> str:
+  """A value as a JSON file spells it (null, "256" with its quotes, {"raw": ...}), cut to `limit`
+  characters: how an error message quotes a bad entry of an annotation or config file."""
+  try:
+    text = json.dumps(value, ensure_ascii=False)
+  except (TypeError, ValueError):  # a structure built in Python may hold other objects
+    text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------

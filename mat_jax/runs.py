@@ -25,6 +25,7 @@ devices, without touching the run (a damaged newest checkpoint is skipped, not m
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ from mat_jax.models import (
   split,
 )
 from mat_jax.models.blip import is_blip
+from mat_jax.models.hub import ModelSourceError
 from mat_jax.models.clip import resolve_dtype
 from mat_jax.models.tokenizers import Tokenizer, load_tokenizer
 from mat_jax.training import mlm, optim
@@ -216,7 +218,15 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
     raise ConfigError(f"model.overrides={config.model.overrides!r} changes a preset's architecture, but "
                       f"model.source={source!r} loads trained weights whose architecture is fixed; drop the "
                       f"overrides, or start from a preset ({', '.join(sorted({**PRESETS, **BLIP_PRESETS}))})")
-  model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype))
+  try:
+    model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype))
+  except ModelSourceError as err:
+    # A mistyped preset reads as a bare hub id: say which preset it is close to.
+    near = difflib.get_close_matches(source, [*PRESETS, *BLIP_PRESETS], n=1)
+    if near:
+      raise ModelSourceError(f"model.source={source!r} is not a preset (did you mean {near[0]!r}? presets: "
+                             f"{', '.join(sorted({**PRESETS, **BLIP_PRESETS}))}), and as a model: {err}") from err
+    raise
   if tokenizer is None and cached_name(source) is None and not is_run_dir(Path(source).expanduser()):
     # Transformers weights: the tokenizer files are beside them unless the config names others.
     tokenizer = resolve_tokenizer(config.model.tokenizer or source, context or model.config.text.context_length)

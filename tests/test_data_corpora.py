@@ -274,6 +274,64 @@ def test_malformed_json_empty_split_and_missing_folder_are_named(bad_corpus):
                          log=_quiet)
 
 
+@pytest.mark.parametrize("caption, shown", [
+    (5, "5"), (None, "null"), ({"raw": "a dog"}, r'\{"raw": "a dog"\}'), (["ok", None], r'\["ok", null\]'),
+    ([["nested"]], r'\[\["nested"\]\]'),
+], ids=["int", "null", "dict", "list-with-null", "nested-list"])
+def test_albef_caption_that_is_not_a_string_or_strings_is_named(tmp_path, caption, shown):
+  # A dict would otherwise be read as its keys (the caption "raw"), an int or null fail with a TypeError.
+  path = tmp_path / "toy_test.json"
+  path.write_text(json.dumps([{"image": "0.jpg", "caption": "fine"}, {"image": "1.jpg", "caption": caption}]))
+  with pytest.raises(corpora.CorpusError, match=rf'entry 1 \(1\.jpg\) of .*toy_test\.json: "caption" must be a '
+                                                rf"string or strings, got {shown}$"):
+    corpora.read_annotations([path])
+
+
+def test_albef_captions_as_string_list_or_missing_are_read():
+  entries = corpora.read_albef("inline.json", data=[{"image": "0.jpg", "caption": "one"},
+                                                    {"image": "0.jpg", "caption": ["two", "three"]},
+                                                    {"image": "1.jpg"}])
+  assert [(e.image, e.captions) for e in entries] == [("0.jpg", ("one", "two", "three")), ("1.jpg", ())]
+
+
+@pytest.mark.parametrize("split, message", [
+    ("tset", r'entry 1 \(1\.jpg\) of .*: "split" is "tset", not one of Karpathy\'s splits train, val, test, '
+             r"restval \(restval joins 'train'\)"),
+    ("validation", r'"split" is "validation", not one of Karpathy\'s splits train, val, test, restval'),
+    (3, r'"split" is 3, not one of'),
+    (None, r'entry 1 \(1\.jpg\) of .* has no "split"; every entry of a Karpathy file names its split, one of '
+           r"train, val, test, restval"),
+], ids=["typo", "validation", "int", "missing"])
+def test_karpathy_split_must_be_one_of_karpathys(tmp_path, split, message):
+  # Unchecked, a typo made a split of its own (nothing built there would be evaluated) and a missing split
+  # put the image in train silently, where it could be a test image.
+  bad = {"filename": "1.jpg", "sentences": [{"raw": "a caption"}]}
+  if split is not None:
+    bad["split"] = split
+  path = _karpathy(tmp_path, [_entry("0.jpg"), bad])
+  with pytest.raises(corpora.CorpusError, match=message):
+    corpora.read_annotations([path])
+
+
+def test_karpathy_restval_joins_the_split_given():
+  data = {"images": [_entry(f"{i}.jpg", split) for i, split in enumerate(("train", "val", "test", "restval"))]}
+  for restval, want in (("train", {"train": ["0.jpg", "3.jpg"], "val": ["1.jpg"], "test": ["2.jpg"]}),
+                        ("val", {"train": ["0.jpg"], "val": ["1.jpg", "3.jpg"], "test": ["2.jpg"]})):
+    splits = corpora.read_karpathy("inline.json", restval, data)
+    assert {name: [e.image for e in entries] for name, entries in splits.items()} == want
+
+
+def test_cli_reports_a_bad_caption_in_one_line(tmp_path, capsys):
+  path = tmp_path / "toy_test.json"
+  path.write_text(json.dumps([{"image": "0.jpg", "caption": 7}]))
+  (tmp_path / "images").mkdir()
+  assert cli(["build", "karpathy", "--annotations", str(path), "--images", str(tmp_path / "images"), "--name",
+              "badcaption", "--data-dir", str(tmp_path / "data")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: entry 0 (0.jpg) of ") and '"caption" must be a string or strings, got 7' in err
+  assert "Traceback" not in err
+
+
 def test_cli_builds_reuses_and_reports(corpus_files, tmp_path, capsys):
   data = str(tmp_path / "data")
   args = ["build", "karpathy", "--annotations", str(corpus_files / "dataset_toy.json"), "--images",

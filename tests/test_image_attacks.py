@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mat_jax import attacks
 from mat_jax.attacks import image as I
 from mat_jax.attacks import losses as L
+from mat_jax.errors import InputError
 from mat_jax.models import l2_normalize
 
 import helpers
@@ -143,12 +145,52 @@ def test_apgd_reaches_at_least_pgd_loss_and_apgd_t_raises_the_margin(setup):
 def test_errors_name_the_problem(setup):
   params, images, texts = setup
   # Both raise while tracing, before anything runs.
-  with pytest.raises(ValueError, match="unknown norm"):
+  with pytest.raises(InputError, match="unknown norm"):
     jax.jit(lambda x: I.pgd(lambda a, k: jnp.zeros(B), x, jax.random.key(0), eps=0.1, step_size=0.1,
                             steps=1, norm="l1"))(images)
   with pytest.raises(ValueError, match="one value per image"):
     jax.jit(lambda x: I.pgd(lambda a, k: jnp.sum(a), x, jax.random.key(0), eps=0.1, step_size=0.1,
                             steps=1))(images)
+
+
+@pytest.fixture(scope="module")
+def micro_clip():
+  """A one-block CLIP with zero weights (numpy-initialised: nothing compiles); the checks run before it is used."""
+  from mat_jax.models import CLIP, clip_config
+  from mat_jax.models.clip import TextConfig, VisionConfig
+
+  cfg = clip_config("tiny", vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
+                    text=TextConfig(vocab_size=50, context_length=8, width=16, layers=1, heads=2, mlp_dim=32,
+                                    eos_token_id=3, bos_token_id=2, pad_token_id=0),
+                    projection_dim=8)
+  return helpers.numpy_initialised(CLIP, cfg, lambda path, leaf, rng: np.zeros(leaf.shape, leaf.dtype))
+
+
+@pytest.mark.parametrize("ids, kwargs, message", [
+    (np.array([2, 5, 3, 0], np.int32), {},
+     r"input_ids must be \(B, L\) or \(B, K, L\) with B = 2 images, got \(4,\); a single caption needs a batch "
+     r"axis: input_ids\[None\]"),
+    (np.array([[2, 5, 3, 0]] * 3, np.int32), {}, r"with B = 2 images, got \(3, 4\)$"),
+    (np.array([[2, 5, 3, 0]] * 2, np.int32), {"norm": "l3"},
+     r"unknown norm 'l3'; use one of \('linf', 'l2'\)"),
+    # The norm is checked before eps, whose bound depends on it: not "eps=2 is outside [0, 1]".
+    (np.array([[2, 5, 3, 0]] * 2, np.int32), {"norm": "l3", "eps": 2.0}, "unknown norm 'l3'"),
+], ids=["1-d ids", "batch mismatch", "norm", "norm before eps"])
+def test_image_attack_bad_arguments_are_input_errors(micro_clip, ids, kwargs, message):
+  # InputError is a ValueError too: code that caught the ValueError these were before still catches them.
+  images = np.full((2, 16, 16, 3), 0.5, np.float32)
+  args = {"eps": 2 / 255, "steps": 1, "step_size": 1 / 255, **kwargs}
+  with pytest.raises(InputError, match=message) as raised:
+    attacks.image_attack(micro_clip, images, ids, (ids > 0).astype(np.int32), **args)
+  assert isinstance(raised.value, ValueError)
+
+
+def test_multimodal_attack_caption_count_is_an_input_error(micro_clip):
+  images = np.full((2, 16, 16, 3), 0.5, np.float32)
+  with pytest.raises(InputError, match="1 caption entries for 2 images"):
+    attacks.co_attack(micro_clip, None, images, ["a"], None)
+  with pytest.raises(InputError, match="every image needs at least one caption"):
+    attacks.sga_attack(micro_clip, None, images, ["a", []], None)
 
 
 # ----------------------------------------------------------------------------------------------------

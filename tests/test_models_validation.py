@@ -136,3 +136,110 @@ def test_unknown_preset_and_pooling():
     clip_config("vit-h-14")
   with pytest.raises(ValueError, match="unknown text pooling 'mean'"):
     nnx.eval_shape(lambda: CLIP(CFG.replace(text=TextConfig(pooling="mean")), rngs=nnx.Rngs(0)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.json values of the wrong type: named with the file, the key, the value and the type expected,
+# instead of a TypeError from the arithmetic they reach (`width % heads` on a string).
+
+
+def _clip_json(edit) -> dict:
+  from mat_jax.models.weights import clip_config_to_hf
+  data = clip_config_to_hf(CFG)
+  edit(data)
+  return data
+
+
+@pytest.mark.parametrize("edit, line", [
+    (lambda d: d["vision_config"].update(hidden_size="256"),
+     r'vision_config.hidden_size: "256" is a string, expected an integer'),
+    (lambda d: d["text_config"].update(layer_norm_eps="1e-5"),
+     r'text_config.layer_norm_eps: "1e-5" is a string, expected a number'),
+    (lambda d: d["vision_config"].update(num_attention_heads=True),
+     r"vision_config.num_attention_heads: true is a boolean, expected an integer"),
+    (lambda d: d["text_config"].update(eos_token_id=3.0),
+     r"text_config.eos_token_id: 3.0 is a floating-point number, expected an integer"),
+    (lambda d: d["text_config"].update(hidden_act=["gelu"]),
+     r'text_config.hidden_act: \["gelu"\] is a list, expected a string'),
+    (lambda d: d["vision_config"].update(num_channels="3"),
+     r'vision_config.num_channels: "3" is a string, expected an integer'),
+    (lambda d: d.update(projection_dim="8"), r'projection_dim: "8" is a string, expected an integer'),
+    (lambda d: d.update(logit_scale_init_value="2.66"),
+     r'logit_scale_init_value: "2.66" is a string, expected a number'),
+    (lambda d: d.update(vision_config="ViT-B/32"),
+     r'vision_config: "ViT-B/32" is a string, expected an object \{\.\.\.\}'),
+], ids=["int-as-string", "float-as-string", "bool", "float-for-int", "list", "channels", "projection_dim",
+        "logit_scale", "sub-config"])
+def test_clip_config_value_of_the_wrong_type_is_named(edit, line):
+  from mat_jax.models.weights import ConfigError, clip_config_from_hf
+  with pytest.raises(ConfigError, match=rf"^/m/config.json holds values of the wrong type:\n  {line}\n"):
+    clip_config_from_hf(_clip_json(edit), source="/m/config.json")
+
+
+def test_clip_config_reports_every_wrong_type_and_takes_ints_for_floats():
+  from mat_jax.models.weights import ConfigError, clip_config_from_hf
+
+  def two(d):
+    d["vision_config"]["hidden_size"] = "16"
+    d["text_config"]["num_hidden_layers"] = "1"
+  with pytest.raises(ConfigError, match=r"vision_config.hidden_size: .*\n  text_config.num_hidden_layers: "):
+    clip_config_from_hf(_clip_json(two))
+  # JSON writes 1e-5 as a float, but an integer is a number too; null means the default, as before.
+  cfg = clip_config_from_hf(_clip_json(lambda d: d["vision_config"].update(layer_norm_eps=0, hidden_act=None)))
+  assert cfg.vision.layer_norm_eps == 0 and cfg.vision.activation == VisionConfig().activation
+
+
+def test_older_config_dict_is_checked_in_place_of_the_config_it_overrides():
+  from mat_jax.models.weights import ConfigError, clip_config_from_hf
+
+  def dict_only(d):
+    d["vision_config_dict"] = {**d["vision_config"], "hidden_size": "16"}
+  with pytest.raises(ConfigError, match=r'vision_config_dict.hidden_size: "16" is a string'):
+    clip_config_from_hf(_clip_json(dict_only))
+
+  # transformers reads *_config_dict over *_config: a bad value it overrides is never used.
+  def shadowed(d):
+    d["vision_config_dict"] = dict(d["vision_config"])
+    d["vision_config"]["hidden_size"] = "16"
+  assert clip_config_from_hf(_clip_json(shadowed)).vision.width == CFG.vision.width
+
+
+def test_blip_and_bert_config_values_of_the_wrong_type_are_named():
+  from mat_jax.models.blip import blip_config_from_hf, blip_config_to_hf
+  from mat_jax.models.weights import ConfigError, bert_config_from_hf, bert_config_to_hf
+
+  blip = blip_config_to_hf(blip_config("blip-tiny"))
+  blip["text_config"]["hidden_size"] = "192"
+  blip["text_config"]["max_position_embeddings"] = "24"
+  blip["image_text_hidden_size"] = 1.5
+  with pytest.raises(ConfigError, match=r"^/b/config.json holds values of the wrong type:\n"
+                                        r"  image_text_hidden_size: 1.5 is a floating-point number, expected an "
+                                        r'integer\n  text_config.max_position_embeddings: "24" is a string'):
+    blip_config_from_hf(blip, source="/b/config.json")
+  with pytest.raises(ConfigError, match=r'text_config: \[\] is a list, expected an object'):
+    blip_config_from_hf({**blip_config_to_hf(blip_config("blip-tiny")), "text_config": []})
+  data = bert_config_to_hf(BERT)
+  data["num_attention_heads"] = "4"
+  with pytest.raises(ConfigError, match=r'^/t/config.json holds values of the wrong type:\n  num_attention_heads: '
+                                        r'"4" is a string, expected an integer'):
+    bert_config_from_hf(data, source="/t/config.json")
+
+
+def test_load_clip_and_models_inspect_name_the_config_file(tmp_path, capsys):
+  import json
+
+  from safetensors.numpy import save_file
+
+  from mat_jax.models import load_clip
+  from mat_jax.models.__main__ import main as models_cli
+  from mat_jax.models.weights import ConfigError
+
+  # The config is read before any tensor, so one placeholder tensor makes a directory to load.
+  save_file({"logit_scale": np.zeros((), np.float32)}, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(json.dumps(_clip_json(lambda d: d["vision_config"].update(hidden_size="256"))))
+  line = rf'{tmp_path}/config.json holds values of the wrong type:\n  vision_config.hidden_size: "256" is a string'
+  with pytest.raises(ConfigError, match=line):
+    load_clip(tmp_path)
+  assert models_cli(["inspect", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {tmp_path}/config.json holds values of the wrong type") and "Traceback" not in err

@@ -292,6 +292,12 @@ def test_ids_longer_than_the_model_name_both_lengths(micro_clip):
 # The workdir lock.
 
 
+def test_a_mistyped_preset_is_named_as_one():
+  config = config_lib.load(runs.EXPERIMENTS_DIR / "shapes_clip.py", ["--config.model.source=tiyn"])
+  with pytest.raises(runs.ModelSourceError, match="model.source='tiyn' is not a preset \\(did you mean 'tiny'\\?"):
+    runs.model_from_config(config)
+
+
 def test_a_second_run_in_a_locked_workdir_is_refused_naming_the_holder(tmp_path):
   with WorkdirLock(tmp_path):
     with pytest.raises(WorkdirLockedError, match=rf"in use by another run \(PID {os.getpid()} on host "

@@ -32,6 +32,7 @@ from mat_jax.attacks.image import apgd, apgd_targeted, pgd
 from mat_jax.attacks.runner import AttackInputs, AttackResult, run_attack
 from mat_jax.attacks.spec import AttackSpec, UnknownAttackError
 from mat_jax.attacks.text import AttackedText, TextAttackResult, adversarial_captions, attack_text, text_attack
+from mat_jax.errors import InputError
 from mat_jax.models.blip import BLIP
 from mat_jax.models.clip import CLIP, check_pixels, check_text
 from mat_jax.models.dual_encoder import split
@@ -74,8 +75,9 @@ def image_attack(model: CLIP, images, input_ids, attention_mask, *, eps: float, 
   check_pixels(images, cfg.vision)
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
   if ids.ndim not in (2, 3) or ids.shape[0] != np.shape(images)[0]:
-    raise ValueError(f"input_ids must be (B, L) or (B, K, L) with B = {np.shape(images)[0]} images, got "
-                     f"{ids.shape}")
+    hint = "; a single caption needs a batch axis: input_ids[None]" if ids.ndim == 1 else ""
+    raise InputError(f"input_ids must be (B, L) or (B, K, L) with B = {np.shape(images)[0]} images, got "
+                     f"{ids.shape}{hint}")
   check_text(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), cfg.text)
   _check_budget(eps, steps, step_size, norm)
   encoder, params = split(model)
@@ -100,9 +102,9 @@ def _flatten_captions(images, captions) -> tuple[list[str], np.ndarray, list[int
     raise TypeError("captions must be a list (one caption or one list of captions per image), not a string")
   nested = [[c] if isinstance(c, str) else list(c) for c in captions]
   if len(nested) != b:
-    raise ValueError(f"{len(nested)} caption entries for {b} images; give one caption (or a list) per image")
+    raise InputError(f"{len(nested)} caption entries for {b} images; give one caption (or a list) per image")
   if any(not caps for caps in nested):
-    raise ValueError("every image needs at least one caption")
+    raise InputError("every image needs at least one caption")
   k = max(len(caps) for caps in nested)
   flat = [caps[i] if i < len(caps) else caps[0] for caps in nested for i in range(k)]
   weights = np.asarray([[1.0 if i < len(caps) else 0.0 for i in range(k)] for caps in nested], np.float32)
@@ -112,6 +114,7 @@ def _flatten_captions(images, captions) -> tuple[list[str], np.ndarray, list[int
 def _check_budget(eps, steps, step_size, norm: str = "linf") -> None:
   """The budget on the host, before the attack compiles: a NaN eps gives NaN images and an eps in 1/255
   units (2 for 2/255) an unbounded perturbation, without an error, once inside `jit`."""
+  image._check_norm(norm)  # first: check_eps's bound depends on the norm
   checks.check_eps(eps, norm=norm)
   checks.check_steps(steps, minimum=0)
   if step_size is not None:

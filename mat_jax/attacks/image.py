@@ -23,6 +23,7 @@ from flax import nnx
 
 from mat_jax.attacks import losses
 from mat_jax.attacks.losses import LossFn
+from mat_jax.errors import InputError
 from mat_jax.models.dual_encoder import DualEncoder
 
 NORMS = ("linf", "l2")
@@ -31,7 +32,7 @@ _TINY = 1e-12
 
 def _check_norm(norm: str) -> None:
   if norm not in NORMS:
-    raise ValueError(f"unknown norm {norm!r}; use one of {NORMS} (L-inf sign steps or L2 steps)")
+    raise InputError(f"unknown norm {norm!r}; use one of {NORMS} (L-inf sign steps or L2 steps)")
 
 
 def _per_example(x: jax.Array, values: jax.Array) -> jax.Array:

@@ -35,9 +35,11 @@ import tensorflow_datasets as tfds
 
 from mat_jax import paths
 from mat_jax.data import shapes
-from mat_jax.errors import MatJaxError
+from mat_jax.errors import MatJaxError, shown_json
 
 SPLITS = ("train", "val", "test")
+# The `split` values of Karpathy's dataset_*.json files; restval (COCO's extra images) joins another split.
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
 
 
 class CorpusError(MatJaxError, ValueError):
@@ -288,7 +290,14 @@ def read_karpathy(path: str | os.PathLike, restval: str = "train", data: Any = N
     if not all(isinstance(c, str) for c in caps):
       raise CorpusError(f"{where}: every sentence needs a \"raw\" string")
     image = os.path.join(item["filepath"], item["filename"]) if item.get("filepath") else item["filename"]
-    split = item.get("split", "train")
+    # A misspelt split would otherwise become a split of its own, and a missing one be guessed.
+    if "split" not in item:
+      raise CorpusError(f"{where} has no \"split\"; every entry of a Karpathy file names its split, one of "
+                        f"{', '.join(KARPATHY_SPLITS)}")
+    split = item["split"]
+    if split not in KARPATHY_SPLITS:
+      raise CorpusError(f"{where}: \"split\" is {shown_json(split)}, not one of Karpathy's splits "
+                        f"{', '.join(KARPATHY_SPLITS)} (restval joins {restval!r})")
     split = restval if split == "restval" else split
     splits.setdefault(split, []).append(Entry(image, caps, where))
   return splits
@@ -305,9 +314,14 @@ def read_albef(path: str | os.PathLike, data: Any = None) -> list[Entry]:
     if not isinstance(item, dict) or "image" not in item:
       raise CorpusError(f"entry {i} of {path} has no \"image\"")
     caption = item.get("caption", [])
-    caps = (caption,) if isinstance(caption, str) else tuple(caption)
-    if not all(isinstance(c, str) for c in caps):
-      raise CorpusError(f"entry {i} ({item['image']}) of {path}: \"caption\" must be a string or strings")
+    # Only a string or a list of them: tuple() of a dict would read its keys as captions.
+    if isinstance(caption, str):
+      caps = (caption,)
+    elif isinstance(caption, (list, tuple)) and all(isinstance(c, str) for c in caption):
+      caps = tuple(caption)
+    else:
+      raise CorpusError(f"entry {i} ({item['image']}) of {path}: \"caption\" must be a string or strings, got "
+                        f"{shown_json(caption)}")
     old = by_image.get(item["image"])
     by_image[item["image"]] = Entry(item["image"], (old.captions if old else ()) + caps,
                                     old.where if old else f"entry {i} ({item['image']}) of {path}")

@@ -446,8 +446,10 @@ def _architectures(data: dict) -> str:
 
 
 def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: str = "float32",
-                        context_length: int | None = None) -> BlipConfig:
-  """transformers' BlipConfig dict (config.json) [+ preprocessor_config.json] -> BlipConfig."""
+                        context_length: int | None = None, source: str = "config.json") -> BlipConfig:
+  """transformers' BlipConfig dict (config.json) [+ preprocessor_config.json] -> BlipConfig.
+
+  `source`: the file `data` was read from, for error messages."""
   if data.get("model_type") != "blip":
     hint = " (a CLIP checkpoint: load it with mat_jax.models.load_clip)" if data.get("model_type") == "clip" else ""
     raise weights.ConfigError(f"config.json describes {_architectures(data)}{hint}; load_blip reads transformers' "
@@ -462,12 +464,17 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
                                               **extra)
   pre = preprocessor or {}
   problems = []
+  weights.refuse_wrong_types(weights.wrong_types(data, {"vision_config": dict, "text_config": dict}), source)
   vision_data, text_data = data.get("vision_config") or {}, data.get("text_config") or {}
   for name, value in (("image_size", vision_data.get("image_size")), ("patch_size", vision_data.get("patch_size"))):
     if isinstance(value, (list, tuple)):
       problems.append(f"vision_config.{name}={value} (only square sizes)")
   if problems:
     raise weights.ConfigError("unsupported BLIP config:\n  " + "\n  ".join(problems))
+  weights.refuse_wrong_types([
+      *weights.wrong_types(data, {"image_text_hidden_size": int, "logit_scale_init_value": float}),
+      *weights.wrong_types(vision_data, weights.field_types(BlipVisionConfig, _VISION_KEYS), "vision_config."),
+      *weights.wrong_types(text_data, weights.field_types(BlipTextConfig, _TEXT_KEYS), "text_config.")], source)
   vision = pick(BlipVisionConfig, vision_data, _VISION_KEYS,
                 image_mean=weights.preprocessor_channels(pre, "image_mean", CLIP_MEAN),
                 image_std=weights.preprocessor_channels(pre, "image_std", CLIP_STD))
@@ -543,7 +550,7 @@ def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_le
   pre_path = directory / weights.PREPROCESSOR_FILE
   cfg = blip_config_from_hf(hub.read_json_object(directory / "config.json"),
                             hub.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype,
-                            context_length=context_length)
+                            context_length=context_length, source=str(directory / "config.json"))
   abstract = nnx.eval_shape(lambda: BLIP(cfg, rngs=nnx.Rngs(0)))
   # logit_scale is no tensor of transformers' retrieval class: fill the others, then set it from config.json.
   graphdef, state = nnx.split(abstract)

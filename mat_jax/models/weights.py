@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
-from mat_jax.errors import ConfigError, MatJaxError
+from mat_jax.errors import ConfigError, MatJaxError, shown_json
 from mat_jax.models import hub, layers
 from mat_jax.models.bert import BertConfig, BertForMaskedLM
 from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, resolve_dtype
@@ -217,6 +217,50 @@ def _merge_config_dict(config: dict | None, config_dict: dict | None, defaults: 
   return {**(config or {}), **defaults, **config_dict}
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "an object {...}"}
+
+
+def _json_kind(value: Any) -> str:
+  """What a JSON value is, in the words a config.json editor uses."""
+  if isinstance(value, bool):
+    return "a boolean"
+  if isinstance(value, float):
+    return "a floating-point number"
+  for kind in (int, str, dict):
+    if isinstance(value, kind):
+      return _TYPE_NAMES[kind]
+  return "a list" if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def _has_type(value: Any, expected: type) -> bool:
+  if isinstance(value, bool):  # JSON true/false: a bool is an int to Python, never a size or an eps
+    return expected is bool
+  if expected is float:
+    return isinstance(value, (int, float))
+  return isinstance(value, expected)
+
+
+def wrong_types(data: dict, expected: dict[str, type], prefix: str = "") -> list[str]:
+  """One line per key of `data` whose value (null aside: it means the default) is not of its expected type.
+  Unchecked, a quoted "256" reaches the model as a string: an arithmetic TypeError far from config.json,
+  or (through int()) a value transformers itself refuses."""
+  return [f"{prefix}{key}: {shown_json(data[key], 60)} is {_json_kind(data[key])}, expected {_TYPE_NAMES[kind]}"
+          for key, kind in expected.items() if data.get(key) is not None and not _has_type(data[key], kind)]
+
+
+def field_types(cls, keys: dict[str, str]) -> dict[str, type]:
+  """transformers' key -> the type of our field it fills (int, float, str), from the dataclass defaults."""
+  defaults = cls()
+  return {theirs: type(getattr(defaults, ours)) for ours, theirs in keys.items()}
+
+
+def refuse_wrong_types(problems: list[str], source: str) -> None:
+  if problems:
+    raise ConfigError(f"{source} holds values of the wrong type:\n  " + "\n  ".join(problems) +
+                      "\nCorrect these keys (numbers are written without quotes), or save the config again with "
+                      "save_pretrained.")
+
+
 def _pick(cls, data: dict, keys: dict[str, str], **extra) -> Any:
   defaults = cls()
   values = {ours: data[theirs] if data.get(theirs) is not None else getattr(defaults, ours)
@@ -244,14 +288,31 @@ def preprocessor_channels(preprocessor: dict, key: str, default: tuple[float, ..
                     f"{value!r}; re-save it with the image processor's save_pretrained.")
 
 
-def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: str = "float32") -> CLIPConfig:
-  """transformers' CLIPConfig dict (config.json) [+ preprocessor_config.json] -> CLIPConfig."""
+def _sub_config_types(data: dict, name: str, expected: dict[str, type]) -> list[str]:
+  """Type problems of `data[name]` and of an older config's `data[name + "_dict"]`, each under its own name."""
+  problems = wrong_types(data, {name: dict, f"{name}_dict": dict})
+  if problems:
+    return problems
+  # With a *_dict present, *_config gives way to it and its defaults (_merge_config_dict): only the dict is read.
+  read = f"{name}_dict" if data.get(f"{name}_dict") is not None else name
+  return wrong_types(data.get(read) or {}, expected, f"{read}.")
+
+
+def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: str = "float32",
+                        source: str = "config.json") -> CLIPConfig:
+  """transformers' CLIPConfig dict (config.json) [+ preprocessor_config.json] -> CLIPConfig.
+
+  `source`: the file `data` was read from, for error messages."""
   problems = []
   if data.get("model_type", "clip") != "clip":
     hint = " (a BLIP checkpoint: load it with mat_jax.models.load_blip)" if data["model_type"] == "blip" else ""
     raise ConfigError(f"config.json describes a {data['model_type']!r} model (architectures "
                       f"{data.get('architectures')}){hint}; load_clip reads transformers' CLIPModel checkpoints "
                       "(model_type 'clip').")
+  refuse_wrong_types([
+      *wrong_types(data, {"projection_dim": int, "logit_scale_init_value": float}),
+      *_sub_config_types(data, "vision_config", {**field_types(VisionConfig, _VISION_KEYS), "num_channels": int}),
+      *_sub_config_types(data, "text_config", field_types(TextConfig, _TEXT_KEYS))], source)
   # Older configs (openai/clip-vit-large-patch14 among them) also carry *_config_dict.
   vision_data = _merge_config_dict(data.get("vision_config"), data.get("vision_config_dict"),
                                    _hf_defaults(VisionConfig, _VISION_KEYS, **_VISION_EXTRA_DEFAULTS))
@@ -328,12 +389,14 @@ def clip_preprocessor_to_hf(cfg: CLIPConfig) -> dict:
           "do_convert_rgb": True}
 
 
-def bert_config_from_hf(data: dict, *, dtype: str = "float32") -> BertConfig:
-  """transformers' BertConfig dict (config.json) -> BertConfig."""
+def bert_config_from_hf(data: dict, *, dtype: str = "float32", source: str = "config.json") -> BertConfig:
+  """transformers' BertConfig dict (config.json) -> BertConfig. `source`: the file, for error messages."""
   if data.get("model_type", "bert") != "bert":
     raise ConfigError(f"config.json describes a {data['model_type']!r} model; load_bert_mlm reads "
                       "transformers' BertForMaskedLM checkpoints (model_type 'bert').")
-  cfg = _pick(BertConfig, data, {k: k for k in _BERT_KEYS}, dtype=dtype)
+  keys = {k: k for k in _BERT_KEYS}
+  refuse_wrong_types(wrong_types(data, field_types(BertConfig, keys)), source)
+  cfg = _pick(BertConfig, data, keys, dtype=dtype)
   problems = []
   if data.get("position_embedding_type", "absolute") != "absolute":
     problems.append(f"position_embedding_type={data['position_embedding_type']!r} (only 'absolute')")
@@ -519,7 +582,8 @@ def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
   files = _weight_files(directory)
   pre_path = directory / PREPROCESSOR_FILE
   cfg = clip_config_from_hf(hub.read_json_object(directory / "config.json"),
-                            hub.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype)
+                            hub.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype,
+                            source=str(directory / "config.json"))
   abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
   return _fill(abstract, "CLIPModel", clip_table(cfg), files, CLIP_IGNORED, str(directory))
 
@@ -529,7 +593,8 @@ def load_bert_mlm(source: str | os.PathLike, *, dtype: str | None = None) -> Ber
   dtype = _compute_dtype(dtype)
   directory = _resolve(source)
   files = _weight_files(directory)
-  cfg = bert_config_from_hf(hub.read_json_object(directory / "config.json"), dtype=dtype)
+  cfg = bert_config_from_hf(hub.read_json_object(directory / "config.json"), dtype=dtype,
+                            source=str(directory / "config.json"))
   abstract = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
   return _fill(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory), _BERT_RENAMES)
 
