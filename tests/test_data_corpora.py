@@ -313,6 +313,17 @@ def test_karpathy_split_must_be_one_of_karpathys(tmp_path, split, message):
     corpora.read_annotations([path])
 
 
+def test_an_image_path_that_is_not_a_string_is_named(tmp_path):
+  with pytest.raises(corpora.CorpusError, match=r'entry 0 of inline\.json: "image" must be a string \(a path\), got 5'):
+    corpora.read_albef("inline.json", data=[{"image": 5, "caption": "a dog"}])
+  bad = {**_entry("1.jpg"), "filepath": ["part"]}
+  with pytest.raises(corpora.CorpusError,
+                     match=r'entry 1 of .*: "filepath" must be a string \(a path\), got \["part"\]'):
+    corpora.read_annotations([_karpathy(tmp_path, [_entry("0.jpg"), bad])])
+  with pytest.raises(corpora.CorpusError, match=r'"filename" must be a string \(a path\), got null'):
+    corpora.read_karpathy("inline.json", data={"images": [{**_entry("0.jpg"), "filename": None}]})
+
+
 def test_karpathy_restval_joins_the_split_given():
   data = {"images": [_entry(f"{i}.jpg", split) for i, split in enumerate(("train", "val", "test", "restval"))]}
   for restval, want in (("train", {"train": ["0.jpg", "3.jpg"], "val": ["1.jpg"], "test": ["2.jpg"]}),

@@ -281,6 +281,9 @@ def read_karpathy(path: str | os.PathLike, restval: str = "train", data: Any = N
     where = f"entry {i} of {path}"
     if not isinstance(item, dict) or "filename" not in item:
       raise CorpusError(f"{where} has no \"filename\"")
+    for key in ("filename", "filepath"):
+      if key in item and not isinstance(item[key], str):
+        raise CorpusError(f"{where}: \"{key}\" must be a string (a path), got {shown_json(item[key])}")
     where = f"entry {i} ({item['filename']}) of {path}"
     sentences = item.get("sentences") or []
     if not isinstance(sentences, list):
@@ -313,6 +316,8 @@ def read_albef(path: str | os.PathLike, data: Any = None) -> list[Entry]:
   for i, item in enumerate(data):
     if not isinstance(item, dict) or "image" not in item:
       raise CorpusError(f"entry {i} of {path} has no \"image\"")
+    if not isinstance(item["image"], str):
+      raise CorpusError(f"entry {i} of {path}: \"image\" must be a string (a path), got {shown_json(item['image'])}")
     caption = item.get("caption", [])
     # Only a string or a list of them: tuple() of a dict would read its keys as captions.
     if isinstance(caption, str):
