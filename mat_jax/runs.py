@@ -59,12 +59,14 @@ from mat_jax.models import (
   split,
 )
 from mat_jax.models.blip import is_blip
-from mat_jax.models.hub import ModelSourceError
 from mat_jax.models.clip import resolve_dtype
+from mat_jax.models.hub import ModelSourceError
 from mat_jax.models.tokenizers import Tokenizer, load_tokenizer
 from mat_jax.training import mlm, optim
 from mat_jax.training import step as step_lib
 
+# Every preset a config's model.source may name: CLIP's and BLIP's architectures by name.
+ALL_PRESETS = {**PRESETS, **BLIP_PRESETS}
 CACHE_PREFIX = "cache:"
 SHAPES_SOURCE = "shapes"            # the command lines' name of cache:shapes_clip
 SHAPES_EXPERIMENT = "shapes_clip"
@@ -111,8 +113,8 @@ def result_parts(config: ml_collections.ConfigDict) -> dict[str, Any]:
   inner = objectives.make(config.objective).inner_attack()
   if inner is not None:  # the attack registry, not the config, fixes its losses and text scoring
     parts["inner_attack"] = dataclasses.asdict(inner)
-  if config.model.source in PRESETS or config.model.source in BLIP_PRESETS:
-    parts["preset"] = repr({**PRESETS, **BLIP_PRESETS}[config.model.source])
+  if config.model.source in ALL_PRESETS:
+    parts["preset"] = repr(ALL_PRESETS[config.model.source])
   if config.data.name == "shapes":
     parts["data_version"] = str(corpora.ShapesWorld.VERSION)
   upstream = source_run(config.model.source)
@@ -209,7 +211,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
   execution options, and its tokenizer (`config.model.tokenizer` when the source brings none)."""
   source = config.model.source
   context = config.model.context_length or None
-  if source in PRESETS or source in BLIP_PRESETS:
+  if source in ALL_PRESETS:
     tokenizer = resolve_tokenizer(config.model.tokenizer, context) if config.model.tokenizer else None
     cls = BLIP if source in BLIP_PRESETS else CLIP
     return cls(preset_config(config, tokenizer), rngs=nnx.Rngs(config.seed)), tokenizer
@@ -217,15 +219,15 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
     # Loaded weights fix the architecture: an override could only be ignored.
     raise ConfigError(f"model.overrides={config.model.overrides!r} changes a preset's architecture, but "
                       f"model.source={source!r} loads trained weights whose architecture is fixed; drop the "
-                      f"overrides, or start from a preset ({', '.join(sorted({**PRESETS, **BLIP_PRESETS}))})")
+                      f"overrides, or start from a preset ({', '.join(sorted(ALL_PRESETS))})")
   try:
     model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype))
   except ModelSourceError as err:
     # A mistyped preset reads as a bare hub id: say which preset it is close to.
-    near = difflib.get_close_matches(source, [*PRESETS, *BLIP_PRESETS], n=1)
+    near = difflib.get_close_matches(source, list(ALL_PRESETS), n=1)
     if near:
       raise ModelSourceError(f"model.source={source!r} is not a preset (did you mean {near[0]!r}? presets: "
-                             f"{', '.join(sorted({**PRESETS, **BLIP_PRESETS}))}), and as a model: {err}") from err
+                             f"{', '.join(sorted(ALL_PRESETS))}), and as a model: {err}") from err
     raise
   if tokenizer is None and cached_name(source) is None and not is_run_dir(Path(source).expanduser()):
     # Transformers weights: the tokenizer files are beside them unless the config names others.
