@@ -93,7 +93,14 @@ class Checkpointer:
     handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
     import grain  # deferred: only runs with a data iterator need it
     handlers[DATA] = grain.checkpoint.CheckpointHandler()
-    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    # Orbax removes a previous run's unfinished saves in a background thread. A process that stops right
+    # after the open (every checkpoint damaged) would leave that thread to print a traceback at interpreter
+    # shutdown ("cannot schedule new futures"); it is one directory listing, so wait for it here.
+    finish_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if finish_cleanup is not None:
+      finish_cleanup()
+    return manager
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -1,6 +1,7 @@
 """Bad inputs and faults: one `error:` line per user error, host checks before jit, the workdir lock,
 damaged checkpoints, interrupts, and settings that used to be ignored (docs/reliability.md's table)."""
 
+import asyncio
 import errno
 import json
 import logging
@@ -408,6 +409,28 @@ def test_no_intact_checkpoint_is_one_error(tmp_path):
   with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
     with pytest.raises(checkpoint_lib.DamagedCheckpointError, match="no intact checkpoint in .*starts the run"):
       ckpt.restore_newest_intact(_abstract(), log=_quiet)
+
+
+def test_orbax_cleanup_thread_is_finished_when_the_checkpointer_opens(tmp_path, monkeypatch):
+  # Left running, the thread of a manager opened just before the process stops on "no intact checkpoint"
+  # printed "cannot schedule new futures after interpreter shutdown" at exit. Slowed here to make it certain.
+  from orbax.checkpoint._src.path import temporary_paths
+
+  listing, finished = temporary_paths.cleanup_temporary_paths, []
+
+  async def slow_listing(*args, **kwargs):
+    await asyncio.sleep(0.3)
+    result = await listing(*args, **kwargs)
+    finished.append(True)
+    return result
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_listing)
+  _two_checkpoints(tmp_path)
+  assert len(finished) == 1
+  _flip(tmp_path / "checkpoints" / "2")
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    ckpt.restore_newest_intact(_abstract(), log=_quiet)  # sets step 2 aside and reopens the manager
+    assert len(finished) == 3
 
 
 def test_a_reader_skips_damage_without_moving_it(tmp_path):
