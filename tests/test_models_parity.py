@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mat_jax.models import load_bert_mlm, load_clip, save_clip, split  # noqa: E402
-from mat_jax.models.weights import CorruptWeightsError  # noqa: E402
+from mat_jax.models.weights import CorruptWeightsError, WeightsError  # noqa: E402
 
 TOL = 1e-5
 VOCAB = 99
@@ -344,6 +344,30 @@ def test_bert_reads_legacy_names_and_ignores_unused_heads(bert_case, tmp_path):
   with pytest.raises(CorruptWeightsError, match=r"holds both bert.embeddings.LayerNorm.(gamma|weight) and "
                                                  r"bert.embeddings.LayerNorm.(weight|gamma), two spellings"):
     load_bert_mlm(tmp_path)
+
+
+def test_bert_decoder_copies_stand_in_for_or_must_equal_their_tied_tensors(bert_case, tmp_path):
+  """transformers loads a decoder copy that differs from its tied tensor untied: a different MLM, refused."""
+  tensors = load_file(bert_case["dir"] / "model.safetensors")
+  (tmp_path / "config.json").write_text((bert_case["dir"] / "config.json").read_text())
+  plain = nnx.state(load_bert_mlm(bert_case["dir"]))
+
+  def load_with(**changes):
+    stored = {k: v for k, v in {**tensors, **changes}.items() if v is not None}
+    save_file(stored, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    return load_bert_mlm(tmp_path)
+
+  # Only the decoder's name carries the bias (as in some converted checkpoints): read as the bias.
+  bias = tensors["cls.predictions.bias"]
+  moved = load_with(**{"cls.predictions.bias": None, "cls.predictions.decoder.bias": bias})
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.state(moved), plain)))
+  embeddings = tensors["bert.embeddings.word_embeddings.weight"]
+  with pytest.raises(WeightsError, match=r"1 tied tensors stored with values of their own:\n    "
+                                         r"cls.predictions.decoder.weight differs from "
+                                         r"bert.embeddings.word_embeddings.weight \(max abs difference 0.05\)"):
+    load_with(**{"cls.predictions.decoder.weight": embeddings + np.float32(0.05)})
+  with pytest.raises(WeightsError, match=r"cls.predictions.decoder.bias differs from cls.predictions.bias"):
+    load_with(**{"cls.predictions.decoder.bias": bias + np.float32(1.0)})
 
 
 def test_transformers_default_configs_convert_to_our_defaults():

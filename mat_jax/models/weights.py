@@ -43,17 +43,23 @@ class WeightsError(MatJaxError, ValueError):
   """Checkpoint tensors that do not fit the model, all of them at once."""
 
   def __init__(self, source: str, architecture: str, missing: list[str], unexpected: list[str],
-               mismatched: list[str]):
-    self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+               mismatched: list[str], untied: list[str] = ()):
+    self.missing, self.unexpected, self.mismatched, self.untied = missing, unexpected, mismatched, list(untied)
     parts = [f"the checkpoint in {source} does not fit the model built from its config.json:"]
     for title, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                         ("tensors whose shape does not match config.json", mismatched)):
+                         ("tensors whose shape does not match config.json", mismatched),
+                         ("tied tensors stored with values of their own", untied)):
       if names:
         shown = "\n    ".join(names[:_SHOWN_PER_KIND])
         more = f"\n    ... and {len(names) - _SHOWN_PER_KIND} more" if len(names) > _SHOWN_PER_KIND else ""
         parts.append(f"  {len(names)} {title}:\n    {shown}{more}")
-    parts.append(f"Check that config.json belongs to these weights and that they are a transformers "
-                 f"{architecture} checkpoint (not, e.g., open_clip or timm names).")
+    if untied:
+      parts.append(f"mat_jax's {architecture} ties these tensors, as config.json says; transformers would load "
+                   "the stored copies untied (a different model). Use a checkpoint whose copies equal the "
+                   "tensors they are tied to (transformers' save_pretrained of a tied model writes them so).")
+    if missing or unexpected or mismatched:
+      parts.append(f"Check that config.json belongs to these weights and that they are a transformers "
+                   f"{architecture} checkpoint (not, e.g., open_clip or timm names).")
     super().__init__("\n".join(parts))
 
 
@@ -163,10 +169,13 @@ _BERT_TOP = [
     (("output_bias",), "cls.predictions.bias", SAME),
 ]
 
+# The MLM decoder's tensors are copies of the ones they are tied to (tie_word_embeddings is checked): either
+# name may carry the tensor, and where both are stored they must be equal.
+BERT_TIED = (("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+             ("cls.predictions.decoder.bias", "cls.predictions.bias"))
 BERT_IGNORED = frozenset({
     "bert.embeddings.position_ids", "bert.embeddings.token_type_ids",  # buffers
-    "cls.predictions.decoder.weight",  # tied to the word embeddings (tie_word_embeddings is checked)
-    "cls.predictions.decoder.bias",    # tied to cls.predictions.bias
+    *(copy for copy, _ in BERT_TIED),
     # The pooler and the next-sentence head: in bert-base-uncased, unused by the MLM.
     "bert.pooler.dense.weight", "bert.pooler.dense.bias",
     "cls.seq_relationship.weight", "cls.seq_relationship.bias",
@@ -519,8 +528,11 @@ def _open_safetensors(path: Path):
 
 
 def _fill(abstract: nnx.Module, architecture: str, table: list[Entry], files: dict[str, Path],
-          ignored: frozenset[str], source: str, renames: tuple[tuple[str, str], ...] = ()) -> nnx.Module:
-  """The module `abstract` (from nnx.eval_shape) with every parameter read from `files` via `table`."""
+          ignored: frozenset[str], source: str, renames: tuple[tuple[str, str], ...] = (),
+          tied: tuple[tuple[str, str], ...] = ()) -> nnx.Module:
+  """The module `abstract` (from nnx.eval_shape) with every parameter read from `files` via `table`.
+  `tied`: (copy, tensor) names of tied tensors; a stored copy stands in for a tensor that is not stored,
+  and must equal one that is."""
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   covered = {e.ours for e in table}
@@ -539,9 +551,19 @@ def _fill(abstract: nnx.Module, architecture: str, table: list[Entry], files: di
     if other != name:  # e.g. LayerNorm.gamma and LayerNorm.weight: which one is meant cannot be told
       raise CorruptWeightsError(f"{source} holds both {other} and {name}, two spellings of one tensor; keep one "
                                 "(re-save the model with save_pretrained)")
-  missing, mismatched, values = [], [], {}
+  both_stored = [(copy, name) for copy, name in tied if copy in in_file and name in in_file]
+  for copy, name in tied:
+    if copy in in_file and name not in in_file:
+      in_file[name] = in_file[copy]
+  missing, mismatched, untied, values = [], [], [], {}
   wanted = [e for e in table if e.theirs in in_file]
-  tensors = _read_tensors(files, [in_file[e.theirs] for e in wanted])
+  tensors = _read_tensors(files, [in_file[e.theirs] for e in wanted] + [in_file[copy] for copy, _ in both_stored])
+  for copy, name in both_stored:
+    stored, tensor = tensors[in_file[copy]], tensors[in_file[name]]
+    if stored.shape != tensor.shape or not np.array_equal(stored, tensor):
+      gap = (f"max abs difference {float(np.max(np.abs(stored.astype(np.float64) - tensor))):.3g}"
+             if stored.shape == tensor.shape else f"shape {tuple(stored.shape)} against {tuple(tensor.shape)}")
+      untied.append(f"{in_file[copy]} differs from {in_file[name]} ({gap})")
   for entry in table:
     if entry.theirs not in in_file:
       missing.append(entry.theirs)
@@ -555,8 +577,8 @@ def _fill(abstract: nnx.Module, architecture: str, table: list[Entry], files: di
     values[entry.ours] = np.asarray(entry.layout.to_ours(tensor), np.float32)
   used = {e.theirs for e in table}
   unexpected = sorted(in_file[n] for n in in_file if n not in used and n not in ignored)
-  if missing or unexpected or mismatched:
-    raise WeightsError(source, architecture, missing, unexpected, mismatched)
+  if missing or unexpected or mismatched or untied:
+    raise WeightsError(source, architecture, missing, unexpected, mismatched, untied)
   # device_put, not jnp.asarray: in JAX 0.10 the latter compiles a small program per distinct shape.
   nnx.replace_by_pure_dict(state, traversals.unflatten_mapping(
       {path: jax.device_put(value) for path, value in values.items()}))
@@ -596,7 +618,8 @@ def load_bert_mlm(source: str | os.PathLike, *, dtype: str | None = None) -> Ber
   cfg = bert_config_from_hf(hub.read_json_object(directory / "config.json"), dtype=dtype,
                             source=str(directory / "config.json"))
   abstract = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
-  return _fill(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory), _BERT_RENAMES)
+  return _fill(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory), _BERT_RENAMES,
+               BERT_TIED)
 
 
 def save_directory(directory: str | os.PathLike) -> Path:
