@@ -205,6 +205,26 @@ def test_one_number_for_every_channel_in_the_preprocessor_config(saved, tmp_path
     load_clip(tmp_path)
 
 
+@pytest.mark.parametrize("options", [{"do_normalize": False}, {"rescale_factor": 1 / 127.5},
+                                     {"do_rescale": False, "image_mean": [120, 110, 100], "image_std": 60},
+                                     {"rescale_factor": 1 / 255}])
+def test_the_preprocessor_options_normalise_as_transformers_processor(saved, tmp_path, options):
+  """The model's mean/std, applied to pixels in [0, 1], give the processor's pixel_values."""
+  import transformers
+
+  _copy(saved, tmp_path)
+  processor_config = {"image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.25, 0.3], **options}
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor_config))
+  vision = load_clip(tmp_path).config.vision
+  raw = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+  processor = transformers.CLIPImageProcessor(do_resize=False, do_center_crop=False, **processor_config)
+  expected = np.asarray(processor(raw, return_tensors="np")["pixel_values"][0]).transpose(1, 2, 0)
+  ours = (raw / 255.0 - np.asarray(vision.image_mean)) / np.asarray(vision.image_std)
+  np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+  if options == {"rescale_factor": 1 / 255}:  # the usual factor keeps the stored values exactly
+    assert vision.image_mean == (0.4, 0.5, 0.6) and vision.image_std == (0.2, 0.25, 0.3)
+
+
 def test_a_pickle_only_hub_repository_gets_the_conversion_advice(saved, tmp_path, monkeypatch):
   """A hub snapshot holds only the files load_clip asks for, never a pickle: the repository's file list
   tells a pickle-only repository from one that holds no weights at all."""

@@ -475,9 +475,8 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
       *weights.wrong_types(data, {"image_text_hidden_size": int, "logit_scale_init_value": float}),
       *weights.wrong_types(vision_data, weights.field_types(BlipVisionConfig, _VISION_KEYS), "vision_config."),
       *weights.wrong_types(text_data, weights.field_types(BlipTextConfig, _TEXT_KEYS), "text_config.")], source)
-  vision = pick(BlipVisionConfig, vision_data, _VISION_KEYS,
-                image_mean=weights.preprocessor_channels(pre, "image_mean", CLIP_MEAN),
-                image_std=weights.preprocessor_channels(pre, "image_std", CLIP_STD))
+  mean, std = weights.preprocessor_normalisation(pre, CLIP_MEAN, CLIP_STD)
+  vision = pick(BlipVisionConfig, vision_data, _VISION_KEYS, image_mean=mean, image_std=std)
   positions = int(text_data.get("max_position_embeddings") or BlipTextConfig.max_position_embeddings)
   length = context_length or min(BlipTextConfig.context_length, positions)
   if length > positions:

@@ -297,6 +297,28 @@ def preprocessor_channels(preprocessor: dict, key: str, default: tuple[float, ..
                     f"{value!r}; re-save it with the image processor's save_pretrained.")
 
 
+def preprocessor_normalisation(preprocessor: dict, mean: tuple[float, ...], std: tuple[float, ...]
+                               ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """The (mean, std) that the model applies to pixels in [0, 1], from preprocessor_config.json: its
+  image_mean / image_std (`mean`, `std` where absent), with `do_normalize`, `do_rescale` and
+  `rescale_factor` folded in. A processor computes (raw * rescale_factor - mean) / std on raw values in
+  [0, 255]; with raw = 255 x that is (x - mean / s) / (std / s), s = 255 * rescale_factor."""
+  mean, std = preprocessor_channels(preprocessor, "image_mean", mean), preprocessor_channels(
+      preprocessor, "image_std", std)
+  for key in ("do_normalize", "do_rescale"):
+    if not isinstance(preprocessor.get(key, True), bool):
+      raise ConfigError(f"{PREPROCESSOR_FILE}: {key} must be true or false, got {preprocessor[key]!r}")
+  if not preprocessor.get("do_normalize", True):
+    mean, std = (0.0,) * 3, (1.0,) * 3
+  factor = preprocessor.get("rescale_factor", 1 / 255) if preprocessor.get("do_rescale", True) else 1.0
+  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+    raise ConfigError(f"{PREPROCESSOR_FILE}: rescale_factor must be a positive number, got {factor!r}")
+  scale = 255.0 * factor
+  if abs(scale - 1.0) > 1e-9:  # the usual 1/255 leaves the values exactly as stored
+    mean, std = tuple(m / scale for m in mean), tuple(s / scale for s in std)
+  return mean, std
+
+
 def _sub_config_types(data: dict, name: str, expected: dict[str, type]) -> list[str]:
   """Type problems of `data[name]` and of an older config's `data[name + "_dict"]`, each under its own name."""
   problems = wrong_types(data, {name: dict, f"{name}_dict": dict})
@@ -328,9 +350,8 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   text_data = _merge_config_dict(data.get("text_config"), data.get("text_config_dict"),
                                  _hf_defaults(TextConfig, _TEXT_KEYS))
   pre = preprocessor or {}
-  vision = _pick(VisionConfig, vision_data, _VISION_KEYS,
-                 image_mean=preprocessor_channels(pre, "image_mean", VisionConfig.image_mean),
-                 image_std=preprocessor_channels(pre, "image_std", VisionConfig.image_std))
+  mean, std = preprocessor_normalisation(pre, VisionConfig.image_mean, VisionConfig.image_std)
+  vision = _pick(VisionConfig, vision_data, _VISION_KEYS, image_mean=mean, image_std=std)
   # Pooling is left to TextConfig's default, which derives it from eos_token_id as transformers does.
   text = _pick(TextConfig, text_data, _TEXT_KEYS)
   # Older mat_jax wrote this key to pool where transformers' rule would not; such a checkpoint's text
@@ -597,7 +618,8 @@ def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
   """A CLIP from a transformers-layout directory or hub id (config.json + safetensors).
 
   `dtype` is the compute dtype (default float32; "auto": bfloat16 on GPU/TPU); parameters are always
-  float32. Image mean/std come from preprocessor_config.json when it is there, else CLIP's.
+  float32. Image mean/std come from preprocessor_config.json when it is there (its do_normalize and
+  rescale_factor folded in), else CLIP's.
   """
   dtype = _compute_dtype(dtype)
   directory = _resolve(source)
