@@ -114,6 +114,14 @@ def test_logit_scale_comes_from_config(case):
   assert float(case["ours"].logit_scale[...]) == pytest.approx(2.5)
 
 
+def test_a_config_without_the_temperature_gets_transformers_default():
+  from mat_jax.models.blip import blip_config_from_hf
+
+  data = transformers.BlipConfig().to_dict()
+  default = data.pop("logit_scale_init_value")
+  assert blip_config_from_hf(data).logit_scale_init == default
+
+
 def test_dual_encoder_view_matches_the_module(case):
   encoder, params = split(case["ours"])
   with jax.default_matmul_precision("highest"):

@@ -493,8 +493,13 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   if problems:
     raise weights.ConfigError("unsupported BLIP config:\n  " + "\n  ".join(problems))
   return BlipConfig(vision=vision, text=text, embed_dim=int(data.get("image_text_hidden_size") or 256),
-                    logit_scale_init=float(data.get("logit_scale_init_value", BlipConfig.logit_scale_init)),
+                    logit_scale_init=float(data.get("logit_scale_init_value", HF_LOGIT_SCALE_DEFAULT)),
                     dtype=dtype)
+
+
+# transformers' BlipConfig default, which a config.json without logit_scale_init_value gets there
+# (log(1 / 0.07) rounded to four decimals).
+HF_LOGIT_SCALE_DEFAULT = 2.6592
 
 
 def blip_config_to_hf(cfg: BlipConfig, logit_scale: float | None = None) -> dict:
