@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -158,6 +159,78 @@ def test_resize_and_crop_gives_clips_preprocessed_pixels(width, height):
   np.testing.assert_array_equal(np.asarray(corpora.resize_and_crop(image, 224), np.float32), want)
 
 
+def _png_round_trip(image: Image.Image, **save) -> Image.Image:
+  """The image as PIL reads it back from a PNG file (its mode and `info`, transparency included)."""
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG", **save)
+  read = Image.open(io.BytesIO(buffer.getvalue()))
+  read.load()
+  return read
+
+
+def _transparent_image(kind: str, width: int, height: int) -> Image.Image:
+  rng = np.random.default_rng(width + height)
+  rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+  # Fully transparent, half and opaque pixels; the transparent ones keep a stored colour (not white).
+  alpha = rng.choice(np.asarray([0, 0, 77, 128, 255], np.uint8), (height, width))
+  if kind == "rgba":
+    return _png_round_trip(Image.fromarray(np.dstack([rgb, alpha])))
+  if kind == "la":
+    return _png_round_trip(Image.fromarray(np.dstack([rgb[..., 0], alpha])))
+  if kind == "palette":  # one palette index transparent (a tRNS chunk), as GIFs and small PNGs have
+    return _png_round_trip(Image.fromarray(rgb).quantize(16), transparency=3)
+  assert kind == "rgb-trns"  # one RGB colour transparent: black, one of the image's four
+  four = rng.choice(np.asarray([[0, 0, 0], [200, 10, 10], [10, 200, 10], [10, 10, 200]], np.uint8), (height, width))
+  return _png_round_trip(Image.fromarray(four), transparency=(0, 0, 0))
+
+
+@pytest.mark.parametrize("kind", ["rgba", "la", "palette", "rgb-trns"])
+@pytest.mark.parametrize("width, height", [(500, 375), (333, 500)])
+def test_transparent_images_are_composited_onto_white_as_clips_processor_does(kind, width, height):
+  from transformers import CLIPImageProcessorPil
+
+  processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                    do_rescale=False, do_normalize=False)
+  image = _transparent_image(kind, width, height)
+  want = processor(image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  got = np.asarray(corpora.resize_and_crop(image, 224), np.float32)
+  np.testing.assert_array_equal(got, want)
+  # Not vacuous: the stored colours alone (alpha and transparency dropped) give other pixels.
+  stored_colours = Image.fromarray(np.asarray(image.convert("RGB")))
+  assert np.abs(np.asarray(corpora.resize_and_crop(stored_colours, 224), np.float32) - want).max() > 100
+
+
+def test_16_bit_grayscale_is_rescaled_to_8_bits_unlike_clips_processor(tmp_path):
+  """A 16-bit grayscale PNG (PIL mode I;16) reads as the same image at 8 bits (value / 257, rounded).
+
+  Here the project differs from CLIP's image processor on purpose: it converts through PIL, which clips
+  every value above 255 to white, so a 16-bit photo comes out almost all white."""
+  rng = np.random.default_rng(0)
+  eight = rng.integers(0, 256, (75, 100), dtype=np.uint8)
+  path = tmp_path / "gray16.png"
+  Image.fromarray(eight.astype(np.uint16) * 257).save(path)
+  assert Image.open(path).mode == "I;16"
+  with Image.open(path) as wide:
+    wide.load()
+    np.testing.assert_array_equal(np.asarray(corpora.resize_and_crop(wide, 32)),
+                                  np.asarray(corpora.resize_and_crop(Image.fromarray(eight), 32)))
+  stored = np.asarray(Image.open(io.BytesIO(corpora.load_image(path, 32, "test"))))
+  assert abs(stored.mean() - eight.mean()) < 10, stored.mean()  # clipping at 255 would give about 253
+  # Rounding to the nearest 8-bit level, big-endian 16-bit and 32-bit integer (read as 16-bit, clipped) too.
+  levels = np.asarray([[0, 128, 129, 385, 386, 65535]], np.uint16)
+  want = [[0, 0, 1, 1, 2, 255]]
+  np.testing.assert_array_equal(np.asarray(corpora.to_rgb(Image.fromarray(levels)))[..., 0], want)
+  big_endian = Image.frombytes("I;16B", (6, 1), levels.astype(">u2").tobytes())
+  np.testing.assert_array_equal(np.asarray(corpora.to_rgb(big_endian))[..., 0], want)
+  int32 = Image.fromarray(np.asarray([[-5, 128, 129, 385, 386, 70000]], np.int32))
+  assert int32.mode == "I"
+  np.testing.assert_array_equal(np.asarray(corpora.to_rgb(int32))[..., 0], want)
+  # A tRNS grey level (in 16-bit units) is transparent: white, as other transparent pixels.
+  transparent = _png_round_trip(Image.fromarray(np.asarray([[257 * 10, 257 * 20]], np.uint16)), transparency=257 * 10)
+  assert transparent.mode == "I;16"
+  np.testing.assert_array_equal(np.asarray(corpora.to_rgb(transparent)), [[[255] * 3, [20] * 3]])
+
+
 def test_albef_corpus_merges_captions_and_takes_split_from_name(corpus_files, data_dir):
   builder = corpora.build_corpus(
       "toyalbef", [corpus_files / "toy_test.json", f"train={corpus_files / 'toy_train.json'}"],
@@ -167,6 +240,39 @@ def test_albef_corpus_merges_captions_and_takes_split_from_name(corpus_files, da
   assert [c.decode() for c in corpora.data_source(builder, "test")[2]["captions"]] == ["caption 5", "another"]
   with pytest.raises(corpora.CorpusError, match="cannot tell the split"):
     corpora.read_annotations([corpus_files / "dataset_toy.json"], fmt="albef")
+
+
+def test_an_image_in_two_albef_files_of_a_split_is_one_entry(tmp_path):
+  # Two entries would make its captions in-batch negatives of each other and split its retrieval hits.
+  first, second, other = tmp_path / "part1.json", tmp_path / "part2.json", tmp_path / "val.json"
+  first.write_text(json.dumps([{"image": "a.jpg", "caption": "a dog runs"}, {"image": "b.jpg", "caption": "a cat"},
+                               {"image": "a.jpg", "caption": "a dog"}]))
+  second.write_text(json.dumps([{"image": "c.jpg", "caption": "a car"},
+                                {"image": "a.jpg", "caption": ["the dog is running", "a dog"]}]))
+  other.write_text(json.dumps([{"image": "a.jpg", "caption": "a dog in the val split"}]))
+  splits = corpora.read_annotations([f"train={first}", f"train={second}", f"val={other}"])
+  # In order of first appearance, the captions in file order (a repeated caption kept, as within a file).
+  assert [(e.image, e.captions) for e in splits["train"]] == [
+      ("a.jpg", ("a dog runs", "a dog", "the dog is running", "a dog")), ("b.jpg", ("a cat",)),
+      ("c.jpg", ("a car",))]
+  assert splits["train"][0].where == f"entry 0 (a.jpg) of {first}"
+  assert [(e.image, e.captions) for e in splits["val"]] == [("a.jpg", ("a dog in the val split",))]
+
+
+def test_a_corpus_built_by_an_older_builder_version_is_rebuilt(corpus_files, data_dir, monkeypatch):
+  args = ("toyversion", [corpus_files / "dataset_toy.json"], corpus_files / "images")
+  with monkeypatch.context() as patch:
+    patch.setattr(corpora.CaptionCorpus, "VERSION", tfds.core.Version("1.1.0"))
+    old = corpora.build_corpus(*args, image_size=16, data_dir=data_dir, log=_quiet)
+  assert str(old.info.version) == "1.1.0"
+  messages = []
+  new = corpora.build_corpus(*args, image_size=16, data_dir=data_dir, log=messages.append)
+  assert new.info.version == corpora.CaptionCorpus.VERSION != old.info.version
+  assert any("was built by version 1.1.0 of the corpus builder" in m for m in messages), messages
+  assert corpora.corpus_builder("toyversion", 16, data_dir).info.version == corpora.CaptionCorpus.VERSION
+  messages = []
+  corpora.build_corpus(*args, image_size=16, data_dir=data_dir, log=messages.append)
+  assert messages and "reusing" in messages[0]
 
 
 def test_rebuilding_with_other_options_is_refused(corpus_files, data_dir, monkeypatch):

@@ -8,9 +8,10 @@ Two builders, read back with `builder.as_data_source()` (random access, numpy re
   it) and `image_id`.
 - `CaptionCorpus` (`caption_corpus/<name>_<size>px`): a local image-caption corpus from annotation files
   in the ALBEF/SGA JSON format or Karpathy's `dataset_*.json` format (Flickr30k, COCO, RSICD) plus an
-  image folder. Captions are cleaned as the references' `pre_caption` does, images resized (shorter side,
-  bicubic) and centre-cropped, and stored as JPEG; records hold `image`, `captions`, `image_id` and
-  `filename`.
+  image folder. Captions are cleaned as the references' `pre_caption` does, images converted to RGB,
+  resized (shorter side, bicubic) and centre-cropped as CLIP's processor does (`resize_and_crop`; 16-bit
+  grayscale is rescaled where the processor clips it) and stored as JPEG; records hold `image`,
+  `captions`, `image_id` and `filename`.
 
 Building is Python-only (tfds' generator builder; images are encoded with PIL, so no TensorFlow op runs).
 Datasets live under a data directory: the `data_dir` argument, else $MAT_JAX_DATA_DIR, else
@@ -364,11 +365,14 @@ def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str
 
   `annotations`: a Karpathy file (its entries carry their split); or ALBEF/SGA files given as
   {split: path}, as "split=path" strings, or as paths whose names contain the split (flickr30k_test.json).
+  The ALBEF entries of one image merge across the files of a split as within a file: one entry, its
+  captions in file order.
   """
   items = _annotation_files(annotations)
   if not items:
     raise CorpusError("no annotation files given")
   splits: dict[str, list[Entry]] = {}
+  albef_images: dict[str, dict[str, int]] = {}  # per split: an ALBEF entry's image -> its index in the split
   if fmt not in ("auto", "karpathy", "albef"):
     raise CorpusError(f"unknown annotation format {fmt!r}; use 'karpathy', 'albef' or 'auto'")
   for split, path in items:
@@ -379,7 +383,18 @@ def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str
         if split is None or name == split:
           splits.setdefault(name, []).extend(entries)
     else:
-      splits.setdefault(split or split_from_filename(path), []).extend(read_albef(path, data))
+      name = split or split_from_filename(path)
+      entries = splits.setdefault(name, [])
+      where_is = albef_images.setdefault(name, {})
+      for entry in read_albef(path, data):
+        # One image in two files of a split is one record, as within a file: two would make its captions
+        # in-batch negatives of each other and split its retrieval hits.
+        if entry.image in where_is:
+          first = entries[where_is[entry.image]]
+          entries[where_is[entry.image]] = dataclasses.replace(first, captions=first.captions + entry.captions)
+        else:
+          where_is[entry.image] = len(entries)
+          entries.append(entry)
   return splits
 
 
@@ -387,11 +402,36 @@ def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str
 # Images.
 # --------------------------------------------------------------------------------------------------
 
-def resize_and_crop(image, size: int):
-  """CLIP's preprocessing: shorter side to `size` (bicubic), then the centre `size` x `size` crop."""
+# 16-bit (I;16*) and 32-bit integer (I) grayscale: PIL's convert("RGB") clips their values at 255.
+WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image):
+  """8-bit RGB as CLIP's image processor makes it, transparency (RGBA, LA, a palette's or a tRNS
+  colour) composited onto white; unlike the processor, 16-bit grayscale (and 32-bit integer, read as
+  16-bit values) is rescaled to 8 bits (value / 257, rounded) where the processor clips it at 255."""
   from PIL import Image
 
-  image = image.convert("RGB")
+  if image.mode in WIDE_GRAY_MODES:
+    wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    gray = ((wide + 128) // 257).astype(np.uint8)  # round(value / 257): 257 * x -> x
+    transparent = image.info.get("transparency")  # a 16-bit PNG's tRNS: one grey value, in 16-bit units
+    if isinstance(transparent, int):
+      image = Image.fromarray(np.stack([gray, np.where(wide == transparent, 0, 255).astype(np.uint8)], -1))
+    else:
+      image = Image.fromarray(gray)
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def resize_and_crop(image, size: int):
+  """CLIP's preprocessing: RGB (`to_rgb`), shorter side to `size` (bicubic), then the centre `size` x
+  `size` crop."""
+  from PIL import Image
+
+  image = to_rgb(image)
   w, h = image.size
   # The longer side truncated, computed in this order, as torchvision's Resize and transformers'
   # CLIPImageProcessor do: rounding instead shifts the crop's sampling grid on most photo sizes.
@@ -438,9 +478,11 @@ class CaptionCorpusConfig(tfds.core.BuilderConfig):
 class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
   """A local image–caption corpus (Flickr30k, COCO, RSICD, ...) from annotations and an image folder."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Resized as CLIP's processor: the longer side truncated, not rounded."}
+                   "1.1.0": "Resized as CLIP's processor: the longer side truncated, not rounded.",
+                   "1.2.0": "Transparency composited onto white as CLIP's processor does; 16-bit grayscale rescaled "
+                            "to 8 bits, not clipped; an image in several ALBEF files of a split is one record."}
   code_path = _no_code_path
 
   def __init__(self, *args, **kwargs):
@@ -570,8 +612,12 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
                           if built_with.get(key) != wanted.get(key))
       raise CorpusError(f"{existing.data_path} was built with other options ({changed}); pass "
                         "overwrite=True (--overwrite) to rebuild it, or choose another name")
-    log(f"reusing the dataset already built at {existing.data_path}")
-    return existing
+    # An older version stores other records or pixels: build this one beside it (reading takes the newest).
+    if existing.info.version >= CaptionCorpus.VERSION:
+      log(f"reusing the dataset already built at {existing.data_path}")
+      return existing
+    log(f"{existing.data_path} was built by version {existing.info.version} of the corpus builder; building "
+        f"version {CaptionCorpus.VERSION}")
   if not images.is_dir():
     raise CorpusError(f"image folder {images} does not exist")
   skipped: dict[str, list[str]] = {}
@@ -597,10 +643,12 @@ def corpus_builder(name: str, image_size: int = 224, data_dir: str | os.PathLike
   """The built corpus, read from its files (no annotations or images needed)."""
   root = paths.default_data_dir(data_dir)
   config_dir = root / "caption_corpus" / corpus_config_name(name, image_size)
-  # Only finished builds: tfds writes dataset_info.json last (an interrupted build has none).
-  versions = sorted(p for p in config_dir.glob("*") if (p / "dataset_info.json").exists())
+  # Only finished builds: tfds writes dataset_info.json last (an interrupted build has none). The newest
+  # by version number (as text, 1.10.0 would sort before 1.2.0).
+  versions = [p for p in config_dir.glob("*") if (p / "dataset_info.json").exists()
+              and tfds.core.Version.is_valid(p.name)]
   if versions:
-    return tfds.builder_from_directory(str(versions[-1]))
+    return tfds.builder_from_directory(str(max(versions, key=lambda p: tfds.core.Version(p.name))))
   if missing_ok:
     return None
   raise CorpusError(f"no corpus {name!r} at {image_size}px under {root}; build it with\n  python -m "

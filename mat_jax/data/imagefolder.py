@@ -5,11 +5,12 @@
 
 Classes are the sorted directory names (label i = the i-th name, as torchvision's ImageFolder), the same
 in every split; a name's underscores read as spaces when it fills a prompt ("golden_retriever" ->
-"golden retriever"). Images are preprocessed as CLIP's are (shorter side resized bicubic to
-`image_size`, centre crop) and stored as JPEG. The build is Python-only, like `mat_jax.data.corpora`
-(tfds' generator builder, PIL encoding, no TensorFlow op). The dataset's name carries a fingerprint of
-the folder (every file's path, size and modification time), so an unchanged folder is built once and
-reused, and a changed one is built afresh.
+"golden retriever"). Images are preprocessed as CLIP's are (transparency composited onto white, shorter
+side resized bicubic to `image_size`, centre crop; 16-bit grayscale rescaled to 8 bits where CLIP's
+processor clips it: `corpora.resize_and_crop`) and stored as JPEG. The build is Python-only, like
+`mat_jax.data.corpora` (tfds' generator builder, PIL encoding, no TensorFlow op). The dataset's name
+carries a fingerprint of the folder (every file's path, size and modification time), so an unchanged
+folder is built once and reused, and a changed one is built afresh.
 
 Bad input is a `CorpusError` naming the folder or file: a missing root, no class folders, a class folder
 without images (an empty class has no accuracy and would shift every later label), class sets that
@@ -112,9 +113,11 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Images of class-named folders, CLIP-preprocessed, with their labels and file names."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Resized as CLIP's processor: the longer side truncated, not rounded."}
+                   "1.1.0": "Resized as CLIP's processor: the longer side truncated, not rounded.",
+                   "1.2.0": "Transparency composited onto white as CLIP's processor does; 16-bit grayscale rescaled "
+                            "to 8 bits, not clipped."}
   code_path = corpora._no_code_path
 
   def _info(self) -> tfds.core.DatasetInfo:
