@@ -1,6 +1,10 @@
 """The benchmarks' shared parts: FLOP counts, device peaks, how the PyTorch references run."""
 
+import copy
 import dataclasses
+import json
+import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -73,10 +77,10 @@ def test_torch_variants_run_in_their_precision(mode):
   assert weight.dtype == torch.float32
 
 
-def test_batched_torch_mat_step_makes_the_per_caption_loops_captions():
-  """The strongest PyTorch reference of `bench train` must attack as the references' loop does: the same
-  adversarial caption for every image, from one batched computation; and its step trains. (Its
-  torch.compile path is `Variant.wrap`, tested above: dynamo tracing this step takes minutes on a CPU.)"""
+@pytest.fixture(scope="module")
+def tiny_mat_batch():
+  """A random tiny transformers CLIPModel and a 4-image MAT batch with its candidates, as `bench train`
+  builds them."""
   import transformers
 
   from mat_jax.bench import train as bench_train
@@ -91,6 +95,17 @@ def test_batched_torch_mat_step_makes_the_per_caption_loops_captions():
   torch.manual_seed(0)
   hf = transformers.CLIPModel(transformers.CLIPConfig(**clip_config_to_hf(cfg)))
   batch, meta = bench_train.mat_batch(cfg.vision.image_size, 4, tokenizer, max_targets=6, top_k=10)
+  return hf, batch, meta
+
+
+def test_batched_torch_mat_step_makes_the_per_caption_loops_captions(tiny_mat_batch):
+  """The strongest PyTorch reference of `bench train` must attack as the references' loop does: the same
+  adversarial caption for every image, from one batched computation; and its step trains. (Its
+  torch.compile path is `Variant.wrap`, tested above: dynamo tracing this step takes minutes on a CPU.)"""
+  from mat_jax.bench import train as bench_train
+
+  hf, batch, meta = tiny_mat_batch
+  hf = copy.deepcopy(hf)  # the step below trains it
   settings = dict(eps=2 / 255, step_size=1 / 255, steps=2, lr=1e-5)
   loop = bench_train.TorchMAT(hf, batch, meta, **settings)
   batched = bench_train.BatchedTorchMAT(hf, batch, meta, variant=torch_reference.Variant("eager", "bf16"),
@@ -119,3 +134,128 @@ def test_the_candidate_rate_is_measured_on_captions_the_transform_has_not_seen()
   assert rate > 0 and len(batches) == 4 and all(len(b) == 8 for b in batches)  # a warm-up and 3 timed
   captions = [c for b in batches for c in b]
   assert len(set(captions)) == len(captions)  # every batch misses the transform's caption cache
+
+
+def test_utilisation_is_against_the_peak_of_each_rows_precision(monkeypatch):
+  """`bench encode` and `bench attacks`: a PyTorch bf16 row is a share of the bf16 peak, a float32 row of
+  float32's, whatever mat_jax's --dtype; each dtype's peak is looked up once."""
+  table = {"float32": 100.0, "bfloat16": 400.0}
+  asked = []
+
+  def peak(dtype="float32"):
+    asked.append(dtype)
+    return table[dtype], f"table, {dtype}"
+
+  monkeypatch.setattr(common, "peak_gflops", peak)
+  variants = torch_reference.parse_variants("eager,eager-bf16,compile-bf16")
+  gflops = {"mat_jax": 80.0, "PyTorch eager": 50.0, "PyTorch eager bf16": 200.0, "PyTorch compile bf16": 100.0}
+  shares, peaks = common.utilisation(gflops, torch_reference.compute_dtypes("float32", variants))
+  assert shares == {"mat_jax": "80.0%", "PyTorch eager": "50.0%", "PyTorch eager bf16": "50.0%",
+                    "PyTorch compile bf16": "25.0%"}
+  assert sorted(asked) == ["bfloat16", "float32"] and set(peaks) == set(table)
+  shares, _ = common.utilisation(gflops, torch_reference.compute_dtypes("bfloat16", variants))
+  assert shares["mat_jax"] == "20.0%" and shares["PyTorch eager"] == "50.0%"
+  assert "bfloat16 400 GFLOP/s (table, bfloat16)" in common.describe_peaks(peaks)
+
+
+def test_bench_trains_per_caption_loop_computes_in_mat_jaxs_precision(tiny_mat_batch):
+  """With mat_jax in bfloat16 (the default on an accelerator) the references' per-caption loop runs in
+  bf16 autocast and its row says so; in float32 it stays float32."""
+  from mat_jax.bench import train as bench_train
+
+  hf, batch, meta = tiny_mat_batch
+  cpu = torch.device("cpu")
+  for dtype, label, features_dtype in (("bfloat16", "PyTorch eager bf16, per-caption loop", torch.bfloat16),
+                                       ("float32", "PyTorch eager, per-caption loop", torch.float32)):
+    references = bench_train.torch_references(hf, batch, meta, dtype=dtype, device=cpu,
+                                              variants=torch_reference.parse_variants("eager"))
+    assert list(references) == [label, "PyTorch eager, batched"]
+    loop = references[label][0].__self__
+    with torch.no_grad():
+      assert loop.image_features(loop._pixels(loop.images)).dtype == features_dtype
+  with pytest.raises(ValueError, match="float16"):
+    torch_reference.for_dtype("float16")
+
+
+def test_bench_train_prints_mat_jaxs_compile_figures_before_the_references_warm_up(capsys):
+  from mat_jax.bench import train as bench_train
+
+  def reference_step():
+    print("reference step")
+    return 0.0
+
+  seconds = bench_train.time_against_references(
+      lambda: jnp.zeros(()), 12.5, {"PyTorch stub": (reference_step, lambda value: value)}, rounds=2,
+      where="persistent cache off")
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("mat_jax: first call 12.5 s, then ") and "compiled in 12." in lines[0]
+  assert lines[1] == "reference step" and lines[2].startswith("PyTorch stub: first step (warm-up) ")
+  assert lines[3:] == ["reference step"] * 2
+  assert set(seconds) == {"mat_jax (jit)", "PyTorch stub"}
+
+
+def test_load_watch_warns_when_the_load_exceeds_the_usable_cores(monkeypatch):
+  """Other jobs slow PyTorch's threads more than XLA's: the suites print the load and warn above the cores
+  before the run, or above one core more during it (sampled after each interleaved round)."""
+  loads = iter([1.2, 1.5, 5.7, 3.0])
+  monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+  watch = common.LoadWatch(cores=2)  # 1.2 before the run
+  common.interleaved_medians({"a": (lambda: 0, lambda v: v)}, rounds=2, seconds=0.0, load=watch)  # 1.5, 5.7
+  lines = watch.report()  # 3.0 at the end
+  assert lines[0] == "load average (1 min): 1.2 before the run; 5.7 at most during it; 2 usable cores"
+  assert lines[1] == ("warning: load average 5.7 on 2 usable cores: PyTorch's threads slow more than XLA's under "
+                      "load; ratios are not comparable with a quiet machine's")
+  # The benchmark's own threads load up to its cores: 2.8 during a run on 2 cores is its own work.
+  loads = iter([1.9, 2.8, 2.8])
+  monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+  quiet = common.LoadWatch(cores=2)
+  quiet.sample()
+  assert quiet.report() == ["load average (1 min): 1.9 before the run; 2.8 at most during it; 2 usable cores"]
+  monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 0.0, 0.0))  # above the cores before the run: other jobs
+  assert common.LoadWatch(cores=2).report()[1].startswith("warning: load average 2.5 on 2 usable cores")
+
+
+def _compile_args(*argv):
+  import argparse
+
+  from mat_jax.bench import compile as bench_compile
+
+  parser = argparse.ArgumentParser()
+  bench_compile.add_arguments(parser)
+  return parser.parse_args(["--programs", "pgd", *argv])
+
+
+def test_bench_compile_refuses_a_cache_dir_that_holds_entries(tmp_path, monkeypatch):
+  """A filled --cache-dir would serve the cold run from the cache and report a warm compile as cold."""
+  from mat_jax.bench import compile as bench_compile
+
+  monkeypatch.setattr(bench_compile, "_worker", lambda *a: pytest.fail("measured with a filled cache"))
+  (tmp_path / "jit_pgd-cache").write_bytes(b"entry")
+  with pytest.raises(SystemExit, match="not empty"):
+    bench_compile.run(_compile_args("--cache-dir", str(tmp_path)))
+  with pytest.raises(SystemExit, match="not a directory"):
+    bench_compile.run(_compile_args("--cache-dir", str(tmp_path / "jit_pgd-cache")))
+
+
+def test_bench_compile_measures_in_an_empty_cache_dir_and_keeps_the_childrens_environment(tmp_path, monkeypatch,
+                                                                                          capsys):
+  """The parent only asks which device there is, without JAX's GPU preallocation; the measuring processes
+  get the environment as the user set it."""
+  from mat_jax.bench import compile as bench_compile
+
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "unset by the test")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+  envs = []
+
+  def fake_run(command, env, **kwargs):
+    envs.append(env)
+    result = {"pgd": 2.0 if len(envs) == 1 else 0.5, "pgd_cpu": 1.0}
+    return subprocess.CompletedProcess(command, 0, stdout=bench_compile._RESULT_PREFIX + json.dumps(result), stderr="")
+
+  monkeypatch.setattr(bench_compile.subprocess, "run", fake_run)
+  cache = tmp_path / "cache"
+  assert bench_compile.run(_compile_args("--cache-dir", str(cache))) == 0
+  assert [env["MAT_JAX_COMPILATION_CACHE"] for env in envs] == [str(cache)] * 2
+  assert all("XLA_PYTHON_CLIENT_PREALLOCATE" not in env for env in envs)
+  assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert capsys.readouterr().out.splitlines()[-1] == "compile: cold 2.0 s, warm 0.5 s"

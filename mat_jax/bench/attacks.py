@@ -5,9 +5,10 @@
     attack written in PyTorch on transformers' `CLIPModel` on the same device, with identical weights (a
     random `CLIPModel` saved with `save_pretrained` and loaded by `mat_jax.models.load_clip`), in the
     variants of `--torch` (eager or torch.compile of the loss, float32 or bf16 autocast;
-    `mat_jax.bench.torch_reference`). Calls alternate round by round so load changes hit all alike;
-    reported: images/s, the ratios, achieved GFLOP/s and the fraction of the peak (the data sheet's on a
-    known accelerator, else a matmul measured in the same run).
+    `mat_jax.bench.torch_reference`). Calls alternate round by round so the machine's drift hits all alike;
+    reported: images/s, the ratios, achieved GFLOP/s and the fraction of the peak of the precision each
+    row computes in (the data sheet's on a known accelerator, else a matmul measured in the same run), and
+    the machine's load average (other jobs slow PyTorch more than XLA).
 (b) BERT-Attack: the batched jitted text attack vs a per-caption loop (`mat_jax.bench.text_attack`).
 (c) SGA: the full attack (image-guided text attack, multi-scale image attack, text attack again) on N
     images x 5 captions; wall time per image after compilation. A small CLIP on CPU by default,
@@ -86,6 +87,7 @@ def run_pgd(args: argparse.Namespace) -> dict:
   import transformers
 
 
+  load = common.LoadWatch()
   variants = torch_reference.parse_variants(args.torch)
   device = torch_reference.device()
   torch_sync = torch_reference.synchronizer(device)
@@ -146,7 +148,7 @@ def run_pgd(args: argparse.Namespace) -> dict:
     loss = variant.wrap(torch_loss, device)
     programs[variant.name] = (lambda loss=loss: torch_reference.linf_pgd(
         loss, x_torch, eps=eps, step_size=step_size, steps=steps), torch_sync)
-  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
+  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds, load=load)
   adv = np.asarray(jax_pgd(params, x, text, key))
   assert np.abs(adv - images).max() <= eps + 1e-6
 
@@ -156,20 +158,21 @@ def run_pgd(args: argparse.Namespace) -> dict:
   else:  # XLA's count misses the cuBLAS/cuDNN calls there
     flops = steps * common.image_tower_flops(cfg, batch, backward=True)
     flop_source = "counted from the model's shapes"
-  peak_gflops, peak_source = common.peak_gflops(args.dtype)
-  rows = []
-  for name in programs:
-    gflops = flops / median[name] / 1e9
-    rows.append([name, batch / median[name], median[name], f"{median[name] / median['mat_jax']:.2f}x", gflops,
-                 f"{100 * gflops / peak_gflops:.1f}%", calls[name]])
+  # Each row's utilisation is against the peak of the precision it computes in.
+  dtypes = torch_reference.compute_dtypes(args.dtype, variants)
+  gflops = {name: flops / median[name] / 1e9 for name in programs}
+  shares, peaks = common.utilisation(gflops, dtypes)
+  rows = [[name, batch / median[name], median[name], f"{median[name] / median['mat_jax']:.2f}x", gflops[name],
+           dtypes[name], shares[name], calls[name]] for name in programs]
   common.print_table(f"PGD {steps} steps, CLIP {preset}, batch {batch} (median of interleaved calls)",
-                     ["implementation", "img/s", "s/attack", "mat_jax speed-up", "GFLOP/s", "of peak", "calls"],
-                     rows)
+                     ["implementation", "img/s", "s/attack", "mat_jax speed-up", "GFLOP/s", "computes in",
+                      "of its peak", "calls"], rows)
   print(f"FLOPs per attack: {flops / 1e9:,.4g} G ({steps} x forward+backward to the pixels, {flop_source}); "
-        f"peak {peak_gflops:,.0f} GFLOP/s ({peak_source})")
+        f"peaks: {common.describe_peaks(peaks)}")
+  load.print()
   return {"preset": preset, "batch": batch, "steps": steps, "dtype": args.dtype, "mat_jax_s": median["mat_jax"],
           **{f"{name}_s": median[name] for name in programs if name != "mat_jax"},
-          "gflops_mat_jax": flops / median["mat_jax"] / 1e9, "peak_gflops": peak_gflops}
+          "gflops_mat_jax": flops / median["mat_jax"] / 1e9, "peak_gflops": peaks[args.dtype][0]}
 
 
 # ----------------------------------------------------------------------------------------------------

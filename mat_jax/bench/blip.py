@@ -4,8 +4,9 @@ PGD (10 L-inf steps at 2/255 by default) on BLIP's ITC image features, lowering 
 the paired captions' ITC features, the loss SGA's image attack uses. mat_jax (one jitted `fori_loop`)
 vs the same attack written eagerly in PyTorch on transformers' `BlipForImageTextRetrieval`, with
 identical weights (a random model saved with `save_pretrained` and loaded by `load_blip`). Calls
-alternate round by round so load changes hit both alike; reported: images/s, seconds per attack, the
-ratio, and the agreement of the two loss gradients.
+alternate round by round so the machine's drift hits both alike; reported: images/s, seconds per attack,
+the ratio, the agreement of the two loss gradients, and the machine's load average (other jobs slow
+PyTorch more than XLA).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
   import transformers
 
 
+  load = common.LoadWatch()
+  # Fairness: both frameworks get every core this process may use (XLA's CPU client takes them all).
+  torch.set_num_threads(common.usable_cores())
   preset, batch = ("blip-tiny", 2) if args.quick else (args.preset, args.batch)
   steps, eps = args.steps, 2 / 255
   step_size = eps / 4
@@ -94,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
   key = jax.random.key(0)
   programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block), "pytorch": (
       lambda: torch_reference.linf_pgd(torch_loss, x_torch, eps=eps, step_size=step_size, steps=steps), torch_sync)}
-  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
+  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds, load=load)
   rows = [[name, batch / median[name], median[name], median["pytorch"] / median[name], calls[name]]
           for name in programs]
   common.print_table(f"PGD {steps} steps, BLIP {preset}, batch {batch} (median of interleaved calls)",
                      ["implementation", "img/s", "s/attack", "speed-up vs PyTorch", "calls"], rows)
   print(f"ratio (PyTorch time / mat_jax time): {median['pytorch'] / median['mat_jax']:.2f}x")
+  load.print()
   return 0

@@ -43,13 +43,22 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, min_seconds: float = 3.
 
 
 def interleaved_medians(programs: dict[Any, tuple[Callable[[], Any], Callable[[Any], Any]]], *, rounds: int,
-                        seconds: float) -> tuple[dict[Any, float], dict[Any, int]]:
+                        seconds: float, load: LoadWatch | None = None,
+                        warmed: Callable[[Any, float], None] | None = None) -> tuple[dict[Any, float], dict[Any, int]]:
   """Median seconds per call of each `programs[key] = (fn, sync)`, timed round by round (one call of each
-  per round) so that a change in the machine's load hits every program alike; the first call of each is a
-  warm-up (compilation). Runs at least `rounds` rounds and for at least `seconds`; returns the medians and
-  the number of timed calls."""
-  for fn, sync in programs.values():
+  per round) so that the machine's drift between fast and slow minutes hits every program alike; the first
+  call of each is a warm-up (compilation), reported to `warmed(key, seconds)` as it ends. Runs at least
+  `rounds` rounds and for at least `seconds`; returns the medians and the number of timed calls; `load`
+  samples the load average after each round.
+
+  Interleaving does not make a ratio independent of other jobs' load: under load PyTorch's threads slow
+  far more than XLA's (2 threads 5.6x slower than 1 at load 5.7 on 2 cores, eager PyTorch PGD), so the
+  suites print the load next to their results (`LoadWatch`)."""
+  for key, (fn, sync) in programs.items():
+    t0 = time.perf_counter()
     sync(fn())
+    if warmed is not None:
+      warmed(key, time.perf_counter() - t0)
   times: dict[Any, list[float]] = {key: [] for key in programs}
   start = time.perf_counter()
   while min(map(len, times.values())) < rounds or time.perf_counter() - start < seconds:
@@ -57,7 +66,55 @@ def interleaved_medians(programs: dict[Any, tuple[Callable[[], Any], Callable[[A
       t0 = time.perf_counter()
       sync(fn())
       times[key].append(time.perf_counter() - t0)
+    if load is not None:
+      load.sample()
   return {key: statistics.median(v) for key, v in times.items()}, {key: len(v) for key, v in times.items()}
+
+
+def load_average() -> float | None:
+  """The machine's 1-minute load average, or None where the system does not report one."""
+  try:
+    return os.getloadavg()[0]
+  except (AttributeError, OSError):
+    return None
+
+
+class LoadWatch:
+  """The 1-minute load average before a benchmark starts and its highest value while it runs, printed next
+  to the results: other jobs slow PyTorch's threads far more than XLA's, so a ratio measured under load is
+  not comparable with a quiet machine's. Before the run, a load above the usable cores means other jobs
+  compete for them; during it the benchmark's own threads add up to `usable_cores()` to the load, so
+  there the warning waits for one core more."""
+
+  def __init__(self, cores: int | None = None):
+    self.cores = cores or usable_cores()
+    self.before = load_average()
+    self.during: float | None = None
+
+  def sample(self) -> None:
+    now = load_average()
+    if now is not None:
+      self.during = now if self.during is None else max(self.during, now)
+
+  def report(self) -> list[str]:
+    """The load line and, when other jobs loaded the machine before or during the run, a warning."""
+    self.sample()
+    if self.before is None and self.during is None:
+      return ["load average: not reported by this system"]
+    shown = "; ".join(f"{value:.1f} {when}" for when, value in (("before the run", self.before),
+                                                                 ("at most during it", self.during))
+                      if value is not None)
+    lines = [f"load average (1 min): {shown}; {self.cores} usable cores"]
+    over = [value for value, limit in ((self.before, self.cores), (self.during, self.cores + 1))
+            if value is not None and value > limit]
+    if over:
+      lines.append(f"warning: load average {max(over):.1f} on {self.cores} usable cores: PyTorch's threads slow more "
+                   "than XLA's under load; ratios are not comparable with a quiet machine's")
+    return lines
+
+  def print(self) -> None:
+    for line in self.report():
+      print(line)
 
 
 def compiled_flops(jitted: Callable, *args: Any, **kwargs: Any) -> float:
@@ -108,7 +165,8 @@ class Peak:
 
 
 def matmul_peak(size: int = 2048, dtype: str = "float32", min_seconds: float = 2.0) -> Peak:
-  """Measure a square matmul in JAX (and PyTorch, if installed) and keep the faster rate."""
+  """Measure a square matmul in JAX (and PyTorch, if installed) and keep the faster rate (PyTorch's is a
+  512x512 probe's where that runs at under a tenth of XLA's rate)."""
   flops = 2.0 * size**3
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
   mm = jax.jit(lambda x, y: x @ y)
@@ -121,8 +179,20 @@ def matmul_peak(size: int = 2048, dtype: str = "float32", min_seconds: float = 2
   else:
     t = torch.from_numpy(np.array(a, np.float32)).to(getattr(torch, dtype))  # a writable copy
     with torch.no_grad():
-      torch_rate = flops / time_call(lambda: t @ t, min_seconds=min_seconds, sync=lambda x: x) / 1e9
+      # A 512x512 probe first (best of 3 calls): a PyTorch path at a tenth of XLA's rate cannot be the peak,
+      # and timing it in full can take minutes (bf16 matmuls on a CPU without bf16 instructions).
+      probe = t[:512, :512].contiguous()
+      probe_s = min(_seconds(lambda: probe @ probe) for _ in range(3))
+      torch_rate = 2.0 * 512**3 / probe_s / 1e9
+      if torch_rate >= jax_rate / 10:
+        torch_rate = flops / time_call(lambda: t @ t, min_seconds=min_seconds, sync=lambda x: x) / 1e9
   return Peak(jax_rate, torch_rate, size, dtype)
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
 
 
 # Dense matmul peaks in TFLOP/s per device from the vendors' data sheets (SXM parts for NVIDIA), by
@@ -160,6 +230,19 @@ def peak_gflops(dtype: str = "float32") -> tuple[float, str]:
     return known * 1e3, f"{kind} data sheet, {dtype}"
   peak = matmul_peak(dtype=dtype)
   return peak.gflops, f"measured {peak.size}x{peak.size} {peak.dtype} matmul"
+
+
+def utilisation(gflops: dict[Any, float],
+                dtypes: dict[Any, str]) -> tuple[dict[Any, str], dict[str, tuple[float, str]]]:
+  """Each row's achieved `gflops[key]` as a share of the peak of the dtype it computes in, `dtypes[key]`
+  (a PyTorch bf16 row against the bf16 peak, a float32 row against float32's), and the peaks used: the
+  `peak_gflops` of each dtype, looked up (or measured) once."""
+  peaks = {dtype: peak_gflops(dtype) for dtype in dict.fromkeys(dtypes[key] for key in gflops)}
+  return {key: f"{100 * rate / peaks[dtypes[key]][0]:.1f}%" for key, rate in gflops.items()}, peaks
+
+
+def describe_peaks(peaks: dict[str, tuple[float, str]]) -> str:
+  return "; ".join(f"{dtype} {gflops:,.0f} GFLOP/s ({source})" for dtype, (gflops, source) in peaks.items())
 
 
 def device_summary() -> str:

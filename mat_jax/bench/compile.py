@@ -1,10 +1,11 @@
 """`python -m mat_jax.bench compile`: compile seconds of the MAT step, PGD and SGA, cold and warm.
 
 Each measurement runs in a fresh Python process (JAX keeps compiled programs in memory, so only a new
-process shows what the persistent cache saves): the cold process gets an empty temporary cache directory,
-the warm one the same directory, now filled by the cold run. A program's compile seconds are its first
-call minus a second, steady call: tracing, lowering and XLA compilation (or the cache lookup), as a user
-waits for them. The last line is `compile: cold X s, warm Y s` (the sums over the three programs).
+process shows what the persistent cache saves): the cold process gets an empty cache directory (a fresh
+temporary one, or `--cache-dir`, which must be empty or new), the warm one the same directory, now filled
+by the cold run. A program's compile seconds are its first call minus a second, steady call: tracing,
+lowering and XLA compilation (or the cache lookup), as a user waits for them. The last line is
+`compile: cold X s, warm Y s` (the sums over the three programs).
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--scan-layers", action="store_true",
                       help="run the encoder blocks as one lax.scan (CLIPConfig.scan_layers)")
   parser.add_argument("--cache-dir", default=None,
-                      help="persistent cache directory to measure in (default: a fresh temporary one)")
+                      help="persistent cache directory to measure in, empty or new (a filled one would make the "
+                           "cold run warm; default: a fresh temporary one)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -72,11 +74,29 @@ def _programs(args: argparse.Namespace) -> list[str]:
   return chosen
 
 
+def _check_cache_dir(path: str) -> None:
+  """The cold run needs an empty cache: entries already in `path` would make it a warm run."""
+  if os.path.isdir(path):
+    with os.scandir(path) as entries:
+      filled = any(entries)
+    if filled:
+      raise SystemExit(f"--cache-dir {path}: the directory is not empty; the cold run would load its entries "
+                       "and report a warm compile as cold. Give an empty or new directory")
+  elif os.path.exists(path):
+    raise SystemExit(f"--cache-dir {path}: not a directory")
+
+
 def run(args: argparse.Namespace) -> int:
   programs = _programs(args)
   if args.worker:
     print(_RESULT_PREFIX + json.dumps(measure(args, programs)), flush=True)
     return 0
+  if args.cache_dir:
+    _check_cache_dir(args.cache_dir)
+  # This process only asks which device there is; on a GPU it must not take 75% of its memory (JAX's
+  # default preallocation) while the measuring processes run. They get the environment as it was.
+  child_env = dict(os.environ)
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   preset, batch = _defaults(args)
   print(f"compile: CLIP {preset}, batch {batch}, {resolve_dtype(args.dtype)}, programs {','.join(programs)} on "
         f"{common.device_summary()}; "
@@ -85,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     cache = args.cache_dir or tmp
     runs = {}
     for label in ("cold", "warm"):
-      runs[label] = _worker(args, preset, batch, programs, cache)
+      runs[label] = _worker(args, preset, batch, programs, cache, child_env)
       files = sum(len(f) for _, _, f in os.walk(cache))
       print(f"{label}: " + ", ".join(f"{p} {runs[label][p]:.2f} s ({runs[label][p + '_cpu']:.2f} CPU s)"
                                      for p in programs)
@@ -98,14 +118,15 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
-def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[str], cache: str) -> dict:
-  """Run the measurement in a new process with `cache` as its persistent compilation cache."""
+def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[str], cache: str,
+            base_env: dict[str, str]) -> dict:
+  """Run the measurement in a new process with `base_env` and `cache` as its persistent compilation cache."""
   command = [sys.executable, "-m", "mat_jax.bench", "compile", "--worker", "--preset", preset,
              "--batch", str(batch), "--programs", ",".join(programs)]
   command += ["--dtype", args.dtype]
   if args.scan_layers:
     command.append("--scan-layers")
-  env = dict(os.environ, MAT_JAX_COMPILATION_CACHE=cache)
+  env = dict(base_env, MAT_JAX_COMPILATION_CACHE=cache)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # it would win over the directory under test
   proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
   lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]

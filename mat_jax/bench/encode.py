@@ -6,9 +6,10 @@ same device. Two passes are timed: the forward (features of a batch), and forwar
 (the gradient of the summed features with respect to the input, what every attack step computes; the
 weights are frozen on both sides). PyTorch runs in the variants of `--torch` (eager or torch.compile,
 float32 or bf16 autocast; `mat_jax.bench.torch_reference`). Calls of all programs are interleaved round
-by round, so a change in the machine's load hits every implementation alike; each figure is the median
-over rounds. Utilisation is against the device's data-sheet peak on a known accelerator, else against a
-matmul measured in the run.
+by round, so the machine's drift hits every implementation alike; each figure is the median over rounds.
+Interleaving does not even out other jobs' load, which slows PyTorch more than XLA: the load average is
+printed with the results. Each row's utilisation is against the peak of the precision it computes in:
+the device's data sheet on a known accelerator, else a matmul measured in the run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
   import transformers
 
 
+  load = common.LoadWatch()
   variants = torch_reference.parse_variants(args.torch)
   device = torch_reference.device()
   torch_sync = torch_reference.synchronizer(device)
@@ -118,20 +120,24 @@ def run(args: argparse.Namespace) -> int:
         f"pixel gradients max rel diff {rel(grad_j, grad_t):.2e}")
 
   # ---- timing: warm-up (torch.compile and XLA compile there), then interleaved rounds
-  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds)
+  median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds, load=load)
 
-  peak_gflops, peak_source = common.peak_gflops(args.dtype)
+  # Each row's utilisation is against the peak of the precision it computes in.
+  dtypes = torch_reference.compute_dtypes(args.dtype, variants)
+  gflops = {(name, impl): flops[name] / seconds / 1e9 for (name, impl), seconds in median.items()}
+  shares, peaks = common.utilisation(gflops, {key: dtypes[key[1]] for key in gflops})
   rows = []
   for name in ("forward", "forward+backward"):
     t_jax = median[(name, "mat_jax")]
     for impl in ["mat_jax", *(v.name for v in variants)]:
-      seconds = median[(name, impl)]
-      gflops = flops[name] / seconds / 1e9
-      rows.append([name, impl, batch / seconds, f"{seconds / t_jax:.2f}x", gflops,
-                   f"{100 * gflops / peak_gflops:.1f}%", calls[(name, impl)]])
+      key = (name, impl)
+      rows.append([name, impl, batch / median[key], f"{median[key] / t_jax:.2f}x", gflops[key], dtypes[impl],
+                   shares[key], calls[key]])
   common.print_table(
       f"CLIP {args.preset} image encoding, batch {batch} (median of interleaved calls)",
-      ["pass", "implementation", "img/s", "mat_jax speed-up", "GFLOP/s", "of peak", "calls"], rows)
+      ["pass", "implementation", "img/s", "mat_jax speed-up", "GFLOP/s", "computes in", "of its peak", "calls"],
+      rows)
   print(f"\nFLOPs per call ({flop_source}): forward {flops['forward'] / 1e9:.4g} G, forward+backward "
-        f"{flops['forward+backward'] / 1e9:.4g} G; peak {peak_gflops:,.0f} GFLOP/s ({peak_source})")
+        f"{flops['forward+backward'] / 1e9:.4g} G; peaks: {common.describe_peaks(peaks)}")
+  load.print()
   return 0

@@ -45,6 +45,11 @@ class Variant:
   def name(self) -> str:
     return "PyTorch " + self.mode + ("" if self.precision == "float32" else " bf16")
 
+  @property
+  def dtype(self) -> str:
+    """The dtype its matmuls compute in, as mat_jax names compute dtypes (the key of a device's peak)."""
+    return "bfloat16" if self.precision == "bf16" else "float32"
+
   def wrap(self, fn: Callable[..., Any], device: Any) -> Callable[..., Any]:
     """`fn`, a function that calls the model, run in this variant's precision (an autocast context on
     `device`; its backward then runs in the same dtypes) and mode (compiled at its first call per input
@@ -60,6 +65,19 @@ class Variant:
     if self.mode == "compile":
       return torch.compile(in_precision, backend=self.backend)
     return in_precision
+
+
+def for_dtype(dtype: str, mode: str = "eager") -> Variant:
+  """The variant that computes in mat_jax's compute dtype `dtype` (bfloat16: bf16 autocast)."""
+  precisions = {"float32": "float32", "bfloat16": "bf16"}
+  if str(dtype) not in precisions:
+    raise ValueError(f"no PyTorch variant computes in {dtype!r}; choose from {sorted(precisions)}")
+  return Variant(mode, precisions[str(dtype)])
+
+
+def compute_dtypes(mat_jax_dtype: str, variants: list[Variant]) -> dict[str, str]:
+  """The dtype each implementation of a benchmark computes in, by row name: "mat_jax" and each variant's."""
+  return {"mat_jax": str(mat_jax_dtype), **{variant.name: variant.dtype for variant in variants}}
 
 
 def parse_variants(text: str | None) -> list[Variant]:

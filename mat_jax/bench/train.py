@@ -13,19 +13,22 @@ The step is MAT's (mat_jax.objectives.mat):
      captions;
   3. contrastive loss on the adversarial pairs, gradients, AdamW update.
 
-PyTorch runs it twice over: as the reference implementations do (`TorchMAT`: eager, the text attack
-caption by caption, one batch of masked texts per caption, one batch of candidates per word; PGD with
-autograd on the pixels, then `loss.backward()` and `optimizer.step()`), and batched (`BatchedTorchMAT`:
-the text attack's texts built once on the host, then encoded in three calls, no host round trip in the
-step) in the variants of `--torch` (eager or torch.compile, float32 or bf16 autocast, on JAX's device;
-`mat_jax.bench.torch_reference`), the strongest reference. All pad texts to the same length and see
-the same candidates. The implementations are timed round by round, one step of each per round, so a
-change in the machine's speed hits them alike. Printed: images/s of each, the ratio, mat_jax's achieved
+PyTorch runs it twice over: as the reference implementations do (`TorchMAT`: eager, in mat_jax's precision
+(bf16 autocast when mat_jax computes in bfloat16), the text attack caption by caption, one batch of masked
+texts per caption, one batch of candidates per word; PGD with autograd on the pixels, then
+`loss.backward()` and `optimizer.step()`), and batched (`BatchedTorchMAT`: the text attack's texts built
+once on the host, then encoded in three calls, no host round trip in the step) in the variants of
+`--torch` (eager or torch.compile, float32 or bf16 autocast, on JAX's device;
+`mat_jax.bench.torch_reference`), the strongest reference. All pad texts to the same length and see the
+same candidates. mat_jax's first call and compile seconds are printed as soon as they are measured, each
+reference's warm-up as it ends; then the implementations are timed round by round, one step of each per
+round, so the machine's drift hits them alike. Printed: images/s of each, the ratio, mat_jax's achieved
 GFLOP/s (XLA's count of the step, in which a loop body counts once: a lower bound) as a fraction of the
-device's peak (a known accelerator's data sheet, else a matmul measured in the run), and the number of
-compilations of the step in the run (one per batch shape). The batch is `--batch` images per device (8
-on CPU, 64 on an accelerator); mat_jax computes in `--dtype` (auto: bfloat16 on GPU/TPU, the
-mixed-precision policy of `python -m mat_jax.train`).
+device's peak (a known accelerator's data sheet, else a matmul measured in the run), the number of
+compilations of the step in the run (one per batch shape), and the machine's load average (other jobs slow
+PyTorch more than XLA). The batch is `--batch` images per device (8 on CPU, 64 on an accelerator); mat_jax
+computes in `--dtype` (auto: bfloat16 on GPU/TPU, the mixed-precision policy of
+`python -m mat_jax.train`).
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ class TorchMAT:
   """MAT's step in eager PyTorch on a transformers CLIPModel, structured as the references run it."""
 
   def __init__(self, model, batch: dict, meta, *, eps: float, step_size: float, steps: int, lr: float,
-               device: Any = "cpu"):
+               device: Any = "cpu", variant: Any = None):
     import torch
 
     self.torch = torch
@@ -130,6 +133,11 @@ class TorchMAT:
     self.image_features = lambda pixels: self.model.get_image_features(pixel_values=pixels).pooler_output
     self.text_features = lambda ids, mask: self.model.get_text_features(input_ids=ids,
                                                                         attention_mask=mask).pooler_output
+    # `variant` runs them compiled and/or in bf16 autocast; the loops, backward and AdamW stay eager around
+    # them (`torch_reference`), and what they return is scored in float32, as mat_jax scores.
+    if variant is not None:
+      self.image_features = variant.wrap(self.image_features, self.device)
+      self.text_features = variant.wrap(self.text_features, self.device)
 
   # -- text helpers (host lists of word pieces -> padded id tensors)
   def _ids(self, texts: list[list[list[int]]]):
@@ -143,7 +151,7 @@ class TorchMAT:
     return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
   def _text_features(self, texts):
-    return self.text_features(*self._ids(texts))
+    return self.text_features(*self._ids(texts)).float()
 
   def _caption(self, n: int):
     b = self.batch
@@ -154,6 +162,7 @@ class TorchMAT:
     """Per caption: importance of each attackable word, then greedy substitution (1 word)."""
     torch, b = self.torch, self.batch
     normalise = torch.nn.functional.normalize
+    guide = guide.float()
     mask_word = list(b["cand_mask_pieces"][0, : b["cand_mask_length"][0]])
     adversarial = []
     for n in range(len(b["captions"])):
@@ -236,7 +245,7 @@ class BatchedTorchMAT(TorchMAT):
   autocast; PGD's loop, the backward and AdamW stay eager around them (`torch_reference`).
   """
 
-  def __init__(self, model, batch: dict, meta, *, variant: Any = None, **kwargs):
+  def __init__(self, model, batch: dict, meta, **kwargs):
     super().__init__(model, batch, meta, **kwargs)
     torch = self.torch
     mask_word = list(batch["cand_mask_pieces"][0, : batch["cand_mask_length"][0]])
@@ -259,9 +268,6 @@ class BatchedTorchMAT(TorchMAT):
     self.sub_valid = torch.from_numpy(np.asarray(batch["cand_sub_lengths"]) > 0).to(self.device) & \
         self.target_valid[..., None]
     self.shape = (n, a, k)
-    if variant is not None:
-      self.image_features = variant.wrap(self.image_features, self.device)
-      self.text_features = variant.wrap(self.text_features, self.device)
 
   def text_attack(self, guide):
     torch = self.torch
@@ -290,12 +296,51 @@ class BatchedTorchMAT(TorchMAT):
 
 # ----------------------------------------------------------------------------------------------------
 
+MAT_JAX = "mat_jax (jit)"
+
+
+def torch_references(model, batch: dict, meta, *, dtype: str, variants: list, device: Any) -> dict:
+  """The PyTorch steps `bench train` times, by row name: (step, sync). The references' per-caption loop
+  runs eager in mat_jax's compute dtype `dtype` (bf16 autocast for bfloat16, as the batched bf16
+  variants), so its ratio compares implementations, not precisions; the batched step in each variant."""
+  sync = torch_reference.synchronizer(device)
+  settings = dict(eps=2 / 255, step_size=1 / 255, steps=2, lr=1e-5, device=device)
+  loop_variant = torch_reference.for_dtype(dtype)
+  programs = {f"{loop_variant.name}, per-caption loop": (
+      TorchMAT(model, batch, meta, variant=loop_variant, **settings).step, sync)}
+  for variant in variants:
+    programs[f"{variant.name}, batched"] = (BatchedTorchMAT(model, batch, meta, variant=variant, **settings).step,
+                                            sync)
+  return programs
+
+
+def time_against_references(jax_step, first_call: float, references: dict, *, rounds: int, where: str,
+                            load: common.LoadWatch | None = None) -> dict[str, float]:
+  """Median seconds per step of mat_jax's `jax_step` (whose first call took `first_call` seconds) and of
+  each `references[name] = (step, sync)`. mat_jax's compile figures are printed at once, before the
+  references' warm-up (torch.compile can take minutes), and each warm-up as it ends; then one step of
+  each per round, so the machine's drift hits them alike (the ratio is taken under the same conditions)."""
+  start = time.perf_counter()
+  common.block(jax_step())
+  steady = time.perf_counter() - start
+  print(f"mat_jax: first call {first_call:.1f} s, then {steady:.3f} s: compiled in {first_call - steady:.1f} s "
+        f"(trace, lowering and compilation; {where})", flush=True)
+
+  def warmed(name, seconds):
+    if name != MAT_JAX:
+      print(f"{name}: first step (warm-up) {seconds:.1f} s", flush=True)
+
+  seconds, _ = common.interleaved_medians({MAT_JAX: (jax_step, common.block), **references}, rounds=rounds,
+                                          seconds=0.0, load=load, warmed=warmed)
+  return seconds
+
 
 def run(args: argparse.Namespace) -> int:
   import torch
   import transformers
 
 
+  load = common.LoadWatch()
   cores = common.usable_cores()
   torch.set_num_threads(cores)
   on_cpu = jax.default_backend() == "cpu"
@@ -340,31 +385,23 @@ def run(args: argparse.Namespace) -> int:
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost or {}).get("flops", 0.0))
   common.block(jax_step())
   first_call = time.perf_counter() - start
-  programs = {"mat_jax (jit)": (jax_step, common.block)}
+  cache = runtime.compilation_cache_dir()
+  where = f"persistent cache {cache}: a load if it held the program" if cache else "persistent cache off"
+  references = {}
   if not args.no_torch:
     hf.train()
     device = torch_reference.device()
-    sync = torch_reference.synchronizer(device)
     variants = torch_reference.parse_variants(args.torch)
-    settings = dict(eps=2 / 255, step_size=1 / 255, steps=2, lr=1e-5, device=device)
-    programs["PyTorch eager, per-caption loop"] = (TorchMAT(hf, batch, meta, **settings).step, sync)
-    for variant in variants:
-      programs[f"{variant.name}, batched"] = (BatchedTorchMAT(hf, batch, meta, variant=variant, **settings).step, sync)
-  # One step of each implementation per round, so the machine's drift hits them alike (the ratio is
-  # taken under the same conditions); each first call is a warm-up.
-  seconds, _ = common.interleaved_medians(programs, rounds=args.steps, seconds=0.0)
-  jax_seconds = seconds["mat_jax (jit)"]
+    references = torch_references(hf, batch, meta, dtype=dtype, variants=variants, device=device)
+    print(f"PyTorch: {torch_reference.describe([torch_reference.for_dtype(dtype)], device)} (the per-caption "
+          f"loop); {torch_reference.describe(variants, device)} (the batched step's variants)", flush=True)
+  seconds = time_against_references(jax_step, first_call, references, rounds=args.steps, where=where, load=load)
+  jax_seconds = seconds[MAT_JAX]
   metrics = jax.device_get(jax_step())
-  compile_seconds = first_call - jax_seconds
-  cache = runtime.compilation_cache_dir()
-  where = f"persistent cache {cache}: a load if it held the program" if cache else "persistent cache off"
-  print(f"mat_jax: {jax_seconds:.3f} s/step; compiled in {compile_seconds:.1f}s (trace, lowering and compilation; "
-        f"{where}); loss {float(metrics['loss']):.3f}, "
+  print(f"mat_jax: {jax_seconds:.3f} s/step (median); loss {float(metrics['loss']):.3f}, "
         f"captions changed {float(metrics['text_changed']):.2f}")
   # Speed-up: the implementation's time / mat_jax's.
   rows = [[name, global_batch / t, t, t / jax_seconds] for name, t in seconds.items()]
-  if not args.no_torch:
-    print(f"PyTorch: {torch_reference.describe(variants, device)} (the batched step's variants)")
 
   common.print_table("MAT train step", ["implementation", "images/s", "s/step", "mat_jax speed-up"], rows)
   if flops > 0:
@@ -376,4 +413,6 @@ def run(args: argparse.Namespace) -> int:
   else:
     print("\nmat_jax: FLOPs not counted (this backend's cost analysis returns none for the lowered step)")
   print(f"compilations of the train step in this run: {step._cache_size()} (one batch shape)")
+  load.print()
   return 0
+
