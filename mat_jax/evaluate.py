@@ -60,6 +60,9 @@ ATTACKS = attack_specs.NAMES  # every attack of the registry
 DEFAULT_ATTACKS = ("pgd", "apgd", "bert", "sep", "co", "sga")  # the references' evaluation attacks
 TEXT_ONLY = tuple(n for n, s in attack_specs.ATTACKS.items() if not s.attacks_image)
 NEEDS_TEXT_SOURCE = tuple(n for n, s in attack_specs.ATTACKS.items() if s.attacks_text)
+# Attacks that ascend a contrastive loss whose negatives are the other captions of the image's batch
+# (tecoa, mat, mmcoa): their strength depends on the batch size, and one image alone is not attacked.
+BATCH_CONTRASTIVE = tuple(n for n, s in attack_specs.ATTACKS.items() if s.loss == "contrastive")
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
 # Per-query arrays of keep_ranks, not written to JSON.
@@ -145,28 +148,33 @@ def _image_to_texts(text_to_image: np.ndarray, n_images: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Batch:
-  images: np.ndarray        # int (B,): image indices (the last batch repeats its last image)
-  count: int                # real images in the batch (the first `count` rows)
+  images: np.ndarray        # int (B,): image indices; the last batch continues from the set's first images
+  count: int                # images this batch evaluates (the first `count` rows); the rest are batch-mates only
   captions: np.ndarray      # int (B, K): caption indices; padding slots repeat the image's first caption
-  weights: np.ndarray       # float32 (B, K): 1 for real images' real caption slots, 0 for padding slots and rows
+  weights: np.ndarray       # float32 (B, K): 1 for real caption slots (batch-mate rows included), 0 for padding slots
 
   def real_captions(self) -> tuple[np.ndarray, np.ndarray]:
-    """(positions in the flattened B*K batch, caption indices) of the real captions of real images."""
-    flat = np.flatnonzero(self.weights.reshape(-1) > 0)
+    """(positions in the flattened B*K batch, caption indices) of the real captions of the evaluated rows."""
+    weights = self.weights.copy()
+    weights[self.count:] = 0.0
+    flat = np.flatnonzero(weights.reshape(-1) > 0)
     return flat, self.captions.reshape(-1)[flat]
 
 
 def _batches(image_to_texts: np.ndarray, batch_size: int) -> list[_Batch]:
-  """Fixed-size batches; the last repeats its last image, and those rows' captions weigh 0, so a loss
-  over the batch's captions (the contrastive attacks' negatives) sees the real captions only."""
+  """Fixed-size batches of real images. The last, partial batch is filled up with the set's first images
+  (wrapping around) as batch-mates whose results are dropped: the contrastive attacks (tecoa, mat, mmcoa)
+  take their negatives from the batch's captions, so every image is attacked among batch_size real
+  batch-mates; the other attacks treat each image on its own, and the fill leaves their results as they are."""
   n = len(image_to_texts)
+  if not 1 <= batch_size <= n:
+    raise ValueError(f"batch_size={batch_size} must be between 1 and the number of images ({n})")
   out = []
   for start in range(0, n, batch_size):
-    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+    idx = np.arange(start, start + batch_size) % n
     count = int(min(batch_size, n - start))
     slots = image_to_texts[idx]
     weights = (slots >= 0).astype(np.float32)
-    weights[count:] = 0.0
     out.append(_Batch(idx, count, np.where(slots >= 0, slots, slots[:, :1]), weights))
   return out
 
@@ -193,10 +201,25 @@ def check_eps_255(eps_255: Sequence[float], norm: str = "linf", *, name: str = "
     if norm == "linf" and e > 255:
       raise InputError(f"{name}={e:g} is more than the whole pixel range: budgets are in 1/255 units "
                        "(2 means 2/255)")
+  clash = _key_clash(eps_255)
+  if clash:
+    raise InputError(f"{name}: {clash}")
 
 
 def _eps_key(eps_255: float) -> str:
+  """A budget's key in the results (6 significant digits)."""
   return f"{eps_255:g}"
+
+
+def _key_clash(eps_255: Sequence[float]) -> str | None:
+  """Why two different budgets would share one results key (one overwriting the other), or None."""
+  seen: dict[str, float] = {}
+  for e in eps_255:
+    first = seen.setdefault(_eps_key(e), float(e))
+    if first != float(e):
+      return (f"budgets {first!r} and {float(e)!r} are both reported as eps {_eps_key(e)!r}; give budgets that "
+              "differ within 6 significant digits")
+  return None
 
 
 def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=None, *,
@@ -216,6 +239,10 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   (`NEEDS_TEXT_SOURCE`: bert, sep, co, sga, mat, mmcoa).
   surrogate: a `Victim` (or CLIP with its tokenizer as `(model, tokenizer)`)
   that generates the attacks instead of the target (transfer). limit: evaluate the first N images.
+  batch_size: images per attack batch (at most N; the last batch is filled up with the first images as
+  batch-mates). The contrastive attacks (`BATCH_CONTRASTIVE`: tecoa, mat, mmcoa) take their negatives
+  from the batch's captions, so their strength depends on it and they need at least 2; random starts
+  are keyed by the batch's index, so `seed` reproduces the numbers at one batch size.
   log: if given, receives one line per attack and budget (R@1 and the time taken).
   itm_k: for a target with an ITM head (BLIP), rank by ITC and re-rank each query's top itm_k by ITM
   (`mat_jax.rerank`, BLIP's evaluation); None ranks by ITC similarity alone.
@@ -241,9 +268,12 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   attacker = surrogate or target
   if limit is not None and limit < 1:
     raise InputError(f"limit={limit}: evaluate at least 1 image (or None for all)")
+  if batch_size < 1:
+    raise InputError(f"batch_size={batch_size}: attack at least 1 image per batch")
   if settings.steps < 1 or settings.apgd_steps < 1:
     raise InputError(f"attack steps must be at least 1, got steps={settings.steps}, apgd_steps={settings.apgd_steps}")
   check_eps_255(eps_255, settings.norm)
+  eps_255 = list(dict.fromkeys(float(e) for e in eps_255))  # a repeated budget is attacked once
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
     raise attack_specs.UnknownAttackError(f"unknown attacks {unknown}; choose from {ATTACKS}")
@@ -270,7 +300,12 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   if len(captions) != len(text_to_image):
     raise ValueError(f"{len(captions)} captions but {len(text_to_image)} text_to_image entries")
   image_to_texts = _image_to_texts(text_to_image, n_images)
-  batch_size = max(1, min(batch_size, n_images))
+  batch_size = min(batch_size, n_images)
+  contrastive = [a for a in attacks if a in BATCH_CONTRASTIVE]
+  if contrastive and batch_size < 2:
+    raise InputError(f"attacks {contrastive} ascend a contrastive loss whose negatives are the other captions of "
+                     f"the image's batch; with {batch_size} image per batch there are none and the image is not "
+                     "attacked: use a batch size of at least 2 (--batch-size) on at least 2 images")
   batches = _batches(image_to_texts, batch_size)
   caption_list = [str(c) for c in captions]
 
@@ -496,12 +531,34 @@ def _progress(total: int, enabled: bool):
 # Reporting: table, JSON, plot
 # ----------------------------------------------------------------------------------------------------
 
+# Below every table: what the recall columns' abbreviations stand for.
+RECALL_FOOTER = ("tr = text retrieval (image -> text), ir = image retrieval (text -> image); "
+                 "@k: a right match in the top k")
+
+
+def _l2(results: dict) -> bool:
+  return results.get("settings", {}).get("norm") == "l2"
+
+
+def settings_line(results: dict) -> str:
+  """The settings the numbers hold for, for titles: the norm, the steps, the seed and the batch size
+  (the contrastive attacks' negatives and the random starts depend on it)."""
+  s = results.get("settings", {})
+  parts = ["L2 radius in 1/255 units" if _l2(results) else "L-inf eps in 1/255 units"]
+  if "steps" in s:
+    apgd = f" (APGD {s['apgd_steps']})" if "apgd" in results.get("attacks", {}) and "apgd_steps" in s else ""
+    parts.append(f"{s['steps']} steps{apgd}")
+  parts += [f"{name} {s[key]}" for key, name in (("seed", "seed"), ("batch_size", "batch size")) if key in s]
+  return ", ".join(parts)
+
+
 def table_rows(results: dict) -> tuple[list[str], list[list[Any]]]:
   """Header and rows; with meaning-aware scores, also the label-flip share and the ASR of the
   meaning-preserving attack ("-" where an attack changes no text)."""
   entries = [r for per_eps in results["attacks"].values() for r in per_eps.values()]
   meaning = any("label_flip_share" in r for r in entries)
-  header = ["attack", "eps(/255)", *metrics.RECALL_KEYS, "drop tr@1", "drop ir@1", "ASR tr@1", "ASR ir@1"]
+  budget = "L2 radius(/255)" if _l2(results) else "Linf eps(/255)"
+  header = ["attack", budget, *metrics.RECALL_KEYS, "drop tr@1", "drop ir@1", "ASR tr@1", "ASR ir@1"]
   if meaning:
     header += ["flips %", "ASR-mp tr@1", "ASR-mp ir@1"]
   rows = [["clean", "-", *(results["clean"][k] for k in metrics.RECALL_KEYS), "-", "-", "-", "-"]
@@ -519,16 +576,20 @@ def table_rows(results: dict) -> tuple[list[str], list[list[Any]]]:
 
 def format_table(results: dict, title: str | None = None) -> str:
   """The results as an aligned text table (recalls and drops in %, ASR in % of the clean hits; flips in %
-  of the changed captions; ASR-mp: the meaning-preserving attack's ASR)."""
+  of the changed captions; ASR-mp: the meaning-preserving attack's ASR): the title, the `settings_line`
+  of an evaluation's results, the table and `RECALL_FOOTER`."""
   header, rows = table_rows(results)
   cells = [header] + [[c if isinstance(c, str) else f"{c:.1f}" for c in row] for row in rows]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
   lines = [title] if title else []
+  if "settings" in results:
+    lines.append(settings_line(results))
   for i, row in enumerate(cells):
     lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
                            for j, (c, w) in enumerate(zip(row, widths, strict=True))))
     if i == 0:
       lines.append("  ".join("-" * w for w in widths))
+  lines.append(RECALL_FOOTER)
   return "\n".join(lines)
 
 
@@ -568,13 +629,13 @@ def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMAR
         continue
       eps = sorted(per_eps, key=float)
       ax.plot([float(e) for e in eps], [per_eps[e]["recall"][key] for e in eps], marker="o", label=attack)
-    ax.set_xlabel("eps (x 1/255)")
+    ax.set_xlabel("L2 radius (x 1/255)" if _l2(results) else "L-inf eps (x 1/255)")
     ax.set_ylabel(f"{key.upper()} (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=8)
   title = f"{results['target']}" + (f" (attacks from {results['surrogate']})" if results.get("surrogate") else "")
-  fig.suptitle(title)
+  fig.suptitle(f"{title}\n{settings_line(results)}", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -613,7 +674,8 @@ def load_dataset(name: str, tokenizer: Tokenizer, image_size: int, *, split: str
 def eps_budgets(text: str) -> list[float]:
   """The argparse type of --eps: "1,2,4" -> [1.0, 2.0, 4.0], budgets in 1/255 units, checked before any work
   (a NaN or infinite budget would be reported as 0% accuracy, or fail writing the results after the whole
-  evaluation). A repeated value counts once (it would be attacked twice for one result)."""
+  evaluation). A repeated value counts once (it would be attacked twice for one result); two values that
+  share one results key (`{:g}`, 6 significant digits) are refused (one result would overwrite the other)."""
   try:
     budgets = list(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
   except ValueError:
@@ -622,6 +684,9 @@ def eps_budgets(text: str) -> list[float]:
     raise argparse.ArgumentTypeError("no budget given: write at least one in 1/255 units, e.g. 2 or 1,2,4")
   if not all(math.isfinite(e) and e >= 0 for e in budgets):
     raise argparse.ArgumentTypeError(f"budgets are in 1/255 units and must be finite and >= 0, got {budgets}")
+  clash = _key_clash(budgets)
+  if clash:
+    raise argparse.ArgumentTypeError(clash)
   return budgets
 
 

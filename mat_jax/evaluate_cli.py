@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="auto | bert | paraphrase | charedit (auto: bert on shapes data, with the shapes-mlm)")
   p.add_argument("--bert", help="BERT masked LM for --text-source bert: shapes-mlm (the shapes world's, "
                                 "the default on shapes data), a transformers-layout directory or hub id")
-  p.add_argument("--top-k", type=int, default=10)
-  p.add_argument("--max-changes", type=int, default=1)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--top-k", type=int, default=10, help="substitute candidates per word (at least 1)")
+  p.add_argument("--max-changes", type=int, default=1, help="words the text attack may change per caption")
+  p.add_argument("--batch-size", type=int, default=32,
+                 help="images per attack batch; tecoa, mat and mmcoa take their negatives from the batch's "
+                      "captions, so their numbers hold at this size (at least 2 for them)")
+  p.add_argument("--seed", type=int, default=0, help="random starts (reproducible at a fixed --batch-size)")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="compute dtype of the models (auto: bfloat16 on GPU/TPU, float32 on CPU)")
   p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")
@@ -120,6 +122,14 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
   if args.surrogate_tokenizer and not args.surrogate:
     parser.error("--surrogate-tokenizer needs --surrogate (the model the attacks are made on)")
+  if args.batch_size < 1:
+    parser.error(f"--batch-size {args.batch_size}: attack at least 1 image per batch")
+  contrastive = [a for a in args.attacks if a in evaluate_lib.BATCH_CONTRASTIVE]
+  if contrastive and args.batch_size < 2:
+    parser.error(f"--batch-size {args.batch_size}: {','.join(contrastive)} take their negatives from the other "
+                 "captions of the image's batch and do not attack an image alone; use --batch-size 2 or more")
+  if args.top_k < 1:
+    parser.error(f"--top-k {args.top_k}: the text attacks need at least 1 substitute candidate per word")
   if args.itm_k is not None and args.itm_k < 0:
     parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
   # Before the work: an --out that cannot be written would lose the results after the whole evaluation.

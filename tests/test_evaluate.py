@@ -54,6 +54,7 @@ def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatc
   assert loaded["name"] == "shapes" and loaded["image_size"] == SIZE
   printed = capsys.readouterr().out
   assert "clean" in printed and "pgd" in printed and "bert" in printed and "ASR tr@1" in printed
+  assert "L-inf eps in 1/255 units, 2 steps, seed 0, batch size 4" in printed and ev.RECALL_FOOTER in printed
 
   results = json.loads((out / "results.json").read_text())
   assert results["num_images"] == 7 and results["num_texts"] == len(eval_set.captions)
@@ -211,27 +212,109 @@ def test_a_judge_gets_indices_into_the_evaluation_set(model_dir):
   assert all(data.text_to_image[i] < 2 for i in seen)
 
 
-@pytest.mark.parametrize("attack", ["tecoa", "apgd"])
-def test_the_last_batchs_padding_rows_do_not_change_its_real_images_attack(model_dir, attack):
-  # The last batch repeats its last image; with its captions counted, they were extra negatives of
-  # every real image's loss, so the real images' adversarial versions depended on the padding.
-  from mat_jax.attacks.runner import AttackInputs, run_attack
+def test_an_image_alone_in_the_last_batch_is_attacked_among_real_batch_mates(model_dir, monkeypatch):
+  # TeCoA's contrastive loss takes its negatives from the batch's captions: an image alone in the last
+  # batch (N % batch_size == 1) with zero-weight padding has none, a zero gradient, and stays at its
+  # random start. Filled with the set's first images, it is attacked like every other image.
+  from mat_jax.attacks import image as image_attacks
 
   victim = ev.load_victim(str(model_dir))
-  data = _EvalSet(6)
-  tokens = victim.tokenizer(list(data.captions))
-  last = ev._batches(ev._image_to_texts(data.text_to_image, 6), 4)[-1]
-  assert last.count == 2 and not last.weights[last.count:].any()
-  spec = ev.attack_spec(attack, ev.AttackSettings(steps=5), 8 / 255)
+  seen = []
+  real = ev._attack_batch
 
-  def attacked(rows, captions):
-    inputs = AttackInputs(jnp.asarray(data.images[rows].astype(np.float32) / 255),
-                          jnp.asarray(tokens.input_ids[captions]), jnp.asarray(tokens.attention_mask[captions]),
-                          jnp.asarray(last.weights), jnp.asarray(rows))
-    return np.asarray(run_attack(spec, victim.encoder, victim.params, inputs, jax.random.key(3)).images)
+  def spy(attack, v, images, batch, key, *rest):
+    out = real(attack, v, images, batch, key, *rest)
+    seen.append((images, batch, key, np.asarray(out[0])))
+    return out
 
-  as_evaluated = attacked(last.images, last.captions)
-  # Other padding: image 0 and its captions in the padding rows.
-  rows, captions = last.images.copy(), last.captions.copy()
-  rows[last.count:], captions[last.count:] = 0, ev._batches(ev._image_to_texts(data.text_to_image, 6), 4)[0].captions[0]
-  np.testing.assert_array_equal(attacked(rows, captions)[:last.count], as_evaluated[:last.count])
+  monkeypatch.setattr(ev, "_attack_batch", spy)
+  eps = 8 / 255
+  ev.evaluate(victim, eval_set=_EvalSet(5), attacks=("tecoa",), eps_255=(8.0,), batch_size=4, progress=False,
+              settings=ev.AttackSettings(steps=3))
+  images, batch, key, adversarial = seen[-1]
+  assert batch.count == 1 and batch.images[0] == 4
+  start = np.asarray(image_attacks.random_init(jax.random.split(key)[0], jnp.asarray(images), eps, "linf"))
+  assert np.abs(adversarial[0] - start[0]).max() > 1 / 255  # the steps moved it
+  assert batch.images.tolist() == [4, 0, 1, 2] and batch.weights[:, 0].all()  # real batch-mates
+
+
+_filled_batches = ev._batches
+
+
+def _padded_with_the_last_image(image_to_texts, batch_size):
+  """Batches whose last one repeats its last image in zero-weight rows (no batch-mates)."""
+  out = []
+  for b in _filled_batches(image_to_texts, batch_size):
+    images, weights = b.images.copy(), b.weights.copy()
+    images[b.count:], weights[b.count:] = images[b.count - 1], 0.0
+    captions = np.where(image_to_texts[images] >= 0, image_to_texts[images], image_to_texts[images][:, :1])
+    out.append(ev._Batch(images, b.count, captions, weights))
+  return out
+
+
+def test_the_last_batchs_batch_mates_change_no_attack_that_treats_images_alone(model_dir, monkeypatch):
+  # Only the contrastive attacks (tecoa, mat, mmcoa) look at the other images of a batch; every other
+  # attack gives the same ranks whatever fills the last batch.
+  from mat_jax.attacks import candidates as candidates_lib
+
+  victim = ev.load_victim(str(model_dir))
+  alone = [a for a in ev.ATTACKS if a not in ev.BATCH_CONTRASTIVE]
+  assert set(ev.BATCH_CONTRASTIVE) == {"tecoa", "mat", "mmcoa"}
+  kw = dict(eval_set=_EvalSet(6), attacks=alone, eps_255=(8.0,), batch_size=4, progress=False, keep_ranks=True,
+            settings=ev.AttackSettings(steps=2, apgd_steps=3),
+            text_source=candidates_lib.LexiconSource(shapes.substitution_table()))
+  filled = ev.evaluate(victim, **kw)
+  monkeypatch.setattr(ev, "_batches", _padded_with_the_last_image)
+  padded = ev.evaluate(victim, **kw)
+  for attack in alone:
+    (key, ours), = filled["attacks"][attack].items()
+    for a, b in zip(ours["ranks"], padded["attacks"][attack][key]["ranks"], strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=attack)
+
+
+def test_a_batch_contrastive_attack_needs_two_images_per_batch(model_dir, capsys):
+  victim = ev.load_victim(str(model_dir))
+  with pytest.raises(ValueError, match=r"attacks \['tecoa'\] ascend a contrastive loss .* at least 2"):
+    ev.evaluate(victim, eval_set=_EvalSet(3), attacks=("pgd", "tecoa"), batch_size=1, progress=False)
+  with pytest.raises(ValueError, match="tecoa.* at least 2"):  # one image: a batch of one whatever is asked
+    ev.evaluate(victim, eval_set=_EvalSet(3), attacks=("tecoa",), limit=1, progress=False)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    ev.evaluate(victim, eval_set=_EvalSet(3), attacks=("pgd",), batch_size=0, progress=False)
+  for flags, message in [(["--batch-size", "0"], "--batch-size 0: attack at least 1 image"),
+                         (["--batch-size", "1", "--attacks", "pgd,tecoa"], "tecoa take their negatives"),
+                         (["--top-k", "0"], "--top-k 0: the text attacks need at least 1")]:
+    with pytest.raises(SystemExit):
+      evaluate_cli.main(["--model", str(model_dir), *flags, "--data", "no-such-corpus"])
+    assert message in capsys.readouterr().err
+
+
+def test_budgets_that_share_a_results_key_are_refused(model_dir, capsys):
+  # "1" and "1.0000001" both format as "1": one result would overwrite the other.
+  with pytest.raises(SystemExit):
+    evaluate_cli.main(["--model", str(model_dir), "--eps", "1,1.0000001"])
+  assert "both reported as eps '1'" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="both reported as eps '1'"):
+    ev.evaluate(ev.load_victim(str(model_dir)), eval_set=_EvalSet(3), attacks=("pgd",), eps_255=(1.0, 1.0000001))
+
+
+def test_the_table_and_plot_name_the_norm_steps_and_seed(tmp_path, monkeypatch):
+  from matplotlib.figure import Figure
+
+  recall = {k: 50.0 for k in ev.metrics.RECALL_KEYS}
+  entry = {"recall": recall, "recall_drop": {k: 0.0 for k in recall}, "asr": {"tr@1": 0.0, "ir@1": 0.0}}
+  figures = []
+  save = Figure.savefig
+  monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or save(fig, *a, **kw))
+  for norm, budget, axis in [("l2", "L2 radius(/255)", "L2 radius (x 1/255)"),
+                             ("linf", "Linf eps(/255)", "L-inf eps (x 1/255)")]:
+    results = {"target": "m", "surrogate": None, "clean": recall, "attacks": {"pgd": {"2": entry}},
+               "settings": {"norm": norm, "steps": 7, "apgd_steps": 100, "seed": 3, "batch_size": 16}}
+    settings = ("L2 radius" if norm == "l2" else "L-inf eps") + " in 1/255 units, 7 steps, seed 3, batch size 16"
+    assert ev.settings_line(results) == settings
+    lines = ev.format_table(results, "title").splitlines()
+    assert lines[:2] == ["title", settings]
+    assert lines[2].split()[:2] == ["attack", budget.split()[0]] and budget in lines[2]
+    assert lines[-1] == ev.RECALL_FOOTER and "image -> text" in lines[-1] and "text -> image" in lines[-1]
+    ev.plot_recall(results, tmp_path / f"{norm}.png")
+    assert figures[-1].axes[0].get_xlabel() == axis
+    assert figures[-1].get_suptitle() == f"m\n{settings}"

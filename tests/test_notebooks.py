@@ -171,7 +171,7 @@ def _check_robustness_report(notebook, root: Path) -> None:
   assert f"model {root / 'runs' / 'clip' / 'model'}: ViT 1 layers x 32, 16 px images" in text
   assert not (root / "runs" / "quick_clip").exists()
   assert "shapes/test: 8 images, 40 captions; substitutes from LexiconSource" in text
-  header = re.search(r"^attack\s+eps\(/255\)\s+tr@1\s+tr@5\s+tr@10\s+ir@1\s+ir@5\s+ir@10\s+drop tr@1", text, re.M)
+  header = re.search(r"^attack\s+Linf eps\(/255\)\s+tr@1\s+tr@5\s+tr@10\s+ir@1\s+ir@5\s+ir@10\s+drop tr@1", text, re.M)
   assert header, text
   rows = re.findall(rf"^(clean|pgd|bert|co)\s+(-|{NUMBER})\s+((?:{NUMBER}\s+){{5}}{NUMBER})", text, re.M)
   assert sorted({(a, e) for a, e, _ in rows}) == [("bert", "-"), ("clean", "-"), ("co", "1"), ("co", "4"),
