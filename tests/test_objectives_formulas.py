@@ -7,6 +7,7 @@ import numpy as np
 from mat_jax.attacks import losses
 from mat_jax.objectives import base
 from mat_jax.objectives.mmcoa import MMCoA
+from mat_jax.objectives.tecoa import TeCoA
 
 
 class _MeanColour:
@@ -92,3 +93,20 @@ def test_mmcoa_adds_the_two_directions_cross_entropies_as_its_reference(monkeypa
   np.testing.assert_allclose(float(metrics["adv_text_loss"]), text_term, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["adv_image_loss"]), image_term, rtol=1e-5)
   np.testing.assert_allclose(float(loss), 0.3 * text_term + 0.7 * image_term, rtol=1e-5)
+
+
+def test_tecoa_trains_both_directions_or_image_to_text_only_as_its_reference(monkeypatch):
+  # TeCoA's finetuning.py: criterion(logits_per_image, target), the image->text CE of the adversarial images
+  # against the clean captions; symmetric (the default) averages it with the text->image CE.
+  rng = np.random.default_rng(1)
+  images, adv_images = (jnp.asarray(rng.normal(size=(3, 1, 1, 4)), jnp.float32) for _ in range(2))
+  ids = jnp.asarray(rng.integers(1, 9, size=(3, 4)), jnp.int32)
+  monkeypatch.setattr(base, "attack_batch", lambda *args: (None, {"images": adv_images}))
+  batch = {"images": images, "input_ids": ids, "attention_mask": jnp.ones((3, 4), jnp.int32)}
+  unit = [np.asarray(x, np.float64).reshape(3, -1) for x in (adv_images, ids)]
+  logits = 10.0 * np.einsum("id,td->it", *[u / np.linalg.norm(u, axis=-1, keepdims=True) for u in unit])
+  image_to_text, text_to_image = _cross_entropy(logits), _cross_entropy(logits.T)
+  symmetric, _ = TeCoA().loss(_UnitFeatures(), None, batch, jax.random.key(0))
+  reference, _ = TeCoA(symmetric=False).loss(_UnitFeatures(), None, batch, jax.random.key(0))
+  np.testing.assert_allclose(float(symmetric), 0.5 * (image_to_text + text_to_image), rtol=1e-5)
+  np.testing.assert_allclose(float(reference), image_to_text, rtol=1e-5)

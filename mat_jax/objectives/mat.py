@@ -38,7 +38,9 @@ class MAT(base.Objective):
   text_changes: int = 1       # words the text attack may change per caption
   clean_weight: float = 0.0   # weight of the clean pairs' contrastive loss
   # 1:1 modelling of one-to-many data: each (image, caption) its own pair, an image's other captions
-  # negatives (the paper's Fig. 4(b) arm); False: all of an image's captions are positives (1:N).
+  # negatives (the paper's Fig. 4(b) arm); False: all of an image's captions are positives (1:N). It is
+  # the outer loss's modelling: the inner attack makes the same adversarial pairs either way (its PGD
+  # ascends the loss with all of an image's captions positive), so the arms differ in training only.
   one_to_one: bool = False
   candidate_meta: object = base.internal()
 

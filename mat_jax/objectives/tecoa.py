@@ -2,7 +2,9 @@
 
 Inner: PGD maximising each image's contrastive cross-entropy against the batch's clean captions (its
 own captions positive; the registry's "tecoa" attack). Outer: the symmetric contrastive loss of the
-adversarial images with the clean captions. The reference fine-tunes the image encoder
+adversarial images with the clean captions (both retrieval directions, as every contrastive objective
+here); `symmetric=False` keeps the image->text cross-entropy only, as TeCoA's finetuning.py trains (and
+as the inner attack ascends). The reference fine-tunes the image encoder
 (train.towers=vision); "TeCoA-ITR" in the MAT paper fine-tunes all parameters with this cross-modal
 objective (train.towers=all). Another `attack` changes how x' is made; the outer loss stays (x', t).
 """
@@ -24,6 +26,7 @@ class TeCoA(base.Objective):
   eps: float = 1 / 255
   steps: int = 2
   step_size: float = 1 / 255
+  symmetric: bool = True      # False: the outer loss is the image->text cross-entropy only (TeCoA's code)
   candidate_meta: object = base.internal()
 
   def inner_attack(self):
@@ -34,6 +37,8 @@ class TeCoA(base.Objective):
     _, adv = base.attack_batch(self, encoder, base.frozen(params), batch, key)
     loss, metrics = batch_clip_loss(encoder, params, adv["images"], batch["input_ids"], batch["attention_mask"],
                                     batch.get("image_ids"))
+    if not self.symmetric:
+      loss = metrics["i2t_loss"]
     metrics = {f"adv_{k}": v for k, v in metrics.items()}
     metrics["temperature"] = encoder.temperature(params)
     return loss, metrics
