@@ -609,8 +609,11 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
     parts.update({f"data.build_{split}": config.data[f"build_{split}"] for split in ("train", "val", "test")})
   # The inner attack only when it is not the objective's published one, which the objective's name
   # already implies (so a checkpoint of the published recipe has the same fingerprint with or without the key).
-  published = objectives.hyperparameters(_objective_class(config.objective.name, "config")).get("attack")
-  parts.update({f"objective.{k}": v for k, v in config.objective.items() if not (k == "attack" and v == published)})
+  # Likewise a field added to an objective after its checkpoints were first written, at its default (what
+  # those checkpoints trained): they resume, and a run with another value is refused.
+  defaults = objectives.hyperparameters(_objective_class(config.objective.name, "config"))
+  implied = {k: defaults.get(k) for k in ("attack", *_ADDED_OBJECTIVE_FIELDS)}
+  parts.update({f"objective.{k}": v for k, v in config.objective.items() if not (k in implied and v == implied[k])})
   # Optimizer-state structure (mat_jax.training.optim): adamw always holds a decay state; adam and sgd
   # only with weight decay, and sgd a momentum trace only with momentum.
   if opt.name in ("adam", "sgd"):
@@ -630,6 +633,9 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
     parts.update({k: v for k, v in flat.items() if k not in ("model.dtype", "model.scan_layers", "model.attention")})
   return json.loads(json.dumps(parts, default=str))
 
+
+# Objective fields that checkpoints written before the field existed lack (TeCoA's `symmetric`).
+_ADDED_OBJECTIVE_FIELDS = ("symmetric",)
 
 # Fingerprint keys that checkpoints written before they were recorded lack: compared only where the
 # checkpoint records them, so those checkpoints still resume.

@@ -150,6 +150,16 @@ def test_fingerprint_covers_what_the_run_trains_for(tmp_path):
     assert base == config_lib.fingerprint(config_lib.load(path, [override])), override
 
 
+def test_an_objective_field_added_later_is_fingerprinted_only_off_its_default(tmp_path):
+  # TeCoA checkpoints written before `symmetric` existed trained its default: they must still resume,
+  # and a run with the other value must not resume them.
+  path = _write(tmp_path, "return dict(objective=dict(name='tecoa'))")
+  default = config_lib.fingerprint(config_lib.load(path))
+  assert "objective.symmetric" not in default
+  assert default == config_lib.fingerprint(config_lib.load(path, ["objective.symmetric=true"]))
+  assert config_lib.fingerprint(config_lib.load(path, ["objective.symmetric=false"]))["objective.symmetric"] is False
+
+
 def test_fingerprint_covers_the_text_threat_and_the_reference_a_run_trains_with(tmp_path):
   # MAT trains against the text attack's candidates: another MLM, source or top-k is another run. FARE's
   # frozen reference is the source model. Objectives without them keep both out (and resume under any).
