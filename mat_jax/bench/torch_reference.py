@@ -28,6 +28,8 @@ import numpy as np
 
 MODES = ("eager", "compile")
 PRECISIONS = ("float32", "bf16")
+# Each precision's compute dtype as mat_jax names it (the key of a device's peak).
+_DTYPE_OF_PRECISION = {"float32": "float32", "bf16": "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Variant:
   @property
   def dtype(self) -> str:
     """The dtype its matmuls compute in, as mat_jax names compute dtypes (the key of a device's peak)."""
-    return "bfloat16" if self.precision == "bf16" else "float32"
+    return _DTYPE_OF_PRECISION[self.precision]
 
   def wrap(self, fn: Callable[..., Any], device: Any) -> Callable[..., Any]:
     """`fn`, a function that calls the model, run in this variant's precision (an autocast context on
@@ -69,10 +71,10 @@ class Variant:
 
 def for_dtype(dtype: str, mode: str = "eager") -> Variant:
   """The variant that computes in mat_jax's compute dtype `dtype` (bfloat16: bf16 autocast)."""
-  precisions = {"float32": "float32", "bfloat16": "bf16"}
-  if str(dtype) not in precisions:
-    raise ValueError(f"no PyTorch variant computes in {dtype!r}; choose from {sorted(precisions)}")
-  return Variant(mode, precisions[str(dtype)])
+  precision = {dtype: precision for precision, dtype in _DTYPE_OF_PRECISION.items()}.get(str(dtype))
+  if precision is None:
+    raise ValueError(f"no PyTorch variant computes in {dtype!r}; choose from {sorted(_DTYPE_OF_PRECISION.values())}")
+  return Variant(mode, precision)
 
 
 def compute_dtypes(mat_jax_dtype: str, variants: list[Variant]) -> dict[str, str]:

@@ -455,13 +455,13 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
         "captions), lower optimizer.learning_rate or set optimizer.grad_clip_norm, then rerun the same "
         "command to resume from that checkpoint.")
   kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
-          if last_saved else "no checkpoint had been written yet")
+          if last_saved is not None else "no checkpoint had been written yet")
   if bad == 0:
     raise NonFiniteLossError(
         f"the loss or a gradient became NaN/inf at the very first step (step 0); {kept}. The starting "
         "parameters are finite, so check the inputs (images, captions) and the objective's settings; the "
         "learning rate has not acted yet.")
-  rerun = ("rerunning in the same workdir resumes from that checkpoint" if last_saved
+  rerun = ("rerunning in the same workdir resumes from that checkpoint" if last_saved is not None
            else "rerunning in the same workdir starts from step 0")
   raise NonFiniteLossError(
       f"the loss or a gradient became NaN/inf at step {bad} (0-based); the run stopped and {kept}. "
