@@ -308,11 +308,11 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
   root = _write_folder(tmp_path / "folder")
   out = tmp_path / "out"
   common = ["--task", "zeroshot", "--model", str(model_dir), "--eps", "0,4", "--apgd-steps", "3", "--steps", "2",
-            "--batch-size", "3", "--no-progress", "--data-dir", str(tmp_path / "data")]
+            "--batch-size", "3", "--no-progress", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
   # PGD only: each attack's first compilation on a CLIP takes a minute on a loaded 2-core CPU, and the
   # attacks themselves are tested above on the stand-in encoder.
   assert evaluate_cli.main([*common, "--data", str(root), "--attacks", "pgd", "--template", "{}", "--template",
-                  "a picture of a {}", "--out", str(out)]) == 0
+                  "a picture of a {}"]) == 0
   printed = capsys.readouterr().out
   assert "pgd" in printed and "robust" in printed and "0 (clean)" in printed
   results = json.loads((out / "results.json").read_text())

@@ -25,7 +25,9 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import image as image_attacks
@@ -153,10 +155,6 @@ def _first_minus_steady(fn, cpu: dict[str, float], name: str) -> float:
 
 
 def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
-  import jax.numpy as jnp
-  from flax import nnx
-
-
   preset, batch = _defaults(args)
   tokenizer = shapes.tokenizer(context_length=PRESETS[preset].text.context_length)
   cfg = PRESETS[preset]
@@ -176,13 +174,11 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
   if "mat_step" in programs:
     out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), cpu, "mat_step")
   if "pgd" in programs:
-
     tokens = tokenizer([shapes.describe(s, rng) for s in scenes])
     ids, mask = jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask)
     out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
         encoder, params, images, ids, mask, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10), cpu, "pgd")
   if "sga" in programs:
-
     k = 5
     captions = [c for s in scenes for c in shapes.captions(s, rng, k)]
     candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
