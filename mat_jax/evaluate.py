@@ -110,6 +110,8 @@ def describe_source(source) -> dict[str, Any] | None:
   (the substitutes per word are the source's, whatever its caller was asked for)."""
   if source is None:
     return None
+  if isinstance(source, candidates_lib.MeaningFilteredSource):
+    return {**describe_source(source.base), "meaning_filter": True}
   described: dict[str, Any] = {"kind": type(source).__name__}
   for name in ("top_k", "max_substitutes", "min_logit", "max_candidates"):
     if hasattr(source, name):
@@ -476,6 +478,29 @@ def shapes_judge(eval_set) -> Callable[[int, str], bool]:
   return judge
 
 
+def shapes_meaning_filter(eval_set) -> Callable[[Sequence[str], int, str], bool]:
+  """The shapes world's meaning filter for `candidates.MeaningFilteredSource`: a substitute is kept when
+  the caption with it still describes the image of every caption of the set with that text (a caption
+  shared by two images must stay true of both; `shapes.describes`, as `shapes_judge` scores)."""
+  scenes = getattr(eval_set, "scenes", None)
+  if scenes is None:
+    raise InputError("this evaluation set has no scenes; the meaning filter checks captions against the "
+                     "shapes world's scenes (--data shapes)")
+  owners = np.asarray(eval_set.text_to_image)
+  of_text: dict[tuple[str, ...], list[tuple[Any, str]]] = {}
+  for index, caption in enumerate(eval_set.captions):
+    of_text.setdefault(tuple(str(caption).split()), []).append((scenes[int(owners[index])], str(caption)))
+
+  def keeps_meaning(words: Sequence[str], position: int, substitute: str) -> bool:
+    described = of_text.get(tuple(words))
+    if not described:  # a caption outside the set: nothing to check it against
+      return False
+    changed = " ".join([*words[:position], substitute, *words[position + 1:]])
+    return all(shapes.describes(changed, scene, original=original) for scene, original in described)
+
+  return keeps_meaning
+
+
 def _eps_pixels(eps_255: float | None) -> float | None:
   return None if eps_255 is None else float(eps_255) / 255.0
 
@@ -542,13 +567,16 @@ def _l2(results: dict) -> bool:
 
 def settings_line(results: dict) -> str:
   """The settings the numbers hold for, for titles: the norm, the steps, the seed and the batch size
-  (the contrastive attacks' negatives and the random starts depend on it)."""
+  (the contrastive attacks' negatives and the random starts depend on it), and a meaning filter on the
+  text attacks' substitutes when one was applied."""
   s = results.get("settings", {})
   parts = ["L2 radius in 1/255 units" if _l2(results) else "L-inf eps in 1/255 units"]
   if "steps" in s:
     apgd = f" (APGD {s['apgd_steps']})" if "apgd" in results.get("attacks", {}) and "apgd_steps" in s else ""
     parts.append(f"{s['steps']} steps{apgd}")
   parts += [f"{name} {s[key]}" for key, name in (("seed", "seed"), ("batch_size", "batch size")) if key in s]
+  if (s.get("text_source") or {}).get("meaning_filter"):
+    parts.append("text substitutes meaning-filtered (no label flips)")
   return ", ".join(parts)
 
 

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from mat_jax import errors, rerank, runtime, zeroshot
 from mat_jax import evaluate as evaluate_lib
+from mat_jax.attacks import candidates
 from mat_jax.attacks import image as image_attacks
 from mat_jax.errors import InputError
 from mat_jax.evaluate import ATTACKS
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="auto | bert | paraphrase | charedit (auto: bert on shapes data, with the shapes-mlm)")
   p.add_argument("--bert", help="BERT masked LM for --text-source bert: shapes-mlm (the shapes world's, "
                                 "the default on shapes data), a transformers-layout directory or hub id")
+  p.add_argument("--meaning-filter", action="store_true",
+                 help="shapes data: keep only substitutes after which the caption still describes its image, "
+                      "so the text attacks search true adversarial captions, never label flips "
+                      "(docs/text_threat.md)")
   p.add_argument("--top-k", type=int, default=10, help="substitute candidates per word (at least 1)")
   p.add_argument("--max-changes", type=int, default=1, help="words the text attack may change per caption")
   p.add_argument("--batch-size", type=int, default=32,
@@ -128,6 +133,8 @@ def _main(argv: Sequence[str] | None) -> int:
   if contrastive and args.batch_size < 2:
     parser.error(f"--batch-size {args.batch_size}: {','.join(contrastive)} take their negatives from the other "
                  "captions of the image's batch and do not attack an image alone; use --batch-size 2 or more")
+  if args.meaning_filter and args.data != "shapes":
+    parser.error("--meaning-filter checks captions against the shapes world's scenes; use it with --data shapes")
   if args.top_k < 1:
     parser.error(f"--top-k {args.top_k}: the text attacks need at least 1 substitute candidate per word")
   if args.itm_k is not None and args.itm_k < 0:
@@ -149,6 +156,8 @@ def _main(argv: Sequence[str] | None) -> int:
                                        data_dir=args.data_dir, limit=args.limit)
   needs_text = any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in args.attacks)
   source = _text_source(args.text_source, args.data, args.bert, args.top_k) if needs_text else None
+  if source is not None and args.meaning_filter:
+    source = candidates.MeaningFilteredSource(source, evaluate_lib.shapes_meaning_filter(eval_set))
   settings = evaluate_lib.AttackSettings(steps=args.steps, alpha=args.alpha, apgd_steps=args.apgd_steps,
                                          max_changes=args.max_changes, norm=args.norm)
   # Meaning-aware scoring wherever captions can be checked against their scenes (the shapes world).

@@ -318,3 +318,8 @@ def test_the_table_and_plot_name_the_norm_steps_and_seed(tmp_path, monkeypatch):
     ev.plot_recall(results, tmp_path / f"{norm}.png")
     assert figures[-1].axes[0].get_xlabel() == axis
     assert figures[-1].get_suptitle() == f"m\n{settings}"
+  # Text attacks searched only meaning-preserving substitutes (--meaning-filter): the title says so.
+  results["settings"]["text_source"] = {"kind": "BertMLMSource", "top_k": 10, "meaning_filter": True}
+  assert ev.settings_line(results).endswith(", batch size 16, text substitutes meaning-filtered (no label flips)")
+  results["settings"]["text_source"] = {"kind": "BertMLMSource", "top_k": 10}
+  assert ev.settings_line(results).endswith(", batch size 16")

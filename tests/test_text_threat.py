@@ -14,8 +14,9 @@ from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
 from mat_jax import evaluate_cli
 from mat_jax import metrics
-from mat_jax.attacks.candidates import STOP_WORDS, BertMLMSource, LexiconSource
+from mat_jax.attacks.candidates import STOP_WORDS, BertMLMSource, LexiconSource, MeaningFilteredSource
 from mat_jax.data import shapes
+from mat_jax.errors import InputError
 from mat_jax.models import load_bert_mlm, load_tokenizer
 from mat_jax.training import inputs, mlm
 
@@ -227,6 +228,59 @@ def test_shapes_judge():
   assert not judge(0, "red red red")  # does not parse: a label flip
   with pytest.raises(ValueError, match="no scenes"):
     evaluate_lib.shapes_judge(Set(None, np.zeros(1), captions))
+
+
+@dataclasses.dataclass
+class _EvalSet:
+  scenes: list
+  text_to_image: np.ndarray
+  captions: np.ndarray
+
+
+def test_meaning_filter_keeps_exactly_the_substitutes_that_describe_the_image(tiny_mlm):
+  directory, _, _ = tiny_mlm
+  scenes, caption_lists = mlm.test_scenes(TINY, 20)
+  captions = np.array([c for five in caption_lists for c in five])
+  eval_set = _EvalSet(scenes, np.repeat(np.arange(20), 5), captions)
+  base = BertMLMSource(load_bert_mlm(directory), load_tokenizer(directory), top_k=10)
+  filtered = MeaningFilteredSource(base, evaluate_lib.shapes_meaning_filter(eval_set))
+  assert filtered.max_substitutes == base.max_substitutes
+  judge = evaluate_lib.shapes_judge(eval_set)
+  words = [c.split() for c in captions]
+  kept_total = dropped_total = 0
+  for i, (proposed, kept) in enumerate(zip(base(words), filtered(words), strict=True)):
+    for position, (subs, kept_subs) in enumerate(zip(proposed, kept, strict=True)):
+      for sub in subs:
+        changed = " ".join([*words[i][:position], sub, *words[i][position + 1:]])
+        # Kept exactly when the judge that scores label flips says the caption still describes its image.
+        assert (sub in kept_subs) == judge(i, changed), changed
+      kept_total += len(kept_subs)
+      dropped_total += len(subs) - len(kept_subs)
+  assert kept_total > 0 and dropped_total > kept_total  # the MLM mostly flips; some proposals are synonyms
+  assert mlm.meaning_change_report(filtered, scenes, caption_lists)["all"]["changed"] == 0
+  assert evaluate_lib.describe_source(filtered) == {**evaluate_lib.describe_source(base), "meaning_filter": True}
+
+  # A caption two images share keeps a substitute only if the new caption is true of both.
+  rng = np.random.default_rng(0)
+  red_square = shapes.Scene((shapes._jitter(shapes.SHAPES.index("square"), shapes.COLOURS.index("red"), 0, 0, 0,
+                                            rng),), (0.5, 0.5, 0.5))
+  blue_circle = shapes.Scene((shapes._jitter(shapes.SHAPES.index("circle"), shapes.COLOURS.index("blue"), 1, 2, 2,
+                                             rng),), (0.5, 0.5, 0.5))
+  shared = "a red square"
+  alone = evaluate_lib.shapes_meaning_filter(_EvalSet([red_square], np.array([0]), np.array([shared])))
+  both = evaluate_lib.shapes_meaning_filter(
+      _EvalSet([red_square, blue_circle], np.array([0, 1]), np.array([shared, shared])))
+  assert alone(shared.split(), 1, "crimson") and not both(shared.split(), 1, "crimson")
+  assert not alone(shared.split(), 1, "blue")
+  # A caption the set does not hold has nothing to be checked against: no substitute is kept.
+  assert not alone("a green star".split(), 1, "emerald")
+  with pytest.raises(InputError, match="no scenes"):
+    evaluate_lib.shapes_meaning_filter(_EvalSet(None, np.zeros(1), captions))
+
+
+def test_meaning_filter_flag_needs_shapes_data():
+  with pytest.raises(SystemExit):
+    evaluate_cli.main(["--model", "shapes", "--data", "flickr30k", "--meaning-filter", "--attacks", "bert"])
 
 
 def test_the_judge_refuses_captions_that_contradict_themselves_or_lose_a_relation():

@@ -127,6 +127,30 @@ class LexiconSource(_CachedSource):
     return [[self.table.get(word, []) for word in words] for words in captions]
 
 
+class MeaningFilteredSource(_CachedSource):
+  """Another source's substitutes, kept only where `keeps_meaning(words, position, substitute)` is True.
+
+  This is the role of the sentence-similarity filter BERT-Attack can apply (the VLP references leave it
+  off): the attack then searches only captions that still say what the clean one says, so whatever it
+  achieves is a true adversarial caption, not a label flip. In the shapes world the filter is exact
+  (`mat_jax.evaluate.shapes_meaning_filter`: the caption is checked against its scene).
+  """
+
+  def __init__(self, base: CandidateSource, keeps_meaning: Callable[[Sequence[str], int, str], bool]):
+    super().__init__()
+    self.base = base
+    self.keeps_meaning = keeps_meaning
+
+  @property
+  def max_substitutes(self) -> int:
+    return self.base.max_substitutes
+
+  def _generate(self, captions):
+    return [[[sub for sub in subs if self.keeps_meaning(words, position, sub)]
+             for position, subs in enumerate(proposed)]
+            for words, proposed in zip(captions, self.base([list(w) for w in captions]), strict=True)]
+
+
 # Neighbouring keys on a QWERTY keyboard, for the typo an attacker (or a human) makes most easily.
 _QWERTY_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 _KEY_NEIGHBOURS: dict[str, str] = {}
