@@ -208,7 +208,7 @@ def check_eps_255(eps_255: Sequence[float], norm: str = "linf", *, name: str = "
     raise InputError(f"{name}: {clash}")
 
 
-def _eps_key(eps_255: float) -> str:
+def eps_key(eps_255: float) -> str:
   """A budget's key in the results (6 significant digits)."""
   return f"{eps_255:g}"
 
@@ -217,9 +217,9 @@ def _key_clash(eps_255: Sequence[float]) -> str | None:
   """Why two different budgets would share one results key (one overwriting the other), or None."""
   seen: dict[str, float] = {}
   for e in eps_255:
-    first = seen.setdefault(_eps_key(e), float(e))
+    first = seen.setdefault(eps_key(e), float(e))
     if first != float(e):
-      return (f"budgets {first!r} and {float(e)!r} are both reported as eps {_eps_key(e)!r}; give budgets that "
+      return (f"budgets {first!r} and {float(e)!r} are both reported as eps {eps_key(e)!r}; give budgets that "
               "differ within 6 significant digits")
   return None
 
@@ -423,7 +423,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     entry["seconds"] = time.perf_counter() - start
     if keep_ranks:
       entry["ranks"] = ranks
-    results.setdefault(attack, {})[TEXT_ONLY_KEY if eps is None else _eps_key(eps)] = entry
+    results.setdefault(attack, {})[TEXT_ONLY_KEY if eps is None else eps_key(eps)] = entry
     if log is not None:
       where = "" if eps is None else f" eps {eps:g}/255"
       log(f"{attack}{where}: TR@1 {recall['tr@1']:.1f} IR@1 {recall['ir@1']:.1f} "

@@ -44,7 +44,6 @@ from mat_jax import evaluate as evaluate_lib
 from mat_jax.attacks.candidates import LexiconSource
 from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import MatJaxError
-from mat_jax.models.tokenizers import load_tokenizer
 from mat_jax.training import inputs, loop, mlm, setup
 
 STUDY_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
@@ -287,32 +286,18 @@ def text_threat(study: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def text_sources(study: Mapping[str, Any], tokenizer) -> dict[str, Any]:
-  """{"bert": the threat, "paraphrase": the synonym lexicon}; an MLM whose vocabulary does not fit its
-  tokenizer is refused in one line."""
-
+  """{"bert": the threat, "paraphrase": the synonym lexicon}; a threat `inputs.make_source` refuses (an MLM
+  whose vocabulary is not its tokenizer's, ...) is refused in one line."""
   spec = text_threat(study)
   paraphrase = LexiconSource(shapes.substitution_table())
   if spec["source"] == "paraphrase":
     return {"bert": paraphrase, "paraphrase": paraphrase}
   try:
-    if spec["source"] == "bert":
-
-      directory = Path(mlm.resolve_bert(spec.get("bert", ""), log=lambda _: None))
-      if (directory / "config.json").exists():
-        vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
-        check_mlm(vocab, load_tokenizer(directory).vocab_size, directory)
-    threat = inputs.make_source(spec["source"], bert=spec.get("bert", ""), top_k=spec.get("top_k", 10))
+    threat = inputs.make_source(spec["source"], bert=spec.get("bert", ""), top_k=spec.get("top_k", 10),
+                                log=lambda _: None)
   except (ValueError, OSError) as err:
     raise StudyError(f"text threat {spec}: {err}") from None
   return {"bert": threat, "paraphrase": paraphrase}
-
-
-def check_mlm(model_vocab: int | None, tokenizer_vocab: int, where: Any) -> None:
-  """The MLM's output vocabulary must be its tokenizer's: else every proposal is a wrong word."""
-  if model_vocab is not None and model_vocab != tokenizer_vocab:
-    raise StudyError(f"the text threat's MLM in {where} predicts {model_vocab} tokens but its tokenizer has "
-                     f"{tokenizer_vocab}: they are not a pair; point text_attack.bert at a directory holding an "
-                     "MLM and the tokenizer it was trained with")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -267,8 +265,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
     raise ZeroShotError(f"{data.name} holds no images")
   if settings.apgd_steps < 1 or settings.pgd_steps < 1 or settings.n_targets < 1 or settings.restarts < 1:
     raise ZeroShotError(f"apgd_steps, pgd_steps, n_targets and restarts must be >= 1, got {settings}")
-  if not all(math.isfinite(e) and e >= 0 for e in eps_255):
-    raise ZeroShotError(f"eps_255 must be finite and >= 0 (budgets in 1/255 units), got {list(eps_255)}")
+  ev.check_eps_255(eps_255, settings.norm)  # as retrieval: one results key per budget
   n_classes = len(data.class_names)
   attacks = default_attacks(n_classes) if attacks is None else list(attacks)
   unknown = [a for a in attacks if a not in ATTACKS]
@@ -305,7 +302,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   results: dict[str, dict[str, Any]] = {}
   robust: dict[str, dict[str, float]] = {}
   for eps in eps_255:
-    eps_key = f"{eps:g}"
+    budget = ev.eps_key(eps)
     under_attack = []
     for attack in attacks:
       start = time.perf_counter()
@@ -320,10 +317,10 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
       correct &= clean
       under_attack.append(correct)
       seconds = time.perf_counter() - start
-      results.setdefault(attack, {})[eps_key] = {"accuracy": accuracy(correct), "seconds": seconds}
+      results.setdefault(attack, {})[budget] = {"accuracy": accuracy(correct), "seconds": seconds}
       if log:
-        log(f"{attack} eps {eps:g}/255: accuracy {accuracy(correct):.1f}% ({seconds:.1f} s)")
-    robust[eps_key] = {"accuracy": accuracy(robust_correct(clean, under_attack))}
+        log(f"{attack} eps {budget}/255: accuracy {accuracy(correct):.1f}% ({seconds:.1f} s)")
+    robust[budget] = {"accuracy": accuracy(robust_correct(clean, under_attack))}
   bar.close()
   # The targets APGD-T ran (the request capped by the classes), not the request; None when it did not run.
   targets_run = targets_per_image(settings.n_targets, n_classes) if "apgd-t" in attacks else None
@@ -346,7 +343,7 @@ def format_table(results: dict, title: str | None = None) -> str:
   header = ["eps(/255)", *attacks, "robust"]
   rows = [["0 (clean)", *(f"{results['clean']['accuracy']:.1f}" for _ in attacks),
            f"{results['clean']['accuracy']:.1f}"]]
-  for eps in (f"{e:g}" for e in results["eps_255"]):
+  for eps in map(ev.eps_key, results["eps_255"]):
     rows.append([eps, *(f"{results['attacks'][a][eps]['accuracy']:.1f}" for a in attacks),
                  f"{results['robust'][eps]['accuracy']:.1f}"])
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -414,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m mat_jax.evaluate --task zeroshot`: `evaluate_cli.main` turns on the compilation cache and
+  trains a cached `--model` first, then calls this with its arguments."""
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.limit is not None and args.limit < 1:
@@ -445,6 +444,3 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"\nwrote {path}")
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(errors.cli_main(main))

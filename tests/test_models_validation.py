@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mat_jax import checks
 from mat_jax.errors import InputError
 from mat_jax.models import BLIP, CLIP, BertForMaskedLM, bert_config, blip_config, check_token_ids, clip_config
 from mat_jax.models.clip import TextConfig, VisionConfig
@@ -94,21 +95,36 @@ def test_token_ids_outside_the_vocabulary(clip, bad_id):
     clip.encode_text(ids, np.ones_like(ids))
 
 
-def test_check_token_ids_accepts_the_vocabulary_range():
-  check_token_ids(np.array([[0, 49]]), 50)
-  check_token_ids(np.zeros((0, 8), np.int32), 50)
+def test_one_check_token_ids_for_every_model():
+  # mat_jax.models exports the check CLIP, BLIP and BERT run: shape, dtype, length and mask, then the range.
+  assert check_token_ids is checks.check_token_ids
+  check_token_ids(np.array([[0, 49]]), np.ones((1, 2)), 8, 50)
+  for ids, message in [(np.array([[1.5, 2.0]]), "must be integers"), (np.array([1, 2]), r"shape \(batch, length\)"),
+                       (np.zeros((1, 0), np.int32), "length 0"), (np.zeros((0, 2), np.int32), "empty batch"),
+                       (np.array([[0, 50]]), r"must lie in \[0, 50\)")]:
+    with pytest.raises(InputError, match=message):
+      check_token_ids(ids, np.ones(ids.shape), 8, 50)
+  with pytest.raises(InputError, match="attention_mask shape"):
+    check_token_ids(np.array([[0, 1]]), np.ones((1, 3)), 8, 50)
 
 
 def test_bert_input_errors(bert):
-  with pytest.raises(ValueError, match="max_position_embeddings 12"):
+  with pytest.raises(InputError, match="the text model has 12 positions"):
     _traced(bert, "__call__", ((2, 13), jnp.int32), ((2, 13), jnp.int32))
-  with pytest.raises(ValueError, match=r"token_type_ids shape \(2, 5\) differs"):
+  with pytest.raises(InputError, match=r"token_type_ids shape \(2, 5\) differs"):
     _traced(bert, "__call__", ((2, 6), jnp.int32), ((2, 6), jnp.int32), ((2, 5), jnp.int32))
   ids = np.array([[2, 5, 3]], np.int32)
-  with pytest.raises(ValueError, match=r"token_type_ids must lie in \[0, 2\)"):
+  with pytest.raises(InputError, match=r"token_type_ids: token ids must lie in \[0, 2\)"):
     bert(ids, np.ones_like(ids), np.full_like(ids, 2))
-  with pytest.raises(ValueError, match=r"token ids must lie in \[0, 40\)"):
+  with pytest.raises(InputError, match=r"input_ids: token ids must lie in \[0, 40\)"):
     bert(np.array([[2, 45, 3]], np.int32), np.ones_like(ids))
+  # The checks CLIP and BLIP run: an empty batch or a text of no tokens fails before the model runs.
+  with pytest.raises(InputError, match=r"input_ids is an empty batch"):
+    _traced(bert, "__call__", ((0, 3), jnp.int32), ((0, 3), jnp.int32))
+  with pytest.raises(InputError, match=r"input_ids have length 0"):
+    bert(np.zeros((1, 0), np.int32), np.zeros((1, 0), np.int32))
+  with pytest.raises(InputError, match=r"token_type_ids must be integers"):
+    bert(ids, np.ones_like(ids), np.zeros(ids.shape, np.float32))
 
 
 @pytest.fixture(scope="module")

@@ -170,7 +170,7 @@ def test_eps0_reproduces_clean_recall_and_recall_falls_with_eps(pgd_results):
   # Not a theorem for a single PGD run (larger balls do not nest the trajectories), but with budgets a
   # factor 2 apart and common random starts recall falls monotonically on this model.
   for key in ev.metrics.RECALL_KEYS:
-    curve = [pgd[ev._eps_key(e)]["recall"][key] for e in EPS]
+    curve = [pgd[ev.eps_key(e)]["recall"][key] for e in EPS]
     assert all(b <= a for a, b in zip(curve, curve[1:], strict=False)), (key, curve)
   assert _mean_recall(pgd["4"]["recall"]) < 0.5 * _mean_recall(pgd_results["clean"])
 

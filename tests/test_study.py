@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from mat_jax import config as config_lib
 from mat_jax import recipes, study
+from mat_jax.attacks.candidates import BertMLMSource
 from mat_jax.data import corpora, pipeline, shapes
+from mat_jax.errors import ConfigError
+from mat_jax.models import BertForMaskedLM, bert_config, load_tokenizer, save_bert_mlm
 from mat_jax.objectives.contrastive import clip_loss, contrastive_loss
+from mat_jax.training import inputs, mlm
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SHARED = ("model", "optimizer", "schedule")
@@ -299,11 +305,25 @@ def test_the_study_file_argument_names_a_variant():
   assert {("mat_paraphrase", "mat"), ("mat_paraphrase", "tecoa")} <= claimed
 
 
-def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused():
-  with pytest.raises(study.StudyError, match=r"MLM in d predicts 30522 tokens but its tokenizer has 90: they are "
-                                             "not a pair"):
-    study.check_mlm(30522, 90, "d")
-  study.check_mlm(90, 90, "d")
+def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused(tmp_path, monkeypatch):
+  # The one resolver of candidate sources refuses it (training, evaluation, the demo); the study through it.
+  tokenizer = load_tokenizer(mlm.save_tokenizer(tmp_path / "tokenizer"))
+
+  def saved_mlm(vocab_size: int) -> str:
+    config = bert_config("tiny", vocab_size=vocab_size, max_position_embeddings=shapes.DEFAULT_CONTEXT_LENGTH)
+    return str(save_bert_mlm(BertForMaskedLM(config, rngs=nnx.Rngs(0)), tmp_path / f"mlm-{vocab_size}",
+                             tokenizer=tokenizer))
+
+  mismatched = saved_mlm(200)
+  message = (rf"the masked LM in {re.escape(mismatched)} predicts 200 tokens but its tokenizer has "
+             rf"{tokenizer.vocab_size}: they are not a pair.*text_attack.bert \(--bert\)")
+  with pytest.raises(ConfigError, match=message):
+    inputs.make_source("bert", bert=mismatched, top_k=5, log=lambda _: None)
+  monkeypatch.setattr(recipes, "TEXT_ATTACK", dict(source="bert", bert=mismatched, top_k=5))
+  with pytest.raises(study.StudyError, match="text threat .*" + message):
+    study.text_sources({"text_source": None}, tokenizer)
+  paired = inputs.make_source("bert", bert=saved_mlm(tokenizer.vocab_size), top_k=5, log=lambda _: None)
+  assert isinstance(paired, BertMLMSource) and paired.tokenizer.vocab_size == tokenizer.vocab_size
 
 
 # ----------------------------------------------------------------------------------------------------

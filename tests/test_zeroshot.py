@@ -18,6 +18,7 @@ from mat_jax import zeroshot as zs
 from mat_jax.attacks import image as image_attacks
 from mat_jax.data import classification, imagefolder, shapes
 from mat_jax.data.corpora import CorpusError
+from mat_jax.errors import InputError
 from mat_jax.models import l2_normalize
 
 import helpers
@@ -137,7 +138,8 @@ def test_attacks_lower_accuracy_and_compile_once_per_shape():
     zs.attack_correct(enc, params, classes, images, labels, key, attack="fgsm", eps=0.01)
 
 
-def test_results_record_the_apgd_t_targets_that_ran(monkeypatch):
+def _four_classes():
+  """(params of MLPDualEncoder, tokenizer, a 4-image set of 4 classes at 8 px)."""
   tokenizer = shapes.tokenizer()
   rng = np.random.default_rng(0)
   params = {"w1": jnp.asarray(rng.normal(size=(8 * 8 * 3, 32)) / 8, jnp.float32),
@@ -147,6 +149,11 @@ def test_results_record_the_apgd_t_targets_that_ran(monkeypatch):
   names = ("red circle", "blue square", "green triangle", "white ring")
   data = classification.ClassificationSet(rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
                                           np.arange(4, dtype=np.int32), names, tuple((f"a {n}",) for n in names))
+  return params, tokenizer, data
+
+
+def test_results_record_the_apgd_t_targets_that_ran(monkeypatch):
+  params, tokenizer, data = _four_classes()
   targets_traced = []
   real_apgd_targeted = image_attacks.apgd_targeted
 
@@ -162,6 +169,21 @@ def test_results_record_the_apgd_t_targets_that_ran(monkeypatch):
   without_apgd_t = zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], eps_255=(1,),
                                         settings=zs.Settings(pgd_steps=1), batch_size=4)
   assert without_apgd_t["settings"]["n_targets"] is None
+
+
+def test_budgets_are_checked_as_retrieval_checks_them():
+  # evaluate.check_eps_255: budgets sharing a results key would overwrite each other's results.
+  params, tokenizer, data = _four_classes()
+  for eps_255, message in [((2.0, 2.0000001), r"budgets 2.0 and 2.0000001 are both reported as eps '2'"),
+                           ((), "eps_255 is empty"), ((300.0,), "more than the whole pixel range"),
+                           ((1.0, float("nan")), "finite")]:
+    with pytest.raises(InputError, match=message):
+      zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], eps_255=eps_255,
+                           settings=zs.Settings(pgd_steps=1), batch_size=4)
+  # An L2 budget may exceed 255/255; results are keyed as retrieval keys them.
+  results = zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], eps_255=(300.0, 0.5),
+                                 settings=zs.Settings(pgd_steps=1, norm="l2"), batch_size=4)
+  assert list(results["robust"]) == list(results["attacks"]["pgd"]) == [ev.eps_key(300.0), ev.eps_key(0.5)]
 
 
 def test_limit_on_a_shapes_set_samples_the_rendered_images_class_by_class():

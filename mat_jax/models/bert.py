@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mat_jax import checks
+from mat_jax.errors import InputError
 from mat_jax.models import layers
-from mat_jax.models.clip import check_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,27 +120,15 @@ class BertForMaskedLM(nnx.Module):
 
 
 def check_bert_inputs(input_ids: Any, attention_mask: Any, token_type_ids: Any, cfg: BertConfig) -> None:
-  """Shapes and dtypes always (static under `jit`); id ranges only on concrete (eager) arrays."""
-  def as_array(x):
-    return x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
-  ids, mask = as_array(input_ids), as_array(attention_mask)
-  if ids.ndim != 2:
-    raise ValueError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}")
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}; tokenize with "
-                     "mat_jax.models.load_tokenizer.")
-  if tuple(mask.shape) != tuple(ids.shape):
-    raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids shape "
-                     f"{tuple(ids.shape)}; pass the mask the tokenizer returned with these ids.")
-  if ids.shape[1] > cfg.max_position_embeddings:
-    raise ValueError(f"input_ids have length {ids.shape[1]} > max_position_embeddings "
-                     f"{cfg.max_position_embeddings}; tokenize with a context_length of at most "
-                     f"{cfg.max_position_embeddings}.")
-  types = None if token_type_ids is None else as_array(token_type_ids)
-  if types is not None and tuple(types.shape) != tuple(ids.shape):
-    raise ValueError(f"token_type_ids shape {tuple(types.shape)} differs from input_ids shape "
-                     f"{tuple(ids.shape)}; pass None for single-segment text.")
-  if not isinstance(ids, jax.core.Tracer):
-    check_token_ids(ids, cfg.vocab_size)
-  if types is not None and not isinstance(types, jax.core.Tracer):
-    check_token_ids(types, cfg.type_vocab_size, name="token_type_ids")
+  """CLIP's and BLIP's checks (`checks.check_token_ids`) against BERT's positions and vocabulary, and the
+  segment ids against its segment table: shapes and dtypes always (static under `jit`); id ranges only on
+  concrete (eager) arrays."""
+  checks.check_token_ids(input_ids, attention_mask, cfg.max_position_embeddings, cfg.vocab_size)
+  if token_type_ids is None:
+    return
+  ids_shape, types_shape = tuple(np.shape(input_ids)), tuple(np.shape(token_type_ids))
+  if types_shape != ids_shape:
+    raise InputError(f"token_type_ids shape {types_shape} differs from input_ids shape {ids_shape}; pass None "
+                     "for single-segment text.")
+  checks.check_token_ids(token_type_ids, attention_mask, cfg.max_position_embeddings, cfg.type_vocab_size,
+                         name="token_type_ids")

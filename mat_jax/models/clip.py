@@ -472,13 +472,3 @@ def check_tokens_for(input_ids: Any, attention_mask: Any, end_id: int | None, cf
                      "be pooled at the wrong position; use the tokenizer saved with these weights")
 
 
-def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "token ids") -> None:
-  """Host-side: every id must index its embedding table (JAX would silently clamp it)."""
-  ids = np.asarray(input_ids)
-  if ids.size == 0:
-    return
-  lo, hi = int(ids.min()), int(ids.max())
-  if lo < 0 or hi >= vocab_size:
-    raise InputError(f"{name} must lie in [0, {vocab_size}) (the model's table size), got range "
-                     f"[{lo}, {hi}]; the tokenizer does not match the model: load the tokenizer saved "
-                     "with these weights, or build the model with the tokenizer's vocab_size.")

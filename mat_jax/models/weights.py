@@ -606,9 +606,6 @@ def _fill(abstract: nnx.Module, architecture: str, table: list[Entry], files: di
   return nnx.merge(graphdef, state)
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
 def _compute_dtype(dtype: str | None) -> str:
   """None is float32 (a library call gets the checkpoint's numbers); "auto" follows the platform."""
   return "float32" if dtype is None else resolve_dtype(dtype)

@@ -25,7 +25,7 @@ from mat_jax.attacks import candidates
 from mat_jax.attacks.candidates import PER_CAPTION, PREFIX, CandidateMeta
 from mat_jax.config import RENAMED_LEXICON
 from mat_jax.data import shapes
-from mat_jax.errors import InputError
+from mat_jax.errors import ConfigError, InputError
 from mat_jax.models import load_bert_mlm
 from mat_jax.models.tokenizers import load_tokenizer
 from mat_jax.training import mlm
@@ -45,10 +45,21 @@ def make_source(name: str, *, bert: str = "", top_k: int = 10, log: Callable[[st
     return candidates.CharEditSource(max_candidates=top_k)
   if name == "bert":
     directory = mlm.resolve_bert(bert, log=log)
-    return candidates.BertMLMSource(load_bert_mlm(directory), load_tokenizer(directory), top_k=top_k)
+    model, tokenizer = load_bert_mlm(directory), load_tokenizer(directory)
+    check_mlm_pair(model.config.vocab_size, tokenizer.vocab_size, directory)
+    return candidates.BertMLMSource(model, tokenizer, top_k=top_k)
   if name == "lexicon":
     raise InputError(RENAMED_LEXICON)
   raise InputError(f"unknown text_attack.source {name!r} (--text-source); choose {', '.join(candidates.SOURCES)}")
+
+
+def check_mlm_pair(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
+  """The MLM's output vocabulary must be its tokenizer's: else every proposal decodes to a wrong word."""
+  if model_vocab != tokenizer_vocab:
+    raise ConfigError(f"the masked LM in {where} predicts {model_vocab} tokens but its tokenizer has "
+                      f"{tokenizer_vocab}: they are not a pair, and every proposed word would be the wrong one; "
+                      "point text_attack.bert (--bert) at a directory holding an MLM and the tokenizer it was "
+                      "trained with")
 
 
 class AttachCandidates:
