@@ -13,7 +13,7 @@ with experiments/coco.py; where a paper leaves a value out, the choice is marked
   mmcoa    0.5 CLIPLoss(x, t') + 0.5 CLIPLoss(x', t), PGD eps 1/255, 10 steps of 1/255, Adam lr 1e-6,
            wd 0.2; all parameters
   mava     CMS + VSSE inner, 0.002 CMS + 0.4 VSSE + 0.6 SCA outer, N=3, 5 captions, lr 1e-4, wd 1e-4;
-           vision tower
+           vision tower; neighbours in U(-βε, βε) with β = 0.5 assumed (the paper gives no β)
   clean    contrastive fine-tuning without attacks (the baseline)
 
 Prepare the data and weights first (no network access is needed by mat_jax itself):

@@ -14,7 +14,10 @@ what differs from `defaults()`; loading fills in the rest, then checks every key
   range where they can work (e.g. `neighbours >= 1`, `step_size > 0`);
 - `eval.attacks` and an adversarial objective's `objective.attack` (its inner attack) must name attacks
   of the registry `mat_jax.attacks.spec.ATTACKS` (the same names for both), and `data.augmentations`
-  known augmentations, so that a typo fails before training rather than at the first evaluation.
+  known augmentations, so that a typo fails before training rather than at the first evaluation;
+- `schedule.name` must be a built-in schedule or an Optax schedule constructor (`optax.exponential_decay`),
+  whose keyword arguments `schedule.kwargs` holds: keys it does not take fail naming its parameters
+  (`mat_jax.training.optim`), and the schedule must give a finite, non-negative rate at every step.
 
 `train.towers="default"` (the default) becomes the objective's published towers
 (`Objective.default_towers`: vision for tecoa, fare and mava, all for the others) at load time, so the
@@ -23,9 +26,11 @@ resolved value is what the fingerprint, the log and the run's config.json show.
 Overrides are `key.path=value` strings; the value is parsed by the type of the existing field
 (`true/false`, ints, floats including fractions such as `2/255`, strings, tuples as `a,b`, `(a, b)`
 or `(1, 2)`: bare words are strings).
-Overrides of `*.name` fields are applied first, so `--config.objective.name=tecoa` switches the objective
-before its other keys are overridden: the file's values of the keys both objectives have (eps, steps,
-step_size) are kept, those TeCoA lacks are dropped, and its other keys take TeCoA's defaults.
+`schedule.kwargs.KEY=value` may also add a key the file's kwargs lack (read by the type of the constructor's
+default for it, else as a Python literal). Overrides of `*.name` fields are applied first, so
+`--config.objective.name=tecoa` switches the objective before its other keys are overridden: the file's values
+of the keys both objectives have (eps, steps, step_size) are kept, those TeCoA lacks are dropped, and its
+other keys take TeCoA's defaults; likewise `schedule.name` keeps the file's kwargs the new schedule takes.
 """
 
 from __future__ import annotations
@@ -45,13 +50,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mat_jax import objectives
 from mat_jax.attacks import spec as attack_specs  # the attack registry: training's and evaluation's names
 from mat_jax.attacks.candidates import SOURCES
 from mat_jax.data import pipeline, shapes
 from mat_jax.errors import ConfigError, InputError
+from mat_jax.training import optim
 
 ANY = object()  # schema marker: any value accepted
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
@@ -123,9 +132,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 0.0  # 0 = no clipping
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "cosine"       # constant | cosine | linear (decay), each after warmup_steps
+  c.schedule.name = "cosine"       # constant | cosine | linear (decay) | optax.NAME, each after warmup_steps
   c.schedule.warmup_steps = 0
   c.schedule.end_factor = 0.0      # final learning rate / peak (cosine, linear)
+  c.schedule.kwargs = ml_collections.ConfigDict()  # keyword arguments of an optax.NAME schedule
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"
@@ -162,6 +172,7 @@ def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequenc
   # `*.name` first: the objective's name decides which of its keys are valid.
   base = defaults().to_dict()
   file_objective = dict(raw.get("objective", {}))
+  file_schedule = raw.get("schedule", {}).get("name")
   for key, value in parsed:
     if key.endswith(".name"):
       _override_target(base, key)  # a typo in the key is the override's, not the file's
@@ -172,6 +183,10 @@ def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequenc
   # shapes_mat.py to tecoa keeps eps/steps/step_size, drops text_changes); typos elsewhere still fail.
   config["objective"] = _objective_section(config["objective"], "override" if renamed else origin,
                                            keep_known_only=renamed)
+  if raw.get("schedule", {}).get("name") != file_schedule:
+    # Likewise a schedule switched by an override keeps the file's kwargs the new one takes (none for a built-in).
+    schedule = config["schedule"]
+    schedule["kwargs"] = {k: v for k, v in schedule["kwargs"].items() if k in _schedule_parameters(schedule["name"])}
   for key, value in parsed:
     if not key.endswith(".name"):
       _override(config, key, value)
@@ -300,10 +315,15 @@ def _unknown_key(key: str, section: str, valid: Iterable[str], origin: str) -> C
                      f"{' of ' + section if section else ''}: {', '.join(valid)}")
 
 
+# Sections whose keys are another object's parameters, checked against it after merging: the objective's
+# fields, and the keyword arguments of an optax.NAME schedule.
+_OPEN_SECTIONS = ("objective", "schedule.kwargs")
+
+
 def _merge(schema: dict, raw: dict, origin: str, section: str = "") -> dict:
   out = dict(schema)
   for key, value in raw.items():
-    if section == "objective":  # validated against the objective's own fields later
+    if section in _OPEN_SECTIONS:
       out[key] = value
       continue
     if key not in schema:
@@ -376,7 +396,6 @@ RENAMED_LEXICON = ("text_attack.source='lexicon' was renamed: use 'paraphrase' f
 _CHOICES = {
     ("train", "towers"): ("all", "vision", "text"),
     ("optimizer", "name"): ("adamw", "adam", "sgd"),
-    ("schedule", "name"): ("constant", "cosine", "linear"),
     ("mesh", "param_sharding"): ("replicated", "fsdp", "logical"),
     ("model", "dtype"): ("auto", "float32", "bfloat16"),
     ("model", "attention"): ("auto", "einsum", "xla", "cudnn"),
@@ -464,6 +483,38 @@ def _check_values(config: dict) -> None:
   if config["schedule"]["warmup_steps"] > train["steps"]:
     raise ConfigError(f"schedule.warmup_steps ({config['schedule']['warmup_steps']}) exceeds "
                       f"train.steps ({train['steps']})")
+  _check_schedule(config["schedule"], config["optimizer"]["learning_rate"], train["steps"])
+
+
+def _check_schedule(schedule: dict, peak: float, steps: int) -> None:
+  """The schedule builds, and an optax.NAME one gives a finite, non-negative learning rate at every step
+  (evaluated as the train step does, traced, so one that is not traceable fails here too)."""
+  try:
+    json.dumps(schedule["kwargs"])
+  except (TypeError, ValueError):
+    raise ConfigError(f"schedule.kwargs={schedule['kwargs']!r}: give plain values (numbers, strings, booleans, "
+                      "lists, dicts of them), which config.json can hold") from None
+  try:
+    fn = optim.make_schedule(ml_collections.ConfigDict(schedule), peak, steps)
+  except ValueError as err:  # an unknown name, kwargs the constructor does not take, a required one missing
+    raise ConfigError(str(err)) from None
+  if schedule["name"] in optim.BUILTIN_SCHEDULES:
+    return  # its values are the range-checked learning rate and end factor
+  call = f"{schedule['name']}({', '.join(f'{k}={v!r}' for k, v in schedule['kwargs'].items())})"
+  try:
+    rates = np.asarray(jax.vmap(fn)(jnp.arange(steps)))
+  except Exception as err:  # noqa: BLE001  a bad argument value: Optax's own message
+    raise ConfigError(f"schedule: {call} failed: {type(err).__name__}: {err}") from None
+  bad = np.flatnonzero(~(np.isfinite(rates) & (rates >= 0)))
+  if bad.size:
+    raise ConfigError(f"schedule: {call} gives the learning rate {rates[bad[0]]} at step {bad[0]}; it must be "
+                      ">= 0 and finite at every step")
+
+
+def _schedule_parameters(name: str) -> tuple[str, ...]:
+  """The parameters of the optax.NAME schedule constructor `name` (none for a built-in or an unknown name)."""
+  fn = optim.optax_schedules().get(name)
+  return tuple(inspect.signature(fn).parameters) if fn is not None else ()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -501,8 +552,25 @@ def _override_target(config: dict, key: str) -> tuple[dict, str]:
 
 
 def _override(config: dict, key: str, text: str) -> None:
+  if key.startswith("schedule.kwargs.") and key.count(".") == 2:
+    _override_schedule_kwarg(config["schedule"], key, text)
+    return
   node, leaf = _override_target(config, key)
   node[leaf] = _coerce(key, node[leaf], _parse_value(text, node[leaf], key), "override")
+
+
+def _override_schedule_kwarg(schedule: dict, key: str, text: str) -> None:
+  """`schedule.kwargs.NAME=value`: a keyword argument of the optax.NAME schedule, given in the file or not (the
+  constructor's signature decides which are valid, when the schedule is checked). The value is read as the
+  file's value, else as the parameter's default, else as a Python literal (a bare word being a string)."""
+  kwargs, leaf = schedule["kwargs"], key.rpartition(".")[2]
+  if leaf in kwargs:
+    kwargs[leaf] = _coerce(key, kwargs[leaf], _parse_value(text, kwargs[leaf], key), "override")
+    return
+  fn = optim.optax_schedules().get(schedule["name"])
+  parameter = inspect.signature(fn).parameters.get(leaf) if fn is not None else None
+  default = parameter.default if parameter is not None else None
+  kwargs[leaf] = _parse_value(text, default if isinstance(default, (bool, int, float, str)) else None, key)
 
 
 TRUE_WORDS = ("true", "yes", "1")
@@ -676,4 +744,6 @@ def result_json(config: ml_collections.ConfigDict) -> str:
   for key in RUNTIME_ONLY_KEYS:
     section, _, name = key.partition(".")
     tree.get(section, {}).pop(name, None)
+  if not tree.get("schedule", {}).get("kwargs", True):  # empty kwargs change nothing trained: no part of the key
+    tree["schedule"].pop("kwargs")
   return json.dumps(tree, indent=2, sort_keys=True, default=list)

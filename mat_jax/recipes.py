@@ -167,7 +167,8 @@ _INNER = dict(eps=EPS, steps=INNER_STEPS, step_size=INNER_STEP_SIZE)
 
 # What defines each method: objective (+ hyper-parameters), towers, data. The inner image attack is the
 # shared budget above for all of them (FARE and MAVA publish 10 PGD steps; here every method pays the
-# same 2-step attack per training step, so the comparison is at equal compute).
+# same 2-step attack per training step, so the comparison is at equal compute). MAVA's β = 0.5 (neighbours
+# drawn in U(−βε, βε)) is assumed: the paper gives no value.
 METHODS: dict[str, dict[str, Any]] = {
     "clean_ft": dict(objective=dict(name="contrastive"), towers="all"),
     "tecoa": dict(objective=dict(name="tecoa", **_INNER), towers="all"),  # TeCoA-ITR (MAT paper)
@@ -296,6 +297,7 @@ DEFENSES: dict[str, dict[str, Any]] = {
     "mmcoa": dict(objective=dict(name="mmcoa", eps=1 / 255, steps=10, step_size=1 / 255, text_changes=1,
                                  text_weight=0.5, image_weight=0.5), towers="all"),
     # MAVA: CMS + VSSE inside, 0.002 CMS + 0.4 VSSE + 0.6 SCA outside, N = 3, 5 captions; vision tower.
+    # The neighbours' radius β·ε is not published: β = 0.5 assumed (half the attack budget).
     # MAVA fine-tunes on the COCO test split (5k images) and evaluates on Flickr30k; these recipes train
     # every defense on the corpus's train split (docs/differences.md).
     "mava": dict(objective=dict(name="mava", eps=2 / 255, steps=10, step_size=1 / 255, neighbours=3, beta=0.5,

@@ -140,6 +140,15 @@ def test_the_argument_picks_the_published_settings():
   assert tuple(blip_matplus.data.augmentations) == tuple(shapes_matplus.data.augmentations)
 
 
+@pytest.mark.parametrize("method", ("tecoa", "mat", "matplus"))
+def test_shapes_blip_defenses_train_the_towers_of_the_clip_methods(method):
+  # TeCoA is TeCoA-ITR (all towers) in both files, not the objective's default (vision).
+  clip = config_lib.load(EXPERIMENTS / f"shapes_{method}.py")
+  for arg in (method, f"{method},runlocal"):
+    blip = config_lib.load(f"{EXPERIMENTS / 'shapes_blip.py'}:{arg}")
+    assert blip.train.towers == clip.train.towers == recipes.METHODS[method]["towers"], arg
+
+
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.py")), ids=lambda p: p.stem)
 def test_experiment_files_are_data(path):
   """No importlib between experiment files, no hand parsing: `arg` goes to recipes.parse_arg only."""
