@@ -275,6 +275,15 @@ def _int_from_env(name: str) -> int | None:
     raise MeshError(f"{name}={value!r} is not an integer; set it to a whole number (or unset it)") from None
 
 
+def coordination_client() -> Any:
+  """The `jax.distributed` client of a multi-process run (its key-value store and barriers, for agreeing
+  without device work), or None in a single-process run."""
+  if jax.process_count() == 1:
+    return None
+  from jax._src import distributed  # JAX has no public accessor; Orbax reads the client the same way
+  return distributed.global_state.client
+
+
 def is_main_process() -> bool:
   """Only process 0 writes logs, metrics and exported models."""
   return jax.process_index() == 0

@@ -612,6 +612,22 @@ def test_a_non_finite_step_says_what_a_rerun_does(tmp_path, last_saved, advice):
     loop._check_finite(7, last_saved, tmp_path)
 
 
+@pytest.mark.parametrize("resumed_at", [None, 7])
+def test_a_non_finite_step_sends_a_run_without_clipping_to_a_fresh_workdir_to_turn_it_on(tmp_path, resumed_at):
+  # Whether gradients are clipped is part of the checkpoints' fingerprint: a rerun in the same workdir with
+  # clipping turned on is refused, so the message must not advise it; a changed clip norm resumes.
+  with pytest.raises(loop.NonFiniteLossError) as unclipped:
+    loop._check_finite(7, 4, tmp_path, resumed_at=resumed_at, clipping=False)
+  message = str(unclipped.value)
+  assert "set optimizer.grad_clip_norm" not in message
+  assert "optimizer.grad_clip_norm > 0) changes the run's config, so this workdir refuses it" in message
+  assert f"a fresh --workdir, from the start or from the weights of that checkpoint with " \
+         f"--config.model.source={tmp_path}" in message
+  with pytest.raises(loop.NonFiniteLossError, match="lower optimizer.learning_rate or optimizer.grad_clip_norm; "
+                                                    "rerunning in the same workdir resumes from that checkpoint"):
+    loop._check_finite(7, 4, tmp_path, resumed_at=resumed_at, clipping=True)
+
+
 def test_nan_starting_weights_are_not_blamed_on_the_learning_rate(root):
   config = micro_config(root)
   model, tokenizer = runs.model_from_config(config)

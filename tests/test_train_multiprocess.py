@@ -1,8 +1,11 @@
 """A 2-process run (jax.distributed on localhost, 4 CPU devices each) makes the same update as one
-process with 8 devices. The worker is this file run as a script (imports come after XLA_FLAGS is set)."""
+process with 8 devices; the processes stop at one step when their signals come at different steps, and
+wait for process 0's final evaluation before they exit. The workers are this file run as a script
+(imports come after XLA_FLAGS is set)."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +70,68 @@ def _worker(port, process_id, root):
   loop.ensure_cached_run(CACHED, log=print)
 
 
+# The stop test: each process sends itself SIGTERM when it fetches the batch of its step here (seen after
+# that step), three steps apart, as when a scheduler's signals reach the hosts at different times.
+SIGNAL_AT_STEP = (5, 8)
+# The final evaluation of process 0 takes longer than jax.distributed's shutdown timeout (300 s by default,
+# lowered here): a process leaving `train` before it would make the shutdown barrier abort both.
+SHUTDOWN_TIMEOUT_S, EVALUATION_S = 3, 7
+
+
+class _SignalAt:
+  """The batches of `iterator`, sending this process SIGTERM when the batch of step `step` is fetched."""
+
+  def __init__(self, iterator, step):
+    self.iterator, self.step, self.fetched = iterator, step, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.fetched == self.step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    self.fetched += 1
+    return next(self.iterator)
+
+  # Grain saves an iterator that is not its own DatasetIterator as the JSON bytes its get_state returns.
+  def get_state(self):
+    return json.dumps(self.iterator.get_state()).encode()
+
+  def set_state(self, state):
+    self.iterator.set_state(json.loads(state))
+
+
+def _stop_worker(port, process_id, root):
+  """Train until both signals have come, then resume the run to its end with a slow final evaluation."""
+  import time
+  import jax
+  jax.distributed.initialize(f"localhost:{port}", 2, process_id, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+  from mat_jax import errors, runs
+  from mat_jax.training import loop
+  workdir = Path(root) / "stopped"
+  config = _config(root)
+  config.train.update(steps=1000, checkpoint_every=1000, log_every=1000)
+  model, tokenizer = runs.model_from_config(config)
+  half = BATCH // 2
+  batch = {k: v[process_id * half:(process_id + 1) * half] for k, v in _global_batch(config, tokenizer).items()}
+  iterator = _SignalAt(_repeating(batch), SIGNAL_AT_STEP[process_id])
+  try:
+    loop.train(config, workdir, log=print, progress=False, evaluate=False, data_iterator=iterator, model=model,
+               tokenizer=tokenizer)
+  except errors.Interrupted as err:
+    print(f"process {process_id}: {err} (exit code {err.exit_code})", flush=True)
+
+  def slow_evaluation(self, params):
+    time.sleep(EVALUATION_S)
+    return {"clean/tr@1": 50.0}
+
+  loop.Evaluator.__call__ = slow_evaluation
+  config.train.steps = 12
+  result = loop.train(config, workdir, log=print, progress=False, evaluate=True, data_iterator=_repeating(batch),
+                      model=model, tokenizer=tokenizer)
+  print(f"process {process_id}: finished at step {result.step}", flush=True)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -119,5 +184,45 @@ def test_two_processes_make_the_update_of_one_process_with_8_devices(tmp_path, d
   assert [line["step"] for line in logged if "train/loss" in line] == [1]  # trained once, by both processes
 
 
+@pytest.mark.slow
+def test_signals_at_different_steps_stop_all_processes_at_one_step_and_all_wait_for_the_evaluation(
+    tmp_path, devices):
+  from mat_jax import runs
+  config = _config(tmp_path)
+  _global_batch(config, runs.model_from_config(config)[1])  # the dataset, built once for both processes
+  env = dict(os.environ, XLA_FLAGS=xla_flags(device_count=4), JAX_PLATFORMS="cpu",
+             MAT_JAX_CACHE_DIR=str(tmp_path / "cache"))
+  port = _free_port()
+  workers = [subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path), "stop"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  for worker in workers:
+    try:
+      out, _ = worker.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for other in workers:
+        other.kill()
+      raise
+    outputs.append(out)
+    assert worker.returncode == 0, out[-3000:]
+
+  # Process 0 saw its signal after step 6, process 1 after step 9: both stopped after step 9, within the
+  # margin the first one set, and wrote one checkpoint together.
+  for process_id, out in enumerate(outputs):
+    assert f"process {process_id}: interrupted at step 9; last checkpoint 9 in" in out, out[-3000:]
+    assert "(exit code 143)" in out
+  assert (tmp_path / "stopped" / "checkpoints" / "12").is_dir()
+  assert {p.name for p in (tmp_path / "stopped" / "checkpoints" / "9" / "data").iterdir()} >= {
+      "process_0-of-2.json", "process_1-of-2.json"}
+  # The resumed run ended on both processes, after process 0's final evaluation.
+  assert "resumed from the checkpoint at step 9" in outputs[0]
+  assert "evaluation: clean/tr@1 50.0" in outputs[0]
+  for process_id, out in enumerate(outputs):
+    assert f"process {process_id}: finished at step 12" in out, out[-3000:]
+
+
 if __name__ == "__main__":
-  _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+  if sys.argv[4:] == ["stop"]:
+    _stop_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+  else:
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -6,7 +6,9 @@ Host work per step: fetch this process's batch, place it as a global array, disp
 The host reads device values (metrics and the non-finite flag) only every `train.log_every` steps, one
 step late (after the next step is dispatched), and before every checkpoint, so the device runs ahead.
 Only process 0 writes logs, metrics (JSONL + TensorBoard), the run config and the exported model; every
-process takes part in checkpoints (each saves its own data-iterator position).
+process takes part in checkpoints (each saves its own data-iterator position). The processes of a
+multi-host run stop after a signal at one agreed step (`_StopAgreement`), and all of them leave `train`
+only once process 0 has exported and evaluated the final model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -47,6 +50,19 @@ Log = Callable[[str], None]
 # ahead between two metric fetches, each queued step holding its batch (and its buffers) in device
 # memory, and the input pipeline would race the device for the host's cores; two keep the device fed.
 MAX_STEPS_IN_FLIGHT = 2
+
+# Multi-host stop: a process that gets SIGINT/SIGTERM after step d publishes the stop step d + this margin.
+# Another process that has finished dispatching step s has waited for step s - MAX_STEPS_IN_FLIGHT to
+# complete, which needs this process's dispatch of that step: no process can have passed step
+# d + MAX_STEPS_IN_FLIGHT, and one that reaches the step after it has waited for this process's step d,
+# dispatched after the key was published, so it reads the key in time.
+STOP_MARGIN_STEPS = MAX_STEPS_IN_FLIGHT + 1
+
+# How long the processes of a multi-host run wait for one another at the end of a run: for process 0's
+# export and final evaluation (hours on a large eval set under attack), or at the final step's stop check
+# for the slowest process's checkpoint save. Long enough never to cut a real run short; a process that dies
+# instead fails the wait through the coordination service's heartbeats.
+END_OF_RUN_TIMEOUT_S = 72 * 3600
 
 
 class NonFiniteLossError(errors.MatJaxError, RuntimeError):
@@ -236,7 +252,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
   have get_state/set_state); `model`/`tokenizer` replace `config.model.source`. The workdir is locked
   for the whole run (`mat_jax.workdir.WorkdirLock`; `lock=False` when the caller holds it already).
   SIGINT/SIGTERM stop the run at the end of the current step, after a checkpoint of that step
-  (`errors.Interrupted`: "interrupted at step N; last checkpoint M; rerun the same command to resume").
+  (`errors.Interrupted`: "interrupted at step N; last checkpoint M; rerun the same command to resume");
+  the processes of a multi-host run stop at one agreed step (`_StopAgreement`).
   """
   workdir = Path(workdir).expanduser().absolute()
   main = mesh_lib.is_main_process()
@@ -355,6 +372,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   clock, clock_step = time.perf_counter(), start
   last_saved = start if start else None
   stop = _StopSignals()
+  agreement = _StopAgreement(stop, cfg.train.steps)
+
+  def check_finite(bad: int) -> None:
+    _check_finite(bad, last_saved, workdir, resumed_at=start if resumed else None,
+                  clipping=cfg.optimizer.grad_clip_norm > 0)
 
   def write_train_metrics(done: int, values: list[dict[str, Any]]) -> None:
     nonlocal clock, clock_step, last_metrics
@@ -378,11 +400,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       if deferred is not None:
         logged_step, values, bad = jax.device_get(deferred)
         deferred = None
-        _check_finite(int(bad), last_saved, workdir, resumed_at=start if resumed else None)
+        check_finite(int(bad))
         write_train_metrics(logged_step, values)
       done = step + 1
       final = done == cfg.train.steps
-      stopping = stop.signum is not None  # read once: a signal arriving later in the step waits for the next
+      stopping = agreement.stopping(done)  # read once: a signal arriving later in the step waits for the next
       log_now = done % cfg.train.log_every == 0 or final
       save_now = done % cfg.train.checkpoint_every == 0 or final or stopping
       if save_now:  # a checkpoint is written only after its state is known to be finite
@@ -393,7 +415,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
           pending = []
         else:  # the steps since the last log stay pending: the next logged line averages all of them
           bad = jax.device_get(state.bad_step)
-        _check_finite(int(bad), last_saved, workdir, resumed_at=start if resumed else None)
+        check_finite(int(bad))
         if log_now or stopping:
           write_train_metrics(done, values)
       elif log_now:
@@ -404,10 +426,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         last_saved = done
       _inject_fault(done)
       bar.update(1)
+      if final:
+        stopping = agreement.stopping_at_end(stopping)
       if stopping:  # also at the last step: the run stops as asked; rerunning it exports and evaluates
         ckpt.wait()
         raise errors.Interrupted(f"interrupted at step {done}; last checkpoint {last_saved} in "
-                                 f"{workdir / 'checkpoints'}; rerun the same command to resume", stop.signum)
+                                 f"{workdir / 'checkpoints'}; rerun the same command to resume", agreement.signum)
       if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and not final:
         gathered = host_params(state.params)  # every process: a collective when FSDP spans hosts
         if evaluator:
@@ -435,12 +459,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         say("evaluation: " + ", ".join(f"{k} {v:.1f}" for k, v in evaluation.items()))
   finally:
     writer.close()
+    # The other processes wait for process 0's export and evaluation: a process that left would start
+    # jax.distributed's shutdown, whose barrier times out (300 s by default) and aborts every process.
+    agreement.wait_for_all("end")
   return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
 
 
-def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at: int | None = None) -> None:
+def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at: int | None = None,
+                  clipping: bool = False) -> None:
   """Raise NonFiniteLossError naming the first non-finite step `bad` (the state's sticky `bad_step`, read
-  on the host; -1 if none)."""
+  on the host; -1 if none). `clipping`: whether the run clips gradients (optimizer.grad_clip_norm > 0)."""
   if bad < 0:
     return
   checkpoints = workdir / "checkpoints"
@@ -452,8 +480,7 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
         f"the loss or a gradient became NaN/inf at step {bad}, the first step after restoring the checkpoint "
         f"{checkpoints / str(resumed_at)}, which was checked on restore (its checksums and finite values) and "
         "is kept. A rerun meets this step's batch again from it: check that batch's inputs (images, "
-        "captions), lower optimizer.learning_rate or set optimizer.grad_clip_norm, then rerun the same "
-        "command to resume from that checkpoint.")
+        f"captions) or {_settings_advice(clipping, workdir, checkpoint=True)}")
   kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
           if last_saved is not None else "no checkpoint had been written yet")
   if bad == 0:
@@ -461,11 +488,26 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
         f"the loss or a gradient became NaN/inf at the very first step (step 0); {kept}. The starting "
         "parameters are finite, so check the inputs (images, captions) and the objective's settings; the "
         "learning rate has not acted yet.")
-  rerun = ("rerunning in the same workdir resumes from that checkpoint" if last_saved is not None
-           else "rerunning in the same workdir starts from step 0")
   raise NonFiniteLossError(
-      f"the loss or a gradient became NaN/inf at step {bad} (0-based); the run stopped and {kept}. "
-      f"Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or check the inputs of that step; {rerun}.")
+      f"the loss or a gradient became NaN/inf at step {bad} (0-based); the run stopped and {kept}. Check the "
+      f"inputs of that step, or {_settings_advice(clipping, workdir, checkpoint=last_saved is not None)}")
+
+
+def _settings_advice(clipping: bool, workdir: Path, *, checkpoint: bool) -> str:
+  """What to change after a NaN, and what rerunning in `workdir` then does. Whether gradients are clipped is
+  part of the checkpoints' config fingerprint (the clip norm itself is not): a workdir whose checkpoints were
+  written without clipping refuses a rerun with it."""
+  if not checkpoint:
+    return ("lower optimizer.learning_rate or set optimizer.grad_clip_norm; rerunning in the same workdir "
+            "starts from step 0.")
+  if clipping:
+    return ("lower optimizer.learning_rate or optimizer.grad_clip_norm; rerunning in the same workdir "
+            "resumes from that checkpoint.")
+  return ("lower optimizer.learning_rate; rerunning in the same workdir resumes from that checkpoint. "
+          "Turning on gradient clipping (optimizer.grad_clip_norm > 0) changes the run's config, so this "
+          "workdir refuses it: train the clipped run in a fresh --workdir, from the start or from the weights "
+          f"of that checkpoint with --config.model.source={workdir} (and no model.overrides; the optimizer "
+          "state and the schedule start afresh).")
 
 
 def _check_starting_params(params: nnx.State, source: str) -> None:
@@ -514,6 +556,72 @@ class _StopSignals:
     previous, self._previous = self._previous, {}
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+
+# Numbers the runs of this process, the same way on every process (they all call `train` in the same order),
+# so each run has its own keys in the coordination service's store, which outlives a run.
+_RUN_NUMBERS = itertools.count()
+
+
+class _StopAgreement:
+  """The step at which a signalled run stops, the same on every process.
+
+  One process: the step at which the signal is seen. Several: a process seeing its signal publishes a stop
+  step `STOP_MARGIN_STEPS` ahead in the coordination service's key-value store (the first process to
+  publish wins), and every process reads that key, without blocking, at each step until it is there. At
+  the final step, which every process checkpoints anyway, they publish what they saw and meet at a barrier
+  before reading it. No device synchronisation is added to the steps.
+  """
+
+  def __init__(self, signals: _StopSignals, steps: int):
+    self.signals, self.steps = signals, steps
+    self.client = mesh_lib.coordination_client()
+    self.prefix = f"mat_jax/train/{next(_RUN_NUMBERS)}"
+    self.stop_key = f"{self.prefix}/stop"
+    self.stop_step: int | None = None  # the agreed step, once known
+    self.signum: int | None = None
+
+  def stopping(self, done: int) -> bool:
+    """Whether the run stops after step `done` (its checkpoint is written first)."""
+    if self.client is None:
+      self.signum = self.signals.signum
+      return self.signum is not None
+    if self.stop_step is None:
+      self._read()
+    if self.stop_step is None and self.signals.signum is not None:
+      self._publish(min(done + STOP_MARGIN_STEPS, self.steps))
+    return self.stop_step is not None and done >= self.stop_step
+
+  def stopping_at_end(self, stopping: bool) -> bool:
+    """At the final step, after its checkpoint: whether the run stops there instead of finishing. One
+    process keeps what `stopping` saw; several agree at a barrier (the key set before any of them reads)."""
+    if self.client is None:
+      return stopping
+    if self.stop_step is None and self.signals.signum is not None:
+      self._publish(self.steps)
+    self.wait_for_all("final step")
+    self._read()
+    return self.stop_step is not None
+
+  def wait_for_all(self, name: str) -> None:
+    """A barrier of all processes (nothing with one process)."""
+    if self.client is not None:
+      self.client.wait_at_barrier(f"{self.prefix}/{name}", END_OF_RUN_TIMEOUT_S * 1000)
+
+  def _publish(self, step: int) -> None:
+    try:
+      self.client.key_value_set(self.stop_key, f"{step}:{self.signals.signum}", allow_overwrite=False)
+    except jax.errors.JaxRuntimeError as err:
+      if "ALREADY_EXISTS" not in str(err):
+        raise
+    self._read()  # ours, or the one another process published first
+
+  def _read(self) -> None:
+    entries = self.client.key_value_dir_get(self.prefix)
+    value = dict(entries).get(self.stop_key)
+    if value is not None:
+      step, signum = value.split(":")
+      self.stop_step, self.signum = int(step), int(signum)
 
 
 FAULT_SIGKILL_ENV = "MAT_JAX_FAULT_SIGKILL_AFTER_STEP"
