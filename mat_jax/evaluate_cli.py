@@ -114,7 +114,7 @@ _out_dir: str | None = None  # the --out of the running command, named by a disk
 
 def _main(argv: Sequence[str] | None) -> int:
   global _out_dir
-  runtime.enable_compilation_cache()
+  runtime.prepare_process()
   if _task(argv) == "zeroshot":
     loop.ensure_cached_source(_model(argv))
     return zeroshot.main(argv)

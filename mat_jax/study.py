@@ -761,7 +761,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
   # Compiled programs on disk: the runs of one arm differ only in their seed (a runtime value), so every
   # run after the first of its shape loads its train step instead of compiling it.
-  runtime.enable_compilation_cache()
+  runtime.prepare_process()
   study = load(args.config, quick=args.quick)
   study_dir = Path(args.study_dir) if args.study_dir else paths_lib.cache_root() / "studies" / study["name"]
   out = Path(args.out) if args.out else (study_dir if args.quick else DEFAULT_OUT)

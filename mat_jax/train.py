@@ -61,7 +61,7 @@ _out_dir: Path | None = None
 def _main(argv: list[str] | None) -> int:
   global _out_dir
   args, overrides = parse_args(argv)
-  runtime.enable_compilation_cache()
+  runtime.prepare_process()
 
   if args.config is None and overrides:
     print("error: --config.* overrides need --config FILE", file=sys.stderr)

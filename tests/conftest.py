@@ -44,7 +44,7 @@ import pytest  # noqa: E402
 
 from mat_jax import runtime  # noqa: E402
 
-runtime.enable_compilation_cache()  # in-process tests too, not only the command lines they run
+runtime.prepare_process()  # in-process tests too, not only the command lines they run
 
 
 @pytest.fixture(scope="session")

@@ -94,12 +94,12 @@ def test_explicit_directory_wins(monkeypatch, tmp_path, restore_jax_cache):
 
 
 def _xla_flags_after_entry_point(tmp_path, flags: str | None) -> str:
-  """XLA_FLAGS as a fresh process sees it after an entry point's first call (enable_compilation_cache)."""
+  """XLA_FLAGS as a fresh process sees it after an entry point's first call (prepare_process)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   if flags is not None:
     env["XLA_FLAGS"] = flags
   env["MAT_JAX_COMPILATION_CACHE"] = str(tmp_path / "xla")
-  code = ("import os; from mat_jax import runtime; runtime.enable_compilation_cache(); "
+  code = ("import os; from mat_jax import runtime; runtime.prepare_process(); "
           "import jax; jax.devices(); print(os.environ.get('XLA_FLAGS', ''))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
   return out.stdout.strip().splitlines()[-1]
@@ -118,3 +118,28 @@ def test_xla_flags_untouched_once_a_backend_started(monkeypatch, tmp_path, resto
   monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
   runtime.enable_compilation_cache(tmp_path / "xla")
   assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
+
+
+def test_the_imports_objects_are_frozen_once_per_process(tmp_path):
+  # gc.freeze: the collector's oldest-generation passes, which tracing triggers, skip the imports' objects.
+  code = ("import gc; from mat_jax import runtime, train; before = gc.get_freeze_count(); "
+          "runtime.prepare_process(); first = gc.get_freeze_count(); [object() for _ in range(10)]; "
+          "cycle = []; cycle.append(cycle); runtime.prepare_process(); print(before, first, gc.get_freeze_count())")
+  env = dict(os.environ, MAT_JAX_COMPILATION_CACHE=str(tmp_path / "xla"))
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+  before, first, second = map(int, out.stdout.split()[-3:])
+  assert before == 0 and first > 100_000  # jax, flax and mat_jax leave hundreds of thousands of objects
+  assert second == first  # a second call (a command line run again in-process) freezes nothing more
+
+
+def test_every_entry_point_prepares_the_process():
+  import ast
+  from pathlib import Path
+
+  package = Path(runtime.__file__).parent
+  for module in ("train.py", "evaluate_cli.py", "study.py", "bench/__main__.py", "data/__main__.py",
+                 "models/__main__.py"):
+    calls = {node.func.attr for node in ast.walk(ast.parse((package / module).read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "runtime"}
+    assert "prepare_process" in calls and "enable_compilation_cache" not in calls, module

@@ -38,7 +38,7 @@ def _main(argv=None) -> int:
       module = importlib.import_module(f"mat_jax.bench.{name}")
       module.add_arguments(suite_parser)
   args = parser.parse_args(argv)
-  runtime.enable_compilation_cache()
+  runtime.prepare_process()
   return module.run(args) or 0
 
 

@@ -142,7 +142,7 @@ def _main(argv: list[str] | None) -> int:
   args = _parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-  runtime.enable_compilation_cache()
+  runtime.prepare_process()
 
   for flag, value in (("--data-dir", getattr(args, "data_dir", None)), ("--dir", getattr(args, "dir", None))):
     if value:  # before any work: a build that cannot be written fails at once, not at its end

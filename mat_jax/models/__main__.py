@@ -114,7 +114,7 @@ def _main(argv: list[str] | None) -> int:
   p.add_argument("source", help="transformers-layout directory or hub id")
   p.set_defaults(fn=inspect)
   args = parser.parse_args(argv)
-  runtime.enable_compilation_cache()
+  runtime.prepare_process()
   return args.fn(args)
 
 
