@@ -164,6 +164,13 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = (), arg: str | None
   return build(raw, overrides, origin=str(path))
 
 
+def _section_name(raw: dict, section: str) -> Any:
+  """The `name` a raw config gives a section, or None; a section that is not a mapping is left for
+  `_merge` to refuse with its one-line error."""
+  value = raw.get(section)
+  return value.get("name") if isinstance(value, dict) else None
+
+
 def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequence[str] = (),
           origin: str = "config") -> ml_collections.ConfigDict:
   """Defaults + `raw` + overrides -> a validated, locked ConfigDict."""
@@ -171,19 +178,19 @@ def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequenc
   parsed = [_parse_override(o) for o in overrides]
   # `*.name` first: the objective's name decides which of its keys are valid.
   base = defaults().to_dict()
-  file_objective = dict(raw.get("objective", {}))
-  file_schedule = raw.get("schedule", {}).get("name")
+  file_objective = _section_name(raw, "objective")
+  file_schedule = _section_name(raw, "schedule")
   for key, value in parsed:
     if key.endswith(".name"):
       _override_target(base, key)  # a typo in the key is the override's, not the file's
       _set_raw(raw, key, value)
-  renamed = raw.get("objective", {}).get("name") != file_objective.get("name", "contrastive")
+  renamed = _section_name(raw, "objective") != file_objective
   config = _merge(base, raw, origin)
   # A file's hyper-parameters of another objective are dropped when the name is overridden (switching
   # shapes_mat.py to tecoa keeps eps/steps/step_size, drops text_changes); typos elsewhere still fail.
   config["objective"] = _objective_section(config["objective"], "override" if renamed else origin,
                                            keep_known_only=renamed)
-  if raw.get("schedule", {}).get("name") != file_schedule:
+  if _section_name(raw, "schedule") != file_schedule:
     # Likewise a schedule switched by an override keeps the file's kwargs the new one takes (none for a built-in).
     schedule = config["schedule"]
     schedule["kwargs"] = {k: v for k, v in schedule["kwargs"].items() if k in _schedule_parameters(schedule["name"])}

@@ -282,6 +282,11 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   if text_source is None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
     raise InputError(f"attacks {[a for a in attacks if a in NEEDS_TEXT_SOURCE]} perturb captions and need a "
                      "text_source (BertMLMSource, LexiconSource or CharEditSource)")
+  if isinstance(text_source, candidates_lib.MeaningFilteredSource) and settings.max_changes > 1:
+    # Two substitutes that each keep the meaning can change it together ("a middle ... on the side").
+    raise InputError(f"the meaning filter checks each substitute alone, so it holds for one changed word; "
+                     f"max_changes={settings.max_changes} could combine kept substitutes into a label flip. "
+                     "Use max_changes=1 (--max-changes 1) with it")
   if attacker.image_size != target.image_size:
     raise InputError(f"the surrogate takes {attacker.image_size}px images, the target {target.image_size}px; "
                      "transfer needs one image size (evaluate the data at that size)")

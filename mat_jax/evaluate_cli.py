@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--bert", help="BERT masked LM for --text-source bert: shapes-mlm (the shapes world's, "
                                 "the default on shapes data), a transformers-layout directory or hub id")
   p.add_argument("--meaning-filter", action="store_true",
-                 help="shapes data: keep only substitutes after which the caption still describes its image, "
-                      "so the text attacks search true adversarial captions, never label flips "
-                      "(docs/text_threat.md)")
+                 help="shapes data, one changed word: keep only substitutes after which the caption still "
+                      "describes its image, so the text attacks search true adversarial captions, never label "
+                      "flips (docs/text_threat.md)")
   p.add_argument("--top-k", type=int, default=10, help="substitute candidates per word (at least 1)")
   p.add_argument("--max-changes", type=int, default=1, help="words the text attack may change per caption")
   p.add_argument("--batch-size", type=int, default=32,
@@ -135,6 +135,9 @@ def _main(argv: Sequence[str] | None) -> int:
                  "captions of the image's batch and do not attack an image alone; use --batch-size 2 or more")
   if args.meaning_filter and args.data != "shapes":
     parser.error("--meaning-filter checks captions against the shapes world's scenes; use it with --data shapes")
+  if args.meaning_filter and args.max_changes > 1:
+    parser.error(f"--meaning-filter checks each substitute alone, so it holds for one changed word; "
+                 f"--max-changes {args.max_changes} could combine kept substitutes into a label flip")
   if args.top_k < 1:
     parser.error(f"--top-k {args.top_k}: the text attacks need at least 1 substitute candidate per word")
   if args.itm_k is not None and args.itm_k < 0:

@@ -194,12 +194,12 @@ def _lexicon():
   return LexiconSource(shapes.substitution_table())
 
 
-def test_itm_k_needs_an_itm_head(dirs, capsys):
+def test_itm_k_needs_an_itm_head(dirs, capsys, tmp_path):
   clip = ev.load_victim(str(dirs["clip"]))
   with pytest.raises(ValueError, match="ITM head"):
     ev.evaluate(clip, eval_set=_EvalSet(3), attacks=("pgd",), itm_k=4)
   with pytest.raises(SystemExit):
-    evaluate_cli.main(["--model", str(dirs["clip"]), "--itm-k", "4"])
+    evaluate_cli.main(["--model", str(dirs["clip"]), "--itm-k", "4", "--out", str(tmp_path)])
   assert "ITM head" in capsys.readouterr().err
   encoder, params = split(clip.encoder.merge(clip.params))
   with pytest.raises(ValueError, match="image-text matching head"):

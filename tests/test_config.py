@@ -421,3 +421,17 @@ def test_model_overrides_parse_their_fields_strictly():
                             ("vision.image_mean=0.5", "vision.image_mean is a sequence")):
     with pytest.raises(config_lib.ConfigError, match=message):
       runs.parse_model_overrides(override, base)
+
+
+def test_a_section_given_as_a_plain_value_is_one_config_error():
+  # A schedule or objective written as its name alone (the old schedule choices were plain names).
+  for raw, section in [({"schedule": "cosine"}, "schedule"), ({"objective": "tecoa"}, "objective")]:
+    with pytest.raises(config_lib.ConfigError, match=f"{section} must be a section"):
+      config_lib.build(raw)
+
+
+def test_objective_keys_of_a_file_that_does_not_name_its_objective_are_checked():
+  # The default objective (contrastive) has no eps: a file's stray key is a typo, not dropped in silence.
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'objective \(contrastive\)\.eps'"):
+    config_lib.build({"objective": {"eps": 0.1}})
+  assert config_lib.build({"objective": {"eps": 0.1}}, ["--config.objective.name=tecoa"]).objective.eps == 0.1

@@ -295,6 +295,12 @@ def test_budgets_that_share_a_results_key_are_refused(model_dir, capsys):
   assert "both reported as eps '1'" in capsys.readouterr().err
   with pytest.raises(ValueError, match="both reported as eps '1'"):
     ev.evaluate(ev.load_victim(str(model_dir)), eval_set=_EvalSet(3), attacks=("pgd",), eps_255=(1.0, 1.0000001))
+  # A meaning filter checks each substitute alone: two changed words could together flip the meaning.
+  from mat_jax.attacks.candidates import LexiconSource, MeaningFilteredSource
+  filtered = MeaningFilteredSource(LexiconSource({"red": ["crimson"]}), lambda words, position, sub: True)
+  with pytest.raises(ev.InputError, match="holds for one changed word"):
+    ev.evaluate(ev.load_victim(str(model_dir)), eval_set=_EvalSet(3), attacks=("bert",), text_source=filtered,
+                settings=ev.AttackSettings(max_changes=2))
 
 
 def test_the_table_and_plot_name_the_norm_steps_and_seed(tmp_path, monkeypatch):

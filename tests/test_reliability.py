@@ -626,6 +626,12 @@ def test_a_non_finite_step_sends_a_run_without_clipping_to_a_fresh_workdir_to_tu
   with pytest.raises(loop.NonFiniteLossError, match="lower optimizer.learning_rate or optimizer.grad_clip_norm; "
                                                     "rerunning in the same workdir resumes from that checkpoint"):
     loop._check_finite(7, 4, tmp_path, resumed_at=resumed_at, clipping=True)
+  # FARE and MAVA keep the starting model as their frozen reference: starting from the checkpoint's
+  # weights would replace it, so only a fresh start is advised.
+  with pytest.raises(loop.NonFiniteLossError) as anchored:
+    loop._check_finite(7, 4, tmp_path, resumed_at=resumed_at, clipping=False, reference=True)
+  assert "a fresh --workdir, from the start (this objective keeps the starting model as its frozen reference" \
+         in str(anchored.value) and "--config.model.source" not in str(anchored.value)
 
 
 def test_nan_starting_weights_are_not_blamed_on_the_learning_rate(root):

@@ -278,9 +278,13 @@ def test_meaning_filter_keeps_exactly_the_substitutes_that_describe_the_image(ti
     evaluate_lib.shapes_meaning_filter(_EvalSet(None, np.zeros(1), captions))
 
 
-def test_meaning_filter_flag_needs_shapes_data():
-  with pytest.raises(SystemExit):
-    evaluate_cli.main(["--model", "shapes", "--data", "flickr30k", "--meaning-filter", "--attacks", "bert"])
+def test_meaning_filter_flag_needs_shapes_data_and_one_changed_word(capsys, tmp_path):
+  for flags, message in [(["--data", "flickr30k"], "use it with --data shapes"),
+                         (["--max-changes", "2"], "holds for one changed word")]:
+    with pytest.raises(SystemExit):
+      evaluate_cli.main(["--model", "shapes", "--meaning-filter", "--attacks", "bert", "--out", str(tmp_path),
+                         *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_the_judge_refuses_captions_that_contradict_themselves_or_lose_a_relation():

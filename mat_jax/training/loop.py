@@ -376,7 +376,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
 
   def check_finite(bad: int) -> None:
     _check_finite(bad, last_saved, workdir, resumed_at=start if resumed else None,
-                  clipping=cfg.optimizer.grad_clip_norm > 0)
+                  clipping=cfg.optimizer.grad_clip_norm > 0, reference=run.objective.needs_reference)
 
   def write_train_metrics(done: int, values: list[dict[str, Any]]) -> None:
     nonlocal clock, clock_step, last_metrics
@@ -466,9 +466,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
 
 
 def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at: int | None = None,
-                  clipping: bool = False) -> None:
+                  clipping: bool = False, reference: bool = False) -> None:
   """Raise NonFiniteLossError naming the first non-finite step `bad` (the state's sticky `bad_step`, read
-  on the host; -1 if none). `clipping`: whether the run clips gradients (optimizer.grad_clip_norm > 0)."""
+  on the host; -1 if none). `clipping`: whether the run clips gradients (optimizer.grad_clip_norm > 0);
+  `reference`: whether the objective keeps a frozen reference model (`_settings_advice`)."""
   if bad < 0:
     return
   checkpoints = workdir / "checkpoints"
@@ -480,7 +481,7 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
         f"the loss or a gradient became NaN/inf at step {bad}, the first step after restoring the checkpoint "
         f"{checkpoints / str(resumed_at)}, which was checked on restore (its checksums and finite values) and "
         "is kept. A rerun meets this step's batch again from it: check that batch's inputs (images, "
-        f"captions) or {_settings_advice(clipping, workdir, checkpoint=True)}")
+        f"captions) or {_settings_advice(clipping, workdir, checkpoint=True, reference=reference)}")
   kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
           if last_saved is not None else "no checkpoint had been written yet")
   if bad == 0:
@@ -488,26 +489,32 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
         f"the loss or a gradient became NaN/inf at the very first step (step 0); {kept}. The starting "
         "parameters are finite, so check the inputs (images, captions) and the objective's settings; the "
         "learning rate has not acted yet.")
+  advice = _settings_advice(clipping, workdir, checkpoint=last_saved is not None, reference=reference)
   raise NonFiniteLossError(
       f"the loss or a gradient became NaN/inf at step {bad} (0-based); the run stopped and {kept}. Check the "
-      f"inputs of that step, or {_settings_advice(clipping, workdir, checkpoint=last_saved is not None)}")
+      f"inputs of that step, or {advice}")
 
 
-def _settings_advice(clipping: bool, workdir: Path, *, checkpoint: bool) -> str:
+def _settings_advice(clipping: bool, workdir: Path, *, checkpoint: bool, reference: bool = False) -> str:
   """What to change after a NaN, and what rerunning in `workdir` then does. Whether gradients are clipped is
   part of the checkpoints' config fingerprint (the clip norm itself is not): a workdir whose checkpoints were
-  written without clipping refuses a rerun with it."""
+  written without clipping refuses a rerun with it. `reference`: the objective keeps the starting model as
+  a frozen reference (FARE, MAVA), which a run started from the checkpoint's weights would replace."""
   if not checkpoint:
     return ("lower optimizer.learning_rate or set optimizer.grad_clip_norm; rerunning in the same workdir "
             "starts from step 0.")
   if clipping:
     return ("lower optimizer.learning_rate or optimizer.grad_clip_norm; rerunning in the same workdir "
             "resumes from that checkpoint.")
-  return ("lower optimizer.learning_rate; rerunning in the same workdir resumes from that checkpoint. "
-          "Turning on gradient clipping (optimizer.grad_clip_norm > 0) changes the run's config, so this "
-          "workdir refuses it: train the clipped run in a fresh --workdir, from the start or from the weights "
-          f"of that checkpoint with --config.model.source={workdir} (and no model.overrides; the optimizer "
-          "state and the schedule start afresh).")
+  refused = ("lower optimizer.learning_rate; rerunning in the same workdir resumes from that checkpoint. "
+             "Turning on gradient clipping (optimizer.grad_clip_norm > 0) changes the run's config, so this "
+             "workdir refuses it: train the clipped run in a fresh --workdir")
+  if reference:  # the checkpoint's weights would become the frozen reference the objective measures against
+    return (f"{refused}, from the start (this objective keeps the starting model as its frozen reference, so "
+            "starting from the checkpoint's weights would change what it is trained towards).")
+  return (f"{refused}, from the start or from the weights of that checkpoint with "
+          f"--config.model.source={workdir} (and no model.overrides; the optimizer state and the schedule "
+          "start afresh).")
 
 
 def _check_starting_params(params: nnx.State, source: str) -> None:
