@@ -193,7 +193,8 @@ def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequenc
   if _section_name(raw, "schedule") != file_schedule:
     # Likewise a schedule switched by an override keeps the file's kwargs the new one takes (none for a built-in).
     schedule = config["schedule"]
-    schedule["kwargs"] = {k: v for k, v in schedule["kwargs"].items() if k in _schedule_parameters(schedule["name"])}
+    takes = optim.schedule_parameters(schedule["name"])
+    schedule["kwargs"] = {k: v for k, v in schedule["kwargs"].items() if k in takes}
   for key, value in parsed:
     if not key.endswith(".name"):
       _override(config, key, value)
@@ -518,12 +519,6 @@ def _check_schedule(schedule: dict, peak: float, steps: int) -> None:
                       ">= 0 and finite at every step")
 
 
-def _schedule_parameters(name: str) -> tuple[str, ...]:
-  """The parameters of the optax.NAME schedule constructor `name` (none for a built-in or an unknown name)."""
-  fn = optim.optax_schedules().get(name)
-  return tuple(inspect.signature(fn).parameters) if fn is not None else ()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Overrides.
 
@@ -574,8 +569,7 @@ def _override_schedule_kwarg(schedule: dict, key: str, text: str) -> None:
   if leaf in kwargs:
     kwargs[leaf] = _coerce(key, kwargs[leaf], _parse_value(text, kwargs[leaf], key), "override")
     return
-  fn = optim.optax_schedules().get(schedule["name"])
-  parameter = inspect.signature(fn).parameters.get(leaf) if fn is not None else None
+  parameter = optim.schedule_parameters(schedule["name"]).get(leaf)
   default = parameter.default if parameter is not None else None
   kwargs[leaf] = _parse_value(text, default if isinstance(default, (bool, int, float, str)) else None, key)
 

@@ -31,6 +31,13 @@ def optax_schedules() -> dict[str, Callable[..., optax.Schedule]]:
           if inspect.isfunction(fn) and not name.startswith("_") and name.endswith(("_schedule", "_decay"))}
 
 
+def schedule_parameters(name: str) -> Mapping[str, inspect.Parameter]:
+  """The parameters of the Optax schedule constructor `name` (`optax.NAME`); empty for a built-in or an
+  unknown name."""
+  fn = optax_schedules().get(name)
+  return inspect.signature(fn).parameters if fn is not None else {}
+
+
 def check_schedule_name(name: str) -> None:
   """ValueError for a `schedule.name` that is neither a built-in nor an Optax schedule constructor."""
   if name in BUILTIN_SCHEDULES:
@@ -51,8 +58,7 @@ def optax_schedule_arguments(name: str, kwargs: Mapping[str, Any], peak: float, 
   out that the config gives (PEAK_PARAMETERS: `peak`; LENGTH_PARAMETERS: `main_steps`, the steps after
   warm-up). ValueError naming the constructor and its parameters for a parameter it does not take or a
   required one missing."""
-  fn = optax_schedules()[name]
-  parameters = inspect.signature(fn).parameters
+  parameters = schedule_parameters(name)
   signature = ", ".join(parameters)
   unknown = sorted(set(kwargs) - set(parameters))
   if unknown:
