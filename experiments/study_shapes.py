@@ -5,6 +5,7 @@
     python -m mat_jax.study --config experiments/study_shapes.py:paraphrase  # + claim 6: MAT vs paraphrases
     python -m mat_jax.study --config experiments/study_shapes.py:full,paraphrase  # all 13 arms: docs/results
     python -m mat_jax.study --config experiments/study_shapes.py:mmcoa   # MMCoA (as MMCoA.py) and the control
+    python -m mat_jax.study --config experiments/study_shapes.py:heldout  # claim 7: the held-out-forms world
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=2,eval_images=500  # cheaper
 
@@ -26,6 +27,8 @@ ALL_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
 # measured on the clean fine-tuned control, where they answer "does the threat hurt at all".
 METHOD_ATTACKS = ("clean", "pgd", "bert", "co", "sga")
 ABLATION_ATTACKS = ("clean", "co", "sga")
+# The meaning-filtered text attacks (true adversarial captions only), with PGD and the unfiltered threat.
+HELDOUT_ATTACKS = ("clean", "pgd", "bert", "bert_filtered", "co_filtered", "sga_filtered")
 
 
 def _arm(method, attacks=METHOD_ATTACKS, **variant):
@@ -33,10 +36,12 @@ def _arm(method, attacks=METHOD_ATTACKS, **variant):
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, mmcoa=False, seeds=3, eval_images=0)
-  if args.mmcoa and (args.full or args.paraphrase or args.quick):
-    raise ConfigError("the study-file argument mmcoa is a study of its own (MMCoA and the control); give it "
-                      "without full, paraphrase or quick")
+  args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, mmcoa=False, heldout=False, seeds=3,
+                           eval_images=0)
+  for own in ("mmcoa", "heldout"):
+    if args[own] and sum(bool(args[k]) for k in ("full", "paraphrase", "mmcoa", "heldout", "quick")) > 1:
+      raise ConfigError(f"the study-file argument {own} is a study of its own; give it without full, "
+                        "paraphrase, mmcoa, heldout or quick")
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
   c.seeds = args.seeds        # seed s: data order, fine-tuning randomness and attack randomness
@@ -87,6 +92,17 @@ def get_config(arg=None):
     # earlier variant (docs/results/shapes_study.md).
     c.name = "shapes_study_mmcoa"
     c.arms = {"clean_ft": _arm("clean_ft"), "mmcoa": _arm("mmcoa")}
+  if args.heldout:
+    # Claim 7: the held-out-forms world (recipes.HELDOUT_FORMS_WORLD). Every caption a model trains and is
+    # tested on uses each word's canonical form; the masked LM, trained on the default world, also proposes
+    # the other forms, which the meaning filter keeps: a meaning-preserving attack with words the models
+    # never saw. The starting model is pretrained on this world (experiments/shapes_clip_heldout.py).
+    c.name = "shapes_study_heldout"
+    c.data = dict(recipes.HELDOUT_FORMS_WORLD)
+    c.model_source = "cache:shapes_clip_heldout"
+    c.arms = {"clean_ft": _arm("clean_ft", HELDOUT_ATTACKS), "tecoa": _arm("tecoa", HELDOUT_ATTACKS),
+              "mat": _arm("mat", HELDOUT_ATTACKS),
+              "mat_paraphrase": _arm("mat", HELDOUT_ATTACKS, text_attack={"source": "paraphrase"})}
   if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1
@@ -101,7 +117,8 @@ def get_config(arg=None):
     c.budget = dict(train=dict(steps=2, batch_size=16, log_every=1, checkpoint_every=2),
                     schedule=dict(warmup_steps=1))
     c.data = dict(build_train=32, build_val=8, build_test=12)
-    # The control and one defense under one attack of each kind (none, text, multimodal): a claim to
-    # compute, and every step of a study (train, evaluate, resume, report) run once.
-    c.arms = {"clean_ft": _arm("clean_ft", ("clean", "bert", "co")), "mat": _arm("mat", ("clean", "bert", "co"))}
+    # The control and one defense under one attack of each kind (none, text, multimodal, meaning-filtered):
+    # a claim to compute, and every step of a study (train, evaluate, resume, report) run once.
+    c.arms = {"clean_ft": _arm("clean_ft", ("clean", "bert", "co", "bert_filtered")),
+              "mat": _arm("mat", ("clean", "bert", "co"))}
   return c

@@ -95,6 +95,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.build_train = shapes.BUILD_TRAIN  # sizes used when the shapes world must be built
   c.data.build_val = 1000
   c.data.build_test = 1000
+  c.data.build_rare_form_rate = -1.0  # the shapes world's captions: < 0 every surface form equally likely (the
+                                      # default world); r in [0, 1] each word's canonical form except with
+                                      # probability r (0: the held-out-forms world, docs/text_threat.md)
   c.data.image_size = shapes.BUILD_IMAGE_SIZE  # the tiny preset's input size
 
   c.text_attack = ml_collections.ConfigDict()
@@ -478,6 +481,9 @@ def _check_values(config: dict) -> None:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
   if config["data"]["captions_per_image"] < 1:
     raise ConfigError("data.captions_per_image must be at least 1")
+  if config["data"]["build_rare_form_rate"] > 1:
+    raise ConfigError(f"data.build_rare_form_rate={config['data']['build_rare_form_rate']}: use a probability in "
+                      "[0, 1], or -1 for the default world (every surface form equally likely)")
   if config["data"]["worker_count"] < -1:
     raise ConfigError(f"data.worker_count={config['data']['worker_count']}: use -1 (auto), 0 (the main process) "
                       "or a number of Grain worker processes")
@@ -676,6 +682,10 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
   # dataset moved to another directory is the same data.
   if config.data.name == "shapes":
     parts.update({f"data.build_{split}": config.data[f"build_{split}"] for split in ("train", "val", "test")})
+    # Recorded only for a world other than the default: the default world's checkpoints keep their digest,
+    # and one of them (which lacks the key) is refused by a run in another world.
+    if rare_form_rate(config) is not None:
+      parts["data.build_rare_form_rate"] = config.data.build_rare_form_rate
   # The inner attack only when it is not the objective's published one, which the objective's name
   # already implies (so a checkpoint of the published recipe has the same fingerprint with or without the key).
   # Likewise a field added to an objective after its checkpoints were first written, at its default (what
@@ -714,6 +724,12 @@ ADDED_FINGERPRINT_KEYS = ("model.source", "model.source_run", "text_attack.sourc
                           "data.build_train", "data.build_val", "data.build_test")
 
 
+def rare_form_rate(config: ml_collections.ConfigDict) -> float | None:
+  """The shapes world's `rare_form_rate` (`shapes.form_picker`) a config names: None for the default world."""
+  rate = config.data.get("build_rare_form_rate", -1.0)
+  return None if rate < 0 else float(rate)
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
   out = {}
   for key, value in tree.items():
@@ -747,4 +763,6 @@ def result_json(config: ml_collections.ConfigDict) -> str:
     tree.get(section, {}).pop(name, None)
   if not tree.get("schedule", {}).get("kwargs", True):  # empty kwargs change nothing trained: no part of the key
     tree["schedule"].pop("kwargs")
+  if tree.get("data", {}).get("build_rare_form_rate", 0) < 0:  # the default world, as before the key existed
+    tree["data"].pop("build_rare_form_rate")
   return json.dumps(tree, indent=2, sort_keys=True, default=list)

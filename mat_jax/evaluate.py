@@ -698,9 +698,14 @@ def load_victim(source: str, tokenizer: str | None = None, **options: Any) -> Vi
 
 
 def load_dataset(name: str, tokenizer: Tokenizer, image_size: int, *, split: str = "test",
-                 data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print):
-  """An EvalSet: the shapes world (built on first use at the model's image size) or a built corpus."""
-  builder = corpora.dataset_builder(name, image_size, data_dir, log=log)
+                 data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print,
+                 rare_form_rate: float | None = None):
+  """An EvalSet: the shapes world (built on first use at the model's image size; `rare_form_rate` picks its
+  lexicon, `shapes.form_picker`) or a built corpus."""
+  world = {} if rare_form_rate is None else {"rare_form_rate": rare_form_rate}
+  if world and name != "shapes":
+    raise ValueError(f"rare_form_rate is a shapes-world option; {name!r} is a built corpus")
+  builder = corpora.dataset_builder(name, image_size, data_dir, log=log, **world)
   return pipeline.load_eval_set(corpora.data_source(builder, split), tokenizer, max_images=limit)
 
 

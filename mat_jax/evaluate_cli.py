@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--surrogate-tokenizer", help="the surrogate's tokenizer source if not beside it")
   p.add_argument("--data", default="shapes", help="shapes, or the name of a corpus built with mat_jax.data")
   p.add_argument("--split", default="test")
+  p.add_argument("--rare-form-rate", type=float, default=None,
+                 help="shapes data: the world whose captions take each word's canonical form except with this "
+                      "probability (0: the held-out-forms world, where the model under test was trained; "
+                      "docs/text_threat.md); default: every form equally likely")
   p.add_argument("--data-dir", help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
   p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
   p.add_argument("--attacks", type=evaluate_lib.comma_names(ATTACKS), default=list(evaluate_lib.DEFAULT_ATTACKS),
@@ -133,6 +137,10 @@ def _main(argv: Sequence[str] | None) -> int:
   if contrastive and args.batch_size < 2:
     parser.error(f"--batch-size {args.batch_size}: {','.join(contrastive)} take their negatives from the other "
                  "captions of the image's batch and do not attack an image alone; use --batch-size 2 or more")
+  if args.rare_form_rate is not None and args.data != "shapes":
+    parser.error("--rare-form-rate picks the shapes world's lexicon; use it with --data shapes")
+  if args.rare_form_rate is not None and not 0 <= args.rare_form_rate <= 1:
+    parser.error(f"--rare-form-rate {args.rare_form_rate}: a probability in [0, 1]")
   if args.meaning_filter and args.data != "shapes":
     parser.error("--meaning-filter checks captions against the shapes world's scenes; use it with --data shapes")
   if args.meaning_filter and args.max_changes > 1:
@@ -156,7 +164,8 @@ def _main(argv: Sequence[str] | None) -> int:
   surrogate = (evaluate_lib.load_victim(args.surrogate, args.surrogate_tokenizer, **options)
                if args.surrogate else None)
   eval_set = evaluate_lib.load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,
-                                       data_dir=args.data_dir, limit=args.limit)
+                                       data_dir=args.data_dir, limit=args.limit,
+                                       rare_form_rate=args.rare_form_rate)
   needs_text = any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in args.attacks)
   source = _text_source(args.text_source, args.data, args.bert, args.top_k) if needs_text else None
   if source is not None and args.meaning_filter:
@@ -171,6 +180,8 @@ def _main(argv: Sequence[str] | None) -> int:
                                   batch_size=args.batch_size, seed=args.seed, limit=args.limit,
                                   progress=not args.no_progress, itm_k=itm_k, judge=judge)
   results["data"] = {"name": args.data, "split": args.split}
+  if args.rare_form_rate is not None:
+    results["data"]["rare_form_rate"] = args.rare_form_rate
   print(evaluate_lib.format_table(
       results, f"\n{args.model} on {args.data}/{args.split}: {results['num_images']} images, "
                f"{results['num_texts']} captions (recall %, drop in points, ASR % of clean hits)"

@@ -188,6 +188,12 @@ METHODS: dict[str, dict[str, Any]] = {
 SHAPES_EVAL = dict(split="test", max_images=200, attacks=("pgd",), eps=EPS, steps=10)
 
 
+# The held-out-forms world: captions use every word's canonical form only (`shapes.form_picker`), so the
+# synonyms that the masked LM proposes and a meaning-preserving text attack keeps are words the model never
+# trained on (experiments/shapes_clip_heldout.py, the study's `heldout` arms; docs/text_threat.md).
+HELDOUT_FORMS_WORLD = dict(build_rare_form_rate=0.0)
+
+
 def shapes_base(name: str, seed: int = 0) -> ml_collections.ConfigDict:
   """Name, seed and data of a shapes-world experiment (48 px images, one caption per image)."""
   c = ml_collections.ConfigDict()
@@ -197,9 +203,12 @@ def shapes_base(name: str, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-def pretrain(seed: int = 0) -> ml_collections.ConfigDict:
-  """Clean contrastive pretraining of the tiny CLIP (the starting model of every method)."""
-  c = shapes_base("shapes_clip", seed)
+def pretrain(seed: int = 0, world: Mapping[str, Any] | None = None,
+             name: str = "shapes_clip") -> ml_collections.ConfigDict:
+  """Clean contrastive pretraining of the tiny CLIP (the starting model of every method); `world`: data
+  keys of another shapes world (HELDOUT_FORMS_WORLD)."""
+  c = shapes_base(name, seed)
+  c.data.update(world or {})
   c.model = dict(source="tiny", tokenizer="shapes")
   c.objective = dict(name="contrastive")
   c.train = dict(batch_size=128, steps=1000, log_every=50, checkpoint_every=100, eval_every=100)

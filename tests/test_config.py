@@ -435,3 +435,23 @@ def test_objective_keys_of_a_file_that_does_not_name_its_objective_are_checked()
   with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'objective \(contrastive\)\.eps'"):
     config_lib.build({"objective": {"eps": 0.1}})
   assert config_lib.build({"objective": {"eps": 0.1}}, ["--config.objective.name=tecoa"]).objective.eps == 0.1
+
+
+def test_the_shapes_worlds_lexicon_keys_a_run_only_off_the_default_world(tmp_path):
+  from mat_jax import runs
+
+  path = _write(tmp_path, "return dict()")
+  base = config_lib.fingerprint(config_lib.load(path))
+  assert "data.build_rare_form_rate" not in base  # the default world's checkpoints keep their digest
+  held_out = config_lib.load(path, ["data.build_rare_form_rate=0"])
+  assert config_lib.fingerprint(held_out) == {**base, "data.build_rare_form_rate": 0.0}
+  # A default-world checkpoint lacks the key: a held-out-forms run must not resume it.
+  assert "data.build_rare_form_rate" not in config_lib.ADDED_FINGERPRINT_KEYS
+  assert config_lib.rare_form_rate(held_out) == 0.0 and config_lib.rare_form_rate(config_lib.load(path)) is None
+  with pytest.raises(config_lib.ConfigError, match=r"data.build_rare_form_rate=1.5: use a probability"):
+    config_lib.load(path, ["data.build_rare_form_rate=1.5"])
+  # Cached runs: the default world's key is what it was before the lexicon existed; another world's differs.
+  clip_path, clip = runs.cached_experiment("shapes_clip")
+  assert "build_rare_form_rate" not in config_lib.result_json(clip)
+  held_out_clip = config_lib.load(clip_path, ["data.build_rare_form_rate=0"])
+  assert runs.cached_run_dir("shapes_clip", held_out_clip) != runs.cached_run_dir("shapes_clip", clip)

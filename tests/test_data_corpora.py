@@ -465,3 +465,18 @@ def test_cli_builds_reuses_and_reports(corpus_files, tmp_path, capsys):
   assert cli(["build", "karpathy", "--annotations", str(bad), "--images", str(corpus_files / "images"),
               "--name", "broken", "--data-dir", data]) == 2
   assert "bad.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_the_held_out_forms_world_is_a_build_of_its_own(shapes_builder, data_dir):
+  default = corpora.shapes_config(**SHAPES)
+  cfg = corpora.shapes_config(**SHAPES, rare_form_rate=0.0)
+  assert cfg.name == default.name + "_rare0" and "_rare" not in default.name
+  held_out = corpora.build_shapes(data_dir, log=lambda message: None, **SHAPES, rare_form_rate=0.0)
+  source = corpora.data_source(held_out, "test")
+  for i in range(4):
+    scene = shapes.scene_for(3, "test", i)  # the same scenes, captions in canonical forms
+    caps = [c.decode() for c in source[i]["captions"]]
+    assert caps == shapes.captions(scene, np.random.default_rng((3, 2, i, 1)), 5, rare_form_rate=0.0)
+    assert (caps, source[i]["image_id"]) == (corpora.shapes_record_text(3, "test", i, 5, 0.0)[1], i)
+  with pytest.raises(ValueError, match=r"rare_form_rate must be in \[0, 1\]"):
+    corpora.shapes_config(rare_form_rate=2.0)

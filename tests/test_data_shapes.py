@@ -287,3 +287,26 @@ def test_every_word_the_world_writes_is_in_the_vocabulary(tokenizer, test_split)
   np.testing.assert_array_equal(lengths, [len(t.split()) + 2 for t in texts])
   assert tok.decode(batch.input_ids[0]) == texts[0]
   assert tok(["a purple zebra"]).input_ids[0, 3] == 1          # unknown words map to [UNK]
+
+
+def test_the_held_out_forms_world_writes_each_words_canonical_form(test_split):
+  scenes, _ = test_split
+  groups = [g for g in shapes._synonym_groups() if g != shapes.PICTURE_WORDS]  # intros keep their picture words
+  canonical = {g[0] for g in groups}
+  others = {w for g in groups for w in g[1:]}
+  for rate, never in ((0.0, others), (1.0, canonical)):
+    seen: set[str] = set()
+    for i, scene in enumerate(scenes[:300]):
+      for text in shapes.captions(scene, np.random.default_rng((0, 2, i, 1)), 5, rare_form_rate=rate):
+        assert shapes.describes(text, scene), (rate, text)
+        seen.update(text.split())
+    assert not seen & never, (rate, sorted(seen & never))
+    assert seen & (others if rate else canonical)
+  # A rate in between: about that share of the words that have other forms take one.
+  texts = [shapes.describe(s, np.random.default_rng(i), rare_form_rate=0.1) for i, s in enumerate(scenes[:300])]
+  words = [w for t in texts for w in t.split() if w in canonical or w in others]
+  share = np.mean([w in others for w in words])
+  assert 0.06 < share < 0.14, share
+  for bad in (-0.1, 1.5):
+    with pytest.raises(ValueError, match=r"rare_form_rate must be in \[0, 1\]"):
+      shapes.describe(scenes[0], np.random.default_rng(0), rare_form_rate=bad)

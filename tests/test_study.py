@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from mat_jax import config as config_lib
-from mat_jax import recipes, study
+from mat_jax import recipes, runs, study
 from mat_jax.attacks.candidates import BertMLMSource
 from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import ConfigError
@@ -321,7 +321,7 @@ def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused(tmp_path, monkeypatch
     inputs.make_source("bert", bert=mismatched, top_k=5, log=lambda _: None)
   monkeypatch.setattr(recipes, "TEXT_ATTACK", dict(source="bert", bert=mismatched, top_k=5))
   with pytest.raises(study.StudyError, match="text threat .*" + message):
-    study.text_sources({"text_source": None}, tokenizer)
+    study.text_sources({"text_source": None}, eval_set=None)
   paired = inputs.make_source("bert", bert=saved_mlm(tokenizer.vocab_size), top_k=5, log=lambda _: None)
   assert isinstance(paired, BertMLMSource) and paired.tokenizer.vocab_size == tokenizer.vocab_size
 
@@ -375,7 +375,7 @@ def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
   assert first.count("trained") == len(quick["arms"])
   # A rerun reuses every run and evaluation.
   mtimes = {p: p.stat().st_mtime for p in (tmp_path / "study").rglob("eval/test-12/*.npz")}
-  assert len(mtimes) == 6  # two arms x (clean, bert, co)
+  assert len(mtimes) == 7  # two arms x (clean, bert, co), and the control's bert_filtered
   assert study.main(args) == 0
   second = capsys.readouterr().out
   assert "trained" not in second and second.count("reused") >= len(quick["arms"])
@@ -438,15 +438,19 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
   cheaper = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,seeds=2,eval_images=500")
   assert (cheaper["seeds"], cheaper["eval_images"]) == (2, 500)
   assert set(recipes.METHODS) <= set(study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")["arms"])
-  assert set(full["arms"]["clean_ft"]["attacks"]) == set(study.STUDY_ATTACKS)
+  # The control takes every attack of the default world (the meaning-filtered ones are the heldout study's).
+  assert set(full["arms"]["clean_ft"]["attacks"]) == {a for a in study.STUDY_ATTACKS if not a.endswith(study.FILTERED)}
   alignment = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full")  # claims 4 and 5
   paraphrase = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,paraphrase")  # claim 6
   mmcoa = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:mmcoa")  # MMCoA as MMCoA.py, beside the control
   assert mmcoa["name"] != full["name"] and set(mmcoa["arms"]) == {"clean_ft", "mmcoa"}
   with pytest.raises(study.StudyError, match="mmcoa is a study of its own"):
     study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,mmcoa")
+  heldout = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:heldout")  # claim 7
+  with pytest.raises(study.StudyError, match="heldout is a study of its own"):
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:heldout,paraphrase")
   for claim, better, other, attacks in study.CLAIMS:
-    variant = {"4:": alignment, "5:": alignment, "6:": paraphrase}.get(claim[:2], full)
+    variant = {"4:": alignment, "5:": alignment, "6:": paraphrase, "7:": heldout}.get(claim[:2], full)
     arms = (mmcoa if claim.endswith("MMCoA") else variant)["arms"]
     assert better in arms and other in arms
     assert all(a in arms[better]["attacks"] and a in arms[other]["attacks"] for a in attacks)
@@ -530,3 +534,27 @@ def test_attacks_that_begin_with_one_text_attack_are_evaluated_together():
   assert study.evaluation_groups(attacks, 2.0) == [("clean",), ("pgd",), ("bert", "sep", "co"), ("sga",),
                                                    ("paraphrase",)]
   assert study.evaluation_groups(("co", "clean", "bert"), 2.0) == [("co", "bert"), ("clean",)]
+
+
+def test_the_heldout_study_trains_and_tests_in_the_held_out_forms_world():
+  heldout = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:heldout")
+  assert heldout["name"] != study.load(EXPERIMENTS / "study_shapes.py")["name"]
+  for name in heldout["arms"]:
+    config = study.run_config(heldout, study.arm_of(heldout, name), 0)
+    assert config.data.build_rare_form_rate == 0.0 and config.model.source == "cache:shapes_clip_heldout"
+  # Its starting model is pretrained on the same world, under the clean pretraining recipe.
+  _, start = runs.cached_experiment("shapes_clip_heldout")
+  assert start.data.build_rare_form_rate == 0.0
+  assert {**start.to_dict(), "name": None, "data": None} == \
+      {**runs.cached_experiment("shapes_clip")[1].to_dict(), "name": None, "data": None}
+  mat = study.run_config(heldout, study.arm_of(heldout, "mat_paraphrase"), 0)
+  assert mat.text_attack.source == "paraphrase"
+
+
+def test_meaning_filtered_attacks_run_their_attack_on_the_filtered_source():
+  assert [study._evaluated_as(a) for a in ("bert_filtered", "co_filtered", "sga_filtered")] == ["bert", "co", "sga"]
+  assert {study._source_name(a) for a in ("bert_filtered", "co_filtered", "sga_filtered")} == {"filtered"}
+  assert study._source_name("co") == "bert"
+  # bert_filtered and co_filtered begin with the same text attack on the filtered candidates: one call.
+  groups = study.evaluation_groups(("clean", "bert", "bert_filtered", "co_filtered", "sga_filtered"), 2.0)
+  assert groups == [("clean",), ("bert",), ("bert_filtered", "co_filtered"), ("sga_filtered",)]

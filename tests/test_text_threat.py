@@ -287,6 +287,17 @@ def test_meaning_filter_flag_needs_shapes_data_and_one_changed_word(capsys, tmp_
     assert message in capsys.readouterr().err
 
 
+def test_rare_form_rate_flag_needs_shapes_data_and_a_probability(capsys, tmp_path):
+  for flags, message in [(["--data", "flickr30k"], "use it with --data shapes"),
+                         (["--rare-form-rate", "1.5"], "a probability in [0, 1]")]:
+    with pytest.raises(SystemExit):
+      evaluate_cli.main(["--model", "shapes", "--rare-form-rate", "0", "--attacks", "bert", "--out", str(tmp_path),
+                         *flags])
+    assert message in capsys.readouterr().err
+  with pytest.raises(ValueError, match="rare_form_rate is a shapes-world option"):
+    evaluate_lib.load_dataset("flickr30k", None, 48, rare_form_rate=0.0)
+
+
 def test_the_judge_refuses_captions_that_contradict_themselves_or_lose_a_relation():
   """One substituted word can leave every object true while the caption contradicts itself (two colours
   of one object, two rows of one position, "of" inside an object) or no longer states its relation."""

@@ -51,6 +51,9 @@ def _add_shapes_options(parser: argparse.ArgumentParser) -> None:
                       help="image side in pixels (default: the tiny preset's, 48)")
   parser.add_argument("--captions-per-image", type=int, default=5, help="distinct captions per image")
   parser.add_argument("--seed", type=int, default=0, help="world seed (same seed, same scenes)")
+  parser.add_argument("--rare-form-rate", type=float, default=None,
+                      help="captions take each word's canonical form except with this probability (0: the "
+                           "held-out-forms world, docs/text_threat.md); default: every form equally likely")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 def _shapes_config(args) -> dict:
   """The build options given; the rest keep `corpora.shapes_config`'s defaults (the demo's world)."""
   given = dict(train=args.train, val=args.val, test=args.test, image_size=args.image_size,
-               captions_per_image=args.captions_per_image, seed=args.seed)
+               captions_per_image=args.captions_per_image, seed=args.seed, rare_form_rate=args.rare_form_rate)
   return {k: v for k, v in given.items() if v is not None}
 
 

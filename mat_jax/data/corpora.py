@@ -101,17 +101,20 @@ DEFAULT_SHAPES_TRAIN = shapes.BUILD_TRAIN
 
 @dataclasses.dataclass(eq=False)
 class ShapesWorldConfig(tfds.core.BuilderConfig):
-  """Split sizes, resolution, captions per image and the world seed; the name encodes all of them."""
+  """Split sizes, resolution, captions per image, the world seed and the captions' lexicon
+  (`shapes.form_picker`: None, every surface form equally likely); the name encodes all of them."""
   image_size: int = DEFAULT_SHAPES_IMAGE_SIZE
   train: int = DEFAULT_SHAPES_TRAIN
   val: int = 1_000
   test: int = 1_000
   captions_per_image: int = 5
   seed: int = 0
+  rare_form_rate: float | None = None
 
 
 def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFAULT_SHAPES_TRAIN, val: int = 1_000,
-                  test: int = 1_000, captions_per_image: int = 5, seed: int = 0) -> ShapesWorldConfig:
+                  test: int = 1_000, captions_per_image: int = 5, seed: int = 0,
+                  rare_form_rate: float | None = None) -> ShapesWorldConfig:
   for what, n in (("train", train), ("val", val), ("test", test)):
     if n < 0:
       raise ValueError(f"the {what} split size must be >= 0, got {n}")
@@ -121,10 +124,13 @@ def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFA
     raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
   if seed < 0:
     raise ValueError(f"the world seed must be >= 0, got {seed}")
+  shapes.check_rare_form_rate(rare_form_rate)
   name = f"{image_size}px_{train}-{val}-{test}_k{captions_per_image}_seed{seed}"
+  if rare_form_rate is not None:
+    name += f"_rare{rare_form_rate:g}"
   return ShapesWorldConfig(name=name, description=f"shapes world {name}", image_size=image_size,
                            train=train, val=val, test=test, captions_per_image=captions_per_image,
-                           seed=seed)
+                           seed=seed, rare_form_rate=rare_form_rate)
 
 
 def scene_features() -> tfds.features.FeaturesDict:
@@ -173,7 +179,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
     cfg = self.builder_config
     for index in range(count):
-      scene, caps = shapes_record_text(cfg.seed, split, index, cfg.captions_per_image)
+      scene, caps = shapes_record_text(cfg.seed, split, index, cfg.captions_per_image, cfg.rare_form_rate)
       yield index, {
           "image": Image.fromarray(shapes.render(scene, cfg.image_size)),
           "captions": caps,
@@ -182,14 +188,14 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
       }
 
 
-def shapes_record_text(seed: int, split: str, index: int, captions_per_image: int
-                       ) -> tuple[shapes.Scene, list[str]]:
+def shapes_record_text(seed: int, split: str, index: int, captions_per_image: int,
+                       rare_form_rate: float | None = None) -> tuple[shapes.Scene, list[str]]:
   """The scene and captions of record `index` of a shapes-world split, without rendering its image
-  (what the built dataset stores; the masked LM trains on these captions)."""
+  (what the built dataset stores; the masked LM trains on the default world's)."""
   scene = shapes.scene_for(seed, split, index)
-  # The captions' randomness is separate from the scene's: same scenes for any caption count.
+  # The captions' randomness is separate from the scene's: same scenes for any caption count or lexicon.
   rng = np.random.default_rng((seed, shapes.SPLIT_IDS[split], index, 1))
-  return scene, shapes.captions(scene, rng, captions_per_image)
+  return scene, shapes.captions(scene, rng, captions_per_image, rare_form_rate)
 
 
 def build_shapes(data_dir: str | os.PathLike | None = None, *, overwrite: bool = False, log=print,

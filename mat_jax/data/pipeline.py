@@ -208,6 +208,7 @@ class PrepareExample:
   augmentations: Mapping[str, float]
   eda_options: Mapping[str, float] = dataclasses.field(default_factory=dict)
   renderings: int = 1
+  rare_form_rate: float | None = None  # the shapes world's lexicon, for i2t's fresh captions (shapes.form_picker)
 
   def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     image = np.asarray(record["image"])
@@ -230,7 +231,7 @@ class PrepareExample:
     chosen = [pool[i] for i in order[:k]]
     scene = shapes.Scene.from_record(record["scene"]) if NEEDS_SCENE & aug.keys() else None
     if "i2t" in aug:
-      chosen = [shapes.describe(scene, rng) if rng.random() < aug["i2t"] else c for c in chosen]
+      chosen = [shapes.describe(scene, rng, self.rare_form_rate) if rng.random() < aug["i2t"] else c for c in chosen]
     if "t2i_caption" in aug and rng.random() < aug["t2i_caption"]:
       image = shapes.t2i(chosen[0], rng, image.shape[0])
     elif "t2i" in aug and rng.random() < aug["t2i"]:
@@ -304,7 +305,8 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
                       num_workers: int = 0,
                       batch_transforms: Sequence[Any] = (),
                       renderings_per_scene: int = 1,
-                      decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES) -> grain.IterDataset:
+                      decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
+                      rare_form_rate: float | None = None) -> grain.IterDataset:
   """The training input pipeline over a random-access `source` (e.g. `corpora.data_source(b, "train")`).
 
   `batch_size` is per host. `num_epochs=None` repeats forever. `process_index` / `process_count`
@@ -319,6 +321,7 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   prefetching thread, off the training loop (with worker processes: in this process, after them).
   `renderings_per_scene` R > 1: each batch holds batch_size / R scenes, each rendered R times (the
   image-side N:1 positives of `PrepareExample`); batch_size stays the number of images.
+  `rare_form_rate`: the shapes world's lexicon (`shapes.form_picker`), which i2t's fresh captions follow.
   Iterate with `iter(...)`; the iterator has get_state/set_state.
   """
   if batch_size < 1 or captions_per_image < 1:
@@ -355,7 +358,7 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   if num_epochs is not None:
     ds = ds[:batches_per_host * process_count * examples_per_batch]
   ds = ds.random_map(PrepareExample(captions_per_image, augmentations, dict(eda_options or {}),
-                                    renderings_per_scene))
+                                    renderings_per_scene, rare_form_rate))
   ds = ds[process_index::process_count]
   num_threads = threads_per_process(num_threads, num_workers, os.cpu_count())
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

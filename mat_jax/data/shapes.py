@@ -10,7 +10,8 @@ all objects by colour and shape refers to them unambiguously.
 - `render(scene, image_size)`: uint8 RGB, anti-aliased by 4x4 supersampling (numpy only).
 - `describe(scene, rng)` / `captions(scene, rng, n)`: captions from several templates and a synonym
   lexicon; they always name every object (colour + shape) and vary in wording and in which sizes,
-  positions and relations they mention — the one-to-many relation of real captions.
+  positions and relations they mention — the one-to-many relation of real captions. `rare_form_rate`
+  (`form_picker`) makes the non-canonical synonyms rare or absent: the held-out-forms world.
 - `parse(caption)` -> `Meaning` and `consistent(meaning, scene)`: the describer's grammar read back, so
   ambiguity can be measured on stored captions and augmentations can be checked to keep the meaning.
 - `substitution_table()`: the lexicon as a meaning-preserving word-substitution table for text attacks.
@@ -30,7 +31,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -318,26 +319,58 @@ def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
   return options[int(rng.random() * len(options))]
 
 
+FormPicker = Callable[[np.random.Generator, Sequence[Any]], Any]
+
+
+def form_picker(rare_form_rate: float | None = None) -> FormPicker:
+  """How a caption chooses among a word's surface forms (a size, colour, shape, row, column or centre word,
+  or a relation phrase): `rare_form_rate` None, every form equally likely (the default world); a rate r
+  in [0, 1], the canonical (first) form, except with probability r one of the others, equally likely.
+
+  r = 0 is the held-out-forms world: the other forms ("crimson", "box", "upper", "beneath", ...) never
+  appear in its captions, though they are in the tokenizer's vocabulary and the masked LM, trained on
+  the default world's captions, proposes them, as a general-purpose BERT proposes words a fine-tuning
+  corpus lacks. A meaning-preserving text attack (`--meaning-filter`) then has substitutes the model was
+  never trained on (docs/text_threat.md).
+  """
+  if rare_form_rate is None:
+    return _pick
+  check_rare_form_rate(rare_form_rate)
+
+  def pick(rng: np.random.Generator, forms: Sequence[Any]) -> Any:
+    if len(forms) == 1 or rng.random() >= rare_form_rate:
+      return forms[0]
+    return forms[1 + int(rng.random() * (len(forms) - 1))]
+
+  return pick
+
+
+def check_rare_form_rate(rare_form_rate: float | None) -> None:
+  if rare_form_rate is not None and not 0.0 <= rare_form_rate <= 1.0:
+    raise ValueError(f"rare_form_rate must be in [0, 1] (or None: every surface form equally likely), "
+                     f"got {rare_form_rate}")
+
+
 def _article(next_word: str) -> str:
   return "an" if next_word[0] in "aeiou" else "a"
 
 
-def _noun_phrase(m: Mention, rng: np.random.Generator, definite: bool = False) -> list[str]:
-  words = [] if m.size is None else [_pick(rng, SIZE_WORDS[SIZES[m.size]])]
-  words += [_pick(rng, COLOUR_WORDS[COLOURS[m.colour]]), _pick(rng, SHAPE_WORDS[SHAPES[m.shape]])]
+def _noun_phrase(m: Mention, rng: np.random.Generator, form: FormPicker, definite: bool = False) -> list[str]:
+  words = [] if m.size is None else [form(rng, SIZE_WORDS[SIZES[m.size]])]
+  words += [form(rng, COLOUR_WORDS[COLOURS[m.colour]]), form(rng, SHAPE_WORDS[SHAPES[m.shape]])]
   return ["the" if definite else _article(words[0])] + words
 
 
-def _position_phrase(row: int | None, col: int | None, rng: np.random.Generator) -> list[str]:
+def _position_phrase(row: int | None, col: int | None, rng: np.random.Generator, form: FormPicker) -> list[str]:
   if row is not None and col is not None:
     if (row, col) == (1, 1):
-      return [_pick(rng, ("in", "at")), "the", _pick(rng, CENTRE_WORDS)]
-    words = ["in", "the", _pick(rng, ROW_WORDS[row]), _pick(rng, COL_WORDS[col])]
+      return [_pick(rng, ("in", "at")), "the", form(rng, CENTRE_WORDS)]
+    words = ["in", "the", form(rng, ROW_WORDS[row]), form(rng, COL_WORDS[col])]
     if row != 1 and col != 1 and rng.random() < 0.5:
       words.append("corner")
     return words
   if row is not None:
-    word = _pick(rng, ROW_WORDS[row])
+    word = form(rng, ROW_WORDS[row])
     return _pick(rng, (["at", "the", word], ["near", "the", word], ["in", "the", word, "part"]))
   word = COL_WORDS[col][0]
   return _pick(rng, (["on", "the", word], ["on", "the", word, "side"], ["at", "the", word]))
@@ -362,7 +395,7 @@ def _true_relations(a: SceneObject, b: SceneObject) -> list[str]:
   return rels
 
 
-def _compose(scene: Scene, rng: np.random.Generator) -> tuple[list[str], Meaning]:
+def _compose(scene: Scene, rng: np.random.Generator, form: FormPicker) -> tuple[list[str], Meaning]:
   """One caption draft and its meaning (may exceed the word limit; the caller retries)."""
   objs = [scene.objects[i] for i in rng.permutation(len(scene.objects))]
   n = len(objs)
@@ -378,9 +411,9 @@ def _compose(scene: Scene, rng: np.random.Generator) -> tuple[list[str], Meaning
                    for i, o in enumerate(objs))
 
   def np_(i: int, definite: bool = False) -> list[str]:
-    words = _noun_phrase(mentions[i], rng, definite)
+    words = _noun_phrase(mentions[i], rng, form, definite)
     if positions[i] != (None, None):
-      words += _position_phrase(*positions[i], rng)
+      words += _position_phrase(*positions[i], rng, form)
     return words
 
   intro = _pick(rng, ([], [], ["there", "is"], ["a", "picture", "of"],
@@ -389,7 +422,7 @@ def _compose(scene: Scene, rng: np.random.Generator) -> tuple[list[str], Meaning
   if mode == "relation":
     rel = _pick(rng, _true_relations(objs[0], objs[1]))
     relations = ((0, rel, 1),)
-    phrase = list(_pick(rng, RELATION_PHRASES[rel]))
+    phrase = list(form(rng, RELATION_PHRASES[rel]))
     if rng.random() < 0.35:
       words = np_(0, definite=True) + ["is"] + phrase + np_(1, definite=True)
     else:
@@ -398,9 +431,9 @@ def _compose(scene: Scene, rng: np.random.Generator) -> tuple[list[str], Meaning
       words += [_pick(rng, ("and", "with"))] + np_(2)
   elif n == 1:
     if positions[0] != (None, None) and rng.random() < 0.3:
-      words = _position_phrase(*positions[0], rng) + ["there", "is"] + _noun_phrase(mentions[0], rng)
+      words = _position_phrase(*positions[0], rng, form) + ["there", "is"] + _noun_phrase(mentions[0], rng, form)
     elif positions[0] != (None, None) and rng.random() < 0.3:
-      words = _noun_phrase(mentions[0], rng, definite=True) + ["is"] + _position_phrase(*positions[0], rng)
+      words = _noun_phrase(mentions[0], rng, form, definite=True) + ["is"] + _position_phrase(*positions[0], rng, form)
     else:
       words = intro + np_(0)
   else:
@@ -411,25 +444,28 @@ def _compose(scene: Scene, rng: np.random.Generator) -> tuple[list[str], Meaning
   return words, Meaning(mentions, relations)
 
 
-def describe_with_meaning(scene: Scene, rng: np.random.Generator) -> tuple[str, Meaning]:
-  """A caption of at most MAX_CAPTION_WORDS words and the meaning it encodes."""
+def describe_with_meaning(scene: Scene, rng: np.random.Generator, rare_form_rate: float | None = None
+                          ) -> tuple[str, Meaning]:
+  """A caption of at most MAX_CAPTION_WORDS words and the meaning it encodes (`form_picker` for
+  `rare_form_rate`)."""
+  form = form_picker(rare_form_rate)
   for _ in range(100):
-    words, meaning = _compose(scene, rng)
+    words, meaning = _compose(scene, rng, form)
     if len(words) <= MAX_CAPTION_WORDS:
       return " ".join(words), meaning
   raise RuntimeError("no caption within the word limit in 100 draws; the templates are inconsistent")
 
 
-def describe(scene: Scene, rng: np.random.Generator) -> str:
+def describe(scene: Scene, rng: np.random.Generator, rare_form_rate: float | None = None) -> str:
   """One caption of the scene."""
-  return describe_with_meaning(scene, rng)[0]
+  return describe_with_meaning(scene, rng, rare_form_rate)[0]
 
 
-def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
+def captions(scene: Scene, rng: np.random.Generator, n: int = 5, rare_form_rate: float | None = None) -> list[str]:
   """`n` distinct captions of the scene (the image's one-to-many text)."""
   found: dict[str, None] = {}
   for _ in range(50 * n):
-    found.setdefault(describe(scene, rng))
+    found.setdefault(describe(scene, rng, rare_form_rate))
     if len(found) == n:
       return list(found)
   raise RuntimeError(f"only {len(found)} distinct captions in {50 * n} draws; ask for fewer than {n}")
@@ -625,9 +661,9 @@ def substitution_table() -> dict[str, list[str]]:
   return {w: [s for s in group if s != w] for group in _synonym_groups() for w in group}
 
 
-def i2t(scene: Scene, rng: np.random.Generator, n: int = 1) -> list[str]:
+def i2t(scene: Scene, rng: np.random.Generator, n: int = 1, rare_form_rate: float | None = None) -> list[str]:
   """Image-to-text augmentation: fresh captions of the scene, as a captioner would write them."""
-  return captions(scene, rng, n)
+  return captions(scene, rng, n, rare_form_rate)
 
 
 def rerender(scene: Scene, rng: np.random.Generator, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:

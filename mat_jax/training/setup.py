@@ -9,6 +9,7 @@ from typing import Callable
 
 import ml_collections
 
+from mat_jax import config as config_lib
 from mat_jax.data import corpora, pipeline
 from mat_jax.errors import ConfigError
 from mat_jax.models.tokenizers import Tokenizer
@@ -21,7 +22,8 @@ def data_builder(config: ml_collections.ConfigDict, image_size: int, *, log: Cal
                       f"{config.data.image_size}; set data.image_size={image_size}")
   sizes = {}
   if config.data.name == "shapes":
-    sizes = dict(train=config.data.build_train, val=config.data.build_val, test=config.data.build_test)
+    sizes = dict(train=config.data.build_train, val=config.data.build_val, test=config.data.build_test,
+                 rare_form_rate=config_lib.rare_form_rate(config))
   return corpora.dataset_builder(config.data.name, image_size, config.data.data_dir or None, log=log, **sizes)
 
 
@@ -36,7 +38,8 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
       num_workers=pipeline.resolve_worker_count(config.data.worker_count),
       batch_transforms=tuple(extra_transforms),  # before the prefetch: off the training loop's thread
       renderings_per_scene=config.data.renderings_per_scene,
-      decoded_cache_bytes=config.data.decoded_cache_mb << 20)
+      decoded_cache_bytes=config.data.decoded_cache_mb << 20,
+      rare_form_rate=config_lib.rare_form_rate(config) if config.data.name == "shapes" else None)
   return iter(dataset)
 
 
