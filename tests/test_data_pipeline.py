@@ -195,6 +195,15 @@ def test_augmentations_keep_image_and_text_aligned(world):
   assert 0.0 <= drawn["images"].min() and drawn["images"].max() <= 1.0
 
 
+def test_i2t_writes_fresh_captions_in_the_worlds_lexicon(world):
+  others = {w for group in shapes._synonym_groups() if group != shapes.PICTURE_WORDS for w in group[1:]}
+  batches = {rate: _take(_pipe(world, 8, captions_per_image=3, augmentations="i2t:1", rare_form_rate=rate), 2)
+             for rate in (None, 0.0)}
+  words = {rate: {w for batch in got for caption in batch["captions"].reshape(-1) for w in str(caption).split()}
+           for rate, got in batches.items()}
+  assert words[None] & others and not words[0.0] & others  # held-out forms never reach a training batch
+
+
 class _Without:
   """A source whose records lack one field."""
 
