@@ -5,11 +5,12 @@
     python -m mat_jax.study --config experiments/study_shapes.py:paraphrase  # + claim 6: MAT vs paraphrases
     python -m mat_jax.study --config experiments/study_shapes.py:full,paraphrase  # all 13 arms: docs/results
     python -m mat_jax.study --config experiments/study_shapes.py:mmcoa   # MMCoA (as MMCoA.py) and the control
-    python -m mat_jax.study --config experiments/study_shapes.py:heldout  # claim 7: the held-out-forms world
+    python -m mat_jax.study --config experiments/study_shapes.py:heldout,eval_images=500  # claim 7: held-out forms
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=2,eval_images=500  # cheaper
 
-More seeds or another test subset reuse the trained runs of the same study dir (mat_jax/study.py).
+More seeds or another test subset reuse the trained runs of the same study dir (mat_jax/study.py). A
+study of its own (mmcoa, heldout) writes its report to docs/results/<mmcoa|heldout>/.
 
 An arm is a method of `recipes.METHODS` with an optional `variant` (changes of its method-defining
 objective/data keys) and the attacks it is evaluated under. The main arms are evaluated under every
@@ -93,10 +94,12 @@ def get_config(arg=None):
     c.name = "shapes_study_mmcoa"
     c.arms = {"clean_ft": _arm("clean_ft"), "mmcoa": _arm("mmcoa")}
   if args.heldout:
-    # Claim 7: the held-out-forms world (recipes.HELDOUT_FORMS_WORLD). Every caption a model trains and is
-    # tested on uses each word's canonical form; the masked LM, trained on the default world, also proposes
-    # the other forms, which the meaning filter keeps: a meaning-preserving attack with words the models
-    # never saw. The starting model is pretrained on this world (experiments/shapes_clip_heldout.py).
+    # Claim 7: the held-out-forms world (recipes.HELDOUT_FORMS_WORLD). Every stored caption, in training and
+    # in the test split, uses each word's canonical form; the masked LM, trained on the default world, also
+    # proposes the other forms, which the meaning filter keeps: a meaning-preserving attack with words that
+    # the clean pretraining, the control and TeCoA never see (MAT only where its training attack writes
+    # them, mat_paraphrase by construction). The starting model is pretrained on this world
+    # (experiments/shapes_clip_heldout.py).
     c.name = "shapes_study_heldout"
     c.data = dict(recipes.HELDOUT_FORMS_WORLD)
     c.model_source = "cache:shapes_clip_heldout"

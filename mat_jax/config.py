@@ -481,9 +481,13 @@ def _check_values(config: dict) -> None:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
   if config["data"]["captions_per_image"] < 1:
     raise ConfigError("data.captions_per_image must be at least 1")
-  if config["data"]["build_rare_form_rate"] > 1:
-    raise ConfigError(f"data.build_rare_form_rate={config['data']['build_rare_form_rate']}: use a probability in "
-                      "[0, 1], or -1 for the default world (every surface form equally likely)")
+  rate = config["data"]["build_rare_form_rate"]
+  if not (rate < 0 or 0 <= rate <= 1):  # NaN fails both
+    raise ConfigError(f"data.build_rare_form_rate={rate}: use a probability in [0, 1], or -1 for the default "
+                      "world (every surface form equally likely)")
+  if rate >= 0 and config["data"]["name"] != "shapes":
+    raise ConfigError(f"data.build_rare_form_rate={rate} picks the shapes world's lexicon, but data.name is "
+                      f"{config['data']['name']!r}; leave it at -1 for a built corpus")
   if config["data"]["worker_count"] < -1:
     raise ConfigError(f"data.worker_count={config['data']['worker_count']}: use -1 (auto), 0 (the main process) "
                       "or a number of Grain worker processes")

@@ -455,3 +455,12 @@ def test_the_shapes_worlds_lexicon_keys_a_run_only_off_the_default_world(tmp_pat
   assert "build_rare_form_rate" not in config_lib.result_json(clip)
   held_out_clip = config_lib.load(clip_path, ["data.build_rare_form_rate=0"])
   assert runs.cached_run_dir("shapes_clip", held_out_clip) != runs.cached_run_dir("shapes_clip", clip)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data.build_rare_form_rate=nan"], "use a probability in"),
+    (["data.name=flickr30k", "data.build_rare_form_rate=0"], "picks the shapes world's lexicon, but data.name"),
+])
+def test_a_lexicon_outside_the_shapes_world_or_not_a_probability_is_refused(tmp_path, override, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load(_write(tmp_path, "return dict()"), override)

@@ -470,7 +470,9 @@ def test_cli_builds_reuses_and_reports(corpus_files, tmp_path, capsys):
 def test_the_held_out_forms_world_is_a_build_of_its_own(shapes_builder, data_dir):
   default = corpora.shapes_config(**SHAPES)
   cfg = corpora.shapes_config(**SHAPES, rare_form_rate=0.0)
-  assert cfg.name == default.name + "_rare0" and "_rare" not in default.name
+  assert cfg.name == default.name + "_rare0.0" and "_rare" not in default.name
+  # Every digit of the rate names the build: two worlds never share a directory.
+  assert corpora.shapes_config(rare_form_rate=0.12345671).name != corpora.shapes_config(rare_form_rate=0.12345674).name
   held_out = corpora.build_shapes(data_dir, log=lambda message: None, **SHAPES, rare_form_rate=0.0)
   source = corpora.data_source(held_out, "test")
   for i in range(4):

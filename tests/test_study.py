@@ -365,7 +365,13 @@ def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
   row = doc["runs"][0]
   assert set(row) == {"method", "seed", "attack", "eps_255", "n_images", "recall", "asr", "asr_meaning_preserving",
                       "label_flip_share", "recall_meaning_preserving"}
-  assert (tmp_path / "out" / "shapes_study_table.md").read_text().count("Text attacks judged by meaning") == 1
+  report = (tmp_path / "out" / "shapes_study_table.md").read_text()
+  assert report.count("Text attacks judged by meaning") == 1
+  # The meaning-filtered attack flips nothing: its recall (restored or not) comes with its bootstrap interval.
+  meaning_rows = report.split("Text attacks judged by meaning")[1].splitlines()
+  (control,) = [row for row in meaning_rows if row.startswith("| clean_ft |")]
+  filtered_cell = control.strip("|").split("|")[-1]
+  assert "[" in filtered_cell.split("\\")[-1], control
   assert row["n_images"] == 12 and set(row["recall"]) >= {"tr@1", "tr@5", "tr@10", "ir@1", "ir@5", "ir@10"}
   claim = doc["claims"][0]
   assert set(claim) == {"claim", "metric", "difference", "ci95", "holds"}
@@ -558,3 +564,10 @@ def test_meaning_filtered_attacks_run_their_attack_on_the_filtered_source():
   # bert_filtered and co_filtered begin with the same text attack on the filtered candidates: one call.
   groups = study.evaluation_groups(("clean", "bert", "bert_filtered", "co_filtered", "sga_filtered"), 2.0)
   assert groups == [("clean",), ("bert",), ("bert_filtered", "co_filtered"), ("sga_filtered",)]
+
+
+def test_a_study_of_its_own_reports_beside_the_shapes_study_never_over_it():
+  assert study.default_out("shapes_study") == study.DEFAULT_OUT
+  for arg, folder in (("mmcoa", "mmcoa"), ("heldout", "heldout")):
+    name = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:{arg}")["name"]
+    assert study.default_out(name) == study.DEFAULT_OUT / folder

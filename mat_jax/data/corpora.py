@@ -127,7 +127,7 @@ def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFA
   shapes.check_rare_form_rate(rare_form_rate)
   name = f"{image_size}px_{train}-{val}-{test}_k{captions_per_image}_seed{seed}"
   if rare_form_rate is not None:
-    name += f"_rare{rare_form_rate:g}"
+    name += f"_rare{float(rare_form_rate)!r}"  # every digit: two worlds never share a directory
   return ShapesWorldConfig(name=name, description=f"shapes world {name}", image_size=image_size,
                            train=train, val=val, test=test, captions_per_image=captions_per_image,
                            seed=seed, rare_form_rate=rare_form_rate)

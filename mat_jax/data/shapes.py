@@ -330,8 +330,8 @@ def form_picker(rare_form_rate: float | None = None) -> FormPicker:
   r = 0 is the held-out-forms world: the other forms ("crimson", "box", "upper", "beneath", ...) never
   appear in its captions, though they are in the tokenizer's vocabulary and the masked LM, trained on
   the default world's captions, proposes them, as a general-purpose BERT proposes words a fine-tuning
-  corpus lacks. A meaning-preserving text attack (`--meaning-filter`) then has substitutes the model was
-  never trained on (docs/text_threat.md).
+  corpus lacks. A meaning-preserving text attack (`--meaning-filter`) then has substitutes that a model
+  trained on the world's captions has never read (docs/text_threat.md).
   """
   if rare_form_rate is None:
     return _pick
