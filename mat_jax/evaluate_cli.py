@@ -17,6 +17,7 @@ from mat_jax import errors, rerank, runtime, zeroshot
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.attacks import candidates
 from mat_jax.attacks import image as image_attacks
+from mat_jax.data import shapes
 from mat_jax.errors import InputError
 from mat_jax.evaluate import ATTACKS
 from mat_jax.models.clip import resolve_dtype
@@ -139,8 +140,10 @@ def _main(argv: Sequence[str] | None) -> int:
                  "captions of the image's batch and do not attack an image alone; use --batch-size 2 or more")
   if args.rare_form_rate is not None and args.data != "shapes":
     parser.error("--rare-form-rate picks the shapes world's lexicon; use it with --data shapes")
-  if args.rare_form_rate is not None and not 0 <= args.rare_form_rate <= 1:
-    parser.error(f"--rare-form-rate {args.rare_form_rate}: a probability in [0, 1]")
+  try:
+    shapes.check_rare_form_rate(args.rare_form_rate)
+  except ValueError as err:
+    parser.error(f"--rare-form-rate: {err}")
   if args.meaning_filter and args.data != "shapes":
     parser.error("--meaning-filter checks captions against the shapes world's scenes; use it with --data shapes")
   if args.meaning_filter and args.max_changes > 1:

@@ -189,8 +189,8 @@ SHAPES_EVAL = dict(split="test", max_images=200, attacks=("pgd",), eps=EPS, step
 
 
 # The held-out-forms world: captions use every word's canonical form only (`shapes.form_picker`), so the
-# synonyms that the masked LM proposes and a meaning-preserving text attack keeps are words the model never
-# trained on (experiments/shapes_clip_heldout.py, the study's `heldout` arms; docs/text_threat.md).
+# synonyms that the masked LM proposes and a meaning-preserving text attack keeps are words no caption of
+# the world holds (experiments/shapes_clip_heldout.py, the study's `heldout` arms; docs/text_threat.md).
 HELDOUT_FORMS_WORLD = dict(build_rare_form_rate=0.0)
 
 

@@ -51,8 +51,8 @@ from mat_jax.training import inputs, loop, mlm, setup
 
 # The meaning-filtered attacks: the named attack with the threat's substitutes that keep the caption true.
 FILTERED = "_filtered"
-STUDY_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase",
-                 "bert" + FILTERED, "co" + FILTERED, "sga" + FILTERED)
+FILTERED_ATTACKS = tuple(a + FILTERED for a in ("bert", "co", "sga"))
+STUDY_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase", *FILTERED_ATTACKS)
 TEXT_ONLY = ("bert", "paraphrase", "bert" + FILTERED)
 METRICS = ("tr@1", "ir@1")
 STUDY_FILE = "study.json"
@@ -549,7 +549,6 @@ def interval(values: np.ndarray) -> list[float]:
   return [float(lo), float(hi)]
 
 
-_FILTERED_ATTACKS = ("bert" + FILTERED, "co" + FILTERED, "sga" + FILTERED)
 # (claim, better arm, other arm, attacks). A claim holds on a metric when its interval lies above 0.
 CLAIMS = (
     ("1: MAT > TeCoA (unimodal AT) under multimodal attacks", "mat", "tecoa", ("co", "sga")),
@@ -569,15 +568,21 @@ CLAIMS = (
     ("6: MAT trained on paraphrases > TeCoA under multimodal attacks", "mat_paraphrase", "tecoa", ("co", "sga")),
     # The text half of MAT's claim, under attacks that only make true adversarial captions (in the
     # held-out-forms world their substitutes are words no caption of the world holds).
-    ("7: MAT > TeCoA under meaning-filtered text attacks", "mat", "tecoa", _FILTERED_ATTACKS),
+    ("7: MAT > TeCoA under meaning-filtered text attacks", "mat", "tecoa", FILTERED_ATTACKS),
     ("7: MAT > the clean fine-tuned control under meaning-filtered text attacks", "mat", "clean_ft",
-     _FILTERED_ATTACKS),
+     FILTERED_ATTACKS),
     ("7: MAT trained on paraphrases > MAT under meaning-filtered text attacks", "mat_paraphrase", "mat",
-     _FILTERED_ATTACKS),
+     FILTERED_ATTACKS),
 )
 
 
 MEANING_PRESERVING = " (meaning-preserving)"  # the suffix of a claim's metric judged with flips restored
+
+
+def _restored_key(attack: str) -> str:
+  """The table key of an attack's recall with label-flipped captions restored. A filtered attack flips no
+  label, so that recall is its recall, under its own key (and its claims are tested once)."""
+  return attack if attack.endswith(FILTERED) else attack + MEANING_PRESERVING
 
 
 def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]]
@@ -602,9 +607,8 @@ def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapp
     for attack in study["arms"][name]["attacks"]:
       entries = [collected[(name, s)][attack] for s in range(seeds)]
       views = [(attack, False, "recall")]
-      # A filtered attack flips no label, so its recall with flips restored is its recall.
-      if all("tr_rank_mp" in e for e in entries) and not attack.endswith(FILTERED):
-        views.append((attack + MEANING_PRESERVING, True, "recall_meaning_preserving"))
+      if all("tr_rank_mp" in e for e in entries) and _restored_key(attack) != attack:
+        views.append((_restored_key(attack), True, "recall_meaning_preserving"))
       for key, meaning_preserving, recall in views:
         per_seed = [hits(e, n_images, meaning_preserving) for e in entries]
         table[(name, key)] = {}
@@ -678,8 +682,7 @@ def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], 
         cells.append("")
         continue
       flips = spread([100 * e["label_flip_share"] for e in entries])
-      # A filtered attack flips nothing: its restored recall is its recall, bootstrapped under its own name.
-      bootstrapped = table.get((name, attack + ("" if attack.endswith(FILTERED) else MEANING_PRESERVING)))
+      bootstrapped = table.get((name, _restored_key(attack)))
       if bootstrapped:
         kept = " / ".join(f"{bootstrapped[m][0]:.1f} [{bootstrapped[m][1][0]:.1f}, {bootstrapped[m][1][1]:.1f}]"
                           for m in METRICS)

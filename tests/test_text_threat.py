@@ -289,7 +289,7 @@ def test_meaning_filter_flag_needs_shapes_data_and_one_changed_word(capsys, tmp_
 
 def test_rare_form_rate_flag_needs_shapes_data_and_a_probability(capsys, tmp_path):
   for flags, message in [(["--data", "flickr30k"], "use it with --data shapes"),
-                         (["--rare-form-rate", "1.5"], "a probability in [0, 1]")]:
+                         (["--rare-form-rate", "1.5"], "--rare-form-rate: rare_form_rate must be in [0, 1]")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main(["--model", "shapes", "--rare-form-rate", "0", "--attacks", "bert", "--out", str(tmp_path),
                          *flags])

@@ -39,7 +39,7 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
       batch_transforms=tuple(extra_transforms),  # before the prefetch: off the training loop's thread
       renderings_per_scene=config.data.renderings_per_scene,
       decoded_cache_bytes=config.data.decoded_cache_mb << 20,
-      rare_form_rate=config_lib.rare_form_rate(config) if config.data.name == "shapes" else None)
+      rare_form_rate=config_lib.rare_form_rate(config))  # None but for the shapes world (config checks)
   return iter(dataset)
 
 
