@@ -30,6 +30,9 @@ METHOD_ATTACKS = ("clean", "pgd", "bert", "co", "sga")
 ABLATION_ATTACKS = ("clean", "co", "sga")
 # The meaning-filtered text attacks (true adversarial captions only), with PGD and the unfiltered threat.
 HELDOUT_ATTACKS = ("clean", "pgd", "bert", "bert_filtered", "co_filtered", "sga_filtered")
+# Random meaning-preserving edits of every training caption (shapes.eda: about a third of the words with
+# synonyms replaced), the held-out world's non-adversarial way to meet the held-out forms.
+HELDOUT_EDA = ("eda:1.0",)
 
 
 def _arm(method, attacks=METHOD_ATTACKS, **variant):
@@ -105,7 +108,16 @@ def get_config(arg=None):
     c.model_source = "cache:shapes_clip_heldout"
     c.arms = {"clean_ft": _arm("clean_ft", HELDOUT_ATTACKS), "tecoa": _arm("tecoa", HELDOUT_ATTACKS),
               "mat": _arm("mat", HELDOUT_ATTACKS),
-              "mat_paraphrase": _arm("mat", HELDOUT_ATTACKS, text_attack={"source": "paraphrase"})}
+              "mat_paraphrase": _arm("mat", HELDOUT_ATTACKS, text_attack={"source": "paraphrase"}),
+              # The same words at random instead of by an adversary: every training caption edited
+              # EDA-style (its synonyms drawn from the lexicon the paraphrase source searches), with no
+              # adversary (the control) and with TeCoA's image adversary. mat_paraphrase against tecoa_eda
+              # asks whether choosing the substitutes adversarially matters, or only meeting them.
+              "clean_ft_eda": _arm("clean_ft", HELDOUT_ATTACKS, data={"augmentations": HELDOUT_EDA}),
+              "tecoa_eda": _arm("tecoa", HELDOUT_ATTACKS, data={"augmentations": HELDOUT_EDA}),
+              # MAT+ as published: its text augmentation (EDA on a fifth of the captions) meets the held-out
+              # forms too, at a fifth of the arms above's rate.
+              "matplus": _arm("matplus", HELDOUT_ATTACKS)}
   if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1

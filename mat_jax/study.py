@@ -573,6 +573,16 @@ CLAIMS = (
      FILTERED_ATTACKS),
     ("7: MAT trained on paraphrases > MAT under meaning-filtered text attacks", "mat_paraphrase", "mat",
      FILTERED_ATTACKS),
+    # Meeting the held-out words at random (EDA edits of the training captions) against choosing them
+    # adversarially: is it exposure or the adversary that buys mat_paraphrase's robustness?
+    ("7: TeCoA with random synonyms (EDA) > TeCoA under meaning-filtered text attacks", "tecoa_eda", "tecoa",
+     FILTERED_ATTACKS),
+    ("7: the control with random synonyms (EDA) > the control under meaning-filtered text attacks",
+     "clean_ft_eda", "clean_ft", FILTERED_ATTACKS),
+    ("7: MAT trained on paraphrases > TeCoA with random synonyms (EDA) under meaning-filtered text attacks",
+     "mat_paraphrase", "tecoa_eda", FILTERED_ATTACKS),
+    ("7: MAT+ (EDA on a fifth of its captions) > MAT under meaning-filtered text attacks", "matplus", "mat",
+     FILTERED_ATTACKS),
 )
 
 
