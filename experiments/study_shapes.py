@@ -101,8 +101,8 @@ def get_config(arg=None):
     # in the test split, uses each word's canonical form; the masked LM, trained on the default world, also
     # proposes the other forms, which the meaning filter keeps: a meaning-preserving attack with words that
     # the clean pretraining, the control and TeCoA never see (MAT only where its training attack writes
-    # them, mat_paraphrase by construction). The starting model is pretrained on this world
-    # (experiments/shapes_clip_heldout.py).
+    # them, mat_paraphrase by construction, the EDA arms and MAT+ through their EDA). The starting model is
+    # pretrained on this world (experiments/shapes_clip_heldout.py).
     c.name = "shapes_study_heldout"
     c.data = dict(recipes.HELDOUT_FORMS_WORLD)
     c.model_source = "cache:shapes_clip_heldout"
@@ -115,9 +115,14 @@ def get_config(arg=None):
               # asks whether choosing the substitutes adversarially matters, or only meeting them.
               "clean_ft_eda": _arm("clean_ft", HELDOUT_ATTACKS, data={"augmentations": HELDOUT_EDA}),
               "tecoa_eda": _arm("tecoa", HELDOUT_ATTACKS, data={"augmentations": HELDOUT_EDA}),
-              # MAT+ as published: its text augmentation (EDA on a fifth of the captions) meets the held-out
-              # forms too, at a fifth of the arms above's rate.
-              "matplus": _arm("matplus", HELDOUT_ATTACKS)}
+              # MAT's text adversary on top of the same exposure: the multimodal training's own share.
+              "mat_eda": _arm("mat", HELDOUT_ATTACKS, data={"augmentations": HELDOUT_EDA}),
+              # MAT+ as published: its EDA (a fifth of its captions, about 38 of the 192 per step against the
+              # EDA arms' 64) is its only source of held-out forms (i2t writes canonical ones); without it,
+              # what its other differences from MAT (3 captions, i2t/t2i, the 1:N objective) do.
+              "matplus": _arm("matplus", HELDOUT_ATTACKS),
+              "matplus_no_eda": _arm("matplus", HELDOUT_ATTACKS, data={"augmentations": tuple(
+                  a for a in recipes.METHODS["matplus"]["data"]["augmentations"] if not a.startswith("eda"))})}
   if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1

@@ -581,7 +581,15 @@ CLAIMS = (
      "clean_ft_eda", "clean_ft", FILTERED_ATTACKS),
     ("7: MAT trained on paraphrases > TeCoA with random synonyms (EDA) under meaning-filtered text attacks",
      "mat_paraphrase", "tecoa_eda", FILTERED_ATTACKS),
-    ("7: MAT+ (EDA on a fifth of its captions) > MAT under meaning-filtered text attacks", "matplus", "mat",
+    # With the words met at random, what each adversary adds: TeCoA's image adversary to none, MAT's text
+    # adversary to TeCoA's.
+    ("7: TeCoA with random synonyms (EDA) > the control with random synonyms (EDA)", "tecoa_eda", "clean_ft_eda",
+     ("pgd", *FILTERED_ATTACKS)),
+    ("7: MAT > TeCoA, both with random synonyms (EDA), under meaning-filtered text attacks", "mat_eda",
+     "tecoa_eda", FILTERED_ATTACKS),
+    # MAT+ as published against MAT, and its own EDA's share (MAT+ differs from MAT in more than its EDA).
+    ("7: MAT+ > MAT under meaning-filtered text attacks", "matplus", "mat", FILTERED_ATTACKS),
+    ("7: MAT+ > MAT+ without its EDA under meaning-filtered text attacks", "matplus", "matplus_no_eda",
      FILTERED_ATTACKS),
 )
 

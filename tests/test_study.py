@@ -555,10 +555,13 @@ def test_the_heldout_study_trains_and_tests_in_the_held_out_forms_world():
       {**runs.cached_experiment("shapes_clip")[1].to_dict(), "name": None, "data": None}
   mat = study.run_config(heldout, study.arm_of(heldout, "mat_paraphrase"), 0)
   assert mat.text_attack.source == "paraphrase"
-  # The random-synonym arms differ from their method's arm in their data's augmentation only.
-  for name, method in (("clean_ft_eda", "clean_ft"), ("tecoa_eda", "tecoa")):
+  # The random-synonym arms differ from their method's arm in their data's EDA only (MAT+ from MAT+ without it).
+  for name, method in (("clean_ft_eda", "clean_ft"), ("tecoa_eda", "tecoa"), ("mat_eda", "mat"),
+                       ("matplus", "matplus_no_eda")):
     edited, plain = (study.run_config(heldout, study.arm_of(heldout, n), 0) for n in (name, method))
-    assert tuple(edited.data.augmentations) == ("eda:1.0",) and not plain.data.augmentations
+    assert [a for a in edited.data.augmentations if a not in plain.data.augmentations] == \
+        (["eda:0.2"] if name == "matplus" else ["eda:1.0"])
+    assert set(plain.data.augmentations) <= set(edited.data.augmentations)
     assert {**edited.to_dict(), "name": None, "data": {**edited.data.to_dict(), "augmentations": None}} == \
         {**plain.to_dict(), "name": None, "data": {**plain.data.to_dict(), "augmentations": None}}
 
