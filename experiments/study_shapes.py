@@ -117,9 +117,10 @@ def get_config(arg=None):
               "tecoa_eda": _arm("tecoa", HELDOUT_ATTACKS, data={"augmentations": HELDOUT_EDA}),
               # MAT's text adversary on top of the same exposure: the multimodal training's own share.
               "mat_eda": _arm("mat", HELDOUT_ATTACKS, data={"augmentations": HELDOUT_EDA}),
-              # MAT+ as published: its EDA (a fifth of its captions, about 38 of the 192 per step against the
-              # EDA arms' 64) is its only source of held-out forms (i2t writes canonical ones); without it,
-              # what its other differences from MAT (3 captions, i2t/t2i, the 1:N objective) do.
+              # MAT+ as published: besides the text adversary it shares with MAT, its EDA (a fifth of its
+              # captions, about 38 of the 192 per step against the EDA arms' 64) is its only source of
+              # held-out forms (i2t writes canonical ones); without it, what its other differences from MAT
+              # (3 captions, i2t/t2i, the 1:N objective) do.
               "matplus": _arm("matplus", HELDOUT_ATTACKS),
               "matplus_no_eda": _arm("matplus", HELDOUT_ATTACKS, data={"augmentations": tuple(
                   a for a in recipes.METHODS["matplus"]["data"]["augmentations"] if not a.startswith("eda"))})}
