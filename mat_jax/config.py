@@ -108,6 +108,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.text_attack.max_words = 0      # words of a caption considered (fixed shape); 0 = all that fit
   c.text_attack.max_pieces = 4     # pieces per word / substitute (fixed shape)
   c.text_attack.max_targets = 12   # attackable words per caption (fixed shape; the first ones kept)
+  c.text_attack.exclude_words = ()  # words the training attack may not write (its evaluation threat is unchanged)
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "contrastive"  # + the fields of that objective (mat_jax.objectives)
@@ -481,6 +482,9 @@ def _check_values(config: dict) -> None:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
   if config["data"]["captions_per_image"] < 1:
     raise ConfigError("data.captions_per_image must be at least 1")
+  excluded = config["text_attack"]["exclude_words"]
+  if not all(isinstance(w, str) and w.strip() == w and w and " " not in w for w in excluded):
+    raise ConfigError(f"text_attack.exclude_words={excluded!r} must list single words, e.g. crimson,box")
   rate = config["data"]["build_rare_form_rate"]
   if not (rate < 0 or 0 <= rate <= 1):  # NaN fails both
     raise ConfigError(f"data.build_rare_form_rate={rate}: use a probability in [0, 1], or -1 for the default "
@@ -707,7 +711,8 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
   # frozen original model of one anchored to it (FARE, MAVA).
   objective = objectives.make(config.objective)
   if objective.needs_text_candidates:
-    parts.update({f"text_attack.{k}": v for k, v in config.text_attack.items()})
+    # exclude_words only when it excludes any: the checkpoints written before the key existed keep their digest.
+    parts.update({f"text_attack.{k}": v for k, v in config.text_attack.items() if not (k == "exclude_words" and not v)})
   if objective.needs_reference:
     parts["model.source"] = config.model.source
   if model_config is not None:
@@ -769,4 +774,6 @@ def result_json(config: ml_collections.ConfigDict) -> str:
     tree["schedule"].pop("kwargs")
   if tree.get("data", {}).get("build_rare_form_rate", 0) < 0:  # the default world, as before the key existed
     tree["data"].pop("build_rare_form_rate")
+  if not tree.get("text_attack", {}).get("exclude_words", True):  # likewise an attack that may write every word
+    tree["text_attack"].pop("exclude_words")
   return json.dumps(tree, indent=2, sort_keys=True, default=list)

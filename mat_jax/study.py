@@ -591,6 +591,11 @@ CLAIMS = (
     ("7: MAT+ > MAT under meaning-filtered text attacks", "matplus", "mat", FILTERED_ATTACKS),
     ("7: MAT+ > MAT+ without its EDA under meaning-filtered text attacks", "matplus", "matplus_no_eda",
      FILTERED_ATTACKS),
+    # MAT's lead over TeCoA with and without the held-out words its training attack can write.
+    ("7: MAT > MAT whose training attack writes no held-out word", "mat", "mat_no_heldout",
+     ("clean", "pgd", *FILTERED_ATTACKS)),
+    ("7: MAT whose training attack writes no held-out word > TeCoA under meaning-filtered text attacks",
+     "mat_no_heldout", "tecoa", FILTERED_ATTACKS),
 )
 
 

@@ -464,3 +464,20 @@ def test_the_shapes_worlds_lexicon_keys_a_run_only_off_the_default_world(tmp_pat
 def test_a_lexicon_outside_the_shapes_world_or_not_a_probability_is_refused(tmp_path, override, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.load(_write(tmp_path, "return dict()"), override)
+
+
+def test_words_a_training_attack_may_not_write_key_a_run_only_when_there_are_any(tmp_path):
+  path = _write(tmp_path, "return dict(objective=dict(name='mat'))")
+  base = config_lib.load(path)
+  assert base.text_attack.exclude_words == ()
+  assert "text_attack.exclude_words" not in config_lib.fingerprint(base)  # MAT checkpoints keep their digest
+  assert "exclude_words" not in config_lib.result_json(base)              # and cached runs their key
+  excluding = config_lib.load(path, ["text_attack.exclude_words=crimson,box"])
+  assert excluding.text_attack.exclude_words == ("crimson", "box")
+  assert config_lib.fingerprint(excluding) == {**config_lib.fingerprint(base),
+                                               "text_attack.exclude_words": ["crimson", "box"]}
+  assert "text_attack.exclude_words" not in config_lib.ADDED_FINGERPRINT_KEYS  # an older checkpoint is refused
+  assert config_lib.result_json(excluding) != config_lib.result_json(base)
+  for bad in ("text_attack.exclude_words=('dark red',)", "text_attack.exclude_words=('',)"):
+    with pytest.raises(config_lib.ConfigError, match="text_attack.exclude_words=.* must list single words"):
+      config_lib.load(path, [bad])

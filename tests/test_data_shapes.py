@@ -310,3 +310,13 @@ def test_the_held_out_forms_world_writes_each_words_canonical_form(test_split):
   for bad in (-0.1, 1.5):
     with pytest.raises(ValueError, match=r"rare_form_rate must be in \[0, 1\]"):
       shapes.describe(scenes[0], np.random.default_rng(0), rare_form_rate=bad)
+
+
+def test_held_out_forms_are_the_words_only_the_default_worlds_captions_hold(test_split):
+  scenes, _ = test_split
+  held_out_world, default_world = set(), set()
+  for i, scene in enumerate(scenes):
+    held_out_world.update(shapes.describe(scene, np.random.default_rng((3, i)), rare_form_rate=0.0).split())
+    default_world.update(shapes.describe(scene, np.random.default_rng((4, i))).split())
+  assert default_world - held_out_world == set(shapes.held_out_forms())
+  assert {"crimson", "box", "upper", "beneath", "centre"} <= set(shapes.held_out_forms())

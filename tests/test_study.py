@@ -455,8 +455,13 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
   heldout = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:heldout")  # claim 7
   with pytest.raises(study.StudyError, match="heldout is a study of its own"):
     study.load(f"{EXPERIMENTS / 'study_shapes.py'}:heldout,paraphrase")
+  exposure = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:exposure")  # claim 7's exposure control
+  with pytest.raises(study.StudyError, match="exposure is a study of its own"):
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:exposure,paraphrase")
   for claim, better, other, attacks in study.CLAIMS:
     variant = {"4:": alignment, "5:": alignment, "6:": paraphrase, "7:": heldout}.get(claim[:2], full)
+    if "mat_no_heldout" in (better, other):
+      variant = exposure
     arms = (mmcoa if claim.endswith("MMCoA") else variant)["arms"]
     assert better in arms and other in arms
     assert all(a in arms[better]["attacks"] and a in arms[other]["attacks"] for a in attacks)
@@ -566,6 +571,22 @@ def test_the_heldout_study_trains_and_tests_in_the_held_out_forms_world():
         {**plain.to_dict(), "name": None, "data": {**plain.data.to_dict(), "augmentations": None}}
 
 
+def test_the_exposure_study_differs_from_mat_in_the_words_its_training_attack_may_write():
+  exposure = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:exposure")
+  heldout = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:heldout")
+  assert set(exposure["arms"]) == {"tecoa", "mat", "mat_no_heldout"}
+  assert exposure["name"] != heldout["name"]
+  restricted, mat = (study.run_config(exposure, study.arm_of(exposure, n), 0) for n in ("mat_no_heldout", "mat"))
+  assert restricted.text_attack.exclude_words == shapes.held_out_forms() and mat.text_attack.exclude_words == ()
+  unrestricted = {**restricted.text_attack.to_dict(), "exclude_words": ()}
+  assert {**restricted.to_dict(), "name": None, "text_attack": unrestricted} == {**mat.to_dict(), "name": None}
+  # TeCoA and MAT train as the heldout study's arms of the same name do.
+  for name in ("tecoa", "mat"):
+    ours, theirs = (study.run_config(s, study.arm_of(s, name), 0) for s in (exposure, heldout))
+    assert {**ours.to_dict(), "name": None} == {**theirs.to_dict(), "name": None}
+  assert exposure["arms"]["mat_no_heldout"]["attacks"] == heldout["arms"]["mat"]["attacks"]
+
+
 def test_meaning_filtered_attacks_run_their_attack_on_the_filtered_source():
   assert [study._evaluated_as(a) for a in ("bert_filtered", "co_filtered", "sga_filtered")] == ["bert", "co", "sga"]
   assert {study._source_name(a) for a in ("bert_filtered", "co_filtered", "sga_filtered")} == {"filtered"}
@@ -577,6 +598,6 @@ def test_meaning_filtered_attacks_run_their_attack_on_the_filtered_source():
 
 def test_a_study_of_its_own_reports_beside_the_shapes_study_never_over_it():
   assert study.default_out("shapes_study") == study.DEFAULT_OUT
-  for arg, folder in (("mmcoa", "mmcoa"), ("heldout", "heldout")):
+  for arg, folder in (("mmcoa", "mmcoa"), ("heldout", "heldout"), ("exposure", "exposure")):
     name = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:{arg}")["name"]
     assert study.default_out(name) == study.DEFAULT_OUT / folder

@@ -578,3 +578,27 @@ def test_training_candidates_keep_every_combination_of_a_multi_piece_word(bert_t
   batch = attach({"captions": np.array(["a squarish box"])})
   evaluated = prepare_candidates(["a squarish box"], tok, source)
   assert int((batch["cand_sub_lengths"][0, 0] > 0).sum()) == len(evaluated.substitutes[0][1]) == given
+
+
+def test_a_training_attack_never_writes_an_excluded_word(tok, monkeypatch):
+  # text_attack.exclude_words: the training arrays are those of the source without the excluded words
+  # (the held-out-forms study's MAT whose attack writes no held-out form), the same width as without them.
+  from mat_jax import config as config_lib
+  from mat_jax.training import inputs, loop
+
+  monkeypatch.setattr(inputs, "make_source", lambda *args, **kwargs: LexiconSource(TABLE))
+  excluded = ("crimson", "box", "over")
+  config = config_lib.build({"text_attack": {"source": "paraphrase", "exclude_words": excluded, "max_pieces": 4}})
+  attach = loop.candidate_transform(config, tok, log=lambda _: None)
+  plain = loop.candidate_transform(config_lib.build({"text_attack": {"source": "paraphrase", "max_pieces": 4}}),
+                                   tok, log=lambda _: None)
+  batch, unrestricted = (a({"captions": np.array(CAPTIONS[:3])}) for a in (attach, plain))
+  kept = LexiconSource({w: [s for s in subs if s not in excluded] for w, subs in TABLE.items()})
+  monkeypatch.setattr(inputs, "make_source", lambda *args, **kwargs: kept)
+  expected = loop.candidate_transform(config_lib.build({"text_attack": {"source": "paraphrase", "max_pieces": 4}}),
+                                      tok, log=lambda _: None)({"captions": np.array(CAPTIONS[:3])})
+  assert batch.keys() == expected.keys()
+  for name in batch:
+    if name.startswith("cand_"):
+      np.testing.assert_array_equal(batch[name], expected[name], err_msg=name)
+  assert not np.array_equal(batch["cand_sub_lengths"], unrestricted["cand_sub_lengths"])

@@ -151,6 +151,28 @@ class MeaningFilteredSource(_CachedSource):
             for words, proposed in zip(captions, self.base([list(w) for w in captions]), strict=True)]
 
 
+class ExcludedWordsSource(_CachedSource):
+  """Another source's substitutes, less the words in `words`: what a training attack may not write.
+
+  E.g. MAT's training attack kept to the words of its training captions, so that it never shows the model
+  a word only the evaluation's attacker uses (the held-out-forms study's exposure control,
+  `text_attack.exclude_words`).
+  """
+
+  def __init__(self, base: CandidateSource, words: Iterable[str]):
+    super().__init__()
+    self.base = base
+    self.words = frozenset(words)
+
+  @property
+  def max_substitutes(self) -> int:
+    return self.base.max_substitutes
+
+  def _generate(self, captions):
+    return [[[sub for sub in subs if sub not in self.words] for subs in proposed]
+            for proposed in self.base([list(w) for w in captions])]
+
+
 # Neighbouring keys on a QWERTY keyboard, for the typo an attacker (or a human) makes most easily.
 _QWERTY_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 _KEY_NEIGHBOURS: dict[str, str] = {}

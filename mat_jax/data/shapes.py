@@ -661,6 +661,13 @@ def substitution_table() -> dict[str, list[str]]:
   return {w: [s for s in group if s != w] for group in _synonym_groups() for w in group}
 
 
+def held_out_forms() -> tuple[str, ...]:
+  """The synonyms no caption of the held-out-forms world (`rare_form_rate` 0) holds: every form of a word
+  but its canonical (first) one, e.g. crimson, box, upper, beneath. The intros' picture words all stay."""
+  canonical = {group[0] for group in _synonym_groups()} | set(PICTURE_WORDS)
+  return tuple(sorted(set(substitution_table()) - canonical))
+
+
 def i2t(scene: Scene, rng: np.random.Generator, n: int = 1, rare_form_rate: float | None = None) -> list[str]:
   """Image-to-text augmentation: fresh captions of the scene, as a captioner would write them."""
   return captions(scene, rng, n, rare_form_rate)

@@ -38,6 +38,7 @@ from mat_jax import config as config_lib
 from mat_jax import errors, objectives, runs
 from mat_jax import evaluate as evaluate_lib
 from mat_jax import mesh as mesh_lib
+from mat_jax.attacks import candidates
 from mat_jax.data import pipeline
 from mat_jax.models import CLIP, DualEncoder, split
 from mat_jax.training import inputs, optim, setup
@@ -221,6 +222,8 @@ def candidate_transform(config: ml_collections.ConfigDict, tokenizer: Any, *, lo
   evaluated with unless the config says otherwise."""
   ta = config.text_attack
   source = inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k, log=log)
+  if ta.exclude_words:
+    source = candidates.ExcludedWordsSource(source, ta.exclude_words)
   max_words = ta.max_words or tokenizer.context_length - 2
   # The arrays hold every substitute the source gives a word, as the evaluation's do: the BERT source's
   # multi-piece words get up to 24 combinations, more than its top_k of one-piece words.
