@@ -483,7 +483,7 @@ def _check_values(config: dict) -> None:
   if config["data"]["captions_per_image"] < 1:
     raise ConfigError("data.captions_per_image must be at least 1")
   excluded = config["text_attack"]["exclude_words"]
-  if not all(isinstance(w, str) and w.strip() == w and w and " " not in w for w in excluded):
+  if not all(isinstance(w, str) and w.split() == [w] for w in excluded):
     raise ConfigError(f"text_attack.exclude_words={excluded!r} must list single words, e.g. crimson,box")
   rate = config["data"]["build_rare_form_rate"]
   if not (rate < 0 or 0 <= rate <= 1):  # NaN fails both

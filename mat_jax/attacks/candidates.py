@@ -127,7 +127,24 @@ class LexiconSource(_CachedSource):
     return [[self.table.get(word, []) for word in words] for words in captions]
 
 
-class MeaningFilteredSource(_CachedSource):
+class _FilteredSource(_CachedSource):
+  """Another source's substitutes, kept only where `keep(words, position, substitute)` is True."""
+
+  def __init__(self, base: CandidateSource, keep: Callable[[Sequence[str], int, str], bool]):
+    super().__init__()
+    self.base = base
+    self.keep = keep
+
+  @property
+  def max_substitutes(self) -> int:
+    return self.base.max_substitutes
+
+  def _generate(self, captions):
+    return [[[sub for sub in subs if self.keep(words, position, sub)] for position, subs in enumerate(proposed)]
+            for words, proposed in zip(captions, self.base([list(w) for w in captions]), strict=True)]
+
+
+class MeaningFilteredSource(_FilteredSource):
   """Another source's substitutes, kept only where `keeps_meaning(words, position, substitute)` is True.
 
   This is the role of the sentence-similarity filter BERT-Attack can apply (the VLP references leave it
@@ -137,21 +154,10 @@ class MeaningFilteredSource(_CachedSource):
   """
 
   def __init__(self, base: CandidateSource, keeps_meaning: Callable[[Sequence[str], int, str], bool]):
-    super().__init__()
-    self.base = base
-    self.keeps_meaning = keeps_meaning
-
-  @property
-  def max_substitutes(self) -> int:
-    return self.base.max_substitutes
-
-  def _generate(self, captions):
-    return [[[sub for sub in subs if self.keeps_meaning(words, position, sub)]
-             for position, subs in enumerate(proposed)]
-            for words, proposed in zip(captions, self.base([list(w) for w in captions]), strict=True)]
+    super().__init__(base, keeps_meaning)
 
 
-class ExcludedWordsSource(_CachedSource):
+class ExcludedWordsSource(_FilteredSource):
   """Another source's substitutes, less the words in `words`: what a training attack may not write.
 
   E.g. MAT's training attack kept to the words of its training captions, so that it never shows the model
@@ -160,17 +166,8 @@ class ExcludedWordsSource(_CachedSource):
   """
 
   def __init__(self, base: CandidateSource, words: Iterable[str]):
-    super().__init__()
-    self.base = base
     self.words = frozenset(words)
-
-  @property
-  def max_substitutes(self) -> int:
-    return self.base.max_substitutes
-
-  def _generate(self, captions):
-    return [[[sub for sub in subs if sub not in self.words] for subs in proposed]
-            for proposed in self.base([list(w) for w in captions])]
+    super().__init__(base, lambda _words, _position, substitute: substitute not in self.words)
 
 
 # Neighbouring keys on a QWERTY keyboard, for the typo an attacker (or a human) makes most easily.
