@@ -241,7 +241,8 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool 
     elif problems:
       raise StudyError(f"{study_dir}: " + "; ".join(problems) + ". Use another --study-dir, or delete that "
                        "directory to start over")
-    _file_flat_evaluations(study_dir, old)
+    if not reading:
+      _file_flat_evaluations(study_dir, old)
     merged = {**study, "arms": {**old["arms"], **study["arms"]}, TRAINED_AS: {**recorded, **resolved},
               EVALUATED_WITH: evaluation}
     if merged != old and not reading:
@@ -253,7 +254,7 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool 
 
 def _file_flat_evaluations(study_dir: Path, settings: Mapping[str, Any]) -> None:
   """Evaluations in the older layout, straight in runs/ARM-sSEED/eval/, move to the test subset the dir's
-  settings name, so they are reused, not recomputed."""
+  settings name, so they are reused, not recomputed (`_eval_dir_to_read` finds them unmoved)."""
   for flat in study_dir.glob("runs/*/eval"):
     files = [f for f in flat.iterdir() if f.is_file() and f.suffix in (".json", ".npz")]
     if files:
@@ -401,6 +402,15 @@ def _eval_dir(run_dir: Path, study: Mapping[str, Any]) -> Path:
   return run_dir / "eval" / f"test-{study['eval_images'] or 'all'}"
 
 
+def _eval_dir_to_read(run_dir: Path, study: Mapping[str, Any], recorded: Mapping[str, Any]) -> Path:
+  """`_eval_dir`, or for a dir in the older layout, which a report does not rearrange, the flat eval/ whose
+  files belong to the subset the dir recorded (`_file_flat_evaluations` files them there when it runs)."""
+  subset = _eval_dir(run_dir, study)
+  if not subset.is_dir() and subset == _eval_dir(run_dir, recorded):
+    return run_dir / "eval"
+  return subset
+
+
 def _evaluated_as(attack: str) -> str:
   """The `evaluate` attack a study attack runs: the text-only ones (bert, paraphrase, bert_filtered) are
   BERT-Attack; co_filtered is co, sga_filtered sga."""
@@ -413,10 +423,11 @@ def collect(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> d
   ranks were kept is used as it is (its restored recall then has a seed range, not an interval)."""
   study_dir = Path(study_dir).absolute()
   check_study_dir(study_dir, study, reading=True, log=log)
+  recorded = json.loads((study_dir / STUDY_FILE).read_text())
   collected, missing = {}, []
   for name, arm in study["arms"].items():
     for seed in range(study["seeds"]):
-      eval_dir = _eval_dir(_run_dir(study_dir, name, seed), study)
+      eval_dir = _eval_dir_to_read(_run_dir(study_dir, name, seed), study, recorded)
       absent = [a for a in arm["attacks"] if not (eval_dir / f"{a}.npz").exists()]
       missing += [f"{name}-s{seed}/{a}" for a in absent]
       if not absent:
@@ -704,7 +715,9 @@ def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], 
       if not entries or any(e.get("recall_meaning_preserving") is None for e in entries):
         cells.append("")
         continue
-      flips = spread([100 * e["label_flip_share"] for e in entries])
+      # An attack that changed no caption has no label-flip share (None in its JSON).
+      shares = [100 * e["label_flip_share"] for e in entries if e.get("label_flip_share") is not None]
+      flips = spread(shares) if shares else "–"
       bootstrapped = table.get((name, _restored_key(attack)))
       if bootstrapped:
         kept = " / ".join(f"{bootstrapped[m][0]:.1f} [{bootstrapped[m][1][0]:.1f}, {bootstrapped[m][1][1]:.1f}]"

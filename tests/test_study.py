@@ -222,6 +222,24 @@ def test_evaluations_of_a_dir_without_subsets_are_filed_under_its_subset(tmp_pat
   assert not (flat / "co.npz").exists() and not (flat / "test-all").exists()
 
 
+def test_a_report_reads_evaluations_of_a_dir_without_subsets_where_they_are(tmp_path):
+  # --report-only writes nothing: the older layout's files stay put and are read from the flat eval/.
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  study.check_study_dir(tmp_path, quick)
+  run = tmp_path / "runs" / "mat-s0"
+  (run / "eval").mkdir(parents=True)
+  (run / "eval" / "co.json").write_text("{}")
+  before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+  study.check_study_dir(tmp_path, quick, reading=True)
+  assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+  recorded = json.loads((tmp_path / study.STUDY_FILE).read_text())
+  assert study._eval_dir_to_read(run, quick, recorded) == run / "eval"
+  # Another subset than the one the dir recorded: those files are not its evaluations.
+  assert study._eval_dir_to_read(run, {**quick, "eval_images": 0}, recorded) == run / "eval" / "test-all"
+  study.check_study_dir(tmp_path, quick)  # a run files them under their subset, where a report then reads them
+  assert study._eval_dir_to_read(run, quick, recorded) == run / "eval" / "test-12"
+
+
 def test_a_study_dir_refuses_runs_the_code_now_resolves_otherwise(tmp_path, monkeypatch):
   # The study file unchanged, but the shared budget in recipes.py changed: the dir's finished runs were
   # trained under the old one and must not sit in a table beside runs of the new one.
@@ -493,6 +511,12 @@ def test_the_meaning_table_shows_label_flips_and_the_recall_with_flips_restored(
                                                               "ir@1": (71.0, [69.0, 73.0])}}
   assert "| a | 75.0 {50.0, 100.0} \\| 85.0 [81.5, 88.2] / 71.0 [69.0, 73.0] |" in study.meaning_table(
       spec, collected, bootstrapped)
+  # An attack that changed no caption has no label-flip share (stored as null): shown as such, not a crash.
+  unchanged = {seed: {"clean": {}, "bert": bert(None, 93.0, 90.0)} for seed in (0, 1)}
+  assert "| a | – \\| 93.0 {93.0, 93.0} / 90.0 {90.0, 90.0} |" in study.meaning_table(
+      spec, {("a", seed): entry for seed, entry in unchanged.items()})
+  mixed = {("a", 0): collected[("a", 0)], ("a", 1): unchanged[1]}
+  assert "| a | 100.0 {100.0, 100.0} \\| 86.5 {80.0, 93.0} / 80.0 {70.0, 90.0} |" in study.meaning_table(spec, mixed)
 
 
 def _entry(tr_hit, ir_hit, tr_hit_mp=None, ir_hit_mp=None):
