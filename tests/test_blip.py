@@ -120,6 +120,7 @@ def test_a_config_without_the_temperature_gets_transformers_default():
   data = transformers.BlipConfig().to_dict()
   default = data.pop("logit_scale_init_value")
   assert blip_config_from_hf(data).logit_scale_init == default
+  assert blip_config_from_hf({**data, "logit_scale_init_value": None}).logit_scale_init == default  # null: the default
 
 
 def test_dual_encoder_view_matches_the_module(case):

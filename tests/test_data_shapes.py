@@ -189,6 +189,10 @@ def test_hflip_mirrors_image_and_captions(test_split):
     for text in flipped:
       assert shapes.consistent(shapes.parse(text), mirror), text
   assert shapes.mirror_caption("a red box to the left of a blue disc") == "a red box to the right of a blue disc"
+  # A raw corpus caption (`data build --no-cleaning`): its case and punctuation, and words merely containing
+  # "left" or "right", stay as they are.
+  assert (shapes.mirror_caption("A man on the Left, a dog to the right. RIGHT-hand side; bright lefty")
+          == "A man on the Right, a dog to the left. LEFT-hand side; bright lefty")
   # The swap matters: a mirrored caption that speaks of left or right is false for the unflipped scene.
   sided = [(s, c) for s, five in zip(scenes[:200], caps[:200], strict=True)
            for c in five if {"left", "right"} & set(c.split())]

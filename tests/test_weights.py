@@ -14,7 +14,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from mat_jax.models import CLIP, bert_config, clip_config, load_bert_mlm, load_clip, save_clip
-from mat_jax.models.clip import TextConfig, VisionConfig
+from mat_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
 from mat_jax.models.hub import ModelSourceError
 from mat_jax.models.weights import (ConfigError, SaveDirectoryError, UnsafeCheckpointError, WeightsError, bert_table,
                                     clip_table)
@@ -127,6 +127,29 @@ def test_known_buffers_are_ignored(saved, tmp_path):
   load_clip(tmp_path)
 
 
+@pytest.mark.parametrize("dtype, stored_as", [(np.int8, "I8"), (np.bool_, "BOOL"), (np.int32, "I32")])
+def test_weights_that_are_not_floating_point_are_refused(saved, tmp_path, dtype, stored_as):
+  name = "text_model.encoder.layers.0.mlp.fc1.weight"
+  _copy(saved, tmp_path, tensors_edit=lambda t: t.update({name: np.ones(t[name].shape, dtype)}))
+  with pytest.raises(ModelSourceError, match=rf"tensor '{re.escape(name)}' is stored as {stored_as}; .*float32"):
+    load_clip(tmp_path)
+
+
+def test_float64_and_float16_weights_load_as_float32(model, saved, tmp_path):
+  _copy(saved, tmp_path, tensors_edit=lambda t: t.update(
+      {name: value.astype(np.float64 if i % 2 else np.float16) for i, (name, value) in enumerate(t.items())}))
+  loaded = load_clip(tmp_path)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(loaded, nnx.Param)))
+
+
+def test_null_config_values_mean_the_default(saved, tmp_path):
+  def edit(c):
+    c["logit_scale_init_value"] = None
+    c["vision_config"]["num_channels"] = None
+  _copy(saved, tmp_path, config_edit=edit)
+  assert load_clip(tmp_path).config.logit_scale_init == CLIPConfig().logit_scale_init
+
+
 def test_directory_without_config_json(saved, tmp_path):
   (tmp_path / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
   with pytest.raises(ModelSourceError, match="no config.json"):
@@ -225,7 +248,7 @@ def test_the_preprocessor_options_normalise_as_transformers_processor(saved, tmp
     assert vision.image_mean == (0.4, 0.5, 0.6) and vision.image_std == (0.2, 0.25, 0.3)
 
 
-def test_a_pickle_only_hub_repository_gets_the_conversion_advice(saved, tmp_path, monkeypatch):
+def test_a_pickle_only_hub_repository_gets_the_conversion_advice(saved, tmp_path, monkeypatch, capsys):
   """A hub snapshot holds only the files load_clip asks for, never a pickle: the repository's file list
   tells a pickle-only repository from one that holds no weights at all."""
   import huggingface_hub
@@ -238,6 +261,10 @@ def test_a_pickle_only_hub_repository_gets_the_conversion_advice(saved, tmp_path
   with pytest.raises(UnsafeCheckpointError, match=r"(?s)pytorch_model.bin of the hub repository someone/clip is a "
                                                   r"pickle checkpoint.*safetensors"):
     load_clip("someone/clip")
+  # `python -m mat_jax.models inspect` gives the same advice (it loads the hub id, not its snapshot).
+  from mat_jax.models.__main__ import main as models_cli
+  assert models_cli(["inspect", "someone/clip"]) == 2
+  assert "pytorch_model.bin of the hub repository someone/clip is a pickle checkpoint" in capsys.readouterr().err
   monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: ["config.json"])
   with pytest.raises(ModelSourceError, match="has neither model.safetensors"):
     load_clip("someone/clip")

@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -683,9 +684,20 @@ def t2i(caption: str, rng: np.random.Generator, image_size: int = DEFAULT_IMAGE_
   return render(scene_from_meaning(parse(caption), rng), image_size)
 
 
+# Whole words in any case, so raw corpus captions ("On the Left, ...") are mirrored too.
+_MIRRORED = re.compile(r"\b(?:" + "|".join(MIRROR_WORDS) + r")\b", re.IGNORECASE)
+
+
 def mirror_caption(caption: str) -> str:
-  """Left and right words swapped: the caption of the horizontally flipped image."""
-  return " ".join(MIRROR_WORDS.get(w, w) for w in caption.split())
+  """Left and right words swapped, in their case, the rest of the text unchanged: the caption of the
+  horizontally flipped image."""
+
+  def swap(match: re.Match) -> str:
+    word = match.group()
+    other = MIRROR_WORDS[word.lower()]
+    return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+  return _MIRRORED.sub(swap, caption)
 
 
 def hflip(image: np.ndarray, caption_list: Sequence[str]) -> tuple[np.ndarray, list[str]]:

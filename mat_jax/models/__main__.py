@@ -87,10 +87,10 @@ def inspect(args: argparse.Namespace) -> int:
   config_path = directory / "config.json"
   model_type = hub.read_json_object(config_path).get("model_type", "clip") if config_path.exists() else "clip"
   # BLIP as runs.load_model tells it (is_blip); anything else not BERT goes to load_clip, which names the fix.
-  if model_type == "bert":
-    model = load_bert_mlm(directory)
-  else:
-    model = (load_blip if is_blip(directory) else load_clip)(directory)
+  loader = load_bert_mlm if model_type == "bert" else load_blip if is_blip(directory) else load_clip
+  # The source as given, not the snapshot: for a hub id the loader asks the hub what the repository holds
+  # (a pickle-only one gets the conversion advice, which the snapshot alone cannot tell).
+  model = loader(args.source)
   print(f"{type(model).__name__} from {directory}")
   print(json.dumps(dataclasses.asdict(model.config), indent=2))
   params = nnx.state(model, nnx.Param)

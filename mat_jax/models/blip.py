@@ -493,7 +493,7 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   if problems:
     raise weights.ConfigError("unsupported BLIP config:\n  " + "\n  ".join(problems))
   return BlipConfig(vision=vision, text=text, embed_dim=int(data.get("image_text_hidden_size") or 256),
-                    logit_scale_init=float(data.get("logit_scale_init_value", HF_LOGIT_SCALE_DEFAULT)),
+                    logit_scale_init=float(weights.value_or(data, "logit_scale_init_value", HF_LOGIT_SCALE_DEFAULT)),
                     dtype=dtype)
 
 

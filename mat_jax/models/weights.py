@@ -270,10 +270,14 @@ def refuse_wrong_types(problems: list[str], source: str) -> None:
                       "save_pretrained.")
 
 
+def value_or(data: dict, key: str, default: Any) -> Any:
+  """data[key], or `default` where the key is absent or null (transformers' configs write null for "the default")."""
+  return data[key] if data.get(key) is not None else default
+
+
 def _pick(cls, data: dict, keys: dict[str, str], **extra) -> Any:
   defaults = cls()
-  values = {ours: data[theirs] if data.get(theirs) is not None else getattr(defaults, ours)
-            for ours, theirs in keys.items()}
+  values = {ours: value_or(data, theirs, getattr(defaults, ours)) for ours, theirs in keys.items()}
   return cls(**values, **extra)
 
 
@@ -361,7 +365,7 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
     problems.append(f"text_config.mat_jax_pooling={legacy_pooling!r} (written by an older mat_jax) contradicts "
                     f"transformers' pooling {text.text_pooling!r} for eos_token_id={text.eos_token_id}; "
                     "retrain the model with the current tokenizer (the shapes world's end id is now 3)")
-  if vision_data.get("num_channels", 3) != 3:
+  if value_or(vision_data, "num_channels", 3) != 3:
     problems.append(f"vision_config.num_channels={vision_data['num_channels']} (only RGB, 3, is supported)")
   if vision.image_size % vision.patch_size:
     problems.append(f"vision_config.image_size {vision.image_size} is not a multiple of patch_size "
@@ -374,7 +378,7 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   return CLIPConfig(
       vision=vision, text=text,
       projection_dim=int(data.get("projection_dim") or defaults.projection_dim),
-      logit_scale_init=float(data.get("logit_scale_init_value", defaults.logit_scale_init)),
+      logit_scale_init=float(value_or(data, "logit_scale_init_value", defaults.logit_scale_init)),
       dtype=dtype)
 
 
@@ -428,7 +432,7 @@ def bert_config_from_hf(data: dict, *, dtype: str = "float32", source: str = "co
   refuse_wrong_types(wrong_types(data, field_types(BertConfig, keys)), source)
   cfg = _pick(BertConfig, data, keys, dtype=dtype)
   problems = []
-  if data.get("position_embedding_type", "absolute") != "absolute":
+  if value_or(data, "position_embedding_type", "absolute") != "absolute":
     problems.append(f"position_embedding_type={data['position_embedding_type']!r} (only 'absolute')")
   if data.get("is_decoder") or data.get("add_cross_attention"):
     problems.append("is_decoder/add_cross_attention (only the bidirectional encoder MLM)")
@@ -510,6 +514,11 @@ def _weight_files(directory: Path) -> dict[str, Path]:
       "with model.save_pretrained(directory, safe_serialization=True).")
 
 
+# The safetensors dtypes whose values load as parameters (cast to float32); quantised, FP8, integer and bool
+# ones would need their scales or would not be weights at all.
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
 def _read_tensors(files: dict[str, Path], names: Iterable[str]) -> dict[str, np.ndarray]:
   by_file: dict[Path, list[str]] = {}
   for name in names:
@@ -526,6 +535,13 @@ def _read_tensors(files: dict[str, Path], names: Iterable[str]) -> dict[str, np.
             f"them: {shown}. The index and the shards disagree (an index from another save); copy the "
             f"{SAFETENSORS_INDEX} that came with these shards, or download the checkpoint again.")
       for name in wanted:
+        stored_as = handle.get_slice(name).get_dtype()
+        if stored_as not in _FLOAT_DTYPES:
+          raise hub.ModelSourceError(
+              f"{path}: tensor {name!r} is stored as {stored_as}; mat_jax reads weights stored as "
+              f"{', '.join(sorted(_FLOAT_DTYPES))} (not quantised, FP8, integer or bool ones): save the model in "
+              "float32, float16 or bfloat16 (model.float() then model.save_pretrained(directory, "
+              "safe_serialization=True)).")
         try:
           out[name] = handle.get_tensor(name)
         except Exception as err:  # noqa: BLE001  safetensors' errors do not name the file
