@@ -151,6 +151,11 @@ def test_errors_name_the_problem(setup):
   with pytest.raises(ValueError, match="one value per image"):
     jax.jit(lambda x: I.pgd(lambda a, k: jnp.sum(a), x, jax.random.key(0), eps=0.1, step_size=0.1,
                             steps=1))(images)
+  # APGD-T over a batch's captions: each image owns K of the B*K texts, so it has B*K - K targets at most.
+  positives = jnp.repeat(jnp.eye(B, dtype=bool), K, axis=1)
+  with pytest.raises(ValueError, match=f"n_targets={B * K - K + 1}: .* leaving {B * K - K} wrong texts"):
+    I.apgd_attack(ENC, params, images, texts.reshape(B * K, D), positives, jax.random.key(0), eps=0.1, steps=2,
+                  n_targets=B * K - K + 1, text_weights=jnp.ones((B, K)))
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,9 @@ def test_fixed_shapes_and_size_errors(tok):
   assert prepare_candidates(["a squarish box"], tok, source, max_pieces=2).word_pieces.shape[1:] == (4, 2)
   with pytest.raises(ValueError, match="flatten"):
     prepare_candidates(np.array([CAPTIONS[:2]]), tok, source)
+  for size in ("max_words", "max_pieces", "top_k", "max_targets", "text_length"):
+    with pytest.raises(ValueError, match=rf"{size}=0: an array size is at least 1"):
+      prepare_candidates(CAPTIONS[:1], tok, source, **{size: 0})
   with pytest.raises(TypeError, match="list of words"):
     LexiconSource({"red": "crimson"})
 
@@ -376,6 +379,11 @@ def test_attack_text_one_call(model, tok, image_attack_1, cands, guide):
                     text_to_image=text_to_image)
   assert len(out.captions) == len(CAPTIONS)
   np.testing.assert_array_equal(out.input_ids, tok(out.captions).input_ids)
+  # A second call compiles nothing new: the guide's image features included.
+  compiled = text_module._image_features._cache_size()
+  assert attack_text((encoder, params), tok, CAPTIONS, LexiconSource(TABLE), images=images,
+                     text_to_image=text_to_image).captions == out.captions
+  assert text_module._image_features._cache_size() == compiled
   # The same as the jitted attack guided by the same image features.
   guide = jax.jit(encoder.image_features)(params, images)[text_to_image]
   direct = text_attack(encoder, params, out.candidates, guide, objective="image")
@@ -386,6 +394,24 @@ def test_attack_text_one_call(model, tok, image_attack_1, cands, guide):
   with pytest.raises(ValueError, match="objective='kl' .* takes no images"):
     attack_text((encoder, params), tok, CAPTIONS, LexiconSource(TABLE), images=images, text_to_image=text_to_image,
                 objective="kl")
+
+
+def test_multimodal_attacks_run_inside_an_outer_jit_with_traced_budgets(model, tok):
+  # Both one-call multimodal attacks are traceable (e.g. inside a train step): eps and steps may be tracers,
+  # Co-Attack's default step (1.25 eps / steps) included.
+  from mat_jax.attacks import multimodal
+
+  encoder, params = model
+  candidates = multimodal.bucketed_candidates(CAPTIONS[:2], tok, LexiconSource(TABLE))
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+  key = jax.random.key(1)
+  for attack in (multimodal.collaborative_attack, functools.partial(multimodal.set_guidance_attack,
+                                                                    step_size=0.5 / 255)):
+    traced = jax.jit(lambda eps, steps, attack=attack: attack(encoder, params, images, candidates, key, eps=eps,
+                                                               steps=steps).images)(2 / 255, 3)
+    eager = attack(encoder, params, images, candidates, key, eps=2 / 255, steps=3).images
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(eager), atol=1e-6)
+    assert float(jnp.max(jnp.abs(traced - images))) <= 2 / 255 + 1e-6
 
 
 # ------------------------------------------------------------------------------------------------

@@ -538,6 +538,11 @@ def prepare_candidates(
   captions = [str(c) for c in captions]
   if not captions:
     raise ValueError("no captions to prepare")
+  sizes = dict(max_words=max_words, max_pieces=max_pieces, top_k=top_k, max_targets=max_targets,
+               text_length=text_length)
+  for name, size in sizes.items():
+    if size is not None and size < 1:
+      raise ValueError(f"{name}={size}: an array size is at least 1 (None takes the smallest that fits the batch)")
   stop_words = frozenset(stop_words)
   length = tokenizer.context_length
   front = int(tokenizer.start_id is not None)

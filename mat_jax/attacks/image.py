@@ -268,7 +268,9 @@ def apgd_targeted(logits_fn: losses.LogitsFn, positives: jax.Array, images: jax.
                   alpha: float = 0.75, random_start: bool = True) -> jax.Array:
   """APGD-T: one APGD run on the targeted DLR loss per target, the targets being each image's
   `n_targets` highest-scoring wrong texts at the clean image (AutoAttack's choice). Per image, the
-  run with the largest final margin (best wrong text minus best right text) is kept.
+  run with the largest final margin (best wrong text minus best right text) is kept. Every image needs
+  `n_targets` wrong texts: an image with fewer spends its remaining runs aiming at its own (or padding)
+  texts, which run but cannot help it (`apgd_attack` checks this where the shapes tell it).
   """
   images = jax.lax.stop_gradient(images)
   clean = logits_fn(images)
@@ -337,6 +339,13 @@ def apgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, text
   which are then neither positives nor negatives; None: all M are real.
   """
   _check_norm(norm)
+  if n_targets and text_weights is not None and text_weights.ndim == 2:
+    # (B, K) caption slots: each image owns K of the M texts, leaving it M - K wrong ones to aim at.
+    wrong = text_features.shape[0] - text_weights.shape[1]
+    if n_targets > wrong:
+      raise ValueError(f"n_targets={n_targets}: each image has {text_weights.shape[1]} caption slots of its own "
+                       f"among the {text_features.shape[0]} texts, leaving {wrong} wrong texts to aim at; lower "
+                       "n_targets or score against more texts")
   return _apgd_attack(encoder, params, images, text_features, positives, text_weights, key, eps, int(steps), norm,
                       int(restarts), int(n_targets))
 

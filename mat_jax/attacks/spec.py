@@ -38,6 +38,9 @@ import dataclasses
 import difflib
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+
 from mat_jax import checks
 from mat_jax.errors import InputError
 
@@ -68,8 +71,13 @@ class UnknownAttackError(InputError):
 def step_size_for(eps: float, steps: int, step_size: float | None = None,
                   scale: float = SGA_STEP_SCALE) -> float:
   """The PGD step: `step_size` when given, else `scale * eps / steps` (SGA's 0.5/255 at 2/255 in 10
-  steps with the default scale; Co-Attack's eps / steps * 1.25 with `CO_STEP_SCALE`)."""
-  return scale * eps / max(int(steps), 1) if step_size is None else step_size
+  steps with the default scale; Co-Attack's eps / steps * 1.25 with `CO_STEP_SCALE`). `steps` may be traced
+  (an attack inside an outer jit), so an array is never read back to the host."""
+  if step_size is not None:
+    return step_size
+  if isinstance(steps, (int, np.integer)):
+    return scale * eps / max(int(steps), 1)
+  return scale * eps / jnp.maximum(steps, 1)
 
 
 @dataclasses.dataclass(frozen=True)

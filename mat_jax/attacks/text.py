@@ -473,6 +473,13 @@ def adversarial_captions(candidates: TextCandidates, result: TextAttackResult) -
   return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _image_features(encoder: DualEncoder, params: nnx.State, images: jax.Array) -> jax.Array:
+  """Jitted `encoder.image_features`, compiled once per encoder and image shape however often `attack_text`
+  runs (a `jax.jit` of the bound method would be a new function, compiled anew, on every call)."""
+  return encoder.image_features(params, images)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackedText:
   """What `attack_text` returns: the adversarial captions, their ids, and the attack's details."""
@@ -507,7 +514,7 @@ def attack_text(model_or_encoder_params, tokenizer: Tokenizer, captions: Sequenc
                      "images, text_to_image or guide; drop them, or use objective='image' to be guided by images")
   candidates = prepare_candidates(captions, tokenizer, source, top_k=top_k, stop_words=stop_words)
   if guide is None and images is not None:
-    guide = jax.jit(encoder.image_features)(params, jnp.asarray(images, jnp.float32))
+    guide = _image_features(encoder, params, jnp.asarray(images, jnp.float32))
     if text_to_image is not None:
       guide = guide[jnp.asarray(text_to_image)]
     elif guide.shape[0] != candidates.num_captions:
