@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from mat_jax.errors import MatJaxError
+from mat_jax.errors import Interrupted, MatJaxError
 
 STATE, DATA, META = "state", "data", "meta"
 MODEL_DIR = "model"
@@ -208,6 +208,8 @@ class Checkpointer:
       except DamagedCheckpointError as err:
         problem = err.reason
       except Exception as err:  # noqa: BLE001  any read failure of this step: try the previous one
+        if _not_the_checkpoints_fault(err):
+          raise
         problem = _one_line(err)
       if problem is None:
         if damaged:
@@ -279,6 +281,8 @@ class Checkpointer:
     try:
       self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
     except Exception as err:  # noqa: BLE001  Grain reports a misfit as KeyError, FileNotFoundError, ...
+      if _not_the_checkpoints_fault(err):
+        raise
       if saved is not None and saved == self.pipeline:
         reason = f"its input-pipeline position cannot be read ({_one_line(err)})"
         raise DamagedCheckpointError(f"checkpoint {self.step_dir(step)}: {reason}", reason) from err
@@ -406,6 +410,15 @@ def non_finite(state: Any) -> str | None:
     return None
   bad = sum(not bool(jnp.all(jnp.isfinite(x))) for x in leaves)
   return f"{bad} of its {len(leaves)} parameter/optimizer arrays hold NaN or inf"
+
+
+def _not_the_checkpoints_fault(err: BaseException) -> bool:
+  """A failure of the process, not of the files it reads: an interrupt (SIGTERM arrives as `Interrupted`,
+  e.g. a preempted job that was restoring) or memory running out. Counted as damage, it would move an intact
+  checkpoint aside, and then the next one."""
+  text = str(err)
+  return (isinstance(err, (Interrupted, MemoryError))
+          or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text)
 
 
 def _one_line(err: BaseException) -> str:

@@ -427,13 +427,16 @@ _OBJECTIVE_RANGES = {
     **{weight: (">= 0 (a loss weight)", lambda v: v >= 0)
        for weight in ("clean_weight", "text_weight", "image_weight", "a", "b", "c")},
 }
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_FINITE = ">= 0 and finite in float32 (at most 3.4e38)"
 _RANGES = {
     ("eval", "max_images"): (">= 0 (0 = the whole split)", lambda v: v >= 0),
     ("eval", "batch_size"): (">= 1", lambda v: v >= 1),
     ("eval", "eps"): ("in [0, 1] (pixels in [0, 1])", lambda v: 0 <= v <= 1),
     ("eval", "steps"): (">= 1", lambda v: v >= 1),
-    ("optimizer", "learning_rate"): (">= 0 and finite", lambda v: 0 <= v < math.inf),
-    ("optimizer", "weight_decay"): (">= 0 and finite", lambda v: 0 <= v < math.inf),
+    # Finite in float32, the dtype the update is computed in (1e39 would be inf there).
+    ("optimizer", "learning_rate"): (_FLOAT32_FINITE, lambda v: 0 <= v <= _FLOAT32_MAX),
+    ("optimizer", "weight_decay"): (_FLOAT32_FINITE, lambda v: 0 <= v <= _FLOAT32_MAX),
     ("optimizer", "b1"): ("in [0, 1)", lambda v: 0 <= v < 1),
     ("optimizer", "b2"): ("in [0, 1)", lambda v: 0 <= v < 1),
     # Adam divides by sqrt(v) + eps: with eps 0 a parameter whose gradients are all zero gets 0/0 = NaN.

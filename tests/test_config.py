@@ -75,6 +75,7 @@ def test_types_are_checked(tmp_path):
   for override, allowed in (("optimizer.eps=0", "> 0"), ("optimizer.b2=1", r"in \[0, 1\)"),
                             ("optimizer.learning_rate=-1e-3", ">= 0"), ("schedule.warmup_steps=-5", ">= 0"),
                             ("optimizer.learning_rate=inf", ">= 0 and finite"),
+                            ("optimizer.learning_rate=1e39", r">= 0 and finite in float32 \(at most 3.4e38\)"),
                             ("schedule.end_factor=inf", ">= 0 and finite")):
     with pytest.raises(config_lib.ConfigError, match=f"{override.split('=')[0]}=.* must be {allowed}"):
       config_lib.load(path, [override])

@@ -402,6 +402,25 @@ def test_non_finite_restored_values_are_damage(tmp_path):
   assert step == 1 and "arrays hold NaN or inf" in lines[0]
 
 
+@pytest.mark.parametrize("failure", [errors.Interrupted("interrupted by SIGTERM", signal.SIGTERM), MemoryError(),
+                                     RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")])
+def test_an_interrupt_or_lack_of_memory_while_restoring_moves_no_checkpoint(tmp_path, monkeypatch, failure):
+  # A preempted job is often signalled while it restores: the signal, or a device too small for the state,
+  # says nothing about the files, and the intact checkpoint must stay where it is.
+  _two_checkpoints(tmp_path)
+
+  def fail(self, step):
+    raise failure
+
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, "verify", fail)
+    with pytest.raises(type(failure)):
+      ckpt.restore_newest_intact(_abstract(), log=_quiet)
+    monkeypatch.undo()
+    assert ckpt.all_steps() == [1, 2]
+  assert not (tmp_path / checkpoint_lib.DAMAGED_DIR).exists()
+
+
 def test_no_intact_checkpoint_is_one_error(tmp_path):
   _two_checkpoints(tmp_path)
   for step in ("1", "2"):
@@ -685,6 +704,19 @@ def test_ctrl_c_saves_the_step_and_says_how_to_resume(root):
   # Every step in one line: 1-2; 3, written with the stop's checkpoint (only in memory until then, it was
   # lost with the stopped run); 4, the resumed run's; 5-6.
   assert steps == [2, 3, 4, 6]
+
+
+def test_a_stop_at_an_evaluation_step_evaluates_before_it_stops(root):
+  # The resumed run starts after the stop's step: an evaluation due there is made before stopping, or never.
+  config = micro_config(root, train={"steps": 4, "log_every": 2, "checkpoint_every": 4, "eval_every": 3},
+                        eval={"max_images": 8, "attacks": ()})
+  workdir = root / "interrupted_at_evaluation"
+  model, tokenizer = runs.model_from_config(config)
+  with pytest.raises(errors.Interrupted, match=r"interrupted at step 3; last checkpoint 3"):
+    loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=True,
+               data_iterator=_batches(config, tokenizer, interrupt_at=3), model=model, tokenizer=tokenizer)
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines if any(key.startswith("eval/") for key in line)] == [3]
 
 
 def test_an_unknown_dataset_or_split_is_a_user_error(root, trained):

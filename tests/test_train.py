@@ -147,6 +147,22 @@ def test_a_step_with_an_unusable_gradient_changes_no_parameter(case, kind, skip,
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after.opt_state), opt_state)
 
 
+@pytest.mark.parametrize("skip", ["conditional", "select"])
+def test_an_update_that_overflows_a_parameter_is_a_bad_step(case, skip, monkeypatch):
+  # Finite loss and gradients, but a learning rate that carries a parameter past float32's range: the step
+  # is recorded, so the loop stops before it saves that state (which would otherwise pass for a good one).
+  monkeypatch.setattr(step_lib, "_skip_with_conditional", lambda: skip == "conditional")
+  run, batch = case
+  tx = optax.sgd(3e38)
+  mesh = mesh_lib.make_mesh("1")
+  shardings = step_lib.state_shardings(run.params, tx, run.is_trainable, mesh)
+  state = step_lib.create_state(run.params, tx, run.is_trainable, 0, shardings)
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, tx, run.is_trainable), shardings, mesh)
+  after, metrics = fn(state, mesh_lib.global_batch(batch, mesh), None)
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert int(after.bad_step) == 0
+
+
 def test_a_temperature_past_its_bound_still_trains_and_is_projected_back(case):
   # OpenAI's CLIP stores logit_scale 4.6052, just above log(100): the losses read 100, but the gradient
   # must reach the parameter (CLIP's and BLIP's trainers clamp the parameter, not its gradient), and the
@@ -281,9 +297,15 @@ def test_a_refused_run_leaves_the_workdir_config_alone(root, devices):
   assert (workdir / "config.json").read_text() == before  # what restores the run's model reads
 
 
-def test_a_signal_during_the_last_step_stops_the_run_after_its_checkpoint(root, devices, monkeypatch):
+@pytest.mark.parametrize("when, message", [
+    ("step", "interrupted at step 3; last checkpoint 3"),
+    ("save", "interrupted at step 3; last checkpoint 3"),  # after the step's stop flag was read
+    ("wait", "interrupted after the last step; last checkpoint 3 .* to export and evaluate"),
+])
+def test_a_signal_during_the_last_step_stops_the_run_after_its_checkpoint(root, devices, monkeypatch, when, message):
   import signal
 
+  from mat_jax import checkpoint as checkpoint_lib
   from mat_jax import errors
 
   stops, make_train_step, calls = [], loop.make_train_step, []
@@ -298,7 +320,7 @@ def test_a_signal_during_the_last_step_stops_the_run_after_its_checkpoint(root, 
 
     def step(state, batch, ref):
       calls.append(1)
-      if len(calls) == 3:  # SIGTERM arrives while the last step runs (delivered as the handler sees it)
+      if when == "step" and len(calls) == 3:  # SIGTERM arrives while the last step runs (as the handler sees it)
         stops[0]._handle(signal.SIGTERM, None)
       return step_fn(state, batch, ref)
     return step, reference
@@ -309,11 +331,25 @@ def test_a_signal_during_the_last_step_stops_the_run_after_its_checkpoint(root, 
     closed.append(writer)
     close(writer)
 
+  inject_fault, wait = loop._inject_fault, checkpoint_lib.Checkpointer.wait
+
+  def signalled_after_the_save(done):
+    if when == "save" and done == 3:
+      stops[0]._handle(signal.SIGTERM, None)
+    inject_fault(done)
+
+  def signalled_wait(ckpt):
+    if when == "wait":  # the loop's last wait: the final checkpoint being written out
+      stops[0]._handle(signal.SIGTERM, None)
+    wait(ckpt)
+
   monkeypatch.setattr(loop, "_StopSignals", RecordedStop)
   monkeypatch.setattr(loop, "make_train_step", signalled_make_train_step)
+  monkeypatch.setattr(loop, "_inject_fault", signalled_after_the_save)
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "wait", signalled_wait)
   monkeypatch.setattr(loop.MetricWriter, "close", recorded_close)
-  workdir = root / "signal_last_step"
-  with pytest.raises(errors.Interrupted, match="interrupted at step 3; last checkpoint 3") as stopped:
+  workdir = root / f"signal_last_step_{when}"
+  with pytest.raises(errors.Interrupted, match=message) as stopped:
     loop.train(micro_config(root, train={"steps": 3, "checkpoint_every": 10}), workdir, mesh_spec="1",
                log=lambda _: None, progress=False, evaluate=False)
   assert stopped.value.signum == signal.SIGTERM

@@ -67,7 +67,7 @@ END_OF_RUN_TIMEOUT_S = 72 * 3600
 
 
 class NonFiniteLossError(errors.MatJaxError, RuntimeError):
-  """The loss or a gradient became NaN/inf; the run stopped, its last good checkpoint is kept."""
+  """The loss, a gradient or an updated parameter became NaN/inf; the run stopped, its last good checkpoint is kept."""
 
 
 class NonFiniteWeightsError(errors.MatJaxError, ValueError):
@@ -324,7 +324,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
                                      pipeline=layout, added_keys=config_lib.ADDED_FINGERPRINT_KEYS)
   try:
     ckpt.check_compatible()  # before any data work: a mismatch is reported at once
-  except checkpoint_lib.IncompatibleCheckpointError:
+  except (checkpoint_lib.IncompatibleCheckpointError, errors.Interrupted):
     ckpt.close()
     raise
   except Exception:  # noqa: BLE001, S110  unreadable metadata: a damaged checkpoint, handled by the restore below
@@ -392,6 +392,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", steps_s=f"{rate:.2f}",
                     images_s=f"{rate * cfg.train.batch_size:.1f}", refresh=False)
 
+  def evaluate_if_due(done: int, final: bool) -> None:
+    """The periodic evaluation (`train.eval_every`); the final one follows the export."""
+    if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and not final:
+      gathered = host_params(state.params)  # every process: a collective when FSDP spans hosts
+      if evaluator:
+        writer.write(done, evaluator(gathered), "eval/")
+
   try:
     for step in range(start, cfg.train.steps):
       local = next(data_iterator)
@@ -433,13 +440,15 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         stopping = agreement.stopping_at_end(stopping)
       if stopping:  # also at the last step: the run stops as asked; rerunning it exports and evaluates
         ckpt.wait()
+        evaluate_if_due(done, final)  # the resumed run starts after this step and would never evaluate it
         raise errors.Interrupted(f"interrupted at step {done}; last checkpoint {last_saved} in "
                                  f"{workdir / 'checkpoints'}; rerun the same command to resume", agreement.signum)
-      if evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and not final:
-        gathered = host_params(state.params)  # every process: a collective when FSDP spans hosts
-        if evaluator:
-          writer.write(done, evaluator(gathered), "eval/")
+      evaluate_if_due(done, final)
     ckpt.wait()
+    if agreement.signalled_after_the_end():  # the final checkpoint is complete; rerunning exports and evaluates
+      raise errors.Interrupted(f"interrupted after the last step; last checkpoint {last_saved} in "
+                               f"{workdir / 'checkpoints'}; rerun the same command to export and evaluate",
+                               agreement.signum)
   except BaseException:
     writer.close()  # an in-process caller (the study) goes on: no file handles or writer threads left behind
     raise
@@ -481,21 +490,22 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
     # settings are the suspects: a NaN from the data repeats at this step on every rerun, and moving the
     # checkpoint away would only retrain up to it.
     raise NonFiniteLossError(
-        f"the loss or a gradient became NaN/inf at step {bad}, the first step after restoring the checkpoint "
-        f"{checkpoints / str(resumed_at)}, which was checked on restore (its checksums and finite values) and "
-        "is kept. A rerun meets this step's batch again from it: check that batch's inputs (images, "
-        f"captions) or {_settings_advice(clipping, workdir, checkpoint=True, reference=reference)}")
+        f"the loss, a gradient or an updated parameter became NaN/inf at step {bad}, the first step after "
+        f"restoring the checkpoint {checkpoints / str(resumed_at)}, which was checked on restore (its checksums "
+        "and finite values) and is kept. A rerun meets this step's batch again from it: check that batch's "
+        f"inputs (images, captions) or {_settings_advice(clipping, workdir, checkpoint=True, reference=reference)}")
   kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
           if last_saved is not None else "no checkpoint had been written yet")
   if bad == 0:
     raise NonFiniteLossError(
-        f"the loss or a gradient became NaN/inf at the very first step (step 0); {kept}. The starting "
-        "parameters are finite, so check the inputs (images, captions) and the objective's settings; the "
-        "learning rate has not acted yet.")
+        f"the loss, a gradient or an updated parameter became NaN/inf at the very first step (step 0); {kept}. "
+        "The starting parameters are finite, so check the inputs (images, captions) and the objective's "
+        "settings; with a finite loss and gradients, the step's update overflowed a parameter: lower "
+        "optimizer.learning_rate.")
   advice = _settings_advice(clipping, workdir, checkpoint=last_saved is not None, reference=reference)
   raise NonFiniteLossError(
-      f"the loss or a gradient became NaN/inf at step {bad} (0-based); the run stopped and {kept}. Check the "
-      f"inputs of that step, or {advice}")
+      f"the loss, a gradient or an updated parameter became NaN/inf at step {bad} (0-based); the run stopped "
+      f"and {kept}. Check the inputs of that step, or {advice}")
 
 
 def _settings_advice(clipping: bool, workdir: Path, *, checkpoint: bool, reference: bool = False) -> str:
@@ -605,13 +615,22 @@ class _StopAgreement:
   def stopping_at_end(self, stopping: bool) -> bool:
     """At the final step, after its checkpoint: whether the run stops there instead of finishing. One
     process keeps what `stopping` saw; several agree at a barrier (the key set before any of them reads)."""
-    if self.client is None:
-      return stopping
+    if self.client is None:  # a signal since `stopping` was read (during the final save) counts too
+      self.signum = self.signals.signum
+      return self.signum is not None
     if self.stop_step is None and self.signals.signum is not None:
       self._publish(self.steps)
     self.wait_for_all("final step")
     self._read()
     return self.stop_step is not None
+
+  def signalled_after_the_end(self) -> bool:
+    """One process: whether a signal came after the final step's agreement, while the last checkpoint was
+    written out (several processes have agreed at the final step and finish together)."""
+    if self.client is None and self.signals.signum is not None:
+      self.signum = self.signals.signum
+      return True
+    return False
 
   def wait_for_all(self, name: str) -> None:
     """A barrier of all processes (nothing with one process)."""

@@ -9,7 +9,8 @@ resumed run draws exactly the numbers an uninterrupted run draws.
 
 Non-finite loss or gradient norm: the update is skipped (the parameters stay the last good ones) and
 `state.bad_step` records the first such step; the loop reads it when it reads the metrics, so there is
-no extra host synchronisation per step.
+no extra host synchronisation per step. An update that makes a parameter non-finite from finite gradients
+(a learning rate that overflows it) is recorded there too; the loop then stops without saving that state.
 """
 
 from __future__ import annotations
@@ -131,12 +132,13 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
     else:
       new_trainable, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                               update(trainable, state.opt_state), (trainable, state.opt_state))
+    good = finite & _all_finite(new_trainable)
     new_state = TrainState(
         step=state.step + 1,
         params=nnx.merge_state(new_trainable, frozen),
         opt_state=opt_state,
         rng=state.rng,
-        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step),
+        bad_step=jnp.where((state.bad_step < 0) & ~good, state.step, state.bad_step),
     )
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
     if schedule is not None:
@@ -144,6 +146,11 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
     return new_state, metrics
 
   return step_fn
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every value of `tree` is finite (no sum of squares, which would overflow for large values)."""
+  return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]).all()
 
 
 def _skip_with_conditional() -> bool:
