@@ -483,6 +483,9 @@ def _check_values(config: dict) -> None:
   for key in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     if train[key] < 1:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
+  if train["eval_every"] < 0:
+    raise ConfigError(f"train.eval_every={train['eval_every']}: use 0 (evaluate at the end only) or a number "
+                      "of steps between evaluations")
   if config["data"]["captions_per_image"] < 1:
     raise ConfigError("data.captions_per_image must be at least 1")
   excluded = config["text_attack"]["exclude_words"]

@@ -229,15 +229,17 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
       raise ModelSourceError(f"model.source={source!r} is not a preset (did you mean {near[0]!r}? presets: "
                              f"{', '.join(sorted(ALL_PRESETS))}), and as a model: {err}") from err
     raise
-  if tokenizer is None and cached_name(source) is None and not is_run_dir(Path(source).expanduser()):
-    # Transformers weights: the tokenizer files are beside them unless the config names others.
-    tokenizer = resolve_tokenizer(config.model.tokenizer or source, context or model.config.text.context_length)
   if context and context > model.config.text.context_length:
     raise ConfigError(f"model.context_length={context} but the text model of {source} has "
                       f"{model.config.text.context_length} positions; set model.context_length="
                       f"{model.config.text.context_length} or less (0 = the model's)")
-  if tokenizer is None and config.model.tokenizer:
-    tokenizer = resolve_tokenizer(config.model.tokenizer, context)
+  if config.model.tokenizer:  # named in the config: it replaces the one stored with the weights
+    tokenizer = resolve_tokenizer(config.model.tokenizer, context or model.config.text.context_length)
+  elif tokenizer is None and cached_name(source) is None and not is_run_dir(Path(source).expanduser()):
+    # Transformers weights: the tokenizer files are beside them.
+    tokenizer = resolve_tokenizer(source, context or model.config.text.context_length)
+  elif tokenizer is not None and context and context != tokenizer.context_length:
+    tokenizer = tokenizer.with_context_length(context)  # a run's own tokenizer, at the config's length
   return with_options(model, **execution_options(config)), tokenizer
 
 

@@ -267,7 +267,8 @@ def test_eval_values_out_of_range_are_refused(tmp_path):
                             ("text_attack.max_pieces=0", "text_attack.max_pieces=0 must be >= 1"),
                             ("text_attack.top_k=0", "text_attack.top_k=0 must be >= 1"),
                             ("text_attack.max_targets=0", "text_attack.max_targets=0 must be >= 1"),
-                            ("text_attack.max_words=-1", r"text_attack.max_words=-1 must be >= 0")):
+                            ("text_attack.max_words=-1", r"text_attack.max_words=-1 must be >= 0"),
+                            ("train.eval_every=-2", r"train.eval_every=-2: use 0 \(evaluate at the end only\)")):
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.load(path, [override])
 

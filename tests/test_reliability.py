@@ -729,6 +729,18 @@ def test_an_unknown_dataset_or_split_is_a_user_error(root, trained):
     corpora.data_source(builder, "tset")
 
 
+def test_a_run_source_takes_the_configured_context_length_and_tokenizer(root, trained):
+  # A run directory brings its own tokenizer; model.context_length and model.tokenizer still apply to it.
+  _, workdir = trained
+  _, stored = runs.model_from_config(config_lib.build({"model": {"source": str(workdir)}}))
+  assert stored is not None and stored.context_length > 8
+  _, shorter = runs.model_from_config(config_lib.build({"model": {"source": str(workdir), "context_length": 8}}))
+  assert shorter.context_length == 8 and shorter(["a red square"]).input_ids.shape == (1, 8)
+  assert stored.context_length > 8  # the run's own tokenizer is not changed
+  named = config_lib.build({"model": {"source": str(workdir), "tokenizer": "shapes", "context_length": 8}})
+  assert runs.model_from_config(named)[1].context_length == 8
+
+
 def test_a_context_longer_than_the_model_names_both(root, tmp_path):
   from mat_jax.models import save_clip
   save_clip(CLIP(runs.parse_model_overrides("text.context_length=24", clip_config("tiny")), rngs=nnx.Rngs(0)),

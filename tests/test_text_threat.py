@@ -173,6 +173,9 @@ def test_resolve_bert_builds_into_the_cache_once(tmp_path, monkeypatch):
   assert "training the shapes-world masked LM" in lines[0]
   assert mlm.resolve_bert("shapes-mlm", log=lines.append) == path and len(built) == 1
   assert mlm.resolve_bert("./some/bert") == "./some/bert"
+  from mat_jax import errors
+  with pytest.raises(errors.ConfigError, match="no BERT masked LM named: set text_attack.bert"):  # one line, exit 2
+    mlm.resolve_bert("")
   # Another setting is another model: another directory.
   assert mlm.cached_dir(dataclasses.replace(mlm.MLMSettings(), steps=7)) != mlm.cached_dir()
 

@@ -377,6 +377,12 @@ def test_missing_split_is_a_config_error(root):
     setup.train_iterator(config, builder, None, 16, process_index=0, process_count=1)
   with pytest.raises(config_lib.ConfigError, match="eval.split='tset'"):
     setup.eval_set(config, builder, None)
+  # A run that evaluates checks its eval.split before it trains, not at its first evaluation.
+  steps = []
+  with pytest.raises(config_lib.ConfigError, match="eval.split='tset'"):
+    loop.train(micro_config(root, eval={"split": "tset"}), root / "mistyped_eval_split", mesh_spec="1",
+               log=steps.append, progress=False, evaluate=True)
+  assert not any((root / "mistyped_eval_split" / "checkpoints").iterdir())  # no step trained
 
 
 def test_demo_table_puts_the_models_side_by_side():

@@ -12,6 +12,7 @@ concatenation of its words' pieces between the special tokens.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -72,6 +73,10 @@ class Tokenizer:
                         "tokenizer.save_pretrained(directory)") from err
     self.start_id, self.end_id = start, end
     self.pad_id = int(self.hf.pad_token_id)
+
+  def with_context_length(self, context_length: int) -> Tokenizer:
+    """The same tokenizer at another context length (over its own copy, so each keeps its own lock)."""
+    return Tokenizer(copy.deepcopy(self.hf), context_length)
 
   def _special_ids(self) -> tuple[int | None, int | None]:
     """The ids the tokenizer puts before and after a text (CLS/SEP for BERT, BOS/EOS for CLIP)."""

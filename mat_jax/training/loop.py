@@ -335,6 +335,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     builder = None
     if data_iterator is None or (evaluate and main):
       builder = setup.data_builder(cfg, run.model.config.vision.image_size, log=say)
+    if evaluate and main:
+      setup.check_split(builder, cfg.eval.split, "eval.split")
     if data_iterator is None:
       data_iterator = setup.train_iterator(
           cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),

@@ -39,6 +39,7 @@ from mat_jax import config as config_lib
 from mat_jax import paths
 from mat_jax.attacks.candidates import STOP_WORDS, BertMLMSource, filter_substitutes
 from mat_jax.data import corpora, shapes
+from mat_jax.errors import ConfigError
 from mat_jax.models import BertForMaskedLM, bert_config, save_bert_mlm
 from mat_jax.models.tokenizers import import_transformers, load_tokenizer
 
@@ -389,6 +390,6 @@ def resolve_bert(name: str, *, log: Callable[[str], None] = print) -> str:
   if name == MLM_NAME:
     return str(ensure_built(log=log))
   if not name:
-    raise ValueError(f"no BERT masked LM named: set text_attack.bert (or --bert) to {MLM_NAME!r} for the "
-                     "shapes world, or to a transformers-layout directory / hub id such as bert-base-uncased")
+    raise ConfigError(f"no BERT masked LM named: set text_attack.bert (or --bert) to {MLM_NAME!r} for the "
+                    "shapes world, or to a transformers-layout directory / hub id such as bert-base-uncased")
   return name

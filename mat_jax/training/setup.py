@@ -48,9 +48,15 @@ def eval_set(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer):
                                 max_images=config.eval.max_images or None)
 
 
-def _split_source(builder, split: str, key: str):
-  """corpora.data_source, with a config error naming the key when the dataset lacks the split."""
+def check_split(builder, split: str, key: str) -> None:
+  """A config error naming the key when the dataset lacks the split (e.g. eval.split, checked before the
+  run trains rather than at its first evaluation)."""
   available = sorted(builder.info.splits.keys())
   if split not in available:
     raise ConfigError(f"{key}={split!r}: {builder.info.full_name} has no such split; it has {available}")
+
+
+def _split_source(builder, split: str, key: str):
+  """corpora.data_source, with a config error naming the key when the dataset lacks the split."""
+  check_split(builder, split, key)
   return corpora.data_source(builder, split)
