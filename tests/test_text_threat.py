@@ -102,6 +102,25 @@ def test_paraphrase_source_keeps_meaning():
   assert report["all"]["proposals"] > 100 and report["all"]["changed"] == 0
 
 
+def test_the_candidate_cache_never_evicts_a_caption_its_batch_needs(tmp_path):
+  # A full cache, then a batch holding its oldest caption and a new one: the new caption's entry evicts
+  # the oldest only after the batch's rows are read (a real corpus has more captions than the cache holds).
+  tokenizer = load_tokenizer(shapes.build_tokenizer(tmp_path))
+  attach = inputs.AttachCandidates(tokenizer, inputs.make_source("paraphrase"), max_words=tokenizer.context_length - 2,
+                                   max_pieces=4, top_k=8, max_targets=12, cache_size=4)
+  rng = np.random.default_rng(0)
+  captions = [shapes.describe(shapes.sample_scene(rng), rng) for _ in range(6)]
+  alone = inputs.AttachCandidates(tokenizer, inputs.make_source("paraphrase"), max_words=tokenizer.context_length - 2,
+                                  max_pieces=4, top_k=8, max_targets=12)({"captions": np.array(captions[:1])})
+  attach({"captions": np.array(captions[:4])})
+  out = attach({"captions": np.array([captions[0], captions[4]])})
+  for name in inputs.PER_CAPTION:
+    np.testing.assert_array_equal(out[inputs.PREFIX + name][0], alone[inputs.PREFIX + name][0])
+  assert len(attach._cache) == 4 and captions[0] in attach._cache and captions[1] not in attach._cache
+  # A batch with more distinct captions than the cache holds still gets all its rows.
+  assert attach({"captions": np.array(captions)})[inputs.PREFIX + inputs.PER_CAPTION[0]].shape[0] == 6
+
+
 def test_spatial_words_attackable_as_in_the_references():
   # BERT-Attack's filter list (used by Co-Attack and SGA) holds above/below/over/under but not the
   # position words nor beneath/underneath/near.

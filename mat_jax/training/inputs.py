@@ -83,19 +83,23 @@ class AttachCandidates:
     for i, caption in enumerate(captions):
       self._cache[caption] = tuple(a[i] for a in arrays)
     self._mask = (np.asarray(prepared.mask_pieces), np.asarray(prepared.mask_length))
-    while len(self._cache) > self.cache_size:
-      self._cache.popitem(last=False)
 
   def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     captions = np.asarray(batch["captions"])
     flat = [str(c) for c in captions.reshape(-1)]
-    missing = list(dict.fromkeys(c for c in flat if c not in self._cache))
+    # The batch's cached captions become the newest first, so that evicting the oldest entries (only once
+    # the batch's rows are read) never drops one this batch needs.
+    missing = []
+    for caption in dict.fromkeys(flat):
+      if caption in self._cache:
+        self._cache.move_to_end(caption)
+      else:
+        missing.append(caption)
     if missing:
       self._prepare(missing)
-    rows = []
-    for caption in flat:
-      self._cache.move_to_end(caption)
-      rows.append(self._cache[caption])
+    rows = [self._cache[caption] for caption in flat]
+    while len(self._cache) > self.cache_size:
+      self._cache.popitem(last=False)
     out = dict(batch)
     for j, name in enumerate(PER_CAPTION):
       stacked = np.stack([r[j] for r in rows])
