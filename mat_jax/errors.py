@@ -74,17 +74,23 @@ def shown_json(value: Any, limit: int = 80) -> str:
 # Directories.
 
 
-def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
-  """Create `path` (and its parents) if needed and prove a file can be written in it, before any work.
-
-  `flag` names the option the path came from (`--out`, `--workdir`) so the message says what to change.
-  """
+def check_directory_path(path: str | os.PathLike, flag: str) -> Path:
+  """`path` as an absolute directory path, refused when it or a parent is a file (read-only is fine)."""
   path = Path(path).expanduser().absolute()
   for parent in [path, *path.parents]:
     if parent.exists():
       if not parent.is_dir():
         raise WorkdirError(f"{flag} {path}: {parent} is a file, not a directory; pass another {flag}")
       break
+  return path
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+  """Create `path` (and its parents) if needed and prove a file can be written in it, before any work.
+
+  `flag` names the option the path came from (`--out`, `--workdir`) so the message says what to change.
+  """
+  path = check_directory_path(path, flag)
   try:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):

@@ -10,12 +10,14 @@ A "shapes" or "cache:NAME" model is trained into the cache first if it is not th
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Sequence
 
 from mat_jax import errors, rerank, runtime, zeroshot
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.attacks import candidates
+from mat_jax.config import RENAMED_LEXICON
 from mat_jax.attacks import image as image_attacks
 from mat_jax.data import shapes
 from mat_jax.errors import InputError
@@ -26,18 +28,29 @@ from mat_jax.training import inputs, loop
 TASKS = ("retrieval", "zeroshot")  # --task; zeroshot is mat_jax.zeroshot's command line
 
 
-def _text_source(name: str, data: str, bert: str | None, top_k: int):
-  """--text-source: auto = BERT-Attack with the shapes world's MLM ("shapes-mlm") on shapes data, with
-  --bert elsewhere when given, else character edits."""
+def _check_text_source(name: str, data: str, bert: str | None) -> str:
+  """The source --text-source resolves to ("auto": bert on shapes data or with --bert, else charedit), refused
+  when it cannot serve this data (checked before any work)."""
   if name == "auto":
     name = "bert" if data == "shapes" or bert else "charedit"
+  if name == "lexicon":
+    raise InputError(RENAMED_LEXICON)
+  if name not in candidates.SOURCES:
+    raise InputError(f"unknown --text-source {name!r}; choose auto, {', '.join(candidates.SOURCES)}")
   if name == "paraphrase" and data != "shapes":
     raise InputError("--text-source paraphrase is the shapes world's synonym table; for other data use "
                      "--text-source bert --bert DIR (or charedit)")
+  if name == "bert" and not bert and data != "shapes":
+    raise InputError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
+                     "(e.g. bert-base-uncased in the transformers layout)")
+  return name
+
+
+def _text_source(name: str, data: str, bert: str | None, top_k: int):
+  """--text-source as a candidate source: BERT-Attack with --bert, or on shapes data with the shapes world's
+  MLM ("shapes-mlm"); the paraphrase table; character edits."""
+  name = _check_text_source(name, data, bert)
   if name == "bert" and not bert:
-    if data != "shapes":
-      raise InputError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
-                       "(e.g. bert-base-uncased in the transformers layout)")
     bert = "shapes-mlm"
   return inputs.make_source(name, bert=bert or "", top_k=top_k)
 
@@ -96,13 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def _model(argv: Sequence[str] | None) -> str | None:
-  """The --model of a command line (the zero-shot task's parser reads the rest)."""
-  pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--model")
-  return pre.parse_known_args(argv)[0].model or ""
-
-
 def _task(argv: Sequence[str] | None) -> str:
   """The --task of a command line, read before the task's own parser sees the rest."""
   pre = argparse.ArgumentParser(add_help=False)
@@ -121,8 +127,9 @@ def _main(argv: Sequence[str] | None) -> int:
   global _out_dir
   runtime.prepare_process()
   if _task(argv) == "zeroshot":
-    loop.ensure_cached_source(_model(argv))
-    return zeroshot.main(argv)
+    zeroshot_args = zeroshot.parse_args(argv)  # its bad input refused before a cached model is trained
+    loop.ensure_cached_source(zeroshot_args.model)
+    return zeroshot.run(zeroshot_args)
   parser = build_parser()
   args = parser.parse_args(argv)
   _out_dir = args.out
@@ -153,8 +160,21 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.error(f"--top-k {args.top_k}: the text attacks need at least 1 substitute candidate per word")
   if args.itm_k is not None and args.itm_k < 0:
     parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
-  # Before the work: an --out that cannot be written would lose the results after the whole evaluation.
+  if args.max_changes < 1:
+    parser.error(f"--max-changes {args.max_changes}: the text attacks change at least 1 word per caption")
+  if not (math.isfinite(args.alpha) and args.alpha >= 0):
+    parser.error(f"--alpha {args.alpha}: Co-Attack's text-term weight must be finite and >= 0")
+  try:
+    evaluate_lib.check_eps_255(args.eps, args.norm, name="--eps")
+    if any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in args.attacks):
+      _check_text_source(args.text_source, args.data, args.bert)
+  except InputError as err:
+    parser.error(str(err))
+  # Before the work (a cached model may be trained first): an --out that cannot be written would lose the
+  # results after the whole evaluation, a --data-dir under a file fails only where the data is read.
   out = errors.check_writable_dir(args.out, "--out")
+  if args.data_dir:
+    errors.check_directory_path(args.data_dir, "--data-dir")
   options = {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention}
   for source in (args.model, args.surrogate):
     if source:

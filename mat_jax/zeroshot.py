@@ -410,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m mat_jax.evaluate --task zeroshot`: `evaluate_cli.main` turns on the compilation cache and
-  trains a cached `--model` first, then calls this with its arguments."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The command line of `python -m mat_jax.evaluate --task zeroshot`, checked before any work (`evaluate_cli`
+  parses it before it trains a cached `--model`)."""
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.limit is not None and args.limit < 1:
@@ -421,7 +421,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--apgd-steps, --steps, --n-targets, --restarts, --num-images and --batch-size must be >= 1")
   if args.templates and args.data in DATASETS:
     parser.error("--template applies to ImageFolder data; the shapes-world sets bring their own prompts")
+  try:
+    ev.check_eps_255(args.eps, args.norm, name="--eps")
+  except errors.InputError as err:
+    parser.error(str(err))
   errors.check_writable_dir(args.out, "--out")  # before the work, not after it
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m mat_jax.evaluate --task zeroshot` (`evaluate_cli.main` turns on the compilation cache, parses
+  the arguments, trains a cached `--model` first, then calls `run`)."""
+  return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
   victim = ev.load_victim(args.model, args.tokenizer)
   data = load_data(args.data, victim.image_size, split=args.split, num_images=args.num_images, seed=args.seed,
                    data_dir=args.data_dir, limit=args.limit)

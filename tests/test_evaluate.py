@@ -14,6 +14,7 @@ import pytest
 from mat_jax import evaluate as ev
 from mat_jax import evaluate_cli
 from mat_jax.data import shapes
+from mat_jax.training import loop
 
 import helpers
 
@@ -286,6 +287,31 @@ def test_a_batch_contrastive_attack_needs_two_images_per_batch(model_dir, capsys
     with pytest.raises(SystemExit):
       evaluate_cli.main(["--model", str(model_dir), *flags, "--data", "no-such-corpus"])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eps", "300"], "--eps=300 is more than the whole pixel range"),
+    (["--max-changes", "0"], "--max-changes 0: the text attacks change at least 1 word"),
+    (["--alpha", "nan"], "--alpha nan: Co-Attack's text-term weight must be finite"),
+    (["--text-source", "bret"], "unknown --text-source 'bret'"),
+    (["--text-source", "lexicon"], "text_attack.source='lexicon' was renamed"),
+    (["--text-source", "paraphrase", "--data", "flickr30k"], "--text-source paraphrase is the shapes world's"),
+])
+def test_command_line_errors_come_before_a_cached_model_is_trained(tmp_path, monkeypatch, capsys, flags, message):
+  # "shapes" is trained into the cache on first use (minutes): a bad flag must not wait for that.
+  monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda source: pytest.fail("trained before checking flags"))
+  with pytest.raises(SystemExit):
+    evaluate_cli.main(["--model", "shapes", "--attacks", "pgd,bert,co", "--out", str(tmp_path / "out"), *flags])
+  assert message in capsys.readouterr().err
+
+
+def test_a_data_dir_under_a_file_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda source: pytest.fail("trained before checking flags"))
+  (tmp_path / "afile").write_text("")
+  assert evaluate_cli.main(["--model", "shapes", "--data-dir", str(tmp_path / "afile" / "sub"),
+                            "--out", str(tmp_path / "out")]) == 2
+  assert "is a file, not a directory; pass another --data-dir" in capsys.readouterr().err
 
 
 def test_budgets_that_share_a_results_key_are_refused(model_dir, capsys):

@@ -368,3 +368,15 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
     with pytest.raises(SystemExit):
       evaluate_cli.main([*common, *flags])
     assert message in capsys.readouterr().err
+
+
+def test_zeroshot_flags_are_read_before_a_cached_model_is_trained(tmp_path, monkeypatch, capsys):
+  # "shapes" is trained into the cache on first use (minutes): --help or a bad flag must not wait for that.
+  from mat_jax.training import loop
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda source: pytest.fail("trained before reading the flags"))
+  for flags, message in [(["--help"], "usage:"), (["--eps", "nan"], "finite"), (["--bogus-flag"], "unrecognized"),
+                         (["--eps", "300"], "more than the whole pixel range")]:
+    with pytest.raises(SystemExit):
+      evaluate_cli.main(["--task", "zeroshot", "--model", "shapes", "--out", str(tmp_path), *flags])
+    captured = capsys.readouterr()
+    assert message in captured.out + captured.err
