@@ -188,9 +188,11 @@ def spec_for(shape: tuple[int, ...], logical: tuple[str | None, ...] | None, mes
   if mode not in PARAM_SHARDING_MODES:
     raise MeshError(f"unknown param_sharding {mode!r}; choose one of {PARAM_SHARDING_MODES}")
   fsdp = mesh.shape["fsdp"]
-  if mode == "replicated" or fsdp == 1 or not shape:
+  if mode == "replicated" or not shape:
     return P()
   if mode == "fsdp":
+    if fsdp == 1:
+      return P()
     axis = _largest_divisible_axis(shape, fsdp)
     if axis is None:
       return P()
@@ -200,7 +202,7 @@ def spec_for(shape: tuple[int, ...], logical: tuple[str | None, ...] | None, mes
   used, entries = set(), []
   for dim, name in zip(shape, names, strict=True):
     axis = (rules or {}).get(name) if name is not None else None
-    if axis is None or axis in used or dim % mesh.shape[axis]:
+    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
       entries.append(None)
     else:
       used.add(axis)
@@ -251,7 +253,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     num_processes = _int_from_env(ENV_NUM_PROCESSES)
   if process_id is None:
     process_id = _int_from_env(ENV_PROCESS_ID)
-  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  # Any sign of several processes (a process id past 0 included) asks for all three settings.
+  explicit = coordinator_address is not None or (num_processes or 1) > 1 or (process_id or 0) > 0
   if not explicit and os.environ.get("MAT_JAX_DISTRIBUTED") != "1":
     return False
   if explicit and (coordinator_address is None or num_processes is None or process_id is None):

@@ -66,13 +66,17 @@ def _main(argv: list[str] | None) -> int:
   if args.config is None and overrides:
     print("error: --config.* overrides need --config FILE", file=sys.stderr)
     return errors.EXIT_USER_ERROR
+  if args.config is None and args.no_eval:
+    print("error: --no-eval skips a training run's evaluations (with --config FILE); the demo's last stage is "
+          "its evaluation", file=sys.stderr)
+    return errors.EXIT_USER_ERROR
   # jax.distributed must start before anything touches the devices.
   mesh_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   if args.config is None:
     if args.workdir:
       errors.check_writable_dir(args.workdir, "--workdir")
     _out_dir = Path(args.workdir or demo.DEFAULT_WORKDIR)
-    return demo.main(workdir=args.workdir, mesh_spec=args.mesh)
+    return demo.main(workdir=args.workdir, mesh_spec=args.mesh, progress=not args.no_progress)
   config = config_lib.load(args.config, overrides)
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   errors.check_writable_dir(workdir, "--workdir")

@@ -14,6 +14,7 @@ import torch
 from flax import nnx
 
 from mat_jax.bench import common, torch_reference
+from mat_jax.errors import InputError
 from mat_jax.models import CLIP, split
 from mat_jax.models.clip import PRESETS
 
@@ -49,7 +50,7 @@ def test_torch_variants_parse_and_refuse_unknown_names():
       "PyTorch eager", "PyTorch compile", "PyTorch eager bf16", "PyTorch compile bf16"]
   assert torch_reference.parse_variants("compile-bf16") == [torch_reference.Variant("compile", "bf16")]
   assert torch_reference.parse_variants(None) == [torch_reference.Variant("eager", "float32")]  # on CPU
-  with pytest.raises(SystemExit, match="eager-fp16"):
+  with pytest.raises(InputError, match="eager-fp16"):  # one `error:` line, exit 2
     torch_reference.parse_variants("eager,eager-fp16")
   with pytest.raises(ValueError, match="unknown PyTorch variant"):
     torch_reference.Variant("jit", "float32")
@@ -231,10 +232,23 @@ def test_bench_compile_refuses_a_cache_dir_that_holds_entries(tmp_path, monkeypa
 
   monkeypatch.setattr(bench_compile, "_worker", lambda *a: pytest.fail("measured with a filled cache"))
   (tmp_path / "jit_pgd-cache").write_bytes(b"entry")
-  with pytest.raises(SystemExit, match="not empty"):
+  with pytest.raises(InputError, match="not empty"):
     bench_compile.run(_compile_args("--cache-dir", str(tmp_path)))
-  with pytest.raises(SystemExit, match="not a directory"):
+  with pytest.raises(InputError, match="not a directory"):
     bench_compile.run(_compile_args("--cache-dir", str(tmp_path / "jit_pgd-cache")))
+
+
+def test_bench_command_line_errors_are_one_line_and_exit_2(capsys):
+  from mat_jax.bench.__main__ import main as bench_main
+  for argv, message in ((["compile", "--programs", "foo"], "--programs 'foo': choose one or more of"),
+                        (["compile", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
+                        (["attacks", "--parts", "nope"], "unknown --parts")):
+    try:
+      code = bench_main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+      code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, (argv, err)
 
 
 def test_bench_compile_measures_in_an_empty_cache_dir_and_keeps_the_childrens_environment(tmp_path, monkeypatch,

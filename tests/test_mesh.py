@@ -63,6 +63,10 @@ def test_logical_rules(devices):
   assert mesh_lib.spec_for((512, 128), ("mlp", "embed"), mesh, "logical", rules) == P("fsdp", None)
   assert mesh_lib.spec_for((6, 128), ("embed", "mlp"), mesh, "logical", rules) == P(None, "fsdp")
   assert mesh_lib.spec_for((6,), ("embed",), mesh, "logical", rules) == P(None)
+  # A rule may name the data axis (ZeRO-style sharding over the data-parallel devices), fsdp axis or not.
+  data_only = mesh_lib.make_mesh("8")
+  assert mesh_lib.spec_for((128, 512), ("embed", "mlp"), data_only, "logical", {"embed": "data"}) == P("data", None)
+  assert mesh_lib.spec_for((128, 512), ("embed", "mlp"), data_only, "logical", rules) == P(None, None)  # fsdp=1
   with pytest.raises(mesh_lib.MeshError, match="mesh axis must be one of"):
     mesh_lib.parse_logical_rules("embed=model")
 
@@ -85,6 +89,19 @@ def test_param_shardings_read_logical_names(devices):
   with pytest.raises(mesh_lib.MeshError, match=r"rules name \['embd'\], which no parameter has; the model's logical "
                                                r"axes are \[.*'embed'.*'mlp'"):
     mesh_lib.param_shardings(params, mesh, "logical", "embd=fsdp,mlp=fsdp")
+  # Every logical name a parameter carries is one the run's mesh check knows (layers.LOGICAL_AXES), so a
+  # misspelt rule is refused before any model is built or trained.
+  from mat_jax import config as config_lib
+  from mat_jax.models import layers
+  from mat_jax.training import loop
+  carried = {name for spec in jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, P))
+             for name in spec if isinstance(name, str)}
+  assert carried == set(layers.LOGICAL_AXES)
+  for rules, message in (("embd=fsdp", r"mesh.logical_rules names \['embd'\], which no parameter has"),
+                         ("embed=fsdq", "the mesh axis must be one of"), ("embed", "cannot parse")):
+    config = config_lib.build({"mesh": {"param_sharding": "logical", "logical_rules": rules}})
+    with pytest.raises(mesh_lib.MeshError, match=message):
+      loop.run_mesh(config, "data=4,fsdp=2")
   fsdp = mesh_lib.param_shardings(params, mesh, "fsdp")
   assert fsdp["vision"]["blocks"][0]["fc1"]["kernel"].spec == P(None, "fsdp")  # 64 > 32
   assert fsdp["logit_scale"].spec == P()
@@ -98,6 +115,8 @@ def test_single_process_needs_no_distributed_start(monkeypatch):
   assert mesh_lib.initialize_distributed() is False
   with pytest.raises(mesh_lib.MeshError, match="--process-id"):
     mesh_lib.initialize_distributed("localhost:1234", 2, None)
+  with pytest.raises(mesh_lib.MeshError, match="--coordinator, --num-processes"):  # process 1 of how many?
+    mesh_lib.initialize_distributed(None, None, 1)
 
 
 def test_cli_mesh_errors_are_one_line_and_come_first(monkeypatch, tmp_path, capsys):
@@ -106,7 +125,8 @@ def test_cli_mesh_errors_are_one_line_and_come_first(monkeypatch, tmp_path, caps
   from mat_jax import train
   from mat_jax.data import corpora
   monkeypatch.setattr(corpora, "build_shapes", lambda *a, **k: pytest.fail("the world was built before the mesh check"))
-  for argv, message in [(["--mesh", "data=4,fdsp=2"], "fdsp"), (["--mesh", "3"], "batch")]:
+  for argv, message in [(["--mesh", "data=4,fdsp=2"], "fdsp"), (["--mesh", "3"], "batch"),
+                        (["--no-eval"], "--no-eval skips a training run's evaluations")]:
     assert train.main([*argv, "--workdir", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err

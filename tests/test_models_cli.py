@@ -37,3 +37,12 @@ def test_inspect_a_blip_directory(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.startswith(f"BLIP from {tmp_path}")
   assert '"embed_dim": 128' in out and "itm_head" in out and "total" in out
+
+
+def test_an_unknown_preset_is_one_line_and_exit_2(capsys):
+  try:
+    code = main(["demo", "--preset", "tiyn"])
+  except SystemExit as exit_:  # argparse's own error
+    code = exit_.code
+  err = capsys.readouterr().err
+  assert code == 2 and "invalid choice: 'tiyn'" in err and "Traceback" not in err

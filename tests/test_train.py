@@ -60,9 +60,9 @@ def case(root):
   return run, batch
 
 
-def _two_steps(run, batch, spec, mode="replicated"):
+def _two_steps(run, batch, spec, mode="replicated", rules=None):
   mesh = mesh_lib.make_mesh(spec)
-  shardings = step_lib.state_shardings(run.params, run.tx, run.is_trainable, mesh, mode)
+  shardings = step_lib.state_shardings(run.params, run.tx, run.is_trainable, mesh, mode, rules)
   state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, shardings)
   fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable,
                                                run.schedule), shardings, mesh)
@@ -106,6 +106,17 @@ def test_fsdp_step_matches_one_device(case, one_device, devices):
   kernel = state.params["vision"]["blocks"][0]["fc1"]["kernel"]
   assert not kernel.sharding.is_fully_replicated
   assert kernel.addressable_shards[0].data.shape == (32, 32)  # (32, 64) split over fsdp=2
+  update = _update(state.params, run.params)
+  reference, _ = one_device
+  assert np.linalg.norm(update - reference) <= 1e-5 * np.linalg.norm(reference)
+
+
+def test_logical_sharding_over_the_data_axis_matches_one_device(case, one_device, devices):
+  # ZeRO-style: parameters split over the data-parallel devices themselves (no fsdp axis).
+  run, batch = case
+  fn, state, _ = _two_steps(run, batch, "8", "logical", "embed=data")
+  kernel = state.params["vision"]["blocks"][0]["fc1"]["kernel"]
+  assert kernel.addressable_shards[0].data.shape == (4, 64)  # (32, 64): embed over data=8
   update = _update(state.params, run.params)
   reference, _ = one_device
   assert np.linalg.norm(update - reference) <= 1e-5 * np.linalg.norm(reference)

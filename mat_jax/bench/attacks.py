@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax import errors
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses, multimodal
 from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
@@ -44,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("PGD (mat_jax vs eager PyTorch)")
   g.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
   g.add_argument("--quick", action="store_true", help="vit-b-32 at batch 2: a fast smoke run")
-  g.add_argument("--batch", type=int, default=None, help="images per attack (default: 8 on CPU, 256 on an "
-                 "accelerator, a size that fills one)")
+  g.add_argument("--batch", type=common.positive_int, default=None,
+                 help="images per attack (default: 8 on CPU, 256 on an accelerator, a size that fills one)")
   g.add_argument("--steps", type=int, default=10)
   g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="mat_jax compute dtype")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
   parts = [p.strip() for p in args.parts.split(",") if p.strip()]
   unknown = set(parts) - set(PARTS)
   if unknown:
-    raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    raise errors.InputError(f"unknown --parts {sorted(unknown)}; choose from {','.join(PARTS)}")
   print(f"attacks benchmark on {common.device_summary()}")
   if "pgd" in parts:
     run_pgd(args)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mat_jax import errors
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
@@ -47,7 +48,7 @@ _RESULT_PREFIX = "compile-result: "
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                       help="CLIP architecture (default: tiny on CPU, vit-b-16 on an accelerator)")
-  parser.add_argument("--batch", type=int, default=None,
+  parser.add_argument("--batch", type=common.positive_int, default=None,
                       help="images per program (default: 8 on CPU, 64 on an accelerator)")
   parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {PROGRAMS}")
   parser.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES,
@@ -72,7 +73,7 @@ def _programs(args: argparse.Namespace) -> list[str]:
   chosen = [p.strip() for p in args.programs.split(",") if p.strip()]
   unknown = sorted(set(chosen) - set(PROGRAMS))
   if unknown or not chosen:
-    raise SystemExit(f"--programs {args.programs!r}: choose one or more of {','.join(PROGRAMS)}")
+    raise errors.InputError(f"--programs {args.programs!r}: choose one or more of {','.join(PROGRAMS)}")
   return chosen
 
 
@@ -82,10 +83,10 @@ def _check_cache_dir(path: str) -> None:
     with os.scandir(path) as entries:
       filled = any(entries)
     if filled:
-      raise SystemExit(f"--cache-dir {path}: the directory is not empty; the cold run would load its entries "
+      raise errors.InputError(f"--cache-dir {path}: the directory is not empty; the cold run would load its entries "
                        "and report a warm compile as cold. Give an empty or new directory")
   elif os.path.exists(path):
-    raise SystemExit(f"--cache-dir {path}: not a directory")
+    raise errors.InputError(f"--cache-dir {path}: not a directory")
 
 
 def run(args: argparse.Namespace) -> int:

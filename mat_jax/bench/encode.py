@@ -30,7 +30,7 @@ from mat_jax.models.weights import clip_config_to_hf, load_clip
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
-  parser.add_argument("--batch", type=int, default=None,
+  parser.add_argument("--batch", type=common.positive_int, default=None,
                       help="images per call (default: 8 on CPU, 256 on an accelerator, a size that fills one)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="mat_jax compute dtype")

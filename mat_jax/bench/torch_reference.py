@@ -26,6 +26,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from mat_jax import errors
+
 MODES = ("eager", "compile")
 PRECISIONS = ("float32", "bf16")
 # Each precision's compute dtype as mat_jax names it (the key of a device's peak).
@@ -94,7 +96,7 @@ def parse_variants(text: str | None) -> list[Variant]:
   for name in names:
     mode, _, precision = name.partition("-")
     if mode not in MODES or precision not in ("", "bf16"):
-      raise SystemExit(f"--torch {name!r}: expected eager, compile, eager-bf16, compile-bf16 or all")
+      raise errors.InputError(f"--torch {name!r}: expected eager, compile, eager-bf16, compile-bf16 or all")
     variants.append(Variant(mode, precision or "float32"))
   return variants
 

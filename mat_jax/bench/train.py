@@ -57,7 +57,7 @@ from mat_jax.training import step as step_lib
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
-  parser.add_argument("--batch", type=int, default=None,
+  parser.add_argument("--batch", type=common.positive_int, default=None,
                       help="images per step, on one device (default: 8 on CPU, 64 on an accelerator)")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="mat_jax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")

@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
   mlm_cmd.add_argument("--overwrite", action="store_true", help="retrain even if already built")
 
   amb = commands.add_parser("ambiguity", help="caption ambiguity of a built shapes-world split")
-  amb.add_argument("--split", default="test")
+  amb.add_argument("--split", default="test", choices=corpora.SPLITS)
   _add_shapes_options(amb)
   amb.add_argument("--data-dir", default=None)
   return parser

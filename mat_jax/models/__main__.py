@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from mat_jax import errors, runtime
-from mat_jax.models import CLIP, clip_config, hub, l2_normalize, load_bert_mlm, load_blip, load_clip, save_clip
+from mat_jax.models import (CLIP, PRESETS, clip_config, hub, l2_normalize, load_bert_mlm, load_blip, load_clip,
+                            save_clip)
 from mat_jax.models.blip import is_blip
 from mat_jax.models.weights import WEIGHT_PATTERNS
 
@@ -107,7 +108,7 @@ def _main(argv: list[str] | None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("demo", help="save, reload and compare the tiny CLIP")
   p.add_argument("--dir", help="where to save (default: a temporary directory, removed afterwards)")
-  p.add_argument("--preset", default="tiny", help="CLIP preset (mat_jax.models.PRESETS)")
+  p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="CLIP preset")
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(fn=demo)
   p = sub.add_parser("inspect", help="print the config and parameter count of a checkpoint")

@@ -30,8 +30,15 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
+# The logical axis names parameters carry (`sharded`); `mesh.logical_rules` maps them to mesh axes.
+LOGICAL_AXES = ("embed", "heads", "mlp", "proj", "vocab")
+
+
 def sharded(init: nnx.Initializer, *axes: str | None) -> nnx.Initializer:
   """An initializer whose parameter carries logical axis names (no eager placement)."""
+  unknown = [a for a in axes if a is not None and a not in LOGICAL_AXES]
+  if unknown:
+    raise ValueError(f"logical axes {unknown} are not in LOGICAL_AXES {LOGICAL_AXES}; add them there")
   return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
 
 

@@ -125,7 +125,7 @@ def label_flip_line(results: dict[str, dict]) -> str:
 
 
 def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
-         log: Callable[[str], None] = print, eval_images: int = DEMO_IMAGES) -> int:
+         log: Callable[[str], None] = print, eval_images: int = DEMO_IMAGES, progress: bool = True) -> int:
 
   start = time.perf_counter()
   workdir = Path(workdir or DEFAULT_WORKDIR).absolute()
@@ -148,7 +148,7 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   for i, (name, config) in enumerate(configs.items()):
     run_dir = workdir / DEMO_MODELS[name]
     log(f"{clock()} 3/4 ({i + 1}/{len(configs)}) {name}: experiments/{DEMO_MODELS[name]}.py into {run_dir}")
-    loop.train(config, run_dir, mesh_spec=mesh_spec, log=log, evaluate=False)
+    loop.train(config, run_dir, mesh_spec=mesh_spec, log=log, evaluate=False, progress=progress)
     models[name] = runs.restore_model(run_dir)
 
   log(f"{clock()} 4/4 evaluation on {eval_images} test images: clean, " + ", ".join(DEMO_ATTACKS) +
@@ -161,7 +161,7 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   for name, (model, model_tokenizer) in models.items():
     results[name] = evaluate_lib.evaluate(model, tokenizer=model_tokenizer, eval_set=eval_set,
                                           attacks=DEMO_ATTACKS, eps_255=(DEMO_EPS_255,), text_source=source,
-                                          batch_size=100, seed=0, progress=True, log=log, keep_ranks=True,
+                                          batch_size=100, seed=0, progress=progress, log=log, keep_ranks=True,
                                           judge=evaluate_lib.shapes_judge(eval_set))
     log(f"{clock()} evaluated {name}")
 

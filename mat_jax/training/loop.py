@@ -40,7 +40,7 @@ from mat_jax import evaluate as evaluate_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import candidates
 from mat_jax.data import pipeline
-from mat_jax.models import CLIP, DualEncoder, split
+from mat_jax.models import CLIP, DualEncoder, layers, split
 from mat_jax.training import inputs, optim, setup
 from mat_jax.training import step as step_lib
 from mat_jax.workdir import WorkdirLock
@@ -187,6 +187,11 @@ def run_mesh(config: ml_collections.ConfigDict, mesh_spec: str | None = None):
   against the global batch size."""
   mesh = mesh_lib.make_mesh(mesh_spec if mesh_spec is not None else (config.mesh.shape or None))
   mesh_lib.check_batch_size(config.train.batch_size, mesh)
+  if config.mesh.param_sharding == "logical":  # checked here, before any model is built or trained
+    unknown = sorted(set(mesh_lib.parse_logical_rules(config.mesh.logical_rules)) - set(layers.LOGICAL_AXES))
+    if unknown:
+      raise mesh_lib.MeshError(f"mesh.logical_rules names {unknown}, which no parameter has; the models' logical "
+                               f"axes are {list(layers.LOGICAL_AXES)}")
   return mesh
 
 
