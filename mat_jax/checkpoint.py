@@ -417,8 +417,7 @@ def _not_the_checkpoints_fault(err: BaseException) -> bool:
   e.g. a preempted job that was restoring) or memory running out. Counted as damage, it would move an intact
   checkpoint aside, and then the next one."""
   text = str(err)
-  return (isinstance(err, (Interrupted, MemoryError))
-          or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text)
+  return isinstance(err, (Interrupted, MemoryError)) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def _one_line(err: BaseException) -> str:

@@ -621,8 +621,9 @@ class _StopAgreement:
 
   def stopping_at_end(self, stopping: bool) -> bool:
     """At the final step, after its checkpoint: whether the run stops there instead of finishing. One
-    process keeps what `stopping` saw; several agree at a barrier (the key set before any of them reads)."""
-    if self.client is None:  # a signal since `stopping` was read (during the final save) counts too
+    process: whether a signal has come, during the final save too; several agree at a barrier (the key set
+    before any of them reads)."""
+    if self.client is None:
       self.signum = self.signals.signum
       return self.signum is not None
     if self.stop_step is None and self.signals.signum is not None:
