@@ -22,6 +22,8 @@ from mat_jax.models.clip import PRESETS
 def test_known_peaks_by_device_kind():
   assert common.known_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
   assert common.known_peak_tflops("NVIDIA H200", "float32") == 494.5
+  assert common.known_peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0  # not the SXM part's 989
+  assert common.known_peak_tflops("NVIDIA H100 NVL", "float32") == 417.5
   assert common.known_peak_tflops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312.0
   assert common.known_peak_tflops("TPU v5 lite", "bfloat16") == 197.0
   assert common.known_peak_tflops("TPU v5", "bfloat16") == 459.0

@@ -1,8 +1,10 @@
 """`python -m mat_jax.bench SUITE [options]`: measured speed next to its reference, in one run.
 
 Suites: encode (CLIP image encoding vs transformers/PyTorch), attacks (PGD, BERT-Attack, SGA),
-data (input pipeline throughput), train (MAT step vs an eager PyTorch MAT step), blip (BLIP's PGD step vs
+data (input pipeline throughput), train (MAT step vs PyTorch MAT steps), blip (BLIP's PGD step vs
 transformers' PyTorch BLIP), compile (compile seconds, cold and from the persistent compilation cache).
+The PyTorch references run on the device JAX runs on, eager and torch.compile, float32/TF32 and bf16
+(`--torch`; eager float32 by default on a CPU, all four on an accelerator).
 """
 
 import argparse
@@ -13,10 +15,10 @@ from mat_jax import errors, runtime
 
 SUITES = {
     "encode": "CLIP image encoding, forward and forward+backward to pixels, vs transformers (PyTorch)",
-    "attacks": "10-step PGD vs eager PyTorch; batched BERT-Attack vs a per-caption loop; SGA wall time",
+    "attacks": "10-step PGD vs PyTorch (--torch variants); batched BERT-Attack vs a per-caption loop; SGA wall time",
     "data": "images/s from the training pipeline vs images/s a MAT step consumes",
-    "train": "MAT train step vs an eager PyTorch MAT step on transformers' CLIPModel",
-    "blip": "BLIP PGD attack step (ITC features) vs eager PyTorch on transformers' BlipForImageTextRetrieval",
+    "train": "MAT train step vs PyTorch MAT steps on transformers' CLIPModel (--torch variants)",
+    "blip": "BLIP PGD attack (ITC features) vs eager PyTorch, same precision, on BlipForImageTextRetrieval",
     "compile": "compile seconds of the MAT step, PGD and SGA, cold and with a warm persistent cache",
 }
 

@@ -169,7 +169,7 @@ def run_pgd(args: argparse.Namespace) -> dict:
                      ["implementation", "img/s", "s/attack", "mat_jax speed-up", "GFLOP/s", "computes in",
                       "of its peak", "calls"], rows)
   print(f"FLOPs per attack: {flops / 1e9:,.4g} G ({steps} x forward+backward to the pixels, {flop_source}); "
-        f"peaks: {common.describe_peaks(peaks)}")
+        f"peaks: {common.describe_peaks(peaks)}. {common.USEFUL_WORK_NOTE}")
   load.print()
   return {"preset": preset, "batch": batch, "steps": steps, "dtype": args.dtype, "mat_jax_s": median["mat_jax"],
           **{f"{name}_s": median[name] for name in programs if name != "mat_jax"},

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch", type=common.positive_int, default=8)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="mat_jax compute dtype (PyTorch runs float32)")
+                      help="compute dtype of both: mat_jax's, and PyTorch eager in the same precision (bfloat16: "
+                           "bf16 autocast)")
   parser.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up")
   parser.add_argument("--rounds", type=int, default=3, help="minimum timed calls per implementation")
 
@@ -53,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
   device = torch_reference.device()
   torch_sync = torch_reference.synchronizer(device)
   print(f"BLIP attack benchmark on {common.device_summary()}")
+  variant = torch_reference.for_dtype(args.dtype)  # the same precision on both sides: a framework comparison
   print(f"\nPGD: BLIP {preset}, batch {batch}, {steps} L-inf steps (eps 2/255, step 0.5/255), cosine loss of the "
-        f"ITC image features to the paired captions'; mat_jax {args.dtype} jit vs PyTorch {torch.__version__} "
-        f"float32 eager on {device} ({torch.get_num_threads()} threads)")
+        f"ITC image features to the paired captions'; mat_jax {args.dtype} jit vs "
+        f"{torch_reference.describe([variant], device)} ({torch.get_num_threads()} threads)")
   torch.manual_seed(0)
   hf_cfg = transformers.BlipConfig.from_dict(blip_config_to_hf(cfg))
   hf = transformers.BlipForImageTextRetrieval(hf_cfg).eval().requires_grad_(False)
@@ -86,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
   mean = torch.tensor(cfg.vision.image_mean, device=device).view(1, 3, 1, 1)
   std = torch.tensor(cfg.vision.image_std, device=device).view(1, 3, 1, 1)
 
-  def torch_loss(pixels):
+  def float32_loss(pixels):
     cls = hf.vision_model(pixel_values=(pixels - mean) / std).last_hidden_state[:, 0]
-    return -(torch.nn.functional.normalize(hf.vision_proj(cls), dim=-1) * text_torch).sum()
+    return -(torch.nn.functional.normalize(hf.vision_proj(cls).float(), dim=-1) * text_torch).sum()
+
+  torch_loss = variant.wrap(float32_loss, device)
 
   # Agreement: both differentiate the same loss (jax_grad's sum is of the negated cosine, as torch_loss).
   pixels = x_torch.clone().requires_grad_(True)

@@ -137,6 +137,12 @@ def compiled_flops(jitted: Callable, *args: Any, **kwargs: Any) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+# Printed under the tables that give every implementation's GFLOP/s from one count.
+USEFUL_WORK_NOTE = ("GFLOP/s and peak shares credit every row with the same work, the pooled features' FLOPs "
+                    "(transformers' CLIP also computes its last layer for every token, 7.5% more on ViT-B/16, "
+                    "which is not credited)")
+
+
 def image_tower_flops(cfg: Any, batch: int, *, backward: bool = False) -> float:
   """Matmul FLOPs of the CLIP image tower's features of `batch` images, counted from its shapes: the
   forward, or with `backward` the forward plus the gradient to the pixels (weights frozen, as in an
@@ -207,10 +213,13 @@ def _seconds(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-# Dense matmul peaks in TFLOP/s per device from the vendors' data sheets (SXM parts for NVIDIA), by
+# Dense matmul peaks in TFLOP/s per device from the vendors' data sheets (SXM parts for a bare H100/H200), by
 # compute dtype: float32 on NVIDIA means TF32 tensor cores (what XLA and PyTorch's "high" precision use).
 # Keys are matched against `jax.Device.device_kind`, first match wins (more specific names first).
 KNOWN_PEAKS_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
+    ("H100 NVL", {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5}),
+    ("H200 NVL", {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5}),
     ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
     ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
     ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),

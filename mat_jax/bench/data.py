@@ -132,8 +132,8 @@ def demo_config(data_dir: Path, args: argparse.Namespace) -> ml_collections.Conf
 
 
 def mat_step_images_per_second(run: Run, host_batch: dict, *, min_seconds: float = 3.0) -> tuple[float, float]:
-  """(images/s, seconds/step) of the run's jitted train step on `host_batch` (this process's rows),
-  placed as the loop places it; median after the compiling warm-up, device work finished."""
+  """(images/s of this process's rows, seconds/step) of the run's jitted train step on `host_batch` (this
+  process's rows), placed as the loop places it; median after the compiling warm-up, device work finished."""
 
   state = step_lib.create_state(run.params, run.tx, run.is_trainable, run.config.seed, run.shardings)
   step_fn, reference = loop.make_train_step(run)
@@ -145,7 +145,8 @@ def mat_step_images_per_second(run: Run, host_batch: dict, *, min_seconds: float
     return current["state"], metrics
 
   seconds = common.time_call(one_step, min_seconds=min_seconds)
-  return run.global_batch_size / seconds, seconds
+  # This process's rows per second: what its own pipeline must deliver (each process feeds its share).
+  return mesh_lib.local_batch_size(run.global_batch_size) / seconds, seconds
 
 
 def _write_jpeg_corpus(root: Path, count: int, size: int) -> Path:
@@ -201,8 +202,9 @@ def run(args: argparse.Namespace) -> int:
     host_batch = next(demo_input)
     augs = ",".join(config.data.augmentations) or "none"
     demo = f"shapes world {size}px, the demo's input: augment: {augs} (+ attack candidates)"
+    # Each process reads its 1/process_count of the split per epoch.
     rows = [[f"{demo}, first epoch (decoding)", epoch_images_per_second(demo_input, local_batch,
-                                                                        args.shapes_images)],
+                                                                        args.shapes_images // jax.process_count())],
             [f"{demo}, later epochs (decoded cache)",
              pipeline_images_per_second(demo_input, local_batch, min_seconds=args.min_seconds, close=False)]]
     if getattr(demo_input, "close", None) is not None:

@@ -138,6 +138,6 @@ def run(args: argparse.Namespace) -> int:
       ["pass", "implementation", "img/s", "mat_jax speed-up", "GFLOP/s", "computes in", "of its peak", "calls"],
       rows)
   print(f"\nFLOPs per call ({flop_source}): forward {flops['forward'] / 1e9:.4g} G, forward+backward "
-        f"{flops['forward+backward'] / 1e9:.4g} G; peaks: {common.describe_peaks(peaks)}")
+        f"{flops['forward+backward'] / 1e9:.4g} G; peaks: {common.describe_peaks(peaks)}. {common.USEFUL_WORK_NOTE}")
   load.print()
   return 0
