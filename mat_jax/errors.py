@@ -12,6 +12,7 @@ in one line naming the directory and its free space, and an interrupt (Ctrl-C, S
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -72,6 +73,18 @@ def shown_json(value: Any, limit: int = 80) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Directories.
+
+
+def positive_int(text: str) -> int:
+  """The argparse type of a count or size (--batch, --image-size): a whole number >= 1, checked before any
+  work (0 could silently mean a default, a negative size fails far from the flag)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
 
 
 def check_directory_path(path: str | os.PathLike, flag: str) -> Path:

@@ -154,7 +154,7 @@ def test_data_cli_refuses_a_negative_image_size(capsys):
   with pytest.raises(SystemExit) as exit_:
     data_cli.main(["build", "shapes", "--image-size", "-5"])
   assert exit_.value.code == 2
-  assert "must be at least 1 pixel, got -5" in capsys.readouterr().err
+  assert "argument --image-size: must be at least 1, got -5" in capsys.readouterr().err
   with pytest.raises(SystemExit) as exit_:  # refused before the world is built (minutes with its defaults)
     data_cli.main(["ambiguity", "--split", "tset"])
   assert exit_.value.code == 2 and "invalid choice: 'tset'" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("PGD (mat_jax vs eager PyTorch)")
   g.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
   g.add_argument("--quick", action="store_true", help="vit-b-32 at batch 2: a fast smoke run")
-  g.add_argument("--batch", type=common.positive_int, default=None,
+  g.add_argument("--batch", type=errors.positive_int, default=None,
                  help="images per attack (default: 8 on CPU, 256 on an accelerator, a size that fills one)")
   g.add_argument("--steps", type=int, default=10)
   g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax import errors
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
 from mat_jax.bench import common, torch_reference
@@ -28,7 +29,7 @@ from mat_jax.models.blip import BLIP_PRESETS, blip_config_to_hf, load_blip
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="blip-base", choices=sorted(BLIP_PRESETS), help="BLIP architecture")
   parser.add_argument("--quick", action="store_true", help="blip-tiny at batch 2: a fast smoke run")
-  parser.add_argument("--batch", type=common.positive_int, default=8)
+  parser.add_argument("--batch", type=errors.positive_int, default=8)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype of both: mat_jax's, and PyTorch eager in the same precision (bfloat16: "

@@ -7,7 +7,6 @@ warm-up, with device work finished before the clock stops).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -17,17 +16,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def positive_int(text: str) -> int:
-  """The argparse type of a count such as --batch: a whole number >= 1 (0 would silently mean the default)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-  return value
 
 
 def usable_cores() -> int:

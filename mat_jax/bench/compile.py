@@ -48,7 +48,7 @@ _RESULT_PREFIX = "compile-result: "
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                       help="CLIP architecture (default: tiny on CPU, vit-b-16 on an accelerator)")
-  parser.add_argument("--batch", type=common.positive_int, default=None,
+  parser.add_argument("--batch", type=errors.positive_int, default=None,
                       help="images per program (default: 8 on CPU, 64 on an accelerator)")
   parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {PROGRAMS}")
   parser.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES,

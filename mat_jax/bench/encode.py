@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax import errors
 from mat_jax.bench import common
 from mat_jax.bench import torch_reference
 from mat_jax.models import split
@@ -30,7 +31,7 @@ from mat_jax.models.weights import clip_config_to_hf, load_clip
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
-  parser.add_argument("--batch", type=common.positive_int, default=None,
+  parser.add_argument("--batch", type=errors.positive_int, default=None,
                       help="images per call (default: 8 on CPU, 256 on an accelerator, a size that fills one)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="mat_jax compute dtype")

@@ -42,6 +42,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mat_jax import errors
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax import runtime
@@ -57,7 +58,7 @@ from mat_jax.training import step as step_lib
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
-  parser.add_argument("--batch", type=common.positive_int, default=None,
+  parser.add_argument("--batch", type=errors.positive_int, default=None,
                       help="images per step, on one device (default: 8 on CPU, 64 on an accelerator)")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="mat_jax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")

@@ -25,17 +25,6 @@ from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.training import mlm
 
 
-def _positive(text: str) -> int:
-  """An image side: checked here, or a bad size reaches the first image decode and blames that file."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {value}")
-  return value
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data-dir", default=None,
                       help="datasets root (default: $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
@@ -47,7 +36,7 @@ def _add_shapes_options(parser: argparse.ArgumentParser) -> None:
                       help="training images (default: the demo's, 10000)")
   parser.add_argument("--val", type=int, default=1_000, help="validation images (default 1000)")
   parser.add_argument("--test", type=int, default=1_000, help="test images (default 1000)")
-  parser.add_argument("--image-size", type=_positive, default=None,
+  parser.add_argument("--image-size", type=errors.positive_int, default=None,
                       help="image side in pixels (default: the tiny preset's, 48)")
   parser.add_argument("--captions-per-image", type=int, default=5, help="distinct captions per image")
   parser.add_argument("--seed", type=int, default=0, help="world seed (same seed, same scenes)")
@@ -74,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
   corpus.add_argument("--images", required=True, metavar="DIR", help="image folder the annotations refer to")
   corpus.add_argument("--name", required=True, help="dataset name, e.g. flickr30k, coco, rsicd")
   corpus.add_argument("--format", default="auto", choices=("auto", "karpathy", "albef"))
-  corpus.add_argument("--image-size", type=_positive, default=224, help="stored resolution (default 224)")
+  corpus.add_argument("--image-size", type=errors.positive_int, default=224, help="stored resolution (default 224)")
   corpus.add_argument("--max-words", type=int, default=30, help="caption word limit (0: none; default 30)")
   corpus.add_argument("--no-cleaning", action="store_true",
                       help="keep captions as written (default: the references' pre_caption cleaning)")
