@@ -17,7 +17,6 @@ from typing import Sequence
 from mat_jax import errors, rerank, runtime, zeroshot
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.attacks import candidates
-from mat_jax.config import RENAMED_LEXICON
 from mat_jax.attacks import image as image_attacks
 from mat_jax.data import shapes
 from mat_jax.errors import InputError
@@ -33,10 +32,7 @@ def _check_text_source(name: str, data: str, bert: str | None) -> str:
   when it cannot serve this data (checked before any work)."""
   if name == "auto":
     name = "bert" if data == "shapes" or bert else "charedit"
-  if name == "lexicon":
-    raise InputError(RENAMED_LEXICON)
-  if name not in candidates.SOURCES:
-    raise InputError(f"unknown --text-source {name!r}; choose auto, {', '.join(candidates.SOURCES)}")
+  inputs.check_source_name(name)
   if name == "paraphrase" and data != "shapes":
     raise InputError("--text-source paraphrase is the shapes world's synonym table; for other data use "
                      "--text-source bert --bert DIR (or charedit)")

@@ -293,7 +293,7 @@ def test_a_batch_contrastive_attack_needs_two_images_per_batch(model_dir, capsys
     (["--eps", "300"], "--eps=300 is more than the whole pixel range"),
     (["--max-changes", "0"], "--max-changes 0: the text attacks change at least 1 word"),
     (["--alpha", "nan"], "--alpha nan: Co-Attack's text-term weight must be finite"),
-    (["--text-source", "bret"], "unknown --text-source 'bret'"),
+    (["--text-source", "bret"], "unknown text_attack.source 'bret' (--text-source)"),
     (["--text-source", "lexicon"], "text_attack.source='lexicon' was renamed"),
     (["--text-source", "paraphrase", "--data", "flickr30k"], "--text-source paraphrase is the shapes world's"),
 ])

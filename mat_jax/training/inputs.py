@@ -39,18 +39,23 @@ def make_source(name: str, *, bert: str = "", top_k: int = 10, log: Callable[[st
   meaning filter. paraphrase: the shapes world's synonym table (meaning-preserving by construction, a
   control). charedit: character edits (typos).
   """
+  check_source_name(name)
   if name == "paraphrase":
     return candidates.LexiconSource(shapes.substitution_table())
   if name == "charedit":
     return candidates.CharEditSource(max_candidates=top_k)
-  if name == "bert":
-    directory = mlm.resolve_bert(bert, log=log)
-    model, tokenizer = load_bert_mlm(directory), load_tokenizer(directory)
-    check_mlm_pair(model.config.vocab_size, tokenizer.vocab_size, directory)
-    return candidates.BertMLMSource(model, tokenizer, top_k=top_k)
+  directory = mlm.resolve_bert(bert, log=log)  # "bert", the one name left
+  model, tokenizer = load_bert_mlm(directory), load_tokenizer(directory)
+  check_mlm_pair(model.config.vocab_size, tokenizer.vocab_size, directory)
+  return candidates.BertMLMSource(model, tokenizer, top_k=top_k)
+
+
+def check_source_name(name: str) -> None:
+  """An InputError for a name that is not a candidate source (the renamed 'lexicon' gets its new names)."""
   if name == "lexicon":
     raise InputError(RENAMED_LEXICON)
-  raise InputError(f"unknown text_attack.source {name!r} (--text-source); choose {', '.join(candidates.SOURCES)}")
+  if name not in candidates.SOURCES:
+    raise InputError(f"unknown text_attack.source {name!r} (--text-source); choose {', '.join(candidates.SOURCES)}")
 
 
 def check_mlm_pair(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
