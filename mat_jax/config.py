@@ -498,6 +498,8 @@ def _check_values(config: dict) -> None:
   if rate >= 0 and config["data"]["name"] != "shapes":
     raise ConfigError(f"data.build_rare_form_rate={rate} picks the shapes world's lexicon, but data.name is "
                       f"{config['data']['name']!r}; leave it at -1 for a built corpus")
+  if config["data"]["name"] == "shapes":
+    _check_shapes_sizes(config)
   if config["data"]["worker_count"] < -1:
     raise ConfigError(f"data.worker_count={config['data']['worker_count']}: use -1 (auto), 0 (the main process) "
                       "or a number of Grain worker processes")
@@ -512,6 +514,21 @@ def _check_values(config: dict) -> None:
     raise ConfigError(f"schedule.warmup_steps ({config['schedule']['warmup_steps']}) exceeds "
                       f"train.steps ({train['steps']})")
   _check_schedule(config["schedule"], config["optimizer"]["learning_rate"], train["steps"])
+
+
+def _check_shapes_sizes(config: dict) -> None:
+  """The shapes world's split sizes, at load: the split a run trains on must not be built empty (the build
+  would take minutes, then the run would fail on a split that does not exist). eval.split is checked
+  when the run is set up (`setup.check_split`): commands that never evaluate build only what they read."""
+  data = config["data"]
+  for split in ("train", "val", "test"):
+    if data[f"build_{split}"] < 0:
+      raise ConfigError(f"data.build_{split}={data[f'build_{split}']} must be >= 0 (scenes in the shapes world's "
+                        f"{split} split)")
+  split = data["split"]
+  if split in ("train", "val", "test") and data[f"build_{split}"] == 0:
+    raise ConfigError(f"data.split={split!r} trains on the shapes world's {split} split, but data.build_{split}=0 "
+                      f"builds it empty; give it scenes (e.g. data.build_{split}=1000) or train on another split")
 
 
 def _check_schedule(schedule: dict, peak: float, steps: int) -> None:

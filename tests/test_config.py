@@ -273,6 +273,21 @@ def test_eval_values_out_of_range_are_refused(tmp_path):
       config_lib.load(path, [override])
 
 
+def test_shapes_split_sizes_are_checked_at_load(tmp_path):
+  """A split the run reads, built empty, is refused before the world is built (it used to build val and
+  test, then fail naming data.split); a negative size is a config error, not a ValueError traceback."""
+  path = _write(tmp_path, "return dict()")
+  assert config_lib.load(path, ["data.build_val=0"]).data.build_val == 0  # a split the run does not train on
+  for overrides, message in ((["data.build_train=0"], r"data.split='train' trains on .* data.build_train=0 builds "
+                                                      r"it empty; give it scenes"),
+                             (["data.build_val=0", "data.split=val"], r"data.split='val' .* data.build_val=0"),
+                             (["data.build_val=-3"], r"data.build_val=-3 must be >= 0")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.load(path, overrides)
+  # A built corpus has no build sizes to check.
+  assert config_lib.load(path, ["data.name=flickr30k", "data.build_train=0"]).data.build_train == 0
+
+
 @pytest.mark.parametrize("name", ["contrastive", "tecoa", "fare", "mmcoa", "mava", "mat", "matplus"])
 def test_towers_default_to_the_objectives(tmp_path, name):
   from mat_jax import objectives

@@ -396,6 +396,21 @@ def test_missing_split_is_a_config_error(root):
   assert not any((root / "mistyped_eval_split" / "checkpoints").iterdir())  # no step trained
 
 
+def test_a_shapes_split_built_empty_names_its_size_key():
+  from types import SimpleNamespace
+
+  def builder(name):
+    return SimpleNamespace(info=SimpleNamespace(name=name, full_name=f"{name}/48px/1.1.0",
+                                                splits={"train": None, "val": None}))
+
+  with pytest.raises(config_lib.ConfigError, match=r"eval.split='test': .* it has \['train', 'val'\] \(the shapes "
+                                                   r"world leaves out a split built with no scenes: set "
+                                                   r"data.build_test > 0\)"):
+    setup.check_split(builder("shapes_world"), "test", "eval.split")
+  with pytest.raises(config_lib.ConfigError, match=r"it has \['train', 'val'\]$"):  # a built corpus: no hint
+    setup.check_split(builder("flickr30k"), "test", "eval.split")
+
+
 def test_demo_table_puts_the_models_side_by_side():
   from mat_jax.training import demo
 
