@@ -153,13 +153,6 @@ def _number(value: Any, name: str) -> float:
 # Text.
 
 
-def check_context_length(length: int, model_length: int, *, what: str = "the tokenizer") -> None:
-  """`what` produces sequences of `length` positions for a text tower of `model_length` positions."""
-  if length > model_length:
-    raise InputError(f"{what} makes sequences of {length} tokens but the text model has {model_length} "
-                     f"positions; use context_length={model_length} (or less)")
-
-
 def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vocab_size: int, *,
                     name: str = "input_ids") -> None:
   """A non-empty (B, L) batch of integer ids, L within the context, ids within the vocabulary, a 0/1 mask

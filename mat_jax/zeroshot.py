@@ -429,12 +429,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m mat_jax.evaluate --task zeroshot` (`evaluate_cli.main` turns on the compilation cache, parses
-  the arguments, trains a cached `--model` first, then calls `run`)."""
-  return run(parse_args(argv))
-
-
 def run(args: argparse.Namespace) -> int:
   victim = ev.load_victim(args.model, args.tokenizer)
   data = load_data(args.data, victim.image_size, split=args.split, num_images=args.num_images, seed=args.seed,

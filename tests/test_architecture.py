@@ -19,6 +19,11 @@ ROW = re.compile(r"^\| `(mat_jax[\w.]*)` \| (\d+) \|", re.M)
 # The main-guard imports of a higher layer that docs/architecture.md names: `python -m mat_jax.evaluate` runs
 # the library as a script, whose main guard hands over to the command line.
 MAIN_GUARD_HANDOVERS = frozenset({("mat_jax.evaluate", "mat_jax.evaluate_cli")})
+# The imports by name (`importlib.import_module(f"mat_jax.bench.{name}")`) allowed inside a function, with the
+# prefix of the names: `python -m mat_jax.bench SUITE` imports only the chosen suite, whose references pull in
+# torch and transformers.
+LAZY_IMPORTS = frozenset({("mat_jax.bench.__main__", "mat_jax.bench.")})
+DIAGRAM_LINE = re.compile(r"^ ?(\d+)  \S+(?: \S+)?\s{2,}(.+)$", re.M)
 
 
 def _is_main_guard(node: ast.AST) -> bool:
@@ -50,8 +55,9 @@ class Tree:
     return ast.parse(self.modules[name].read_text(), str(self.modules[name]))
 
   def imports_of(self, name: str) -> tuple:
-    """(line, imported mat_jax module, where) for every import of a mat_jax module in `name`; where is
-    "top", "function" or "main" (inside the main guard)."""
+    """(line, imported mat_jax module, where) for every import of a mat_jax module in `name`, statements and
+    imports by name (`importlib.import_module`, `__import__`); where is "top", "function", "main" (inside
+    the main guard) or "lazy" (a LAZY_IMPORTS import inside a function)."""
     if name not in self._imports:
       self._imports[name] = self._read_imports(name)
     return self._imports[name]
@@ -74,10 +80,31 @@ class Tree:
       subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in self.modules]
       return subs + ([base] if len(subs) < len(node.names) else [])
 
+    def by_name(call) -> tuple[str, list[str]] | None:
+      """(the name's constant prefix, the modules it can name) of an import by name of a mat_jax module."""
+      func = call.func
+      called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+      if called not in ("import_module", "__import__") or not call.args:
+        return None
+      arg = call.args[0]
+      if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        prefix, exact = arg.value, True
+      elif isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        prefix, exact = str(arg.values[0].value), False
+      else:
+        return None
+      if not prefix.startswith("mat_jax"):
+        return None
+      return prefix, [m for m in self.modules if (m == prefix if exact else m.startswith(prefix))]
+
     def walk(node, where):
       for child in ast.iter_child_nodes(node):
         if isinstance(child, (ast.Import, ast.ImportFrom)):
           found.extend((child.lineno, target, where) for target in targets(child))
+        if isinstance(child, ast.Call) and (named := by_name(child)):
+          prefix, modules = named
+          lazy = where == "function" and (name, prefix) in LAZY_IMPORTS
+          found.extend((child.lineno, target, "lazy" if lazy else where) for target in modules)
         inner = where
         if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
           inner = "function"
@@ -131,7 +158,7 @@ def _runs_on_import(tree: Tree, name: str) -> list[str]:
   (already running when `name` is imported)."""
   found = set()
   for _, target, where in tree.imports_of(name):
-    if where == "function" or (where == "main" and (name, target) in MAIN_GUARD_HANDOVERS):
+    if where in ("function", "lazy") or (where == "main" and (name, target) in MAIN_GUARD_HANDOVERS):
       continue
     found.add(target)
     found.update(p for p in _parents(target) if not name.startswith(p + "."))
@@ -174,10 +201,29 @@ def _main_guard_problems(tree: Tree) -> list[str]:
   return problems
 
 
+def _diagram_problems(tree: Tree) -> list[str]:
+  """Modules the layer diagram of docs/architecture.md draws in another layer than its table gives them
+  (`x.*` stands for every module under mat_jax.x that the diagram does not draw by name)."""
+  text = (tree.root / "docs" / "architecture.md").read_text()
+  drawn = [(int(layer), word.rstrip(":,")) for layer, names in DIAGRAM_LINE.findall(text)
+           for word in re.sub(r"\([^)]*\)", " ", names).split()]
+  by_name = {f"mat_jax.{word}": layer for layer, word in drawn if f"mat_jax.{word}" in tree.layers}
+  for layer, word in drawn:
+    if word.endswith(".*"):
+      by_name.update({m: layer for m in tree.layers if m.startswith(f"mat_jax.{word[:-2]}.") and m not in by_name})
+  return [f"{m}: the diagram draws it in layer {layer}, the table gives {tree.layers[m]}"
+          for m, layer in sorted(by_name.items()) if tree.layers[m] != layer]
+
+
 def test_every_module_has_a_layer_and_every_row_a_module():
   missing, stale = _missing_and_stale(_tree(ROOT))
   assert not missing, f"modules without a row in docs/architecture.md's table (give each its layer): {missing}"
   assert not stale, f"rows of docs/architecture.md's table naming no module (remove or rename them): {stale}"
+
+
+def test_the_diagram_agrees_with_the_table():
+  problems = _diagram_problems(_tree(ROOT))
+  assert not problems, "\n".join(problems)
 
 
 def test_no_import_of_a_higher_layer_and_none_inside_a_function():
@@ -249,6 +295,29 @@ def test_only_the_handover_is_allowed(tmp_path, source):
                      {"mat_jax/__init__.py": "", f"mat_jax/{name}.py": source, "mat_jax/evaluate_cli.py": ""})
   assert [p.split(": ", 1)[1] for p in _layer_problems(tree)] == [
       f"mat_jax.{name} (layer 8) imports mat_jax.evaluate_cli (layer 9), a higher layer"]
+
+
+def test_imports_by_name_count_like_import_statements(tmp_path):
+  source = "import importlib\ndef load(n):\n  return importlib.import_module(f'mat_jax.high.{n}')\n"
+  layers = {"mat_jax": 0, "mat_jax.low": 1, "mat_jax.high": 9, "mat_jax.high.x": 9}
+  files = {"mat_jax/__init__.py": "", "mat_jax/low.py": source, "mat_jax/high/__init__.py": "",
+           "mat_jax/high/x.py": "from mat_jax import low\n"}
+  tree = _write_tree(tmp_path / "by_name", layers, files)
+  assert [p.split(": ", 1)[1] for p in _layer_problems(tree)] == [
+      "imports mat_jax.high.x inside a function; import it at the top (if that makes a circle, the module is in "
+      "the wrong layer)", "mat_jax.low (layer 1) imports mat_jax.high.x (layer 9), a higher layer",
+      "mat_jax.low (layer 1) imports mat_jax.high (layer 9), a higher layer"]
+  tree = _write_tree(tmp_path / "constant", layers, dict(files, **{"mat_jax/low.py": "__import__('mat_jax.high.x')\n"}))
+  assert _cycles(tree) == ["mat_jax.high.x -> mat_jax.low -> mat_jax.high.x"]
+
+
+def test_the_diagram_check_reads_wildcards_and_notes(tmp_path):
+  tree = _write_tree(tmp_path, {"mat_jax": 0, "mat_jax.a": 2, "mat_jax.a.x": 2, "mat_jax.b": 3}, {
+      "mat_jax/__init__.py": "", "mat_jax/a/__init__.py": "", "mat_jax/a/x.py": "", "mat_jax/b.py": ""})
+  (tmp_path / "docs" / "architecture.md").write_text(
+      (tmp_path / "docs" / "architecture.md").read_text()
+      + "```\n 3  upper layer      b: its note (a, not a.x)\n 2  lower           a.*  b\n```\n")
+  assert _diagram_problems(tree) == ["mat_jax.b: the diagram draws it in layer 2, the table gives 3"]
 
 
 def test_the_shapes_world_imports_without_tensorflow_datasets():
