@@ -87,6 +87,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def positive_float(text: str) -> float:
+  """The argparse type of a duration or budget (--seconds): a finite number > 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not 0 < value < float("inf"):  # NaN fails too
+    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+  return value
+
+
 def check_directory_path(path: str | os.PathLike, flag: str) -> Path:
   """`path` as an absolute directory path, refused when it or a parent is a file (read-only is fine)."""
   path = Path(path).expanduser().absolute()

@@ -4,8 +4,8 @@
     python -m mat_jax.evaluate --task zeroshot --model shapes
 
 A "shapes" or "cache:NAME" model is trained into the cache first if it is not there yet
-(`mat_jax.training.loop.ensure_cached_run`); `--task zeroshot` reads its flags with `mat_jax.zeroshot.parse_args`, trains a cached model, then
-hands over to `mat_jax.zeroshot.run`.
+(`mat_jax.training.loop.ensure_cached_run`); `--task zeroshot` reads its flags with
+`mat_jax.zeroshot.parse_args`, trains a cached model, then hands over to `mat_jax.zeroshot.run`.
 """
 
 from __future__ import annotations

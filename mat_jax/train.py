@@ -18,7 +18,6 @@ from pathlib import Path
 from mat_jax import config as config_lib
 from mat_jax import errors, runtime
 from mat_jax import mesh as mesh_lib
-from mat_jax.errors import MatJaxError
 from mat_jax.training import demo, loop
 
 
@@ -41,13 +40,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     (overrides if arg.startswith("--config.") else rest).append(arg)
   args = parser.parse_args(rest)
   return args, overrides
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-  """Errors caused by the input (config, model files, data, workdir, devices) whose message names the
-  fix: every one is a `mat_jax.errors.MatJaxError`, reported as one `error:` line without a traceback.
-  Anything else is a bug and keeps its traceback."""
-  return (MatJaxError,)
 
 
 def main(argv: list[str] | None = None) -> int:

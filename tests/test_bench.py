@@ -244,7 +244,13 @@ def test_bench_command_line_errors_are_one_line_and_exit_2(capsys):
   from mat_jax.bench.__main__ import main as bench_main
   for argv, message in ((["compile", "--programs", "foo"], "--programs 'foo': choose one or more of"),
                         (["compile", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
-                        (["attacks", "--parts", "nope"], "unknown --parts")):
+                        (["attacks", "--parts", "nope"], "unknown --parts"),
+                        # Used to stack an empty list of captions: a ValueError traceback after the setup.
+                        (["attacks", "--parts", "bert", "--text-captions", "0"],
+                         "argument --text-captions: must be at least 1, got 0"),
+                        (["attacks", "--seconds", "nan"], "argument --seconds: must be a finite number > 0, got nan"),
+                        (["train", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+                        (["data", "--jpeg-size", "-5"], "argument --jpeg-size: must be at least 1, got -5")):
     try:
       code = bench_main(argv)
     except SystemExit as exit_:  # argparse's own errors

@@ -449,6 +449,24 @@ def test_cli_reports_a_bad_caption_in_one_line(tmp_path, capsys):
   assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["build", "shapes", "--train", "-3"], "error: the train split size must be >= 0, got -3"),
+    (["build", "shapes", "--rare-form-rate", "2"], "error: rare_form_rate must be in [0, 1]"),
+    (["build", "shapes", "--image-size", "8"], "error: image_size 8 is too small to tell shapes apart"),
+    (["build", "karpathy", "--annotations", "a.json", "--images", ".", "--name", "9lives"],
+     "error: dataset name '9lives' must start with a letter"),
+    (["mlm", "--steps", "0"], "argument --steps: must be at least 1, got 0")])
+def test_cli_bad_options_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+  """Reported by the command lines' one error handler (errors.cli_main), as every command line reports them;
+  a ValueError from a bug keeps its traceback."""
+  try:
+    code = cli(argv + ["--data-dir", str(tmp_path / "data")] if argv[0] == "build" else argv)
+  except SystemExit as exit_:  # argparse's own errors
+    code = exit_.code
+  err = capsys.readouterr().err
+  assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_cli_builds_reuses_and_reports(corpus_files, tmp_path, capsys):
   data = str(tmp_path / "data")
   args = ["build", "karpathy", "--annotations", str(corpus_files / "dataset_toy.json"), "--images",

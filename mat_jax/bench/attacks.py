@@ -47,21 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--quick", action="store_true", help="vit-b-32 at batch 2: a fast smoke run")
   g.add_argument("--batch", type=errors.positive_int, default=None,
                  help="images per attack (default: 8 on CPU, 256 on an accelerator, a size that fills one)")
-  g.add_argument("--steps", type=int, default=10)
+  g.add_argument("--steps", type=errors.positive_int, default=10)
   g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="mat_jax compute dtype")
   g.add_argument("--torch", default=None, metavar="VARIANTS",
                  help="PyTorch variants: eager, compile, eager-bf16, compile-bf16 or all (default: eager on CPU, "
                       "all on an accelerator)")
-  g.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up")
-  g.add_argument("--rounds", type=int, default=3, help="minimum timed calls per implementation")
+  g.add_argument("--seconds", type=errors.positive_float, default=20.0, help="timing budget after warm-up")
+  g.add_argument("--rounds", type=errors.positive_int, default=3, help="minimum timed calls per implementation")
   add_bert_attack_arguments(parser)
   g = parser.add_argument_group("SGA (wall time per image)")
-  g.add_argument("--sga-images", type=int, default=200)
-  g.add_argument("--sga-batch", type=int, default=32)
+  g.add_argument("--sga-images", type=errors.positive_int, default=200)
+  g.add_argument("--sga-batch", type=errors.positive_int, default=32)
   g.add_argument("--sga-preset", default=None,
                  help="CLIP architecture (default: tiny on CPU, vit-b-16 on an accelerator)")
-  g.add_argument("--sga-steps", type=int, default=10)
+  g.add_argument("--sga-steps", type=errors.positive_int, default=10)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,12 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="blip-base", choices=sorted(BLIP_PRESETS), help="BLIP architecture")
   parser.add_argument("--quick", action="store_true", help="blip-tiny at batch 2: a fast smoke run")
   parser.add_argument("--batch", type=errors.positive_int, default=8)
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=errors.positive_int, default=10)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype of both: mat_jax's, and PyTorch eager in the same precision (bfloat16: "
                            "bf16 autocast)")
-  parser.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up")
-  parser.add_argument("--rounds", type=int, default=3, help="minimum timed calls per implementation")
+  parser.add_argument("--seconds", type=errors.positive_float, default=20.0, help="timing budget after warm-up")
+  parser.add_argument("--rounds", type=errors.positive_int, default=3, help="minimum timed calls per implementation")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from mat_jax import config as config_lib
+from mat_jax import errors
 from mat_jax import mesh as mesh_lib
 from mat_jax import runs
 from mat_jax.bench import common
@@ -45,20 +46,22 @@ DEMO_EXPERIMENT = "shapes_mat.py"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--batch-size", type=int, default=None,
+  parser.add_argument("--batch-size", type=errors.positive_int, default=None,
                       help="global batch (default: the demo's train.batch_size)")
-  parser.add_argument("--image-size", type=int, default=None,
+  parser.add_argument("--image-size", type=errors.positive_int, default=None,
                       help="shapes-world and model resolution (default: the demo's data.image_size, 48)")
-  parser.add_argument("--shapes-images", type=int, default=4096, help="training images in the shapes split")
-  parser.add_argument("--jpeg-images", type=int, default=256, help="images in the temporary JPEG corpus")
-  parser.add_argument("--jpeg-size", type=int, default=224, help="resolution of the JPEG corpus")
+  parser.add_argument("--shapes-images", type=errors.positive_int, default=4096,
+                      help="training images in the shapes split")
+  parser.add_argument("--jpeg-images", type=errors.positive_int, default=256,
+                      help="images in the temporary JPEG corpus")
+  parser.add_argument("--jpeg-size", type=errors.positive_int, default=224, help="resolution of the JPEG corpus")
   parser.add_argument("--augmentations", default="hflip,eda,i2t,t2i",
                       help="pipeline augmentations for the shapes world ('' for none)")
-  parser.add_argument("--num-threads", type=int, default=None,
+  parser.add_argument("--num-threads", type=errors.positive_int, default=None,
                       help="pipeline threads (default: the pipeline's; the demo's iterator always uses it)")
   parser.add_argument("--num-workers", type=int, default=-1,
                       help="pipeline worker processes (default -1: auto, as data.worker_count; 0 on a CPU backend)")
-  parser.add_argument("--min-seconds", type=float, default=3.0, help="minimum timing window per figure")
+  parser.add_argument("--min-seconds", type=errors.positive_float, default=3.0, help="minimum timing window per figure")
 
 
 def pipeline_images_per_second(dataset, batch_size: int, *, warmup_batches: int = 3,

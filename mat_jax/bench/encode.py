@@ -38,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--torch", default=None, metavar="VARIANTS",
                       help="PyTorch variants: eager, compile, eager-bf16, compile-bf16 or all (default: eager on "
                            "CPU, all on an accelerator)")
-  parser.add_argument("--seconds", type=float, default=30.0,
+  parser.add_argument("--seconds", type=errors.positive_float, default=30.0,
                       help="timing budget after warm-up; at least --rounds rounds are timed")
-  parser.add_argument("--rounds", type=int, default=3, help="minimum timed calls of each program")
+  parser.add_argument("--rounds", type=errors.positive_int, default=3, help="minimum timed calls of each program")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ importance, one batch of [current text, substitutions...] scored with the object
 compiles once per distinct batch size, all in the untimed warm-up call (the timed calls attack the same
 captions), so no compilation is timed.
 
-    python -m mat_jax.bench attacks            # the attacks suite runs this among others
-    python -m mat_jax.bench.text_attack        # this benchmark alone
+    python -m mat_jax.bench attacks               # the attacks suite runs this among others
+    python -m mat_jax.bench attacks --parts bert  # this benchmark alone
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax import errors
 from mat_jax.attacks.candidates import MASK_WORD, CharEditSource, LexiconSource, TextCandidates, prepare_candidates
 from mat_jax.attacks.text import adversarial_captions, default_chunk_size, text_attack
 from mat_jax.bench import common
@@ -145,15 +145,16 @@ def reference_text_attack(encoder: DualEncoder, params, tokenizer: Tokenizer, ca
 
 def add_bert_attack_arguments(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("BERT-Attack (batched text attack vs per-caption loop)")
-  g.add_argument("--text-captions", type=int, default=256, help="captions attacked (default 256)")
+  g.add_argument("--text-captions", type=errors.positive_int, default=256, help="captions attacked (default 256)")
   g.add_argument("--text-model", default="tiny",
                  help="CLIP preset whose towers are used (random init, shapes-world vocabulary); default tiny")
   g.add_argument("--text-source", choices=("paraphrase", "charedit"), default="paraphrase",
                  help="candidate source: the shapes-world synonym table (paraphrase) or character edits")
   g.add_argument("--text-objective", choices=("image", "kl"), default="image",
                  help="image: SGA/MAT (guided by the paired image); kl: Co-Attack")
-  g.add_argument("--text-max-changes", type=int, default=1, help="words changed at most (references: 1)")
-  g.add_argument("--text-chunk-size", type=int, default=None,
+  g.add_argument("--text-max-changes", type=errors.positive_int, default=1,
+                 help="words changed at most (references: 1)")
+  g.add_argument("--text-chunk-size", type=errors.positive_int, default=None,
                  help="texts per encoder call (default: mat_jax.attacks.text.default_chunk_size)")
   g.add_argument("--text-seed", type=int, default=0)
 
@@ -244,14 +245,3 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
           "needed_positions": needed, "objective": objective, "source": args.text_source,
           "model": args.text_model}
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m mat_jax.bench.text_attack", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_bert_attack_arguments(parser)
-  run_bert_attack_benchmark(parser.parse_args(argv))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

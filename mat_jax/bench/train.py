@@ -62,10 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="images per step, on one device (default: 8 on CPU, 64 on an accelerator)")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="mat_jax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-  parser.add_argument("--steps", type=int, default=3,
+  parser.add_argument("--steps", type=errors.positive_int, default=3,
                       help="timed steps of each implementation (median), one of each per round")
-  parser.add_argument("--top-k", type=int, default=10, help="candidates per word")
-  parser.add_argument("--max-targets", type=int, default=8, help="attackable words per caption")
+  parser.add_argument("--top-k", type=errors.positive_int, default=10, help="candidates per word")
+  parser.add_argument("--max-targets", type=errors.positive_int, default=8, help="attackable words per caption")
   parser.add_argument("--no-torch", action="store_true", help="time mat_jax only")
   parser.add_argument("--torch", default=None, metavar="VARIANTS",
                       help="variants of the batched PyTorch step: eager, compile, eager-bf16, compile-bf16 or all "

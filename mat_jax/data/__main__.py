@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
   mlm_cmd = commands.add_parser("mlm", help="train (or reuse) the shapes-world BERT masked LM and report it")
   mlm_cmd.add_argument("--dir", default=None, help="output directory (default: the cache, as text_attack.bert="
                                                "'shapes-mlm' finds it)")
-  mlm_cmd.add_argument("--steps", type=int, default=None, help="training steps (default: the cached model's)")
+  mlm_cmd.add_argument("--steps", type=errors.positive_int, default=None,
+                       help="training steps (default: the cached model's)")
   mlm_cmd.add_argument("--overwrite", action="store_true", help="retrain even if already built")
 
   amb = commands.add_parser("ambiguity", help="caption ambiguity of a built shapes-world split")
@@ -102,9 +103,6 @@ def _mlm(args) -> int:
 
   settings = mlm.MLMSettings()
   if args.steps is not None:
-    if args.steps < 1:
-      print(f"error: --steps must be at least 1, got {args.steps}", file=sys.stderr)
-      return 2
     settings = dataclasses.replace(settings, steps=args.steps)
   directory = mlm.build(settings, args.dir, overwrite=args.overwrite)
   info = mlm.load_info(directory)
@@ -146,30 +144,25 @@ def _main(argv: list[str] | None) -> int:
     return 0
   if args.command == "mlm":
     return _mlm(args)
-  try:
-    if args.command == "ambiguity":
-
-      builder = corpora.build_shapes(args.data_dir, **_shapes_config(args))
-      source = corpora.data_source(builder, args.split)
-      records = source.__getitems__(list(range(len(source))))
-      scenes = [shapes.Scene.from_record(r["scene"]) for r in records]
-      caps = [[pipeline.as_text(c) for c in r["captions"]] for r in records]
-      stats = shapes.ambiguity(scenes, caps)
-      print(f"{args.split}: {len(scenes)} images, {int(stats['captions'])} captions; images consistent with a "
-            f"caption: mean {stats['mean_matches']:.3f}; captions fitting more than one image: "
-            f"{100 * stats['ambiguous_fraction']:.1f}%; captions wrong for their image: "
-            f"{100 * stats['wrong_fraction']:.1f}%")
-      return 0
-    if args.kind == "shapes":
-      builder = corpora.build_shapes(args.data_dir, overwrite=args.overwrite, **_shapes_config(args))
-    else:
-      cleaning = corpora.NO_CLEANING if args.no_cleaning else corpora.CaptionCleaning(max_words=args.max_words)
-      builder = corpora.build_corpus(args.name, args.annotations, args.images, image_size=args.image_size,
-                                     fmt=args.format, restval=args.restval, cleaning=cleaning,
-                                     skip_bad=args.skip_bad, data_dir=args.data_dir, overwrite=args.overwrite)
-  except (corpora.CorpusError, ValueError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+  if args.command == "ambiguity":
+    builder = corpora.build_shapes(args.data_dir, **_shapes_config(args))
+    source = corpora.data_source(builder, args.split)
+    records = source.__getitems__(list(range(len(source))))
+    scenes = [shapes.Scene.from_record(r["scene"]) for r in records]
+    caps = [[pipeline.as_text(c) for c in r["captions"]] for r in records]
+    stats = shapes.ambiguity(scenes, caps)
+    print(f"{args.split}: {len(scenes)} images, {int(stats['captions'])} captions; images consistent with a "
+          f"caption: mean {stats['mean_matches']:.3f}; captions fitting more than one image: "
+          f"{100 * stats['ambiguous_fraction']:.1f}%; captions wrong for their image: "
+          f"{100 * stats['wrong_fraction']:.1f}%")
+    return 0
+  if args.kind == "shapes":
+    builder = corpora.build_shapes(args.data_dir, overwrite=args.overwrite, **_shapes_config(args))
+  else:
+    cleaning = corpora.NO_CLEANING if args.no_cleaning else corpora.CaptionCleaning(max_words=args.max_words)
+    builder = corpora.build_corpus(args.name, args.annotations, args.images, image_size=args.image_size,
+                                   fmt=args.format, restval=args.restval, cleaning=cleaning,
+                                   skip_bad=args.skip_bad, data_dir=args.data_dir, overwrite=args.overwrite)
   splits = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
   print(f"{builder.info.full_name} at {builder.data_path}: {splits}")
   return 0

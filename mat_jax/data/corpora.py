@@ -36,7 +36,7 @@ import tensorflow_datasets as tfds
 
 from mat_jax import paths
 from mat_jax.data import shapes
-from mat_jax.errors import MatJaxError, shown_json
+from mat_jax.errors import InputError, MatJaxError, shown_json
 
 SPLITS = ("train", "val", "test")
 # The `split` values of Karpathy's dataset_*.json files; restval (COCO's extra images) joins another split.
@@ -117,13 +117,13 @@ def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFA
                   rare_form_rate: float | None = None) -> ShapesWorldConfig:
   for what, n in (("train", train), ("val", val), ("test", test)):
     if n < 0:
-      raise ValueError(f"the {what} split size must be >= 0, got {n}")
+      raise InputError(f"the {what} split size must be >= 0, got {n}")
   if train + val + test == 0:
-    raise ValueError("all splits are empty; ask for at least one image (e.g. train=10000)")
+    raise InputError("all splits are empty; ask for at least one image (e.g. train=10000)")
   if captions_per_image < 1:
-    raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+    raise InputError(f"captions_per_image must be >= 1, got {captions_per_image}")
   if seed < 0:
-    raise ValueError(f"the world seed must be >= 0, got {seed}")
+    raise InputError(f"the world seed must be >= 0, got {seed}")
   shapes.check_rare_form_rate(rare_form_rate)
   name = f"{image_size}px_{train}-{val}-{test}_k{captions_per_image}_seed{seed}"
   if rare_form_rate is not None:
@@ -233,7 +233,7 @@ class CaptionCleaning:
 
   def __post_init__(self):
     if self.max_words < 0:
-      raise ValueError(f"max_words must be >= 0 (0 keeps every word), got {self.max_words}")
+      raise InputError(f"max_words must be >= 0 (0 keeps every word), got {self.max_words}")
 
   def __call__(self, caption: str) -> str:
     text = caption.lower() if self.lowercase else caption
@@ -584,7 +584,7 @@ def _validate(entries: dict[str, list[Entry]], cleaning: CaptionCleaning, skip_b
 
 def corpus_config_name(name: str, image_size: int) -> str:
   if not re.fullmatch(r"[A-Za-z][\w\-.]*", name):
-    raise ValueError(f"dataset name {name!r} must start with a letter and use letters, digits, _ - .")
+    raise InputError(f"dataset name {name!r} must start with a letter and use letters, digits, _ - .")
   return f"{name}_{image_size}px"
 
 

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mat_jax.errors import InputError
+
 from mat_jax import paths
 from mat_jax.models import tokenizers as tokenizers_lib
 
@@ -271,7 +273,7 @@ _MASKS = {
 def render(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
   """uint8 (S, S, 3) RGB; edges anti-aliased by averaging `supersample`² samples per pixel."""
   if image_size < 16:
-    raise ValueError(f"image_size {image_size} is too small to tell shapes apart; use at least 16")
+    raise InputError(f"image_size {image_size} is too small to tell shapes apart; use at least 16")
   s, ss = image_size, supersample
   image = np.empty((s, s, 3), np.float32)
   image[:] = scene.background
@@ -348,7 +350,7 @@ def form_picker(rare_form_rate: float | None = None) -> FormPicker:
 
 def check_rare_form_rate(rare_form_rate: float | None) -> None:
   if rare_form_rate is not None and not 0.0 <= rare_form_rate <= 1.0:
-    raise ValueError(f"rare_form_rate must be in [0, 1] (or None: every surface form equally likely), "
+    raise InputError(f"rare_form_rate must be in [0, 1] (or None: every surface form equally likely), "
                      f"got {rare_form_rate}")
 
 
