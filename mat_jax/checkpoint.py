@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from mat_jax import checks
 from mat_jax.errors import Interrupted, MatJaxError
 
 STATE, DATA, META = "state", "data", "meta"
@@ -398,9 +399,7 @@ def _file_digests(directory: Path) -> dict[str, str]:
   return out
 
 
-@jax.jit
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+_all_finite = jax.jit(checks.all_finite)
 
 
 def non_finite(state: Any) -> str | None:

@@ -26,6 +26,13 @@ def is_traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every value of `tree`'s arrays is finite, as a traced boolean: the train step's test of its
+  update and, jitted, the checkpoint's test of a state before it is saved. (A sum of squares would
+  overflow to inf for large finite values.)"""
+  return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]).all()
+
+
 @jax.jit
 def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   finite = jnp.isfinite(x)

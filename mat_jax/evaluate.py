@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mat_jax import checks, metrics, rerank
+from mat_jax import checks, metrics, rerank, tables
 from mat_jax import runs as runs_lib
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import multimodal
@@ -136,18 +136,6 @@ class AttackSettings:
 # Batches of an evaluation set
 # ----------------------------------------------------------------------------------------------------
 
-def _image_to_texts(text_to_image: np.ndarray, n_images: int) -> np.ndarray:
-  counts = np.bincount(text_to_image, minlength=n_images)
-  if counts.min() == 0:
-    raise ValueError(f"image {int(np.argmin(counts))} has no caption; every test image needs one")
-  slots = np.full((n_images, int(counts.max())), -1, np.int64)
-  fill = np.zeros(n_images, np.int64)
-  for t, i in enumerate(text_to_image):
-    slots[i, fill[i]] = t
-    fill[i] += 1
-  return slots
-
-
 @dataclasses.dataclass(frozen=True)
 class _Batch:
   images: np.ndarray        # int (B,): image indices; the last batch continues from the set's first images
@@ -182,10 +170,7 @@ def _batches(image_to_texts: np.ndarray, batch_size: int) -> list[_Batch]:
 
 
 def _float_images(eval_set, indices: np.ndarray) -> np.ndarray:
-  images = np.asarray(eval_set.images)[indices]
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) * np.float32(1 / 255)
-  return images.astype(np.float32)
+  return pipeline.float_pixels(np.asarray(eval_set.images)[indices])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,7 +291,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     captions, text_to_image, caption_index = captions[keep], text_to_image[keep], caption_index[keep]
   if len(captions) != len(text_to_image):
     raise ValueError(f"{len(captions)} captions but {len(text_to_image)} text_to_image entries")
-  image_to_texts = _image_to_texts(text_to_image, n_images)
+  image_to_texts = pipeline.image_to_texts(text_to_image, n_images)
   batch_size = min(batch_size, n_images)
   contrastive = [a for a in attacks if a in BATCH_CONTRASTIVE]
   if contrastive and batch_size < 2:
@@ -612,16 +597,11 @@ def format_table(results: dict, title: str | None = None) -> str:
   of the changed captions; ASR-mp: the meaning-preserving attack's ASR): the title, the `settings_line`
   of an evaluation's results, the table and `RECALL_FOOTER`."""
   header, rows = table_rows(results)
-  cells = [header] + [[c if isinstance(c, str) else f"{c:.1f}" for c in row] for row in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  cells = [[c if isinstance(c, str) else f"{c:.1f}" for c in row] for row in rows]
   lines = [title] if title else []
   if "settings" in results:
     lines.append(settings_line(results))
-  for i, row in enumerate(cells):
-    lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
-                           for j, (c, w) in enumerate(zip(row, widths, strict=True))))
-    if i == 0:
-      lines.append("  ".join("-" * w for w in widths))
+  lines += tables.aligned(header, cells)
   lines.append(RECALL_FOOTER)
   return "\n".join(lines)
 

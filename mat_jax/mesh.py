@@ -108,6 +108,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (counters, metrics)."""
   return NamedSharding(mesh, P())
 
 

@@ -40,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import errors, metrics
+from mat_jax import errors, metrics, tables
 from mat_jax import evaluate as ev
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
-from mat_jax.data import classification, imagefolder
+from mat_jax.data import classification, imagefolder, pipeline
 from mat_jax.data.classification import SHAPES_TASKS, ClassificationSet
 from mat_jax.models.clip import check_tokens_for
 from mat_jax.models.tokenizers import Tokenizer
@@ -232,12 +232,6 @@ def attack_correct(encoder, params, classes, images, labels, key, *, attack: str
 # The evaluation
 # ----------------------------------------------------------------------------------------------------
 
-def _float_images(images: np.ndarray) -> np.ndarray:
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) * np.float32(1 / 255)
-  return images.astype(np.float32)
-
-
 def default_attacks(num_classes: int) -> list[str]:
   """Every attack that applies to a set of this many classes (apgd-t needs 4)."""
   return [a for a in ATTACKS if a != "apgd-t" or num_classes >= TARGETED_MIN_CLASSES]
@@ -289,7 +283,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   batches = [(np.minimum(np.arange(s, s + batch_size), n - 1), min(batch_size, n - s)) for s in range(0, n, batch_size)]
   labels = np.asarray(data.labels, np.int32)
   clean_logits = np.concatenate([np.asarray(_clean_logits(encoder, params, classes,
-                                                          _float_images(data.images[idx])))[:real]
+                                                          pipeline.float_pixels(data.images[idx])))[:real]
                                  for idx, real in batches])
   clean = correct_predictions(clean_logits, labels)
   per_class = {name: (accuracy(clean[labels == c]) if np.any(labels == c) else None)
@@ -309,8 +303,9 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
       correct = np.zeros(n, bool)
       for b, (idx, real) in enumerate(batches):
         # The key depends on the batch only: every attack and budget starts from the same draw.
-        out = attack_correct(encoder, params, classes, jnp.asarray(_float_images(data.images[idx])), labels[idx],
-                             jax.random.fold_in(key, b), attack=attack, eps=eps / 255.0, settings=settings)
+        images = jnp.asarray(pipeline.float_pixels(data.images[idx]))
+        out = attack_correct(encoder, params, classes, images, labels[idx], jax.random.fold_in(key, b),
+                             attack=attack, eps=eps / 255.0, settings=settings)
         correct[idx[:real]] = np.asarray(out)[:real]
         bar.update(1)
       # An image misclassified clean is not robust, whatever the attack returned.
@@ -346,14 +341,7 @@ def format_table(results: dict, title: str | None = None) -> str:
   for eps in map(ev.eps_key, results["eps_255"]):
     rows.append([eps, *(f"{results['attacks'][a][eps]['accuracy']:.1f}" for a in attacks),
                  f"{results['robust'][eps]['accuracy']:.1f}"])
-  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-  lines = [title] if title else []
-  for i, row in enumerate([header, *rows]):
-    lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths,
-                                                                                                  strict=True))))
-    if i == 0:
-      lines.append("  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return "\n".join(([title] if title else []) + tables.aligned(header, rows))
 
 
 # ----------------------------------------------------------------------------------------------------

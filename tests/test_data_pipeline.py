@@ -3,6 +3,7 @@ augmentations, and evaluation sets."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -287,6 +288,9 @@ def test_eval_set_holds_all_images_captions_and_index_maps(world):
   assert all(b.shape == (4, SIZE, SIZE, 3) and b.dtype == np.float32 for b, _ in batches)
   np.testing.assert_allclose(batches[2][0][:2], ev.float_images(8, 10))
   assert (batches[2][0][2:] == 0).all()
+  # An evaluation set of float pixels (the evaluator takes either) is not scaled a second time.
+  as_float = dataclasses.replace(ev, images=ev.float_images())
+  np.testing.assert_array_equal(as_float.float_images(0, 2), ev.float_images(0, 2))
   two = pipeline.load_eval_set(test, tok, max_images=3, captions_per_image=2)
   assert two.num_texts == 6 and two.image_to_texts.tolist() == [[0, 1], [2, 3], [4, 5]]
 

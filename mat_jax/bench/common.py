@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax import tables
+
 
 def usable_cores() -> int:
   """Cores this process may run on; PyTorch gets as many threads (XLA's CPU client takes them all)."""
@@ -261,13 +263,8 @@ def device_summary() -> str:
 
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
   """A plain aligned table on stdout."""
-  cells = [header] + [[_fmt(c) for c in row] for row in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
   print(f"\n{title}")
-  for i, row in enumerate(cells):
-    print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))))
-    if i == 0:
-      print("  ".join("-" * w for w in widths))
+  print("\n".join(tables.aligned(header, [[_fmt(c) for c in row] for row in rows])))
 
 
 def _fmt(value: Any) -> str:

@@ -245,7 +245,7 @@ class PrepareExample:
     if "image_jitter" in aug and rng.random() < aug["image_jitter"]:
       pixels = shapes.image_jitter(image, rng)
     else:
-      pixels = image.astype(np.float32) * np.float32(1 / 255) if image.dtype == np.uint8 else image
+      pixels = float_pixels(image)
     return {
         "images": pixels.astype(np.float32, copy=False),
         "captions": np.asarray(chosen[0] if k == 1 else chosen),
@@ -421,6 +421,26 @@ def restore_iterator(directory: str | os.PathLike, iterator: grain.DatasetIterat
 # Evaluation sets.
 # --------------------------------------------------------------------------------------------------
 
+def image_to_texts(text_to_image: np.ndarray, n_images: int) -> np.ndarray:
+  """The inverse of text_to_image: int32 (N, K_max), each image's captions in order, -1 pads."""
+  counts = np.bincount(text_to_image, minlength=n_images)
+  if counts.min() == 0:
+    raise ValueError(f"image {int(np.argmin(counts))} has no caption; every test image needs one")
+  slots = np.full((n_images, int(counts.max())), -1, np.int32)
+  fill = np.zeros(n_images, np.int64)
+  for t, i in enumerate(text_to_image):
+    slots[i, fill[i]] = t
+    fill[i] += 1
+  return slots
+
+
+def float_pixels(images: np.ndarray) -> np.ndarray:
+  """float32 pixels in [0, 1], the models' input: uint8 images scaled by 1/255, float ones as they are."""
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) * np.float32(1 / 255)
+  return images.astype(np.float32)
+
+
 @dataclasses.dataclass
 class EvalSet:
   """A retrieval test set: all images, all captions and the maps between them."""
@@ -443,7 +463,7 @@ class EvalSet:
 
   def float_images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
     """float32 pixels in [0, 1] of images[start:stop] (the model's input)."""
-    return self.images[start:stop].astype(np.float32) * np.float32(1 / 255)
+    return float_pixels(self.images[start:stop])
 
   def image_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
     """Fixed-size float32 batches (the last one zero-padded, so one compiled shape) and their real sizes."""
@@ -475,13 +495,7 @@ def load_eval_set(source, tokenizer, *, max_images: int | None = None,
       if "scene" in record:
         scenes.append(shapes.Scene.from_record(record["scene"]))
   text_to_image = np.asarray(owners, np.int32)
-  counts = np.bincount(text_to_image, minlength=n)
-  image_to_texts = np.full((n, int(counts.max())), -1, np.int32)
-  slot = np.zeros(n, np.int64)
-  for t, i in enumerate(text_to_image):
-    image_to_texts[i, slot[i]] = t
-    slot[i] += 1
   tokens = tokenizer(captions)
   return EvalSet(np.stack(images), np.asarray(captions), tokens.input_ids, tokens.attention_mask,
-                 text_to_image, image_to_texts, np.asarray(image_ids, np.int32),
+                 text_to_image, image_to_texts(text_to_image, n), np.asarray(image_ids, np.int32),
                  scenes if len(scenes) == n else None)

@@ -82,11 +82,6 @@ def frozen(params: nnx.State) -> nnx.State:
   return jax.lax.stop_gradient(params)
 
 
-def texts_per_image(input_ids: jax.Array) -> int:
-  """K for (B, K, L) ids (several captions per image), 1 for (B, L)."""
-  return input_ids.shape[1] if input_ids.ndim == 3 else 1
-
-
 def inner_attack(name: str, **budget: Any) -> AttackSpec:
   """The registry's attack `name` at the objective's budget (eps, steps, step_size, max_changes, ...)."""
   return attack_specs.get(name).replace(**budget)

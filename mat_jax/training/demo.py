@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mat_jax import runs
+from mat_jax import runs, tables
 from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.data import corpora, pipeline
@@ -51,16 +51,8 @@ def side_by_side(results: dict[str, dict]) -> str:
     return f"{recall[key]:.1f}{drop}"
 
   header = ["attack", "eps(/255)"] + [f"{n} {k}" for n in names for k in ("TR@1", "IR@1")]
-  cells = [header] + [[a, e] + [cell(r, c, k) for r, c in recalls for k in ("tr@1", "ir@1")]
-                      for a, e, recalls in rows]
-  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-  lines = []
-  for i, row in enumerate(cells):
-    lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
-                           for j, (c, w) in enumerate(zip(row, widths, strict=True))))
-    if i == 0:
-      lines.append("  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  cells = [[a, e] + [cell(r, c, k) for r, c in recalls for k in ("tr@1", "ir@1")] for a, e, recalls in rows]
+  return "\n".join(tables.aligned(header, cells, left_columns=2))
 
 
 def paired_interval(a: tuple, b: tuple, metric: str, n_images: int, text_to_image: np.ndarray,
