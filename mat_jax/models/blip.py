@@ -131,15 +131,10 @@ def blip_config(name: str, **overrides: Any) -> BlipConfig:
 # Modules.
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
-  """q (B, Q, H, D), k and v (B, L, H, D) -> context (B, Q, H * D); mask as `layers.MultiHeadAttention`'s."""
-  q = q * (1.0 / math.sqrt(q.shape[-1]))
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights_ = jax.nn.softmax(logits, axis=-1).astype(dtype)  # float32 softmax whatever the compute dtype
-  context = jnp.einsum("bhqk,bkhd->bqhd", weights_, v)
-  return context.reshape(*context.shape[:2], -1)
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> jax.Array:
+  """q (B, Q, H, D) attend to every position of k and v (B, L, H, D) -> context (B, Q, H * D), through
+  `layers.attend_heads` (a fused kernel where the backend has one)."""
+  return layers.attend_heads(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), None, dtype=dtype)
 
 
 class FusedAttention(nnx.Module):
@@ -156,7 +151,7 @@ class FusedAttention(nnx.Module):
     b, n, w = x.shape
     # transformers splits the fused output as (3, heads, head_dim): q, k, v are consecutive width blocks.
     q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads), 3, axis=2)
-    return self.projection(_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], None, self.dtype))
+    return self.projection(_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.dtype))
 
 
 class VisionBlock(nnx.Module):
@@ -230,8 +225,7 @@ class CrossAttention(nnx.Module):
     def heads(t):
       return t.reshape(*t.shape[:2], self.heads, -1)
     # Every image token is attended to (transformers' retrieval passes an all-ones image mask).
-    return self.out(_attend(heads(self.query(x)), heads(self.key(image)), heads(self.value(image)), None,
-                            self.dtype))
+    return self.out(_attend(heads(self.query(x)), heads(self.key(image)), heads(self.value(image)), self.dtype))
 
 
 class TextBlock(nnx.Module):

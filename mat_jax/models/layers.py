@@ -187,29 +187,39 @@ class MultiHeadAttention(nnx.Module):
              mask: jax.Array | None = None) -> jax.Array:
     """queries (B, Q, W) attend to keys and values in the `keys_values` layout -> (B, Q, W); mask as
     __call__'s, over the keys' L."""
-    path = attention_path(self.attention, self.dtype)
-    if path != "einsum":
-      q = self._heads(self.query(queries))
-      # (B, heads, d, L) and (B, heads, L, d) -> (B, L, heads, d): on accelerators these transposes are
-      # layout changes XLA folds into the fused kernel's operands.
-      context = dot_product_attention(
-          q, keys.transpose(0, 3, 1, 2).astype(q.dtype), values.transpose(0, 2, 1, 3).astype(q.dtype),
-          None if mask is None else jnp.asarray(mask, bool),
-          implementation="cudnn" if path == "cudnn" else "xla",
-          pad_multiple=CUDNN_LENGTH_MULTIPLE if path == "cudnn" else 1)
-      return self.out(context.reshape(*queries.shape[:2], -1))
-    q = self._heads(self.query(queries)) * (1.0 / math.sqrt(self.head_dim))
-    logits = jnp.einsum("bqhd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
-    if mask is not None:
-      # A boolean select, not an additive bias: two -max biases summed overflow to -inf.
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    # Softmax in float32 whatever the compute dtype: bf16 logits lose the small attention weights.
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    context = jnp.einsum("bhqk,bhkd->bqhd", weights, values).reshape(*queries.shape[:2], -1)
-    return self.out(context)
+    q = self._heads(self.query(queries))
+    return self.out(attend_heads(q, keys, values, mask, dtype=self.dtype, attention=self.attention))
 
   def _heads(self, t: jax.Array) -> jax.Array:
     return t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
+
+
+def attend_heads(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None, *, dtype,
+                 attention: str = "auto") -> jax.Array:
+  """The attention product of every multi-head attention of the models: queries q (B, Q, heads, d) attend
+  to keys (B, heads, d, L) and values (B, heads, L, d) (`MultiHeadAttention.keys_values`' layout) ->
+  context (B, Q, heads * d). mask: bool, True where a query may attend to a key, broadcastable to
+  (B, heads, Q, L), or None. `attention` picks the path (`attention_path`): a fused kernel, or einsum.
+  """
+  path = attention_path(attention, dtype)
+  if path != "einsum":
+    # (B, heads, d, L) and (B, heads, L, d) -> (B, L, heads, d): on accelerators these transposes are
+    # layout changes XLA folds into the fused kernel's operands.
+    context = dot_product_attention(
+        q, keys.transpose(0, 3, 1, 2).astype(q.dtype), values.transpose(0, 2, 1, 3).astype(q.dtype),
+        None if mask is None else jnp.asarray(mask, bool),
+        implementation="cudnn" if path == "cudnn" else "xla",
+        pad_multiple=CUDNN_LENGTH_MULTIPLE if path == "cudnn" else 1)
+    return context.reshape(*context.shape[:2], -1)
+  q = q * (1.0 / math.sqrt(q.shape[-1]))
+  logits = jnp.einsum("bqhd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
+  if mask is not None:
+    # A boolean select, not an additive bias: two -max biases summed overflow to -inf.
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  # Softmax in float32 whatever the compute dtype: bf16 logits lose the small attention weights.
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  context = jnp.einsum("bhqk,bhkd->bqhd", weights, values)
+  return context.reshape(*context.shape[:2], -1)
 
 
 def padding_mask(attention_mask: jax.Array) -> jax.Array:
