@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from mat_jax import evaluate as ev
-from mat_jax.attacks import CharEditSource, co_attack, image_attack
+from mat_jax.attacks import CharEditSource, co_attack, image_attack, sep_attack, sga_attack
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses as image_losses
 from mat_jax.data import shapes
@@ -286,6 +286,18 @@ def test_notebook_api(multimodal_results, trained_shapes_model, tokenizer, eval_
       assert len(edits) <= 1 and all(b in source.word_edits(a) for a, b in edits)
       changed += len(edits)
   assert changed > 0
+  # The other two one-call multimodal attacks keep the same contract: the budget, one caption out per
+  # caption in, at most one valid edit each, some captions changed.
+  for one_call in (sep_attack, sga_attack):
+    out = one_call(trained_shapes_model, tokenizer, images, captions, source, eps=2 / 255, key=0)
+    assert [len(c) for c in out.captions] == [len(c) for c in captions], one_call.__name__
+    assert out.images.shape == images.shape and float(np.max(np.abs(out.images - images))) <= 2 / 255 + 1e-6
+    assert float(np.max(np.abs(out.images - images))) > 0, one_call.__name__
+    edits = [[(a, b) for a, b in zip(clean.split(), adv_caption.split(), strict=False) if a != b]
+             for clean_caps, adv_caps in zip(captions, out.captions, strict=True)
+             for clean, adv_caption in zip(clean_caps, adv_caps, strict=True)]
+    assert all(len(e) <= 1 and all(b in source.word_edits(a) for a, b in e) for e in edits), one_call.__name__
+    assert any(edits), one_call.__name__
   with pytest.raises(ValueError, match="caption entries"):
     co_attack(trained_shapes_model, tokenizer, images, captions[:3], source)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
