@@ -150,6 +150,30 @@ def test_parse_reads_the_grammar_and_rejects_other_text():
       shapes.parse(bad)
 
 
+def test_one_object_has_one_place_and_negations_are_not_descriptions():
+  """A substituted word can give an object a second position phrase, which must agree with the first; an
+  outside masked LM can propose a negation, which the grammar would read past."""
+  clean = "a white star in the bottom right and a small yellow ring in the top centre"
+  scene = shapes.scene_from_meaning(shapes.parse(clean), np.random.default_rng(0))
+  assert shapes.describes(clean, scene)
+  for contradicting in ("a white star in the bottom right and a small yellow ring lower the top centre",
+                        "a white star in the bottom right and a small yellow ring left in the top centre",
+                        "in the lower centre there is a small yellow ring in the top",  # before and after it
+                        "in the top in the bottom there is a small yellow ring"):  # two phrases before it
+    with pytest.raises(shapes.CaptionParseError, match="one object in two places"):
+      shapes.parse(contradicting)
+    assert not shapes.describes(contradicting, scene, original=clean)
+  # Two phrases that agree, or complete each other, are one place.
+  ring = shapes.parse("a small yellow ring top in the top").mentions[0]
+  assert (ring.row, ring.col) == (0, None)
+  ring = shapes.parse("in the top there is a small yellow ring on the left").mentions[0]
+  assert (ring.row, ring.col) == (0, 0)
+  for negated in ("an image missing a white star in the bottom right and a small yellow ring in the top centre",
+                  "no white star in the bottom right and a small yellow ring in the top centre"):
+    assert shapes.parse(negated) == shapes.parse(clean)  # what the grammar reads: the negation is skipped
+    assert not shapes.describes(negated, scene, original=clean)
+
+
 def test_substitution_table_keeps_the_meaning(test_split):
   scenes, caps = test_split
   table = shapes.substitution_table()

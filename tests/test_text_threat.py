@@ -72,8 +72,9 @@ def test_data_mlm_command_reports_the_mlm(tiny_mlm, tmp_path, monkeypatch, capsy
   # The report describes the MLM the directory holds (built with TINY's steps), not the steps asked for.
   assert f"trained {TINY.steps} steps x {TINY.batch_size}" in printed and "trained 7 steps" not in printed
   assert f"already built with {TINY.steps} steps, reused" in printed
-  assert data_cli.main(["mlm", "--steps", "0"]) == 2
-  assert "--steps must be at least 1" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_:
+    data_cli.main(["mlm", "--steps", "0"])
+  assert exit_.value.code == 2 and "argument --steps: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_saved_mlm_matches_transformers(tiny_mlm):

@@ -500,7 +500,7 @@ def parse(caption: str) -> Meaning:
       current["shape"] = SHAPES.index(_SHAPE_OF[w])
       current.setdefault("size", None)
       current["row"] = current["col"] = None
-      if pending_position is not None:
+      if pending_position is not None:  # "in the centre there is ...", "a centre of a blue cross"
         current["row"], current["col"] = pending_position
         pending_position = None
       mentions.append(current)
@@ -521,7 +521,12 @@ def parse(caption: str) -> Meaning:
         run.append(words[i])
       position = _read_position(run, caption)
       if mentions and not current and pending_relation is None:
-        mentions[-1]["row"], mentions[-1]["col"] = position
+        # A second position phrase of one object ("a red ring lower the top", what a substituted word can
+        # give) must agree with the first: one object has one place.
+        last = mentions[-1]
+        last["row"], last["col"] = _same_place((last["row"], last["col"]), position, caption)
+      elif pending_position is not None:
+        pending_position = _same_place(pending_position, position, caption)
       else:
         pending_position = position
     i += 1
@@ -531,6 +536,15 @@ def parse(caption: str) -> Meaning:
     raise CaptionParseError(f"{caption!r} names no object (a colour and a shape)")
   return Meaning(tuple(Mention(**{k: m[k] for k in ("shape", "colour", "size", "row", "col")}) for m in mentions),
                  tuple(relations))
+
+
+def _same_place(first: tuple[int | None, int | None], second: tuple[int | None, int | None],
+                caption: str) -> tuple[int | None, int | None]:
+  """Two positions given to one object, joined: a row or column only one names is kept; two different
+  rows or columns make the caption contradict itself."""
+  if any(a is not None and b is not None and a != b for a, b in zip(first, second, strict=True)):
+    raise CaptionParseError(f"{caption!r}: one object in two places")
+  return tuple(b if a is None else a for a, b in zip(first, second, strict=True))
 
 
 def _read_position(run: list[str], caption: str) -> tuple[int | None, int | None]:
@@ -565,12 +579,22 @@ def consistent(meaning: Meaning, scene: Scene) -> bool:
   return all(rel in _true_relations(objs[a], objs[b]) for a, rel, b in meaning.relations)
 
 
+# Words that negate or exclude. The world's captions never hold one, and `parse` reads past words the
+# grammar does not know (filler, a typo), but these turn what follows into its opposite ("an image missing
+# a red square"); a masked LM other than the world's own can propose them.
+NEGATIONS = frozenset({"no", "not", "without", "missing", "lacking", "minus", "none", "never", "nor", "neither",
+                       "except", "excluding", "absent", "nothing", "empty"})
+
+
 def describes(caption: str, scene: Scene, original: str | None = None) -> bool:
-  """Whether `caption` is a true description of `scene`; a caption the grammar cannot read is not.
+  """Whether `caption` is a true description of `scene`; a caption the grammar cannot read, or that holds a
+  word of NEGATIONS, is not.
 
   `original`: the caption `caption` was changed from. A change that leaves a relation unreadable ("the
   red square is together of the blue circle") parses to the objects alone, which may all be true; with
   the original given, the caption must still state as many relations."""
+  if not NEGATIONS.isdisjoint(caption.lower().split()):
+    return False
   try:
     meaning = parse(caption)
   except CaptionParseError:
