@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -621,7 +622,11 @@ def write_json(results: dict, path: str | Path) -> Path:
 
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(clean(results), indent=1, allow_nan=False))
+  text = json.dumps(clean(results), indent=1, allow_nan=False)
+  # Written beside, then renamed: an interrupted write leaves the earlier results.json whole.
+  partial = path.with_name(f".{path.name}.partial")
+  partial.write_text(text)
+  os.replace(partial, path)
   return path
 
 

@@ -40,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import errors, metrics, tables
+from mat_jax import checks, errors, metrics, tables
 from mat_jax import evaluate as ev
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
-from mat_jax.data import classification, imagefolder, pipeline
+from mat_jax.data import classification, imagefolder, pipeline, shapes
 from mat_jax.data.classification import SHAPES_TASKS, ClassificationSet
 from mat_jax.models.clip import check_tokens_for
 from mat_jax.models.tokenizers import Tokenizer
@@ -84,7 +84,8 @@ def prompts_from_templates(class_names: Sequence[str], templates: Sequence[str])
   missing = [t for t in templates if "{}" not in t]
   if missing:
     raise ZeroShotError(f"prompt templates {missing} have no '{{}}' where the class name goes")
-  return [[t.format(name) for t in templates] for name in class_names]
+  # Only "{}" is a field: other braces ("{style}", a lone "{") are the template's own text.
+  return [[t.replace("{}", name) for t in templates] for name in class_names]
 
 
 def _meaningful_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -208,7 +209,16 @@ def _attack_correct(encoder, params, classes, images, labels, key, eps, step_siz
                             steps=steps, norm=norm)
   else:
     raise ValueError(f"unknown attack {attack!r}; choose from {ATTACKS}")
-  return jnp.argmax(logits_fn(adv), axis=-1) == labels
+  logits = logits_fn(adv)
+  return jnp.argmax(logits, axis=-1) == labels, jnp.all(jnp.isfinite(logits))
+
+
+def _check_finite(finite: Any, what: str) -> None:
+  """NaN logits argmax to class 0: a broken model would read as accurate on class 0, clean and attacked."""
+  if not bool(np.all(finite)):
+    raise ZeroShotError(f"{what} are not finite (NaN/inf). Usual causes: NaN weights, non-finite pixels, or "
+                        "prompt token ids outside the text model's vocabulary (a tokenizer that does not belong "
+                        "to the model)")
 
 
 def attack_correct(encoder, params, classes, images, labels, key, *, attack: str, eps: float,
@@ -223,9 +233,11 @@ def attack_correct(encoder, params, classes, images, labels, key, *, attack: str
                         f"{n_classes}; use apgd-ce and pgd")
   steps = settings.pgd_steps if attack == "pgd" else settings.apgd_steps
   step_size = settings.pgd_step_scale * eps / settings.pgd_steps
-  return _attack_correct(encoder, params, jnp.asarray(classes), images, jnp.asarray(labels, jnp.int32), key,
-                         jnp.float32(eps), jnp.float32(step_size), attack, int(steps), settings.norm,
-                         targets_per_image(settings.n_targets, n_classes), int(settings.restarts))
+  correct, finite = _attack_correct(encoder, params, jnp.asarray(classes), images, jnp.asarray(labels, jnp.int32),
+                                    key, jnp.float32(eps), jnp.float32(step_size), attack, int(steps), settings.norm,
+                                    targets_per_image(settings.n_targets, n_classes), int(settings.restarts))
+  _check_finite(finite, f"the logits of the images under {attack}")
+  return correct
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,6 +274,9 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   ev.check_eps_255(eps_255, settings.norm)  # as retrieval: one results key per budget
   n_classes = len(data.class_names)
   attacks = default_attacks(n_classes) if attacks is None else list(attacks)
+  if not attacks:
+    raise ZeroShotError("no attack given: robust accuracy over no attack would be the clean accuracy; name at "
+                        f"least one of {ATTACKS} (or None for all that apply)")
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
     raise ZeroShotError(f"unknown attacks {unknown}; choose from {ATTACKS}")
@@ -275,7 +290,11 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   prompts = prompts_from_templates(data.class_names, templates or DEFAULT_TEMPLATES) if names_in_prompts \
       else [list(p) for p in data.prompts]
   check_classes(tokenizer, data.class_names, prompts, names_in_prompts)
+  # Values on the host, as retrieval checks them: float pixels in [0, 255] would be clipped into [0, 1] by
+  # the attacks but not by the clean pass, and report nonsense.
+  checks.check_images(data.images, name=f"{data.name} images", allow_uint8=True)
   classes = jnp.asarray(class_embeddings(encoder, params, tokenizer, prompts))
+  _check_finite(jnp.isfinite(classes), "the class embeddings")
 
   n = len(data)
   batch_size = max(1, min(batch_size, n))
@@ -285,6 +304,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   clean_logits = np.concatenate([np.asarray(_clean_logits(encoder, params, classes,
                                                           pipeline.float_pixels(data.images[idx])))[:real]
                                  for idx, real in batches])
+  _check_finite(np.isfinite(clean_logits), "the clean images' logits")
   clean = correct_predictions(clean_logits, labels)
   per_class = {name: (accuracy(clean[labels == c]) if np.any(labels == c) else None)
                for c, name in enumerate(data.class_names)}
@@ -393,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "default: a CLIP-style photo ensemble)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="zeroshot_results", help="directory for results.json")
+  p.add_argument("--out", default=None,
+                 help="directory for results.json (default: zeroshot_results/<the --data name>, one per data set)")
   p.add_argument("--no-progress", action="store_true")
   return p
 
@@ -409,10 +430,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.error("--apgd-steps, --steps, --n-targets, --restarts, --num-images and --batch-size must be >= 1")
   if args.templates and args.data in DATASETS:
     parser.error("--template applies to ImageFolder data; the shapes-world sets bring their own prompts")
+  if args.seed < 0:
+    parser.error(f"--seed {args.seed}: use a seed >= 0")
+  if args.attacks == []:
+    parser.error(f"--attacks names no attack; name at least one of {','.join(ATTACKS)} (or leave it out for all)")
+  # What can be known from the flags alone is checked here, before a cached --model is trained (minutes).
   try:
     ev.check_eps_255(args.eps, args.norm, name="--eps")
-  except errors.InputError as err:
+    if args.templates:
+      prompts_from_templates(["x"], args.templates)
+    if args.data in DATASETS:
+      if args.split not in shapes.SPLIT_IDS:
+        raise ZeroShotError(f"--split {args.split!r}: the shapes world has the splits {sorted(shapes.SPLIT_IDS)}")
+      n_classes = len(classification.COUNT_NAMES if args.data == "shapes-count"
+                      else classification.colour_shape_names())
+      if args.attacks and "apgd-t" in args.attacks and n_classes < TARGETED_MIN_CLASSES:
+        raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes; {args.data} "
+                            f"has {n_classes}. Leave apgd-t out (--attacks apgd-ce,pgd)")
+    elif not Path(args.data).expanduser().is_dir():
+      raise ZeroShotError(f"--data {args.data!r} is neither {' nor '.join(DATASETS)} nor an image folder (a "
+                          "directory of class-named folders of images)")
+    if args.data_dir:
+      errors.check_directory_path(args.data_dir, "--data-dir")
+  except errors.MatJaxError as err:
     parser.error(str(err))
+  if args.out is None:
+    args.out = str(Path("zeroshot_results") / (args.data if args.data in DATASETS
+                                               else Path(args.data).expanduser().resolve().name))
   errors.check_writable_dir(args.out, "--out")  # before the work, not after it
   return args
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -354,13 +355,7 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
   count = zs.load_data("shapes-count", SIZE, num_images=5)
   assert count.images.shape == (5, SIZE, SIZE, 3) and count.class_names == classification.COUNT_NAMES
 
-  # Bad input is one `error:` line and exit status 2, as in every command.
-  for flags, message in [(["--data", "shapes-count", "--num-images", "5", "--attacks", "apgd-t"], "at least 4 classes"),
-                         (["--data", str(tmp_path / "nowhere")], "neither"),
-                         (["--data", "shapes-count", "--split", "dev"], "unknown split 'dev'")]:
-    assert evaluate_cli.main([*common, *flags]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
+  # Bad input is one error line and exit status 2, as in every command.
   for flags, message in [(["--data", "shapes-count", "--template", "{}"], "--template applies"),
                          (["--attacks", "apgd-ce,fgsm"], "unknown zero-shot attacks"),
                          (["--limit", "0"], "at least 1"), (["--eps", "nan"], "finite"), (["--eps", "inf"], "finite"),
@@ -370,12 +365,53 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
     assert message in capsys.readouterr().err
 
 
+def test_a_broken_model_or_unscaled_pixels_are_refused_not_scored(victim):
+  """NaN logits argmax to class 0, so a model with a NaN weight read as accurate on class 0; float pixels in
+  [0, 255] scored as nonsense (an attack at eps 0 below clean)."""
+  data = classification.shapes_colour_shape(num_images=6, image_size=SIZE)
+  broken = jax.tree_util.tree_map_with_path(
+      lambda path, x: x.at[0, 0].set(jnp.nan) if "visual_projection" in jax.tree_util.keystr(path) else x,
+      victim.params)
+  with pytest.raises(zs.ZeroShotError, match="are not finite"):
+    zs.evaluate_zeroshot(victim.encoder, broken, victim.tokenizer, data, attacks=["pgd"], eps_255=(1,))
+  unscaled = dataclasses.replace(data, images=data.images.astype(np.float32))
+  with pytest.raises(InputError, match="0-255"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, unscaled, attacks=["pgd"], eps_255=(1,))
+  with pytest.raises(zs.ZeroShotError, match="no attack given"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, data, attacks=[], eps_255=(1,))
+
+
+def test_templates_fill_only_their_braces_pair():
+  assert zs.prompts_from_templates(["cat"], ["a {} in {style}", "a {} }{"]) == [["a cat in {style}", "a cat }{"]]
+
+
+def test_each_data_set_writes_its_own_results_by_default(tmp_path, monkeypatch):
+  """The guide's colour x shape and count commands, one after the other, keep both results.json."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "my_folder").mkdir()
+  outs = [zs.parse_args(["--model", "m", "--data", data]).out for data in ("shapes-colour-shape", "shapes-count",
+                                                                            "my_folder")]
+  assert outs == [str(Path("zeroshot_results") / name) for name in ("shapes-colour-shape", "shapes-count",
+                                                                     "my_folder")]
+  assert zs.parse_args(["--model", "m", "--out", "here"]).out == "here"
+  path = ev.write_json({"a": 1.0}, tmp_path / "r" / "results.json")
+  assert json.loads(path.read_text()) == {"a": 1.0} and [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
 def test_zeroshot_flags_are_read_before_a_cached_model_is_trained(tmp_path, monkeypatch, capsys):
   # "shapes" is trained into the cache on first use (minutes): --help or a bad flag must not wait for that.
   from mat_jax.training import loop
   monkeypatch.setattr(loop, "ensure_cached_source", lambda source: pytest.fail("trained before reading the flags"))
+  (tmp_path / "afile").write_text("")
   for flags, message in [(["--help"], "usage:"), (["--eps", "nan"], "finite"), (["--bogus-flag"], "unrecognized"),
-                         (["--eps", "300"], "more than the whole pixel range")]:
+                         (["--eps", "300"], "more than the whole pixel range"),
+                         (["--data", "shapes-count", "--attacks", "apgd-t"], "at least 4 classes"),
+                         (["--data", str(tmp_path / "nowhere")], "neither"),
+                         (["--data", "shapes-count", "--split", "dev"], "--split 'dev': the shapes world has"),
+                         (["--data", str(tmp_path), "--template", "a photo"], "have no '{}'"),
+                         (["--seed", "-1"], "--seed -1: use a seed >= 0"),
+                         (["--attacks", ","], "--attacks names no attack"),
+                         (["--data-dir", str(tmp_path / "afile" / "sub")], "--data-dir")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main(["--task", "zeroshot", "--model", "shapes", "--out", str(tmp_path), *flags])
     captured = capsys.readouterr()
