@@ -194,16 +194,21 @@ def is_run_dir(path: Path) -> bool:
       (path / checkpoint.MODEL_DIR / "config.json").exists() or (path / "checkpoints").is_dir())
 
 
-def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenizer | None]:
+def load_model(source: str, *, dtype: Any = None, context_length: int | None = None
+               ) -> tuple[CLIP | BLIP, Tokenizer | None]:
   """The model of a source that names trained weights (a cached run, a run directory, a transformers
-  directory or hub id; see the module docstring), and the tokenizer stored with it, if any."""
+  directory or hub id; see the module docstring), and the tokenizer stored with it, if any.
+  `context_length`: a BLIP's tokens per caption (a tokenisation choice up to its positions; a CLIP's is
+  its positions)."""
   name = cached_name(source)
   if name is not None:
-    return restore_model(cached_run(name))
+    return restore_model(cached_run(name), context_length=context_length)
   path = Path(source).expanduser()
   if path.is_dir() and is_run_dir(path):
-    return restore_model(path)
-  return (load_blip if is_blip(source) else load_clip)(source, dtype=dtype), None
+    return restore_model(path, context_length=context_length)
+  if is_blip(source):
+    return load_blip(source, dtype=dtype, context_length=context_length), None
+  return load_clip(source, dtype=dtype), None
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, Tokenizer | None]:
@@ -221,7 +226,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
                       f"model.source={source!r} loads trained weights whose architecture is fixed; drop the "
                       f"overrides, or start from a preset ({', '.join(sorted(ALL_PRESETS))})")
   try:
-    model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype))
+    model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype), context_length=context)
   except ModelSourceError as err:
     # A mistyped preset reads as a bare hub id: say which preset it is close to.
     near = difflib.get_close_matches(source, list(ALL_PRESETS), n=1)
@@ -342,15 +347,15 @@ def export_model(model: Any, tokenizer: Any, workdir: str | os.PathLike) -> Path
   return directory
 
 
-def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
+def restore_model(workdir: str | os.PathLike, *, context_length: int | None = None) -> tuple[Any, Any]:
   """(model, tokenizer) of a run: its exported model, else the parameters of its newest checkpoint.
 
-  The tokenizer is None for runs without one (synthetic data).
+  The tokenizer is None for runs without one (synthetic data). `context_length`: as `load_model`'s.
   """
   workdir = Path(workdir)
   exported = workdir / checkpoint.MODEL_DIR
   if (exported / "config.json").exists():
-    model = (load_blip if is_blip(exported) else load_clip)(exported)
+    model = load_blip(exported, context_length=context_length) if is_blip(exported) else load_clip(exported)
     tokenizer = None
     if (exported / "tokenizer.json").exists() or (exported / "vocab.json").exists():
       tokenizer = load_tokenizer(exported, context_length=model.config.text.context_length)

@@ -114,3 +114,28 @@ def test_weight_decay_takes_the_same_parameters_of_blip_and_clip():
     assert not any(flags[k] for k in cls) and all(flags[k] for k in position)
     assert not any(v for k, v in flags.items() if k.endswith(("bias", "scale")))
 
+
+
+def test_a_blip_takes_any_context_length_its_positions_hold(tmp_path):
+  """A BLIP's 35 tokens per caption are a tokenisation choice: model.context_length may go up to the text
+  model's positions (it was refused above 35, naming 35 as the positions), and the model agrees with its
+  tokenizer."""
+  import dataclasses
+
+  from mat_jax.data import shapes
+  from mat_jax.models import blip_config, save_blip
+
+  tiny = blip_config("blip-tiny")
+  cfg = tiny.replace(text=dataclasses.replace(tiny.text, max_position_embeddings=64, context_length=20))
+  directory = tmp_path / "blip64"
+  shapes.build_tokenizer(directory)
+  save_blip(BLIP(cfg, rngs=nnx.Rngs(0)), directory)
+  for length in (24, 40):
+    config = config_lib.build({"name": "x", "model": {"source": str(directory), "context_length": length},
+                               "data": {"name": "shapes", "image_size": cfg.vision.image_size}})
+    model, tokenizer = runs.model_from_config(config)
+    assert model.config.text.context_length == tokenizer.context_length == length
+  config = config_lib.build({"name": "x", "model": {"source": str(directory), "context_length": 80},
+                             "data": {"name": "shapes", "image_size": cfg.vision.image_size}})
+  with pytest.raises(config_lib.ConfigError, match="context_length 80 > text_config.max_position_embeddings 64"):
+    runs.model_from_config(config)
