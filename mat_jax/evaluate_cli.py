@@ -15,13 +15,14 @@ import math
 import sys
 from typing import Sequence
 
-from mat_jax import errors, rerank, runtime, zeroshot
+from mat_jax import errors, rerank, runs, runtime, zeroshot
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.attacks import candidates
 from mat_jax.attacks import image as image_attacks
 from mat_jax.data import shapes
 from mat_jax.errors import InputError
 from mat_jax.evaluate import ATTACKS
+from mat_jax.models.blip import BLIP_PRESETS
 from mat_jax.models.clip import resolve_dtype
 from mat_jax.training import inputs, loop
 
@@ -41,6 +42,26 @@ def _check_text_source(name: str, data: str, bert: str | None) -> str:
     raise InputError("--text-source bert needs --bert: a BERT masked-LM directory or hub id "
                      "(e.g. bert-base-uncased in the transformers layout)")
   return name
+
+
+def itm_k_for(model: str, requested: int | None, has_itm: bool) -> tuple[int | None, str | None]:
+  """The ITM re-ranking depth of an evaluation (None: rank by ITC alone) and a note to print, if any.
+
+  BLIP's default re-ranks (`rerank.DEFAULT_K`), unless the model's chain of runs started from a randomly
+  initialised BLIP preset: no mat_jax objective trains the ITM head, so it is random still."""
+  if not has_itm:
+    return None, None
+  itm_k = rerank.DEFAULT_K if requested is None else requested or None
+  root = runs.root_source(model)
+  if root not in BLIP_PRESETS:
+    return itm_k, None
+  if requested is None:
+    return None, (f"ranking by ITC alone: {model} was trained from the randomly initialised {root!r}, and no "
+                  "mat_jax objective trains BLIP's ITM head; --itm-k K re-ranks by it anyway")
+  if itm_k:
+    return itm_k, (f"warning: --itm-k {itm_k} re-ranks by the ITM head of {model}, trained from the randomly "
+                   f"initialised {root!r}: no mat_jax objective trains that head, so its scores are random")
+  return None, None
 
 
 def _text_source(name: str, data: str, bert: str | None, top_k: int):
@@ -180,7 +201,9 @@ def _main(argv: Sequence[str] | None) -> int:
   has_itm = rerank.supports_itm(target.encoder)
   if args.itm_k and not has_itm:
     parser.error(f"--itm-k needs a target with an ITM head (BLIP); {args.model} is a dual encoder")
-  itm_k = (rerank.DEFAULT_K if args.itm_k is None else args.itm_k or None) if has_itm else None
+  itm_k, note = itm_k_for(args.model, args.itm_k, has_itm)
+  if note:
+    print(note)
   surrogate = (evaluate_lib.load_victim(args.surrogate, args.surrogate_tokenizer, **options)
                if args.surrogate else None)
   eval_set = evaluate_lib.load_dataset(args.data, target.tokenizer, target.image_size, split=args.split,

@@ -158,6 +158,31 @@ def run_fingerprint(config: ml_collections.ConfigDict, model_config: Any) -> dic
   return fingerprint
 
 
+def starting_source(source: str) -> str | None:
+  """The model.source a run started from, for a source that names a run ("cache:NAME", "shapes", a run
+  directory); None for any other source, or a run whose config cannot be read (restoring it says why)."""
+  name = cached_name(source)
+  if name is not None:
+    return cached_experiment(name)[1].model.source
+  path = Path(source).expanduser()
+  if not is_run_dir(path):
+    return None
+  try:
+    return str(json.loads((path / checkpoint.CONFIG_FILE).read_text())["model"]["source"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def root_source(source: str) -> str:
+  """The source at the start of a chain of runs (a run's starting model, its starting model, ...): a preset,
+  a transformers directory or a hub id."""
+  seen = set()
+  while (upstream := starting_source(source)) is not None and source not in seen:
+    seen.add(source)
+    source = upstream
+  return source
+
+
 def is_trained(run_dir: Path) -> bool:
   """Whether a run directory holds its exported (final) model."""
   return (run_dir / checkpoint.MODEL_DIR / "config.json").exists()

@@ -205,3 +205,28 @@ def test_itm_k_needs_an_itm_head(dirs, capsys, tmp_path):
   with pytest.raises(ValueError, match="image-text matching head"):
     rerank.itm_rerank(encoder, params, np.zeros((1, SIZE, SIZE, 3), np.float32), np.zeros((1, 4), np.int32),
                       np.ones((1, 4), np.int32), np.zeros((1, 1)))
+
+
+def test_a_blip_trained_from_random_weights_is_ranked_by_itc_by_default(tmp_path):
+  """No objective trains BLIP's ITM head: a model whose runs start from a random preset re-ranks by a random
+  head, so the evaluation defaults to ITC alone (and warns when --itm-k asks for it anyway)."""
+  import json
+
+  from mat_jax import checkpoint, runs
+
+  def run_dir(name, source):
+    (tmp_path / name / "checkpoints").mkdir(parents=True)
+    (tmp_path / name / checkpoint.CONFIG_FILE).write_text(json.dumps({"model": {"source": source}}))
+    return str(tmp_path / name)
+
+  clean = run_dir("clean", "blip-tiny")
+  defended = run_dir("defended", clean)
+  assert runs.root_source(defended) == "blip-tiny" and runs.root_source("cache:shapes_blip") == "blip-tiny"
+  assert runs.root_source("Salesforce/blip-itm-base-coco") == "Salesforce/blip-itm-base-coco"
+  itm_k, note = evaluate_cli.itm_k_for(defended, None, True)
+  assert itm_k is None and note.startswith("ranking by ITC alone") and "'blip-tiny'" in note
+  itm_k, note = evaluate_cli.itm_k_for(defended, 16, True)
+  assert itm_k == 16 and note.startswith("warning: --itm-k 16 re-ranks by the ITM head")
+  assert evaluate_cli.itm_k_for(defended, 0, True) == (None, None)
+  assert evaluate_cli.itm_k_for("Salesforce/blip-itm-base-coco", None, True) == (rerank.DEFAULT_K, None)
+  assert evaluate_cli.itm_k_for(defended, None, False) == (None, None)
