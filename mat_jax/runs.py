@@ -99,6 +99,11 @@ def cached_name(source: str) -> str | None:
 def cached_experiment(name: str) -> tuple[Path, ml_collections.ConfigDict]:
   """experiments/<name>.py and its config."""
   path = EXPERIMENTS_DIR / f"{name}.py"
+  if not EXPERIMENTS_DIR.is_dir():
+    # A wheel holds the package only: the experiment files live beside it in the source tree.
+    raise ConfigError(f"model.source {CACHE_PREFIX}{name}: the experiment files are not at {EXPERIMENTS_DIR}; "
+                      "they ship with the source tree (experiments/ beside mat_jax/): install mat_jax from a "
+                      "clone with `pip install -e .`")
   if not path.exists():
     raise ConfigError(f"model.source {CACHE_PREFIX}{name}: there is no experiment {path}")
   return path, config_lib.load(path)

@@ -104,6 +104,9 @@ def test_every_experiment_file_builds(name, arg):
       assert config.text_attack.source == "paraphrase" or config.objective.name not in ("mat", "matplus", "mmcoa")
     else:  # the published model on the real corpus, a few steps
       assert config.model.source == full.model.source and config.data.name == full.data.name
+    # Named apart: `python -m mat_jax.train` names the default workdir after the run, and the real run
+    # would refuse the smoke test's checkpoints there.
+    assert config.name == f"{full.name}_runlocal"
     # runlocal shrinks the run; what is trained (objective, towers, data) stays the same.
     assert config.objective.to_dict() == full.objective.to_dict()
     assert (config.train.towers, config.data.captions_per_image) == (full.train.towers,

@@ -562,3 +562,36 @@ def test_a_missing_cached_run_trains_on_the_commands_mesh(root, monkeypatch, dev
   lines = []
   loop.ensure_cached_run("cached_micro", log=lines.append, mesh_spec="2")
   assert any("mesh data=2, fsdp=1" in line for line in lines) and runs.is_trained(run_dir)
+
+
+def test_an_unexported_run_gets_the_cached_model_it_started_from(tmp_path, monkeypatch):
+  """Read from its checkpoint, an unexported run is built on its starting model: evaluating it trains that
+  cached model first, as evaluating the cached model itself does (it used to fail, saying the command lines
+  do this on their own)."""
+  import json
+
+  from mat_jax import checkpoint as checkpoint_lib
+
+  asked = []
+  monkeypatch.setattr(loop, "ensure_cached_run", lambda name, **kw: asked.append(name))
+  run = tmp_path / "stopped_early"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / checkpoint_lib.CONFIG_FILE).write_text(json.dumps({"model": {"source": "cache:shapes_clip"}}))
+  loop.ensure_cached_source(str(run))
+  assert asked == ["shapes_clip"]
+  (run / checkpoint_lib.MODEL_DIR).mkdir()
+  (run / checkpoint_lib.MODEL_DIR / "config.json").write_text("{}")  # exported: its own weights suffice
+  loop.ensure_cached_source(str(run))
+  assert asked == ["shapes_clip"]
+
+
+def test_cached_models_without_the_experiment_files_name_the_install(tmp_path, monkeypatch):
+  """A non-editable install (a wheel) has the package but not experiments/: say so, not "no experiment"."""
+  from mat_jax import runs
+
+  monkeypatch.setattr(runs, "EXPERIMENTS_DIR", tmp_path / "site-packages" / "experiments")
+  with pytest.raises(config_lib.ConfigError, match=r"the experiment files are not at .*pip install -e \."):
+    runs.cached_experiment("shapes_clip")
+  monkeypatch.setattr(runs, "EXPERIMENTS_DIR", tmp_path)
+  with pytest.raises(config_lib.ConfigError, match="there is no experiment"):
+    runs.cached_experiment("shapes_clip")
