@@ -312,15 +312,18 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     raise ValueError(f"itm_k={itm_k}: ITM re-ranking needs a target with an ITM head (BLIP); leave it unset for "
                      f"{type(target.encoder.config).__name__} models")
 
-  def ranks_of(img, txt, ids, mask, pixels):
-    """Ranks by ITC similarity, or re-ranked by ITM (pixels: the N images the img features are of)."""
+  def ranks_of(img, txt, ids, mask, tokens):
+    """Ranks by ITC similarity, or re-ranked by ITM (tokens: those of the N images the img features are of)."""
     if itm_k is None:
       return metrics.retrieval_ranks(img @ txt.T, text_to_image)
-    i2t, t2i = rerank.itm_rerank(target.encoder, target.params, pixels, ids, mask, img @ txt.T, k=itm_k)
+    i2t, t2i = rerank.itm_rerank(target.encoder, target.params, None, ids, mask, img @ txt.T, k=itm_k,
+                                 tokens=tokens)
     return rerank.reranked_ranks(i2t, t2i, text_to_image)
 
-  clean_pixels = _float_images(eval_set, np.arange(n_images)) if itm_k is not None else None
-  clean_ranks = ranks_of(clean_img, clean_txt, target_tokens.input_ids, target_tokens.attention_mask, clean_pixels)
+  # ITM re-ranking reads the images' tokens: the clean ones once, for every run that leaves images clean.
+  clean_tokens = None if itm_k is None else rerank.image_tokens(
+      target.encoder, target.params, _float_images(eval_set, np.arange(n_images)), batch_size)
+  clean_ranks = ranks_of(clean_img, clean_txt, target_tokens.input_ids, target_tokens.attention_mask, clean_tokens)
   clean = metrics.recall_from_ranks(*clean_ranks)
 
   # What the attacker needs: its tokenisation, its clean text features (APGD's classes), candidates.
@@ -347,7 +350,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   for (attack, eps), stage in zip(runs, stages, strict=True):
     start = time.perf_counter()
     adv_img = np.zeros_like(clean_img)
-    adv_pixels = None if itm_k is None else np.array(clean_pixels)  # ITM re-ranking reads the images again
+    adv_token_parts: list[tuple[np.ndarray, jax.Array]] = []  # (images, their tokens) of attacked batches
     adv_ids = np.array(target_tokens.input_ids)
     adv_mask = np.array(target_tokens.attention_mask)
     adv_strings: list[str] | None = None if attacker is target else list(caption_list)
@@ -369,8 +372,9 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         # Straight from the device: the adversarial pixels never visit the host.
         embedded = metrics.image_embeddings(target.encoder, target.params, adv_images)
         adv_img[batch.images[real]] = np.asarray(embedded)[real]
-        if adv_pixels is not None:
-          adv_pixels[batch.images[real]] = np.asarray(adv_images)[real]
+        if itm_k is not None:
+          tokens = rerank.batch_image_tokens(target.encoder, target.params, adv_images)
+          adv_token_parts.append((batch.images[real], tokens[:batch.count]))
       else:
         adv_img[batch.images[real]] = clean_img[batch.images[real]]
       if text_result is not None:
@@ -391,7 +395,11 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
       tokens = target.tokenizer(adv_strings)
       adv_ids, adv_mask = tokens.input_ids, tokens.attention_mask
     adv_txt = metrics.embed_texts(target.encoder, target.params, adv_ids, adv_mask)
-    ranks = ranks_of(adv_img, adv_txt, adv_ids, adv_mask, adv_pixels)
+    adv_tokens = clean_tokens
+    if adv_token_parts:  # one scatter on the device, not one copy of all tokens per batch
+      where = jnp.asarray(np.concatenate([images for images, _ in adv_token_parts]))
+      adv_tokens = clean_tokens.at[where].set(jnp.concatenate([tokens for _, tokens in adv_token_parts]))
+    ranks = ranks_of(adv_img, adv_txt, adv_ids, adv_mask, adv_tokens)
     recall = metrics.recall_from_ranks(*ranks)
     entry = {
         "recall": recall,
@@ -407,7 +415,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         flip = flipped[:, None]
         restored_ranks = ranks_of(adv_img, np.where(flip, clean_txt, adv_txt),
                                   np.where(flip, target_tokens.input_ids, adv_ids),
-                                  np.where(flip, target_tokens.attention_mask, adv_mask), adv_pixels)
+                                  np.where(flip, target_tokens.attention_mask, adv_mask), adv_tokens)
         entry.update(meaning_preserving_scores(changed, flipped, clean_ranks, restored_ranks))
         if not keep_ranks:
           del entry["ranks_meaning_preserving"]

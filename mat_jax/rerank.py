@@ -6,7 +6,7 @@ score is its ITM "match" logit plus its ITC similarity (BLIP's evaluation adds t
 the ITM logit alone: `add_similarity=False`). Candidates outside the top-k rank below every re-ranked
 one, so R@K is exact for K <= k, and among themselves in their ITC order (the references give them all
 one score, which leaves their order, and R@K for K > k, to their indices). The references use k = 256
-(BLIP on COCO and Flickr30k, ALBEF) and 128 (BLIP's Flickr30k config); the default here is 128.
+(BLIP's COCO config, ALBEF) and 128 (BLIP's Flickr30k config); the default here is 128.
 
 The pairs of both directions are scored once each (a pair in both top-k lists is not scored twice), in
 fixed-size chunks, by one compiled function that gathers each pair's image tokens on the device. The
@@ -47,6 +47,12 @@ def _pair_scores(encoder: DualEncoder, params: nnx.State, tokens: jax.Array, inp
   logits = encoder.merge(params).itm_logits_from_tokens(tokens[image_index], input_ids[text_index],
                                                         attention_mask[text_index])
   return logits[:, 1]
+
+
+def batch_image_tokens(encoder: DualEncoder, params: nnx.State, images: jax.Array) -> jax.Array:
+  """Post-LN image tokens of one batch already on the device (an attack's output): no host checks, no
+  copy to the host."""
+  return _image_tokens(encoder, params, images)
 
 
 def image_tokens(encoder: DualEncoder, params: nnx.State, images, batch_size: int = 64) -> jax.Array:

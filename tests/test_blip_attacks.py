@@ -230,3 +230,20 @@ def test_a_blip_trained_from_random_weights_is_ranked_by_itc_by_default(tmp_path
   assert evaluate_cli.itm_k_for(defended, 0, True) == (None, None)
   assert evaluate_cli.itm_k_for("Salesforce/blip-itm-base-coco", None, True) == (rerank.DEFAULT_K, None)
   assert evaluate_cli.itm_k_for(defended, None, False) == (None, None)
+
+
+def test_itm_reranking_encodes_each_image_once_per_run(dirs, monkeypatch):
+  """The clean images' ITM tokens once for the whole evaluation (text-only runs and the judge's restored
+  set reuse them), an attacked image's once, from the attack's output on the device. Each was encoded
+  again per run (and per ranking) through a host copy of every image's pixels."""
+  encoded = []
+  inner = rerank._image_tokens
+  monkeypatch.setattr(rerank, "_image_tokens",
+                      lambda enc, params, x: encoded.append(x.shape[0]) or inner(enc, params, x))
+  victim = ev.load_victim(str(dirs["blip"]))
+  n = 8
+  results = ev.evaluate(victim, eval_set=_EvalSet(n), attacks=("bert", "pgd"), eps_255=(2.0,), text_source=_lexicon(),
+                        settings=ev.AttackSettings(steps=2), batch_size=4, progress=False, itm_k=4,
+                        judge=lambda caption, text: True)
+  assert sum(encoded) == 2 * n  # the clean images, then PGD's
+  assert set(results["attacks"]) == {"bert", "pgd"}
