@@ -566,8 +566,8 @@ def _l2(results: dict) -> bool:
 
 def settings_line(results: dict) -> str:
   """The settings the numbers hold for, for titles: the norm, the steps, the seed and the batch size
-  (the contrastive attacks' negatives and the random starts depend on it), and a meaning filter on the
-  text attacks' substitutes when one was applied."""
+  (the contrastive attacks' negatives and the random starts depend on it), a meaning filter on the
+  text attacks' substitutes and ITM re-ranking when they were applied."""
   s = results.get("settings", {})
   parts = ["L2 radius in 1/255 units" if _l2(results) else "L-inf eps in 1/255 units"]
   if "steps" in s:
@@ -576,6 +576,8 @@ def settings_line(results: dict) -> str:
   parts += [f"{name} {s[key]}" for key, name in (("seed", "seed"), ("batch_size", "batch size")) if key in s]
   if (s.get("text_source") or {}).get("meaning_filter"):
     parts.append("text substitutes meaning-filtered (no label flips)")
+  if s.get("itm_k"):
+    parts.append(f"ITM re-ranking of the top {s['itm_k']}")
   return ", ".join(parts)
 
 

@@ -355,3 +355,6 @@ def test_the_table_and_plot_name_the_norm_steps_and_seed(tmp_path, monkeypatch):
   assert ev.settings_line(results).endswith(", batch size 16, text substitutes meaning-filtered (no label flips)")
   results["settings"]["text_source"] = {"kind": "BertMLMSource", "top_k": 10}
   assert ev.settings_line(results).endswith(", batch size 16")
+  # A BLIP ranked with ITM re-ranking: the printed table says so, not only results.json.
+  results["settings"]["itm_k"] = 128
+  assert ev.settings_line(results).endswith(", batch size 16, ITM re-ranking of the top 128")
