@@ -350,7 +350,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   for (attack, eps), stage in zip(runs, stages, strict=True):
     start = time.perf_counter()
     adv_img = np.zeros_like(clean_img)
-    adv_token_parts: list[tuple[np.ndarray, jax.Array]] = []  # (images, their tokens) of attacked batches
+    adv_tokens = clean_tokens  # an image attack's run writes its images' tokens into a copy, batch by batch
     adv_ids = np.array(target_tokens.input_ids)
     adv_mask = np.array(target_tokens.attention_mask)
     adv_strings: list[str] | None = None if attacker is target else list(caption_list)
@@ -373,8 +373,10 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         embedded = metrics.image_embeddings(target.encoder, target.params, adv_images)
         adv_img[batch.images[real]] = np.asarray(embedded)[real]
         if itm_k is not None:
+          if adv_tokens is clean_tokens:
+            adv_tokens = jnp.copy(clean_tokens)
           tokens = rerank.batch_image_tokens(target.encoder, target.params, adv_images)
-          adv_token_parts.append((batch.images[real], tokens[:batch.count]))
+          adv_tokens = rerank.put_tokens(adv_tokens, jnp.asarray(batch.images[real]), tokens[:batch.count])
       else:
         adv_img[batch.images[real]] = clean_img[batch.images[real]]
       if text_result is not None:
@@ -395,10 +397,6 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
       tokens = target.tokenizer(adv_strings)
       adv_ids, adv_mask = tokens.input_ids, tokens.attention_mask
     adv_txt = metrics.embed_texts(target.encoder, target.params, adv_ids, adv_mask)
-    adv_tokens = clean_tokens
-    if adv_token_parts:  # one scatter on the device, not one copy of all tokens per batch
-      where = jnp.asarray(np.concatenate([images for images, _ in adv_token_parts]))
-      adv_tokens = clean_tokens.at[where].set(jnp.concatenate([tokens for _, tokens in adv_token_parts]))
     ranks = ranks_of(adv_img, adv_txt, adv_ids, adv_mask, adv_tokens)
     recall = metrics.recall_from_ranks(*ranks)
     entry = {

@@ -272,7 +272,7 @@ def runlocal(c: ml_collections.ConfigDict, preset: str = "tiny") -> ml_collectio
   """A smoke test of any shapes-world experiment: a random model of `preset` (tiny CLIP, or "blip-tiny";
   no cached clean model needed), a few small steps, and the paraphrase text source (no MLM to train).
   Named apart (`NAME_runlocal`): its default workdir is not the real run's, which would refuse its checkpoints."""
-  c.name = f"{c.name}_runlocal"
+  c.name = f"{c.name}_runlocal" if c.name else c.name
   c.model = dict(source=preset, tokenizer="shapes")
   c.train.update(batch_size=16, steps=10, log_every=2, checkpoint_every=5, eval_every=0)
   c.schedule.warmup_steps = 2
@@ -378,7 +378,7 @@ def clip_vitb16(dataset: str, train_images: int, defense: str) -> ml_collections
 def runlocal_corpus(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A smoke test of a run on a real corpus: the same model and data, 4 steps of 8 images, a checkpoint
   every 2 steps, 16 evaluation images; named apart, as `runlocal`."""
-  c.name = f"{c.name}_runlocal"
+  c.name = f"{c.name}_runlocal" if c.name else c.name
   c.train.update(batch_size=8, steps=4, log_every=1, checkpoint_every=2)
   c.schedule.warmup_steps = min(c.schedule.warmup_steps, 1)
   c.eval.max_images = 16

@@ -11,7 +11,8 @@ one score, which leaves their order, and R@K for K > k, to their indices). The r
 The pairs of both directions are scored once each (a pair in both top-k lists is not scored twice), in
 fixed-size chunks, by one compiled function that gathers each pair's image tokens on the device. The
 image tokens of all images are computed once and kept on the device: (N, 1 + patches, width) float32,
-1.8 GB for Flickr30k's 1,000 test images at BLIP-B/384.
+1.8 GB for Flickr30k's 1,000 test images at BLIP-B/384. `evaluate` keeps the clean images' tokens for the
+whole evaluation and, for an image attack, one more such array for the attacked images' (3.6 GB there).
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def batch_image_tokens(encoder: DualEncoder, params: nnx.State, images: jax.Arra
   """Post-LN image tokens of one batch already on the device (an attack's output): no host checks, no
   copy to the host."""
   return _image_tokens(encoder, params, images)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def put_tokens(tokens: jax.Array, images: jax.Array, batch_tokens: jax.Array) -> jax.Array:
+  """`tokens` (N, T, W) with rows `images` replaced by `batch_tokens`, in place: `tokens` is donated (do
+  not use it after the call)."""
+  return tokens.at[images].set(batch_tokens)
 
 
 def image_tokens(encoder: DualEncoder, params: nnx.State, images, batch_size: int = 64) -> jax.Array:

@@ -170,6 +170,8 @@ def starting_source(source: str) -> str | None:
   if name is not None:
     return cached_experiment(name)[1].model.source
   path = Path(source).expanduser()
+  if path.name == checkpoint.MODEL_DIR and not is_run_dir(path) and is_run_dir(path.parent):
+    path = path.parent  # a run's exported model directory: the run it was exported from
   if not is_run_dir(path):
     return None
   try:
@@ -224,21 +226,23 @@ def is_run_dir(path: Path) -> bool:
       (path / checkpoint.MODEL_DIR / "config.json").exists() or (path / "checkpoints").is_dir())
 
 
-def load_model(source: str, *, dtype: Any = None, context_length: int | None = None
-               ) -> tuple[CLIP | BLIP, Tokenizer | None]:
+def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenizer | None]:
   """The model of a source that names trained weights (a cached run, a run directory, a transformers
-  directory or hub id; see the module docstring), and the tokenizer stored with it, if any.
-  `context_length`: a BLIP's tokens per caption (a tokenisation choice up to its positions; a CLIP's is
-  its positions)."""
+  directory or hub id; see the module docstring), and the tokenizer stored with it, if any."""
   name = cached_name(source)
   if name is not None:
-    return restore_model(cached_run(name), context_length=context_length)
+    return restore_model(cached_run(name))
   path = Path(source).expanduser()
   if path.is_dir() and is_run_dir(path):
-    return restore_model(path, context_length=context_length)
-  if is_blip(source):
-    return load_blip(source, dtype=dtype, context_length=context_length), None
-  return load_clip(source, dtype=dtype), None
+    return restore_model(path)
+  return (load_blip if is_blip(source) else load_clip)(source, dtype=dtype), None
+
+
+def text_positions(model: CLIP | BLIP) -> int:
+  """The longest token sequence the text model takes: a CLIP's context length (its position table), a
+  BLIP's position table (its context length, 35 by default, is only a tokenisation choice)."""
+  text = model.config.text
+  return text.max_position_embeddings if isinstance(model.config, BlipConfig) else text.context_length
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, Tokenizer | None]:
@@ -256,7 +260,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
                       f"model.source={source!r} loads trained weights whose architecture is fixed; drop the "
                       f"overrides, or start from a preset ({', '.join(sorted(ALL_PRESETS))})")
   try:
-    model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype), context_length=context)
+    model, tokenizer = load_model(source, dtype=resolve_dtype(config.model.dtype))
   except ModelSourceError as err:
     # A mistyped preset reads as a bare hub id: say which preset it is close to.
     near = difflib.get_close_matches(source, list(ALL_PRESETS), n=1)
@@ -264,10 +268,10 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
       raise ModelSourceError(f"model.source={source!r} is not a preset (did you mean {near[0]!r}? presets: "
                              f"{', '.join(sorted(ALL_PRESETS))}), and as a model: {err}") from err
     raise
-  if context and context > model.config.text.context_length:
+  if context and context > text_positions(model):
     raise ConfigError(f"model.context_length={context} but the text model of {source} has "
-                      f"{model.config.text.context_length} positions; set model.context_length="
-                      f"{model.config.text.context_length} or less (0 = the model's)")
+                      f"{text_positions(model)} positions; set model.context_length={text_positions(model)} or "
+                      "less (0 = the model's)")
   if config.model.tokenizer:  # named in the config: it replaces the one stored with the weights
     tokenizer = resolve_tokenizer(config.model.tokenizer, context or model.config.text.context_length)
   elif tokenizer is None and cached_name(source) is None and not is_run_dir(Path(source).expanduser()):
@@ -377,15 +381,15 @@ def export_model(model: Any, tokenizer: Any, workdir: str | os.PathLike) -> Path
   return directory
 
 
-def restore_model(workdir: str | os.PathLike, *, context_length: int | None = None) -> tuple[Any, Any]:
+def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
   """(model, tokenizer) of a run: its exported model, else the parameters of its newest checkpoint.
 
-  The tokenizer is None for runs without one (synthetic data). `context_length`: as `load_model`'s.
+  The tokenizer is None for runs without one (synthetic data).
   """
   workdir = Path(workdir)
   exported = workdir / checkpoint.MODEL_DIR
   if (exported / "config.json").exists():
-    model = load_blip(exported, context_length=context_length) if is_blip(exported) else load_clip(exported)
+    model = (load_blip if is_blip(exported) else load_clip)(exported)
     tokenizer = None
     if (exported / "tokenizer.json").exists() or (exported / "vocab.json").exists():
       tokenizer = load_tokenizer(exported, context_length=model.config.text.context_length)

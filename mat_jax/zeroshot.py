@@ -194,8 +194,8 @@ def _clean_logits(encoder, params, classes, images):
 @functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11, 12))
 def _attack_correct(encoder, params, classes, images, labels, key, eps, step_size, attack, steps, norm,
                     n_targets, restarts):
-  """One batch under one attack -> (B,) bool, correct at the adversarial point. Only this vector
-  leaves the device."""
+  """One batch under one attack -> ((B,) bool, correct at the adversarial point; whether every adversarial
+  logit is finite). Only these leave the device."""
   logits_fn = losses.retrieval_logits(encoder, params, classes)
   positives = jax.nn.one_hot(labels, classes.shape[0], dtype=jnp.bool_)
   if attack == "apgd-ce":

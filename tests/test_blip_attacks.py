@@ -223,6 +223,8 @@ def test_a_blip_trained_from_random_weights_is_ranked_by_itc_by_default(tmp_path
   defended = run_dir("defended", clean)
   assert runs.root_source(defended) == "blip-tiny" and runs.root_source("cache:shapes_blip") == "blip-tiny"
   assert runs.root_source("Salesforce/blip-itm-base-coco") == "Salesforce/blip-itm-base-coco"
+  (tmp_path / "clean" / checkpoint.MODEL_DIR).mkdir()  # a run's exported model: the run it comes from
+  assert runs.root_source(str(tmp_path / "clean" / checkpoint.MODEL_DIR)) == "blip-tiny"
   itm_k, note = evaluate_cli.itm_k_for(defended, None, True)
   assert itm_k is None and note.startswith("ranking by ITC alone") and "'blip-tiny'" in note
   itm_k, note = evaluate_cli.itm_k_for(defended, 16, True)

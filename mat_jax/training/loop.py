@@ -306,7 +306,8 @@ def ensure_cached_run(name: str, *, log: Log = print, mesh_spec: str | None = No
   return run_dir
 
 
-def ensure_cached_source(source: str, *, log: Log = print, mesh_spec: str | None = None) -> None:
+def ensure_cached_source(source: str, *, log: Log = print, mesh_spec: str | None = None,
+                         _seen: frozenset[str] = frozenset()) -> None:
   """Train the cached run a model source names ("shapes", "cache:NAME"), if any and not there yet; for a
   run directory without its exported model (read from its checkpoint, built on the model it started
   from), the cached run it started from."""
@@ -315,8 +316,8 @@ def ensure_cached_source(source: str, *, log: Log = print, mesh_spec: str | None
     ensure_cached_run(name, log=log, mesh_spec=mesh_spec)
   elif runs.is_run_dir(Path(source).expanduser()) and not runs.is_trained(Path(source).expanduser()):
     upstream = runs.starting_source(source)
-    if upstream is not None and upstream != source:
-      ensure_cached_source(upstream, log=log, mesh_spec=mesh_spec)
+    if upstream is not None and upstream not in _seen | {source}:  # runs naming each other: stop
+      ensure_cached_source(upstream, log=log, mesh_spec=mesh_spec, _seen=_seen | {source})
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str | None, log: Log, progress: bool,
