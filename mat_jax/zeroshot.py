@@ -32,6 +32,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -369,10 +372,12 @@ def format_table(results: dict, title: str | None = None) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 def load_data(name: str, image_size: int, *, split: str = "test", num_images: int = 980, seed: int = 0,
-              data_dir: str | None = None, limit: int | None = None, log: Callable[[str], None] = print
-              ) -> ClassificationSet:
+              data_dir: str | None = None, limit: int | None = None, class_names: str | None = None,
+              log: Callable[[str], None] = print) -> ClassificationSet:
   """`shapes-colour-shape`, `shapes-count` (`num_images` rendered at `image_size`) or an ImageFolder
-  directory; `limit` then keeps that many images, the classes in turn (`classification.classes_in_turn`)."""
+  directory; `limit` then keeps that many images, the classes in turn (`classification.classes_in_turn`).
+  class_names: an ImageFolder's class names file (`read_class_names`); without one, folders named by
+  WordNet ids (ImageNet's) are refused: their prompts would name nothing."""
   if name in DATASETS:
     # All `num_images` are rendered first: the first `limit` scenes would follow shapes-count's 20/40/40 mix.
     rendered = classification.shapes_set(name.removeprefix("shapes-"), num_images=num_images, image_size=image_size,
@@ -383,7 +388,43 @@ def load_data(name: str, image_size: int, *, split: str = "test", num_images: in
     raise ZeroShotError(f"--data {name!r} is neither {' nor '.join(DATASETS)} nor an image folder (a directory "
                         "of class-named folders of images)")
   builder = imagefolder.build_image_folder(path, image_size=image_size, data_dir=data_dir, log=log)
-  return imagefolder.load_classification_set(builder, split, limit)
+  data = imagefolder.load_classification_set(builder, split, limit)
+  if class_names:
+    return dataclasses.replace(data, class_names=read_class_names(class_names, data.folders or data.class_names))
+  if all(_WORDNET_ID.fullmatch(n) for n in data.class_names):
+    raise ZeroShotError(f"{data.name}: the class folders are WordNet ids ({data.class_names[0]}, ...), which name "
+                        "nothing in a prompt; give the classes' names with --class-names FILE")
+  return data
+
+
+# ImageNet's folder names: WordNet ids, which tokenise to word pieces that name nothing.
+_WORDNET_ID = re.compile(r"n\d{8}")
+
+
+def read_class_names(path: str | os.PathLike, folders: Sequence[str]) -> tuple[str, ...]:
+  """The classes' names from `path`: one per line in the folders' (sorted) order, or a JSON object mapping
+  every folder to its name."""
+  path = Path(path).expanduser()
+  try:
+    text = path.read_text(encoding="utf-8")
+  except OSError as err:
+    raise ZeroShotError(f"--class-names {path}: cannot read it ({err.strerror or err})") from None
+  if text.lstrip().startswith("{"):
+    try:
+      mapping = json.loads(text)
+    except ValueError as err:
+      raise ZeroShotError(f"--class-names {path} is not valid JSON: {err}") from None
+    missing = [f for f in folders if f not in mapping]
+    extra = sorted(set(mapping) - set(folders))
+    if missing or extra or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
+      raise ZeroShotError(f"--class-names {path} must map every class folder to a non-empty name: missing "
+                          f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unknown {extra[:5]}")
+    return tuple(mapping[f].strip() for f in folders)
+  names = [line.strip() for line in text.splitlines() if line.strip()]
+  if len(names) != len(folders):
+    raise ZeroShotError(f"--class-names {path} holds {len(names)} names for {len(folders)} class folders; give "
+                        "one per line, in the sorted folders' order")
+  return tuple(names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--template", action="append", dest="templates",
                  help="prompt template with {} for the class name (repeat for several; ImageFolder data only; "
                       "default: a CLIP-style photo ensemble)")
+  p.add_argument("--class-names", metavar="FILE",
+                 help="ImageFolder data: the classes' names for the prompts, one per line in the sorted folders' "
+                      "order, or a JSON object {folder: name} (e.g. ImageNet's WordNet-id folders n01440764 ...)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None,
@@ -430,6 +474,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.error("--apgd-steps, --steps, --n-targets, --restarts, --num-images and --batch-size must be >= 1")
   if args.templates and args.data in DATASETS:
     parser.error("--template applies to ImageFolder data; the shapes-world sets bring their own prompts")
+  if args.class_names and args.data in DATASETS:
+    parser.error("--class-names applies to ImageFolder data; the shapes-world sets name their own classes")
+  if args.class_names and not Path(args.class_names).expanduser().is_file():
+    parser.error(f"--class-names {args.class_names}: no such file")
   if args.seed < 0:
     parser.error(f"--seed {args.seed}: use a seed >= 0")
   if args.attacks == []:
@@ -464,7 +512,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
   victim = ev.load_victim(args.model, args.tokenizer)
   data = load_data(args.data, victim.image_size, split=args.split, num_images=args.num_images, seed=args.seed,
-                   data_dir=args.data_dir, limit=args.limit)
+                   data_dir=args.data_dir, limit=args.limit, class_names=args.class_names)
   attacks = args.attacks
   if attacks is None:
     attacks = default_attacks(len(data.class_names))

@@ -411,8 +411,36 @@ def test_zeroshot_flags_are_read_before_a_cached_model_is_trained(tmp_path, monk
                          (["--data", str(tmp_path), "--template", "a photo"], "have no '{}'"),
                          (["--seed", "-1"], "--seed -1: use a seed >= 0"),
                          (["--attacks", ","], "--attacks names no attack"),
-                         (["--data-dir", str(tmp_path / "afile" / "sub")], "--data-dir")]:
+                         (["--data-dir", str(tmp_path / "afile" / "sub")], "--data-dir"),
+                         (["--data", "shapes-count", "--class-names", str(tmp_path / "afile")],
+                          "applies to ImageFolder"),
+                         (["--data", str(tmp_path), "--class-names", str(tmp_path / "none.txt")], "no such file")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main(["--task", "zeroshot", "--model", "shapes", "--out", str(tmp_path), *flags])
     captured = capsys.readouterr()
     assert message in captured.out + captured.err
+
+
+def test_class_names_file_names_imagefolder_classes(tmp_path):
+  """ImageNet's folders are WordNet ids: their prompts ("a photo of a n01440764.") name nothing, so they
+  are refused without --class-names, a file of names in the sorted folders' order or a JSON mapping."""
+  root = _write_folder(tmp_path / "ids", classes=("red_circle", "blue_square"), per_class=1)
+  for old, wnid in (("blue_square", "n00000002"), ("red_circle", "n00000001")):
+    (root / old).rename(root / wnid)
+  data_dir = tmp_path / "data"
+  with pytest.raises(zs.ZeroShotError, match="WordNet ids .* --class-names FILE"):
+    zs.load_data(str(root), SIZE, data_dir=data_dir, log=lambda _: None)
+  lines = tmp_path / "names.txt"
+  lines.write_text("red circle\nblue square\n")
+  data = zs.load_data(str(root), SIZE, data_dir=data_dir, class_names=str(lines), log=lambda _: None)
+  assert data.class_names == ("red circle", "blue square") and data.folders == ("n00000001", "n00000002")
+  mapping = tmp_path / "names.json"
+  mapping.write_text(json.dumps({"n00000002": "blue square", "n00000001": "red circle"}))
+  assert zs.read_class_names(mapping, data.folders) == ("red circle", "blue square")
+  for text, message in (("red circle\n", "holds 1 names for 2 class folders"),
+                        ('{"n00000001": "red circle"}', r"missing \['n00000002'\]"),
+                        ('{"n00000001": "red circle", "n00000002": ""}', "non-empty name"),
+                        ("{not json", "not valid JSON")):
+    lines.write_text(text)
+    with pytest.raises(zs.ZeroShotError, match=message):
+      zs.read_class_names(lines, data.folders)

@@ -44,6 +44,7 @@ class ClassificationSet:
   class_names: tuple[str, ...]
   prompts: tuple[tuple[str, ...], ...] | None = None  # per class; None: fill templates with the names
   name: str = "classification"
+  folders: tuple[str, ...] | None = None              # an ImageFolder's class folders, whose names these are
 
   def __post_init__(self):
     n = len(self.images)

@@ -189,4 +189,5 @@ def load_classification_set(builder: tfds.core.DatasetBuilder, split: str = SING
   labels = np.asarray([int(r["label"]) for r in records], np.int32)
   folders = builder.info.features["label"].names
   return ClassificationSet(images, labels, tuple(class_display_name(f) for f in folders), None,
-                           f"imagefolder:{builder.info.metadata.get('root', builder.builder_config.name)}")
+                           f"imagefolder:{builder.info.metadata.get('root', builder.builder_config.name)}",
+                           tuple(folders))
