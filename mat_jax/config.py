@@ -521,12 +521,12 @@ def _check_shapes_sizes(config: dict) -> None:
   would take minutes, then the run would fail on a split that does not exist). eval.split is checked
   when the run is set up (`setup.check_split`): commands that never evaluate build only what they read."""
   data = config["data"]
-  for split in ("train", "val", "test"):
+  for split in shapes.SPLIT_IDS:
     if data[f"build_{split}"] < 0:
       raise ConfigError(f"data.build_{split}={data[f'build_{split}']} must be >= 0 (scenes in the shapes world's "
                         f"{split} split)")
   split = data["split"]
-  if split in ("train", "val", "test") and data[f"build_{split}"] == 0:
+  if split in shapes.SPLIT_IDS and data[f"build_{split}"] == 0:
     raise ConfigError(f"data.split={split!r} trains on the shapes world's {split} split, but data.build_{split}=0 "
                       f"builds it empty; give it scenes (e.g. data.build_{split}=1000) or train on another split")
 

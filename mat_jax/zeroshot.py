@@ -47,7 +47,7 @@ from mat_jax import checks, errors, metrics, tables
 from mat_jax import evaluate as ev
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
-from mat_jax.data import classification, imagefolder, pipeline, shapes
+from mat_jax.data import classification, imagefolder, pipeline
 from mat_jax.data.classification import SHAPES_TASKS, ClassificationSet
 from mat_jax.models.clip import check_tokens_for
 from mat_jax.models.tokenizers import Tokenizer
@@ -371,6 +371,10 @@ def format_table(results: dict, title: str | None = None) -> str:
 # Command line (`python -m mat_jax.evaluate --task zeroshot ...`)
 # ----------------------------------------------------------------------------------------------------
 
+# ImageNet's folder names: WordNet ids, which tokenise to word pieces that name nothing.
+_WORDNET_ID = re.compile(r"n\d{8}")
+
+
 def load_data(name: str, image_size: int, *, split: str = "test", num_images: int = 980, seed: int = 0,
               data_dir: str | None = None, limit: int | None = None, class_names: str | None = None,
               log: Callable[[str], None] = print) -> ClassificationSet:
@@ -383,22 +387,23 @@ def load_data(name: str, image_size: int, *, split: str = "test", num_images: in
     rendered = classification.shapes_set(name.removeprefix("shapes-"), num_images=num_images, image_size=image_size,
                                          seed=seed, split=split)
     return rendered.take(limit)
-  path = Path(name).expanduser()
-  if not path.is_dir():
-    raise ZeroShotError(f"--data {name!r} is neither {' nor '.join(DATASETS)} nor an image folder (a directory "
-                        "of class-named folders of images)")
-  builder = imagefolder.build_image_folder(path, image_size=image_size, data_dir=data_dir, log=log)
+  builder = imagefolder.build_image_folder(_image_folder(name), image_size=image_size, data_dir=data_dir, log=log)
   data = imagefolder.load_classification_set(builder, split, limit)
   if class_names:
-    return dataclasses.replace(data, class_names=read_class_names(class_names, data.folders or data.class_names))
-  if all(_WORDNET_ID.fullmatch(n) for n in data.class_names):
-    raise ZeroShotError(f"{data.name}: the class folders are WordNet ids ({data.class_names[0]}, ...), which name "
+    return dataclasses.replace(data, class_names=read_class_names(class_names, data.folders))
+  if all(_WORDNET_ID.fullmatch(f) for f in data.folders):
+    raise ZeroShotError(f"{data.name}: the class folders are WordNet ids ({data.folders[0]}, ...), which name "
                         "nothing in a prompt; give the classes' names with --class-names FILE")
   return data
 
 
-# ImageNet's folder names: WordNet ids, which tokenise to word pieces that name nothing.
-_WORDNET_ID = re.compile(r"n\d{8}")
+def _image_folder(name: str) -> Path:
+  """--data as an ImageFolder directory, or the error that names what --data may be."""
+  path = Path(name).expanduser()
+  if not path.is_dir():
+    raise ZeroShotError(f"--data {name!r} is neither {' nor '.join(DATASETS)} nor an image folder (a directory "
+                        "of class-named folders of images)")
+  return path
 
 
 def read_class_names(path: str | os.PathLike, folders: Sequence[str]) -> tuple[str, ...]:
@@ -488,16 +493,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.templates:
       prompts_from_templates(["x"], args.templates)
     if args.data in DATASETS:
-      if args.split not in shapes.SPLIT_IDS:
-        raise ZeroShotError(f"--split {args.split!r}: the shapes world has the splits {sorted(shapes.SPLIT_IDS)}")
-      n_classes = len(classification.COUNT_NAMES if args.data == "shapes-count"
-                      else classification.colour_shape_names())
+      classification.check_request(args.num_images, args.split)
+      n_classes = len(classification.shapes_class_names(args.data.removeprefix("shapes-")))
       if args.attacks and "apgd-t" in args.attacks and n_classes < TARGETED_MIN_CLASSES:
         raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes; {args.data} "
                             f"has {n_classes}. Leave apgd-t out (--attacks apgd-ce,pgd)")
-    elif not Path(args.data).expanduser().is_dir():
-      raise ZeroShotError(f"--data {args.data!r} is neither {' nor '.join(DATASETS)} nor an image folder (a "
-                          "directory of class-named folders of images)")
+    else:
+      _image_folder(args.data)
     if args.data_dir:
       errors.check_directory_path(args.data_dir, "--data-dir")
   except errors.MatJaxError as err:

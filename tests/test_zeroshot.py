@@ -407,7 +407,7 @@ def test_zeroshot_flags_are_read_before_a_cached_model_is_trained(tmp_path, monk
                          (["--eps", "300"], "more than the whole pixel range"),
                          (["--data", "shapes-count", "--attacks", "apgd-t"], "at least 4 classes"),
                          (["--data", str(tmp_path / "nowhere")], "neither"),
-                         (["--data", "shapes-count", "--split", "dev"], "--split 'dev': the shapes world has"),
+                         (["--data", "shapes-count", "--split", "dev"], "unknown split 'dev'; the shapes world has"),
                          (["--data", str(tmp_path), "--template", "a photo"], "have no '{}'"),
                          (["--seed", "-1"], "--seed -1: use a seed >= 0"),
                          (["--attacks", ","], "--attacks names no attack"),

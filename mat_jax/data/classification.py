@@ -94,7 +94,7 @@ def colour_shape_names() -> tuple[str, ...]:
 def shapes_colour_shape(num_images: int = 980, image_size: int = shapes.DEFAULT_IMAGE_SIZE, seed: int = 0,
                         split: str = "test") -> ClassificationSet:
   """Single-object scenes, balanced over the 49 colour x shape classes; see the module docstring."""
-  _check_request(num_images, split)
+  check_request(num_images, split)
   names = colour_shape_names()
   images = np.empty((num_images, image_size, image_size, 3), np.uint8)
   labels = np.arange(num_images) % len(names)
@@ -109,7 +109,7 @@ def shapes_colour_shape(num_images: int = 980, image_size: int = shapes.DEFAULT_
 def shapes_count(num_images: int = 1000, image_size: int = shapes.DEFAULT_IMAGE_SIZE, seed: int = 0,
                  split: str = "test", prompts_per_class: int = 64) -> ClassificationSet:
   """The world's scenes of `split` labelled by object count (label = count - 1); see the module docstring."""
-  _check_request(num_images, split)
+  check_request(num_images, split)
   if prompts_per_class < 1:
     raise InputError(f"prompts_per_class must be >= 1, got {prompts_per_class}")
   images = np.empty((num_images, image_size, image_size, 3), np.uint8)
@@ -134,7 +134,17 @@ def shapes_set(task: str, **kwargs) -> ClassificationSet:
   raise InputError(f"unknown shapes-world class set {task!r}; use one of {SHAPES_TASKS}")
 
 
-def _check_request(num_images: int, split: str) -> None:
+def shapes_class_names(task: str) -> tuple[str, ...]:
+  """The classes of a shapes-world class set (`colour-shape` or `count`), without rendering it."""
+  if task == "colour-shape":
+    return colour_shape_names()
+  if task == "count":
+    return COUNT_NAMES
+  raise InputError(f"unknown shapes-world class set {task!r}; use one of {SHAPES_TASKS}")
+
+
+def check_request(num_images: int, split: str) -> None:
+  """A shapes-world class set's request: at least one image, a split the world has."""
   if num_images < 1:
     raise InputError(f"num_images must be >= 1, got {num_images}")
   if split not in shapes.SPLIT_IDS:

@@ -433,14 +433,15 @@ def restore_iterator(directory: str | os.PathLike, iterator: grain.DatasetIterat
 
 def image_to_texts(text_to_image: np.ndarray, n_images: int) -> np.ndarray:
   """The inverse of text_to_image: int32 (N, K_max), each image's captions in order, -1 pads."""
+  text_to_image = np.asarray(text_to_image)
   counts = np.bincount(text_to_image, minlength=n_images)
   if counts.min() == 0:
     raise ValueError(f"image {int(np.argmin(counts))} has no caption; every test image needs one")
+  order = np.argsort(text_to_image, kind="stable")  # texts grouped by image, in text order within each
+  owner = text_to_image[order]
+  first = np.cumsum(counts) - counts  # each image's first position in `order`
   slots = np.full((n_images, int(counts.max())), -1, np.int32)
-  fill = np.zeros(n_images, np.int64)
-  for t, i in enumerate(text_to_image):
-    slots[i, fill[i]] = t
-    fill[i] += 1
+  slots[owner, np.arange(len(order)) - first[owner]] = order
   return slots
 
 

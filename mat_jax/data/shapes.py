@@ -36,9 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mat_jax.errors import InputError
-
 from mat_jax import paths
+from mat_jax.errors import InputError
 from mat_jax.models import tokenizers as tokenizers_lib
 
 # --------------------------------------------------------------------------------------------------

@@ -306,18 +306,22 @@ def ensure_cached_run(name: str, *, log: Log = print, mesh_spec: str | None = No
   return run_dir
 
 
-def ensure_cached_source(source: str, *, log: Log = print, mesh_spec: str | None = None,
-                         _seen: frozenset[str] = frozenset()) -> None:
+def ensure_cached_source(source: str, *, log: Log = print, mesh_spec: str | None = None) -> None:
   """Train the cached run a model source names ("shapes", "cache:NAME"), if any and not there yet; for a
   run directory without its exported model (read from its checkpoint, built on the model it started
   from), the cached run it started from."""
-  name = runs.cached_name(source)
-  if name is not None:
-    ensure_cached_run(name, log=log, mesh_spec=mesh_spec)
-  elif runs.is_run_dir(Path(source).expanduser()) and not runs.is_trained(Path(source).expanduser()):
-    upstream = runs.starting_source(source)
-    if upstream is not None and upstream not in _seen | {source}:  # runs naming each other: stop
-      ensure_cached_source(upstream, log=log, mesh_spec=mesh_spec, _seen=_seen | {source})
+  seen = set()
+  while source not in seen:  # runs naming each other end the walk
+    seen.add(source)
+    name = runs.cached_name(source)
+    if name is not None:
+      ensure_cached_run(name, log=log, mesh_spec=mesh_spec)
+      return
+    path = Path(source).expanduser()
+    upstream = runs.starting_source(source) if runs.is_run_dir(path) and not runs.is_trained(path) else None
+    if upstream is None:
+      return
+    source = upstream
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str | None, log: Log, progress: bool,

@@ -10,7 +10,7 @@ from typing import Callable
 import ml_collections
 
 from mat_jax import config as config_lib
-from mat_jax.data import corpora, pipeline
+from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import ConfigError
 from mat_jax.models.tokenizers import Tokenizer
 
@@ -54,7 +54,7 @@ def check_split(builder, split: str, key: str) -> None:
   available = sorted(builder.info.splits.keys())
   if split not in available:
     hint = ""
-    if builder.info.name == "shapes_world" and split in ("train", "val", "test"):
+    if builder.info.name == "shapes_world" and split in shapes.SPLIT_IDS:
       hint = f" (the shapes world leaves out a split built with no scenes: set data.build_{split} > 0)"
     raise ConfigError(f"{key}={split!r}: {builder.info.full_name} has no such split; it has {available}{hint}")
 
