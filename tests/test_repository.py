@@ -22,3 +22,28 @@ def test_ci_runs_the_readme_test_command_verbatim():
   test_command = _readme_commands()[1]
   ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
   assert test_command in ci_lines, f"{test_command!r} is not a line of .ci/run"
+
+
+def _gpu_script(tmp_path, *items, seconds="0"):
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, OUT=str(tmp_path), GPU_SECONDS=seconds, PYTHON=sys.executable)
+  return subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), *items], env=env, capture_output=True, text=True,
+                        timeout=120, check=False)
+
+
+def test_gpu_script_refuses_unknown_items(tmp_path):
+  result = _gpu_script(tmp_path, "accel", "bogus")
+  assert result.returncode == 2
+  assert "unknown item bogus" in result.stderr
+
+
+def test_gpu_script_skips_what_no_longer_fits_and_says_so(tmp_path):
+  result = _gpu_script(tmp_path, "train", "demo", seconds="30")
+  assert result.returncode == 0, result.stderr
+  summary = (tmp_path / "summary.txt").read_text()
+  assert "jax" in summary
+  assert "train: skipped" in summary and "demo: skipped" in summary
+  assert not (tmp_path / "train.log").exists()
