@@ -55,7 +55,6 @@ def get_config(arg=None):
   c.eps_255 = 2.0
   c.eval_images = args.eval_images  # of the test split's 1,000 (0 = all)
   c.eval_batch = 100
-  c.bootstrap = 2000          # replicates of the paired bootstrap over test images and seeds
   c.budget = {}               # shrinks of the shared budget ({"train": {...}, "schedule": {...}}), quick only
   c.data = {}                 # overrides of data.* (world size), quick mode only
   c.model_source = ""         # "" = the shared clean checkpoint (cache:shapes_clip)
@@ -142,7 +141,6 @@ def get_config(arg=None):
     c.seeds = 1
     c.eval_images = 12
     c.eval_batch = 12
-    c.bootstrap = 200
     c.model_source = "tiny"
     # One block of width 32 per tower: the quick study checks the machinery, and compiling it is its cost.
     c.model_overrides = ("vision.layers=1,vision.width=32,vision.heads=2,vision.mlp_dim=64,"

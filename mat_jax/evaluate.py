@@ -247,7 +247,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         images stay as the attack made them, also where a flipped caption guided them).
   keep_ranks: also return every query's rank ("clean_ranks" and each entry's "ranks": (TR ranks (N,),
   IR ranks (T,)) numpy arrays; with a judge also "ranks_meaning_preserving"), for intervals over test
-  images (paired bootstrap); `write_json` leaves them out.
+  images (`study.interval`); `write_json` leaves them out.
   """
   target = Victim.of(model, params, tokenizer, "target")
   if surrogate is not None and not isinstance(surrogate, Victim):

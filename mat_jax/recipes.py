@@ -221,12 +221,12 @@ def pretrain(seed: int = 0, world: Mapping[str, Any] | None = None,
 # What a variant of a method may change: its objective's own hyper-parameters, its data's captions and
 # augmentations, and which text attack it trains against (e.g. {"source": "paraphrase"}: meaning-preserving
 # substitutions only; {"exclude_words": (...)}: the threat less words it may not write). Never the shared
-# budget: the inner attack's strength (ε, steps, step size, words changed), the images, the text threat's
+# budget: the inner attack (which one, its ε, steps, step size, words changed), the images, the text threat's
 # strength.
 VARIANT_SECTIONS = ("objective", "data", "text_attack")
 VARIANT_DATA_KEYS = ("captions_per_image", "augmentations", "renderings_per_scene")
 VARIANT_TEXT_ATTACK_KEYS = ("source", "bert", "exclude_words")
-BUDGET_OBJECTIVE_KEYS = ("name", "eps", "steps", "step_size", "text_changes")
+BUDGET_OBJECTIVE_KEYS = ("name", "attack", "eps", "steps", "step_size", "text_changes")
 
 
 def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = None,

@@ -61,7 +61,8 @@ def test_a_variant_may_change_only_method_defining_sections():
     recipes.finetune("tecoa", variant={"text_attack": {"source": "paraphrase"}})
   # Never the budget every method shares: the inner attack's strength, the images, the threat's strength.
   for section, values in (("objective", {"eps": 8 / 255, "steps": 10}), ("objective", {"text_changes": 3}),
-                          ("data", {"image_size": 64}), ("text_attack", {"top_k": 50})):
+                          ("objective", {"attack": "sga"}), ("data", {"image_size": 64}),
+                          ("text_attack", {"top_k": 50})):
     with pytest.raises(ValueError, match=f"variant {section}.* part of the budget every method shares"):
       recipes.finetune("mat", variant={section: values})
 
@@ -156,9 +157,14 @@ def _study_file(tmp_path, body: str) -> Path:
      "only the method-defining sections"),
     ("  c.arms['x'] = dict(method='mat', variant={'objective': {'eps': 8/255}}, attacks=('clean',))\n",
      "arm 'x': variant objective.eps: part of the budget"),
-    ("  c.bootstrap = 0\n", "bootstrap=0 must be a number >= 1"),
-    ("  c.eval_images = -5\n", "eval_images=-5 must be a number >= 0"),
-    ("  c.eval_batch = 0\n", "eval_batch=0 must be a number >= 1"),
+    ("  c.bootstrap = 2000\n", "the study key 'bootstrap' is not used"),
+    ("  c.eval_images = -5\n", "eval_images=-5 must be an integer >= 0"),
+    ("  c = type(c)({**c.to_dict(), 'eval_images': 12.0})\n", "eval_images=12.0 must be an integer >= 0"),
+    ("  c.eval_images = 1\n", "eval_images=1: an interval over test images needs at least 2"),
+    ("  c.eval_batch = 0\n", "eval_batch=0 must be an integer >= 1"),
+    ("  c = type(c)({**c.to_dict(), 'eval_batch': 1e2})\n", "eval_batch=100.0 must be an integer >= 1"),
+    ("  c.seeds = True\n", "seeds=True must be an integer >= 1"),
+    ("  c.eps_255 = -1\n", "eps_255=-1.0 must be a number >= 0"),
 ])
 def test_bad_study_files_fail_in_one_line(tmp_path, body, message):
   with pytest.raises(study.StudyError, match=message):
@@ -191,7 +197,7 @@ def test_a_study_dir_takes_more_arms_seeds_attacks_and_test_images_but_not_a_cha
   # More seeds, other attacks, another test subset: the trained runs are reused, the evaluations on
   # each subset kept apart.
   evaluated = json.loads(json.dumps(grown))
-  evaluated.update(seeds=3, eval_images=0, bootstrap=50)
+  evaluated.update(seeds=3, eval_images=0)
   evaluated["arms"]["tecoa"]["attacks"] = ["clean", "pgd"]
   study.check_study_dir(tmp_path, evaluated)
   assert json.loads((tmp_path / study.STUDY_FILE).read_text())["seeds"] == 3
@@ -348,21 +354,75 @@ def test_an_mlm_that_does_not_fit_its_tokenizer_is_refused(tmp_path, monkeypatch
 # Intervals.
 
 
-def test_paired_bootstrap_intervals():
-  n = 400
+def test_per_image_values_average_to_the_recalls():
   rng = np.random.default_rng(0)
-  tr = (rng.random(n) < 0.6).astype(float)
-  ir = rng.integers(0, 3, n).astype(float)
-  count = np.full(n, 2.0)
-  boot = study.Bootstrap(n, 3, 500, seed=1)
-  same = boot.replicates([(tr, ir / 2 * 2, count)] * 3, "tr@1")
-  assert abs(np.mean(same) - 100 * tr.mean()) < 1.0
-  lo, hi = study.interval(same)
-  assert lo < 100 * tr.mean() < hi and 5 < hi - lo < 15  # about ±2 × 100·sqrt(.24/400) = ±4.9
-  # Paired: an arm compared with itself differs by exactly 0 in every replicate.
-  assert study.interval(same - boot.replicates([(tr, ir, count)] * 3, "tr@1")) == [0.0, 0.0]
-  ir_rec = boot.replicates([(tr, np.minimum(ir, 2), count)] * 3, "ir@1")
-  assert abs(np.mean(ir_rec) - 100 * np.minimum(ir, 2).sum() / count.sum()) < 1.5
+  tr = (rng.random(50) < 0.6).astype(float)
+  count = rng.integers(1, 4, 50).astype(float)
+  ir = np.minimum(rng.integers(0, 4, 50), count)
+  values = {m: study.per_image([(tr, ir, count)] * 2, m) for m in study.METRICS}
+  assert values["tr@1"].shape == (2, 50)
+  np.testing.assert_allclose(values["tr@1"].mean(1), 100 * tr.mean())
+  np.testing.assert_allclose(values["ir@1"].mean(1), 100 * ir.sum() / count.sum())  # IR@1: hits over captions
+
+
+def test_one_seed_interval_is_students_over_the_images():
+  from scipy import stats
+
+  rng = np.random.default_rng(1)
+  values = 100 * (rng.random((1, 400)) < 0.6)
+  lo, hi = study.interval(values)
+  half = stats.t.ppf(0.975, 399) * values.std(ddof=1) / np.sqrt(400)
+  np.testing.assert_allclose([lo, hi], [values.mean() - half, values.mean() + half])
+  assert study.interval(values - values) == [0.0, 0.0]  # an arm against itself: no difference, no width
+  with pytest.raises(ValueError, match="at least 2 images"):
+    study.interval(values[:, :1])
+
+
+def test_the_seed_component_widens_the_interval_with_few_seeds():
+  # Only the seeds differ (every image alike within a seed): the interval is Student's t over the S seed
+  # means, with S - 1 degrees of freedom.
+  from scipy import stats
+
+  seed_means = np.array([60.0, 64.0, 71.0])
+  values = np.repeat(seed_means[:, None], 200, axis=1)
+  lo, hi = study.interval(values)
+  half = stats.t.ppf(0.975, 2) * seed_means.std(ddof=1) / np.sqrt(3)
+  np.testing.assert_allclose([lo, hi], [seed_means.mean() - half, seed_means.mean() + half], rtol=1e-9)
+
+
+def _hits(rng, n_images, seeds, effect, seed_sd):
+  """A retrieval-like world: an image's difficulty shared by both arms and every seed, a training-seed
+  effect per arm and seed, and noise per seed and image; arm "a" better by `effect` (latent units)."""
+  difficulty = rng.normal(size=n_images)
+  def arm(shift):
+    seed = rng.normal(0, seed_sd, seeds)[:, None]
+    return 100.0 * (difficulty + 0.5 + shift + seed + rng.normal(0, 0.5, (seeds, n_images)) > 0)
+  return arm(effect), arm(0.0)
+
+
+@pytest.mark.parametrize("seed_sd", [0.0, 0.1])
+def test_intervals_of_differences_cover_the_expected_difference_at_95_percent(seed_sd):
+  # The population difference: P(d + 0.5 + effect + u + e > 0) over difficulty, seed and noise.
+  from scipy import stats
+
+  rng = np.random.default_rng(2)
+  scale = np.sqrt(1 + seed_sd ** 2 + 0.25)
+  truth = 100 * (stats.norm.cdf(0.6 / scale) - stats.norm.cdf(0.5 / scale))
+  trials, covered, null_holds, widths = 300, 0, 0, []
+  for _ in range(trials):
+    a, b = _hits(rng, 500, 3, 0.1, seed_sd)
+    lo, hi = study.interval(a - b)
+    covered += lo <= truth <= hi
+    widths.append(hi - lo)
+    a, b = _hits(rng, 500, 3, 0.0, seed_sd)
+    null_holds += study.interval(a - b)[0] > 0
+  # A percentile bootstrap that resamples the 3 seeds covered 81% at seed_sd 0.1 (its interval lies within
+  # the range of the seed means); a 95% interval must cover at least about 95% and, without an effect, lie
+  # above 0 at most about 2.5% of the time.
+  assert covered / trials >= 0.92, covered / trials
+  assert null_holds / trials <= 0.05, null_holds / trials
+  # Not by being needlessly wide: 7.0 and 18.8 points on average here (one seed's image part alone: ~5).
+  assert np.mean(widths) < {0.0: 8.5, 0.1: 23.0}[seed_sd], np.mean(widths)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,11 +594,11 @@ def _entry(tr_hit, ir_hit, tr_hit_mp=None, ir_hit_mp=None):
 def test_claims_are_also_tested_on_the_recall_with_flipped_captions_restored():
   rng = np.random.default_rng(0)
   arms = {"mat": {"attacks": ["co"]}, "tecoa": {"attacks": ["co"]}}
-  spec = {"seeds": 2, "bootstrap": 300, "arms": arms}
+  spec = {"seeds": 3, "arms": arms}
   hit = lambda p, n: rng.random(n) < p  # noqa: E731
   # MAT beats TeCoA by recall, but loses once the label flips are restored.
   collected = {(arm, s): {"co": _entry(hit(p, 200), hit(p, 400), hit(q, 200), hit(q, 400))}
-               for arm, p, q in (("mat", 0.5, 0.6), ("tecoa", 0.2, 0.9)) for s in range(2)}
+               for arm, p, q in (("mat", 0.5, 0.6), ("tecoa", 0.2, 0.9)) for s in range(3)}
   _, claims, table = study.summarise(spec, collected)
   by_metric = {c["metric"]: c for c in claims if c["claim"].startswith("1: MAT > TeCoA")}
   assert by_metric["co tr@1"]["holds"] and by_metric["co tr@1"]["ci95"][0] > 5

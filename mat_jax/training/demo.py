@@ -8,7 +8,7 @@
    is the objective's, not extra training's;
 4. evaluate the three on DEMO_IMAGES test images under image PGD, BERT-Attack with the study's text threat
    (key "bert"), Co-Attack and SGA at ε = 2/255, 1 word, print the recalls side by side and the headline
-   differences with 95% paired-bootstrap intervals over the test images (results.json in the workdir).
+   differences with 95% paired intervals over the test images (results.json in the workdir).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mat_jax import runs, tables
 from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.data import corpora, pipeline
-from mat_jax.study import Bootstrap, hits, interval
+from mat_jax.study import hits, interval, per_image
 from mat_jax.training import inputs, loop, setup
 
 DEMO_ATTACKS = ("pgd", "bert", "co", "sga")
@@ -32,7 +32,6 @@ DEMO_IMAGES = 500        # test images evaluated (2,500 captions): intervals of 
 DEMO_EPS_255 = 2.0
 # Model name in results.json -> experiment file fine-tuned from the clean model under the shared budget.
 DEMO_MODELS = {"clean fine-tuned": "shapes_clean_ft", "TeCoA": "shapes_tecoa", "MAT": "shapes_mat"}
-BOOTSTRAP = 2000
 DEFAULT_WORKDIR = Path("runs") / "shapes_demo"  # results.json and one run directory per fine-tuning
 
 
@@ -55,23 +54,18 @@ def side_by_side(results: dict[str, dict]) -> str:
   return "\n".join(tables.aligned(header, cells, left_columns=2))
 
 
-def paired_interval(a: tuple, b: tuple, metric: str, n_images: int, text_to_image: np.ndarray,
-                    replicates: int = BOOTSTRAP, seed: int = 0) -> tuple[float, list[float]]:
-  """Difference a - b of a recall@1 (points) and its 95% paired-bootstrap interval over test images.
+def paired_interval(a: tuple, b: tuple, metric: str, n_images: int, text_to_image: np.ndarray
+                    ) -> tuple[float, list[float]]:
+  """Difference a - b of a recall@1 (points) and its 95% paired interval over the test images (one model
+  each: `study.interval` with one seed).
 
-  `a`, `b`: (TR ranks (N,), IR ranks (T,)) of two evaluations on the same images; an image is resampled
-  with all its captions.
+  `a`, `b`: (TR ranks (N,), IR ranks (T,)) of two evaluations on the same images; an image counts with
+  all its captions.
   """
-
-  boot = Bootstrap(n_images, 1, replicates, seed)
-  per = []
-  for tr, ir in (a, b):
-    per.append(boot.replicates([hits({"tr_rank": tr, "ir_rank": ir, "text_to_image": text_to_image}, n_images)],
-                               metric))
-  diff = per[0] - per[1]
-  point = float(np.mean(a[0] < 1) - np.mean(b[0] < 1)) * 100 if metric == "tr@1" else \
-      float(np.mean(a[1] < 1) - np.mean(b[1] < 1)) * 100
-  return point, interval(diff)
+  values = [per_image([hits({"tr_rank": tr, "ir_rank": ir, "text_to_image": text_to_image}, n_images)], metric)
+            for tr, ir in (a, b)]
+  difference = values[0] - values[1]
+  return float(difference.mean()), interval(difference)
 
 
 def headline(results: dict[str, dict]) -> list[tuple[str, str, float, list[float]]]:
@@ -160,7 +154,7 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   print(f"\nImage-text retrieval on {eval_images} shapes-world test images (recall@1 in %; in brackets the "
         "change from the model's own clean recall); all three fine-tuned from one clean model under one budget")
   print(side_by_side(results))
-  print("\nHeadline differences (points of recall@1) with 95% paired-bootstrap intervals over the test images:")
+  print("\nHeadline differences (points of recall@1) with 95% paired intervals over the test images:")
   for what, metric, diff, (lo, hi) in headline(results):
     sign = "outside" if lo > 0 or hi < 0 else "INSIDE"
     print(f"  {what:60s} {metric.upper()}  {diff:+6.1f}  [{lo:+6.1f}, {hi:+6.1f}]  (0 {sign} the interval)")
