@@ -348,3 +348,30 @@ def test_held_out_forms_are_the_words_only_the_default_worlds_captions_hold(test
     default_world.update(shapes.describe(scene, np.random.default_rng((4, i))).split())
   assert default_world - held_out_world == set(shapes.held_out_forms())
   assert {"crimson", "box", "upper", "beneath", "centre"} <= set(shapes.held_out_forms())
+
+
+def _build_and_load(directory):
+  from mat_jax.data import shapes as shapes_module
+
+  return shapes_module.tokenizer(directory).vocab_size
+
+
+def test_processes_building_the_tokenizer_at_once_each_read_a_whole_one(tmp_path):
+  """Every process of a multi-host run builds the tokenizer at start; none may read another's half-written
+  files (a JSONDecodeError or 'not valid JSON' once files were written in place)."""
+  import concurrent.futures
+  import multiprocessing
+
+  for attempt in range(2):
+    directory = tmp_path / f"tokenizer{attempt}"
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+      sizes = list(pool.map(_build_and_load, [directory] * 4))
+    assert sizes == [len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())] * 4
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer0", "tokenizer1"]  # no building leftovers
+
+
+def test_a_half_written_tokenizer_directory_is_rebuilt(tmp_path):
+  directory = tmp_path / "tok"
+  directory.mkdir()
+  (directory / "shapes_world.json").write_text('{"version": 3, "vo')  # cut off mid-write
+  assert shapes.tokenizer(directory).vocab_size == len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())

@@ -31,6 +31,8 @@ import itertools
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -817,8 +819,7 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
 
   directory = Path(directory) if directory is not None else default_tokenizer_dir()
   vocab = {w: i for i, w in enumerate((*SPECIAL_TOKENS, *vocabulary()))}
-  marker = directory / "shapes_world.json"
-  if marker.exists() and json.loads(marker.read_text()).get("vocab") == vocab:
+  if _holds_vocabulary(directory, vocab):
     return directory
   pad, unk, start, end = SPECIAL_TOKENS
   tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
@@ -831,18 +832,43 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   fast = tokenizers_lib.import_transformers().PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token=start, eos_token=end, pad_token=pad, unk_token=unk,
       model_max_length=context_length)
-  directory.mkdir(parents=True, exist_ok=True)
-  fast.save_pretrained(str(directory))
-  # transformers 5 names its own backend class here; the generic fast class loads in 4.x and 5.x alike.
-  config_path = directory / "tokenizer_config.json"
-  config = json.loads(config_path.read_text())
-  config["tokenizer_class"] = "PreTrainedTokenizerFast"
-  config_path.write_text(json.dumps(config, indent=2))
-  # transformers 5 no longer writes this file; older readers of the layout expect it.
-  (directory / "special_tokens_map.json").write_text(json.dumps(
-      {"bos_token": start, "eos_token": end, "pad_token": pad, "unk_token": unk}, indent=2))
-  marker.write_text(json.dumps({"version": TOKENIZER_VERSION, "vocab": vocab}, indent=1))
+  # Written whole in a directory of its own, then moved into place: every process of a multi-host run, or
+  # two commands started together, build it at once, and none may read another's half-written files.
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  building = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  try:
+    fast.save_pretrained(str(building))
+    # transformers 5 names its own backend class here; the generic fast class loads in 4.x and 5.x alike.
+    config_path = building / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2))
+    # transformers 5 no longer writes this file; older readers of the layout expect it.
+    (building / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": start, "eos_token": end, "pad_token": pad, "unk_token": unk}, indent=2))
+    (building / _TOKENIZER_MARKER).write_text(json.dumps({"version": TOKENIZER_VERSION, "vocab": vocab}, indent=1))
+    if not _holds_vocabulary(directory, vocab):  # another process may have finished first
+      if directory.exists():  # another vocabulary's files: set aside, then dropped
+        stale = Path(tempfile.mkdtemp(prefix=f".{directory.name}.stale.", dir=directory.parent))
+        os.replace(directory, stale / directory.name)
+        shutil.rmtree(stale, ignore_errors=True)
+      os.replace(building, directory)
+  except OSError:
+    if not _holds_vocabulary(directory, vocab):  # not a race another process won
+      raise
+  finally:
+    shutil.rmtree(building, ignore_errors=True)
   return directory
+
+
+_TOKENIZER_MARKER = "shapes_world.json"
+
+
+def _holds_vocabulary(directory: Path, vocab: dict[str, int]) -> bool:
+  try:
+    return json.loads((directory / _TOKENIZER_MARKER).read_text()).get("vocab") == vocab
+  except (OSError, ValueError):
+    return False
 
 
 def tokenizer(directory: str | os.PathLike | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH):
