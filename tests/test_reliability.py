@@ -371,8 +371,18 @@ def _empty(step_dir):
   step_dir.mkdir()
 
 
+def _flip_fingerprint_digit(step_dir):
+  """One flipped bit in the stored config fingerprint (a digit becomes the next): damage that reads as
+  another config unless the checksums are consulted first."""
+  meta = step_dir / "meta" / "metadata"
+  text = meta.read_text()
+  digit = next(i for i, c in enumerate(text) if c.isdigit() and c in "02468")
+  meta.write_text(text[:digit] + chr(ord(text[digit]) + 1) + text[digit + 1:])
+
+
 DAMAGE = {
     "truncated": _truncate,
+    "flipped-fingerprint": _flip_fingerprint_digit,
     "flipped": _flip,
     "no-manifest": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
     "garbage-metadata": lambda d: (d / "meta" / "metadata").write_text("{garbage"),
@@ -581,7 +591,7 @@ def test_fewer_steps_than_the_checkpoint_are_refused(root, trained):
   assert (workdir / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("how", ["flipped", "garbage-metadata"])
+@pytest.mark.parametrize("how", ["flipped", "garbage-metadata", "flipped-fingerprint"])
 def test_a_run_resumes_past_a_damaged_checkpoint(root, trained, how):
   config, source = trained
   workdir = root / f"damaged_run_{how}"
@@ -594,6 +604,39 @@ def test_a_run_resumes_past_a_damaged_checkpoint(root, trained, how):
   assert "resumed from the checkpoint at step 2" in lines
   assert (workdir / "model" / "model.safetensors").exists()
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+
+
+def test_a_signal_while_a_restarted_run_restores_stops_it_once_restored(root, trained, monkeypatch):
+  # Raised where it arrived, the command line's SIGTERM met Orbax's and JAX's own `except Exception` (lost:
+  # the run went on to the end) or an asyncio callback (the process hung, holding the workdir lock). Held
+  # until the restore returns, it stops the run there, and no checkpoint is set aside.
+  import time
+
+  config, source = trained
+  workdir = root / "signal_in_restore"
+  shutil.copytree(source, workdir)
+  shutil.rmtree(workdir / "model")
+  restore = checkpoint_lib.Checkpointer.restore_newest_intact
+
+  def signalled_restore(self, *args, **kwargs):
+    try:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.1)  # the handler runs here
+    except Exception:  # noqa: BLE001, S110  as the libraries' own code does
+      pass
+    return restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "restore_newest_intact", signalled_restore)
+  previous = signal.signal(signal.SIGTERM, errors._raise_interrupt)  # as `errors.cli_main` has it
+  try:
+    with pytest.raises(errors.Interrupted, match="interrupted by SIGTERM before training started") as err:
+      loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False)
+    assert signal.getsignal(signal.SIGTERM) is errors._raise_interrupt  # the command line's handler is back
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert err.value.signum == signal.SIGTERM
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+  assert not (workdir / checkpoint_lib.DAMAGED_DIR).exists() and not (workdir / "model").exists()
 
 
 def test_evaluating_a_run_skips_its_damaged_checkpoint_without_moving_it(root, trained, capsys):
@@ -632,6 +675,19 @@ def test_nan_right_after_a_restore_keeps_the_checked_checkpoint(root, trained):
 def test_a_non_finite_step_says_what_a_rerun_does(tmp_path, last_saved, advice):
   with pytest.raises(loop.NonFiniteLossError, match=f"at step 7 .*; rerunning in the same workdir {advice}"):
     loop._check_finite(7, last_saved, tmp_path)
+
+
+def test_a_non_finite_step_right_after_a_checkpoint_says_it_may_hold_diverged_weights(tmp_path):
+  # An update of 1e29 is finite: the checkpoint written with it passes every check, and the NaN comes one
+  # step later. Rerunning from it with a lower learning rate then fails at once, every time.
+  checkpoints = tmp_path / "checkpoints"
+  for last_saved, resumed_at in ((7, None), (4, 7)):
+    with pytest.raises(loop.NonFiniteLossError) as err:
+      loop._check_finite(7, last_saved, tmp_path, resumed_at=resumed_at)
+    assert f"move {checkpoints / '7'} out of {checkpoints} to resume from the one before it" in str(err.value)
+  with pytest.raises(loop.NonFiniteLossError) as err:  # a NaN steps after the last save: nothing to say
+    loop._check_finite(9, 7, tmp_path)
+  assert "diverged" not in str(err.value)
 
 
 @pytest.mark.parametrize("resumed_at", [None, 7])

@@ -336,11 +336,32 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   # The layout of the pipeline this run builds (a caller's own iterator has one this run cannot know).
   layout = None if data_iterator is not None else {
       "data.worker_count": pipeline.resolve_worker_count(cfg.data.worker_count), "processes": jax.process_count()}
-  ckpt = checkpoint_lib.Checkpointer(workdir, run.fingerprint, max_to_keep=cfg.train.keep_checkpoints,
-                                     pipeline=layout, added_keys=config_lib.ADDED_FINGERPRINT_KEYS)
+  # From here a signal is held until a safe point: raised where it arrives, inside Orbax's restore, JAX's
+  # cache reads or asyncio callbacks (code that catches Exception), it was swallowed or hung the process.
+  stop = _StopSignals()
+
+  def stop_if_signalled() -> None:
+    if stop.signum is not None:
+      raise errors.Interrupted(f"interrupted by {signal.Signals(stop.signum).name} before training started; rerun "
+                               "the same command to resume", stop.signum)
+
   try:
-    ckpt.check_compatible()  # before any data work: a mismatch is reported at once
+    ckpt = checkpoint_lib.Checkpointer(workdir, run.fingerprint, max_to_keep=cfg.train.keep_checkpoints,
+                                       pipeline=layout, added_keys=config_lib.ADDED_FINGERPRINT_KEYS)
+  except BaseException:
+    stop.restore()
+    raise
+  try:
+    try:
+      ckpt.check_compatible()  # before any data work: a mismatch is reported at once
+    except checkpoint_lib.IncompatibleCheckpointError:
+      # Unless the checkpoint fails its checksums: then its config says nothing (a flipped byte), and the
+      # restore below sets it aside and falls back to an intact one.
+      if not ckpt.verify(ckpt.latest_step()):
+        raise
+    stop_if_signalled()
   except (checkpoint_lib.IncompatibleCheckpointError, errors.Interrupted):
+    stop.restore()
     ckpt.close()
     raise
   except Exception:  # noqa: BLE001, S110  unreadable metadata: a damaged checkpoint, handled by the restore below
@@ -358,6 +379,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
           cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
           process_index=jax.process_index(), process_count=jax.process_count(),
           extra_transforms=run.batch_transforms)
+    stop_if_signalled()
 
     _check_steps_cover(ckpt, cfg.train.steps, workdir)
     state, start = None, None
@@ -365,6 +387,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       abstract = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
       state, start = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(abstract, run.shardings),
                                                 data_iterator, log=say)
+    stop_if_signalled()
     resumed = start is not None
     if resumed:
       say(f"resumed from the checkpoint at step {start}")
@@ -377,7 +400,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     step_fn, reference = make_train_step(run)
 
     evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
+    stop_if_signalled()
   except BaseException:
+    stop.restore()
     ckpt.close()
     raise
   # Rerunning a finished run (how one re-exports it) evaluates its final model again.
@@ -392,7 +417,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   deferred: tuple[int, list[dict[str, jax.Array]], jax.Array] | None = None
   clock, clock_step = time.perf_counter(), start
   last_saved = start if start else None
-  stop = _StopSignals()
   agreement = _StopAgreement(stop, cfg.train.steps)
 
   def check_finite(bad: int) -> None:
@@ -511,9 +535,12 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
         f"the loss, a gradient or an updated parameter became NaN/inf at step {bad}, the first step after "
         f"restoring the checkpoint {checkpoints / str(resumed_at)}, which was checked on restore (its checksums "
         "and finite values) and is kept. A rerun meets this step's batch again from it: check that batch's "
-        f"inputs (images, captions) or {_settings_advice(clipping, workdir, checkpoint=True, reference=reference)}")
+        f"inputs (images, captions) or {_settings_advice(clipping, workdir, checkpoint=True, reference=reference)}"
+        f"{_diverged_checkpoint_advice(checkpoints, resumed_at)}")
   kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
           if last_saved is not None else "no checkpoint had been written yet")
+  if last_saved is not None and bad == last_saved:  # the step right after that checkpoint
+    kept += _diverged_checkpoint_advice(checkpoints, last_saved)
   if bad == 0:
     raise NonFiniteLossError(
         f"the loss, a gradient or an updated parameter became NaN/inf at the very first step (step 0); {kept}. "
@@ -524,6 +551,14 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
   raise NonFiniteLossError(
       f"the loss, a gradient or an updated parameter became NaN/inf at step {bad} (0-based); the run stopped "
       f"and {kept}. Check the inputs of that step, or {advice}")
+
+
+def _diverged_checkpoint_advice(checkpoints: Path, step: int) -> str:
+  """For a NaN at the step right after checkpoint `step`: an update can blow parameters up to huge finite
+  values one step before they turn NaN, and such a checkpoint passes every check."""
+  return (f" (if a rerun from checkpoint {step} fails here again with a lower learning rate, that checkpoint "
+          f"holds finite but diverged weights: move {checkpoints / str(step)} out of {checkpoints} to resume "
+          "from the one before it)")
 
 
 def _settings_advice(clipping: bool, workdir: Path, *, checkpoint: bool, reference: bool = False) -> str:
