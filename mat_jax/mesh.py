@@ -262,10 +262,25 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     raise MeshError("a multi-process run needs the coordinator address (host:port), the number of "
                     "processes and this process's id: pass --coordinator, --num-processes and "
                     f"--process-id (or set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})")
-  if explicit and not 0 <= process_id < num_processes:
-    raise MeshError(f"process id {process_id} is outside [0, {num_processes})")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  flags = (f"--coordinator, --num-processes and --process-id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
+           f"{ENV_PROCESS_ID})")
+  if explicit:
+    if num_processes < 1:
+      raise MeshError(f"the number of processes is {num_processes}; it must be at least 1")
+    if not 0 <= process_id < num_processes:
+      raise MeshError(f"process id {process_id} is outside [0, {num_processes})")
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise MeshError(f"coordinator address {coordinator_address!r}: give it as HOST:PORT (e.g. 10.0.0.1:1234), "
+                      "the address process 0 listens on")
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  except (ValueError, RuntimeError, IndexError) as err:
+    where = (f"with coordinator {coordinator_address}, {num_processes} processes, process id {process_id}"
+             if explicit else "by auto-detection (MAT_JAX_DISTRIBUTED=1: JAX found no cluster it knows)")
+    raise MeshError(f"jax.distributed could not start {where}: {err}. Check {flags}; a single-process run "
+                    "needs none of them") from None
   return True
 
 

@@ -119,6 +119,33 @@ def test_single_process_needs_no_distributed_start(monkeypatch):
     mesh_lib.initialize_distributed(None, None, 1)
 
 
+@pytest.mark.parametrize("args, message", [
+    (("notahost", 1, 0), "coordinator address 'notahost': give it as HOST:PORT"),
+    (("localhost", 2, 0), "coordinator address 'localhost': give it as HOST:PORT"),
+    (("localhost:99999", 2, 0), "give it as HOST:PORT"),
+    (("localhost:1234", 0, 0), "the number of processes is 0; it must be at least 1"),
+])
+def test_a_bad_multi_process_setting_is_named_before_jax_starts(monkeypatch, args, message):
+  # These reached jax.distributed and came back as a traceback (IndexError, exit 1).
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **_: pytest.fail("jax.distributed was started"))
+  with pytest.raises(mesh_lib.MeshError, match=message):
+    mesh_lib.initialize_distributed(*args)
+
+
+def test_auto_detection_without_a_cluster_is_one_error(monkeypatch):
+  for var in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("MAT_JAX_DISTRIBUTED", "1")
+
+  def no_cluster(**_):
+    raise ValueError("coordinator_address should be defined.")  # what jax says outside a known cluster
+
+  monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+  with pytest.raises(mesh_lib.MeshError, match="could not start by auto-detection .* coordinator_address should be "
+                                               "defined.* --coordinator, --num-processes and --process-id"):
+    mesh_lib.initialize_distributed()
+
+
 def test_cli_mesh_errors_are_one_line_and_come_first(monkeypatch, tmp_path, capsys):
   # The demo checks --mesh before building the world and training its clean model (minutes), and
   # neither a bad mesh nor a bad multi-host variable ends in a traceback.
@@ -135,3 +162,18 @@ def test_cli_mesh_errors_are_one_line_and_come_first(monkeypatch, tmp_path, caps
   monkeypatch.setenv(mesh_lib.ENV_NUM_PROCESSES, "two")
   assert train.main(["--workdir", str(tmp_path / "demo")]) == 2
   assert f"{mesh_lib.ENV_NUM_PROCESSES}='two' is not an integer" in capsys.readouterr().err
+
+
+def test_renderings_per_scene_must_divide_each_processs_share_of_the_batch(monkeypatch):
+  # The config check sees the global batch only; each process then read 4 images in scenes of 8 and
+  # failed after building the dataset, naming a batch size of 4 nobody set.
+  from mat_jax import config as config_lib
+  from mat_jax.training import loop
+
+  config = config_lib.build({"train": {"batch_size": 8}, "data": {"renderings_per_scene": 8}})
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(mesh_lib.MeshError, match=r"renderings_per_scene=8 does not divide the 4 images each of the 2 "
+                                               r"processes reads .* a multiple of 16"):
+    loop.run_mesh(config)
+  config = config_lib.build({"train": {"batch_size": 16}, "data": {"renderings_per_scene": 8}})
+  assert loop.run_mesh(config).devices.size == jax.device_count()

@@ -187,6 +187,12 @@ def run_mesh(config: ml_collections.ConfigDict, mesh_spec: str | None = None):
   against the global batch size."""
   mesh = mesh_lib.make_mesh(mesh_spec if mesh_spec is not None else (config.mesh.shape or None))
   mesh_lib.check_batch_size(config.train.batch_size, mesh)
+  renderings, local = config.data.renderings_per_scene, mesh_lib.local_batch_size(config.train.batch_size)
+  if jax.process_count() > 1 and local % renderings:  # each process reads whole scenes of its share
+    raise mesh_lib.MeshError(
+        f"data.renderings_per_scene={renderings} does not divide the {local} images each of the "
+        f"{jax.process_count()} processes reads (train.batch_size={config.train.batch_size} is split over them); "
+        f"use a train.batch_size that is a multiple of {jax.process_count() * renderings}")
   if config.mesh.param_sharding == "logical":  # checked here, before any model is built or trained
     unknown = sorted(set(mesh_lib.parse_logical_rules(config.mesh.logical_rules)) - set(layers.LOGICAL_AXES))
     if unknown:
