@@ -17,6 +17,7 @@ from typing import Sequence
 
 from mat_jax import errors, rerank, runs, runtime, zeroshot
 from mat_jax import evaluate as evaluate_lib
+from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import candidates
 from mat_jax.attacks import image as image_attacks
 from mat_jax.data import shapes
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="attention path (auto: einsum on CPU, cuDNN flash attention on GPU in bf16, else XLA)")
   p.add_argument("--out", default="eval_results", help="directory for results.json and recall_vs_eps.png")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--mesh", help=mesh_lib.CACHED_MODEL_MESH_HELP)
   p.add_argument("--itm-k", type=int, help="BLIP targets: re-rank each query's top K by ITM (BLIP's evaluation; "
                  f"the references use 128 or 256; default {rerank.DEFAULT_K} for BLIP, 0 ranks by ITC alone)")
   return p
@@ -146,7 +148,7 @@ def _main(argv: Sequence[str] | None) -> int:
   runtime.prepare_process()
   if _task(argv) == "zeroshot":
     zeroshot_args = zeroshot.parse_args(argv)  # its bad input refused before a cached model is trained
-    loop.ensure_cached_source(zeroshot_args.model)
+    loop.ensure_cached_source(zeroshot_args.model, mesh_spec=zeroshot_args.mesh)
     return zeroshot.run(zeroshot_args)
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -196,7 +198,8 @@ def _main(argv: Sequence[str] | None) -> int:
   options = {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention}
   for source in (args.model, args.surrogate):
     if source:
-      loop.ensure_cached_source(source)  # "shapes" / "cache:NAME": trained into the cache on first use
+      # "shapes" / "cache:NAME": trained into the cache on first use
+      loop.ensure_cached_source(source, mesh_spec=args.mesh)
   target = evaluate_lib.load_victim(args.model, args.tokenizer, **options)
   has_itm = rerank.supports_itm(target.encoder)
   if args.itm_k and not has_itm:

@@ -241,6 +241,12 @@ def param_shardings(params: Any, mesh: Mesh, mode: str = "replicated",
 # Multi-host start.
 
 
+# The --mesh of the evaluation commands, which train on it only a cached starting model they lack.
+CACHED_MODEL_MESH_HELP = ("devices that train a cached starting model (shapes, cache:NAME) on first use, as train's "
+                          "--mesh ('8' or 'data=4,fsdp=2'; default: all devices on data); the evaluation itself runs "
+                          "on one device")
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
   """Start `jax.distributed` when this is one process of several; return whether it did.

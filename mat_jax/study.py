@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mat_jax import errors, recipes, runs, runtime
+from mat_jax import mesh as mesh_lib
 from mat_jax import paths as paths_lib
 from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
@@ -338,7 +339,7 @@ class CompileCounter:
 
 
 def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (0, 1),
-        log: Log = print) -> dict[str, Any]:
+        mesh_spec: str | None = None, log: Log = print) -> dict[str, Any]:
   """Train and evaluate every arm x seed (reusing what is finished); returns the collected results.
 
   `shard=(i, n)` runs only the runs whose index is i modulo n, so n processes (or machines sharing the
@@ -367,8 +368,9 @@ def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (
     cfg = run_config(study, arm, seed)
     trained = runs.is_trained(run_dir)
     if not trained:
-      loop.ensure_cached_source(cfg.model.source, log=lambda _: None)  # the shared clean model, once
-      loop.train(cfg, run_dir, log=lambda _: None, progress=False, evaluate=False)
+      # the shared clean model, once
+      loop.ensure_cached_source(cfg.model.source, log=lambda _: None, mesh_spec=mesh_spec)
+      loop.train(cfg, run_dir, mesh_spec=mesh_spec, log=lambda _: None, progress=False, evaluate=False)
     t_train = time.perf_counter() - t0
     t_eval = time.perf_counter()
     eval_dir = _eval_dir(run_dir, study)
@@ -838,6 +840,8 @@ def _main(argv: Sequence[str] | None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=str(DEFAULT_STUDY), help="study file (default experiments/study_shapes.py)")
   parser.add_argument("--quick", action="store_true", help="the study file's quick variant (tests, CI)")
+  parser.add_argument("--mesh", help="devices each run trains on, as train's --mesh ('8' or 'data=4,fsdp=2'; "
+                                     "default: all devices on data); evaluations run on one device")
   parser.add_argument("--study-dir", help="where runs and evaluations go (default: $MAT_JAX_CACHE_DIR/studies/NAME)")
   parser.add_argument("--out", help="results directory (default docs/results for the shapes_study, "
                       "docs/results/REST for a study named shapes_study_REST; with --quick the study dir)")
@@ -860,7 +864,9 @@ def _main(argv: Sequence[str] | None) -> int:
   # Before hours of training: directories that cannot be written would lose the results at the end.
   errors.check_writable_dir(study_dir, "--study-dir")
   errors.check_writable_dir(out, "--out")
-  result = collect(study, study_dir) if args.report_only else run(study, study_dir, shard=shard)
+  if args.mesh is not None:
+    mesh_lib.make_mesh(args.mesh)  # a bad --mesh fails now, not after the data and the clean model
+  result = collect(study, study_dir) if args.report_only else run(study, study_dir, shard=shard, mesh_spec=args.mesh)
   if shard[1] > 1:
     print(f"shard {shard[0]}/{shard[1]} done; when every shard is done, rerun without --shard to write the "
           "report (it reuses every finished run)")

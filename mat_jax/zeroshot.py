@@ -45,6 +45,7 @@ import numpy as np
 
 from mat_jax import checks, errors, metrics, tables
 from mat_jax import evaluate as ev
+from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
 from mat_jax.data import classification, imagefolder, pipeline
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None,
                  help="directory for results.json (default: zeroshot_results/<the --data name>, one per data set)")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--mesh", help=mesh_lib.CACHED_MODEL_MESH_HELP)
   return p
 
 

@@ -300,14 +300,14 @@ def test_a_batch_contrastive_attack_needs_two_images_per_batch(model_dir, capsys
 def test_command_line_errors_come_before_a_cached_model_is_trained(tmp_path, monkeypatch, capsys, flags, message):
   # "shapes" is trained into the cache on first use (minutes): a bad flag must not wait for that.
   monkeypatch.setenv("MAT_JAX_CACHE_DIR", str(tmp_path / "cache"))
-  monkeypatch.setattr(loop, "ensure_cached_source", lambda source: pytest.fail("trained before checking flags"))
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda source, **_: pytest.fail("trained before checking flags"))
   with pytest.raises(SystemExit):
     evaluate_cli.main(["--model", "shapes", "--attacks", "pgd,bert,co", "--out", str(tmp_path / "out"), *flags])
   assert message in capsys.readouterr().err
 
 
 def test_a_data_dir_under_a_file_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(loop, "ensure_cached_source", lambda source: pytest.fail("trained before checking flags"))
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda source, **_: pytest.fail("trained before checking flags"))
   (tmp_path / "afile").write_text("")
   assert evaluate_cli.main(["--model", "shapes", "--data-dir", str(tmp_path / "afile" / "sub"),
                             "--out", str(tmp_path / "out")]) == 2
@@ -358,3 +358,22 @@ def test_the_table_and_plot_name_the_norm_steps_and_seed(tmp_path, monkeypatch):
   # A BLIP ranked with ITM re-ranking: the printed table says so, not only results.json.
   results["settings"]["itm_k"] = 128
   assert ev.settings_line(results).endswith(", batch size 16, ITM re-ranking of the top 128")
+
+
+@pytest.mark.parametrize("task", [[], ["--task", "zeroshot"]])
+def test_mesh_is_where_a_missing_cached_model_trains(tmp_path, monkeypatch, task):
+  # On 3 or 6 devices the clean model's batch of 128 splits over none of "all devices": --mesh picks fewer
+  # (the error's own advice, which these commands could not follow without the flag).
+  asked = []
+
+  class Trained(BaseException):
+    pass
+
+  def record(source, **kwargs):
+    asked.append((source, kwargs.get("mesh_spec")))
+    raise Trained
+
+  monkeypatch.setattr(loop, "ensure_cached_source", record)
+  with pytest.raises(Trained):
+    evaluate_cli.main([*task, "--model", "shapes", "--mesh", "2", "--out", str(tmp_path / "out")])
+  assert asked == [("shapes", "2")]

@@ -685,3 +685,20 @@ def test_a_study_of_its_own_reports_beside_the_shapes_study_never_over_it():
   for arg, folder in (("mmcoa", "mmcoa"), ("heldout", "heldout"), ("exposure", "exposure")):
     name = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:{arg}")["name"]
     assert study.default_out(name) == study.DEFAULT_OUT / folder
+
+
+def test_mesh_is_where_the_studys_runs_train(tmp_path, monkeypatch, capsys):
+  args = ["--quick", "--study-dir", str(tmp_path / "study"), "--out", str(tmp_path / "out")]
+  monkeypatch.setattr(study, "run", lambda *a, **k: pytest.fail("ran before checking --mesh"))
+  assert study.main([*args, "--mesh", "data=3x"]) == 2
+  assert "cannot parse mesh 'data=3x'" in capsys.readouterr().err
+  asked = []
+
+  def record(*_, mesh_spec=None, **__):
+    asked.append(mesh_spec)
+    return {"collected": {}, "wall_seconds": 0.0, "compilations": 0}
+
+  monkeypatch.setattr(study, "run", record)
+  monkeypatch.setattr(study, "report", lambda *a, **k: {})
+  study.main([*args, "--mesh", "2"])
+  assert asked == ["2"]

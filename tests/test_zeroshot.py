@@ -401,7 +401,7 @@ def test_each_data_set_writes_its_own_results_by_default(tmp_path, monkeypatch):
 def test_zeroshot_flags_are_read_before_a_cached_model_is_trained(tmp_path, monkeypatch, capsys):
   # "shapes" is trained into the cache on first use (minutes): --help or a bad flag must not wait for that.
   from mat_jax.training import loop
-  monkeypatch.setattr(loop, "ensure_cached_source", lambda source: pytest.fail("trained before reading the flags"))
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda source, **_: pytest.fail("trained before reading the flags"))
   (tmp_path / "afile").write_text("")
   for flags, message in [(["--help"], "usage:"), (["--eps", "nan"], "finite"), (["--bogus-flag"], "unrecognized"),
                          (["--eps", "300"], "more than the whole pixel range"),
