@@ -54,6 +54,27 @@ def test_built_dataset_is_reused(shapes_builder, data_dir):
   assert messages and "reusing" in messages[0]
 
 
+def _build_shapes_and_say(data_dir):
+  messages = []
+  builder = corpora.build_shapes(data_dir, log=messages.append, **SHAPES)
+  return str(builder.data_path), messages
+
+
+def test_processes_that_find_the_world_missing_at_once_build_it_once(tmp_path):
+  # Every process of a multi-host run finds it missing at start; each built its own copy and tfds swapped
+  # the finished dataset for the next one under the readers' feet. Now one builds, the others wait for it.
+  import concurrent.futures
+  import multiprocessing
+
+  with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    results = list(pool.map(_build_shapes_and_say, [tmp_path] * 2))
+  assert results[0][0] == results[1][0]
+  said = [" ".join(messages) for _, messages in results]
+  assert sum("reusing the dataset" not in s for s in said) == 1, said  # one built it, the other reused it
+  source = tfds.builder(f"shapes_world/{corpora.shapes_config(**SHAPES).name}", data_dir=str(tmp_path))
+  assert source.info.splits["train"].num_examples == 6
+
+
 def test_data_dir_comes_from_argument_then_environment(monkeypatch, tmp_path):
   monkeypatch.setenv(paths.DATA_DIR_ENV, str(tmp_path / "env"))
   assert paths.default_data_dir() == tmp_path / "env"

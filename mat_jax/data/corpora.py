@@ -37,6 +37,7 @@ import tensorflow_datasets as tfds
 from mat_jax import paths
 from mat_jax.data import shapes
 from mat_jax.errors import InputError, MatJaxError, shown_json
+from mat_jax.workdir import WorkdirLock
 
 SPLITS = ("train", "val", "test")
 # The `split` values of Karpathy's dataset_*.json files; restval (COCO's extra images) joins another split.
@@ -72,9 +73,20 @@ def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[t
   if is_built(builder) and not overwrite:
     log(f"reusing the dataset already built at {path}")
     return builder, True
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # One builder at a time: every process of a multi-host run, and commands started together, find the
+  # dataset missing at once, and tfds replaces a finished dataset with its own copy (under readers' feet).
+  # The others wait, then reuse what the first built.
+  with WorkdirLock(path.parent, wait=True, flag="the dataset directory", on_wait=log):
+    if is_built(builder) and not overwrite:
+      log(f"reusing the dataset another process built at {path}")
+      return builder, True
+    return _build(builder, path, overwrite), False
+
+
+def _build(builder: tfds.core.DatasetBuilder, path: Path, overwrite: bool) -> tfds.core.DatasetBuilder:
   if overwrite and path.exists():
     shutil.rmtree(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   # Nothing is downloaded, but tfds insists on a download directory: keep it out of the data dir.
   with tempfile.TemporaryDirectory(prefix="mat_jax_tfds_") as downloads:
     try:
@@ -88,7 +100,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[t
       if cause is not None:
         raise cause from err
       raise
-  return builder, False
+  return builder
 
 
 # --------------------------------------------------------------------------------------------------
