@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mat_jax.data import shapes
+from mat_jax.errors import InputError
 from mat_jax.models import clip_config
 
 
@@ -367,7 +368,25 @@ def test_processes_building_the_tokenizer_at_once_each_read_a_whole_one(tmp_path
     with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
       sizes = list(pool.map(_build_and_load, [directory] * 4))
     assert sizes == [len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())] * 4
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer0", "tokenizer1"]  # no building leftovers
+  # No building leftovers (the lock file stays, as the datasets' do).
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "tokenizer0", "tokenizer1"]
+  assert oct((tmp_path / "tokenizer0").stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # readable by all
+
+
+def _umask() -> int:
+  import os
+
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_a_directory_of_other_files_is_refused_not_emptied(tmp_path):
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep me")
+  with pytest.raises(InputError, match=r"holds other files \(notes.txt\) and no shapes tokenizer"):
+    shapes.build_tokenizer(tmp_path / "mine")
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_a_half_written_tokenizer_directory_is_rebuilt(tmp_path):

@@ -40,6 +40,7 @@ import numpy as np
 
 from mat_jax import paths
 from mat_jax.errors import InputError
+from mat_jax.workdir import WorkdirLock
 from mat_jax.models import tokenizers as tokenizers_lib
 
 # --------------------------------------------------------------------------------------------------
@@ -832,8 +833,9 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   fast = tokenizers_lib.import_transformers().PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token=start, eos_token=end, pad_token=pad, unk_token=unk,
       model_max_length=context_length)
-  # Written whole in a directory of its own, then moved into place: every process of a multi-host run, or
-  # two commands started together, build it at once, and none may read another's half-written files.
+  # Written whole in a directory of its own, then moved into place under a lock: every process of a
+  # multi-host run, or two commands started together, build it at once, and none may read another's
+  # half-written files or set aside another's finished one.
   directory.parent.mkdir(parents=True, exist_ok=True)
   building = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
   try:
@@ -847,21 +849,36 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
     (building / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": start, "eos_token": end, "pad_token": pad, "unk_token": unk}, indent=2))
     (building / _TOKENIZER_MARKER).write_text(json.dumps({"version": TOKENIZER_VERSION, "vocab": vocab}, indent=1))
-    if not _holds_vocabulary(directory, vocab):  # another process may have finished first
-      if directory.exists():  # another vocabulary's files: set aside, then dropped
-        stale = Path(tempfile.mkdtemp(prefix=f".{directory.name}.stale.", dir=directory.parent))
-        os.replace(directory, stale / directory.name)
-        shutil.rmtree(stale, ignore_errors=True)
-      os.replace(building, directory)
-  except OSError:
-    if not _holds_vocabulary(directory, vocab):  # not a race another process won
-      raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(building, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from other users of a shared data dir
+    with WorkdirLock(directory.parent, wait=True, flag="the tokenizer's directory"):
+      if not _holds_vocabulary(directory, vocab):  # another process may have finished first
+        if directory.exists():
+          _set_aside_old_tokenizer(directory)
+        os.replace(building, directory)
   finally:
     shutil.rmtree(building, ignore_errors=True)
   return directory
 
 
 _TOKENIZER_MARKER = "shapes_world.json"
+_TOKENIZER_FILES = (_TOKENIZER_MARKER, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _set_aside_old_tokenizer(directory: Path) -> None:
+  """Remove a tokenizer directory of another vocabulary, but nothing else: a directory holding other
+  files (a --dir given by mistake) is refused, not emptied."""
+  others = sorted(p.name for p in directory.iterdir() if p.name not in _TOKENIZER_FILES) \
+      if directory.is_dir() else [directory.name]
+  if others:
+    raise InputError(f"{directory} holds other files ({', '.join(others[:5])}) and no shapes tokenizer of this "
+                     "version; give the tokenizer a directory of its own (or an empty one)")
+  stale = Path(tempfile.mkdtemp(prefix=f".{directory.name}.stale.", dir=directory.parent))
+  try:
+    os.replace(directory, stale / directory.name)
+  finally:
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _holds_vocabulary(directory: Path, vocab: dict[str, int]) -> bool:
