@@ -639,6 +639,21 @@ def test_a_signal_while_a_restarted_run_restores_stops_it_once_restored(root, tr
   assert not (workdir / checkpoint_lib.DAMAGED_DIR).exists() and not (workdir / "model").exists()
 
 
+def test_a_setup_that_fails_leaves_the_signal_handlers_as_they_were(root, trained):
+  # The run holds signals from its setup on; a failure before the loop (here the metrics file is a
+  # directory) must give them back, or the caller's next Ctrl-C would be swallowed.
+  config, source = trained
+  workdir = root / "metrics_is_a_directory"
+  shutil.copytree(source, workdir)
+  shutil.rmtree(workdir / "model")
+  (workdir / "metrics.jsonl").unlink()
+  (workdir / "metrics.jsonl").mkdir()
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with pytest.raises(OSError):
+    loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_evaluating_a_run_skips_its_damaged_checkpoint_without_moving_it(root, trained, capsys):
   _, source = trained
   workdir = root / "damaged_read"

@@ -374,6 +374,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     pass
   # Until the loop's own try: a failure in the data setup, the restore or the step's construction closes
   # the checkpointer (left open, Orbax's threads outlive the error and print tracebacks at exit).
+  writer = bar = None
   try:
     builder = None
     if data_iterator is None or (evaluate and main):
@@ -406,15 +407,19 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     step_fn, reference = make_train_step(run)
 
     evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
+    # Rerunning a finished run (how one re-exports it) evaluates its final model again.
+    writer = MetricWriter(workdir, enabled=main, resume_step=start,
+                          reevaluated=evaluator is not None and start == cfg.train.steps)
+    bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
+    agreement = _StopAgreement(stop, cfg.train.steps)
     stop_if_signalled()
   except BaseException:
     stop.restore()
     ckpt.close()
+    for opened in (writer, bar):
+      if opened is not None:
+        opened.close()
     raise
-  # Rerunning a finished run (how one re-exports it) evaluates its final model again.
-  writer = MetricWriter(workdir, enabled=main, resume_step=start,
-                        reevaluated=evaluator is not None and start == cfg.train.steps)
-  bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
   last_metrics: dict[str, float] = {}
   pending: list[dict[str, jax.Array]] = []
   in_flight: collections.deque[dict[str, jax.Array]] = collections.deque()
@@ -423,7 +428,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   deferred: tuple[int, list[dict[str, jax.Array]], jax.Array] | None = None
   clock, clock_step = time.perf_counter(), start
   last_saved = start if start else None
-  agreement = _StopAgreement(stop, cfg.train.steps)
 
   def check_finite(bad: int) -> None:
     _check_finite(bad, last_saved, workdir, resumed_at=start if resumed else None,
