@@ -155,7 +155,7 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
 
 
 # What a study may change in a study dir without touching a trained run: more seeds add runs, another
-# evaluation subset is evaluated beside the old one (runs/ARM-sSEED/eval/test-N/), an arm's attacks and
+# evaluation subset is evaluated beside the old one (runs/ARM-sSEED/eval/test-N/), and an arm's attacks
 # choose only what is evaluated and reported.
 EVALUATION_KEYS = ("seeds", "eval_images")
 

@@ -40,8 +40,8 @@ import numpy as np
 
 from mat_jax import paths
 from mat_jax.errors import InputError
-from mat_jax.workdir import WorkdirLock
 from mat_jax.models import tokenizers as tokenizers_lib
+from mat_jax.workdir import WorkdirLock
 
 # --------------------------------------------------------------------------------------------------
 # The world's categories and their surface forms (the lexicon).

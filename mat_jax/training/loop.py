@@ -545,8 +545,8 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
         f"the loss, a gradient or an updated parameter became NaN/inf at step {bad}, the first step after "
         f"restoring the checkpoint {checkpoints / str(resumed_at)}, which was checked on restore (its checksums "
         "and finite values) and is kept. A rerun meets this step's batch again from it: check that batch's "
-        f"inputs (images, captions) or {_settings_advice(clipping, workdir, checkpoint=True, reference=reference)}"
-        f"{_diverged_checkpoint_advice(checkpoints, resumed_at)}")
+        f"inputs (images, captions) or {_settings_advice(clipping, workdir, checkpoint=True, reference=reference)} "
+        f"{_diverged_checkpoint_advice(checkpoints, resumed_at, sentence=True)}")
   kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
           if last_saved is not None else "no checkpoint had been written yet")
   if last_saved is not None and bad == last_saved:  # the step right after that checkpoint
@@ -563,12 +563,14 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
       f"and {kept}. Check the inputs of that step, or {advice}")
 
 
-def _diverged_checkpoint_advice(checkpoints: Path, step: int) -> str:
+def _diverged_checkpoint_advice(checkpoints: Path, step: int, sentence: bool = False) -> str:
   """For a NaN at the step right after checkpoint `step`: an update can blow parameters up to huge finite
-  values one step before they turn NaN, and such a checkpoint passes every check."""
-  return (f" (if a rerun from checkpoint {step} fails here again with a lower learning rate, that checkpoint "
-          f"holds finite but diverged weights: move {checkpoints / str(step)} out of {checkpoints} to resume "
-          "from the one before it)")
+  values one step before they turn NaN, and such a checkpoint passes every check. A parenthesis to append,
+  or with `sentence` a sentence of its own."""
+  advice = (f"a rerun from checkpoint {step} fails here again with a lower learning rate, that checkpoint holds "
+            f"finite but diverged weights: move {checkpoints / str(step)} out of {checkpoints} to resume from the "
+            "one before it")
+  return f"If {advice}." if sentence else f" (if {advice})"
 
 
 def _settings_advice(clipping: bool, workdir: Path, *, checkpoint: bool, reference: bool = False) -> str:
