@@ -58,6 +58,7 @@ from mat_jax.models import (
   save_clip,
   split,
 )
+from mat_jax.models import weights as weights_lib
 from mat_jax.models.blip import is_blip
 from mat_jax.models.clip import resolve_dtype
 from mat_jax.models.hub import ModelSourceError
@@ -389,6 +390,12 @@ def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
   workdir = Path(workdir)
   exported = workdir / checkpoint.MODEL_DIR
   if (exported / "config.json").exists():
+    weights = (exported / weights_lib.SAFETENSORS_FILE, exported / weights_lib.SAFETENSORS_INDEX)
+    if (workdir / checkpoint.CONFIG_FILE).exists() and not any(w.exists() for w in weights):
+      # A run's own export, not a model from elsewhere: its advice is the run's, not save_pretrained's.
+      raise ModelSourceError(f"{exported} holds no weights ({weights_lib.SAFETENSORS_FILE}): the run's export is "
+                             f"incomplete. Rerun its training command with --workdir {workdir} to export it again "
+                             f"from its last checkpoint, or remove {exported} to use its newest checkpoint")
     model = (load_blip if is_blip(exported) else load_clip)(exported)
     tokenizer = None
     if (exported / "tokenizer.json").exists() or (exported / "vocab.json").exists():

@@ -654,6 +654,20 @@ def test_a_setup_that_fails_leaves_the_signal_handlers_as_they_were(root, traine
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_a_run_whose_export_lost_its_weights_says_how_to_export_again(root, trained):
+  # The generic advice (write the weights with save_pretrained) does not fit a run's own export.
+  config, source = trained
+  workdir = root / "export_without_weights"
+  shutil.copytree(source, workdir)
+  (workdir / "model" / "model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match=r"model holds no weights .*the run's export is incomplete\. Rerun its "
+                                              r"training command with --workdir .* to export it again"):
+    runs.restore_model(workdir)
+  loop.train(config, workdir, mesh_spec="1", log=_quiet, progress=False, evaluate=False)  # the advice, followed
+  model, _ = runs.restore_model(workdir)
+  assert (workdir / "model" / "model.safetensors").exists() and model.config.vision.image_size == 16
+
+
 def test_evaluating_a_run_skips_its_damaged_checkpoint_without_moving_it(root, trained, capsys):
   _, source = trained
   workdir = root / "damaged_read"
