@@ -521,3 +521,25 @@ def test_the_held_out_forms_world_is_a_build_of_its_own(shapes_builder, data_dir
     assert (caps, source[i]["image_id"]) == (corpora.shapes_record_text(3, "test", i, 5, 0.0)[1], i)
   with pytest.raises(ValueError, match=r"rare_form_rate must be in \[0, 1\]"):
     corpora.shapes_config(rare_form_rate=2.0)
+
+
+def test_builds_leave_no_temporary_directories(tmp_path, monkeypatch, corpus_files):
+  """tfds makes a temporary directory to look a new dataset up in its bucket and never removes it; the
+  project's builders skip that lookup (`LocalDatasetInfo`), so a build leaves the temp dir as it was."""
+  import tempfile
+
+  from mat_jax.data import imagefolder
+
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  data = tmp_path / "data"
+  corpora.build_shapes(data, log=_quiet, **dict(SHAPES, train=2, val=1, test=1))
+  corpora.build_corpus("toyleak", [corpus_files / "dataset_toy.json"], corpus_files / "images", image_size=32,
+                       data_dir=data, log=_quiet)
+  folder = tmp_path / "folder"
+  for name in ("a", "b"):
+    (folder / name).mkdir(parents=True)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(folder / name / "0.png")
+  imagefolder.build_image_folder(folder, image_size=8, data_dir=data, log=_quiet)
+  assert list(scratch.iterdir()) == []

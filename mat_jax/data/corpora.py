@@ -55,6 +55,15 @@ def _download_config(overwrite: bool = False) -> tfds.download.DownloadConfig:
   return tfds.download.DownloadConfig(try_download_gcs=False, download_mode=mode)
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The `DatasetInfo` of a builder whose data exists only here. tfds looks up a not-yet-built dataset's
+  info in its Google bucket, after making a temporary directory for it that it never removes: one empty
+  /tmp/tmp*tfds per build. These builders are never in the bucket, so the lookup is skipped."""
+
+  def initialize_from_bucket(self) -> None:
+    return None
+
+
 @tfds.core.utils.classproperty
 @classmethod
 def _no_code_path(cls) -> None:
@@ -167,7 +176,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         description=__doc__,
         features=tfds.features.FeaturesDict({
@@ -511,7 +520,7 @@ class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     size = cfg.image_size
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         description=f"caption corpus {cfg.name}",
         features=tfds.features.FeaturesDict({

@@ -122,7 +122,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
-    return tfds.core.DatasetInfo(
+    return corpora.LocalDatasetInfo(
         builder=self,
         description=f"image folder {cfg.root}",
         features=tfds.features.FeaturesDict({
