@@ -1,9 +1,10 @@
 """BLIP retrieval: parity with transformers' PyTorch BlipForImageTextRetrieval on tiny random checkpoints,
 the save/load round trip, and the loaders' errors.
 
-Odd sizes throughout (5 heads of 8 in the image encoder, 36-wide text with 4 heads, a 20-wide ITC space,
-image and text widths that differ so that the cross-attention's key/value shapes are exercised), texts
-of different lengths padded. Float32 at the highest matmul precision.
+Odd sizes throughout (34 px images in patches of 10, whose last 4 rows and columns the patch convolution
+drops; 5 heads of 8 in the image encoder, 36-wide text with 4 heads, a 20-wide ITC space, image and text
+widths that differ so that the cross-attention's key/value shapes are exercised), texts of different
+lengths padded. Float32 at the highest matmul precision.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _hf_blip():
                        num_attention_heads=4, max_position_embeddings=14, bos_token_id=CLS, sep_token_id=SEP,
                        pad_token_id=PAD),
       vision_config=dict(hidden_size=40, intermediate_size=43, num_hidden_layers=2, num_attention_heads=5,
-                         image_size=30, patch_size=10),
+                         image_size=34, patch_size=10),
       image_text_hidden_size=20, logit_scale_init_value=2.5)
   model = transformers.BlipForImageTextRetrieval(cfg).eval()
   with torch.no_grad():  # every bias, LN and embedding off its init: a zero or unit init hides mapping mistakes
@@ -57,7 +58,7 @@ def _texts(length: int = 14) -> tuple[np.ndarray, np.ndarray]:
   return ids, mask
 
 
-def _images(n: int = 4, size: int = 30) -> np.ndarray:
+def _images(n: int = 4, size: int = 34) -> np.ndarray:
   return np.random.default_rng(2).random((n, size, size, 3), dtype=np.float32)
 
 
@@ -208,6 +209,7 @@ def test_bad_tensors_are_all_listed(case, tmp_path):
   assert err.value.unexpected == ["extra.weight"]
   assert len(err.value.mismatched) == 1 and "vision_proj.weight: (21, 40)" in err.value.mismatched[0]
   assert "BlipForImageTextRetrieval" in str(err.value)
+  assert "open_clip" not in str(err.value)  # other layouts' names are a CLIP matter
 
 
 def test_blip_dir_to_load_clip_and_the_reverse(case, tmp_path_factory):

@@ -28,10 +28,10 @@ VOCAB = 99
 
 # Two CLIP cases: legacy eos_token_id 2 (pool at the largest id) with quick_gelu at 48 px / patch 8, and
 # a real eos id (pool at its first occurrence, padding with that same id as OpenAI's tokenizer does) with
-# gelu at 32 px / patch 16.
+# gelu at 40 px / patch 16 (not a multiple: the patch convolution drops the last 8 rows and columns).
 CLIP_CASES = {
     "legacy_eos_quick_gelu_48px": dict(act="quick_gelu", image=48, patch=8, bos=0, eos=2, pad=1),
-    "real_eos_gelu_32px": dict(act="gelu", image=32, patch=16, bos=3, eos=4, pad=4),
+    "real_eos_gelu_40px": dict(act="gelu", image=40, patch=16, bos=3, eos=4, pad=4),
 }
 
 
@@ -267,7 +267,7 @@ def test_shapes_world_clip_saved_by_mat_jax_pools_the_same_in_transformers(tmp_p
 
 
 def test_sharded_safetensors_index_loads(tmp_path_factory, tmp_path):
-  clip_case = _clip_case("real_eos_gelu_32px", tmp_path_factory)
+  clip_case = _clip_case("real_eos_gelu_40px", tmp_path_factory)
   clip_case["hf"].save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
   assert len(list(tmp_path.glob("model-*.safetensors"))) > 1

@@ -177,8 +177,6 @@ class VisionEncoder(nnx.Module):
   def __init__(self, cfg: BlipVisionConfig, *, dtype, rngs: nnx.Rngs):
     if cfg.layers < 1:
       raise ValueError(f"the image encoder needs at least one layer, got layers={cfg.layers}")
-    if cfg.image_size % cfg.patch_size:
-      raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     self.cfg, self.dtype = cfg, dtype
     w, p = cfg.width, cfg.patch_size
     init = nnx.initializers.normal(0.02)
@@ -196,11 +194,9 @@ class VisionEncoder(nnx.Module):
     cfg = self.cfg
     x = ((pixels - jnp.asarray(cfg.image_mean, jnp.float32)) / jnp.asarray(cfg.image_std, jnp.float32))
     x = x.astype(self.dtype)
-    b, h, w, c = x.shape
-    p = cfg.patch_size
-    patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
-    kernel = self.patch_kernel[...].reshape(p * p * c, cfg.width).astype(self.dtype)
-    tokens = patches @ kernel + self.patch_bias[...].astype(self.dtype)
+    b, p = x.shape[0], cfg.patch_size
+    kernel = self.patch_kernel[...].reshape(p * p * 3, cfg.width).astype(self.dtype)
+    tokens = layers.patches(x, p) @ kernel + self.patch_bias[...].astype(self.dtype)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
     for block in self.blocks:
@@ -479,9 +475,6 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   text = pick(BlipTextConfig, text_data, _TEXT_KEYS, context_length=length)
   # text_config.encoder_hidden_size is not read: transformers' BlipConfig overwrites it with the vision
   # hidden size, and a cross-attention that does not fit is caught by the tensor shapes.
-  if vision.image_size % vision.patch_size:
-    problems.append(f"vision_config.image_size {vision.image_size} is not a multiple of patch_size "
-                    f"{vision.patch_size}")
   weights._check_common(problems, "vision_config", vision.activation, vision.width, vision.heads)
   weights._check_common(problems, "text_config", text.activation, text.width, text.heads)
   if problems:

@@ -238,8 +238,6 @@ class VisionTower(nnx.Module):
   def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, scan: bool = False, attention: str = "auto"):
     if cfg.layers < 1:
       raise ValueError(f"the image tower needs at least one layer, got layers={cfg.layers}")
-    if cfg.image_size % cfg.patch_size:
-      raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     self.cfg = cfg
     self.dtype = dtype
     self.scan = scan
@@ -265,12 +263,9 @@ class VisionTower(nnx.Module):
     mean = jnp.asarray(cfg.image_mean, jnp.float32)
     std = jnp.asarray(cfg.image_std, jnp.float32)
     x = ((pixels - mean) / std).astype(self.dtype)
-    b, h, w, c = x.shape
-    p = cfg.patch_size
-    patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
-    kernel = self.patch_kernel[...].reshape(p * p * c, cfg.width).astype(self.dtype)
-    tokens = patches @ kernel
+    b, p = x.shape[0], cfg.patch_size
+    kernel = self.patch_kernel[...].reshape(p * p * 3, cfg.width).astype(self.dtype)
+    tokens = layers.patches(x, p) @ kernel
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
     x = self.pre_ln(x)

@@ -81,6 +81,17 @@ def layer_norm(features: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.
   )
 
 
+def patches(x: jax.Array, size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, (H // size) * (W // size), size * size * C): the non-overlapping patches a ViT's
+  stride-`size` convolution reads, row by row, each flattened (row, column, channel) to match an HWIO conv
+  kernel. Sides that are not a multiple of `size` lose their last pixels, as the convolution drops them."""
+  b, h, w, c = x.shape
+  rows, cols = h // size, w // size
+  x = x[:, :rows * size, :cols * size]
+  x = x.reshape(b, rows, size, cols, size, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, rows * cols, size * size * c)
+
+
 # How attention is computed (`MultiHeadAttention(attention=...)`, `CLIPConfig.attention`):
 #   "auto"   the einsum path on CPU; on GPU cuDNN flash attention in bf16/fp16 and XLA's fused attention in
 #            float32; XLA's elsewhere (TPU);

@@ -58,8 +58,10 @@ class WeightsError(MatJaxError, ValueError):
                    "the stored copies untied (a different model). Use a checkpoint whose copies equal the "
                    "tensors they are tied to (transformers' save_pretrained of a tied model writes them so).")
     if missing or unexpected or mismatched:
+      # CLIP weights also circulate in other libraries' layouts, under names transformers does not use.
+      other_layouts = " (not, e.g., open_clip or timm names)" if architecture == "CLIPModel" else ""
       parts.append(f"Check that config.json belongs to these weights and that they are a transformers "
-                   f"{architecture} checkpoint (not, e.g., open_clip or timm names).")
+                   f"{architecture} checkpoint{other_layouts}.")
     super().__init__("\n".join(parts))
 
 
@@ -367,9 +369,6 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
                     "retrain the model with the current tokenizer (the shapes world's end id is now 3)")
   if value_or(vision_data, "num_channels", 3) != 3:
     problems.append(f"vision_config.num_channels={vision_data['num_channels']} (only RGB, 3, is supported)")
-  if vision.image_size % vision.patch_size:
-    problems.append(f"vision_config.image_size {vision.image_size} is not a multiple of patch_size "
-                    f"{vision.patch_size}")
   _check_common(problems, "vision_config", vision.activation, vision.width, vision.heads)
   _check_common(problems, "text_config", text.activation, text.width, text.heads)
   if problems:
