@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mat_jax import checks
-from mat_jax.errors import Interrupted, MatJaxError
+from mat_jax.errors import Interrupted, MatJaxError, WorkdirError
 
 STATE, DATA, META = "state", "data", "meta"
 MODEL_DIR = "model"
@@ -433,6 +433,26 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 # ----------------------------------------------------------------------------------------------------
 # The run's config.
+
+
+def refuse_model_directory(workdir: str | os.PathLike) -> None:
+  """A workdir that holds a model (weights, or a transformers config.json) is refused before a run writes
+  anything there: the run's own config.json would replace the model's, and its checkpoints would sit
+  beside the weights. An exported run keeps its model in `model/`, so a run directory never holds one."""
+  path = Path(workdir)
+  held = sorted(p.name for p in path.glob("model*.safetensors"))
+  if (path / "model.safetensors.index.json").exists():
+    held.append("model.safetensors.index.json")
+  try:
+    config = json.loads((path / CONFIG_FILE).read_text())
+  except (OSError, ValueError):  # none, or unreadable: the run's own checks report a damaged run config
+    config = None
+  if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
+    held.append(f"{CONFIG_FILE} of a {config.get('model_type', 'transformers')} model")
+  if held:
+    raise WorkdirError(f"the workdir {path} holds a model ({', '.join(held)}), not a training run: a run would "
+                       f"write its own {CONFIG_FILE} over the model's. Pass another workdir; to train from this "
+                       f"model, give it as the starting point (--config.model.source={path})")
 
 
 def write_run_config(workdir: str | os.PathLike, config_json: str) -> None:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from mat_jax import config as config_lib
-from mat_jax import errors, runtime
+from mat_jax import checkpoint, errors, runtime
 from mat_jax import mesh as mesh_lib
 from mat_jax.training import demo, loop
 
@@ -72,6 +72,7 @@ def _main(argv: list[str] | None) -> int:
   config = config_lib.load(args.config, overrides)
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   errors.check_writable_dir(workdir, "--workdir")
+  checkpoint.refuse_model_directory(workdir)  # before a cached starting model trains (minutes)
   _out_dir = workdir
   loop.run_mesh(config, args.mesh)  # a bad --mesh fails now, not after training the starting model
   # A "cache:NAME" starting model is trained into the cache first, on the same mesh, if it is not there yet.

@@ -320,6 +320,27 @@ def test_train_refuses_a_locked_workdir_in_one_line(tmp_path, capsys):
   assert not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.parametrize("held", ["weights", "config"])
+def test_a_model_directory_is_refused_as_a_workdir_and_keeps_its_config(tmp_path, capsys, held):
+  path = _experiment(tmp_path, "def get_config(arg=None):\n  return {'train': {'steps': 2}}\n")
+  model = tmp_path / "model"
+  model.mkdir()
+  model_config = json.dumps({"model_type": "clip", "architectures": ["CLIPModel"]})
+  if held == "weights":
+    (model / "model.safetensors").write_bytes(b"")
+  else:
+    (model / "config.json").write_text(model_config)
+  assert train.main(["--config", str(path), "--workdir", str(model)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: the workdir {model} holds a model (") and "not a training run" in err
+  assert f"--config.model.source={model}" in err
+  assert sorted(p.name for p in model.iterdir()) == (["model.safetensors"] if held == "weights" else ["config.json"])
+  if held == "config":
+    assert (model / "config.json").read_text() == model_config
+    with pytest.raises(errors.WorkdirError, match="config.json of a clip model"):  # the Python API alike
+      loop.train(config_lib.load(path), model, log=_quiet)
+
+
 def test_the_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
   code = ("import os, signal, sys; from mat_jax.workdir import WorkdirLock; "
           f"WorkdirLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")

@@ -270,6 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
   the processes of a multi-host run stop at one agreed step (`_StopAgreement`).
   """
   workdir = Path(workdir).expanduser().absolute()
+  checkpoint_lib.refuse_model_directory(workdir)
   main = mesh_lib.is_main_process()
   held = WorkdirLock(workdir) if lock and main else None
   if held is not None:
