@@ -539,13 +539,15 @@ def _check_schedule(schedule: dict, peak: float, steps: int) -> None:
   except (TypeError, ValueError):
     raise ConfigError(f"schedule.kwargs={schedule['kwargs']!r}: give plain values (numbers, strings, booleans, "
                       "lists, dicts of them), which config.json can hold") from None
+  call = f"{schedule['name']}({', '.join(f'{k}={v!r}' for k, v in schedule['kwargs'].items())})"
   try:
     fn = optim.make_schedule(ml_collections.ConfigDict(schedule), peak, steps)
   except ValueError as err:  # an unknown name, kwargs the constructor does not take, a required one missing
     raise ConfigError(str(err)) from None
+  except Exception as err:  # noqa: BLE001  a kwarg of the wrong kind, met inside the Optax constructor
+    raise ConfigError(f"schedule: {call} failed: {type(err).__name__}: {err}") from None
   if schedule["name"] in optim.BUILTIN_SCHEDULES:
     return  # its values are the range-checked learning rate and end factor
-  call = f"{schedule['name']}({', '.join(f'{k}={v!r}' for k, v in schedule['kwargs'].items())})"
   try:
     rates = np.asarray(jax.vmap(fn)(jnp.arange(steps)))
   except Exception as err:  # noqa: BLE001  a bad argument value: Optax's own message

@@ -151,7 +151,7 @@ def embed_images(encoder: DualEncoder, params, images, batch_size: int = 256) ->
   config = getattr(encoder, "config", None)  # any encoder with image_embeddings works; CLIP's has a config
   checks.check_images(images, config.vision.image_size if config is not None else None)
   images = np.asarray(images)
-  batch_size = min(batch_size, len(images))
+  batch_size = min(checks.check_steps(batch_size, name="batch_size"), len(images))
   return _batched(lambda x: image_embeddings(encoder, params, x), (images,), batch_size)
 
 
@@ -161,7 +161,7 @@ def embed_texts(encoder: DualEncoder, params, input_ids, attention_mask, batch_s
   if config is not None:
     checks.check_token_ids(input_ids, attention_mask, config.text.context_length, config.text.vocab_size)
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-  batch_size = min(batch_size, len(ids))
+  batch_size = min(checks.check_steps(batch_size, name="batch_size"), len(ids))
   return _batched(lambda i, m: text_embeddings(encoder, params, i, m), (ids, mask), batch_size)
 
 

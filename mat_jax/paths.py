@@ -13,17 +13,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mat_jax.errors import check_directory_path
+
 CACHE_DIR_ENV = "MAT_JAX_CACHE_DIR"
 DATA_DIR_ENV = "MAT_JAX_DATA_DIR"
 
 
 def cache_root() -> Path:
   """mat_jax's cache directory: `$MAT_JAX_CACHE_DIR`, else `~/.cache/mat_jax`."""
-  return Path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/mat_jax").expanduser()
+  # A file where the directory should be is named with the variable, not met as a traceback far away.
+  return check_directory_path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/mat_jax", f"${CACHE_DIR_ENV}")
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
   """The data directory: the argument, else `$MAT_JAX_DATA_DIR`, else `~/.cache/mat_jax/datasets`."""
   if data_dir:
-    return Path(data_dir).expanduser()
-  return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/mat_jax/datasets").expanduser()
+    return check_directory_path(data_dir, "data_dir (--data-dir, data.data_dir)")
+  return check_directory_path(os.environ.get(DATA_DIR_ENV) or "~/.cache/mat_jax/datasets", f"${DATA_DIR_ENV}")

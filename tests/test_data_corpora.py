@@ -457,6 +457,8 @@ def test_karpathy_restval_joins_the_split_given():
                         ("val", {"train": ["0.jpg"], "val": ["1.jpg", "3.jpg"], "test": ["2.jpg"]})):
     splits = corpora.read_karpathy("inline.json", restval, data)
     assert {name: [e.image for e in entries] for name, entries in splits.items()} == want
+  with pytest.raises(corpora.CorpusError, match="restval='trian': the split restval images join is one of"):
+    corpora.read_karpathy("inline.json", "trian", data)
 
 
 def test_cli_reports_a_bad_caption_in_one_line(tmp_path, capsys):
@@ -476,7 +478,9 @@ def test_cli_reports_a_bad_caption_in_one_line(tmp_path, capsys):
     (["build", "shapes", "--image-size", "8"], "error: image_size 8 is too small to tell shapes apart"),
     (["build", "karpathy", "--annotations", "a.json", "--images", ".", "--name", "9lives"],
      "error: dataset name '9lives' must start with a letter"),
-    (["mlm", "--steps", "0"], "argument --steps: must be at least 1, got 0")])
+    (["mlm", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["build", "karpathy", "--annotations", "a.json", "--images", ".", "--name", "coco", "--restval", "trian"],
+     "argument --restval: invalid choice: 'trian'")])
 def test_cli_bad_options_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
   """Reported by the command lines' one error handler (errors.cli_main), as every command line reports them;
   a ValueError from a bug keeps its traceback."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mat_jax import metrics
+from mat_jax.errors import InputError
 from mat_jax.models import l2_normalize
 
 
@@ -132,3 +133,8 @@ def test_similarity_matrix_batches_match_one_call():
   txt = np.asarray(encoder.text_embeddings(params, ids, mask))
   assert got.shape == (7, 9)
   np.testing.assert_allclose(got, img @ txt.T, atol=1e-5)
+  for bad in (0, -1):  # -1 gave an empty (0,) array, 0 a bare range() error
+    with pytest.raises(InputError, match=f"batch_size={bad} must be at least 1"):
+      metrics.embed_images(encoder, params, images, batch_size=bad)
+    with pytest.raises(InputError, match=f"batch_size={bad} must be at least 1"):
+      metrics.embed_texts(encoder, params, ids, mask, batch_size=bad)

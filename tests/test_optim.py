@@ -103,6 +103,8 @@ def test_kwargs_overrides(tmp_path):
      r"optax.linear_schedule\(end_value=-0.001\) gives the learning rate -.* at step \d+; it must be >= 0"),
     (dict(name="optax.exponential_decay", kwargs=dict(decay_rate="fast")), [],
      r"schedule: optax.exponential_decay\(decay_rate='fast'\) failed: TypeError"),
+    (dict(name="optax.piecewise_constant_schedule", kwargs=dict(boundaries_and_scales=5)), [],
+     r"schedule: optax.piecewise_constant_schedule\(boundaries_and_scales=5\) failed: AttributeError"),
     (dict(name="optax.exponential_decay", kwargs=dict(decay_rate=0.5)), ["schedule.kwargs.decay_rate=fast"],
      r"schedule.kwargs.decay_rate='fast' is not a number"),
     # The other keys of the section stay closed.

@@ -20,7 +20,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mat_jax import attacks, checks, errors, evaluate, evaluate_cli, metrics, runs, train
+from mat_jax import attacks, checks, errors, evaluate, evaluate_cli, metrics, paths, runs, train
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
 from mat_jax.models import CLIP, clip_config, split
@@ -858,3 +858,15 @@ def test_a_context_longer_than_the_model_names_both(root, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"model.context_length=100 but the text model of .* has 24 "
                                                    r"positions; set model.context_length=24"):
     runs.model_from_config(config)
+
+
+@pytest.mark.parametrize("variable", ["MAT_JAX_DATA_DIR", "MAT_JAX_CACHE_DIR"])
+def test_a_data_or_cache_directory_that_is_a_file_is_named_with_its_variable(tmp_path, monkeypatch, variable):
+  blocker = tmp_path / "afile"
+  blocker.write_text("not a directory")
+  monkeypatch.setenv(variable, str(blocker))
+  with pytest.raises(errors.WorkdirError, match=rf"^\${variable} {blocker}: {blocker} is a file, not a directory; "
+                                                rf"pass another \${variable}$"):
+    paths.default_data_dir() if variable == "MAT_JAX_DATA_DIR" else paths.cache_root()
+  with pytest.raises(errors.WorkdirError, match=r"pass another data_dir \(--data-dir, data.data_dir\)"):
+    paths.default_data_dir(blocker / "datasets")

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
   corpus.add_argument("--max-words", type=int, default=30, help="caption word limit (0: none; default 30)")
   corpus.add_argument("--no-cleaning", action="store_true",
                       help="keep captions as written (default: the references' pre_caption cleaning)")
-  corpus.add_argument("--restval", default="train", help="split that Karpathy's 'restval' images join")
+  corpus.add_argument("--restval", default="train", choices=corpora.KARPATHY_SPLITS,
+                      help="split that Karpathy's 'restval' images join (default train; restval: a split of their own)")
   corpus.add_argument("--skip-bad", action="store_true",
                       help="skip missing/corrupt images and entries without captions, and report them")
   _add_common(corpus)

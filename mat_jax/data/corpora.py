@@ -300,6 +300,8 @@ def detect_format(data: Any, path: str | os.PathLike = "the annotations") -> str
 
 def read_karpathy(path: str | os.PathLike, restval: str = "train", data: Any = None) -> dict[str, list[Entry]]:
   """Karpathy `dataset_*.json`: entries by their `split`; `restval` images join the `restval` split."""
+  if restval not in KARPATHY_SPLITS:  # a typo would quietly take COCO's restval images out of training
+    raise CorpusError(f"restval={restval!r}: the split restval images join is one of {', '.join(KARPATHY_SPLITS)}")
   path = Path(path)
   data = _load_json(path) if data is None else data
   if not isinstance(data, dict) or not isinstance(data.get("images"), list):
