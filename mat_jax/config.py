@@ -48,7 +48,7 @@ import re
 import traceback
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,7 @@ from mat_jax import objectives
 from mat_jax.attacks import spec as attack_specs  # the attack registry: training's and evaluation's names
 from mat_jax.attacks.candidates import SOURCES
 from mat_jax.data import pipeline, shapes
-from mat_jax.errors import ConfigError, InputError
+from mat_jax.errors import INT32_MAX, ConfigError, InputError
 from mat_jax.training import optim
 
 ANY = object()  # schema marker: any value accepted
@@ -415,6 +415,8 @@ _CHOICES = {
 }
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_FINITE = ">= 0 and finite in float32 (at most 3.4e38)"
 # Where a value outside cannot work (no PGD step, a mean over zero neighbours, a loss weight that
 # rewards the attack): (allowed range, test). Objective fields by name, shared by the objectives having it.
 _OBJECTIVE_RANGES = {
@@ -423,12 +425,10 @@ _OBJECTIVE_RANGES = {
     "step_size": ("> 0", lambda v: v > 0),
     "text_changes": (">= 1", lambda v: v >= 1),
     "neighbours": (">= 1", lambda v: v >= 1),
-    "beta": (">= 0", lambda v: v >= 0),
-    **{weight: (">= 0 (a loss weight)", lambda v: v >= 0)
+    "beta": (_FLOAT32_FINITE, lambda v: 0 <= v <= _FLOAT32_MAX),
+    **{weight: (f"{_FLOAT32_FINITE} (a loss weight)", lambda v: 0 <= v <= _FLOAT32_MAX)
        for weight in ("clean_weight", "text_weight", "image_weight", "a", "b", "c")},
 }
-_FLOAT32_MAX = 3.4028234663852886e38
-_FLOAT32_FINITE = ">= 0 and finite in float32 (at most 3.4e38)"
 _RANGES = {
     ("eval", "max_images"): (">= 0 (0 = the whole split)", lambda v: v >= 0),
     ("eval", "batch_size"): (">= 1", lambda v: v >= 1),
@@ -453,9 +453,24 @@ _RANGES = {
 }
 
 
+def _integers(tree: dict, prefix: str = "") -> Iterator[tuple[str, int]]:
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _integers(value, f"{prefix}{key}.")
+    elif isinstance(value, int) and not isinstance(value, bool):
+      yield f"{prefix}{key}", value
+
+
 def _check_values(config: dict) -> None:
   if config["text_attack"]["source"] == "lexicon":
     raise ConfigError(RENAMED_LEXICON)
+  # Counts, sizes and the seed reach jitted programs as int32: a larger one would overflow there, after
+  # the data is built and the model compiled.
+  for key, value in _integers(config):
+    if abs(value) > INT32_MAX:
+      raise ConfigError(f"{key}={value} does not fit a 32-bit integer (at most {INT32_MAX:,})")
+  if config["seed"] < 0:
+    raise ConfigError(f"seed={config['seed']} must be >= 0")
   for (section, key), choices in _CHOICES.items():
     if config[section][key] not in choices:
       also = f" (or {DEFAULT_TOWERS!r}: the objective's)" if key == "towers" else ""

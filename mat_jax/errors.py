@@ -87,6 +87,21 @@ def positive_int(text: str) -> int:
   return value
 
 
+# Seeds and counts go into jitted programs as int32 (JAX's default integer): a larger one overflows there.
+INT32_MAX = 2 ** 31 - 1
+
+
+def seed(text: str) -> int:
+  """The argparse type of --seed: a whole number in [0, 2**31 - 1]."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if not 0 <= value <= INT32_MAX:
+    raise argparse.ArgumentTypeError(f"use a seed in [0, {INT32_MAX}], got {value}")
+  return value
+
+
 def positive_float(text: str) -> float:
   """The argparse type of a duration or budget (--seconds): a finite number > 0."""
   try:

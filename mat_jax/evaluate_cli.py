@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=32,
                  help="images per attack batch; tecoa, mat and mmcoa take their negatives from the batch's "
                       "captions, so their numbers hold at this size (at least 2 for them)")
-  p.add_argument("--seed", type=int, default=0, help="random starts (reproducible at a fixed --batch-size)")
+  p.add_argument("--seed", type=errors.seed, default=0, help="random starts (reproducible at a fixed --batch-size)")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="compute dtype of the models (auto: bfloat16 on GPU/TPU, float32 on CPU)")
   p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")

@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="ImageFolder data: the classes' names for the prompts, one per line in the sorted folders' "
                       "order, or a JSON object {folder: name} (e.g. ImageNet's WordNet-id folders n01440764 ...)")
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=errors.seed, default=0)
   p.add_argument("--out", default=None,
                  help="directory for results.json (default: zeroshot_results/<the --data name>, one per data set)")
   p.add_argument("--no-progress", action="store_true")
@@ -485,8 +485,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.error("--class-names applies to ImageFolder data; the shapes-world sets name their own classes")
   if args.class_names and not Path(args.class_names).expanduser().is_file():
     parser.error(f"--class-names {args.class_names}: no such file")
-  if args.seed < 0:
-    parser.error(f"--seed {args.seed}: use a seed >= 0")
   if args.attacks == []:
     parser.error(f"--attacks names no attack; name at least one of {','.join(ATTACKS)} (or leave it out for all)")
   # What can be known from the flags alone is checked here, before a cached --model is trained (minutes).

@@ -248,7 +248,10 @@ def test_bad_tuple_overrides_are_config_errors(tmp_path, override, message):
     ("mava", "neighbours", 0, ">= 1"), ("mava", "beta", -0.1, ">= 0"), ("mava", "a", -1.0, ">= 0"),
     ("tecoa", "steps", 0, ">= 1"), ("fare", "step_size", 0.0, "> 0"), ("fare", "eps", -0.01, r"in \[0, 1\]"),
     ("mat", "eps", 8.0, r"in \[0, 1\]"), ("mat", "text_changes", 0, ">= 1"), ("mat", "clean_weight", -0.5, ">= 0"),
-    ("mmcoa", "text_weight", -1.0, ">= 0"), ("mmcoa", "image_weight", -1.0, ">= 0")])
+    ("mmcoa", "text_weight", -1.0, ">= 0"), ("mmcoa", "image_weight", -1.0, ">= 0"),
+    # inf (or a float32 overflow) made the first step's loss NaN, refused only after compiling.
+    ("mat", "clean_weight", float("inf"), ">= 0 and finite in float32"),
+    ("mava", "beta", float("inf"), ">= 0 and finite"), ("mmcoa", "text_weight", float("inf"), ">= 0 and finite")])
 def test_objective_values_out_of_range_are_refused(tmp_path, objective, key, value, allowed):
   path = _write(tmp_path, f"return dict(objective=dict(name={objective!r}))")
   config_lib.load(path)  # the defaults are in range
@@ -268,7 +271,11 @@ def test_eval_values_out_of_range_are_refused(tmp_path):
                             ("text_attack.top_k=0", "text_attack.top_k=0 must be >= 1"),
                             ("text_attack.max_targets=0", "text_attack.max_targets=0 must be >= 1"),
                             ("text_attack.max_words=-1", r"text_attack.max_words=-1 must be >= 0"),
-                            ("train.eval_every=-2", r"train.eval_every=-2: use 0 \(evaluate at the end only\)")):
+                            ("train.eval_every=-2", r"train.eval_every=-2: use 0 \(evaluate at the end only\)"),
+                            # int32 in the compiled programs: refused at load, not as an OverflowError there.
+                            ("seed=99999999999999999999", r"seed=99999999999999999999 does not fit a 32-bit integer"),
+                            ("eval.steps=4294967296", r"eval.steps=4294967296 does not fit a 32-bit"),
+                            ("seed=-1", r"seed=-1 must be >= 0")):
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.load(path, [override])
 
