@@ -104,8 +104,12 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
       raise StudyError(f"{path}: {key}={study[key]!r} must be an integer >= {least}")
   if study["eval_images"] == 1:
     raise StudyError(f"{path}: eval_images=1: an interval over test images needs at least 2 (0: the whole split)")
-  if not isinstance(study["eps_255"], (int, float)) or isinstance(study["eps_255"], bool) or study["eps_255"] < 0:
+  if not isinstance(study["eps_255"], (int, float)) or isinstance(study["eps_255"], bool):
     raise StudyError(f"{path}: eps_255={study['eps_255']!r} must be a number >= 0")
+  try:  # NaN, inf or above 255 would fail only at the first evaluation, after the first arm trained
+    evaluate_lib.check_eps_255([study["eps_255"]])
+  except errors.InputError as err:
+    raise StudyError(f"{path}: {err}") from None
   if not study["arms"]:
     raise StudyError(f"{path}: the study names no arms")
   for name, arm in study["arms"].items():

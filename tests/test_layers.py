@@ -29,3 +29,23 @@ def test_dense_matches_linear_on_any_leading_shape():
   np.testing.assert_allclose(gx_dense, gx_linear, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(gp_dense["kernel"][...], gp_linear["kernel"][...], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gp_dense["bias"][...], gp_linear["bias"][...], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_gradients_are_summed_in_float32_under_bf16_compute():
+  """A token that occurs often gets its gradient as one sum of many updates. nnx.Embed gathers from a table
+  cast to bf16, so that sum runs in bf16 and stalls (1,000 ones add up to 256); layers.Embed gathers from
+  the float32 table and casts the rows: the same forward values, the sum in float32."""
+  ids = jnp.full((1000,), 5, jnp.int32).at[::10].set(7)
+  ours = layers.embed(10, 4, "vocab", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  flax = nnx.Embed(10, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  flax.embedding[...] = ours.embedding[...]
+  np.testing.assert_array_equal(np.asarray(ours(ids), np.float32), np.asarray(flax(ids), np.float32))
+  assert ours(ids).dtype == jnp.bfloat16
+
+  def grad(module):
+    graphdef, state = nnx.split(module)
+    g = jax.grad(lambda s: nnx.merge(graphdef, s)(ids).astype(jnp.float32).sum())(state)
+    return np.asarray(g["embedding"][...])
+
+  np.testing.assert_array_equal(grad(ours)[[5, 7]], [[900.0] * 4, [100.0] * 4])
+  assert grad(flax)[5, 0] < 900  # the bf16 sum that layers.Embed avoids

@@ -164,7 +164,9 @@ def _study_file(tmp_path, body: str) -> Path:
     ("  c.eval_batch = 0\n", "eval_batch=0 must be an integer >= 1"),
     ("  c = type(c)({**c.to_dict(), 'eval_batch': 1e2})\n", "eval_batch=100.0 must be an integer >= 1"),
     ("  c.seeds = True\n", "seeds=True must be an integer >= 1"),
-    ("  c.eps_255 = -1\n", "eps_255=-1.0 must be a number >= 0"),
+    ("  c.eps_255 = -1\n", "eps_255 must be >= 0 and finite"),
+    ("  c.eps_255 = float('nan')\n", "eps_255 must be >= 0 and finite"),
+    ("  c.eps_255 = 300\n", "eps_255=300 is more than the whole pixel range"),
 ])
 def test_bad_study_files_fail_in_one_line(tmp_path, body, message):
   with pytest.raises(study.StudyError, match=message):

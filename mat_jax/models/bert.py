@@ -86,12 +86,9 @@ class BertForMaskedLM(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     self.dtype = dtype
     width = config.hidden_size
-    def embed(n, axis):
-      return nnx.Embed(n, width, dtype=dtype, rngs=rngs,
-                       embedding_init=layers.sharded(nnx.initializers.normal(0.02), axis, "embed"))
-    self.word_embeddings = embed(config.vocab_size, "vocab")
-    self.position_embeddings = embed(config.max_position_embeddings, None)
-    self.token_type_embeddings = embed(config.type_vocab_size, None)
+    self.word_embeddings = layers.embed(config.vocab_size, width, "vocab", dtype=dtype, rngs=rngs)
+    self.position_embeddings = layers.embed(config.max_position_embeddings, width, None, dtype=dtype, rngs=rngs)
+    self.token_type_embeddings = layers.embed(config.type_vocab_size, width, None, dtype=dtype, rngs=rngs)
     self.embeddings_ln = layers.layer_norm(width, config.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([BertBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
     # MLM head: transform (dense, activation, LN), then the tied decoder plus its own output bias.

@@ -254,11 +254,8 @@ class TextEncoder(nnx.Module):
     if cfg.layers < 1:
       raise ValueError(f"the text encoder needs at least one layer, got layers={cfg.layers}")
     self.cfg, self.dtype = cfg, dtype
-    def embed(n, axis):
-      return nnx.Embed(n, cfg.width, dtype=dtype, rngs=rngs,
-                                          embedding_init=layers.sharded(nnx.initializers.normal(0.02), axis, "embed"))
-    self.word_embeddings = embed(cfg.vocab_size, "vocab")
-    self.position_embeddings = embed(cfg.max_position_embeddings, None)
+    self.word_embeddings = layers.embed(cfg.vocab_size, cfg.width, "vocab", dtype=dtype, rngs=rngs)
+    self.position_embeddings = layers.embed(cfg.max_position_embeddings, cfg.width, None, dtype=dtype, rngs=rngs)
     self.embeddings_ln = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([TextBlock(cfg, image_width, dtype=dtype, rngs=rngs) for _ in range(cfg.layers)])
 

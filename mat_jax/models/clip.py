@@ -287,9 +287,7 @@ class TextTower(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
     self.scan = scan
-    self.token_embedding = nnx.Embed(
-        cfg.vocab_size, cfg.width, dtype=dtype,
-        embedding_init=layers.sharded(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs)
+    self.token_embedding = layers.embed(cfg.vocab_size, cfg.width, "vocab", dtype=dtype, rngs=rngs)
     self.position_embedding = nnx.Param(
         layers.sharded(nnx.initializers.normal(0.02), None, "embed")(
             rngs.params(), (cfg.context_length, cfg.width)))
