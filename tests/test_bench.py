@@ -250,7 +250,9 @@ def test_bench_command_line_errors_are_one_line_and_exit_2(capsys):
                          "argument --text-captions: must be at least 1, got 0"),
                         (["attacks", "--seconds", "nan"], "argument --seconds: must be a finite number > 0, got nan"),
                         (["train", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
-                        (["data", "--jpeg-size", "-5"], "argument --jpeg-size: must be at least 1, got -5")):
+                        (["data", "--jpeg-size", "-5"], "argument --jpeg-size: must be at least 1, got -5"),
+                        # Refused after the world was built and two rows timed (minutes), as a traceback.
+                        (["data", "--augmentations", "bogus"], "argument --augmentations: unknown augmentation")):
     try:
       code = bench_main(argv)
     except SystemExit as exit_:  # argparse's own errors

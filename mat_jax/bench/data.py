@@ -45,6 +45,15 @@ if TYPE_CHECKING:
 DEMO_EXPERIMENT = "shapes_mat.py"
 
 
+def _augmentations(text: str) -> str:
+  """The argparse type of --augmentations: names checked now, not after the world is built and timed."""
+  try:
+    pipeline.parse_augmentations(text)
+  except ValueError as err:
+    raise argparse.ArgumentTypeError(str(err)) from None
+  return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch-size", type=errors.positive_int, default=None,
                       help="global batch (default: the demo's train.batch_size)")
@@ -55,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--jpeg-images", type=errors.positive_int, default=256,
                       help="images in the temporary JPEG corpus")
   parser.add_argument("--jpeg-size", type=errors.positive_int, default=224, help="resolution of the JPEG corpus")
-  parser.add_argument("--augmentations", default="hflip,eda,i2t,t2i",
+  parser.add_argument("--augmentations", default="hflip,eda,i2t,t2i", type=_augmentations,
                       help="pipeline augmentations for the shapes world ('' for none)")
   parser.add_argument("--num-threads", type=errors.positive_int, default=None,
                       help="pipeline threads (default: the pipeline's; the demo's iterator always uses it)")
