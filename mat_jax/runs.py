@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import shutil
 import sys
@@ -58,6 +59,7 @@ from mat_jax.models import (
   save_clip,
   split,
 )
+from mat_jax.models import layers
 from mat_jax.models import weights as weights_lib
 from mat_jax.models.blip import is_blip
 from mat_jax.models.clip import resolve_dtype
@@ -306,9 +308,48 @@ def parse_model_overrides(text: str, base: CLIPConfig) -> CLIPConfig:
                         "change it in the model's config.json")
     value = value.strip()
     changes[section][field] = config_lib.parse_scalar(value, current, f"model.overrides: {key}={value!r}")
-  vision = dataclasses.replace(base.vision, **changes["vision"])
-  text_cfg = dataclasses.replace(base.text, **changes["text"])
-  return dataclasses.replace(base, vision=vision, text=text_cfg, **changes[""])
+  try:
+    vision = dataclasses.replace(base.vision, **changes["vision"])
+    text_cfg = dataclasses.replace(base.text, **changes["text"])
+    cfg = dataclasses.replace(base, vision=vision, text=text_cfg, **changes[""])
+  except ValueError as err:  # a field's own check (e.g. an unknown text.pooling)
+    raise ConfigError(f"model.overrides={text!r}: {err}") from None
+  problems = _architecture_problems(cfg)
+  if problems:
+    raise ConfigError(f"model.overrides={text!r} makes a model that cannot be built: {'; '.join(problems)}")
+  return cfg
+
+
+def _architecture_problems(cfg: Any) -> list[str]:
+  """What makes a (CLIP or BLIP) config unbuildable: sizes below 1, token ids outside the vocabulary, a
+  width its heads do not divide, a patch larger than the image, an unknown activation, non-finite floats."""
+  problems = []
+  for prefix, part in (("", cfg), ("vision.", cfg.vision), ("text.", cfg.text)):
+    vocab = getattr(part, "vocab_size", None)
+    for f in dataclasses.fields(part):
+      value, name = getattr(part, f.name), prefix + f.name
+      if isinstance(value, bool) or f.name in ("vision", "text"):
+        continue
+      if isinstance(value, int) and f.name.endswith("_token_id"):
+        if vocab is not None and not 0 <= value < vocab:
+          problems.append(f"{name}={value} is not an id of the {vocab}-word vocabulary")
+      elif f.name == "context_length" and value < 3:
+        problems.append(f"{name}={value} must be at least 3 (start, one word, end)")
+      elif isinstance(value, int) and value < 1:
+        problems.append(f"{name}={value} must be at least 1")
+      elif isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{name}={value} must be finite")
+      elif f.name == "layer_norm_eps" and value <= 0:
+        problems.append(f"{name}={value} must be > 0")
+      elif f.name == "activation" and value not in layers.ACTIVATIONS:
+        problems.append(f"{name}={value!r} is not one of {sorted(layers.ACTIVATIONS)}")
+    width, heads = getattr(part, "width", None), getattr(part, "heads", None)
+    if width and heads and heads >= 1 and width % heads:
+      problems.append(f"{prefix}width {width} is not divisible by {prefix}heads {heads}")
+  if cfg.vision.patch_size > cfg.vision.image_size >= 1:
+    problems.append(f"vision.patch_size {cfg.vision.patch_size} is larger than vision.image_size "
+                    f"{cfg.vision.image_size}")
+  return problems
 
 
 def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> CLIPConfig:

@@ -442,7 +442,18 @@ def test_model_overrides_parse_their_fields_strictly():
   # A misspelt bool is refused, not read as false; a sequence field cannot be written between commas.
   for override, message in (("scan_layers=ture", "scan_layers='ture' is not true or false"),
                             ("vision.layers=2.5", "vision.layers='2.5' is not an integer"),
-                            ("vision.image_mean=0.5", "vision.image_mean is a sequence")):
+                            ("vision.image_mean=0.5", "vision.image_mean is a sequence"),
+                            # Values the model cannot be built with: one error listing them, not a
+                            # ZeroDivisionError or an XLA error from inside the model.
+                            ("vision.heads=0,vision.layers=-1", r"cannot be built: vision.layers=-1 must be at least "
+                                                                r"1; vision.heads=0 must be at least 1"),
+                            ("vision.heads=3", "vision.width 256 is not divisible by vision.heads 3"),
+                            ("vision.patch_size=64", "vision.patch_size 64 is larger than vision.image_size 48"),
+                            ("text.activation=foo", r"text.activation='foo' is not one of \['gelu'"),
+                            ("logit_scale_init=nan", "logit_scale_init=nan must be finite"),
+                            ("text.context_length=2", r"text.context_length=2 must be at least 3"),
+                            ("text.pad_token_id=-1", "text.pad_token_id=-1 is not an id of the"),
+                            ("text.pooling=foo", "unknown text pooling 'foo'")):
     with pytest.raises(config_lib.ConfigError, match=message):
       runs.parse_model_overrides(override, base)
 
