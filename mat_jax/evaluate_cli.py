@@ -20,7 +20,7 @@ from mat_jax import evaluate as evaluate_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import candidates
 from mat_jax.attacks import image as image_attacks
-from mat_jax.data import shapes
+from mat_jax.data import corpora, shapes
 from mat_jax.errors import InputError
 from mat_jax.evaluate import ATTACKS
 from mat_jax.models.blip import BLIP_PRESETS
@@ -195,6 +195,12 @@ def _main(argv: Sequence[str] | None) -> int:
   out = errors.check_writable_dir(args.out, "--out")
   if args.data_dir:
     errors.check_directory_path(args.data_dir, "--data-dir")
+  if args.mesh:
+    mesh_lib.make_mesh(args.mesh)  # refused now, also when no cached model needs its devices
+  if args.data == "shapes" and args.split not in shapes.SPLIT_IDS:
+    parser.error(f"--split {args.split!r}: the shapes world has {', '.join(shapes.SPLIT_IDS)}")
+  if args.data != "shapes":
+    corpora.check_corpus_built(args.data, args.data_dir)
   options = {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention}
   for source in (args.model, args.surrogate):
     if source:

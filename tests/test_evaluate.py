@@ -314,6 +314,23 @@ def test_a_data_dir_under_a_file_is_refused_before_the_work(tmp_path, monkeypatc
   assert "is a file, not a directory; pass another --data-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "flikr30k"], "no corpus 'flikr30k' under"),
+    (["--split", "tset"], "--split 'tset': the shapes world has train, val, test"),
+    (["--mesh", "garbage"], "cannot parse mesh 'garbage'"),
+])
+def test_data_split_and_mesh_are_checked_before_a_cached_model_is_trained(tmp_path, monkeypatch, capsys, flags,
+                                                                          message):
+  # A mistyped corpus name used to build the world and train the clean model (minutes) before it was read.
+  monkeypatch.setenv("MAT_JAX_DATA_DIR", str(tmp_path / "data"))
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda source, **_: pytest.fail("trained before checking flags"))
+  try:
+    code = evaluate_cli.main(["--model", "shapes", "--out", str(tmp_path / "out"), *flags])
+  except SystemExit as exit_:  # argparse's own errors
+    code = exit_.code
+  assert code == 2 and message in capsys.readouterr().err
+
+
 def test_budgets_that_share_a_results_key_are_refused(model_dir, capsys):
   # "1" and "1.0000001" both format as "1": one result would overwrite the other.
   with pytest.raises(SystemExit):

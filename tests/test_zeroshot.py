@@ -412,6 +412,7 @@ def test_zeroshot_flags_are_read_before_a_cached_model_is_trained(tmp_path, monk
                          (["--seed", "-1"], "argument --seed: use a seed in [0, 2147483647], got -1"),
                          (["--seed", "99999999999999999999"], "argument --seed: use a seed in [0, 2147483647]"),
                          (["--attacks", ","], "--attacks names no attack"),
+                         (["--mesh", "garbage"], "cannot parse mesh 'garbage'"),
                          (["--data-dir", str(tmp_path / "afile" / "sub")], "--data-dir"),
                          (["--data", "shapes-count", "--class-names", str(tmp_path / "afile")],
                           "applies to ImageFolder"),

@@ -667,6 +667,22 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
   return corpus_builder(name, image_size, root)
 
 
+def check_corpus_built(name: str, data_dir: str | os.PathLike | None = None) -> None:
+  """That a corpus `name` was built at some image size under the data directory: what can be checked
+  before the model that fixes the size is loaded (or trained into the cache first, for minutes)."""
+  corpus_config_name(name, 1)  # the name's own check
+  root = paths.default_data_dir(data_dir)
+  built = list((root / "caption_corpus").glob(f"{name}_*px/*/dataset_info.json"))
+  if not built:
+    raise CorpusError(f"no corpus {name!r} under {root} (the corpora built there: "
+                      f"{', '.join(sorted(_built_corpus_names(root))) or 'none'}); build it with\n  python -m "
+                      f"mat_jax.data build karpathy --annotations F --images DIR --name {name} --data-dir {root}")
+
+
+def _built_corpus_names(root: Path) -> set[str]:
+  return {p.parent.parent.name.rsplit("_", 1)[0] for p in (root / "caption_corpus").glob("*px/*/dataset_info.json")}
+
+
 def corpus_builder(name: str, image_size: int = 224, data_dir: str | os.PathLike | None = None,
                    missing_ok: bool = False) -> tfds.core.DatasetBuilder | None:
   """The built corpus, read from its files (no annotations or images needed)."""
