@@ -260,9 +260,14 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     num_processes = _int_from_env(ENV_NUM_PROCESSES)
   if process_id is None:
     process_id = _int_from_env(ENV_PROCESS_ID)
+  if num_processes is not None and num_processes < 1:  # 0 would otherwise read as "one process" silently
+    raise MeshError(f"the number of processes is {num_processes}; it must be at least 1")
+  auto = os.environ.get("MAT_JAX_DISTRIBUTED", "")
+  if auto not in ("", "0", "1"):  # "true" or "yes" would be ignored: a pod run started as many single runs
+    raise MeshError(f"MAT_JAX_DISTRIBUTED={auto!r}: set it to 1 (start jax.distributed by auto-detection) or 0")
   # Any sign of several processes (a process id past 0 included) asks for all three settings.
   explicit = coordinator_address is not None or (num_processes or 1) > 1 or (process_id or 0) > 0
-  if not explicit and os.environ.get("MAT_JAX_DISTRIBUTED") != "1":
+  if not explicit and auto != "1":
     return False
   if explicit and (coordinator_address is None or num_processes is None or process_id is None):
     raise MeshError("a multi-process run needs the coordinator address (host:port), the number of "

@@ -124,12 +124,25 @@ def test_single_process_needs_no_distributed_start(monkeypatch):
     (("localhost", 2, 0), "coordinator address 'localhost': give it as HOST:PORT"),
     (("localhost:99999", 2, 0), "give it as HOST:PORT"),
     (("localhost:1234", 0, 0), "the number of processes is 0; it must be at least 1"),
+    ((None, 0, None), "the number of processes is 0; it must be at least 1"),  # ran as one process, silently
 ])
 def test_a_bad_multi_process_setting_is_named_before_jax_starts(monkeypatch, args, message):
   # These reached jax.distributed and came back as a traceback (IndexError, exit 1).
   monkeypatch.setattr(jax.distributed, "initialize", lambda **_: pytest.fail("jax.distributed was started"))
   with pytest.raises(mesh_lib.MeshError, match=message):
     mesh_lib.initialize_distributed(*args)
+
+
+@pytest.mark.parametrize("value", ["true", "yes"])
+def test_an_auto_detection_switch_other_than_1_or_0_is_refused(monkeypatch, value):
+  # Ignored before: every process of a pod run went on as a single-process run of its own.
+  for var in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("MAT_JAX_DISTRIBUTED", value)
+  with pytest.raises(mesh_lib.MeshError, match=f"MAT_JAX_DISTRIBUTED='{value}': set it to 1"):
+    mesh_lib.initialize_distributed()
+  monkeypatch.setenv("MAT_JAX_DISTRIBUTED", "0")
+  assert mesh_lib.initialize_distributed() is False
 
 
 def test_auto_detection_without_a_cluster_is_one_error(monkeypatch):
