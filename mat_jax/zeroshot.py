@@ -129,6 +129,14 @@ def check_classes(tokenizer: Tokenizer, class_names: Sequence[str], prompts: Seq
   for name, ps in zip(class_names, prompts, strict=True):
     classes.setdefault(tuple(next(pieces) for _ in ps), []).append(name)
   same = [names for names in classes.values() if len(names) > 1]
+  if same and names_in_prompts:
+    alone = [tuple(ids) for ids in tokenizer.encode_words(list(same[0]))]
+    if len(set(alone)) == len(alone):  # the names differ; the templates around them hide it
+      example = prompts[list(class_names).index(same[0][0])][0]
+      raise ZeroShotError(f"classes {same[0]} tokenise apart alone but identically inside their prompts (e.g. "
+                          f"{example!r}): the templates' punctuation or wording joins the class words into tokens "
+                          "the tokenizer does not know. Give templates that keep the word apart, e.g. --template "
+                          "'a photo of a {}'")
   if same:
     raise ZeroShotError(f"classes {same[0]} have prompts that tokenise identically (the tokenizer "
                         f"{'lowercases' if same[0][0].lower() == same[0][1].lower() else 'does not tell them apart'}"

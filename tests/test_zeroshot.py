@@ -308,6 +308,12 @@ def test_class_names_that_tokenise_to_nothing_are_refused(victim):
   with pytest.raises(zs.ZeroShotError, match=r"classes \['Red circle', 'red circle'\] have prompts that tokenise "
                                              r"identically \(the tokenizer lowercases\)"):
     zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, cased, templates=("{}",))
+  # The shapes tokenizer splits on spaces: "a photo of a red." makes "red." one unknown word, as "blue." is;
+  # renaming the classes cannot help, the template can.
+  colours = dataclasses.replace(data, class_names=("red", "blue", "green"))
+  with pytest.raises(zs.ZeroShotError, match=r"classes \['red', 'blue', 'green'\] tokenise apart alone but "
+                                             r"identically inside their prompts \(e.g. 'a photo of a red.'\)"):
+    zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, colours, templates=("a photo of a {}.",))
   fine = dataclasses.replace(data, class_names=("red circle", "blue square", "green star"))
   with pytest.raises(zs.ZeroShotError, match="no '\\{\\}'"):
     zs.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, fine, templates=("a picture",))
