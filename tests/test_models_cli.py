@@ -31,6 +31,20 @@ def test_demo_then_inspect(tmp_path, capsys, monkeypatch):
   assert '"context_length": 8' in out and "total" in out
 
 
+def test_inspect_a_run_directory_reads_its_exported_model(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(PRESETS, "mini", MINI)
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text("{}")  # a run's own config, not a model's
+  assert main(["inspect", str(run)]) == 2
+  assert f"{run} is a training run without its exported model ({run / 'model'}); rerun" in capsys.readouterr().err
+  assert main(["demo", "--preset", "mini", "--dir", str(run / "model")]) == 0
+  capsys.readouterr()
+  assert main(["inspect", str(run)]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"{run} is a training run: its exported model is {run / 'model'}\nCLIP from {run / 'model'}")
+
+
 def test_inspect_a_blip_directory(tmp_path, capsys):
   save_blip(BLIP(blip_config("blip-tiny"), rngs=nnx.Rngs(0)), tmp_path)
   assert main(["inspect", str(tmp_path)]) == 0

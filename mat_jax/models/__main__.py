@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mat_jax import errors, runtime
+from mat_jax import checkpoint, errors, runs, runtime
 from mat_jax.models import (CLIP, PRESETS, clip_config, hub, l2_normalize, load_bert_mlm, load_blip, load_clip,
                             save_clip)
 from mat_jax.models.blip import is_blip
@@ -83,7 +83,14 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-
+  run = Path(args.source).expanduser()
+  if runs.is_run_dir(run):  # a training run keeps its exported model in model/
+    exported = run / checkpoint.MODEL_DIR
+    if not (exported / "config.json").exists():
+      raise hub.ModelSourceError(f"{run} is a training run without its exported model ({exported}); rerun its "
+                                 "train command to export it, then inspect that directory")
+    print(f"{run} is a training run: its exported model is {exported}")
+    args.source = str(exported)
   directory = hub.resolve(args.source, WEIGHT_PATTERNS)
   config_path = directory / "config.json"
   model_type = hub.read_json_object(config_path).get("model_type", "clip") if config_path.exists() else "clip"
