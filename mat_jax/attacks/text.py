@@ -13,7 +13,10 @@ fixed-shape arrays (word pieces, substitutes' pieces); `text_attack` then runs e
    `max_changes` > 1 the loop goes on from the next word in importance order with the changed text.
    Here each step of a `lax.while_loop` scores the next word(s) of every caption still being attacked
    in batched encoder calls and takes, per caption, the first word that beats keeping; words after it
-   are re-scored against the changed text in the next step, so the result is the sequential one.
+   are re-scored against the changed text in the next step, so the result is the sequential one. (Up to
+   float32 rounding in exact ties after a change: the score to beat is the changed text's as its
+   continuation gave it, the candidates' come from the re-encoded text's cache, and the two may differ in
+   the last bits, so a candidate that exactly ties may replace the word.)
 
 Both passes are iterations of one `lax.while_loop` (the first is the importance pass), so the program holds
 one compiled encoder per length bucket instead of one per bucket and pass: a ViT-B/16 MAT step compiles
