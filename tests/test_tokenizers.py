@@ -245,8 +245,24 @@ def test_damaged_or_incomplete_tokenizer_files_name_the_file_and_the_fix(tmp_pat
   empty = tmp_path / "empty_vocab"
   empty.mkdir()
   (empty / "vocab.txt").write_text("")
-  with pytest.raises(ConfigError, match="cannot encode a word.*save_pretrained"):
+  with pytest.raises(ModelSourceError, match=r"no vocabulary besides its 5 special token\(s\): its vocabulary "
+                                             r"file is empty.*save_pretrained"):
     load_tokenizer(empty, context_length=8)
+  # A class named by tokenizer_config.json whose files are not there (a CLIP tokenizer over BERT's vocab.txt):
+  # transformers builds it with its special tokens only, and every caption would tokenise to them.
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+  (foreign / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
+  with pytest.raises(ModelSourceError, match=r"\(CLIPTokenizer, from tokenizer_config.json, vocab.txt\) has no "
+                                             r"vocabulary besides its 2 special token\(s\)"):
+    load_tokenizer(foreign, context_length=8)
+  # Bare vocabulary files beside a model's config.json: the files name the class, not the model type
+  # (a CLIP config.json made a CLIPTokenizer with an empty vocabulary of BERT's vocab.txt).
+  (foreign / "tokenizer_config.json").unlink()
+  clip_config = {"model_type": "clip", "text_config": {"max_position_embeddings": 8}}
+  (foreign / "config.json").write_text(json.dumps(clip_config))
+  assert type(load_tokenizer(foreign).hf).__name__ == "BertTokenizer"
 
 
 def test_a_tokenizer_without_pad_eos_or_sep_is_refused(tmp_path):

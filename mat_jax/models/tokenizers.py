@@ -156,10 +156,11 @@ def _context_length_from_config(directory: Path) -> int | None:
 
 
 def _tokenizer_class_hint(directory: Path) -> dict[str, str]:
-  """Bare vocabulary files (no tokenizer.json, tokenizer_config.json or config.json) name no class, and
-  AutoTokenizer gives up; their contents do: vocab.txt is WordPiece (BERT), a BPE vocab.json holding
-  CLIP's start token is CLIP's."""
-  if any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "config.json")):
+  """Bare vocabulary files (no tokenizer.json or tokenizer_config.json) name no class; their contents do:
+  vocab.txt is WordPiece (BERT), a BPE vocab.json holding CLIP's start token is CLIP's. Left to a
+  config.json's model type instead, transformers builds that model's tokenizer class, which finds none of
+  its own files and comes out with an empty vocabulary, raising nothing."""
+  if any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
     return {}
   if (directory / "vocab.txt").exists():
     return {"tokenizer_type": "bert"}
@@ -167,6 +168,8 @@ def _tokenizer_class_hint(directory: Path) -> dict[str, str]:
   has_merges = (directory / "merges.txt").exists()
   if vocab.exists() and has_merges and "<|startoftext|>" in hub.read_json_object(vocab):
     return {"tokenizer_type": "clip"}
+  if (directory / "config.json").exists():
+    return {}
   raise hub.ModelSourceError(
       f"{directory} has vocabulary files but nothing that names the tokenizer class; add a "
       'tokenizer_config.json such as {"tokenizer_class": "CLIPTokenizer"} (or save the tokenizer with '
@@ -215,6 +218,14 @@ def load_tokenizer(source: str | os.PathLike, context_length: int | None = None)
     raise hub.ModelSourceError(
         f"the tokenizer files in {directory} cannot be read ({type(err).__name__}: {err}); save the tokenizer "
         "again with tokenizer.save_pretrained(directory).") from err
+  words = len(hf) - len(set(hf.all_special_ids))
+  if words <= 0:  # every text would tokenise to special and unknown tokens only, and evaluate "fine"
+    files = ", ".join(sorted(f for f in TOKENIZER_FILES if (directory / f).exists()))
+    raise hub.ModelSourceError(
+        f"the tokenizer in {directory} ({type(hf).__name__}, from {files}) has no vocabulary besides its "
+        f"{len(hf)} special token(s): its vocabulary file is empty, or its files are not that class's (another "
+        "model's tokenizer?). Give the directory of the tokenizer these weights were trained with (--tokenizer "
+        "/ model.tokenizer), or save that tokenizer with tokenizer.save_pretrained(directory)")
   if context_length is None:
     context_length = from_config
   if context_length is None and hf.model_max_length < _NO_LIMIT:
