@@ -43,7 +43,7 @@ from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax import objectives
 from mat_jax.data import corpora, pipeline, shapes
-from mat_jax.errors import ConfigError
+from mat_jax.errors import ConfigError, InputError
 from mat_jax.models import (
   BLIP,
   BLIP_PRESETS,
@@ -62,7 +62,7 @@ from mat_jax.models import (
 from mat_jax.models import layers
 from mat_jax.models import weights as weights_lib
 from mat_jax.models.blip import is_blip
-from mat_jax.models.clip import resolve_dtype
+from mat_jax.models.clip import check_tokens_for, resolve_dtype
 from mat_jax.models.hub import ModelSourceError
 from mat_jax.models.tokenizers import Tokenizer, load_tokenizer
 from mat_jax.training import mlm, optim
@@ -282,6 +282,15 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
     tokenizer = resolve_tokenizer(source, context or model.config.text.context_length)
   elif tokenizer is not None and context and context != tokenizer.context_length:
     tokenizer = tokenizer.with_context_length(context)  # a run's own tokenizer, at the config's length
+  if tokenizer is not None:
+    # A tokenizer whose end token is not where the tower pools trains on wrongly pooled texts; evaluate
+    # refuses it, so without this a whole run would train before its final evaluation said so.
+    sample = tokenizer(["a photo"])
+    try:
+      check_tokens_for(sample.input_ids, sample.attention_mask, tokenizer.end_id, model.config.text,
+                       name=f"tokenizer of {config.model.tokenizer or source}")
+    except InputError as err:
+      raise ConfigError(f"model.source={source!r}: {err}") from None
   return with_options(model, **execution_options(config)), tokenizer
 
 

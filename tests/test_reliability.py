@@ -149,6 +149,20 @@ def test_a_truncated_safetensors_file_is_named(micro_clip, tmp_path):
     load_clip(tmp_path)
 
 
+def test_a_tokenizer_that_does_not_fit_the_loaded_model_is_refused_before_training(micro_clip, tmp_path):
+  # Refused only by the final evaluation before: a whole run trained on texts pooled at the wrong token.
+  from mat_jax.models import save_clip
+  save_clip(micro_clip, tmp_path / "model")
+  (tmp_path / "tok").mkdir()
+  (tmp_path / "tok" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[MASK]", "a", "photo", "[SEP]"]))
+  config = config_lib.build({"model": {"source": str(tmp_path / "model"), "tokenizer": str(tmp_path / "tok")}})
+  eos = micro_clip.config.text.eos_token_id
+  with pytest.raises(errors.ConfigError, match=rf"model.source='{tmp_path / 'model'}': the tokenizer of "
+                                               rf"{tmp_path / 'tok'}'s end token id is 6 but the text tower pools "
+                                               rf"at its eos_token_id {eos}"):
+    runs.model_from_config(config)
+
+
 def test_data_cli_refuses_a_negative_image_size(capsys):
   from mat_jax.data import __main__ as data_cli
   with pytest.raises(SystemExit) as exit_:
