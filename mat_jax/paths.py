@@ -21,12 +21,16 @@ DATA_DIR_ENV = "MAT_JAX_DATA_DIR"
 
 def cache_root() -> Path:
   """mat_jax's cache directory: `$MAT_JAX_CACHE_DIR`, else `~/.cache/mat_jax`."""
-  # A file where the directory should be is named with the variable, not met as a traceback far away.
-  return check_directory_path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/mat_jax", f"${CACHE_DIR_ENV}")
+  # Not checked here: without a usable cache a command still runs (runtime warns and compiles uncached).
+  return Path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/mat_jax").expanduser()
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
   """The data directory: the argument, else `$MAT_JAX_DATA_DIR`, else `~/.cache/mat_jax/datasets`."""
+  # A file where the directory should be is named with where the path came from, not met as a traceback
+  # where the data is written.
   if data_dir:
     return check_directory_path(data_dir, "data_dir (--data-dir, data.data_dir)")
-  return check_directory_path(os.environ.get(DATA_DIR_ENV) or "~/.cache/mat_jax/datasets", f"${DATA_DIR_ENV}")
+  if os.environ.get(DATA_DIR_ENV):
+    return check_directory_path(os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}")
+  return check_directory_path("~/.cache/mat_jax/datasets", f"data directory (the default; set ${DATA_DIR_ENV})")

@@ -480,7 +480,8 @@ def test_cli_reports_a_bad_caption_in_one_line(tmp_path, capsys):
      "error: dataset name '9lives' must start with a letter"),
     (["mlm", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
     (["build", "karpathy", "--annotations", "a.json", "--images", ".", "--name", "coco", "--restval", "trian"],
-     "argument --restval: invalid choice: 'trian'")])
+     "argument --restval: invalid choice: 'trian'"),
+    (["build", "shapes", "--seed", "99999999999999999999"], "argument --seed: use a seed in [0, 2147483647]")])
 def test_cli_bad_options_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
   """Reported by the command lines' one error handler (errors.cli_main), as every command line reports them;
   a ValueError from a bug keeps its traceback."""
@@ -547,3 +548,15 @@ def test_builds_leave_no_temporary_directories(tmp_path, monkeypatch, corpus_fil
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(folder / name / "0.png")
   imagefolder.build_image_folder(folder, image_size=8, data_dir=data, log=_quiet)
   assert list(scratch.iterdir()) == []
+
+
+def test_a_corpus_name_is_checked_exactly_before_its_size_is_known(corpus_files, tmp_path):
+  """evaluate checks --data before the model that fixes the image size is loaded (or trained, minutes)."""
+  with pytest.raises(corpora.CorpusError, match=r"no corpus 'toy' under .* \(the corpora built there: none\)"):
+    corpora.check_corpus_built("toy", tmp_path)
+  corpora.build_corpus("toy_karpathy", [corpus_files / "dataset_toy.json"], corpus_files / "images", image_size=32,
+                       data_dir=tmp_path, log=_quiet)
+  corpora.check_corpus_built("toy_karpathy", tmp_path)
+  # A prefix of a built corpus's name is not that corpus.
+  with pytest.raises(corpora.CorpusError, match=r"no corpus 'toy' .* built there: toy_karpathy\)"):
+    corpora.check_corpus_built("toy", tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from flax import nnx
 
 from mat_jax.models import BLIP, PRESETS, blip_config, clip_config, save_blip
@@ -53,10 +54,14 @@ def test_inspect_a_blip_directory(tmp_path, capsys):
   assert '"embed_dim": 128' in out and "itm_head" in out and "total" in out
 
 
-def test_an_unknown_preset_is_one_line_and_exit_2(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--preset", "tiyn"], "invalid choice: 'tiyn'"),
+    (["demo", "--seed", "-1"], "argument --seed: use a seed in [0, 2147483647], got -1"),  # was a ValueError
+])
+def test_an_unknown_preset_or_a_bad_seed_is_one_line_and_exit_2(capsys, argv, message):
   try:
-    code = main(["demo", "--preset", "tiyn"])
+    code = main(argv)
   except SystemExit as exit_:  # argparse's own error
     code = exit_.code
   err = capsys.readouterr().err
-  assert code == 2 and "invalid choice: 'tiyn'" in err and "Traceback" not in err
+  assert code == 2 and message in err and "Traceback" not in err

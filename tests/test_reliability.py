@@ -874,13 +874,17 @@ def test_a_context_longer_than_the_model_names_both(root, tmp_path):
     runs.model_from_config(config)
 
 
-@pytest.mark.parametrize("variable", ["MAT_JAX_DATA_DIR", "MAT_JAX_CACHE_DIR"])
-def test_a_data_or_cache_directory_that_is_a_file_is_named_with_its_variable(tmp_path, monkeypatch, variable):
+def test_a_data_directory_that_is_a_file_is_named_with_where_it_came_from(tmp_path, monkeypatch):
   blocker = tmp_path / "afile"
   blocker.write_text("not a directory")
-  monkeypatch.setenv(variable, str(blocker))
-  with pytest.raises(errors.WorkdirError, match=rf"^\${variable} {blocker}: {blocker} is a file, not a directory; "
-                                                rf"pass another \${variable}$"):
-    paths.default_data_dir() if variable == "MAT_JAX_DATA_DIR" else paths.cache_root()
+  monkeypatch.setenv("MAT_JAX_DATA_DIR", str(blocker))
+  with pytest.raises(errors.WorkdirError, match=rf"^\$MAT_JAX_DATA_DIR {blocker}: {blocker} is a file, not a "
+                                                r"directory; pass another \$MAT_JAX_DATA_DIR$"):
+    paths.default_data_dir()
   with pytest.raises(errors.WorkdirError, match=r"pass another data_dir \(--data-dir, data.data_dir\)"):
     paths.default_data_dir(blocker / "datasets")
+  monkeypatch.delenv("MAT_JAX_DATA_DIR")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / ".cache").write_text("")
+  with pytest.raises(errors.WorkdirError, match=r"pass another data directory \(the default; set \$MAT_JAX_DATA_DIR\)"):
+    paths.default_data_dir()

@@ -156,7 +156,7 @@ def add_bert_attack_arguments(parser: argparse.ArgumentParser) -> None:
                  help="words changed at most (references: 1)")
   g.add_argument("--text-chunk-size", type=errors.positive_int, default=None,
                  help="texts per encoder call (default: mat_jax.attacks.text.default_chunk_size)")
-  g.add_argument("--text-seed", type=int, default=0)
+  g.add_argument("--text-seed", type=errors.seed, default=0)
 
 
 def _shapes_setup(n_captions: int, model: str, seed: int):

@@ -39,7 +39,7 @@ def _add_shapes_options(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--image-size", type=errors.positive_int, default=None,
                       help="image side in pixels (default: the tiny preset's, 48)")
   parser.add_argument("--captions-per-image", type=int, default=5, help="distinct captions per image")
-  parser.add_argument("--seed", type=int, default=0, help="world seed (same seed, same scenes)")
+  parser.add_argument("--seed", type=errors.seed, default=0, help="world seed (same seed, same scenes)")
   parser.add_argument("--rare-form-rate", type=float, default=None,
                       help="captions take each word's canonical form except with this probability (0: the "
                            "held-out-forms world, docs/text_threat.md); default: every form equally likely")

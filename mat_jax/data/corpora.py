@@ -672,15 +672,16 @@ def check_corpus_built(name: str, data_dir: str | os.PathLike | None = None) -> 
   before the model that fixes the size is loaded (or trained into the cache first, for minutes)."""
   corpus_config_name(name, 1)  # the name's own check
   root = paths.default_data_dir(data_dir)
-  built = list((root / "caption_corpus").glob(f"{name}_*px/*/dataset_info.json"))
-  if not built:
+  built = _built_corpus_names(root)
+  if name not in built:
     raise CorpusError(f"no corpus {name!r} under {root} (the corpora built there: "
-                      f"{', '.join(sorted(_built_corpus_names(root))) or 'none'}); build it with\n  python -m "
+                      f"{', '.join(sorted(built)) or 'none'}); build it with\n  python -m "
                       f"mat_jax.data build karpathy --annotations F --images DIR --name {name} --data-dir {root}")
 
 
 def _built_corpus_names(root: Path) -> set[str]:
-  return {p.parent.parent.name.rsplit("_", 1)[0] for p in (root / "caption_corpus").glob("*px/*/dataset_info.json")}
+  """The names of the corpora built under `root` at any size (their directories are NAME_SIZEpx)."""
+  return {p.parent.parent.name.rsplit("_", 1)[0] for p in (root / "caption_corpus").glob("*_*px/*/dataset_info.json")}
 
 
 def corpus_builder(name: str, image_size: int = 224, data_dir: str | os.PathLike | None = None,

@@ -116,7 +116,7 @@ def _main(argv: list[str] | None) -> int:
   p = sub.add_parser("demo", help="save, reload and compare the tiny CLIP")
   p.add_argument("--dir", help="where to save (default: a temporary directory, removed afterwards)")
   p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="CLIP preset")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=errors.seed, default=0)
   p.set_defaults(fn=demo)
   p = sub.add_parser("inspect", help="print the config and parameter count of a checkpoint")
   p.add_argument("source", help="transformers-layout directory or hub id")
