@@ -254,10 +254,14 @@ def test_a_pickle_only_hub_repository_gets_the_conversion_advice(saved, tmp_path
   tells a pickle-only repository from one that holds no weights at all."""
   import huggingface_hub
 
-  snapshot = tmp_path / "snapshot"
-  snapshot.mkdir()
+  from mat_jax.models import hub
+
+  snapshot = tmp_path / "hub" / "models--someone--clip" / "snapshots" / "0123abc"  # the hub cache's layout
+  snapshot.mkdir(parents=True)
   (snapshot / "config.json").write_text((saved / "config.json").read_text())
   monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(snapshot))
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+  monkeypatch.setattr(hub, "_hub_reachable", lambda endpoint: True)
   monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: ["config.json", "pytorch_model.bin"])
   with pytest.raises(UnsafeCheckpointError, match=r"(?s)pytorch_model.bin of the hub repository someone/clip is a "
                                                   r"pickle checkpoint.*safetensors"):
@@ -267,8 +271,19 @@ def test_a_pickle_only_hub_repository_gets_the_conversion_advice(saved, tmp_path
   assert models_cli(["inspect", "someone/clip"]) == 2
   assert "pytorch_model.bin of the hub repository someone/clip is a pickle checkpoint" in capsys.readouterr().err
   monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: ["config.json"])
+  # A cache that holds part of the repository: the fix is fetching the rest, not save_pretrained into it.
+  with pytest.raises(ModelSourceError, match=r"(?s)has neither model.safetensors.*the hub cache's copy of "
+                                             r"someone/clip, which holds only the files fetched so far.*"
+                                             r"hf download someone/clip"):
+    load_clip("someone/clip")
+  # Without the network the hub is not asked (huggingface_hub would retry for ~25 s).
+  monkeypatch.setattr(hub, "_hub_reachable", lambda endpoint: False)
+  monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: pytest.fail("asked an unreachable hub"))
   with pytest.raises(ModelSourceError, match="has neither model.safetensors"):
     load_clip("someone/clip")
+  with pytest.raises(ModelSourceError, match=r"hub ids are loaded at their main revision; for revision 'v1' run\n"
+                                             r"  hf download someone/clip --revision v1 --local-dir ./clip-v1"):
+    load_clip("someone/clip@v1")
 
 
 def test_config_json_that_is_not_an_object(saved, tmp_path):

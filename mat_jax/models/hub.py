@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +17,24 @@ from mat_jax.errors import ConfigError, MatJaxError
 
 class ModelSourceError(MatJaxError, FileNotFoundError):
   """A model or tokenizer source that cannot be found or read."""
+
+
+def cached_repo(directory: Path) -> str | None:
+  """The hub id whose cached snapshot `directory` is ($HF_HOME/hub/models--OWNER--NAME/snapshots/REV), else None."""
+  repo = directory.parent.parent.name
+  if directory.parent.name != "snapshots" or not repo.startswith("models--"):
+    return None
+  return repo.removeprefix("models--").replace("--", "/")
+
+
+def missing_files_fix(directory: Path, local_fix: str) -> str:
+  """The fix for files a model directory lacks: `local_fix` for a directory of one's own; for a hub cache's
+  snapshot, which holds what was fetched of the repository so far, fetching the rest."""
+  repo = cached_repo(directory)
+  if repo is None:
+    return local_fix
+  return (f"this is the hub cache's copy of {repo}, which holds only the files fetched so far; fetch the rest "
+          f"on a machine with network access with\n  hf download {repo}\n(or pass a local directory instead)")
 
 
 def looks_like_hub_id(source: str) -> bool:
@@ -33,6 +52,12 @@ def resolve(source: str | os.PathLike, allow_patterns: Sequence[str]) -> Path:
     raise ModelSourceError(f"{path} is a file; pass the directory that holds config.json and the "
                            "*.safetensors files (the transformers layout).")
   source = str(source)
+  if "@" in source and looks_like_hub_id(source.split("@", 1)[0]):
+    repo, _, revision = source.partition("@")
+    local = f"./{repo.split('/')[-1]}-{revision}"
+    raise ModelSourceError(f"{source!r}: hub ids are loaded at their main revision; for revision {revision!r} "
+                           f"run\n  hf download {repo} --revision {revision} --local-dir {local}\n"
+                           "and pass that directory instead.")
   if not looks_like_hub_id(source):
     raise ModelSourceError(f"no directory {path}; pass a transformers-layout directory "
                            "(config.json + *.safetensors) or a hub id such as openai/clip-vit-base-patch16.")
@@ -50,10 +75,23 @@ def resolve(source: str | os.PathLike, allow_patterns: Sequence[str]) -> Path:
 def repo_files(repo_id: str) -> list[str]:
   """The file names of a hub repository, or [] when the hub cannot be asked (offline, unknown id)."""
   import huggingface_hub  # deferred: only hub ids need it
+  if huggingface_hub.constants.HF_HUB_OFFLINE or not _hub_reachable(huggingface_hub.constants.ENDPOINT):
+    return []  # without the network, huggingface_hub retries for ~25 s before giving up
   try:
     return list(huggingface_hub.list_repo_files(repo_id))
   except Exception:  # the caller's own error stands when the hub cannot tell more
     return []
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+  from urllib.parse import urlparse
+
+  url = urlparse(endpoint)
+  try:
+    with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+      return True
+  except OSError:
+    return False
 
 
 def read_json_object(path: Path) -> dict:

@@ -135,7 +135,8 @@ def _check_tokenizer_files(directory: Path) -> None:
   if not (has["tokenizer.json"] or has["vocab.json"] or has["vocab.txt"]):
     raise hub.ModelSourceError(
         f"{directory} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt); "
-        "save the tokenizer with tokenizer.save_pretrained(directory) beside the weights.")
+        + hub.missing_files_fix(directory, "save the tokenizer with tokenizer.save_pretrained(directory) beside "
+                                           "the weights."))
   if not has["tokenizer.json"] and has["vocab.json"] and not has["merges.txt"]:
     raise hub.ModelSourceError(
         f"{directory} has a BPE vocabulary (vocab.json) without its merges.txt (and no tokenizer.json); copy "

@@ -471,7 +471,8 @@ def _resolve(source: str | os.PathLike) -> Path:
   if not (directory / "config.json").exists():
     raise hub.ModelSourceError(
         f"{directory} has no config.json; a transformers-layout directory holds config.json and "
-        "model.safetensors (write both with model.save_pretrained(directory, safe_serialization=True)).")
+        "model.safetensors; " + hub.missing_files_fix(directory, "write both with model.save_pretrained(directory, "
+                                                                  "safe_serialization=True)."))
   return directory
 
 
@@ -509,8 +510,9 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         f"holds which tensor; download or copy {SAFETENSORS_INDEX} together with the shards.")
   hint = f" (found {others}: not transformers' file names)" if others else ""
   raise hub.ModelSourceError(
-      f"{directory} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}{hint}; write the weights "
-      "with model.save_pretrained(directory, safe_serialization=True).")
+      f"{directory} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}{hint}; "
+      + hub.missing_files_fix(directory, "write the weights with model.save_pretrained(directory, "
+                                         "safe_serialization=True)."))
 
 
 # The safetensors dtypes whose values load as parameters (cast to float32); quantised, FP8, integer and bool
