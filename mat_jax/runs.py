@@ -286,8 +286,10 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
     # A tokenizer whose end token is not where the tower pools trains on wrongly pooled texts; evaluate
     # refuses it, so without this a whole run would train before its final evaluation said so.
     sample = tokenizer(["a photo"])
+    # The length is checked above against the positions (a BLIP's context_length is a tokenisation choice).
+    text = dataclasses.replace(model.config.text, context_length=text_positions(model))
     try:
-      check_tokens_for(sample.input_ids, sample.attention_mask, tokenizer.end_id, model.config.text,
+      check_tokens_for(sample.input_ids, sample.attention_mask, tokenizer.end_id, text,
                        name=f"tokenizer of {config.model.tokenizer or source}")
     except InputError as err:
       raise ConfigError(f"model.source={source!r}: {err}") from None
