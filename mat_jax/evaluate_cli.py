@@ -196,7 +196,7 @@ def _main(argv: Sequence[str] | None) -> int:
   if args.data_dir:
     errors.check_directory_path(args.data_dir, "--data-dir")
   if args.mesh:
-    mesh_lib.make_mesh(args.mesh)  # refused now, also when no cached model needs its devices
+    mesh_lib.make_mesh(args.mesh)  # checked here, also when no cached model needs its devices
   if args.data == "shapes" and args.split not in shapes.SPLIT_IDS:
     parser.error(f"--split {args.split!r}: the shapes world has {', '.join(shapes.SPLIT_IDS)}")
   if args.data != "shapes":

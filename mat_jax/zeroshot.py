@@ -511,7 +511,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.data_dir:
       errors.check_directory_path(args.data_dir, "--data-dir")
     if args.mesh:
-      mesh_lib.make_mesh(args.mesh)  # refused now, also when no cached model needs its devices
+      mesh_lib.make_mesh(args.mesh)  # checked here, also when no cached model needs its devices
   except errors.MatJaxError as err:
     parser.error(str(err))
   if args.out is None:

@@ -46,7 +46,7 @@ DEMO_EXPERIMENT = "shapes_mat.py"
 
 
 def _augmentations(text: str) -> str:
-  """The argparse type of --augmentations: names checked now, not after the world is built and timed."""
+  """The argparse type of --augmentations: names checked while parsing, not after the world is built and timed."""
   try:
     pipeline.parse_augmentations(text)
   except ValueError as err:
