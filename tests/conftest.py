@@ -5,9 +5,25 @@ import os
 import shutil
 import tempfile
 
-# XLA options for the tests' compilations; tests that start processes of their own pass them on.
+# XLA options for the tests' CPU compilations; tests that start processes of their own pass them on.
 TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false",
                   "xla_cpu_parallel_codegen_split_count": "1"}
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  from importlib import metadata
+  try:
+    return tuple(int(part) for part in metadata.version("jaxlib").split(".")[:2])
+  except (metadata.PackageNotFoundError, ValueError):
+    return (0, 0)
+
+
+# XLA aborts the process on a flag it does not know, and jaxlib 0.11 no longer has the choice of CPU emitters.
+if _jaxlib_version() >= (0, 11):
+  del TEST_XLA_FLAGS["xla_cpu_use_fusion_emitters"]
+# A run on an accelerator (`JAX_PLATFORMS=cuda pytest tests/test_accel.py`) compiles as its users' runs do.
+if os.environ.get("JAX_PLATFORMS", "cpu") != "cpu":
+  TEST_XLA_FLAGS.clear()
 
 # Must happen before jax is imported anywhere in the test session.
 _flags = os.environ.get("XLA_FLAGS", "")

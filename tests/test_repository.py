@@ -47,3 +47,18 @@ def test_gpu_script_skips_what_no_longer_fits_and_says_so(tmp_path):
   assert "jax" in summary
   assert "train: skipped" in summary and "demo: skipped" in summary
   assert not (tmp_path / "train.log").exists()
+
+
+def test_the_harness_gives_its_cpu_compile_options_to_cpu_sessions_only():
+  """XLA stops a process at an option it does not know: `JAX_PLATFORMS=cuda pytest tests/test_accel.py` on a
+  GPU image (jaxlib 0.11) died at collection on the CPU-only options the harness added."""
+  import os
+  import subprocess
+  import sys
+  show = "import os, conftest; print(os.environ['XLA_FLAGS'])"
+  for platforms, cpu_options in (("cpu", True), ("cuda", False)):
+    env = dict(os.environ, JAX_PLATFORMS=platforms, XLA_FLAGS="")
+    flags = subprocess.run([sys.executable, "-c", show], cwd=ROOT / "tests", env=env, capture_output=True,
+                           text=True, check=True).stdout
+    assert ("--xla_backend_optimization_level=0" in flags) == cpu_options, (platforms, flags)
+    assert "--xla_force_host_platform_device_count=8" in flags
