@@ -73,11 +73,46 @@ def test_torch_variants_run_in_their_precision(mode):
   for precision, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
     variant = torch_reference.Variant(mode, precision, backend="eager")
     wrapped = variant.wrap(product, device)
-    assert hasattr(wrapped, "_torchdynamo_orig_callable") == (mode == "compile")
+    assert wrapped.compiled == (mode == "compile")
     out = wrapped(x)
     assert out.dtype == dtype
     np.testing.assert_allclose(out.float().numpy(), (x @ weight).numpy(), rtol=2e-2, atol=5e-2)
   assert weight.dtype == torch.float32
+
+
+def test_compiled_references_are_compiled_each_as_itself(monkeypatch):
+  """Dynamo keeps compiled graphs, and its limit on recompilations (past which it runs the code eagerly),
+  per code object: functions compiled through one shared wrapper filled one cache, and on a GPU the
+  batched MAT reference's text tower recompiled the wrapper over and over. Each function must get its own
+  graphs, and a reference that would fall back to eager must fail instead."""
+  import torch._dynamo
+
+  graphs = []
+
+  def counting_backend(graph, example_inputs):
+    graphs.append(graph)
+    return graph.forward
+
+  torch._dynamo.reset()
+  monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+  monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+  device = torch_reference.device()
+  variant = torch_reference.Variant("compile", "bf16", backend=counting_backend)
+
+  def double(x):
+    return x * 2.0
+
+  def square(x):
+    return x * x
+
+  x = torch.ones(2, 8)
+  np.testing.assert_allclose(variant.wrap(double, device)(x).float().numpy(), 2.0)
+  np.testing.assert_allclose(variant.wrap(square, device)(x).float().numpy(), 1.0)
+  assert len(graphs) == 2
+  assert torch._dynamo.config.fail_on_recompile_limit_hit
+  with pytest.raises(Exception, match="recompile_limit|cache_size_limit"):
+    variant.wrap(double, device)(torch.ones(3, 5, 7))  # a new rank: a recompilation past the limit
+  torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")

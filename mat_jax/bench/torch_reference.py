@@ -11,7 +11,11 @@ A reference is timed in one or more variants, `--torch eager,compile,eager-bf16,
   Compiling the model object would not do: `model.get_image_features` bypasses the compiled `forward`.
   Loops, `autograd.grad`, `backward()` and the optimizer stay outside the compiled functions: inside one
   they break the graph, and Dynamo compiles each resumed piece again (the backward through a compiled
-  function is compiled by AOTAutograd).
+  function is compiled by AOTAutograd). Each function is compiled as itself, inside the precision's
+  autocast: Dynamo keeps compiled graphs per code object and, past `recompile_limit` of them, runs that
+  code eagerly without a word, so a wrapper shared by all of them (the image tower, the text tower at each
+  of its batch shapes...) would leave part of a "compiled" reference eager. The benchmarks make that limit
+  an error instead (`fail_on_recompile_limit_hit`).
 
 The default is `eager` on a CPU (torch.compile's C++ code generation takes minutes there) and all four
 on an accelerator, where the compiled bf16 variant is the strongest reference.
@@ -38,7 +42,7 @@ _DTYPE_OF_PRECISION = {"float32": "float32", "bf16": "bfloat16"}
 class Variant:
   mode: str = "eager"
   precision: str = "float32"
-  backend: str = "inductor"  # torch.compile's backend; tests use a cheap one
+  backend: str | Callable[..., Any] = "inductor"  # torch.compile's backend; tests use a cheap one
 
   def __post_init__(self):
     if self.mode not in MODES or self.precision not in PRECISIONS:
@@ -60,14 +64,19 @@ class Variant:
     shape)."""
     import torch
 
+    run = fn
+    if self.mode == "compile":
+      # A timed reference that fell back to eager would be timed under the wrong name: fail instead.
+      torch._dynamo.config.fail_on_recompile_limit_hit = True
+      run = torch.compile(fn, backend=self.backend)  # Dynamo guards on the autocast state around it
+
     def in_precision(*args, **kwargs):
       context = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                  else contextlib.nullcontext())
       with context:
-        return fn(*args, **kwargs)
+        return run(*args, **kwargs)
 
-    if self.mode == "compile":
-      return torch.compile(in_precision, backend=self.backend)
+    in_precision.compiled = self.mode == "compile"
     return in_precision
 
 
