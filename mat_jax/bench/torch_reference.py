@@ -68,7 +68,10 @@ class Variant:
     if self.mode == "compile":
       # A timed reference that fell back to eager would be timed under the wrong name: fail instead.
       torch._dynamo.config.fail_on_recompile_limit_hit = True
-      run = torch.compile(fn, backend=self.backend)  # Dynamo guards on the autocast state around it
+      # One graph per input shape, each specialised to it (as XLA compiles): automatic dynamic shapes would
+      # trade the shapes a reference sees again for slower symbolic kernels. Dynamo guards on the autocast
+      # state around the call.
+      run = torch.compile(fn, backend=self.backend, dynamic=False)
 
     def in_precision(*args, **kwargs):
       context = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16"
