@@ -318,3 +318,17 @@ def test_bench_compile_measures_in_an_empty_cache_dir_and_keeps_the_childrens_en
   assert all("XLA_PYTHON_CLIENT_PREALLOCATE" not in env for env in envs)
   assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
   assert capsys.readouterr().out.splitlines()[-1] == "compile: cold 2.0 s, warm 0.5 s"
+
+
+def test_bench_compile_splits_a_first_call_into_tracing_lowering_and_xla():
+  from mat_jax.bench import compile as bench_compile
+
+  details = {}
+  program = jax.jit(lambda x: jnp.tanh(x) * 1.75 + jnp.arange(5.0))  # a constant no other test compiles
+  seconds = bench_compile._first_minus_steady(lambda: program(jnp.ones(5)), details, "probe")
+  assert set(details) == {"probe_cpu", "probe_tracing", "probe_lowering", "probe_xla"}
+  assert all(details[f"probe_{phase}"] > 0 for phase in ("tracing", "lowering", "xla"))
+  # The three phases happen within the first call, whose extra seconds over a steady call they explain.
+  assert sum(details[f"probe_{phase}"] for phase in ("tracing", "lowering", "xla")) <= seconds + 0.05
+  assert bench_compile._phases(details, "probe").startswith("; tracing ")
+  assert bench_compile._phases({"probe": 1.0, "probe_cpu": 1.0}, "probe") == ""

@@ -4,7 +4,8 @@ Each measurement runs in a fresh Python process (JAX keeps compiled programs in 
 process shows what the persistent cache saves): the cold process gets an empty cache directory (a fresh
 temporary one, or `--cache-dir`, which must be empty or new), the warm one the same directory, now filled
 by the cold run. A program's compile seconds are its first call minus a second, steady call: tracing,
-lowering and XLA compilation (or the cache lookup), as a user waits for them. The last line is
+lowering and XLA compilation (or the cache lookup), as a user waits for them; the first call's seconds in
+each of the three (JAX's own duration events) follow in parentheses. The last line is
 `compile: cold X s, warm Y s` (the sums over the three programs).
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
@@ -110,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     for label in ("cold", "warm"):
       runs[label] = _worker(args, preset, batch, programs, cache, child_env)
       files = sum(len(f) for _, _, f in os.walk(cache))
-      print(f"{label}: " + ", ".join(f"{p} {runs[label][p]:.2f} s ({runs[label][p + '_cpu']:.2f} CPU s)"
-                                     for p in programs)
+      print(f"{label}: " + ", ".join(f"{p} {runs[label][p]:.2f} s ({runs[label][p + '_cpu']:.2f} CPU s"
+                                     f"{_phases(runs[label], p)})" for p in programs)
             + f" (cache: {files} files)", flush=True)
   rows = [[p, runs["cold"][p], runs["warm"][p], runs["cold"][p] / max(runs["warm"][p], 1e-9)] for p in programs]
   common.print_table("compile seconds (first call minus a steady call)", ["program", "cold s", "warm s", "ratio"],
@@ -119,6 +120,14 @@ def run(args: argparse.Namespace) -> int:
   cold, warm = (sum(runs[label][p] for p in programs) for label in ("cold", "warm"))
   print(f"compile: cold {cold:.1f} s, warm {warm:.1f} s")
   return 0
+
+
+def _phases(result: dict, program: str) -> str:
+  """'; tracing T s, lowering L s, XLA X s' of a program's first call, when the worker measured them."""
+  if f"{program}_xla" not in result:
+    return ""
+  return "; " + ", ".join(f"{'XLA compile or load' if phase == 'xla' else phase} {result[f'{program}_{phase}']:.2f} s"
+                          for phase in _PHASE_EVENTS)
 
 
 def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[str], cache: str,
@@ -143,15 +152,35 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
 # In the worker process: build and time each program.
 
 
-def _first_minus_steady(fn, cpu: dict[str, float], name: str) -> float:
+# JAX's duration events for the three phases of a first call, by the name the report gives them. Tracing is
+# recorded for outermost traces only, and the backend's event covers a compilation or a cache load.
+_PHASE_EVENTS = {"tracing": "/jax/core/compile/jaxpr_trace_duration",
+                 "lowering": "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                 "xla": "/jax/core/compile/backend_compile_duration"}
+
+
+def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
   """Wall seconds of the first call beyond a steady one; the same in this process's CPU seconds goes to
-  cpu[name] (compilation is mostly one thread, so CPU seconds show it without other jobs' contention)."""
+  details[f"{name}_cpu"] (compilation is mostly one thread, so CPU seconds show it without other jobs'
+  contention), and the first call's seconds in each of `_PHASE_EVENTS` to details[f"{name}_{phase}"]."""
+  phases = dict.fromkeys(_PHASE_EVENTS, 0.0)
+  phase_of = {event: phase for phase, event in _PHASE_EVENTS.items()}
+
+  def listen(event: str, seconds: float, **kwargs) -> None:
+    if event in phase_of:
+      phases[phase_of[event]] += seconds
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    common.block(fn())
+    first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
   start, start_cpu = time.perf_counter(), time.process_time()
   common.block(fn())
-  first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-  start, start_cpu = time.perf_counter(), time.process_time()
-  common.block(fn())
-  cpu[name] = max(first_cpu - (time.process_time() - start_cpu), 0.0)
+  details[f"{name}_cpu"] = max(first_cpu - (time.process_time() - start_cpu), 0.0)
   return max(first - (time.perf_counter() - start), 0.0)
 
 
@@ -171,22 +200,23 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
   scenes = [shapes.sample_scene(rng) for _ in range(batch)]
   images = jnp.asarray(np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) / 255)
   out: dict[str, float] = {}
-  cpu: dict[str, float] = {}
+  details: dict[str, float] = {}
   if "mat_step" in programs:
-    out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), cpu, "mat_step")
+    out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), details, "mat_step")
   if "pgd" in programs:
     tokens = tokenizer([shapes.describe(s, rng) for s in scenes])
     ids, mask = jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask)
     out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
-        encoder, params, images, ids, mask, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10), cpu, "pgd")
+        encoder, params, images, ids, mask, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10),
+        details, "pgd")
   if "sga" in programs:
     k = 5
     captions = [c for s in scenes for c in shapes.captions(s, rng, k)]
     candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
     out["sga"] = _first_minus_steady(lambda: multimodal.set_guidance_attack(
         encoder, params, images, candidates, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10),
-        cpu, "sga")
-  out.update({f"{name}_cpu": seconds for name, seconds in cpu.items()})
+        details, "sga")
+  out.update(details)
   return out
 
 
