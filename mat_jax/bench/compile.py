@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _phases(result: dict, program: str) -> str:
-  """'; tracing T s, lowering L s, XLA X s' of a program's first call, when the worker measured them."""
+  """'; tracing T s, lowering L s, XLA compile or load X s' of a program's first call, when measured."""
   if f"{program}_xla" not in result:
     return ""
   return "; " + ", ".join(f"{'XLA compile or load' if phase == 'xla' else phase} {result[f'{program}_{phase}']:.2f} s"
