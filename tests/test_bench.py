@@ -56,6 +56,27 @@ def test_torch_variants_parse_and_refuse_unknown_names():
     torch_reference.parse_variants("eager,eager-fp16")
   with pytest.raises(ValueError, match="unknown PyTorch variant"):
     torch_reference.Variant("jit", "float32")
+  with pytest.raises(InputError, match="'all' stands alone"):
+    torch_reference.parse_variants("all,eager")
+  with pytest.raises(InputError, match="eager named twice"):  # the same row timed and printed twice
+    torch_reference.parse_variants("eager,compile,eager")
+
+
+def test_agreement_holds_each_precision_to_its_limits():
+  rng = np.random.default_rng(0)
+  reference = rng.standard_normal((2, 3, 8, 8))
+  near = reference * (1 + 1e-6)
+  assert torch_reference.agreement("g", near, reference, reduced=False, signs=True).startswith("g max rel diff")
+  bf16_like = reference + 1e-2 * np.abs(reference).max() * rng.uniform(-1, 1, reference.shape)
+  torch_reference.agreement("g", bf16_like, reference, reduced=True, signs=True)
+  with pytest.raises(torch_reference.Disagreement, match="beyond the limits for full precision"):
+    torch_reference.agreement("g", bf16_like, reference, reduced=False)
+  for wrong in (np.zeros_like(reference), -reference, rng.standard_normal(reference.shape)):
+    with pytest.raises(torch_reference.Disagreement):
+      torch_reference.agreement("g", wrong, reference, reduced=True, signs=True)
+  with pytest.raises(torch_reference.Disagreement, match="shapes"):
+    torch_reference.agreement("g", reference[0], reference, reduced=True)
+  assert torch_reference.reduced_precision("bfloat16") and not torch_reference.reduced_precision("float32")  # CPU
 
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
@@ -106,12 +127,20 @@ def test_compiled_references_are_compiled_each_as_itself(monkeypatch):
     return x * x
 
   x = torch.ones(2, 8)
-  np.testing.assert_allclose(variant.wrap(double, device)(x).float().numpy(), 2.0)
+  doubled = variant.wrap(double, device)
+  np.testing.assert_allclose(doubled(x).float().numpy(), 2.0)
   np.testing.assert_allclose(variant.wrap(square, device)(x).float().numpy(), 1.0)
   assert len(graphs) == 2
+  # One function in two variants (compile and compile-bf16 of the same loss), and a bound method.
+  float32 = torch_reference.Variant("compile", "float32", backend=counting_backend)
+  np.testing.assert_allclose(float32.wrap(double, device)(x).numpy(), 2.0)
+  assert len(graphs) == 3
+  scale = torch.nn.Linear(8, 8)
+  out = float32.wrap(scale.forward, device)(x)
+  assert len(graphs) == 4 and torch.allclose(out, scale(x))
   assert torch._dynamo.config.fail_on_recompile_limit_hit
   with pytest.raises(Exception, match="recompile_limit|cache_size_limit"):
-    variant.wrap(double, device)(torch.ones(3, 5, 7))  # a new rank: a recompilation past the limit
+    doubled(torch.ones(3, 5, 7))  # a new rank: a recompilation past the limit
   torch._dynamo.reset()
 
 
@@ -279,7 +308,15 @@ def test_bench_command_line_errors_are_one_line_and_exit_2(capsys):
   from mat_jax.bench.__main__ import main as bench_main
   for argv, message in ((["compile", "--programs", "foo"], "--programs 'foo': choose one or more of"),
                         (["compile", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
-                        (["attacks", "--parts", "nope"], "unknown --parts"),
+                        (["attacks", "--parts", "nope"], "--parts 'nope': choose one or more of"),
+                        (["attacks", "--parts", ""], "--parts '': choose one or more of"),
+                        # Used to end in a traceback, after the parts before them had run.
+                        (["attacks", "--parts", "sga", "--sga-preset", "nope"],
+                         "argument --sga-preset: invalid choice"),
+                        (["attacks", "--parts", "bert", "--text-model", "nope"],
+                         "argument --text-model: invalid choice"),
+                        # Used to be refused after the step was built and compiled (minutes on ViT-B/16).
+                        (["train", "--torch", "bogus", "--no-torch"], "--torch 'bogus'"),
                         # Used to stack an empty list of captions: a ValueError traceback after the setup.
                         (["attacks", "--parts", "bert", "--text-captions", "0"],
                          "argument --text-captions: must be at least 1, got 0"),

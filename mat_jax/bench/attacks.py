@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("SGA (wall time per image)")
   g.add_argument("--sga-images", type=errors.positive_int, default=200)
   g.add_argument("--sga-batch", type=errors.positive_int, default=32)
-  g.add_argument("--sga-preset", default=None,
+  g.add_argument("--sga-preset", default=None, choices=sorted(PRESETS),
                  help="CLIP architecture (default: tiny on CPU, vit-b-16 on an accelerator)")
   g.add_argument("--sga-steps", type=errors.positive_int, default=10)
 
@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   parts = [p.strip() for p in args.parts.split(",") if p.strip()]
   unknown = set(parts) - set(PARTS)
-  if unknown:
-    raise errors.InputError(f"unknown --parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+  if unknown or not parts:
+    raise errors.InputError(f"--parts {args.parts!r}: choose one or more of {','.join(PARTS)}")
   print(f"attacks benchmark on {common.device_summary()}")
   if "pgd" in parts:
     run_pgd(args)
@@ -137,17 +137,26 @@ def run_pgd(args: argparse.Namespace) -> dict:
     feats = hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output.float()
     return -(torch.nn.functional.normalize(feats, dim=-1) * text_torch).sum()
 
-  # Agreement: the two compute the same loss gradient (the attacks then differ only by random start).
-  pixels = x_torch.clone().requires_grad_(True)
-  grad_t, = torch.autograd.grad(-torch_loss(pixels), pixels)  # jax_step differentiates the negated sum
-  agreement = torch_reference.gradient_agreement(jax_step(params, x, text), -grad_t.cpu().numpy())
-  print(f"agreement with PyTorch float32 eager: {agreement}")
+  # Agreement: mat_jax and each timed variant compute float32 eager PyTorch's loss gradient (the attacks
+  # then differ only by random start); a variant's first call here is its warm-up (torch.compile).
+  def torch_gradient(loss):
+    pixels = x_torch.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(loss(pixels), pixels)  # torch_loss is the sum jax_step differentiates
+    return grad.float().cpu().numpy()
+
+  losses_of = {variant.name: variant.wrap(torch_loss, device) for variant in variants}
+  reference = torch_gradient(torch_loss)
+  gradients = {"mat_jax": (args.dtype, np.asarray(jax_step(params, x, text), np.float32).transpose(0, 3, 1, 2)),
+               **{variant.name: (variant.dtype, torch_gradient(losses_of[variant.name])) for variant in variants}}
+  for name, (dtype, grad) in gradients.items():
+    check = torch_reference.agreement("loss gradient", grad, reference,
+                                      reduced=torch_reference.reduced_precision(dtype), signs=True)
+    print(f"agreement of {name} with PyTorch float32 eager: {check}")
 
   key = jax.random.key(0)
   programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block)}
   for variant in variants:  # the loss is what torch.compile sees; the loop and autograd.grad stay eager
-    loss = variant.wrap(torch_loss, device)
-    programs[variant.name] = (lambda loss=loss: torch_reference.linf_pgd(
+    programs[variant.name] = (lambda loss=losses_of[variant.name]: torch_reference.linf_pgd(
         loss, x_torch, eps=eps, step_size=step_size, steps=steps), torch_sync)
   median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds, load=load)
   adv = np.asarray(jax_pgd(params, x, text, key))

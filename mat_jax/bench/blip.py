@@ -95,10 +95,19 @@ def run(args: argparse.Namespace) -> int:
 
   torch_loss = variant.wrap(float32_loss, device)
 
-  # Agreement: both differentiate the same loss (jax_grad's sum is of the negated cosine, as torch_loss).
-  pixels = x_torch.clone().requires_grad_(True)
-  grad_t, = torch.autograd.grad(torch_loss(pixels), pixels)
-  print(f"agreement: {torch_reference.gradient_agreement(jax_grad(params, x, text), grad_t.cpu().numpy())}")
+  # Agreement: both differentiate the same loss (jax_grad's sum is of the negated cosine, as torch_loss),
+  # in the same precision, each held to float32 eager PyTorch's gradient.
+  def torch_gradient(loss):
+    pixels = x_torch.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(loss(pixels), pixels)
+    return grad.float().cpu().numpy()
+
+  reference = torch_gradient(float32_loss)
+  reduced = torch_reference.reduced_precision(args.dtype)
+  for name, grad in (("mat_jax", np.asarray(jax_grad(params, x, text), np.float32).transpose(0, 3, 1, 2)),
+                     (variant.name, torch_gradient(torch_loss))):
+    print(f"agreement of {name} with PyTorch float32 eager: "
+          f"{torch_reference.agreement('loss gradient', grad, reference, reduced=reduced, signs=True)}")
 
   key = jax.random.key(0)
   programs = {"mat_jax": (lambda: jax_pgd(params, x, text, key), common.block), "pytorch": (

@@ -106,19 +106,27 @@ def run(args: argparse.Namespace) -> int:
       ("forward", "mat_jax"): (lambda: jax_forward(params, x), common.block),
       ("forward+backward", "mat_jax"): (lambda: jax_backward(params, x), common.block),
   }
+  wrapped = {variant.name: variant.wrap(torch_features, device) for variant in variants}
   for variant in variants:
-    features = variant.wrap(torch_features, device)
+    features = wrapped[variant.name]
     programs[("forward", variant.name)] = (lambda f=features: torch_forward(f), torch_sync)
     programs[("forward+backward", variant.name)] = (lambda f=features: torch_backward(f), torch_sync)
 
-  # ---- agreement (the comparison is void if the two compute different things)
-  feats_j, feats_t = np.asarray(jax_forward(params, x)), torch_forward(torch_features).cpu().numpy()
-  grad_j = np.asarray(jax_backward(params, x)).transpose(0, 3, 1, 2)
-  grad_t = torch_backward(torch_features).cpu().numpy()
-  def rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-  print(f"agreement with PyTorch float32 eager: features max rel diff {rel(feats_j, feats_t):.2e}, "
-        f"pixel gradients max rel diff {rel(grad_j, grad_t):.2e}")
+  # ---- agreement (the comparison is void if two compute different things): mat_jax and each timed
+  # variant against PyTorch float32 eager; a variant's first call here is its warm-up (torch.compile)
+  feats_t = torch_forward(torch_features).float().cpu().numpy()
+  grad_t = torch_backward(torch_features).float().cpu().numpy()
+  results = {"mat_jax": (args.dtype, np.asarray(jax_forward(params, x), np.float32),
+                         np.asarray(jax_backward(params, x), np.float32).transpose(0, 3, 1, 2))}
+  for variant in variants:
+    features = wrapped[variant.name]
+    results[variant.name] = (variant.dtype, torch_forward(features).float().cpu().numpy(),
+                             torch_backward(features).float().cpu().numpy())
+  for name, (dtype, feats, grad) in results.items():
+    reduced = torch_reference.reduced_precision(dtype)
+    print(f"agreement of {name} with PyTorch float32 eager: "
+          f"{torch_reference.agreement('features', feats, feats_t, reduced=reduced)}, "
+          f"{torch_reference.agreement('pixel gradients', grad, grad_t, reduced=reduced, signs=True)}")
 
   # ---- timing: warm-up (torch.compile and XLA compile there), then interleaved rounds
   median, calls = common.interleaved_medians(programs, rounds=args.rounds, seconds=args.seconds, load=load)

@@ -11,11 +11,18 @@ A reference is timed in one or more variants, `--torch eager,compile,eager-bf16,
   Compiling the model object would not do: `model.get_image_features` bypasses the compiled `forward`.
   Loops, `autograd.grad`, `backward()` and the optimizer stay outside the compiled functions: inside one
   they break the graph, and Dynamo compiles each resumed piece again (the backward through a compiled
-  function is compiled by AOTAutograd). Each function is compiled as itself, inside the precision's
-  autocast: Dynamo keeps compiled graphs per code object and, past `recompile_limit` of them, runs that
-  code eagerly without a word, so a wrapper shared by all of them (the image tower, the text tower at each
-  of its batch shapes...) would leave part of a "compiled" reference eager. The benchmarks make that limit
-  an error instead (`fail_on_recompile_limit_hit`).
+  function is compiled by AOTAutograd). Each function is compiled as itself, per variant (a copy with its
+  own code object), inside the precision's autocast: Dynamo keeps compiled graphs per code object and,
+  past `recompile_limit` of them, runs that code eagerly without a word, so a wrapper shared by all of
+  them (the image tower, the text tower at each of its batch shapes, each variant...) would leave part of
+  a "compiled" reference eager. The benchmarks make that limit an error instead
+  (`fail_on_recompile_limit_hit`).
+
+`bench encode`, the PGD part of `bench attacks` and `bench blip` check, before timing, that mat_jax and
+each variant they time compute what float32 eager PyTorch computes (`agreement`: within float32
+round-off, or within bf16/TF32 round-off for reduced precision), and stop with `Disagreement` otherwise:
+a timing of two different computations compares nothing. The BERT-Attack part requires the same
+adversarial captions (near-ties aside); `bench train`, whose step is made of those attacks, checks none.
 
 The default is `eager` on a CPU (torch.compile's C++ code generation takes minutes there) and all four
 on an accelerator, where the compiled bf16 variant is the strongest reference.
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import types
 from typing import Any, Callable
 
 import jax
@@ -71,7 +80,7 @@ class Variant:
       # One graph per input shape, each specialised to it (as XLA compiles): automatic dynamic shapes would
       # trade the shapes a reference sees again for slower symbolic kernels. Dynamo guards on the autocast
       # state around the call.
-      run = torch.compile(fn, backend=self.backend, dynamic=False)
+      run = torch.compile(_with_own_code(fn), backend=self.backend, dynamic=False)
 
     def in_precision(*args, **kwargs):
       context = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16"
@@ -81,6 +90,19 @@ class Variant:
 
     in_precision.compiled = self.mode == "compile"
     return in_precision
+
+
+def _with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` as a new function with a code object of its own. Dynamo's graphs and its recompile limit belong
+  to a code object, so two variants compiled from one function (compile and compile-bf16, their graphs
+  told apart only by the autocast guard) would fill one cache between them."""
+  if inspect.ismethod(fn):
+    return types.MethodType(_with_own_code(fn.__func__), fn.__self__)
+  if not isinstance(fn, types.FunctionType):
+    return fn  # a callable object: compiled as it is
+  copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+  copy.__kwdefaults__ = fn.__kwdefaults__
+  return copy
 
 
 def for_dtype(dtype: str, mode: str = "eager") -> Variant:
@@ -104,6 +126,11 @@ def parse_variants(text: str | None) -> list[Variant]:
   names = [n.strip() for n in text.split(",") if n.strip()]
   if names == ["all"]:
     names = [f"{mode}{suffix}" for suffix in ("", "-bf16") for mode in MODES]
+  elif "all" in names:
+    raise errors.InputError(f"--torch {text!r}: 'all' stands alone (it names all four variants)")
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise errors.InputError(f"--torch {text!r}: {', '.join(repeated)} named twice; name each variant once")
   variants = []
   for name in names:
     mode, _, precision = name.partition("-")
@@ -160,12 +187,42 @@ def linf_pgd(loss: Callable[[Any], Any], x0: Any, *, eps: float, step_size: floa
   return adv
 
 
-def gradient_agreement(grad_jax: Any, grad_torch: Any) -> str:
-  """How closely a JAX pixel gradient (NHWC) matches PyTorch's (NCHW) of the same loss: the largest
-  difference relative to PyTorch's largest entry, and the share of entries whose signs agree (what a
-  sign-gradient attack steps on)."""
-  grad_jax = np.asarray(grad_jax).transpose(0, 3, 1, 2)
-  grad_torch = np.asarray(grad_torch)
-  rel = float(np.abs(grad_jax - grad_torch).max() / max(np.abs(grad_torch).max(), 1e-30))
-  signs = float(np.mean(np.sign(grad_jax) == np.sign(grad_torch)))
-  return f"loss gradient max rel diff {rel:.2e}, sign agreement {100 * signs:.2f}%"
+class Disagreement(RuntimeError):
+  """Two implementations of a benchmark computed different things: their timings would compare nothing."""
+
+
+# How far a result may be from float32 eager PyTorch's: the largest difference relative to the reference's
+# largest entry, and (for a gradient, which a sign-gradient attack steps on) the share of equal signs. In
+# full float32 both sides agree to ~1e-6 (2026-11-26, CPU); bf16 autocast, TF32 (float32 on CUDA) and
+# XLA's default precision on an accelerator are looser (on an H100: 1.4e-2 and 99.61% for PGD's gradient).
+# A variant that computes something else is off by order 1 and at chance for the signs.
+FULL_PRECISION_LIMITS = (1e-4, 0.99)
+REDUCED_PRECISION_LIMITS = (1e-1, 0.95)
+
+
+def reduced_precision(dtype: str) -> bool:
+  """Whether a result computed in `dtype` ("float32" or "bfloat16"; a variant's `dtype`, mat_jax's compute
+  dtype) on JAX's device is held to the reduced-precision limits: bf16, or any accelerator, where float32
+  matmuls run in TF32 (PyTorch on CUDA) or at XLA's default precision."""
+  return str(dtype) != "float32" or jax.default_backend() != "cpu"
+
+
+def agreement(what: str, value: Any, reference: Any, *, reduced: bool, signs: bool = False) -> str:
+  """'<what> max rel diff R[, sign agreement S%]' of `value` against `reference` (same layout), or
+  `Disagreement` when beyond the limits above."""
+  value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+  if value.shape != reference.shape:
+    raise Disagreement(f"{what}: shapes {value.shape} and {reference.shape} differ")
+  rel_limit, sign_limit = REDUCED_PRECISION_LIMITS if reduced else FULL_PRECISION_LIMITS
+  rel = float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-30))
+  text = f"{what} max rel diff {rel:.2e}"
+  agrees = rel <= rel_limit
+  if signs:
+    share = float(np.mean(np.sign(value) == np.sign(reference)))
+    text += f", sign agreement {100 * share:.2f}%"
+    agrees = agrees and share >= sign_limit
+  if not agrees:
+    raise Disagreement(f"{text}: beyond the limits for {'reduced' if reduced else 'full'} precision (max rel diff "
+                       f"{rel_limit:g}{f', sign agreement {100 * sign_limit:g}%' if signs else ''}); the two "
+                       "implementations do not compute the same thing, so their timings would not compare")
+  return text

@@ -341,6 +341,7 @@ def run(args: argparse.Namespace) -> int:
   import transformers
 
 
+  variants = torch_reference.parse_variants(args.torch)  # before minutes of compiling, not after
   load = common.LoadWatch()
   cores = common.usable_cores()
   torch.set_num_threads(cores)
@@ -392,7 +393,6 @@ def run(args: argparse.Namespace) -> int:
   if not args.no_torch:
     hf.train()
     device = torch_reference.device()
-    variants = torch_reference.parse_variants(args.torch)
     references = torch_references(hf, batch, meta, dtype=dtype, variants=variants, device=device)
     print(f"PyTorch: {torch_reference.describe([torch_reference.for_dtype(dtype)], device)} (the per-caption "
           f"loop); {torch_reference.describe(variants, device)} (the batched step's variants)", flush=True)
@@ -409,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     # XLA's cost analysis counts the body of a loop once (PGD steps, text-attack rounds): a lower bound.
     peak, peak_source = common.peak_gflops(dtype)
     achieved = flops / jax_seconds / 1e9
-    print(f"\nmat_jax: >= {flops / 1e9:,.0f} GFLOP per step (XLA count, loop bodies once), {achieved:,.1f} "
+    print(f"\nmat_jax: >= {flops / 1e9:,.4g} GFLOP per step (XLA count, loop bodies once), {achieved:,.1f} "
           f"GFLOP/s = {100 * achieved / peak:.1f}% of the peak ({peak:,.0f} GFLOP/s, {peak_source})")
   else:
     print("\nmat_jax: FLOPs not counted (this backend's cost analysis returns none for the lowered step)")
