@@ -29,8 +29,13 @@ def _gpu_script(tmp_path, *items, seconds="0"):
   import subprocess
   import sys
 
+  # A copy in a folder of its own: a checkout that downloaded the GPU image's wheels (.whl/) would have the
+  # script install them.
+  script = tmp_path / "checkout" / ".ci" / "gpu"
+  script.parent.mkdir(parents=True)
+  script.write_text((ROOT / ".ci" / "gpu").read_text())
   env = dict(os.environ, OUT=str(tmp_path), GPU_SECONDS=seconds, PYTHON=sys.executable)
-  return subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), *items], env=env, capture_output=True, text=True,
+  return subprocess.run(["bash", str(script), *items], env=env, capture_output=True, text=True,
                         timeout=120, check=False)
 
 
