@@ -139,15 +139,12 @@ def run_pgd(args: argparse.Namespace) -> dict:
 
   # Agreement: mat_jax and each timed variant compute float32 eager PyTorch's loss gradient (the attacks
   # then differ only by random start); a variant's first call here is its warm-up (torch.compile).
-  def torch_gradient(loss):
-    pixels = x_torch.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(loss(pixels), pixels)  # torch_loss is the sum jax_step differentiates
-    return grad.float().cpu().numpy()
-
+  # (torch_loss is the sum jax_step differentiates)
   losses_of = {variant.name: variant.wrap(torch_loss, device) for variant in variants}
-  reference = torch_gradient(torch_loss)
+  reference = torch_reference.pixel_gradient(torch_loss, x_torch)
   gradients = {"mat_jax": (args.dtype, np.asarray(jax_step(params, x, text), np.float32).transpose(0, 3, 1, 2)),
-               **{variant.name: (variant.dtype, torch_gradient(losses_of[variant.name])) for variant in variants}}
+               **{variant.name: (variant.dtype, torch_reference.pixel_gradient(losses_of[variant.name], x_torch))
+                  for variant in variants}}
   for name, (dtype, grad) in gradients.items():
     check = torch_reference.agreement("loss gradient", grad, reference,
                                       reduced=torch_reference.reduced_precision(dtype), signs=True)

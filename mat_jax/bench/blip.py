@@ -97,15 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
   # Agreement: both differentiate the same loss (jax_grad's sum is of the negated cosine, as torch_loss),
   # in the same precision, each held to float32 eager PyTorch's gradient.
-  def torch_gradient(loss):
-    pixels = x_torch.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(loss(pixels), pixels)
-    return grad.float().cpu().numpy()
-
-  reference = torch_gradient(float32_loss)
+  reference = torch_reference.pixel_gradient(float32_loss, x_torch)
   reduced = torch_reference.reduced_precision(args.dtype)
   for name, grad in (("mat_jax", np.asarray(jax_grad(params, x, text), np.float32).transpose(0, 3, 1, 2)),
-                     (variant.name, torch_gradient(torch_loss))):
+                     (variant.name, torch_reference.pixel_gradient(torch_loss, x_torch))):
     print(f"agreement of {name} with PyTorch float32 eager: "
           f"{torch_reference.agreement('loss gradient', grad, reference, reduced=reduced, signs=True)}")
 

@@ -20,6 +20,10 @@ import numpy as np
 from mat_jax import tables
 
 
+class Disagreement(RuntimeError):
+  """Two implementations of a benchmark computed different things: their timings would compare nothing."""
+
+
 def usable_cores() -> int:
   """Cores this process may run on; PyTorch gets as many threads (XLA's CPU client takes them all)."""
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

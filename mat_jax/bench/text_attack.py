@@ -28,7 +28,7 @@ import numpy as np
 from mat_jax import errors
 from mat_jax.attacks.candidates import MASK_WORD, CharEditSource, LexiconSource, TextCandidates, prepare_candidates
 from mat_jax.attacks.text import adversarial_captions, default_chunk_size, text_attack
-from mat_jax.bench import common, torch_reference
+from mat_jax.bench import common
 from mat_jax.data import shapes
 from mat_jax.models import CLIP, clip_config, split
 from mat_jax.models.clip import PRESETS
@@ -233,7 +233,7 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
   # Both run the same encoder on the same candidates; only near-ties, which float rounding in differently
   # batched encodings can tip, may go the other way (mat_jax.attacks.text). More than a few: another attack.
   if same < SAME_CAPTIONS_REQUIRED * n:
-    raise torch_reference.Disagreement(
+    raise common.Disagreement(
         f"the batched attack and the per-caption loop agree on {same}/{n} adversarial captions, fewer than "
         f"{SAME_CAPTIONS_REQUIRED:.0%}: they do not run the same attack, so their timings would not compare")
   print(f"texts encoded per batch: per-caption loop {reference_texts} in {stats['encoder_calls']} encoder calls; "

@@ -20,7 +20,7 @@ A reference is timed in one or more variants, `--torch eager,compile,eager-bf16,
 
 `bench encode`, the PGD part of `bench attacks` and `bench blip` check, before timing, that mat_jax and
 each variant they time compute what float32 eager PyTorch computes (`agreement`: within float32
-round-off, or within bf16/TF32 round-off for reduced precision), and stop with `Disagreement` otherwise:
+round-off, or within bf16/TF32 round-off for reduced precision), and stop with `common.Disagreement` otherwise:
 a timing of two different computations compares nothing. The BERT-Attack part requires the same
 adversarial captions (near-ties aside); `bench train`, whose step is made of those attacks, checks none.
 
@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from mat_jax import errors
+from mat_jax.bench import common
 
 MODES = ("eager", "compile")
 PRECISIONS = ("float32", "bf16")
@@ -173,6 +174,15 @@ def describe(variants: list[Variant], device: Any) -> str:
           + ", ".join(f"{v.mode} {precisions[v.precision]}" for v in variants))
 
 
+def pixel_gradient(loss: Callable[[Any], Any], x0: Any) -> np.ndarray:
+  """The gradient of the scalar `loss` at the NCHW pixels `x0`, as float32 numpy (the agreement checks)."""
+  import torch
+
+  pixels = x0.clone().requires_grad_(True)
+  grad, = torch.autograd.grad(loss(pixels), pixels)
+  return grad.float().cpu().numpy()
+
+
 def linf_pgd(loss: Callable[[Any], Any], x0: Any, *, eps: float, step_size: float, steps: int) -> Any:
   """The references' L∞ PGD loop (SGA's ImageAttacker) on NCHW pixels in [0, 1]: a uniform start in the
   ball, `steps` sign-gradient ascent steps on `loss` (a scalar), each projected onto the ball and clipped."""
@@ -185,10 +195,6 @@ def linf_pgd(loss: Callable[[Any], Any], x0: Any, *, eps: float, step_size: floa
     adv = adv.detach() + step_size * grad.sign()
     adv = torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(0, 1)
   return adv
-
-
-class Disagreement(RuntimeError):
-  """Two implementations of a benchmark computed different things: their timings would compare nothing."""
 
 
 # How far a result may be from float32 eager PyTorch's: the largest difference relative to the reference's
@@ -209,10 +215,10 @@ def reduced_precision(dtype: str) -> bool:
 
 def agreement(what: str, value: Any, reference: Any, *, reduced: bool, signs: bool = False) -> str:
   """'<what> max rel diff R[, sign agreement S%]' of `value` against `reference` (same layout), or
-  `Disagreement` when beyond the limits above."""
+  `common.Disagreement` when beyond the limits above."""
   value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
   if value.shape != reference.shape:
-    raise Disagreement(f"{what}: shapes {value.shape} and {reference.shape} differ")
+    raise common.Disagreement(f"{what}: shapes {value.shape} and {reference.shape} differ")
   rel_limit, sign_limit = REDUCED_PRECISION_LIMITS if reduced else FULL_PRECISION_LIMITS
   rel = float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-30))
   text = f"{what} max rel diff {rel:.2e}"
@@ -222,7 +228,8 @@ def agreement(what: str, value: Any, reference: Any, *, reduced: bool, signs: bo
     text += f", sign agreement {100 * share:.2f}%"
     agrees = agrees and share >= sign_limit
   if not agrees:
-    raise Disagreement(f"{text}: beyond the limits for {'reduced' if reduced else 'full'} precision (max rel diff "
-                       f"{rel_limit:g}{f', sign agreement {100 * sign_limit:g}%' if signs else ''}); the two "
-                       "implementations do not compute the same thing, so their timings would not compare")
+    limits = f"max rel diff {rel_limit:g}" + (f", sign agreement {100 * sign_limit:g}%" if signs else "")
+    raise common.Disagreement(f"{text}: beyond the limits for {'reduced' if reduced else 'full'} precision "
+                              f"({limits}); the two implementations do not compute the same thing, so their "
+                              "timings would not compare")
   return text
