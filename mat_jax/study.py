@@ -237,9 +237,11 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool 
                       "the cached clean model they start from, or the shapes world changed; a cached model trained "
                       "on a host with another number of Grain data workers, data.worker_count, is another model)")
     old_evaluation = old.get(EVALUATED_WITH, evaluation)
-    if old_evaluation != evaluation:
+    threat_changed = any(old_evaluation.get(k) != evaluation[k] for k in ("text_threat", "text_mlm"))
+    # Other attack settings only matter to the evaluations the dir holds: once they are deleted (as the
+    # refusal below advises), the runs are evaluated afresh under the new settings, which the dir records.
+    if old_evaluation != evaluation and (threat_changed or _holds_evaluations(study_dir)):
       diff = "; ".join(_differences(old_evaluation, evaluation)[:4])
-      threat_changed = any(old_evaluation.get(k) != evaluation[k] for k in ("text_threat", "text_mlm"))
       problems.append(f"its evaluations were made with another {'text threat' if threat_changed else 'attack setting'}"
                       f" ({diff})" + (", which the runs of arms with a text attack also trained against"
                                       if threat_changed else
@@ -257,8 +259,18 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool 
     if merged != old and not reading:
       path.write_text(json.dumps(merged, indent=1, sort_keys=True))
     return
+  if any((study_dir / "runs").glob("*")):
+    # Its runs' settings are unknown: reusing them would report them as this study's.
+    raise StudyError(f"{study_dir} holds runs but no {STUDY_FILE}, which records the settings they were trained "
+                     "and evaluated under, so they cannot be checked against this study's. Use another "
+                     "--study-dir, or delete that directory to start over")
   study_dir.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps({**study, TRAINED_AS: resolved, EVALUATED_WITH: evaluation}, indent=1, sort_keys=True))
+
+
+def _holds_evaluations(study_dir: Path) -> bool:
+  """Whether any run in the dir holds a finished evaluation (either layout: eval/ or eval/test-N/)."""
+  return any(study_dir.glob("runs/*/eval/**/*.npz"))
 
 
 def _file_flat_evaluations(study_dir: Path, settings: Mapping[str, Any]) -> None:
@@ -681,7 +693,9 @@ def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapp
         for metric in METRICS:
           v = values[(name, key, metric)] = per_image(per_seed, metric)
           mean = float(np.mean([e[recall][metric] for e in entries]))
-          table[(name, key)][metric] = (mean, interval(v))
+          low, high = interval(v)
+          # A recall lies in [0, 100]; the t interval of one near either end would not (differences may).
+          table[(name, key)][metric] = (mean, [max(low, 0.0), min(high, 100.0)])
   claims = []
   for claim, better, other, attacks in CLAIMS:
     for attack in attacks:

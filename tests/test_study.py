@@ -1,11 +1,12 @@
 """The shared budget (recipes), the ablation switches (1:1 modelling, N:1 renderings, misaligned captions)
-and the study runner: bad input, resumption, the paired bootstrap, and the --quick study end to end."""
+and the study runner: bad input, resumption, the intervals, and the --quick study end to end."""
 
 from __future__ import annotations
 
 import functools
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -218,6 +219,17 @@ def test_a_study_dir_takes_more_arms_seeds_attacks_and_test_images_but_not_a_cha
     study.check_study_dir(tmp_path, changed)
 
 
+def test_a_study_dir_with_runs_but_no_study_file_is_refused(tmp_path):
+  # Without study.json nothing says what the runs were trained and evaluated under: they are not reused.
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  (tmp_path / "runs" / "mat-s0").mkdir(parents=True)
+  with pytest.raises(study.StudyError, match=r"holds runs but no study.json.*delete that directory"):
+    study.check_study_dir(tmp_path, quick)
+  assert not (tmp_path / study.STUDY_FILE).exists()
+  study.check_study_dir(tmp_path / "new", quick)  # a new dir (or one without runs) is a new study
+  assert (tmp_path / "new" / study.STUDY_FILE).exists()
+
+
 def test_evaluations_of_a_dir_without_subsets_are_filed_under_its_subset(tmp_path):
   quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
   study.check_study_dir(tmp_path, quick)
@@ -283,6 +295,9 @@ def test_a_study_dir_refuses_evaluations_under_another_text_threat_or_attack_set
     patch.setattr(mlm, "MLM_VERSION", mlm.MLM_VERSION + 1)
     with pytest.raises(study.StudyError, match=r"another text threat \(text_mlm: .*also trained against"):
       study.check_study_dir(tmp_path, full)
+  evaluation = study._eval_dir(tmp_path / "runs" / "mat-s0", full) / "pgd.npz"
+  evaluation.parent.mkdir(parents=True)
+  evaluation.write_bytes(b"")
   with monkeypatch.context() as patch:
     patch.setattr(evaluate_lib, "AttackSettings", functools.partial(evaluate_lib.AttackSettings, steps=20))
     with pytest.raises(study.StudyError, match=r"another attack setting \(attack_settings.steps: 10 there, 20 here\)"
@@ -293,6 +308,12 @@ def test_a_study_dir_refuses_evaluations_under_another_text_threat_or_attack_set
     study.check_study_dir(tmp_path, full, reading=True, log=lines.append)
     assert len(lines) == 1 and "attack_settings.steps" in lines[0]
     assert (tmp_path / study.STUDY_FILE).read_text() == before
+    # Done as the refusal says (the evaluations deleted, the trained runs kept): accepted, the new
+    # settings recorded for the evaluations to come.
+    shutil.rmtree(tmp_path / "runs" / "mat-s0" / "eval")
+    study.check_study_dir(tmp_path, full)
+    assert json.loads((tmp_path / study.STUDY_FILE).read_text())[study.EVALUATED_WITH]["attack_settings"]["steps"] == 20
+  study.check_study_dir(tmp_path, full)  # back to the defaults, still nothing evaluated: accepted
   # A dir written before the record existed takes the current one.
   saved = json.loads((tmp_path / study.STUDY_FILE).read_text())
   del saved[study.EVALUATED_WITH]
@@ -462,7 +483,7 @@ def test_quick_study_runs_and_resumes(tmp_path, monkeypatch, capsys):
                       "label_flip_share", "recall_meaning_preserving"}
   report = (tmp_path / "out" / "shapes_study_table.md").read_text()
   assert report.count("Text attacks judged by meaning") == 1
-  # The meaning-filtered attack flips nothing: its recall (restored or not) comes with its bootstrap interval.
+  # The meaning-filtered attack flips nothing: its recall (restored or not) comes with its interval.
   meaning_rows = report.split("Text attacks judged by meaning")[1].splitlines()
   (control,) = [row for row in meaning_rows if row.startswith("| clean_ft |")]
   filtered_cell = control.strip("|").split("|")[-1]
@@ -583,11 +604,11 @@ def test_the_meaning_table_shows_label_flips_and_the_recall_with_flips_restored(
   table = study.meaning_table(spec, collected)
   assert "| arm | bert |" in table
   assert "| a | 75.0 {50.0, 100.0} \\| 85.0 {80.0, 90.0} / 71.0 {70.0, 72.0} |" in table
-  # With the per-query ranks kept, the restored recall comes with its bootstrap interval instead.
-  bootstrapped = {("a", "bert" + study.MEANING_PRESERVING): {"tr@1": (85.0, [81.5, 88.25]),
+  # With the per-query ranks kept, the restored recall comes with its interval instead.
+  with_intervals = {("a", "bert" + study.MEANING_PRESERVING): {"tr@1": (85.0, [81.5, 88.25]),
                                                               "ir@1": (71.0, [69.0, 73.0])}}
   assert "| a | 75.0 {50.0, 100.0} \\| 85.0 [81.5, 88.2] / 71.0 [69.0, 73.0] |" in study.meaning_table(
-      spec, collected, bootstrapped)
+      spec, collected, with_intervals)
   # An attack that changed no caption has no label-flip share (stored as null): shown as such, not a crash.
   unchanged = {seed: {"clean": {}, "bert": bert(None, 93.0, 90.0)} for seed in (0, 1)}
   assert "| a | – \\| 93.0 {93.0, 93.0} / 90.0 {90.0, 90.0} |" in study.meaning_table(
@@ -627,6 +648,23 @@ def test_claims_are_also_tested_on_the_recall_with_flipped_captions_restored():
   _, claims, table = study.summarise(spec, collected)
   assert ("tecoa", "co" + study.MEANING_PRESERVING) not in table
   assert not any(c["metric"].endswith(study.MEANING_PRESERVING) for c in claims)
+
+
+def test_a_recalls_interval_stays_within_0_and_100_but_a_differences_does_not():
+  # Seeds at 0.5, 1.5 and 0% TR@1: the t interval of the mean reaches below 0, a recall cannot.
+  spec = {"seeds": 3, "arms": {"mat": {"attacks": ["co"]}, "tecoa": {"attacks": ["co"]}}}
+  hits_of = lambda count, n=200: np.arange(n) < count  # noqa: E731
+  collected = {}
+  for seed, count in enumerate((1, 3, 0)):
+    collected[("mat", seed)] = {"co": _entry(hits_of(count), hits_of(2 * count, 400))}
+    collected[("tecoa", seed)] = {"co": _entry(hits_of(count + 150), hits_of(2 * count, 400))}
+  _, claims, table = study.summarise(spec, collected)
+  mean, (low, high) = table[("mat", "co")]["tr@1"]
+  assert mean == pytest.approx(2 / 3) and low == 0.0 and 0 < high < 5
+  assert table[("tecoa", "co")]["tr@1"][1][1] <= 100.0
+  (difference,) = [c for c in claims if c["metric"] == "co tr@1"]
+  # A difference of two arms may lie below 0, and its interval is not clipped.
+  assert difference["difference"] == pytest.approx(-75.0) and difference["ci95"][0] < difference["ci95"][1] < -60
 
 
 def test_a_text_attacks_evaluation_without_the_restored_ranks_is_rerun(tmp_path):
