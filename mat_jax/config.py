@@ -798,9 +798,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-# How the input pipeline runs, left out of a cached run's key. The decoded-record cache changes nothing
-# delivered; worker processes (data.worker_count) compose the batches differently (each takes a share of
-# the stream), so a cached run's key adds their resolved count when there are any (`runs.cached_run_dir`).
+# How the input pipeline runs, left out of a cached run's key: neither changes the batches delivered (the
+# decoded-record cache only skips decoding; worker processes each make whole batches of the one stream).
 RUNTIME_ONLY_KEYS = ("data.worker_count", "data.decoded_cache_mb")
 
 

@@ -42,7 +42,7 @@ from mat_jax import checkpoint, paths
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax import objectives
-from mat_jax.data import corpora, pipeline, shapes
+from mat_jax.data import corpora, shapes
 from mat_jax.errors import ConfigError, InputError
 from mat_jax.models import (
   BLIP,
@@ -132,13 +132,9 @@ def result_parts(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def cached_run_dir(name: str, config: ml_collections.ConfigDict) -> Path:
-  """Where experiments/<name>.py's run is cached: keyed by `result_parts` and the resolved number of
-  Grain workers, so an edited experiment, or one whose starting run was edited, is trained afresh."""
-  parts = result_parts(config)
-  workers = pipeline.resolve_worker_count(config.data.worker_count)
-  if workers > 0:  # Grain's workers each take a share of the stream: the batches are composed differently
-    parts["data_workers"] = workers
-  return cache_dir() / "runs" / f"{name}-{config_lib.digest(parts)}"
+  """Where experiments/<name>.py's run is cached: keyed by `result_parts`, so an edited experiment, or one
+  whose starting run was edited, is trained afresh."""
+  return cache_dir() / "runs" / f"{name}-{config_lib.digest(result_parts(config))}"
 
 
 def source_run(source: str) -> str | None:

@@ -234,8 +234,7 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool 
     if stale:
       problems.append(f"the runs of arm(s) {', '.join(stale)} were trained under settings this code no longer "
                       "resolves them to (the shared budget in mat_jax/recipes.py, the inner attack of the registry, "
-                      "the cached clean model they start from, or the shapes world changed; a cached model trained "
-                      "on a host with another number of Grain data workers, data.worker_count, is another model)")
+                      "the cached clean model they start from, or the shapes world changed)")
     old_evaluation = old.get(EVALUATED_WITH, evaluation)
     threat_changed = any(old_evaluation.get(k) != evaluation[k] for k in ("text_threat", "text_mlm"))
     # Other attack settings only matter to the evaluations the dir holds: once they are deleted (as the

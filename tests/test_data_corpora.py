@@ -57,6 +57,8 @@ def test_built_dataset_is_reused(shapes_builder, data_dir):
 def _build_shapes_and_say(data_dir):
   messages = []
   builder = corpora.build_shapes(data_dir, log=messages.append, **SHAPES)
+  # The builder returned to the process that waited must read the other's splits.
+  messages.append(f"train {len(corpora.data_source(builder, 'train'))}")
   return str(builder.data_path), messages
 
 
@@ -71,6 +73,7 @@ def test_processes_that_find_the_world_missing_at_once_build_it_once(tmp_path):
   assert results[0][0] == results[1][0]
   said = [" ".join(messages) for _, messages in results]
   assert sum("reusing the dataset" not in s for s in said) == 1, said  # one built it, the other reused it
+  assert all(s.endswith("train 6") for s in said), said
   source = tfds.builder(f"shapes_world/{corpora.shapes_config(**SHAPES).name}", data_dir=str(tmp_path))
   assert source.info.splits["train"].num_examples == 6
 
@@ -390,8 +393,12 @@ def test_malformed_json_empty_split_and_missing_folder_are_named(bad_corpus):
     corpora.read_annotations([stringy])
   empty = bad_corpus / "empty_test.json"
   empty.write_text("[]")
-  with pytest.raises(corpora.CorpusError, match="no entries"):
+  with pytest.raises(corpora.CorpusError, match=r"empty_test\.json holds no entries \(split 'test'\); check the file"):
     corpora.build_corpus("empty", [empty], bad_corpus / "images", data_dir=bad_corpus / "data", log=_quiet)
+  # A split named for a Karpathy file that has none of its entries: the file is named too.
+  only_test = _karpathy(bad_corpus, [_entry("0.jpg", "test")])
+  with pytest.raises(corpora.CorpusError, match=r"holds no entries of split 'val'; check the file, or leave it out"):
+    corpora.read_annotations([f"val={only_test}"])
   all_bad = _karpathy(bad_corpus, [_entry("missing.jpg", "val"), _entry("0.jpg", "test")])
   with pytest.raises(corpora.CorpusError, match="split 'val' is empty"):
     corpora.build_corpus("allbad", [all_bad], bad_corpus / "images", skip_bad=True, image_size=16,
@@ -491,6 +498,8 @@ def test_cli_bad_options_are_one_line_and_exit_2(tmp_path, capsys, argv, message
     code = exit_.code
   err = capsys.readouterr().err
   assert code == 2 and message in err and "Traceback" not in err, err
+  if argv[:2] == ["build", "shapes"]:  # refused before a build started: no dataset directory left behind
+    assert not list((tmp_path / "data").glob("shapes_world/*"))
 
 
 def test_cli_builds_reuses_and_reports(corpus_files, tmp_path, capsys):

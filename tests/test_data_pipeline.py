@@ -259,15 +259,25 @@ class RecordingTransform:
 
 
 def test_worker_processes_deliver_the_same_batches_and_transform_them_off_the_loop(world):
-  threads = _take(_pipe(world, 4, seed=3), 2)
+  # Two workers, seven batches (an epoch of 24 images is six of 4): each worker makes whole batches of the
+  # one-process stream, so the batches are those of any other worker count, and an epoch ends where it does.
+  threads = _take(_pipe(world, 4, seed=3, augmentations="hflip"), 7)
   transform = RecordingTransform()
-  processes = _take(_pipe(world, 4, seed=3, num_workers=1, batch_transforms=[transform]), 2)
+  processes = _take(_pipe(world, 4, seed=3, augmentations="hflip", num_workers=2, batch_transforms=[transform]), 7)
   for a, b in zip(threads, processes, strict=True):
     np.testing.assert_array_equal(a["image_ids"], b["image_ids"])
+    np.testing.assert_array_equal(a["images"], b["images"])
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     assert "transformed" in b
   # The candidates of a text attack are prepared beside the training loop, not on its thread.
   assert transform.threads and threading.get_ident() not in transform.threads
+  # A finite stream keeps every whole batch: 24 images in batches of 5 are 4, whatever the workers.
+  for workers in (0, 3):
+    it = iter(_pipe(world, 5, num_epochs=1, num_workers=workers))
+    try:
+      assert sum(1 for _ in it) == 4, workers
+    finally:
+      it.close()
 
 
 def test_eval_set_holds_all_images_captions_and_index_maps(world):
@@ -314,6 +324,9 @@ def test_eval_set_pads_uneven_caption_counts():
   ev = pipeline.load_eval_set(Uneven(), Tok())
   assert ev.num_texts == 16 and ev.image_to_texts.shape == (3, 6)
   assert ev.image_to_texts[0, 5] == -1 and ev.image_to_texts[1, 5] == 10
+  # A plain list of records (no batched __getitems__, as the training pipeline takes it) reads the same.
+  from_list = pipeline.load_eval_set(list(Uneven.records), Tok())
+  np.testing.assert_array_equal(from_list.image_to_texts, ev.image_to_texts)
 
 
 def test_auto_workers_stay_in_process_on_a_cpu_backend_and_scale_with_an_accelerator_hosts_cores():

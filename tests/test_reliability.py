@@ -579,6 +579,22 @@ def test_a_pipeline_of_another_layout_is_refused_not_set_aside(tmp_path, recorde
   assert step == 1 and position.state == b'{"next_index": 3}'  # the original layout resumes
 
 
+def test_a_position_saved_when_workers_read_examples_is_refused(tmp_path):
+  """Worker processes read whole batches now; a checkpoint whose workers read examples (its layout says
+  nothing of it) holds a position in examples, which must not be taken for a position in batches."""
+  from mat_jax.training import loop
+
+  assert loop.pipeline_layout(0, 1) == {"data.worker_count": 0, "processes": 1}  # in-process: unchanged
+  older = {"data.worker_count": 2, "processes": 1}
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False, pipeline=older) as ckpt:
+    ckpt.save(1, _state(1.0), _Position())
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False, pipeline=loop.pipeline_layout(2, 1)) as ckpt:
+    with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
+                       match="worker_reads: checkpoint None, this run 'batches'.*fresh --workdir"):
+      ckpt.restore_newest_intact(_abstract(), _Position(), log=_quiet)
+  assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
 @pytest.mark.parametrize("how", ["garbage", "missing"])
 def test_an_unreadable_position_of_this_layout_is_damage(tmp_path, how):
   """A run killed before it sealed its newest checkpoint (no checksum to catch the damage) whose input

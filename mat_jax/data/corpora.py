@@ -89,6 +89,8 @@ def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[t
   with WorkdirLock(path.parent, wait=True, flag="the dataset directory", on_wait=log):
     if is_built(builder) and not overwrite:
       log(f"reusing the dataset another process built at {path}")
+      # This builder was made before that dataset existed: its info (the splits) is read now.
+      builder.info.read_from_directory(builder.data_dir)
       return builder, True
     return _build(builder, path, overwrite), False
 
@@ -146,6 +148,7 @@ def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFA
   if seed < 0:
     raise InputError(f"the world seed must be >= 0, got {seed}")
   shapes.check_rare_form_rate(rare_form_rate)
+  shapes.check_image_size(image_size)  # before a build starts (and leaves a directory behind)
   name = f"{image_size}px_{train}-{val}-{test}_k{captions_per_image}_seed{seed}"
   if rare_form_rate is not None:
     name += f"_rare{float(rare_form_rate)!r}"  # every digit: two worlds never share a directory
@@ -408,14 +411,21 @@ def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str
     data = _load_json(path)  # parsed once: COCO's Karpathy file is 140 MB
     kind = fmt if fmt != "auto" else detect_format(data, path)
     if kind == "karpathy":
-      for name, entries in read_karpathy(path, restval, data).items():
+      read = read_karpathy(path, restval, data)
+      if not any(entries for name, entries in read.items() if split is None or name == split):
+        raise CorpusError(f"{path} holds no entries{f' of split {split!r}' if split else ''}; check the file, "
+                          "or leave it out")
+      for name, entries in read.items():
         if split is None or name == split:
           splits.setdefault(name, []).extend(entries)
     else:
       name = split or split_from_filename(path)
       entries = splits.setdefault(name, [])
       where_is = albef_images.setdefault(name, {})
-      for entry in read_albef(path, data):
+      albef = read_albef(path, data)
+      if not albef:
+        raise CorpusError(f"{path} holds no entries (split {name!r}); check the file, or leave it out")
+      for entry in albef:
         # One image in two files of a split is one record, as within a file: two would make its captions
         # in-batch negatives of each other and split its retrieval hits.
         if entry.image in where_is:

@@ -371,12 +371,24 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
                                     renderings_per_scene, rare_form_rate))
   ds = ds[process_index::process_count]
   num_threads = threads_per_process(num_threads, num_workers, os.cpu_count())
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=max(1, prefetch_batches) * batch_size))
-  it = it.batch(examples_per_batch, drop_remainder=True)
-  if renderings_per_scene > 1:
-    it = it.map(flatten_renderings)
-  it = it.map(Tokenize(tokenizer))
+  if num_workers > 0:
+    # Worker w of W reads elements w, w + W, ... of what it is given: whole batches here, so the workers
+    # together deliver the batches one process would (made of examples, each would batch its own share:
+    # other batches for every worker count, and each worker's remainder lost from a finite stream).
+    # Reader threads then take a batch each, so as many batches as threads are read ahead.
+    ds = ds.batch(examples_per_batch, drop_remainder=True)
+    if renderings_per_scene > 1:
+      ds = ds.map(flatten_renderings)
+    it = ds.map(Tokenize(tokenizer)).to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=max(num_threads, prefetch_batches)))
+  else:
+    # Reader threads take an example each; batching follows.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=max(1, prefetch_batches) * batch_size))
+    it = it.batch(examples_per_batch, drop_remainder=True)
+    if renderings_per_scene > 1:
+      it = it.map(flatten_renderings)
+    it = it.map(Tokenize(tokenizer))
   if num_workers > 0:
     from absl import flags
 
@@ -494,7 +506,10 @@ def load_eval_set(source, tokenizer, *, max_images: int | None = None,
     raise ValueError("the evaluation split is empty")
   images, captions, owners, image_ids, scenes = [], [], [], [], []
   for start in range(0, n, chunk):
-    for offset, record in enumerate(source.__getitems__(list(range(start, min(start + chunk, n))))):
+    indices = list(range(start, min(start + chunk, n)))
+    # A tfds source reads a chunk at once; any other sequence of records (a list, ...) one by one.
+    records = source.__getitems__(indices) if hasattr(source, "__getitems__") else [source[i] for i in indices]
+    for offset, record in enumerate(records):
       i = start + offset
       caps = [as_text(c) for c in record["captions"]][:captions_per_image]
       if not caps:

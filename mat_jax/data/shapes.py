@@ -272,10 +272,14 @@ _MASKS = {
 }
 
 
-def render(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
-  """uint8 (S, S, 3) RGB; edges anti-aliased by averaging `supersample`² samples per pixel."""
+def check_image_size(image_size: int) -> None:
   if image_size < 16:
     raise InputError(f"image_size {image_size} is too small to tell shapes apart; use at least 16")
+
+
+def render(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
+  """uint8 (S, S, 3) RGB; edges anti-aliased by averaging `supersample`² samples per pixel."""
+  check_image_size(image_size)
   s, ss = image_size, supersample
   image = np.empty((s, s, 3), np.float32)
   image[:] = scene.background

@@ -331,6 +331,17 @@ def ensure_cached_source(source: str, *, log: Log = print, mesh_spec: str | None
     source = upstream
 
 
+def pipeline_layout(worker_count: int, processes: int) -> dict[str, Any]:
+  """What a checkpoint records of the input pipeline that saved its position, which only the same layout
+  can read: Grain keeps one position per worker process and per host."""
+  layout: dict[str, Any] = {"data.worker_count": worker_count, "processes": processes}
+  if worker_count > 0:
+    # Worker processes read whole batches (`pipeline.training_pipeline`): the position in a checkpoint
+    # made when they read examples counts examples, which this pipeline would take for batches.
+    layout["worker_reads"] = "batches"
+  return layout
+
+
 def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str | None, log: Log, progress: bool,
            evaluate: bool, data_iterator: Any, model: CLIP | None, tokenizer: Any) -> RunResult:
   main = mesh_lib.is_main_process()
@@ -341,8 +352,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       f"{cfg.train.steps} steps of {cfg.train.batch_size} images, towers {cfg.train.towers}, "
       f"workdir {workdir}")
   # The layout of the pipeline this run builds (a caller's own iterator has one this run cannot know).
-  layout = None if data_iterator is not None else {
-      "data.worker_count": pipeline.resolve_worker_count(cfg.data.worker_count), "processes": jax.process_count()}
+  layout = None if data_iterator is not None else pipeline_layout(
+      pipeline.resolve_worker_count(cfg.data.worker_count), jax.process_count())
+
   # From here a signal is held until a safe point: raised where it arrives, inside Orbax's restore, JAX's
   # cache reads or asyncio callbacks (code that catches Exception), it was swallowed or hung the process.
   stop = _StopSignals()
