@@ -82,6 +82,9 @@ class Checkpointer:
     self.added_keys = frozenset(added_keys)
     self.pipeline = None if pipeline is None else dict(pipeline)
     self._unsealed: list[int] = []  # steps saved by this process whose checksums are not written yet
+    # Whether the checkpoint `restore_newest_intact` resumed from had checksums to check it against (a
+    # run killed before it wrote them leaves none); None before a restore.
+    self.restored_with_checksums: bool | None = None
     # A reader (the evaluator reading a run's model) must not remove the temporary directory of a save
     # that a live run is writing.
     self._options = dict(max_to_keep=max_to_keep, async_save=async_save, cleanup=not reader)
@@ -119,9 +122,14 @@ class Checkpointer:
     diffs = [f"  {k}: checkpoint {saved.get(k, '<absent>')!r}, this run {self.fingerprint.get(k, '<absent>')!r}"
              for k in keys if saved.get(k) != self.fingerprint.get(k)]
     if diffs:
+      unchecked = ""
+      if not self.has_checksums(step):
+        unchecked = (f"\nThis checkpoint has no checksums (its run was stopped before writing them), so these "
+                     "recorded settings are unverified: if you did not change the config, its files may be "
+                     f"damaged; then move {self.step_dir(step)} aside to resume from the checkpoint before it.")
       raise IncompatibleCheckpointError(
           f"the checkpoint at step {step} in {self.directory} was written by an incompatible config:\n"
-          + "\n".join(diffs) + "\nUse a fresh --workdir, or restore the original settings to resume.")
+          + "\n".join(diffs) + "\nUse a fresh --workdir, or restore the original settings to resume." + unchecked)
 
   def _meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
@@ -157,6 +165,18 @@ class Checkpointer:
       return
     self.manager.wait_until_finished()
     steps, self._unsealed = self._unsealed, []
+    self._write_checksums(steps)
+
+  def seal_completed(self) -> None:
+    """`seal` once the pending saves have finished, without waiting for them: called after every step, it
+    checksums a checkpoint within a step of its completion, so a run killed later leaves it checked."""
+    if self._unsealed and not self.manager.is_saving_in_progress():
+      self.seal()
+
+  def has_checksums(self, step: int) -> bool:
+    return self._checksum_path(step).exists()
+
+  def _write_checksums(self, steps: Iterable[int]) -> None:
     if jax.process_index() != 0:
       return
     present = set(self.all_steps())
@@ -215,6 +235,11 @@ class Checkpointer:
       if problem is None:
         if damaged:
           log(f"resuming from the intact checkpoint at step {step} instead")
+        self.restored_with_checksums = self.has_checksums(step)
+        if not self.restored_with_checksums and set_aside:
+          # Killed before its checksums were written: the run goes on from what it holds now, and later
+          # damage to it is found like any other checkpoint's.
+          self._write_checksums([step])
         return state, step
       where = f"moved to {self._set_aside(step)}" if set_aside else "skipped"
       line = f"checkpoint {self.step_dir(step)} is damaged: {problem}; {where}"

@@ -384,6 +384,38 @@ def _two_checkpoints(workdir, newest=None):
     ckpt.save(2, newest if newest is not None else _state(2.0))
 
 
+def test_a_finished_save_is_checksummed_without_waiting_for_the_next(tmp_path):
+  """The loop asks after every step: a save still being written is left alone, a finished one is
+  checksummed at once, not when the next save starts (a kill in between left it unchecked for good)."""
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=True) as ckpt:
+    ckpt.save(1, _state(1.0))
+    ckpt.wait()
+    assert not ckpt.has_checksums(1)  # written, not yet sealed
+    ckpt.seal_completed()
+    assert ckpt.has_checksums(1) and ckpt.verify(1) is None
+
+
+def test_resuming_from_a_checkpoint_without_checksums_says_so_and_writes_them(tmp_path):
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    ckpt.save(1, _state(1.0))
+    ckpt.save(2, _state(2.0))
+  (tmp_path / checkpoint_lib.CHECKSUM_DIR / "2.json").unlink()  # as a kill before the seal leaves it
+  # Its stored config then differs unverified: perhaps damage, not another config (the advice says both).
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 2}, async_save=False) as ckpt:
+    with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
+                       match=r"(?s)x: checkpoint 1, this run 2.*has no checksums.*move .*checkpoints/2 aside"):
+      ckpt.check_compatible()
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    _, step = ckpt.restore_newest_intact(_abstract(), log=_quiet)
+    assert step == 2 and ckpt.restored_with_checksums is False
+    assert ckpt.has_checksums(2)  # the resumed run protects it from here on
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    ckpt.restore_newest_intact(_abstract(), log=_quiet)
+    assert ckpt.restored_with_checksums is True
+  with pytest.raises(loop.NonFiniteLossError, match=r"files could not be checked.*move .*checkpoints/2 aside"):
+    loop._check_finite(2, 2, tmp_path, resumed_at=2, resumed_with_checksums=False)
+
+
 def _data_file(step_dir):
   return next((step_dir / "state" / "d").iterdir())
 

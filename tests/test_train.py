@@ -280,6 +280,32 @@ def test_resume_logs_each_step_once(root, devices):
   assert steps == [1, 2, 3, 4]
 
 
+def test_a_periodic_evaluation_lost_to_a_kill_is_made_on_resume(root, devices):
+  # The evaluation of step 2 runs after checkpoint 2 is saved: killed during it, the run resumes at step 2
+  # and made it never. A resumed run makes the evaluation of its starting step, logged once.
+  config = micro_config(root, train={"steps": 4, "log_every": 2, "checkpoint_every": 2, "eval_every": 2},
+                        eval={"attacks": (), "max_images": 8, "batch_size": 8})
+  workdir = root / "lost_evaluation"
+  loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=True)
+  import shutil
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  shutil.rmtree(workdir / "model")
+  metrics = workdir / "metrics.jsonl"
+  lines = metrics.read_text().splitlines()
+  metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 2
+                             and not any(k.startswith("eval/") for k in json.loads(line))))
+  loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=True)
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert [r["step"] for r in records if "eval/clean/tr@1" in r] == [2, 4]
+  # Resumed once more at step 2 with its evaluation logged: it is made again, and still logged once.
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  shutil.rmtree(workdir / "model")
+  loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=True)
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert [r["step"] for r in records if "eval/clean/tr@1" in r] == [2, 4]
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
+
+
 def _logged_losses(workdir):
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}

@@ -420,9 +420,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     step_fn, reference = make_train_step(run)
 
     evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
-    # Rerunning a finished run (how one re-exports it) evaluates its final model again.
+    # Rerunning a finished run (how one re-exports it) evaluates its final model again, and a run resumed
+    # at a step with a periodic evaluation makes that evaluation again (below): their old lines go.
+    periodic_at_start = (resumed and start < cfg.train.steps and bool(cfg.train.eval_every)
+                         and start % cfg.train.eval_every == 0)
     writer = MetricWriter(workdir, enabled=main, resume_step=start,
-                          reevaluated=evaluator is not None and start == cfg.train.steps)
+                          reevaluated=evaluator is not None and (start == cfg.train.steps or periodic_at_start))
     bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
     agreement = _StopAgreement(stop, cfg.train.steps)
     stop_if_signalled()
@@ -444,7 +447,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
 
   def check_finite(bad: int) -> None:
     _check_finite(bad, last_saved, workdir, resumed_at=start if resumed else None,
-                  clipping=cfg.optimizer.grad_clip_norm > 0, reference=run.objective.needs_reference)
+                  clipping=cfg.optimizer.grad_clip_norm > 0, reference=run.objective.needs_reference,
+                  resumed_with_checksums=bool(ckpt.restored_with_checksums))
 
   def write_train_metrics(done: int, values: list[dict[str, Any]]) -> None:
     nonlocal clock, clock_step, last_metrics
@@ -465,6 +469,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         writer.write(done, evaluator(gathered), "eval/")
 
   try:
+    if periodic_at_start:
+      # The run that saved this checkpoint evaluated after the save, so a kill may have lost it; every
+      # process decides alike (the gathering of parameters is a collective when FSDP spans hosts).
+      evaluate_if_due(start, False)
     for step in range(start, cfg.train.steps):
       local = next(data_iterator)
       state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
@@ -499,6 +507,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       if save_now:
         ckpt.save(done, state, data_iterator)
         last_saved = done
+      ckpt.seal_completed()  # a finished save's checksums now, not at the next save: a kill may come first
       _inject_fault(done)
       bar.update(1)
       if final:
@@ -543,22 +552,31 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
 
 
 def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at: int | None = None,
-                  clipping: bool = False, reference: bool = False) -> None:
+                  clipping: bool = False, reference: bool = False, resumed_with_checksums: bool = True) -> None:
   """Raise NonFiniteLossError naming the first non-finite step `bad` (the state's sticky `bad_step`, read
   on the host; -1 if none). `clipping`: whether the run clips gradients (optimizer.grad_clip_norm > 0);
-  `reference`: whether the objective keeps a frozen reference model (`_settings_advice`)."""
+  `reference`: whether the objective keeps a frozen reference model (`_settings_advice`);
+  `resumed_with_checksums`: whether the checkpoint resumed from had checksums to be checked against."""
   if bad < 0:
     return
   checkpoints = workdir / "checkpoints"
   if resumed_at is not None and bad == resumed_at:
     # The restore checked the checkpoint (its checksums, finite values), so the step's own inputs and
     # settings are the suspects: a NaN from the data repeats at this step on every rerun, and moving the
-    # checkpoint away would only retrain up to it.
+    # checkpoint away would only retrain up to it. Without checksums its files were not checked: a
+    # damaged byte that still reads as a finite number is a suspect too.
+    restored = checkpoints / str(resumed_at)
+    if resumed_with_checksums:
+      checked = "which was checked on restore (its checksums and finite values) and is kept. "
+    else:
+      checked = ("whose values were finite but whose files could not be checked: its run was stopped before "
+                 f"writing its checksums. If the same command ran fine up to this step before, move {restored} "
+                 "aside and rerun to resume from the checkpoint before it; otherwise, ")
     raise NonFiniteLossError(
         f"the loss, a gradient or an updated parameter became NaN/inf at step {bad}, the first step after "
-        f"restoring the checkpoint {checkpoints / str(resumed_at)}, which was checked on restore (its checksums "
-        "and finite values) and is kept. A rerun meets this step's batch again from it: check that batch's "
-        f"inputs (images, captions) or {_settings_advice(clipping, workdir, checkpoint=True, reference=reference)} "
+        f"restoring the checkpoint {restored}, {checked}A rerun meets this step's batch again from it: check "
+        f"that batch's inputs (images, captions) or "
+        f"{_settings_advice(clipping, workdir, checkpoint=True, reference=reference)} "
         f"{_diverged_checkpoint_advice(checkpoints, resumed_at, sentence=True)}")
   kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}"
           if last_saved is not None else "no checkpoint had been written yet")
