@@ -69,8 +69,9 @@ def _ranks(scores: jax.Array, text_to_image: jax.Array) -> tuple[jax.Array, jax.
   first_best = jnp.argmax(own & (scores == best[:, None]), axis=1)
   tr = (jnp.sum(scores > best[:, None], axis=1)
         + jnp.sum((scores == best[:, None]) & (text_ids[None, :] < first_best[:, None]), axis=1))
-  # Images without any text can never be retrieved: rank n_texts.
-  tr = jnp.where(jnp.any(own, axis=1), tr, n_txt)
+  # Images without any text can never be retrieved: a rank past every K (n_texts would be a hit at K >
+  # n_texts, which a small gallery allows).
+  tr = jnp.where(jnp.any(own, axis=1), tr, jnp.iinfo(tr.dtype).max)
 
   # IR: the rank of the text's own image in its column.
   gt = scores[text_to_image, text_ids]

@@ -62,7 +62,10 @@ def test_ties_are_broken_by_index():
 def test_image_without_texts_is_never_retrieved():
   scores = np.eye(3, dtype=np.float32)[:, :2]
   tr, _ = metrics.retrieval_ranks(scores, np.array([0, 1], np.int32))
-  assert tr.tolist() == [0, 0, 2]
+  assert tr[:2].tolist() == [0, 0] and tr[2] == np.iinfo(tr.dtype).max
+  # Not even at a K beyond the 2 texts.
+  recall = metrics.retrieval_recall(scores, np.array([0, 1], np.int32))
+  assert recall["tr@5"] == recall["tr@10"] == pytest.approx(200 / 3)
 
 
 def test_bad_shapes_are_explained():

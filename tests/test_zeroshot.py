@@ -185,6 +185,10 @@ def test_budgets_are_checked_as_retrieval_checks_them():
   results = zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], eps_255=(300.0, 0.5),
                                  settings=zs.Settings(pgd_steps=1, norm="l2"), batch_size=4)
   assert list(results["robust"]) == list(results["attacks"]["pgd"]) == [ev.eps_key(300.0), ev.eps_key(0.5)]
+  # A budget given twice (2 and 2.0) runs and is reported once.
+  twice = zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], eps_255=(2, 2.0),
+                               settings=zs.Settings(pgd_steps=1), batch_size=4)
+  assert twice["eps_255"] == [2.0] and list(twice["robust"]) == [ev.eps_key(2.0)]
 
 
 def test_limit_on_a_shapes_set_samples_the_rendered_images_class_by_class():
