@@ -44,7 +44,10 @@ def _value_stats(x: Any) -> tuple[int, int, float, float]:
   """(NaN count, inf count, min, max); min and max only when every value is finite. On the device for
   device arrays (one small transfer), on the host for numpy."""
   if isinstance(x, jax.Array):
-    nans, infs, lo, hi = jax.device_get(_stats(x))
+    # Computed now even inside a trace: a concrete array closed over by a jitted function would otherwise
+    # give traced statistics, which cannot be read.
+    with jax.ensure_compile_time_eval():
+      nans, infs, lo, hi = jax.device_get(_stats(x))
     return int(nans), int(infs), float(lo), float(hi)
   x = np.asarray(x)
   nans, infs = int(np.isnan(x).sum()), int(np.isinf(x).sum())
@@ -181,8 +184,8 @@ def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vo
     raise InputError(f"{name} must be integers, got dtype {ids.dtype}; tokenize the text with "
                      "mat_jax.models.load_tokenizer")
   if ids.shape[1] > context_length:
-    raise InputError(f"{name} have length {ids.shape[1]} but the text model has {context_length} positions (its "
-                     f"context length); tokenize with context_length={context_length} (load_tokenizer(..., "
+    raise InputError(f"{name} have length {ids.shape[1]} but the text model has {context_length} positions; "
+                     f"tokenize with context_length={context_length} (load_tokenizer(..., "
                      f"context_length={context_length})), which truncates and keeps the end token")
   if is_traced(ids):
     return

@@ -602,7 +602,11 @@ def _override_target(config: dict, key: str) -> tuple[dict, str]:
       raise _unknown_key(part, section, [k for k, v in node.items() if isinstance(v, dict)], "override")
     node, section = node[part], f"{section}.{part}" if section else part
   leaf = parts[-1]
-  if leaf not in node or isinstance(node[leaf], dict):
+  if isinstance(node.get(leaf), dict):  # a section, not a value: name one of its keys
+    where = f"{section}.{leaf}" if section else leaf
+    raise ConfigError(f"override: {where!r} is a section, not a value; set one of its keys, e.g. "
+                      f"--config.{where}.KEY=VALUE (its keys: {', '.join(sorted(node[leaf]))})")
+  if leaf not in node:
     raise _unknown_key(leaf, section, [k for k, v in node.items() if not isinstance(v, dict)], "override")
   return node, leaf
 

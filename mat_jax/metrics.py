@@ -160,7 +160,7 @@ def embed_texts(encoder: DualEncoder, params, input_ids, attention_mask, batch_s
   """L2-normalised text embeddings (N, D), computed in fixed-size jitted batches."""
   config = getattr(encoder, "config", None)
   if config is not None:
-    checks.check_token_ids(input_ids, attention_mask, config.text.context_length, config.text.vocab_size)
+    checks.check_token_ids(input_ids, attention_mask, config.text.positions, config.text.vocab_size)
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
   batch_size = min(checks.check_steps(batch_size, name="batch_size"), len(ids))
   return _batched(lambda i, m: text_embeddings(encoder, params, i, m), (ids, mask), batch_size)

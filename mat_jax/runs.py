@@ -237,13 +237,6 @@ def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenize
   return (load_blip if is_blip(source) else load_clip)(source, dtype=dtype), None
 
 
-def text_positions(model: CLIP | BLIP) -> int:
-  """The longest token sequence the text model takes: a CLIP's context length (its position table), a
-  BLIP's position table (its context length, 35 by default, is only a tokenisation choice)."""
-  text = model.config.text
-  return text.max_position_embeddings if isinstance(model.config, BlipConfig) else text.context_length
-
-
 def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, Tokenizer | None]:
   """The model a run starts from (`config.model.source`, see the module docstring), with the config's
   execution options, and its tokenizer (`config.model.tokenizer` when the source brings none)."""
@@ -267,10 +260,10 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
       raise ModelSourceError(f"model.source={source!r} is not a preset (did you mean {near[0]!r}? presets: "
                              f"{', '.join(sorted(ALL_PRESETS))}), and as a model: {err}") from err
     raise
-  if context and context > text_positions(model):
-    raise ConfigError(f"model.context_length={context} but the text model of {source} has "
-                      f"{text_positions(model)} positions; set model.context_length={text_positions(model)} or "
-                      "less (0 = the model's)")
+  positions = model.config.text.positions
+  if context and context > positions:
+    raise ConfigError(f"model.context_length={context} but the text model of {source} has {positions} positions; "
+                      f"set model.context_length={positions} or less (0 = the model's)")
   if config.model.tokenizer:  # named in the config: it replaces the one stored with the weights
     tokenizer = resolve_tokenizer(config.model.tokenizer, context or model.config.text.context_length)
   elif tokenizer is None and cached_name(source) is None and not is_run_dir(Path(source).expanduser()):
@@ -282,10 +275,8 @@ def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, T
     # A tokenizer whose end token is not where the tower pools trains on wrongly pooled texts; evaluate
     # refuses it, so without this a whole run would train before its final evaluation said so.
     sample = tokenizer(["a photo"])
-    # The length is checked above against the positions (a BLIP's context_length is a tokenisation choice).
-    text = dataclasses.replace(model.config.text, context_length=text_positions(model))
     try:
-      check_tokens_for(sample.input_ids, sample.attention_mask, tokenizer.end_id, text,
+      check_tokens_for(sample.input_ids, sample.attention_mask, tokenizer.end_id, model.config.text,
                        name=f"tokenizer of {config.model.tokenizer or source}")
     except InputError as err:
       raise ConfigError(f"model.source={source!r}: {err}") from None

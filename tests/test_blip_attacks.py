@@ -249,3 +249,27 @@ def test_itm_reranking_encodes_each_image_once_per_run(dirs, monkeypatch):
                         judge=lambda caption, text: True)
   assert sum(encoded) == 2 * n  # the clean images, then PGD's
   assert set(results["attacks"]) == {"bert", "pgd"}
+
+
+def test_a_blip_takes_texts_longer_than_its_context_length_up_to_its_positions():
+  # A BLIP's context length is the length captions are tokenized to, not a limit of the model: the
+  # one-call attack and the batched text embeddings check texts against its position table, as it does.
+  from mat_jax import attacks
+
+  cfg = BlipConfig(
+      vision=BlipVisionConfig(image_size=SIZE, patch_size=8, width=24, layers=1, heads=2, mlp_dim=40),
+      text=BlipTextConfig(vocab_size=20, max_position_embeddings=41, context_length=35, width=32, layers=1,
+                          heads=2, mlp_dim=48, bos_token_id=2, eos_token_id=3, pad_token_id=0, sep_token_id=3),
+      embed_dim=16)
+  model = _init(BLIP, cfg)
+  ids = np.full((2, 40), 5, np.int32)
+  ids[:, 0], ids[:, 37], ids[:, 38:] = 2, 3, 0
+  mask = (np.arange(40) < 38).astype(np.int32)[None].repeat(2, 0)
+  images = np.random.default_rng(0).random((2, SIZE, SIZE, 3), dtype=np.float32)
+  adversarial = attacks.image_attack(model, images, ids, mask, eps=2 / 255, steps=1, step_size=1 / 255)
+  assert adversarial.shape == images.shape
+  encoder, params = split(model)
+  np.testing.assert_allclose(metrics.embed_texts(encoder, params, ids, mask),
+                             np.asarray(model.text_features(jnp.asarray(ids), jnp.asarray(mask))), atol=1e-6)
+  with pytest.raises(InputError, match="have length 42 but the text model has 41 positions"):
+    metrics.embed_texts(encoder, params, np.pad(ids, ((0, 0), (0, 2))), np.pad(mask, ((0, 0), (0, 2))))

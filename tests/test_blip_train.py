@@ -133,7 +133,7 @@ def test_a_blip_takes_any_context_length_its_positions_hold(tmp_path):
     config = config_lib.build({"name": "x", "model": {"source": str(directory), "context_length": length},
                                "data": {"name": "shapes", "image_size": cfg.vision.image_size}})
     model, tokenizer = runs.model_from_config(config)
-    assert tokenizer.context_length == length and runs.text_positions(model) == 64
+    assert tokenizer.context_length == length and model.config.text.positions == 64
     # The model takes the tokenizer's captions (BLIP checks ids against its positions only).
     tokens = tokenizer(["a red square"])
     assert model.encode_text(tokens.input_ids, tokens.attention_mask).shape == (1, cfg.embed_dim)

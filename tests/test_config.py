@@ -55,6 +55,12 @@ def test_unknown_override_key_fails(tmp_path):
     config_lib.load(path, ["--config.train.stpes=3"])
   with pytest.raises(config_lib.ConfigError, match="unknown config key 'trian'"):
     config_lib.load(path, ["trian.steps=3"])
+  # A section given a value: named as the section it is, with its keys (not "unknown").
+  with pytest.raises(config_lib.ConfigError, match=r"'train' is a section, not a value; set one of its keys, "
+                                                   r"e\.g\. --config\.train\.KEY=VALUE \(its keys: batch_size, "):
+    config_lib.load(path, ["--config.train=5"])
+  with pytest.raises(config_lib.ConfigError, match=r"'schedule.kwargs' is a section"):
+    config_lib.load(path, ["schedule.kwargs=3"])
   # A `*.name` override is applied before the file's keys are checked; its typos are still its own.
   mat = _write(tmp_path, "return dict(objective=dict(name='mat'))")
   for override, message in (("objectiv.name=tecoa", "unknown config key 'objectiv'"),

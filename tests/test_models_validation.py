@@ -50,6 +50,20 @@ def test_valid_inputs_trace(clip, bert):
   assert _traced(bert, "__call__", ((2, 12), jnp.int32), ((2, 12), jnp.int32)).shape == (2, 12, 40)
 
 
+def test_concrete_pixels_closed_over_by_a_jitted_function_are_checked_and_encoded():
+  # A device array a jitted function closes over is concrete: its values are checked at once, not turned
+  # into traced statistics that cannot be read (a ConcretizationTypeError in every model).
+  rng = np.random.default_rng(0)
+  for model in (CLIP(CFG, rngs=nnx.Rngs(0)), BLIP(blip_config("blip-tiny"), rngs=nnx.Rngs(0))):
+    size = model.config.vision.image_size
+    images = jnp.asarray(rng.random((2, size, size, 3), dtype=np.float32))
+    closed_over = jax.jit(lambda model=model, images=images: model.encode_image(images))
+    np.testing.assert_allclose(closed_over(), model.encode_image(images), atol=1e-5)
+  too_bright = images * 2  # concrete, closed over: its values are read and refused
+  with pytest.raises(InputError, match=r"\[0, 1\]"):
+    jax.jit(lambda: checks.check_images(too_bright))()
+
+
 @pytest.mark.parametrize("shape,dtype,message", [
     ((2, 3, 16, 16), jnp.float32, r"channels-first \(NCHW\): transpose it with x.transpose\(0, 2, 3, 1\)"),
     ((2, 32, 32, 3), jnp.float32, r"got \(2, 32, 32, 3\): resize them to the model's image_size 16"),

@@ -34,7 +34,7 @@ from mat_jax.attacks.spec import AttackSpec, UnknownAttackError
 from mat_jax.attacks.text import AttackedText, TextAttackResult, adversarial_captions, attack_text, text_attack
 from mat_jax.errors import InputError
 from mat_jax.models.blip import BLIP
-from mat_jax.models.clip import CLIP, check_pixels, check_text
+from mat_jax.models.clip import CLIP, check_pixels
 from mat_jax.models.dual_encoder import split
 from mat_jax.models.tokenizers import Tokenizer
 
@@ -78,7 +78,9 @@ def image_attack(model: CLIP, images, input_ids, attention_mask, *, eps: float, 
     hint = "; a single caption needs a batch axis: input_ids[None]" if ids.ndim == 1 else ""
     raise InputError(f"input_ids must be (B, L) or (B, K, L) with B = {np.shape(images)[0]} images, got "
                      f"{ids.shape}{hint}")
-  check_text(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), cfg.text)
+  # Against the model's positions (a BLIP takes any length up to its table, beyond its context length).
+  checks.check_token_ids(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), cfg.text.positions,
+                         cfg.text.vocab_size)
   _check_budget(eps, steps, step_size, norm)
   encoder, params = split(model)
   return image.pgd_attack(encoder, params, jnp.asarray(images, jnp.float32), jnp.asarray(ids),

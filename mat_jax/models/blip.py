@@ -84,6 +84,12 @@ class BlipTextConfig:
                        f"{self.max_position_embeddings}]")
 
   @property
+  def positions(self) -> int:
+    """The longest token sequence the tower takes: its position table (`context_length` is only the length
+    captions are tokenized to)."""
+    return self.max_position_embeddings
+
+  @property
   def text_pooling(self) -> str:
     """Where the text is pooled: "cls", the first token (BERT's [CLS]), whatever the end token."""
     return "cls"
@@ -353,7 +359,7 @@ class BLIP(nnx.Module):
 def check_blip_text(input_ids: Any, attention_mask: Any, cfg: BlipTextConfig) -> None:
   """CLIP's checks (`checks.check_token_ids`) against BLIP's positions: shapes and dtypes always (static under
   `jit`), the id range only on concrete (eager) arrays."""
-  checks.check_token_ids(input_ids, attention_mask, cfg.max_position_embeddings, cfg.vocab_size)
+  checks.check_token_ids(input_ids, attention_mask, cfg.positions, cfg.vocab_size)
 
 
 # ------------------------------------------------------------------------------------------------

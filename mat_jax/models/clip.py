@@ -70,6 +70,11 @@ class TextConfig:
                        "transformers' rule (argmax iff eos_token_id == 2)")
 
   @property
+  def positions(self) -> int:
+    """The longest token sequence the tower takes: its position table, which is CLIP's context length."""
+    return self.context_length
+
+  @property
   def text_pooling(self) -> str:
     """The pooling in effect: `pooling`, else transformers' rule.
 
@@ -439,7 +444,7 @@ def check_text(input_ids: Any, attention_mask: Any, cfg: TextConfig) -> None:
 
   Shapes and dtypes are checked always (static under `jit`); the id range only for concrete arrays.
   """
-  checks.check_token_ids(input_ids, attention_mask, cfg.context_length, cfg.vocab_size)
+  checks.check_token_ids(input_ids, attention_mask, cfg.positions, cfg.vocab_size)
 
 
 def check_tokens_for(input_ids: Any, attention_mask: Any, end_id: int | None, cfg: TextConfig, *,
