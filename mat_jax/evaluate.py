@@ -124,10 +124,10 @@ def describe_source(source) -> dict[str, Any] | None:
 class AttackSettings:
   """Budgets and hyper-parameters of the attacks (defaults: the references' settings)."""
   steps: int = 10                  # PGD steps of pgd, sep, co, sga
-  step_scale: float = 2.5          # pgd/sep/sga step = step_scale * eps / steps (0.5/255 at 2/255, 10 steps)
-  co_step_scale: float = 1.25      # Co-Attack's step = 1.25 * eps / steps
+  step_scale: float = attack_specs.SGA_STEP_SCALE  # pgd/sep/sga step = step_scale * eps / steps (0.5/255 at 2/255)
+  co_step_scale: float = attack_specs.CO_STEP_SCALE  # Co-Attack's step = 1.25 * eps / steps
   sep_image_loss: str = "cosine"   # Sep-Attack's image loss: "cosine" (SGA's PGD) or "kl" (Co-Attack's code)
-  alpha: float = 3.0               # Co-Attack's text-term weight
+  alpha: float = attack_specs.CO_ALPHA  # Co-Attack's text-term weight
   apgd_steps: int = 100            # APGD iterations (FARE's evaluation)
   max_changes: int = 1             # words the text attack may change
   norm: str = "linf"

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="budgets in 1/255 units, e.g. 1,2,4 (with --norm l2: the L2 radius, 127.5 = 0.5)")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--apgd-steps", type=int, default=100)
-  p.add_argument("--alpha", type=float, default=3.0, help="Co-Attack's text-term weight")
+  p.add_argument("--alpha", type=float, default=evaluate_lib.AttackSettings.alpha, help="Co-Attack's text-term weight")
   p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
   p.add_argument("--text-source", default="auto",
                  help="auto | bert | paraphrase | charedit (auto: bert on shapes data, with the shapes-mlm)")

@@ -147,8 +147,8 @@ def _understood(defaults: Mapping[str, Any]) -> str:
 # The shapes world.
 
 IMAGE_SIZE = 48
-EPS = 2 / 255         # every method's training ε and the evaluation ε (the papers' 2/255)
-INNER_STEPS = 2       # PGD steps of every inner image attack (MAT's; FARE/MAVA publish 10, see METHODS)
+EPS = 2 / 255         # every method's training ε and the evaluation ε (MAT's; TeCoA and MMCoA train at 1/255)
+INNER_STEPS = 2       # PGD steps of every inner image attack (MAT's; FARE, MAVA and MMCoA publish 10)
 INNER_STEP_SIZE = 1 / 255
 TEXT_CHANGES = 1      # words the training text attack changes (BERT-Attack as MAT uses it)
 
@@ -166,9 +166,10 @@ FINETUNE_SCHEDULE = dict(name="cosine", warmup_steps=15, end_factor=0.1)
 _INNER = dict(eps=EPS, steps=INNER_STEPS, step_size=INNER_STEP_SIZE)
 
 # What defines each method: objective (+ hyper-parameters), towers, data. The inner image attack is the
-# shared budget above for all of them (FARE and MAVA publish 10 PGD steps; here every method pays the
-# same 2-step attack per training step, so the comparison is at equal compute). MAVA's β = 0.5 (neighbours
-# drawn in U(−βε, βε)) is assumed: the paper gives no value.
+# shared budget above for all of them (FARE, MAVA and MMCoA publish 10 PGD steps): an equal attack budget
+# (ε, steps, step size), not equal compute, since MAVA's PGD encodes N neighbours per step and MAT, MAT+
+# and MMCoA add a text attack. MAVA's β = 0.5 (neighbours drawn in U(−βε, βε)) is assumed: the paper
+# gives no value.
 METHODS: dict[str, dict[str, Any]] = {
     "clean_ft": dict(objective=dict(name="contrastive"), towers="all"),
     "tecoa": dict(objective=dict(name="tecoa", **_INNER), towers="all"),  # TeCoA-ITR (MAT paper)

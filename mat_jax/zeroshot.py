@@ -48,6 +48,7 @@ from mat_jax import evaluate as ev
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
+from mat_jax.attacks import spec as attack_specs
 from mat_jax.data import classification, imagefolder, pipeline
 from mat_jax.data.classification import SHAPES_TASKS, ClassificationSet
 from mat_jax.models.clip import check_tokens_for
@@ -73,7 +74,7 @@ class Settings:
   n_targets: int = 9          # APGD-T targets (AutoAttack), capped at classes - 1 (`targets_per_image`)
   restarts: int = 1           # APGD-CE restarts
   pgd_steps: int = 10
-  pgd_step_scale: float = 2.5  # PGD step = pgd_step_scale * eps / pgd_steps
+  pgd_step_scale: float = attack_specs.SGA_STEP_SCALE  # PGD step = pgd_step_scale * eps / pgd_steps
   norm: str = "linf"
 
 
@@ -244,7 +245,7 @@ def attack_correct(encoder, params, classes, images, labels, key, *, attack: str
     raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes, this set has "
                         f"{n_classes}; use apgd-ce and pgd")
   steps = settings.pgd_steps if attack == "pgd" else settings.apgd_steps
-  step_size = settings.pgd_step_scale * eps / settings.pgd_steps
+  step_size = attack_specs.step_size_for(eps, settings.pgd_steps, scale=settings.pgd_step_scale)
   correct, finite = _attack_correct(encoder, params, jnp.asarray(classes), images, jnp.asarray(labels, jnp.int32),
                                     key, jnp.float32(eps), jnp.float32(step_size), attack, int(steps), settings.norm,
                                     targets_per_image(settings.n_targets, n_classes), int(settings.restarts))

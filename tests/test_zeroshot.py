@@ -137,6 +137,11 @@ def test_attacks_lower_accuracy_and_compile_once_per_shape():
     zs.attack_correct(enc, params, classes[:3], images, labels % 3, key, attack="apgd-t", eps=0.01)
   with pytest.raises(zs.ZeroShotError, match="unknown attack"):
     zs.attack_correct(enc, params, classes, images, labels, key, attack="fgsm", eps=0.01)
+  # The step size follows the attacks' one rule (`spec.step_size_for`), zero steps included (the random
+  # start alone), which a copy of the rule divided by.
+  start_only = zs.attack_correct(enc, params, classes, images, labels, key, attack="pgd", eps=8 / 255,
+                                 settings=zs.Settings(pgd_steps=0))
+  assert start_only.shape == (8,)
 
 
 def _four_classes():

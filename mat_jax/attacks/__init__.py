@@ -156,7 +156,7 @@ def sep_attack(model: CLIP, tokenizer: Tokenizer, images, captions: Sequence, so
 
 
 def co_attack(model: CLIP, tokenizer: Tokenizer, images, captions: Sequence, source: CandidateSource, *,
-              eps: float = 2 / 255, steps: int = 10, step_size: float | None = None, alpha: float = 3.0,
+              eps: float = 2 / 255, steps: int = 10, step_size: float | None = None, alpha: float = spec.CO_ALPHA,
               key=None, max_changes: int = 1) -> MultimodalAttack:
   """Co-Attack: BERT-Attack (KL objective), then image PGD on the Co-Attack loss (step eps/steps*1.25)."""
   return _multimodal(multimodal.collaborative_attack, model, tokenizer, images, captions, source, key, eps=eps,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mat_jax.attacks.spec import CO_ALPHA
 from mat_jax.models.clip import l2_normalize
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -95,7 +96,7 @@ def image_kl(encoder: DualEncoder, params, clean_image_features: jax.Array) -> L
 
 
 def co_attack(encoder: DualEncoder, params, clean_image_features: jax.Array,
-              adv_text_features: jax.Array, *, alpha: float = 3.0,
+              adv_text_features: jax.Array, *, alpha: float = CO_ALPHA,
               text_weights: jax.Array | None = None) -> LossFn:
   """Co-Attack's image loss for dual encoders (embeddings before fusion):
 

@@ -38,7 +38,7 @@ from flax import nnx
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
 from mat_jax.attacks.candidates import TextCandidates, prepare_candidates
-from mat_jax.attacks.spec import CO_STEP_SCALE, step_size_for
+from mat_jax.attacks.spec import CO_ALPHA, CO_STEP_SCALE, step_size_for
 from mat_jax.attacks.text import TextAttackResult, assemble, text_attack
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -142,7 +142,7 @@ def separate_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, 
 
 def collaborative_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, candidates: TextCandidates,
               key: jax.Array, caption_weights: jax.Array | None = None, *, eps, steps, step_size=None,
-              alpha: float = 3.0, norm: str = "linf", max_changes: int = 1,
+              alpha: float = CO_ALPHA, norm: str = "linf", max_changes: int = 1,
               chunk_size: int | None = None, text: TextAttackResult | None = None) -> MultimodalResult:
   """Co-Attack: BERT-Attack (KL objective), then image PGD on the Co-Attack loss against its result.
 

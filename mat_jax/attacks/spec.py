@@ -52,6 +52,7 @@ NORMS = ("linf", "l2")
 # SGA's PGD step (0.5/255 at eps 2/255 in 10 steps) as a multiple of eps / steps; Co-Attack's is 1.25.
 SGA_STEP_SCALE = 2.5
 CO_STEP_SCALE = 1.25
+CO_ALPHA = 3.0  # Co-Attack's weight of the text term in its image loss
 
 # The image losses each kind can run, and the text objective it requires (None: any). The compiled
 # multimodal attacks fix their text objective: Sep- and Co-Attack score with the KL, SGA with the image.
@@ -93,7 +94,7 @@ class AttackSpec:
   step_scale: float = SGA_STEP_SCALE
   norm: str = "linf"
   max_changes: int = 1                # words the text attack may change per caption
-  alpha: float = 3.0                  # Co-Attack's text-term weight (loss "co")
+  alpha: float = CO_ALPHA             # Co-Attack's text-term weight (loss "co")
   neighbours: int = 3                 # MAVA's noisy neighbours N (loss "mava")
   beta: float = 0.5                   # MAVA's neighbour range U(-beta eps, beta eps)
 

@@ -50,9 +50,6 @@ from mat_jax.workdir import WorkdirLock
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring")
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white")
 SIZES = ("small", "large")
-ROWS = ("top", "middle", "bottom")
-COLS = ("left", "centre", "right")
-RELATIONS = ("left", "right", "above", "below")  # subject relative to object: "A is left of B"
 
 # sRGB in [0, 1]. Hues far apart, so colour jitter and anti-aliasing never make one look like another.
 COLOUR_RGB = {

@@ -424,9 +424,7 @@ def blip_table(cfg: BlipConfig) -> list[weights.Entry]:
 # ------------------------------------------------------------------------------------------------
 # Config conversion. Missing keys take transformers' defaults, which are our dataclass defaults.
 
-_VISION_KEYS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
-                "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
-                "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps"}
+_VISION_KEYS = weights._VISION_KEYS  # the same ViT fields as CLIP's
 _TEXT_KEYS = {"vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings",
               "width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
               "mlp_dim": "intermediate_size", "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps",
