@@ -188,6 +188,8 @@ def _main(argv: Sequence[str] | None) -> int:
     evaluate_lib.check_eps_255(args.eps, args.norm, name="--eps")
     if any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in args.attacks):
       _check_text_source(args.text_source, args.data, args.bert)
+    elif args.text_source != "auto":  # unused here, but a misspelt name is still one
+      inputs.check_source_name(args.text_source)
   except InputError as err:
     parser.error(str(err))
   # Before the work (a cached model may be trained first): an --out that cannot be written would lose the

@@ -18,6 +18,7 @@ from pathlib import Path
 from mat_jax import config as config_lib
 from mat_jax import checkpoint, errors, runtime
 from mat_jax import mesh as mesh_lib
+from mat_jax.data import corpora
 from mat_jax.training import demo, loop
 
 
@@ -32,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
   parser.add_argument("--coordinator", help="multi-host: address HOST:PORT of process 0")
   parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
   parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  parser.add_argument("--no-progress", action="store_true",
+                      help="no progress bar (the logged metrics go to WORKDIR/metrics.jsonl and TensorBoard only)")
   parser.add_argument("--no-eval", action="store_true", help="skip the evaluations")
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides, rest = [], []
@@ -75,6 +77,8 @@ def _main(argv: list[str] | None) -> int:
   checkpoint.refuse_model_directory(workdir)  # before a cached starting model trains (minutes)
   _out_dir = workdir
   loop.run_mesh(config, args.mesh)  # a bad --mesh fails now, not after training the starting model
+  if config.data.name != "shapes":  # a corpus not built yet fails now, before models load or download
+    corpora.check_corpus_built(config.data.name, config.data.data_dir or None)
   # A "cache:NAME" starting model is trained into the cache first, on the same mesh, if it is not there yet.
   loop.ensure_cached_source(config.model.source, log=print if mesh_lib.is_main_process() else lambda _: None,
                             mesh_spec=args.mesh)

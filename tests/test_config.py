@@ -356,12 +356,19 @@ def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys
   path = _write(tmp_path, f"return dict(train=dict(batch_size=8), model=dict(overrides={MICRO!r}), "
                           f"data=dict(name='nosuch', data_dir={str(tmp_path / 'data')!r}))")
   argv = ["--config", str(path), "--workdir", str(tmp_path / "run"), "--no-progress"]
+  # A corpus not built is named first, before any model loads (or downloads, for a hub id).
   assert train.main(argv + ["--config.model.source=/nope"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: ") and "/nope" in err and "Traceback" not in err
-  assert train.main(argv) == 2
-  err = capsys.readouterr().err
   assert err.startswith("error: no corpus 'nosuch'") and "python -m mat_jax.data build" in err
+  assert not opened
+  assert train.main(argv + ["--config.data.name=shapes", "--config.model.source=/nope"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "/nope" in err and "Traceback" not in err
+  # From Python, the run's data setup fails after its checkpointer opened: it is closed.
+  from mat_jax.data import corpora
+  from mat_jax.training import loop
+  with pytest.raises(corpora.CorpusError, match="no corpus 'nosuch'"):
+    loop.train(config_lib.load(path), tmp_path / "run", mesh_spec="1", log=lambda _: None, progress=False)
   assert opened and all(c in closed for c in opened)
 
 

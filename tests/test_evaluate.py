@@ -140,7 +140,9 @@ def test_budgets_steps_and_limits_are_checked(model_dir, capsys):
   for flags, message in [(["--limit", "0"], "at least 1 image"), (["--steps", "0"], "at least 1"),
                          (["--eps", "-2"], "argument --eps: budgets are in 1/255 units and must be finite and >= 0"),
                          (["--eps", ","], "argument --eps: no budget given"), (["--eps", "nan"], "finite"),
-                         (["--surrogate-tokenizer", str(model_dir)], "--surrogate-tokenizer needs --surrogate")]:
+                         (["--surrogate-tokenizer", str(model_dir)], "--surrogate-tokenizer needs --surrogate"),
+                         # Misspelt, though no attack asked for here needs a text source.
+                         (["--attacks", "pgd", "--text-source", "bogus"], "bogus")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main(["--model", str(model_dir), *flags])
     assert message in capsys.readouterr().err

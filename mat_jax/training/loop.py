@@ -542,7 +542,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       evaluation = evaluator(final_params)
       writer.write(cfg.train.steps, evaluation, "eval/")
       if evaluation:
-        say("evaluation: " + ", ".join(f"{k} {v:.1f}" for k, v in evaluation.items()))
+        say(f"evaluation ({evaluator.describe()}): " + ", ".join(f"{k} {v:.1f}" for k, v in evaluation.items()))
   finally:
     writer.close()
     # The other processes wait for process 0's export and evaluation: a process that left would start
@@ -781,6 +781,13 @@ class Evaluator:
     self._source = None
     self._judge = None
 
+  def describe(self) -> str:
+    """What the evaluation's figures are of, for its log line (known once it has run)."""
+    if self._data is None:
+      return "recall %"
+    return (f"{self.run.config.eval.split} split, {self._data.num_images} images and {self._data.num_texts} "
+            "captions; recall and label flips in %")
+
   def __call__(self, params: nnx.State) -> dict[str, float]:
     cfg = self.run.config
     if self.run.tokenizer is None or self.builder is None:
@@ -808,7 +815,7 @@ def flatten_results(results: dict) -> dict[str, float]:
     for eps_key, entry in budgets.items():
       name = attack if eps_key == "text" else f"{attack}@{eps_key}"
       out.update({f"{name}/{k}": float(v) for k, v in entry["recall"].items()})
-      if "label_flip_share" in entry:
-        out[f"{name}/label_flip_share"] = float(entry["label_flip_share"])
+      if "label_flip_share" in entry:  # in percent, as every other figure here (and `evaluate`'s flips %)
+        out[f"{name}/label_flips_pct"] = 100.0 * float(entry["label_flip_share"])
         out.update({f"{name}/mp_{k}": float(v) for k, v in entry["recall_meaning_preserving"].items()})
   return out
