@@ -625,7 +625,8 @@ def test_cached_models_without_the_experiment_files_name_the_install(tmp_path, m
 
 def test_a_runs_evaluation_reports_label_flips_in_percent_as_its_recalls():
   results = {"clean": {"tr@1": 50.0}, "attacks": {
-      "bert": {"text": {"recall": {"tr@1": 25.0}, "label_flip_share": 0.8, "recall_meaning_preserving": {"tr@1": 40.0}}},
+      "bert": {"text": {"recall": {"tr@1": 25.0}, "label_flip_share": 0.8,
+                        "recall_meaning_preserving": {"tr@1": 40.0}}},
       "pgd": {"2": {"recall": {"tr@1": 10.0}}}}}
   assert loop.flatten_results(results) == {"clean/tr@1": 50.0, "bert/tr@1": 25.0, "bert/label_flips_pct": 80.0,
                                            "bert/mp_tr@1": 40.0, "pgd@2/tr@1": 10.0}
