@@ -178,8 +178,9 @@ def _float_images(eval_set, indices: np.ndarray) -> np.ndarray:
 # The evaluation
 # ----------------------------------------------------------------------------------------------------
 
-def check_eps_255(eps_255: Sequence[float], norm: str = "linf", *, name: str = "eps_255") -> None:
-  """Budgets in 1/255 units: finite, >= 0 and, for L-inf, at most 255 (the whole pixel range)."""
+def check_eps_255(eps_255: Sequence[float], norm: str = "linf", *, name: str = "eps_255") -> list[float]:
+  """Budgets in 1/255 units: finite, >= 0 and, for L-inf, at most 255 (the whole pixel range). Returns them
+  as floats, a repeated budget once (it is attacked once)."""
   if len(eps_255) == 0:
     raise InputError(f"{name} is empty; give at least one budget in 1/255 units, e.g. (2.0,)")
   for e in eps_255:
@@ -192,6 +193,7 @@ def check_eps_255(eps_255: Sequence[float], norm: str = "linf", *, name: str = "
   clash = _key_clash(eps_255)
   if clash:
     raise InputError(f"{name}: {clash}")
+  return list(dict.fromkeys(float(e) for e in eps_255))
 
 
 def eps_key(eps_255: float) -> str:
@@ -260,8 +262,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     raise InputError(f"batch_size={batch_size}: attack at least 1 image per batch")
   if settings.steps < 1 or settings.apgd_steps < 1:
     raise InputError(f"attack steps must be at least 1, got steps={settings.steps}, apgd_steps={settings.apgd_steps}")
-  check_eps_255(eps_255, settings.norm)
-  eps_255 = list(dict.fromkeys(float(e) for e in eps_255))  # a repeated budget is attacked once
+  eps_255 = check_eps_255(eps_255, settings.norm)
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
     raise attack_specs.UnknownAttackError(f"unknown attacks {unknown}; choose from {ATTACKS}")

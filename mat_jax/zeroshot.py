@@ -284,8 +284,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
     raise ZeroShotError(f"{data.name} holds no images")
   if settings.apgd_steps < 1 or settings.pgd_steps < 1 or settings.n_targets < 1 or settings.restarts < 1:
     raise ZeroShotError(f"apgd_steps, pgd_steps, n_targets and restarts must be >= 1, got {settings}")
-  ev.check_eps_255(eps_255, settings.norm)  # as retrieval: one results key per budget
-  eps_255 = list(dict.fromkeys(float(e) for e in eps_255))  # a budget given twice runs once
+  eps_255 = ev.check_eps_255(eps_255, settings.norm)  # as retrieval: one results key per budget, run once
   n_classes = len(data.class_names)
   attacks = default_attacks(n_classes) if attacks is None else list(attacks)
   if not attacks:

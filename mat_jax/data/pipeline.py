@@ -371,24 +371,24 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
                                     renderings_per_scene, rare_form_rate))
   ds = ds[process_index::process_count]
   num_threads = threads_per_process(num_threads, num_workers, os.cpu_count())
+
+  def batched(dataset):  # a MapDataset or an IterDataset: both batch and map alike
+    dataset = dataset.batch(examples_per_batch, drop_remainder=True)
+    if renderings_per_scene > 1:
+      dataset = dataset.map(flatten_renderings)
+    return dataset.map(Tokenize(tokenizer))
+
   if num_workers > 0:
     # Worker w of W reads elements w, w + W, ... of what it is given: whole batches here, so the workers
     # together deliver the batches one process would (made of examples, each would batch its own share:
     # other batches for every worker count, and each worker's remainder lost from a finite stream).
     # Reader threads then take a batch each, so as many batches as threads are read ahead.
-    ds = ds.batch(examples_per_batch, drop_remainder=True)
-    if renderings_per_scene > 1:
-      ds = ds.map(flatten_renderings)
-    it = ds.map(Tokenize(tokenizer)).to_iter_dataset(grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=max(num_threads, prefetch_batches)))
+    it = batched(ds).to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                       prefetch_buffer_size=max(num_threads, prefetch_batches)))
   else:
     # Reader threads take an example each; batching follows.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=max(1, prefetch_batches) * batch_size))
-    it = it.batch(examples_per_batch, drop_remainder=True)
-    if renderings_per_scene > 1:
-      it = it.map(flatten_renderings)
-    it = it.map(Tokenize(tokenizer))
+    it = batched(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                      prefetch_buffer_size=max(1, prefetch_batches) * batch_size)))
   if num_workers > 0:
     from absl import flags
 

@@ -354,7 +354,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   # The layout of the pipeline this run builds (a caller's own iterator has one this run cannot know).
   layout = None if data_iterator is not None else pipeline_layout(
       pipeline.resolve_worker_count(cfg.data.worker_count), jax.process_count())
-
   # From here a signal is held until a safe point: raised where it arrives, inside Orbax's restore, JAX's
   # cache reads or asyncio callbacks (code that catches Exception), it was swallowed or hung the process.
   stop = _StopSignals()
