@@ -4,7 +4,9 @@ augmentations, and evaluation sets."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -278,6 +280,38 @@ def test_worker_processes_deliver_the_same_batches_and_transform_them_off_the_lo
       assert sum(1 for _ in it) == 4, workers
     finally:
       it.close()
+
+
+class WorkersMeet:
+  """A source whose reads wait, in each worker process, until `workers` processes have read: a pipeline
+  that started its workers one after the other never gets past its first worker's first batch."""
+
+  def __init__(self, source, directory, workers: int):
+    self.source, self.directory, self.workers = source, directory, workers
+    self.main_process = os.getpid()  # reads here (the pipeline checks a record) do not wait
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    if os.getpid() == self.main_process:
+      return self.source[index]
+    (self.directory / f"{os.getpid()}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(self.directory.iterdir())) < self.workers:
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"worker {os.getpid()} read alone for 60 s: the other workers never started")
+      time.sleep(0.05)
+    return self.source[index]
+
+
+def test_worker_processes_start_together_not_one_after_another(world, tmp_path):
+  train, _, tok = world
+  source = WorkersMeet(train, tmp_path, workers=2)
+  dataset = pipeline.training_pipeline(source, tok, 4, process_index=0, process_count=1, num_workers=2,
+                                       decoded_cache_bytes=0)
+  (batch,) = _take(dataset, 1)
+  assert batch["images"].shape[0] == 4 and len(list(tmp_path.iterdir())) == 2
 
 
 def test_eval_set_holds_all_images_captions_and_index_maps(world):

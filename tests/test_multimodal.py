@@ -97,13 +97,21 @@ def tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained_shapes_model(tokenizer, request):
+def trained_shapes_model(tokenizer, request, tmp_path_factory):
   """A CLIP trained on the shapes world; cached across runs in pytest's cache directory under a
-  fingerprint of the settings and of the model and world code. A file lock makes parallel workers
+  fingerprint of the settings and of the model and world code (with `-p no:cacheprovider`, for this
+  run only, in the temporary directory its workers share). A file lock makes parallel workers
   (pytest -n) train it once."""
   cfg = _config(tokenizer.vocab_size)
   model = CLIP(cfg, rngs=nnx.Rngs(0))
-  directory = request.config.cache.mkdir("mat_jax_trained_shapes_model")
+  name = "mat_jax_trained_shapes_model"
+  cache_plugin = getattr(request.config, "cache", None)
+  if cache_plugin is not None:
+    directory = cache_plugin.mkdir(name)
+  else:  # xdist workers' temporary directories are siblings in the run's
+    base = tmp_path_factory.getbasetemp()
+    directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    directory.mkdir(exist_ok=True)
   cache = directory / f"{_fingerprint(cfg)}.npz"
   graphdef, state = nnx.split(model)
   treedef = jax.tree.structure(state)
