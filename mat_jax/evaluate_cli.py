@@ -19,7 +19,7 @@ from mat_jax import errors, rerank, runs, runtime, zeroshot
 from mat_jax import evaluate as evaluate_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import candidates
-from mat_jax.attacks import image as image_attacks
+from mat_jax.attacks import spec as attack_specs
 from mat_jax.data import corpora, shapes
 from mat_jax.errors import InputError
 from mat_jax.evaluate import ATTACKS
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--apgd-steps", type=int, default=100)
   p.add_argument("--alpha", type=float, default=evaluate_lib.AttackSettings.alpha, help="Co-Attack's text-term weight")
-  p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
+  p.add_argument("--norm", choices=attack_specs.NORMS, default="linf")
   p.add_argument("--text-source", default="auto",
                  help="auto | bert | paraphrase | charedit (auto: bert on shapes data, with the shapes-mlm)")
   p.add_argument("--bert", help="BERT masked LM for --text-source bert: shapes-mlm (the shapes world's, "

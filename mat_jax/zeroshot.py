@@ -239,7 +239,7 @@ def attack_correct(encoder, params, classes, images, labels, key, *, attack: str
   """Correctness (B,) of a batch after `attack` at `eps` (pixel units); compiled once per attack and shape."""
   if attack not in ATTACKS:
     raise ZeroShotError(f"unknown attack {attack!r}; choose from {ATTACKS}")
-  image_attacks._check_norm(settings.norm)
+  attack_specs.check_norm(settings.norm)
   n_classes = int(np.shape(classes)[0])
   if attack == "apgd-t" and n_classes < TARGETED_MIN_CLASSES:
     raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes, this set has "
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--n-targets", type=int, default=9, help="APGD-T target classes (at most classes - 1)")
   p.add_argument("--restarts", type=int, default=1, help="APGD-CE restarts")
   p.add_argument("--steps", type=int, default=10, help="PGD steps (step 2.5 eps / steps)")
-  p.add_argument("--norm", choices=image_attacks.NORMS, default="linf")
+  p.add_argument("--norm", choices=attack_specs.NORMS, default="linf")
   p.add_argument("--template", action="append", dest="templates",
                  help="prompt template with {} for the class name (repeat for several; ImageFolder data only; "
                       "default: a CLIP-style photo ensemble)")

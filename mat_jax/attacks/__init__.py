@@ -116,7 +116,7 @@ def _flatten_captions(images, captions) -> tuple[list[str], np.ndarray, list[int
 def _check_budget(eps, steps, step_size, norm: str = "linf") -> None:
   """The budget on the host, before the attack compiles: a NaN eps gives NaN images and an eps in 1/255
   units (2 for 2/255) an unbounded perturbation, without an error, once inside `jit`."""
-  image._check_norm(norm)  # first: check_eps's bound depends on the norm
+  spec.check_norm(norm)  # first: check_eps's bound depends on the norm
   checks.check_eps(eps, norm=norm)
   checks.check_steps(steps, minimum=0)
   if step_size is not None:

@@ -23,16 +23,10 @@ from flax import nnx
 
 from mat_jax.attacks import losses
 from mat_jax.attacks.losses import LossFn
-from mat_jax.errors import InputError
+from mat_jax.attacks.spec import check_norm
 from mat_jax.models.dual_encoder import DualEncoder
 
-NORMS = ("linf", "l2")
 _TINY = 1e-12
-
-
-def _check_norm(norm: str) -> None:
-  if norm not in NORMS:
-    raise InputError(f"unknown norm {norm!r}; use one of {NORMS} (L-inf sign steps or L2 steps)")
 
 
 def _per_example(x: jax.Array, values: jax.Array) -> jax.Array:
@@ -50,7 +44,7 @@ def _l2_norms(x: jax.Array) -> jax.Array:
 
 def random_init(key: jax.Array, images: jax.Array, eps, norm: str = "linf") -> jax.Array:
   """A symmetric random start: uniform in the L-inf cube [-eps, eps]^n, or uniform in the L2 ball."""
-  _check_norm(norm)
+  check_norm(norm)
   if norm == "linf":
     delta = jax.random.uniform(key, images.shape, images.dtype, -1.0, 1.0) * eps
   else:
@@ -119,7 +113,7 @@ def pgd(loss_fn: LossFn, images: jax.Array, key: jax.Array, *, eps, step_size, s
   included; one extra forward pass) instead of the last one. With it, the returned loss never
   decreases as `steps` grows for a fixed key (each run's iterates are a prefix of a longer run's).
   """
-  _check_norm(norm)
+  check_norm(norm)
   images = jax.lax.stop_gradient(images)
   init_key, loop_key = jax.random.split(key)
   x = random_init(init_key, images, eps, norm) if random_start else images
@@ -243,7 +237,7 @@ def apgd(loss_fn: LossFn, images: jax.Array, key: jax.Array, *, eps, steps: int 
   loss maximiser is the useful output). `steps` is static (it fixes the checkpoint schedule); `eps`
   is traced. `loss_fn` must give per-image losses that depend on that image only.
   """
-  _check_norm(norm)
+  check_norm(norm)
   if restarts < 1:
     raise ValueError(f"restarts must be >= 1, got {restarts}")
   images = jax.lax.stop_gradient(images)
@@ -309,7 +303,7 @@ def pgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, input
   caption_weights (B, K): 0 for padding caption slots. eps, step_size, steps are traced (one
   compilation per shape serves every budget).
   """
-  _check_norm(norm)
+  check_norm(norm)
   if caption_weights is None:
     caption_weights = jnp.ones(input_ids.shape[:2] if input_ids.ndim == 3 else (input_ids.shape[0], 1),
                                jnp.float32)
@@ -338,7 +332,7 @@ def apgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, text
   ignores `restarts`. text_weights: 0 for padding texts (e.g. a batch's padding caption slots, (B, K)),
   which are then neither positives nor negatives; None: all M are real.
   """
-  _check_norm(norm)
+  check_norm(norm)
   if n_targets and text_weights is not None and text_weights.ndim == 2:
     # (B, K) caption slots: each image owns K of the M texts, leaving it M - K wrong ones to aim at.
     wrong = text_features.shape[0] - text_weights.shape[1]

@@ -54,6 +54,12 @@ SGA_STEP_SCALE = 2.5
 CO_STEP_SCALE = 1.25
 CO_ALPHA = 3.0  # Co-Attack's weight of the text term in its image loss
 
+
+def check_norm(norm: str, context: str = "") -> None:
+  """An InputError for a norm the image attacks do not take; `context` (e.g. "attack 'pgd': ") leads it."""
+  if norm not in NORMS:
+    raise InputError(f"{context}unknown norm {norm!r}; use one of {NORMS} (L-inf sign steps or L2 steps)")
+
 # The image losses each kind can run, and the text objective it requires (None: any). The compiled
 # multimodal attacks fix their text objective: Sep- and Co-Attack score with the KL, SGA with the image.
 _SUPPORTED: dict[str, dict[str | None, str | None]] = {
@@ -115,8 +121,7 @@ class AttackSpec:
     if fixed is not None and self.text_objective != fixed:
       raise InputError(f"attack {self.name!r}: the compiled {self.kind} attack with loss {self.loss!r} scores "
                        f"its text attack with {fixed!r}, not {self.text_objective!r}")
-    if self.norm not in NORMS:
-      raise InputError(f"attack {self.name!r}: unknown norm {self.norm!r}; use one of {NORMS}")
+    check_norm(self.norm, f"attack {self.name!r}: ")
     if self.loss == "mava" and self.norm != "linf":
       raise InputError(f"attack {self.name!r}: MAVA's noisy neighbours are drawn per pixel in U(-beta eps, "
                        f"beta eps), which is defined for L-inf budgets only; use norm 'linf', not {self.norm!r}")
