@@ -150,7 +150,7 @@ def test_hosts_together_read_the_one_host_stream(world):
       np.testing.assert_array_equal(host[key], single[key][i::2])
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])  # accelerator hosts read through worker processes
+@pytest.mark.parametrize("num_workers", [0, 2])  # accelerator hosts read through worker processes
 def test_iterator_state_resumes_exactly_also_through_orbax(world, tmp_path, num_workers):
   dataset = _pipe(world, 4, augmentations="hflip,eda,i2t,t2i", num_workers=num_workers)
   it = iter(dataset)
