@@ -133,17 +133,18 @@ def text_embeddings(encoder: DualEncoder, params, ids, mask):
   return encoder.text_embeddings(params, ids, mask)
 
 
+def fixed_size_batches(n: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
+  """(indices, real count) of each batch of `batch_size` over n items, the last one filled up with
+  repeats of the last item: every call of a jitted function over them has one shape (one compilation), and
+  the caller keeps the first `count` rows of each result."""
+  return [(np.minimum(np.arange(start, start + batch_size), n - 1), min(batch_size, n - start))
+          for start in range(0, n, batch_size)]
+
+
 def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> np.ndarray:
-  """Apply `fn` over the leading axis in fixed-size batches; the last batch is padded by repeating
-  its first row so every call has the same shape (one compilation)."""
-  n = arrays[0].shape[0]
-  out = []
-  for start in range(0, n, batch_size):
-    chunk = [a[start:start + batch_size] for a in arrays]
-    short = batch_size - chunk[0].shape[0]
-    if short:
-      chunk = [np.concatenate([c, np.repeat(c[:1], short, axis=0)]) for c in chunk]
-    out.append(np.asarray(fn(*chunk))[:batch_size - short])
+  """Apply `fn` over the leading axis in fixed-size batches (`fixed_size_batches`)."""
+  out = [np.asarray(fn(*(a[idx] for a in arrays)))[:count]
+         for idx, count in fixed_size_batches(arrays[0].shape[0], batch_size)]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

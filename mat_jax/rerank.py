@@ -68,27 +68,22 @@ def image_tokens(encoder: DualEncoder, params: nnx.State, images, batch_size: in
   """Post-LN image tokens (N, 1 + patches, width) of float32 images in [0, 1], in fixed-size batches."""
   checks.check_images(images, encoder.config.vision.image_size)  # the model's own check sees traced arrays only
   images = np.asarray(images, np.float32)
-  n = len(images)
-  size = max(1, min(batch_size, n))
-  padded = np.concatenate([images, np.repeat(images[-1:], -n % size, axis=0)]) if n % size else images
-  return jnp.concatenate([_image_tokens(encoder, params, jnp.asarray(padded[i:i + size]))
-                          for i in range(0, len(padded), size)])[:n]
+  batches = metrics.fixed_size_batches(len(images), max(1, min(batch_size, len(images))))
+  return jnp.concatenate([_image_tokens(encoder, params, jnp.asarray(images[idx]))[:count]
+                          for idx, count in batches])
 
 
 def itm_scores(encoder: DualEncoder, params: nnx.State, tokens: jax.Array, input_ids, attention_mask,
                image_index, text_index, chunk: int = 128) -> np.ndarray:
   """ITM match logits (P,) of the pairs (image_index[p], text_index[p]), `chunk` pairs per call."""
   image_index, text_index = np.asarray(image_index, np.int32), np.asarray(text_index, np.int32)
-  p = len(image_index)
-  if p == 0:
+  if len(image_index) == 0:
     return np.zeros(0, np.float32)
-  pad = -p % chunk
-  image_index = np.concatenate([image_index, np.zeros(pad, np.int32)])
-  text_index = np.concatenate([text_index, np.zeros(pad, np.int32)])
   ids, mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
-  out = [_pair_scores(encoder, params, tokens, ids, mask, jnp.asarray(image_index[i:i + chunk]),
-                      jnp.asarray(text_index[i:i + chunk])) for i in range(0, len(image_index), chunk)]
-  return np.asarray(jnp.concatenate(out))[:p]
+  out = [_pair_scores(encoder, params, tokens, ids, mask, jnp.asarray(image_index[pairs]),
+                      jnp.asarray(text_index[pairs]))[:count]
+         for pairs, count in metrics.fixed_size_batches(len(image_index), chunk)]
+  return np.asarray(jnp.concatenate(out))
 
 
 def itm_rerank(encoder: DualEncoder, params: nnx.State, images, input_ids, attention_mask, similarity, *,

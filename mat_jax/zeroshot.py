@@ -311,8 +311,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
 
   n = len(data)
   batch_size = max(1, min(batch_size, n))
-  # (indices, real count): the last batch repeats its last image up to the fixed size.
-  batches = [(np.minimum(np.arange(s, s + batch_size), n - 1), min(batch_size, n - s)) for s in range(0, n, batch_size)]
+  batches = metrics.fixed_size_batches(n, batch_size)  # the last one filled up with repeats of the last image
   labels = np.asarray(data.labels, np.int32)
   clean_logits = np.concatenate([np.asarray(_clean_logits(encoder, params, classes,
                                                           pipeline.float_pixels(data.images[idx])))[:real]

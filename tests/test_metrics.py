@@ -141,3 +141,10 @@ def test_similarity_matrix_batches_match_one_call():
       metrics.embed_images(encoder, params, images, batch_size=bad)
     with pytest.raises(InputError, match=f"batch_size={bad} must be at least 1"):
       metrics.embed_texts(encoder, params, ids, mask, batch_size=bad)
+
+
+def test_fixed_size_batches_cover_every_item_once_in_one_shape():
+  batches = metrics.fixed_size_batches(5, 2)
+  assert [idx.tolist() for idx, _ in batches] == [[0, 1], [2, 3], [4, 4]]  # the last filled with the last item
+  assert [count for _, count in batches] == [2, 2, 1]
+  assert [(idx.tolist(), count) for idx, count in metrics.fixed_size_batches(4, 4)] == [([0, 1, 2, 3], 4)]
