@@ -69,8 +69,9 @@ def image_tokens(encoder: DualEncoder, params: nnx.State, images, batch_size: in
   checks.check_images(images, encoder.config.vision.image_size)  # the model's own check sees traced arrays only
   images = np.asarray(images, np.float32)
   batches = metrics.fixed_size_batches(len(images), max(1, min(batch_size, len(images))))
-  return jnp.concatenate([_image_tokens(encoder, params, jnp.asarray(images[idx]))[:count]
-                          for idx, count in batches])
+  # Only the last batch is filled up: one cut of the whole, not a device slice per batch.
+  return jnp.concatenate([_image_tokens(encoder, params, jnp.asarray(images[idx])) for idx, _ in batches])[
+      :len(images)]
 
 
 def itm_scores(encoder: DualEncoder, params: nnx.State, tokens: jax.Array, input_ids, attention_mask,
@@ -81,9 +82,9 @@ def itm_scores(encoder: DualEncoder, params: nnx.State, tokens: jax.Array, input
     return np.zeros(0, np.float32)
   ids, mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
   out = [_pair_scores(encoder, params, tokens, ids, mask, jnp.asarray(image_index[pairs]),
-                      jnp.asarray(text_index[pairs]))[:count]
-         for pairs, count in metrics.fixed_size_batches(len(image_index), chunk)]
-  return np.asarray(jnp.concatenate(out))
+                      jnp.asarray(text_index[pairs]))
+         for pairs, _ in metrics.fixed_size_batches(len(image_index), chunk)]
+  return np.asarray(jnp.concatenate(out))[:len(image_index)]
 
 
 def itm_rerank(encoder: DualEncoder, params: nnx.State, images, input_ids, attention_mask, similarity, *,

@@ -447,8 +447,9 @@ WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 def to_rgb(image):
   """8-bit RGB as CLIP's image processor makes it (transformers >= 5.21), transparency (RGBA, LA, a
-  palette's or a tRNS colour) composited onto white; unlike the processor, 16-bit grayscale (and 32-bit integer, read as
-  16-bit values) is rescaled to 8 bits (value / 257, rounded) where the processor clips it at 255."""
+  palette's or a tRNS colour) composited onto white; unlike the processor, 16-bit grayscale (and 32-bit
+  integer, read as 16-bit values) is rescaled to 8 bits (value / 257, rounded) where the processor clips
+  it at 255."""
   from PIL import Image
 
   if image.mode in WIDE_GRAY_MODES:
