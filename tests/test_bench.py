@@ -13,6 +13,7 @@ import pytest
 import torch
 from flax import nnx
 
+from mat_jax import mesh as mesh_lib
 from mat_jax.bench import common, torch_reference
 from mat_jax.errors import InputError
 from mat_jax.models import CLIP, split
@@ -369,3 +370,27 @@ def test_bench_compile_splits_a_first_call_into_tracing_lowering_and_xla():
   assert sum(details[f"probe_{phase}"] for phase in ("tracing", "lowering", "xla")) <= seconds + 0.05
   assert bench_compile._phases(details, "probe").startswith("; tracing ")
   assert bench_compile._phases({"probe": 1.0, "probe_cpu": 1.0}, "probe") == ""
+
+
+def test_bench_train_counts_the_steps_flops_on_the_cpu_lowering_where_the_device_counts_none(tiny_mat_batch):
+  """On a GPU XLA's cost analysis counts no FLOPs for the step (cuBLAS and cuDNN custom calls), so `bench
+  train` counts them on the step lowered for the CPU, abstractly. On a CPU that must be the step's own
+  count; an encoder asking for cuDNN attention (the GPU's bf16 path, which cannot lower for a CPU) is
+  counted through the einsum path, the same FLOPs."""
+  from mat_jax.bench import train as bench_train
+  from mat_jax.data import shapes
+
+  _, batch, meta = tiny_mat_batch
+  cfg = PRESETS["tiny"]
+  tokenizer = shapes.tokenizer(context_length=cfg.text.context_length)
+  cfg = cfg.replace(text=dataclasses.replace(
+      cfg.text, vocab_size=max(cfg.text.vocab_size, tokenizer.vocab_size), bos_token_id=tokenizer.start_id,
+      eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
+  encoder, params = split(CLIP(cfg, rngs=nnx.Rngs(0)))
+  step, state, mesh = bench_train.mat_train_step(encoder, params, meta)
+  direct = bench_train._flops(step.lower(state, mesh_lib.global_batch(batch, mesh), None).cost_analysis())
+  assert direct > 1e6
+  assert bench_train.host_lowered_flops(encoder, params, meta, batch) == direct
+  cudnn_cfg = cfg.replace(attention="cudnn")
+  cudnn_encoder, _ = split(CLIP(cudnn_cfg, rngs=nnx.Rngs(0)))
+  assert bench_train.host_lowered_flops(cudnn_encoder, params, meta, batch) == direct
