@@ -212,3 +212,40 @@ def test_bf16_compute_keeps_pgd_as_strong():
     drops[name] = clean - float(cosine(adv))
   assert drops["float32"] > 0.01, drops  # the attack does something at this budget
   assert drops["bfloat16"] >= 0.9 * drops["float32"], drops
+
+
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def test_a_towers_blocks_share_one_traced_program():
+  """The blocks of a tower (one structure, one input shape) are traced once and called as one program
+  (`layers.shared_call`, a trace-time saving; XLA inlines the calls): the blocks that keep every row
+  (four image blocks' first three, three text blocks' first two) call one program per tower. The
+  numbers are those of the unrolled einsum model (tested above)."""
+  encoder, params = split(CLIP(_config(), rngs=nnx.Rngs(0)))
+  ids, mask = _texts()
+  images = jnp.zeros((2, 48, 48, 3))
+
+  def features(params, images):
+    image = jax.grad(lambda x: encoder.image_features(params, x).sum())(images)
+    return image, encoder.text_features(params, ids, mask)
+
+  calls = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.params.get("name") == "_shared_call":
+        calls.setdefault(id(eqn.params["jaxpr"].jaxpr), []).append(eqn)
+      for sub in _sub_jaxprs(eqn):
+        walk(sub)
+
+  walk(jax.make_jaxpr(features)(params, images).jaxpr)
+  # Text: 2 calls of one program; image: 3 calls of its linearised program, and 3 of its transpose in
+  # the gradient's backward pass. One program per block would give eight programs of one call each.
+  assert sorted(len(eqns) for eqns in calls.values()) == [2, 3, 3]

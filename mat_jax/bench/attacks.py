@@ -40,6 +40,24 @@ from mat_jax.models.weights import clip_config_to_hf, load_clip
 PARTS = ("pgd", "bert", "sga")
 
 
+def cosine_pgd(encoder, *, eps: float, step_size: float, steps: int):
+  """mat_jax's side of the PGD benchmarks (CLIP's here, BLIP's in `bench blip`), both jitted: L-inf PGD on
+  the cosine of the image features to the paired captions' (params, x, text, key) -> adversarial images,
+  and one step's pixel gradient of that loss's sum (params, x, text) -> gradient: what the loop body
+  computes, for the agreement check and the FLOP count."""
+
+  @jax.jit
+  def attack(params, x, text, key):
+    return image_attacks.pgd(losses.paired_cosine(encoder, params, text), x, key, eps=eps, step_size=step_size,
+                             steps=steps)
+
+  @jax.jit
+  def gradient(params, x, text):
+    return jax.grad(lambda z: jnp.sum(losses.paired_cosine(encoder, params, text)(z, None)))(x)
+
+  return attack, gradient
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
   g = parser.add_argument_group("PGD (mat_jax vs eager PyTorch)")
@@ -117,24 +135,12 @@ def run_pgd(args: argparse.Namespace) -> dict:
   text = jax.jit(encoder.text_features)(params, jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32))
   text = np.array(text)  # a writable copy: torch.from_numpy shares it
 
-  @jax.jit
-  def jax_pgd(params, x, text, key):
-    loss = losses.paired_cosine(encoder, params, text)
-    return image_attacks.pgd(loss, x, key, eps=eps, step_size=step_size, steps=steps)
-
-  @jax.jit
-  def jax_step(params, x, text):
-    """One step's gradient: what the loop body computes, for the FLOP count."""
-    return jax.grad(lambda z: jnp.sum(losses.paired_cosine(encoder, params, text)(z, None)))(x)
-
+  jax_pgd, jax_step = cosine_pgd(encoder, eps=eps, step_size=step_size, steps=steps)
   x = jnp.asarray(images)
-  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
-  text_torch = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1).to(device)
-  mean = torch.tensor(cfg.vision.image_mean, device=device).view(1, 3, 1, 1)
-  std = torch.tensor(cfg.vision.image_std, device=device).view(1, 3, 1, 1)
+  x_torch, text_torch, normalise = torch_reference.cosine_attack_inputs(images, text, cfg.vision, device)
 
   def torch_loss(pixels):
-    feats = hf.get_image_features(pixel_values=(pixels - mean) / std).pooler_output.float()
+    feats = hf.get_image_features(pixel_values=normalise(pixels)).pooler_output.float()
     return -(torch.nn.functional.normalize(feats, dim=-1) * text_torch).sum()
 
   # Agreement: mat_jax and each timed variant compute float32 eager PyTorch's loss gradient (the attacks

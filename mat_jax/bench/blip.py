@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mat_jax import errors
-from mat_jax.attacks import image as image_attacks
-from mat_jax.attacks import losses
 from mat_jax.bench import common, torch_reference
+from mat_jax.bench.attacks import cosine_pgd
 from mat_jax.models import split
 from mat_jax.models.blip import BLIP_PRESETS, blip_config_to_hf, load_blip
 
@@ -74,23 +73,12 @@ def run(args: argparse.Namespace) -> int:
   mask = np.ones_like(ids)
   text = np.array(jax.jit(encoder.text_features)(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
 
-  @jax.jit
-  def jax_pgd(params, x, text, key):
-    return image_attacks.pgd(losses.paired_cosine(encoder, params, text), x, key, eps=eps, step_size=step_size,
-                             steps=steps)
-
-  @jax.jit
-  def jax_grad(params, x, text):
-    return jax.grad(lambda z: jnp.sum(losses.paired_cosine(encoder, params, text)(z, None)))(x)
-
+  jax_pgd, jax_grad = cosine_pgd(encoder, eps=eps, step_size=step_size, steps=steps)
   x = jnp.asarray(images)
-  x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
-  text_torch = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1).to(device)
-  mean = torch.tensor(cfg.vision.image_mean, device=device).view(1, 3, 1, 1)
-  std = torch.tensor(cfg.vision.image_std, device=device).view(1, 3, 1, 1)
+  x_torch, text_torch, normalise = torch_reference.cosine_attack_inputs(images, text, cfg.vision, device)
 
   def float32_loss(pixels):
-    cls = hf.vision_model(pixel_values=(pixels - mean) / std).last_hidden_state[:, 0]
+    cls = hf.vision_model(pixel_values=normalise(pixels)).last_hidden_state[:, 0]
     return -(torch.nn.functional.normalize(hf.vision_proj(cls).float(), dim=-1) * text_torch).sum()
 
   torch_loss = variant.wrap(float32_loss, device)

@@ -174,6 +174,19 @@ def describe(variants: list[Variant], device: Any) -> str:
           + ", ".join(f"{v.mode} {precisions[v.precision]}" for v in variants))
 
 
+def cosine_attack_inputs(images: np.ndarray, text: np.ndarray, vision: Any, device: Any):
+  """PyTorch's side of the PGD benchmarks on the cosine to the paired captions: images (B, H, W, 3) in
+  [0, 1] as NCHW pixels on `device`, the captions' features `text` made unit, and the model's pixel
+  normalisation (`vision.image_mean` / `image_std`, pixels -> the model's input)."""
+  import torch
+
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  unit_text = torch.nn.functional.normalize(torch.from_numpy(text), dim=-1).to(device)
+  mean = torch.tensor(vision.image_mean, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(vision.image_std, device=device).view(1, 3, 1, 1)
+  return pixels, unit_text, lambda x: (x - mean) / std
+
+
 def pixel_gradient(loss: Callable[[Any], Any], x0: Any) -> np.ndarray:
   """The gradient of the scalar `loss` at the NCHW pixels `x0`, as float32 numpy (the agreement checks)."""
   import torch

@@ -110,7 +110,7 @@ class BertForMaskedLM(nnx.Module):
     x = self.embeddings_ln(x)
     mask = layers.padding_mask(attention_mask)
     for block in self.blocks:
-      x = block(x, mask)
+      x = layers.shared_call(block, x, mask)
     h = self.transform_ln(self.transform_act(self.transform(x)))
     logits = self.word_embeddings.attend(h) + self.output_bias[...].astype(self.dtype)
     return logits.astype(jnp.float32)

@@ -206,7 +206,7 @@ class VisionEncoder(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
     for block in self.blocks:
-      x = block(x)
+      x = layers.shared_call(block, x)
     return self.post_ln(x)
 
 
@@ -272,7 +272,7 @@ class TextEncoder(nnx.Module):
     x = self.embeddings_ln(x)
     mask = layers.padding_mask(attention_mask)
     for block in self.blocks:
-      x = block(x, mask, image)
+      x = layers.shared_call(block, x, mask, image)
     return x[:, 0]
 
 

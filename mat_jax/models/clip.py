@@ -207,6 +207,12 @@ class EncoderBlock(nnx.Module):
     first: `mask` then covers P + L keys. A causal tower continues a text this way without recomputing
     its shared beginning (`TextTower.encode_continuation`).
     """
+    if rows is None:  # every row kept: one program for the tower's blocks (`rows` is a Python function)
+      return layers.shared_call(self, x, mask, None, cache, method="_run")
+    return self._run(x, mask, rows, cache)
+
+  def _run(self, x: jax.Array, mask: jax.Array | None, rows: Callable[[jax.Array], jax.Array] | None,
+           cache: KeysValues | None) -> tuple[jax.Array, KeysValues]:
     h = self.ln1(x)
     own = self.attn.keys_values(h)
     keys, values = own if cache is None else self.attn.join(cache, own)
