@@ -277,9 +277,9 @@ def shared_call(module: nnx.Module, *args: Any, method: str = "__call__") -> Any
   A tower's blocks have one structure (one graphdef) and take inputs of one shape, so they share the
   program: a 12-block tower is traced and lowered once per input shape instead of 12 times (ViT-B/16's
   MAT step traces in 0.64x the time, 3.5 s less on a 2-core CPU; at 2 blocks per tower nothing
-  measurable changes, docs/performance.md). XLA inlines the calls, so the compiled program, its speed and its
-  numbers are those of the blocks written out. `args` are arrays or pytrees of them (None included);
-  the module's state is read, never written (no dropout, no batch statistics).
+  measurable changes, docs/performance.md). XLA inlines the calls, so the compiled program, its speed
+  and its numbers are those of the blocks written out. `args` are arrays or pytrees of them (None
+  included); the module's state is read, never written (no dropout, no batch statistics).
   """
   graphdef, state = nnx.split(module)
   return _shared_call(graphdef, method, state, *args)
