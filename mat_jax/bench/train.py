@@ -42,15 +42,15 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
+from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import errors
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
-from mat_jax import runtime
+from mat_jax import runs, runtime
 from mat_jax.bench import common, torch_reference
 from mat_jax.data import shapes
-from mat_jax.models import CLIP, DualEncoder, split
+from mat_jax.models import split
 from mat_jax.models.clip import CLIP_MEAN, CLIP_STD, PRESETS, resolve_dtype
 from mat_jax.models.weights import clip_config_to_hf, load_clip
 from mat_jax.objectives.mat import MAT
@@ -106,13 +106,12 @@ def host_lowered_flops(encoder, params, meta, batch: dict) -> float:
     cpu = jax.devices("cpu")[:1]
   except RuntimeError:
     return 0.0
-  config = encoder.config.replace(attention="einsum")
-  counting = DualEncoder(nnx.graphdef(nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))), config)
+  counting, _ = split(runs.with_options(encoder.merge(params), attention="einsum"))
   step_fn, tx, is_trainable = _mat_step_fn(counting, meta)
   mesh = mesh_lib.make_mesh(1, devices=cpu)
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
   abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, 0), params)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  state = checkpoint_lib.abstract_like(abstract, shardings)
   rows = mesh_lib.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in mesh_lib.device_arrays(batch).items()}
   return _flops(step_lib.jit_step(step_fn, shardings, mesh).lower(state, batch, None).cost_analysis())
