@@ -358,13 +358,34 @@ def test_bench_compile_measures_in_an_empty_cache_dir_and_keeps_the_childrens_en
   assert capsys.readouterr().out.splitlines()[-1] == "compile: cold 2.0 s, warm 0.5 s"
 
 
+def test_bench_compile_cold_only_runs_one_process_and_shows_the_steady_call(tmp_path, monkeypatch, capsys):
+  """--cold-only, for sweeping compiler options: one measuring process, its steady call printed beside the
+  compile seconds (an option that compiles faster may run slower)."""
+  from mat_jax.bench import compile as bench_compile
+
+  commands = []
+
+  def fake_run(command, env, **kwargs):
+    commands.append(command)
+    result = {"pgd": 2.0, "pgd_cpu": 1.0, "pgd_steady": 0.125}
+    return subprocess.CompletedProcess(command, 0, stdout=bench_compile._RESULT_PREFIX + json.dumps(result), stderr="")
+
+  monkeypatch.setattr(bench_compile.subprocess, "run", fake_run)
+  assert bench_compile.run(_compile_args("--cold-only", "--cache-dir", str(tmp_path / "cache"))) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert len(commands) == 1
+  assert out[-2].startswith("cold: pgd 2.00 s (1.00 CPU s; steady call 0.125 s)")
+  assert out[-1] == "compile: cold 2.0 s"
+
+
 def test_bench_compile_splits_a_first_call_into_tracing_lowering_and_xla():
   from mat_jax.bench import compile as bench_compile
 
   details = {}
   program = jax.jit(lambda x: jnp.tanh(x) * 1.75 + jnp.arange(5.0))  # a constant no other test compiles
   seconds = bench_compile._first_minus_steady(lambda: program(jnp.ones(5)), details, "probe")
-  assert set(details) == {"probe_cpu", "probe_tracing", "probe_lowering", "probe_xla"}
+  assert set(details) == {"probe_cpu", "probe_tracing", "probe_lowering", "probe_xla", "probe_steady"}
+  assert 0 < details["probe_steady"] < seconds
   assert all(details[f"probe_{phase}"] > 0 for phase in ("tracing", "lowering", "xla"))
   # The three phases happen within the first call, whose extra seconds over a steady call they explain.
   assert sum(details[f"probe_{phase}"] for phase in ("tracing", "lowering", "xla")) <= seconds + 0.05

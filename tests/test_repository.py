@@ -54,6 +54,26 @@ def test_gpu_script_skips_what_no_longer_fits_and_says_so(tmp_path):
   assert not (tmp_path / "train.log").exists()
 
 
+def test_compile_levers_refuses_unknown_levers_and_xla_knows_each_levers_options():
+  """XLA stops a process at an option it does not know, so a typo in a lever would cost a lent GPU's minutes
+  for nothing: each lever's XLA_FLAGS must start a backend here (XLA's options are the same on every
+  platform)."""
+  import os
+  import subprocess
+  import sys
+  script = ROOT / ".ci" / "compile-levers"
+  result = subprocess.run(["bash", str(script), "default", "bogus"], capture_output=True, text=True, timeout=60,
+                          check=False)
+  assert result.returncode == 2 and "unknown lever bogus" in result.stderr
+  flags = re.findall(r"XLA_FLAGS=(\S+)\"", script.read_text())
+  assert len(flags) >= 2, flags
+  for flag in flags:
+    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+    started = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"], env=env,
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert started.returncode == 0 and "2.0" in started.stdout, (flag, started.stderr[-2000:])
+
+
 def test_the_harness_gives_its_cpu_compile_options_to_cpu_sessions_only():
   """XLA stops a process at an option it does not know: `JAX_PLATFORMS=cuda pytest tests/test_accel.py` on a
   GPU image (jaxlib 0.11) died at collection on the CPU-only options the harness added."""

@@ -5,8 +5,10 @@ process shows what the persistent cache saves): the cold process gets an empty c
 temporary one, or `--cache-dir`, which must be empty or new), the warm one the same directory, now filled
 by the cold run. A program's compile seconds are its first call minus a second, steady call: tracing,
 lowering and XLA compilation (or the cache lookup), as a user waits for them; the first call's seconds in
-each of the three (JAX's own duration events) follow in parentheses. The last line is
-`compile: cold X s, warm Y s` (the sums over the three programs).
+each of the three (JAX's own duration events) follow in parentheses, with the steady call's seconds. The
+last line is `compile: cold X s, warm Y s` (the sums over the three programs). `--cold-only` skips the warm
+run (last line `compile: cold X s`), for sweeping compiler options one process each: an option that
+shortens the compilation shows its price in the steady call.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -60,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--cache-dir", default=None,
                       help="persistent cache directory to measure in, empty or new (a filled one would make the "
                            "cold run warm; default: a fresh temporary one)")
+  parser.add_argument("--cold-only", action="store_true",
+                      help="measure the cold compile only (no warm run): for sweeping compiler options, one "
+                           "process per setting, e.g. XLA_FLAGS=... python -m mat_jax.bench compile --cold-only")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -108,18 +113,28 @@ def run(args: argparse.Namespace) -> int:
   with tempfile.TemporaryDirectory(prefix="mat_jax_compile_") as tmp:
     cache = args.cache_dir or tmp
     runs = {}
-    for label in ("cold", "warm"):
+    for label in ("cold",) if args.cold_only else ("cold", "warm"):
       runs[label] = _worker(args, preset, batch, programs, cache, child_env)
       files = sum(len(f) for _, _, f in os.walk(cache))
       print(f"{label}: " + ", ".join(f"{p} {runs[label][p]:.2f} s ({runs[label][p + '_cpu']:.2f} CPU s"
-                                     f"{_phases(runs[label], p)})" for p in programs)
+                                     f"{_phases(runs[label], p)}{_steady(runs[label], p)})" for p in programs)
             + f" (cache: {files} files)", flush=True)
+  cold = sum(runs["cold"][p] for p in programs)
+  if args.cold_only:
+    print(f"compile: cold {cold:.1f} s")
+    return 0
   rows = [[p, runs["cold"][p], runs["warm"][p], runs["cold"][p] / max(runs["warm"][p], 1e-9)] for p in programs]
   common.print_table("compile seconds (first call minus a steady call)", ["program", "cold s", "warm s", "ratio"],
                      rows)
-  cold, warm = (sum(runs[label][p] for p in programs) for label in ("cold", "warm"))
+  warm = sum(runs["warm"][p] for p in programs)
   print(f"compile: cold {cold:.1f} s, warm {warm:.1f} s")
   return 0
+
+
+def _steady(result: dict, program: str) -> str:
+  """'; steady call S s': what a compiler option that saves compile time may cost every call after."""
+  seconds = result.get(f"{program}_steady")
+  return "" if seconds is None else f"; steady call {seconds:.3f} s"
 
 
 def _phases(result: dict, program: str) -> str:
@@ -162,7 +177,8 @@ _PHASE_EVENTS = {"tracing": "/jax/core/compile/jaxpr_trace_duration",
 def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
   """Wall seconds of the first call beyond a steady one; the same in this process's CPU seconds goes to
   details[f"{name}_cpu"] (compilation is mostly one thread, so CPU seconds show it without other jobs'
-  contention), and the first call's seconds in each of `_PHASE_EVENTS` to details[f"{name}_{phase}"]."""
+  contention), the first call's seconds in each of `_PHASE_EVENTS` to details[f"{name}_{phase}"], and the
+  steady call's seconds to details[f"{name}_steady"]."""
   phases = dict.fromkeys(_PHASE_EVENTS, 0.0)
   phase_of = {event: phase for phase, event in _PHASE_EVENTS.items()}
 
@@ -180,8 +196,10 @@ def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
   start, start_cpu = time.perf_counter(), time.process_time()
   common.block(fn())
-  details[f"{name}_cpu"] = max(first_cpu - (time.process_time() - start_cpu), 0.0)
-  return max(first - (time.perf_counter() - start), 0.0)
+  steady, steady_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+  details[f"{name}_cpu"] = max(first_cpu - steady_cpu, 0.0)
+  details[f"{name}_steady"] = steady
+  return max(first - steady, 0.0)
 
 
 def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
