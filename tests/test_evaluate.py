@@ -63,6 +63,7 @@ def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatc
   assert set(results["attacks"]["pgd"]) == {"0", "2"} and set(results["attacks"]["bert"]) == {"text"}
   # The candidate source's own settings, not a number the caller was asked for.
   assert results["settings"]["text_source"]["kind"] == "LexiconSource" and "top_k" not in results["settings"]
+  assert results["settings"]["text_source"]["top_k"] == 10  # --top-k's default, which the table source applies
   for per_eps in results["attacks"].values():
     for r in per_eps.values():
       assert set(r["recall"]) == set(ev.metrics.RECALL_KEYS)

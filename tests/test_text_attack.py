@@ -183,6 +183,22 @@ def test_fixed_shapes_and_size_errors(tok):
     LexiconSource({"red": "crimson"})
 
 
+def test_a_tables_top_k_keeps_each_words_first_substitutes():
+  """`--top-k` caps the substitutes per word for every source, the synonym table's (`paraphrase`) too: it
+  used to be dropped there, and the attack searched all of them."""
+  from mat_jax.data import shapes
+  from mat_jax.training import inputs
+  two = LexiconSource(TABLE, top_k=2)
+  assert two([["red", "square", "green"]]) == [[["crimson", "scarlet"], ["box", "block"], ["emerald"]]]
+  assert two.max_substitutes == 2 and LexiconSource(TABLE).max_substitutes == 4
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match="top_k must be a whole number >= 1"):
+      LexiconSource(TABLE, top_k=bad)
+  one = inputs.make_source("paraphrase", top_k=1)
+  assert one.max_substitutes == 1
+  assert inputs.make_source("paraphrase").table == LexiconSource(shapes.substitution_table()).table
+
+
 def test_assemble_reproduces_the_tokenizer(cands, tok):
   ids, mask = assemble(cands)
   expected = tok(CAPTIONS)

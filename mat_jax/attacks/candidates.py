@@ -105,18 +105,22 @@ class LexiconSource(_CachedSource):
   """Substitutes from a table word -> synonyms (context-free), e.g. `mat_jax.data.shapes.substitution_table()`.
 
   With a meaning-preserving table this is the text analogue of the ε-ball: the attack may only change
-  the wording, never what the caption says.
+  the wording, never what the caption says. top_k: at most the first k substitutes of each word, in the
+  table's order (None: all of them), as `--top-k` caps the other sources' candidates per word.
   """
 
-  def __init__(self, table: Mapping[str, Sequence[str]]):
+  def __init__(self, table: Mapping[str, Sequence[str]], top_k: int | None = None):
     super().__init__()
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+      raise ValueError(f"top_k must be a whole number >= 1 or None (every substitute), got {top_k!r}")
     if not isinstance(table, Mapping):
       raise TypeError(f"table must map each word to a list of substitutes, got {type(table).__name__}")
     for word, subs in table.items():
       if not isinstance(word, str) or isinstance(subs, str) or not all(isinstance(s, str) for s in subs):
         raise TypeError(f"table entry {word!r}: {subs!r} must be a word mapped to a list of words, "
                         "e.g. {'red': ['crimson', 'scarlet']}")
-    self.table = {word: list(subs) for word, subs in table.items()}
+    self.top_k = top_k
+    self.table = {word: list(subs)[:top_k] for word, subs in table.items()}
 
   @property
   def max_substitutes(self) -> int:

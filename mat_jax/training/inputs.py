@@ -37,11 +37,11 @@ def make_source(name: str, *, bert: str = "", top_k: int = 10, log: Callable[[st
   bert: BERT-Attack's candidates, the top-k proposals of the masked LM `bert` ("shapes-mlm": the shapes
   world's, trained into the cache on first use; or a transformers-layout directory / hub id), with no
   meaning filter. paraphrase: the shapes world's synonym table (meaning-preserving by construction, a
-  control). charedit: character edits (typos).
+  control), the first top_k synonyms of a word. charedit: top_k character edits (typos) of a word.
   """
   check_source_name(name)
   if name == "paraphrase":
-    return candidates.LexiconSource(shapes.substitution_table())
+    return candidates.LexiconSource(shapes.substitution_table(), top_k=top_k)
   if name == "charedit":
     return candidates.CharEditSource(max_candidates=top_k)
   directory = mlm.resolve_bert(bert, log=log)  # "bert", the one name left
