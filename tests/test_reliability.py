@@ -163,6 +163,18 @@ def test_a_tokenizer_that_does_not_fit_the_loaded_model_is_refused_before_traini
     runs.model_from_config(config)
 
 
+def test_a_preset_without_a_tokenizer_is_refused_before_any_data_or_workdir(root, tmp_path, monkeypatch):
+  """The defaults' case (model.source a preset, model.tokenizer empty): the pipeline failed at its first
+  caption with a TypeError, after building the world and writing the workdir."""
+  monkeypatch.setattr(setup, "data_builder", lambda *a, **k: pytest.fail("built the data first"))
+  config = micro_config(root, model={"tokenizer": ""})
+  with pytest.raises(config_lib.ConfigError, match="model.source='tiny' brings no tokenizer and model.tokenizer "
+                                                   "is empty.*set model.tokenizer \\('shapes'"):
+    loop.train(config, tmp_path / "run", mesh_spec="1", log=_quiet, progress=False)
+  # Nothing but the workdir's lock: no checkpoints, config.json or metrics.
+  assert {path.name for path in (tmp_path / "run").iterdir()} <= {LOCK_FILE}
+
+
 def test_data_cli_refuses_a_negative_image_size(capsys):
   from mat_jax.data import __main__ as data_cli
   with pytest.raises(SystemExit) as exit_:
