@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from mat_jax import checks
+from mat_jax import checks, errors
 from mat_jax.errors import Interrupted, MatJaxError, WorkdirError
 
 STATE, DATA, META = "state", "data", "meta"
@@ -365,12 +364,6 @@ def _drop_late_read_errors(unraisable: Any) -> None:
 _ABANDONED_READS = frozenset({"_read_array_index_and_device_put"})
 
 
-class _NoUnretrievedExceptions(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    # asyncio's words for a task's or a gathering future's: "... exception was never retrieved".
-    return "exception was never retrieved" not in record.getMessage()
-
-
 _previous_unraisablehook = sys.unraisablehook
 
 
@@ -408,7 +401,7 @@ def _quiet_late_read_errors() -> None:
     return
   _previous_unraisablehook = sys.unraisablehook
   sys.unraisablehook = _drop_late_read_errors
-  logging.getLogger("asyncio").addFilter(_NoUnretrievedExceptions())
+  errors.quiet_unretrieved_async_errors()
 
 
 def _file_digests(directory: Path) -> dict[str, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -200,6 +201,21 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
   raise Interrupted("interrupted by SIGTERM", signal.SIGTERM)
 
 
+class _NoUnretrievedExceptions(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    # asyncio's words for a task's or a gathering future's: "... exception was never retrieved".
+    return "exception was never retrieved" not in record.getMessage()
+
+
+def quiet_unretrieved_async_errors() -> None:
+  """Drop asyncio's "exception was never retrieved" tracebacks (installed once). Orbax's failed reads and
+  writes leave futures holding the error that was already reported, and asyncio prints each when it is
+  collected, which can be after the command's own one-line error, at exit."""
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _NoUnretrievedExceptions) for f in logger.filters):
+    logger.addFilter(_NoUnretrievedExceptions())
+
+
 def cli_main(fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, *,
              output_dir: Callable[[], str | os.PathLike | None] | None = None) -> int:
   """Run a command's `fn(argv) -> exit status`, reporting user errors in one line.
@@ -230,6 +246,7 @@ def cli_main(fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
     return EXIT_USER_ERROR
   except Exception as err:
     if is_disk_full(err):
+      quiet_unretrieved_async_errors()  # Orbax's failed writes: the same error, printed again at exit
       where = _filename(err) or (output_dir() if output_dir is not None else None)
       print(f"error: {disk_full(Path(where).parent if where and Path(where).is_file() else where, err)}",
             file=sys.stderr)

@@ -69,11 +69,17 @@ def test_a_bug_keeps_its_traceback():
     # How Orbax/TensorStore report it from a background write.
     ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")],
     ids=["oserror", "orbax"])
-def test_a_full_disk_is_one_line_naming_the_directory_and_free_space(tmp_path, capsys, exc):
+def test_a_full_disk_is_one_line_naming_the_directory_and_free_space(tmp_path, capsys, exc, monkeypatch):
+  asyncio_log = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_log, "filters", [])
   assert errors.cli_main(_fails_with(exc), output_dir=lambda: tmp_path) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("error: no space left on the device holding ")
   assert str(tmp_path) in err and " free)" in err and "rerun the same command" in err
+  # The failed write's future, collected at exit, must not print the same error again after that line.
+  unretrieved = logging.LogRecord("asyncio", logging.ERROR, __file__, 0,
+                                  "_GatheringFuture exception was never retrieved", None, None)
+  assert not asyncio_log.filter(unretrieved)
 
 
 def test_train_names_its_workdir_when_the_disk_fills(tmp_path, capsys, monkeypatch):
@@ -577,7 +583,7 @@ def test_the_late_read_errors_of_a_failed_restore_are_dropped(monkeypatch):
     checkpoint_lib._drop_late_read_errors(types.SimpleNamespace(object=coroutine, exc_value=Exception("read")))
     coroutine.close()
   assert [u.object for u in passed_on] == [other]
-  keep = checkpoint_lib._NoUnretrievedExceptions().filter
+  keep = errors._NoUnretrievedExceptions().filter
   for message, kept in [("Task exception was never retrieved", False),
                         ("_GatheringFuture exception was never retrieved", False), ("something else", True)]:
     assert keep(logging.LogRecord("asyncio", logging.ERROR, __file__, 0, message, None, None)) is kept
