@@ -114,6 +114,14 @@ def positive_float(text: str) -> float:
   return value
 
 
+def directory(text: str) -> str:
+  """The argparse type of a directory flag (--workdir, --out, --data-dir, ...): any path but an empty one,
+  which would otherwise mean the flag's default or the current directory without a word."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("expected a directory, got an empty string; leave the flag out for its default")
+  return text
+
+
 def check_directory_path(path: str | os.PathLike, flag: str) -> Path:
   """`path` as an absolute directory path, refused when it or a parent is a file (read-only is fine)."""
   path = Path(path).expanduser().absolute()

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="shapes data: the world whose captions take each word's canonical form except with this "
                       "probability (0: the held-out-forms world, where the model under test was trained; "
                       "docs/text_threat.md); default: every form equally likely")
-  p.add_argument("--data-dir", help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
+  p.add_argument("--data-dir", type=errors.directory,
+                 help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
   p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
   p.add_argument("--attacks", type=evaluate_lib.comma_names(ATTACKS), default=list(evaluate_lib.DEFAULT_ATTACKS),
                  help=f"comma list of {','.join(ATTACKS)} (default {','.join(evaluate_lib.DEFAULT_ATTACKS)})")
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")
   p.add_argument("--attention", default="auto", choices=("auto", "einsum", "xla", "cudnn"),
                  help="attention path (auto: einsum on CPU, cuDNN flash attention on GPU in bf16, else XLA)")
-  p.add_argument("--out", default="eval_results", help="directory for results.json and recall_vs_eps.png")
+  p.add_argument("--out", type=errors.directory, default="eval_results",
+                 help="directory for results.json and recall_vs_eps.png")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--mesh", help=mesh_lib.CACHED_MODEL_MESH_HELP)
   p.add_argument("--itm-k", type=int, help="BLIP targets: re-rank each query's top K by ITM (BLIP's evaluation; "

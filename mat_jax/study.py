@@ -869,9 +869,11 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--quick", action="store_true", help="the study file's quick variant (tests, CI)")
   parser.add_argument("--mesh", help="devices each run trains on, as train's --mesh ('8' or 'data=4,fsdp=2'; "
                                      "default: all devices on data); evaluations run on one device")
-  parser.add_argument("--study-dir", help="where runs and evaluations go (default: $MAT_JAX_CACHE_DIR/studies/NAME)")
-  parser.add_argument("--out", help="results directory (default docs/results for the shapes_study, "
-                      "docs/results/REST for a study named shapes_study_REST; with --quick the study dir)")
+  parser.add_argument("--study-dir", type=errors.directory,
+                      help="where runs and evaluations go (default: $MAT_JAX_CACHE_DIR/studies/NAME)")
+  parser.add_argument("--out", type=errors.directory,
+                      help="results directory (default docs/results for the shapes_study, "
+                           "docs/results/REST for a study named shapes_study_REST; with --quick the study dir)")
   parser.add_argument("--shard", default="0/1", help="I/N: run only every N-th run starting at I, to split a "
                       "study over N processes sharing --study-dir; then rerun without --shard for the report")
   parser.add_argument("--report-only", action="store_true", help="write the report from the finished "

@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
   parser = argparse.ArgumentParser(prog="python -m mat_jax.train", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", help="experiment file, optionally with an argument: FILE.py[:ARG]")
-  parser.add_argument("--workdir", help="run directory (checkpoints, metrics, exported model); "
+  parser.add_argument("--workdir", type=errors.directory, help="run directory (checkpoints, metrics, exported model); "
                                         "default runs/<experiment name>")
   parser.add_argument("--mesh", help="devices: '8' (data axis) or 'data=4,fsdp=2' (default: all devices "
                                      "on data, or config.mesh.shape)")

@@ -450,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
   p.add_argument("--data", default="shapes-colour-shape", help=f"{' | '.join(DATASETS)} | an ImageFolder directory")
   p.add_argument("--split", default="test", help="shapes-world split, or the ImageFolder's split (train/val/test)")
-  p.add_argument("--data-dir", help="where an ImageFolder is built (default $MAT_JAX_DATA_DIR or "
-                                    "~/.cache/mat_jax/datasets)")
+  p.add_argument("--data-dir", type=errors.directory,
+                 help="where an ImageFolder is built (default $MAT_JAX_DATA_DIR or "
+                      "~/.cache/mat_jax/datasets)")
   p.add_argument("--num-images", type=int, default=980,
                  help="shapes-world sets: images to render (--limit then samples them)")
   p.add_argument("--limit", type=int, help="evaluate N images only, taken from the classes in turn")
@@ -471,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "order, or a JSON object {folder: name} (e.g. ImageNet's WordNet-id folders n01440764 ...)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--seed", type=errors.seed, default=0)
-  p.add_argument("--out", default=None,
+  p.add_argument("--out", type=errors.directory, default=None,
                  help="directory for results.json (default: zeroshot_results/<the --data name>, one per data set)")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--mesh", help=mesh_lib.CACHED_MODEL_MESH_HELP)

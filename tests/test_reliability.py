@@ -112,6 +112,18 @@ def test_out_under_a_regular_file_is_refused_before_the_evaluation(tmp_path, cap
   assert err.startswith(f"error: --out {blocker / 'results'}: {blocker} is a file") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["train", "--workdir", ""], ["evaluate", "--model", "tiny", "--out", " "],
+                                  ["study", "--study-dir", ""]])
+def test_an_empty_directory_flag_is_refused_not_read_as_its_default(argv, capsys):
+  """`--workdir ''` trained into runs/<name>, `--out ''` wrote into the current directory."""
+  from mat_jax import study
+  main = {"train": train.main, "evaluate": evaluate_cli.main, "study": study.main}[argv[0]]
+  with pytest.raises(SystemExit) as exit_:
+    main(argv[1:])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and "expected a directory, got an empty string; leave the flag out" in err, err
+
+
 def test_a_workdir_that_is_a_file_is_refused(tmp_path, capsys):
   path = tmp_path / "exp.py"
   path.write_text("def get_config(arg=None):\n  return {'train': {'steps': 2}}\n")

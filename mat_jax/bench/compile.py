@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "float32 on CPU; docs/performance.md)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="run the encoder blocks as one lax.scan (CLIPConfig.scan_layers)")
-  parser.add_argument("--cache-dir", default=None,
+  parser.add_argument("--cache-dir", type=errors.directory, default=None,
                       help="persistent cache directory to measure in, empty or new (a filled one would make the "
                            "cold run warm; default: a fresh temporary one)")
   parser.add_argument("--cold-only", action="store_true",

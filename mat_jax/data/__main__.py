@@ -26,7 +26,7 @@ from mat_jax.training import mlm
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--data-dir", default=None,
+  parser.add_argument("--data-dir", type=errors.directory, default=None,
                       help="datasets root (default: $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
   parser.add_argument("--overwrite", action="store_true", help="rebuild even if already built")
 
@@ -74,12 +74,13 @@ def _parser() -> argparse.ArgumentParser:
   _add_common(corpus)
 
   tok = commands.add_parser("tokenizer", help="write the shapes-world tokenizer")
-  tok.add_argument("--dir", default=None,
+  tok.add_argument("--dir", type=errors.directory, default=None,
                    help="output directory (default: DATA_DIR/tokenizers/shapes_world_v<version>)")
-  tok.add_argument("--data-dir", default=None)
+  tok.add_argument("--data-dir", type=errors.directory, default=None)
 
   mlm_cmd = commands.add_parser("mlm", help="train (or reuse) the shapes-world BERT masked LM and report it")
-  mlm_cmd.add_argument("--dir", default=None, help="output directory (default: the cache, as text_attack.bert="
+  mlm_cmd.add_argument("--dir", type=errors.directory, default=None,
+                       help="output directory (default: the cache, as text_attack.bert="
                                                "'shapes-mlm' finds it)")
   mlm_cmd.add_argument("--steps", type=errors.positive_int, default=None,
                        help="training steps (default: the cached model's)")
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
   amb = commands.add_parser("ambiguity", help="caption ambiguity of a built shapes-world split")
   amb.add_argument("--split", default="test", choices=corpora.SPLITS)
   _add_shapes_options(amb)
-  amb.add_argument("--data-dir", default=None)
+  amb.add_argument("--data-dir", type=errors.directory, default=None)
   return parser
 
 

@@ -114,7 +114,8 @@ def _main(argv: list[str] | None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("demo", help="save, reload and compare the tiny CLIP")
-  p.add_argument("--dir", help="where to save (default: a temporary directory, removed afterwards)")
+  p.add_argument("--dir", type=errors.directory,
+                 help="where to save (default: a temporary directory, removed afterwards)")
   p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="CLIP preset")
   p.add_argument("--seed", type=errors.seed, default=0)
   p.set_defaults(fn=demo)
