@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 
 from mat_jax import checks, errors
 from mat_jax.errors import Interrupted, MatJaxError, WorkdirError
+from mat_jax.workdir import LOCK_FILE
 
 STATE, DATA, META = "state", "data", "meta"
 MODEL_DIR = "model"
@@ -61,6 +62,9 @@ class NotARunError(MatJaxError, FileNotFoundError):
   """A directory given as a training run that is not one."""
 
 
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 CHECKSUM_DIR = "checksums"
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -76,7 +80,7 @@ class Checkpointer:
     added_keys: fingerprint keys that older checkpoints do not record; they are compared only where the
     checkpoint has them."""
     self.workdir = Path(workdir).absolute()
-    self.directory = self.workdir / "checkpoints"
+    self.directory = self.workdir / CHECKPOINTS_DIR
     self.fingerprint = dict(fingerprint)
     self.added_keys = frozenset(added_keys)
     self.pipeline = None if pipeline is None else dict(pipeline)
@@ -453,11 +457,19 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 # The run's config.
 
 
-def refuse_model_directory(workdir: str | os.PathLike) -> None:
-  """A workdir that holds a model (weights, or a transformers config.json) is refused before a run writes
-  anything there: the run's own config.json would replace the model's, and its checkpoints would sit
-  beside the weights. An exported run keeps its model in `model/`, so a run directory never holds one."""
+def check_workdir(workdir: str | os.PathLike) -> None:
+  """A workdir a run cannot use is refused before the run writes anything there: one that holds a model
+  (weights, or a transformers config.json: the run's own config.json would replace the model's, and its
+  checkpoints would sit beside the weights; an exported run keeps its model in `model/`, so a run directory
+  never holds one), and one where a name the run writes is taken by the other kind of entry (a file
+  `checkpoints`, a directory `config.json`), which would fail part-way with an OS error."""
   path = Path(workdir)
+  misplaced = [f"{name} is a file" for name in (CHECKPOINTS_DIR, CHECKSUM_DIR, DAMAGED_DIR, TENSORBOARD_DIR, MODEL_DIR)
+               if (path / name).exists() and not (path / name).is_dir()]
+  misplaced += [f"{name} is a directory" for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE) if (path / name).is_dir()]
+  if misplaced:
+    raise WorkdirError(f"the workdir {path} is not laid out as a run's: {', '.join(misplaced)}, where a run writes "
+                       "the other kind; move those entries aside or pass another workdir")
   held = sorted(p.name for p in path.glob("model*.safetensors"))
   if (path / "model.safetensors.index.json").exists():
     held.append("model.safetensors.index.json")

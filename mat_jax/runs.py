@@ -222,7 +222,7 @@ def resolve_tokenizer(source: str, context_length: int | None = None) -> Tokeniz
 
 def is_run_dir(path: Path) -> bool:
   return (path / checkpoint.CONFIG_FILE).exists() and (
-      (path / checkpoint.MODEL_DIR / "config.json").exists() or (path / "checkpoints").is_dir())
+      (path / checkpoint.MODEL_DIR / "config.json").exists() or (path / checkpoint.CHECKPOINTS_DIR).is_dir())
 
 
 def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenizer | None]:

@@ -74,7 +74,7 @@ def _main(argv: list[str] | None) -> int:
   config = config_lib.load(args.config, overrides)
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   errors.check_writable_dir(workdir, "--workdir")
-  checkpoint.refuse_model_directory(workdir)  # before a cached starting model trains (minutes)
+  checkpoint.check_workdir(workdir)  # before a cached starting model trains (minutes)
   _out_dir = workdir
   loop.run_mesh(config, args.mesh)  # a bad --mesh fails now, not after training the starting model
   if config.data.name != "shapes":  # a corpus not built yet fails now, before models load or download

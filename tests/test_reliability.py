@@ -124,6 +124,21 @@ def test_an_empty_directory_flag_is_refused_not_read_as_its_default(argv, capsys
   assert exit_.value.code == 2 and "expected a directory, got an empty string; leave the flag out" in err, err
 
 
+@pytest.mark.parametrize("entry, kind", [("checkpoints", "file"), ("tensorboard", "file"), ("checksums", "file"),
+                                         (".lock", "directory"), ("metrics.jsonl", "directory"),
+                                         ("config.json", "directory")])
+def test_a_workdir_entry_of_the_wrong_kind_is_refused_before_the_run_writes(tmp_path, capsys, entry, kind):
+  """Each failed part-way with a raw OS error (IsADirectoryError, NotADirectoryError, FileExistsError)."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / entry).mkdir() if kind == "directory" else (workdir / entry).write_text("")
+  assert train.main(["--config", str(runs.EXPERIMENTS_DIR / "shapes_clip.py"), "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"error: the workdir {workdir} is not laid out as a run's: {entry} is a {kind}, where a run "
+                 "writes the other kind; move those entries aside or pass another workdir\n")
+  assert sorted(p.name for p in workdir.iterdir()) == [entry]
+
+
 def test_a_workdir_that_is_a_file_is_refused(tmp_path, capsys):
   path = tmp_path / "exp.py"
   path.write_text("def get_config(arg=None):\n  return {'train': {'steps': 2}}\n")

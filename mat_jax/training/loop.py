@@ -104,14 +104,14 @@ class MetricWriter:
     if not enabled:
       return
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "metrics.jsonl"
+    path = workdir / checkpoint_lib.METRICS_FILE
     if resume_step is not None:
       truncate_metrics(path, resume_step, drop_evaluation_at_step=reevaluated)
     self.jsonl = open(path, "a")
     if tensorboard:
       # TensorBoard hides the earlier event files' points after the resume step, as the jsonl drops them.
       purge = None if resume_step is None else resume_step + 1
-      self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+      self.tb = SummaryWriter(str(workdir / checkpoint_lib.TENSORBOARD_DIR), purge_step=purge)
 
   def write(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
     if not self.enabled:
@@ -270,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
   the processes of a multi-host run stop at one agreed step (`_StopAgreement`).
   """
   workdir = Path(workdir).expanduser().absolute()
-  checkpoint_lib.refuse_model_directory(workdir)
+  checkpoint_lib.check_workdir(workdir)
   main = mesh_lib.is_main_process()
   held = WorkdirLock(workdir) if lock and main else None
   if held is not None:
@@ -564,7 +564,7 @@ def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at
   `resumed_with_checksums`: whether the checkpoint resumed from had checksums to be checked against."""
   if bad < 0:
     return
-  checkpoints = workdir / "checkpoints"
+  checkpoints = workdir / checkpoint_lib.CHECKPOINTS_DIR
   if resumed_at is not None and bad == resumed_at:
     # The restore checked the checkpoint (its checksums, finite values), so the step's own inputs and
     # settings are the suspects: a NaN from the data repeats at this step on every rerun, and moving the
