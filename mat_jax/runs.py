@@ -234,7 +234,20 @@ def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenize
   path = Path(source).expanduser()
   if path.is_dir() and is_run_dir(path):
     return restore_model(path)
+  if path.is_dir() and _holds_run_config(path):
+    # Read as a transformers directory, it got the advice to write weights with save_pretrained.
+    raise checkpoint.NotARunError(f"{path} holds a run config but no {checkpoint.CHECKPOINTS_DIR}/ and no exported "
+                                  "model; train it first (python -m mat_jax.train) or pass another run")
   return (load_blip if is_blip(source) else load_clip)(source, dtype=dtype), None
+
+
+def _holds_run_config(path: Path) -> bool:
+  """Whether `path/config.json` is a training run's config (an experiment's sections), not a model's."""
+  try:
+    raw = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(raw, dict) and {"model", "train", "objective"} <= set(raw)
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, Tokenizer | None]:

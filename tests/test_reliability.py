@@ -165,6 +165,17 @@ def test_evaluate_reports_a_missing_model_config_in_one_line(tmp_path, capsys):
   assert err.startswith("error: ") and "config.json" in err and "Traceback" not in err
 
 
+def test_evaluate_names_a_run_config_without_checkpoints_as_a_run(tmp_path, capsys):
+  """Read as a transformers directory, a run that never checkpointed got the advice to save weights with
+  save_pretrained."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(config_lib.to_json(config_lib.build({})))
+  assert evaluate_cli.main(["--model", str(run), "--out", str(tmp_path / "out")]) == 2
+  assert capsys.readouterr().err == (f"error: {run} holds a run config but no checkpoints/ and no exported model; "
+                                     "train it first (python -m mat_jax.train) or pass another run\n")
+
+
 def test_models_inspect_reports_invalid_json_in_one_line(tmp_path, capsys):
   from mat_jax.models import __main__ as models_cli
   (tmp_path / "config.json").write_text("{not json")
