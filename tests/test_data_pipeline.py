@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import threading
 import time
 
@@ -296,7 +297,9 @@ class WorkersMeet:
   def __getitem__(self, index):
     if os.getpid() == self.main_process:
       return self.source[index]
-    (self.directory / f"{os.getpid()}").touch()
+    # Each worker also says whether it leaves Ctrl-C to the training process (see the test below).
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    (self.directory / f"{os.getpid()}").write_text("SIGINT ignored" if ignored else "SIGINT handled")
     deadline = time.monotonic() + 60
     while len(list(self.directory.iterdir())) < self.workers:
       if time.monotonic() > deadline:
@@ -312,6 +315,9 @@ def test_worker_processes_start_together_not_one_after_another(world, tmp_path):
                                        decoded_cache_bytes=0)
   (batch,) = _take(dataset, 1)
   assert batch["images"].shape[0] == 4 and len(list(tmp_path.iterdir())) == 2
+  # A terminal's Ctrl-C reaches the whole process group: the workers leave it to the training process,
+  # which checkpoints and stops them (each printed a KeyboardInterrupt traceback before).
+  assert [p.read_text() for p in tmp_path.iterdir()] == ["SIGINT ignored"] * 2
 
 
 def test_eval_set_holds_all_images_captions_and_index_maps(world):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import threading
 from typing import Any, Iterator, Mapping, Sequence
@@ -405,7 +406,7 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = WorkersStartedTogether(it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch_batches)))
+        num_workers=num_workers, per_worker_buffer_size=prefetch_batches), worker_init_fn=_leave_interrupts_to_main))
   # Batch transforms run in this process even with workers: they may hold a JAX model (BERT candidates),
   # which worker processes should not each load.
   for transform in batch_transforms:
@@ -414,6 +415,14 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   # workers, the batch transforms either way) runs in a background thread, off the training loop's
   # critical path.
   return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
+
+
+def _leave_interrupts_to_main(worker_index: int, worker_count: int) -> None:
+  """In each worker process: ignore Ctrl-C. A terminal sends SIGINT to the whole process group; the
+  training process checkpoints and stops, then stops its workers, and a worker that raised
+  KeyboardInterrupt itself printed a traceback each (and left its shared memory behind)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class WorkersStartedTogether(grain.IterDataset):
