@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -741,8 +742,12 @@ def markdown_table(study: Mapping[str, Any], table: Mapping, claims: Sequence[Ma
   return "\n".join(lines) + "\n"
 
 
+def _is_share(value: float | None) -> bool:
+  return value is not None and not math.isnan(value)
+
+
 def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]],
-                  table: Mapping | None = None) -> str:
+                  n_images: int, table: Mapping | None = None) -> str:
   """The text attacks judged by meaning: per arm and attack, the share of changed captions that are label
   flips (mean over seeds {min, max}), and the recall with every label-flipped caption restored (the
   attack's true adversarial examples only): mean over seeds with the interval from `summarise`'s `table`,
@@ -751,7 +756,7 @@ def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], 
              and any(a in arm["attacks"] for arm in study["arms"].values())]
   lines = ["Text attacks judged by meaning (`shapes.consistent`): label flips (changed captions that no longer "
            "describe their image, %) | TR@1 / IR@1 with the flipped captions restored; mean over seeds and "
-           "[95% interval over seeds and test images] or {min, max} over seeds.", "",
+           f"[{interval_words(study, n_images)}] or {{min, max}} over seeds.", "",
            "| arm | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
   table = table or {}
 
@@ -766,8 +771,8 @@ def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], 
       if not entries or any(e.get("recall_meaning_preserving") is None for e in entries):
         cells.append("")
         continue
-      # An attack that changed no caption has no label-flip share (None in its JSON).
-      shares = [100 * e["label_flip_share"] for e in entries if e.get("label_flip_share") is not None]
+      # An attack that changed no caption has no label-flip share (None in its JSON, NaN in memory).
+      shares = [100 * e["label_flip_share"] for e in entries if _is_share(e.get("label_flip_share"))]
       flips = spread(shares) if shares else "–"
       with_interval = table.get((name, _restored_key(attack)))
       if with_interval:
@@ -826,7 +831,7 @@ def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, lo
   paths = {"json": evaluate_lib.write_json(doc, out / "shapes_study.json")}
   paths["table"] = out / "shapes_study_table.md"
   paths["table"].write_text(markdown_table(study, table, claims, n_images) + "\n"
-                            + meaning_table(study, result["collected"], table))
+                            + meaning_table(study, result["collected"], n_images, table))
   main_arms = [a for a in study["arms"] if not a.startswith("matplus_")]
   ablations = [a for a in study["arms"] if a.startswith("matplus")]
   attacks = [a for a in STUDY_ATTACKS if any((arm, a) in table for arm in main_arms)]

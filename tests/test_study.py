@@ -552,6 +552,9 @@ def test_demo_headline_differences_come_with_paired_intervals():
   assert lo <= d <= hi and hi < 0
   assert rows[("MAT - TeCoA under co", "ir@1")][0] > 0
   assert demo.label_flip_line(results).startswith("clean fine-tuned: co 100%, sga 100%; TeCoA: co 100%")
+  # An attack that changed no caption has no share (NaN in memory): left out, not printed as "nan%".
+  results["MAT"]["attacks"]["co"]["2"]["label_flip_share"] = float("nan")
+  assert demo.label_flip_line(results).endswith("MAT: sga 100%")
 
 
 def test_the_full_study_file_is_valid_and_covers_the_claims():
@@ -601,20 +604,27 @@ def test_the_meaning_table_shows_label_flips_and_the_recall_with_flips_restored(
 
   collected = {("a", 0): {"clean": {}, "bert": bert(1.0, 80.0, 70.0)},
                ("a", 1): {"clean": {}, "bert": bert(0.5, 90.0, 72.0)}}
-  table = study.meaning_table(spec, collected)
+  table = study.meaning_table(spec, collected, 12)
+  assert "[95% interval over training seeds and test images: 2 seed(s), 12 test images]" in table
   assert "| arm | bert |" in table
   assert "| a | 75.0 {50.0, 100.0} \\| 85.0 {80.0, 90.0} / 71.0 {70.0, 72.0} |" in table
   # With the per-query ranks kept, the restored recall comes with its interval instead.
   with_intervals = {("a", "bert" + study.MEANING_PRESERVING): {"tr@1": (85.0, [81.5, 88.25]),
                                                               "ir@1": (71.0, [69.0, 73.0])}}
   assert "| a | 75.0 {50.0, 100.0} \\| 85.0 [81.5, 88.2] / 71.0 [69.0, 73.0] |" in study.meaning_table(
-      spec, collected, with_intervals)
-  # An attack that changed no caption has no label-flip share (stored as null): shown as such, not a crash.
-  unchanged = {seed: {"clean": {}, "bert": bert(None, 93.0, 90.0)} for seed in (0, 1)}
-  assert "| a | – \\| 93.0 {93.0, 93.0} / 90.0 {90.0, 90.0} |" in study.meaning_table(
-      spec, {("a", seed): entry for seed, entry in unchanged.items()})
-  mixed = {("a", 0): collected[("a", 0)], ("a", 1): unchanged[1]}
-  assert "| a | 100.0 {100.0, 100.0} \\| 86.5 {80.0, 93.0} / 80.0 {70.0, 90.0} |" in study.meaning_table(spec, mixed)
+      spec, collected, 12, with_intervals)
+  # An attack that changed no caption has no label-flip share (null in its JSON, NaN in memory): shown as
+  # such, not a crash or "nan".
+  for missing in (None, float("nan")):
+    unchanged = {seed: {"clean": {}, "bert": bert(missing, 93.0, 90.0)} for seed in (0, 1)}
+    assert "| a | – \\| 93.0 {93.0, 93.0} / 90.0 {90.0, 90.0} |" in study.meaning_table(
+        spec, {("a", seed): entry for seed, entry in unchanged.items()}, 12)
+    mixed = {("a", 0): collected[("a", 0)], ("a", 1): unchanged[1]}
+    assert "| a | 100.0 {100.0, 100.0} \\| 86.5 {80.0, 93.0} / 80.0 {70.0, 90.0} |" in study.meaning_table(
+        spec, mixed, 12)
+  # One seed: the interval is over the test images only, as the main table says.
+  one_seed = study.meaning_table(dict(spec, seeds=1), {("a", 0): collected[("a", 0)]}, 12)
+  assert "[95% interval over test images (one seed: the model fixed): 1 seed(s), 12 test images]" in one_seed
 
 
 def _entry(tr_hit, ir_hit, tr_hit_mp=None, ir_hit_mp=None):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -103,8 +104,10 @@ def label_flip_line(results: dict[str, dict]) -> str:
   """The share of the captions each text-changing attack changed that no longer describe their image."""
   parts = []
   for name, result in results.items():
-    shares = [f"{attack} {100 * entry['label_flip_share']:.0f}%" for attack, budgets in result["attacks"].items()
-              for entry in budgets.values() if entry.get("label_flip_share") is not None]
+    # An attack that changed no caption has no share: NaN in `evaluate`'s results (null in their JSON).
+    shares = [f"{attack} {100 * share:.0f}%" for attack, budgets in result["attacks"].items()
+              for entry in budgets.values()
+              if (share := entry.get("label_flip_share")) is not None and not math.isnan(share)]
     if shares:
       parts.append(f"{name}: " + ", ".join(shares))
   return "; ".join(parts)
