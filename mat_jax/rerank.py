@@ -124,13 +124,29 @@ def itm_rerank(encoder: DualEncoder, params: nnx.State, images, input_ids, atten
   scores = scores[inverse.reshape(-1)]
   # Outside the top-k: below every re-ranked score, in ITC order (finite, as the rank computation requires).
   # One score for all of them would leave their order to indices: R@5 and R@10 then followed the captions'
-  # order whenever k < 10.
-  below = (float(scores.min()) - 1.0) - (sim.max() - sim)
-  i2t, t2i = below.copy(), below.copy()
+  # order whenever k < 10. They hold their ITC rank in whole steps below the lowest re-ranked score, not
+  # the similarity shifted there: similarities closer than float32's spacing at that magnitude (5e-7 near
+  # -7) would become ties.
+  base = float(scores.min()) - 1.0
+  i2t = (base - _descending_ranks(sim)).astype(np.float32)
+  t2i = (base - _descending_ranks(sim.T).T).astype(np.float32)
   split = n * k_text
   i2t[pairs[:split, 0], pairs[:split, 1]] = scores[:split]
   t2i[pairs[split:, 0], pairs[split:, 1]] = scores[split:]
   return i2t, t2i
+
+
+def _descending_ranks(x: np.ndarray) -> np.ndarray:
+  """Each entry's place in its row sorted by decreasing value (0 = the largest); equal values share the
+  place of the first of them, so the rank computation breaks their tie as it breaks any other."""
+  order = np.argsort(-x, axis=1, kind="stable")
+  ordered = np.take_along_axis(x, order, axis=1)
+  starts = np.ones(ordered.shape, bool)
+  starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+  place = np.maximum.accumulate(np.where(starts, np.arange(x.shape[1]), 0), axis=1)
+  ranks = np.empty(x.shape, np.int64)
+  np.put_along_axis(ranks, order, place, axis=1)
+  return ranks
 
 
 def reranked_ranks(i2t: np.ndarray, t2i: np.ndarray, text_to_image) -> tuple[np.ndarray, np.ndarray]:

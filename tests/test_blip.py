@@ -179,6 +179,8 @@ def test_fresh_model_saves_and_loads(case, tmp_path):
   save_blip(model, tmp_path)
   loaded = load_blip(tmp_path, context_length=model.config.text.context_length)
   assert loaded.config == model.config
+  with pytest.raises(ValueError, match="context_length"):  # 0 used to mean the default
+    load_blip(tmp_path, context_length=0)
   for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
                                nnx.to_flat_state(nnx.state(loaded, nnx.Param)), strict=True):
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))

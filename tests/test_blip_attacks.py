@@ -114,6 +114,17 @@ def test_rerank_scores_the_top_k_by_itm_plus_itc(dirs):
                                 data.text_to_image)
   np.testing.assert_array_equal(ranks[0], np.asarray(itc_ranks[0]))
   np.testing.assert_array_equal(ranks[1], np.asarray(itc_ranks[1]))
+  # Beyond the top k, similarities closer than float32's spacing at the ITM scores' magnitude keep their
+  # order: shifted below a score of -6 they became ties (0.3 and 0.3000001 both -7.6), broken by index.
+  close = np.zeros((2, 7), np.float32)
+  close[0] = [0.9, 0.5, 0.49, 0.48, 0.3, 0.3000001, 0.1]
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(rerank, "itm_scores", lambda *args, **kwargs: np.full(len(args[5]), -6.0, np.float32))
+    tokens_of_2 = rerank.image_tokens(encoder, params, images[:2])
+    i2t, t2i = rerank.itm_rerank(encoder, params, None, ids[:7], mask[:7], close, k=1, tokens=tokens_of_2)
+  assert i2t[0, 5] > i2t[0, 4] > i2t[0, 6]
+  text_to_image = np.array([1, 1, 1, 1, 1, 0, 1])
+  assert rerank.reranked_ranks(i2t, t2i, text_to_image)[0][0] == metrics.retrieval_ranks(close, text_to_image)[0][0]
   # Tokens of fewer images than the similarity's rows would be gathered clamped (the last image's).
   tokens_of_4 = rerank.image_tokens(encoder, params, images[:4])
   with pytest.raises(ValueError, match=r"there are 4 images \(tokens\)"):

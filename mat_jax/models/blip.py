@@ -469,7 +469,7 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   mean, std = weights.preprocessor_normalisation(pre, CLIP_MEAN, CLIP_STD)
   vision = pick(BlipVisionConfig, vision_data, _VISION_KEYS, image_mean=mean, image_std=std)
   positions = int(text_data.get("max_position_embeddings") or BlipTextConfig.max_position_embeddings)
-  length = context_length or min(BlipTextConfig.context_length, positions)
+  length = context_length if context_length is not None else min(BlipTextConfig.context_length, positions)
   if length > positions:
     problems.append(f"context_length {length} > text_config.max_position_embeddings {positions}")
     length = positions
