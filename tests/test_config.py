@@ -353,7 +353,7 @@ def test_cli_reports_missing_model_and_data_without_a_traceback(tmp_path, capsys
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "__init__",
                       lambda self, *a, **k: (opened.append(self), init(self, *a, **k))[1])
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "close", lambda self: (closed.append(self), close(self))[1])
-  path = _write(tmp_path, f"return dict(train=dict(batch_size=8), model=dict(overrides={MICRO!r}), "
+  path = _write(tmp_path, f"return dict(train=dict(batch_size=8), model=dict(overrides={MICRO!r}, tokenizer='shapes'), "
                           f"data=dict(name='nosuch', data_dir={str(tmp_path / 'data')!r}))")
   argv = ["--config", str(path), "--workdir", str(tmp_path / "run"), "--no-progress"]
   # A corpus not built is named first, before any model loads (or downloads, for a hub id).
