@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -439,6 +439,13 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
     out["clean_ranks"] = clean_ranks
     out["text_to_image"] = text_to_image
   return out
+
+
+def label_flip_share(entry: Mapping[str, Any]) -> float | None:
+  """An attack's share of label flips among the captions it changed (`meaning_preserving_scores`); None
+  when it changed none: NaN in `evaluate`'s results, null in their JSON."""
+  share = entry.get("label_flip_share")
+  return None if share is None or math.isnan(share) else float(share)
 
 
 def meaning_preserving_scores(changed: np.ndarray, flipped: np.ndarray, clean_ranks, restored_ranks) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import difflib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -742,10 +741,6 @@ def markdown_table(study: Mapping[str, Any], table: Mapping, claims: Sequence[Ma
   return "\n".join(lines) + "\n"
 
 
-def _is_share(value: float | None) -> bool:
-  return value is not None and not math.isnan(value)
-
-
 def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]],
                   n_images: int, table: Mapping | None = None) -> str:
   """The text attacks judged by meaning: per arm and attack, the share of changed captions that are label
@@ -771,8 +766,7 @@ def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], 
       if not entries or any(e.get("recall_meaning_preserving") is None for e in entries):
         cells.append("")
         continue
-      # An attack that changed no caption has no label-flip share (None in its JSON, NaN in memory).
-      shares = [100 * e["label_flip_share"] for e in entries if _is_share(e.get("label_flip_share"))]
+      shares = [100 * share for e in entries if (share := evaluate_lib.label_flip_share(e)) is not None]
       flips = spread(shares) if shares else "–"
       with_interval = table.get((name, _restored_key(attack)))
       if with_interval:

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
   mlm_cmd = commands.add_parser("mlm", help="train (or reuse) the shapes-world BERT masked LM and report it")
   mlm_cmd.add_argument("--dir", type=errors.directory, default=None,
                        help="output directory (default: the cache, as text_attack.bert="
-                                               "'shapes-mlm' finds it)")
+                            "'shapes-mlm' finds it)")
   mlm_cmd.add_argument("--steps", type=errors.positive_int, default=None,
                        help="training steps (default: the cached model's)")
   mlm_cmd.add_argument("--overwrite", action="store_true", help="retrain even if already built")

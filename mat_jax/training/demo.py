@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -104,10 +103,8 @@ def label_flip_line(results: dict[str, dict]) -> str:
   """The share of the captions each text-changing attack changed that no longer describe their image."""
   parts = []
   for name, result in results.items():
-    # An attack that changed no caption has no share: NaN in `evaluate`'s results (null in their JSON).
     shares = [f"{attack} {100 * share:.0f}%" for attack, budgets in result["attacks"].items()
-              for entry in budgets.values()
-              if (share := entry.get("label_flip_share")) is not None and not math.isnan(share)]
+              for entry in budgets.values() if (share := evaluate_lib.label_flip_share(entry)) is not None]
     if shares:
       parts.append(f"{name}: " + ", ".join(shares))
   return "; ".join(parts)
