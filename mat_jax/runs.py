@@ -235,7 +235,7 @@ def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenize
   if path.is_dir() and is_run_dir(path):
     return restore_model(path)
   if path.is_dir() and _holds_run_config(path):
-    # Read as a transformers directory, it got the advice to write weights with save_pretrained.
+    # Read as a transformers directory, it would get the advice to write weights with save_pretrained.
     raise checkpoint.NotARunError(f"{path} holds a run config but no {checkpoint.CHECKPOINTS_DIR}/ and no exported "
                                   "model; train it first (python -m mat_jax.train) or pass another run")
   return (load_blip if is_blip(source) else load_clip)(source, dtype=dtype), None

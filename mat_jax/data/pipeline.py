@@ -419,8 +419,8 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
 
 def _leave_interrupts_to_main(worker_index: int, worker_count: int) -> None:
   """In each worker process: ignore Ctrl-C. A terminal sends SIGINT to the whole process group; the
-  training process checkpoints and stops, then stops its workers, and a worker that raised
-  KeyboardInterrupt itself printed a traceback each (and left its shared memory behind)."""
+  training process checkpoints and stops, then stops its workers; a worker raising KeyboardInterrupt
+  itself would print a traceback each (and leave its shared memory behind)."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -349,7 +349,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   run = build_run(config, workdir, mesh_spec=mesh_spec, model=model, tokenizer=tokenizer, log=say)
   cfg = run.config
   if data_iterator is None and run.tokenizer is None:
-    # Else the pipeline failed at its first caption, after the data was built and the workdir written.
+    # Else the pipeline would fail at its first caption, after the data is built and the workdir written.
     raise config_lib.ConfigError(
         f"model.source={cfg.model.source!r} brings no tokenizer and model.tokenizer is empty, so the captions "
         "cannot be tokenized; set model.tokenizer ('shapes' for the shapes world, or a transformers tokenizer "
