@@ -289,6 +289,24 @@ def test_an_image_in_two_albef_files_of_a_split_is_one_entry(tmp_path):
   assert [(e.image, e.captions) for e in splits["val"]] == [("a.jpg", ("a dog in the val split",))]
 
 
+def test_an_image_twice_in_karpathy_entries_or_a_file_given_twice_is_refused(tmp_path):
+  karpathy = tmp_path / "dataset_dup.json"
+  karpathy.write_text(json.dumps({"images": [_entry("a.jpg", "test", ["one"]), _entry("b.jpg", "test", ["two"]),
+                                             _entry("a.jpg", "test", ["three"])]}))
+  with pytest.raises(corpora.CorpusError, match=r"entry 2 \(a\.jpg\) of .* repeats the image of entry 0 \(a\.jpg\) "
+                                                r".* in split 'test'"):
+    corpora.read_annotations([karpathy])
+  # The same image in two splits is two records (the file decides); in two ALBEF files of a split, one.
+  karpathy.write_text(json.dumps({"images": [_entry("a.jpg", "test", ["one"]), _entry("a.jpg", "train", ["two"])]}))
+  assert sorted(corpora.read_annotations([karpathy])) == ["test", "train"]
+  albef = tmp_path / "toy_test.json"
+  albef.write_text(json.dumps([{"image": "a.jpg", "caption": "x"}]))
+  with pytest.raises(corpora.CorpusError, match="toy_test.json is given twice: its entries would be read twice"):
+    corpora.read_annotations([albef, albef])
+  # One Karpathy file named once per split is not a repeat.
+  assert sorted(corpora.read_annotations([f"test={karpathy}", f"train={karpathy}"])) == ["test", "train"]
+
+
 def test_a_corpus_built_by_an_older_builder_version_is_rebuilt(corpus_files, data_dir, monkeypatch):
   args = ("toyversion", [corpus_files / "dataset_toy.json"], corpus_files / "images")
   with monkeypatch.context() as patch:
@@ -360,6 +378,20 @@ def test_bad_records_raise_naming_them_or_are_skipped_and_counted(bad_corpus, da
   assert builder.info.splits["test"].num_examples == 1
   assert builder.info.metadata["skipped"]["test"] == 1
   assert any("skipped 1 bad record" in m for m in logged), logged
+
+
+def test_an_image_over_pils_pixel_limit_is_named_or_skipped(bad_corpus, monkeypatch):
+  # PIL's DecompressionBombError is no OSError; a corrupt size field in a BMP/GIF/TIFF header raises it too.
+  from PIL import Image
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)  # 0.jpg (96x48) stays under it, 120x120 is over twice it
+  Image.new("RGB", (120, 120), "red").save(bad_corpus / "images" / "huge.png")
+  annotations = _karpathy(bad_corpus, [_entry("0.jpg"), _entry("huge.png")])
+  with pytest.raises(corpora.CorpusError, match=r"huge\.png .* claims more pixels than PIL decodes safely"):
+    corpora.build_corpus("bomb", [annotations], bad_corpus / "images", image_size=16, data_dir=bad_corpus / "data",
+                         log=_quiet)
+  builder = corpora.build_corpus("bomb", [annotations], bad_corpus / "images", image_size=16, skip_bad=True,
+                                 data_dir=bad_corpus / "data", log=_quiet)
+  assert builder.info.metadata["skipped"]["test"] == 1
 
 
 def test_captions_that_clean_to_nothing_raise_or_are_dropped_and_counted(bad_corpus):
@@ -489,6 +521,8 @@ def test_cli_reports_a_bad_caption_in_one_line(tmp_path, capsys):
     (["build", "shapes", "--train", "-3"], "error: the train split size must be >= 0, got -3"),
     (["build", "shapes", "--rare-form-rate", "2"], "error: rare_form_rate must be in [0, 1]"),
     (["build", "shapes", "--image-size", "8"], "error: image_size 8 is too small to tell shapes apart"),
+    (["build", "shapes", "--rare-form-rate", "0", "--captions-per-image", "50"],
+     "error: only 44 distinct captions of a scene in 2500 draws; ask for at most 44 captions per image"),
     (["build", "karpathy", "--annotations", "a.json", "--images", ".", "--name", "9lives"],
      "error: dataset name '9lives' must start with a letter"),
     (["mlm", "--steps", "0"], "argument --steps: must be at least 1, got 0"),

@@ -367,6 +367,16 @@ def test_eval_set_pads_uneven_caption_counts():
   # A plain list of records (no batched __getitems__, as the training pipeline takes it) reads the same.
   from_list = pipeline.load_eval_set(list(Uneven.records), Tok())
   np.testing.assert_array_equal(from_list.image_to_texts, ev.image_to_texts)
+  # Records of float pixels in [0, 1] keep their values (a uint8 cast would make them black), uint8
+  # records beside them are scaled; other integer pixels are refused by name.
+  pixels = np.random.default_rng(0).random((8, 8, 3), np.float32)
+  mixed = [dict(Uneven.records[0], image=pixels), Uneven.records[1]]
+  floats = pipeline.load_eval_set(mixed, Tok())
+  assert floats.images.dtype == np.float32
+  np.testing.assert_array_equal(floats.float_images(0, 1)[0], pixels)
+  np.testing.assert_array_equal(floats.float_images(1, 2)[0], 0.0)
+  with pytest.raises(ValueError, match="record 1 of the evaluation split has a uint16 image"):
+    pipeline.load_eval_set([Uneven.records[0], dict(Uneven.records[1], image=np.zeros((8, 8, 3), np.uint16))], Tok())
 
 
 def test_auto_workers_stay_in_process_on_a_cpu_backend_and_scale_with_an_accelerator_hosts_cores():

@@ -296,6 +296,19 @@ def test_image_folder_bad_input_names_the_problem(tmp_path):
   _write_folder(split / "test", classes=("red_circle",))
   with pytest.raises(CorpusError, match="different classes.*blue_square"):
     imagefolder.scan(split)
+  # Split folders beside another folder: read as one split, train's and test's classes would share labels.
+  _write_folder(split / "test", classes=("blue_square",))
+  (split / "examples").mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(split / "examples" / "preview.png")
+  with pytest.raises(CorpusError, match=r"mixes split folders \(test, train: class folders inside\) with other "
+                                        r"folders \(examples\)"):
+    imagefolder.scan(split)
+  # A class that happens to be called "train" (images of its own) stays a class.
+  vehicles = tmp_path / "vehicles"
+  for name in ("bus", "train"):
+    (vehicles / name).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(vehicles / name / "x.png")
+  assert sorted(imagefolder.scan(vehicles)[imagefolder.SINGLE_SPLIT]) == ["bus", "train"]
   corrupt = _write_folder(tmp_path / "corrupt", classes=("red_circle", "blue_square"))
   (corrupt / "blue_square" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
   with pytest.raises(CorpusError, match="corrupt or unreadable image file .*broken.jpg"):

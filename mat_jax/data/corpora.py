@@ -102,11 +102,11 @@ def _build(builder: tfds.core.DatasetBuilder, path: Path, overwrite: bool) -> tf
   with tempfile.TemporaryDirectory(prefix="mat_jax_tfds_") as downloads:
     try:
       builder.download_and_prepare(download_dir=downloads, download_config=_download_config(overwrite))
-    except CorpusError:
+    except MatJaxError:
       raise
     except Exception as err:  # tfds wraps errors of the generator; unwrap ours so the message stays clear
       cause = err
-      while cause is not None and not isinstance(cause, CorpusError):
+      while cause is not None and not isinstance(cause, MatJaxError):
         cause = cause.__cause__ or cause.__context__
       if cause is not None:
         raise cause from err
@@ -143,12 +143,12 @@ def shapes_config(image_size: int = DEFAULT_SHAPES_IMAGE_SIZE, train: int = DEFA
       raise InputError(f"the {what} split size must be >= 0, got {n}")
   if train + val + test == 0:
     raise InputError("all splits are empty; ask for at least one image (e.g. train=10000)")
-  if captions_per_image < 1:
-    raise InputError(f"captions_per_image must be >= 1, got {captions_per_image}")
   if seed < 0:
     raise InputError(f"the world seed must be >= 0, got {seed}")
+  # Before a build starts (and leaves a directory behind):
   shapes.check_rare_form_rate(rare_form_rate)
-  shapes.check_image_size(image_size)  # before a build starts (and leaves a directory behind)
+  shapes.check_image_size(image_size)
+  shapes.check_captions_per_image(captions_per_image, rare_form_rate)
   name = f"{image_size}px_{train}-{val}-{test}_k{captions_per_image}_seed{seed}"
   if rare_form_rate is not None:
     name += f"_rare{float(rare_form_rate)!r}"  # every digit: two worlds never share a directory
@@ -404,10 +404,17 @@ def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str
   if not items:
     raise CorpusError("no annotation files given")
   splits: dict[str, list[Entry]] = {}
-  albef_images: dict[str, dict[str, int]] = {}  # per split: an ALBEF entry's image -> its index in the split
+  # Per split: an entry's image -> (its index in the split, whether it came from an ALBEF file). Two records
+  # of one image would make its captions in-batch negatives of each other and split its retrieval hits.
+  seen: dict[str, dict[str, tuple[int, bool]]] = {}
   if fmt not in ("auto", "karpathy", "albef"):
     raise CorpusError(f"unknown annotation format {fmt!r}; use 'karpathy', 'albef' or 'auto'")
+  given: set[tuple[str | None, Path]] = set()
   for split, path in items:
+    if (split, path.resolve()) in given:
+      raise CorpusError(f"annotation file {path} is given twice{f' for split {split!r}' if split else ''}: its "
+                        "entries would be read twice; give each file once")
+    given.add((split, path.resolve()))
     data = _load_json(path)  # parsed once: COCO's Karpathy file is 140 MB
     kind = fmt if fmt != "auto" else detect_format(data, path)
     if kind == "karpathy":
@@ -415,25 +422,28 @@ def read_annotations(annotations: Sequence[str | os.PathLike] | Mapping[str, str
       if not any(entries for name, entries in read.items() if split is None or name == split):
         raise CorpusError(f"{path} holds no entries{f' of split {split!r}' if split else ''}; check the file, "
                           "or leave it out")
-      for name, entries in read.items():
-        if split is None or name == split:
-          splits.setdefault(name, []).extend(entries)
+      chosen = [(name, entry) for name, entries in read.items() if split is None or name == split
+                for entry in entries]
     else:
       name = split or split_from_filename(path)
-      entries = splits.setdefault(name, [])
-      where_is = albef_images.setdefault(name, {})
       albef = read_albef(path, data)
       if not albef:
         raise CorpusError(f"{path} holds no entries (split {name!r}); check the file, or leave it out")
-      for entry in albef:
-        # One image in two files of a split is one record, as within a file: two would make its captions
-        # in-batch negatives of each other and split its retrieval hits.
-        if entry.image in where_is:
-          first = entries[where_is[entry.image]]
-          entries[where_is[entry.image]] = dataclasses.replace(first, captions=first.captions + entry.captions)
-        else:
-          where_is[entry.image] = len(entries)
-          entries.append(entry)
+      chosen = [(name, entry) for entry in albef]
+    for name, entry in chosen:
+      entries, where_is = splits.setdefault(name, []), seen.setdefault(name, {})
+      if entry.image not in where_is:
+        where_is[entry.image] = (len(entries), kind == "albef")
+        entries.append(entry)
+        continue
+      index, from_albef = where_is[entry.image]
+      first = entries[index]
+      if not (from_albef and kind == "albef"):
+        # A Karpathy file has one entry per image; a repeat is a broken or doubly given file.
+        raise CorpusError(f"{entry.where} repeats the image of {first.where} in split {name!r}; give each image "
+                          "one entry with all its sentences")
+      # ALBEF's train files list an image once per caption: its entries merge, across files as within one.
+      entries[index] = dataclasses.replace(first, captions=first.captions + entry.captions)
   return splits
 
 
@@ -492,6 +502,10 @@ def load_image(path: Path, size: int, where: str, quality: int = 95) -> bytes:
     with Image.open(path) as image:
       image.load()  # decode now: a truncated or corrupt file fails here, not later in training
       out = resize_and_crop(image, size)
+  except Image.DecompressionBombError as err:
+    # Raised for a picture over PIL's pixel limit, and as often for a corrupt size field in its header.
+    raise CorpusError(f"image file {path} ({where}) claims more pixels than PIL decodes safely, a corrupt header "
+                      f"or a huge picture: {err}") from err
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
     raise CorpusError(f"corrupt or unreadable image file {path} ({where}): {err}") from err
   buffer = io.BytesIO()

@@ -12,9 +12,9 @@ processor clips it: `corpora.resize_and_crop`) and stored as JPEG. The build is 
 carries a fingerprint of the folder (every file's path, size and modification time), so an unchanged
 folder is built once and reused, and a changed one is built afresh.
 
-Bad input is a `CorpusError` naming the folder or file: a missing root, no class folders, a class folder
-without images (an empty class has no accuracy and would shift every later label), class sets that
-differ between splits, a corrupt image.
+Bad input is a `CorpusError` naming the folder or file: a missing root, no class folders, split folders
+beside other folders at the top, a class folder without images (an empty class has no accuracy and would
+shift every later label), class sets that differ between splits, a corrupt image.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ def _images_in(class_dir: Path) -> list[Path]:
                 and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
 
 
+def _looks_like_split(path: Path) -> bool:
+  """Sub-folders and no image directly inside: ROOT/SPLIT/CLASS/IMAGE rather than ROOT/CLASS/IMAGE."""
+  direct_images = any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir())
+  return not direct_images and bool(_visible_dirs(path))
+
+
 def scan(root: str | os.PathLike) -> dict[str, dict[str, list[Path]]]:
   """{split: {class name: image paths}} of an ImageFolder root; see the module docstring."""
   root = Path(root).expanduser()
@@ -59,6 +65,14 @@ def scan(root: str | os.PathLike) -> dict[str, dict[str, list[Path]]]:
   if top and all(d.name in SPLITS for d in top):
     split_dirs = {d.name: d for d in top}
   else:
+    # A class may be called "train" (vehicles), but one holding class-like folders and no image of its
+    # own beside other folders is a split: read as a class, its classes would share one label.
+    splits_like = [d.name for d in top if d.name in SPLITS and _looks_like_split(d)]
+    if splits_like:
+      others = [d.name for d in top if d.name not in SPLITS]
+      raise CorpusError(f"{root} mixes split folders ({', '.join(splits_like)}: class folders inside) with other "
+                        f"folders ({', '.join(others)}); the layout is ROOT/SPLIT/CLASS/IMAGE with only "
+                        f"{'/'.join(SPLITS)} at the top, or ROOT/CLASS/IMAGE: move the other folders out of {root}")
     split_dirs = {SINGLE_SPLIT: root}
   layout: dict[str, dict[str, list[Path]]] = {}
   for split, split_dir in split_dirs.items():

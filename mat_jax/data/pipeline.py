@@ -516,7 +516,7 @@ def float_pixels(images: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class EvalSet:
   """A retrieval test set: all images, all captions and the maps between them."""
-  images: np.ndarray          # uint8 (N, H, W, 3); float32 views by `float_images`
+  images: np.ndarray          # uint8 (N, H, W, 3), or float32 in [0, 1]; float32 views by `float_images`
   captions: np.ndarray        # unicode (T,)
   input_ids: np.ndarray       # int32 (T, L)
   attention_mask: np.ndarray  # int32 (T, L)
@@ -563,7 +563,11 @@ def load_eval_set(source, tokenizer, *, max_images: int | None = None,
       caps = [as_text(c) for c in record["captions"]][:captions_per_image]
       if not caps:
         raise ValueError(f"record {i} of the evaluation split has no captions")
-      images.append(np.asarray(record["image"], np.uint8))
+      image = np.asarray(record["image"])
+      if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"record {i} of the evaluation split has a {image.dtype} image; give uint8 pixels or "
+                         "floats in [0, 1]")
+      images.append(image)
       captions += caps
       owners += [i] * len(caps)
       image_ids.append(int(record.get("image_id", i)))
@@ -571,6 +575,11 @@ def load_eval_set(source, tokenizer, *, max_images: int | None = None,
         scenes.append(shapes.Scene.from_record(record["scene"]))
   text_to_image = np.asarray(owners, np.int32)
   tokens = tokenizer(captions)
-  return EvalSet(np.stack(images), np.asarray(captions), tokens.input_ids, tokens.attention_mask,
+  # uint8 records stay uint8 (a quarter of float32's memory); float ones keep their values.
+  if all(image.dtype == np.uint8 for image in images):
+    stacked = np.stack(images)
+  else:
+    stacked = np.stack([float_pixels(image) for image in images])
+  return EvalSet(stacked, np.asarray(captions), tokens.input_ids, tokens.attention_mask,
                  text_to_image, image_to_texts(text_to_image, n), np.asarray(image_ids, np.int32),
                  scenes if len(scenes) == n else None)

@@ -474,7 +474,20 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5, rare_form_rate:
     found.setdefault(describe(scene, rng, rare_form_rate))
     if len(found) == n:
       return list(found)
-  raise RuntimeError(f"only {len(found)} distinct captions in {50 * n} draws; ask for fewer than {n}")
+  raise InputError(f"only {len(found)} distinct captions of a scene in {50 * n} draws; ask for at most "
+                   f"{len(found)} captions per image")
+
+
+def check_captions_per_image(n: int, rare_form_rate: float | None = None) -> None:
+  """InputError unless the scene with the fewest captions has `n` distinct ones, so a build asking for
+  more fails before it starts rather than at that scene. The fewest: one object in the centre (two
+  position phrases) whose shape and colour have the fewest surface forms."""
+  if n < 1:
+    raise InputError(f"captions_per_image must be >= 1, got {n}")
+  fewest = min(range(len(SHAPES)), key=lambda i: len(SHAPE_WORDS[SHAPES[i]]))
+  colour = min(range(len(COLOURS)), key=lambda i: len(COLOUR_WORDS[COLOURS[i]]))
+  scene = Scene((SceneObject(fewest, colour, 0, 1, 1, 0.5, 0.5, _EXTENT[0][0], (0.0, 0.0, 0.0)),), (0.1, 0.1, 0.1))
+  captions(scene, np.random.default_rng(0), n, rare_form_rate)
 
 
 def parse(caption: str) -> Meaning:
