@@ -186,6 +186,20 @@ def test_fresh_model_saves_and_loads(case, tmp_path):
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
 
 
+def test_a_saved_processors_image_settings_are_read_as_transformers_reads_them(case, tmp_path):
+  import transformers
+
+  _copy(case, tmp_path)
+  (tmp_path / "preprocessor_config.json").unlink(missing_ok=True)  # BlipProcessor writes only the nested file
+  settings = {**transformers.BlipImageProcessor().to_dict(), "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25] * 3}
+  (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "BlipProcessor",
+                                                              "image_processor": settings}))
+  reference = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+  vision = load_blip(tmp_path).config.vision
+  assert vision.image_mean == tuple(reference.image_mean) and vision.image_std == tuple(reference.image_std)
+  assert vision.image_std == (0.25, 0.25, 0.25)
+
+
 def _copy(case, tmp_path, *, tensors=None, config=None):
   for f in case["dir"].iterdir():
     shutil.copy(f, tmp_path / f.name)

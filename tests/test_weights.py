@@ -229,6 +229,32 @@ def test_one_number_for_every_channel_in_the_preprocessor_config(saved, tmp_path
     load_clip(tmp_path)
 
 
+def test_the_image_settings_of_a_saved_processor_are_read_first_as_transformers_reads_them(model, saved, tmp_path):
+  """transformers 5's CLIPProcessor.save_pretrained writes processor_config.json (the image settings under
+  "image_processor") and no preprocessor_config.json; with both there, transformers reads the nested ones."""
+  import transformers
+
+  _copy(saved, tmp_path)
+  transformers.CLIPImageProcessor(image_mean=[0.1] * 3, image_std=[0.2] * 3).save_pretrained(tmp_path)
+  nested = {**json.loads((tmp_path / "preprocessor_config.json").read_text()), "image_mean": [0.5, 0.4, 0.3]}
+  (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor",
+                                                              "image_processor": nested}))
+  reference = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+  vision = load_clip(tmp_path).config.vision
+  assert vision.image_mean == tuple(reference.image_mean) == (0.5, 0.4, 0.3)
+  assert vision.image_std == tuple(reference.image_std) == (0.2, 0.2, 0.2)
+  (tmp_path / "preprocessor_config.json").unlink()  # as the processor's own save leaves the directory
+  assert load_clip(tmp_path).config.vision.image_mean == (0.5, 0.4, 0.3)
+  nested["image_std"] = [0.5, 0.5]
+  (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": nested}))
+  with pytest.raises(ConfigError, match=r"processor_config.json's image_processor: image_std must be one number"):
+    load_clip(tmp_path)
+  # Saving over it updates the nested settings too, which transformers would otherwise read, stale.
+  save_clip(model, tmp_path)
+  reference = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+  assert tuple(reference.image_mean) == model.config.vision.image_mean == load_clip(tmp_path).config.vision.image_mean
+
+
 @pytest.mark.parametrize("options", [{"do_normalize": False}, {"rescale_factor": 1 / 127.5},
                                      {"do_rescale": False, "image_mean": [120, 110, 100], "image_std": 60},
                                      {"rescale_factor": 1 / 255}])

@@ -437,10 +437,11 @@ def _architectures(data: dict) -> str:
 
 
 def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: str = "float32",
-                        context_length: int | None = None, source: str = "config.json") -> BlipConfig:
-  """transformers' BlipConfig dict (config.json) [+ preprocessor_config.json] -> BlipConfig.
+                        context_length: int | None = None, source: str = "config.json",
+                        preprocessor_source: str = weights.PREPROCESSOR_FILE) -> BlipConfig:
+  """transformers' BlipConfig dict (config.json) [+ the image processor's settings] -> BlipConfig.
 
-  `source`: the file `data` was read from, for error messages."""
+  `source`, `preprocessor_source`: where `data` and `preprocessor` were read, for error messages."""
   if data.get("model_type") != "blip":
     hint = " (a CLIP checkpoint: load it with mat_jax.models.load_clip)" if data.get("model_type") == "clip" else ""
     raise weights.ConfigError(f"config.json describes {_architectures(data)}{hint}; load_blip reads transformers' "
@@ -466,7 +467,7 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
       *weights.wrong_types(data, {"image_text_hidden_size": int, "logit_scale_init_value": float}),
       *weights.wrong_types(vision_data, weights.field_types(BlipVisionConfig, _VISION_KEYS), "vision_config."),
       *weights.wrong_types(text_data, weights.field_types(BlipTextConfig, _TEXT_KEYS), "text_config.")], source)
-  mean, std = weights.preprocessor_normalisation(pre, CLIP_MEAN, CLIP_STD)
+  mean, std = weights.preprocessor_normalisation(pre, CLIP_MEAN, CLIP_STD, preprocessor_source)
   vision = pick(BlipVisionConfig, vision_data, _VISION_KEYS, image_mean=mean, image_std=std)
   positions = int(text_data.get("max_position_embeddings") or BlipTextConfig.max_position_embeddings)
   length = context_length if context_length is not None else min(BlipTextConfig.context_length, positions)
@@ -530,8 +531,9 @@ def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_le
   """A BLIP from a transformers-layout directory or hub id (e.g. Salesforce/blip-itm-base-coco).
 
   `dtype` is the compute dtype (default float32); parameters are always float32. Image mean/std come from
-  preprocessor_config.json when it is there, else BLIP's (OpenAI CLIP's). `context_length`: tokens per
-  caption (default 35, BLIP's retrieval setting, at most max_position_embeddings).
+  the image processor's settings when they are there (as `load_clip` reads them), else BLIP's (OpenAI
+  CLIP's). `context_length`: tokens per caption (default 35, BLIP's retrieval setting, at most
+  max_position_embeddings).
   """
   dtype = weights._compute_dtype(dtype)
   try:
@@ -539,10 +541,10 @@ def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_le
     files = weights._weight_files(directory)
   except weights.UnsafeCheckpointError as err:
     raise _pickle_error(source) from err
-  pre_path = directory / weights.PREPROCESSOR_FILE
-  cfg = blip_config_from_hf(hub.read_json_object(directory / "config.json"),
-                            hub.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype,
-                            context_length=context_length, source=str(directory / "config.json"))
+  preprocessor, preprocessor_source = weights.read_image_processor(directory)
+  cfg = blip_config_from_hf(hub.read_json_object(directory / "config.json"), preprocessor, dtype=dtype,
+                            context_length=context_length, source=str(directory / "config.json"),
+                            preprocessor_source=str(directory / preprocessor_source))
   abstract = nnx.eval_shape(lambda: BLIP(cfg, rngs=nnx.Rngs(0)))
   # logit_scale is no tensor of transformers' retrieval class: fill the others, then set it from config.json.
   graphdef, state = nnx.split(abstract)
@@ -579,7 +581,7 @@ def save_blip(model: BLIP | tuple[Any, nnx.State], directory: str | os.PathLike,
   directory = weights.save_directory(directory)
   save_file(blip_tensors(model), str(directory / weights.SAFETENSORS_FILE), metadata={"format": "pt"})
   (directory / "config.json").write_text(json.dumps(blip_config_to_hf(cfg, scale), indent=2) + "\n")
-  (directory / weights.PREPROCESSOR_FILE).write_text(json.dumps(blip_preprocessor_to_hf(cfg), indent=2) + "\n")
+  weights.write_image_processor(directory, blip_preprocessor_to_hf(cfg))
   if tokenizer is not None:
     tokenizer.save_pretrained(str(directory))
   return directory

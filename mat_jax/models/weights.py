@@ -33,7 +33,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
-WEIGHT_PATTERNS = ("config.json", "model*.safetensors", SAFETENSORS_INDEX, PREPROCESSOR_FILE)
+# transformers 5's Processor.save_pretrained writes this instead, the image settings under "image_processor";
+# transformers reads it first when both are there.
+PROCESSOR_FILE = "processor_config.json"
+WEIGHT_PATTERNS = ("config.json", "model*.safetensors", SAFETENSORS_INDEX, PREPROCESSOR_FILE, PROCESSOR_FILE)
 # transformers' shard names (save_pretrained with max_shard_size), listed by SAFETENSORS_INDEX.
 _SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 _SHOWN_PER_KIND = 40  # an error lists this many names per kind; the exception keeps them all
@@ -290,8 +293,37 @@ def _check_common(problems: list[str], where: str, act: str, width: int, heads: 
     problems.append(f"{where}: hidden_size {width} is not divisible by num_attention_heads {heads}")
 
 
-def preprocessor_channels(preprocessor: dict, key: str, default: tuple[float, ...]) -> tuple[float, ...]:
-  """preprocessor_config.json's image_mean / image_std: three values, or one for every channel (as
+def read_image_processor(directory: Path) -> tuple[dict | None, str]:
+  """The image processor's settings in a model directory and where they were read, as transformers 5 finds
+  them: processor_config.json's "image_processor" first, else preprocessor_config.json; None without
+  either."""
+  processor_path = directory / PROCESSOR_FILE
+  if processor_path.exists():
+    nested = hub.read_json_object(processor_path).get("image_processor")
+    if nested is not None:
+      if not isinstance(nested, dict):
+        raise ConfigError(f"{processor_path}: \"image_processor\" must be an object of the image processor's "
+                          f"settings, got {shown_json(nested)}; re-save it with the processor's save_pretrained.")
+      return nested, f"{PROCESSOR_FILE}'s image_processor"
+  path = directory / PREPROCESSOR_FILE
+  return (hub.read_json_object(path), PREPROCESSOR_FILE) if path.exists() else (None, PREPROCESSOR_FILE)
+
+
+def write_image_processor(directory: Path, settings: dict) -> None:
+  """preprocessor_config.json, and the image settings of a processor_config.json already there, which
+  transformers would otherwise read first and stale."""
+  (directory / PREPROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+  processor_path = directory / PROCESSOR_FILE
+  if processor_path.exists():
+    processor = hub.read_json_object(processor_path)
+    if "image_processor" in processor:
+      processor["image_processor"] = settings
+      processor_path.write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def preprocessor_channels(preprocessor: dict, key: str, default: tuple[float, ...],
+                          where: str = PREPROCESSOR_FILE) -> tuple[float, ...]:
+  """The image processor's image_mean / image_std: three values, or one for every channel (as
   transformers' image processors accept)."""
   value = preprocessor.get(key, default)
   if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -299,26 +331,26 @@ def preprocessor_channels(preprocessor: dict, key: str, default: tuple[float, ..
   if isinstance(value, (list, tuple)) and len(value) == 3 and all(
       isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
     return tuple(float(v) for v in value)
-  raise ConfigError(f"{PREPROCESSOR_FILE}: {key} must be one number or three (one per RGB channel), got "
+  raise ConfigError(f"{where}: {key} must be one number or three (one per RGB channel), got "
                     f"{value!r}; re-save it with the image processor's save_pretrained.")
 
 
-def preprocessor_normalisation(preprocessor: dict, mean: tuple[float, ...], std: tuple[float, ...]
-                               ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def preprocessor_normalisation(preprocessor: dict, mean: tuple[float, ...], std: tuple[float, ...],
+                               where: str = PREPROCESSOR_FILE) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """The (mean, std) that the model applies to pixels in [0, 1], from preprocessor_config.json: its
   image_mean / image_std (`mean`, `std` where absent), with `do_normalize`, `do_rescale` and
   `rescale_factor` folded in. A processor computes (raw * rescale_factor - mean) / std on raw values in
   [0, 255]; with raw = 255 x that is (x - mean / s) / (std / s), s = 255 * rescale_factor."""
-  mean, std = preprocessor_channels(preprocessor, "image_mean", mean), preprocessor_channels(
-      preprocessor, "image_std", std)
+  mean, std = preprocessor_channels(preprocessor, "image_mean", mean, where), preprocessor_channels(
+      preprocessor, "image_std", std, where)
   for key in ("do_normalize", "do_rescale"):
     if not isinstance(preprocessor.get(key, True), bool):
-      raise ConfigError(f"{PREPROCESSOR_FILE}: {key} must be true or false, got {preprocessor[key]!r}")
+      raise ConfigError(f"{where}: {key} must be true or false, got {preprocessor[key]!r}")
   if not preprocessor.get("do_normalize", True):
     mean, std = (0.0,) * 3, (1.0,) * 3
   factor = preprocessor.get("rescale_factor", 1 / 255) if preprocessor.get("do_rescale", True) else 1.0
   if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-    raise ConfigError(f"{PREPROCESSOR_FILE}: rescale_factor must be a positive number, got {factor!r}")
+    raise ConfigError(f"{where}: rescale_factor must be a positive number, got {factor!r}")
   scale = 255.0 * factor
   if abs(scale - 1.0) > 1e-9:  # the usual 1/255 leaves the values exactly as stored
     mean, std = tuple(m / scale for m in mean), tuple(s / scale for s in std)
@@ -336,10 +368,10 @@ def _sub_config_types(data: dict, name: str, expected: dict[str, type]) -> list[
 
 
 def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: str = "float32",
-                        source: str = "config.json") -> CLIPConfig:
-  """transformers' CLIPConfig dict (config.json) [+ preprocessor_config.json] -> CLIPConfig.
+                        source: str = "config.json", preprocessor_source: str = PREPROCESSOR_FILE) -> CLIPConfig:
+  """transformers' CLIPConfig dict (config.json) [+ the image processor's settings] -> CLIPConfig.
 
-  `source`: the file `data` was read from, for error messages."""
+  `source`, `preprocessor_source`: where `data` and `preprocessor` were read, for error messages."""
   problems = []
   if data.get("model_type", "clip") != "clip":
     hint = " (a BLIP checkpoint: load it with mat_jax.models.load_blip)" if data["model_type"] == "blip" else ""
@@ -356,7 +388,7 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
   text_data = _merge_config_dict(data.get("text_config"), data.get("text_config_dict"),
                                  _hf_defaults(TextConfig, _TEXT_KEYS))
   pre = preprocessor or {}
-  mean, std = preprocessor_normalisation(pre, VisionConfig.image_mean, VisionConfig.image_std)
+  mean, std = preprocessor_normalisation(pre, VisionConfig.image_mean, VisionConfig.image_std, preprocessor_source)
   vision = _pick(VisionConfig, vision_data, _VISION_KEYS, image_mean=mean, image_std=std)
   # Pooling is left to TextConfig's default, which derives it from eos_token_id as transformers does.
   text = _pick(TextConfig, text_data, _TEXT_KEYS)
@@ -632,16 +664,17 @@ def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
   """A CLIP from a transformers-layout directory or hub id (config.json + safetensors).
 
   `dtype` is the compute dtype (default float32; "auto": bfloat16 on GPU/TPU); parameters are always
-  float32. Image mean/std come from preprocessor_config.json when it is there (its do_normalize and
-  rescale_factor folded in), else CLIP's.
+  float32. Image mean/std come from the image processor's settings when they are there (processor_config.json's
+  image_processor, else preprocessor_config.json, as transformers reads them; do_normalize and rescale_factor
+  folded in), else CLIP's.
   """
   dtype = _compute_dtype(dtype)
   directory = _resolve(source)
   files = _weight_files(directory)
-  pre_path = directory / PREPROCESSOR_FILE
-  cfg = clip_config_from_hf(hub.read_json_object(directory / "config.json"),
-                            hub.read_json_object(pre_path) if pre_path.exists() else None, dtype=dtype,
-                            source=str(directory / "config.json"))
+  preprocessor, preprocessor_source = read_image_processor(directory)
+  cfg = clip_config_from_hf(hub.read_json_object(directory / "config.json"), preprocessor, dtype=dtype,
+                            source=str(directory / "config.json"),
+                            preprocessor_source=str(directory / preprocessor_source))
   abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
   return _fill(abstract, "CLIPModel", clip_table(cfg), files, CLIP_IGNORED, str(directory))
 
@@ -693,7 +726,7 @@ def save_clip(model: CLIP | tuple[DualEncoder, nnx.State], directory: str | os.P
   directory = save_directory(directory)
   save_file(clip_tensors(model), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
   (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  (directory / PREPROCESSOR_FILE).write_text(json.dumps(clip_preprocessor_to_hf(cfg), indent=2) + "\n")
+  write_image_processor(directory, clip_preprocessor_to_hf(cfg))
   if tokenizer is not None:
     tokenizer.save_pretrained(str(directory))  # a mat_jax Tokenizer or a transformers tokenizer
   return directory
