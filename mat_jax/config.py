@@ -189,6 +189,10 @@ def build(raw: Mapping[str, Any] | ml_collections.ConfigDict, overrides: Sequenc
       _override_target(base, key)  # a typo in the key is the override's, not the file's
       _set_raw(raw, key, value)
   renamed = _section_name(raw, "objective") != file_objective
+  if renamed and isinstance(raw.get("objective"), dict):
+    # The file's inner attack was its objective's choice: the new objective trains against its own
+    # published attack unless an override names one (applied below).
+    raw["objective"] = {k: v for k, v in raw["objective"].items() if k != "attack"}
   config = _merge(base, raw, origin)
   # A file's hyper-parameters of another objective are dropped when the name is overridden (switching
   # shapes_mat.py to tecoa keeps eps/steps/step_size, drops text_changes); typos elsewhere still fail.
@@ -763,6 +767,11 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
     flat = _flatten(dataclasses.asdict(model_config), "model")
     # How the model is computed, not what it is: a checkpoint resumes under any of these.
     parts.update({k: v for k, v in flat.items() if k not in ("model.dtype", "model.scan_layers", "model.attention")})
+    # A tokenizer cut shorter than the loaded model's texts (weights keep their own context length):
+    # recorded only then, so the checkpoints whose model config already says it keep their digest.
+    context = config.model.get("context_length", 0)
+    if context and context != flat.get("model.text.context_length"):
+      parts["model.context_length"] = context
   return json.loads(json.dumps(parts, default=str))
 
 

@@ -113,6 +113,11 @@ def test_objective_switched_by_override(tmp_path):
   assert "text_changes" not in config.objective            # MAT-only keys dropped
   with pytest.raises(config_lib.ConfigError, match="text_changes"):
     config_lib.load(path, ["objective.name=tecoa", "objective.text_changes=1"])
+  # The file's inner attack was chosen for MAT: TeCoA trains against its own unless an override names one.
+  path = _write(tmp_path, "return dict(objective=dict(name='mat', attack='mat'))")
+  assert config_lib.load(path, ["objective.name=tecoa"]).objective.attack == "tecoa"
+  assert config_lib.load(path, ["objective.name=tecoa", "objective.attack=pgd"]).objective.attack == "pgd"
+  assert config_lib.load(path).objective.attack == "mat"
 
 
 def test_schedule_swapped_by_override(tmp_path):
@@ -155,6 +160,23 @@ def test_fingerprint_covers_what_the_run_trains_for(tmp_path):
   # Settings that may change between restarts stay out.
   for override in ("schedule.warmup_steps=10", "eval.attacks=co", "train.log_every=5", "train.steps=99"):
     assert base == config_lib.fingerprint(config_lib.load(path, [override])), override
+
+
+def test_fingerprint_records_a_tokenizer_cut_shorter_than_the_loaded_models_texts(tmp_path):
+  # Weights keep their own context length; model.context_length only shortens the tokenizer, so a resume
+  # that changes it would train on captions cut elsewhere.
+  from mat_jax.models import clip
+
+  model_config = clip.PRESETS["tiny"]
+  path = _write(tmp_path, "return dict()")
+  def fingerprint(*overrides):
+    return config_lib.fingerprint(config_lib.load(path, list(overrides)), model_config)
+
+  own = model_config.text.context_length
+  assert "model.context_length" not in fingerprint()
+  assert fingerprint() == fingerprint(f"model.context_length={own}")  # what the model config already says
+  assert fingerprint("model.context_length=8")["model.context_length"] == 8
+  assert fingerprint() != fingerprint("model.context_length=8") != fingerprint("model.context_length=9")
 
 
 def test_an_objective_field_added_later_is_fingerprinted_only_off_its_default(tmp_path):
