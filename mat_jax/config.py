@@ -494,6 +494,15 @@ def _check_values(config: dict) -> None:
       objectives.make(objective).inner_attack()
   except InputError as err:  # an unknown name (listing the registry) or a budget the attack cannot take
     raise ConfigError(str(err)) from None
+  # Refused here, not by the evaluation after the training it follows.
+  contrastive = [a for a in config["eval"]["attacks"] if attack_specs.get(a).loss == "contrastive"]
+  evaluated = config["eval"]["batch_size"] if not config["eval"]["max_images"] else min(
+      config["eval"]["batch_size"], config["eval"]["max_images"])
+  if contrastive and evaluated < 2:
+    raise ConfigError(f"eval.attacks {contrastive} ascend a contrastive loss whose negatives are the other captions "
+                      f"of the image's batch; eval.batch_size={config['eval']['batch_size']} and eval.max_images="
+                      f"{config['eval']['max_images']} leave one image per batch and none attacked: set both to at "
+                      "least 2 (max_images 0: the whole split)")
   try:
     pipeline.parse_augmentations(tuple(config["data"]["augmentations"]))
   except ValueError as err:

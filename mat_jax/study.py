@@ -353,6 +353,26 @@ class CompileCounter:
       self.cache_hits += 1
 
 
+def check_mesh(study: Mapping[str, Any], mesh_spec: str) -> None:
+  """A --mesh that does not fit the devices, an arm's batch or the clean model's fails now, not after the
+  data is built and the clean model trained."""
+  mesh_lib.make_mesh(mesh_spec)
+  for name in study["arms"]:
+    config = run_config(study, arm_of(study, name), 0)
+    try:
+      loop.run_mesh(config, mesh_spec)
+    except mesh_lib.MeshError as err:
+      raise mesh_lib.MeshError(f"arm {name!r} of the study: {err}") from None
+    cached = runs.cached_name(config.model.source)
+    if cached is not None:
+      path, source_config = runs.cached_experiment(cached)
+      try:
+        loop.run_mesh(source_config, mesh_spec)
+      except mesh_lib.MeshError as err:
+        raise mesh_lib.MeshError(f"the study's clean model ({path}), trained on the same mesh if it is not in the "
+                                 f"cache yet: {err}") from None
+
+
 def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (0, 1),
         mesh_spec: str | None = None, log: Log = print) -> dict[str, Any]:
   """Train and evaluate every arm x seed (reusing what is finished); returns the collected results.
@@ -892,8 +912,8 @@ def _main(argv: Sequence[str] | None) -> int:
   # Before hours of training: directories that cannot be written would lose the results at the end.
   errors.check_writable_dir(study_dir, "--study-dir")
   errors.check_writable_dir(out, "--out")
-  if args.mesh is not None:
-    mesh_lib.make_mesh(args.mesh)  # a bad --mesh fails now, not after the data and the clean model
+  if args.mesh is not None and not args.report_only:
+    check_mesh(study, args.mesh)
   result = collect(study, study_dir) if args.report_only else run(study, study_dir, shard=shard, mesh_spec=args.mesh)
   if shard[1] > 1:
     print(f"shard {shard[0]}/{shard[1]} done; when every shard is done, rerun without --shard to write the "

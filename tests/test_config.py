@@ -251,6 +251,13 @@ def test_eval_attacks_are_checked_at_load(tmp_path):
     config_lib.load(path, ["data.augmentations=flip"])
   with pytest.raises(config_lib.ConfigError, match=r"eval.attacks: unknown attack\(s\) \['coattack'\]"):
     config_lib.load(_write(tmp_path, "return dict(eval=dict(attacks=('sga', 'coattack')))"))
+  # A contrastive attack's negatives are the batch's other captions: one image per batch is refused at load,
+  # not by the evaluation after training; attacks of the paired caption take any batch.
+  for override in ("eval.batch_size=1", "eval.max_images=1"):
+    with pytest.raises(config_lib.ConfigError, match=r"eval.attacks \['tecoa'\] ascend a contrastive loss"):
+      config_lib.load(path, ["eval.attacks=pgd,tecoa", override])
+    assert config_lib.load(path, ["eval.attacks=pgd", override]).eval.attacks == ("pgd",)
+  assert config_lib.load(path, ["eval.attacks=tecoa", "eval.batch_size=2", "eval.max_images=0"])
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -757,6 +757,10 @@ def test_mesh_is_where_the_studys_runs_train(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(study, "run", lambda *a, **k: pytest.fail("ran before checking --mesh"))
   assert study.main([*args, "--mesh", "data=3x"]) == 2
   assert "cannot parse mesh 'data=3x'" in capsys.readouterr().err
+  # A mesh the runs' batch does not divide is refused before the world is built and the clean model trained.
+  assert study.main([*args, "--mesh", "3"]) == 2
+  assert "error: arm 'clean_ft' of the study: the global batch size 16 is not divisible by the 3 devices" in \
+      capsys.readouterr().err
   asked = []
 
   def record(*_, mesh_spec=None, **__):
