@@ -143,7 +143,7 @@ def image_tower_flops(cfg: Any, batch: int, *, backward: bool = False) -> float:
   attack step).
 
   On GPUs XLA's cost analysis misses the cuBLAS and cuDNN custom calls, so the accelerator figures use this
-  count; on CPU it matches XLA's (tests/test_runtime.py). It counts what the compiled program computes:
+  count; on CPU it matches XLA's (tests/test_bench.py). It counts what the compiled program computes:
   only the pooled (class) row leaves the last layer, so XLA computes that layer's queries, output
   projection and MLP for that row alone (its keys and values for every token). Backward, a product with a
   frozen weight costs its forward once more; a product of two activations (attention) twice more.

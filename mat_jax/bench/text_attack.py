@@ -210,8 +210,10 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
     return reference_text_attack(encoder, params, tokenizer, candidates, guide_host, objective=objective,
                                  max_changes=max_changes, text_features=features)
 
-  batched_s = common.time_call(batched, min_seconds=3.0, min_calls=3)
-  sequential_s = common.time_call(sequential, warmup=1, min_seconds=0.0, min_calls=2, sync=lambda x: x)
+  # Round by round, so that the machine's drift between fast and slow minutes hits both alike.
+  median, _ = common.interleaved_medians({"batched": (batched, common.block), "sequential": (sequential, lambda x: x)},
+                                         rounds=3, seconds=0.0)
+  batched_s, sequential_s = median["batched"], median["sequential"]
   ours = adversarial_captions(candidates, batched())
   stats: dict = {}
   theirs = reference_text_attack(encoder, params, tokenizer, candidates, guide_host, objective=objective,
