@@ -752,6 +752,15 @@ def test_a_study_of_its_own_reports_beside_the_shapes_study_never_over_it():
     assert study.default_out(name) == study.DEFAULT_OUT / folder
 
 
+@pytest.mark.parametrize("how", [["--quick"], ["--config", f"{EXPERIMENTS / 'study_shapes.py'}:quick"]])
+def test_the_quick_study_reports_into_its_study_dir_however_it_is_named(tmp_path, monkeypatch, how):
+  written = []
+  monkeypatch.setattr(study, "run", lambda *a, **k: {"collected": {}, "wall_seconds": 0.0, "compilations": 0})
+  monkeypatch.setattr(study, "report", lambda s, r, out: written.append(out) or {})
+  assert study.main([*how, "--study-dir", str(tmp_path / "study")]) == 0
+  assert written == [tmp_path / "study"]
+
+
 def test_mesh_is_where_the_studys_runs_train(tmp_path, monkeypatch, capsys):
   args = ["--quick", "--study-dir", str(tmp_path / "study"), "--out", str(tmp_path / "out")]
   monkeypatch.setattr(study, "run", lambda *a, **k: pytest.fail("ran before checking --mesh"))
