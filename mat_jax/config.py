@@ -491,7 +491,12 @@ def _check_values(config: dict) -> None:
     if "attack" in objective:
       attack_specs.check_names([objective["attack"]], f"objective.attack ({objective['name']})")
       # The objective's budget on its attack: a range error names the objective's keys, not the spec's.
-      objectives.make(objective).inner_attack()
+      made = objectives.make(objective)
+      if not (made.inner_attack().attacks_image or made.reads_adversarial_text):
+        images = [n for n in attack_specs.NAMES if attack_specs.get(n).attacks_image]
+        raise ConfigError(f"objective.attack={objective['attack']!r} changes captions only, and {objective['name']}'s "
+                          "loss reads the adversarial images only: it would train on clean inputs. Choose an "
+                          f"attack of the images: {', '.join(images)}")
   except InputError as err:  # an unknown name (listing the registry) or a budget the attack cannot take
     raise ConfigError(str(err)) from None
   # Refused here, not by the evaluation after the training it follows.

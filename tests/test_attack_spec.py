@@ -38,9 +38,14 @@ def test_registry_names_are_evaluation_and_training_names(tmp_path):
   for name, cls in objectives.OBJECTIVES.items():
     assert objectives.hyperparameters(cls).get("attack") == PUBLISHED.get(name)
   assert objectives.Contrastive().inner_attack() is None
-  # Every registry name is a valid inner attack of every adversarial objective and an evaluation attack.
+  # Every registry name is a valid inner attack of every adversarial objective and an evaluation attack,
+  # but an attack of the captions alone for an objective whose loss reads only the adversarial images.
   for objective in PUBLISHED:
     for attack in attack_specs.NAMES:
+      if not (attack_specs.get(attack).attacks_image or objectives.OBJECTIVES[objective].reads_adversarial_text):
+        with pytest.raises(config_lib.ConfigError, match="changes captions only"):
+          config_lib.build({"objective": {"name": objective, "attack": attack}})
+        continue
       config = config_lib.build({"objective": {"name": objective, "attack": attack}, "eval": {"attacks": (attack,)}})
       spec = objectives.make(config.objective).inner_attack()
       assert spec.name == attack and spec.eps == config.objective.eps and spec.steps == config.objective.steps
@@ -191,9 +196,10 @@ def test_apgd_on_the_batch_captions_leaves_padding_slots_out(scene_batch):
 # ----------------------------------------------------------------------------------------------------
 # Training against an evaluation attack.
 
-@pytest.mark.parametrize("objective,attack", [("mat", "sga"), pytest.param("tecoa", "bert", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("objective,attack", [("mat", "sga"), pytest.param("tecoa", "co", marks=pytest.mark.slow)])
 def test_an_objective_trains_against_an_evaluation_attack(tmp_path, objective, attack):
-  # SGA as MAT's inner attack; BERT-Attack (text only) as TeCoA's, which then needs candidates too.
+  # SGA as MAT's inner attack; Co-Attack (captions, then images guided by them) as TeCoA's, which then
+  # needs candidates too.
   config = config_lib.build({
       "model": {"source": "tiny", "tokenizer": "shapes", "overrides": MICRO},
       "data": {"name": "shapes", "data_dir": str(tmp_path / "data"), "build_train": 16, "build_val": 8,

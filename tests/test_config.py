@@ -162,6 +162,18 @@ def test_fingerprint_covers_what_the_run_trains_for(tmp_path):
     assert base == config_lib.fingerprint(config_lib.load(path, [override])), override
 
 
+def test_an_attack_of_the_captions_alone_is_refused_for_objectives_that_read_adversarial_images_only(tmp_path):
+  for objective in ("tecoa", "fare", "mava"):
+    path = _write(tmp_path, f"return dict(objective=dict(name={objective!r}))")
+    with pytest.raises(config_lib.ConfigError, match=rf"objective.attack='bert' changes captions only, and "
+                                                     rf"{objective}'s loss reads the adversarial images only"):
+      config_lib.load(path, ["objective.attack=bert"])
+    assert config_lib.load(path, ["objective.attack=sga"]).objective.attack == "sga"
+  for objective in ("mat", "matplus", "mmcoa"):  # their losses read the attacked captions
+    path = _write(tmp_path, f"return dict(objective=dict(name={objective!r}))")
+    assert config_lib.load(path, ["objective.attack=bert"]).objective.attack == "bert"
+
+
 def test_fingerprint_records_a_tokenizer_cut_shorter_than_the_loaded_models_texts(tmp_path):
   # Weights keep their own context length; model.context_length only shortens the tokenizer, so a resume
   # that changes it would train on captions cut elsewhere.

@@ -49,6 +49,9 @@ class Objective:
   needs_reference: ClassVar[bool] = False
   # The published recipe's towers; the config's train.towers decides.
   default_towers: ClassVar[str] = "all"
+  # The loss reads the attacked captions (MAT, MMCoA); the others read only the attacked images, so an
+  # attack of the captions alone would leave them training on clean inputs.
+  reads_adversarial_text: ClassVar[bool] = False
 
   def inner_attack(self) -> AttackSpec | None:
     """The attack the objective trains against (None: clean training). Adversarial objectives name it in

@@ -30,6 +30,7 @@ from mat_jax.objectives.contrastive import batch_clip_loss
 class MAT(base.Objective):
   """Multimodal adversarial training (module docstring)."""
   name = "mat"
+  reads_adversarial_text = True
 
   attack: str = "mat"         # the inner attack (mat_jax.attacks.spec.ATTACKS)
   eps: float = 2 / 255        # image budget (L∞, pixel units)

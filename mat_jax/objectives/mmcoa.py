@@ -25,6 +25,7 @@ from mat_jax.objectives.contrastive import batch_clip_loss
 @dataclasses.dataclass(frozen=True)
 class MMCoA(base.Objective):
   name = "mmcoa"
+  reads_adversarial_text = True
 
   attack: str = "mmcoa"       # the inner attack (mat_jax.attacks.spec.ATTACKS)
   eps: float = 1 / 255
