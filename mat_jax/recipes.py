@@ -332,7 +332,7 @@ CLIP_OPTIMIZERS: dict[str, dict[str, Any]] = {
     "matplus": dict(name="adamw", learning_rate=1e-5, weight_decay=0.2),  # assumed, as mat
     "tecoa": dict(name="sgd", learning_rate=1e-5, momentum=0.9),  # lr assumed for fine-tuning
     "fare": dict(name="adamw", learning_rate=1e-5, weight_decay=1e-4),
-    "mmcoa": dict(name="adam", learning_rate=1e-6, weight_decay=0.2),
+    "mmcoa": dict(name="adam", learning_rate=1e-6, weight_decay=0.2, b2=0.98, eps=1e-6),  # MMCoA.py's Adam
     "mava": dict(name="adamw", learning_rate=1e-4, weight_decay=1e-4),
     "clean": dict(name="adamw", learning_rate=1e-5, weight_decay=0.2),  # assumed, as mat
 }

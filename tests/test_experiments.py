@@ -123,6 +123,9 @@ def test_the_argument_picks_the_published_settings():
   mava = config_lib.load(f"{EXPERIMENTS / 'flickr30k.py'}:mava")
   assert (mava.name, mava.train.towers, mava.data.captions_per_image) == ("flickr30k_mava", "vision", 5)
   assert (mava.optimizer.name, mava.optimizer.learning_rate, mava.objective.neighbours) == ("adamw", 1e-4, 3)
+  mmcoa = config_lib.load(f"{EXPERIMENTS / 'coco.py'}:mmcoa").optimizer  # MMCoA.py's torch.optim.Adam
+  assert (mmcoa.name, mmcoa.learning_rate, mmcoa.weight_decay, mmcoa.b1, mmcoa.b2, mmcoa.eps) == (
+      "adam", 1e-6, 0.2, 0.9, 0.98, 1e-6)
   coco = config_lib.load(f"{EXPERIMENTS / 'coco.py'}:tecoa")
   assert (coco.name, coco.data.name, coco.optimizer.name, coco.train.towers) == ("coco_tecoa", "coco", "sgd",
                                                                                "vision")

@@ -128,6 +128,21 @@ def test_renderings_of_one_scene_share_its_id_and_its_captions(world):
     assert all(shapes.consistent(shapes.parse(str(c)), scene) for c in batch["captions"][i])
   with pytest.raises(ValueError, match="must be >= 1 and divide the batch size"):
     pipeline.training_pipeline(source, tok, 4, renderings_per_scene=3, process_index=0, process_count=1)
+  # With hflip all renderings of a scene are mirrored or none: each one's captions are positives of the
+  # others, so every caption of a scene's renderings must be true of one scene (mirrored or not).
+  mirrored = 0
+  for seed in range(4):
+    batch = next(iter(pipeline.training_pipeline(source, tok, 6, captions_per_image=2, renderings_per_scene=3,
+                                                 augmentations="hflip:0.5", seed=seed, process_index=0,
+                                                 process_count=1)))
+    for first in (0, 3):
+      scene = shapes.Scene.from_record(source[int(batch["image_ids"][first])]["scene"])
+      captions = [str(c) for i in range(first, first + 3) for c in batch["captions"][i]]
+      true_of = [all(shapes.consistent(shapes.parse(c), s) for c in captions)
+                 for s in (scene, shapes.flip_scene(scene))]
+      assert any(true_of), captions
+      mirrored += not true_of[0]
+  assert mirrored > 0  # some scenes were mirrored
 
 
 def test_renderings_must_divide_the_batch_in_the_config():

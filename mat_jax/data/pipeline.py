@@ -234,10 +234,15 @@ class PrepareExample:
       return self._example(record, image, rng)
     scene = shapes.Scene.from_record(record["scene"])
     images = [image] + [shapes.rerender(scene, rng, image.shape[0]) for _ in range(self.renderings - 1)]
-    examples = [self._example(record, img, rng) for img in images]
+    # One mirror for all renderings: they share an image id, so each one's captions are positives of the
+    # others, and a caption mirrored for one rendering would contradict an unmirrored one.
+    flip = "hflip" in self.augmentations and rng.random() < self.augmentations["hflip"]
+    examples = [self._example(record, img, rng, flip) for img in images]
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
-  def _example(self, record: Mapping[str, Any], image: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+  def _example(self, record: Mapping[str, Any], image: np.ndarray, rng: np.random.Generator,
+               flip: bool | None = None) -> dict[str, Any]:
+    """One image and its captions; `flip` decides hflip where the caller drew it (None: drawn here)."""
     aug, k = self.augmentations, self.captions_per_image
     pool = [as_text(c) for c in record["captions"]]
     if not pool:
@@ -254,7 +259,9 @@ class PrepareExample:
       image = shapes.t2i(chosen[0], rng, image.shape[0])
     elif "t2i" in aug and rng.random() < aug["t2i"]:
       image = shapes.rerender(scene, rng, image.shape[0])
-    if "hflip" in aug and rng.random() < aug["hflip"]:
+    if flip is None:
+      flip = "hflip" in aug and rng.random() < aug["hflip"]
+    if flip:
       image, chosen = shapes.hflip(image, chosen)
     if "eda" in aug:
       chosen = [shapes.eda(c, rng, **self.eda_options) if rng.random() < aug["eda"] else c for c in chosen]
