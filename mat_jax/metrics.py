@@ -8,8 +8,8 @@ scores the lower index ranks first), so results are deterministic.
 
 Attack success, labelled as the papers use them:
 - `recall_drop` (Co-Attack): clean recall minus adversarial recall, in percentage points;
-- `attack_success_rate` (SGA): of the queries retrieved correctly at rank 1 before the attack, the
-  percentage no longer retrieved correctly at rank 1 after it.
+- `attack_success_rate` (SGA): of the queries retrieved correctly within rank K before the attack, the
+  percentage no longer retrieved correctly within rank K after it (K = 1, 5, 10, as SGA's evaluation).
 """
 
 from __future__ import annotations
@@ -103,17 +103,19 @@ def recall_drop(clean: Mapping[str, float], adversarial: Mapping[str, float]) ->
   return {k: float(clean[k]) - float(adversarial[k]) for k in clean if k in adversarial}
 
 
-def attack_success_rate(clean_ranks: tuple, adversarial_ranks: tuple) -> dict[str, float]:
-  """SGA's ASR at rank 1: |correct before \\ correct after| / |correct before|, in percent.
+def attack_success_rate(clean_ranks: tuple, adversarial_ranks: tuple, ks=RECALL_KS) -> dict[str, float]:
+  """SGA's ASR at rank K: |correct before \\ correct after| / |correct before|, in percent, a query being
+  correct when its rank is < K.
 
   Arguments are `retrieval_ranks(...)` pairs (TR ranks, IR ranks) for the clean and attacked scores.
-  Returns keys `tr@1`, `ir@1`; NaN when nothing was correct before the attack.
+  Returns keys `tr@K`, `ir@K` for K in `ks`; NaN when nothing was correct before the attack.
   """
   out = {}
-  for name, before, after in zip(("tr@1", "ir@1"), clean_ranks, adversarial_ranks, strict=True):
-    correct = np.asarray(before) < 1
-    fooled = correct & (np.asarray(after) >= 1)
-    out[name] = 100.0 * float(fooled.sum()) / float(correct.sum()) if correct.any() else float("nan")
+  for direction, before, after in zip(("tr", "ir"), clean_ranks, adversarial_ranks, strict=True):
+    for k in ks:
+      correct = np.asarray(before) < k
+      fooled = correct & (np.asarray(after) >= k)
+      out[f"{direction}@{k}"] = 100.0 * float(fooled.sum()) / float(correct.sum()) if correct.any() else float("nan")
   return out
 
 

@@ -67,7 +67,7 @@ def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatc
   for per_eps in results["attacks"].values():
     for r in per_eps.values():
       assert set(r["recall"]) == set(ev.metrics.RECALL_KEYS)
-      assert set(r["asr"]) == {"tr@1", "ir@1"}
+      assert set(r["asr"]) == {f"{d}@{k}" for d in ("tr", "ir") for k in (1, 5, 10)}
       assert set(r["recall_drop"]) == set(ev.metrics.RECALL_KEYS)
   # eps = 0: the images are untouched, so every recall is the clean one.
   assert results["attacks"]["pgd"]["0"]["recall"] == results["clean"]

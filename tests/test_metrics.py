@@ -103,7 +103,9 @@ def test_success_rates():
   adv_ranks = metrics.retrieval_ranks(adv, text_to_image)
   asr = metrics.attack_success_rate(clean_ranks, adv_ranks)
   # 3 queries correct before in each direction, one of them broken -> 33.3 %.
-  assert asr == pytest.approx({"tr@1": 100 / 3, "ir@1": 100 / 3})
+  assert {k: asr[k] for k in ("tr@1", "ir@1")} == pytest.approx({"tr@1": 100 / 3, "ir@1": 100 / 3})
+  # Within rank 5 pair 0 is still found in both directions (one score of 4 dropped): nothing fooled.
+  assert asr["tr@5"] == asr["ir@5"] == asr["tr@10"] == asr["ir@10"] == 0.0
   clean_r = metrics.recall_from_ranks(*clean_ranks)
   adv_r = metrics.recall_from_ranks(*adv_ranks)
   drop = metrics.recall_drop(clean_r, adv_r)

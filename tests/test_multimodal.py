@@ -174,7 +174,7 @@ def test_trained_model_retrieves(pgd_results):
 def test_eps0_reproduces_clean_recall_and_recall_falls_with_eps(pgd_results):
   pgd = pgd_results["attacks"]["pgd"]
   assert pgd["0"]["recall"] == pgd_results["clean"]
-  assert pgd["0"]["asr"] == {"tr@1": 0.0, "ir@1": 0.0}
+  assert set(pgd["0"]["asr"].values()) == {0.0}
   # Not a theorem for a single PGD run (larger balls do not nest the trajectories), but with budgets a
   # factor 2 apart and common random starts recall falls monotonically on this model.
   for key in ev.metrics.RECALL_KEYS:
