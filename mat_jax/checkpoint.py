@@ -69,6 +69,16 @@ CHECKSUM_DIR = "checksums"
 DAMAGED_DIR = "damaged_checkpoints"
 
 
+# What a checkpoint's pipeline record says of the training data, beside its layout: the split's build
+# and its record count. Recorded from when they were added, so compared only where a checkpoint has them.
+DATA_PIPELINE_KEYS = ("data.build", "data.records")
+
+
+def _pipeline_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  keys = (set(saved) | set(current)) - {k for k in DATA_PIPELINE_KEYS if k not in saved}
+  return [k for k in sorted(keys) if saved.get(k) != current.get(k)]
+
+
 class Checkpointer:
   """Periodic Orbax saves of (train state, data iterator, fingerprint), keep-N, resume."""
 
@@ -303,16 +313,24 @@ class Checkpointer:
     import grain
 
     saved = self._meta(step).get("pipeline")
-    if saved is not None and self.pipeline is not None and saved != self.pipeline:
-      diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {self.pipeline.get(k)!r}"
-                        for k in sorted(set(saved) | set(self.pipeline)) if saved.get(k) != self.pipeline.get(k))
-      raise self._other_pipeline(step, diffs)
+    differing = [] if saved is None or self.pipeline is None else _pipeline_differences(saved, self.pipeline)
+    data_keys = [k for k in differing if k in DATA_PIPELINE_KEYS]
+    if data_keys:
+      raise IncompatibleCheckpointError(
+          f"the checkpoint at step {step} in {self.directory} read other training data: "
+          + ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {self.pipeline.get(k)!r}" for k in data_keys)
+          + ". Its input-pipeline position counts records of that build; resumed on this one it would continue "
+          "at the same index of other data. Read the build it trained on (a corpus rebuilt under its name, or "
+          "by a newer builder version, replaced it), or use a fresh --workdir.")
+    if differing:
+      raise self._other_pipeline(step, ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run "
+                                                 f"{self.pipeline.get(k)!r}" for k in differing))
     try:
       self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
     except Exception as err:  # noqa: BLE001  Grain reports a misfit as KeyError, FileNotFoundError, ...
       if _not_the_checkpoints_fault(err):
         raise
-      if saved is not None and saved == self.pipeline:
+      if saved is not None and not _pipeline_differences(saved, self.pipeline or {}):
         reason = f"its input-pipeline position cannot be read ({_one_line(err)})"
         raise DamagedCheckpointError(f"checkpoint {self.step_dir(step)}: {reason}", reason) from err
       raise self._other_pipeline(step, f"Grain could not read it into this pipeline: {_one_line(err)}") from err

@@ -683,6 +683,36 @@ def test_a_position_saved_when_workers_read_examples_is_refused(tmp_path):
   assert (tmp_path / "checkpoints" / "1").is_dir()
 
 
+def test_a_position_in_another_build_of_the_training_data_is_refused(tmp_path):
+  """A corpus rebuilt under its name (another builder version, --overwrite) holds other records: the saved
+  position would continue at the same index of other data. Checkpoints from before the build was recorded
+  resume as before."""
+  from mat_jax.training import loop
+
+  layout = {"data.worker_count": 0, "processes": 1}
+  built = {**layout, "data.build": "caption_corpus/flickr30k_224px/1.2.0", "data.records": 29000}
+  with checkpoint_lib.Checkpointer(tmp_path / "run", {"x": 1}, async_save=False, pipeline=built) as ckpt:
+    ckpt.save(1, _state(1.0), _Position())
+  for changed in ({"data.records": 28999}, {"data.build": "caption_corpus/flickr30k_224px/1.3.0"}):
+    with checkpoint_lib.Checkpointer(tmp_path / "run", {"x": 1}, async_save=False,
+                                     pipeline={**built, **changed}) as ckpt:
+      key = next(iter(changed))
+      with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
+                         match=rf"read other training data: {key}: checkpoint .*same index of other data"):
+        ckpt.restore_newest_intact(_abstract(), _Position(), log=_quiet)
+  with checkpoint_lib.Checkpointer(tmp_path / "run", {"x": 1}, async_save=False, pipeline=built) as ckpt:
+    assert ckpt.restore_newest_intact(_abstract(), _Position(), log=_quiet)[1] == 1
+  with checkpoint_lib.Checkpointer(tmp_path / "older", {"x": 1}, async_save=False, pipeline=layout) as ckpt:
+    ckpt.save(1, _state(1.0), _Position())
+  with checkpoint_lib.Checkpointer(tmp_path / "older", {"x": 1}, async_save=False, pipeline=built) as ckpt:
+    assert ckpt.restore_newest_intact(_abstract(), _Position(), log=_quiet)[1] == 1
+  # What the loop records of a built dataset.
+  from mat_jax.data import corpora
+  builder = corpora.build_shapes(tmp_path / "data", train=6, val=0, test=2, image_size=16, log=_quiet)
+  record = loop.training_data_record(builder, "train")
+  assert record == {"data.build": f"shapes_world/{builder.builder_config.name}/{builder.version}", "data.records": 6}
+
+
 @pytest.mark.parametrize("how", ["garbage", "missing"])
 def test_an_unreadable_position_of_this_layout_is_damage(tmp_path, how):
   """A run killed before it sealed its newest checkpoint (no checksum to catch the damage) whose input

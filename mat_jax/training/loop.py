@@ -331,6 +331,13 @@ def ensure_cached_source(source: str, *, log: Log = print, mesh_spec: str | None
     source = upstream
 
 
+def training_data_record(builder: Any, split: str) -> dict[str, Any]:
+  """What a checkpoint records of its training data (`checkpoint.DATA_PIPELINE_KEYS`): the build read
+  (dataset/config/version) and the split's record count."""
+  return {"data.build": f"{builder.name}/{builder.builder_config.name}/{builder.version}",
+          "data.records": int(builder.info.splits[split].num_examples)}
+
+
 def pipeline_layout(worker_count: int, processes: int) -> dict[str, Any]:
   """What a checkpoint records of the input pipeline that saved its position, which only the same layout
   can read: Grain keeps one position per worker process and per host."""
@@ -400,6 +407,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     if evaluate and main:
       setup.check_split(builder, cfg.eval.split, "eval.split")
     if data_iterator is None:
+      # The records the saved position counts in: a corpus rebuilt under its name would resume at the same
+      # index of other data.
+      ckpt.pipeline.update(training_data_record(builder, cfg.data.split))
       data_iterator = setup.train_iterator(
           cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
           process_index=jax.process_index(), process_count=jax.process_count(),
