@@ -407,13 +407,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     if evaluate and main:
       setup.check_split(builder, cfg.eval.split, "eval.split")
     if data_iterator is None:
-      # The records the saved position counts in: a corpus rebuilt under its name would resume at the same
-      # index of other data.
-      ckpt.pipeline.update(training_data_record(builder, cfg.data.split))
       data_iterator = setup.train_iterator(
           cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
           process_index=jax.process_index(), process_count=jax.process_count(),
           extra_transforms=run.batch_transforms)
+      # The records the saved position counts in: a corpus rebuilt under its name would resume at the same
+      # index of other data.
+      ckpt.pipeline.update(training_data_record(builder, cfg.data.split))
     stop_if_signalled()
 
     _check_steps_cover(ckpt, cfg.train.steps, workdir)
