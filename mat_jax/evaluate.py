@@ -495,13 +495,24 @@ def shapes_meaning_filter(eval_set) -> Callable[[Sequence[str], int, str], bool]
   of_text: dict[tuple[str, ...], list[tuple[Any, str]]] = {}
   for index, caption in enumerate(eval_set.captions):
     of_text.setdefault(tuple(str(caption).split()), []).append((scenes[int(owners[index])], str(caption)))
+  cut: dict[tuple[str, ...], list[tuple[tuple[str, ...], Any, str]]] = {}
+
+  def captions_of(words: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any, str]]:
+    """The set's captions with these words, as (all their words, scene, caption); a caption longer than
+    the context reaches the source cut to its first words (`prepare_candidates`): those it begins."""
+    if words in of_text:
+      return [(words, scene, original) for scene, original in of_text[words]]
+    if words not in cut:
+      cut[words] = [(full, scene, original) for full, described in of_text.items() if full[:len(words)] == words
+                    for scene, original in described]
+    return cut[words]
 
   def keeps_meaning(words: Sequence[str], position: int, substitute: str) -> bool:
-    described = of_text.get(tuple(words))
+    described = captions_of(tuple(words))
     if not described:  # a caption outside the set: nothing to check it against
       return False
-    changed = " ".join([*words[:position], substitute, *words[position + 1:]])
-    return all(shapes.describes(changed, scene, original=original) for scene, original in described)
+    return all(shapes.describes(" ".join([*full[:position], substitute, *full[position + 1:]]), scene,
+                                original=original) for full, scene, original in described)
 
   return keeps_meaning
 

@@ -301,6 +301,44 @@ def test_meaning_filter_keeps_exactly_the_substitutes_that_describe_the_image(ti
     evaluate_lib.shapes_meaning_filter(_EvalSet(None, np.zeros(1), captions))
 
 
+def _one_object(shape, colour, size, row, col):
+  return shapes.SceneObject(shapes.SHAPES.index(shape), shapes.COLOURS.index(colour), size, row, col, 0.5, 0.5, 0.1,
+                            (0.0, 0.0, 0.0))
+
+
+def test_a_position_right_before_an_objects_words_is_that_objects():
+  """"... and a bottom tangerine donut": the judge and the meaning filter score it by the donut's place,
+  not by the object before it, in both directions."""
+  # A large orange star bottom left, a small orange ring top right.
+  scene = shapes.Scene((_one_object("star", "orange", 1, 2, 0), _one_object("ring", "orange", 0, 0, 2)), (0, 0, 0))
+  original = "an image showing a large orange pentagram and a little tangerine donut"
+  assert shapes.parse("a large orange star and a bottom orange ring").mentions[1].row == 2
+  assert not shapes.describes(original.replace("little", "bottom"), scene, original=original)
+  assert shapes.describes(original.replace("little", "top"), scene, original=original)
+  assert shapes.parse("a red square in the top left and a blue circle").mentions[0].row == 0  # still the first's
+  captions = _EvalSet([scene], np.array([0]), np.array([original]))
+  source = MeaningFilteredSource(LexiconSource({"little": ["bottom", "top", "tiny"]}),
+                                 evaluate_lib.shapes_meaning_filter(captions))
+  assert source([original.split()])[0][original.split().index("little")] == ["top", "tiny"]
+
+
+def test_the_meaning_filter_reads_a_caption_cut_to_the_context_as_the_whole_caption(tmp_path):
+  # prepare_candidates gives the source the words inside the context; the filter checks the whole caption.
+  from mat_jax.attacks.candidates import prepare_candidates
+
+  scene = shapes.Scene((_one_object("cross", "purple", 0, 1, 0), _one_object("triangle", "orange", 1, 2, 0)),
+                       (0, 0, 0))
+  caption = "a photo of a violet cross at the left with a tangerine triangle at the bottom left"
+  assert shapes.describes(caption, scene)
+  captions = _EvalSet([scene], np.array([0]), np.array([caption]))
+  source = MeaningFilteredSource(LexiconSource(shapes.substitution_table()),
+                                 evaluate_lib.shapes_meaning_filter(captions))
+  short = shapes.tokenizer(tmp_path / "tok", context_length=14)  # 12 of the caption's 17 words fit
+  unfiltered = prepare_candidates([caption], short, LexiconSource(shapes.substitution_table()))
+  filtered = prepare_candidates([caption], short, source)
+  assert int(np.sum(filtered.target_valid)) == int(np.sum(unfiltered.target_valid)) > 0
+
+
 def test_meaning_filter_flag_needs_shapes_data_and_one_changed_word(capsys, tmp_path):
   for flags, message in [(["--data", "flickr30k"], "use it with --data shapes"),
                          (["--max-changes", "2"], "holds for one changed word")]:

@@ -536,7 +536,10 @@ def parse(caption: str) -> Meaning:
         i += 1
         run.append(words[i])
       position = _read_position(run, caption)
-      if mentions and not current and pending_relation is None:
+      # "... and a bottom blue ring": a position right before an object's words is that object's.
+      next_word = words[i + 1] if i + 1 < len(words) else None
+      describes_next = next_word in _SIZE_OF or next_word in _COLOUR_OF or next_word in _SHAPE_OF
+      if mentions and not current and pending_relation is None and not describes_next:
         # A second position phrase of one object ("a red ring lower the top", what a substituted word can
         # give) must agree with the first: one object has one place.
         last = mentions[-1]
