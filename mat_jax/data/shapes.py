@@ -530,16 +530,13 @@ def parse(caption: str) -> Meaning:
       pending_relation = (len(mentions) - 1, _RELATION_OF.get(w, w))
       i += 1 if w in ("left", "right") else 0
     elif w in _POSITION_WORDS:
-      run = [w]
+      start, run = i, [w]
       while i + 1 < len(words) and words[i + 1] in _POSITION_WORDS and not (
           words[i + 1] in ("left", "right") and i + 2 < len(words) and words[i + 2] == "of"):
         i += 1
         run.append(words[i])
       position = _read_position(run, caption)
-      # "... and a bottom blue ring": a position right before an object's words is that object's.
-      next_word = words[i + 1] if i + 1 < len(words) else None
-      describes_next = next_word in _SIZE_OF or next_word in _COLOUR_OF or next_word in _SHAPE_OF
-      if mentions and not current and pending_relation is None and not describes_next:
+      if mentions and not current and pending_relation is None and not _describes_next_object(words, start, i):
         # A second position phrase of one object ("a red ring lower the top", what a substituted word can
         # give) must agree with the first: one object has one place.
         last = mentions[-1]
@@ -555,6 +552,23 @@ def parse(caption: str) -> Meaning:
     raise CaptionParseError(f"{caption!r} names no object (a colour and a shape)")
   return Meaning(tuple(Mention(**{k: m[k] for k in ("shape", "colour", "size", "row", "col")}) for m in mentions),
                  tuple(relations))
+
+
+_PREPOSITIONS = frozenset({"in", "at", "on", "near"})
+
+
+def _describes_next_object(words: Sequence[str], start: int, end: int) -> bool:
+  """Whether the position words[start:end + 1] are an adjective of the object whose words follow ("... and
+  a bottom blue ring", what a substituted size or colour word can give) rather than a position phrase of
+  the object before ("a star at the right and a ring", also after `eda` drops or inserts filler words):
+  no preposition before them, looking past filler, and an object's word right after."""
+  following = words[end + 1] if end + 1 < len(words) else None
+  if not (following in _SIZE_OF or following in _COLOUR_OF or following in _SHAPE_OF):
+    return False
+  before = start - 1
+  while before >= 0 and words[before] in NON_CRITICAL:
+    before -= 1
+  return before < 0 or words[before] not in _PREPOSITIONS
 
 
 def _same_place(first: tuple[int | None, int | None], second: tuple[int | None, int | None],
