@@ -451,7 +451,9 @@ def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
     model = (load_blip if is_blip(exported) else load_clip)(exported)
     tokenizer = None
     if (exported / "tokenizer.json").exists() or (exported / "vocab.json").exists():
-      tokenizer = load_tokenizer(exported, context_length=model.config.text.context_length)
+      # The length the run tokenised at: model.context_length cuts captions shorter than the model's texts.
+      context = _run_context_length(workdir) or model.config.text.context_length
+      tokenizer = load_tokenizer(exported, context_length=context)
     return model, tokenizer
   path = workdir / checkpoint.CONFIG_FILE
   if not path.exists():
@@ -464,6 +466,30 @@ def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
     raise ConfigError(f"{path} is not valid JSON ({err}); it is the run's config, written by "
                       "mat_jax.train: restore it from the run's experiment file") from None
   return restore_checkpointed_model(config_lib.build(raw, origin=str(path)), workdir)
+
+
+def _run_context_length(workdir: Path) -> int:
+  """The run's model.context_length (0: the model's own, or not a run's export)."""
+  try:
+    raw = json.loads((workdir / checkpoint.CONFIG_FILE).read_text())
+    context = raw.get("model", {}).get("context_length", 0)
+  except (OSError, ValueError, AttributeError):  # no run config (a model directory), or not a run's
+    return 0
+  return context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else 0
+
+
+def set_aside_export(workdir: str | os.PathLike) -> Path | None:
+  """Move a run's export out of `model/` when the run trains on past it (resumed with more steps): until
+  the run finishes and exports again, the run's model is its newest checkpoint, which evaluation then
+  reads, with its note. The export is kept, as `superseded_models/N`."""
+  exported = Path(workdir) / checkpoint.MODEL_DIR
+  if not exported.is_dir():
+    return None
+  kept = Path(workdir) / "superseded_models"
+  kept.mkdir(exist_ok=True)
+  target = kept / str(1 + max((int(p.name) for p in kept.iterdir() if p.name.isdigit()), default=0))
+  os.replace(exported, target)
+  return target
 
 
 def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[CLIP | BLIP, Any]:

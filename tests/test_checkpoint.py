@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +204,40 @@ def test_exported_model_and_tokenizer_reload(setting, uninterrupted, monkeypatch
   assert ids.shape == (1, model.config.text.context_length)
   config = (uninterrupted / "config.json").read_text()
   assert f'"steps": {STEPS}' in config
+
+
+@pytest.mark.slow
+def test_a_finished_run_trained_on_sets_its_export_aside(setting, uninterrupted, tmp_path, capsys, monkeypatch):
+  """Resumed with more steps and stopped before its new end, the run's model is its newest checkpoint: the
+  export of its old end must not be evaluated as the run's (it is kept, set aside)."""
+  root, path, env = setting
+  monkeypatch.setenv("MAT_JAX_CACHE_DIR", env["MAT_JAX_CACHE_DIR"])
+  workdir = tmp_path / "extended"
+  shutil.copytree(uninterrupted, workdir)
+  exported = load_file(str(workdir / "model" / "model.safetensors"))
+  process = subprocess.run(_command(path, workdir) + ["--config.train.steps=50"], capture_output=True, text=True,
+                           env=dict(env, **{loop.FAULT_SIGKILL_ENV: "40"}), timeout=600)
+  assert process.returncode == -signal.SIGKILL
+  assert "now kept in" in process.stdout + process.stderr
+  assert not (workdir / "model").exists() and not runs.is_trained(workdir)
+  kept = load_file(str(workdir / "superseded_models" / "1" / "model.safetensors"))
+  assert all(np.array_equal(kept[k], exported[k]) for k in exported)
+  model, _ = runs.restore_model(workdir)
+  # The kill cut the asynchronous write of step 40: the newest intact checkpoint is the old end's.
+  assert "using its checkpoint at step 30 of 50" in capsys.readouterr().err
+
+
+def test_an_export_is_read_with_the_context_length_its_run_tokenised_at(tmp_path):
+  from flax import nnx
+
+  from mat_jax.data import shapes
+  from mat_jax.models import CLIP
+
+  model = CLIP(runs.parse_model_overrides(MICRO, runs.clip_config("tiny")), rngs=nnx.Rngs(0))
+  runs.export_model(model, shapes.tokenizer(), tmp_path)
+  assert runs.restore_model(tmp_path)[1].context_length == model.config.text.context_length  # no run config
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"source": "x", "context_length": 12}}))
+  assert runs.restore_model(tmp_path)[1].context_length == 12
 
 
 def test_an_export_cut_short_leaves_no_model_or_the_previous_one(tmp_path):

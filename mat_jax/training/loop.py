@@ -426,6 +426,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     resumed = start is not None
     if resumed:
       say(f"resumed from the checkpoint at step {start}")
+      superseded = runs.set_aside_export(workdir) if main and start < cfg.train.steps else None
+      if superseded is not None:
+        say(f"the run trains on past its exported model, now kept in {superseded}; it exports again at step "
+            f"{cfg.train.steps}")
     else:
       _check_starting_params(run.params, cfg.model.source)
       state = step_lib.create_state(run.params, run.tx, run.is_trainable, cfg.seed, run.shardings)
