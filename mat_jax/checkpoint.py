@@ -4,10 +4,12 @@ A run's workdir holds:
 
     checkpoints/<step>/state   params, optimizer state, step, RNG key, NaN flag (TrainState)
     checkpoints/<step>/data    the Grain iterator position, one JSON per process (Grain's handler)
-    checkpoints/<step>/meta    the config fingerprint (see below) and the step
+    checkpoints/<step>/meta    the config fingerprint (see below), the step, the input pipeline's layout
+                               and the training split's build
     config.json                the full experiment config of the run
     model/                     the final model in the transformers layout + tokenizer files
                                (written and read by `mat_jax.runs`)
+    superseded_models/<n>/     earlier ends' exports of a run resumed with more steps
 
 Saves are periodic (keep-N); restarting in the same workdir resumes from the newest complete
 checkpoint. Because the per-step key is derived from (seed key, step) and the data position is
@@ -67,6 +69,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKSUM_DIR = "checksums"
 DAMAGED_DIR = "damaged_checkpoints"
+SUPERSEDED_DIR = "superseded_models"  # exports of a run's earlier end, once it trains on (runs.set_aside_export)
 
 
 # What a checkpoint's pipeline record says of the training data, beside its layout: the split's build
@@ -482,7 +485,8 @@ def check_workdir(workdir: str | os.PathLike) -> None:
   never holds one), and one where a name the run writes is taken by the other kind of entry (a file
   `checkpoints`, a directory `config.json`), which would fail part-way with an OS error."""
   path = Path(workdir)
-  misplaced = [f"{name} is a file" for name in (CHECKPOINTS_DIR, CHECKSUM_DIR, DAMAGED_DIR, TENSORBOARD_DIR, MODEL_DIR)
+  misplaced = [f"{name} is a file" for name in (CHECKPOINTS_DIR, CHECKSUM_DIR, DAMAGED_DIR, TENSORBOARD_DIR, MODEL_DIR,
+                                                SUPERSEDED_DIR)
                if (path / name).exists() and not (path / name).is_dir()]
   misplaced += [f"{name} is a directory" for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE) if (path / name).is_dir()]
   if misplaced:

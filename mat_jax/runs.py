@@ -485,7 +485,7 @@ def set_aside_export(workdir: str | os.PathLike) -> Path | None:
   exported = Path(workdir) / checkpoint.MODEL_DIR
   if not exported.is_dir():
     return None
-  kept = Path(workdir) / "superseded_models"
+  kept = Path(workdir) / checkpoint.SUPERSEDED_DIR
   kept.mkdir(exist_ok=True)
   target = kept / str(1 + max((int(p.name) for p in kept.iterdir() if p.name.isdigit()), default=0))
   os.replace(exported, target)
