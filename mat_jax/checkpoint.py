@@ -317,17 +317,19 @@ class Checkpointer:
 
     saved = self._meta(step).get("pipeline")
     differing = [] if saved is None or self.pipeline is None else _pipeline_differences(saved, self.pipeline)
+
+    def listed(keys: list[str]) -> str:
+      return ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {self.pipeline.get(k)!r}" for k in keys)
+
     data_keys = [k for k in differing if k in DATA_PIPELINE_KEYS]
     if data_keys:
       raise IncompatibleCheckpointError(
-          f"the checkpoint at step {step} in {self.directory} read other training data: "
-          + ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {self.pipeline.get(k)!r}" for k in data_keys)
-          + ". Its input-pipeline position counts records of that build; resumed on this one it would continue "
-          "at the same index of other data. Read the build it trained on (a corpus rebuilt under its name, or "
-          "by a newer builder version, replaced it), or use a fresh --workdir.")
+          f"the checkpoint at step {step} in {self.directory} read other training data: {listed(data_keys)}. Its "
+          "input-pipeline position counts records of that build; resumed on this one it would continue at the "
+          "same index of other data. Read the build it trained on (a corpus rebuilt under its name, or by a "
+          "newer builder version, replaced it), or use a fresh --workdir.")
     if differing:
-      raise self._other_pipeline(step, ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run "
-                                                 f"{self.pipeline.get(k)!r}" for k in differing))
+      raise self._other_pipeline(step, listed(differing))
     try:
       self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
     except Exception as err:  # noqa: BLE001  Grain reports a misfit as KeyError, FileNotFoundError, ...

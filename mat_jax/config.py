@@ -500,7 +500,7 @@ def _check_values(config: dict) -> None:
   except InputError as err:  # an unknown name (listing the registry) or a budget the attack cannot take
     raise ConfigError(str(err)) from None
   # Refused here, not by the evaluation after the training it follows.
-  contrastive = [a for a in config["eval"]["attacks"] if attack_specs.get(a).loss == "contrastive"]
+  contrastive = [a for a in config["eval"]["attacks"] if a in attack_specs.BATCH_CONTRASTIVE]
   evaluated = config["eval"]["batch_size"] if not config["eval"]["max_images"] else min(
       config["eval"]["batch_size"], config["eval"]["max_images"])
   if contrastive and evaluated < 2:

@@ -61,9 +61,7 @@ ATTACKS = attack_specs.NAMES  # every attack of the registry
 DEFAULT_ATTACKS = ("pgd", "apgd", "bert", "sep", "co", "sga")  # the references' evaluation attacks
 TEXT_ONLY = tuple(n for n, s in attack_specs.ATTACKS.items() if not s.attacks_image)
 NEEDS_TEXT_SOURCE = tuple(n for n, s in attack_specs.ATTACKS.items() if s.attacks_text)
-# Attacks that ascend a contrastive loss whose negatives are the other captions of the image's batch
-# (tecoa, mat, mmcoa): their strength depends on the batch size, and one image alone is not attacked.
-BATCH_CONTRASTIVE = tuple(n for n, s in attack_specs.ATTACKS.items() if s.loss == "contrastive")
+BATCH_CONTRASTIVE = attack_specs.BATCH_CONTRASTIVE  # one image per batch is not attacked (attacks.spec)
 TEXT_ONLY_KEY = "text"  # the eps key of text-only attacks in the results
 SUMMARY_KEYS = ("tr@1", "ir@1")
 # Per-query arrays of keep_ranks, not written to JSON.

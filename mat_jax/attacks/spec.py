@@ -192,6 +192,9 @@ ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in (
 )}
 
 NAMES = tuple(ATTACKS)
+# Attacks that ascend a contrastive loss whose negatives are the other captions of the image's batch
+# (tecoa, mat, mmcoa): their strength depends on the batch size, and one image alone is not attacked.
+BATCH_CONTRASTIVE = tuple(n for n, s in ATTACKS.items() if s.loss == "contrastive")
 
 
 def get(name: str) -> AttackSpec:
