@@ -65,6 +65,19 @@ def test_without_warmup_it_is_optax_schedule_itself(tmp_path):
   assert _rates(config) == pytest.approx([float(main(step)) for step in STEPS_CHECKED])
 
 
+def test_an_optax_warmup_schedule_warms_up_from_zero(tmp_path):
+  # Its init_value, left out, is the start of its own warm-up: 0 as the built-in warm-up's, not the peak,
+  # which would make the warm-up flat; an init_value given is kept.
+  config = config_lib.load(_write(tmp_path, dict(name="optax.warmup_cosine_decay_schedule",
+                                                 kwargs=dict(warmup_steps=20))))
+  main = optax.warmup_cosine_decay_schedule(0.0, PEAK, 20, STEPS)
+  assert _rates(config) == pytest.approx([float(main(step)) for step in STEPS_CHECKED], abs=1e-12)
+  assert _rates(config)[0] == 0.0 and _rates(config)[2] == pytest.approx(PEAK * 9 / 20)
+  given = config_lib.load(_write(tmp_path, dict(name="optax.warmup_constant_schedule",
+                                                kwargs=dict(warmup_steps=20, init_value=1e-4))))
+  assert _rates(given)[0] == pytest.approx(1e-4) and _rates(given)[-1] == pytest.approx(PEAK)
+
+
 def test_kwargs_overrides(tmp_path):
   path = _write(tmp_path, dict(name="optax.exponential_decay", warmup_steps=WARMUP, kwargs=dict(decay_rate=0.5)))
   config = config_lib.load(path, ["--config.schedule.kwargs.decay_rate=1/4"])

@@ -21,6 +21,9 @@ OPTAX_PREFIX = "optax."
 # Required constructor parameters that schedule.kwargs may leave out, filled from the config: the
 # learning rate the warm-up ends at, and the length of the main schedule.
 PEAK_PARAMETERS = ("init_value", "peak_value", "value")
+# Beside `peak_value`, `init_value` is where the constructor's own warm-up starts (optax.warmup_*): from 0,
+# as the built-in warm-up; filled with the peak, the warm-up would be flat.
+WARMUP_START_PARAMETER = "init_value"
 LENGTH_PARAMETERS = ("transition_steps", "decay_steps")
 
 
@@ -55,9 +58,9 @@ def check_schedule_name(name: str) -> None:
 def optax_schedule_arguments(name: str, kwargs: Mapping[str, Any], peak: float, main_steps: int
                              ) -> dict[str, Any]:
   """The keyword arguments `optax.NAME` is called with: `kwargs`, plus the required parameters they leave
-  out that the config gives (PEAK_PARAMETERS: `peak`; LENGTH_PARAMETERS: `main_steps`, the steps after
-  warm-up). ValueError naming the constructor and its parameters for a parameter it does not take or a
-  required one missing."""
+  out that the config gives (PEAK_PARAMETERS: `peak`, except a warm-up's start, 0; LENGTH_PARAMETERS:
+  `main_steps`, the steps after warm-up). ValueError naming the constructor and its parameters for a
+  parameter it does not take or a required one missing."""
   parameters = schedule_parameters(name)
   signature = ", ".join(parameters)
   unknown = sorted(set(kwargs) - set(parameters))
@@ -70,7 +73,9 @@ def optax_schedule_arguments(name: str, kwargs: Mapping[str, Any], peak: float, 
   for key, parameter in parameters.items():
     if key in arguments or parameter.default is not inspect.Parameter.empty:
       continue
-    if key in PEAK_PARAMETERS:
+    if key == WARMUP_START_PARAMETER and "peak_value" in parameters:
+      arguments[key] = 0.0
+    elif key in PEAK_PARAMETERS:
       arguments[key] = peak
     elif key in LENGTH_PARAMETERS:
       arguments[key] = main_steps
