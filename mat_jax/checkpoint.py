@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mat_jax import checks, errors
-from mat_jax.errors import Interrupted, MatJaxError, WorkdirError
+from mat_jax.errors import ConfigError, Interrupted, MatJaxError, WorkdirError
 from mat_jax.workdir import LOCK_FILE
 
 STATE, DATA, META = "state", "data", "meta"
@@ -497,16 +497,36 @@ def check_workdir(workdir: str | os.PathLike) -> None:
   held = sorted(p.name for p in path.glob("model*.safetensors"))
   if (path / "model.safetensors.index.json").exists():
     held.append("model.safetensors.index.json")
-  try:
-    config = json.loads((path / CONFIG_FILE).read_text())
-  except (OSError, ValueError):  # none, or unreadable: the run's own checks report a damaged run config
-    config = None
-  if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
+  config = read_run_config(path)  # None if damaged: the run's own checks report that
+  if config is not None and ("model_type" in config or "architectures" in config):
     held.append(f"{CONFIG_FILE} of a {config.get('model_type', 'transformers')} model")
   if held:
     raise WorkdirError(f"the workdir {path} holds a model ({', '.join(held)}), not a training run: a run would "
                        f"write its own {CONFIG_FILE} over the model's. Pass another workdir; to train from this "
                        f"model, give it as the starting point (--config.model.source={path})")
+
+
+def read_run_config(workdir: str | os.PathLike, *, required: bool = False) -> dict | None:
+  """The directory's CONFIG_FILE as plain data (a run's config, or a transformers model's), or None where
+  there is none or it is no JSON object; with `required`, a ConfigError naming the damaged file instead."""
+  path = Path(workdir) / CONFIG_FILE
+  try:
+    raw = json.loads(path.read_text())
+  except OSError:
+    if required:
+      raise ConfigError(f"{path} cannot be read; it is the run's config, written by mat_jax.train") from None
+    return None
+  except ValueError as err:
+    if required:
+      raise ConfigError(f"{path} is not valid JSON ({err}); it is the run's config, written by "
+                        "mat_jax.train: restore it from the run's experiment file") from None
+    return None
+  if not isinstance(raw, dict):
+    if required:
+      raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, not the run's config (an object); restore "
+                        "it from the run's experiment file")
+    return None
+  return raw
 
 
 def write_run_config(workdir: str | os.PathLike, config_json: str) -> None:

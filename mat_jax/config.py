@@ -164,8 +164,7 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = (), arg: str | None
          ) -> ml_collections.ConfigDict:
   """Load an experiment file (`path` or `path:arg`), fill defaults, apply overrides, validate."""
   path, arg = _split_arg(str(path), arg)
-  raw = _call_get_config(Path(path), arg)
-  return build(raw, overrides, origin=str(path))
+  return build(read_experiment_file(Path(path), arg), overrides, origin=str(path))
 
 
 def _section_name(raw: dict, section: str) -> Any:
@@ -221,6 +220,12 @@ def _split_arg(path: str, arg: str | None) -> tuple[str, str | None]:
     at = path.find(".py:")
     path, arg = (path[:at + 3], path[at + 4:]) if at >= 0 else path.rsplit(":", 1)
   return path, arg
+
+
+def read_experiment_file(path: Path, arg: str | None) -> dict:
+  """What the experiment (or study) file's `get_config(arg)` returns, as a plain dict: no defaults, no
+  validation. ConfigError for a missing file, one that fails to import, or an argument it ignores."""
+  return _to_dict(_call_get_config(path, arg))
 
 
 def _call_get_config(path: Path, arg: str | None) -> Any:

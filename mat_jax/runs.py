@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -74,8 +73,6 @@ CACHE_PREFIX = "cache:"
 SHAPES_SOURCE = "shapes"            # the command lines' name of cache:shapes_clip
 SHAPES_EXPERIMENT = "shapes_clip"
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-
-Log = Callable[[str], None]
 
 
 class MissingCachedRunError(ConfigError):
@@ -174,8 +171,8 @@ def starting_source(source: str) -> str | None:
   if not is_run_dir(path):
     return None
   try:
-    return str(json.loads((path / checkpoint.CONFIG_FILE).read_text())["model"]["source"])
-  except (OSError, ValueError, KeyError, TypeError):
+    return str(checkpoint.read_run_config(path)["model"]["source"])
+  except (KeyError, TypeError):  # no config, or not a run's
     return None
 
 
@@ -243,11 +240,8 @@ def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenize
 
 def _holds_run_config(path: Path) -> bool:
   """Whether `path/config.json` is a training run's config (an experiment's sections), not a model's."""
-  try:
-    raw = json.loads((path / checkpoint.CONFIG_FILE).read_text())
-  except (OSError, ValueError):
-    return False
-  return isinstance(raw, dict) and {"model", "train", "objective"} <= set(raw)
+  raw = checkpoint.read_run_config(path)
+  return raw is not None and {"model", "train", "objective"} <= set(raw)
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> tuple[CLIP | BLIP, Tokenizer | None]:
@@ -460,20 +454,15 @@ def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
     raise checkpoint.NotARunError(f"{workdir} is not a mat_jax run directory: it has neither "
                                   f"{checkpoint.MODEL_DIR}/ (the exported model) nor {checkpoint.CONFIG_FILE}; "
                                   "pass the --workdir of a training run")
-  try:
-    raw = json.loads(path.read_text())
-  except ValueError as err:
-    raise ConfigError(f"{path} is not valid JSON ({err}); it is the run's config, written by "
-                      "mat_jax.train: restore it from the run's experiment file") from None
+  raw = checkpoint.read_run_config(workdir, required=True)
   return restore_checkpointed_model(config_lib.build(raw, origin=str(path)), workdir)
 
 
 def _run_context_length(workdir: Path) -> int:
   """The run's model.context_length (0: the model's own, or not a run's export)."""
   try:
-    raw = json.loads((workdir / checkpoint.CONFIG_FILE).read_text())
-    context = raw.get("model", {}).get("context_length", 0)
-  except (OSError, ValueError, AttributeError):  # no run config (a model directory), or not a run's
+    context = checkpoint.read_run_config(workdir)["model"].get("context_length", 0)
+  except (TypeError, KeyError, AttributeError):  # no run config (a model directory), or not a run's
     return 0
   return context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else 0
 

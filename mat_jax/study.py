@@ -35,7 +35,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from mat_jax import evaluate as evaluate_lib
 from mat_jax.attacks.candidates import LexiconSource, MeaningFilteredSource
 from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import MatJaxError
+from mat_jax.intervals import hits, interval, per_image
 from mat_jax.training import inputs, loop, mlm, setup
 
 # The meaning-filtered attacks: the named attack with the threat's substitutes that keep the caption true.
@@ -60,8 +61,6 @@ DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "study_sha
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 _KEYS = ("name", "seeds", "eps_255", "eval_images", "eval_batch", "budget", "data", "model_source",
          "model_overrides", "text_source", "arms")
-
-Log = Callable[[str], None]
 
 
 class StudyError(MatJaxError, ValueError):
@@ -88,10 +87,9 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
   if quick and arg:
     raise StudyError(f"--quick and the study-file argument {arg!r} exclude each other; give one")
   try:
-    raw = config_lib._call_get_config(Path(path), "quick" if quick else (arg or None))
+    raw = config_lib.read_experiment_file(Path(path), "quick" if quick else (arg or None))
   except config_lib.ConfigError as err:
     raise StudyError(str(err)) from None
-  raw = config_lib._to_dict(raw)
   if "bootstrap" in raw:
     raise StudyError(f"{path}: the study key 'bootstrap' is not used: the intervals are computed, not resampled "
                      "(docs/study.md#intervals); remove it")
@@ -201,7 +199,7 @@ def evaluated_with(study: Mapping[str, Any]) -> dict[str, Any]:
           "attack_settings": dataclasses.asdict(evaluate_lib.AttackSettings())}
 
 
-def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool = False, log: Log = print) -> None:
+def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool = False, log: loop.Log = print) -> None:
   """Write the study's settings into a new study dir; refuse a dir made by other training settings.
 
   A study may add arms to (or leave out arms of) the study in the dir, add seeds, evaluate another test
@@ -374,7 +372,7 @@ def check_mesh(study: Mapping[str, Any], mesh_spec: str) -> None:
 
 
 def run(study: Mapping[str, Any], study_dir: Path, *, shard: tuple[int, int] = (0, 1),
-        mesh_spec: str | None = None, log: Log = print) -> dict[str, Any]:
+        mesh_spec: str | None = None, log: loop.Log = print) -> dict[str, Any]:
   """Train and evaluate every arm x seed (reusing what is finished); returns the collected results.
 
   `shard=(i, n)` runs only the runs whose index is i modulo n, so n processes (or machines sharing the
@@ -458,7 +456,7 @@ def _evaluated_as(attack: str) -> str:
   return "bert" if attack in TEXT_ONLY else attack.removesuffix(FILTERED)
 
 
-def collect(study: Mapping[str, Any], study_dir: Path, *, log: Log = print) -> dict[str, Any]:
+def collect(study: Mapping[str, Any], study_dir: Path, *, log: loop.Log = print) -> dict[str, Any]:
   """The finished evaluations of every arm x seed, without training or evaluating anything (`--report-only`:
   a report while shards still refresh evaluations). An evaluation written before the meaning-preserving
   ranks were kept is used as it is (its restored recall then has a seed range, not an interval)."""
@@ -561,67 +559,6 @@ def _read_eval(eval_dir: Path, attack: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------
 # Intervals and claims.
-
-
-def hits(entry: Mapping[str, Any], n_images: int, meaning_preserving: bool = False
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per test image: TR@1 hit (N,), IR@1 hits among its captions (N,), its caption count (N,).
-
-  meaning_preserving: from the ranks with every label-flipped caption restored (a text attack's entry)."""
-  suffix = "_mp" if meaning_preserving else ""
-  tr = (np.asarray(entry["tr_rank" + suffix]) < 1).astype(np.float64)
-  owners = np.asarray(entry["text_to_image"])
-  ir = np.bincount(owners, weights=(np.asarray(entry["ir_rank" + suffix]) < 1).astype(np.float64),
-                   minlength=n_images)
-  return tr, ir, np.bincount(owners, minlength=n_images).astype(np.float64)
-
-
-def per_image(per_seed: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], metric: str) -> np.ndarray:
-  """(S, N): per seed and test image, the image's part of the recall (%), whose mean over the images is the
-  recall. TR@1: its hit. IR@1 is a ratio (all captions' hits over all captions): an image's part is its
-  linearisation R + (hits - R captions) / mean captions, with R the seed's IR@1, so images with more
-  captions weigh as they do in the ratio. `per_seed`: `hits` of each seed."""
-  if metric == "tr@1":
-    return 100.0 * np.stack([tr for tr, _, _ in per_seed])
-  parts = []
-  for _, ir, count in per_seed:
-    recall = ir.sum() / count.sum()
-    parts.append(recall + (ir - recall * count) / count.mean())
-  return 100.0 * np.stack(parts)
-
-
-def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
-  """The `level` interval of the mean of `values` (S seeds, N test images) as an estimate of its
-  expectation over training seeds and test images: Student's t on the sum of two variances, each with its
-  own degrees of freedom (Satterthwaite's approximation).
-
-  - seeds: the spread of the S per-seed means (what another training run would change), S - 1 degrees of
-    freedom; with few seeds this is the wide part, as it should be;
-  - images: the spread of the N per-image means over the seeds (what another test set would change), N - 1.
-  Each also holds the seed-by-image noise, which is so counted twice. Satterthwaite's degrees of freedom
-  come from the estimated seed part, itself known to 1-2 degrees of freedom with 2-3 seeds: when it comes
-  out small they grow and the interval narrows too far (2 seeds covered 87%, 3 seeds 92-93% in
-  simulations). So the interval is never narrower than Student's t over the S seed means alone. With one
-  seed there is no seed part: the interval then covers the test images only (the model is fixed). Pass
-  the difference of two arms' values (the same seeds' indices and images) for a paired interval."""
-  from scipy import stats
-
-  seeds, n = values.shape
-  if n < 2:
-    raise ValueError(f"an interval over test images needs at least 2 images, got {n}")
-  mean = float(values.mean())
-  quantile = 0.5 + level / 2
-  parts = [(float(values.mean(0).var(ddof=1)) / n, n - 1)]
-  if seeds > 1:
-    parts.append((float(values.mean(1).var(ddof=1)) / seeds, seeds - 1))
-  variance = sum(v for v, _ in parts)
-  if variance <= 0:
-    return [mean, mean]
-  df = variance ** 2 / sum(v ** 2 / dof for v, dof in parts)
-  half = float(stats.t.ppf(quantile, df)) * variance ** 0.5
-  if seeds > 1:
-    half = max(half, float(stats.t.ppf(quantile, seeds - 1)) * parts[1][0] ** 0.5)
-  return [mean - half, mean + half]
 
 
 # (claim, better arm, other arm, attacks). A claim holds on a metric when its interval lies above 0.
@@ -831,7 +768,7 @@ def plot(study: Mapping[str, Any], table: Mapping, path: Path, arms: Sequence[st
   return path
 
 
-def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, log: Log = print) -> dict[str, Path]:
+def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, log: loop.Log = print) -> dict[str, Path]:
 
   rows, claims, table = summarise(study, result["collected"])
   n_images = rows[0]["n_images"]

@@ -263,3 +263,19 @@ def test_an_export_cut_short_leaves_no_model_or_the_previous_one(tmp_path):
   with pytest.raises(OSError, match="disk full"):
     runs.export_model(model, Unwritable(), tmp_path)
   assert sorted(p.name for p in (tmp_path / checkpoint_lib.MODEL_DIR).iterdir()) == exported
+
+
+def test_read_run_config_reads_an_object_and_names_a_damaged_file(tmp_path):
+  from mat_jax.errors import ConfigError
+
+  assert checkpoint_lib.read_run_config(tmp_path) is None  # none
+  with pytest.raises(ConfigError, match="cannot be read"):
+    checkpoint_lib.read_run_config(tmp_path, required=True)
+  path = tmp_path / checkpoint_lib.CONFIG_FILE
+  path.write_text('{"model": {"source": "shapes"}}')
+  assert checkpoint_lib.read_run_config(tmp_path) == {"model": {"source": "shapes"}}
+  for text, message in (("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not the run's config")):
+    path.write_text(text)
+    assert checkpoint_lib.read_run_config(tmp_path) is None
+    with pytest.raises(ConfigError, match=message):
+      checkpoint_lib.read_run_config(tmp_path, required=True)

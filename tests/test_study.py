@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from mat_jax import config as config_lib
-from mat_jax import recipes, runs, study
+from mat_jax import intervals, recipes, runs, study
 from mat_jax.attacks.candidates import BertMLMSource
 from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import ConfigError
@@ -397,7 +397,7 @@ def test_per_image_values_average_to_the_recalls():
   tr = (rng.random(50) < 0.6).astype(float)
   count = rng.integers(1, 4, 50).astype(float)
   ir = np.minimum(rng.integers(0, 4, 50), count)
-  values = {m: study.per_image([(tr, ir, count)] * 2, m) for m in study.METRICS}
+  values = {m: intervals.per_image([(tr, ir, count)] * 2, m) for m in study.METRICS}
   assert values["tr@1"].shape == (2, 50)
   np.testing.assert_allclose(values["tr@1"].mean(1), 100 * tr.mean())
   np.testing.assert_allclose(values["ir@1"].mean(1), 100 * ir.sum() / count.sum())  # IR@1: hits over captions
@@ -408,12 +408,12 @@ def test_one_seed_interval_is_students_over_the_images():
 
   rng = np.random.default_rng(1)
   values = 100 * (rng.random((1, 400)) < 0.6)
-  lo, hi = study.interval(values)
+  lo, hi = intervals.interval(values)
   half = stats.t.ppf(0.975, 399) * values.std(ddof=1) / np.sqrt(400)
   np.testing.assert_allclose([lo, hi], [values.mean() - half, values.mean() + half])
-  assert study.interval(values - values) == [0.0, 0.0]  # an arm against itself: no difference, no width
+  assert intervals.interval(values - values) == [0.0, 0.0]  # an arm against itself: no difference, no width
   with pytest.raises(ValueError, match="at least 2 images"):
-    study.interval(values[:, :1])
+    intervals.interval(values[:, :1])
 
 
 def test_the_seed_component_widens_the_interval_with_few_seeds():
@@ -423,7 +423,7 @@ def test_the_seed_component_widens_the_interval_with_few_seeds():
 
   seed_means = np.array([60.0, 64.0, 71.0])
   values = np.repeat(seed_means[:, None], 200, axis=1)
-  lo, hi = study.interval(values)
+  lo, hi = intervals.interval(values)
   half = stats.t.ppf(0.975, 2) * seed_means.std(ddof=1) / np.sqrt(3)
   np.testing.assert_allclose([lo, hi], [seed_means.mean() - half, seed_means.mean() + half], rtol=1e-9)
 
@@ -449,11 +449,11 @@ def test_intervals_of_differences_cover_the_expected_difference_at_95_percent(se
   trials, covered, null_holds, widths = 600, 0, 0, []
   for _ in range(trials):
     a, b = _hits(rng, 500, 3, 0.1, seed_sd)
-    lo, hi = study.interval(a - b)
+    lo, hi = intervals.interval(a - b)
     covered += lo <= truth <= hi
     widths.append(hi - lo)
     a, b = _hits(rng, 500, 3, 0.0, seed_sd)
-    null_holds += study.interval(a - b)[0] > 0
+    null_holds += intervals.interval(a - b)[0] > 0
   # With a seed-to-seed spread (seed_sd 0.15: ~5 points of recall), a percentile bootstrap that resamples
   # the 3 seeds covered ~80%, and Satterthwaite's sum alone 93.7% here (its degrees of freedom grow when the
   # seed part's own estimate comes out small); a 95% interval must cover at least about 95% and, without an
@@ -470,7 +470,7 @@ def test_ir_values_weigh_images_by_their_captions():
   rng = np.random.default_rng(3)
   count = rng.integers(1, 10, 400).astype(float)
   ir = rng.binomial(count.astype(int), 0.6).astype(float)
-  values = study.per_image([(np.zeros(400), ir, count)], "ir@1")
+  values = intervals.per_image([(np.zeros(400), ir, count)], "ir@1")
   np.testing.assert_allclose(values.mean(), 100 * ir.sum() / count.sum())
   # The variance is the ratio estimator's (delta method): sum((ir - R count)^2) / (N - 1) / mean(count)^2.
   r = ir.sum() / count.sum()

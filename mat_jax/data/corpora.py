@@ -66,7 +66,7 @@ class LocalDatasetInfo(tfds.core.DatasetInfo):
 
 @tfds.core.utils.classproperty
 @classmethod
-def _no_code_path(cls) -> None:
+def no_code_path(cls) -> None:
   """tfds looks for a checksums file beside a builder's code through the optional `importlib_resources`
   package (absent here); these builders download nothing, so there is nothing to look for."""
   return None
@@ -76,8 +76,9 @@ def is_built(builder: tfds.core.DatasetBuilder) -> bool:
   return (Path(os.fspath(builder.data_path)) / "dataset_info.json").exists()
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[tfds.core.DatasetBuilder, bool]:
-  """Build unless already built; returns the builder and whether it was reused."""
+def build_once(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[tfds.core.DatasetBuilder, bool]:
+  """Build unless already built (or `overwrite`), one process at a time; returns the builder and whether
+  it was reused."""
   path = Path(os.fspath(builder.data_path))
   if is_built(builder) and not overwrite:
     log(f"reusing the dataset already built at {path}")
@@ -175,7 +176,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "Larger small objects, position jitter capped at 3% of the side."}
   BUILDER_CONFIGS = [shapes_config()]
-  code_path = _no_code_path
+  code_path = no_code_path
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
@@ -230,7 +231,7 @@ def build_shapes(data_dir: str | os.PathLike | None = None, *, overwrite: bool =
   known = {c.name for c in ShapesWorld.BUILDER_CONFIGS}
   builder = ShapesWorld(config=cfg.name if cfg.name in known else cfg,
                         data_dir=str(paths.default_data_dir(data_dir)), file_format="array_record")
-  return _prepare(builder, overwrite, log)[0]
+  return build_once(builder, overwrite, log)[0]
 
 
 def dataset_builder(name: str, image_size: int, data_dir: str | os.PathLike | None = None, *, log=print,
@@ -537,7 +538,7 @@ class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
                    "1.1.0": "Resized as CLIP's processor: the longer side truncated, not rounded.",
                    "1.2.0": "Transparency composited onto white as CLIP's processor does; 16-bit grayscale rescaled "
                             "to 8 bits, not clipped; an image in several ALBEF files of a split is one record."}
-  code_path = _no_code_path
+  code_path = no_code_path
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
@@ -682,7 +683,7 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
                                skip_bad=skip_bad, options=options)
   builder = CaptionCorpus(config=config, data_dir=str(root), file_format="array_record")
   builder.skipped, builder.dropped = skipped, dropped
-  _prepare(builder, overwrite, log)
+  build_once(builder, overwrite, log)
   for split, messages in builder.skipped.items():
     if messages:
       log(f"skipped {len(messages)} bad record(s) of split {split!r}; first: {messages[0]}")

@@ -132,7 +132,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
                    "1.1.0": "Resized as CLIP's processor: the longer side truncated, not rounded.",
                    "1.2.0": "Transparency composited onto white as CLIP's processor does; 16-bit grayscale rescaled "
                             "to 8 bits, not clipped."}
-  code_path = corpora._no_code_path
+  code_path = corpora.no_code_path
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -180,7 +180,7 @@ def build_image_folder(root: str | os.PathLike, *, image_size: int = 224, data_d
   config = ImageFolderConfig(name=name, description=f"{root} at {image_size}px", layout=layout, classes=classes,
                              image_size=image_size, root=str(root))
   builder = ImageFolder(config=config, data_dir=str(paths.default_data_dir(data_dir)), file_format="array_record")
-  corpora._prepare(builder, overwrite, log)  # unwraps our CorpusError from tfds's wrapping
+  corpora.build_once(builder, overwrite, log)  # unwraps our CorpusError from tfds's wrapping
   return builder
 
 

@@ -30,7 +30,10 @@ import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags
 
 from mat_jax.data import shapes
 from mat_jax.errors import MatJaxError
@@ -75,8 +78,6 @@ def resolve_worker_count(requested: int) -> int:
   backend and this host's cores, any other count as given."""
   if requested != AUTO_WORKERS:
     return requested
-  import jax  # deferred: only the automatic choice needs the backend
-
   return auto_worker_count(jax.default_backend(), os.cpu_count())
 
 
@@ -356,8 +357,6 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
     raise ValueError(f"renderings_per_scene={renderings_per_scene} must be >= 1 and divide the batch size "
                      f"{batch_size} (a batch holds whole scenes)")
   if process_index is None or process_count is None:
-    import jax  # deferred: only the defaults need it
-
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -406,8 +405,6 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
     it = batched(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                       prefetch_buffer_size=max(1, prefetch_batches) * batch_size)))
   if num_workers > 0:
-    from absl import flags
-
     # Grain's worker processes read absl flags; outside an absl app nothing has parsed them, so take
     # their defaults (what absl.app would do with no command-line flags).
     if not flags.FLAGS.is_parsed():
@@ -481,16 +478,12 @@ def save_iterator(directory: str | os.PathLike, iterator: grain.DatasetIterator)
           data=grain.checkpoint.CheckpointRestore(iter(same_pipeline))))
       iterator = restored["data"]
   """
-  import orbax.checkpoint as ocp
-
   with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckpt:
     ckpt.save(os.fspath(os.path.abspath(directory)), args=grain.checkpoint.CheckpointSave(iterator))
 
 
 def restore_iterator(directory: str | os.PathLike, iterator: grain.DatasetIterator) -> grain.DatasetIterator:
   """Move a fresh iterator of the same pipeline to the position saved by `save_iterator`."""
-  import orbax.checkpoint as ocp
-
   with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckpt:
     return ckpt.restore(os.fspath(os.path.abspath(directory)), args=grain.checkpoint.CheckpointRestore(iterator))
 

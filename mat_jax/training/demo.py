@@ -23,7 +23,7 @@ from mat_jax import runs, tables
 from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.data import corpora, pipeline
-from mat_jax.study import hits, interval, per_image
+from mat_jax.intervals import hits, interval, per_image
 from mat_jax.training import inputs, loop, setup
 
 DEMO_ATTACKS = ("pgd", "bert", "co", "sga")
@@ -57,7 +57,7 @@ def side_by_side(results: dict[str, dict]) -> str:
 def paired_interval(a: tuple, b: tuple, metric: str, n_images: int, text_to_image: np.ndarray
                     ) -> tuple[float, list[float]]:
   """Difference a - b of a recall@1 (points) and its 95% paired interval over the test images (one model
-  each: `study.interval` with one seed).
+  each: `intervals.interval` with one seed).
 
   `a`, `b`: (TR ranks (N,), IR ranks (T,)) of two evaluations on the same images; an image counts with
   all its captions.
