@@ -176,11 +176,12 @@ def _float_images(eval_set, indices: np.ndarray) -> np.ndarray:
 # The evaluation
 # ----------------------------------------------------------------------------------------------------
 
-def check_eps_255(eps_255: Sequence[float], norm: str = "linf", *, name: str = "eps_255") -> list[float]:
+def check_eps_255(eps_255: Sequence[float], norm: str | None = "linf", *, name: str = "eps_255") -> list[float]:
   """Budgets in 1/255 units: finite, >= 0 and, for L-inf, at most 255 (the whole pixel range). Returns them
-  as floats, a repeated budget once (it is attacked once)."""
+  as floats, a repeated budget once (it is attacked once). norm None: not known yet (`eps_budgets` reads
+  --eps before --norm), so the pixel-range bound is left to the command's check once its flags are read."""
   if len(eps_255) == 0:
-    raise InputError(f"{name} is empty; give at least one budget in 1/255 units, e.g. (2.0,)")
+    raise InputError(f"no budget in {name}; give at least one in 1/255 units, e.g. 2 for 2/255")
   for e in eps_255:
     if not math.isfinite(float(e)) or e < 0:
       raise InputError(f"{name} must be >= 0 and finite (budgets in 1/255 units, e.g. 2 for 2/255), "
@@ -247,7 +248,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         images stay as the attack made them, also where a flipped caption guided them).
   keep_ranks: also return every query's rank ("clean_ranks" and each entry's "ranks": (TR ranks (N,),
   IR ranks (T,)) numpy arrays; with a judge also "ranks_meaning_preserving"), for intervals over test
-  images (`study.interval`); `write_json` leaves them out.
+  images (`intervals.interval`); `write_json` leaves them out.
   """
   target = Victim.of(model, params, tokenizer, "target")
   if surrogate is not None and not isinstance(surrogate, Victim):
@@ -338,7 +339,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
 
   runs = [(a, None) if a in TEXT_ONLY else (a, e) for a in attacks for e in
           ((None,) if a in TEXT_ONLY else tuple(eps_255))]
-  bar = _progress(len(runs) * len(batches), progress)
+  bar = progress_bar(len(runs) * len(batches), progress)
   key = jax.random.key(seed)
   results: dict[str, dict[str, Any]] = {}
   # A text stage that several of the runs start with (BERT-, Sep- and Co-Attack's KL BERT-Attack) runs
@@ -552,18 +553,9 @@ def _attack_batch(attack: str, v: Victim, images: np.ndarray, batch: _Batch, key
   return result.images, result.text, batch_cands
 
 
-class _NoBar:
-  def update(self, n: int = 1) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-def _progress(total: int, enabled: bool):
-  if not enabled:
-    return _NoBar()
-  return tqdm(total=total, desc="attacking", unit="batch", file=sys.stderr)
+def progress_bar(total: int, enabled: bool) -> tqdm:
+  """The bar of an evaluation's attack batches, on stderr; disabled, its `update` and `close` do nothing."""
+  return tqdm(total=total, desc="attacking", unit="batch", file=sys.stderr, disable=not enabled)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -720,22 +712,18 @@ def load_dataset(name: str, tokenizer: Tokenizer, image_size: int, *, split: str
 
 
 def eps_budgets(text: str) -> list[float]:
-  """The argparse type of --eps: "1,2,4" -> [1.0, 2.0, 4.0], budgets in 1/255 units, checked before any work
-  (a NaN or infinite budget would be reported as 0% accuracy, or fail writing the results after the whole
-  evaluation). A repeated value counts once (it would be attacked twice for one result); two values that
-  share one results key (`{:g}`, 6 significant digits) are refused (one result would overwrite the other)."""
+  """The argparse type of --eps: "1,2,4" -> [1.0, 2.0, 4.0], budgets in 1/255 units checked by `check_eps_255`
+  before any work (a NaN or infinite budget would be reported as 0% accuracy, or fail writing the results
+  after the whole evaluation), a repeat counted once. The pixel-range bound depends on --norm: the command
+  checks it with `check_eps_255(args.eps, args.norm)` once the flags are read."""
   try:
-    budgets = list(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
+    budgets = [float(x) for x in text.split(",") if x.strip()]
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-  if not budgets:
-    raise argparse.ArgumentTypeError("no budget given: write at least one in 1/255 units, e.g. 2 or 1,2,4")
-  if not all(math.isfinite(e) and e >= 0 for e in budgets):
-    raise argparse.ArgumentTypeError(f"budgets are in 1/255 units and must be finite and >= 0, got {budgets}")
-  clash = _key_clash(budgets)
-  if clash:
-    raise argparse.ArgumentTypeError(clash)
-  return budgets
+  try:
+    return check_eps_255(budgets, norm=None, name=repr(text))
+  except InputError as err:
+    raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def comma_names(choices: Sequence[str], what: str = "attacks") -> Callable[[str], list[str]]:

@@ -4,8 +4,9 @@
     python -m mat_jax.evaluate --task zeroshot --model shapes
 
 A "shapes" or "cache:NAME" model is trained into the cache first if it is not there yet
-(`mat_jax.training.loop.ensure_cached_run`); `--task zeroshot` reads its flags with
-`mat_jax.zeroshot.parse_args`, trains a cached model, then hands over to `mat_jax.zeroshot.run`.
+(`mat_jax.training.loop.ensure_cached_run`), after every flag is checked. Both tasks' command lines live here:
+retrieval's (`build_parser`, evaluated by `mat_jax.evaluate`) and zero-shot's (`build_zeroshot_parser`,
+`parse_zeroshot_args`, `run_zeroshot`; the classification itself is `mat_jax.zeroshot`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from mat_jax import errors, rerank, runs, runtime, zeroshot
@@ -27,7 +29,7 @@ from mat_jax.models.blip import BLIP_PRESETS
 from mat_jax.models.clip import resolve_dtype
 from mat_jax.training import inputs, loop
 
-TASKS = ("retrieval", "zeroshot")  # --task; zeroshot is mat_jax.zeroshot's command line
+TASKS = ("retrieval", "zeroshot")  # --task; each has its own parser
 
 
 def _check_text_source(name: str, data: str, bert: str | None) -> str:
@@ -94,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "docs/text_threat.md); default: every form equally likely")
   p.add_argument("--data-dir", type=errors.directory,
                  help="datasets root (default $MAT_JAX_DATA_DIR or ~/.cache/mat_jax/datasets)")
-  p.add_argument("--limit", type=int, help="evaluate the first N images only (quick runs)")
+  p.add_argument("--limit", type=errors.positive_int, help="evaluate the first N images only (quick runs)")
   p.add_argument("--attacks", type=evaluate_lib.comma_names(ATTACKS), default=list(evaluate_lib.DEFAULT_ATTACKS),
                  help=f"comma list of {','.join(ATTACKS)} (default {','.join(evaluate_lib.DEFAULT_ATTACKS)})")
   p.add_argument("--eps", type=evaluate_lib.eps_budgets, default=[2.0],
                  help="budgets in 1/255 units, e.g. 1,2,4 (with --norm l2: the L2 radius, 127.5 = 0.5)")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--apgd-steps", type=int, default=100)
+  p.add_argument("--steps", type=errors.positive_int, default=10)
+  p.add_argument("--apgd-steps", type=errors.positive_int, default=100)
   p.add_argument("--alpha", type=float, default=evaluate_lib.AttackSettings.alpha, help="Co-Attack's text-term weight")
   p.add_argument("--norm", choices=attack_specs.NORMS, default="linf")
   p.add_argument("--text-source", default="auto",
@@ -111,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="shapes data, one changed word: keep only substitutes after which the caption still "
                       "describes its image, so the text attacks search true adversarial captions, never label "
                       "flips (docs/text_threat.md)")
-  p.add_argument("--top-k", type=int, default=10, help="substitute candidates per word (at least 1)")
-  p.add_argument("--max-changes", type=int, default=1, help="words the text attack may change per caption")
-  p.add_argument("--batch-size", type=int, default=32,
+  p.add_argument("--top-k", type=errors.positive_int, default=10, help="substitute candidates per word")
+  p.add_argument("--max-changes", type=errors.positive_int, default=1,
+                 help="words the text attack may change per caption")
+  p.add_argument("--batch-size", type=errors.positive_int, default=32,
                  help="images per attack batch; tecoa, mat and mmcoa take their negatives from the batch's "
                       "captions, so their numbers hold at this size (at least 2 for them)")
   p.add_argument("--seed", type=errors.seed, default=0, help="random starts (reproducible at a fixed --batch-size)")
@@ -131,6 +134,106 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def build_zeroshot_parser() -> argparse.ArgumentParser:
+  datasets = zeroshot.DATASETS
+  p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate --task zeroshot", description=zeroshot.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--task", choices=("zeroshot",), default="zeroshot")
+  p.add_argument("--model", required=True,
+                 help="shapes | cache:NAME | training run dir | transformers-layout dir | hub id")
+  p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
+  p.add_argument("--data", default="shapes-colour-shape", help=f"{' | '.join(datasets)} | an ImageFolder directory")
+  p.add_argument("--split", default="test", help="shapes-world split, or the ImageFolder's split (train/val/test)")
+  p.add_argument("--data-dir", type=errors.directory,
+                 help="where an ImageFolder is built (default $MAT_JAX_DATA_DIR or "
+                      "~/.cache/mat_jax/datasets)")
+  p.add_argument("--num-images", type=errors.positive_int, default=980,
+                 help="shapes-world sets: images to render (--limit then samples them)")
+  p.add_argument("--limit", type=errors.positive_int, help="evaluate N images only, taken from the classes in turn")
+  p.add_argument("--attacks", type=evaluate_lib.comma_names(zeroshot.ATTACKS, "zero-shot attacks"),
+                 help=f"{','.join(zeroshot.ATTACKS)} (default: all that apply)")
+  p.add_argument("--eps", type=evaluate_lib.eps_budgets, default=[1.0, 2.0, 4.0],
+                 help="budgets in 1/255 units, e.g. 1,2,4")
+  p.add_argument("--apgd-steps", type=errors.positive_int, default=100)
+  p.add_argument("--n-targets", type=errors.positive_int, default=9, help="APGD-T target classes (at most classes - 1)")
+  p.add_argument("--restarts", type=errors.positive_int, default=1, help="APGD-CE restarts")
+  p.add_argument("--steps", type=errors.positive_int, default=10, help="PGD steps (step 2.5 eps / steps)")
+  p.add_argument("--norm", choices=attack_specs.NORMS, default="linf")
+  p.add_argument("--template", action="append", dest="templates",
+                 help="prompt template with {} for the class name (repeat for several; ImageFolder data only; "
+                      "default: a CLIP-style photo ensemble)")
+  p.add_argument("--class-names", metavar="FILE",
+                 help="ImageFolder data: the classes' names for the prompts, one per line in the sorted folders' "
+                      "order, or a JSON object {folder: name} (e.g. ImageNet's WordNet-id folders n01440764 ...)")
+  p.add_argument("--batch-size", type=errors.positive_int, default=64)
+  p.add_argument("--seed", type=errors.seed, default=0)
+  p.add_argument("--out", type=errors.directory, default=None,
+                 help="directory for results.json (default: zeroshot_results/<the --data name>, one per data set)")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--mesh", help=mesh_lib.CACHED_MODEL_MESH_HELP)
+  return p
+
+
+def parse_zeroshot_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The command line of `python -m mat_jax.evaluate --task zeroshot`, checked before any work (before a cached
+  `--model` is trained); --out defaults to zeroshot_results/<the --data name>."""
+  parser = build_zeroshot_parser()
+  args = parser.parse_args(argv)
+  datasets = zeroshot.DATASETS
+  if args.templates and args.data in datasets:
+    parser.error("--template applies to ImageFolder data; the shapes-world sets bring their own prompts")
+  if args.class_names and args.data in datasets:
+    parser.error("--class-names applies to ImageFolder data; the shapes-world sets name their own classes")
+  if args.class_names and not Path(args.class_names).expanduser().is_file():
+    parser.error(f"--class-names {args.class_names}: no such file")
+  if args.attacks == []:
+    parser.error(f"--attacks names no attack; name at least one of {','.join(zeroshot.ATTACKS)} "
+                 "(or leave it out for all)")
+  # What can be known from the flags alone is checked here, before a cached --model is trained (minutes).
+  try:
+    evaluate_lib.check_eps_255(args.eps, args.norm, name="--eps")
+    if args.templates:
+      zeroshot.prompts_from_templates(["x"], args.templates)
+    zeroshot.check_data(args.data, num_images=args.num_images, split=args.split, attacks=args.attacks)
+    if args.data_dir:
+      errors.check_directory_path(args.data_dir, "--data-dir")
+    if args.mesh:
+      mesh_lib.make_mesh(args.mesh)  # checked here, also when no cached model needs its devices
+  except errors.MatJaxError as err:
+    parser.error(str(err))
+  if args.out is None:
+    args.out = str(Path("zeroshot_results") / (args.data if args.data in datasets
+                                               else Path(args.data).expanduser().resolve().name))
+  errors.check_writable_dir(args.out, "--out")  # before the work, not after it
+  return args
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+  """Zero-shot classification under attack as `parse_zeroshot_args` read it: the table, then results.json."""
+  victim = evaluate_lib.load_victim(args.model, args.tokenizer)
+  data = zeroshot.load_data(args.data, victim.image_size, split=args.split, num_images=args.num_images,
+                            seed=args.seed, data_dir=args.data_dir, limit=args.limit, class_names=args.class_names)
+  attacks = args.attacks
+  if attacks is None:
+    attacks = zeroshot.default_attacks(len(data.class_names))
+    if "apgd-t" not in attacks:
+      print(f"apgd-t left out: {data.name} has {len(data.class_names)} classes and the targeted DLR loss needs "
+            f"{zeroshot.TARGETED_MIN_CLASSES}")
+  settings = zeroshot.Settings(apgd_steps=args.apgd_steps, n_targets=args.n_targets, restarts=args.restarts,
+                               pgd_steps=args.steps, norm=args.norm)
+  results = zeroshot.evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, data, attacks=attacks,
+                                       eps_255=args.eps, templates=args.templates, settings=settings,
+                                       batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                                       log=print)
+  results["model"] = args.model
+  results["data"] = {"name": args.data, "split": args.split}
+  print(zeroshot.format_table(results, f"\n{args.model} on {data.name}: {results['num_images']} images, "
+                                       f"{results['num_classes']} classes (zero-shot top-1 accuracy %, {args.norm})"))
+  path = evaluate_lib.write_json(results, Path(args.out) / "results.json")
+  print(f"\nwrote {path}")
+  return 0
+
+
 def _task(argv: Sequence[str] | None) -> str:
   """The --task of a command line, read before the task's own parser sees the rest."""
   pre = argparse.ArgumentParser(add_help=False)
@@ -142,27 +245,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
 
 
-_out_dir: str | None = None  # the --out of the running command, named by a disk-full report
+_out_dir: str | None = None  # the --out of the running command (either task), named by a disk-full report
 
 
 def _main(argv: Sequence[str] | None) -> int:
   global _out_dir
+  _out_dir = None  # not a previous command's, run in the same process
   runtime.prepare_process()
   if _task(argv) == "zeroshot":
-    zeroshot_args = zeroshot.parse_args(argv)  # its bad input refused before a cached model is trained
+    zeroshot_args = parse_zeroshot_args(argv)  # its bad input refused before a cached model is trained
+    _out_dir = zeroshot_args.out
     loop.ensure_cached_source(zeroshot_args.model, mesh_spec=zeroshot_args.mesh)
-    return zeroshot.run(zeroshot_args)
+    return run_zeroshot(zeroshot_args)
   parser = build_parser()
   args = parser.parse_args(argv)
   _out_dir = args.out
-  if args.limit is not None and args.limit < 1:
-    parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
-  if args.steps < 1 or args.apgd_steps < 1:
-    parser.error(f"--steps and --apgd-steps must be at least 1, got {args.steps} and {args.apgd_steps}")
   if args.surrogate_tokenizer and not args.surrogate:
     parser.error("--surrogate-tokenizer needs --surrogate (the model the attacks are made on)")
-  if args.batch_size < 1:
-    parser.error(f"--batch-size {args.batch_size}: attack at least 1 image per batch")
   contrastive = [a for a in args.attacks if a in evaluate_lib.BATCH_CONTRASTIVE]
   if contrastive and args.batch_size < 2:
     parser.error(f"--batch-size {args.batch_size}: {','.join(contrastive)} take their negatives from the other "
@@ -178,12 +277,8 @@ def _main(argv: Sequence[str] | None) -> int:
   if args.meaning_filter and args.max_changes > 1:
     parser.error(f"--meaning-filter checks each substitute alone, so it holds for one changed word; "
                  f"--max-changes {args.max_changes} could combine kept substitutes into a label flip")
-  if args.top_k < 1:
-    parser.error(f"--top-k {args.top_k}: the text attacks need at least 1 substitute candidate per word")
   if args.itm_k is not None and args.itm_k < 0:
     parser.error(f"--itm-k {args.itm_k}: re-rank at least 1 candidate per query, or 0 to rank by ITC alone")
-  if args.max_changes < 1:
-    parser.error(f"--max-changes {args.max_changes}: the text attacks change at least 1 word per caption")
   if not (math.isfinite(args.alpha) and args.alpha >= 0):
     parser.error(f"--alpha {args.alpha}: Co-Attack's text-term weight must be finite and >= 0")
   try:

@@ -29,7 +29,6 @@ and `temperature` of explicit parameters.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -45,7 +44,6 @@ import numpy as np
 
 from mat_jax import checks, errors, metrics, tables
 from mat_jax import evaluate as ev
-from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
 from mat_jax.attacks import spec as attack_specs
@@ -323,7 +321,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   if log:
     log(f"{data.name}: {n} images, {n_classes} classes; clean accuracy {accuracy(clean):.1f}%")
 
-  bar = ev._progress(len(attacks) * len(eps_255) * len(batches), progress)
+  bar = ev.progress_bar(len(attacks) * len(eps_255) * len(batches), progress)
   key = jax.random.key(seed)
   results: dict[str, dict[str, Any]] = {}
   robust: dict[str, dict[str, float]] = {}
@@ -377,7 +375,7 @@ def format_table(results: dict, title: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line (`python -m mat_jax.evaluate --task zeroshot ...`)
+# Data (`--data`; the command line is `mat_jax.evaluate_cli`'s)
 # ----------------------------------------------------------------------------------------------------
 
 # ImageNet's folder names: WordNet ids, which tokenise to word pieces that name nothing.
@@ -404,6 +402,19 @@ def load_data(name: str, image_size: int, *, split: str = "test", num_images: in
     raise ZeroShotError(f"{data.name}: the class folders are WordNet ids ({data.folders[0]}, ...), which name "
                         "nothing in a prompt; give the classes' names with --class-names FILE")
   return data
+
+
+def check_data(name: str, *, num_images: int, split: str, attacks: Sequence[str] | None) -> None:
+  """What `load_data` and the attacks would refuse, known from the request alone: checked before a cached
+  model is trained (minutes). attacks None: every attack that applies (`default_attacks`)."""
+  if name not in DATASETS:
+    _image_folder(name)
+    return
+  classification.check_request(num_images, split)
+  n_classes = len(classification.shapes_class_names(name.removeprefix("shapes-")))
+  if attacks and "apgd-t" in attacks and n_classes < TARGETED_MIN_CLASSES:
+    raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes; {name} has "
+                        f"{n_classes}. Leave apgd-t out (--attacks apgd-ce,pgd)")
 
 
 def _image_folder(name: str) -> Path:
@@ -439,109 +450,3 @@ def read_class_names(path: str | os.PathLike, folders: Sequence[str]) -> tuple[s
     raise ZeroShotError(f"--class-names {path} holds {len(names)} names for {len(folders)} class folders; give "
                         "one per line, in the sorted folders' order")
   return tuple(names)
-
-
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m mat_jax.evaluate --task zeroshot", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--task", choices=("zeroshot",), default="zeroshot")
-  p.add_argument("--model", required=True,
-                 help="shapes | cache:NAME | training run dir | transformers-layout dir | hub id")
-  p.add_argument("--tokenizer", help="tokenizer source if not beside the model")
-  p.add_argument("--data", default="shapes-colour-shape", help=f"{' | '.join(DATASETS)} | an ImageFolder directory")
-  p.add_argument("--split", default="test", help="shapes-world split, or the ImageFolder's split (train/val/test)")
-  p.add_argument("--data-dir", type=errors.directory,
-                 help="where an ImageFolder is built (default $MAT_JAX_DATA_DIR or "
-                      "~/.cache/mat_jax/datasets)")
-  p.add_argument("--num-images", type=int, default=980,
-                 help="shapes-world sets: images to render (--limit then samples them)")
-  p.add_argument("--limit", type=int, help="evaluate N images only, taken from the classes in turn")
-  p.add_argument("--attacks", type=ev.comma_names(ATTACKS, "zero-shot attacks"),
-                 help=f"{','.join(ATTACKS)} (default: all that apply)")
-  p.add_argument("--eps", type=ev.eps_budgets, default=[1.0, 2.0, 4.0], help="budgets in 1/255 units, e.g. 1,2,4")
-  p.add_argument("--apgd-steps", type=int, default=100)
-  p.add_argument("--n-targets", type=int, default=9, help="APGD-T target classes (at most classes - 1)")
-  p.add_argument("--restarts", type=int, default=1, help="APGD-CE restarts")
-  p.add_argument("--steps", type=int, default=10, help="PGD steps (step 2.5 eps / steps)")
-  p.add_argument("--norm", choices=attack_specs.NORMS, default="linf")
-  p.add_argument("--template", action="append", dest="templates",
-                 help="prompt template with {} for the class name (repeat for several; ImageFolder data only; "
-                      "default: a CLIP-style photo ensemble)")
-  p.add_argument("--class-names", metavar="FILE",
-                 help="ImageFolder data: the classes' names for the prompts, one per line in the sorted folders' "
-                      "order, or a JSON object {folder: name} (e.g. ImageNet's WordNet-id folders n01440764 ...)")
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--seed", type=errors.seed, default=0)
-  p.add_argument("--out", type=errors.directory, default=None,
-                 help="directory for results.json (default: zeroshot_results/<the --data name>, one per data set)")
-  p.add_argument("--no-progress", action="store_true")
-  p.add_argument("--mesh", help=mesh_lib.CACHED_MODEL_MESH_HELP)
-  return p
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  """The command line of `python -m mat_jax.evaluate --task zeroshot`, checked before any work (`evaluate_cli`
-  parses it before it trains a cached `--model`)."""
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  if args.limit is not None and args.limit < 1:
-    parser.error(f"--limit {args.limit}: evaluate at least 1 image (leave it out for all)")
-  if min(args.apgd_steps, args.steps, args.n_targets, args.restarts, args.num_images, args.batch_size) < 1:
-    parser.error("--apgd-steps, --steps, --n-targets, --restarts, --num-images and --batch-size must be >= 1")
-  if args.templates and args.data in DATASETS:
-    parser.error("--template applies to ImageFolder data; the shapes-world sets bring their own prompts")
-  if args.class_names and args.data in DATASETS:
-    parser.error("--class-names applies to ImageFolder data; the shapes-world sets name their own classes")
-  if args.class_names and not Path(args.class_names).expanduser().is_file():
-    parser.error(f"--class-names {args.class_names}: no such file")
-  if args.attacks == []:
-    parser.error(f"--attacks names no attack; name at least one of {','.join(ATTACKS)} (or leave it out for all)")
-  # What can be known from the flags alone is checked here, before a cached --model is trained (minutes).
-  try:
-    ev.check_eps_255(args.eps, args.norm, name="--eps")
-    if args.templates:
-      prompts_from_templates(["x"], args.templates)
-    if args.data in DATASETS:
-      classification.check_request(args.num_images, args.split)
-      n_classes = len(classification.shapes_class_names(args.data.removeprefix("shapes-")))
-      if args.attacks and "apgd-t" in args.attacks and n_classes < TARGETED_MIN_CLASSES:
-        raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes; {args.data} "
-                            f"has {n_classes}. Leave apgd-t out (--attacks apgd-ce,pgd)")
-    else:
-      _image_folder(args.data)
-    if args.data_dir:
-      errors.check_directory_path(args.data_dir, "--data-dir")
-    if args.mesh:
-      mesh_lib.make_mesh(args.mesh)  # checked here, also when no cached model needs its devices
-  except errors.MatJaxError as err:
-    parser.error(str(err))
-  if args.out is None:
-    args.out = str(Path("zeroshot_results") / (args.data if args.data in DATASETS
-                                               else Path(args.data).expanduser().resolve().name))
-  errors.check_writable_dir(args.out, "--out")  # before the work, not after it
-  return args
-
-
-def run(args: argparse.Namespace) -> int:
-  victim = ev.load_victim(args.model, args.tokenizer)
-  data = load_data(args.data, victim.image_size, split=args.split, num_images=args.num_images, seed=args.seed,
-                   data_dir=args.data_dir, limit=args.limit, class_names=args.class_names)
-  attacks = args.attacks
-  if attacks is None:
-    attacks = default_attacks(len(data.class_names))
-    if "apgd-t" not in attacks:
-      print(f"apgd-t left out: {data.name} has {len(data.class_names)} classes and the targeted DLR loss needs "
-            f"{TARGETED_MIN_CLASSES}")
-  settings = Settings(apgd_steps=args.apgd_steps, n_targets=args.n_targets, restarts=args.restarts,
-                      pgd_steps=args.steps, norm=args.norm)
-  results = evaluate_zeroshot(victim.encoder, victim.params, victim.tokenizer, data, attacks=attacks,
-                              eps_255=args.eps, templates=args.templates, settings=settings,
-                              batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, log=print)
-  results["model"] = args.model
-  results["data"] = {"name": args.data, "split": args.split}
-  print(format_table(results, f"\n{args.model} on {data.name}: {results['num_images']} images, "
-                              f"{results['num_classes']} classes (zero-shot top-1 accuracy %, {args.norm})"))
-  path = ev.write_json(results, Path(args.out) / "results.json")
-  print(f"\nwrote {path}")
-  return 0
-

@@ -138,9 +138,11 @@ def test_budgets_steps_and_limits_are_checked(model_dir, capsys):
     ev.evaluate(victim, eval_set=eval_set, attacks=("pgd",), settings=ev.AttackSettings(steps=0))
   with pytest.raises(ValueError, match="must be >= 0"):
     ev.evaluate(victim, eval_set=eval_set, attacks=("pgd",), eps_255=(2.0, -1.0))
-  for flags, message in [(["--limit", "0"], "at least 1 image"), (["--steps", "0"], "at least 1"),
-                         (["--eps", "-2"], "argument --eps: budgets are in 1/255 units and must be finite and >= 0"),
-                         (["--eps", ","], "argument --eps: no budget given"), (["--eps", "nan"], "finite"),
+  for flags, message in [(["--limit", "0"], "argument --limit: must be at least 1, got 0"),
+                         (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+                         (["--eps", "-2"], "argument --eps: '-2' must be >= 0 and finite (budgets in 1/255 units"),
+                         (["--eps", ","], "argument --eps: no budget in ','; give at least one"),
+                         (["--eps", "nan"], "finite"),
                          (["--surrogate-tokenizer", str(model_dir)], "--surrogate-tokenizer needs --surrogate"),
                          # Misspelt, though no attack asked for here needs a text source.
                          (["--attacks", "pgd", "--text-source", "bogus"], "bogus")]:
@@ -284,9 +286,9 @@ def test_a_batch_contrastive_attack_needs_two_images_per_batch(model_dir, capsys
     ev.evaluate(victim, eval_set=_EvalSet(3), attacks=("tecoa",), limit=1, progress=False)
   with pytest.raises(ValueError, match="batch_size=0"):
     ev.evaluate(victim, eval_set=_EvalSet(3), attacks=("pgd",), batch_size=0, progress=False)
-  for flags, message in [(["--batch-size", "0"], "--batch-size 0: attack at least 1 image"),
+  for flags, message in [(["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
                          (["--batch-size", "1", "--attacks", "pgd,tecoa"], "tecoa take their negatives"),
-                         (["--top-k", "0"], "--top-k 0: the text attacks need at least 1")]:
+                         (["--top-k", "0"], "argument --top-k: must be at least 1, got 0")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main(["--model", str(model_dir), *flags, "--data", "no-such-corpus"])
     assert message in capsys.readouterr().err
@@ -294,7 +296,7 @@ def test_a_batch_contrastive_attack_needs_two_images_per_batch(model_dir, capsys
 
 @pytest.mark.parametrize("flags, message", [
     (["--eps", "300"], "--eps=300 is more than the whole pixel range"),
-    (["--max-changes", "0"], "--max-changes 0: the text attacks change at least 1 word"),
+    (["--max-changes", "0"], "argument --max-changes: must be at least 1, got 0"),
     (["--alpha", "nan"], "--alpha nan: Co-Attack's text-term weight must be finite"),
     (["--text-source", "bret"], "unknown text_attack.source 'bret' (--text-source)"),
     (["--text-source", "lexicon"], "text_attack.source='lexicon' was renamed"),

@@ -95,6 +95,21 @@ def test_train_names_its_workdir_when_the_disk_fills(tmp_path, capsys, monkeypat
   assert f"error: no space left on the device holding {workdir} (" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("task", ["retrieval", "zeroshot"])
+def test_evaluate_names_its_out_dir_when_the_disk_fills(task, tmp_path, capsys, monkeypatch):
+  """A full disk reported without a file name: the line names --out, for either task (zero-shot's named the
+  current directory)."""
+  def fill(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(evaluate, "load_victim", fill)
+  monkeypatch.setattr(loop, "ensure_cached_source", lambda *args, **kwargs: None)
+  out = tmp_path / "results"
+  assert evaluate_cli.main(["--task", task, "--model", "shapes", "--attacks", "pgd", "--out", str(out)]) == 2
+  assert f"error: no space left on the device holding {out} (" in capsys.readouterr().err
+
+
 def test_ctrl_c_and_sigterm_report_an_interrupt(capsys):
   assert errors.cli_main(_fails_with(KeyboardInterrupt())) == 130
   assert capsys.readouterr().err == "interrupted\n"

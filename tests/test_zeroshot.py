@@ -181,7 +181,7 @@ def test_budgets_are_checked_as_retrieval_checks_them():
   # evaluate.check_eps_255: budgets sharing a results key would overwrite each other's results.
   params, tokenizer, data = _four_classes()
   for eps_255, message in [((2.0, 2.0000001), r"budgets 2.0 and 2.0000001 are both reported as eps '2'"),
-                           ((), "eps_255 is empty"), ((300.0,), "more than the whole pixel range"),
+                           ((), "no budget in eps_255"), ((300.0,), "more than the whole pixel range"),
                            ((1.0, float("nan")), "finite")]:
     with pytest.raises(InputError, match=message):
       zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], eps_255=eps_255,
@@ -387,7 +387,7 @@ def test_command_line_on_an_image_folder_and_a_shapes_set(model_dir, tmp_path, c
   for flags, message in [(["--data", "shapes-count", "--template", "{}"], "--template applies"),
                          (["--attacks", "apgd-ce,fgsm"], "unknown zero-shot attacks"),
                          (["--limit", "0"], "at least 1"), (["--eps", "nan"], "finite"), (["--eps", "inf"], "finite"),
-                         (["--eps", ","], "argument --eps: no budget given")]:
+                         (["--eps", ","], "argument --eps: no budget in ','; give at least one")]:
     with pytest.raises(SystemExit):
       evaluate_cli.main([*common, *flags])
     assert message in capsys.readouterr().err
@@ -417,11 +417,11 @@ def test_each_data_set_writes_its_own_results_by_default(tmp_path, monkeypatch):
   """The guide's colour x shape and count commands, one after the other, keep both results.json."""
   monkeypatch.chdir(tmp_path)
   (tmp_path / "my_folder").mkdir()
-  outs = [zs.parse_args(["--model", "m", "--data", data]).out for data in ("shapes-colour-shape", "shapes-count",
-                                                                            "my_folder")]
+  outs = [evaluate_cli.parse_zeroshot_args(["--model", "m", "--data", data]).out
+          for data in ("shapes-colour-shape", "shapes-count", "my_folder")]
   assert outs == [str(Path("zeroshot_results") / name) for name in ("shapes-colour-shape", "shapes-count",
                                                                      "my_folder")]
-  assert zs.parse_args(["--model", "m", "--out", "here"]).out == "here"
+  assert evaluate_cli.parse_zeroshot_args(["--model", "m", "--out", "here"]).out == "here"
   path = ev.write_json({"a": 1.0}, tmp_path / "r" / "results.json")
   assert json.loads(path.read_text()) == {"a": 1.0} and [p.name for p in path.parent.iterdir()] == ["results.json"]
 
