@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from mat_jax import config
+from mat_jax import config, objectives
 from mat_jax.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,31 +292,28 @@ def runlocal(c: ml_collections.ConfigDict, preset: str = "tiny") -> ml_collectio
 BERT_ATTACK = dict(source="bert", bert="bert-base-uncased", top_k=10, max_pieces=16, max_targets=16)
 CORPUS_EVAL = dict(split="test", max_images=1000, attacks=("pgd",), eps=2 / 255, steps=10, batch_size=64)
 
-# What each defense's paper trains: objective (+ hyper-parameters), towers and data.
+# What each defense's paper trains. Its hyper-parameters are its objective's defaults, where they live once:
+# the inner attack's budget (ε, steps, step size, words changed) in the attack registry
+# (mat_jax.attacks.spec.ATTACKS, whose comments say which values are assumed), the others in the objective
+# (mat_jax.objectives), and so are its towers (`Objective.default_towers`). An entry names the objective
+# and adds only what differs from those defaults (hyper-parameters, `towers`) and the data it needs.
 DEFENSES: dict[str, dict[str, Any]] = {
-    # MAT (WACV 2026): 2-step PGD at 2/255 guided by a 1-word BERT-Attack text; all parameters. The
-    # step size is not published: 1/255 assumed (two steps can reach the budget's corners).
-    "mat": dict(objective=dict(name="mat", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1),
-                towers="all"),
-    # MAT+: MAT with the 5 human captions per image (I2T(Human)) and the multi-positive loss; step as MAT.
-    "matplus": dict(objective=dict(name="matplus", eps=2 / 255, steps=2, step_size=1 / 255, text_changes=1),
-                    towers="all", data=dict(captions_per_image=5)),
-    # TeCoA: PGD on the contrastive loss, eps 1/255, 2 steps of 1/255; vision tower.
-    "tecoa": dict(objective=dict(name="tecoa", eps=1 / 255, steps=2, step_size=1 / 255), towers="vision"),
-    # FARE: ||f(x') - f_orig(x)||^2, eps 2/255, 10 steps of 1/255; vision tower.
-    "fare": dict(objective=dict(name="fare", eps=2 / 255, steps=10, step_size=1 / 255), towers="vision"),
-    # MMCoA: 0.5 CLIPLoss(x, t') + 0.5 CLIPLoss(x', t), PGD eps 1/255, 10 steps of 1/255 (MMCoA.py's
-    # config); all parameters.
-    "mmcoa": dict(objective=dict(name="mmcoa", eps=1 / 255, steps=10, step_size=1 / 255, text_changes=1,
-                                 text_weight=0.5, image_weight=0.5), towers="all"),
-    # MAVA: CMS + VSSE inside, 0.002 CMS + 0.4 VSSE + 0.6 SCA outside, N = 3, 5 captions; vision tower.
-    # The neighbours' radius β·ε is not published: β = 0.5 assumed (half the attack budget).
+    # MAT (WACV 2026): PGD guided by a BERT-Attack text; all parameters.
+    "mat": dict(objective=dict(name="mat")),
+    # MAT+: MAT with the 5 human captions per image (I2T(Human)) and the multi-positive loss.
+    "matplus": dict(objective=dict(name="matplus"), data=dict(captions_per_image=5)),
+    # TeCoA: PGD on the contrastive loss; vision tower.
+    "tecoa": dict(objective=dict(name="tecoa")),
+    # FARE: ||f(x') - f_orig(x)||^2; vision tower.
+    "fare": dict(objective=dict(name="fare")),
+    # MMCoA: λ_t CLIPLoss(x, t') + λ_i CLIPLoss(x', t) at MMCoA.py's config; all parameters.
+    "mmcoa": dict(objective=dict(name="mmcoa")),
+    # MAVA: CMS + VSSE inside, a·CMS + b·VSSE + c·SCA outside, 5 captions per image; vision tower.
     # MAVA fine-tunes on the COCO test split (5k images) and evaluates on Flickr30k; these recipes train
     # every defense on the corpus's train split (docs/differences.md).
-    "mava": dict(objective=dict(name="mava", eps=2 / 255, steps=10, step_size=1 / 255, neighbours=3, beta=0.5,
-                                a=0.002, b=0.4, c=0.6), towers="vision", data=dict(captions_per_image=5)),
+    "mava": dict(objective=dict(name="mava"), data=dict(captions_per_image=5)),
     # Contrastive fine-tuning without attacks (the baseline).
-    "clean": dict(objective=dict(name="contrastive"), towers="all"),
+    "clean": dict(objective=dict(name="contrastive")),
 }
 
 CLIP_VITB16 = "openai/clip-vit-base-patch16"
@@ -352,12 +349,12 @@ def corpus_base(name: str, dataset: str, image_size: int) -> ml_collections.Conf
 
 
 def published_defense(c: ml_collections.ConfigDict, defense: str) -> ml_collections.ConfigDict:
-  """Set `c.objective`, `c.train.towers` and the data `defense` needs, as its paper trains it."""
+  """Set `c.objective`, `c.train.towers` and the data `defense` needs, as its paper trains it (DEFENSES)."""
   if defense not in DEFENSES:
     raise ConfigError(f"unknown defense {defense!r}; choose from {', '.join(DEFENSES)}")
   spec = DEFENSES[defense]
   c.objective = dict(spec["objective"])
-  c.train.towers = spec["towers"]
+  c.train.towers = spec.get("towers", objectives.get_class(c.objective["name"]).default_towers)
   c.data.update(spec.get("data", {}))
   return c
 

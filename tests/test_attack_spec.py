@@ -6,6 +6,10 @@ trains against SGA; unknown names are errors that list the registry.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +31,7 @@ from mat_jax.objectives import base
 from mat_jax.training import inputs, loop, setup
 from mat_jax.training import step as step_lib
 
+ROOT = Path(__file__).resolve().parents[1]
 # Each adversarial objective's published inner attack.
 PUBLISHED = {"tecoa": "tecoa", "fare": "fare", "mmcoa": "mmcoa", "mava": "mava", "mat": "mat", "matplus": "mat"}
 
@@ -50,6 +55,31 @@ def test_registry_names_are_evaluation_and_training_names(tmp_path):
       spec = objectives.make(config.objective).inner_attack()
       assert spec.name == attack and spec.eps == config.objective.eps and spec.steps == config.objective.steps
 
+
+def test_an_objective_s_defaults_are_its_published_attack():
+  # Trained at its defaults, a defense runs the registry's spec unchanged: the registry is the one place of its
+  # published budget (eps, steps, step size, words changed, MAVA's neighbours), none of it restated elsewhere.
+  for name, attack in PUBLISHED.items():
+    assert objectives.OBJECTIVES[name]().inner_attack() == attack_specs.get(attack), name
+
+
+def test_a_registry_change_reaches_the_objective_defaults():
+  # The objectives read their defaults from the registry when they are defined: a fresh interpreter that changes
+  # every published spec before importing them trains at the changed budgets.
+  code = f"""
+from mat_jax.attacks import spec
+for name in {sorted(set(PUBLISHED.values()))!r}:
+  s = spec.ATTACKS[name]
+  spec.ATTACKS[name] = s.replace(eps=s.eps / 2, steps=s.steps + 1, step_size=s.step_size / 2,
+                                 max_changes=s.max_changes + 1, neighbours=s.neighbours + 1, beta=s.beta / 2)
+from mat_jax import objectives
+for name, attack in {PUBLISHED!r}.items():
+  assert objectives.OBJECTIVES[name]().inner_attack() == spec.ATTACKS[attack], name
+print("ok")
+"""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 def test_unknown_attack_names_list_the_registry():
   listed = ", ".join(attack_specs.NAMES)

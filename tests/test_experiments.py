@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mat_jax import config as config_lib
-from mat_jax import errors, recipes, study
+from mat_jax import errors, objectives, recipes, study
 from mat_jax.models import weights
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -146,6 +146,18 @@ def test_the_argument_picks_the_published_settings():
   assert tuple(blip_matplus.data.augmentations) == tuple(shapes_matplus.data.augmentations)
 
 
+def test_a_defense_lists_only_what_differs_from_its_objective():
+  # A published hyper-parameter or tower lives once, in the objective (its inner attack's budget in the attack
+  # registry); an entry of DEFENSES restating one would go stale when it is corrected there.
+  for defense, spec in recipes.DEFENSES.items():
+    cls = objectives.get_class(spec["objective"]["name"])
+    defaults = objectives.hyperparameters(cls)
+    assert all(defaults[k] != v for k, v in spec["objective"].items() if k != "name"), defense
+    assert spec.get("towers") != cls.default_towers, defense
+    config = config_lib.load(f"{EXPERIMENTS / 'flickr30k.py'}:{defense}")
+    assert config.objective.to_dict() == {"name": cls.name, **defaults, **spec["objective"]}, defense
+    assert config.train.towers == spec.get("towers", cls.default_towers), defense
+
 @pytest.mark.parametrize("method", ("tecoa", "mat", "matplus"))
 def test_shapes_blip_defenses_train_the_towers_of_the_clip_methods(method):
   # TeCoA is TeCoA-ITR (all towers) in both files, not the objective's default (vision).
@@ -173,7 +185,7 @@ def test_experiment_files_are_data(path):
 def test_the_study_file_takes_quick_only():
   assert study.load(EXPERIMENTS / "study_shapes.py", quick=True)["name"] == "shapes_study_quick"
   with pytest.raises(config_lib.ConfigError, match="unknown argument 'quik'. Did you mean 'quick'"):
-    config_lib._call_get_config(EXPERIMENTS / "study_shapes.py", "quik")
+    config_lib.read_experiment_file(EXPERIMENTS / "study_shapes.py", "quik")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ from mat_jax import checks
 from mat_jax.errors import InputError
 
 KINDS = ("image", "text", "separate", "text_then_image", "sga")
-LOSSES = ("cosine", "kl", "co", "sga", "contrastive", "feature", "mava", "apgd_ce")
 TEXT_OBJECTIVES = ("kl", "image")
 NORMS = ("linf", "l2")
 
@@ -92,7 +91,7 @@ class AttackSpec:
   """One attack and its budget (module docstring). Frozen and hashable: a static part of a compiled step."""
   name: str                           # the registry name (reports, error messages)
   kind: str                           # one of KINDS
-  loss: str | None = None             # the image loss (one of LOSSES); None for kind "text"
+  loss: str | None = None             # the image loss (one `_SUPPORTED` lists for the kind); None for kind "text"
   text_objective: str | None = None   # the text attack's scoring (one of TEXT_OBJECTIVES); None: no text attack
   eps: float = 2 / 255                # image budget in pixel units (L-inf) or the L2 radius
   steps: int = 10                     # PGD (or APGD) iterations
@@ -165,6 +164,8 @@ class AttackSpec:
 
 # The registry: each attack at its reference settings (REFERENCE.md). Evaluation replaces the budget
 # (eps, steps, step rule, norm) with its own; a training objective with its eps, steps and step_size.
+# A defense's own attack (mat, tecoa, mmcoa, fare, mava) is the one place of its published training budget:
+# its objective's defaults (mat_jax.objectives) read it, and recipes.DEFENSES trains at those defaults.
 ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in (
     # SGA's image attack alone: PGD on -sum cos(image, its captions), eps 2/255, 10 steps of 0.5/255.
     AttackSpec("pgd", "image", "cosine"),
@@ -179,6 +180,7 @@ ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in (
     # SGA: image-guided text attack, multi-scale set-level image attack, text attack again.
     AttackSpec("sga", "sga", "sga", "image"),
     # MAT: the image-guided text attack, then PGD on the contrastive loss against the adversarial captions.
+    # The step size is not published: 1/255 assumed (two steps can reach the budget's corners).
     AttackSpec("mat", "text_then_image", "contrastive", "image", eps=2 / 255, steps=2, step_size=1 / 255),
     # TeCoA: PGD on the contrastive loss against the clean captions.
     AttackSpec("tecoa", "image", "contrastive", eps=1 / 255, steps=2, step_size=1 / 255),
@@ -187,7 +189,8 @@ ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in (
     AttackSpec("mmcoa", "separate", "contrastive", "kl", eps=1 / 255, steps=10, step_size=1 / 255),
     # FARE: PGD on ||f(x') - f_ref(x)||^2 (f_ref: the frozen original model, or the attacked one).
     AttackSpec("fare", "image", "feature", eps=2 / 255, steps=10, step_size=1 / 255),
-    # MAVA: PGD on CMS + VSSE over N = 3 noisy neighbours of the adversarial image.
+    # MAVA: PGD on CMS + VSSE over N = 3 noisy neighbours of the adversarial image. Their range
+    # U(-beta eps, beta eps) is not published: beta = 0.5 assumed (half the attack budget).
     AttackSpec("mava", "image", "mava", eps=2 / 255, steps=10, step_size=1 / 255),
 )}
 

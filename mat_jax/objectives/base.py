@@ -18,9 +18,10 @@ candidate arrays the input pipeline attached (see `mat_jax.training.inputs`).
 An adversarial objective names its inner attack in its `attack` field: a name of the attack registry
 (`mat_jax.attacks.spec.ATTACKS`, the names `mat_jax.evaluate` runs), by default the published one
 (mat for MAT and MAT+, tecoa, mmcoa, fare, mava), at the objective's own budget (eps, steps, step_size,
-text_changes). `attack_batch` runs it (`mat_jax.attacks.runner.run_attack`) and the objective takes from
-the adversarial batch what its formula uses: MAT the adversarial pairs (x', t'), MMCoA (x, t') and
-(x', t), TeCoA, FARE and MAVA the adversarial images x' only.
+text_changes), whose defaults are the published spec's (each module's `PUBLISHED`: the registry is the one
+place of a defense's published budget). `attack_batch` runs it (`mat_jax.attacks.runner.run_attack`) and the
+objective takes from the adversarial batch what its formula uses: MAT the adversarial pairs (x', t'), MMCoA
+(x, t') and (x', t), TeCoA, FARE and MAVA the adversarial images x' only.
 """
 
 from __future__ import annotations

@@ -13,7 +13,12 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from mat_jax.attacks import spec as attack_specs
 from mat_jax.objectives import base
+
+
+# The published inner attack: the registry's spec is the one place of its budget, the fields' defaults below.
+PUBLISHED = attack_specs.get("fare")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,10 +27,10 @@ class FARE(base.Objective):
   needs_reference = True
   default_towers = "vision"
 
-  attack: str = "fare"        # the inner attack (mat_jax.attacks.spec.ATTACKS)
-  eps: float = 2 / 255
-  steps: int = 10
-  step_size: float = 1 / 255
+  attack: str = PUBLISHED.name  # the inner attack (mat_jax.attacks.spec.ATTACKS)
+  eps: float = PUBLISHED.eps
+  steps: int = PUBLISHED.steps
+  step_size: float = PUBLISHED.step_size
   candidate_meta: object = base.internal()
 
   def inner_attack(self):

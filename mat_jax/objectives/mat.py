@@ -22,8 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from mat_jax.attacks import spec as attack_specs
 from mat_jax.objectives import base
 from mat_jax.objectives.contrastive import batch_clip_loss
+
+
+# The published inner attack: the registry's spec is the one place of its budget, the fields' defaults below.
+PUBLISHED = attack_specs.get("mat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +37,11 @@ class MAT(base.Objective):
   name = "mat"
   reads_adversarial_text = True
 
-  attack: str = "mat"         # the inner attack (mat_jax.attacks.spec.ATTACKS)
-  eps: float = 2 / 255        # image budget (L∞, pixel units)
-  steps: int = 2              # PGD steps in training
-  step_size: float = 1 / 255
-  text_changes: int = 1       # words the text attack may change per caption
+  attack: str = PUBLISHED.name               # the inner attack (mat_jax.attacks.spec.ATTACKS)
+  eps: float = PUBLISHED.eps                 # image budget (L∞, pixel units)
+  steps: int = PUBLISHED.steps               # PGD steps in training
+  step_size: float = PUBLISHED.step_size
+  text_changes: int = PUBLISHED.max_changes  # words the text attack may change per caption
   clean_weight: float = 0.0   # weight of the clean pairs' contrastive loss
   # 1:1 modelling of one-to-many data: each (image, caption) its own pair, an image's other captions
   # negatives (the paper's Fig. 4(b) arm); False: all of an image's captions are positives (1:N). It is

@@ -26,9 +26,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mat_jax.attacks import spec as attack_specs
 from mat_jax.attacks.losses import mava_terms
 from mat_jax.models.clip import l2_normalize
 from mat_jax.objectives import base
+
+
+# The published inner attack: the registry's spec is the one place of its budget, the fields' defaults below.
+PUBLISHED = attack_specs.get("mava")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +42,12 @@ class MAVA(base.Objective):
   needs_reference = True
   default_towers = "vision"
 
-  attack: str = "mava"        # the inner attack (mat_jax.attacks.spec.ATTACKS)
-  eps: float = 2 / 255
-  steps: int = 10
-  step_size: float = 1 / 255
-  neighbours: int = 3         # N
-  beta: float = 0.5           # neighbours drawn in U(−βε, βε)
+  attack: str = PUBLISHED.name  # the inner attack (mat_jax.attacks.spec.ATTACKS)
+  eps: float = PUBLISHED.eps
+  steps: int = PUBLISHED.steps
+  step_size: float = PUBLISHED.step_size
+  neighbours: int = PUBLISHED.neighbours  # N
+  beta: float = PUBLISHED.beta  # neighbours drawn in U(−βε, βε)
   a: float = 0.002            # CMS weight (outer)
   b: float = 0.4              # VSSE weight
   c: float = 0.6              # SCA weight

@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from mat_jax.attacks import spec as attack_specs
 from mat_jax.objectives import base
 from mat_jax.objectives.contrastive import batch_clip_loss
+
+
+# The published inner attack: the registry's spec is the one place of its budget, the fields' defaults below.
+PUBLISHED = attack_specs.get("mmcoa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +32,11 @@ class MMCoA(base.Objective):
   name = "mmcoa"
   reads_adversarial_text = True
 
-  attack: str = "mmcoa"       # the inner attack (mat_jax.attacks.spec.ATTACKS)
-  eps: float = 1 / 255
-  steps: int = 10
-  step_size: float = 1 / 255
-  text_changes: int = 1
+  attack: str = PUBLISHED.name  # the inner attack (mat_jax.attacks.spec.ATTACKS)
+  eps: float = PUBLISHED.eps
+  steps: int = PUBLISHED.steps
+  step_size: float = PUBLISHED.step_size
+  text_changes: int = PUBLISHED.max_changes
   text_weight: float = 0.5    # λ_t
   image_weight: float = 0.5   # λ_i
   candidate_meta: object = base.internal()

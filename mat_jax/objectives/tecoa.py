@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from mat_jax.attacks import spec as attack_specs
 from mat_jax.objectives import base
 from mat_jax.objectives.contrastive import batch_clip_loss
+
+
+# The published inner attack: the registry's spec is the one place of its budget, the fields' defaults below.
+PUBLISHED = attack_specs.get("tecoa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,10 +27,10 @@ class TeCoA(base.Objective):
   name = "tecoa"
   default_towers = "vision"
 
-  attack: str = "tecoa"       # the inner attack (mat_jax.attacks.spec.ATTACKS)
-  eps: float = 1 / 255
-  steps: int = 2
-  step_size: float = 1 / 255
+  attack: str = PUBLISHED.name  # the inner attack (mat_jax.attacks.spec.ATTACKS)
+  eps: float = PUBLISHED.eps
+  steps: int = PUBLISHED.steps
+  step_size: float = PUBLISHED.step_size
   symmetric: bool = True      # False: the outer loss is the image->text cross-entropy only (TeCoA's code)
   candidate_meta: object = base.internal()
 
