@@ -201,14 +201,14 @@ def test_config_dict_defaults_are_transformers_defaults():
   """The defaults that fill an older config's *_config_dict (our dataclass defaults under transformers'
   names) are those of the installed transformers' CLIPTextConfig / CLIPVisionConfig."""
   from mat_jax.models.clip import TextConfig, VisionConfig
-  from mat_jax.models.weights import _TEXT_KEYS, _VISION_EXTRA_DEFAULTS, _VISION_KEYS, _hf_defaults
+  from mat_jax.models.weights import _TEXT_KEYS, _VISION_EXTRA_DEFAULTS, VISION_CONFIG_KEYS, _hf_defaults
 
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     theirs_text = transformers.CLIPTextConfig().to_dict()
     theirs_vision = transformers.CLIPVisionConfig().to_dict()
   text = _hf_defaults(TextConfig, _TEXT_KEYS)
-  vision = _hf_defaults(VisionConfig, _VISION_KEYS, **_VISION_EXTRA_DEFAULTS)
+  vision = _hf_defaults(VisionConfig, VISION_CONFIG_KEYS, **_VISION_EXTRA_DEFAULTS)
   assert text == {key: theirs_text[key] for key in text}
   assert vision == {key: theirs_vision[key] for key in vision}
 

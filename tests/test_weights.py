@@ -330,6 +330,22 @@ def test_pickle_checkpoints_are_refused_unread(saved, tmp_path, name):
     load_bert_mlm(tmp_path / name)
 
 
+def test_the_pickle_conversion_command_names_each_loaders_class(saved, tmp_path):
+  """Each loader's refusal names the pickle file and converts it through the loader's own transformers class
+  (load_bert_mlm's once said CLIPModel; load_blip's named only the directory)."""
+  from mat_jax.models import load_blip
+
+  (tmp_path / "config.json").write_text((saved / "config.json").read_text())
+  (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 not a pickle")
+  for load, architecture in ((load_clip, "CLIPModel"), (load_bert_mlm, "BertForMaskedLM"),
+                             (load_blip, "BlipForImageTextRetrieval")):
+    with pytest.raises(UnsafeCheckpointError) as err:
+      load(tmp_path)
+    assert f"{tmp_path / 'pytorch_model.bin'} is a pickle checkpoint" in str(err.value)
+    assert f"from transformers import {architecture} as M;" in str(err.value)
+    assert "CLIPModel" not in str(err.value) or architecture == "CLIPModel"
+
+
 def test_unsupported_activation(saved, tmp_path):
   _copy(saved, tmp_path, config_edit=lambda c: c["text_config"].update(hidden_act="swish"))
   with pytest.raises(ConfigError, match="hidden_act='swish' is not supported"):

@@ -21,7 +21,6 @@ Differences from CLIP that matter downstream:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -202,7 +201,10 @@ class VisionEncoder(nnx.Module):
     x = x.astype(self.dtype)
     b, p = x.shape[0], cfg.patch_size
     kernel = self.patch_kernel[...].reshape(p * p * 3, cfg.width).astype(self.dtype)
-    tokens = layers.patches(x, p) @ kernel + self.patch_bias[...].astype(self.dtype)
+    # On (B * patches, W) rows, as layers.Dense does: the bias's gradient is then a sum over one axis, which
+    # XLA:CPU accumulates in float32; over (B, patches) of a bf16 tensor it sums in bf16 (3% off at 9k rows).
+    rows = layers.patches(x, p).reshape(-1, p * p * 3)
+    tokens = (rows @ kernel + self.patch_bias[...].astype(self.dtype)).reshape(b, -1, cfg.width)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
     for block in self.blocks:
@@ -365,7 +367,7 @@ def check_blip_text(input_ids: Any, attention_mask: Any, cfg: BlipTextConfig) ->
 # ------------------------------------------------------------------------------------------------
 # Name table: our parameter path, transformers' tensor name, layout (weights.Layout).
 
-_L, _N, SAME, CONV = weights._linear, weights._norm, weights.SAME, weights.CONV
+_L, _N, SAME, CONV = weights.linear_rows, weights.layer_norm_rows, weights.SAME, weights.CONV
 
 _VISION_BLOCK = [
     *_N(("ln1",), "layer_norm1"),
@@ -424,7 +426,6 @@ def blip_table(cfg: BlipConfig) -> list[weights.Entry]:
 # ------------------------------------------------------------------------------------------------
 # Config conversion. Missing keys take transformers' defaults, which are our dataclass defaults.
 
-_VISION_KEYS = weights._VISION_KEYS  # the same ViT fields as CLIP's
 _TEXT_KEYS = {"vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings",
               "width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
               "mlp_dim": "intermediate_size", "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps",
@@ -451,9 +452,6 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
     raise weights.ConfigError(f"config.json describes {_architectures(data)}; load_blip reads the retrieval model "
                               f"{BLIP_ARCHITECTURE} (ITC projections and ITM head), e.g. "
                               "Salesforce/blip-itm-base-coco.")
-  def pick(cls, sub, keys, **extra):
-    return cls(**{o: sub[t] for o, t in keys.items() if sub.get(t) is not None},
-                                              **extra)
   pre = preprocessor or {}
   problems = []
   weights.refuse_wrong_types(weights.wrong_types(data, {"vision_config": dict, "text_config": dict}), source)
@@ -465,20 +463,21 @@ def blip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
     raise weights.ConfigError("unsupported BLIP config:\n  " + "\n  ".join(problems))
   weights.refuse_wrong_types([
       *weights.wrong_types(data, {"image_text_hidden_size": int, "logit_scale_init_value": float}),
-      *weights.wrong_types(vision_data, weights.field_types(BlipVisionConfig, _VISION_KEYS), "vision_config."),
+      *weights.wrong_types(vision_data, weights.field_types(BlipVisionConfig, weights.VISION_CONFIG_KEYS),
+                           "vision_config."),
       *weights.wrong_types(text_data, weights.field_types(BlipTextConfig, _TEXT_KEYS), "text_config.")], source)
   mean, std = weights.preprocessor_normalisation(pre, CLIP_MEAN, CLIP_STD, preprocessor_source)
-  vision = pick(BlipVisionConfig, vision_data, _VISION_KEYS, image_mean=mean, image_std=std)
+  vision = weights.pick(BlipVisionConfig, vision_data, weights.VISION_CONFIG_KEYS, image_mean=mean, image_std=std)
   positions = int(text_data.get("max_position_embeddings") or BlipTextConfig.max_position_embeddings)
   length = context_length if context_length is not None else min(BlipTextConfig.context_length, positions)
   if length > positions:
     problems.append(f"context_length {length} > text_config.max_position_embeddings {positions}")
     length = positions
-  text = pick(BlipTextConfig, text_data, _TEXT_KEYS, context_length=length)
+  text = weights.pick(BlipTextConfig, text_data, _TEXT_KEYS, context_length=length)
   # text_config.encoder_hidden_size is not read: transformers' BlipConfig overwrites it with the vision
   # hidden size, and a cross-attention that does not fit is caught by the tensor shapes.
-  weights._check_common(problems, "vision_config", vision.activation, vision.width, vision.heads)
-  weights._check_common(problems, "text_config", text.activation, text.width, text.heads)
+  weights.check_activation_and_heads(problems, "vision_config", vision.activation, vision.width, vision.heads)
+  weights.check_activation_and_heads(problems, "text_config", text.activation, text.width, text.heads)
   if problems:
     raise weights.ConfigError("unsupported BLIP config:\n  " + "\n  ".join(problems))
   return BlipConfig(vision=vision, text=text, embed_dim=int(data.get("image_text_hidden_size") or 256),
@@ -494,7 +493,7 @@ HF_LOGIT_SCALE_DEFAULT = 2.6592
 def blip_config_to_hf(cfg: BlipConfig, logit_scale: float | None = None) -> dict:
   """BlipConfig -> a config.json that transformers' BlipForImageTextRetrieval.from_pretrained reads.
   `logit_scale`: the learnt value, stored as logit_scale_init_value (default the config's)."""
-  vision = {theirs: getattr(cfg.vision, ours) for ours, theirs in _VISION_KEYS.items()}
+  vision = {theirs: getattr(cfg.vision, ours) for ours, theirs in weights.VISION_CONFIG_KEYS.items()}
   text = {theirs: getattr(cfg.text, ours) for ours, theirs in _TEXT_KEYS.items()}
   return {
       "architectures": [BLIP_ARCHITECTURE], "model_type": "blip", "dtype": "float32",
@@ -518,15 +517,6 @@ def blip_preprocessor_to_hf(cfg: BlipConfig) -> dict:
 # Loading and saving.
 
 
-def _pickle_error(source: Any) -> weights.UnsafeCheckpointError:
-  return weights.UnsafeCheckpointError(
-      f"{source} holds a pickle checkpoint; mat_jax never unpickles weights (loading a pickle can run "
-      "arbitrary code). Convert it once, in an environment you trust, with transformers:\n"
-      "  python -c \"from transformers import BlipForImageTextRetrieval as M; M.from_pretrained('DIR')"
-      ".save_pretrained('DIR-safetensors', safe_serialization=True)\"\n"
-      "and pass DIR-safetensors; Salesforce/blip-itm-* on the hub also offer model.safetensors.")
-
-
 def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_length: int | None = None) -> BLIP:
   """A BLIP from a transformers-layout directory or hub id (e.g. Salesforce/blip-itm-base-coco).
 
@@ -535,12 +525,9 @@ def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_le
   CLIP's). `context_length`: tokens per caption (default 35, BLIP's retrieval setting, at most
   max_position_embeddings).
   """
-  dtype = weights._compute_dtype(dtype)
-  try:
-    directory = weights._resolve(source)
-    files = weights._weight_files(directory)
-  except weights.UnsafeCheckpointError as err:
-    raise _pickle_error(source) from err
+  dtype = weights.compute_dtype(dtype)
+  directory = weights.checkpoint_directory(source, BLIP_ARCHITECTURE)
+  files = weights.weight_files(directory, BLIP_ARCHITECTURE)
   preprocessor, preprocessor_source = weights.read_image_processor(directory)
   cfg = blip_config_from_hf(hub.read_json_object(directory / "config.json"), preprocessor, dtype=dtype,
                             context_length=context_length, source=str(directory / "config.json"),
@@ -549,42 +536,28 @@ def load_blip(source: str | os.PathLike, *, dtype: str | None = None, context_le
   # logit_scale is no tensor of transformers' retrieval class: fill the others, then set it from config.json.
   graphdef, state = nnx.split(abstract)
   scale_free = _without_logit_scale(graphdef, state)
-  loaded = weights._fill(scale_free, BLIP_ARCHITECTURE, blip_table(cfg), files, BLIP_IGNORED, str(directory))
+  loaded = weights.fill_parameters(scale_free, BLIP_ARCHITECTURE, blip_table(cfg), files, BLIP_IGNORED, str(directory))
   loaded.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
   return loaded
 
 
 def _without_logit_scale(graphdef: nnx.GraphDef, state: nnx.State) -> BLIP:
-  """The abstract model with `logit_scale` removed, so `weights._fill`'s table covers every parameter."""
+  """The abstract model with `logit_scale` removed, so `weights.fill_parameters`' table covers every parameter."""
   model = nnx.merge(graphdef, state)
   del model.logit_scale
   return model
 
 
-def blip_tensors(model: BLIP | tuple[Any, nnx.State]) -> dict[str, np.ndarray]:
-  """transformers-named float32 tensors of a BLIP (or of an (encoder, params) pair)."""
-  cfg, state = (model[0].config, model[1]) if isinstance(model, tuple) else (model.config, nnx.state(model, nnx.Param))
-  flat = dict(nnx.to_flat_state(state))
-  return {e.theirs: np.array(e.layout.to_theirs(np.asarray(flat[e.ours].get_value(), np.float32)), order="C")
-          for e in blip_table(cfg)}
-
-
 def save_blip(model: BLIP | tuple[Any, nnx.State], directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
   """Write config.json, model.safetensors and preprocessor_config.json (and the tokenizer's files if one is
   given) in the layout that transformers' `BlipForImageTextRetrieval.from_pretrained` and `load_blip` read."""
-  from safetensors.numpy import save_file
-
-  cfg, state = (model[0].config, model[1]) if isinstance(model, tuple) else (model.config, nnx.state(model, nnx.Param))
+  cfg, state = weights.config_and_params(model)
   scale = np.float32(np.asarray(state["logit_scale"].get_value()))
   # An untrained scale is the config's value rounded to float32: write the config's, so the config round-trips.
   scale = cfg.logit_scale_init if scale == np.float32(cfg.logit_scale_init) else float(scale)
-  directory = weights.save_directory(directory)
-  save_file(blip_tensors(model), str(directory / weights.SAFETENSORS_FILE), metadata={"format": "pt"})
-  (directory / "config.json").write_text(json.dumps(blip_config_to_hf(cfg, scale), indent=2) + "\n")
-  weights.write_image_processor(directory, blip_preprocessor_to_hf(cfg))
-  if tokenizer is not None:
-    tokenizer.save_pretrained(str(directory))
-  return directory
+  # logit_scale is no tensor of transformers' retrieval class (blip_table leaves it out): config.json carries it.
+  return weights.write_model_directory(directory, state, blip_table(cfg), blip_config_to_hf(cfg, scale),
+                                       image_processor=blip_preprocessor_to_hf(cfg), tokenizer=tokenizer)
 
 
 def is_blip(source: str | os.PathLike) -> bool:

@@ -62,8 +62,9 @@ class Embed(nnx.Embed):
 
   Same forward numbers. nnx.Embed casts the table first, so its gradient is a scatter-add in the compute
   dtype: in bfloat16 every occurrence of a token is added into its row with bf16 rounding, and XLA does not
-  widen a scatter's sums as it widens reductions (measured on the shapes CLIP's contrastive gradient, 256
-  images: the rows of "a", start and end 6-9% off). Gathered first, the scatter adds in float32.
+  widen a scatter's sums as XLA:CPU widens a reduction over one axis (measured on the shapes CLIP's
+  contrastive gradient, 256 images: the rows of "a", start and end 6-9% off). Gathered first, the scatter
+  adds in float32.
   """
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:

@@ -104,24 +104,25 @@ class Entry:
   layout: Layout
 
 
-def _norm(ours: tuple, theirs: str) -> list[tuple[tuple, str, Layout]]:
+# The table rows (our path, transformers' name, layout) of one LayerNorm or Linear; BLIP's table uses them too.
+def layer_norm_rows(ours: tuple, theirs: str) -> list[tuple[tuple, str, Layout]]:
   return [((*ours, "scale"), f"{theirs}.weight", SAME), ((*ours, "bias"), f"{theirs}.bias", SAME)]
 
 
-def _linear(ours: tuple, theirs: str, bias: bool = True) -> list[tuple[tuple, str, Layout]]:
+def linear_rows(ours: tuple, theirs: str, bias: bool = True) -> list[tuple[tuple, str, Layout]]:
   rows = [((*ours, "kernel"), f"{theirs}.weight", LINEAR)]
   return rows + ([((*ours, "bias"), f"{theirs}.bias", SAME)] if bias else [])
 
 
 _CLIP_BLOCK = [
-    *_norm(("ln1",), "layer_norm1"),
-    *_linear(("attn", "query"), "self_attn.q_proj"),
-    *_linear(("attn", "key"), "self_attn.k_proj"),
-    *_linear(("attn", "value"), "self_attn.v_proj"),
-    *_linear(("attn", "out"), "self_attn.out_proj"),
-    *_norm(("ln2",), "layer_norm2"),
-    *_linear(("fc1",), "mlp.fc1"),
-    *_linear(("fc2",), "mlp.fc2"),
+    *layer_norm_rows(("ln1",), "layer_norm1"),
+    *linear_rows(("attn", "query"), "self_attn.q_proj"),
+    *linear_rows(("attn", "key"), "self_attn.k_proj"),
+    *linear_rows(("attn", "value"), "self_attn.v_proj"),
+    *linear_rows(("attn", "out"), "self_attn.out_proj"),
+    *layer_norm_rows(("ln2",), "layer_norm2"),
+    *linear_rows(("fc1",), "mlp.fc1"),
+    *linear_rows(("fc2",), "mlp.fc2"),
 ]
 
 _CLIP_TOP = [
@@ -131,11 +132,11 @@ _CLIP_TOP = [
     (("vision", "patch_kernel"), "vision_model.embeddings.patch_embedding.weight", CONV),
     (("vision", "class_embedding"), "vision_model.embeddings.class_embedding", SAME),
     (("vision", "position_embedding"), "vision_model.embeddings.position_embedding.weight", SAME),
-    *_norm(("vision", "pre_ln"), "vision_model.pre_layrnorm"),  # sic: transformers' spelling
-    *_norm(("vision", "post_ln"), "vision_model.post_layernorm"),
+    *layer_norm_rows(("vision", "pre_ln"), "vision_model.pre_layrnorm"),  # sic: transformers' spelling
+    *layer_norm_rows(("vision", "post_ln"), "vision_model.post_layernorm"),
     (("text", "token_embedding", "embedding"), "text_model.embeddings.token_embedding.weight", SAME),
     (("text", "position_embedding"), "text_model.embeddings.position_embedding.weight", SAME),
-    *_norm(("text", "final_ln"), "text_model.final_layer_norm"),
+    *layer_norm_rows(("text", "final_ln"), "text_model.final_layer_norm"),
 ]
 
 # Buffers, not parameters: older checkpoints saved them.
@@ -154,23 +155,23 @@ def clip_table(cfg: CLIPConfig) -> list[Entry]:
 
 
 _BERT_BLOCK = [
-    *_linear(("attn", "query"), "attention.self.query"),
-    *_linear(("attn", "key"), "attention.self.key"),
-    *_linear(("attn", "value"), "attention.self.value"),
-    *_linear(("attn", "out"), "attention.output.dense"),
-    *_norm(("attn_ln",), "attention.output.LayerNorm"),
-    *_linear(("fc1",), "intermediate.dense"),
-    *_linear(("fc2",), "output.dense"),
-    *_norm(("mlp_ln",), "output.LayerNorm"),
+    *linear_rows(("attn", "query"), "attention.self.query"),
+    *linear_rows(("attn", "key"), "attention.self.key"),
+    *linear_rows(("attn", "value"), "attention.self.value"),
+    *linear_rows(("attn", "out"), "attention.output.dense"),
+    *layer_norm_rows(("attn_ln",), "attention.output.LayerNorm"),
+    *linear_rows(("fc1",), "intermediate.dense"),
+    *linear_rows(("fc2",), "output.dense"),
+    *layer_norm_rows(("mlp_ln",), "output.LayerNorm"),
 ]
 
 _BERT_TOP = [
     (("word_embeddings", "embedding"), "bert.embeddings.word_embeddings.weight", SAME),
     (("position_embeddings", "embedding"), "bert.embeddings.position_embeddings.weight", SAME),
     (("token_type_embeddings", "embedding"), "bert.embeddings.token_type_embeddings.weight", SAME),
-    *_norm(("embeddings_ln",), "bert.embeddings.LayerNorm"),
-    *_linear(("transform",), "cls.predictions.transform.dense"),
-    *_norm(("transform_ln",), "cls.predictions.transform.LayerNorm"),
+    *layer_norm_rows(("embeddings_ln",), "bert.embeddings.LayerNorm"),
+    *linear_rows(("transform",), "cls.predictions.transform.dense"),
+    *layer_norm_rows(("transform_ln",), "cls.predictions.transform.LayerNorm"),
     (("output_bias",), "cls.predictions.bias", SAME),
 ]
 
@@ -201,9 +202,10 @@ def bert_table(cfg: BertConfig) -> list[Entry]:
 # ------------------------------------------------------------------------------------------------
 # Config conversion. Missing keys take transformers' defaults, which are our dataclass defaults.
 
-_VISION_KEYS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
-                "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
-                "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps"}
+# Our ViT config fields -> transformers' vision_config keys: CLIP's and BLIP's (models/blip.py) alike.
+VISION_CONFIG_KEYS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
+                      "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+                      "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps"}
 _TEXT_KEYS = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings", "width": "hidden_size",
               "layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
               "activation": "hidden_act", "layer_norm_eps": "layer_norm_eps", "eos_token_id": "eos_token_id",
@@ -280,13 +282,16 @@ def value_or(data: dict, key: str, default: Any) -> Any:
   return data[key] if data.get(key) is not None else default
 
 
-def _pick(cls, data: dict, keys: dict[str, str], **extra) -> Any:
+def pick(cls, data: dict, keys: dict[str, str], **extra) -> Any:
+  """The config `cls` with each field `keys` names read from transformers' `data` (its default where the key is
+  absent or null) and `extra` fields as given."""
   defaults = cls()
   values = {ours: value_or(data, theirs, getattr(defaults, ours)) for ours, theirs in keys.items()}
   return cls(**values, **extra)
 
 
-def _check_common(problems: list[str], where: str, act: str, width: int, heads: int) -> None:
+def check_activation_and_heads(problems: list[str], where: str, act: str, width: int, heads: int) -> None:
+  """Appends to `problems` what our encoders cannot build: an unknown activation, a width the heads do not divide."""
   if act not in layers.ACTIVATIONS:
     problems.append(f"{where}.hidden_act={act!r} is not supported (supported: {sorted(layers.ACTIVATIONS)})")
   if heads <= 0 or width % heads:
@@ -380,18 +385,18 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
                       "(model_type 'clip').")
   refuse_wrong_types([
       *wrong_types(data, {"projection_dim": int, "logit_scale_init_value": float}),
-      *_sub_config_types(data, "vision_config", {**field_types(VisionConfig, _VISION_KEYS), "num_channels": int}),
+      *_sub_config_types(data, "vision_config", {**field_types(VisionConfig, VISION_CONFIG_KEYS), "num_channels": int}),
       *_sub_config_types(data, "text_config", field_types(TextConfig, _TEXT_KEYS))], source)
   # Older configs (openai/clip-vit-large-patch14 among them) also carry *_config_dict.
   vision_data = _merge_config_dict(data.get("vision_config"), data.get("vision_config_dict"),
-                                   _hf_defaults(VisionConfig, _VISION_KEYS, **_VISION_EXTRA_DEFAULTS))
+                                   _hf_defaults(VisionConfig, VISION_CONFIG_KEYS, **_VISION_EXTRA_DEFAULTS))
   text_data = _merge_config_dict(data.get("text_config"), data.get("text_config_dict"),
                                  _hf_defaults(TextConfig, _TEXT_KEYS))
   pre = preprocessor or {}
   mean, std = preprocessor_normalisation(pre, VisionConfig.image_mean, VisionConfig.image_std, preprocessor_source)
-  vision = _pick(VisionConfig, vision_data, _VISION_KEYS, image_mean=mean, image_std=std)
+  vision = pick(VisionConfig, vision_data, VISION_CONFIG_KEYS, image_mean=mean, image_std=std)
   # Pooling is left to TextConfig's default, which derives it from eos_token_id as transformers does.
-  text = _pick(TextConfig, text_data, _TEXT_KEYS)
+  text = pick(TextConfig, text_data, _TEXT_KEYS)
   # Older mat_jax wrote this key to pool where transformers' rule would not; such a checkpoint's text
   # embeddings cannot be reproduced from standard keys, so it is refused rather than pooled elsewhere.
   legacy_pooling = text_data.get("mat_jax_pooling")
@@ -401,8 +406,8 @@ def clip_config_from_hf(data: dict, preprocessor: dict | None = None, *, dtype: 
                     "retrain the model with the current tokenizer (the shapes world's end id is now 3)")
   if value_or(vision_data, "num_channels", 3) != 3:
     problems.append(f"vision_config.num_channels={vision_data['num_channels']} (only RGB, 3, is supported)")
-  _check_common(problems, "vision_config", vision.activation, vision.width, vision.heads)
-  _check_common(problems, "text_config", text.activation, text.width, text.heads)
+  check_activation_and_heads(problems, "vision_config", vision.activation, vision.width, vision.heads)
+  check_activation_and_heads(problems, "text_config", text.activation, text.width, text.heads)
   if problems:
     raise ConfigError("unsupported CLIP config:\n  " + "\n  ".join(problems))
   defaults = CLIPConfig()
@@ -433,7 +438,7 @@ def _check_transformers_pooling(text: TextConfig) -> None:
 def clip_config_to_hf(cfg: CLIPConfig) -> dict:
   """CLIPConfig -> a config.json that transformers' CLIPModel.from_pretrained reads."""
   _check_transformers_pooling(cfg.text)
-  vision = {theirs: getattr(cfg.vision, ours) for ours, theirs in _VISION_KEYS.items()}
+  vision = {theirs: getattr(cfg.vision, ours) for ours, theirs in VISION_CONFIG_KEYS.items()}
   text = {theirs: getattr(cfg.text, ours) for ours, theirs in _TEXT_KEYS.items()}
   return {
       "architectures": ["CLIPModel"], "model_type": "clip", "dtype": "float32",
@@ -461,7 +466,7 @@ def bert_config_from_hf(data: dict, *, dtype: str = "float32", source: str = "co
                       "transformers' BertForMaskedLM checkpoints (model_type 'bert').")
   keys = {k: k for k in _BERT_KEYS}
   refuse_wrong_types(wrong_types(data, field_types(BertConfig, keys)), source)
-  cfg = _pick(BertConfig, data, keys, dtype=dtype)
+  cfg = pick(BertConfig, data, keys, dtype=dtype)
   problems = []
   if value_or(data, "position_embedding_type", "absolute") != "absolute":
     problems.append(f"position_embedding_type={data['position_embedding_type']!r} (only 'absolute')")
@@ -469,7 +474,7 @@ def bert_config_from_hf(data: dict, *, dtype: str = "float32", source: str = "co
     problems.append("is_decoder/add_cross_attention (only the bidirectional encoder MLM)")
   if data.get("tie_word_embeddings", True) is False:
     problems.append("tie_word_embeddings=false (the MLM decoder must be tied to the word embeddings)")
-  _check_common(problems, "config", cfg.hidden_act, cfg.hidden_size, cfg.num_attention_heads)
+  check_activation_and_heads(problems, "config", cfg.hidden_act, cfg.hidden_size, cfg.num_attention_heads)
   if problems:
     raise ConfigError("unsupported BERT config:\n  " + "\n  ".join(problems))
   return cfg
@@ -479,27 +484,30 @@ def bert_config_from_hf(data: dict, *, dtype: str = "float32", source: str = "co
 # Files.
 
 
-def _pickle_error(path: Path | str) -> UnsafeCheckpointError:
+def pickle_error(location: Path | str, architecture: str) -> UnsafeCheckpointError:
+  """The refusal of the pickle checkpoint at `location`, with the command that converts it to safetensors
+  through transformers' class `architecture`."""
   return UnsafeCheckpointError(
-      f"{path} is a pickle checkpoint; mat_jax never unpickles weights (loading a pickle can run "
+      f"{location} is a pickle checkpoint; mat_jax never unpickles weights (loading a pickle can run "
       "arbitrary code). Convert it once, in an environment you trust, with transformers:\n"
-      "  python -c \"from transformers import CLIPModel as M; M.from_pretrained('DIR')"
+      f"  python -c \"from transformers import {architecture} as M; M.from_pretrained('DIR')"
       ".save_pretrained('DIR-safetensors', safe_serialization=True)\"\n"
-      "(BertForMaskedLM instead of CLIPModel for a BERT masked LM) and pass DIR-safetensors; "
-      "on the hub, many repositories also offer model.safetensors.")
+      "and pass DIR-safetensors; on the hub, many repositories also offer model.safetensors.")
 
 
-def _resolve(source: str | os.PathLike) -> Path:
+def checkpoint_directory(source: str | os.PathLike, architecture: str) -> Path:
+  """The local directory of a transformers-layout checkpoint (a directory or a hub id), with its config.json.
+  A pickle checkpoint is refused with the conversion command for transformers' class `architecture`."""
   path = Path(source).expanduser()
   if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-    raise _pickle_error(path)
+    raise pickle_error(path, architecture)
   directory = hub.resolve(source, WEIGHT_PATTERNS)
   if not path.is_dir() and not any((directory / f).exists() for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX)):
     # A hub snapshot holds only the files WEIGHT_PATTERNS let through, never a pickle: ask the hub what the
     # repository has, so a pickle-only one gets the conversion advice rather than "save_pretrained".
     pickles = [name for name in hub.repo_files(str(source)) if Path(name).suffix in PICKLE_SUFFIXES]
     if pickles:
-      raise _pickle_error(f"{pickles[0]} of the hub repository {source}")
+      raise pickle_error(f"{pickles[0]} of the hub repository {source}", architecture)
   if not (directory / "config.json").exists():
     raise hub.ModelSourceError(
         f"{directory} has no config.json; a transformers-layout directory holds config.json and "
@@ -508,8 +516,9 @@ def _resolve(source: str | os.PathLike) -> Path:
   return directory
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
-  """Tensor name -> the safetensors file that holds it."""
+def weight_files(directory: Path, architecture: str) -> dict[str, Path]:
+  """Tensor name -> the safetensors file that holds it. `architecture`: transformers' class, for the conversion
+  command of a pickle checkpoint."""
   index = directory / SAFETENSORS_INDEX
   single = directory / SAFETENSORS_FILE
   if index.exists():
@@ -533,7 +542,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
       return {name: single for name in handle.keys()}
   pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
   if pickles:
-    raise _pickle_error(pickles[0])
+    raise pickle_error(pickles[0], architecture)
   others = sorted(p.name for p in directory.glob("*.safetensors"))
   if others and all(_SHARD_NAME.fullmatch(name) for name in others):
     # transformers' own shard names: only the index that lists which shard holds which tensor is missing.
@@ -597,9 +606,9 @@ def _open_safetensors(path: Path):
 # Loading and saving.
 
 
-def _fill(abstract: nnx.Module, architecture: str, table: list[Entry], files: dict[str, Path],
-          ignored: frozenset[str], source: str, renames: tuple[tuple[str, str], ...] = (),
-          tied: tuple[tuple[str, str], ...] = ()) -> nnx.Module:
+def fill_parameters(abstract: nnx.Module, architecture: str, table: list[Entry], files: dict[str, Path],
+                    ignored: frozenset[str], source: str, renames: tuple[tuple[str, str], ...] = (),
+                    tied: tuple[tuple[str, str], ...] = ()) -> nnx.Module:
   """The module `abstract` (from nnx.eval_shape) with every parameter read from `files` via `table`.
   `tied`: (copy, tensor) names of tied tensors; a stored copy stands in for a tensor that is not stored,
   and must equal one that is."""
@@ -655,7 +664,7 @@ def _fill(abstract: nnx.Module, architecture: str, table: list[Entry], files: di
   return nnx.merge(graphdef, state)
 
 
-def _compute_dtype(dtype: str | None) -> str:
+def compute_dtype(dtype: str | None) -> str:
   """None is float32 (a library call gets the checkpoint's numbers); "auto" follows the platform."""
   return "float32" if dtype is None else resolve_dtype(dtype)
 
@@ -668,32 +677,32 @@ def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
   image_processor, else preprocessor_config.json, as transformers reads them; do_normalize and rescale_factor
   folded in), else CLIP's.
   """
-  dtype = _compute_dtype(dtype)
-  directory = _resolve(source)
-  files = _weight_files(directory)
+  dtype = compute_dtype(dtype)
+  directory = checkpoint_directory(source, "CLIPModel")
+  files = weight_files(directory, "CLIPModel")
   preprocessor, preprocessor_source = read_image_processor(directory)
   cfg = clip_config_from_hf(hub.read_json_object(directory / "config.json"), preprocessor, dtype=dtype,
                             source=str(directory / "config.json"),
                             preprocessor_source=str(directory / preprocessor_source))
   abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-  return _fill(abstract, "CLIPModel", clip_table(cfg), files, CLIP_IGNORED, str(directory))
+  return fill_parameters(abstract, "CLIPModel", clip_table(cfg), files, CLIP_IGNORED, str(directory))
 
 
 def load_bert_mlm(source: str | os.PathLike, *, dtype: str | None = None) -> BertForMaskedLM:
   """A BertForMaskedLM from a transformers-layout directory or hub id (e.g. bert-base-uncased)."""
-  dtype = _compute_dtype(dtype)
-  directory = _resolve(source)
-  files = _weight_files(directory)
+  dtype = compute_dtype(dtype)
+  directory = checkpoint_directory(source, "BertForMaskedLM")
+  files = weight_files(directory, "BertForMaskedLM")
   cfg = bert_config_from_hf(hub.read_json_object(directory / "config.json"), dtype=dtype,
                             source=str(directory / "config.json"))
   abstract = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
-  return _fill(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory), _BERT_RENAMES,
-               BERT_TIED)
+  return fill_parameters(abstract, "BertForMaskedLM", bert_table(cfg), files, BERT_IGNORED, str(directory),
+                         _BERT_RENAMES, BERT_TIED)
 
 
 def save_directory(directory: str | os.PathLike) -> Path:
   """The directory a save_* function writes config.json and model.safetensors into, created if need be.
-  One holding a sharded checkpoint is refused: loading would then find two checkpoints (see `_weight_files`)."""
+  One holding a sharded checkpoint is refused: loading would then find two checkpoints (see `weight_files`)."""
   directory = Path(directory).expanduser()
   directory.mkdir(parents=True, exist_ok=True)
   if (directory / SAFETENSORS_INDEX).exists():
@@ -702,16 +711,36 @@ def save_directory(directory: str | os.PathLike) -> Path:
   return directory
 
 
-def clip_tensors(model: CLIP | tuple[DualEncoder, nnx.State]) -> dict[str, np.ndarray]:
-  """transformers-named float32 tensors of a CLIP (or of an (encoder, params) pair)."""
+def config_and_params(model: nnx.Module | tuple[DualEncoder, nnx.State]) -> tuple[Any, nnx.State]:
+  """(config, parameters) of a model, or of an (encoder, params) pair."""
   if isinstance(model, tuple):
     encoder, params = model
-    cfg, state = encoder.config, params
-  else:
-    cfg, state = model.config, nnx.state(model, nnx.Param)
-  flat = {path: var for path, var in nnx.to_flat_state(state)}
+    return encoder.config, params
+  return model.config, nnx.state(model, nnx.Param)
+
+
+def transformers_tensors(state: nnx.State, table: list[Entry]) -> dict[str, np.ndarray]:
+  """The float32 tensors of `state` under transformers' names, in transformers' layouts, by the name table."""
+  flat = dict(nnx.to_flat_state(state))
   return {e.theirs: np.array(e.layout.to_theirs(np.asarray(flat[e.ours].get_value(), np.float32)), order="C")
-          for e in clip_table(cfg)}
+          for e in table}
+
+
+def write_model_directory(directory: str | os.PathLike, state: nnx.State, table: list[Entry], hf_config: dict, *,
+                          image_processor: dict | None = None, tokenizer: Any = None) -> Path:
+  """Write model.safetensors (`state`'s tensors named by `table`) and config.json (`hf_config`) into
+  `save_directory(directory)`, then the image processor's settings (`write_image_processor`) and the
+  tokenizer's files (a mat_jax Tokenizer or a transformers tokenizer) where given. Returns the directory."""
+  from safetensors.numpy import save_file
+
+  directory = save_directory(directory)
+  save_file(transformers_tensors(state, table), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+  (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  if image_processor is not None:
+    write_image_processor(directory, image_processor)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(directory))
+  return directory
 
 
 def save_clip(model: CLIP | tuple[DualEncoder, nnx.State], directory: str | os.PathLike, *,
@@ -719,17 +748,10 @@ def save_clip(model: CLIP | tuple[DualEncoder, nnx.State], directory: str | os.P
   """Write config.json, model.safetensors and preprocessor_config.json (and the tokenizer's files if
   one is given: a mat_jax Tokenizer or a transformers tokenizer) in the layout that transformers'
   `CLIPModel.from_pretrained` and `load_clip` read. Returns the directory."""
-  from safetensors.numpy import save_file
-
-  cfg = model[0].config if isinstance(model, tuple) else model.config
+  cfg, params = config_and_params(model)
   hf_config = clip_config_to_hf(cfg)  # first: a config transformers cannot express fails before any write
-  directory = save_directory(directory)
-  save_file(clip_tensors(model), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
-  (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  write_image_processor(directory, clip_preprocessor_to_hf(cfg))
-  if tokenizer is not None:
-    tokenizer.save_pretrained(str(directory))  # a mat_jax Tokenizer or a transformers tokenizer
-  return directory
+  return write_model_directory(directory, params, clip_table(cfg), hf_config,
+                               image_processor=clip_preprocessor_to_hf(cfg), tokenizer=tokenizer)
 
 
 def bert_config_to_hf(cfg: BertConfig) -> dict:
@@ -744,14 +766,5 @@ def save_bert_mlm(model: BertForMaskedLM, directory: str | os.PathLike, *, token
   """Write config.json and model.safetensors (and the tokenizer's files if one is given) in the layout
   that transformers' `BertForMaskedLM.from_pretrained` and `load_bert_mlm` read. The MLM decoder is
   tied to the word embeddings, so only its bias (`cls.predictions.bias`) is stored. Returns the directory."""
-  from safetensors.numpy import save_file
-
-  directory = save_directory(directory)
-  flat = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  tensors = {e.theirs: np.array(e.layout.to_theirs(np.asarray(flat[e.ours].get_value(), np.float32)), order="C")
-             for e in bert_table(model.config)}
-  save_file(tensors, str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
-  (directory / "config.json").write_text(json.dumps(bert_config_to_hf(model.config), indent=2) + "\n")
-  if tokenizer is not None:
-    tokenizer.save_pretrained(str(directory))  # a mat_jax Tokenizer or a transformers tokenizer
-  return directory
+  return write_model_directory(directory, nnx.state(model, nnx.Param), bert_table(model.config),
+                               bert_config_to_hf(model.config), tokenizer=tokenizer)
