@@ -308,3 +308,130 @@ def test_bicubic_resize_matches_pytorch():
   # Down and up again leaves a flat image flat: the views rescale, they do not shift or tint.
   flat = jnp.full((1, 16, 16, 3), 0.5)
   np.testing.assert_allclose(np.asarray(L.resize_bicubic(L.resize_bicubic(flat, 8, 8), 16, 16)), 0.5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step rules against small references (toy losses with known gradients, numpy loops)
+# ----------------------------------------------------------------------------------------------------
+
+# Per image, a sum of sines over 4 "pixels" (images (8, 1, 1, 4)): many local maxima within the ball, so the
+# sign steps overshoot, the loss oscillates, and APGD's checkpoints halve steps and restart from best points.
+_rng = np.random.default_rng(0)
+_W = _rng.uniform(6.0, 14.0, (8, 1, 1, 4)).astype(np.float32)
+_P = _rng.uniform(0.0, 2 * np.pi, (8, 1, 1, 4)).astype(np.float32)
+_X0 = _rng.uniform(0.2, 0.8, (8, 1, 1, 4)).astype(np.float32)
+del _rng
+
+
+def _sines(x, key=None):
+  return jnp.sum(jnp.sin(_W * x + _P), axis=(1, 2, 3))
+
+
+def _np_sines(x):
+  """(losses, gradients) of _sines in float64."""
+  w, p = _W.astype(np.float64), _P.astype(np.float64)
+  return np.sin(w * x + p).sum((1, 2, 3)), w * np.cos(w * x + p)
+
+
+def _np_apgd_linf(images, start, eps, steps, rho=0.75, alpha=0.75):
+  """Croce & Hein's APGD (AutoAttack's apgd_attack, L-inf) on _sines from `start`, written as their loop.
+
+  Returns (best point, its loss, the number of checkpoint restarts that moved an image away from its current
+  iterate): the last tells the comparison below exercises the halving and the restart from x_max."""
+  first, min_window, decrement = I.apgd_schedule(steps)
+  col = lambda v: v[:, None, None, None]  # noqa: E731
+  proj = lambda x: np.clip(np.clip(x, images - eps, images + eps), 0.0, 1.0)  # noqa: E731
+  x = x_old = start.astype(np.float64)
+  loss_best, grad = _np_sines(x)
+  x_best, grad_best, loss_last, loss_best_last_check = x, grad, loss_best, loss_best
+  step = np.full(len(x), 2.0 * eps)
+  increases = np.zeros(len(x))
+  reduced_last_check = np.ones(len(x), bool)
+  counter, k, moved = 0, first, 0
+  for i in range(steps):
+    a = alpha if i > 0 else 1.0
+    z = proj(x + col(step) * np.sign(grad))
+    x, x_old = proj(x + a * (z - x) + (1 - a) * (x - x_old)), x
+    loss, grad = _np_sines(x)
+    increases += loss > loss_last
+    loss_last = loss
+    better = loss > loss_best
+    x_best, grad_best = np.where(col(better), x, x_best), np.where(col(better), grad, grad_best)
+    loss_best = np.where(better, loss, loss_best)
+    counter += 1
+    if counter == k:
+      reduce = (increases <= k * rho) | (~reduced_last_check & (loss_best_last_check >= loss_best))
+      moved += int(np.sum(reduce & ~better))
+      step = np.where(reduce, step / 2.0, step)
+      x, grad = np.where(col(reduce), x_best, x), np.where(col(reduce), grad_best, grad)
+      increases[:] = 0
+      reduced_last_check, loss_best_last_check = reduce, loss_best
+      counter, k = 0, max(k - decrement, min_window)
+  return x_best, loss_best, moved
+
+
+@jax.jit
+def _apgd_on_sines(images, key):
+  """APGD with three restarts, and each restart's run on its own with its random start (apgd gives restart r
+  the key split(key, 3)[r]; a run draws its start with the first half of that key)."""
+  keys = jax.random.split(key, 3)
+  runs = jax.vmap(lambda k: I._apgd_run(_sines, images, k, eps=0.25, steps=20, norm="linf", rho=0.75, alpha=0.75,
+                                        random_start=True))(keys)
+  starts = jax.vmap(lambda k: I._apgd_start(jax.random.split(k)[0], images, 0.25, "linf"))(keys)
+  return I.apgd(_sines, images, key, eps=0.25, steps=20, restarts=3), *runs, starts
+
+
+def test_apgd_follows_autoattack_step_halving_momentum_and_restarts():
+  restarted, run_x, run_loss, starts = (np.asarray(a) for a in _apgd_on_sines(jnp.asarray(_X0), jax.random.key(0)))
+  # Each run step for step as the reference: a step never halved at the checkpoints, a missing momentum term
+  # (0.75 (z - x) + 0.25 (x - x_prev)), or an image not restarted from its best point after a halving would
+  # each send the trajectories apart (the reference restarts images off their current iterate).
+  for x, loss, start in zip(run_x, run_loss, starts, strict=True):
+    want, want_loss, moved = _np_apgd_linf(_X0, start, 0.25, 20)
+    assert moved > 10
+    np.testing.assert_allclose(x, want, atol=1e-5)
+    np.testing.assert_allclose(loss, want_loss, atol=1e-5)
+  # Restarts: per image, the point of the run with the highest loss, whichever restart found it; here a
+  # later restart wins for some images, so a result that never replaced the first run's would differ.
+  winner = np.argmax(run_loss, axis=0)
+  assert np.any(winner > 0) and np.any(winner == 0)
+  np.testing.assert_array_equal(restarted, run_x[winner, np.arange(len(winner))])
+
+
+def _target_loss(x, key=None):
+  """-(x - c)^2 per image: image 0's maximum (c = 0.55) lies between the sign steps of 0.03 from 0.5, image 1's
+  (c = 0.7) beyond three of them."""
+  return -jnp.sum(jnp.square(x - jnp.asarray([0.55, 0.7])[:, None, None, None]), axis=(1, 2, 3))
+
+
+@jax.jit
+def _pgd_options(images, key):
+  mi_fgsm = I.pgd(_sines, images, key, eps=0.25, step_size=0.05, steps=8, random_start=False, momentum=1.0)
+  best = I.pgd(_target_loss, jnp.full((2, 1, 1, 1), 0.5), key, eps=0.1, step_size=0.03, steps=3, random_start=False,
+               keep_best=True)
+  return mi_fgsm, best
+
+
+def test_pgd_momentum_normalises_each_gradient_and_keep_best_includes_the_final_iterate():
+  mi_fgsm, best = (np.asarray(a) for a in _pgd_options(jnp.asarray(_X0), jax.random.key(0)))
+  # MI-FGSM (Dong et al.): g_t = mu g_{t-1} + grad_t / mean|grad_t|, x_{t+1} = P(x_t + step sign(g_t)). Without
+  # the normalisation a large gradient would outweigh the accumulated direction, and the path would differ.
+  x, velocity = _X0.astype(np.float64), 0.0
+  for _ in range(8):
+    grad = _np_sines(x)[1]
+    velocity = velocity + grad / np.mean(np.abs(grad), axis=(1, 2, 3), keepdims=True)
+    x = np.clip(np.clip(x + 0.05 * np.sign(velocity), _X0 - 0.25, _X0 + 0.25), 0.0, 1.0)
+  np.testing.assert_allclose(mi_fgsm, x, atol=1e-5)
+  # Iterates 0.5, 0.53, 0.56 and then 0.53 (image 0: the best is the earlier 0.56) or 0.59 (image 1: the last
+  # iterate, which keep_best scores with its extra forward pass, is the best).
+  np.testing.assert_allclose(best.ravel(), [0.56, 0.59], atol=1e-6)
+
+
+def test_l2_random_start_is_uniform_in_the_ball():
+  # Uniform in the n-ball: the share of the ball's volume within the start's radius, (radius / eps)^n, is uniform
+  # on [0, 1] (radius eps U^(1/n)). A radius of eps U would crowd the starts near the centre: U^3, median 1/8.
+  images = jnp.full((4000, 1, 1, 3), 0.5)
+  delta = np.asarray(jax.jit(I.random_init, static_argnums=3)(jax.random.key(0), images, 0.3, "l2")) - 0.5
+  volume_share = (np.linalg.norm(delta.reshape(4000, 3), axis=1) / 0.3) ** 3
+  assert volume_share.max() <= 1.0 + 1e-5
+  np.testing.assert_allclose(np.quantile(volume_share, [0.25, 0.5, 0.75]), [0.25, 0.5, 0.75], atol=0.03)
