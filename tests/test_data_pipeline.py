@@ -199,6 +199,44 @@ def test_augmentations_keep_image_and_text_aligned(world):
   assert 0.0 <= drawn["images"].min() and drawn["images"].max() <= 1.0
 
 
+def test_augmentation_probabilities_are_obeyed(world):
+  # An augmentation named at probability 0 changes nothing (a probability read the wrong way round, or
+  # ignored, would mirror, edit or misalign every example); at 1, misalign falsifies the captions it is given.
+  train, _, _ = world
+  (plain,) = _take(_pipe(world, 8, captions_per_image=2), 1)
+  (off,) = _take(_pipe(world, 8, captions_per_image=2, augmentations="hflip:0,eda:0,misalign:0"), 1)
+  for key in ("images", "captions", "image_ids"):
+    np.testing.assert_array_equal(off[key], plain[key])
+  (on,) = _take(_pipe(world, 8, captions_per_image=2, augmentations="eda:1,misalign:1"), 1)
+  scenes = [shapes.Scene.from_record(train[int(i)]["scene"]) for i in on["image_ids"]]
+  captions = [(str(c), scene) for row, scene in zip(on["captions"], scenes, strict=True) for c in row]
+  assert sum(not shapes.consistent(shapes.parse(c), scene) for c, scene in captions) >= len(captions) // 2
+  stored = {c.decode() for i in on["image_ids"] for c in train[int(i)]["captions"]}
+  assert sum(c not in stored for c, _ in captions) > len(captions) // 2
+
+
+def test_text_attack_candidates_follow_their_captions_through_the_batch(world):
+  # The candidates transform (`inputs.AttachCandidates`) prepares the captions it has not seen in one call
+  # and caches them one by one: each (image, caption) slot must get its own caption's rows, however the
+  # captions were grouped when they were prepared (rows shifted by one slot attack the wrong caption).
+  from mat_jax.training import inputs
+
+  _, _, tok = world
+  (batch,) = _take(_pipe(world, 2, captions_per_image=2), 1)
+
+  def attach():
+    return inputs.AttachCandidates(tok, inputs.make_source("paraphrase"), max_words=tok.context_length - 2,
+                                   max_pieces=4, top_k=4, max_targets=8)
+
+  out = attach()(batch)
+  alone = attach()({"captions": batch["captions"].reshape(-1)[::-1].copy()})  # the same captions, reversed
+  for name in inputs.PER_CAPTION:
+    got = out[inputs.PREFIX + name]
+    assert got.shape[:2] == (2, 2), name
+    np.testing.assert_array_equal(got.reshape((4,) + got.shape[2:])[::-1], alone[inputs.PREFIX + name], err_msg=name)
+  assert out[inputs.PREFIX + "mask_pieces"].shape[0] == out[inputs.PREFIX + "mask_length"].shape[0] == 2
+
+
 def test_i2t_writes_fresh_captions_in_the_worlds_lexicon(world):
   others = {w for group in shapes._synonym_groups() if group != shapes.PICTURE_WORDS for w in group[1:]}
   batches = {rate: _take(_pipe(world, 8, captions_per_image=3, augmentations="i2t:1", rare_form_rate=rate), 2)

@@ -7,6 +7,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -154,3 +155,42 @@ def test_kwargs_resume_like_the_other_schedule_settings_and_key_the_run_cache(tm
   assert config_lib.result_json(base) != config_lib.result_json(other)
   # Empty kwargs are no part of the key: a config that gives none is keyed as one without the section.
   assert "kwargs" not in json.loads(config_lib.result_json(cosine))["schedule"]
+
+
+def _optimizer(**optimizer):
+  config = config_lib.build({"optimizer": dict(dict(learning_rate=0.1, momentum=0.0), **optimizer)})
+  return optim.make_optimizer(config.optimizer, optax.constant_schedule(config.optimizer.learning_rate))
+
+
+def test_weight_decay_clipping_momentum_and_end_factor_reach_the_optimizer():
+  # Settings a run would silently lose: decay of matrices only (never the biases, scales or temperature) in
+  # each optimizer, the global-norm clip, SGD's Nesterov momentum, and end_factor as the last learning rate.
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  decaying = {name: _optimizer(name=name, weight_decay=0.5) for name in ("adamw", "adam", "sgd")}
+  clipping = _optimizer(name="sgd", learning_rate=1.0, grad_clip_norm=1.0)
+  nesterov, reference = _optimizer(name="sgd", momentum=0.9, nesterov=True), optax.sgd(0.1, 0.9, nesterov=True)
+  schedules = {name: optim.make_schedule(config_lib.build({"schedule": dict(name=name, end_factor=0.1)}).schedule, 1.0,
+                                         10) for name in ("cosine", "linear")}
+
+  def two_updates(tx, grads):
+    state, out = tx.init(params), []
+    for _ in range(2):
+      updates, state = tx.update(grads, state, params)
+      out.append(updates)
+    return out
+
+  @jax.jit  # one compilation for all of them
+  def results():
+    after = {name: optax.apply_updates(params, two_updates(tx, zero)[0]) for name, tx in decaying.items()}
+    clip = optax.apply_updates(params, two_updates(clipping, {"w": zero["w"], "b": jnp.asarray([3.0, 4.0])})[0])
+    last = {name: schedule(10) for name, schedule in schedules.items()}
+    return after, clip, two_updates(nesterov, params), two_updates(reference, params), last
+
+  after, clipped, ours, theirs, last = jax.tree.map(np.asarray, results())
+  for name, w in (("adamw", 0.95), ("adam", 0.9), ("sgd", 0.95)):  # decoupled, L2 through Adam, L2 through SGD
+    np.testing.assert_array_equal(after[name]["b"], [1.0, 1.0], err_msg=name)
+    np.testing.assert_allclose(after[name]["w"], np.full((2, 2), w), rtol=1e-4, err_msg=name)
+  np.testing.assert_allclose(clipped["b"], [0.4, 0.2], rtol=1e-6)  # the gradient scaled to norm 1: [0.6, 0.8]
+  jax.tree.map(np.testing.assert_allclose, ours, theirs)
+  assert last == pytest.approx({"cosine": 0.1, "linear": 0.1})  # the learning rate the main schedule ends at

@@ -174,6 +174,42 @@ def test_an_update_that_overflows_a_parameter_is_a_bad_step(case, skip, monkeypa
   assert int(after.bad_step) == 0
 
 
+class _Probe:
+  """loss = -3·logit_scale + 4·(one projection weight), so the gradient's norm is exactly 5 and a descent step
+  raises the temperature; its metric `draw` is a uniform number from the step's key."""
+
+  def loss(self, encoder, params, batch, key, reference=None):
+    loss = -3.0 * encoder.logit_scale(params) + 4.0 * params["visual_projection"]["kernel"][...][0, 0]
+    return loss, {"draw": jax.random.uniform(key)}
+
+
+def test_the_steps_metrics_key_and_donated_state(case, devices):
+  # Logged grad_norm is the global L2 norm (not its square); learning_rate is the rate of the update the step
+  # applied (schedule(step) before the increment, not the next one's); each step draws from its own key,
+  # fold_in(seed key, step), which is what makes a resumed run draw the uninterrupted run's numbers; and the
+  # state passed in is donated (its buffers reused: without it a step holds two copies of params and moments).
+  # A step that carries the temperature past CLIP's bound leaves it projected onto the bound.
+  run, batch = case
+  tx = optax.sgd(1.0)  # logit_scale: 2.66 + 3 > log(100)
+  is_trainable = lambda path, _: path[0] in ("logit_scale", "visual_projection")  # noqa: E731  a small step
+  mesh = mesh_lib.make_mesh("1")
+  shardings = step_lib.state_shardings(run.params, tx, is_trainable, mesh)
+  state = step_lib.create_state(run.params, tx, is_trainable, 7, shardings)
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, _Probe(), tx, is_trainable, lambda s: 0.5 * s),
+                         shardings, mesh)
+  draws = []
+  for step in range(2):
+    before = state
+    state, metrics = fn(state, mesh_lib.global_batch(batch, mesh), None)
+    assert float(metrics["grad_norm"]) == pytest.approx(5.0, rel=1e-6)
+    assert float(metrics["learning_rate"]) == 0.5 * step
+    draws.append(float(metrics["draw"]))
+    assert before.params["visual_projection"]["kernel"][...].is_deleted()
+    assert float(state.params["logit_scale"][...]) == pytest.approx(math.log(100.0))
+  seed_key = jax.random.key(7)
+  assert draws == [pytest.approx(float(jax.random.uniform(jax.random.fold_in(seed_key, s)))) for s in range(2)]
+
+
 def test_a_temperature_past_its_bound_still_trains_and_is_projected_back(case):
   # OpenAI's CLIP stores logit_scale 4.6052, just above log(100): the losses read 100, but the gradient
   # must reach the parameter (CLIP's and BLIP's trainers clamp the parameter, not its gradient), and the
