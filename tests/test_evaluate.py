@@ -278,6 +278,90 @@ def test_the_last_batchs_batch_mates_change_no_attack_that_treats_images_alone(m
       np.testing.assert_array_equal(a, b, err_msg=attack)
 
 
+def test_a_transfer_attack_is_made_on_the_surrogate_and_scored_on_the_target(model_dir, monkeypatch):
+  """Transfer: the surrogate makes the adversarial images and captions, and the target ranks them (images
+  in batches, captions of uneven counts per image, through strings). Made on the target, or ranked by the
+  surrogate, the table would report white-box numbers as transfer ones; the ranks kept, the ASR and the
+  recall drop must be those of these ranks."""
+  from mat_jax import metrics
+  from mat_jax.attacks import candidates as candidates_lib
+  from mat_jax.data import pipeline
+
+  target = ev.load_victim(str(model_dir))
+  rng = np.random.default_rng(1)
+  # Another model of the same shapes (the same compiled programs): the target's weights, perturbed.
+  surrogate = ev.Victim(target.encoder, jax.tree.map(lambda p: p + rng.normal(0, 0.02, p.shape).astype(p.dtype),
+                                                     target.params), target.tokenizer, "surrogate")
+  made = []
+  real = ev._attack_batch
+
+  def spy(attack, v, images, batch, *rest):
+    out = real(attack, v, images, batch, *rest)
+    made.append((attack, v, batch, out[0]))
+    return out
+
+  monkeypatch.setattr(ev, "_attack_batch", spy)
+  adversarial = {}
+
+  def judge(index, caption):  # told each changed caption's adversarial text
+    adversarial[index] = caption
+    return True
+
+  data = _EvalSet(6)
+  results = ev.evaluate(target, eval_set=data, attacks=("pgd", "bert"), eps_255=(8.0,), surrogate=surrogate,
+                        batch_size=4, progress=False, settings=ev.AttackSettings(steps=2), judge=judge,
+                        text_source=candidates_lib.LexiconSource(shapes.substitution_table()), keep_ranks=True)
+  assert len(made) == 4 and all(v is surrogate for _, v, _, _ in made)
+
+  def on_target(img, captions):
+    tokens = target.tokenizer(list(captions))
+    txt = metrics.embed_texts(target.encoder, target.params, tokens.input_ids, tokens.attention_mask)
+    return metrics.retrieval_ranks(img @ txt.T, data.text_to_image)
+
+  clean_img = metrics.embed_images(target.encoder, target.params, pipeline.float_pixels(data.images))
+  adv_img = np.zeros_like(clean_img)
+  for attack, _, batch, images in made:
+    if attack == "pgd":
+      rows = batch.images[:batch.count]
+      adv_img[rows] = metrics.embed_images(target.encoder, target.params, np.asarray(images))[:batch.count]
+  assert adversarial  # the surrogate's text attack changed captions
+  assert results["attacks"]["pgd"]["8"]["recall_drop"]["ir@1"] > 0  # and its images transfer: a drop to check
+  expected = {"pgd": on_target(adv_img, data.captions),
+              "bert": on_target(clean_img, [adversarial.get(i, c) for i, c in enumerate(data.captions)])}
+  np.testing.assert_array_equal(np.concatenate(results["clean_ranks"]),
+                                np.concatenate(on_target(clean_img, data.captions)))
+  for attack, ranks in expected.items():
+    (entry,) = results["attacks"][attack].values()
+    for got, want in zip(entry["ranks"], ranks, strict=True):
+      np.testing.assert_array_equal(got, want, err_msg=attack)
+    recall = metrics.recall_from_ranks(*ranks)
+    assert entry["recall"] == recall
+    assert entry["recall_drop"] == metrics.recall_drop(results["clean"], recall)
+    assert entry["asr"] == pytest.approx(metrics.attack_success_rate(results["clean_ranks"], ranks), nan_ok=True)
+
+
+def test_each_batch_image_is_attacked_with_its_own_captions_and_classes(model_dir, monkeypatch):
+  """An attack batch holds each image's own captions (1 to 3 here: the padding slots weigh 0) and, for APGD,
+  the image's own captions among the set's as its positive classes, found by image index: by position in
+  the batch, the second batch's images (4, 5) would ascend against images 0 and 1's captions."""
+  seen = []
+  real = ev.run_attack
+  monkeypatch.setattr(ev, "run_attack", lambda spec, *args, **kw: seen.append(args[2]) or real(spec, *args, **kw))
+  data = _EvalSet(6)
+  victim = ev.load_victim(str(model_dir))
+  ev.evaluate(victim, eval_set=data, attacks=("apgd",), eps_255=(8.0,), batch_size=4, progress=False,
+              settings=ev.AttackSettings(steps=2, apgd_steps=3))
+  tokens = victim.tokenizer([str(c) for c in data.captions])
+  assert [np.asarray(inputs.image_ids).tolist() for inputs in seen] == [[0, 1, 2, 3], [4, 5, 0, 1]]
+  for inputs in seen:
+    for row, image in enumerate(np.asarray(inputs.image_ids)):
+      own = np.flatnonzero(data.text_to_image == image)
+      np.testing.assert_array_equal(inputs.class_positives[row], data.text_to_image == image)
+      weights = np.asarray(inputs.caption_weights[row])
+      assert weights.tolist() == [1.0] * len(own) + [0.0] * (len(weights) - len(own))
+      np.testing.assert_array_equal(inputs.input_ids[row, :len(own)], tokens.input_ids[own])
+
+
 def test_a_batch_contrastive_attack_needs_two_images_per_batch(model_dir, capsys):
   victim = ev.load_victim(str(model_dir))
   with pytest.raises(ValueError, match=r"attacks \['tecoa'\] ascend a contrastive loss .* at least 2"):

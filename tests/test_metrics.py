@@ -106,6 +106,14 @@ def test_success_rates():
   assert {k: asr[k] for k in ("tr@1", "ir@1")} == pytest.approx({"tr@1": 100 / 3, "ir@1": 100 / 3})
   # Within rank 5 pair 0 is still found in both directions (one score of 4 dropped): nothing fooled.
   assert asr["tr@5"] == asr["ir@5"] == asr["tr@10"] == asr["ir@10"] == 0.0
+  # A query pushed to rank exactly K is no longer correct within K: image 1's caption falls to rank 1, just
+  # below text 3's 0.03, a TR@1 success (1 of 3); its IR column is untouched.
+  nudged = clean.copy()
+  nudged[1, 1] = 0.025
+  nudged_ranks = metrics.retrieval_ranks(nudged, text_to_image)
+  assert nudged_ranks[0][1] == 1
+  nudged_asr = metrics.attack_success_rate(clean_ranks, nudged_ranks)
+  assert nudged_asr["tr@1"] == pytest.approx(100 / 3) and nudged_asr["ir@1"] == nudged_asr["tr@5"] == 0.0
   clean_r = metrics.recall_from_ranks(*clean_ranks)
   adv_r = metrics.recall_from_ranks(*adv_ranks)
   drop = metrics.recall_drop(clean_r, adv_r)

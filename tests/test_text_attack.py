@@ -153,6 +153,17 @@ def test_candidates_follow_the_references_filter(cands, tok):
   assert cands.mask_pieces[:int(cands.mask_length)].tolist() == [tok.hf.unk_token_id]
 
 
+def test_stop_words_are_never_attacked_and_a_substitute_with_the_words_own_pieces_is_none(tok):
+  """A stop word is not attacked even where the source proposes content words for it (TABLE's stop words only
+  get stop words, which the filter drops anyway); and a substitute that tokenises to the word's own pieces
+  (here one unknown word for another: both [UNK]) is the same text, not a candidate."""
+  table = {"the": ["picture"], "above": ["photo"], "red": ["crimson"], "zzz": ["qqq", "box"]}
+  got = prepare_candidates(["the red zzz above"], tok, LexiconSource(table))
+  assert tok.encode_words(["zzz", "qqq"]) == [[tok.hf.unk_token_id]] * 2
+  assert got.substitutes[0] == ((), ("crimson",), ("box",), ())
+  assert got.target_words[0][got.target_valid[0]].tolist() == [1, 2]
+
+
 def test_bucketed_sizes_only_grow_and_keep_the_callers_limits(tok, cands):
   from mat_jax.attacks.multimodal import bucketed_candidates
   rounded = bucketed_candidates(CAPTIONS, tok, LexiconSource(TABLE))

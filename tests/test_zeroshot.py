@@ -177,6 +177,25 @@ def test_results_record_the_apgd_t_targets_that_ran(monkeypatch):
   assert without_apgd_t["settings"]["n_targets"] is None
 
 
+def test_accuracy_under_attack_counts_images_right_clean_and_robust_is_the_worst_over_attacks(monkeypatch):
+  """An image wrong clean counts as wrong under attack, whatever the attack's point scores (it may land in
+  the right class); robust accuracy is the worst case over every attack at a budget, not the last one's."""
+  params, tokenizer, data = _four_classes()
+  encoder = MLPDualEncoder()
+  classes = zs.class_embeddings(encoder, params, tokenizer, [list(p) for p in data.prompts])
+  predicted = np.argmax(zs._clean_logits(encoder, params, jnp.asarray(classes), data.images / np.float32(255)), -1)
+  labels = np.asarray(predicted, np.int32).copy()
+  labels[3] = (labels[3] + 1) % 4  # images 0-2 right clean, image 3 wrong
+  data = dataclasses.replace(data, labels=labels)
+  scripted = {"apgd-ce": [False, True, True, True], "pgd": [True, True, True, True]}  # correct at the adversarial point
+  monkeypatch.setattr(zs, "attack_correct", lambda *args, attack, **kw: jnp.asarray(scripted[attack]))
+  results = zs.evaluate_zeroshot(encoder, params, tokenizer, data, attacks=["apgd-ce", "pgd"], eps_255=(1,),
+                                 batch_size=4)
+  assert results["clean"]["accuracy"] == 75.0
+  assert results["attacks"]["apgd-ce"]["1"]["accuracy"] == 50.0 and results["attacks"]["pgd"]["1"]["accuracy"] == 75.0
+  assert results["robust"]["1"]["accuracy"] == 50.0  # images 1 and 2
+
+
 def test_budgets_are_checked_as_retrieval_checks_them():
   # evaluate.check_eps_255: budgets sharing a results key would overwrite each other's results.
   params, tokenizer, data = _four_classes()
