@@ -513,20 +513,17 @@ def read_run_config(workdir: str | os.PathLike, *, required: bool = False) -> di
   try:
     raw = json.loads(path.read_text())
   except OSError:
-    if required:
-      raise ConfigError(f"{path} cannot be read; it is the run's config, written by mat_jax.train") from None
-    return None
+    problem = "cannot be read"
   except ValueError as err:
-    if required:
-      raise ConfigError(f"{path} is not valid JSON ({err}); it is the run's config, written by "
-                        "mat_jax.train: restore it from the run's experiment file") from None
-    return None
-  if not isinstance(raw, dict):
-    if required:
-      raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, not the run's config (an object); restore "
-                        "it from the run's experiment file")
-    return None
-  return raw
+    problem = f"is not valid JSON ({err})"
+  else:
+    if isinstance(raw, dict):
+      return raw
+    problem = f"holds a JSON {type(raw).__name__}, not an object"
+  if required:
+    raise ConfigError(f"{path} {problem}; it is the run's config, written by mat_jax.train: restore it from "
+                      "the run's experiment file")
+  return None
 
 
 def write_run_config(workdir: str | os.PathLike, config_json: str) -> None:

@@ -274,7 +274,7 @@ def test_read_run_config_reads_an_object_and_names_a_damaged_file(tmp_path):
   path = tmp_path / checkpoint_lib.CONFIG_FILE
   path.write_text('{"model": {"source": "shapes"}}')
   assert checkpoint_lib.read_run_config(tmp_path) == {"model": {"source": "shapes"}}
-  for text, message in (("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not the run's config")):
+  for text, message in (("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not an object")):
     path.write_text(text)
     assert checkpoint_lib.read_run_config(tmp_path) is None
     with pytest.raises(ConfigError, match=message):
