@@ -90,7 +90,9 @@ class Victim:
       raise TypeError(f"expected a mat_jax CLIP, BLIP or a DualEncoder, got {type(model).__name__}")
     if tokenizer is None:
       raise ValueError(f"{name}: a tokenizer is needed (mat_jax.models.load_tokenizer)")
-    return cls(encoder, params, tokenizer, name)
+    # On the device once (a no-op for device arrays): host parameters (a gathered training state, numpy
+    # weights) would be uploaded again by every jitted call of the evaluation, per batch.
+    return cls(encoder, jax.device_put(params), tokenizer, name)
 
   @property
   def image_size(self) -> int:

@@ -304,6 +304,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   # Values on the host, as retrieval checks them: float pixels in [0, 255] would be clipped into [0, 1] by
   # the attacks but not by the clean pass, and report nonsense.
   checks.check_images(data.images, name=f"{data.name} images", allow_uint8=True)
+  params = jax.device_put(params)  # once: host parameters would be uploaded again by every jitted call
   classes = jnp.asarray(class_embeddings(encoder, params, tokenizer, prompts))
   _check_finite(jnp.isfinite(classes), "the class embeddings")
 

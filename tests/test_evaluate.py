@@ -151,6 +151,16 @@ def test_budgets_steps_and_limits_are_checked(model_dir, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_host_parameters_are_put_on_the_device_once(model_dir):
+  # A host copy (the training loop's gathered state, numpy weights) would be uploaded again by every jitted
+  # call of an evaluation, per batch; parameters already on a device are taken as they are.
+  victim = ev.load_victim(str(model_dir))
+  placed = ev.Victim.of(victim.encoder, jax.device_get(victim.params), victim.tokenizer)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(placed.params))
+  kept = ev.Victim.of(victim.encoder, victim.params, victim.tokenizer)
+  assert all(a is b for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(victim.params), strict=True))
+
+
 def test_json_turns_nan_into_null(tmp_path):
   path = ev.write_json({"asr": {"tr@1": math.nan, "ir@1": np.float32(12.5)}, "n": np.int64(3)},
                        tmp_path / "r.json")

@@ -302,22 +302,6 @@ def test_a_failing_final_evaluation_keeps_the_exported_model(root, devices, monk
   assert (workdir / "model" / "config.json").exists() and (workdir / "model" / "model.safetensors").exists()
 
 
-def test_the_evaluation_during_training_gets_the_parameters_on_the_device(root, devices, monkeypatch):
-  # A host copy would be uploaded again by every jitted call of the evaluation, per batch.
-  seen = []
-
-  def recording(model, params, *args, **kwargs):
-    seen.append(all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)))
-    return {}
-
-  monkeypatch.setattr(loop.evaluate_lib, "evaluate", recording)
-  monkeypatch.setattr(loop, "flatten_results", lambda results: {})
-  config = micro_config(root, train={"steps": 2, "eval_every": 1}, eval={"attacks": (), "max_images": 8,
-                                                                          "batch_size": 8})
-  loop.train(config, root / "device_params", mesh_spec="1", log=lambda _: None, progress=False, evaluate=True)
-  assert seen == [True, True]  # the periodic evaluation at step 1, the final one
-
-
 def test_resume_logs_each_step_once(root, devices):
   config = micro_config(root, train={"steps": 4, "log_every": 1, "checkpoint_every": 2})
   workdir = root / "relog"

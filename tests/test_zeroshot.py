@@ -196,6 +196,21 @@ def test_accuracy_under_attack_counts_images_right_clean_and_robust_is_the_worst
   assert results["robust"]["1"]["accuracy"] == 50.0  # images 1 and 2
 
 
+def test_host_parameters_are_put_on_the_device_once(monkeypatch):
+  # Left on the host, every jitted call (class embeddings, clean logits, each attack batch) would upload them.
+  params, tokenizer, data = _four_classes()
+  received = []
+
+  def recording(encoder, params, *args, **kwargs):
+    received.append(all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)))
+    raise RuntimeError("stop")
+
+  monkeypatch.setattr(zs, "class_embeddings", recording)
+  with pytest.raises(RuntimeError, match="stop"):
+    zs.evaluate_zeroshot(MLPDualEncoder(), jax.device_get(params), tokenizer, data, attacks=["pgd"], eps_255=(1,))
+  assert received == [True]
+
+
 def test_budgets_are_checked_as_retrieval_checks_them():
   # evaluate.check_eps_255: budgets sharing a results key would overwrite each other's results.
   params, tokenizer, data = _four_classes()

@@ -808,12 +808,9 @@ class Evaluator:
             "captions; recall and label flips in %")
 
   def __call__(self, params: nnx.State) -> dict[str, float]:
-    """`params`: the gathered host copy (`host_params`), put on the device once here; left on the host,
-    every jitted call of the evaluation (embeddings and attack, per batch) would upload all of them again."""
     cfg = self.run.config
     if self.run.tokenizer is None or self.builder is None:
       return {}
-    params = jax.device_put(params)
     if self._data is None:
       self._data = setup.eval_set(cfg, self.builder, self.run.tokenizer)
       if any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in cfg.eval.attacks):
