@@ -8,7 +8,7 @@
     python -m mat_jax.study --config experiments/study_shapes.py:heldout,eval_images=500  # claim 7: held-out forms
     python -m mat_jax.study --config experiments/study_shapes.py:exposure,eval_images=500  # claim 7: MAT's exposure
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
-    python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=2,eval_images=500  # cheaper
+    python -m mat_jax.study --config experiments/study_shapes.py:full,eval_images=500  # cheaper: half the test images
 
 More seeds or another test subset reuse the trained runs of the same study dir (mat_jax/study.py). A
 study of its own (mmcoa, heldout, exposure) writes its report to docs/results/<NAME>/.

@@ -47,7 +47,7 @@ from mat_jax import evaluate as evaluate_lib
 from mat_jax.attacks.candidates import LexiconSource, MeaningFilteredSource
 from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import MatJaxError
-from mat_jax.intervals import hits, interval, per_image
+from mat_jax.intervals import hits, interval, per_image, recall_interval
 from mat_jax.training import inputs, loop, mlm, setup
 
 # The meaning-filtered attacks: the named attack with the threat's substitutes that keep the caption true.
@@ -649,9 +649,7 @@ def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapp
         for metric in METRICS:
           v = values[(name, key, metric)] = per_image(per_seed, metric)
           mean = float(np.mean([e[recall][metric] for e in entries]))
-          low, high = interval(v)
-          # A recall lies in [0, 100]; the t interval of one near either end would not (differences may).
-          table[(name, key)][metric] = (mean, [max(low, 0.0), min(high, 100.0)])
+          table[(name, key)][metric] = (mean, recall_interval(v))
   claims = []
   for claim, better, other, attacks in CLAIMS:
     for attack in attacks:

@@ -687,6 +687,8 @@ def test_a_recalls_interval_stays_within_0_and_100_but_a_differences_does_not():
   mean, (low, high) = table[("mat", "co")]["tr@1"]
   assert mean == pytest.approx(2 / 3) and low == 0.0 and 0 < high < 5
   assert table[("tecoa", "co")]["tr@1"][1][1] <= 100.0
+  assert table[("mat", "co")]["tr@1"][1] == intervals.recall_interval(100.0 * np.stack(
+      [hits_of(count) for count in (1, 3, 0)]).astype(float))
   (difference,) = [c for c in claims if c["metric"] == "co tr@1"]
   # A difference of two arms may lie below 0, and its interval is not clipped.
   assert difference["difference"] == pytest.approx(-75.0) and difference["ci95"][0] < difference["ci95"][1] < -60
@@ -700,6 +702,21 @@ def test_a_text_attacks_evaluation_without_the_restored_ranks_is_rerun(tmp_path)
   np.savez(tmp_path / "co.npz", tr=np.zeros(2), ir=np.zeros(4), text_to_image=np.arange(4) // 2,
            tr_mp=np.zeros(2), ir_mp=np.zeros(4))
   assert study._is_current(tmp_path, "co")
+
+
+def test_a_recalls_interval_does_not_collapse_where_no_query_or_every_query_survives():
+  # The t interval reads its width from the hits' spread: with none (or all) of 500 queries it is [0, 0];
+  # a recall of 0 in 500 images is still consistent with a rate up to 0.76% (Wilson's score interval).
+  for hits, expected in ((0, (0.0, 0.7624)), (1, (0.0, 1.1241)), (500, (99.2376, 100.0))):
+    values = 100.0 * (np.arange(500) < hits)[None].astype(float)
+    assert intervals.recall_interval(values) == pytest.approx(expected, abs=1e-4)
+  assert intervals.interval(100.0 * np.zeros((1, 500))) == [0.0, 0.0]
+  # At mid-range recalls the two agree; over seeds the t interval's seed part still decides the width.
+  rng = np.random.default_rng(0)
+  values = 100.0 * (rng.random((3, 500)) < np.array([[0.5], [0.6], [0.7]]))
+  t_low, t_high = intervals.interval(values)
+  low, high = intervals.recall_interval(values)
+  assert (low, high) == (t_low, t_high) and high - low > 20
 
 
 def test_attacks_that_begin_with_one_text_attack_are_evaluated_together():
