@@ -815,8 +815,8 @@ def default_out(name: str) -> Path:
   return DEFAULT_OUT / (name.removeprefix("shapes_study_") or name)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-  global _out_dir
+def build_parser() -> argparse.ArgumentParser:
+  """The command line of `python -m mat_jax.study`."""
   parser = argparse.ArgumentParser(prog="python -m mat_jax.study", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=str(DEFAULT_STUDY), help="study file (default experiments/study_shapes.py)")
@@ -832,7 +832,12 @@ def _main(argv: Sequence[str] | None) -> int:
                       "study over N processes sharing --study-dir; then rerun without --shard for the report")
   parser.add_argument("--report-only", action="store_true", help="write the report from the finished "
                       "evaluations in the study dir; train and evaluate nothing")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  global _out_dir
+  args = build_parser().parse_args(argv)
   shard = _parse_shard(args.shard)
   if args.report_only and shard[1] > 1:
     raise StudyError("--report-only writes the whole study's report; leave out --shard")

@@ -27,21 +27,24 @@ def main(argv=None) -> int:
   return errors.cli_main(_main, argv)
 
 
-def _main(argv=None) -> int:
+def build_parser(suite: str | None = None) -> argparse.ArgumentParser:
+  """The command line of `python -m mat_jax.bench`, with the options of `suite` (only the chosen suite is
+  imported: each pulls in heavy references, torch and transformers)."""
   parser = argparse.ArgumentParser(prog="python -m mat_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
-  # Only the chosen suite is imported: each pulls in heavy references (torch, transformers).
-  argv = sys.argv[1:] if argv is None else list(argv)
-  chosen = next((a for a in argv if not a.startswith("-")), None)
   for name, help_text in SUITES.items():
     suite_parser = sub.add_parser(name, help=help_text, description=help_text)
-    if name == chosen:
-      module = importlib.import_module(f"mat_jax.bench.{name}")
-      module.add_arguments(suite_parser)
-  args = parser.parse_args(argv)
+    if name == suite:
+      importlib.import_module(f"mat_jax.bench.{name}").add_arguments(suite_parser)
+  return parser
+
+
+def _main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = build_parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
   runtime.prepare_process()
-  return module.run(args) or 0
+  return importlib.import_module(f"mat_jax.bench.{args.suite}").run(args) or 0
 
 
 if __name__ == "__main__":

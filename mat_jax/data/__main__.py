@@ -45,7 +45,8 @@ def _add_shapes_options(parser: argparse.ArgumentParser) -> None:
                            "held-out-forms world, docs/text_threat.md); default: every form equally likely")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line of `python -m mat_jax.data`."""
   parser = argparse.ArgumentParser(prog="python -m mat_jax.data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-  args = _parser().parse_args(argv)
+  args = build_parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
   runtime.prepare_process()

@@ -109,7 +109,8 @@ def inspect(args: argparse.Namespace) -> int:
   return 0
 
 
-def _main(argv: list[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line of `python -m mat_jax.models`."""
   parser = argparse.ArgumentParser(prog="python -m mat_jax.models", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -122,7 +123,11 @@ def _main(argv: list[str] | None) -> int:
   p = sub.add_parser("inspect", help="print the config and parameter count of a checkpoint")
   p.add_argument("source", help="transformers-layout directory or hub id")
   p.set_defaults(fn=inspect)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def _main(argv: list[str] | None) -> int:
+  args = build_parser().parse_args(argv)
   runtime.prepare_process()
   return args.fn(args)
 
