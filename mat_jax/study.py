@@ -14,10 +14,12 @@ study file's settings (study.json) and refuses other training settings, naming t
 more arms, other attacks or another test subset join the dir and reuse its trained runs. One progress
 line per run.
 
-Outputs (OUT, default docs/results, or the study dir with --quick): shapes_study.json
-({"runs": [...], "claims": [...], ...}), shapes_study_table.md and two PNG plots. Intervals: 95% intervals
-over training seeds and test images (`interval`: seeds and images as crossed random factors, Student's t),
-a difference between two arms paired by seed and image; an image counts with all its captions (IR).
+Outputs (OUT: default docs/results for the shapes study, docs/results/REST for a study named
+shapes_study_REST, the study dir with --quick): shapes_study.json ({"runs": [...], "claims": [...], ...}),
+shapes_study_table.md and two PNG plots. Intervals: 95% intervals over training seeds and test images
+(`interval`: seeds and images as crossed random factors, Student's t; a recall's also never narrower than
+Wilson's score interval, `recall_interval`), a difference between two arms paired by seed and image; an
+image counts with all its captions (IR).
 
 Attacks: clean, pgd, bert (BERT-Attack with the study's text threat, the shapes-world MLM), sep, co, sga
 (at eps_255), paraphrase (BERT-Attack with the meaning-preserving synonym lexicon: a control), and
