@@ -13,6 +13,7 @@ Arrays that are already traced (a call from inside the user's own `jit`) get the
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -56,16 +57,29 @@ def _value_stats(x: Any) -> tuple[int, int, float, float]:
   return 0, 0, float(x.min()), float(x.max())
 
 
+def _on_host(x: Any) -> bool:
+  """Values that can be read without a transfer from a device (numpy arrays, lists, Python numbers)."""
+  return not isinstance(x, jax.Array)
+
+
+def host_number(x: Any) -> bool:
+  """A Python or numpy scalar: free to check. Traced and device values (a vmapped eps, a traced step
+  count) are not: reading them would leave the compiled program or wait for the device."""
+  return isinstance(x, (numbers.Number, np.number, np.bool_))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pixels.
 
 
 def check_images(images: Any, image_size: int | None = None, *, name: str = "images",
-                 allow_uint8: bool = False) -> None:
+                 allow_uint8: bool = False, read_device: bool = True) -> None:
   """Images as the models take them: a non-empty (B, H, W, 3) batch of float pixels in [0, 1].
 
   `image_size`: the model's input size (H = W), or None to accept any. `allow_uint8`: also accept
-  uint8 pixels in [0, 255] (evaluation sets store them so; the evaluator scales them).
+  uint8 pixels in [0, 255] (evaluation sets store them so; the evaluator scales them). `read_device`
+  False: the values of device arrays are not read (no transfer: the composable attacks, which run per
+  batch after their entry point checked the pixels once); host arrays are still checked in full.
   """
   arr = images if isinstance(images, (np.ndarray, jax.Array)) else np.asarray(images)
   shape = tuple(arr.shape)
@@ -99,7 +113,7 @@ def check_images(images: Any, image_size: int | None = None, *, name: str = "ima
                      "x.astype(np.float32) / 255")
   if not integer and not jnp.issubdtype(arr.dtype, jnp.floating):
     raise InputError(f"{name} must be float pixels in [0, 1], got dtype {arr.dtype}")
-  if is_traced(arr) or integer:
+  if is_traced(arr) or integer or not (read_device or _on_host(arr)):
     return
   nans, infs, lo, hi = _value_stats(arr)
   if nans or infs:
@@ -120,8 +134,16 @@ def check_images(images: Any, image_size: int | None = None, *, name: str = "ima
 # Budgets and step counts.
 
 
+# The largest L-inf budget an attack takes, in 1/255 units and in pixel units. Published budgets are 1/255
+# to 16/255; above 64/255 a pixel may move by a quarter of its range or more, and an eps of 1 (meant as
+# 1/255) lets every pixel take any value: a slip of units, not a budget.
+MAX_LINF_EPS_255 = 64
+MAX_LINF_EPS = MAX_LINF_EPS_255 / 255
+
+
 def check_eps(eps: Any, *, norm: str = "linf", name: str = "eps") -> float:
-  """An attack budget in pixel units: finite, >= 0, and (L-inf) at most 1. Returns it as a float."""
+  """An attack budget in pixel units: finite, >= 0, and (L-inf) at most `MAX_LINF_EPS` (64/255). Returns
+  it as a float."""
   value = _number(eps, name)
   if not math.isfinite(value):
     raise InputError(f"{name}={value} is not a finite number; give the budget in pixel units, e.g. 2/255")
@@ -130,14 +152,23 @@ def check_eps(eps: Any, *, norm: str = "linf", name: str = "eps") -> float:
   if norm == "linf" and value > 1:
     raise InputError(f"{name}={value:g} is outside [0, 1]: eps is in pixel units [0, 1]; "
                      f"{value:g}/255 ≈ {value / 255:.4f}")
+  if norm == "linf" and value > MAX_LINF_EPS:
+    reach = "every pixel take any value" if value == 1 else f"every pixel move by {value * 255:.3g} of its 255 levels"
+    raise InputError(f"{name}={value:g} would let {reach}; eps is in pixel units: {value:g}/255 ≈ "
+                     f"{value / 255:.4f} (L-inf budgets above {MAX_LINF_EPS_255}/255 ≈ {MAX_LINF_EPS:.3f} are refused)")
   return value
+
+
+def check_nonnegative(value: Any, *, name: str, hint: str = "") -> float:
+  """A finite number >= 0 (a step, a scale, a weight). Returns it as a float; `hint` ends the message."""
+  number = _number(value, name)
+  if not math.isfinite(number) or number < 0:
+    raise InputError(f"{name}={number} must be a finite number >= 0{hint}")
+  return number
 
 
 def check_step_size(step_size: Any, *, name: str = "step_size") -> float:
-  value = _number(step_size, name)
-  if not math.isfinite(value) or value < 0:
-    raise InputError(f"{name}={value} must be a finite number >= 0 (pixel units, e.g. 0.5/255)")
-  return value
+  return check_nonnegative(step_size, name=name, hint=" (pixel units, e.g. 0.5/255)")
 
 
 def check_steps(steps: Any, *, name: str = "steps", minimum: int = 1) -> int:
@@ -147,6 +178,28 @@ def check_steps(steps: Any, *, name: str = "steps", minimum: int = 1) -> int:
   if steps < minimum:
     raise InputError(f"{name}={steps} must be at least {minimum}")
   return int(steps)
+
+
+def check_attack_numbers(*, norm: str, eps: Any = None, step_size: Any = None, steps: Any = None) -> None:
+  """The budget of a composable attack (`mat_jax.attacks.image`, `.multimodal`), each value where it is a
+  host number (`host_number`): eps in pixel units (`check_eps`), a step size >= 0, an integer step count
+  >= 0. Traced and device values pass unchecked: the entry points check theirs on the host."""
+  if host_number(eps):
+    check_eps(eps, norm=norm)
+  if host_number(step_size):
+    check_step_size(step_size)
+  if host_number(steps):
+    check_steps(steps, minimum=0)
+
+
+def names(value: Any, *, name: str) -> list[str]:
+  """A list of names: one name (a string) is a list of one; a string is never split into its letters."""
+  if isinstance(value, str):
+    return [value]
+  try:
+    return list(value)
+  except TypeError:
+    raise InputError(f"{name} must be a name or a list of names, got {value!r} ({type(value).__name__})") from None
 
 
 def _number(value: Any, name: str) -> float:
@@ -164,9 +217,10 @@ def _number(value: Any, name: str) -> float:
 
 
 def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vocab_size: int, *,
-                    name: str = "input_ids") -> None:
+                    name: str = "input_ids", read_device: bool = True) -> None:
   """A non-empty (B, L) batch of integer ids, L within the context, ids within the vocabulary, a 0/1 mask
-  of the same shape. Values are read only for concrete arrays."""
+  of the same shape. Values are read only for concrete arrays (with `read_device` False, only for host
+  arrays: see `check_images`)."""
   ids = input_ids if isinstance(input_ids, (np.ndarray, jax.Array)) else np.asarray(input_ids)
   mask = attention_mask if isinstance(attention_mask, (np.ndarray, jax.Array)) else np.asarray(attention_mask)
   if ids.ndim != 2:
@@ -187,7 +241,7 @@ def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vo
     raise InputError(f"{name} have length {ids.shape[1]} but the text model has {context_length} positions; "
                      f"tokenize with context_length={context_length} (load_tokenizer(..., "
                      f"context_length={context_length})), which truncates and keeps the end token")
-  if is_traced(ids):
+  if is_traced(ids) or not (read_device or _on_host(ids)):
     return
   host = np.asarray(ids)
   lo, hi = int(host.min()), int(host.max())
@@ -223,3 +277,57 @@ def check_text_to_image(text_to_image: Any, n_images: int, n_texts: int | None =
       raise InputError(f"image {int(missing[0])} has no caption ({missing.size} of {n_images} images have none); "
                        f"every image needs at least one text in {name}")
   return mapping.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random keys.
+
+
+def as_key(key: Any, *, name: str = "key") -> Any:
+  """A PRNG key from what the attacks take as one: an integral seed (a Python int, a numpy integer such as
+  an element of `np.arange`, a 0-d integer array), a typed key (`jax.random.key`) or a raw uint32 key
+  (`jax.random.PRNGKey`). Traced keys (inside the caller's `jit`) pass through as they are. Anything else,
+  a batch of keys included, is an InputError."""
+  if isinstance(key, (bool, np.bool_)):
+    raise InputError(f"{name} must be an int seed or a jax.random.key, got {key!r}")
+  if isinstance(key, (int, np.integer)):
+    try:
+      return jax.random.key(int(key))
+    except OverflowError:
+      raise InputError(f"{name}={key} is too large for a seed: it must fit in 64 bits") from None
+  if isinstance(key, (jax.Array, np.ndarray)):
+    shape, dtype = tuple(key.shape), key.dtype
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+      if shape == ():
+        return key
+      raise InputError(f"{name} must be one key, got a batch of keys of shape {shape}; pass one of them")
+    if dtype == np.uint32 and len(shape) == 1:  # a raw key, jax.random.PRNGKey(seed)
+      if is_traced(key):
+        return key
+      try:
+        return jax.random.wrap_key_data(key)
+      except (TypeError, ValueError):
+        raise InputError(f"{name}: a raw uint32 key of shape {shape} does not fit the default PRNG; pass an int "
+                         "seed or a jax.random.key") from None
+    if shape == () and jnp.issubdtype(dtype, jnp.integer):  # a seed as an array (a device one is not read)
+      return jax.random.key(key if isinstance(key, jax.Array) else int(key))
+    raise InputError(f"{name} must be an int seed or a jax.random.key, got an array of shape {shape} and dtype "
+                     f"{dtype}")
+  raise InputError(f"{name} must be an int seed or a jax.random.key, got {key!r} ({type(key).__name__})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Retrieval ranks.
+
+
+def check_ranks(ranks: Any, *, name: str, length: int | None = None) -> np.ndarray:
+  """Per-query ranks as `metrics.retrieval_ranks` returns them: a 1-D integer array, of `length` entries
+  when given (the same queries as another ranking). Returns it as a numpy array."""
+  arr = np.asarray(ranks)
+  if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+    raise InputError(f"{name} must be a 1-D array of integer ranks, got shape {arr.shape} and dtype {arr.dtype}; "
+                     "rank a score matrix first with metrics.retrieval_ranks(scores, text_to_image)")
+  if length is not None and arr.shape[0] != length:
+    raise InputError(f"{name} holds {arr.shape[0]} ranks where {length} are expected: both rankings must be of "
+                     "the same queries (the clean and the attacked set, ranked by metrics.retrieval_ranks)")
+  return arr

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mat_jax import objectives
+from mat_jax import checks, objectives
 from mat_jax.attacks import spec as attack_specs  # the attack registry: training's and evaluation's names
 from mat_jax.attacks.candidates import SOURCES
 from mat_jax.data import pipeline, shapes
@@ -426,10 +426,12 @@ _CHOICES = {
 
 _FLOAT32_MAX = 3.4028234663852886e38
 _FLOAT32_FINITE = ">= 0 and finite in float32 (at most 3.4e38)"
+# An L-inf budget in pixel units, as the attacks take it (`checks.check_eps`): 2/255, not 2.
+_LINF_EPS = f"in [0, {checks.MAX_LINF_EPS_255}/255] (an L-inf budget in pixel units, e.g. 2/255)"
 # Where a value outside cannot work (no PGD step, a mean over zero neighbours, a loss weight that
 # rewards the attack): (allowed range, test). Objective fields by name, shared by the objectives having it.
 _OBJECTIVE_RANGES = {
-    "eps": ("in [0, 1] (pixels in [0, 1])", lambda v: 0 <= v <= 1),
+    "eps": (_LINF_EPS, lambda v: 0 <= v <= checks.MAX_LINF_EPS),
     "steps": (">= 1", lambda v: v >= 1),
     "step_size": ("> 0", lambda v: v > 0),
     "text_changes": (">= 1", lambda v: v >= 1),
@@ -441,7 +443,7 @@ _OBJECTIVE_RANGES = {
 _RANGES = {
     ("eval", "max_images"): (">= 0 (0 = the whole split)", lambda v: v >= 0),
     ("eval", "batch_size"): (">= 1", lambda v: v >= 1),
-    ("eval", "eps"): ("in [0, 1] (pixels in [0, 1])", lambda v: 0 <= v <= 1),
+    ("eval", "eps"): (_LINF_EPS, lambda v: 0 <= v <= checks.MAX_LINF_EPS),
     ("eval", "steps"): (">= 1", lambda v: v >= 1),
     # Finite in float32, the dtype the update is computed in (1e39 would be inf there).
     ("optimizer", "learning_rate"): (_FLOAT32_FINITE, lambda v: 0 <= v <= _FLOAT32_MAX),

@@ -178,19 +178,38 @@ def _float_images(eval_set, indices: np.ndarray) -> np.ndarray:
 # The evaluation
 # ----------------------------------------------------------------------------------------------------
 
-def check_eps_255(eps_255: Sequence[float], norm: str | None = "linf", *, name: str = "eps_255") -> list[float]:
-  """Budgets in 1/255 units: finite, >= 0 and, for L-inf, at most 255 (the whole pixel range). Returns them
-  as floats, a repeated budget once (it is attacked once). norm None: not known yet (`eps_budgets` reads
-  --eps before --norm), so the pixel-range bound is left to the command's check once its flags are read."""
+def check_eps_255(eps_255: float | Sequence[float], norm: str | None = "linf", *,
+                  name: str = "eps_255") -> list[float]:
+  """Budgets in 1/255 units (one number, or several): finite, >= 0, none in (0, 0.5) (less than half a pixel
+  level: a budget in pixel units, 2/255 for 2) and, for L-inf, at most `checks.MAX_LINF_EPS_255` (64). Returns
+  them as floats, a repeated budget once (it is attacked once). norm None: not known yet (`eps_budgets`
+  reads --eps before --norm), so the L-inf bound is left to the command's check once its flags are read."""
+  if checks.host_number(eps_255) or getattr(eps_255, "ndim", None) == 0:
+    eps_255 = [eps_255]  # one budget
+  given, eps_255 = eps_255, None
+  if not isinstance(given, (str, bytes)):
+    try:  # numbers, not strings ("2") or booleans, which float() would take
+      if not any(isinstance(e, (str, bytes, bool, np.bool_)) for e in given):
+        eps_255 = [float(e) for e in given]
+    except (TypeError, ValueError):
+      pass
+  if eps_255 is None:
+    raise InputError(f"{name} must be numbers in 1/255 units (e.g. 2 for 2/255, or (1, 2, 4)), got {given!r}")
   if len(eps_255) == 0:
     raise InputError(f"no budget in {name}; give at least one in 1/255 units, e.g. 2 for 2/255")
   for e in eps_255:
-    if not math.isfinite(float(e)) or e < 0:
+    if not math.isfinite(e) or e < 0:
       raise InputError(f"{name} must be >= 0 and finite (budgets in 1/255 units, e.g. 2 for 2/255), "
                        f"got {list(eps_255)}")
+    if 0 < e < 0.5:
+      raise InputError(f"{name}={e:g} is less than half of one pixel level (budgets are in 1/255 units: 2 means "
+                       f"2/255); it looks like a budget in pixel units: for {e:g} pass {e * 255:.4g}")
     if norm == "linf" and e > 255:
       raise InputError(f"{name}={e:g} is more than the whole pixel range: budgets are in 1/255 units "
                        "(2 means 2/255)")
+    if norm == "linf" and e > checks.MAX_LINF_EPS_255:
+      raise InputError(f"{name}={e:g} would let every pixel move by {e:g} of its 255 levels: L-inf budgets above "
+                       f"{checks.MAX_LINF_EPS_255} are refused (budgets are in 1/255 units: 2 means 2/255)")
   clash = _key_clash(eps_255)
   if clash:
     raise InputError(f"{name}: {clash}")
@@ -264,9 +283,13 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   if settings.steps < 1 or settings.apgd_steps < 1:
     raise InputError(f"attack steps must be at least 1, got steps={settings.steps}, apgd_steps={settings.apgd_steps}")
   eps_255 = check_eps_255(eps_255, settings.norm)
+  attacks = checks.names(attacks, name="attacks")  # one name is a list of one, not its letters
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
     raise attack_specs.UnknownAttackError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+  for a in attacks:  # every run's spec, checked before any work (a negative step_scale, a NaN alpha, ...)
+    for e in (None,) if a in TEXT_ONLY else eps_255:
+      attack_spec(a, settings, _eps_pixels(e))
   if text_source is None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
     raise InputError(f"attacks {[a for a in attacks if a in NEEDS_TEXT_SOURCE]} perturb captions and need a "
                      "text_source (BertMLMSource, LexiconSource or CharEditSource)")

@@ -46,6 +46,9 @@ def _check_scores(scores, text_to_image) -> tuple[jax.Array, jax.Array]:
   if mapping.size and (mapping.min() < 0 or mapping.max() >= scores.shape[0]):
     raise InputError(f"text_to_image holds image indices from {mapping.min()} to {mapping.max()}, but scores has "
                      f"{scores.shape[0]} images (rows); each entry must be in [0, {scores.shape[0]})")
+  # An image without a caption could never be retrieved: it would count as a failed text-retrieval query (a
+  # perfect score matrix scoring TR@1 below 100), where `evaluate` refuses the same set.
+  checks.check_text_to_image(mapping, scores.shape[0], scores.shape[1])
   finite = np.isfinite(np.asarray(scores))
   if not finite.all():
     rows, cols = np.flatnonzero(~finite.all(axis=1)), np.flatnonzero(~finite.all(axis=0))
@@ -87,7 +90,10 @@ def retrieval_ranks(scores, text_to_image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def recall_from_ranks(tr_ranks, ir_ranks, ks=RECALL_KS) -> dict[str, float]:
-  tr_ranks, ir_ranks = np.asarray(tr_ranks), np.asarray(ir_ranks)
+  """Percentages under `tr@K` and `ir@K` from the TR ranks (n_images,) and IR ranks (n_texts,) of
+  `retrieval_ranks`."""
+  tr_ranks = checks.check_ranks(tr_ranks, name="tr_ranks")
+  ir_ranks = checks.check_ranks(ir_ranks, name="ir_ranks")
   out = {f"tr@{k}": 100.0 * float(np.mean(tr_ranks < k)) for k in ks}
   out.update({f"ir@{k}": 100.0 * float(np.mean(ir_ranks < k)) for k in ks})
   return out
@@ -110,11 +116,18 @@ def attack_success_rate(clean_ranks: tuple, adversarial_ranks: tuple, ks=RECALL_
   Arguments are `retrieval_ranks(...)` pairs (TR ranks, IR ranks) for the clean and attacked scores.
   Returns keys `tr@K`, `ir@K` for K in `ks`; NaN when nothing was correct before the attack.
   """
+  for name, ranks in (("clean_ranks", clean_ranks), ("adversarial_ranks", adversarial_ranks)):
+    if not isinstance(ranks, (tuple, list)) or len(ranks) != 2:
+      raise InputError(f"{name} must be a (TR ranks, IR ranks) pair, as metrics.retrieval_ranks returns, got "
+                       f"{type(ranks).__name__}")
   out = {}
   for direction, before, after in zip(("tr", "ir"), clean_ranks, adversarial_ranks, strict=True):
+    before = checks.check_ranks(before, name=f"the clean {direction.upper()} ranks")
+    # Of the same queries: a length-1 array would broadcast against every query.
+    after = checks.check_ranks(after, name=f"the adversarial {direction.upper()} ranks", length=before.shape[0])
     for k in ks:
-      correct = np.asarray(before) < k
-      fooled = correct & (np.asarray(after) >= k)
+      correct = before < k
+      fooled = correct & (after >= k)
       out[f"{direction}@{k}"] = 100.0 * float(fooled.sum()) / float(correct.sum()) if correct.any() else float("nan")
   return out
 

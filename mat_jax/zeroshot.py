@@ -232,12 +232,31 @@ def _check_finite(finite: Any, what: str) -> None:
                         "to the model)")
 
 
+def check_settings(settings: Settings, *, min_steps: int = 1) -> None:
+  """The attack settings, on the host: integer counts (a float would be truncated), steps >= `min_steps`
+  (an evaluation attacks; `attack_correct` may run the random start alone), targets and restarts >= 1,
+  the PGD step scale a finite number >= 0 (a negative one descends the loss), a known norm."""
+  for field in ("apgd_steps", "pgd_steps", "n_targets", "restarts"):
+    value = getattr(settings, field)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ZeroShotError(f"Settings.{field} must be an integer, got {value!r} ({type(value).__name__})")
+  if min(settings.apgd_steps, settings.pgd_steps) < min_steps or min(settings.n_targets, settings.restarts) < 1:
+    steps = "apgd_steps, pgd_steps, n_targets and restarts must be >= 1" if min_steps == 1 else \
+        f"apgd_steps and pgd_steps must be >= {min_steps}, n_targets and restarts >= 1"
+    raise ZeroShotError(f"{steps}, got {settings}")
+  checks.check_nonnegative(settings.pgd_step_scale, name="Settings.pgd_step_scale",
+                           hint=" (the PGD step is pgd_step_scale * eps / pgd_steps)")
+  attack_specs.check_norm(settings.norm)
+
+
 def attack_correct(encoder, params, classes, images, labels, key, *, attack: str, eps: float,
                    settings: Settings = Settings()) -> jax.Array:
   """Correctness (B,) of a batch after `attack` at `eps` (pixel units); compiled once per attack and shape."""
   if attack not in ATTACKS:
     raise ZeroShotError(f"unknown attack {attack!r}; choose from {ATTACKS}")
-  attack_specs.check_norm(settings.norm)
+  check_settings(settings, min_steps=0)  # host numbers: free (the images' values are the caller's to check)
+  checks.check_attack_numbers(norm=settings.norm, eps=eps)
+  key = checks.as_key(key)
   n_classes = int(np.shape(classes)[0])
   if attack == "apgd-t" and n_classes < TARGETED_MIN_CLASSES:
     raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes, this set has "
@@ -280,11 +299,11 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   data = data.take(limit)
   if len(data) == 0:
     raise ZeroShotError(f"{data.name} holds no images")
-  if settings.apgd_steps < 1 or settings.pgd_steps < 1 or settings.n_targets < 1 or settings.restarts < 1:
-    raise ZeroShotError(f"apgd_steps, pgd_steps, n_targets and restarts must be >= 1, got {settings}")
+  check_settings(settings)
   eps_255 = ev.check_eps_255(eps_255, settings.norm)  # as retrieval: one results key per budget, run once
   n_classes = len(data.class_names)
-  attacks = default_attacks(n_classes) if attacks is None else list(attacks)
+  # One name is a list of one, as in retrieval's evaluate (not its letters).
+  attacks = default_attacks(n_classes) if attacks is None else checks.names(attacks, name="attacks")
   if not attacks:
     raise ZeroShotError("no attack given: robust accuracy over no attack would be the clean accuracy; name at "
                         f"least one of {ATTACKS} (or None for all that apply)")

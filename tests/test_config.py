@@ -293,8 +293,8 @@ def test_bad_tuple_overrides_are_config_errors(tmp_path, override, message):
 
 @pytest.mark.parametrize("objective, key, value, allowed", [
     ("mava", "neighbours", 0, ">= 1"), ("mava", "beta", -0.1, ">= 0"), ("mava", "a", -1.0, ">= 0"),
-    ("tecoa", "steps", 0, ">= 1"), ("fare", "step_size", 0.0, "> 0"), ("fare", "eps", -0.01, r"in \[0, 1\]"),
-    ("mat", "eps", 8.0, r"in \[0, 1\]"), ("mat", "text_changes", 0, ">= 1"), ("mat", "clean_weight", -0.5, ">= 0"),
+    ("tecoa", "steps", 0, ">= 1"), ("fare", "step_size", 0.0, "> 0"), ("fare", "eps", -0.01, r"in \[0, 64/255\]"),
+    ("mat", "eps", 0.5, r"in \[0, 64/255\]"), ("mat", "text_changes", 0, ">= 1"), ("mat", "clean_weight", -0.5, ">= 0"),
     ("mmcoa", "text_weight", -1.0, ">= 0"), ("mmcoa", "image_weight", -1.0, ">= 0"),
     # inf (or a float32 overflow) made the first step's loss NaN, refused only after compiling.
     ("mat", "clean_weight", float("inf"), ">= 0 and finite in float32"),
@@ -311,7 +311,8 @@ def test_eval_values_out_of_range_are_refused(tmp_path):
   assert config_lib.load(path, ["eval.max_images=0"]).eval.max_images == 0  # the whole split
   for override, message in (("eval.max_images=-1", r"eval.max_images=-1 must be >= 0"),
                             ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
-                            ("eval.eps=2", r"eval.eps=2.0 must be in \[0, 1\]"),
+                            ("eval.eps=2", r"eval.eps=2.0 must be in \[0, 64/255\]"),
+                            ("eval.eps=1", r"eval.eps=1.0 must be in \[0, 64/255\] \(an L-inf budget in pixel units"),
                             # Caught at load, not as a traceback mid-run from the tokenizer or the pipeline.
                             ("model.context_length=2", r"model.context_length=2 must be 0 \(the model's\) or >= 3"),
                             ("text_attack.max_pieces=0", "text_attack.max_pieces=0 must be >= 1"),

@@ -48,11 +48,8 @@ __all__ = [
 
 
 def _key(key) -> jax.Array:
-  if key is None:
-    return jax.random.key(0)
-  if isinstance(key, int):
-    return jax.random.key(key)
-  return key
+  """The one-call attacks' key: an int seed (default 0) or a key (`checks.as_key`)."""
+  return checks.as_key(0 if key is None else key)
 
 
 def _check_model(model) -> None:
@@ -63,12 +60,14 @@ def _check_model(model) -> None:
 
 
 def image_attack(model: CLIP, images, input_ids, attention_mask, *, eps: float, steps: int,
-                 step_size: float, norm: str = "linf", random_start: bool = True, key=None) -> jax.Array:
+                 step_size: float | None = None, norm: str = "linf", random_start: bool = True,
+                 key=None) -> jax.Array:
   """Adversarial images that lower each image's cosine similarity to its paired caption(s) (PGD).
 
   images: float32 (B, H, W, 3) in [0, 1]. input_ids, attention_mask: (B, L) one caption per image, or
   (B, K, L) K captions per image (the loss sums over them, as SGA's image attack). eps and step_size in
-  pixel units (L-inf) or L2 norm; key: a PRNG key or an int seed (default 0).
+  pixel units (L-inf) or L2 norm; step_size None: the `pgd` spec's rule, 2.5 eps / steps (as sep_attack and
+  sga_attack). key: a PRNG key or an int seed (default 0).
   """
   _check_model(model)
   cfg = model.config
@@ -82,6 +81,7 @@ def image_attack(model: CLIP, images, input_ids, attention_mask, *, eps: float, 
   checks.check_token_ids(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), cfg.text.positions,
                          cfg.text.vocab_size)
   _check_budget(eps, steps, step_size, norm)
+  step_size = spec.step_size_for(eps, steps, step_size, spec.ATTACKS["pgd"].step_scale)
   encoder, params = split(model)
   return image.pgd_attack(encoder, params, jnp.asarray(images, jnp.float32), jnp.asarray(ids),
                           jnp.asarray(mask), _key(key), eps=eps, step_size=step_size, steps=steps,
@@ -128,10 +128,13 @@ def _multimodal(attack, model: CLIP, tokenizer: Tokenizer, images, captions, sou
   _check_model(model)
   check_pixels(images, model.config.vision)
   _check_budget(kwargs["eps"], kwargs["steps"], kwargs.get("step_size"), kwargs.get("norm", "linf"))
+  key = _key(key)
   flat, weights, counts = _flatten_captions(images, captions)
-  cands = multimodal.bucketed_candidates(flat, tokenizer, source)
+  text.check_source(source)
   encoder, params = split(model)
-  result = attack(encoder, params, jnp.asarray(images, jnp.float32), cands, _key(key),
+  text.check_tokenizer(tokenizer, flat, encoder)
+  cands = multimodal.bucketed_candidates(flat, tokenizer, source)
+  result = attack(encoder, params, jnp.asarray(images, jnp.float32), cands, key,
                   jnp.asarray(weights), **kwargs)
   adv_captions = adversarial_captions(cands, result.text)
   k = weights.shape[1]

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mat_jax import checks
 from mat_jax.attacks import losses
 from mat_jax.attacks.losses import LossFn
 from mat_jax.attacks.spec import check_norm
+from mat_jax.errors import InputError
 from mat_jax.models.dual_encoder import DualEncoder
 
 _TINY = 1e-12
@@ -114,6 +116,8 @@ def pgd(loss_fn: LossFn, images: jax.Array, key: jax.Array, *, eps, step_size, s
   decreases as `steps` grows for a fixed key (each run's iterates are a prefix of a longer run's).
   """
   check_norm(norm)
+  checks.check_attack_numbers(norm=norm, eps=eps, step_size=step_size, steps=steps)
+  key = checks.as_key(key)
   images = jax.lax.stop_gradient(images)
   init_key, loop_key = jax.random.split(key)
   x = random_init(init_key, images, eps, norm) if random_start else images
@@ -238,8 +242,10 @@ def apgd(loss_fn: LossFn, images: jax.Array, key: jax.Array, *, eps, steps: int 
   is traced. `loss_fn` must give per-image losses that depend on that image only.
   """
   check_norm(norm)
+  checks.check_attack_numbers(norm=norm, eps=eps, steps=steps)
   if restarts < 1:
     raise ValueError(f"restarts must be >= 1, got {restarts}")
+  key = checks.as_key(key)
   images = jax.lax.stop_gradient(images)
   def run(k):
     return _apgd_run(loss_fn, images, k, eps=eps, steps=steps, norm=norm, rho=rho, alpha=alpha,
@@ -266,6 +272,9 @@ def apgd_targeted(logits_fn: losses.LogitsFn, positives: jax.Array, images: jax.
   `n_targets` wrong texts: an image with fewer spends its remaining runs aiming at its own (or padding)
   texts, which run but cannot help it (`apgd_attack` checks this where the shapes tell it).
   """
+  check_norm(norm)
+  checks.check_attack_numbers(norm=norm, eps=eps, steps=steps)
+  key = checks.as_key(key)
   images = jax.lax.stop_gradient(images)
   clean = logits_fn(images)
   if n_targets > clean.shape[-1] - 1:
@@ -293,6 +302,27 @@ def apgd_targeted(logits_fn: losses.LogitsFn, positives: jax.Array, images: jax.
 # Compiled image-only attacks on a dual encoder (evaluation baselines, the notebook API)
 # ----------------------------------------------------------------------------------------------------
 
+def check_batch(encoder: DualEncoder, images, input_ids=None, attention_mask=None) -> None:
+  """The static checks of a composable attack's batch, free under `jit` too: the images' shape and dtype for
+  a model with a vision config, and token ids of the images' batch ((B, L) or (B, K, L)) that the text
+  tower can take. Values are read only for host (numpy) arrays: device arrays come from an entry point
+  that checked them once (evaluation, a training step), and reading them back would stall every batch."""
+  config = getattr(encoder, "config", None)
+  vision = getattr(config, "vision", None)
+  if hasattr(vision, "image_size"):
+    checks.check_images(images, vision.image_size, read_device=False)
+  if input_ids is None:
+    return
+  if input_ids.ndim not in (2, 3) or input_ids.shape[0] != images.shape[0]:
+    raise InputError(f"input_ids must be (B, L) or (B, K, L) with B = {images.shape[0]} images, got "
+                     f"{tuple(input_ids.shape)}")
+  text = getattr(config, "text", None)
+  if hasattr(text, "vocab_size"):
+    checks.check_token_ids(input_ids.reshape(-1, input_ids.shape[-1]),
+                           attention_mask.reshape(-1, attention_mask.shape[-1]), text.positions, text.vocab_size,
+                           read_device=False)
+
+
 def pgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, input_ids: jax.Array,
                attention_mask: jax.Array, key: jax.Array, caption_weights: jax.Array | None = None, *,
                eps, step_size, steps, norm: str = "linf", random_start: bool = True,
@@ -304,6 +334,9 @@ def pgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, input
   compilation per shape serves every budget).
   """
   check_norm(norm)
+  checks.check_attack_numbers(norm=norm, eps=eps, step_size=step_size, steps=steps)
+  key = checks.as_key(key)
+  check_batch(encoder, images, input_ids, attention_mask)
   if caption_weights is None:
     caption_weights = jnp.ones(input_ids.shape[:2] if input_ids.ndim == 3 else (input_ids.shape[0], 1),
                                jnp.float32)
@@ -333,6 +366,17 @@ def apgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, text
   which are then neither positives nor negatives; None: all M are real.
   """
   check_norm(norm)
+  checks.check_attack_numbers(norm=norm, eps=eps, steps=steps)
+  key = checks.as_key(key)
+  check_batch(encoder, images)
+  b, m = images.shape[0], text_features.shape[0]
+  if tuple(positives.shape) != (b, m):
+    # Broadcast, a (B, 1) column would mark the first text (or every text) as each image's own.
+    raise InputError(f"positives must be (images, texts) = ({b}, {m}): one row per image marking its own texts "
+                     f"among the {m} of text_features, got shape {tuple(positives.shape)}")
+  if text_weights is not None and text_weights.size != m:
+    raise InputError(f"text_weights must hold one weight per text ({m}; (M,) or (B, K) with B * K = M), got shape "
+                     f"{tuple(text_weights.shape)}")
   if n_targets and text_weights is not None and text_weights.ndim == 2:
     # (B, K) caption slots: each image owns K of the M texts, leaving it M - K wrong ones to aim at.
     wrong = text_features.shape[0] - text_weights.shape[1]

@@ -19,13 +19,14 @@ import functools
 import jax
 from flax import nnx
 
+from mat_jax import checks
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
 from mat_jax.attacks import multimodal
 from mat_jax.attacks.candidates import TextCandidates
 from mat_jax.attacks.spec import AttackSpec
 from mat_jax.attacks.text import TextAttackResult, text_attack
-from mat_jax.models.clip import l2_normalize
+from mat_jax.models.clip import check_tokens_for, l2_normalize
 from mat_jax.models.dual_encoder import DualEncoder
 
 
@@ -77,6 +78,8 @@ def run_attack(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs
   if text is not None and spec.text_stage is None:
     raise ValueError(f"attack {spec.name!r} has no shareable text stage (AttackSpec.text_stage is None); "
                      "pass text=None")
+  key = checks.as_key(key)
+  _check_inputs(encoder, inputs)
   images, cands, weights = inputs.images, inputs.candidates, inputs.caption_weights
   k = inputs.captions_per_image
   text_kw = dict(max_changes=spec.max_changes, chunk_size=chunk_size)
@@ -121,6 +124,18 @@ def run_attack(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs
                         weights, inputs.image_ids, key, spec.eps, spec.pgd_step, spec.steps, spec.beta * spec.eps,
                         loss=spec.loss, norm=spec.norm, neighbours=spec.neighbours)
   return AttackResult(adv, text)
+
+
+def _check_inputs(encoder: DualEncoder, inputs: AttackInputs) -> None:
+  """The batch against the model, for free (`image_attacks.check_batch`: static shapes, and values of host
+  arrays only; a training step's batch is traced, evaluation's checked once by its entry point). Captions
+  given on the host with their candidates are checked against the candidates' tokenizer as
+  `evaluate.Victim.tokens` checks them (ids within the model's table, its end token where the tower pools)."""
+  image_attacks.check_batch(encoder, inputs.images, inputs.input_ids, inputs.attention_mask)
+  text = getattr(getattr(encoder, "config", None), "text", None)
+  cands = inputs.candidates
+  if cands is not None and hasattr(text, "vocab_size") and not isinstance(inputs.input_ids, jax.Array):
+    check_tokens_for(*inputs.flat_captions(), cands.end_id, text, name="candidates' tokenizer")
 
 
 def _per_image(x: jax.Array) -> jax.Array:

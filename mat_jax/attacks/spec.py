@@ -128,8 +128,13 @@ class AttackSpec:
     checks.check_steps(self.steps, name=f"{self.name}: steps", minimum=0)
     if self.step_size is not None:
       checks.check_step_size(self.step_size, name=f"{self.name}: step_size")
+    # A negative scale would descend the loss: the attack would help the model.
+    checks.check_nonnegative(self.step_scale, name=f"{self.name}: step_scale",
+                             hint=" (the step is step_scale * eps / steps)")
     checks.check_steps(self.max_changes, name=f"{self.name}: max_changes")
+    checks.check_nonnegative(self.alpha, name=f"{self.name}: alpha", hint=" (Co-Attack's text-term weight)")
     checks.check_steps(self.neighbours, name=f"{self.name}: neighbours")
+    checks.check_nonnegative(self.beta, name=f"{self.name}: beta", hint=" (MAVA's neighbour range, beta * eps)")
 
   @property
   def attacks_image(self) -> bool:

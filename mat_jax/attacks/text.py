@@ -49,15 +49,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mat_jax import checks
 from mat_jax.attacks.candidates import STOP_WORDS, CandidateSource, TextCandidates, prepare_candidates
-from mat_jax.models.clip import l2_normalize
+from mat_jax.errors import InputError
+from mat_jax.models.clip import check_tokens_for, l2_normalize
 from mat_jax.models.dual_encoder import DualEncoder, split
 from mat_jax.models.tokenizers import Tokenizer
 
@@ -483,6 +485,29 @@ def _image_features(encoder: DualEncoder, params: nnx.State, images: jax.Array) 
   return encoder.image_features(params, images)
 
 
+def check_source(source: Any) -> None:
+  """A candidate source as the one-call attacks take it: a `CandidateSource` (a callable), not its table."""
+  if isinstance(source, Mapping):
+    raise InputError("source is a table of substitutes (a dict); wrap it in LexiconSource(table), e.g. "
+                     "LexiconSource(shapes.substitution_table())")
+  if not callable(source):
+    raise InputError(f"source must be a candidate source (LexiconSource, CharEditSource or BertMLMSource), got "
+                     f"{type(source).__name__}")
+
+
+def check_tokenizer(tokenizer: Tokenizer, captions: Sequence[str], encoder: Any) -> None:
+  """On the host, once per call: the tokenizer against the model that the attack scores with, as
+  `evaluate.Victim.tokens` checks it (`check_tokens_for`: the captions' ids within the model's table and
+  positions, its end token where the text tower pools). A mismatched tokenizer would otherwise give
+  captions that no attack changes, or NaN features, without an error. Encoders without a text config
+  (stand-ins of the tests) are not checked."""
+  text = getattr(getattr(encoder, "config", None), "text", None)
+  if not hasattr(text, "vocab_size"):
+    return
+  batch = tokenizer([str(c) for c in captions])
+  check_tokens_for(batch.input_ids, batch.attention_mask, tokenizer.end_id, text)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackedText:
   """What `attack_text` returns: the adversarial captions, their ids, and the attack's details."""
@@ -515,6 +540,18 @@ def attack_text(model_or_encoder_params, tokenizer: Tokenizer, captions: Sequenc
     # The KL is taken from the clean caption's own embedding; a guide would silently replace it.
     raise ValueError("objective='kl' (Co-Attack) compares each caption with its clean self and takes no "
                      "images, text_to_image or guide; drop them, or use objective='image' to be guided by images")
+  check_source(source)
+  if guide is None and images is not None:
+    # On the host, before anything compiles (as image_attack): inside jit uint8 or 0-255 pixels, a NaN
+    # image or an index past the images would guide the attack without an error.
+    vision = getattr(getattr(encoder, "config", None), "vision", None)
+    checks.check_images(images, getattr(vision, "image_size", None))
+    if text_to_image is not None:
+      n_captions = len(captions) if not isinstance(captions, str) else None
+      text_to_image = checks.check_text_to_image(text_to_image, np.shape(images)[0], n_captions,
+                                                 every_image=False)
+  if not isinstance(captions, str):  # a string is prepare_candidates' error
+    check_tokenizer(tokenizer, captions, encoder)
   candidates = prepare_candidates(captions, tokenizer, source, top_k=top_k, stop_words=stop_words)
   if guide is None and images is not None:
     guide = _image_features(encoder, params, jnp.asarray(images, jnp.float32))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mat_jax.errors import InputError
 from mat_jax.models.clip import CLIP, CLIPConfig, l2_normalize
 
 
@@ -86,5 +87,10 @@ class DualEncoder:
 
 
 def split(model: CLIP) -> tuple[DualEncoder, nnx.State]:
+  """(encoder, params) of a mat_jax CLIP or BLIP."""
+  if not isinstance(model, nnx.Module) or not hasattr(model, "config"):
+    already = "; an (encoder, params) pair is split already" if isinstance(model, tuple) else ""
+    raise InputError(f"split takes a mat_jax CLIP or BLIP (load one with mat_jax.models.load_clip), got "
+                     f"{type(model).__name__}{already}")
   graphdef, params = nnx.split(model)
   return DualEncoder(graphdef, model.config), params

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
-from mat_jax.errors import ConfigError, MatJaxError, shown_json
+from mat_jax.errors import ConfigError, InputError, MatJaxError, shown_json
 from mat_jax.models import hub, layers
 from mat_jax.models.bert import BertConfig, BertForMaskedLM
 from mat_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, resolve_dtype
@@ -704,7 +704,10 @@ def save_directory(directory: str | os.PathLike) -> Path:
   """The directory a save_* function writes config.json and model.safetensors into, created if need be.
   One holding a sharded checkpoint is refused: loading would then find two checkpoints (see `weight_files`)."""
   directory = Path(directory).expanduser()
-  directory.mkdir(parents=True, exist_ok=True)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):  # the path, or a folder above it, is a file
+    raise SaveDirectoryError(f"{directory} is a file or lies under one; save the model into a directory") from None
   if (directory / SAFETENSORS_INDEX).exists():
     raise SaveDirectoryError(f"{directory} holds a sharded checkpoint ({SAFETENSORS_INDEX}) that a "
                              f"{SAFETENSORS_FILE} written beside it would contradict; save into an empty directory.")
@@ -716,6 +719,8 @@ def config_and_params(model: nnx.Module | tuple[DualEncoder, nnx.State]) -> tupl
   if isinstance(model, tuple):
     encoder, params = model
     return encoder.config, params
+  if not isinstance(model, nnx.Module) or not hasattr(model, "config"):
+    raise InputError(f"expected a mat_jax model (or an (encoder, params) pair), got {type(model).__name__}")
   return model.config, nnx.state(model, nnx.Param)
 
 
