@@ -5,8 +5,8 @@ are scored by the image-text matching head (text cross-attending to the image's 
 score is its ITM "match" logit plus its ITC similarity (BLIP's evaluation adds the two; ALBEF's uses
 the ITM logit alone: `add_similarity=False`). Candidates outside the top-k rank below every re-ranked
 one, so R@K is exact for K <= k, and among themselves in their ITC order (the references give them all
-one score, which leaves their order, and R@K for K > k, to their indices). The references use k = 256
-(BLIP's COCO config, ALBEF) and 128 (BLIP's Flickr30k config); the default here is 128.
+one score, which leaves their order, and R@K for K > k, to their indices). The references (BLIP, ALBEF,
+SGA, Co-Attack) use k = 128 on Flickr30k and 256 on COCO; the default here is 128.
 
 The pairs of both directions are scored once each (a pair in both top-k lists is not scored twice), in
 fixed-size chunks, by one compiled function that gathers each pair's image tokens on the device. The

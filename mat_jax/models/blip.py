@@ -115,7 +115,7 @@ BLIP_PRESETS: dict[str, BlipConfig] = {
     "blip-large": BlipConfig(vision=BlipVisionConfig(width=1024, layers=24, heads=16, mlp_dim=4096),
                              text=BlipTextConfig(heads=12)),
     # The shapes world (as CLIP's "tiny" preset: 48 px renders, one 16-px patch per grid cell, the world's
-    # tokenizer: [PAD]=0, [START]=2, [END]=3, 128 ids, 24 tokens). One text layer is cross-attending.
+    # tokenizer: [PAD]=0, [START]=2, [END]=3, 128 ids, 24 tokens). Both text layers cross-attend for ITM.
     "blip-tiny": BlipConfig(
         vision=BlipVisionConfig(image_size=48, patch_size=16, width=192, layers=2, heads=4, mlp_dim=768),
         text=BlipTextConfig(vocab_size=128, max_position_embeddings=24, context_length=24, width=192, layers=2,
