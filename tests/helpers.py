@@ -1,10 +1,13 @@
 """Constants and small stand-ins shared by the test files (imported as `helpers`: pytest puts tests/ on sys.path)."""
 
 import dataclasses
+import types
 
 import jax.numpy as jnp
+import numpy as np
 
 from mat_jax.models import CLIPConfig, l2_normalize
+from mat_jax.models.tokenizers import TokenBatch
 
 # The micro model of the training tests: one block of width 32 per tower, 16 px images. Training, resume
 # and objective tests share it, so its programs have the same shapes wherever it runs.
@@ -84,3 +87,24 @@ class MLPEncoder:
 
   def image_embeddings(self, params, images):
     return l2_normalize(self.image_features(params, images))
+
+
+class WordTokenizer:
+  """A word-level tokenizer of the given words, framed [START] ... [END] in 8 tokens: what
+  `prepare_candidates` and the attacks' checks read of a tokenizer, without building a transformers one."""
+  pad_id, start_id, end_id, context_length = 0, 2, 3, 8
+  hf = types.SimpleNamespace(unk_token_id=1)
+
+  def __init__(self, words):
+    self.ids = {word: i for i, word in enumerate(sorted(set(words)), start=4)}
+    self.vocab_size = len(self.ids) + 4
+
+  def encode_words(self, words):
+    return [[self.ids.get(word, self.hf.unk_token_id)] for word in words]
+
+  def __call__(self, texts):
+    ids = np.zeros((len(texts), self.context_length), np.int32)
+    for row, text in enumerate(texts):
+      framed = [self.start_id, *(p for piece in self.encode_words(str(text).split()) for p in piece), self.end_id]
+      ids[row, :len(framed)] = framed[:self.context_length]
+    return TokenBatch(ids, (ids > 0).astype(np.int32) | (np.arange(self.context_length) == 0))

@@ -27,33 +27,11 @@ from mat_jax.data.classification import ClassificationSet
 from mat_jax.errors import InputError
 from mat_jax.models import CLIP, clip_config
 from mat_jax.models.clip import TextConfig, VisionConfig
-from mat_jax.models.tokenizers import TokenBatch
 
 import helpers
 
 CAPTIONS = ["a red square", "the blue circle"]
 X = np.full((2, 16, 16, 3), 0.5, np.float32)
-
-
-class WordTokenizer:
-  """Word-level ids framed [START] ... [END]: what the attacks and the checks read of a tokenizer, without
-  building a transformers one."""
-  pad_id, start_id, end_id, context_length = 0, 2, 3, 8
-  hf = types.SimpleNamespace(unk_token_id=1)
-
-  def __init__(self, words):
-    self.ids = {word: i for i, word in enumerate(sorted(set(words)), start=4)}
-    self.vocab_size = len(self.ids) + 4
-
-  def encode_words(self, words):
-    return [[self.ids.get(word, self.hf.unk_token_id)] for word in words]
-
-  def __call__(self, texts):
-    ids = np.zeros((len(texts), self.context_length), np.int32)
-    for row, text in enumerate(texts):
-      framed = [self.start_id, *(p for piece in self.encode_words(str(text).split()) for p in piece), self.end_id]
-      ids[row, :len(framed)] = framed[:self.context_length]
-    return TokenBatch(ids, (ids > 0).astype(np.int32) | (np.arange(self.context_length) == 0))
 
 
 class Stop(Exception):
@@ -63,7 +41,7 @@ class Stop(Exception):
 @pytest.fixture(scope="module")
 def world():
   table = shapes.substitution_table()
-  tok = WordTokenizer([w for c in CAPTIONS for w in c.split()] + [w for subs in table.values() for w in subs])
+  tok = helpers.WordTokenizer([w for c in CAPTIONS for w in c.split()] + [w for subs in table.values() for w in subs])
 
   def model(**text):
     text = dict(vocab_size=tok.vocab_size, context_length=8, width=16, layers=1, heads=2, mlp_dim=32,

@@ -29,6 +29,8 @@ from mat_jax.attacks.text import assemble, text_attack
 from mat_jax.data import shapes
 from mat_jax.models import CLIPConfig, l2_normalize
 
+import helpers
+
 B, K, SIZE, WIDTH, D = 2, 3, 8, 32, 16
 # Short captions (one length bucket in the text attack), image-major, whose colour and shape words have two
 # synonyms each in the shapes world's table.
@@ -74,25 +76,11 @@ class BagEncoder:
     return self.text_features(params, input_ids, input_ids != self.pad_id)
 
 
-class WordTokenizer:
-  """A word-level tokenizer of the captions' and their substitutes' words, framed [START] ... [END]: what
-  `prepare_candidates` reads of a tokenizer, without building a transformers one."""
-  pad_id, start_id, end_id, context_length = 0, 2, 3, 8
-  hf = types.SimpleNamespace(unk_token_id=1)
-
-  def __init__(self, words):
-    self.ids = {word: i for i, word in enumerate(sorted(set(words)), start=4)}
-    self.vocab_size = len(self.ids) + 4
-
-  def encode_words(self, words):
-    return [[self.ids.get(word, self.hf.unk_token_id)] for word in words]
-
-
 @pytest.fixture(scope="module")
 def world():
   """The encoder and its params, B random images with K captions each, their candidates and clean tokens."""
   table = shapes.substitution_table()
-  tok = WordTokenizer([w for c in CAPTIONS for w in c.split()] + [w for subs in table.values() for w in subs])
+  tok = helpers.WordTokenizer([w for c in CAPTIONS for w in c.split()] + [w for subs in table.values() for w in subs])
   rng = np.random.default_rng(0)
   params = {"w1": jnp.asarray(rng.normal(0, 0.1, (SIZE * SIZE * 3, WIDTH)), jnp.float32),
             "w2": jnp.asarray(rng.normal(0, 1, (WIDTH, D)), jnp.float32),
