@@ -184,17 +184,14 @@ def check_eps_255(eps_255: float | Sequence[float], norm: str | None = "linf", *
   level: a budget in pixel units, 2/255 for 2) and, for L-inf, at most `checks.MAX_LINF_EPS_255` (64). Returns
   them as floats, a repeated budget once (it is attacked once). norm None: not known yet (`eps_budgets`
   reads --eps before --norm), so the L-inf bound is left to the command's check once its flags are read."""
-  if checks.host_number(eps_255) or getattr(eps_255, "ndim", None) == 0:
-    eps_255 = [eps_255]  # one budget
-  given, eps_255 = eps_255, None
-  if not isinstance(given, (str, bytes)):
-    try:  # numbers, not strings ("2") or booleans, which float() would take
-      if not any(isinstance(e, (str, bytes, bool, np.bool_)) for e in given):
-        eps_255 = [float(e) for e in given]
-    except (TypeError, ValueError):
-      pass
-  if eps_255 is None:
-    raise InputError(f"{name} must be numbers in 1/255 units (e.g. 2 for 2/255, or (1, 2, 4)), got {given!r}")
+  given = [eps_255] if np.ndim(eps_255) == 0 else eps_255  # one budget is a list of one
+  try:  # numbers, not strings ("2") or booleans, which float() would take
+    if any(isinstance(e, (str, bytes, bool, np.bool_)) for e in given):
+      raise TypeError
+    eps_255 = [float(e) for e in given]
+  except (TypeError, ValueError):
+    raise InputError(f"{name} must be numbers in 1/255 units (e.g. 2 for 2/255, or (1, 2, 4)), got {eps_255!r}") \
+        from None
   if len(eps_255) == 0:
     raise InputError(f"no budget in {name}; give at least one in 1/255 units, e.g. 2 for 2/255")
   for e in eps_255:

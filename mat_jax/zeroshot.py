@@ -255,8 +255,7 @@ def attack_correct(encoder, params, classes, images, labels, key, *, attack: str
   if attack not in ATTACKS:
     raise ZeroShotError(f"unknown attack {attack!r}; choose from {ATTACKS}")
   check_settings(settings, min_steps=0)  # host numbers: free (the images' values are the caller's to check)
-  checks.check_attack_numbers(norm=settings.norm, eps=eps)
-  key = checks.as_key(key)
+  key = image_attacks.checked_key(key, settings.norm, eps=eps)
   n_classes = int(np.shape(classes)[0])
   if attack == "apgd-t" and n_classes < TARGETED_MIN_CLASSES:
     raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes, this set has "

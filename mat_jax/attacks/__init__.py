@@ -70,16 +70,8 @@ def image_attack(model: CLIP, images, input_ids, attention_mask, *, eps: float, 
   sga_attack). key: a PRNG key or an int seed (default 0).
   """
   _check_model(model)
-  cfg = model.config
-  check_pixels(images, cfg.vision)
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-  if ids.ndim not in (2, 3) or ids.shape[0] != np.shape(images)[0]:
-    hint = "; a single caption needs a batch axis: input_ids[None]" if ids.ndim == 1 else ""
-    raise InputError(f"input_ids must be (B, L) or (B, K, L) with B = {np.shape(images)[0]} images, got "
-                     f"{ids.shape}{hint}")
-  # Against the model's positions (a BLIP takes any length up to its table, beyond its context length).
-  checks.check_token_ids(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), cfg.text.positions,
-                         cfg.text.vocab_size)
+  image.check_batch(model, images, ids, mask, read_device=True)
   _check_budget(eps, steps, step_size, norm)
   step_size = spec.step_size_for(eps, steps, step_size, spec.ATTACKS["pgd"].step_scale)
   encoder, params = split(model)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mat_jax import checks
@@ -38,6 +39,15 @@ def _per_example(x: jax.Array, values: jax.Array) -> jax.Array:
 
 def _l2_norms(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
+
+
+def checked_key(key, norm: str, **budget) -> jax.Array:
+  """What a composable attack checks for free before it traces, returning its key: the norm, the budget
+  where it is given as host numbers (`checks.check_attack_numbers`; traced and device values are the entry
+  point's to check) and the key (`checks.as_key`)."""
+  check_norm(norm)
+  checks.check_attack_numbers(norm=norm, **budget)
+  return checks.as_key(key)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,9 +125,7 @@ def pgd(loss_fn: LossFn, images: jax.Array, key: jax.Array, *, eps, step_size, s
   included; one extra forward pass) instead of the last one. With it, the returned loss never
   decreases as `steps` grows for a fixed key (each run's iterates are a prefix of a longer run's).
   """
-  check_norm(norm)
-  checks.check_attack_numbers(norm=norm, eps=eps, step_size=step_size, steps=steps)
-  key = checks.as_key(key)
+  key = checked_key(key, norm, eps=eps, step_size=step_size, steps=steps)
   images = jax.lax.stop_gradient(images)
   init_key, loop_key = jax.random.split(key)
   x = random_init(init_key, images, eps, norm) if random_start else images
@@ -241,11 +249,9 @@ def apgd(loss_fn: LossFn, images: jax.Array, key: jax.Array, *, eps, steps: int 
   loss maximiser is the useful output). `steps` is static (it fixes the checkpoint schedule); `eps`
   is traced. `loss_fn` must give per-image losses that depend on that image only.
   """
-  check_norm(norm)
-  checks.check_attack_numbers(norm=norm, eps=eps, steps=steps)
+  key = checked_key(key, norm, eps=eps, steps=steps)
   if restarts < 1:
     raise ValueError(f"restarts must be >= 1, got {restarts}")
-  key = checks.as_key(key)
   images = jax.lax.stop_gradient(images)
   def run(k):
     return _apgd_run(loss_fn, images, k, eps=eps, steps=steps, norm=norm, rho=rho, alpha=alpha,
@@ -272,9 +278,7 @@ def apgd_targeted(logits_fn: losses.LogitsFn, positives: jax.Array, images: jax.
   `n_targets` wrong texts: an image with fewer spends its remaining runs aiming at its own (or padding)
   texts, which run but cannot help it (`apgd_attack` checks this where the shapes tell it).
   """
-  check_norm(norm)
-  checks.check_attack_numbers(norm=norm, eps=eps, steps=steps)
-  key = checks.as_key(key)
+  key = checked_key(key, norm, eps=eps, steps=steps)
   images = jax.lax.stop_gradient(images)
   clean = logits_fn(images)
   if n_targets > clean.shape[-1] - 1:
@@ -302,25 +306,28 @@ def apgd_targeted(logits_fn: losses.LogitsFn, positives: jax.Array, images: jax.
 # Compiled image-only attacks on a dual encoder (evaluation baselines, the notebook API)
 # ----------------------------------------------------------------------------------------------------
 
-def check_batch(encoder: DualEncoder, images, input_ids=None, attention_mask=None) -> None:
-  """The static checks of a composable attack's batch, free under `jit` too: the images' shape and dtype for
-  a model with a vision config, and token ids of the images' batch ((B, L) or (B, K, L)) that the text
-  tower can take. Values are read only for host (numpy) arrays: device arrays come from an entry point
-  that checked them once (evaluation, a training step), and reading them back would stall every batch."""
+def check_batch(encoder: DualEncoder, images, input_ids=None, attention_mask=None, *,
+                read_device: bool = False) -> None:
+  """A batch against the model: the images' shape and dtype for a model with a vision config, and token
+  ids of the images' batch ((B, L) or (B, K, L)) that the text tower can take. Values are read for host
+  (numpy) arrays, and for device arrays only with `read_device` (a one-call attack, once per call): the
+  composable attacks' device arrays come from an entry point that checked them once (evaluation, a
+  training step), and reading them back would stall every batch."""
   config = getattr(encoder, "config", None)
   vision = getattr(config, "vision", None)
   if hasattr(vision, "image_size"):
-    checks.check_images(images, vision.image_size, read_device=False)
+    checks.check_images(images, vision.image_size, read_device=read_device)
   if input_ids is None:
     return
-  if input_ids.ndim not in (2, 3) or input_ids.shape[0] != images.shape[0]:
-    raise InputError(f"input_ids must be (B, L) or (B, K, L) with B = {images.shape[0]} images, got "
-                     f"{tuple(input_ids.shape)}")
+  n_images, ids_shape = np.shape(images)[0], np.shape(input_ids)
+  if len(ids_shape) not in (2, 3) or ids_shape[0] != n_images:
+    hint = "; a single caption needs a batch axis: input_ids[None]" if len(ids_shape) == 1 else ""
+    raise InputError(f"input_ids must be (B, L) or (B, K, L) with B = {n_images} images, got {ids_shape}{hint}")
   text = getattr(config, "text", None)
   if hasattr(text, "vocab_size"):
-    checks.check_token_ids(input_ids.reshape(-1, input_ids.shape[-1]),
-                           attention_mask.reshape(-1, attention_mask.shape[-1]), text.positions, text.vocab_size,
-                           read_device=False)
+    # Against the model's positions (a BLIP takes any length up to its table, beyond its context length).
+    checks.check_token_ids(input_ids.reshape(-1, ids_shape[-1]), attention_mask.reshape(-1, ids_shape[-1]),
+                           text.positions, text.vocab_size, read_device=read_device)
 
 
 def pgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, input_ids: jax.Array,
@@ -333,9 +340,7 @@ def pgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, input
   caption_weights (B, K): 0 for padding caption slots. eps, step_size, steps are traced (one
   compilation per shape serves every budget).
   """
-  check_norm(norm)
-  checks.check_attack_numbers(norm=norm, eps=eps, step_size=step_size, steps=steps)
-  key = checks.as_key(key)
+  key = checked_key(key, norm, eps=eps, step_size=step_size, steps=steps)
   check_batch(encoder, images, input_ids, attention_mask)
   if caption_weights is None:
     caption_weights = jnp.ones(input_ids.shape[:2] if input_ids.ndim == 3 else (input_ids.shape[0], 1),
@@ -365,9 +370,7 @@ def apgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, text
   ignores `restarts`. text_weights: 0 for padding texts (e.g. a batch's padding caption slots, (B, K)),
   which are then neither positives nor negatives; None: all M are real.
   """
-  check_norm(norm)
-  checks.check_attack_numbers(norm=norm, eps=eps, steps=steps)
-  key = checks.as_key(key)
+  key = checked_key(key, norm, eps=eps, steps=steps)
   check_batch(encoder, images)
   b, m = images.shape[0], text_features.shape[0]
   if tuple(positives.shape) != (b, m):

@@ -39,7 +39,7 @@ from mat_jax import checks
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
 from mat_jax.attacks.candidates import TextCandidates, prepare_candidates
-from mat_jax.attacks.spec import CO_ALPHA, CO_STEP_SCALE, check_norm, step_size_for
+from mat_jax.attacks.spec import CO_ALPHA, CO_STEP_SCALE, step_size_for
 from mat_jax.attacks.text import TextAttackResult, assemble, text_attack
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -69,14 +69,6 @@ def _weights(caption_weights, b: int, k: int) -> jax.Array:
     raise ValueError(f"caption_weights must be (images, captions per image) = ({b}, {k}), got "
                      f"{caption_weights.shape}")
   return jnp.asarray(caption_weights, jnp.float32)
-
-
-def _checked(key, norm: str, **budget) -> jax.Array:
-  """What an attack checks for free before it traces: the norm, the budget where it is a host number (the
-  images' values are the entry point's to check), and the key (`checks.as_key`)."""
-  check_norm(norm)
-  checks.check_attack_numbers(norm=norm, **budget)
-  return checks.as_key(key)
 
 
 def _text_kw(max_changes: int, chunk_size: int | None) -> dict:
@@ -140,7 +132,7 @@ def separate_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, 
   """
   if image_loss not in IMAGE_LOSSES:
     raise ValueError(f"unknown image_loss {image_loss!r}; use one of {IMAGE_LOSSES}")
-  key = _checked(key, norm, eps=eps, step_size=step_size, steps=steps)
+  key = image_attacks.checked_key(key, norm, eps=eps, step_size=step_size, steps=steps)
   b, k = images.shape[0], _captions_per_image(images, candidates)
   weights = _weights(caption_weights, b, k)
   if text is None:
@@ -159,7 +151,7 @@ def collaborative_attack(encoder: DualEncoder, params: nnx.State, images: jax.Ar
   step_size: default eps / steps * 1.25, the reference's.
   text: the BERT-Attack result on these candidates, if already computed (`bert_attack`); None: run it.
   """
-  key = _checked(key, norm, eps=eps, step_size=step_size, steps=steps)
+  key = image_attacks.checked_key(key, norm, eps=eps, step_size=step_size, steps=steps)
   if checks.host_number(alpha):
     checks.check_nonnegative(alpha, name="alpha", hint=" (the weight of Co-Attack's text term, 3 in the reference)")
   b, k = images.shape[0], _captions_per_image(images, candidates)
@@ -177,7 +169,7 @@ def set_guidance_attack(encoder: DualEncoder, params: nnx.State, images: jax.Arr
                scales: Sequence[float] = losses.SGA_SCALES, noise_std: float = 0.05, norm: str = "linf",
                max_changes: int = 1, chunk_size: int | None = None) -> MultimodalResult:
   """SGA: image-guided text attack, set-level multi-scale image attack, image-guided text attack again."""
-  key = _checked(key, norm, eps=eps, step_size=step_size, steps=steps)
+  key = image_attacks.checked_key(key, norm, eps=eps, step_size=step_size, steps=steps)
   b, k = images.shape[0], _captions_per_image(images, candidates)
   weights = _weights(caption_weights, b, k)
   text_kw = dict(objective="image", **_text_kw(max_changes, chunk_size))
