@@ -60,9 +60,13 @@ from mat_jax.attacks import spec as attack_specs  # the attack registry: trainin
 from mat_jax.attacks.candidates import SOURCES
 from mat_jax.data import pipeline, shapes
 from mat_jax.errors import INT32_MAX, ConfigError, InputError
+from mat_jax.models import layers
 from mat_jax.training import optim
 
 ANY = object()  # schema marker: any value accepted
+# The model keys that say how a model is computed, not what it computes: a checkpoint resumes, and a
+# cached run is reused, under any of their values.
+EXECUTION_OPTIONS = ("dtype", "scan_layers", "attention", "remat")
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
 
 
@@ -82,6 +86,9 @@ def defaults() -> ml_collections.ConfigDict:
                                    # bfloat16; parameters, optimizer state and losses stay float32
   c.model.scan_layers = False      # encoder blocks as one lax.scan: faster compiles, same numbers
   c.model.attention = "auto"       # auto | einsum | xla | cudnn (mat_jax.models.layers.ATTENTION_PATHS)
+  c.model.remat = "none"           # what the backward pass keeps of each encoder block: none (all) |
+                                   # nothing_saveable | dots_with_no_batch_dims_saveable | dots_saveable
+                                   # (less activation memory, more compute; same numbers)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "shapes"           # TFDS dataset name built by `python -m mat_jax.data build`
@@ -419,7 +426,8 @@ _CHOICES = {
     ("optimizer", "name"): ("adamw", "adam", "sgd"),
     ("mesh", "param_sharding"): ("replicated", "fsdp", "logical"),
     ("model", "dtype"): ("auto", "float32", "bfloat16"),
-    ("model", "attention"): ("auto", "einsum", "xla", "cudnn"),
+    ("model", "attention"): layers.ATTENTION_PATHS,
+    ("model", "remat"): layers.REMAT_POLICIES,
     ("text_attack", "source"): SOURCES,
 }
 
@@ -787,7 +795,7 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
   if model_config is not None:
     flat = _flatten(dataclasses.asdict(model_config), "model")
     # How the model is computed, not what it is: a checkpoint resumes under any of these.
-    parts.update({k: v for k, v in flat.items() if k not in ("model.dtype", "model.scan_layers", "model.attention")})
+    parts.update({k: v for k, v in flat.items() if k.removeprefix("model.") not in EXECUTION_OPTIONS})
     # A tokenizer cut shorter than the loaded model's texts (weights keep their own context length):
     # recorded only then, so the checkpoints whose model config already says it keep their digest.
     context = config.model.get("context_length", 0)
@@ -849,4 +857,6 @@ def result_json(config: ml_collections.ConfigDict) -> str:
     tree["data"].pop("build_rare_form_rate")
   if not tree.get("text_attack", {}).get("exclude_words", True):  # likewise an attack that may write every word
     tree["text_attack"].pop("exclude_words")
+  if tree.get("model", {}).get("remat") == "none":  # likewise blocks that keep every intermediate
+    tree["model"].pop("remat")
   return json.dumps(tree, indent=2, sort_keys=True, default=list)

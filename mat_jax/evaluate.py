@@ -707,7 +707,7 @@ def load_victim(source: str, tokenizer: str | None = None, **options: Any) -> Vi
   """A model by source (`mat_jax.runs.load_model`: "shapes", "cache:NAME", a mat_jax training run
   directory, a transformers-layout directory or a hub id) with its tokenizer: `tokenizer` when given, else
   the one stored with the model, else the one beside it (the shapes world's for cached runs).
-  `options`: execution options of the model (dtype, scan_layers, attention; see CLIPConfig). A cached run
+  `options`: execution options of the model (dtype, scan_layers, attention, remat; see CLIPConfig). A cached run
   must be trained already (`mat_jax.training.loop.ensure_cached_run`; the command line does it)."""
   model, tok = runs_lib.load_model(source)
   if options:

@@ -25,6 +25,7 @@ from mat_jax.attacks import spec as attack_specs
 from mat_jax.data import corpora, shapes
 from mat_jax.errors import InputError
 from mat_jax.evaluate import ATTACKS
+from mat_jax.models import layers
 from mat_jax.models.blip import BLIP_PRESETS
 from mat_jax.models.clip import resolve_dtype
 from mat_jax.training import inputs, loop
@@ -120,11 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="images per attack batch; tecoa, mat and mmcoa take their negatives from the batch's "
                       "captions, so their numbers hold at this size (at least 2 for them)")
   p.add_argument("--seed", type=errors.seed, default=0, help="random starts (reproducible at a fixed --batch-size)")
-  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                 help="compute dtype of the models (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-  p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")
-  p.add_argument("--attention", default="auto", choices=("auto", "einsum", "xla", "cudnn"),
-                 help="attention path (auto: einsum on CPU, cuDNN flash attention on GPU in bf16, else XLA)")
+  add_execution_arguments(p)
   p.add_argument("--out", type=errors.directory, default="eval_results",
                  help="directory for results.json and recall_vs_eps.png")
   p.add_argument("--no-progress", action="store_true")
@@ -132,6 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--itm-k", type=int, help="BLIP targets: re-rank each query's top K by ITM (BLIP's evaluation; "
                  f"the references use 128 or 256; default {rerank.DEFAULT_K} for BLIP, 0 ranks by ITC alone)")
   return p
+
+
+def add_execution_arguments(p: argparse.ArgumentParser) -> None:
+  """How the models are computed (not what they compute), as `model.*` of a training config: both tasks."""
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype of the models (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--scan-layers", action="store_true", help="run encoder blocks as one lax.scan (faster compiles)")
+  p.add_argument("--attention", default="auto", choices=layers.ATTENTION_PATHS,
+                 help="attention path (auto: einsum on CPU, cuDNN flash attention on GPU in bf16, else XLA)")
+  p.add_argument("--remat", default="none", choices=layers.REMAT_POLICIES,
+                 help="what an attack's backward pass keeps of each encoder block (less memory for "
+                      "recomputing the rest; same numbers): none keeps everything")
+
+
+def execution_options(args: argparse.Namespace) -> dict:
+  """The flags of `add_execution_arguments` as `evaluate.load_victim`'s options."""
+  return {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention,
+          "remat": args.remat}
 
 
 def build_zeroshot_parser() -> argparse.ArgumentParser:
@@ -167,6 +182,7 @@ def build_zeroshot_parser() -> argparse.ArgumentParser:
                       "order, or a JSON object {folder: name} (e.g. ImageNet's WordNet-id folders n01440764 ...)")
   p.add_argument("--batch-size", type=errors.positive_int, default=64)
   p.add_argument("--seed", type=errors.seed, default=0)
+  add_execution_arguments(p)
   p.add_argument("--out", type=errors.directory, default=None,
                  help="directory for results.json (default: zeroshot_results/<the --data name>, one per data set)")
   p.add_argument("--no-progress", action="store_true")
@@ -210,7 +226,7 @@ def parse_zeroshot_args(argv: Sequence[str] | None = None) -> argparse.Namespace
 
 def run_zeroshot(args: argparse.Namespace) -> int:
   """Zero-shot classification under attack as `parse_zeroshot_args` read it: the table, then results.json."""
-  victim = evaluate_lib.load_victim(args.model, args.tokenizer)
+  victim = evaluate_lib.load_victim(args.model, args.tokenizer, **execution_options(args))
   data = zeroshot.load_data(args.data, victim.image_size, split=args.split, num_images=args.num_images,
                             seed=args.seed, data_dir=args.data_dir, limit=args.limit, class_names=args.class_names)
   attacks = args.attacks
@@ -300,7 +316,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.error(f"--split {args.split!r}: the shapes world has {', '.join(shapes.SPLIT_IDS)}")
   if args.data != "shapes":
     corpora.check_corpus_built(args.data, args.data_dir)
-  options = {"dtype": resolve_dtype(args.dtype), "scan_layers": args.scan_layers, "attention": args.attention}
+  options = execution_options(args)
   for source in (args.model, args.surrogate):
     if source:
       # "shapes" / "cache:NAME": trained into the cache on first use

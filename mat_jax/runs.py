@@ -377,14 +377,14 @@ def preset_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None
 def execution_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The CLIPConfig fields that say how a model is computed (not what it computes), from a run config."""
   return {"dtype": resolve_dtype(config.model.dtype), "scan_layers": bool(config.model.scan_layers),
-          "attention": config.model.attention}
+          "attention": config.model.attention, "remat": config.model.remat}
 
 
 def supported_options(config_type: type, options: dict[str, Any]) -> dict[str, Any]:
   """The execution options a model's config type has (BLIP has a dtype but no scan_layers or attention
   choice); asking for a non-default option the model lacks is an error, not silently ignored."""
   fields = {f.name for f in dataclasses.fields(config_type)}
-  missing = sorted(k for k, v in options.items() if k not in fields and v not in (False, "auto", None))
+  missing = sorted(k for k, v in options.items() if k not in fields and v not in (False, "auto", "none", None))
   if missing:
     raise ConfigError(f"{config_type.__name__} models have no {', '.join(missing)} option; leave "
                       f"{', '.join('model.' + k for k in missing)} at its default for this model")
@@ -392,7 +392,7 @@ def supported_options(config_type: type, options: dict[str, Any]) -> dict[str, A
 
 
 def with_options(model: CLIP | BLIP, **changes: Any) -> CLIP | BLIP:
-  """The same parameters under other execution options (compute dtype, scan_layers, attention)."""
+  """The same parameters under other execution options (compute dtype, scan_layers, attention, remat)."""
   changes = supported_options(type(model.config), changes)
   if all(getattr(model.config, name) == value for name, value in changes.items()):
     return model

@@ -1,5 +1,6 @@
 """Accelerator paths checked on CPU: fused attention (XLA, and the cuDNN path's padding and masks run
-through XLA), layers scanned with `lax.scan`, bf16 compute: each gives the einsum/unrolled float32 numbers."""
+through XLA), layers scanned with `lax.scan`, rematerialised blocks, bf16 compute: each gives the
+einsum/unrolled float32 numbers."""
 
 import dataclasses
 
@@ -81,7 +82,8 @@ def reference():
 
 
 @pytest.mark.parametrize("changes", [dict(attention="xla"), dict(scan_layers=True),
-                                     dict(scan_layers=True, attention="xla")], ids=str)
+                                     dict(scan_layers=True, attention="xla"), dict(remat="nothing_saveable"),
+                                     dict(scan_layers=True, remat="dots_with_no_batch_dims_saveable")], ids=str)
 def test_paths_match_the_einsum_unrolled_model(reference, changes):
   params, expected = reference
   # The path's own parameters only as shapes (no initialisation to run): the reference's are evaluated.
@@ -249,3 +251,23 @@ def test_a_towers_blocks_share_one_traced_program():
   # Text: 2 calls of one program; image: 3 calls of its linearised program, and 3 of its transpose in
   # the gradient's backward pass. One program per block would give eight programs of one call each.
   assert sorted(len(eqns) for eqns in calls.values()) == [2, 3, 3]
+
+
+def test_remat_keeps_less_of_the_scanned_blocks_for_the_backward_pass():
+  """Rematerialisation must change what the compiled gradient holds, not only pass the parity test above
+  (which a policy left unused would pass too). On XLA:CPU, which drops the recomputation's optimization
+  barriers, this shows in the scanned blocks' stacked residuals (docs/performance.md)."""
+  def temp_bytes(remat):
+    cfg = _config(scan_layers=True, remat=remat)
+    encoder, params = split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
+    pixel_and_param_grad = jax.jit(jax.grad(lambda p, x: jnp.sum(encoder.image_features(p, x) ** 2), argnums=(0, 1)))
+    images = jax.ShapeDtypeStruct((16, 48, 48, 3), jnp.float32)
+    return pixel_and_param_grad.lower(params, images).compile().memory_analysis().temp_size_in_bytes
+
+  kept_all, kept_nothing = temp_bytes("none"), temp_bytes("nothing_saveable")
+  assert kept_nothing < 0.75 * kept_all, (kept_nothing, kept_all)
+
+
+def test_unknown_remat_policy_is_refused():
+  with pytest.raises(ValueError, match="unknown remat policy 'everything'.*nothing_saveable"):
+    _config(remat="everything")

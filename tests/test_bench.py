@@ -415,3 +415,13 @@ def test_bench_train_counts_the_steps_flops_on_the_cpu_lowering_where_the_device
   cudnn_cfg = cfg.replace(attention="cudnn")
   cudnn_encoder, _ = split(CLIP(cudnn_cfg, rngs=nnx.Rngs(0)))
   assert bench_train.host_lowered_flops(cudnn_encoder, params, meta, batch) == direct
+
+
+def test_train_bench_reports_the_compiled_steps_memory():
+  from mat_jax.bench import train as train_bench
+
+  compiled = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0)).lower(jnp.ones((512, 256))).compile()
+  summary = train_bench.memory_summary(compiled)
+  # The (512, 512) product is a 1 MiB temporary; the argument 0.5 MiB, the output 2 KiB.
+  assert summary.startswith("compiled step's memory: 1.0 MiB temporaries"), summary
+  assert "0.5 MiB arguments, 0.0 MiB outputs" in summary, summary

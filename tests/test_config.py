@@ -571,3 +571,29 @@ def test_words_a_training_attack_may_not_write_key_a_run_only_when_there_are_any
   for bad in ("text_attack.exclude_words=('dark red',)", "text_attack.exclude_words=('',)"):
     with pytest.raises(config_lib.ConfigError, match="text_attack.exclude_words=.* must list single words"):
       config_lib.load(path, [bad])
+
+
+def test_remat_is_an_execution_option_that_keys_a_cached_run_only_when_set(tmp_path):
+  path = _write(tmp_path, "return dict()")
+  base = config_lib.load(path)
+  assert base.model.remat == "none" and "remat" not in config_lib.result_json(base)
+  remat = config_lib.load(path, ["model.remat=nothing_saveable"])
+  # A checkpoint resumes under any policy (the same parameters and numbers) ...
+  assert config_lib.fingerprint(remat) == config_lib.fingerprint(base)
+  # ... and a cached run trained without one is not taken for one trained with it.
+  assert '"remat": "nothing_saveable"' in config_lib.result_json(remat)
+  with pytest.raises(config_lib.ConfigError, match="model.remat"):
+    config_lib.load(path, ["model.remat=everything"])
+
+
+def test_cached_run_keys_of_the_demo_stay_what_they_are():
+  """Every user's cached world-model runs are found by these keys: a change that moves them (a new config
+  key or model field that enters the key at its default) retrains them all. Change the pins only with a
+  change that is meant to retrain."""
+  from mat_jax import runs
+
+  pinned = {"shapes_clip": "cd7b62accd200484", "shapes_clean_ft": "19928da181533e28",
+            "shapes_tecoa": "fe652290ab8a87cb", "shapes_mat": "a7d7af53e65e5ecc"}
+  for name, key in pinned.items():
+    _, config = runs.cached_experiment(name)
+    assert runs.cached_run_dir(name, config).name == f"{name}-{key}"

@@ -460,6 +460,28 @@ def test_each_data_set_writes_its_own_results_by_default(tmp_path, monkeypatch):
   assert json.loads(path.read_text()) == {"a": 1.0} and [p.name for p in path.parent.iterdir()] == ["results.json"]
 
 
+def test_zeroshot_computes_the_models_as_retrieval_does(monkeypatch):
+  """The execution flags reach the victim (`auto` is bfloat16 on an accelerator): zero-shot had none, so its
+  models ran in the checkpoint's float32 on a GPU."""
+  seen = {}
+
+  def load_victim(source, tokenizer=None, **options):
+    seen.update(options)
+    raise RuntimeError("loaded")
+
+  monkeypatch.setattr(ev, "load_victim", load_victim)
+  defaults = evaluate_cli.parse_zeroshot_args(["--model", "m"])
+  with pytest.raises(RuntimeError, match="loaded"):
+    evaluate_cli.run_zeroshot(defaults)
+  assert seen == {"dtype": "float32" if jax.default_backend() == "cpu" else "bfloat16", "scan_layers": False,
+                  "attention": "auto", "remat": "none"}
+  flags = evaluate_cli.parse_zeroshot_args(["--model", "m", "--dtype", "bfloat16", "--scan-layers", "--attention",
+                                            "xla", "--remat", "nothing_saveable"])
+  with pytest.raises(RuntimeError, match="loaded"):
+    evaluate_cli.run_zeroshot(flags)
+  assert seen == {"dtype": "bfloat16", "scan_layers": True, "attention": "xla", "remat": "nothing_saveable"}
+
+
 def test_zeroshot_flags_are_read_before_a_cached_model_is_trained(tmp_path, monkeypatch, capsys):
   # "shapes" is trained into the cache on first use (minutes): --help or a bad flag must not wait for that.
   from mat_jax.training import loop

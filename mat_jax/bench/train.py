@@ -50,7 +50,7 @@ from mat_jax import mesh as mesh_lib
 from mat_jax import runs, runtime
 from mat_jax.bench import common, torch_reference
 from mat_jax.data import shapes
-from mat_jax.models import split
+from mat_jax.models import layers, split
 from mat_jax.models.clip import CLIP_MEAN, CLIP_STD, PRESETS, resolve_dtype
 from mat_jax.models.weights import clip_config_to_hf, load_clip
 from mat_jax.objectives.mat import MAT
@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="images per step, on one device (default: 8 on CPU, 64 on an accelerator)")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="mat_jax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+  parser.add_argument("--remat", default="none", choices=layers.REMAT_POLICIES,
+                      help="what mat_jax's backward pass keeps of each encoder block (CLIPConfig.remat)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="mat_jax runs the encoder blocks as one lax.scan (CLIPConfig.scan_layers)")
   parser.add_argument("--steps", type=errors.positive_int, default=3,
                       help="timed steps of each implementation (median), one of each per round")
   parser.add_argument("--top-k", type=errors.positive_int, default=10, help="candidates per word")
@@ -115,6 +119,20 @@ def host_lowered_flops(encoder, params, meta, batch: dict) -> float:
   rows = mesh_lib.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in mesh_lib.device_arrays(batch).items()}
   return _flops(step_lib.jit_step(step_fn, shardings, mesh).lower(state, batch, None).cost_analysis())
+
+
+def memory_summary(compiled) -> str:
+  """What XLA allocates for a compiled program, from its memory analysis (the call that compiled it
+  cached the executable: this compiles nothing)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return "memory analysis not available on this backend"
+  def mib(n: int) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+  return (f"compiled step's memory: {mib(stats.temp_size_in_bytes)} temporaries (activations and workspace), "
+          f"{mib(stats.argument_size_in_bytes)} arguments, {mib(stats.output_size_in_bytes)} outputs, "
+          f"{mib(stats.alias_size_in_bytes)} of them donated")
 
 
 def _flops(cost) -> float:
@@ -393,7 +411,8 @@ def run(args: argparse.Namespace) -> int:
                                              eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
   print(f"train: one MAT step (1-word text attack, {2}-step PGD at 2/255, AdamW), CLIP {args.preset}, "
         f"batch {global_batch} on one device of {common.device_summary()}, "
-        f"{size}x{size} images, texts of {cfg.text.context_length} tokens, mat_jax {dtype}")
+        f"{size}x{size} images, texts of {cfg.text.context_length} tokens, mat_jax {dtype}, remat {args.remat}"
+        f"{', scan_layers' if args.scan_layers else ''}")
   print(f"threads: PyTorch {torch.get_num_threads()}, JAX usable cores {cores}")
 
   transformers.utils.logging.disable_progress_bar()
@@ -401,7 +420,8 @@ def run(args: argparse.Namespace) -> int:
   hf = transformers.CLIPModel(transformers.CLIPConfig(**clip_config_to_hf(cfg)))
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
-    encoder, params = split(load_clip(tmp, dtype=dtype))
+    encoder, params = split(runs.with_options(load_clip(tmp, dtype=dtype), remat=args.remat,
+                                              scan_layers=args.scan_layers))
   batch, meta = mat_batch(size, global_batch, tokenizer, args.max_targets, args.top_k)
 
   # ---- mat_jax: the train step of `python -m mat_jax.train`
@@ -425,6 +445,7 @@ def run(args: argparse.Namespace) -> int:
   common.block(jax_step())
   first_call = traced_and_lowered + time.perf_counter() - start
   counted_by = "XLA count"
+  print(f"mat_jax: {memory_summary(lowered.compile())}", flush=True)
   if flops == 0:  # after the first call's clock: this traces and lowers the step once more
     flops, counted_by = host_lowered_flops(encoder, params, meta, batch), "XLA count of the step lowered for the CPU"
   cache = runtime.compilation_cache_dir()

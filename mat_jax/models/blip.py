@@ -102,8 +102,14 @@ class BlipConfig:
   embed_dim: int = 256            # image_text_hidden_size: the ITC feature size
   logit_scale_init: float = math.log(1 / 0.07)  # BLIP's temp 0.07; config.json's logit_scale_init_value
   dtype: str = "float32"
+  # What the backward pass keeps of each block's intermediates, as CLIPConfig.remat (out of the repr,
+  # which keys cached runs by their preset).
+  remat: str = dataclasses.field(default="none", repr=False)
   # BLIP clamps its temperature to [0.001, 0.5] after every step: a logit multiplier from 2 to 1000.
   logit_scale_range: ClassVar[tuple[float, float]] = (math.log(2.0), math.log(1000.0))
+
+  def __post_init__(self) -> None:
+    layers.check_remat(self.remat)
 
   def replace(self, **changes: Any) -> "BlipConfig":
     return dataclasses.replace(self, **changes)
@@ -179,10 +185,10 @@ class VisionBlock(nnx.Module):
 class VisionEncoder(nnx.Module):
   """ViT: patch convolution (with bias), class token, positions, blocks, post-LN on every token."""
 
-  def __init__(self, cfg: BlipVisionConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: BlipVisionConfig, *, dtype, rngs: nnx.Rngs, remat: str = "none"):
     if cfg.layers < 1:
       raise ValueError(f"the image encoder needs at least one layer, got layers={cfg.layers}")
-    self.cfg, self.dtype = cfg, dtype
+    self.cfg, self.dtype, self.remat = cfg, dtype, layers.check_remat(remat)
     w, p = cfg.width, cfg.patch_size
     init = nnx.initializers.normal(0.02)
     self.patch_kernel = nnx.Param(layers.sharded(init, None, None, None, "embed")(rngs.params(), (p, p, 3, w)))
@@ -208,7 +214,7 @@ class VisionEncoder(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
     for block in self.blocks:
-      x = layers.shared_call(block, x)
+      x = layers.shared_call(block, x, remat=self.remat)
     return self.post_ln(x)
 
 
@@ -258,10 +264,10 @@ class TextEncoder(nnx.Module):
   """BERT without token types: word + position embeddings, LN, blocks. Unimodal (ITC) without `image`,
   image-grounded (ITM) with it."""
 
-  def __init__(self, cfg: BlipTextConfig, image_width: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: BlipTextConfig, image_width: int, *, dtype, rngs: nnx.Rngs, remat: str = "none"):
     if cfg.layers < 1:
       raise ValueError(f"the text encoder needs at least one layer, got layers={cfg.layers}")
-    self.cfg, self.dtype = cfg, dtype
+    self.cfg, self.dtype, self.remat = cfg, dtype, layers.check_remat(remat)
     self.word_embeddings = layers.embed(cfg.vocab_size, cfg.width, "vocab", dtype=dtype, rngs=rngs)
     self.position_embeddings = layers.embed(cfg.max_position_embeddings, cfg.width, None, dtype=dtype, rngs=rngs)
     self.embeddings_ln = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
@@ -274,7 +280,7 @@ class TextEncoder(nnx.Module):
     x = self.embeddings_ln(x)
     mask = layers.padding_mask(attention_mask)
     for block in self.blocks:
-      x = layers.shared_call(block, x, mask, image)
+      x = layers.shared_call(block, x, mask, image, remat=self.remat)
     return x[:, 0]
 
 
@@ -285,8 +291,8 @@ class BLIP(nnx.Module):
   def __init__(self, config: BlipConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
-    self.vision = VisionEncoder(config.vision, dtype=dtype, rngs=rngs)
-    self.text = TextEncoder(config.text, config.vision.width, dtype=dtype, rngs=rngs)
+    self.vision = VisionEncoder(config.vision, dtype=dtype, rngs=rngs, remat=config.remat)
+    self.text = TextEncoder(config.text, config.vision.width, dtype=dtype, rngs=rngs, remat=config.remat)
     kw = dict(dtype=dtype, rngs=rngs)
     self.vision_proj = layers.dense(config.vision.width, config.embed_dim, ("embed", "proj"), **kw)
     self.text_proj = layers.dense(config.text.width, config.embed_dim, ("embed", "proj"), **kw)

@@ -105,10 +105,16 @@ class CLIPConfig:
   # How attention is computed: "auto" (einsum on CPU, cuDNN flash attention on GPU in bf16, XLA's fused
   # attention otherwise), "einsum", "xla" or "cudnn"; see mat_jax.models.layers.ATTENTION_PATHS.
   attention: str = "auto"
+  # What the backward pass keeps of each block's intermediates (layers.REMAT_POLICIES): "none" keeps
+  # them all; a policy recomputes the rest from the block's input, trading compute for activation
+  # memory at large batches. Same values and gradients; docs/performance.md measures it. Out of the
+  # repr, which keys cached runs by their preset (`runs.result_parts`) as it did before the field.
+  remat: str = dataclasses.field(default="none", repr=False)
 
   def __post_init__(self) -> None:
     if self.attention not in layers.ATTENTION_PATHS:
       raise ValueError(f"unknown attention {self.attention!r}; choose from {layers.ATTENTION_PATHS}")
+    layers.check_remat(self.remat)
 
   def replace(self, **changes: Any) -> "CLIPConfig":
     return dataclasses.replace(self, **changes)
@@ -179,8 +185,9 @@ class EncoderBlock(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, *, depth: int,
-               dtype, rngs: nnx.Rngs, attention: str = "auto"):
+               dtype, rngs: nnx.Rngs, attention: str = "auto", remat: str = "none"):
     kw = dict(dtype=dtype, rngs=rngs)
+    self.remat = layers.check_remat(remat)
     residual_std = width ** -0.5 * (2 * depth) ** -0.5
     self.ln1 = layers.layer_norm(width, eps, **kw)
     self.attn = layers.MultiHeadAttention(width, heads, qkv_std=residual_std, out_std=width ** -0.5,
@@ -208,7 +215,7 @@ class EncoderBlock(nnx.Module):
     its shared beginning (`TextTower.encode_continuation`).
     """
     if rows is None:  # every row kept: one program for the tower's blocks (`rows` is a Python function)
-      return layers.shared_call(self, x, mask, None, cache, method="_run")
+      return layers.shared_call(self, x, mask, None, cache, method="_run", remat=self.remat)
     return self._run(x, mask, rows, cache)
 
   def _run(self, x: jax.Array, mask: jax.Array | None, rows: Callable[[jax.Array], jax.Array] | None,
@@ -246,7 +253,8 @@ def scan_blocks(blocks: Sequence[EncoderBlock], x: jax.Array,
 class VisionTower(nnx.Module):
   """ViT: patch embedding, class token, positions, pre-LN, blocks, post-LN on the class token."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, scan: bool = False, attention: str = "auto"):
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, scan: bool = False, attention: str = "auto",
+               remat: str = "none"):
     if cfg.layers < 1:
       raise ValueError(f"the image tower needs at least one layer, got layers={cfg.layers}")
     self.cfg = cfg
@@ -264,7 +272,7 @@ class VisionTower(nnx.Module):
     self.pre_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([
         EncoderBlock(w, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, depth=cfg.layers,
-                     dtype=dtype, rngs=rngs, attention=attention)
+                     dtype=dtype, rngs=rngs, attention=attention, remat=remat)
         for _ in range(cfg.layers)])
     self.post_ln = layers.layer_norm(w, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
@@ -292,7 +300,8 @@ class VisionTower(nnx.Module):
 class TextTower(nnx.Module):
   """Causal transformer; pooled at the end-of-text token exactly as transformers does."""
 
-  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, scan: bool = False, attention: str = "auto"):
+  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, scan: bool = False, attention: str = "auto",
+               remat: str = "none"):
     if cfg.layers < 1:
       raise ValueError(f"the text tower needs at least one layer, got layers={cfg.layers}")
     self.cfg = cfg
@@ -304,7 +313,7 @@ class TextTower(nnx.Module):
             rngs.params(), (cfg.context_length, cfg.width)))
     self.blocks = nnx.List([
         EncoderBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps,
-                     depth=cfg.layers, dtype=dtype, rngs=rngs, attention=attention)
+                     depth=cfg.layers, dtype=dtype, rngs=rngs, attention=attention, remat=remat)
         for _ in range(cfg.layers)])
     self.final_ln = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
@@ -379,7 +388,8 @@ class CLIP(nnx.Module):
   def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
-    towers = dict(dtype=dtype, rngs=rngs, scan=config.scan_layers, attention=config.attention)
+    towers = dict(dtype=dtype, rngs=rngs, scan=config.scan_layers, attention=config.attention,
+                  remat=config.remat)
     self.vision = VisionTower(config.vision, **towers)
     self.text = TextTower(config.text, **towers)
     kw = dict(use_bias=False, dtype=dtype, rngs=rngs)

@@ -271,7 +271,23 @@ def causal_mask(length: int) -> jax.Array:
   return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
-def shared_call(module: nnx.Module, *args: Any, method: str = "__call__") -> Any:
+# Activation rematerialisation of a block (`shared_call`'s `remat`): "none" keeps every intermediate
+# for the backward pass; the others are `jax.checkpoint_policies` by name, which say what the backward
+# pass may keep of the forward's intermediates (the rest it recomputes from the block's input):
+#   "nothing_saveable"                  nothing: the least memory, one more forward pass of each block;
+#   "dots_with_no_batch_dims_saveable"  the outputs of the weight matmuls (the projections and the MLP's),
+#                                       recomputing the attention products, softmax, LayerNorm, GELU;
+#   "dots_saveable"                     the outputs of every matmul, attention's included.
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+
+
+def check_remat(remat: str) -> str:
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat!r}; choose from {REMAT_POLICIES}")
+  return remat
+
+
+def shared_call(module: nnx.Module, *args: Any, method: str = "__call__", remat: str = "none") -> Any:
   """`getattr(module, method)(*args)` through one traced program per module structure and argument
   shapes.
 
@@ -281,11 +297,19 @@ def shared_call(module: nnx.Module, *args: Any, method: str = "__call__") -> Any
   measurable changes, docs/performance.md). XLA inlines the calls, so the compiled program, its speed
   and its numbers are those of the blocks written out. `args` are arrays or pytrees of them (None
   included); the module's state is read, never written (no dropout, no batch statistics).
+
+  `remat` (REMAT_POLICIES): what a backward pass through the call keeps of its intermediates; the
+  values and gradients are the same whatever it is.
   """
   graphdef, state = nnx.split(module)
-  return _shared_call(graphdef, method, state, *args)
+  return _shared_call(graphdef, method, check_remat(remat), state, *args)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _shared_call(graphdef: nnx.GraphDef, method: str, state: nnx.State, *args: Any) -> Any:
-  return getattr(nnx.merge(graphdef, state), method)(*args)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _shared_call(graphdef: nnx.GraphDef, method: str, remat: str, state: nnx.State, *args: Any) -> Any:
+  def call(state, *args):
+    return getattr(nnx.merge(graphdef, state), method)(*args)
+
+  if remat != "none":
+    call = jax.checkpoint(call, policy=getattr(jax.checkpoint_policies, remat))
+  return call(state, *args)
