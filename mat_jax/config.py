@@ -64,8 +64,8 @@ from mat_jax.models import layers
 from mat_jax.training import optim
 
 ANY = object()  # schema marker: any value accepted
-# The model keys that say how a model is computed, not what it computes: a checkpoint resumes, and a
-# cached run is reused, under any of their values.
+# The model keys that say how a model is computed, not what it computes: a checkpoint resumes under any
+# of their values (a cached run's key keeps them: another rounding trains other digits).
 EXECUTION_OPTIONS = ("dtype", "scan_layers", "attention", "remat")
 DEFAULT_TOWERS = "default"  # train.towers: the objective's published towers, resolved at load
 

@@ -224,13 +224,17 @@ def is_run_dir(path: Path) -> bool:
 
 def load_model(source: str, *, dtype: Any = None) -> tuple[CLIP | BLIP, Tokenizer | None]:
   """The model of a source that names trained weights (a cached run, a run directory, a transformers
-  directory or hub id; see the module docstring), and the tokenizer stored with it, if any."""
+  directory or hub id; see the module docstring), and the tokenizer stored with it, if any.
+
+  `dtype`: the compute dtype ("auto" allowed); None is a run's own (`restore_model`) and float32 for
+  model directories and hub ids."""
+  options = {} if dtype is None else {"dtype": dtype}
   name = cached_name(source)
   if name is not None:
-    return restore_model(cached_run(name))
+    return restore_model(cached_run(name), **options)
   path = Path(source).expanduser()
   if path.is_dir() and is_run_dir(path):
-    return restore_model(path)
+    return restore_model(path, **options)
   if path.is_dir() and _holds_run_config(path):
     # Read as a transformers directory, it would get the advice to write weights with save_pretrained.
     raise checkpoint.NotARunError(f"{path} holds a run config but no {checkpoint.CHECKPOINTS_DIR}/ and no exported "
@@ -392,7 +396,10 @@ def supported_options(config_type: type, options: dict[str, Any]) -> dict[str, A
 
 
 def with_options(model: CLIP | BLIP, **changes: Any) -> CLIP | BLIP:
-  """The same parameters under other execution options (compute dtype, scan_layers, attention, remat)."""
+  """The same parameters under other execution options (compute dtype, "auto" resolved on this platform,
+  scan_layers, attention, remat)."""
+  if "dtype" in changes:
+    changes["dtype"] = resolve_dtype(changes["dtype"])
   changes = supported_options(type(model.config), changes)
   if all(getattr(model.config, name) == value for name, value in changes.items()):
     return model
@@ -428,12 +435,34 @@ def export_model(model: Any, tokenizer: Any, workdir: str | os.PathLike) -> Path
   return directory
 
 
-def restore_model(workdir: str | os.PathLike) -> tuple[Any, Any]:
+def restore_model(workdir: str | os.PathLike, **options: Any) -> tuple[Any, Any]:
   """(model, tokenizer) of a run: its exported model, else the parameters of its newest checkpoint.
 
-  The tokenizer is None for runs without one (synthetic data).
+  The model computes as the run trained (its config's `model.dtype`, `scan_layers`, `attention`, `remat`;
+  "auto" resolved on this platform: bfloat16 on GPU/TPU), whichever of the two it is read from;
+  `options` replace any of them (`execution_options`' names; dtype "auto" allowed). The tokenizer is
+  None for runs without one (synthetic data).
   """
   workdir = Path(workdir)
+  model, tokenizer = _restore_model(workdir)
+  return with_options(model, **{**run_execution_options(workdir), **options}), tokenizer
+
+
+def run_execution_options(workdir: str | os.PathLike) -> dict[str, Any]:
+  """How a run's model computes, from its config's model section (`execution_options`); {} for a model
+  directory without a run config (the loaders' float32 defaults then apply)."""
+  raw = checkpoint.read_run_config(workdir)
+  model = raw.get("model") if raw is not None else None
+  if not isinstance(model, dict):
+    return {}
+  config = config_lib.defaults()
+  for key in config_lib.EXECUTION_OPTIONS:
+    if key in model:
+      config.model[key] = model[key]
+  return execution_options(config)
+
+
+def _restore_model(workdir: Path) -> tuple[Any, Any]:
   exported = workdir / checkpoint.MODEL_DIR
   if (exported / "config.json").exists():
     weights = (exported / weights_lib.SAFETENSORS_FILE, exported / weights_lib.SAFETENSORS_INDEX)

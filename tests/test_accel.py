@@ -271,3 +271,55 @@ def test_remat_keeps_less_of_the_scanned_blocks_for_the_backward_pass():
 def test_unknown_remat_policy_is_refused():
   with pytest.raises(ValueError, match="unknown remat policy 'everything'.*nothing_saveable"):
     _config(remat="everything")
+
+
+class _LinearEncoder:
+  """A DualEncoder stand-in: features are a linear map of the pixels (the losses' products are what is checked)."""
+
+  def image_features(self, params, images):
+    return images.reshape(images.shape[0], -1) @ params
+
+  def image_embeddings(self, params, images):
+    from mat_jax.models import l2_normalize
+    return l2_normalize(self.image_features(params, images))
+
+  def temperature(self, params):
+    return jnp.asarray(100.0)
+
+
+def test_feature_products_of_the_losses_run_in_full_float32_on_every_backend():
+  """A float32 product at JAX's default precision is one bfloat16 pass on a TPU and TF32 on an NVIDIA GPU:
+  the similarity products of every loss and attack objective ask for full float32 (on a CPU, where the
+  default already is, only the lowered program shows it)."""
+  from mat_jax.attacks import losses, text
+  from mat_jax.objectives.contrastive import contrastive_loss
+
+  encoder, params = _LinearEncoder(), jnp.ones((4 * 4 * 3, 8)) / 10
+  images, key = jnp.ones((2, 4, 4, 3)) / 2, jax.random.key(0)
+  texts, captions = jnp.ones((3, 8)), jnp.ones((2, 2, 8)) / 8 ** 0.5
+  programs = {
+      "contrastive_loss": (lambda a, b: contrastive_loss(a, b, 100.0, jnp.arange(2), jnp.arange(3) % 2)[0],
+                           (jnp.ones((2, 8)), texts)),
+      "retrieval_logits": (lambda x: losses.retrieval_logits(encoder, params, texts)(x), (images,)),
+      "paired_cosine": (lambda x: losses.paired_cosine(encoder, params, captions)(x, key), (images,)),
+      "mava_terms": (lambda x: losses.mava_terms(encoder, params, x, key, jnp.ones((2, 8)), captions,
+                                                  neighbours=2, radius=0.01), (images,)),
+      "text.image_objective": (text.image_objective, (jnp.ones((2, 3, 8)), jnp.ones((2, 8)))),
+  }
+  for name, (fn, args) in programs.items():
+    with jax.default_matmul_precision("default"):  # not this file's "highest", which every product would show
+      products = [line for line in jax.jit(fn).lower(*args).as_text().splitlines() if "dot_general" in line]
+    similarity = [line for line in products if "tensor<48x8xf32>" not in line]  # not the stand-in's own map
+    assert similarity and all("precision = [HIGHEST, HIGHEST]" in line for line in similarity), (name, products)
+
+
+@pytest.mark.parametrize("platform_version, want", [("cuda 12080", "cudnn"), ("rocm 60300", "xla")])
+def test_auto_attention_takes_cudnn_on_nvidia_gpus_only(monkeypatch, platform_version, want):
+  """JAX names AMD's ROCm backend "gpu" as it does CUDA's; cuDNN exists on NVIDIA's only."""
+  class Device:
+    client = type("Client", (), {"platform_version": platform_version})()
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *args: [Device()])
+  assert layers.attention_path("auto", jnp.bfloat16) == want
+  assert layers.attention_path("auto", jnp.float32) == "xla"

@@ -240,6 +240,36 @@ def test_an_export_is_read_with_the_context_length_its_run_tokenised_at(tmp_path
   assert runs.restore_model(tmp_path)[1].context_length == 12
 
 
+def test_a_run_is_restored_computing_as_it_trained(tmp_path, monkeypatch):
+  """The demo and the study evaluate what `restore_model` returns: an exported run came back in the loader's
+  float32 whatever the run trained in (on a GPU, `auto` trained in bfloat16 and evaluated in float32),
+  while a checkpoint-only run came back in its config's dtype."""
+  import jax
+  from flax import nnx
+
+  from mat_jax.data import shapes
+  from mat_jax.models import CLIP
+
+  model = CLIP(runs.parse_model_overrides(MICRO, runs.clip_config("tiny")), rngs=nnx.Rngs(0))
+  runs.export_model(model, shapes.tokenizer(), tmp_path)
+  assert runs.restore_model(tmp_path)[0].config.dtype == "float32"  # a model directory: the loader's default
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"source": "x", "dtype": "bfloat16",
+                                                              "remat": "nothing_saveable"}}))
+  restored = runs.restore_model(tmp_path)[0]
+  assert (restored.config.dtype, restored.config.remat, restored.config.attention) == (
+      "bfloat16", "nothing_saveable", "auto")
+  # The caller's options win, "auto" resolved on this platform; load_model's dtype reaches a run too.
+  assert runs.restore_model(tmp_path, dtype="float32")[0].config.dtype == "float32"
+  assert runs.load_model(str(tmp_path), dtype="float32")[0].config.dtype == "float32"
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"source": "x", "dtype": "auto"}}))
+  assert runs.restore_model(tmp_path)[0].config.dtype == "float32"  # the CPU's auto
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert runs.restore_model(tmp_path)[0].config.dtype == "bfloat16"  # an accelerator's
+  # The parameters are the export's, whatever the options.
+  leaves = [np.asarray(x) for x in jax.tree.leaves(nnx.state(restored, nnx.Param))]
+  assert all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True))
+
+
 def test_an_export_cut_short_leaves_no_model_or_the_previous_one(tmp_path):
   """`model/config.json` marks a run as trained: an export that fails part-way (here in the tokenizer's
   files) must not leave a model without them, and a failed re-export keeps the model exported before."""

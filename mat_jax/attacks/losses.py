@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mat_jax.attacks.spec import CO_ALPHA
-from mat_jax.models.clip import l2_normalize
+from mat_jax.models.clip import feature_products, l2_normalize
 from mat_jax.models.dual_encoder import DualEncoder
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -68,7 +68,7 @@ def paired_cosine(encoder: DualEncoder, params, text_features: jax.Array,
   def loss_fn(images: jax.Array, key: jax.Array) -> jax.Array:
     del key
     img = encoder.image_embeddings(params, images)
-    cos = jnp.einsum("bd,bkd->bk", img, texts)
+    cos = feature_products("bd,bkd->bk", img, texts)
     return -jnp.sum(cos * weights, axis=-1)
 
   return loss_fn
@@ -151,7 +151,7 @@ def retrieval_logits(encoder: DualEncoder, params, text_features: jax.Array,
   scale = encoder.temperature(params) if logit_scale is None else jnp.asarray(logit_scale)
 
   def logits_fn(images: jax.Array) -> jax.Array:
-    return scale * encoder.image_embeddings(params, images) @ texts.T
+    return scale * feature_products("bd,md->bm", encoder.image_embeddings(params, images), texts)
 
   return logits_fn
 
@@ -270,7 +270,7 @@ def mava_terms(encoder: DualEncoder, params, images: jax.Array, key: jax.Array, 
   feats = feats.reshape(neighbours, images.shape[0], -1)                        # (N, B, D)
   vsse = jnp.mean(jnp.sum(jnp.square(feats - clean_reference[None]), axis=-1), axis=0)
   mean_feat = l2_normalize(jnp.mean(feats, axis=0))                             # (B, D)
-  cos = jnp.einsum("bd,bkd->bk", mean_feat, captions)
+  cos = feature_products("bd,bkd->bk", mean_feat, captions)
   if caption_weights is None:
     cms = 1.0 - jnp.mean(cos, axis=-1)
   else:

@@ -59,7 +59,7 @@ from flax import nnx
 from mat_jax import checks
 from mat_jax.attacks.candidates import STOP_WORDS, CandidateSource, TextCandidates, prepare_candidates
 from mat_jax.errors import InputError
-from mat_jax.models.clip import check_tokens_for, l2_normalize
+from mat_jax.models.clip import check_tokens_for, feature_products, l2_normalize
 from mat_jax.models.dual_encoder import DualEncoder, split
 from mat_jax.models.tokenizers import Tokenizer
 
@@ -75,7 +75,7 @@ def image_objective(features: jax.Array, guide: jax.Array) -> jax.Array:
   guide = l2_normalize(guide)
   if guide.ndim == 2:
     guide = guide[:, None, :]
-  return -jnp.einsum("mcd,mgd->mcg", l2_normalize(features), guide).mean(-1)
+  return -feature_products("mcd,mgd->mcg", l2_normalize(features), guide).mean(-1)
 
 
 def softmax_kl(x: jax.Array, y: jax.Array) -> jax.Array:

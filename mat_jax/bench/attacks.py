@@ -60,14 +60,14 @@ def cosine_pgd(encoder, *, eps: float, step_size: float, steps: int):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="mat_jax compute dtype, in every part (the PyTorch variants name their own)")
   g = parser.add_argument_group("PGD (mat_jax vs eager PyTorch)")
   g.add_argument("--preset", default="vit-b-16", choices=sorted(PRESETS), help="CLIP architecture")
   g.add_argument("--quick", action="store_true", help="vit-b-32 at batch 2: a fast smoke run")
   g.add_argument("--batch", type=errors.positive_int, default=None,
                  help="images per attack (default: 8 on CPU, 256 on an accelerator, a size that fills one)")
   g.add_argument("--steps", type=errors.positive_int, default=10)
-  g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="mat_jax compute dtype")
   g.add_argument("--torch", default=None, metavar="VARIANTS",
                  help="PyTorch variants: eager, compile, eager-bf16, compile-bf16 or all (default: eager on CPU, "
                       "all on an accelerator)")
@@ -201,7 +201,7 @@ def run_sga(args: argparse.Namespace) -> dict:
   preset = args.sga_preset or ("tiny" if on_cpu else "vit-b-16")
   n, b, k = args.sga_images, min(args.sga_batch, args.sga_images), 5
   tokenizer = shapes.tokenizer()
-  cfg = clip_config(preset)
+  cfg = clip_config(preset, dtype=args.dtype)
   # The shapes world's vocabulary and context (random weights: the timing does not depend on them).
   cfg = cfg.replace(text=dataclasses.replace(
       cfg.text, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
@@ -215,7 +215,7 @@ def run_sga(args: argparse.Namespace) -> dict:
   t0 = time.perf_counter()
   candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
   prepare_s = time.perf_counter() - t0
-  print(f"\nSGA: CLIP {preset} ({size}px, random weights), {n} images x {k} captions, batches of {b}, "
+  print(f"\nSGA: CLIP {preset} ({size}px, random weights, {args.dtype}), {n} images x {k} captions, batches of {b}, "
         f"{args.sga_steps} steps, scales {losses.SGA_SCALES}, paraphrase candidates")
 
   def attack(start: int):

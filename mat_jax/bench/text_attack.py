@@ -164,14 +164,14 @@ def add_bert_attack_arguments(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--text-seed", type=errors.seed, default=0)
 
 
-def _shapes_setup(n_captions: int, model: str, seed: int):
+def _shapes_setup(n_captions: int, model: str, seed: int, dtype: str):
   from flax import nnx
 
   tokenizer = shapes.tokenizer()
   rng = np.random.default_rng(seed)
   scenes = [shapes.sample_scene(rng) for _ in range(-(-n_captions // 5))]
   captions = [c for scene in scenes for c in shapes.captions(scene, rng, 5)][:n_captions]
-  cfg = clip_config(model)
+  cfg = clip_config(model, dtype=dtype)
   cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size,
                                              context_length=tokenizer.context_length,
                                              eos_token_id=tokenizer.end_id, bos_token_id=tokenizer.start_id,
@@ -187,7 +187,7 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
   """Time both implementations on the same captions, candidates and weights; print and return the figures."""
   n = args.text_captions
   tokenizer, captions, encoder, params, images, text_to_image, table = _shapes_setup(
-      n, args.text_model, args.text_seed)
+      n, args.text_model, args.text_seed, args.dtype)
   source = LexiconSource(table) if args.text_source == "paraphrase" else CharEditSource(seed=args.text_seed)
   t0 = time.perf_counter()
   candidates = prepare_candidates(captions, tokenizer, source)
@@ -224,7 +224,7 @@ def run_bert_attack_benchmark(args: argparse.Namespace) -> dict:
           ["per-caption loop (references' structure)", n / sequential_s, sequential_s * 1e3, 1.0]]
   common.print_table(
       f"BERT-Attack, {n} captions, {args.text_source} candidates, objective {objective}, max_changes "
-      f"{max_changes}, CLIP {args.text_model} ({common.device_summary()})",
+      f"{max_changes}, CLIP {args.text_model} {args.dtype} ({common.device_summary()})",
       ["implementation", "captions/s", "ms/batch", "speed-up"], rows)
   # Texts through the encoder: the batched attack masks only attackable words and scores the same
   # candidates as the loop without re-encoding the current text each time; speculative words that fill

@@ -141,9 +141,14 @@ def attention_path(attention: str, dtype) -> str:
   backend = jax.default_backend()
   if backend == "cpu":
     return "einsum"
-  if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  if backend in ("gpu", "cuda") and _nvidia() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "xla"
+
+
+def _nvidia() -> bool:
+  """Whether the GPU backend is CUDA's: JAX calls AMD's ROCm backend "gpu" too, and cuDNN is NVIDIA's."""
+  return "rocm" not in jax.devices()[0].client.platform_version.lower()
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,

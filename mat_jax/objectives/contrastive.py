@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mat_jax.models import DualEncoder
+from mat_jax.models import DualEncoder, feature_products
 from mat_jax.objectives.base import Metrics, Objective
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array,
                      image_groups: jax.Array, text_groups: jax.Array) -> tuple[jax.Array, Metrics]:
   """Multi-positive symmetric InfoNCE (module docstring). Embeddings are L2-normalised (B, D), (T, D);
   `scale` multiplies the cosines (the model's clamped temperature, `DualEncoder.temperature`)."""
-  logits = scale * image_emb @ text_emb.T            # (B, T)
+  logits = scale * feature_products("bd,td->bt", image_emb, text_emb)  # (B, T)
   positive = image_groups[:, None] == text_groups[None, :]
   neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
   negatives = jnp.where(positive, neg_inf, logits)
