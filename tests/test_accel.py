@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mat_jax.models import CLIP, clip_config, layers, split
+from mat_jax.models import CLIP, clip_config, feature_products, layers, split
 
 
 @pytest.fixture(autouse=True)
@@ -287,10 +287,12 @@ class _LinearEncoder:
     return jnp.asarray(100.0)
 
 
-def test_feature_products_of_the_losses_run_in_full_float32_on_every_backend():
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_feature_products_of_the_losses_run_in_full_float32_on_every_backend(monkeypatch, backend):
   """A float32 product at JAX's default precision is one bfloat16 pass on a TPU and TF32 on an NVIDIA GPU:
-  the similarity products of every loss and attack objective ask for full float32 (on a CPU, where the
-  default already is, only the lowered program shows it)."""
+  the similarity products of every loss and attack objective ask for full float32 there (lowered here for
+  the CPU with the backend's name faked: the precision asked for is in the lowered program)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   from mat_jax.attacks import losses, text
   from mat_jax.objectives.contrastive import contrastive_loss
 
@@ -311,6 +313,14 @@ def test_feature_products_of_the_losses_run_in_full_float32_on_every_backend():
       products = [line for line in jax.jit(fn).lower(*args).as_text().splitlines() if "dot_general" in line]
     similarity = [line for line in products if "tensor<48x8xf32>" not in line]  # not the stand-in's own map
     assert similarity and all("precision = [HIGHEST, HIGHEST]" in line for line in similarity), (name, products)
+
+
+def test_feature_products_keep_the_cpus_own_float32_product():
+  """On a CPU the default already is float32; HIGHEST there changes XLA:CPU's fusion and the last bits of
+  the results (a MAT step's loss moved from 2.140 to 2.115), so the CPU's numbers stay its default's."""
+  with jax.default_matmul_precision("default"):
+    lowered = jax.jit(lambda a, b: feature_products("bd,td->bt", a, b)).lower(jnp.ones((2, 8)), jnp.ones((3, 8)))
+  assert "precision = [DEFAULT, DEFAULT]" in lowered.as_text()
 
 
 @pytest.mark.parametrize("platform_version, want", [("cuda 12080", "cudnn"), ("rocm 60300", "xla")])
