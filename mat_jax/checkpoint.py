@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from mat_jax import checks, errors
+from mat_jax import checks, errors, paths
 from mat_jax.errors import ConfigError, Interrupted, MatJaxError, WorkdirError
 from mat_jax.workdir import LOCK_FILE
 
@@ -200,9 +200,7 @@ class Checkpointer:
       if step in present:
         path = self._checksum_path(step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_file_digests(self.step_dir(step)), indent=0, sort_keys=True))
-        os.replace(tmp, path)
+        paths.write_text_atomically(path, json.dumps(_file_digests(self.step_dir(step)), indent=0, sort_keys=True))
     for stale in (self.workdir / CHECKSUM_DIR).glob("*.json"):
       if stale.stem.isdigit() and int(stale.stem) not in present:
         stale.unlink(missing_ok=True)
@@ -529,4 +527,5 @@ def read_run_config(workdir: str | os.PathLike, *, required: bool = False) -> di
 def write_run_config(workdir: str | os.PathLike, config_json: str) -> None:
   path = Path(workdir) / CONFIG_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config_json)
+  # Read by evaluations of the run while it trains (`runs.restore_model`): never half written.
+  paths.write_text_atomically(path, config_json)

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mat_jax import checks, metrics, rerank, tables
+from mat_jax import checks, metrics, paths, rerank, tables
 from mat_jax import runs as runs_lib
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import multimodal
@@ -662,11 +661,8 @@ def write_json(results: dict, path: str | Path) -> Path:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   text = json.dumps(clean(results), indent=1, allow_nan=False)
-  # Written beside, then renamed: an interrupted write leaves the earlier results.json whole.
-  partial = path.with_name(f".{path.name}.partial")
-  partial.write_text(text)
-  os.replace(partial, path)
-  return path
+  # An interrupted write leaves the earlier results.json whole.
+  return paths.write_text_atomically(path, text)
 
 
 def plot_recall(results: dict, path: str | Path, *, keys: Sequence[str] = SUMMARY_KEYS) -> Path:

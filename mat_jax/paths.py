@@ -11,6 +11,7 @@ still gets its own directories.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from mat_jax.errors import check_directory_path
@@ -34,3 +35,18 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
   if os.environ.get(DATA_DIR_ENV):
     return check_directory_path(os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}")
   return check_directory_path("~/.cache/mat_jax/datasets", f"data directory (the default; set ${DATA_DIR_ENV})")
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+  """Write `text` beside `path` under a name of this write's own, then rename it over `path`: a reader, or
+  a process killed mid-write, finds the old file whole or the new one, never part of one; two writers
+  at once each replace it whole (the last rename wins)."""
+  path = Path(path)
+  partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+  try:
+    partial.write_text(text)
+    os.replace(partial, path)
+  except BaseException:
+    partial.unlink(missing_ok=True)
+    raise
+  return path

@@ -51,6 +51,7 @@ from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.errors import MatJaxError
 from mat_jax.intervals import hits, interval, per_image, recall_interval
 from mat_jax.training import inputs, loop, mlm, setup
+from mat_jax.workdir import WorkdirLock
 
 # The meaning-filtered attacks: the named attack with the threat's substitutes that keep the caption true.
 FILTERED = "_filtered"
@@ -202,6 +203,17 @@ def evaluated_with(study: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool = False, log: loop.Log = print) -> None:
+  """`_check_study_dir`, one process at a time when it may write: a study's shards start together, and
+  each merges its arms into STUDY_FILE (read, merged and written whole, so none is lost)."""
+  if reading:
+    return _check_study_dir(study_dir, study, reading=True, log=log)
+  study_dir.mkdir(parents=True, exist_ok=True)
+  with WorkdirLock(study_dir, wait=True, flag="the study directory", on_wait=log):
+    _check_study_dir(study_dir, study, log=log)
+
+
+def _check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool = False,
+                     log: loop.Log = print) -> None:
   """Write the study's settings into a new study dir; refuse a dir made by other training settings.
 
   A study may add arms to (or leave out arms of) the study in the dir, add seeds, evaluate another test
@@ -256,7 +268,7 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool 
     merged = {**study, "arms": {**old["arms"], **study["arms"]}, TRAINED_AS: {**recorded, **resolved},
               EVALUATED_WITH: evaluation}
     if merged != old and not reading:
-      path.write_text(json.dumps(merged, indent=1, sort_keys=True))
+      paths_lib.write_text_atomically(path, json.dumps(merged, indent=1, sort_keys=True))
     return
   if any((study_dir / "runs").glob("*")):
     # Its runs' settings are unknown: reusing them would report them as this study's.
@@ -264,7 +276,8 @@ def check_study_dir(study_dir: Path, study: Mapping[str, Any], *, reading: bool 
                      "and evaluated under, so they cannot be checked against this study's. Use another "
                      "--study-dir, or delete that directory to start over")
   study_dir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({**study, TRAINED_AS: resolved, EVALUATED_WITH: evaluation}, indent=1, sort_keys=True))
+  paths_lib.write_text_atomically(
+      path, json.dumps({**study, TRAINED_AS: resolved, EVALUATED_WITH: evaluation}, indent=1, sort_keys=True))
 
 
 def _holds_evaluations(study_dir: Path) -> bool:

@@ -62,7 +62,7 @@ class WorkdirLock:
               f"{self.flag} {self.workdir} is in use by another run ({holder}); wait for it to finish, "
               f"stop it, or pass another {self.flag}") from None
         if self.on_wait is not None:
-          self.on_wait(f"waiting for the run holding {self.workdir} ({holder})")
+          self.on_wait(f"waiting for the process holding {self.workdir} ({holder})")
         fcntl.flock(fd, fcntl.LOCK_EX)
       # Ours now (any previous holder is dead or done): record who holds it, for the next run's message.
       os.ftruncate(fd, 0)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +341,28 @@ def test_rebuilding_with_other_options_is_refused(corpus_files, data_dir, monkey
   corpora.build_corpus("toyopts", ["../dataset_toy.json"], ".", image_size=16, data_dir=data_dir,
                        log=messages.append)
   assert messages and "reusing" in messages[0]
+
+
+def test_a_corpus_built_meanwhile_with_other_options_is_refused(corpus_files, data_dir, monkeypatch):
+  """Two builds of one name started together: the second waits for the first (`build_once`'s lock) and
+  must not return the first one's corpus, made with other options, as its own."""
+  files, images = [corpus_files / "dataset_toy.json"], corpus_files / "images"
+  original = corpora.build_once
+
+  def another_process_builds_first(builder, overwrite, log):
+    monkeypatch.setattr(corpora, "build_once", original)
+    corpora.build_corpus("toyrace", files, images, image_size=16, data_dir=data_dir, log=_quiet)
+    return original(builder, overwrite, log)
+
+  monkeypatch.setattr(corpora, "build_once", another_process_builds_first)
+  with pytest.raises(corpora.CorpusError, match="built with other options .*cleaning"):
+    corpora.build_corpus("toyrace", files, images, image_size=16, cleaning=corpora.NO_CLEANING, data_dir=data_dir,
+                         log=_quiet)
+  # With the same options the other process's corpus is this one's.
+  monkeypatch.setattr(corpora, "build_once", another_process_builds_first)
+  shutil.rmtree(data_dir / "caption_corpus" / "toyrace_16px")
+  built = corpora.build_corpus("toyrace", files, images, image_size=16, data_dir=data_dir, log=_quiet)
+  assert built.info.metadata["build_options"]["cleaning"] == dataclasses.asdict(corpora.CaptionCleaning())
 
 
 @pytest.fixture()

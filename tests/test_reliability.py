@@ -1037,3 +1037,19 @@ def test_a_data_directory_that_is_a_file_is_named_with_where_it_came_from(tmp_pa
   (tmp_path / ".cache").write_text("")
   with pytest.raises(errors.WorkdirError, match=r"pass another data directory \(the default; set \$MAT_JAX_DATA_DIR\)"):
     paths.default_data_dir()
+
+
+def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path, monkeypatch):
+  """study.json, a run's config.json, results and checksums are read by other processes while they are
+  rewritten: a write is all or nothing, and leaves no partial file behind."""
+  path = tmp_path / "study.json"
+  paths.write_text_atomically(path, '{"arms": 1}')
+  assert path.read_text() == '{"arms": 1}'
+
+  def disk_full(src, dst):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "replace", disk_full)
+  with pytest.raises(OSError, match="No space left"):
+    paths.write_text_atomically(path, '{"arms": 2}')
+  assert path.read_text() == '{"arms": 1}' and [p.name for p in tmp_path.iterdir()] == ["study.json"]

@@ -201,6 +201,40 @@ def test_a_study_dir_refuses_another_studys_training_settings(tmp_path):
     study.check_study_dir(tmp_path, other)
 
 
+def test_shards_adding_arms_at_once_both_keep_theirs(tmp_path, monkeypatch):
+  """Two shards start together, each adding an arm: each reads, merges and writes the study file. Without
+  one writer at a time the later write drops the other's arm (and its record of how its runs trained)."""
+  import threading
+
+  quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
+  study.check_study_dir(tmp_path, quick)
+  write, started, release = study.paths_lib.write_text_atomically, threading.Event(), threading.Event()
+
+  def slow_write(path, text):
+    started.set()
+    assert release.wait(30)
+    return write(path, text)
+
+  with_tecoa, with_fare = (json.loads(json.dumps(quick)) for _ in range(2))
+  with_tecoa["arms"]["tecoa"] = {"method": "tecoa", "variant": {}, "attacks": ["clean"]}
+  with_fare["arms"]["fare"] = {"method": "fare", "variant": {}, "attacks": ["clean"]}
+  monkeypatch.setattr(study.paths_lib, "write_text_atomically", slow_write)
+  first = threading.Thread(target=study.check_study_dir, args=(tmp_path, with_tecoa), kwargs=dict(log=print))
+  first.start()
+  assert started.wait(30)  # the first has read the file and is writing its merge
+  monkeypatch.setattr(study.paths_lib, "write_text_atomically", write)
+  waited: list[str] = []
+  second = threading.Thread(target=study.check_study_dir, args=(tmp_path, with_fare), kwargs=dict(log=waited.append))
+  second.start()
+  second.join(1.0)
+  assert second.is_alive() and waited and waited[0].startswith("waiting for the process holding")
+  release.set()
+  first.join(30)
+  second.join(30)
+  recorded = json.loads((tmp_path / study.STUDY_FILE).read_text())
+  assert {"tecoa", "fare"} <= set(recorded["arms"]) and {"tecoa", "fare"} <= set(recorded[study.TRAINED_AS])
+
+
 def test_a_study_dir_takes_more_arms_seeds_attacks_and_test_images_but_not_a_changed_arm(tmp_path):
   quick = study.load(EXPERIMENTS / "study_shapes.py", quick=True)
   study.check_study_dir(tmp_path, quick)

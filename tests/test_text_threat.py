@@ -160,24 +160,39 @@ def test_cli_text_source_auto_is_the_shapes_mlm_on_shapes_data(monkeypatch):
   assert made == [("bert", "shapes-mlm", 10), ("bert", "./my-bert", 5), ("charedit", "", 7)]
   assert evaluate_cli.build_parser().parse_args(["--model", "x"]).text_source == "auto"
 
-def test_a_build_finished_meanwhile_by_another_process_is_kept(tiny_mlm, tmp_path, monkeypatch):
-  """Two shards of a study on fresh caches both build the MLM: the second to finish must not delete the
-  first one's directory under its readers (the same settings train the same model)."""
-  import shutil
+def test_a_second_builder_waits_for_the_first_and_reuses_its_copy(tiny_mlm, tmp_path, monkeypatch):
+  """Two shards of a study on fresh caches both find the MLM missing: one trains, the other waits for it
+  and reuses its copy. (Both training, the second to finish could delete the first one's copy while the
+  first was reading it: a finished MLM read back as a damaged file.)"""
+  import threading
 
   from mat_jax.models import load_bert_mlm, load_tokenizer
 
   built, info, _ = tiny_mlm
   directory = tmp_path / "shapes-mlm"
+  release, trainings = threading.Event(), []
 
-  def train_while_another_finishes(settings, log):
-    shutil.copytree(built, directory)
-    (directory / "other-builder").write_text("")
+  def train_slowly(settings, log):
+    trainings.append(threading.current_thread().name)
+    assert release.wait(60)
     return load_bert_mlm(built), load_tokenizer(built), info["train"]
 
-  monkeypatch.setattr(mlm, "train_mlm", train_while_another_finishes)
-  assert mlm.build(TINY, directory, log=lambda line: None) == directory
-  assert (directory / "other-builder").exists() and mlm.is_built(directory)
+  monkeypatch.setattr(mlm, "train_mlm", train_slowly)
+  first = threading.Thread(target=mlm.build, args=(TINY, directory), kwargs=dict(log=lambda line: None),
+                           name="first")
+  first.start()
+  while not trainings:  # the first holds the lock and trains
+    first.join(0.05)
+  second_log: list[str] = []
+  second = threading.Thread(target=lambda: second_log.append(mlm.build(TINY, directory, log=second_log.append)))
+  second.start()
+  second.join(1.0)
+  assert second.is_alive() and any(line.startswith("waiting for the process holding") for line in second_log)
+  release.set()
+  first.join(60)
+  second.join(60)
+  assert trainings == ["first"] and second_log[-1] == directory and mlm.is_built(directory)
+  assert any(line.startswith("reusing the masked LM another process built") for line in second_log)
   assert not [p for p in tmp_path.iterdir() if p.name.startswith("shapes-mlm.")]  # no staging left behind
 
 

@@ -659,14 +659,7 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
   options = {"annotations": files, "images": str(images.resolve()), "format": fmt, "restval": restval,
              "cleaning": dataclasses.asdict(cleaning), "skip_bad": skip_bad}
   if existing is not None and not overwrite:
-    built_with = dict(existing.info.metadata.get("build_options", {}))
-    wanted = json.loads(json.dumps(options))
-    if built_with and built_with != wanted:
-      changed = "; ".join(f"{key}: built with {built_with.get(key)!r}, now {wanted.get(key)!r}"
-                          for key in sorted(built_with.keys() | wanted.keys())
-                          if built_with.get(key) != wanted.get(key))
-      raise CorpusError(f"{existing.data_path} was built with other options ({changed}); pass "
-                        "overwrite=True (--overwrite) to rebuild it, or choose another name")
+    _check_built_with(existing, options)
     # An older version stores other records or pixels: build this one beside it (reading takes the newest).
     if existing.info.version >= CaptionCorpus.VERSION:
       log(f"reusing the dataset already built at {existing.data_path}")
@@ -683,7 +676,10 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
                                skip_bad=skip_bad, options=options)
   builder = CaptionCorpus(config=config, data_dir=str(root), file_format="array_record")
   builder.skipped, builder.dropped = skipped, dropped
-  build_once(builder, overwrite, log)
+  _, reused = build_once(builder, overwrite, log)
+  if reused:  # another process built it while this one read the annotations: with these options?
+    _check_built_with(corpus_builder(name, image_size, root), options)
+    return corpus_builder(name, image_size, root)
   for split, messages in builder.skipped.items():
     if messages:
       log(f"skipped {len(messages)} bad record(s) of split {split!r}; first: {messages[0]}")
@@ -691,6 +687,18 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
     if messages:
       log(f"dropped {len(messages)} caption(s) that clean to nothing from split {split!r}; first: {messages[0]}")
   return corpus_builder(name, image_size, root)
+
+
+def _check_built_with(existing: tfds.core.DatasetBuilder, options: dict) -> None:
+  """Refuse a built corpus of this name made with other build options (annotations, images, cleaning...)."""
+  built_with = dict(existing.info.metadata.get("build_options", {}))
+  wanted = json.loads(json.dumps(options))
+  if built_with and built_with != wanted:
+    changed = "; ".join(f"{key}: built with {built_with.get(key)!r}, now {wanted.get(key)!r}"
+                        for key in sorted(built_with.keys() | wanted.keys())
+                        if built_with.get(key) != wanted.get(key))
+    raise CorpusError(f"{existing.data_path} was built with other options ({changed}); pass "
+                      "overwrite=True (--overwrite) to rebuild it, or choose another name")
 
 
 def check_corpus_built(name: str, data_dir: str | os.PathLike | None = None) -> None:

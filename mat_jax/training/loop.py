@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
-from mat_jax import errors, objectives, runs
+from mat_jax import errors, objectives, paths, runs
 from mat_jax import evaluate as evaluate_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import candidates
@@ -151,9 +151,7 @@ def truncate_metrics(path: Path, step: int, *, drop_evaluation_at_step: bool = F
     else:
       dropped += 1
   if dropped:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    paths.write_text_atomically(path, "".join(kept))
 
 
 # ----------------------------------------------------------------------------------------------------

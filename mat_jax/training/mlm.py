@@ -42,6 +42,7 @@ from mat_jax.data import corpora, shapes
 from mat_jax.errors import ConfigError
 from mat_jax.models import BertForMaskedLM, bert_config, save_bert_mlm
 from mat_jax.models.tokenizers import import_transformers, load_tokenizer
+from mat_jax.workdir import WorkdirLock
 
 MLM_NAME = "shapes-mlm"
 # Bump when the training recipe changes in a way the settings do not show (part of the cache key).
@@ -325,11 +326,24 @@ def is_built(directory: Path) -> bool:
 def build(settings: MLMSettings = MLMSettings(), directory: str | os.PathLike | None = None, *,
           overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
   """Train, evaluate and save the MLM into `directory` (default: its cache directory); a finished
-  directory is reused unless `overwrite`. The directory appears complete or not at all."""
+  directory is reused unless `overwrite`. The directory appears complete or not at all.
+
+  One builder at a time: a study's shards, or every host of a pod on a shared cache, find the MLM
+  missing at once; the others wait for the first, then reuse its copy (the same settings train the
+  same model), so no finished copy is replaced under a process reading it."""
 
   directory = Path(directory) if directory is not None else cached_dir(settings)
   if is_built(directory) and not overwrite:
     return directory
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  with WorkdirLock(directory.parent, wait=True, flag="the masked LM's cache directory", on_wait=log):
+    if is_built(directory) and not overwrite:
+      log(f"reusing the masked LM another process built at {directory}")
+      return directory
+    return _build(settings, directory, log)
+
+
+def _build(settings: MLMSettings, directory: Path, log: Callable[[str], None]) -> Path:
   model, tokenizer, stats = train_mlm(settings, log=log)
   log(f"  trained in {stats['seconds']:.1f} s on {stats['train_captions']} captions")
   scenes, caption_lists = test_scenes(settings)
@@ -339,26 +353,21 @@ def build(settings: MLMSettings = MLMSettings(), directory: str | os.PathLike | 
   report = meaning_change_report(source, scenes, caption_lists, top_k=settings.top_k)
   info = {"name": MLM_NAME, "version": MLM_VERSION, "settings": dataclasses.asdict(settings),
           "train": stats, "masked_accuracy": accuracy, "meaning_change": report}
-  directory.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+  replaced = directory.with_name(directory.name + ".replaced")
   try:
     save_bert_mlm(model, staging, tokenizer=tokenizer)
     (staging / "vocab.txt").write_text("".join(f"{w}\n" for w in mlm_vocabulary()))
     (staging / INFO_FILE).write_text(json.dumps(_no_nan(info), indent=1, allow_nan=False))
-    # Another process (a study's other shard, another host on a shared cache) may have built it meanwhile:
-    # the same settings train the same model, so its copy is kept rather than deleted under its readers.
-    if is_built(directory) and not overwrite:
-      return directory
+    # What is there (an overwritten copy, or what a killed build left) is moved aside, then the new copy
+    # renamed into place: the path holds one whole copy or the other at every moment.
     if directory.exists():
-      shutil.rmtree(directory)
-    try:
-      staging.rename(directory)
-    except OSError:
-      if not is_built(directory):  # not a finished copy of another builder: a real failure
-        raise
+      shutil.rmtree(replaced, ignore_errors=True)
+      os.replace(directory, replaced)
+    staging.rename(directory)
   finally:
-    if staging.exists():
-      shutil.rmtree(staging)
+    for leftover in (staging, replaced):
+      shutil.rmtree(leftover, ignore_errors=True)
   return directory
 
 
