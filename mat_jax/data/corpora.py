@@ -678,8 +678,9 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
   builder.skipped, builder.dropped = skipped, dropped
   _, reused = build_once(builder, overwrite, log)
   if reused:  # another process built it while this one read the annotations: with these options?
-    _check_built_with(corpus_builder(name, image_size, root), options)
-    return corpus_builder(name, image_size, root)
+    built = corpus_builder(name, image_size, root)
+    _check_built_with(built, options)
+    return built
   for split, messages in builder.skipped.items():
     if messages:
       log(f"skipped {len(messages)} bad record(s) of split {split!r}; first: {messages[0]}")

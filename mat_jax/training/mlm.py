@@ -360,11 +360,16 @@ def _build(settings: MLMSettings, directory: Path, log: Callable[[str], None]) -
     (staging / "vocab.txt").write_text("".join(f"{w}\n" for w in mlm_vocabulary()))
     (staging / INFO_FILE).write_text(json.dumps(_no_nan(info), indent=1, allow_nan=False))
     # What is there (an overwritten copy, or what a killed build left) is moved aside, then the new copy
-    # renamed into place: the path holds one whole copy or the other at every moment.
+    # renamed into place: the path holds a whole copy or, for an instant, none; never a mix of two.
     if directory.exists():
       shutil.rmtree(replaced, ignore_errors=True)
       os.replace(directory, replaced)
-    staging.rename(directory)
+    try:
+      staging.rename(directory)
+    except OSError:
+      if replaced.exists():  # the copy that was there stays
+        os.replace(replaced, directory)
+      raise
   finally:
     for leftover in (staging, replaced):
       shutil.rmtree(leftover, ignore_errors=True)
