@@ -241,9 +241,9 @@ def test_an_export_is_read_with_the_context_length_its_run_tokenised_at(tmp_path
 
 
 def test_a_run_is_restored_computing_as_it_trained(tmp_path, monkeypatch):
-  """The demo and the study evaluate what `restore_model` returns: an exported run came back in the loader's
-  float32 whatever the run trained in (on a GPU, `auto` trained in bfloat16 and evaluated in float32),
-  while a checkpoint-only run came back in its config's dtype."""
+  """The demo and the study evaluate what `restore_model` returns: an exported run computes as its run
+  trained, as a checkpoint-only one does (read in the loader's float32, a run trained in `auto`'s bfloat16
+  on a GPU would be evaluated in float32 there)."""
   import jax
   from flax import nnx
 

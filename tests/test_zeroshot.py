@@ -461,8 +461,8 @@ def test_each_data_set_writes_its_own_results_by_default(tmp_path, monkeypatch):
 
 
 def test_zeroshot_computes_the_models_as_retrieval_does(monkeypatch):
-  """The execution flags reach the victim (`auto` is bfloat16 on an accelerator): zero-shot had none, so its
-  models ran in the checkpoint's float32 on a GPU."""
+  """The execution flags reach the victim (`auto` is bfloat16 on an accelerator): without them its models
+  would compute in the checkpoint's float32 on a GPU."""
   seen = {}
 
   def load_victim(source, tokenizer=None, **options):

@@ -108,7 +108,8 @@ class CLIPConfig:
   # What the backward pass keeps of each block's intermediates (layers.REMAT_POLICIES): "none" keeps
   # them all; a policy recomputes the rest from the block's input, trading compute for activation
   # memory at large batches. Same values and gradients; docs/performance.md measures it. Out of the
-  # repr, which keys cached runs by their preset (`runs.result_parts`) as it did before the field.
+  # repr, which keys cached runs by their preset (`runs.result_parts`): an execution option must not
+  # move those keys (tests/test_config.py pins the demo's).
   remat: str = dataclasses.field(default="none", repr=False)
 
   def __post_init__(self) -> None:
