@@ -306,8 +306,8 @@ def test_feature_products_of_the_losses_run_in_full_float32_on_every_backend(mon
 
 
 def test_feature_products_keep_the_cpus_own_float32_product():
-  """On a CPU the default already is float32; HIGHEST there changes XLA:CPU's fusion and the last bits of
-  the results (the tiny MAT step's loss 2.115 with it, 2.140 without), so the CPU keeps its default."""
+  """On a CPU the default already is float32: the CPU's programs (and their compilation-cache entries) stay
+  those of the default product."""
   with jax.default_matmul_precision("default"):
     lowered = jax.jit(lambda a, b: feature_products("bd,td->bt", a, b)).lower(jnp.ones((2, 8)), jnp.ones((3, 8)))
   assert "precision = [DEFAULT, DEFAULT]" in lowered.as_text()

@@ -451,8 +451,8 @@ def feature_products(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """`jnp.einsum(subscripts, a, b)` of float32 features (cosines, the logits of a loss) in full float32 on
   every backend. By default XLA computes a float32 product in one bfloat16 pass on a TPU and in TF32 on
   an NVIDIA GPU: logits at CLIP's temperature 100 would be off by up to 0.06 and 0.009. These products
-  are small next to the encoders'. A CPU's default is float32 already; asking it for HIGHEST there
-  would only change how XLA:CPU fuses the product, and so the last bits of every result."""
+  are small next to the encoders'. A CPU's default is float32 already: its programs are left as they are
+  (and so are their entries in the persistent compilation cache)."""
   precision = None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
   return jnp.einsum(subscripts, a, b, precision=precision)
 
