@@ -220,9 +220,10 @@ def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vo
                     name: str = "input_ids", read_device: bool = True) -> None:
   """A non-empty (B, L) batch of integer ids, L within the context, ids within the vocabulary, a 0/1 mask
   of the same shape. Values are read only for concrete arrays (with `read_device` False, only for host
-  arrays: see `check_images`)."""
-  ids = input_ids if isinstance(input_ids, (np.ndarray, jax.Array)) else np.asarray(input_ids)
-  mask = attention_mask if isinstance(attention_mask, (np.ndarray, jax.Array)) else np.asarray(attention_mask)
+  arrays: see `check_images`); a `jax.ShapeDtypeStruct` has its shape and dtype checked."""
+  shaped = (np.ndarray, jax.Array, jax.ShapeDtypeStruct)
+  ids = input_ids if isinstance(input_ids, shaped) else np.asarray(input_ids)
+  mask = attention_mask if isinstance(attention_mask, shaped) else np.asarray(attention_mask)
   if ids.ndim != 2:
     raise InputError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}; flatten extra axes "
                      "or add a batch axis")
@@ -241,7 +242,7 @@ def check_token_ids(input_ids: Any, attention_mask: Any, context_length: int, vo
     raise InputError(f"{name} have length {ids.shape[1]} but the text model has {context_length} positions; "
                      f"tokenize with context_length={context_length} (load_tokenizer(..., "
                      f"context_length={context_length})), which truncates and keeps the end token")
-  if is_traced(ids) or not (read_device or _on_host(ids)):
+  if is_traced(ids) or isinstance(ids, jax.ShapeDtypeStruct) or not (read_device or _on_host(ids)):
     return
   host = np.asarray(ids)
   lo, hi = int(host.min()), int(host.max())

@@ -278,6 +278,26 @@ def test_run_attack_checks_host_captions_against_the_model(world):
                       0)
 
 
+def test_a_device_caption_batch_is_checked_by_its_shape_without_a_program(world, monkeypatch):
+  # The composable attacks take (B, K, L) device captions once per evaluation batch; their values were
+  # checked where they came from, so checking them must dispatch nothing (a reshape was a program per
+  # batch). Host captions are still read, and a device batch's shape still checked.
+  w = world
+  ids, mask = np.asarray(w.ids)[:, None], np.asarray(w.mask)[:, None]
+  device_ids, device_mask = jnp.asarray(ids), jnp.asarray(mask)
+  reshaped = []
+  real_reshape = type(device_ids).reshape
+  monkeypatch.setattr(type(device_ids), "reshape",
+                      lambda self, *a, **k: reshaped.append(a) or real_reshape(self, *a, **k))
+  image_attacks.check_batch(w.encoder, X, device_ids, device_mask)
+  assert reshaped == []
+  with pytest.raises(InputError, match=r"token ids must lie in \[0, 5\)"):
+    image_attacks.check_batch(models.split(w.small)[0], X, ids, mask)
+  with pytest.raises(InputError, match="attention_mask shape .* differs from input_ids shape"):
+    image_attacks.check_batch(w.encoder, X, device_ids, device_mask[:, :, :-1])
+  image_attacks.check_batch(models.split(w.small)[0], X, device_ids, device_mask)  # values unread: passes
+
+
 # ----------------------------------------------------------------------------------------------------
 # 7. The composable attacks: host numbers and static shapes.
 

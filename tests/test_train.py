@@ -210,6 +210,31 @@ def test_the_steps_metrics_key_and_donated_state(case, devices):
   assert draws == [pytest.approx(float(jax.random.uniform(jax.random.fold_in(seed_key, s)))) for s in range(2)]
 
 
+def test_the_initial_state_program_takes_the_seed_as_an_argument(case, monkeypatch):
+  # Runs that differ only in their seed (a study's) must share the program that builds their state, so
+  # that one persistent-cache entry serves them all: the key is an argument, not a constant of the program.
+  run, _ = case
+  mesh = mesh_lib.make_mesh("1")
+  shardings = step_lib.state_shardings(run.params, run.tx, run.is_trainable, mesh)
+  programs = []
+  real_jit = jax.jit
+
+  def recording_jit(fn, **kwargs):
+    jitted = real_jit(fn, **kwargs)
+
+    def call(*args):
+      programs.append(jitted.lower(*args).as_text())
+      return jitted(*args)
+    return call
+
+  monkeypatch.setattr(step_lib.jax, "jit", recording_jit)
+  states = [step_lib.create_state(run.params, run.tx, run.is_trainable, seed, shardings) for seed in (0, 7)]
+  assert len(programs) == 2 and programs[0] == programs[1]
+  for seed, state in zip((0, 7), states, strict=True):
+    np.testing.assert_array_equal(state.rng, jax.random.key_data(jax.random.key(seed)))
+    assert state.rng.dtype == jnp.uint32
+
+
 def test_a_temperature_past_its_bound_still_trains_and_is_projected_back(case):
   # OpenAI's CLIP stores logit_scale 4.6052, just above log(100): the losses read 100, but the gradient
   # must reach the parameter (CLIP's and BLIP's trainers clamp the parameter, not its gradient), and the

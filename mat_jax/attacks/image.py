@@ -326,8 +326,20 @@ def check_batch(encoder: DualEncoder, images, input_ids=None, attention_mask=Non
   text = getattr(config, "text", None)
   if hasattr(text, "vocab_size"):
     # Against the model's positions (a BLIP takes any length up to its table, beyond its context length).
-    checks.check_token_ids(input_ids.reshape(-1, ids_shape[-1]), attention_mask.reshape(-1, ids_shape[-1]),
-                           text.positions, text.vocab_size, read_device=read_device)
+    checks.check_token_ids(_rows(input_ids, read_device), _rows(attention_mask, read_device), text.positions,
+                           text.vocab_size, read_device=read_device)
+
+
+def _rows(tokens, read_device: bool):
+  """(B, K, L) tokens as (B * K, L) rows for `checks.check_token_ids`; a device array whose values are
+  not read as its shape and dtype alone (reshaping it would dispatch a program in every batch)."""
+  shape = np.shape(tokens)
+  rows = (int(np.prod(shape[:-1])), shape[-1])
+  if not isinstance(tokens, jax.Array):
+    return np.reshape(tokens, rows)
+  if read_device or checks.is_traced(tokens):
+    return tokens.reshape(rows)
+  return jax.ShapeDtypeStruct(rows, tokens.dtype)
 
 
 def pgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, input_ids: jax.Array,

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -73,9 +74,17 @@ def split_params(params: nnx.State, is_trainable) -> tuple[nnx.State, nnx.State]
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, is_trainable, seed: int) -> TrainState:
+  return _fresh_state(params, tx, is_trainable, seed_key_data(seed))
+
+
+def seed_key_data(seed: int) -> jax.Array:
+  """The run's raw key, uint32 (2,): what `TrainState.rng` starts as."""
+  return jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
+
+
+def _fresh_state(params: nnx.State, tx: optax.GradientTransformation, is_trainable, rng: jax.Array) -> TrainState:
   trainable, _ = split_params(params, is_trainable)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable),
-                    rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32),
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable), rng=rng,
                     bad_step=jnp.full((), -1, jnp.int32))
 
 
@@ -96,10 +105,12 @@ def state_shardings(params: nnx.State, tx: optax.GradientTransformation, is_trai
 
 def create_state(params: nnx.State, tx: optax.GradientTransformation, is_trainable, seed: int,
                  shardings: TrainState) -> TrainState:
-  """The initial state, built directly in its shardings (parameters copied, moments created)."""
+  """The initial state, built directly in its shardings (parameters copied, moments created). The key
+  is an argument of the program, not a constant in it, so runs that differ only in their seed share it
+  (one persistent-cache entry serves every seed)."""
   params = jax.device_put(params, shardings.params)
-  make = jax.jit(lambda p: init_state(p, tx, is_trainable, seed), out_shardings=shardings)
-  return make(params)
+  make = jax.jit(lambda p, rng: _fresh_state(p, tx, is_trainable, rng), out_shardings=shardings)
+  return make(params, np.asarray(seed_key_data(seed)))  # host values: as every process has them
 
 
 def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientTransformation,
