@@ -9,8 +9,8 @@
     python -m mat_jax.study --config experiments/study_shapes.py:exposure,eval_images=500  # claim 7: MAT's exposure
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,eval_images=500  # cheaper: half the test images
-    python -m mat_jax.study --config experiments/study_shapes.py:augmentation,seeds=5 --out docs/results/augmentation
-        # claims 4 and 5 (alignment) alone, with two more seeds: their four arms of the full study
+    python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=5,arms=mat+tecoa --out results/mine
+        # some arms of a variant (+-separated), more seeds: they join the runs of its study dir
 
 More seeds or another test subset reuse the trained runs of the same study dir (mat_jax/study.py). A
 study of its own (mmcoa, heldout, exposure) writes its report to docs/results/<NAME>/.
@@ -45,13 +45,11 @@ def _arm(method, attacks=METHOD_ATTACKS, **variant):
 
 def get_config(arg=None):
   args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, mmcoa=False, heldout=False,
-                           exposure=False, augmentation=False, seeds=3, eval_images=0)
-  variants = ("full", "paraphrase", "mmcoa", "heldout", "exposure", "augmentation", "quick")
-  alone = {"mmcoa": "is a study of its own", "heldout": "is a study of its own", "exposure": "is a study of its own",
-           "augmentation": "selects four arms of the full study"}
-  for own, what in alone.items():
+                           exposure=False, seeds=3, eval_images=0, arms="")
+  variants = ("full", "paraphrase", "mmcoa", "heldout", "exposure", "quick")
+  for own in ("mmcoa", "heldout", "exposure"):
     if args[own] and sum(bool(args[k]) for k in variants) > 1:
-      raise ConfigError(f"the study-file argument {own} {what}; give it without "
+      raise ConfigError(f"the study-file argument {own} is a study of its own; give it without "
                         f"{', '.join(k for k in variants if k != own)}")
   c = ml_collections.ConfigDict()
   c.name = "shapes_study"
@@ -73,7 +71,7 @@ def get_config(arg=None):
       # Claim 3: the same augmented pairs modelled 1:1 (an image's other captions are negatives).
       "matplus_1to1": _arm("matplus", ABLATION_ATTACKS, objective={"one_to_one": True}),
   }
-  if args.full or args.augmentation:
+  if args.full:
     # The other two multimodal/one-to-many baselines of the shared budget.
     c.arms["mmcoa"] = _arm("mmcoa")
     c.arms["mava"] = _arm("mava")
@@ -92,10 +90,6 @@ def get_config(arg=None):
     c.arms["matplus_diverse"] = _arm(
         "matplus", ABLATION_ATTACKS, data={"captions_per_image": 5, "augmentations": ("i2t:0.6", "t2i:0.3", "eda:0.2")})
 
-  if args.augmentation:
-    # Claims 4 and 5 (alignment) alone: their four arms of the full study, in its study dir (the same name),
-    # so that more seeds add runs to the three the full study trained. Its report goes where --out says.
-    c.arms = {arm: c.arms[arm] for arm in ("matplus", "matplus_text", "matplus_image", "matplus_misaligned")}
   if args.paraphrase:
     # Claim 6 (beyond the papers): MAT trained against the meaning-preserving paraphrase source instead of
     # the MLM's label flips, evaluated under the MLM threat like every arm.
@@ -161,4 +155,13 @@ def get_config(arg=None):
     # a claim to compute, and every step of a study (train, evaluate, resume, report) run once.
     c.arms = {"clean_ft": _arm("clean_ft", ("clean", "bert", "co", "bert_filtered")),
               "mat": _arm("mat", ("clean", "bert", "co"))}
+  if args.arms:
+    # Some of the variant's arms, as it defines them and under its name (its study dir): e.g. more seeds
+    # for the arms of a few claims, joining the runs the whole study trained. The report goes to --out.
+    chosen = [name for name in args.arms.split("+") if name]
+    unknown = [name for name in chosen if name not in c.arms]
+    if unknown:
+      raise ConfigError(f"arms={args.arms}: no arm {', '.join(unknown)} in this variant; its arms are "
+                        f"{'+'.join(c.arms)}")
+    c.arms = {name: c.arms[name] for name in chosen}
   return c

@@ -390,14 +390,13 @@ def test_the_study_file_argument_names_a_variant():
   assert {**alignment, "arms": None} == {**full, "arms": None}
   with pytest.raises(study.StudyError, match="exclude each other"):
     study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full", quick=True)
-  # Claims 4 and 5 (alignment) alone: the full study's four arms as it defines them, in its study dir (the
-  # same name and settings), so that more seeds join its trained runs.
-  augmentation = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation,seeds=5")
-  assert augmentation["arms"] == {arm: alignment["arms"][arm] for arm in
-                                  ("matplus", "matplus_text", "matplus_image", "matplus_misaligned")}
-  assert {**augmentation, "arms": None, "seeds": 3} == {**alignment, "arms": None}
-  with pytest.raises(study.StudyError, match="augmentation selects four arms of the full study"):
-    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:augmentation,full")
+  # Some arms of a variant, as it defines them, in its study dir (the same name and settings), so that more
+  # seeds for a few claims join the runs the whole study trained.
+  chosen = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,seeds=5,arms=matplus+matplus_text+matplus_image")
+  assert chosen["arms"] == {arm: alignment["arms"][arm] for arm in ("matplus", "matplus_text", "matplus_image")}
+  assert {**chosen, "arms": None, "seeds": 3} == {**alignment, "arms": None}
+  with pytest.raises(study.StudyError, match=r"no arm matplus_text in this variant; its arms are .*matplus_1to1"):
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:arms=mat+matplus_text")  # an arm of `full` only
   # Claim 6's arm: MAT whose training text attack is the paraphrase source, evaluated like MAT.
   paraphrase = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:full,paraphrase")
   assert set(paraphrase["arms"]) - set(alignment["arms"]) == {"mat_paraphrase"}
