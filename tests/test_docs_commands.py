@@ -1,6 +1,6 @@
 """Every `python -m mat_jax...` command the documentation shows is one its command line accepts.
 
-The commands of README.md, docs/*.md, the experiment files' docstrings and the notebooks' markdown are
+The commands of README.md, docs/**/*.md, the experiment files' docstrings and the notebooks' markdown are
 parsed by their module's own parser; train's `--config` is loaded with its `--config.key=value`
 overrides and the study's `--config` as a study, so a renamed flag, key or file variant fails here.
 Nothing is trained, evaluated or built.
@@ -41,7 +41,7 @@ def _doc_texts() -> list[tuple[str, str]]:
   """(where, text) of every place the docs write commands: markdown pages, experiment-file docstrings and
   the notebooks' markdown cells."""
   texts = [(str(path.relative_to(ROOT)), path.read_text())
-           for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
+           for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]]
   texts += [(str(path.relative_to(ROOT)), ast.get_docstring(ast.parse(path.read_text())) or "")
             for path in sorted((ROOT / "experiments").glob("*.py"))]
   for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
