@@ -7,6 +7,8 @@
     python -m mat_jax.study --config experiments/study_shapes.py:mmcoa   # MMCoA (as MMCoA.py) and the control
     python -m mat_jax.study --config experiments/study_shapes.py:heldout,eval_images=500  # claim 7: held-out forms
     python -m mat_jax.study --config experiments/study_shapes.py:exposure,eval_images=500  # claim 7: MAT's exposure
+    python -m mat_jax.study --config experiments/study_shapes.py:compute,seeds=5,arms=tecoa+fare+mat+tecoa_2x+fare_4x
+        # claims 1 and 7 against TeCoA (and FARE) with MAT's compute (twice the steps; also with exposure)
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,eval_images=500  # cheaper: half the test images
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=5,arms=mat+tecoa --out results/mine
@@ -39,13 +41,23 @@ HELDOUT_ATTACKS = ("clean", "pgd", "bert", "bert_filtered", "co_filtered", "sga_
 HELDOUT_EDA = ("eda:1.0",)
 
 
-def _arm(method, attacks=METHOD_ATTACKS, **variant):
-  return dict(method=method, variant=variant, attacks=tuple(attacks))
+def _arm(method, attacks=METHOD_ATTACKS, steps_factor=1, **variant):
+  arm = dict(method=method, variant=variant, attacks=tuple(attacks))
+  if steps_factor != 1:
+    arm["steps_factor"] = steps_factor
+  return arm
+
+
+# How many of its steps a baseline takes for one MAT step (the text attack, then the image attack it
+# guides), measured on a 2-core CPU: MAT's 150 steps train in 103-114 s, TeCoA's in 54-57 s (the five-seed
+# exposure study); FARE (the vision tower only, no text) trains 300 steps in 59 s. Rounded up, so the
+# baseline gets at least MAT's compute.
+COMPUTE_FACTORS = {"tecoa": 2, "fare": 4}
 
 
 def get_config(arg=None):
   args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, mmcoa=False, heldout=False,
-                           exposure=False, seeds=3, eval_images=0, arms="")
+                           exposure=False, compute=False, seeds=3, eval_images=0, arms="")
   variants = ("full", "paraphrase", "mmcoa", "heldout", "exposure", "quick")
   for own in ("mmcoa", "heldout", "exposure"):
     if args[own] and sum(bool(args[k]) for k in variants) > 1:
@@ -138,6 +150,18 @@ def get_config(arg=None):
     c.model_source = "cache:shapes_clip_heldout"
     c.arms = {"tecoa": _arm("tecoa", HELDOUT_ATTACKS), "mat": _arm("mat", HELDOUT_ATTACKS),
               "mat_no_heldout": _arm("mat", HELDOUT_ATTACKS, text_attack={"exclude_words": shapes.held_out_forms()})}
+  if args.compute:
+    # The compute-matched controls of the claims that MAT beats the unimodal baselines (1 and 7): the
+    # shared budget is equal steps, and MAT's step costs COMPUTE_FACTORS[method] of theirs; given that many
+    # times the steps (and images), a baseline spends MAT's compute. A lead that survives is not bought.
+    if args.mmcoa or args.quick:
+      raise ConfigError("the study-file argument compute adds TeCoA with MAT's compute beside TeCoA and MAT; give "
+                        "it with the default study, full, paraphrase, heldout or exposure")
+    # FARE, claim 1's other unimodal baseline, is an arm of the default world only.
+    baselines = ("tecoa",) if args.heldout or args.exposure else ("tecoa", "fare")
+    for method in baselines:
+      factor = COMPUTE_FACTORS[method]
+      c.arms[f"{method}_{factor}x"] = _arm(method, c.arms[method]["attacks"], steps_factor=factor)
   if args.quick:  # tests and CI: a small world, a random tiny CLIP, a few steps, 1 seed
     c.name = "shapes_study_quick"
     c.seeds = 1

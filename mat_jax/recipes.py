@@ -19,7 +19,9 @@ The shapes world (tiny CLIP and BLIP on a procedural world; the demo and the stu
   global batch (images), optimizer, schedule, image size, inner attack budget (ε, PGD steps, step size)
   and text threat. Only what defines a method varies: its objective and hyper-parameters, the towers it
   trains (the published choice: vision for FARE and MAVA, all for the cross-modal objectives, TeCoA-ITR
-  included), and for the one-to-many methods the captions per image and augmentations.
+  included), and for the one-to-many methods the captions per image and augmentations. Its one
+  departure, `steps_factor`, is for compute-matched controls: k times the steps for a method whose step
+  costs a k-th of another's.
 - `shapes_base(name)`: name, seed and data of any shapes-world experiment (experiments/shapes_blip.py).
 - `runlocal(config)`: shrinks any of them to a smoke test (a random tiny model, a few steps) in one place.
 
@@ -231,13 +233,22 @@ BUDGET_OBJECTIVE_KEYS = ("name", "attack", "eps", "steps", "step_size", "text_ch
 
 
 def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = None,
-             name: str | None = None, text_attack: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+             name: str | None = None, text_attack: Mapping[str, Any] | None = None,
+             steps_factor: int = 1) -> ml_collections.ConfigDict:
   """`method` under the shared fine-tuning budget; `variant` changes the method-defining parts only
   (VARIANT_SECTIONS: e.g. {"data": {"augmentations": ("eda",)}}, {"objective": {"one_to_one": True}},
   {"text_attack": {"source": "paraphrase"}}). text_attack: the shared text threat of the methods that
-  train against one (default TEXT_ATTACK), before the variant's changes."""
+  train against one (default TEXT_ATTACK), before the variant's changes.
+
+  steps_factor k > 1 is the one departure from the shared budget, for a compute-matched control: the
+  budget is equal steps, not equal compute, and a method whose step costs a k-th of another's (TeCoA
+  against MAT, which adds a text attack) trains k times the steps, its schedule stretched alike (warm-up
+  k times longer, the cosine over all the steps), on k times the images; everything else as shared."""
   if method not in METHODS:
     raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+  if not isinstance(steps_factor, int) or isinstance(steps_factor, bool) or steps_factor < 1:
+    raise ConfigError(f"steps_factor={steps_factor!r}: a compute-matched control trains a whole number (>= 1) "
+                      "of times the shared steps")
   spec = METHODS[method]
   c = shapes_base(name or f"shapes_{method}", seed)
   c.model = dict(source="cache:shapes_clip")
@@ -245,10 +256,10 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
   c.objective = dict(spec["objective"])
   if c.objective["name"] in TEXT_ATTACK_OBJECTIVES:
     c.text_attack = dict(TEXT_ATTACK if text_attack is None else text_attack)
-  c.train = dict(batch_size=FINETUNE_BATCH, steps=FINETUNE_STEPS, towers=spec["towers"], log_every=10,
-                 checkpoint_every=50)
+  c.train = dict(batch_size=FINETUNE_BATCH, steps=FINETUNE_STEPS * steps_factor, towers=spec["towers"],
+                 log_every=10, checkpoint_every=50)
   c.optimizer = dict(FINETUNE_OPTIMIZER)
-  c.schedule = dict(FINETUNE_SCHEDULE)
+  c.schedule = dict(FINETUNE_SCHEDULE, warmup_steps=FINETUNE_SCHEDULE["warmup_steps"] * steps_factor)
   c.eval = dict(SHAPES_EVAL)
   for section, values in (variant or {}).items():
     if section not in VARIANT_SECTIONS:

@@ -76,6 +76,7 @@ class Arm:
   method: str
   variant: Mapping[str, Any]
   attacks: tuple[str, ...]
+  steps_factor: int = 1  # > 1: a compute-matched control, k times the shared steps (recipes.finetune)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,15 +125,23 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
       raise StudyError(f"{path}: arm {name!r} names unknown attack(s) {bad}; attacks: {', '.join(STUDY_ATTACKS)}")
     if "clean" not in arm.get("attacks", ()):
       raise StudyError(f"{path}: arm {name!r} must be evaluated clean too (add 'clean' to its attacks)")
+    unknown = sorted(set(arm) - set(_ARM_KEYS))
+    if unknown:
+      raise StudyError(f"{path}: arm {name!r} has unknown key(s) {unknown}; an arm's keys: {', '.join(_ARM_KEYS)}")
     arm.setdefault("variant", {})  # as arm_of reads it, so a study dir compares like with like
   for name in study["arms"]:
     run_config(study, arm_of(study, name), 0)  # every arm's training config is valid before anything runs
   return json.loads(json.dumps(study, default=list))
 
 
+# What an arm of a study file may say; steps_factor only where it departs from the shared steps, so the
+# study dirs of arms without it compare as before.
+_ARM_KEYS = ("method", "variant", "attacks", "steps_factor")
+
+
 def arm_of(study: Mapping[str, Any], name: str) -> Arm:
   spec = study["arms"][name]
-  return Arm(name, spec["method"], spec.get("variant", {}), tuple(spec["attacks"]))
+  return Arm(name, spec["method"], spec.get("variant", {}), tuple(spec["attacks"]), spec.get("steps_factor", 1))
 
 
 def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
@@ -140,7 +149,7 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
 
   try:
     c = recipes.finetune(arm.method, seed, arm.variant, name=f"{study['name']}_{arm.name}",
-                         text_attack=text_threat(study))
+                         text_attack=text_threat(study), steps_factor=arm.steps_factor)
   except ValueError as err:
     raise StudyError(f"arm {arm.name!r}: {err}") from None
   c = c.to_dict()
@@ -580,6 +589,15 @@ def _read_eval(eval_dir: Path, attack: str) -> dict[str, Any]:
 CLAIMS = (
     ("1: MAT > TeCoA (unimodal AT) under multimodal attacks", "mat", "tecoa", ("co", "sga")),
     ("1: MAT > FARE (unimodal AT) under multimodal attacks", "mat", "fare", ("co", "sga")),
+    # The shared budget is equal steps; TeCoA with twice them, FARE with four times, spend what MAT's
+    # steps cost (the compute argument of experiments/study_shapes.py). The last two rows: what the extra
+    # steps buy them.
+    ("1: MAT > TeCoA with MAT's compute (twice the steps) under multimodal attacks", "mat", "tecoa_2x",
+     ("co", "sga")),
+    ("1: MAT > FARE with MAT's compute (four times the steps) under multimodal attacks", "mat", "fare_4x",
+     ("co", "sga")),
+    ("TeCoA with twice the steps > TeCoA", "tecoa_2x", "tecoa", ("clean", "pgd", "co", "sga")),
+    ("FARE with four times the steps > FARE", "fare_4x", "fare", ("clean", "pgd", "co", "sga")),
     ("2: MAT+ > MAT", "matplus", "mat", ("clean", "co", "sga")),
     ("3: 1:N > the same augmented pairs as 1:1", "matplus", "matplus_1to1", ("clean", "co", "sga")),
     ("4: text augmentation > image augmentation", "matplus_text", "matplus_image", ("clean", "co", "sga")),
@@ -597,6 +615,10 @@ CLAIMS = (
     # held-out-forms world their substitutes are words no caption of the world holds).
     ("7: MAT > TeCoA under meaning-filtered text attacks", "mat", "tecoa", FILTERED_ATTACKS),
     ("7: MAT > the clean fine-tuned control under meaning-filtered text attacks", "mat", "clean_ft",
+     FILTERED_ATTACKS),
+    ("7: MAT > TeCoA with MAT's compute (twice the steps) under meaning-filtered text attacks", "mat",
+     "tecoa_2x", FILTERED_ATTACKS),
+    ("7: TeCoA with twice the steps > TeCoA under meaning-filtered text attacks", "tecoa_2x", "tecoa",
      FILTERED_ATTACKS),
     ("7: MAT trained on paraphrases > MAT under meaning-filtered text attacks", "mat_paraphrase", "mat",
      FILTERED_ATTACKS),

@@ -173,6 +173,10 @@ def _study_file(tmp_path, body: str) -> Path:
      "only the method-defining sections"),
     ("  c.arms['x'] = dict(method='mat', variant={'objective': {'eps': 8/255}}, attacks=('clean',))\n",
      "arm 'x': variant objective.eps: part of the budget"),
+    ("  c.arms['x'] = dict(method='tecoa', variant={}, attacks=('clean',), step_factor=2)\n",
+     "arm 'x' has unknown key\\(s\\) \\['step_factor'\\]; an arm's keys: method, variant, attacks, steps_factor"),
+    ("  c.arms['x'] = dict(method='tecoa', variant={}, attacks=('clean',), steps_factor=0.5)\n",
+     "arm 'x': steps_factor=0.5: a compute-matched control trains a whole number"),
     ("  c.bootstrap = 2000\n", "the study key 'bootstrap' is not used"),
     ("  c.eval_images = -5\n", "eval_images=-5 must be an integer >= 0"),
     ("  c = type(c)({**c.to_dict(), 'eval_images': 12.0})\n", "eval_images=12.0 must be an integer >= 0"),
@@ -637,6 +641,8 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
     variant = {"4:": alignment, "5:": alignment, "6:": paraphrase, "7:": heldout}.get(claim[:2], full)
     if "mat_no_heldout" in (better, other):
       variant = exposure
+    if {"tecoa_2x", "fare_4x"} & {better, other}:  # the compute-matched controls, beside claims 1 and 7's arms
+      variant = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:{'exposure,' if claim[:2] == '7:' else ''}compute")
     arms = (mmcoa if claim.endswith("MMCoA") else variant)["arms"]
     assert better in arms and other in arms
     assert all(a in arms[better]["attacks"] and a in arms[other]["attacks"] for a in attacks)
@@ -807,6 +813,42 @@ def test_the_exposure_study_differs_from_mat_in_the_words_its_training_attack_ma
     ours, theirs = (study.run_config(s, study.arm_of(s, name), 0) for s in (exposure, heldout))
     assert {**ours.to_dict(), "name": None} == {**theirs.to_dict(), "name": None}
   assert exposure["arms"]["mat_no_heldout"]["attacks"] == heldout["arms"]["mat"]["attacks"]
+
+
+def test_the_compute_matched_controls_are_the_baselines_with_more_steps_and_nothing_else():
+  # recipes: k times the shared steps, the schedule stretched alike; every other key as the shared budget.
+  tecoa, longer = recipes.finetune("tecoa"), recipes.finetune("tecoa", steps_factor=3)
+  assert (longer.train.steps, longer.schedule.warmup_steps) == (3 * tecoa.train.steps, 3 * tecoa.schedule.warmup_steps)
+  assert {**longer.to_dict(), "train": None, "schedule": None} == {**tecoa.to_dict(), "train": None, "schedule": None}
+  assert {**longer.train.to_dict(), "steps": None} == {**tecoa.train.to_dict(), "steps": None}
+  for bad in (0, -1, 1.5, True, "2"):
+    with pytest.raises(ConfigError, match="steps_factor=.*whole number"):
+      recipes.finetune("tecoa", steps_factor=bad)
+  # The study file's `compute` argument adds them beside the variant's arms, evaluated as their method is,
+  # and claims 1 and 7 have their compute-matched rows.
+  for variant, world in (("", "shapes_study"), ("exposure,", "shapes_study_exposure"),
+                         ("heldout,", "shapes_study_heldout")):
+    plain = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:{variant}seeds=3")
+    matched = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:{variant}compute")
+    assert matched["name"] == plain["name"] == world
+    # FARE, claim 1's other unimodal baseline, is an arm of the default world only.
+    controls = {"tecoa_2x": "tecoa"} if variant else {"tecoa_2x": "tecoa", "fare_4x": "fare"}
+    assert set(matched["arms"]) - set(plain["arms"]) == set(controls)
+    for name, method in controls.items():
+      assert matched["arms"][name]["attacks"] == plain["arms"][method]["attacks"]
+      factor = int(name.split("_")[-1][:-1])
+      assert study.arm_of(matched, name).steps_factor == factor and study.arm_of(matched, method).steps_factor == 1
+      ours, theirs = (study.run_config(matched, study.arm_of(matched, n), 0) for n in (name, method))
+      assert ours.train.steps == factor * theirs.train.steps
+      assert {**ours.to_dict(), "name": None, "train": None, "schedule": None} == \
+          {**theirs.to_dict(), "name": None, "train": None, "schedule": None}
+    # The arms the variant had keep their settings, so its study dir takes the new arm beside its runs.
+    assert study._training_settings({**matched, "arms": {a: matched["arms"][a] for a in plain["arms"]}}) == \
+        study._training_settings(plain)
+  with pytest.raises(study.StudyError, match="compute adds TeCoA"):
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:mmcoa,compute")
+  claimed = {(better, other) for _, better, other, _ in study.CLAIMS}
+  assert {("mat", "tecoa_2x"), ("mat", "fare_4x"), ("tecoa_2x", "tecoa"), ("fare_4x", "fare")} <= claimed
 
 
 def test_meaning_filtered_attacks_run_their_attack_on_the_filtered_source():
