@@ -8,7 +8,7 @@
     python -m mat_jax.study --config experiments/study_shapes.py:heldout,eval_images=500  # claim 7: held-out forms
     python -m mat_jax.study --config experiments/study_shapes.py:exposure,eval_images=500  # claim 7: MAT's exposure
     python -m mat_jax.study --config experiments/study_shapes.py:compute,seeds=5,arms=tecoa+fare+mat+tecoa_2x+fare_4x
-        # claims 1 and 7 against TeCoA (and FARE) with MAT's compute (twice the steps; also with exposure)
+        # claims 1 and 7 against TeCoA and FARE with MAT's compute (2x, 4x the steps; also with exposure)
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,eval_images=500  # cheaper: half the test images
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=5,arms=mat+tecoa --out results/mine
@@ -49,9 +49,9 @@ def _arm(method, attacks=METHOD_ATTACKS, steps_factor=1, **variant):
 
 
 # How many of its steps a baseline takes for one MAT step (the text attack, then the image attack it
-# guides), measured on a 2-core CPU: MAT's 150 steps train in 103-114 s, TeCoA's in 54-57 s (the five-seed
-# exposure study); FARE (the vision tower only, no text) trains 300 steps in 59 s. Rounded up, so the
-# baseline gets at least MAT's compute.
+# guides), measured on a 2-core CPU (jax 0.10.2, 2026-11-27): MAT's 150 steps train in 103-114 s,
+# TeCoA's in 54-57 s (the five-seed exposure study), FARE's (the vision tower only, no text) in about 30 s
+# (fare_4x: 600 in 110-144 s). Rounded up, so the baseline gets at least MAT's compute.
 COMPUTE_FACTORS = {"tecoa": 2, "fare": 4}
 
 
@@ -155,8 +155,9 @@ def get_config(arg=None):
     # shared budget is equal steps, and MAT's step costs COMPUTE_FACTORS[method] of theirs; given that many
     # times the steps (and images), a baseline spends MAT's compute. A lead that survives is not bought.
     if args.mmcoa or args.quick:
-      raise ConfigError("the study-file argument compute adds TeCoA with MAT's compute beside TeCoA and MAT; give "
-                        "it with the default study, full, paraphrase, heldout or exposure")
+      raise ConfigError("the study-file argument compute adds TeCoA (and FARE) with MAT's compute beside the "
+                        "arms of claims 1 and 7; give it with the default study, full, paraphrase, heldout or "
+                        "exposure")
     # FARE, claim 1's other unimodal baseline, is an arm of the default world only.
     baselines = ("tecoa",) if args.heldout or args.exposure else ("tecoa", "fare")
     for method in baselines:

@@ -79,6 +79,12 @@ class Arm:
   steps_factor: int = 1  # > 1: a compute-matched control, k times the shared steps (recipes.finetune)
 
 
+# What an arm of a study file may say: the fields of Arm but its name (the key it is filed under).
+# steps_factor is written only where it departs from the shared steps, so the study dirs of arms without it
+# compare as before.
+_ARM_KEYS = tuple(field.name for field in dataclasses.fields(Arm) if field.name != "name")
+
+
 # ----------------------------------------------------------------------------------------------------
 # The study file.
 
@@ -132,11 +138,6 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
   for name in study["arms"]:
     run_config(study, arm_of(study, name), 0)  # every arm's training config is valid before anything runs
   return json.loads(json.dumps(study, default=list))
-
-
-# What an arm of a study file may say; steps_factor only where it departs from the shared steps, so the
-# study dirs of arms without it compare as before.
-_ARM_KEYS = ("method", "variant", "attacks", "steps_factor")
 
 
 def arm_of(study: Mapping[str, Any], name: str) -> Arm:

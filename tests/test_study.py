@@ -832,11 +832,10 @@ def test_the_compute_matched_controls_are_the_baselines_with_more_steps_and_noth
     matched = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:{variant}compute")
     assert matched["name"] == plain["name"] == world
     # FARE, claim 1's other unimodal baseline, is an arm of the default world only.
-    controls = {"tecoa_2x": "tecoa"} if variant else {"tecoa_2x": "tecoa", "fare_4x": "fare"}
+    controls = {"tecoa_2x": ("tecoa", 2)} if variant else {"tecoa_2x": ("tecoa", 2), "fare_4x": ("fare", 4)}
     assert set(matched["arms"]) - set(plain["arms"]) == set(controls)
-    for name, method in controls.items():
+    for name, (method, factor) in controls.items():
       assert matched["arms"][name]["attacks"] == plain["arms"][method]["attacks"]
-      factor = int(name.split("_")[-1][:-1])
       assert study.arm_of(matched, name).steps_factor == factor and study.arm_of(matched, method).steps_factor == 1
       ours, theirs = (study.run_config(matched, study.arm_of(matched, n), 0) for n in (name, method))
       assert ours.train.steps == factor * theirs.train.steps
