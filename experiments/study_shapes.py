@@ -9,6 +9,8 @@
     python -m mat_jax.study --config experiments/study_shapes.py:exposure,eval_images=500  # claim 7: MAT's exposure
     python -m mat_jax.study --config experiments/study_shapes.py:compute,seeds=5,arms=tecoa+fare+mat+tecoa_2x+fare_4x
         # claims 1 and 7 against TeCoA and FARE with MAT's compute (2x, 4x the steps; also with exposure)
+    python -m mat_jax.study --config experiments/study_shapes.py:budgets=4,seeds=5,arms=tecoa+fare+mat
+        # the trained runs evaluated again with the image attacks at 4/255: every claim at that budget too
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,eval_images=500  # cheaper: half the test images
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=5,arms=mat+tecoa --out results/mine
@@ -34,6 +36,8 @@ ALL_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
 # measured on the clean fine-tuned control, where they answer "does the threat hurt at all".
 METHOD_ATTACKS = ("clean", "pgd", "bert", "co", "sga")
 ABLATION_ATTACKS = ("clean", "co", "sga")
+# The attacks without an image budget (the text-only ones and none): the same at every budget.
+IMAGE_FREE_ATTACKS = ("clean", "bert", "paraphrase", "bert_filtered")
 # The meaning-filtered text attacks (true adversarial captions only), with PGD and the unfiltered threat.
 HELDOUT_ATTACKS = ("clean", "pgd", "bert", "bert_filtered", "co_filtered", "sga_filtered")
 # Random meaning-preserving edits of every training caption (shapes.eda: about a third of the words with
@@ -57,7 +61,7 @@ COMPUTE_FACTORS = {"tecoa": 2, "fare": 4}
 
 def get_config(arg=None):
   args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, mmcoa=False, heldout=False,
-                           exposure=False, compute=False, seeds=3, eval_images=0, arms="")
+                           exposure=False, compute=False, seeds=3, eval_images=0, arms="", budgets="")
   variants = ("full", "paraphrase", "mmcoa", "heldout", "exposure", "quick")
   for own in ("mmcoa", "heldout", "exposure"):
     if args[own] and sum(bool(args[k]) for k in variants) > 1:
@@ -180,6 +184,16 @@ def get_config(arg=None):
     # a claim to compute, and every step of a study (train, evaluate, resume, report) run once.
     c.arms = {"clean_ft": _arm("clean_ft", ("clean", "bert", "co", "bert_filtered")),
               "mat": _arm("mat", ("clean", "bert", "co"))}
+  if args.budgets:
+    # Other attack budgets, evaluation only: every arm's attacks with an image budget again at each (co@4:
+    # Co-Attack at 4/255), its trained runs reused; the study tests every claim at each budget too.
+    try:
+      extra = [float(b) for b in args.budgets.split("+") if b]
+    except ValueError:
+      raise ConfigError(f"budgets={args.budgets}: +-separated numbers in 1/255 units, e.g. budgets=1+4") from None
+    for arm in c.arms.values():
+      arm["attacks"] = tuple(arm["attacks"]) + tuple(
+          f"{a}@{b:g}" for b in extra for a in arm["attacks"] if a not in IMAGE_FREE_ATTACKS)
   if args.arms:
     # Some of the variant's arms, as it defines them and under its name (its study dir): e.g. more seeds
     # for the arms of a few claims, joining the runs the whole study trained. The report goes to --out.

@@ -25,7 +25,9 @@ Attacks: clean, pgd, bert (BERT-Attack with the study's text threat, the shapes-
 (at eps_255), paraphrase (BERT-Attack with the meaning-preserving synonym lexicon: a control), and
 bert_filtered, co_filtered, sga_filtered: the threat's substitutes kept only where the caption still
 describes its image (`candidates.MeaningFilteredSource`, as `python -m mat_jax.evaluate --meaning-filter`),
-so every change they make is a true adversarial caption.
+so every change they make is a true adversarial caption. An attack with an image budget (pgd, sep, co,
+sga and the filtered co and sga) may name another budget than eps_255: ATTACK@E runs it at E/255 ("co@4"),
+an evaluation beside the study's own, and every claim on such attacks is also tested at E.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ FILTERED = "_filtered"
 FILTERED_ATTACKS = tuple(a + FILTERED for a in ("bert", "co", "sga"))
 STUDY_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase", *FILTERED_ATTACKS)
 TEXT_ONLY = ("bert", "paraphrase", "bert" + FILTERED)
+# ATTACK@E: the attack at E/255 instead of the study's eps_255 (an attack with an image budget only).
+AT = "@"
 METRICS = evaluate_lib.SUMMARY_KEYS  # the recalls the report and the claims read
 STUDY_FILE = "study.json"
 DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "study_shapes.py"
@@ -126,9 +130,12 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       raise StudyError(f"{path}: arm {name!r} names unknown method {arm.get('method')!r}{hint}; methods: "
                        f"{', '.join(recipes.METHODS)}")
-    bad = [a for a in arm.get("attacks", ()) if a not in STUDY_ATTACKS]
+    bad = [a for a in arm.get("attacks", ()) if split_budget(a)[0] not in STUDY_ATTACKS]
     if bad:
-      raise StudyError(f"{path}: arm {name!r} names unknown attack(s) {bad}; attacks: {', '.join(STUDY_ATTACKS)}")
+      raise StudyError(f"{path}: arm {name!r} names unknown attack(s) {bad}; attacks: {', '.join(STUDY_ATTACKS)}"
+                       f" (an attack with an image budget also as ATTACK{AT}E, at E/255: co{AT}4)")
+    for attack in arm.get("attacks", ()):
+      _check_budget(f"{path}: arm {name!r}", attack, study["eps_255"])
     if "clean" not in arm.get("attacks", ()):
       raise StudyError(f"{path}: arm {name!r} must be evaluated clean too (add 'clean' to its attacks)")
     unknown = sorted(set(arm) - set(_ARM_KEYS))
@@ -475,9 +482,51 @@ def _eval_dir_to_read(run_dir: Path, study: Mapping[str, Any], recorded: Mapping
   return subset
 
 
+def split_budget(attack: str) -> tuple[str, float | None]:
+  """("co", 4.0) for "co@4"; (attack, None) for an attack at the study's own budget. A budget that does
+  not read as a number stays in the name, which `load` then refuses as unknown."""
+  base, sep, budget = attack.partition(AT)
+  if not sep:
+    return attack, None
+  try:
+    return base, float(budget)
+  except ValueError:
+    return attack, None
+
+
+def _check_budget(where: str, attack: str, eps_255: float) -> None:
+  """ATTACK@E is an attack with an image budget at a valid E other than the study's, written as `eps_key`
+  writes it (one name per evaluation: co@4, never co@4.0 beside it)."""
+  base, budget = split_budget(attack)
+  if budget is None:
+    return
+  if base == "clean" or base in TEXT_ONLY:
+    raise StudyError(f"{where}: {attack}: {base} has no image budget; write {base}")
+  try:
+    evaluate_lib.check_eps_255([budget])
+  except errors.InputError as err:
+    raise StudyError(f"{where}: {attack}: {err}") from None
+  if budget == float(eps_255):
+    raise StudyError(f"{where}: {attack} is {base} at the study's own budget (eps_255={eps_255:g}); write {base}")
+  canonical = f"{base}{AT}{evaluate_lib.eps_key(budget)}"
+  if attack != canonical:
+    raise StudyError(f"{where}: {attack}: write {canonical}")
+
+
+def _base(attack: str) -> str:
+  return split_budget(attack)[0]
+
+
+def _budget_of(attack: str, study: Mapping[str, Any]) -> float:
+  """The budget (1/255 units) an attack runs at: its own (ATTACK@E) or the study's eps_255."""
+  budget = split_budget(attack)[1]
+  return float(study["eps_255"]) if budget is None else budget
+
+
 def _evaluated_as(attack: str) -> str:
   """The `evaluate` attack a study attack runs: the text-only ones (bert, paraphrase, bert_filtered) are
-  BERT-Attack; co_filtered is co, sga_filtered sga."""
+  BERT-Attack; co_filtered is co, sga_filtered sga; ATTACK@E is ATTACK's."""
+  attack = _base(attack)
   return "bert" if attack in TEXT_ONLY else attack.removesuffix(FILTERED)
 
 
@@ -505,6 +554,7 @@ def collect(study: Mapping[str, Any], study_dir: Path, *, log: loop.Log = print)
 
 def _source_name(attack: str) -> str | None:
   """The candidate source an attack's text attack draws from (None: it changes no caption)."""
+  attack = _base(attack)
   if attack == "clean" or _evaluated_as(attack) not in evaluate_lib.NEEDS_TEXT_SOURCE:
     return None
   if attack.endswith(FILTERED):
@@ -513,15 +563,16 @@ def _source_name(attack: str) -> str | None:
 
 
 def evaluation_groups(attacks: Sequence[str], eps_255: float) -> list[tuple[str, ...]]:
-  """A run's attacks as `evaluate` calls: the ones that begin with the same text attack on the same
-  candidate source together (one call runs that stage once per batch, `AttackSpec.text_stage`: bert,
-  sep and co), every other alone; in the order given."""
+  """A run's attacks as `evaluate` calls: the ones at the same budget that begin with the same text attack
+  on the same candidate source together (one call runs that stage once per batch,
+  `AttackSpec.text_stage`: bert, sep and co), every other alone; in the order given."""
   groups: dict[Any, list[str]] = {}
   for attack in attacks:
     name = _evaluated_as(attack)
+    budget = _budget_of(attack, {"eps_255": eps_255})
     stage = None if attack == "clean" else evaluate_lib.attack_spec(
-        name, evaluate_lib.AttackSettings(), None if name in TEXT_ONLY else eps_255 / 255).text_stage
-    groups.setdefault(attack if stage is None else (_source_name(attack), stage), []).append(attack)
+        name, evaluate_lib.AttackSettings(), None if name in TEXT_ONLY else budget / 255).text_stage
+    groups.setdefault(attack if stage is None else (_source_name(attack), stage, budget), []).append(attack)
   return [tuple(group) for group in groups.values()]
 
 
@@ -532,9 +583,10 @@ def _evaluate_group(model, tokenizer, eval_set, sources, attacks: Sequence[str],
   names = tuple(_evaluated_as(a) for a in attacks if a != "clean")
   source_name = _source_name(attacks[0])  # one per group
   source = sources[source_name] if source_name else None
+  budget = _budget_of(attacks[-1], study)  # one per group (clean, alone or first, has none)
   t0 = time.perf_counter()
   result = evaluate_lib.evaluate(model, tokenizer=tokenizer, eval_set=eval_set, attacks=names,
-                                 eps_255=(study["eps_255"],), text_source=source, batch_size=study["eval_batch"],
+                                 eps_255=(budget,), text_source=source, batch_size=study["eval_batch"],
                                  seed=seed, progress=False, keep_ranks=True,
                                  judge=evaluate_lib.shapes_judge(eval_set))
   entries = {a: None if a == "clean" else next(iter(result["attacks"][_evaluated_as(a)].values()))
@@ -553,7 +605,7 @@ def _evaluate_group(model, tokenizer, eval_set, sources, attacks: Sequence[str],
       arrays["tr_mp"], arrays["ir_mp"] = entry.pop("ranks_meaning_preserving")
     entry = {k: v for k, v in entry.items() if k not in evaluate_lib.RANK_KEYS}
     entry.update(attack=attack, n_images=int(result["num_images"]), seconds=own[attack] + shared,
-                 eps_255=0.0 if attack == "clean" or attack in TEXT_ONLY else float(study["eps_255"]))
+                 eps_255=0.0 if attack == "clean" or attack in TEXT_ONLY else budget)
     # The ranks last: the .npz marks the evaluation finished.
     evaluate_lib.write_json(entry, out / f"{attack}.json")
     tmp = out / f"{attack}.tmp.npz"
@@ -599,6 +651,9 @@ CLAIMS = (
      ("co", "sga")),
     ("TeCoA with twice the steps > TeCoA", "tecoa_2x", "tecoa", ("clean", "pgd", "co", "sga")),
     ("FARE with four times the steps > FARE", "fare_4x", "fare", ("clean", "pgd", "co", "sga")),
+    # MAVA's reading of its baselines (its Tables 1-2): fine-tuned at 2/255, FARE beats TeCoA under
+    # Co-Attack and SGA at 2/255.
+    ("FARE > TeCoA under multimodal attacks (MAVA's comparison)", "fare", "tecoa", ("co", "sga")),
     ("2: MAT+ > MAT", "matplus", "mat", ("clean", "co", "sga")),
     ("3: 1:N > the same augmented pairs as 1:1", "matplus", "matplus_1to1", ("clean", "co", "sga")),
     ("4: text augmentation > image augmentation", "matplus_text", "matplus_image", ("clean", "co", "sga")),
@@ -649,13 +704,37 @@ CLAIMS = (
 )
 
 
+def attack_order(study: Mapping[str, Any]) -> list[str]:
+  """Every attack of the study's arms, in the report's order: STUDY_ATTACKS', then each other budget's."""
+  named = {a for arm in study["arms"].values() for a in arm["attacks"]}
+  at = [""] + [f"{AT}{evaluate_lib.eps_key(b)}" for b in budgets(study)]
+  return [a + suffix for suffix in at for a in STUDY_ATTACKS if a + suffix in named]
+
+
+def budgets(study: Mapping[str, Any]) -> list[float]:
+  """The other budgets (1/255 units) the study's attacks name (ATTACK@E), in increasing order."""
+  return sorted({b for arm in study["arms"].values() for a in arm["attacks"] if (b := split_budget(a)[1]) is not None})
+
+
+def claims_of(study: Mapping[str, Any]) -> list[tuple[str, str, str, tuple[str, ...]]]:
+  """CLAIMS, and each claim again at every other budget the study evaluates: its attacks with an image
+  budget as ATTACK@E, under the claim's name with "at eps E/255" added."""
+  claims = list(CLAIMS)
+  for budget in budgets(study):
+    for claim, better, other, attacks in CLAIMS:
+      at = tuple(f"{a}{AT}{evaluate_lib.eps_key(budget)}" for a in attacks if a != "clean" and a not in TEXT_ONLY)
+      if at:
+        claims.append((f"{claim}, at eps {evaluate_lib.eps_key(budget)}/255", better, other, at))
+  return claims
+
+
 MEANING_PRESERVING = " (meaning-preserving)"  # the suffix of a claim's metric judged with flips restored
 
 
 def _restored_key(attack: str) -> str:
   """The table key of an attack's recall with label-flipped captions restored. A filtered attack flips no
   label, so that recall is its recall, under its own key (and its claims are tested once)."""
-  return attack if attack.endswith(FILTERED) else attack + MEANING_PRESERVING
+  return attack if _base(attack).endswith(FILTERED) else attack + MEANING_PRESERVING
 
 
 def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapping[str, Any]]
@@ -689,7 +768,7 @@ def summarise(study: Mapping[str, Any], collected: Mapping[tuple[str, int], Mapp
           mean = float(np.mean([e[recall][metric] for e in entries]))
           table[(name, key)][metric] = (mean, recall_interval(v))
   claims = []
-  for claim, better, other, attacks in CLAIMS:
+  for claim, better, other, attacks in claims_of(study):
     for attack in attacks:
       for key in (attack, attack + MEANING_PRESERVING):
         for metric in METRICS:
@@ -714,9 +793,10 @@ def interval_words(study: Mapping[str, Any], n_images: int) -> str:
 
 
 def markdown_table(study: Mapping[str, Any], table: Mapping, claims: Sequence[Mapping], n_images: int) -> str:
-  attacks = [a for a in STUDY_ATTACKS if any(a in arm["attacks"] for arm in study["arms"].values())]
+  attacks = attack_order(study)
+  other = f" (ATTACK{AT}E: at E/255)" if budgets(study) else ""
   lines = [f"Recall@1 (%) TR / IR, mean over seeds and [{interval_words(study, n_images)}]; "
-           f"eps {study['eps_255']:g}/255.", "",
+           f"eps {study['eps_255']:g}/255{other}.", "",
            "| arm | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
   for name in study["arms"]:
     cells = []
@@ -740,8 +820,7 @@ def meaning_table(study: Mapping[str, Any], collected: Mapping[tuple[str, int], 
   flips (mean over seeds {min, max}), and the recall with every label-flipped caption restored (the
   attack's true adversarial examples only): mean over seeds with the interval from `summarise`'s `table`,
   or {min, max} over seeds where the per-query ranks were not kept."""
-  attacks = [a for a in STUDY_ATTACKS if a != "clean" and a != "pgd"
-             and any(a in arm["attacks"] for arm in study["arms"].values())]
+  attacks = [a for a in attack_order(study) if _base(a) not in ("clean", "pgd")]
   lines = ["Text attacks judged by meaning (`shapes.consistent`): label flips (changed captions that no longer "
            "describe their image, %) | TR@1 / IR@1 with the flipped captions restored; mean over seeds and "
            f"[{interval_words(study, n_images)}] or {{min, max}} over seeds.", "",
@@ -821,11 +900,11 @@ def report(study: Mapping[str, Any], result: Mapping[str, Any], out: Path, *, lo
                             + meaning_table(study, result["collected"], n_images, table))
   main_arms = [a for a in study["arms"] if not a.startswith("matplus_")]
   ablations = [a for a in study["arms"] if a.startswith("matplus")]
-  attacks = [a for a in STUDY_ATTACKS if any((arm, a) in table for arm in main_arms)]
+  attacks = [a for a in attack_order(study) if any((arm, a) in table for arm in main_arms)]
   paths["main_plot"] = plot(study, table, out / "shapes_study_methods.png", main_arms, attacks,
                             "methods under one budget")
   if len(ablations) > 1:
-    abl_attacks = [a for a in STUDY_ATTACKS if all((arm, a) in table for arm in ablations)]
+    abl_attacks = [a for a in attack_order(study) if all((arm, a) in table for arm in ablations)]
     paths["ablation_plot"] = plot(study, table, out / "shapes_study_ablations.png", ablations, abl_attacks,
                                   "MAT+ ablations")
   for c in claims:

@@ -187,6 +187,13 @@ def _study_file(tmp_path, body: str) -> Path:
     ("  c.eps_255 = -1\n", "eps_255 must be >= 0 and finite"),
     ("  c.eps_255 = float('nan')\n", "eps_255 must be >= 0 and finite"),
     ("  c.eps_255 = 300\n", "eps_255=300 is more than the whole pixel range"),
+    # An attack at another budget: one with an image budget, at a valid budget other than the study's,
+    # written once (co@4, never co@4.0 beside it).
+    ("  c.arms['mat'].attacks = ('clean', 'co@4.0')\n", "arm 'mat': co@4.0: write co@4"),
+    ("  c.arms['mat'].attacks = ('clean', 'bert@4')\n", "bert@4: bert has no image budget; write bert"),
+    ("  c.arms['mat'].attacks = ('clean', 'co@2')\n", "co@2 is co at the study's own budget \\(eps_255=2\\)"),
+    ("  c.arms['mat'].attacks = ('clean', 'co@300')\n", "co@300: eps_255=300 is more than the whole pixel range"),
+    ("  c.arms['mat'].attacks = ('clean', 'co@four')\n", "unknown attack\\(s\\) \\['co@four'\\].*ATTACK@E"),
 ])
 def test_bad_study_files_fail_in_one_line(tmp_path, body, message):
   with pytest.raises(study.StudyError, match=message):
@@ -773,6 +780,59 @@ def test_attacks_that_begin_with_one_text_attack_are_evaluated_together():
   assert study.evaluation_groups(attacks, 2.0) == [("clean",), ("pgd",), ("bert", "sep", "co"), ("sga",),
                                                    ("paraphrase",)]
   assert study.evaluation_groups(("co", "clean", "bert"), 2.0) == [("co", "bert"), ("clean",)]
+
+
+def test_an_attack_at_another_budget_is_evaluated_at_it_and_every_claim_is_tested_there_too(tmp_path, monkeypatch):
+  # The study file's `budgets` argument: every arm's attacks with an image budget again at each budget,
+  # the text-only ones and clean not; the trained runs are the variant's (its study dir takes them).
+  plain = study.load(f"{EXPERIMENTS / 'study_shapes.py'}")
+  budgets = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:budgets=1+4")
+  assert budgets["arms"]["mat"]["attacks"] == ["clean", "pgd", "bert", "co", "sga", "pgd@1", "co@1", "sga@1",
+                                               "pgd@4", "co@4", "sga@4"]
+  assert study._training_settings(budgets) == study._training_settings(plain)
+  assert study.budgets(budgets) == [1.0, 4.0]
+  heldout = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:heldout,budgets=4")
+  assert heldout["arms"]["mat"]["attacks"][-3:] == ["pgd@4", "co_filtered@4", "sga_filtered@4"]
+  with pytest.raises(study.StudyError, match="budgets=x: \\+-separated numbers"):
+    study.load(f"{EXPERIMENTS / 'study_shapes.py'}:budgets=x")
+  # Each budget is its own evaluate call (the text stage is not shared across budgets), at that budget.
+  assert study.evaluation_groups(("clean", "bert", "co", "co@4", "sga@4", "pgd@0.5"), 2.0) == \
+      [("clean",), ("bert", "co"), ("co@4",), ("sga@4",), ("pgd@0.5",)]
+  assert [study._evaluated_as(a) for a in ("co@4", "co_filtered@4", "pgd@0.5")] == ["co", "co", "pgd"]
+  assert study._source_name("co_filtered@4") == "filtered" and study._source_name("pgd@4") is None
+  calls = []
+
+  def evaluate(model, *, attacks, eps_255, **_):
+    calls.append((attacks, eps_255))
+    key = f"{eps_255[0]:g}"
+    entry = lambda: {"seconds": 1.0, "ranks": (np.zeros(3, int), np.zeros(6, int)),  # noqa: E731
+                     "recall": {"tr@1": 100.0, "ir@1": 100.0}, "asr": {}}
+    return {"attacks": {a: {key: entry()} for a in attacks}, "num_images": 3, "clean": {},
+            "clean_ranks": (np.zeros(3, int), np.zeros(6, int)), "text_to_image": np.repeat(np.arange(3), 2)}
+
+  monkeypatch.setattr(study.evaluate_lib, "evaluate", evaluate)
+  monkeypatch.setattr(study.evaluate_lib, "shapes_judge", lambda eval_set: None)
+  spec = {"eps_255": 2.0, "eval_batch": 3}
+  for group in (("co@4",), ("bert", "co")):
+    study._evaluate_group(None, None, None, {"bert": None}, group, spec, 0, tmp_path)
+  assert calls == [(("co",), (4.0,)), (("bert", "co"), (2.0,))]
+  written = [json.loads((tmp_path / f"{a}.json").read_text())["eps_255"] for a in ("co@4", "co", "bert")]
+  assert written == [4.0, 2.0, 0.0]
+  # Every claim on attacks with an image budget is tested at each budget too, as a claim of its own.
+  rng = np.random.default_rng(0)
+  hit = lambda p, n: rng.random(n) < p  # noqa: E731
+  arms = {"mat": {"attacks": ["co", "co@4"]}, "tecoa": {"attacks": ["co", "co@4"]}}
+  collected = {(arm, s): {"co": _entry(hit(p, 200), hit(p, 400)), "co@4": _entry(hit(q, 200), hit(q, 400))}
+               for arm, p, q in (("mat", 0.5, 0.2), ("tecoa", 0.2, 0.5)) for s in range(3)}
+  spec = {"seeds": 3, "arms": arms, "eps_255": 2.0}
+  _, claims, table = study.summarise(spec, collected)
+  mat_tecoa = {(c["claim"], c["metric"]): c["holds"] for c in claims if c["claim"].startswith("1: MAT > TeCoA")}
+  assert mat_tecoa == {("1: MAT > TeCoA (unimodal AT) under multimodal attacks", "co tr@1"): True,
+                       ("1: MAT > TeCoA (unimodal AT) under multimodal attacks", "co ir@1"): True,
+                       ("1: MAT > TeCoA (unimodal AT) under multimodal attacks, at eps 4/255", "co@4 tr@1"): False,
+                       ("1: MAT > TeCoA (unimodal AT) under multimodal attacks, at eps 4/255", "co@4 ir@1"): False}
+  header = study.markdown_table(spec, table, claims, 200).splitlines()
+  assert header[0].endswith("eps 2/255 (ATTACK@E: at E/255).") and header[2] == "| arm | co | co@4 |"
 
 
 def test_the_heldout_study_trains_and_tests_in_the_held_out_forms_world():
