@@ -27,7 +27,7 @@ under clean and the multimodal attacks their claims are about.
 
 import ml_collections
 
-from mat_jax import recipes
+from mat_jax import recipes, study
 from mat_jax.data import shapes
 from mat_jax.errors import ConfigError
 
@@ -36,8 +36,6 @@ ALL_ATTACKS = ("clean", "pgd", "bert", "sep", "co", "sga", "paraphrase")
 # measured on the clean fine-tuned control, where they answer "does the threat hurt at all".
 METHOD_ATTACKS = ("clean", "pgd", "bert", "co", "sga")
 ABLATION_ATTACKS = ("clean", "co", "sga")
-# The attacks without an image budget (the text-only ones and none): the same at every budget.
-IMAGE_FREE_ATTACKS = ("clean", "bert", "paraphrase", "bert_filtered")
 # The meaning-filtered text attacks (true adversarial captions only), with PGD and the unfiltered threat.
 HELDOUT_ATTACKS = ("clean", "pgd", "bert", "bert_filtered", "co_filtered", "sga_filtered")
 # Random meaning-preserving edits of every training caption (shapes.eda: about a third of the words with
@@ -193,7 +191,7 @@ def get_config(arg=None):
       raise ConfigError(f"budgets={args.budgets}: +-separated numbers in 1/255 units, e.g. budgets=1+4") from None
     for arm in c.arms.values():
       arm["attacks"] = tuple(arm["attacks"]) + tuple(
-          f"{a}@{b:g}" for b in extra for a in arm["attacks"] if a not in IMAGE_FREE_ATTACKS)
+          study.at_budget(a, b) for b in extra for a in arm["attacks"] if study.has_image_budget(a))
   if args.arms:
     # Some of the variant's arms, as it defines them and under its name (its study dir): e.g. more seeds
     # for the arms of a few claims, joining the runs the whole study trained. The report goes to --out.

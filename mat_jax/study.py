@@ -494,13 +494,23 @@ def split_budget(attack: str) -> tuple[str, float | None]:
     return attack, None
 
 
+def has_image_budget(attack: str) -> bool:
+  """Whether an attack (at the study's budget) perturbs the image, so that it may run at another budget."""
+  return attack != "clean" and attack not in TEXT_ONLY
+
+
+def at_budget(attack: str, budget: float) -> str:
+  """The study's name of `attack` at `budget` (1/255 units), as E prints: at_budget("co", 4.0) == "co@4"."""
+  return f"{attack}{AT}{evaluate_lib.eps_key(budget)}"
+
+
 def _check_budget(where: str, attack: str, eps_255: float) -> None:
   """ATTACK@E is an attack with an image budget at a valid E other than the study's, written as `eps_key`
   writes it (one name per evaluation: co@4, never co@4.0 beside it)."""
   base, budget = split_budget(attack)
   if budget is None:
     return
-  if base == "clean" or base in TEXT_ONLY:
+  if not has_image_budget(base):
     raise StudyError(f"{where}: {attack}: {base} has no image budget; write {base}")
   try:
     evaluate_lib.check_eps_255([budget])
@@ -508,7 +518,7 @@ def _check_budget(where: str, attack: str, eps_255: float) -> None:
     raise StudyError(f"{where}: {attack}: {err}") from None
   if budget == float(eps_255):
     raise StudyError(f"{where}: {attack} is {base} at the study's own budget (eps_255={eps_255:g}); write {base}")
-  canonical = f"{base}{AT}{evaluate_lib.eps_key(budget)}"
+  canonical = at_budget(base, budget)
   if attack != canonical:
     raise StudyError(f"{where}: {attack}: write {canonical}")
 
@@ -517,10 +527,10 @@ def _base(attack: str) -> str:
   return split_budget(attack)[0]
 
 
-def _budget_of(attack: str, study: Mapping[str, Any]) -> float:
+def _budget_of(attack: str, eps_255: float) -> float:
   """The budget (1/255 units) an attack runs at: its own (ATTACK@E) or the study's eps_255."""
   budget = split_budget(attack)[1]
-  return float(study["eps_255"]) if budget is None else budget
+  return float(eps_255) if budget is None else budget
 
 
 def _evaluated_as(attack: str) -> str:
@@ -569,7 +579,7 @@ def evaluation_groups(attacks: Sequence[str], eps_255: float) -> list[tuple[str,
   groups: dict[Any, list[str]] = {}
   for attack in attacks:
     name = _evaluated_as(attack)
-    budget = _budget_of(attack, {"eps_255": eps_255})
+    budget = _budget_of(attack, eps_255)
     stage = None if attack == "clean" else evaluate_lib.attack_spec(
         name, evaluate_lib.AttackSettings(), None if name in TEXT_ONLY else budget / 255).text_stage
     groups.setdefault(attack if stage is None else (_source_name(attack), stage, budget), []).append(attack)
@@ -583,7 +593,7 @@ def _evaluate_group(model, tokenizer, eval_set, sources, attacks: Sequence[str],
   names = tuple(_evaluated_as(a) for a in attacks if a != "clean")
   source_name = _source_name(attacks[0])  # one per group
   source = sources[source_name] if source_name else None
-  budget = _budget_of(attacks[-1], study)  # one per group (clean, alone or first, has none)
+  budget = _budget_of(attacks[-1], study["eps_255"])  # one per group (clean, alone or first, has none)
   t0 = time.perf_counter()
   result = evaluate_lib.evaluate(model, tokenizer=tokenizer, eval_set=eval_set, attacks=names,
                                  eps_255=(budget,), text_source=source, batch_size=study["eval_batch"],
@@ -707,8 +717,8 @@ CLAIMS = (
 def attack_order(study: Mapping[str, Any]) -> list[str]:
   """Every attack of the study's arms, in the report's order: STUDY_ATTACKS', then each other budget's."""
   named = {a for arm in study["arms"].values() for a in arm["attacks"]}
-  at = [""] + [f"{AT}{evaluate_lib.eps_key(b)}" for b in budgets(study)]
-  return [a + suffix for suffix in at for a in STUDY_ATTACKS if a + suffix in named]
+  return [name for budget in (None, *budgets(study)) for a in STUDY_ATTACKS
+          if (name := a if budget is None else at_budget(a, budget)) in named]
 
 
 def budgets(study: Mapping[str, Any]) -> list[float]:
@@ -722,7 +732,7 @@ def claims_of(study: Mapping[str, Any]) -> list[tuple[str, str, str, tuple[str, 
   claims = list(CLAIMS)
   for budget in budgets(study):
     for claim, better, other, attacks in CLAIMS:
-      at = tuple(f"{a}{AT}{evaluate_lib.eps_key(budget)}" for a in attacks if a != "clean" and a not in TEXT_ONLY)
+      at = tuple(at_budget(a, budget) for a in attacks if has_image_budget(a))
       if at:
         claims.append((f"{claim}, at eps {evaluate_lib.eps_key(budget)}/255", better, other, at))
   return claims
