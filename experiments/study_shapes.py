@@ -11,6 +11,8 @@
         # claims 1 and 7 against TeCoA and FARE with MAT's compute (2x, 4x the steps; also with exposure)
     python -m mat_jax.study --config experiments/study_shapes.py:budgets=4,seeds=5,arms=tecoa+fare+mat
         # the trained runs evaluated again with the image attacks at 4/255: every claim at that budget too
+    python -m mat_jax.study --config experiments/study_shapes.py:train_eps=4,seeds=5,arms=tecoa+fare+mat
+        # every arm trained and attacked at 4/255: the claims under the threat model the arms train for
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,eval_images=500  # cheaper: half the test images
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=5,arms=mat+tecoa --out results/mine
@@ -59,7 +61,8 @@ COMPUTE_FACTORS = {"tecoa": 2, "fare": 4}
 
 def get_config(arg=None):
   args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, mmcoa=False, heldout=False,
-                           exposure=False, compute=False, seeds=3, eval_images=0, arms="", budgets="")
+                           exposure=False, compute=False, seeds=3, eval_images=0, arms="", budgets="",
+                           train_eps=0.0)
   variants = ("full", "paraphrase", "mmcoa", "heldout", "exposure", "quick")
   for own in ("mmcoa", "heldout", "exposure"):
     if args[own] and sum(bool(args[k]) for k in variants) > 1:
@@ -182,6 +185,18 @@ def get_config(arg=None):
     # a claim to compute, and every step of a study (train, evaluate, resume, report) run once.
     c.arms = {"clean_ft": _arm("clean_ft", ("clean", "bert", "co", "bert_filtered")),
               "mat": _arm("mat", ("clean", "bert", "co"))}
+  if args.train_eps:
+    # The whole study at another budget: every arm that trains against an image attack trains at
+    # train_eps/255 (recipes.finetune's eps_255: the PGD step size scaled with it), and every arm is attacked
+    # at the same budget, the threat model it was trained for. A study dir of its own (its runs differ).
+    if args.quick:
+      raise ConfigError("the study-file argument train_eps trains the study's arms at another budget; give it "
+                        "without quick")
+    c.name = f"{c.name}_train{args.train_eps:g}"
+    c.eps_255 = float(args.train_eps)
+    for arm in c.arms.values():
+      if "eps" in recipes.METHODS[arm["method"]]["objective"]:
+        arm["train_eps_255"] = float(args.train_eps)
   if args.budgets:
     # Other attack budgets, evaluation only: every arm's attacks with an image budget again at each (co@4:
     # Co-Attack at 4/255), its trained runs reused; the study tests every claim at each budget too.

@@ -21,7 +21,7 @@ The shapes world (tiny CLIP and BLIP on a procedural world; the demo and the stu
   trains (the published choice: vision for FARE and MAVA, all for the cross-modal objectives, TeCoA-ITR
   included), and for the one-to-many methods the captions per image and augmentations. Its one
   departure, `steps_factor`, is for compute-matched controls: k times the steps for a method whose step
-  costs a k-th of another's.
+  costs a k-th of another's; `eps_255` moves the whole budget to another ε, for every method alike.
 - `shapes_base(name)`: name, seed and data of any shapes-world experiment (experiments/shapes_blip.py).
 - `runlocal(config)`: shrinks any of them to a smoke test (a random tiny model, a few steps) in one place.
 
@@ -41,6 +41,7 @@ Real corpora (Flickr30k, COCO) with the published models and each paper's settin
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Mapping
 
 import ml_collections
@@ -149,9 +150,10 @@ def _understood(defaults: Mapping[str, Any]) -> str:
 # The shapes world.
 
 IMAGE_SIZE = 48
-EPS = 2 / 255         # every method's training ε and the evaluation ε (MAT's; TeCoA and MMCoA train at 1/255)
+EPS_255 = 2.0         # every method's training ε and the evaluation ε, in 1/255 units (MAT's; TeCoA and MMCoA
+EPS = EPS_255 / 255   # train at 1/255, MAVA's TeCoA and FARE also at 4/255)
 INNER_STEPS = 2       # PGD steps of every inner image attack (MAT's; FARE, MAVA and MMCoA publish 10)
-INNER_STEP_SIZE = 1 / 255
+INNER_STEP_SIZE = EPS / INNER_STEPS  # 1/255: the two steps reach the boundary
 TEXT_CHANGES = 1      # words the training text attack changes (BERT-Attack as MAT uses it)
 
 # The text threat: the shapes-world BERT MLM (top-k 10, no meaning filter), in training and evaluation.
@@ -234,7 +236,7 @@ BUDGET_OBJECTIVE_KEYS = ("name", "attack", "eps", "steps", "step_size", "text_ch
 
 def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = None,
              name: str | None = None, text_attack: Mapping[str, Any] | None = None,
-             steps_factor: int = 1) -> ml_collections.ConfigDict:
+             steps_factor: int = 1, eps_255: float = EPS_255) -> ml_collections.ConfigDict:
   """`method` under the shared fine-tuning budget; `variant` changes the method-defining parts only
   (VARIANT_SECTIONS: e.g. {"data": {"augmentations": ("eda",)}}, {"objective": {"one_to_one": True}},
   {"text_attack": {"source": "paraphrase"}}). text_attack: the shared text threat of the methods that
@@ -243,24 +245,36 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
   steps_factor k > 1 is the one departure from the shared budget, for a compute-matched control: the
   budget is equal steps, not equal compute, and a method whose step costs a k-th of another's (TeCoA
   against MAT, which adds a text attack) trains k times the steps, its schedule stretched alike (warm-up
-  k times longer, the cosine over all the steps), on k times the images; everything else as shared."""
+  k times longer, the cosine over all the steps), on k times the images; everything else as shared.
+
+  eps_255 moves the whole budget to another ε (in 1/255 units; the literature trains at 1/255 and 4/255 as
+  well): every method's inner attack at that ε, its PGD step size scaled with it (ε / INNER_STEPS, as the
+  shared 1/255 at 2/255, so the two steps still reach the boundary), and the periodic evaluation's attack."""
   if method not in METHODS:
     raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
   if not isinstance(steps_factor, int) or isinstance(steps_factor, bool) or steps_factor < 1:
     raise ConfigError(f"steps_factor={steps_factor!r}: a compute-matched control trains a whole number (>= 1) "
                       "of times the shared steps")
+  if (not isinstance(eps_255, (int, float)) or isinstance(eps_255, bool) or not math.isfinite(eps_255)
+      or not 0 < eps_255 <= 255):
+    raise ConfigError(f"eps_255={eps_255!r}: the training budget's ε is a number in (0, 255], in 1/255 units")
   spec = METHODS[method]
   c = shapes_base(name or f"shapes_{method}", seed)
   c.model = dict(source="cache:shapes_clip")
   c.data.update(spec.get("data", {}))
   c.objective = dict(spec["objective"])
+  c.eval = dict(SHAPES_EVAL)
+  if eps_255 != EPS_255:  # the shared budget's configs stay as they are, and so their runs' cache keys
+    eps = eps_255 / 255
+    if "eps" in c.objective:
+      c.objective.update(eps=eps, step_size=eps / INNER_STEPS)
+    c.eval["eps"] = eps
   if c.objective["name"] in TEXT_ATTACK_OBJECTIVES:
     c.text_attack = dict(TEXT_ATTACK if text_attack is None else text_attack)
   c.train = dict(batch_size=FINETUNE_BATCH, steps=FINETUNE_STEPS * steps_factor, towers=spec["towers"],
                  log_every=10, checkpoint_every=50)
   c.optimizer = dict(FINETUNE_OPTIMIZER)
   c.schedule = dict(FINETUNE_SCHEDULE, warmup_steps=FINETUNE_SCHEDULE["warmup_steps"] * steps_factor)
-  c.eval = dict(SHAPES_EVAL)
   for section, values in (variant or {}).items():
     if section not in VARIANT_SECTIONS:
       raise ConfigError(f"variant section {section!r}: only the method-defining sections "

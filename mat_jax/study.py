@@ -81,11 +81,12 @@ class Arm:
   variant: Mapping[str, Any]
   attacks: tuple[str, ...]
   steps_factor: int = 1  # > 1: a compute-matched control, k times the shared steps (recipes.finetune)
+  train_eps_255: float | None = None  # the whole budget at another ε (recipes.finetune's eps_255); None: shared
 
 
 # What an arm of a study file may say: the fields of Arm but its name (the key it is filed under).
-# steps_factor is written only where it departs from the shared steps, so the study dirs of arms without it
-# compare as before.
+# steps_factor and train_eps_255 are written only where they depart from the shared budget, so the study dirs
+# of arms without them compare as before.
 _ARM_KEYS = tuple(field.name for field in dataclasses.fields(Arm) if field.name != "name")
 
 
@@ -141,6 +142,8 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
     unknown = sorted(set(arm) - set(_ARM_KEYS))
     if unknown:
       raise StudyError(f"{path}: arm {name!r} has unknown key(s) {unknown}; an arm's keys: {', '.join(_ARM_KEYS)}")
+    if "train_eps_255" in arm:
+      _check_train_eps(f"{path}: arm {name!r}", arm["method"], arm["train_eps_255"])
     arm.setdefault("variant", {})  # as arm_of reads it, so a study dir compares like with like
   for name in study["arms"]:
     run_config(study, arm_of(study, name), 0)  # every arm's training config is valid before anything runs
@@ -149,7 +152,8 @@ def load(path: str | Path = DEFAULT_STUDY, quick: bool = False) -> dict[str, Any
 
 def arm_of(study: Mapping[str, Any], name: str) -> Arm:
   spec = study["arms"][name]
-  return Arm(name, spec["method"], spec.get("variant", {}), tuple(spec["attacks"]), spec.get("steps_factor", 1))
+  return Arm(name, spec["method"], spec.get("variant", {}), tuple(spec["attacks"]), spec.get("steps_factor", 1),
+             spec.get("train_eps_255"))
 
 
 def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
@@ -157,7 +161,8 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
 
   try:
     c = recipes.finetune(arm.method, seed, arm.variant, name=f"{study['name']}_{arm.name}",
-                         text_attack=text_threat(study), steps_factor=arm.steps_factor)
+                         text_attack=text_threat(study), steps_factor=arm.steps_factor,
+                         eps_255=recipes.EPS_255 if arm.train_eps_255 is None else arm.train_eps_255)
   except ValueError as err:
     raise StudyError(f"arm {arm.name!r}: {err}") from None
   c = c.to_dict()
@@ -521,6 +526,19 @@ def _check_budget(where: str, attack: str, eps_255: float) -> None:
   canonical = at_budget(base, budget)
   if attack != canonical:
     raise StudyError(f"{where}: {attack}: write {canonical}")
+
+
+def _check_train_eps(where: str, method: str, train_eps_255: Any) -> None:
+  """An arm's training ε: a valid budget other than the shared one, for a method that trains against an
+  image attack."""
+  if (not isinstance(train_eps_255, (int, float)) or isinstance(train_eps_255, bool)
+      or not 0 < train_eps_255 <= 255):
+    raise StudyError(f"{where}: train_eps_255={train_eps_255!r} must be a number in (0, 255] (1/255 units)")
+  if float(train_eps_255) == recipes.EPS_255:
+    raise StudyError(f"{where}: train_eps_255={train_eps_255:g} is the shared budget's ε; leave the key out")
+  if "eps" not in recipes.METHODS[method]["objective"]:
+    raise StudyError(f"{where}: {method} trains without an image attack, so train_eps_255 changes nothing; "
+                     "leave the key out")
 
 
 def _base(attack: str) -> str:

@@ -194,6 +194,12 @@ def _study_file(tmp_path, body: str) -> Path:
     ("  c.arms['mat'].attacks = ('clean', 'co@2')\n", "co@2 is co at the study's own budget \\(eps_255=2\\)"),
     ("  c.arms['mat'].attacks = ('clean', 'co@300')\n", "co@300: eps_255=300 is more than the whole pixel range"),
     ("  c.arms['mat'].attacks = ('clean', 'co@four')\n", "unknown attack\\(s\\) \\['co@four'\\].*ATTACK@E"),
+    # An arm trained at another budget: a valid one, not the shared one, for a method with an image attack.
+    ("  c.arms['mat'].train_eps_255 = 2\n", "arm 'mat': train_eps_255=2 is the shared budget's ε; leave the key out"),
+    ("  c.arms['clean_ft'].train_eps_255 = 4\n", "arm 'clean_ft': clean_ft trains without an image attack"),
+    ("  c.arms['mat'].train_eps_255 = 0\n", "train_eps_255=0 must be a number in \\(0, 255\\]"),
+    ("  c.arms['mat'].train_eps_255 = float('inf')\n", "train_eps_255=inf must be a number in \\(0, 255\\]"),
+    ("  c.arms['mat'].train_eps_255 = '4'\n", "train_eps_255='4' must be a number in \\(0, 255\\]"),
 ])
 def test_bad_study_files_fail_in_one_line(tmp_path, body, message):
   with pytest.raises(study.StudyError, match=message):
@@ -873,6 +879,47 @@ def test_the_exposure_study_differs_from_mat_in_the_words_its_training_attack_ma
     ours, theirs = (study.run_config(s, study.arm_of(s, name), 0) for s in (exposure, heldout))
     assert {**ours.to_dict(), "name": None} == {**theirs.to_dict(), "name": None}
   assert exposure["arms"]["mat_no_heldout"]["attacks"] == heldout["arms"]["mat"]["attacks"]
+
+
+def test_a_study_at_another_training_budget_trains_and_attacks_every_arm_at_it():
+  # recipes: the inner attack at the new ε with its step size scaled (two steps still reach the boundary), the
+  # periodic evaluation at it too; nothing else changes, and the shared budget's configs not at all.
+  shared, wider = recipes.finetune("mat"), recipes.finetune("mat", eps_255=4)
+  assert (wider.objective.eps, wider.objective.step_size, wider.eval.eps) == (4 / 255, 2 / 255, 4 / 255)
+  assert shared.objective.step_size * shared.objective.steps == shared.objective.eps == recipes.EPS
+  assert {**wider.to_dict(), "objective": None, "eval": None} == {**shared.to_dict(), "objective": None, "eval": None}
+  assert {**wider.objective.to_dict(), "eps": None, "step_size": None} == \
+      {**shared.objective.to_dict(), "eps": None, "step_size": None}
+  assert recipes.finetune("mat", eps_255=recipes.EPS_255).to_dict() == shared.to_dict()
+  assert recipes.finetune("clean_ft", eps_255=4).objective.to_dict() == recipes.finetune("clean_ft").objective.to_dict()
+  for bad in (0, -1, float("nan"), float("inf"), 256, True, "4"):
+    with pytest.raises(ConfigError, match="eps_255=.*number in \\(0, 255\\]"):
+      recipes.finetune("tecoa", eps_255=bad)
+  # The study file's train_eps: a study dir of its own, attacked at the budget its arms train at; the arms
+  # with an image attack train at it, the clean control as ever.
+  path = EXPERIMENTS / "study_shapes.py"
+  plain = study.load(f"{path}:seeds=3")
+  at_four = study.load(f"{path}:train_eps=4")
+  assert (at_four["name"], at_four["eps_255"], plain["eps_255"]) == ("shapes_study_train4", 4.0, 2.0)
+  assert set(at_four["arms"]) == set(plain["arms"])
+  for name in at_four["arms"]:
+    arm = study.arm_of(at_four, name)
+    trains_at = None if arm.method == "clean_ft" else 4.0
+    assert arm.train_eps_255 == trains_at and study.arm_of(plain, name).train_eps_255 is None
+    ours, theirs = (study.run_config(s, study.arm_of(s, name), 0) for s in (at_four, plain))
+    assert ours.objective.get("eps") == (None if trains_at is None else 4 / 255)
+    assert ours.eval.eps == (theirs.eval.eps if trains_at is None else 4 / 255)
+    assert {**ours.to_dict(), "name": None, "objective": None, "eval": None} == \
+        {**theirs.to_dict(), "name": None, "objective": None, "eval": None}
+  # Its claims are the study's own, at 4/255; other attack budgets join as in any study.
+  assert study.claims_of(at_four) == study.claims_of(plain)
+  both = study.load(f"{path}:train_eps=4,budgets=2,arms=tecoa+mat")
+  assert both["arms"]["mat"]["attacks"] == ["clean", "pgd", "bert", "co", "sga", "pgd@2", "co@2", "sga@2"]
+  assert any(name.endswith(", at eps 2/255") for name, *_ in study.claims_of(both))
+  with pytest.raises(study.StudyError, match="pgd@4 is pgd at the study's own budget"):
+    study.load(f"{path}:train_eps=4,budgets=4")
+  with pytest.raises(study.StudyError, match="train_eps .* without quick"):
+    study.load(f"{path}:quick,train_eps=4")
 
 
 def test_the_compute_matched_controls_are_the_baselines_with_more_steps_and_nothing_else():
