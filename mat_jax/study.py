@@ -823,8 +823,13 @@ def interval_words(study: Mapping[str, Any], n_images: int) -> str:
 def markdown_table(study: Mapping[str, Any], table: Mapping, claims: Sequence[Mapping], n_images: int) -> str:
   attacks = attack_order(study)
   other = f" (ATTACK{AT}E: at E/255)" if budgets(study) else ""
+  at_eps: dict[float, list[str]] = {}  # the arms trained at another budget than the shared one, by budget
+  for name, arm in study["arms"].items():
+    if "train_eps_255" in arm:
+      at_eps.setdefault(arm["train_eps_255"], []).append(name)
+  trained = "".join(f"; trained at {e:g}/255: {', '.join(names)}" for e, names in sorted(at_eps.items()))
   lines = [f"Recall@1 (%) TR / IR, mean over seeds and [{interval_words(study, n_images)}]; "
-           f"eps {study['eps_255']:g}/255{other}.", "",
+           f"eps {study['eps_255']:g}/255{other}{trained}.", "",
            "| arm | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
   for name in study["arms"]:
     cells = []

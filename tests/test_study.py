@@ -911,6 +911,11 @@ def test_a_study_at_another_training_budget_trains_and_attacks_every_arm_at_it()
     assert ours.eval.eps == (theirs.eval.eps if trains_at is None else 4 / 255)
     assert {**ours.to_dict(), "name": None, "objective": None, "eval": None} == \
         {**theirs.to_dict(), "name": None, "objective": None, "eval": None}
+  # Its report says which arms trained at which budget.
+  header = study.markdown_table(at_four, {}, [], 1000).splitlines()[0]
+  trained_arms = ", ".join(name for name in at_four["arms"] if name != "clean_ft")
+  assert header.endswith(f"eps 4/255; trained at 4/255: {trained_arms}.")
+  assert "trained at" not in study.markdown_table(plain, {}, [], 1000)
   # Its claims are the study's own, at 4/255; other attack budgets join as in any study.
   assert study.claims_of(at_four) == study.claims_of(plain)
   both = study.load(f"{path}:train_eps=4,budgets=2,arms=tecoa+mat")
