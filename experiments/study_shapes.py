@@ -195,7 +195,7 @@ def get_config(arg=None):
     c.name = f"{c.name}_train{args.train_eps:g}"
     c.eps_255 = float(args.train_eps)
     for arm in c.arms.values():
-      if "eps" in recipes.METHODS[arm["method"]]["objective"]:
+      if recipes.has_image_attack(arm["method"]):
         arm["train_eps_255"] = float(args.train_eps)
   if args.budgets:
     # Other attack budgets, evaluation only: every arm's attacks with an image budget again at each (co@4:

@@ -189,6 +189,11 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+def has_image_attack(method: str) -> bool:
+  """Whether `method` trains against an inner image attack (whose ε `finetune`'s eps_255 moves)."""
+  return "eps" in METHODS[method]["objective"]
+
+
 # The periodic evaluation of a fine-tuned shapes-world model.
 SHAPES_EVAL = dict(split="test", max_images=200, attacks=("pgd",), eps=EPS, steps=10)
 
@@ -266,7 +271,7 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
   c.eval = dict(SHAPES_EVAL)
   if eps_255 != EPS_255:  # the shared budget's configs stay as they are, and so their runs' cache keys
     eps = eps_255 / 255
-    if "eps" in c.objective:
+    if has_image_attack(method):
       c.objective.update(eps=eps, step_size=eps / INNER_STEPS)
     c.eval["eps"] = eps
   if c.objective["name"] in TEXT_ATTACK_OBJECTIVES:

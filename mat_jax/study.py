@@ -536,7 +536,7 @@ def _check_train_eps(where: str, method: str, train_eps_255: Any) -> None:
     raise StudyError(f"{where}: train_eps_255={train_eps_255!r} must be a number in (0, 255] (1/255 units)")
   if float(train_eps_255) == recipes.EPS_255:
     raise StudyError(f"{where}: train_eps_255={train_eps_255:g} is the shared budget's ε; leave the key out")
-  if "eps" not in recipes.METHODS[method]["objective"]:
+  if not recipes.has_image_attack(method):
     raise StudyError(f"{where}: {method} trains without an image attack, so train_eps_255 changes nothing; "
                      "leave the key out")
 
