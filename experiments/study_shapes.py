@@ -192,6 +192,8 @@ def get_config(arg=None):
     if args.quick:
       raise ConfigError("the study-file argument train_eps trains the study's arms at another budget; give it "
                         "without quick")
+    if args.train_eps == recipes.EPS_255:
+      raise ConfigError(f"train_eps={args.train_eps:g} is the shared budget's ε, the default study's; leave it out")
     c.name = f"{c.name}_train{args.train_eps:g}"
     c.eps_255 = float(args.train_eps)
     for arm in c.arms.values():

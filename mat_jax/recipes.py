@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from mat_jax import config, objectives
+from mat_jax import checks, config, objectives
 from mat_jax.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,6 +189,16 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_train_eps_255(eps_255: Any, *, name: str = "eps_255") -> float:
+  """A training budget in 1/255 units: a number above 0 and at most the L-inf bound every attack keeps
+  (`checks.MAX_LINF_EPS_255`). Returns it as a float; ConfigError, naming `name`, otherwise."""
+  if (isinstance(eps_255, bool) or not isinstance(eps_255, (int, float)) or not math.isfinite(eps_255)
+      or not 0 < eps_255 <= checks.MAX_LINF_EPS_255):
+    raise ConfigError(f"{name}={eps_255!r}: a training budget is a number in (0, {checks.MAX_LINF_EPS_255}], in "
+                      "1/255 units (2 means 2/255)")
+  return float(eps_255)
+
+
 def has_image_attack(method: str) -> bool:
   """Whether `method` trains against an inner image attack (whose ε `finetune`'s eps_255 moves)."""
   return "eps" in METHODS[method]["objective"]
@@ -260,9 +270,7 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
   if not isinstance(steps_factor, int) or isinstance(steps_factor, bool) or steps_factor < 1:
     raise ConfigError(f"steps_factor={steps_factor!r}: a compute-matched control trains a whole number (>= 1) "
                       "of times the shared steps")
-  if (not isinstance(eps_255, (int, float)) or isinstance(eps_255, bool) or not math.isfinite(eps_255)
-      or not 0 < eps_255 <= 255):
-    raise ConfigError(f"eps_255={eps_255!r}: the training budget's ε is a number in (0, 255], in 1/255 units")
+  check_train_eps_255(eps_255)
   spec = METHODS[method]
   c = shapes_base(name or f"shapes_{method}", seed)
   c.model = dict(source="cache:shapes_clip")

@@ -531,9 +531,10 @@ def _check_budget(where: str, attack: str, eps_255: float) -> None:
 def _check_train_eps(where: str, method: str, train_eps_255: Any) -> None:
   """An arm's training ε: a valid budget other than the shared one, for a method that trains against an
   image attack."""
-  if (not isinstance(train_eps_255, (int, float)) or isinstance(train_eps_255, bool)
-      or not 0 < train_eps_255 <= 255):
-    raise StudyError(f"{where}: train_eps_255={train_eps_255!r} must be a number in (0, 255] (1/255 units)")
+  try:
+    recipes.check_train_eps_255(train_eps_255, name="train_eps_255")
+  except config_lib.ConfigError as err:
+    raise StudyError(f"{where}: {err}") from None
   if float(train_eps_255) == recipes.EPS_255:
     raise StudyError(f"{where}: train_eps_255={train_eps_255:g} is the shared budget's ε; leave the key out")
   if not recipes.has_image_attack(method):

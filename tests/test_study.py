@@ -197,9 +197,10 @@ def _study_file(tmp_path, body: str) -> Path:
     # An arm trained at another budget: a valid one, not the shared one, for a method with an image attack.
     ("  c.arms['mat'].train_eps_255 = 2\n", "arm 'mat': train_eps_255=2 is the shared budget's ε; leave the key out"),
     ("  c.arms['clean_ft'].train_eps_255 = 4\n", "arm 'clean_ft': clean_ft trains without an image attack"),
-    ("  c.arms['mat'].train_eps_255 = 0\n", "train_eps_255=0 must be a number in \\(0, 255\\]"),
-    ("  c.arms['mat'].train_eps_255 = float('inf')\n", "train_eps_255=inf must be a number in \\(0, 255\\]"),
-    ("  c.arms['mat'].train_eps_255 = '4'\n", "train_eps_255='4' must be a number in \\(0, 255\\]"),
+    ("  c.arms['mat'].train_eps_255 = 0\n", "arm 'mat': train_eps_255=0: a training budget is a number in \\(0, 64\\]"),
+    ("  c.arms['mat'].train_eps_255 = float('inf')\n", "train_eps_255=inf: a training budget is a number in"),
+    ("  c.arms['mat'].train_eps_255 = 65\n", "train_eps_255=65: a training budget is a number in \\(0, 64\\]"),
+    ("  c.arms['mat'].train_eps_255 = '4'\n", "train_eps_255='4': a training budget is a number in \\(0, 64\\]"),
 ])
 def test_bad_study_files_fail_in_one_line(tmp_path, body, message):
   with pytest.raises(study.StudyError, match=message):
@@ -892,8 +893,8 @@ def test_a_study_at_another_training_budget_trains_and_attacks_every_arm_at_it()
       {**shared.objective.to_dict(), "eps": None, "step_size": None}
   assert recipes.finetune("mat", eps_255=recipes.EPS_255).to_dict() == shared.to_dict()
   assert recipes.finetune("clean_ft", eps_255=4).objective.to_dict() == recipes.finetune("clean_ft").objective.to_dict()
-  for bad in (0, -1, float("nan"), float("inf"), 256, True, "4"):
-    with pytest.raises(ConfigError, match="eps_255=.*number in \\(0, 255\\]"):
+  for bad in (0, -1, float("nan"), float("inf"), 65, True, "4"):
+    with pytest.raises(ConfigError, match="eps_255=.*a training budget is a number in \\(0, 64\\]"):
       recipes.finetune("tecoa", eps_255=bad)
   # The study file's train_eps: a study dir of its own, attacked at the budget its arms train at; the arms
   # with an image attack train at it, the clean control as ever.
@@ -925,6 +926,8 @@ def test_a_study_at_another_training_budget_trains_and_attacks_every_arm_at_it()
     study.load(f"{path}:train_eps=4,budgets=4")
   with pytest.raises(study.StudyError, match="train_eps .* without quick"):
     study.load(f"{path}:quick,train_eps=4")
+  with pytest.raises(study.StudyError, match="train_eps=2 is the shared budget's ε"):
+    study.load(f"{path}:train_eps=2")
 
 
 def test_the_compute_matched_controls_are_the_baselines_with_more_steps_and_nothing_else():
