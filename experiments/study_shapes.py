@@ -13,6 +13,8 @@
         # the trained runs evaluated again with the image attacks at 4/255: every claim at that budget too
     python -m mat_jax.study --config experiments/study_shapes.py:train_eps=4,seeds=5,arms=tecoa+fare+mat
         # every arm trained and attacked at 4/255: the claims under the threat model the arms train for
+    python -m mat_jax.study --config experiments/study_shapes.py:train_eps=4,guidance,seeds=5,arms=mat+mat_unguided
+        # + MAT with its image attack guided by the clean captions (objective.guided=False)
     python -m mat_jax.study --quick              # get_config("quick"): tiny sizes, 1 seed, minutes
     python -m mat_jax.study --config experiments/study_shapes.py:full,eval_images=500  # cheaper: half the test images
     python -m mat_jax.study --config experiments/study_shapes.py:full,seeds=5,arms=mat+tecoa --out results/mine
@@ -61,8 +63,8 @@ COMPUTE_FACTORS = {"tecoa": 2, "fare": 4}
 
 def get_config(arg=None):
   args = recipes.parse_arg(arg, quick=False, full=False, paraphrase=False, mmcoa=False, heldout=False,
-                           exposure=False, compute=False, seeds=3, eval_images=0, arms="", budgets="",
-                           train_eps=0.0)
+                           exposure=False, compute=False, guidance=False, seeds=3, eval_images=0, arms="",
+                           budgets="", train_eps=0.0)
   variants = ("full", "paraphrase", "mmcoa", "heldout", "exposure", "quick")
   for own in ("mmcoa", "heldout", "exposure"):
     if args[own] and sum(bool(args[k]) for k in variants) > 1:
@@ -111,6 +113,11 @@ def get_config(arg=None):
     # Claim 6 (beyond the papers): MAT trained against the meaning-preserving paraphrase source instead of
     # the MLM's label flips, evaluated under the MLM threat like every arm.
     c.arms["mat_paraphrase"] = _arm("mat", text_attack={"source": "paraphrase"})
+  if args.guidance:
+    # What MAT's guidance buys: MAT whose image attack is guided by the clean captions instead of the
+    # adversarial ones (objective.guided=False), its text attack and its outer loss on the adversarial pairs
+    # unchanged; against MAT it separates the guidance from training on the adversarial captions.
+    c.arms["mat_unguided"] = _arm("mat", objective={"guided": False})
   if args.mmcoa:
     # MMCoA as MMCoA.py trains it (Co-Attack's KL text scoring, the summed CLIPLoss) beside the clean
     # fine-tuned control, in a study directory of its own: the committed `full` run's MMCoA arm is an

@@ -804,8 +804,8 @@ def fingerprint(config: ml_collections.ConfigDict, model_config: Any = None) -> 
   return json.loads(json.dumps(parts, default=str))
 
 
-# Objective fields that checkpoints written before the field existed lack (TeCoA's `symmetric`).
-_ADDED_OBJECTIVE_FIELDS = ("symmetric",)
+# Objective fields that checkpoints written before the field existed lack (TeCoA's `symmetric`, MAT's `guided`).
+_ADDED_OBJECTIVE_FIELDS = ("symmetric", "guided")
 
 # Fingerprint keys that checkpoints written before they were recorded lack: compared only where the
 # checkpoint records them, so those checkpoints still resume.
@@ -859,4 +859,6 @@ def result_json(config: ml_collections.ConfigDict) -> str:
     tree["text_attack"].pop("exclude_words")
   if tree.get("model", {}).get("remat") == "none":  # likewise blocks that keep every intermediate
     tree["model"].pop("remat")
+  if tree.get("objective", {}).get("guided") is True:  # likewise MAT's image attack guided as published
+    tree["objective"].pop("guided")
   return json.dumps(tree, indent=2, sort_keys=True, default=list)

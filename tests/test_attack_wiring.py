@@ -27,6 +27,7 @@ from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import spec as attack_specs
 from mat_jax.attacks.text import assemble, text_attack
 from mat_jax.data import shapes
+from mat_jax.errors import InputError
 from mat_jax.models import CLIPConfig, l2_normalize
 
 import helpers
@@ -181,3 +182,28 @@ def test_mat_image_attack_ascends_against_the_adversarial_captions(world):
   # MAT's defining property: the image is attacked against the adversarial captions, not the clean ones.
   np.testing.assert_array_equal(result.images, image_stage(result.text.input_ids, result.text.attention_mask))
   assert _changed(result.images, image_stage(w.clean_ids, w.clean_mask)).all()
+
+
+def test_mat_unguided_keeps_its_text_attack_and_attacks_the_image_against_the_clean_captions(world):
+  """MAT's `guided=False` ablation: the same text stage, and the image PGD of the clean captions (the study's
+  question whether MAT's image robustness is what its guidance by the adversarial captions buys)."""
+  from mat_jax.objectives.mat import MAT
+  w = world
+  spec = MAT(guided=False, eps=EPS, steps=STEPS, step_size=STEP).inner_attack()
+  assert spec == attack_specs.get("mat").replace(eps=EPS, steps=STEPS, step_size=STEP, kind="separate")
+  ids, mask = (x.reshape(B, K, -1) for x in (w.clean_ids, w.clean_mask))
+  result = runner.run_attack(spec, w.encoder, w.params, runner.AttackInputs(w.images, ids, mask, candidates=w.cands),
+                             w.key)
+  np.testing.assert_array_equal(result.text.input_ids, _image_guided_text(w, w.images).input_ids)
+
+  def image_stage(guide_ids, guide_mask):
+    return runner._defense_images(w.encoder, w.params, w.params, w.images, guide_ids, guide_mask, None, None, w.key,
+                                  spec.eps, spec.pgd_step, spec.steps, spec.beta * spec.eps, loss=spec.loss,
+                                  norm=spec.norm, neighbours=spec.neighbours)
+
+  np.testing.assert_array_equal(result.images, image_stage(w.clean_ids, w.clean_mask))
+  assert _changed(result.images, image_stage(result.text.input_ids, result.text.attention_mask)).all()
+  # Only MAT's own kind of attack has a guidance to take away.
+  for other in ("co", "sga"):
+    with pytest.raises(InputError, match="guided=False .* needs an attack whose contrastive PGD follows"):
+      MAT(guided=False, attack=other).inner_attack()

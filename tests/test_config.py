@@ -199,6 +199,16 @@ def test_an_objective_field_added_later_is_fingerprinted_only_off_its_default(tm
   assert "objective.symmetric" not in default
   assert default == config_lib.fingerprint(config_lib.load(path, ["objective.symmetric=true"]))
   assert config_lib.fingerprint(config_lib.load(path, ["objective.symmetric=false"]))["objective.symmetric"] is False
+  # MAT's `guided` likewise, and a cached run's key (`result_json`) names it only off its default: the runs
+  # of MAT and MAT+ cached before it existed are still found.
+  mat = _write(tmp_path, "return dict(objective=dict(name='mat'))")
+  guided = config_lib.load(mat)
+  assert "objective.guided" not in config_lib.fingerprint(guided) and "guided" not in config_lib.result_json(guided)
+  unguided = config_lib.load(mat, ["objective.guided=false"])
+  assert config_lib.fingerprint(unguided)["objective.guided"] is False
+  assert '"guided": false' in config_lib.result_json(unguided)
+  with pytest.raises(config_lib.ConfigError, match="guided=False .* needs an attack whose contrastive PGD follows"):
+    config_lib.load(mat, ["objective.guided=false", "objective.attack=sga"])
 
 
 def test_fingerprint_covers_the_text_threat_and_the_reference_a_run_trains_with(tmp_path):

@@ -922,6 +922,12 @@ def test_a_study_at_another_training_budget_trains_and_attacks_every_arm_at_it()
   both = study.load(f"{path}:train_eps=4,budgets=2,arms=tecoa+mat")
   assert both["arms"]["mat"]["attacks"] == ["clean", "pgd", "bert", "co", "sga", "pgd@2", "co@2", "sga@2"]
   assert any(name.endswith(", at eps 2/255") for name, *_ in study.claims_of(both))
+  # Claim 6's arm and MAT without its guidance join at the same budget, their variants kept.
+  joined = study.load(f"{path}:train_eps=4,paraphrase,guidance,arms=mat+mat_paraphrase+mat_unguided")
+  paraphrase, unguided = (study.arm_of(joined, name) for name in ("mat_paraphrase", "mat_unguided"))
+  assert paraphrase.train_eps_255 == 4.0 and paraphrase.variant == {"text_attack": {"source": "paraphrase"}}
+  assert unguided.train_eps_255 == 4.0 and unguided.variant == {"objective": {"guided": False}}
+  assert study.run_config(joined, unguided, 0).objective.guided is False
   with pytest.raises(study.StudyError, match="pgd@4 is pgd at the study's own budget"):
     study.load(f"{path}:train_eps=4,budgets=4")
   with pytest.raises(study.StudyError, match="train_eps .* without quick"):

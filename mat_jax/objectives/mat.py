@@ -10,8 +10,10 @@ Every step makes multimodal adversarial examples, text first, then the image:
    `clean_weight` times the clean pairs' loss.
 
 Steps 1-2 are the registry's "mat" attack (`mat_jax.attacks.spec`), which evaluation runs too; `attack`
-names another (e.g. "sga") to train against it. Both attacks run on the parameters as constants (the
-outer gradient is taken at the adversarial point).
+names another (e.g. "sga") to train against it. `guided=False` is the ablation of step 2's guidance: the
+same two attacks run independently (the image PGD against the clean captions, as Sep-Attack and MMCoA),
+while the outer loss still pairs the adversarial image with the adversarial caption. Both attacks run on
+the parameters as constants (the outer gradient is taken at the adversarial point).
 MAT+ is the same objective fed one-to-many data: K captions per image (`data.captions_per_image`) and
 cross-modal / intra-modal augmentations chosen in `data.augmentations` (i2t, t2i, hflip, eda,
 image_jitter); the contrastive losses then treat every caption of an image (and every image sharing an
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from mat_jax.attacks import spec as attack_specs
+from mat_jax.errors import InputError
 from mat_jax.objectives import base
 from mat_jax.objectives.contrastive import batch_clip_loss
 
@@ -48,11 +51,22 @@ class MAT(base.Objective):
   # the outer loss's modelling: the inner attack makes the same adversarial pairs either way (its PGD
   # ascends the loss with all of an image's captions positive), so the arms differ in training only.
   one_to_one: bool = False
+  # False: the image attack is guided by the clean captions instead of the adversarial ones (its text
+  # attack unchanged), which separates what the guidance does from what training on the adversarial
+  # captions does. Only for an attack whose PGD on a defense's loss follows its text attack (mat).
+  guided: bool = True
   candidate_meta: object = base.internal()
 
   def inner_attack(self):
-    return base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size,
+    spec = base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size,
                              max_changes=self.text_changes)
+    if self.guided:
+      return spec
+    if spec.kind != "text_then_image" or spec.loss != "contrastive":
+      raise InputError(f"objective.guided=False runs the image attack of objective.attack={self.attack!r} against "
+                       "the clean captions, which needs an attack whose contrastive PGD follows its text attack "
+                       f"(such as 'mat'); this one is of kind {spec.kind!r} with loss {spec.loss!r}")
+    return spec.replace(kind="separate")
 
   def loss(self, encoder, params, batch, key, reference=None):
     del reference
