@@ -696,6 +696,12 @@ CLAIMS = (
     ("6: MAT trained on paraphrases > MAT trained on the MLM threat", "mat_paraphrase", "mat",
      ("clean", "co", "sga")),
     ("6: MAT trained on paraphrases > TeCoA under multimodal attacks", "mat_paraphrase", "tecoa", ("co", "sga")),
+    # Which half of MAT's text attack costs it image robustness: its image PGD guided by the adversarial
+    # captions (gone in mat_unguided, whose PGD sees the clean ones), or its outer loss on the adversarial
+    # pairs (kept). Without the guidance MAT either joins TeCoA or stays MAT.
+    ("MAT without its guidance (the image attack against the clean captions) > MAT", "mat_unguided", "mat",
+     ("clean", "pgd", "co", "sga")),
+    ("TeCoA > MAT without its guidance", "tecoa", "mat_unguided", ("clean", "pgd", "co", "sga")),
     # The text half of MAT's claim, under attacks that only make true adversarial captions (in the
     # held-out-forms world their substitutes are words no caption of the world holds).
     ("7: MAT > TeCoA under meaning-filtered text attacks", "mat", "tecoa", FILTERED_ATTACKS),

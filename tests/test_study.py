@@ -655,6 +655,8 @@ def test_the_full_study_file_is_valid_and_covers_the_claims():
     variant = {"4:": alignment, "5:": alignment, "6:": paraphrase, "7:": heldout}.get(claim[:2], full)
     if "mat_no_heldout" in (better, other):
       variant = exposure
+    if "mat_unguided" in (better, other):  # MAT without its guidance, beside TeCoA and MAT
+      variant = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:guidance")
     if {"tecoa_2x", "fare_4x"} & {better, other}:  # the compute-matched controls, beside claims 1 and 7's arms
       variant = study.load(f"{EXPERIMENTS / 'study_shapes.py'}:{'exposure,' if claim[:2] == '7:' else ''}compute")
     arms = (mmcoa if claim.endswith("MMCoA") else variant)["arms"]
