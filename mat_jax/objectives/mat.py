@@ -65,7 +65,8 @@ class MAT(base.Objective):
     if spec.kind != "text_then_image" or spec.loss != "contrastive":
       raise InputError(f"objective.guided=False runs the image attack of objective.attack={self.attack!r} against "
                        "the clean captions, which needs an attack whose contrastive PGD follows its text attack "
-                       f"(such as 'mat'); this one is of kind {spec.kind!r} with loss {spec.loss!r}")
+                       f"(such as 'mat'); this one is of kind {spec.kind!r} with loss {spec.loss!r}. Set "
+                       "objective.attack='mat', or leave objective.guided at true")
     return spec.replace(kind="separate")
 
   def loss(self, encoder, params, batch, key, reference=None):
