@@ -29,6 +29,7 @@ from mat_jax.attacks.text import assemble, text_attack
 from mat_jax.data import shapes
 from mat_jax.errors import InputError
 from mat_jax.models import CLIPConfig, l2_normalize
+from mat_jax.objectives.mat import MAT
 
 import helpers
 
@@ -187,7 +188,6 @@ def test_mat_image_attack_ascends_against_the_adversarial_captions(world):
 def test_mat_unguided_keeps_its_text_attack_and_attacks_the_image_against_the_clean_captions(world):
   """MAT's `guided=False` ablation: the same text stage, and the image PGD of the clean captions (the study's
   question whether MAT's image robustness is what its guidance by the adversarial captions buys)."""
-  from mat_jax.objectives.mat import MAT
   w = world
   spec = MAT(guided=False, eps=EPS, steps=STEPS, step_size=STEP).inner_attack()
   assert spec == attack_specs.get("mat").replace(eps=EPS, steps=STEPS, step_size=STEP, kind="separate")
