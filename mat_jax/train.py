@@ -19,7 +19,7 @@ from mat_jax import config as config_lib
 from mat_jax import checkpoint, errors, runtime
 from mat_jax import mesh as mesh_lib
 from mat_jax.data import corpora
-from mat_jax.training import demo, loop
+from mat_jax.training import ahead, demo, loop
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -56,6 +56,7 @@ def _main(argv: list[str] | None) -> int:
   global _out_dir
   args, overrides = parse_args(argv)
   runtime.prepare_process()
+  ahead.enabled()  # a mistyped MAT_JAX_COMPILE_AHEAD fails now, not once a run is set up
 
   if args.config is None and overrides:
     print("error: --config.* overrides need --config FILE", file=sys.stderr)

@@ -237,6 +237,41 @@ def test_text_attack_candidates_follow_their_captions_through_the_batch(world):
   assert out[inputs.PREFIX + "mask_pieces"].shape[0] == out[inputs.PREFIX + "mask_length"].shape[0] == 2
 
 
+
+@pytest.mark.parametrize("options", [{}, {"captions_per_image": 2, "augmentations": "i2t,hflip"},
+                                     {"renderings_per_scene": 2, "seed": 3, "num_workers": 2}])
+def test_first_batch_is_the_pipelines_first_made_in_the_calling_thread(world, options):
+  """`first_batch` (the shapes a train step compiles for ahead of the pipeline) is the batch the pipeline
+  delivers first, values and all, whatever its options."""
+  train, _, tok = world
+  options = dict(options, process_index=0, process_count=1)
+  before = set(threading.enumerate())
+  made = pipeline.first_batch(train, tok, 4, **options)
+  assert set(threading.enumerate()) <= before  # no reader threads, no workers
+  (delivered,) = _take(_pipe(world, 4, **options), 1)
+  assert made.keys() == delivered.keys()
+  for key in made:
+    np.testing.assert_array_equal(made[key], delivered[key], err_msg=key)
+
+
+def test_a_candidates_stand_in_shapes_a_batch_as_its_transform_does(world):
+  """`AttachCandidates.stand_in()` adds the same keys, shapes and dtypes without its source's substitutes,
+  and leaves the transform's own cache alone."""
+  from mat_jax.training import inputs
+
+  _, _, tok = world
+  (batch,) = _take(_pipe(world, 2, captions_per_image=2), 1)
+  attach = inputs.AttachCandidates(tok, inputs.make_source("paraphrase"), max_words=tok.context_length - 2,
+                                   max_pieces=4, top_k=4, max_targets=8)
+  shaped = attach.stand_in()(batch)
+  assert not attach._cache
+  real = attach(batch)
+  assert shaped.keys() == real.keys()
+  for key in real:
+    assert np.asarray(shaped[key]).shape == np.asarray(real[key]).shape, key
+    assert np.asarray(shaped[key]).dtype == np.asarray(real[key]).dtype, key
+  assert real[inputs.PREFIX + "sub_lengths"].any() and not shaped[inputs.PREFIX + "sub_lengths"].any()
+
 def test_i2t_writes_fresh_captions_in_the_worlds_lexicon(world):
   others = {w for group in shapes._synonym_groups() if group != shapes.PICTURE_WORDS for w in group[1:]}
   batches = {rate: _take(_pipe(world, 8, captions_per_image=3, augmentations="i2t:1", rare_form_rate=rate), 2)

@@ -579,6 +579,115 @@ def test_the_host_runs_at_most_two_steps_ahead_of_the_device(root, devices, monk
   assert events == ["step 1", "step 2", "step 3", "wait 1", "step 4", "wait 2", "step 5", "wait 3"], events
 
 
+
+def _programs_obtained_in_first_step(config, workdir, monkeypatch):
+  """The JAX events of obtaining a program (XLA compiling one, the persistent cache loading one) that the
+  run's first step call raises on its own thread."""
+  import threading
+
+  from jax import monitoring
+
+  events, inside = [], threading.local()
+
+  def record(event, *args, **kwargs):
+    if getattr(inside, "first_call", False) and event in ("/jax/core/compile/backend_compile_duration",
+                                                          "/jax/compilation_cache/cache_hits"):
+      events.append(event)
+
+  monitoring.register_event_duration_secs_listener(record)
+  monitoring.register_event_listener(record)
+  make_train_step, calls = loop.make_train_step, []
+
+  def recording_make_train_step(run):
+    step_fn, reference = make_train_step(run)
+
+    class FirstCallRecorded:
+      def lower(self, *args):
+        return step_fn.lower(*args)
+
+      def __call__(self, *args):
+        calls.append(1)
+        inside.first_call = len(calls) == 1
+        try:
+          return step_fn(*args)
+        finally:
+          inside.first_call = False
+    return FirstCallRecorded(), reference
+
+  monkeypatch.setattr(loop, "make_train_step", recording_make_train_step)
+  try:
+    loop.train(config, workdir, mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  finally:
+    monkeypatch.undo()
+    monitoring.unregister_event_duration_listener(record)
+    monitoring.unregister_event_listener(record)
+  assert calls
+  return events
+
+
+@pytest.mark.parametrize("objective,setting", [("contrastive", "1"), ("contrastive", "0"),
+                                               pytest.param("mat", "1", marks=pytest.mark.slow)])
+def test_the_step_compiled_ahead_is_the_program_the_first_step_runs(root, devices, monkeypatch, objective,
+                                                                      setting):
+  """The step compiles on a thread from the state's and the first batch's shapes while the pipeline starts
+  (MAT_JAX_COMPILE_AHEAD, on by default): its first call then neither compiles nor loads a program. Off,
+  the first call obtains it (so the check can fail), compiling or, after the run before, loading it."""
+  monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", setting)
+  sections = {"train": {"steps": 2, "log_every": 2, "checkpoint_every": 2}}
+  if objective == "mat":  # batches with text-attack candidates: the transform's stand-in shapes them
+    sections.update(objective={"name": "mat", "steps": 1},
+                    text_attack={"source": "paraphrase", "top_k": 4, "max_targets": 4})
+  events = _programs_obtained_in_first_step(micro_config(root, **sections), root / f"ahead_{objective}_{setting}",
+                                            monkeypatch)
+  assert (events == []) == (setting != "0"), events
+
+
+def test_a_later_runs_step_compiled_ahead_reaches_it_through_the_cache(root, devices, monkeypatch):
+  """`loop.compile_run_ahead` (the demo's later fine-tunings) compiles a run's step before the run starts;
+  the run's own compilation ahead waits for it, then loads the executable from the persistent cache
+  instead of compiling it a second time."""
+  import threading
+
+  from jax import monitoring
+
+  events = []
+
+  def record(event, *args, **kwargs):
+    thread = threading.current_thread()
+    if thread.name.startswith("mat_jax compile ahead") and event in (
+        "/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_hits"):
+      events.append((thread.ident, event))
+
+  # A learning rate no other test uses: a step program the session's cache cannot hold yet.
+  config = micro_config(root, optimizer={"learning_rate": 0.375}, train={"steps": 2, "checkpoint_every": 2})
+  monitoring.register_event_duration_secs_listener(record)
+  monitoring.register_event_listener(record)
+  try:
+    later = loop.compile_run_ahead(config, mesh_spec="1", log=lambda _: None)
+    loop.train(config, root / "later", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  finally:
+    monitoring.unregister_event_duration_listener(record)
+    monitoring.unregister_event_listener(record)
+  assert later.done() and later.error is None
+  ahead_of_run = [event for ident, event in events if ident == later._thread.ident]
+  own = [event for ident, event in events if ident != later._thread.ident]
+  assert ahead_of_run == ["/jax/core/compile/backend_compile_duration"], events  # compiled, not found
+  assert "/jax/compilation_cache/cache_hits" in own, events
+
+
+def test_an_unknown_compile_ahead_setting_names_the_choices(monkeypatch, capsys):
+  from mat_jax import train as train_cli
+  from mat_jax.training import ahead
+
+  for value, expected in (("", True), ("ON", True), ("1", True), ("off", False), ("0", False)):
+    monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", value)
+    assert ahead.enabled() == expected
+  monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", "sometimes")
+  with pytest.raises(config_lib.ConfigError, match=r"COMPILE_AHEAD='sometimes': use 1 \(on, the default\) or 0"):
+    ahead.enabled()
+  assert train_cli.main([]) != 0  # the command line stops before any work, naming the variable
+  assert "MAT_JAX_COMPILE_AHEAD" in capsys.readouterr().err
+
 def _tensorboard_events(directory):
   """Every Event of the TFRecord event files in `directory` (length, crc, record, crc)."""
   import struct

@@ -351,6 +351,64 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   `rare_form_rate`: the shapes world's lexicon (`shapes.form_picker`), which i2t's fresh captions follow.
   Iterate with `iter(...)`; the iterator has get_state/set_state.
   """
+  ds, batched = _batch_stages(source, tokenizer, batch_size, captions_per_image=captions_per_image, seed=seed,
+                              augmentations=augmentations, eda_options=eda_options, num_epochs=num_epochs,
+                              process_index=process_index, process_count=process_count,
+                              renderings_per_scene=renderings_per_scene, decoded_cache_bytes=decoded_cache_bytes,
+                              rare_form_rate=rare_form_rate)
+  num_threads = threads_per_process(num_threads, num_workers, os.cpu_count())
+  if num_workers > 0:
+    # Worker w of W reads elements w, w + W, ... of what it is given: whole batches here, so the workers
+    # together deliver the batches one process would (made of examples, each would batch its own share:
+    # other batches for every worker count, and each worker's remainder lost from a finite stream).
+    # Reader threads then take a batch each, so as many batches as threads are read ahead.
+    it = batched(ds).to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                       prefetch_buffer_size=max(num_threads, prefetch_batches)))
+  else:
+    # Reader threads take an example each; batching follows.
+    it = batched(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                      prefetch_buffer_size=max(1, prefetch_batches) * batch_size)))
+  if num_workers > 0:
+    # Grain's worker processes read absl flags; outside an absl app nothing has parsed them, so take
+    # their defaults (what absl.app would do with no command-line flags).
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = WorkersStartedTogether(it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=prefetch_batches), worker_init_fn=_leave_interrupts_to_main))
+  # Batch transforms run in this process even with workers: they may hold a JAX model (BERT candidates),
+  # which worker processes should not each load.
+  for transform in batch_transforms:
+    it = it.map(transform)
+  # What runs in this process after the reader threads or the workers (batching and tokenising without
+  # workers, the batch transforms either way) runs in a background thread, off the training loop's
+  # critical path.
+  return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
+
+
+def first_batch(source, tokenizer, batch_size: int, *, batch_transforms: Sequence[Any] = (),
+                **options: Any) -> dict[str, np.ndarray]:
+  """The first batch `training_pipeline(source, tokenizer, batch_size, **options)` delivers, made in this
+  thread from the same stages (no reader threads, no worker processes): the shapes and dtypes every batch
+  of that pipeline has, e.g. to compile a train step before the pipeline has started. `options` are
+  `training_pipeline`'s; those that only say how it runs (threads, workers, prefetching) are ignored."""
+  for runtime_only in ("num_threads", "prefetch_batches", "num_workers"):
+    options.pop(runtime_only, None)
+  options["decoded_cache_bytes"] = 0  # the cache only skips a later decoding of the same record
+  ds, batched = _batch_stages(source, tokenizer, batch_size, **options)
+  batch = batched(ds)[0]
+  for transform in batch_transforms:
+    batch = transform(batch)
+  return batch
+
+
+def _batch_stages(source, tokenizer, batch_size: int, *, captions_per_image: int = 1, seed: int = 0,
+                  augmentations: str | Sequence[str] | Mapping[str, float] | None = None,
+                  eda_options: Mapping[str, float] | None = None, num_epochs: int | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  renderings_per_scene: int = 1, decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
+                  rare_form_rate: float | None = None):
+  """The examples of this process (a MapDataset) and the function that batches and tokenises them, which
+  the training pipeline and `first_batch` share (arguments as `training_pipeline`'s)."""
   if batch_size < 1 or captions_per_image < 1:
     raise ValueError(f"batch_size and captions_per_image must be >= 1, got {batch_size}, {captions_per_image}")
   if renderings_per_scene < 1 or batch_size % renderings_per_scene:
@@ -385,7 +443,6 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   ds = ds.random_map(PrepareExample(captions_per_image, augmentations, dict(eda_options or {}),
                                     renderings_per_scene, rare_form_rate))
   ds = ds[process_index::process_count]
-  num_threads = threads_per_process(num_threads, num_workers, os.cpu_count())
 
   def batched(dataset):  # a MapDataset or an IterDataset: both batch and map alike
     dataset = dataset.batch(examples_per_batch, drop_remainder=True)
@@ -393,32 +450,7 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
       dataset = dataset.map(flatten_renderings)
     return dataset.map(Tokenize(tokenizer))
 
-  if num_workers > 0:
-    # Worker w of W reads elements w, w + W, ... of what it is given: whole batches here, so the workers
-    # together deliver the batches one process would (made of examples, each would batch its own share:
-    # other batches for every worker count, and each worker's remainder lost from a finite stream).
-    # Reader threads then take a batch each, so as many batches as threads are read ahead.
-    it = batched(ds).to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                       prefetch_buffer_size=max(num_threads, prefetch_batches)))
-  else:
-    # Reader threads take an example each; batching follows.
-    it = batched(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                      prefetch_buffer_size=max(1, prefetch_batches) * batch_size)))
-  if num_workers > 0:
-    # Grain's worker processes read absl flags; outside an absl app nothing has parsed them, so take
-    # their defaults (what absl.app would do with no command-line flags).
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = WorkersStartedTogether(it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch_batches), worker_init_fn=_leave_interrupts_to_main))
-  # Batch transforms run in this process even with workers: they may hold a JAX model (BERT candidates),
-  # which worker processes should not each load.
-  for transform in batch_transforms:
-    it = it.map(transform)
-  # What runs in this process after the reader threads or the workers (batching and tokenising without
-  # workers, the batch transforms either way) runs in a background thread, off the training loop's
-  # critical path.
-  return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
+  return ds, batched
 
 
 def _leave_interrupts_to_main(worker_index: int, worker_count: int) -> None:

@@ -24,7 +24,7 @@ from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.data import corpora, pipeline
 from mat_jax.intervals import hits, interval, per_image
-from mat_jax.training import inputs, loop, setup
+from mat_jax.training import ahead, inputs, loop, setup
 
 DEMO_ATTACKS = ("pgd", "bert", "co", "sga")
 MULTIMODAL = ("co", "sga")
@@ -130,6 +130,12 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   log(f"{clock()} 2/4 the clean tiny CLIP (experiments/shapes_clip.py, cached)")
   loop.ensure_cached_run("shapes_clip", log=log, mesh_spec=mesh_spec)
 
+  if ahead.later_runs_enabled():
+    # The later fine-tunings' steps compile beside the first one's while it trains (on an accelerator a
+    # first run's most costly part; training/ahead.py).
+    for name, later in list(configs.items())[1:]:
+      if not runs.is_trained(workdir / DEMO_MODELS[name]):
+        loop.compile_run_ahead(later, mesh_spec=mesh_spec, log=log)
   models: dict[str, Any] = {}
   for i, (name, config) in enumerate(configs.items()):
     run_dir = workdir / DEMO_MODELS[name]

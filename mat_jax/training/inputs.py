@@ -82,6 +82,13 @@ class AttachCandidates:
     self.meta = CandidateMeta(tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id,
                               tokenizer.context_length, tokenizer.context_length)
 
+  def stand_in(self) -> "AttachCandidates":
+    """A transform adding arrays of the same keys, shapes and dtypes from a source with no substitutes:
+    what compiling a train step ahead needs of a batch, made on another thread without the source's work
+    and without touching this transform's cache, which the pipeline's thread fills."""
+    sizes = {k: v for k, v in self.sizes.items() if k != "text_length"}  # the tokenizer's, as here
+    return AttachCandidates(self.tokenizer, candidates.LexiconSource({}), **sizes)
+
   def _prepare(self, captions: list[str]) -> None:
     prepared = candidates.prepare_candidates(captions, self.tokenizer, self.source, **self.sizes)
     arrays = [np.asarray(getattr(prepared, name)) for name in PER_CAPTION]

@@ -41,7 +41,7 @@ from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import candidates
 from mat_jax.data import pipeline
 from mat_jax.models import CLIP, DualEncoder, layers, split
-from mat_jax.training import inputs, optim, setup
+from mat_jax.training import ahead, inputs, mlm, optim, setup
 from mat_jax.training import step as step_lib
 from mat_jax.workdir import WorkdirLock
 
@@ -250,6 +250,26 @@ def make_train_step(run: Run) -> tuple[Callable, nnx.State | None]:
   return step_fn, reference
 
 
+def compile_run_ahead(config: ml_collections.ConfigDict, *, mesh_spec: str | None = None,
+                      log: Log = print) -> ahead.Compilation:
+  """Compile the step of a run that has not started, on a thread: build the run from `config` and compile
+  its step. What the run needs trained (a cached starting model, the shapes world's masked LM of a text
+  attack) is trained first, here, on the calling thread; nothing trains on the thread. The executable
+  reaches the run, which makes its own jitted step, through the persistent compilation cache; the run's
+  own compilation ahead waits for this one (`ahead.compile_step`)."""
+  ensure_cached_source(config.model.source, log=log, mesh_spec=mesh_spec)
+  if objectives.make(config.objective).needs_text_candidates and config.text_attack.source == "bert":
+    mlm.resolve_bert(config.text_attack.bert, log=log)
+
+  def build_and_compile():
+    run = build_run(config, Path("."), mesh_spec=mesh_spec, log=lambda _: None)
+    step_fn, reference = make_train_step(run)
+    builder = setup.data_builder(config, run.model.config.vision.image_size, log=lambda _: None)
+    step_fn.lower(ahead.abstract_state(run), ahead.abstract_batch(run, builder), reference).compile()
+
+  return ahead.compile_for_later_run(config, mesh_spec, build_and_compile)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -404,6 +424,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       builder = setup.data_builder(cfg, run.model.config.vision.image_size, log=say)
     if evaluate and main:
       setup.check_split(builder, cfg.eval.split, "eval.split")
+    step_fn, reference = make_train_step(run)
+    # The step compiles on a thread while the pipeline starts and the state is restored or created (a
+    # caller's own iterator gives no batch to compile for without consuming one).
+    steps_left = ckpt.latest_step() is None or ckpt.latest_step() < cfg.train.steps
+    compiling = (ahead.compile_step(run, step_fn, reference, builder, mesh_spec=mesh_spec)
+                 if data_iterator is None and steps_left and ahead.enabled() else None)
     if data_iterator is None:
       data_iterator = setup.train_iterator(
           cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
@@ -434,7 +460,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       start = 0
     if main:  # only once the workdir's checkpoints are known to fit: a refused run leaves config.json alone
       checkpoint_lib.write_run_config(workdir, config_lib.to_json(cfg))
-    step_fn, reference = make_train_step(run)
 
     evaluator = Evaluator(run, builder, say) if evaluate and main and builder is not None else None
     # Rerunning a finished run (how one re-exports it) evaluates its final model again, and a run resumed
@@ -445,6 +470,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
                           reevaluated=evaluator is not None and (start == cfg.train.steps or periodic_at_start))
     bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
     agreement = _StopAgreement(stop, cfg.train.steps)
+    if compiling is not None:
+      compiling.wait()  # the first step then only dispatches; a failure there is the first call's to report
     stop_if_signalled()
   except BaseException:
     stop.restore()

@@ -32,15 +32,28 @@ def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokeni
   """This process's training batches (host numpy dicts), checkpointable (`get_state`/`set_state`)."""
   source = _split_source(builder, config.data.split, "data.split")
   dataset = pipeline.training_pipeline(
-      source, tokenizer, local_batch_size, captions_per_image=config.data.captions_per_image,
-      seed=config.seed, augmentations=tuple(config.data.augmentations),
-      process_index=process_index, process_count=process_count,
+      source, tokenizer, local_batch_size, process_index=process_index, process_count=process_count,
       num_workers=pipeline.resolve_worker_count(config.data.worker_count),
       batch_transforms=tuple(extra_transforms),  # before the prefetch: off the training loop's thread
-      renderings_per_scene=config.data.renderings_per_scene,
-      decoded_cache_bytes=config.data.decoded_cache_mb << 20,
-      rare_form_rate=config_lib.rare_form_rate(config))  # None but for the shapes world (config checks)
+      decoded_cache_bytes=config.data.decoded_cache_mb << 20, **_batch_options(config))
   return iter(dataset)
+
+
+def first_batch(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer, local_batch_size: int,
+                *, process_index: int, process_count: int, extra_transforms=()) -> dict:
+  """The first of `train_iterator`'s batches, made in the calling thread without starting the pipeline
+  (`pipeline.first_batch`): every batch's keys, shapes and dtypes."""
+  source = _split_source(builder, config.data.split, "data.split")
+  return pipeline.first_batch(source, tokenizer, local_batch_size, process_index=process_index,
+                              process_count=process_count, batch_transforms=tuple(extra_transforms),
+                              **_batch_options(config))
+
+
+def _batch_options(config: ml_collections.ConfigDict) -> dict:
+  """The pipeline arguments that decide what the batches hold (the rest say how the pipeline runs)."""
+  return dict(captions_per_image=config.data.captions_per_image, seed=config.seed,
+              augmentations=tuple(config.data.augmentations), renderings_per_scene=config.data.renderings_per_scene,
+              rare_form_rate=config_lib.rare_form_rate(config))  # None but for the shapes world (config checks)
 
 
 def eval_set(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer):

@@ -1,0 +1,136 @@
+"""Compiling a run's train step before its first call, on a background thread.
+
+XLA compiles a jitted program at its first call, so a run's first step waits for the step's compilation
+after everything that comes before it: the data pipeline's start (worker processes, the first batch and
+its text-attack candidates), the checkpoint's restore, the state's creation. That work is mostly the
+host's and leaves cores idle, and XLA releases the GIL while it compiles. `compile_step` lowers and
+compiles the step from abstract inputs (the state's shapes, dtypes and shardings; the batch's, from
+`setup.first_batch` made on the same thread) as soon as the run is built, and the loop waits for it just
+before the first step, which then finds the executable in JAX's caches and only dispatches.
+
+The same thread can serve a run that has not started yet (`loop.compile_run_ahead`, used by the demo for
+the fine-tunings after the first): it builds that run's step from the config, and its executable reaches the
+run through the persistent compilation cache, since the run will make its own jitted function. The run's
+own compilation ahead waits for it, then loads the executable, instead of compiling it a second time
+beside it.
+
+A compilation ahead can only save time: were the first batch's shapes other than the compiled ones, the
+first call would compile as it always did. An error in the thread is dropped for the same reason: the
+step's first call meets it and reports it where it belongs.
+
+`MAT_JAX_COMPILE_AHEAD=0` switches both off (default 1: on).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from mat_jax import checkpoint as checkpoint_lib
+from mat_jax import config as config_lib
+from mat_jax import mesh as mesh_lib
+from mat_jax.training import setup
+from mat_jax.training import step as step_lib
+
+_OFF = ("0", "off", "false", "no")
+_ON = ("", "1", "on", "true", "yes")
+
+
+def enabled() -> bool:
+  """`MAT_JAX_COMPILE_AHEAD`: on unless 0 (off, false, no); another value is an error naming the choices."""
+  value = os.environ.get("MAT_JAX_COMPILE_AHEAD", "1").strip().lower()
+  if value not in _ON + _OFF:
+    raise config_lib.ConfigError(f"MAT_JAX_COMPILE_AHEAD={value!r}: use 1 (on, the default) or 0 (off)")
+  return value not in _OFF
+
+
+def later_runs_enabled() -> bool:
+  """Whether runs not started yet may be compiled ahead (`loop.compile_run_ahead`): their executables
+  reach them through the persistent compilation cache, so only with it on."""
+  return enabled() and bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+
+
+class Compilation:
+  """`work` (a lowering and compilation) run on a background thread. `wait()` returns once it has
+  finished or failed (`error`)."""
+
+  def __init__(self, work: Callable[[], Any], *, name: str = "step"):
+    self.error: BaseException | None = None
+    self._thread = threading.Thread(target=self._run, args=(work,), name=f"mat_jax compile ahead: {name}")
+    self._thread.start()
+
+  def _run(self, work: Callable[[], Any]) -> None:
+    try:
+      work()
+    except BaseException as err:  # noqa: BLE001  the step's first call meets it and reports it
+      self.error = err
+
+  def done(self) -> bool:
+    return not self._thread.is_alive()
+
+  def wait(self) -> None:
+    self._thread.join()
+
+
+def abstract_state(run: Any) -> Any:
+  """The run's train state as ShapeDtypeStructs in its shardings, as `create_state` and a checkpoint's
+  restore make it."""
+  cfg = run.config
+  shapes = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
+  return checkpoint_lib.abstract_like(shapes, run.shardings)
+
+
+def abstract_batch(run: Any, builder: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the step takes, as ShapeDtypeStructs: this process's first batch made in the calling
+  thread (`setup.first_batch`, with each batch transform's `stand_in`) and its rows times the processes."""
+  cfg = run.config
+  local = setup.first_batch(cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            extra_transforms=[t.stand_in() for t in run.batch_transforms])
+  # With the sharding `mesh.global_batch` gives the arrays: JAX's in-memory caches key on it, so that the
+  # step's in_shardings alone would lower the same program but not find it at the first call.
+  sharding = mesh_lib.batch_sharding(run.mesh)
+  return {key: jax.ShapeDtypeStruct((value.shape[0] * jax.process_count(),) + value.shape[1:], value.dtype,
+                                    sharding=sharding)
+          for key, value in mesh_lib.device_arrays(local).items()}
+
+
+def compile_step(run: Any, step_fn: Any, reference: Any, builder: Any, *, mesh_spec: str | None = None
+                 ) -> Compilation | None:
+  """The run's jitted step compiled ahead on a thread, or None where its batch cannot be made apart from the
+  pipeline (a batch transform without a `stand_in`). A compilation of the same run's step that
+  `loop.compile_run_ahead` started is waited for first, so that this one loads its executable from the cache."""
+  if not all(hasattr(t, "stand_in") for t in run.batch_transforms):
+    return None
+  with _later_lock:
+    earlier = _later.pop(_run_key(run.config, mesh_spec), None)
+
+  def compile_after_earlier():
+    if earlier is not None:
+      earlier.wait()
+    step_fn.lower(abstract_state(run), abstract_batch(run, builder), reference).compile()
+
+  return Compilation(compile_after_earlier, name=run.config.name or "step")
+
+
+# Steps of runs not started yet being compiled (`compile_run_ahead`), by `_run_key`.
+_later: dict[str, Compilation] = {}
+_later_lock = threading.Lock()
+
+
+def _run_key(config: ml_collections.ConfigDict, mesh_spec: str | None) -> str:
+  return config_lib.to_json(config) + f"\nmesh: {mesh_spec}"
+
+
+def compile_for_later_run(config: ml_collections.ConfigDict, mesh_spec: str | None,
+                          build_and_compile: Callable[[], Any]) -> Compilation:
+  """Run `build_and_compile` (which builds the run of `config` on `mesh_spec` and compiles its step; see
+  `loop.compile_run_ahead`) on a thread, and remember it for that run's own `compile_step` to wait for."""
+  compilation = Compilation(build_and_compile, name=config.name or "run")
+  with _later_lock:
+    _later[_run_key(config, mesh_spec)] = compilation
+  return compilation
