@@ -198,7 +198,10 @@ def import_transformers():
         del os.environ[_NO_ADVICE]
       else:
         os.environ[_NO_ADVICE] = previous
-  return sys.modules["transformers"]
+  # Not sys.modules' entry: while another thread is still importing transformers, that entry is the
+  # partly initialised module (no AutoTokenizer yet); the import statement waits for it to finish.
+  import transformers
+  return transformers
 
 
 def load_tokenizer(source: str | os.PathLike, context_length: int | None = None) -> Tokenizer:

@@ -5,11 +5,11 @@ after everything that comes before it: the data pipeline's start (worker process
 its text-attack candidates), the checkpoint's restore, the state's creation. That work is mostly the
 host's and leaves cores idle, and XLA releases the GIL while it compiles. `compile_step` lowers and
 compiles the step from abstract inputs (the state's shapes, dtypes and shardings; the batch's, from
-`setup.first_batch` made on the same thread) as soon as the run is built, and the loop waits for it just
+`setup.first_batch`, made before the pipeline starts) as soon as the run is built, and the loop waits for it just
 before the first step, which then finds the executable in JAX's caches and only dispatches.
 
-The same thread can serve a run that has not started yet (`loop.compile_run_ahead`, used by the demo for
-the fine-tunings after the first): it builds that run's step from the config, and its executable reaches the
+A run that has not started yet can be compiled the same way (`loop.compile_run_ahead`, used by the demo
+for the fine-tunings after the first): its step is built from the config, and its executable reaches the
 run through the persistent compilation cache, since the run will make its own jitted function. The run's
 own compilation ahead waits for it, then loads the executable, instead of compiling it a second time
 beside it.
@@ -85,7 +85,7 @@ def abstract_state(run: Any) -> Any:
 
 
 def abstract_batch(run: Any, builder: Any) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch the step takes, as ShapeDtypeStructs: this process's first batch made in the calling
+  """The global batch the step takes, as ShapeDtypeStructs: this process's first batch made in this
   thread (`setup.first_batch`, with each batch transform's `stand_in`) and its rows times the processes."""
   cfg = run.config
   local = setup.first_batch(cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
@@ -108,11 +108,14 @@ def compile_step(run: Any, step_fn: Any, reference: Any, builder: Any, *, mesh_s
     return None
   with _later_lock:
     earlier = _later.pop(_run_key(run.config, mesh_spec), None)
+  # The batch is made here, before the pipeline starts: the thread does JAX work only, and never uses the
+  # tokenizer or the data source beside the pipeline's threads.
+  batch = abstract_batch(run, builder)
 
   def compile_after_earlier():
     if earlier is not None:
       earlier.wait()
-    step_fn.lower(abstract_state(run), abstract_batch(run, builder), reference).compile()
+    step_fn.lower(abstract_state(run), batch, reference).compile()
 
   return Compilation(compile_after_earlier, name=run.config.name or "step")
 
@@ -127,10 +130,10 @@ def _run_key(config: ml_collections.ConfigDict, mesh_spec: str | None) -> str:
 
 
 def compile_for_later_run(config: ml_collections.ConfigDict, mesh_spec: str | None,
-                          build_and_compile: Callable[[], Any]) -> Compilation:
-  """Run `build_and_compile` (which builds the run of `config` on `mesh_spec` and compiles its step; see
+                          compile_: Callable[[], Any]) -> Compilation:
+  """Run `compile_` (which compiles the step of the run of `config` on `mesh_spec`; see
   `loop.compile_run_ahead`) on a thread, and remember it for that run's own `compile_step` to wait for."""
-  compilation = Compilation(build_and_compile, name=config.name or "run")
+  compilation = Compilation(compile_, name=config.name or "run")
   with _later_lock:
     _later[_run_key(config, mesh_spec)] = compilation
   return compilation

@@ -252,22 +252,20 @@ def make_train_step(run: Run) -> tuple[Callable, nnx.State | None]:
 
 def compile_run_ahead(config: ml_collections.ConfigDict, *, mesh_spec: str | None = None,
                       log: Log = print) -> ahead.Compilation:
-  """Compile the step of a run that has not started, on a thread: build the run from `config` and compile
-  its step. What the run needs trained (a cached starting model, the shapes world's masked LM of a text
-  attack) is trained first, here, on the calling thread; nothing trains on the thread. The executable
+  """Compile the step of a run that has not started, on a thread. Here, on the calling thread, it trains
+  what the run needs (a cached starting model, the shapes world's masked LM of a text attack), builds the
+  run (its model loaded) and makes its first batch; the thread only lowers and compiles. The executable
   reaches the run, which makes its own jitted step, through the persistent compilation cache; the run's
   own compilation ahead waits for this one (`ahead.compile_step`)."""
   ensure_cached_source(config.model.source, log=log, mesh_spec=mesh_spec)
   if objectives.make(config.objective).needs_text_candidates and config.text_attack.source == "bert":
     mlm.resolve_bert(config.text_attack.bert, log=log)
-
-  def build_and_compile():
-    run = build_run(config, Path("."), mesh_spec=mesh_spec, log=lambda _: None)
-    step_fn, reference = make_train_step(run)
-    builder = setup.data_builder(config, run.model.config.vision.image_size, log=lambda _: None)
-    step_fn.lower(ahead.abstract_state(run), ahead.abstract_batch(run, builder), reference).compile()
-
-  return ahead.compile_for_later_run(config, mesh_spec, build_and_compile)
+  run = build_run(config, Path("."), mesh_spec=mesh_spec, log=lambda _: None)
+  step_fn, reference = make_train_step(run)
+  builder = setup.data_builder(config, run.model.config.vision.image_size, log=lambda _: None)
+  batch = ahead.abstract_batch(run, builder)
+  return ahead.compile_for_later_run(
+      config, mesh_spec, lambda: step_fn.lower(ahead.abstract_state(run), batch, reference).compile())
 
 
 # ----------------------------------------------------------------------------------------------------
