@@ -238,17 +238,17 @@ def test_text_attack_candidates_follow_their_captions_through_the_batch(world):
 
 
 
-@pytest.mark.parametrize("options", [{}, {"captions_per_image": 2, "augmentations": "i2t,hflip"},
-                                     {"renderings_per_scene": 2, "seed": 3, "num_workers": 2}])
-def test_first_batch_is_the_pipelines_first_made_in_the_calling_thread(world, options):
+@pytest.mark.parametrize("options,workers", [({}, 0), ({"captions_per_image": 2, "augmentations": "i2t,hflip"}, 0),
+                                             ({"renderings_per_scene": 2, "seed": 3}, 2)])
+def test_first_batch_is_the_pipelines_first_made_in_the_calling_thread(world, options, workers):
   """`first_batch` (the shapes a train step compiles for ahead of the pipeline) is the batch the pipeline
-  delivers first, values and all, whatever its options."""
+  delivers first, values and all, whatever its options, with worker processes or without."""
   train, _, tok = world
   options = dict(options, process_index=0, process_count=1)
   before = set(threading.enumerate())
   made = pipeline.first_batch(train, tok, 4, **options)
   assert set(threading.enumerate()) <= before  # no reader threads, no workers
-  (delivered,) = _take(_pipe(world, 4, **options), 1)
+  (delivered,) = _take(_pipe(world, 4, num_workers=workers, **options), 1)
   assert made.keys() == delivered.keys()
   for key in made:
     np.testing.assert_array_equal(made[key], delivered[key], err_msg=key)

@@ -389,12 +389,10 @@ def first_batch(source, tokenizer, batch_size: int, *, batch_transforms: Sequenc
                 **options: Any) -> dict[str, np.ndarray]:
   """The first batch `training_pipeline(source, tokenizer, batch_size, **options)` delivers, made in this
   thread from the same stages (no reader threads, no worker processes): the shapes and dtypes every batch
-  of that pipeline has, e.g. to compile a train step before the pipeline has started. `options` are
-  `training_pipeline`'s; those that only say how it runs (threads, workers, prefetching) are ignored."""
-  for runtime_only in ("num_threads", "prefetch_batches", "num_workers"):
-    options.pop(runtime_only, None)
-  options["decoded_cache_bytes"] = 0  # the cache only skips a later decoding of the same record
-  ds, batched = _batch_stages(source, tokenizer, batch_size, **options)
+  of that pipeline has, e.g. to compile a train step before the pipeline has started. `options` are those
+  of `training_pipeline` that decide what a batch holds (`_batch_stages`'), not how the pipeline runs."""
+  # Without the decoded-record cache, which only skips a later decoding of the same record.
+  ds, batched = _batch_stages(source, tokenizer, batch_size, decoded_cache_bytes=0, **options)
   batch = batched(ds)[0]
   for transform in batch_transforms:
     batch = transform(batch)

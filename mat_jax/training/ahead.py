@@ -5,8 +5,8 @@ after everything that comes before it: the data pipeline's start (worker process
 its text-attack candidates), the checkpoint's restore, the state's creation. That work is mostly the
 host's and leaves cores idle, and XLA releases the GIL while it compiles. `compile_step` lowers and
 compiles the step from abstract inputs (the state's shapes, dtypes and shardings; the batch's, from
-`setup.first_batch`, made before the pipeline starts) as soon as the run is built, and the loop waits for it just
-before the first step, which then finds the executable in JAX's caches and only dispatches.
+`setup.first_batch`, made before the pipeline starts) as soon as the run is built, and the loop waits
+for it just before the first step, which then finds the executable in JAX's caches and only dispatches.
 
 A run that has not started yet can be compiled the same way (`loop.compile_run_ahead`, used by the demo
 for the fine-tunings after the first): its step is built from the config, and its executable reaches the

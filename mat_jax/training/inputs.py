@@ -84,8 +84,8 @@ class AttachCandidates:
 
   def stand_in(self) -> "AttachCandidates":
     """A transform adding arrays of the same keys, shapes and dtypes from a source with no substitutes:
-    what compiling a train step ahead needs of a batch, made on another thread without the source's work
-    and without touching this transform's cache, which the pipeline's thread fills."""
+    what compiling a train step ahead needs of a batch (`training.ahead`), made without the source's work
+    (a masked LM's forward passes) and without touching this transform's cache."""
     sizes = {k: v for k, v in self.sizes.items() if k != "text_length"}  # the tokenizer's, as here
     return AttachCandidates(self.tokenizer, candidates.LexiconSource({}), **sizes)
 

@@ -425,7 +425,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     step_fn, reference = make_train_step(run)
     # The step compiles on a thread while the pipeline starts and the state is restored or created (a
     # caller's own iterator gives no batch to compile for without consuming one).
-    steps_left = ckpt.latest_step() is None or ckpt.latest_step() < cfg.train.steps
+    latest = ckpt.latest_step()
+    steps_left = latest is None or latest < cfg.train.steps
     compiling = (ahead.compile_step(run, step_fn, reference, builder, mesh_spec=mesh_spec)
                  if data_iterator is None and steps_left and ahead.enabled() else None)
     if data_iterator is None:
