@@ -257,6 +257,13 @@ def _task(argv: Sequence[str] | None) -> str:
   return pre.parse_known_args(argv)[0].task
 
 
+def _data(argv: Sequence[str] | None) -> str:
+  """The --data of a command line (either task's default where it has none), read before the task's parser."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--data", default="shapes")
+  return pre.parse_known_args(argv)[0].data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
 
@@ -267,7 +274,8 @@ _out_dir: str | None = None  # the --out of the running command (either task), n
 def _main(argv: Sequence[str] | None) -> int:
   global _out_dir
   _out_dir = None  # not a previous command's, run in the same process
-  runtime.prepare_process()
+  # The shapes world's data goes with its small models (runtime: their GEMMs).
+  runtime.prepare_process(small_models=_data(argv).startswith("shapes"))
   if _task(argv) == "zeroshot":
     zeroshot_args = parse_zeroshot_args(argv)  # its bad input refused before a cached model is trained
     _out_dir = zeroshot_args.out

@@ -22,6 +22,15 @@ without them). Without them XLA:CPU runs the same dots through its other kernels
 turn them off, unless `XLA_FLAGS` already names `--xla_cpu_experimental_ynn_fusion_type`. XLA reads its
 flags once, when the first backend starts; after that the setting is left alone.
 
+On a GPU, XLA compiles each matrix multiplication fusion as a Triton kernel and autotunes its tile sizes,
+which is most of a small model's compile time: the shapes world's tiny MAT step (batch 64, bf16) compiled
+in 51.8 s with them and in 23.3 s with the multiplications left to cuBLAS, stepping in 0.007 s either
+way (an H200, jax 0.11.2; docs/benchmarks.md). Entry points whose models are all the shapes world's
+(`prepare_process(small_models=True)`) turn Triton's GEMMs off; for other models XLA's default stays
+until it is measured there. `MAT_JAX_TRITON_GEMM` overrides: `0` turns them off for every model, `1`
+keeps XLA's default for every model; a `--xla_gpu_enable_triton_gemm` in `XLA_FLAGS` wins over both.
+CPU programs have no such kernels and are the same under either setting.
+
 Tracing a program creates hundreds of thousands of short-lived Python objects, and the collections of
 the oldest generation they trigger walk every object the imports left (about 320,000 after those of
 `python -m mat_jax.train`), though none of them is ever garbage. `prepare_process` moves those to the
@@ -41,24 +50,44 @@ import jax
 from jax._src import compilation_cache as cc  # private: the only handle on the settled state
 from jax._src import xla_bridge  # private: whether a backend has read XLA_FLAGS yet
 
+from mat_jax.errors import ConfigError
 from mat_jax.paths import cache_root
 
 # Values of MAT_JAX_COMPILATION_CACHE that switch the cache off.
 _OFF = ("0", "off", "false", "no")
 # XLA flags every entry point adds unless `XLA_FLAGS` sets them (see the module docstring).
 _DEFAULT_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# The XLA:GPU flag of Triton's GEMM kernels, and the values of MAT_JAX_TRITON_GEMM (see the module docstring).
+TRITON_GEMM_FLAG = "xla_gpu_enable_triton_gemm"
+_TRITON_GEMM_SETTINGS = {"": None, "auto": None, "1": True, "on": True, "true": True, "yes": True,
+                         "0": False, "off": False, "false": False, "no": False}
 
 
-def prepare_process() -> Path | None:
+def prepare_process(*, small_models: bool = False) -> Path | None:
   """What every entry point does first, before its first compilation: the compilation cache
-  (`enable_compilation_cache`, whose directory it returns) and the imports' objects frozen out of the
-  garbage collector's work (see the module docstring), once per process: a later call (a command line
-  run again inside a notebook or a test) would also freeze what earlier work left for collection."""
+  (`enable_compilation_cache`, whose directory it returns), XLA's flags (those of every entry point, and
+  Triton's GEMMs off on a GPU where `small_models`: every model the command compiles is the shapes
+  world's; see the module docstring) and the imports' objects frozen out of the garbage collector's work,
+  once per process: a later call (a command line run again inside a notebook or a test) would also
+  freeze what earlier work left for collection."""
   global _frozen
+  if not triton_gemm(small_models):
+    _add_xla_flags({TRITON_GEMM_FLAG: "false"})
   if not _frozen:
     gc.freeze()
     _frozen = True
   return enable_compilation_cache()
+
+
+def triton_gemm(small_models: bool) -> bool:
+  """Whether XLA:GPU may compile matrix multiplications as Triton kernels: `MAT_JAX_TRITON_GEMM` when it is
+  set (1 or 0), else not for small models. A value other than those named is an error naming them."""
+  value = os.environ.get("MAT_JAX_TRITON_GEMM", "").strip().lower()
+  if value not in _TRITON_GEMM_SETTINGS:
+    raise ConfigError(f"MAT_JAX_TRITON_GEMM={value!r}: use auto (the default: off for the shapes world's small "
+                      "models), 1 (XLA's default, Triton's GEMM kernels on) or 0 (off, cuBLAS for every model)")
+  chosen = _TRITON_GEMM_SETTINGS[value]
+  return (not small_models) if chosen is None else chosen
 
 
 _frozen = False  # whether prepare_process froze the start-up objects
@@ -84,7 +113,7 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
   compilation: JAX decides once per process whether the cache is used. A directory already set through
   JAX's own option (`JAX_COMPILATION_CACHE_DIR`) is kept, unless `directory` is given.
   """
-  _add_default_xla_flags()
+  _add_xla_flags(_DEFAULT_XLA_FLAGS)
   if directory is None:
     path = compilation_cache_dir()
     if path is None:
@@ -111,12 +140,13 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
   return path
 
 
-def _add_default_xla_flags() -> None:
-  """Append `_DEFAULT_XLA_FLAGS` missing from `XLA_FLAGS`, before XLA reads it (the first backend's start)."""
+def _add_xla_flags(wanted: dict[str, str]) -> None:
+  """Append the flags of `wanted` that `XLA_FLAGS` does not name, before XLA reads it (the first backend's
+  start); after that the setting is left alone."""
   if xla_bridge.backends_are_initialized():
     return
   flags = os.environ.get("XLA_FLAGS", "")
-  missing = [f"--{name}={value}" for name, value in _DEFAULT_XLA_FLAGS.items() if name not in flags]
+  missing = [f"--{name}={value}" for name, value in wanted.items() if name not in flags]
   if missing:
     os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
 

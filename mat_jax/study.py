@@ -1000,8 +1000,9 @@ def _main(argv: Sequence[str] | None) -> int:
     raise StudyError("--report-only writes the whole study's report; leave out --shard")
 
   # Compiled programs on disk: the runs of one arm differ only in their seed (a runtime value), so every
-  # run after the first of its shape loads its train step instead of compiling it.
-  runtime.prepare_process()
+  # run after the first of its shape loads its train step instead of compiling it. A study trains and
+  # evaluates the shapes world's small models only (runtime: their GEMMs).
+  runtime.prepare_process(small_models=True)
   study = load(args.config, quick=args.quick)
   study_dir = Path(args.study_dir) if args.study_dir else paths_lib.cache_root() / "studies" / study["name"]
   # The quick study (--quick, or the file's "quick" argument: the same study) reports into its study

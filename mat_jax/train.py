@@ -55,9 +55,6 @@ _out_dir: Path | None = None
 def _main(argv: list[str] | None) -> int:
   global _out_dir
   args, overrides = parse_args(argv)
-  runtime.prepare_process()
-  ahead.enabled()  # a mistyped MAT_JAX_COMPILE_AHEAD fails now, not once a run is set up
-
   if args.config is None and overrides:
     print("error: --config.* overrides need --config FILE", file=sys.stderr)
     return errors.EXIT_USER_ERROR
@@ -65,6 +62,11 @@ def _main(argv: list[str] | None) -> int:
     print("error: --no-eval skips a training run's evaluations (with --config FILE); the demo's last stage is "
           "its evaluation", file=sys.stderr)
     return errors.EXIT_USER_ERROR
+  config = None if args.config is None else config_lib.load(args.config, overrides)
+  # The demo and the shapes world's experiments train its small models only (runtime: their GEMMs).
+  runtime.prepare_process(small_models=config is None or config.data.name == "shapes")
+  ahead.enabled()  # a mistyped MAT_JAX_COMPILE_AHEAD fails now, not once a run is set up
+
   # jax.distributed must start before anything touches the devices.
   mesh_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   if args.config is None:
@@ -72,7 +74,6 @@ def _main(argv: list[str] | None) -> int:
       errors.check_writable_dir(args.workdir, "--workdir")
     _out_dir = Path(args.workdir or demo.DEFAULT_WORKDIR)
     return demo.main(workdir=args.workdir, mesh_spec=args.mesh, progress=not args.no_progress)
-  config = config_lib.load(args.config, overrides)
   workdir = Path(args.workdir or Path("runs") / (config.name or Path(args.config.split(":")[0]).stem))
   errors.check_writable_dir(workdir, "--workdir")
   checkpoint.check_workdir(workdir)  # before a cached starting model trains (minutes)

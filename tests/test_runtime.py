@@ -93,16 +93,66 @@ def test_explicit_directory_wins(monkeypatch, tmp_path, restore_jax_cache):
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
 
 
-def _xla_flags_after_entry_point(tmp_path, flags: str | None) -> str:
-  """XLA_FLAGS as a fresh process sees it after an entry point's first call (prepare_process)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _xla_flags_after_entry_point(tmp_path, flags: str | None, *, small_models: bool = False,
+                                 triton_gemm: str | None = None) -> str:
+  """XLA_FLAGS as a fresh process sees it after an entry point's first call (prepare_process), once its CPU
+  backend has started with them and run a program."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MAT_JAX_TRITON_GEMM")}
   if flags is not None:
     env["XLA_FLAGS"] = flags
+  if triton_gemm is not None:
+    env["MAT_JAX_TRITON_GEMM"] = triton_gemm
   env["MAT_JAX_COMPILATION_CACHE"] = str(tmp_path / "xla")
-  code = ("import os; from mat_jax import runtime; runtime.prepare_process(); "
-          "import jax; jax.devices(); print(os.environ.get('XLA_FLAGS', ''))")
+  code = (f"import os; from mat_jax import runtime; runtime.prepare_process(small_models={small_models}); "
+          "import jax, jax.numpy as jnp; assert float(jax.jit(lambda x: x @ x)(jnp.eye(3)).sum()) == 3.0; "
+          "print(os.environ.get('XLA_FLAGS', ''))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
   return out.stdout.strip().splitlines()[-1]
+
+
+def test_triton_gemms_are_off_for_the_small_models_unless_chosen(tmp_path):
+  # XLA:GPU's Triton GEMM kernels: most of a tiny model's compile time there (runtime's docstring).
+  off = "--xla_gpu_enable_triton_gemm=false"
+  ynn = "--xla_cpu_experimental_ynn_fusion_type="
+  assert _xla_flags_after_entry_point(tmp_path, None, small_models=True).split() == [off, ynn]
+  assert _xla_flags_after_entry_point(tmp_path, None).split() == [ynn]  # other models: XLA's default
+  assert _xla_flags_after_entry_point(tmp_path, None, small_models=True, triton_gemm="1").split() == [ynn]
+  assert _xla_flags_after_entry_point(tmp_path, None, triton_gemm="0").split() == [off, ynn]
+  assert _xla_flags_after_entry_point(tmp_path, None, small_models=True, triton_gemm="auto").split() == [off, ynn]
+  chosen = "--xla_gpu_enable_triton_gemm=true"  # the user's XLA_FLAGS win
+  assert _xla_flags_after_entry_point(tmp_path, chosen, small_models=True).split() == [chosen, ynn]
+
+
+def test_a_mistyped_triton_gemm_setting_names_the_choices(monkeypatch):
+  from mat_jax.errors import ConfigError
+
+  monkeypatch.setenv("MAT_JAX_TRITON_GEMM", "maybe")
+  with pytest.raises(ConfigError, match="MAT_JAX_TRITON_GEMM='maybe'.*auto.*1.*0"):
+    runtime.triton_gemm(small_models=True)
+  for value, small, expected in (("", True, False), ("", False, True), ("ON", True, True), (" off ", False, False)):
+    monkeypatch.setenv("MAT_JAX_TRITON_GEMM", value)
+    assert runtime.triton_gemm(small_models=small) is expected, value
+
+
+@pytest.mark.parametrize("experiment, small", [(None, True), ("shapes_mat.py", True), ("flickr30k.py:mat", False)])
+def test_train_names_the_shapes_worlds_small_models_to_the_runtime(monkeypatch, experiment, small):
+  from mat_jax import runs, train
+
+  argv = [] if experiment is None else ["--config", str(runs.EXPERIMENTS_DIR / experiment)]  # None: the demo
+
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def prepare_process(*, small_models=False):
+    seen.append(small_models)
+    raise Stop
+
+  monkeypatch.setattr(runtime, "prepare_process", prepare_process)
+  with pytest.raises(Stop):
+    train._main(argv)
+  assert seen == [small]
 
 
 def test_entry_points_turn_off_cpu_ynn_fusions_unless_the_user_chose(tmp_path):
