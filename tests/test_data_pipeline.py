@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import signal
 import threading
 import time
@@ -391,6 +392,48 @@ def test_worker_processes_start_together_not_one_after_another(world, tmp_path):
   # A terminal's Ctrl-C reaches the whole process group: the workers leave it to the training process,
   # which checkpoints and stops them (each printed a KeyboardInterrupt traceback before).
   assert [p.read_text() for p in tmp_path.iterdir()] == ["SIGINT ignored"] * 2
+
+
+class ModulesSeen:
+  """A data source that records, in each worker process, whether the training command's modules were
+  imported there."""
+
+  def __init__(self, source, directory):
+    self.source, self.directory = source, directory
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    imported = "mat_jax.training.demo" in sys.modules or "mat_jax.training.loop" in sys.modules
+    (self.directory / f"{os.getpid()}").write_text("imported" if imported else "not imported")
+    return self.source[index]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_of_a_mat_jax_command_do_not_import_its_main_module(world, tmp_path, monkeypatch, workers):
+  # Spawned processes import the parent's __main__ first: for `python -m mat_jax.train` the whole framework.
+  import importlib.util
+  from multiprocessing import spawn
+
+  train, _, tok = world
+  main = sys.modules["__main__"]
+  command = importlib.util.find_spec("mat_jax.train")
+  monkeypatch.setattr(main, "__spec__", command)  # as under `python -m mat_jax.train`
+  assert spawn.get_preparation_data("worker")["init_main_from_name"] == "mat_jax.train"
+  dataset = pipeline.training_pipeline(ModulesSeen(train, tmp_path), tok, 4, process_index=0, process_count=1,
+                                       num_workers=workers, decoded_cache_bytes=0)
+  (batch,) = _take(dataset, 1)
+  (without_workers,) = _take(_pipe(world, 4, decoded_cache_bytes=0), 1)
+  np.testing.assert_array_equal(batch["images"], without_workers["images"])
+  in_workers = [p.read_text() for p in tmp_path.iterdir() if p.name != str(os.getpid())]
+  assert in_workers == ["not imported"] * workers
+  assert main.__spec__ is command  # named again once the workers have started
+  # Another program's main module is left alone: its workers may need what it defines.
+  other = importlib.util.spec_from_loader("my_experiment", loader=None)
+  monkeypatch.setattr(main, "__spec__", other)
+  with pipeline.entry_point_main_hidden():
+    assert spawn.get_preparation_data("worker")["init_main_from_name"] == "my_experiment"
 
 
 def test_eval_set_holds_all_images_captions_and_index_maps(world):

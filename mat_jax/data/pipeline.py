@@ -22,6 +22,7 @@ index maps `text_to_image` (T,) and `image_to_texts` (N, K_max) (-1 pads) that r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -459,11 +460,34 @@ def _leave_interrupts_to_main(worker_index: int, worker_count: int) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def entry_point_main_hidden():
+  """While worker processes start: a mat_jax command's `__main__` module (`python -m mat_jax.train`) is not
+  named to them. Python's spawn start method makes each new process import the parent's `__main__` module
+  first, which for a command line is the whole framework (models, training, evaluation: about 1 s of a
+  worker's 2.7 s start-up on the 2-core CPU), though a worker only unpickles and runs its pipeline, whose
+  parts live in the modules it imports anyway (Grain pickles them with cloudpickle, which would carry
+  anything of `__main__` by value). Another program's `__main__` is left as it is."""
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  if not (getattr(spec, "name", None) or "").startswith("mat_jax."):
+    yield
+    return
+  # What multiprocessing's spawn reads to name the main module: its spec, else its file.
+  saved = {name: main.__dict__.pop(name) for name in ("__spec__", "__file__") if name in main.__dict__}
+  main.__spec__ = None
+  try:
+    yield
+  finally:
+    main.__dict__.update(saved)
+
+
 class WorkersStartedTogether(grain.IterDataset):
   """`mp_prefetch`'s worker processes, all started at the first read. Grain starts a worker when it is first
   read from, and its interleave reads worker w + 1 only once worker w has delivered, so W workers started
   one after the other: W start-ups (imports, then a first batch) before the W-th batch, about 8 s each on a
-  16-core GPU host, a minute of a short run with 8 workers. The batches and the iterator's state are the
+  16-core GPU host, a minute of a short run with 8 workers. A mat_jax command's main module is not
+  imported by them (`entry_point_main_hidden`). The batches and the iterator's state are the
   mp_prefetch's own."""
 
   def __iter__(self) -> grain.DatasetIterator:
@@ -478,9 +502,14 @@ class _StartWorkersAtFirstRead(grain.DatasetIterator):
   def __next__(self):
     if not self._started:
       # The interleave has made every worker's iterator by now (the prefetching thread above asked for the
-      # state at its creation, a restore set it); this starts each one's process together.
-      self._parent.start_prefetch()
+      # state at its creation, a restore set it); this starts each one's process together. Until the first
+      # batch is back, every worker has started: one whose iterator the interleave makes only now (this
+      # thread's read may come before that state was asked for) starts inside its first read.
+      with entry_point_main_hidden():
+        self._parent.start_prefetch()
+        batch = next(self._parent)
       self._started = True
+      return batch
     return next(self._parent)
 
   def get_state(self):
