@@ -461,6 +461,22 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   return out
 
 
+def clean_scoring_compilation(encoder: DualEncoder, tokenizer: Tokenizer, eval_set, *,
+                              batch_size: int = 32) -> Callable[[Any], None]:
+  """The compilation of `evaluate`'s clean scoring of `eval_set` (the target's image and text embeddings at
+  its batch shapes, their ranking) as work for another thread: the host's part (tokenising the captions)
+  happens here; the returned function, given the parameters `evaluate` will be given as ShapeDtypeStructs
+  (host arrays, as a training run's evaluation passes them: no sharding), only lowers and compiles
+  (`metrics.compile_retrieval`). The attacks' programs are not among them."""
+  n_images = len(eval_set.images)
+  images = jax.ShapeDtypeStruct((n_images,) + tuple(np.shape(eval_set.images)[1:]), np.float32)  # _float_images
+  tokens = tokenizer([str(c) for c in eval_set.captions])
+  ids, mask = (jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
+               for a in (tokens.input_ids, tokens.attention_mask))
+  return lambda params: metrics.compile_retrieval(encoder, params, images, ids, mask,
+                                                  image_batch=min(batch_size, n_images))
+
+
 def label_flip_share(entry: Mapping[str, Any]) -> float | None:
   """An attack's share of label flips among the captions it changed (`meaning_preserving_scores`); None
   when it changed none: NaN in `evaluate`'s results, null in their JSON."""

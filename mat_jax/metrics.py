@@ -29,34 +29,35 @@ RECALL_KS = (1, 5, 10)
 RECALL_KEYS = tuple(f"{d}@{k}" for d in ("tr", "ir") for k in RECALL_KS)
 
 
-def _check_scores(scores, text_to_image) -> tuple[jax.Array, jax.Array]:
-  scores = jnp.asarray(scores, jnp.float32)
-  if not np.issubdtype(np.asarray(text_to_image).dtype, np.integer) and np.size(text_to_image):
+def _check_scores(scores, text_to_image) -> tuple[np.ndarray, np.ndarray]:
+  # Host arrays, which the jitted ranking takes as they are: a conversion into a device array would run (and
+  # compile, once per shape) a program of its own.
+  scores = np.asarray(scores, np.float32)
+  mapping = np.asarray(text_to_image)
+  if not np.issubdtype(mapping.dtype, np.integer) and mapping.size:
     # Cast to int, 1.9 would silently be image 1.
-    raise InputError(f"text_to_image must hold integer image indices, got dtype {np.asarray(text_to_image).dtype}")
-  text_to_image = jnp.asarray(text_to_image, jnp.int32)
+    raise InputError(f"text_to_image must hold integer image indices, got dtype {mapping.dtype}")
   if scores.ndim != 2:
     raise InputError(f"scores must be a (n_images, n_texts) matrix, got shape {scores.shape}")
-  if text_to_image.shape != (scores.shape[1],):
+  if mapping.shape != (scores.shape[1],):
     raise InputError(f"text_to_image must have one entry per text (scores column), shape "
-                     f"({scores.shape[1]},); got {text_to_image.shape}. Pass scores as images x texts.")
+                     f"({scores.shape[1]},); got {mapping.shape}. Pass scores as images x texts.")
   # Checked on the host: an index out of range would be clamped by JAX, and a NaN score would rank
   # first (no score is greater than NaN), reporting a broken model as a perfectly robust one.
-  mapping = np.asarray(text_to_image)
   if mapping.size and (mapping.min() < 0 or mapping.max() >= scores.shape[0]):
     raise InputError(f"text_to_image holds image indices from {mapping.min()} to {mapping.max()}, but scores has "
                      f"{scores.shape[0]} images (rows); each entry must be in [0, {scores.shape[0]})")
   # An image without a caption could never be retrieved: it would count as a failed text-retrieval query (a
   # perfect score matrix scoring TR@1 below 100), where `evaluate` refuses the same set.
   checks.check_text_to_image(mapping, scores.shape[0], scores.shape[1])
-  finite = np.isfinite(np.asarray(scores))
+  finite = np.isfinite(scores)
   if not finite.all():
     rows, cols = np.flatnonzero(~finite.all(axis=1)), np.flatnonzero(~finite.all(axis=0))
     raise InputError(f"scores hold NaN/inf in {len(rows)} image rows (e.g. {rows[:5].tolist()}) and {len(cols)} text "
                      f"columns (e.g. {cols[:5].tolist()}): the features are not finite. Usual causes: token ids "
                      "outside the text model's vocabulary (a tokenizer that does not belong to the model), "
                      "non-finite pixels, or NaN weights")
-  return scores, text_to_image
+  return scores, mapping.astype(np.int32)
 
 
 @jax.jit
@@ -163,12 +164,17 @@ def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+def _batch_rows(n: int, batch_size: int) -> int:
+  """The rows of each fixed-size batch over n items: batch_size, or n when fewer."""
+  return min(checks.check_steps(batch_size, name="batch_size"), n)
+
+
 def embed_images(encoder: DualEncoder, params, images, batch_size: int = 256) -> np.ndarray:
   """L2-normalised image embeddings (N, D), computed in fixed-size jitted batches."""
   config = getattr(encoder, "config", None)  # any encoder with image_embeddings works; CLIP's has a config
   checks.check_images(images, config.vision.image_size if config is not None else None)
   images = np.asarray(images)
-  batch_size = min(checks.check_steps(batch_size, name="batch_size"), len(images))
+  batch_size = _batch_rows(len(images), batch_size)
   return _batched(lambda x: image_embeddings(encoder, params, x), (images,), batch_size)
 
 
@@ -178,8 +184,25 @@ def embed_texts(encoder: DualEncoder, params, input_ids, attention_mask, batch_s
   if config is not None:
     checks.check_token_ids(input_ids, attention_mask, config.text.positions, config.text.vocab_size)
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-  batch_size = min(checks.check_steps(batch_size, name="batch_size"), len(ids))
+  batch_size = _batch_rows(len(ids), batch_size)
   return _batched(lambda i, m: text_embeddings(encoder, params, i, m), (ids, mask), batch_size)
+
+
+def compile_retrieval(encoder: DualEncoder, params, images, input_ids, attention_mask, *, image_batch: int = 256,
+                      text_batch: int = 1024) -> None:
+  """Compile, without running them, the programs that `embed_images(encoder, params, images, image_batch)`,
+  `embed_texts(encoder, params, input_ids, attention_mask, text_batch)` and the `retrieval_ranks` of
+  their similarities run, so that those calls find them compiled (e.g. on another thread while a model
+  trains). The arguments may be `jax.ShapeDtypeStruct`s: params as the calls will get them (host arrays:
+  no sharding), the arrays as whole sets (N, H, W, 3) and (T, L)."""
+  def rows(array, batch_size):
+    return jax.ShapeDtypeStruct((_batch_rows(array.shape[0], batch_size),) + tuple(array.shape[1:]), array.dtype)
+
+  image_embeddings.lower(encoder, params, rows(images, image_batch)).compile()
+  text_embeddings.lower(encoder, params, rows(input_ids, text_batch), rows(attention_mask, text_batch)).compile()
+  # As `_check_scores` makes them: float32 scores, int32 indices.
+  _ranks.lower(jax.ShapeDtypeStruct((images.shape[0], input_ids.shape[0]), jnp.float32),
+               jax.ShapeDtypeStruct((input_ids.shape[0],), jnp.int32)).compile()
 
 
 def similarity_matrix(encoder: DualEncoder, params, images, input_ids, attention_mask,

@@ -800,3 +800,46 @@ def test_a_runs_evaluation_reports_label_flips_in_percent_as_its_recalls():
       "pgd": {"2": {"recall": {"tr@1": 10.0}}}}}
   assert loop.flatten_results(results) == {"clean/tr@1": 50.0, "bert/tr@1": 25.0, "bert/label_flips_pct": 80.0,
                                            "bert/mp_tr@1": 40.0, "pgd@2/tr@1": 10.0}
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_the_evaluations_clean_scoring_is_compiled_ahead_beside_the_training(root, devices, monkeypatch, setting):
+  """A run that evaluates compiles its clean scoring's programs (the encoders at the evaluation's batch
+  shapes, the ranking) on a thread after its step's: the first evaluation then obtains no program. Off,
+  it does (so the check can fail)."""
+  import threading
+
+  from jax import monitoring
+
+  monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", setting)
+  events, inside, calls = [], threading.local(), []
+
+  def record(event, *args, **kwargs):
+    if getattr(inside, "evaluating", False) and event in ("/jax/core/compile/backend_compile_duration",
+                                                           "/jax/compilation_cache/cache_hits"):
+      events.append(event)
+
+  call = loop.Evaluator.__call__
+
+  def recorded_call(self, params):
+    calls.append(1)
+    inside.evaluating = len(calls) == 1
+    try:
+      return call(self, params)
+    finally:
+      inside.evaluating = False
+
+  monkeypatch.setattr(loop.Evaluator, "__call__", recorded_call)
+  # Eval batch sizes and test-set sizes no other test uses: programs the session's caches cannot hold yet.
+  batch_size, images = (7, 13) if setting == "1" else (9, 11)
+  config = micro_config(root, train={"steps": 2, "log_every": 2, "checkpoint_every": 2, "eval_every": 2},
+                        eval={"attacks": (), "batch_size": batch_size, "max_images": images})
+  monitoring.register_event_duration_secs_listener(record)
+  monitoring.register_event_listener(record)
+  try:
+    result = loop.train(config, root / f"eval_ahead_{setting}", mesh_spec="1", log=lambda _: None, progress=False)
+  finally:
+    monitoring.unregister_event_duration_listener(record)
+    monitoring.unregister_event_listener(record)
+  assert calls and "clean/tr@1" in result.evaluation
+  assert (events == []) == (setting != "0"), events

@@ -14,11 +14,15 @@ run through the persistent compilation cache, since the run will make its own ji
 own compilation ahead waits for it, then loads the executable, instead of compiling it a second time
 beside it.
 
+A run that evaluates compiles its evaluation's clean scoring (`evaluate.clean_scoring_compilation`: the
+encoders at the evaluation's batch shapes, the ranking) the same way, on a thread that starts once the
+step's compilation has finished, beside the training, so that the first evaluation finds them.
+
 A compilation ahead can only save time: were the first batch's shapes other than the compiled ones, the
 first call would compile as it always did. An error in the thread is dropped for the same reason: the
-step's first call meets it and reports it where it belongs.
+program's first call meets it and reports it where it belongs.
 
-`MAT_JAX_COMPILE_AHEAD=0` switches both off (default 1: on).
+`MAT_JAX_COMPILE_AHEAD=0` switches all of them off (default 1: on).
 """
 
 from __future__ import annotations
@@ -55,18 +59,21 @@ def later_runs_enabled() -> bool:
 
 
 class Compilation:
-  """`work` (a lowering and compilation) run on a background thread. `wait()` returns once it has
-  finished or failed (`error`)."""
+  """`work` (a lowering and compilation) run on a background thread, once the compilation `after` (if any)
+  has finished: one at a time keeps a first step's compilation from sharing the cores with later work.
+  `wait()` returns once it has finished or failed (`error`)."""
 
-  def __init__(self, work: Callable[[], Any], *, name: str = "step"):
+  def __init__(self, work: Callable[[], Any], *, name: str = "step", after: "Compilation | None" = None):
     self.error: BaseException | None = None
-    self._thread = threading.Thread(target=self._run, args=(work,), name=f"mat_jax compile ahead: {name}")
+    self._thread = threading.Thread(target=self._run, args=(work, after), name=f"mat_jax compile ahead: {name}")
     self._thread.start()
 
-  def _run(self, work: Callable[[], Any]) -> None:
+  def _run(self, work: Callable[[], Any], after: "Compilation | None") -> None:
+    if after is not None:
+      after.wait()
     try:
       work()
-    except BaseException as err:  # noqa: BLE001  the step's first call meets it and reports it
+    except BaseException as err:  # noqa: BLE001  the program's first call meets it and reports it
       self.error = err
 
   def done(self) -> bool:
@@ -82,6 +89,12 @@ def abstract_state(run: Any) -> Any:
   cfg = run.config
   shapes = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
   return checkpoint_lib.abstract_like(shapes, run.shardings)
+
+
+def evaluated_params(run: Any) -> Any:
+  """The parameters a run's evaluation is given (`loop.host_params` of the state's: host arrays, so no
+  sharding), as ShapeDtypeStructs."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state(run).params)
 
 
 def abstract_batch(run: Any, builder: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -112,12 +125,8 @@ def compile_step(run: Any, step_fn: Any, reference: Any, builder: Any, *, mesh_s
   # tokenizer or the data source beside the pipeline's threads.
   batch = abstract_batch(run, builder)
 
-  def compile_after_earlier():
-    if earlier is not None:
-      earlier.wait()
-    step_fn.lower(abstract_state(run), batch, reference).compile()
-
-  return Compilation(compile_after_earlier, name=run.config.name or "step")
+  return Compilation(lambda: step_fn.lower(abstract_state(run), batch, reference).compile(),
+                     name=run.config.name or "step", after=earlier)
 
 
 # Steps of runs not started yet being compiled (`compile_run_ahead`), by `_run_key`.

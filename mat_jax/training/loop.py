@@ -465,6 +465,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     # at a step with a periodic evaluation makes that evaluation again (below): their old lines go.
     periodic_at_start = (resumed and start < cfg.train.steps and bool(cfg.train.eval_every)
                          and start % cfg.train.eval_every == 0)
+    if evaluator is not None and steps_left and not periodic_at_start and ahead.enabled():
+      # Its clean scoring's programs compile beside the training, after the step's.
+      evaluator.compile_ahead(after=compiling)
     writer = MetricWriter(workdir, enabled=main, resume_step=start,
                           reevaluated=evaluator is not None and (start == cfg.train.steps or periodic_at_start))
     bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
@@ -823,6 +826,7 @@ class Evaluator:
     self._data = None
     self._source = None
     self._judge = None
+    self._compiling: ahead.Compilation | None = None
 
   def describe(self) -> str:
     """What the evaluation's figures are of, for its log line (known once it has run)."""
@@ -831,10 +835,9 @@ class Evaluator:
     return (f"{self.run.config.eval.split} split, {self._data.num_images} images and {self._data.num_texts} "
             "captions; recall and label flips in %")
 
-  def __call__(self, params: nnx.State) -> dict[str, float]:
+  def _load(self) -> None:
+    """The eval set, and the text attacks' candidate source and judge where the attacks need them."""
     cfg = self.run.config
-    if self.run.tokenizer is None or self.builder is None:
-      return {}
     if self._data is None:
       self._data = setup.eval_set(cfg, self.builder, self.run.tokenizer)
       if any(a in evaluate_lib.NEEDS_TEXT_SOURCE for a in cfg.eval.attacks):
@@ -842,6 +845,26 @@ class Evaluator:
                                           top_k=cfg.text_attack.top_k, log=self.log)
         if self._data.scenes is not None:  # the shapes world: meaning-aware scoring
           self._judge = evaluate_lib.shapes_judge(self._data)
+
+  def compile_ahead(self, after: ahead.Compilation | None) -> None:
+    """Compile the clean scoring's programs on a thread once `after` (the step's compilation) is done, so
+    that the first evaluation finds them; the eval set is read and tokenised here first."""
+    if self.run.tokenizer is None or self.builder is None:
+      return
+    self._load()
+    run = self.run
+    compile_for = evaluate_lib.clean_scoring_compilation(run.encoder, run.tokenizer, self._data,
+                                                         batch_size=run.config.eval.batch_size)
+    self._compiling = ahead.Compilation(lambda: compile_for(ahead.evaluated_params(run)), name="evaluation",
+                                        after=after)
+
+  def __call__(self, params: nnx.State) -> dict[str, float]:
+    cfg = self.run.config
+    if self.run.tokenizer is None or self.builder is None:
+      return {}
+    self._load()
+    if self._compiling is not None:
+      self._compiling.wait()  # else its programs would compile a second time here
     settings = evaluate_lib.AttackSettings(steps=cfg.eval.steps)
     results = evaluate_lib.evaluate(self.run.encoder, params, self.run.tokenizer, self._data,
                                     attacks=tuple(cfg.eval.attacks), eps_255=(cfg.eval.eps * 255,),
