@@ -843,3 +843,16 @@ def test_the_evaluations_clean_scoring_is_compiled_ahead_beside_the_training(roo
     monitoring.unregister_event_listener(record)
   assert calls and "clean/tr@1" in result.evaluation
   assert (events == []) == (setting != "0"), events
+
+
+@pytest.mark.slow
+def test_a_run_whose_pipeline_makes_candidates_compiles_no_evaluation_beside_it(root, devices, monkeypatch):
+  """MAT's batches carry text-attack candidates, which the masked LM makes on the pipeline's thread: no
+  third thread compiles beside those two (loop._train); the contrastive runs above do."""
+  started = []
+  monkeypatch.setattr(loop.Evaluator, "compile_ahead", lambda self, after: started.append(after))
+  config = micro_config(root, train={"steps": 1, "log_every": 1, "checkpoint_every": 1, "eval_every": 1},
+                        eval={"attacks": (), "max_images": 8}, objective={"name": "mat", "steps": 1},
+                        text_attack={"source": "paraphrase", "top_k": 4, "max_targets": 4})
+  result = loop.train(config, root / "mat_eval", mesh_spec="1", log=lambda _: None, progress=False)
+  assert started == [] and "clean/tr@1" in result.evaluation

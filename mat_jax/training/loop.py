@@ -465,8 +465,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     # at a step with a periodic evaluation makes that evaluation again (below): their old lines go.
     periodic_at_start = (resumed and start < cfg.train.steps and bool(cfg.train.eval_every)
                          and start % cfg.train.eval_every == 0)
-    if evaluator is not None and steps_left and not periodic_at_start and ahead.enabled():
-      # Its clean scoring's programs compile beside the training, after the step's.
+    if (evaluator is not None and steps_left and not periodic_at_start and ahead.enabled()
+        and not run.batch_transforms):
+      # Its clean scoring's programs compile beside the training, after the step's. Not beside a run whose
+      # pipeline runs device programs of its own (the text attack's candidates): the one crash seen on a
+      # GPU came from a third thread's programs beside those two (docs/performance.md).
       evaluator.compile_ahead(after=compiling)
     writer = MetricWriter(workdir, enabled=main, resume_step=start,
                           reevaluated=evaluator is not None and (start == cfg.train.steps or periodic_at_start))
