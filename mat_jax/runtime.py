@@ -53,14 +53,14 @@ from jax._src import xla_bridge  # private: whether a backend has read XLA_FLAGS
 from mat_jax.errors import ConfigError
 from mat_jax.paths import cache_root
 
-# Values of MAT_JAX_COMPILATION_CACHE that switch the cache off.
-_OFF = ("0", "off", "false", "no")
+# The values that switch one of mat_jax's environment settings on or off (MAT_JAX_COMPILATION_CACHE,
+# MAT_JAX_TRITON_GEMM, MAT_JAX_COMPILE_AHEAD), compared lower-cased.
+ON = ("1", "on", "true", "yes")
+OFF = ("0", "off", "false", "no")
 # XLA flags every entry point adds unless `XLA_FLAGS` sets them (see the module docstring).
 _DEFAULT_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-# The XLA:GPU flag of Triton's GEMM kernels, and the values of MAT_JAX_TRITON_GEMM (see the module docstring).
+# The XLA:GPU flag of Triton's GEMM kernels (see the module docstring).
 TRITON_GEMM_FLAG = "xla_gpu_enable_triton_gemm"
-_TRITON_GEMM_SETTINGS = {"": None, "auto": None, "1": True, "on": True, "true": True, "yes": True,
-                         "0": False, "off": False, "false": False, "no": False}
 
 
 def prepare_process(*, small_models: bool = False) -> Path | None:
@@ -83,11 +83,12 @@ def triton_gemm(small_models: bool) -> bool:
   """Whether XLA:GPU may compile matrix multiplications as Triton kernels: `MAT_JAX_TRITON_GEMM` when it is
   set (1 or 0), else not for small models. A value other than those named is an error naming them."""
   value = os.environ.get("MAT_JAX_TRITON_GEMM", "").strip().lower()
-  if value not in _TRITON_GEMM_SETTINGS:
+  if value in ("", "auto"):
+    return not small_models
+  if value not in ON + OFF:
     raise ConfigError(f"MAT_JAX_TRITON_GEMM={value!r}: use auto (the default: off for the shapes world's small "
                       "models), 1 (XLA's default, Triton's GEMM kernels on) or 0 (off, cuBLAS for every model)")
-  chosen = _TRITON_GEMM_SETTINGS[value]
-  return (not small_models) if chosen is None else chosen
+  return value in ON
 
 
 _frozen = False  # whether prepare_process froze the start-up objects
@@ -96,9 +97,9 @@ _frozen = False  # whether prepare_process froze the start-up objects
 def compilation_cache_dir() -> Path | None:
   """Where compiled programs are cached, from the environment (see the module docstring); None when off."""
   setting = os.environ.get("MAT_JAX_COMPILATION_CACHE", "").strip()
-  if setting.lower() in _OFF:
+  if setting.lower() in OFF:
     return None
-  if setting and setting.lower() not in ("1", "on", "true", "yes"):
+  if setting and setting.lower() not in ON:
     return Path(setting).expanduser()
   return cache_root() / "jax"
 

@@ -37,19 +37,16 @@ import ml_collections
 from mat_jax import checkpoint as checkpoint_lib
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
+from mat_jax import runtime
 from mat_jax.training import setup
 from mat_jax.training import step as step_lib
-
-_OFF = ("0", "off", "false", "no")
-_ON = ("", "1", "on", "true", "yes")
-
 
 def enabled() -> bool:
   """`MAT_JAX_COMPILE_AHEAD`: on unless 0 (off, false, no); another value is an error naming the choices."""
   value = os.environ.get("MAT_JAX_COMPILE_AHEAD", "1").strip().lower()
-  if value not in _ON + _OFF:
+  if value not in ("",) + runtime.ON + runtime.OFF:
     raise config_lib.ConfigError(f"MAT_JAX_COMPILE_AHEAD={value!r}: use 1 (on, the default) or 0 (off)")
-  return value not in _OFF
+  return value not in runtime.OFF
 
 
 def later_runs_enabled() -> bool:
@@ -123,10 +120,14 @@ def compile_step(run: Any, step_fn: Any, reference: Any, builder: Any, *, mesh_s
     earlier = _later.pop(_run_key(run.config, mesh_spec), None)
   # The batch is made here, before the pipeline starts: the thread does JAX work only, and never uses the
   # tokenizer or the data source beside the pipeline's threads.
-  batch = abstract_batch(run, builder)
+  return Compilation(step_compilation(run, step_fn, reference, builder), name=run.config.name or "step",
+                     after=earlier)
 
-  return Compilation(lambda: step_fn.lower(abstract_state(run), batch, reference).compile(),
-                     name=run.config.name or "step", after=earlier)
+
+def step_compilation(run: Any, step_fn: Any, reference: Any, builder: Any) -> Callable[[], Any]:
+  """The lowering and compilation of the run's step as work for a thread; its batch is made here."""
+  batch = abstract_batch(run, builder)
+  return lambda: step_fn.lower(abstract_state(run), batch, reference).compile()
 
 
 # Steps of runs not started yet being compiled (`compile_run_ahead`), by `_run_key`.

@@ -263,9 +263,7 @@ def compile_run_ahead(config: ml_collections.ConfigDict, *, mesh_spec: str | Non
   run = build_run(config, Path("."), mesh_spec=mesh_spec, log=lambda _: None)
   step_fn, reference = make_train_step(run)
   builder = setup.data_builder(config, run.model.config.vision.image_size, log=lambda _: None)
-  batch = ahead.abstract_batch(run, builder)
-  return ahead.compile_for_later_run(
-      config, mesh_spec, lambda: step_fn.lower(ahead.abstract_state(run), batch, reference).compile())
+  return ahead.compile_for_later_run(config, mesh_spec, ahead.step_compilation(run, step_fn, reference, builder))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -442,9 +440,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     _check_steps_cover(ckpt, cfg.train.steps, workdir)
     state, start = None, None
     if ckpt.latest_step() is not None:
-      abstract = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx, run.is_trainable, cfg.seed), run.params)
-      state, start = ckpt.restore_newest_intact(checkpoint_lib.abstract_like(abstract, run.shardings),
-                                                data_iterator, log=say)
+      state, start = ckpt.restore_newest_intact(ahead.abstract_state(run), data_iterator, log=say)
     stop_if_signalled()
     resumed = start is not None
     if resumed:
@@ -849,10 +845,13 @@ class Evaluator:
         if self._data.scenes is not None:  # the shapes world: meaning-aware scoring
           self._judge = evaluate_lib.shapes_judge(self._data)
 
+  def _can_evaluate(self) -> bool:
+    return self.run.tokenizer is not None and self.builder is not None
+
   def compile_ahead(self, after: ahead.Compilation | None) -> None:
     """Compile the clean scoring's programs on a thread once `after` (the step's compilation) is done, so
     that the first evaluation finds them; the eval set is read and tokenised here first."""
-    if self.run.tokenizer is None or self.builder is None:
+    if not self._can_evaluate():
       return
     self._load()
     run = self.run
@@ -863,7 +862,7 @@ class Evaluator:
 
   def __call__(self, params: nnx.State) -> dict[str, float]:
     cfg = self.run.config
-    if self.run.tokenizer is None or self.builder is None:
+    if not self._can_evaluate():
       return {}
     self._load()
     if self._compiling is not None:
