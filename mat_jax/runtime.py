@@ -25,7 +25,7 @@ flags once, when the first backend starts; after that the setting is left alone.
 On a GPU, XLA compiles each matrix multiplication fusion as a Triton kernel and autotunes its tile sizes,
 which is most of a small model's compile time: the shapes world's tiny MAT step (batch 64, bf16) compiled
 in 51.8 s with them and in 23.3 s with the multiplications left to cuBLAS, stepping in 0.007 s either
-way (an H200, jax 0.11.2; docs/benchmarks.md). Entry points whose models are all the shapes world's
+way (an H200, jax 0.11.2, 2026-11-28; docs/benchmarks.md). Entry points whose models are all the shapes world's
 (`prepare_process(small_models=True)`) turn Triton's GEMMs off; for other models XLA's default stays
 until it is measured there. `MAT_JAX_TRITON_GEMM` overrides: `0` turns them off for every model, `1`
 keeps XLA's default for every model; a `--xla_gpu_enable_triton_gemm` in `XLA_FLAGS` wins over both.

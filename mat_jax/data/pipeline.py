@@ -464,8 +464,8 @@ def _leave_interrupts_to_main(worker_index: int, worker_count: int) -> None:
 def entry_point_main_hidden():
   """While worker processes start: a mat_jax command's `__main__` module (`python -m mat_jax.train`) is not
   named to them. Python's spawn start method makes each new process import the parent's `__main__` module
-  first, which for a command line is the whole framework (models, training, evaluation: about 1 s of a
-  worker's 2.7 s start-up on the 2-core CPU), though a worker only unpickles and runs its pipeline, whose
+  first, which for a command line is the whole framework (models, training, evaluation; a third of a
+  worker's start-up, docs/performance.md), though a worker only unpickles and runs its pipeline, whose
   parts live in the modules it imports anyway (Grain pickles them with cloudpickle, which would carry
   anything of `__main__` by value). Another program's `__main__` is left as it is."""
   main = sys.modules.get("__main__")
