@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from mat_jax import processes
 from mat_jax.data import corpora, pipeline, shapes
 
 TRAIN, TEST = 24, 10
@@ -340,8 +341,8 @@ def test_worker_processes_deliver_the_same_batches_and_transform_them_off_the_lo
   # one-process stream, so the batches are those of any other worker count, and an epoch ends where it does.
   threads = _take(_pipe(world, 4, seed=3, augmentations="hflip"), 7)
   transform = RecordingTransform()
-  processes = _take(_pipe(world, 4, seed=3, augmentations="hflip", num_workers=2, batch_transforms=[transform]), 7)
-  for a, b in zip(threads, processes, strict=True):
+  in_workers = _take(_pipe(world, 4, seed=3, augmentations="hflip", num_workers=2, batch_transforms=[transform]), 7)
+  for a, b in zip(threads, in_workers, strict=True):
     np.testing.assert_array_equal(a["image_ids"], b["image_ids"])
     np.testing.assert_array_equal(a["images"], b["images"])
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
@@ -432,7 +433,7 @@ def test_workers_of_a_mat_jax_command_do_not_import_its_main_module(world, tmp_p
   # Another program's main module is left alone: its workers may need what it defines.
   other = importlib.util.spec_from_loader("my_experiment", loader=None)
   monkeypatch.setattr(main, "__spec__", other)
-  with pipeline.entry_point_main_hidden():
+  with processes.main_module_hidden(only_mat_jax_commands=True):
     assert spawn.get_preparation_data("worker")["init_main_from_name"] == "my_experiment"
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -35,6 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mat_jax import paths
+from mat_jax import processes
 from mat_jax.data import shapes
 from mat_jax.errors import InputError, MatJaxError, shown_json
 from mat_jax.workdir import WorkdirLock
@@ -200,27 +203,45 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
 
   def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    from PIL import Image
-
     cfg = self.builder_config
-    for index in range(count):
-      scene, caps = shapes_record_text(cfg.seed, split, index, cfg.captions_per_image, cfg.rare_form_rate)
-      yield index, {
-          "image": Image.fromarray(shapes.render(scene, cfg.image_size)),
-          "captions": caps,
-          "scene": scene.to_record(),
-          "image_id": index,
-      }
+    records = shapes_records(cfg.seed, split, count, cfg.captions_per_image, cfg.rare_form_rate, cfg.image_size)
+    for index, (png, caps, scene) in enumerate(records):
+      yield index, {"image": png, "captions": caps, "scene": scene, "image_id": index}
 
 
-def shapes_record_text(seed: int, split: str, index: int, captions_per_image: int,
-                       rare_form_rate: float | None = None) -> tuple[shapes.Scene, list[str]]:
-  """The scene and captions of record `index` of a shapes-world split, without rendering its image
-  (what the built dataset stores; the masked LM trains on the default world's)."""
-  scene = shapes.scene_for(seed, split, index)
-  # The captions' randomness is separate from the scene's: same scenes for any caption count or lexicon.
-  rng = np.random.default_rng((seed, shapes.SPLIT_IDS[split], index, 1))
-  return scene, shapes.captions(scene, rng, captions_per_image, rare_form_rate)
+# Scenes one builder process renders and describes per task (about 1 ms each on one core), and the smallest
+# split built by several: below it, starting the processes (a second or two: a fresh interpreter importing
+# numpy and the shapes world's modules) costs more than it saves.
+SCENES_PER_TASK = 500
+PARALLEL_BUILD_MIN_SCENES = 4_000
+
+
+def shapes_records(seed: int, split: str, count: int, captions_per_image: int, rare_form_rate: float | None,
+                   image_size: int, *, num_processes: int | None = None) -> Iterator[tuple[bytes, list[str], dict]]:
+  """A world's split, record by record in index order (`shapes.encoded_records`), made by `num_processes`
+  builder processes (None: one per usable core for a split of PARALLEL_BUILD_MIN_SCENES or more, else none: this
+  process makes them). The records are the same whoever makes them: each is a function of its index."""
+  make = functools.partial(shapes.encoded_records, seed, split, captions_per_image=captions_per_image,
+                           rare_form_rate=rare_form_rate, image_size=image_size)
+  starts = range(0, count, SCENES_PER_TASK)
+  stops = [min(start + SCENES_PER_TASK, count) for start in starts]
+  if num_processes is None:
+    num_processes = processes.usable_cores() if count >= PARALLEL_BUILD_MIN_SCENES else 1
+  num_processes = min(num_processes, len(starts))
+  # A daemonic process (a worker of a multiprocessing pool) may not start processes of its own.
+  if num_processes <= 1 or multiprocessing.current_process().daemon:
+    for start, stop in zip(starts, stops, strict=True):
+      yield from make(start, stop)
+    return
+  pool = concurrent.futures.ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=processes.ignore_interrupts)
+  try:
+    with processes.main_module_hidden():
+      tasks = pool.map(make, starts, stops)  # submits every task: the processes all start here
+    for chunk in tasks:
+      yield from chunk
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)  # a build that stops early waits for no further task
 
 
 def build_shapes(data_dir: str | os.PathLike | None = None, *, overwrite: bool = False, log=print,

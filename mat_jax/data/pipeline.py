@@ -22,10 +22,8 @@ index maps `text_to_image` (T,) and `image_to_texts` (N, K_max) (-1 pads) that r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import signal
 import sys
 import threading
 from typing import Any, Iterator, Mapping, Sequence
@@ -36,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
 
+from mat_jax import processes
 from mat_jax.data import shapes
 from mat_jax.errors import MatJaxError
 
@@ -375,7 +374,7 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = WorkersStartedTogether(it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch_batches), worker_init_fn=_leave_interrupts_to_main))
+        num_workers=num_workers, per_worker_buffer_size=prefetch_batches), worker_init_fn=processes.ignore_interrupts))
   # Batch transforms run in this process even with workers: they may hold a JAX model (BERT candidates),
   # which worker processes should not each load.
   for transform in batch_transforms:
@@ -452,42 +451,12 @@ def _batch_stages(source, tokenizer, batch_size: int, *, captions_per_image: int
   return ds, batched
 
 
-def _leave_interrupts_to_main(worker_index: int, worker_count: int) -> None:
-  """In each worker process: ignore Ctrl-C. A terminal sends SIGINT to the whole process group; the
-  training process checkpoints and stops, then stops its workers; a worker raising KeyboardInterrupt
-  itself would print a traceback each (and leave its shared memory behind)."""
-  del worker_index, worker_count
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def entry_point_main_hidden():
-  """While worker processes start: a mat_jax command's `__main__` module (`python -m mat_jax.train`) is not
-  named to them. Python's spawn start method makes each new process import the parent's `__main__` module
-  first, which for a command line is the whole framework (models, training, evaluation; a third of a
-  worker's start-up, docs/performance.md), though a worker only unpickles and runs its pipeline, whose
-  parts live in the modules it imports anyway (Grain pickles them with cloudpickle, which would carry
-  anything of `__main__` by value). Another program's `__main__` is left as it is."""
-  main = sys.modules.get("__main__")
-  spec = getattr(main, "__spec__", None)
-  if not (getattr(spec, "name", None) or "").startswith("mat_jax."):
-    yield
-    return
-  # What multiprocessing's spawn reads to name the main module: its spec, else its file.
-  saved = {name: main.__dict__.pop(name) for name in ("__spec__", "__file__") if name in main.__dict__}
-  main.__spec__ = None
-  try:
-    yield
-  finally:
-    main.__dict__.update(saved)
-
-
 class WorkersStartedTogether(grain.IterDataset):
   """`mp_prefetch`'s worker processes, all started at the first read. Grain starts a worker when it is first
   read from, and its interleave reads worker w + 1 only once worker w has delivered, so W workers started
   one after the other: W start-ups (imports, then a first batch) before the W-th batch, about 8 s each on a
   16-core GPU host, a minute of a short run with 8 workers. A mat_jax command's main module is not
-  imported by them (`entry_point_main_hidden`). The batches and the iterator's state are the
+  imported by them (`processes.main_module_hidden`). The batches and the iterator's state are the
   mp_prefetch's own."""
 
   def __iter__(self) -> grain.DatasetIterator:
@@ -505,7 +474,7 @@ class _StartWorkersAtFirstRead(grain.DatasetIterator):
       # state at its creation, a restore set it); this starts each one's process together. Until the first
       # batch is back, every worker has started: one whose iterator the interleave makes only now (this
       # thread's read may come before that state was asked for) starts inside its first read.
-      with entry_point_main_hidden():
+      with processes.main_module_hidden(only_mat_jax_commands=True):
         self._parent.start_prefetch()
         batch = next(self._parent)
       self._started = True

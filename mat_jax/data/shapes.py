@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -476,6 +477,32 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5, rare_form_rate:
       return list(found)
   raise InputError(f"only {len(found)} distinct captions of a scene in {50 * n} draws; ask for at most "
                    f"{len(found)} captions per image")
+
+
+def record_text(seed: int, split: str, index: int, captions_per_image: int,
+                rare_form_rate: float | None = None) -> tuple[Scene, list[str]]:
+  """The scene and captions of record `index` of a built world's split, without rendering its image (what
+  the built dataset stores; the masked LM trains on the default world's)."""
+  scene = scene_for(seed, split, index)
+  # The captions' randomness is separate from the scene's: same scenes for any caption count or lexicon.
+  rng = np.random.default_rng((seed, SPLIT_IDS[split], index, 1))
+  return scene, captions(scene, rng, captions_per_image, rare_form_rate)
+
+
+def encoded_records(seed: int, split: str, start: int, stop: int, captions_per_image: int,
+                    rare_form_rate: float | None, image_size: int) -> list[tuple[bytes, list[str], dict]]:
+  """Records start..stop-1 of a built world's split as its dataset stores them: the image as PNG bytes,
+  the captions, the scene's arrays (`Scene.to_record`). Work for one of the builder's processes: it
+  depends on nothing but its arguments."""
+  from PIL import Image
+
+  out = []
+  for index in range(start, stop):
+    scene, caps = record_text(seed, split, index, captions_per_image, rare_form_rate)
+    png = io.BytesIO()
+    Image.fromarray(render(scene, image_size)).save(png, format="png")  # as tfds encodes a PIL image
+    out.append((png.getvalue(), caps, scene.to_record()))
+  return out
 
 
 def check_captions_per_image(n: int, rare_form_rate: float | None = None) -> None:

@@ -106,7 +106,7 @@ def train_captions(settings: MLMSettings, split: str = "train", count: int | Non
   count = settings.train_images if count is None else count
   out: list[str] = []
   for index in range(count):
-    out.extend(corpora.shapes_record_text(settings.world_seed, split, index, settings.captions_per_image)[1])
+    out.extend(shapes.record_text(settings.world_seed, split, index, settings.captions_per_image)[1])
   return out
 
 
@@ -290,7 +290,7 @@ def format_meaning_report(report: dict[str, dict[str, float]]) -> str:
 def test_scenes(settings: MLMSettings, count: int | None = None, split: str = "test"):
   """(scenes, caption lists) of the first `count` images of a split, as the built dataset stores them."""
 
-  records = [corpora.shapes_record_text(settings.world_seed, split, i, settings.captions_per_image)
+  records = [shapes.record_text(settings.world_seed, split, i, settings.captions_per_image)
              for i in range(settings.eval_images if count is None else count)]
   return [r[0] for r in records], [r[1] for r in records]
 

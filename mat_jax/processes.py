@@ -1,0 +1,53 @@
+"""Helper processes started with the spawn method: the input pipeline's Grain workers, the shapes world's builders.
+
+Spawn, not fork: a process that has started JAX runs threads, and a forked child of a threaded process can
+deadlock on a lock some other thread held at the fork. A spawned process starts a fresh interpreter, which
+first imports the parent's `__main__` module (Python's rule, so that functions defined there can be
+unpickled). For a command line (`python -m mat_jax.train`) that is the whole framework, and for a user's
+script without an `if __name__ == "__main__":` guard it would run the script again; a helper whose work
+lives in mat_jax's modules needs neither, so `main_module_hidden` keeps `__main__` from being named to the
+processes started inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def main_module_hidden(*, only_mat_jax_commands: bool = False) -> Iterator[None]:
+  """While processes start inside: the parent's `__main__` module is not named to them (multiprocessing's
+  spawn reads its spec, else its file). `only_mat_jax_commands`: hide it only when it is a mat_jax command
+  (`python -m mat_jax.*`), leaving another program's, whose definitions its helpers may need."""
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  is_command = (getattr(spec, "name", None) or "").startswith("mat_jax.")
+  if main is None or (only_mat_jax_commands and not is_command):
+    yield
+    return
+  saved = {name: main.__dict__.pop(name) for name in ("__spec__", "__file__") if name in main.__dict__}
+  main.__spec__ = None
+  try:
+    yield
+  finally:
+    main.__dict__.pop("__spec__", None)
+    main.__dict__.update(saved)
+
+
+def ignore_interrupts(*_: object) -> None:
+  """A helper process's initializer: ignore Ctrl-C. A terminal sends SIGINT to the whole process group; the
+  parent handles it (a training run checkpoints, then stops its helpers), and a helper raising
+  KeyboardInterrupt itself would only print a traceback of its own."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity where the platform tells it, else the count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
