@@ -87,6 +87,12 @@ def test_the_world_builders_start_without_the_main_module(monkeypatch, tmp_path)
     data = spawn.get_preparation_data("builder")
   assert not data.keys() & {"init_main_from_name", "init_main_from_path"}
   assert (main.__dict__.get("__spec__"), main.__dict__.get("__file__")) == before  # named again after
+  # Nor do they start a JAX backend (on a GPU host each would claim the GPU's memory).
+  import subprocess
+
+  code = ("from mat_jax.data import shapes; shapes.encoded_records(0, 'train', 0, 2, 5, None, 32); "
+          "from jax._src import xla_bridge; print(sorted(xla_bridge._backends))")
+  assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 def test_built_dataset_is_reused(shapes_builder, data_dir):
