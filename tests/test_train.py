@@ -6,6 +6,9 @@ falls, the run's outputs (metrics, checkpoints, exported model), and the NaN sto
 
 import json
 import math
+import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -642,12 +645,107 @@ def test_the_step_compiled_ahead_is_the_program_the_first_step_runs(root, device
   assert (events == []) == (setting != "0"), events
 
 
+class ReadsRecorded:
+  """A data source that leaves a file in `directory` once it is read outside the thread that made it (a
+  pipeline's reader thread or worker process)."""
+
+  def __init__(self, source, directory):
+    self.source, self.directory = source, directory
+    self.maker = (os.getpid(), threading.get_ident())
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    if (os.getpid(), threading.get_ident()) != self.maker:
+      (self.directory / "read").touch()
+    return self.source[index]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_pipeline_reads_while_the_step_compiles_and_stops_with_the_run(root, devices, monkeypatch, tmp_path,
+                                                                           workers):
+  """The run's pipeline starts reading (its worker processes, its first batches) once the run's position is
+  known, not at the first step: while the step's compilation is waited for, a record has been read by the
+  pipeline (not by the first batch made for the compilation, in the run's own thread). When the run ends
+  its pipeline stops: no reading thread nor worker process is left behind."""
+  from mat_jax.training import ahead
+
+  split_source = setup._split_source
+  monkeypatch.setattr(setup, "_split_source", lambda *args: ReadsRecorded(split_source(*args), tmp_path))
+  waited_after_a_read = []
+  wait = ahead.Compilation.wait
+
+  def recorded_wait(self):
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "read").exists() and time.monotonic() < deadline:
+      time.sleep(0.01)
+    waited_after_a_read.append((tmp_path / "read").exists())
+    wait(self)
+
+  monkeypatch.setattr(ahead.Compilation, "wait", recorded_wait)
+  made = []  # held here, so that only the run's closing can stop its pipeline (not the garbage collector)
+  train_iterator = setup.train_iterator
+  monkeypatch.setattr(setup, "train_iterator", lambda *args, **kwargs: made.append(
+      train_iterator(*args, **kwargs)) or made[-1])
+  threads, processes = set(threading.enumerate()), _child_processes()
+  config = micro_config(root, data={"worker_count": workers}, train={"steps": 2, "checkpoint_every": 2})
+  loop.train(config, root / f"reads_early_{workers}", mesh_spec="1", log=lambda _: None, progress=False,
+             evaluate=False)
+  assert waited_after_a_read == [True] and len(made) == 1
+  assert _pipeline_threads_left(threads) == []
+  assert [command for pid, command in _child_processes().items() if pid not in processes] == []
+
+
+def test_a_run_that_fails_before_its_first_step_stops_its_pipeline(root, devices, monkeypatch):
+  made = []
+  train_iterator = setup.train_iterator
+  monkeypatch.setattr(setup, "train_iterator", lambda *args, **kwargs: made.append(
+      train_iterator(*args, **kwargs)) or made[-1])
+
+  def no_state(*args, **kwargs):
+    raise MemoryError("no room for the state")
+
+  monkeypatch.setattr(loop.step_lib, "create_state", no_state)  # after the pipeline has started reading
+  threads = set(threading.enumerate())
+  config = micro_config(root, train={"steps": 2, "checkpoint_every": 2})
+  with pytest.raises(MemoryError, match="no room"):
+    loop.train(config, root / "fails_early", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  assert len(made) == 1
+  assert _pipeline_threads_left(threads) == []
+
+
+def _pipeline_threads_left(before: set) -> list[str]:
+  """Grain's threads started since `before` still running after a few seconds (a closed pipeline's reader
+  threads end once their current read is done)."""
+  started = [t for t in threading.enumerate() if t.name.startswith("grain") and t not in before]
+  for thread in started:
+    thread.join(timeout=10)
+  return [t.name for t in started if t.is_alive()]
+
+
+def _child_processes() -> dict[int, str]:
+  """This process's children (of all its threads) but multiprocessing's resource tracker, by pid."""
+  children = {}
+  for task in os.listdir(f"/proc/{os.getpid()}/task"):
+    try:
+      pids = open(f"/proc/{os.getpid()}/task/{task}/children").read().split()
+    except OSError:  # the thread has ended
+      continue
+    for pid in map(int, pids):
+      try:
+        command = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+      except OSError:  # the process has ended
+        continue
+      if "resource_tracker" not in command:
+        children[pid] = command
+  return children
+
+
 def test_a_later_runs_step_compiled_ahead_reaches_it_through_the_cache(root, devices, monkeypatch):
   """`loop.compile_run_ahead` (the demo's later fine-tunings) compiles a run's step before the run starts;
   the run's own compilation ahead waits for it, then loads the executable from the persistent cache
   instead of compiling it a second time."""
-  import threading
-
   from jax import monitoring
 
   events = []
@@ -807,8 +905,6 @@ def test_the_evaluations_clean_scoring_is_compiled_ahead_beside_the_training(roo
   """A run that evaluates compiles its clean scoring's programs (the encoders at the evaluation's batch
   shapes, the ranking) on a thread after its step's: the first evaluation then obtains no program. Off,
   it does (so the check can fail)."""
-  import threading
-
   from jax import monitoring
 
   monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", setting)

@@ -385,6 +385,15 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
   return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
 
 
+def start_reading(iterator) -> None:
+  """Start an iterator of `training_pipeline` reading ahead now (its worker processes, its first batches), not
+  at its first `next`, so that they start beside whatever comes before it. Its position must be set first
+  (`set_state`, a checkpoint's restore). An iterator that cannot read ahead is left as it is."""
+  start = getattr(iterator, "start_prefetch", None)
+  if start is not None:
+    start()
+
+
 def first_batch(source, tokenizer, batch_size: int, *, batch_transforms: Sequence[Any] = (),
                 **options: Any) -> dict[str, np.ndarray]:
   """The first batch `training_pipeline(source, tokenizer, batch_size, **options)` delivers, made in this

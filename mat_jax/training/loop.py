@@ -414,6 +414,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   # Until the loop's own try: a failure in the data setup, the restore or the step's construction closes
   # the checkpointer (left open, Orbax's threads outlive the error and print tracebacks at exit).
   writer = bar = None
+  own_iterator = data_iterator is None  # the pipeline this run builds, starts and closes
   try:
     builder = None
     if data_iterator is None or (evaluate and main):
@@ -442,6 +443,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     if ckpt.latest_step() is not None:
       state, start = ckpt.restore_newest_intact(ahead.abstract_state(run), data_iterator, log=say)
     stop_if_signalled()
+    if own_iterator:
+      # Its worker processes and first batches now, beside the state's creation and the step's compilation,
+      # not after them at the first step's `next`; a restore (above) has set its position.
+      pipeline.start_reading(data_iterator)
     resumed = start is not None
     if resumed:
       say(f"resumed from the checkpoint at step {start}")
@@ -480,6 +485,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     for opened in (writer, bar):
       if opened is not None:
         opened.close()
+    if own_iterator and data_iterator is not None:
+      _close_pipeline(data_iterator, say)
     raise
   last_metrics: dict[str, float] = {}
   pending: list[dict[str, jax.Array]] = []
@@ -575,6 +582,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     stop.restore()
     bar.close()
     ckpt.close()
+    if own_iterator:  # its reading ahead stops, and its worker processes with it (after the last save's read)
+      _close_pipeline(data_iterator, say)
 
   model_dir, evaluation = None, None
   try:
@@ -594,6 +603,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     # jax.distributed's shutdown, whose barrier times out (300 s by default) and aborts every process.
     agreement.wait_for_all("end")
   return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
+
+
+def _close_pipeline(iterator: Any, log: Log) -> None:
+  """Stop the run's input pipeline (its reader threads, its worker processes). A failure here is reported, not
+  raised: the run's outcome (its checkpoints, its export, or the error that ended it) does not depend on it."""
+  try:
+    iterator.close()
+  except Exception as err:  # noqa: BLE001  cleanup only
+    log(f"warning: the input pipeline did not close cleanly ({type(err).__name__}: {err}); its worker "
+        "processes end with this process")
 
 
 def _check_finite(bad: int, last_saved: int | None, workdir: Path, *, resumed_at: int | None = None,
