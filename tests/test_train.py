@@ -7,6 +7,7 @@ falls, the run's outputs (metrics, checkpoints, exported model), and the NaN sto
 import json
 import math
 import os
+import re
 import threading
 import time
 
@@ -690,9 +691,16 @@ def test_the_pipeline_reads_while_the_step_compiles_and_stops_with_the_run(root,
       train_iterator(*args, **kwargs)) or made[-1])
   threads, processes = set(threading.enumerate()), _child_processes()
   config = micro_config(root, data={"worker_count": workers}, train={"steps": 2, "checkpoint_every": 2})
-  loop.train(config, root / f"reads_early_{workers}", mesh_spec="1", log=lambda _: None, progress=False,
+  lines = []
+  loop.train(config, root / f"reads_early_{workers}", mesh_spec="1", log=lines.append, progress=False,
              evaluate=False)
   assert waited_after_a_read == [True] and len(made) == 1
+  # The run says where its start-up went, once.
+  (startup,) = [line for line in lines if line.startswith("first step")]
+  total, compiling, first_batch, first_call = map(float, re.fullmatch(
+      r"first step ([\d.]+) s after the run's start: waited ([\d.]+) s for the step's compilation ahead, "
+      r"([\d.]+) s for the first batch; the first call took ([\d.]+) s", startup).groups())
+  assert compiling + first_batch + first_call <= total + 0.2
   assert _pipeline_threads_left(threads) == []
   assert [command for pid, command in _child_processes().items() if pid not in processes] == []
 

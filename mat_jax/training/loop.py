@@ -365,6 +365,7 @@ def pipeline_layout(worker_count: int, processes: int) -> dict[str, Any]:
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str | None, log: Log, progress: bool,
            evaluate: bool, data_iterator: Any, model: CLIP | None, tokenizer: Any) -> RunResult:
+  run_start = time.perf_counter()
   main = mesh_lib.is_main_process()
   say = log if main else (lambda _: None)
   run = build_run(config, workdir, mesh_spec=mesh_spec, model=model, tokenizer=tokenizer, log=say)
@@ -476,8 +477,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
                           reevaluated=evaluator is not None and (start == cfg.train.steps or periodic_at_start))
     bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
     agreement = _StopAgreement(stop, cfg.train.steps)
+    waited_for_compilation = time.perf_counter()
     if compiling is not None:
       compiling.wait()  # the first step then only dispatches; a failure there is the first call's to report
+    waited_for_compilation = time.perf_counter() - waited_for_compilation
     stop_if_signalled()
   except BaseException:
     stop.restore()
@@ -496,6 +499,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   deferred: tuple[int, list[dict[str, jax.Array]], jax.Array] | None = None
   clock, clock_step = time.perf_counter(), start
   last_saved = start if start else None
+  startup: str | None = None  # where the run's start-up went (a run resumed at its end takes no step)
 
   def check_finite(bad: int) -> None:
     _check_finite(bad, last_saved, workdir, resumed_at=start if resumed else None,
@@ -526,8 +530,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       # process decides alike (the gathering of parameters is a collective when FSDP spans hosts).
       evaluate_if_due(start, False)
     for step in range(start, cfg.train.steps):
+      batch_wait = time.perf_counter()
       local = next(data_iterator)
+      call = time.perf_counter()
       state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
+      if step == start:  # where a run's start-up went, said once the progress bar is closed
+        startup = (f"first step {time.perf_counter() - run_start:.1f} s after the run's start: waited "
+                   f"{waited_for_compilation:.1f} s for the step's compilation ahead, {call - batch_wait:.1f} s "
+                   f"for the first batch; the first call took {time.perf_counter() - call:.1f} s")
       pending.append(metrics)
       in_flight.append(metrics)
       if len(in_flight) > MAX_STEPS_IN_FLIGHT:
@@ -585,6 +595,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     if own_iterator:  # its reading ahead stops, and its worker processes with it (after the last save's read)
       _close_pipeline(data_iterator, say)
 
+  if startup is not None:
+    say(startup)
   model_dir, evaluation = None, None
   try:
     final_params = host_params(state.params)
