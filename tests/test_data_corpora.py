@@ -69,6 +69,18 @@ def test_a_world_built_by_several_processes_holds_the_records_one_process_makes(
     assert [c.decode() for c in source[i]["captions"]] == alone[i][1]
 
 
+def test_a_builder_process_that_dies_is_a_clear_error_and_leaves_no_dataset(tmp_path, monkeypatch):
+  import helpers
+
+  monkeypatch.setattr(corpora, "SCENES_PER_TASK", 3)
+  monkeypatch.setattr(corpora, "PARALLEL_BUILD_MIN_SCENES", 1)
+  monkeypatch.setattr(shapes, "encoded_records", helpers.builder_process_that_dies)
+  with pytest.raises(corpora.BuildError, match="ended abruptly .* run the command again"):
+    corpora.build_shapes(tmp_path, log=lambda message: None, **dict(SHAPES, train=8))
+  config = corpora.shapes_config(**dict(SHAPES, train=8))
+  assert not any(p.name != ".lock" for p in (tmp_path / "shapes_world" / config.name).iterdir())
+
+
 def test_the_world_builders_start_without_the_main_module(monkeypatch, tmp_path):
   # A spawned process imports its parent's __main__ first: for a command line the whole framework, for a
   # script without a main guard the script, run again. The builders' work lives in mat_jax.data.shapes.

@@ -51,6 +51,10 @@ class CorpusError(MatJaxError, ValueError):
   """Bad corpus input (annotation file, entry or image); the message names the file or entry."""
 
 
+class BuildError(MatJaxError, RuntimeError):
+  """A dataset build that could not finish for a reason outside its input; nothing of it is kept."""
+
+
 def _download_config(overwrite: bool = False) -> tfds.download.DownloadConfig:
   # try_download_gcs=False: tfds would otherwise ask a Google bucket for a prebuilt copy (network).
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not overwrite
@@ -240,6 +244,9 @@ def shapes_records(seed: int, split: str, count: int, captions_per_image: int, r
       tasks = pool.map(make, starts, stops)  # submits every task: the processes all start here
     for chunk in tasks:
       yield from chunk
+  except concurrent.futures.BrokenExecutor as err:  # a process pool whose process died
+    raise BuildError(f"a process building the {split} split of the shapes world ended abruptly (killed, or out "
+                     "of memory); nothing of the build is kept: run the command again to build it") from err
   finally:
     pool.shutdown(wait=True, cancel_futures=True)  # a build that stops early waits for no further task
 
