@@ -115,3 +115,23 @@ def builder_process_that_dies(*args, **kwargs):
   import os
 
   os._exit(137)
+
+
+class DiesInWorkers:
+  """A data source whose reads in a worker process (not in the process that made it) end that process
+  abruptly, as the OOM killer would."""
+
+  def __init__(self, source):
+    import os
+
+    self.source, self.maker = source, os.getpid()
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    import os
+
+    if os.getpid() != self.maker:
+      os._exit(137)
+    return self.source[index]

@@ -20,6 +20,7 @@ import pytest
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax import runs
+from mat_jax.data import pipeline
 from mat_jax.training import loop, setup
 from mat_jax.training import step as step_lib
 
@@ -721,6 +722,17 @@ def test_a_run_that_fails_before_its_first_step_stops_its_pipeline(root, devices
     loop.train(config, root / "fails_early", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
   assert len(made) == 1
   assert _pipeline_threads_left(threads) == []
+
+
+def test_a_worker_process_that_dies_is_a_clear_error(root, devices, monkeypatch):
+  import helpers
+
+  split_source = setup._split_source
+  monkeypatch.setattr(setup, "_split_source", lambda *args: helpers.DiesInWorkers(split_source(*args)))
+  config = micro_config(root, data={"worker_count": 2}, train={"steps": 2, "checkpoint_every": 2})
+  with pytest.raises(pipeline.WorkerDiedError, match=r"worker process of the input pipeline ended abruptly before "
+                     r"step 1 .*last checkpoint: none yet. Rerun the same command to resume; data.worker_count=0"):
+    loop.train(config, root / "worker_dies", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
 
 
 def _pipeline_threads_left(before: set) -> list[str]:

@@ -182,6 +182,16 @@ class DataSourceError(MatJaxError, ValueError):
   names the fix."""
 
 
+class WorkerDiedError(MatJaxError, RuntimeError):
+  """A worker process of the input pipeline ended abruptly (killed, or out of memory)."""
+
+
+def worker_died(err: BaseException) -> bool:
+  """Whether `err` is Grain's report that one of the pipeline's worker processes ended abruptly (its message
+  is the only sign; another report is left as it is)."""
+  return isinstance(err, RuntimeError) and str(err).startswith("Worker process was terminated unexpectedly")
+
+
 def parse_augmentations(spec: str | Sequence[str] | Mapping[str, float] | None) -> dict[str, float]:
   """{name: probability} from "hflip,eda:0.3", a list of names, or a mapping; checks the names."""
   if not spec:

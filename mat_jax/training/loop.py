@@ -531,7 +531,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       evaluate_if_due(start, False)
     for step in range(start, cfg.train.steps):
       batch_wait = time.perf_counter()
-      local = next(data_iterator)
+      try:
+        local = next(data_iterator)
+      except RuntimeError as err:
+        if not pipeline.worker_died(err):
+          raise
+        where = f"step {last_saved} in {workdir / 'checkpoints'}" if last_saved else "none yet"
+        raise pipeline.WorkerDiedError(
+            f"a worker process of the input pipeline ended abruptly before step {step + 1} (killed, or out of "
+            f"memory? {err}); last checkpoint: {where}. Rerun the same command to resume; data.worker_count=0 "
+            "reads in this process instead") from err
       call = time.perf_counter()
       state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
       if step == start:  # where a run's start-up went, said once the progress bar is closed
