@@ -249,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
       f"Input pipeline vs the demo's MAT train step (images/s; MAT step: batch {batch} x {size}px, "
       f"{seconds * 1e3:,.0f} ms/step, median after compilation)",
       ["producer", "pipeline img/s", "MAT step img/s", "pipeline / MAT step"], table)
-  print(f"\nbuild rates (one process): shapes world {shapes_build:,.0f} img/s, "
-        f"JPEG corpus {jpeg_build:,.0f} img/s")
+  print(f"\nbuild rates: shapes world {shapes_build:,.0f} img/s "
+        f"({corpora.shapes_build_processes(args.shapes_images)} process(es)), JPEG corpus {jpeg_build:,.0f} img/s "
+        "(one process)")
   slow = [name for name, rate, _, ratio in table if ratio < 1.0]
   if slow:
     print(f"WARNING: the pipeline is the bottleneck for: {'; '.join(slow)}; raise --num-threads/--num-workers")

@@ -220,18 +220,24 @@ SCENES_PER_TASK = 500
 PARALLEL_BUILD_MIN_SCENES = 4_000
 
 
+def shapes_build_processes(count: int) -> int:
+  """The processes `shapes_records` makes a split of `count` scenes with by default: one per usable core (at
+  most one per task) from PARALLEL_BUILD_MIN_SCENES scenes on, else one (the building process itself)."""
+  if count < PARALLEL_BUILD_MIN_SCENES:
+    return 1
+  return min(processes.usable_cores(), -(-count // SCENES_PER_TASK))
+
+
 def shapes_records(seed: int, split: str, count: int, captions_per_image: int, rare_form_rate: float | None,
                    image_size: int, *, num_processes: int | None = None) -> Iterator[tuple[bytes, list[str], dict]]:
   """A world's split, record by record in index order (`shapes.encoded_records`), made by `num_processes`
-  builder processes (None: one per usable core for a split of PARALLEL_BUILD_MIN_SCENES or more, else none: this
-  process makes them). The records are the same whoever makes them: each is a function of its index."""
+  builder processes (None: `shapes_build_processes`; 1: this process makes them). The records are the same
+  whoever makes them: each is a function of its index."""
   make = functools.partial(shapes.encoded_records, seed, split, captions_per_image=captions_per_image,
                            rare_form_rate=rare_form_rate, image_size=image_size)
   starts = range(0, count, SCENES_PER_TASK)
   stops = [min(start + SCENES_PER_TASK, count) for start in starts]
-  if num_processes is None:
-    num_processes = processes.usable_cores() if count >= PARALLEL_BUILD_MIN_SCENES else 1
-  num_processes = min(num_processes, len(starts))
+  num_processes = min(shapes_build_processes(count) if num_processes is None else num_processes, len(starts))
   # A daemonic process (a worker of a multiprocessing pool) may not start processes of its own.
   if num_processes <= 1 or multiprocessing.current_process().daemon:
     for start, stop in zip(starts, stops, strict=True):
