@@ -6,7 +6,8 @@ first imports the parent's `__main__` module (Python's rule, so that functions d
 unpickled). For a command line (`python -m mat_jax.train`) that is the whole framework, and for a user's
 script without an `if __name__ == "__main__":` guard it would run the script again; a helper whose work
 lives in mat_jax's modules needs neither, so `main_module_hidden` keeps `__main__` from being named to the
-processes started inside it.
+processes started inside it. What they are given of a script's own definitions (a data source's class, a
+function) Grain pickles with cloudpickle, which carries whatever `__main__` defines by value.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def main_module_hidden(*, only_mat_jax_commands: bool = False) -> Iterator[None]:
+def main_module_hidden() -> Iterator[None]:
   """While processes start inside: the parent's `__main__` module is not named to them (multiprocessing's
-  spawn reads its spec, else its file). `only_mat_jax_commands`: hide it only when it is a mat_jax command
-  (`python -m mat_jax.*`), leaving another program's, whose definitions its helpers may need."""
+  spawn reads its spec, else its file)."""
   main = sys.modules.get("__main__")
-  spec = getattr(main, "__spec__", None)
-  is_command = (getattr(spec, "name", None) or "").startswith("mat_jax.")
-  if main is None or (only_mat_jax_commands and not is_command):
+  if main is None:
     yield
     return
   saved = {name: main.__dict__.pop(name) for name in ("__spec__", "__file__") if name in main.__dict__}

@@ -430,11 +430,57 @@ def test_workers_of_a_mat_jax_command_do_not_import_its_main_module(world, tmp_p
   in_workers = [p.read_text() for p in tmp_path.iterdir() if p.name != str(os.getpid())]
   assert in_workers == ["not imported"] * workers
   assert main.__spec__ is command  # named again once the workers have started
-  # Another program's main module is left alone: its workers may need what it defines.
-  other = importlib.util.spec_from_loader("my_experiment", loader=None)
-  monkeypatch.setattr(main, "__spec__", other)
-  with processes.main_module_hidden(only_mat_jax_commands=True):
-    assert spawn.get_preparation_data("worker")["init_main_from_name"] == "my_experiment"
+  with processes.main_module_hidden():  # another program's too
+    monkeypatch.setattr(main, "__spec__", importlib.util.spec_from_loader("my_experiment", loader=None))
+    assert "init_main_from_name" in spawn.get_preparation_data("worker")
+
+
+UNGUARDED_SCRIPT = """
+# A user's script without an `if __name__ == "__main__":` guard, reading through worker processes a data
+# source whose class it defines itself. It says once per process that runs it.
+import os
+import sys
+
+import numpy as np
+
+from mat_jax.data import corpora, pipeline, shapes
+
+print("script run by", os.getpid(), flush=True)
+
+
+class MySource:
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    return self.source[index]
+
+
+builder = corpora.build_shapes(sys.argv[1], log=lambda message: None, train=8, val=0, test=0, image_size=16, seed=3)
+source = MySource(corpora.data_source(builder, "train"))
+dataset = pipeline.training_pipeline(source, shapes.tokenizer(sys.argv[2]), 4, process_index=0, process_count=1,
+                                     num_workers=2)
+iterator = iter(dataset)
+print("batch", next(iterator)["images"].shape, flush=True)
+iterator.close()
+"""
+
+
+def test_a_script_without_a_main_guard_runs_once_with_worker_processes(tmp_path):
+  # Python's spawn would run the script again in each worker as it starts (and the workers would die): the
+  # workers start without the main module, and the script's own class reaches them by value.
+  import subprocess
+
+  script = tmp_path / "unguarded.py"
+  script.write_text(UNGUARDED_SCRIPT)
+  result = subprocess.run([sys.executable, str(script), str(tmp_path / "data"), str(tmp_path / "tok")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("script run by") == 1, result.stdout
+  assert "batch (4, 16, 16, 3)" in result.stdout
 
 
 def test_eval_set_holds_all_images_captions_and_index_maps(world):

@@ -474,8 +474,8 @@ class WorkersStartedTogether(grain.IterDataset):
   """`mp_prefetch`'s worker processes, all started at the first read. Grain starts a worker when it is first
   read from, and its interleave reads worker w + 1 only once worker w has delivered, so W workers started
   one after the other: W start-ups (imports, then a first batch) before the W-th batch, about 8 s each on a
-  16-core GPU host, a minute of a short run with 8 workers. A mat_jax command's main module is not
-  imported by them (`processes.main_module_hidden`). The batches and the iterator's state are the
+  16-core GPU host, a minute of a short run with 8 workers. The program's main module is not imported by
+  them (`processes.main_module_hidden`). The batches and the iterator's state are the
   mp_prefetch's own."""
 
   def __iter__(self) -> grain.DatasetIterator:
@@ -493,7 +493,7 @@ class _StartWorkersAtFirstRead(grain.DatasetIterator):
       # state at its creation, a restore set it); this starts each one's process together. Until the first
       # batch is back, every worker has started: one whose iterator the interleave makes only now (this
       # thread's read may come before that state was asked for) starts inside its first read.
-      with processes.main_module_hidden(only_mat_jax_commands=True):
+      with processes.main_module_hidden():
         self._parent.start_prefetch()
         batch = next(self._parent)
       self._started = True

@@ -537,14 +537,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         if not pipeline.worker_died(err):
           raise
         where = f"step {last_saved} in {workdir / 'checkpoints'}" if last_saved else "none yet"
-        # A worker starts as a fresh interpreter that imports the program's main module first (spawn): a script
-        # that trains outside an `if __name__ == "__main__":` guard trains again there, and its worker dies.
-        guard = (" A script that calls the training without an `if __name__ == \"__main__\":` guard runs again in "
-                 "each worker process as it starts (Python's spawn): add the guard." if step == start else "")
         raise pipeline.WorkerDiedError(
             f"a worker process of the input pipeline ended abruptly before step {step + 1} (killed, or out of "
             f"memory? {err}); last checkpoint: {where}. Rerun the same command to resume; data.worker_count=0 "
-            f"reads in this process instead.{guard}") from err
+            "reads in this process instead") from err
       call = time.perf_counter()
       state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
       if step == start:  # where a run's start-up went, said once the progress bar is closed
