@@ -250,18 +250,13 @@ def run_zeroshot(args: argparse.Namespace) -> int:
   return 0
 
 
-def _task(argv: Sequence[str] | None) -> str:
-  """The --task of a command line, read before the task's own parser sees the rest."""
+def _peek(argv: Sequence[str] | None) -> argparse.Namespace:
+  """The --task and --data of a command line (their defaults where it has none), read before the task's own
+  parser sees the rest."""
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--task", choices=TASKS, default="retrieval")
-  return pre.parse_known_args(argv)[0].task
-
-
-def _data(argv: Sequence[str] | None) -> str:
-  """The --data of a command line (either task's default where it has none), read before the task's parser."""
-  pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--data", default="shapes")
-  return pre.parse_known_args(argv)[0].data
+  return pre.parse_known_args(argv)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,8 +270,9 @@ def _main(argv: Sequence[str] | None) -> int:
   global _out_dir
   _out_dir = None  # not a previous command's, run in the same process
   # The shapes world's data goes with its small models (runtime: their GEMMs).
-  runtime.prepare_process(small_models=_data(argv).startswith("shapes"))
-  if _task(argv) == "zeroshot":
+  peeked = _peek(argv)
+  runtime.prepare_process(small_models=peeked.data.startswith("shapes"))
+  if peeked.task == "zeroshot":
     zeroshot_args = parse_zeroshot_args(argv)  # its bad input refused before a cached model is trained
     _out_dir = zeroshot_args.out
     loop.ensure_cached_source(zeroshot_args.model, mesh_spec=zeroshot_args.mesh)

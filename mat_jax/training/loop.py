@@ -477,10 +477,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
                           reevaluated=evaluator is not None and (start == cfg.train.steps or periodic_at_start))
     bar = _progress_bar(cfg.train.steps, start, enabled=main and progress)
     agreement = _StopAgreement(stop, cfg.train.steps)
-    waited_for_compilation = time.perf_counter()
+    compile_wait_start = time.perf_counter()
     if compiling is not None:
       compiling.wait()  # the first step then only dispatches; a failure there is the first call's to report
-    waited_for_compilation = time.perf_counter() - waited_for_compilation
+    waited_for_compilation = time.perf_counter() - compile_wait_start
     stop_if_signalled()
   except BaseException:
     stop.restore()
@@ -531,22 +531,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       evaluate_if_due(start, False)
     for step in range(start, cfg.train.steps):
       batch_wait = time.perf_counter()
-      try:
-        local = next(data_iterator)
-      except RuntimeError as err:
-        if not pipeline.worker_died(err):
-          raise
-        where = f"step {last_saved} in {workdir / 'checkpoints'}" if last_saved else "none yet"
-        raise pipeline.WorkerDiedError(
-            f"a worker process of the input pipeline ended abruptly before step {step + 1} (killed, or out of "
-            f"memory? {err}); last checkpoint: {where}. Rerun the same command to resume; data.worker_count=0 "
-            "reads in this process instead") from err
+      local = _next_batch(data_iterator, step, last_saved, workdir)
       call = time.perf_counter()
       state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
       if step == start:  # where a run's start-up went, said once the progress bar is closed
-        startup = (f"first step {time.perf_counter() - run_start:.1f} s after the run's start: waited "
+        called = time.perf_counter()
+        startup = (f"first step {called - run_start:.1f} s after the run's start: waited "
                    f"{waited_for_compilation:.1f} s for the step's compilation ahead, {call - batch_wait:.1f} s "
-                   f"for the first batch; the first call took {time.perf_counter() - call:.1f} s")
+                   f"for the first batch; the first call took {called - call:.1f} s")
       pending.append(metrics)
       in_flight.append(metrics)
       if len(in_flight) > MAX_STEPS_IN_FLIGHT:
@@ -624,6 +616,21 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     # jax.distributed's shutdown, whose barrier times out (300 s by default) and aborts every process.
     agreement.wait_for_all("end")
   return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
+
+
+def _next_batch(data_iterator: Any, step: int, last_saved: int | None, workdir: Path) -> dict[str, np.ndarray]:
+  """The batch of `step`; Grain's report of a worker process that died becomes an error naming the last
+  checkpoint and the fix."""
+  try:
+    return next(data_iterator)
+  except RuntimeError as err:
+    if not pipeline.worker_died(err):
+      raise
+    where = f"step {last_saved} in {workdir / 'checkpoints'}" if last_saved else "none yet"
+    raise pipeline.WorkerDiedError(
+        f"a worker process of the input pipeline ended abruptly before step {step + 1} (killed, or out of "
+        f"memory? {err}); last checkpoint: {where}. Rerun the same command to resume; data.worker_count=0 "
+        "reads in this process instead") from err
 
 
 def _close_pipeline(iterator: Any, log: Log) -> None:
