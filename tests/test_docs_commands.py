@@ -97,7 +97,7 @@ def _check(argv: list[str]) -> None:
     if parsed.config:
       config_lib.load(parsed.config, overrides)
   elif module == "mat_jax.evaluate":
-    if evaluate_cli._task(args) == "zeroshot":
+    if evaluate_cli._peek(args).task == "zeroshot":
       evaluate_cli.build_zeroshot_parser().parse_args(args)
     else:
       evaluate_cli.build_parser().parse_args(args)
