@@ -1,6 +1,6 @@
 """Process-wide settings every entry point applies first (`prepare_process`): the persistent compilation
-cache, XLA:CPU options that make its entries fast to load, and a garbage collector that leaves the
-imports' objects alone.
+cache, XLA:CPU options that make its entries fast to load, and a garbage collector whose full passes
+leave the imports' objects alone and come ten times rarer.
 
 XLA compiles each jitted program once per shape per process; the persistent cache stores the compiled
 executables on disk, so a second run of anything (a training run resumed, the evaluation after it, a
@@ -35,8 +35,12 @@ Tracing a program creates hundreds of thousands of short-lived Python objects, a
 the oldest generation they trigger walk every object the imports left (about 320,000 after those of
 `python -m mat_jax.train`), though none of them is ever garbage. `prepare_process` moves those to the
 collector's permanent generation (`gc.freeze`): `bench compile`'s warm start (the tiny MAT step, PGD and
-SGA) fell from 11.2–11.7 s to 8.5–10.2 s (docs/performance.md). Objects created later, the models and
-device buffers among them, are collected as before.
+SGA) fell from 11.2–11.7 s to 8.5–10.2 s (docs/performance.md). What a trace itself leaves alive (jaxprs,
+the programs' caches) then fills the oldest generation, and CPython walks all of it every tenth
+collection of the middle one: the first call of ViT-B/16's MAT step ran six such passes, 1.2 of its 3.5 s
+of tracing and lowering. `prepare_process` makes those passes ten times rarer (`FULL_COLLECTION_INTERVAL`);
+the young generations, where a step's or a trace's garbage dies, are collected as before, and an old
+cycle (one that holds device buffers included) waits at most ten times as many allocations to be freed.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ ON = ("1", "on", "true", "yes")
 OFF = ("0", "off", "false", "no")
 # XLA flags every entry point adds unless `XLA_FLAGS` sets them (see the module docstring).
 _DEFAULT_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Collections of the middle generation between two of the oldest (CPython's default: 10; Python 3.14's
+# incremental collector ignores it). See the module docstring.
+FULL_COLLECTION_INTERVAL = 100
 # The XLA:GPU flag of Triton's GEMM kernels (see the module docstring).
 TRITON_GEMM_FLAG = "xla_gpu_enable_triton_gemm"
 
@@ -67,14 +74,16 @@ def prepare_process(*, small_models: bool = False) -> Path | None:
   """What every entry point does first, before its first compilation: the compilation cache
   (`enable_compilation_cache`, whose directory it returns), XLA's flags (those of every entry point, and
   Triton's GEMMs off on a GPU where `small_models`: every model the command compiles is the shapes
-  world's; see the module docstring) and the imports' objects frozen out of the garbage collector's work,
-  once per process: a later call (a command line run again inside a notebook or a test) would also
-  freeze what earlier work left for collection."""
+  world's; see the module docstring) and the garbage collector's full passes made rarer, with the imports'
+  objects frozen out of them once per process: a later call (a command line run again inside a notebook
+  or a test) would also freeze what earlier work left for collection."""
   global _frozen
   if not triton_gemm(small_models):
     _add_xla_flags({TRITON_GEMM_FLAG: "false"})
   if not _frozen:
     gc.freeze()
+    young, middle, full = gc.get_threshold()
+    gc.set_threshold(young, middle, max(full, FULL_COLLECTION_INTERVAL))
     _frozen = True
   return enable_compilation_cache()
 

@@ -384,13 +384,33 @@ def test_bench_compile_splits_a_first_call_into_tracing_lowering_and_xla():
   details = {}
   program = jax.jit(lambda x: jnp.tanh(x) * 1.75 + jnp.arange(5.0))  # a constant no other test compiles
   seconds = bench_compile._first_minus_steady(lambda: program(jnp.ones(5)), details, "probe")
-  assert set(details) == {"probe_cpu", "probe_tracing", "probe_lowering", "probe_xla", "probe_steady"}
+  assert set(details) == {"probe_cpu", "probe_tracing", "probe_lowering", "probe_xla", "probe_steady", "probe_gc",
+                          "probe_gc_full"}
   assert 0 < details["probe_steady"] < seconds
   assert all(details[f"probe_{phase}"] > 0 for phase in ("tracing", "lowering", "xla"))
   # The three phases happen within the first call, whose extra seconds over a steady call they explain.
   assert sum(details[f"probe_{phase}"] for phase in ("tracing", "lowering", "xla")) <= seconds + 0.05
   assert bench_compile._phases(details, "probe").startswith("; tracing ")
+  assert "; Python's garbage collector within them " in bench_compile._phases(details, "probe")
   assert bench_compile._phases({"probe": 1.0, "probe_cpu": 1.0}, "probe") == ""
+
+
+def test_bench_compile_times_the_garbage_collectors_passes_within_a_first_call():
+  import gc
+
+  from mat_jax.bench import compile as bench_compile
+
+  first = iter([True])
+
+  def call():
+    if next(first, False):
+      gc.collect()  # a full pass, as tracing triggers them
+    return jnp.ones(3)
+
+  details = {}
+  bench_compile._first_minus_steady(call, details, "probe")
+  assert details["probe_gc_full"] >= 1 and details["probe_gc"] > 0
+  assert gc.collect not in gc.callbacks and len(gc.callbacks) == len(set(map(id, gc.callbacks)))
 
 
 def test_bench_train_counts_the_steps_flops_on_the_cpu_lowering_where_the_device_counts_none(tiny_mat_batch):

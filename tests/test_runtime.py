@@ -170,17 +170,21 @@ def test_xla_flags_untouched_once_a_backend_started(monkeypatch, tmp_path, resto
   assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
 
 
-def test_the_imports_objects_are_frozen_once_per_process(tmp_path):
+def test_the_imports_objects_are_frozen_once_per_process_and_full_collections_made_rarer(tmp_path):
   # gc.freeze: the collector's oldest-generation passes, which tracing triggers, skip the imports' objects.
   code = ("import gc; from mat_jax import runtime, train; before = gc.get_freeze_count(); "
+          "print(*gc.get_threshold()); "
           "runtime.prepare_process(); first = gc.get_freeze_count(); [object() for _ in range(10)]; "
-          "cycle = []; cycle.append(cycle); runtime.prepare_process(); print(before, first, gc.get_freeze_count())")
+          "cycle = []; cycle.append(cycle); runtime.prepare_process(); print(before, first, gc.get_freeze_count(), "
+          "*gc.get_threshold())")
   env = dict(os.environ, MAT_JAX_COMPILATION_CACHE=str(tmp_path / "xla"))
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-  before, first, second = map(int, out.stdout.split()[-3:])
+  *pythons, before, first, second, young, middle, full = map(int, out.stdout.split()[-9:])
   # jax, flax and mat_jax leave hundreds of thousands of objects; Python 3.12 starts with 375 frozen.
   assert first - before > 100_000
   assert second == first  # a second call (a command line run again in-process) freezes nothing more
+  # The full passes rarer (CPython's default is 10); the young generations' thresholds are Python's own.
+  assert (young, middle) == tuple(pythons[:2]) and full == max(pythons[2], runtime.FULL_COLLECTION_INTERVAL) >= 100
 
 
 def test_every_entry_point_prepares_the_process():

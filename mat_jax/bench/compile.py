@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import subprocess
@@ -141,8 +142,12 @@ def _phases(result: dict, program: str) -> str:
   """'; tracing T s, lowering L s, XLA compile or load X s' of a program's first call, when measured."""
   if f"{program}_xla" not in result:
     return ""
-  return "; " + ", ".join(f"{'XLA compile or load' if phase == 'xla' else phase} {result[f'{program}_{phase}']:.2f} s"
-                          for phase in _PHASE_EVENTS)
+  phases = ", ".join(f"{'XLA compile or load' if phase == 'xla' else phase} {result[f'{program}_{phase}']:.2f} s"
+                     for phase in _PHASE_EVENTS)
+  if f"{program}_gc" in result:
+    phases += (f"; Python's garbage collector within them {result[f'{program}_gc']:.2f} s, "
+               f"{result[f'{program}_gc_full']:.0f} full passes")
+  return "; " + phases
 
 
 def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[str], cache: str,
@@ -177,23 +182,36 @@ _PHASE_EVENTS = {"tracing": "/jax/core/compile/jaxpr_trace_duration",
 def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
   """Wall seconds of the first call beyond a steady one; the same in this process's CPU seconds goes to
   details[f"{name}_cpu"] (compilation is mostly one thread, so CPU seconds show it without other jobs'
-  contention), the first call's seconds in each of `_PHASE_EVENTS` to details[f"{name}_{phase}"], and the
-  steady call's seconds to details[f"{name}_steady"]."""
+  contention), the first call's seconds in each of `_PHASE_EVENTS` to details[f"{name}_{phase}"], the
+  seconds Python's garbage collector ran within them to details[f"{name}_gc"] (its full passes, which
+  walk every object alive, counted in details[f"{name}_gc_full"]), and the steady call's seconds to
+  details[f"{name}_steady"]."""
   phases = dict.fromkeys(_PHASE_EVENTS, 0.0)
   phase_of = {event: phase for phase, event in _PHASE_EVENTS.items()}
+  collector = {"gc": 0.0, "gc_full": 0, "started": 0.0}
 
   def listen(event: str, seconds: float, **kwargs) -> None:
     if event in phase_of:
       phases[phase_of[event]] += seconds
 
+  def collecting(stage: str, info: dict) -> None:
+    if stage == "start":
+      collector["started"] = time.perf_counter()
+      return
+    collector["gc"] += time.perf_counter() - collector["started"]
+    collector["gc_full"] += info["generation"] == 2
+
   jax.monitoring.register_event_duration_secs_listener(listen)
+  gc.callbacks.append(collecting)
   try:
     start, start_cpu = time.perf_counter(), time.process_time()
     common.block(fn())
     first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
   finally:
+    gc.callbacks.remove(collecting)
     jax.monitoring.unregister_event_duration_listener(listen)
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
+  details.update({f"{name}_gc": collector["gc"], f"{name}_gc_full": collector["gc_full"]})
   start, start_cpu = time.perf_counter(), time.process_time()
   common.block(fn())
   steady, steady_cpu = time.perf_counter() - start, time.process_time() - start_cpu
