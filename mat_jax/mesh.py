@@ -131,23 +131,41 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
-def device_arrays(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The numeric entries of a host batch (strings such as the raw captions stay on the host)."""
+def device_arrays(batch: Mapping[str, Any]) -> dict[str, np.ndarray | jax.Array]:
+  """The numeric entries of a batch (strings such as the raw captions stay on the host)."""
   return {k: v for k, v in batch.items()
-          if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+          if isinstance(v, (np.ndarray, jax.Array)) and v.dtype.kind in "biuf"}
 
 
 def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's rows of a batch (numpy) -> global arrays sharded over the batch axes.
 
-  Non-numeric entries (caption strings) are dropped: they never go to the devices.
+  Non-numeric entries (caption strings) are dropped: they never go to the devices. Entries that are
+  global arrays already (a batch the input pipeline's thread put on the devices, `OnDevices`) pass as
+  they are.
   """
   sharding = batch_sharding(mesh)
   out = {}
   for key, value in device_arrays(local).items():
+    if isinstance(value, jax.Array):
+      out[key] = value
+      continue
     global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return out
+
+
+class OnDevices:
+  """A batch transform: each batch onto the mesh's devices (`global_batch`). As the input pipeline's last
+  stage it runs in the pipeline's prefetch thread, so the host-to-device copy of the next batches overlaps
+  the training loop's dispatch instead of preceding each step on the loop's thread; the prefetch buffer
+  then holds its batches on the devices."""
+
+  def __init__(self, mesh: Mesh):
+    self.mesh = mesh
+
+  def __call__(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    return global_batch(batch, self.mesh)
 
 
 # ----------------------------------------------------------------------------------------------------

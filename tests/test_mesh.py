@@ -47,6 +47,15 @@ def test_global_batch_is_split_over_data_and_fsdp(devices):
   np.testing.assert_array_equal(np.asarray(batch["images"]), local["images"])
 
 
+def test_a_batch_already_on_the_devices_passes_as_it_is(devices):
+  # What the input pipeline's last stage (mesh.OnDevices) made reaches the step unchanged.
+  mesh = mesh_lib.make_mesh("data=4,fsdp=2")
+  local = {"images": np.ones((8, 2), np.float32), "captions": np.asarray(["a caption"] * 8)}
+  on_devices = mesh_lib.OnDevices(mesh)(local)
+  assert set(on_devices) == {"images"} and on_devices["images"].sharding == mesh_lib.batch_sharding(mesh)
+  assert mesh_lib.global_batch(on_devices, mesh)["images"] is on_devices["images"]
+
+
 def test_fsdp_shards_the_largest_divisible_axis(devices):
   mesh = mesh_lib.make_mesh("data=2,fsdp=4")
   assert mesh_lib.spec_for((6, 8), None, mesh, "fsdp") == P(None, "fsdp")

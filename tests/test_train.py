@@ -724,6 +724,22 @@ def test_a_run_that_fails_before_its_first_step_stops_its_pipeline(root, devices
   assert _pipeline_threads_left(threads) == []
 
 
+def test_the_runs_batches_reach_the_devices_in_the_pipelines_thread(root, devices, monkeypatch):
+  """Each batch's host-to-device copy is the pipeline's last stage (`mesh.OnDevices`), made in its prefetch
+  thread: the training loop's thread dispatches steps on batches already on the devices."""
+  on_main_thread = []
+  make = jax.make_array_from_process_local_data
+
+  def recorded(*args, **kwargs):
+    on_main_thread.append(threading.current_thread() is threading.main_thread())
+    return make(*args, **kwargs)
+
+  monkeypatch.setattr(jax, "make_array_from_process_local_data", recorded)
+  config = micro_config(root, train={"steps": 3, "checkpoint_every": 3})
+  loop.train(config, root / "on_devices", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  assert on_main_thread and not any(on_main_thread), on_main_thread
+
+
 def test_a_worker_process_that_dies_is_a_clear_error(root, devices, monkeypatch):
   import helpers
 

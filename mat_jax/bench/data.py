@@ -143,13 +143,14 @@ def demo_config(data_dir: Path, args: argparse.Namespace) -> ml_collections.Conf
   return config_lib.load(runs.EXPERIMENTS_DIR / DEMO_EXPERIMENT, overrides)
 
 
-def mat_step_images_per_second(run: Run, host_batch: dict, *, min_seconds: float = 3.0) -> tuple[float, float]:
-  """(images/s of this process's rows, seconds/step) of the run's jitted train step on `host_batch` (this
-  process's rows), placed as the loop places it; median after the compiling warm-up, device work finished."""
+def mat_step_images_per_second(run: Run, rows: dict, *, min_seconds: float = 3.0) -> tuple[float, float]:
+  """(images/s of this process's rows, seconds/step) of the run's jitted train step on `rows` (this
+  process's rows, on the host or on the devices already), placed as the loop places it; median after the
+  compiling warm-up, device work finished."""
 
   state = step_lib.create_state(run.params, run.tx, run.is_trainable, run.config.seed, run.shardings)
   step_fn, reference = loop.make_train_step(run)
-  batch = mesh_lib.global_batch(host_batch, run.mesh)
+  batch = mesh_lib.global_batch(rows, run.mesh)
   current = {"state": state}
 
   def one_step():
@@ -207,11 +208,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     world = setup.data_builder(config, mat_run.model.config.vision.image_size, log=quiet)
     shapes_build = args.shapes_images / (time.perf_counter() - t0)
-    # The demo's input exactly as loop.train builds it; its first batch feeds the timed step.
+    # The demo's input exactly as loop.train builds it (its batches copied onto the devices); its first batch
+    # feeds the timed step.
     demo_input = setup.train_iterator(config, world, mat_run.tokenizer, local_batch,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
-                                      extra_transforms=mat_run.batch_transforms)
-    host_batch = next(demo_input)
+                                      extra_transforms=(*mat_run.batch_transforms, mesh_lib.OnDevices(mat_run.mesh)))
+    first = next(demo_input)
     augs = ",".join(config.data.augmentations) or "none"
     demo = f"shapes world {size}px, the demo's input: augment: {augs} (+ attack candidates)"
     # Each process reads its 1/process_count of the split per epoch.
@@ -243,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     rows.append([f"JPEG corpus {args.jpeg_size}px, augment: hflip",
                  pipeline_images_per_second(ds, local_batch, min_seconds=args.min_seconds)])
 
-  consumer, seconds = mat_step_images_per_second(mat_run, host_batch, min_seconds=args.min_seconds)
+  consumer, seconds = mat_step_images_per_second(mat_run, first, min_seconds=args.min_seconds)
   table = [[name, rate, consumer, rate / consumer] for name, rate in rows]
   common.print_table(
       f"Input pipeline vs the demo's MAT train step (images/s; MAT step: batch {batch} x {size}px, "

@@ -430,10 +430,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     compiling = (ahead.compile_step(run, step_fn, reference, builder, mesh_spec=mesh_spec)
                  if data_iterator is None and steps_left and ahead.enabled() else None)
     if data_iterator is None:
+      # Its batches reach the loop on the devices: the pipeline's prefetch thread copies them there.
       data_iterator = setup.train_iterator(
           cfg, builder, run.tokenizer, mesh_lib.local_batch_size(cfg.train.batch_size),
           process_index=jax.process_index(), process_count=jax.process_count(),
-          extra_transforms=run.batch_transforms)
+          extra_transforms=(*run.batch_transforms, mesh_lib.OnDevices(run.mesh)))
       # The records the saved position counts in: a corpus rebuilt under its name would resume at the same
       # index of other data.
       ckpt.pipeline.update(training_data_record(builder, cfg.data.split))
@@ -618,9 +619,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
 
 
-def _next_batch(data_iterator: Any, step: int, last_saved: int | None, workdir: Path) -> dict[str, np.ndarray]:
-  """The batch of `step`; Grain's report of a worker process that died becomes an error naming the last
-  checkpoint and the fix."""
+def _next_batch(data_iterator: Any, step: int, last_saved: int | None, workdir: Path) -> dict[str, Any]:
+  """The batch of `step` (host arrays from a caller's iterator, device arrays from the run's own); Grain's
+  report of a worker process that died becomes an error naming the last checkpoint and the fix."""
   try:
     return next(data_iterator)
   except RuntimeError as err:

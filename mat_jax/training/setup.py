@@ -29,7 +29,8 @@ def data_builder(config: ml_collections.ConfigDict, image_size: int, *, log: Cal
 
 def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer, local_batch_size: int,
                    *, process_index: int, process_count: int, extra_transforms=()):
-  """This process's training batches (host numpy dicts), checkpointable (`get_state`/`set_state`)."""
+  """This process's training batches (host numpy dicts, or what the last of `extra_transforms` makes of
+  them: global device arrays with `mesh.OnDevices`), checkpointable (`get_state`/`set_state`)."""
   source = _split_source(builder, config.data.split, "data.split")
   dataset = pipeline.training_pipeline(
       source, tokenizer, local_batch_size, process_index=process_index, process_count=process_count,
