@@ -740,6 +740,19 @@ def test_the_runs_batches_reach_the_devices_in_the_pipelines_thread(root, device
   assert on_main_thread and not any(on_main_thread), on_main_thread
 
 
+def test_a_finished_run_leaves_no_batch_of_its_worker_processes_behind(root, devices):
+  """A run with worker processes gets its batches in shared memory. When it returns, its closed pipeline's
+  last batches are freed (the run's reference cycles collected), not left to the collector's next full
+  pass, which a process training one run after another would wait long for."""
+  import gc
+
+  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray  # Grain's batches from its workers
+
+  config = micro_config(root, data={"worker_count": 2}, train={"steps": 2, "checkpoint_every": 2})
+  loop.train(config, root / "batches_freed", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  assert [a.shape for a in gc.get_objects() if issubclass(type(a), SharedMemoryArray)] == []
+
+
 def test_a_worker_process_that_dies_is_a_clear_error(root, devices, monkeypatch):
   import helpers
 

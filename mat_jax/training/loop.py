@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -290,11 +291,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_spec: 
   if held is not None:
     held.acquire()  # before anything is written: a second run in this workdir is refused here
   try:
-    return _train(config, workdir, mesh_spec=mesh_spec, log=log, progress=progress, evaluate=evaluate,
-                  data_iterator=data_iterator, model=model, tokenizer=tokenizer)
+    result = _train(config, workdir, mesh_spec=mesh_spec, log=log, progress=progress, evaluate=evaluate,
+                    data_iterator=data_iterator, model=model, tokenizer=tokenizer)
   finally:
     if held is not None:
       held.release()
+  # What the run left in reference cycles is freed now, not at the collector's next full pass (rare:
+  # runtime.FULL_COLLECTION_INTERVAL): its closed input pipeline's last batches, in worker processes'
+  # shared memory and on the devices, which a process training one run after another would pile up.
+  gc.collect()
+  return result
 
 
 def ensure_cached_run(name: str, *, log: Log = print, mesh_spec: str | None = None) -> Path:
