@@ -40,7 +40,8 @@ the programs' caches) then fills the oldest generation, and CPython walks all of
 collection of the middle one: the first call of ViT-B/16's MAT step ran six such passes, 1.2 of its 3.5 s
 of tracing and lowering. `prepare_process` makes those passes ten times rarer (`FULL_COLLECTION_INTERVAL`);
 the young generations, where a step's or a trace's garbage dies, are collected as before, and an old
-cycle (one that holds device buffers included) waits at most ten times as many allocations to be freed.
+cycle (one that holds device buffers included) waits at most ten times as many allocations to be freed;
+a training run makes one full pass when it returns (`training.loop.train`), for what it leaves behind.
 """
 
 from __future__ import annotations
