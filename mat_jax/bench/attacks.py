@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import errors
+from mat_jax import errors, processes
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses, multimodal
 from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
@@ -114,12 +114,12 @@ def run_pgd(args: argparse.Namespace) -> dict:
   preset, batch = ("vit-b-32", 2) if args.quick else (args.preset, args.batch or default_batch)
   steps, eps = args.steps, 2 / 255
   step_size = eps / 4
-  torch.set_num_threads(common.usable_cores())
+  torch.set_num_threads(processes.usable_cores())
   cfg = PRESETS[preset]
   size = cfg.vision.image_size
   print(f"\nPGD: CLIP {preset}, batch {batch}, {steps} L-inf steps (eps 2/255, step 0.5/255), cosine loss to "
         f"the paired captions; mat_jax {args.dtype} jit vs {torch_reference.describe(variants, device)}; "
-        f"threads: PyTorch {torch.get_num_threads()}, JAX cores {common.usable_cores()}")
+        f"threads: PyTorch {torch.get_num_threads()}, JAX cores {processes.usable_cores()}")
 
   torch.manual_seed(0)
   hf = transformers.CLIPModel(transformers.CLIPConfig(**clip_config_to_hf(cfg))).eval().requires_grad_(False)

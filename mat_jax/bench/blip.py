@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import errors
+from mat_jax import errors, processes
 from mat_jax.bench import common, torch_reference
 from mat_jax.bench.attacks import cosine_pgd
 from mat_jax.models import split
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
   load = common.LoadWatch()
   # Fairness: both frameworks get every core this process may use (XLA's CPU client takes them all).
-  torch.set_num_threads(common.usable_cores())
+  torch.set_num_threads(processes.usable_cores())
   preset, batch = ("blip-tiny", 2) if args.quick else (args.preset, args.batch)
   steps, eps = args.steps, 2 / 255
   step_size = eps / 4

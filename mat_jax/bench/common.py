@@ -17,16 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import tables
+from mat_jax import processes, tables
 
 
 class Disagreement(RuntimeError):
   """Two implementations of a benchmark computed different things: their timings would compare nothing."""
-
-
-def usable_cores() -> int:
-  """Cores this process may run on; PyTorch gets as many threads (XLA's CPU client takes them all)."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def block(tree: Any) -> Any:
@@ -89,11 +84,11 @@ class LoadWatch:
   """The 1-minute load average before a benchmark starts and its highest value while it runs, printed next
   to the results: other jobs slow PyTorch's threads far more than XLA's, so a ratio measured under load is
   not comparable with a quiet machine's. Before the run, a load above the usable cores means other jobs
-  compete for them; during it the benchmark's own threads add up to `usable_cores()` to the load, so
+  compete for them; during it the benchmark's own threads add up to `processes.usable_cores()` to the load, so
   there the warning waits for one core more."""
 
   def __init__(self, cores: int | None = None):
-    self.cores = cores or usable_cores()
+    self.cores = cores or processes.usable_cores()
     self.before = load_average()
     self.during: float | None = None
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import errors
+from mat_jax import errors, processes
 from mat_jax.bench import common
 from mat_jax.bench import torch_reference
 from mat_jax.models import split
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
   torch_sync = torch_reference.synchronizer(device)
   batch = args.batch or (8 if jax.default_backend() == "cpu" else 256)
   # Fairness: both frameworks get every core this process may use (XLA's CPU client takes them all).
-  cores = common.usable_cores()
+  cores = processes.usable_cores()
   torch.set_num_threads(cores)
   cfg = PRESETS[args.preset]
   size = cfg.vision.image_size

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from mat_jax import checkpoint as checkpoint_lib
-from mat_jax import errors
+from mat_jax import errors, processes
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
 from mat_jax import runs, runtime
@@ -395,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
 
   variants = torch_reference.parse_variants(args.torch)  # before minutes of compiling, not after
   load = common.LoadWatch()
-  cores = common.usable_cores()
+  cores = processes.usable_cores()
   torch.set_num_threads(cores)
   on_cpu = jax.default_backend() == "cpu"
   # One device, as each PyTorch reference: a step over several devices against one would be a ratio of
