@@ -46,9 +46,12 @@ a training run makes one full pass when it returns (`training.loop.train`), for 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gc
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -102,6 +105,39 @@ def triton_gemm(small_models: bool) -> bool:
 
 
 _frozen = False  # whether prepare_process froze the start-up objects
+
+
+# The backend a cross-compilation builds programs for (`building_for`); None: JAX's default backend. A
+# context variable, so a thread that compiles beside it (a step compiled ahead) keeps its own backend.
+_target_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_backend", default=None)
+
+
+def program_backend() -> str:
+  """The backend the programs being traced will run on: "cpu", "gpu" or "tpu", as `jax.default_backend()`
+  names them. The choices that depend on it (the compute dtype "auto", the attention path "auto", the text
+  attack's chunk size, how a non-finite step is skipped, the float32 products' precision) ask here, so a
+  cross-compilation for another device (`building_for`) builds that device's programs."""
+  return _target_backend.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def building_for(backend: str) -> Iterator[None]:
+  """Within this context (in this thread), programs are built for `backend` ("gpu": an NVIDIA GPU, "tpu" or
+  "cpu") whatever devices this process has: for compiling them ahead for a device without one
+  (`python -m mat_jax.bench compile --target`)."""
+  if backend not in ("cpu", "gpu", "tpu"):
+    raise ValueError(f"building_for({backend!r}): choose cpu, gpu or tpu")
+  token = _target_backend.set(backend)
+  try:
+    yield
+  finally:
+    _target_backend.reset(token)
+
+
+def building_for_other_backend() -> bool:
+  """Whether the programs being built are for another backend than this process's (`building_for`)."""
+  target = _target_backend.get()
+  return target is not None and target != jax.default_backend()
 
 
 def compilation_cache_dir() -> Path | None:

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mat_jax import checks
+from mat_jax import checks, runtime
 from mat_jax.attacks.candidates import STOP_WORDS, CandidateSource, TextCandidates, prepare_candidates
 from mat_jax.errors import InputError
 from mat_jax.models.clip import check_tokens_for, feature_products, l2_normalize
@@ -293,7 +293,7 @@ def default_chunk_size(text_length: int) -> int:
   near 1k tokens (at ViT-B/16's 77-token texts, 13 texts run the 1-word attack of a batch of 8 in 0.4x
   the time of 128); an accelerator is latency-bound at that size and takes ~32k tokens per call.
   """
-  tokens = 1024 if jax.default_backend() == "cpu" else 32768
+  tokens = 1024 if runtime.program_backend() == "cpu" else 32768
   return max(8, tokens // text_length)
 
 

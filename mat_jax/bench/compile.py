@@ -10,6 +10,12 @@ last line is `compile: cold X s, warm Y s` (the sums over the three programs). `
 run (last line `compile: cold X s`), for sweeping compiler options one process each: an option that
 shortens the compilation shows its price in the steady call.
 
+`--target h100` (or h200, a100) compiles the MAT step and PGD for that NVIDIA GPU on this host, which needs
+none (`bench.cross_compile`: XLA:GPU's deviceless compilation, without autotuning): the programs as they are
+built for the GPU (`runtime.building_for`), lowered from abstract arguments and compiled once, nothing run;
+each program's tracing, lowering and XLA:GPU seconds, last line `compile: cold X s`. SGA runs several
+programs with host work between them, which cannot be compiled without running them, and is left out.
+
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
 cosine (`attacks.image.pgd_attack`), and SGA (`attacks.multimodal.set_guidance_attack`) on shapes-world images
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -32,19 +39,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from mat_jax import errors
+from mat_jax import errors, runtime
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
 from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
-from mat_jax.bench import common
-from mat_jax.bench.train import mat_batch, mat_train_step
+from mat_jax.bench import common, cross_compile
+from mat_jax.bench.train import lower_mat_step, mat_batch, mat_train_step
 from mat_jax.data import shapes
 from mat_jax.models import CLIP, split
 from mat_jax.models.clip import COMPUTE_DTYPES, PRESETS, resolve_dtype
 
 PROGRAMS = ("mat_step", "pgd", "sga")
+# What a cross-compilation (--target) can compile: programs that are one jitted call.
+TARGET_PROGRAMS = ("mat_step", "pgd")
+# The attacks' budget in PGD and SGA.
+_BUDGET = {"eps": 2 / 255, "step_size": 0.5 / 255, "steps": 10}
 # The line a worker process prints its measurements on, for the parent to find among other output.
 _RESULT_PREFIX = "compile-result: "
 
@@ -66,21 +78,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--cold-only", action="store_true",
                       help="measure the cold compile only (no warm run): for sweeping compiler options, one "
                            "process per setting, e.g. XLA_FLAGS=... python -m mat_jax.bench compile --cold-only")
+  parser.add_argument("--target", default=None, choices=sorted(cross_compile.TARGETS),
+                      help="compile the MAT step and PGD for this NVIDIA GPU on this host, which needs none "
+                           "(deviceless XLA:GPU, no autotuning; needs the gpu-compile extra): cold compile only")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def _defaults(args: argparse.Namespace) -> tuple[str, int]:
-  on_cpu = jax.default_backend() == "cpu"
+  on_cpu = runtime.program_backend() == "cpu"
   preset = args.preset or ("tiny" if on_cpu else "vit-b-16")
   batch = args.batch or (8 if on_cpu else 64)
   return preset, batch
 
 
 def _programs(args: argparse.Namespace) -> list[str]:
+  if args.target and args.programs == ",".join(PROGRAMS):
+    return list(TARGET_PROGRAMS)
   chosen = [p.strip() for p in args.programs.split(",") if p.strip()]
-  unknown = sorted(set(chosen) - set(PROGRAMS))
+  known = TARGET_PROGRAMS if args.target else PROGRAMS
+  unknown = sorted(set(chosen) - set(known))
   if unknown or not chosen:
-    raise errors.InputError(f"--programs {args.programs!r}: choose one or more of {','.join(PROGRAMS)}")
+    reason = ("; with --target, SGA (several programs with host work between them) cannot be compiled without "
+              "running it" if args.target and "sga" in unknown else "")
+    raise errors.InputError(f"--programs {args.programs!r}: choose one or more of {','.join(known)}{reason}")
   return chosen
 
 
@@ -98,9 +118,16 @@ def _check_cache_dir(path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
   programs = _programs(args)
+  if args.target and not os.environ.get("JAX_PLATFORMS"):
+    # Compile-only devices need no backend of their own; a CUDA plugin without a GPU fails to start, and
+    # then reports the cross-compiling topology as not implemented. The measuring process inherits it.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
   if args.worker:
     print(_RESULT_PREFIX + json.dumps(measure(args, programs)), flush=True)
     return 0
+  if args.target:
+    return _run_for_target(args, programs)
   if args.cache_dir:
     _check_cache_dir(args.cache_dir)
   # This process only asks which device there is; on a GPU it must not take 75% of its memory (JAX's
@@ -132,6 +159,24 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
+def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
+  """The cold compilation for --target's GPU, in a fresh process without a persistent cache (a
+  cross-compilation is never loaded from it: it measures XLA:GPU's work)."""
+  cross_compile.compile_only_devices(args.target)  # no CUDA plugin: one error line here, not the worker's
+  with runtime.building_for("gpu"):
+    preset, batch = _defaults(args)
+    dtype = resolve_dtype(args.dtype)
+  target = cross_compile.TARGETS[args.target]
+  print(f"compile: CLIP {preset}, batch {batch}, {dtype}, programs {','.join(programs)}, compiled on "
+        f"{common.device_summary()} for {target.description} (deviceless XLA:GPU: no autotuning, nothing run); "
+        "in a fresh process")
+  result = _worker(args, preset, batch, programs, "0", dict(os.environ))
+  print("cold: " + ", ".join(f"{p} {result[p]:.2f} s ({result[p + '_cpu']:.2f} CPU s{_phases(result, p)})"
+                             for p in programs), flush=True)
+  print(f"compile: cold {sum(result[p] for p in programs):.1f} s")
+  return 0
+
+
 def _steady(result: dict, program: str) -> str:
   """'; steady call S s': what a compiler option that saves compile time may cost every call after."""
   seconds = result.get(f"{program}_steady")
@@ -142,7 +187,8 @@ def _phases(result: dict, program: str) -> str:
   """'; tracing T s, lowering L s, XLA compile or load X s' of a program's first call, when measured."""
   if f"{program}_xla" not in result:
     return ""
-  phases = ", ".join(f"{'XLA compile or load' if phase == 'xla' else phase} {result[f'{program}_{phase}']:.2f} s"
+  xla = "XLA:GPU compile" if result.get("cross_compiled") else "XLA compile or load"
+  phases = ", ".join(f"{xla if phase == 'xla' else phase} {result[f'{program}_{phase}']:.2f} s"
                      for phase in _PHASE_EVENTS)
   if f"{program}_gc" in result:
     phases += (f"; Python's garbage collector within them {result[f'{program}_gc']:.2f} s, "
@@ -158,6 +204,8 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
   command += ["--dtype", args.dtype]
   if args.scan_layers:
     command.append("--scan-layers")
+  if args.target:
+    command += ["--target", args.target]
   env = dict(base_env, MAT_JAX_COMPILATION_CACHE=cache)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # it would win over the directory under test
   proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -221,6 +269,16 @@ def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
 
 
 def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
+  if not args.target:
+    return _measure(args, programs, None)
+  devices = cross_compile.compile_only_devices(args.target)
+  with runtime.building_for("gpu"):
+    return _measure(args, programs, mesh_lib.make_mesh(1, devices=devices))
+
+
+def _measure(args: argparse.Namespace, programs: list[str], target_mesh) -> dict[str, float]:
+  """Each program's first call minus a steady one; with `target_mesh` (compile-only devices), its lowering
+  from abstract arguments and its compilation for them instead."""
   preset, batch = _defaults(args)
   tokenizer = shapes.tokenizer(context_length=PRESETS[preset].text.context_length)
   cfg = PRESETS[preset]
@@ -230,30 +288,76 @@ def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
       eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
   cfg = cfg.replace(dtype=resolve_dtype(args.dtype))
   cfg = cfg.replace(scan_layers=bool(args.scan_layers))
-  encoder, params = split(CLIP(cfg, rngs=nnx.Rngs(0)))
+  # For a cross-compilation only the parameters' shapes and dtypes are needed: none is allocated.
+  encoder, params = split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))) if target_mesh
+                          else CLIP(cfg, rngs=nnx.Rngs(0)))
   size = cfg.vision.image_size
   rng = np.random.default_rng(0)
   scenes = [shapes.sample_scene(rng) for _ in range(batch)]
   images = jnp.asarray(np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) / 255)
   out: dict[str, float] = {}
-  details: dict[str, float] = {}
+  details: dict[str, float] = {"cross_compiled": target_mesh is not None}
   if "mat_step" in programs:
-    out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), details, "mat_step")
+    if target_mesh:
+      host_batch, meta = mat_batch(size, batch, tokenizer, max_targets=8, top_k=10)
+      out["mat_step"] = _lower_and_compile(lambda: lower_mat_step(encoder, params, meta, host_batch, target_mesh),
+                                           details, "mat_step")
+    else:
+      out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), details,
+                                            "mat_step")
   if "pgd" in programs:
     tokens = tokenizer([shapes.describe(s, rng) for s in scenes])
     ids, mask = jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask)
-    out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
-        encoder, params, images, ids, mask, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10),
-        details, "pgd")
+    if target_mesh:
+      attack = jax.jit(functools.partial(image_attacks.pgd_attack, encoder, **_BUDGET))
+      rows, whole = mesh_lib.batch_sharding(target_mesh), NamedSharding(target_mesh, PartitionSpec())
+      abstract = functools.partial(_abstract, sharding=whole)
+      out["pgd"] = _lower_and_compile(lambda: attack.lower(
+          jax.tree.map(abstract, params), *(_abstract(x, rows) for x in (images, ids, mask)),
+          abstract(jax.random.key(0))), details, "pgd")
+    else:
+      out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
+          encoder, params, images, ids, mask, jax.random.key(0), **_BUDGET), details, "pgd")
   if "sga" in programs:
     k = 5
     captions = [c for s in scenes for c in shapes.captions(s, rng, k)]
     candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
     out["sga"] = _first_minus_steady(lambda: multimodal.set_guidance_attack(
-        encoder, params, images, candidates, jax.random.key(0), eps=2 / 255, step_size=0.5 / 255, steps=10),
-        details, "sga")
+        encoder, params, images, candidates, jax.random.key(0), **_BUDGET), details, "sga")
   out.update(details)
   return out
+
+
+def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def _lower_and_compile(lower, details: dict[str, float], name: str) -> float:
+  """Seconds to lower a program (`lower()`: tracing and lowering) and compile it for its devices, as the
+  first call of `_first_minus_steady` counts them, nothing run: for compile-only devices. The phases go to
+  details[f"{name}_{phase}"], the compilation's CPU seconds in this process to details[f"{name}_cpu"]
+  (XLA:GPU runs `ptxas` in processes of its own, which are not counted there)."""
+  phases = dict.fromkeys(_PHASE_EVENTS, 0.0)
+  phase_of = {event: phase for phase, event in _PHASE_EVENTS.items()}
+
+  def listen(event: str, seconds: float, **kwargs) -> None:
+    if event in phase_of:
+      phases[phase_of[event]] += seconds
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    start = time.perf_counter()
+    lowered = lower()
+    compiling, compiling_cpu = time.perf_counter(), time.process_time()
+    lowered.compile()
+    end, end_cpu = time.perf_counter(), time.process_time()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  # A compile-only client's compilation may report no duration event of its own: its wall time is the phase.
+  phases["xla"] = end - compiling
+  details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
+  details[f"{name}_cpu"] = end_cpu - compiling_cpu
+  return end - start
 
 
 def _mat_step(encoder, params, tokenizer, size: int, batch: int):

@@ -111,14 +111,20 @@ def host_lowered_flops(encoder, params, meta, batch: dict) -> float:
   except RuntimeError:
     return 0.0
   counting, _ = split(runs.with_options(encoder.merge(params), attention="einsum"))
-  step_fn, tx, is_trainable = _mat_step_fn(counting, meta)
-  mesh = mesh_lib.make_mesh(1, devices=cpu)
+  return _flops(lower_mat_step(counting, params, meta, batch, mesh_lib.make_mesh(1, devices=cpu)).cost_analysis())
+
+
+def lower_mat_step(encoder, params, meta, batch: dict, mesh):
+  """The MAT step of `mat_train_step` lowered for `mesh` from abstract arguments (params and the host batch
+  give only shapes and dtypes: nothing is allocated or compiled), as the loop calls it; `mesh` may be of
+  compile-only devices (`bench.cross_compile`)."""
+  step_fn, tx, is_trainable = _mat_step_fn(encoder, meta)
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
   abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, 0), params)
   state = checkpoint_lib.abstract_like(abstract, shardings)
   rows = mesh_lib.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in mesh_lib.device_arrays(batch).items()}
-  return _flops(step_lib.jit_step(step_fn, shardings, mesh).lower(state, batch, None).cost_analysis())
+  return step_lib.jit_step(step_fn, shardings, mesh).lower(state, batch, None)
 
 
 def memory_summary(compiled) -> str:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mat_jax import checks
+from mat_jax import checks, runtime
 from mat_jax.errors import InputError
 from mat_jax.models import layers
 
@@ -136,7 +136,7 @@ def resolve_dtype(dtype: str | None) -> str:
     raise ValueError(f"compute dtype {dtype!r} is not one of {COMPUTE_DTYPES}")
   if name != "auto":
     return name
-  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return "float32" if runtime.program_backend() == "cpu" else "bfloat16"
 
 
 def _vit(image_size, patch, width, layers, heads, proj, text_width, text_layers, text_heads):
@@ -453,7 +453,7 @@ def feature_products(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
   an NVIDIA GPU: logits at CLIP's temperature 100 would be off by up to 0.06 and 0.009. These products
   are small next to the encoders'. A CPU's default is float32 already: its programs are left as they are
   (and so are their entries in the persistent compilation cache)."""
-  precision = None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
+  precision = None if runtime.program_backend() == "cpu" else jax.lax.Precision.HIGHEST
   return jnp.einsum(subscripts, a, b, precision=precision)
 
 

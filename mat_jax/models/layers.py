@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mat_jax import runtime
+
 # Activations by their transformers name (`hidden_act` in the configs).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -138,7 +140,7 @@ def attention_path(attention: str, dtype) -> str:
     raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION_PATHS}")
   if attention != "auto":
     return attention
-  backend = jax.default_backend()
+  backend = runtime.program_backend()
   if backend == "cpu":
     return "einsum"
   if backend in ("gpu", "cuda") and _nvidia() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -147,7 +149,10 @@ def attention_path(attention: str, dtype) -> str:
 
 
 def _nvidia() -> bool:
-  """Whether the GPU backend is CUDA's: JAX calls AMD's ROCm backend "gpu" too, and cuDNN is NVIDIA's."""
+  """Whether the GPU backend is CUDA's: JAX calls AMD's ROCm backend "gpu" too, and cuDNN is NVIDIA's. A
+  cross-compilation's GPU is NVIDIA's (`bench compile --target` names NVIDIA GPUs)."""
+  if runtime.building_for_other_backend():
+    return True
   return "rocm" not in jax.devices()[0].client.platform_version.lower()
 
 

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mat_jax import checks
+from mat_jax import checks, runtime
 from mat_jax import mesh as mesh_lib
 from mat_jax.models import DualEncoder
 from mat_jax.objectives import Objective
@@ -165,7 +165,7 @@ def _skip_with_conditional() -> bool:
   (ViT-B/16's AdamW update 194 ms, as unguarded; selecting the new or the old values instead makes XLA
   copy Adam's moments first: 776 ms and 1.2 GB more); a select on accelerators, where XLA:GPU reads a
   conditional's predicate on the host, a synchronisation in every step (docs/performance.md)."""
-  return jax.default_backend() == "cpu"
+  return runtime.program_backend() == "cpu"
 
 
 def jit_step(step_fn, shardings: TrainState, mesh: Mesh, reference_shardings: Any = None):

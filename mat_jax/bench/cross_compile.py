@@ -1,0 +1,98 @@
+"""Compiling for an NVIDIA GPU on a host without one: XLA:GPU's deviceless compilation.
+
+JAX's CUDA plugin can create a compile-only GPU from a description of the device (its compute capability,
+SM count, memories, the cuDNN and CUDA versions), and XLA:GPU then runs its whole pipeline for it on the
+host's CPU: HLO optimisation, fusion, code generation, PTX and `ptxas`. What it cannot do without the
+device is autotune (time candidate kernels on it), so it takes XLA's default choices instead. That is what
+`python -m mat_jax.bench compile --target h100` measures: the compile seconds of the programs as they are
+built for that GPU (bfloat16, cuDNN attention, the accelerator's chunk sizes; `runtime.building_for`),
+on any machine, without autotuning. Against a real GPU (docs/performance.md): the tiny MAT step with
+Triton's GEMMs off compiled deviceless in 16.0-16.6 s on a 2-core CPU, and in 19.8 s on an H200 with
+cuBLAS's autotuning; with Triton's GEMMs on, autotuning their tiles is most of a real GPU's time and is
+missing here.
+
+It needs JAX's CUDA plugin and the CUDA libraries JAX checks while tracing (cuDNN, for the fused attention),
+not a GPU or its driver: `pip install -e '.[gpu-compile]'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax.experimental import topologies
+
+from mat_jax import errors
+
+
+@dataclasses.dataclass(frozen=True)
+class GPUTarget:
+  """What XLA:GPU needs to know of a device to compile for it, from the vendor's data sheets."""
+  description: str            # the device name XLA records
+  compute_capability: tuple[int, int]
+  sm_count: int
+  fp32_units_per_sm: int
+  shared_memory_per_sm: int   # bytes
+  shared_memory_per_block_optin: int
+  l2_cache_bytes: int
+  memory_bytes: int
+  memory_bandwidth: float     # bytes/s
+  clock_ghz: float
+
+
+# NVIDIA's data sheets (SXM parts). cuDNN and CUDA versions: those of JAX's CUDA 12 wheels.
+TARGETS: dict[str, GPUTarget] = {
+    "h100": GPUTarget("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 233_472, 232_448, 50 * 2**20, 80 * 2**30,
+                      3.35e12, 1.98),
+    "h200": GPUTarget("NVIDIA H200", (9, 0), 132, 128, 233_472, 232_448, 50 * 2**20, 141 * 10**9, 4.8e12, 1.98),
+    "a100": GPUTarget("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 167_936, 166_912, 40 * 2**20, 80 * 2**30,
+                      2.039e12, 1.41),
+}
+_CUDNN_VERSION = (9, 8)
+_CUDA_VERSION = (12, 8)
+INSTALL_HINT = "pip install -e '.[gpu-compile]' (JAX's CUDA plugin and the CUDA libraries; no GPU or driver needed)"
+
+
+def target_config(target: GPUTarget) -> str:
+  """The device's description as XLA's GpuTargetConfig text proto, which the CUDA plugin reads."""
+  major, minor = target.compute_capability
+  return "\n".join([
+      "gpu_device_info {",
+      "  threads_per_block_limit: 1024",
+      "  threads_per_warp: 32",
+      "  shared_memory_per_block: 49152",
+      f"  shared_memory_per_core: {target.shared_memory_per_sm}",
+      "  threads_per_core_limit: 2048",
+      f"  core_count: {target.sm_count}",
+      f"  fpus_per_core: {target.fp32_units_per_sm}",
+      "  block_dim_limit_x: 2147483647",
+      "  block_dim_limit_y: 65535",
+      "  block_dim_limit_z: 65535",
+      f"  memory_bandwidth: {int(target.memory_bandwidth)}",
+      f"  l2_cache_size: {target.l2_cache_bytes}",
+      f"  clock_rate_ghz: {target.clock_ghz}",
+      f"  device_memory_size: {target.memory_bytes}",
+      f"  shared_memory_per_block_optin: {target.shared_memory_per_block_optin}",
+      f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+      "  registers_per_core_limit: 65536",
+      "  registers_per_block_limit: 65536",
+      "}",
+      'platform_name: "CUDA"',
+      f"dnn_version_info {{ major: {_CUDNN_VERSION[0]} minor: {_CUDNN_VERSION[1]} }}",
+      f"runtime_version {{ major: {_CUDA_VERSION[0]} minor: {_CUDA_VERSION[1]} }}",
+      f'device_description_str: "{target.description}"',
+  ]) + "\n"
+
+
+def compile_only_devices(name: str) -> list:
+  """One compile-only device of the named GPU (a key of TARGETS); programs lowered with shardings on it
+  compile for that GPU. An InputError names the install when JAX's CUDA plugin or cuDNN is missing."""
+  if name not in TARGETS:
+    raise errors.InputError(f"--target {name!r}: choose one of {', '.join(sorted(TARGETS))}")
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=target_config(TARGETS[name]),
+                                            topology="1x1x1")
+  except Exception as e:  # the plugin missing or failing to load reports itself in many ways
+    raise errors.InputError(f"--target {name}: cannot create a compile-only {TARGETS[name].description} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiling "
+                            f"for a GPU without one needs JAX's CUDA plugin: {INSTALL_HINT}") from None
+  return list(topology.devices)

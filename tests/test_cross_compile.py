@@ -1,0 +1,121 @@
+"""Programs built for another backend (`runtime.building_for`) and compiled for an NVIDIA GPU on a host without
+one (`bench.cross_compile`, `bench compile --target`).
+
+The choices that follow the backend are checked on the CPU. The compilation itself needs JAX's CUDA plugin
+(`pip install -e '.[gpu-compile]'`; .ci/run installs it in a venv of its own and runs this file there);
+without it, those tests are skipped and the error that names the install is checked instead.
+"""
+
+import importlib.util
+import subprocess
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mat_jax import runtime
+from mat_jax.attacks import image as image_attacks
+from mat_jax.attacks import text as text_attacks
+from mat_jax.bench import cross_compile
+from mat_jax.errors import InputError
+from mat_jax.models import CLIP, layers, split
+from mat_jax.models.clip import PRESETS, feature_products, resolve_dtype
+from mat_jax.training import step as step_lib
+
+CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
+               and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+needs_plugin = pytest.mark.skipif(not CUDA_PLUGIN, reason="JAX's CUDA plugin is not installed (the gpu-compile extra)")
+
+
+def _choices() -> dict:
+  product = jax.make_jaxpr(lambda a, b: feature_products("ij,kj->ik", a, b))(jnp.ones((2, 3)), jnp.ones((2, 3)))
+  return {"backend": runtime.program_backend(), "dtype": resolve_dtype("auto"),
+          "attention": layers.attention_path("auto", jnp.bfloat16), "chunk": text_attacks.default_chunk_size(24),
+          "skip_with_conditional": step_lib._skip_with_conditional(),
+          "highest_precision_products": "HIGHEST" in str(product)}
+
+
+def test_programs_built_for_a_gpu_make_a_gpus_choices_on_the_cpu():
+  on_cpu = {"backend": "cpu", "dtype": "float32", "attention": "einsum", "chunk": 1024 // 24,
+            "skip_with_conditional": True, "highest_precision_products": False}
+  assert _choices() == on_cpu
+  with runtime.building_for("gpu"):
+    assert _choices() == {"backend": "gpu", "dtype": "bfloat16", "attention": "cudnn", "chunk": 32768 // 24,
+                          "skip_with_conditional": False, "highest_precision_products": True}
+    # Only the building thread: a step compiled ahead on another thread keeps this process's backend.
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(runtime.program_backend()))
+    thread.start()
+    thread.join()
+    assert seen == ["cpu"]
+  assert _choices() == on_cpu
+
+
+def test_building_for_an_unknown_backend_is_refused():
+  with pytest.raises(ValueError, match="choose cpu, gpu or tpu"):
+    with runtime.building_for("cuda"):
+      pass
+  assert runtime.program_backend() == "cpu"
+
+
+def test_each_target_describes_its_gpu_to_xla():
+  config = cross_compile.target_config(cross_compile.TARGETS["h100"])
+  assert "core_count: 132" in config and "cuda_compute_capability { major: 9 minor: 0 }" in config
+  assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in config
+  assert "cuda_compute_capability { major: 8 minor: 0 }" in cross_compile.target_config(cross_compile.TARGETS["a100"])
+  with pytest.raises(InputError, match="choose one of a100, h100, h200"):
+    cross_compile.compile_only_devices("v100")
+
+
+@pytest.mark.skipif(CUDA_PLUGIN, reason="the CUDA plugin is installed: the error for its absence cannot happen")
+def test_a_target_without_the_cuda_plugin_names_the_install(capsys):
+  from mat_jax.bench.__main__ import main as bench_main
+
+  with pytest.raises(InputError, match=r"pip install -e '\.\[gpu-compile\]'"):
+    cross_compile.compile_only_devices("h100")
+  assert bench_main(["compile", "--target", "h100", "--preset", "tiny"]) == 2
+  err = capsys.readouterr().err
+  assert "--target h100: cannot create a compile-only NVIDIA H100" in err and "Traceback" not in err
+
+
+def test_a_target_compiles_only_the_one_call_programs(capsys):
+  from mat_jax.bench.__main__ import main as bench_main
+
+  assert bench_main(["compile", "--target", "h100", "--programs", "sga"]) == 2
+  assert "with --target, SGA (several programs with host work between them)" in capsys.readouterr().err
+
+
+@needs_plugin
+def test_pgd_compiles_for_an_h100_as_the_gpu_runs_it():
+  """The attack built for the GPU and compiled for it here: cuDNN's fused attention, bfloat16 matmuls."""
+  (device,) = cross_compile.compile_only_devices("h100")
+  mesh = jax.sharding.Mesh(np.asarray([device]), ("data",))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  with runtime.building_for("gpu"):
+    cfg = PRESETS["tiny"].replace(dtype=resolve_dtype("auto"))
+    encoder, params = split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
+    size, length = cfg.vision.image_size, cfg.text.context_length
+    attack = jax.jit(lambda p, x, ids, mask, key: image_attacks.pgd_attack(
+        encoder, p, x, ids, mask, key, eps=2 / 255, step_size=0.5 / 255, steps=3))
+    lowered = attack.lower(
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), params),
+        jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32, sharding=whole),
+        jax.ShapeDtypeStruct((2, length), jnp.int32, sharding=whole),
+        jax.ShapeDtypeStruct((2, length), jnp.int32, sharding=whole),
+        jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole))
+  compiled = lowered.compile().as_text()
+  assert "__cudnn$fmha" in compiled and "bf16[" in compiled
+
+
+@needs_plugin
+def test_bench_compile_target_reports_xla_gpus_seconds():
+  out = subprocess.run([sys.executable, "-m", "mat_jax.bench", "compile", "--target", "h200", "--preset", "tiny",
+                        "--batch", "2", "--programs", "pgd"], capture_output=True, text=True, check=True).stdout
+  lines = out.splitlines()
+  assert "for NVIDIA H200 (deviceless XLA:GPU" in lines[0]
+  assert lines[1].startswith("cold: pgd ") and "XLA:GPU compile" in lines[1]
+  assert lines[-1].startswith("compile: cold ") and float(lines[-1].split()[2]) > 0
