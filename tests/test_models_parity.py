@@ -381,3 +381,17 @@ def test_transformers_default_configs_convert_to_our_defaults():
   # transformers' current defaults name a real eos id (49407), so text is pooled at its first occurrence.
   assert ours == CLIPConfig()
   assert bert_config_from_hf(transformers.BertConfig().to_dict()) == BertConfig()
+
+
+def test_exact_gelu_is_pytorchs_and_lowers_through_erf():
+  """transformers' "gelu" is PyTorch's x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu's exact form computes it through
+  erfc, which XLA:GPU's fusion pass takes seconds over in every program (docs/performance.md): the port
+  lowers through erf."""
+  from mat_jax.models import layers
+
+  x = np.linspace(-12.0, 12.0, 20001, dtype=np.float32)
+  reference = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+  ours = np.asarray(jax.jit(layers.ACTIVATIONS["gelu"])(x))
+  np.testing.assert_allclose(ours, reference, atol=1e-6, rtol=1e-6)
+  lowered = jax.jit(layers.ACTIVATIONS["gelu"]).lower(x).as_text()
+  assert "erf" in lowered and "erfc" not in lowered
