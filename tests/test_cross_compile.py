@@ -119,3 +119,24 @@ def test_bench_compile_target_reports_xla_gpus_seconds():
   assert "for NVIDIA H200 (deviceless XLA:GPU" in lines[0]
   assert lines[1].startswith("cold: pgd ") and "XLA:GPU compile" in lines[1]
   assert lines[-1].startswith("compile: cold ") and float(lines[-1].split()[2]) > 0
+
+
+def test_modules_need_a_target_and_a_directory_of_dumped_programs(tmp_path, capsys):
+  from mat_jax.bench.__main__ import main as bench_main
+
+  assert bench_main(["compile", "--modules", str(tmp_path)]) == 2
+  assert "--modules compiles a command's programs for a GPU: name it with --target" in capsys.readouterr().err
+  with pytest.raises(InputError, match=f"JAX_DUMP_IR_TO={tmp_path}"):
+    cross_compile.compile_modules(tmp_path, "h100")
+
+
+@needs_plugin
+def test_a_commands_dumped_programs_compile_for_a_gpu_once_each(tmp_path):
+  text = jax.jit(lambda x: jnp.tanh(x @ x.T).sum()).lower(jnp.ones((64, 32))).as_text()
+  for n in range(2):  # the same program lowered twice (compiled ahead, then called) compiles once
+    (tmp_path / f"jax_ir000{n}_jit_product_compile.mlir").write_text(text)
+  (tmp_path / "jax_ir0002_jit_other_compile.mlir").write_text(
+      jax.jit(lambda x: x * 2).lower(jnp.ones(3)).as_text())
+  timings = cross_compile.compile_modules(tmp_path, "h100")
+  assert [name for name, _ in timings] == ["jit_product", "jit_other"]
+  assert all(seconds > 0 for _, seconds in timings)

@@ -15,6 +15,8 @@ none (`bench.cross_compile`: XLA:GPU's deviceless compilation, without autotunin
 built for the GPU (`runtime.building_for`), lowered from abstract arguments and compiled once, nothing run;
 each program's tracing, lowering and XLA:GPU seconds, last line `compile: cold X s`. SGA runs several
 programs with host work between them, which cannot be compiled without running them, and is left out.
+With `--modules DIR` it compiles instead every program a command lowered into DIR (`JAX_DUMP_IR_TO=DIR`),
+as that command built them (on a CPU: the CPU's programs), and prints their XLA:GPU seconds by program.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -81,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--target", default=None, choices=sorted(cross_compile.TARGETS),
                       help="compile the MAT step and PGD for this NVIDIA GPU on this host, which needs none "
                            "(deviceless XLA:GPU, no autotuning; needs the gpu-compile extra): cold compile only")
+  parser.add_argument("--modules", type=errors.directory, default=None, metavar="DIR",
+                      help="with --target: compile the StableHLO modules a command wrote with JAX_DUMP_IR_TO=DIR "
+                           "for the GPU instead, and print their XLA:GPU seconds by program")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -126,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
   if args.worker:
     print(_RESULT_PREFIX + json.dumps(measure(args, programs)), flush=True)
     return 0
+  if args.modules and not args.target:
+    raise errors.InputError("--modules compiles a command's programs for a GPU: name it with --target")
+  if args.target and args.modules:
+    return _run_modules(args)
   if args.target:
     return _run_for_target(args, programs)
   if args.cache_dir:
@@ -175,6 +184,25 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
                              for p in programs), flush=True)
   print(f"compile: cold {sum(result[p] for p in programs):.1f} s")
   return 0
+
+
+def _run_modules(args: argparse.Namespace) -> int:
+  """--target with --modules: a command's dumped programs compiled for the GPU, summed by program name."""
+  target = cross_compile.TARGETS[args.target]
+  timings = cross_compile.compile_modules(args.modules, args.target)
+  compiled = [(program, seconds) for program, seconds in timings if isinstance(seconds, float)]
+  by_program: dict[str, list[float]] = {}
+  for program, seconds in compiled:
+    by_program.setdefault(program, []).append(seconds)
+  rows = sorted(([program, len(s), sum(s), max(s)] for program, s in by_program.items()), key=lambda r: -r[2])
+  common.print_table(f"XLA:GPU compile seconds for {target.description} of the {len(timings)} distinct modules in "
+                     f"{args.modules} (deviceless: no autotuning)", ["program", "modules", "seconds", "largest"],
+                     rows)
+  failed = [(program, error) for program, error in timings if isinstance(error, str)]
+  if failed:
+    print(f"{len(failed)} modules did not compile without the device, e.g. {failed[0][0]}: {failed[0][1]}")
+  print(f"compile: cold {sum(seconds for _, seconds in compiled):.1f} s")
+  return 1 if failed else 0
 
 
 def _steady(result: dict, program: str) -> str:

@@ -13,12 +13,25 @@ missing here.
 
 It needs JAX's CUDA plugin and the CUDA libraries JAX checks while tracing (cuDNN, for the fused attention),
 not a GPU or its driver: `pip install -e '.[gpu-compile]'`.
+
+`compile_modules` compiles the StableHLO modules a command wrote with `JAX_DUMP_IR_TO=DIR` (every program
+it lowered, as it built them for its own backend) for a GPU: which of a whole command's programs cost
+XLA:GPU the most, without a GPU (`bench compile --target h200 --modules DIR`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
+import time
+from pathlib import Path
 
+import numpy as np
+from jax._src import compiler  # private: compile options for a module JAX did not lower itself
+from jax._src.interpreters import mlir
+from jax._src.lib import xla_client
+from jax._src.lib.mlir import ir
 from jax.experimental import topologies
 
 from mat_jax import errors
@@ -96,3 +109,42 @@ def compile_only_devices(name: str) -> list:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiling "
                             f"for a GPU without one needs JAX's CUDA plugin: {INSTALL_HINT}") from None
   return list(topology.devices)
+
+
+# The file names of JAX_DUMP_IR_TO's modules: jax_ir<n>_<program>_compile.mlir.
+_DUMPED_MODULE = re.compile(r"jax_ir\d+_(.+)_compile\.mlir")
+
+
+def compile_modules(directory: str | Path, name: str) -> list[tuple[str, float | str]]:
+  """(program, XLA:GPU seconds) of every distinct module of `directory` (JAX_DUMP_IR_TO's files, in the order
+  they were written) compiled for the named GPU: a module lowered twice (a program compiled ahead, then
+  called) is compiled once, as the persistent cache would. A module XLA:GPU cannot compile without the
+  device gets its error's first line instead of seconds (Triton's GEMM kernels need autotuning for some
+  shapes: MAT_JAX_TRITON_GEMM=0, as the shapes world's commands run on a GPU, leaves them to cuBLAS). An
+  InputError when there is no module to compile."""
+  files = sorted(Path(directory).glob("jax_ir*_compile.mlir"))
+  if not files:
+    raise errors.InputError(f"--modules {directory}: no jax_ir*_compile.mlir files; write them with "
+                            f"JAX_DUMP_IR_TO={directory} python -m mat_jax.train (or any command)")
+  (device,) = compile_only_devices(name)
+  client = device.client
+  options = compiler.get_compile_options(1, 1, device_assignment=np.array([[device.id]]), backend=client)
+  seen: set[str] = set()
+  timings = []
+  for path in files:
+    text = path.read_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if digest in seen:
+      continue
+    seen.add(digest)
+    match = _DUMPED_MODULE.fullmatch(path.name)
+    with mlir.make_ir_context():
+      module = ir.Module.parse(text)
+      start = time.perf_counter()
+      try:
+        client.compile(module, executable_devices=xla_client.DeviceList((device,)), compile_options=options)
+        outcome: float | str = time.perf_counter() - start
+      except Exception as e:  # XLA's runtime errors; the other modules still compile
+        outcome = str(e).splitlines()[0][:200]
+      timings.append((match.group(1) if match else path.stem, outcome))
+  return timings
