@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
-  """The cold compilation for --target's GPU, in a fresh process without a persistent cache (a
-  cross-compilation is never loaded from it: it measures XLA:GPU's work)."""
+  """The cold compilation for --target's GPU, in a fresh process with the persistent cache off, so that
+  every second is XLA:GPU's work, never a load."""
   cross_compile.compile_only_devices(args.target)  # no CUDA plugin: one error line here, not the worker's
   with runtime.building_for("gpu"):
     preset, batch = _defaults(args)
