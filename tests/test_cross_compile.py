@@ -1,9 +1,10 @@
-"""Programs built for another backend (`runtime.building_for`) and compiled for an NVIDIA GPU on a host without
-one (`bench.cross_compile`, `bench compile --target`).
+"""Programs built for another backend (`runtime.building_for`) and compiled for an NVIDIA GPU or a TPU on a
+host without one (`bench.cross_compile`, `bench compile --target`).
 
 The choices that follow the backend are checked on the CPU. The compilation itself needs JAX's CUDA plugin
-(`pip install -e '.[gpu-compile]'`; .ci/run installs it in a venv of its own and runs this file there);
-without it, those tests are skipped and the error that names the install is checked instead.
+or libtpu (`pip install -e '.[gpu-compile,tpu-compile]'`; .ci/run installs them in a venv of their own and
+runs this file there); without them, those tests are skipped and the error that names the install is
+checked instead.
 """
 
 import importlib.util
@@ -29,6 +30,8 @@ from mat_jax.training import step as step_lib
 CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
                and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
 needs_plugin = pytest.mark.skipif(not CUDA_PLUGIN, reason="JAX's CUDA plugin is not installed (the gpu-compile extra)")
+LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed (the tpu-compile extra)")
 
 
 def _choices() -> dict:
@@ -52,6 +55,9 @@ def test_programs_built_for_a_gpu_make_a_gpus_choices_on_the_cpu():
     thread.start()
     thread.join()
     assert seen == ["cpu"]
+  with runtime.building_for("tpu"):  # no cuDNN there: XLA's attention
+    assert _choices() == {"backend": "tpu", "dtype": "bfloat16", "attention": "xla", "chunk": 32768 // 24,
+                          "skip_with_conditional": False, "highest_precision_products": True}
   assert _choices() == on_cpu
 
 
@@ -67,8 +73,25 @@ def test_each_target_describes_its_gpu_to_xla():
   assert "core_count: 132" in config and "cuda_compute_capability { major: 9 minor: 0 }" in config
   assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in config
   assert "cuda_compute_capability { major: 8 minor: 0 }" in cross_compile.target_config(cross_compile.TARGETS["a100"])
-  with pytest.raises(InputError, match="choose one of a100, h100, h200"):
+  with pytest.raises(InputError, match="choose one of a100, h100, h200, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e"):
     cross_compile.compile_only_devices("v100")
+  assert [cross_compile.backend(name) for name in ("a100", "tpu-v5e")] == ["gpu", "tpu"]
+
+
+def test_a_compiling_process_starts_no_accelerator_and_tells_libtpu_where_it_is():
+  environ = {"JAX_PLATFORMS": "cpu,cuda"}
+  cross_compile.prepare_environment("h100", environ)
+  assert environ == {"JAX_PLATFORMS": "cpu,cuda"}  # the user's choice stays
+  environ = {}
+  cross_compile.prepare_environment("tpu-v5e", environ)
+  assert environ == {"JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost",
+                     "TPU_ACCELERATOR_TYPE": "v5litepod-4", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+@pytest.mark.skipif(LIBTPU, reason="libtpu is installed: the error for its absence cannot happen")
+def test_a_tpu_target_without_libtpu_names_the_install():
+  with pytest.raises(InputError, match=r"pip install -e '\.\[tpu-compile\]'"):
+    cross_compile.compile_only_devices("tpu-v5e")
 
 
 @pytest.mark.skipif(CUDA_PLUGIN, reason="the CUDA plugin is installed: the error for its absence cannot happen")
@@ -89,13 +112,12 @@ def test_a_target_compiles_only_the_one_call_programs(capsys):
   assert "with --target, SGA (several programs with host work between them)" in capsys.readouterr().err
 
 
-@needs_plugin
-def test_pgd_compiles_for_an_h100_as_the_gpu_runs_it():
-  """The attack built for the GPU and compiled for it here: cuDNN's fused attention, bfloat16 matmuls."""
-  (device,) = cross_compile.compile_only_devices("h100")
+def _pgd_compiled_for(target: str) -> str:
+  """The tiny CLIP's PGD built for `target`'s backend and compiled for it here: the optimised module."""
+  (device,) = cross_compile.compile_only_devices(target)
   mesh = jax.sharding.Mesh(np.asarray([device]), ("data",))
   whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  with runtime.building_for("gpu"):
+  with runtime.building_for(cross_compile.backend(target)):
     cfg = PRESETS["tiny"].replace(dtype=resolve_dtype("auto"))
     encoder, params = split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))))
     size, length = cfg.vision.image_size, cfg.text.context_length
@@ -107,17 +129,32 @@ def test_pgd_compiles_for_an_h100_as_the_gpu_runs_it():
         jax.ShapeDtypeStruct((2, length), jnp.int32, sharding=whole),
         jax.ShapeDtypeStruct((2, length), jnp.int32, sharding=whole),
         jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole))
-  compiled = lowered.compile().as_text()
-  assert "__cudnn$fmha" in compiled and "bf16[" in compiled
+  return lowered.compile().as_text()
 
 
 @needs_plugin
-def test_bench_compile_target_reports_xla_gpus_seconds():
-  out = subprocess.run([sys.executable, "-m", "mat_jax.bench", "compile", "--target", "h200", "--preset", "tiny",
+def test_pgd_compiles_for_an_h100_as_the_gpu_runs_it():
+  """cuDNN's fused attention, bfloat16 matmuls."""
+  compiled = _pgd_compiled_for("h100")
+  assert "__cudnn$fmha" in compiled and "bf16[" in compiled
+
+
+@needs_libtpu
+def test_pgd_compiles_for_a_tpu_as_the_tpu_runs_it():
+  """XLA's attention (no cuDNN on a TPU), bfloat16 matmuls."""
+  compiled = _pgd_compiled_for("tpu-v5e")
+  assert "cudnn" not in compiled and "bf16[" in compiled
+
+
+@pytest.mark.parametrize("target, device, compiler", [
+    pytest.param("h200", "NVIDIA H200", "XLA:GPU", marks=needs_plugin),
+    pytest.param("tpu-v5e", "TPU v5 lite", "XLA:TPU", marks=needs_libtpu)])
+def test_bench_compile_target_reports_xlas_seconds(target, device, compiler):
+  out = subprocess.run([sys.executable, "-m", "mat_jax.bench", "compile", "--target", target, "--preset", "tiny",
                         "--batch", "2", "--programs", "pgd"], capture_output=True, text=True, check=True).stdout
   lines = out.splitlines()
-  assert "for NVIDIA H200 (deviceless XLA:GPU" in lines[0]
-  assert lines[1].startswith("cold: pgd ") and "XLA:GPU compile" in lines[1]
+  assert f"for {device} (deviceless {compiler}" in lines[0]
+  assert lines[1].startswith("cold: pgd ") and f"{compiler} compile" in lines[1]
   assert lines[-1].startswith("compile: cold ") and float(lines[-1].split()[2]) > 0
 
 
@@ -125,7 +162,7 @@ def test_modules_need_a_target_and_a_directory_of_dumped_programs(tmp_path, caps
   from mat_jax.bench.__main__ import main as bench_main
 
   assert bench_main(["compile", "--modules", str(tmp_path)]) == 2
-  assert "--modules compiles a command's programs for a GPU: name it with --target" in capsys.readouterr().err
+  assert "--modules compiles a command's programs for an accelerator: name it with --target" in capsys.readouterr().err
   with pytest.raises(InputError, match=f"JAX_DUMP_IR_TO={tmp_path}"):
     cross_compile.compile_modules(tmp_path, "h100")
 

@@ -10,13 +10,14 @@ last line is `compile: cold X s, warm Y s` (the sums over the three programs). `
 run (last line `compile: cold X s`), for sweeping compiler options one process each: an option that
 shortens the compilation shows its price in the steady call.
 
-`--target h100` (or h200, a100) compiles the MAT step and PGD for that NVIDIA GPU on this host, which needs
-none (`bench.cross_compile`: XLA:GPU's deviceless compilation, without autotuning): the programs as they are
-built for the GPU (`runtime.building_for`), lowered from abstract arguments and compiled once, nothing run;
-each program's tracing, lowering and XLA:GPU seconds, last line `compile: cold X s`. SGA runs several
-programs with host work between them, which cannot be compiled without running them, and is left out.
-With `--modules DIR` it compiles instead every program a command lowered into DIR (`JAX_DUMP_IR_TO=DIR`),
-as that command built them (on a CPU: the CPU's programs), and prints their XLA:GPU seconds by program.
+`--target h100` (or h200, a100; tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e) compiles the MAT step and PGD for that
+device on this host, which needs none (`bench.cross_compile`: XLA's deviceless compilation, on a GPU
+without autotuning): the programs as they are built for that backend (`runtime.building_for`), lowered from
+abstract arguments and compiled once, nothing run; each program's tracing, lowering and XLA seconds, last
+line `compile: cold X s`. SGA runs several programs with host work between them, which cannot be compiled
+without running them, and is left out. With `--modules DIR` it compiles instead every program a command
+lowered into DIR (`JAX_DUMP_IR_TO=DIR`), as that command built them (on a CPU: the CPU's programs), and
+prints their seconds by program.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -81,11 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="measure the cold compile only (no warm run): for sweeping compiler options, one "
                            "process per setting, e.g. XLA_FLAGS=... python -m mat_jax.bench compile --cold-only")
   parser.add_argument("--target", default=None, choices=sorted(cross_compile.TARGETS),
-                      help="compile the MAT step and PGD for this NVIDIA GPU on this host, which needs none "
-                           "(deviceless XLA:GPU, no autotuning; needs the gpu-compile extra): cold compile only")
+                      help="compile the MAT step and PGD for this GPU or TPU on this host, which needs none "
+                           "(deviceless XLA, on a GPU without autotuning; needs the gpu-compile or tpu-compile "
+                           "extra): cold compile only")
   parser.add_argument("--modules", type=errors.directory, default=None, metavar="DIR",
                       help="with --target: compile the StableHLO modules a command wrote with JAX_DUMP_IR_TO=DIR "
-                           "for the GPU instead, and print their XLA:GPU seconds by program")
+                           "for the target instead, and print their seconds by program")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -123,16 +125,17 @@ def _check_cache_dir(path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
   programs = _programs(args)
-  if args.target and not os.environ.get("JAX_PLATFORMS"):
-    # Compile-only devices need no backend of their own; a CUDA plugin without a GPU fails to start, and
-    # then reports the cross-compiling topology as not implemented. The measuring process inherits it.
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    jax.config.update("jax_platforms", "cpu")
+  if args.target:
+    # Before any backend starts; the measuring process inherits the environment.
+    platforms = os.environ.get("JAX_PLATFORMS")
+    cross_compile.prepare_environment(args.target, os.environ)
+    if not platforms:
+      jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])  # JAX read the variable at its import
   if args.worker:
     print(_RESULT_PREFIX + json.dumps(measure(args, programs)), flush=True)
     return 0
   if args.modules and not args.target:
-    raise errors.InputError("--modules compiles a command's programs for a GPU: name it with --target")
+    raise errors.InputError("--modules compiles a command's programs for an accelerator: name it with --target")
   if args.target and args.modules:
     return _run_modules(args)
   if args.target:
@@ -170,14 +173,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
   """The cold compilation for --target's GPU, in a fresh process with the persistent cache off, so that
-  every second is XLA:GPU's work, never a load."""
-  cross_compile.compile_only_devices(args.target)  # no CUDA plugin: one error line here, not the worker's
-  with runtime.building_for("gpu"):
+  every second is XLA's work, never a load."""
+  cross_compile.compile_only_devices(args.target)  # no plugin: one error line here, not the worker's
+  with runtime.building_for(cross_compile.backend(args.target)):
     preset, batch = _defaults(args)
     dtype = resolve_dtype(args.dtype)
   target = cross_compile.TARGETS[args.target]
   print(f"compile: CLIP {preset}, batch {batch}, {dtype}, programs {','.join(programs)}, compiled on "
-        f"{common.device_summary()} for {target.description} (deviceless XLA:GPU: no autotuning, nothing run); "
+        f"{common.device_summary()} for {target.description} ({_deviceless(args.target)}, nothing run); "
         "in a fresh process")
   result = _worker(args, preset, batch, programs, "0", dict(os.environ))
   print("cold: " + ", ".join(f"{p} {result[p]:.2f} s ({result[p + '_cpu']:.2f} CPU s{_phases(result, p)})"
@@ -187,7 +190,7 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
 
 
 def _run_modules(args: argparse.Namespace) -> int:
-  """--target with --modules: a command's dumped programs compiled for the GPU, summed by program name."""
+  """--target with --modules: a command's dumped programs compiled for the target, summed by program name."""
   target = cross_compile.TARGETS[args.target]
   timings = cross_compile.compile_modules(args.modules, args.target)
   compiled = [(program, seconds) for program, seconds in timings if isinstance(seconds, float)]
@@ -195,14 +198,22 @@ def _run_modules(args: argparse.Namespace) -> int:
   for program, seconds in compiled:
     by_program.setdefault(program, []).append(seconds)
   rows = sorted(([program, len(s), sum(s), max(s)] for program, s in by_program.items()), key=lambda r: -r[2])
-  common.print_table(f"XLA:GPU compile seconds for {target.description} of the {len(timings)} distinct modules in "
-                     f"{args.modules} (deviceless: no autotuning)", ["program", "modules", "seconds", "largest"],
-                     rows)
+  common.print_table(f"{_xla(args.target)} compile seconds for {target.description} of the {len(timings)} distinct "
+                     f"modules in {args.modules} ({_deviceless(args.target)})", ["program", "modules", "seconds",
+                                                                                  "largest"], rows)
   failed = [(program, error) for program, error in timings if isinstance(error, str)]
   if failed:
     print(f"{len(failed)} modules did not compile without the device, e.g. {failed[0][0]}: {failed[0][1]}")
   print(f"compile: cold {sum(seconds for _, seconds in compiled):.1f} s")
   return 1 if failed else 0
+
+
+def _xla(target: str) -> str:
+  return "XLA:TPU" if cross_compile.backend(target) == "tpu" else "XLA:GPU"
+
+
+def _deviceless(target: str) -> str:
+  return f"deviceless {_xla(target)}" + ("" if cross_compile.backend(target) == "tpu" else ": no autotuning")
 
 
 def _steady(result: dict, program: str) -> str:
@@ -215,7 +226,7 @@ def _phases(result: dict, program: str) -> str:
   """'; tracing T s, lowering L s, XLA compile or load X s' of a program's first call, when measured."""
   if f"{program}_xla" not in result:
     return ""
-  xla = "XLA:GPU compile" if result.get("cross_compiled") else "XLA compile or load"
+  xla = f"{result['cross_compiled']} compile" if result.get("cross_compiled") else "XLA compile or load"
   phases = ", ".join(f"{xla if phase == 'xla' else phase} {result[f'{program}_{phase}']:.2f} s"
                      for phase in _PHASE_EVENTS)
   if f"{program}_gc" in result:
@@ -298,15 +309,15 @@ def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
 
 def measure(args: argparse.Namespace, programs: list[str]) -> dict[str, float]:
   if not args.target:
-    return _measure(args, programs, None)
+    return _measure(args, programs)
   devices = cross_compile.compile_only_devices(args.target)
-  with runtime.building_for("gpu"):
-    return _measure(args, programs, mesh_lib.make_mesh(1, devices=devices))
+  with runtime.building_for(cross_compile.backend(args.target)):
+    return _measure(args, programs, mesh_lib.make_mesh(1, devices=devices), _xla(args.target))
 
 
-def _measure(args: argparse.Namespace, programs: list[str], target_mesh) -> dict[str, float]:
+def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, compiler: str = "") -> dict[str, float]:
   """Each program's first call minus a steady one; with `target_mesh` (compile-only devices), its lowering
-  from abstract arguments and its compilation for them instead."""
+  from abstract arguments and its compilation for them instead (by `compiler`, as the report names it)."""
   preset, batch = _defaults(args)
   tokenizer = shapes.tokenizer(context_length=PRESETS[preset].text.context_length)
   cfg = PRESETS[preset]
@@ -324,7 +335,7 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh) -> dict
   scenes = [shapes.sample_scene(rng) for _ in range(batch)]
   images = jnp.asarray(np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) / 255)
   out: dict[str, float] = {}
-  details: dict[str, float] = {"cross_compiled": target_mesh is not None}
+  details: dict[str, float | str] = {"cross_compiled": compiler}
   if "mat_step" in programs:
     if target_mesh:
       host_batch, meta = mat_batch(size, batch, tokenizer, max_targets=8, top_k=10)

@@ -1,4 +1,4 @@
-"""Compiling for an NVIDIA GPU on a host without one: XLA:GPU's deviceless compilation.
+"""Compiling for an accelerator on a host without one: XLA's deviceless compilation.
 
 JAX's CUDA plugin can create a compile-only GPU from a description of the device (its compute capability,
 SM count, memories, the cuDNN and CUDA versions), and XLA:GPU then runs its whole pipeline for it on the
@@ -9,14 +9,16 @@ built for that GPU (bfloat16, cuDNN attention, the accelerator's chunk sizes; `r
 on any machine, without autotuning. Against a real GPU (docs/performance.md): the tiny MAT step with
 Triton's GEMMs off compiled deviceless in 16.0-16.6 s on a 2-core CPU, and in 19.8 s on an H200 with
 cuBLAS's autotuning; with Triton's GEMMs on, autotuning their tiles is most of a real GPU's time and is
-missing here.
+missing here. It needs JAX's CUDA plugin and the CUDA libraries JAX checks while tracing (cuDNN, for the
+fused attention), not a GPU or its driver: `pip install -e '.[gpu-compile]'`.
 
-It needs JAX's CUDA plugin and the CUDA libraries JAX checks while tracing (cuDNN, for the fused attention),
-not a GPU or its driver: `pip install -e '.[gpu-compile]'`.
+libtpu does the same for a TPU from the name of a slice (`--target tpu-v5e`: one chip of a v5e host's
+2x2), with XLA:TPU's own compiler: `pip install -e '.[tpu-compile]'`. No TPU's figures are at hand to
+compare with.
 
 `compile_modules` compiles the StableHLO modules a command wrote with `JAX_DUMP_IR_TO=DIR` (every program
-it lowered, as it built them for its own backend) for a GPU: which of a whole command's programs cost
-XLA:GPU the most, without a GPU (`bench compile --target h200 --modules DIR`).
+it lowered, as it built them for its own backend) for a target: which of a whole command's programs cost
+XLA the most, without the device (`bench compile --target h200 --modules DIR`).
 """
 
 from __future__ import annotations
@@ -52,17 +54,55 @@ class GPUTarget:
   clock_ghz: float
 
 
+@dataclasses.dataclass(frozen=True)
+class TPUTarget:
+  """A TPU by libtpu's name of one host's slice (programs compile for its first chip) and the accelerator
+  type libtpu would read from a TPU VM's metadata."""
+  description: str
+  topology: str
+  accelerator_type: str
+
+
 # NVIDIA's data sheets (SXM parts). cuDNN and CUDA versions: those of JAX's CUDA 12 wheels.
-TARGETS: dict[str, GPUTarget] = {
+GPU_TARGETS: dict[str, GPUTarget] = {
     "h100": GPUTarget("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 233_472, 232_448, 50 * 2**20, 80 * 2**30,
                       3.35e12, 1.98),
     "h200": GPUTarget("NVIDIA H200", (9, 0), 132, 128, 233_472, 232_448, 50 * 2**20, 141 * 10**9, 4.8e12, 1.98),
     "a100": GPUTarget("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 167_936, 166_912, 40 * 2**20, 80 * 2**30,
                       2.039e12, 1.41),
 }
+TPU_TARGETS: dict[str, TPUTarget] = {
+    "tpu-v4": TPUTarget("TPU v4", "v4:2x2x1", "v4-8"),
+    "tpu-v5e": TPUTarget("TPU v5 lite", "v5e:2x2", "v5litepod-4"),
+    "tpu-v5p": TPUTarget("TPU v5", "v5p:2x2x1", "v5p-8"),
+    "tpu-v6e": TPUTarget("TPU v6 lite", "v6e:2x2", "v6e-4"),
+}
+TARGETS: dict[str, GPUTarget | TPUTarget] = {**GPU_TARGETS, **TPU_TARGETS}
 _CUDNN_VERSION = (9, 8)
 _CUDA_VERSION = (12, 8)
-INSTALL_HINT = "pip install -e '.[gpu-compile]' (JAX's CUDA plugin and the CUDA libraries; no GPU or driver needed)"
+INSTALL_HINT = {
+    "gpu": "pip install -e '.[gpu-compile]' (JAX's CUDA plugin and the CUDA libraries; no GPU or driver needed)",
+    "tpu": "pip install -e '.[tpu-compile]' (libtpu; no TPU needed)",
+}
+
+
+def backend(name: str) -> str:
+  """The backend a target's programs are built for (`runtime.building_for`): "gpu" or "tpu"."""
+  return "tpu" if name in TPU_TARGETS else "gpu"
+
+
+def prepare_environment(name: str, environ) -> None:
+  """What a process compiling for `name` needs before JAX starts a backend, set in `environ` unless set:
+  no accelerator backend of its own (compile-only devices need none, and a CUDA plugin without a GPU fails
+  to start, then reports the cross-compiling topology as not implemented), and for a TPU the host names
+  and accelerator type libtpu would otherwise look up in a TPU VM's metadata, logging an error when it
+  finds none, and leave to load libtpu in more than one process (the command checks it is there, then
+  measures in a process of its own; there is no chip to share)."""
+  environ.setdefault("JAX_PLATFORMS", "cpu")
+  if name in TPU_TARGETS:
+    environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    environ.setdefault("TPU_ACCELERATOR_TYPE", TPU_TARGETS[name].accelerator_type)
+    environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def target_config(target: GPUTarget) -> str:
@@ -97,18 +137,23 @@ def target_config(target: GPUTarget) -> str:
 
 
 def compile_only_devices(name: str) -> list:
-  """One compile-only device of the named GPU (a key of TARGETS); programs lowered with shardings on it
-  compile for that GPU. An InputError names the install when JAX's CUDA plugin or cuDNN is missing."""
+  """One compile-only device of the named target (a key of TARGETS); programs lowered with shardings on it
+  compile for that device. An InputError names the install when JAX's CUDA plugin (or cuDNN) or libtpu
+  is missing."""
   if name not in TARGETS:
     raise errors.InputError(f"--target {name!r}: choose one of {', '.join(sorted(TARGETS))}")
+  target = TARGETS[name]
   try:
-    topology = topologies.get_topology_desc(platform="cuda", target_config=target_config(TARGETS[name]),
-                                            topology="1x1x1")
-  except Exception as e:  # the plugin missing or failing to load reports itself in many ways
-    raise errors.InputError(f"--target {name}: cannot create a compile-only {TARGETS[name].description} "
+    if isinstance(target, TPUTarget):
+      topology = topologies.get_topology_desc(target.topology, "tpu")
+    else:
+      topology = topologies.get_topology_desc(platform="cuda", target_config=target_config(target),
+                                              topology="1x1x1")
+  except Exception as e:  # a plugin missing or failing to load reports itself in many ways
+    raise errors.InputError(f"--target {name}: cannot create a compile-only {target.description} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiling "
-                            f"for a GPU without one needs JAX's CUDA plugin: {INSTALL_HINT}") from None
-  return list(topology.devices)
+                            f"for it without one needs {INSTALL_HINT[backend(name)]}") from None
+  return list(topology.devices)[:1]
 
 
 # The file names of JAX_DUMP_IR_TO's modules: jax_ir<n>_<program>_compile.mlir.
@@ -116,8 +161,8 @@ _DUMPED_MODULE = re.compile(r"jax_ir\d+_(.+)_compile\.mlir")
 
 
 def compile_modules(directory: str | Path, name: str) -> list[tuple[str, float | str]]:
-  """(program, XLA:GPU seconds) of every distinct module of `directory` (JAX_DUMP_IR_TO's files, in the order
-  they were written) compiled for the named GPU: a module lowered twice (a program compiled ahead, then
+  """(program, XLA seconds) of every distinct module of `directory` (JAX_DUMP_IR_TO's files, in the order they
+  were written) compiled for the named target: a module lowered twice (a program compiled ahead, then
   called) is compiled once, as the persistent cache would. A module XLA:GPU cannot compile without the
   device gets its error's first line instead of seconds (Triton's GEMM kernels need autotuning for some
   shapes: MAT_JAX_TRITON_GEMM=0, as the shapes world's commands run on a GPU, leaves them to cuBLAS). An
