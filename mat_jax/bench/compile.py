@@ -28,6 +28,7 @@ and captions with paraphrase (synonym-table) candidates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="CLIP architecture (default: tiny on CPU, vit-b-16 on an accelerator)")
   parser.add_argument("--batch", type=errors.positive_int, default=None,
                       help="images per program (default: 8 on CPU, 64 on an accelerator)")
-  parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {PROGRAMS}")
+  parser.add_argument("--programs", default=None,
+                      help=f"comma-separated subset of {PROGRAMS} (default: all; with --target, {TARGET_PROGRAMS})")
   parser.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES,
                       help="compute dtype (default auto, as `python -m mat_jax.train`: bfloat16 on an accelerator, "
                            "float32 on CPU; docs/performance.md)")
@@ -99,10 +102,10 @@ def _defaults(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def _programs(args: argparse.Namespace) -> list[str]:
-  if args.target and args.programs == ",".join(PROGRAMS):
-    return list(TARGET_PROGRAMS)
-  chosen = [p.strip() for p in args.programs.split(",") if p.strip()]
   known = TARGET_PROGRAMS if args.target else PROGRAMS
+  if args.programs is None:
+    return list(known)
+  chosen = [p.strip() for p in args.programs.split(",") if p.strip()]
   unknown = sorted(set(chosen) - set(known))
   if unknown or not chosen:
     reason = ("; with --target, SGA (several programs with host work between them) cannot be compiled without "
@@ -266,6 +269,23 @@ _PHASE_EVENTS = {"tracing": "/jax/core/compile/jaxpr_trace_duration",
                  "xla": "/jax/core/compile/backend_compile_duration"}
 
 
+@contextlib.contextmanager
+def _recording_phases() -> Iterator[dict[str, float]]:
+  """The seconds of each of `_PHASE_EVENTS` that JAX reports within the context, summed by phase."""
+  phases = dict.fromkeys(_PHASE_EVENTS, 0.0)
+  phase_of = {event: phase for phase, event in _PHASE_EVENTS.items()}
+
+  def listen(event: str, seconds: float, **kwargs) -> None:
+    if event in phase_of:
+      phases[phase_of[event]] += seconds
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield phases
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
   """Wall seconds of the first call beyond a steady one; the same in this process's CPU seconds goes to
   details[f"{name}_cpu"] (compilation is mostly one thread, so CPU seconds show it without other jobs'
@@ -273,13 +293,7 @@ def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
   seconds Python's garbage collector ran within them to details[f"{name}_gc"] (its full passes, which
   walk every object alive, counted in details[f"{name}_gc_full"]), and the steady call's seconds to
   details[f"{name}_steady"]."""
-  phases = dict.fromkeys(_PHASE_EVENTS, 0.0)
-  phase_of = {event: phase for phase, event in _PHASE_EVENTS.items()}
   collector = {"gc": 0.0, "gc_full": 0, "started": 0.0}
-
-  def listen(event: str, seconds: float, **kwargs) -> None:
-    if event in phase_of:
-      phases[phase_of[event]] += seconds
 
   def collecting(stage: str, info: dict) -> None:
     if stage == "start":
@@ -288,15 +302,14 @@ def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
     collector["gc"] += time.perf_counter() - collector["started"]
     collector["gc_full"] += info["generation"] == 2
 
-  jax.monitoring.register_event_duration_secs_listener(listen)
   gc.callbacks.append(collecting)
   try:
-    start, start_cpu = time.perf_counter(), time.process_time()
-    common.block(fn())
-    first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    with _recording_phases() as phases:
+      start, start_cpu = time.perf_counter(), time.process_time()
+      common.block(fn())
+      first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
   finally:
     gc.callbacks.remove(collecting)
-    jax.monitoring.unregister_event_duration_listener(listen)
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
   details.update({f"{name}_gc": collector["gc"], f"{name}_gc_full": collector["gc_full"]})
   start, start_cpu = time.perf_counter(), time.process_time()
@@ -376,22 +389,12 @@ def _lower_and_compile(lower, details: dict[str, float], name: str) -> float:
   first call of `_first_minus_steady` counts them, nothing run: for compile-only devices. The phases go to
   details[f"{name}_{phase}"], the compilation's CPU seconds in this process to details[f"{name}_cpu"]
   (XLA:GPU runs `ptxas` in processes of its own, which are not counted there)."""
-  phases = dict.fromkeys(_PHASE_EVENTS, 0.0)
-  phase_of = {event: phase for phase, event in _PHASE_EVENTS.items()}
-
-  def listen(event: str, seconds: float, **kwargs) -> None:
-    if event in phase_of:
-      phases[phase_of[event]] += seconds
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
+  with _recording_phases() as phases:
     start = time.perf_counter()
     lowered = lower()
     compiling, compiling_cpu = time.perf_counter(), time.process_time()
     lowered.compile()
     end, end_cpu = time.perf_counter(), time.process_time()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
   # A compile-only client's compilation may report no duration event of its own: its wall time is the phase.
   phases["xla"] = end - compiling
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
