@@ -31,6 +31,13 @@ until it is measured there. `MAT_JAX_TRITON_GEMM` overrides: `0` turns them off 
 keeps XLA's default for every model; a `--xla_gpu_enable_triton_gemm` in `XLA_FLAGS` wins over both.
 CPU programs have no such kernels and are the same under either setting.
 
+On an NVIDIA GPU in bf16 the models' attention runs through cuDNN's flash attention
+(`models.layers.attend_heads`), whose sequence lengths are padded to a multiple: JAX refuses odd
+lengths for it under differentiation (in jax 0.10 its check counts the placeholder of an absent bias as a
+bias), and the multiple of 64 the cuDNN path was first measured with pads ViT-B/16's 197 tokens to 256.
+`MAT_JAX_CUDNN_LENGTH_MULTIPLE` (default 64) sets that multiple; at 2 the image tower adds its one token
+once instead of every attention padding and slicing its activations (`layers.tower_length`).
+
 Tracing a program creates hundreds of thousands of short-lived Python objects, and the collections of
 the oldest generation they trigger walk every object the imports left (about 320,000 after those of
 `python -m mat_jax.train`), though none of them is ever garbage. `prepare_process` moves those to the
@@ -72,6 +79,8 @@ _DEFAULT_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 FULL_COLLECTION_INTERVAL = 100
 # The XLA:GPU flag of Triton's GEMM kernels (see the module docstring).
 TRITON_GEMM_FLAG = "xla_gpu_enable_triton_gemm"
+# The multiple cuDNN's attention lengths are padded to unless MAT_JAX_CUDNN_LENGTH_MULTIPLE says otherwise.
+CUDNN_LENGTH_MULTIPLE = 64
 
 
 def prepare_process(*, small_models: bool = False) -> Path | None:
@@ -102,6 +111,20 @@ def triton_gemm(small_models: bool) -> bool:
     raise ConfigError(f"MAT_JAX_TRITON_GEMM={value!r}: use auto (the default: off for the shapes world's small "
                       "models), 1 (XLA's default, Triton's GEMM kernels on) or 0 (off, cuBLAS for every model)")
   return value in ON
+
+
+def cudnn_length_multiple() -> int:
+  """The multiple the cuDNN attention path pads sequence lengths to: `MAT_JAX_CUDNN_LENGTH_MULTIPLE`, a
+  positive even number, when set, else `CUDNN_LENGTH_MULTIPLE` (see the module docstring). Read when a
+  program is traced; another value is an error naming the choice."""
+  value = os.environ.get("MAT_JAX_CUDNN_LENGTH_MULTIPLE", "").strip()
+  if not value:
+    return CUDNN_LENGTH_MULTIPLE
+  if not value.isdigit() or int(value) < 2 or int(value) % 2:
+    raise ConfigError(f"MAT_JAX_CUDNN_LENGTH_MULTIPLE={value!r}: use a positive even number, the multiple cuDNN's "
+                      f"attention lengths are padded to (default {CUDNN_LENGTH_MULTIPLE}; 2: only odd lengths "
+                      "padded, by one token)")
+  return int(value)
 
 
 _frozen = False  # whether prepare_process froze the start-up objects

@@ -12,6 +12,7 @@ from flax import nnx
 
 import helpers
 
+from mat_jax import runtime
 from mat_jax.models import CLIP, clip_config, feature_products, layers, split
 
 
@@ -107,8 +108,8 @@ def test_continuation_matches_whole_text_with_scan_and_fused_attention():
 
 @pytest.mark.parametrize("q_len,k_len", [(197, 197), (1, 77), (9, 20)])
 def test_cudnn_padding_and_masks_keep_the_numbers(q_len, k_len):
-  """The cuDNN path pads queries and keys to a multiple of 64 and passes the true lengths; run through
-  XLA here, it must equal the unpadded attention, masks included, values and gradients."""
+  """The cuDNN path pads queries and keys to a multiple (64 unless set) and passes the true lengths; run
+  through XLA here, it must equal the unpadded attention, masks included, values and gradients."""
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (2, q_len, 4, 16))
   k = jax.random.normal(keys[1], (2, k_len, 4, 16))
@@ -121,11 +122,50 @@ def test_cudnn_padding_and_masks_keep_the_numbers(q_len, k_len):
       return jnp.sum(jnp.sin(out)), out
     value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
     (_, want), grads_want = value_and_grad(q, k, v, 1)
-    (_, got), grads_got = value_and_grad(q, k, v, 64)
-    assert got.shape == want.shape
-    assert _max_diff(got, want) <= 1e-5
-    assert _max_diff(grads_got, grads_want) <= 1e-5
-    assert all(np.isfinite(np.asarray(g)).all() for g in grads_got)
+    for pad in (2, 64):  # an odd length made even, and the default multiple
+      (_, got), grads_got = value_and_grad(q, k, v, pad)
+      assert got.shape == want.shape
+      assert _max_diff(got, want) <= 1e-5
+      assert _max_diff(grads_got, grads_want) <= 1e-5
+      assert all(np.isfinite(np.asarray(g)).all() for g in grads_got)
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(scan_layers=True)], ids=str)
+def test_tokens_a_tower_adds_for_fused_attention_change_nothing(monkeypatch, changes):
+  """The image tower run on extra tokens (`layers.tower_length`, as on the cuDNN path with an even length
+  multiple), hidden as keys, gives the features, pixel gradients and parameter gradients of its own
+  length: run through XLA's attention here, with one and with three tokens added."""
+  encoder, params = split(CLIP(_config(attention="xla", **changes), rngs=nnx.Rngs(0)))
+  images = jax.random.uniform(jax.random.key(1), (2, 48, 48, 3))
+
+  def outputs(params, images):
+    feats = encoder.image_features(params, images)
+    pixel_grad = jax.grad(lambda x: jnp.sum(encoder.image_features(params, x) ** 2))(images)
+    param_grad = jax.grad(lambda p: jnp.sum(encoder.image_features(p, images) ** 2))(params)
+    return feats, pixel_grad, param_grad
+
+  want = jax.jit(outputs)(params, images)
+  for extra in (1, 3):
+    lengths = []
+    def padded(length, attention, dtype, extra=extra, lengths=lengths):
+      lengths.append(length)
+      return length + extra
+    monkeypatch.setattr(layers, "tower_length", padded)
+    jax.clear_caches()  # the encoder's jitted functions would reuse their programs traced without it
+    _assert_same(jax.jit(outputs)(params, images), want)
+    assert lengths and set(lengths) == {1 + (48 // 16) ** 2}  # the class token and the patches
+  jax.clear_caches()  # nor may later tests find these programs
+
+
+def test_towers_add_tokens_only_where_cheap_and_on_the_cudnn_path(monkeypatch):
+  monkeypatch.delenv("MAT_JAX_CUDNN_LENGTH_MULTIPLE", raising=False)
+  assert [layers.tower_length(n, "cudnn", jnp.bfloat16) for n in (197, 256, 77)] == [197, 256, 77]  # 64: too dear
+  monkeypatch.setenv("MAT_JAX_CUDNN_LENGTH_MULTIPLE", "2")
+  assert [layers.tower_length(n, "cudnn", jnp.bfloat16) for n in (197, 198, 77, 9)] == [198, 198, 78, 9]
+  assert layers.tower_length(197, "xla", jnp.bfloat16) == 197
+  assert layers.tower_length(197, "einsum", jnp.bfloat16) == 197
+  assert layers.key_mask(5, 5) is None
+  assert np.asarray(layers.key_mask(5, 6)).tolist() == [[[[True] * 5 + [False]]]]
 
 
 def test_attention_paths_resolve_by_platform():
@@ -166,7 +206,7 @@ def test_cudnn_attention_matches_xla_on_gpu(q_len, k_len):
       out = layers.dot_product_attention(q, k, v, mask, implementation=implementation, pad_multiple=pad)
       return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-    (_, got), grads_got = jax.jit(grad, static_argnums=(3, 4))(q, k, v, "cudnn", layers.CUDNN_LENGTH_MULTIPLE)
+    (_, got), grads_got = jax.jit(grad, static_argnums=(3, 4))(q, k, v, "cudnn", runtime.cudnn_length_multiple())
     f32 = [t.astype(jnp.float32) for t in (q, k, v)]
     (_, want), grads_want = jax.jit(grad, static_argnums=(3, 4))(*f32, "xla", 1)
     assert got.dtype == jnp.bfloat16 and got.shape == want.shape

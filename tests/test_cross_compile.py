@@ -146,6 +146,94 @@ def test_pgd_compiles_for_a_tpu_as_the_tpu_runs_it():
   assert "cudnn" not in compiled and "bf16[" in compiled
 
 
+@needs_plugin
+def test_an_even_cudnn_length_multiple_takes_the_padding_out_of_the_attack_step(monkeypatch):
+  """The tiny CLIP's image tower runs 10 tokens: padded to 64 around every cuDNN attention by default, not
+  with MAT_JAX_CUDNN_LENGTH_MULTIPLE=2, where only the last block's one query (the pooled row) is padded,
+  to 2."""
+  kinds = {}
+  for multiple in ("64", "2"):
+    monkeypatch.setenv("MAT_JAX_CUDNN_LENGTH_MULTIPLE", multiple)
+    jax.clear_caches()  # the encoder's jitted functions keep their traces
+    kinds[multiple] = {g.kind: g for g in cross_compile.loop_traffic(_pgd_compiled_for("h100"))}
+  jax.clear_caches()
+  def copied(kinds):
+    return sum(kinds[kind].bytes for kind in ("padding", "slicing") if kind in kinds)
+  assert {"attention (cuDNN)", "padding", "slicing"} <= set(kinds["64"])
+  assert copied(kinds["2"]) * 50 < copied(kinds["64"])
+  assert kinds["2"]["attention (cuDNN)"].kernels == kinds["64"]["attention (cuDNN)"].kernels
+  assert kinds["2"]["attention (cuDNN)"].bytes < kinds["64"]["attention (cuDNN)"].bytes
+
+
+# An optimized XLA:GPU module, cut down: a loop whose body launches a cuDNN attention, a Triton matmul, a
+# padding, an elementwise fusion and a copy, and reads a loop-carried value.
+_OPTIMIZED_MODULE = """HloModule jit_attack, is_scheduled=true
+
+%fused_pad (param_0: bf16[4,10]) -> bf16[4,16] {
+  %param_0 = bf16[4,10]{1,0} parameter(0)
+  %constant = bf16[] constant(0)
+  ROOT %pad = bf16[4,16]{1,0} pad(%param_0, %constant), padding=0_0x0_6
+}
+
+%body (arg: (s32[], bf16[4,10], f32[8,8])) -> (s32[], bf16[4,10], f32[8,8]) {
+  %arg = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) parameter(0)
+  %x = bf16[4,10]{1,0} get-tuple-element(%arg), index=1
+  %w = f32[8,8]{1,0} get-tuple-element(%arg), index=2
+  %loop_pad_fusion = bf16[4,16]{1,0} fusion(%x), kind=kLoop, calls=%fused_pad
+  %attn = (bf16[4,16]{1,0}, u8[0]{0}) custom-call(%loop_pad_fusion, %loop_pad_fusion), \
+custom_call_target="__cudnn$fmhaSoftmax"
+  %gemm_fusion_dot = f32[8,8]{1,0} fusion(%w, %w), kind=kCustom, calls=%fused_pad, \
+backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %loop_add_fusion = f32[8,8]{1,0} fusion(%gemm_fusion_dot, %w), kind=kLoop, calls=%fused_pad
+  %copy = f32[8,8]{1,0} copy(%loop_add_fusion)
+  %i = s32[] get-tuple-element(%arg), index=0
+  ROOT %out = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) tuple(%i, %x, %copy)
+}
+
+%cond (arg: (s32[], bf16[4,10], f32[8,8])) -> pred[] {
+  %arg = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) parameter(0)
+  ROOT %t = pred[] constant(true)
+}
+
+ENTRY %main (p: (s32[], bf16[4,10], f32[8,8])) -> (s32[], bf16[4,10], f32[8,8]) {
+  %p = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) parameter(0)
+  %entry_copy = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) copy(%p)
+  ROOT %while = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) while(%entry_copy), condition=%cond, body=%body
+}
+"""
+
+
+def test_loop_traffic_counts_one_iterations_kernels_by_kind():
+  groups = {g.kind: (g.kernels, g.bytes) for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE)}
+  pad, square = 4 * 16 * 2, 8 * 8 * 4
+  assert groups == {
+      "padding": (1, 4 * 10 * 2 + pad),
+      "attention (cuDNN)": (1, pad + 2 * pad),  # its result, then its two operands
+      "matmuls (Triton)": (1, 3 * square),
+      "elementwise": (1, 3 * square),
+      "copies": (1, 2 * square),
+  }  # the entry's copy is outside the loop
+  assert [g.kind for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE)][0] == "matmuls (Triton)"
+
+
+def test_kernels_need_a_gpu_target(capsys):
+  from mat_jax.bench.__main__ import main as bench_main
+
+  for flags in ([], ["--target", "tpu-v5e"]):
+    assert bench_main(["compile", "--kernels", *flags]) == 2
+    assert "--kernels reads the programs XLA:GPU compiled for a GPU" in capsys.readouterr().err
+
+
+@needs_plugin
+def test_bench_compile_prints_the_kernels_of_an_attack_step():
+  out = subprocess.run([sys.executable, "-m", "mat_jax.bench", "compile", "--target", "h200", "--preset", "tiny",
+                        "--batch", "2", "--programs", "pgd", "--kernels"], capture_output=True, text=True,
+                       check=True).stdout
+  assert "pgd: the kernels of one iteration of its largest loop" in out and "attention (cuDNN)" in out
+  assert any(line.startswith("pgd: ") and " kernels per iteration, " in line for line in out.splitlines())
+  assert out.splitlines()[-1].startswith("compile: cold ")
+
+
 @pytest.mark.parametrize("target, device, compiler", [
     pytest.param("h200", "NVIDIA H200", "XLA:GPU", marks=needs_plugin),
     pytest.param("tpu-v5e", "TPU v5 lite", "XLA:TPU", marks=needs_libtpu)])

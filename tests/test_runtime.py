@@ -10,6 +10,7 @@ import pytest
 from jax._src import compilation_cache as cc
 
 from mat_jax import runtime
+from mat_jax.errors import ConfigError
 
 
 @pytest.fixture
@@ -124,7 +125,6 @@ def test_triton_gemms_are_off_for_the_small_models_unless_chosen(tmp_path):
 
 
 def test_a_mistyped_triton_gemm_setting_names_the_choices(monkeypatch):
-  from mat_jax.errors import ConfigError
 
   monkeypatch.setenv("MAT_JAX_TRITON_GEMM", "maybe")
   with pytest.raises(ConfigError, match="MAT_JAX_TRITON_GEMM='maybe'.*auto.*1.*0"):
@@ -132,6 +132,17 @@ def test_a_mistyped_triton_gemm_setting_names_the_choices(monkeypatch):
   for value, small, expected in (("", True, False), ("", False, True), ("ON", True, True), (" off ", False, False)):
     monkeypatch.setenv("MAT_JAX_TRITON_GEMM", value)
     assert runtime.triton_gemm(small_models=small) is expected, value
+
+
+def test_cudnn_length_multiple_reads_its_setting(monkeypatch):
+  monkeypatch.delenv("MAT_JAX_CUDNN_LENGTH_MULTIPLE", raising=False)
+  assert runtime.cudnn_length_multiple() == runtime.CUDNN_LENGTH_MULTIPLE == 64
+  monkeypatch.setenv("MAT_JAX_CUDNN_LENGTH_MULTIPLE", " 2 ")
+  assert runtime.cudnn_length_multiple() == 2
+  for value in ("0", "3", "-2", "sixty-four"):
+    monkeypatch.setenv("MAT_JAX_CUDNN_LENGTH_MULTIPLE", value)
+    with pytest.raises(ConfigError, match=f"MAT_JAX_CUDNN_LENGTH_MULTIPLE='{value}'.*positive even number"):
+      runtime.cudnn_length_multiple()
 
 
 @pytest.mark.parametrize("experiment, small", [(None, True), ("shapes_mat.py", True), ("flickr30k.py:mat", False)])

@@ -17,7 +17,9 @@ abstract arguments and compiled once, nothing run; each program's tracing, lower
 line `compile: cold X s`. SGA runs several programs with host work between them, which cannot be compiled
 without running them, and is left out. With `--modules DIR` it compiles instead every program a command
 lowered into DIR (`JAX_DUMP_IR_TO=DIR`), as that command built them (on a CPU: the CPU's programs), and
-prints their seconds by program.
+prints their seconds by program. With `--kernels` and a GPU target it also prints, for each program, the
+kernels one iteration of its largest loop launches (a PGD step) and the bytes they read and write, by
+kind (`cross_compile.loop_traffic`): what a change of the program does to the device's memory traffic.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -91,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--modules", type=errors.directory, default=None, metavar="DIR",
                       help="with --target: compile the StableHLO modules a command wrote with JAX_DUMP_IR_TO=DIR "
                            "for the target instead, and print their seconds by program")
+  parser.add_argument("--kernels", action="store_true",
+                      help="with a GPU --target: also print the kernels of one iteration of each program's largest "
+                           "loop (an attack step) and the bytes they read and write, by kind")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -139,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
   if args.modules and not args.target:
     raise errors.InputError("--modules compiles a command's programs for an accelerator: name it with --target")
+  if args.kernels and (args.modules or not args.target or cross_compile.backend(args.target) != "gpu"):
+    raise errors.InputError("--kernels reads the programs XLA:GPU compiled for a GPU: give a GPU --target "
+                            f"({', '.join(sorted(cross_compile.GPU_TARGETS))}) and no --modules")
   if args.target and args.modules:
     return _run_modules(args)
   if args.target:
@@ -188,6 +196,17 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
   result = _worker(args, preset, batch, programs, "0", dict(os.environ))
   print("cold: " + ", ".join(f"{p} {result[p]:.2f} s ({result[p + '_cpu']:.2f} CPU s{_phases(result, p)})"
                              for p in programs), flush=True)
+  if args.kernels:
+    bandwidth = target.memory_bandwidth
+    for p in programs:
+      groups = [cross_compile.KernelGroup(*group) for group in result[f"{p}_kernels"]]
+      common.print_table(f"{p}: the kernels of one iteration of its largest loop, bytes read and written (each "
+                         f"operand and result once), and those bytes at the {target.description}'s "
+                         f"{bandwidth / 1e12:.2f} TB/s", ["kind", "kernels", "GB", "ms"],
+                         [[g.kind, g.kernels, g.bytes / 1e9, g.bytes / bandwidth * 1e3] for g in groups])
+      other = sum(g.bytes for g in groups if not g.kind.startswith("matmuls"))
+      print(f"{p}: {sum(g.kernels for g in groups)} kernels per iteration, {other / 1e9:.2f} GB outside the matmuls "
+            f"({other / bandwidth * 1e3:.2f} ms)")
   print(f"compile: cold {sum(result[p] for p in programs):.1f} s")
   return 0
 
@@ -248,6 +267,8 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
     command.append("--scan-layers")
   if args.target:
     command += ["--target", args.target]
+  if args.kernels:
+    command.append("--kernels")
   env = dict(base_env, MAT_JAX_COMPILATION_CACHE=cache)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # it would win over the directory under test
   proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -349,11 +370,12 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
   images = jnp.asarray(np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) / 255)
   out: dict[str, float] = {}
   details: dict[str, float | str] = {"cross_compiled": compiler}
+  kernels = getattr(args, "kernels", False)  # `measure` is also called with a namespace of its own
   if "mat_step" in programs:
     if target_mesh:
       host_batch, meta = mat_batch(size, batch, tokenizer, max_targets=8, top_k=10)
       out["mat_step"] = _lower_and_compile(lambda: lower_mat_step(encoder, params, meta, host_batch, target_mesh),
-                                           details, "mat_step")
+                                           details, "mat_step", kernels)
     else:
       out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), details,
                                             "mat_step")
@@ -366,7 +388,7 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
       abstract = functools.partial(_abstract, sharding=whole)
       out["pgd"] = _lower_and_compile(lambda: attack.lower(
           jax.tree.map(abstract, params), *(_abstract(x, rows) for x in (images, ids, mask)),
-          abstract(jax.random.key(0))), details, "pgd")
+          abstract(jax.random.key(0))), details, "pgd", kernels)
     else:
       out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
           encoder, params, images, ids, mask, jax.random.key(0), **_BUDGET), details, "pgd")
@@ -384,21 +406,24 @@ def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
-def _lower_and_compile(lower, details: dict[str, float], name: str) -> float:
+def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False) -> float:
   """Seconds to lower a program (`lower()`: tracing and lowering) and compile it for its devices, as the
   first call of `_first_minus_steady` counts them, nothing run: for compile-only devices. The phases go to
   details[f"{name}_{phase}"], the compilation's CPU seconds in this process to details[f"{name}_cpu"]
-  (XLA:GPU runs `ptxas` in processes of its own, which are not counted there)."""
+  (XLA:GPU runs `ptxas` in processes of its own, which are not counted there); with `kernels`, its loop's
+  kernels (`cross_compile.loop_traffic`, after the timing) to details[f"{name}_kernels"]."""
   with _recording_phases() as phases:
     start = time.perf_counter()
     lowered = lower()
     compiling, compiling_cpu = time.perf_counter(), time.process_time()
-    lowered.compile()
+    compiled = lowered.compile()
     end, end_cpu = time.perf_counter(), time.process_time()
   # A compile-only client's compilation may report no duration event of its own: its wall time is the phase.
   phases["xla"] = end - compiling
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
   details[f"{name}_cpu"] = end_cpu - compiling_cpu
+  if kernels:
+    details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in cross_compile.loop_traffic(compiled.as_text())]
   return end - start
 
 

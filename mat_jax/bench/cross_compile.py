@@ -16,6 +16,11 @@ libtpu does the same for a TPU from the name of a slice (`--target tpu-v5e`: one
 2x2), with XLA:TPU's own compiler: `pip install -e '.[tpu-compile]'`. No TPU's figures are at hand to
 compare with.
 
+`loop_traffic` reads a GPU program XLA has compiled (its optimized HLO) and counts, for one iteration of its
+largest loop (an attack's step), the kernels it launches and the bytes each reads and writes, by kind:
+where a step's memory traffic goes, and what a change of the program adds or removes, without the device
+(`bench compile --target h100 --kernels`).
+
 `compile_modules` compiles the StableHLO modules a command wrote with `JAX_DUMP_IR_TO=DIR` (every program
 it lowered, as it built them for its own backend) for a target: which of a whole command's programs cost
 XLA the most, without the device (`bench compile --target h200 --modules DIR`).
@@ -193,3 +198,87 @@ def compile_modules(directory: str | Path, name: str) -> list[tuple[str, float |
         outcome = str(e).splitlines()[0][:200]
       timings.append((match.group(1) if match else path.stem, outcome))
   return timings
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernels of a compiled GPU program.
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z\-]*)\((.*)$")
+_LAUNCHES = ("fusion", "custom-call", "copy")  # the instructions of an optimized module that run a kernel
+
+
+def _array_bytes(shape: str) -> int:
+  """Bytes of the arrays a shape text names (a tuple's too)."""
+  return sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+             for dtype, dims in _ARRAY.findall(shape))
+
+
+def _kernel_kind(name: str, op: str, line: str) -> str:
+  """What a kernel-launching instruction of an optimized XLA:GPU module computes, by the names XLA gives."""
+  target = re.search(r'custom_call_target="([^"]+)"', line)
+  if op == "custom-call":
+    target = target.group(1) if target else "?"
+    if "cudnn$fmha" in target:
+      return "attention (cuDNN)"
+    return "matmuls (cuBLAS)" if "cublas" in target else f"custom call {target}"
+  if op == "copy":
+    return "copies"
+  backend_kind = re.search(r'"kind":"(__[\w]+)"', line)
+  if backend_kind and "gemm" in backend_kind.group(1):
+    return "matmuls (Triton)"
+  if backend_kind and backend_kind.group(1).startswith("__triton"):
+    return "normalisations and softmax (Triton)"
+  for prefix, kind in (("loop_pad_fusion", "padding"), ("loop_slice_fusion", "slicing"),
+                       ("loop_dynamic_update_slice", "slicing")):
+    if name.startswith(prefix):
+      return kind
+  return "reductions" if "kind=kInput" in line else "elementwise"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelGroup:
+  kind: str
+  kernels: int
+  bytes: int  # read and written, each operand and result counted once per launch
+
+
+def loop_traffic(hlo_text: str) -> list[KernelGroup]:
+  """The kernels one iteration of the largest loop of an optimized XLA:GPU module launches (the whole
+  program when it has none), grouped by kind, most bytes first: each kernel's operands and results
+  counted once, as a lower bound of the memory it moves (a fusion may read an operand more than once;
+  a matmul's operands come in through its caches). A kernel's kind follows XLA's naming: matmuls, cuDNN's
+  attention, Triton's normalisation fusions, XLA's padding, slicing, reduction and elementwise fusions."""
+  computations: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match:
+      current = match.group(1)
+      computations[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif line.startswith("}"):
+      current = None
+    elif current:
+      computations[current].append(line)
+  bodies = [b for b in re.findall(r"\bbody=%?([\w.\-]+)", hlo_text) if b in computations]
+  chosen = max(bodies, key=lambda b: len(computations[b])) if bodies else entry
+  shapes: dict[str, str] = {}
+  groups: dict[str, list[int]] = {}
+  for line in computations.get(chosen, []):
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape, op, rest = match.groups()
+    shapes[name] = shape
+    if op not in _LAUNCHES:
+      continue
+    operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+    moved = _array_bytes(shape) + sum(_array_bytes(shapes.get(o, "")) for o in operands)
+    group = groups.setdefault(_kernel_kind(name, op, line), [0, 0])
+    group[0] += 1
+    group[1] += moved
+  return sorted((KernelGroup(kind, n, b) for kind, (n, b) in groups.items()), key=lambda g: -g.bytes)

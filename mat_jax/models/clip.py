@@ -261,6 +261,7 @@ class VisionTower(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
     self.scan = scan
+    self.attention = attention
     w, p = cfg.width, cfg.patch_size
     init = nnx.initializers.normal(0.02)
     # Stored as a conv kernel (HWIO); applied as one matmul over flattened patches (same numbers, and
@@ -289,12 +290,18 @@ class VisionTower(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
     x = self.pre_ln(x)
+    # Tokens added for the fused attention's lengths (layers.tower_length) are hidden as keys and never read.
+    length = x.shape[1]
+    tokens = layers.tower_length(length, self.attention, self.dtype)
+    if tokens > length:
+      x = jnp.pad(x, ((0, 0), (0, tokens - length), (0, 0)))
+    mask = layers.key_mask(length, tokens)
     if self.scan and len(self.blocks) > 2:
-      x, _ = scan_blocks(self.blocks[:-1], x, lambda block, x, _: (block(x, None), None))
+      x, _ = scan_blocks(self.blocks[:-1], x, lambda block, x, _: (block(x, mask), None))
     else:
       for block in self.blocks[:-1]:
-        x = block(x, None)
-    x = self.blocks[-1](x, None, rows=lambda t: t[:, :1])  # only the class token is pooled
+        x = block(x, mask)
+    x = self.blocks[-1](x, mask, rows=lambda t: t[:, :1])  # only the class token is pooled
     return self.post_ln(x[:, 0])
 
 

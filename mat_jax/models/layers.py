@@ -138,10 +138,9 @@ def patches(x: jax.Array, size: int) -> jax.Array:
 #   "einsum" two einsums around a float32 softmax, keys and values laid out for XLA:CPU (see keys_values);
 #   "xla"    jax.nn.dot_product_attention(implementation="xla");
 #   "cudnn"  jax.nn.dot_product_attention(implementation="cudnn"), lengths padded to what cuDNN takes.
+# Under differentiation JAX refuses odd lengths for cuDNN (ViT-B/16's 197 tokens); queries and keys are
+# padded up to a multiple (`runtime.cudnn_length_multiple()`, 64 unless set) and the padding masked off.
 ATTENTION_PATHS = ("auto", "einsum", "xla", "cudnn")
-# cuDNN's flash attention refuses some sequence lengths (ViT-B/16's 197 tokens for training shapes);
-# multiples of 64 are accepted, so queries and keys are padded up to one and the padding masked off.
-CUDNN_LENGTH_MULTIPLE = 64
 
 
 def attention_path(attention: str, dtype) -> str:
@@ -156,6 +155,23 @@ def attention_path(attention: str, dtype) -> str:
   if backend in ("gpu", "cuda") and _nvidia() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "xla"
+
+
+def tower_length(length: int, attention: str, dtype) -> int:
+  """The tokens a tower runs its blocks on for `length` tokens: on the cuDNN path, cuDNN's length multiple
+  when reaching it adds at most 1/64 of the tokens (ViT-B/16's 197 -> 198 with
+  MAT_JAX_CUDNN_LENGTH_MULTIPLE=2), else `length`. A tower that runs longer adds the tokens once and hides
+  them as keys (`key_mask`), instead of every attention padding its queries, keys and values and slicing
+  its output: four copies of the block's activations, forward and backward."""
+  if attention_path(attention, dtype) != "cudnn":
+    return length
+  extra = -length % runtime.cudnn_length_multiple()
+  return length + extra if extra * 64 <= length else length
+
+
+def key_mask(length: int, keys: int) -> jax.Array | None:
+  """(1, 1, 1, keys) boolean mask that hides the keys after the first `length`; None when there are none."""
+  return None if keys == length else (jnp.arange(keys) < length)[None, None, None, :]
 
 
 def _nvidia() -> bool:
@@ -268,7 +284,7 @@ def attend_heads(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Arr
         q, keys.transpose(0, 3, 1, 2).astype(q.dtype), values.transpose(0, 2, 1, 3).astype(q.dtype),
         None if mask is None else jnp.asarray(mask, bool),
         implementation="cudnn" if path == "cudnn" else "xla",
-        pad_multiple=CUDNN_LENGTH_MULTIPLE if path == "cudnn" else 1)
+        pad_multiple=runtime.cudnn_length_multiple() if path == "cudnn" else 1)
     return context.reshape(*context.shape[:2], -1)
   q = q * (1.0 / math.sqrt(q.shape[-1]))
   logits = jnp.einsum("bqhd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
