@@ -445,3 +445,20 @@ def test_train_bench_reports_the_compiled_steps_memory():
   # The (512, 512) product is a 1 MiB temporary; the argument 0.5 MiB, the output 2 KiB.
   assert summary.startswith("compiled step's memory: 1.0 MiB temporaries"), summary
   assert "0.5 MiB arguments, 0.0 MiB outputs" in summary, summary
+
+
+def test_bench_compile_passes_the_models_options_to_the_measuring_process(tmp_path, monkeypatch, capsys):
+  from mat_jax.bench import compile as bench_compile
+
+  commands = []
+
+  def fake_run(command, env, **kwargs):
+    commands.append(command)
+    return subprocess.CompletedProcess(command, 0, stdout=bench_compile._RESULT_PREFIX + json.dumps(
+        {"pgd": 2.0, "pgd_cpu": 1.0}), stderr="")
+
+  monkeypatch.setattr(bench_compile.subprocess, "run", fake_run)
+  args = _compile_args("--cold-only", "--scan-layers", "--remat", "dots_saveable", "--cache-dir", str(tmp_path / "c"))
+  assert bench_compile.run(args) == 0
+  assert commands[0][-3:] == ["--scan-layers", "--remat", "dots_saveable"]
+  assert " with scan_layers, remat dots_saveable, batch " in capsys.readouterr().out.splitlines()[0]

@@ -165,40 +165,79 @@ def test_an_even_cudnn_length_multiple_takes_the_padding_out_of_the_attack_step(
   assert kinds["2"]["attention (cuDNN)"].bytes < kinds["64"]["attention (cuDNN)"].bytes
 
 
-# An optimized XLA:GPU module, cut down: a loop whose body launches a cuDNN attention, a Triton matmul, a
-# padding, an elementwise fusion and a copy, and reads a loop-carried value.
+# An optimized XLA:GPU module, cut down: a loop whose body launches a padding, a cuDNN attention, a Triton
+# matmul, an elementwise fusion and a copy, runs an inner loop three times (a scanned block: a slice read
+# out of a stacked array, an update written into one in place) and a conditional, and reads loop-carried
+# values; a copy outside the loops, and a lighter loop beside the first.
 _OPTIMIZED_MODULE = """HloModule jit_attack, is_scheduled=true
 
-%fused_pad (param_0: bf16[4,10]) -> bf16[4,16] {
+%fused (param_0: bf16[4,10]) -> bf16[4,16] {
   %param_0 = bf16[4,10]{1,0} parameter(0)
   %constant = bf16[] constant(0)
   ROOT %pad = bf16[4,16]{1,0} pad(%param_0, %constant), padding=0_0x0_6
 }
 
-%body (arg: (s32[], bf16[4,10], f32[8,8])) -> (s32[], bf16[4,10], f32[8,8]) {
-  %arg = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) parameter(0)
-  %x = bf16[4,10]{1,0} get-tuple-element(%arg), index=1
-  %w = f32[8,8]{1,0} get-tuple-element(%arg), index=2
-  %loop_pad_fusion = bf16[4,16]{1,0} fusion(%x), kind=kLoop, calls=%fused_pad
-  %attn = (bf16[4,16]{1,0}, u8[0]{0}) custom-call(%loop_pad_fusion, %loop_pad_fusion), \
-custom_call_target="__cudnn$fmhaSoftmax"
-  %gemm_fusion_dot = f32[8,8]{1,0} fusion(%w, %w), kind=kCustom, calls=%fused_pad, \
-backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
-  %loop_add_fusion = f32[8,8]{1,0} fusion(%gemm_fusion_dot, %w), kind=kLoop, calls=%fused_pad
-  %copy = f32[8,8]{1,0} copy(%loop_add_fusion)
+%inner (arg: (s32[], f32[3,8,8], f32[8,8])) -> (s32[], f32[3,8,8], f32[8,8]) {
+  %arg = (s32[], f32[3,8,8]{2,1,0}, f32[8,8]{1,0}) parameter(0)
   %i = s32[] get-tuple-element(%arg), index=0
-  ROOT %out = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) tuple(%i, %x, %copy)
+  %stack = f32[3,8,8]{2,1,0} get-tuple-element(%arg), index=1
+  %m = f32[8,8]{1,0} get-tuple-element(%arg), index=2
+  %dynamic_slice = f32[1,8,8]{2,1,0} dynamic-slice(%stack, %i, %i, %i), dynamic_slice_sizes={1,8,8}
+  %loop_dynamic_update_slice_fusion = f32[3,8,8]{2,1,0} fusion(%stack, %dynamic_slice, %i), kind=kLoop, \
+calls=%fused
+  ROOT %out = (s32[], f32[3,8,8]{2,1,0}, f32[8,8]{1,0}) tuple(%i, %loop_dynamic_update_slice_fusion, %m)
 }
 
-%cond (arg: (s32[], bf16[4,10], f32[8,8])) -> pred[] {
-  %arg = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) parameter(0)
+%light (x: f32[8,8]) -> f32[8,8] {
+  %x = f32[8,8]{1,0} parameter(0)
+  ROOT %copy = f32[8,8]{1,0} copy(%x)
+}
+
+%heavy (x: f32[8,8]) -> f32[8,8] {
+  %x = f32[8,8]{1,0} parameter(0)
+  %copy = f32[8,8]{1,0} copy(%x)
+  ROOT %copy2 = f32[8,8]{1,0} copy(%copy)
+}
+
+%body (arg: (s32[], bf16[4,10], f32[8,8], f32[3,8,8])) -> (s32[], bf16[4,10], f32[8,8], f32[3,8,8]) {
+  %arg = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) parameter(0)
+  %x = bf16[4,10]{1,0} get-tuple-element(%arg), index=1
+  %w = f32[8,8]{1,0} get-tuple-element(%arg), index=2
+  %stack = f32[3,8,8]{2,1,0} get-tuple-element(%arg), index=3
+  %loop_pad_fusion = bf16[4,16]{1,0} fusion(%x), kind=kLoop, calls=%fused
+  %attn = (bf16[4,16]{1,0}, u8[0]{0}) custom-call(%loop_pad_fusion, %loop_pad_fusion), \
+custom_call_target="__cudnn$fmhaSoftmax"
+  %gemm_fusion_dot = f32[8,8]{1,0} fusion(%w, %w), kind=kCustom, calls=%fused, \
+backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %loop_add_fusion = f32[8,8]{1,0} fusion(%gemm_fusion_dot, %w), kind=kLoop, calls=%fused
+  %copy = f32[8,8]{1,0} copy(%loop_add_fusion)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %scan = (s32[], f32[3,8,8]{2,1,0}, f32[8,8]{1,0}) tuple(%i, %stack, %copy)
+  %while = (s32[], f32[3,8,8]{2,1,0}, f32[8,8]{1,0}) while(%scan), condition=%cond, body=%inner, \
+backend_config={"known_trip_count":{"n":"3"}}
+  %p = pred[] constant(true)
+  %branch = f32[8,8]{1,0} conditional(%p, %w, %w), true_computation=%light, false_computation=%heavy
+  ROOT %out = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) tuple(%i, %x, %branch, %stack)
+}
+
+%beside (arg: (s32[], bf16[4,10], f32[8,8], f32[3,8,8])) -> (s32[], bf16[4,10], f32[8,8], f32[3,8,8]) {
+  %arg = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) parameter(0)
+  %x = bf16[4,10]{1,0} get-tuple-element(%arg), index=1
+  %loop_pad_fusion = bf16[4,16]{1,0} fusion(%x), kind=kLoop, calls=%fused
+  ROOT %out = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) tuple(%arg)
+}
+
+%cond (arg: (s32[], bf16[4,10], f32[8,8], f32[3,8,8])) -> pred[] {
+  %arg = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) parameter(0)
   ROOT %t = pred[] constant(true)
 }
 
-ENTRY %main (p: (s32[], bf16[4,10], f32[8,8])) -> (s32[], bf16[4,10], f32[8,8]) {
-  %p = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) parameter(0)
-  %entry_copy = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) copy(%p)
-  ROOT %while = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}) while(%entry_copy), condition=%cond, body=%body
+ENTRY %main (p: (s32[], bf16[4,10], f32[8,8], f32[3,8,8])) -> (s32[], bf16[4,10], f32[8,8], f32[3,8,8]) {
+  %p = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) parameter(0)
+  %entry_copy = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) copy(%p)
+  %first = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) while(%p), condition=%cond, body=%beside
+  ROOT %while = (s32[], bf16[4,10]{1,0}, f32[8,8]{1,0}, f32[3,8,8]{2,1,0}) while(%entry_copy), condition=%cond, \
+body=%body
 }
 """
 
@@ -211,9 +250,12 @@ def test_loop_traffic_counts_one_iterations_kernels_by_kind():
       "attention (cuDNN)": (1, pad + 2 * pad),  # its result, then its two operands
       "matmuls (Triton)": (1, 3 * square),
       "elementwise": (1, 3 * square),
-      "copies": (1, 2 * square),
-  }  # the entry's copy is outside the loop
-  assert [g.kind for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE)][0] == "matmuls (Triton)"
+      # the body's copy, then the heavier branch's two: the lighter branch and the entry's copy not counted
+      "copies": (3, 3 * 2 * square),
+      # three times: the slice read and written, and the update (the slice; the index) written in place
+      "dynamic slicing": (6, 3 * (2 * square + 2 * (square + 4))),
+  }  # the lighter loop beside it not counted
+  assert [g.kind for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE)][0] == "dynamic slicing"
 
 
 def test_kernels_need_a_gpu_target(capsys):
@@ -229,7 +271,7 @@ def test_bench_compile_prints_the_kernels_of_an_attack_step():
   out = subprocess.run([sys.executable, "-m", "mat_jax.bench", "compile", "--target", "h200", "--preset", "tiny",
                         "--batch", "2", "--programs", "pgd", "--kernels"], capture_output=True, text=True,
                        check=True).stdout
-  assert "pgd: the kernels of one iteration of its largest loop" in out and "attention (cuDNN)" in out
+  assert "pgd: the kernels of one iteration of its heaviest loop" in out and "attention (cuDNN)" in out
   assert any(line.startswith("pgd: ") and " kernels per iteration, " in line for line in out.splitlines())
   assert out.splitlines()[-1].startswith("compile: cold ")
 

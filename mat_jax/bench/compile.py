@@ -18,7 +18,7 @@ line `compile: cold X s`. SGA runs several programs with host work between them,
 without running them, and is left out. With `--modules DIR` it compiles instead every program a command
 lowered into DIR (`JAX_DUMP_IR_TO=DIR`), as that command built them (on a CPU: the CPU's programs), and
 prints their seconds by program. With `--kernels` and a GPU target it also prints, for each program, the
-kernels one iteration of its largest loop launches (a PGD step) and the bytes they read and write, by
+kernels one iteration of its heaviest loop launches (a PGD step) and the bytes they read and write, by
 kind (`cross_compile.loop_traffic`): what a change of the program does to the device's memory traffic.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
@@ -56,7 +56,7 @@ from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
 from mat_jax.bench import common, cross_compile
 from mat_jax.bench.train import lower_mat_step, mat_batch, mat_train_step
 from mat_jax.data import shapes
-from mat_jax.models import CLIP, split
+from mat_jax.models import CLIP, layers, split
 from mat_jax.models.clip import COMPUTE_DTYPES, PRESETS, resolve_dtype
 
 PROGRAMS = ("mat_step", "pgd", "sga")
@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "float32 on CPU; docs/performance.md)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="run the encoder blocks as one lax.scan (CLIPConfig.scan_layers)")
+  parser.add_argument("--remat", default="none", choices=layers.REMAT_POLICIES,
+                      help="what a backward pass keeps of each encoder block (CLIPConfig.remat)")
   parser.add_argument("--cache-dir", type=errors.directory, default=None,
                       help="persistent cache directory to measure in, empty or new (a filled one would make the "
                            "cold run warm; default: a fresh temporary one)")
@@ -94,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="with --target: compile the StableHLO modules a command wrote with JAX_DUMP_IR_TO=DIR "
                            "for the target instead, and print their seconds by program")
   parser.add_argument("--kernels", action="store_true",
-                      help="with a GPU --target: also print the kernels of one iteration of each program's largest "
+                      help="with a GPU --target: also print the kernels of one iteration of each program's heaviest "
                            "loop (an attack step) and the bytes they read and write, by kind")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
@@ -158,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
   child_env = dict(os.environ)
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   preset, batch = _defaults(args)
-  print(f"compile: CLIP {preset}, batch {batch}, {resolve_dtype(args.dtype)}, programs {','.join(programs)} on "
+  print(f"compile: CLIP {preset}{_options(args)}, batch {batch}, {resolve_dtype(args.dtype)}, programs "
+        f"{','.join(programs)} on "
         f"{common.device_summary()}; "
         "each run in a fresh process")
   with tempfile.TemporaryDirectory(prefix="mat_jax_compile_") as tmp:
@@ -182,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
+def _options(args: argparse.Namespace) -> str:
+  """The model's execution options that differ from the defaults, as the report's first line names them."""
+  return (" with scan_layers" if args.scan_layers else "") + (f", remat {args.remat}" if args.remat != "none" else "")
+
+
 def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
   """The cold compilation for --target's GPU, in a fresh process with the persistent cache off, so that
   every second is XLA's work, never a load."""
@@ -190,7 +198,7 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
     preset, batch = _defaults(args)
     dtype = resolve_dtype(args.dtype)
   target = cross_compile.TARGETS[args.target]
-  print(f"compile: CLIP {preset}, batch {batch}, {dtype}, programs {','.join(programs)}, compiled on "
+  print(f"compile: CLIP {preset}{_options(args)}, batch {batch}, {dtype}, programs {','.join(programs)}, compiled on "
         f"{common.device_summary()} for {target.description} ({_deviceless(args.target)}, nothing run); "
         "in a fresh process")
   result = _worker(args, preset, batch, programs, "0", dict(os.environ))
@@ -200,7 +208,7 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
     bandwidth = target.memory_bandwidth
     for p in programs:
       groups = [cross_compile.KernelGroup(*group) for group in result[f"{p}_kernels"]]
-      common.print_table(f"{p}: the kernels of one iteration of its largest loop, bytes read and written (each "
+      common.print_table(f"{p}: the kernels of one iteration of its heaviest loop, bytes read and written (each "
                          f"operand and result once), and those bytes at the {target.description}'s "
                          f"{bandwidth / 1e12:.2f} TB/s", ["kind", "kernels", "GB", "ms"],
                          [[g.kind, g.kernels, g.bytes / 1e9, g.bytes / bandwidth * 1e3] for g in groups])
@@ -265,6 +273,8 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
   command += ["--dtype", args.dtype]
   if args.scan_layers:
     command.append("--scan-layers")
+  if args.remat != "none":
+    command += ["--remat", args.remat]
   if args.target:
     command += ["--target", args.target]
   if args.kernels:
@@ -360,7 +370,7 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
       cfg.text, vocab_size=max(cfg.text.vocab_size, tokenizer.vocab_size), bos_token_id=tokenizer.start_id,
       eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
   cfg = cfg.replace(dtype=resolve_dtype(args.dtype))
-  cfg = cfg.replace(scan_layers=bool(args.scan_layers))
+  cfg = cfg.replace(scan_layers=bool(args.scan_layers), remat=getattr(args, "remat", "none"))
   # For a cross-compilation only the parameters' shapes and dtypes are needed: none is allocated.
   encoder, params = split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))) if target_mesh
                           else CLIP(cfg, rngs=nnx.Rngs(0)))

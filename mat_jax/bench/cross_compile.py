@@ -17,9 +17,9 @@ libtpu does the same for a TPU from the name of a slice (`--target tpu-v5e`: one
 compare with.
 
 `loop_traffic` reads a GPU program XLA has compiled (its optimized HLO) and counts, for one iteration of its
-largest loop (an attack's step), the kernels it launches and the bytes each reads and writes, by kind:
-where a step's memory traffic goes, and what a change of the program adds or removes, without the device
-(`bench compile --target h100 --kernels`).
+heaviest loop (an attack's step; loops inside it as often as they run), the kernels it launches and the
+bytes each reads and writes, by kind: where a step's memory traffic goes, and what a change of the program
+adds or removes, without the device (`bench compile --target h100 --kernels`).
 
 `compile_modules` compiles the StableHLO modules a command wrote with `JAX_DUMP_IR_TO=DIR` (every program
 it lowered, as it built them for its own backend) for a target: which of a whole command's programs cost
@@ -208,7 +208,8 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, 
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z\-]*)\((.*)$")
-_LAUNCHES = ("fusion", "custom-call", "copy")  # the instructions of an optimized module that run a kernel
+# The instructions of an optimized module that run a kernel (a dynamic slice XLA left unfused is a copy).
+_LAUNCHES = ("fusion", "custom-call", "copy", "dynamic-slice", "dynamic-update-slice")
 
 
 def _array_bytes(shape: str) -> int:
@@ -227,13 +228,14 @@ def _kernel_kind(name: str, op: str, line: str) -> str:
     return "matmuls (cuBLAS)" if "cublas" in target else f"custom call {target}"
   if op == "copy":
     return "copies"
+  if op.startswith("dynamic") or name.startswith(("loop_dynamic_slice", "loop_dynamic_update_slice")):
+    return "dynamic slicing"
   backend_kind = re.search(r'"kind":"(__[\w]+)"', line)
   if backend_kind and "gemm" in backend_kind.group(1):
     return "matmuls (Triton)"
   if backend_kind and backend_kind.group(1).startswith("__triton"):
     return "normalisations and softmax (Triton)"
-  for prefix, kind in (("loop_pad_fusion", "padding"), ("loop_slice_fusion", "slicing"),
-                       ("loop_dynamic_update_slice", "slicing")):
+  for prefix, kind in (("loop_pad_fusion", "padding"), ("loop_slice_fusion", "slicing")):
     if name.startswith(prefix):
       return kind
   return "reductions" if "kind=kInput" in line else "elementwise"
@@ -247,11 +249,14 @@ class KernelGroup:
 
 
 def loop_traffic(hlo_text: str) -> list[KernelGroup]:
-  """The kernels one iteration of the largest loop of an optimized XLA:GPU module launches (the whole
-  program when it has none), grouped by kind, most bytes first: each kernel's operands and results
-  counted once, as a lower bound of the memory it moves (a fusion may read an operand more than once;
-  a matmul's operands come in through its caches). A kernel's kind follows XLA's naming: matmuls, cuDNN's
-  attention, Triton's normalisation fusions, XLA's padding, slicing, reduction and elementwise fusions."""
+  """The kernels one iteration of the heaviest loop of an optimized XLA:GPU module launches (the program's
+  outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has none),
+  grouped by kind, most bytes first. Loops inside it count as often as XLA knows they run (a scanned
+  tower's blocks), a conditional as its heaviest branch. Each kernel's operands and result count once, a
+  lower bound of the memory it moves (a fusion may read an operand more than once; a matmul's operands
+  come in through its caches; a dynamic slice moves its slice, an update in place its update). A
+  kernel's kind follows XLA's naming: matmuls, cuDNN's attention, Triton's normalisation fusions, XLA's
+  padding, slicing, dynamic slicing (a scan's stacked layers), reduction and elementwise fusions."""
   computations: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -264,21 +269,49 @@ def loop_traffic(hlo_text: str) -> list[KernelGroup]:
       current = None
     elif current:
       computations[current].append(line)
-  bodies = [b for b in re.findall(r"\bbody=%?([\w.\-]+)", hlo_text) if b in computations]
-  chosen = max(bodies, key=lambda b: len(computations[b])) if bodies else entry
-  shapes: dict[str, str] = {}
-  groups: dict[str, list[int]] = {}
-  for line in computations.get(chosen, []):
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, shape, op, rest = match.groups()
-    shapes[name] = shape
-    if op not in _LAUNCHES:
-      continue
-    operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-    moved = _array_bytes(shape) + sum(_array_bytes(shapes.get(o, "")) for o in operands)
-    group = groups.setdefault(_kernel_kind(name, op, line), [0, 0])
-    group[0] += 1
-    group[1] += moved
-  return sorted((KernelGroup(kind, n, b) for kind, (n, b) in groups.items()), key=lambda g: -g.bytes)
+
+  def kernels(name: str) -> dict[str, list[int]]:
+    """{kind: [kernels, bytes]} of one run of computation `name`, the computations it runs included."""
+    shapes: dict[str, str] = {}
+    groups: dict[str, list[int]] = {}
+    def add(more: dict[str, list[int]], times: int = 1) -> None:
+      for kind, (n, moved) in more.items():
+        group = groups.setdefault(kind, [0, 0])
+        group[0] += n * times
+        group[1] += moved * times
+    for line in computations.get(name, []):
+      match = _INSTRUCTION.match(line)
+      if not match:
+        continue
+      instruction, shape, op, rest = match.groups()
+      shapes[instruction] = shape
+      if op in _LAUNCHES:
+        kind = _kernel_kind(instruction, op, line)
+        result = _array_bytes(shape)
+        inputs = [_array_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", rest.split("), ")[0])]
+        if kind == "dynamic slicing" and result in inputs:  # an update in place: only the update moves
+          inputs.remove(result)
+          moved = 2 * sum(inputs)
+        elif kind == "dynamic slicing":  # a slice read out of a larger array
+          moved = 2 * result
+        else:
+          moved = result + sum(inputs)
+        add({kind: [1, moved]})
+      elif op == "while":
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        add(kernels(re.search(r"\bbody=%?([\w.\-]+)", line).group(1)), int(trips.group(1)) if trips else 1)
+      elif op == "conditional":
+        branches = re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", line) or
+                                                  re.search(r"(true_computation=.*)", line)).group(1))
+        branch_kernels = [kernels(b) for b in branches if b in computations]
+        add(max(branch_kernels, key=lambda g: sum(moved for _, moved in g.values()), default={}))
+      elif op == "call":
+        add(kernels(re.search(r"\bto_apply=%?([\w.\-]+)", line).group(1)))
+    return groups
+
+  def moved(groups: dict[str, list[int]]) -> int:
+    return sum(b for _, b in groups.values())
+
+  loops = [kernels(body) for body in re.findall(r"\bbody=%?([\w.\-]+)", "\n".join(computations.get(entry, [])))]
+  chosen = max(loops, key=moved) if loops else kernels(entry)
+  return sorted((KernelGroup(kind, n, b) for kind, (n, b) in chosen.items()), key=lambda g: -g.bytes)
