@@ -39,8 +39,10 @@ def _hf_blip():
       text_config=dict(vocab_size=VOCAB, hidden_size=36, intermediate_size=37, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=14, bos_token_id=CLS, sep_token_id=SEP,
                        pad_token_id=PAD),
+      # The vision config's own initializer_range is 1e-10: its weights would be all but zero, its attention
+      # and MLP mapping untested. The text config's 0.02 instead.
       vision_config=dict(hidden_size=40, intermediate_size=43, num_hidden_layers=2, num_attention_heads=5,
-                         image_size=34, patch_size=10),
+                         image_size=34, patch_size=10, initializer_range=0.02),
       image_text_hidden_size=20, logit_scale_init_value=2.5)
   model = transformers.BlipForImageTextRetrieval(cfg).eval()
   with torch.no_grad():  # every bias, LN and embedding off its init: a zero or unit init hides mapping mistakes
@@ -127,6 +129,38 @@ def test_rematerialised_blocks_give_the_same_features_and_gradients(case):
           case["ids"], case["mask"])), argnums=1))(model, case["images"]))
 
   np.testing.assert_allclose(pixel_grad(remat), pixel_grad(case["ours"]), atol=1e-6, rtol=0)
+
+
+def test_tokens_the_image_encoder_adds_for_fused_attention_change_nothing(monkeypatch):
+  """BLIP's ViT run on extra tokens (`layers.tower_length`, as on the cuDNN path with an even length
+  multiple), hidden as keys and dropped after the blocks, gives the same image features, image tokens (what
+  the text attends to) and pixel gradient. On blip-tiny with its own random weights (the transformers
+  fixture's attention projections are all zero, so no token could change anything there)."""
+  from flax import nnx
+
+  from mat_jax.models import BLIP, blip_config, layers
+
+  model = BLIP(blip_config("blip-tiny"), rngs=nnx.Rngs(0))
+  images = jnp.asarray(_images(2, 48))
+
+  def outputs():
+    with jax.default_matmul_precision("highest"):
+      features = jax.jit(lambda m, x: m.image_features(x))(model, images)
+      tokens = jax.jit(lambda m, x: m.image_tokens(x))(model, images)
+      grad = jax.jit(jax.grad(lambda m, x: jnp.sum(m.image_features(x) ** 2), argnums=1))(model, images)
+    return [np.asarray(x) for x in (features, tokens, grad)]
+
+  want = outputs()
+  lengths = []
+  def padded(length, attention, dtype):
+    lengths.append(length)
+    return length + 3
+  monkeypatch.setattr(layers, "tower_length", padded)
+  jax.clear_caches()  # the blocks' shared programs were traced without the added tokens
+  for got, expected in zip(outputs(), want, strict=True):
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+  assert lengths and set(lengths) == {1 + (48 // 16) ** 2}  # the class token and the patches
+  jax.clear_caches()
 
 
 def test_logit_scale_comes_from_config(case):

@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         f"{torch_reference.describe([variant], device)} ({torch.get_num_threads()} threads)")
   torch.manual_seed(0)
   hf_cfg = transformers.BlipConfig.from_dict(blip_config_to_hf(cfg))
+  # transformers initialises BLIP's vision weights with a 1e-10 spread, which leaves its attention and MLP all
+  # but zero and the gradients' agreement untested; the text tower's 0.02 instead, as mat_jax's own init.
+  hf_cfg.vision_config.initializer_range = hf_cfg.text_config.initializer_range
   hf = transformers.BlipForImageTextRetrieval(hf_cfg).eval().requires_grad_(False)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)

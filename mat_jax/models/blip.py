@@ -142,10 +142,10 @@ def blip_config(name: str, **overrides: Any) -> BlipConfig:
 # Modules.
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> jax.Array:
-  """q (B, Q, H, D) attend to every position of k and v (B, L, H, D) -> context (B, Q, H * D), through
-  `layers.attend_heads` (a fused kernel where the backend has one)."""
-  return layers.attend_heads(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), None, dtype=dtype)
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, dtype, mask: jax.Array | None = None) -> jax.Array:
+  """q (B, Q, H, D) attend to the positions of k and v (B, L, H, D) that `mask` shows (every one when None)
+  -> context (B, Q, H * D), through `layers.attend_heads` (a fused kernel where the backend has one)."""
+  return layers.attend_heads(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask, dtype=dtype)
 
 
 class FusedAttention(nnx.Module):
@@ -158,11 +158,11 @@ class FusedAttention(nnx.Module):
     self.qkv = layers.dense(width, 3 * width, ("embed", "heads"), dtype=dtype, rngs=rngs)
     self.projection = layers.dense(width, width, ("heads", "embed"), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     b, n, w = x.shape
     # transformers splits the fused output as (3, heads, head_dim): q, k, v are consecutive width blocks.
     q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads), 3, axis=2)
-    return self.projection(_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.dtype))
+    return self.projection(_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.dtype, mask))
 
 
 class VisionBlock(nnx.Module):
@@ -177,8 +177,8 @@ class VisionBlock(nnx.Module):
     self.fc2 = layers.dense(cfg.mlp_dim, cfg.width, ("mlp", "embed"), **kw)
     self.act = layers.activation(cfg.activation)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.attn(self.ln1(x))
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    x = x + self.attn(self.ln1(x), mask)
     return x + self.fc2(self.act(self.fc1(self.ln2(x))))
 
 
@@ -213,9 +213,15 @@ class VisionEncoder(nnx.Module):
     tokens = (rows @ kernel + self.patch_bias[...].astype(self.dtype)).reshape(b, -1, cfg.width)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
+    # Tokens added for the fused attention's lengths (layers.tower_length): hidden as keys, dropped at the end.
+    length = x.shape[1]
+    padded = layers.tower_length(length, "auto", self.dtype)  # BLIP's attention is always on the auto path
+    if padded > length:
+      x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
+    mask = layers.key_mask(length, padded)
     for block in self.blocks:
-      x = layers.shared_call(block, x, remat=self.remat)
-    return self.post_ln(x)
+      x = layers.shared_call(block, x, mask, remat=self.remat)
+    return self.post_ln(x[:, :length])
 
 
 class CrossAttention(nnx.Module):
