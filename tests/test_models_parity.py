@@ -48,9 +48,11 @@ def _hf_clip(act: str, image: int, patch: int, bos: int, eos: int, pad: int):
 
 
 def _perturbed(model):
-  with torch.no_grad():  # a non-trivial class embedding and LN parameters: the default init hides mistakes
+  with torch.no_grad():  # every bias and LN parameter and the class embedding off their init (zeros and ones,
+    # under which a bias mapped to the wrong place, or not at all, would go unseen; transformers spells the
+    # vision tower's first LN "pre_layrnorm")
     for name, p in model.named_parameters():
-      if "layer_norm" in name or "layernorm" in name or "class_embedding" in name:
+      if p.ndim == 1 or "class_embedding" in name:
         p.add_(0.1 * torch.randn_like(p))
       # Token states whose channels share an offset large next to their spread, as trained checkpoints'
       # residual streams have: a LayerNorm variance taken as E[x²] - E[x]² loses digits to cancellation
@@ -286,9 +288,9 @@ def bert_case(tmp_path_factory):
   cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=37, max_position_embeddings=16, type_vocab_size=2)
   hf = transformers.BertForMaskedLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in hf.named_parameters():
-      if "LayerNorm" in name or name.endswith("predictions.bias"):
+  with torch.no_grad():  # every bias and LN parameter off their init (zeros and ones hide mapping mistakes)
+    for p in hf.parameters():
+      if p.ndim == 1:
         p.add_(0.1 * torch.randn_like(p))
   directory = tmp_path_factory.mktemp("bert")
   hf.save_pretrained(directory, safe_serialization=True)
