@@ -256,6 +256,10 @@ def test_loop_traffic_counts_one_iterations_kernels_by_kind():
       "dynamic slicing": (6, 3 * (2 * square + 2 * (square + 4))),
   }  # the lighter loop beside it not counted
   assert [g.kind for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE)][0] == "dynamic slicing"
+  # The whole program: the entry's copy once, the lighter loop's padding and the heavier loop, once each.
+  program = {g.kind: (g.kernels, g.bytes) for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE, whole_program=True)}
+  entry_copy = 2 * (4 + 4 * 10 * 2 + square + 3 * square)
+  assert program == dict(groups, padding=(2, 2 * (4 * 10 * 2 + pad)), copies=(4, 3 * 2 * square + entry_copy))
 
 
 def test_kernels_need_a_gpu_target(capsys):
@@ -273,6 +277,7 @@ def test_bench_compile_prints_the_kernels_of_an_attack_step():
                        check=True).stdout
   assert "pgd: the kernels of one iteration of its heaviest loop" in out and "attention (cuDNN)" in out
   assert any(line.startswith("pgd: ") and " kernels per iteration, " in line for line in out.splitlines())
+  assert any(line.startswith("pgd: ") and " kernels in the whole program, " in line for line in out.splitlines())
   assert out.splitlines()[-1].startswith("compile: cold ")
 
 

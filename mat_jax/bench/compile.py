@@ -212,9 +212,11 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
                          f"operand and result once), and those bytes at the {target.description}'s "
                          f"{bandwidth / 1e12:.2f} TB/s", ["kind", "kernels", "GB", "ms"],
                          [[g.kind, g.kernels, g.bytes / 1e9, g.bytes / bandwidth * 1e3] for g in groups])
-      other = sum(g.bytes for g in groups if not g.kind.startswith("matmuls"))
-      print(f"{p}: {sum(g.kernels for g in groups)} kernels per iteration, {other / 1e9:.2f} GB outside the matmuls "
-            f"({other / bandwidth * 1e3:.2f} ms)")
+      for scope, key in (("per iteration", f"{p}_kernels"), ("in the whole program", f"{p}_program_kernels")):
+        groups = [cross_compile.KernelGroup(*group) for group in result[key]]
+        other = sum(g.bytes for g in groups if not g.kind.startswith("matmuls"))
+        print(f"{p}: {sum(g.kernels for g in groups)} kernels {scope}, {other / 1e9:.2f} GB outside the matmuls "
+              f"({other / bandwidth * 1e3:.2f} ms)")
   print(f"compile: cold {sum(result[p] for p in programs):.1f} s")
   return 0
 
@@ -433,7 +435,10 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False) -
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
   details[f"{name}_cpu"] = end_cpu - compiling_cpu
   if kernels:
-    details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in cross_compile.loop_traffic(compiled.as_text())]
+    text = compiled.as_text()
+    details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in cross_compile.loop_traffic(text)]
+    details[f"{name}_program_kernels"] = [dataclasses.astuple(g)
+                                          for g in cross_compile.loop_traffic(text, whole_program=True)]
   return end - start
 
 

@@ -248,15 +248,16 @@ class KernelGroup:
   bytes: int  # read and written, each operand and result counted once per launch
 
 
-def loop_traffic(hlo_text: str) -> list[KernelGroup]:
+def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup]:
   """The kernels one iteration of the heaviest loop of an optimized XLA:GPU module launches (the program's
-  outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has none),
-  grouped by kind, most bytes first. Loops inside it count as often as XLA knows they run (a scanned
-  tower's blocks), a conditional as its heaviest branch. Each kernel's operands and result count once, a
-  lower bound of the memory it moves (a fusion may read an operand more than once; a matmul's operands
-  come in through its caches; a dynamic slice moves its slice, an update in place its update). A
-  kernel's kind follows XLA's naming: matmuls, cuDNN's attention, Triton's normalisation fusions, XLA's
-  padding, slicing, dynamic slicing (a scan's stacked layers), reduction and elementwise fusions."""
+  outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has none, or
+  with `whole_program`), grouped by kind, most bytes first. Loops inside it count as often as XLA knows
+  they run (a scanned tower's blocks), a conditional as its heaviest branch. Each kernel's operands and
+  result count once, a lower bound of the memory it moves (a fusion may read an operand more than once; a
+  matmul's operands come in through its caches; a dynamic slice moves its slice, an update in place its
+  update). A kernel's kind follows XLA's naming: matmuls, cuDNN's attention, Triton's normalisation
+  fusions, XLA's padding, slicing, dynamic slicing (a scan's stacked layers), reduction and elementwise
+  fusions."""
   computations: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -313,5 +314,5 @@ def loop_traffic(hlo_text: str) -> list[KernelGroup]:
     return sum(b for _, b in groups.values())
 
   loops = [kernels(body) for body in re.findall(r"\bbody=%?([\w.\-]+)", "\n".join(computations.get(entry, [])))]
-  chosen = max(loops, key=moved) if loops else kernels(entry)
+  chosen = max(loops, key=moved) if loops and not whole_program else kernels(entry)
   return sorted((KernelGroup(kind, n, b) for kind, (n, b) in chosen.items()), key=lambda g: -g.bytes)
