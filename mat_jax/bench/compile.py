@@ -19,7 +19,8 @@ without running them, and is left out. With `--modules DIR` it compiles instead 
 lowered into DIR (`JAX_DUMP_IR_TO=DIR`), as that command built them (on a CPU: the CPU's programs), and
 prints their seconds by program. With `--kernels` and a GPU target it also prints, for each program, the
 kernels one iteration of its heaviest loop launches (a PGD step) and the bytes they read and write, by
-kind (`cross_compile.loop_traffic`): what a change of the program does to the device's memory traffic.
+kind, and the whole program's sums (`cross_compile.loop_traffic`): what a change of the program does to
+the device's memory traffic.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -97,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "for the target instead, and print their seconds by program")
   parser.add_argument("--kernels", action="store_true",
                       help="with a GPU --target: also print the kernels of one iteration of each program's heaviest "
-                           "loop (an attack step) and the bytes they read and write, by kind")
+                           "loop (an attack step) and the bytes they read and write, by kind, and the whole "
+                           "program's sums")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -422,8 +424,9 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False) -
   """Seconds to lower a program (`lower()`: tracing and lowering) and compile it for its devices, as the
   first call of `_first_minus_steady` counts them, nothing run: for compile-only devices. The phases go to
   details[f"{name}_{phase}"], the compilation's CPU seconds in this process to details[f"{name}_cpu"]
-  (XLA:GPU runs `ptxas` in processes of its own, which are not counted there); with `kernels`, its loop's
-  kernels (`cross_compile.loop_traffic`, after the timing) to details[f"{name}_kernels"]."""
+  (XLA:GPU runs `ptxas` in processes of its own, which are not counted there); with `kernels`, the kernels
+  of its heaviest loop and of the whole program (`cross_compile.loop_traffic`, after the timing) to
+  details[f"{name}_kernels"] and details[f"{name}_program_kernels"]."""
   with _recording_phases() as phases:
     start = time.perf_counter()
     lowered = lower()

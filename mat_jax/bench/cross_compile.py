@@ -220,8 +220,8 @@ def _array_bytes(shape: str) -> int:
 
 def _kernel_kind(name: str, op: str, line: str) -> str:
   """What a kernel-launching instruction of an optimized XLA:GPU module computes, by the names XLA gives."""
-  target = re.search(r'custom_call_target="([^"]+)"', line)
   if op == "custom-call":
+    target = re.search(r'custom_call_target="([^"]+)"', line)
     target = target.group(1) if target else "?"
     if "cudnn$fmha" in target:
       return "attention (cuDNN)"
