@@ -167,8 +167,8 @@ def test_an_even_cudnn_length_multiple_takes_the_padding_out_of_the_attack_step(
 
 # An optimized XLA:GPU module, cut down: a loop whose body launches a padding, a cuDNN attention, a Triton
 # matmul, an elementwise fusion and a copy, runs an inner loop three times (a scanned block: a slice read
-# out of a stacked array, an update written into one in place) and a conditional, and reads loop-carried
-# values; a copy outside the loops, and a lighter loop beside the first.
+# out of a stacked array, a fusion that reads one slice of it, an update written into it in place) and a
+# conditional, and reads loop-carried values; a copy outside the loops, and a lighter loop beside the first.
 _OPTIMIZED_MODULE = """HloModule jit_attack, is_scheduled=true
 
 %fused (param_0: bf16[4,10]) -> bf16[4,16] {
@@ -177,14 +177,29 @@ _OPTIMIZED_MODULE = """HloModule jit_attack, is_scheduled=true
   ROOT %pad = bf16[4,16]{1,0} pad(%param_0, %constant), padding=0_0x0_6
 }
 
+%fused_update (param_0: f32[3,8,8], param_1: f32[1,8,8], param_2: s32[]) -> f32[3,8,8] {
+  %param_0 = f32[3,8,8]{2,1,0} parameter(0)
+  %param_1 = f32[1,8,8]{2,1,0} parameter(1)
+  %param_2 = s32[] parameter(2)
+  ROOT %dus = f32[3,8,8]{2,1,0} dynamic-update-slice(%param_0, %param_1, %param_2, %param_2, %param_2)
+}
+
+%fused_sliced_add (param_0: f32[3,8,8], param_1: s32[]) -> f32[1,8,8] {
+  %param_0 = f32[3,8,8]{2,1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %ds = f32[1,8,8]{2,1,0} dynamic-slice(%param_0, %param_1, %param_1, %param_1), dynamic_slice_sizes={1,8,8}
+  ROOT %add = f32[1,8,8]{2,1,0} add(%ds, %ds)
+}
+
 %inner (arg: (s32[], f32[3,8,8], f32[8,8])) -> (s32[], f32[3,8,8], f32[8,8]) {
   %arg = (s32[], f32[3,8,8]{2,1,0}, f32[8,8]{1,0}) parameter(0)
   %i = s32[] get-tuple-element(%arg), index=0
   %stack = f32[3,8,8]{2,1,0} get-tuple-element(%arg), index=1
   %m = f32[8,8]{1,0} get-tuple-element(%arg), index=2
   %dynamic_slice = f32[1,8,8]{2,1,0} dynamic-slice(%stack, %i, %i, %i), dynamic_slice_sizes={1,8,8}
-  %loop_dynamic_update_slice_fusion = f32[3,8,8]{2,1,0} fusion(%stack, %dynamic_slice, %i), kind=kLoop, \
-calls=%fused
+  %loop_add_fusion = f32[1,8,8]{2,1,0} fusion(%stack, %i), kind=kLoop, calls=%fused_sliced_add
+  %loop_dynamic_update_slice_fusion = f32[3,8,8]{2,1,0} fusion(%stack, %loop_add_fusion, %i), kind=kLoop, \
+calls=%fused_update
   ROOT %out = (s32[], f32[3,8,8]{2,1,0}, f32[8,8]{1,0}) tuple(%i, %loop_dynamic_update_slice_fusion, %m)
 }
 
@@ -242,6 +257,95 @@ body=%body
 """
 
 
+def test_tpu_fusions_around_a_matmul_and_asynchronous_copies_are_named():
+  """A buffer's allocation moves nothing and is left out."""
+  module = """HloModule jit_step, is_scheduled=true
+
+ENTRY %main (a: bf16[8,128], b: bf16[128,128]) -> bf16[8,128] {
+  %a = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %b = bf16[128,128]{1,0:T(8,128)(2,1)} parameter(1)
+  %copy-start = (bf16[128,128]{1,0:T(8,128)(2,1)S(1)}, bf16[128,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) \
+copy-start(%b)
+  %copy-done = bf16[128,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  %buffer = bf16[64,128]{1,0:T(8,128)(2,1)} custom-call(), custom_call_target="AllocateBuffer"
+  ROOT %fusion = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%a, %copy-done), kind=kOutput, calls=%fused
+}
+"""
+  groups = {g.kind: (g.kernels, g.bytes) for g in cross_compile.loop_traffic(module)}
+  assert groups == {"copies": (1, 2 * 128 * 128 * 2), "matmuls (TPU fusions)": (1, 2 * 8 * 128 * 2 + 128 * 128 * 2)}
+
+
+def test_a_nested_fusion_that_slices_an_operand_reads_only_its_slice():
+  """XLA:TPU nests fusions: a stacked operand handed to an inner fusion that slices it counts by the slice."""
+  module = """HloModule jit_block
+
+%slice (p0: bf16[3,128,128], p1: s32[]) -> bf16[1,128,128] {
+  %p0 = bf16[3,128,128]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  ROOT %ds = bf16[1,128,128]{2,1,0} dynamic-slice(%p0, %p1, %p1, %p1), dynamic_slice_sizes={1,128,128}
+}
+
+%block (param_0: bf16[3,128,128], param_1: s32[], param_2: bf16[8,128]) -> bf16[8,128] {
+  %param_0 = bf16[3,128,128]{2,1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %param_2 = bf16[8,128]{1,0} parameter(2)
+  %fusion.1 = bf16[1,128,128]{2,1,0} fusion(%param_0, %param_1), kind=kLoop, calls=%slice
+  %bitcast = bf16[128,128]{1,0} bitcast(%fusion.1)
+  ROOT %dot = bf16[8,128]{1,0} dot(%param_2, %bitcast), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (stack: bf16[3,128,128], i: s32[], a: bf16[8,128]) -> bf16[8,128] {
+  %stack = bf16[3,128,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %a = bf16[8,128]{1,0} parameter(2)
+  ROOT %fusion = bf16[8,128]{1,0} fusion(%stack, %i, %a), kind=kOutput, calls=%block
+}
+"""
+  (group,) = cross_compile.loop_traffic(module)
+  assert (group.kind, group.kernels, group.bytes) == ("matmuls (TPU fusions)", 1, 8 * 128 * 2 + 128 * 128 * 2 + 4
+                                                      + 8 * 128 * 2)
+
+
+def test_a_loop_without_a_recorded_trip_count_runs_as_its_condition_says():
+  """XLA:TPU records no trip count: a scan's loop runs while its counter is below a constant; a loop whose
+  bound is data runs once as far as the count goes."""
+  module = """HloModule jit_scan
+
+%body (arg: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %arg = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %x = f32[8,8]{1,0} get-tuple-element(%arg), index=1
+  %copy = f32[8,8]{1,0} copy(%x)
+  ROOT %out = (s32[], f32[8,8]{1,0}) tuple(%i, %copy)
+}
+
+%below_five (arg: (s32[], f32[8,8])) -> pred[] {
+  %five = s32[]{:T(128)} constant(5)
+  %arg = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %five), direction=LT
+}
+
+%below_data (arg: (s32[], f32[8,8])) -> pred[] {
+  %arg = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  ROOT %lt = pred[] compare(%i, %i), direction=LT
+}
+
+%outer (arg: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %arg = (s32[], f32[8,8]{1,0}) parameter(0)
+  %scan = (s32[], f32[8,8]{1,0}) while(%arg), condition=%below_five, body=%body
+  ROOT %until = (s32[], f32[8,8]{1,0}) while(%scan), condition=%below_data, body=%body
+}
+
+ENTRY %main (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]{1,0}) parameter(0)
+  ROOT %steps = (s32[], f32[8,8]{1,0}) while(%p), condition=%below_data, body=%outer
+}
+"""
+  assert [(g.kind, g.kernels, g.bytes) for g in cross_compile.loop_traffic(module)] == [("copies", 6, 6 * 2 * 256)]
+
+
 def test_loop_traffic_counts_one_iterations_kernels_by_kind():
   groups = {g.kind: (g.kernels, g.bytes) for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE)}
   pad, square = 4 * 16 * 2, 8 * 8 * 4
@@ -249,11 +353,12 @@ def test_loop_traffic_counts_one_iterations_kernels_by_kind():
       "padding": (1, 4 * 10 * 2 + pad),
       "attention (cuDNN)": (1, pad + 2 * pad),  # its result, then its two operands
       "matmuls (Triton)": (1, 3 * square),
-      "elementwise": (1, 3 * square),
+      # the body's, then three times one that reads a slice of the stack only (and the index)
+      "elementwise": (4, 3 * square + 3 * (square + 4 + square)),
       # the body's copy, then the heavier branch's two: the lighter branch and the entry's copy not counted
       "copies": (3, 3 * 2 * square),
-      # three times: the slice read and written, and the update (the slice; the index) written in place
-      "dynamic slicing": (6, 3 * (2 * square + 2 * (square + 4))),
+      # three times: the slice read and written, and the update (and the index) read and written in place
+      "dynamic slicing": (6, 3 * (2 * square + 2 * square + 4)),
   }  # the lighter loop beside it not counted
   assert [g.kind for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE)][0] == "dynamic slicing"
   # The whole program: the entry's copy once, the lighter loop's padding and the heavier loop, once each.
@@ -262,12 +367,20 @@ def test_loop_traffic_counts_one_iterations_kernels_by_kind():
   assert program == dict(groups, padding=(2, 2 * (4 * 10 * 2 + pad)), copies=(4, 3 * 2 * square + entry_copy))
 
 
-def test_kernels_need_a_gpu_target(capsys):
+def test_kernels_need_a_target_and_no_modules(capsys, tmp_path):
   from mat_jax.bench.__main__ import main as bench_main
 
-  for flags in ([], ["--target", "tpu-v5e"]):
+  for flags in ([], ["--target", "h100", "--modules", str(tmp_path)]):
     assert bench_main(["compile", "--kernels", *flags]) == 2
-    assert "--kernels reads the programs XLA:GPU compiled for a GPU" in capsys.readouterr().err
+    assert "--kernels reads the programs XLA compiled for an accelerator" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_kernels_of_pgd_compiled_for_a_tpu():
+  """XLA:TPU fuses the work around each matmul into one fusion: most of the step's bytes are there."""
+  groups = {g.kind: g for g in cross_compile.loop_traffic(_pgd_compiled_for("tpu-v5e"))}
+  assert "matmuls (TPU fusions)" in groups and "attention (cuDNN)" not in groups
+  assert groups["matmuls (TPU fusions)"].kernels > 0 and groups["matmuls (TPU fusions)"].bytes > 0
 
 
 @needs_plugin

@@ -17,10 +17,10 @@ abstract arguments and compiled once, nothing run; each program's tracing, lower
 line `compile: cold X s`. SGA runs several programs with host work between them, which cannot be compiled
 without running them, and is left out. With `--modules DIR` it compiles instead every program a command
 lowered into DIR (`JAX_DUMP_IR_TO=DIR`), as that command built them (on a CPU: the CPU's programs), and
-prints their seconds by program. With `--kernels` and a GPU target it also prints, for each program, the
-kernels one iteration of its heaviest loop launches (a PGD step) and the bytes they read and write, by
-kind, and the whole program's sums (`cross_compile.loop_traffic`): what a change of the program does to
-the device's memory traffic.
+prints their seconds by program. With `--kernels` it also prints, for each program, the kernels one
+iteration of its heaviest loop launches (a PGD step) and the bytes they read and write, by kind, and the
+whole program's sums (`cross_compile.loop_traffic`): what a change of the program does to the device's
+memory traffic.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="with --target: compile the StableHLO modules a command wrote with JAX_DUMP_IR_TO=DIR "
                            "for the target instead, and print their seconds by program")
   parser.add_argument("--kernels", action="store_true",
-                      help="with a GPU --target: also print the kernels of one iteration of each program's heaviest "
+                      help="with --target: also print the kernels of one iteration of each program's heaviest "
                            "loop (an attack step) and the bytes they read and write, by kind, and the whole "
                            "program's sums")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -148,9 +148,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
   if args.modules and not args.target:
     raise errors.InputError("--modules compiles a command's programs for an accelerator: name it with --target")
-  if args.kernels and (args.modules or not args.target or cross_compile.backend(args.target) != "gpu"):
-    raise errors.InputError("--kernels reads the programs XLA:GPU compiled for a GPU: give a GPU --target "
-                            f"({', '.join(sorted(cross_compile.GPU_TARGETS))}) and no --modules")
+  if args.kernels and (args.modules or not args.target):
+    raise errors.InputError("--kernels reads the programs XLA compiled for an accelerator: give a --target "
+                            f"({', '.join(sorted(cross_compile.TARGETS))}) and no --modules")
   if args.target and args.modules:
     return _run_modules(args)
   if args.target:

@@ -66,9 +66,10 @@ class TPUTarget:
   description: str
   topology: str
   accelerator_type: str
+  memory_bandwidth: float     # bytes/s of one chip's HBM
 
 
-# NVIDIA's data sheets (SXM parts). cuDNN and CUDA versions: those of JAX's CUDA 12 wheels.
+# NVIDIA's and Google's data sheets (SXM parts). cuDNN and CUDA versions: those of JAX's CUDA 12 wheels.
 GPU_TARGETS: dict[str, GPUTarget] = {
     "h100": GPUTarget("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 233_472, 232_448, 50 * 2**20, 80 * 2**30,
                       3.35e12, 1.98),
@@ -77,10 +78,10 @@ GPU_TARGETS: dict[str, GPUTarget] = {
                       2.039e12, 1.41),
 }
 TPU_TARGETS: dict[str, TPUTarget] = {
-    "tpu-v4": TPUTarget("TPU v4", "v4:2x2x1", "v4-8"),
-    "tpu-v5e": TPUTarget("TPU v5 lite", "v5e:2x2", "v5litepod-4"),
-    "tpu-v5p": TPUTarget("TPU v5", "v5p:2x2x1", "v5p-8"),
-    "tpu-v6e": TPUTarget("TPU v6 lite", "v6e:2x2", "v6e-4"),
+    "tpu-v4": TPUTarget("TPU v4", "v4:2x2x1", "v4-8", 1.2e12),
+    "tpu-v5e": TPUTarget("TPU v5 lite", "v5e:2x2", "v5litepod-4", 8.19e11),
+    "tpu-v5p": TPUTarget("TPU v5", "v5p:2x2x1", "v5p-8", 2.765e12),
+    "tpu-v6e": TPUTarget("TPU v6 lite", "v6e:2x2", "v6e-4", 1.64e12),
 }
 TARGETS: dict[str, GPUTarget | TPUTarget] = {**GPU_TARGETS, **TPU_TARGETS}
 _CUDNN_VERSION = (9, 8)
@@ -208,8 +209,9 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, 
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z\-]*)\((.*)$")
-# The instructions of an optimized module that run a kernel (a dynamic slice XLA left unfused is a copy).
-_LAUNCHES = ("fusion", "custom-call", "copy", "dynamic-slice", "dynamic-update-slice")
+# The instructions of an optimized module that run a kernel (a dynamic slice XLA left unfused is a copy; a
+# TPU's asynchronous copy starts with copy-start).
+_LAUNCHES = ("fusion", "custom-call", "copy", "copy-start", "dynamic-slice", "dynamic-update-slice")
 
 
 def _array_bytes(shape: str) -> int:
@@ -219,14 +221,15 @@ def _array_bytes(shape: str) -> int:
 
 
 def _kernel_kind(name: str, op: str, line: str) -> str:
-  """What a kernel-launching instruction of an optimized XLA:GPU module computes, by the names XLA gives."""
+  """What a kernel-launching instruction of an optimized XLA:GPU or XLA:TPU module computes, by the names XLA
+  gives."""
   if op == "custom-call":
     target = re.search(r'custom_call_target="([^"]+)"', line)
     target = target.group(1) if target else "?"
     if "cudnn$fmha" in target:
       return "attention (cuDNN)"
     return "matmuls (cuBLAS)" if "cublas" in target else f"custom call {target}"
-  if op == "copy":
+  if op in ("copy", "copy-start"):
     return "copies"
   if op.startswith("dynamic") or name.startswith(("loop_dynamic_slice", "loop_dynamic_update_slice")):
     return "dynamic slicing"
@@ -238,6 +241,8 @@ def _kernel_kind(name: str, op: str, line: str) -> str:
   for prefix, kind in (("loop_pad_fusion", "padding"), ("loop_slice_fusion", "slicing")):
     if name.startswith(prefix):
       return kind
+  if "kind=kOutput" in line:  # XLA:TPU's fusions around a matmul or convolution, its producers and consumers
+    return "matmuls (TPU fusions)"
   return "reductions" if "kind=kInput" in line else "elementwise"
 
 
@@ -249,15 +254,16 @@ class KernelGroup:
 
 
 def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup]:
-  """The kernels one iteration of the heaviest loop of an optimized XLA:GPU module launches (the program's
-  outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has none, or
-  with `whole_program`), grouped by kind, most bytes first. Loops inside it count as often as XLA knows
-  they run (a scanned tower's blocks), a conditional as its heaviest branch. Each kernel's operands and
-  result count once, a lower bound of the memory it moves (a fusion may read an operand more than once; a
-  matmul's operands come in through its caches; a dynamic slice moves its slice, an update in place its
-  update). A kernel's kind follows XLA's naming: matmuls, cuDNN's attention, Triton's normalisation
-  fusions, XLA's padding, slicing, dynamic slicing (a scan's stacked layers), reduction and elementwise
-  fusions."""
+  """The kernels one iteration of the heaviest loop of an optimized XLA:GPU or XLA:TPU module launches (the
+  program's outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has
+  none, or with `whole_program`), grouped by kind, most bytes first. Loops inside it count as often as they
+  run where that is known (a scanned tower's blocks; `trip_count`), a conditional as its heaviest branch.
+  Each kernel's operands and result count once, a lower bound of the memory it moves (a fusion may read an
+  operand more than once; a matmul's operands come in through its caches; a dynamic slice moves its
+  slice, an update in place its update). A kernel's kind follows XLA's naming: matmuls, cuDNN's attention,
+  Triton's normalisation fusions, XLA's padding, slicing, dynamic slicing (a scan's stacked layers),
+  reduction and elementwise fusions; on a TPU, the fusions around each matmul (which take in much of the
+  elementwise work) and asynchronous copies."""
   computations: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -286,21 +292,25 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
         continue
       instruction, shape, op, rest = match.groups()
       shapes[instruction] = shape
-      if op in _LAUNCHES:
+      if op in _LAUNCHES and 'custom_call_target="AllocateBuffer"' not in line:  # XLA:TPU's: moves nothing
         kind = _kernel_kind(instruction, op, line)
         result = _array_bytes(shape)
         inputs = [_array_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", rest.split("), ")[0])]
-        if kind == "dynamic slicing" and result in inputs:  # an update in place: only the update moves
+        called = re.search(r"\bcalls=%?([\w.\-]+)", line) if op == "fusion" else None
+        if called and called.group(1) in computations:
+          moved = fusion_bytes(called.group(1), inputs, result)
+        elif kind == "dynamic slicing" and result in inputs:  # an update in place: only the update moves
           inputs.remove(result)
           moved = 2 * sum(inputs)
         elif kind == "dynamic slicing":  # a slice read out of a larger array
           moved = 2 * result
+        elif op == "copy-start":  # its result is (destination, source, context): the copy moves its operand
+          moved = 2 * sum(inputs)
         else:
           moved = result + sum(inputs)
         add({kind: [1, moved]})
       elif op == "while":
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-        add(kernels(re.search(r"\bbody=%?([\w.\-]+)", line).group(1)), int(trips.group(1)) if trips else 1)
+        add(kernels(re.search(r"\bbody=%?([\w.\-]+)", line).group(1)), trip_count(line))
       elif op == "conditional":
         branches = re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", line) or
                                                   re.search(r"(true_computation=.*)", line)).group(1))
@@ -309,6 +319,87 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
       elif op == "call":
         add(kernels(re.search(r"\bto_apply=%?([\w.\-]+)", line).group(1)))
     return groups
+
+  def instructions(fused: str) -> tuple[dict[str, tuple[str, str, str, str]], str | None]:
+    """{name: (shape, op, operands, the whole line)} of a computation, and its root's name."""
+    defined, root = {}, None
+    for text in computations.get(fused, []):
+      match = _INSTRUCTION.match(text)
+      if match:
+        name, shape, op, rest = match.groups()
+        defined[name] = (shape, op, rest.split("), ")[0], text)
+        root = name if text.lstrip().startswith("ROOT") else root
+    return defined, root
+
+  def parameter_names(defined) -> dict[int, str]:
+    return {int(re.match(r"(\d+)", rest).group(1)): name for name, (_, op, rest, _) in defined.items()
+            if op == "parameter"}
+
+  def operand_names(operands: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", operands)
+
+  def bytes_read(fused: str, index: int) -> int | None:
+    """What fused computation `fused` reads of its operand `index` when it only slices it or updates it in
+    place (nested fusions followed): the slices' bytes; None when it reads it whole."""
+    defined, _ = instructions(fused)
+    name = parameter_names(defined).get(index)
+    if name is None:
+      return None
+    total = 0
+    for other, (shape, op, operands, line) in defined.items():
+      names = operand_names(operands)
+      if other == name or name not in names:
+        continue
+      if op in ("dynamic-slice", "dynamic-update-slice") and names[0] == name and names.count(name) == 1:
+        total += _array_bytes(shape) if op == "dynamic-slice" else 0  # an update in place reads nothing
+        continue
+      nested = re.search(r"\bcalls=%?([\w.\-]+)", line) if op == "fusion" else None
+      inner = [bytes_read(nested.group(1), k) for k, n in enumerate(names) if n == name] if nested else [None]
+      if None in inner:
+        return None
+      total += sum(inner)
+    return total
+
+  def bytes_written(fused: str, output: str | None) -> int | None:
+    """What `output` of fused computation `fused` writes when it updates an operand in place (nested fusions
+    followed): the update's bytes; None when it writes its whole result."""
+    defined, _ = instructions(fused)
+    shape, op, operands, line = defined.get(output, ("", "", "", ""))
+    names = operand_names(operands)
+    if op == "dynamic-update-slice" and names and names[0] in parameter_names(defined).values():
+      return _array_bytes(defined.get(names[1], ("",))[0])
+    nested = re.search(r"\bcalls=%?([\w.\-]+)", line) if op == "fusion" else None
+    return bytes_written(nested.group(1), instructions(nested.group(1))[1]) if nested else None
+
+  def fusion_bytes(fused: str, inputs: list[int], result: int) -> int:
+    """What a fusion reads and writes, from its fused computation: an operand it only slices (a scan's
+    stacked layers) by its slices, and an operand its result updates in place (a stacked residual) by the
+    update, neither whole. `inputs` are its operands' bytes, `result` its result's."""
+    defined, root = instructions(fused)
+    reads = [inputs[k] if (part := bytes_read(fused, k)) is None else part for k in range(len(inputs))]
+    if root is not None and defined[root][1] == "tuple":  # several results, each perhaps updated in place
+      written = sum(_array_bytes(defined[output][0]) if (update := bytes_written(fused, output)) is None
+                    else update for output in operand_names(defined[root][2]))
+    else:
+      update = bytes_written(fused, root) if root is not None else None
+      written = result if update is None else update
+    return written + sum(reads)
+
+  def trip_count(line: str) -> int:
+    """How often a while loop runs: XLA:GPU's known trip count, else, as JAX lowers a scan or a fori_loop
+    (a counter from 0 by 1), the constant its condition's counter is compared below (XLA:TPU records no
+    trip count); 1 when neither is there (a loop that runs until its data says so)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+      return int(known.group(1))
+    condition = re.search(r"\bcondition=%?([\w.\-]+)", line)
+    lines = computations.get(condition.group(1), []) if condition else []
+    constants = dict(re.findall(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", "\n".join(lines)))
+    for text in lines:
+      below = re.search(r"ROOT %[\w.\-]+ = pred\[\]\S* compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", text)
+      if below and below.group(1) in constants:
+        return int(constants[below.group(1)])
+    return 1
 
   def moved(groups: dict[str, list[int]]) -> int:
     return sum(b for _, b in groups.values())
