@@ -36,7 +36,7 @@ On an NVIDIA GPU in bf16 the models' attention runs through cuDNN's flash attent
 lengths for it under differentiation (in jax 0.10 its check counts the placeholder of an absent bias as a
 bias), and the multiple of 64 the cuDNN path was first measured with pads ViT-B/16's 197 tokens to 256.
 `MAT_JAX_CUDNN_LENGTH_MULTIPLE` (default 64) sets that multiple; at 2 the image tower adds its one token
-once instead of every attention padding and slicing its activations (`layers.tower_length`).
+once instead of every attention padding and slicing its activations (`layers.with_tower_tokens`).
 
 Tracing a program creates hundreds of thousands of short-lived Python objects, and the collections of
 the oldest generation they trigger walk every object the imports left (about 320,000 after those of

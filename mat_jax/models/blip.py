@@ -213,12 +213,10 @@ class VisionEncoder(nnx.Module):
     tokens = (rows @ kernel + self.patch_bias[...].astype(self.dtype)).reshape(b, -1, cfg.width)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
-    # Tokens added for the fused attention's lengths (layers.tower_length): hidden as keys, dropped at the end.
+    # Tokens added for the fused attention's lengths: hidden as keys, dropped after the blocks. BLIP's
+    # attention is always on the auto path.
     length = x.shape[1]
-    padded = layers.tower_length(length, "auto", self.dtype)  # BLIP's attention is always on the auto path
-    if padded > length:
-      x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
-    mask = layers.key_mask(length, padded)
+    x, mask = layers.with_tower_tokens(x, "auto", self.dtype)
     for block in self.blocks:
       x = layers.shared_call(block, x, mask, remat=self.remat)
     return self.post_ln(x[:, :length])

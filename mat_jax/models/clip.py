@@ -290,12 +290,8 @@ class VisionTower(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
     x = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)
     x = self.pre_ln(x)
-    # Tokens added for the fused attention's lengths (layers.tower_length) are hidden as keys and never read.
-    length = x.shape[1]
-    tokens = layers.tower_length(length, self.attention, self.dtype)
-    if tokens > length:
-      x = jnp.pad(x, ((0, 0), (0, tokens - length), (0, 0)))
-    mask = layers.key_mask(length, tokens)
+    # Tokens added for the fused attention's lengths are hidden as keys and never read.
+    x, mask = layers.with_tower_tokens(x, self.attention, self.dtype)
     if self.scan and len(self.blocks) > 2:
       x, _ = scan_blocks(self.blocks[:-1], x, lambda block, x, _: (block(x, mask), None))
     else:

@@ -174,6 +174,16 @@ def key_mask(length: int, keys: int) -> jax.Array | None:
   return None if keys == length else (jnp.arange(keys) < length)[None, None, None, :]
 
 
+def with_tower_tokens(x: jax.Array, attention: str, dtype) -> tuple[jax.Array, jax.Array | None]:
+  """Token states x (B, L, W) with the tokens `tower_length` adds (zeros, after the L), and the mask that
+  hides them as keys (None when none is added): what a tower's blocks then run on."""
+  length = x.shape[1]
+  tokens = tower_length(length, attention, dtype)
+  if tokens == length:
+    return x, None
+  return jnp.pad(x, ((0, 0), (0, tokens - length), (0, 0))), key_mask(length, tokens)
+
+
 def _nvidia() -> bool:
   """Whether the GPU backend is CUDA's: JAX calls AMD's ROCm backend "gpu" too, and cuDNN is NVIDIA's. A
   cross-compilation's GPU is NVIDIA's (`bench compile --target` names NVIDIA GPUs)."""
