@@ -264,97 +264,88 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
   Triton's normalisation fusions, XLA's padding, slicing, dynamic slicing (a scan's stacked layers),
   reduction and elementwise fusions; on a TPU, the fusions around each matmul (which take in much of the
   elementwise work) and asynchronous copies."""
-  computations: dict[str, list[str]] = {}
+  # Each computation's instructions, {name: (shape, op, operands, the whole line)}, and its root's name.
+  computations: dict[str, dict[str, tuple[str, str, str, str]]] = {}
+  roots: dict[str, str] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
     match = _COMPUTATION.match(line)
     if match:
       current = match.group(1)
-      computations[current] = []
+      computations[current] = {}
       entry = current if line.startswith("ENTRY") else entry
     elif line.startswith("}"):
       current = None
-    elif current:
-      computations[current].append(line)
+    elif current and (match := _INSTRUCTION.match(line)):
+      name, shape, op, rest = match.groups()
+      computations[current][name] = (shape, op, rest.split("), ")[0], line)
+      if line.lstrip().startswith("ROOT"):
+        roots[current] = name
+
+  def instructions(name: str | None) -> dict[str, tuple[str, str, str, str]]:
+    return computations.get(name, {})
+
+  def called(line: str, attribute: str = "calls") -> str | None:
+    """The computation an instruction names by `attribute` (calls=, body=, to_apply=...), if any."""
+    match = re.search(rf"\b{attribute}=%?([\w.\-]+)", line)
+    return match.group(1) if match else None
 
   def kernels(name: str) -> dict[str, list[int]]:
     """{kind: [kernels, bytes]} of one run of computation `name`, the computations it runs included."""
-    shapes: dict[str, str] = {}
+    defined = instructions(name)
     groups: dict[str, list[int]] = {}
     def add(more: dict[str, list[int]], times: int = 1) -> None:
       for kind, (n, moved) in more.items():
         group = groups.setdefault(kind, [0, 0])
         group[0] += n * times
         group[1] += moved * times
-    for line in computations.get(name, []):
-      match = _INSTRUCTION.match(line)
-      if not match:
-        continue
-      instruction, shape, op, rest = match.groups()
-      shapes[instruction] = shape
+    for instruction, (shape, op, operands, line) in defined.items():
       if op in _LAUNCHES and 'custom_call_target="AllocateBuffer"' not in line:  # XLA:TPU's: moves nothing
-        kind = _kernel_kind(instruction, op, line)
         result = _array_bytes(shape)
-        inputs = [_array_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", rest.split("), ")[0])]
-        called = re.search(r"\bcalls=%?([\w.\-]+)", line) if op == "fusion" else None
-        if called and called.group(1) in computations:
-          moved = fusion_bytes(called.group(1), inputs, result)
-        elif kind == "dynamic slicing" and result in inputs:  # an update in place: only the update moves
-          inputs.remove(result)
-          moved = 2 * sum(inputs)
-        elif kind == "dynamic slicing":  # a slice read out of a larger array
+        inputs = [_array_bytes(defined[o][0]) for o in _operand_names(operands) if o in defined]
+        if op == "fusion" and called(line) in computations:
+          moved = fusion_bytes(called(line), inputs, result)
+        elif op == "dynamic-update-slice":  # in place: the update (and the indices) read, the update written
+          moved = 2 * sum(inputs[1:])
+        elif op == "dynamic-slice":  # a slice read out of a larger array, and written
           moved = 2 * result
         elif op == "copy-start":  # its result is (destination, source, context): the copy moves its operand
           moved = 2 * sum(inputs)
         else:
           moved = result + sum(inputs)
-        add({kind: [1, moved]})
+        add({_kernel_kind(instruction, op, line): [1, moved]})
       elif op == "while":
-        add(kernels(re.search(r"\bbody=%?([\w.\-]+)", line).group(1)), trip_count(line))
+        add(kernels(called(line, "body")), trip_count(line))
       elif op == "conditional":
-        branches = re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", line) or
-                                                  re.search(r"(true_computation=.*)", line)).group(1))
+        branches = _operand_names((re.search(r"branch_computations=\{([^}]*)\}", line) or
+                                   re.search(r"(true_computation=.*)", line)).group(1))
         branch_kernels = [kernels(b) for b in branches if b in computations]
-        add(max(branch_kernels, key=lambda g: sum(moved for _, moved in g.values()), default={}))
+        add(max(branch_kernels, key=total_bytes, default={}))
       elif op == "call":
-        add(kernels(re.search(r"\bto_apply=%?([\w.\-]+)", line).group(1)))
+        add(kernels(called(line, "to_apply")))
     return groups
-
-  def instructions(fused: str) -> tuple[dict[str, tuple[str, str, str, str]], str | None]:
-    """{name: (shape, op, operands, the whole line)} of a computation, and its root's name."""
-    defined, root = {}, None
-    for text in computations.get(fused, []):
-      match = _INSTRUCTION.match(text)
-      if match:
-        name, shape, op, rest = match.groups()
-        defined[name] = (shape, op, rest.split("), ")[0], text)
-        root = name if text.lstrip().startswith("ROOT") else root
-    return defined, root
 
   def parameter_names(defined) -> dict[int, str]:
     return {int(re.match(r"(\d+)", rest).group(1)): name for name, (_, op, rest, _) in defined.items()
             if op == "parameter"}
 
-  def operand_names(operands: str) -> list[str]:
-    return re.findall(r"%([\w.\-]+)", operands)
-
   def bytes_read(fused: str, index: int) -> int | None:
     """What fused computation `fused` reads of its operand `index` when it only slices it or updates it in
     place (nested fusions followed): the slices' bytes; None when it reads it whole."""
-    defined, _ = instructions(fused)
+    defined = instructions(fused)
     name = parameter_names(defined).get(index)
     if name is None:
       return None
     total = 0
     for other, (shape, op, operands, line) in defined.items():
-      names = operand_names(operands)
+      names = _operand_names(operands)
       if other == name or name not in names:
         continue
       if op in ("dynamic-slice", "dynamic-update-slice") and names[0] == name and names.count(name) == 1:
         total += _array_bytes(shape) if op == "dynamic-slice" else 0  # an update in place reads nothing
         continue
-      nested = re.search(r"\bcalls=%?([\w.\-]+)", line) if op == "fusion" else None
-      inner = [bytes_read(nested.group(1), k) for k, n in enumerate(names) if n == name] if nested else [None]
+      nested = called(line) if op == "fusion" else None
+      inner = [bytes_read(nested, k) for k, n in enumerate(names) if n == name] if nested else [None]
       if None in inner:
         return None
       total += sum(inner)
@@ -363,23 +354,23 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
   def bytes_written(fused: str, output: str | None) -> int | None:
     """What `output` of fused computation `fused` writes when it updates an operand in place (nested fusions
     followed): the update's bytes; None when it writes its whole result."""
-    defined, _ = instructions(fused)
+    defined = instructions(fused)
     shape, op, operands, line = defined.get(output, ("", "", "", ""))
-    names = operand_names(operands)
+    names = _operand_names(operands)
     if op == "dynamic-update-slice" and names and names[0] in parameter_names(defined).values():
       return _array_bytes(defined.get(names[1], ("",))[0])
-    nested = re.search(r"\bcalls=%?([\w.\-]+)", line) if op == "fusion" else None
-    return bytes_written(nested.group(1), instructions(nested.group(1))[1]) if nested else None
+    nested = called(line) if op == "fusion" else None
+    return bytes_written(nested, roots.get(nested)) if nested in computations else None
 
   def fusion_bytes(fused: str, inputs: list[int], result: int) -> int:
     """What a fusion reads and writes, from its fused computation: an operand it only slices (a scan's
     stacked layers) by its slices, and an operand its result updates in place (a stacked residual) by the
     update, neither whole. `inputs` are its operands' bytes, `result` its result's."""
-    defined, root = instructions(fused)
+    defined, root = computations[fused], roots.get(fused)
     reads = [inputs[k] if (part := bytes_read(fused, k)) is None else part for k in range(len(inputs))]
     if root is not None and defined[root][1] == "tuple":  # several results, each perhaps updated in place
       written = sum(_array_bytes(defined[output][0]) if (update := bytes_written(fused, output)) is None
-                    else update for output in operand_names(defined[root][2]))
+                    else update for output in _operand_names(defined[root][2]))
     else:
       update = bytes_written(fused, root) if root is not None else None
       written = result if update is None else update
@@ -387,23 +378,27 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
 
   def trip_count(line: str) -> int:
     """How often a while loop runs: XLA:GPU's known trip count, else, as JAX lowers a scan or a fori_loop
-    (a counter from 0 by 1), the constant its condition's counter is compared below (XLA:TPU records no
-    trip count); 1 when neither is there (a loop that runs until its data says so)."""
+    (a counter from 0 by 1), the constant its condition's root compares its counter below (XLA:TPU records
+    no trip count); 1 when neither is there (a loop that runs until its data says so)."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
     if known:
       return int(known.group(1))
-    condition = re.search(r"\bcondition=%?([\w.\-]+)", line)
-    lines = computations.get(condition.group(1), []) if condition else []
-    constants = dict(re.findall(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", "\n".join(lines)))
-    for text in lines:
-      below = re.search(r"ROOT %[\w.\-]+ = pred\[\]\S* compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", text)
-      if below and below.group(1) in constants:
-        return int(constants[below.group(1)])
-    return 1
+    condition_name = called(line, "condition")
+    defined = instructions(condition_name)
+    _, op, operands, condition = defined.get(roots.get(condition_name), ("", "", "", ""))
+    bound = _operand_names(operands)[-1:] if op == "compare" and "direction=LT" in condition else []
+    value = re.search(r"s32\[\]\S* constant\((\d+)\)", defined[bound[0]][3]) if bound and bound[0] in defined else None
+    return int(value.group(1)) if value else 1
 
-  def moved(groups: dict[str, list[int]]) -> int:
+  def total_bytes(groups: dict[str, list[int]]) -> int:
     return sum(b for _, b in groups.values())
 
-  loops = [kernels(body) for body in re.findall(r"\bbody=%?([\w.\-]+)", "\n".join(computations.get(entry, [])))]
-  chosen = max(loops, key=moved) if loops and not whole_program else kernels(entry)
+  loops = [] if whole_program else [kernels(called(line, "body")) for _, op, _, line in instructions(entry).values()
+                                    if op == "while"]
+  chosen = max(loops, key=total_bytes) if loops else kernels(entry)
   return sorted((KernelGroup(kind, n, b) for kind, (n, b) in chosen.items()), key=lambda g: -g.bytes)
+
+
+def _operand_names(operands: str) -> list[str]:
+  """The instructions an operand list names, in order."""
+  return re.findall(r"%([\w.\-]+)", operands)
