@@ -374,7 +374,7 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
       cfg.text, vocab_size=max(cfg.text.vocab_size, tokenizer.vocab_size), bos_token_id=tokenizer.start_id,
       eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id))
   cfg = cfg.replace(dtype=resolve_dtype(args.dtype))
-  cfg = cfg.replace(scan_layers=bool(args.scan_layers), remat=getattr(args, "remat", "none"))
+  cfg = cfg.replace(scan_layers=bool(args.scan_layers), remat=args.remat)
   # For a cross-compilation only the parameters' shapes and dtypes are needed: none is allocated.
   encoder, params = split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0))) if target_mesh
                           else CLIP(cfg, rngs=nnx.Rngs(0)))
@@ -384,12 +384,11 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
   images = jnp.asarray(np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) / 255)
   out: dict[str, float] = {}
   details: dict[str, float | str] = {"cross_compiled": compiler}
-  kernels = getattr(args, "kernels", False)  # `measure` is also called with a namespace of its own
   if "mat_step" in programs:
     if target_mesh:
       host_batch, meta = mat_batch(size, batch, tokenizer, max_targets=8, top_k=10)
       out["mat_step"] = _lower_and_compile(lambda: lower_mat_step(encoder, params, meta, host_batch, target_mesh),
-                                           details, "mat_step", kernels)
+                                           details, "mat_step", args.kernels)
     else:
       out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), details,
                                             "mat_step")
@@ -402,7 +401,7 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
       abstract = functools.partial(_abstract, sharding=whole)
       out["pgd"] = _lower_and_compile(lambda: attack.lower(
           jax.tree.map(abstract, params), *(_abstract(x, rows) for x in (images, ids, mask)),
-          abstract(jax.random.key(0))), details, "pgd", kernels)
+          abstract(jax.random.key(0))), details, "pgd", args.kernels)
     else:
       out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
           encoder, params, images, ids, mask, jax.random.key(0), **_BUDGET), details, "pgd")
