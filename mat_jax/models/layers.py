@@ -161,8 +161,8 @@ def tower_length(length: int, attention: str, dtype) -> int:
   """The tokens a tower runs its blocks on for `length` tokens: on the cuDNN path, cuDNN's length multiple
   when reaching it adds at most 1/64 of the tokens (ViT-B/16's 197 -> 198 with
   MAT_JAX_CUDNN_LENGTH_MULTIPLE=2), else `length`. A tower that runs longer adds the tokens once and hides
-  them as keys (`key_mask`), instead of every attention padding its queries, keys and values and slicing
-  its output: four copies of the block's activations, forward and backward."""
+  them as keys (`with_tower_tokens`), instead of every attention padding its queries, keys and values and
+  slicing its output: four copies of the block's activations, forward and backward."""
   if attention_path(attention, dtype) != "cudnn":
     return length
   extra = -length % runtime.cudnn_length_multiple()
