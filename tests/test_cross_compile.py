@@ -367,6 +367,57 @@ def test_loop_traffic_counts_one_iterations_kernels_by_kind():
   assert program == dict(groups, padding=(2, 2 * (4 * 10 * 2 + pad)), copies=(4, 3 * 2 * square + entry_copy))
 
 
+def test_kernels_group_by_what_they_compute():
+  """The JAX operation a kernel's metadata names (backward inside a transposed computation) and its result
+  tell kernels of one kind apart; the groups of each kind add up to the kind's."""
+  module = """HloModule jit_step
+
+%added (p0: f32[8,8], p1: f32[8,8]) -> f32[8,8] {
+  %p0 = f32[8,8]{1,0} parameter(0)
+  %p1 = f32[8,8]{1,0} parameter(1)
+  ROOT %add = f32[8,8]{1,0} add(%p0, %p1)
+}
+
+ENTRY %main (a: f32[8,8], b: f32[8,8]) -> f32[8,8] {
+  %a = f32[8,8]{1,0} parameter(0)
+  %b = f32[8,8]{1,0} parameter(1)
+  %bias = f32[8,8]{1,0} fusion(%a, %b), kind=kLoop, calls=%added, metadata={op_name="jit(step)/jvp(block)/add"}
+  %again = f32[8,8]{1,0} fusion(%bias, %b), kind=kLoop, calls=%added, metadata={op_name="jit(step)/jvp(block)/add"}
+  %grad = f32[8,8]{1,0} fusion(%again, %a), kind=kLoop, calls=%added, \
+metadata={op_name="jit(step)/transpose(jvp(block))/add_any" scheduling_name="grad"}
+  ROOT %copy = f32[8,8]{1,0} copy(%grad)
+}
+"""
+  square = 8 * 8 * 4
+  groups = [(g.source, g.kind, g.kernels, g.bytes) for g in cross_compile.loop_traffic(module, by_source=True)]
+  assert groups == [("add f32[8,8]", "elementwise", 2, 2 * 3 * square),
+                    ("backward add_any f32[8,8]", "elementwise", 1, 3 * square),
+                    ("(no operation named) f32[8,8]", "copies", 1, 2 * square)]
+  by_kind = {g.kind: (g.kernels, g.bytes) for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE)}
+  summed: dict[str, list[int]] = {}
+  for g in cross_compile.loop_traffic(_OPTIMIZED_MODULE, by_source=True):
+    total = summed.setdefault(g.kind, [0, 0])
+    total[0] += g.kernels
+    total[1] += g.bytes
+  assert {kind: tuple(total) for kind, total in summed.items()} == by_kind
+
+
+def test_a_library_calls_workspace_is_not_counted():
+  """cuBLAS's result tuple ends with 4 MiB of scratch space: the call moves its operands and its product."""
+  module = """HloModule jit_step
+
+ENTRY %main (a: bf16[8,8], b: bf16[8,8]) -> bf16[8,8] {
+  %a = bf16[8,8]{1,0} parameter(0)
+  %b = bf16[8,8]{1,0} parameter(1)
+  %gemm = (bf16[8,8]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", \
+metadata={op_name="jit(step)/dot_general"}
+  ROOT %product = bf16[8,8]{1,0} get-tuple-element(%gemm), index=0
+}
+"""
+  groups = [(g.source, g.kind, g.kernels, g.bytes) for g in cross_compile.loop_traffic(module, by_source=True)]
+  assert groups == [("dot_general bf16[8,8]", "matmuls (cuBLAS)", 1, 3 * 8 * 8 * 2)]
+
+
 def test_kernels_need_a_target_and_no_modules(capsys, tmp_path):
   from mat_jax.bench.__main__ import main as bench_main
 
@@ -389,6 +440,9 @@ def test_bench_compile_prints_the_kernels_of_an_attack_step():
                         "--batch", "2", "--programs", "pgd", "--kernels"], capture_output=True, text=True,
                        check=True).stdout
   assert "pgd: the kernels of one iteration of its heaviest loop" in out and "attention (cuDNN)" in out
+  assert "heaviest groups of that iteration's kernels that compute the same thing" in out
+  assert "backward dot_general bf16[" in out  # the matmuls of the gradient, by their name in JAX
+  assert "s8[" not in out  # cuBLAS's workspace is scratch, not a result
   assert any(line.startswith("pgd: ") and " kernels per iteration, " in line for line in out.splitlines())
   assert any(line.startswith("pgd: ") and " kernels in the whole program, " in line for line in out.splitlines())
   assert out.splitlines()[-1].startswith("compile: cold ")

@@ -260,10 +260,10 @@ def device_summary() -> str:
   return f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}"
 
 
-def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-  """A plain aligned table on stdout."""
+def print_table(title: str, header: list[str], rows: list[list[Any]], left_columns: int = 1) -> None:
+  """A plain aligned table on stdout, its first `left_columns` columns (labels) left-aligned."""
   print(f"\n{title}")
-  print("\n".join(tables.aligned(header, [[_fmt(c) for c in row] for row in rows])))
+  print("\n".join(tables.aligned(header, [[_fmt(c) for c in row] for row in rows], left_columns=left_columns)))
 
 
 def _fmt(value: Any) -> str:

@@ -18,9 +18,10 @@ line `compile: cold X s`. SGA runs several programs with host work between them,
 without running them, and is left out. With `--modules DIR` it compiles instead every program a command
 lowered into DIR (`JAX_DUMP_IR_TO=DIR`), as that command built them (on a CPU: the CPU's programs), and
 prints their seconds by program. With `--kernels` it also prints, for each program, the kernels one
-iteration of its heaviest loop launches (a PGD step) and the bytes they read and write, by kind, and the
-whole program's sums (`cross_compile.loop_traffic`): what a change of the program does to the device's
-memory traffic.
+iteration of its heaviest loop launches (a PGD step) and the bytes they read and write, by kind and by
+what they compute (its heaviest groups: e.g. a GELU's backward pass, a bias's addition), and the whole
+program's sums (`cross_compile.loop_traffic`): what a change of the program does to the device's memory
+traffic.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -67,6 +68,8 @@ TARGET_PROGRAMS = ("mat_step", "pgd")
 _BUDGET = {"eps": 2 / 255, "step_size": 0.5 / 255, "steps": 10}
 # The line a worker process prints its measurements on, for the parent to find among other output.
 _RESULT_PREFIX = "compile-result: "
+# How many groups of kernels that compute the same thing `--kernels` lists, heaviest first.
+HEAVIEST_SOURCES = 12
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "for the target instead, and print their seconds by program")
   parser.add_argument("--kernels", action="store_true",
                       help="with --target: also print the kernels of one iteration of each program's heaviest "
-                           "loop (an attack step) and the bytes they read and write, by kind, and the whole "
-                           "program's sums")
+                           "loop (an attack step) and the bytes they read and write, by kind and by what they "
+                           "compute, and the whole program's sums")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -214,6 +217,12 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
                          f"operand and result once), and those bytes at the {target.description}'s "
                          f"{bandwidth / 1e12:.2f} TB/s", ["kind", "kernels", "GB", "ms"],
                          [[g.kind, g.kernels, g.bytes / 1e9, g.bytes / bandwidth * 1e3] for g in groups])
+      sources = [cross_compile.KernelGroup(*group) for group in result[f"{p}_sources"]]
+      common.print_table(f"{p}: the {len(sources)} heaviest groups of that iteration's kernels that compute the same "
+                         "thing (the JAX operation that names them, backward where in a gradient, and their "
+                         "result)", ["computing", "kind", "kernels", "GB", "ms"],
+                         [[g.source, g.kind, g.kernels, g.bytes / 1e9, g.bytes / bandwidth * 1e3] for g in sources],
+                         left_columns=2)
       for scope, key in (("per iteration", f"{p}_kernels"), ("in the whole program", f"{p}_program_kernels")):
         groups = [cross_compile.KernelGroup(*group) for group in result[key]]
         other = sum(g.bytes for g in groups if not g.kind.startswith("matmuls"))
@@ -425,7 +434,8 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False) -
   details[f"{name}_{phase}"], the compilation's CPU seconds in this process to details[f"{name}_cpu"]
   (XLA:GPU runs `ptxas` in processes of its own, which are not counted there); with `kernels`, the kernels
   of its heaviest loop and of the whole program (`cross_compile.loop_traffic`, after the timing) to
-  details[f"{name}_kernels"] and details[f"{name}_program_kernels"]."""
+  details[f"{name}_kernels"] and details[f"{name}_program_kernels"], and the loop's heaviest groups of
+  kernels that compute the same thing to details[f"{name}_sources"]."""
   with _recording_phases() as phases:
     start = time.perf_counter()
     lowered = lower()
@@ -441,6 +451,8 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False) -
     details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in cross_compile.loop_traffic(text)]
     details[f"{name}_program_kernels"] = [dataclasses.astuple(g)
                                           for g in cross_compile.loop_traffic(text, whole_program=True)]
+    details[f"{name}_sources"] = [dataclasses.astuple(g) for g in
+                                  cross_compile.loop_traffic(text, by_source=True)[:HEAVIEST_SOURCES]]
   return end - start
 
 

@@ -16,10 +16,11 @@ libtpu does the same for a TPU from the name of a slice (`--target tpu-v5e`: one
 2x2), with XLA:TPU's own compiler: `pip install -e '.[tpu-compile]'`. No TPU's figures are at hand to
 compare with.
 
-`loop_traffic` reads a GPU program XLA has compiled (its optimized HLO) and counts, for one iteration of its
-heaviest loop (an attack's step; loops inside it as often as they run), the kernels it launches and the
-bytes each reads and writes, by kind: where a step's memory traffic goes, and what a change of the program
-adds or removes, without the device (`bench compile --target h100 --kernels`).
+`loop_traffic` reads a GPU or TPU program XLA has compiled (its optimized HLO) and counts, for one iteration
+of its heaviest loop (an attack's step; loops inside it as often as they run), the kernels it launches and
+the bytes each reads and writes, by kind, or by what they compute (the JAX operation and result each
+kernel's metadata names): where a step's memory traffic goes, and what a change of the program adds or
+removes, without the device (`bench compile --target h100 --kernels`).
 
 `compile_modules` compiles the StableHLO modules a command wrote with `JAX_DUMP_IR_TO=DIR` (every program
 it lowered, as it built them for its own backend) for a target: which of a whole command's programs cost
@@ -216,8 +217,21 @@ _LAUNCHES = ("fusion", "custom-call", "copy", "copy-start", "dynamic-slice", "dy
 
 def _array_bytes(shape: str) -> int:
   """Bytes of the arrays a shape text names (a tuple's too)."""
+  return _bytes(_ARRAY.findall(shape))
+
+
+def _bytes(arrays: list[tuple[str, str]]) -> int:
   return sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-             for dtype, dims in _ARRAY.findall(shape))
+             for dtype, dims in arrays)
+
+
+def _result_arrays(shape: str, op: str) -> list[tuple[str, str]]:
+  """The (dtype, dims) of the arrays a kernel's result holds: a library call's (cuBLAS's, cuDNN's) result
+  tuple ends with its workspace, an s8/u8 array of scratch space (4 MiB for each cuBLAS call), not data."""
+  arrays = _ARRAY.findall(shape)
+  if op == "custom-call" and shape.startswith("(") and arrays and arrays[-1][0] in ("s8", "u8"):
+    return arrays[:-1]
+  return arrays
 
 
 def _kernel_kind(name: str, op: str, line: str) -> str:
@@ -246,14 +260,27 @@ def _kernel_kind(name: str, op: str, line: str) -> str:
   return "reductions" if "kind=kInput" in line else "elementwise"
 
 
+def _kernel_source(shape: str, op: str, line: str) -> str:
+  """What a kernel computes in the program's terms: the JAX operation its metadata names (op_name's last
+  part: the root of a fusion), "backward" where that lies in a transposed (VJP) computation, and its
+  result's arrays (two at most), e.g. "backward add_any bf16[256,198,3072]"."""
+  op_name = re.search(r'op_name="([^"]*)"', line)
+  path = op_name.group(1) if op_name else ""
+  arrays = [f"{dtype}[{dims}]" for dtype, dims in _result_arrays(shape, op)]
+  result = ", ".join(arrays[:2]) + (", ..." if len(arrays) > 2 else "")
+  operation = path.rsplit("/", 1)[-1] or "(no operation named)"
+  return f"{'backward ' if 'transpose(' in path else ''}{operation} {result}"
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelGroup:
   kind: str
   kernels: int
   bytes: int  # read and written, each operand and result counted once per launch
+  source: str = ""  # with by_source: the operation and result shape its kernels share (_kernel_source)
 
 
-def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup]:
+def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = False) -> list[KernelGroup]:
   """The kernels one iteration of the heaviest loop of an optimized XLA:GPU or XLA:TPU module launches (the
   program's outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has
   none, or with `whole_program`), grouped by kind, most bytes first. Loops inside it count as often as they
@@ -263,7 +290,9 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
   slice, an update in place its update). A kernel's kind follows XLA's naming: matmuls, cuDNN's attention,
   Triton's normalisation fusions, XLA's padding, slicing, dynamic slicing (a scan's stacked layers),
   reduction and elementwise fusions; on a TPU, the fusions around each matmul (which take in much of the
-  elementwise work) and asynchronous copies."""
+  elementwise work) and asynchronous copies. With `by_source`, each kind's kernels are grouped further by
+  what they compute (`_kernel_source`: the same JAX operation, direction and result shape), which tells
+  e.g. a GELU's backward pass from a bias's addition among the elementwise kernels."""
   # Each computation's instructions, {name: (shape, op, operands, the whole line)}, and its root's name.
   computations: dict[str, dict[str, tuple[str, str, str, str]]] = {}
   roots: dict[str, str] = {}
@@ -290,18 +319,19 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
     match = re.search(rf"\b{attribute}=%?([\w.\-]+)", line)
     return match.group(1) if match else None
 
-  def kernels(name: str) -> dict[str, list[int]]:
-    """{kind: [kernels, bytes]} of one run of computation `name`, the computations it runs included."""
+  def kernels(name: str) -> dict[tuple[str, str], list[int]]:
+    """{(kind, source or ""): [kernels, bytes]} of one run of computation `name`, the computations it runs
+    included."""
     defined = instructions(name)
-    groups: dict[str, list[int]] = {}
-    def add(more: dict[str, list[int]], times: int = 1) -> None:
-      for kind, (n, moved) in more.items():
-        group = groups.setdefault(kind, [0, 0])
+    groups: dict[tuple[str, str], list[int]] = {}
+    def add(more: dict[tuple[str, str], list[int]], times: int = 1) -> None:
+      for key, (n, moved) in more.items():
+        group = groups.setdefault(key, [0, 0])
         group[0] += n * times
         group[1] += moved * times
     for instruction, (shape, op, operands, line) in defined.items():
       if op in _LAUNCHES and 'custom_call_target="AllocateBuffer"' not in line:  # XLA:TPU's: moves nothing
-        result = _array_bytes(shape)
+        result = _bytes(_result_arrays(shape, op))
         inputs = [_array_bytes(defined[o][0]) for o in _operand_names(operands) if o in defined]
         if op == "fusion" and called(line) in computations:
           moved = fusion_bytes(called(line), inputs, result)
@@ -313,7 +343,8 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
           moved = 2 * sum(inputs)
         else:
           moved = result + sum(inputs)
-        add({_kernel_kind(instruction, op, line): [1, moved]})
+        source = _kernel_source(shape, op, line) if by_source else ""
+        add({(_kernel_kind(instruction, op, line), source): [1, moved]})
       elif op == "while":
         add(kernels(called(line, "body")), trip_count(line))
       elif op == "conditional":
@@ -390,13 +421,14 @@ def loop_traffic(hlo_text: str, whole_program: bool = False) -> list[KernelGroup
     value = re.search(r"s32\[\]\S* constant\((\d+)\)", defined[bound[0]][3]) if bound and bound[0] in defined else None
     return int(value.group(1)) if value else 1
 
-  def total_bytes(groups: dict[str, list[int]]) -> int:
+  def total_bytes(groups: dict[tuple[str, str], list[int]]) -> int:
     return sum(b for _, b in groups.values())
 
   loops = [] if whole_program else [kernels(called(line, "body")) for _, op, _, line in instructions(entry).values()
                                     if op == "while"]
   chosen = max(loops, key=total_bytes) if loops else kernels(entry)
-  return sorted((KernelGroup(kind, n, b) for kind, (n, b) in chosen.items()), key=lambda g: -g.bytes)
+  return sorted((KernelGroup(kind, n, b, source) for (kind, source), (n, b) in chosen.items()),
+                key=lambda g: -g.bytes)
 
 
 def _operand_names(operands: str) -> list[str]:
