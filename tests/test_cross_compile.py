@@ -258,21 +258,35 @@ body=%body
 
 
 def test_tpu_fusions_around_a_matmul_and_asynchronous_copies_are_named():
-  """A buffer's allocation moves nothing and is left out."""
+  """XLA:TPU copies and slices operands into the core's on-chip memory (S(1) in a layout) asynchronously:
+  those moves read main memory only, and a kernel reading or writing on-chip memory moves no main-memory
+  bytes for it. A buffer's allocation moves nothing and is left out."""
   module = """HloModule jit_step, is_scheduled=true
 
-ENTRY %main (a: bf16[8,128], b: bf16[128,128]) -> bf16[8,128] {
+%sliced (p: bf16[4,128]) -> bf16[1,128] {
+  %p = bf16[4,128]{1,0} parameter(0)
+  ROOT %s = bf16[1,128]{1,0} slice(%p), slice={[0:1], [0:128]}
+}
+
+ENTRY %main (a: bf16[8,128], b: bf16[128,128], c: bf16[4,128]) -> (bf16[8,128], bf16[1,128]) {
   %a = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
   %b = bf16[128,128]{1,0:T(8,128)(2,1)} parameter(1)
+  %c = bf16[4,128]{1,0:T(8,128)(2,1)} parameter(2)
   %copy-start = (bf16[128,128]{1,0:T(8,128)(2,1)S(1)}, bf16[128,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) \
 copy-start(%b)
   %copy-done = bf16[128,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  %slice-start = ((bf16[4,128]{1,0:T(8,128)(2,1)}), bf16[1,128]{1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) \
+async-start(%c), calls=%sliced
+  %slice-done = bf16[1,128]{1,0:T(8,128)(2,1)S(1)} async-done(%slice-start)
   %buffer = bf16[64,128]{1,0:T(8,128)(2,1)} custom-call(), custom_call_target="AllocateBuffer"
-  ROOT %fusion = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%a, %copy-done), kind=kOutput, calls=%fused
+  %fusion = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%a, %copy-done), kind=kOutput, calls=%fused
+  ROOT %out = (bf16[8,128]{1,0:T(8,128)(2,1)}, bf16[1,128]{1,0:T(8,128)(2,1)S(1)}) tuple(%fusion, %slice-done)
 }
 """
   groups = {g.kind: (g.kernels, g.bytes) for g in cross_compile.loop_traffic(module)}
-  assert groups == {"copies": (1, 2 * 128 * 128 * 2), "matmuls (TPU fusions)": (1, 2 * 8 * 128 * 2 + 128 * 128 * 2)}
+  assert groups == {"copies": (1, 128 * 128 * 2),      # read into on-chip memory: main memory read once
+                    "slicing": (1, 1 * 128 * 2),       # only its slice read
+                    "matmuls (TPU fusions)": (1, 2 * 8 * 128 * 2)}  # its on-chip operand moves nothing
 
 
 def test_a_nested_fusion_that_slices_an_operand_reads_only_its_slice():
@@ -418,6 +432,18 @@ metadata={op_name="jit(step)/dot_general"}
   assert groups == [("dot_general bf16[8,8]", "matmuls (cuBLAS)", 1, 3 * 8 * 8 * 2)]
 
 
+def test_the_final_module_is_read_from_xlas_dump_by_the_programs_name(tmp_path):
+  """On a TPU `as_text()` is not the module the chip runs: `bench compile --kernels` reads the one XLA
+  wrote (`dump_flags`), found by the program's name, and keeps `as_text()` when XLA wrote none."""
+  as_text = "HloModule jit_pgd_attack, is_scheduled=true\n"
+  assert cross_compile.final_module(tmp_path, as_text) == as_text
+  (tmp_path / "module_0003.jit_pgd_attack.cl_1.after_optimizations.txt").write_text("the final module")
+  (tmp_path / "module_0003.jit_pgd_attack.cl_1.after_optimizations-buffer-assignment.txt").write_text("no")
+  (tmp_path / "module_0004.jit_pgd_attack_other.cl_1.after_optimizations.txt").write_text("another program")
+  assert cross_compile.final_module(tmp_path, as_text) == "the final module"
+  assert f"--xla_dump_to={tmp_path}" in cross_compile.dump_flags(tmp_path)
+
+
 def test_kernels_need_a_target_and_no_modules(capsys, tmp_path):
   from mat_jax.bench.__main__ import main as bench_main
 
@@ -427,11 +453,16 @@ def test_kernels_need_a_target_and_no_modules(capsys, tmp_path):
 
 
 @needs_libtpu
-def test_kernels_of_pgd_compiled_for_a_tpu():
-  """XLA:TPU fuses the work around each matmul into one fusion: most of the step's bytes are there."""
-  groups = {g.kind: g for g in cross_compile.loop_traffic(_pgd_compiled_for("tpu-v5e"))}
+def test_kernels_of_pgd_compiled_for_a_tpu(monkeypatch):
+  """XLA:TPU fuses the work around each matmul into one fusion, and keeps arrays in the core's on-chip
+  memory, whose reads and writes move no main-memory bytes."""
+  compiled = _pgd_compiled_for("tpu-v5e")
+  groups = {g.kind: g for g in cross_compile.loop_traffic(compiled)}
   assert "matmuls (TPU fusions)" in groups and "attention (cuDNN)" not in groups
-  assert groups["matmuls (TPU fusions)"].kernels > 0 and groups["matmuls (TPU fusions)"].bytes > 0
+  assert groups["matmuls (TPU fusions)"].kernels > 0
+  main_memory = sum(g.bytes for g in groups.values())
+  monkeypatch.setattr(cross_compile, "_in_device_memory", lambda layout: True)
+  assert main_memory < sum(g.bytes for g in cross_compile.loop_traffic(compiled))
 
 
 @needs_plugin

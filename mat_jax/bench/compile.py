@@ -104,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "loop (an attack step) and the bytes they read and write, by kind and by what they "
                            "compute, and the whole program's sums")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  # The measuring process's: where XLA writes the optimized modules --kernels reads (`_run_for_target`).
+  parser.add_argument("--hlo-dump", default=None, help=argparse.SUPPRESS)
 
 
 def _defaults(args: argparse.Namespace) -> tuple[str, int]:
@@ -206,7 +208,14 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
   print(f"compile: CLIP {preset}{_options(args)}, batch {batch}, {dtype}, programs {','.join(programs)}, compiled on "
         f"{common.device_summary()} for {target.description} ({_deviceless(args.target)}, nothing run); "
         "in a fresh process")
-  result = _worker(args, preset, batch, programs, "0", dict(os.environ))
+  environment = dict(os.environ)
+  with tempfile.TemporaryDirectory() as dump:
+    if args.kernels and cross_compile.backend(args.target) == "tpu":
+      # The kernels of the module XLA:TPU runs, which `as_text()` does not give (`cross_compile.final_module`);
+      # on a GPU it is the same module, and the compile seconds there stay free of the dump's writing.
+      environment["XLA_FLAGS"] = f"{environment.get('XLA_FLAGS', '')} {cross_compile.dump_flags(dump)}".strip()
+      args.hlo_dump = dump
+    result = _worker(args, preset, batch, programs, "0", environment)
   print("cold: " + ", ".join(f"{p} {result[p]:.2f} s ({result[p + '_cpu']:.2f} CPU s{_phases(result, p)})"
                              for p in programs), flush=True)
   if args.kernels:
@@ -292,6 +301,8 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
     command += ["--target", args.target]
   if args.kernels:
     command.append("--kernels")
+  if getattr(args, "hlo_dump", None):
+    command += ["--hlo-dump", args.hlo_dump]
   env = dict(base_env, MAT_JAX_COMPILATION_CACHE=cache)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # it would win over the directory under test
   proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -397,7 +408,7 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
     if target_mesh:
       host_batch, meta = mat_batch(size, batch, tokenizer, max_targets=8, top_k=10)
       out["mat_step"] = _lower_and_compile(lambda: lower_mat_step(encoder, params, meta, host_batch, target_mesh),
-                                           details, "mat_step", args.kernels)
+                                           details, "mat_step", args.kernels, args.hlo_dump)
     else:
       out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), details,
                                             "mat_step")
@@ -410,7 +421,7 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
       abstract = functools.partial(_abstract, sharding=whole)
       out["pgd"] = _lower_and_compile(lambda: attack.lower(
           jax.tree.map(abstract, params), *(_abstract(x, rows) for x in (images, ids, mask)),
-          abstract(jax.random.key(0))), details, "pgd", args.kernels)
+          abstract(jax.random.key(0))), details, "pgd", args.kernels, args.hlo_dump)
     else:
       out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
           encoder, params, images, ids, mask, jax.random.key(0), **_BUDGET), details, "pgd")
@@ -428,14 +439,15 @@ def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
-def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False) -> float:
+def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False, dump: str | None = None) -> float:
   """Seconds to lower a program (`lower()`: tracing and lowering) and compile it for its devices, as the
   first call of `_first_minus_steady` counts them, nothing run: for compile-only devices. The phases go to
   details[f"{name}_{phase}"], the compilation's CPU seconds in this process to details[f"{name}_cpu"]
   (XLA:GPU runs `ptxas` in processes of its own, which are not counted there); with `kernels`, the kernels
   of its heaviest loop and of the whole program (`cross_compile.loop_traffic`, after the timing) to
   details[f"{name}_kernels"] and details[f"{name}_program_kernels"], and the loop's heaviest groups of
-  kernels that compute the same thing to details[f"{name}_sources"]."""
+  kernels that compute the same thing to details[f"{name}_sources"], read from the module XLA wrote into
+  `dump` where it wrote one (`cross_compile.final_module`)."""
   with _recording_phases() as phases:
     start = time.perf_counter()
     lowered = lower()
@@ -447,7 +459,7 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False) -
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
   details[f"{name}_cpu"] = end_cpu - compiling_cpu
   if kernels:
-    text = compiled.as_text()
+    text = compiled.as_text() if dump is None else cross_compile.final_module(dump, compiled.as_text())
     details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in cross_compile.loop_traffic(text)]
     details[f"{name}_program_kernels"] = [dataclasses.astuple(g)
                                           for g in cross_compile.loop_traffic(text, whole_program=True)]

@@ -112,6 +112,22 @@ def prepare_environment(name: str, environ) -> None:
     environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def dump_flags(directory: str | Path) -> str:
+  """The XLA_FLAGS that make XLA write each program's optimized module as text into `directory`, where
+  `final_module` finds it."""
+  return f"--xla_dump_to={directory} --xla_dump_hlo_as_text"
+
+
+def final_module(directory: str | Path, hlo_text: str) -> str:
+  """The optimized module XLA wrote into `directory` (`dump_flags`) for the program whose module
+  `hlo_text` is (`compiled.as_text()`), found by its name; `hlo_text` itself when XLA wrote none. On a
+  TPU, `as_text()` gives the module before XLA:TPU's last passes, which turn slices that fill the core's
+  on-chip memory into asynchronous ones: the dump is the program the chip runs."""
+  name = re.match(r"HloModule ([\w.\-]+)", hlo_text)
+  files = sorted(Path(directory).glob(f"module_*.{name.group(1)}.*after_optimizations.txt")) if name else []
+  return files[-1].read_text() if files else hlo_text
+
+
 def target_config(target: GPUTarget) -> str:
   """The device's description as XLA's GpuTargetConfig text proto, which the CUDA plugin reads."""
   major, minor = target.compute_capability
@@ -207,27 +223,53 @@ def compile_modules(directory: str | Path, name: str) -> list[tuple[str, float |
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+# An array of a shape text: dtype, dims and (optional) layout, whose S(n) names a memory space other than the
+# device's main memory: XLA:TPU's S(1) is the core's vector memory (VMEM), S(2) its scalar memory (SMEM).
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z\-]*)\((.*)$")
 # The instructions of an optimized module that run a kernel (a dynamic slice XLA left unfused is a copy; a
-# TPU's asynchronous copy starts with copy-start).
-_LAUNCHES = ("fusion", "custom-call", "copy", "copy-start", "dynamic-slice", "dynamic-update-slice")
+# TPU's asynchronous copy starts with copy-start, its asynchronous slices with async-start).
+_LAUNCHES = ("fusion", "custom-call", "copy", "copy-start", "async-start", "dynamic-slice", "dynamic-update-slice")
 
 
-def _array_bytes(shape: str) -> int:
-  """Bytes of the arrays a shape text names (a tuple's too)."""
-  return _bytes(_ARRAY.findall(shape))
+def _in_device_memory(layout: str) -> bool:
+  """Whether an array of this layout text lives in the device's main memory (HBM), whose bytes a kernel's
+  reads and writes move: not in an on-chip memory space (S(n), n > 0; a TPU's VMEM and SMEM)."""
+  space = re.search(r"S\((\d+)\)", layout)
+  return space is None or space.group(1) == "0"
 
 
-def _bytes(arrays: list[tuple[str, str]]) -> int:
+def _array_bytes(shape: str, *, on_chip_too: bool = False) -> int:
+  """Bytes of the arrays a shape text names (a tuple's too) in the device's main memory; all of them with
+  `on_chip_too`."""
+  return _bytes(_ARRAY.findall(shape), on_chip_too=on_chip_too)
+
+
+def _bytes(arrays: list[tuple[str, str, str]], *, on_chip_too: bool = False) -> int:
   return sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-             for dtype, dims in arrays)
+             for dtype, dims, layout in arrays if on_chip_too or _in_device_memory(layout))
 
 
-def _result_arrays(shape: str, op: str) -> list[tuple[str, str]]:
-  """The (dtype, dims) of the arrays a kernel's result holds: a library call's (cuBLAS's, cuDNN's) result
-  tuple ends with its workspace, an s8/u8 array of scratch space (4 MiB for each cuBLAS call), not data."""
+def _tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape's text: "(a, (b, c), d)" -> ["a", "(b, c)", "d"]; a shape that
+  is no tuple is its own one element."""
+  shape = shape.strip()
+  if not shape.startswith("("):
+    return [shape]
+  elements, depth, start = [], 0, 1
+  for i, character in enumerate(shape[1:-1], start=1):
+    depth += (character in "([{") - (character in ")]}")
+    if character == "," and depth == 0:
+      elements.append(shape[start:i].strip())
+      start = i + 1
+  return [*elements, shape[start:-1].strip()]
+
+
+def _result_arrays(shape: str, op: str) -> list[tuple[str, str, str]]:
+  """The (dtype, dims, layout) of the arrays a kernel's result holds: a library call's (cuBLAS's, cuDNN's)
+  result tuple ends with its workspace, an s8/u8 array of scratch space (4 MiB for each cuBLAS call), not
+  data."""
   arrays = _ARRAY.findall(shape)
   if op == "custom-call" and shape.startswith("(") and arrays and arrays[-1][0] in ("s8", "u8"):
     return arrays[:-1]
@@ -245,6 +287,8 @@ def _kernel_kind(name: str, op: str, line: str) -> str:
     return "matmuls (cuBLAS)" if "cublas" in target else f"custom call {target}"
   if op in ("copy", "copy-start"):
     return "copies"
+  if op == "async-start":  # XLA:TPU's asynchronous slices into on-chip memory, named after what they do
+    return {"slice-start": "slicing", "dynamic-slice-start": "dynamic slicing"}.get(name.split(".")[0], "copies")
   if op.startswith("dynamic") or name.startswith(("loop_dynamic_slice", "loop_dynamic_update_slice")):
     return "dynamic slicing"
   backend_kind = re.search(r'"kind":"(__[\w]+)"', line)
@@ -266,7 +310,9 @@ def _kernel_source(shape: str, op: str, line: str) -> str:
   result's arrays (two at most), e.g. "backward add_any bf16[256,198,3072]"."""
   op_name = re.search(r'op_name="([^"]*)"', line)
   path = op_name.group(1) if op_name else ""
-  arrays = [f"{dtype}[{dims}]" for dtype, dims in _result_arrays(shape, op)]
+  if op == "async-start":  # ((operands), destination, context): what it makes is the destination
+    shape = _tuple_elements(shape)[1]
+  arrays = [f"{dtype}[{dims}]" for dtype, dims, _ in _result_arrays(shape, op)]
   result = ", ".join(arrays[:2]) + (", ..." if len(arrays) > 2 else "")
   operation = path.rsplit("/", 1)[-1] or "(no operation named)"
   return f"{'backward ' if 'transpose(' in path else ''}{operation} {result}"
@@ -285,12 +331,15 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
   program's outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has
   none, or with `whole_program`), grouped by kind, most bytes first. Loops inside it count as often as they
   run where that is known (a scanned tower's blocks; `trip_count`), a conditional as its heaviest branch.
-  Each kernel's operands and result count once, a lower bound of the memory it moves (a fusion may read an
-  operand more than once; a matmul's operands come in through its caches; a dynamic slice moves its
-  slice, an update in place its update). A kernel's kind follows XLA's naming: matmuls, cuDNN's attention,
-  Triton's normalisation fusions, XLA's padding, slicing, dynamic slicing (a scan's stacked layers),
-  reduction and elementwise fusions; on a TPU, the fusions around each matmul (which take in much of the
-  elementwise work) and asynchronous copies. With `by_source`, each kind's kernels are grouped further by
+  Each kernel's operands and result in the device's main memory count once, a lower bound of the memory it
+  moves (a fusion may read an operand more than once; a matmul's operands come in through its caches; a
+  dynamic slice moves its slice, an update in place its update). XLA:TPU keeps many arrays in the core's
+  on-chip memory (VMEM, S(1) in their layouts): a kernel's reads and writes there move no main-memory bytes,
+  and the asynchronous copies and slices that fill and empty it move what they read from or write to main
+  memory once. A kernel's kind follows XLA's naming: matmuls, cuDNN's attention, Triton's normalisation
+  fusions, XLA's padding, slicing, dynamic slicing (a scan's stacked layers), reduction and elementwise
+  fusions; on a TPU, the fusions around each matmul (which take in much of the elementwise work),
+  asynchronous copies and slices. With `by_source`, each kind's kernels are grouped further by
   what they compute (`_kernel_source`: the same JAX operation, direction and result shape), which tells
   e.g. a GELU's backward pass from a bias's addition among the elementwise kernels."""
   # Each computation's instructions, {name: (shape, op, operands, the whole line)}, and its root's name.
@@ -333,14 +382,21 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
       if op in _LAUNCHES and 'custom_call_target="AllocateBuffer"' not in line:  # XLA:TPU's: moves nothing
         result = _bytes(_result_arrays(shape, op))
         inputs = [_array_bytes(defined[o][0]) for o in _operand_names(operands) if o in defined]
+        in_memory = [_array_bytes(defined[o][0], on_chip_too=True) > 0 and _array_bytes(defined[o][0]) > 0
+                     for o in _operand_names(operands) if o in defined]
         if op == "fusion" and called(line) in computations:
-          moved = fusion_bytes(called(line), inputs, result)
+          moved = fusion_bytes(called(line), inputs, shape)
         elif op == "dynamic-update-slice":  # in place: the update (and the indices) read, the update written
-          moved = 2 * sum(inputs[1:])
+          update = _array_bytes(defined[_operand_names(operands)[1]][0], on_chip_too=True)
+          moved = sum(inputs[1:]) + (update if result else 0)
         elif op == "dynamic-slice":  # a slice read out of a larger array, and written
-          moved = 2 * result
+          moved = (_array_bytes(shape, on_chip_too=True) if in_memory[:1] == [True] else 0) + result
         elif op == "copy-start":  # its result is (destination, source, context): the copy moves its operand
-          moved = 2 * sum(inputs)
+          moved = sum(inputs) + _array_bytes(_tuple_elements(shape)[0])
+        elif op == "async-start":  # ((operands), destination, context): a slice of its operand, copied
+          destination = _tuple_elements(shape)[1]
+          moved = (_array_bytes(destination, on_chip_too=True) if any(in_memory) else 0) + \
+              _array_bytes(destination)
         else:
           moved = result + sum(inputs)
         source = _kernel_source(shape, op, line) if by_source else ""
@@ -393,18 +449,19 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
     nested = called(line) if op == "fusion" else None
     return bytes_written(nested, roots.get(nested)) if nested in computations else None
 
-  def fusion_bytes(fused: str, inputs: list[int], result: int) -> int:
-    """What a fusion reads and writes, from its fused computation: an operand it only slices (a scan's
-    stacked layers) by its slices, and an operand its result updates in place (a stacked residual) by the
-    update, neither whole. `inputs` are its operands' bytes, `result` its result's."""
+  def fusion_bytes(fused: str, inputs: list[int], shape: str) -> int:
+    """What a fusion reads and writes in the device's main memory, from its fused computation: an operand
+    it only slices (a scan's stacked layers) by its slices, and an operand its result updates in place (a
+    stacked residual) by the update, neither whole; an operand or result in on-chip memory not at all.
+    `inputs` are its operands' bytes in main memory, `shape` its result's shape text."""
     defined, root = computations[fused], roots.get(fused)
-    reads = [inputs[k] if (part := bytes_read(fused, k)) is None else part for k in range(len(inputs))]
-    if root is not None and defined[root][1] == "tuple":  # several results, each perhaps updated in place
-      written = sum(_array_bytes(defined[output][0]) if (update := bytes_written(fused, output)) is None
-                    else update for output in _operand_names(defined[root][2]))
-    else:
-      update = bytes_written(fused, root) if root is not None else None
-      written = result if update is None else update
+    reads = [0 if not inputs[k] else inputs[k] if (part := bytes_read(fused, k)) is None else part
+             for k in range(len(inputs))]
+    # Each result's bytes, from the fusion's own shape (its memory spaces), or its update where in place.
+    results = _tuple_elements(shape) if root is not None and defined[root][1] == "tuple" else [shape]
+    outputs = _operand_names(defined[root][2]) if len(results) > 1 else [root]
+    written = sum(0 if not _array_bytes(result) else _array_bytes(result) if (update := bytes_written(fused, output))
+                  is None else update for result, output in zip(results, outputs, strict=True))
     return written + sum(reads)
 
   def trip_count(line: str) -> int:
