@@ -301,7 +301,7 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
     command += ["--target", args.target]
   if args.kernels:
     command.append("--kernels")
-  if getattr(args, "hlo_dump", None):
+  if args.hlo_dump:
     command += ["--hlo-dump", args.hlo_dump]
   env = dict(base_env, MAT_JAX_COMPILATION_CACHE=cache)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # it would win over the directory under test

@@ -382,8 +382,7 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
       if op in _LAUNCHES and 'custom_call_target="AllocateBuffer"' not in line:  # XLA:TPU's: moves nothing
         result = _bytes(_result_arrays(shape, op))
         inputs = [_array_bytes(defined[o][0]) for o in _operand_names(operands) if o in defined]
-        in_memory = [_array_bytes(defined[o][0], on_chip_too=True) > 0 and _array_bytes(defined[o][0]) > 0
-                     for o in _operand_names(operands) if o in defined]
+        in_memory = [size > 0 for size in inputs]  # which operands lie (not empty) in main memory
         if op == "fusion" and called(line) in computations:
           moved = fusion_bytes(called(line), inputs, shape)
         elif op == "dynamic-update-slice":  # in place: the update (and the indices) read, the update written
