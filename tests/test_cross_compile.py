@@ -416,6 +416,58 @@ metadata={op_name="jit(step)/transpose(jvp(block))/add_any" scheduling_name="gra
   assert {kind: tuple(total) for kind, total in summed.items()} == by_kind
 
 
+def test_unfused_work_static_slices_and_updates_that_are_not_results():
+  """Every instruction but bookkeeping launches a kernel (XLA:TPU leaves reshapes that re-tile unfused); a
+  fusion reads only the static slice it takes of an operand; an update in place reads nothing of its operand
+  only when it is the fusion's result; a TPU's buffers joined by a bitcast move nothing; a GPU's asynchronous
+  work on another stream counts as the kernels it runs."""
+  module = """HloModule jit_step
+
+%half (p0: bf16[8,256]) -> bf16[8,128] {
+  %p0 = bf16[8,256]{1,0} parameter(0)
+  ROOT %s = bf16[8,128]{1,0} slice(%p0), slice={[0:8], [0:128]}
+}
+
+%updated_then_summed (p0: f32[64,64], p1: f32[1,64], p2: s32[]) -> f32[64] {
+  %p0 = f32[64,64]{1,0} parameter(0)
+  %p1 = f32[1,64]{1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %dus = f32[64,64]{1,0} dynamic-update-slice(%p0, %p1, %p2, %p2)
+  %zero = f32[] constant(0)
+  ROOT %sum = f32[64]{0} reduce(%dus, %zero), dimensions={0}, to_apply=%half
+}
+
+%negated (q: bf16[8,128]) -> bf16[8,128] {
+  %q = bf16[8,128]{1,0} parameter(0)
+  ROOT %n = bf16[8,128]{1,0} negate(%q)
+}
+
+%on_another_stream (r: bf16[8,128]) -> bf16[8,128] {
+  %r = bf16[8,128]{1,0} parameter(0)
+  ROOT %f = bf16[8,128]{1,0} fusion(%r), kind=kLoop, calls=%negated
+}
+
+ENTRY %main (a: bf16[8,256], b: f32[64,64], c: f32[1,64], i: s32[]) -> (bf16[2,4,128], f32[64], bf16[8,128]) {
+  %a = bf16[8,256]{1,0} parameter(0)
+  %b = f32[64,64]{1,0} parameter(1)
+  %c = f32[1,64]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %sliced = bf16[8,128]{1,0} fusion(%a), kind=kLoop, calls=%half
+  %retiled = bf16[2,4,128]{2,1,0} reshape(%sliced)
+  %summed = f32[64]{0} fusion(%b, %c, %i), kind=kInput, calls=%updated_then_summed
+  %joined = bf16[8,128]{1,0} custom-call(%sliced), custom_call_target="ConcatBitcast"
+  %start = ((bf16[8,128]{1,0}), bf16[8,128]{1,0}, s32[]) async-start(%joined), calls=%on_another_stream
+  %done = bf16[8,128]{1,0} async-done(%start)
+  ROOT %out = (bf16[2,4,128]{2,1,0}, f32[64]{0}, bf16[8,128]{1,0}) tuple(%retiled, %summed, %done)
+}
+"""
+  half, square = 8 * 128 * 2, 64 * 64 * 4
+  groups = {g.kind: (g.kernels, g.bytes) for g in cross_compile.loop_traffic(module)}
+  assert groups == {"elementwise": (2, 2 * half + 2 * half),          # the slice's half read and written; the
+                    "copies": (1, 2 * half),                          # negation on another stream
+                    "reductions": (1, square + 64 * 4 + 4 + 64 * 4)}  # the updated operand read whole
+
+
 def test_a_library_calls_workspace_is_not_counted():
   """cuBLAS's result tuple ends with 4 MiB of scratch space: the call moves its operands and its product."""
   module = """HloModule jit_step

@@ -228,9 +228,14 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, 
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z\-]*)\((.*)$")
-# The instructions of an optimized module that run a kernel (a dynamic slice XLA left unfused is a copy; a
-# TPU's asynchronous copy starts with copy-start, its asynchronous slices with async-start).
-_LAUNCHES = ("fusion", "custom-call", "copy", "copy-start", "async-start", "dynamic-slice", "dynamic-update-slice")
+# The instructions of an optimized module that launch no kernel: bookkeeping, and the control flow whose
+# computations are followed instead (the ends of asynchronous work, `*-done`, neither: counted at their
+# starts). Every other instruction runs one: a fusion, a library call, and what XLA left unfused (XLA:TPU
+# leaves reshapes that re-tile, converts, slices...).
+_NO_KERNEL = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "add-dependency",
+              "opt-barrier", "partition-id", "replica-id", "domain", "while", "conditional", "call")
+# XLA:TPU's custom calls that move nothing: a buffer's allocation, buffers joined by a bitcast.
+_NO_KERNEL_TARGETS = ("AllocateBuffer", "ConcatBitcast")
 
 
 def _in_device_memory(layout: str) -> bool:
@@ -285,8 +290,10 @@ def _kernel_kind(name: str, op: str, line: str) -> str:
     if "cudnn$fmha" in target:
       return "attention (cuDNN)"
     return "matmuls (cuBLAS)" if "cublas" in target else f"custom call {target}"
-  if op in ("copy", "copy-start"):
+  if op in ("copy", "copy-start", "reshape", "transpose"):  # a layout's change (XLA:TPU's re-tiling) is a copy
     return "copies"
+  if op == "slice":
+    return "slicing"
   if op == "async-start":  # XLA:TPU's asynchronous slices into on-chip memory, named after what they do
     return {"slice-start": "slicing", "dynamic-slice-start": "dynamic slicing"}.get(name.split(".")[0], "copies")
   if op.startswith("dynamic") or name.startswith(("loop_dynamic_slice", "loop_dynamic_update_slice")):
@@ -333,7 +340,7 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
   run where that is known (a scanned tower's blocks; `trip_count`), a conditional as its heaviest branch.
   Each kernel's operands and result in the device's main memory count once, a lower bound of the memory it
   moves (a fusion may read an operand more than once; a matmul's operands come in through its caches; a
-  dynamic slice moves its slice, an update in place its update). XLA:TPU keeps many arrays in the core's
+  slice moves its slice, an update in place of a result its update). XLA:TPU keeps many arrays in the core's
   on-chip memory (VMEM, S(1) in their layouts): a kernel's reads and writes there move no main-memory bytes,
   and the asynchronous copies and slices that fill and empty it move what they read from or write to main
   memory once. A kernel's kind follows XLA's naming: matmuls, cuDNN's attention, Triton's normalisation
@@ -379,7 +386,19 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
         group[0] += n * times
         group[1] += moved * times
     for instruction, (shape, op, operands, line) in defined.items():
-      if op in _LAUNCHES and 'custom_call_target="AllocateBuffer"' not in line:  # XLA:TPU's: moves nothing
+      if op == "while":
+        add(kernels(called(line, "body")), trip_count(line))
+      elif op == "conditional":
+        branches = _operand_names((re.search(r"branch_computations=\{([^}]*)\}", line) or
+                                   re.search(r"(true_computation=.*)", line)).group(1))
+        branch_kernels = [kernels(b) for b in branches if b in computations]
+        add(max(branch_kernels, key=total_bytes, default={}))
+      elif op == "call":
+        add(kernels(called(line, "to_apply")))
+      elif op == "async-start" and not copies_a_slice(called(line)):  # work on another stream: its kernels
+        add(kernels(called(line)))
+      elif op not in _NO_KERNEL and not op.endswith("-done") and not any(
+          f'custom_call_target="{target}"' in line for target in _NO_KERNEL_TARGETS):
         result = _bytes(_result_arrays(shape, op))
         inputs = [_array_bytes(defined[o][0]) for o in _operand_names(operands) if o in defined]
         in_memory = [size > 0 for size in inputs]  # which operands lie (not empty) in main memory
@@ -388,7 +407,7 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
         elif op == "dynamic-update-slice":  # in place: the update (and the indices) read, the update written
           update = _array_bytes(defined[_operand_names(operands)[1]][0], on_chip_too=True)
           moved = sum(inputs[1:]) + (update if result else 0)
-        elif op == "dynamic-slice":  # a slice read out of a larger array, and written
+        elif op in ("slice", "dynamic-slice"):  # a slice read out of a larger array, and written
           moved = (_array_bytes(shape, on_chip_too=True) if in_memory[:1] == [True] else 0) + result
         elif op == "copy-start":  # its result is (destination, source, context): the copy moves its operand
           moved = sum(inputs) + _array_bytes(_tuple_elements(shape)[0])
@@ -400,16 +419,20 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
           moved = result + sum(inputs)
         source = _kernel_source(shape, op, line) if by_source else ""
         add({(_kernel_kind(instruction, op, line), source): [1, moved]})
-      elif op == "while":
-        add(kernels(called(line, "body")), trip_count(line))
-      elif op == "conditional":
-        branches = _operand_names((re.search(r"branch_computations=\{([^}]*)\}", line) or
-                                   re.search(r"(true_computation=.*)", line)).group(1))
-        branch_kernels = [kernels(b) for b in branches if b in computations]
-        add(max(branch_kernels, key=total_bytes, default={}))
-      elif op == "call":
-        add(kernels(called(line, "to_apply")))
     return groups
+
+  def outputs(fused: str) -> list[str]:
+    """The instructions whose values a fused computation returns: its root, or the elements of its root
+    tuple."""
+    root = roots.get(fused)
+    defined = instructions(fused)
+    return _operand_names(defined[root][2]) if root in defined and defined[root][1] == "tuple" else [root]
+
+  def copies_a_slice(computation: str | None) -> bool:
+    """Whether an asynchronous computation slices its operand (XLA:TPU's asynchronous slices into on-chip
+    memory) rather than running other work on another stream."""
+    root = roots.get(computation)
+    return instructions(computation).get(root, ("", ""))[1] in ("slice", "dynamic-slice")
 
   def parameter_names(defined) -> dict[int, str]:
     return {int(re.match(r"(\d+)", rest).group(1)): name for name, (_, op, rest, _) in defined.items()
@@ -427,9 +450,13 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
       names = _operand_names(operands)
       if other == name or name not in names:
         continue
-      if op in ("dynamic-slice", "dynamic-update-slice") and names[0] == name and names.count(name) == 1:
-        total += _array_bytes(shape) if op == "dynamic-slice" else 0  # an update in place reads nothing
+      # Sizes as the fused computation's own shapes give them: XLA:TPU marks them with on-chip memory
+      # spaces that say nothing of where the operand lies (the fusion's operand says that).
+      if op in ("slice", "dynamic-slice") and names[0] == name and names.count(name) == 1:
+        total += _array_bytes(shape, on_chip_too=True)  # the slice read
         continue
+      if op == "dynamic-update-slice" and names[0] == name and names.count(name) == 1 and other in outputs(fused):
+        continue  # updated in place, the fusion's result: nothing of it read
       nested = called(line) if op == "fusion" else None
       inner = [bytes_read(nested, k) for k, n in enumerate(names) if n == name] if nested else [None]
       if None in inner:
@@ -444,7 +471,7 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
     shape, op, operands, line = defined.get(output, ("", "", "", ""))
     names = _operand_names(operands)
     if op == "dynamic-update-slice" and names and names[0] in parameter_names(defined).values():
-      return _array_bytes(defined.get(names[1], ("",))[0])
+      return _array_bytes(defined.get(names[1], ("",))[0], on_chip_too=True)
     nested = called(line) if op == "fusion" else None
     return bytes_written(nested, roots.get(nested)) if nested in computations else None
 
@@ -458,9 +485,8 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
              for k in range(len(inputs))]
     # Each result's bytes, from the fusion's own shape (its memory spaces), or its update where in place.
     results = _tuple_elements(shape) if root is not None and defined[root][1] == "tuple" else [shape]
-    outputs = _operand_names(defined[root][2]) if len(results) > 1 else [root]
     written = sum(0 if not _array_bytes(result) else _array_bytes(result) if (update := bytes_written(fused, output))
-                  is None else update for result, output in zip(results, outputs, strict=True))
+                  is None else update for result, output in zip(results, outputs(fused), strict=True))
     return written + sum(reads)
 
   def trip_count(line: str) -> int:
