@@ -209,13 +209,13 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
         f"{common.device_summary()} for {target.description} ({_deviceless(args.target)}, nothing run); "
         "in a fresh process")
   environment = dict(os.environ)
-  with tempfile.TemporaryDirectory() as dump:
-    if args.kernels and cross_compile.backend(args.target) == "tpu":
-      # The kernels of the module XLA:TPU runs, which `as_text()` does not give (`cross_compile.final_module`);
-      # on a GPU it is the same module, and the compile seconds there stay free of the dump's writing.
+  # The kernels of the module XLA:TPU runs, which `as_text()` does not give (`cross_compile.final_module`); on
+  # a GPU it is the same module, and the compile seconds there stay free of the dump's writing.
+  dumping = args.kernels and cross_compile.backend(args.target) == "tpu"
+  with tempfile.TemporaryDirectory() if dumping else contextlib.nullcontext() as dump:
+    if dump:
       environment["XLA_FLAGS"] = f"{environment.get('XLA_FLAGS', '')} {cross_compile.dump_flags(dump)}".strip()
-      args.hlo_dump = dump
-    result = _worker(args, preset, batch, programs, "0", environment)
+    result = _worker(args, preset, batch, programs, "0", environment, hlo_dump=dump)
   print("cold: " + ", ".join(f"{p} {result[p]:.2f} s ({result[p + '_cpu']:.2f} CPU s{_phases(result, p)})"
                              for p in programs), flush=True)
   if args.kernels:
@@ -288,8 +288,9 @@ def _phases(result: dict, program: str) -> str:
 
 
 def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[str], cache: str,
-            base_env: dict[str, str]) -> dict:
-  """Run the measurement in a new process with `base_env` and `cache` as its persistent compilation cache."""
+            base_env: dict[str, str], hlo_dump: str | None = None) -> dict:
+  """Run the measurement in a new process with `base_env` and `cache` as its persistent compilation cache
+  (and `hlo_dump`, where `base_env`'s XLA_FLAGS make XLA write the modules `--kernels` reads)."""
   command = [sys.executable, "-m", "mat_jax.bench", "compile", "--worker", "--preset", preset,
              "--batch", str(batch), "--programs", ",".join(programs)]
   command += ["--dtype", args.dtype]
@@ -301,8 +302,8 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
     command += ["--target", args.target]
   if args.kernels:
     command.append("--kernels")
-  if args.hlo_dump:
-    command += ["--hlo-dump", args.hlo_dump]
+  if hlo_dump:
+    command += ["--hlo-dump", hlo_dump]
   env = dict(base_env, MAT_JAX_COMPILATION_CACHE=cache)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # it would win over the directory under test
   proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)

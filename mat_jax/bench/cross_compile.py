@@ -219,7 +219,7 @@ def compile_modules(directory: str | Path, name: str) -> list[tuple[str, float |
 
 
 # ----------------------------------------------------------------------------------------------------
-# The kernels of a compiled GPU program.
+# The kernels of a compiled GPU or TPU program.
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
@@ -485,8 +485,11 @@ def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = F
              for k in range(len(inputs))]
     # Each result's bytes, from the fusion's own shape (its memory spaces), or its update where in place.
     results = _tuple_elements(shape) if root is not None and defined[root][1] == "tuple" else [shape]
-    written = sum(0 if not _array_bytes(result) else _array_bytes(result) if (update := bytes_written(fused, output))
-                  is None else update for result, output in zip(results, outputs(fused), strict=True))
+    written = 0
+    for result, output in zip(results, outputs(fused), strict=True):
+      if _array_bytes(result):  # a result in on-chip memory writes no main memory
+        update = bytes_written(fused, output)
+        written += _array_bytes(result) if update is None else update
     return written + sum(reads)
 
   def trip_count(line: str) -> int:
