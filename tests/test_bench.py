@@ -395,6 +395,62 @@ def test_bench_compile_splits_a_first_call_into_tracing_lowering_and_xla():
   assert bench_compile._phases({"probe": 1.0, "probe_cpu": 1.0}, "probe") == ""
 
 
+def test_bench_compile_passes_reads_xlas_own_events_from_a_profile_of_the_first_call():
+  """--passes: the profiler's events within a first call, XLA's compile among them (XLA:CPU compiles on a
+  thread pool of its own), JAX's traced functions left out."""
+  from mat_jax.bench import compile as bench_compile
+
+  details = {}
+  program = jax.jit(lambda x: jnp.cos(x) * 2.25 - jnp.arange(7.0))  # a constant no other test compiles
+  bench_compile._first_minus_steady(lambda: program(jnp.ones(7)), details, "probe", passes=True)
+  events = details["probe_passes"]
+  assert 0 < len(events) <= bench_compile.HEAVIEST_PASSES
+  assert [row[4] for row in events] == sorted((row[4] for row in events), reverse=True)
+  assert any("Compile" in name and thread != "python" for name, thread, *_ in events), events
+  assert not any(name.startswith(("PjitFunction(", "$")) for name, *_ in events)
+  details = {}
+  bench_compile._first_minus_steady(lambda: program(jnp.ones(7)), details, "probe")
+  assert "probe_passes" not in details
+
+
+def test_bench_compile_passes_sums_a_pools_threads_into_one_row():
+  from types import SimpleNamespace as Namespace
+
+  from mat_jax.bench import compile as bench_compile
+
+  def event(name, seconds):
+    return Namespace(name=name, duration_ns=int(seconds * 1e9))
+
+  profile = Namespace(planes=[Namespace(name="/host:CPU", lines=[
+      Namespace(name="python", events=[event("backend_compile_and_load", 5.0), event("PjitFunction(add)", 9.0),
+                                       event("priority-fusion", 1.5), event("priority-fusion", 0.5)]),
+      Namespace(name="tf_/-8821", events=[event("PTX->CUBIN", 1.25)]),
+      Namespace(name="tf_/1734", events=[event("PTX->CUBIN", 1.5), event("ThreadpoolListener::Record", 7.0)]),
+      Namespace(name="futex-default-SDomainT/6161", events=[event("XLA::TPU emitting for fusion.9", 3.0)])])])
+  assert bench_compile._longest_events(profile) == [
+      ["backend_compile_and_load", "python", 1, 1, 5.0], ["XLA::TPU emitting for fusion.9", "futex-default-SDomainT", 1,
+                                                          1, 3.0],
+      ["PTX->CUBIN", "unnamed pool", 2, 2, 2.75], ["priority-fusion", "python", 1, 2, 2.0]]
+
+
+def test_bench_compile_passes_asks_the_measuring_process_and_prints_its_events(tmp_path, monkeypatch, capsys):
+  from mat_jax.bench import compile as bench_compile
+
+  commands = []
+
+  def fake_run(command, env, **kwargs):
+    commands.append(command)
+    result = {"pgd": 2.0, "pgd_cpu": 1.0, "pgd_passes": [["priority-fusion", "python", 1, 13, 1.36]]}
+    return subprocess.CompletedProcess(command, 0, stdout=bench_compile._RESULT_PREFIX + json.dumps(result), stderr="")
+
+  monkeypatch.setattr(bench_compile.subprocess, "run", fake_run)
+  assert bench_compile.run(_compile_args("--cold-only", "--passes", "--cache-dir", str(tmp_path / "cache"))) == 0
+  out = capsys.readouterr().out
+  assert "--passes" in commands[0]
+  assert "pgd, cold: the 1 longest events XLA recorded in its first call" in out
+  assert "priority-fusion" in out and "1.36" in out
+
+
 def test_bench_compile_times_the_garbage_collectors_passes_within_a_first_call():
   import gc
 

@@ -531,15 +531,18 @@ def test_bench_compile_prints_the_kernels_of_an_attack_step():
   assert out.splitlines()[-1].startswith("compile: cold ")
 
 
-@pytest.mark.parametrize("target, device, compiler", [
-    pytest.param("h200", "NVIDIA H200", "XLA:GPU", marks=needs_plugin),
-    pytest.param("tpu-v5e", "TPU v5 lite", "XLA:TPU", marks=needs_libtpu)])
-def test_bench_compile_target_reports_xlas_seconds(target, device, compiler):
+@pytest.mark.parametrize("target, device, compiler, phase", [
+    pytest.param("h200", "NVIDIA H200", "XLA:GPU", "PTX->CUBIN", marks=needs_plugin),
+    pytest.param("tpu-v5e", "TPU v5 lite", "XLA:TPU", "XLA::TPU run backend", marks=needs_libtpu)])
+def test_bench_compile_target_reports_xlas_seconds_and_passes(target, device, compiler, phase):
   out = subprocess.run([sys.executable, "-m", "mat_jax.bench", "compile", "--target", target, "--preset", "tiny",
-                        "--batch", "2", "--programs", "pgd"], capture_output=True, text=True, check=True).stdout
+                        "--batch", "2", "--programs", "pgd", "--passes"], capture_output=True, text=True,
+                       check=True).stdout
   lines = out.splitlines()
   assert f"for {device} (deviceless {compiler}" in lines[0]
   assert lines[1].startswith("cold: pgd ") and f"{compiler} compile" in lines[1]
+  # --passes: the compiler's own phases, from the profile of the compilation.
+  assert "pgd, cold: the " in out and any(line.startswith(phase + " ") for line in lines), out
   assert lines[-1].startswith("compile: cold ") and float(lines[-1].split()[2]) > 0
 
 

@@ -21,7 +21,9 @@ prints their seconds by program. With `--kernels` it also prints, for each progr
 iteration of its heaviest loop launches (a PGD step) and the bytes they read and write, by kind and by
 what they compute (its heaviest groups: e.g. a GELU's backward pass, a bias's addition), and the whole
 program's sums (`cross_compile.loop_traffic`): what a change of the program does to the device's memory
-traffic.
+traffic. With `--passes` (any backend) it prints where each program's compilation went: the heaviest of the
+events XLA records for the profiler while it compiles (its pass pipelines and passes, fusion, LLVM, PTX to
+cubin, autotuning), read from a profile of that first call.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
 with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
@@ -38,11 +40,13 @@ import functools
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +74,8 @@ _BUDGET = {"eps": 2 / 255, "step_size": 0.5 / 255, "steps": 10}
 _RESULT_PREFIX = "compile-result: "
 # How many groups of kernels that compute the same thing `--kernels` lists, heaviest first.
 HEAVIEST_SOURCES = 12
+# How many of a compilation's profiler events `--passes` lists, longest first.
+HEAVIEST_PASSES = 24
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="with --target: also print the kernels of one iteration of each program's heaviest "
                            "loop (an attack step) and the bytes they read and write, by kind and by what they "
                            "compute, and the whole program's sums")
+  parser.add_argument("--passes", action="store_true",
+                      help="also print where each program's compilation went: the longest of the events XLA "
+                           "records for the profiler while compiling it (pass pipelines, passes, LLVM, PTX to cubin, "
+                           "autotuning), from a profile of its first call")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   # The measuring process's: where XLA writes the optimized modules --kernels reads (`_run_for_target`).
   parser.add_argument("--hlo-dump", default=None, help=argparse.SUPPRESS)
@@ -180,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
       print(f"{label}: " + ", ".join(f"{p} {runs[label][p]:.2f} s ({runs[label][p + '_cpu']:.2f} CPU s"
                                      f"{_phases(runs[label], p)}{_steady(runs[label], p)})" for p in programs)
             + f" (cache: {files} files)", flush=True)
+      _print_passes(runs[label], programs, label)
   cold = sum(runs["cold"][p] for p in programs)
   if args.cold_only:
     print(f"compile: cold {cold:.1f} s")
@@ -218,6 +229,7 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
     result = _worker(args, preset, batch, programs, "0", environment, hlo_dump=dump)
   print("cold: " + ", ".join(f"{p} {result[p]:.2f} s ({result[p + '_cpu']:.2f} CPU s{_phases(result, p)})"
                              for p in programs), flush=True)
+  _print_passes(result, programs, "cold")
   if args.kernels:
     bandwidth = target.memory_bandwidth
     for p in programs:
@@ -239,6 +251,17 @@ def _run_for_target(args: argparse.Namespace, programs: list[str]) -> int:
               f"({other / bandwidth * 1e3:.2f} ms)")
   print(f"compile: cold {sum(result[p] for p in programs):.1f} s")
   return 0
+
+
+def _print_passes(result: dict, programs: list[str], label: str) -> None:
+  """The table of each program's compile events that `--passes` measured (none: nothing printed)."""
+  for p in programs:
+    if f"{p}_passes" in result:
+      common.print_table(f"{p}, {label}: the {len(result[f'{p}_passes'])} longest events XLA recorded in its first "
+                         "call (an event's seconds include those of the events within it; on a pool of threads, "
+                         "summed over its threads; the call was profiled, which slows XLA:TPU's compilation by "
+                         "about half)", ["event", "thread", "threads", "count", "seconds"],
+                         result[f"{p}_passes"], left_columns=2)
 
 
 def _run_modules(args: argparse.Namespace) -> int:
@@ -302,6 +325,8 @@ def _worker(args: argparse.Namespace, preset: str, batch: int, programs: list[st
     command += ["--target", args.target]
   if args.kernels:
     command.append("--kernels")
+  if args.passes:
+    command.append("--passes")
   if hlo_dump:
     command += ["--hlo-dump", hlo_dump]
   env = dict(base_env, MAT_JAX_COMPILATION_CACHE=cache)
@@ -342,7 +367,52 @@ def _recording_phases() -> Iterator[dict[str, float]]:
     jax.monitoring.unregister_event_duration_listener(listen)
 
 
-def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
+@contextlib.contextmanager
+def _profiling(enabled: bool) -> Iterator[list[list]]:
+  """With `enabled`, the host events the profiler records within the context, by event and thread, longest
+  first (`HEAVIEST_PASSES` of them, [event, thread, threads, count, seconds] each), in the list it yields
+  once the context exits. XLA's compilers record their pass pipelines, passes and code generation as such
+  events; JAX's traced functions (PjitFunction(...)) are left out, as is the profiler's own bookkeeping.
+  Python's tracer stays off: its events would be as many as the interpreter's calls."""
+  events: list[list] = []
+  if not enabled:
+    yield events
+    return
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  with tempfile.TemporaryDirectory(prefix="mat_jax_passes_") as directory:
+    jax.profiler.start_trace(directory, profiler_options=options)
+    try:
+      yield events
+    finally:
+      jax.profiler.stop_trace()
+    traces = sorted(Path(directory).rglob("*.xplane.pb"))
+    if traces:
+      events.extend(_longest_events(jax.profiler.ProfileData.from_file(str(traces[-1]))))
+
+
+# A thread's number at the end of its name (`tf_<pool>/<id>`, `<pool>/<id>`): the threads of a pool share the rest.
+_THREAD_ID = re.compile(r"/-?\d+$")
+
+
+def _longest_events(profile) -> list[list]:
+  """A profile's host events summed by (event, thread pool): a pool's threads are one row, the seconds summed
+  over them; the longest `HEAVIEST_PASSES` rows."""
+  totals: dict[tuple[str, str], list] = {}  # (event, pool) -> [seconds, count, the threads' names]
+  for plane in profile.planes:
+    for line in plane.lines:
+      pool = _THREAD_ID.sub("", line.name.removeprefix("tf_")) or "unnamed pool"
+      for event in line.events:
+        if not event.name.startswith(("$", "PjitFunction(", "ThreadpoolListener::")):
+          total = totals.setdefault((event.name, pool), [0.0, 0, set()])
+          total[0] += event.duration_ns / 1e9
+          total[1] += 1
+          total[2].add(line.name)
+  longest = sorted(totals.items(), key=lambda item: -item[1][0])[:HEAVIEST_PASSES]
+  return [[name, pool, len(threads), count, seconds] for (name, pool), (seconds, count, threads) in longest]
+
+
+def _first_minus_steady(fn, details: dict[str, float], name: str, passes: bool = False) -> float:
   """Wall seconds of the first call beyond a steady one; the same in this process's CPU seconds goes to
   details[f"{name}_cpu"] (compilation is mostly one thread, so CPU seconds show it without other jobs'
   contention), the first call's seconds in each of `_PHASE_EVENTS` to details[f"{name}_{phase}"], the
@@ -360,13 +430,15 @@ def _first_minus_steady(fn, details: dict[str, float], name: str) -> float:
 
   gc.callbacks.append(collecting)
   try:
-    with _recording_phases() as phases:
+    with _recording_phases() as phases, _profiling(passes) as events:
       start, start_cpu = time.perf_counter(), time.process_time()
       common.block(fn())
       first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
   finally:
     gc.callbacks.remove(collecting)
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
+  if passes:
+    details[f"{name}_passes"] = events
   details.update({f"{name}_gc": collector["gc"], f"{name}_gc_full": collector["gc_full"]})
   start, start_cpu = time.perf_counter(), time.process_time()
   common.block(fn())
@@ -409,10 +481,10 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
     if target_mesh:
       host_batch, meta = mat_batch(size, batch, tokenizer, max_targets=8, top_k=10)
       out["mat_step"] = _lower_and_compile(lambda: lower_mat_step(encoder, params, meta, host_batch, target_mesh),
-                                           details, "mat_step", args.kernels, args.hlo_dump)
+                                           details, "mat_step", args.kernels, args.hlo_dump, args.passes)
     else:
       out["mat_step"] = _first_minus_steady(_mat_step(encoder, params, tokenizer, size, batch), details,
-                                            "mat_step")
+                                            "mat_step", args.passes)
   if "pgd" in programs:
     tokens = tokenizer([shapes.describe(s, rng) for s in scenes])
     ids, mask = jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask)
@@ -422,16 +494,16 @@ def _measure(args: argparse.Namespace, programs: list[str], target_mesh=None, co
       abstract = functools.partial(_abstract, sharding=whole)
       out["pgd"] = _lower_and_compile(lambda: attack.lower(
           jax.tree.map(abstract, params), *(_abstract(x, rows) for x in (images, ids, mask)),
-          abstract(jax.random.key(0))), details, "pgd", args.kernels, args.hlo_dump)
+          abstract(jax.random.key(0))), details, "pgd", args.kernels, args.hlo_dump, args.passes)
     else:
       out["pgd"] = _first_minus_steady(lambda: image_attacks.pgd_attack(
-          encoder, params, images, ids, mask, jax.random.key(0), **_BUDGET), details, "pgd")
+          encoder, params, images, ids, mask, jax.random.key(0), **_BUDGET), details, "pgd", args.passes)
   if "sga" in programs:
     k = 5
     captions = [c for s in scenes for c in shapes.captions(s, rng, k)]
     candidates = prepare_candidates(captions, tokenizer, LexiconSource(shapes.substitution_table()))
     out["sga"] = _first_minus_steady(lambda: multimodal.set_guidance_attack(
-        encoder, params, images, candidates, jax.random.key(0), **_BUDGET), details, "sga")
+        encoder, params, images, candidates, jax.random.key(0), **_BUDGET), details, "sga", args.passes)
   out.update(details)
   return out
 
@@ -440,7 +512,8 @@ def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
-def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False, dump: str | None = None) -> float:
+def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False, dump: str | None = None,
+                       passes: bool = False) -> float:
   """Seconds to lower a program (`lower()`: tracing and lowering) and compile it for its devices, as the
   first call of `_first_minus_steady` counts them, nothing run: for compile-only devices. The phases go to
   details[f"{name}_{phase}"], the compilation's CPU seconds in this process to details[f"{name}_cpu"]
@@ -448,13 +521,16 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False, d
   of its heaviest loop and of the whole program (`cross_compile.loop_traffic`, after the timing) to
   details[f"{name}_kernels"] and details[f"{name}_program_kernels"], and the loop's heaviest groups of
   kernels that compute the same thing to details[f"{name}_sources"], read from the module XLA wrote into
-  `dump` where it wrote one (`cross_compile.final_module`)."""
-  with _recording_phases() as phases:
+  `dump` where it wrote one (`cross_compile.final_module`); with `passes`, the compilation's longest profiler
+  events to details[f"{name}_passes"] (`_profiling`)."""
+  with _recording_phases() as phases, _profiling(passes) as events:
     start = time.perf_counter()
     lowered = lower()
     compiling, compiling_cpu = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
     end, end_cpu = time.perf_counter(), time.process_time()
+  if passes:
+    details[f"{name}_passes"] = events
   # A compile-only client's compilation may report no duration event of its own: its wall time is the phase.
   phases["xla"] = end - compiling
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
