@@ -28,3 +28,9 @@ def _check_installed_versions() -> None:
 
 
 _check_installed_versions()
+
+# `python -m mat_jax.<command>`: the run starts again with jemalloc or tcmalloc where installed (XLA compiles
+# faster with them), before anything heavy is imported; mat_jax imported by a program changes nothing.
+from mat_jax import allocator as _allocator  # noqa: E402
+
+_allocator.restart_with_allocator()
