@@ -2,7 +2,7 @@
 
 XLA's compilers allocate and free millions of small objects, and glibc's malloc is slow at that: with
 jemalloc preloaded, XLA compiles the same programs 12-18% faster on every backend (docs/performance.md,
-"Memory allocator"). A library is chosen by preloading it, which only a new process can do, so
+"The memory allocator"). A library is chosen by preloading it, which only a new process can do, so
 `python -m mat_jax.<command>` starts itself again, at once, with the library in LD_PRELOAD: this module runs
 from the package's `__init__`, before jax is imported, and only for such a run (a program or notebook that
 imports mat_jax keeps its process and its allocator). The processes a run starts (data workers, `bench`'s
@@ -86,11 +86,15 @@ def restart_environment(argv: Sequence[str], environ: Mapping[str, str], dirs: S
 def restart_with_allocator() -> None:
   """Start this `python -m mat_jax...` run again with jemalloc or tcmalloc preloaded (`restart_environment`);
   called by the package's `__init__` while a module given to -m is being found (sys.argv[0] is then "-m")."""
-  if sys.platform != "linux" or sys.argv[:1] != ["-m"]:
+  if sys.platform != "linux" or sys.argv[:1] != ["-m"] or not sys.executable:
     return
   environ = restart_environment(sys.orig_argv, os.environ, library_dirs())
   if environ is not None:
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    try:
+      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError as e:  # the run goes on, with the system's allocator
+      print(f"mat_jax: could not start again with {environ['LD_PRELOAD'].split()[0]} preloaded ({e}); "
+            f"running with the system's allocator ({ENV}=system hides this)", file=sys.stderr)
 

@@ -74,3 +74,20 @@ def test_a_command_line_run_starts_again_with_the_chosen_library_preloaded(tmp_p
     subprocess.run([sys.executable, "-m", "mat_jax.train", "--config", str(experiment), "--workdir",
                     str(tmp_path / "run")], env=env, check=True, capture_output=True, timeout=120)
     assert report.read_text() == expected, setting
+
+
+def test_a_run_that_cannot_start_again_goes_on_with_the_systems_allocator(tmp_path, monkeypatch, capsys):
+  library = tmp_path / "libjemalloc.so.2"
+  library.write_bytes(b"")
+
+  def refuse(*args):
+    raise OSError(7, "Argument list too long")
+
+  monkeypatch.setattr(allocator.os, "execve", refuse)
+  monkeypatch.setattr(allocator.sys, "argv", ["-m", "--mesh", "8"])
+  monkeypatch.setattr(allocator.sys, "orig_argv", ["python3", "-m", "mat_jax.train", "--mesh", "8"])
+  monkeypatch.setattr(allocator.sys, "platform", "linux")
+  monkeypatch.setenv("MAT_JAX_ALLOCATOR", str(library))
+  monkeypatch.delenv("LD_PRELOAD", raising=False)
+  allocator.restart_with_allocator()
+  assert f"could not start again with {library} preloaded (" in capsys.readouterr().err
