@@ -426,7 +426,8 @@ def test_bench_compile_passes_sums_a_pools_threads_into_one_row():
                                        event("priority-fusion", 1.5), event("priority-fusion", 0.5)]),
       Namespace(name="tf_/-8821", events=[event("PTX->CUBIN", 1.25)]),
       Namespace(name="tf_/1734", events=[event("PTX->CUBIN", 1.5), event("ThreadpoolListener::Record", 7.0)]),
-      Namespace(name="futex-default-SDomainT/6161", events=[event("XLA::TPU emitting for fusion.9", 3.0)])])])
+      Namespace(name="futex-default-SDomainT/6161", events=[event("XLA::TPU emitting for fusion.9", 3.0)])]),
+      Namespace(name="/device:GPU:0", lines=[Namespace(name="Stream #14", events=[event("loop_add_fusion", 9.0)])])])
   assert bench_compile._longest_events(profile) == [
       ["backend_compile_and_load", "python", 1, 1, 5.0], ["XLA::TPU emitting for fusion.9", "futex-default-SDomainT", 1,
                                                           1, 3.0],

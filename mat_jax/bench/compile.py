@@ -397,10 +397,11 @@ _THREAD_ID = re.compile(r"/-?\d+$")
 
 def _longest_events(profile) -> list[list]:
   """A profile's host events summed by (event, thread pool): a pool's threads are one row, the seconds summed
-  over them; the longest `HEAVIEST_PASSES` rows."""
+  over them; the longest `HEAVIEST_PASSES` rows. A device's planes (a GPU's kernels, which a first call on
+  the device runs) are left out."""
   totals: dict[tuple[str, str], list] = {}  # (event, pool) -> [seconds, count, the threads' names]
   for plane in profile.planes:
-    for line in plane.lines:
+    for line in plane.lines if plane.name.startswith("/host:") else ():
       pool = _THREAD_ID.sub("", line.name.removeprefix("tf_")) or "unnamed pool"
       for event in line.events:
         if not event.name.startswith(("$", "PjitFunction(", "ThreadpoolListener::")):
