@@ -413,20 +413,23 @@ def test_bench_compile_passes_reads_xlas_own_events_from_a_profile_of_the_first_
   assert "probe_passes" not in details
 
 
-def test_bench_compile_passes_sums_a_pools_threads_into_one_row():
+def test_bench_compile_passes_sums_a_pools_threads_into_one_row_within_the_compilation():
+  """A pool's threads are one row; only the host's events that start while JAX waits for the compilation
+  count: not the first call's run (XLA:CPU's kernels on the host), nor a GPU's kernels."""
   from types import SimpleNamespace as Namespace
 
   from mat_jax.bench import compile as bench_compile
 
-  def event(name, seconds):
-    return Namespace(name=name, duration_ns=int(seconds * 1e9))
+  def event(name, seconds, start=1.0):
+    return Namespace(name=name, start_ns=int(start * 1e9), duration_ns=int(seconds * 1e9))
 
   profile = Namespace(planes=[Namespace(name="/host:CPU", lines=[
       Namespace(name="python", events=[event("backend_compile_and_load", 5.0), event("PjitFunction(add)", 9.0),
-                                       event("priority-fusion", 1.5), event("priority-fusion", 0.5)]),
+                                       event("priority-fusion", 1.5), event("priority-fusion", 0.5, start=3.0)]),
       Namespace(name="tf_/-8821", events=[event("PTX->CUBIN", 1.25)]),
       Namespace(name="tf_/1734", events=[event("PTX->CUBIN", 1.5), event("ThreadpoolListener::Record", 7.0)]),
-      Namespace(name="futex-default-SDomainT/6161", events=[event("XLA::TPU emitting for fusion.9", 3.0)])]),
+      Namespace(name="futex-default-SDomainT/6161", events=[event("XLA::TPU emitting for fusion.9", 3.0)]),
+      Namespace(name="tf_XLAEigen/77", events=[event("while.5", 8.0, start=6.5)])]),
       Namespace(name="/device:GPU:0", lines=[Namespace(name="Stream #14", events=[event("loop_add_fusion", 9.0)])])])
   assert bench_compile._longest_events(profile) == [
       ["backend_compile_and_load", "python", 1, 1, 5.0], ["XLA::TPU emitting for fusion.9", "futex-default-SDomainT", 1,
@@ -448,7 +451,7 @@ def test_bench_compile_passes_asks_the_measuring_process_and_prints_its_events(t
   assert bench_compile.run(_compile_args("--cold-only", "--passes", "--cache-dir", str(tmp_path / "cache"))) == 0
   out = capsys.readouterr().out
   assert "--passes" in commands[0]
-  assert "pgd, cold: the 1 longest events XLA recorded in its first call" in out
+  assert "pgd, cold: the 1 longest events XLA recorded in its first call's compilation" in out
   assert "priority-fusion" in out and "1.36" in out
 
 

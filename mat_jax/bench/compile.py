@@ -76,6 +76,8 @@ _RESULT_PREFIX = "compile-result: "
 HEAVIEST_SOURCES = 12
 # How many of a compilation's profiler events `--passes` lists, longest first.
 HEAVIEST_PASSES = 24
+# JAX's profiler event around each compilation it waits for (or its load from the persistent cache).
+COMPILE_EVENT = "backend_compile_and_load"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,9 +260,10 @@ def _print_passes(result: dict, programs: list[str], label: str) -> None:
   for p in programs:
     if f"{p}_passes" in result:
       common.print_table(f"{p}, {label}: the {len(result[f'{p}_passes'])} longest events XLA recorded in its first "
-                         "call (an event's seconds include those of the events within it; on a pool of threads, "
-                         "summed over its threads; the call was profiled, which slows XLA:TPU's compilation by "
-                         "about half)", ["event", "thread", "threads", "count", "seconds"],
+                         "call's compilation (an event's seconds include those of the events within it; on a pool "
+                         "of threads, summed over its threads). The seconds above are the profiled call's: the "
+                         "profile slows XLA:TPU's compilation by about half", ["event", "thread", "threads", "count",
+                                                                             "seconds"],
                          result[f"{p}_passes"], left_columns=2)
 
 
@@ -396,19 +399,26 @@ _THREAD_ID = re.compile(r"/-?\d+$")
 
 
 def _longest_events(profile) -> list[list]:
-  """A profile's host events summed by (event, thread pool): a pool's threads are one row, the seconds summed
-  over them; the longest `HEAVIEST_PASSES` rows. A device's planes (a GPU's kernels, which a first call on
-  the device runs) are left out."""
+  """A profile's events of XLA's compilations summed by (event, thread pool): a pool's threads are one row,
+  the seconds summed over them; the longest `HEAVIEST_PASSES` rows. Only the host's threads (not a GPU's
+  kernels, nor the CUDA driver's calls), and only events that start while JAX waits for a compilation
+  (`COMPILE_EVENT`), when it recorded one: a first call's run on the host's threads (XLA:CPU's kernels) is
+  not its compilation."""
+  host = [line for plane in profile.planes if plane.name == "/host:CPU" for line in plane.lines]
+  compiling = [(event.start_ns, event.start_ns + event.duration_ns) for line in host for event in line.events
+               if event.name == COMPILE_EVENT]
   totals: dict[tuple[str, str], list] = {}  # (event, pool) -> [seconds, count, the threads' names]
-  for plane in profile.planes:
-    for line in plane.lines if plane.name.startswith("/host:") else ():
-      pool = _THREAD_ID.sub("", line.name.removeprefix("tf_")) or "unnamed pool"
-      for event in line.events:
-        if not event.name.startswith(("$", "PjitFunction(", "ThreadpoolListener::")):
-          total = totals.setdefault((event.name, pool), [0.0, 0, set()])
-          total[0] += event.duration_ns / 1e9
-          total[1] += 1
-          total[2].add(line.name)
+  for line in host:
+    pool = _THREAD_ID.sub("", line.name.removeprefix("tf_")) or "unnamed pool"
+    for event in line.events:
+      if event.name.startswith(("$", "PjitFunction(", "ThreadpoolListener::")):
+        continue
+      if compiling and not any(start <= event.start_ns < end for start, end in compiling):
+        continue
+      total = totals.setdefault((event.name, pool), [0.0, 0, set()])
+      total[0] += event.duration_ns / 1e9
+      total[1] += 1
+      total[2].add(line.name)
   longest = sorted(totals.items(), key=lambda item: -item[1][0])[:HEAVIEST_PASSES]
   return [[name, pool, len(threads), count, seconds] for (name, pool), (seconds, count, threads) in longest]
 
@@ -429,14 +439,15 @@ def _first_minus_steady(fn, details: dict[str, float], name: str, passes: bool =
     collector["gc"] += time.perf_counter() - collector["started"]
     collector["gc_full"] += info["generation"] == 2
 
-  gc.callbacks.append(collecting)
-  try:
-    with _recording_phases() as phases, _profiling(passes) as events:
-      start, start_cpu = time.perf_counter(), time.process_time()
-      common.block(fn())
-      first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-  finally:
-    gc.callbacks.remove(collecting)
+  with _profiling(passes) as events:  # the profile is read after the collector's timing ends
+    gc.callbacks.append(collecting)
+    try:
+      with _recording_phases() as phases:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        common.block(fn())
+        first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    finally:
+      gc.callbacks.remove(collecting)
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
   if passes:
     details[f"{name}_passes"] = events
