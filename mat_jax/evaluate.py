@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mat_jax import checks, metrics, paths, rerank, tables
+from mat_jax import checks, metrics, paths, precompile, rerank, runtime, tables
 from mat_jax import runs as runs_lib
 from mat_jax.attacks import candidates as candidates_lib
 from mat_jax.attacks import multimodal
@@ -234,7 +234,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
              settings: AttackSettings = AttackSettings(), batch_size: int = 32, seed: int = 0,
              limit: int | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None, itm_k: int | None = None,
-             judge: Callable[[int, str], bool] | None = None, keep_ranks: bool = False) -> dict:
+             judge: Callable[[int, str], bool] | None = None, keep_ranks: bool = False,
+             lowering_only: bool = False) -> dict | Callable[[], list[jax.stages.Lowered]]:
   """Retrieval recall of `model` clean and under each attack and budget; see the module docstring.
 
   model: an NNX CLIP, or a DualEncoder with `params`; tokenizer: the model's. eval_set: anything with
@@ -266,6 +267,14 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   keep_ranks: also return every query's rank ("clean_ranks" and each entry's "ranks": (TR ranks (N,),
   IR ranks (T,)) numpy arrays; with a judge also "ranks_meaning_preserving"), for intervals over test
   images (`intervals.interval`); `write_json` leaves them out.
+
+  Before its first attack the evaluation lowers the programs it will call (the clean scoring's, and each
+  attack's at the batch shape, `_attack_lowerings`) and compiles them at once on the host's cores
+  (`precompile.compile_all`), unless `MAT_JAX_COMPILE_AHEAD=0`. lowering_only: instead of evaluating, return
+  the function that makes those lowerings, having run nothing but what prepares them (the text source's
+  candidates; APGD's class features); it only traces and lowers, and may be called on another thread.
+  `precompile.compile_all` of its lowerings, while the model to be evaluated is still training, makes
+  this evaluation of any model of the same architecture and parameter dtypes find its programs compiled.
   """
   target = Victim.of(model, params, tokenizer, "target")
   if surrogate is not None and not isinstance(surrogate, Victim):
@@ -323,15 +332,69 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   batches = _batches(image_to_texts, batch_size)
   caption_list = [str(c) for c in captions]
 
-  # Clean scores, once.
   target_tokens = target.tokens(caption_list)
+  if itm_k is not None and not rerank.supports_itm(target.encoder):
+    raise ValueError(f"itm_k={itm_k}: ITM re-ranking needs a target with an ITM head (BLIP); leave it unset for "
+                     f"{type(target.encoder.config).__name__} models")
+
+  # What the attacker needs: its tokenisation, its clean text features (APGD's classes), candidates.
+  attacker_tokens = target_tokens if attacker is target else attacker.tokens(caption_list)
+  cands = None
+  if text_source is not None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
+    cands = multimodal.bucketed_candidates(caption_list, attacker.tokenizer, text_source)
+  attacker_text_features = None
+  if "apgd" in attacks:
+    attacker_text_features = jnp.asarray(metrics.embed_texts(attacker.encoder, attacker.params,
+                                                              attacker_tokens.input_ids,
+                                                              attacker_tokens.attention_mask))
+
+  runs = [(a, None) if a in TEXT_ONLY else (a, e) for a in attacks for e in
+          ((None,) if a in TEXT_ONLY else tuple(eps_255))]
+  key = jax.random.key(seed)
+  # A text stage that several of the runs start with (BERT-, Sep- and Co-Attack's KL BERT-Attack) runs
+  # once per batch; its results wait, on the device, for the other runs.
+  stages = [attack_spec(a, settings, _eps_pixels(e)).text_stage for a, e in runs]
+  shared_stages = {st for st in stages if st is not None and stages.count(st) > 1}
+
+  def attack_batch(run, stage, victims, batch, batch_key, text):
+    """One batch of one run on the device: the attack, then the target's features of its images (and their
+    tokens for ITM). -> (adversarial images or None, their embeddings, text result, the batch's candidates)."""
+    (attack, eps), (attacking, scoring) = run, victims
+    adv_images, text_result, batch_cands = _attack_batch(
+        attack, attacking, _float_images(eval_set, batch.images), batch, batch_key, eps, settings, attacker_tokens,
+        attacker_text_features, text_to_image, cands, text)
+    embedded = tokens = None
+    if adv_images is not None:
+      embedded = metrics.image_embeddings(scoring.encoder, scoring.params, adv_images)
+      if itm_k is not None:
+        tokens = rerank.batch_image_tokens(scoring.encoder, scoring.params, adv_images)
+    return adv_images, embedded, tokens, text_result, batch_cands
+
+  def lowerings():
+    images = jax.ShapeDtypeStruct((n_images,) + tuple(np.shape(eval_set.images)[1:]), np.float32)
+    return (metrics.retrieval_lowerings(target.encoder, target.params, images, target_tokens.input_ids,
+                                        target_tokens.attention_mask, image_batch=batch_size)
+            + _attack_lowerings(attack_batch, runs, stages, shared_stages, attacker, target, batches[0], key))
+
+  if lowering_only:
+    return lowerings
+  if runtime.compile_ahead_enabled():
+    started = time.perf_counter()
+    try:
+      lowered = lowerings()
+      precompile.compile_all(lowered)
+      done = f"the evaluation's {len(lowered)} programs lowered and compiled in {time.perf_counter() - started:.1f} s"
+    except Exception as err:  # noqa: BLE001  compiling ahead only saves time: the first calls compile as always
+      done = (f"compiling the evaluation's programs ahead failed ({type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''}); each compiles at its first call")
+    if log is not None:
+      log(done)
+
+  # Clean scores, once.
   clean_img = metrics.embed_images(target.encoder, target.params,
                                    _float_images(eval_set, np.arange(n_images)), batch_size)
   clean_txt = metrics.embed_texts(target.encoder, target.params, target_tokens.input_ids,
                                   target_tokens.attention_mask)
-  if itm_k is not None and not rerank.supports_itm(target.encoder):
-    raise ValueError(f"itm_k={itm_k}: ITM re-ranking needs a target with an ITM head (BLIP); leave it unset for "
-                     f"{type(target.encoder.config).__name__} models")
 
   def ranks_of(img, txt, ids, mask, tokens):
     """Ranks by ITC similarity, or re-ranked by ITM (tokens: those of the N images the img features are of)."""
@@ -347,26 +410,8 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   clean_ranks = ranks_of(clean_img, clean_txt, target_tokens.input_ids, target_tokens.attention_mask, clean_tokens)
   clean = metrics.recall_from_ranks(*clean_ranks)
 
-  # What the attacker needs: its tokenisation, its clean text features (APGD's classes), candidates.
-  attacker_tokens = target_tokens if attacker is target else attacker.tokens(caption_list)
-  cands = None
-  if text_source is not None and any(a in NEEDS_TEXT_SOURCE for a in attacks):
-    cands = multimodal.bucketed_candidates(caption_list, attacker.tokenizer, text_source)
-  attacker_text_features = None
-  if "apgd" in attacks:
-    attacker_text_features = jnp.asarray(metrics.embed_texts(attacker.encoder, attacker.params,
-                                                              attacker_tokens.input_ids,
-                                                              attacker_tokens.attention_mask))
-
-  runs = [(a, None) if a in TEXT_ONLY else (a, e) for a in attacks for e in
-          ((None,) if a in TEXT_ONLY else tuple(eps_255))]
   bar = progress_bar(len(runs) * len(batches), progress)
-  key = jax.random.key(seed)
   results: dict[str, dict[str, Any]] = {}
-  # A text stage that several of the runs start with (BERT-, Sep- and Co-Attack's KL BERT-Attack) runs
-  # once per batch; its results wait here, on the device, for the other runs.
-  stages = [attack_spec(a, settings, _eps_pixels(e)).text_stage for a, e in runs]
-  shared_stages = {st for st in stages if st is not None and stages.count(st) > 1}
   stage_results: dict[tuple, Any] = {}
   for (attack, eps), stage in zip(runs, stages, strict=True):
     start = time.perf_counter()
@@ -381,22 +426,18 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
       # Keys depend on the batch only, not on the attack or eps: every attack and budget starts from
       # the same random direction (common random numbers: comparisons are not noisier than need be).
       batch_key = jax.random.fold_in(key, batch_index)
-      images = _float_images(eval_set, batch.images)
       stage_key = (stage, batch_index) if stage in shared_stages else None
-      adv_images, text_result, batch_cands = _attack_batch(
-          attack, attacker, images, batch, batch_key, eps, settings, attacker_tokens, attacker_text_features,
-          text_to_image, cands, stage_results.get(stage_key))
+      # Straight from the device: the adversarial pixels never visit the host.
+      adv_images, embedded, tokens, text_result, batch_cands = attack_batch(
+          (attack, eps), stage, (attacker, target), batch, batch_key, stage_results.get(stage_key))
       if stage_key is not None:
         stage_results[stage_key] = text_result
       real = slice(0, batch.count)
       if adv_images is not None:
-        # Straight from the device: the adversarial pixels never visit the host.
-        embedded = metrics.image_embeddings(target.encoder, target.params, adv_images)
         adv_img[batch.images[real]] = np.asarray(embedded)[real]
         if itm_k is not None:
           if adv_tokens is clean_tokens:
             adv_tokens = jnp.copy(clean_tokens)
-          tokens = rerank.batch_image_tokens(target.encoder, target.params, adv_images)
           adv_tokens = rerank.put_tokens(adv_tokens, jnp.asarray(batch.images[real]), tokens[:batch.count])
       else:
         adv_img[batch.images[real]] = clean_img[batch.images[real]]
@@ -467,14 +508,37 @@ def clean_scoring_compilation(encoder: DualEncoder, tokenizer: Tokenizer, eval_s
   its batch shapes, their ranking) as work for another thread: the host's part (tokenising the captions)
   happens here; the returned function, given the parameters `evaluate` will be given as ShapeDtypeStructs
   (host arrays, as a training run's evaluation passes them: no sharding), only lowers and compiles
-  (`metrics.compile_retrieval`). The attacks' programs are not among them."""
+  (`metrics.retrieval_lowerings`). The attacks' programs are not among them."""
   n_images = len(eval_set.images)
   images = jax.ShapeDtypeStruct((n_images,) + tuple(np.shape(eval_set.images)[1:]), np.float32)  # _float_images
   tokens = tokenizer([str(c) for c in eval_set.captions])
   ids, mask = (jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
                for a in (tokens.input_ids, tokens.attention_mask))
-  return lambda params: metrics.compile_retrieval(encoder, params, images, ids, mask,
-                                                  image_batch=min(batch_size, n_images))
+  # One thread: it compiles beside a training run.
+  return lambda params: precompile.compile_all(metrics.retrieval_lowerings(
+      encoder, params, images, ids, mask, image_batch=min(batch_size, n_images)), workers=1)
+
+
+def _attack_lowerings(attack_batch: Callable, runs: list[tuple[str, float | None]], stages: list, shared_stages: set,
+                      attacker: Victim, target: Victim, batch: _Batch, key: jax.Array) -> list[jax.stages.Lowered]:
+  """The lowerings of the programs `evaluate`'s runs call on a batch (`attack_batch`, as the loop calls it, traced
+  abstractly in the parameters and the key: nothing runs), each once: every batch has the first one's shapes."""
+  def every_run(attacker_params, target_params, batch_key):
+    victims = dataclasses.replace(attacker, params=attacker_params), dataclasses.replace(target, params=target_params)
+    if attacker is target:
+      victims = (victims[0], victims[0])
+    stage_results = {}
+    for run, stage in zip(runs, stages, strict=True):
+      text_result = attack_batch(run, stage, victims, batch, batch_key, stage_results.get(stage))[3]
+      if stage in shared_stages:
+        stage_results.setdefault(stage, text_result)
+
+  def abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+  _, lowerings = precompile.collect(every_run, abstract(attacker.params), abstract(target.params),
+                                    jax.eval_shape(lambda: key))
+  return lowerings
 
 
 def label_flip_share(entry: Mapping[str, Any]) -> float | None:

@@ -14,14 +14,13 @@ Attack success, labelled as the papers use them:
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import checks
+from mat_jax import checks, precompile
 from mat_jax.errors import InputError
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -60,7 +59,7 @@ def _check_scores(scores, text_to_image) -> tuple[np.ndarray, np.ndarray]:
   return scores, mapping.astype(np.int32)
 
 
-@jax.jit
+@precompile.jit
 def _ranks(scores: jax.Array, text_to_image: jax.Array) -> tuple[jax.Array, jax.Array]:
   n_img, n_txt = scores.shape
   text_ids = jnp.arange(n_txt)
@@ -137,13 +136,13 @@ def attack_success_rate(clean_ranks: tuple, adversarial_ranks: tuple, ks=RECALL_
 # Embeddings and the similarity matrix, in fixed-size batches
 # ----------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=0)
+@precompile.jit(static_argnums=0)
 def image_embeddings(encoder: DualEncoder, params, images):
   """Jitted `encoder.image_embeddings` (one compilation per encoder and batch shape)."""
   return encoder.image_embeddings(params, images)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@precompile.jit(static_argnums=0)
 def text_embeddings(encoder: DualEncoder, params, ids, mask):
   """Jitted `encoder.text_embeddings` (one compilation per encoder and batch shape)."""
   return encoder.text_embeddings(params, ids, mask)
@@ -188,21 +187,22 @@ def embed_texts(encoder: DualEncoder, params, input_ids, attention_mask, batch_s
   return _batched(lambda i, m: text_embeddings(encoder, params, i, m), (ids, mask), batch_size)
 
 
-def compile_retrieval(encoder: DualEncoder, params, images, input_ids, attention_mask, *, image_batch: int = 256,
-                      text_batch: int = 1024) -> None:
-  """Compile, without running them, the programs that `embed_images(encoder, params, images, image_batch)`,
-  `embed_texts(encoder, params, input_ids, attention_mask, text_batch)` and the `retrieval_ranks` of
-  their similarities run, so that those calls find them compiled (e.g. on another thread while a model
-  trains). The arguments may be `jax.ShapeDtypeStruct`s: params as the calls will get them (host arrays:
-  no sharding), the arrays as whole sets (N, H, W, 3) and (T, L)."""
+def retrieval_lowerings(encoder: DualEncoder, params, images, input_ids, attention_mask, *, image_batch: int = 256,
+                        text_batch: int = 1024) -> list[jax.stages.Lowered]:
+  """The lowerings of the programs that `embed_images(encoder, params, images, image_batch)`,
+  `embed_texts(encoder, params, input_ids, attention_mask, text_batch)` and the `retrieval_ranks` of their
+  similarities run, for `precompile.compile_all` to compile without running them, so that those calls find
+  them compiled (e.g. on another thread while a model trains). The arguments may be
+  `jax.ShapeDtypeStruct`s: params as the calls will get them (host arrays: no sharding), the arrays as
+  whole sets (N, H, W, 3) and (T, L)."""
   def rows(array, batch_size):
     return jax.ShapeDtypeStruct((_batch_rows(array.shape[0], batch_size),) + tuple(array.shape[1:]), array.dtype)
 
-  image_embeddings.lower(encoder, params, rows(images, image_batch)).compile()
-  text_embeddings.lower(encoder, params, rows(input_ids, text_batch), rows(attention_mask, text_batch)).compile()
-  # As `_check_scores` makes them: float32 scores, int32 indices.
-  _ranks.lower(jax.ShapeDtypeStruct((images.shape[0], input_ids.shape[0]), jnp.float32),
-               jax.ShapeDtypeStruct((input_ids.shape[0],), jnp.int32)).compile()
+  return [image_embeddings.lower(encoder, params, rows(images, image_batch)),
+          text_embeddings.lower(encoder, params, rows(input_ids, text_batch), rows(attention_mask, text_batch)),
+          # As `_check_scores` makes them: float32 scores, int32 indices.
+          _ranks.lower(jax.ShapeDtypeStruct((images.shape[0], input_ids.shape[0]), jnp.float32),
+                       jax.ShapeDtypeStruct((input_ids.shape[0],), jnp.int32))]
 
 
 def similarity_matrix(encoder: DualEncoder, params, images, input_ids, attention_mask,

@@ -18,14 +18,13 @@ array for the attacked images' (twice that).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mat_jax import checks, metrics
+from mat_jax import checks, metrics, precompile
 from mat_jax.models.blip import BlipConfig
 from mat_jax.models.dual_encoder import DualEncoder
 
@@ -37,12 +36,12 @@ def supports_itm(encoder: DualEncoder) -> bool:
   return isinstance(encoder.config, BlipConfig)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@precompile.jit(static_argnums=0)
 def _image_tokens(encoder: DualEncoder, params: nnx.State, images: jax.Array) -> jax.Array:
   return encoder.merge(params).image_tokens(images)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@precompile.jit(static_argnums=0)
 def _pair_scores(encoder: DualEncoder, params: nnx.State, tokens: jax.Array, input_ids: jax.Array,
                  attention_mask: jax.Array, image_index: jax.Array, text_index: jax.Array) -> jax.Array:
   """ITM match logits (P,) of pairs (image_index[p], text_index[p]); tokens (N, T, W) of every image."""
@@ -57,7 +56,7 @@ def batch_image_tokens(encoder: DualEncoder, params: nnx.State, images: jax.Arra
   return _image_tokens(encoder, params, images)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@precompile.jit(donate_argnums=0)
 def put_tokens(tokens: jax.Array, images: jax.Array, batch_tokens: jax.Array) -> jax.Array:
   """`tokens` (N, T, W) with rows `images` replaced by `batch_tokens`, in place: `tokens` is donated (do
   not use it after the call)."""

@@ -31,6 +31,11 @@ class _EvalSet:
     self.text_to_image = np.repeat(np.arange(n), [len(c) for c in caps]).astype(np.int32)
 
 
+def _concrete(params) -> bool:
+  """Whether parameters are arrays, not the tracers of an abstract trace."""
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   """A random micro CLIP saved in the transformers layout, with the shapes tokenizer beside it."""
@@ -177,7 +182,9 @@ def test_attacks_that_start_with_one_text_attack_run_it_once_per_batch(model_dir
   eval_set = _EvalSet(6)
   calls = []
   real = multimodal.bert_attack
-  monkeypatch.setattr(multimodal, "bert_attack", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  # Counted where it runs: the abstract trace that lowers the evaluation's programs first calls it traced.
+  monkeypatch.setattr(multimodal, "bert_attack",
+                      lambda *a, **kw: (calls.append(1) if _concrete(a[1]) else None) or real(*a, **kw))
   kw = dict(eval_set=eval_set, eps_255=(2.0,), batch_size=4, progress=False, settings=ev.AttackSettings(steps=2),
             text_source=candidates_lib.LexiconSource(shapes.substitution_table()), keep_ranks=True)
   together = ev.evaluate(victim, attacks=("bert", "sep", "co", "pgd"), **kw)
@@ -240,7 +247,8 @@ def test_an_image_alone_in_the_last_batch_is_attacked_among_real_batch_mates(mod
 
   def spy(attack, v, images, batch, key, *rest):
     out = real(attack, v, images, batch, key, *rest)
-    seen.append((images, batch, key, np.asarray(out[0])))
+    if _concrete(v.params):  # not the abstract trace that lowers the programs
+      seen.append((images, batch, key, np.asarray(out[0])))
     return out
 
   monkeypatch.setattr(ev, "_attack_batch", spy)
@@ -307,7 +315,8 @@ def test_a_transfer_attack_is_made_on_the_surrogate_and_scored_on_the_target(mod
 
   def spy(attack, v, images, batch, *rest):
     out = real(attack, v, images, batch, *rest)
-    made.append((attack, v, batch, out[0]))
+    if _concrete(v.params):  # not the abstract trace that lowers the programs
+      made.append((attack, v, batch, out[0]))
     return out
 
   monkeypatch.setattr(ev, "_attack_batch", spy)
@@ -356,7 +365,8 @@ def test_each_batch_image_is_attacked_with_its_own_captions_and_classes(model_di
   the batch, the second batch's images (4, 5) would ascend against images 0 and 1's captions."""
   seen = []
   real = ev.run_attack
-  monkeypatch.setattr(ev, "run_attack", lambda spec, *args, **kw: seen.append(args[2]) or real(spec, *args, **kw))
+  monkeypatch.setattr(ev, "run_attack", lambda spec, *args, **kw: (seen.append(args[2]) if _concrete(args[1]) else None)
+                      or real(spec, *args, **kw))
   data = _EvalSet(6)
   victim = ev.load_victim(str(model_dir))
   ev.evaluate(victim, eval_set=data, attacks=("apgd",), eps_255=(8.0,), batch_size=4, progress=False,
@@ -493,3 +503,138 @@ def test_mesh_is_where_a_missing_cached_model_trains(tmp_path, monkeypatch, task
   with pytest.raises(Trained):
     evaluate_cli.main([*task, "--model", "shapes", "--mesh", "2", "--out", str(tmp_path / "out")])
   assert asked == [("shapes", "2")]
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_an_evaluation_compiles_its_programs_before_its_first_attack(model_dir, monkeypatch, setting):
+  """Before its first attack an evaluation lowers every program its runs will call (the attacks' at the batch
+  shape, the adversarial images' features, the clean scoring) and compiles them at once
+  (MAT_JAX_COMPILE_AHEAD, on by default): its attacks then compile nothing of their own. Off, they do (so
+  the check can fail)."""
+  from jax import monitoring
+
+  from mat_jax import precompile
+  from mat_jax.attacks import candidates as candidates_lib
+
+  monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", setting)
+  phase, compiled = ["before"], {"before": [], "ahead": [], "attacks": []}
+
+  def record(event, seconds, fun_name=None, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled[phase[0]].append(fun_name)
+
+  compile_all = precompile.compile_all
+
+  def recorded_compile_all(lowerings, **kwargs):
+    phase[0] = "ahead"
+    compile_all(lowerings, **kwargs)
+    phase[0] = "attacks"
+
+  monkeypatch.setattr(precompile, "compile_all", recorded_compile_all)
+  real = ev._attack_batch
+
+  def attack_batch(*args):
+    if phase[0] == "before" and _concrete(args[1].params):  # the first attack, with nothing compiled ahead
+      phase[0] = "attacks"
+    return real(*args)
+
+  monkeypatch.setattr(ev, "_attack_batch", attack_batch)
+  # Set and batch sizes no other test evaluates: programs the session's caches cannot hold yet.
+  images, batch_size = (7, 7) if setting == "1" else (9, 9)
+  monitoring.register_event_duration_secs_listener(record)
+  try:
+    result = ev.evaluate(ev.load_victim(str(model_dir)), eval_set=_EvalSet(images),
+                         attacks=("pgd", "bert", "co", "sga"), eps_255=(2.0,), batch_size=batch_size, progress=False,
+                         settings=ev.AttackSettings(steps=2),
+                         text_source=candidates_lib.LexiconSource(shapes.substitution_table()))
+  finally:
+    monitoring.unregister_event_duration_listener(record)
+  assert set(result["attacks"]) == {"pgd", "bert", "co", "sga"}
+  attacks = {"jit(_pgd_attack)", "jit(_compiled_text_attack)", "jit(_co_images)", "jit(caption_guides)",
+             "jit(_sga_images)"}
+  clean_scoring = {"jit(image_embeddings)", "jit(text_embeddings)", "jit(_ranks)"}
+  if setting == "1":
+    assert attacks <= set(compiled["ahead"]), compiled  # (the clean scoring's, unless a test compiled them)
+    assert compiled["ahead"].count("jit(_compiled_text_attack)") == 2  # BERT-Attack's and SGA's objectives
+    assert not (attacks | clean_scoring) & set(compiled["attacks"]), compiled
+  else:
+    assert compiled["ahead"] == [] and attacks <= set(compiled["attacks"]), compiled
+
+
+def test_programs_lowered_for_one_model_serve_the_evaluation_of_another_of_its_architecture(model_dir, monkeypatch):
+  """`lowering_only`, as the demo uses it while the models it will evaluate still train: the programs lowered
+  for one loaded model and compiled are those an evaluation of another model of the same architecture and
+  parameter dtypes calls (here a second load of the checkpoint with other weights), which then compiles no
+  program of the attacks or the clean scoring."""
+  from jax import monitoring
+
+  from mat_jax import precompile
+  from mat_jax.attacks import candidates as candidates_lib
+
+  monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", "0")  # the evaluation below compiles nothing ahead itself
+  kw = dict(eval_set=_EvalSet(8), attacks=("pgd", "bert", "sga"), eps_255=(2.0,), batch_size=8, progress=False,
+            settings=ev.AttackSettings(steps=2), text_source=candidates_lib.LexiconSource(shapes.substitution_table()))
+  stand_in = ev.load_victim(str(model_dir))
+  lower = ev.evaluate(stand_in, lowering_only=True, **kw)
+  compiled = []
+
+  def record(event, seconds, fun_name=None, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(fun_name)
+
+  monitoring.register_event_duration_secs_listener(record)
+  try:
+    lowerings = lower()
+    assert compiled == []  # lowered only
+    precompile.compile_all(lowerings)
+    ahead = list(compiled)
+    compiled.clear()
+    loaded = ev.load_victim(str(model_dir))
+    other = dataclasses.replace(loaded, params=jax.tree.map(lambda p: p * 1.01, loaded.params))
+    ev.evaluate(other, **kw)
+  finally:
+    monitoring.unregister_event_duration_listener(record)
+  attacks = {"jit(_pgd_attack)", "jit(_compiled_text_attack)", "jit(caption_guides)", "jit(_sga_images)"}
+  clean_scoring = {"jit(image_embeddings)", "jit(text_embeddings)", "jit(_ranks)"}
+  assert attacks <= set(ahead), ahead  # (the clean scoring's too, unless another test compiled them)
+  assert not (attacks | clean_scoring) & set(compiled), compiled
+
+
+def test_every_attack_of_the_registry_compiles_ahead(model_dir, monkeypatch):
+  """Each attack's programs lower from the abstract trace (a host-side step that needed concrete values would
+  make the evaluation fall back to compiling at the first calls, which it logs) and are the programs its
+  batches then call."""
+  from jax import monitoring
+
+  from mat_jax.attacks import candidates as candidates_lib
+
+  monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", "1")
+  lines, compiled, attacking = [], [], []
+  real = ev._attack_batch
+
+  def attack_batch(*args):
+    attacking.append(_concrete(args[1].params))
+    return real(*args)
+
+  def record(event, seconds, fun_name=None, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration" and any(attacking):
+      compiled.append(fun_name)
+
+  monkeypatch.setattr(ev, "_attack_batch", attack_batch)
+  monitoring.register_event_duration_secs_listener(record)
+  try:
+    result = ev.evaluate(ev.load_victim(str(model_dir)), eval_set=_EvalSet(5), attacks=ev.ATTACKS, eps_255=(2.0,),
+                         batch_size=5, progress=False, settings=ev.AttackSettings(steps=1, apgd_steps=2),
+                         text_source=candidates_lib.LexiconSource(shapes.substitution_table()), log=lines.append)
+  finally:
+    monitoring.unregister_event_duration_listener(record)
+  assert set(result["attacks"]) == set(ev.ATTACKS)
+  assert lines[0].startswith("the evaluation's ") and " programs lowered and compiled in " in lines[0], lines[0]
+  # Once the attacks ran, no program of the attacks, metrics or re-ranking compiled (only JAX's own small ones).
+  from mat_jax import metrics, precompile, rerank
+  from mat_jax.attacks import image, multimodal, runner, text
+
+  programs = {f"jit({value.__name__})" for module in (metrics, rerank, image, multimodal, runner, text)
+              for value in vars(module).values() if isinstance(value, precompile.Program)}
+  assert {"jit(_pgd_attack)", "jit(_apgd_attack)", "jit(_defense_images)", "jit(_sep_images)"} <= programs
+  assert not programs & set(compiled), compiled

@@ -14,7 +14,6 @@ Images are float32 NHWC in [0, 1]; eps and step sizes are in the same pixel unit
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mat_jax import checks
+from mat_jax import checks, precompile
 from mat_jax.attacks import losses
 from mat_jax.attacks.losses import LossFn
 from mat_jax.attacks.spec import check_norm
@@ -362,7 +361,7 @@ def pgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, input
                      steps, norm, bool(random_start), float(momentum), bool(keep_best))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13))
+@precompile.jit(static_argnums=(0, 10, 11, 12, 13))
 def _pgd_attack(encoder, params, images, input_ids, attention_mask, key, caption_weights, eps, step_size, steps,
                 norm, random_start, momentum, keep_best):
   texts = encoder.text_features(params, input_ids, attention_mask)
@@ -403,7 +402,7 @@ def apgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, text
                       int(restarts), int(n_targets))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11))
+@precompile.jit(static_argnums=(0, 8, 9, 10, 11))
 def _apgd_attack(encoder, params, images, text_features, positives, text_weights, key, eps, steps, norm, restarts,
                  n_targets):
   logits_fn, positives = losses.without_padding(losses.retrieval_logits(encoder, params, text_features), positives,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mat_jax import checks
+from mat_jax import checks, precompile
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
 from mat_jax.attacks.candidates import TextCandidates, prepare_candidates
@@ -81,14 +81,14 @@ def _text_kw(max_changes: int, chunk_size: int | None) -> dict:
 # that attacks share (the KL text attack of Sep- and Co-Attack, SGA's two image-guided text attacks)
 # are compiled once instead of once per attack.
 
-@functools.partial(jax.jit, static_argnames=("encoder", "captions_per_image"))
+@precompile.jit(static_argnames=("encoder", "captions_per_image"))
 def caption_guides(encoder: DualEncoder, params: nnx.State, images: jax.Array, *,
                    captions_per_image: int) -> jax.Array:
   """Each caption's guiding image features (B*K, D), image-major, for the image-guided text attack."""
   return jnp.repeat(encoder.image_features(params, images), captions_per_image, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "norm", "image_loss"))
+@precompile.jit(static_argnames=("encoder", "norm", "image_loss"))
 def _sep_images(encoder, params, images, candidates, weights, key, eps, step_size, steps, *, norm, image_loss):
   b, k = weights.shape
   if image_loss == "cosine":
@@ -100,7 +100,7 @@ def _sep_images(encoder, params, images, candidates, weights, key, eps, step_siz
   return image_attacks.pgd(loss, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm)
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "norm"))
+@precompile.jit(static_argnames=("encoder", "norm"))
 def _co_images(encoder, params, images, adv_ids, adv_mask, weights, key, eps, step_size, steps, alpha, *, norm):
   b, k = weights.shape
   adv_text = encoder.text_features(params, adv_ids, adv_mask).reshape(b, k, -1)
@@ -109,7 +109,7 @@ def _co_images(encoder, params, images, adv_ids, adv_mask, weights, key, eps, st
   return image_attacks.pgd(loss, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm)
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "norm", "scales"))
+@precompile.jit(static_argnames=("encoder", "norm", "scales"))
 def _sga_images(encoder, params, images, adv_ids, adv_mask, weights, key, eps, step_size, steps, noise_std, *,
                 norm, scales):
   b, k = weights.shape

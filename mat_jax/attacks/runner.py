@@ -14,12 +14,11 @@ one-to-many training data lay them out; (B, L) captions are K = 1.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 from flax import nnx
 
-from mat_jax import checks
+from mat_jax import checks, precompile
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
 from mat_jax.attacks import multimodal
@@ -150,7 +149,7 @@ def _text(spec: AttackSpec, encoder, params, images, cands, k: int, text_kw: dic
   return text_attack(encoder, params, cands, guide, objective="image", **text_kw)
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "loss", "norm", "neighbours"))
+@precompile.jit(static_argnames=("encoder", "loss", "norm", "neighbours"))
 def _defense_images(encoder, params, reference, images, guide_ids, guide_mask, weights, image_ids, key, eps,
                     step_size, steps, radius, *, loss, norm, neighbours):
   """PGD on a defense's inner loss; guide_ids/mask (B*K, L) are the captions that guide it."""

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mat_jax import checks, runtime
+from mat_jax import checks, precompile, runtime
 from mat_jax.attacks.candidates import STOP_WORDS, CandidateSource, TextCandidates, prepare_candidates
 from mat_jax.errors import InputError
 from mat_jax.models.clip import check_tokens_for, feature_products, l2_normalize
@@ -189,7 +189,7 @@ def _pools_last_token(encoder: DualEncoder, c: TextCandidates) -> bool:
   return c.end_id == text.vocab_size - 1  # "argmax": the largest id, OpenAI's end-of-text
 
 
-@jax.jit
+@precompile.jit
 def assemble(candidates: TextCandidates, choice: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """ids, mask (N, context_length) of the captions with substitutions applied.
 
@@ -325,7 +325,7 @@ def text_attack(encoder: DualEncoder, params: nnx.State, candidates: TextCandida
   return _compiled_text_attack(encoder, params, candidates, guide, objective, max_changes, chunk_size)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+@precompile.jit(static_argnums=(0, 4, 5, 6))
 def _compiled_text_attack(encoder, params, candidates, guide, objective, max_changes, chunk_size) -> TextAttackResult:
   score_fn = _objective_fn(objective)
   params = jax.lax.stop_gradient(params)
@@ -478,7 +478,7 @@ def adversarial_captions(candidates: TextCandidates, result: TextAttackResult) -
   return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@precompile.jit(static_argnums=0)
 def _image_features(encoder: DualEncoder, params: nnx.State, images: jax.Array) -> jax.Array:
   """Jitted `encoder.image_features`, compiled once per encoder and image shape however often `attack_text`
   runs (a `jax.jit` of the bound method would be a new function, compiled anew, on every call)."""

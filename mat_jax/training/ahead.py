@@ -27,7 +27,6 @@ program's first call meets it and reports it where it belongs.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Callable
 
@@ -41,12 +40,8 @@ from mat_jax import runtime
 from mat_jax.training import setup
 from mat_jax.training import step as step_lib
 
-def enabled() -> bool:
-  """`MAT_JAX_COMPILE_AHEAD`: on unless 0 (off, false, no); another value is an error naming the choices."""
-  value = os.environ.get("MAT_JAX_COMPILE_AHEAD", "1").strip().lower()
-  if value not in ("",) + runtime.ON + runtime.OFF:
-    raise config_lib.ConfigError(f"MAT_JAX_COMPILE_AHEAD={value!r}: use 1 (on, the default) or 0 (off)")
-  return value not in runtime.OFF
+# Whether programs may be compiled ahead at all (`MAT_JAX_COMPILE_AHEAD`).
+enabled = runtime.compile_ahead_enabled
 
 
 def later_runs_enabled() -> bool:

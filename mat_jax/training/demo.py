@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mat_jax import runs, tables
+from mat_jax import objectives, precompile, runs, tables
 from mat_jax import config as config_lib
 from mat_jax import evaluate as evaluate_lib
 from mat_jax.data import corpora, pipeline
@@ -32,6 +32,8 @@ DEMO_IMAGES = 500        # test images evaluated (2,500 captions): intervals of 
 DEMO_EPS_255 = 2.0
 # Model name in results.json -> experiment file fine-tuned from the clean model under the shared budget.
 DEMO_MODELS = {"clean fine-tuned": "shapes_clean_ft", "TeCoA": "shapes_tecoa", "MAT": "shapes_mat"}
+# evaluate()'s settings for every model: one image batch shape, so one set of compiled programs.
+DEMO_EVALUATION = dict(attacks=DEMO_ATTACKS, eps_255=(DEMO_EPS_255,), batch_size=100, seed=0)
 DEFAULT_WORKDIR = Path("runs") / "shapes_demo"  # results.json and one run directory per fine-tuning
 
 
@@ -110,6 +112,24 @@ def label_flip_line(results: dict[str, dict]) -> str:
   return "; ".join(parts)
 
 
+def _evaluation_inputs(mat_config, builder, tokenizer, eval_images: int) -> tuple[Any, Any]:
+  """The evaluation's test set (its first `eval_images` images) and the text threat's candidate source."""
+  eval_set = pipeline.load_eval_set(corpora.data_source(builder, "test"), tokenizer, max_images=eval_images)
+  ta = mat_config.text_attack
+  return eval_set, inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k)
+
+
+def _evaluation_lowering(stand_in: tuple[Any, Any], eval_set, source) -> Callable[[], list]:
+  """The function that lowers the evaluation's programs (`evaluate(..., lowering_only=True)`) for `stand_in`,
+  the (model, tokenizer) the runs start from: the fine-tuned models have its architecture and parameter
+  dtypes, so their evaluations find the programs compiled. The masked LM makes the candidates here (the
+  source keeps them for the evaluation); the function only traces and lowers."""
+  model, tokenizer = stand_in
+  return evaluate_lib.evaluate(model, tokenizer=tokenizer, eval_set=eval_set, text_source=source,
+                               judge=evaluate_lib.shapes_judge(eval_set), keep_ranks=True, lowering_only=True,
+                               **DEMO_EVALUATION)
+
+
 def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
          log: Callable[[str], None] = print, eval_images: int = DEMO_IMAGES, progress: bool = True) -> int:
 
@@ -130,31 +150,42 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   log(f"{clock()} 2/4 the clean tiny CLIP (experiments/shapes_clip.py, cached)")
   loop.ensure_cached_run("shapes_clip", log=log, mesh_spec=mesh_spec)
 
+  evaluation_inputs = evaluating = None
   if ahead.later_runs_enabled():
     # The later fine-tunings' steps compile beside the first one's while it trains (on an accelerator a
-    # first run's most costly part; training/ahead.py).
+    # first run's most costly part; training/ahead.py), and then the evaluation's programs. What the
+    # evaluation's lowering needs from the device (the masked LM's candidates) is made first: on a CPU a
+    # small program's compilation waits behind the big ones of the threads.
+    stand_in = runs.model_from_config(mat_config)
+    evaluation_inputs = _evaluation_inputs(mat_config, builder, stand_in[1], eval_images)
+    lower_evaluation = _evaluation_lowering(stand_in, *evaluation_inputs)
+    compiling = None
     for name, later in list(configs.items())[1:]:
       if not runs.is_trained(workdir / DEMO_MODELS[name]):
-        loop.compile_run_ahead(later, mesh_spec=mesh_spec, log=log)
+        compiling = loop.compile_run_ahead(later, mesh_spec=mesh_spec, log=log)
+    evaluating = ahead.Compilation(lambda: precompile.compile_all(lower_evaluation()), name="evaluation",
+                                   after=compiling)
   models: dict[str, Any] = {}
   for i, (name, config) in enumerate(configs.items()):
     run_dir = workdir / DEMO_MODELS[name]
+    if evaluating is not None and objectives.make(config.objective).needs_text_candidates:
+      # No compilation beside a run whose input pipeline runs the masked LM beside its steps
+      # (docs/performance.md#compiling-ahead-of-the-first-call).
+      evaluating.wait()
     log(f"{clock()} 3/4 ({i + 1}/{len(configs)}) {name}: experiments/{DEMO_MODELS[name]}.py into {run_dir}")
     loop.train(config, run_dir, mesh_spec=mesh_spec, log=log, evaluate=False, progress=progress)
     models[name] = runs.restore_model(run_dir)
+  if evaluating is not None:
+    evaluating.wait()
 
   log(f"{clock()} 4/4 evaluation on {eval_images} test images: clean, " + ", ".join(DEMO_ATTACKS) +
       f" at eps {DEMO_EPS_255:g}/255, 1 word, text threat {dict(mat_config.text_attack)}")
-  tokenizer = models["MAT"][1]
-  eval_set = pipeline.load_eval_set(corpora.data_source(builder, "test"), tokenizer, max_images=eval_images)
-  ta = mat_config.text_attack
-  source = inputs.make_source(ta.source, bert=ta.bert, top_k=ta.top_k)
+  eval_set, source = evaluation_inputs or _evaluation_inputs(mat_config, builder, models["MAT"][1], eval_images)
   results = {}
   for name, (model, model_tokenizer) in models.items():
-    results[name] = evaluate_lib.evaluate(model, tokenizer=model_tokenizer, eval_set=eval_set,
-                                          attacks=DEMO_ATTACKS, eps_255=(DEMO_EPS_255,), text_source=source,
-                                          batch_size=100, seed=0, progress=progress, log=log, keep_ranks=True,
-                                          judge=evaluate_lib.shapes_judge(eval_set))
+    results[name] = evaluate_lib.evaluate(model, tokenizer=model_tokenizer, eval_set=eval_set, text_source=source,
+                                          progress=progress, log=log, keep_ranks=True,
+                                          judge=evaluate_lib.shapes_judge(eval_set), **DEMO_EVALUATION)
     log(f"{clock()} evaluated {name}")
 
   print(f"\nImage-text retrieval on {eval_images} shapes-world test images (recall@1 in %; in brackets the "

@@ -1,0 +1,127 @@
+"""`mat_jax.precompile`: the programs a computation calls, lowered from an abstract trace and compiled ahead."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import monitoring
+
+from mat_jax import precompile
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture
+def compiled():
+  """The names of the programs XLA compiles (or the persistent cache loads) while the test runs."""
+  names: list[str] = []
+
+  def record(event, seconds, fun_name=None, **kwargs):
+    if event == BACKEND_COMPILE:
+      names.append(fun_name)
+
+  monitoring.register_event_duration_secs_listener(record)
+  yield names
+  monitoring.unregister_event_duration_listener(record)
+
+
+@precompile.jit(static_argnums=2)
+def _scaled_noise(x, key, scale, shift):
+  return jnp.sin(x) * scale + jax.random.normal(key, x.shape) + shift
+
+
+@precompile.jit
+def _inner(x):
+  return x * 3
+
+
+@precompile.jit
+def _outer(x):
+  return _inner(x) + 1
+
+
+def _module(lowered) -> str:
+  return re.search(r"module @(\w+)", lowered.as_text()).group(1)
+
+
+def test_collect_lowers_each_program_once_per_abstract_arguments_and_runs_nothing(compiled):
+  calls = []
+
+  def computation(key, x):
+    calls.append(isinstance(x, jax.core.Tracer))
+    a = _scaled_noise(x * 2, jax.random.fold_in(key, 1), 3, 0.5)
+    b = _scaled_noise(x, key, 3, 0.25)     # same shapes and statics: lowered once
+    c = _scaled_noise(x, key, 4, 0.25)     # another static value: another program
+    d = _scaled_noise(x[:2], key, 3, 0.5)  # another shape: another program
+    return a + b + c, d, _outer(x)
+
+  x = np.ones((5, 7), np.float32)
+  shapes, lowerings = precompile.collect(computation, jax.eval_shape(lambda: jax.random.key(0)), x)
+  assert calls == [True]  # traced once, abstractly
+  assert (shapes[0].shape, shapes[1].shape, shapes[2].shape) == ((5, 7), (2, 7), (5, 7))
+  # _inner runs inside _outer's program: not a program of its own.
+  assert [_module(lowered) for lowered in lowerings] == ["jit__scaled_noise"] * 3 + ["jit__outer"]
+  assert compiled == []  # lowered, neither compiled nor run
+
+
+def test_the_real_calls_find_what_compile_all_compiled(compiled):
+  x = np.full((3, 11), 0.5, np.float32)
+
+  def computation(key):
+    return _scaled_noise(jnp.asarray(x), key, 2, 0.125), _outer(jnp.asarray(x))
+
+  _, lowerings = precompile.collect(computation, jax.eval_shape(lambda: jax.random.key(0)))
+  precompile.compile_all(lowerings, workers=2)
+  assert sorted(compiled) == ["jit(_outer)", "jit(_scaled_noise)"]
+  key = jax.random.key(1)
+  compiled.clear()
+  out = _scaled_noise(jnp.asarray(x), key, 2, 0.125)
+  np.testing.assert_allclose(out, jnp.sin(x) * 2 + jax.random.normal(key, x.shape) + 0.125, rtol=1e-6)
+  _outer(jnp.asarray(x))
+  assert "jit(_scaled_noise)" not in compiled and "jit(_outer)" not in compiled, compiled
+  # Without collect first, the first call compiles (the check above can fail).
+  _scaled_noise(jnp.asarray(x[:1]), key, 2, 0.125)
+  assert "jit(_scaled_noise)" in compiled
+
+
+def test_only_the_collecting_thread_collects():
+  started, release = threading.Event(), threading.Event()
+
+  def other_thread():
+    started.wait()
+    _inner(jnp.ones((13,)))  # called while the main thread collects
+    release.set()
+
+  thread = threading.Thread(target=other_thread)
+  thread.start()
+
+  def computation(x):
+    started.set()
+    release.wait(timeout=60)
+    return _outer(x)
+
+  _, lowerings = precompile.collect(computation, jax.ShapeDtypeStruct((13,), jnp.float32))
+  thread.join()
+  assert [_module(lowered) for lowered in lowerings] == ["jit__outer"]
+
+
+def test_a_failed_compilation_is_raised_once_all_have_finished():
+  class Failing:
+    def compile(self):
+      raise RuntimeError("no such kernel")
+
+  finished = []
+
+  class Fine:
+    def compile(self):
+      finished.append(1)
+
+  with pytest.raises(RuntimeError, match="no such kernel"):
+    precompile.compile_all([Failing(), Fine(), Fine()], workers=2)
+  assert finished == [1, 1]
+  precompile.compile_all([])  # nothing to compile
