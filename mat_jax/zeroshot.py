@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mat_jax import checks, errors, metrics, tables
+from mat_jax import checks, errors, metrics, precompile, runtime, tables
 from mat_jax import evaluate as ev
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import losses
@@ -260,13 +260,22 @@ def attack_correct(encoder, params, classes, images, labels, key, *, attack: str
   if attack == "apgd-t" and n_classes < TARGETED_MIN_CLASSES:
     raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes, this set has "
                         f"{n_classes}; use apgd-ce and pgd")
-  steps = settings.pgd_steps if attack == "pgd" else settings.apgd_steps
-  step_size = attack_specs.step_size_for(eps, settings.pgd_steps, scale=settings.pgd_step_scale)
-  correct, finite = _attack_correct(encoder, params, jnp.asarray(classes), images, jnp.asarray(labels, jnp.int32),
-                                    key, jnp.float32(eps), jnp.float32(step_size), attack, int(steps), settings.norm,
-                                    targets_per_image(settings.n_targets, n_classes), int(settings.restarts))
+  correct, finite = _attack_correct(*_attack_arguments(encoder, params, classes, images, labels, key, attack=attack,
+                                                       eps=eps, settings=settings))
   _check_finite(finite, f"the logits of the images under {attack}")
   return correct
+
+
+def _attack_arguments(encoder, params, classes, images, labels, key, *, attack: str, eps: float,
+                      settings: Settings) -> tuple:
+  """`_attack_correct`'s arguments for one batch, statics positional (jit keys its cache on how they are
+  passed); `images` may be a `jax.ShapeDtypeStruct` (a lowering ahead of the call)."""
+  n_classes = int(np.shape(classes)[0])
+  steps = settings.pgd_steps if attack == "pgd" else settings.apgd_steps
+  step_size = attack_specs.step_size_for(eps, settings.pgd_steps, scale=settings.pgd_step_scale)
+  return (encoder, params, jnp.asarray(classes), images, jnp.asarray(labels, jnp.int32), key, jnp.float32(eps),
+          jnp.float32(step_size), attack, int(steps), settings.norm, targets_per_image(settings.n_targets, n_classes),
+          int(settings.restarts))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,8 +349,19 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   if log:
     log(f"{data.name}: {n} images, {n_classes} classes; clean accuracy {accuracy(clean):.1f}%")
 
-  bar = ev.progress_bar(len(attacks) * len(eps_255) * len(batches), progress)
   key = jax.random.key(seed)
+  if runtime.compile_ahead_enabled():
+    # One program per attack (the budget is traced), compiled at once on the host's cores before the first
+    # batch (docs/performance.md#an-evaluations-programs-at-once).
+    started = time.perf_counter()
+    images = jax.ShapeDtypeStruct((batch_size,) + tuple(np.shape(data.images)[1:]), np.float32)
+    first = batches[0][0]
+    precompile.compile_all([_attack_correct.lower(*_attack_arguments(
+        encoder, params, classes, images, labels[first], jax.random.fold_in(key, 0), attack=attack,
+        eps=eps_255[0] / 255.0, settings=settings)) for attack in attacks])
+    if log:
+      log(f"the attacks' {len(attacks)} programs compiled in {time.perf_counter() - started:.1f} s")
+  bar = ev.progress_bar(len(attacks) * len(eps_255) * len(batches), progress)
   results: dict[str, dict[str, Any]] = {}
   robust: dict[str, dict[str, float]] = {}
   for eps in eps_255:
