@@ -272,6 +272,7 @@ def _main(argv: Sequence[str] | None) -> int:
   # The shapes world's data goes with its small models (runtime: their GEMMs).
   peeked = _peek(argv)
   runtime.prepare_process(small_models=peeked.data.startswith("shapes"))
+  runtime.compile_ahead_enabled()  # a mistyped MAT_JAX_COMPILE_AHEAD fails now, not once the inputs are ready
   if peeked.task == "zeroshot":
     zeroshot_args = parse_zeroshot_args(argv)  # its bad input refused before a cached model is trained
     _out_dir = zeroshot_args.out

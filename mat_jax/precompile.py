@@ -13,8 +13,10 @@ A `precompile.jit` program is `jax.jit` of the function in every other respect: 
 or traced inside another program (a training step that inlines an attack), it only adds one lookup of a
 context variable. Collecting is per thread: the programs other threads call meanwhile are theirs.
 
-Collecting can only save time: a program whose real call comes with other shapes (or that `fn` did not
-reach) compiles at that call as it always did.
+Compiling ahead never changes a result: the program is the one the call would compile, and a program
+whose real call comes with other shapes (or that `fn` did not reach) compiles at that call as it always
+did. Only the programs `fn` calls itself are collected: one reached inside another transformation (a
+`jax.jit`, `vmap`, `scan` of `fn`'s) is part of that one's program, not a program of its own.
 """
 
 from __future__ import annotations
@@ -28,9 +30,17 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax._src import core as jax_core
 
-# The lowerings being collected on this thread, by program and abstract arguments; None outside `collect`.
-_collected: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mat_jax.precompile", default=None)
+# On this thread inside `collect`: (the trace of the function being collected, its lowerings by program and
+# abstract arguments); None outside `collect`.
+_collected: contextvars.ContextVar[tuple[Any, dict] | None] = contextvars.ContextVar("mat_jax.precompile",
+                                                                                    default=None)
+
+
+def _current_trace() -> Any:
+  # Private: the one handle on which transformation a call is made under (jax.core has no public one).
+  return jax_core.trace_ctx.trace
 
 
 def _abstract(x: Any) -> Any:
@@ -50,37 +60,53 @@ class Program:
   def __init__(self, fun: Callable, **jit_kwargs: Any):
     self._jitted = jax.jit(fun, **jit_kwargs)
     functools.update_wrapper(self, fun)
-    # The static arguments by position and by name, each inferred from the other as jax.jit does.
-    names = list(inspect.signature(fun).parameters)
+    # The static arguments by position and by name, each inferred from the other as jax.jit does
+    # (negative positions count from the end of the signature's positional parameters).
+    parameters = inspect.signature(fun).parameters
+    names = list(parameters)
+    positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters.values())
     numbers = jit_kwargs.get("static_argnums", ())
     static_names = jit_kwargs.get("static_argnames", ())
     numbers = {numbers} if isinstance(numbers, int) else set(numbers)
+    numbers = {i + positional if i < 0 else i for i in numbers}
     static_names = {static_names} if isinstance(static_names, str) else set(static_names)
     self._static_numbers = numbers | {names.index(n) for n in static_names if n in names}
     self._static_names = static_names | {names[i] for i in numbers if i < len(names)}
 
-  def _abstract_arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The call's arguments as a lowering takes them: static ones as they are, the others abstract."""
-    return (tuple(a if i in self._static_numbers else jax.tree.map(_abstract, a) for i, a in enumerate(args)),
-            {k: v if k in self._static_names else jax.tree.map(_abstract, v) for k, v in kwargs.items()})
+  def _lowering_key(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple]:
+    """The call's arguments as a lowering takes them (static ones as they are, the others abstract), and the
+    key that tells two calls of one program apart as jax.jit's cache does (statics by their own hash)."""
+    static, abstract_args, abstract_kwargs = [], [], {}
+    for i, a in enumerate(args):
+      abstract_args.append(a if i in self._static_numbers else jax.tree.map(_abstract, a))
+      static.append(a if i in self._static_numbers else None)
+    for k, v in sorted(kwargs.items()):
+      abstract_kwargs[k] = v if k in self._static_names else jax.tree.map(_abstract, v)
+      static.append((k, v) if k in self._static_names else None)
+    dynamic = [a for i, a in enumerate(abstract_args) if i not in self._static_numbers]
+    dynamic += [(k, v) for k, v in abstract_kwargs.items() if k not in self._static_names]
+    leaves, tree = jax.tree.flatten(dynamic)
+    return tuple(abstract_args), abstract_kwargs, (id(self), tuple(static), tree, tuple(leaves))
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    collected = _collected.get()
-    if collected is not None:
-      abstract_args, abstract_kwargs = self._abstract_arguments(args, kwargs)
-      leaves, tree = jax.tree.flatten((abstract_args, abstract_kwargs))
-      key = (id(self), tree, tuple(leaves))
-      if key not in collected:
+    collecting = _collected.get()
+    if collecting is not None and _current_trace() is collecting[0]:
+      abstract_args, abstract_kwargs, key = self._lowering_key(args, kwargs)
+      if key not in collecting[1]:
         # Programs this one calls are inlined into it, not collected apart.
         token = _collected.set(None)
         try:
-          collected[key] = self._jitted.lower(*abstract_args, **abstract_kwargs)
+          collecting[1][key] = self._jitted.lower(*abstract_args, **abstract_kwargs)
         finally:
           _collected.reset(token)
     return self._jitted(*args, **kwargs)
 
   def __getattr__(self, name: str) -> Any:
     return getattr(self._jitted, name)
+
+  def __get__(self, instance: Any, owner: Any = None) -> Any:
+    # As a method, `self` bound as jax.jit binds it.
+    return self if instance is None else functools.partial(self, instance)
 
 
 def jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
@@ -96,17 +122,22 @@ def collect(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list[jax.stag
   lowering of every `precompile.jit` program `fn` calls, once per program and abstract arguments, in the
   order of their first calls."""
   collected: dict = {}
-  token = _collected.set(collected)
-  try:
-    shapes = jax.eval_shape(fn, *args, **kwargs)
-  finally:
-    _collected.reset(token)
+
+  def traced(*args: Any, **kwargs: Any) -> Any:
+    token = _collected.set((_current_trace(), collected))
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _collected.reset(token)
+
+  shapes = jax.eval_shape(traced, *args, **kwargs)
   return shapes, list(collected.values())
 
 
 def compile_all(lowerings: list[jax.stages.Lowered], *, workers: int | None = None) -> None:
   """Compile `lowerings` on up to `workers` threads (default: one per core, at most one per lowering),
-  into JAX's caches. The first error is raised once all have finished."""
+  into JAX's caches. The first error is raised once all have finished; an interrupt (Ctrl-C) at once,
+  the compilations not started yet dropped (those running finish on their threads)."""
   if not lowerings:
     return
   workers = max(1, min(len(lowerings), workers or os.cpu_count() or 1))
@@ -114,6 +145,13 @@ def compile_all(lowerings: list[jax.stages.Lowered], *, workers: int | None = No
     for lowered in lowerings:
       lowered.compile()
     return
-  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mat_jax precompile") as pool:
-    for future in [pool.submit(lowered.compile) for lowered in lowerings]:
+  pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mat_jax precompile")
+  try:
+    futures = [pool.submit(lowered.compile) for lowered in lowerings]
+    concurrent.futures.wait(futures)
+    for future in futures:
       future.result()
+  except BaseException:
+    pool.shutdown(wait=False, cancel_futures=True)
+    raise
+  pool.shutdown()

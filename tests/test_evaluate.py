@@ -629,7 +629,7 @@ def test_every_attack_of_the_registry_compiles_ahead(model_dir, monkeypatch):
   finally:
     monitoring.unregister_event_duration_listener(record)
   assert set(result["attacks"]) == set(ev.ATTACKS)
-  assert lines[0].startswith("the evaluation's ") and " programs lowered and compiled in " in lines[0], lines[0]
+  assert lines[0].startswith("the evaluation's programs (") and " lowerings) compiled in " in lines[0], lines[0]
   # Once the attacks ran, no program of the attacks, metrics or re-ranking compiled (only JAX's own small ones).
   from mat_jax import metrics, precompile, rerank
   from mat_jax.attacks import image, multimodal, runner, text
@@ -638,3 +638,53 @@ def test_every_attack_of_the_registry_compiles_ahead(model_dir, monkeypatch):
               for value in vars(module).values() if isinstance(value, precompile.Program)}
   assert {"jit(_pgd_attack)", "jit(_apgd_attack)", "jit(_defense_images)", "jit(_sep_images)"} <= programs
   assert not programs & set(compiled), compiled
+
+
+def test_committed_parameters_compile_at_the_first_calls_and_a_failed_lowering_is_said(model_dir, monkeypatch):
+  """Parameters committed to a device (restored onto a mesh) would get programs lowered without their placement
+  and compile each twice: the evaluation compiles at the first calls instead, and says so. A lowering that fails
+  where the calls would not falls back the same way, in the log or, without one, as a warning; the
+  evaluation's own checks are raised as they are."""
+  from jax import monitoring
+
+  from mat_jax import precompile
+
+  monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", "1")
+  victim = ev.load_victim(str(model_dir))
+  # A set and batch size no other test evaluates: programs the session's caches cannot hold yet.
+  kw = dict(eval_set=_EvalSet(3), attacks=("pgd",), eps_255=(2.0,), batch_size=3, progress=False,
+            settings=ev.AttackSettings(steps=1))
+  committed = dataclasses.replace(victim, params=jax.device_put(victim.params, jax.devices()[0]))
+  lines, compiled = [], []
+
+  def record(event, seconds, fun_name=None, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(fun_name)
+
+  monitoring.register_event_duration_secs_listener(record)
+  try:
+    result = ev.evaluate(committed, log=lines.append, **kw)
+  finally:
+    monitoring.unregister_event_duration_listener(record)
+  assert lines[0] == "parameters committed to devices: each of the evaluation's programs compiles at its first call"
+  assert compiled.count("jit(_pgd_attack)") == 1, compiled  # at its call only, not ahead for nothing
+  plain = ev.evaluate(victim, **kw)
+  assert result["attacks"]["pgd"]["2"]["recall"] == plain["attacks"]["pgd"]["2"]["recall"]
+
+  def failing(lowerings, **kwargs):
+    raise RuntimeError("no kernel for this\nsecond line")
+
+  monkeypatch.setattr(precompile, "compile_all", failing)
+  lines.clear()
+  ev.evaluate(victim, log=lines.append, **kw)
+  assert lines[0] == ("compiling the evaluation's programs ahead failed (RuntimeError: no kernel for this); each "
+                      "compiles at its first call")
+  with pytest.warns(RuntimeWarning, match="compiling the evaluation's programs ahead failed"):
+    ev.evaluate(victim, **kw)
+
+  def refused(lowerings, **kwargs):
+    raise ev.InputError("a check of the evaluation's inputs")
+
+  monkeypatch.setattr(precompile, "compile_all", refused)
+  with pytest.raises(ev.InputError, match="a check of the evaluation's inputs"):
+    ev.evaluate(victim, **kw)

@@ -125,3 +125,69 @@ def test_a_failed_compilation_is_raised_once_all_have_finished():
     precompile.compile_all([Failing(), Fine(), Fine()], workers=2)
   assert finished == [1, 1]
   precompile.compile_all([])  # nothing to compile
+
+
+def test_a_program_reached_inside_another_transformation_is_not_collected():
+  # Inside a jax.jit (or vmap, scan) of the collected function a program is part of that one's program: its
+  # own lowering would be compiled for nothing.
+  def computation(x):
+    return jax.jit(lambda y: _outer(y))(x) + jax.vmap(_inner)(x[None])[0] + _inner(x)
+
+  _, lowerings = precompile.collect(computation, jax.ShapeDtypeStruct((6,), jnp.float32))
+  assert [_module(lowered) for lowered in lowerings] == ["jit__inner"]
+
+
+class _Scale:
+  """A static argument hashed by identity that holds an array (jax.jit takes it as it is)."""
+
+  def __init__(self, factor):
+    self.factor = np.asarray(factor)
+
+
+@precompile.jit(static_argnums=-1)
+def _with_static_last(x, scale):
+  return x * scale.factor
+
+
+class _Model:
+  def __init__(self, shift):
+    self.shift = shift
+
+  @precompile.jit(static_argnums=0)
+  def shifted(self, x):
+    return x + self.shift
+
+
+def test_programs_take_their_arguments_as_jax_jit_does():
+  scale, x = _Scale(3.0), jnp.arange(4.0)
+  model = _Model(2.0)
+  np.testing.assert_allclose(_with_static_last(x, scale), x * 3)
+  np.testing.assert_allclose(model.shifted(x), x + 2)  # a method: self bound, as jax.jit binds it
+
+  def computation(y):
+    return _with_static_last(y, scale) + _with_static_last(y, scale) + model.shifted(y)
+
+  _, lowerings = precompile.collect(computation, jax.ShapeDtypeStruct((4,), jnp.float32))
+  assert [_module(lowered) for lowered in lowerings] == ["jit__with_static_last", "jit_shifted"]
+
+
+def test_an_interrupt_drops_the_compilations_not_started():
+  import signal
+  import time
+
+  started = []
+
+  class Slow:
+    def compile(self):
+      started.append(1)
+      time.sleep(1.0)
+
+  # Ctrl-C: SIGINT to the main thread, which waits for the compilations.
+  timer = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+  timer.start()
+  begin = time.perf_counter()
+  with pytest.raises(KeyboardInterrupt):
+    precompile.compile_all([Slow() for _ in range(8)], workers=2)
+  assert time.perf_counter() - begin < 0.9  # not after the running ones, let alone all eight
+  time.sleep(1.2)
+  assert len(started) == 2  # the two running finished; the six queued never started

@@ -28,7 +28,7 @@ program's first call meets it and reports it where it belongs.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -51,18 +51,20 @@ def later_runs_enabled() -> bool:
 
 
 class Compilation:
-  """`work` (a lowering and compilation) run on a background thread, once the compilation `after` (if any)
-  has finished: one at a time keeps a first step's compilation from sharing the cores with later work.
-  `wait()` returns once it has finished or failed (`error`)."""
+  """`work` (a lowering and compilation) run on a background thread, once the compilations `after` (one, a
+  sequence, or None) have finished: one at a time keeps a first step's compilation from sharing the cores
+  with later work. `wait()` returns once it has finished or failed (`error`)."""
 
-  def __init__(self, work: Callable[[], Any], *, name: str = "step", after: "Compilation | None" = None):
+  def __init__(self, work: Callable[[], Any], *, name: str = "step",
+               after: "Compilation | Sequence[Compilation] | None" = None):
     self.error: BaseException | None = None
-    self._thread = threading.Thread(target=self._run, args=(work, after), name=f"mat_jax compile ahead: {name}")
+    earlier = [] if after is None else [after] if isinstance(after, Compilation) else list(after)
+    self._thread = threading.Thread(target=self._run, args=(work, earlier), name=f"mat_jax compile ahead: {name}")
     self._thread.start()
 
-  def _run(self, work: Callable[[], Any], after: "Compilation | None") -> None:
-    if after is not None:
-      after.wait()
+  def _run(self, work: Callable[[], Any], earlier: "list[Compilation]") -> None:
+    for compilation in earlier:
+      compilation.wait()
     try:
       work()
     except BaseException as err:  # noqa: BLE001  the program's first call meets it and reports it

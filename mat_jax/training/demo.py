@@ -151,7 +151,7 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   loop.ensure_cached_run("shapes_clip", log=log, mesh_spec=mesh_spec)
 
   evaluation_inputs = evaluating = None
-  if ahead.later_runs_enabled():
+  if ahead.enabled():
     # The later fine-tunings' steps compile beside the first one's while it trains (on an accelerator a
     # first run's most costly part; training/ahead.py), and then the evaluation's programs. What the
     # evaluation's lowering needs from the device (the masked LM's candidates) is made first: on a CPU a
@@ -159,10 +159,11 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
     stand_in = runs.model_from_config(mat_config)
     evaluation_inputs = _evaluation_inputs(mat_config, builder, stand_in[1], eval_images)
     lower_evaluation = _evaluation_lowering(stand_in, *evaluation_inputs)
-    compiling = None
-    for name, later in list(configs.items())[1:]:
-      if not runs.is_trained(workdir / DEMO_MODELS[name]):
-        compiling = loop.compile_run_ahead(later, mesh_spec=mesh_spec, log=log)
+    # A later run's own step reaches it through the persistent cache; the evaluation, in this process, does not
+    # need one.
+    compiling = [loop.compile_run_ahead(later, mesh_spec=mesh_spec, log=log)
+                 for name, later in list(configs.items())[1:]
+                 if ahead.later_runs_enabled() and not runs.is_trained(workdir / DEMO_MODELS[name])]
     evaluating = ahead.Compilation(lambda: precompile.compile_all(lower_evaluation()), name="evaluation",
                                    after=compiling)
   models: dict[str, Any] = {}
