@@ -688,3 +688,11 @@ def test_committed_parameters_compile_at_the_first_calls_and_a_failed_lowering_i
   monkeypatch.setattr(precompile, "compile_all", refused)
   with pytest.raises(ev.InputError, match="a check of the evaluation's inputs"):
     ev.evaluate(victim, **kw)
+
+
+def test_a_mistyped_compile_ahead_setting_stops_the_command_before_any_work(model_dir, monkeypatch, capsys):
+  monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", "sometimes")
+  loaded = []
+  monkeypatch.setattr(ev, "load_victim", lambda *a, **kw: loaded.append(1))
+  assert evaluate_cli.main(["--model", str(model_dir), "--attacks", "pgd", "--no-progress"]) != 0
+  assert "MAT_JAX_COMPILE_AHEAD='sometimes'" in capsys.readouterr().err and loaded == []
