@@ -26,6 +26,7 @@ import contextvars
 import functools
 import inspect
 import os
+import threading
 from typing import Any, Callable
 
 import jax
@@ -134,20 +135,26 @@ def collect(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list[jax.stag
   return shapes, list(collected.values())
 
 
-def compile_all(lowerings: list[jax.stages.Lowered], *, workers: int | None = None) -> None:
+def compile_all(lowerings: list[jax.stages.Lowered], *, workers: int | None = None,
+                stop: threading.Event | None = None) -> None:
   """Compile `lowerings` on up to `workers` threads (default: one per core, at most one per lowering),
   into JAX's caches. The first error is raised once all have finished; an interrupt (Ctrl-C) at once,
-  the compilations not started yet dropped (those running finish on their threads)."""
+  the compilations not started yet dropped (those running finish on their threads). Once `stop` is set
+  (by another thread: this one's caller has stopped), no further compilation starts."""
+  def compile_one(lowered: jax.stages.Lowered) -> None:
+    if stop is None or not stop.is_set():
+      lowered.compile()
+
   if not lowerings:
     return
   workers = max(1, min(len(lowerings), workers or os.cpu_count() or 1))
   if workers == 1:
     for lowered in lowerings:
-      lowered.compile()
+      compile_one(lowered)
     return
   pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mat_jax precompile")
   try:
-    futures = [pool.submit(lowered.compile) for lowered in lowerings]
+    futures = [pool.submit(compile_one, lowered) for lowered in lowerings]
     concurrent.futures.wait(futures)
     for future in futures:
       future.result()

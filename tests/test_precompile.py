@@ -191,3 +191,23 @@ def test_an_interrupt_drops_the_compilations_not_started():
   assert time.perf_counter() - begin < 0.9  # not after the running ones, let alone all eight
   time.sleep(1.2)
   assert len(started) == 2  # the two running finished; the six queued never started
+
+
+def test_once_stopped_no_further_compilation_starts():
+  import time
+
+  stop, started, both = threading.Event(), [], threading.Barrier(2)
+
+  class Slow:
+    def compile(self):
+      started.append(1)
+      if len(started) <= 2:
+        both.wait(timeout=10)  # the two workers' first compilations both under way
+      stop.set()  # as the thread that started the compilations would, having stopped meanwhile
+      time.sleep(0.1)
+
+  precompile.compile_all([Slow() for _ in range(6)], workers=2, stop=stop)
+  assert len(started) == 2  # the two that had started; the four queued were dropped
+  started.clear()
+  precompile.compile_all([Slow()], workers=1, stop=stop)
+  assert started == []

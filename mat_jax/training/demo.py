@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -151,6 +152,7 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   loop.ensure_cached_run("shapes_clip", log=log, mesh_spec=mesh_spec)
 
   evaluation_inputs = evaluating = None
+  stopped = threading.Event()
   if ahead.enabled():
     # The later fine-tunings' steps compile beside the first one's while it trains (on an accelerator a
     # first run's most costly part; training/ahead.py), and then the evaluation's programs. What the
@@ -164,18 +166,22 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
     compiling = [loop.compile_run_ahead(later, mesh_spec=mesh_spec, log=log)
                  for name, later in list(configs.items())[1:]
                  if ahead.later_runs_enabled() and not runs.is_trained(workdir / DEMO_MODELS[name])]
-    evaluating = ahead.Compilation(lambda: precompile.compile_all(lower_evaluation()), name="evaluation",
-                                   after=compiling)
+    evaluating = ahead.Compilation(lambda: precompile.compile_all(lower_evaluation(), stop=stopped),
+                                   name="evaluation", after=compiling)
   models: dict[str, Any] = {}
-  for i, (name, config) in enumerate(configs.items()):
-    run_dir = workdir / DEMO_MODELS[name]
-    if evaluating is not None and objectives.make(config.objective).needs_text_candidates:
-      # No compilation beside a run whose input pipeline runs the masked LM beside its steps
-      # (docs/performance.md#compiling-ahead-of-the-first-call).
-      evaluating.wait()
-    log(f"{clock()} 3/4 ({i + 1}/{len(configs)}) {name}: experiments/{DEMO_MODELS[name]}.py into {run_dir}")
-    loop.train(config, run_dir, mesh_spec=mesh_spec, log=log, evaluate=False, progress=progress)
-    models[name] = runs.restore_model(run_dir)
+  try:
+    for i, (name, config) in enumerate(configs.items()):
+      run_dir = workdir / DEMO_MODELS[name]
+      if evaluating is not None and objectives.make(config.objective).needs_text_candidates:
+        # No compilation beside a run whose input pipeline runs the masked LM beside its steps
+        # (docs/performance.md#compiling-ahead-of-the-first-call).
+        evaluating.wait()
+      log(f"{clock()} 3/4 ({i + 1}/{len(configs)}) {name}: experiments/{DEMO_MODELS[name]}.py into {run_dir}")
+      loop.train(config, run_dir, mesh_spec=mesh_spec, log=log, evaluate=False, progress=progress)
+      models[name] = runs.restore_model(run_dir)
+  except BaseException:
+    stopped.set()  # an interrupted or failed demo does not wait at its exit for every evaluation program
+    raise
   if evaluating is not None:
     evaluating.wait()
 
