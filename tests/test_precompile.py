@@ -182,12 +182,20 @@ def test_an_interrupt_drops_the_compilations_not_started():
       started.append(1)
       time.sleep(1.0)
 
-  # Ctrl-C: SIGINT to the main thread, which waits for the compilations.
+  # Ctrl-C: SIGINT to the main thread, which waits for the compilations, with Python's own handler (a test
+  # before may have left another, as a training run's stop handler or pytest-xdist's worker do).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
   timer = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
   timer.start()
   begin = time.perf_counter()
-  with pytest.raises(KeyboardInterrupt):
-    precompile.compile_all([Slow() for _ in range(8)], workers=2)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      precompile.compile_all([Slow() for _ in range(8)], workers=2)
+  finally:
+    timer.join()
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    signal.signal(signal.SIGINT, previous)
   assert time.perf_counter() - begin < 0.9  # not after the running ones, let alone all eight
   time.sleep(1.2)
   assert len(started) == 2  # the two running finished; the six queued never started
