@@ -171,8 +171,8 @@ def test_programs_take_their_arguments_as_jax_jit_does():
   assert [_module(lowered) for lowered in lowerings] == ["jit__with_static_last", "jit_shifted"]
 
 
-def test_an_interrupt_drops_the_compilations_not_started():
-  import signal
+def test_an_interrupt_drops_the_compilations_not_started(monkeypatch):
+  import concurrent.futures
   import time
 
   started = []
@@ -182,21 +182,16 @@ def test_an_interrupt_drops_the_compilations_not_started():
       started.append(1)
       time.sleep(1.0)
 
-  # Ctrl-C: SIGINT to the main thread, which waits for the compilations, with Python's own handler (a test
-  # before may have left another, as a training run's stop handler or pytest-xdist's worker do).
-  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-  blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-  timer = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-  timer.start()
+  def interrupted_wait(futures, *args, **kwargs):
+    time.sleep(0.2)
+    raise KeyboardInterrupt  # Ctrl-C reaches the thread waiting for the compilations here
+
+  monkeypatch.setattr(concurrent.futures, "wait", interrupted_wait)
   begin = time.perf_counter()
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      precompile.compile_all([Slow() for _ in range(8)], workers=2)
-  finally:
-    timer.join()
-    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    signal.signal(signal.SIGINT, previous)
+  with pytest.raises(KeyboardInterrupt):
+    precompile.compile_all([Slow() for _ in range(8)], workers=2)
   assert time.perf_counter() - begin < 0.9  # not after the running ones, let alone all eight
+  monkeypatch.undo()
   time.sleep(1.2)
   assert len(started) == 2  # the two running finished; the six queued never started
 
