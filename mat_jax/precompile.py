@@ -25,13 +25,14 @@ import concurrent.futures
 import contextvars
 import functools
 import inspect
-import os
 import threading
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax._src import core as jax_core
+
+from mat_jax import processes
 
 # On this thread inside `collect`: (the trace of the function being collected, its lowerings by program and
 # abstract arguments); None outside `collect`.
@@ -137,7 +138,8 @@ def collect(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list[jax.stag
 
 def compile_all(lowerings: list[jax.stages.Lowered], *, workers: int | None = None,
                 stop: threading.Event | None = None) -> None:
-  """Compile `lowerings` on up to `workers` threads (default: one per core, at most one per lowering),
+  """Compile `lowerings` on up to `workers` threads (default: one per core this process may run on, at most one
+  per lowering),
   into JAX's caches. The first error is raised once all have finished; an interrupt (Ctrl-C) at once,
   the compilations not started yet dropped (those running finish on their threads). Once `stop` is set
   (by another thread: this one's caller has stopped), no further compilation starts."""
@@ -147,7 +149,7 @@ def compile_all(lowerings: list[jax.stages.Lowered], *, workers: int | None = No
 
   if not lowerings:
     return
-  workers = max(1, min(len(lowerings), workers or os.cpu_count() or 1))
+  workers = max(1, min(len(lowerings), workers or processes.usable_cores()))
   if workers == 1:
     for lowered in lowerings:
       compile_one(lowered)
