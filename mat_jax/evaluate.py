@@ -174,6 +174,11 @@ def _float_images(eval_set, indices: np.ndarray) -> np.ndarray:
   return pipeline.float_pixels(np.asarray(eval_set.images)[indices])
 
 
+def _float_images_shape(eval_set, n_images: int) -> jax.ShapeDtypeStruct:
+  """What `_float_images` gives for `n_images` images, as a shape (nothing read)."""
+  return jax.ShapeDtypeStruct((n_images,) + tuple(np.shape(eval_set.images)[1:]), np.float32)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -357,7 +362,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
   stages = [attack_spec(a, settings, _eps_pixels(e)).text_stage for a, e in runs]
   shared_stages = {st for st in stages if st is not None and stages.count(st) > 1}
 
-  def attack_batch(run, stage, victims, batch, batch_key, text):
+  def attack_batch(run, victims, batch, batch_key, text):
     """One batch of one run on the device: the attack, then the target's features of its images (and their
     tokens for ITM). -> (adversarial images or None, their embeddings, text result, the batch's candidates)."""
     (attack, eps), (attacking, scoring) = run, victims
@@ -371,19 +376,23 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
         tokens = rerank.batch_image_tokens(scoring.encoder, scoring.params, adv_images)
     return adv_images, embedded, tokens, text_result, batch_cands
 
+  # Parameters committed to devices (restored onto a mesh; host ones, put on the device above, are not): the
+  # lowerings would be for parameters without a placement, the calls' for theirs, and each program would
+  # compile twice. Such an evaluation compiles each program at its first call.
+  committed = _committed(target.params) or _committed(attacker.params)
+
   def lowerings():
-    images = jax.ShapeDtypeStruct((n_images,) + tuple(np.shape(eval_set.images)[1:]), np.float32)
-    return (metrics.retrieval_lowerings(target.encoder, target.params, images, target_tokens.input_ids,
-                                        target_tokens.attention_mask, image_batch=batch_size)
+    if committed:
+      return []
+    return (metrics.retrieval_lowerings(target.encoder, target.params, _float_images_shape(eval_set, n_images),
+                                        target_tokens.input_ids, target_tokens.attention_mask, image_batch=batch_size)
             + _attack_lowerings(attack_batch, runs, stages, shared_stages, attacker, target, batches[0], key))
 
   if lowering_only:
     return lowerings
   if runtime.compile_ahead_enabled():
     started = time.perf_counter()
-    if _committed(target.params) or _committed(attacker.params):
-      # The lowerings would be for parameters without a placement, the calls' for theirs: each program
-      # would compile twice. (Parameters restored onto a mesh are committed; host ones are not.)
+    if committed:
       done = "parameters committed to devices: each of the evaluation's programs compiles at its first call"
     else:
       try:
@@ -440,7 +449,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
       stage_key = (stage, batch_index) if stage in shared_stages else None
       # Straight from the device: the adversarial pixels never visit the host.
       adv_images, embedded, tokens, text_result, batch_cands = attack_batch(
-          (attack, eps), stage, (attacker, target), batch, batch_key, stage_results.get(stage_key))
+          (attack, eps), (attacker, target), batch, batch_key, stage_results.get(stage_key))
       if stage_key is not None:
         stage_results[stage_key] = text_result
       real = slice(0, batch.count)
@@ -521,7 +530,7 @@ def clean_scoring_compilation(encoder: DualEncoder, tokenizer: Tokenizer, eval_s
   (host arrays, as a training run's evaluation passes them: no sharding), only lowers and compiles
   (`metrics.retrieval_lowerings`). The attacks' programs are not among them."""
   n_images = len(eval_set.images)
-  images = jax.ShapeDtypeStruct((n_images,) + tuple(np.shape(eval_set.images)[1:]), np.float32)  # _float_images
+  images = _float_images_shape(eval_set, n_images)
   tokens = tokenizer([str(c) for c in eval_set.captions])
   ids, mask = (jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
                for a in (tokens.input_ids, tokens.attention_mask))
@@ -545,7 +554,7 @@ def _attack_lowerings(attack_batch: Callable, runs: list[tuple[str, float | None
       victims = (victims[0], victims[0])
     stage_results = {}
     for run, stage in zip(runs, stages, strict=True):
-      text_result = attack_batch(run, stage, victims, batch, batch_key, stage_results.get(stage))[3]
+      text_result = attack_batch(run, victims, batch, batch_key, stage_results.get(stage))[3]
       if stage in shared_stages:
         stage_results.setdefault(stage, text_result)
 

@@ -18,7 +18,6 @@ array for the attacked images' (twice that).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

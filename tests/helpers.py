@@ -1,8 +1,10 @@
 """Constants and small stand-ins shared by the test files (imported as `helpers`: pytest puts tests/ on sys.path)."""
 
+import contextlib
 import dataclasses
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -135,3 +137,20 @@ class DiesInWorkers:
     if os.getpid() != self.maker:
       os._exit(137)
     return self.source[index]
+
+
+@contextlib.contextmanager
+def compiled_programs():
+  """The names of the programs XLA compiles (or the persistent cache loads) while the context is open, on any
+  thread, in order (`jit(name)`, as JAX's monitoring reports them)."""
+  names: list[str] = []
+
+  def record(event, seconds, fun_name=None, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      names.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(record)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(record)

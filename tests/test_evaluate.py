@@ -505,60 +505,54 @@ def test_mesh_is_where_a_missing_cached_model_trains(tmp_path, monkeypatch, task
   assert asked == [("shapes", "2")]
 
 
+# The programs of the demo's attacks, and of the clean scoring (as JAX's monitoring names them).
+_ATTACK_PROGRAMS = {"jit(_pgd_attack)", "jit(_compiled_text_attack)", "jit(caption_guides)", "jit(_sga_images)"}
+_CLEAN_SCORING_PROGRAMS = {"jit(image_embeddings)", "jit(text_embeddings)", "jit(_ranks)"}
+
+
 @pytest.mark.parametrize("setting", ["1", "0"])
 def test_an_evaluation_compiles_its_programs_before_its_first_attack(model_dir, monkeypatch, setting):
   """Before its first attack an evaluation lowers every program its runs will call (the attacks' at the batch
   shape, the adversarial images' features, the clean scoring) and compiles them at once
   (MAT_JAX_COMPILE_AHEAD, on by default): its attacks then compile nothing of their own. Off, they do (so
   the check can fail)."""
-  from jax import monitoring
-
   from mat_jax import precompile
   from mat_jax.attacks import candidates as candidates_lib
 
   monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", setting)
-  phase, compiled = ["before"], {"before": [], "ahead": [], "attacks": []}
-
-  def record(event, seconds, fun_name=None, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled[phase[0]].append(fun_name)
-
+  marks = {}  # where in the compiled programs' list the compilation ahead and the attacks begin
   compile_all = precompile.compile_all
 
   def recorded_compile_all(lowerings, **kwargs):
-    phase[0] = "ahead"
+    marks["ahead"] = len(compiled)
     compile_all(lowerings, **kwargs)
-    phase[0] = "attacks"
+    marks["attacks"] = len(compiled)
 
-  monkeypatch.setattr(precompile, "compile_all", recorded_compile_all)
   real = ev._attack_batch
 
   def attack_batch(*args):
-    if phase[0] == "before" and _concrete(args[1].params):  # the first attack, with nothing compiled ahead
-      phase[0] = "attacks"
+    if "attacks" not in marks and _concrete(args[1].params):  # the first attack, with nothing compiled ahead
+      marks["ahead"] = marks["attacks"] = len(compiled)
     return real(*args)
 
+  monkeypatch.setattr(precompile, "compile_all", recorded_compile_all)
   monkeypatch.setattr(ev, "_attack_batch", attack_batch)
   # Set and batch sizes no other test evaluates: programs the session's caches cannot hold yet.
   images, batch_size = (7, 7) if setting == "1" else (9, 9)
-  monitoring.register_event_duration_secs_listener(record)
-  try:
+  with helpers.compiled_programs() as compiled:
     result = ev.evaluate(ev.load_victim(str(model_dir)), eval_set=_EvalSet(images),
                          attacks=("pgd", "bert", "co", "sga"), eps_255=(2.0,), batch_size=batch_size, progress=False,
                          settings=ev.AttackSettings(steps=2),
                          text_source=candidates_lib.LexiconSource(shapes.substitution_table()))
-  finally:
-    monitoring.unregister_event_duration_listener(record)
   assert set(result["attacks"]) == {"pgd", "bert", "co", "sga"}
-  attacks = {"jit(_pgd_attack)", "jit(_compiled_text_attack)", "jit(_co_images)", "jit(caption_guides)",
-             "jit(_sga_images)"}
-  clean_scoring = {"jit(image_embeddings)", "jit(text_embeddings)", "jit(_ranks)"}
+  ahead, attacking = compiled[marks["ahead"]:marks["attacks"]], compiled[marks["attacks"]:]
+  attacks = _ATTACK_PROGRAMS | {"jit(_co_images)"}
   if setting == "1":
-    assert attacks <= set(compiled["ahead"]), compiled  # (the clean scoring's, unless a test compiled them)
-    assert compiled["ahead"].count("jit(_compiled_text_attack)") == 2  # BERT-Attack's and SGA's objectives
-    assert not (attacks | clean_scoring) & set(compiled["attacks"]), compiled
+    assert attacks <= set(ahead), compiled  # (the clean scoring's, unless a test compiled them)
+    assert ahead.count("jit(_compiled_text_attack)") == 2  # BERT-Attack's and SGA's objectives
+    assert not (attacks | _CLEAN_SCORING_PROGRAMS) & set(attacking), compiled
   else:
-    assert compiled["ahead"] == [] and attacks <= set(compiled["attacks"]), compiled
+    assert ahead == [] and attacks <= set(attacking), compiled
 
 
 def test_programs_lowered_for_one_model_serve_the_evaluation_of_another_of_its_architecture(model_dir, monkeypatch):
@@ -566,78 +560,54 @@ def test_programs_lowered_for_one_model_serve_the_evaluation_of_another_of_its_a
   for one loaded model and compiled are those an evaluation of another model of the same architecture and
   parameter dtypes calls (here a second load of the checkpoint with other weights), which then compiles no
   program of the attacks or the clean scoring."""
-  from jax import monitoring
-
   from mat_jax import precompile
   from mat_jax.attacks import candidates as candidates_lib
 
   monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", "0")  # the evaluation below compiles nothing ahead itself
   kw = dict(eval_set=_EvalSet(8), attacks=("pgd", "bert", "sga"), eps_255=(2.0,), batch_size=8, progress=False,
             settings=ev.AttackSettings(steps=2), text_source=candidates_lib.LexiconSource(shapes.substitution_table()))
-  stand_in = ev.load_victim(str(model_dir))
-  lower = ev.evaluate(stand_in, lowering_only=True, **kw)
-  compiled = []
-
-  def record(event, seconds, fun_name=None, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(fun_name)
-
-  monitoring.register_event_duration_secs_listener(record)
-  try:
+  lower = ev.evaluate(ev.load_victim(str(model_dir)), lowering_only=True, **kw)
+  with helpers.compiled_programs() as compiled:
     lowerings = lower()
     assert compiled == []  # lowered only
     precompile.compile_all(lowerings)
     ahead = list(compiled)
-    compiled.clear()
     loaded = ev.load_victim(str(model_dir))
     other = dataclasses.replace(loaded, params=jax.tree.map(lambda p: p * 1.01, loaded.params))
     ev.evaluate(other, **kw)
-  finally:
-    monitoring.unregister_event_duration_listener(record)
-  attacks = {"jit(_pgd_attack)", "jit(_compiled_text_attack)", "jit(caption_guides)", "jit(_sga_images)"}
-  clean_scoring = {"jit(image_embeddings)", "jit(text_embeddings)", "jit(_ranks)"}
-  assert attacks <= set(ahead), ahead  # (the clean scoring's too, unless another test compiled them)
-  assert not (attacks | clean_scoring) & set(compiled), compiled
+  assert _ATTACK_PROGRAMS <= set(ahead), ahead  # (the clean scoring's too, unless another test compiled them)
+  assert not (_ATTACK_PROGRAMS | _CLEAN_SCORING_PROGRAMS) & set(compiled[len(ahead):]), compiled
 
 
 def test_every_attack_of_the_registry_compiles_ahead(model_dir, monkeypatch):
   """Each attack's programs lower from the abstract trace (a host-side step that needed concrete values would
   make the evaluation fall back to compiling at the first calls, which it logs) and are the programs its
   batches then call."""
-  from jax import monitoring
-
+  from mat_jax import metrics, precompile, rerank
   from mat_jax.attacks import candidates as candidates_lib
+  from mat_jax.attacks import image, multimodal, runner, text
 
   monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", "1")
-  lines, compiled, attacking = [], [], []
+  lines, attacks_began = [], []  # where in the compiled programs' list the first attack began
   real = ev._attack_batch
 
   def attack_batch(*args):
-    attacking.append(_concrete(args[1].params))
+    if not attacks_began and _concrete(args[1].params):
+      attacks_began.append(len(compiled))
     return real(*args)
 
-  def record(event, seconds, fun_name=None, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration" and any(attacking):
-      compiled.append(fun_name)
-
   monkeypatch.setattr(ev, "_attack_batch", attack_batch)
-  monitoring.register_event_duration_secs_listener(record)
-  try:
+  with helpers.compiled_programs() as compiled:
     result = ev.evaluate(ev.load_victim(str(model_dir)), eval_set=_EvalSet(5), attacks=ev.ATTACKS, eps_255=(2.0,),
                          batch_size=5, progress=False, settings=ev.AttackSettings(steps=1, apgd_steps=2),
                          text_source=candidates_lib.LexiconSource(shapes.substitution_table()), log=lines.append)
-  finally:
-    monitoring.unregister_event_duration_listener(record)
   assert set(result["attacks"]) == set(ev.ATTACKS)
   assert lines[0].startswith("the evaluation's programs (") and " lowerings) compiled in " in lines[0], lines[0]
   # Once the attacks ran, no program of the attacks, metrics or re-ranking compiled (only JAX's own small ones).
-  from mat_jax import metrics, precompile, rerank
-  from mat_jax.attacks import image, multimodal, runner, text
-
   programs = {f"jit({value.__name__})" for module in (metrics, rerank, image, multimodal, runner, text)
               for value in vars(module).values() if isinstance(value, precompile.Program)}
   assert {"jit(_pgd_attack)", "jit(_apgd_attack)", "jit(_defense_images)", "jit(_sep_images)"} <= programs
-  assert not programs & set(compiled), compiled
+  assert not programs & set(compiled[attacks_began[0]:]), compiled
 
 
 def test_committed_parameters_compile_at_the_first_calls_and_a_failed_lowering_is_said(model_dir, monkeypatch):
@@ -645,8 +615,6 @@ def test_committed_parameters_compile_at_the_first_calls_and_a_failed_lowering_i
   and compile each twice: the evaluation compiles at the first calls instead, and says so. A lowering that fails
   where the calls would not falls back the same way, in the log or, without one, as a warning; the
   evaluation's own checks are raised as they are."""
-  from jax import monitoring
-
   from mat_jax import precompile
 
   monkeypatch.setenv("MAT_JAX_COMPILE_AHEAD", "1")
@@ -655,17 +623,9 @@ def test_committed_parameters_compile_at_the_first_calls_and_a_failed_lowering_i
   kw = dict(eval_set=_EvalSet(3), attacks=("pgd",), eps_255=(2.0,), batch_size=3, progress=False,
             settings=ev.AttackSettings(steps=1))
   committed = dataclasses.replace(victim, params=jax.device_put(victim.params, jax.devices()[0]))
-  lines, compiled = [], []
-
-  def record(event, seconds, fun_name=None, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(fun_name)
-
-  monitoring.register_event_duration_secs_listener(record)
-  try:
+  lines = []
+  with helpers.compiled_programs() as compiled:
     result = ev.evaluate(committed, log=lines.append, **kw)
-  finally:
-    monitoring.unregister_event_duration_listener(record)
   assert lines[0] == "parameters committed to devices: each of the evaluation's programs compiles at its first call"
   assert compiled.count("jit(_pgd_attack)") == 1, compiled  # at its call only, not ahead for nothing
   plain = ev.evaluate(victim, **kw)

@@ -9,25 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import monitoring
 
 from mat_jax import precompile
 
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+import helpers
 
 
 @pytest.fixture
 def compiled():
   """The names of the programs XLA compiles (or the persistent cache loads) while the test runs."""
-  names: list[str] = []
-
-  def record(event, seconds, fun_name=None, **kwargs):
-    if event == BACKEND_COMPILE:
-      names.append(fun_name)
-
-  monitoring.register_event_duration_secs_listener(record)
-  yield names
-  monitoring.unregister_event_duration_listener(record)
+  with helpers.compiled_programs() as names:
+    yield names
 
 
 @precompile.jit(static_argnums=2)
