@@ -196,9 +196,12 @@ def test_evaluate_and_an_objective_make_the_same_adversarial_batch(scene_batch, 
     np.testing.assert_array_equal(np.asarray(adv["images"]), images)
   if spec.attacks_text:
     np.testing.assert_array_equal(np.asarray(adv["input_ids"]).reshape(B * K, -1), np.asarray(text.input_ids))
-    assert float(adv["text_changed"]) > 0
+    changed = np.asarray(text.changed_words[:, 0] >= 0, np.float32).reshape(adv["input_ids"].shape[:-1])
+    np.testing.assert_array_equal(np.asarray(adv["text_changed"]), changed)  # per caption, as the captions
+    assert changed.any()
   else:
-    assert text is None and float(adv["text_changed"]) == 0
+    assert text is None and adv["text_changed"].shape == adv["input_ids"].shape[:-1]
+    assert not np.asarray(adv["text_changed"]).any()
 
 
 def test_apgd_on_the_batch_captions_leaves_padding_slots_out(scene_batch):

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from mat_jax import config as config_lib
+from mat_jax import precompile
 from mat_jax import runs
 from mat_jax import mesh as mesh_lib
 from mat_jax.training import inputs, loop, setup
 from mat_jax.training import step as step_lib
 
-from helpers import MICRO
+from helpers import MICRO, compiled_programs
 
 BATCH = 8
 # Cheap attacks: one PGD step (MAVA/FARE inner loops run on every call of the loss).
@@ -74,7 +75,7 @@ def _steps(world, objective, towers, k, spec="8", count=2):
 def test_two_steps_on_8_devices(world, devices, name):
   objective, towers, k = OBJECTIVES[name]
   run, fn, state, history = _steps(world, objective, towers, k)
-  assert fn._cache_size() == 1
+  assert fn.cache_size() == 1
   assert int(state.step) == 2 and int(state.bad_step) == -1
   assert all(np.isfinite(h["loss"]) for h in history)
   roots = {}
@@ -99,7 +100,7 @@ def test_matplus_on_8_devices_matches_one_device_and_its_attacks_raise_the_loss(
   objective = {"name": "matplus", "steps": 2, "eps": 16 / 255, "step_size": 8 / 255, "clean_weight": 1.0}
   run, fn, state8, history8 = _steps(world, objective, "all", 2, "8")
   _, _, state1, history1 = _steps(world, objective, "all", 2, "1")
-  assert fn._cache_size() == 1
+  assert fn.cache_size() == 1
   for h in history8:
     # The adversarial pairs (1-word text attack, then 2-step PGD guided by it) are harder than clean ones.
     assert h["adv_i2t_loss"] + h["adv_t2i_loss"] > 2 * h["clean_loss"]
@@ -111,3 +112,42 @@ def test_matplus_on_8_devices_matches_one_device_and_its_attacks_raise_the_loss(
   assert np.linalg.norm(update1) > 0
   assert np.linalg.norm(update8 - update1) <= 1e-5 * np.linalg.norm(update1)
   np.testing.assert_allclose([h["loss"] for h in history8], [h["loss"] for h in history1], rtol=1e-5)
+
+
+def test_an_adversarial_step_is_the_attacks_program_then_the_updates_compiled_together(world, devices, monkeypatch):
+  """MAT's step runs its inner attack and its update as two programs, which its first call compiles at once
+  (one `compile_all` of both; the calls then compile nothing), and computes what the objective's whole loss
+  computes in one program. A clean objective's step is the update's program alone."""
+  root, model, tokenizer, batches = world
+  objective = {"name": "mat", "steps": 2, "eps": 16 / 255, "step_size": 8 / 255}
+  run = loop.build_run(_config(root, objective), root / "two", mesh_spec="1", model=model, tokenizer=tokenizer,
+                       log=lambda _: None)
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable), run.shardings,
+                         run.mesh)
+  assert len(fn.programs) == 2
+  state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, run.shardings)
+  batch = mesh_lib.global_batch(batches[1], run.mesh)
+  # What the step should compute: the objective's loss, attack included, as one program, at the step's key.
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  whole_loss, whole_metrics = jax.jit(lambda p, b, k: run.objective.loss(run.encoder, p, b, k))(state.params, batch,
+                                                                                                 key)
+  compile_all, compiled_together = precompile.compile_all, []
+
+  def recording_compile_all(lowerings, **kwargs):
+    compiled_together.append(len(lowerings))
+    return compile_all(lowerings, **kwargs)
+
+  monkeypatch.setattr(precompile, "compile_all", recording_compile_all)
+  state, metrics = fn(state, batch, None)
+  assert compiled_together == [2]
+  with compiled_programs() as compiled:
+    state, _ = fn(state, batch, None)
+    jax.block_until_ready(state)
+  assert compiled == [] and compiled_together == [2] and fn.cache_size() == 1
+  np.testing.assert_allclose(float(metrics["loss"]), float(whole_loss), rtol=1e-5)
+  assert float(metrics["text_changed"]) == float(whole_metrics["text_changed"]) > 0
+
+  clean = loop.build_run(_config(root, {"name": "contrastive"}), root / "one", mesh_spec="1", model=model,
+                         tokenizer=tokenizer, log=lambda _: None)
+  assert len(step_lib.jit_step(step_lib.make_step_fn(clean.encoder, clean.objective, clean.tx, clean.is_trainable),
+                               clean.shardings, clean.mesh).programs) == 1

@@ -93,7 +93,7 @@ def one_device(case):
 def test_two_steps_on_8_devices_match_one_device(case, one_device, devices):
   run, batch = case
   fn, state, losses = _two_steps(run, batch, "8")
-  assert fn._cache_size() == 1  # compiled once for both steps
+  assert fn.cache_size() == 1  # compiled once for both steps
   assert int(state.step) == 2 and int(state.bad_step) == -1
   update = _update(state.params, run.params)
   reference, reference_losses = one_device
@@ -607,8 +607,8 @@ def _programs_obtained_in_first_step(config, workdir, monkeypatch):
     step_fn, reference = make_train_step(run)
 
     class FirstCallRecorded:
-      def lower(self, *args):
-        return step_fn.lower(*args)
+      def compile(self, *args):
+        return step_fn.compile(*args)
 
       def __call__(self, *args):
         calls.append(1)

@@ -26,7 +26,8 @@ events XLA records for the profiler while it compiles (its pass pipelines and pa
 cubin, autotuning), read from a profile of that first call.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
-with MAT's objective (1-word text attack, 2-step PGD, AdamW), 10-step L-inf PGD on the paired-caption
+with MAT's objective (1-word text attack, 2-step PGD, AdamW; its attack's and its update's programs, compiled
+at once as the step's first call compiles them), 10-step L-inf PGD on the paired-caption
 cosine (`attacks.image.pgd_attack`), and SGA (`attacks.multimodal.set_guidance_attack`) on shapes-world images
 and captions with paraphrase (synonym-table) candidates.
 """
@@ -54,7 +55,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mat_jax import errors, runtime
+from mat_jax import errors, precompile, runtime
 from mat_jax import mesh as mesh_lib
 from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
@@ -66,7 +67,8 @@ from mat_jax.models import CLIP, layers, split
 from mat_jax.models.clip import COMPUTE_DTYPES, PRESETS, resolve_dtype
 
 PROGRAMS = ("mat_step", "pgd", "sga")
-# What a cross-compilation (--target) can compile: programs that are one jitted call.
+# What a cross-compilation (--target) can compile: programs whose jitted calls can be lowered from abstract
+# arguments (the MAT step's two, PGD's one).
 TARGET_PROGRAMS = ("mat_step", "pgd")
 # The attacks' budget in PGD and SGA.
 _BUDGET = {"eps": 2 / 255, "step_size": 0.5 / 255, "steps": 10}
@@ -526,7 +528,8 @@ def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
 
 def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False, dump: str | None = None,
                        passes: bool = False) -> float:
-  """Seconds to lower a program (`lower()`: tracing and lowering) and compile it for its devices, as the
+  """Seconds to lower a program (`lower()`: tracing and lowering; a list of lowerings for a program made of
+  several, compiled at once as its first call compiles them) and compile it for its devices, as the
   first call of `_first_minus_steady` counts them, nothing run: for compile-only devices. The phases go to
   details[f"{name}_{phase}"], the compilation's CPU seconds in this process to details[f"{name}_cpu"]
   (XLA:GPU runs `ptxas` in processes of its own, which are not counted there); with `kernels`, the kernels
@@ -538,9 +541,11 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False, d
   with _recording_phases() as phases, _profiling(passes) as events:
     start = time.perf_counter()
     lowered = lower()
+    lowerings = lowered if isinstance(lowered, list) else [lowered]
     compiling, compiling_cpu = time.perf_counter(), time.process_time()
-    compiled = lowered.compile()
+    precompile.compile_all(lowerings)  # a program of several (the MAT step's) compiles as the step does
     end, end_cpu = time.perf_counter(), time.process_time()
+  compiled = [lowered.compile() for lowered in lowerings]  # the executables compile_all made
   if passes:
     details[f"{name}_passes"] = events
   # A compile-only client's compilation may report no duration event of its own: its wall time is the phase.
@@ -548,12 +553,14 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False, d
   details.update({f"{name}_{phase}": seconds for phase, seconds in phases.items()})
   details[f"{name}_cpu"] = end_cpu - compiling_cpu
   if kernels:
-    text = compiled.as_text() if dump is None else cross_compile.final_module(dump, compiled.as_text())
-    details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in cross_compile.loop_traffic(text)]
-    details[f"{name}_program_kernels"] = [dataclasses.astuple(g)
-                                          for g in cross_compile.loop_traffic(text, whole_program=True)]
+    texts = [c.as_text() if dump is None else cross_compile.final_module(dump, c.as_text()) for c in compiled]
+    # The heaviest loop is the first program's (the MAT step's attack: a PGD step); the whole program's
+    # kernels are every program's.
+    details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in cross_compile.loop_traffic(texts[0])]
+    details[f"{name}_program_kernels"] = [dataclasses.astuple(g) for g in cross_compile.merged(
+        [cross_compile.loop_traffic(text, whole_program=True) for text in texts])]
     details[f"{name}_sources"] = [dataclasses.astuple(g) for g in
-                                  cross_compile.loop_traffic(text, by_source=True)[:HEAVIEST_SOURCES]]
+                                  cross_compile.loop_traffic(texts[0], by_source=True)[:HEAVIEST_SOURCES]]
   return end - start
 
 

@@ -333,6 +333,18 @@ class KernelGroup:
   source: str = ""  # with by_source: the operation and result shape its kernels share (_kernel_source)
 
 
+def merged(groups: list[list[KernelGroup]]) -> list[KernelGroup]:
+  """Several programs' kernel groups (`loop_traffic`'s) as one program's: summed by kind and source, most
+  bytes first."""
+  totals: dict[tuple[str, str], list[int]] = {}
+  for group in (g for program in groups for g in program):
+    total = totals.setdefault((group.kind, group.source), [0, 0])
+    total[0] += group.kernels
+    total[1] += group.bytes
+  return sorted((KernelGroup(kind, kernels, moved, source) for (kind, source), (kernels, moved) in totals.items()),
+                key=lambda g: -g.bytes)
+
+
 def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = False) -> list[KernelGroup]:
   """The kernels one iteration of the heaviest loop of an optimized XLA:GPU or XLA:TPU module launches (the
   program's outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has

@@ -89,6 +89,10 @@ def _mat_step_fn(encoder, meta):
   return step_lib.make_step_fn(encoder, objective, tx, is_trainable, schedule), tx, is_trainable
 
 
+# The MAT step's programs, in the order it calls them (`step.TrainStep`).
+STEP_PROGRAMS = ("attack", "update")
+
+
 def mat_train_step(encoder, params, meta):
   """The train step of `python -m mat_jax.train` with MAT's objective (1-word text attack, 2-step PGD at
   2/255, AdamW) on a one-device mesh: (the jitted step, its initial state, the mesh)."""
@@ -111,13 +115,14 @@ def host_lowered_flops(encoder, params, meta, batch: dict) -> float:
   except RuntimeError:
     return 0.0
   counting, _ = split(runs.with_options(encoder.merge(params), attention="einsum"))
-  return _flops(lower_mat_step(counting, params, meta, batch, mesh_lib.make_mesh(1, devices=cpu)).cost_analysis())
+  lowerings = lower_mat_step(counting, params, meta, batch, mesh_lib.make_mesh(1, devices=cpu))
+  return sum(_flops(lowered.cost_analysis()) for lowered in lowerings)
 
 
-def lower_mat_step(encoder, params, meta, batch: dict, mesh):
+def lower_mat_step(encoder, params, meta, batch: dict, mesh) -> list:
   """The MAT step of `mat_train_step` lowered for `mesh` from abstract arguments (params and the host batch
-  give only shapes and dtypes: nothing is allocated or compiled), as the loop calls it; `mesh` may be of
-  compile-only devices (`bench.cross_compile`)."""
+  give only shapes and dtypes: nothing is allocated or compiled), as the loop calls it: its programs'
+  lowerings, the attack's then the update's; `mesh` may be of compile-only devices (`bench.cross_compile`)."""
   step_fn, tx, is_trainable = _mat_step_fn(encoder, meta)
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
   abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, 0), params)
@@ -127,8 +132,8 @@ def lower_mat_step(encoder, params, meta, batch: dict, mesh):
   return step_lib.jit_step(step_fn, shardings, mesh).lower(state, batch, None)
 
 
-def memory_summary(compiled) -> str:
-  """What XLA allocates for a compiled program, from its memory analysis (the call that compiled it
+def memory_summary(compiled, name: str = "step") -> str:
+  """What XLA allocates for a compiled program (`name`), from its memory analysis (the call that compiled it
   cached the executable: this compiles nothing)."""
   stats = compiled.memory_analysis()
   if stats is None:
@@ -136,7 +141,7 @@ def memory_summary(compiled) -> str:
   def mib(n: int) -> str:
     return f"{n / 2 ** 20:,.1f} MiB"
 
-  return (f"compiled step's memory: {mib(stats.temp_size_in_bytes)} temporaries (activations and workspace), "
+  return (f"compiled {name}'s memory: {mib(stats.temp_size_in_bytes)} temporaries (activations and workspace), "
           f"{mib(stats.argument_size_in_bytes)} arguments, {mib(stats.output_size_in_bytes)} outputs, "
           f"{mib(stats.alias_size_in_bytes)} of them donated")
 
@@ -444,14 +449,15 @@ def run(args: argparse.Namespace) -> int:
   # reuses them) and XLA's compilation, or its load from the persistent cache when that holds the program.
   # The FLOP count itself is off the clock: `python -m mat_jax.train` never makes it.
   start = time.perf_counter()
-  lowered = step.lower(state, device_batch, None)
+  lowerings = step.lower(state, device_batch, None)
   traced_and_lowered = time.perf_counter() - start
-  flops = _flops(lowered.cost_analysis())
+  flops = sum(_flops(lowered.cost_analysis()) for lowered in lowerings)
   start = time.perf_counter()
   common.block(jax_step())
   first_call = traced_and_lowered + time.perf_counter() - start
   counted_by = "XLA count"
-  print(f"mat_jax: {memory_summary(lowered.compile())}", flush=True)
+  for name, lowered in zip(STEP_PROGRAMS, lowerings, strict=True):
+    print(f"mat_jax: {memory_summary(lowered.compile(), name)}", flush=True)
   if flops == 0:  # after the first call's clock: this traces and lowers the step once more
     flops, counted_by = host_lowered_flops(encoder, params, meta, batch), "XLA count of the step lowered for the CPU"
   cache = runtime.compilation_cache_dir()
@@ -481,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
   else:
     print("\nmat_jax: FLOPs not counted (this backend's cost analysis returns none for the lowered step, and JAX "
           "has no CPU backend to lower it for; leave cpu in JAX_PLATFORMS)")
-  print(f"compilations of the train step in this run: {step._cache_size()} (one batch shape)")
+  print(f"compilations of the train step in this run: {step.cache_size()} (one batch shape)")
   load.print()
   return 0
 

@@ -11,6 +11,14 @@ objectives that anchor to it (FARE, MAVA; `needs_reference`), else None. Inner a
 `jax.lax.stop_gradient(params)`: adversarial examples are inputs of the outer loss, not functions of
 the parameters (as in every reference implementation).
 
+An adversarial objective's loss is its two parts, which the train step compiles as two programs
+(`mat_jax.training.step`):
+
+    adversarial(encoder, params, batch, key, reference) -> adversarial batch     (the inner attack)
+    outer_loss(encoder, params, batch, adv, key, reference) -> (loss, metrics)   (what is differentiated)
+
+and `loss` is `outer_loss` of `adversarial`'s batch. An objective without an inner attack defines `loss`.
+
 `batch` is the device batch: `images` (B, H, W, 3) in [0, 1], `input_ids`/`attention_mask` (B, L) or
 (B, K, L), `image_ids` (B,), and for objectives with a text attack (`needs_text_candidates`) the
 candidate arrays the input pipeline attached (see `mat_jax.training.inputs`).
@@ -66,9 +74,25 @@ class Objective:
     spec = self.inner_attack()
     return spec is not None and spec.attacks_text
 
+  def adversarial(self, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array], key: jax.Array,
+                  reference: nnx.State | None = None) -> dict[str, jax.Array]:
+    """The inner attack's adversarial batch (`attack_batch`), the parameters (and the reference) as the
+    attack's constants. Only for an objective with an inner attack."""
+    frozen_reference = None if reference is None else frozen(reference)
+    return attack_batch(self, encoder, frozen(params), batch, key, frozen_reference)[1]
+
+  def outer_loss(self, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array],
+                 adv: dict[str, jax.Array], key: jax.Array,
+                 reference: nnx.State | None = None) -> tuple[jax.Array, Metrics]:
+    """The loss on the clean batch and `adversarial`'s batch `adv`, differentiated by the train step."""
+    raise NotImplementedError(f"objective {type(self).__name__} has an inner attack and defines no outer_loss")
+
   def loss(self, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array],
            key: jax.Array, reference: nnx.State | None = None) -> tuple[jax.Array, Metrics]:
-    raise NotImplementedError
+    if self.inner_attack() is None:
+      raise NotImplementedError(f"objective {type(self).__name__} defines no loss")
+    adv = self.adversarial(encoder, params, batch, key, reference)
+    return self.outer_loss(encoder, params, batch, adv, key, reference)
 
 
 def internal(default: Any = None) -> Any:
@@ -96,8 +120,9 @@ def attack_batch(objective: Objective, encoder: DualEncoder, params: nnx.State, 
   """Run the objective's inner attack on the batch (params are the attack's constants, see `frozen`).
 
   Returns the attack's result and the adversarial batch shaped like the clean one: images, input_ids,
-  attention_mask (clean where the attack leaves a modality alone) and text_changed (the fraction of
-  captions the text attack changed; 0 without one).
+  attention_mask (clean where the attack leaves a modality alone) and text_changed (1.0 for each caption
+  the text attack changed, else 0.0; shaped as the captions, input_ids less its last axis). Every array
+  has the batch's leading axis, so the adversarial batch is split over the mesh as the batch is.
   """
   spec = objective.inner_attack()
   ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -105,9 +130,9 @@ def attack_batch(objective: Objective, encoder: DualEncoder, params: nnx.State, 
   inputs = AttackInputs(batch["images"], ids, mask, image_ids=batch.get("image_ids"), candidates=candidates)
   result = run_attack(spec, encoder, params, inputs, key, reference)
   adv = {"images": batch["images"] if result.images is None else result.images, "input_ids": ids,
-         "attention_mask": mask, "text_changed": jnp.zeros((), jnp.float32)}
+         "attention_mask": mask, "text_changed": jnp.zeros(ids.shape[:-1], jnp.float32)}
   if result.text is not None:
     adv["input_ids"] = result.text.input_ids.reshape(ids.shape)
     adv["attention_mask"] = result.text.attention_mask.reshape(ids.shape)
-    adv["text_changed"] = jnp.mean((result.text.changed_words[:, 0] >= 0).astype(jnp.float32))
+    adv["text_changed"] = (result.text.changed_words[:, 0] >= 0).astype(jnp.float32).reshape(ids.shape[:-1])
   return result, adv

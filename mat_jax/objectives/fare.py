@@ -36,12 +36,17 @@ class FARE(base.Objective):
   def inner_attack(self):
     return base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size)
 
-  def loss(self, encoder, params, batch, key, reference=None):
+  def adversarial(self, encoder, params, batch, key, reference=None):
+    if reference is None:
+      raise ValueError("FARE needs the frozen original parameters (reference)")
+    return super().adversarial(encoder, params, batch, key, reference)
+
+  def outer_loss(self, encoder, params, batch, adv, key, reference=None):
+    del key
     if reference is None:
       raise ValueError("FARE needs the frozen original parameters (reference)")
     images = batch["images"]
     target = encoder.image_features(base.frozen(reference), images)
-    _, adv = base.attack_batch(self, encoder, base.frozen(params), batch, key, base.frozen(reference))
     distance = jnp.sum(jnp.square(encoder.image_features(params, adv["images"]) - target), axis=-1)
     loss = jnp.mean(distance)
     clean = jnp.mean(jnp.sum(jnp.square(encoder.image_features(base.frozen(params), images) - target), -1))

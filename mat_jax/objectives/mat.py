@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from mat_jax.attacks import spec as attack_specs
 from mat_jax.errors import InputError
 from mat_jax.objectives import base
@@ -69,10 +71,9 @@ class MAT(base.Objective):
                        "objective.attack='mat', or leave objective.guided at true")
     return spec.replace(kind="separate")
 
-  def loss(self, encoder, params, batch, key, reference=None):
-    del reference
+  def outer_loss(self, encoder, params, batch, adv, key, reference=None):
+    del key, reference
     image_ids = batch.get("image_ids")
-    _, adv = base.attack_batch(self, encoder, base.frozen(params), batch, key)
     loss, metrics = batch_clip_loss(encoder, params, adv["images"], adv["input_ids"], adv["attention_mask"],
                                     image_ids, self.one_to_one)
     metrics = {f"adv_{k}": v for k, v in metrics.items()}
@@ -81,7 +82,7 @@ class MAT(base.Objective):
                                       image_ids, self.one_to_one)
       metrics["clean_loss"] = clean_loss
       loss = loss + self.clean_weight * clean_loss
-    metrics["text_changed"] = adv["text_changed"]
+    metrics["text_changed"] = jnp.mean(adv["text_changed"])
     metrics["temperature"] = encoder.temperature(params)
     return loss, metrics
 

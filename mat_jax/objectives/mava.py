@@ -57,19 +57,23 @@ class MAVA(base.Objective):
     return base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size,
                              neighbours=self.neighbours, beta=self.beta)
 
-  def loss(self, encoder, params, batch, key, reference=None):
+  # The step's key: its first half draws the attack's numbers, its second the outer loss's neighbours.
+  def adversarial(self, encoder, params, batch, key, reference=None):
+    if reference is None:
+      raise ValueError("MAVA needs the frozen original parameters (reference)")
+    return super().adversarial(encoder, params, batch, jax.random.split(key)[0], reference)
+
+  def outer_loss(self, encoder, params, batch, adv, key, reference=None):
     if reference is None:
       raise ValueError("MAVA needs the frozen original parameters (reference)")
     images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
-    attack_params = base.frozen(params)
     clean_original = encoder.image_features(base.frozen(reference), images)
     # The outer loss's caption features from `params`: with the published vision-only training the text
     # tower is frozen and they are constants; with train.towers=all CMS trains the text tower too.
     captions = l2_normalize(encoder.text_features(params, ids, mask))
     if captions.ndim == 2:
       captions = captions[:, None, :]
-    attack_key, outer_key = jax.random.split(key)
-    _, adv = base.attack_batch(self, encoder, attack_params, batch, attack_key, base.frozen(reference))
+    outer_key = jax.random.split(key)[1]
     cms, vsse = mava_terms(encoder, params, adv["images"], outer_key, clean_original, captions,
                            neighbours=self.neighbours, radius=self.beta * self.eps)
     sca = 0.5 * jnp.sum(jnp.square(encoder.image_features(params, images) - clean_original), axis=-1)

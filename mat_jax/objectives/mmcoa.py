@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from mat_jax.attacks import spec as attack_specs
 from mat_jax.objectives import base
 from mat_jax.objectives.contrastive import batch_clip_loss
@@ -45,11 +47,10 @@ class MMCoA(base.Objective):
     return base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size,
                              max_changes=self.text_changes)
 
-  def loss(self, encoder, params, batch, key, reference=None):
-    del reference
+  def outer_loss(self, encoder, params, batch, adv, key, reference=None):
+    del key, reference
     images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
     image_ids = batch.get("image_ids")
-    _, adv = base.attack_batch(self, encoder, base.frozen(params), batch, key)
     text_loss, text_metrics = batch_clip_loss(encoder, params, images, adv["input_ids"], adv["attention_mask"],
                                               image_ids)
     image_loss, image_metrics = batch_clip_loss(encoder, params, adv["images"], ids, mask, image_ids)
@@ -58,4 +59,4 @@ class MMCoA(base.Objective):
     loss = self.text_weight * text_loss + self.image_weight * image_loss
     return loss, {"adv_text_loss": text_loss, "adv_image_loss": image_loss,
                   "adv_text_i2t_acc": text_metrics["i2t_acc"], "adv_image_i2t_acc": image_metrics["i2t_acc"],
-                  "text_changed": adv["text_changed"], "temperature": encoder.temperature(params)}
+                  "text_changed": jnp.mean(adv["text_changed"]), "temperature": encoder.temperature(params)}

@@ -37,9 +37,8 @@ class TeCoA(base.Objective):
   def inner_attack(self):
     return base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size)
 
-  def loss(self, encoder, params, batch, key, reference=None):
-    del reference
-    _, adv = base.attack_batch(self, encoder, base.frozen(params), batch, key)
+  def outer_loss(self, encoder, params, batch, adv, key, reference=None):
+    del key, reference
     loss, metrics = batch_clip_loss(encoder, params, adv["images"], batch["input_ids"], batch["attention_mask"],
                                     batch.get("image_ids"))
     if not self.symmetric:

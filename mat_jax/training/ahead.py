@@ -124,7 +124,7 @@ def compile_step(run: Any, step_fn: Any, reference: Any, builder: Any, *, mesh_s
 def step_compilation(run: Any, step_fn: Any, reference: Any, builder: Any) -> Callable[[], Any]:
   """The lowering and compilation of the run's step as work for a thread; its batch is made here."""
   batch = abstract_batch(run, builder)
-  return lambda: step_fn.lower(abstract_state(run), batch, reference).compile()
+  return lambda: step_fn.compile(abstract_state(run), batch, reference)
 
 
 # Steps of runs not started yet being compiled (`compile_run_ahead`), by `_run_key`.

@@ -1,11 +1,20 @@
-"""The train state and the one jitted train step that serves every objective.
+"""The train state and the jitted train step that serves every objective.
 
     step(state, batch, reference) -> (state, metrics)
 
-(inner attacks inside the objective) + loss + gradient with respect to the trainable towers + Optax
-update, compiled once per batch shape, data-parallel (and FSDP) through the shardings of its inputs and
-outputs, with the state's buffers donated. The per-step key is `fold_in(state.rng, state.step)`, so a
-resumed run draws exactly the numbers an uninterrupted run draws.
+(inner attack) + loss + gradient with respect to the trainable towers + Optax update, compiled once per
+batch shape, data-parallel (and FSDP) through the shardings of its inputs and outputs, with the state's
+buffers donated. The per-step key is `fold_in(state.rng, state.step)`, so a resumed run draws exactly the
+numbers an uninterrupted run draws.
+
+An objective with an inner attack runs as two programs: the attack's, which makes the adversarial batch
+from the state's parameters (`Objective.adversarial`), then the update's, which differentiates the outer
+loss (`Objective.outer_loss`) and applies the optimizer. The attack's parameters are constants of the
+outer gradient, so nothing crosses the boundary but the adversarial batch, and the two are dispatched one
+after the other with no host synchronisation between them. Two programs compile at once, each on a thread
+(`precompile.compile_all`), where one would compile on one thread: XLA's passes over a program are mostly
+sequential, and the ViT-B/16 MAT step's attack and update each take about half of the whole step's
+compilation (docs/performance.md#compile-time).
 
 Non-finite loss or gradient norm: the update is skipped (the parameters stay the last good ones) and
 `state.bad_step` records the first such step; the loop reads it when it reads the metrics, so there is
@@ -15,6 +24,7 @@ no extra host synchronisation per step. An update that makes a parameter non-fin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -25,7 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mat_jax import checks, runtime
+from mat_jax import checks, precompile, runtime
 from mat_jax import mesh as mesh_lib
 from mat_jax.models import DualEncoder
 from mat_jax.objectives import Objective
@@ -113,17 +123,35 @@ def create_state(params: nnx.State, tx: optax.GradientTransformation, is_trainab
   return make(params, np.asarray(seed_key_data(seed)))  # host values: as every process has them
 
 
-def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientTransformation,
-                 is_trainable, schedule: optax.Schedule | None = None):
-  """The pure train step (not yet jitted)."""
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+  """The pure train step's programs (not yet jitted): `attack(state, batch, reference) -> adversarial batch`,
+  None for an objective without an inner attack, and `update(state, batch, adv, reference) -> (state,
+  metrics)`, where `adv` is the attack's batch (None without one)."""
+  attack: Callable | None
+  update: Callable
 
-  def step_fn(state: TrainState, batch: dict[str, jax.Array], reference: nnx.State | None):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientTransformation,
+                 is_trainable, schedule: optax.Schedule | None = None) -> StepFunctions:
+  """The pure train step (not yet jitted; `jit_step` compiles it)."""
+
+  def step_key(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def attack(state: TrainState, batch: dict[str, jax.Array], reference: nnx.State | None):
+    return objective.adversarial(encoder, state.params, batch, step_key(state), reference)
+
+  def update(state: TrainState, batch: dict[str, jax.Array], adv: dict[str, jax.Array] | None,
+             reference: nnx.State | None):
+    key = step_key(state)
     trainable, frozen = nnx.split_state(state.params, is_trainable, ...)
 
     def loss_fn(trainable_params):
       params = nnx.merge_state(trainable_params, frozen)
-      return objective.loss(encoder, params, batch, key, reference)
+      if adv is None:
+        return objective.loss(encoder, params, batch, key, reference)
+      return objective.outer_loss(encoder, params, batch, adv, key, reference)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     # The gradient's norm is finite iff every gradient is and their squares do not overflow float32 (a
@@ -133,17 +161,17 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def update(trainable, opt_state):
+    def apply(trainable, opt_state):
       updates, opt_state = tx.update(grads, opt_state, trainable)
       # The learned temperature stays in its model's range, as CLIP's and BLIP's trainers keep it.
       return encoder.clamp_logit_scale(optax.apply_updates(trainable, updates)), opt_state
 
     # A non-finite step changes nothing but the counters: the parameters stay the last good ones.
     if _skip_with_conditional():
-      new_trainable, opt_state = jax.lax.cond(finite, update, lambda *old: old, trainable, state.opt_state)
+      new_trainable, opt_state = jax.lax.cond(finite, apply, lambda *old: old, trainable, state.opt_state)
     else:
       new_trainable, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                              update(trainable, state.opt_state), (trainable, state.opt_state))
+                                              apply(trainable, state.opt_state), (trainable, state.opt_state))
     good = finite & checks.all_finite(new_trainable)
     new_state = TrainState(
         step=state.step + 1,
@@ -157,7 +185,9 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
       metrics["learning_rate"] = schedule(state.step)
     return new_state, metrics
 
-  return step_fn
+  # An objective without an inner attack (or any object with a `loss` alone) is the update's program only.
+  has_attack = getattr(objective, "inner_attack", lambda: None)() is not None
+  return StepFunctions(attack if has_attack else None, update)
 
 
 def _skip_with_conditional() -> bool:
@@ -168,10 +198,63 @@ def _skip_with_conditional() -> bool:
   return runtime.program_backend() == "cpu"
 
 
-def jit_step(step_fn, shardings: TrainState, mesh: Mesh, reference_shardings: Any = None):
+class TrainStep:
+  """The jitted train step `(state, batch, reference) -> (state, metrics)` of `StepFunctions`: the attack's
+  program (the state's parameters read, nothing donated) then the update's (the state donated, kept in its
+  shardings; the batch and the adversarial batch split over the batch axes). At its first call for a batch
+  shape, or ahead of it (`compile`), the programs compile at once, each on a thread."""
+
+  def __init__(self, functions: StepFunctions, shardings: TrainState, mesh: Mesh, reference_shardings: Any = None):
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    self._attack = None
+    if functions.attack is not None:
+      self._attack = jax.jit(functions.attack, in_shardings=(shardings, batch_sh, reference_shardings),
+                             out_shardings=batch_sh)
+    self._update = jax.jit(functions.update, donate_argnums=(0,),
+                           in_shardings=(shardings, batch_sh, batch_sh, reference_shardings),
+                           out_shardings=(shardings, mesh_lib.replicated(mesh)))
+    self._batch_sharding = batch_sh
+    self._compiled_for: set = set()
+
+  @property
+  def programs(self) -> tuple:
+    """The jitted programs, in the order a step calls them."""
+    return (self._update,) if self._attack is None else (self._attack, self._update)
+
+  def lower(self, state: Any, batch: dict, reference: Any = None) -> list[jax.stages.Lowered]:
+    """The lowerings of the step's programs for these arguments (arrays, or ShapeDtypeStructs with their
+    shardings, as the call's arguments will have them); nothing is compiled."""
+    if self._attack is None:
+      return [self._update.lower(state, batch, None, reference)]
+    attack = self._attack.lower(state, batch, reference)
+    # The adversarial batch as the attack's call gives it: in the batch's sharding.
+    adv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding),
+                       attack.out_info)
+    return [attack, self._update.lower(state, batch, adv, reference)]
+
+  def compile(self, state: Any, batch: dict, reference: Any = None) -> None:
+    """Compile the step's programs for these arguments at once into JAX's caches, where the calls find them."""
+    precompile.compile_all(self.lower(state, batch, reference))
+    self._compiled_for.add(_batch_signature(batch))
+
+  def __call__(self, state: TrainState, batch: dict, reference: Any = None) -> tuple[TrainState, dict]:
+    if self._attack is None:
+      return self._update(state, batch, None, reference)
+    signature = _batch_signature(batch)
+    if signature not in self._compiled_for:  # a new batch shape: its two programs compile at once
+      self.compile(state, batch, reference)
+    adv = self._attack(state, batch, reference)
+    return self._update(state, batch, adv, reference)
+
+  def cache_size(self) -> int:
+    """How many times the step was compiled: each program's compilations (one per batch shape each)."""
+    return max(program._cache_size() for program in self.programs)
+
+
+def _batch_signature(batch: dict) -> tuple:
+  return tuple((key, tuple(value.shape), str(value.dtype)) for key, value in sorted(batch.items()))
+
+
+def jit_step(functions: StepFunctions, shardings: TrainState, mesh: Mesh, reference_shardings: Any = None) -> TrainStep:
   """Compile boundary: state donated and kept in its shardings, batch split over the batch axes."""
-  batch_sh = mesh_lib.batch_sharding(mesh)
-  replicated = mesh_lib.replicated(mesh)
-  return jax.jit(step_fn, donate_argnums=(0,),
-                 in_shardings=(shardings, batch_sh, reference_shardings),
-                 out_shardings=(shardings, replicated))
+  return TrainStep(functions, shardings, mesh, reference_shardings)
