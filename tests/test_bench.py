@@ -523,3 +523,12 @@ def test_bench_compile_passes_the_models_options_to_the_measuring_process(tmp_pa
   assert bench_compile.run(args) == 0
   assert commands[0][-3:] == ["--scan-layers", "--remat", "dots_saveable"]
   assert " with scan_layers, remat dots_saveable, batch " in capsys.readouterr().out.splitlines()[0]
+
+
+def test_bench_compile_counts_programs_compiled_at_once_by_their_wall_seconds():
+  # The MAT step's two programs compile on two threads at once: a phase's seconds are its events' joined
+  # time spans, not their sum.
+  from mat_jax.bench import compile as compile_bench
+
+  assert compile_bench._joined_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.75)]) == 4.0
+  assert compile_bench._joined_seconds([]) == 0.0

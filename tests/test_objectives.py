@@ -138,8 +138,10 @@ def test_an_adversarial_step_is_the_attacks_program_then_the_updates_compiled_to
     return compile_all(lowerings, **kwargs)
 
   monkeypatch.setattr(precompile, "compile_all", recording_compile_all)
-  state, metrics = fn(state, batch, None)
-  assert compiled_together == [2]
+  with compiled_programs() as first:
+    state, metrics = fn(state, batch, None)
+    jax.block_until_ready(state)
+  assert compiled_together == [2] and sorted(first) == ["jit(attack)", "jit(update)"], first
   with compiled_programs() as compiled:
     state, _ = fn(state, batch, None)
     jax.block_until_ready(state)

@@ -357,19 +357,34 @@ _PHASE_EVENTS = {"tracing": "/jax/core/compile/jaxpr_trace_duration",
 
 @contextlib.contextmanager
 def _recording_phases() -> Iterator[dict[str, float]]:
-  """The seconds of each of `_PHASE_EVENTS` that JAX reports within the context, summed by phase."""
+  """The wall seconds of each of `_PHASE_EVENTS` that JAX reports within the context, by phase, in the dict
+  it yields once the context exits: the events' time spans joined, so that programs compiled at once on
+  several threads (the MAT step's two) count the seconds they took together, not their sum."""
   phases = dict.fromkeys(_PHASE_EVENTS, 0.0)
   phase_of = {event: phase for phase, event in _PHASE_EVENTS.items()}
+  spans: dict[str, list[tuple[float, float]]] = {phase: [] for phase in _PHASE_EVENTS}
 
   def listen(event: str, seconds: float, **kwargs) -> None:
-    if event in phase_of:
-      phases[phase_of[event]] += seconds
+    if event in phase_of:  # reported as the event ends, on the thread that ran it
+      end = time.perf_counter()
+      spans[phase_of[event]].append((end - seconds, end))
 
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     yield phases
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
+    phases.update({phase: _joined_seconds(intervals) for phase, intervals in spans.items()})
+
+
+def _joined_seconds(intervals: list[tuple[float, float]]) -> float:
+  """The length of the union of (start, end) intervals."""
+  total, reach = 0.0, float("-inf")
+  for start, end in sorted(intervals):
+    if end > reach:
+      total += end - max(start, reach)
+      reach = end
+  return total
 
 
 @contextlib.contextmanager

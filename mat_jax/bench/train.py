@@ -1,4 +1,4 @@
-"""`python -m mat_jax.bench train`: one MAT training step, mat_jax (one jitted step) vs PyTorch.
+"""`python -m mat_jax.bench train`: one MAT training step, mat_jax (its jitted step) vs PyTorch.
 
 A randomly initialised transformers `CLIPModel` (ViT-B/16 by default) is saved and loaded into mat_jax,
 so both sides train the same weights on the same batch (shapes-world images resized to the model's

@@ -1,7 +1,8 @@
 """The objective interface shared by every defense, so that one jitted train step serves them all.
 
 An objective is a frozen dataclass: its fields are the static hyper-parameters (hashable, so they are
-part of the compiled step's identity) and `loss` is a pure function
+part of the compiled step's identity) and `loss` is a pure function (for an objective with an inner
+attack, the composition of two, below, which the train step calls apart)
 
     loss(encoder, params, batch, key, reference) -> (scalar loss, metrics dict of scalars)
 

@@ -61,13 +61,15 @@ class MAVA(base.Objective):
   def adversarial(self, encoder, params, batch, key, reference=None):
     if reference is None:
       raise ValueError("MAVA needs the frozen original parameters (reference)")
-    return super().adversarial(encoder, params, batch, jax.random.split(key)[0], reference)
+    adv = super().adversarial(encoder, params, batch, jax.random.split(key)[0], reference)
+    # The original model's clean features, which the attack's program computes anyway (XLA shares them),
+    # passed on to the outer loss rather than computed again there.
+    return dict(adv, reference_features=encoder.image_features(base.frozen(reference), batch["images"]))
 
   def outer_loss(self, encoder, params, batch, adv, key, reference=None):
-    if reference is None:
-      raise ValueError("MAVA needs the frozen original parameters (reference)")
+    del reference
     images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
-    clean_original = encoder.image_features(base.frozen(reference), images)
+    clean_original = adv["reference_features"]
     # The outer loss's caption features from `params`: with the published vision-only training the text
     # tower is frozen and they are constants; with train.towers=all CMS trains the text tower too.
     captions = l2_normalize(encoder.text_features(params, ids, mask))

@@ -202,7 +202,8 @@ class TrainStep:
   """The jitted train step `(state, batch, reference) -> (state, metrics)` of `StepFunctions`: the attack's
   program (the state's parameters read, nothing donated) then the update's (the state donated, kept in its
   shardings; the batch and the adversarial batch split over the batch axes). At its first call for a batch
-  shape, or ahead of it (`compile`), the programs compile at once, each on a thread."""
+  shape, or ahead of it (`compile`), the programs compile at once, each on a thread; with
+  `MAT_JAX_COMPILE_AHEAD=0`, each at its first call, one after the other."""
 
   def __init__(self, functions: StepFunctions, shardings: TrainState, mesh: Mesh, reference_shardings: Any = None):
     batch_sh = mesh_lib.batch_sharding(mesh)
@@ -214,7 +215,8 @@ class TrainStep:
                            in_shardings=(shardings, batch_sh, batch_sh, reference_shardings),
                            out_shardings=(shardings, mesh_lib.replicated(mesh)))
     self._batch_sharding = batch_sh
-    self._compiled_for: set = set()
+    # The batches' signatures (`_batch_signature`) whose programs were compiled, or left to their calls.
+    self._prepared: set = set()
 
   @property
   def programs(self) -> tuple:
@@ -235,14 +237,16 @@ class TrainStep:
   def compile(self, state: Any, batch: dict, reference: Any = None) -> None:
     """Compile the step's programs for these arguments at once into JAX's caches, where the calls find them."""
     precompile.compile_all(self.lower(state, batch, reference))
-    self._compiled_for.add(_batch_signature(batch))
+    self._prepared.add(_batch_signature(batch))
 
   def __call__(self, state: TrainState, batch: dict, reference: Any = None) -> tuple[TrainState, dict]:
     if self._attack is None:
       return self._update(state, batch, None, reference)
     signature = _batch_signature(batch)
-    if signature not in self._compiled_for:  # a new batch shape: its two programs compile at once
-      self.compile(state, batch, reference)
+    if signature not in self._prepared:  # a new batch shape: its two programs compile at once
+      self._prepared.add(signature)
+      if runtime.compile_ahead_enabled():
+        self.compile(state, batch, reference)
     adv = self._attack(state, batch, reference)
     return self._update(state, batch, adv, reference)
 
@@ -251,8 +255,12 @@ class TrainStep:
     return max(program._cache_size() for program in self.programs)
 
 
-def _batch_signature(batch: dict) -> tuple:
-  return tuple((key, tuple(value.shape), str(value.dtype)) for key, value in sorted(batch.items()))
+def _batch_signature(batch: Any) -> tuple:
+  """What tells the step's compilations apart, of what changes between calls: the batch's structure and
+  its leaves' shapes, dtypes and shardings (the state's and the reference's are the run's throughout)."""
+  leaves, structure = jax.tree.flatten(batch)
+  return structure, tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf).__name__)),
+                           getattr(leaf, "sharding", None)) for leaf in leaves)
 
 
 def jit_step(functions: StepFunctions, shardings: TrainState, mesh: Mesh, reference_shardings: Any = None) -> TrainStep:
