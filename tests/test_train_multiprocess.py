@@ -1,4 +1,4 @@
-"""A 2-process run (jax.distributed on localhost, 4 CPU devices each) makes the same update as one
+"""A 2-process run (jax.distributed on localhost, 4 CPU devices each) of TeCoA makes the same update as one
 process with 8 devices; the processes stop at one step when their signals come at different steps, and
 wait for process 0's final evaluation before they exit. The workers are this file run as a script
 (imports come after XLA_FLAGS is set)."""
@@ -30,6 +30,8 @@ def _config(root):
       "train": {"batch_size": BATCH, "steps": 2, "log_every": 1, "checkpoint_every": 2},
       "optimizer": {"name": "sgd", "momentum": 0.0, "learning_rate": 0.5},
       "schedule": {"name": "constant"},
+      # An objective with an inner attack: its step is two programs, which both processes compile and run.
+      "objective": {"name": "tecoa", "steps": 1},
   })
 
 
