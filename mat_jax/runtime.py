@@ -129,7 +129,7 @@ def cudnn_length_multiple() -> int:
 
 def compile_ahead_enabled() -> bool:
   """`MAT_JAX_COMPILE_AHEAD`: whether programs may be compiled before their first call (a run's step on a
-  thread while the run sets up, an adversarial step's two programs at once at its first call, an
+  thread while the run sets up, a step's programs at once at its first call, an
   evaluation's programs at once before its first attack): on unless 0 (off, false, no); another value is
   an error naming the choices."""
   value = os.environ.get("MAT_JAX_COMPILE_AHEAD", "1").strip().lower()

@@ -526,7 +526,7 @@ def test_bench_compile_passes_the_models_options_to_the_measuring_process(tmp_pa
 
 
 def test_bench_compile_counts_programs_compiled_at_once_by_their_wall_seconds():
-  # The MAT step's two programs compile on two threads at once: a phase's seconds are its events' joined
+  # The MAT step's programs compile on threads at once: a phase's seconds are its events' joined
   # time spans, not their sum.
   from mat_jax.bench import compile as compile_bench
 

@@ -114,17 +114,18 @@ def test_matplus_on_8_devices_matches_one_device_and_its_attacks_raise_the_loss(
   np.testing.assert_allclose([h["loss"] for h in history8], [h["loss"] for h in history1], rtol=1e-5)
 
 
-def test_an_adversarial_step_is_the_attacks_program_then_the_updates_compiled_together(world, devices, monkeypatch):
-  """MAT's step runs its inner attack and its update as two programs, which its first call compiles at once
-  (one `compile_all` of both; the calls then compile nothing), and computes what the objective's whole loss
-  computes in one program. A clean objective's step is the update's program alone."""
+def test_an_adversarial_step_is_its_parts_programs_compiled_together(world, devices, monkeypatch):
+  """MAT's step runs its text attack, its image attack, its gradient and its optimizer update as four programs,
+  which its first call compiles at once (one `compile_all` of all four; the calls then compile nothing), and
+  computes what the objective's whole loss computes in one program. An attack without a text stage of its
+  own (TeCoA's) is one program, and a clean objective's step the gradient's and the update's alone."""
   root, model, tokenizer, batches = world
   objective = {"name": "mat", "steps": 2, "eps": 16 / 255, "step_size": 8 / 255}
   run = loop.build_run(_config(root, objective), root / "two", mesh_spec="1", model=model, tokenizer=tokenizer,
                        log=lambda _: None)
   fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable), run.shardings,
                          run.mesh)
-  assert len(fn.programs) == 2
+  assert len(fn.programs) == 4
   state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, run.shardings)
   batch = mesh_lib.global_batch(batches[1], run.mesh)
   # What the step should compute: the objective's loss, attack included, as one program, at the step's key.
@@ -141,15 +142,18 @@ def test_an_adversarial_step_is_the_attacks_program_then_the_updates_compiled_to
   with compiled_programs() as first:
     state, metrics = fn(state, batch, None)
     jax.block_until_ready(state)
-  assert compiled_together == [2] and sorted(first) == ["jit(attack)", "jit(update)"], first
+  assert compiled_together == [4], compiled_together
+  assert sorted(first) == ["jit(apply)", "jit(attack)", "jit(gradient)", "jit(text_stage)"], first
   with compiled_programs() as compiled:
     state, _ = fn(state, batch, None)
     jax.block_until_ready(state)
-  assert compiled == [] and compiled_together == [2] and fn.cache_size() == 1
+  assert compiled == [] and compiled_together == [4] and fn.cache_size() == 1
   np.testing.assert_allclose(float(metrics["loss"]), float(whole_loss), rtol=1e-5)
   assert float(metrics["text_changed"]) == float(whole_metrics["text_changed"]) > 0
+  assert int(state.step) == 2 and int(state.bad_step) == -1
 
-  clean = loop.build_run(_config(root, {"name": "contrastive"}), root / "one", mesh_spec="1", model=model,
-                         tokenizer=tokenizer, log=lambda _: None)
-  assert len(step_lib.jit_step(step_lib.make_step_fn(clean.encoder, clean.objective, clean.tx, clean.is_trainable),
-                               clean.shardings, clean.mesh).programs) == 1
+  for name, programs in (("tecoa", 3), ("contrastive", 2)):
+    other = loop.build_run(_config(root, {"name": name}), root / name, mesh_spec="1", model=model,
+                           tokenizer=tokenizer, log=lambda _: None)
+    assert len(step_lib.jit_step(step_lib.make_step_fn(other.encoder, other.objective, other.tx, other.is_trainable),
+                                 other.shardings, other.mesh).programs) == programs, name

@@ -30,7 +30,7 @@ def _config(root):
       "train": {"batch_size": BATCH, "steps": 2, "log_every": 1, "checkpoint_every": 2},
       "optimizer": {"name": "sgd", "momentum": 0.0, "learning_rate": 0.5},
       "schedule": {"name": "constant"},
-      # An objective with an inner attack: its step is two programs, which both processes compile and run.
+      # An objective with an inner attack: its step is three programs, which both processes compile and run.
       "objective": {"name": "tecoa", "steps": 1},
   })
 

@@ -68,7 +68,7 @@ def run_attack(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs
   defense's frozen original model); None: `params` themselves (the attacked model's own features).
   chunk_size: texts per encoder call in the text attack (None: its default).
   text: the result of the spec's text stage (`AttackSpec.text_stage`) on these inputs, model and chunk
-  size, from an attack with the same stage (it is used as it is); None: the text attack runs here.
+  size (`text_stage`, or an attack with the same stage; it is used as it is); None: the text attack runs here.
   """
   if spec.attacks_text and inputs.candidates is None:
     raise ValueError(f"attack {spec.name!r} changes captions and needs their candidates (inputs.candidates): "
@@ -113,7 +113,7 @@ def run_attack(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs
   # The defenses' attacks: an optional text attack, then PGD on the defense's loss, guided by the
   # clean captions ("image", "separate") or by the adversarial ones ("text_then_image").
   if spec.attacks_text and text is None:
-    text = _text(spec, encoder, params, images, cands, k, text_kw)
+    text = text_stage(spec, encoder, params, inputs, chunk_size=chunk_size)
   if spec.kind == "text":
     return AttackResult(None, text)
   guide_ids, guide_mask = inputs.flat_captions()
@@ -141,12 +141,20 @@ def _per_image(x: jax.Array) -> jax.Array:
   return x[:, None] if x.ndim == 2 else x
 
 
-def _text(spec: AttackSpec, encoder, params, images, cands, k: int, text_kw: dict) -> TextAttackResult:
-  """The text attack of a spec: BERT-Attack's KL objective (image-blind) or away from the clean image."""
+def text_stage(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs: AttackInputs, *,
+               chunk_size: int | None = None) -> TextAttackResult:
+  """The text attack `spec` starts with (`AttackSpec.text_stage`), alone: BERT-Attack's KL objective
+  (image-blind) or away from the clean image. `run_attack(..., text=)` takes its result, so a caller may run
+  it as a program of its own (the train step does) or once for several attacks (evaluation does)."""
+  if spec.text_stage is None:
+    raise ValueError(f"attack {spec.name!r} has no text stage of its own (AttackSpec.text_stage is None)")
+  if inputs.candidates is None:
+    raise ValueError(f"attack {spec.name!r} changes captions and needs their candidates (inputs.candidates)")
+  text_kw = dict(max_changes=spec.max_changes, chunk_size=chunk_size)
   if spec.text_objective == "kl":
-    return multimodal.bert_attack(encoder, params, cands, **text_kw)
-  guide = multimodal.caption_guides(encoder, params, images, captions_per_image=k)
-  return text_attack(encoder, params, cands, guide, objective="image", **text_kw)
+    return multimodal.bert_attack(encoder, params, inputs.candidates, **text_kw)
+  guide = multimodal.caption_guides(encoder, params, inputs.images, captions_per_image=inputs.captions_per_image)
+  return text_attack(encoder, params, inputs.candidates, guide, objective="image", **text_kw)
 
 
 @precompile.jit(static_argnames=("encoder", "loss", "norm", "neighbours"))

@@ -26,8 +26,8 @@ events XLA records for the profiler while it compiles (its pass pipelines and pa
 cubin, autotuning), read from a profile of that first call.
 
 Programs (random weights; the timings do not depend on them): the train step of `python -m mat_jax.train`
-with MAT's objective (1-word text attack, 2-step PGD, AdamW; its attack's and its update's programs, compiled
-at once as the step's first call compiles them), 10-step L-inf PGD on the paired-caption
+with MAT's objective (1-word text attack, 2-step PGD, AdamW; its text attack's, image attack's, gradient's and
+optimizer's programs, compiled at once as the step's first call compiles them), 10-step L-inf PGD on the paired-caption
 cosine (`attacks.image.pgd_attack`), and SGA (`attacks.multimodal.set_guidance_attack`) on shapes-world images
 and captions with paraphrase (synonym-table) candidates.
 """

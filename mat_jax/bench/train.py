@@ -90,7 +90,7 @@ def _mat_step_fn(encoder, meta):
 
 
 # The MAT step's programs, in the order it calls them (`step.TrainStep`).
-STEP_PROGRAMS = ("attack", "update")
+STEP_PROGRAMS = ("text_stage", "attack", "gradient", "apply")
 
 
 def mat_train_step(encoder, params, meta):
@@ -122,7 +122,8 @@ def host_lowered_flops(encoder, params, meta, batch: dict) -> float:
 def lower_mat_step(encoder, params, meta, batch: dict, mesh) -> list:
   """The MAT step of `mat_train_step` lowered for `mesh` from abstract arguments (params and the host batch
   give only shapes and dtypes: nothing is allocated or compiled), as the loop calls it: its programs'
-  lowerings, the attack's then the update's; `mesh` may be of compile-only devices (`bench.cross_compile`)."""
+  lowerings in the order the step calls them (STEP_PROGRAMS); `mesh` may be of compile-only devices
+  (`bench.cross_compile`)."""
   step_fn, tx, is_trainable = _mat_step_fn(encoder, meta)
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh)
   abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, 0), params)

@@ -12,13 +12,15 @@ objectives that anchor to it (FARE, MAVA; `needs_reference`), else None. Inner a
 `jax.lax.stop_gradient(params)`: adversarial examples are inputs of the outer loss, not functions of
 the parameters (as in every reference implementation).
 
-An adversarial objective's loss is its two parts, which the train step compiles as two programs
+An adversarial objective's loss is its parts, which the train step compiles as programs of their own
 (`mat_jax.training.step`):
 
-    adversarial(encoder, params, batch, key, reference) -> adversarial batch     (the inner attack)
+    adversarial_text(encoder, params, batch) -> the text stage's result          (when `has_text_stage`)
+    adversarial(encoder, params, batch, key, reference, text) -> adversarial batch  (the inner attack)
     outer_loss(encoder, params, batch, adv, key, reference) -> (loss, metrics)   (what is differentiated)
 
-and `loss` is `outer_loss` of `adversarial`'s batch. An objective without an inner attack defines `loss`.
+and `loss` is `outer_loss` of `adversarial`'s batch, which runs the text stage itself when it is not given.
+An objective without an inner attack defines `loss`.
 
 `batch` is the device batch: `images` (B, H, W, 3) in [0, 1], `input_ids`/`attention_mask` (B, L) or
 (B, K, L), `image_ids` (B,), and for objectives with a text attack (`needs_text_candidates`) the
@@ -45,8 +47,9 @@ from flax import nnx
 from mat_jax.attacks import spec as attack_specs
 from mat_jax.attacks.losses import positives as positives  # the objectives' name for it
 from mat_jax.attacks.candidates import candidates_from_batch
-from mat_jax.attacks.runner import AttackInputs, AttackResult, run_attack
+from mat_jax.attacks.runner import AttackInputs, AttackResult, run_attack, text_stage
 from mat_jax.attacks.spec import AttackSpec
+from mat_jax.attacks.text import TextAttackResult
 from mat_jax.models import DualEncoder
 
 Metrics = dict[str, jax.Array]
@@ -75,12 +78,26 @@ class Objective:
     spec = self.inner_attack()
     return spec is not None and spec.attacks_text
 
+  @property
+  def has_text_stage(self) -> bool:
+    """The inner attack starts with a text attack that can run apart (`AttackSpec.text_stage`: MAT's, MMCoA's;
+    not SGA's, whose captions come from a text attack after its image attack)."""
+    spec = self.inner_attack()
+    return spec is not None and spec.text_stage is not None
+
+  def adversarial_text(self, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array]
+                       ) -> TextAttackResult:
+    """The inner attack's text stage alone (`runner.text_stage`), on the parameters as constants: what
+    `adversarial` takes as `text`. Only when `has_text_stage`."""
+    return text_stage(self.inner_attack(), encoder, frozen(params), attack_inputs(self, batch))
+
   def adversarial(self, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array], key: jax.Array,
-                  reference: nnx.State | None = None) -> dict[str, jax.Array]:
+                  reference: nnx.State | None = None, text: TextAttackResult | None = None) -> dict[str, jax.Array]:
     """The inner attack's adversarial batch (`attack_batch`), the parameters (and the reference) as the
-    attack's constants. Only for an objective with an inner attack."""
+    attack's constants; `text`: `adversarial_text`'s result (None: the attack runs its text stage). Only for
+    an objective with an inner attack."""
     frozen_reference = None if reference is None else frozen(reference)
-    return attack_batch(self, encoder, frozen(params), batch, key, frozen_reference)[1]
+    return attack_batch(self, encoder, frozen(params), batch, key, frozen_reference, text)[1]
 
   def outer_loss(self, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array],
                  adv: dict[str, jax.Array], key: jax.Array,
@@ -116,20 +133,29 @@ def inner_attack(name: str, **budget: Any) -> AttackSpec:
   return attack_specs.get(name).replace(**budget)
 
 
+def attack_inputs(objective: Objective, batch: dict[str, jax.Array]) -> AttackInputs:
+  """The batch as the objective's inner attack takes it, with the candidates the pipeline attached when the
+  attack changes captions."""
+  spec = objective.inner_attack()
+  candidates = candidates_from_batch(batch, objective.candidate_meta) if spec.attacks_text else None
+  return AttackInputs(batch["images"], batch["input_ids"], batch["attention_mask"], image_ids=batch.get("image_ids"),
+                      candidates=candidates)
+
+
 def attack_batch(objective: Objective, encoder: DualEncoder, params: nnx.State, batch: dict[str, jax.Array],
-                 key: jax.Array, reference: nnx.State | None = None) -> tuple[AttackResult, dict[str, jax.Array]]:
-  """Run the objective's inner attack on the batch (params are the attack's constants, see `frozen`).
+                 key: jax.Array, reference: nnx.State | None = None, text: TextAttackResult | None = None
+                 ) -> tuple[AttackResult, dict[str, jax.Array]]:
+  """Run the objective's inner attack on the batch (params are the attack's constants, see `frozen`); `text`:
+  the result of its text stage (`Objective.adversarial_text`), None to run it here.
 
   Returns the attack's result and the adversarial batch shaped like the clean one: images, input_ids,
   attention_mask (clean where the attack leaves a modality alone) and text_changed (1.0 for each caption
   the text attack changed, else 0.0; shaped as the captions, input_ids less its last axis). Every array
   has the batch's leading axis, so the adversarial batch is split over the mesh as the batch is.
   """
-  spec = objective.inner_attack()
   ids, mask = batch["input_ids"], batch["attention_mask"]
-  candidates = candidates_from_batch(batch, objective.candidate_meta) if spec.attacks_text else None
-  inputs = AttackInputs(batch["images"], ids, mask, image_ids=batch.get("image_ids"), candidates=candidates)
-  result = run_attack(spec, encoder, params, inputs, key, reference)
+  result = run_attack(objective.inner_attack(), encoder, params, attack_inputs(objective, batch), key, reference,
+                      text=text)
   adv = {"images": batch["images"] if result.images is None else result.images, "input_ids": ids,
          "attention_mask": mask, "text_changed": jnp.zeros(ids.shape[:-1], jnp.float32)}
   if result.text is not None:

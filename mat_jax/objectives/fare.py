@@ -36,10 +36,10 @@ class FARE(base.Objective):
   def inner_attack(self):
     return base.inner_attack(self.attack, eps=self.eps, steps=self.steps, step_size=self.step_size)
 
-  def adversarial(self, encoder, params, batch, key, reference=None):
+  def adversarial(self, encoder, params, batch, key, reference=None, text=None):
     if reference is None:
       raise ValueError("FARE needs the frozen original parameters (reference)")
-    adv = super().adversarial(encoder, params, batch, key, reference)
+    adv = super().adversarial(encoder, params, batch, key, reference, text)
     # The attack's anchor and the clean images' features, which its program computes anyway (XLA shares them),
     # passed on to the outer loss rather than computed again there.
     target = encoder.image_features(base.frozen(reference), batch["images"])

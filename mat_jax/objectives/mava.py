@@ -58,10 +58,10 @@ class MAVA(base.Objective):
                              neighbours=self.neighbours, beta=self.beta)
 
   # The step's key: its first half draws the attack's numbers, its second the outer loss's neighbours.
-  def adversarial(self, encoder, params, batch, key, reference=None):
+  def adversarial(self, encoder, params, batch, key, reference=None, text=None):
     if reference is None:
       raise ValueError("MAVA needs the frozen original parameters (reference)")
-    adv = super().adversarial(encoder, params, batch, jax.random.split(key)[0], reference)
+    adv = super().adversarial(encoder, params, batch, jax.random.split(key)[0], reference, text)
     # The original model's clean features, which the attack's program computes anyway (XLA shares them),
     # passed on to the outer loss rather than computed again there.
     return dict(adv, reference_features=encoder.image_features(base.frozen(reference), batch["images"]))

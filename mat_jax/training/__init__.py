@@ -2,8 +2,8 @@
 
 - `setup`: the data of a run from an experiment config (its model comes from `mat_jax.runs`);
 - `optim`: the Optax optimizer and schedule named in the config;
-- `step`: the train state and the jitted step shared by every objective (an inner attack's program, then
-  the update's);
+- `step`: the train state and the jitted step shared by every objective (an inner attack's programs, the
+  gradient's, the optimizer's);
 - `inputs`: host-side batch additions (text-attack candidates);
 - `loop`: `train(config, workdir, mesh_spec=...)` with checkpoints, metrics, evaluation, export, and
   `ensure_cached_run`, the step that trains a cached model;

@@ -7,14 +7,16 @@ batch shape, data-parallel (and FSDP) through the shardings of its inputs and ou
 buffers donated. The per-step key is `fold_in(state.rng, state.step)`, so a resumed run draws exactly the
 numbers an uninterrupted run draws.
 
-An objective with an inner attack runs as two programs: the attack's, which makes the adversarial batch
-from the state's parameters (`Objective.adversarial`), then the update's, which differentiates the outer
-loss (`Objective.outer_loss`) and applies the optimizer. The attack's parameters are constants of the
-outer gradient, so nothing crosses the boundary but the adversarial batch, and the two are dispatched one
-after the other with no host synchronisation between them. Two programs compile at once, each on a thread
-(`precompile.compile_all`), where one would compile on one thread: XLA's passes over a program are mostly
-sequential, and the ViT-B/16 MAT step's attack and update each take about half of the whole step's
-compilation (docs/performance.md#compile-time).
+A step runs as up to four programs, each compiled and dispatched apart: the inner attack's text stage
+(`Objective.adversarial_text`, when its attack starts with one), the inner attack's adversarial batch
+(`Objective.adversarial`), the gradient of the loss (`Objective.outer_loss` of that batch, or `loss` for an
+objective without an inner attack) and the optimizer's update. The attack's parameters are constants of
+the gradient, so nothing crosses between the programs but the text stage's captions, the adversarial
+batch, the gradient and its finiteness, and they are dispatched one after the other with no host
+synchronisation between them. They compile at once, each on a thread (`precompile.compile_all`): XLA's
+passes over a program are mostly sequential, so one program's compilation leaves a host's other cores
+idle, and the ViT-B/16 MAT step's four parts each take a fifth to a third of its compilation
+(docs/performance.md#compile-time).
 
 Non-finite loss or gradient norm: the update is skipped (the parameters stay the last good ones) and
 `state.bad_step` records the first such step; the loop reads it when it reads the metrics, so there is
@@ -125,11 +127,20 @@ def create_state(params: nnx.State, tx: optax.GradientTransformation, is_trainab
 
 @dataclasses.dataclass(frozen=True)
 class StepFunctions:
-  """The pure train step's programs (not yet jitted): `attack(state, batch, reference) -> adversarial batch`,
-  None for an objective without an inner attack, and `update(state, batch, adv, reference) -> (state,
-  metrics)`, where `adv` is the attack's batch (None without one)."""
+  """The pure train step's programs, in the order a step calls them (not yet jitted):
+
+      text(state, batch, reference) -> the inner attack's text stage        (None: no text stage of its own)
+      attack(state, batch, text, reference) -> the adversarial batch         (None: no inner attack)
+      gradient(state, batch, adv, reference) -> (gradient, finite, metrics)
+      apply(state, gradient, finite) -> state
+
+  where `text` and `adv` are None when their program is. `is_trainable` selects the parameters the gradient
+  is of."""
+  text: Callable | None
   attack: Callable | None
-  update: Callable
+  gradient: Callable
+  apply: Callable
+  is_trainable: Callable
 
 
 def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientTransformation,
@@ -139,11 +150,15 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
   def step_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-  def attack(state: TrainState, batch: dict[str, jax.Array], reference: nnx.State | None):
-    return objective.adversarial(encoder, state.params, batch, step_key(state), reference)
+  def text_stage(state: TrainState, batch: dict[str, jax.Array], reference: nnx.State | None):
+    del reference  # the text stage attacks the trained model
+    return objective.adversarial_text(encoder, state.params, batch)
 
-  def update(state: TrainState, batch: dict[str, jax.Array], adv: dict[str, jax.Array] | None,
-             reference: nnx.State | None):
+  def attack(state: TrainState, batch: dict[str, jax.Array], text: Any, reference: nnx.State | None):
+    return objective.adversarial(encoder, state.params, batch, step_key(state), reference, text)
+
+  def gradient(state: TrainState, batch: dict[str, jax.Array], adv: dict[str, jax.Array] | None,
+               reference: nnx.State | None):
     key = step_key(state)
     trainable, frozen = nnx.split_state(state.params, is_trainable, ...)
 
@@ -160,34 +175,38 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
     # the ViT-B/16 update for minutes (docs/performance.md).
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+    if schedule is not None:
+      metrics["learning_rate"] = schedule(state.step)
+    return grads, finite, metrics
 
-    def apply(trainable, opt_state):
+  def apply(state: TrainState, grads: nnx.State, finite: jax.Array) -> TrainState:
+    trainable, frozen = nnx.split_state(state.params, is_trainable, ...)
+
+    def update(trainable, opt_state):
       updates, opt_state = tx.update(grads, opt_state, trainable)
       # The learned temperature stays in its model's range, as CLIP's and BLIP's trainers keep it.
       return encoder.clamp_logit_scale(optax.apply_updates(trainable, updates)), opt_state
 
     # A non-finite step changes nothing but the counters: the parameters stay the last good ones.
     if _skip_with_conditional():
-      new_trainable, opt_state = jax.lax.cond(finite, apply, lambda *old: old, trainable, state.opt_state)
+      new_trainable, opt_state = jax.lax.cond(finite, update, lambda *old: old, trainable, state.opt_state)
     else:
       new_trainable, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                              apply(trainable, state.opt_state), (trainable, state.opt_state))
+                                              update(trainable, state.opt_state), (trainable, state.opt_state))
     good = finite & checks.all_finite(new_trainable)
-    new_state = TrainState(
+    return TrainState(
         step=state.step + 1,
         params=nnx.merge_state(new_trainable, frozen),
         opt_state=opt_state,
         rng=state.rng,
         bad_step=jnp.where((state.bad_step < 0) & ~good, state.step, state.bad_step),
     )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
-    if schedule is not None:
-      metrics["learning_rate"] = schedule(state.step)
-    return new_state, metrics
 
-  # An objective without an inner attack (or any object with a `loss` alone) is the update's program only.
+  # An objective without an inner attack (or any object with a `loss` alone) has no attack's programs.
   has_attack = getattr(objective, "inner_attack", lambda: None)() is not None
-  return StepFunctions(attack if has_attack else None, update)
+  has_text = has_attack and objective.has_text_stage
+  return StepFunctions(text_stage if has_text else None, attack if has_attack else None, gradient, apply, is_trainable)
 
 
 def _skip_with_conditional() -> bool:
@@ -199,40 +218,59 @@ def _skip_with_conditional() -> bool:
 
 
 class TrainStep:
-  """The jitted train step `(state, batch, reference) -> (state, metrics)` of `StepFunctions`: the attack's
-  program (the state's parameters read, nothing donated) then the update's (the state donated, kept in its
-  shardings; the batch and the adversarial batch split over the batch axes). At its first call for a batch
-  shape, or ahead of it (`compile`), the programs compile at once, each on a thread; with
-  `MAT_JAX_COMPILE_AHEAD=0`, each at its first call, one after the other."""
+  """The jitted train step `(state, batch, reference) -> (state, metrics)` of `StepFunctions`: the inner
+  attack's programs (its text stage, then the adversarial batch; the state's parameters read, nothing
+  donated, their results split over the batch axes as the batch is), the gradient's (the gradient in the
+  trainable parameters' shardings) and the optimizer's (the state donated and kept in its shardings). At its
+  first call for a batch shape, or ahead of it (`compile`), the programs compile at once, each on a thread;
+  with `MAT_JAX_COMPILE_AHEAD=0`, each at its first call, one after the other."""
 
   def __init__(self, functions: StepFunctions, shardings: TrainState, mesh: Mesh, reference_shardings: Any = None):
     batch_sh = mesh_lib.batch_sharding(mesh)
-    self._attack = None
+    replicated = mesh_lib.replicated(mesh)
+    gradient_sh, _ = nnx.split_state(shardings.params, functions.is_trainable, ...)
+    self._text = self._attack = None
+    if functions.text is not None:
+      self._text = jax.jit(functions.text, in_shardings=(shardings, batch_sh, reference_shardings),
+                           out_shardings=batch_sh)
     if functions.attack is not None:
-      self._attack = jax.jit(functions.attack, in_shardings=(shardings, batch_sh, reference_shardings),
+      self._attack = jax.jit(functions.attack, in_shardings=(shardings, batch_sh, batch_sh, reference_shardings),
                              out_shardings=batch_sh)
-    self._update = jax.jit(functions.update, donate_argnums=(0,),
-                           in_shardings=(shardings, batch_sh, batch_sh, reference_shardings),
-                           out_shardings=(shardings, mesh_lib.replicated(mesh)))
-    self._batch_sharding = batch_sh
+    self._gradient = jax.jit(functions.gradient, in_shardings=(shardings, batch_sh, batch_sh, reference_shardings),
+                             out_shardings=(gradient_sh, replicated, replicated))
+    # The state donated: its buffers become the new state's (the gradient has no result of its shape left to be).
+    self._apply = jax.jit(functions.apply, donate_argnums=(0,), in_shardings=(shardings, gradient_sh, replicated),
+                          out_shardings=shardings)
+    self._batch_sharding, self._gradient_sharding, self._replicated = batch_sh, gradient_sh, replicated
     # The batches' signatures (`_batch_signature`) whose programs were compiled, or left to their calls.
     self._prepared: set = set()
 
   @property
   def programs(self) -> tuple:
     """The jitted programs, in the order a step calls them."""
-    return (self._update,) if self._attack is None else (self._attack, self._update)
+    return tuple(p for p in (self._text, self._attack, self._gradient, self._apply) if p is not None)
 
   def lower(self, state: Any, batch: dict, reference: Any = None) -> list[jax.stages.Lowered]:
     """The lowerings of the step's programs for these arguments (arrays, or ShapeDtypeStructs with their
-    shardings, as the call's arguments will have them); nothing is compiled."""
-    if self._attack is None:
-      return [self._update.lower(state, batch, None, reference)]
-    attack = self._attack.lower(state, batch, reference)
-    # The adversarial batch as the attack's call gives it: in the batch's sharding.
-    adv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding),
-                       attack.out_info)
-    return [attack, self._update.lower(state, batch, adv, reference)]
+    shardings, as the call's arguments will have them), in the order a step calls them; nothing is compiled.
+    Each program's inputs from the one before are its results' shapes in the shardings the call gives them."""
+    def as_batch(out_info):
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding), out_info)
+
+    lowerings, text, adv = [], None, None
+    if self._text is not None:
+      lowerings.append(self._text.lower(state, batch, reference))
+      text = as_batch(lowerings[-1].out_info)
+    if self._attack is not None:
+      lowerings.append(self._attack.lower(state, batch, text, reference))
+      adv = as_batch(lowerings[-1].out_info)
+    lowerings.append(self._gradient.lower(state, batch, adv, reference))
+    grads_info, finite_info, _ = lowerings[-1].out_info
+    grads = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), grads_info,
+                         self._gradient_sharding)
+    finite = jax.ShapeDtypeStruct(finite_info.shape, finite_info.dtype, sharding=self._replicated)
+    lowerings.append(self._apply.lower(state, grads, finite))
+    return lowerings
 
   def compile(self, state: Any, batch: dict, reference: Any = None) -> None:
     """Compile the step's programs for these arguments at once into JAX's caches, where the calls find them."""
@@ -240,15 +278,15 @@ class TrainStep:
     self._prepared.add(_batch_signature(batch))
 
   def __call__(self, state: TrainState, batch: dict, reference: Any = None) -> tuple[TrainState, dict]:
-    if self._attack is None:
-      return self._update(state, batch, None, reference)
     signature = _batch_signature(batch)
-    if signature not in self._prepared:  # a new batch shape: its two programs compile at once
+    if signature not in self._prepared:  # a new batch shape: its programs compile at once
       self._prepared.add(signature)
       if runtime.compile_ahead_enabled():
         self.compile(state, batch, reference)
-    adv = self._attack(state, batch, reference)
-    return self._update(state, batch, adv, reference)
+    text = None if self._text is None else self._text(state, batch, reference)
+    adv = None if self._attack is None else self._attack(state, batch, text, reference)
+    grads, finite, metrics = self._gradient(state, batch, adv, reference)
+    return self._apply(state, grads, finite), metrics
 
   def cache_size(self) -> int:
     """How many times the step was compiled: each program's compilations (one per batch shape each)."""
