@@ -117,8 +117,8 @@ def test_matplus_on_8_devices_matches_one_device_and_its_attacks_raise_the_loss(
 def test_an_adversarial_step_is_its_parts_programs_compiled_together(world, devices, monkeypatch):
   """MAT's step runs its text attack, its image attack, its gradient and its optimizer update as four programs,
   which its first call compiles at once (one `compile_all` of all four; the calls then compile nothing), and
-  computes what the objective's whole loss computes in one program. An attack without a text stage of its
-  own (TeCoA's) is one program, and a clean objective's step the gradient's and the update's alone."""
+  computes what the objective's whole loss computes in one program. With an attack without a text stage of
+  its own (TeCoA's) the step is three programs, and a clean objective's step the gradient's and the update's."""
   root, model, tokenizer, batches = world
   objective = {"name": "mat", "steps": 2, "eps": 16 / 255, "step_size": 8 / 255}
   run = loop.build_run(_config(root, objective), root / "two", mesh_spec="1", model=model, tokenizer=tokenizer,
@@ -157,3 +157,16 @@ def test_an_adversarial_step_is_its_parts_programs_compiled_together(world, devi
                            tokenizer=tokenizer, log=lambda _: None)
     assert len(step_lib.jit_step(step_lib.make_step_fn(other.encoder, other.objective, other.tx, other.is_trainable),
                                  other.shardings, other.mesh).programs) == programs, name
+
+  class NotAnObjective:
+    """An inner attack, its adversarial batch without a text stage's argument, and an outer loss."""
+    def __init__(self, objective):
+      self.inner_attack, self.outer_loss = objective.inner_attack, objective.outer_loss
+      self.adversarial = lambda encoder, params, batch, key, reference=None: objective.adversarial(
+          encoder, params, batch, key, reference)
+
+  duck = step_lib.jit_step(step_lib.make_step_fn(run.encoder, NotAnObjective(run.objective), run.tx,
+                                                 run.is_trainable), run.shardings, run.mesh)
+  assert len(duck.programs) == 3  # its attack whole, text stage included
+  fresh = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, run.shardings)
+  assert len(duck.lower(fresh, batch, None)) == 3

@@ -4,6 +4,7 @@ Data-parallel equivalence (1 device vs 8, replicated vs FSDP), one compilation p
 falls, the run's outputs (metrics, checkpoints, exported model), and the NaN stop.
 """
 
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import pytest
 
 from mat_jax import config as config_lib
 from mat_jax import mesh as mesh_lib
+from mat_jax import precompile
 from mat_jax import runs
 from mat_jax.data import pipeline
 from mat_jax.training import loop, setup
@@ -798,28 +800,31 @@ def test_a_later_runs_step_compiled_ahead_reaches_it_through_the_cache(root, dev
   instead of compiling it a second time."""
   from jax import monitoring
 
-  # (whether `compile_run_ahead`'s work had finished, event): the run's own compilation ahead waits for it.
-  events, holder = [], {}
+  events = []
 
   def record(event, *args, **kwargs):
     thread = threading.current_thread()
-    if thread.name.startswith(("mat_jax compile ahead", "mat_jax precompile")) and event in (
+    if thread.name.startswith("mat_jax compile ahead") and event in (
         "/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_hits"):
-      events.append(("later" in holder and holder["later"].done(), event))
+      events.append((thread.ident, event))
 
+  # Each compilation ahead compiles its step's programs on its own thread, one after the other (not on a
+  # pool's threads, which compilations still running from other tests may share), so that every event
+  # tells whose it is.
+  monkeypatch.setattr(precompile, "compile_all", functools.partial(precompile.compile_all, workers=1))
   # A learning rate no other test uses: step programs the session's cache cannot hold yet.
   config = micro_config(root, optimizer={"learning_rate": 0.375}, train={"steps": 2, "checkpoint_every": 2})
   monitoring.register_event_duration_secs_listener(record)
   monitoring.register_event_listener(record)
   try:
-    holder["later"] = later = loop.compile_run_ahead(config, mesh_spec="1", log=lambda _: None)
+    later = loop.compile_run_ahead(config, mesh_spec="1", log=lambda _: None)
     loop.train(config, root / "later", mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
   finally:
     monitoring.unregister_event_duration_listener(record)
     monitoring.unregister_event_listener(record)
   assert later.done() and later.error is None
-  ahead_of_run = [event for done, event in events if not done]
-  own = [event for done, event in events if done]
+  ahead_of_run = [event for ident, event in events if ident == later._thread.ident]
+  own = [event for ident, event in events if ident != later._thread.ident]
   # The clean step's two programs (the gradient's and the optimizer's) compiled, not found; then loaded.
   assert ahead_of_run == ["/jax/core/compile/backend_compile_duration"] * 2, events
   assert own.count("/jax/compilation_cache/cache_hits") == 2, events

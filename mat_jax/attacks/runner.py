@@ -145,7 +145,7 @@ def text_stage(spec: AttackSpec, encoder: DualEncoder, params: nnx.State, inputs
                chunk_size: int | None = None) -> TextAttackResult:
   """The text attack `spec` starts with (`AttackSpec.text_stage`), alone: BERT-Attack's KL objective
   (image-blind) or away from the clean image. `run_attack(..., text=)` takes its result, so a caller may run
-  it as a program of its own (the train step does) or once for several attacks (evaluation does)."""
+  it as a program of its own (the train step does); `run_attack` runs it when not given."""
   if spec.text_stage is None:
     raise ValueError(f"attack {spec.name!r} has no text stage of its own (AttackSpec.text_stage is None)")
   if inputs.candidates is None:

@@ -15,8 +15,8 @@ the gradient, so nothing crosses between the programs but the text stage's capti
 batch, the gradient and its finiteness, and they are dispatched one after the other with no host
 synchronisation between them. They compile at once, each on a thread (`precompile.compile_all`): XLA's
 passes over a program are mostly sequential, so one program's compilation leaves a host's other cores
-idle, and the ViT-B/16 MAT step's four parts each take a fifth to a third of its compilation
-(docs/performance.md#compile-time).
+idle; compiled alone, the longest of the ViT-B/16 MAT step's four (its text stage) takes 55–60% of the
+time of its whole inner attack (docs/performance.md#compile-time).
 
 Non-finite loss or gradient norm: the update is skipped (the parameters stay the last good ones) and
 `state.bad_step` records the first such step; the loop reads it when it reads the metrics, so there is
@@ -155,7 +155,9 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
     return objective.adversarial_text(encoder, state.params, batch)
 
   def attack(state: TrainState, batch: dict[str, jax.Array], text: Any, reference: nnx.State | None):
-    return objective.adversarial(encoder, state.params, batch, step_key(state), reference, text)
+    # The text stage's result only where its program ran: an objective without one may not take it.
+    given = () if text is None else (text,)
+    return objective.adversarial(encoder, state.params, batch, step_key(state), reference, *given)
 
   def gradient(state: TrainState, batch: dict[str, jax.Array], adv: dict[str, jax.Array] | None,
                reference: nnx.State | None):
@@ -172,7 +174,7 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
     # The gradient's norm is finite iff every gradient is and their squares do not overflow float32 (a
     # square that does would make Adam's second moment infinite: a bad step too). One norm serves the
     # check and the metric: checking each array apart and selecting on the result made XLA:CPU compile
-    # the ViT-B/16 update for minutes (docs/performance.md).
+    # the ViT-B/16 step's gradient and update for minutes (docs/performance.md).
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
@@ -203,9 +205,10 @@ def make_step_fn(encoder: DualEncoder, objective: Objective, tx: optax.GradientT
         bad_step=jnp.where((state.bad_step < 0) & ~good, state.step, state.bad_step),
     )
 
-  # An objective without an inner attack (or any object with a `loss` alone) has no attack's programs.
+  # An objective without an inner attack (or any object with a `loss` alone) has no attack's programs, one
+  # without `has_text_stage` (not an `Objective`) no text stage's.
   has_attack = getattr(objective, "inner_attack", lambda: None)() is not None
-  has_text = has_attack and objective.has_text_stage
+  has_text = has_attack and getattr(objective, "has_text_stage", False)
   return StepFunctions(text_stage if has_text else None, attack if has_attack else None, gradient, apply, is_trainable)
 
 
