@@ -47,7 +47,7 @@ def test_programs_built_for_a_gpu_make_a_gpus_choices_on_the_cpu():
             "skip_with_conditional": True, "highest_precision_products": False}
   assert _choices() == on_cpu
   with runtime.building_for("gpu"):
-    assert _choices() == {"backend": "gpu", "dtype": "bfloat16", "attention": "cudnn", "chunk": 32768 // 24,
+    assert _choices() == {"backend": "gpu", "dtype": "bfloat16", "attention": "cudnn", "chunk": 32768 // 24 // 8 * 8,
                           "skip_with_conditional": False, "highest_precision_products": True}
     # Only the building thread: a step compiled ahead on another thread keeps this process's backend.
     seen = []
@@ -56,7 +56,7 @@ def test_programs_built_for_a_gpu_make_a_gpus_choices_on_the_cpu():
     thread.join()
     assert seen == ["cpu"]
   with runtime.building_for("tpu"):  # no cuDNN there: XLA's attention
-    assert _choices() == {"backend": "tpu", "dtype": "bfloat16", "attention": "xla", "chunk": 32768 // 24,
+    assert _choices() == {"backend": "tpu", "dtype": "bfloat16", "attention": "xla", "chunk": 32768 // 24 // 8 * 8,
                           "skip_with_conditional": False, "highest_precision_products": True}
   assert _choices() == on_cpu
 

@@ -576,6 +576,19 @@ def test_chunks_run_at_the_shortest_bucket_holding_their_longest_text():
   np.testing.assert_array_equal(seen, np.repeat(expected, chunk)[:len(packed)])
 
 
+def test_an_accelerators_chunks_are_a_multiple_of_8_texts():
+  # So that a chunk's tokens are a multiple of 8 at every length bucket, 77 tokens included: XLA:GPU pads
+  # a bfloat16 matmul's rows to one for cuBLAS, with a copy around every matmul. The most that fit 32k tokens.
+  from mat_jax import runtime
+
+  for backend in ("gpu", "tpu"):
+    with runtime.building_for(backend):
+      for length in (24, 35, 64, 77):
+        chunk = text_module.default_chunk_size(length)
+        assert chunk % 8 == 0 and 32768 - 8 * length < chunk * length <= 32768, (backend, length, chunk)
+  assert text_module.default_chunk_size(77) == 13  # the CPU's: about 1k tokens, as many texts as fit
+
+
 def test_changed_texts_are_encoded_from_the_changed_word(model, cands):
   # The test tower pools at the end token, the last: a changed text's tokens before its changed word
   # come from the cached text, and scoring covers the changed word to the end token.

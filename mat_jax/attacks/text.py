@@ -291,10 +291,14 @@ def default_chunk_size(text_length: int) -> int:
   Chunks are fixed-size: the texts that pad a chunk, and the speculative words that fill it, are
   computed and thrown away. A CPU is compute-bound, so that waste is paid in full and its chunks stay
   near 1k tokens (at ViT-B/16's 77-token texts, 13 texts run the 1-word attack of a batch of 8 in 0.4x
-  the time of 128); an accelerator is latency-bound at that size and takes ~32k tokens per call.
+  the time of 128); an accelerator is latency-bound at that size and takes ~32k tokens per call, in a
+  multiple of 8 texts (docs/benchmarks.md).
   """
-  tokens = 1024 if runtime.program_backend() == "cpu" else 32768
-  return max(8, tokens // text_length)
+  if runtime.program_backend() == "cpu":
+    return max(8, 1024 // text_length)
+  # A multiple of 8 texts, so that a chunk's tokens are too at every length: XLA:GPU pads a bfloat16 matmul's
+  # rows to a multiple of 8 for cuBLAS, copying the activations around every matmul of the chunk otherwise.
+  return max(8, 32768 // text_length // 8 * 8)
 
 
 def text_attack(encoder: DualEncoder, params: nnx.State, candidates: TextCandidates, guide: jax.Array | None = None,
