@@ -381,6 +381,16 @@ def test_loop_traffic_counts_one_iterations_kernels_by_kind():
   assert program == dict(groups, padding=(2, 2 * (4 * 10 * 2 + pad)), copies=(4, 3 * 2 * square + entry_copy))
 
 
+def test_the_heaviest_loop_of_several_programs_is_one_that_loops():
+  # The MAT step's programs: an attack's loop, a heavier attack's loop, and the gradient's program, which has
+  # none (its "loop" is the whole program) and moves the most bytes of all.
+  group = cross_compile.KernelGroup
+  loops = [[group("elementwise", 3, 10)], [group("elementwise", 2, 30)], [group("reductions", 90, 500)]]
+  wholes = [[group("elementwise", 30, 100)], [group("elementwise", 20, 300)], [group("reductions", 90, 500)]]
+  assert cross_compile.heaviest_loop(loops, wholes) == 1
+  assert cross_compile.heaviest_loop(loops[2:], wholes[2:]) == 0  # no program loops: the heaviest program
+
+
 def test_kernels_group_by_what_they_compute():
   """The JAX operation a kernel's metadata names (backward inside a transposed computation) and its result
   tell kernels of one kind apart; the groups of each kind add up to the kind's."""

@@ -18,7 +18,7 @@ line `compile: cold X s`. SGA runs several programs with host work between them,
 without running them, and is left out. With `--modules DIR` it compiles instead every program a command
 lowered into DIR (`JAX_DUMP_IR_TO=DIR`), as that command built them (on a CPU: the CPU's programs), and
 prints their seconds by program. With `--kernels` it also prints, for each program, the kernels one
-iteration of its heaviest loop launches (a PGD step) and the bytes they read and write, by kind and by
+iteration of its heaviest loop launches (an attack step) and the bytes they read and write, by kind and by
 what they compute (its heaviest groups: e.g. a GELU's backward pass, a bias's addition), and the whole
 program's sums (`cross_compile.loop_traffic`): what a change of the program does to the device's memory
 traffic. With `--passes` (any backend) it prints where each program's compilation went: the heaviest of the
@@ -68,7 +68,7 @@ from mat_jax.models.clip import COMPUTE_DTYPES, PRESETS, resolve_dtype
 
 PROGRAMS = ("mat_step", "pgd", "sga")
 # What a cross-compilation (--target) can compile: programs whose jitted calls can be lowered from abstract
-# arguments (the MAT step's two, PGD's one).
+# arguments (the MAT step's, PGD's).
 TARGET_PROGRAMS = ("mat_step", "pgd")
 # The attacks' budget in PGD and SGA.
 _BUDGET = {"eps": 2 / 255, "step_size": 0.5 / 255, "steps": 10}
@@ -569,13 +569,15 @@ def _lower_and_compile(lower, details: dict, name: str, kernels: bool = False, d
   details[f"{name}_cpu"] = end_cpu - compiling_cpu
   if kernels:
     texts = [c.as_text() if dump is None else cross_compile.final_module(dump, c.as_text()) for c in compiled]
-    # The heaviest loop is the first program's (the MAT step's attack: a PGD step); the whole program's
-    # kernels are every program's.
-    details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in cross_compile.loop_traffic(texts[0])]
-    details[f"{name}_program_kernels"] = [dataclasses.astuple(g) for g in cross_compile.merged(
-        [cross_compile.loop_traffic(text, whole_program=True) for text in texts])]
+    # A program made of several: its heaviest loop is the heaviest of its programs' loops (the MAT step's
+    # text attack's or its PGD's step), its whole program's kernels every program's.
+    loops = [cross_compile.loop_traffic(text) for text in texts]
+    wholes = [cross_compile.loop_traffic(text, whole_program=True) for text in texts]
+    heaviest = cross_compile.heaviest_loop(loops, wholes)
+    details[f"{name}_kernels"] = [dataclasses.astuple(g) for g in loops[heaviest]]
+    details[f"{name}_program_kernels"] = [dataclasses.astuple(g) for g in cross_compile.merged(wholes)]
     details[f"{name}_sources"] = [dataclasses.astuple(g) for g in
-                                  cross_compile.loop_traffic(texts[0], by_source=True)[:HEAVIEST_SOURCES]]
+                                  cross_compile.loop_traffic(texts[heaviest], by_source=True)[:HEAVIEST_SOURCES]]
   return end - start
 
 

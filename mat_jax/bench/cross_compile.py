@@ -345,6 +345,14 @@ def merged(groups: list[list[KernelGroup]]) -> list[KernelGroup]:
                 key=lambda g: -g.bytes)
 
 
+def heaviest_loop(loops: list[list[KernelGroup]], wholes: list[list[KernelGroup]]) -> int:
+  """Which of several programs' heaviest loops (`loop_traffic`'s, with each whole program's beside them) is
+  the heaviest: the one that moves the most bytes, among the programs that have a loop (a program without
+  one, whose `loop_traffic` is the whole program's, competes only when none has)."""
+  looping = [i for i, (loop, whole) in enumerate(zip(loops, wholes, strict=True)) if loop != whole]
+  return max(looping or range(len(loops)), key=lambda i: sum(g.bytes for g in loops[i]))
+
+
 def loop_traffic(hlo_text: str, whole_program: bool = False, by_source: bool = False) -> list[KernelGroup]:
   """The kernels one iteration of the heaviest loop of an optimized XLA:GPU or XLA:TPU module launches (the
   program's outermost loop that moves the most bytes, e.g. an attack's step; the whole program when it has
