@@ -587,6 +587,39 @@ def test_the_host_runs_at_most_two_steps_ahead_of_the_device(root, devices, monk
 
 
 
+@pytest.mark.parametrize("slow, bound", [("batches", "input-bound"), ("device", "device-bound")])
+def test_a_run_says_where_its_steps_time_went(root, devices, monkeypatch, slow, bound):
+  """After its first step a run's wall time is split by what its thread waited for: a pipeline slower than
+  the device shows as time waiting for batches, a slower device as time waiting for steps in flight."""
+  delay = 0.2
+  if slow == "batches":
+    next_batch = loop._next_batch
+    def slow_next_batch(*args):
+      time.sleep(delay)
+      return next_batch(*args)
+    monkeypatch.setattr(loop, "_next_batch", slow_next_batch)
+  else:
+    block_until_ready = jax.block_until_ready
+    def slow_block_until_ready(x):
+      time.sleep(delay)
+      return block_until_ready(x)
+    monkeypatch.setattr(loop.jax, "block_until_ready", slow_block_until_ready)
+  lines = []
+  config = micro_config(root, train={"steps": 6, "log_every": 100, "checkpoint_every": 100})
+  result = loop.train(config, root / f"split_{slow}", mesh_spec="1", log=lines.append, progress=False,
+                      evaluate=False)
+  monkeypatch.undo()
+  split = result.time_split
+  # Steps 2-6: five batches; the host waits for steps 1-4 once they are two behind, from step 3 on.
+  assert split.steps == 5
+  assert split.seconds[slow] >= delay * (5 if slow == "batches" else 4)
+  other = "device" if slow == "batches" else "batches"
+  assert split.seconds[other] < split.seconds[slow] / 2
+  assert sum(split.seconds.values()) + split.rest == pytest.approx(split.total)
+  line = next(line for line in lines if line.startswith("steps 2-6 took"))
+  assert bound in line, line
+
+
 def _programs_obtained_in_first_step(config, workdir, monkeypatch):
   """The JAX events of obtaining a program (XLA compiling one, the persistent cache loading one) raised while
   the run's first step call runs, on any thread (a step's first call compiles its programs on threads of

@@ -82,6 +82,64 @@ class RunResult:
   metrics: dict[str, float]          # the last logged averages
   evaluation: dict[str, Any] | None  # the final evaluation, if any
   model_dir: Path | None             # the exported model
+  time_split: "TimeSplit | None" = None  # where the steps after the first went (None: fewer than two steps run)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where a run's time goes.
+
+
+class TimeSplit:
+  """The wall seconds of a run's training thread after its first step, by what it was waiting for.
+
+  The loop dispatches steps asynchronously, so a part is time the thread spent blocked: on the input
+  pipeline for the next batch ("batches": the run is input-bound where this leads), on the device for a
+  step in flight or for metrics ("device": device-bound), in the step's dispatch, in checkpoint saves and
+  in periodic evaluations; "rest" is everything else (logging, the progress bar). The first step is left
+  out: its start-up is reported apart (compilation, the first batch)."""
+
+  PARTS = ("batches", "device", "dispatch", "checkpoints", "evaluations")
+
+  def __init__(self) -> None:
+    self.restart()
+
+  def restart(self) -> None:
+    """Count from now, with nothing counted yet."""
+    self.seconds = dict.fromkeys(self.PARTS, 0.0)
+    self.steps, self.total = 0, 0.0
+    self._start = time.perf_counter()
+
+  @contextlib.contextmanager
+  def part(self, name: str):
+    started = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] += time.perf_counter() - started
+
+  def stop(self, steps: int) -> None:
+    """The run's loop has ended after `steps` steps since `restart`."""
+    self.steps, self.total = steps, time.perf_counter() - self._start
+
+  @property
+  def rest(self) -> float:
+    return max(self.total - sum(self.seconds.values()), 0.0)
+
+  def describe(self, first_step: int) -> str:
+    """One line: where the steps after the first went, and what bounds them."""
+    def share(seconds: float) -> str:
+      return f"{seconds:.1f} s ({100 * seconds / max(self.total, 1e-9):.0f}%)"
+
+    parts = {**self.seconds, "rest": self.rest}
+    words = {"batches": "waiting for batches", "device": "waiting for the device", "dispatch": "dispatching steps",
+             "checkpoints": "saving checkpoints", "evaluations": "evaluating", "rest": "the rest"}
+    bound = max(("batches", "device"), key=parts.get)
+    verdict = ("input-bound: the pipeline delivered batches slower than the device took them"
+               if bound == "batches" else "device-bound: the pipeline kept up")
+    return (f"steps {first_step + 1}-{first_step + self.steps} took {self.total:.1f} s "
+            f"({self.steps / max(self.total, 1e-9):.2f} steps/s): "
+            + ", ".join(f"{words[name]} {share(seconds)}" for name, seconds in parts.items())
+            + f"; {verdict}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,6 +565,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
   clock, clock_step = time.perf_counter(), start
   last_saved = start if start else None
   startup: str | None = None  # where the run's start-up went (a run resumed at its end takes no step)
+  split = TimeSplit()  # where the steps after the first go (restarted at the first step's dispatch)
 
   def check_finite(bad: int) -> None:
     _check_finite(bad, last_saved, workdir, resumed_at=start if resumed else None,
@@ -538,20 +597,26 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       evaluate_if_due(start, False)
     for step in range(start, cfg.train.steps):
       batch_wait = time.perf_counter()
-      local = _next_batch(data_iterator, step, last_saved, workdir)
+      with split.part("batches"):
+        local = _next_batch(data_iterator, step, last_saved, workdir)
+        batch = mesh_lib.global_batch(local, run.mesh)
       call = time.perf_counter()
-      state, metrics = step_fn(state, mesh_lib.global_batch(local, run.mesh), reference)
+      with split.part("dispatch"):
+        state, metrics = step_fn(state, batch, reference)
       if step == start:  # where a run's start-up went, said once the progress bar is closed
         called = time.perf_counter()
         startup = (f"first step {called - run_start:.1f} s after the run's start: waited "
                    f"{waited_for_compilation:.1f} s for the step's compilation ahead, {call - batch_wait:.1f} s "
                    f"for the first batch; the first call took {called - call:.1f} s")
+        split.restart()
       pending.append(metrics)
       in_flight.append(metrics)
       if len(in_flight) > MAX_STEPS_IN_FLIGHT:
-        jax.block_until_ready(in_flight.popleft())
+        with split.part("device"):
+          jax.block_until_ready(in_flight.popleft())
       if deferred is not None:
-        logged_step, values, bad = jax.device_get(deferred)
+        with split.part("device"):
+          logged_step, values, bad = jax.device_get(deferred)
         deferred = None
         check_finite(int(bad))
         write_train_metrics(logged_step, values)
@@ -563,21 +628,23 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       if save_now:  # a checkpoint is written only after its state is known to be finite
         # A stop logs the steps since the last line with its checkpoint: they are only in memory, and the
         # resumed run's first line would average its own steps only.
-        if log_now or stopping:
-          values, bad = jax.device_get((pending, state.bad_step))
-          pending = []
-        else:  # the steps since the last log stay pending: the next logged line averages all of them
-          bad = jax.device_get(state.bad_step)
+        with split.part("device"):
+          if log_now or stopping:
+            values, bad = jax.device_get((pending, state.bad_step))
+            pending = []
+          else:  # the steps since the last log stay pending: the next logged line averages all of them
+            bad = jax.device_get(state.bad_step)
         check_finite(int(bad))
         if log_now or stopping:
           write_train_metrics(done, values)
       elif log_now:
         # A copy: the next step donates the state's buffers, bad_step's included.
         deferred, pending = (done, pending, jnp.copy(state.bad_step)), []
-      if save_now:
-        ckpt.save(done, state, data_iterator)
-        last_saved = done
-      ckpt.seal_completed()  # a finished save's checksums now, not at the next save: a kill may come first
+      with split.part("checkpoints"):
+        if save_now:
+          ckpt.save(done, state, data_iterator)
+          last_saved = done
+        ckpt.seal_completed()  # a finished save's checksums now, not at the next save: a kill may come first
       _inject_fault(done)
       bar.update(1)
       if final:
@@ -587,8 +654,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         evaluate_if_due(done, final)  # the resumed run starts after this step and would never evaluate it
         raise errors.Interrupted(f"interrupted at step {done}; last checkpoint {last_saved} in "
                                  f"{workdir / 'checkpoints'}; rerun the same command to resume", agreement.signum)
-      evaluate_if_due(done, final)
-    ckpt.wait()
+      with split.part("evaluations"):
+        evaluate_if_due(done, final)
+    with split.part("checkpoints"):
+      ckpt.wait()
+    split.stop(cfg.train.steps - start - 1)
     if agreement.signalled_after_the_end():  # the final checkpoint is complete; rerunning exports and evaluates
       raise errors.Interrupted(f"interrupted after the last step; last checkpoint {last_saved} in "
                                f"{workdir / 'checkpoints'}; rerun the same command to export and evaluate",
@@ -605,6 +675,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
 
   if startup is not None:
     say(startup)
+  if split.steps > 0:
+    say(split.describe(first_step=start + 1))
   model_dir, evaluation = None, None
   try:
     final_params = host_params(state.params)
@@ -622,7 +694,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
     # The other processes wait for process 0's export and evaluation: a process that left would start
     # jax.distributed's shutdown, whose barrier times out (300 s by default) and aborts every process.
     agreement.wait_for_all("end")
-  return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir)
+  return RunResult(workdir, cfg.train.steps, last_metrics, evaluation, model_dir,
+                   split if split.steps > 0 else None)
 
 
 def _next_batch(data_iterator: Any, step: int, last_saved: int | None, workdir: Path) -> dict[str, Any]:
