@@ -522,6 +522,48 @@ def test_demo_table_puts_the_models_side_by_side():
   assert table[4].split() == ["bert", "text", "41.0", "(-19.0)", "20.5", "(-9.5)", "56.0", "(-6.0)", "28.0", "(-3.0)"]
 
 
+def test_the_demos_runs_without_candidates_compile_while_the_masked_lm_trains(monkeypatch, tmp_path):
+  """The fine-tunings whose batches need no masked LM start compiling before it is resolved (trained on first
+  use), the one that reads candidates after it; the first fine-tuning starts once all are under way."""
+  from mat_jax.training import demo
+
+  events = []
+
+  class Started:
+    def wait(self):
+      pass
+
+  class Stop(Exception):
+    pass
+
+  def compile_run_ahead(config, **kwargs):
+    events.append(f"compile {config.name}")
+    return Started()
+
+  def evaluation_inputs(*args):
+    events.append("masked LM and the evaluation's inputs")
+    return None, None
+
+  def train(config, *args, **kwargs):
+    events.append(f"train {config.name}")
+    raise Stop
+
+  monkeypatch.setattr(demo.loop, "run_mesh", lambda *args: None)
+  monkeypatch.setattr(demo.setup, "data_builder", lambda *args, **kwargs: None)
+  monkeypatch.setattr(demo.loop, "ensure_cached_run", lambda *args, **kwargs: None)
+  monkeypatch.setattr(demo.ahead, "enabled", lambda: True)
+  monkeypatch.setattr(demo.ahead, "later_runs_enabled", lambda: True)
+  monkeypatch.setattr(demo.runs, "model_from_config", lambda config: (None, None))
+  monkeypatch.setattr(demo.loop, "compile_run_ahead", compile_run_ahead)
+  monkeypatch.setattr(demo, "_evaluation_inputs", evaluation_inputs)
+  monkeypatch.setattr(demo, "_evaluation_lowering", lambda *args: lambda: [])
+  monkeypatch.setattr(demo.loop, "train", train)
+  with pytest.raises(Stop):
+    demo.main(tmp_path, log=lambda _: None, progress=False)
+  assert events == ["compile shapes_clean_ft", "compile shapes_tecoa", "masked LM and the evaluation's inputs",
+                    "compile shapes_mat", "train shapes_clean_ft"]
+
+
 def test_logged_metrics_are_fetched_after_the_next_step_is_dispatched(root, devices, monkeypatch):
   """A log step's metrics are read one step late (the device keeps a step queued); a checkpoint step's
   at once (its state must be known finite before the save)."""

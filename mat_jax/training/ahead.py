@@ -9,7 +9,7 @@ compiles the step from abstract inputs (the state's shapes, dtypes and shardings
 for it just before the first step, which then finds the executable in JAX's caches and only dispatches.
 
 A run that has not started yet can be compiled the same way (`loop.compile_run_ahead`, used by the demo
-for the fine-tunings after the first): its step is built from the config, and its executable reaches the
+for its fine-tunings, before the first starts): its step is built from the config, and its executable reaches the
 run through the persistent compilation cache, since the run will make its own jitted function. The run's
 own compilation ahead waits for it, then loads the executable, instead of compiling it a second time
 beside it.

@@ -154,18 +154,24 @@ def main(workdir: str | Path | None = None, mesh_spec: str | None = None,
   evaluation_inputs = evaluating = None
   stopped = threading.Event()
   if ahead.enabled():
-    # The later fine-tunings' steps compile beside the first one's while it trains (on an accelerator a
-    # first run's most costly part; training/ahead.py), and then the evaluation's programs. What the
-    # evaluation's lowering needs from the device (the masked LM's candidates) is made first: on a CPU a
-    # small program's compilation waits behind the big ones of the threads.
+    # The fine-tunings' steps compile on threads before they start (on an accelerator a first run's most
+    # costly part; training/ahead.py), and then the evaluation's programs. A run reaches its step through
+    # the persistent cache; the evaluation, in this process, needs none. The runs whose batches need no
+    # masked LM start compiling first, so that they compile while it trains (the masked LM for MAT's text
+    # threat and the evaluation's, on first use).
+    untrained = {name: config for name, config in configs.items()
+                 if ahead.later_runs_enabled() and not runs.is_trained(workdir / DEMO_MODELS[name])}
+    def compile_ahead(needing_candidates: bool) -> list[ahead.Compilation]:
+      return [loop.compile_run_ahead(config, mesh_spec=mesh_spec, log=log) for config in untrained.values()
+              if objectives.make(config.objective).needs_text_candidates == needing_candidates]
+
+    compiling = compile_ahead(needing_candidates=False)
+    # What the evaluation's lowering needs from the device (the masked LM's candidates) is made before the
+    # steps that read candidates compile: on a CPU a small program's compilation waits behind big ones.
     stand_in = runs.model_from_config(mat_config)
     evaluation_inputs = _evaluation_inputs(mat_config, builder, stand_in[1], eval_images)
     lower_evaluation = _evaluation_lowering(stand_in, *evaluation_inputs)
-    # A later run's own step reaches it through the persistent cache; the evaluation, in this process, does not
-    # need one.
-    compiling = [loop.compile_run_ahead(later, mesh_spec=mesh_spec, log=log)
-                 for name, later in list(configs.items())[1:]
-                 if ahead.later_runs_enabled() and not runs.is_trained(workdir / DEMO_MODELS[name])]
+    compiling += compile_ahead(needing_candidates=True)
     evaluating = ahead.Compilation(lambda: precompile.compile_all(lower_evaluation(), stop=stopped),
                                    name="evaluation", after=compiling)
   models: dict[str, Any] = {}
