@@ -629,10 +629,12 @@ def test_the_host_runs_at_most_two_steps_ahead_of_the_device(root, devices, monk
 
 
 
-@pytest.mark.parametrize("slow, bound", [("batches", "input-bound"), ("device", "device-bound")])
+@pytest.mark.parametrize("slow, bound", [("batches", "input-bound"), ("device", "device-bound"),
+                                         ("dispatch", "dispatch-bound")])
 def test_a_run_says_where_its_steps_time_went(root, devices, monkeypatch, slow, bound):
   """After its first step a run's wall time is split by what its thread waited for: a pipeline slower than
-  the device shows as time waiting for batches, a slower device as time waiting for steps in flight."""
+  the device shows as time waiting for batches, a slower device as time waiting for steps in flight, a
+  host slow to launch the steps as their dispatch."""
   delay = 0.2
   if slow == "batches":
     next_batch = loop._next_batch
@@ -640,6 +642,15 @@ def test_a_run_says_where_its_steps_time_went(root, devices, monkeypatch, slow, 
       time.sleep(delay)
       return next_batch(*args)
     monkeypatch.setattr(loop, "_next_batch", slow_next_batch)
+  elif slow == "dispatch":
+    make_train_step = loop.make_train_step
+    def slow_make_train_step(run):
+      step_fn, reference = make_train_step(run)
+      def step(*args):
+        time.sleep(delay)
+        return step_fn(*args)
+      return step, reference
+    monkeypatch.setattr(loop, "make_train_step", slow_make_train_step)
   else:
     block_until_ready = jax.block_until_ready
     def slow_block_until_ready(x):
@@ -652,11 +663,11 @@ def test_a_run_says_where_its_steps_time_went(root, devices, monkeypatch, slow, 
                       evaluate=False)
   monkeypatch.undo()
   split = result.time_split
-  # Steps 2-6: five batches; the host waits for steps 1-4 once they are two behind, from step 3 on.
+  # Steps 2-6: five batches and dispatches; the host waits for steps 1-4 once they are two behind, from step 3.
   assert split.steps == 5
-  assert split.seconds[slow] >= delay * (5 if slow == "batches" else 4)
-  other = "device" if slow == "batches" else "batches"
-  assert split.seconds[other] < split.seconds[slow] / 2
+  assert split.seconds[slow] >= delay * (4 if slow == "device" else 5)
+  for other in {"batches", "device", "dispatch"} - {slow}:
+    assert split.seconds[other] < split.seconds[slow] / 2, (other, split.seconds)
   assert sum(split.seconds.values()) + split.rest == pytest.approx(split.total)
   line = next(line for line in lines if line.startswith("steps 2-6 took"))
   assert bound in line, line

@@ -94,9 +94,10 @@ class TimeSplit:
 
   The loop dispatches steps asynchronously, so a part is time the thread spent blocked: on the input
   pipeline for the next batch ("batches": the run is input-bound where this leads), on the device for a
-  step in flight or for metrics ("device": device-bound), in the step's dispatch, in checkpoint saves and
-  in periodic evaluations; "rest" is everything else (logging, the progress bar). The first step is left
-  out: its start-up is reported apart (compilation, the first batch)."""
+  step in flight or for metrics ("device": device-bound), in the step's dispatch (the host's own work of
+  launching a step's programs: dispatch-bound where this leads, as small models on a fast device can be),
+  in checkpoint saves and in periodic evaluations; "rest" is everything else (logging, the progress bar).
+  The first step is left out: its start-up is reported apart (compilation, the first batch)."""
 
   PARTS = ("batches", "device", "dispatch", "checkpoints", "evaluations")
 
@@ -133,9 +134,10 @@ class TimeSplit:
     parts = {**self.seconds, "rest": self.rest}
     words = {"batches": "waiting for batches", "device": "waiting for the device", "dispatch": "dispatching steps",
              "checkpoints": "saving checkpoints", "evaluations": "evaluating", "rest": "the rest"}
-    bound = max(("batches", "device"), key=parts.get)
-    verdict = ("input-bound: the pipeline delivered batches slower than the device took them"
-               if bound == "batches" else "device-bound: the pipeline kept up")
+    verdict = {"batches": "input-bound: the pipeline delivered batches slower than the device took them",
+               "device": "device-bound: the pipeline kept up",
+               "dispatch": "dispatch-bound: the host launched the steps slower than the device ran them",
+               }[max(("batches", "device", "dispatch"), key=parts.get)]
     return (f"steps {first_step + 1}-{first_step + self.steps} took {self.total:.1f} s "
             f"({self.steps / max(self.total, 1e-9):.2f} steps/s): "
             + ", ".join(f"{words[name]} {share(seconds)}" for name, seconds in parts.items())
