@@ -26,7 +26,7 @@ import contextvars
 import functools
 import inspect
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sized
 
 import jax
 import numpy as np
@@ -136,20 +136,24 @@ def collect(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list[jax.stag
   return shapes, list(collected.values())
 
 
-def compile_all(lowerings: list[jax.stages.Lowered], *, workers: int | None = None,
+def compile_all(lowerings: Iterable[jax.stages.Lowered], *, workers: int | None = None,
                 stop: threading.Event | None = None) -> None:
   """Compile `lowerings` on up to `workers` threads (default: one per core this process may run on, at most one
-  per lowering),
-  into JAX's caches. The first error is raised once all have finished; an interrupt (Ctrl-C) at once,
-  the compilations not started yet dropped (those running finish on their threads). Once `stop` is set
-  (by another thread: this one's caller has stopped), no further compilation starts."""
+  per lowering) into JAX's caches, each as soon as `lowerings` gives it: a generator's next lowering is traced
+  and lowered on this thread, which holds the GIL, while the ones before it compile on the pool's (a train
+  step's first program starts compiling once it is lowered, not after all of them;
+  docs/performance.md#compile-time).
+
+  The first compilation error is raised once all have finished; an error making a lowering, or an interrupt
+  (Ctrl-C), at once, the compilations not started yet dropped (those running finish on their threads). Once
+  `stop` is set (by another thread: this one's caller has stopped), no further compilation starts."""
   def compile_one(lowered: jax.stages.Lowered) -> None:
     if stop is None or not stop.is_set():
       lowered.compile()
 
-  if not lowerings:
-    return
-  workers = max(1, min(len(lowerings), workers or processes.usable_cores()))
+  workers = max(1, workers or processes.usable_cores())
+  if isinstance(lowerings, Sized):
+    workers = min(workers, max(len(lowerings), 1))
   if workers == 1:
     for lowered in lowerings:
       compile_one(lowered)

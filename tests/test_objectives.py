@@ -1,6 +1,8 @@
 """Every defense as a train step: two steps on 8 simulated devices, a micro CLIP, a shapes-world batch
 with text-attack candidates. MAT also against one device, and its attacks must raise the loss."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -135,6 +137,7 @@ def test_an_adversarial_step_is_its_parts_programs_compiled_together(world, devi
   compile_all, compiled_together = precompile.compile_all, []
 
   def recording_compile_all(lowerings, **kwargs):
+    lowerings = list(lowerings)  # the step's programs, lowered one after another
     compiled_together.append(len(lowerings))
     return compile_all(lowerings, **kwargs)
 
@@ -170,3 +173,35 @@ def test_an_adversarial_step_is_its_parts_programs_compiled_together(world, devi
   assert len(duck.programs) == 3  # its attack whole, text stage included
   fresh = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, run.shardings)
   assert len(duck.lower(fresh, batch, None)) == 3
+
+
+def test_each_of_a_steps_programs_compiles_while_the_next_is_traced(world, devices, monkeypatch):
+  """The step's first program (the text stage, the longest to compile) starts compiling as soon as it is
+  lowered, before the programs after it are traced, so that on a host with cores to spare the later programs'
+  tracing and lowering are off the compilation's critical path. With one compilation thread the order shows
+  it: each program's compilation comes before the next program's tracing."""
+  root, model, tokenizer, batches = world
+  objective = {"name": "mat", "steps": 2, "eps": 16 / 255, "step_size": 8 / 255}
+  run = loop.build_run(_config(root, objective), root / "pipelined", mesh_spec="1", model=model,
+                       tokenizer=tokenizer, log=lambda _: None)
+  fn = step_lib.jit_step(step_lib.make_step_fn(run.encoder, run.objective, run.tx, run.is_trainable), run.shardings,
+                         run.mesh)
+  state = step_lib.create_state(run.params, run.tx, run.is_trainable, 0, run.shardings)
+  # A batch size no other test's step has, so that no compiled program is found in the session's caches.
+  batch = mesh_lib.global_batch(jax.tree.map(lambda x: x[:3], batches[1]), run.mesh)
+  programs = ("text_stage", "attack", "gradient", "apply")
+  kinds = {"/jax/core/compile/jaxpr_trace_duration": "trace", "/jax/core/compile/backend_compile_duration": "compile"}
+  events = []
+
+  def record(event, seconds, fun_name=None, **kwargs):
+    name = (fun_name or "").removeprefix("jit(").removesuffix(")")
+    if event in kinds and name in programs:
+      events.append((kinds[event], name))
+
+  monkeypatch.setattr(precompile, "compile_all", functools.partial(precompile.compile_all, workers=1))
+  jax.monitoring.register_event_duration_secs_listener(record)
+  try:
+    fn.compile(state, batch)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(record)
+  assert events == [(kind, program) for program in programs for kind in ("trace", "compile")], events

@@ -119,6 +119,43 @@ def test_a_failed_compilation_is_raised_once_all_have_finished():
   precompile.compile_all([])  # nothing to compile
 
 
+def test_each_lowering_compiles_while_the_next_is_made():
+  """A generator's lowerings compile as they come: the first is compiling while the generator, on the calling
+  thread, makes the second (as a train step traces its next program). Consumed whole before compiling, the
+  generator would wait for the first compilation in vain."""
+  first_compiling = threading.Event()
+
+  class First:
+    def compile(self):
+      first_compiling.set()
+
+  class Second:
+    def compile(self):
+      pass
+
+  def lowerings():
+    yield First()
+    assert first_compiling.wait(timeout=30), "the first lowering was not compiling while the next was made"
+    yield Second()
+
+  precompile.compile_all(lowerings(), workers=2)
+
+
+def test_an_error_making_a_lowering_is_raised_at_once():
+  compiled = []
+
+  class Fine:
+    def compile(self):
+      compiled.append(1)
+
+  def lowerings():
+    yield Fine()
+    raise ValueError("cannot trace the second program")
+
+  with pytest.raises(ValueError, match="cannot trace the second program"):
+    precompile.compile_all(lowerings(), workers=2)
+
+
 def test_a_program_reached_inside_another_transformation_is_not_collected():
   # Inside a jax.jit (or vmap, scan) of the collected function a program is part of that one's program: its
   # own lowering would be compiled for nothing.

@@ -13,10 +13,11 @@ A step runs as up to four programs, each compiled and dispatched apart: the inne
 objective without an inner attack) and the optimizer's update. The attack's parameters are constants of
 the gradient, so nothing crosses between the programs but the text stage's captions, the adversarial
 batch, the gradient and its finiteness, and they are dispatched one after the other with no host
-synchronisation between them. They compile at once, each on a thread (`precompile.compile_all`): XLA's
-passes over a program are mostly sequential, so one program's compilation leaves a host's other cores
-idle; compiled alone, the longest of the ViT-B/16 MAT step's four (its text stage) takes 55–60% of the
-time of its whole inner attack (docs/performance.md#compile-time).
+synchronisation between them. They compile at once, each on a thread as soon as it is lowered, while the
+next one is traced (`precompile.compile_all`): XLA's passes over a program are mostly sequential, so one
+program's compilation leaves a host's other cores idle; compiled alone, the longest of the ViT-B/16 MAT
+step's four (its text stage) takes 55–60% of the time of its whole inner attack
+(docs/performance.md#compile-time).
 
 Non-finite loss or gradient norm: the update is skipped (the parameters stay the last good ones) and
 `state.bad_step` records the first such step; the loop reads it when it reads the metrics, so there is
@@ -27,7 +28,7 @@ no extra host synchronisation per step. An update that makes a parameter non-fin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.struct
 import jax
@@ -257,27 +258,34 @@ class TrainStep:
     """The lowerings of the step's programs for these arguments (arrays, or ShapeDtypeStructs with their
     shardings, as the call's arguments will have them), in the order a step calls them; nothing is compiled.
     Each program's inputs from the one before are its results' shapes in the shardings the call gives them."""
+    return list(self._lower_each(state, batch, reference))
+
+  def _lower_each(self, state: Any, batch: dict, reference: Any) -> Iterator[jax.stages.Lowered]:
+    """`lower`'s lowerings one at a time, each made when the one before has been taken."""
     def as_batch(out_info):
       return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding), out_info)
 
-    lowerings, text, adv = [], None, None
+    text = adv = None
     if self._text is not None:
-      lowerings.append(self._text.lower(state, batch, reference))
-      text = as_batch(lowerings[-1].out_info)
+      lowered = self._text.lower(state, batch, reference)
+      yield lowered
+      text = as_batch(lowered.out_info)
     if self._attack is not None:
-      lowerings.append(self._attack.lower(state, batch, text, reference))
-      adv = as_batch(lowerings[-1].out_info)
-    lowerings.append(self._gradient.lower(state, batch, adv, reference))
-    grads_info, finite_info, _ = lowerings[-1].out_info
+      lowered = self._attack.lower(state, batch, text, reference)
+      yield lowered
+      adv = as_batch(lowered.out_info)
+    lowered = self._gradient.lower(state, batch, adv, reference)
+    yield lowered
+    grads_info, finite_info, _ = lowered.out_info
     grads = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), grads_info,
                          self._gradient_sharding)
     finite = jax.ShapeDtypeStruct(finite_info.shape, finite_info.dtype, sharding=self._replicated)
-    lowerings.append(self._apply.lower(state, grads, finite))
-    return lowerings
+    yield self._apply.lower(state, grads, finite)
 
   def compile(self, state: Any, batch: dict, reference: Any = None) -> None:
-    """Compile the step's programs for these arguments at once into JAX's caches, where the calls find them."""
-    precompile.compile_all(self.lower(state, batch, reference))
+    """Compile the step's programs for these arguments at once into JAX's caches, where the calls find them:
+    each program's compilation starts as soon as it is lowered, while the next one is traced."""
+    precompile.compile_all(self._lower_each(state, batch, reference))
     self._prepared.add(_batch_signature(batch))
 
   def __call__(self, state: TrainState, batch: dict, reference: Any = None) -> tuple[TrainState, dict]:
