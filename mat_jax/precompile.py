@@ -146,7 +146,8 @@ def compile_all(lowerings: Iterable[jax.stages.Lowered], *, workers: int | None 
 
   The first compilation error is raised once all have finished; an error making a lowering, or an interrupt
   (Ctrl-C), at once, the compilations not started yet dropped (those running finish on their threads). Once
-  `stop` is set (by another thread: this one's caller has stopped), no further compilation starts."""
+  `stop` is set (by another thread: this one's caller has stopped), no further compilation starts, nor a
+  generator's next lowering."""
   def compile_one(lowered: jax.stages.Lowered) -> None:
     if stop is None or not stop.is_set():
       lowered.compile()
@@ -157,10 +158,16 @@ def compile_all(lowerings: Iterable[jax.stages.Lowered], *, workers: int | None 
   if workers == 1:
     for lowered in lowerings:
       compile_one(lowered)
+      if stop is not None and stop.is_set():
+        break
     return
   pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mat_jax precompile")
   try:
-    futures = [pool.submit(compile_one, lowered) for lowered in lowerings]
+    futures = []
+    for lowered in lowerings:
+      futures.append(pool.submit(compile_one, lowered))
+      if stop is not None and stop.is_set():
+        break  # a generator's later lowerings are not made
     concurrent.futures.wait(futures)
     for future in futures:
       future.result()

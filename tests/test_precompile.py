@@ -141,6 +141,27 @@ def test_each_lowering_compiles_while_the_next_is_made():
   precompile.compile_all(lowerings(), workers=2)
 
 
+def test_once_stopped_a_generators_next_lowering_is_not_made():
+  stop, made = threading.Event(), []
+
+  class Lowered:
+    def compile(self):
+      pass
+
+  def lowerings():
+    for i in range(3):
+      made.append(i)
+      if i == 1:
+        stop.set()  # as the thread that started the compilations would, having stopped meanwhile
+      yield Lowered()
+
+  for workers in (1, 2):
+    stop.clear()
+    made.clear()
+    precompile.compile_all(lowerings(), workers=workers, stop=stop)
+    assert made == [0, 1], (workers, made)
+
+
 def test_an_error_making_a_lowering_is_raised_at_once():
   compiled = []
 
