@@ -26,7 +26,7 @@ import contextvars
 import functools
 import inspect
 import threading
-from typing import Any, Callable, Iterable, Sized
+from typing import Any, Callable, Iterable, Iterator, Sized
 
 import jax
 import numpy as np
@@ -148,26 +148,29 @@ def compile_all(lowerings: Iterable[jax.stages.Lowered], *, workers: int | None 
   (Ctrl-C), at once, the compilations not started yet dropped (those running finish on their threads). Once
   `stop` is set (by another thread: this one's caller has stopped), no further compilation starts, nor a
   generator's next lowering."""
+  def stopped() -> bool:
+    return stop is not None and stop.is_set()
+
   def compile_one(lowered: jax.stages.Lowered) -> None:
-    if stop is None or not stop.is_set():
+    if not stopped():
       lowered.compile()
+
+  def until_stopped() -> Iterator[jax.stages.Lowered]:
+    for lowered in lowerings:
+      yield lowered
+      if stopped():
+        return  # a generator's later lowerings are not made
 
   workers = max(1, workers or processes.usable_cores())
   if isinstance(lowerings, Sized):
     workers = min(workers, max(len(lowerings), 1))
   if workers == 1:
-    for lowered in lowerings:
+    for lowered in until_stopped():
       compile_one(lowered)
-      if stop is not None and stop.is_set():
-        break
     return
   pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mat_jax precompile")
   try:
-    futures = []
-    for lowered in lowerings:
-      futures.append(pool.submit(compile_one, lowered))
-      if stop is not None and stop.is_set():
-        break  # a generator's later lowerings are not made
+    futures = [pool.submit(compile_one, lowered) for lowered in until_stopped()]
     concurrent.futures.wait(futures)
     for future in futures:
       future.result()

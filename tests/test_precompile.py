@@ -163,18 +163,22 @@ def test_once_stopped_a_generators_next_lowering_is_not_made():
 
 
 def test_an_error_making_a_lowering_is_raised_at_once():
-  compiled = []
+  """Not after the compilations under way: the lowerings after a failed one will not be made."""
+  import time
 
-  class Fine:
+  class Slow:
     def compile(self):
-      compiled.append(1)
+      time.sleep(1.0)
 
   def lowerings():
-    yield Fine()
+    yield Slow()
     raise ValueError("cannot trace the second program")
 
+  begin = time.perf_counter()
   with pytest.raises(ValueError, match="cannot trace the second program"):
     precompile.compile_all(lowerings(), workers=2)
+  assert time.perf_counter() - begin < 0.9
+  time.sleep(1.1)  # the running compilation ends on its thread before the next test
 
 
 def test_a_program_reached_inside_another_transformation_is_not_collected():
