@@ -235,7 +235,9 @@ def test_the_image_settings_of_a_saved_processor_are_read_first_as_transformers_
   import transformers
 
   _copy(saved, tmp_path)
-  transformers.CLIPImageProcessor(image_mean=[0.1] * 3, image_std=[0.2] * 3).save_pretrained(tmp_path)
+  size = model.config.vision.image_size
+  transformers.CLIPImageProcessor(image_mean=[0.1] * 3, image_std=[0.2] * 3, size={"shortest_edge": size},
+                                  crop_size={"height": size, "width": size}).save_pretrained(tmp_path)
   nested = {**json.loads((tmp_path / "preprocessor_config.json").read_text()), "image_mean": [0.5, 0.4, 0.3]}
   (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor",
                                                               "image_processor": nested}))
@@ -253,6 +255,33 @@ def test_the_image_settings_of_a_saved_processor_are_read_first_as_transformers_
   save_clip(model, tmp_path)
   reference = transformers.AutoImageProcessor.from_pretrained(tmp_path)
   assert tuple(reference.image_mean) == model.config.vision.image_mean == load_clip(tmp_path).config.vision.image_mean
+
+
+def test_a_processor_that_resizes_or_crops_otherwise_loads_with_a_warning_naming_it(model, saved, tmp_path):
+  """Every dataset gives a CLIP images resized on the shorter side to its image size (bicubic) and
+  centre-cropped to it: a processor that says otherwise would give the model other pixels."""
+  import warnings
+
+  import transformers
+
+  _copy(saved, tmp_path)
+  size = model.config.vision.image_size
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the processor save_clip writes is the datasets' own
+    load_clip(tmp_path)
+  transformers.CLIPImageProcessor(size={"shortest_edge": size + 4}, crop_size={"height": size, "width": size},
+                                  resample=2).save_pretrained(tmp_path)
+  with pytest.warns(UserWarning, match=rf'resizes to size {{"shortest_edge": {size + 4}}}, resamples with PIL '
+                                       r"code 2 \(bicubic is 3\);.*other pixels"):
+    load_clip(tmp_path)
+  # Older processors' files give both as one number: `size` the shorter side's, which agrees here.
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": size, "crop_size": size - 2}))
+  with pytest.warns(UserWarning, match=rf"processor crops to crop_size {size - 2};") as caught:
+    load_clip(tmp_path)
+  assert "resizes to size" not in str(caught[0].message)
+  transformers.CLIPImageProcessor(do_center_crop=False, size={"height": size, "width": size}).save_pretrained(tmp_path)
+  with pytest.warns(UserWarning, match=r'resizes to size \{"height".*does not crop \(do_center_crop false\)'):
+    load_clip(tmp_path)
 
 
 @pytest.mark.parametrize("options", [{"do_normalize": False}, {"rescale_factor": 1 / 127.5},

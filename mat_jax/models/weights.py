@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -362,6 +363,35 @@ def preprocessor_normalisation(preprocessor: dict, mean: tuple[float, ...], std:
   return mean, std
 
 
+BICUBIC = 3  # PIL's code for bicubic resampling, as image processors store `resample`
+
+
+def preprocessor_geometry_differences(preprocessor: dict, image_size: int) -> list[str]:
+  """How the image processor's resize and crop differ from the pixels mat_jax gives the model: every caption
+  corpus and ImageFolder set is built by resizing the shorter side to `image_size` (bicubic) and
+  centre-cropping `image_size` (`data.corpora.resize_and_crop`, as OpenAI's and LAION's CLIPs are
+  processed). Only the settings present are compared; [] when they agree."""
+  differences = []
+  if preprocessor.get("do_resize", True) is False:
+    differences.append("does not resize (do_resize false)")
+  elif "size" in preprocessor:
+    size = preprocessor["size"]
+    shortest = size if isinstance(size, int) else size.get("shortest_edge") if isinstance(size, dict) else None
+    if shortest != image_size:
+      differences.append(f"resizes to size {shown_json(size)}")
+  if preprocessor.get("resample", BICUBIC) != BICUBIC:
+    differences.append(f"resamples with PIL code {shown_json(preprocessor['resample'])} (bicubic is {BICUBIC})")
+  if preprocessor.get("do_center_crop", True) is False:
+    differences.append("does not crop (do_center_crop false)")
+  elif "crop_size" in preprocessor:
+    crop = preprocessor["crop_size"]
+    square = crop if isinstance(crop, int) else (
+        crop.get("height") if isinstance(crop, dict) and crop.get("height") == crop.get("width") else None)
+    if square != image_size:
+      differences.append(f"crops to crop_size {shown_json(crop)}")
+  return differences
+
+
 def _sub_config_types(data: dict, name: str, expected: dict[str, type]) -> list[str]:
   """Type problems of `data[name]` and of an older config's `data[name + "_dict"]`, each under its own name."""
   problems = wrong_types(data, {name: dict, f"{name}_dict": dict})
@@ -684,6 +714,13 @@ def load_clip(source: str | os.PathLike, *, dtype: str | None = None) -> CLIP:
   cfg = clip_config_from_hf(hub.read_json_object(directory / "config.json"), preprocessor, dtype=dtype,
                             source=str(directory / "config.json"),
                             preprocessor_source=str(directory / preprocessor_source))
+  differences = preprocessor_geometry_differences(preprocessor or {}, cfg.vision.image_size)
+  if differences:
+    size = cfg.vision.image_size
+    warnings.warn(f"{directory / preprocessor_source}: the model's image processor {', '.join(differences)}; "
+                  f"mat_jax's datasets give it images resized on the shorter side to {size} px (bicubic) and "
+                  f"centre-cropped to {size}x{size}, so it is evaluated and trained on other pixels than its "
+                  "processor would give it (docs/data.md)", UserWarning, stacklevel=2)
   abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
   return fill_parameters(abstract, "CLIPModel", clip_table(cfg), files, CLIP_IGNORED, str(directory))
 
