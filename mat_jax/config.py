@@ -812,7 +812,7 @@ _ADDED_OBJECTIVE_FIELDS = ("symmetric", "guided")
 ADDED_FINGERPRINT_KEYS = ("model.source", "model.source_run", "text_attack.source", "text_attack.bert",
                           "text_attack.top_k", "text_attack.max_words", "text_attack.max_pieces",
                           "text_attack.max_targets", "text_attack.mlm", "data.split", "data.image_size",
-                          "data.build_train", "data.build_val", "data.build_test")
+                          "data.build_train", "data.build_val", "data.build_test", "model.tokenizer_vocabulary")
 
 
 def rare_form_rate(config: ml_collections.ConfigDict) -> float | None:

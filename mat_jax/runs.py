@@ -144,12 +144,16 @@ def source_run(source: str) -> str | None:
   return cached_run_dir(name, config).name
 
 
-def run_fingerprint(config: ml_collections.ConfigDict, model_config: Any) -> dict[str, Any]:
+def run_fingerprint(config: ml_collections.ConfigDict, model_config: Any, tokenizer: Any = None) -> dict[str, Any]:
   """The fingerprint of a run's checkpoints: `mat_jax.config.fingerprint`, plus what the config names but
   does not pin: for a run that starts from a cached one, that run's directory name (resumed from another
   starting model, an edited experiment, it is another run); for a run that trains against the shapes
-  world's MLM, that MLM's cache directory (its settings and recipe version)."""
+  world's MLM, that MLM's cache directory (its settings and recipe version); the digest of the tokenizer's
+  vocabulary (`Tokenizer.vocabulary_digest`), which the model's text inputs depend on whichever tokenizer
+  `model.tokenizer` or the source's files name."""
   fingerprint = config_lib.fingerprint(config, model_config)
+  if tokenizer is not None:
+    fingerprint["model.tokenizer_vocabulary"] = tokenizer.vocabulary_digest()
   upstream = source_run(config.model.source)
   if upstream is not None:
     fingerprint["model.source_run"] = upstream
@@ -523,7 +527,7 @@ def restore_checkpointed_model(config: ml_collections.ConfigDict, workdir: Path)
                                                                    config.train.steps))
   is_trainable = step_lib.trainable_filter(config.train.towers, config.train.train_logit_scale)
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh, "replicated", config.mesh.logical_rules)
-  fingerprint = run_fingerprint(config, model.config)
+  fingerprint = run_fingerprint(config, model.config, tokenizer)
   with checkpoint.Checkpointer(workdir, fingerprint, reader=True, added_keys=config_lib.ADDED_FINGERPRINT_KEYS) as ckpt:
     state0 = jax.eval_shape(lambda p: step_lib.init_state(p, tx, is_trainable, config.seed), params)
     # A damaged newest checkpoint is skipped (said on stderr), not moved: the run is not this reader's.

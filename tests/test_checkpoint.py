@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.name = "resume"
   c.model = dict(source="tiny", tokenizer="shapes", overrides="{MICRO}")
   c.data = dict(name="shapes", data_dir=DATA_DIR, build_train=64, build_val=16, build_test=16, image_size=16)
-  c.train = dict(batch_size=16, steps={STEPS}, log_every=10, checkpoint_every=10, keep_checkpoints=2)
+  c.train = dict(batch_size=16, steps={STEPS}, log_every=4, checkpoint_every=10, keep_checkpoints=2)
   c.optimizer = dict(name="adamw", learning_rate=1e-3, weight_decay=0.01)
   c.schedule = dict(name="cosine", warmup_steps=5)
   return c
@@ -93,9 +93,18 @@ def test_sigkill_and_restart_end_with_the_same_parameters(setting, uninterrupted
   # keep-N: only the newest checkpoints remain.
   kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert kept == [STEPS - 10, STEPS]
-  # Steps logged after the last checkpoint of the killed run are logged once, by the resumed run.
-  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert steps == list(range(10, STEPS + 1, 10))
+  # Every 4 steps and at every checkpoint, once: the lines after the killed run's last checkpoint are the
+  # resumed run's, and each line's metrics are the uninterrupted run's (its steps since the last line
+  # include the steps before the checkpoint, which the checkpoint's own line took out of memory).
+  def lines(directory):
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+  def metrics(line):
+    return {k: v for k, v in line.items() if not k.endswith(("steps_per_s", "images_per_s"))}
+
+  resumed_lines, reference_lines = lines(workdir), lines(uninterrupted)
+  assert [line["step"] for line in resumed_lines] == [4, 8, 10, 12, 16, 20, 24, 28, 30]
+  assert [metrics(line) for line in resumed_lines] == [metrics(line) for line in reference_lines]
 
 
 def test_incompatible_config_is_refused(setting, uninterrupted, monkeypatch):
@@ -108,6 +117,26 @@ def test_incompatible_config_is_refused(setting, uninterrupted, monkeypatch):
   message = str(err.value)
   assert "model.text.width: checkpoint 32, this run 64" in message
   assert "train.towers" in message and "fresh --workdir" in message
+
+
+def test_a_tokenizer_that_maps_words_to_other_ids_is_refused(setting, uninterrupted, monkeypatch, tmp_path):
+  """The same vocabulary size, two words' ids swapped: the model would read other inputs from step 0 on."""
+  root, path, env = setting
+  monkeypatch.setenv("MAT_JAX_CACHE_DIR", env["MAT_JAX_CACHE_DIR"])
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(uninterrupted / "model" / name, tmp_path / name)
+  spec = json.loads((tmp_path / "tokenizer.json").read_text())
+  vocabulary, special = spec["model"]["vocab"], {token["content"] for token in spec["added_tokens"]}
+  first, second = [word for word in vocabulary if word not in special][:2]
+  vocabulary[first], vocabulary[second] = vocabulary[second], vocabulary[first]
+  (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+  before = _tree_listing(uninterrupted)
+  config = config_lib.load(path, [f"model.tokenizer={tmp_path}", "model.context_length=24"])
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="fresh --workdir") as err:
+    loop.train(config, uninterrupted, mesh_spec="8", log=lambda _: None, progress=False, evaluate=False)
+  differing = [line.split(":")[0].strip() for line in str(err.value).splitlines() if line.startswith("  ")]
+  assert differing == ["model.tokenizer_vocabulary"], str(err.value)
+  assert _tree_listing(uninterrupted) == before
 
 
 def _tree_listing(directory):

@@ -268,3 +268,17 @@ def test_damaged_or_incomplete_tokenizer_files_name_the_file_and_the_fix(tmp_pat
 def test_a_tokenizer_without_pad_eos_or_sep_is_refused(tmp_path):
   with pytest.raises(ConfigError, match="no pad, eos or sep token"):
     load_tokenizer(_word_level_files(tmp_path, unk_token="[UNK]"), context_length=8)
+
+
+def test_the_vocabulary_digest_names_the_word_to_id_map(bert_tok, tmp_path):
+  """What a checkpoint's fingerprint records of its tokenizer: the same map gives the same digest at any
+  context length and after a save and load; two ids swapped give another."""
+  digest = bert_tok.vocabulary_digest()
+  assert bert_tok.with_context_length(5).vocabulary_digest() == digest
+  bert_tok.save_pretrained(tmp_path / "saved")
+  assert load_tokenizer(tmp_path / "saved", context_length=8).vocabulary_digest() == digest
+  swapped = list(BERT_VOCAB)
+  swapped[6], swapped[7] = swapped[7], swapped[6]  # "red" and "cat"
+  (tmp_path / "swapped").mkdir()
+  (tmp_path / "swapped" / "vocab.txt").write_text("\n".join(swapped) + "\n")
+  assert load_tokenizer(tmp_path / "swapped", context_length=8).vocabulary_digest() != digest

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import os
 import sys
 import threading
@@ -90,6 +92,14 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     return len(self.hf)
+
+  def vocabulary_digest(self) -> str:
+    """A short digest of what maps words to ids: every token's id, and the start, end and pad ids. Two
+    tokenizers with the same vocabulary size but other ids give a model other inputs."""
+    with self._lock:
+      vocabulary = sorted(self.hf.get_vocab().items())
+    text = json.dumps([vocabulary, [self.start_id, self.end_id, self.pad_id]], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
   def __call__(self, texts: Sequence[str]) -> TokenBatch:
     if isinstance(texts, str):

@@ -282,7 +282,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh_sp
   shardings = step_lib.state_shardings(params, tx, is_trainable, mesh, config.mesh.param_sharding,
                                        config.mesh.logical_rules)
   return Run(config, Path(workdir), mesh, model, encoder, params, tokenizer, objective, schedule, tx,
-             is_trainable, shardings, runs.run_fingerprint(config, model.config), transforms)
+             is_trainable, shardings, runs.run_fingerprint(config, model.config, tokenizer), transforms)
 
 
 def candidate_transform(config: ml_collections.ConfigDict, tokenizer: Any, *, log: Log = print
@@ -628,17 +628,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
       log_now = done % cfg.train.log_every == 0 or final
       save_now = done % cfg.train.checkpoint_every == 0 or final or stopping
       if save_now:  # a checkpoint is written only after its state is known to be finite
-        # A stop logs the steps since the last line with its checkpoint: they are only in memory, and the
-        # resumed run's first line would average its own steps only.
+        # Its step is logged too: the steps since the last line are only in memory, and a run resumed from
+        # this checkpoint (after a stop or a kill) would begin a line of its own steps only. Logged by every
+        # run, a resumed run's lines are the uninterrupted run's.
         with split.part("device"):
-          if log_now or stopping:
-            values, bad = jax.device_get((pending, state.bad_step))
-            pending = []
-          else:  # the steps since the last log stay pending: the next logged line averages all of them
-            bad = jax.device_get(state.bad_step)
+          values, bad = jax.device_get((pending, state.bad_step))
+          pending = []
         check_finite(int(bad))
-        if log_now or stopping:
-          write_train_metrics(done, values)
+        write_train_metrics(done, values)
       elif log_now:
         # A copy: the next step donates the state's buffers, bad_step's included.
         deferred, pending = (done, pending, jnp.copy(state.bad_step)), []
