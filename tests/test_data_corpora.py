@@ -444,8 +444,9 @@ def _entry(name: str, split: str = "test", captions=("a caption",)) -> dict:
 
 
 @pytest.mark.parametrize("entries, message", [
-    ([_entry("0.jpg"), _entry("missing.jpg")], r"missing image file .*missing\.jpg"),
-    ([_entry("0.jpg"), _entry("corrupt.jpg")], r"corrupt or unreadable image file .*corrupt\.jpg"),
+    ([_entry("0.jpg"), _entry("missing.jpg")], r"missing image file .*missing\.jpg.*; replace the file, or pass "
+                                                r"skip_bad=True \(--skip-bad\) to skip its entry"),
+    ([_entry("0.jpg"), _entry("corrupt.jpg")], r"corrupt or unreadable image file .*corrupt\.jpg.*--skip-bad"),
     ([_entry("0.jpg"), _entry("1.jpg", captions=())], r"entry 1 \(1\.jpg\) .* has no captions"),
 ])
 def test_bad_records_raise_naming_them_or_are_skipped_and_counted(bad_corpus, data_dir, entries, message):

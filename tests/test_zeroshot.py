@@ -345,7 +345,8 @@ def test_image_folder_bad_input_names_the_problem(tmp_path):
   assert sorted(imagefolder.scan(vehicles)[imagefolder.SINGLE_SPLIT]) == ["bus", "train"]
   corrupt = _write_folder(tmp_path / "corrupt", classes=("red_circle", "blue_square"))
   (corrupt / "blue_square" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-  with pytest.raises(CorpusError, match="corrupt or unreadable image file .*broken.jpg"):
+  with pytest.raises(CorpusError, match="corrupt or unreadable image file .*broken.jpg.*; replace the file or "
+                                        "remove it from the folder"):
     imagefolder.build_image_folder(corrupt, image_size=SIZE, data_dir=tmp_path / "data", log=lambda m: None)
 
 

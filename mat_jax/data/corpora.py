@@ -617,7 +617,8 @@ class CaptionCorpus(tfds.core.GeneratorBasedBuilder):
       for entry, image in zip(cfg.entries[split], pool.map(load, cfg.entries[split]), strict=True):
         if isinstance(image, CorpusError):
           if not cfg.skip_bad:
-            raise image
+            raise CorpusError(f"{image}; replace the file, or pass skip_bad=True (--skip-bad) to skip its "
+                              "entry") from image
           skipped.append(str(image))
           continue
         yield written, {"image": image, "captions": [cfg.cleaning(c) for c in entry.captions],

@@ -156,7 +156,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     items = [(label, path) for label, name in enumerate(cfg.classes) for path in cfg.layout[split][name]]
     def load(item):
-      return corpora.load_image(item[1], cfg.image_size, f"class {cfg.classes[item[0]]!r}, split {split!r}")
+      try:
+        return corpora.load_image(item[1], cfg.image_size, f"class {cfg.classes[item[0]]!r}, split {split!r}")
+      except CorpusError as err:
+        raise CorpusError(f"{err}; replace the file or remove it from the folder") from err
     # Decoding dominates and PIL releases the GIL there: threads, in order.
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
       for index, ((label, path), image) in enumerate(zip(items, pool.map(load, items), strict=True)):
