@@ -172,6 +172,11 @@ def run_config(study: Mapping[str, Any], arm: Arm, seed: int):
   for section, values in (study["budget"] or {}).items():
     if section not in ("train", "schedule"):
       raise StudyError(f"budget.{section}: a study may shrink only the shared train and schedule sections")
+    values = dict(values)
+    # The shrunk shared steps; a compute-matched control keeps its multiple of them.
+    stretched = {"train": "steps", "schedule": "warmup_steps"}[section]
+    if stretched in values:
+      values[stretched] = values[stretched] * arm.steps_factor
     c[section].update(values)
   c["data"].update(study["data"] or {})
   c["train"]["export"] = True

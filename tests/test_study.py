@@ -964,6 +964,12 @@ def test_the_compute_matched_controls_are_the_baselines_with_more_steps_and_noth
       assert ours.train.steps == factor * theirs.train.steps
       assert {**ours.to_dict(), "name": None, "train": None, "schedule": None} == \
           {**theirs.to_dict(), "name": None, "train": None, "schedule": None}
+    # A study that shrinks the shared budget shrinks the controls' steps alike: they keep their multiple.
+    shrunk = {**matched, "budget": {"train": {"steps": 4}, "schedule": {"warmup_steps": 1}}}
+    for name, (method, factor) in controls.items():
+      ours, theirs = (study.run_config(shrunk, study.arm_of(shrunk, n), 0) for n in (name, method))
+      assert (theirs.train.steps, theirs.schedule.warmup_steps) == (4, 1)
+      assert (ours.train.steps, ours.schedule.warmup_steps) == (4 * factor, factor)
     # The arms the variant had keep their settings, so its study dir takes the new arm beside its runs.
     assert study._training_settings({**matched, "arms": {a: matched["arms"][a] for a in plain["arms"]}}) == \
         study._training_settings(plain)
