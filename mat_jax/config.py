@@ -524,7 +524,8 @@ def _check_values(config: dict) -> None:
                       f"{config['eval']['max_images']} leave one image per batch and none attacked: set both to at "
                       "least 2 (max_images 0: the whole split)")
   try:
-    pipeline.parse_augmentations(tuple(config["data"]["augmentations"]))
+    pipeline.check_layout(pipeline.parse_augmentations(tuple(config["data"]["augmentations"])),
+                          config["data"]["captions_per_image"], config["data"]["renderings_per_scene"])
   except ValueError as err:
     raise ConfigError(f"data.augmentations: {err}") from None
   train = config["train"]

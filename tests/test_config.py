@@ -271,6 +271,12 @@ def test_eval_attacks_are_checked_at_load(tmp_path):
     config_lib.load(path, ["eval.attacks=pgd,pdg"])
   with pytest.raises(config_lib.ConfigError, match="data.augmentations: unknown augmentation 'flip'"):
     config_lib.load(path, ["data.augmentations=flip"])
+  # t2i_caption's image is true of its one caption only: with other captions or renderings of the scene, refused.
+  for layout in ("data.captions_per_image=2", "data.renderings_per_scene=2"):
+    with pytest.raises(config_lib.ConfigError, match=r"data.augmentations: t2i_caption .* captions_per_image=1 "
+                                                     r"and renderings_per_scene=1"):
+      config_lib.load(path, ["data.augmentations=t2i_caption", layout])
+  config_lib.load(path, ["data.augmentations=t2i", "data.renderings_per_scene=2"])
   with pytest.raises(config_lib.ConfigError, match=r"eval.attacks: unknown attack\(s\) \['coattack'\]"):
     config_lib.load(_write(tmp_path, "return dict(eval=dict(attacks=('sga', 'coattack')))"))
   # A contrastive attack's negatives are the batch's other captions: one image per batch is refused at load,

@@ -300,8 +300,11 @@ def test_bad_pipeline_options_are_explained(world):
     _pipe(world, 4, augmentations="flip")
   with pytest.raises(ValueError, match=r"probability 1\.5"):
     _pipe(world, 4, augmentations="eda:1.5")
-  with pytest.raises(ValueError, match="t2i_caption .* captions_per_image=1"):
+  with pytest.raises(ValueError, match=r"t2i_caption .* captions_per_image=1 and renderings_per_scene=1 "
+                                       r"\(got 2 and 1\)"):
     _pipe(world, 4, captions_per_image=2, augmentations="t2i_caption")
+  with pytest.raises(ValueError, match=r"t2i_caption .* \(got 1 and 2\)"):
+    _pipe(world, 4, renderings_per_scene=2, augmentations="t2i_caption")
   with pytest.raises(ValueError, match="records make no batch of 25 examples on each of 1 host"):
     _pipe(world, 25, num_epochs=1)
 

@@ -307,7 +307,7 @@ class Tokenize:
             "attention_mask": tokens.attention_mask.reshape(shape)}
 
 
-def _check_source(source, augmentations: Mapping[str, float], captions_per_image: int) -> None:
+def _check_source(source, augmentations: Mapping[str, float]) -> None:
   if len(source) == 0:
     raise DataSourceError("the data source is empty; build the dataset with `python -m mat_jax.data build ...`")
   first = source[0]
@@ -327,9 +327,17 @@ def _check_source(source, augmentations: Mapping[str, float], captions_per_image
     raise DataSourceError(f"augmentations {needs_lexicon} edit captions through the shapes world's lexicon, whose "
                           "synonyms change the meaning of other corpora's words (star -> pentagram); use hflip or "
                           "image_jitter for other corpora")
-  if "t2i_caption" in augmentations and captions_per_image != 1:
-    raise DataSourceError("t2i_caption draws the image from one caption, so it needs captions_per_image=1; use "
-                          "t2i (a new rendering true to all captions) with several captions per image")
+
+
+def check_layout(augmentations: Mapping[str, float], captions_per_image: int, renderings_per_scene: int) -> None:
+  """Refuse augmentations a batch's layout would make false: t2i_caption draws an example's image from one
+  of its captions, which the example's other captions, and the scene's other renderings (positives of every
+  caption of the scene), need not be true of."""
+  if "t2i_caption" in augmentations and (captions_per_image != 1 or renderings_per_scene != 1):
+    raise DataSourceError(f"t2i_caption draws the image from one caption, so it needs captions_per_image=1 and "
+                          f"renderings_per_scene=1 (got {captions_per_image} and {renderings_per_scene}): the "
+                          "scene's other captions and renderings need not be true of that image; use t2i (a new "
+                          "rendering true to all captions) with several captions or renderings per scene")
 
 
 def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image: int = 1, seed: int = 0,
@@ -437,7 +445,8 @@ def _batch_stages(source, tokenizer, batch_size: int, *, captions_per_image: int
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
   augmentations = parse_augmentations(augmentations)
-  _check_source(source, augmentations, captions_per_image)
+  _check_source(source, augmentations)
+  check_layout(augmentations, captions_per_image, renderings_per_scene)
   if renderings_per_scene > 1 and "scene" not in source[0]:
     raise DataSourceError("renderings_per_scene > 1 re-renders each scene, which only shapes-world records store")
   examples_per_batch = batch_size // renderings_per_scene
