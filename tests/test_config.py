@@ -232,9 +232,10 @@ def test_fingerprint_covers_the_text_threat_and_the_reference_a_run_trains_with(
   # The data keys recorded later: the split, the image size and the shapes world's build.
   data = {"data.split", "data.image_size", "data.build_train", "data.build_val", "data.build_test"}
   assert data <= set(both)
-  # (model.source_run, the cached run a "cache:" source stands for, and text_attack.mlm, the cached MLM
-  # "shapes-mlm" stands for, are `runs.run_fingerprint`'s additions.)
-  assert recorded | data | {"model.source_run", "text_attack.mlm"} == set(config_lib.ADDED_FINGERPRINT_KEYS)
+  # (model.source_run, the cached run a "cache:" source stands for, text_attack.mlm, the cached MLM
+  # "shapes-mlm" stands for, and the tokenizer's vocabulary are `runs.run_fingerprint`'s additions.)
+  assert recorded | data | {"model.source_run", "text_attack.mlm", "model.tokenizer_vocabulary"} == \
+      set(config_lib.ADDED_FINGERPRINT_KEYS)
 
 
 @pytest.mark.parametrize("name, setting, structural", [

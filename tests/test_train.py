@@ -380,7 +380,7 @@ def _logged_losses(workdir):
 
 
 def test_a_logged_line_averages_every_step_since_the_last_one(root, devices):
-  """Also across a checkpoint inside the interval: a save reads the state's finite flag, not the metrics."""
+  """A checkpoint's step is logged too (a run resumed from it logs what the uninterrupted run logs)."""
   each = root / "log_each"
   loop.train(micro_config(root, train={"steps": 4, "log_every": 1, "checkpoint_every": 4}), each, mesh_spec="1",
              log=lambda _: None, progress=False, evaluate=False)
@@ -388,7 +388,13 @@ def test_a_logged_line_averages_every_step_since_the_last_one(root, devices):
   loop.train(micro_config(root, train={"steps": 4, "log_every": 4, "checkpoint_every": 3}), every_four,
              mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
   per_step = _logged_losses(each)
-  assert _logged_losses(every_four) == {4: pytest.approx(np.mean([per_step[s] for s in (1, 2, 3, 4)]), rel=1e-6)}
+  assert _logged_losses(every_four) == {3: pytest.approx(np.mean([per_step[s] for s in (1, 2, 3)]), rel=1e-6),
+                                        4: pytest.approx(per_step[4], rel=1e-6)}
+  every_two = root / "log_every_two"
+  loop.train(micro_config(root, train={"steps": 4, "log_every": 2, "checkpoint_every": 4}), every_two,
+             mesh_spec="1", log=lambda _: None, progress=False, evaluate=False)
+  assert _logged_losses(every_two) == {2: pytest.approx(np.mean([per_step[s] for s in (1, 2)]), rel=1e-6),
+                                       4: pytest.approx(np.mean([per_step[s] for s in (3, 4)]), rel=1e-6)}
 
 
 def test_a_refused_run_leaves_the_workdir_config_alone(root, devices):
