@@ -229,6 +229,29 @@ def spec_for(shape: tuple[int, ...], logical: tuple[str | None, ...] | None, mes
   return P(*entries)
 
 
+def check_param_sharding(mesh: Mesh, mode: str, rules: str | Mapping[str, str | None] | None = None) -> None:
+  """Refuse a parameter sharding that would split nothing on a mesh of several devices: `fsdp` without an
+  fsdp axis, `logical` whose rules name only axes of one device. Every parameter would be replicated on
+  every device, which the run was configured not to do; on one device nothing is split anyway."""
+  if mode == "replicated" or mesh.devices.size == 1:
+    return
+  axes = ["fsdp"] if mode == "fsdp" else sorted({a for a in parse_logical_rules(rules).values() if a is not None})
+  if any(mesh.shape[axis] > 1 for axis in axes):
+    return
+  devices = mesh.devices.size
+  named = "its fsdp axis" if mode == "fsdp" else f"mesh.logical_rules' axes ({', '.join(axes) or 'none'})"
+  raise MeshError(f"mesh.param_sharding={mode} splits the parameters over {named}, which the mesh "
+                  f"({describe(mesh)}) gives one device: every parameter would be replicated on all {devices} "
+                  f"devices. Give the mesh an fsdp axis (e.g. --mesh data={max(devices // 2, 1)},fsdp=2), use "
+                  "param_sharding=logical with logical_rules embed=data, or set mesh.param_sharding=replicated")
+
+
+def sharded_count(shardings: Any) -> tuple[int, int]:
+  """(arrays split over some mesh axis, all arrays) of a pytree of NamedSharding."""
+  leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  return sum(any(axis is not None for axis in s.spec) for s in leaves), len(leaves)
+
+
 def param_shardings(params: Any, mesh: Mesh, mode: str = "replicated",
                     rules: str | Mapping[str, str | None] | None = None) -> Any:
   """A pytree of NamedSharding matching `params` (an nnx.State or any pytree of arrays).

@@ -118,6 +118,28 @@ def test_param_shardings_read_logical_names(devices):
   assert all(s.spec == P() for s in jax.tree.leaves(replicated))
 
 
+def test_a_parameter_sharding_that_splits_nothing_on_several_devices_is_refused(devices):
+  """fsdp on a mesh without an fsdp axis (--mesh 8), or logical rules naming only one-device axes, would
+  replicate every parameter on every device: refused, with the mesh that splits them."""
+  from mat_jax import config as config_lib
+  from mat_jax.training import loop
+
+  def run_mesh(spec, **mesh):
+    return loop.run_mesh(config_lib.build({"mesh": mesh}), spec)
+
+  for mesh in ({"param_sharding": "fsdp"}, {"param_sharding": "logical"}):  # the default rules: embed=fsdp
+    with pytest.raises(mesh_lib.MeshError, match=rf"param_sharding={mesh['param_sharding']} splits the parameters "
+                                                 r"over .*gives one device.*--mesh data=4,fsdp=2"):
+      run_mesh("8", **mesh)
+    run_mesh("data=4,fsdp=2", **mesh)
+    run_mesh("1", **mesh)  # one device: nothing to split, as on a laptop
+  run_mesh("8", param_sharding="logical", logical_rules="embed=data")
+  run_mesh("8", param_sharding="replicated")
+  split = mesh_lib.sharded_count(mesh_lib.param_shardings({"w": np.zeros((8, 4)), "b": np.zeros(3)},
+                                                          mesh_lib.make_mesh("data=4,fsdp=2"), "fsdp"))
+  assert split == (1, 2)
+
+
 def test_single_process_needs_no_distributed_start(monkeypatch):
   for var in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
     monkeypatch.delenv(var, raising=False)

@@ -257,6 +257,7 @@ def run_mesh(config: ml_collections.ConfigDict, mesh_spec: str | None = None):
     if unknown:
       raise mesh_lib.MeshError(f"mesh.logical_rules names {unknown}, which no parameter has; the models' logical "
                                f"axes are {list(layers.LOGICAL_AXES)}")
+  mesh_lib.check_param_sharding(mesh, config.mesh.param_sharding, config.mesh.logical_rules)
   return mesh
 
 
@@ -442,7 +443,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, *, mesh_spec: str |
         f"model.source={cfg.model.source!r} brings no tokenizer and model.tokenizer is empty, so the captions "
         "cannot be tokenized; set model.tokenizer ('shapes' for the shapes world, or a transformers tokenizer "
         "directory or hub id)")
+  split_arrays, arrays = mesh_lib.sharded_count(run.shardings.params)
   say(f"run {cfg.name or '(unnamed)'}: objective {run.objective.name}, mesh {mesh_lib.describe(run.mesh)}, "
+      f"parameters {cfg.mesh.param_sharding} ({split_arrays} of {arrays} arrays split), "
       f"{cfg.train.steps} steps of {cfg.train.batch_size} images, towers {cfg.train.towers}, "
       f"workdir {workdir}")
   # The layout of the pipeline this run builds (a caller's own iterator has one this run cannot know).
