@@ -16,10 +16,14 @@ from mat_jax.models.tokenizers import Tokenizer
 
 
 def data_builder(config: ml_collections.ConfigDict, image_size: int, *, log: Callable[[str], None] = print):
-  """The TFDS builder of the configured dataset; the shapes world is built on first use."""
-  if config.data.name == "shapes" and image_size != config.data.image_size:
+  """The TFDS builder of the configured dataset at the model's input size `image_size` (the shapes world is
+  built on first use); a config whose data.image_size says another size is refused, not overruled, as it is
+  recorded with the run (its config.json, its checkpoints' fingerprint)."""
+  if image_size != config.data.image_size:
+    built = ("the shapes world is built at it on first use" if config.data.name == "shapes" else
+             f"the corpus is read as built at that size: python -m mat_jax.data build ... --image-size {image_size}")
     raise ConfigError(f"the model takes {image_size}px images but data.image_size is "
-                      f"{config.data.image_size}; set data.image_size={image_size}")
+                      f"{config.data.image_size}; set data.image_size={image_size} ({built})")
   sizes = {}
   if config.data.name == "shapes":
     sizes = dict(train=config.data.build_train, val=config.data.build_val, test=config.data.build_test,
