@@ -1010,10 +1010,10 @@ def _main(argv: Sequence[str] | None) -> int:
   runtime.prepare_process(small_models=True)
   study = load(args.config, quick=args.quick)
   study_dir = Path(args.study_dir) if args.study_dir else paths_lib.cache_root() / "studies" / study["name"]
-  # The quick study (--quick, or the file's "quick" argument: the same study) reports into its study
-  # dir: its smoke-test tables have no place beside the shipped results.
-  quick = args.quick or str(args.config).partition(":")[2] == "quick"
-  out = Path(args.out) if args.out else (study_dir if quick else default_out(study["name"]))
+  # A study that shrinks the shared budget (the quick study: --quick, or the file's "quick" argument with
+  # or without others) reports into its study dir: its smoke-test tables have no place beside the shipped
+  # results, which are the shared budget's.
+  out = Path(args.out) if args.out else (study_dir if study["budget"] else default_out(study["name"]))
   _out_dir = str(out)
   # Before hours of training: directories that cannot be written would lose the results at the end.
   errors.check_writable_dir(study_dir, "--study-dir")

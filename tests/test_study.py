@@ -995,7 +995,8 @@ def test_a_study_of_its_own_reports_beside_the_shapes_study_never_over_it():
     assert study.default_out(name) == study.DEFAULT_OUT / folder
 
 
-@pytest.mark.parametrize("how", [["--quick"], ["--config", f"{EXPERIMENTS / 'study_shapes.py'}:quick"]])
+@pytest.mark.parametrize("how", [["--quick"], ["--config", f"{EXPERIMENTS / 'study_shapes.py'}:quick"],
+                                 ["--config", f"{EXPERIMENTS / 'study_shapes.py'}:quick,eval_images=6"]])
 def test_the_quick_study_reports_into_its_study_dir_however_it_is_named(tmp_path, monkeypatch, how):
   written = []
   monkeypatch.setattr(study, "run", lambda *a, **k: {"collected": {}, "wall_seconds": 0.0, "compilations": 0})
