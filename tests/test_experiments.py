@@ -4,6 +4,7 @@ the errors of a bad argument."""
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,12 @@ def test_the_argument_picks_the_published_settings():
   blip = config_lib.load(f"{EXPERIMENTS / 'flickr30k_blip.py'}:matplus")
   assert (blip.data.image_size, blip.data.captions_per_image, blip.optimizer.weight_decay) == (384, 5, 0.05)
   assert blip.train.steps == 3_398  # BLIP's 6 epochs over its 145,000 image-caption pairs, batch 256
+  # BLIP's cosine is set once per epoch (train_retrieval.py's cosine_lr_schedule, min_lr 0): constant within one.
+  from mat_jax.training import optim
+  rate = optim.make_schedule(blip.schedule, blip.optimizer.learning_rate, blip.train.steps)
+  for epoch, first, last in ((0, 0, 565), (1, 566, 1132), (5, 2832, 3397)):
+    expected = 1e-5 * (1 + math.cos(math.pi * epoch / 6)) / 2
+    assert [float(rate(first)), float(rate(last))] == pytest.approx([expected, expected], rel=1e-6), epoch
   # The shapes BLIP defenses train the CLIP methods' objective and data.
   shapes_matplus = config_lib.load(EXPERIMENTS / "shapes_matplus.py")
   blip_matplus = config_lib.load(f"{EXPERIMENTS / 'shapes_blip.py'}:matplus")
