@@ -511,14 +511,20 @@ def test_a_shapes_split_built_empty_names_its_size_key():
     setup.check_split(builder("flickr30k"), "test", "eval.split")
 
 
-def test_a_data_image_size_other_than_the_models_is_refused_for_every_dataset():
+def test_a_data_image_size_other_than_the_models_is_refused_for_every_dataset(monkeypatch):
   """A corpus is read at the model's input size, so a data.image_size saying another (which the run's
-  config.json and fingerprint record) is refused, as for the shapes world, before anything is read."""
+  config.json and fingerprint record) is refused, as for the shapes world (before it is built); a corpus
+  not built at the model's size is named first."""
+  from mat_jax.data import corpora
+
+  opened = []
+  monkeypatch.setattr(corpora, "dataset_builder", lambda name, size, *a, **k: opened.append((name, size)))
   for name, built in (("shapes", "built at it on first use"), ("flickr30k", "--image-size 224")):
     config = config_lib.build({"data": {"name": name, "image_size": 384}})
     with pytest.raises(config_lib.ConfigError, match=rf"the model takes 224px images but data.image_size is 384; "
                                                      rf"set data.image_size=224 \(.*{built}"):
       setup.data_builder(config, 224)
+  assert opened == [("flickr30k", 224)]  # the shapes world was not built
 
 
 def test_demo_table_puts_the_models_side_by_side():
