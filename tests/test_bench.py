@@ -532,3 +532,23 @@ def test_bench_compile_counts_programs_compiled_at_once_by_their_wall_seconds():
 
   assert compile_bench._joined_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.75)]) == 4.0
   assert compile_bench._joined_seconds([]) == 0.0
+
+
+def test_a_timed_train_step_waits_for_its_last_program():
+  """`bench train` and `bench compile` time the step until its new state is ready: the optimizer's update,
+  dispatched after the program that makes the metrics, would otherwise run on after the clock stopped."""
+  from mat_jax.bench import train as bench_train
+
+  @jax.jit
+  def slow_update(state):  # a program that runs long after the metrics are ready
+    return jax.lax.fori_loop(0, 200, lambda _, w: jnp.tanh(w @ w), state)
+
+  def step(state, batch, reference):
+    metrics = {"loss": jnp.sum(batch["x"])}
+    return slow_update(state), metrics
+
+  call = bench_train.step_call(step, jnp.eye(256) * 0.5, {"x": jnp.ones(3)})
+  state, metrics = common.block(call())
+  assert state.is_ready() and metrics["loss"].is_ready()
+  state, _ = common.block(call())  # the next call starts from the state the last one made
+  assert state.is_ready()

@@ -61,7 +61,7 @@ from mat_jax.attacks import image as image_attacks
 from mat_jax.attacks import multimodal
 from mat_jax.attacks.candidates import LexiconSource, prepare_candidates
 from mat_jax.bench import common, cross_compile
-from mat_jax.bench.train import lower_mat_step, mat_batch, mat_train_step
+from mat_jax.bench.train import lower_mat_step, mat_batch, mat_train_step, step_call
 from mat_jax.data import shapes
 from mat_jax.models import CLIP, layers, split
 from mat_jax.models.clip import COMPUTE_DTYPES, PRESETS, resolve_dtype
@@ -586,11 +586,4 @@ def _mat_step(encoder, params, tokenizer, size: int, batch: int):
 
   host_batch, meta = mat_batch(size, batch, tokenizer, max_targets=8, top_k=10)
   step, state, mesh = mat_train_step(encoder, params, meta)
-  holder = {"state": state}
-  device_batch = mesh_lib.global_batch(host_batch, mesh)
-
-  def call():
-    holder["state"], metrics = step(holder["state"], device_batch, None)
-    return metrics
-
-  return call
+  return step_call(step, state, mesh_lib.global_batch(host_batch, mesh))
