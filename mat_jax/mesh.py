@@ -20,6 +20,7 @@ each process then feeds its own rows of the global batch (`global_batch`), which
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -303,6 +304,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     process_id = _int_from_env(ENV_PROCESS_ID)
   if num_processes is not None and num_processes < 1:  # 0 would otherwise read as "one process" silently
     raise MeshError(f"the number of processes is {num_processes}; it must be at least 1")
+  if process_id is not None and process_id < 0:  # -1 would otherwise read as "a single process" silently
+    raise MeshError(f"process id {process_id} is negative; process ids count from 0")
   auto = os.environ.get("MAT_JAX_DISTRIBUTED", "")
   if auto not in ("", "0", "1"):  # "true" or "yes" would be ignored: a pod run started as many single runs
     raise MeshError(f"MAT_JAX_DISTRIBUTED={auto!r}: set it to 1 (start jax.distributed by auto-detection) or 0")
@@ -321,9 +324,12 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
       raise MeshError(f"the number of processes is {num_processes}; it must be at least 1")
     if not 0 <= process_id < num_processes:
       raise MeshError(f"process id {process_id} is outside [0, {num_processes})")
-    host, _, port = coordinator_address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-      raise MeshError(f"coordinator address {coordinator_address!r}: give it as HOST:PORT (e.g. 10.0.0.1:1234), "
+    # Checked whole: jax.distributed takes a scheme or a space in the address and then waits for peers that
+    # can never register, until its deadline aborts the process.
+    address = _COORDINATOR_ADDRESS.fullmatch(coordinator_address)
+    if address is None or not 0 < int(address.group("port")) < 65536:
+      raise MeshError(f"coordinator address {coordinator_address!r}: give it as HOST:PORT, a host name or IP "
+                      "address (an IPv6 one in brackets) and a port, no scheme or spaces (e.g. 10.0.0.1:1234), "
                       "the address process 0 listens on")
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
@@ -334,6 +340,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     raise MeshError(f"jax.distributed could not start {where}: {err}. Check {flags}; a single-process run "
                     "needs none of them") from None
   return True
+
+
+_COORDINATOR_ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})")
 
 
 def _int_from_env(name: str) -> int | None:

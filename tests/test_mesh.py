@@ -155,18 +155,31 @@ def test_single_process_needs_no_distributed_start(monkeypatch):
     (("localhost", 2, 0), "coordinator address 'localhost': give it as HOST:PORT"),
     (("localhost:99999", 2, 0), "give it as HOST:PORT"),
     (("localhost:1234", 0, 0), "the number of processes is 0; it must be at least 1"),
-    ((None, 0, None), "the number of processes is 0; it must be at least 1"),  # ran as one process, silently
+    ((None, 0, None), "the number of processes is 0; it must be at least 1"),  # else one process, silently
+    ((None, None, -1), "process id -1 is negative"),  # else one process, silently
+    (("localhost:1234", 2, -1), "process id -1 is negative"),
+    # jax.distributed would take these and wait for peers that cannot register, then abort the process.
+    (("http://localhost:1234", 2, 0), "'http://localhost:1234': give it as HOST:PORT.*no scheme or spaces"),
+    (("localhost :1234", 2, 0), "no scheme or spaces"),
 ])
 def test_a_bad_multi_process_setting_is_named_before_jax_starts(monkeypatch, args, message):
-  # These reached jax.distributed and came back as a traceback (IndexError, exit 1).
+  # Else they reach jax.distributed and come back as a traceback (IndexError, exit 1) or a hang.
   monkeypatch.setattr(jax.distributed, "initialize", lambda **_: pytest.fail("jax.distributed was started"))
   with pytest.raises(mesh_lib.MeshError, match=message):
     mesh_lib.initialize_distributed(*args)
 
 
+@pytest.mark.parametrize("address", ["10.0.0.1:1234", "node-3.cluster.local:8476", "[::1]:1234", "localhost:1"])
+def test_a_coordinator_address_of_host_and_port_starts_jax_distributed(monkeypatch, address):
+  started = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: started.append(kwargs))
+  assert mesh_lib.initialize_distributed(address, 2, 1) is True
+  assert started == [{"coordinator_address": address, "num_processes": 2, "process_id": 1}]
+
+
 @pytest.mark.parametrize("value", ["true", "yes"])
 def test_an_auto_detection_switch_other_than_1_or_0_is_refused(monkeypatch, value):
-  # Ignored before: every process of a pod run went on as a single-process run of its own.
+  # Ignored, every process of a pod run would go on as a single-process run of its own.
   for var in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("MAT_JAX_DISTRIBUTED", value)
