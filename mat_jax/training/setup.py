@@ -19,20 +19,23 @@ def data_builder(config: ml_collections.ConfigDict, image_size: int, *, log: Cal
   """The TFDS builder of the configured dataset at the model's input size `image_size` (the shapes world is
   built on first use); a config whose data.image_size says another size is refused, not overruled, as it is
   recorded with the run (its config.json, its checkpoints' fingerprint)."""
-  def check_image_size(built: str) -> None:
-    if image_size != config.data.image_size:
-      raise ConfigError(f"the model takes {image_size}px images but data.image_size is "
-                        f"{config.data.image_size}; set data.image_size={image_size} ({built})")
-
-  if config.data.name != "shapes":  # a corpus not built is named first
-    builder = corpora.dataset_builder(config.data.name, image_size, config.data.data_dir or None, log=log)
-    check_image_size(f"the corpus is read as built at that size: python -m mat_jax.data build ... --image-size "
-                     f"{image_size}")
-    return builder
-  check_image_size("the shapes world is built at it on first use")  # before the world is built
-  return corpora.dataset_builder(config.data.name, image_size, config.data.data_dir or None, log=log,
-                                 train=config.data.build_train, val=config.data.build_val,
-                                 test=config.data.build_test, rare_form_rate=config_lib.rare_form_rate(config))
+  shapes_world = config.data.name == "shapes"
+  mismatch = None
+  if image_size != config.data.image_size:
+    built = ("the shapes world is built at it on first use" if shapes_world else "the corpus is read as built at "
+             f"that size: python -m mat_jax.data build ... --image-size {image_size}")
+    mismatch = ConfigError(f"the model takes {image_size}px images but data.image_size is "
+                           f"{config.data.image_size}; set data.image_size={image_size} ({built})")
+  sizes = {}
+  if shapes_world:
+    if mismatch:
+      raise mismatch  # before the world is built
+    sizes = dict(train=config.data.build_train, val=config.data.build_val, test=config.data.build_test,
+                 rare_form_rate=config_lib.rare_form_rate(config))
+  builder = corpora.dataset_builder(config.data.name, image_size, config.data.data_dir or None, log=log, **sizes)
+  if mismatch:
+    raise mismatch  # after a corpus not built is named
+  return builder
 
 
 def train_iterator(config: ml_collections.ConfigDict, builder, tokenizer: Tokenizer, local_batch_size: int,
