@@ -416,6 +416,15 @@ def test_unknown_path_and_hub_id_offline(tmp_path, monkeypatch):
     load_bert_mlm("bert-base-uncased")
 
 
+def test_a_mistyped_local_path_that_reads_as_a_hub_id_names_the_directory_it_meant(saved, tmp_path, monkeypatch):
+  (tmp_path / "local" / "noweights").mkdir(parents=True)
+  _copy(saved, tmp_path / "local" / "noweights")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(ModelSourceError, match=r"no local directory local/nowieghts \(did you mean local/noweights\?\)"):
+    load_clip("local/nowieghts")
+
+
 def test_legacy_eos_config_pools_at_the_largest_id(saved, tmp_path):
   def edit(c):
     c["text_config"]["eos_token_id"] = 2

@@ -6,6 +6,7 @@ hub id that is not in the local cache is an error that names the id and the comm
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
@@ -65,11 +66,26 @@ def resolve(source: str | os.PathLike, allow_patterns: Sequence[str]) -> Path:
   try:
     return Path(huggingface_hub.snapshot_download(source, allow_patterns=list(allow_patterns)))
   except Exception as err:  # offline, unknown id, no permission: one message with the fix
+    # A typo in a local path can read as owner/name: name the directories it most likely meant.
+    near = " or ".join(str(p) for p in near_local_directories(path))
+    guess = f" (did you mean {near}?)" if near else ""
     raise ModelSourceError(
-        f"no local directory {path}, and cannot obtain {source!r} from the Hugging Face hub "
+        f"no local directory {path}{guess}, and cannot obtain {source!r} from the Hugging Face hub "
         f"({type(err).__name__}: {err}). "
         f"On a machine with network access run\n  hf download {source} --local-dir ./{source.split('/')[-1]}\n"
         "and pass that directory instead (or set HF_HOME to a cache that holds it).") from err
+
+
+def near_local_directories(path: Path) -> list[Path]:
+  """Existing directories beside `path` whose names are close to its name (a typo's likely targets)."""
+  parent = path.parent
+  if not parent.is_dir():
+    return []
+  try:
+    names = [child.name for child in parent.iterdir() if child.is_dir()]
+  except OSError:
+    return []
+  return [parent / name for name in difflib.get_close_matches(path.name, names, n=2, cutoff=0.75)]
 
 
 def repo_files(repo_id: str) -> list[str]:
