@@ -156,10 +156,9 @@ INNER_STEPS = 2       # PGD steps of every inner image attack (MAT's; FARE, MAVA
 INNER_STEP_SIZE = EPS / INNER_STEPS  # 1/255: the two steps reach the boundary
 TEXT_CHANGES = 1      # words the training text attack changes (BERT-Attack as MAT uses it)
 
-# The text threat: the shapes-world BERT MLM (top-k 10, no meaning filter), in training and evaluation.
+# The text threat: the shapes-world BERT MLM (top-k 10, no meaning filter), in training and evaluation, of
+# the methods whose inner attack changes captions (their objective's `needs_text_candidates`).
 TEXT_ATTACK = dict(source="bert", bert="shapes-mlm", top_k=10)
-# The objectives that train against it (their `needs_text_candidates`).
-TEXT_ATTACK_OBJECTIVES = ("mat", "matplus", "mmcoa")
 
 # The fine-tuning budget shared by every method.
 FINETUNE_STEPS = 150
@@ -282,7 +281,7 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
     if has_image_attack(method):
       c.objective.update(eps=eps, step_size=eps / INNER_STEPS)
     c.eval["eps"] = eps
-  if c.objective["name"] in TEXT_ATTACK_OBJECTIVES:
+  if trains_against_text_attack(c.objective):
     c.text_attack = dict(TEXT_ATTACK if text_attack is None else text_attack)
   c.train = dict(batch_size=FINETUNE_BATCH, steps=FINETUNE_STEPS * steps_factor, towers=spec["towers"],
                  log_every=10, checkpoint_every=50)
@@ -294,7 +293,8 @@ def finetune(method: str, seed: int = 0, variant: Mapping[str, Any] | None = Non
                         f"{', '.join(VARIANT_SECTIONS)} may vary under the shared budget")
     if section not in c:
       raise ConfigError(f"variant section {section!r}: {method} trains against no text attack; only "
-                        f"{', '.join(TEXT_ATTACK_OBJECTIVES)} have one to change")
+                        f"{', '.join(m for m in METHODS if trains_against_text_attack(METHODS[m]['objective']))} "
+                        "have one to change")
     budget = {"objective": [k for k in values if k in BUDGET_OBJECTIVE_KEYS],
               "data": [k for k in values if k not in VARIANT_DATA_KEYS],
               "text_attack": [k for k in values if k not in VARIANT_TEXT_ATTACK_KEYS]}[section]
@@ -316,9 +316,14 @@ def runlocal(c: ml_collections.ConfigDict, preset: str = "tiny") -> ml_collectio
   c.train.update(batch_size=16, steps=10, log_every=2, checkpoint_every=5, eval_every=0)
   c.schedule.warmup_steps = 2
   c.eval.max_images = 50
-  if "text_attack" in c:
-    c.text_attack = dict(source="paraphrase", top_k=10)
+  # Set whatever the objective: an override given after this (--config.objective.attack=sga) may add a text attack.
+  c.text_attack = dict(source="paraphrase", top_k=10)
   return c
+
+
+def trains_against_text_attack(objective: Mapping[str, Any]) -> bool:
+  """Whether the objective section's inner attack changes captions (and so needs a text threat)."""
+  return objectives.make(objective).needs_text_candidates
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_every_experiment_file_builds(name, arg):
     assert config.eval.max_images < full.eval.max_images
     if name.startswith("shapes_"):  # a random model: no cached clean model, no MLM to train
       assert config.model.source in ("tiny", "blip-tiny")
-      assert config.text_attack.source == "paraphrase" or config.objective.name not in ("mat", "matplus", "mmcoa")
+      assert config.text_attack.source == "paraphrase"
     else:  # the published model on the real corpus, a few steps
       assert config.model.source == full.model.source and config.data.name == full.data.name
     # Named apart: `python -m mat_jax.train` names the default workdir after the run, and the real run
@@ -112,6 +112,23 @@ def test_every_experiment_file_builds(name, arg):
     assert config.objective.to_dict() == full.objective.to_dict()
     assert (config.train.towers, config.data.captions_per_image) == (full.train.towers,
                                                                       full.data.captions_per_image)
+
+
+def test_a_smoke_test_given_a_text_attack_by_override_trains_no_masked_lm():
+  """runlocal cannot know the overrides that follow it: a TeCoA trained against SGA, whose inner attack changes
+  captions, still draws them from the paraphrase source."""
+  config = config_lib.load(f"{EXPERIMENTS / 'shapes_tecoa.py'}:runlocal", ["objective.attack=sga"])
+  assert objectives.make(config.objective).needs_text_candidates
+  assert config.text_attack.source == "paraphrase"
+
+
+def test_the_shared_text_threat_goes_to_the_methods_whose_attack_changes_captions():
+  for method, spec in recipes.METHODS.items():
+    config = config_lib.build(recipes.finetune(method))
+    changes_captions = objectives.make(spec["objective"]).needs_text_candidates
+    assert changes_captions == (method in ("mat", "matplus", "mmcoa"))
+    if changes_captions:
+      assert config.text_attack.to_dict() == {**config.text_attack.to_dict(), **recipes.TEXT_ATTACK}
 
 
 @pytest.mark.parametrize("name", DEFAULTS)
