@@ -3,8 +3,9 @@
 Inner: PGD maximising each image's contrastive cross-entropy against the batch's clean captions (its
 own captions positive; the registry's "tecoa" attack). Outer: the symmetric contrastive loss of the
 adversarial images with the clean captions (both retrieval directions, as every contrastive objective
-here); `symmetric=False` keeps the image->text cross-entropy only, as TeCoA's finetuning.py trains (and
-as the inner attack ascends). The reference fine-tunes the image encoder
+here); `symmetric=False` keeps the image->text cross-entropy only, as TeCoA's finetuning.py trains (and,
+with one caption per image, as the inner attack ascends; with several, the attack's cross-entropy is of the
+image's caption set, `attacks.losses.multi_positive_ce`). The reference fine-tunes the image encoder
 (train.towers=vision); "TeCoA-ITR" in the MAT paper fine-tunes all parameters with this cross-modal
 objective (train.towers=all). Another `attack` changes how x' is made; the outer loss stays (x', t).
 """
