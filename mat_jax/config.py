@@ -437,7 +437,9 @@ _FLOAT32_FINITE = ">= 0 and finite in float32 (at most 3.4e38)"
 # An L-inf budget in pixel units, as the attacks take it (`checks.check_eps`): 2/255, not 2.
 _LINF_EPS = f"in [0, {checks.MAX_LINF_EPS_255}/255] (an L-inf budget in pixel units, e.g. 2/255)"
 # Where a value outside cannot work (no PGD step, a mean over zero neighbours, a loss weight that
-# rewards the attack): (allowed range, test). Objective fields by name, shared by the objectives having it.
+# rewards the attack): (allowed range, test). Objective fields by name, shared by the objectives having it;
+# any field named *_weight is a loss weight (`_objective_range`).
+_LOSS_WEIGHT = (f"{_FLOAT32_FINITE} (a loss weight)", lambda v: 0 <= v <= _FLOAT32_MAX)
 _OBJECTIVE_RANGES = {
     "eps": (_LINF_EPS, lambda v: 0 <= v <= checks.MAX_LINF_EPS),
     "steps": (">= 1", lambda v: v >= 1),
@@ -445,9 +447,12 @@ _OBJECTIVE_RANGES = {
     "text_changes": (">= 1", lambda v: v >= 1),
     "neighbours": (">= 1", lambda v: v >= 1),
     "beta": (_FLOAT32_FINITE, lambda v: 0 <= v <= _FLOAT32_MAX),
-    **{weight: (f"{_FLOAT32_FINITE} (a loss weight)", lambda v: 0 <= v <= _FLOAT32_MAX)
-       for weight in ("clean_weight", "text_weight", "image_weight", "a", "b", "c")},
+    **{weight: _LOSS_WEIGHT for weight in ("a", "b", "c")},  # MAVA's, named as in its paper
 }
+
+
+def _objective_range(key: str) -> tuple[str, Any] | None:
+  return _OBJECTIVE_RANGES.get(key) or (_LOSS_WEIGHT if key.endswith("_weight") else None)
 _RANGES = {
     ("eval", "max_images"): (">= 0 (0 = the whole split)", lambda v: v >= 0),
     ("eval", "batch_size"): (">= 1", lambda v: v >= 1),
@@ -496,8 +501,9 @@ def _check_values(config: dict) -> None:
       raise ConfigError(f"{section}.{key}={config[section][key]!r} is not one of {choices}{also}")
   objective = config["objective"]
   for key, value in objective.items():
-    if key in _OBJECTIVE_RANGES and not _OBJECTIVE_RANGES[key][1](value):
-      raise ConfigError(f"objective.{key}={value!r} ({objective['name']}) must be {_OBJECTIVE_RANGES[key][0]}")
+    allowed = _objective_range(key)
+    if allowed is not None and not allowed[1](value):
+      raise ConfigError(f"objective.{key}={value!r} ({objective['name']}) must be {allowed[0]}")
   for (section, key), (allowed, ok) in _RANGES.items():
     if not ok(config[section][key]):
       raise ConfigError(f"{section}.{key}={config[section][key]!r} must be {allowed}")

@@ -323,6 +323,25 @@ def test_objective_values_out_of_range_are_refused(tmp_path, objective, key, val
     config_lib.load(path, [f"objective.{key}={value}"])
 
 
+def test_a_new_objectives_loss_weight_is_refused_when_negative(tmp_path, monkeypatch):
+  """A field named *_weight is a loss weight whatever objective declares it (docs/architecture.md)."""
+  import dataclasses
+
+  from mat_jax import objectives
+
+  @dataclasses.dataclass(frozen=True)
+  class TeCoAKL(objectives.TeCoA):
+    name = "tecoa_kl"
+    kl_weight: float = 1.0
+
+  monkeypatch.setitem(objectives.OBJECTIVES, TeCoAKL.name, TeCoAKL)
+  path = _write(tmp_path, "return dict(objective=dict(name='tecoa_kl'))")
+  assert config_lib.load(path, ["objective.kl_weight=0.5"]).objective.kl_weight == 0.5
+  with pytest.raises(config_lib.ConfigError, match=r"objective.kl_weight=-1.0 \(tecoa_kl\) must be >= 0 and finite "
+                                                   r"in float32 \(at most 3.4e38\) \(a loss weight\)"):
+    config_lib.load(path, ["objective.kl_weight=-1"])
+
+
 def test_eval_values_out_of_range_are_refused(tmp_path):
   path = _write(tmp_path, "return dict()")
   assert config_lib.load(path, ["eval.max_images=0"]).eval.max_images == 0  # the whole split
