@@ -110,6 +110,23 @@ def test_evaluate_names_its_out_dir_when_the_disk_fills(task, tmp_path, capsys, 
   assert f"error: no space left on the device holding {out} (" in capsys.readouterr().err
 
 
+def test_data_build_names_its_data_dir_when_the_disk_fills(tmp_path, capsys, monkeypatch):
+  """tfds and array_record report a full disk without a file name: the line names the data dir, not the
+  current directory."""
+  from mat_jax.data import __main__ as data_cli
+  from mat_jax.data import corpora
+
+  def fill(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(corpora, "build_shapes", fill)
+  data_dir = tmp_path / "datasets"
+  monkeypatch.setenv("MAT_JAX_DATA_DIR", str(data_dir))
+  assert data_cli.main(["build", "shapes", "--train", "2"]) == 2
+  assert f"error: no space left on the device holding {data_dir} (" in capsys.readouterr().err
+
+
 def test_ctrl_c_and_sigterm_report_an_interrupt(capsys):
   assert errors.cli_main(_fails_with(KeyboardInterrupt())) == 130
   assert capsys.readouterr().err == "interrupted\n"

@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from mat_jax import errors, runtime
+from mat_jax import errors, paths, runtime
 from mat_jax.data import corpora, pipeline, shapes
 from mat_jax.training import mlm
 
@@ -128,15 +129,24 @@ def _mlm(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  return errors.cli_main(_main, argv)
+  return errors.cli_main(_main, argv, output_dir=lambda: _out_dir)
+
+
+# The directory the running command writes, named by a disk-full report (tfds and array_record name no file).
+_out_dir: Path | None = None
 
 
 def _main(argv: list[str] | None) -> int:
+  global _out_dir
   args = build_parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
   runtime.prepare_process()
 
+  if getattr(args, "dir", None):
+    _out_dir = Path(args.dir)
+  else:
+    _out_dir = paths.cache_root() if args.command == "mlm" else paths.default_data_dir(args.data_dir)
   for flag, value in (("--data-dir", getattr(args, "data_dir", None)), ("--dir", getattr(args, "dir", None))):
     if value:  # before any work: a build that cannot be written fails at once, not at its end
       errors.check_writable_dir(value, flag)
