@@ -406,10 +406,10 @@ def test_a_corpus_built_meanwhile_with_other_options_is_refused(corpus_files, da
   files, images = [corpus_files / "dataset_toy.json"], corpus_files / "images"
   original = corpora.build_once
 
-  def another_process_builds_first(builder, overwrite, log):
+  def another_process_builds_first(builder, *args):
     monkeypatch.setattr(corpora, "build_once", original)
     corpora.build_corpus("toyrace", files, images, image_size=16, data_dir=data_dir, log=_quiet)
-    return original(builder, overwrite, log)
+    return original(builder, *args)
 
   monkeypatch.setattr(corpora, "build_once", another_process_builds_first)
   with pytest.raises(corpora.CorpusError, match="built with other options .*cleaning"):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +189,64 @@ def test_an_unwritable_workdir_is_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(errors.tempfile, "NamedTemporaryFile", refuse)
   with pytest.raises(errors.WorkdirError, match=r"is not writable \(Permission denied\)"):
     errors.check_writable_dir(tmp_path / "run", "--workdir")
+
+
+def _read_only(monkeypatch, directory):
+  """Directories and files made under `directory` fail as on a read-only file system. Injected, like the test
+  above's refusal: permission bits do not stop root, who runs CI."""
+  make_dir, temporary_file = os.mkdir, errors.tempfile.NamedTemporaryFile
+
+  def refused(path):
+    return path is not None and Path(path).absolute().is_relative_to(directory)
+
+  def read_only_mkdir(path, *args, **kwargs):
+    if refused(path):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return make_dir(path, *args, **kwargs)
+
+  def read_only_temporary_file(*args, dir=None, **kwargs):
+    if refused(dir):
+      raise OSError(errno.EROFS, "Read-only file system")
+    return temporary_file(*args, dir=dir, **kwargs)
+
+  monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+  monkeypatch.setattr(errors.tempfile, "NamedTemporaryFile", read_only_temporary_file)
+
+
+@pytest.mark.parametrize("command", ["build shapes", "tokenizer", "train"])
+def test_a_read_only_data_dir_from_the_environment_is_one_line(root, tmp_path, monkeypatch, capsys, command):
+  """A read-only data dir given by $MAT_JAX_DATA_DIR (or the default) is one line, as --data-dir is, for a
+  build, the tokenizer, and a run whose data is not built yet (unchecked: an OSError traceback from the
+  first write)."""
+  from mat_jax.data import __main__ as data_cli
+
+  data_dir = tmp_path / "datasets"
+  data_dir.mkdir()
+  monkeypatch.setenv("MAT_JAX_DATA_DIR", str(data_dir))
+  _read_only(monkeypatch, data_dir)
+  if command == "train":
+    exp = _experiment(tmp_path, "def get_config(arg=None):\n  return " + repr({
+        "name": "micro", "model": {"source": "tiny", "tokenizer": "shapes", "overrides": MICRO},
+        "data": {"build_train": 64, "build_val": 16, "build_test": 16, "image_size": 16}}) + "\n")
+    assert train.main(["--config", str(exp), "--workdir", str(tmp_path / "run")]) == 2
+  else:
+    assert data_cli.main([*command.split(), *(["--train", "4"] if command == "build shapes" else [])]) == 2
+  assert capsys.readouterr().err == (f"error: $MAT_JAX_DATA_DIR {data_dir} is not writable (Read-only file "
+                                     "system); pass a directory you can write to\n")
+
+
+def test_a_read_only_data_dir_serves_what_it_holds(tmp_path, monkeypatch):
+  """Only a build checks that the data dir can be written: a shared, read-only copy of built data serves."""
+  from mat_jax.data import corpora, shapes
+
+  monkeypatch.setenv("MAT_JAX_DATA_DIR", str(tmp_path))
+  sizes = dict(train=4, val=1, test=1, image_size=16)
+  corpora.build_shapes(log=_quiet, **sizes)
+  tokenizer_dir = shapes.build_tokenizer()
+  _read_only(monkeypatch, tmp_path)
+  messages = []
+  corpora.build_shapes(log=messages.append, **sizes)
+  assert shapes.build_tokenizer() == tokenizer_dir and messages[0].startswith("reusing the dataset")
 
 
 def test_evaluate_reports_a_missing_model_config_in_one_line(tmp_path, capsys):

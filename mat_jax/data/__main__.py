@@ -143,13 +143,15 @@ def _main(argv: list[str] | None) -> int:
 
   runtime.prepare_process()
 
+  # Before any work: a build that cannot be written fails at once, not at its end.
   if getattr(args, "dir", None):
-    _out_dir = Path(args.dir)
-  else:
-    _out_dir = paths.cache_root() if args.command == "mlm" else paths.default_data_dir(args.data_dir)
-  for flag, value in (("--data-dir", getattr(args, "data_dir", None)), ("--dir", getattr(args, "dir", None))):
-    if value:  # before any work: a build that cannot be written fails at once, not at its end
-      errors.check_writable_dir(value, flag)
+    _out_dir = errors.check_writable_dir(args.dir, "--dir")
+  elif args.command == "mlm":
+    _out_dir = paths.cache_root()
+  elif args.data_dir:
+    _out_dir = errors.check_writable_dir(args.data_dir, "--data-dir")
+  else:  # $MAT_JAX_DATA_DIR, else the default, named as such
+    _out_dir = paths.writable_data_dir()
   if args.command == "tokenizer":
     path = shapes.build_tokenizer(args.dir or shapes.default_tokenizer_dir(args.data_dir))
     print(f"shapes tokenizer at {path} (vocab size {len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())}, "

@@ -83,13 +83,16 @@ def is_built(builder: tfds.core.DatasetBuilder) -> bool:
   return (Path(os.fspath(builder.data_path)) / "dataset_info.json").exists()
 
 
-def build_once(builder: tfds.core.DatasetBuilder, overwrite: bool, log) -> tuple[tfds.core.DatasetBuilder, bool]:
+def build_once(builder: tfds.core.DatasetBuilder, overwrite: bool, log,
+               data_dir: str | os.PathLike | None = None) -> tuple[tfds.core.DatasetBuilder, bool]:
   """Build unless already built (or `overwrite`), one process at a time; returns the builder and whether
-  it was reused."""
+  it was reused. `data_dir`: the argument the builder's root was resolved from (`paths.default_data_dir`),
+  named if the root cannot be written."""
   path = Path(os.fspath(builder.data_path))
   if is_built(builder) and not overwrite:
     log(f"reusing the dataset already built at {path}")
     return builder, True
+  paths.writable_data_dir(data_dir)
   path.parent.mkdir(parents=True, exist_ok=True)
   # One builder at a time: every process of a multi-host run, and commands started together, find the
   # dataset missing at once, and tfds replaces a finished dataset with its own copy (under readers' feet).
@@ -265,7 +268,7 @@ def build_shapes(data_dir: str | os.PathLike | None = None, *, overwrite: bool =
   known = {c.name for c in ShapesWorld.BUILDER_CONFIGS}
   builder = ShapesWorld(config=cfg.name if cfg.name in known else cfg,
                         data_dir=str(paths.default_data_dir(data_dir)), file_format="array_record")
-  return build_once(builder, overwrite, log)[0]
+  return build_once(builder, overwrite, log, data_dir)[0]
 
 
 def dataset_builder(name: str, image_size: int, data_dir: str | os.PathLike | None = None, *, log=print,
@@ -711,7 +714,7 @@ def build_corpus(name: str, annotations, images: str | os.PathLike, *, image_siz
                                skip_bad=skip_bad, options=options)
   builder = CaptionCorpus(config=config, data_dir=str(root), file_format="array_record")
   builder.skipped, builder.dropped = skipped, dropped
-  _, reused = build_once(builder, overwrite, log)
+  _, reused = build_once(builder, overwrite, log, data_dir)
   if reused:  # another process built it while this one read the annotations: with these options?
     built = corpus_builder(name, image_size, root)
     _check_built_with(built, options)

@@ -183,7 +183,7 @@ def build_image_folder(root: str | os.PathLike, *, image_size: int = 224, data_d
   config = ImageFolderConfig(name=name, description=f"{root} at {image_size}px", layout=layout, classes=classes,
                              image_size=image_size, root=str(root))
   builder = ImageFolder(config=config, data_dir=str(paths.default_data_dir(data_dir)), file_format="array_record")
-  corpora.build_once(builder, overwrite, log)  # unwraps our CorpusError from tfds's wrapping
+  corpora.build_once(builder, overwrite, log, data_dir)  # unwraps our CorpusError from tfds's wrapping
   return builder
 
 

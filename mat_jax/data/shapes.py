@@ -876,10 +876,13 @@ def build_tokenizer(directory: str | os.PathLike | None = None,
   # deferred: the tokenizers library is needed only to write the files, once
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+  in_data_dir = directory is None
   directory = Path(directory) if directory is not None else default_tokenizer_dir()
   vocab = {w: i for i, w in enumerate((*SPECIAL_TOKENS, *vocabulary()))}
   if _holds_vocabulary(directory, vocab):
     return directory
+  if in_data_dir:  # a read-only one named with where it came from, not met as a traceback below
+    paths.writable_data_dir()
   pad, unk, start, end = SPECIAL_TOKENS
   tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
   tok.normalizer = normalizers.Lowercase()
