@@ -13,9 +13,12 @@ function) Grain pickles with cloudpickle, which carries whatever `__main__` defi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Iterator
 
 
@@ -41,6 +44,35 @@ def ignore_interrupts(*_: object) -> None:
   parent handles it (a training run checkpoints, then stops its helpers), and a helper raising
   KeyboardInterrupt itself would only print a traceback of its own."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+  """End this helper process as soon as its parent (PID `parent`) ends, however it ends. A parent killed
+  with SIGKILL stops nothing: its helpers would live on, adopted by init, blocked on their pipes to it,
+  holding their memory and the parent's stdout (a `command | tee` would never end)."""
+  # Linux: the kernel sends the signal when the thread that started this process ends (a pool's processes
+  # start in the thread that submits its tasks, which waits for them). Elsewhere: a thread that watches.
+  if sys.platform == "linux" and ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL)) == 0:
+    if os.getppid() != parent:  # the parent ended before the request was made
+      os._exit(1)
+  else:
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+  while os.getppid() == parent:
+    time.sleep(1)
+  os._exit(1)
+
+
+def helper_initializer(parent: int) -> None:
+  """The initializer of a helper pool's processes, given the pool's process's PID: `ignore_interrupts` and
+  `die_with_parent`."""
+  ignore_interrupts()
+  die_with_parent(parent)
 
 
 def usable_cores() -> int:

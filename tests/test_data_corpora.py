@@ -81,6 +81,76 @@ def test_a_builder_process_that_dies_is_a_clear_error_and_leaves_no_dataset(tmp_
   assert not any(p.name != ".lock" for p in (tmp_path / "shapes_world" / config.name).iterdir())
 
 
+# A build by two builder processes on any machine, of a split small enough to rebuild in a moment.
+_POOLED_BUILD = """
+import sys
+from mat_jax import processes
+from mat_jax.data import corpora
+corpora.SCENES_PER_TASK, corpora.PARALLEL_BUILD_MIN_SCENES = 20, 1
+processes.usable_cores = lambda: 2
+corpora.build_shapes(sys.argv[1], **eval(sys.argv[2]))
+"""
+
+
+def _children(parent: int) -> dict[int, str]:
+  """The processes whose parent is `parent`: PID -> start time (which tells a reused PID apart)."""
+  found = {}
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:  # ended meanwhile
+      continue
+    if int(fields[1]) == parent:
+      found[int(stat.parent.name)] = fields[19]
+  return found
+
+
+def _running(pid: int, started: str) -> bool:
+  try:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return False
+  return fields[19] == started and fields[0] != "Z"  # a zombie has ended; init may not have reaped it yet
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the processes from /proc")
+def test_a_killed_build_takes_its_builder_processes_along_and_its_rerun_the_partial_build(tmp_path):
+  """SIGKILL of a build that uses builder processes: they end with it (orphaned, they ran on, blocked, and
+  held its stdout open, so `| tee` never ended), and the rerun removes tfds's incomplete.* directory."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  sizes = dict(SHAPES, train=400)
+  build = subprocess.Popen([sys.executable, "-c", _POOLED_BUILD, str(tmp_path), repr(sizes)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  children = {}
+  try:
+    deadline = time.monotonic() + 120
+    while len(children) < 3 and build.poll() is None and time.monotonic() < deadline:  # 2 builders, 1 tracker
+      time.sleep(0.05)
+      children = _children(build.pid)
+    assert len(children) >= 3, f"the build started {len(children)} processes: {build.poll()=}"
+    build.kill()
+    build.communicate(timeout=30)  # no process of the build keeps its output open
+    deadline = time.monotonic() + 10
+    while any(_running(*child) for child in children.items()) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not [pid for pid, started in children.items() if _running(pid, started)]
+  finally:
+    build.kill()
+    for pid, started in children.items():
+      if _running(pid, started):
+        os.kill(pid, signal.SIGKILL)
+  config_dir = tmp_path / "shapes_world" / corpora.shapes_config(**sizes).name
+  assert list(config_dir.glob("incomplete.*"))  # what the killed build left
+  built = corpora.build_shapes(tmp_path, log=lambda message: None, **sizes)
+  assert len(corpora.data_source(built, "train")) == 400
+  assert sorted(p.name for p in config_dir.iterdir()) == [".lock", str(corpora.ShapesWorld.VERSION)]
+
+
 def test_the_world_builders_start_without_the_main_module(monkeypatch, tmp_path):
   # A spawned process imports its parent's __main__ first: for a command line the whole framework, for a
   # script without a main guard the script, run again. The builders' work lives in mat_jax.data.shapes.

@@ -107,6 +107,10 @@ def build_once(builder: tfds.core.DatasetBuilder, overwrite: bool, log,
 
 
 def _build(builder: tfds.core.DatasetBuilder, path: Path, overwrite: bool) -> tfds.core.DatasetBuilder:
+  # tfds builds into `incomplete.<random>_<version>` beside the version's directory and renames it when done;
+  # a build killed outright (SIGKILL, a lost host) leaves it. Under the lock no other build is using one.
+  for stale in path.parent.glob(f"{tfds.core.constants.INCOMPLETE_PREFIX}*_{path.name}"):
+    shutil.rmtree(stale, ignore_errors=True)
   if overwrite and path.exists():
     shutil.rmtree(path)
   # Nothing is downloaded, but tfds insists on a download directory: keep it out of the data dir.
@@ -247,7 +251,7 @@ def shapes_records(seed: int, split: str, count: int, captions_per_image: int, r
       yield from make(start, stop)
     return
   pool = concurrent.futures.ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=processes.ignore_interrupts)
+                                                initializer=processes.helper_initializer, initargs=(os.getpid(),))
   try:
     with processes.main_module_hidden():
       tasks = pool.map(make, starts, stops)  # submits every task: the processes all start here
