@@ -494,12 +494,13 @@ def test_a_corpus_built_meanwhile_with_other_options_is_refused(corpus_files, da
 
 @pytest.fixture()
 def bad_corpus(corpus_files, tmp_path) -> Path:
-  """The good images plus a corrupt JPEG, and annotations referring to it and to a missing file."""
+  """The good images plus a corrupt JPEG and a float TIFF in [0, 1] (PIL mode F), which annotations refer to."""
   images = tmp_path / "images"
   images.mkdir()
   for path in (corpus_files / "images" / "part").iterdir():
     (images / path.name).write_bytes(path.read_bytes())
   (images / "corrupt.jpg").write_bytes((images / "0.jpg").read_bytes()[:200])  # truncated JPEG
+  Image.fromarray(np.random.default_rng(0).random((48, 96), np.float32)).save(images / "float.tif")
   return tmp_path
 
 
@@ -517,6 +518,9 @@ def _entry(name: str, split: str = "test", captions=("a caption",)) -> dict:
     ([_entry("0.jpg"), _entry("missing.jpg")], r"missing image file .*missing\.jpg.*; replace the file, or pass "
                                                 r"skip_bad=True \(--skip-bad\) to skip its entry"),
     ([_entry("0.jpg"), _entry("corrupt.jpg")], r"corrupt or unreadable image file .*corrupt\.jpg.*--skip-bad"),
+    # PIL's RGB conversion clips it: all black.
+    ([_entry("0.jpg"), _entry("float.tif")], r"image file .*float\.tif \(entry 1 .* has floating-point pixels "
+                                              r"\(PIL mode F.*: convert the image to 8-bit RGB .*--skip-bad"),
     ([_entry("0.jpg"), _entry("1.jpg", captions=())], r"entry 1 \(1\.jpg\) .* has no captions"),
 ])
 def test_bad_records_raise_naming_them_or_are_skipped_and_counted(bad_corpus, data_dir, entries, message):

@@ -501,9 +501,13 @@ def to_rgb(image):
   """8-bit RGB as CLIP's image processor makes it (transformers >= 5.21), transparency (RGBA, LA, a
   palette's or a tRNS colour) composited onto white; unlike the processor, 16-bit grayscale (and 32-bit
   integer, read as 16-bit values) is rescaled to 8 bits (value / 257, rounded) where the processor clips
-  it at 255."""
+  it at 255. Floating-point pixels (mode F) are refused: their range (0-1 or 0-255) is unknown, and PIL's
+  conversion clips them (0-1 comes out black)."""
   from PIL import Image
 
+  if image.mode == "F":
+    raise InputError("floating-point pixels (PIL mode F, e.g. a 32-bit float TIFF), whose range (0-1 or 0-255) "
+                     "is unknown: convert the image to 8-bit RGB (a PNG or JPEG)")
   if image.mode in WIDE_GRAY_MODES:
     wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
     gray = ((wide + 128) // 257).astype(np.uint8)  # round(value / 257): 257 * x -> x
@@ -548,6 +552,8 @@ def load_image(path: Path, size: int, where: str, quality: int = 95) -> bytes:
     # Raised for a picture over PIL's pixel limit, and as often for a corrupt size field in its header.
     raise CorpusError(f"image file {path} ({where}) claims more pixels than PIL decodes safely, a corrupt header "
                       f"or a huge picture: {err}") from err
+  except InputError as err:  # a readable image `to_rgb` refuses
+    raise CorpusError(f"image file {path} ({where}) has {err}") from err
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
     raise CorpusError(f"corrupt or unreadable image file {path} ({where}): {err}") from err
   buffer = io.BytesIO()
