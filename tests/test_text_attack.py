@@ -622,6 +622,26 @@ def test_texts_are_encoded_whole_when_the_tower_pools_elsewhere(monkeypatch, mod
                                                         max_changes=1)
 
 
+def test_a_words_candidates_do_not_depend_on_the_captions_scored_with_it(bert_tok):
+  """Padding moves an MLM's logits in their last bits: here "scarlet" and "crimson" tie for "red" up to
+  1e-6 per padded position. "red" alone is scored at 8 positions; padded to a long batch-mate's 16 it
+  would rank "scarlet" first. Each caption is scored at its own length, so both give "crimson"."""
+  index = {t: i for i, t in enumerate(BERT_VOCAB)}
+
+  def mlm(ids, mask):
+    logits = jnp.zeros((*ids.shape, len(BERT_VOCAB)))
+    logits = logits.at[..., index["crimson"]].set(5.0)
+    return logits.at[..., index["scarlet"]].set(5.0 + 1e-6 * (ids.shape[1] - 12))
+
+  def fresh():
+    return BertMLMSource(mlm, bert_tok, top_k=1, min_logit=None)
+
+  long_caption = ["a", "big", "blue", "ball", "above", "a", "small", "green", "square", "and", "a", "box"]
+  alone = fresh()([["red"]])[0][0]
+  beside = fresh()([long_caption, ["red"]])[1][0]
+  assert alone == beside == ["crimson"]
+
+
 def test_training_candidates_keep_every_combination_of_a_multi_piece_word(bert_tok, tok, monkeypatch):
   # BERT-Attack gives a word of several pieces up to 24 combinations, more than the one-piece words'
   # top_k (10): the training arrays hold them all, as the evaluation's do, so a defense trains against

@@ -21,7 +21,7 @@ import itertools
 import math
 import weakref
 import zlib
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -305,6 +305,17 @@ class BertMLMSource(_CachedSource):
     for lo in range(0, n, self.batch_size):
       yield lo, min(lo + self.batch_size, n)
 
+  def _length_groups(self, pieces: list[list[list[int]]], capacity: int) -> Iterator[tuple[int, list[int]]]:
+    """(padded length, caption indices) of each MLM call: every caption at its own bucketed length (few
+    distinct compiled shapes), in batches of `batch_size` rows. Padding changes BERT's logits in their last
+    bits, enough to swap near-tied candidates: padded to its batch-mates' longest, a caption's candidates
+    would depend on the captions scored with it, and so on the data order and the cache's history."""
+    own = [min(self.max_length, _round_up(min(sum(map(len, caption)), capacity) + 2, 8)) for caption in pieces]
+    for length in sorted(set(own)):
+      group = [n for n, at in enumerate(own) if at == length]
+      for lo, hi in self._batches(len(group)):
+        yield length, group[lo:hi]
+
   def _generate(self, captions):
     tok = self.tokenizer
     capacity = self.max_length - 2
@@ -313,20 +324,17 @@ class BertMLMSource(_CachedSource):
     pieces = [[memo[w] for w in words] for words in captions]
     results: list[list[list[str]]] = [[[] for _ in words] for words in captions]
     combos: list[tuple[int, int, list[tuple[int, ...]]]] = []
-    for lo, hi in self._batches(len(captions)):
-      lengths = [min(sum(len(p) for p in caption), capacity) for caption in pieces[lo:hi]]
-      # Bucketed length: few distinct compiled shapes; padding does not change BERT's outputs.
-      length = min(self.max_length, _round_up(max(lengths) + 2, 8))
+    for length, members in self._length_groups(pieces, capacity):
       ids = np.full((self.batch_size, length), tok.pad_id, np.int32)
       mask = np.zeros((self.batch_size, length), np.int32)
-      for row, caption in enumerate(pieces[lo:hi]):
-        flat = [t for p in caption for t in p][:capacity]
+      for row, n in enumerate(members):
+        flat = [t for p in pieces[n] for t in p][:capacity]
         ids[row, :len(flat) + 2] = [tok.start_id, *flat, tok.end_id]
         mask[row, :len(flat) + 2] = 1
       values, indices = (np.asarray(a) for a in self._top_tokens(self._params, ids, mask))
       single: list[tuple[int, int, int, int]] = []  # (caption, word, row, position) of one-piece words
-      for row, caption in enumerate(pieces[lo:hi]):
-        n = lo + row
+      for row, n in enumerate(members):
+        caption = pieces[n]
         start = 0
         for w, word_pieces in enumerate(caption):
           first, count = start, len(word_pieces)
@@ -380,17 +388,19 @@ class BertMLMSource(_CachedSource):
 
   def _rank_combinations(self, combos, results) -> None:
     """Rank each multi-piece word's combinations by MLM perplexity, all words in padded batches."""
-    flat = [(i, c) for i, (_, _, cands) in enumerate(combos) for c in cands]
-    width = max(len(c) for _, c in flat)
+    flat = [c for _, _, cands in combos for c in cands]
     losses = np.zeros(len(flat), np.float64)
-    for lo, hi in self._batches(len(flat)):
-      ids = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
-      mask = np.zeros((self.batch_size, width), np.int32)
-      for row, (_, c) in enumerate(flat[lo:hi]):
-        ids[row, :len(c)] = c
-        mask[row, :len(c)] = 1
-      piece = np.asarray(self._piece_losses(self._params, ids, mask))
-      losses[lo:hi] = (piece * mask).sum(-1)[:hi - lo] / mask.sum(-1)[:hi - lo]
+    # Each combination unpadded, in a batch of its own length: its score is the same whatever else is ranked.
+    for width in sorted({len(c) for c in flat}):
+      group = [j for j, c in enumerate(flat) if len(c) == width]
+      for lo, hi in self._batches(len(group)):
+        members = group[lo:hi]
+        ids = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+        ids[:len(members)] = [flat[j] for j in members]
+        mask = np.zeros((self.batch_size, width), np.int32)
+        mask[:len(members)] = 1
+        piece = np.asarray(self._piece_losses(self._params, ids, mask))
+        losses[members] = piece[:len(members)].mean(-1)
     start = 0
     for n, w, cands in combos:
       ppl = np.exp(losses[start:start + len(cands)])
