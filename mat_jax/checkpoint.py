@@ -104,6 +104,7 @@ class Checkpointer:
     # A reader (the evaluator reading a run's model) must not remove the temporary directory of a save
     # that a live run is writing.
     self._options = dict(max_to_keep=max_to_keep, async_save=async_save, cleanup=not reader)
+    _quiet_late_async_errors()  # before any save or restore can fail part-way
     self.manager = self._open_manager()
 
   def _open_manager(self) -> ocp.CheckpointManager:
@@ -281,7 +282,6 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    _quiet_late_read_errors()
     self.check_compatible(step)
     stored, wanted = self._stored_arrays(step), _arrays(abstract_state)
     if stored is not None:
@@ -375,7 +375,8 @@ class Checkpointer:
     self.close()
 
 
-def _drop_late_read_errors(unraisable: Any) -> None:
+def _drop_late_async_errors(unraisable: Any) -> None:
+  # TensorStore completing a failed save's writes or restore's reads on Orbax's closed event loop.
   if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
     return
   # The array reads abandoned with the failed restore each raise their own copy of its error when their
@@ -415,17 +416,18 @@ def _shape_difference(stored: list[tuple[int, ...]], wanted: list[tuple[int, ...
   return "; ".join(parts)
 
 
-def _quiet_late_read_errors() -> None:
-  """When Orbax fails to read a damaged checkpoint, TensorStore's remaining reads complete on an event
-  loop Orbax has already closed, and each prints a traceback ("Event loop is closed", "Task exception
-  was never retrieved", or the read error again from an abandoned read coroutine): dozens to thousands
-  of lines around the one error that matters, which the restore reports itself. Drop exactly those
-  (installed once)."""
+def _quiet_late_async_errors() -> None:
+  """When an Orbax save or restore fails part-way (a full disk, a damaged checkpoint), TensorStore's
+  remaining writes or reads complete on an event loop Orbax has already closed, and each prints a
+  traceback ("Event loop is closed", "Task exception was never retrieved", or the read error again from
+  an abandoned read coroutine): dozens to hundreds of tracebacks around the one error that matters,
+  which the save's or restore's caller reports itself, some of them after it. Drop exactly those
+  (installed once); any other unraisable exception still prints."""
   global _previous_unraisablehook
-  if sys.unraisablehook is _drop_late_read_errors:
+  if sys.unraisablehook is _drop_late_async_errors:
     return
   _previous_unraisablehook = sys.unraisablehook
-  sys.unraisablehook = _drop_late_read_errors
+  sys.unraisablehook = _drop_late_async_errors
   errors.quiet_unretrieved_async_errors()
 
 

@@ -695,7 +695,7 @@ def test_an_incompatible_checkpoint_is_refused_not_skipped(tmp_path):
   assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
-def test_the_late_read_errors_of_a_failed_restore_are_dropped(monkeypatch):
+def test_the_late_async_errors_of_a_failed_restore_are_dropped(monkeypatch):
   """What Orbax's abandoned reads print after a failed restore (which reports the error itself): the read
   coroutines' own copies of it and asyncio's unretrieved-exception lines. Anything else still prints."""
   passed_on = []
@@ -709,13 +709,60 @@ def test_the_late_read_errors_of_a_failed_restore_are_dropped(monkeypatch):
 
   late, other = _read_array_index_and_device_put(), another_coroutine()
   for coroutine in (late, other):
-    checkpoint_lib._drop_late_read_errors(types.SimpleNamespace(object=coroutine, exc_value=Exception("read")))
+    checkpoint_lib._drop_late_async_errors(types.SimpleNamespace(object=coroutine, exc_value=Exception("read")))
     coroutine.close()
   assert [u.object for u in passed_on] == [other]
   keep = errors._NoUnretrievedExceptions().filter
   for message, kept in [("Task exception was never retrieved", False),
                         ("_GatheringFuture exception was never retrieved", False), ("something else", True)]:
     assert keep(logging.LogRecord("asyncio", logging.ERROR, __file__, 0, message, None, None)) is kept
+
+
+def test_a_checkpointer_drops_the_late_async_errors_of_a_failed_save(tmp_path, monkeypatch):
+  """A save that fails part-way (a full disk) leaves TensorStore's other writes to end on Orbax's closed event
+  loop, each printing "Event loop is closed": hundreds of lines around the one error line, some after it.
+  A checkpointer drops those from when it opens, not only once it restores; any other one still prints."""
+  passed_on = []
+  monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+  monkeypatch.setattr(checkpoint_lib, "_previous_unraisablehook", checkpoint_lib._previous_unraisablehook)
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    ckpt.save(1, _state())
+  closed = types.SimpleNamespace(object=None, exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(object=None, exc_value=RuntimeError("a bug"))
+  for unraisable in (closed, other):
+    sys.unraisablehook(unraisable)
+  assert passed_on == [other]
+
+
+_FULL_DISK_AT_SAVE = """
+import errno, sys
+import jax
+from orbax.checkpoint._src.path import async_path
+from mat_jax import checkpoint, errors
+
+async def full(path, text):  # the save's first metadata file, written while its arrays are being written
+  raise OSError(errno.ENOSPC, "No space left on device")
+
+async_path.write_text = full
+
+def save(argv):
+  state = {f"w{i}": jax.random.normal(jax.random.key(i), (512, 512)) for i in range(20)}
+  with checkpoint.Checkpointer(sys.argv[1], {"x": 1}) as ckpt:
+    ckpt.save(1, state)
+  return 0
+
+sys.exit(errors.cli_main(save, output_dir=lambda: sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_ends_in_its_error_line(tmp_path):
+  """End to end, in a process of its own (the late errors are printed as it exits)."""
+  done = subprocess.run([sys.executable, "-c", _FULL_DISK_AT_SAVE, str(tmp_path / "run")], capture_output=True,
+                        text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()), check=False, timeout=300)
+  lines = done.stderr.splitlines()
+  assert done.returncode == 2 and lines[-1].startswith(f"error: no space left on the device holding {tmp_path}")
+  assert "Event loop is closed" not in done.stderr
 
 
 class _Position:
