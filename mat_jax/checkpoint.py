@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 
 from mat_jax import checks, errors, paths
 from mat_jax.errors import ConfigError, Interrupted, MatJaxError, WorkdirError
-from mat_jax.workdir import LOCK_FILE
+from mat_jax.workdir import LOCK_FILE, WorkdirLock
 
 STATE, DATA, META = "state", "data", "meta"
 MODEL_DIR = "model"
@@ -60,9 +60,20 @@ class DamagedCheckpointError(MatJaxError):
     self.reason = reason or message
 
 
+class CheckpointsRemovedError(MatJaxError):
+  """The checkpoints a reader (the evaluator) was reading were removed meanwhile, by the keep-N of the live
+  run that writes them: not damage."""
+
+
 class NotARunError(MatJaxError, FileNotFoundError):
   """A directory given as a training run that is not one."""
 
+
+# A reader of a live run rereads the steps this many times when the run's keep-N removes the checkpoint
+# it reads, and gives a checkpoint that fails to read this long to disappear: Orbax deletes a
+# checkpoint's files before its directory.
+REREADS = 3
+REMOVAL_WAIT_S = 3.0
 
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -231,9 +242,18 @@ class Checkpointer:
     values is moved to workdir/damaged_checkpoints/ (kept for inspection, out of Orbax's way so the step
     can be saved again), with one line saying so, and the next older one is tried. A checkpoint of an
     incompatible config is refused (IncompatibleCheckpointError), not skipped. `set_aside=False` (a
-    reader such as the evaluator, which must not change a run it does not own) skips damaged ones only."""
+    reader such as the evaluator, which must not change a run it does not own) skips damaged ones only.
+    For a reader, a checkpoint whose directory is gone once its read failed was removed meanwhile by the
+    keep-N of the live run that writes it, not damaged: the steps are listed again and the newest not yet
+    tried is read (REREADS times at most). Only a reader looks for removals: a run holds its workdir's lock,
+    so no other run removes its checkpoints, and in a multi-host run its other processes see process 0 move
+    a damaged one aside."""
     damaged: list[str] = []
-    for step in sorted(self.all_steps(), reverse=True):
+    tried: set[int] = set()
+    removed = 0
+    while untried := [step for step in self.all_steps() if step not in tried]:
+      step = max(untried)
+      tried.add(step)
       try:
         problem = self.verify(step)
         if problem is None:
@@ -256,15 +276,39 @@ class Checkpointer:
           # damage to it is found like any other checkpoint's.
           self._write_checksums([step])
         return state, step
+      if not set_aside and self._removed(step):
+        removed += 1
+        if removed > REREADS:
+          break
+        self.manager.reload()  # Orbax caches the steps it listed: the live run has saved others since
+        continue
       where = f"moved to {self._set_aside(step)}" if set_aside else "skipped"
       line = f"checkpoint {self.step_dir(step)} is damaged: {problem}; {where}"
       log(line)
       damaged.append(line)
+    if removed:
+      lock = WorkdirLock(self.workdir)
+      raise CheckpointsRemovedError(
+          f"the checkpoints in {self.directory} were removed while this command read them, by the run holding "
+          f"{lock.path} ({lock.holder()}), which keeps only its newest train.keep_checkpoints; they are not "
+          "damaged. Evaluate the run after it ends, or give it a larger train.keep_checkpoints")
     if damaged:
-      raise DamagedCheckpointError(
-          f"no intact checkpoint in {self.directory}: " + "; ".join(damaged) + ". Rerunning the same command "
-          "starts the run from step 0; to keep anything, restore the checkpoint files from a backup first")
+      then = ("Rerunning the same command starts the run from step 0; to keep anything, restore the checkpoint "
+              "files from a backup first" if set_aside else "This command moved none of them: to read the run, "
+              "restore its checkpoint files from a backup or train it again")
+      raise DamagedCheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(damaged) + ". " + then)
     return None, None
+
+  def _removed(self, step: int) -> bool:
+    """Whether checkpoint `step`, which failed to read, is gone. While a live run holds the workdir, a
+    directory that is still there gets REMOVAL_WAIT_S to go: the run's keep-N may be deleting it, files
+    first."""
+    deadline = time.monotonic() + (REMOVAL_WAIT_S if WorkdirLock(self.workdir).recorded_holder() else 0)
+    while self.step_dir(step).exists():
+      if time.monotonic() >= deadline:
+        return False
+      time.sleep(0.05)
+    return True
 
   def _set_aside(self, step: int) -> Path:
     target = self.workdir / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"

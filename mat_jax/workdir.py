@@ -43,11 +43,15 @@ class WorkdirLock:
 
   def holder(self) -> str:
     """The recorded holder ("PID 123 on host h since ..."), or a phrase saying it is unknown."""
+    return self.recorded_holder() or "an unknown process"
+
+  def recorded_holder(self) -> str:
+    """The holder the lock file records, "" where it records none: a run holds the workdir now (or was
+    killed while holding it) exactly when one is recorded, as a finished run clears its record."""
     try:
-      text = self.path.read_text().strip()
+      return self.path.read_text().strip()
     except OSError:
-      text = ""
-    return text or "an unknown process"
+      return ""
 
   def acquire(self) -> "WorkdirLock":
     check_writable_dir(self.workdir, self.flag)

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -685,6 +686,85 @@ def test_a_reader_skips_damage_without_moving_it(tmp_path):
   with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, reader=True) as ckpt:
     _, step = ckpt.restore_newest_intact(_abstract(), log=_quiet, set_aside=False)
   assert step == 1 and (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def _live_run_holds(workdir):
+  (workdir / LOCK_FILE).write_text("PID 4242 on host h since 2025-01-01 00:00:00\n")
+
+
+@pytest.mark.parametrize("removal", ["removed", "being removed"])
+def test_a_reader_rereads_the_steps_when_the_live_run_removes_the_checkpoint_it_reads(tmp_path, monkeypatch, removal):
+  """`evaluate --model RUN` on a run that trains: while the reader checks step 2, the run finishes its save of
+  step 3 (written under a temporary name until then, its checksums not yet written) and its keep-N removes
+  step 2, files first. Neither is damage: the reader reads step 3 and says nothing."""
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, async_save=False) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, _state(float(step)))
+  checkpoints = tmp_path / "checkpoints"
+  os.rename(checkpoints / "3", checkpoints / "3.orbax-checkpoint-tmp")
+  (tmp_path / checkpoint_lib.CHECKSUM_DIR / "3.json").unlink()
+  _live_run_holds(tmp_path)
+  verify, reads, deletions = checkpoint_lib.Checkpointer.verify, [], []
+
+  def live_run_moves_on(self, step):
+    if not reads:
+      os.rename(checkpoints / "3.orbax-checkpoint-tmp", checkpoints / "3")
+      if removal == "removed":
+        shutil.rmtree(checkpoints / "2")
+      else:  # the files go now, the directory once the read has failed
+        for f in (checkpoints / "2").rglob("*"):
+          if f.is_file():
+            f.unlink()
+        deletions.append(threading.Timer(0.5, shutil.rmtree, [checkpoints / "2"]))
+        deletions[0].start()
+    reads.append(step)
+    return verify(self, step)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "verify", live_run_moves_on)
+  lines = []
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, reader=True) as ckpt:
+    state, step = ckpt.restore_newest_intact(_abstract(), log=lines.append, set_aside=False)
+  for deletion in deletions:
+    deletion.join()
+  assert reads == [2, 3] and step == 3 and float(state["params"]["w"][0, 0]) == 3.0
+  assert lines == []  # neither "damaged" nor "step 0"
+
+
+def test_a_reader_whose_checkpoints_the_live_run_keeps_removing_says_so(tmp_path, monkeypatch):
+  """Every checkpoint the reader reads is gone by then (a run that saves every step and keeps one): a bounded
+  number of rereads, then one error naming the run and what to do, neither "damaged" nor "step 0"."""
+  _two_checkpoints(tmp_path)
+  _live_run_holds(tmp_path)
+  verify, reads = checkpoint_lib.Checkpointer.verify, []
+
+  def saved_anew_and_removed(self, step):  # the run saves the next step and removes this one
+    shutil.copytree(self.step_dir(step), self.step_dir(step + 1))
+    shutil.copy(self._checksum_path(step), self._checksum_path(step + 1))
+    shutil.rmtree(self.step_dir(step))
+    reads.append(step)
+    return verify(self, step)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "verify", saved_anew_and_removed)
+  lines = []
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, reader=True) as ckpt:
+    with pytest.raises(checkpoint_lib.CheckpointsRemovedError) as raised:
+      ckpt.restore_newest_intact(_abstract(), log=lines.append, set_aside=False)
+  assert reads == [2, 3, 4, 5][:checkpoint_lib.REREADS + 1]
+  message = str(raised.value)
+  assert message.startswith(f"the checkpoints in {tmp_path / 'checkpoints'} were removed while this command read "
+                            f"them, by the run holding {tmp_path / LOCK_FILE} (PID 4242 on host h since ")
+  assert "train.keep_checkpoints" in message and "after it ends" in message and "step 0" not in message
+  assert lines == []
+
+
+def test_a_reader_finding_every_checkpoint_damaged_moves_none_and_starts_nothing(tmp_path):
+  _two_checkpoints(tmp_path)
+  for step in ("1", "2"):
+    _flip(tmp_path / "checkpoints" / step)
+  with checkpoint_lib.Checkpointer(tmp_path, {"x": 1}, reader=True) as ckpt:
+    with pytest.raises(checkpoint_lib.DamagedCheckpointError, match="no intact checkpoint in .*moved none") as raised:
+      ckpt.restore_newest_intact(_abstract(), log=_quiet, set_aside=False)
+  assert "step 0" not in str(raised.value) and (tmp_path / "checkpoints" / "2").is_dir()
 
 
 def test_an_incompatible_checkpoint_is_refused_not_skipped(tmp_path):
