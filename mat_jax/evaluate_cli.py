@@ -350,7 +350,7 @@ def _main(argv: Sequence[str] | None) -> int:
   results = evaluate_lib.evaluate(target, eval_set=eval_set, attacks=args.attacks, eps_255=args.eps,
                                   text_source=source, surrogate=surrogate, settings=settings,
                                   batch_size=args.batch_size, seed=args.seed, limit=args.limit,
-                                  progress=not args.no_progress, itm_k=itm_k, judge=judge)
+                                  progress=not args.no_progress, itm_k=itm_k, judge=judge, log=print)
   results["data"] = {"name": args.data, "split": args.split}
   if args.rare_form_rate is not None:
     results["data"]["rare_form_rate"] = args.rare_form_rate

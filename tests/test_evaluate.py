@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,9 @@ def test_command_line_writes_table_json_and_plot(model_dir, tmp_path, monkeypatc
   printed = capsys.readouterr().out
   assert "clean" in printed and "pgd" in printed and "bert" in printed and "ASR tr@1" in printed
   assert "L-inf eps in 1/255 units, 2 steps, seed 0, batch size 4" in printed and ev.RECALL_FOOTER in printed
+  # As docs/evaluation.md shows it: the compilation ahead, then a line per attack and budget as each ends.
+  assert re.search(r"the evaluation's programs \(\d+ lowerings\) compiled in [\d.]+ s", printed)
+  assert re.search(r"^pgd eps 2/255: TR@1 [\d.]+ IR@1 [\d.]+ \([\d.]+ s\)$", printed, re.M)
 
   results = json.loads((out / "results.json").read_text())
   assert results["num_images"] == 7 and results["num_texts"] == len(eval_set.captions)
