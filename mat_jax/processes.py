@@ -13,7 +13,6 @@ function) Grain pickles with cloudpickle, which carries whatever `__main__` defi
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -46,31 +45,27 @@ def ignore_interrupts(*_: object) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
 def die_with_parent(parent: int) -> None:
-  """End this helper process as soon as its parent (PID `parent`) ends, however it ends. A parent killed
+  """End this helper process once its parent (PID `parent`) has ended, however it ended. A parent killed
   with SIGKILL stops nothing: its helpers would live on, adopted by init, blocked on their pipes to it,
   holding their memory and the parent's stdout (a `command | tee` would never end)."""
-  # Linux: the kernel sends the signal when the thread that started this process ends (a pool's processes
-  # start in the thread that submits its tasks, which waits for them). Elsewhere: a thread that watches.
-  if sys.platform == "linux" and ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL)) == 0:
-    if os.getppid() != parent:  # the parent ended before the request was made
-      os._exit(1)
-  else:
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+  # A daemon thread that looks twice a second. Linux's PR_SET_PDEATHSIG would act at once, but it fires when
+  # the *thread* that started the process ends, and Grain starts its workers from whichever thread first
+  # reads the pipeline.
+  if os.getppid() != parent:  # the parent ended before this process got here
+    os._exit(1)
+  threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="die-with-parent").start()
 
 
 def _exit_when_orphaned(parent: int) -> None:
   while os.getppid() == parent:
-    time.sleep(1)
+    time.sleep(0.5)
   os._exit(1)
 
 
-def helper_initializer(parent: int) -> None:
-  """The initializer of a helper pool's processes, given the pool's process's PID: `ignore_interrupts` and
-  `die_with_parent`."""
+def helper_initializer(parent: int, *_: object) -> None:
+  """The initializer of a helper process (a world builder, a pipeline worker), given its parent's PID:
+  `ignore_interrupts` and `die_with_parent`. Further arguments (Grain's worker index and count) are unused."""
   ignore_interrupts()
   die_with_parent(parent)
 

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +155,26 @@ def compiled_programs():
     yield names
   finally:
     jax.monitoring.unregister_event_duration_listener(record)
+
+
+def child_processes(parent: int) -> dict[int, str]:
+  """The processes whose parent is `parent` (read from /proc): PID -> start time (which tells a reused PID
+  apart)."""
+  found = {}
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:  # ended meanwhile
+      continue
+    if int(fields[1]) == parent:
+      found[int(stat.parent.name)] = fields[19]
+  return found
+
+
+def process_running(pid: int, started: str) -> bool:
+  """Whether the process `pid` that started at `started` (`child_processes`) still runs."""
+  try:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return False
+  return fields[19] == started and fields[0] != "Z"  # a zombie has ended; init may not have reaped it yet

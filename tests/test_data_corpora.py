@@ -92,27 +92,6 @@ corpora.build_shapes(sys.argv[1], **eval(sys.argv[2]))
 """
 
 
-def _children(parent: int) -> dict[int, str]:
-  """The processes whose parent is `parent`: PID -> start time (which tells a reused PID apart)."""
-  found = {}
-  for stat in Path("/proc").glob("[0-9]*/stat"):
-    try:
-      fields = stat.read_text().rsplit(")", 1)[1].split()
-    except OSError:  # ended meanwhile
-      continue
-    if int(fields[1]) == parent:
-      found[int(stat.parent.name)] = fields[19]
-  return found
-
-
-def _running(pid: int, started: str) -> bool:
-  try:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-  except OSError:
-    return False
-  return fields[19] == started and fields[0] != "Z"  # a zombie has ended; init may not have reaped it yet
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the processes from /proc")
 def test_a_killed_build_takes_its_builder_processes_along_and_its_rerun_the_partial_build(tmp_path):
   """SIGKILL of a build that uses builder processes: they end with it (orphaned, they ran on, blocked, and
@@ -123,6 +102,8 @@ def test_a_killed_build_takes_its_builder_processes_along_and_its_rerun_the_part
   import sys
   import time
 
+  import helpers
+
   sizes = dict(SHAPES, train=400)
   build = subprocess.Popen([sys.executable, "-c", _POOLED_BUILD, str(tmp_path), repr(sizes)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -131,18 +112,18 @@ def test_a_killed_build_takes_its_builder_processes_along_and_its_rerun_the_part
     deadline = time.monotonic() + 120
     while len(children) < 3 and build.poll() is None and time.monotonic() < deadline:  # 2 builders, 1 tracker
       time.sleep(0.05)
-      children = _children(build.pid)
+      children = helpers.child_processes(build.pid)
     assert len(children) >= 3, f"the build started {len(children)} processes: {build.poll()=}"
     build.kill()
     build.communicate(timeout=30)  # no process of the build keeps its output open
     deadline = time.monotonic() + 10
-    while any(_running(*child) for child in children.items()) and time.monotonic() < deadline:
+    while any(helpers.process_running(*child) for child in children.items()) and time.monotonic() < deadline:
       time.sleep(0.1)
-    assert not [pid for pid, started in children.items() if _running(pid, started)]
+    assert not [pid for pid, started in children.items() if helpers.process_running(pid, started)]
   finally:
     build.kill()
     for pid, started in children.items():
-      if _running(pid, started):
+      if helpers.process_running(pid, started):
         os.kill(pid, signal.SIGKILL)
   config_dir = tmp_path / "shapes_world" / corpora.shapes_config(**sizes).name
   assert list(config_dir.glob("incomplete.*"))  # what the killed build left

@@ -480,6 +480,56 @@ def test_a_script_without_a_main_guard_runs_once_with_worker_processes(tmp_path)
   assert "batch (4, 16, 16, 3)" in result.stdout
 
 
+KILLED_READER_SCRIPT = """
+import sys
+import time
+
+from mat_jax.data import corpora, pipeline, shapes
+
+builder = corpora.build_shapes(sys.argv[1], log=lambda message: None, train=8, val=0, test=0, image_size=16, seed=3)
+dataset = pipeline.training_pipeline(corpora.data_source(builder, "train"), shapes.tokenizer(sys.argv[2]), 4,
+                                     process_index=0, process_count=1, num_workers=2)
+iterator = iter(dataset)
+next(iterator)
+print("reading", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the processes from /proc")
+def test_worker_processes_end_with_a_killed_run(tmp_path):
+  """A run killed outright (SIGKILL, the OOM killer) takes its pipeline's workers along: orphaned, they ran on,
+  each holding its memory and the run's stdout (so `| tee` never ended)."""
+  import subprocess
+
+  import helpers
+
+  script = tmp_path / "reader.py"
+  script.write_text(KILLED_READER_SCRIPT)
+  reader = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data"), str(tmp_path / "tok")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+  children = {}
+  try:
+    for line in reader.stdout:
+      if line.startswith("reading"):
+        break
+    workers = [pid for pid, _ in helpers.child_processes(reader.pid).items()
+               if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+    children = helpers.child_processes(reader.pid)
+    assert len(workers) == 2, f"{reader.poll()=}, {children=}"
+    reader.kill()
+    reader.communicate(timeout=30)  # no worker keeps its output open
+    deadline = time.monotonic() + 10
+    while any(helpers.process_running(*child) for child in children.items()) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not [pid for pid, started in children.items() if helpers.process_running(pid, started)]
+  finally:
+    reader.kill()
+    for pid, started in children.items():
+      if helpers.process_running(pid, started):
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_eval_set_holds_all_images_captions_and_index_maps(world):
   _, test, tok = world
   ev = pipeline.load_eval_set(test, tok)

@@ -23,6 +23,7 @@ index maps `text_to_image` (T,) and `image_to_texts` (N, K_max) (-1 pads) that r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import threading
@@ -392,7 +393,8 @@ def training_pipeline(source, tokenizer, batch_size: int, *, captions_per_image:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = WorkersStartedTogether(it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch_batches), worker_init_fn=processes.ignore_interrupts))
+        num_workers=num_workers, per_worker_buffer_size=prefetch_batches),
+        worker_init_fn=functools.partial(processes.helper_initializer, os.getpid())))
   # Batch transforms run in this process even with workers: they may hold a JAX model (BERT candidates),
   # which worker processes should not each load.
   for transform in batch_transforms:
