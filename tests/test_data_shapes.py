@@ -351,9 +351,24 @@ def test_held_out_forms_are_the_words_only_the_default_worlds_captions_hold(test
   assert {"crimson", "box", "upper", "beneath", "centre"} <= set(shapes.held_out_forms())
 
 
+_START = None  # the builders' common start (a multiprocessing.Barrier), set in each worker process
+
+
+def _ready(start):
+  """Worker initializer: the imports first, so that the builders meet at `start` and build at once."""
+  global _START
+  from mat_jax.data import shapes as shapes_module
+  from mat_jax.models import tokenizers
+
+  tokenizers.import_transformers()
+  shapes_module.vocabulary()
+  _START = start
+
+
 def _build_and_load(directory):
   from mat_jax.data import shapes as shapes_module
 
+  _START.wait(timeout=300)
   return shapes_module.tokenizer(directory).vocab_size
 
 
@@ -363,11 +378,15 @@ def test_processes_building_the_tokenizer_at_once_each_read_a_whole_one(tmp_path
   import concurrent.futures
   import multiprocessing
 
-  for attempt in range(2):
-    directory = tmp_path / f"tokenizer{attempt}"
-    with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+  # One pool of 4 processes for both attempts (each spawned process spends seconds importing transformers),
+  # its builders starting together at a barrier.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(4, mp_context=context, initializer=_ready,
+                                              initargs=(context.Barrier(4),)) as pool:
+    for attempt in range(2):
+      directory = tmp_path / f"tokenizer{attempt}"
       sizes = list(pool.map(_build_and_load, [directory] * 4))
-    assert sizes == [len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())] * 4
+      assert sizes == [len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())] * 4
   # No building leftovers (the lock file stays, as the datasets' do).
   assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "tokenizer0", "tokenizer1"]
   assert oct((tmp_path / "tokenizer0").stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # readable by all
