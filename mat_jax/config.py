@@ -565,6 +565,11 @@ def _check_values(config: dict) -> None:
   if renderings < 1 or train["batch_size"] % renderings:
     raise ConfigError(f"data.renderings_per_scene={renderings} must be at least 1 and divide train.batch_size "
                       f"({train['batch_size']}): a batch holds whole scenes")
+  if train["batch_size"] // renderings < 2 and objectives.make(config["objective"]).contrasts_scenes:
+    # Unchecked, the loss and its gradient are 0 at every step, and the logged accuracies 1.0 read as robustness.
+    raise ConfigError(f"train.batch_size={train['batch_size']} holds one scene (data.renderings_per_scene="
+                      f"{renderings}): {config['objective']['name']}'s contrastive loss has no negative in it, so "
+                      f"nothing trains; use train.batch_size >= {2 * renderings} (two scenes or more)")
   if config["schedule"]["warmup_steps"] > train["steps"]:
     raise ConfigError(f"schedule.warmup_steps ({config['schedule']['warmup_steps']}) exceeds "
                       f"train.steps ({train['steps']})")

@@ -342,6 +342,24 @@ def test_a_new_objectives_loss_weight_is_refused_when_negative(tmp_path, monkeyp
     config_lib.load(path, ["objective.kl_weight=-1"])
 
 
+@pytest.mark.parametrize("experiment, overrides", [
+    ("shapes_tecoa.py", ["train.batch_size=1"]),
+    ("shapes_mat.py", ["train.batch_size=4", "data.renderings_per_scene=4"]),
+    ("shapes_clean_ft.py", ["train.batch_size=1"]),
+    ("shapes_fare.py", ["train.batch_size=1", "objective.attack=tecoa"])])  # its inner attack's CE is contrastive
+def test_a_training_batch_of_one_scene_is_refused_where_the_loss_contrasts_scenes(experiment, overrides):
+  """Without a second scene the contrastive loss and its gradient are 0 at every step."""
+  path = Path(__file__).resolve().parents[1] / "experiments" / experiment
+  with pytest.raises(config_lib.ConfigError, match=r"holds one scene .* has no negative in it, so nothing trains; "
+                                                   r"use train.batch_size >= \d+ \(two scenes or more\)"):
+    config_lib.load(path, overrides)
+
+
+def test_a_training_batch_of_one_scene_is_accepted_where_nothing_contrasts_scenes():
+  fare = Path(__file__).resolve().parents[1] / "experiments" / "shapes_fare.py"
+  assert config_lib.load(fare, ["train.batch_size=1"]).train.batch_size == 1
+
+
 def test_eval_values_out_of_range_are_refused(tmp_path):
   path = _write(tmp_path, "return dict()")
   assert config_lib.load(path, ["eval.max_images=0"]).eval.max_images == 0  # the whole split

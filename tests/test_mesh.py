@@ -227,10 +227,10 @@ def test_renderings_per_scene_must_divide_each_processs_share_of_the_batch(monke
   from mat_jax import config as config_lib
   from mat_jax.training import loop
 
-  config = config_lib.build({"train": {"batch_size": 8}, "data": {"renderings_per_scene": 8}})
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(mesh_lib.MeshError, match=r"renderings_per_scene=8 does not divide the 4 images each of the 2 "
-                                               r"processes reads .* a multiple of 16"):
-    loop.run_mesh(config)
   config = config_lib.build({"train": {"batch_size": 16}, "data": {"renderings_per_scene": 8}})
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  with pytest.raises(mesh_lib.MeshError, match=r"renderings_per_scene=8 does not divide the 4 images each of the 4 "
+                                               r"processes reads .* a multiple of 32"):
+    loop.run_mesh(config)
+  config = config_lib.build({"train": {"batch_size": 32}, "data": {"renderings_per_scene": 8}})
   assert loop.run_mesh(config).devices.size == jax.device_count()

@@ -65,6 +65,9 @@ class Objective:
   # The loss reads the attacked captions (MAT, MMCoA); the others read only the attacked images, so an
   # attack of the captions alone would leave them training on clean inputs.
   reads_adversarial_text: ClassVar[bool] = False
+  # The loss contrasts each image with the batch's other scenes' captions: a batch of one scene has no
+  # negative, and the loss and its gradient are 0.
+  needs_negatives: ClassVar[bool] = False
 
   def inner_attack(self) -> AttackSpec | None:
     """The attack the objective trains against (None: clean training). Adversarial objectives name it in
@@ -77,6 +80,13 @@ class Objective:
     """The batch must carry text-attack candidates: the inner attack changes captions."""
     spec = self.inner_attack()
     return spec is not None and spec.attacks_text
+
+  @property
+  def contrasts_scenes(self) -> bool:
+    """The loss, or the inner attack's (a contrastive cross-entropy: tecoa, mat, mmcoa), needs another scene
+    in the batch to be anything but 0."""
+    spec = self.inner_attack()
+    return self.needs_negatives or (spec is not None and spec.loss == "contrastive")
 
   @property
   def has_text_stage(self) -> bool:

@@ -96,6 +96,7 @@ def batch_clip_loss(encoder: DualEncoder, params: nnx.State, images: jax.Array, 
 class Contrastive(Objective):
   """Clean contrastive training / fine-tuning (CLIP's objective; several captions -> multi-positive)."""
   name = "contrastive"
+  needs_negatives = True
 
   def loss(self, encoder, params, batch, key, reference=None):
     del key, reference

@@ -41,6 +41,7 @@ class MAT(base.Objective):
   """Multimodal adversarial training (module docstring)."""
   name = "mat"
   reads_adversarial_text = True
+  needs_negatives = True
 
   attack: str = PUBLISHED.name               # the inner attack (mat_jax.attacks.spec.ATTACKS)
   eps: float = PUBLISHED.eps                 # image budget (L∞, pixel units)

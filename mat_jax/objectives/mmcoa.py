@@ -33,6 +33,7 @@ PUBLISHED = attack_specs.get("mmcoa")
 class MMCoA(base.Objective):
   name = "mmcoa"
   reads_adversarial_text = True
+  needs_negatives = True
 
   attack: str = PUBLISHED.name  # the inner attack (mat_jax.attacks.spec.ATTACKS)
   eps: float = PUBLISHED.eps

@@ -27,6 +27,7 @@ PUBLISHED = attack_specs.get("tecoa")
 class TeCoA(base.Objective):
   name = "tecoa"
   default_towers = "vision"
+  needs_negatives = True
 
   attack: str = PUBLISHED.name  # the inner attack (mat_jax.attacks.spec.ATTACKS)
   eps: float = PUBLISHED.eps
