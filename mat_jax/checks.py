@@ -331,4 +331,10 @@ def check_ranks(ranks: Any, *, name: str, length: int | None = None) -> np.ndarr
   if length is not None and arr.shape[0] != length:
     raise InputError(f"{name} holds {arr.shape[0]} ranks where {length} are expected: both rankings must be of "
                      "the same queries (the clean and the attacked set, ranked by metrics.retrieval_ranks)")
+  # Unchecked, no query gives NaN recalls and a negative rank counts as a hit at every K.
+  if arr.size == 0:
+    raise InputError(f"{name} holds no rank: a recall needs at least one query")
+  if arr.min() < 0:
+    raise InputError(f"{name} holds the negative rank {int(arr.min())}: ranks count the items scored above the "
+                     "right one, from 0 (metrics.retrieval_ranks)")
   return arr

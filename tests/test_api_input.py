@@ -356,6 +356,14 @@ def test_ranks_must_be_1d_integer_arrays_of_the_same_queries():
     metrics.attack_success_rate(ranks, one)
   with pytest.raises(InputError, match=r"must be a \(TR ranks, IR ranks\) pair"):
     metrics.attack_success_rate(ranks, metrics.recall_from_ranks(*ranks))
+  # Unchecked: no query gave NaN recalls, a negative rank a hit at every K.
+  none = np.array([], np.int64)
+  with pytest.raises(InputError, match="tr_ranks holds no rank: a recall needs at least one query"):
+    metrics.recall_from_ranks(none, none)
+  with pytest.raises(InputError, match="the clean TR ranks holds no rank"):
+    metrics.attack_success_rate((none, none), (none, none))
+  with pytest.raises(InputError, match="ir_ranks holds the negative rank -1: ranks count the items scored above"):
+    metrics.recall_from_ranks(np.array([0]), np.array([-1]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -156,6 +156,14 @@ def test_errors_name_the_problem(setup):
   with pytest.raises(ValueError, match=f"n_targets={B * K - K + 1}: .* leaving {B * K - K} wrong texts"):
     I.apgd_attack(ENC, params, images, texts.reshape(B * K, D), positives, jax.random.key(0), eps=0.1, steps=2,
                   n_targets=B * K - K + 1, text_weights=jnp.ones((B, K)))
+  # Fewer than 4 real texts among padding ones: the targeted DLR would have a padding text in its top 4, its
+  # gradient 0, and APGD-T would return its random start.
+  three = np.zeros(B * K, np.float32)
+  three[:3] = 1
+  with pytest.raises(ValueError, match=r"targeted DLR ranks at least 4 texts, and 3 of the \d+ texts have a nonzero "
+                                       "weight"):
+    I.apgd_attack(ENC, params, images, texts.reshape(B * K, D), positives, jax.random.key(0), eps=0.1, steps=2,
+                  n_targets=1, text_weights=three)
 
 
 @pytest.fixture(scope="module")

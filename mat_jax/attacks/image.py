@@ -391,6 +391,13 @@ def apgd_attack(encoder: DualEncoder, params: nnx.State, images: jax.Array, text
   if text_weights is not None and text_weights.size != m:
     raise InputError(f"text_weights must hold one weight per text ({m}; (M,) or (B, K) with B * K = M), got shape "
                      f"{tuple(text_weights.shape)}")
+  if n_targets and isinstance(text_weights, np.ndarray) and np.count_nonzero(text_weights) < 4:
+    # Padding texts are at the lowest logit: counted as texts, one would be among the DLR's top 4 and make
+    # its denominator huge and its gradient 0, so APGD-T would return its random start. (Checked on a host
+    # array only: a device array is not read back.)
+    raise ValueError(f"APGD-T's targeted DLR ranks at least 4 texts, and {np.count_nonzero(text_weights)} of the "
+                     f"{m} texts have a nonzero weight (the others are padding); score each image against more "
+                     "texts (a bigger batch or the whole eval set)")
   if n_targets and text_weights is not None and text_weights.ndim == 2:
     # (B, K) caption slots: each image owns K of the M texts, leaving it M - K wrong ones to aim at.
     wrong = text_features.shape[0] - text_weights.shape[1]
