@@ -2,6 +2,9 @@
 
 import contextlib
 import dataclasses
+import os
+import signal
+import time
 import types
 from pathlib import Path
 
@@ -178,3 +181,24 @@ def process_running(pid: int, started: str) -> bool:
   except OSError:
     return False
   return fields[19] == started and fields[0] != "Z"  # a zombie has ended; init may not have reaped it yet
+
+
+def survivors_after_kill(process, children: dict[int, str], wait_s: float = 10.0) -> list[int]:
+  """SIGKILL `process` (a subprocess.Popen with piped output), wait for its output to close and up to `wait_s`
+  for its `children` (`child_processes`) to end: the PIDs still running, which are then killed too."""
+  process.kill()
+  try:
+    process.communicate(timeout=30)  # no child keeps its output open
+    deadline = time.monotonic() + wait_s
+    while any(process_running(*child) for child in children.items()) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    return [pid for pid, started in children.items() if process_running(pid, started)]
+  finally:
+    kill_processes(children)
+
+
+def kill_processes(processes: dict[int, str]) -> None:
+  """SIGKILL those of `processes` (`child_processes`) still running."""
+  for pid, started in processes.items():
+    if process_running(pid, started):
+      os.kill(pid, signal.SIGKILL)

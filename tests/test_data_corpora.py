@@ -96,8 +96,6 @@ corpora.build_shapes(sys.argv[1], **eval(sys.argv[2]))
 def test_a_killed_build_takes_its_builder_processes_along_and_its_rerun_the_partial_build(tmp_path):
   """SIGKILL of a build that uses builder processes: they end with it (orphaned, they ran on, blocked, and
   held its stdout open, so `| tee` never ended), and the rerun removes tfds's incomplete.* directory."""
-  import os
-  import signal
   import subprocess
   import sys
   import time
@@ -114,17 +112,10 @@ def test_a_killed_build_takes_its_builder_processes_along_and_its_rerun_the_part
       time.sleep(0.05)
       children = helpers.child_processes(build.pid)
     assert len(children) >= 3, f"the build started {len(children)} processes: {build.poll()=}"
-    build.kill()
-    build.communicate(timeout=30)  # no process of the build keeps its output open
-    deadline = time.monotonic() + 10
-    while any(helpers.process_running(*child) for child in children.items()) and time.monotonic() < deadline:
-      time.sleep(0.1)
-    assert not [pid for pid, started in children.items() if helpers.process_running(pid, started)]
+    assert not helpers.survivors_after_kill(build, children)
   finally:
     build.kill()
-    for pid, started in children.items():
-      if helpers.process_running(pid, started):
-        os.kill(pid, signal.SIGKILL)
+    helpers.kill_processes(children)
   config_dir = tmp_path / "shapes_world" / corpora.shapes_config(**sizes).name
   assert list(config_dir.glob("incomplete.*"))  # what the killed build left
   built = corpora.build_shapes(tmp_path, log=lambda message: None, **sizes)

@@ -518,17 +518,10 @@ def test_worker_processes_end_with_a_killed_run(tmp_path):
                if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
     children = helpers.child_processes(reader.pid)
     assert len(workers) == 2, f"{reader.poll()=}, {children=}"
-    reader.kill()
-    reader.communicate(timeout=30)  # no worker keeps its output open
-    deadline = time.monotonic() + 10
-    while any(helpers.process_running(*child) for child in children.items()) and time.monotonic() < deadline:
-      time.sleep(0.1)
-    assert not [pid for pid, started in children.items() if helpers.process_running(pid, started)]
+    assert not helpers.survivors_after_kill(reader, children)
   finally:
     reader.kill()
-    for pid, started in children.items():
-      if helpers.process_running(pid, started):
-        os.kill(pid, signal.SIGKILL)
+    helpers.kill_processes(children)
 
 
 def test_eval_set_holds_all_images_captions_and_index_maps(world):
