@@ -79,8 +79,15 @@ class Victim:
   @classmethod
   def of(cls, model, params=None, tokenizer=None, name: str = "model") -> "Victim":
     if isinstance(model, Victim):
+      if params is not None or tokenizer is not None:  # ignored, they would leave the victim's own in use
+        raise InputError(f"{name}: a Victim carries its parameters and tokenizer; pass params and tokenizer with "
+                         "its encoder instead (evaluate(victim.encoder, params, tokenizer, ...))")
       return model
     if isinstance(model, (CLIP, BLIP)):
+      if params is not None:  # ignored, the model's own would be evaluated
+        raise InputError(f"{name}: a {type(model).__name__} carries its parameters; to evaluate other ones pass "
+                         "its encoder with them (encoder, _ = models.split(model); evaluate(encoder, params, "
+                         "tokenizer, ...))")
       encoder, params = split(model)
     elif isinstance(model, DualEncoder):
       encoder = model
@@ -104,6 +111,12 @@ class Victim:
     check_tokens_for(batch.input_ids, batch.attention_mask, self.tokenizer.end_id, self.encoder.config.text,
                      name=f"{self.name}'s tokenizer")
     return batch
+
+
+def caption_strings(captions) -> list[str]:
+  """An evaluation set's captions as strings: bytes (as TFDS records hold them) decoded, not read as
+  "b'a red ...'"."""
+  return [c.decode() if isinstance(c, bytes) else str(c) for c in captions]
 
 
 def describe_source(source) -> dict[str, Any] | None:
@@ -336,7 +349,7 @@ def evaluate(model, params=None, tokenizer: Tokenizer | None = None, eval_set=No
                      f"the image's batch; with {batch_size} image per batch there are none and the image is not "
                      "attacked: use a batch size of at least 2 (--batch-size) on at least 2 images")
   batches = _batches(image_to_texts, batch_size)
-  caption_list = [str(c) for c in captions]
+  caption_list = caption_strings(captions)
 
   target_tokens = target.tokens(caption_list)
   if itm_k is not None and not rerank.supports_itm(target.encoder):
@@ -531,7 +544,7 @@ def clean_scoring_compilation(encoder: DualEncoder, tokenizer: Tokenizer, eval_s
   (`metrics.retrieval_lowerings`). The attacks' programs are not among them."""
   n_images = len(eval_set.images)
   images = _float_images_shape(eval_set, n_images)
-  tokens = tokenizer([str(c) for c in eval_set.captions])
+  tokens = tokenizer(caption_strings(eval_set.captions))
   ids, mask = (jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
                for a in (tokens.input_ids, tokens.attention_mask))
   # One thread: it compiles beside a training run.
@@ -600,10 +613,10 @@ def shapes_judge(eval_set) -> Callable[[int, str], bool]:
     raise ValueError("this evaluation set has no scenes; meaning-aware scoring needs the shapes world "
                      "(mat_jax.data.pipeline.load_eval_set on a built shapes dataset)")
   owners = np.asarray(eval_set.text_to_image)
-  originals = eval_set.captions
+  originals = caption_strings(eval_set.captions)
 
   def judge(caption_index: int, caption: str) -> bool:
-    return shapes.describes(caption, scenes[int(owners[caption_index])], original=str(originals[caption_index]))
+    return shapes.describes(caption, scenes[int(owners[caption_index])], original=originals[caption_index])
 
   return judge
 
@@ -618,8 +631,8 @@ def shapes_meaning_filter(eval_set) -> Callable[[Sequence[str], int, str], bool]
                      "shapes world's scenes (--data shapes)")
   owners = np.asarray(eval_set.text_to_image)
   of_text: dict[tuple[str, ...], list[tuple[Any, str]]] = {}
-  for index, caption in enumerate(eval_set.captions):
-    of_text.setdefault(tuple(str(caption).split()), []).append((scenes[int(owners[index])], str(caption)))
+  for index, caption in enumerate(caption_strings(eval_set.captions)):
+    of_text.setdefault(tuple(caption.split()), []).append((scenes[int(owners[index])], caption))
   cut: dict[tuple[str, ...], list[tuple[tuple[str, ...], Any, str]]] = {}
 
   def captions_of(words: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any, str]]:

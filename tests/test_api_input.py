@@ -119,6 +119,43 @@ def test_evaluate_takes_one_attack_name_and_one_budget(world, monkeypatch, kwarg
     _evaluate(world, monkeypatch, **kwargs)
 
 
+def test_the_models_encode_lists_as_the_checks_accept_them(world):
+  tokens = world.tok(list(CAPTIONS))
+  np.testing.assert_array_equal(world.clip.encode_image(X.tolist()), world.clip.encode_image(X))
+  np.testing.assert_array_equal(
+      world.clip.encode_text(tokens.input_ids.tolist(), tokens.attention_mask.tolist()),
+      world.clip.encode_text(tokens.input_ids, tokens.attention_mask))
+
+
+def test_parameters_or_a_tokenizer_the_evaluation_would_ignore_are_refused(world):
+  from mat_jax.models import split
+
+  encoder, params = split(world.clip)
+  victim = ev.Victim.of(world.clip, tokenizer=world.tok)
+  with pytest.raises(InputError, match=r"a CLIP carries its parameters; to evaluate other ones pass its encoder"):
+    ev.evaluate(world.clip, params, world.tok, _eval_set(), progress=False)
+  with pytest.raises(InputError, match=r"a Victim carries its parameters and tokenizer"):
+    ev.evaluate(victim, params, eval_set=_eval_set(), progress=False)
+  with pytest.raises(InputError, match=r"a Victim carries its parameters and tokenizer"):
+    ev.evaluate(victim, tokenizer=world.tok, eval_set=_eval_set(), progress=False)
+  assert ev.Victim.of(encoder, params, world.tok).params is not None
+
+
+def test_captions_given_as_bytes_are_read_as_their_text(world, monkeypatch):
+  """TFDS records hold captions as bytes; str() of them would tokenise "b'a red ...'"."""
+  seen = []
+
+  def stop(self, captions):
+    seen.append(captions)
+    raise Stop
+
+  monkeypatch.setattr(ev.Victim, "tokens", stop)
+  as_bytes = types.SimpleNamespace(**{**vars(_eval_set()), "captions": np.array([c.encode() for c in CAPTIONS])})
+  with pytest.raises(Stop):
+    ev.evaluate(world.clip, tokenizer=world.tok, eval_set=as_bytes, attacks=("pgd",), progress=False, batch_size=2)
+  assert seen == [list(CAPTIONS)]
+
+
 def test_budgets_that_look_like_pixel_units_are_refused(world, monkeypatch):
   with pytest.raises(InputError, match=r"eps_255=0.00784314 is less than half of one pixel level \(budgets are in "
                                        r"1/255 units: 2 means 2/255\); .* pass 2$"):

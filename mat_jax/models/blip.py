@@ -307,11 +307,13 @@ class BLIP(nnx.Module):
   def encode_image(self, pixels: jax.Array) -> jax.Array:
     """float32 (B, H, W, 3) in [0, 1] -> float32 (B, embed_dim): vision_proj of the [CLS] token."""
     check_pixels(pixels, self.config.vision)
+    pixels = jnp.asarray(pixels)  # a list or numpy batch, as the checks take it
     return self.vision_proj(self.vision(pixels)[:, 0]).astype(jnp.float32)
 
   def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """int (B, L) ids and 0/1 mask -> float32 (B, embed_dim): text_proj of the unimodal [CLS] state."""
     check_blip_text(input_ids, attention_mask, self.config.text)
+    input_ids, attention_mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
     return self.text_proj(self.text(input_ids, attention_mask)).astype(jnp.float32)
 
   def encode_text_with_cache(self, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, tuple]:
@@ -345,6 +347,7 @@ class BLIP(nnx.Module):
   def image_tokens(self, pixels: jax.Array) -> jax.Array:
     """Post-LN image token states (B, 1 + patches, width), the ITM's cross-attention memory."""
     check_pixels(pixels, self.config.vision)
+    pixels = jnp.asarray(pixels)  # a list or numpy batch, as the checks take it
     return self.vision(pixels)
 
   def itm_logits_from_tokens(self, image_tokens: jax.Array, input_ids: jax.Array,

@@ -409,6 +409,7 @@ class CLIP(nnx.Module):
     Shapes and dtypes are checked when traced; the value range only on concrete (eager) input.
     """
     check_pixels(pixels, self.config.vision)
+    pixels = jnp.asarray(pixels)  # a list or numpy batch, as the checks take it
     return self.visual_projection(self.vision(pixels)).astype(jnp.float32)
 
   def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -417,6 +418,7 @@ class CLIP(nnx.Module):
     Shapes are checked when traced; the id range only on concrete (eager) input.
     """
     check_text(input_ids, attention_mask, self.config.text)
+    input_ids, attention_mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
     return self.text_projection(self.text(input_ids, attention_mask)).astype(jnp.float32)
 
   def encode_text_with_cache(self, input_ids: jax.Array, attention_mask: jax.Array
