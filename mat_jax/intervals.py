@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mat_jax.errors import InputError
+
 
 def hits(entry: Mapping[str, Any], n_images: int, meaning_preserving: bool = False
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,6 +42,19 @@ def per_image(per_seed: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], met
   return 100.0 * np.stack(parts)
 
 
+def check_parts(values, level: float) -> np.ndarray:
+  """(S seeds, N test images) finite values as an array, and a level in (0, 1): unchecked, a level of 95 or a
+  NaN value gives an interval of [nan, nan]."""
+  arr = np.asarray(values, np.float64)
+  if arr.ndim != 2:
+    raise InputError(f"values must be (seeds, test images), got shape {arr.shape}; for one seed pass values[None]")
+  if not np.isfinite(arr).all():
+    raise InputError(f"values hold {int((~np.isfinite(arr)).sum())} non-finite entries; an interval needs finite ones")
+  if not 0 < level < 1:
+    raise InputError(f"level={level!r} must be a fraction in (0, 1), e.g. 0.95 for a 95% interval")
+  return arr
+
+
 def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
   """The `level` interval of the mean of `values` (S seeds, N test images) as an estimate of its
   expectation over training seeds and test images: Student's t on the sum of two variances, each with its
@@ -56,6 +71,7 @@ def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
   the difference of two arms' values (the same seeds' indices and images) for a paired interval."""
   from scipy import stats  # seconds to import; only the study's and the demo's last step need it
 
+  values = check_parts(values, level)
   seeds, n = values.shape
   if n < 2:
     raise ValueError(f"an interval over test images needs at least 2 images, got {n}")
@@ -86,6 +102,7 @@ def recall_interval(values: np.ndarray, level: float = 0.95) -> list[float]:
   image are not), so the score interval counts N trials."""
   from scipy import stats
 
+  values = check_parts(values, level)
   low, high = interval(values, level)
   n = values.shape[1]
   rate = min(max(float(values.mean()) / 100.0, 0.0), 1.0)

@@ -254,9 +254,20 @@ def attack_correct(encoder, params, classes, images, labels, key, *, attack: str
   """Correctness (B,) of a batch after `attack` at `eps` (pixel units); compiled once per attack and shape."""
   if attack not in ATTACKS:
     raise ZeroShotError(f"unknown attack {attack!r}; choose from {ATTACKS}")
-  check_settings(settings, min_steps=0)  # host numbers: free (the images' values are the caller's to check)
+  check_settings(settings, min_steps=0)
   key = image_attacks.checked_key(key, settings.norm, eps=eps)
   n_classes = int(np.shape(classes)[0])
+  # Free checks only, as the composable attacks make them: shapes, and the values of host arrays.
+  vision = getattr(getattr(encoder, "config", None), "vision", None)
+  checks.check_images(images, getattr(vision, "image_size", None), read_device=False)
+  if not isinstance(labels, jax.Array):
+    labels_host = np.asarray(labels)
+    if labels_host.shape != (np.shape(images)[0],) or not np.issubdtype(labels_host.dtype, np.integer):
+      raise ZeroShotError(f"labels must be one integer class index per image ({np.shape(images)[0]},), got shape "
+                          f"{labels_host.shape} and dtype {labels_host.dtype}")
+    if labels_host.size and (labels_host.min() < 0 or labels_host.max() >= n_classes):
+      raise ZeroShotError(f"labels must be class indices in [0, {n_classes}), got values from {labels_host.min()} to "
+                          f"{labels_host.max()}")
   if attack == "apgd-t" and n_classes < TARGETED_MIN_CLASSES:
     raise ZeroShotError(f"apgd-t's targeted DLR loss needs at least {TARGETED_MIN_CLASSES} classes, this set has "
                         f"{n_classes}; use apgd-ce and pgd")
@@ -304,6 +315,8 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   """
   if limit is not None and limit < 1:
     raise ZeroShotError(f"limit={limit}: evaluate at least 1 image (or None for all)")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ZeroShotError(f"batch_size must be an integer >= 1, got {batch_size!r}")  # as retrieval's evaluate
   data = data.take(limit)
   if len(data) == 0:
     raise ZeroShotError(f"{data.name} holds no images")
@@ -336,7 +349,7 @@ def evaluate_zeroshot(encoder, params, tokenizer: Tokenizer, data: Classificatio
   _check_finite(jnp.isfinite(classes), "the class embeddings")
 
   n = len(data)
-  batch_size = max(1, min(batch_size, n))
+  batch_size = min(batch_size, n)
   batches = metrics.fixed_size_batches(n, batch_size)  # the last one filled up with repeats of the last image
   labels = np.asarray(data.labels, np.int32)
   clean_logits = np.concatenate([np.asarray(_clean_logits(encoder, params, classes,

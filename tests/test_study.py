@@ -473,6 +473,14 @@ def test_one_seed_interval_is_students_over_the_images():
   assert intervals.interval(values - values) == [0.0, 0.0]  # an arm against itself: no difference, no width
   with pytest.raises(ValueError, match="at least 2 images"):
     intervals.interval(values[:, :1])
+  # Unchecked, each gave [nan, nan] or a raw unpacking error.
+  for bad, level, message in [(values, 95, r"level=95 must be a fraction in \(0, 1\)"),
+                              (np.where(np.arange(400) == 3, np.nan, values), 0.95, "1 non-finite entries"),
+                              (values[0], 0.95, r"for one seed pass values\[None\]")]:
+    for fn in (intervals.interval, intervals.recall_interval):
+      with pytest.raises(ValueError, match=message):
+        fn(bad, level)
+  assert intervals.recall_interval(values.tolist()) == intervals.recall_interval(values)
 
 
 def test_the_seed_component_widens_the_interval_with_few_seeds():

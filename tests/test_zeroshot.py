@@ -137,6 +137,18 @@ def test_attacks_lower_accuracy_and_compile_once_per_shape():
     zs.attack_correct(enc, params, classes[:3], images, labels % 3, key, attack="apgd-t", eps=0.01)
   with pytest.raises(zs.ZeroShotError, match="unknown attack"):
     zs.attack_correct(enc, params, classes, images, labels, key, attack="fgsm", eps=0.01)
+  # Host values are checked as the other composable attacks check them (unchecked: pixels in [0, 255] ran,
+  # a label past the classes read as a wrong prediction, uint8 pixels failed inside JAX's random draw).
+  host = np.asarray(images)
+  for bad, message in [(host * 255, r"in \[0, 1\]"), (np.uint8(host * 255), "uint8")]:
+    with pytest.raises(InputError, match=message):
+      zs.attack_correct(enc, params, classes, bad, labels, key, attack="pgd", eps=0.01)
+  past = labels.copy()
+  past[0] = 100
+  with pytest.raises(zs.ZeroShotError, match=r"labels must be class indices in \[0, 6\), got values from \d to 100"):
+    zs.attack_correct(enc, params, classes, images, past, key, attack="pgd", eps=0.01)
+  with pytest.raises(zs.ZeroShotError, match=r"labels must be one integer class index per image \(8,\)"):
+    zs.attack_correct(enc, params, classes, images, labels[:3], key, attack="pgd", eps=0.01)
   # The step size follows the attacks' one rule (`spec.step_size_for`), zero steps included (the random
   # start alone), which a copy of the rule divided by.
   start_only = zs.attack_correct(enc, params, classes, images, labels, key, attack="pgd", eps=8 / 255,
@@ -228,6 +240,10 @@ def test_budgets_are_checked_as_retrieval_checks_them():
   twice = zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], eps_255=(2, 2.0),
                                settings=zs.Settings(pgd_steps=1), batch_size=4)
   assert twice["eps_255"] == [2.0] and list(twice["robust"]) == [ev.eps_key(2.0)]
+  # As retrieval's evaluate: a batch size under 1 is refused, not run as 1.
+  for batch_size in (0, -3, 2.5):
+    with pytest.raises(zs.ZeroShotError, match=rf"batch_size must be an integer >= 1, got {batch_size}"):
+      zs.evaluate_zeroshot(MLPDualEncoder(), params, tokenizer, data, attacks=["pgd"], batch_size=batch_size)
 
 
 def test_limit_on_a_shapes_set_samples_the_rendered_images_class_by_class():
