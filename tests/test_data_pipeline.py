@@ -175,6 +175,36 @@ def test_iterator_state_resumes_exactly_also_through_orbax(world, tmp_path, num_
   assert list((tmp_path / "it").glob("process_0-of-1.json"))
 
 
+def test_reader_threads_host_work_per_batch_does_not_grow_with_the_batch(world, monkeypatch):
+  """Without worker processes the reader threads make whole batches: Grain's prefetch then looks through a
+  buffer of a few batches once per batch, not through prefetch_batches * batch_size examples at every example
+  (host work growing with the batch's square, on the cores a CPU backend's steps run on)."""
+  from grain._src.python.dataset.transformations import prefetch as grain_prefetch
+
+  scanned = []
+  measure = grain_prefetch.PrefetchDatasetIterator._measure_prefetch_depth
+  monkeypatch.setattr(grain_prefetch.PrefetchDatasetIterator, "_measure_prefetch_depth",
+                      lambda self: (scanned.append(len(self._buffer)), measure(self))[1])
+  batches = _take(_pipe(world, 8, num_threads=2), 4)
+  assert len(batches) == 4
+  assert 0 < len(scanned) <= 8 and max(scanned) <= 4  # per batch, a buffer of batches (today: 8 x 16 examples each)
+
+
+def test_positions_are_told_in_examples_whatever_reads_them(world):
+  """The position a checkpoint holds counts examples (batches x examples per batch, renderings apart), as the
+  pipeline that read examples one by one told it: checkpoints of either resume in the other."""
+  it = iter(_pipe(world, 4, renderings_per_scene=2, num_threads=2))
+  for _ in range(3):
+    next(it)
+  assert it.get_state() == {"next_index": 6}  # 3 batches of 2 scenes
+  want = next(it)
+  it.set_state({"next_index": 6})
+  np.testing.assert_array_equal(next(it)["images"], want["images"])
+  with pytest.raises(ValueError, match="not a whole number of batches"):
+    it.set_state({"next_index": 5})
+  it.close()
+
+
 def test_augmentations_keep_image_and_text_aligned(world):
   train, _, _ = world
   (flipped,) = _take(_pipe(world, 6, augmentations={"hflip": 1.0}), 1)
