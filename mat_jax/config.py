@@ -453,6 +453,8 @@ _OBJECTIVE_RANGES = {
 
 def _objective_range(key: str) -> tuple[str, Any] | None:
   return _OBJECTIVE_RANGES.get(key) or (_LOSS_WEIGHT if key.endswith("_weight") else None)
+
+
 _RANGES = {
     ("eval", "max_images"): (">= 0 (0 = the whole split)", lambda v: v >= 0),
     ("eval", "batch_size"): (">= 1", lambda v: v >= 1),
